@@ -1,0 +1,79 @@
+"""clipforge: CLIP models, training, evaluation, search and captioning in one package.
+
+    >>> import clipforge
+    >>> model, preprocess, tokenizer = clipforge.load("ViT-Tiny-64")          # random init
+    >>> model, preprocess, tokenizer = clipforge.load("runs/demo/final")      # a folder written by clipforge
+    >>> model, preprocess, tokenizer = clipforge.load("ViT-B-32", pretrained="openai")
+"""
+from __future__ import annotations
+
+import os
+
+from .checkpoint import CheckpointError, infer_config, load_into, read_checkpoint, save_pretrained
+from .models import CLIP, UnknownModelError, create_model, get_model_config, list_models
+from .preprocess import Preprocess, image_transform
+from .pretrained import get_pretrained, list_pretrained, register_pretrained
+from .tokenizer import Tokenizer, get_tokenizer, tokenize
+
+__version__ = "0.1.0"
+__all__ = ["load", "create_model", "list_models", "get_tokenizer", "tokenize", "list_pretrained",
+           "register_pretrained", "save_pretrained", "CLIP", "Tokenizer", "Preprocess", "CheckpointError",
+           "UnknownModelError", "zero_shot_classifier"]
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.path.sep in name or name.startswith(".") or os.path.exists(name)
+
+
+def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: bool | None = None,
+               trust_pickle: bool = False) -> CLIP:
+    """The model alone; see ``load``."""
+    config, state = None, None
+    if pretrained is None and _looks_like_path(name_or_path) and name_or_path not in list_models():
+        state, config = read_checkpoint(name_or_path, trust_pickle=trust_pickle)
+        config = config or infer_config(state)
+        source = name_or_path
+    else:
+        config = get_model_config(name_or_path)
+        source = name_or_path
+        if pretrained is not None:
+            if os.path.exists(pretrained):
+                path = pretrained
+            else:
+                from .pretrained import download
+
+                entry = get_pretrained(name_or_path, pretrained)
+                path = download(entry.url, entry.sha256)
+                config["quick_gelu"] = entry.quick_gelu
+            state, _ = read_checkpoint(path, trust_pickle=trust_pickle)
+            source = str(pretrained)
+    if quick_gelu is not None:
+        config["quick_gelu"] = quick_gelu
+    if state is not None and "logit_bias" in state and config.get("init_logit_bias") is None:
+        config["init_logit_bias"] = 0.0
+    model = create_model(config)
+    model.config = config
+    if state is not None:
+        load_into(model, state, source=source)
+    return model.eval()
+
+
+def load(name_or_path: str, pretrained: str | None = None, device: str = "cpu", quick_gelu: bool | None = None,
+         trust_pickle: bool = False):
+    """Return ``(model, preprocess, tokenizer)`` with the model in eval mode.
+
+    ``name_or_path``: a zoo name (``clipforge.list_models()``) or a checkpoint: an OpenAI ``.pt``, an open_clip
+    state dict, a Hugging Face ``CLIPModel`` folder, or a clipforge folder/safetensors file (architecture read from
+    its config, or inferred from the weights). ``pretrained``: a tag (``clipforge.list_pretrained(name)``), downloaded
+    into the cache and verified, or a checkpoint path loaded into the named architecture. ``quick_gelu`` overrides the
+    activation (OpenAI's weights use QuickGELU; it cannot be read from the weights). ``trust_pickle`` allows full
+    unpickling of ``.pt``/``.bin`` files: only for files you trust.
+    """
+    model = load_model(name_or_path, pretrained, quick_gelu, trust_pickle).to(device)
+    return model, Preprocess(model.image_size), get_tokenizer(context_length=model.context_length)
+
+
+def zero_shot_classifier(*args, **kwargs):
+    from .zeroshot import zero_shot_classifier as build
+
+    return build(*args, **kwargs)

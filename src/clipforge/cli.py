@@ -1,0 +1,115 @@
+"""``clipforge <command>``: one entry point for every job. ``clipforge <command> --help`` explains each."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """examples:
+  clipforge demo                                   train ViT-Tiny-64 on generated shapes (~2 min CPU), HTML report
+  clipforge models                                 list the architectures in the zoo and their pretrained tags
+  clipforge convert openai/ViT-B-32.pt out/ --to clipforge
+  clipforge convert out/ hf_folder/ --to hf        export to a Hugging Face CLIPModel folder
+  clipforge train --model ViT-Tiny-64 --train-data 'shards/train-{000000..000009}.tar' --steps 2000 --output runs/a
+"""
+
+
+def _cmd_models(args) -> int:
+    from . import list_models, list_pretrained
+    from .models import get_model_config
+
+    for name in list_models():
+        cfg = get_model_config(name)
+        tags = [t for _, t in list_pretrained(name)]
+        kind = "ResNet" if isinstance(cfg["vision_cfg"]["layers"], list) else "ViT"
+        print(f"{name:16s} {kind:6s} {cfg['vision_cfg']['image_size']:4d}px  embed {cfg['embed_dim']:5d}  "
+              f"pretrained: {', '.join(tags) or '-'}")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from .convert import convert
+
+    path = convert(args.src, args.dst, to=args.to, model=args.model, quick_gelu=args.quick_gelu,
+                   trust_pickle=args.trust_pickle)
+    print(f"wrote {args.to} checkpoint to {path}")
+    return 0
+
+
+def _cmd_tokenize(args) -> int:
+    from . import get_tokenizer
+
+    tokenizer = get_tokenizer(args.model, context_length=args.context_length)
+    print(json.dumps(tokenizer(args.texts).tolist()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipforge", description="CLIP training, evaluation, search and "
+                                     "captioning.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    p = sub.add_parser("models", help="list zoo architectures and pretrained tags")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("convert", help="convert a checkpoint between formats",
+                       description="Read SRC (OpenAI .pt, open_clip state dict, Hugging Face CLIPModel folder, "
+                       "clipforge folder or safetensors) and write DST in the chosen format. clipforge: a folder "
+                       "with model.safetensors + config.json; hf: a CLIPModel folder transformers loads; openai: a "
+                       "state dict file (.pt, or .safetensors) that openai/CLIP and open_clip load.")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=["clipforge", "hf", "openai"], default="clipforge")
+    p.add_argument("--model", help="architecture of SRC when it cannot be inferred (a zoo name)")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="force QuickGELU on/off (OpenAI's weights use it; weights alone cannot tell)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of SRC (trusted files only)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("tokenize", help="print token ids of texts (OpenAI CLIP BPE)")
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--model", default=None, help="zoo model whose context length to use")
+    p.add_argument("--context-length", type=int, default=None)
+    p.set_defaults(func=_cmd_tokenize)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+def _register_lazy(name: str, module: str, help_text: str):
+    """Commands whose modules import heavier dependencies register their own arguments."""
+    def register(sub):
+        import importlib
+
+        importlib.import_module(f"clipforge.{module}").add_arguments(sub.add_parser(
+            name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    return register
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    from .checkpoint import CheckpointError
+    from .models import UnknownModelError
+    from .preprocess import BadImageError
+    from .pretrained import DownloadError
+
+    try:
+        return args.func(args) or 0
+    except (CheckpointError, UnknownModelError, BadImageError, DownloadError, FileNotFoundError, ValueError) as exc:
+        print(f"clipforge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clipforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

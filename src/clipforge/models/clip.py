@@ -1,0 +1,146 @@
+"""CLIP: an image tower and a text tower trained to agree, compared by scaled cosine similarity."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modified_resnet import ModifiedResNet
+from .text_transformer import TextTransformer
+from .vision_transformer import VisionTransformer
+
+LOGIT_SCALE_MAX = 100.0
+
+
+class CLIPOutput(NamedTuple):
+    """What ``CLIP.forward`` returns: L2-normalised features plus the (clamped, exponentiated) temperature.
+
+    Features rather than logits come out of ``forward`` so distributed losses can gather them across ranks;
+    ``logits_per_image`` computes the local N x M logits when they are wanted.
+    """
+
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None = None
+
+    @property
+    def logits_per_image(self) -> torch.Tensor:
+        logits = self.logit_scale * self.image_features @ self.text_features.T
+        return logits if self.logit_bias is None else logits + self.logit_bias
+
+    @property
+    def logits_per_text(self) -> torch.Tensor:
+        return self.logits_per_image.T
+
+
+def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
+    quick_gelu = cfg.get("quick_gelu", quick_gelu)
+    if isinstance(cfg["layers"], (list, tuple)):
+        width = cfg.get("width", 64)
+        return ModifiedResNet(
+            layers=list(cfg["layers"]),
+            output_dim=embed_dim,
+            heads=width * 32 // cfg.get("head_width", 64),
+            image_size=cfg["image_size"],
+            width=width,
+        )
+    return VisionTransformer(
+        image_size=cfg["image_size"],
+        patch_size=cfg["patch_size"],
+        width=cfg["width"],
+        layers=cfg["layers"],
+        heads=cfg["width"] // cfg.get("head_width", 64),
+        output_dim=embed_dim,
+        mlp_ratio=cfg.get("mlp_ratio", 4.0),
+        quick_gelu=quick_gelu,
+        patch_dropout=cfg.get("patch_dropout", 0.0),
+    )
+
+
+def build_text_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
+    if "hf_model_name" in cfg:
+        from .hf_text import HFTextEncoder  # optional: needs transformers
+
+        return HFTextEncoder(cfg["hf_model_name"], output_dim=embed_dim, pooling=cfg.get("pooling", "mean"),
+                             context_length=cfg.get("context_length", 77))
+    return TextTransformer(
+        context_length=cfg["context_length"],
+        vocab_size=cfg["vocab_size"],
+        width=cfg["width"],
+        layers=cfg["layers"],
+        heads=cfg.get("heads", cfg["width"] // 64),
+        output_dim=embed_dim,
+        mlp_ratio=cfg.get("mlp_ratio", 4.0),
+        quick_gelu=cfg.get("quick_gelu", quick_gelu),
+    )
+
+
+class CLIP(nn.Module):
+    def __init__(
+        self,
+        embed_dim: int,
+        vision_cfg: dict,
+        text_cfg: dict,
+        quick_gelu: bool = False,
+        init_logit_scale: float = math.log(1 / 0.07),
+        init_logit_bias: float | None = None,
+    ):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.visual = build_vision_tower(vision_cfg, embed_dim, quick_gelu)
+        self.text = build_text_tower(text_cfg, embed_dim, quick_gelu)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        # SigLIP learns a bias next to the temperature; plain CLIP has none.
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+
+    @property
+    def image_size(self) -> int:
+        return self.visual.image_size
+
+    @property
+    def context_length(self) -> int:
+        return self.text.context_length
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> CLIPOutput:
+        image_features = self.encode_image(images, normalize=True) if images is not None else None
+        text_features = self.encode_text(tokens, normalize=True) if tokens is not None else None
+        return CLIPOutput(image_features, text_features, self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX),
+                          self.logit_bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for tower in (self.visual, self.text):
+            transformer = getattr(tower, "transformer", None)
+            if hasattr(transformer, "grad_checkpointing"):
+                transformer.grad_checkpointing = enable
+
+    def lock_image_tower(self) -> None:
+        """LiT: freeze the image tower (weights and batch-norm statistics)."""
+        self.visual.requires_grad_(False)
+        self.visual.eval()
+        self._locked_image = True
+
+    def lock_text_tower(self) -> None:
+        self.text.requires_grad_(False)
+        self.text.eval()
+        self._locked_text = True
+
+    def train(self, mode: bool = True) -> "CLIP":
+        super().train(mode)
+        # A locked tower stays in eval mode so its dropout and batch-norm statistics do not move.
+        if getattr(self, "_locked_image", False):
+            self.visual.eval()
+        if getattr(self, "_locked_text", False):
+            self.text.eval()
+        return self

@@ -1,0 +1,50 @@
+"""CLIP's text tower: token + position embeddings, causal transformer, ``ln_final``, features at the EOT token."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import LayerNorm, Transformer
+
+
+class TextTransformer(nn.Module):
+    def __init__(
+        self,
+        context_length: int,
+        vocab_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        output_dim: int,
+        mlp_ratio: float = 4.0,
+        quick_gelu: bool = False,
+    ):
+        super().__init__()
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.output_dim = output_dim
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, quick_gelu)
+        self.ln_final = LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, output_dim))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+        self.transformer.init_parameters()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.ndim != 2:
+            raise ValueError(f"expected tokens of shape [N, context_length], got {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.context_length:
+            raise ValueError(f"token sequences of length {tokens.shape[1]} exceed context_length {self.context_length}")
+        # The EOT token has the largest id in CLIP's vocabulary, so argmax finds it (as OpenAI CLIP does).
+        eot = tokens.argmax(dim=-1)
+        if not tokens.is_cuda:
+            # Under a causal mask nothing after the last EOT can change the pooled features, so on CPU we skip the
+            # padding columns altogether (on GPU this would cost a host-device sync, and padding is cheap there).
+            tokens = tokens[:, : int(eot.max()) + 1]
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        x = self.transformer(x, causal=True)
+        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])
+        return x @ self.text_projection

@@ -1,0 +1,63 @@
+"""CLIP's Vision Transformer: patchify, class token, learned positions, pre-LN blocks, class-token projection."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import LayerNorm, Transformer
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        output_dim: int,
+        mlp_ratio: float = 4.0,
+        quick_gelu: bool = False,
+        patch_dropout: float = 0.0,
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.output_dim = output_dim
+        self.patch_dropout = patch_dropout
+        grid = image_size // patch_size
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, quick_gelu)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.transformer.init_parameters()
+
+    def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """FLIP's patch dropout: keep a random subset of patch tokens (class token always kept) while training."""
+        keep = max(1, int(x.shape[1] * (1.0 - self.patch_dropout)))
+        scores = torch.rand(x.shape[0], x.shape[1], device=x.device)
+        index = scores.topk(keep, dim=1).indices
+        return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape [N, 3, H, W], got {tuple(images.shape)}")
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"expected {self.image_size}x{self.image_size} images, got {images.shape[-2]}x{images.shape[-1]}"
+            )
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # [N, grid*grid, width]
+        x = x + self.positional_embedding[1:].to(x.dtype)
+        if self.training and self.patch_dropout > 0:
+            x = self._drop_patches(x)
+        cls = (self.class_embedding + self.positional_embedding[0]).to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = self.ln_pre(x)
+        x = self.transformer(x)
+        return self.ln_post(x[:, 0]) @ self.proj

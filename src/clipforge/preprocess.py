@@ -1,0 +1,125 @@
+"""Image preprocessing with Pillow and torch only (no torchvision).
+
+Evaluation follows OpenAI CLIP: bicubic resize of the short side, center crop, RGB, normalise with CLIP's mean/std,
+with torchvision's rounding rules so pixels match open_clip's ``preprocess``. Training adds a RandomResizedCrop.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# Decoded images larger than this are refused (decompression bombs); Pillow's own default is about 89 Mpx.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class BadImageError(ValueError):
+    """An image that cannot be decoded, or that is too large; the message names the source."""
+
+
+def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open a path, bytes or file object as a fully decoded PIL image, with a clear error on bad input."""
+    label = name or (str(source) if isinstance(source, (str, Path)) else "image")
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        if image.width * image.height > max_pixels:
+            raise BadImageError(f"{label}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}")
+        image.load()
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise BadImageError(f"{label}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise BadImageError(f"{label}: not a readable image ({exc})") from None
+    return image
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    if short == size:
+        return image
+    new_long = int(size * long / short)
+    new_size = (size, new_long) if width <= height else (new_long, size)
+    return image.resize(new_size, Image.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    if width < size or height < size:  # only after a resize to a smaller size; pad like torchvision
+        padded = Image.new(image.mode, (max(width, size), max(height, size)))
+        padded.paste(image, ((max(width, size) - width) // 2, (max(height, size) - height) // 2))
+        image, (width, height) = padded, padded.size
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(image: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Tensor:
+    """RGB PIL image -> normalised float tensor [3, H, W]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+class Preprocess:
+    """Evaluation transform: ``preprocess(pil_image) -> tensor [3, size, size]``."""
+
+    def __init__(self, image_size: int, mean=OPENAI_MEAN, std=OPENAI_STD):
+        self.image_size = image_size
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            image = open_image(image)
+        image = center_crop(resize_short_side(image, self.image_size), self.image_size)
+        return to_tensor(image, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"Preprocess(image_size={self.image_size}, resize=bicubic short side, center crop, mean={self.mean}, std={self.std})"
+
+
+class TrainTransform:
+    """Training transform: RandomResizedCrop (scale 0.9-1.0 by default, as open_clip) then normalise."""
+
+    def __init__(self, image_size: int, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), mean=OPENAI_MEAN, std=OPENAI_STD,
+                 rng: random.Random | None = None):
+        self.image_size = image_size
+        self.scale, self.ratio = scale, ratio
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.rng = rng or random.Random()
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * self.rng.uniform(*self.scale)
+            aspect = math.exp(self.rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                left = self.rng.randint(0, width - w)
+                top = self.rng.randint(0, height - h)
+                return left, top, left + w, top + h
+        side = min(width, height)  # fall back to a center crop
+        left, top = (width - side) // 2, (height - side) // 2
+        return left, top, left + side, top + side
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        box = self.crop_box(*image.size)
+        image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
+        return to_tensor(image, self.mean, self.std)
+
+
+def image_transform(image_size: int, train: bool = False, **kwargs):
+    return TrainTransform(image_size, **kwargs) if train else Preprocess(image_size, **kwargs)

@@ -1,0 +1,131 @@
+"""Pretrained tags: where public weights live, and a download cache that never keeps a partial or wrong file.
+
+Files land in ``$CLIPFORGE_CACHE`` (default ``~/.cache/clipforge``) under a name derived from the URL. A download
+streams into a temporary file beside the final one, is checked against its SHA-256 (from the registry, or the
+server's ETag for Hugging Face LFS files) and only then renamed into place. With ``CLIPFORGE_OFFLINE=1`` (or
+``HF_HUB_OFFLINE=1``) nothing is fetched: cached files are used and anything else is a clear error.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .checkpoint import atomic_path
+
+
+class DownloadError(RuntimeError):
+    """A pretrained file could not be fetched or failed verification; nothing was cached."""
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    url: str
+    sha256: str | None = None
+    quick_gelu: bool = False
+
+
+_REGISTRY: dict[tuple[str, str], PretrainedSource] = {}
+
+
+def _load_builtin() -> None:
+    data = json.loads((resources.files(__package__) / "pretrained.json").read_text())
+    for model, tags in data.items():
+        for tag, entry in tags.items():
+            url = entry.get("url") or f"https://huggingface.co/{entry['hf_hub']}/resolve/main/open_clip_model.safetensors"
+            sha = entry.get("sha256")
+            if sha is None and "openaipublic" in url:  # OpenAI put each file's SHA-256 in its URL
+                sha = url.rstrip("/").split("/")[-2]
+            _REGISTRY[(model, tag)] = PretrainedSource(url, sha, entry.get("quick_gelu", False))
+
+
+def register_pretrained(model: str, tag: str, url: str, sha256: str | None = None, quick_gelu: bool = False) -> None:
+    """Add (or replace) a pretrained tag, e.g. for weights on a private server."""
+    if not _REGISTRY:
+        _load_builtin()
+    _REGISTRY[(model, tag)] = PretrainedSource(url, sha256, quick_gelu)
+
+
+def list_pretrained(model: str | None = None) -> list[tuple[str, str]]:
+    if not _REGISTRY:
+        _load_builtin()
+    return sorted(key for key in _REGISTRY if model is None or key[0] == model)
+
+
+def get_pretrained(model: str, tag: str) -> PretrainedSource:
+    if not _REGISTRY:
+        _load_builtin()
+    key = (model.replace("/", "-"), tag)
+    if key not in _REGISTRY:
+        tags = [t for m, t in list_pretrained(key[0])]
+        raise ValueError(f"no pretrained tag {tag!r} for model {model!r}; known tags: {', '.join(tags) or 'none'}")
+    return _REGISTRY[key]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLIPFORGE_CACHE", Path.home() / ".cache" / "clipforge"))
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("CLIPFORGE_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def cached_path(url: str, directory: Path | None = None) -> Path:
+    directory = directory or cache_dir()
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").split("/")[-1]) or "weights"
+    return directory / f"{digest}-{name}"
+
+
+def download(url: str, sha256: str | None = None, directory: Path | None = None, progress: bool = True,
+             timeout: float = 60.0) -> Path:
+    """Fetch ``url`` into the cache (or return the cached copy) and verify it."""
+    target = cached_path(url, directory)
+    if target.exists():
+        return target
+    if _offline():
+        raise DownloadError(f"offline mode and {url} is not in the cache ({target})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    hasher = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_path(target) as tmp:
+            expected_size = int(response.headers.get("Content-Length") or 0)
+            etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").strip('"')
+            if sha256 is None and re.fullmatch(r"[0-9a-f]{64}", etag):
+                sha256 = etag  # Hugging Face reports an LFS file's SHA-256 as its ETag
+            bar = _progress(expected_size, target.name) if progress else None
+            received = 0
+            with open(tmp, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    hasher.update(chunk)
+                    received += len(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+            if expected_size and received != expected_size:
+                raise DownloadError(f"{url}: transfer interrupted after {received} of {expected_size} bytes")
+            if sha256 is not None and hasher.hexdigest() != sha256:
+                raise DownloadError(f"{url}: checksum mismatch (expected sha256 {sha256}, got {hasher.hexdigest()}); "
+                                    "the file was not cached")
+    except DownloadError:
+        raise
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        raise DownloadError(f"{url}: download failed ({exc}); nothing was cached") from None
+    return target
+
+
+def _progress(total: int, name: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {name}", leave=False)

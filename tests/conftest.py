@@ -1,0 +1,33 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CLIPFORGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data; the test skips (with the reason) when that data set is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data set not found at {path} (set CLIPFORGE_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def random_tokens(n: int, context_length: int = 77, generator=None) -> torch.Tensor:
+    """Token rows shaped like real ones: <sot> random ids <eot> then zero padding."""
+    tokens = torch.zeros(n, context_length, dtype=torch.long)
+    for i in range(n):
+        length = int(torch.randint(1, context_length - 1, (1,), generator=generator))
+        tokens[i, 0] = 49406
+        tokens[i, 1 : length + 1] = torch.randint(0, 49000, (length,), generator=generator)
+        tokens[i, length + 1] = 49407
+    return tokens

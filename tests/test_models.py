@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+import clipforge
+from clipforge.models import UnknownModelError, get_model_config
+
+ZOO = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_parameter_counts_equal_open_clip(name):
+    open_clip = pytest.importorskip("open_clip")
+    with torch.device("meta"):
+        ours = clipforge.create_model(name)
+        theirs = open_clip.create_model(name, pretrained=None, device="meta")
+    assert count(ours) == count(theirs)
+
+
+def test_list_models_has_the_zoo():
+    models = clipforge.list_models()
+    for name in ZOO + ["ViT-Tiny-64"]:
+        assert name in models
+
+
+def test_tiny_model_is_small_and_runs():
+    model = clipforge.create_model("ViT-Tiny-64").eval()
+    assert 1e6 < count(model) < 1e7
+    tokenizer = clipforge.get_tokenizer("ViT-Tiny-64")
+    out = model(torch.randn(2, 3, 64, 64), tokenizer(["a red square", "a blue circle"]))
+    assert out.image_features.shape == (2, 128)
+    assert torch.allclose(out.image_features.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert out.logits_per_image.shape == (2, 2)
+
+
+def test_logit_scale_init_and_clamp():
+    model = clipforge.create_model("ViT-Tiny-64")
+    assert model.logit_scale.item() == pytest.approx(torch.log(torch.tensor(1 / 0.07)).item())
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model(torch.randn(1, 3, 64, 64), torch.tensor([[49406, 49407] + [0] * 30])).logit_scale.item() == 100.0
+
+
+def test_overrides_merge_nested_config():
+    model = clipforge.create_model("ViT-Tiny-64", quick_gelu=True, vision_cfg={"patch_dropout": 0.5})
+    assert model.visual.patch_dropout == 0.5
+    assert type(model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+
+
+def test_text_padding_skip_does_not_change_features():
+    """The CPU path drops padding columns after the last EOT; features must equal the full-length computation."""
+    model = clipforge.create_model("ViT-Tiny-64").eval()
+    tokens = clipforge.get_tokenizer("ViT-Tiny-64")(["a", "a much longer caption about a red square"])
+    with torch.no_grad():
+        short = model.encode_text(tokens)
+        full = torch.cat([model.encode_text(tokens[i : i + 1]) for i in range(2)])
+    torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-4)
+
+
+def test_unknown_model_lists_close_matches():
+    with pytest.raises(UnknownModelError) as err:
+        get_model_config("ViT-B-33")
+    assert "ViT-B-32" in str(err.value)
+    with pytest.raises(UnknownModelError):
+        clipforge.create_model("resnet-ninety")
+
+
+def test_openai_slash_names_are_accepted():
+    assert get_model_config("ViT-B/32") == get_model_config("ViT-B-32")
+
+
+def test_wrong_image_shape_is_a_clear_error():
+    model = clipforge.create_model("ViT-Tiny-64")
+    with pytest.raises(ValueError, match="64x64"):
+        model.encode_image(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        model.encode_image(torch.randn(3, 64, 64))

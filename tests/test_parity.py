@@ -1,0 +1,114 @@
+"""Exact parity with open_clip and Hugging Face transformers on randomly initialised peer models."""
+import pytest
+import torch
+
+import clipforge
+from clipforge.checkpoint import clipforge_to_openai
+
+from conftest import random_tokens
+
+TOL = 1e-5
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "RN50"])
+def test_open_clip_state_dict_loads_with_identical_outputs(name, tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    theirs = open_clip.create_model(name, pretrained=None).eval()
+    path = tmp_path / "open_clip.pt"
+    torch.save(theirs.state_dict(), path)
+    for ours in (clipforge.load(name, pretrained=str(path))[0], clipforge.load(str(path))[0]):  # named, inferred
+        size = ours.image_size
+        images, tokens = torch.randn(2, 3, size, size), random_tokens(3)
+        with torch.no_grad():
+            assert _max_diff(theirs.encode_image(images), ours.encode_image(images)) <= TOL
+            assert _max_diff(theirs.encode_text(tokens), ours.encode_text(tokens)) <= TOL
+            img, txt, scale = theirs(images, tokens)[:3]
+            assert _max_diff(scale * img @ txt.T, ours(images, tokens).logits_per_image) <= TOL
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "RN50"])
+def test_clipforge_weights_load_into_open_clip(name):
+    open_clip = pytest.importorskip("open_clip")
+    ours = clipforge.create_model(name).eval()
+    theirs = open_clip.create_model(name, pretrained=None).eval()
+    theirs.load_state_dict(clipforge_to_openai(ours.state_dict()))
+    size = ours.image_size
+    images, tokens = torch.randn(2, 3, size, size), random_tokens(3)
+    with torch.no_grad():
+        assert _max_diff(theirs.encode_image(images), ours.encode_image(images)) <= TOL
+        assert _max_diff(theirs.encode_text(tokens), ours.encode_text(tokens)) <= TOL
+
+
+def _small_hf_model(quick_gelu=True):
+    transformers = pytest.importorskip("transformers")
+    act = "quick_gelu" if quick_gelu else "gelu"
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=2,
+                         max_position_embeddings=77, hidden_act=act),
+        vision_config=dict(hidden_size=96, intermediate_size=384, num_attention_heads=3, num_hidden_layers=2,
+                           image_size=64, patch_size=16, hidden_act=act),
+        projection_dim=48,
+    )
+    return transformers.CLIPModel(config).eval()
+
+
+def _hf_features(model, images, tokens):
+    with torch.no_grad():
+        out = model(input_ids=tokens, pixel_values=images)
+    return out.image_embeds, out.text_embeds, out.logits_per_image
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_hugging_face_folder_loads_with_identical_outputs(tmp_path, quick_gelu):
+    hf = _small_hf_model(quick_gelu)
+    hf.save_pretrained(tmp_path / "hf")
+    ours, preprocess, tokenizer = clipforge.load(str(tmp_path / "hf"))
+    images = torch.randn(3, 3, 64, 64)
+    tokens = tokenizer(["a photo of a cat", "an emoji 😀 caption", ""])
+    image_embeds, text_embeds, logits = _hf_features(hf, images, tokens)
+    with torch.no_grad():
+        out = ours(images, tokens)
+    assert _max_diff(image_embeds, out.image_features) <= TOL
+    assert _max_diff(text_embeds, out.text_features) <= TOL
+    assert _max_diff(logits, out.logits_per_image) <= TOL
+
+
+def test_export_to_hugging_face_round_trips(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = _small_hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    from clipforge.convert import convert
+
+    convert(str(tmp_path / "hf"), str(tmp_path / "ours"), to="clipforge")
+    convert(str(tmp_path / "ours"), str(tmp_path / "back"), to="hf")
+    reloaded = transformers.CLIPModel.from_pretrained(tmp_path / "back").eval()
+    images, tokens = torch.randn(2, 3, 64, 64), random_tokens(2)
+    for a, b in zip(_hf_features(hf, images, tokens), _hf_features(reloaded, images, tokens)):
+        assert _max_diff(a, b) <= TOL
+
+
+def test_openai_torchscript_archive_is_read(tmp_path):
+    """OpenAI released TorchScript archives; build one with OpenAI's key layout and its extra attributes."""
+    open_clip = pytest.importorskip("open_clip")
+    theirs = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+
+    class Archive(torch.nn.Module):  # mirrors the released archives: weights plus these three attributes
+        def __init__(self, model):
+            super().__init__()
+            for key, value in model.state_dict().items():
+                self.register_buffer(key.replace(".", "__"), value)
+
+    archive = Archive(theirs)
+    scripted = torch.jit.script(archive)
+    path = tmp_path / "ViT-B-32.pt"
+    scripted.save(str(path))
+    # state_dict keys of the scripted module use "__"; rewrite them as OpenAI's by re-saving a traced copy
+    from clipforge.checkpoint import _is_torchscript
+
+    assert _is_torchscript(path)
+    state = torch.jit.load(str(path)).state_dict()
+    assert len(state) == len(theirs.state_dict())
