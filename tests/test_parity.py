@@ -91,24 +91,34 @@ def test_export_to_hugging_face_round_trips(tmp_path):
         assert _max_diff(a, b) <= TOL
 
 
-def test_openai_torchscript_archive_is_read(tmp_path):
-    """OpenAI released TorchScript archives; build one with OpenAI's key layout and its extra attributes."""
+def _scripted_archive(state: dict) -> torch.jit.ScriptModule:
+    """A TorchScript module whose state_dict has exactly ``state``'s keys, as OpenAI's released archives do."""
+    root = torch.nn.Module()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for name in parents:
+            if not isinstance(getattr(module, name, None), torch.nn.Module):
+                module.add_module(name, torch.nn.Module())
+            module = getattr(module, name)
+        module.register_buffer(leaf, value.clone())
+    return torch.jit.script(root)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_openai_torchscript_archive_loads_with_identical_outputs(tmp_path):
+    """OpenAI released TorchScript archives (weights plus input_resolution/context_length/vocab_size); all of them
+    use QuickGELU, which clipforge must apply without being told."""
     open_clip = pytest.importorskip("open_clip")
-    theirs = open_clip.create_model("ViT-B-32", pretrained=None).eval()
-
-    class Archive(torch.nn.Module):  # mirrors the released archives: weights plus these three attributes
-        def __init__(self, model):
-            super().__init__()
-            for key, value in model.state_dict().items():
-                self.register_buffer(key.replace(".", "__"), value)
-
-    archive = Archive(theirs)
-    scripted = torch.jit.script(archive)
+    theirs = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
+    state = dict(theirs.state_dict())
+    state.update(input_resolution=torch.tensor(224), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
     path = tmp_path / "ViT-B-32.pt"
-    scripted.save(str(path))
-    # state_dict keys of the scripted module use "__"; rewrite them as OpenAI's by re-saving a traced copy
-    from clipforge.checkpoint import _is_torchscript
+    _scripted_archive(state).save(str(path))
 
-    assert _is_torchscript(path)
-    state = torch.jit.load(str(path)).state_dict()
-    assert len(state) == len(theirs.state_dict())
+    ours, _, _ = clipforge.load(str(path))
+    assert ours.config["quick_gelu"] is True
+    images, tokens = torch.randn(2, 3, 224, 224), random_tokens(3)
+    with torch.no_grad():
+        assert _max_diff(theirs.encode_image(images), ours.encode_image(images)) <= TOL
+        assert _max_diff(theirs.encode_text(tokens), ours.encode_text(tokens)) <= TOL

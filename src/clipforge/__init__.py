@@ -31,7 +31,8 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
     config, state = None, None
     if pretrained is None and _looks_like_path(name_or_path) and name_or_path not in list_models():
         state, config = read_checkpoint(name_or_path, trust_pickle=trust_pickle)
-        config = config or infer_config(state)
+        if config is None or "vision_cfg" not in config:  # no full config stored: read it off the weight shapes
+            config = {**infer_config(state), **(config or {})}
         source = name_or_path
     else:
         config = get_model_config(name_or_path)
@@ -45,7 +46,9 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
                 entry = get_pretrained(name_or_path, pretrained)
                 path = download(entry.url, entry.sha256)
                 config["quick_gelu"] = entry.quick_gelu
-            state, _ = read_checkpoint(path, trust_pickle=trust_pickle)
+            state, file_config = read_checkpoint(path, trust_pickle=trust_pickle)
+            if file_config and "quick_gelu" in file_config:
+                config["quick_gelu"] = file_config["quick_gelu"]
             source = str(pretrained)
     if quick_gelu is not None:
         config["quick_gelu"] = quick_gelu

@@ -90,8 +90,9 @@ def _read_file(path: Path, trust_pickle: bool) -> tuple[dict, dict | None]:
         config = json.loads(meta["clipforge_config"]) if "clipforge_config" in meta else None
         return tensors, config
     if _is_torchscript(path):
-        # OpenAI's released .pt files are TorchScript archives (what openai/CLIP's clip.load reads).
-        return torch.jit.load(str(path), map_location="cpu").state_dict(), None
+        # OpenAI's released .pt files are TorchScript archives (what openai/CLIP's clip.load reads). Every one of
+        # those models uses QuickGELU, which the weights alone cannot tell: return that as a partial config.
+        return torch.jit.load(str(path), map_location="cpu").state_dict(), {"quick_gelu": True}
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except __import__("pickle").UnpicklingError as exc:

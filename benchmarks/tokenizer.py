@@ -1,0 +1,100 @@
+"""Tokenizer throughput, clipforge vs open_clip, on 10,000 distinct captions; ids are checked to be identical.
+
+    python benchmarks/tokenizer.py [--data ../shared/data] [--repeats 5] [--json out.json]
+
+Captions: the 395 human captions of coco-mini plus recombinations of their halves (first half of one caption, second
+half of another) up to 10,000 distinct strings, so the vocabulary is natural and no caption repeats. "cold" builds a
+fresh tokenizer for every repeat (empty word caches on both sides); "warm" re-tokenises with the caches filled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_captions(data: Path, n: int = 10_000, seed: int = 0) -> list[str]:
+    shard = data / "coco-mini" / "test" / "test-000000.tar"
+    if not shard.exists():
+        raise SystemExit(f"coco-mini not found at {shard}; pass --data")
+    human = []
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".txt"):
+                human += [line.strip() for line in tar.extractfile(member).read().decode().splitlines() if line.strip()]
+    rng = random.Random(seed)
+    captions, seen = list(human), set(human)
+    while len(captions) < n:
+        a, b = rng.choice(human).split(), rng.choice(human).split()
+        text = " ".join(a[: len(a) // 2] + b[len(b) // 2:])
+        if text not in seen:
+            seen.add(text)
+            captions.append(text)
+    return captions[:n]
+
+
+def _time(fn, repeats: int, setup=None) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        arg = setup() if setup else None
+        start = time.perf_counter()
+        fn(arg)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run(captions: list[str], repeats: int = 5) -> dict:
+    import torch
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from clipforge.tokenizer import Tokenizer
+
+    assert torch.equal(Tokenizer()(captions), SimpleTokenizer()(captions)), "ids differ from open_clip"
+    results = {}
+    for name, make in (("clipforge", Tokenizer), ("open_clip", SimpleTokenizer)):
+        cold = _time(lambda tok: tok(captions), repeats, setup=make)
+        warm_tok = make()
+        warm_tok(captions)
+        warm = _time(lambda _: warm_tok(captions), repeats)
+        results[name] = {f"{kind}_captions_per_s": {"median": len(captions) / statistics.median(t),
+                                                    "min": len(captions) / max(t), "max": len(captions) / min(t)}
+                         for kind, t in (("cold", cold), ("warm", warm))}
+    for kind in ("cold", "warm"):
+        key = f"{kind}_captions_per_s"
+        results[f"ratio_{kind}"] = results["clipforge"][key]["median"] / results["open_clip"][key]["median"]
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    captions = load_captions(args.data)
+    results = run(captions, args.repeats)
+    results["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"{len(captions)} captions, median of {args.repeats} (min-max)")
+    for kind in ("cold", "warm"):
+        row = [f"{kind:5s}"]
+        for name in ("clipforge", "open_clip"):
+            r = results[name][f"{kind}_captions_per_s"]
+            row.append(f"{name} {r['median']:9.0f}/s ({r['min']:.0f}-{r['max']:.0f})")
+        row.append(f"ratio {results[f'ratio_{kind}']:.1f}x")
+        print("  ".join(row))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Checkpoint files: pretrained downloads (against a local HTTP server), conversions, and clear errors on bad input."""
+import hashlib
+import http.server
+import threading
+
+import pytest
+import torch
+
+import clipforge
+from clipforge import cli
+from clipforge.checkpoint import CheckpointError, read_checkpoint, save_safetensors
+from clipforge.pretrained import DownloadError, cached_path, register_pretrained
+
+from conftest import random_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A ViT-Tiny-64 checkpoint in open_clip/OpenAI layout, as bytes, and the model it came from."""
+    model = clipforge.create_model("ViT-Tiny-64").eval()
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_safetensors(clipforge.checkpoint.clipforge_to_openai(model.state_dict()), path)
+    return path.read_bytes(), model
+
+
+class _Server:
+    """Serves ``files`` (path -> bytes) on 127.0.0.1; ``/cut/...`` promises the full length but sends half."""
+
+    def __init__(self, files):
+        files = dict(files)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                cut = self.path.startswith("/cut/")
+                body = files.get(self.path.removeprefix("/cut") if cut else self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if cut else body)
+                self.wfile.flush()
+                if cut:
+                    self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tiny_weights):
+    srv = _Server({"/tiny.safetensors": tiny_weights[0]})
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CLIPFORGE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return tmp_path / "cache"
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def _same_outputs(a, b):
+    images, tokens = torch.randn(2, 3, 64, 64), random_tokens(2, 32)
+    with torch.no_grad():
+        return all(torch.equal(x, y) for x, y in zip(a(images, tokens)[:2], b(images, tokens)[:2]))
+
+
+def test_download_verifies_and_caches_then_works_offline(server, cache, tiny_weights, monkeypatch):
+    data, reference = tiny_weights
+    url = f"{server.url}/tiny.safetensors"
+    register_pretrained("ViT-Tiny-64", "local-test", url, sha256=hashlib.sha256(data).hexdigest())
+    model, preprocess, tokenizer = clipforge.load("ViT-Tiny-64", pretrained="local-test")
+    assert not model.training and _same_outputs(model, reference)
+    assert cached_path(url).read_bytes() == data and len(_files(cache)) == 1  # no temp files left
+    server.close()  # offline: the cached file is enough, nothing is fetched
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
+    again, _, _ = clipforge.load("ViT-Tiny-64", pretrained="local-test")
+    assert _same_outputs(again, reference)
+
+
+def test_checksum_mismatch_is_an_error_and_nothing_is_cached(server, cache):
+    register_pretrained("ViT-Tiny-64", "bad-sum", f"{server.url}/tiny.safetensors", sha256="0" * 64)
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        clipforge.load("ViT-Tiny-64", pretrained="bad-sum")
+    assert _files(cache) == []
+
+
+def test_interrupted_transfer_leaves_no_partial_file(server, cache):
+    register_pretrained("ViT-Tiny-64", "cut", f"{server.url}/cut/tiny.safetensors")
+    with pytest.raises(DownloadError, match="nothing was cached|interrupted"):
+        clipforge.load("ViT-Tiny-64", pretrained="cut")
+    assert _files(cache) == []
+
+
+def test_offline_without_cache_is_a_clear_error(cache, monkeypatch):
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
+    with pytest.raises(DownloadError, match="offline"):
+        clipforge.load("ViT-B-32", pretrained="openai")
+
+
+def test_pretrained_tags_resolve_to_public_sources():
+    tags = clipforge.list_pretrained("ViT-B-32")
+    assert ("ViT-B-32", "openai") in tags and len(tags) >= 3
+    source = clipforge.pretrained.get_pretrained("ViT-B-32", "openai")
+    assert source.url.startswith("https://openaipublic") and len(source.sha256) == 64 and source.quick_gelu
+    with pytest.raises(ValueError, match="known tags"):
+        clipforge.pretrained.get_pretrained("ViT-B-32", "no-such-tag")
+
+
+def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
+    small = clipforge.create_model("ViT-Tiny-64", embed_dim=64)
+    clipforge.save_pretrained(small, tmp_path / "small", config=None)
+    with pytest.raises(CheckpointError) as err:
+        clipforge.load("ViT-Tiny-64", pretrained=str(tmp_path / "small"))
+    message = str(err.value)
+    assert "text.text_projection" in message or "visual.proj" in message
+    assert "(128, 64)" in message and "(128, 128)" in message
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.pt", "model.bin"])
+def test_truncated_or_corrupt_files_name_the_file(tmp_path, name):
+    model = clipforge.create_model("ViT-Tiny-64")
+    path = tmp_path / name
+    if name.endswith(".safetensors"):
+        save_safetensors(model.state_dict(), path)
+    else:
+        torch.save(model.state_dict(), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    with pytest.raises(CheckpointError, match=name) as err:
+        clipforge.load(str(path))
+    assert "truncated or corrupt" in str(err.value)
+    garbage = tmp_path / f"garbage-{name}"
+    garbage.write_bytes(b"\x00\x01 not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match=f"garbage-{name}"):
+        clipforge.load(str(garbage))
+
+
+def test_pickled_objects_are_refused_unless_trusted(tmp_path):
+    model = clipforge.create_model("ViT-Tiny-64")
+    path = tmp_path / "train_state.pt"
+    torch.save({"state_dict": model.state_dict(), "args": argparse_namespace()}, path)
+    with pytest.raises(CheckpointError, match="trust_pickle"):
+        clipforge.load(str(path))
+    # a bare state dict cannot tell ViT-Tiny-64's 32-wide heads from the default 64: name the architecture
+    loaded, _, _ = clipforge.load("ViT-Tiny-64", pretrained=str(path), trust_pickle=True)
+    assert _same_outputs(loaded, model.eval())
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(lr=1e-3, model="ViT-Tiny-64")
+
+
+def test_missing_file_and_folder_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        read_checkpoint(tmp_path / "nothing.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds none of"):
+        read_checkpoint(tmp_path / "empty")
+
+
+def test_cli_convert_round_trips_through_every_format(tmp_path, capsys):
+    model = clipforge.create_model("ViT-Tiny-64").eval()
+    clipforge.save_pretrained(model, tmp_path / "ours")
+    assert cli.main(["convert", str(tmp_path / "ours"), str(tmp_path / "openai.pt"), "--to", "openai"]) == 0
+    state = torch.load(tmp_path / "openai.pt", weights_only=True)
+    assert "visual.conv1.weight" in state and "token_embedding.weight" in state  # OpenAI's key layout
+    # OpenAI's format stores no config; head width is not in the weights, so name the architecture
+    assert cli.main(["convert", str(tmp_path / "openai.pt"), str(tmp_path / "hf"), "--to", "hf",
+                     "--model", "ViT-Tiny-64"]) == 0
+    assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "clipforge"]) == 0
+    back, _, _ = clipforge.load(str(tmp_path / "back"))
+    assert _same_outputs(back, model)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
+    assert cli.main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "missing.pt" in err and "Traceback" not in err

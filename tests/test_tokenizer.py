@@ -1,0 +1,86 @@
+"""Tokenizer ids must equal open_clip's (OpenAI's pure-Python BPE) on any text."""
+import random
+
+import pytest
+import torch
+
+import clipforge
+
+_WORDS = ("a photo of the dog cat truck airplane red blue small large square circle triangle in on with left right "
+          "running jumped isn't we'll they're I'm you've he'd it's don't").split()
+_UNICODE = ["café", "naïve", "Straße", "東京タワー", "北京", "Привет мир", "مرحبا", "שלום", "🙂", "🐶🐱", "👩‍👩‍👧",
+            "🇫🇷", "½", "Ⅻ", "ﬁ", "Å", "e\u0301", "\u00a0", "\u200b", "\u3000", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "☃", "™", "ß", "İstanbul"]
+_ODD = ["&amp;", "&lt;b&gt;", "&amp;amp;", "&#39;", "&nbsp;", "<b>bold</b>", "'s", "'S", "''", "--", "...", "1234567",
+        "3.14", "x2", "\t", "\n", "\r\n", "  ", "<start_of_text>", "<end_of_text>", "<|endoftext|>", "\\", "\"q\"",
+        "mojibake: Ã©", "A’s", "\x00", "\x7f", "\ufeff"]
+
+
+def _varied_strings(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    pools = [_WORDS, _UNICODE, _ODD]
+    out = ["", " ", "a", "A", "   leading and trailing   ", "UPPER CASE", "x" * 500, "word " * 200]
+    while len(out) < n:
+        kind = rng.random()
+        if kind < 0.4:  # caption-like ASCII
+            text = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 20)))
+            if rng.random() < 0.5:
+                text = text.capitalize() + rng.choice([".", "!", "?", ",", ""])
+        elif kind < 0.8:  # mixtures of every pool
+            text = rng.choice(["", " ", "  "]).join(
+                rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 15)))
+        elif kind < 0.9:  # random code points, printable or not
+            text = "".join(chr(rng.choice([rng.randint(32, 126), rng.randint(0xA0, 0x2FFF), rng.randint(0x1F300, 0x1FAFF)]))
+                           for _ in range(rng.randint(1, 40)))
+        else:  # over-long texts, truncated at the context length
+            text = " ".join(rng.choice(_WORDS + _UNICODE) for _ in range(rng.randint(80, 300)))
+        out.append(text)
+    return out
+
+
+def test_ids_equal_open_clip_on_5000_varied_strings():
+    open_clip = pytest.importorskip("open_clip")
+    texts = _varied_strings(5000)
+    theirs = open_clip.tokenize(texts)
+    ours = clipforge.get_tokenizer()(texts)
+    assert ours.dtype == torch.long and ours.shape == (5000, 77)
+    mismatched = [texts[i] for i in range(len(texts)) if not torch.equal(ours[i], theirs[i])]
+    assert not mismatched, f"{len(mismatched)} texts differ, e.g. {mismatched[:3]!r}"
+
+
+def test_ids_equal_open_clip_at_other_context_lengths():
+    open_clip = pytest.importorskip("open_clip")
+    texts = _varied_strings(300, seed=1)
+    for length in (16, 32, 100):
+        assert torch.equal(clipforge.get_tokenizer(context_length=length)(texts),
+                           open_clip.tokenize(texts, context_length=length))
+
+
+def test_single_string_and_shape():
+    tokens = clipforge.get_tokenizer()("a photo of a cat")
+    assert tokens.shape == (1, 77) and tokens.dtype == torch.long
+    assert tokens[0, 0] == 49406 and 49407 in tokens[0].tolist()
+
+
+def test_truncation_keeps_the_end_token():
+    tokens = clipforge.get_tokenizer(context_length=8)("one two three four five six seven eight nine ten")
+    assert tokens.shape == (1, 8)
+    assert tokens[0, 0] == 49406 and tokens[0, -1] == 49407 and (tokens[0] != 0).all()
+
+
+def test_empty_string_is_start_and_end_only():
+    tokens = clipforge.get_tokenizer()("")
+    assert tokens[0, :2].tolist() == [49406, 49407] and tokens[0, 2:].eq(0).all()
+
+
+def test_model_name_sets_context_length():
+    assert clipforge.get_tokenizer("ViT-Tiny-64")("hi").shape == (1, 32)
+
+
+def test_round_trip_decode():
+    tokenizer = clipforge.get_tokenizer()
+    assert tokenizer.decode(tokenizer.encode("a Photo of  a dog!")).strip() == "a photo of a dog !"
+
+
+def test_non_string_input_is_a_clear_error():
+    with pytest.raises(TypeError, match="str"):
+        clipforge.get_tokenizer()(["fine", 3])
