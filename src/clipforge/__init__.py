@@ -73,7 +73,7 @@ def load(name_or_path: str, pretrained: str | None = None, device: str = "cpu", 
     unpickling of ``.pt``/``.bin`` files: only for files you trust.
     """
     model = load_model(name_or_path, pretrained, quick_gelu, trust_pickle).to(device)
-    return model, Preprocess(model.image_size), get_tokenizer(context_length=model.context_length)
+    return model, Preprocess(model.image_size), get_tokenizer(model.config)
 
 
 def zero_shot_classifier(*args, **kwargs):

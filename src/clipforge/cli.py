@@ -82,12 +82,13 @@ def _register_lazy(name: str, module: str, help_text: str):
     def register(sub):
         import importlib
 
-        importlib.import_module(f"clipforge.{module}").add_arguments(sub.add_parser(
-            name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+        importlib.import_module(f"clipforge.{module}").add_arguments(sub.add_parser(name, help=help_text))
     return register
 
 
-_EXTRA_COMMANDS: list = []
+_EXTRA_COMMANDS: list = [
+    _register_lazy("train", "train.cli", "contrastive training (one CPU to many GPUs)"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,25 +98,27 @@ class TrainTransform:
         self.mean, self.std = tuple(mean), tuple(std)
         self.rng = rng or random.Random()
 
-    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+    def crop_box(self, width: int, height: int, rng: random.Random | None = None) -> tuple[int, int, int, int]:
+        rng = rng or self.rng
         area = width * height
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
-            target = area * self.rng.uniform(*self.scale)
-            aspect = math.exp(self.rng.uniform(*log_ratio))
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
             w = int(round(math.sqrt(target * aspect)))
             h = int(round(math.sqrt(target / aspect)))
             if 0 < w <= width and 0 < h <= height:
-                left = self.rng.randint(0, width - w)
-                top = self.rng.randint(0, height - h)
+                left = rng.randint(0, width - w)
+                top = rng.randint(0, height - h)
                 return left, top, left + w, top + h
         side = min(width, height)  # fall back to a center crop
         left, top = (width - side) // 2, (height - side) // 2
         return left, top, left + side, top + side
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """``rng``: the generator for this sample's crop (the data pipeline ties it to the sample's position)."""
         image = image.convert("RGB")
-        box = self.crop_box(*image.size)
+        box = self.crop_box(*image.size, rng=rng)
         image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
         return to_tensor(image, self.mean, self.std)
 

@@ -165,14 +165,20 @@ def _shared_tokenizer(context_length: int) -> Tokenizer:
     return Tokenizer(context_length)
 
 
-def get_tokenizer(name: str | None = None, context_length: int | None = None) -> Tokenizer:
-    """The tokenizer for a zoo model (its context length), or the OpenAI default (77 tokens) when no name is given."""
-    if context_length is None:
-        context_length = DEFAULT_CONTEXT_LENGTH
-        if name is not None:
-            from .models import get_model_config
+def get_tokenizer(name: str | dict | None = None, context_length: int | None = None):
+    """The tokenizer for a zoo model name or model config (its context length; a Hugging Face text tower brings its
+    own tokenizer), or the OpenAI default (77 tokens) when no name is given."""
+    text_cfg = {}
+    if name is not None:
+        from .models import get_model_config
 
-            context_length = get_model_config(name)["text_cfg"].get("context_length", DEFAULT_CONTEXT_LENGTH)
+        text_cfg = (name if isinstance(name, dict) else get_model_config(name))["text_cfg"]
+    if context_length is None:
+        context_length = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
+    if "hf_model_name" in text_cfg:
+        from .models.hf_text import HFTokenizer
+
+        return HFTokenizer(text_cfg["hf_model_name"], context_length)
     return _shared_tokenizer(context_length)
 
 

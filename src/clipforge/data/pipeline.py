@@ -1,0 +1,145 @@
+"""From raw samples to training batches, inside DataLoader workers, resumable to the exact sample.
+
+Every rank x worker pair reads its own *part* of the data as an endless stream of epochs. Randomness is tied to
+positions, not to process state: the order comes from ``(seed, epoch)``, and a sample's crop and caption choice from
+``(seed, epoch, part, position)``. Each batch reports where its part's stream stands after it, so a checkpoint can
+record the exact position of every part and a resumed run skips the consumed samples without decoding them.
+Corrupt or unusable samples are skipped and counted, never fatal.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..preprocess import BadImageError, TrainTransform, open_image
+from .captions import label_caption
+from .sources import IMAGE_EXTENSIONS
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; its ``reason`` is counted."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_sample(raw: dict, rng: random.Random, classnames=None, caption_templates=None,
+                  label_captions: bool = False, exclude_labels=frozenset()):
+    """``raw`` sample -> (RGB PIL image, caption). Raises ``SkipSample`` for anything unusable."""
+    label = None
+    if "cls" in raw:
+        try:
+            label = int(raw["cls"])
+        except ValueError:
+            raise SkipSample("bad_label") from None
+        if label in exclude_labels:
+            raise SkipSample("excluded_class")
+    if "txt" in raw and not label_captions:
+        lines = [line.strip() for line in raw["txt"].decode("utf-8", "replace").splitlines() if line.strip()]
+        if not lines:
+            raise SkipSample("empty_caption")
+        text = rng.choice(lines)  # img2dataset shards may carry several captions: draw one each time
+    elif label is not None and classnames is not None:
+        if not 0 <= label < len(classnames):
+            raise SkipSample("label_out_of_range")
+        text = label_caption(classnames[label], rng, caption_templates)
+    else:
+        raise SkipSample("no_caption")
+    if "image" in raw:
+        image = raw["image"]
+    else:
+        data = raw.get("image_bytes")
+        if data is None:
+            data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if data is None:
+            raise SkipSample("no_image")
+        try:
+            image = open_image(data, name=str(raw.get("__key__")))
+        except BadImageError:
+            raise SkipSample("corrupt_image") from None
+    return image.convert("RGB"), text
+
+
+class ContrastiveStream(IterableDataset):
+    """Endless batches ``{"images", "tokens", "state", "skipped"}`` for one rank; split further across workers.
+
+    ``resume``: ``{part: {"epoch", "position", "skipped"}}`` as collected from the ``state`` of consumed batches.
+    """
+
+    def __init__(self, source, transform, tokenizer, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, classnames=None, caption_templates=None, label_captions: bool = False,
+                 exclude_labels=(), resume: dict | None = None):
+        self.source, self.transform, self.tokenizer = source, transform, tokenizer
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.classnames, self.caption_templates = classnames, caption_templates
+        self.label_captions = label_captions
+        self.exclude_labels = frozenset(exclude_labels)
+        self.resume = {int(k): v for k, v in (resume or {}).items()}
+
+    def _sample_rng(self, epoch: int, part: int, position: int) -> random.Random:
+        return random.Random(f"sample-{self.seed}-{epoch}-{part}-{position}")
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        part, parts = self.rank * workers + worker, self.world_size * workers
+        state = self.resume.get(part, {})
+        epoch, skip = int(state.get("epoch", 0)), int(state.get("position", 0))
+        skipped = Counter(state.get("skipped", {}))
+        images, texts = [], []
+        while True:
+            position, usable = 0, 0
+            for raw in self.source.samples(part, parts, epoch, self.seed, skipped):
+                position += 1
+                if position <= skip:
+                    usable += 1
+                    continue
+                rng = self._sample_rng(epoch, part, position)
+                try:
+                    image, text = decode_sample(raw, rng, self.classnames, self.caption_templates,
+                                                self.label_captions, self.exclude_labels)
+                    tensor = self.transform(image, rng) if isinstance(self.transform, TrainTransform) \
+                        else self.transform(image)
+                except SkipSample as exc:
+                    skipped[exc.reason] += 1
+                    continue
+                usable += 1
+                images.append(tensor)
+                texts.append(text)
+                if len(images) == self.batch_size:
+                    yield {"images": torch.stack(images), "tokens": self.tokenizer(texts),
+                           "state": {"part": part, "epoch": epoch, "position": position, "skipped": dict(skipped)}}
+                    images, texts = [], []
+            if usable == 0:
+                raise RuntimeError(f"data part {part} of {parts} has no usable samples in epoch {epoch} "
+                                   f"(skipped: {dict(skipped) or 'none'}); check the data and the shard count")
+            epoch, skip = epoch + 1, 0
+
+
+def make_loader(stream: ContrastiveStream, workers: int = 2) -> DataLoader:
+    # Its own generator, so creating the loader never consumes the global torch RNG (exact resume).
+    return DataLoader(stream, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def evaluation_pairs(source, transform, limit: int | None = None, classnames=None, caption_templates=None,
+                     label_captions: bool = False, seed: int = 0):
+    """A fixed list of (image tensor, caption) pairs from ``source`` for validation; first caption of each."""
+    pairs, skipped = [], Counter()
+    for raw in source.samples(0, 1, 0, seed, skipped):
+        rng = random.Random(f"eval-{seed}-{len(pairs)}")
+        if "txt" in raw and not label_captions:
+            raw = dict(raw, txt=raw["txt"].decode("utf-8", "replace").strip().splitlines()[0].encode())
+        try:
+            image, text = decode_sample(raw, rng, classnames, caption_templates, label_captions)
+        except SkipSample:
+            continue
+        pairs.append((transform(image), text))
+        if limit and len(pairs) >= limit:
+            break
+    return pairs

@@ -1,0 +1,41 @@
+"""Image-text retrieval recall@k with any number of captions per image (as CLIP_benchmark computes it)."""
+from __future__ import annotations
+
+import torch
+
+
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
+                      ks=(1, 5, 10)) -> dict[str, float]:
+    """Recall@k both ways from L2-normalised features.
+
+    ``text_to_image[t]`` is the index of the image caption ``t`` describes. text->image: a caption scores a hit when
+    its image is among the top k. image->text: an image scores a hit when any of its captions is among the top k.
+    """
+    if image_features.shape[0] == 0 or text_features.shape[0] == 0:
+        raise ValueError("retrieval needs at least one image and one caption")
+    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long)
+    scores = text_features.float() @ image_features.float().T  # [texts, images]
+    positives = torch.zeros_like(scores, dtype=torch.bool)
+    positives[torch.arange(len(text_to_image)), text_to_image] = True
+    metrics = {}
+    for k in ks:
+        k_images, k_texts = min(k, scores.shape[1]), min(k, scores.shape[0])
+        top_images = scores.topk(k_images, dim=1).indices  # [texts, k]
+        metrics[f"text_to_image_R@{k}"] = positives.gather(1, top_images).any(dim=1).float().mean().item()
+        top_texts = scores.T.topk(k_texts, dim=1).indices  # [images, k]
+        metrics[f"image_to_text_R@{k}"] = positives.T.gather(1, top_texts).any(dim=1).float().mean().item()
+    return metrics
+
+
+@torch.no_grad()
+def embed_pairs(model, tokenizer, images: list[torch.Tensor], texts: list[str], batch_size: int = 256,
+                device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised image and text features, in batches."""
+    image_features, text_features = [], []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack(images[start:start + batch_size]).to(device)
+        image_features.append(model.encode_image(batch, normalize=True).float().cpu())
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(texts[start:start + batch_size]).to(device)
+        text_features.append(model.encode_text(tokens, normalize=True).float().cpu())
+    return torch.cat(image_features), torch.cat(text_features)

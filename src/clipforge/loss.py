@@ -1,0 +1,155 @@
+"""Contrastive objectives: CLIP's symmetric cross-entropy and SigLIP's pairwise sigmoid loss.
+
+Both take L2-normalised features of the local batch and, under ``torch.distributed``, gather the other ranks'
+features *with* gradient (``torch.distributed.nn.functional.all_gather``), so that after DDP averages gradients
+they equal those of one process holding the concatenated batch.
+
+- ``ClipLoss(local_loss=False)``: every rank computes the full (N*W) x (N*W) loss; simple, the paper's form.
+- ``ClipLoss(local_loss=True)``: each rank computes only its own N rows against all N*W columns (open_clip's
+  ``local_loss``); same loss and gradients, W times less logit memory and compute.
+- ``chunk_size``: rows are processed in chunks by a custom autograd function that recomputes each chunk's logits
+  in the backward pass, so peak memory is O(chunk_size x columns) instead of O(rows x columns).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.utils.checkpoint
+import torch.nn.functional as F
+from torch import nn
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0; gradients flow back to the rank that owns each slice."""
+    rank, world = _world()
+    if world == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor), dim=0)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """mean_i [logsumexp_j(s * a_i . b_j) - s * a_i . b_{label_i}], computed over row chunks.
+
+    Only per-row log-sum-exps are kept for backward; each chunk's logits are recomputed there, so memory never
+    holds the full rows x columns matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, scale, labels, chunk_size):
+        lse = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+        target = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+        for start in range(0, a.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (scale * a[rows] @ b.T).float()
+            lse[rows] = torch.logsumexp(logits, dim=1)
+            target[rows] = logits.gather(1, labels[rows, None]).squeeze(1)
+        ctx.save_for_backward(a, b, scale, labels, lse)
+        ctx.chunk_size = chunk_size
+        return (lse - target).mean()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        a, b, scale, labels, lse = ctx.saved_tensors
+        n = a.shape[0]
+        grad_a = torch.empty_like(a)
+        grad_b = torch.zeros_like(b)
+        grad_scale = torch.zeros((), dtype=torch.float32, device=a.device)
+        for start in range(0, n, ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            raw = a[rows] @ b.T  # unscaled similarities of this chunk
+            grad_logits = torch.exp(scale * raw.float() - lse[rows, None])  # softmax
+            grad_logits[torch.arange(grad_logits.shape[0], device=a.device), labels[rows]] -= 1.0
+            grad_logits *= grad_output / n
+            grad_scale += (grad_logits * raw).sum()
+            grad_logits = grad_logits.to(a.dtype)
+            grad_a[rows] = scale * grad_logits @ b
+            grad_b += scale * grad_logits.T @ a[rows]
+        return grad_a, grad_b, grad_scale.to(scale.dtype).reshape(scale.shape), None, None
+
+
+def cross_entropy_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor,
+                       chunk_size: int | None = None) -> torch.Tensor:
+    """Cross-entropy of the rows of ``scale * a @ b.T`` against ``labels``, dense or chunked."""
+    if chunk_size is None or chunk_size >= a.shape[0]:
+        return F.cross_entropy(scale * a @ b.T, labels)
+    return _ChunkedCrossEntropy.apply(a, b, scale, labels, chunk_size)
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE over scaled cosine similarities (Radford et al. 2021, Fig. 3)."""
+
+    def __init__(self, local_loss: bool = False, chunk_size: int | None = None):
+        super().__init__()
+        self.local_loss = local_loss
+        self.chunk_size = chunk_size
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+        rank, world = _world()
+        n = image_features.shape[0]
+        all_images, all_texts = gather_with_grad(image_features), gather_with_grad(text_features)
+        if self.local_loss:
+            # This rank's rows against every column; the positive of local row i is global column rank*n + i.
+            labels = torch.arange(n, device=image_features.device) + rank * n
+            per_image = cross_entropy_rows(image_features, all_texts, logit_scale, labels, self.chunk_size)
+            per_text = cross_entropy_rows(text_features, all_images, logit_scale, labels, self.chunk_size)
+        else:
+            labels = torch.arange(all_images.shape[0], device=image_features.device)
+            per_image = cross_entropy_rows(all_images, all_texts, logit_scale, labels, self.chunk_size)
+            per_text = cross_entropy_rows(all_texts, all_images, logit_scale, labels, self.chunk_size)
+        return (per_image + per_text) / 2
+
+
+class SigLipLoss(nn.Module):
+    """Pairwise sigmoid loss (Zhai et al. 2023): every image-text pair is a binary match / no-match decision.
+
+    Normalised by the local batch size, as in the paper's implementation; with DDP's gradient averaging over W
+    ranks this equals one process computing the loss over the whole batch.
+    """
+
+    def __init__(self, chunk_size: int | None = None):
+        super().__init__()
+        self.chunk_size = chunk_size
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+        if logit_bias is None:
+            raise ValueError("SigLIP needs a learnable logit bias: create the model with init_logit_bias=-10")
+        rank, world = _world()
+        n = image_features.shape[0]
+        all_texts = gather_with_grad(text_features)
+        chunk = self.chunk_size or n
+        total = image_features.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, chunk):
+            # Row chunks under checkpoint keep memory at chunk x columns here too.
+            rows = image_features[start:start + chunk]
+            if chunk < n and torch.is_grad_enabled():
+                total = total + torch.utils.checkpoint.checkpoint(
+                    _siglip_rows, rows, all_texts, logit_scale, logit_bias, rank * n + start, use_reentrant=False)
+            else:
+                total = total + _siglip_rows(rows, all_texts, logit_scale, logit_bias, rank * n + start)
+        return total / n  # normalised by the local batch size
+
+
+def _siglip_rows(rows, texts, logit_scale, logit_bias, first_label: int) -> torch.Tensor:
+    logits = (logit_scale * rows @ texts.T + logit_bias).float()
+    signs = -torch.ones_like(logits)
+    index = torch.arange(rows.shape[0], device=rows.device)
+    signs[index, index + first_label] = 1.0
+    return -F.logsigmoid(signs * logits).sum()
+
+
+def create_loss(name: str = "clip", local_loss: bool = False, chunk_size: int | None = None) -> nn.Module:
+    if name == "clip":
+        return ClipLoss(local_loss=local_loss, chunk_size=chunk_size)
+    if name == "siglip":
+        return SigLipLoss(chunk_size=chunk_size)
+    raise ValueError(f"unknown loss {name!r}; choose 'clip' or 'siglip'")

@@ -1,0 +1,35 @@
+"""AdamW with CLIP's parameter groups and a cosine schedule with linear warmup."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Gains, biases, embeddings and the temperature are not decayed (as in CLIP and open_clip)."""
+    return param.ndim < 2 or "embedding" in name or name.endswith(("logit_scale", "logit_bias"))
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.98), eps: float = 1e-6):
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_weight_decay(name, param) else decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError("no trainable parameters: both towers are locked")
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """LR factor: linear ramp over ``warmup_steps``, then a cosine from 1 down to ``min_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
