@@ -31,3 +31,39 @@ def random_tokens(n: int, context_length: int = 77, generator=None) -> torch.Ten
         tokens[i, 1 : length + 1] = torch.randint(0, 49000, (length,), generator=generator)
         tokens[i, length + 1] = 49407
     return tokens
+
+
+def write_shard(path: Path, samples: list[dict]) -> Path:
+    """A WebDataset tar shard: each sample is {"__key__": ..., ext: bytes | str}."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, value in sample.items():
+                if ext == "__key__":
+                    continue
+                data = value.encode() if isinstance(value, str) else value
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def shapes_shard(path: Path, n: int, seed: int = 0, corrupt_every: int = 0) -> Path:
+    """A shard of generated shapes with multi-line captions; every ``corrupt_every``-th image is garbage bytes."""
+    import io
+
+    from clipforge.data import ShapesSource
+
+    source = ShapesSource(n, seed=seed)
+    samples = []
+    for raw in source.samples(0, 1, 0, seed, {}):
+        buffer = io.BytesIO()
+        raw["image"].save(buffer, format="PNG")
+        image = buffer.getvalue()
+        if corrupt_every and len(samples) % corrupt_every == corrupt_every - 1:
+            image = image[:40]  # truncated PNG
+        samples.append({"__key__": raw["__key__"], "png": image, "txt": raw["txt"]})
+    return write_shard(path, samples)

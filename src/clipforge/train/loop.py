@@ -151,8 +151,13 @@ class _Labels:
 
 # ---------------------------------------------------------------------------------------------------- the loop
 
-def train(cfg: TrainConfig, train_source=None, val_source=None) -> dict:
-    """Train and return a summary (steps, last loss, checkpoint path, skipped samples, validation metrics)."""
+def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss_fn=None) -> dict:
+    """Train and return a summary (steps, last loss, checkpoint path, skipped samples, validation metrics).
+
+    ``train_source``/``val_source`` replace ``cfg.train_data``/``cfg.val_data`` with source objects (e.g.
+    ``ShapesSource``). ``model`` and ``loss_fn`` replace the zoo model and the configured loss: any module whose
+    forward returns a ``CLIPOutput`` and that has ``encode_image``/``encode_text``/``image_size`` will do.
+    """
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {cfg.precision!r}; choose from {', '.join(PRECISIONS)}")
     rank, world, device = _init_distributed(cfg)
@@ -167,7 +172,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None) -> dict:
 
     # ---- model
     model_config = model_config_for(cfg)
-    model = create_model(model_config)
+    if model is None:
+        model = create_model(model_config)
     if cfg.pretrained:
         from .. import load_model
 
@@ -189,7 +195,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None) -> dict:
             find_unused_parameters=bool(model_config["vision_cfg"].get("patch_dropout")))
     if cfg.torchcompile:
         model = torch.compile(model)
-    loss_fn = create_loss(cfg.loss, local_loss=cfg.local_loss, chunk_size=cfg.loss_chunk_size)
+    loss_fn = loss_fn or create_loss(cfg.loss, local_loss=cfg.local_loss, chunk_size=cfg.loss_chunk_size)
 
     # ---- data
     source = train_source if train_source is not None else open_source(cfg.train_data, cfg.shuffle_buffer)
@@ -381,7 +387,11 @@ def _train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg,
                     out = model(images, tokens)
                     image_features = torch.cat(cached_images[:j] + [out.image_features] + cached_images[j + 1:])
                     text_features = torch.cat(cached_texts[:j] + [out.text_features] + cached_texts[j + 1:])
-                    loss = loss_fn(image_features, text_features, out.logit_scale, out.logit_bias)
+                    # the temperature (and bias) enter every pass's loss: let only one pass give them gradient
+                    last = j == len(inputs) - 1
+                    scale = out.logit_scale if last else out.logit_scale.detach()
+                    bias = out.logit_bias if last or out.logit_bias is None else out.logit_bias.detach()
+                    loss = loss_fn(image_features, text_features, scale, bias)
                 scaler.scale(loss).backward()
             total = loss.detach()
         _set_device_rng(device, rng_after)

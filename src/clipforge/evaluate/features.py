@@ -1,0 +1,64 @@
+"""Embedding whole labelled or captioned datasets for evaluation, in batches, with a progress bar."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import torch
+from tqdm import tqdm
+
+from ..data.pipeline import SkipSample, decode_sample
+from ..preprocess import BadImageError
+
+
+@torch.no_grad()
+def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None, progress: bool = True,
+                   desc: str = "embedding images"):
+    """(L2-normalised image features [N, D], labels [N]) for every sample of a labelled source (image + cls)."""
+    device = device or next(model.parameters()).device
+    features, labels, batch, batch_labels, skipped = [], [], [], [], Counter()
+
+    def flush():
+        if batch:
+            features.append(model.encode_image(torch.stack(batch).to(device), normalize=True).float().cpu())
+            labels.extend(batch_labels)
+            batch.clear()
+            batch_labels.clear()
+
+    bar = tqdm(desc=desc, unit="img", disable=not progress, leave=False)
+    for raw in source.samples(0, 1, 0, 0, skipped):
+        if "cls" not in raw:
+            skipped["no_label"] += 1
+            continue
+        try:
+            image, _ = decode_sample(dict(raw, txt=b"-"), rng=random.Random(0))
+        except (SkipSample, BadImageError):
+            skipped["corrupt_image"] += 1
+            continue
+        batch.append(preprocess(image))
+        batch_labels.append(int(raw["cls"]))
+        if len(batch) == batch_size:
+            flush()
+        bar.update(1)
+    flush()
+    bar.close()
+    if not features:
+        raise ValueError(f"no usable labelled samples (skipped: {dict(skipped) or 'none'})")
+    return torch.cat(features), torch.tensor(labels)
+
+
+def captioned_pairs(source):
+    """(PIL images, captions, caption -> image index) with every caption of every sample (multi-line txt)."""
+    images, captions, owner, skipped = [], [], [], Counter()
+    for raw in source.samples(0, 1, 0, 0, skipped):
+        lines = [l.strip() for l in raw.get("txt", b"").decode("utf-8", "replace").splitlines() if l.strip()]
+        if not lines:
+            continue
+        try:
+            image, _ = decode_sample(raw, rng=random.Random(0))
+        except SkipSample:
+            continue
+        captions.extend(lines)
+        owner.extend([len(images)] * len(lines))
+        images.append(image)
+    return images, captions, torch.tensor(owner)

@@ -1,0 +1,129 @@
+"""Training: exact gradient accumulation, exact resume after SIGKILL, bad samples skipped and counted."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import clipforge
+from clipforge.loss import ClipLoss
+from clipforge.train import TrainConfig, TrainingDiverged, train
+from clipforge.train.loop import _train_step
+from clipforge.train.optim import build_optimizer
+
+from conftest import REPO, random_tokens, shapes_shard
+
+
+def _small_model():
+    return clipforge.create_model("ViT-Tiny-64", vision_cfg={"layers": 2}, text_cfg={"layers": 2})
+
+
+def _grads_after_step(model, micro):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    cfg = TrainConfig(accum_freq=len(micro))
+    _train_step(model, micro, ClipLoss(), optimizer, scaler, nullcontext(), torch.device("cpu"), cfg, 1)
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_accumulation_equals_the_large_batch_step():
+    model = _small_model()
+    images, tokens = torch.randn(24, 3, 64, 64), random_tokens(24, 32)
+    full = _grads_after_step(model, [{"images": images, "tokens": tokens}])
+    micro = [{"images": images[i:i + 6], "tokens": tokens[i:i + 6]} for i in range(0, 24, 6)]
+    accumulated = _grads_after_step(model, micro)
+    assert full.keys() == accumulated.keys() and len(full) > 10
+    for name in full:
+        torch.testing.assert_close(accumulated[name], full[name], atol=2e-6, rtol=1e-4, msg=name)
+
+
+def test_parameter_groups_exclude_gains_biases_embeddings_and_temperature():
+    model = _small_model()
+    optimizer = build_optimizer(model, 1e-3, 0.2)
+    no_decay = {id(p) for p in optimizer.param_groups[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in no_decay}
+    assert "logit_scale" in names and "text.token_embedding.weight" in names
+    assert "visual.positional_embedding" in names and "visual.ln_pre.weight" in names
+    assert "visual.transformer.resblocks.0.attn.in_proj_bias" in names
+    assert "visual.transformer.resblocks.0.attn.in_proj_weight" not in names and "visual.proj" not in names
+
+
+def _train_cmd(shard, output, steps, extra=()):
+    return [sys.executable, "-m", "clipforge.cli", "train", "--train-data", str(shard), "--model", "ViT-Tiny-64",
+            "--batch-size", "8", "--steps", str(steps), "--save-every", "5", "--keep", "2", "--workers", "1",
+            "--output", str(output), "--seed", "3", "--patch-dropout", "0.25", "--no-progress", *extra]
+
+
+def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
+    shard = shapes_shard(tmp_path / "data" / "shapes-000000.tar", 96)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    steps = 40
+    subprocess.run(_train_cmd(shard, tmp_path / "straight", steps), check=True, env=env, capture_output=True)
+
+    victim = subprocess.Popen(_train_cmd(shard, tmp_path / "killed", steps), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (checkpoints.exists() and any(checkpoints.glob("step-*"))):
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = sorted(p.name for p in checkpoints.glob("step-*"))
+    assert done and done[-1] < f"step-{steps:08d}"
+
+    subprocess.run(_train_cmd(shard, tmp_path / "killed", steps, ["--resume", "latest"]), check=True, env=env,
+                   capture_output=True)
+    final = f"checkpoints/step-{steps:08d}/model.safetensors"
+    straight, resumed = load_file(tmp_path / "straight" / final), load_file(tmp_path / "killed" / final)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-5, msg=key)
+    lines = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [r["step"] for r in
+                                                         map(json.loads, (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(list(checkpoints.glob("step-*"))) == 2  # --keep 2
+    assert not list(checkpoints.glob(".step-*"))  # no temp folders left
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    shard = shapes_shard(tmp_path / "bad-000000.tar", 64, corrupt_every=8)  # 8 of 64 images are truncated
+    cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), batch_size=8, steps=6, workers=0, save_every=0,
+                      output=str(tmp_path / "run"), progress=False, log_every=2)
+    summary = train(cfg)
+    assert summary["steps"] == 6 and summary["skipped"].get("corrupt_image", 0) >= 5
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_samples"] == sum(summary["skipped"].values())
+    assert (tmp_path / "run" / "checkpoints" / "step-00000006" / "model.safetensors").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    shard = shapes_shard(tmp_path / "s-000000.tar", 32)
+    cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), batch_size=8, steps=4, workers=0, save_every=2,
+                      log_every=1, output=str(tmp_path / "run"), progress=False)
+    train(cfg)
+
+    def exploding_loss(image_features, text_features, logit_scale, logit_bias=None):
+        return ClipLoss()(image_features, text_features, logit_scale) * float("inf")
+
+    cfg.steps, cfg.resume = 8, "latest"
+    with pytest.raises(TrainingDiverged, match="step-00000004"):
+        train(cfg, loss_fn=exploding_loss)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+
+
+def test_trained_checkpoint_loads_with_clipforge_load(tmp_path):
+    shard = shapes_shard(tmp_path / "s-000000.tar", 16)
+    cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), batch_size=8, steps=2, workers=0,
+                      output=str(tmp_path / "run"), progress=False)
+    summary = train(cfg)
+    model, preprocess, tokenizer = clipforge.load(summary["checkpoint"])
+    with torch.no_grad():
+        a = model.encode_text(tokenizer(["a red circle"]))
+        b = summary["model"].eval().encode_text(tokenizer(["a red circle"]))
+    torch.testing.assert_close(a, b)
