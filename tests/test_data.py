@@ -1,0 +1,121 @@
+"""Data sources and the batching pipeline: formats, caption choice, label captions, splitting, resumability."""
+import io
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+import clipforge
+import clipforge.train
+from clipforge import cli
+from clipforge.data import (ContrastiveStream, CsvSource, FolderSource, ShapesSource, load_caption_templates,
+                            open_source)
+from clipforge.preprocess import TrainTransform
+
+from conftest import shapes_shard, write_shard
+
+
+def _png(colour="red"):
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def test_multi_line_captions_are_drawn_at_random_per_use(tmp_path):
+    samples = [{"__key__": f"k{i}", "png": _png(), "txt": "one\ntwo\nthree"} for i in range(4)]
+    source = open_source(str(write_shard(tmp_path / "multi-000000.tar", samples)))
+    stream = ContrastiveStream(source, TrainTransform(32), clipforge.get_tokenizer(), batch_size=4, seed=0)
+    tokens = torch.cat([b["tokens"] for b in _take(stream, 6)])
+    decoded = {clipforge.get_tokenizer().decode(t[1:t.argmax()]).strip() for t in tokens}
+    assert decoded == {"one", "two", "three"}
+
+
+def test_label_captions_and_excluded_classes(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "classnames.txt").write_text("zebra\nkettle\n")
+    samples = [{"__key__": f"k{i}", "png": _png(), "cls": str(i % 2)} for i in range(20)]
+    shard = write_shard(tmp_path / "ds" / "train" / "train-000000.tar", samples)
+    cfg = clipforge.train.TrainConfig(train_data=str(shard), label_captions="default", exclude_classes=["kettle"])
+    labels = clipforge.train.loop._Labels(cfg, open_source(str(shard)))
+    stream = ContrastiveStream(open_source(str(shard)), TrainTransform(32), clipforge.get_tokenizer(), 5,
+                               classnames=labels.classnames, label_captions=True, exclude_labels=labels.exclude)
+    batches = _take(stream, 4)
+    texts = [clipforge.get_tokenizer().decode(t[1:t.argmax()]) for b in batches for t in b["tokens"]]
+    assert all("zebra" in t and "kettle" not in t for t in texts) and len(set(texts)) > 3
+    assert batches[-1]["state"]["skipped"]["excluded_class"] >= 10
+    with pytest.raises(ValueError, match="not among the class names"):
+        clipforge.train.loop._Labels(clipforge.train.TrainConfig(label_captions="default", exclude_classes=["cat"]),
+                                     open_source(str(shard)))
+
+
+def test_caption_templates_file_needs_placeholders(tmp_path):
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("# comment\na snapshot of {}\n\n{} up close\n")
+    bad.write_text("a photo of something\n")
+    assert load_caption_templates(good) == ["a snapshot of {}", "{} up close"]
+    with pytest.raises(ValueError, match="placeholder"):
+        load_caption_templates(bad)
+
+
+def test_csv_and_folder_sources(tmp_path):
+    for i, colour in enumerate(["red", "blue", "green"]):
+        (tmp_path / f"img{i}.png").write_bytes(_png(colour))
+        (tmp_path / f"img{i}.txt").write_text(f"a {colour} thing")
+    (tmp_path / "pairs.csv").write_text("filepath,title\nimg0.png,first\nimg1.png,second\nmissing.png,gone\n")
+    csv_source = CsvSource(tmp_path / "pairs.csv")
+    skipped = Counter()
+    keys = [s["txt"] for s in csv_source.samples(0, 1, 0, 0, skipped)]
+    assert sorted(keys) == [b"first", b"second"] and skipped["missing_file"] == 1
+    folder = FolderSource(tmp_path)
+    assert len(folder) == 3
+    with pytest.raises(ValueError, match="caption column"):
+        (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+        CsvSource(tmp_path / "bad.csv")
+
+
+def test_parts_split_the_data_without_overlap():
+    source = ShapesSource(50)
+    seen = [s["__key__"] for part in range(3) for s in source.samples(part, 3, 0, 0, Counter())]
+    assert len(seen) == 50 and len(set(seen)) == 50
+
+
+def test_shards_split_across_parts_and_epochs_reshuffle(tmp_path):
+    shards = [shapes_shard(tmp_path / f"s-{i:06d}.tar", 10, seed=i) for i in range(4)]
+    source = open_source(str(tmp_path / "s-{000000..000003}.tar"))
+    assert len(source.urls) == 4 and len(source) == 40
+    parts = [[s["__key__"] for s in source.samples(p, 2, 0, 0, Counter())] for p in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 20
+    epoch1 = [s["__key__"] for s in source.samples(0, 2, 1, 0, Counter())]
+    assert epoch1 != parts[0]
+
+
+def test_resume_state_skips_exactly_the_consumed_samples(tmp_path):
+    shard = shapes_shard(tmp_path / "s-000000.tar", 30)
+    make = lambda resume=None: ContrastiveStream(open_source(str(shard)), TrainTransform(32),
+                                                 clipforge.get_tokenizer(), 4, seed=5, resume=resume)
+    straight = _take(make(), 12)  # crosses an epoch boundary
+    resumed = _take(make({0: straight[4]["state"]}), 7)
+    for a, b in zip(straight[5:], resumed):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["tokens"], b["tokens"])
+
+
+def test_missing_shard_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="shard not found"):
+        open_source(str(tmp_path / "nothing-{000000..000002}.tar"))
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert cli.main(["demo", "--steps", "4", "--batch-size", "16", "--workers", "0", "--no-progress",
+                     "--output", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "zero-shot" in out and "report:" in out
+    page = (tmp_path / "demo" / "report.html").read_text()
+    assert page.count("<img") >= 48 and "Text→image retrieval" in page
+    model, _, _ = clipforge.load(str(tmp_path / "demo" / "checkpoints" / "step-00000004"))
+    assert model.image_size == 64
