@@ -136,7 +136,9 @@ def _worker(rank, world, port, kind, out_dir):
     dist.all_reduce(mean_loss)
     torch.save({"loss": mean_loss / world, "grads": {k: p.grad for k, p in model.module.named_parameters()}},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    dist.barrier()
+    # Leave without tearing gloo down: its background threads can abort the process at interpreter exit.
+    os._exit(0)
 
 
 def _free_port():

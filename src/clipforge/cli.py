@@ -89,6 +89,7 @@ def _register_lazy(name: str, module: str, help_text: str):
 _EXTRA_COMMANDS: list = [
     _register_lazy("demo", "demo", "train on generated shapes (~2 min CPU), zero-shot + retrieval, HTML report"),
     _register_lazy("train", "train.cli", "contrastive training (one CPU to many GPUs)"),
+    _register_lazy("eval", "evaluate.cli", "zero-shot, retrieval, linear-probe and few-shot evaluation"),
 ]
 
 

@@ -1,0 +1,211 @@
+"""``clipforge eval zeroshot|retrieval|linear-probe|fewshot``, with flags like CLIP_benchmark's.
+
+Results go to ``--output`` as JSON in CLIP_benchmark's format (``dataset``, ``model``, ``pretrained``, ``task``,
+``metrics``, ``language``), with extra keys for what CLIP_benchmark does not report (per-class table, sweep, curve).
+Image features are cached (``--cache-dir``) so that a sweep, a few-shot curve or a second template set does not
+re-embed the images.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+TASKS = ("zeroshot", "retrieval", "linear-probe", "fewshot")
+CB_TASK = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "linear-probe": "linear_probe",
+           "fewshot": "fewshot_linear_probe"}
+
+EXAMPLES = """examples:
+  clipforge eval zeroshot --pretrained runs/cifar/checkpoints/step-00001000 --dataset-root ../shared/data/cifar10
+  clipforge eval zeroshot --model ViT-B-32 --pretrained openai --dataset-root imagenet --dataset imagenet1k
+  clipforge eval zeroshot ... --templates 'a photo of a {}.'        a single prompt (or a file, or a set name)
+  clipforge eval retrieval --pretrained CKPT --dataset-root ../shared/data/coco-mini
+  clipforge eval linear-probe --pretrained CKPT --dataset-root ../shared/data/cifar10 --train-split train
+  clipforge eval fewshot --pretrained CKPT --dataset-root ../shared/data/cifar10 --train-split train
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description, p.epilog = __doc__, EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--model", help="zoo architecture, or a checkpoint path when --pretrained is not given")
+    p.add_argument("--pretrained", help="a pretrained tag or a checkpoint path (a clipforge train step folder, "
+                   ".pt, Hugging Face folder)")
+    p.add_argument("--dataset-root", required=True, help="dataset folder (CLIP_benchmark layout, class folders "
+                   "or CSV; for retrieval: shards with image + multi-line .txt captions)")
+    p.add_argument("--dataset", help="dataset name for the shipped class names/templates (cifar10, imagenet1k...) "
+                   "[the folder name]")
+    p.add_argument("--split", default="test")
+    p.add_argument("--train-split", default="train", help="features to fit linear/few-shot probes on")
+    p.add_argument("--templates", help="prompt templates: a file (one per line, with {}), a shipped set name, "
+                   "a single template containing {}, or 'none' for bare class names [the dataset's set]")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--output", help="result JSON [<dataset>_<task>.json]")
+    p.add_argument("--plot", help="PNG: confusion matrix (zeroshot, linear-probe) or accuracy vs k (fewshot)")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--seeds", type=int, default=3, help="few-shot draws per k")
+    p.add_argument("--cache-dir", help="image feature cache [$CLIPFORGE_CACHE/features]")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def load_for_eval(model: str | None, pretrained: str | None, trust_pickle: bool = False):
+    from .. import load
+
+    if model is None and pretrained is None:
+        raise ValueError("give --model NAME (with --pretrained TAG_OR_PATH) or --pretrained CHECKPOINT_PATH")
+    if model is None or (pretrained is None and os.path.exists(model)):
+        return load(pretrained or model, trust_pickle=trust_pickle)
+    return load(model, pretrained=pretrained, trust_pickle=trust_pickle)
+
+
+def resolve_templates(spec: str | None, dataset_templates: list[str] | None) -> list[str]:
+    from .datasets import load_templates, shipped_templates
+
+    if spec is None:
+        return dataset_templates or ["a photo of a {}."]
+    if spec == "none":
+        return ["{}"]
+    if os.path.exists(spec):
+        return load_templates(spec)
+    if shipped_templates(spec):
+        return shipped_templates(spec)
+    if "{}" in spec or "{c}" in spec:
+        return [spec.replace("{c}", "{}")]
+    raise ValueError(f"--templates {spec!r}: not a file, a shipped set or a template with '{{}}'")
+
+
+def _model_key(args, model) -> str:
+    ident = [args.model or "", args.pretrained or ""]
+    for path in ident:
+        if path and os.path.exists(path):
+            target = Path(path) / "model.safetensors" if os.path.isdir(path) else Path(path)
+            if target.exists():
+                stat = target.stat()
+                ident.append(f"{target.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    if not any(os.path.exists(p) for p in ident[:2] if p) and args.pretrained is None:
+        # a randomly initialised zoo model: features are only meaningful within this process
+        ident.append(f"random:{id(model)}")
+    return "|".join(ident)
+
+
+def cached_features(args, model, dataset, split: str, preprocess):
+    from ..pretrained import cache_dir
+    from .features import embed_labelled
+
+    key = hashlib.sha256(f"{_model_key(args, model)}|{Path(args.dataset_root).resolve()}|{split}|"
+                         f"{model.image_size}".encode()).hexdigest()[:20]
+    folder = Path(args.cache_dir) if args.cache_dir else cache_dir() / "features"
+    path = folder / f"{dataset.name}-{split}-{key}.pt"
+    if not args.no_cache and path.exists():
+        cached = torch.load(path, weights_only=True)
+        return cached["features"], cached["labels"]
+    features, labels = embed_labelled(model, dataset.source, preprocess, args.batch_size, progress=not args.quiet,
+                                      desc=f"embedding {dataset.name}/{split}")
+    if not args.no_cache:
+        from ..checkpoint import atomic_path
+
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save({"features": features, "labels": labels}, tmp)
+    return features, labels
+
+
+def run(args) -> int:
+    from .datasets import open_labelled
+    from .metrics import classification_metrics, confusion_png, fewshot_png, per_class_table
+
+    model, preprocess, tokenizer = load_for_eval(args.model, args.pretrained, args.trust_pickle)
+    result = {"dataset": args.dataset or Path(args.dataset_root).name, "model": args.model,
+              "pretrained": args.pretrained, "task": CB_TASK[args.task], "language": "en"}
+    if args.task == "retrieval":
+        result["metrics"] = _retrieval(args, model, preprocess, tokenizer)
+        _report(args, result)
+        return 0
+    dataset = open_labelled(args.dataset_root, args.split, args.dataset)
+    test_x, test_y = cached_features(args, model, dataset, args.split, preprocess)
+    _check_labels(test_y, dataset.classnames, args.split)
+    if args.task in ("zeroshot", "fewshot"):
+        from ..zeroshot import zero_shot_classifier
+
+        templates = resolve_templates(args.templates, dataset.templates)
+        with torch.no_grad():
+            weights = zero_shot_classifier(model, tokenizer, dataset.classnames, templates)
+        zs = classification_metrics(test_x @ weights.cpu(), test_y, dataset.classnames)
+        result["templates"] = templates
+    if args.task == "zeroshot":
+        metrics = zs
+    else:
+        from .linear_probe import few_shot, linear_probe
+
+        train_set = open_labelled(args.dataset_root, args.train_split, args.dataset)
+        train_x, train_y = cached_features(args, model, train_set, args.train_split, preprocess)
+        _check_labels(train_y, dataset.classnames, args.train_split)
+        n = len(dataset.classnames)
+        if args.task == "linear-probe":
+            logits, info = linear_probe(train_x, train_y, test_x, n)
+            metrics = {f"lp_{k}" if k in ("acc1", "acc5", "mean_per_class_recall") else k: v
+                       for k, v in classification_metrics(logits, test_y, dataset.classnames).items()}
+            result.update(info)
+        else:
+            curve = few_shot(train_x, train_y, test_x, test_y, n, tuple(args.shots), tuple(range(args.seeds)))
+            metrics = {f"{k}_shot_acc1": sum(v) / len(v) for k, v in curve.items()}
+            metrics["zeroshot_acc1"] = zs["acc1"]
+            result["curve"] = {str(k): v for k, v in curve.items()}
+    per_class, confusion = metrics.pop("per_class", None), metrics.pop("confusion_matrix", None)
+    result["metrics"] = metrics
+    if per_class:
+        result["per_class"], result["confusion_matrix"] = per_class, confusion
+        if not args.quiet:
+            print(per_class_table({"per_class": per_class}))
+    if args.plot:
+        if args.task == "fewshot":
+            fewshot_png({int(k): v for k, v in result["curve"].items()}, zs["acc1"], args.plot, result["dataset"])
+        else:
+            confusion_png(confusion, dataset.classnames, args.plot, f"{result['dataset']} {args.task}")
+    _report(args, result)
+    return 0
+
+
+def _check_labels(labels, classnames, split):
+    if labels.numel() and (int(labels.max()) >= len(classnames) or int(labels.min()) < 0):
+        bad = int(labels[(labels >= len(classnames)) | (labels < 0)][0])
+        raise ValueError(f"split {split!r}: label {bad} is outside the class list ({len(classnames)} classes)")
+
+
+def _retrieval(args, model, preprocess, tokenizer) -> dict:
+    from ..data.sources import open_source
+    from .features import captioned_pairs
+    from .retrieval import embed_pairs, retrieval_metrics
+
+    root = Path(args.dataset_root)
+    split = root / args.split if (root / args.split).exists() else root
+    images, captions, owner = captioned_pairs(open_source(str(split), shuffle_buffer=0))
+    if not images:
+        raise ValueError(f"{split}: no samples with an image and a caption")
+    with torch.no_grad():
+        image_features, text_features = embed_pairs(model, tokenizer, [preprocess(i) for i in images], captions,
+                                                    args.batch_size)
+    ours = retrieval_metrics(image_features, text_features, owner)
+    metrics = {}
+    for k in (1, 5, 10):  # CLIP_benchmark's names: "image retrieval" = text->image
+        metrics[f"image_retrieval_recall@{k}"] = ours[f"text_to_image_R@{k}"]
+        metrics[f"text_retrieval_recall@{k}"] = ours[f"image_to_text_R@{k}"]
+    metrics.update(n_images=len(images), n_captions=len(captions))
+    return metrics
+
+
+def _report(args, result: dict) -> None:
+    output = Path(args.output or f"{result['dataset']}_{args.task}.json")
+    from ..checkpoint import write_json
+
+    write_json(output, result)
+    summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result["metrics"].items())
+    print(f"{result['dataset']} {args.task}: {summary}\nwrote {output}")

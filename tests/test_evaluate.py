@@ -1,0 +1,190 @@
+"""Evaluation: metric parity with CLIP_benchmark's own code on the same embeddings, the CLI, and bad input."""
+import io
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clipforge
+from clipforge import cli
+from clipforge.evaluate import retrieval_metrics
+from clipforge.evaluate.datasets import load_templates, open_labelled, shipped_classnames, shipped_templates
+from clipforge.evaluate.linear_probe import fit_logistic, linear_probe
+from clipforge.evaluate.metrics import classification_metrics
+
+from conftest import write_shard
+
+
+def _cb(module):
+    return pytest.importorskip(f"clip_benchmark.metrics.{module}")
+
+
+@pytest.fixture
+def numpy2_compatible_cb(monkeypatch):
+    """CLIP_benchmark's ``accuracy`` calls ``float()`` on a 1-element array, which NumPy 2 rejects; make one-element
+    tensors convert to 0-d arrays while its code runs (its arithmetic is untouched)."""
+    original = torch.Tensor.numpy
+
+    def numpy(self, *args, **kwargs):
+        array = original(self, *args, **kwargs)
+        return array.reshape(()) if array.size == 1 else array
+
+    monkeypatch.setattr(torch.Tensor, "numpy", numpy)
+
+
+def test_zero_shot_classifier_equals_clip_benchmark():
+    cb = _cb("zeroshot_classification")
+    model = clipforge.create_model("ViT-Tiny-64").eval()
+    tokenizer = clipforge.get_tokenizer("ViT-Tiny-64")
+    classnames, templates = ["cat", "dog", "red truck"], ["a photo of a {}.", "a drawing of the {}.", "{}"]
+    ours = clipforge.zero_shot_classifier(model, tokenizer, classnames, templates)
+    theirs = cb.zero_shot_classifier(model, tokenizer, classnames, [t.replace("{}", "{c}") for t in templates],
+                                     "cpu", amp=False)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_classification_metrics_equal_clip_benchmark(numpy2_compatible_cb):
+    cb = _cb("zeroshot_classification")
+    from sklearn.metrics import balanced_accuracy_score
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(500, 12, generator=g), torch.randint(0, 12, (500,), generator=g)
+    logits[labels < 4, 0] += 2  # some structure, unequal class recalls
+    ours = classification_metrics(logits, labels, [str(i) for i in range(12)])
+    acc1, acc5 = cb.accuracy(logits, labels, topk=(1, 5))
+    assert ours["acc1"] == pytest.approx(acc1, abs=1e-7) and ours["acc5"] == pytest.approx(acc5, abs=1e-7)
+    assert ours["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, logits.argmax(1)), abs=1e-7)
+    assert sum(map(sum, ours["confusion_matrix"])) == 500
+
+
+def test_retrieval_recall_equals_clip_benchmark_with_five_captions_per_image():
+    cb = _cb("zeroshot_retrieval")
+    g = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(40, 16, generator=g), dim=-1)
+    owner = torch.arange(40).repeat_interleave(5)
+    texts = F.normalize(images[owner] + 0.9 * torch.randn(200, 16, generator=g), dim=-1)
+    ours = retrieval_metrics(images, texts, owner)
+    scores = texts @ images.T
+    positives = torch.zeros_like(scores, dtype=torch.bool)
+    positives[torch.arange(200), owner] = True
+    for k in (1, 5, 10):
+        t2i = (cb.batchify(cb.recall_at_k, scores, positives, 64, "cpu", k=k) > 0).float().mean().item()
+        i2t = (cb.batchify(cb.recall_at_k, scores.T, positives.T, 64, "cpu", k=k) > 0).float().mean().item()
+        assert ours[f"text_to_image_R@{k}"] == pytest.approx(t2i, abs=1e-7)
+        assert ours[f"image_to_text_R@{k}"] == pytest.approx(i2t, abs=1e-7)
+    assert 0 < ours["text_to_image_R@1"] < ours["text_to_image_R@10"] < 1
+
+
+def test_linear_probe_metrics_equal_clip_benchmark_and_the_probe_learns(numpy2_compatible_cb):
+    cb = _cb("zeroshot_classification")
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 24, generator=g)
+    train_y, test_y = torch.randint(0, 5, (400,), generator=g), torch.randint(0, 5, (200,), generator=g)
+    train_x = centres[train_y] + 1.5 * torch.randn(400, 24, generator=g)
+    test_x = centres[test_y] + 1.5 * torch.randn(200, 24, generator=g)
+    logits, info = linear_probe(train_x, train_y, test_x, 5)
+    ours = classification_metrics(logits, test_y, list("abcde"))
+    (acc1,) = cb.accuracy(logits, test_y, topk=(1,))
+    assert ours["acc1"] == pytest.approx(acc1, abs=1e-7) and ours["acc1"] > 0.6
+    assert info["l2"] in [row["l2"] for row in info["sweep"]] and len(info["sweep"]) >= 10
+
+
+def test_strong_regularisation_shrinks_the_probe():
+    x, y = torch.randn(100, 8), torch.randint(0, 3, (100,))
+    weak, _ = fit_logistic(x, y, 3, 1e-6)
+    strong, _ = fit_logistic(x, y, 3, 10.0)
+    assert strong.norm() < weak.norm() / 10
+
+
+def test_paper_prompt_sets_are_shipped():
+    assert len(shipped_templates("imagenet1k")) == 80 and len(shipped_classnames("imagenet1k")) == 1000
+    assert len(shipped_templates("cifar10")) == 18 and len(shipped_classnames("cifar100")) == 100
+    assert all("{}" in t for t in shipped_templates("cifar100"))
+
+
+# ------------------------------------------------------------------------------------------------ CLI and datasets
+
+def _png(colour):
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    """CLIP_benchmark layout: classnames.txt, templates, test/ and train/ shards of red/blue/green squares."""
+    root = tmp_path / "colours"
+    colours = ["red", "blue", "green"]
+    (root).mkdir()
+    (root / "classnames.txt").write_text("\n".join(colours) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a {c} square\na photo of something {c}\n")
+    for split, n in (("test", 12), ("train", 48)):
+        samples = [{"__key__": f"{split}{i}", "png": _png(colours[i % 3]), "cls": str(i % 3)} for i in range(n)]
+        write_shard(root / split / f"{split}-000000.tar", samples)
+    return root
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = clipforge.create_model("ViT-Tiny-64")
+    return str(clipforge.save_pretrained(model, tmp_path / "ckpt"))
+
+
+def test_cli_zeroshot_writes_clip_benchmark_json_and_plot(tiny_dataset, checkpoint, tmp_path, capsys):
+    out, plot = tmp_path / "r.json", tmp_path / "cm.png"
+    assert cli.main(["eval", "zeroshot", "--pretrained", checkpoint, "--dataset-root", str(tiny_dataset),
+                     "--output", str(out), "--plot", str(plot), "--cache-dir", str(tmp_path / "cache"),
+                     "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == "zeroshot_classification" and result["dataset"] == "colours"
+    assert set(result["metrics"]) == {"acc1", "mean_per_class_recall"}  # acc5 only with >= 5 classes
+    assert result["templates"] == ["a {} square", "a photo of something {}"]
+    assert set(result["per_class"]) == {"red", "blue", "green"} and plot.stat().st_size > 1000
+    assert list((tmp_path / "cache").glob("*.pt"))  # features cached for the next run
+
+
+def test_cli_linear_probe_and_fewshot(tiny_dataset, checkpoint, tmp_path):
+    common = ["--pretrained", checkpoint, "--dataset-root", str(tiny_dataset), "--no-cache", "--quiet"]
+    assert cli.main(["eval", "linear-probe", *common, "--output", str(tmp_path / "lp.json")]) == 0
+    lp = json.loads((tmp_path / "lp.json").read_text())
+    assert lp["metrics"]["lp_acc1"] == 1.0  # solid colours are linearly separable even for a random tower
+    assert cli.main(["eval", "fewshot", *common, "--shots", "1", "2", "--seeds", "2", "--output",
+                     str(tmp_path / "fs.json"), "--plot", str(tmp_path / "fs.png")]) == 0
+    fs = json.loads((tmp_path / "fs.json").read_text())
+    assert set(fs["curve"]) == {"1", "2"} and len(fs["curve"]["1"]) == 2 and (tmp_path / "fs.png").exists()
+
+
+def test_cli_retrieval(tmp_path, checkpoint):
+    samples = [{"__key__": f"k{i}", "png": _png(c), "txt": f"a {c} square\nsomething {c}"}
+               for i, c in enumerate(["red", "blue", "green", "yellow"])]
+    write_shard(tmp_path / "caps" / "test" / "test-000000.tar", samples)
+    assert cli.main(["eval", "retrieval", "--pretrained", checkpoint, "--dataset-root", str(tmp_path / "caps"),
+                     "--output", str(tmp_path / "r.json"), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "r.json").read_text())["metrics"]
+    assert metrics["n_images"] == 4 and metrics["n_captions"] == 8 and metrics["image_retrieval_recall@10"] == 1.0
+
+
+def test_label_outside_the_class_list_is_a_clear_error(tiny_dataset, checkpoint, tmp_path, capsys):
+    write_shard(tiny_dataset / "bad" / "bad-000000.tar", [{"__key__": "x", "png": _png("red"), "cls": "7"}])
+    code = cli.main(["eval", "zeroshot", "--pretrained", checkpoint, "--dataset-root", str(tiny_dataset),
+                     "--split", "bad", "--no-cache", "--quiet", "--output", str(tmp_path / "x.json")])
+    assert code == 2 and "label 7 is outside the class list (3 classes)" in capsys.readouterr().err
+
+
+def test_empty_dataset_missing_classnames_and_bad_templates(tmp_path, checkpoint, capsys):
+    root = tmp_path / "ds"
+    write_shard(root / "test" / "test-000000.tar", [{"__key__": "x", "txt": "no image, no label"}])
+    with pytest.raises(FileNotFoundError, match="missing classnames file"):
+        open_labelled(root, "test")
+    (root / "classnames.txt").write_text("a\nb\n")
+    code = cli.main(["eval", "zeroshot", "--pretrained", checkpoint, "--dataset-root", str(root), "--no-cache",
+                     "--quiet", "--output", str(tmp_path / "x.json")])
+    assert code == 2 and "no usable labelled samples" in capsys.readouterr().err
+    bad = tmp_path / "templates.txt"
+    bad.write_text("a photo of a thing\n")
+    with pytest.raises(ValueError, match="placeholder"):
+        load_templates(bad)
+    with pytest.raises(FileNotFoundError, match="no split"):
+        open_labelled(root, "validation")
