@@ -77,12 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _register_lazy(name: str, module: str, help_text: str):
+def _register_lazy(name: str, module: str, help_text: str, function: str = "add_arguments"):
     """Commands whose modules import heavier dependencies register their own arguments."""
     def register(sub):
         import importlib
 
-        importlib.import_module(f"clipforge.{module}").add_arguments(sub.add_parser(name, help=help_text))
+        getattr(importlib.import_module(f"clipforge.{module}"), function)(sub.add_parser(name, help=help_text))
     return register
 
 
@@ -90,6 +90,12 @@ _EXTRA_COMMANDS: list = [
     _register_lazy("demo", "demo", "train on generated shapes (~2 min CPU), zero-shot + retrieval, HTML report"),
     _register_lazy("train", "train.cli", "contrastive training (one CPU to many GPUs)"),
     _register_lazy("eval", "evaluate.cli", "zero-shot, retrieval, linear-probe and few-shot evaluation"),
+    _register_lazy("embed", "retrieval.cli", "embed an image collection into sharded .npy + parquet",
+                   "add_embed_arguments"),
+    _register_lazy("index", "retrieval.cli", "build a FAISS index over embeddings", "add_index_arguments"),
+    _register_lazy("search", "retrieval.cli", "search an indexed collection by text or image",
+                   "add_search_arguments"),
+    _register_lazy("serve", "serve.cli", "HTTP API and web page for search and classification"),
 ]
 
 

@@ -1,0 +1,109 @@
+"""``clipforge embed``, ``clipforge index build``, ``clipforge search``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def _model_args(p):
+    p.add_argument("--model", help="zoo architecture, or a checkpoint path [recorded by embed]")
+    p.add_argument("--pretrained", help="pretrained tag or checkpoint path [recorded by embed]")
+    p.add_argument("--device", default=None, help="cpu or cuda [cuda if available]")
+
+
+def _load_model(args, folder=None):
+    from ..evaluate.cli import load_for_eval
+    from .search import model_spec
+
+    spec = model_spec(folder) if folder and not (args.model or args.pretrained) else {}
+    model, preprocess, tokenizer = load_for_eval(args.model or spec.get("model"),
+                                                 args.pretrained or spec.get("pretrained"))
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), preprocess, tokenizer
+
+
+def add_embed_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Embed images (a folder, a CSV with a filepath column, or WebDataset shards) into sharded "
+                     "float16 .npy files plus parquet metadata. Re-running continues at the first missing shard. "
+                     "Several processes: torchrun --nproc-per-node N -m clipforge.cli embed ...")
+    p.add_argument("input", help="image folder, CSV/TSV, or shards ('data/{000000..000009}.tar')")
+    p.add_argument("output", help="output folder")
+    _model_args(p)
+    p.add_argument("--texts", help="also embed these texts (one per line) into text_emb/")
+    p.add_argument("--shard-size", type=int, default=10_000, help="images per output shard [10000]")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=run_embed)
+
+
+def run_embed(args) -> int:
+    from ..checkpoint import write_json
+    from .embed import embed_collection
+
+    model, preprocess, tokenizer = _load_model(args)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    texts = [l.strip() for l in Path(args.texts).read_text().splitlines() if l.strip()] if args.texts else None
+    stats = embed_collection(model, preprocess, args.input, args.output, args.shard_size, args.batch_size, texts,
+                             tokenizer, rank, world, args.progress)
+    if rank == 0:
+        info_path = Path(args.output) / "embed_info.json"
+        info = json.loads(info_path.read_text())
+        info["model_spec"] = {"model": args.model, "pretrained": args.pretrained}
+        write_json(info_path, info)
+    print(f"embedded {stats['embedded']} images into {args.output} ({stats['skipped']} unreadable, skipped; "
+          f"{stats['reused_shards']} shards already done)")
+    return 0
+
+
+def add_index_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Build a FAISS index beside the embeddings: exact for small collections, IVF-PQ (or HNSW) "
+                     "for large ones, tuned to reach --target-recall@10 against exact search.")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("folder", help="a folder written by clipforge embed")
+    p.add_argument("--kind", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto")
+    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--exact-below", type=int, default=50_000, help="auto: exact search below this many vectors")
+    p.set_defaults(func=run_index)
+
+
+def run_index(args) -> int:
+    from .embed import load_embeddings
+    from .index import build_index, save_index
+
+    vectors, _ = load_embeddings(args.folder)
+    index, info = build_index(vectors, args.kind, args.target_recall, args.exact_below)
+    save_index(index, info, args.folder)
+    print(f"built {info['kind']} index of {info['count']} vectors (recall@10 {info['recall@10']:.3f}) in {args.folder}")
+    return 0
+
+
+def add_search_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Search an indexed collection by text or by image; prints rank, score and path."
+    p.add_argument("folder")
+    p.add_argument("query", nargs="?", help="text query")
+    p.add_argument("--image", help="query by this image instead")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _model_args(p)
+    p.set_defaults(func=run_search)
+
+
+def run_search(args) -> int:
+    from ..preprocess import open_image
+    from .search import Searcher
+
+    if (args.query is None) == (args.image is None):
+        raise ValueError("give a text query or --image PATH (one of them)")
+    searcher = Searcher(args.folder, *_load_model(args, args.folder))
+    hits = searcher.search_image(open_image(args.image), args.k) if args.image else \
+        searcher.search_text(args.query, args.k)
+    if args.json:
+        print(json.dumps(hits))
+    else:
+        for rank, hit in enumerate(hits, 1):
+            print(f"{rank:3d}  {hit['score']:.4f}  {hit['path']}" + (f"  {hit['caption']}" if hit["caption"] else ""))
+    return 0

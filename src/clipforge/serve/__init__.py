@@ -1,0 +1,1 @@
+"""HTTP API and web page over an indexed collection: ``clipforge serve`` or ``create_app``."""

@@ -1,0 +1,218 @@
+"""The FastAPI app: search by text or image, zero-shot classification, embeddings, thumbnails, a web page.
+
+Every input is bounded (query length, k, number of labels, upload bytes, decoded pixels) and every bad request gets
+a 4xx JSON error naming the problem. Thumbnails are addressed by index id, never by path, so nothing outside the
+indexed collection can be read. Concurrent requests are batched on the model by small asyncio queues.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, Field
+
+from ..preprocess import BadImageError, open_image
+from ..retrieval.embed import _load
+from ..retrieval.search import Searcher
+
+MAX_QUERY_CHARS = 1000
+MAX_K = 100
+MAX_LABELS = 256
+MAX_TEXTS = 256
+MAX_PIXELS = 40_000_000
+
+
+class Hit(BaseModel):
+    id: int
+    score: float
+    caption: str
+    width: int
+    height: int
+    name: str
+    thumbnail: str
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class ClassifyResponse(BaseModel):
+    labels: list[LabelProbability]
+
+
+class EmbedRequest(BaseModel):
+    texts: list[str] = Field(..., min_length=1, max_length=MAX_TEXTS)
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]]
+
+
+class Batcher:
+    """Collects concurrent calls for a few milliseconds and runs them through ``fn`` as one batch, in a thread."""
+
+    def __init__(self, fn, max_batch: int = 64, wait_s: float = 0.005):
+        self.fn, self.max_batch, self.wait_s = fn, max_batch, wait_s
+        self.batch_sizes: list[int] = []  # observability: how well concurrent requests were batched
+        self.queue: asyncio.Queue | None = None
+        self.loop = None
+
+    async def submit(self, item):
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:  # first call, or a new event loop (test clients, reloads): start a worker there
+            self.loop, self.queue = loop, asyncio.Queue()
+            self.worker = loop.create_task(self._worker(self.queue))
+        future = loop.create_future()
+        await self.queue.put((item, future))
+        return await future
+
+    async def _worker(self, queue: asyncio.Queue):
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(batch) < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), timeout))
+                except asyncio.TimeoutError:
+                    break
+            self.batch_sizes.append(len(batch))
+            try:
+                results = await loop.run_in_executor(None, self.fn, [item for item, _ in batch])
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+            except Exception as exc:  # hand the error to every waiting request
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+
+
+def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_bytes: int = 10 * 2**20) -> FastAPI:
+    searcher = Searcher(folder, model, preprocess, tokenizer)
+    app = FastAPI(title="clipforge", description="Search and classify images with a CLIP model.")
+    lock = __import__("threading").Lock()  # one model call at a time; batching keeps it busy
+
+    def encode_texts(texts):
+        with lock:
+            return list(searcher.embed_texts(texts))
+
+    def encode_images(images):
+        with lock:
+            return list(searcher.embed_images(images))
+
+    text_batcher, image_batcher = Batcher(encode_texts), Batcher(encode_images, max_batch=16)
+    app.state.batchers = {"text": text_batcher, "image": image_batcher}
+
+    async def read_image(upload: UploadFile):
+        data = await upload.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"image larger than the {max_upload_bytes} byte limit")
+        if not data:
+            raise HTTPException(400, "empty image upload")
+        try:
+            return open_image(data, name=upload.filename or "upload", max_pixels=MAX_PIXELS).convert("RGB")
+        except BadImageError as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    def hits(results) -> dict:
+        return {"results": [{"id": h["id"], "score": h["score"], "caption": h.get("caption") or "",
+                             "width": int(h.get("width") or 0), "height": int(h.get("height") or 0),
+                             "name": Path(str(h["path"])).name, "thumbnail": f"/thumb/{h['id']}"} for h in results]}
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "images": searcher.index.ntotal, "index": searcher.info.get("kind")}
+
+    @app.get("/search", response_model=SearchResponse)
+    async def search(q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS),
+                     k: int = Query(10, ge=1, le=MAX_K)):
+        vector = await text_batcher.submit(q)
+        return hits(searcher.search_vectors(vector[None], k)[0])
+
+    @app.post("/search/image", response_model=SearchResponse)
+    async def search_image(file: UploadFile = File(...), k: int = Form(10, ge=1, le=MAX_K)):
+        vector = await image_batcher.submit(await read_image(file))
+        return hits(searcher.search_vectors(vector[None], k)[0])
+
+    @app.post("/classify", response_model=ClassifyResponse)
+    async def classify(file: UploadFile = File(...), labels: str = Form(..., max_length=20_000),
+                       templates: str = Form("a photo of a {}.", max_length=5_000)):
+        names = [name.strip() for name in labels.replace("\n", ",").split(",") if name.strip()]
+        if not names:
+            raise HTTPException(400, "labels: give at least one class name (comma-separated)")
+        if len(names) > MAX_LABELS:
+            raise HTTPException(400, f"labels: at most {MAX_LABELS} class names")
+        prompts = [t.strip() for t in templates.split("\n") if t.strip()]
+        if not prompts or any("{}" not in t for t in prompts):
+            raise HTTPException(400, "templates: one per line, each with {} where the label goes")
+        image_vector = await image_batcher.submit(await read_image(file))
+        texts = [t.replace("{}", name) for name in names for t in prompts]
+        text_vectors = np.stack(await asyncio.gather(*(text_batcher.submit(t) for t in texts)))
+        classes = text_vectors.reshape(len(names), len(prompts), -1).mean(axis=1)
+        classes /= np.linalg.norm(classes, axis=1, keepdims=True)
+        scale = float(model.logit_scale.detach().exp().clamp(max=100))
+        probs = torch.from_numpy(scale * classes @ image_vector).softmax(dim=0).tolist()
+        ranked = sorted(zip(names, probs), key=lambda pair: -pair[1])
+        return {"labels": [{"label": n, "probability": p} for n, p in ranked]}
+
+    @app.post("/embed", response_model=EmbedResponse)
+    async def embed(request: EmbedRequest):
+        if any(len(t) > MAX_QUERY_CHARS for t in request.texts):
+            raise HTTPException(400, f"texts: each at most {MAX_QUERY_CHARS} characters")
+        vectors = await asyncio.gather(*(text_batcher.submit(t) for t in request.texts))
+        return {"embeddings": [v.tolist() for v in vectors]}
+
+    @app.post("/embed/image", response_model=EmbedResponse)
+    async def embed_image(file: UploadFile = File(...)):
+        return {"embeddings": [(await image_batcher.submit(await read_image(file))).tolist()]}
+
+    @lru_cache(maxsize=2048)
+    def thumbnail(index: int) -> bytes:
+        image, _ = _load(searcher.rows_items[index], {})
+        image = image.convert("RGB")
+        image.thumbnail((256, 256))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        return buffer.getvalue()
+
+    searcher.rows_items = [_row_item(row) for row in searcher.rows]
+
+    @app.get("/thumb/{index}", responses={200: {"content": {"image/jpeg": {}}}})
+    def thumb(index: int):
+        if not 0 <= index < len(searcher.rows_items):
+            raise HTTPException(404, f"no image with id {index} in the collection")
+        try:
+            return Response(thumbnail(index), media_type="image/jpeg")
+        except (BadImageError, OSError, KeyError, StopIteration):
+            raise HTTPException(404, f"image {index} is no longer readable") from None
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return (resources.files(__package__) / "index.html").read_text()
+
+    return app
+
+
+def _row_item(row: dict) -> dict:
+    """Metadata row -> the item ``_load`` reads (a file path, or shard + key)."""
+    path = str(row["path"])
+    if ".tar:" in path:
+        shard, key = path.rsplit(":", 1)
+        return {"shard": shard, "key": key}
+    return {"path": path}

@@ -1,0 +1,255 @@
+"""Embed, index, search; the HTTP API (bad input, fuzzing); the web page in headless Chromium."""
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clipforge
+from clipforge import cli
+from clipforge.data import ShapesSource
+
+pytest.importorskip("faiss", reason="faiss-cpu is in the test extras")
+pytest.importorskip("pyarrow", reason="pyarrow is in the test extras")
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """40 generated images with captions, embedded by a (random) ViT-Tiny-64 and indexed."""
+    root = tmp_path_factory.mktemp("collection")
+    images = root / "images"
+    images.mkdir()
+    source = ShapesSource(40, seed=3)
+    for i in range(40):
+        image, attrs = source.item(i)
+        image.save(images / f"shape{i:03d}.png")
+        (images / f"shape{i:03d}.txt").write_text(f"a {attrs['colour']} {attrs['shape']}")
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    ckpt = str(clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64"), root / "model"))
+    out = root / "emb"
+    assert cli.main(["embed", str(images), str(out), "--pretrained", ckpt, "--shard-size", "16",
+                     "--no-progress"]) == 0
+    assert cli.main(["index", "build", str(out)]) == 0
+    return {"root": root, "images": images, "emb": out, "ckpt": ckpt}
+
+
+def test_embeddings_are_sharded_float16_with_metadata(collection):
+    from clipforge.retrieval import load_embeddings
+
+    emb = collection["emb"]
+    assert sorted(p.name for p in (emb / "img_emb").iterdir()) == [f"img_emb_0000{i}.npy" for i in range(3)]
+    assert np.load(emb / "img_emb" / "img_emb_00000.npy").dtype == np.float16
+    vectors, rows = load_embeddings(emb)
+    assert vectors.shape == (40, 128) and len(rows) == 40  # the broken file is skipped, not fatal
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-2)
+    assert rows[0]["caption"].startswith("a ") and rows[0]["width"] == 64
+    info = json.loads((emb / "embed_info.json").read_text())
+    assert info["skipped"] == 1 and info["model_spec"]["pretrained"] == collection["ckpt"]
+
+
+def test_embedding_resumes_at_the_first_missing_shard(collection, tmp_path):
+    out = tmp_path / "emb"
+    shutil.copytree(collection["emb"], out)
+    (out / "img_emb" / "img_emb_00002.npy").unlink()
+    before = (out / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns
+    assert cli.main(["embed", str(collection["images"]), str(out), "--pretrained", collection["ckpt"],
+                     "--shard-size", "16", "--no-progress"]) == 0
+    info = json.loads((out / "embed_info.json").read_text())
+    assert info["reused_shards"] == 2 and (out / "img_emb" / "img_emb_00002.npy").exists()
+    assert (out / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns == before
+
+
+def test_search_cli_orders_by_score_and_finds_an_image_by_itself(collection, capsys):
+    assert cli.main(["search", str(collection["emb"]), "a red circle", "-k", "5", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 5 and [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    query = collection["images"] / "shape007.png"
+    assert cli.main(["search", str(collection["emb"]), "--image", str(query), "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["path"].endswith("shape007.png")
+
+
+def test_approximate_index_reaches_target_recall():
+    from clipforge.retrieval.index import build_index
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((20_000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for kind in ("ivfpq", "hnsw"):
+        index, info = build_index(vectors, kind=kind, target_recall=0.9)
+        assert info["recall@10"] >= 0.9 and index.ntotal == 20_000, info
+    _, info = build_index(vectors[:100])
+    assert info["kind"] == "flat"
+
+
+# ------------------------------------------------------------------------------------------------------- HTTP API
+
+@pytest.fixture(scope="module")
+def app(collection):
+    pytest.importorskip("fastapi", reason="fastapi is in the test extras")
+    from clipforge.serve.app import create_app
+
+    model, preprocess, tokenizer = clipforge.load(collection["ckpt"])
+    return create_app(collection["emb"], model, preprocess, tokenizer, max_upload_bytes=2_000_000)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from fastapi.testclient import TestClient
+
+    return TestClient(app)
+
+
+def _png(size=(32, 32), colour="red"):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_search_classify_embed_and_thumbnails(client):
+    assert client.get("/health").json()["images"] == 40
+    results = client.get("/search", params={"q": "a blue square", "k": 7}).json()["results"]
+    assert len(results) == 7 and results[0]["score"] >= results[-1]["score"]
+    thumb = client.get(results[0]["thumbnail"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    probs = client.post("/classify", files={"file": ("x.png", _png())}, data={"labels": "cat, dog,car"}).json()
+    assert [p["label"] for p in probs["labels"]] != [] and abs(sum(p["probability"] for p in probs["labels"]) - 1) < 1e-5
+    assert len(client.post("/embed", json={"texts": ["a", "b"]}).json()["embeddings"]) == 2
+    assert len(client.post("/search/image", files={"file": ("x.png", _png())}, data={"k": "3"}).json()["results"]) == 3
+    assert "<input id=\"query\"" in client.get("/").text
+
+
+@pytest.mark.parametrize("request_kwargs, status, message", [
+    (dict(method="POST", url="/classify", files={"file": ("x.png", b"garbage")}, data={"labels": "a"}), 400,
+     "not a readable image"),
+    (dict(method="POST", url="/classify", files={"file": ("x.png", _png())}, data={"labels": " , ,"}), 400,
+     "at least one class name"),
+    (dict(method="POST", url="/classify", files={"file": ("x.png", _png())}, data={"labels": "a",
+                                                                                 "templates": "no placeholder"}), 400,
+     "templates"),
+    (dict(method="POST", url="/search/image", files={"file": ("big.bin", b"\0" * 2_100_000)}), 413, "limit"),
+    (dict(method="POST", url="/search/image", files={"file": ("x.png", b"")}), 400, "empty"),
+    (dict(method="GET", url="/thumb/40"), 404, "no image with id 40"),
+    (dict(method="GET", url="/thumb/-1"), 404, "no image"),
+    (dict(method="GET", url="/thumb/..%2F..%2Fetc%2Fpasswd"), 404, ""),
+    (dict(method="GET", url="/thumb/abc"), 422, ""),
+    (dict(method="GET", url="/../../etc/passwd"), 404, ""),
+    (dict(method="GET", url="/search", params={"q": "x" * 1001}), 422, ""),
+    (dict(method="GET", url="/search", params={"q": "cat", "k": 1000}), 422, ""),
+    (dict(method="POST", url="/embed", json={"texts": []}), 422, ""),
+])
+def test_bad_requests_get_clear_4xx_errors(client, request_kwargs, status, message):
+    response = client.request(**request_kwargs)
+    assert response.status_code == status, response.text
+    assert message in json.dumps(response.json())
+    assert client.get("/health").status_code == 200  # still serving
+
+
+def test_decompression_bomb_is_refused(client):
+    bomb = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(bomb, format="PNG")  # tiny file, 64 Mpx decoded
+    response = client.post("/classify", files={"file": ("bomb.png", bomb.getvalue())}, data={"labels": "a"})
+    assert response.status_code == 400 and "exceeds the limit" in response.json()["detail"]
+
+
+def test_concurrent_requests_are_batched(app):
+    from fastapi.testclient import TestClient
+
+    batcher = app.state.batchers["text"]
+    batcher.wait_s = 0.05  # a generous window so the 16 concurrent queries meet in it
+    results = []
+    with TestClient(app) as client:  # one event loop for all requests, as under uvicorn
+        start = len(batcher.batch_sizes)
+        threads = [threading.Thread(target=lambda i=i: results.append(
+            client.get("/search", params={"q": f"query {i}", "k": 3}).status_code)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    batcher.wait_s = 0.005
+    sizes = batcher.batch_sizes[start:]
+    assert results == [200] * 16 and sum(sizes) == 16 and max(sizes) > 1, sizes
+
+
+def test_openapi_fuzzing_finds_no_server_errors(app):
+    schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the test extras")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures = []
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=op.as_strategy())
+        def check(case):
+            response = case.call()
+            if response.status_code >= 500:
+                failures.append((case.method, case.path, response.status_code, response.text[:200]))
+
+        check()
+    assert not failures, failures[:3]
+
+
+# --------------------------------------------------------------------------------------------------- the browser
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def live_server(app):
+    uvicorn = pytest.importorskip("uvicorn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_web_page_search_and_drop_classification_in_chromium(live_server, collection):
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(live_server + "/")
+        page.fill("#query", "a green triangle")
+        page.press("#query", "Enter")
+        page.wait_for_selector("#results .result")
+        scores = [float(s) for s in page.locator("#results .result .score").all_inner_texts()]
+        assert len(scores) == 24 and scores == sorted(scores, reverse=True)
+        assert page.locator("#results .result img").first.evaluate("img => img.complete && img.naturalWidth") > 0
+
+        page.fill("#labels", "red square, blue circle, green cross")
+        data = list((collection["images"] / "shape001.png").read_bytes())
+        transfer = page.evaluate_handle("""bytes => {
+            const dt = new DataTransfer();
+            dt.items.add(new File([new Uint8Array(bytes)], "dropped.png", {type: "image/png"}));
+            return dt; }""", data)
+        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        page.wait_for_selector("#predictions .prediction")
+        labels = page.locator("#predictions .prediction .label").all_inner_texts()
+        probabilities = [float(t.rstrip("%")) for t in page.locator("#predictions .probability").all_inner_texts()]
+        assert sorted(labels) == ["blue circle", "green cross", "red square"]
+        assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 100) < 0.5
+        browser.close()
