@@ -77,6 +77,9 @@ def run_index(args) -> int:
     vectors, _ = load_embeddings(args.folder)
     index, info = build_index(vectors, args.kind, args.target_recall, args.exact_below)
     save_index(index, info, args.folder)
+    if not info.get("target_met", True):
+        print(f"warning: the {info['kind']} index reaches recall@10 {info['recall@10']:.3f}, below the target "
+              f"{args.target_recall}; these vectors have little cluster structure. Use --kind flat (exact) or hnsw.")
     print(f"built {info['kind']} index of {info['count']} vectors (recall@10 {info['recall@10']:.3f}) in {args.folder}")
     return 0
 

@@ -54,19 +54,24 @@ def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 
         setter = lambda value: setattr(index.hnsw, "efSearch", value)
         info["param"] = "efSearch"
     elif kind == "ivfpq":
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # FAISS wants >= 39 training points per list
+        # FAISS wants >= 39 training points per list; 2048 lists keep k-means affordable on a CPU at 1M+
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39, 2048))
         m = next(m for m in (d // 4, d // 8, d // 2, d, 8, 4, 2, 1) if m and d % m == 0 and m <= 64)
         quantizer = faiss.IndexFlatIP(d)
         ivfpq = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        ivfpq.train(vectors[rng.choice(n, size=min(n, 256 * nlist), replace=False)])
+        ivfpq.train(vectors[rng.choice(n, size=min(n, 64 * nlist), replace=False)])
         # PQ codes are coarse: the shortlist (k x k_factor) is re-ranked with exact inner products.
         index = faiss.IndexRefineFlat(ivfpq)
         index.add(vectors)
         index.k_factor = 8
-        knobs = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= nlist]
-        setter = lambda value: setattr(faiss.downcast_index(index.base_index), "nprobe", value)
-        info.update(param="nprobe", nlist=nlist, pq_m=m, k_factor=8)
+        # (nprobe, k_factor) pairs from cheap to expensive: more lists first, then a longer exact re-rank
+        knobs = [(p, 8) for p in (1, 2, 4, 8, 16, 32, 64, 128) if p <= nlist] + \
+                [(min(128, nlist), f) for f in (16, 32, 64, 128)] + [(min(256, nlist), 128)]
+
+        def setter(value):
+            faiss.downcast_index(index.base_index).nprobe, index.k_factor = value
+        info.update(param="nprobe,k_factor", nlist=nlist, pq_m=m)
     else:
         raise ValueError(f"unknown index kind {kind!r}; choose auto, flat, ivfpq or hnsw")
     # tune the search knob on held-out queries (perturbed collection vectors) against exact search
@@ -82,9 +87,13 @@ def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 
         setter(value)
         _, found = index.search(queries, k)
         recall = recall_at_k(found, truth)
-        info.update({info["param"]: value, "recall@10": recall})
+        if kind == "ivfpq":
+            info.update(nprobe=value[0], k_factor=value[1], **{"recall@10": recall})
+        else:
+            info.update({info["param"]: value, "recall@10": recall})
         if recall >= target_recall:
             break
+    info["target_recall"], info["target_met"] = target_recall, info["recall@10"] >= target_recall
     return index, info
 
 
