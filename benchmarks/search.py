@@ -158,9 +158,11 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--skip", nargs="*", default=[], choices=["index", "http", "embed"])
+    parser.add_argument("--embed-images", type=int, default=64, help="images per data set for the embed test")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    out = {"machine": platform.processor() or platform.machine()}
+    out = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    out |= {"machine": platform.processor() or platform.machine()}
     if "index" not in args.skip:
         out["index"] = []
         for n in args.sizes:
@@ -171,7 +173,7 @@ def main():
         out["http"] = http_bench()
         print(json.dumps(out["http"]), flush=True)
     if "embed" not in args.skip:
-        out["embed"] = embed_bench(args.data)
+        out["embed"] = embed_bench(args.data, limit=args.embed_images)
         print(json.dumps(out["embed"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
