@@ -4,6 +4,8 @@ import torch
 import clipforge
 from clipforge.models import UnknownModelError, get_model_config
 
+from conftest import random_tokens
+
 ZOO = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
 
 
@@ -78,3 +80,14 @@ def test_wrong_image_shape_is_a_clear_error():
         model.encode_image(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         model.encode_image(torch.randn(3, 64, 64))
+
+
+def test_length_grouped_text_encoding_matches_one_by_one():
+    """On CPU a large batch is encoded in length groups, each cut at its longest EOT: same features, any order."""
+    model = clipforge.create_model("ViT-Tiny-64").eval()
+    g = torch.Generator().manual_seed(3)
+    tokens = random_tokens(70, 32, generator=g)
+    with torch.no_grad():
+        grouped = model.encode_text(tokens)
+        single = torch.cat([model.encode_text(tokens[i : i + 1]) for i in range(70)])
+    torch.testing.assert_close(grouped, single, atol=1e-5, rtol=1e-4)
