@@ -30,7 +30,7 @@ def _grads_after_step(model, micro):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     cfg = TrainConfig(accum_freq=len(micro))
-    _train_step(model, micro, ClipLoss(), optimizer, scaler, nullcontext(), torch.device("cpu"), cfg, 1)
+    _train_step(model, micro, ClipLoss(), optimizer, scaler, nullcontext(), torch.device("cpu"), cfg)
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+import random
 import time
 from itertools import product
 from pathlib import Path
@@ -45,7 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = TrainConfig(model=args.model, batch_size=args.batch_size, steps=args.steps, lr=1e-3, wd=0.1,
                       warmup=max(1, args.steps // 10), seed=args.seed, workers=args.workers, output=args.output,
                       save_every=0, log_every=10, progress=args.progress, train_data=args.data,
@@ -97,7 +97,7 @@ def evaluate_shapes(model, tokenizer, seed: int = 0) -> dict:
                           for i, ((img, _), t, p) in enumerate(zip(items[:24], truth.tolist(), predicted.tolist()))]
     gallery = ShapesSource(200, seed=seed + 3000)
     items = [gallery.item(i) for i in range(len(gallery))]
-    rng = __import__("random").Random(seed)
+    rng = random.Random(seed)
     captions = [caption(a, rng) for _, a in items]
     image_features = model.encode_image(torch.stack([preprocess(img) for img, _ in items]), normalize=True)
     text_features = model.encode_text(tokenizer(captions), normalize=True)

@@ -120,7 +120,7 @@ def cached_features(args, model, dataset, split: str, preprocess):
 
 def run(args) -> int:
     from .datasets import open_labelled
-    from .metrics import classification_metrics, confusion_png, fewshot_png, per_class_table
+    from .metrics import check_labels, classification_metrics, confusion_png, fewshot_png, per_class_table
 
     model, preprocess, tokenizer = load_for_eval(args.model, args.pretrained, args.trust_pickle)
     result = {"dataset": args.dataset or Path(args.dataset_root).name, "model": args.model,
@@ -131,7 +131,7 @@ def run(args) -> int:
         return 0
     dataset = open_labelled(args.dataset_root, args.split, args.dataset)
     test_x, test_y = cached_features(args, model, dataset, args.split, preprocess)
-    _check_labels(test_y, dataset.classnames, args.split)
+    check_labels(test_y, len(dataset.classnames), f"split {args.split!r}: ")
     if args.task in ("zeroshot", "fewshot"):
         from ..zeroshot import zero_shot_classifier
 
@@ -147,7 +147,7 @@ def run(args) -> int:
 
         train_set = open_labelled(args.dataset_root, args.train_split, args.dataset)
         train_x, train_y = cached_features(args, model, train_set, args.train_split, preprocess)
-        _check_labels(train_y, dataset.classnames, args.train_split)
+        check_labels(train_y, len(dataset.classnames), f"split {args.train_split!r}: ")
         n = len(dataset.classnames)
         if args.task == "linear-probe":
             logits, info = linear_probe(train_x, train_y, test_x, n)
@@ -172,12 +172,6 @@ def run(args) -> int:
             confusion_png(confusion, dataset.classnames, args.plot, f"{result['dataset']} {args.task}")
     _report(args, result)
     return 0
-
-
-def _check_labels(labels, classnames, split):
-    if labels.numel() and (int(labels.max()) >= len(classnames) or int(labels.min()) < 0):
-        bad = int(labels[(labels >= len(classnames)) | (labels < 0)][0])
-        raise ValueError(f"split {split!r}: label {bad} is outside the class list ({len(classnames)} classes)")
 
 
 def _retrieval(args, model, preprocess, tokenizer) -> dict:

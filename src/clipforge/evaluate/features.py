@@ -8,7 +8,6 @@ import torch
 from tqdm import tqdm
 
 from ..data.pipeline import SkipSample, decode_sample
-from ..preprocess import BadImageError
 
 
 @torch.no_grad()
@@ -32,7 +31,7 @@ def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None
             continue
         try:
             image, _ = decode_sample(dict(raw, txt=b"-"), rng=random.Random(0))
-        except (SkipSample, BadImageError):
+        except SkipSample:
             skipped["corrupt_image"] += 1
             continue
         batch.append(preprocess(image))

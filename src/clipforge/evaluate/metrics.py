@@ -6,6 +6,13 @@ from pathlib import Path
 import torch
 
 
+def check_labels(labels: torch.Tensor, n_classes: int, where: str = "") -> None:
+    """A clear error for a label outside ``0 .. n_classes - 1``."""
+    if labels.numel() and (int(labels.max()) >= n_classes or int(labels.min()) < 0):
+        bad = int(labels[(labels >= n_classes) | (labels < 0)][0])
+        raise ValueError(f"{where}label {bad} is outside the class list ({n_classes} classes)")
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classnames: list[str]) -> dict:
     """``acc1``, ``acc5`` (when there are at least 5 classes), ``mean_per_class_recall``, ``per_class`` and
     ``confusion_matrix`` (rows: true class, columns: predicted)."""
@@ -13,9 +20,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classname
     n_classes = logits.shape[1]
     if labels.numel() == 0:
         raise ValueError("no samples to evaluate")
-    if int(labels.max()) >= n_classes or int(labels.min()) < 0:
-        bad = int(labels[(labels >= n_classes) | (labels < 0)][0])
-        raise ValueError(f"label {bad} is outside the class list ({n_classes} classes)")
+    check_labels(labels, n_classes)
     predictions = logits.argmax(dim=1)
     metrics = {"acc1": (predictions == labels).float().mean().item()}
     if n_classes >= 5:

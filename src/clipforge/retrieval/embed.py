@@ -181,6 +181,17 @@ def embed_texts(model, tokenizer, texts: list[str], output: Path, batch_size: in
         pq.write_table(pa.Table.from_pylist([{"caption": t} for t in texts]), tmp)
 
 
+def load_metadata(folder: str | Path) -> list[dict]:
+    """The metadata rows of every image shard, in shard order (without reading the vectors)."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for emb_path in sorted((Path(folder) / "img_emb").glob("img_emb_*.npy")):
+        shard = emb_path.stem.split("_")[-1]
+        rows.extend(pq.read_table(Path(folder) / "metadata" / f"metadata_{shard}.parquet").to_pylist())
+    return rows
+
+
 def load_embeddings(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
     """All image embeddings (float32) and their metadata rows, in shard order."""
     import pyarrow.parquet as pq

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .embed import load_embeddings
+from .embed import load_metadata
 from .index import load_index
 
 
@@ -18,7 +18,7 @@ class Searcher:
         self.folder = Path(folder)
         self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
         self.index, self.info = load_index(self.folder)
-        _, self.rows = load_embeddings(self.folder)
+        self.rows = load_metadata(self.folder)
         if len(self.rows) != self.index.ntotal:
             raise ValueError(f"{self.folder}: index holds {self.index.ntotal} vectors but the metadata "
                              f"{len(self.rows)} rows; rebuild the index")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -106,7 +107,7 @@ class Batcher:
 def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_bytes: int = 10 * 2**20) -> FastAPI:
     searcher = Searcher(folder, model, preprocess, tokenizer)
     app = FastAPI(title="clipforge", description="Search and classify images with a CLIP model.")
-    lock = __import__("threading").Lock()  # one model call at a time; batching keeps it busy
+    lock = threading.Lock()  # one model call at a time; batching keeps it busy
 
     def encode_texts(texts):
         with lock:
@@ -184,18 +185,18 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
 
     @lru_cache(maxsize=2048)
     def thumbnail(index: int) -> bytes:
-        image, _ = _load(searcher.rows_items[index], {})
+        image, _ = _load(thumbnail_sources[index], {})
         image = image.convert("RGB")
         image.thumbnail((256, 256))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
         return buffer.getvalue()
 
-    searcher.rows_items = [_row_item(row) for row in searcher.rows]
+    thumbnail_sources = [_row_item(row) for row in searcher.rows]
 
     @app.get("/thumb/{index}", responses={200: {"content": {"image/jpeg": {}}}})
     def thumb(index: int):
-        if not 0 <= index < len(searcher.rows_items):
+        if not 0 <= index < len(thumbnail_sources):
             raise HTTPException(404, f"no image with id {index} in the collection")
         try:
             return Response(thumbnail(index), media_type="image/jpeg")

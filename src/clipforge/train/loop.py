@@ -317,7 +317,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
             micro = [next(batches) for _ in range(cfg.accum_freq)]
             for batch in micro:
                 data_state[batch["state"]["part"]] = batch["state"]
-            loss = _train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg, world)
+            loss = _train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg)
             scheduler.step()
             step += 1
             loss_sum += loss
@@ -354,7 +354,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
             "skipped": skipped, "val": val_metrics, "output": str(output), "model": core}
 
 
-def _train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg, world) -> torch.Tensor:
+def _train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) -> torch.Tensor:
     """One optimiser step over ``len(micro)`` micro-batches, exact for the contrastive loss.
 
     With accumulation, features of every micro-batch are first computed without gradient; then each micro-batch is
