@@ -11,33 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import statistics
-import tarfile
 import time
 from pathlib import Path
+
+from clipforge.bench import distinct_captions
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_captions(data: Path, n: int = 10_000, seed: int = 0) -> list[str]:
-    shard = data / "coco-mini" / "test" / "test-000000.tar"
-    if not shard.exists():
-        raise SystemExit(f"coco-mini not found at {shard}; pass --data")
-    human = []
-    with tarfile.open(shard) as tar:
-        for member in tar.getmembers():
-            if member.name.endswith(".txt"):
-                human += [line.strip() for line in tar.extractfile(member).read().decode().splitlines() if line.strip()]
-    rng = random.Random(seed)
-    captions, seen = list(human), set(human)
-    while len(captions) < n:
-        a, b = rng.choice(human).split(), rng.choice(human).split()
-        text = " ".join(a[: len(a) // 2] + b[len(b) // 2:])
-        if text not in seen:
-            seen.add(text)
-            captions.append(text)
-    return captions[:n]
+    if not (data / "coco-mini" / "test" / "test-000000.tar").exists():
+        raise SystemExit(f"coco-mini not found under {data}; pass --data")
+    return distinct_captions(data, n, seed)
 
 
 def _time(fn, repeats: int, setup=None) -> list[float]:

@@ -31,15 +31,36 @@ def test_real_captions_mix_coco_and_label_captions(tmp_path):
     assert len(captions) == 50 and all(isinstance(c, str) and c for c in captions)
 
 
-def test_train_worker_measures_both_implementations(tmp_path):
-    for impl in ("clipforge", "open_clip"):
-        result = bench._worker({"kind": "train", "impl": impl, "model": "ViT-Tiny-64", "batch": 8, "steps": 2,
-                                "data": str(tmp_path), "threads": 1})
-        if "skipped" in result:
-            pytest.skip(result["skipped"])
-        assert result["samples_per_s"] > 0
-    assert "achieved_gflops" in bench._worker({"kind": "train", "impl": "clipforge", "model": "ViT-Tiny-64",
-                                                "batch": 8, "steps": 1, "data": str(tmp_path), "threads": 1})
+def test_train_speed_is_interleaved_from_the_same_loss(tmp_path):
+    pytest.importorskip("open_clip")
+    result = bench._worker({"kind": "train_speed", "impls": ["clipforge", "open_clip"], "model": "ViT-Tiny-64",
+                            "batch": 8, "steps": 2, "data": str(tmp_path), "threads": 1})
+    ours, theirs = result["clipforge"], result["open_clip"]
+    assert ours["samples_per_s"] > 0 and theirs["samples_per_s"] > 0 and theirs["clipforge_ratio"] > 0
+    assert ours["first_loss"] == pytest.approx(theirs["first_loss"], abs=1e-5)  # same weights, same batch
+    assert ours["achieved_gflops"] > 0
+
+
+def test_train_memory_and_embed_workers(tmp_path):
+    memory = bench._worker({"kind": "train_memory", "impls": ["clipforge"], "model": "ViT-Tiny-64", "batch": 8,
+                            "steps": 2, "data": str(tmp_path), "threads": 1})
+    assert memory["clipforge"]["peak_rss_growth_mb"] >= 0
+    embed = bench._worker({"kind": "embed", "impls": ["clipforge"], "model": "ViT-Tiny-64",
+                           "n": 4, "batch": 2, "repeats": 2, "threads": 1})
+    assert embed["clipforge"]["images_per_s"] > 0
+    with pytest.raises(ValueError, match="no-such-peer"):
+        bench._peer("no-such-peer", bench._build("ViT-Tiny-64"))
+
+
+def test_interleaving_rotates_the_order():
+    calls = []
+    times = bench._interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b", "b", "a", "a", "b"] and len(times["a"]) == 3
+
+
+def test_distinct_captions_never_repeat(tmp_path):
+    captions = bench.distinct_captions(tmp_path, 1000)
+    assert len(set(captions)) == 1000
 
 
 def test_bench_help(capsys):

@@ -91,3 +91,30 @@ def test_length_grouped_text_encoding_matches_one_by_one():
         grouped = model.encode_text(tokens)
         single = torch.cat([model.encode_text(tokens[i : i + 1]) for i in range(70)])
     torch.testing.assert_close(grouped, single, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_pooled_last_block_equals_full_computation_and_gradients(causal, checkpointing):
+    """The last block computes only the pooled row (class token / EOT); outputs and gradients must not change."""
+    from clipforge.models.layers import Transformer
+
+    torch.manual_seed(0)
+    net = Transformer(width=64, layers=3, heads=4)
+    net.init_parameters()
+    net.grad_checkpointing = checkpointing
+    x = torch.randn(5, 9, 64, requires_grad=True)
+    index = torch.tensor([0, 8, 3, 5, 1]) if causal else torch.zeros(5, dtype=torch.long)
+    full = net(x, causal=causal)[torch.arange(5), index]
+    (grad_full,) = torch.autograd.grad(full.square().sum(), x)
+    pooled = net(x, causal=causal, pool_index=index)
+    (grad_pooled,) = torch.autograd.grad(pooled.square().sum(), x)
+    torch.testing.assert_close(pooled, full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_pooled, grad_full, atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_training_uses_the_fused_adamw_kernel():
+    from clipforge.train.optim import build_optimizer
+
+    optimizer = build_optimizer(clipforge.create_model("ViT-Tiny-64"), 1e-3, 0.2)
+    assert all(group["fused"] for group in optimizer.param_groups)

@@ -34,24 +34,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------ captions, peers
 
-def real_captions(data: Path, n: int) -> list[str]:
-    """coco-mini's human captions, then CIFAR-10 label captions from the caption grammar, up to ``n``."""
-    import random
+def _coco_captions(data: Path) -> list[str]:
+    """coco-mini's 395 human captions, or [] when the shared data is absent."""
     import tarfile
+
+    shard = Path(data) / "coco-mini" / "test" / "test-000000.tar"
+    if not shard.exists():
+        return []
+    captions = []
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.name.endswith(".txt"):
+                captions += [l.strip() for l in tar.extractfile(member).read().decode().splitlines() if l.strip()]
+    return captions
+
+
+def real_captions(data: Path, n: int) -> list[str]:
+    """Training captions: coco-mini's human captions, then CIFAR-10 label captions from the caption grammar."""
+    import random
 
     from .data.captions import label_caption
 
-    captions = []
-    shard = Path(data) / "coco-mini" / "test" / "test-000000.tar"
-    if shard.exists():
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".txt"):
-                    captions += [l.strip() for l in tar.extractfile(member).read().decode().splitlines() if l.strip()]
+    captions = _coco_captions(data)
     names = "airplane automobile bird cat deer dog frog horse ship truck".split()
     rng = random.Random(0)
     while len(captions) < n:
         captions.append(label_caption(rng.choice(names), rng))
+    return captions[:n]
+
+
+def distinct_captions(data: Path, n: int = 10_000, seed: int = 0) -> list[str]:
+    """Tokenizer captions: the human captions plus recombinations of their halves (first half of one, second half of
+    another) up to ``n`` distinct strings, so the vocabulary is natural and no word cache gets a free ride."""
+    import random
+
+    human = _coco_captions(data) or real_captions(data, 400)
+    rng = random.Random(seed)
+    captions, seen = list(dict.fromkeys(human)), set(human)
+    while len(captions) < n:
+        a, b = rng.choice(human).split(), rng.choice(human).split()
+        text = " ".join(a[: len(a) // 2] + b[len(b) // 2:])
+        if text not in seen:
+            seen.add(text)
+            captions.append(text)
     return captions[:n]
 
 
@@ -80,7 +105,9 @@ def _peer(impl: str, ours):
         model = transformers.CLIPModel(config)
         model.load_state_dict(clipforge_to_hf(ours.state_dict()), strict=False)
         return model
-    return ours
+    if impl == "clipforge":
+        return ours
+    raise ValueError(f"unknown implementation {impl!r}: expected clipforge, open_clip or transformers")
 
 
 def _build(name: str):
@@ -98,74 +125,120 @@ def _worker(task: dict) -> dict:
     torch.set_num_threads(task.get("threads", 2))
     torch.manual_seed(0)
     ours = _build(task["model"])
-    model = _peer(task["impl"], ours)
-    if model is None:
-        return {"skipped": f"{task['impl']} is not installed"}
-    if task["kind"] == "embed":
-        size = ours.image_size
-        images = torch.randn(task["n"], 3, size, size)
-        encode = model.get_image_features if task["impl"] == "transformers" else model.encode_image
-        model.eval()
-        rates = []
-        with torch.no_grad():
-            encode(images[:2])
-            for _ in range(task["repeats"]):
-                start = time.perf_counter()
-                for i in range(0, len(images), task["batch"]):
-                    if task["impl"] == "transformers":
-                        encode(pixel_values=images[i:i + task["batch"]])
-                    else:
-                        encode(images[i:i + task["batch"]])
-                rates.append(len(images) / (time.perf_counter() - start))
-        return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates)}
-    # training: forward, contrastive loss, backward, AdamW step on real captions
-    from .loss import ClipLoss
-    from .tokenizer import get_tokenizer
+    models = {impl: _peer(impl, ours) for impl in task["impls"]}
+    result = {impl: {"skipped": f"{impl} is not installed"} for impl, m in models.items() if m is None}
+    models = {impl: m for impl, m in models.items() if m is not None}
+    measure = {"embed": _embed_speed, "train_speed": _train_speed, "train_memory": _train_memory}[task["kind"]]
+    result.update(measure(task, ours, models))
+    return result
 
-    captions = real_captions(Path(task["data"]), task["batch"] * (task["steps"] + 2))
-    tokens = get_tokenizer(task["model"])(captions)
-    size, batch = ours.image_size, task["batch"]
-    images = torch.randn(batch, 3, size, size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_fn = ClipLoss()
+
+def _interleaved(runs: dict, repeats: int) -> dict:
+    """Time each implementation's ``run()`` in turn, rotating the order every repeat, so that the machine's drifting
+    speed (shared cores, thermal state) hits every implementation alike; per-repeat ratios come from adjacent runs."""
+    names = list(runs)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _summary(times: dict, items: int, unit: str) -> dict:
+    out = {}
+    for name, ts in times.items():
+        rates = [items / t for t in ts]
+        out[name] = {unit: statistics.median(rates), "min": min(rates), "max": max(rates)}
+        if name != "clipforge" and "clipforge" in times:  # ratio of adjacent runs, then the median
+            out[name]["clipforge_ratio"] = statistics.median(p / c for c, p in zip(times["clipforge"], ts))
+    return out
+
+
+def _embed_speed(task: dict, ours, models: dict) -> dict:
+    images = torch.randn(task["n"], 3, ours.image_size, ours.image_size)
+    runs = {}
+    for impl, model in models.items():
+        model.eval()
+        encode = ((lambda x, m=model: m.get_image_features(pixel_values=x)) if impl == "transformers"
+                  else model.encode_image)
+
+        def run(encode=encode):
+            with torch.no_grad():
+                for i in range(0, len(images), task["batch"]):
+                    encode(images[i:i + task["batch"]])
+
+        with torch.no_grad():
+            encode(images[:2])  # warm-up
+        runs[impl] = run
+    return _summary(_interleaved(runs, task["repeats"]), len(images), "images_per_s")
+
+
+def _train_step_fn(impl: str, model, tokens: torch.Tensor, images: torch.Tensor):
+    """forward, contrastive loss, backward, AdamW step: clipforge with its own optimiser (fused AdamW where the
+    kernel exists), the peer with the same parameter groups on torch's default AdamW, as open_clip's training uses."""
+    from .loss import ClipLoss
+    from .train.optim import build_optimizer
+
+    optimizer = build_optimizer(model, 1e-4, 0.2, fused=None if impl == "clipforge" else False)
+    loss_fn, batch = ClipLoss(), len(images)
     model.train()
 
     def step(i):
         optimizer.zero_grad(set_to_none=True)
-        t = tokens[i * batch:(i + 1) * batch]
-        if task["impl"] == "open_clip":
-            image_features, text_features, scale = model(images, t)[:3]
-        else:
-            out = model(images, t)
-            image_features, text_features, scale = out.image_features, out.text_features, out.logit_scale
+        image_features, text_features, scale = model(images, tokens[i * batch:(i + 1) * batch])[:3]
         loss = loss_fn(image_features, text_features, scale)
         loss.backward()
         optimizer.step()
         return loss.item()
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step(0)
-    flops = None
-    if task["impl"] == "clipforge":
+    return step
+
+
+def _train_inputs(task: dict, ours):
+    from .tokenizer import get_tokenizer
+
+    captions = real_captions(Path(task["data"]), task["batch"] * (task["steps"] + 2))
+    return get_tokenizer(task["model"])(captions), torch.randn(task["batch"], 3, ours.image_size, ours.image_size)
+
+
+def _train_speed(task: dict, ours, models: dict) -> dict:
+    tokens, images = _train_inputs(task, ours)
+    steps = {impl: _train_step_fn(impl, m, tokens, images) for impl, m in models.items()}
+    first_loss = {impl: step(0) for impl, step in steps.items()}  # same weights and data: same loss
+    extra = {}
+    if "clipforge" in steps:
         from torch.utils.flop_counter import FlopCounterMode
 
         counter = FlopCounterMode(display=False)
         with counter:
+            steps["clipforge"](1)
+        extra["flops_per_step"] = counter.get_total_flops()
+    for impl, step in steps.items():
+        if impl != "clipforge":
             step(1)
-        flops = counter.get_total_flops()
-    times = []
-    for i in range(2, task["steps"] + 2):
-        start = time.perf_counter()
+    positions = {impl: iter(range(2, task["steps"] + 2)) for impl in steps}  # every implementation sees each batch
+    times = _interleaved({impl: (lambda s=step, pos=positions[impl]: s(next(pos))) for impl, step in steps.items()},
+                         task["steps"])
+    out = _summary(times, task["batch"], "samples_per_s")
+    for impl in steps:
+        out[impl]["first_loss"] = first_loss[impl]
+    if "flops_per_step" in extra:
+        out["clipforge"]["flops_per_step"] = extra["flops_per_step"]
+        out["clipforge"]["achieved_gflops"] = extra["flops_per_step"] / statistics.median(times["clipforge"]) / 1e9
+    return out
+
+
+def _train_memory(task: dict, ours, models: dict) -> dict:
+    """Peak resident-memory growth over a few steps: one implementation per process, so peaks do not mix."""
+    (impl, model), = models.items()
+    tokens, images = _train_inputs(task, ours)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step = _train_step_fn(impl, model, tokens, images)
+    for i in range(task["steps"]):
         step(i)
-        times.append(time.perf_counter() - start)
-    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    rates = [batch / t for t in times]
-    result = {"samples_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
-              "peak_rss_growth_mb": peak_mb}
-    if flops:
-        result["flops_per_step"] = flops
-        result["achieved_gflops"] = flops / statistics.median(times) / 1e9
-    return result
+    return {impl: {"peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024}}
 
 
 def _subprocess(task: dict) -> dict:
@@ -219,54 +292,58 @@ def run(args) -> int:
     print(f"clipforge bench on {results['machine']} ({'quick' if quick else 'full'})")
 
     # tokenizer
-    captions = real_captions(Path(args.data), 10_000)
+    captions = distinct_captions(Path(args.data), 10_000)
     try:
         from open_clip.tokenizer import SimpleTokenizer
 
-        rates = {}
-        for name, make in (("clipforge", Tokenizer), ("open_clip", SimpleTokenizer)):
-            runs = []
-            for _ in range(args.repeats):
-                tokenizer = make()
+        assert torch.equal(Tokenizer()(captions[:2000]), SimpleTokenizer()(captions[:2000])), "ids differ"
+        makers = {"clipforge": Tokenizer, "open_clip": SimpleTokenizer}
+        times = {name: [] for name in makers}
+        for r in range(args.repeats):  # cold: a fresh tokenizer (empty caches) each time, order alternating
+            for name in (list(makers) if r % 2 == 0 else list(makers)[::-1]):
+                tokenizer = makers[name]()
                 start = time.perf_counter()
                 tokenizer(captions)
-                runs.append(len(captions) / (time.perf_counter() - start))
-            rates[name] = statistics.median(runs)
-        assert torch.equal(Tokenizer()(captions[:2000]), SimpleTokenizer()(captions[:2000]))
-        results["tokenizer"] = rates
-        ratios["tokenizer_vs_open_clip"] = rates["clipforge"] / rates["open_clip"]
-        print(f"tokenizer (10k captions, cold): clipforge {rates['clipforge']:.0f}/s, open_clip "
+                times[name].append(time.perf_counter() - start)
+        summary = _summary(times, len(captions), "captions_per_s")
+        rates = {name: summary[name]["captions_per_s"] for name in makers}
+        results["tokenizer"] = summary
+        ratios["tokenizer_vs_open_clip"] = summary["open_clip"]["clipforge_ratio"]
+        print(f"tokenizer (10k distinct captions, cold): clipforge {rates['clipforge']:.0f}/s, open_clip "
               f"{rates['open_clip']:.0f}/s, ratio {ratios['tokenizer_vs_open_clip']:.1f}x")
     except ImportError:
         print("tokenizer: open_clip not installed, skipped")
 
-    # image embedding
+    # image embedding: every implementation in one process, runs interleaved
     n_images = 16 if quick else 64
-    results["embed"] = {}
-    for impl in ("clipforge", "open_clip", "transformers"):
-        results["embed"][impl] = _subprocess({"kind": "embed", "impl": impl, "model": args.embed_model,
-                                              "n": n_images, "batch": 16, "repeats": args.repeats})
+    embed = _subprocess({"kind": "embed", "impls": ["clipforge", "open_clip", "transformers"],
+                         "model": args.embed_model, "n": n_images, "batch": 16, "repeats": args.repeats + 2})
+    results["embed"] = embed
     for peer in ("open_clip", "transformers"):
-        if "images_per_s" in results["embed"][peer]:
-            ratios[f"image_embed_vs_{peer}"] = (results["embed"]["clipforge"]["images_per_s"] /
-                                                results["embed"][peer]["images_per_s"])
-    print("image embedding " + args.embed_model + ": " + ", ".join(
-        f"{k} {v.get('images_per_s', 0):.1f}/s" if "images_per_s" in v else f"{k} {v}" for k, v in
-        results["embed"].items()))
+        if "clipforge_ratio" in embed.get(peer, {}):
+            ratios[f"image_embed_vs_{peer}"] = embed[peer]["clipforge_ratio"]
+    print(f"image embedding {args.embed_model} ({n_images} images, batch 16): " + ", ".join(
+        f"{k} {v['images_per_s']:.1f}/s" if "images_per_s" in v else f"{k}: {v}" for k, v in embed.items()))
 
-    # training
-    steps = 5 if quick else 15
-    results["train"] = {}
+    # training: speed interleaved in one process, peak memory one implementation per process
+    steps = 6 if quick else 16
+    train = _subprocess({"kind": "train_speed", "impls": ["clipforge", "open_clip"], "model": args.train_model,
+                         "batch": 64, "steps": steps, "data": args.data})
     for impl in ("clipforge", "open_clip"):
-        results["train"][impl] = _subprocess({"kind": "train", "impl": impl, "model": args.train_model,
-                                              "batch": 64, "steps": steps, "data": args.data})
-    ours, theirs = results["train"]["clipforge"], results["train"]["open_clip"]
-    if "samples_per_s" in theirs and "samples_per_s" in ours:
-        ratios["train_vs_open_clip"] = ours["samples_per_s"] / theirs["samples_per_s"]
+        memory = _subprocess({"kind": "train_memory", "impls": [impl], "model": args.train_model, "batch": 64,
+                              "steps": 3, "data": args.data})
+        train.setdefault(impl, {}).update(memory.get(impl, memory))
+    results["train"] = train
+    ours, theirs = train.get("clipforge", {}), train.get("open_clip", {})
+    if "clipforge_ratio" in theirs:
+        ratios["train_vs_open_clip"] = theirs["clipforge_ratio"]
+        if abs(ours["first_loss"] - theirs["first_loss"]) > 1e-4:
+            print(f"warning: first-step losses differ: {ours['first_loss']} vs {theirs['first_loss']}")
+    if "peak_rss_growth_mb" in ours and "peak_rss_growth_mb" in theirs:
         ratios["train_memory_vs_open_clip"] = ours["peak_rss_growth_mb"] / max(1e-9, theirs["peak_rss_growth_mb"])
     print(f"training {args.train_model} batch 64 (real captions): " + ", ".join(
-        f"{k} {v.get('samples_per_s', 0):.1f} samples/s, +{v.get('peak_rss_growth_mb', 0):.0f} MB peak"
-        for k, v in results["train"].items()))
+        f"{k} {v['samples_per_s']:.1f} samples/s, +{v.get('peak_rss_growth_mb', 0):.0f} MB peak"
+        if "samples_per_s" in v else f"{k}: {v}" for k, v in train.items()))
 
     # MFU and loss memory
     peak = matmul_peak_gflops()
@@ -279,7 +356,7 @@ def run(args) -> int:
     print("loss memory (MB held for backward) " + ", ".join(
         f"N={n}: dense {r['dense']:.1f} / chunked {r['chunked']:.1f}" for n, r in results["loss_memory_mb"].items()))
     results["ratios"] = ratios
-    print("ratios (clipforge / peer): " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    print("ratios (clipforge / peer; speed ratios are medians of adjacent interleaved runs): " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -51,6 +51,24 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, length, width)
         return self.out_proj(out)
 
+    def forward_pooled(self, x: torch.Tensor, pool_index: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """Attention output at one position per row (``pool_index``), keys and values from every position.
+
+        Only the pooled token's output survives the last block, so its queries, output projection (and the MLP
+        after it) are computed for that one row instead of all ``length``: same result, a fraction of the work.
+        """
+        batch, length, width = x.shape
+        head_dim = width // self.heads
+        kv = F.linear(x, self.in_proj_weight[width:], self.in_proj_bias[width:])
+        k, v = kv.view(batch, length, 2, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        pooled = x[torch.arange(batch, device=x.device), pool_index]
+        q = F.linear(pooled, self.in_proj_weight[:width], self.in_proj_bias[:width]).view(batch, self.heads, 1, head_dim)
+        mask = None
+        if causal:  # the pooled row sees itself and what came before it
+            mask = (torch.arange(length, device=x.device) <= pool_index[:, None]).view(batch, 1, 1, length)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.reshape(batch, width))
+
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
@@ -66,9 +84,14 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp.add_module("gelu", QuickGELU() if quick_gelu else nn.GELU())
         self.mlp.add_module("c_proj", nn.Linear(hidden, width))
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, L, width] -> [N, L, width]; with ``pool_index`` (one position per row) -> [N, width] at those rows."""
+        if pool_index is None:
+            x = x + self.attn(self.ln_1(x), causal=causal)
+            return x + self.mlp(self.ln_2(x))
+        x_pooled = x[torch.arange(x.shape[0], device=x.device), pool_index]
+        x_pooled = x_pooled + self.attn.forward_pooled(self.ln_1(x), pool_index, causal=causal)
+        return x_pooled + self.mlp(self.ln_2(x_pooled))
 
 
 class Transformer(nn.Module):
@@ -83,12 +106,16 @@ class Transformer(nn.Module):
             [ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu) for _ in range(layers)]
         )
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        for block in self.resblocks:
+    def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, L, width] -> [N, L, width], or [N, width] at ``pool_index`` when the caller pools one token per row
+        (the last block then computes only those rows)."""
+        last = len(self.resblocks) - 1
+        for i, block in enumerate(self.resblocks):
+            index = pool_index if i == last else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, use_reentrant=False)
+                x = checkpoint(block, x, causal, index, use_reentrant=False)
             else:
-                x = block(x, causal=causal)
+                x = block(x, causal=causal, pool_index=index)
         return x
 
     def init_parameters(self) -> None:

@@ -41,27 +41,30 @@ class TextTransformer(nn.Module):
         # The EOT token has the largest id in CLIP's vocabulary, so argmax finds it (as OpenAI CLIP does).
         eot = tokens.argmax(dim=-1)
         if tokens.is_cuda:
-            return self._encode(tokens, eot)
+            return self._encode(self._embed(tokens), eot)
         # Under a causal mask nothing after a row's EOT can change its pooled features, so on CPU we skip padding:
         # rows are grouped by length and each group runs only up to its own longest EOT. (On GPU this would cost
-        # a host-device sync, and padding is cheap there.)
+        # a host-device sync, and padding is cheap there.) Tokens are embedded once for the whole batch so the
+        # (vocabulary-sized) embedding gradient is formed once, not once per group.
         lengths = (eot + 1).tolist()
+        x = self._embed(tokens[:, : max(lengths)])
         n_groups = 1 if len(lengths) < 16 else 4 if len(lengths) >= 64 else 2
         if n_groups == 1 or max(lengths) == min(lengths):
-            return self._encode(tokens[:, : max(lengths)], eot)
+            return self._encode(x, eot)
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
         bounds = [round(i * len(order) / n_groups) for i in range(n_groups + 1)]
         parts, index = [], []
         for start, stop in zip(bounds[:-1], bounds[1:]):
             rows = torch.tensor(order[start:stop], device=tokens.device)
             width = lengths[order[stop - 1]]
-            parts.append(self._encode(tokens[rows, :width], eot[rows]))
+            parts.append(self._encode(x[rows, :width], eot[rows]))
             index.append(rows)
         out = torch.empty(len(lengths), parts[0].shape[1], dtype=parts[0].dtype, device=tokens.device)
         return out.index_copy(0, torch.cat(index), torch.cat(parts))
 
-    def _encode(self, tokens: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
-        x = self.transformer(x, causal=True)
-        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])
-        return x @ self.text_projection
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+
+    def _encode(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        x = self.transformer(x, causal=True, pool_index=eot)  # [N, width]: only the EOT token is pooled
+        return self.ln_final(x) @ self.text_projection

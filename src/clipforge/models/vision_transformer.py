@@ -59,5 +59,6 @@ class VisionTransformer(nn.Module):
         cls = (self.class_embedding + self.positional_embedding[0]).to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
         x = self.ln_pre(x)
-        x = self.transformer(x)
-        return self.ln_post(x[:, 0]) @ self.proj
+        cls_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        x = self.transformer(x, pool_index=cls_index)  # [N, width]: only the class token is pooled
+        return self.ln_post(x) @ self.proj
