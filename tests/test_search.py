@@ -1,6 +1,7 @@
 """Embed, index, search; the HTTP API (bad input, fuzzing); the web page in headless Chromium."""
 import io
 import json
+import os
 import shutil
 import socket
 import threading
@@ -65,6 +66,31 @@ def test_embedding_resumes_at_the_first_missing_shard(collection, tmp_path):
     assert (out / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns == before
 
 
+def test_torchrun_splits_shards_by_rank_and_matches_one_process(collection, tmp_path):
+    """Two processes under torchrun: each embeds its own output shards; together they equal the one-process run."""
+    import subprocess
+    import sys
+
+    from clipforge.retrieval import load_embeddings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "emb"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(port), "-m", "clipforge.cli", "embed", str(collection["images"]), str(out),
+         "--pretrained", collection["ckpt"], "--shard-size", "16", "--no-progress"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    vectors, rows = load_embeddings(out)
+    reference, reference_rows = load_embeddings(collection["emb"])
+    assert [r["path"] for r in rows] == [r["path"] for r in reference_rows]
+    np.testing.assert_allclose(vectors, reference, atol=2e-3)  # float16 storage
+    info = json.loads((out / "embed_info.json").read_text())
+    assert info["embedded"] == 40 and info["skipped"] == 1  # counts from both ranks
+
+
 def test_search_cli_orders_by_score_and_finds_an_image_by_itself(collection, capsys):
     assert cli.main(["search", str(collection["emb"]), "a red circle", "-k", "5", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
@@ -85,6 +111,29 @@ def test_approximate_index_reaches_target_recall():
         assert info["recall@10"] >= 0.9 and index.ntotal == 20_000, info
     _, info = build_index(vectors[:100])
     assert info["kind"] == "flat"
+
+
+def test_index_tuned_on_given_queries_holds_its_recall_on_fresh_ones(tmp_path):
+    """Random queries on random vectors are the hardest case: the builder escalates until the target is met, and
+    the saved index reloads with the tuned knobs."""
+    import faiss
+
+    from clipforge.retrieval.index import build_index, load_index, recall_at_k, save_index
+
+    rng = np.random.default_rng(1)
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+    vectors, tune, fresh = (unit(rng.standard_normal((n, 32))) for n in (20_000, 300, 300))
+    index, info = build_index(vectors, kind="ivfpq", target_recall=0.95, queries=tune)
+    assert info["target_met"] and info["tuned_on"] == "300 given queries", info
+    save_index(index, info, tmp_path)
+    loaded, _ = load_index(tmp_path)
+    assert faiss.extract_index_ivf(loaded).nprobe == info["nprobe"]
+    exact = faiss.IndexFlatIP(32)
+    exact.add(vectors)
+    recall = recall_at_k(loaded.search(fresh, 10)[1], exact.search(fresh, 10)[1])
+    assert recall >= 0.92, recall  # held-out queries: within sampling noise of the tuned 0.95
+    with pytest.raises(ValueError, match="tuning queries"):
+        build_index(vectors, kind="ivfpq", queries=np.zeros((3, 16), np.float32))
 
 
 # ------------------------------------------------------------------------------------------------------- HTTP API

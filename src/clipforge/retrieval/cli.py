@@ -44,18 +44,29 @@ def run_embed(args) -> int:
     from ..checkpoint import write_json
     from .embed import embed_collection
 
-    model, preprocess, tokenizer = _load_model(args)
+    import torch
+
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and "MASTER_ADDR" in os.environ and not torch.distributed.is_initialized():  # under torchrun
+        torch.distributed.init_process_group("gloo")  # only to add up counts: the images never cross processes
+        if args.device is None and torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    model, preprocess, tokenizer = _load_model(args)
     texts = [l.strip() for l in Path(args.texts).read_text().splitlines() if l.strip()] if args.texts else None
-    stats = embed_collection(model, preprocess, args.input, args.output, args.shard_size, args.batch_size, texts,
-                             tokenizer, rank, world, args.progress)
+    try:
+        stats = embed_collection(model, preprocess, args.input, args.output, args.shard_size, args.batch_size,
+                                 texts, tokenizer, rank, world, args.progress and rank == 0)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if rank == 0:
         info_path = Path(args.output) / "embed_info.json"
         info = json.loads(info_path.read_text())
         info["model_spec"] = {"model": args.model, "pretrained": args.pretrained}
         write_json(info_path, info)
-    print(f"embedded {stats['embedded']} images into {args.output} ({stats['skipped']} unreadable, skipped; "
-          f"{stats['reused_shards']} shards already done)")
+    if rank == 0:
+        print(f"embedded {stats['embedded']} images into {args.output} ({stats['skipped']} unreadable, skipped; "
+              f"{stats['reused_shards']} shards already done)")
     return 0
 
 
@@ -67,6 +78,9 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto")
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--exact-below", type=int, default=50_000, help="auto: exact search below this many vectors")
+    p.add_argument("--tune-queries", default="auto",
+                   help="what recall is tuned on: 'auto' (the folder's text_emb/ when it holds >= 100 texts, else "
+                        "perturbed collection vectors), 'collection', or a .npy file of query vectors [auto]")
     p.set_defaults(func=run_index)
 
 
@@ -75,13 +89,34 @@ def run_index(args) -> int:
     from .index import build_index, save_index
 
     vectors, _ = load_embeddings(args.folder)
-    index, info = build_index(vectors, args.kind, args.target_recall, args.exact_below)
+    index, info = build_index(vectors, args.kind, args.target_recall, args.exact_below,
+                              queries=_tuning_queries(args.folder, args.tune_queries))
     save_index(index, info, args.folder)
     if not info.get("target_met", True):
         print(f"warning: the {info['kind']} index reaches recall@10 {info['recall@10']:.3f}, below the target "
               f"{args.target_recall}; these vectors have little cluster structure. Use --kind flat (exact) or hnsw.")
     print(f"built {info['kind']} index of {info['count']} vectors (recall@10 {info['recall@10']:.3f}) in {args.folder}")
     return 0
+
+
+def _tuning_queries(folder: str, choice: str):
+    """Text embeddings are what users search with, and they sit apart from image embeddings (the modality gap), so
+    they tune the index more honestly than perturbed images when there are enough of them."""
+    import numpy as np
+
+    if choice == "collection":
+        return None
+    if choice == "auto":
+        texts = Path(folder) / "text_emb" / "text_emb_00000.npy"
+        if texts.exists():
+            queries = np.load(texts).astype(np.float32)
+            if len(queries) >= 100:
+                return queries
+        return None
+    path = Path(choice)
+    if not path.exists() or path.suffix != ".npy":
+        raise SystemExit(f"--tune-queries: expected auto, collection or an existing .npy file, got {choice!r}")
+    return np.load(path).astype(np.float32)
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:

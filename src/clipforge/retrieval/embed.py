@@ -156,9 +156,15 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
                 np.save(handle, array)
         stats["embedded"] += len(rows)
     bar.close()
-    if texts:
+    if texts and rank == 0:
         embed_texts(model, tokenizer, texts, output, batch_size, device)
         stats["texts"] = len(texts)
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank's counts, and rank 0 writes the summary only once all shards are on disk
+        counts = ["embedded", "skipped", "reused_shards"]
+        totals = torch.tensor([stats[k] for k in counts], dtype=torch.long)
+        torch.distributed.all_reduce(totals)
+        stats.update(zip(counts, totals.tolist()))
     if rank == 0:
         write_json(output / "embed_info.json", {"input": input_spec, "dim": model.embed_dim,
                                                 "model": getattr(model, "config", None), **stats})
