@@ -87,7 +87,8 @@ def http_bench(n: int = 100_000, clients: int = 8, per_client: int = 40) -> dict
     model = clipforge.create_model("ViT-Tiny-64").eval()
     app = create_app(folder, model, clipforge.Preprocess(64), clipforge.get_tokenizer("ViT-Tiny-64"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=8765, log_level="error"))
-    threading.Thread(target=server.run, daemon=True).start()
+    server_thread = threading.Thread(target=server.run, daemon=True)
+    server_thread.start()
     while not server.started:
         time.sleep(0.05)
     times, errors = [], []
@@ -109,6 +110,7 @@ def http_bench(n: int = 100_000, clients: int = 8, per_client: int = 40) -> dict
         t.join()
     wall = time.perf_counter() - start
     server.should_exit = True
+    server_thread.join(timeout=30)  # free the port for the next size
     sizes = app.state.batchers["text"].batch_sizes
     return {"n": n, "clients": clients, "requests": len(times), "errors": len(errors), **percentiles(times),
             "requests_per_s": len(times) / wall, "mean_text_batch": statistics.mean(sizes)}
@@ -176,8 +178,10 @@ def main():
                 out["index"].append(index_bench(n, kind=kind))
                 print(json.dumps(out["index"][-1]), flush=True)
     if "http" not in args.skip:
-        out["http"] = http_bench()
-        print(json.dumps(out["http"]), flush=True)
+        out["http"] = []
+        for n in args.sizes:
+            out["http"].append(http_bench(n))
+            print(json.dumps(out["http"][-1]), flush=True)
     if "embed" not in args.skip:
         out["embed"] = embed_bench(args.data, limit=args.embed_images)
         print(json.dumps(out["embed"]), flush=True)

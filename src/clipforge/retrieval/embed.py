@@ -85,7 +85,8 @@ def _read_shard_members(url: str) -> dict[str, dict[str, bytes]]:
     return members
 
 
-def _load(item: dict, shard_cache: dict):
+def load_item(item: dict, shard_cache: dict):
+    """(image, caption) of one listed item: a file path, or a key in a shard (the last shard read stays open)."""
     if "path" in item:
         return open_image(item["path"]), item.get("caption", "")
     if item["shard"] not in shard_cache:
@@ -134,7 +135,7 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
 
         for item in chunk:
             try:
-                image, caption = _load(item, shard_cache)
+                image, caption = load_item(item, shard_cache)
             except (BadImageError, KeyError, StopIteration, OSError):
                 stats["skipped"] += 1
                 bar.update(1)
