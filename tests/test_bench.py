@@ -42,12 +42,19 @@ def test_train_speed_is_interleaved_from_the_same_loss(tmp_path):
 
 
 def test_train_memory_and_embed_workers(tmp_path):
+    pytest.importorskip("open_clip")
     memory = bench._worker({"kind": "train_memory", "impls": ["clipforge"], "model": "ViT-Tiny-64", "batch": 8,
                             "steps": 2, "data": str(tmp_path), "threads": 1})
     assert memory["clipforge"]["peak_rss_growth_mb"] >= 0
     embed = bench._worker({"kind": "embed", "impls": ["clipforge"], "model": "ViT-Tiny-64",
                            "n": 4, "batch": 2, "repeats": 2, "threads": 1})
     assert embed["clipforge"]["images_per_s"] > 0
+    texts = bench._worker({"kind": "embed", "what": "text", "impls": ["clipforge", "open_clip"], "model": "ViT-Tiny-64",
+                           "n": 8, "batch": 4, "repeats": 2, "threads": 1, "data": str(tmp_path)})
+    assert texts["clipforge"]["texts_per_s"] > 0 and texts["open_clip"]["clipforge_ratio"] > 0
+    resnet = bench._worker({"kind": "embed", "impls": ["clipforge", "transformers"], "model": "RN-Tiny-64",
+                            "n": 2, "batch": 2, "repeats": 1, "threads": 1})
+    assert "skipped" in resnet["transformers"]  # no ResNet CLIP in transformers: skipped with a note
     with pytest.raises(ValueError, match="no-such-peer"):
         bench._peer("no-such-peer", bench._build("ViT-Tiny-64"))
 

@@ -26,8 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a run under five minutes on 2 CPU cores")
     p.add_argument("--json", help="write raw results (with a top-level 'ratios' object) here")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="../shared/data (real captions)")
-    p.add_argument("--train-model", default="ViT-Small-64", help="[ViT-Small-64: 6 layers, width 256, 64 px]")
-    p.add_argument("--embed-model", default="ViT-B-32")
+    p.add_argument("--device", default=None, help="cpu or cuda [cuda when available]; GPU runs use bf16 autocast")
+    p.add_argument("--train-model", default=None,
+                   help="[CPU: ViT-Small-64 (6 layers, width 256, 64 px), batch 64; GPU: ViT-B-32 at 224 px, batch 256]")
+    p.add_argument("--train-batch", type=int, default=None)
+    p.add_argument("--embed-models", nargs="+", default=["ViT-B-32", "RN50"])
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=run)
 
@@ -95,6 +98,8 @@ def _peer(impl: str, ours):
         model.load_state_dict(clipforge_to_openai(ours.state_dict()))
         return model
     if impl == "transformers":
+        if isinstance(ours.config["vision_cfg"]["layers"], (list, tuple)):
+            return None  # transformers' CLIPModel has no ResNet image tower
         try:
             import transformers
         except ImportError:
@@ -124,13 +129,27 @@ def _worker(task: dict) -> dict:
     """One measurement in this (fresh) process."""
     torch.set_num_threads(task.get("threads", 2))
     torch.manual_seed(0)
+    device = torch.device(task.get("device", "cpu"))
     ours = _build(task["model"])
     models = {impl: _peer(impl, ours) for impl in task["impls"]}
-    result = {impl: {"skipped": f"{impl} is not installed"} for impl, m in models.items() if m is None}
-    models = {impl: m for impl, m in models.items() if m is not None}
+    result = {impl: {"skipped": f"{impl} is not installed or has no such architecture"}
+              for impl, m in models.items() if m is None}
+    models = {impl: m.to(device) for impl, m in models.items() if m is not None}
     measure = {"embed": _embed_speed, "train_speed": _train_speed, "train_memory": _train_memory}[task["kind"]]
     result.update(measure(task, ours, models))
     return result
+
+
+def _autocast(task: dict):
+    """bf16 autocast on GPU (as the issue's GPU rows ask); fp32 on CPU, where bf16 matmul is slow."""
+    device = task.get("device", "cpu")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=device != "cpu" and task.get("bf16", True))
+
+
+def _sync(task: dict) -> None:
+    if task.get("device", "cpu") != "cpu":
+        torch.cuda.synchronize()
 
 
 def _interleaved(runs: dict, repeats: int) -> dict:
@@ -157,38 +176,53 @@ def _summary(times: dict, items: int, unit: str) -> dict:
 
 
 def _embed_speed(task: dict, ours, models: dict) -> dict:
-    images = torch.randn(task["n"], 3, ours.image_size, ours.image_size)
+    """Images (or texts, ``task["what"] == "text"``) per second through each implementation's encoder."""
+    device = task.get("device", "cpu")
+    if task.get("what", "image") == "text":
+        from .tokenizer import get_tokenizer
+
+        inputs = get_tokenizer(task["model"])(distinct_captions(Path(task["data"]), task["n"])).to(device)
+    else:
+        inputs = torch.randn(task["n"], 3, ours.image_size, ours.image_size, device=device)
     runs = {}
     for impl, model in models.items():
         model.eval()
-        encode = ((lambda x, m=model: m.get_image_features(pixel_values=x)) if impl == "transformers"
-                  else model.encode_image)
+        if impl == "transformers":
+            encode = ((lambda x, m=model: m.get_text_features(input_ids=x)) if task.get("what") == "text"
+                      else (lambda x, m=model: m.get_image_features(pixel_values=x)))
+        else:
+            encode = model.encode_text if task.get("what") == "text" else model.encode_image
 
         def run(encode=encode):
-            with torch.no_grad():
-                for i in range(0, len(images), task["batch"]):
-                    encode(images[i:i + task["batch"]])
+            with torch.no_grad(), _autocast(task):
+                for i in range(0, len(inputs), task["batch"]):
+                    encode(inputs[i:i + task["batch"]])
+            _sync(task)
 
-        with torch.no_grad():
-            encode(images[:2])  # warm-up
+        run()  # warm-up (and cuDNN / kernel selection on GPU)
         runs[impl] = run
-    return _summary(_interleaved(runs, task["repeats"]), len(images), "images_per_s")
+    unit = "texts_per_s" if task.get("what") == "text" else "images_per_s"
+    return _summary(_interleaved(runs, task["repeats"]), len(inputs), unit)
 
 
-def _train_step_fn(impl: str, model, tokens: torch.Tensor, images: torch.Tensor):
+def _train_step_fn(impl: str, model, tokens: torch.Tensor, images: torch.Tensor, task: dict):
     """forward, contrastive loss, backward, AdamW step: clipforge with its own optimiser (fused AdamW where the
     kernel exists), the peer with the same parameter groups on torch's default AdamW, as open_clip's training uses."""
     from .loss import ClipLoss
+    from .models.vision_transformer import VisionTransformer
     from .train.optim import build_optimizer
 
     optimizer = build_optimizer(model, 1e-4, 0.2, fused=None if impl == "clipforge" else False)
     loss_fn, batch = ClipLoss(), len(images)
     model.train()
+    if task.get("device", "cpu") != "cpu" and impl == "clipforge" and not isinstance(model.visual, VisionTransformer):
+        model.to(memory_format=torch.channels_last)  # as clipforge train does for ResNets on GPU
 
     def step(i):
         optimizer.zero_grad(set_to_none=True)
-        image_features, text_features, scale = model(images, tokens[i * batch:(i + 1) * batch])[:3]
-        loss = loss_fn(image_features, text_features, scale)
+        with _autocast(task):
+            image_features, text_features, scale = model(images, tokens[i * batch:(i + 1) * batch])[:3]
+            loss = loss_fn(image_features.float(), text_features.float(), scale)
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -199,13 +233,15 @@ def _train_step_fn(impl: str, model, tokens: torch.Tensor, images: torch.Tensor)
 def _train_inputs(task: dict, ours):
     from .tokenizer import get_tokenizer
 
+    device = task.get("device", "cpu")
     captions = real_captions(Path(task["data"]), task["batch"] * (task["steps"] + 2))
-    return get_tokenizer(task["model"])(captions), torch.randn(task["batch"], 3, ours.image_size, ours.image_size)
+    images = torch.randn(task["batch"], 3, ours.image_size, ours.image_size, device=device)
+    return get_tokenizer(task["model"])(captions).to(device), images
 
 
 def _train_speed(task: dict, ours, models: dict) -> dict:
     tokens, images = _train_inputs(task, ours)
-    steps = {impl: _train_step_fn(impl, m, tokens, images) for impl, m in models.items()}
+    steps = {impl: _train_step_fn(impl, m, tokens, images, task) for impl, m in models.items()}
     first_loss = {impl: step(0) for impl, step in steps.items()}  # same weights and data: same loss
     extra = {}
     if "clipforge" in steps:
@@ -231,13 +267,20 @@ def _train_speed(task: dict, ours, models: dict) -> dict:
 
 
 def _train_memory(task: dict, ours, models: dict) -> dict:
-    """Peak resident-memory growth over a few steps: one implementation per process, so peaks do not mix."""
+    """Peak memory over a few steps, one implementation per process so peaks do not mix: resident-set growth on
+    CPU, ``torch.cuda.max_memory_allocated`` on GPU."""
     (impl, model), = models.items()
     tokens, images = _train_inputs(task, ours)
+    on_gpu = task.get("device", "cpu") != "cpu"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step = _train_step_fn(impl, model, tokens, images)
+    step = _train_step_fn(impl, model, tokens, images, task)
     for i in range(task["steps"]):
         step(i)
+    if on_gpu:
+        return {impl: {"peak_memory_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}}
     return {impl: {"peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024}}
 
 
@@ -248,19 +291,26 @@ def _subprocess(task: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def matmul_peak_gflops(threads: int = 2, n: int = 2048) -> float:
+def matmul_peak_gflops(threads: int = 2, n: int = 2048, device: str = "cpu") -> float:
+    """The best of 5 square matmuls: fp32 on CPU, bf16 (n = 8192) on GPU, the precision training runs in."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    on_gpu = device != "cpu"
+    n, dtype = (8192, torch.bfloat16) if on_gpu else (n, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     times = []
     for _ in range(5):
+        if on_gpu:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         a @ b
+        if on_gpu:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return 2 * n ** 3 / min(times) / 1e9
 
 
-def loss_memory(sizes=(512, 1024, 2048, 4096)) -> dict:
+def loss_memory(sizes=(512, 1024, 2048, 4096), device: str = "cpu") -> dict:
     """Bytes autograd keeps between forward and backward, dense vs chunked ClipLoss."""
     import torch.nn.functional as F
 
@@ -270,12 +320,12 @@ def loss_memory(sizes=(512, 1024, 2048, 4096)) -> dict:
     for n in sizes:
         row = {}
         for name, loss_fn in (("dense", ClipLoss()), ("chunked", ClipLoss(chunk_size=256))):
-            a = F.normalize(torch.randn(n, 128), dim=-1).requires_grad_()
-            b = F.normalize(torch.randn(n, 128), dim=-1).requires_grad_()
+            a = F.normalize(torch.randn(n, 128, device=device), dim=-1).requires_grad_()
+            b = F.normalize(torch.randn(n, 128, device=device), dim=-1).requires_grad_()
             saved = []
             with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                           lambda t: t):
-                loss = loss_fn(a, b, torch.tensor(10.0))
+                loss = loss_fn(a, b, torch.tensor(10.0, device=device))
             loss.backward()
             row[name] = sum(saved) / 2**20
         rows[n] = row
@@ -286,8 +336,13 @@ def run(args) -> int:
     from .tokenizer import Tokenizer
 
     quick = args.quick
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-               "device": "cpu", "torch": torch.__version__}
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device != "cpu"
+    train_model = args.train_model or ("ViT-B-32" if on_gpu else "ViT-Small-64")
+    train_batch = args.train_batch or (256 if on_gpu else 64)
+    machine = (torch.cuda.get_device_name() if on_gpu else
+               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    results = {"machine": machine, "device": device, "torch": torch.__version__}
     ratios = {}
     print(f"clipforge bench on {results['machine']} ({'quick' if quick else 'full'})")
 
@@ -314,45 +369,58 @@ def run(args) -> int:
     except ImportError:
         print("tokenizer: open_clip not installed, skipped")
 
-    # image embedding: every implementation in one process, runs interleaved
-    n_images = 16 if quick else 64
-    embed = _subprocess({"kind": "embed", "impls": ["clipforge", "open_clip", "transformers"],
-                         "model": args.embed_model, "n": n_images, "batch": 16, "repeats": args.repeats + 2})
-    results["embed"] = embed
-    for peer in ("open_clip", "transformers"):
-        if "clipforge_ratio" in embed.get(peer, {}):
-            ratios[f"image_embed_vs_{peer}"] = embed[peer]["clipforge_ratio"]
-    print(f"image embedding {args.embed_model} ({n_images} images, batch 16): " + ", ".join(
-        f"{k} {v['images_per_s']:.1f}/s" if "images_per_s" in v else f"{k}: {v}" for k, v in embed.items()))
+    # image and text embedding: every implementation in one process, runs interleaved
+    n_images = (16 if quick else 64) * (8 if on_gpu else 1)
+    results["embed"] = {}
+    for model_name in args.embed_models:
+        n_texts = 2048 if on_gpu else 64 if quick else 128  # real captions, padded to 77 tokens for the peers
+        jobs = [("image", n_images, 256 if on_gpu else 16), ("text", n_texts, 256 if on_gpu else 64)]
+        if model_name != args.embed_models[0]:
+            jobs = jobs[:1]  # the zoo's text towers are alike: time text once
+        for what, n, batch in jobs:
+            key = f"{model_name} {what}"
+            row = _subprocess({"kind": "embed", "what": what, "impls": ["clipforge", "open_clip", "transformers"],
+                               "model": model_name, "n": n, "batch": batch, "repeats": args.repeats + 2,
+                               "device": device, "data": args.data})
+            results["embed"][key] = row
+            unit = f"{what}s_per_s"
+            for peer in ("open_clip", "transformers"):
+                if "clipforge_ratio" in row.get(peer, {}):
+                    name = f"{what}_embed_vs_{peer}" + ("" if model_name == args.embed_models[0] else f"_{model_name}")
+                    ratios[name] = row[peer]["clipforge_ratio"]
+            print(f"{what} embedding {model_name} ({n} {what}s, batch {batch}): " + ", ".join(
+                f"{k} {v[unit]:.1f}/s" if unit in v else f"{k}: {v}" for k, v in row.items()))
 
     # training: speed interleaved in one process, peak memory one implementation per process
     steps = 6 if quick else 16
-    train = _subprocess({"kind": "train_speed", "impls": ["clipforge", "open_clip"], "model": args.train_model,
-                         "batch": 64, "steps": steps, "data": args.data})
+    train_task = {"kind": "train_speed", "impls": ["clipforge", "open_clip"], "model": train_model,
+                  "batch": train_batch, "steps": steps, "data": args.data, "device": device}
+    train = _subprocess(train_task)
     for impl in ("clipforge", "open_clip"):
-        memory = _subprocess({"kind": "train_memory", "impls": [impl], "model": args.train_model, "batch": 64,
-                              "steps": 3, "data": args.data})
+        memory = _subprocess({**train_task, "kind": "train_memory", "impls": [impl], "steps": 3})
         train.setdefault(impl, {}).update(memory.get(impl, memory))
     results["train"] = train
     ours, theirs = train.get("clipforge", {}), train.get("open_clip", {})
     if "clipforge_ratio" in theirs:
         ratios["train_vs_open_clip"] = theirs["clipforge_ratio"]
-        if abs(ours["first_loss"] - theirs["first_loss"]) > 1e-4:
+        if abs(ours["first_loss"] - theirs["first_loss"]) > (1e-2 if on_gpu else 1e-4):
             print(f"warning: first-step losses differ: {ours['first_loss']} vs {theirs['first_loss']}")
-    if "peak_rss_growth_mb" in ours and "peak_rss_growth_mb" in theirs:
-        ratios["train_memory_vs_open_clip"] = ours["peak_rss_growth_mb"] / max(1e-9, theirs["peak_rss_growth_mb"])
-    print(f"training {args.train_model} batch 64 (real captions): " + ", ".join(
-        f"{k} {v['samples_per_s']:.1f} samples/s, +{v.get('peak_rss_growth_mb', 0):.0f} MB peak"
+    memory_key = "peak_memory_mb" if on_gpu else "peak_rss_growth_mb"
+    if memory_key in ours and memory_key in theirs:
+        ratios["train_memory_vs_open_clip"] = ours[memory_key] / max(1e-9, theirs[memory_key])
+    print(f"training {train_model} batch {train_batch} (real captions{', bf16' if on_gpu else ''}): " + ", ".join(
+        f"{k} {v['samples_per_s']:.1f} samples/s, {v.get(memory_key, 0):.0f} MB peak"
         if "samples_per_s" in v else f"{k}: {v}" for k, v in train.items()))
 
     # MFU and loss memory
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(device=device)
     results["matmul_peak_gflops"] = peak
     if "achieved_gflops" in ours:
         results["mfu"] = ours["achieved_gflops"] / peak
-        print(f"model FLOPs utilisation: {ours['achieved_gflops']:.1f} GFLOP/s of a {peak:.1f} GFLOP/s matmul "
+        print(f"model FLOPs utilisation: {ours['achieved_gflops']:.1f} GFLOP/s of a {peak:.1f} GFLOP/s "
+              f"{'bf16' if on_gpu else 'fp32'} matmul "
               f"peak = {results['mfu']:.0%}")
-    results["loss_memory_mb"] = loss_memory((512, 1024) if quick else (512, 1024, 2048, 4096))
+    results["loss_memory_mb"] = loss_memory((512, 1024) if quick else (512, 1024, 2048, 4096), device)
     print("loss memory (MB held for backward) " + ", ".join(
         f"N={n}: dense {r['dense']:.1f} / chunked {r['chunked']:.1f}" for n, r in results["loss_memory_mb"].items()))
     results["ratios"] = ratios
