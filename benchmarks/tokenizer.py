@@ -26,35 +26,32 @@ def load_captions(data: Path, n: int = 10_000, seed: int = 0) -> list[str]:
     return distinct_captions(data, n, seed)
 
 
-def _time(fn, repeats: int, setup=None) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        arg = setup() if setup else None
-        start = time.perf_counter()
-        fn(arg)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def run(captions: list[str], repeats: int = 5) -> dict:
+    """Cold and warm timings, the two tokenizers taking turns (order alternating) so that the machine's drifting
+    speed hits both alike; ratios are medians of the per-repeat ratios."""
     import torch
     from open_clip.tokenizer import SimpleTokenizer
 
     from clipforge.tokenizer import Tokenizer
 
     assert torch.equal(Tokenizer()(captions), SimpleTokenizer()(captions)), "ids differ from open_clip"
-    results = {}
-    for name, make in (("clipforge", Tokenizer), ("open_clip", SimpleTokenizer)):
-        cold = _time(lambda tok: tok(captions), repeats, setup=make)
-        warm_tok = make()
-        warm_tok(captions)
-        warm = _time(lambda _: warm_tok(captions), repeats)
-        results[name] = {f"{kind}_captions_per_s": {"median": len(captions) / statistics.median(t),
-                                                    "min": len(captions) / max(t), "max": len(captions) / min(t)}
-                         for kind, t in (("cold", cold), ("warm", warm))}
+    makers = {"clipforge": Tokenizer, "open_clip": SimpleTokenizer}
+    results = {name: {} for name in makers}
     for kind in ("cold", "warm"):
-        key = f"{kind}_captions_per_s"
-        results[f"ratio_{kind}"] = results["clipforge"][key]["median"] / results["open_clip"][key]["median"]
+        warm = {name: make() for name, make in makers.items()}
+        for tokenizer in warm.values():
+            tokenizer(captions)
+        times = {name: [] for name in makers}
+        for r in range(repeats):
+            for name in (list(makers) if r % 2 == 0 else list(makers)[::-1]):
+                tokenizer = makers[name]() if kind == "cold" else warm[name]
+                start = time.perf_counter()
+                tokenizer(captions)
+                times[name].append(time.perf_counter() - start)
+        for name, t in times.items():
+            results[name][f"{kind}_captions_per_s"] = {"median": len(captions) / statistics.median(t),
+                                                       "min": len(captions) / max(t), "max": len(captions) / min(t)}
+        results[f"ratio_{kind}"] = statistics.median(o / c for c, o in zip(times["clipforge"], times["open_clip"]))
     return results
 
 

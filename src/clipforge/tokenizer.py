@@ -115,9 +115,10 @@ class Tokenizer:
         self._word_ids.update(zip(words, (e.ids for e in encodings)))
 
     def _prefill(self, cleaned_texts: list[str]) -> None:
-        """Encode every unseen word of a batch in one call to the Rust BPE model (rather than one call per new
-        chunk), so a cold tokenizer runs nearly as fast as a warm one."""
-        chunks = {c for text in cleaned_texts if _PRINTABLE_ASCII.fullmatch(text) for c in text.split(" ")}
+        """Encode every unseen word of these texts in one call to the Rust BPE model, rather than one call per new
+        chunk, so a cold tokenizer runs nearly as fast as a warm one. (Words from non-ASCII texts found this way
+        are harmless extra cache entries: a word's ids do not depend on its text.)"""
+        chunks = {c for text in cleaned_texts for c in text.split(" ")}
         chunks.difference_update(self._chunk_ids)
         if not chunks or len(self._chunk_ids) + len(chunks) > self._MAX_CACHED_WORDS:
             return
@@ -126,7 +127,8 @@ class Tokenizer:
         if words and len(self._word_ids) + len(words) <= self._MAX_CACHED_WORDS:
             self._bpe_into_cache(list(words))
 
-    def _encode_cleaned(self, cleaned: str) -> list[int]:
+    def _encode_cleaned(self, cleaned: str, fill: bool = True) -> list[int] | None:
+        """Ids of one cleaned text; with ``fill=False`` None instead of encoding an unseen ASCII chunk."""
         if not _PRINTABLE_ASCII.fullmatch(cleaned):
             return self._encode_words(self._word_regex.findall(cleaned))
         # In cleaned ASCII text no regex match spans a space, so each space-separated chunk ("dog,") can be
@@ -136,7 +138,8 @@ class Tokenizer:
         try:
             return list(chain.from_iterable(map(cache.__getitem__, chunks)))
         except KeyError:
-            pass
+            if not fill:
+                return None
         if len(cache) > self._MAX_CACHED_WORDS:
             cache.clear()
         for chunk in chunks:
@@ -164,10 +167,17 @@ class Tokenizer:
             raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
         limit = context_length - 2
         cleaned = [clean_text(t) for t in texts]
-        if len(cleaned) > 1:
-            self._prefill(cleaned)
         encode = self._encode_cleaned
-        encoded = [encode(text) for text in cleaned]
+        if len(self._chunk_ids) < len(cleaned):  # cold-ish caches: most texts bring new words
+            self._prefill(cleaned)
+            encoded = [encode(text) for text in cleaned]
+        else:  # warm: encode from the caches, then BPE the few texts with new chunks together
+            encoded = [encode(text, False) for text in cleaned]
+            missed = [i for i, ids in enumerate(encoded) if ids is None]
+            if len(missed) > 1:
+                self._prefill([cleaned[i] for i in missed])
+            for i in missed:
+                encoded[i] = encode(cleaned[i])
         encoded = [ids if len(ids) <= limit else ids[:limit] for ids in encoded]  # truncation keeps the end token
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         result = np.zeros((len(texts), context_length), dtype=np.int64)
