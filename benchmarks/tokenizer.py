@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
-from clipforge.bench import distinct_captions
+from clipforge.bench import distinct_captions, tokenizer_speed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,8 +25,6 @@ def load_captions(data: Path, n: int = 10_000, seed: int = 0) -> list[str]:
 
 
 def run(captions: list[str], repeats: int = 5) -> dict:
-    """Cold and warm timings, the two tokenizers taking turns (order alternating) so that the machine's drifting
-    speed hits both alike; ratios are medians of the per-repeat ratios."""
     import torch
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -38,20 +34,12 @@ def run(captions: list[str], repeats: int = 5) -> dict:
     makers = {"clipforge": Tokenizer, "open_clip": SimpleTokenizer}
     results = {name: {} for name in makers}
     for kind in ("cold", "warm"):
-        warm = {name: make() for name, make in makers.items()}
-        for tokenizer in warm.values():
-            tokenizer(captions)
-        times = {name: [] for name in makers}
-        for r in range(repeats):
-            for name in (list(makers) if r % 2 == 0 else list(makers)[::-1]):
-                tokenizer = makers[name]() if kind == "cold" else warm[name]
-                start = time.perf_counter()
-                tokenizer(captions)
-                times[name].append(time.perf_counter() - start)
-        for name, t in times.items():
-            results[name][f"{kind}_captions_per_s"] = {"median": len(captions) / statistics.median(t),
-                                                       "min": len(captions) / max(t), "max": len(captions) / min(t)}
-        results[f"ratio_{kind}"] = statistics.median(o / c for c, o in zip(times["clipforge"], times["open_clip"]))
+        summary = tokenizer_speed(makers, captions, repeats, warm=kind == "warm")
+        for name in makers:
+            row = summary[name]
+            results[name][f"{kind}_captions_per_s"] = {"median": row["captions_per_s"], "min": row["min"],
+                                                       "max": row["max"]}
+        results[f"ratio_{kind}"] = summary["open_clip"]["clipforge_ratio"]
     return results
 
 

@@ -65,6 +65,23 @@ def test_interleaving_rotates_the_order():
     assert calls == ["a", "b", "b", "a", "a", "b"] and len(times["a"]) == 3
 
 
+def test_tokenizer_speed_is_cold_with_a_fresh_tokenizer_per_repeat():
+    built = []
+
+    class Fake:
+        def __init__(self):
+            built.append(self)
+
+        def __call__(self, texts):
+            return texts
+
+    cold = bench.tokenizer_speed({"clipforge": Fake, "peer": Fake}, ["a", "b"], repeats=3)
+    assert len(built) == 6 and cold["peer"]["clipforge_ratio"] > 0
+    built.clear()
+    bench.tokenizer_speed({"clipforge": Fake}, ["a"], repeats=3, warm=True)
+    assert len(built) == 1
+
+
 def test_distinct_captions_never_repeat(tmp_path):
     captions = bench.distinct_captions(tmp_path, 1000)
     assert len(set(captions)) == 1000

@@ -91,6 +91,17 @@ def test_torchrun_splits_shards_by_rank_and_matches_one_process(collection, tmp_
     assert info["embedded"] == 40 and info["skipped"] == 1  # counts from both ranks
 
 
+def test_index_cli_tunes_on_a_query_file_and_rejects_a_bad_one(collection, tmp_path):
+    out = tmp_path / "emb"
+    shutil.copytree(collection["emb"], out)
+    queries = np.random.default_rng(0).standard_normal((50, 128)).astype(np.float32)
+    np.save(tmp_path / "queries.npy", queries)
+    assert cli.main(["index", "build", str(out), "--kind", "ivfpq", "--tune-queries", str(tmp_path / "queries.npy")]) == 0
+    assert json.loads((out / "index.json").read_text())["tuned_on"] == "50 given queries"
+    with pytest.raises(SystemExit, match="tune-queries"):
+        cli.main(["index", "build", str(out), "--tune-queries", str(tmp_path / "missing.npy")])
+
+
 def test_search_cli_orders_by_score_and_finds_an_image_by_itself(collection, capsys):
     assert cli.main(["search", str(collection["emb"]), "a red circle", "-k", "5", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)

@@ -46,6 +46,10 @@ def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 
     n, d = vectors.shape
     if n == 0:
         raise ValueError("cannot index an empty collection")
+    if queries is not None:  # checked before an expensive build, not after
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != d or len(queries) == 0:
+            raise ValueError(f"tuning queries must be a non-empty [N, {d}] array, got shape {queries.shape}")
     if kind == "auto":
         kind = "flat" if n < exact_below else "ivfpq"
     info = {"kind": kind, "count": n, "dim": d}
@@ -89,9 +93,6 @@ def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 
         queries = queries + 0.1 * rng.standard_normal(queries.shape).astype(np.float32)
         info["tuned_on"] = "perturbed collection vectors"
     else:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != d or len(queries) == 0:
-            raise ValueError(f"tuning queries must be a non-empty [N, {d}] array, got shape {queries.shape}")
         queries = queries[rng.permutation(len(queries))[:n_queries]]
         info["tuned_on"] = f"{len(queries)} given queries"
     queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
