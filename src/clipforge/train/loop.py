@@ -237,7 +237,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                                rank=rank, world_size=world, classnames=labels.classnames,
                                caption_templates=labels.templates, label_captions=bool(labels.classnames),
                                exclude_labels=labels.exclude, resume=data_state)
-    batches = iter(make_loader(stream, cfg.workers))
+    batches = iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda"))
 
     # ---- validation data (rank 0 only)
     val_pairs = None
