@@ -66,6 +66,21 @@ def test_embedding_resumes_at_the_first_missing_shard(collection, tmp_path):
     assert (out / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns == before
 
 
+def test_decoding_workers_change_nothing_but_speed(collection, tmp_path):
+    from clipforge.retrieval import load_embeddings
+
+    outputs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"emb{workers}"
+        assert cli.main(["embed", str(collection["images"]), str(out), "--pretrained", collection["ckpt"],
+                         "--shard-size", "16", "--workers", str(workers), "--no-progress"]) == 0
+        outputs[workers] = load_embeddings(out), json.loads((out / "embed_info.json").read_text())
+    (vectors0, rows0), info0 = outputs[0]
+    (vectors2, rows2), info2 = outputs[2]
+    assert rows0 == rows2 and np.array_equal(vectors0, vectors2)
+    assert info0["skipped"] == info2["skipped"] == 1 and info2["embedded"] == 40
+
+
 def test_torchrun_splits_shards_by_rank_and_matches_one_process(collection, tmp_path):
     """Two processes under torchrun: each embeds its own output shards; together they equal the one-process run."""
     import subprocess

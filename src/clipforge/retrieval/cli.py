@@ -36,6 +36,8 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--texts", help="also embed these texts (one per line) into text_emb/")
     p.add_argument("--shard-size", type=int, default=10_000, help="images per output shard [10000]")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes decoding images ahead of the model [4 on GPU, 1 on CPU]")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run_embed)
 
@@ -54,8 +56,10 @@ def run_embed(args) -> int:
     model, preprocess, tokenizer = _load_model(args)
     texts = [l.strip() for l in Path(args.texts).read_text().splitlines() if l.strip()] if args.texts else None
     try:
+        device = next(model.parameters()).device
+        workers = args.workers if args.workers is not None else 4 if device.type == "cuda" else 1
         stats = embed_collection(model, preprocess, args.input, args.output, args.shard_size, args.batch_size,
-                                 texts, tokenizer, rank, world, args.progress and rank == 0)
+                                 texts, tokenizer, rank, world, args.progress and rank == 0, workers=workers)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

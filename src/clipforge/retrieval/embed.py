@@ -98,11 +98,42 @@ def load_item(item: dict, shard_cache: dict):
     return open_image(data, name=f"{item['shard']}:{item['key']}"), caption[0] if caption else ""
 
 
+class _DecodedItems(torch.utils.data.Dataset):
+    """Item i -> (preprocessed image, metadata row), or None when it cannot be read (counted, then skipped)."""
+
+    def __init__(self, items: list[dict], preprocess):
+        self.items, self.preprocess, self.shard_cache = items, preprocess, {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        try:
+            image, caption = load_item(item, self.shard_cache)
+        except (BadImageError, KeyError, StopIteration, OSError):
+            return None
+        row = {"path": item.get("path") or f"{item['shard']}:{item['key']}", "caption": caption,
+               "width": image.width, "height": image.height}
+        return self.preprocess(image), row
+
+
+def _decoded_batches(items: list[dict], preprocess, batch_size: int, workers: int):
+    """Batches (lists, in order) of decoded items; worker processes decode ahead of the model."""
+    loader = torch.utils.data.DataLoader(_DecodedItems(items, preprocess), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=list, pin_memory=False,
+                                         prefetch_factor=2 if workers else None)
+    return iter(loader)
+
+
 @torch.no_grad()
 def embed_collection(model, preprocess, input_spec: str, output: str | Path, shard_size: int = 10_000,
                      batch_size: int = 256, texts: list[str] | None = None, tokenizer=None, rank: int = 0,
-                     world_size: int = 1, progress: bool = True, device=None) -> dict:
-    """Embed every image of ``input_spec`` into ``output``; returns counts (embedded, skipped, shards reused)."""
+                     world_size: int = 1, progress: bool = True, device=None, workers: int = 0) -> dict:
+    """Embed every image of ``input_spec`` into ``output``; returns counts (embedded, skipped, shards reused).
+
+    ``workers`` > 0 decodes and preprocesses in that many processes while the model runs (what keeps a GPU fed).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -114,7 +145,6 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
     n_shards = (len(items) + shard_size - 1) // shard_size
     stats = {"images": len(items), "embedded": 0, "skipped": 0, "reused_shards": 0, "shards": n_shards}
     bar = tqdm(total=len(items), desc="embedding", unit="img", disable=not progress)
-    shard_cache: dict = {}
     for shard in range(rank, n_shards, world_size):
         emb_path = output / "img_emb" / f"img_emb_{shard:05d}.npy"
         meta_path = output / "metadata" / f"metadata_{shard:05d}.parquet"
@@ -123,30 +153,16 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
             stats["reused_shards"] += 1
             bar.update(len(chunk))
             continue
-        features, rows, batch, batch_rows = [], [], [], []
-
-        def flush():
-            if batch:
-                out = model.encode_image(torch.stack(batch).to(device), normalize=True)
+        features, rows = [], []
+        for batch in _decoded_batches(chunk, preprocess, batch_size, workers):
+            good = [sample for sample in batch if sample is not None]
+            stats["skipped"] += len(batch) - len(good)
+            if good:
+                out = model.encode_image(torch.stack([t for t, _ in good]).to(device, non_blocking=True),
+                                         normalize=True)
                 features.append(out.float().cpu().numpy().astype(np.float16))
-                rows.extend(batch_rows)
-                batch.clear()
-                batch_rows.clear()
-
-        for item in chunk:
-            try:
-                image, caption = load_item(item, shard_cache)
-            except (BadImageError, KeyError, StopIteration, OSError):
-                stats["skipped"] += 1
-                bar.update(1)
-                continue
-            batch.append(preprocess(image))
-            batch_rows.append({"path": item.get("path") or f"{item['shard']}:{item['key']}",
-                               "caption": caption, "width": image.width, "height": image.height})
-            if len(batch) == batch_size:
-                flush()
-            bar.update(1)
-        flush()
+                rows.extend(row for _, row in good)
+            bar.update(len(batch))
         array = np.concatenate(features) if features else np.zeros((0, model.embed_dim), np.float16)
         with atomic_path(meta_path) as tmp:
             pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(
