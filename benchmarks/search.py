@@ -118,18 +118,16 @@ def http_bench(n: int = 100_000, clients: int = 8, per_client: int = 40) -> dict
 
 def embed_bench(data: Path, model_name: str = "ViT-B-32", limit: int = 200) -> dict:
     """Images/s embedding real photos (coco-mini, then CIFAR-10 test) with the same random weights in both."""
-    import open_clip
     import torch
 
     import clipforge
+    from clipforge.bench import _build, _interleaved, _peer, _summary
     from clipforge.data import ShardSource
-    from clipforge.checkpoint import clipforge_to_openai
-    from clipforge.bench import _interleaved, _summary
+    from clipforge.preprocess import open_image
 
     torch.set_num_threads(2)
-    ours = clipforge.create_model(model_name).eval()
-    theirs = open_clip.create_model(model_name, pretrained=None).eval()
-    theirs.load_state_dict(clipforge_to_openai(ours.state_dict()))
+    ours = _build(model_name).eval()
+    theirs = _peer("open_clip", ours).eval()
     preprocess = clipforge.Preprocess(ours.image_size)
     results = {}
     for name, spec in (("coco-mini", data / "coco-mini/test/test-000000.tar"),
@@ -137,8 +135,6 @@ def embed_bench(data: Path, model_name: str = "ViT-B-32", limit: int = 200) -> d
         source = ShardSource(str(spec), shuffle_buffer=0)
         images = []
         for raw in source.samples(0, 1, 0, 0, {}):
-            from clipforge.preprocess import open_image
-
             images.append(preprocess(open_image(raw["jpg"])))
             if len(images) >= limit:
                 break

@@ -43,9 +43,10 @@ def test_train_speed_is_interleaved_from_the_same_loss(tmp_path):
 
 def test_train_memory_and_embed_workers(tmp_path):
     pytest.importorskip("open_clip")
-    memory = bench._worker({"kind": "train_memory", "impls": ["clipforge"], "model": "ViT-Tiny-64", "batch": 8,
-                            "steps": 2, "data": str(tmp_path), "threads": 1})
-    assert memory["clipforge"]["peak_rss_growth_mb"] >= 0
+    # a fresh process, as the bench runs it: in this one earlier tests have already raised the peak
+    memory = bench._subprocess({"kind": "train_memory", "impls": ["clipforge"], "model": "ViT-Tiny-64", "batch": 8,
+                                "steps": 2, "data": str(tmp_path), "threads": 1})
+    assert memory["clipforge"]["peak_rss_growth_mb"] > 0, memory  # the optimiser state alone is ~60 MB
     embed = bench._worker({"kind": "embed", "impls": ["clipforge"], "model": "ViT-Tiny-64",
                            "n": 4, "batch": 2, "repeats": 2, "threads": 1})
     assert embed["clipforge"]["images_per_s"] > 0

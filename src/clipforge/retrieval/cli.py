@@ -108,15 +108,13 @@ def _tuning_queries(folder: str, choice: str):
     they tune the index more honestly than perturbed images when there are enough of them."""
     import numpy as np
 
+    from .embed import load_text_embeddings
+
     if choice == "collection":
         return None
     if choice == "auto":
-        texts = Path(folder) / "text_emb" / "text_emb_00000.npy"
-        if texts.exists():
-            queries = np.load(texts).astype(np.float32)
-            if len(queries) >= 100:
-                return queries
-        return None
+        queries = load_text_embeddings(folder)
+        return queries if queries is not None and len(queries) >= 100 else None
     path = Path(choice)
     if not path.exists() or path.suffix != ".npy":
         raise SystemExit(f"--tune-queries: expected auto, collection or an existing .npy file, got {choice!r}")

@@ -25,6 +25,8 @@ from ..checkpoint import atomic_path, write_json
 from ..data.sources import IMAGE_EXTENSIONS, ShardSource, expand_shards
 from ..preprocess import BadImageError, open_image
 
+TEXT_EMBEDDINGS = Path("text_emb") / "text_emb_00000.npy"
+
 
 def list_items(input_spec: str) -> list[dict]:
     """Every item of the collection as {"path"| "shard"+"key", "caption"} without decoding images.
@@ -197,11 +199,17 @@ def embed_texts(model, tokenizer, texts: list[str], output: Path, batch_size: in
     device = device or next(model.parameters()).device
     parts = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float().cpu().numpy()
              for i in range(0, len(texts), batch_size)]
-    with atomic_path(output / "text_emb" / "text_emb_00000.npy") as tmp:
+    with atomic_path(output / TEXT_EMBEDDINGS) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, np.concatenate(parts).astype(np.float16))
     with atomic_path(output / "metadata" / "text_metadata_00000.parquet") as tmp:
         pq.write_table(pa.Table.from_pylist([{"caption": t} for t in texts]), tmp)
+
+
+def load_text_embeddings(folder: str | Path) -> np.ndarray | None:
+    """The texts embedded with ``--texts`` (float32), or None when there are none."""
+    path = Path(folder) / TEXT_EMBEDDINGS
+    return np.load(path).astype(np.float32) if path.exists() else None
 
 
 def load_metadata(folder: str | Path) -> list[dict]:
