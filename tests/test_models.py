@@ -118,3 +118,59 @@ def test_cpu_training_uses_the_fused_adamw_kernel():
 
     optimizer = build_optimizer(clipforge.create_model("ViT-Tiny-64"), 1e-3, 0.2)
     assert all(group["fused"] for group in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+@pytest.mark.parametrize("pool", [False, True])
+def test_lean_blocks_give_identical_gradients_and_drop_cheap_activations(quick_gelu, pool):
+    """Lean training recomputes LayerNorm / GELU / head-merge outputs in backward: the gradients must be bit-for-bit
+    those of the plain graph, and those outputs must really be released after the forward pass."""
+    import gc
+    import weakref
+
+    from clipforge.models.layers import Transformer
+
+    torch.manual_seed(0)
+    net = Transformer(width=64, layers=2, heads=4, quick_gelu=quick_gelu)
+    net.init_parameters()
+    x = torch.randn(5, 9, 64, requires_grad=True)
+    index = torch.tensor([8, 2, 3, 5, 1]) if pool else None
+    block = net.resblocks[0]  # never pooled: its activations are the full [N, L, width] ones
+
+    def run(lean: bool):
+        net.lean = lean
+        alive = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: alive.append(weakref.ref(out)))
+                 for m in (block.ln_1, block.ln_2, block.mlp.gelu)]
+        loss = net(x, causal=True, pool_index=index).square().sum()
+        for h in hooks:
+            h.remove()
+        gc.collect()
+        kept = sum(ref() is not None for ref in alive)
+        grads = torch.autograd.grad(loss, [x, *net.parameters()])
+        return kept, grads
+
+    kept_plain, grads_plain = run(False)
+    kept_lean, grads_lean = run(True)
+    assert kept_plain == 3 and kept_lean == 0, (kept_plain, kept_lean)
+    for plain, lean in zip(grads_plain, grads_lean):
+        assert torch.equal(plain, lean)
+
+
+def test_lean_blocks_under_bf16_autocast_give_identical_gradients():
+    """Under autocast the lean path casts LayerNorm outputs itself (as the next linear layer would)."""
+    from clipforge.models.layers import Transformer
+
+    torch.manual_seed(0)
+    net = Transformer(width=64, layers=2, heads=4)
+    net.init_parameters()
+    x = torch.randn(5, 9, 64, requires_grad=True)
+
+    def grads(lean: bool):
+        net.lean = lean
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = net(x, causal=True).float().square().sum()
+        return torch.autograd.grad(loss, [x, *net.parameters()])
+
+    for plain, lean in zip(grads(False), grads(True)):
+        assert torch.equal(plain, lean)

@@ -5,10 +5,50 @@ Parameter names follow OpenAI CLIP's ``model.py`` (``in_proj_weight``, ``out_pro
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+@contextlib.contextmanager
+def recomputed_for_backward(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]):
+    """Within this block, autograd does not keep ``tensor`` (or a view of it) for the backward pass: it keeps a note,
+    and calls ``recompute()`` when backward needs the values.
+
+    For activations that are cheap to recompute from tensors autograd keeps anyway: a LayerNorm output (its input is
+    kept by the LayerNorm), a GELU output (its input is kept by the GELU), a head-merging copy (its source is kept by
+    attention). ``recompute`` repeats the same operation on the same inputs, so gradients are bit-for-bit those of
+    the plain graph, while a transformer block keeps 10 of its 17 activation widths per token instead of 17.
+    """
+    if not tensor.requires_grad:  # inference, or a frozen tower: nothing is saved anyway
+        yield
+        return
+    storage, dtype = tensor.untyped_storage().data_ptr(), tensor.dtype
+
+    def pack(saved: torch.Tensor):
+        if saved.dtype == dtype and saved.untyped_storage().data_ptr() == storage:
+            return saved.size(), saved.stride(), saved.storage_offset()
+        return saved
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        with torch.no_grad():
+            return recompute().as_strided(*packed)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer casts ``x`` to under autocast (``x.dtype`` outside it)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class QuickGELU(nn.Module):
@@ -43,13 +83,19 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, lean: bool = False) -> torch.Tensor:
+        """``lean``: recompute the merged heads in backward instead of keeping a second copy of the attention output."""
         batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
-        out = out.transpose(1, 2).reshape(batch, length, width)
-        return self.out_proj(out)
+        heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+
+        def merge():
+            return heads.transpose(1, 2).reshape(batch, length, width)
+
+        out = merge()
+        with recomputed_for_backward(out, merge) if lean else contextlib.nullcontext():
+            return self.out_proj(out)
 
     def forward_pooled(self, x: torch.Tensor, pool_index: torch.Tensor, causal: bool = False) -> torch.Tensor:
         """Attention output at one position per row (``pool_index``), keys and values from every position.
@@ -84,14 +130,44 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp.add_module("gelu", QuickGELU() if quick_gelu else nn.GELU())
         self.mlp.add_module("c_proj", nn.Linear(hidden, width))
 
-    def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None) -> torch.Tensor:
-        """[N, L, width] -> [N, L, width]; with ``pool_index`` (one position per row) -> [N, width] at those rows."""
+    def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None,
+                lean: bool = False) -> torch.Tensor:
+        """[N, L, width] -> [N, L, width]; with ``pool_index`` (one position per row) -> [N, width] at those rows.
+
+        ``lean`` (training without checkpointing): LayerNorm, GELU and head-merge outputs are recomputed in backward
+        rather than kept (see ``recomputed_for_backward``): same gradients, ~40% less activation memory.
+        """
         if pool_index is None:
-            x = x + self.attn(self.ln_1(x), causal=causal)
-            return x + self.mlp(self.ln_2(x))
-        x_pooled = x[torch.arange(x.shape[0], device=x.device), pool_index]
-        x_pooled = x_pooled + self.attn.forward_pooled(self.ln_1(x), pool_index, causal=causal)
-        return x_pooled + self.mlp(self.ln_2(x_pooled))
+            with self._normed(self.ln_1, x, lean) as h:
+                x = x + self.attn(h, causal=causal, lean=lean)
+        else:
+            x_pooled = x[torch.arange(x.shape[0], device=x.device), pool_index]
+            with self._normed(self.ln_1, x, lean) as h:
+                x = x_pooled + self.attn.forward_pooled(h, pool_index, causal=causal)
+        with self._normed(self.ln_2, x, lean) as h:
+            return x + self._mlp(h, lean)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _normed(norm: nn.Module, x: torch.Tensor, lean: bool):
+        """``norm(x)``, already in the dtype the next linear layer takes, and in lean mode not kept for backward."""
+        if not lean:
+            yield norm(x)
+            return
+        dtype = _autocast_dtype(x)
+
+        def normed():
+            return norm(x).to(dtype)
+
+        h = normed()
+        with recomputed_for_backward(h, normed):
+            yield h
+
+    def _mlp(self, x: torch.Tensor, lean: bool) -> torch.Tensor:
+        hidden = self.mlp.c_fc(x)
+        activated = self.mlp.gelu(hidden)
+        with recomputed_for_backward(activated, lambda: self.mlp.gelu(hidden)) if lean else contextlib.nullcontext():
+            return self.mlp.c_proj(activated)
 
 
 class Transformer(nn.Module):
@@ -102,6 +178,7 @@ class Transformer(nn.Module):
         self.width = width
         self.layers = layers
         self.grad_checkpointing = False
+        self.lean = True  # recompute cheap activations in backward (see ResidualAttentionBlock.forward)
         self.resblocks = nn.ModuleList(
             [ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu) for _ in range(layers)]
         )
@@ -110,12 +187,14 @@ class Transformer(nn.Module):
         """[N, L, width] -> [N, L, width], or [N, width] at ``pool_index`` when the caller pools one token per row
         (the last block then computes only those rows)."""
         last = len(self.resblocks) - 1
+        # torch.compile's partitioner makes its own recompute choices; the saved-tensor hooks would only get in its way
+        lean = self.lean and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         for i, block in enumerate(self.resblocks):
             index = pool_index if i == last else None
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, causal, index, use_reentrant=False)
             else:
-                x = block(x, causal=causal, pool_index=index)
+                x = block(x, causal=causal, pool_index=index, lean=lean)
         return x
 
     def init_parameters(self) -> None:
