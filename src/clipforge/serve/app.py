@@ -62,27 +62,32 @@ class EmbedResponse(BaseModel):
 
 
 class Batcher:
-    """Collects concurrent calls for a few milliseconds and runs them through ``fn`` as one batch, in a thread."""
+    """Collects concurrent calls for a few milliseconds and runs them through ``fn`` as one batch, in a thread.
+
+    A worker task runs only while calls are waiting and ends when the queue is empty, so no task is left pending
+    when an event loop closes (test clients, reloads).
+    """
 
     def __init__(self, fn, max_batch: int = 64, wait_s: float = 0.005):
         self.fn, self.max_batch, self.wait_s = fn, max_batch, wait_s
         self.batch_sizes: list[int] = []  # observability: how well concurrent requests were batched
         self.queue: asyncio.Queue | None = None
-        self.loop = None
+        self.loop = self.worker = None
 
     async def submit(self, item):
         loop = asyncio.get_running_loop()
-        if self.loop is not loop:  # first call, or a new event loop (test clients, reloads): start a worker there
-            self.loop, self.queue = loop, asyncio.Queue()
-            self.worker = loop.create_task(self._worker(self.queue))
+        if self.loop is not loop:  # first call, or a new event loop
+            self.loop, self.queue, self.worker = loop, asyncio.Queue(), None
         future = loop.create_future()
-        await self.queue.put((item, future))
+        self.queue.put_nowait((item, future))
+        if self.worker is None or self.worker.done():
+            self.worker = loop.create_task(self._drain(self.queue))
         return await future
 
-    async def _worker(self, queue: asyncio.Queue):
+    async def _drain(self, queue: asyncio.Queue):
         loop = asyncio.get_running_loop()
-        while True:
-            batch = [await queue.get()]
+        while not queue.empty():
+            batch = [queue.get_nowait()]
             deadline = loop.time() + self.wait_s
             while len(batch) < self.max_batch:
                 timeout = deadline - loop.time()
