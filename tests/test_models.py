@@ -174,3 +174,18 @@ def test_lean_blocks_under_bf16_autocast_give_identical_gradients():
 
     for plain, lean in zip(grads(False), grads(True)):
         assert torch.equal(plain, lean)
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_in_place_activation_at_inference_gives_the_same_features(quick_gelu):
+    from clipforge.models.layers import ResidualAttentionBlock, _activate_in_place
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(64, 4, quick_gelu=quick_gelu)
+    hidden = torch.randn(3, 7, 256)
+    expected = block.mlp.gelu(hidden)
+    assert torch.equal(_activate_in_place(block.mlp.gelu, hidden.clone()), expected)
+    x = torch.randn(3, 7, 64)
+    reference = block(x.clone().requires_grad_()).detach()  # the autograd path keeps the plain activation
+    with torch.inference_mode():
+        assert torch.equal(block(x), reference)
