@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .inputs import check_image_batch
 from .layers import LayerNorm, Transformer
 
 
@@ -46,12 +47,7 @@ class VisionTransformer(nn.Module):
         return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape [N, 3, H, W], got {tuple(images.shape)}")
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"expected {self.image_size}x{self.image_size} images, got {images.shape[-2]}x{images.shape[-1]}"
-            )
+        check_image_batch(images, self.image_size)
         x = self.conv1(images).flatten(2).transpose(1, 2)  # [N, grid*grid, width]
         x = x + self.positional_embedding[1:].to(x.dtype)
         if self.training and self.patch_dropout > 0:
