@@ -104,7 +104,7 @@ def _peer(impl: str, ours):
             import transformers
         except ImportError:
             return None
-        hf_cfg = clipforge_config_to_hf(ours.config, float(ours.logit_scale))
+        hf_cfg = clipforge_config_to_hf(ours.config, ours.logit_scale.item())
         config = transformers.CLIPConfig(text_config=hf_cfg["text_config"], vision_config=hf_cfg["vision_config"],
                                          projection_dim=hf_cfg["projection_dim"])
         model = transformers.CLIPModel(config)
