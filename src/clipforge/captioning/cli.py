@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
-from collections import Counter
 from pathlib import Path
 
 DESCRIPTION = """Caption images with LiMBer: a frozen CLIP image tower, a frozen language model, and one trained
@@ -63,9 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def collect_captioned_images(spec: str, label_captions: bool = False, max_images: int | None = None, seed: int = 0):
-    """(PIL images, caption lists) from a data source; unusable samples are skipped and counted, not fatal."""
-    from ..data.captions import label_caption
-    from ..data.pipeline import SkipSample, decode_sample
+    """(PIL images, caption lists, skipped counts) from a data spec; an error when nothing usable is in it."""
+    from ..data.pipeline import captioned_images
     from ..data.sources import find_classnames, open_source, read_classnames
 
     source = open_source(spec, shuffle_buffer=0)
@@ -76,23 +73,7 @@ def collect_captioned_images(spec: str, label_captions: bool = False, max_images
         if path is None:
             raise ValueError("--label-captions needs classnames.txt beside the shard folder (CLIP_benchmark layout)")
         classnames = read_classnames(path)
-    images, captions, skipped = [], [], Counter()
-    for raw in source.samples(0, 1, 0, seed, skipped):
-        rng = random.Random(f"caption-{seed}-{len(images)}")
-        try:
-            image, first = decode_sample(raw, rng, classnames, None, label_captions)
-        except SkipSample as exc:
-            skipped[exc.reason] += 1
-            continue
-        if label_captions:
-            lines = [first] + [label_caption(classnames[int(raw["cls"])], rng) for _ in range(3)]
-        else:
-            lines = [l.strip() for l in raw["txt"].decode("utf-8", "replace").splitlines() if l.strip()] \
-                if "txt" in raw else [first]
-        images.append(image)
-        captions.append(lines)
-        if max_images and len(images) >= max_images:
-            break
+    images, captions, skipped = captioned_images(source, classnames, max_images, seed)
     if not images:
         raise ValueError(f"{spec}: no usable captioned images (skipped: {dict(skipped) or 'none'})")
     return images, captions, skipped

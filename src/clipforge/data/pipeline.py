@@ -144,3 +144,26 @@ def evaluation_pairs(source, transform, limit: int | None = None, classnames=Non
         if limit and len(pairs) >= limit:
             break
     return pairs
+
+
+def captioned_images(source, classnames=None, max_images: int | None = None, seed: int = 0):
+    """``(PIL images, caption list per image, skipped counts)`` from ``source``, read once in order: every caption
+    line of a sample's text, or, for labelled samples when ``classnames`` is given, four label captions. Unusable
+    samples are skipped and counted."""
+    images, captions, skipped = [], [], Counter()
+    for raw in source.samples(0, 1, 0, seed, skipped):
+        rng = random.Random(f"caption-{seed}-{len(images)}")
+        try:
+            image, first = decode_sample(raw, rng, classnames, None, label_captions=classnames is not None)
+        except SkipSample as exc:
+            skipped[exc.reason] += 1
+            continue
+        if classnames is not None:
+            lines = [first] + [label_caption(classnames[int(raw["cls"])], rng) for _ in range(3)]
+        else:  # decode_sample has checked there is at least one non-empty line
+            lines = [line.strip() for line in raw["txt"].decode("utf-8", "replace").splitlines() if line.strip()]
+        images.append(image)
+        captions.append(lines)
+        if max_images and len(images) >= max_images:
+            break
+    return images, captions, skipped

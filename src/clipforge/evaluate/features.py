@@ -7,7 +7,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
-from ..data.pipeline import SkipSample, decode_sample
+from ..data.pipeline import SkipSample, captioned_images, decode_sample
 
 
 @torch.no_grad()
@@ -48,16 +48,7 @@ def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None
 
 def captioned_pairs(source):
     """(PIL images, captions, caption -> image index) with every caption of every sample (multi-line txt)."""
-    images, captions, owner, skipped = [], [], [], Counter()
-    for raw in source.samples(0, 1, 0, 0, skipped):
-        lines = [l.strip() for l in raw.get("txt", b"").decode("utf-8", "replace").splitlines() if l.strip()]
-        if not lines:
-            continue
-        try:
-            image, _ = decode_sample(raw, rng=random.Random(0))
-        except SkipSample:
-            continue
-        captions.extend(lines)
-        owner.extend([len(images)] * len(lines))
-        images.append(image)
+    images, caption_lists, _ = captioned_images(source)
+    captions = [caption for lines in caption_lists for caption in lines]
+    owner = [index for index, lines in enumerate(caption_lists) for _ in lines]
     return images, captions, torch.tensor(owner)
