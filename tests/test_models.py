@@ -176,16 +176,26 @@ def test_lean_blocks_under_bf16_autocast_give_identical_gradients():
         assert torch.equal(plain, lean)
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("quick_gelu", [False, True])
-def test_in_place_activation_at_inference_gives_the_same_features(quick_gelu):
+def test_inference_path_gives_the_same_features_and_leaves_its_input_alone(quick_gelu, causal):
+    """Without autograd a block activates in place and lets the GEMM accumulate bias and residual (addmm_): the
+    same sums in another order, so equal to float rounding, and the caller's tensor must not be overwritten."""
     from clipforge.models.layers import ResidualAttentionBlock, _activate_in_place
 
     torch.manual_seed(0)
     block = ResidualAttentionBlock(64, 4, quick_gelu=quick_gelu)
+    for p in block.parameters():  # non-zero biases, so that moving them into the GEMM is really exercised
+        torch.nn.init.normal_(p, std=0.2)
     hidden = torch.randn(3, 7, 256)
     expected = block.mlp.gelu(hidden)
     assert torch.equal(_activate_in_place(block.mlp.gelu, hidden.clone()), expected)
     x = torch.randn(3, 7, 64)
-    reference = block(x.clone().requires_grad_()).detach()  # the autograd path keeps the plain activation
+    reference = block(x.clone().requires_grad_(), causal=causal).detach()  # the autograd path: plain ops
+    before = x.clone()
     with torch.inference_mode():
-        assert torch.equal(block(x), reference)
+        fast = block(x, causal=causal)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    assert torch.equal(x, before)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # casts: the plain path runs, no dtype clash
+        assert block(x, causal=causal).shape == x.shape

@@ -99,17 +99,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False, lean: bool = False) -> torch.Tensor:
         """``lean``: recompute the merged heads in backward instead of keeping a second copy of the attention output."""
+        heads = self.attend(x, causal)
+        out = self.merge_heads(heads)
+        with recomputed_for_backward(out, lambda: self.merge_heads(heads)) if lean else contextlib.nullcontext():
+            return self.out_proj(out)
+
+    def attend(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """[N, L, width] -> per-head attention outputs [N, heads, L, head_dim], before the output projection."""
         batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+        return F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
 
-        def merge():
-            return heads.transpose(1, 2).reshape(batch, length, width)
-
-        out = merge()
-        with recomputed_for_backward(out, merge) if lean else contextlib.nullcontext():
-            return self.out_proj(out)
+    @staticmethod
+    def merge_heads(heads: torch.Tensor) -> torch.Tensor:
+        batch, n_heads, length, head_dim = heads.shape
+        return heads.transpose(1, 2).reshape(batch, length, n_heads * head_dim)
 
     def forward_pooled(self, x: torch.Tensor, pool_index: torch.Tensor, causal: bool = False) -> torch.Tensor:
         """Attention output at one position per row (``pool_index``), keys and values from every position.
@@ -151,6 +156,8 @@ class ResidualAttentionBlock(nn.Module):
         ``lean`` (training without checkpointing): LayerNorm, GELU and head-merge outputs are recomputed in backward
         rather than kept (see ``recomputed_for_backward``): same gradients, ~40% less activation memory.
         """
+        if pool_index is None and not torch.is_grad_enabled() and _autocast_dtype(x) == x.dtype:
+            return self._forward_inference(x, causal)
         if pool_index is None:
             with self._normed(self.ln_1, x, lean) as h:
                 x = x + self.attn(h, causal=causal, lean=lean)
@@ -160,6 +167,17 @@ class ResidualAttentionBlock(nn.Module):
                 x = x_pooled + self.attn.forward_pooled(h, pool_index, causal=causal)
         with self._normed(self.ln_2, x, lean) as h:
             return x + self._mlp(h, lean)
+
+    def _forward_inference(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        """``forward`` without autograd or dtype casts: the same sums, with each residual and bias accumulated by the
+        GEMM itself (``addmm_`` into ``x + bias``) instead of a bias copy, a GEMM and a separate residual add, and the
+        MLP's hidden tensor activated in place. ~5% of a CPU ViT-B-32 forward; ``x`` is not modified."""
+        width = x.shape[-1]
+        attn_proj, fc, proj = self.attn.out_proj, self.mlp.c_fc, self.mlp.c_proj
+        heads = self.attn.merge_heads(self.attn.attend(self.ln_1(x), causal)).view(-1, width)
+        y = torch.add(x, attn_proj.bias).view(-1, width).addmm_(heads, attn_proj.weight.t())
+        hidden = _activate_in_place(self.mlp.gelu, F.linear(self.ln_2(y), fc.weight, fc.bias))
+        return y.add_(proj.bias).addmm_(hidden, proj.weight.t()).view(x.shape)
 
     @staticmethod
     @contextlib.contextmanager
