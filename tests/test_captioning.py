@@ -82,9 +82,39 @@ def test_linear_map_carries_the_image_into_a_frozen_lm(tiny_lm, tiny_clip):
     torch.nn.init.zeros_(blind.proj.weight), torch.nn.init.zeros_(blind.proj.bias)
     without_image = limber.generate(blind, lm, tokenizer, limber.embed_images(model, test_images, preprocess), 5)
     assert len(set(without_image)) == 1  # the frozen LM alone cannot tell the images apart
+    test_features = limber.embed_images(model, test_images, preprocess)
+    candidates = [f"a {c} shape" for c in COLOURS]
+    ranked = limber.rank_captions(mapping, lm, tokenizer, test_features, candidates, batch_size=20)
+    assert ranked.shape == (32, 4)
+    assert sum(candidates[i] == c[0] for i, c in zip(ranked.argmax(1).tolist(), test_captions)) >= 0.9 * 32
+    assert len(set(limber.rank_captions(blind, lm, tokenizer, test_features, candidates).argmax(1).tolist())) == 1
     assert all(torch.equal(a, b) for a, b in zip(lm_before, lm.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(clip_before, model.parameters()))
     assert [name for name, p in mapping.named_parameters()] == ["proj.weight", "proj.bias"]
+
+
+def test_caption_log_likelihood_matches_the_training_loss(tiny_lm):
+    """Summed log-probabilities per caption, over the same scored tokens as ``caption_loss``'s mean."""
+    lm, tokenizer = limber.load_language_model(str(tiny_lm))
+    torch.manual_seed(0)
+    mapping = limber.ImageToPrefix(limber.MappingConfig(8, lm.config.hidden_size, prefix_tokens=2))
+    features, captions = torch.randn(3, 8), ["a red shape", "red", "a blue blue shape"]
+    logp = limber.caption_log_likelihood(mapping, lm, tokenizer, features, captions)
+    scored_tokens = torch.tensor([len(c.split()) + 1 for c in captions])  # words and EOS
+    with torch.no_grad():
+        mean_loss = limber.caption_loss(mapping, lm, tokenizer, features, captions)
+    torch.testing.assert_close(-logp.sum() / scored_tokens.sum(), mean_loss)
+    for row in range(3):  # padding of the other rows changes nothing
+        torch.testing.assert_close(logp[row], limber.caption_log_likelihood(
+            mapping, lm, tokenizer, features[row:row + 1], captions[row:row + 1])[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        limber.rank_captions(mapping, lm, tokenizer, features, [])
+
+
+def test_mapping_optimizer_gives_the_shared_prompt_a_faster_rate():
+    mapping = limber.ImageToPrefix(limber.MappingConfig(8, 6, 3))
+    groups = limber.mapping_optimizer(mapping, 1e-3).param_groups
+    assert [(g["params"][0] is mapping.proj.weight, g["lr"]) for g in groups] == [(True, 1e-3), (False, 1e-2)]
 
 
 def test_mapping_round_trips_and_rejects_bad_input(tmp_path):

@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--prefix-tokens", type=int, default=4, help="LM input vectors per image [4]")
     t.add_argument("--steps", type=int, default=300, help="optimiser steps [300]")
     t.add_argument("--batch-size", type=int, default=16, help="[16]")
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate [1e-3]")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the map's weights; its bias (the shared "
+                   "soft prompt) learns 10x faster [1e-3]")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-every", type=int, default=50, help="checkpoint the map every N steps [50]")
     t.add_argument("--resume", action="store_true", help="continue from the map and optimizer state in --output")
@@ -128,7 +129,7 @@ def run_train(args) -> int:
     from safetensors.torch import load_file
 
     from ..checkpoint import save_safetensors, write_json
-    from .limber import ImageToPrefix, MappingConfig, load_language_model, train_mapping
+    from .limber import ImageToPrefix, MappingConfig, load_language_model, mapping_optimizer, train_mapping
 
     from ..models import list_models
 
@@ -152,7 +153,7 @@ def run_train(args) -> int:
     config = MappingConfig(features.shape[1], lm.config.hidden_size, args.prefix_tokens, clip_spec, args.lm)
     mapping = ImageToPrefix(config).to(args.device)
     mapping.fit_scale(features)
-    optimizer = torch.optim.AdamW(mapping.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = mapping_optimizer(mapping, args.lr)
     start = 0
     state_file = out / "train_state.safetensors"
     if args.resume:
@@ -161,7 +162,7 @@ def run_train(args) -> int:
         mapping = ImageToPrefix.load(out).to(args.device)
         if mapping.config.image_dim != config.image_dim or mapping.config.lm_dim != config.lm_dim:
             raise ValueError(f"--resume: {out} was trained with other image features or another language model")
-        optimizer = torch.optim.AdamW(mapping.parameters(), lr=args.lr, weight_decay=0.0)
+        optimizer = mapping_optimizer(mapping, args.lr)
         state = load_file(state_file)
         start = int(state.pop("step"))
         _load_adamw_state(optimizer, mapping, state)
