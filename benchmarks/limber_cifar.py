@@ -70,6 +70,7 @@ def main() -> None:
     lm, lm_tokenizer = load_language_model("smollm2")
     mapping = ImageToPrefix(MappingConfig(features.shape[1], lm.config.hidden_size, args.prefix_tokens, args.clip))
     mapping.fit_scale(features)
+    mapping.start_from(lm)
     began = time.perf_counter()
     losses, _ = train_mapping(mapping, lm, lm_tokenizer, features, captions, args.steps, args.batch_size, args.lr)
     train_s = time.perf_counter() - began

@@ -72,6 +72,8 @@ def test_linear_map_carries_the_image_into_a_frozen_lm(tiny_lm, tiny_clip):
     features = limber.embed_images(model, images, preprocess)
     mapping = limber.ImageToPrefix(limber.MappingConfig(features.shape[1], lm.config.hidden_size, prefix_tokens=2))
     mapping.fit_scale(features)
+    mapping.start_from(lm)
+    assert len(set(map(str, mapping(features[:8]).tolist()))) == 1  # the same neutral prompt for every image
     losses, _ = limber.train_mapping(mapping, lm, tokenizer, features, captions, steps=150, lr=1e-2, progress=False)
     assert sum(losses[-10:]) / 10 < 0.5 * losses[0]
     test_images, test_captions = colour_images(32, seed=1)  # unseen images

@@ -153,6 +153,7 @@ def run_train(args) -> int:
     config = MappingConfig(features.shape[1], lm.config.hidden_size, args.prefix_tokens, clip_spec, args.lm)
     mapping = ImageToPrefix(config).to(args.device)
     mapping.fit_scale(features)
+    mapping.start_from(lm)
     optimizer = mapping_optimizer(mapping, args.lr)
     start = 0
     state_file = out / "train_state.safetensors"
