@@ -199,3 +199,4 @@ def test_inference_path_gives_the_same_features_and_leaves_its_input_alone(quick
     assert torch.equal(x, before)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # casts: the plain path runs, no dtype clash
         assert block(x, causal=causal).shape == x.shape
+        assert block(x.bfloat16(), causal=causal).dtype == torch.bfloat16  # bf16 input, fp32 weights (mid-tower)

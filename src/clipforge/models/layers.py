@@ -156,7 +156,9 @@ class ResidualAttentionBlock(nn.Module):
         ``lean`` (training without checkpointing): LayerNorm, GELU and head-merge outputs are recomputed in backward
         rather than kept (see ``recomputed_for_backward``): same gradients, ~40% less activation memory.
         """
-        if pool_index is None and not torch.is_grad_enabled() and _autocast_dtype(x) == x.dtype:
+        # the in-place GEMMs of the inference path take no autocast casts: run it only where no cast would happen
+        if (pool_index is None and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+                and x.dtype == self.attn.out_proj.weight.dtype):
             return self._forward_inference(x, causal)
         if pool_index is None:
             with self._normed(self.ln_1, x, lean) as h:
