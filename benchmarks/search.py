@@ -65,6 +65,12 @@ def index_bench(n: int, d: int = 128, queries: int = 1000, kind: str = "ivfpq") 
 
 
 def http_bench(n: int = 100_000, clients: int = 8, per_client: int = 40) -> dict:
+    # The 100k-vector index is ~0.5 GB on disk: remove it however the run ends.
+    with tempfile.TemporaryDirectory(prefix="clipforge-http-bench-") as folder:
+        return _http_bench(Path(folder), n, clients, per_client)
+
+
+def _http_bench(folder: Path, n: int, clients: int, per_client: int) -> dict:
     import httpx
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -74,7 +80,6 @@ def http_bench(n: int = 100_000, clients: int = 8, per_client: int = 40) -> dict
     from clipforge.retrieval.index import build_index, save_index
     from clipforge.serve.app import create_app
 
-    folder = Path(tempfile.mkdtemp())
     (folder / "img_emb").mkdir()
     (folder / "metadata").mkdir()
     rng = np.random.default_rng(1)
