@@ -86,7 +86,8 @@ def test_parts_split_the_data_without_overlap():
 
 
 def test_shards_split_across_parts_and_epochs_reshuffle(tmp_path):
-    shards = [shapes_shard(tmp_path / f"s-{i:06d}.tar", 10, seed=i) for i in range(4)]
+    for i in range(4):
+        shapes_shard(tmp_path / f"s-{i:06d}.tar", 10, seed=i)
     source = open_source(str(tmp_path / "s-{000000..000003}.tar"))
     assert len(source.urls) == 4 and len(source) == 40
     parts = [[s["__key__"] for s in source.samples(p, 2, 0, 0, Counter())] for p in range(2)]

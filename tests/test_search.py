@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import clipforge
@@ -254,7 +253,6 @@ def test_concurrent_requests_are_batched(app):
 def test_openapi_fuzzing_finds_no_server_errors(app):
     schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the test extras")
     from hypothesis import HealthCheck, given, settings
-    from schemathesis.checks import not_a_server_error
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     failures = []

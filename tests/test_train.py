@@ -19,7 +19,7 @@ from clipforge.train import TrainConfig, TrainingDiverged, train
 from clipforge.train.loop import _train_step
 from clipforge.train.optim import build_optimizer
 
-from conftest import REPO, random_tokens, shapes_shard
+from conftest import REPO, random_tokens, shapes_shard, write_shard
 
 
 def _small_model():
@@ -129,6 +129,98 @@ def test_trained_checkpoint_loads_with_clipforge_load(tmp_path):
         a = model.encode_text(tokenizer(["a red circle"]))
         b = summary["model"].eval().encode_text(tokenizer(["a red circle"]))
     torch.testing.assert_close(a, b)
+
+
+def _colour_dataset(root, n=24):
+    """A labelled split in the CLIP_benchmark layout: solid colour images (image + .cls, no text)."""
+    import io
+
+    from PIL import Image
+
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    (root / "classnames.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classnames.txt").write_text("\n".join(colours) + "\n")
+    samples = []
+    for i in range(n):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 40), colours[i % len(colours)]).save(buffer, format="PNG")
+        samples.append({"__key__": f"c{i:04d}", "png": buffer.getvalue(), "cls": str(i % len(colours))})
+    return write_shard(root / "test" / "test-000000.tar", samples), colours
+
+
+def test_labelled_validation_data_reports_zero_shot_accuracy(tmp_path):
+    """Captioned training data, labelled validation data: zero-shot top-1/5 as ``clipforge eval zeroshot`` computes
+    them on the same images, besides retrieval recall (over label captions)."""
+    from clipforge.data import open_source
+    from clipforge.evaluate.features import embed_labelled
+    from clipforge.zeroshot import accuracy, zero_shot_classifier
+
+    shard = shapes_shard(tmp_path / "s-000000.tar", 32)
+    val_shard, colours = _colour_dataset(tmp_path / "colours")
+    cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), val_data=str(val_shard), batch_size=8, steps=3,
+                      workers=0, save_every=0, output=str(tmp_path / "run"), progress=False)
+    summary = train(cfg)
+    val = summary["val"]
+    assert {"zeroshot_top1", "zeroshot_top5", "text_to_image_R@1", "image_to_text_R@5"} <= val.keys()
+
+    model = summary["model"].eval()
+    tokenizer = clipforge.get_tokenizer("ViT-Tiny-64")
+    features, labels = embed_labelled(model, open_source(str(val_shard), shuffle_buffer=0),
+                                      clipforge.Preprocess(64), progress=False)
+    expected = accuracy(features @ zero_shot_classifier(model, tokenizer, colours), labels, topk=(1, 5))
+    assert len(labels) == 24
+    assert val["zeroshot_top1"] == pytest.approx(expected["top1"], abs=1e-6)
+    assert val["zeroshot_top5"] == pytest.approx(expected["top5"], abs=1e-6)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["val/zeroshot_top1"] == val["zeroshot_top1"]
+
+
+class _ColourOracle(torch.nn.Module):
+    """Knows colours perfectly: an image embeds as the one-hot of its nearest palette colour, a text as the one-hot
+    of the colour word in it. Zero-shot accuracy over colour classes must then be exactly 1."""
+
+    def __init__(self, colours, preprocess, tokenizer):
+        super().__init__()
+        from PIL import Image
+
+        self.colours, self.tokenizer = colours, tokenizer
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
+        self.palette = torch.stack([preprocess(Image.new("RGB", (8, 8), c)).mean(dim=(1, 2)) for c in colours])
+
+    def encode_image(self, images, normalize=True):
+        nearest = torch.cdist(images.mean(dim=(2, 3)), self.palette).argmin(dim=1)
+        return torch.nn.functional.one_hot(nearest, len(self.colours)).float()
+
+    def encode_text(self, tokens, normalize=True):
+        texts = [self.tokenizer.decode(t[1:t.argmax()]) for t in tokens]
+        named = torch.tensor([next(i for i, c in enumerate(self.colours) if c in text) for text in texts])
+        return torch.nn.functional.one_hot(named, len(self.colours)).float()
+
+
+def test_validation_zero_shot_accuracy_is_exact_for_a_model_that_knows_the_classes(tmp_path):
+    from clipforge.data import evaluation_set, open_source
+    from clipforge.train.loop import validate
+
+    val_shard, colours = _colour_dataset(tmp_path / "colours")
+    preprocess, tokenizer = clipforge.Preprocess(32), clipforge.get_tokenizer()
+    val_set = evaluation_set(open_source(str(val_shard), shuffle_buffer=0), preprocess, classnames=colours)
+    assert len(val_set.images) == 24 and val_set.labels.tolist() == [i % 6 for i in range(24)]
+    assert all(colours[label] in caption for label, caption in zip(val_set.labels, val_set.captions))
+    metrics = validate(_ColourOracle(colours, preprocess, tokenizer), tokenizer, val_set, torch.device("cpu"))
+    assert metrics["zeroshot_top1"] == 1.0 and metrics["zeroshot_top5"] == 1.0
+    # captions name a class that four images share: retrieval ties, so R@5 (not R@1) is certain
+    assert metrics["image_to_text_R@5"] == 1.0 and metrics["text_to_image_R@5"] == 1.0
+
+
+def test_validation_data_without_usable_samples_fails_before_training(tmp_path):
+    shard = shapes_shard(tmp_path / "s-000000.tar", 16)
+    val_shard, _ = _colour_dataset(tmp_path / "colours")
+    (tmp_path / "colours" / "classnames.txt").unlink()  # labels without names: nothing to caption them with
+    cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), val_data=str(val_shard), batch_size=8, steps=2,
+                      workers=0, output=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ValueError, match="no usable samples.*no_caption"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_pipe_urls_siglip_and_bf16_autocast_train(tmp_path):

@@ -18,7 +18,7 @@ from .tokenizer import Tokenizer, get_tokenizer, tokenize
 __version__ = "0.1.0"
 __all__ = ["load", "create_model", "list_models", "get_tokenizer", "tokenize", "list_pretrained",
            "register_pretrained", "save_pretrained", "CLIP", "Tokenizer", "Preprocess", "CheckpointError",
-           "UnknownModelError", "zero_shot_classifier"]
+           "UnknownModelError", "zero_shot_classifier", "image_transform"]
 
 
 def _looks_like_path(name: str) -> bool:

@@ -55,7 +55,7 @@ def run(args) -> int:
         summary = train(cfg)
         print(f"trained {summary['steps']} steps on {args.data}; checkpoint {summary['checkpoint']}")
         if summary["val"]:
-            print("validation retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["val"].items()))
+            print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["val"].items()))
         return 0
     held_out = ", ".join(f"{c} {s}" for c, s in HELD_OUT_PAIRS)
     print(f"clipforge demo: training {args.model} on generated shapes for {args.steps} steps "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -128,22 +129,41 @@ def make_loader(stream: ContrastiveStream, workers: int = 2, pin_memory: bool = 
                       persistent_workers=False, prefetch_factor=4 if workers else None, pin_memory=pin_memory)
 
 
-def evaluation_pairs(source, transform, limit: int | None = None, classnames=None, caption_templates=None,
-                     label_captions: bool = False, seed: int = 0):
-    """A fixed list of (image tensor, caption) pairs from ``source`` for validation; first caption of each."""
-    pairs, skipped = [], Counter()
+@dataclass
+class EvaluationSet:
+    """Fixed validation samples: preprocessed images, one caption each, and integer labels when every sample has
+    one and the class names are known (then zero-shot accuracy can be measured too)."""
+
+    images: list[torch.Tensor]
+    captions: list[str]
+    labels: torch.Tensor | None = None
+    classnames: list[str] | None = None
+    skipped: Counter = field(default_factory=Counter)
+
+
+def evaluation_set(source, transform, limit: int | None = None, classnames=None, caption_templates=None,
+                   label_captions: bool = False, seed: int = 0) -> EvaluationSet:
+    """The first ``limit`` usable samples of ``source`` in order, each with its first caption line (or, for
+    labelled samples without text or with ``label_captions``, a label caption). Unusable samples are counted."""
+    images, captions, labels, skipped = [], [], [], Counter()
     for raw in source.samples(0, 1, 0, seed, skipped):
-        rng = random.Random(f"eval-{seed}-{len(pairs)}")
+        rng = random.Random(f"eval-{seed}-{len(images)}")
         if "txt" in raw and not label_captions:
-            raw = dict(raw, txt=raw["txt"].decode("utf-8", "replace").strip().splitlines()[0].encode())
+            lines = [line.strip() for line in raw["txt"].decode("utf-8", "replace").splitlines() if line.strip()]
+            raw = dict(raw, txt=lines[0].encode() if lines else b"")  # empty: decode_sample counts it
         try:
             image, text = decode_sample(raw, rng, classnames, caption_templates, label_captions)
-        except SkipSample:
+        except SkipSample as exc:
+            skipped[exc.reason] += 1
             continue
-        pairs.append((transform(image), text))
-        if limit and len(pairs) >= limit:
+        images.append(transform(image))
+        captions.append(text)
+        labels.append(int(raw["cls"]) if "cls" in raw else None)
+        if limit and len(images) >= limit:
             break
-    return pairs
+    labelled = bool(labels) and classnames is not None and None not in labels
+    return EvaluationSet(images, captions, torch.tensor(labels) if labelled else None,
+                         list(classnames) if labelled else None, skipped)
 
 
 def iter_captioned_images(source, classnames=None, seed: int = 0, skipped: Counter | None = None):

@@ -12,9 +12,6 @@ missing shard. Under ``torchrun`` output shard ``i`` belongs to rank ``i % world
 """
 from __future__ import annotations
 
-import io
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import atomic_path, write_json
-from ..data.sources import IMAGE_EXTENSIONS, ShardSource, expand_shards
+from ..data.sources import IMAGE_EXTENSIONS, expand_shards
 from ..preprocess import BadImageError, open_image
 
 TEXT_EMBEDDINGS = Path("text_emb") / "text_emb_00000.npy"

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--torchcompile", action="store_true", help="compile the model with torch.compile")
     g = p.add_argument_group("data")
     g.add_argument("--train-data", help="training data (shards, CSV or folder)")
-    g.add_argument("--val-data", help="held-out data for periodic retrieval R@1/5/10")
+    g.add_argument("--val-data", help="held-out data for periodic retrieval R@1/5/10, and zero-shot top-1/5 "
+                                      "when labelled (classnames.txt beside it)")
     g.add_argument("--train-num-samples", type=int, help="dataset size, for --epochs on remote shards")
     g.add_argument("--label-captions", metavar="default|FILE",
                    help="caption labelled samples from class names: 'default' grammar or a file of templates with {}")

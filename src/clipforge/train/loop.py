@@ -24,12 +24,13 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load_into, write_json
-from ..data import (ContrastiveStream, evaluation_pairs, find_classnames, load_caption_templates, make_loader,
+from ..data import (ContrastiveStream, evaluation_set, find_classnames, load_caption_templates, make_loader,
                     open_source, read_classnames)
 from ..loss import create_loss
 from ..models import create_model, get_model_config
 from ..preprocess import Preprocess, TrainTransform
 from ..tokenizer import get_tokenizer
+from ..zeroshot import DEFAULT_TEMPLATES, accuracy, zero_shot_classifier
 from .checkpoints import (load_train_state, resolve_resume, rng_state, save_checkpoint, set_rng_state)
 from .optim import build_optimizer, cosine_with_warmup
 
@@ -240,14 +241,22 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     batches = iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda"))
 
     # ---- validation data (rank 0 only)
-    val_pairs = None
+    val_set, zero_shot_templates = None, None
     if rank == 0 and (val_source is not None or cfg.val_data):
         vsource = val_source if val_source is not None else open_source(cfg.val_data, shuffle_buffer=0)
-        vlabels = _Labels(dataclasses.replace(cfg, exclude_classes=[]), vsource) if val_source is None and \
-            cfg.label_captions else None
-        val_pairs = evaluation_pairs(vsource, Preprocess(core.image_size), cfg.val_samples,
-                                     vlabels.classnames if vlabels else None, vlabels.templates if vlabels else None,
-                                     bool(vlabels and vlabels.classnames), seed=cfg.seed)
+        # Labelled validation data (classnames.txt beside the shards) gets zero-shot accuracy besides retrieval,
+        # whether or not training uses label captions; samples without text are captioned from their label.
+        vurls = getattr(vsource, "urls", None)
+        vnames_path = find_classnames(vurls[0]) if vurls and val_source is None else None
+        vclassnames = read_classnames(vnames_path) if vnames_path else None
+        vtemplates = labels.templates if cfg.label_captions else None
+        val_set = evaluation_set(vsource, Preprocess(core.image_size), cfg.val_samples, vclassnames, vtemplates,
+                                 bool(cfg.label_captions and vclassnames), seed=cfg.seed)
+        if not val_set.images:
+            raise ValueError(f"validation data {cfg.val_data or vsource!r} has no usable samples "
+                             f"(skipped: {dict(val_set.skipped) or 'none'}); labelled shards need classnames.txt "
+                             "beside the split folder")
+        zero_shot_templates = vtemplates or list(DEFAULT_TEMPLATES)
 
     # ---- logging
     metrics_file = None
@@ -334,8 +343,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                 bar.set_postfix(loss=f"{last_loss:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
                                 lr=f"{record['lr']:.2e}", skipped=record["skipped_samples"])
                 interval_start, interval_samples = time.perf_counter(), 0
-            if val_pairs is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == total_steps):
-                val_metrics = validate(core, tokenizer, val_pairs, device, autocast)
+            if val_set is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == total_steps):
+                val_metrics = validate(core, tokenizer, val_set, device, autocast, zero_shot_templates)
                 log({"step": step, **{f"val/{k}": v for k, v in val_metrics.items()}})
             if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
                 if loss_count:
@@ -415,15 +424,21 @@ def _set_device_rng(device, state):
 
 
 @torch.no_grad()
-def validate(model, tokenizer, pairs, device, autocast=nullcontext()) -> dict:
+def validate(model, tokenizer, val_set, device, autocast=nullcontext(), templates=DEFAULT_TEMPLATES) -> dict:
+    """Retrieval recall@1/5/10 both ways over ``val_set``'s pairs, and zero-shot top-1/top-5 when it is labelled."""
     from ..evaluate.retrieval import embed_pairs, retrieval_metrics
 
     was_training = model.training
     model.eval()
     with autocast:
-        images, texts = embed_pairs(model, tokenizer, [p[0] for p in pairs], [p[1] for p in pairs], device=device)
+        images, texts = embed_pairs(model, tokenizer, val_set.images, val_set.captions, device=device)
+        metrics = retrieval_metrics(images, texts, torch.arange(len(val_set.captions)))
+        if val_set.labels is not None:
+            weights = zero_shot_classifier(model, tokenizer, val_set.classnames, templates, device=device)
+            logits = images @ weights.float().cpu()
+            metrics.update({f"zeroshot_{k}": v for k, v in accuracy(logits, val_set.labels, topk=(1, 5)).items()})
     model.train(was_training)
-    return retrieval_metrics(images, texts, torch.arange(len(pairs)))
+    return metrics
 
 
 def _gather_objects(obj, world: int) -> list:
