@@ -212,6 +212,20 @@ def test_validation_zero_shot_accuracy_is_exact_for_a_model_that_knows_the_class
     assert metrics["image_to_text_R@5"] == 1.0 and metrics["text_to_image_R@5"] == 1.0
 
 
+def test_final_checkpoint_is_written_before_validation_runs(tmp_path, monkeypatch):
+    shard = shapes_shard(tmp_path / "s-000000.tar", 16)
+
+    def failing_validation(*args, **kwargs):
+        raise RuntimeError("validation broke")
+
+    monkeypatch.setattr(clipforge.train.loop, "validate", failing_validation)
+    cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), val_data=str(shard), batch_size=8, steps=2,
+                      workers=0, save_every=0, output=str(tmp_path / "run"), progress=False)
+    with pytest.raises(RuntimeError, match="validation broke"):
+        train(cfg)
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002").is_dir()
+
+
 def test_validation_data_without_usable_samples_fails_before_training(tmp_path):
     shard = shapes_shard(tmp_path / "s-000000.tar", 16)
     val_shard, _ = _colour_dataset(tmp_path / "colours")

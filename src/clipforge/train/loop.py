@@ -343,13 +343,13 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                 bar.set_postfix(loss=f"{last_loss:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
                                 lr=f"{record['lr']:.2e}", skipped=record["skipped_samples"])
                 interval_start, interval_samples = time.perf_counter(), 0
-            if val_set is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == total_steps):
-                val_metrics = validate(core, tokenizer, val_set, device, autocast, zero_shot_templates)
-                log({"step": step, **{f"val/{k}": v for k, v in val_metrics.items()}})
             if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
                 if loss_count:
                     last_loss = check_finite()
-                last_path = save(step)
+                last_path = save(step)  # before validation, so that nothing trained is lost if validation fails
+            if val_set is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == total_steps):
+                val_metrics = validate(core, tokenizer, val_set, device, autocast, zero_shot_templates)
+                log({"step": step, **{f"val/{k}": v for k, v in val_metrics.items()}})
     finally:
         bar.close()
         if metrics_file is not None:
