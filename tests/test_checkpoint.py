@@ -94,6 +94,32 @@ def test_download_verifies_and_caches_then_works_offline(server, cache, tiny_wei
     assert _same_outputs(again, reference)
 
 
+def test_repo_without_safetensors_falls_back_to_open_clips_bin(tiny_weights, cache, tmp_path, monkeypatch):
+    """Older LAION repos hold only open_clip_pytorch_model.bin: fetched when the safetensors file is missing (404),
+    read with weights_only=True, cached, and used offline afterwards."""
+    _, reference = tiny_weights
+    bin_path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(clipforge.checkpoint.clipforge_to_openai(reference.state_dict()), bin_path)
+    srv = _Server({"/repo/open_clip_pytorch_model.bin": bin_path.read_bytes()})
+    try:
+        register_pretrained("ViT-Tiny-64", "bin-only", f"{srv.url}/repo/open_clip_model.safetensors",
+                            fallback_url=f"{srv.url}/repo/open_clip_pytorch_model.bin")
+        model, _, _ = clipforge.load("ViT-Tiny-64", pretrained="bin-only")
+        fallback = cached_path(f"{srv.url}/repo/open_clip_pytorch_model.bin")
+        assert _same_outputs(model, reference) and _files(cache) == [fallback.name]
+        register_pretrained("ViT-Tiny-64", "missing", f"{srv.url}/repo/nothing.safetensors")
+        with pytest.raises(DownloadError, match="HTTP 404"):
+            clipforge.load("ViT-Tiny-64", pretrained="missing")
+    finally:
+        srv.close()
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
+    again, _, _ = clipforge.load("ViT-Tiny-64", pretrained="bin-only")
+    assert _same_outputs(again, reference)
+    laion = clipforge.pretrained.get_pretrained("ViT-H-14", "laion2b_s32b_b79k")
+    assert laion.url.endswith("/open_clip_model.safetensors")
+    assert laion.fallback_url.endswith("/open_clip_pytorch_model.bin")
+
+
 def test_checksum_mismatch_is_an_error_and_nothing_is_cached(server, cache):
     register_pretrained("ViT-Tiny-64", "bad-sum", f"{server.url}/tiny.safetensors", sha256="0" * 64)
     with pytest.raises(DownloadError, match="checksum mismatch"):

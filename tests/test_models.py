@@ -6,7 +6,8 @@ from clipforge.models import UnknownModelError, get_model_config
 
 from conftest import random_tokens
 
-ZOO = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
+ZOO = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336",
+       "ViT-B-32-256", "ViT-B-16-plus-240", "ViT-H-14", "ViT-g-14", "ViT-bigG-14"]
 
 
 def count(model):

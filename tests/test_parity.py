@@ -43,6 +43,42 @@ def test_clipforge_weights_load_into_open_clip(name):
         assert _max_diff(theirs.encode_text(tokens), ours.encode_text(tokens)) <= TOL
 
 
+def test_head_layout_of_a_zoo_architecture_is_used_when_loading_its_weights_by_path(tmp_path, monkeypatch):
+    """Weights do not show how many heads split a width. LAION's ViT-H/g/bigG-14 use 80-104-wide heads, not OpenAI's
+    64: loading their state dict by path must take the zoo's head layout (here a small stand-in with 40-wide heads
+    and an odd MLP ratio, registered in both libraries), else the features silently differ."""
+    open_clip = pytest.importorskip("open_clip")
+    config = {"embed_dim": 48,
+              "vision_cfg": {"image_size": 64, "layers": 2, "width": 160, "head_width": 40, "mlp_ratio": 4.9231,
+                             "patch_size": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 96, "heads": 2, "layers": 2}}
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "Test-Wide-Heads", config)
+    monkeypatch.setattr(clipforge.models, "_EXTRA_CONFIGS", {**clipforge.models._EXTRA_CONFIGS})
+    clipforge.models.register_model_config("Test-Wide-Heads", config)
+    theirs = open_clip.create_model("Test-Wide-Heads", pretrained=None).eval()
+    path = tmp_path / "open_clip_model.safetensors"
+    clipforge.checkpoint.save_safetensors(theirs.state_dict(), path)
+    ours = clipforge.load(str(path))[0]
+    assert ours.config["vision_cfg"]["head_width"] == 40 and ours.config["text_cfg"]["heads"] == 2
+    images, tokens = torch.randn(2, 3, 64, 64), random_tokens(3)
+    with torch.no_grad():
+        assert _max_diff(theirs.encode_image(images), ours.encode_image(images)) <= TOL
+        assert _max_diff(theirs.encode_text(tokens), ours.encode_text(tokens)) <= TOL
+
+
+@pytest.mark.parametrize("name", ["ViT-H-14", "ViT-g-14", "ViT-bigG-14"])
+def test_laion_giants_get_their_head_layout_from_weight_shapes(name):
+    open_clip = pytest.importorskip("open_clip")
+    with torch.device("meta"):  # shapes only: no memory, no time
+        theirs = open_clip.create_model(name, pretrained=None, device="meta")
+    config = clipforge.infer_config(clipforge.checkpoint.openai_to_clipforge(theirs.state_dict()))
+    zoo = clipforge.get_model_config(name)
+    assert config["vision_cfg"]["head_width"] == zoo["vision_cfg"]["head_width"] != 64
+    assert config["vision_cfg"]["width"] // config["vision_cfg"]["head_width"] == \
+        theirs.visual.transformer.resblocks[0].attn.num_heads
+    assert config["text_cfg"]["heads"] == theirs.transformer.resblocks[0].attn.num_heads
+
+
 def _small_hf_model(quick_gelu=True):
     transformers = pytest.importorskip("transformers")
     act = "quick_gelu" if quick_gelu else "gelu"

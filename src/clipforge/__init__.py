@@ -41,10 +41,10 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
             if os.path.exists(pretrained):
                 path = pretrained
             else:
-                from .pretrained import download
+                from .pretrained import fetch
 
                 entry = get_pretrained(name_or_path, pretrained)
-                path = download(entry.url, entry.sha256)
+                path = fetch(entry)
                 config["quick_gelu"] = entry.quick_gelu
             state, file_config = read_checkpoint(path, trust_pickle=trust_pickle)
             if file_config and "quick_gelu" in file_config:

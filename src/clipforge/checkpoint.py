@@ -350,9 +350,42 @@ def infer_config(state: dict) -> dict:
     except KeyError as exc:
         raise CheckpointError(f"cannot infer the architecture: key {exc.args[0]!r} is missing") from None
     config = {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    _adopt_zoo_heads(config)
     if "logit_bias" in state:
         config["init_logit_bias"] = float(state["logit_bias"])
     return config
+
+
+def _shape_signature(config: dict) -> tuple | None:
+    """Everything about an architecture that weight shapes reveal (not the attention head count)."""
+    try:
+        def tower(cfg: dict, keys: tuple[str, ...]) -> tuple:
+            # the MLP width the model builds, int(width * ratio), tolerant of a ratio read back as hidden / width
+            hidden = int(cfg["width"] * cfg.get("mlp_ratio", 4.0) + 1e-6) if isinstance(cfg["layers"], int) else 0
+            return tuple(str(cfg.get(k)) for k in keys) + (hidden,)
+
+        return (config["embed_dim"], tower(config["vision_cfg"], ("image_size", "patch_size", "width", "layers")),
+                tower(config["text_cfg"], ("context_length", "vocab_size", "width", "layers")))
+    except (KeyError, TypeError):  # e.g. a Hugging Face text tower: not comparable
+        return None
+
+
+def _adopt_zoo_heads(config: dict) -> None:
+    """Weights do not reveal how many attention heads split a width: 64-wide heads (OpenAI's) are assumed, unless
+    a zoo architecture has exactly these shapes, whose head layout is taken (LAION's ViT-H/g/bigG use 80-104).
+    Other architectures with other head widths need their name: ``clipforge.load(NAME, pretrained=PATH)``."""
+    from .models import get_model_config, list_models
+
+    signature = _shape_signature(config)
+    for name in list_models():
+        zoo = get_model_config(name)
+        if _shape_signature(zoo) != signature:
+            continue
+        if "head_width" in zoo["vision_cfg"]:
+            config["vision_cfg"]["head_width"] = zoo["vision_cfg"]["head_width"]
+        if "heads" in zoo["text_cfg"]:
+            config["text_cfg"]["heads"] = zoo["text_cfg"]["heads"]
+        return
 
 
 def load_into(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> None:

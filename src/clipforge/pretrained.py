@@ -25,11 +25,16 @@ class DownloadError(RuntimeError):
     """A pretrained file could not be fetched or failed verification; nothing was cached."""
 
 
+class NotFoundError(DownloadError):
+    """The server has no such file (HTTP 404)."""
+
+
 @dataclass(frozen=True)
 class PretrainedSource:
     url: str
     sha256: str | None = None
     quick_gelu: bool = False
+    fallback_url: str | None = None  # tried when ``url`` does not exist (older Hugging Face repos: no safetensors)
 
 
 _REGISTRY: dict[tuple[str, str], PretrainedSource] = {}
@@ -39,18 +44,22 @@ def _load_builtin() -> None:
     data = json.loads((resources.files(__package__) / "pretrained.json").read_text())
     for model, tags in data.items():
         for tag, entry in tags.items():
-            url = entry.get("url") or f"https://huggingface.co/{entry['hf_hub']}/resolve/main/open_clip_model.safetensors"
+            url, fallback = entry.get("url"), None
+            if url is None:  # open_clip's files in a Hugging Face repo: safetensors where present, else its .bin
+                repo = f"https://huggingface.co/{entry['hf_hub']}/resolve/main"
+                url, fallback = f"{repo}/open_clip_model.safetensors", f"{repo}/open_clip_pytorch_model.bin"
             sha = entry.get("sha256")
             if sha is None and "openaipublic" in url:  # OpenAI put each file's SHA-256 in its URL
                 sha = url.rstrip("/").split("/")[-2]
-            _REGISTRY[(model, tag)] = PretrainedSource(url, sha, entry.get("quick_gelu", False))
+            _REGISTRY[(model, tag)] = PretrainedSource(url, sha, entry.get("quick_gelu", False), fallback)
 
 
-def register_pretrained(model: str, tag: str, url: str, sha256: str | None = None, quick_gelu: bool = False) -> None:
+def register_pretrained(model: str, tag: str, url: str, sha256: str | None = None, quick_gelu: bool = False,
+                        fallback_url: str | None = None) -> None:
     """Add (or replace) a pretrained tag, e.g. for weights on a private server."""
     if not _REGISTRY:
         _load_builtin()
-    _REGISTRY[(model, tag)] = PretrainedSource(url, sha256, quick_gelu)
+    _REGISTRY[(model, tag)] = PretrainedSource(url, sha256, quick_gelu, fallback_url)
 
 
 def list_pretrained(model: str | None = None) -> list[tuple[str, str]]:
@@ -118,9 +127,27 @@ def download(url: str, sha256: str | None = None, directory: Path | None = None,
                                     "the file was not cached")
     except DownloadError:
         raise
+    except urllib.error.HTTPError as exc:
+        error = NotFoundError if exc.code == 404 else DownloadError
+        raise error(f"{url}: download failed (HTTP {exc.code} {exc.reason}); nothing was cached") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise DownloadError(f"{url}: download failed ({exc}); nothing was cached") from None
     return target
+
+
+def fetch(source: PretrainedSource, directory: Path | None = None, progress: bool = True) -> Path:
+    """A pretrained tag's weights file, downloaded and verified or from the cache. Where ``source.url`` does not
+    exist and a fallback is known (open_clip's ``open_clip_pytorch_model.bin`` in Hugging Face repos that predate
+    safetensors), the fallback is fetched, as open_clip does; it is read with ``weights_only=True`` like any pickle."""
+    fallback = cached_path(source.fallback_url, directory) if source.fallback_url else None
+    if fallback is not None and fallback.exists() and not cached_path(source.url, directory).exists():
+        return fallback
+    try:
+        return download(source.url, source.sha256, directory, progress)
+    except NotFoundError:
+        if source.fallback_url is None:
+            raise
+        return download(source.fallback_url, None, directory, progress)
 
 
 def _progress(total: int, name: str):
