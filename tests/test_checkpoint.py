@@ -149,6 +149,20 @@ def test_pretrained_tags_resolve_to_public_sources():
         clipforge.pretrained.get_pretrained("ViT-B-32", "no-such-tag")
 
 
+@pytest.mark.parametrize("width, hidden", [(448, 453), (64, 256), (1664, 8192), (1408, 6144)])
+def test_inferred_architecture_fits_odd_mlp_widths(width, hidden):
+    """hidden / width can come back a rounding error short of hidden through int(width * ratio)."""
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 16, "width": width, "layers": 1,
+                                              "head_width": width, "mlp_ratio": hidden / width + 1e-9},
+              "text_cfg": {"context_length": 8, "vocab_size": 100, "width": width, "heads": 1, "layers": 1,
+                           "mlp_ratio": hidden / width + 1e-9}}
+    with torch.device("meta"):
+        state = clipforge.create_model(config).state_dict()
+        assert state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] == hidden
+        rebuilt = clipforge.create_model(clipforge.infer_config(state)).state_dict()
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in state.items()}
+
+
 def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
     small = clipforge.create_model("ViT-Tiny-64", embed_dim=64)
     clipforge.save_pretrained(small, tmp_path / "small", config=None)

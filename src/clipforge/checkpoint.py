@@ -262,6 +262,15 @@ def clipforge_to_hf(state: dict) -> dict:
     return out
 
 
+def _mlp_ratio(hidden: int, width: int) -> float:
+    """The ratio for which the model's ``int(width * ratio)`` gives back ``hidden``: plain ``hidden / width`` can land
+    a rounding error below (448 * (453 / 448) = 452.99999999999994), and a model built from it would not fit."""
+    ratio = hidden / width
+    while int(width * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 def hf_config_to_clipforge(hf: dict) -> dict:
     text, vision = hf["text_config"], hf["vision_config"]
     for tower in (text, vision):
@@ -272,13 +281,13 @@ def hf_config_to_clipforge(hf: dict) -> dict:
         "vision_cfg": {
             "image_size": vision["image_size"], "patch_size": vision["patch_size"], "width": vision["hidden_size"],
             "layers": vision["num_hidden_layers"], "head_width": vision["hidden_size"] // vision["num_attention_heads"],
-            "mlp_ratio": vision["intermediate_size"] / vision["hidden_size"],
+            "mlp_ratio": _mlp_ratio(vision["intermediate_size"], vision["hidden_size"]),
             "quick_gelu": vision.get("hidden_act", "quick_gelu") == "quick_gelu",
         },
         "text_cfg": {
             "context_length": text.get("max_position_embeddings", 77), "vocab_size": text.get("vocab_size", 49408),
             "width": text["hidden_size"], "heads": text["num_attention_heads"], "layers": text["num_hidden_layers"],
-            "mlp_ratio": text["intermediate_size"] / text["hidden_size"],
+            "mlp_ratio": _mlp_ratio(text["intermediate_size"], text["hidden_size"]),
             "quick_gelu": text.get("hidden_act", "quick_gelu") == "quick_gelu",
         },
     }
@@ -330,7 +339,7 @@ def infer_config(state: dict) -> dict:
             "width": text_width,
             "heads": text_width // 64,
             "layers": text_layers,
-            "mlp_ratio": state["text.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width,
+            "mlp_ratio": _mlp_ratio(state["text.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], text_width),
         }
         embed_dim = state["text.text_projection"].shape[1]
         if "visual.proj" in state:
@@ -340,7 +349,7 @@ def infer_config(state: dict) -> dict:
             vision_cfg = {
                 "image_size": patch * grid, "patch_size": patch, "width": width,
                 "layers": _count(state, "visual.transformer.resblocks."),
-                "mlp_ratio": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+                "mlp_ratio": _mlp_ratio(state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], width),
             }
         else:
             layers = [_count(state, f"visual.layer{i}.") for i in range(1, 5)]
