@@ -1,7 +1,7 @@
 """Contrastive objectives: CLIP's symmetric cross-entropy and SigLIP's pairwise sigmoid loss.
 
 Both take L2-normalised features of the local batch and, under ``torch.distributed``, gather the other ranks'
-features *with* gradient (``torch.distributed.nn.functional.all_gather``), so that after DDP averages gradients
+features *with* gradient (``gather_with_grad``), so that after DDP averages gradients
 they equal those of one process holding the concatenated batch.
 
 - ``ClipLoss(local_loss=False)``: every rank computes the full (N*W) x (N*W) loss; simple, the paper's form.
@@ -25,14 +25,42 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+# Newer torch names these *_single and deprecates the older names (with a warning on every call).
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' tensors concatenated along dim 0. Backward: each rank's slice receives the sum over ranks of the
+    gradients flowing into it (every rank's loss used it), as DDP then averages."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.contiguous()
+        world = dist.get_world_size()
+        out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+        _all_gather_single(out, tensor)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        rank, world = _world()
+        if dist.get_backend() == dist.Backend.NCCL:
+            out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+            _reduce_scatter_single(out, grad)
+            return out
+        dist.all_reduce(grad)  # gloo has no reduce-scatter: sum everything, keep this rank's slice
+        return grad.chunk(world)[rank].clone()
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` from every rank along dim 0; gradients flow back to the rank that owns each slice."""
+    """Concatenate ``tensor`` from every rank along dim 0; gradients flow back to the rank that owns each slice.
+    (Our own autograd function: ``torch.distributed.nn.functional.all_gather`` is deprecated.)"""
     rank, world = _world()
     if world == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor), dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

@@ -89,6 +89,8 @@ def run(args) -> int:
     if not cfg.train_data:
         raise ValueError("--train-data is required (or run `clipforge demo` for generated data)")
     summary = train(cfg)
+    if summary["rank"] != 0:  # under torchrun, one report: rank 0 holds the checkpoint and the validation
+        return 0
     print(f"done: {summary['steps']} steps, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
     if summary["val"]:
         print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["val"].items()))

@@ -360,7 +360,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     if rank == 0 and skipped:
         print(f"skipped samples: {skipped}")
     return {"steps": step, "loss": last_loss, "checkpoint": str(last_path) if last_path else None,
-            "skipped": skipped, "val": val_metrics, "output": str(output), "model": core}
+            "skipped": skipped, "val": val_metrics, "output": str(output), "model": core, "rank": rank}
 
 
 def _train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) -> torch.Tensor:
