@@ -369,8 +369,7 @@ def _shape_signature(config: dict) -> tuple | None:
     """Everything about an architecture that weight shapes reveal (not the attention head count)."""
     try:
         def tower(cfg: dict, keys: tuple[str, ...]) -> tuple:
-            # the MLP width the model builds, int(width * ratio), tolerant of a ratio read back as hidden / width
-            hidden = int(cfg["width"] * cfg.get("mlp_ratio", 4.0) + 1e-6) if isinstance(cfg["layers"], int) else 0
+            hidden = int(cfg["width"] * cfg.get("mlp_ratio", 4.0)) if isinstance(cfg["layers"], int) else 0  # as built
             return tuple(str(cfg.get(k)) for k in keys) + (hidden,)
 
         return (config["embed_dim"], tower(config["vision_cfg"], ("image_size", "patch_size", "width", "layers")),

@@ -247,9 +247,9 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
         # Labelled validation data (classnames.txt beside the shards) gets zero-shot accuracy besides retrieval,
         # whether or not training uses label captions; samples without text are captioned from their label.
         vurls = getattr(vsource, "urls", None)
-        vnames_path = find_classnames(vurls[0]) if vurls and val_source is None else None
+        vnames_path = find_classnames(vurls[0]) if vurls else None
         vclassnames = read_classnames(vnames_path) if vnames_path else None
-        vtemplates = labels.templates if cfg.label_captions else None
+        vtemplates = labels.templates  # --label-captions FILE: the same prompts caption and classify
         val_set = evaluation_set(vsource, Preprocess(core.image_size), cfg.val_samples, vclassnames, vtemplates,
                                  bool(cfg.label_captions and vclassnames), seed=cfg.seed)
         if not val_set.images:
