@@ -1,5 +1,6 @@
 """Checkpoint files: pretrained downloads (against a local HTTP server), conversions, and clear errors on bad input."""
 import hashlib
+import json
 import http.server
 import threading
 
@@ -118,6 +119,79 @@ def test_repo_without_safetensors_falls_back_to_open_clips_bin(tiny_weights, cac
     laion = clipforge.pretrained.get_pretrained("ViT-H-14", "laion2b_s32b_b79k")
     assert laion.url.endswith("/open_clip_model.safetensors")
     assert laion.fallback_url.endswith("/open_clip_pytorch_model.bin")
+
+
+_HUB_CONFIG = {"embed_dim": 48, "quick_gelu": True,
+               "vision_cfg": {"image_size": 64, "layers": 2, "width": 160, "head_width": 40, "patch_size": 16},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 96, "heads": 2, "layers": 2}}
+
+
+def _serve_repo(files: dict, monkeypatch) -> _Server:
+    """A stand-in for the Hugging Face Hub: ``files`` (name -> bytes) under /owner/repo/resolve/main/."""
+    srv = _Server({f"/owner/repo/resolve/main/{name}": data for name, data in files.items()})
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    return srv
+
+
+def test_hf_hub_open_clip_repo_loads_with_identical_outputs_and_its_normalisation(cache, tmp_path, monkeypatch):
+    open_clip = pytest.importorskip("open_clip")
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "Test-Hub", _HUB_CONFIG)
+    theirs = open_clip.create_model("Test-Hub", pretrained=None).eval()
+    save_safetensors(theirs.state_dict(), tmp_path / "w.safetensors")
+    meta = {"model_cfg": _HUB_CONFIG, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    srv = _serve_repo({"open_clip_config.json": json.dumps(meta).encode(),
+                       "open_clip_model.safetensors": (tmp_path / "w.safetensors").read_bytes()}, monkeypatch)
+    try:
+        ours, preprocess, tokenizer = clipforge.load("hf-hub:owner/repo")
+    finally:
+        srv.close()
+    assert preprocess.mean == (0.5, 0.5, 0.5) and preprocess.std == (0.25, 0.25, 0.25)
+    images, tokens = torch.randn(2, 3, 64, 64), tokenizer(["a diagram", "a photo of a dog"])
+    with torch.no_grad():
+        assert (theirs.encode_image(images) - ours.encode_image(images)).abs().max() <= 1e-5
+        assert (theirs.encode_text(tokens) - ours.encode_text(tokens)).abs().max() <= 1e-5
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")  # cached: loads again with the server gone
+    assert _same_outputs(clipforge.load("hf-hub:owner/repo")[0], ours)
+    monkeypatch.setattr(clipforge.models, "_EXTRA_CONFIGS", {**clipforge.models._EXTRA_CONFIGS})  # undone after
+    clipforge.models.register_model_config("Test-Hub", _HUB_CONFIG)  # or the repo's weights into a named architecture
+    assert _same_outputs(clipforge.load("Test-Hub", pretrained="hf-hub:owner/repo")[0], ours)
+
+
+def test_hf_hub_transformers_repo_loads_with_identical_outputs(cache, tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=2),
+        vision_config=dict(hidden_size=96, intermediate_size=384, num_attention_heads=3, num_hidden_layers=2,
+                           image_size=64, patch_size=16), projection_dim=48)
+    hf = transformers.CLIPModel(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    srv = _serve_repo({name: (tmp_path / "hf" / name).read_bytes() for name in ("config.json", "model.safetensors")},
+                      monkeypatch)
+    try:
+        ours, _, tokenizer = clipforge.load("hf-hub:owner/repo")
+    finally:
+        srv.close()
+    images, tokens = torch.randn(2, 3, 64, 64), tokenizer(["a diagram", "a photo of a dog"])
+    with torch.no_grad():
+        out = hf(input_ids=tokens, pixel_values=images)
+        assert (out.image_embeds - ours.encode_image(images, normalize=True)).abs().max() <= 1e-5
+        assert (out.text_embeds - ours.encode_text(tokens, normalize=True)).abs().max() <= 1e-5
+
+
+def test_hf_hub_architectures_clipforge_does_not_build_are_refused_by_name(cache, monkeypatch):
+    meta = {"model_cfg": {**_HUB_CONFIG, "vision_cfg": {**_HUB_CONFIG["vision_cfg"], "ls_init_value": 1e-5}}}
+    srv = _serve_repo({"open_clip_config.json": json.dumps(meta).encode()}, monkeypatch)
+    try:
+        with pytest.raises(CheckpointError, match="vision_cfg.ls_init_value"):
+            clipforge.load("hf-hub:owner/repo")
+        with pytest.raises(DownloadError, match="neither open_clip_config.json nor config.json"):
+            clipforge.load("hf-hub:owner/missing")
+        with pytest.raises(ValueError, match="OWNER/NAME"):
+            clipforge.load("hf-hub:no-owner")
+    finally:
+        srv.close()
+    # refused before any weights were fetched: only the small config file is in the cache
+    assert _files(cache) == [cached_path(f"{srv.url}/owner/repo/resolve/main/open_clip_config.json").name]
 
 
 def test_checksum_mismatch_is_an_error_and_nothing_is_cached(server, cache):

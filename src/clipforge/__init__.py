@@ -28,8 +28,15 @@ def _looks_like_path(name: str) -> bool:
 def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: bool | None = None,
                trust_pickle: bool = False) -> CLIP:
     """The model alone; see ``load``."""
-    config, state = None, None
-    if pretrained is None and _looks_like_path(name_or_path) and name_or_path not in list_models():
+    config, state, normalisation = None, None, {}
+    if name_or_path.startswith("hf-hub:") and pretrained is None:
+        from .pretrained import fetch_hub
+
+        hub = fetch_hub(name_or_path[len("hf-hub:"):])
+        state, _ = read_checkpoint(hub.weights, trust_pickle=trust_pickle)
+        config, source = hub.config, name_or_path
+        normalisation = {k: v for k, v in (("mean", hub.mean), ("std", hub.std)) if v is not None}
+    elif pretrained is None and _looks_like_path(name_or_path) and name_or_path not in list_models():
         state, config = read_checkpoint(name_or_path, trust_pickle=trust_pickle)
         if config is None or "vision_cfg" not in config:  # no full config stored: read it off the weight shapes
             config = {**infer_config(state), **(config or {})}
@@ -40,6 +47,10 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
         if pretrained is not None:
             if os.path.exists(pretrained):
                 path = pretrained
+            elif pretrained.startswith("hf-hub:"):  # a hub repo's weights into the named architecture
+                from .pretrained import fetch_hub
+
+                path = fetch_hub(pretrained[len("hf-hub:"):]).weights
             else:
                 from .pretrained import fetch
 
@@ -56,6 +67,7 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
         config["init_logit_bias"] = 0.0
     model = create_model(config)
     model.config = config
+    model.normalisation = normalisation  # a hub repo's own image mean/std, for ``load``'s preprocess
     if state is not None:
         load_into(model, state, source=source)
     return model.eval()
@@ -65,7 +77,8 @@ def load(name_or_path: str, pretrained: str | None = None, device: str = "cpu", 
          trust_pickle: bool = False):
     """Return ``(model, preprocess, tokenizer)`` with the model in eval mode.
 
-    ``name_or_path``: a zoo name (``clipforge.list_models()``) or a checkpoint: an OpenAI ``.pt``, an open_clip
+    ``name_or_path``: a zoo name (``clipforge.list_models()``), ``hf-hub:OWNER/NAME`` (an open_clip or transformers
+    CLIP repo on the Hugging Face Hub, as open_clip spells it), or a checkpoint: an OpenAI ``.pt``, an open_clip
     state dict, a Hugging Face ``CLIPModel`` folder, or a clipforge folder/safetensors file (architecture read from
     its config, or inferred from the weights). ``pretrained``: a tag (``clipforge.list_pretrained(name)``), downloaded
     into the cache and verified, or a checkpoint path loaded into the named architecture. ``quick_gelu`` overrides the
@@ -73,7 +86,7 @@ def load(name_or_path: str, pretrained: str | None = None, device: str = "cpu", 
     unpickling of ``.pt``/``.bin`` files: only for files you trust.
     """
     model = load_model(name_or_path, pretrained, quick_gelu, trust_pickle).to(device)
-    return model, Preprocess(model.image_size), get_tokenizer(model.config)
+    return model, Preprocess(model.image_size, **model.normalisation), get_tokenizer(model.config)
 
 
 def zero_shot_classifier(*args, **kwargs):

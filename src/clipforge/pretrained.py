@@ -150,6 +150,73 @@ def fetch(source: PretrainedSource, directory: Path | None = None, progress: boo
         return download(source.fallback_url, None, directory, progress)
 
 
+# ------------------------------------------------------------------------------------------- Hugging Face Hub repos
+
+# open_clip model_cfg keys this package builds exactly; anything else changes the architecture (LayerScale, attentional
+# pooling, timm or Hugging Face towers ...) and is refused by name rather than loaded wrong.
+_HUB_TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
+                 "custom_text"}
+_HUB_VISION_KEYS = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size"}
+_HUB_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+
+
+@dataclass(frozen=True)
+class HubCheckpoint:
+    weights: Path  # the cached weights file
+    config: dict  # clipforge model config
+    mean: tuple[float, float, float] | None = None  # the repo's normalisation, where it names one
+    std: tuple[float, float, float] | None = None
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
+    """Weights and architecture of a Hugging Face Hub repo, as ``open_clip.create_model("hf-hub:REPO")`` reads it:
+    ``open_clip_config.json`` with ``open_clip_model.safetensors`` (else ``open_clip_pytorch_model.bin``); or a
+    transformers ``CLIPModel`` repo (``config.json`` with ``model.safetensors``, else ``pytorch_model.bin``).
+    Cached like pretrained tags, so a repo fetched once also loads offline."""
+    from .checkpoint import CheckpointError, hf_config_to_clipforge
+
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise ValueError(f"hf-hub:{repo}: expected hf-hub:OWNER/NAME")
+    base = f"{hub_endpoint()}/{repo}/resolve/main"
+    try:
+        meta = json.loads(download(f"{base}/open_clip_config.json", progress=False).read_text())
+        config = _open_clip_config(meta.get("model_cfg", {}), repo)
+        weights = fetch(PretrainedSource(f"{base}/open_clip_model.safetensors",
+                                         fallback_url=f"{base}/open_clip_pytorch_model.bin"), progress=progress)
+        pre = meta.get("preprocess_cfg", {})
+        mean, std = pre.get("mean"), pre.get("std")
+        return HubCheckpoint(weights, config, tuple(mean) if mean else None, tuple(std) if std else None)
+    except NotFoundError:
+        pass  # not an open_clip repo: try the transformers layout
+    try:
+        hf_config = json.loads(download(f"{base}/config.json", progress=False).read_text())
+    except NotFoundError:
+        raise DownloadError(f"hf-hub:{repo}: neither open_clip_config.json nor config.json found at {base}") from None
+    if hf_config.get("model_type") != "clip":
+        raise CheckpointError(f"hf-hub:{repo}: config.json is a {hf_config.get('model_type')!r} model, not 'clip'")
+    weights = fetch(PretrainedSource(f"{base}/model.safetensors", fallback_url=f"{base}/pytorch_model.bin"),
+                    progress=progress)
+    return HubCheckpoint(weights, hf_config_to_clipforge(hf_config))
+
+
+def _open_clip_config(model_cfg: dict, repo: str) -> dict:
+    from .checkpoint import CheckpointError
+
+    if not model_cfg:
+        raise CheckpointError(f"hf-hub:{repo}: open_clip_config.json has no model_cfg")
+    unsupported = sorted(set(model_cfg) - _HUB_TOP_KEYS) + \
+        sorted(f"vision_cfg.{k}" for k in set(model_cfg.get("vision_cfg", {})) - _HUB_VISION_KEYS) + \
+        sorted(f"text_cfg.{k}" for k in set(model_cfg.get("text_cfg", {})) - _HUB_TEXT_KEYS)
+    if unsupported:
+        raise CheckpointError(f"hf-hub:{repo}: this architecture uses {', '.join(unsupported)}, which clipforge does "
+                              "not build; it would not load with identical outputs")
+    return {k: v for k, v in model_cfg.items() if k != "custom_text"}  # the text layout is detected from the keys
+
+
 def _progress(total: int, name: str):
     try:
         from tqdm import tqdm

@@ -89,7 +89,8 @@ def _model_key(args, model) -> str:
             if target.exists():
                 stat = target.stat()
                 ident.append(f"{target.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-    if not any(os.path.exists(p) for p in ident[:2] if p) and args.pretrained is None:
+    hub = any(p.startswith("hf-hub:") for p in ident[:2])  # a named repo: the same weights every time
+    if not any(os.path.exists(p) for p in ident[:2] if p) and args.pretrained is None and not hub:
         # a randomly initialised zoo model: features are only meaningful within this process
         ident.append(f"random:{id(model)}")
     return "|".join(ident)
