@@ -305,6 +305,24 @@ def test_cli_convert_round_trips_through_every_format(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_cli_output_into_a_pipe_closed_early_is_not_an_error(capsys):
+    """`clipforge models | head -1`: aligned rows, and no BrokenPipeError traceback when the reader has gone."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    assert cli.main(["models"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == len(clipforge.list_models()) and len({row.index(" ViT ") if " ViT " in row else
+                                                               row.index(" ResNet ") for row in rows}) == 1
+    proc = subprocess.Popen([sys.executable, "-m", "clipforge.cli", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    proc.stdout.close()  # the reader is gone before the command writes a byte (it is still importing)
+    assert proc.wait(timeout=60) == 0 and proc.stderr.read() == b""
+
+
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

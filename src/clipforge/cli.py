@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 EPILOG = """examples:
@@ -18,11 +19,13 @@ def _cmd_models(args) -> int:
     from . import list_models, list_pretrained
     from .models import get_model_config
 
-    for name in list_models():
+    names = list_models()
+    width = max(map(len, names))
+    for name in names:
         cfg = get_model_config(name)
         tags = [t for _, t in list_pretrained(name)]
         kind = "ResNet" if isinstance(cfg["vision_cfg"]["layers"], list) else "ViT"
-        print(f"{name:16s} {kind:6s} {cfg['vision_cfg']['image_size']:4d}px  embed {cfg['embed_dim']:5d}  "
+        print(f"{name:{width}s} {kind:6s} {cfg['vision_cfg']['image_size']:4d}px  embed {cfg['embed_dim']:5d}  "
               f"pretrained: {', '.join(tags) or '-'}")
     return 0
 
@@ -113,13 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     from .pretrained import DownloadError
 
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # here, so that a closed pipe is caught below, not at interpreter exit
+        return code
     except (CheckpointError, UnknownModelError, BadImageError, DownloadError, FileNotFoundError, ValueError) as exc:
         print(f"clipforge {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"clipforge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like, which stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second traceback at interpreter exit
+        return 0
 
 
 if __name__ == "__main__":
