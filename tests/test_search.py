@@ -125,6 +125,54 @@ def test_search_cli_orders_by_score_and_finds_an_image_by_itself(collection, cap
     assert json.loads(capsys.readouterr().out)[0]["path"].endswith("shape007.png")
 
 
+def _vector_collection(folder, vectors):
+    """A collection folder as ``clipforge embed`` + ``index build`` leave it, from given unit vectors."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipforge.retrieval.index import build_index, save_index
+
+    (folder / "img_emb").mkdir(parents=True)
+    (folder / "metadata").mkdir()
+    for shard, start in enumerate(range(0, len(vectors), 16)):  # several shards: ids cross shard borders
+        part = vectors[start:start + 16]
+        np.save(folder / "img_emb" / f"img_emb_{shard:05d}.npy", part.astype(np.float16))
+        pq.write_table(pa.table({"path": [f"v{start + i}.jpg" for i in range(len(part))], "caption": [""] * len(part),
+                                 "width": [0] * len(part), "height": [0] * len(part)}),
+                       folder / "metadata" / f"metadata_{shard:05d}.parquet")
+    save_index(*build_index(vectors, kind="flat"), folder)
+    return folder
+
+
+def test_dedup_leaves_out_near_duplicates_and_still_fills_k(tmp_path, capsys):
+    from clipforge.retrieval.search import Searcher
+
+    rng = np.random.default_rng(0)
+    originals = rng.standard_normal((30, 128)).astype(np.float32)
+    copies = originals[:10] + 0.02 * rng.standard_normal((10, 128)).astype(np.float32)  # re-uploads, cosine > 0.99
+    vectors = np.concatenate([originals, copies])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    folder = _vector_collection(tmp_path / "c", vectors)
+    model = clipforge.create_model("ViT-Tiny-64")
+    searcher = Searcher(folder, model, clipforge.Preprocess(64), clipforge.get_tokenizer())
+    query = vectors[3:4]
+    plain = searcher.search_vectors(query, k=5)[0]
+    assert [h["id"] for h in plain[:2]] == [3, 33] or [h["id"] for h in plain[:2]] == [33, 3]
+    deduped = searcher.search_vectors(query, k=5, dedup=0.95)[0]
+    ids = [h["id"] for h in deduped]
+    assert len(ids) == 5 and ids[0] in (3, 33) and not {3, 33} <= set(ids)
+    kept = vectors[ids]
+    assert (kept @ kept.T - np.eye(5)).max() < 0.95
+    assert [h["score"] for h in deduped] == sorted((h["score"] for h in deduped), reverse=True)
+    expected = []  # walk the full ranking: a result is left out exactly when it nearly copies a kept one
+    for hit in searcher.search_vectors(query, k=40)[0]:
+        if all(vectors[hit["id"]] @ vectors[i] < 0.95 for i in expected):
+            expected.append(hit["id"])
+    assert ids == expected[:5]
+    assert cli.main(["search", str(folder), "x", "--dedup", "1.5", "--model", "ViT-Tiny-64"]) == 2
+    assert "cosine similarity" in capsys.readouterr().err
+
+
 def test_approximate_index_reaches_target_recall():
     from clipforge.retrieval.index import build_index
 
@@ -196,6 +244,13 @@ def test_search_classify_embed_and_thumbnails(client):
     assert len(client.post("/embed", json={"texts": ["a", "b"]}).json()["embeddings"]) == 2
     assert len(client.post("/search/image", files={"file": ("x.png", _png())}, data={"k": "3"}).json()["results"]) == 3
     assert "<input id=\"query\"" in client.get("/").text
+    # de-duplicated: an order-preserving selection from the plain ranking, with no two results closer than asked
+    deep = [h["id"] for h in client.get("/search", params={"q": "a blue square", "k": 40}).json()["results"]]
+    params = {"q": "a blue square", "k": 5, "dedup": 0.999}
+    found = [h["id"] for h in client.get("/search", params=params).json()["results"]]
+    assert 1 <= len(found) <= 5 and found == [i for i in deep if i in found]
+    images = client.post("/search/image", files={"file": ("x.png", _png())}, data={"k": "3", "dedup": "0.999"})
+    assert images.status_code == 200 and 1 <= len(images.json()["results"]) <= 3
 
 
 @pytest.mark.parametrize("request_kwargs, status, message", [
@@ -215,6 +270,8 @@ def test_search_classify_embed_and_thumbnails(client):
     (dict(method="GET", url="/../../etc/passwd"), 404, ""),
     (dict(method="GET", url="/search", params={"q": "x" * 1001}), 422, ""),
     (dict(method="GET", url="/search", params={"q": "cat", "k": 1000}), 422, ""),
+    (dict(method="GET", url="/search", params={"q": "cat", "dedup": 1.5}), 422, "dedup"),
+    (dict(method="GET", url="/search", params={"q": "cat", "dedup": 0}), 422, "dedup"),
     (dict(method="POST", url="/embed", json={"texts": []}), 422, ""),
 ])
 def test_bad_requests_get_clear_4xx_errors(client, request_kwargs, status, message):
@@ -312,6 +369,10 @@ def test_web_page_search_and_drop_classification_in_chromium(live_server, collec
         scores = [float(s) for s in page.locator("#results .result .score").all_inner_texts()]
         assert len(scores) == 24 and scores == sorted(scores, reverse=True)
         assert page.locator("#results .result img").first.evaluate("img => img.complete && img.naturalWidth") > 0
+        page.check("#dedup")  # the same query, near-duplicates hidden: the request carries the threshold
+        with page.expect_response(lambda r: "/search?" in r.url) as response:
+            page.press("#query", "Enter")
+        assert "dedup=0.95" in response.value.url and response.value.ok
 
         page.fill("#labels", "red square, blue circle, green cross")
         data = list((collection["images"] / "shape001.png").read_bytes())

@@ -127,6 +127,8 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("query", nargs="?", help="text query")
     p.add_argument("--image", help="query by this image instead")
     p.add_argument("-k", type=int, default=10)
+    p.add_argument("--dedup", type=float, metavar="COSINE",
+                   help="leave out near-duplicates of better results at this cosine similarity or more (e.g. 0.95)")
     p.add_argument("--json", action="store_true", help="print JSON")
     _model_args(p)
     p.set_defaults(func=run_search)
@@ -138,9 +140,11 @@ def run_search(args) -> int:
 
     if (args.query is None) == (args.image is None):
         raise ValueError("give a text query or --image PATH (one of them)")
+    if args.dedup is not None and not 0 < args.dedup <= 1:
+        raise ValueError(f"--dedup {args.dedup}: a cosine similarity in (0, 1], e.g. 0.95")
     searcher = Searcher(args.folder, *_load_model(args, args.folder))
-    hits = searcher.search_image(open_image(args.image), args.k) if args.image else \
-        searcher.search_text(args.query, args.k)
+    hits = searcher.search_image(open_image(args.image), args.k, args.dedup) if args.image else \
+        searcher.search_text(args.query, args.k, args.dedup)
     if args.json:
         print(json.dumps(hits))
     else:

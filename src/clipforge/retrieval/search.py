@@ -11,6 +11,32 @@ from .embed import load_metadata
 from .index import load_index
 
 
+DEDUP_DEPTH = 4  # with de-duplication, candidates are read this many times deeper than k
+
+
+class StoredVectors:
+    """The collection's own embeddings, memory-mapped from ``img_emb/*.npy``: read by id, never all loaded."""
+
+    def __init__(self, folder: Path):
+        self.shards = [np.load(path, mmap_mode="r") for path in sorted((folder / "img_emb").glob("img_emb_*.npy"))]
+        self.starts = np.cumsum([0] + [len(shard) for shard in self.shards])
+
+    def get(self, ids) -> np.ndarray:
+        shard_of = np.searchsorted(self.starts, ids, side="right") - 1
+        rows = np.stack([self.shards[s][i - self.starts[s]] for s, i in zip(shard_of, ids)]).astype(np.float32)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)  # stored as float16: renormalise
+
+
+def drop_near_duplicates(vectors: np.ndarray, threshold: float) -> list[int]:
+    """Positions to keep, in rank order: a result goes when its cosine similarity to a better-ranked kept one is
+    ``threshold`` or more (clip-retrieval's near-duplicate removal, for collections full of re-uploads)."""
+    kept: list[int] = []
+    for position, vector in enumerate(vectors):
+        if not kept or float(np.max(vectors[kept] @ vector)) < threshold:
+            kept.append(position)
+    return kept
+
+
 class Searcher:
     """``Searcher(folder, model, preprocess, tokenizer)``: top-k of the collection for a text or an image."""
 
@@ -23,6 +49,7 @@ class Searcher:
             raise ValueError(f"{self.folder}: index holds {self.index.ntotal} vectors but the metadata "
                              f"{len(self.rows)} rows; rebuild the index")
         self.device = next(model.parameters()).device
+        self._stored = None  # memory-mapped on first de-duplicated search
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
@@ -34,17 +61,31 @@ class Searcher:
         batch = torch.stack([self.preprocess(i) for i in images]).to(self.device)
         return self.model.encode_image(batch, normalize=True).float().cpu().numpy()
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[dict]]:
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, dedup: float | None = None) -> list[list[dict]]:
+        """Top-``k`` per query vector; ``dedup`` (a cosine similarity, e.g. 0.95) leaves out near-duplicates of
+        better-ranked results, filling the k places from a deeper candidate list."""
         k = max(1, min(k, self.index.ntotal))
-        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
-        return [[{"id": int(i), "score": float(s), **self.rows[i]} for s, i in zip(srow, irow) if i >= 0]
-                for srow, irow in zip(scores, ids)]
+        depth = k if dedup is None else min(self.index.ntotal, k * DEDUP_DEPTH)
+        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), depth)
+        results = []
+        for srow, irow in zip(scores, ids):
+            found = [(float(s), int(i)) for s, i in zip(srow, irow) if i >= 0]
+            if dedup is not None and found:
+                found = [found[p] for p in drop_near_duplicates(self.stored.get([i for _, i in found]), dedup)]
+            results.append([{"id": i, "score": s, **self.rows[i]} for s, i in found[:k]])
+        return results
 
-    def search_text(self, text: str, k: int = 10) -> list[dict]:
-        return self.search_vectors(self.embed_texts([text]), k)[0]
+    @property
+    def stored(self) -> StoredVectors:
+        if self._stored is None:
+            self._stored = StoredVectors(self.folder)
+        return self._stored
 
-    def search_image(self, image, k: int = 10) -> list[dict]:
-        return self.search_vectors(self.embed_images([image]), k)[0]
+    def search_text(self, text: str, k: int = 10, dedup: float | None = None) -> list[dict]:
+        return self.search_vectors(self.embed_texts([text]), k, dedup)[0]
+
+    def search_image(self, image, k: int = 10, dedup: float | None = None) -> list[dict]:
+        return self.search_vectors(self.embed_images([image]), k, dedup)[0]
 
 
 def model_spec(folder: str | Path) -> dict:

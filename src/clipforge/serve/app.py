@@ -28,6 +28,7 @@ MAX_K = 100
 MAX_LABELS = 256
 MAX_TEXTS = 256
 MAX_PIXELS = 40_000_000
+DEDUP_HELP = "leave out near-duplicates of better results at this cosine similarity or more, e.g. 0.95"
 
 
 class Hit(BaseModel):
@@ -123,10 +124,16 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
             return list(searcher.embed_images(images))
 
     def search_batch(requests):
-        """One index search for concurrent queries (FAISS scans faster in batches), off the event loop."""
-        vectors = np.stack([vector for vector, _ in requests])
-        results = searcher.search_vectors(vectors, max(k for _, k in requests))
-        return [found[:k] for found, (_, k) in zip(results, requests)]
+        """One index search for concurrent queries (FAISS scans faster in batches), off the event loop; queries
+        asking for de-duplication are searched together per threshold."""
+        out = [None] * len(requests)
+        for dedup in {d for _, _, d in requests}:
+            group = [n for n, (_, _, d) in enumerate(requests) if d == dedup]
+            vectors = np.stack([requests[n][0] for n in group])
+            results = searcher.search_vectors(vectors, max(requests[n][1] for n in group), dedup)
+            for n, found in zip(group, results):
+                out[n] = found[:requests[n][1]]
+        return out
 
     text_batcher, image_batcher = Batcher(encode_texts), Batcher(encode_images, max_batch=16)
     search_batcher = Batcher(search_batch, max_batch=64, wait_s=0.002)
@@ -154,14 +161,16 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
 
     @app.get("/search", response_model=SearchResponse)
     async def search(q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS),
-                     k: int = Query(10, ge=1, le=MAX_K)):
+                     k: int = Query(10, ge=1, le=MAX_K),
+                     dedup: float | None = Query(None, gt=0, le=1, description=DEDUP_HELP)):
         vector = await text_batcher.submit(q)
-        return hits(await search_batcher.submit((vector, k)))
+        return hits(await search_batcher.submit((vector, k, dedup)))
 
     @app.post("/search/image", response_model=SearchResponse)
-    async def search_image(file: UploadFile = File(...), k: int = Form(10, ge=1, le=MAX_K)):
+    async def search_image(file: UploadFile = File(...), k: int = Form(10, ge=1, le=MAX_K),
+                           dedup: float | None = Form(None, gt=0, le=1, description=DEDUP_HELP)):
         vector = await image_batcher.submit(await read_image(file))
-        return hits(await search_batcher.submit((vector, k)))
+        return hits(await search_batcher.submit((vector, k, dedup)))
 
     @app.post("/classify", response_model=ClassifyResponse)
     async def classify(file: UploadFile = File(...), labels: str = Form(..., max_length=20_000),
