@@ -180,8 +180,11 @@ def test_approximate_index_reaches_target_recall():
     vectors = rng.standard_normal((20_000, 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     for kind in ("ivfpq", "hnsw"):
-        index, info = build_index(vectors, kind=kind, target_recall=0.9)
+        lines = []
+        index, info = build_index(vectors, kind=kind, target_recall=0.9, log=lines.append)
         assert info["recall@10"] >= 0.9 and index.ntotal == 20_000, info
+        # a line per stage, the last tuning line being the setting that was kept
+        assert any("20,000" in line for line in lines) and f"recall@10 {info['recall@10']:.3f}" in lines[-1]
     _, info = build_index(vectors[:100])
     assert info["kind"] == "flat"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -85,6 +86,7 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-queries", default="auto",
                    help="what recall is tuned on: 'auto' (the folder's text_emb/ when it holds >= 100 texts, else "
                         "perturbed collection vectors), 'collection', or a .npy file of query vectors [auto]")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run_index)
 
 
@@ -93,8 +95,9 @@ def run_index(args) -> int:
     from .index import build_index, save_index
 
     vectors, _ = load_embeddings(args.folder)
+    log = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     index, info = build_index(vectors, args.kind, args.target_recall, args.exact_below,
-                              queries=_tuning_queries(args.folder, args.tune_queries))
+                              queries=_tuning_queries(args.folder, args.tune_queries), log=log)
     save_index(index, info, args.folder)
     if not info.get("target_met", True):
         print(f"warning: the {info['kind']} index reaches recall@10 {info['recall@10']:.3f}, below the target "

@@ -35,13 +35,14 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 
 def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 0.95, exact_below: int = 50_000,
-                n_queries: int = 500, seed: int = 0, queries: np.ndarray | None = None):
+                n_queries: int = 500, seed: int = 0, queries: np.ndarray | None = None, log=None):
     """Return ``(index, info)``; ``info`` records the choice, its parameters and the measured recall@10.
 
     ``queries``: vectors to tune the search knobs on (up to ``n_queries`` are used); default perturbed collection
-    vectors.
+    vectors. ``log``: called with a line per stage (k-means and adding take minutes at a million vectors).
     """
     faiss = _faiss()
+    log = log or (lambda message: None)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
     if n == 0:
@@ -61,6 +62,7 @@ def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
+        log(f"building the HNSW graph over {n:,} vectors")
         index.add(vectors)
         knobs = [16, 32, 64, 128, 256, 512, 1024, 2048]
         setter = lambda value: setattr(index.hnsw, "efSearch", value)
@@ -73,7 +75,9 @@ def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 
         m = d // 2 if d % 2 == 0 else d
         index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
+        log(f"training {nlist} IVF lists and the PQ codebooks on {min(n, 64 * nlist):,} vectors")
         index.train(vectors[rng.choice(n, size=min(n, 64 * nlist), replace=False)])
+        log(f"adding {n:,} vectors")
         index.add(vectors)
         ivf = faiss.extract_index_ivf(index)
         # (nprobe, k_factor) from cheap to expensive: more lists first, then (all lists) a deeper exact re-rank.
@@ -108,6 +112,7 @@ def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 
             info.update(nprobe=value[0], k_factor=value[1], **{"recall@10": recall})
         else:
             info.update({info["param"]: value, "recall@10": recall})
+        log(f"tuning {info['param']} = {value}: recall@10 {recall:.3f} (target {target_recall})")
         if recall >= target_recall:
             break
     info["target_recall"], info["target_met"] = target_recall, info["recall@10"] >= target_recall
