@@ -172,6 +172,16 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
     assert main(["caption", "generate", "--mapping", str(tmp_path / "straight"), str(tmp_path / "broken.png")]) == 2
     assert "broken.png" in capsys.readouterr().err
 
+    report = tmp_path / "eval.json"
+    assert main(["caption", "eval", "--mapping", str(tmp_path / "straight"), "--data", str(shard), "--max-images", "8",
+                 "--max-new-tokens", "4", "--json", str(report), "--no-progress"]) == 0
+    result = json.loads(report.read_text())
+    assert result["scores"]["images"] == 8 and len(result["captions"]) == 8
+    assert {"clip_score", "ref_clip_score", "bleu_4", "cider"} <= result["scores"].keys()
+    assert result["captions"][0]["references"] == ["a red shape", "one a red shape"]
+    assert result["scores"]["clip_score"] == pytest.approx(
+        sum(c["clip_score"] for c in result["captions"]) / 8, abs=1e-6)
+
 
 def test_cli_refuses_an_untrained_tower(tmp_path, capsys):
     assert main(["caption", "train", "--clip", "ViT-Tiny-64", "--data", str(tmp_path), "--output",
@@ -211,3 +221,39 @@ def test_streamed_embedding_equals_embedding_all_at_once(tiny_clip, tmp_path):
     assert streamed_captions == all_captions == captions
     limited, _, _ = embed_captioned(model, preprocess, str(shard), max_images=4, chunk=3, progress=False)
     assert len(limited) == 4
+
+
+def test_coco_caption_scores_reward_matching_captions():
+    pytest.importorskip("pycocoevalcap", reason="BLEU/CIDEr need pycocoevalcap (in the test extras)")
+    from clipforge.captioning.metrics import coco_caption_scores
+
+    references = [["A man rides a brown horse on the beach.", "a person riding a horse by the sea"],
+                  ["Two dogs play with a red ball in the grass.", "dogs playing with a ball outside"],
+                  ["A plate of pasta with tomato sauce.", "spaghetti with red sauce on a white plate"]]
+    exact = coco_caption_scores([refs[0] for refs in references], references)
+    assert exact["bleu_4"] == pytest.approx(1.0, abs=1e-6)  # punctuation and case do not count
+    swapped = coco_caption_scores([references[1][0], references[2][0], references[0][0]], references)
+    assert swapped["bleu_4"] < 0.1 and swapped["cider"] < exact["cider"] / 5
+    with pytest.raises(ValueError, match="reference"):
+        coco_caption_scores(["a caption"], [[]])
+
+
+def test_clip_scores_follow_hessel_et_al(tiny_clip):
+    from clipforge.captioning.metrics import clip_scores
+
+    model, preprocess, tokenizer = clipforge.load(str(tiny_clip))
+    images, _ = colour_images(3, seed=1)
+    features = limber.embed_images(model, images, preprocess)
+    captions = ["a red shape", "a blue shape", "something else entirely"]
+    references = [["a red shape", "red"], ["blue"], ["green", "yellow shape"]]
+    scores = clip_scores(model, tokenizer, features, captions, references)
+    with torch.no_grad():
+        unit = lambda t: torch.nn.functional.normalize(model.encode_text(tokenizer([t])), dim=-1)[0]  # noqa: E731
+        for i, (caption, refs) in enumerate(zip(captions, references)):
+            image = torch.nn.functional.normalize(features[i], dim=-1)
+            clip = 2.5 * max(float(image @ unit(caption)), 0.0)
+            best = max(max(float(unit(caption) @ unit(r)) for r in refs), 0.0)
+            assert float(scores["clip_score"][i]) == pytest.approx(clip, abs=1e-5)
+            assert float(scores["ref_clip_score"][i]) == pytest.approx(2 * clip * best / (clip + best), abs=1e-5)
+    assert float(scores["ref_clip_score"][0]) == pytest.approx(2 * float(scores["clip_score"][0]) / (
+        float(scores["clip_score"][0]) + 1), abs=1e-5)  # the caption is one of its references: best cosine 1

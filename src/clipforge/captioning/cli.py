@@ -1,4 +1,4 @@
-"""``clipforge caption train|generate``: LiMBer captioning from the command line."""
+"""``clipforge caption train|generate|eval``: LiMBer captioning from the command line."""
 from __future__ import annotations
 
 import argparse
@@ -20,13 +20,14 @@ EXAMPLES = """examples:
       --steps 300 --output runs/limber
   clipforge caption train --clip ViT-B-32 --pretrained openai --data shards/{000000..000099}.tar --output runs/limber
   clipforge caption generate --mapping runs/limber photo1.jpg photo2.png --prompt "A picture of"
+  clipforge caption eval --mapping runs/limber --data ../shared/data/coco-mini/test --json runs/limber/coco.json
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description, p.epilog = DESCRIPTION, EXAMPLES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    sub = p.add_subparsers(dest="caption_command", metavar="{train,generate}")
+    sub = p.add_subparsers(dest="caption_command", metavar="{train,generate,eval}")
 
     t = sub.add_parser("train", help="train the linear image-to-prefix map", description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +59,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", action="store_true", help="one JSON object per image instead of 'path: caption'")
     g.add_argument("--device", default="cpu")
     g.set_defaults(caption_func=run_generate)
+
+    e = sub.add_parser("eval", help="caption a captioned dataset and score it: CLIPScore, RefCLIPScore, BLEU, CIDEr")
+    e.add_argument("--mapping", required=True, help="the --output folder of 'caption train'")
+    e.add_argument("--data", required=True,
+                   help="captioned shards, CSV or image folder: its captions are the references")
+    e.add_argument("--label-captions", action="store_true", help="labelled shards: references made from class names")
+    e.add_argument("--max-images", type=int, default=500, help="[500]")
+    e.add_argument("--prompt", default="", help="text after the image prefix [none]")
+    e.add_argument("--max-new-tokens", type=int, default=24)
+    e.add_argument("--batch-size", type=int, default=32, help="images captioned per language-model call [32]")
+    e.add_argument("--json", help="write the scores and every caption with its references and scores here")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--no-progress", dest="progress", action="store_false")
+    e.set_defaults(caption_func=run_eval)
     p.set_defaults(func=lambda args: args.caption_func(args) if getattr(args, "caption_func", None)
                    else p.print_help() or 1)
 
@@ -120,8 +135,8 @@ def embed_captioned(clip_model, preprocess, spec: str, label_captions: bool = Fa
 def _load_clip(spec: str, pretrained: str | None, device: str):
     import clipforge
 
-    model, preprocess, _ = clipforge.load(spec, pretrained=pretrained, device=device)
-    return model.requires_grad_(False), preprocess
+    model, preprocess, tokenizer = clipforge.load(spec, pretrained=pretrained, device=device)
+    return model.requires_grad_(False), preprocess, tokenizer
 
 
 def run_train(args) -> int:
@@ -140,7 +155,7 @@ def run_train(args) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    clip_model, preprocess = _load_clip(args.clip, args.pretrained, args.device)
+    clip_model, preprocess, _ = _load_clip(args.clip, args.pretrained, args.device)
     features, captions, skipped = embed_captioned(clip_model, preprocess, args.data, args.label_captions,
                                                   args.max_images, args.seed, progress=args.progress)
     features = features.to(args.device)
@@ -206,25 +221,70 @@ def _load_adamw_state(optimizer, mapping, state: dict) -> None:
                                       for k, v in entries.items()}
 
 
-def run_generate(args) -> int:
-    import torch
+def _load_trained(mapping_folder: str, device: str):
+    """The trained map with the CLIP model and language model it was trained with."""
+    from .limber import ImageToPrefix, load_language_model
 
-    from ..preprocess import open_image
-    from .limber import ImageToPrefix, embed_images, generate, load_language_model
-
-    mapping = ImageToPrefix.load(args.mapping).to(args.device).eval()
+    mapping = ImageToPrefix.load(mapping_folder).to(device).eval()
     clip_spec, pretrained = mapping.config.clip, None
     if "@" in clip_spec and not Path(clip_spec).exists():
         clip_spec, pretrained = clip_spec.rsplit("@", 1)
     if not clip_spec:
-        raise ValueError(f"{args.mapping}: limber.json does not say which CLIP model made the features")
-    clip_model, preprocess = _load_clip(clip_spec, pretrained, args.device)
+        raise ValueError(f"{mapping_folder}: limber.json does not say which CLIP model made the features")
+    clip_model, preprocess, clip_tokenizer = _load_clip(clip_spec, pretrained, device)
     lm, tokenizer = load_language_model(mapping.config.lm or "smollm2")
-    lm.to(args.device)
+    lm.to(device)
+    return mapping, clip_model, preprocess, clip_tokenizer, lm, tokenizer
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from ..preprocess import open_image
+    from .limber import embed_images, generate
+
+    mapping, clip_model, preprocess, _, lm, tokenizer = _load_trained(args.mapping, args.device)
     images = [open_image(Path(path).read_bytes(), name=path) for path in args.images]  # clear error on a bad file
     features = embed_images(clip_model, [image.convert("RGB") for image in images], preprocess).to(args.device)
     with torch.no_grad():
         captions = generate(mapping, lm, tokenizer, features, args.max_new_tokens, args.prompt)
     for path, caption in zip(args.images, captions):
         print(json.dumps({"image": path, "caption": caption}) if args.json else f"{path}: {caption}")
+    return 0
+
+
+def run_eval(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ..checkpoint import write_json
+    from .limber import generate
+    from .metrics import clip_scores, coco_caption_scores
+
+    mapping, clip_model, preprocess, clip_tokenizer, lm, tokenizer = _load_trained(args.mapping, args.device)
+    features, references, skipped = embed_captioned(clip_model, preprocess, args.data, args.label_captions,
+                                                    args.max_images, progress=args.progress)
+    captions = []
+    for start in tqdm(range(0, len(features), args.batch_size), desc="captioning", unit="batch",
+                      disable=not args.progress):
+        with torch.no_grad():
+            captions += generate(mapping, lm, tokenizer, features[start:start + args.batch_size].to(args.device),
+                                 args.max_new_tokens, args.prompt)
+    per_image = clip_scores(clip_model, clip_tokenizer, features, captions, references)
+    scores = {name: float(values.mean()) for name, values in per_image.items()}
+    try:
+        scores.update(coco_caption_scores(captions, references))
+    except ImportError as exc:
+        print(f"note: BLEU and CIDEr skipped ({exc})")
+    scores["images"] = len(captions)
+    print(f"{len(captions)} images of {args.data}" + (f" (skipped: {dict(skipped)})" if skipped else "") + ": "
+          + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "images"))
+    for caption, refs in list(zip(captions, references))[:5]:
+        print(f"  {caption!r}  (reference: {refs[0]!r})")
+    if args.json:
+        write_json(args.json, {"mapping": str(args.mapping), "data": args.data, "prompt": args.prompt,
+                               "scores": scores, "skipped": dict(skipped),
+                               "captions": [{"caption": c, "references": r,
+                                             **{k: float(v[i]) for k, v in per_image.items()}}
+                                            for i, (c, r) in enumerate(zip(captions, references))]})
     return 0
