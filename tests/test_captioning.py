@@ -177,7 +177,8 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
                  "--max-new-tokens", "4", "--json", str(report), "--no-progress"]) == 0
     result = json.loads(report.read_text())
     assert result["scores"]["images"] == 8 and len(result["captions"]) == 8
-    assert {"clip_score", "ref_clip_score", "bleu_4", "cider"} <= result["scores"].keys()
+    expected = {"clip_score", "ref_clip_score", "bleu_4", "cider", "human_clip_score", "human_cider"}
+    assert expected <= result["scores"].keys()
     assert result["captions"][0]["references"] == ["a red shape", "one a red shape"]
     assert result["scores"]["clip_score"] == pytest.approx(
         sum(c["clip_score"] for c in result["captions"]) / 8, abs=1e-6)

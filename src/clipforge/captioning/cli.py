@@ -272,8 +272,15 @@ def run_eval(args) -> int:
                                  args.max_new_tokens, args.prompt)
     per_image = clip_scores(clip_model, clip_tokenizer, features, captions, references)
     scores = {name: float(values.mean()) for name, values in per_image.items()}
+    # The human reference point, scored the same way: each image's first reference caption (its CLIPScore and, where
+    # images have several references, its BLEU/CIDEr against the others).
+    scores["human_clip_score"] = float(clip_scores(clip_model, clip_tokenizer, features,
+                                                   [refs[0] for refs in references])["clip_score"].mean())
     try:
         scores.update(coco_caption_scores(captions, references))
+        if all(len(refs) > 1 for refs in references):
+            human = coco_caption_scores([refs[0] for refs in references], [refs[1:] for refs in references])
+            scores.update({f"human_{k}": v for k, v in human.items() if k in ("bleu_4", "cider")})
     except ImportError as exc:
         print(f"note: BLEU and CIDEr skipped ({exc})")
     scores["images"] = len(captions)
