@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,6 @@ class Searcher:
             raise ValueError(f"{self.folder}: index holds {self.index.ntotal} vectors but the metadata "
                              f"{len(self.rows)} rows; rebuild the index")
         self.device = next(model.parameters()).device
-        self._stored = None  # memory-mapped on first de-duplicated search
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
@@ -75,11 +75,10 @@ class Searcher:
             results.append([{"id": i, "score": s, **self.rows[i]} for s, i in found[:k]])
         return results
 
-    @property
+    @cached_property
     def stored(self) -> StoredVectors:
-        if self._stored is None:
-            self._stored = StoredVectors(self.folder)
-        return self._stored
+        """Memory-mapped on the first de-duplicated search."""
+        return StoredVectors(self.folder)
 
     def search_text(self, text: str, k: int = 10, dedup: float | None = None) -> list[dict]:
         return self.search_vectors(self.embed_texts([text]), k, dedup)[0]
