@@ -171,6 +171,9 @@ def test_dedup_leaves_out_near_duplicates_and_still_fills_k(tmp_path, capsys):
     assert ids == expected[:5]
     assert cli.main(["search", str(folder), "x", "--dedup", "1.5", "--model", "ViT-Tiny-64"]) == 2
     assert "cosine similarity" in capsys.readouterr().err
+    for command in (["search", str(tmp_path / "nowhere"), "x"], ["serve", str(tmp_path / "nowhere")]):
+        assert cli.main(command) == 2
+        assert "nowhere: no such folder" in capsys.readouterr().err
 
 
 def test_approximate_index_reaches_target_recall():

@@ -18,6 +18,8 @@ def _load_model(args, folder=None):
     from ..evaluate.cli import load_for_eval
     from .search import model_spec
 
+    if folder and not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder (expected one written by `clipforge embed`)")
     spec = model_spec(folder) if folder and not (args.model or args.pretrained) else {}
     model, preprocess, tokenizer = load_for_eval(args.model or spec.get("model"),
                                                  args.pretrained or spec.get("pretrained"))
