@@ -247,6 +247,17 @@ def test_validation_zero_shot_accuracy_is_exact_for_a_model_that_knows_the_class
     assert metrics["image_to_text_R@5"] == 1.0 and metrics["text_to_image_R@5"] == 1.0
 
 
+def test_labelled_data_without_label_captions_fails_before_training_with_the_fix(tmp_path):
+    shard, _ = _colour_dataset(tmp_path / "colours")
+    cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), batch_size=8, steps=2, workers=1,
+                      output=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ValueError, match="no caption.*--label-captions default"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    cfg.label_captions = "default"  # the fix it names works
+    assert train(cfg)["steps"] == 2
+
+
 def test_final_checkpoint_is_written_before_validation_runs(tmp_path, monkeypatch):
     shard = shapes_shard(tmp_path / "s-000000.tar", 16)
 

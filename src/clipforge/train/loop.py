@@ -150,6 +150,22 @@ class _Labels:
         self.exclude = {self.classnames.index(c) for c in cfg.exclude_classes}
 
 
+def _check_captioned(source, name, peek: int = 64) -> None:
+    """Fail before training, with the fix, when the data has no captions to train on (else every sample would be
+    skipped inside the loader workers, after minutes of start-up)."""
+    samples = []
+    for raw in source.samples(0, 1, 0, 0, Counter()):
+        samples.append(raw)
+        if len(samples) == peek or "txt" in raw:
+            break
+    if not samples:
+        raise ValueError(f"training data {name}: no samples found")
+    if not any("txt" in raw for raw in samples):
+        hint = ("; its samples carry class labels (.cls): caption them from the class names with "
+                "--label-captions default") if any("cls" in raw for raw in samples) else ""
+        raise ValueError(f"training data {name}: the first {len(samples)} samples have no caption (.txt){hint}")
+
+
 # ---------------------------------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss_fn=None) -> dict:
@@ -201,6 +217,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     # ---- data
     source = train_source if train_source is not None else open_source(cfg.train_data, cfg.shuffle_buffer)
     labels = _Labels(cfg, source)
+    if not labels.classnames:
+        _check_captioned(source, cfg.train_data or source)
     tokenizer = get_tokenizer(model_config)
     samples_per_step = cfg.batch_size * world * cfg.accum_freq
     if cfg.steps:
