@@ -58,6 +58,9 @@ def list_items(input_spec: str) -> list[dict]:
     import tarfile
 
     for url in expand_shards(spec):
+        if not Path(url).is_file():
+            raise FileNotFoundError(f"{input_spec}: {url} not found (expected an image folder, a CSV/TSV, or "
+                                    "WebDataset shards)")
         with tarfile.open(url) as tar:
             keys = {}
             for member in tar:
