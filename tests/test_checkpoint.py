@@ -305,6 +305,14 @@ def test_cli_convert_round_trips_through_every_format(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_cli_asking_for_cuda_without_a_gpu_is_a_clear_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the error path cannot be reached")
+    for command in (["train", "--train-data", "x.tar", "--device", "cuda"], ["bench", "--quick", "--device", "cuda:1"]):
+        assert cli.main(command) == 2
+        assert "no CUDA device is available" in capsys.readouterr().err
+
+
 def test_cli_output_into_a_pipe_closed_early_is_not_an_error(capsys):
     """`clipforge models | head -1`: aligned rows, and no BrokenPipeError traceback when the reader has gone."""
     import os

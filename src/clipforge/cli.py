@@ -115,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     from .preprocess import BadImageError
     from .pretrained import DownloadError
 
+    device = getattr(args, "device", None)
+    if isinstance(device, str) and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+            print(f"clipforge {args.command}: error: --device {device}, but no CUDA device is available here "
+                  f"(torch {torch.__version__}, {build})", file=sys.stderr)
+            return 2
     try:
         code = args.func(args) or 0
         sys.stdout.flush()  # here, so that a closed pipe is caught below, not at interpreter exit
