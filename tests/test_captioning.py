@@ -171,6 +171,8 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
     (tmp_path / "broken.png").write_bytes(b"garbage")
     assert main(["caption", "generate", "--mapping", str(tmp_path / "straight"), str(tmp_path / "broken.png")]) == 2
     assert "broken.png" in capsys.readouterr().err
+    assert main(["caption", "generate", "--mapping", str(tmp_path / "straight"), str(tmp_path / "absent.png")]) == 2
+    assert "no such image file" in capsys.readouterr().err
 
     report = tmp_path / "eval.json"
     assert main(["caption", "eval", "--mapping", str(tmp_path / "straight"), "--data", str(shard), "--max-images", "8",

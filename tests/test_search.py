@@ -174,6 +174,8 @@ def test_dedup_leaves_out_near_duplicates_and_still_fills_k(tmp_path, capsys):
     for command in (["search", str(tmp_path / "nowhere"), "x"], ["serve", str(tmp_path / "nowhere")]):
         assert cli.main(command) == 2
         assert "nowhere: no such folder" in capsys.readouterr().err
+    assert cli.main(["search", str(tmp_path), "x"]) == 2  # a folder, but not an embedded collection
+    assert "no img_emb/*.npy here" in capsys.readouterr().err
     assert cli.main(["embed", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--model", "ViT-Tiny-64"]) == 2
     assert "nowhere not found (expected an image folder" in capsys.readouterr().err
 

@@ -243,6 +243,9 @@ def run_generate(args) -> int:
     from ..preprocess import open_image
     from .limber import embed_images, generate
 
+    missing = [path for path in args.images if not Path(path).is_file()]
+    if missing:  # before minutes of model loading
+        raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
     mapping, clip_model, preprocess, _, lm, tokenizer = _load_trained(args.mapping, args.device)
     images = [open_image(Path(path).read_bytes(), name=path) for path in args.images]  # clear error on a bad file
     features = embed_images(clip_model, [image.convert("RGB") for image in images], preprocess).to(args.device)

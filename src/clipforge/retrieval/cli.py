@@ -20,6 +20,8 @@ def _load_model(args, folder=None):
 
     if folder and not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: no such folder (expected one written by `clipforge embed`)")
+    if folder and not any((Path(folder) / "img_emb").glob("img_emb_*.npy")):
+        raise FileNotFoundError(f"{folder}: no img_emb/*.npy here; run `clipforge embed IMAGES {folder}` first")
     spec = model_spec(folder) if folder and not (args.model or args.pretrained) else {}
     model, preprocess, tokenizer = load_for_eval(args.model or spec.get("model"),
                                                  args.pretrained or spec.get("pretrained"))
