@@ -153,11 +153,12 @@ class _Labels:
 def _check_captioned(source, name, peek: int = 64) -> None:
     """Fail before training, with the fix, when the data has no captions to train on (else every sample would be
     skipped inside the loader workers, after minutes of start-up)."""
-    samples = []
-    for raw in source.samples(0, 1, 0, 0, Counter()):
+    samples, stream = [], iter(source.samples(0, 1, 0, 0, Counter()))
+    for raw in stream:
         samples.append(raw)
         if len(samples) == peek or "txt" in raw:
             break
+    getattr(stream, "close", lambda: None)()  # release the shard (or a pipe's process) now, not at collection
     if not samples:
         raise ValueError(f"training data {name}: no samples found")
     if not any("txt" in raw for raw in samples):
