@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -26,16 +25,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def names_only(caption: str, classnames: list[str]) -> set[int]:
-    words = set(re.findall(r"[a-z]+", caption.lower()))
-    return {i for i, name in enumerate(classnames) if name in words or name + "s" in words}
-
-
 def main() -> None:
     import clipforge
     from clipforge.captioning.cli import collect_captioned_images
     from clipforge.captioning.limber import ImageToPrefix, MappingConfig, embed_images, generate, load_language_model, \
         PREFIX_LR_SCALE, rank_captions, train_mapping
+    from clipforge.captioning.metrics import classes_named, names_the_class
     from clipforge.data.sources import read_classnames
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +55,7 @@ def main() -> None:
     embed_s = time.perf_counter() - began
     test_images, test_captions, _ = collect_captioned_images(str(args.data / "cifar10" / "test"), True,
                                                              args.test_images)
-    labels = torch.tensor([names_only(c[0], classnames).pop() for c in test_captions])  # first caption names it
+    labels = torch.tensor([classes_named(c[0], classnames).pop() for c in test_captions])  # first caption names it
     test_features = embed_images(model, test_images, preprocess)
 
     with torch.no_grad():  # what the tower knows: zero-shot with one plain prompt per class
@@ -76,7 +71,7 @@ def main() -> None:
     train_s = time.perf_counter() - began
 
     def score(generated: list[str]) -> float:
-        return sum(names_only(c, classnames) == {int(y)} for c, y in zip(generated, labels)) / len(labels)
+        return names_the_class(generated, labels.tolist(), classnames)
 
     began = time.perf_counter()
     generated = []

@@ -185,6 +185,20 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
     assert result["scores"]["clip_score"] == pytest.approx(
         sum(c["clip_score"] for c in result["captions"]) / 8, abs=1e-6)
 
+    # labelled data (image + .cls, classnames.txt): also whether each caption names its image's class
+    (tmp_path / "colours").mkdir()
+    (tmp_path / "colours" / "classnames.txt").write_text("\n".join(COLOURS) + "\n")
+    labelled = write_shard(tmp_path / "colours" / "test" / "test-000000.tar",
+                           [{"__key__": f"{i:04d}", "png": _png(img), "cls": str(list(COLOURS).index(c[0].split()[1]))}
+                            for i, (img, c) in enumerate(zip(*colour_images(8, seed=7)))])
+    assert main(["caption", "eval", "--mapping", str(tmp_path / "straight"), "--data", str(labelled), "--label-captions",
+                 "--max-new-tokens", "4", "--json", str(report), "--no-progress"]) == 0
+    result = json.loads(report.read_text())
+    named = [c["caption"].split() for c in result["captions"]]
+    truth = [list(COLOURS)[i % 4] for i in range(8)]
+    assert result["scores"]["names_the_class"] == pytest.approx(
+        sum({w for w in words if w in COLOURS} == {colour} for words, colour in zip(named, truth)) / 8)
+
 
 def test_cli_refuses_an_untrained_tower(tmp_path, capsys):
     assert main(["caption", "train", "--clip", "ViT-Tiny-64", "--data", str(tmp_path), "--output",
@@ -239,6 +253,16 @@ def test_coco_caption_scores_reward_matching_captions():
     assert swapped["bleu_4"] < 0.1 and swapped["cider"] < exact["cider"] / 5
     with pytest.raises(ValueError, match="reference"):
         coco_caption_scores(["a caption"], [[]])
+
+
+def test_class_naming_counts_words_not_substrings():
+    from clipforge.captioning.metrics import classes_named, names_the_class
+
+    names = ["cat", "dog", "pickup truck", "box"]
+    assert classes_named("Two dogs and a Cat.", names) == {0, 1}
+    assert classes_named("a red pickup truck by the boxes", names) == {2, 3}
+    assert classes_named("a catalog of dogma", names) == set()
+    assert names_the_class(["a cat", "a cat and a dog", "a truck"], [0, 0, 2], names) == 1 / 3
 
 
 def test_clip_scores_follow_hessel_et_al(tiny_clip):

@@ -262,7 +262,7 @@ def run_eval(args) -> int:
 
     from ..checkpoint import write_json
     from .limber import generate
-    from .metrics import clip_scores, coco_caption_scores
+    from .metrics import classes_named, clip_scores, coco_caption_scores, names_the_class
 
     mapping, clip_model, preprocess, clip_tokenizer, lm, tokenizer = _load_trained(args.mapping, args.device)
     features, references, skipped = embed_captioned(clip_model, preprocess, args.data, args.label_captions,
@@ -286,6 +286,11 @@ def run_eval(args) -> int:
             scores.update({f"human_{k}": v for k, v in human.items() if k in ("bleu_4", "cider")})
     except ImportError as exc:
         print(f"note: BLEU and CIDEr skipped ({exc})")
+    if args.label_captions:  # labelled data: does the caption name the class? (each first reference names it)
+        classnames = _open_captioned(args.data, True)[1]
+        labels = [classes_named(refs[0], classnames) for refs in references]
+        if all(len(named) == 1 for named in labels):
+            scores["names_the_class"] = names_the_class(captions, [named.pop() for named in labels], classnames)
     scores["images"] = len(captions)
     print(f"{len(captions)} images of {args.data}" + (f" (skipped: {dict(skipped)})" if skipped else "") + ": "
           + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "images"))

@@ -19,6 +19,20 @@ import torch.nn.functional as F
 CLIP_SCORE_WEIGHT = 2.5  # Hessel et al.: rescales cosines of ~0-0.4 to ~0-1
 
 
+def classes_named(caption: str, classnames: list[str]) -> set[int]:
+    """Indices of the class names a caption mentions as words (singular or plural): "two dogs" names "dog"."""
+    text = caption.lower()
+    return {i for i, name in enumerate(classnames)
+            if re.search(rf"\b{re.escape(name.lower())}(?:s|es)?\b", text)}
+
+
+def names_the_class(captions: list[str], labels: list[int], classnames: list[str]) -> float:
+    """Fraction of captions that name their image's class and no other class."""
+    if len(captions) != len(labels) or not captions:
+        raise ValueError(f"{len(captions)} captions for {len(labels)} labels")
+    return sum(classes_named(c, classnames) == {int(y)} for c, y in zip(captions, labels)) / len(captions)
+
+
 def tokenize_for_scoring(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
