@@ -139,13 +139,14 @@ class EvaluationSet:
     labels: torch.Tensor | None = None
     classnames: list[str] | None = None
     skipped: Counter = field(default_factory=Counter)
+    captions_from_labels: bool = False  # every caption was made from its class name, none written for the image
 
 
 def evaluation_set(source, transform, limit: int | None = None, classnames=None, caption_templates=None,
                    label_captions: bool = False, seed: int = 0) -> EvaluationSet:
     """The first ``limit`` usable samples of ``source`` in order, each with its first caption line (or, for
     labelled samples without text or with ``label_captions``, a label caption). Unusable samples are counted."""
-    images, captions, labels, skipped = [], [], [], Counter()
+    images, captions, labels, skipped, from_labels = [], [], [], Counter(), []
     for raw in source.samples(0, 1, 0, seed, skipped):
         rng = random.Random(f"eval-{seed}-{len(images)}")
         if "txt" in raw and not label_captions:
@@ -159,11 +160,12 @@ def evaluation_set(source, transform, limit: int | None = None, classnames=None,
         images.append(transform(image))
         captions.append(text)
         labels.append(int(raw["cls"]) if "cls" in raw else None)
+        from_labels.append(label_captions or "txt" not in raw)
         if limit and len(images) >= limit:
             break
     labelled = bool(labels) and classnames is not None and None not in labels
     return EvaluationSet(images, captions, torch.tensor(labels) if labelled else None,
-                         list(classnames) if labelled else None, skipped)
+                         list(classnames) if labelled else None, skipped, labelled and all(from_labels))
 
 
 def iter_captioned_images(source, classnames=None, seed: int = 0, skipped: Counter | None = None):

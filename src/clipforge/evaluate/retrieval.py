@@ -5,18 +5,22 @@ import torch
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
-                      ks=(1, 5, 10)) -> dict[str, float]:
+                      ks=(1, 5, 10), positives: torch.Tensor | None = None) -> dict[str, float]:
     """Recall@k both ways from L2-normalised features.
 
     ``text_to_image[t]`` is the index of the image caption ``t`` describes. text->image: a caption scores a hit when
     its image is among the top k. image->text: an image scores a hit when any of its captions is among the top k.
+    ``positives`` ([texts, images] bool) replaces that pairing, e.g. with "same class" for captions made from labels.
     """
     if image_features.shape[0] == 0 or text_features.shape[0] == 0:
         raise ValueError("retrieval needs at least one image and one caption")
-    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long)
     scores = text_features.float() @ image_features.float().T  # [texts, images]
-    positives = torch.zeros_like(scores, dtype=torch.bool)
-    positives[torch.arange(len(text_to_image)), text_to_image] = True
+    if positives is None:
+        text_to_image = torch.as_tensor(text_to_image, dtype=torch.long)
+        positives = torch.zeros_like(scores, dtype=torch.bool)
+        positives[torch.arange(len(text_to_image)), text_to_image] = True
+    elif positives.shape != scores.shape:
+        raise ValueError(f"positives has shape {tuple(positives.shape)}, expected {tuple(scores.shape)}")
     metrics = {}
     for k in ks:
         k_images, k_texts = min(k, scores.shape[1]), min(k, scores.shape[0])

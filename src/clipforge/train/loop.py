@@ -444,14 +444,19 @@ def _set_device_rng(device, state):
 
 @torch.no_grad()
 def validate(model, tokenizer, val_set, device, autocast=nullcontext(), templates=DEFAULT_TEMPLATES) -> dict:
-    """Retrieval recall@1/5/10 both ways over ``val_set``'s pairs, and zero-shot top-1/top-5 when it is labelled."""
+    """Retrieval recall@1/5/10 both ways over ``val_set``'s pairs (``class_*``: by class, when the captions were made
+    from class names), and zero-shot top-1/top-5 when it is labelled."""
     from ..evaluate.retrieval import embed_pairs, retrieval_metrics
 
     was_training = model.training
     model.eval()
     with autocast:
         images, texts = embed_pairs(model, tokenizer, val_set.images, val_set.captions, device=device)
-        metrics = retrieval_metrics(images, texts, torch.arange(len(val_set.captions)))
+        if val_set.captions_from_labels:  # "a photo of a cat" describes every cat: any same-class item is a hit
+            same_class = val_set.labels[:, None] == val_set.labels[None, :]
+            metrics = {f"class_{k}": v for k, v in retrieval_metrics(images, texts, None, positives=same_class).items()}
+        else:
+            metrics = retrieval_metrics(images, texts, torch.arange(len(val_set.captions)))
         if val_set.labels is not None:
             weights = zero_shot_classifier(model, tokenizer, val_set.classnames, templates, device=device)
             logits = images @ weights.float().cpu()
