@@ -232,11 +232,11 @@ def test_streamed_embedding_equals_embedding_all_at_once(tiny_clip, tmp_path):
     shard = write_shard(tmp_path / "d" / "s-000000.tar", [{"__key__": f"{i}", "png": _png(im), "txt": c[0]}
                                                           for i, (im, c) in enumerate(zip(images, captions))])
     model, preprocess, _ = clipforge.load(str(tiny_clip))
-    streamed, streamed_captions, _ = embed_captioned(model, preprocess, str(shard), chunk=3, progress=False)
+    streamed, streamed_captions, _, _ = embed_captioned(model, preprocess, str(shard), chunk=3, progress=False)
     all_images, all_captions, _ = collect_captioned_images(str(shard))
     torch.testing.assert_close(streamed, limber.embed_images(model, all_images, preprocess))
     assert streamed_captions == all_captions == captions
-    limited, _, _ = embed_captioned(model, preprocess, str(shard), max_images=4, chunk=3, progress=False)
+    limited, _, _, _ = embed_captioned(model, preprocess, str(shard), max_images=4, chunk=3, progress=False)
     assert len(limited) == 4
 
 

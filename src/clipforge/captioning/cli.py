@@ -103,8 +103,8 @@ def collect_captioned_images(spec: str, label_captions: bool = False, max_images
 
 def embed_captioned(clip_model, preprocess, spec: str, label_captions: bool = False, max_images: int | None = None,
                     seed: int = 0, chunk: int = 256, progress: bool = True):
-    """(features [N, D], caption lists, skipped counts), decoding and embedding ``chunk`` images at a time, so a
-    large collection never sits in memory as images."""
+    """(features [N, D], caption lists, labels (None unless ``label_captions``), skipped counts), decoding and
+    embedding ``chunk`` images at a time, so a large collection never sits in memory as images."""
     import torch
     from tqdm import tqdm
 
@@ -112,11 +112,12 @@ def embed_captioned(clip_model, preprocess, spec: str, label_captions: bool = Fa
     from .limber import embed_images
 
     source, classnames = _open_captioned(spec, label_captions)
-    features, captions, pending, skipped = [], [], [], Counter()
+    features, captions, labels, pending, skipped = [], [], [], [], Counter()
     bar = tqdm(desc="embedding images", unit="img", disable=not progress, total=max_images)
-    for image, lines in iter_captioned_images(source, classnames, seed, skipped):
+    for image, lines, label in iter_captioned_images(source, classnames, seed, skipped):
         pending.append(image)
         captions.append(lines)
+        labels.append(label)
         if len(pending) == chunk or (max_images and len(captions) >= max_images):
             features.append(embed_images(clip_model, pending, preprocess))
             bar.update(len(pending))
@@ -129,7 +130,7 @@ def embed_captioned(clip_model, preprocess, spec: str, label_captions: bool = Fa
     bar.close()
     if not captions:
         raise ValueError(f"{spec}: no usable captioned images (skipped: {dict(skipped) or 'none'})")
-    return torch.cat(features), captions, skipped
+    return torch.cat(features), captions, labels if label_captions else None, skipped
 
 
 def _load_clip(spec: str, pretrained: str | None, device: str):
@@ -156,8 +157,8 @@ def run_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     clip_model, preprocess, _ = _load_clip(args.clip, args.pretrained, args.device)
-    features, captions, skipped = embed_captioned(clip_model, preprocess, args.data, args.label_captions,
-                                                  args.max_images, args.seed, progress=args.progress)
+    features, captions, _, skipped = embed_captioned(clip_model, preprocess, args.data, args.label_captions,
+                                                     args.max_images, args.seed, progress=args.progress)
     features = features.to(args.device)
     print(f"{len(features)} images, {sum(map(len, captions))} captions (skipped: {dict(skipped) or 'none'})")
     lm, tokenizer = load_language_model(args.lm)
@@ -262,11 +263,11 @@ def run_eval(args) -> int:
 
     from ..checkpoint import write_json
     from .limber import generate
-    from .metrics import classes_named, clip_scores, coco_caption_scores, names_the_class
+    from .metrics import clip_scores, coco_caption_scores, names_the_class
 
     mapping, clip_model, preprocess, clip_tokenizer, lm, tokenizer = _load_trained(args.mapping, args.device)
-    features, references, skipped = embed_captioned(clip_model, preprocess, args.data, args.label_captions,
-                                                    args.max_images, progress=args.progress)
+    features, references, labels, skipped = embed_captioned(clip_model, preprocess, args.data, args.label_captions,
+                                                            args.max_images, progress=args.progress)
     captions = []
     for start in tqdm(range(0, len(features), args.batch_size), desc="captioning", unit="batch",
                       disable=not args.progress):
@@ -286,11 +287,8 @@ def run_eval(args) -> int:
             scores.update({f"human_{k}": v for k, v in human.items() if k in ("bleu_4", "cider")})
     except ImportError as exc:
         print(f"note: BLEU and CIDEr skipped ({exc})")
-    if args.label_captions:  # labelled data: does the caption name the class? (each first reference names it)
-        classnames = _open_captioned(args.data, True)[1]
-        labels = [classes_named(refs[0], classnames) for refs in references]
-        if all(len(named) == 1 for named in labels):
-            scores["names_the_class"] = names_the_class(captions, [named.pop() for named in labels], classnames)
+    if labels is not None:  # labelled data: does the caption name its image's class?
+        scores["names_the_class"] = names_the_class(captions, labels, _open_captioned(args.data, True)[1])
     scores["images"] = len(captions)
     print(f"{len(captions)} images of {args.data}" + (f" (skipped: {dict(skipped)})" if skipped else "") + ": "
           + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "images"))

@@ -169,9 +169,9 @@ def evaluation_set(source, transform, limit: int | None = None, classnames=None,
 
 
 def iter_captioned_images(source, classnames=None, seed: int = 0, skipped: Counter | None = None):
-    """``(PIL image, caption list)`` per usable sample of ``source``, read once in order: every caption line of a
-    sample's text, or, for labelled samples when ``classnames`` is given, four label captions. Unusable samples
-    are skipped and counted in ``skipped``."""
+    """``(PIL image, caption list, label)`` per usable sample of ``source``, read once in order: every caption line of
+    a sample's text (label None), or, for labelled samples when ``classnames`` is given, four label captions and the
+    integer label. Unusable samples are skipped and counted in ``skipped``."""
     skipped = Counter() if skipped is None else skipped
     kept = 0
     for raw in source.samples(0, 1, 0, seed, skipped):
@@ -183,15 +183,17 @@ def iter_captioned_images(source, classnames=None, seed: int = 0, skipped: Count
             continue
         kept += 1
         if classnames is not None:
-            yield image, [first] + [label_caption(classnames[int(raw["cls"])], rng) for _ in range(3)]
+            label = int(raw["cls"])
+            yield image, [first] + [label_caption(classnames[label], rng) for _ in range(3)], label
         else:  # decode_sample has checked there is at least one non-empty line
-            yield image, [line.strip() for line in raw["txt"].decode("utf-8", "replace").splitlines() if line.strip()]
+            lines = [line.strip() for line in raw["txt"].decode("utf-8", "replace").splitlines() if line.strip()]
+            yield image, lines, None
 
 
 def captioned_images(source, classnames=None, max_images: int | None = None, seed: int = 0):
     """``(PIL images, caption list per image, skipped counts)``: ``iter_captioned_images`` collected."""
     images, captions, skipped = [], [], Counter()
-    for image, lines in iter_captioned_images(source, classnames, seed, skipped):
+    for image, lines, _ in iter_captioned_images(source, classnames, seed, skipped):
         images.append(image)
         captions.append(lines)
         if max_images and len(images) >= max_images:
