@@ -9,8 +9,8 @@ from PIL import Image
 import clipforge
 import clipforge.train
 from clipforge import cli
-from clipforge.data import (ContrastiveStream, CsvSource, FolderSource, ShapesSource, load_caption_templates,
-                            open_source)
+from clipforge.data import ContrastiveStream, CsvSource, FolderSource, ShapesSource, open_source
+from clipforge.prompts import load_templates
 from clipforge.preprocess import TrainTransform
 
 from conftest import shapes_shard, write_shard
@@ -58,9 +58,9 @@ def test_caption_templates_file_needs_placeholders(tmp_path):
     good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
     good.write_text("# comment\na snapshot of {}\n\n{} up close\n")
     bad.write_text("a photo of something\n")
-    assert load_caption_templates(good) == ["a snapshot of {}", "{} up close"]
+    assert load_templates(good) == ["a snapshot of {}", "{} up close"]
     with pytest.raises(ValueError, match="placeholder"):
-        load_caption_templates(bad)
+        load_templates(bad)
 
 
 def test_csv_and_folder_sources(tmp_path):

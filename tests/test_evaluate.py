@@ -10,7 +10,8 @@ from PIL import Image
 import clipforge
 from clipforge import cli
 from clipforge.evaluate import retrieval_metrics
-from clipforge.evaluate.datasets import load_templates, open_labelled, shipped_classnames, shipped_templates
+from clipforge.evaluate.datasets import open_labelled
+from clipforge.prompts import load_templates, shipped_classnames, shipped_templates
 from clipforge.evaluate.linear_probe import fit_logistic, linear_probe
 from clipforge.evaluate.metrics import classification_metrics
 

@@ -188,7 +188,8 @@ def test_labelled_validation_data_reports_zero_shot_accuracy(tmp_path):
     them on the same images, besides retrieval recall (over label captions)."""
     from clipforge.data import open_source
     from clipforge.evaluate.features import embed_labelled
-    from clipforge.zeroshot import accuracy, zero_shot_classifier
+    from clipforge.evaluate.metrics import classification_metrics
+    from clipforge.zeroshot import zero_shot_classifier
 
     shard = shapes_shard(tmp_path / "s-000000.tar", 32)
     val_shard, colours = _colour_dataset(tmp_path / "colours")
@@ -202,10 +203,10 @@ def test_labelled_validation_data_reports_zero_shot_accuracy(tmp_path):
     tokenizer = clipforge.get_tokenizer("ViT-Tiny-64")
     features, labels = embed_labelled(model, open_source(str(val_shard), shuffle_buffer=0),
                                       clipforge.Preprocess(64), progress=False)
-    expected = accuracy(features @ zero_shot_classifier(model, tokenizer, colours), labels, topk=(1, 5))
+    expected = classification_metrics(features @ zero_shot_classifier(model, tokenizer, colours), labels, colours)
     assert len(labels) == 24
-    assert val["zeroshot_top1"] == pytest.approx(expected["top1"], abs=1e-6)
-    assert val["zeroshot_top5"] == pytest.approx(expected["top5"], abs=1e-6)
+    assert val["zeroshot_top1"] == pytest.approx(expected["acc1"], abs=1e-6)
+    assert val["zeroshot_top5"] == pytest.approx(expected["acc5"], abs=1e-6)
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["val/zeroshot_top1"] == val["zeroshot_top1"]
 

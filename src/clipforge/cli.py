@@ -17,14 +17,14 @@ EPILOG = """examples:
 
 def _cmd_models(args) -> int:
     from . import list_models, list_pretrained
-    from .models import get_model_config
+    from .models import get_model_config, is_resnet
 
     names = list_models()
     width = max(map(len, names))
     for name in names:
         cfg = get_model_config(name)
         tags = [t for _, t in list_pretrained(name)]
-        kind = "ResNet" if isinstance(cfg["vision_cfg"]["layers"], list) else "ViT"
+        kind = "ResNet" if is_resnet(cfg) else "ViT"
         print(f"{name:{width}s} {kind:6s} {cfg['vision_cfg']['image_size']:4d}px  embed {cfg['embed_dim']:5d}  "
               f"pretrained: {', '.join(tags) or '-'}")
     return 0

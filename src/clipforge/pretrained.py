@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .checkpoint import atomic_path
+from .files import atomic_path
 
 
 class DownloadError(RuntimeError):

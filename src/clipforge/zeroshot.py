@@ -1,40 +1,45 @@
-"""Zero-shot classification: class embeddings from prompt templates (prompt ensembling, Radford et al. 2021 §3.1.4)."""
+"""Zero-shot classification: class embeddings from prompt templates (prompt ensembling, Radford et al. 2021 §3.1.4).
+
+Each class is the renormalised mean of its L2-normalised prompt embeddings; an image's class probabilities are the
+softmax of its cosine similarities to them, scaled by the model's learned temperature.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
+from .models.clip import LOGIT_SCALE_MAX
+from .prompts import DEFAULT_TEMPLATES, prompt_texts
 
 
-def _fill(template: str, classname: str) -> str:
-    if "{}" in template:
-        return template.replace("{}", classname)
-    if "{c}" in template:
-        return template.replace("{c}", classname)
-    raise ValueError(f"template {template!r} has no '{{}}' placeholder for the class name")
+def class_weights(prompt_features: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``[n_classes * n_templates, D]`` prompt features, class-major (as ``prompts.prompt_texts`` orders them) ->
+    classifier weights ``[D, n_classes]``: each class the renormalised mean of its normalised prompt embeddings."""
+    per_prompt = F.normalize(prompt_features.float(), dim=-1).view(n_classes, -1, prompt_features.shape[-1])
+    return F.normalize(per_prompt.mean(dim=1), dim=-1).T
 
 
 @torch.no_grad()
 def zero_shot_classifier(model, tokenizer, classnames, templates=DEFAULT_TEMPLATES, device=None,
                          batch_size: int = 256) -> torch.Tensor:
-    """Weights [embed_dim, n_classes]: each class is the renormalised mean of its L2-normalised prompt embeddings."""
+    """Classifier weights ``[embed_dim, n_classes]`` for ``classnames`` from ``templates``."""
     classnames, templates = list(classnames), list(templates)
     if not classnames:
         raise ValueError("zero-shot classification needs at least one class name")
     if not templates:
         raise ValueError("zero-shot classification needs at least one prompt template")
     device = device or next(model.parameters()).device
-    texts = [_fill(t, c) for c in classnames for t in templates]
-    features = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[start:start + batch_size]).to(device)
-        features.append(model.encode_text(tokens, normalize=True).float())
-    per_prompt = torch.cat(features).view(len(classnames), len(templates), -1)
-    return F.normalize(per_prompt.mean(dim=1), dim=-1).T
+    texts = prompt_texts(classnames, templates)
+    features = [model.encode_text(tokenizer(texts[start:start + batch_size]).to(device)).float()
+                for start in range(0, len(texts), batch_size)]
+    return class_weights(torch.cat(features), len(classnames))
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk=(1,)) -> dict[str, float]:
-    labels = torch.as_tensor(labels)
-    top = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
-    return {f"top{k}": (top[:, :k] == labels[:, None]).any(dim=1).float().mean().item() for k in topk}
+def temperature(model) -> float:
+    """The model's logit scale as its forward pass applies it: learned, exponentiated, clamped."""
+    return float(model.logit_scale.detach().exp().clamp(max=LOGIT_SCALE_MAX))
+
+
+def class_probabilities(model, image_features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes of the scaled cosine similarities; ``image_features`` L2-normalised ``[N, D]``."""
+    return (temperature(model) * image_features.float() @ weights.float()).softmax(dim=-1)

@@ -79,16 +79,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _open_captioned(spec: str, label_captions: bool):
     """The data source and, for --label-captions, its class names."""
-    from ..data.sources import find_classnames, open_source, read_classnames
+    from ..data.sources import open_source, source_classnames
 
     source = open_source(spec, shuffle_buffer=0)
-    if not label_captions:
-        return source, None
-    urls = getattr(source, "urls", None)
-    path = find_classnames(urls[0]) if urls else None
-    if path is None:
-        raise ValueError("--label-captions needs classnames.txt beside the shard folder (CLIP_benchmark layout)")
-    return source, read_classnames(path)
+    return source, source_classnames(source, needed_for="--label-captions") if label_captions else None
 
 
 def collect_captioned_images(spec: str, label_captions: bool = False, max_images: int | None = None, seed: int = 0):
@@ -134,17 +128,17 @@ def embed_captioned(clip_model, preprocess, spec: str, label_captions: bool = Fa
 
 
 def _load_clip(spec: str, pretrained: str | None, device: str):
-    import clipforge
+    from ..inference import load_for_inference
 
-    model, preprocess, tokenizer = clipforge.load(spec, pretrained=pretrained, device=device)
+    model, preprocess, tokenizer = load_for_inference(spec, pretrained, device)
     return model.requires_grad_(False), preprocess, tokenizer
 
 
 def run_train(args) -> int:
     import torch
-    from safetensors.torch import load_file
 
-    from ..checkpoint import save_safetensors, write_json
+    from ..files import write_json
+    from ..train.checkpoints import TRAIN_STATE, load_train_state, write_train_state
     from .limber import ImageToPrefix, MappingConfig, load_language_model, mapping_optimizer, train_mapping
 
     from ..models import list_models
@@ -172,17 +166,16 @@ def run_train(args) -> int:
     mapping.start_from(lm)
     optimizer = mapping_optimizer(mapping, args.lr)
     start = 0
-    state_file = out / "train_state.safetensors"
     if args.resume:
-        if not state_file.is_file():
-            raise FileNotFoundError(f"--resume: no {state_file}")
+        if not (out / TRAIN_STATE).is_file():
+            raise FileNotFoundError(f"--resume: no {out / TRAIN_STATE}")
         mapping = ImageToPrefix.load(out).to(args.device)
         if mapping.config.image_dim != config.image_dim or mapping.config.lm_dim != config.lm_dim:
             raise ValueError(f"--resume: {out} was trained with other image features or another language model")
         optimizer = mapping_optimizer(mapping, args.lr)
-        state = load_file(state_file)
-        start = int(state.pop("step"))
-        _load_adamw_state(optimizer, mapping, state)
+        state = load_train_state(out)
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
         print(f"resuming at step {start}")
     log = (out / "log.jsonl").open("a")
     began = time.time()
@@ -191,7 +184,7 @@ def run_train(args) -> int:
         log.write(json.dumps({"step": step, "loss": loss, "elapsed_s": round(time.time() - began, 2)}) + "\n")
         if step % args.save_every == 0 or step == args.steps:
             mapping.save(out)  # the map first, then the state that says which step it belongs to
-            save_safetensors({"step": torch.tensor(step), **_adamw_state(optimizer, mapping)}, state_file)
+            write_train_state(out, {"step": step, "optimizer": optimizer.state_dict()})
             log.flush()
 
     try:
@@ -204,22 +197,6 @@ def run_train(args) -> int:
     write_json(out / "train_args.json", {k: v for k, v in vars(args).items() if not callable(v)})
     print(f"saved {out / 'mapping.safetensors'}")
     return 0
-
-
-def _adamw_state(optimizer, mapping) -> dict:
-    state = {}
-    for name, param in mapping.named_parameters():
-        for key, value in optimizer.state.get(param, {}).items():
-            state[f"{name}.{key}"] = value.detach().cpu().reshape(-1) if value.ndim == 0 else value.detach().cpu()
-    return state
-
-
-def _load_adamw_state(optimizer, mapping, state: dict) -> None:
-    for name, param in mapping.named_parameters():
-        entries = {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(name + ".")}
-        if entries:
-            optimizer.state[param] = {k: (v.reshape(()) if k == "step" else v.to(param.device))
-                                      for k, v in entries.items()}
 
 
 def _load_trained(mapping_folder: str, device: str):
@@ -261,7 +238,7 @@ def run_eval(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..checkpoint import write_json
+    from ..files import write_json
     from .limber import generate
     from .metrics import clip_scores, coco_caption_scores, names_the_class
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, save_safetensors, write_json
+from ..checkpoint import CheckpointError, save_safetensors
+from ..files import write_json
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAPPING_WEIGHTS, MAPPING_CONFIG = "mapping.safetensors", "limber.json"

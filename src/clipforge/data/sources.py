@@ -1,8 +1,10 @@
-"""Where (image, text) samples come from: WebDataset shards, CSV files, image folders, generated shapes.
+"""Where (image, text or label) samples come from: WebDataset shards, CSV files, image folders, generated shapes.
 
-A source yields *raw* samples (undecoded bytes plus text or label) for one part of the data: part ``p`` of ``P``
-(one part per rank x DataLoader worker), in an order fixed by ``(seed, epoch)``. Decoding happens later, so a
-resumed run can skip samples it already trained on without decoding them.
+``open_source(spec)`` is the one place that decides what a path or URL names, for training, evaluation, embedding and
+captioning alike. A source yields *raw* samples (undecoded bytes plus text or label) for one part of the data: part
+``p`` of ``P`` (one part per rank x DataLoader worker), in an order fixed by ``(seed, epoch)`` (or the listed order,
+for evaluation). Decoding happens later, so a resumed run can skip samples it already trained on without decoding
+them. ``source.catalogue()`` lists the items themselves (a file, or a key in a shard) for embedding collections.
 """
 from __future__ import annotations
 
@@ -10,10 +12,16 @@ import csv
 import os
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+# One rule for tables, by preference: the first of these columns present is used.
+IMAGE_COLUMNS = ("filepath", "image", "path", "image_path", "file")
+CAPTION_COLUMNS = ("title", "caption", "text")  # open_clip's --csv-caption-key default first
+LABEL_COLUMN = "label"
+CLASSNAMES_FILE = "classnames.txt"
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -26,12 +34,16 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
 def find_classnames(shard: str) -> Path | None:
     """CLIP_benchmark layout: ``<dataset>/classnames.txt`` beside the ``<dataset>/<split>/`` shard folder."""
-    if shard.startswith("pipe:") or "://" in shard:
+    if _is_remote(shard):
         return None
     folder = Path(shard).parent
-    for candidate in (folder / "classnames.txt", folder.parent / "classnames.txt"):
+    for candidate in (folder / CLASSNAMES_FILE, folder.parent / CLASSNAMES_FILE):
         if candidate.exists():
             return candidate
     return None
@@ -44,29 +56,71 @@ def read_classnames(path: str | Path) -> list[str]:
     return names
 
 
+def source_classnames(source, needed_for: str | None = None) -> list[str] | None:
+    """The class names of a labelled source: its own list, or ``classnames.txt`` beside it (CLIP_benchmark layout).
+    ``needed_for`` (e.g. ``"--label-captions"``) turns a missing file into an error that says what needs it."""
+    names = getattr(source, "classnames", None)
+    if names is None:
+        anchor = getattr(source, "anchor", None)
+        path = find_classnames(anchor) if anchor else None
+        names = read_classnames(path) if path else None
+    if names is None and needed_for:
+        raise ValueError(f"{needed_for} needs {CLASSNAMES_FILE} beside the shard folder (CLIP_benchmark layout: "
+                         f"<dataset>/{CLASSNAMES_FILE} next to <dataset>/<split>/)")
+    return names
+
+
 class ShardSource:
     """WebDataset tar shards (img2dataset layout: image + txt [+ json]; or CLIP_benchmark: image + cls)."""
+
+    classnames = None
 
     def __init__(self, spec: str, shuffle_buffer: int = 1000):
         self.spec = spec
         self.urls = expand_shards(spec)
         self.shuffle_buffer = shuffle_buffer
-        missing = [u for u in self.urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+        missing = [u for u in self.urls if not _is_remote(u) and not os.path.exists(u)]
         if missing:
             raise FileNotFoundError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                          if len(missing) > 1 else ""))
+
+    @property
+    def anchor(self) -> str:
+        """Where ``classnames.txt`` is looked for."""
+        return self.urls[0]
+
+    def _local_urls(self, what: str) -> list[str]:
+        remote = [u for u in self.urls if _is_remote(u)]
+        if remote:
+            raise ValueError(f"cannot {what} of remote shards ({remote[0]}); pass local files")
+        return self.urls
 
     def __len__(self) -> int:
         """Number of samples, counted from the tar headers of local shards (no decoding)."""
         import tarfile
 
         keys = set()
-        for url in self.urls:
-            if "://" in url or url.startswith("pipe:"):
-                raise ValueError("cannot count samples of remote shards; pass the sample count explicitly")
+        for url in self._local_urls("count the samples"):
             with tarfile.open(url) as tar:
                 keys.update((url, m.name.split(".", 1)[0]) for m in tar if m.isfile())
         return len(keys)
+
+    def catalogue(self) -> list[dict]:
+        """``{"shard", "key"}`` of every sample that holds an image, in shard order, read from the tar headers."""
+        import tarfile
+
+        items = []
+        for url in self._local_urls("list the images"):
+            keys: dict[str, set] = {}
+            with tarfile.open(url) as tar:
+                for member in tar:
+                    if member.isfile() and "." in member.name:
+                        key, ext = member.name.split(".", 1)
+                        keys.setdefault(key, set()).add(ext.lower())
+            items += [{"shard": url, "key": key} for key, exts in keys.items() if exts & set(IMAGE_EXTENSIONS)]
+        if not items:
+            raise ValueError(f"{self.spec}: no images in the shards")
+        return items
 
     def samples(self, part: int, parts: int, epoch: int, seed: int, errors: Counter) -> Iterator[dict]:
         from webdataset.tariterators import tarfile_samples
@@ -103,70 +157,122 @@ def _shuffled(stream, size: int, rng: random.Random):
     yield from buffer
 
 
-class IndexedSource:
-    """Sources with random access (CSV rows, image folders): shuffled by index, split by index."""
+@dataclass(frozen=True)
+class Item:
+    """One image file of a table or folder, with its caption text and/or integer label where it has them."""
 
-    items: list[tuple[str, str | None]]  # (image path, caption or None)
+    path: str
+    caption: str | None = None
+    label: int | None = None
+
+
+class IndexedSource:
+    """Sources with random access (CSV rows, image folders): split by index; shuffled per ``(seed, epoch)`` when
+    ``shuffle``, else in the listed order (evaluation)."""
+
+    items: list[Item]
+    anchor: str  # where classnames.txt is looked for
+    classnames: list[str] | None = None
+    shuffle: bool = True
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def catalogue(self) -> list[dict]:
+        """``{"path", "caption"}`` of every item (the caption's first line, or "")."""
+        return [{"path": str(Path(item.path).resolve()),
+                 "caption": (item.caption or "").strip().split("\n")[0].strip()} for item in self.items]
+
     def samples(self, part: int, parts: int, epoch: int, seed: int, errors: Counter) -> Iterator[dict]:
         order = list(range(len(self.items)))
-        random.Random(f"order-{seed}-{epoch}").shuffle(order)
+        if self.shuffle:
+            random.Random(f"order-{seed}-{epoch}").shuffle(order)
         for index in order[part::parts]:
-            path, caption = self.items[index]
+            item = self.items[index]
             try:
-                data = Path(path).read_bytes()
+                data = Path(item.path).read_bytes()
             except OSError:
                 errors["missing_file"] += 1
                 continue
-            sample = {"__key__": path, "image_bytes": data}
-            if caption is not None:
-                sample["txt"] = caption.encode()
+            sample = {"__key__": item.path, "image_bytes": data}
+            if item.caption is not None:
+                sample["txt"] = item.caption.encode()
+            if item.label is not None:
+                sample["cls"] = str(item.label).encode()
             yield sample
 
 
 class CsvSource(IndexedSource):
-    """A CSV (or TSV) file with an image path column and a caption column; relative paths are from the file."""
+    """A CSV (or TSV) file: an image path column (``IMAGE_COLUMNS``) and a caption column (``CAPTION_COLUMNS``)
+    and/or a ``label`` column (an integer, or one of ``classnames``). Relative paths are from the file's folder."""
 
-    def __init__(self, path: str | Path, image_key: str = "filepath", caption_key: str = "title"):
+    def __init__(self, path: str | Path, image_key: str | None = None, caption_key: str | None = None,
+                 classnames: list[str] | None = None, shuffle: bool = True):
         path = Path(path)
+        self.anchor, self.classnames, self.shuffle = str(path), classnames, shuffle
         delimiter = "\t" if path.suffix in (".tsv", ".tab") else ","
         with open(path, newline="") as handle:
             reader = csv.DictReader(handle, delimiter=delimiter)
             fields = reader.fieldnames or []
-            image_key = image_key if image_key in fields else next((f for f in fields if f in ("image", "path", "file", "filepath", "image_path")), None)
-            caption_key = caption_key if caption_key in fields else next((f for f in fields if f in ("caption", "text", "title")), None)
-            if image_key is None or caption_key is None:
-                raise ValueError(f"{path}: need an image path column and a caption column; found columns {fields}")
-            self.items = [(str(path.parent / row[image_key]), row[caption_key]) for row in reader]
+            image_key = image_key if image_key in fields else next((f for f in IMAGE_COLUMNS if f in fields), None)
+            caption_key = caption_key if caption_key in fields else \
+                next((f for f in CAPTION_COLUMNS if f in fields), None)
+            label_key = LABEL_COLUMN if LABEL_COLUMN in fields else None
+            if image_key is None or (caption_key is None and label_key is None):
+                raise ValueError(f"{path}: need an image path column ({'/'.join(IMAGE_COLUMNS)}) and a caption column "
+                                 f"({'/'.join(CAPTION_COLUMNS)}) or a {LABEL_COLUMN!r} column; found columns {fields}")
+            self.items = [Item(str(path.parent / row[image_key]), row[caption_key] if caption_key else None,
+                               self._label(row[label_key], path) if label_key else None) for row in reader]
         if not self.items:
             raise ValueError(f"{path}: no rows")
 
+    def _label(self, value: str, path: Path) -> int:
+        value = value.strip()
+        if value.lstrip("-").isdigit():
+            return int(value)
+        if self.classnames is None or value not in self.classnames:
+            raise ValueError(f"{path}: label {value!r} is not among the class names")
+        return self.classnames.index(value)
+
 
 class FolderSource(IndexedSource):
-    """A folder of images, each with a sidecar ``.txt`` caption file of the same stem (one caption per line)."""
+    """A folder of images (searched recursively), each captioned by a sidecar ``.txt`` of the same stem (one caption
+    per line) where there is one. With ``classnames``: one subfolder per class, labelled in sorted folder order (as
+    torchvision's ImageFolder)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, classnames: list[str] | None = None, shuffle: bool = True):
         folder = Path(folder)
-        images = sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-        self.items = []
-        for image in images:
-            sidecar = image.with_suffix(".txt")
-            if sidecar.exists():
-                self.items.append((str(image), sidecar.read_text()))
+        self.anchor, self.classnames, self.shuffle = str(folder / "-"), classnames, shuffle
+        if classnames is not None:
+            classes = sorted(p for p in folder.iterdir() if p.is_dir())
+            if not classes:
+                raise ValueError(f"{folder}: neither .tar shards nor class folders")
+            self.items = [Item(str(p), None, label) for label, sub in enumerate(classes) for p in _images(sub)]
+        else:
+            self.items = [Item(str(p), p.with_suffix(".txt").read_text() if p.with_suffix(".txt").exists() else None)
+                          for p in _images(folder)]
         if not self.items:
-            raise ValueError(f"{folder}: no images with a sidecar .txt caption")
+            raise ValueError(f"{folder}: no images found")
 
 
-def open_source(spec: str, shuffle_buffer: int = 1000):
-    """Pick the source kind from the spec: ``*.csv``/``*.tsv``, a folder, or shard URLs."""
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+
+
+def open_source(spec: str, shuffle_buffer: int = 1000, classnames: list[str] | None = None):
+    """The source a spec names: ``*.csv``/``*.tsv``; a folder of ``.tar`` shards; a folder of images (with sidecar
+    captions, or with ``classnames`` one subfolder per class); or shard URLs (brace notation, ``::`` lists,
+    ``pipe:``). ``shuffle_buffer`` 0 reads in order (evaluation); ``classnames`` names a labelled collection's
+    classes (a CSV's label column may use them)."""
+    shuffle = shuffle_buffer > 0
     if spec.endswith((".csv", ".tsv")):
-        return CsvSource(spec)
-    if os.path.isdir(spec):
-        tars = sorted(Path(spec).glob("*.tar"))
+        return CsvSource(spec, classnames=classnames, shuffle=shuffle)
+    path = Path(spec)
+    if path.is_dir():
+        tars = sorted(path.glob("*.tar"))
         if tars:
             return ShardSource("::".join(str(t) for t in tars), shuffle_buffer)
-        return FolderSource(spec)
+        return FolderSource(path, classnames, shuffle)
+    if not path.exists() and not _is_remote(spec) and not any(mark in spec for mark in ("{", "::", ".tar")):
+        raise FileNotFoundError(f"{spec} not found (expected an image folder, a CSV/TSV, or WebDataset shards)")
     return ShardSource(spec, shuffle_buffer)

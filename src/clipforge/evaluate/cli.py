@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..inference import add_model_arguments, load_for_inference
+
 TASKS = ("zeroshot", "retrieval", "linear-probe", "fewshot")
 CB_TASK = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "linear-probe": "linear_probe",
            "fewshot": "fewshot_linear_probe"}
@@ -32,9 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description, p.epilog = __doc__, EXAMPLES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("task", choices=TASKS)
-    p.add_argument("--model", help="zoo architecture, or a checkpoint path when --pretrained is not given")
-    p.add_argument("--pretrained", help="a pretrained tag or a checkpoint path (a clipforge train step folder, "
-                   ".pt, Hugging Face folder)")
+    add_model_arguments(p)
     p.add_argument("--dataset-root", required=True, help="dataset folder (CLIP_benchmark layout, class folders "
                    "or CSV; for retrieval: shards with image + multi-line .txt captions)")
     p.add_argument("--dataset", help="dataset name for the shipped class names/templates (cifar10, imagenet1k...) "
@@ -50,35 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3, help="few-shot draws per k")
     p.add_argument("--cache-dir", help="image feature cache [$CLIPFORGE_CACHE/features]")
     p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--trust-pickle", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
-
-
-def load_for_eval(model: str | None, pretrained: str | None, trust_pickle: bool = False):
-    from .. import load
-
-    if model is None and pretrained is None:
-        raise ValueError("give --model NAME (with --pretrained TAG_OR_PATH) or --pretrained CHECKPOINT_PATH")
-    if model is None or (pretrained is None and os.path.exists(model)):
-        return load(pretrained or model, trust_pickle=trust_pickle)
-    return load(model, pretrained=pretrained, trust_pickle=trust_pickle)
-
-
-def resolve_templates(spec: str | None, dataset_templates: list[str] | None) -> list[str]:
-    from .datasets import load_templates, shipped_templates
-
-    if spec is None:
-        return dataset_templates or ["a photo of a {}."]
-    if spec == "none":
-        return ["{}"]
-    if os.path.exists(spec):
-        return load_templates(spec)
-    if shipped_templates(spec):
-        return shipped_templates(spec)
-    if "{}" in spec or "{c}" in spec:
-        return [spec.replace("{c}", "{}")]
-    raise ValueError(f"--templates {spec!r}: not a file, a shipped set or a template with '{{}}'")
 
 
 def _model_key(args, model) -> str:
@@ -110,7 +83,7 @@ def cached_features(args, model, dataset, split: str, preprocess):
     features, labels = embed_labelled(model, dataset.source, preprocess, args.batch_size, progress=not args.quiet,
                                       desc=f"embedding {dataset.name}/{split}")
     if not args.no_cache:
-        from ..checkpoint import atomic_path
+        from ..files import atomic_path
 
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
@@ -122,7 +95,7 @@ def run(args) -> int:
     from .datasets import open_labelled
     from .metrics import check_labels, classification_metrics, confusion_png, fewshot_png, per_class_table
 
-    model, preprocess, tokenizer = load_for_eval(args.model, args.pretrained, args.trust_pickle)
+    model, preprocess, tokenizer = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle)
     result = {"dataset": args.dataset or Path(args.dataset_root).name, "model": args.model,
               "pretrained": args.pretrained, "task": CB_TASK[args.task], "language": "en"}
     if args.task == "retrieval":
@@ -133,6 +106,7 @@ def run(args) -> int:
     test_x, test_y = cached_features(args, model, dataset, args.split, preprocess)
     check_labels(test_y, len(dataset.classnames), f"split {args.split!r}: ")
     if args.task in ("zeroshot", "fewshot"):
+        from ..prompts import resolve_templates
         from ..zeroshot import zero_shot_classifier
 
         templates = resolve_templates(args.templates, dataset.templates)
@@ -198,7 +172,7 @@ def _retrieval(args, model, preprocess, tokenizer) -> dict:
 
 def _report(args, result: dict) -> None:
     output = Path(args.output or f"{result['dataset']}_{args.task}.json")
-    from ..checkpoint import write_json
+    from ..files import write_json
 
     write_json(output, result)
     summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result["metrics"].items())

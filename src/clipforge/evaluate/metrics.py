@@ -13,6 +13,13 @@ def check_labels(labels: torch.Tensor, n_classes: int, where: str = "") -> None:
         raise ValueError(f"{where}label {bad} is outside the class list ({n_classes} classes)")
 
 
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1,)) -> dict[int, float]:
+    """{k: fraction of rows whose label is among their k highest logits}; k is capped at the number of classes."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    return {k: (top[:, :k] == labels[:, None]).any(dim=1).float().mean().item() for k in ks}
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classnames: list[str]) -> dict:
     """``acc1``, ``acc5`` (when there are at least 5 classes), ``mean_per_class_recall``, ``per_class`` and
     ``confusion_matrix`` (rows: true class, columns: predicted)."""
@@ -22,10 +29,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classname
         raise ValueError("no samples to evaluate")
     check_labels(labels, n_classes)
     predictions = logits.argmax(dim=1)
-    metrics = {"acc1": (predictions == labels).float().mean().item()}
-    if n_classes >= 5:
-        top5 = logits.topk(5, dim=1).indices
-        metrics["acc5"] = (top5 == labels[:, None]).any(dim=1).float().mean().item()
+    accuracy = topk_accuracy(logits, labels, (1, 5) if n_classes >= 5 else (1,))
+    metrics = {f"acc{k}": value for k, value in accuracy.items()}
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     confusion.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
     support = confusion.sum(dim=1)

@@ -37,9 +37,14 @@ class CLIPOutput(NamedTuple):
         return self.logits_per_image.T
 
 
+def is_resnet(config: dict) -> bool:
+    """Whether a model config (or its ``vision_cfg``) has a ResNet image tower: its ``layers`` are stage depths."""
+    return isinstance(config.get("vision_cfg", config).get("layers"), (list, tuple))
+
+
 def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
     quick_gelu = cfg.get("quick_gelu", quick_gelu)
-    if isinstance(cfg["layers"], (list, tuple)):
+    if is_resnet(cfg):
         width = cfg.get("width", 64)
         return ModifiedResNet(
             layers=list(cfg["layers"]),

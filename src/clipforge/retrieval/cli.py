@@ -7,28 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-
-def _model_args(p):
-    p.add_argument("--model", help="zoo architecture, or a checkpoint path [recorded by embed]")
-    p.add_argument("--pretrained", help="pretrained tag or checkpoint path [recorded by embed]")
-    p.add_argument("--device", default=None, help="cpu or cuda [cuda if available]")
-
-
-def _load_model(args, folder=None):
-    from ..evaluate.cli import load_for_eval
-    from .search import model_spec
-
-    if folder and not Path(folder).is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder (expected one written by `clipforge embed`)")
-    if folder and not any((Path(folder) / "img_emb").glob("img_emb_*.npy")):
-        raise FileNotFoundError(f"{folder}: no img_emb/*.npy here; run `clipforge embed IMAGES {folder}` first")
-    spec = model_spec(folder) if folder and not (args.model or args.pretrained) else {}
-    model, preprocess, tokenizer = load_for_eval(args.model or spec.get("model"),
-                                                 args.pretrained or spec.get("pretrained"))
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device), preprocess, tokenizer
+from ..inference import add_model_arguments
 
 
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +16,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
                      "Several processes: torchrun --nproc-per-node N -m clipforge.cli embed ...")
     p.add_argument("input", help="image folder, CSV/TSV, or shards ('data/{000000..000009}.tar')")
     p.add_argument("output", help="output folder")
-    _model_args(p)
+    add_model_arguments(p)
     p.add_argument("--texts", help="also embed these texts (one per line) into text_emb/")
     p.add_argument("--shard-size", type=int, default=10_000, help="images per output shard [10000]")
     p.add_argument("--batch-size", type=int, default=256)
@@ -48,31 +27,27 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_embed(args) -> int:
-    from ..checkpoint import write_json
-    from .embed import embed_collection
-
     import torch
+
+    from ..inference import load_for_inference
+    from .embed import embed_collection
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and "MASTER_ADDR" in os.environ and not torch.distributed.is_initialized():  # under torchrun
         torch.distributed.init_process_group("gloo")  # only to add up counts: the images never cross processes
         if args.device is None and torch.cuda.is_available():
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    model, preprocess, tokenizer = _load_model(args)
+    model, preprocess, tokenizer = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle)
     texts = [l.strip() for l in Path(args.texts).read_text().splitlines() if l.strip()] if args.texts else None
     try:
         device = next(model.parameters()).device
         workers = args.workers if args.workers is not None else 4 if device.type == "cuda" else 1
         stats = embed_collection(model, preprocess, args.input, args.output, args.shard_size, args.batch_size,
-                                 texts, tokenizer, rank, world, args.progress and rank == 0, workers=workers)
+                                 texts, tokenizer, rank, world, args.progress and rank == 0, workers=workers,
+                                 model_spec={"model": args.model, "pretrained": args.pretrained})
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if rank == 0:
-        info_path = Path(args.output) / "embed_info.json"
-        info = json.loads(info_path.read_text())
-        info["model_spec"] = {"model": args.model, "pretrained": args.pretrained}
-        write_json(info_path, info)
     if rank == 0:
         print(f"embedded {stats['embedded']} images into {args.output} ({stats['skipped']} unreadable, skipped; "
               f"{stats['reused_shards']} shards already done)")
@@ -95,7 +70,7 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_index(args) -> int:
-    from .embed import load_embeddings
+    from .collection import load_embeddings
     from .index import build_index, save_index
 
     vectors, _ = load_embeddings(args.folder)
@@ -115,7 +90,7 @@ def _tuning_queries(folder: str, choice: str):
     they tune the index more honestly than perturbed images when there are enough of them."""
     import numpy as np
 
-    from .embed import load_text_embeddings
+    from .collection import load_text_embeddings
 
     if choice == "collection":
         return None
@@ -137,11 +112,12 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dedup", type=float, metavar="COSINE",
                    help="leave out near-duplicates of better results at this cosine similarity or more (e.g. 0.95)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    _model_args(p)
+    add_model_arguments(p, recorded=True)
     p.set_defaults(func=run_search)
 
 
 def run_search(args) -> int:
+    from ..inference import load_for_inference
     from ..preprocess import open_image
     from .search import Searcher
 
@@ -149,7 +125,8 @@ def run_search(args) -> int:
         raise ValueError("give a text query or --image PATH (one of them)")
     if args.dedup is not None and not 0 < args.dedup <= 1:
         raise ValueError(f"--dedup {args.dedup}: a cosine similarity in (0, 1], e.g. 0.95")
-    searcher = Searcher(args.folder, *_load_model(args, args.folder))
+    searcher = Searcher(args.folder, *load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
+                                                         collection=args.folder))
     hits = searcher.search_image(open_image(args.image), args.k, args.dedup) if args.image else \
         searcher.search_text(args.query, args.k, args.dedup)
     if args.json:

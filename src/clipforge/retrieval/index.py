@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import atomic_path, write_json
+from ..files import atomic_path, write_json
 
 
 def _faiss():

@@ -1,31 +1,17 @@
 """Query an embedded, indexed collection by text or by image."""
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .embed import load_metadata
+from .collection import StoredVectors, load_metadata
 from .index import load_index
 
 
 DEDUP_DEPTH = 4  # with de-duplication, candidates are read this many times deeper than k
-
-
-class StoredVectors:
-    """The collection's own embeddings, memory-mapped from ``img_emb/*.npy``: read by id, never all loaded."""
-
-    def __init__(self, folder: Path):
-        self.shards = [np.load(path, mmap_mode="r") for path in sorted((folder / "img_emb").glob("img_emb_*.npy"))]
-        self.starts = np.cumsum([0] + [len(shard) for shard in self.shards])
-
-    def get(self, ids) -> np.ndarray:
-        shard_of = np.searchsorted(self.starts, ids, side="right") - 1
-        rows = np.stack([self.shards[s][i - self.starts[s]] for s, i in zip(shard_of, ids)]).astype(np.float32)
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)  # stored as float16: renormalise
 
 
 def drop_near_duplicates(vectors: np.ndarray, threshold: float) -> list[int]:
@@ -85,9 +71,3 @@ class Searcher:
 
     def search_image(self, image, k: int = 10, dedup: float | None = None) -> list[dict]:
         return self.search_vectors(self.embed_images([image]), k, dedup)[0]
-
-
-def model_spec(folder: str | Path) -> dict:
-    """The --model/--pretrained that embedded this collection (recorded by ``clipforge embed``)."""
-    info = Path(folder) / "embed_info.json"
-    return json.loads(info.read_text()).get("model_spec", {}) if info.exists() else {}

@@ -20,8 +20,10 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
 from ..preprocess import BadImageError, open_image
-from ..retrieval.embed import load_item
+from ..prompts import parse_templates, prompt_texts
+from ..retrieval.collection import item_from_path, load_item
 from ..retrieval.search import Searcher
+from ..zeroshot import class_probabilities, class_weights
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
@@ -180,16 +182,14 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
             raise HTTPException(400, "labels: give at least one class name (comma-separated)")
         if len(names) > MAX_LABELS:
             raise HTTPException(400, f"labels: at most {MAX_LABELS} class names")
-        prompts = [t.strip() for t in templates.split("\n") if t.strip()]
-        if not prompts or any("{}" not in t for t in prompts):
-            raise HTTPException(400, "templates: one per line, each with {} where the label goes")
+        try:
+            prompts = parse_templates(templates.split("\n"), "templates")
+        except ValueError as exc:
+            raise HTTPException(400, f"{exc}; one per line, each with {{}} where the label goes") from None
         image_vector = await image_batcher.submit(await read_image(file))
-        texts = [t.replace("{}", name) for name in names for t in prompts]
-        text_vectors = np.stack(await asyncio.gather(*(text_batcher.submit(t) for t in texts)))
-        classes = text_vectors.reshape(len(names), len(prompts), -1).mean(axis=1)
-        classes /= np.linalg.norm(classes, axis=1, keepdims=True)
-        scale = float(model.logit_scale.detach().exp().clamp(max=100))
-        probs = torch.from_numpy(scale * classes @ image_vector).softmax(dim=0).tolist()
+        text_vectors = await asyncio.gather(*(text_batcher.submit(t) for t in prompt_texts(names, prompts)))
+        weights = class_weights(torch.from_numpy(np.stack(text_vectors)), len(names))
+        probs = class_probabilities(model, torch.from_numpy(image_vector)[None], weights)[0].tolist()
         ranked = sorted(zip(names, probs), key=lambda pair: -pair[1])
         return {"labels": [{"label": n, "probability": p} for n, p in ranked]}
 
@@ -213,7 +213,7 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
         image.save(buffer, format="JPEG", quality=85)
         return buffer.getvalue()
 
-    thumbnail_sources = [_row_item(row) for row in searcher.rows]
+    thumbnail_sources = [item_from_path(str(row["path"])) for row in searcher.rows]
 
     @app.get("/thumb/{index}", responses={200: {"content": {"image/jpeg": {}}}})
     def thumb(index: int):
@@ -229,12 +229,3 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
         return (resources.files(__package__) / "index.html").read_text()
 
     return app
-
-
-def _row_item(row: dict) -> dict:
-    """Metadata row -> the item ``load_item`` reads (a file path, or shard + key)."""
-    path = str(row["path"])
-    if ".tar:" in path:
-        shard, key = path.rsplit(":", 1)
-        return {"shard": shard, "key": key}
-    return {"path": path}

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..inference import add_model_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Serve an indexed collection: a web page at / (search, drag-and-drop classification), a JSON "
                      "API (/search, /search/image, /classify, /embed, /health; schema at /docs). Binds 127.0.0.1 "
                      "unless --host says otherwise.")
     p.add_argument("folder", help="a folder written by clipforge embed + clipforge index build")
-    p.add_argument("--model")
-    p.add_argument("--pretrained")
-    p.add_argument("--device", default=None)
+    add_model_arguments(p, recorded=True)
     p.add_argument("--host", default="127.0.0.1", help="[127.0.0.1: this machine only]")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=10.0)
@@ -21,9 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import uvicorn
 
-    from ..retrieval.cli import _load_model
+    from ..inference import load_for_inference
     from .app import create_app
 
-    app = create_app(args.folder, *_load_model(args, args.folder), max_upload_bytes=int(args.max_upload_mb * 2**20))
+    model = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, collection=args.folder)
+    app = create_app(args.folder, *model,
+                     max_upload_bytes=int(args.max_upload_mb * 2**20))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

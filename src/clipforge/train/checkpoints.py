@@ -2,7 +2,8 @@
 
 ``<run>/checkpoints/step-00001000/`` holds ``model.safetensors`` + ``config.json`` (loadable with ``clipforge.load``)
 and ``train_state.pt``: optimizer, scheduler, grad scaler, RNG states of every rank and the data position of every
-part, all plain tensors and numbers, so it loads with ``torch.load(weights_only=True)``.
+part, all plain tensors and numbers, so it loads with ``torch.load(weights_only=True)``. Every trainer writes its
+resumable state with ``write_train_state`` (LiMBer's map too).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, save_pretrained
+from ..files import atomic_path
 
 _STEP_DIR = re.compile(r"step-(\d+)$")
 TRAIN_STATE = "train_state.pt"
@@ -67,7 +69,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, model_config: dict, t
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=folder))
     try:
         save_pretrained(model, tmp, model_config)
-        torch.save(train_state, tmp / TRAIN_STATE)
+        write_train_state(tmp, train_state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -80,5 +82,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model, model_config: dict, t
     return final
 
 
+def write_train_state(folder: str | Path, state: dict) -> Path:
+    """``folder/train_state.pt``, atomically: tensors, numbers, strings and containers of them only."""
+    with atomic_path(Path(folder) / TRAIN_STATE) as tmp:
+        torch.save(state, tmp)
+    return Path(folder) / TRAIN_STATE
+
+
 def load_train_state(folder: str | Path) -> dict:
-    return torch.load(Path(folder) / TRAIN_STATE, map_location="cpu", weights_only=True)
+    path = Path(folder) / TRAIN_STATE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {TRAIN_STATE} to resume from")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-model", help="a pretrained Hugging Face text encoder as text tower, e.g. all-minilm-l6-v2")
     g.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
     g.add_argument("--lock-text", action="store_true", help="freeze the text tower")
-    g.add_argument("--patch-dropout", type=float, default=0.0, help="FLIP: fraction of image patches dropped (ViT)")
+    g.add_argument("--patch-dropout", type=float, default=d.patch_dropout,
+                   help="FLIP: fraction of image patches dropped (ViT)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, more time")
     g.add_argument("--torchcompile", action="store_true", help="compile the model with torch.compile")
     g = p.add_argument_group("data")
@@ -58,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: bf16 autocast on GPU, fp32 on CPU; amp = fp16 autocast with a grad scaler")
-    g.add_argument("--accum-freq", type=int, default=1, help="micro-batches per step (exact for the contrastive loss)")
+    g.add_argument("--accum-freq", type=int, default=d.accum_freq,
+                   help="micro-batches per step (exact for the contrastive loss)")
     g.add_argument("--loss", choices=["clip", "siglip"], default=d.loss)
     g.add_argument("--local-loss", action="store_true", help="each rank computes only its rows (less memory)")
     g.add_argument("--loss-chunk-size", type=int, help="compute the loss in row chunks: memory linear in batch size")
@@ -69,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps [{d.save_every}]")
     g.add_argument("--keep", type=int, default=d.keep, help=f"checkpoints kept [{d.keep}]")
     g.add_argument("--log-every", type=int, default=d.log_every)
-    g.add_argument("--val-every", type=int, default=0, help="validate every N steps (and at the end)")
+    g.add_argument("--val-every", type=int, default=d.val_every, help="validate every N steps (and at the end)")
     g.add_argument("--val-samples", type=int, default=d.val_samples)
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... [GPU if available]")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

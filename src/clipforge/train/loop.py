@@ -23,15 +23,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import load_into, write_json
-from ..data import (ContrastiveStream, evaluation_set, find_classnames, load_caption_templates, make_loader,
-                    open_source, read_classnames)
+from ..checkpoint import load_into, read_checkpoint
+from ..data import ContrastiveStream, evaluation_set, make_loader, open_source
+from ..data.sources import source_classnames
+from ..evaluate.metrics import topk_accuracy
+from ..files import write_json
 from ..loss import create_loss
-from ..models import create_model, get_model_config
+from ..models import create_model, get_model_config, is_resnet
 from ..preprocess import Preprocess, TrainTransform
+from ..prompts import DEFAULT_TEMPLATES, load_templates
 from ..tokenizer import get_tokenizer
-from ..zeroshot import DEFAULT_TEMPLATES, accuracy, zero_shot_classifier
-from .checkpoints import (load_train_state, resolve_resume, rng_state, save_checkpoint, set_rng_state)
+from ..zeroshot import zero_shot_classifier
+from .checkpoints import load_train_state, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .optim import build_optimizer, cosine_with_warmup
 
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_fp16")
@@ -85,7 +88,7 @@ class TrainConfig:
     device: str | None = None
 
 
-# ---------------------------------------------------------------------------------------------------- setup helpers
+# ---------------------------------------------------------------------------------------------------- setup steps
 
 def _init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -103,6 +106,14 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "amp_bf16" if device.type == "cuda" else "fp32"
+    return "amp_fp16" if precision == "amp" else precision
+
+
 def model_config_for(cfg: TrainConfig) -> dict:
     config = get_model_config(cfg.model)
     if cfg.patch_dropout:
@@ -116,16 +127,31 @@ def model_config_for(cfg: TrainConfig) -> dict:
     return config
 
 
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+def _build_model(cfg: TrainConfig, model_config: dict, device: torch.device, world: int, model=None):
+    """(the module the steps run: DDP- and compile-wrapped as asked, the bare model)."""
+    if model is None:
+        model = create_model(model_config)
+    if cfg.pretrained:
+        from .. import load_model
 
-
-def _unwrap(model):
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return getattr(model, "module", model)  # DDP
+        load_into(model, load_model(cfg.model, pretrained=cfg.pretrained).state_dict(), source=cfg.pretrained)
+    if cfg.lock_image:
+        model.lock_image_tower()
+    if cfg.lock_text:
+        model.lock_text_tower()
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    if device.type == "cuda" and is_resnet(model_config):
+        model.to(memory_format=torch.channels_last)  # ResNet convolutions run faster channels-last
+    core = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(model_config["vision_cfg"].get("patch_dropout")))
+    if cfg.torchcompile:
+        model = torch.compile(model)
+    return model, core
 
 
 class _Labels:
@@ -137,13 +163,9 @@ class _Labels:
             if cfg.exclude_classes:
                 raise ValueError("--exclude-classes needs labelled data and --label-captions")
             return
-        urls = getattr(source, "urls", None)
-        path = find_classnames(urls[0]) if urls else None
-        if path is None:
-            raise ValueError("--label-captions needs classnames.txt beside the shard folder (CLIP_benchmark layout)")
-        self.classnames = read_classnames(path)
+        self.classnames = source_classnames(source, needed_for="--label-captions")
         if cfg.label_captions != "default":
-            self.templates = load_caption_templates(cfg.label_captions)
+            self.templates = load_templates(cfg.label_captions)
         unknown = [c for c in cfg.exclude_classes if c not in self.classnames]
         if unknown:
             raise ValueError(f"--exclude-classes: {unknown} not among the class names {self.classnames}")
@@ -167,6 +189,103 @@ def _check_captioned(source, name, peek: int = 64) -> None:
         raise ValueError(f"training data {name}: the first {len(samples)} samples have no caption (.txt){hint}")
 
 
+def _open_training_data(cfg: TrainConfig, train_source=None):
+    """(source, its labels) with the data checked usable before any training starts."""
+    source = train_source if train_source is not None else open_source(cfg.train_data, cfg.shuffle_buffer)
+    labels = _Labels(cfg, source)
+    if not labels.classnames:
+        _check_captioned(source, cfg.train_data or source)
+    return source, labels
+
+
+def _schedule_length(cfg: TrainConfig, source, samples_per_step: int) -> tuple[int, int]:
+    """(total steps, warmup steps)."""
+    if cfg.steps:
+        total = cfg.steps
+    else:
+        n = cfg.train_num_samples or len(source)
+        total = max(1, math.ceil(cfg.epochs * n / samples_per_step))
+    return total, cfg.warmup if cfg.warmup is not None else max(1, total // 20)
+
+
+@dataclass
+class _Position:
+    """Where a run stands: the step, the data position of every part, the RNG state to restore before the loop."""
+
+    step: int = 0
+    data: dict = field(default_factory=dict)
+    rng: dict | None = None
+
+
+def _resume(cfg: TrainConfig, output: Path, core, optimizer, scheduler, scaler, rank: int, world: int) -> _Position:
+    checkpoint = resolve_resume(cfg.resume, output) if cfg.resume else None
+    if checkpoint is None:
+        return _Position()
+    state, _ = read_checkpoint(checkpoint)
+    load_into(core, state, source=str(checkpoint))
+    train_state = load_train_state(checkpoint)
+    optimizer.load_state_dict(train_state["optimizer"])
+    scheduler.load_state_dict(train_state["scheduler"])
+    scaler.load_state_dict(train_state["scaler"])
+    if train_state.get("world_size", 1) != world or train_state.get("workers") != cfg.workers:
+        raise ValueError(f"{checkpoint} was written with world size {train_state.get('world_size')} and "
+                         f"{train_state.get('workers')} workers; resume with the same to continue exactly")
+    return _Position(int(train_state["step"]), {int(k): v for k, v in train_state["data"].items()},
+                     train_state["rng"][rank])
+
+
+def _open_validation(cfg: TrainConfig, val_source, image_size: int, labels: _Labels):
+    """(the fixed validation set, zero-shot templates) or (None, None). Labelled validation data (classnames.txt
+    beside the shards) gets zero-shot accuracy besides retrieval, whether or not training uses label captions;
+    samples without text are captioned from their label."""
+    if val_source is None and not cfg.val_data:
+        return None, None
+    source = val_source if val_source is not None else open_source(cfg.val_data, shuffle_buffer=0)
+    classnames = source_classnames(source)
+    templates = labels.templates  # --label-captions FILE: the same prompts caption and classify
+    val_set = evaluation_set(source, Preprocess(image_size), cfg.val_samples, classnames, templates,
+                             bool(cfg.label_captions and classnames), seed=cfg.seed)
+    if not val_set.images:
+        raise ValueError(f"validation data {cfg.val_data or source!r} has no usable samples "
+                         f"(skipped: {dict(val_set.skipped) or 'none'}); labelled shards need classnames.txt "
+                         "beside the split folder")
+    return val_set, templates or list(DEFAULT_TEMPLATES)
+
+
+class _RunLog:
+    """``run_config.json``, ``metrics.jsonl`` (lines past a resumed step dropped: they are redone) and TensorBoard
+    when installed; rank 0 writes, other ranks log nothing."""
+
+    def __init__(self, output: Path, rank: int, run_config: dict, resumed_step: int):
+        self.metrics_file = self.tb = None
+        if rank != 0:
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(output / "run_config.json", run_config)
+        path = output / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.metrics_file = open(path, "a")
+        self.tb = _tensorboard(output)
+
+    def __call__(self, record: dict) -> None:
+        if self.metrics_file is None:
+            return
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        for handle in (self.metrics_file, self.tb):
+            if handle is not None:
+                handle.close()
+
+
 # ---------------------------------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss_fn=None) -> dict:
@@ -176,210 +295,128 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     ``ShapesSource``). ``model`` and ``loss_fn`` replace the zoo model and the configured loss: any module whose
     forward returns a ``CLIPOutput`` and that has ``encode_image``/``encode_text``/``image_size`` will do.
     """
-    if cfg.precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {cfg.precision!r}; choose from {', '.join(PRECISIONS)}")
     rank, world, device = _init_distributed(cfg)
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "amp_bf16" if device.type == "cuda" else "fp32"
-    elif precision == "amp":
-        precision = "amp_fp16"
+    precision = _resolve_precision(cfg.precision, device)
     output = Path(cfg.output)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
 
-    # ---- model
     model_config = model_config_for(cfg)
-    if model is None:
-        model = create_model(model_config)
-    if cfg.pretrained:
-        from .. import load_model
-
-        load_into(model, load_model(cfg.model, pretrained=cfg.pretrained).state_dict(), source=cfg.pretrained)
-    if cfg.lock_image:
-        model.lock_image_tower()
-    if cfg.lock_text:
-        model.lock_text_tower()
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    model.to(device)
-    if device.type == "cuda" and "layers" in model_config["vision_cfg"] and \
-            isinstance(model_config["vision_cfg"]["layers"], list):
-        model.to(memory_format=torch.channels_last)  # ResNet convolutions run faster channels-last
-    core = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(model_config["vision_cfg"].get("patch_dropout")))
-    if cfg.torchcompile:
-        model = torch.compile(model)
+    model, core = _build_model(cfg, model_config, device, world, model)
     loss_fn = loss_fn or create_loss(cfg.loss, local_loss=cfg.local_loss, chunk_size=cfg.loss_chunk_size)
-
-    # ---- data
-    source = train_source if train_source is not None else open_source(cfg.train_data, cfg.shuffle_buffer)
-    labels = _Labels(cfg, source)
-    if not labels.classnames:
-        _check_captioned(source, cfg.train_data or source)
+    source, labels = _open_training_data(cfg, train_source)
     tokenizer = get_tokenizer(model_config)
     samples_per_step = cfg.batch_size * world * cfg.accum_freq
-    if cfg.steps:
-        total_steps = cfg.steps
-    else:
-        n = cfg.train_num_samples or len(source)
-        total_steps = max(1, math.ceil(cfg.epochs * n / samples_per_step))
-    warmup = cfg.warmup if cfg.warmup is not None else max(1, total_steps // 20)
-
-    # ---- optimisation
+    total_steps, warmup = _schedule_length(cfg, source, samples_per_step)
     optimizer = build_optimizer(core, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps)
     scheduler = cosine_with_warmup(optimizer, warmup, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
-
-    # ---- resume
-    step, data_state, resumed_rng = 0, {}, None
-    checkpoint = resolve_resume(cfg.resume, output) if cfg.resume else None
-    if checkpoint is not None:
-        from ..checkpoint import read_checkpoint
-
-        state, _ = read_checkpoint(checkpoint)
-        load_into(core, state, source=str(checkpoint))
-        train_state = load_train_state(checkpoint)
-        optimizer.load_state_dict(train_state["optimizer"])
-        scheduler.load_state_dict(train_state["scheduler"])
-        scaler.load_state_dict(train_state["scaler"])
-        step = int(train_state["step"])
-        data_state = {int(k): v for k, v in train_state["data"].items()}
-        if train_state.get("world_size", 1) != world or train_state.get("workers") != cfg.workers:
-            raise ValueError(f"{checkpoint} was written with world size {train_state.get('world_size')} and "
-                             f"{train_state.get('workers')} workers; resume with the same to continue exactly")
-        resumed_rng = train_state["rng"][rank]
-
+    position = _resume(cfg, output, core, optimizer, scheduler, scaler, rank, world)
     stream = ContrastiveStream(source, TrainTransform(core.image_size), tokenizer, cfg.batch_size, seed=cfg.seed,
                                rank=rank, world_size=world, classnames=labels.classnames,
                                caption_templates=labels.templates, label_captions=bool(labels.classnames),
-                               exclude_labels=labels.exclude, resume=data_state)
+                               exclude_labels=labels.exclude, resume=position.data)
     batches = iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda"))
+    val_set, zero_shot_templates = _open_validation(cfg, val_source, core.image_size, labels) if rank == 0 \
+        else (None, None)
+    log = _RunLog(output, rank, {"train": dataclasses.asdict(cfg), "model_cfg": model_config, "world_size": world,
+                                 "total_steps": total_steps}, position.step)
+    if position.rng is not None:
+        set_rng_state(position.rng)  # last, after everything that draws random numbers during setup
 
-    # ---- validation data (rank 0 only)
-    val_set, zero_shot_templates = None, None
-    if rank == 0 and (val_source is not None or cfg.val_data):
-        vsource = val_source if val_source is not None else open_source(cfg.val_data, shuffle_buffer=0)
-        # Labelled validation data (classnames.txt beside the shards) gets zero-shot accuracy besides retrieval,
-        # whether or not training uses label captions; samples without text are captioned from their label.
-        vurls = getattr(vsource, "urls", None)
-        vnames_path = find_classnames(vurls[0]) if vurls else None
-        vclassnames = read_classnames(vnames_path) if vnames_path else None
-        vtemplates = labels.templates  # --label-captions FILE: the same prompts caption and classify
-        val_set = evaluation_set(vsource, Preprocess(core.image_size), cfg.val_samples, vclassnames, vtemplates,
-                                 bool(cfg.label_captions and vclassnames), seed=cfg.seed)
-        if not val_set.images:
-            raise ValueError(f"validation data {cfg.val_data or vsource!r} has no usable samples "
-                             f"(skipped: {dict(val_set.skipped) or 'none'}); labelled shards need classnames.txt "
-                             "beside the split folder")
-        zero_shot_templates = vtemplates or list(DEFAULT_TEMPLATES)
-
-    # ---- logging
-    metrics_file = None
-    if rank == 0:
-        output.mkdir(parents=True, exist_ok=True)
-        write_json(output / "run_config.json", {"train": dataclasses.asdict(cfg), "model_cfg": model_config,
-                                                "world_size": world, "total_steps": total_steps})
-        metrics_path = output / "metrics.jsonl"
-        if metrics_path.exists():  # drop lines past the resumed step: they are about to be redone
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
-        metrics_file = open(metrics_path, "a")
-    tb = _tensorboard(output) if rank == 0 else None
-
-    def log(record: dict) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if tb is not None:
-                for key, value in record.items():
-                    if isinstance(value, (int, float)) and key != "step":
-                        tb.add_scalar(key, value, record["step"])
-
-    def skipped_total() -> dict:
-        counts = Counter()
-        for part in _gather_objects(data_state, world):
-            for state in part.values():
-                counts.update(state.get("skipped", {}))
-        return {k: v for k, v in counts.items() if v}
-
-    def save(at_step: int) -> Path | None:
-        all_data = {}
-        for part in _gather_objects(data_state, world):
-            all_data.update(part)
-        rngs = _gather_objects(rng_state(), world)
-        path = None
-        if rank == 0:
-            path = save_checkpoint(output, at_step, core, model_config, {
-                "step": at_step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rngs, "data": all_data, "world_size": world,
-                "workers": cfg.workers}, keep=cfg.keep)
-        if world > 1:
-            dist.barrier()
-        return path
-
-    if resumed_rng is not None:
-        set_rng_state(resumed_rng)  # last, after everything that draws random numbers during setup
     model.train()
     autocast = _autocast(precision, device)
-    bar = _progress(total_steps, step, enabled=cfg.progress and rank == 0)
-    loss_sum, loss_count, last_loss, last_path, val_metrics = torch.zeros((), device=device), 0, float("nan"), None, {}
+    bar = _progress(total_steps, position.step, enabled=cfg.progress and rank == 0)
+    losses = _LossMeter(device, output)
+    last_loss, last_path, val_metrics = float("nan"), None, {}
     interval_start, interval_samples = time.perf_counter(), 0
-
-    def check_finite() -> float:
-        nonlocal loss_sum, loss_count
-        mean = (loss_sum / max(1, loss_count)).item()
-        loss_sum, loss_count = torch.zeros((), device=device), 0
-        if not math.isfinite(mean):
-            good = resolve_resume("latest", output)
-            raise TrainingDiverged(f"loss became {mean} by step {step}; stopped without saving. Last good checkpoint: "
-                                   f"{good or 'none'}. Try a lower --lr, more --warmup, --grad-clip 1, or fp32.")
-        return mean
-
     try:
-        while step < total_steps:
+        while position.step < total_steps:
             micro = [next(batches) for _ in range(cfg.accum_freq)]
             for batch in micro:
-                data_state[batch["state"]["part"]] = batch["state"]
-            loss = _train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg)
+                position.data[batch["state"]["part"]] = batch["state"]
+            losses.add(_train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg))
             scheduler.step()
-            step += 1
-            loss_sum += loss
-            loss_count += 1
+            position.step += 1
+            step = position.step
             interval_samples += samples_per_step
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
-                last_loss = check_finite()
+                last_loss = losses.mean(step)
                 elapsed = time.perf_counter() - interval_start
                 record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                           "samples_per_s": interval_samples / elapsed, "logit_scale": core.logit_scale.exp().item(),
-                          "skipped_samples": sum(skipped_total().values())}
+                          "skipped_samples": sum(_skipped_total(position, world).values())}
                 log(record)
                 bar.set_postfix(loss=f"{last_loss:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
                                 lr=f"{record['lr']:.2e}", skipped=record["skipped_samples"])
                 interval_start, interval_samples = time.perf_counter(), 0
             if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
-                if loss_count:
-                    last_loss = check_finite()
-                last_path = save(step)  # before validation, so that nothing trained is lost if validation fails
+                last_loss = losses.mean(step) if losses.count else last_loss
+                # before validation, so that nothing trained is lost if validation fails
+                last_path = _save_checkpoint(output, position, core, model_config, optimizer, scheduler, scaler, cfg,
+                                             rank, world)
             if val_set is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == total_steps):
                 val_metrics = validate(core, tokenizer, val_set, device, autocast, zero_shot_templates)
                 log({"step": step, **{f"val/{k}": v for k, v in val_metrics.items()}})
     finally:
         bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        if tb is not None:
-            tb.close()
-    skipped = skipped_total()
+        log.close()
+    skipped = _skipped_total(position, world)
     if rank == 0 and skipped:
         print(f"skipped samples: {skipped}")
-    return {"steps": step, "loss": last_loss, "checkpoint": str(last_path) if last_path else None,
+    return {"steps": position.step, "loss": last_loss, "checkpoint": str(last_path) if last_path else None,
             "skipped": skipped, "val": val_metrics, "output": str(output), "model": core, "rank": rank}
+
+
+class _LossMeter:
+    """The mean training loss between reports, summed on the device (no sync per step); a non-finite mean stops the
+    run with the way out in the message."""
+
+    def __init__(self, device: torch.device, output: Path):
+        self.device, self.output = device, output
+        self.total, self.count = torch.zeros((), device=device), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss
+        self.count += 1
+
+    def mean(self, step: int) -> float:
+        mean = (self.total / max(1, self.count)).item()
+        self.total, self.count = torch.zeros((), device=self.device), 0
+        if not math.isfinite(mean):
+            good = resolve_resume("latest", self.output)
+            raise TrainingDiverged(f"loss became {mean} by step {step}; stopped without saving. Last good "
+                                   f"checkpoint: {good or 'none'}. Try a lower --lr, more --warmup, --grad-clip 1, "
+                                   "or fp32.")
+        return mean
+
+
+def _skipped_total(position: _Position, world: int) -> dict:
+    """Skipped-sample counts by reason, over every part of every rank."""
+    counts = Counter()
+    for part in _gather_objects(position.data, world):
+        for state in part.values():
+            counts.update(state.get("skipped", {}))
+    return {k: v for k, v in counts.items() if v}
+
+
+def _save_checkpoint(output: Path, position: _Position, core, model_config: dict, optimizer, scheduler, scaler,
+                     cfg: TrainConfig, rank: int, world: int) -> Path | None:
+    """Every rank's data position and RNG state gathered; rank 0 writes the step folder."""
+    data = {}
+    for part in _gather_objects(position.data, world):
+        data.update(part)
+    rngs = _gather_objects(rng_state(), world)
+    path = None
+    if rank == 0:
+        path = save_checkpoint(output, position.step, core, model_config, {
+            "step": position.step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rngs, "data": data, "world_size": world,
+            "workers": cfg.workers}, keep=cfg.keep)
+    if world > 1:
+        dist.barrier()
+    return path
 
 
 def _train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) -> torch.Tensor:
@@ -431,6 +468,13 @@ def _train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg)
     return total.float()
 
 
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def _device_rng(device):
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
@@ -460,7 +504,7 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
         if val_set.labels is not None:
             weights = zero_shot_classifier(model, tokenizer, val_set.classnames, templates, device=device)
             logits = images @ weights.float().cpu()
-            metrics.update({f"zeroshot_{k}": v for k, v in accuracy(logits, val_set.labels, topk=(1, 5)).items()})
+            metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
     model.train(was_training)
     return metrics
 

@@ -1,0 +1,185 @@
+"""Hugging Face ``CLIPModel``: its key layout and config, to and from clipforge's.
+
+Each table maps Hugging Face names to clipforge's once; the reverse direction uses the same tables inverted.
+Hugging Face splits attention into q/k/v projections where clipforge (like OpenAI) keeps one fused ``in_proj``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .infer import mlp_ratio
+
+_BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+          "self_attn.out_proj": "attn.out_proj"}
+_TOP = {
+    "text_model.embeddings.token_embedding.weight": "text.token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "text.positional_embedding",
+    "text_model.final_layer_norm.weight": "text.ln_final.weight",
+    "text_model.final_layer_norm.bias": "text.ln_final.bias",
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+    "logit_scale": "logit_scale",
+}
+_TRANSPOSED = {"visual_projection.weight": "visual.proj", "text_projection.weight": "text.text_projection"}
+_TOWERS = {"text_model.encoder.layers.": "text.transformer.resblocks.",
+           "vision_model.encoder.layers.": "visual.transformer.resblocks."}
+
+
+def _inverted(table: dict) -> dict:
+    return {v: k for k, v in table.items()}
+
+
+_TOP_INV, _TRANSPOSED_INV, _TOWERS_INV, _BLOCK_INV = map(_inverted, (_TOP, _TRANSPOSED, _TOWERS, _BLOCK))
+
+
+def _rename_in_block(rest: str, table: dict, key: str) -> str:
+    """``rest`` (a key inside one residual block) with its module prefix renamed through ``table``."""
+    for name, renamed in table.items():
+        if rest.startswith(name + "."):
+            return renamed + rest[len(name):]
+    raise CheckpointError(f"unexpected key {key!r} for a CLIP residual block")
+
+
+def _split_block_key(key: str, towers: dict) -> tuple[str, str] | None:
+    """``(renamed block prefix, rest)`` for a key inside a tower's residual block, else None."""
+    prefix = next((p for p in towers if key.startswith(p)), None)
+    if prefix is None:
+        return None
+    index, rest = key[len(prefix):].split(".", 1)
+    return f"{towers[prefix]}{index}.", rest
+
+
+def matches(state: dict) -> bool:
+    return any(k.startswith(("vision_model.", "text_model.")) for k in state)
+
+
+def is_clip_config(folder_config: dict) -> bool:
+    """Whether a folder's ``config.json`` is a transformers ``CLIPModel``'s."""
+    return folder_config.get("model_type") == "clip" or "CLIPModel" in folder_config.get("architectures", [])
+
+
+def to_clipforge(state: dict) -> dict:
+    state = {k[len("clip."):] if k.startswith("clip.") else k: v for k, v in state.items()}
+    out, qkv = {}, {}
+    for key, value in state.items():
+        if key.endswith("position_ids"):
+            continue
+        if key in _TOP:
+            out[_TOP[key]] = value
+            continue
+        if key in _TRANSPOSED:
+            out[_TRANSPOSED[key]] = value.T.contiguous()
+            continue
+        split = _split_block_key(key, _TOWERS)
+        if split is None:
+            raise CheckpointError(f"unexpected Hugging Face CLIP key {key!r}")
+        base, rest = split
+        if rest.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+            proj, kind = rest.split(".")[1:]
+            qkv.setdefault((base, kind), {})[proj[0]] = value
+        else:
+            out[base + _rename_in_block(rest, _BLOCK, key)] = value
+    for (base, kind), parts in qkv.items():
+        out[f"{base}attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def from_clipforge(state: dict) -> dict:
+    if "visual.proj" not in state:
+        raise CheckpointError("Hugging Face CLIPModel has no ResNet image tower; only ViT models export to HF")
+    out = {}
+    for key, value in state.items():
+        if key in _TOP_INV:
+            out[_TOP_INV[key]] = value
+            continue
+        if key in _TRANSPOSED_INV:
+            out[_TRANSPOSED_INV[key]] = value.T.contiguous()
+            continue
+        if key == "logit_bias":
+            raise CheckpointError("Hugging Face CLIPModel has no logit_bias (SigLIP models do not export to CLIPModel)")
+        split = _split_block_key(key, _TOWERS_INV)
+        if split is None:
+            raise CheckpointError(f"{key!r} has no place in a Hugging Face CLIPModel")
+        base, rest = split
+        if rest.startswith("attn.in_proj_"):
+            kind = rest.rsplit("_", 1)[1]
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{base}self_attn.{name}_proj.{kind}"] = part.contiguous()
+        else:
+            out[base + _rename_in_block(rest, _BLOCK_INV, key)] = value
+    return out
+
+
+def config_to_clipforge(hf: dict) -> dict:
+    text, vision = hf["text_config"], hf["vision_config"]
+    for tower in (text, vision):
+        if tower.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
+            raise CheckpointError(f"unsupported Hugging Face activation {tower['hidden_act']!r}")
+    return {
+        "embed_dim": hf.get("projection_dim", 512),
+        "vision_cfg": {
+            "image_size": vision["image_size"], "patch_size": vision["patch_size"], "width": vision["hidden_size"],
+            "layers": vision["num_hidden_layers"], "head_width": vision["hidden_size"] // vision["num_attention_heads"],
+            "mlp_ratio": mlp_ratio(vision["intermediate_size"], vision["hidden_size"]),
+            "quick_gelu": vision.get("hidden_act", "quick_gelu") == "quick_gelu",
+        },
+        "text_cfg": {
+            "context_length": text.get("max_position_embeddings", 77), "vocab_size": text.get("vocab_size", 49408),
+            "width": text["hidden_size"], "heads": text["num_attention_heads"], "layers": text["num_hidden_layers"],
+            "mlp_ratio": mlp_ratio(text["intermediate_size"], text["hidden_size"]),
+            "quick_gelu": text.get("hidden_act", "quick_gelu") == "quick_gelu",
+        },
+    }
+
+
+def config_from_clipforge(config: dict, logit_scale: float) -> dict:
+    from ..models import is_resnet
+
+    vision, text = config["vision_cfg"], config["text_cfg"]
+    if is_resnet(config):
+        raise CheckpointError("Hugging Face CLIPModel has no ResNet image tower; only ViT models export to HF")
+    top_gelu = config.get("quick_gelu", False)
+
+    def activation(cfg: dict) -> str:
+        return "quick_gelu" if cfg.get("quick_gelu", top_gelu) else "gelu"
+
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": config["embed_dim"],
+        "logit_scale_init_value": logit_scale,
+        "text_config": {
+            "hidden_size": text["width"], "intermediate_size": int(text["width"] * text.get("mlp_ratio", 4.0)),
+            "num_attention_heads": text.get("heads", text["width"] // 64), "num_hidden_layers": text["layers"],
+            "max_position_embeddings": text["context_length"], "vocab_size": text["vocab_size"],
+            "hidden_act": activation(text), "layer_norm_eps": 1e-5, "projection_dim": config["embed_dim"],
+            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1, "model_type": "clip_text_model",
+        },
+        "vision_config": {
+            "hidden_size": vision["width"], "intermediate_size": int(vision["width"] * vision.get("mlp_ratio", 4.0)),
+            "num_attention_heads": vision["width"] // vision.get("head_width", 64),
+            "num_hidden_layers": vision["layers"], "image_size": vision["image_size"],
+            "patch_size": vision["patch_size"], "num_channels": 3, "hidden_act": activation(vision),
+            "layer_norm_eps": 1e-5, "projection_dim": config["embed_dim"], "model_type": "clip_vision_model",
+        },
+    }
+
+
+def save(model, folder: str | Path) -> Path:
+    """A ``CLIPModel`` folder (``model.safetensors`` + ``config.json``) that transformers loads."""
+    from ..files import write_json
+    from .io import save_safetensors
+
+    folder = Path(folder)
+    config = config_from_clipforge(model.config, float(model.logit_scale.detach()))
+    save_safetensors(from_clipforge(model.state_dict()), folder / "model.safetensors", {"format": "pt"})
+    write_json(folder / "config.json", config)
+    return folder

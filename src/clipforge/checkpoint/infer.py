@@ -1,0 +1,91 @@
+"""The architecture of a state dict in clipforge's layout, read off its weight shapes (as openai/CLIP's
+``build_model`` does), with the attention head layout taken from the zoo where the shapes match one of its models."""
+from __future__ import annotations
+
+import math
+
+from .errors import CheckpointError
+
+
+def mlp_ratio(hidden: int, width: int) -> float:
+    """The ratio for which the model's ``int(width * ratio)`` gives back ``hidden``: plain ``hidden / width`` can land
+    a rounding error below (448 * (453 / 448) = 452.99999999999994), and a model built from it would not fit."""
+    ratio = hidden / width
+    while int(width * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def _count(state: dict, prefix: str) -> int:
+    indices = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_config(state: dict) -> dict:
+    """Rebuild the architecture from weight shapes."""
+    try:
+        text_width = state["text.ln_final.weight"].shape[0]
+        text_cfg = {
+            "context_length": state["text.positional_embedding"].shape[0],
+            "vocab_size": state["text.token_embedding.weight"].shape[0],
+            "width": text_width,
+            "heads": text_width // 64,
+            "layers": _count(state, "text.transformer.resblocks."),
+            "mlp_ratio": mlp_ratio(state["text.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], text_width),
+        }
+        embed_dim = state["text.text_projection"].shape[1]
+        if "visual.proj" in state:
+            width = state["visual.conv1.weight"].shape[0]
+            patch = state["visual.conv1.weight"].shape[-1]
+            grid = round(math.sqrt(state["visual.positional_embedding"].shape[0] - 1))
+            vision_cfg = {
+                "image_size": patch * grid, "patch_size": patch, "width": width,
+                "layers": _count(state, "visual.transformer.resblocks."),
+                "mlp_ratio": mlp_ratio(state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], width),
+            }
+        else:
+            layers = [_count(state, f"visual.layer{i}.") for i in range(1, 5)]
+            output_width = round(math.sqrt(state["visual.attnpool.positional_embedding"].shape[0] - 1))
+            vision_cfg = {"image_size": output_width * 32, "layers": layers,
+                          "width": state["visual.layer1.0.conv1.weight"].shape[0]}
+    except KeyError as exc:
+        raise CheckpointError(f"cannot infer the architecture: key {exc.args[0]!r} is missing") from None
+    config = {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    _adopt_zoo_heads(config)
+    if "logit_bias" in state:
+        config["init_logit_bias"] = float(state["logit_bias"])
+    return config
+
+
+def _shape_signature(config: dict) -> tuple | None:
+    """Everything about an architecture that weight shapes reveal (not the attention head count)."""
+    from ..models import is_resnet
+
+    try:
+        def tower(cfg: dict, keys: tuple[str, ...], transformer: bool) -> tuple:
+            hidden = int(cfg["width"] * cfg.get("mlp_ratio", 4.0)) if transformer else 0  # as built
+            return tuple(str(cfg.get(k)) for k in keys) + (hidden,)
+
+        return (config["embed_dim"],
+                tower(config["vision_cfg"], ("image_size", "patch_size", "width", "layers"), not is_resnet(config)),
+                tower(config["text_cfg"], ("context_length", "vocab_size", "width", "layers"), True))
+    except (KeyError, TypeError):  # e.g. a Hugging Face text tower: not comparable
+        return None
+
+
+def _adopt_zoo_heads(config: dict) -> None:
+    """Weights do not reveal how many attention heads split a width: 64-wide heads (OpenAI's) are assumed, unless
+    a zoo architecture has exactly these shapes, whose head layout is taken (LAION's ViT-H/g/bigG use 80-104).
+    Other architectures with other head widths need their name: ``clipforge.load(NAME, pretrained=PATH)``."""
+    from ..models import get_model_config, list_models
+
+    signature = _shape_signature(config)
+    for name in list_models():
+        zoo = get_model_config(name)
+        if _shape_signature(zoo) != signature:
+            continue
+        if "head_width" in zoo["vision_cfg"]:
+            config["vision_cfg"]["head_width"] = zoo["vision_cfg"]["head_width"]
+        if "heads" in zoo["text_cfg"]:
+            config["text_cfg"]["heads"] = zoo["text_cfg"]["heads"]
+        return

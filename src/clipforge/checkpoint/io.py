@@ -1,0 +1,163 @@
+"""Checkpoint files in and out: read any supported file or folder into clipforge's layout, write clipforge folders
+and safetensors, and load a state dict into a model with errors that name the key.
+
+Nothing is unpickled unless the caller says the file is trusted: ``.pt``/``.bin`` files go through
+``torch.load(weights_only=True)`` and OpenAI's TorchScript archives through ``torch.jit.load``, which builds only
+TorchScript types.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..files import atomic_path, write_json
+from . import hf, openai
+from .errors import CheckpointError
+from .infer import infer_config
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_FOLDER_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+# Foreign key layouts, each a module with ``matches(state)`` and ``to_clipforge(state)``; a new format is one more
+# module in this tuple. clipforge's own layout (``text.*``) needs no conversion.
+FORMATS = (hf, openai)
+
+
+# ----------------------------------------------------------------------------------------------------------- writing
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def save_pretrained(model, folder: str | os.PathLike, config: dict | None = None) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/config.json`` (the architecture) for ``clipforge.load``."""
+    folder = Path(folder)
+    config = config if config is not None else getattr(model, "config", None)
+    if config is None:
+        config = infer_config(model.state_dict())
+    save_safetensors(model.state_dict(), folder / WEIGHTS_NAME, {"format": "pt", "clipforge_config": json.dumps(config)})
+    write_json(folder / CONFIG_NAME, {"format": "clipforge", "model_cfg": config})
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------- reading
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _read_file(path: Path, trust_pickle: bool) -> tuple[dict, dict | None]:
+    """Raw tensors and, where the file carries one, its clipforge config."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        config = json.loads(meta["clipforge_config"]) if "clipforge_config" in meta else None
+        return tensors, config
+    if _is_torchscript(path):
+        # OpenAI's released .pt files are TorchScript archives (what openai/CLIP's clip.load reads). Every one of
+        # those models uses QuickGELU, which the weights alone cannot tell: return that as a partial config.
+        return torch.jit.load(str(path), map_location="cpu").state_dict(), {"quick_gelu": True}
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to unpickle objects other than tensors ({str(exc).splitlines()[0]}). If you trust this "
+            "file, pass trust_pickle=True (CLI: --trust-pickle); better, convert it once to safetensors."
+        ) from None
+    if isinstance(obj, torch.jit.ScriptModule):
+        obj = obj.state_dict()
+    return obj, None
+
+
+def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Read any supported checkpoint into ``(state_dict in clipforge layout, config or None)``.
+
+    Accepts OpenAI ``.pt`` (TorchScript or state dict), open_clip state dicts and training checkpoints, Hugging Face
+    ``CLIPModel`` folders (safetensors or bin), clipforge folders and single safetensors files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    config = None
+    try:
+        if path.is_dir():
+            config_file = path / CONFIG_NAME
+            folder_config = json.loads(config_file.read_text()) if config_file.exists() else {}
+            weights = next((path / n for n in _FOLDER_WEIGHTS if (path / n).exists()), None)
+            if weights is None:
+                raise CheckpointError(f"{path}: folder holds none of {', '.join(_FOLDER_WEIGHTS)}")
+            tensors, config = _read_file(weights, trust_pickle)
+            if hf.is_clip_config(folder_config):
+                return hf.to_clipforge(tensors), hf.config_to_clipforge(folder_config)
+            config = folder_config.get("model_cfg", config)
+        else:
+            tensors, config = _read_file(path, trust_pickle)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # truncated zips, bad headers, broken JSON: say which file, not where in torch
+        raise CheckpointError(f"{path}: cannot read checkpoint, the file is truncated or corrupt "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return to_clipforge_state_dict(tensors, source=str(path)), config
+
+
+def _unwrap(obj) -> dict:
+    """Training checkpoints nest the weights (``{"state_dict": ...}``) and DDP prefixes them with ``module.``."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError("the file holds no state dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def to_clipforge_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """A state dict (or a training checkpoint holding one) in any known key layout -> clipforge's layout."""
+    try:
+        state = _unwrap(obj)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    for layout in FORMATS:
+        if layout.matches(state):
+            return layout.to_clipforge(state)
+    if any(k.startswith("text.") for k in state):
+        return dict(state)
+    raise CheckpointError(f"{source}: not a CLIP checkpoint (no text tower found among keys such as "
+                          f"{', '.join(list(state)[:5])})")
+
+
+def load_into(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> None:
+    """``load_state_dict`` with errors that name the key and both shapes."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s), e.g. {', '.join(missing[:4])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s), e.g. {', '.join(unexpected[:4])}")
+        raise CheckpointError(f"{source} does not fit the model: {'; '.join(parts)}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{source} does not fit the model: {key!r} has shape {tuple(value.shape)} in the "
+                                  f"checkpoint but {tuple(expected[key].shape)} in the model")
+    model.load_state_dict(state, strict=False)
