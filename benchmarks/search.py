@@ -126,13 +126,14 @@ def embed_bench(data: Path, model_name: str = "ViT-B-32", limit: int = 200) -> d
     import torch
 
     import clipforge
-    from clipforge.bench import _build, _interleaved, _peer, _summary
+    from clipforge.bench.peers import build, peer
+    from clipforge.bench.timing import interleaved, summary
     from clipforge.data import ShardSource
     from clipforge.preprocess import open_image
 
     torch.set_num_threads(2)
-    ours = _build(model_name).eval()
-    theirs = _peer("open_clip", ours).eval()
+    ours = build(model_name).eval()
+    theirs = peer("open_clip", ours).eval()
     preprocess = clipforge.Preprocess(ours.image_size)
     results = {}
     for name, spec in (("coco-mini", data / "coco-mini/test/test-000000.tar"),
@@ -154,9 +155,9 @@ def embed_bench(data: Path, model_name: str = "ViT-B-32", limit: int = 200) -> d
                     for i in range(0, len(batch), 32):
                         model.encode_image(batch[i:i + 32])
             runs[impl] = run
-        summary = _summary(_interleaved(runs, 5), len(batch), "images_per_s")  # interleaved, order rotating
-        row = {impl: summary[impl]["images_per_s"] for impl in runs}
-        row["ratio"] = summary["open_clip"]["clipforge_ratio"]
+        rates = summary(interleaved(runs, 5), len(batch), "images_per_s")  # interleaved, order rotating
+        row = {impl: rates[impl]["images_per_s"] for impl in runs}
+        row["ratio"] = rates["open_clip"]["clipforge_ratio"]
         row["images"] = len(batch)
         results[name] = row
     return {"model": model_name, **results}

@@ -13,7 +13,8 @@ import json
 import platform
 from pathlib import Path
 
-from clipforge.bench import distinct_captions, tokenizer_speed
+from clipforge.bench.corpora import distinct_captions
+from clipforge.bench.tasks import tokenizer_speed
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,15 +1,24 @@
-"""clipforge bench compares like with like: peers built from the same config carry the same weights."""
+"""clipforge bench compares like with like: peers built from the same config carry the same weights, timings
+interleave, and the ratios come from the timings."""
+import statistics
+
 import pytest
 import torch
 
-from clipforge import bench
 from clipforge import cli
+from clipforge.bench import corpora, peers, tasks, timing, worker
+
+from conftest import shared_data
+
+
+def _param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 @pytest.mark.parametrize("impl", ["open_clip", "transformers"])
 def test_peers_have_our_weights_and_outputs(impl):
-    ours = bench._build("ViT-Tiny-64").eval()
-    peer = bench._peer(impl, ours)
+    ours = peers.build("ViT-Tiny-64").eval()
+    peer = peers.peer(impl, ours)
     if peer is None:
         pytest.skip(f"{impl} not installed")
     peer.eval()
@@ -18,52 +27,93 @@ def test_peers_have_our_weights_and_outputs(impl):
         theirs = peer.get_image_features(pixel_values=images) if impl == "transformers" else peer.encode_image(images)
         theirs = getattr(theirs, "pooler_output", theirs)
         torch.testing.assert_close(theirs, ours.encode_image(images), atol=1e-5, rtol=1e-4)
+    assert peers.peer("transformers", peers.build("RN-Tiny-64")) is None  # no ResNet CLIP in transformers
+    with pytest.raises(ValueError, match="no-such-peer"):
+        peers.peer("no-such-peer", ours)
 
 
 def test_loss_memory_table_shows_dense_quadratic_chunked_linear():
-    table = bench.loss_memory((512, 1024))
+    table = tasks.loss_memory((512, 1024))
     assert table[1024]["dense"] / table[512]["dense"] > 3.5
     assert table[1024]["chunked"] / table[512]["chunked"] < 2.5
 
 
-def test_real_captions_mix_coco_and_label_captions(tmp_path):
-    captions = bench.real_captions(tmp_path, 50)  # no coco-mini here: label captions only
-    assert len(captions) == 50 and all(isinstance(c, str) and c for c in captions)
+def test_real_captions_are_coco_minis_human_captions_then_label_captions():
+    import tarfile
+
+    with tarfile.open(shared_data("coco-mini", "test", "test-000000.tar")) as tar:  # every line of every .txt
+        expected = sorted(line.strip() for m in tar if m.name.endswith(".txt")
+                          for line in tar.extractfile(m).read().decode().splitlines() if line.strip())
+    human = corpora.coco_captions(shared_data())
+    assert len(human) >= 79 * 5 and sorted(human) == expected
+    captions = corpora.real_captions(shared_data(), 500)
+    assert captions[:len(human)] == human and len(captions) == 500
+    assert all(any(name in c for name in corpora.CIFAR10_NAMES) for c in captions[len(human):])
 
 
-def test_train_speed_is_interleaved_from_the_same_loss(tmp_path):
-    pytest.importorskip("open_clip")
-    result = bench._worker({"kind": "train_speed", "impls": ["clipforge", "open_clip"], "model": "ViT-Tiny-64",
-                            "batch": 8, "steps": 2, "data": str(tmp_path), "threads": 1})
-    ours, theirs = result["clipforge"], result["open_clip"]
-    assert ours["samples_per_s"] > 0 and theirs["samples_per_s"] > 0 and theirs["clipforge_ratio"] > 0
-    assert ours["first_loss"] == pytest.approx(theirs["first_loss"], abs=1e-5)  # same weights, same batch
-    assert ours["achieved_gflops"] > 0
+def test_without_data_the_captions_are_label_captions(tmp_path):
+    for data in (None, tmp_path):  # no folder, or one without coco-mini
+        captions = corpora.real_captions(data, 50)
+        assert len(captions) == 50 and all(any(name in c for name in corpora.CIFAR10_NAMES) for c in captions)
 
 
-def test_train_memory_and_embed_workers(tmp_path):
-    pytest.importorskip("open_clip")
-    # a fresh process, as the bench runs it: in this one earlier tests have already raised the peak
-    memory = bench._subprocess({"kind": "train_memory", "impls": ["clipforge"], "model": "ViT-Tiny-64", "batch": 8,
-                                "steps": 2, "data": str(tmp_path), "threads": 1})
-    assert memory["clipforge"]["peak_rss_growth_mb"] > 0, memory  # the optimiser state alone is ~60 MB
-    embed = bench._worker({"kind": "embed", "impls": ["clipforge"], "model": "ViT-Tiny-64",
-                           "n": 4, "batch": 2, "repeats": 2, "threads": 1})
-    assert embed["clipforge"]["images_per_s"] > 0
-    texts = bench._worker({"kind": "embed", "what": "text", "impls": ["clipforge", "open_clip"], "model": "ViT-Tiny-64",
-                           "n": 8, "batch": 4, "repeats": 2, "threads": 1, "data": str(tmp_path)})
-    assert texts["clipforge"]["texts_per_s"] > 0 and texts["open_clip"]["clipforge_ratio"] > 0
-    resnet = bench._worker({"kind": "embed", "impls": ["clipforge", "transformers"], "model": "RN-Tiny-64",
-                            "n": 2, "batch": 2, "repeats": 1, "threads": 1})
-    assert "skipped" in resnet["transformers"]  # no ResNet CLIP in transformers: skipped with a note
-    with pytest.raises(ValueError, match="no-such-peer"):
-        bench._peer("no-such-peer", bench._build("ViT-Tiny-64"))
+def test_summary_rates_and_adjacent_run_ratios():
+    times = {"clipforge": [1.0, 2.0, 4.0], "peer": [2.0, 2.0, 2.0]}
+    out = timing.summary(times, 10, "items_per_s")
+    assert out["clipforge"] == {"items_per_s": 5.0, "min": 2.5, "max": 10.0}
+    assert out["peer"]["items_per_s"] == 5.0 and out["peer"]["clipforge_ratio"] == 1.0  # median of 2, 1, 0.5
 
 
 def test_interleaving_rotates_the_order():
     calls = []
-    times = bench._interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    times = timing.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
     assert calls == ["a", "b", "b", "a", "a", "b"] and len(times["a"]) == 3
+
+
+def _recording_interleaved(monkeypatch):
+    recorded = {}
+
+    def record(runs, repeats):
+        recorded.update(timing.interleaved(runs, repeats))
+        return recorded
+
+    monkeypatch.setattr(tasks, "interleaved", record)
+    return recorded
+
+
+def test_train_speed_is_interleaved_from_the_same_loss(monkeypatch):
+    pytest.importorskip("open_clip")
+    times = _recording_interleaved(monkeypatch)
+    result = worker.run_task({"kind": "train_speed", "impls": ["clipforge", "open_clip"], "model": "ViT-Tiny-64",
+                              "batch": 8, "steps": 3, "threads": 1})
+    ours, theirs = result["clipforge"], result["open_clip"]
+    assert ours["first_loss"] == pytest.approx(theirs["first_loss"], abs=1e-5)  # same weights, same batch
+    assert len(times["clipforge"]) == len(times["open_clip"]) == 3
+    assert ours["samples_per_s"] == pytest.approx(8 / statistics.median(times["clipforge"]))
+    assert theirs["clipforge_ratio"] == pytest.approx(
+        statistics.median(p / c for c, p in zip(times["clipforge"], times["open_clip"])))
+    assert ours["achieved_gflops"] == pytest.approx(ours["flops_per_step"] / statistics.median(times["clipforge"]) / 1e9)
+
+
+def test_training_peak_memory_holds_at_least_the_optimiser_state():
+    pytest.importorskip("open_clip")
+    # a fresh process, as the bench runs it: in this one earlier tests have already raised the peak
+    memory = worker.run_in_subprocess({"kind": "train_memory", "impls": ["clipforge"], "model": "ViT-Tiny-64",
+                                       "batch": 8, "steps": 2, "threads": 1})
+    # AdamW's two moments are allocated during the steps, after the baseline: at least twice the weights
+    assert memory["clipforge"]["peak_rss_growth_mb"] * 2**20 >= 2 * _param_bytes(peers.build("ViT-Tiny-64")), memory
+
+
+@pytest.mark.parametrize("what", ["image", "text"])
+def test_embedding_rates_and_ratios_come_from_the_interleaved_times(monkeypatch, what):
+    pytest.importorskip("open_clip")
+    times = _recording_interleaved(monkeypatch)
+    result = worker.run_task({"kind": "embed", "what": what, "impls": ["clipforge", "open_clip"],
+                              "model": "ViT-Tiny-64", "n": 8, "batch": 4, "repeats": 3, "threads": 1})
+    unit = f"{what}s_per_s"
+    assert result["clipforge"][unit] == pytest.approx(8 / statistics.median(times["clipforge"]))
+    assert result["open_clip"]["clipforge_ratio"] == pytest.approx(
+        statistics.median(p / c for c, p in zip(times["clipforge"], times["open_clip"])))
 
 
 def test_tokenizer_speed_is_cold_with_a_fresh_tokenizer_per_repeat():
@@ -76,15 +126,15 @@ def test_tokenizer_speed_is_cold_with_a_fresh_tokenizer_per_repeat():
         def __call__(self, texts):
             return texts
 
-    cold = bench.tokenizer_speed({"clipforge": Fake, "peer": Fake}, ["a", "b"], repeats=3)
-    assert len(built) == 6 and cold["peer"]["clipforge_ratio"] > 0
+    cold = tasks.tokenizer_speed({"clipforge": Fake, "peer": Fake}, ["a", "b"], repeats=3)
+    assert len(built) == 6 and set(cold) == {"clipforge", "peer"} and "clipforge_ratio" in cold["peer"]
     built.clear()
-    bench.tokenizer_speed({"clipforge": Fake}, ["a"], repeats=3, warm=True)
+    tasks.tokenizer_speed({"clipforge": Fake}, ["a"], repeats=3, warm=True)
     assert len(built) == 1
 
 
 def test_distinct_captions_never_repeat(tmp_path):
-    captions = bench.distinct_captions(tmp_path, 1000)
+    captions = corpora.distinct_captions(tmp_path, 1000)
     assert len(set(captions)) == 1000
 
 

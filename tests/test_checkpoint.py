@@ -57,6 +57,18 @@ class _Server:
         self.httpd.server_close()
 
 
+@pytest.fixture(autouse=True)
+def _pretrained_registry_restored():
+    """Tags a test registers (local servers, bad checksums) do not outlive it."""
+    from clipforge import pretrained
+
+    pretrained.list_pretrained()  # the built-in tags, loaded
+    saved = dict(pretrained._REGISTRY)
+    yield
+    pretrained._REGISTRY.clear()
+    pretrained._REGISTRY.update(saved)
+
+
 @pytest.fixture
 def server(tiny_weights):
     srv = _Server({"/tiny.safetensors": tiny_weights[0]})

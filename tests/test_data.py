@@ -90,10 +90,14 @@ def test_shards_split_across_parts_and_epochs_reshuffle(tmp_path):
         shapes_shard(tmp_path / f"s-{i:06d}.tar", 10, seed=i)
     source = open_source(str(tmp_path / "s-{000000..000003}.tar"))
     assert len(source.urls) == 4 and len(source) == 40
-    parts = [[s["__key__"] for s in source.samples(p, 2, 0, 0, Counter())] for p in range(2)]
-    assert len(parts[0]) == len(parts[1]) == 20
-    epoch1 = [s["__key__"] for s in source.samples(0, 2, 1, 0, Counter())]
-    assert epoch1 != parts[0]
+    for epoch in (0, 1):  # every epoch: the parts are disjoint halves that together cover every sample once
+        parts = [[(s["__url__"], s["__key__"]) for s in source.samples(p, 2, epoch, 0, Counter())] for p in range(2)]
+        assert len(parts[0]) == len(parts[1]) == 20 and len(set(parts[0] + parts[1])) == 40
+        if epoch == 0:
+            epoch0 = parts
+    assert parts != epoch0  # a new epoch, a new order
+    again = [[(s["__url__"], s["__key__"]) for s in source.samples(p, 2, 0, 0, Counter())] for p in range(2)]
+    assert again == epoch0  # the order is a function of (seed, epoch)
 
 
 def test_resume_state_skips_exactly_the_consumed_samples(tmp_path):

@@ -29,9 +29,24 @@ def test_list_models_has_the_zoo():
         assert name in models
 
 
-def test_tiny_model_is_small_and_runs():
+def _transformer_params(width: int, layers: int, hidden: int) -> int:
+    """Residual blocks as CLIP builds them: two LayerNorms, fused QKV + output projection, a two-layer MLP."""
+    per_block = 2 * 2 * width + (3 * width * width + 3 * width) + (width * width + width) \
+        + (width * hidden + hidden) + (hidden * width + width)
+    return layers * per_block
+
+
+def test_tiny_model_has_the_parameters_its_config_implies_and_runs():
+    config = get_model_config("ViT-Tiny-64")
+    vision, text, embed = config["vision_cfg"], config["text_cfg"], config["embed_dim"]
+    width, grid = vision["width"], vision["image_size"] // vision["patch_size"]
+    image_tower = (3 * vision["patch_size"] ** 2 * width + width + (grid * grid + 1) * width + 2 * width
+                   + _transformer_params(width, vision["layers"], 4 * width) + 2 * width + width * embed)
+    text_tower = (text["vocab_size"] * text["width"] + text["context_length"] * text["width"]
+                  + _transformer_params(text["width"], text["layers"], 4 * text["width"]) + 2 * text["width"]
+                  + text["width"] * embed)
     model = clipforge.create_model("ViT-Tiny-64").eval()
-    assert 1e6 < count(model) < 1e7
+    assert count(model) == image_tower + text_tower + 1  # + the temperature
     tokenizer = clipforge.get_tokenizer("ViT-Tiny-64")
     out = model(torch.randn(2, 3, 64, 64), tokenizer(["a red square", "a blue circle"]))
     assert out.image_features.shape == (2, 128)

@@ -9,11 +9,13 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import clipforge
 from clipforge import cli
 from clipforge.data import ShapesSource
+from clipforge.zeroshot import class_probabilities, zero_shot_classifier
 
 pytest.importorskip("faiss", reason="faiss-cpu is in the test extras")
 pytest.importorskip("pyarrow", reason="pyarrow is in the test extras")
@@ -243,14 +245,22 @@ def _png(size=(32, 32), colour="red"):
     return buffer.getvalue()
 
 
-def test_search_classify_embed_and_thumbnails(client):
+def test_search_classify_embed_and_thumbnails(client, collection):
     assert client.get("/health").json()["images"] == 40
     results = client.get("/search", params={"q": "a blue square", "k": 7}).json()["results"]
     assert len(results) == 7 and results[0]["score"] >= results[-1]["score"]
     thumb = client.get(results[0]["thumbnail"])
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
-    probs = client.post("/classify", files={"file": ("x.png", _png())}, data={"labels": "cat, dog,car"}).json()
-    assert [p["label"] for p in probs["labels"]] != [] and abs(sum(p["probability"] for p in probs["labels"]) - 1) < 1e-5
+    probs = client.post("/classify", files={"file": ("x.png", _png())}, data={"labels": "cat, dog,car",
+                                                                            "templates": "a {}\na photo of a {c}"}).json()
+    model, preprocess, tokenizer = clipforge.load(collection["ckpt"])  # the same zero-shot, computed directly
+    with torch.no_grad():
+        image = model.encode_image(preprocess(Image.open(io.BytesIO(_png())))[None], normalize=True)
+        weights = zero_shot_classifier(model, tokenizer, ["cat", "dog", "car"], ["a {}", "a photo of a {}"])
+    expected = dict(zip(["cat", "dog", "car"], class_probabilities(model, image, weights)[0].tolist()))
+    assert [p["label"] for p in probs["labels"]] == sorted(expected, key=lambda name: -expected[name])
+    for row in probs["labels"]:
+        assert row["probability"] == pytest.approx(expected[row["label"]], abs=1e-5)
     assert len(client.post("/embed", json={"texts": ["a", "b"]}).json()["embeddings"]) == 2
     assert len(client.post("/search/image", files={"file": ("x.png", _png())}, data={"k": "3"}).json()["results"]) == 3
     assert "<input id=\"query\"" in client.get("/").text
@@ -275,14 +285,14 @@ def test_search_classify_embed_and_thumbnails(client):
     (dict(method="POST", url="/search/image", files={"file": ("x.png", b"")}), 400, "empty"),
     (dict(method="GET", url="/thumb/40"), 404, "no image with id 40"),
     (dict(method="GET", url="/thumb/-1"), 404, "no image"),
-    (dict(method="GET", url="/thumb/..%2F..%2Fetc%2Fpasswd"), 404, ""),
-    (dict(method="GET", url="/thumb/abc"), 422, ""),
-    (dict(method="GET", url="/../../etc/passwd"), 404, ""),
-    (dict(method="GET", url="/search", params={"q": "x" * 1001}), 422, ""),
-    (dict(method="GET", url="/search", params={"q": "cat", "k": 1000}), 422, ""),
+    (dict(method="GET", url="/thumb/..%2F..%2Fetc%2Fpasswd"), 404, "Not Found"),
+    (dict(method="GET", url="/thumb/abc"), 422, "valid integer"),
+    (dict(method="GET", url="/../../etc/passwd"), 404, "Not Found"),
+    (dict(method="GET", url="/search", params={"q": "x" * 1001}), 422, "at most 1000 characters"),
+    (dict(method="GET", url="/search", params={"q": "cat", "k": 1000}), 422, "less than or equal to 100"),
     (dict(method="GET", url="/search", params={"q": "cat", "dedup": 1.5}), 422, "dedup"),
     (dict(method="GET", url="/search", params={"q": "cat", "dedup": 0}), 422, "dedup"),
-    (dict(method="POST", url="/embed", json={"texts": []}), 422, ""),
+    (dict(method="POST", url="/embed", json={"texts": []}), 422, "at least 1 item"),
 ])
 def test_bad_requests_get_clear_4xx_errors(client, request_kwargs, status, message):
     response = client.request(**request_kwargs)

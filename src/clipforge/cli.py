@@ -98,7 +98,7 @@ _EXTRA_COMMANDS: list = [
     _register_lazy("index", "retrieval.cli", "build a FAISS index over embeddings", "add_index_arguments"),
     _register_lazy("search", "retrieval.cli", "search an indexed collection by text or image",
                    "add_search_arguments"),
-    _register_lazy("bench", "bench", "speed and memory side by side with open_clip and transformers"),
+    _register_lazy("bench", "bench.cli", "speed and memory side by side with open_clip and transformers"),
     _register_lazy("serve", "serve.cli", "HTTP API and web page for search and classification"),
     _register_lazy("caption", "captioning.cli", "LiMBer: caption images via one linear map into a frozen LM"),
 ]

@@ -23,7 +23,7 @@ from .evaluate.retrieval import retrieval_metrics
 from .preprocess import Preprocess
 from .tokenizer import get_tokenizer
 from .train import TrainConfig, train
-from .zeroshot import zero_shot_classifier
+from .zeroshot import class_probabilities, zero_shot_classifier
 
 CLASSES = [f"{colour} {shape}" for colour, shape in product(COLOURS, SHAPES)]
 PROMPTS = ["a {}", "a picture of a {}", "a small {}", "a large {}"]
@@ -89,7 +89,7 @@ def evaluate_shapes(model, tokenizer, seed: int = 0) -> dict:
                          ("seen", ShapesSource(400, seed=seed + 2000, exclude_pairs=HELD_OUT_PAIRS))):
         items = [source.item(i) for i in range(len(source))]
         features = model.encode_image(torch.stack([preprocess(img) for img, _ in items]), normalize=True)
-        probs = (100 * features @ weights).softmax(dim=-1)
+        probs = class_probabilities(model, features, weights)
         truth = torch.tensor([CLASSES.index(f"{a['colour']} {a['shape']}") for _, a in items])
         predicted = probs.argmax(dim=-1)
         results[f"{name}_top1"] = (predicted == truth).float().mean().item()

@@ -53,10 +53,10 @@ class ImageToPrefix(nn.Module):
     def start_from(self, lm) -> None:
         """Start as the same neutral prompt for every image: weights zero, bias = the LM's mean input embedding.
 
-        With nn.Linear's random initialisation the first prefixes are arbitrary vectors ~4x the norm of SmolLM2's
-        token embeddings, and how well training went depended on that draw (CIFAR-10: loss 6.0 or 3.9 after 300
-        steps, same settings, two seeds). From zero weights the start is the same for every run, in the LM's own
-        input distribution, and the weights still get gradients from the first step (features x output error).
+        With nn.Linear's random initialisation the first prefixes are arbitrary vectors several times the norm of the
+        LM's token embeddings, and how well training went depended on that draw (docs/BENCHMARKS.md). From zero
+        weights the start is the same for every run, in the LM's own input distribution, and the weights still get
+        gradients from the first step (features x output error).
         """
         embeddings = lm.get_input_embeddings().weight
         self.proj.weight.zero_()
@@ -214,8 +214,7 @@ def mapping_optimizer(mapping: ImageToPrefix, lr: float) -> torch.optim.Optimize
     The bias is the soft prompt every image shares, and it has to travel the LM's embedding scale (SmolLM2: ~0.14 per
     coordinate) while Adam moves each parameter ~``lr`` per step; each weight, in contrast, moves the prefix by up to
     ``lr`` times the number of (standardised) feature dimensions. One rate for both either leaves the shared prompt
-    crawling or makes the image-dependent part overshoot (CIFAR-10 + SmolLM2: loss 6.7 -> 6.7 over 100 steps with one
-    rate of 1e-3; 6.6 -> 5.2 with the bias at 1e-2; docs/BENCHMARKS.md).
+    crawling or makes the image-dependent part overshoot (the sweep is in docs/BENCHMARKS.md).
     """
     return torch.optim.AdamW([{"params": [mapping.proj.weight], "lr": lr},
                               {"params": [mapping.proj.bias], "lr": lr * PREFIX_LR_SCALE}], weight_decay=0.0)

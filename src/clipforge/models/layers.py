@@ -61,8 +61,8 @@ class QuickGELU(nn.Module):
 def _activate_in_place(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``activation(x)`` written over ``x``, with the same values.
 
-    On CPU a fresh [tokens, 4 * width] output per block makes glibc grow and trim its heap every block: ~50k page
-    faults per ViT-B-32 batch of 16, ~7% of the embedding time. Overwriting the MLP's hidden tensor avoids that.
+    On CPU a fresh [tokens, 4 * width] output per block makes glibc grow and trim its heap every block (page faults
+    by the tens of thousands per batch; docs/BENCHMARKS.md). Overwriting the MLP's hidden tensor avoids that.
     """
     if isinstance(activation, QuickGELU):
         gate = x * 1.702
@@ -173,7 +173,8 @@ class ResidualAttentionBlock(nn.Module):
     def _forward_inference(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         """``forward`` without autograd or dtype casts: the same sums, with each residual and bias accumulated by the
         GEMM itself (``addmm_`` into ``x + bias``) instead of a bias copy, a GEMM and a separate residual add, and the
-        MLP's hidden tensor activated in place. ~5% of a CPU ViT-B-32 forward; ``x`` is not modified."""
+        MLP's hidden tensor activated in place: fewer passes over memory and allocations on CPU, where they show
+        (docs/BENCHMARKS.md). ``x`` is not modified."""
         width = x.shape[-1]
         attn_proj, fc, proj = self.attn.out_proj, self.mlp.c_fc, self.mlp.c_proj
         heads = self.attn.merge_heads(self.attn.attend(self.ln_1(x), causal)).view(-1, width)

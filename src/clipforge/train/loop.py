@@ -16,7 +16,6 @@ import os
 import random
 import time
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,18 +23,18 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load_into, read_checkpoint
-from ..data import ContrastiveStream, evaluation_set, make_loader, open_source
+from ..data import ContrastiveStream, make_loader, open_source
 from ..data.sources import source_classnames
-from ..evaluate.metrics import topk_accuracy
 from ..files import write_json
 from ..loss import create_loss
 from ..models import create_model, get_model_config, is_resnet
-from ..preprocess import Preprocess, TrainTransform
-from ..prompts import DEFAULT_TEMPLATES, load_templates
+from ..preprocess import TrainTransform
+from ..prompts import load_templates
 from ..tokenizer import get_tokenizer
-from ..zeroshot import zero_shot_classifier
 from .checkpoints import load_train_state, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .optim import build_optimizer, cosine_with_warmup
+from .step import autocast_for, train_step
+from .validation import open_validation, validate
 
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_fp16")
 
@@ -234,24 +233,6 @@ def _resume(cfg: TrainConfig, output: Path, core, optimizer, scheduler, scaler, 
                      train_state["rng"][rank])
 
 
-def _open_validation(cfg: TrainConfig, val_source, image_size: int, labels: _Labels):
-    """(the fixed validation set, zero-shot templates) or (None, None). Labelled validation data (classnames.txt
-    beside the shards) gets zero-shot accuracy besides retrieval, whether or not training uses label captions;
-    samples without text are captioned from their label."""
-    if val_source is None and not cfg.val_data:
-        return None, None
-    source = val_source if val_source is not None else open_source(cfg.val_data, shuffle_buffer=0)
-    classnames = source_classnames(source)
-    templates = labels.templates  # --label-captions FILE: the same prompts caption and classify
-    val_set = evaluation_set(source, Preprocess(image_size), cfg.val_samples, classnames, templates,
-                             bool(cfg.label_captions and classnames), seed=cfg.seed)
-    if not val_set.images:
-        raise ValueError(f"validation data {cfg.val_data or source!r} has no usable samples "
-                         f"(skipped: {dict(val_set.skipped) or 'none'}); labelled shards need classnames.txt "
-                         "beside the split folder")
-    return val_set, templates or list(DEFAULT_TEMPLATES)
-
-
 class _RunLog:
     """``run_config.json``, ``metrics.jsonl`` (lines past a resumed step dropped: they are redone) and TensorBoard
     when installed; rank 0 writes, other ranks log nothing."""
@@ -317,15 +298,15 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                                caption_templates=labels.templates, label_captions=bool(labels.classnames),
                                exclude_labels=labels.exclude, resume=position.data)
     batches = iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda"))
-    val_set, zero_shot_templates = _open_validation(cfg, val_source, core.image_size, labels) if rank == 0 \
-        else (None, None)
+    val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates) \
+        if rank == 0 else (None, None)
     log = _RunLog(output, rank, {"train": dataclasses.asdict(cfg), "model_cfg": model_config, "world_size": world,
                                  "total_steps": total_steps}, position.step)
     if position.rng is not None:
         set_rng_state(position.rng)  # last, after everything that draws random numbers during setup
 
     model.train()
-    autocast = _autocast(precision, device)
+    autocast = autocast_for(precision, device)
     bar = _progress(total_steps, position.step, enabled=cfg.progress and rank == 0)
     losses = _LossMeter(device, output)
     last_loss, last_path, val_metrics = float("nan"), None, {}
@@ -335,7 +316,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
             micro = [next(batches) for _ in range(cfg.accum_freq)]
             for batch in micro:
                 position.data[batch["state"]["part"]] = batch["state"]
-            losses.add(_train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg))
+            losses.add(train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg))
             scheduler.step()
             position.step += 1
             step = position.step
@@ -417,96 +398,6 @@ def _save_checkpoint(output: Path, position: _Position, core, model_config: dict
     if world > 1:
         dist.barrier()
     return path
-
-
-def _train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) -> torch.Tensor:
-    """One optimiser step over ``len(micro)`` micro-batches, exact for the contrastive loss.
-
-    With accumulation, features of every micro-batch are first computed without gradient; then each micro-batch is
-    recomputed with gradient and the loss taken over all of them (its own fresh features plus the others' cached
-    ones), as open_clip's ``accum_freq``. The summed gradients equal those of one step on the whole batch.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    inputs = [(b["images"].to(device, non_blocking=True), b["tokens"].to(device, non_blocking=True)) for b in micro]
-    if len(inputs) == 1:
-        with autocast:
-            out = model(*inputs[0])
-            loss = loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
-        scaler.scale(loss).backward()
-        total = loss.detach()
-    else:
-        rng_before, cached_images, cached_texts = [], [], []
-        with torch.no_grad(), autocast:
-            for images, tokens in inputs:
-                rng_before.append(_device_rng(device))
-                out = model(images, tokens)
-                cached_images.append(out.image_features)
-                cached_texts.append(out.text_features)
-        rng_after = _device_rng(device)
-        total = None
-        for j, (images, tokens) in enumerate(inputs):
-            _set_device_rng(device, rng_before[j])  # same patch-dropout masks as in the cached pass
-            sync = nullcontext() if j == len(inputs) - 1 or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
-                with autocast:
-                    out = model(images, tokens)
-                    image_features = torch.cat(cached_images[:j] + [out.image_features] + cached_images[j + 1:])
-                    text_features = torch.cat(cached_texts[:j] + [out.text_features] + cached_texts[j + 1:])
-                    # the temperature (and bias) enter every pass's loss: let only one pass give them gradient
-                    last = j == len(inputs) - 1
-                    scale = out.logit_scale if last else out.logit_scale.detach()
-                    bias = out.logit_bias if last or out.logit_bias is None else out.logit_bias.detach()
-                    loss = loss_fn(image_features, text_features, scale, bias)
-                scaler.scale(loss).backward()
-            total = loss.detach()
-        _set_device_rng(device, rng_after)
-    if cfg.grad_clip:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    return total.float()
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _device_rng(device):
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_device_rng(device, state):
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
-
-@torch.no_grad()
-def validate(model, tokenizer, val_set, device, autocast=nullcontext(), templates=DEFAULT_TEMPLATES) -> dict:
-    """Retrieval recall@1/5/10 both ways over ``val_set``'s pairs (``class_*``: by class, when the captions were made
-    from class names), and zero-shot top-1/top-5 when it is labelled."""
-    from ..evaluate.retrieval import embed_pairs, retrieval_metrics
-
-    was_training = model.training
-    model.eval()
-    with autocast:
-        images, texts = embed_pairs(model, tokenizer, val_set.images, val_set.captions, device=device)
-        if val_set.captions_from_labels:  # "a photo of a cat" describes every cat: any same-class item is a hit
-            same_class = val_set.labels[:, None] == val_set.labels[None, :]
-            metrics = {f"class_{k}": v for k, v in retrieval_metrics(images, texts, None, positives=same_class).items()}
-        else:
-            metrics = retrieval_metrics(images, texts, torch.arange(len(val_set.captions)))
-        if val_set.labels is not None:
-            weights = zero_shot_classifier(model, tokenizer, val_set.classnames, templates, device=device)
-            logits = images @ weights.float().cpu()
-            metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
-    model.train(was_training)
-    return metrics
 
 
 def _gather_objects(obj, world: int) -> list:

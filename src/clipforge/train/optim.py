@@ -26,8 +26,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
 
 
 def _can_fuse(params: list[torch.Tensor]) -> bool:
-    """The fused AdamW kernel (one pass per tensor instead of ~10) exists for float tensors on CPU and CUDA; on 2
-    CPU cores it is ~5x faster than the default loop over a ViT-Small-64's 22M parameters."""
+    """The fused AdamW kernel (one pass per tensor instead of ~10) exists for float tensors on CPU and CUDA; the
+    optimiser step is a large share of a small model's CPU step (docs/BENCHMARKS.md)."""
     devices = {p.device.type for p in params}
     return len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
 

@@ -1,0 +1,133 @@
+"""``clipforge bench``: clipforge side by side with open_clip and transformers, in one run, same configs and weights.
+
+Each measurement that needs a clean peak-memory reading runs in its own subprocess. A peer that is not installed
+is skipped with a note. Ratios are clipforge / peer (higher is better for speed, lower for memory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from .corpora import distinct_captions
+from .tasks import loss_memory, tokenizer_speed
+from .timing import matmul_peak_gflops
+from .worker import run_in_subprocess
+
+PEERS = ("open_clip", "transformers")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--quick", action="store_true", help="fewer and shorter measurements")
+    p.add_argument("--json", help="write raw results (with a top-level 'ratios' object) here")
+    p.add_argument("--data", default=os.environ.get("CLIPFORGE_DATA"),
+                   help="a data folder with coco-mini/ for human captions, e.g. ../shared/data [$CLIPFORGE_DATA; "
+                        "without it, captions are generated from CIFAR-10 class names]")
+    p.add_argument("--device", default=None, help="cpu or cuda [cuda when available]; GPU runs use bf16 autocast")
+    p.add_argument("--train-model", default=None,
+                   help="[CPU: ViT-Small-64 (6 layers, width 256, 64 px), batch 64; GPU: ViT-B-32 at 224 px, batch 256]")
+    p.add_argument("--train-batch", type=int, default=None)
+    p.add_argument("--embed-models", nargs="+", default=["ViT-B-32", "RN50"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=run)
+
+
+def bench_tokenizer(args, ratios: dict) -> dict | None:
+    from ..tokenizer import Tokenizer
+
+    try:
+        from open_clip.tokenizer import SimpleTokenizer
+    except ImportError:
+        print("tokenizer: open_clip not installed, skipped")
+        return None
+    captions = distinct_captions(args.data, 10_000)
+    assert torch.equal(Tokenizer()(captions[:2000]), SimpleTokenizer()(captions[:2000])), "token ids differ"
+    result = tokenizer_speed({"clipforge": Tokenizer, "open_clip": SimpleTokenizer}, captions, args.repeats)
+    ratios["tokenizer_vs_open_clip"] = result["open_clip"]["clipforge_ratio"]
+    print(f"tokenizer (10k distinct captions, cold): clipforge {result['clipforge']['captions_per_s']:.0f}/s, "
+          f"open_clip {result['open_clip']['captions_per_s']:.0f}/s, ratio {ratios['tokenizer_vs_open_clip']:.1f}x")
+    return result
+
+
+def bench_embedding(args, device: str, ratios: dict) -> dict:
+    """Image and text embedding: every implementation in one process, runs interleaved."""
+    on_gpu = device != "cpu"
+    n_images = (16 if args.quick else 64) * (8 if on_gpu else 1)
+    n_texts = 2048 if on_gpu else 64 if args.quick else 128  # real captions, padded to 77 tokens for the peers
+    results = {}
+    for model_name in args.embed_models:
+        jobs = [("image", n_images, 256 if on_gpu else 16), ("text", n_texts, 256 if on_gpu else 64)]
+        if model_name != args.embed_models[0]:
+            jobs = jobs[:1]  # the zoo's text towers are alike: time text once
+        for what, n, batch in jobs:
+            row = run_in_subprocess({"kind": "embed", "what": what, "impls": ["clipforge", *PEERS], "model": model_name,
+                                     "n": n, "batch": batch, "repeats": args.repeats + 2, "device": device,
+                                     "data": args.data})
+            results[f"{model_name} {what}"] = row
+            for peer in PEERS:
+                if "clipforge_ratio" in row.get(peer, {}):
+                    suffix = "" if model_name == args.embed_models[0] else f"_{model_name}"
+                    ratios[f"{what}_embed_vs_{peer}{suffix}"] = row[peer]["clipforge_ratio"]
+            unit = f"{what}s_per_s"
+            print(f"{what} embedding {model_name} ({n} {what}s, batch {batch}): " + ", ".join(
+                f"{k} {v[unit]:.1f}/s" if unit in v else f"{k}: {v}" for k, v in row.items()))
+    return results
+
+
+def bench_training(args, device: str, ratios: dict) -> tuple[dict, str]:
+    """Training speed interleaved in one process; peak memory one implementation per process."""
+    on_gpu = device != "cpu"
+    model = args.train_model or ("ViT-B-32" if on_gpu else "ViT-Small-64")
+    batch = args.train_batch or (256 if on_gpu else 64)
+    task = {"kind": "train_speed", "impls": ["clipforge", "open_clip"], "model": model, "batch": batch,
+            "steps": 6 if args.quick else 16, "data": args.data, "device": device}
+    train = run_in_subprocess(task)
+    for impl in ("clipforge", "open_clip"):
+        memory = run_in_subprocess({**task, "kind": "train_memory", "impls": [impl], "steps": 3})
+        train.setdefault(impl, {}).update(memory.get(impl, memory))
+    ours, theirs = train.get("clipforge", {}), train.get("open_clip", {})
+    if "clipforge_ratio" in theirs:
+        ratios["train_vs_open_clip"] = theirs["clipforge_ratio"]
+        if abs(ours["first_loss"] - theirs["first_loss"]) > (1e-2 if on_gpu else 1e-4):
+            print(f"warning: first-step losses differ: {ours['first_loss']} vs {theirs['first_loss']}")
+    memory_key = "peak_memory_mb" if on_gpu else "peak_rss_growth_mb"
+    if memory_key in ours and memory_key in theirs:
+        ratios["train_memory_vs_open_clip"] = ours[memory_key] / max(1e-9, theirs[memory_key])
+    print(f"training {model} batch {batch} (real captions{', bf16' if on_gpu else ''}): " + ", ".join(
+        f"{k} {v['samples_per_s']:.1f} samples/s, {v.get(memory_key, 0):.0f} MB peak"
+        if "samples_per_s" in v else f"{k}: {v}" for k, v in train.items()))
+    return train, memory_key
+
+
+def run(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device != "cpu"
+    machine = (torch.cuda.get_device_name() if on_gpu else
+               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    results, ratios = {"machine": machine, "device": device, "torch": torch.__version__}, {}
+    print(f"clipforge bench on {machine} ({'quick' if args.quick else 'full'})"
+          + ("" if args.data else "; no --data: generated captions only"))
+    results["tokenizer"] = bench_tokenizer(args, ratios)
+    results["embed"] = bench_embedding(args, device, ratios)
+    results["train"], memory_key = bench_training(args, device, ratios)
+    peak = results["matmul_peak_gflops"] = matmul_peak_gflops(device=device)
+    achieved = results["train"].get("clipforge", {}).get("achieved_gflops")
+    if achieved:
+        results["mfu"] = achieved / peak
+        print(f"model FLOPs utilisation: {achieved:.1f} GFLOP/s of a {peak:.1f} GFLOP/s "
+              f"{'bf16' if on_gpu else 'fp32'} matmul peak = {results['mfu']:.0%}")
+    results["loss_memory_mb"] = loss_memory((512, 1024) if args.quick else (512, 1024, 2048, 4096), device)
+    print("loss memory (MB held for backward) " + ", ".join(
+        f"N={n}: dense {r['dense']:.1f} / chunked {r['chunked']:.1f}" for n, r in results["loss_memory_mb"].items()))
+    results["ratios"] = ratios
+    print("ratios (clipforge / peer; speed ratios are medians of adjacent interleaved runs): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0

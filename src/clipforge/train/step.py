@@ -1,0 +1,73 @@
+"""One optimiser step over the micro-batches of a step, exact for the contrastive loss under accumulation."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+
+def train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) -> torch.Tensor:
+    """One optimiser step over ``len(micro)`` micro-batches, exact for the contrastive loss.
+
+    With accumulation, features of every micro-batch are first computed without gradient; then each micro-batch is
+    recomputed with gradient and the loss taken over all of them (its own fresh features plus the others' cached
+    ones), as open_clip's ``accum_freq``. The summed gradients equal those of one step on the whole batch.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    inputs = [(b["images"].to(device, non_blocking=True), b["tokens"].to(device, non_blocking=True)) for b in micro]
+    if len(inputs) == 1:
+        with autocast:
+            out = model(*inputs[0])
+            loss = loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+        scaler.scale(loss).backward()
+        total = loss.detach()
+    else:
+        rng_before, cached_images, cached_texts = [], [], []
+        with torch.no_grad(), autocast:
+            for images, tokens in inputs:
+                rng_before.append(_device_rng(device))
+                out = model(images, tokens)
+                cached_images.append(out.image_features)
+                cached_texts.append(out.text_features)
+        rng_after = _device_rng(device)
+        total = None
+        for j, (images, tokens) in enumerate(inputs):
+            _set_device_rng(device, rng_before[j])  # same patch-dropout masks as in the cached pass
+            sync = nullcontext() if j == len(inputs) - 1 or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast:
+                    out = model(images, tokens)
+                    image_features = torch.cat(cached_images[:j] + [out.image_features] + cached_images[j + 1:])
+                    text_features = torch.cat(cached_texts[:j] + [out.text_features] + cached_texts[j + 1:])
+                    # the temperature (and bias) enter every pass's loss: let only one pass give them gradient
+                    last = j == len(inputs) - 1
+                    scale = out.logit_scale if last else out.logit_scale.detach()
+                    bias = out.logit_bias if last or out.logit_bias is None else out.logit_bias.detach()
+                    loss = loss_fn(image_features, text_features, scale, bias)
+                scaler.scale(loss).backward()
+            total = loss.detach()
+        _set_device_rng(device, rng_after)
+    if cfg.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return total.float()
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _device_rng(device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_device_rng(device, state):
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)

@@ -1,0 +1,54 @@
+"""Validation during training: retrieval recall on held-out pairs, and zero-shot accuracy when they are labelled."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from ..data import evaluation_set, open_source
+from ..data.sources import source_classnames
+from ..evaluate.metrics import topk_accuracy
+from ..preprocess import Preprocess
+from ..prompts import DEFAULT_TEMPLATES
+from ..zeroshot import zero_shot_classifier
+
+
+def open_validation(cfg, val_source, image_size: int, label_templates: list[str] | None):
+    """(the fixed validation set, zero-shot templates) or (None, None). Labelled validation data (classnames.txt
+    beside the shards) gets zero-shot accuracy besides retrieval, whether or not training uses label captions;
+    samples without text are captioned from their label."""
+    if val_source is None and not cfg.val_data:
+        return None, None
+    source = val_source if val_source is not None else open_source(cfg.val_data, shuffle_buffer=0)
+    classnames = source_classnames(source)
+    templates = label_templates  # --label-captions FILE: the same prompts caption and classify
+    val_set = evaluation_set(source, Preprocess(image_size), cfg.val_samples, classnames, templates,
+                             bool(cfg.label_captions and classnames), seed=cfg.seed)
+    if not val_set.images:
+        raise ValueError(f"validation data {cfg.val_data or source!r} has no usable samples "
+                         f"(skipped: {dict(val_set.skipped) or 'none'}); labelled shards need classnames.txt "
+                         "beside the split folder")
+    return val_set, templates or list(DEFAULT_TEMPLATES)
+
+
+@torch.no_grad()
+def validate(model, tokenizer, val_set, device, autocast=nullcontext(), templates=DEFAULT_TEMPLATES) -> dict:
+    """Retrieval recall@1/5/10 both ways over ``val_set``'s pairs (``class_*``: by class, when the captions were made
+    from class names), and zero-shot top-1/top-5 when it is labelled."""
+    from ..evaluate.retrieval import embed_pairs, retrieval_metrics
+
+    was_training = model.training
+    model.eval()
+    with autocast:
+        images, texts = embed_pairs(model, tokenizer, val_set.images, val_set.captions, device=device)
+        if val_set.captions_from_labels:  # "a photo of a cat" describes every cat: any same-class item is a hit
+            same_class = val_set.labels[:, None] == val_set.labels[None, :]
+            metrics = {f"class_{k}": v for k, v in retrieval_metrics(images, texts, None, positives=same_class).items()}
+        else:
+            metrics = retrieval_metrics(images, texts, torch.arange(len(val_set.captions)))
+        if val_set.labels is not None:
+            weights = zero_shot_classifier(model, tokenizer, val_set.classnames, templates, device=device)
+            logits = images @ weights.float().cpu()
+            metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
+    model.train(was_training)
+    return metrics
