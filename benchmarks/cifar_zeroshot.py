@@ -25,7 +25,8 @@ import torch
 
 import clipforge
 from clipforge.data import ShardSource, find_classnames, read_classnames
-from clipforge.evaluate import captioned_pairs, embed_labelled, embed_pairs, retrieval_metrics
+from clipforge.data import evaluation_set
+from clipforge.evaluate import embed_labelled, embed_pairs, retrieval_metrics
 from clipforge.models import CLIPOutput
 from clipforge.preprocess import Preprocess
 from clipforge.train import TrainConfig, train
@@ -84,11 +85,11 @@ def evaluate(model, tokenizer, data: Path, classes: list[int] | None = None) -> 
         result["unseen_top1_of_10"] = (predictions[mask] == labels[mask]).float().mean().item()
         sub = (features[mask] @ weights[:, classes]).argmax(dim=1)
         result[f"unseen_top1_of_{len(classes)}"] = (torch.tensor(classes)[sub] == labels[mask]).float().mean().item()
-    images, captions, owner = captioned_pairs(ShardSource(str(data / "coco-mini" / "test" / "test-000000.tar"), 0))
-    preprocess = Preprocess(model.image_size)
+    pairs = evaluation_set(ShardSource(str(data / "coco-mini" / "test" / "test-000000.tar"), 0),
+                           Preprocess(model.image_size))
     with torch.no_grad():
-        image_features, text_features = embed_pairs(model, tokenizer, [preprocess(i) for i in images], captions)
-    result["coco_mini"] = retrieval_metrics(image_features, text_features, owner)
+        image_features, text_features = embed_pairs(model, tokenizer, pairs.images, pairs.captions)
+    result["coco_mini"] = retrieval_metrics(image_features, text_features, pairs.caption_images)
     return result
 
 

@@ -124,3 +124,38 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert page.count("<img") >= 48 and "Text→image retrieval" in page
     model, _, _ = clipforge.load(str(tmp_path / "demo" / "checkpoints" / "step-00000004"))
     assert model.image_size == 64
+
+
+def test_left_and_right_swap_as_whole_words_with_their_case():
+    from clipforge.data.captions import swap_left_right
+
+    assert swap_left_right("A dog on the left, a cat to the Right.") == "A dog on the right, a cat to the Left."
+    assert swap_left_right("LEFT turn; leftover brightness") == "RIGHT turn; leftover brightness"
+
+
+def test_mirrored_samples_come_with_mirrored_captions(tmp_path):
+    """--hflip: whenever the image is flipped, left and right trade places in its caption, so the caption stays true."""
+    image = Image.new("RGB", (32, 32), "blue")
+    image.paste((255, 0, 0), (0, 0, 16, 32))  # red left half
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    shard = write_shard(tmp_path / "s-000000.tar", [{"__key__": f"{i:03d}", "png": buffer.getvalue(),
+                                                      "txt": "red on the left"} for i in range(40)])
+    tokenizer = clipforge.get_tokenizer()
+    stream = ContrastiveStream(open_source(str(shard)), TrainTransform(32, scale=(1.0, 1.0)), tokenizer, 40,
+                               hflip=True)
+    batch = next(iter(stream))
+    red_side = ["left" if img[0, :, :16].mean() > img[0, :, 16:].mean() else "right" for img in batch["images"]]
+    said = ["left" if row.tolist() == tokenizer("red on the left")[0].tolist() else "right" for row in batch["tokens"]]
+    assert said == red_side and 5 < red_side.count("right") < 35
+
+
+def test_evaluation_sets_keep_every_caption_of_every_image(tmp_path):
+    from clipforge.data import evaluation_set
+
+    shard = write_shard(tmp_path / "s-000000.tar", [{"__key__": f"{i:03d}", "png": _png("red"),
+                                                      "txt": "\n".join(f"caption {i}.{j}" for j in range(i % 3 + 1))}
+                                                     for i in range(6)])
+    pairs = evaluation_set(open_source(str(shard), shuffle_buffer=0), TrainTransform(32, scale=(1.0, 1.0)))
+    assert len(pairs.images) == 6 and len(pairs.captions) == 1 + 2 + 3 + 1 + 2 + 3
+    assert all(c.startswith(f"caption {i}.") for c, i in zip(pairs.captions, pairs.caption_images.tolist()))

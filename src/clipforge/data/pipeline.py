@@ -13,10 +13,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..preprocess import BadImageError, TrainTransform, open_image
-from .captions import label_caption
+from .captions import label_caption, swap_left_right
 from .sources import IMAGE_EXTENSIONS
 
 
@@ -26,6 +27,11 @@ class SkipSample(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def caption_lines(raw: dict) -> list[str]:
+    """The non-blank lines of a sample's text: its captions (img2dataset shards may carry several, one per line)."""
+    return [line.strip() for line in raw["txt"].decode("utf-8", "replace").splitlines() if line.strip()]
 
 
 def decode_sample(raw: dict, rng: random.Random, classnames=None, caption_templates=None,
@@ -40,10 +46,10 @@ def decode_sample(raw: dict, rng: random.Random, classnames=None, caption_templa
         if label in exclude_labels:
             raise SkipSample("excluded_class")
     if "txt" in raw and not label_captions:
-        lines = [line.strip() for line in raw["txt"].decode("utf-8", "replace").splitlines() if line.strip()]
+        lines = caption_lines(raw)
         if not lines:
             raise SkipSample("empty_caption")
-        text = rng.choice(lines)  # img2dataset shards may carry several captions: draw one each time
+        text = rng.choice(lines)  # several captions: draw one each time
     elif label is not None and classnames is not None:
         if not 0 <= label < len(classnames):
             raise SkipSample("label_out_of_range")
@@ -73,7 +79,7 @@ class ContrastiveStream(IterableDataset):
 
     def __init__(self, source, transform, tokenizer, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, classnames=None, caption_templates=None, label_captions: bool = False,
-                 exclude_labels=(), resume: dict | None = None):
+                 exclude_labels=(), resume: dict | None = None, hflip: bool = False):
         self.source, self.transform, self.tokenizer = source, transform, tokenizer
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -81,6 +87,7 @@ class ContrastiveStream(IterableDataset):
         self.label_captions = label_captions
         self.exclude_labels = frozenset(exclude_labels)
         self.resume = {int(k): v for k, v in (resume or {}).items()}
+        self.hflip = hflip
 
     def _sample_rng(self, epoch: int, part: int, position: int) -> random.Random:
         return random.Random(f"sample-{self.seed}-{epoch}-{part}-{position}")
@@ -104,6 +111,8 @@ class ContrastiveStream(IterableDataset):
                 try:
                     image, text = decode_sample(raw, rng, self.classnames, self.caption_templates,
                                                 self.label_captions, self.exclude_labels)
+                    if self.hflip and rng.random() < 0.5:  # the mirror image, described as such
+                        image, text = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), swap_left_right(text)
                     tensor = self.transform(image, rng) if isinstance(self.transform, TrainTransform) \
                         else self.transform(image)
                 except SkipSample as exc:
@@ -131,11 +140,13 @@ def make_loader(stream: ContrastiveStream, workers: int = 2, pin_memory: bool = 
 
 @dataclass
 class EvaluationSet:
-    """Fixed validation samples: preprocessed images, one caption each, and integer labels when every sample has
-    one and the class names are known (then zero-shot accuracy can be measured too)."""
+    """Fixed validation samples: preprocessed images, every caption of each (``caption_images[t]``: the image caption
+    ``t`` describes), and integer labels when every sample has one and the class names are known (then zero-shot
+    accuracy can be measured too)."""
 
     images: list[torch.Tensor]
     captions: list[str]
+    caption_images: torch.Tensor
     labels: torch.Tensor | None = None
     classnames: list[str] | None = None
     skipped: Counter = field(default_factory=Counter)
@@ -144,28 +155,29 @@ class EvaluationSet:
 
 def evaluation_set(source, transform, limit: int | None = None, classnames=None, caption_templates=None,
                    label_captions: bool = False, seed: int = 0) -> EvaluationSet:
-    """The first ``limit`` usable samples of ``source`` in order, each with its first caption line (or, for
-    labelled samples without text or with ``label_captions``, a label caption). Unusable samples are counted."""
-    images, captions, labels, skipped, from_labels = [], [], [], Counter(), []
+    """The first ``limit`` usable samples of ``source`` in order, each with all its caption lines (or, for labelled
+    samples without text or with ``label_captions``, one label caption). Unusable samples are counted."""
+    images, captions, owners, labels, skipped, from_labels = [], [], [], [], Counter(), []
     for raw in source.samples(0, 1, 0, seed, skipped):
         rng = random.Random(f"eval-{seed}-{len(images)}")
-        if "txt" in raw and not label_captions:
-            lines = [line.strip() for line in raw["txt"].decode("utf-8", "replace").splitlines() if line.strip()]
-            raw = dict(raw, txt=lines[0].encode() if lines else b"")  # empty: decode_sample counts it
         try:
             image, text = decode_sample(raw, rng, classnames, caption_templates, label_captions)
         except SkipSample as exc:
             skipped[exc.reason] += 1
             continue
+        written = "txt" in raw and not label_captions
+        texts = caption_lines(raw) if written else [text]
+        captions += texts
+        owners += [len(images)] * len(texts)
         images.append(transform(image))
-        captions.append(text)
         labels.append(int(raw["cls"]) if "cls" in raw else None)
-        from_labels.append(label_captions or "txt" not in raw)
+        from_labels.append(not written)
         if limit and len(images) >= limit:
             break
     labelled = bool(labels) and classnames is not None and None not in labels
-    return EvaluationSet(images, captions, torch.tensor(labels) if labelled else None,
-                         list(classnames) if labelled else None, skipped, labelled and all(from_labels))
+    return EvaluationSet(images, captions, torch.tensor(owners, dtype=torch.long),
+                         torch.tensor(labels) if labelled else None, list(classnames) if labelled else None,
+                         skipped, labelled and all(from_labels))
 
 
 def iter_captioned_images(source, classnames=None, seed: int = 0, skipped: Counter | None = None):
@@ -186,8 +198,7 @@ def iter_captioned_images(source, classnames=None, seed: int = 0, skipped: Count
             label = int(raw["cls"])
             yield image, [first] + [label_caption(classnames[label], rng) for _ in range(3)], label
         else:  # decode_sample has checked there is at least one non-empty line
-            lines = [line.strip() for line in raw["txt"].decode("utf-8", "replace").splitlines() if line.strip()]
-            yield image, lines, None
+            yield image, caption_lines(raw), None
 
 
 def captioned_images(source, classnames=None, max_images: int | None = None, seed: int = 0):
@@ -199,3 +210,12 @@ def captioned_images(source, classnames=None, max_images: int | None = None, see
         if max_images and len(images) >= max_images:
             break
     return images, captions, skipped
+
+
+def caption_texts(source, seed: int = 0) -> list[str]:
+    """Every caption line of every sample of ``source``, read once in order without decoding an image."""
+    texts, skipped = [], Counter()
+    for raw in source.samples(0, 1, 0, seed, skipped):
+        if "txt" in raw:
+            texts += caption_lines(raw)
+    return texts

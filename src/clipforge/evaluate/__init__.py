@@ -1,5 +1,6 @@
-"""Evaluation: retrieval recall@k, dataset embedding (zero-shot classification lives in clipforge.zeroshot)."""
-from .features import captioned_pairs, embed_labelled
+"""Evaluation: retrieval recall@k, dataset embedding (zero-shot classification lives in clipforge.zeroshot; the
+fixed image-caption sets in clipforge.data.evaluation_set)."""
+from .features import embed_labelled
 from .retrieval import embed_pairs, retrieval_metrics
 
-__all__ = ["captioned_pairs", "embed_labelled", "embed_pairs", "retrieval_metrics"]
+__all__ = ["embed_labelled", "embed_pairs", "retrieval_metrics"]

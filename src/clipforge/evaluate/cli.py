@@ -149,19 +149,19 @@ def run(args) -> int:
 
 
 def _retrieval(args, model, preprocess, tokenizer) -> dict:
-    from ..data.sources import open_source
-    from .features import captioned_pairs
+    from ..data import evaluation_set, open_source
     from .retrieval import embed_pairs, retrieval_metrics
 
     root = Path(args.dataset_root)
     split = root / args.split if (root / args.split).exists() else root
-    images, captions, owner = captioned_pairs(open_source(str(split), shuffle_buffer=0))
-    if not images:
-        raise ValueError(f"{split}: no samples with an image and a caption")
+    pairs = evaluation_set(open_source(str(split), shuffle_buffer=0), preprocess)  # every caption of every image
+    if not pairs.images:
+        raise ValueError(f"{split}: no samples with an image and a caption (skipped: {dict(pairs.skipped) or 'none'})")
     with torch.no_grad():
-        image_features, text_features = embed_pairs(model, tokenizer, [preprocess(i) for i in images], captions,
-                                                    args.batch_size)
-    ours = retrieval_metrics(image_features, text_features, owner)
+        image_features, text_features = embed_pairs(model, tokenizer, pairs.images, pairs.captions, args.batch_size,
+                                                    device=next(model.parameters()).device)
+    ours = retrieval_metrics(image_features, text_features, pairs.caption_images)
+    images, captions = pairs.images, pairs.captions
     metrics = {}
     for k in (1, 5, 10):  # CLIP_benchmark's names: "image retrieval" = text->image
         metrics[f"image_retrieval_recall@{k}"] = ours[f"text_to_image_R@{k}"]

@@ -7,7 +7,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
-from ..data.pipeline import SkipSample, captioned_images, decode_sample
+from ..data.pipeline import SkipSample, decode_sample
 
 
 @torch.no_grad()
@@ -44,11 +44,3 @@ def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None
     if not features:
         raise ValueError(f"no usable labelled samples (skipped: {dict(skipped) or 'none'})")
     return torch.cat(features), torch.tensor(labels)
-
-
-def captioned_pairs(source):
-    """(PIL images, captions, caption -> image index) with every caption of every sample (multi-line txt)."""
-    images, caption_lists, _ = captioned_images(source)
-    captions = [caption for lines in caption_lists for caption in lines]
-    owner = [index for index, lines in enumerate(caption_lists) for _ in lines]
-    return images, captions, torch.tensor(owner)

@@ -9,7 +9,7 @@ from importlib import resources
 
 from .clip import CLIP, CLIPOutput, is_resnet
 
-__all__ = ["CLIP", "CLIPOutput", "is_resnet", "list_models", "get_model_config", "create_model", "register_model_config",
+__all__ = ["CLIP", "CLIPOutput", "is_resnet", "merge_config", "list_models", "get_model_config", "create_model", "register_model_config",
            "UnknownModelError"]
 
 _EXTRA_CONFIGS: dict[str, dict] = {}
@@ -57,10 +57,11 @@ def get_model_config(name: str) -> dict:
     return copy.deepcopy(configs[key])
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def merge_config(base: dict, overrides: dict) -> dict:
+    """``base`` updated with ``overrides``, nested dicts key by key (in place; returns ``base``)."""
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+            merge_config(base[key], value)
         else:
             base[key] = value
     return base
@@ -76,7 +77,7 @@ def create_model(name_or_config: str | dict, **overrides) -> CLIP:
         config = copy.deepcopy(name_or_config)
     else:
         config = get_model_config(name_or_config)
-    config = _merge(config, overrides)
+    config = merge_config(config, overrides)
     known = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias"}
     unknown = set(config) - known
     if unknown:

@@ -137,6 +137,11 @@ class CLIP(nn.Module):
         self._locked_image = True
 
     def lock_text_tower(self) -> None:
+        """Freeze the text tower. A pretrained Hugging Face tower keeps its projection, new to this model, trainable
+        (as open_clip does); CLIP's own text tower is frozen whole."""
+        if hasattr(self.text, "lock"):
+            self.text.lock()
+            return
         self.text.requires_grad_(False)
         self.text.eval()
         self._locked_text = True

@@ -50,8 +50,37 @@ class HFTextEncoder(nn.Module):
         self.pad_token_id = self.config.pad_token_id or 0
         self.proj = nn.Linear(self.config.hidden_size, output_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=self.config.hidden_size ** -0.5)
+        self.locked = False
+        self.feature_cache = None  # a FeatureCache of pooled features, once locked (``cache_features``)
+
+    def lock(self) -> None:
+        """Freeze the pretrained transformer; the projection, new to this model, keeps training (as open_clip's
+        ``lock_text_tower`` does for Hugging Face towers)."""
+        self.transformer.requires_grad_(False)
+        self.transformer.eval()
+        self.locked = True
+
+    def train(self, mode: bool = True) -> "HFTextEncoder":
+        super().train(mode)
+        if self.locked:
+            self.transformer.eval()  # no dropout in a frozen tower: the same tokens always give the same features
+        return self
+
+    def cache_features(self):
+        """Keep the frozen transformer's pooled features per distinct token row; returns the cache to ``fill``."""
+        if not self.locked:
+            raise ValueError("only a locked text tower's features can be cached (lock it first)")
+        from .feature_cache import FeatureCache
+
+        self.feature_cache = FeatureCache(self.pooled)
+        return self.feature_cache
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pooled = self.feature_cache(tokens) if self.feature_cache is not None else self.pooled(tokens)
+        return self.proj(pooled.to(self.proj.weight.dtype))
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The transformer's output pooled over the tokens (mean or [CLS]), before the projection."""
         mask = tokens.ne(self.pad_token_id)
         if not tokens.is_cuda:  # skip padding columns (they cannot change the pooled features)
             keep = int(mask.sum(dim=1).max())
@@ -62,7 +91,7 @@ class HFTextEncoder(nn.Module):
         else:
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-        return self.proj(pooled)
+        return pooled
 
 
 class HFTokenizer:

@@ -32,12 +32,25 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
         self.transformer.init_parameters()
+        self.feature_cache = None  # a FeatureCache of this tower's output, once frozen (``cache_features``)
+
+    def cache_features(self):
+        """Keep this (frozen) tower's features per distinct token row; returns the cache to ``fill``."""
+        if any(p.requires_grad for p in self.parameters()):
+            raise ValueError("only a locked text tower's features can be cached (lock it first)")
+        from .feature_cache import FeatureCache
+
+        self.feature_cache = FeatureCache(self.features)
+        return self.feature_cache
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.ndim != 2:
             raise ValueError(f"expected tokens of shape [N, context_length], got {tuple(tokens.shape)}")
         if tokens.shape[1] > self.context_length:
             raise ValueError(f"token sequences of length {tokens.shape[1]} exceed context_length {self.context_length}")
+        return self.feature_cache(tokens) if self.feature_cache is not None else self.features(tokens)
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
         # The EOT token has the largest id in CLIP's vocabulary, so argmax finds it (as OpenAI CLIP does).
         eot = tokens.argmax(dim=-1)
         if tokens.is_cuda:

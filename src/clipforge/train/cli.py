@@ -1,8 +1,10 @@
-"""``clipforge train``: flags named as open_clip's where the concept is the same."""
+"""``clipforge train``: flags named as open_clip's where the concept is the same; ``--config FILE`` for recipes."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+from pathlib import Path
 
 from .loop import PRECISIONS, TrainConfig
 
@@ -12,10 +14,16 @@ Data (--train-data / --val-data): WebDataset shards ('shards/{000000..000099}.ta
 .tar files), a CSV/TSV (image path + caption columns) or a folder of images with sidecar .txt captions. Labelled
 shards without text (image + .cls, classnames.txt beside the split folder) train with --label-captions.
 
+Recipes: --config FILE (YAML or JSON) holds any of the settings below by their field names (train_data, lr,
+model_cfg, ...); flags given on the command line override it. A run's own run_config.json is such a file, so
+`clipforge train --config runs/a/run_config.json --output runs/b` repeats run a.
+
 Several processes or GPUs: torchrun --nproc-per-node 4 -m clipforge.cli train ... (DDP; NCCL on GPU, gloo on CPU).
 """
 
 EXAMPLES = """examples:
+  clipforge train --config recipes/flickr8k.yaml                          the published Flickr8k recipe
+  clipforge train --config recipes/flickr8k.yaml --seed 1 --output runs/flickr8k-s1
   clipforge train --model ViT-Tiny-64 --train-data ../shared/data/cifar10/train --label-captions default \\
       --val-data ../shared/data/cifar10/test --steps 1000 --output runs/cifar
   clipforge train --resume latest --output runs/cifar ...same flags...     continue after a crash, exactly
@@ -23,64 +31,119 @@ EXAMPLES = """examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every flag defaults to 'not given' (argparse.SUPPRESS), so that a --config file's value is overridden only
+    by flags actually typed; the defaults shown come from TrainConfig."""
     p.description, p.epilog = DESCRIPTION, EXAMPLES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.argument_default = argparse.SUPPRESS
     d = TrainConfig()
+    p.add_argument("--config", help="a YAML or JSON file of settings (TrainConfig field names); flags override it")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help=f"zoo architecture (clipforge models) [{d.model}]")
+    g.add_argument("--model", help=f"zoo architecture (clipforge models) [{d.model}]")
+    g.add_argument("--model-cfg", type=json.loads, metavar="JSON",
+                   help='overrides merged into the architecture, e.g. \'{"vision_cfg": {"image_size": 96}}\'')
     g.add_argument("--pretrained", help="start from these weights: a pretrained tag or a checkpoint path")
     g.add_argument("--text-model", help="a pretrained Hugging Face text encoder as text tower, e.g. all-minilm-l6-v2")
     g.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
-    g.add_argument("--lock-text", action="store_true", help="freeze the text tower")
-    g.add_argument("--patch-dropout", type=float, default=d.patch_dropout,
-                   help="FLIP: fraction of image patches dropped (ViT)")
+    g.add_argument("--lock-text", action="store_true",
+                   help="freeze the text tower (a Hugging Face tower keeps its new projection trainable, as in "
+                        "open_clip); its features are computed once per distinct caption and cached")
+    g.add_argument("--patch-dropout", type=float, help=f"FLIP: fraction of image patches dropped (ViT) [{d.patch_dropout}]")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, more time")
     g.add_argument("--torchcompile", action="store_true", help="compile the model with torch.compile")
+    g.add_argument("--text-cache", action="store_true",
+                   help="with --lock-text: compute the frozen text features of every training caption once, before "
+                        "training (for a dataset seen for many epochs)")
     g = p.add_argument_group("data")
     g.add_argument("--train-data", help="training data (shards, CSV or folder)")
-    g.add_argument("--val-data", help="held-out data for periodic retrieval R@1/5/10, and zero-shot top-1/5 "
-                                      "when labelled (classnames.txt beside it)")
+    g.add_argument("--val-data", help="held-out data for periodic retrieval R@1/5/10 (every caption of an image "
+                                      "counts), and zero-shot top-1/5 when labelled (classnames.txt beside it)")
     g.add_argument("--train-num-samples", type=int, help="dataset size, for --epochs on remote shards")
     g.add_argument("--label-captions", metavar="default|FILE",
                    help="caption labelled samples from class names: 'default' grammar or a file of templates with {}")
-    g.add_argument("--exclude-classes", default="", help="comma-separated class names left out of training")
-    g.add_argument("--workers", type=int, default=d.workers, help=f"DataLoader workers per process [{d.workers}]")
-    g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="shard sample shuffle buffer")
+    g.add_argument("--exclude-classes", help="comma-separated class names left out of training")
+    g.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help=f"random resized crop: fraction of the image area kept [{d.crop_scale[0]} {d.crop_scale[1]}]")
+    g.add_argument("--hflip", action="store_true",
+                   help="random horizontal flips, with 'left' and 'right' swapped in the caption to match")
+    g.add_argument("--workers", type=int, help=f"DataLoader workers per process [{d.workers}]")
+    g.add_argument("--shuffle-buffer", type=int, help=f"shard sample shuffle buffer [{d.shuffle_buffer}]")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"per process [{d.batch_size}]")
-    g.add_argument("--epochs", type=float, default=d.epochs, help=f"passes over the data [{d.epochs}]")
+    g.add_argument("--batch-size", type=int, help=f"per process [{d.batch_size}]")
+    g.add_argument("--epochs", type=float, help=f"passes over the data [{d.epochs}]")
     g.add_argument("--steps", type=int, help="total optimiser steps (overrides --epochs)")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate [{d.lr}]")
-    g.add_argument("--wd", type=float, default=d.wd, help=f"AdamW weight decay (not on gains/biases/embeddings) [{d.wd}]")
+    g.add_argument("--lr", type=float, help=f"peak learning rate [{d.lr}]")
+    g.add_argument("--wd", type=float, help=f"AdamW weight decay (not on gains/biases/embeddings) [{d.wd}]")
     g.add_argument("--warmup", type=int, help="linear warmup steps [5%% of the steps]")
-    g.add_argument("--beta1", type=float, default=d.beta1)
-    g.add_argument("--beta2", type=float, default=d.beta2)
-    g.add_argument("--eps", type=float, default=d.eps)
+    g.add_argument("--beta1", type=float, help=f"[{d.beta1}]")
+    g.add_argument("--beta2", type=float, help=f"[{d.beta2}]")
+    g.add_argument("--eps", type=float, help=f"[{d.eps}]")
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
-    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="auto: bf16 autocast on GPU, fp32 on CPU; amp = fp16 autocast with a grad scaler")
-    g.add_argument("--accum-freq", type=int, default=d.accum_freq,
-                   help="micro-batches per step (exact for the contrastive loss)")
-    g.add_argument("--loss", choices=["clip", "siglip"], default=d.loss)
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="auto: bf16 autocast on GPU, fp32 on CPU; amp = fp16 autocast with a grad scaler [auto]")
+    g.add_argument("--accum-freq", type=int,
+                   help=f"micro-batches per step (exact for the contrastive loss) [{d.accum_freq}]")
+    g.add_argument("--loss", choices=["clip", "siglip"], help=f"[{d.loss}]")
     g.add_argument("--local-loss", action="store_true", help="each rank computes only its rows (less memory)")
     g.add_argument("--loss-chunk-size", type=int, help="compute the loss in row chunks: memory linear in batch size")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, help=f"[{d.seed}]")
     g = p.add_argument_group("run")
-    g.add_argument("--output", default=d.output, help=f"run folder: checkpoints/, metrics.jsonl [{d.output}]")
+    g.add_argument("--output", help=f"run folder: checkpoints/, metrics.jsonl, run_config.json [{d.output}]")
     g.add_argument("--resume", help="'latest' or a checkpoint step folder")
-    g.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps [{d.save_every}]")
-    g.add_argument("--keep", type=int, default=d.keep, help=f"checkpoints kept [{d.keep}]")
-    g.add_argument("--log-every", type=int, default=d.log_every)
-    g.add_argument("--val-every", type=int, default=d.val_every, help="validate every N steps (and at the end)")
-    g.add_argument("--val-samples", type=int, default=d.val_samples)
+    g.add_argument("--save-every", type=int, help=f"checkpoint every N steps [{d.save_every}]")
+    g.add_argument("--keep", type=int, help=f"checkpoints kept [{d.keep}]")
+    g.add_argument("--log-every", type=int, help=f"[{d.log_every}]")
+    g.add_argument("--val-every", type=int, help=f"validate every N steps (and at the end) [{d.val_every}]")
+    g.add_argument("--val-samples", type=int, help=f"validation images [{d.val_samples}]")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... [GPU if available]")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
 
 
+def read_config(path: str | Path) -> dict:
+    """Settings from a YAML or JSON file: TrainConfig's fields, or a run's ``run_config.json`` (its ``train``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    text = path.read_text()
+    try:  # JSON by its own rules (YAML 1.1 would read 1e-06 as a string); anything else as YAML
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    data = data.get("train", data) if isinstance(data.get("train"), dict) else data  # a run_config.json
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return {key: _typed(key, value, path) for key, value in data.items()}
+
+
+def _typed(key: str, value, path: Path):
+    """YAML 1.1 reads ``1e-3`` as a string: numbers for numeric settings, with the setting named if it is not one."""
+    kind = str(next(f.type for f in dataclasses.fields(TrainConfig) if f.name == key))
+    if isinstance(value, str) and kind.split(" | ")[0] in ("float", "int"):
+        try:
+            return float(value) if kind.startswith("float") else int(value)
+        except ValueError:
+            raise ValueError(f"--config {path}: {key} should be a number, got {value!r}") from None
+    return value
+
+
 def config_from_args(args) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    values["exclude_classes"] = [c.strip() for c in (args.exclude_classes or "").split(",") if c.strip()]
+    """TrainConfig's defaults, then the --config file, then the flags given."""
+    values = read_config(args.config) if getattr(args, "config", None) else {}
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if isinstance(flags.get("exclude_classes"), str):
+        flags["exclude_classes"] = [c.strip() for c in flags["exclude_classes"].split(",") if c.strip()]
+    values.update(flags)
+    if "crop_scale" in values:
+        values["crop_scale"] = tuple(values["crop_scale"])
     return TrainConfig(**values)
 
 
@@ -89,7 +152,8 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     if not cfg.train_data:
-        raise ValueError("--train-data is required (or run `clipforge demo` for generated data)")
+        raise ValueError("--train-data is required (or a --config that names it; or run `clipforge demo` for "
+                         "generated data)")
     summary = train(cfg)
     if summary["rank"] != 0:  # under torchrun, one report: rank 0 holds the checkpoint and the validation
         return 0

@@ -9,6 +9,7 @@ moment and restarted with ``resume="latest"`` ends with the same weights as one 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -24,10 +25,12 @@ import torch.distributed as dist
 
 from ..checkpoint import load_into, read_checkpoint
 from ..data import ContrastiveStream, make_loader, open_source
+from ..data.captions import swap_left_right
+from ..data.pipeline import caption_texts
 from ..data.sources import source_classnames
 from ..files import write_json
 from ..loss import create_loss
-from ..models import create_model, get_model_config, is_resnet
+from ..models import create_model, get_model_config, is_resnet, merge_config
 from ..preprocess import TrainTransform
 from ..prompts import load_templates
 from ..tokenizer import get_tokenizer
@@ -46,6 +49,7 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class TrainConfig:
     model: str = "ViT-Tiny-64"
+    model_cfg: dict | None = None  # overrides merged into the zoo architecture, e.g. {"vision_cfg": {"image_size": 96}}
     pretrained: str | None = None
     train_data: str | None = None
     val_data: str | None = None
@@ -70,9 +74,12 @@ class TrainConfig:
     patch_dropout: float = 0.0
     lock_image: bool = False
     lock_text: bool = False
+    text_cache: bool = False
     text_model: str | None = None
     label_captions: str | None = None
     exclude_classes: list[str] = field(default_factory=list)
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    hflip: bool = False
     seed: int = 0
     workers: int = 2
     output: str = "runs/clipforge"
@@ -114,7 +121,7 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def model_config_for(cfg: TrainConfig) -> dict:
-    config = get_model_config(cfg.model)
+    config = merge_config(get_model_config(cfg.model), copy.deepcopy(cfg.model_cfg or {}))
     if cfg.patch_dropout:
         config["vision_cfg"]["patch_dropout"] = cfg.patch_dropout
     if cfg.text_model:
@@ -195,6 +202,23 @@ def _open_training_data(cfg: TrainConfig, train_source=None):
     if not labels.classnames:
         _check_captioned(source, cfg.train_data or source)
     return source, labels
+
+
+def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Labels) -> None:
+    """Every training caption through the frozen text tower once, before the first step (``--text-cache``)."""
+    if not cfg.lock_text:
+        raise ValueError("--text-cache needs --lock-text: only a frozen text tower's features can be cached")
+    if labels.classnames:
+        raise ValueError("--text-cache takes captioned data; label captions are drawn from a grammar, not a list")
+    texts = sorted(set(caption_texts(source, cfg.seed)))
+    if cfg.hflip:  # mirrored images come with their captions' left and right exchanged
+        texts = sorted(set(texts) | {swap_left_right(t) for t in texts})
+    from tqdm import tqdm
+
+    cache, device, chunk = core.text.cache_features(), next(core.parameters()).device, 1024
+    for start in tqdm(range(0, len(texts), chunk), desc=f"caching text features of {len(texts)} captions",
+                      unit="chunk", disable=not cfg.progress, leave=False):
+        cache.fill(tokenizer(texts[start:start + chunk]).to(device))
 
 
 def _schedule_length(cfg: TrainConfig, source, samples_per_step: int) -> tuple[int, int]:
@@ -287,16 +311,19 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     loss_fn = loss_fn or create_loss(cfg.loss, local_loss=cfg.local_loss, chunk_size=cfg.loss_chunk_size)
     source, labels = _open_training_data(cfg, train_source)
     tokenizer = get_tokenizer(model_config)
+    if cfg.text_cache:
+        _cache_text_features(cfg, core, source, tokenizer, labels)
     samples_per_step = cfg.batch_size * world * cfg.accum_freq
     total_steps, warmup = _schedule_length(cfg, source, samples_per_step)
     optimizer = build_optimizer(core, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps)
     scheduler = cosine_with_warmup(optimizer, warmup, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
     position = _resume(cfg, output, core, optimizer, scheduler, scaler, rank, world)
-    stream = ContrastiveStream(source, TrainTransform(core.image_size), tokenizer, cfg.batch_size, seed=cfg.seed,
-                               rank=rank, world_size=world, classnames=labels.classnames,
-                               caption_templates=labels.templates, label_captions=bool(labels.classnames),
-                               exclude_labels=labels.exclude, resume=position.data)
+    stream = ContrastiveStream(source, TrainTransform(core.image_size, scale=tuple(cfg.crop_scale)), tokenizer,
+                               cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
+                               classnames=labels.classnames, caption_templates=labels.templates,
+                               label_captions=bool(labels.classnames), exclude_labels=labels.exclude,
+                               resume=position.data, hflip=cfg.hflip)
     batches = iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda"))
     val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates) \
         if rank == 0 else (None, None)

@@ -42,10 +42,10 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
     with autocast:
         images, texts = embed_pairs(model, tokenizer, val_set.images, val_set.captions, device=device)
         if val_set.captions_from_labels:  # "a photo of a cat" describes every cat: any same-class item is a hit
-            same_class = val_set.labels[:, None] == val_set.labels[None, :]
+            same_class = val_set.labels[val_set.caption_images][:, None] == val_set.labels[None, :]
             metrics = {f"class_{k}": v for k, v in retrieval_metrics(images, texts, None, positives=same_class).items()}
-        else:
-            metrics = retrieval_metrics(images, texts, torch.arange(len(val_set.captions)))
+        else:  # the standard protocol: image->text hits when any of the image's captions ranks in the top k
+            metrics = retrieval_metrics(images, texts, val_set.caption_images)
         if val_set.labels is not None:
             weights = zero_shot_classifier(model, tokenizer, val_set.classnames, templates, device=device)
             logits = images @ weights.float().cpu()
