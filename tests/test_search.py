@@ -17,6 +17,8 @@ from clipforge import cli
 from clipforge.data import ShapesSource
 from clipforge.zeroshot import class_probabilities, zero_shot_classifier
 
+from conftest import write_shard
+
 pytest.importorskip("faiss", reason="faiss-cpu is in the test extras")
 pytest.importorskip("pyarrow", reason="pyarrow is in the test extras")
 
@@ -264,6 +266,17 @@ def test_search_classify_embed_and_thumbnails(client, collection):
     assert len(client.post("/embed", json={"texts": ["a", "b"]}).json()["embeddings"]) == 2
     assert len(client.post("/search/image", files={"file": ("x.png", _png())}, data={"k": "3"}).json()["results"]) == 3
     assert "<input id=\"query\"" in client.get("/").text
+    # pages of one ranking: offset 5, k 7 are places 6-12 of the full list
+    full = [h["id"] for h in client.get("/search", params={"q": "a blue square", "k": 12}).json()["results"]]
+    paged = [h["id"] for h in client.get("/search", params={"q": "a blue square", "k": 7, "offset": 5}).json()["results"]]
+    assert paged == full[5:12]
+    like = client.get("/search/similar", params={"id": full[3], "k": 5}).json()["results"]
+    assert like[0]["id"] == full[3] and like[0]["score"] > 0.99  # more like this: the image itself comes first
+    item = client.get(f"/item/{full[3]}").json()
+    name = item["name"].rsplit(".", 1)[0]
+    assert item["captions"] == [(collection["images"] / f"{name}.txt").read_text()]  # its sidecar caption
+    big = client.get(f"/thumb/{full[3]}", params={"size": 512})
+    assert big.status_code == 200 and Image.open(io.BytesIO(big.content)).size == (64, 64)  # never upscaled
     # de-duplicated: an order-preserving selection from the plain ranking, with no two results closer than asked
     deep = [h["id"] for h in client.get("/search", params={"q": "a blue square", "k": 40}).json()["results"]]
     params = {"q": "a blue square", "k": 5, "dedup": 0.999}
@@ -293,6 +306,11 @@ def test_search_classify_embed_and_thumbnails(client, collection):
     (dict(method="GET", url="/search", params={"q": "cat", "dedup": 1.5}), 422, "dedup"),
     (dict(method="GET", url="/search", params={"q": "cat", "dedup": 0}), 422, "dedup"),
     (dict(method="POST", url="/embed", json={"texts": []}), 422, "at least 1 item"),
+    (dict(method="GET", url="/search", params={"q": "cat", "k": 100, "offset": 950}), 422, "at most 1000 results deep"),
+    (dict(method="GET", url="/search/similar", params={"id": 40}), 404, "no image with id 40"),
+    (dict(method="GET", url="/search/similar", params={"id": -3}), 404, "no image with id -3"),
+    (dict(method="GET", url="/item/40"), 404, "no image with id 40"),
+    (dict(method="GET", url="/thumb/0", params={"size": 300}), 422, "size: one of 256, 512"),
 ])
 def test_bad_requests_get_clear_4xx_errors(client, request_kwargs, status, message):
     response = client.request(**request_kwargs)
@@ -374,6 +392,13 @@ def live_server(app):
     thread.join(timeout=10)
 
 
+def requests_json(base: str, path: str) -> list:
+    import urllib.request
+
+    with urllib.request.urlopen(base + path) as response:
+        return json.loads(response.read())["results"]
+
+
 def test_web_page_search_and_drop_classification_in_chromium(live_server, collection):
     playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
     browser_path = _chromium()
@@ -382,17 +407,43 @@ def test_web_page_search_and_drop_classification_in_chromium(live_server, collec
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         page = browser.new_page()
+        page.set_viewport_size({"width": 1100, "height": 700})
         page.goto(live_server + "/")
         page.fill("#query", "a green triangle")
         page.press("#query", "Enter")
         page.wait_for_selector("#results .result")
+        assert page.url.endswith("/?q=a+green+triangle")  # the search lives in the URL: shareable
         scores = [float(s) for s in page.locator("#results .result .score").all_inner_texts()]
         assert len(scores) == 24 and scores == sorted(scores, reverse=True)
         assert page.locator("#results .result img").first.evaluate("img => img.complete && img.naturalWidth") > 0
+        page.mouse.wheel(0, 20_000)  # the next page loads as the end of the list comes into view
+        page.wait_for_function("document.querySelectorAll('#results .result').length == 40")
+        ranked = page.locator("#results .result").evaluate_all("cards => cards.map(c => c.dataset.id)")
+        first_forty = [h["id"] for h in requests_json(live_server, "/search?q=a+green+triangle&k=40")]
+        assert ranked == [str(i) for i in first_forty]  # the pages join into the one ranking, nothing repeated
+
+        top = page.locator("#results .result").first  # "more like this": search by that image
+        top_id = top.get_attribute("data-id")
+        top.locator("img").click()
+        page.wait_for_url(f"**/?like={top_id}")
+        page.wait_for_function(f"document.querySelector('#results .result')?.dataset.id === '{top_id}'")
+        assert float(page.locator("#results .result .score").first.inner_text()) > 0.99  # itself, first
+        page.go_back()  # the back button returns to the text search
+        page.wait_for_url("**/?q=a+green+triangle")
+        page.wait_for_function("document.querySelector('#query').value === 'a green triangle'")
+
+        page.locator("#results .result .view").first.click()  # the larger view, with the image's captions
+        page.wait_for_selector("#viewer:not([hidden]) #viewer-captions li")
+        captions = page.locator("#viewer-captions li").all_inner_texts()
+        assert captions and all(c.startswith("a ") for c in captions)
+        assert page.locator("#viewer-image").evaluate("img => img.src").endswith("size=512")
+        page.click("#viewer-close")
+        assert page.locator("#viewer").is_hidden()
+
         page.check("#dedup")  # the same query, near-duplicates hidden: the request carries the threshold
         with page.expect_response(lambda r: "/search?" in r.url) as response:
             page.press("#query", "Enter")
-        assert "dedup=0.95" in response.value.url and response.value.ok
+        assert "dedup=0.95" in response.value.url and response.value.ok and page.url.endswith("&dedup=1")
 
         page.fill("#labels", "red square, blue circle, green cross")
         data = list((collection["images"] / "shape001.png").read_bytes())
@@ -407,3 +458,21 @@ def test_web_page_search_and_drop_classification_in_chromium(live_server, collec
         assert sorted(labels) == ["blue circle", "green cross", "red square"]
         assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 100) < 0.5
         browser.close()
+
+
+def test_items_in_shards_are_read_by_offset_with_every_caption(tmp_path):
+    from clipforge.data import open_source
+    from clipforge.retrieval.collection import item_captions, item_from_path, item_path, load_item
+
+    buffers = []
+    for colour in ("red", "green", "blue"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (20, 10), colour).save(buffer, format="PNG")
+        buffers.append(buffer.getvalue())
+    shard = write_shard(tmp_path / "s-000000.tar", [
+        {"__key__": f"k{i}", "png": data, "txt": f"first {i}\n\nsecond {i}\n"} for i, data in enumerate(buffers)])
+    items = open_source(str(shard), shuffle_buffer=0).catalogue()
+    assert [item_from_path(item_path(item)) for item in items] == items  # the address round-trips
+    image, caption = load_item(items[1])
+    assert image.getpixel((0, 0)) == (0, 128, 0) and caption == "first 1"
+    assert item_captions(items[2]) == ["first 2", "second 2"]

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -57,29 +58,51 @@ def item_from_path(path: str) -> dict:
     return {"path": path}
 
 
-def _read_shard_members(url: str) -> dict[str, dict[str, bytes]]:
+@lru_cache(maxsize=64)
+def _shard_index(url: str) -> dict[str, dict[str, tuple[int, int]]]:
+    """{key: {extension: (byte offset, size)}} of a tar shard, read once from its headers."""
     import tarfile
 
-    members: dict[str, dict[str, bytes]] = {}
+    index: dict[str, dict[str, tuple[int, int]]] = {}
     with tarfile.open(url) as tar:
         for member in tar:
             if member.isfile() and "." in member.name:
                 key, ext = member.name.split(".", 1)
-                members.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-    return members
+                index.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+    return index
 
 
-def load_item(item: dict, shard_cache: dict):
-    """(image, caption) of one catalogued item: a file path, or a key in a shard (the last shard read stays open)."""
+def _shard_member(item: dict, extensions) -> bytes | None:
+    """The bytes of the item's first member with one of ``extensions``, read by offset (no other member is read)."""
+    members = _shard_index(item["shard"])[item["key"]]
+    ext = next((e for e in extensions if e in members), None)
+    if ext is None:
+        return None
+    offset, size = members[ext]
+    with open(item["shard"], "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
+def item_captions(item: dict) -> list[str]:
+    """Every caption line an item has: its sample's text in a shard, or the sidecar ``.txt`` beside its file."""
+    if "path" in item:
+        sidecar = Path(item["path"]).with_suffix(".txt")
+        text = sidecar.read_text(errors="replace") if sidecar.is_file() else ""
+    else:
+        text = (_shard_member(item, ("txt",)) or b"").decode("utf-8", "replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_item(item: dict):
+    """(image, first caption) of one catalogued item: a file path, or a key in a shard."""
     if "path" in item:
         return open_image(item["path"]), item.get("caption", "")
-    if item["shard"] not in shard_cache:
-        shard_cache.clear()
-        shard_cache[item["shard"]] = _read_shard_members(item["shard"])
-    sample = shard_cache[item["shard"]][item["key"]]
-    data = next(sample[e] for e in IMAGE_EXTENSIONS if e in sample)
-    caption = sample.get("txt", b"").decode("utf-8", "replace").strip().splitlines()
-    return open_image(data, name=item_path(item)), caption[0] if caption else ""
+    data = _shard_member(item, IMAGE_EXTENSIONS)
+    if data is None:
+        raise KeyError(f"{item_path(item)}: no image member")
+    captions = item_captions(item)
+    return open_image(data, name=item_path(item)), captions[0] if captions else ""
 
 
 # ------------------------------------------------------------------------------------------------------ reading

@@ -29,7 +29,7 @@ class _DecodedItems(torch.utils.data.Dataset):
     """Item i -> (preprocessed image, metadata row), or None when it cannot be read (counted, then skipped)."""
 
     def __init__(self, items: list[dict], preprocess):
-        self.items, self.preprocess, self.shard_cache = items, preprocess, {}
+        self.items, self.preprocess = items, preprocess
 
     def __len__(self) -> int:
         return len(self.items)
@@ -37,7 +37,7 @@ class _DecodedItems(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            image, caption = load_item(item, self.shard_cache)
+            image, caption = load_item(item)
         except (BadImageError, KeyError, StopIteration, OSError):
             return None
         row = {"path": item_path(item), "caption": caption,

@@ -21,12 +21,14 @@ from pydantic import BaseModel, Field
 
 from ..preprocess import BadImageError, open_image
 from ..prompts import parse_templates, prompt_texts
-from ..retrieval.collection import item_from_path, load_item
+from ..retrieval.collection import item_captions, item_from_path, load_item
 from ..retrieval.search import Searcher
 from ..zeroshot import class_probabilities, class_weights
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
+MAX_DEPTH = 1000  # offset + k: how deep a page of results may reach into the ranking
+THUMB_SIZES = (256, 512)
 MAX_LABELS = 256
 MAX_TEXTS = 256
 MAX_PIXELS = 40_000_000
@@ -45,6 +47,14 @@ class Hit(BaseModel):
 
 class SearchResponse(BaseModel):
     results: list[Hit]
+
+
+class Item(BaseModel):
+    id: int
+    name: str
+    width: int
+    height: int
+    captions: list[str]
 
 
 class LabelProbability(BaseModel):
@@ -127,14 +137,16 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
 
     def search_batch(requests):
         """One index search for concurrent queries (FAISS scans faster in batches), off the event loop; queries
-        asking for de-duplication are searched together per threshold."""
+        asking for de-duplication are searched together per threshold. A request is (vector, k, dedup, offset):
+        results offset .. offset + k of the ranking."""
         out = [None] * len(requests)
-        for dedup in {d for _, _, d in requests}:
-            group = [n for n, (_, _, d) in enumerate(requests) if d == dedup]
+        for dedup in {r[2] for r in requests}:
+            group = [n for n, r in enumerate(requests) if r[2] == dedup]
             vectors = np.stack([requests[n][0] for n in group])
-            results = searcher.search_vectors(vectors, max(requests[n][1] for n in group), dedup)
-            for n, found in zip(group, results):
-                out[n] = found[:requests[n][1]]
+            depth = max(requests[n][1] + requests[n][3] for n in group)
+            for n, found in zip(group, searcher.search_vectors(vectors, depth, dedup)):
+                _, k, _, offset = requests[n]
+                out[n] = found[offset:offset + k]
         return out
 
     text_batcher, image_batcher = Batcher(encode_texts), Batcher(encode_images, max_batch=16)
@@ -161,18 +173,49 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
     def health() -> dict:
         return {"status": "ok", "images": searcher.index.ntotal, "index": searcher.info.get("kind")}
 
+    def check_depth(offset: int, k: int) -> None:
+        if offset + k > MAX_DEPTH:
+            raise HTTPException(422, f"offset + k: at most {MAX_DEPTH} results deep")
+
+    def known(index: int) -> int:
+        if not 0 <= index < searcher.index.ntotal:
+            raise HTTPException(404, f"no image with id {index} in the collection")
+        return index
+
     @app.get("/search", response_model=SearchResponse)
     async def search(q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS),
                      k: int = Query(10, ge=1, le=MAX_K),
+                     offset: int = Query(0, ge=0, le=MAX_DEPTH, description="skip this many results (paging)"),
                      dedup: float | None = Query(None, gt=0, le=1, description=DEDUP_HELP)):
+        check_depth(offset, k)
         vector = await text_batcher.submit(q)
-        return hits(await search_batcher.submit((vector, k, dedup)))
+        return hits(await search_batcher.submit((vector, k, dedup, offset)))
+
+    @app.get("/search/similar", response_model=SearchResponse)
+    async def search_similar(id: int = Query(..., description="an image of the collection: find more like it"),
+                             k: int = Query(10, ge=1, le=MAX_K),
+                             offset: int = Query(0, ge=0, le=MAX_DEPTH, description="skip this many results"),
+                             dedup: float | None = Query(None, gt=0, le=1, description=DEDUP_HELP)):
+        check_depth(offset, k)
+        vector = searcher.stored.get([known(id)])[0]  # its own stored embedding: nothing to decode or embed
+        return hits(await search_batcher.submit((vector, k, dedup, offset)))
 
     @app.post("/search/image", response_model=SearchResponse)
     async def search_image(file: UploadFile = File(...), k: int = Form(10, ge=1, le=MAX_K),
                            dedup: float | None = Form(None, gt=0, le=1, description=DEDUP_HELP)):
         vector = await image_batcher.submit(await read_image(file))
-        return hits(await search_batcher.submit((vector, k, dedup)))
+        return hits(await search_batcher.submit((vector, k, dedup, 0)))
+
+    @app.get("/item/{index}", response_model=Item)
+    def item(index: int):
+        """One image of the collection with every caption it has (a sample's text lines, or its sidecar file)."""
+        row = searcher.rows[known(index)]
+        try:
+            captions = item_captions(thumbnail_sources[index]) or [row.get("caption") or ""]
+        except (OSError, KeyError):  # the file moved since embedding: what the metadata kept
+            captions = [row.get("caption") or ""]
+        return {"id": index, "name": Path(str(row["path"])).name, "width": int(row.get("width") or 0),
+                "height": int(row.get("height") or 0), "captions": [c for c in captions if c]}
 
     @app.post("/classify", response_model=ClassifyResponse)
     async def classify(file: UploadFile = File(...), labels: str = Form(..., max_length=20_000),
@@ -205,10 +248,10 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
         return {"embeddings": [(await image_batcher.submit(await read_image(file))).tolist()]}
 
     @lru_cache(maxsize=2048)
-    def thumbnail(index: int) -> bytes:
-        image, _ = load_item(thumbnail_sources[index], {})
+    def thumbnail(index: int, size: int) -> bytes:
+        image, _ = load_item(thumbnail_sources[index])
         image = image.convert("RGB")
-        image.thumbnail((256, 256))
+        image.thumbnail((size, size))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
         return buffer.getvalue()
@@ -216,11 +259,13 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
     thumbnail_sources = [item_from_path(str(row["path"])) for row in searcher.rows]
 
     @app.get("/thumb/{index}", responses={200: {"content": {"image/jpeg": {}}}})
-    def thumb(index: int):
+    def thumb(index: int, size: int = Query(THUMB_SIZES[0], description=f"one of {THUMB_SIZES} pixels")):
         if not 0 <= index < len(thumbnail_sources):
             raise HTTPException(404, f"no image with id {index} in the collection")
+        if size not in THUMB_SIZES:
+            raise HTTPException(422, f"size: one of {', '.join(map(str, THUMB_SIZES))}")
         try:
-            return Response(thumbnail(index), media_type="image/jpeg")
+            return Response(thumbnail(index, size), media_type="image/jpeg")
         except (BadImageError, OSError, KeyError, StopIteration):
             raise HTTPException(404, f"image {index} is no longer readable") from None
 
