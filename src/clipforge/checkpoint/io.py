@@ -107,6 +107,8 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tupl
             config = folder_config.get("model_cfg", config)
         else:
             tensors, config = _read_file(path, trust_pickle)
+        if (config or {}).get("objective", "contrastive") != "contrastive":
+            return tensors, config  # an image tower trained another way (clipforge.bow): its own layout
     except CheckpointError:
         raise
     except Exception as exc:  # truncated zips, bad headers, broken JSON: say which file, not where in torch

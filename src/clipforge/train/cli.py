@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .loop import PRECISIONS, TrainConfig
+from .loop import OBJECTIVES, PRECISIONS, TrainConfig
 
 DESCRIPTION = """Train CLIP image and text encoders with the contrastive loss.
 
@@ -51,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-dropout", type=float, help=f"FLIP: fraction of image patches dropped (ViT) [{d.patch_dropout}]")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, more time")
     g.add_argument("--torchcompile", action="store_true", help="compile the model with torch.compile")
+    g.add_argument("--objective", choices=OBJECTIVES,
+                   help=f"contrastive (CLIP; SigLIP with --loss siglip), or bow: predict the caption's bag of words from "
+                        f"the image, the CLIP paper's baseline (clipforge.bow) [{d.objective}]")
+    g.add_argument("--bow-vocab", type=int, help=f"bow: predict the N most frequent caption words [{d.bow_vocab}]")
     g.add_argument("--text-cache", action="store_true",
                    help="with --lock-text: compute the frozen text features of every training caption once, before "
                         "training (for a dataset seen for many epochs)")

@@ -40,6 +40,7 @@ from .step import autocast_for, train_step
 from .validation import open_validation, validate
 
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_fp16")
+OBJECTIVES = ("contrastive", "bow")
 
 
 class TrainingDiverged(RuntimeError):
@@ -75,6 +76,8 @@ class TrainConfig:
     lock_image: bool = False
     lock_text: bool = False
     text_cache: bool = False
+    objective: str = "contrastive"  # or "bow": predict the caption's words from the image (clipforge.bow)
+    bow_vocab: int = 1000
     text_model: str | None = None
     label_captions: str | None = None
     exclude_classes: list[str] = field(default_factory=list)
@@ -110,6 +113,11 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+def _check_choices(cfg: TrainConfig) -> None:
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
@@ -221,6 +229,22 @@ def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Lab
         cache.fill(tokenizer(texts[start:start + chunk]).to(device))
 
 
+def _bag_of_words(cfg: TrainConfig, source, labels: _Labels, model_config: dict, model, loss_fn):
+    """(model, targets "tokenizer", loss, config to save) for ``--objective bow``: the vocabulary is read off the
+    training captions and saved with the model."""
+    from ..bow import BagOfWordsLoss, BagOfWordsModel, Vocabulary
+
+    if labels.classnames or cfg.text_model or cfg.lock_text or cfg.text_cache or cfg.pretrained:
+        raise ValueError("--objective bow trains an image tower from scratch on captioned data alone: no "
+                         "--label-captions, --text-model, --lock-text, --text-cache or --pretrained")
+    vocabulary = Vocabulary.from_captions(caption_texts(source, cfg.seed), cfg.bow_vocab)
+    if not len(vocabulary):
+        raise ValueError("--objective bow: the training captions hold no words to predict")
+    config = {**{k: v for k, v in model_config.items() if k != "text_cfg"}, "objective": "bow",
+              "vocabulary": vocabulary.words}
+    return model or BagOfWordsModel(config, vocabulary), vocabulary, loss_fn or BagOfWordsLoss(), config
+
+
 def _schedule_length(cfg: TrainConfig, source, samples_per_step: int) -> tuple[int, int]:
     """(total steps, warmup steps)."""
     if cfg.steps:
@@ -300,17 +324,20 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     ``ShapesSource``). ``model`` and ``loss_fn`` replace the zoo model and the configured loss: any module whose
     forward returns a ``CLIPOutput`` and that has ``encode_image``/``encode_text``/``image_size`` will do.
     """
+    _check_choices(cfg)
     rank, world, device = _init_distributed(cfg)
     precision = _resolve_precision(cfg.precision, device)
     output = Path(cfg.output)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
 
+    source, labels = _open_training_data(cfg, train_source)
     model_config = model_config_for(cfg)
+    if cfg.objective == "bow":
+        model, tokenizer, loss_fn, model_config = _bag_of_words(cfg, source, labels, model_config, model, loss_fn)
     model, core = _build_model(cfg, model_config, device, world, model)
     loss_fn = loss_fn or create_loss(cfg.loss, local_loss=cfg.local_loss, chunk_size=cfg.loss_chunk_size)
-    source, labels = _open_training_data(cfg, train_source)
-    tokenizer = get_tokenizer(model_config)
+    tokenizer = tokenizer if cfg.objective == "bow" else get_tokenizer(model_config)
     if cfg.text_cache:
         _cache_text_features(cfg, core, source, tokenizer, labels)
     samples_per_step = cfg.batch_size * world * cfg.accum_freq

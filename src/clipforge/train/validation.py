@@ -37,6 +37,10 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
     from class names), and zero-shot top-1/top-5 when it is labelled."""
     from ..evaluate.retrieval import embed_pairs, retrieval_metrics
 
+    from ..bow import BagOfWordsModel
+
+    if isinstance(model, BagOfWordsModel):
+        return validate_bag_of_words(model, val_set, device, autocast)
     was_training = model.training
     model.eval()
     with autocast:
@@ -50,5 +54,25 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
             weights = zero_shot_classifier(model, tokenizer, val_set.classnames, templates, device=device)
             logits = images @ weights.float().cpu()
             metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
+    model.train(was_training)
+    return metrics
+
+
+@torch.no_grad()
+def validate_bag_of_words(model, val_set, device, autocast=nullcontext(), batch_size: int = 256) -> dict:
+    """Held-out loss of predicting each caption's words (every caption of every image), and zero-shot top-1/top-5
+    from the class names' words when the set is labelled."""
+    from ..bow import BagOfWordsLoss, zero_shot_logits
+
+    was_training = model.training
+    model.eval()
+    with autocast:
+        log_probs = torch.cat([model.word_log_probs(torch.stack(val_set.images[i:i + batch_size]).to(device)).cpu()
+                               for i in range(0, len(val_set.images), batch_size)])
+    targets = model.vocabulary(val_set.captions)
+    metrics = {"bow_loss": BagOfWordsLoss()(log_probs[val_set.caption_images], targets).item()}
+    if val_set.labels is not None:
+        logits = zero_shot_logits(log_probs, model.vocabulary, val_set.classnames)
+        metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
     model.train(was_training)
     return metrics

@@ -1,0 +1,147 @@
+"""Predicting the caption's bag of words from the image: the baseline the CLIP paper's Figure 2 compares the
+contrastive objective against (``clipforge train --objective bow``).
+
+The image tower is the same as CLIP's; a linear head maps its embedding to one logit per word of a vocabulary (the
+most frequent words of the training captions, stop words left out) and is trained with cross-entropy against each
+caption's words, normalised to a distribution (multi-label softmax, as in Joulin et al. 2016 and Mahajan et al.
+2018). Zero-shot, a class scores the mean log-probability of the words of its name: no prompt, no text tower.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models.clip import CLIPOutput, build_vision_tower
+
+STOP_WORDS = frozenset("""a an the and or of in on at to with while is are be being been it its this that these those
+there their they them he she his her him we our you your i my me from by for as into onto over under up down out off
+near next some one two three four five several many other another each very s""".split())
+_WORD = re.compile(r"[a-z]+")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+class Vocabulary:
+    """The ``size`` most frequent non-stop words of ``texts``; a plural whose singular is also a word counts as it."""
+
+    def __init__(self, words_: list[str]):
+        self.words = list(words_)
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    @classmethod
+    def from_captions(cls, texts: list[str], size: int) -> "Vocabulary":
+        counts = Counter(w for text in texts for w in words(text) if w not in STOP_WORDS)
+        merged = Counter()
+        for word, n in counts.items():
+            merged[_singular(word, counts)] += n
+        ranked = sorted(merged.items(), key=lambda item: (-item[1], item[0]))  # ties by spelling: deterministic
+        return cls([w for w, _ in ranked[:size]])
+
+    def lookup(self, word: str) -> int | None:
+        """The index of ``word`` (or of its singular), else None."""
+        word = word.lower()
+        if word in self.index:
+            return self.index[word]
+        return self.index.get(word[:-1]) if word.endswith("s") and not word.endswith("ss") else None
+
+    def __call__(self, texts) -> torch.Tensor:
+        """Texts -> word counts ``[N, len(vocabulary)]``: what the data pipeline hands the model as targets."""
+        if isinstance(texts, str):
+            texts = [texts]
+        targets = torch.zeros(len(texts), len(self.words))
+        for row, text in enumerate(texts):
+            for word in words(text):
+                index = self.lookup(word)
+                if index is not None:
+                    targets[row, index] += 1
+        return targets
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+def _singular(word: str, counts: Counter) -> str:
+    if word.endswith("s") and not word.endswith("ss") and counts.get(word[:-1], 0):
+        return word[:-1]
+    return word
+
+
+class BagOfWordsModel(nn.Module):
+    """CLIP's image tower plus a linear word head; speaks the training loop's interface (``forward`` -> CLIPOutput
+    with the word logits as image features and the word counts as text features)."""
+
+    def __init__(self, config: dict, vocabulary: Vocabulary):
+        super().__init__()
+        self.config, self.vocabulary = config, vocabulary
+        self.visual = build_vision_tower(config["vision_cfg"], config["embed_dim"], config.get("quick_gelu", False))
+        self.head = nn.Linear(config["embed_dim"], len(vocabulary))
+        self.register_buffer("logit_scale", torch.zeros(()), persistent=False)  # logged by the loop; not learned
+
+    @property
+    def image_size(self) -> int:
+        return self.visual.image_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config["embed_dim"]
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def word_log_probs(self, images: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.head(self.visual(images)).float(), dim=-1)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> CLIPOutput:
+        return CLIPOutput(self.head(self.visual(images)), targets, self.logit_scale.exp())
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if hasattr(getattr(self.visual, "transformer", None), "grad_checkpointing"):
+            self.visual.transformer.grad_checkpointing = enable
+
+
+class BagOfWordsLoss(nn.Module):
+    """Cross-entropy between the word logits and each caption's words as a distribution; captions without a
+    vocabulary word carry no signal and are left out of the mean."""
+
+    def forward(self, logits, targets, logit_scale=None, logit_bias=None) -> torch.Tensor:
+        counts = targets.sum(dim=1)
+        keep = counts > 0
+        if not keep.any():
+            return logits.sum() * 0.0
+        distribution = targets[keep] / counts[keep, None]
+        return -(distribution * F.log_softmax(logits[keep].float(), dim=-1)).sum(dim=1).mean()
+
+
+def class_word_indices(vocabulary: Vocabulary, classnames: list[str]) -> list[list[int]]:
+    """The vocabulary words of each class name (possibly none: such a class cannot be named)."""
+    return [[i for i in (vocabulary.lookup(w) for w in words(name)) if i is not None] for name in classnames]
+
+
+@torch.no_grad()
+def zero_shot_logits(word_log_probs: torch.Tensor, vocabulary: Vocabulary, classnames: list[str]) -> torch.Tensor:
+    """``[N, classes]``: each class's mean word log-probability; -inf for a class with no vocabulary word."""
+    columns = []
+    for indices in class_word_indices(vocabulary, classnames):
+        columns.append(word_log_probs[:, indices].mean(dim=1) if indices else
+                       torch.full((len(word_log_probs),), float("-inf")))
+    return torch.stack(columns, dim=1)
+
+
+def load(path: str, device: str = "cpu"):
+    """``(model, preprocess)`` of a checkpoint written by ``clipforge train --objective bow``."""
+    from .checkpoint import CheckpointError, load_into, read_checkpoint
+    from .preprocess import Preprocess
+
+    state, config = read_checkpoint(path)
+    if (config or {}).get("objective") != "bow":
+        raise CheckpointError(f"{path}: not a bag-of-words checkpoint (clipforge train --objective bow)")
+    model = BagOfWordsModel(config, Vocabulary(config["vocabulary"]))
+    load_into(model, state, source=str(path))
+    return model.to(device).eval(), Preprocess(model.image_size)
