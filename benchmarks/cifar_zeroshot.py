@@ -24,52 +24,16 @@ from pathlib import Path
 import torch
 
 import clipforge
+from clipforge.bench import peers
+from clipforge.bench.peers import OpenClipForTraining, OpenClipLoss
 from clipforge.data import ShardSource, find_classnames, read_classnames
 from clipforge.data import evaluation_set
 from clipforge.evaluate import embed_labelled, embed_pairs, retrieval_metrics
-from clipforge.models import CLIPOutput
 from clipforge.preprocess import Preprocess
 from clipforge.train import TrainConfig, train
 from clipforge.zeroshot import zero_shot_classifier
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class OpenClipModel(torch.nn.Module):
-    """open_clip's CLIP built from a clipforge config, speaking the training loop's interface."""
-
-    def __init__(self, config: dict):
-        super().__init__()
-        from open_clip.model import CLIP
-
-        self.inner = CLIP(embed_dim=config["embed_dim"], vision_cfg=config["vision_cfg"], text_cfg=config["text_cfg"],
-                          quick_gelu=config.get("quick_gelu", False))
-        self.image_size = config["vision_cfg"]["image_size"]
-
-    @property
-    def logit_scale(self):
-        return self.inner.logit_scale
-
-    def forward(self, images, tokens):
-        image_features, text_features, scale = self.inner(images, tokens)[:3]
-        return CLIPOutput(image_features, text_features, scale)
-
-    def encode_image(self, images, normalize=False):
-        return self.inner.encode_image(images, normalize=normalize)
-
-    def encode_text(self, tokens, normalize=False):
-        return self.inner.encode_text(tokens, normalize=normalize)
-
-
-class OpenClipLoss(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        import open_clip
-
-        self.inner = open_clip.ClipLoss()
-
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None):
-        return self.inner(image_features, text_features, logit_scale)
 
 
 def evaluate(model, tokenizer, data: Path, classes: list[int] | None = None) -> dict:
@@ -103,7 +67,7 @@ def run_one(impl: str, seed: int, args, transfer: bool = False) -> dict:
     model = loss = None
     torch.manual_seed(seed)
     if impl == "open_clip":
-        model, loss = OpenClipModel(clipforge.get_model_config("ViT-Tiny-64")), OpenClipLoss()
+        model, loss = OpenClipForTraining(peers.build("ViT-Tiny-64")), OpenClipLoss()
     start = time.perf_counter()
     summary = train(cfg, model=model, loss_fn=loss)
     seconds = time.perf_counter() - start

@@ -1,6 +1,9 @@
 """The implementations compared: clipforge's model, and the same architecture and weights in open_clip or
-transformers (None when the peer is not installed or has no such architecture)."""
+transformers (None when the peer is not installed or has no such architecture); and open_clip's model and loss
+speaking clipforge's training-loop interface, for recipes run through the same loop."""
 from __future__ import annotations
+
+import torch
 
 from ..checkpoint import clipforge_config_to_hf, clipforge_to_hf, clipforge_to_openai
 from ..models import create_model, get_model_config, is_resnet
@@ -21,13 +24,15 @@ def peer(impl: str, ours):
         return ours
     if impl == "open_clip":
         try:
-            from open_clip.model import CLIP
+            from open_clip.model import CLIP, CustomTextCLIP
         except ImportError:
             return None
         cfg = ours.config
-        model = CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"],
-                     quick_gelu=cfg.get("quick_gelu", False))
-        model.load_state_dict(clipforge_to_openai(ours.state_dict()))
+        hf_text = "hf_model_name" in cfg["text_cfg"]  # open_clip builds those as CustomTextCLIP, keys under text.
+        model = (CustomTextCLIP if hf_text else CLIP)(
+            embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=open_clip_text_cfg(cfg["text_cfg"]),
+            quick_gelu=cfg.get("quick_gelu", False))
+        model.load_state_dict(ours.state_dict() if hf_text else clipforge_to_openai(ours.state_dict()))
         return model
     if impl == "transformers":
         if is_resnet(ours.config):
@@ -43,3 +48,67 @@ def peer(impl: str, ours):
         model.load_state_dict(clipforge_to_hf(ours.state_dict()), strict=False)
         return model
     raise ValueError(f"unknown implementation {impl!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
+
+
+def open_clip_text_cfg(text_cfg: dict) -> dict:
+    """clipforge's text config as open_clip spells it: a Hugging Face tower by its local folder, mean-pooled, with a
+    linear projection (clipforge's HFTextEncoder); CLIP's own text tower as it is."""
+    if "hf_model_name" not in text_cfg:
+        return text_cfg
+    from ..models.hf_text import resolve_hf_model
+
+    if text_cfg.get("pooling", "mean") != "mean":
+        raise ValueError("open_clip peer: only mean-pooled Hugging Face text towers are built alike")
+    return {"hf_model_name": resolve_hf_model(text_cfg["hf_model_name"]), "hf_tokenizer_name":
+            resolve_hf_model(text_cfg["hf_model_name"]), "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler",
+            "context_length": text_cfg.get("context_length", 77)}
+
+
+class OpenClipForTraining(torch.nn.Module):
+    """open_clip's CLIP, built from a clipforge model's config with that model's weights, speaking the training
+    loop's interface (``forward`` -> ``CLIPOutput``; ``lock_*_tower`` as open_clip locks them)."""
+
+    def __init__(self, ours):
+        super().__init__()
+        self.inner = peer("open_clip", ours)
+        if self.inner is None:
+            raise ImportError("open_clip is not installed (pip install open-clip-torch)")
+        self.image_size = ours.image_size
+
+    @property
+    def logit_scale(self):
+        return self.inner.logit_scale
+
+    def forward(self, images, tokens):
+        from ..models import CLIPOutput
+
+        image_features, text_features, scale = self.inner(images, tokens)[:3]
+        return CLIPOutput(image_features, text_features, scale)
+
+    def encode_image(self, images, normalize=False):
+        return self.inner.encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens, normalize=False):
+        return self.inner.encode_text(tokens, normalize=normalize)
+
+    def lock_image_tower(self):
+        self.inner.lock_image_tower()
+
+    def lock_text_tower(self):
+        self.inner.lock_text_tower()
+
+    def set_grad_checkpointing(self, enable=True):
+        self.inner.set_grad_checkpointing(enable)
+
+
+class OpenClipLoss(torch.nn.Module):
+    """open_clip's ClipLoss behind the loop's loss signature."""
+
+    def __init__(self):
+        super().__init__()
+        import open_clip
+
+        self.inner = open_clip.ClipLoss()
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None):
+        return self.inner(image_features, text_features, logit_scale)

@@ -16,9 +16,9 @@ import torch
 
 from ..inference import add_model_arguments, load_for_inference
 
-TASKS = ("zeroshot", "retrieval", "linear-probe", "fewshot")
+TASKS = ("zeroshot", "retrieval", "linear-probe", "fewshot", "robustness")
 CB_TASK = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "linear-probe": "linear_probe",
-           "fewshot": "fewshot_linear_probe"}
+           "fewshot": "fewshot_linear_probe", "robustness": "robustness_common_corruptions"}
 
 EXAMPLES = """examples:
   clipforge eval zeroshot --pretrained runs/cifar/checkpoints/step-00001000 --dataset-root ../shared/data/cifar10
@@ -27,6 +27,8 @@ EXAMPLES = """examples:
   clipforge eval retrieval --pretrained CKPT --dataset-root ../shared/data/coco-mini
   clipforge eval linear-probe --pretrained CKPT --dataset-root ../shared/data/cifar10 --train-split train
   clipforge eval fewshot --pretrained CKPT --dataset-root ../shared/data/cifar10 --train-split train
+  clipforge eval robustness --pretrained CKPT --dataset-root ../shared/data/cifar10 --max-images 2000 --plot r.png
+  clipforge eval robustness ... --corruptions gaussian_noise,fog --severities 1..5 --probe linear
 """
 
 
@@ -48,6 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", help="PNG: confusion matrix (zeroshot, linear-probe) or accuracy vs k (fewshot)")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--seeds", type=int, default=3, help="few-shot draws per k")
+    g = p.add_argument_group("robustness (common corruptions, applied at the images' own resolution)")
+    g.add_argument("--corruptions", default="all", help="'all' or a comma-separated list of gaussian_noise, "
+                   "shot_noise, impulse_noise, defocus_blur, glass_blur, motion_blur, zoom_blur, snow, fog, "
+                   "brightness, contrast, elastic_transform, pixelate, jpeg_compression [all]")
+    g.add_argument("--severities", default="1..5", help="'1..5', '3' or '1,3,5' [1..5]")
+    g.add_argument("--probe", choices=["zeroshot", "linear"], default="zeroshot",
+                   help="the classifier: zero-shot prompts, or a linear probe fit on clean --train-split features")
+    g.add_argument("--max-images", type=int, help="the first N test images only (each is embedded 1 + 5 x 14 times)")
+    g.add_argument("--corruption-seed", type=int, default=0, help="the corruptions' random draws [0]")
     p.add_argument("--cache-dir", help="image feature cache [$CLIPFORGE_CACHE/features]")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -103,6 +114,10 @@ def run(args) -> int:
         _report(args, result)
         return 0
     dataset = open_labelled(args.dataset_root, args.split, args.dataset)
+    if args.task == "robustness":
+        result.update(_robustness(args, model, preprocess, tokenizer, dataset))
+        _report(args, result)
+        return 0
     test_x, test_y = cached_features(args, model, dataset, args.split, preprocess)
     check_labels(test_y, len(dataset.classnames), f"split {args.split!r}: ")
     if args.task in ("zeroshot", "fewshot"):
@@ -168,6 +183,37 @@ def _retrieval(args, model, preprocess, tokenizer) -> dict:
         metrics[f"text_retrieval_recall@{k}"] = ours[f"image_to_text_R@{k}"]
     metrics.update(n_images=len(images), n_captions=len(captions))
     return metrics
+
+
+def _robustness(args, model, preprocess, tokenizer, dataset) -> dict:
+    from ..prompts import resolve_templates
+    from ..zeroshot import zero_shot_classifier
+    from .corruptions import resolve
+    from .robustness import parse_severities, robustness, severity_png
+
+    corruptions, severities = resolve(args.corruptions), parse_severities(args.severities)  # errors before work
+    if args.probe == "zeroshot":
+        templates = resolve_templates(args.templates, dataset.templates)
+        with torch.no_grad():
+            weights = zero_shot_classifier(model, tokenizer, dataset.classnames, templates).cpu()
+        classify, extra = (lambda features: features @ weights), {"templates": templates}
+    else:
+        from .datasets import open_labelled
+        from .linear_probe import fit_linear_probe
+
+        train_set = open_labelled(args.dataset_root, args.train_split, args.dataset)
+        train_x, train_y = cached_features(args, model, train_set, args.train_split, preprocess)
+        classify, info = fit_linear_probe(train_x, train_y, len(dataset.classnames))
+        extra = {"l2": info["l2"]}
+    metrics = robustness(model, dataset, preprocess, classify, corruptions, severities, args.max_images,
+                         args.corruption_seed, args.batch_size, progress=not args.quiet)
+    if args.plot:
+        severity_png(metrics, args.plot, f"{Path(args.dataset_root).name} {args.probe}: clean "
+                                        f"{metrics['clean']:.1%}, mean corrupted {metrics['mean_corrupted']:.1%}")
+    summary = {"clean_acc1": metrics["clean"], "mean_corrupted_acc1": metrics["mean_corrupted"],
+               "images": metrics["images"]}
+    return {"metrics": summary, "probe": args.probe, "corruptions": metrics["corruptions"],
+            "mean_per_corruption": metrics["mean_per_corruption"], **extra}
 
 
 def _report(args, result: dict) -> None:

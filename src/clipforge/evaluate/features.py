@@ -12,8 +12,9 @@ from ..data.pipeline import SkipSample, decode_sample
 
 @torch.no_grad()
 def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None, progress: bool = True,
-                   desc: str = "embedding images"):
-    """(L2-normalised image features [N, D], labels [N]) for every sample of a labelled source (image + cls)."""
+                   desc: str = "embedding images", limit: int | None = None, image_transform=None):
+    """(L2-normalised image features [N, D], labels [N]) for every sample of a labelled source (image + cls), or its
+    first ``limit``. ``image_transform(image, index)`` changes each decoded image before preprocessing (corruptions)."""
     device = device or next(model.parameters()).device
     features, labels, batch, batch_labels, skipped = [], [], [], [], Counter()
 
@@ -24,8 +25,11 @@ def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None
             batch.clear()
             batch_labels.clear()
 
-    bar = tqdm(desc=desc, unit="img", disable=not progress, leave=False)
+    bar = tqdm(desc=desc, unit="img", disable=not progress, leave=False, total=limit)
+    kept = 0
     for raw in source.samples(0, 1, 0, 0, skipped):
+        if limit and kept >= limit:
+            break
         if "cls" not in raw:
             skipped["no_label"] += 1
             continue
@@ -34,6 +38,9 @@ def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None
         except SkipSample:
             skipped["corrupt_image"] += 1
             continue
+        if image_transform is not None:
+            image = image_transform(image, kept)
+        kept += 1
         batch.append(preprocess(image))
         batch_labels.append(int(raw["cls"]))
         if len(batch) == batch_size:

@@ -65,12 +65,20 @@ def split_validation(labels: torch.Tensor, fraction: float = 0.2, seed: int = 0)
     return torch.cat(train_idx), torch.cat(val_idx)
 
 
-def linear_probe(train_x, train_y, test_x, n_classes: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """Sweep L2 on a validation split of the training features, refit on all of them; return test logits."""
+def fit_linear_probe(train_x, train_y, n_classes: int, seed: int = 0):
+    """Sweep L2 on a validation split of the training features, refit on all of them; returns
+    (``features -> logits``, {"l2", "sweep"})."""
     tr, va = split_validation(train_y, 0.2, seed)
     best, tried = sweep_l2(train_x[tr], train_y[tr], train_x[va], train_y[va], n_classes)
     weight, bias = fit_logistic(train_x, train_y, n_classes, best)
-    return _logits(test_x, weight, bias), {"l2": best, "sweep": [{"l2": l, "val_acc1": a} for l, a in tried]}
+    return (lambda features: _logits(features, weight, bias)), \
+        {"l2": best, "sweep": [{"l2": l, "val_acc1": a} for l, a in tried]}
+
+
+def linear_probe(train_x, train_y, test_x, n_classes: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """``fit_linear_probe``, then the test logits."""
+    classify, info = fit_linear_probe(train_x, train_y, n_classes, seed)
+    return classify(test_x), info
 
 
 def few_shot(train_x, train_y, test_x, test_y, n_classes: int, shots=(1, 2, 4, 8, 16), seeds=(0, 1, 2)) -> dict:

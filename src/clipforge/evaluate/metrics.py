@@ -50,7 +50,7 @@ def per_class_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -62,7 +62,7 @@ def _pyplot():
 
 
 def confusion_png(confusion, classnames: list[str], path: str | Path, title: str = "") -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     matrix = torch.as_tensor(confusion, dtype=torch.float)
     matrix = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)
     size = max(4.0, 0.35 * len(classnames) + 2)
@@ -82,7 +82,7 @@ def confusion_png(confusion, classnames: list[str], path: str | Path, title: str
 
 def fewshot_png(curve: dict, zeroshot_acc: float | None, path: str | Path, title: str = "") -> Path:
     """``curve``: {k: [accuracy per seed]}; drawn as mean with min-max band, zero-shot as a horizontal line."""
-    plt = _pyplot()
+    plt = pyplot()
     ks = sorted(curve)
     means = [sum(curve[k]) / len(curve[k]) for k in ks]
     fig, ax = plt.subplots(figsize=(5, 3.5))

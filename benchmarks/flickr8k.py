@@ -1,0 +1,149 @@
+"""The Flickr8k recipe's figures: clipforge beside open_clip's model + loss through the same loop, data and seeds.
+
+    python benchmarks/flickr8k.py --recipe recipes/flickr8k.yaml --seeds 0 1 2 --json runs/bench/flickr8k.json
+    python benchmarks/flickr8k.py --recipe recipes/flickr8k.yaml --seeds 0 --impls clipforge --skip-probe
+
+For each (implementation, seed): train with the recipe (``--seed`` and ``--output`` replaced), then measure
+- Flickr8k test retrieval (1,000 images, 5,000 captions; image->text hits when any of the image's 5 captions ranks
+  in the top k, text->image when its own image does), R@1/5/10 both ways;
+- zero-shot top-1 on cifar10/test (10,000) and flowers/test (1,000), classes never trained on, with bare class names,
+  "a photo of a {}." and the paper's template ensemble (CIFAR-10's 18; for flowers the Flowers102 set);
+- a linear probe on CIFAR-10 (L-BFGS logistic regression on cifar10/train features, L2 chosen on a held-out part of
+  train) and the few-shot curve k = 1, 2, 4, 8, 16 per class: CIFAR-10 examples drawn from cifar10/train, tested on
+  cifar10/test; flowers (test only) split in two halves by index parity: examples drawn from the even half, tested
+  on the odd half, where its zero-shot accuracy is also reported.
+
+open_clip's peer is its own ``CLIP`` (``CustomTextCLIP`` for a Hugging Face text tower) and ``ClipLoss`` built from
+the recipe's architecture with clipforge's initial weights, locked as open_clip locks towers; it cannot use the
+text-feature cache (open_clip keeps dropout on in a locked Hugging Face tower), so it runs the text tower each step.
+Nothing here is chosen on a test split: the recipe was chosen on flickr8k/dev and cifar10/train (docs/BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import clipforge
+from clipforge.bench.peers import OpenClipForTraining, OpenClipLoss
+from clipforge.data import evaluation_set, open_source
+from clipforge.evaluate.datasets import open_labelled
+from clipforge.evaluate.features import embed_labelled
+from clipforge.evaluate.linear_probe import few_shot, linear_probe
+from clipforge.evaluate.metrics import topk_accuracy
+from clipforge.evaluate.retrieval import embed_pairs, retrieval_metrics
+from clipforge.prompts import DEFAULT_TEMPLATES
+from clipforge.train import TrainConfig, train
+from clipforge.train.cli import read_config
+from clipforge.train.loop import model_config_for
+from clipforge.zeroshot import zero_shot_classifier
+
+REPO = Path(__file__).resolve().parents[1]
+SHOTS = (1, 2, 4, 8, 16)
+
+
+def train_one(recipe: dict, impl: str, seed: int, output: Path) -> tuple[torch.nn.Module, dict]:
+    cfg = TrainConfig(**{**recipe, "seed": seed, "output": str(output), "progress": False})
+    model = loss = None
+    if impl == "open_clip":
+        torch.manual_seed(seed)  # the same initial weights as clipforge's run with this seed
+        ours = clipforge.create_model(model_config_for(cfg))
+        ours.config = model_config_for(cfg)
+        model, loss, cfg.text_cache = OpenClipForTraining(ours), OpenClipLoss(), False
+    start = time.perf_counter()
+    summary = train(cfg, model=model, loss_fn=loss)
+    return summary["model"].eval(), {"train_seconds": time.perf_counter() - start, "steps": summary["steps"],
+                                     "final_loss": summary["loss"], "val": summary["val"]}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, data: Path, probe: bool = True) -> dict:
+    preprocess = clipforge.Preprocess(model.image_size)
+    result = {}
+    pairs = evaluation_set(open_source(str(data / "flickr8k" / "test"), shuffle_buffer=0), preprocess)
+    images, texts = embed_pairs(model, tokenizer, pairs.images, pairs.captions)
+    result["flickr8k_test"] = {**retrieval_metrics(images, texts, pairs.caption_images),
+                               "images": len(pairs.images), "captions": len(pairs.captions)}
+    for name in ("cifar10", "flowers"):
+        dataset = open_labelled(data / name, "test")
+        features, labels = embed_labelled(model, dataset.source, preprocess, progress=False)
+        row = {}
+        for prompt, templates in (("bare", ["{}"]), ("photo", list(DEFAULT_TEMPLATES)), ("ensemble", dataset.templates)):
+            weights = zero_shot_classifier(model, tokenizer, dataset.classnames, templates)
+            row[prompt] = topk_accuracy(features @ weights.cpu(), labels)[1]
+        result[f"{name}_zeroshot"] = row
+        if not probe:
+            continue
+        weights = zero_shot_classifier(model, tokenizer, dataset.classnames, dataset.templates)
+        if name == "cifar10":
+            train_set = open_labelled(data / name, "train")
+            train_x, train_y = embed_labelled(model, train_set.source, preprocess, progress=False)
+            logits, info = linear_probe(train_x, train_y, features, len(dataset.classnames))
+            result["cifar10_linear_probe"] = {"acc1": topk_accuracy(logits, labels)[1], "l2": info["l2"]}
+            pool_x, pool_y, test_x, test_y = train_x, train_y, features, labels
+        else:  # flowers has a test split only: examples from the even half, accuracy on the odd half
+            pool_x, pool_y, test_x, test_y = features[0::2], labels[0::2], features[1::2], labels[1::2]
+        curve = few_shot(pool_x, pool_y, test_x, test_y, len(dataset.classnames), SHOTS, (0, 1, 2))
+        result[f"{name}_fewshot"] = {"curve": {str(k): v for k, v in curve.items()},
+                                     "zeroshot_same_test": topk_accuracy(test_x @ weights.cpu(), test_y)[1]}
+    return result
+
+
+def median_table(runs: list[dict]) -> str:
+    def cell(values):
+        return f"{100 * statistics.median(values):.1f} ({100 * min(values):.1f}-{100 * max(values):.1f})"
+
+    lines = []
+    for impl in sorted({r["impl"] for r in runs}):
+        mine = [r for r in runs if r["impl"] == impl]
+        get = lambda key, sub: [r[key][sub] for r in mine]  # noqa: E731
+        lines.append(f"{impl} ({len(mine)} seeds, median (min-max) %):")
+        for k in (1, 5, 10):
+            lines.append(f"  flickr8k test R@{k}: text->image {cell(get('flickr8k_test', f'text_to_image_R@{k}'))}, "
+                         f"image->text {cell(get('flickr8k_test', f'image_to_text_R@{k}'))}")
+        for name in ("cifar10", "flowers"):
+            lines.append(f"  {name} zero-shot: " + ", ".join(
+                f"{p} {cell(get(f'{name}_zeroshot', p))}" for p in ("bare", "photo", "ensemble")))
+        if "cifar10_linear_probe" in mine[0]:
+            lines.append(f"  cifar10 linear probe {cell(get('cifar10_linear_probe', 'acc1'))}")
+        lines.append(f"  training minutes: {statistics.median(r['train_seconds'] for r in mine) / 60:.1f}")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "flickr8k.yaml")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--output", type=Path, default=REPO / "runs" / "flickr8k-study")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--impls", nargs="+", default=["clipforge", "open_clip"])
+    parser.add_argument("--skip-probe", action="store_true", help="no linear probe / few-shot curve (faster)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    recipe = read_config(args.recipe)
+    runs = json.loads(args.json.read_text())["runs"] if args.json and args.json.exists() else []
+    done = {(r["impl"], r["seed"]) for r in runs}
+    for seed in args.seeds:
+        for impl in args.impls:
+            if (impl, seed) in done:  # a re-run continues where it stopped
+                continue
+            model, info = train_one(recipe, impl, seed, args.output / f"{impl}-seed{seed}")
+            tokenizer = clipforge.get_tokenizer(model_config_for(TrainConfig(**recipe)))
+            runs.append({"impl": impl, "seed": seed, **info, **evaluate(model, tokenizer, args.data,
+                                                                     probe=not args.skip_probe)})
+            print(json.dumps(runs[-1]), flush=True)
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+                                                 "recipe": str(args.recipe), "runs": runs}, indent=1))
+    print(median_table(runs))
+
+
+if __name__ == "__main__":
+    main()
