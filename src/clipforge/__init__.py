@@ -38,8 +38,16 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
         normalisation = {k: v for k, v in (("mean", hub.mean), ("std", hub.std)) if v is not None}
     elif pretrained is None and _looks_like_path(name_or_path) and name_or_path not in list_models():
         state, config = read_checkpoint(name_or_path, trust_pickle=trust_pickle)
-        if (config or {}).get("objective", "contrastive") != "contrastive":
-            raise CheckpointError(f"{name_or_path}: an image tower trained with --objective {config['objective']}, "
+        objective = (config or {}).get("objective", "contrastive")
+        if objective == "classify":  # a fine-tuned CLIP: the model plus its class head
+            from .finetune import CLIPClassifier
+
+            model = CLIPClassifier.from_config(config)
+            model.normalisation = {}
+            load_into(model, state, source=name_or_path)
+            return model.eval()
+        if objective != "contrastive":
+            raise CheckpointError(f"{name_or_path}: an image tower trained with --objective {objective}, "
                                   "not a CLIP model (no text tower); load it with clipforge.bow.load")
         if config is None or "vision_cfg" not in config:  # no full config stored: read it off the weight shapes
             config = {**infer_config(state), **(config or {})}

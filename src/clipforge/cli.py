@@ -12,6 +12,10 @@ EPILOG = """examples:
   clipforge convert openai/ViT-B-32.pt out/ --to clipforge
   clipforge convert out/ hf_folder/ --to hf        export to a Hugging Face CLIPModel folder
   clipforge train --model ViT-Tiny-64 --train-data 'shards/train-{000000..000009}.tar' --steps 2000 --output runs/a
+  clipforge train --config recipes/flickr8k.yaml   the published Flickr8k recipe
+  clipforge finetune --pretrained CKPT --dataset-root ../shared/data/cifar10 --steps 500 --output runs/ft
+  clipforge wise-ft --zeroshot CKPT --finetuned runs/ft/checkpoints/step-00000500 --alphas 0:1:0.1 --output runs/wise
+  clipforge eval robustness --pretrained CKPT --dataset-root ../shared/data/cifar10 --max-images 2000
 """
 
 
@@ -92,7 +96,11 @@ def _register_lazy(name: str, module: str, help_text: str, function: str = "add_
 _EXTRA_COMMANDS: list = [
     _register_lazy("demo", "demo", "train on generated shapes (~2 min CPU), zero-shot + retrieval, HTML report"),
     _register_lazy("train", "train.cli", "contrastive training (one CPU to many GPUs)"),
-    _register_lazy("eval", "evaluate.cli", "zero-shot, retrieval, linear-probe and few-shot evaluation"),
+    _register_lazy("finetune", "train.finetune_cli", "fine-tune CLIP on labelled data from its zero-shot classifier",
+                   "add_finetune_arguments"),
+    _register_lazy("wise-ft", "train.finetune_cli", "interpolate zero-shot and fine-tuned weights (WiSE-FT)",
+                   "add_wise_ft_arguments"),
+    _register_lazy("eval", "evaluate.cli", "zero-shot, retrieval, linear-probe, few-shot and robustness evaluation"),
     _register_lazy("embed", "retrieval.cli", "embed an image collection into sharded .npy + parquet",
                    "add_embed_arguments"),
     _register_lazy("index", "retrieval.cli", "build a FAISS index over embeddings", "add_index_arguments"),

@@ -79,7 +79,7 @@ class ContrastiveStream(IterableDataset):
 
     def __init__(self, source, transform, tokenizer, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, classnames=None, caption_templates=None, label_captions: bool = False,
-                 exclude_labels=(), resume: dict | None = None, hflip: bool = False):
+                 exclude_labels=(), resume: dict | None = None, hflip: bool = False, label_targets: bool = False):
         self.source, self.transform, self.tokenizer = source, transform, tokenizer
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -88,6 +88,7 @@ class ContrastiveStream(IterableDataset):
         self.exclude_labels = frozenset(exclude_labels)
         self.resume = {int(k): v for k, v in (resume or {}).items()}
         self.hflip = hflip
+        self.label_targets = label_targets  # batches carry integer labels instead of tokens (fine-tuning)
 
     def _sample_rng(self, epoch: int, part: int, position: int) -> random.Random:
         return random.Random(f"sample-{self.seed}-{epoch}-{part}-{position}")
@@ -120,9 +121,10 @@ class ContrastiveStream(IterableDataset):
                     continue
                 usable += 1
                 images.append(tensor)
-                texts.append(text)
+                texts.append(int(raw["cls"]) if self.label_targets else text)
                 if len(images) == self.batch_size:
-                    yield {"images": torch.stack(images), "tokens": self.tokenizer(texts),
+                    targets = torch.tensor(texts) if self.label_targets else self.tokenizer(texts)
+                    yield {"images": torch.stack(images), "tokens": targets,
                            "state": {"part": part, "epoch": epoch, "position": position, "skipped": dict(skipped)}}
                     images, texts = [], []
             if usable == 0:

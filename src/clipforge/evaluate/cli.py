@@ -55,8 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "shot_noise, impulse_noise, defocus_blur, glass_blur, motion_blur, zoom_blur, snow, fog, "
                    "brightness, contrast, elastic_transform, pixelate, jpeg_compression [all]")
     g.add_argument("--severities", default="1..5", help="'1..5', '3' or '1,3,5' [1..5]")
-    g.add_argument("--probe", choices=["zeroshot", "linear"], default="zeroshot",
-                   help="the classifier: zero-shot prompts, or a linear probe fit on clean --train-split features")
+    g.add_argument("--probe", choices=["zeroshot", "linear", "head"], default="zeroshot",
+                   help="the classifier: zero-shot prompts, a linear probe fit on clean --train-split features, or "
+                        "the head of a fine-tuned model (clipforge finetune / wise-ft)")
     g.add_argument("--max-images", type=int, help="the first N test images only (each is embedded 1 + 5 x 14 times)")
     g.add_argument("--corruption-seed", type=int, default=0, help="the corruptions' random draws [0]")
     p.add_argument("--cache-dir", help="image feature cache [$CLIPFORGE_CACHE/features]")
@@ -192,7 +193,14 @@ def _robustness(args, model, preprocess, tokenizer, dataset) -> dict:
     from .robustness import parse_severities, robustness, severity_png
 
     corruptions, severities = resolve(args.corruptions), parse_severities(args.severities)  # errors before work
-    if args.probe == "zeroshot":
+    if args.probe == "head":
+        if not hasattr(model, "classify"):
+            raise ValueError("--probe head needs a fine-tuned model (clipforge finetune or wise-ft)")
+        if list(model.classnames) != list(dataset.classnames):
+            raise ValueError(f"the model's head classifies {model.classnames[:4]}..., not this dataset's classes")
+        head = model.classifier.detach().float().cpu()
+        classify, extra = (lambda features: features @ head.T), {"classnames": model.classnames}
+    elif args.probe == "zeroshot":
         templates = resolve_templates(args.templates, dataset.templates)
         with torch.no_grad():
             weights = zero_shot_classifier(model, tokenizer, dataset.classnames, templates).cpu()

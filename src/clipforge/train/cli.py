@@ -72,6 +72,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random horizontal flips, with 'left' and 'right' swapped in the caption to match")
     g.add_argument("--workers", type=int, help=f"DataLoader workers per process [{d.workers}]")
     g.add_argument("--shuffle-buffer", type=int, help=f"shard sample shuffle buffer [{d.shuffle_buffer}]")
+    add_optimisation_arguments(p)
+    add_run_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
+    """The optimiser, schedule, precision and loss flags (also ``clipforge finetune``'s)."""
+    d = TrainConfig()
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help=f"per process [{d.batch_size}]")
     g.add_argument("--epochs", type=float, help=f"passes over the data [{d.epochs}]")
@@ -91,6 +99,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-loss", action="store_true", help="each rank computes only its rows (less memory)")
     g.add_argument("--loss-chunk-size", type=int, help="compute the loss in row chunks: memory linear in batch size")
     g.add_argument("--seed", type=int, help=f"[{d.seed}]")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Run folder, checkpoints, logging, validation and device flags (also ``clipforge finetune``'s)."""
+    d = TrainConfig()
     g = p.add_argument_group("run")
     g.add_argument("--output", help=f"run folder: checkpoints/, metrics.jsonl, run_config.json [{d.output}]")
     g.add_argument("--resume", help="'latest' or a checkpoint step folder")
@@ -101,7 +114,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-samples", type=int, help=f"validation images [{d.val_samples}]")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... [GPU if available]")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(func=run)
 
 
 def read_config(path: str | Path) -> dict:

@@ -40,7 +40,7 @@ from .step import autocast_for, train_step
 from .validation import open_validation, validate
 
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_fp16")
-OBJECTIVES = ("contrastive", "bow")
+OBJECTIVES = ("contrastive", "bow", "classify")
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,8 +76,10 @@ class TrainConfig:
     lock_image: bool = False
     lock_text: bool = False
     text_cache: bool = False
-    objective: str = "contrastive"  # or "bow": predict the caption's words from the image (clipforge.bow)
-    bow_vocab: int = 1000
+    objective: str = "contrastive"  # or "bow": predict the caption's words from the image (clipforge.bow);
+    bow_vocab: int = 1000           # or "classify": fine-tune --pretrained on labelled data (clipforge.finetune)
+    templates: list[str] | None = None  # classify: the prompts of the zero-shot head [the default prompt]
+    head_only: bool = False  # classify: train the head alone
     text_model: str | None = None
     label_captions: str | None = None
     exclude_classes: list[str] = field(default_factory=list)
@@ -145,7 +147,7 @@ def _build_model(cfg: TrainConfig, model_config: dict, device: torch.device, wor
     """(the module the steps run: DDP- and compile-wrapped as asked, the bare model)."""
     if model is None:
         model = create_model(model_config)
-    if cfg.pretrained:
+    if cfg.pretrained and cfg.objective != "classify":  # (a classifier is built from its --pretrained)
         from .. import load_model
 
         load_into(model, load_model(cfg.model, pretrained=cfg.pretrained).state_dict(), source=cfg.pretrained)
@@ -173,6 +175,9 @@ class _Labels:
 
     def __init__(self, cfg: TrainConfig, source):
         self.classnames, self.templates, self.exclude = None, None, set()
+        if cfg.objective == "classify":  # labels are the targets; no captions are made
+            self.classnames = source_classnames(source, needed_for="fine-tuning")
+            return
         if not cfg.label_captions:
             if cfg.exclude_classes:
                 raise ValueError("--exclude-classes needs labelled data and --label-captions")
@@ -243,6 +248,27 @@ def _bag_of_words(cfg: TrainConfig, source, labels: _Labels, model_config: dict,
     config = {**{k: v for k, v in model_config.items() if k != "text_cfg"}, "objective": "bow",
               "vocabulary": vocabulary.words}
     return model or BagOfWordsModel(config, vocabulary), vocabulary, loss_fn or BagOfWordsLoss(), config
+
+
+def _classifier(cfg: TrainConfig, labels: _Labels, model, loss_fn):
+    """(model, loss, config to save) for ``--objective classify``: the --pretrained CLIP with its zero-shot head
+    for the training data's classes (clipforge.finetune)."""
+    from ..finetune import ClassificationLoss, CLIPClassifier
+    from ..inference import load_for_inference
+    from ..prompts import DEFAULT_TEMPLATES
+
+    if not cfg.pretrained or not labels.classnames:
+        raise ValueError("fine-tuning (objective classify) needs --pretrained weights and labelled training data "
+                         "(classnames.txt beside the shards)")
+    if model is None:
+        named = None if os.path.exists(cfg.pretrained) else cfg.model
+        clip, _, tokenizer = load_for_inference(named, cfg.pretrained, device="cpu")
+        model = CLIPClassifier.from_zero_shot(clip, labels.classnames, cfg.templates or list(DEFAULT_TEMPLATES),
+                                              tokenizer)
+    model.lock_text_tower()  # the head replaces the text tower; its weights are kept as they are
+    if cfg.head_only:
+        model.lock_all_but_head()
+    return model, loss_fn or ClassificationLoss(), model.config
 
 
 def _schedule_length(cfg: TrainConfig, source, samples_per_step: int) -> tuple[int, int]:
@@ -332,12 +358,14 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     random.seed(cfg.seed + rank)
 
     source, labels = _open_training_data(cfg, train_source)
-    model_config = model_config_for(cfg)
+    model_config, tokenizer = model_config_for(cfg), None
     if cfg.objective == "bow":
         model, tokenizer, loss_fn, model_config = _bag_of_words(cfg, source, labels, model_config, model, loss_fn)
+    elif cfg.objective == "classify":
+        model, loss_fn, model_config = _classifier(cfg, labels, model, loss_fn)
     model, core = _build_model(cfg, model_config, device, world, model)
     loss_fn = loss_fn or create_loss(cfg.loss, local_loss=cfg.local_loss, chunk_size=cfg.loss_chunk_size)
-    tokenizer = tokenizer if cfg.objective == "bow" else get_tokenizer(model_config)
+    tokenizer = tokenizer or get_tokenizer(model_config)
     if cfg.text_cache:
         _cache_text_features(cfg, core, source, tokenizer, labels)
     samples_per_step = cfg.batch_size * world * cfg.accum_freq
@@ -350,7 +378,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                                cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                                classnames=labels.classnames, caption_templates=labels.templates,
                                label_captions=bool(labels.classnames), exclude_labels=labels.exclude,
-                               resume=position.data, hflip=cfg.hflip)
+                               resume=position.data, hflip=cfg.hflip, label_targets=cfg.objective == "classify")
     batches = iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda"))
     val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates) \
         if rank == 0 else (None, None)

@@ -38,9 +38,12 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
     from ..evaluate.retrieval import embed_pairs, retrieval_metrics
 
     from ..bow import BagOfWordsModel
+    from ..finetune import CLIPClassifier
 
     if isinstance(model, BagOfWordsModel):
         return validate_bag_of_words(model, val_set, device, autocast)
+    if isinstance(model, CLIPClassifier):
+        return validate_classifier(model, val_set, device, autocast)
     was_training = model.training
     model.eval()
     with autocast:
@@ -76,3 +79,17 @@ def validate_bag_of_words(model, val_set, device, autocast=nullcontext(), batch_
         metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
     model.train(was_training)
     return metrics
+
+
+@torch.no_grad()
+def validate_classifier(model, val_set, device, autocast=nullcontext(), batch_size: int = 256) -> dict:
+    """Top-1/top-5 of a fine-tuned model's head on the labelled validation images."""
+    if val_set.labels is None:
+        raise ValueError("validating a classifier needs labelled validation data (classnames.txt beside it)")
+    was_training = model.training
+    model.eval()
+    with autocast:
+        logits = torch.cat([model.classify(torch.stack(val_set.images[i:i + batch_size]).to(device)).float().cpu()
+                            for i in range(0, len(val_set.images), batch_size)])
+    model.train(was_training)
+    return {f"top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()}
