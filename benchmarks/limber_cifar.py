@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     import clipforge
     from clipforge.captioning.cli import collect_captioned_images
-    from clipforge.captioning.limber import ImageToPrefix, MappingConfig, embed_images, generate, load_language_model, \
+    from clipforge.evaluate.features import embed_images
+    from clipforge.captioning.limber import ImageToPrefix, MappingConfig, generate, load_language_model, \
         PREFIX_LR_SCALE, rank_captions, train_mapping
     from clipforge.captioning.metrics import classes_named, names_the_class
     from clipforge.data.sources import read_classnames

@@ -10,6 +10,7 @@ from PIL import Image
 import clipforge
 from clipforge.captioning import limber
 from clipforge.checkpoint import CheckpointError, save_pretrained
+from clipforge.evaluate.features import embed_images
 from clipforge.cli import main
 
 from conftest import write_shard
@@ -69,7 +70,7 @@ def test_linear_map_carries_the_image_into_a_frozen_lm(tiny_lm, tiny_clip):
     lm_before = [p.clone() for p in lm.parameters()]
     clip_before = [p.clone() for p in model.parameters()]
     images, captions = colour_images(64, seed=0)
-    features = limber.embed_images(model, images, preprocess)
+    features = embed_images(model, images, preprocess)
     mapping = limber.ImageToPrefix(limber.MappingConfig(features.shape[1], lm.config.hidden_size, prefix_tokens=2))
     mapping.fit_scale(features)
     mapping.start_from(lm)
@@ -77,14 +78,14 @@ def test_linear_map_carries_the_image_into_a_frozen_lm(tiny_lm, tiny_clip):
     losses, _ = limber.train_mapping(mapping, lm, tokenizer, features, captions, steps=150, lr=1e-2, progress=False)
     assert sum(losses[-10:]) / 10 < 0.5 * losses[0]
     test_images, test_captions = colour_images(32, seed=1)  # unseen images
-    generated = limber.generate(mapping, lm, tokenizer, limber.embed_images(model, test_images, preprocess), 5)
+    generated = limber.generate(mapping, lm, tokenizer, embed_images(model, test_images, preprocess), 5)
     accuracy = sum(g == c[0] for g, c in zip(generated, test_captions)) / len(generated)
     assert accuracy >= 0.9, generated[:8]
     blind = limber.ImageToPrefix(mapping.config)
     torch.nn.init.zeros_(blind.proj.weight), torch.nn.init.zeros_(blind.proj.bias)
-    without_image = limber.generate(blind, lm, tokenizer, limber.embed_images(model, test_images, preprocess), 5)
+    without_image = limber.generate(blind, lm, tokenizer, embed_images(model, test_images, preprocess), 5)
     assert len(set(without_image)) == 1  # the frozen LM alone cannot tell the images apart
-    test_features = limber.embed_images(model, test_images, preprocess)
+    test_features = embed_images(model, test_images, preprocess)
     candidates = [f"a {c} shape" for c in COLOURS]
     ranked = limber.rank_captions(mapping, lm, tokenizer, test_features, candidates, batch_size=20)
     assert ranked.shape == (32, 4)
@@ -172,7 +173,7 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
     mapping = limber.ImageToPrefix.load(tmp_path / "straight").eval()
     clip_model, preprocess, _ = clipforge.load(str(tiny_clip))
     lm, tokenizer = limber.load_language_model(str(tiny_lm))
-    features = limber.embed_images(clip_model, [Image.open(f).convert("RGB") for f in files], preprocess)
+    features = embed_images(clip_model, [Image.open(f).convert("RGB") for f in files], preprocess)
     with torch.no_grad():
         assert [row["caption"] for row in rows] == limber.generate(mapping, lm, tokenizer, features, 4)
     (tmp_path / "broken.png").write_bytes(b"garbage")
@@ -251,7 +252,7 @@ def test_streamed_embedding_equals_embedding_all_at_once(tiny_clip, tmp_path):
     model, preprocess, _ = clipforge.load(str(tiny_clip))
     streamed, streamed_captions, _, _ = embed_captioned(model, preprocess, str(shard), chunk=3, progress=False)
     all_images, all_captions, _ = collect_captioned_images(str(shard))
-    torch.testing.assert_close(streamed, limber.embed_images(model, all_images, preprocess))
+    torch.testing.assert_close(streamed, embed_images(model, all_images, preprocess))
     assert streamed_captions == all_captions == captions
     limited, _, _, _ = embed_captioned(model, preprocess, str(shard), max_images=4, chunk=3, progress=False)
     assert len(limited) == 4
@@ -287,7 +288,7 @@ def test_clip_scores_follow_hessel_et_al(tiny_clip):
 
     model, preprocess, tokenizer = clipforge.load(str(tiny_clip))
     images, _ = colour_images(3, seed=1)
-    features = limber.embed_images(model, images, preprocess)
+    features = embed_images(model, images, preprocess)
     captions = ["a red shape", "a blue shape", "something else entirely"]
     references = [["a red shape", "red"], ["blue"], ["green", "yellow shape"]]
     scores = clip_scores(model, tokenizer, features, captions, references)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import clipforge.evaluate.robustness as robustness
 from clipforge.cli import main
 from clipforge.evaluate.corruptions import CORRUPTIONS, UNAVAILABLE, corrupt, resolve
 
@@ -89,3 +90,32 @@ def test_eval_robustness_reports_every_corruption_and_severity(tmp_path, capsys)
     (root / "classnames.txt").unlink()
     assert main(["eval", "robustness", "--pretrained", ckpt, "--dataset-root", str(root)]) == 2
     assert "missing classnames file" in capsys.readouterr().err
+
+
+def test_shifted_sets_are_made_once_and_read_back_identically(tmp_path):
+    from clipforge.evaluate.datasets import open_labelled
+    from clipforge.evaluate.robustness import ShiftedSets
+
+    root = tmp_path / "colours"
+    (root).mkdir()
+    (root / "classnames.txt").write_text("red\ngreen\n")
+    samples = []
+    for i in range(6):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16 + i), ("red", "green")[i % 2]).save(buffer, format="PNG")  # sizes differ
+        samples.append({"__key__": f"{i:03d}", "png": buffer.getvalue(), "cls": str(i % 2)})
+    write_shard(root / "test" / "test-000000.tar", samples)
+    dataset = open_labelled(root, "test")
+    first = ShiftedSets(dataset, max_images=5, seed=2, cache_dir=tmp_path / "cache", progress=False)
+    made = first.shifted("shot_noise", 4)
+    assert len(made) == 5 and first.labels.tolist() == [0, 1, 0, 1, 0]
+    stored = list((tmp_path / "cache").rglob("shot_noise-4.npz"))
+    assert len(stored) == 1
+    again = ShiftedSets(dataset, max_images=5, seed=2, cache_dir=tmp_path / "cache", progress=False)
+    original, robustness.corrupt = robustness.corrupt, None  # read back from disk: a recomputation would fail
+    try:
+        read = again.shifted("shot_noise", 4)
+    finally:
+        robustness.corrupt = original
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(made, read))
+    assert [im.size for im in read] == [(16, 16 + i) for i in range(5)]

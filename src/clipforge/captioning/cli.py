@@ -103,7 +103,7 @@ def embed_captioned(clip_model, preprocess, spec: str, label_captions: bool = Fa
     from tqdm import tqdm
 
     from ..data.pipeline import iter_captioned_images
-    from .limber import embed_images
+    from ..evaluate.features import embed_images
 
     source, classnames = _open_captioned(spec, label_captions)
     features, captions, labels, pending, skipped = [], [], [], [], Counter()
@@ -219,7 +219,8 @@ def run_generate(args) -> int:
     import torch
 
     from ..preprocess import open_image
-    from .limber import embed_images, generate
+    from ..evaluate.features import embed_images
+    from .limber import generate
 
     missing = [path for path in args.images if not Path(path).is_file()]
     if missing:  # before minutes of model loading

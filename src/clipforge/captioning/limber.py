@@ -2,7 +2,7 @@
 one trained linear layer that maps image features to a few "soft prompt" vectors in the LM's input embedding space.
 
 The image tower and the LM are never updated. Since the tower is frozen and preprocessing is deterministic, each
-image's features are computed once (``embed_images``) and training then runs the LM only: the cost of a step is one
+image's features are computed once (``clipforge.evaluate.features.embed_images``) and training then runs the LM only: the cost of a step is one
 LM forward and backward over ``prefix_tokens + caption`` positions, whatever the image tower's size.
 """
 from __future__ import annotations
@@ -120,18 +120,6 @@ def load_language_model(spec: str = "smollm2"):
 
 
 @torch.no_grad()
-def embed_images(clip_model, images: list, preprocess, batch_size: int = 64) -> torch.Tensor:
-    """Frozen image features ``[N, embed_dim]`` (unnormalised, as the tower outputs them) for PIL images."""
-    device = next(clip_model.parameters()).device
-    chunks = []
-    for i in range(0, len(images), batch_size):
-        batch = torch.stack([preprocess(image) for image in images[i:i + batch_size]]).to(device)
-        chunks.append(clip_model.encode_image(batch).float().cpu())
-    if not chunks:
-        raise ValueError("no images to embed")
-    return torch.cat(chunks)
-
-
 def _caption_batch(tokenizer, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded caption ids ending in EOS, and their mask."""
     ids = [tokenizer(c, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for c in captions]

@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the head of a fine-tuned model (clipforge finetune / wise-ft)")
     g.add_argument("--max-images", type=int, help="the first N test images only (each is embedded 1 + 5 x 14 times)")
     g.add_argument("--corruption-seed", type=int, default=0, help="the corruptions' random draws [0]")
-    p.add_argument("--cache-dir", help="image feature cache [$CLIPFORGE_CACHE/features]")
+    p.add_argument("--cache-dir", help="image feature cache, and for robustness the corrupted images "
+                   "[$CLIPFORGE_CACHE/features, $CLIPFORGE_CACHE/corruptions]")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -190,7 +191,8 @@ def _robustness(args, model, preprocess, tokenizer, dataset) -> dict:
     from ..prompts import resolve_templates
     from ..zeroshot import zero_shot_classifier
     from .corruptions import resolve
-    from .robustness import parse_severities, robustness, severity_png
+    from ..pretrained import cache_dir
+    from .robustness import ShiftedSets, parse_severities, robustness, severity_png
 
     corruptions, severities = resolve(args.corruptions), parse_severities(args.severities)  # errors before work
     if args.probe == "head":
@@ -213,8 +215,9 @@ def _robustness(args, model, preprocess, tokenizer, dataset) -> dict:
         train_x, train_y = cached_features(args, model, train_set, args.train_split, preprocess)
         classify, info = fit_linear_probe(train_x, train_y, len(dataset.classnames))
         extra = {"l2": info["l2"]}
-    metrics = robustness(model, dataset, preprocess, classify, corruptions, severities, args.max_images,
-                         args.corruption_seed, args.batch_size, progress=not args.quiet)
+    store = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else cache_dir() / "corruptions"
+    sets = ShiftedSets(dataset, args.max_images, args.corruption_seed, store, progress=not args.quiet)
+    metrics = robustness(model, sets, preprocess, classify, corruptions, severities, args.batch_size)
     if args.plot:
         severity_png(metrics, args.plot, f"{Path(args.dataset_root).name} {args.probe}: clean "
                                         f"{metrics['clean']:.1%}, mean corrupted {metrics['mean_corrupted']:.1%}")

@@ -11,6 +11,19 @@ from ..data.pipeline import SkipSample, decode_sample
 
 
 @torch.no_grad()
+def embed_images(model, images: list, preprocess, batch_size: int = 64, normalize: bool = False) -> torch.Tensor:
+    """Image features ``[N, embed_dim]`` of PIL images, as the tower outputs them (or L2-normalised)."""
+    device = next(model.parameters()).device
+    chunks = []
+    for i in range(0, len(images), batch_size):
+        batch = torch.stack([preprocess(image) for image in images[i:i + batch_size]]).to(device)
+        chunks.append(model.encode_image(batch, normalize=normalize).float().cpu())
+    if not chunks:
+        raise ValueError("no images to embed")
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
 def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None, progress: bool = True,
                    desc: str = "embedding images", limit: int | None = None, image_transform=None):
     """(L2-normalised image features [N, D], labels [N]) for every sample of a labelled source (image + cls), or its

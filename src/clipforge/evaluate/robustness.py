@@ -2,10 +2,20 @@
 common corruption at each severity (``evaluate.corruptions``), and the plots that show it."""
 from __future__ import annotations
 
+import hashlib
+import random
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..data.pipeline import SkipSample, decode_sample
+from ..files import atomic_path
 from .corruptions import corrupt
-from .features import embed_labelled
+from .features import embed_images
 from .metrics import pyplot, topk_accuracy
 
 
@@ -23,24 +33,63 @@ def parse_severities(spec: str) -> list[int]:
     return [check_severity(v) for v in values]
 
 
-def robustness(model, dataset, preprocess, classify, corruptions: list[str], severities: list[int],
-               max_images: int | None = None, seed: int = 0, batch_size: int = 256, progress: bool = True,
-               clean=None) -> dict:
+class ShiftedSets:
+    """A labelled test set decoded once, and each (corruption, severity) version of it, made once: kept on disk under
+    ``cache_dir`` (keyed by the data, the image count and the seed), so that evaluating many models (a WiSE-FT sweep)
+    pays for the corruptions only the first time."""
+
+    def __init__(self, dataset, max_images: int | None = None, seed: int = 0, cache_dir: str | Path | None = None,
+                 progress: bool = True):
+        self.images, labels, skipped = [], [], Counter()
+        for raw in dataset.source.samples(0, 1, 0, 0, skipped):
+            if max_images and len(self.images) >= max_images:
+                break
+            if "cls" not in raw:
+                continue
+            try:
+                image, _ = decode_sample(dict(raw, txt=b"-"), rng=random.Random(0))
+            except SkipSample:
+                continue
+            self.images.append(image)
+            labels.append(int(raw["cls"]))
+        if not self.images:
+            raise ValueError(f"no usable labelled samples (skipped: {dict(skipped) or 'none'})")
+        self.labels, self.seed, self.progress = torch.tensor(labels), seed, progress
+        self.folder = None
+        if cache_dir is not None:
+            digest = hashlib.sha256(f"{getattr(dataset.source, 'anchor', '')}|{dataset.name}|{len(self.images)}|"
+                                    f"{seed}|{labels[:50]}".encode()).hexdigest()[:16]
+            self.folder = Path(cache_dir) / f"{dataset.name}-{digest}"
+
+    def shifted(self, name: str, severity: int) -> list[Image.Image]:
+        path = self.folder / f"{name}-{severity}.npz" if self.folder else None
+        if path is not None and path.exists():
+            with np.load(path, allow_pickle=False) as stored:
+                return [Image.fromarray(stored[f"arr_{i}"]) for i in range(len(self.images))]
+        bar = tqdm(self.images, desc=f"{name} {severity}", unit="img", disable=not self.progress, leave=False)
+        images = [corrupt(image, name, severity, self.seed, i) for i, image in enumerate(bar)]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.savez(handle, *[np.asarray(image) for image in images])
+        return images
+
+
+def robustness(model, shifted_sets: ShiftedSets, preprocess, classify, corruptions: list[str],
+               severities: list[int], batch_size: int = 256) -> dict:
     """Top-1 of ``classify(features) -> logits`` on the clean images and on every (corruption, severity); the mean
-    over all shifted sets, and per corruption. ``clean``: (features, labels) already embedded."""
-    def accuracy(features, labels) -> float:
+    over all shifted sets, and per corruption."""
+    labels = shifted_sets.labels
+
+    def accuracy(images) -> float:
+        features = embed_images(model, images, preprocess, batch_size, normalize=True)
         return topk_accuracy(classify(features), labels)[1]
 
-    features, labels = clean or embed_labelled(model, dataset.source, preprocess, batch_size, progress=progress,
-                                               desc="clean", limit=max_images)
-    result = {"clean": accuracy(features, labels), "images": len(labels), "corruptions": {}}
+    result = {"clean": accuracy(shifted_sets.images), "images": len(labels), "corruptions": {}}
     for name in corruptions:
-        result["corruptions"][name] = {}
-        for severity in severities:
-            shifted, shifted_labels = embed_labelled(
-                model, dataset.source, preprocess, batch_size, progress=progress, desc=f"{name} {severity}",
-                limit=max_images, image_transform=lambda image, i: corrupt(image, name, severity, seed, i))
-            result["corruptions"][name][str(severity)] = accuracy(shifted, shifted_labels)
+        result["corruptions"][name] = {str(severity): accuracy(shifted_sets.shifted(name, severity))
+                                       for severity in severities}
     per_corruption = {name: sum(v.values()) / len(v) for name, v in result["corruptions"].items()}
     result["mean_per_corruption"] = per_corruption
     result["mean_corrupted"] = sum(per_corruption.values()) / len(per_corruption)
