@@ -192,6 +192,26 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
     assert result["captions"][0]["references"] == ["a red shape", "one a red shape"]
     assert result["scores"]["clip_score"] == pytest.approx(
         sum(c["clip_score"] for c in result["captions"]) / 8, abs=1e-6)
+    assert "noun_recall" in result["scores"] and "people" in result["nouns_by_category"]
+
+    # --judge: another CLIP model grades the same captions; its scores are what it says of them, computed directly
+    torch.manual_seed(5)
+    judge_path = save_pretrained(clipforge.create_model("ViT-Tiny-64"), tmp_path / "judge",
+                                 clipforge.get_model_config("ViT-Tiny-64"))
+    judged = tmp_path / "judged.json"
+    assert main(["caption", "eval", "--mapping", str(tmp_path / "straight"), "--data", str(shard), "--max-images", "8",
+                 "--max-new-tokens", "4", "--json", str(judged), "--judge", str(judge_path), "--no-progress",
+                 "--no-word-similarity"]) == 0
+    by_judge = json.loads(judged.read_text())
+    assert [c["caption"] for c in by_judge["captions"]] == [c["caption"] for c in result["captions"]]
+    judge, judge_preprocess, judge_tokenizer = clipforge.load(str(judge_path))
+    images = [Image.open(io.BytesIO(s["png"])).convert("RGB") for s in samples[:8]]
+    from clipforge.captioning.metrics import clip_scores
+
+    direct = clip_scores(judge, judge_tokenizer, embed_images(judge, images, judge_preprocess),
+                         [c["caption"] for c in by_judge["captions"]])["clip_score"]
+    assert [c["clip_score"] for c in by_judge["captions"]] == pytest.approx(direct.tolist(), abs=1e-5)
+    assert by_judge["scores"]["clip_score"] != pytest.approx(result["scores"]["clip_score"], abs=1e-6)
 
     # labelled data (image + .cls, classnames.txt): also whether each caption names its image's class
     (tmp_path / "colours").mkdir()
@@ -302,3 +322,26 @@ def test_clip_scores_follow_hessel_et_al(tiny_clip):
             assert float(scores["ref_clip_score"][i]) == pytest.approx(2 * clip * best / (clip + best), abs=1e-5)
     assert float(scores["ref_clip_score"][0]) == pytest.approx(2 * float(scores["clip_score"][0]) / (
         float(scores["clip_score"][0]) + 1), abs=1e-5)  # the caption is one of its references: best cosine 1
+
+
+def test_concept_nouns_precision_recall_and_missed_word_similarity():
+    from clipforge.captioning import concepts
+
+    assert concepts.lemma("dogs") == "dog" and concepts.lemma("children") == "child" and concepts.lemma("puppies") == "puppy"
+    assert concepts.lemma("running") is None
+    assert concepts.concept_nouns("Two men ride bikes past the beach .") == {"man", "bike", "beach"}
+    generated = ["a dog runs on the beach", "a man rides a horse"]
+    references = [["a black dog runs through the water", "a dog on a beach"], ["a woman on a horse in a field"]]
+    scores = concepts.noun_scores(generated, references)
+    # image 1: said {dog, beach}, referenced {dog, water, beach}; image 2: said {man, horse}, referenced {woman, horse, field}
+    assert scores["animals"]["recall"] == 1.0 and scores["animals"]["precision"] == 1.0
+    assert scores["people"]["precision"] == 0.0 and scores["people"]["recall"] == 0.0
+    assert scores["places"]["recall"] == pytest.approx(1 / 3) and scores["places"]["precision"] == 1.0
+    assert scores["all"]["matched"] == 3 and scores["all"]["generated"] == 4 and scores["all"]["referenced"] == 6
+    unit = {"woman": torch.tensor([1.0, 0.0]), "man": torch.tensor([0.8, 0.6]), "horse": torch.tensor([0.0, 1.0]),
+            "water": torch.tensor([0.6, 0.8]), "field": torch.tensor([-1.0, 0.0]), "dog": torch.tensor([0.0, -1.0]),
+            "beach": torch.tensor([1.0, 0.0])}
+    similarity = concepts.missed_noun_similarity(generated, references, lambda words: unit)
+    # missed: water (best of dog 0 / beach 0.6 -> 0.6), woman (man 0.8, horse 0 -> 0.8), field (man -0.8, horse 0 -> 0)
+    assert similarity["places"] == pytest.approx((0.6 + 0.0) / 2) and similarity["people"] == pytest.approx(0.8)
+    assert similarity["all"] == pytest.approx((0.6 + 0.8 + 0.0) / 3)

@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--prompt", default="", help="text after the image prefix [none]")
     e.add_argument("--max-new-tokens", type=int, default=24)
     e.add_argument("--batch-size", type=int, default=32, help="images captioned per language-model call [32]")
+    e.add_argument("--judge", help="the CLIP checkpoint that computes CLIPScore/RefCLIPScore for every encoder alike "
+                                   "[the mapping's own tower, whose scores are not comparable across towers]")
+    e.add_argument("--no-word-similarity", dest="word_similarity", action="store_false",
+                   help="skip the similarity of missed nouns (it loads all-MiniLM-L6-v2)")
     e.add_argument("--json", help="write the scores and every caption with its references and scores here")
     e.add_argument("--device", default="cpu")
     e.add_argument("--no-progress", dest="progress", action="store_false")
@@ -96,9 +100,10 @@ def collect_captioned_images(spec: str, label_captions: bool = False, max_images
 
 
 def embed_captioned(clip_model, preprocess, spec: str, label_captions: bool = False, max_images: int | None = None,
-                    seed: int = 0, chunk: int = 256, progress: bool = True):
+                    seed: int = 0, chunk: int = 256, progress: bool = True, also=None):
     """(features [N, D], caption lists, labels (None unless ``label_captions``), skipped counts), decoding and
-    embedding ``chunk`` images at a time, so a large collection never sits in memory as images."""
+    embedding ``chunk`` images at a time, so a large collection never sits in memory as images. ``also``: another
+    (model, preprocess) whose features of the same images come back too, as a fifth item (a CLIPScore judge)."""
     import torch
     from tqdm import tqdm
 
@@ -106,25 +111,31 @@ def embed_captioned(clip_model, preprocess, spec: str, label_captions: bool = Fa
     from ..evaluate.features import embed_images
 
     source, classnames = _open_captioned(spec, label_captions)
-    features, captions, labels, pending, skipped = [], [], [], [], Counter()
+    features, other, captions, labels, pending, skipped = [], [], [], [], [], Counter()
     bar = tqdm(desc="embedding images", unit="img", disable=not progress, total=max_images)
+
+    def flush():
+        features.append(embed_images(clip_model, pending, preprocess))
+        if also is not None:
+            other.append(embed_images(also[0], pending, also[1]))
+        bar.update(len(pending))
+        pending.clear()
+
     for image, lines, label in iter_captioned_images(source, classnames, seed, skipped):
         pending.append(image)
         captions.append(lines)
         labels.append(label)
         if len(pending) == chunk or (max_images and len(captions) >= max_images):
-            features.append(embed_images(clip_model, pending, preprocess))
-            bar.update(len(pending))
-            pending = []
+            flush()
         if max_images and len(captions) >= max_images:
             break
     if pending:
-        features.append(embed_images(clip_model, pending, preprocess))
-        bar.update(len(pending))
+        flush()
     bar.close()
     if not captions:
         raise ValueError(f"{spec}: no usable captioned images (skipped: {dict(skipped) or 'none'})")
-    return torch.cat(features), captions, labels if label_captions else None, skipped
+    result = (torch.cat(features), captions, labels if label_captions else None, skipped)
+    return result + (torch.cat(other),) if also is not None else result
 
 
 def _load_clip(spec: str, pretrained: str | None, device: str):
@@ -243,20 +254,30 @@ def run_eval(args) -> int:
     from .limber import generate
     from .metrics import clip_scores, coco_caption_scores, names_the_class
 
+    from .concepts import missed_noun_similarity, noun_scores
+
     mapping, clip_model, preprocess, clip_tokenizer, lm, tokenizer = _load_trained(args.mapping, args.device)
-    features, references, labels, skipped = embed_captioned(clip_model, preprocess, args.data, args.label_captions,
-                                                            args.max_images, progress=args.progress)
+    judge = _load_clip(args.judge, None, args.device) if args.judge else None
+    embedded = embed_captioned(clip_model, preprocess, args.data, args.label_captions, args.max_images,
+                               progress=args.progress, also=judge[:2] if judge else None)
+    features, references, labels, skipped = embedded[:4]
+    if judge is not None:  # one fixed CLIP model grades every encoder's captions
+        judge_model, judge_tokenizer, judge_features = judge[0], judge[2], embedded[4]
+    else:
+        print("note: CLIPScore is judged by the image tower under test; pass --judge CKPT for figures comparable "
+              "across towers")
+        judge_model, judge_tokenizer, judge_features = clip_model, clip_tokenizer, features
     captions = []
     for start in tqdm(range(0, len(features), args.batch_size), desc="captioning", unit="batch",
                       disable=not args.progress):
         with torch.no_grad():
             captions += generate(mapping, lm, tokenizer, features[start:start + args.batch_size].to(args.device),
                                  args.max_new_tokens, args.prompt)
-    per_image = clip_scores(clip_model, clip_tokenizer, features, captions, references)
+    per_image = clip_scores(judge_model, judge_tokenizer, judge_features, captions, references)
     scores = {name: float(values.mean()) for name, values in per_image.items()}
     # The human reference point, scored the same way: each image's first reference caption (its CLIPScore and, where
     # images have several references, its BLEU/CIDEr against the others).
-    scores["human_clip_score"] = float(clip_scores(clip_model, clip_tokenizer, features,
+    scores["human_clip_score"] = float(clip_scores(judge_model, judge_tokenizer, judge_features,
                                                    [refs[0] for refs in references])["clip_score"].mean())
     try:
         scores.update(coco_caption_scores(captions, references))
@@ -265,6 +286,11 @@ def run_eval(args) -> int:
             scores.update({f"human_{k}": v for k, v in human.items() if k in ("bleu_4", "cider")})
     except ImportError as exc:
         print(f"note: BLEU and CIDEr skipped ({exc})")
+    nouns = noun_scores(captions, references)
+    scores.update(noun_precision=nouns["all"]["precision"], noun_recall=nouns["all"]["recall"])
+    similarity = missed_noun_similarity(captions, references) if args.word_similarity else None
+    if similarity is not None:
+        scores["missed_noun_similarity"] = similarity["all"]
     if labels is not None:  # labelled data: does the caption name its image's class?
         scores["names_the_class"] = names_the_class(captions, labels, _open_captioned(args.data, True)[1])
     scores["images"] = len(captions)
@@ -274,7 +300,9 @@ def run_eval(args) -> int:
         print(f"  {caption!r}  (reference: {refs[0]!r})")
     if args.json:
         write_json(args.json, {"mapping": str(args.mapping), "data": args.data, "prompt": args.prompt,
-                               "scores": scores, "skipped": dict(skipped),
+                               "judge": args.judge or "the tower under test", "scores": scores,
+                               "nouns_by_category": nouns, "missed_noun_similarity": similarity,
+                               "skipped": dict(skipped),
                                "captions": [{"caption": c, "references": r,
                                              **{k: float(v[i]) for k, v in per_image.items()}}
                                             for i, (c, r) in enumerate(zip(captions, references))]})
