@@ -1,4 +1,5 @@
 """The bag-of-words objective (the CLIP paper's baseline): vocabulary, loss, training, zero-shot from class words."""
+import io
 import json
 
 import pytest
@@ -7,10 +8,11 @@ from PIL import Image
 
 import clipforge
 from clipforge import bow
+from clipforge.captioning import concepts
 from clipforge.checkpoint import CheckpointError
 from clipforge.train import TrainConfig, train
 
-from conftest import shapes_shard
+from conftest import shapes_shard, write_shard
 
 
 def test_vocabulary_keeps_the_frequent_content_words_and_folds_plurals():
@@ -59,6 +61,41 @@ def test_bow_training_lowers_its_loss_and_saves_a_loadable_image_tower(tmp_path)
         torch.testing.assert_close(model.word_log_probs(images), summary["model"].eval().word_log_probs(images))
     with pytest.raises(CheckpointError, match="objective bow"):
         clipforge.load(summary["checkpoint"])
-    with pytest.raises(ValueError, match="no --label-captions, --text-model"):
+    with pytest.raises(ValueError, match="from scratch: no --text-model"):
         train(TrainConfig(objective="bow", text_model="all-minilm-l6-v2", train_data=str(shard),
                           output=str(tmp_path / "bad"), progress=False))
+
+
+def _png(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_labels_objective_predicts_caption_nouns_or_classes(tmp_path):
+    scenes = [("red", "A dog runs on the beach ."), ("green", "Two men ride bikes in the park"),
+              ("blue", "a girl with a ball near the water"), ("yellow", "The cat sleeps on a chair")]
+    shard = write_shard(tmp_path / "s-000000.tar", [{"__key__": f"{i:03d}", "png": _png(scenes[i % 4][0]),
+                                                     "txt": scenes[i % 4][1]} for i in range(32)])
+    cfg = TrainConfig(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 1}}, objective="labels", bow_vocab=20,
+                      train_data=str(shard), val_data=str(shard), val_samples=16, batch_size=16, steps=4,
+                      workers=0, save_every=0, output=str(tmp_path / "nouns"), progress=False)
+    summary = train(cfg)
+    model, _ = bow.load(summary["checkpoint"])
+    # the vocabulary holds only lexicon nouns of the captions, each target present or absent
+    assert model.vocabulary.kind == "nouns" and set(model.vocabulary.words) <= set(concepts.lexicon()[0])
+    assert set(model.vocabulary.words) == {"dog", "beach", "man", "bike", "park", "girl", "ball", "water", "cat",
+                                           "chair"}
+    assert model.vocabulary(["dogs and a dog on beaches"]).sum() == 2 and "label_loss" in summary["val"]
+    # labelled data: the classes are the vocabulary, cross-entropy on the labels; zero-shot is the head itself
+    root = tmp_path / "colours"
+    root.mkdir()
+    (root / "classnames.txt").write_text("red\ngreen\n")
+    samples = [{"__key__": f"{i:03d}", "png": _png(("red", "green")[i % 2]), "cls": str(i % 2)} for i in range(16)]
+    write_shard(root / "train" / "train-000000.tar", samples)
+    cfg = TrainConfig(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 1}}, objective="labels",
+                      train_data=str(root / "train"), val_data=str(root / "train"), batch_size=8, steps=20, lr=3e-3,
+                      warmup=2, workers=0, save_every=0, output=str(tmp_path / "classes"), progress=False)
+    summary = train(cfg)
+    model, _ = bow.load(summary["checkpoint"])
+    assert model.vocabulary.words == ["red", "green"] and summary["val"]["zeroshot_top1"] == 1.0

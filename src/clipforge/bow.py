@@ -1,10 +1,14 @@
-"""Predicting the caption's bag of words from the image: the baseline the CLIP paper's Figure 2 compares the
-contrastive objective against (``clipforge train --objective bow``).
+"""Image towers trained to predict words or labels instead of matching captions: the CLIP paper's bag-of-words
+baseline (``--objective bow``) and supervised labels (``--objective labels``), on the same image tower as CLIP's.
 
-The image tower is the same as CLIP's; a linear head maps its embedding to one logit per word of a vocabulary (the
-most frequent words of the training captions, stop words left out) and is trained with cross-entropy against each
-caption's words, normalised to a distribution (multi-label softmax, as in Joulin et al. 2016 and Mahajan et al.
-2018). Zero-shot, a class scores the mean log-probability of the words of its name: no prompt, no text tower.
+A linear head maps the tower's embedding to one logit per entry of a vocabulary:
+- ``bow``: the most frequent words of the training captions (stop words left out), trained with cross-entropy
+  against each caption's words normalised to a distribution (multi-label softmax, as in Joulin et al. 2016 and
+  Mahajan et al. 2018);
+- ``labels``: for labelled data its classes (cross-entropy); for captioned data the most frequent concrete nouns of
+  the captions (the ``captioning.concepts`` lexicon: lexical categories without sentences, the analogue of
+  ImageNet's WordNet labels), each present or absent (multi-label, sigmoid cross-entropy).
+Zero-shot, a class scores the mean log-probability of the words of its name: no prompt, no text tower.
 """
 from __future__ import annotations
 
@@ -28,30 +32,43 @@ def words(text: str) -> list[str]:
 
 
 class Vocabulary:
-    """The ``size`` most frequent non-stop words of ``texts``; a plural whose singular is also a word counts as it."""
+    """The ``size`` most frequent non-stop words of ``texts`` (a plural whose singular is also a word counts as it),
+    or with ``kind="nouns"`` the most frequent concept nouns (``captioning.concepts``)."""
 
-    def __init__(self, words_: list[str]):
-        self.words = list(words_)
+    def __init__(self, words_: list[str], kind: str = "words"):
+        if kind not in ("words", "nouns"):
+            raise ValueError(f"vocabulary kind must be 'words' or 'nouns', got {kind!r}")
+        self.words, self.kind = list(words_), kind
         self.index = {w: i for i, w in enumerate(self.words)}
 
     @classmethod
-    def from_captions(cls, texts: list[str], size: int) -> "Vocabulary":
-        counts = Counter(w for text in texts for w in words(text) if w not in STOP_WORDS)
-        merged = Counter()
-        for word, n in counts.items():
-            merged[_singular(word, counts)] += n
+    def from_captions(cls, texts: list[str], size: int, kind: str = "words") -> "Vocabulary":
+        if kind == "nouns":
+            from .captioning.concepts import lemma
+
+            merged = Counter(n for text in texts for n in map(lemma, words(text)) if n)
+        else:
+            counts = Counter(w for text in texts for w in words(text) if w not in STOP_WORDS)
+            merged = Counter()
+            for word, n in counts.items():
+                merged[_singular(word, counts)] += n
         ranked = sorted(merged.items(), key=lambda item: (-item[1], item[0]))  # ties by spelling: deterministic
-        return cls([w for w, _ in ranked[:size]])
+        return cls([w for w, _ in ranked[:size]], kind)
 
     def lookup(self, word: str) -> int | None:
-        """The index of ``word`` (or of its singular), else None."""
+        """The index of ``word`` (or of its singular / lexicon noun), else None."""
         word = word.lower()
+        if self.kind == "nouns":
+            from .captioning.concepts import lemma
+
+            return self.index.get(lemma(word) or "")
         if word in self.index:
             return self.index[word]
         return self.index.get(word[:-1]) if word.endswith("s") and not word.endswith("ss") else None
 
     def __call__(self, texts) -> torch.Tensor:
-        """Texts -> word counts ``[N, len(vocabulary)]``: what the data pipeline hands the model as targets."""
+        """Texts -> word counts ``[N, len(vocabulary)]``: what the data pipeline hands the model as targets (for
+        nouns, presence: 0 or 1)."""
         if isinstance(texts, str):
             texts = [texts]
         targets = torch.zeros(len(texts), len(self.words))
@@ -59,7 +76,7 @@ class Vocabulary:
             for word in words(text):
                 index = self.lookup(word)
                 if index is not None:
-                    targets[row, index] += 1
+                    targets[row, index] = 1 if self.kind == "nouns" else targets[row, index] + 1
         return targets
 
     def __len__(self) -> int:
@@ -96,7 +113,12 @@ class BagOfWordsModel(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def word_log_probs(self, images: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.head(self.visual(images)).float(), dim=-1)
+        """Per vocabulary entry: log-softmax for a word distribution (bow, single labels); log-sigmoid for
+        independent multi-label nouns."""
+        logits = self.head(self.visual(images)).float()
+        if self.config.get("objective") == "labels" and self.vocabulary.kind == "nouns":
+            return F.logsigmoid(logits)
+        return F.log_softmax(logits, dim=-1)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> CLIPOutput:
         return CLIPOutput(self.head(self.visual(images)), targets, self.logit_scale.exp())
@@ -119,9 +141,20 @@ class BagOfWordsLoss(nn.Module):
         return -(distribution * F.log_softmax(logits[keep].float(), dim=-1)).sum(dim=1).mean()
 
 
+class LabelLoss(nn.Module):
+    """``--objective labels``: cross-entropy for integer labels [N]; sigmoid cross-entropy for multi-hot [N, V]."""
+
+    def forward(self, logits, targets, logit_scale=None, logit_bias=None) -> torch.Tensor:
+        if targets.ndim == 1:
+            return F.cross_entropy(logits.float(), targets)
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+
 def class_word_indices(vocabulary: Vocabulary, classnames: list[str]) -> list[list[int]]:
-    """The vocabulary words of each class name (possibly none: such a class cannot be named)."""
-    return [[i for i in (vocabulary.lookup(w) for w in words(name)) if i is not None] for name in classnames]
+    """The vocabulary entries of each class name: the name itself where it is one (a labels model's class), else
+    its words (possibly none: such a class cannot be named)."""
+    return [[vocabulary.index[name.lower()]] if name.lower() in vocabulary.index else
+            [i for i in (vocabulary.lookup(w) for w in words(name)) if i is not None] for name in classnames]
 
 
 @torch.no_grad()
@@ -135,13 +168,13 @@ def zero_shot_logits(word_log_probs: torch.Tensor, vocabulary: Vocabulary, class
 
 
 def load(path: str, device: str = "cpu"):
-    """``(model, preprocess)`` of a checkpoint written by ``clipforge train --objective bow``."""
+    """``(model, preprocess)`` of a checkpoint written by ``clipforge train --objective bow`` or ``labels``."""
     from .checkpoint import CheckpointError, load_into, read_checkpoint
     from .preprocess import Preprocess
 
     state, config = read_checkpoint(path)
-    if (config or {}).get("objective") != "bow":
-        raise CheckpointError(f"{path}: not a bag-of-words checkpoint (clipforge train --objective bow)")
-    model = BagOfWordsModel(config, Vocabulary(config["vocabulary"]))
+    if (config or {}).get("objective") not in ("bow", "labels"):
+        raise CheckpointError(f"{path}: not a word or label prediction checkpoint (--objective bow or labels)")
+    model = BagOfWordsModel(config, Vocabulary(config["vocabulary"], config.get("vocabulary_kind", "words")))
     load_into(model, state, source=str(path))
     return model.to(device).eval(), Preprocess(model.image_size)

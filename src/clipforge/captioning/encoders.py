@@ -110,7 +110,7 @@ def open_encoder(spec: str, pretrained: str | None = None, device: str = "cpu", 
     if Path(spec).exists():
         config_file = Path(spec) / "config.json"
         config = json.loads(config_file.read_text()).get("model_cfg", {}) if config_file.is_file() else {}
-        if config.get("objective") == "bow":
+        if config.get("objective") in ("bow", "labels"):
             from ..bow import load as load_bow
 
             model, preprocess = load_bow(spec, device)

@@ -52,9 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, more time")
     g.add_argument("--torchcompile", action="store_true", help="compile the model with torch.compile")
     g.add_argument("--objective", choices=OBJECTIVES,
-                   help=f"contrastive (CLIP; SigLIP with --loss siglip), or bow: predict the caption's bag of words from "
-                        f"the image, the CLIP paper's baseline (clipforge.bow) [{d.objective}]")
-    g.add_argument("--bow-vocab", type=int, help=f"bow: predict the N most frequent caption words [{d.bow_vocab}]")
+                   help=f"contrastive (CLIP; SigLIP with --loss siglip); bow: predict the caption's bag of words from "
+                        f"the image, the CLIP paper's baseline; labels: the classes of labelled data, or the caption's "
+                        f"concrete nouns (multi-label); classify: fine-tune --pretrained (see clipforge finetune) "
+                        f"[{d.objective}]")
+    g.add_argument("--bow-vocab", type=int, help=f"bow / labels: the N most frequent caption words / nouns [{d.bow_vocab}]")
     g.add_argument("--text-cache", action="store_true",
                    help="with --lock-text: compute the frozen text features of every training caption once, before "
                         "training (for a dataset seen for many epochs)")

@@ -40,7 +40,7 @@ from .step import autocast_for, train_step
 from .validation import open_validation, validate
 
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_fp16")
-OBJECTIVES = ("contrastive", "bow", "classify")
+OBJECTIVES = ("contrastive", "bow", "labels", "classify")
 
 
 class TrainingDiverged(RuntimeError):
@@ -178,6 +178,9 @@ class _Labels:
         if cfg.objective == "classify":  # labels are the targets; no captions are made
             self.classnames = source_classnames(source, needed_for="fine-tuning")
             return
+        if cfg.objective == "labels" and not cfg.label_captions:  # labelled data: its classes; else caption nouns
+            self.classnames = source_classnames(source)
+            return
         if not cfg.label_captions:
             if cfg.exclude_classes:
                 raise ValueError("--exclude-classes needs labelled data and --label-captions")
@@ -234,20 +237,27 @@ def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Lab
         cache.fill(tokenizer(texts[start:start + chunk]).to(device))
 
 
-def _bag_of_words(cfg: TrainConfig, source, labels: _Labels, model_config: dict, model, loss_fn):
-    """(model, targets "tokenizer", loss, config to save) for ``--objective bow``: the vocabulary is read off the
-    training captions and saved with the model."""
-    from ..bow import BagOfWordsLoss, BagOfWordsModel, Vocabulary
+def _word_prediction(cfg: TrainConfig, source, labels: _Labels, model_config: dict, model, loss_fn):
+    """(model, targets "tokenizer", loss, config to save) for ``--objective bow`` / ``labels``: an image tower and a
+    linear head over a vocabulary read off the training data (its caption words, caption nouns, or class names),
+    saved with the model (clipforge.bow)."""
+    from ..bow import BagOfWordsLoss, BagOfWordsModel, LabelLoss, Vocabulary
 
-    if labels.classnames or cfg.text_model or cfg.lock_text or cfg.text_cache or cfg.pretrained:
-        raise ValueError("--objective bow trains an image tower from scratch on captioned data alone: no "
-                         "--label-captions, --text-model, --lock-text, --text-cache or --pretrained")
-    vocabulary = Vocabulary.from_captions(caption_texts(source, cfg.seed), cfg.bow_vocab)
+    if cfg.text_model or cfg.lock_text or cfg.text_cache or cfg.pretrained or \
+            (labels.classnames and cfg.objective == "bow"):
+        raise ValueError(f"--objective {cfg.objective} trains an image tower from scratch: no --text-model, "
+                         "--lock-text, --text-cache or --pretrained (and bow no --label-captions)")
+    if labels.classnames:  # labelled data: its classes, one per image
+        vocabulary = Vocabulary(labels.classnames)
+    else:
+        kind = "nouns" if cfg.objective == "labels" else "words"
+        vocabulary = Vocabulary.from_captions(caption_texts(source, cfg.seed), cfg.bow_vocab, kind)
     if not len(vocabulary):
-        raise ValueError("--objective bow: the training captions hold no words to predict")
-    config = {**{k: v for k, v in model_config.items() if k != "text_cfg"}, "objective": "bow",
-              "vocabulary": vocabulary.words}
-    return model or BagOfWordsModel(config, vocabulary), vocabulary, loss_fn or BagOfWordsLoss(), config
+        raise ValueError(f"--objective {cfg.objective}: the training captions hold no words to predict")
+    config = {**{k: v for k, v in model_config.items() if k != "text_cfg"}, "objective": cfg.objective,
+              "vocabulary": vocabulary.words, "vocabulary_kind": vocabulary.kind}
+    loss = BagOfWordsLoss() if cfg.objective == "bow" else LabelLoss()
+    return model or BagOfWordsModel(config, vocabulary), vocabulary, loss_fn or loss, config
 
 
 def _classifier(cfg: TrainConfig, labels: _Labels, model, loss_fn):
@@ -359,8 +369,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
 
     source, labels = _open_training_data(cfg, train_source)
     model_config, tokenizer = model_config_for(cfg), None
-    if cfg.objective == "bow":
-        model, tokenizer, loss_fn, model_config = _bag_of_words(cfg, source, labels, model_config, model, loss_fn)
+    if cfg.objective in ("bow", "labels"):
+        model, tokenizer, loss_fn, model_config = _word_prediction(cfg, source, labels, model_config, model, loss_fn)
     elif cfg.objective == "classify":
         model, loss_fn, model_config = _classifier(cfg, labels, model, loss_fn)
     model, core = _build_model(cfg, model_config, device, world, model)
@@ -378,7 +388,9 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                                cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                                classnames=labels.classnames, caption_templates=labels.templates,
                                label_captions=bool(labels.classnames), exclude_labels=labels.exclude,
-                               resume=position.data, hflip=cfg.hflip, label_targets=cfg.objective == "classify")
+                               resume=position.data, hflip=cfg.hflip,
+                               label_targets=cfg.objective == "classify" or (cfg.objective == "labels" and
+                                                                            bool(labels.classnames)))
     batches = iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda"))
     val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates) \
         if rank == 0 else (None, None)

@@ -65,15 +65,21 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
 def validate_bag_of_words(model, val_set, device, autocast=nullcontext(), batch_size: int = 256) -> dict:
     """Held-out loss of predicting each caption's words (every caption of every image), and zero-shot top-1/top-5
     from the class names' words when the set is labelled."""
-    from ..bow import BagOfWordsLoss, zero_shot_logits
+    from ..bow import BagOfWordsLoss, LabelLoss, zero_shot_logits
 
     was_training = model.training
     model.eval()
     with autocast:
         log_probs = torch.cat([model.word_log_probs(torch.stack(val_set.images[i:i + batch_size]).to(device)).cpu()
                                for i in range(0, len(val_set.images), batch_size)])
-    targets = model.vocabulary(val_set.captions)
-    metrics = {"bow_loss": BagOfWordsLoss()(log_probs[val_set.caption_images], targets).item()}
+    if model.config.get("objective") == "bow":
+        metrics = {"bow_loss": BagOfWordsLoss()(log_probs[val_set.caption_images],
+                                                model.vocabulary(val_set.captions)).item()}
+    elif model.vocabulary.kind == "nouns":  # log-sigmoids back to logits: held-out multi-label loss
+        logits = log_probs - torch.log1p(-log_probs.exp().clamp(max=1 - 1e-6))
+        metrics = {"label_loss": LabelLoss()(logits[val_set.caption_images], model.vocabulary(val_set.captions)).item()}
+    else:
+        metrics = {}
     if val_set.labels is not None:
         logits = zero_shot_logits(log_probs, model.vocabulary, val_set.classnames)
         metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
