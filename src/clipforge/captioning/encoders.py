@@ -114,6 +114,10 @@ def open_encoder(spec: str, pretrained: str | None = None, device: str = "cpu", 
             from ..bow import load as load_bow
 
             model, preprocess = load_bow(spec, device)
+        elif config.get("objective") == "self-supervised":
+            from ..ssl import load as load_ssl
+
+            model, preprocess = load_ssl(spec, device)
         else:
             model, preprocess, _ = load(spec, device=device)
         return FrozenImageEncoder(str(Path(spec).resolve()), model, preprocess, "clipforge", features, k)

@@ -79,7 +79,8 @@ class ContrastiveStream(IterableDataset):
 
     def __init__(self, source, transform, tokenizer, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, classnames=None, caption_templates=None, label_captions: bool = False,
-                 exclude_labels=(), resume: dict | None = None, hflip: bool = False, label_targets: bool = False):
+                 exclude_labels=(), resume: dict | None = None, hflip: bool = False, label_targets: bool = False,
+                 two_views: bool = False):
         self.source, self.transform, self.tokenizer = source, transform, tokenizer
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -89,6 +90,14 @@ class ContrastiveStream(IterableDataset):
         self.resume = {int(k): v for k, v in (resume or {}).items()}
         self.hflip = hflip
         self.label_targets = label_targets  # batches carry integer labels instead of tokens (fine-tuning)
+        self.two_views = two_views  # batches carry a second augmented view instead of tokens (self-supervised)
+
+    def _view(self, raw: dict, rng: random.Random) -> torch.Tensor:
+        """One augmented view of the sample's image, captions ignored (self-supervised training)."""
+        from ..ssl import colour_augment
+
+        image, _ = decode_sample(dict(raw, txt=b"-"), rng)
+        return self.transform(colour_augment(image, rng), rng)
 
     def _sample_rng(self, epoch: int, part: int, position: int) -> random.Random:
         return random.Random(f"sample-{self.seed}-{epoch}-{part}-{position}")
@@ -110,6 +119,16 @@ class ContrastiveStream(IterableDataset):
                     continue
                 rng = self._sample_rng(epoch, part, position)
                 try:
+                    if self.two_views:
+                        images.append(self._view(raw, rng))
+                        texts.append(self._view(raw, rng))
+                        usable += 1
+                        if len(images) == self.batch_size:
+                            yield {"images": torch.stack(images), "tokens": torch.stack(texts),
+                                   "state": {"part": part, "epoch": epoch, "position": position,
+                                             "skipped": dict(skipped)}}
+                            images, texts = [], []
+                        continue
                     image, text = decode_sample(raw, rng, self.classnames, self.caption_templates,
                                                 self.label_captions, self.exclude_labels)
                     if self.hflip and rng.random() < 0.5:  # the mirror image, described as such

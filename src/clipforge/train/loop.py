@@ -40,7 +40,7 @@ from .step import autocast_for, train_step
 from .validation import open_validation, validate
 
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_fp16")
-OBJECTIVES = ("contrastive", "bow", "labels", "classify")
+OBJECTIVES = ("contrastive", "bow", "labels", "self-supervised", "classify")
 
 
 class TrainingDiverged(RuntimeError):
@@ -178,6 +178,8 @@ class _Labels:
         if cfg.objective == "classify":  # labels are the targets; no captions are made
             self.classnames = source_classnames(source, needed_for="fine-tuning")
             return
+        if cfg.objective == "self-supervised":
+            return
         if cfg.objective == "labels" and not cfg.label_captions:  # labelled data: its classes; else caption nouns
             self.classnames = source_classnames(source)
             return
@@ -215,7 +217,7 @@ def _open_training_data(cfg: TrainConfig, train_source=None):
     """(source, its labels) with the data checked usable before any training starts."""
     source = train_source if train_source is not None else open_source(cfg.train_data, cfg.shuffle_buffer)
     labels = _Labels(cfg, source)
-    if not labels.classnames:
+    if not labels.classnames and cfg.objective != "self-supervised":  # images alone need no captions
         _check_captioned(source, cfg.train_data or source)
     return source, labels
 
@@ -258,6 +260,17 @@ def _word_prediction(cfg: TrainConfig, source, labels: _Labels, model_config: di
               "vocabulary": vocabulary.words, "vocabulary_kind": vocabulary.kind}
     loss = BagOfWordsLoss() if cfg.objective == "bow" else LabelLoss()
     return model or BagOfWordsModel(config, vocabulary), vocabulary, loss_fn or loss, config
+
+
+def _self_supervised(cfg: TrainConfig, model_config: dict, model):
+    """(model, config to save) for ``--objective self-supervised``: two augmented views, no language (clipforge.ssl)."""
+    from ..ssl import SelfSupervisedModel
+
+    if cfg.text_model or cfg.lock_text or cfg.text_cache or cfg.pretrained or cfg.label_captions:
+        raise ValueError("--objective self-supervised trains an image tower from scratch on images alone: no "
+                         "--text-model, --lock-text, --text-cache, --pretrained or --label-captions")
+    config = {**{k: v for k, v in model_config.items() if k != "text_cfg"}, "objective": "self-supervised"}
+    return model or SelfSupervisedModel(config), config
 
 
 def _classifier(cfg: TrainConfig, labels: _Labels, model, loss_fn):
@@ -373,9 +386,11 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
         model, tokenizer, loss_fn, model_config = _word_prediction(cfg, source, labels, model_config, model, loss_fn)
     elif cfg.objective == "classify":
         model, loss_fn, model_config = _classifier(cfg, labels, model, loss_fn)
+    elif cfg.objective == "self-supervised":
+        model, model_config = _self_supervised(cfg, model_config, model)
     model, core = _build_model(cfg, model_config, device, world, model)
     loss_fn = loss_fn or create_loss(cfg.loss, local_loss=cfg.local_loss, chunk_size=cfg.loss_chunk_size)
-    tokenizer = tokenizer or get_tokenizer(model_config)
+    tokenizer = tokenizer or (get_tokenizer(model_config) if "text_cfg" in model_config else None)
     if cfg.text_cache:
         _cache_text_features(cfg, core, source, tokenizer, labels)
     samples_per_step = cfg.batch_size * world * cfg.accum_freq
@@ -390,7 +405,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                                label_captions=bool(labels.classnames), exclude_labels=labels.exclude,
                                resume=position.data, hflip=cfg.hflip,
                                label_targets=cfg.objective == "classify" or (cfg.objective == "labels" and
-                                                                            bool(labels.classnames)))
+                                                                            bool(labels.classnames)),
+                               two_views=cfg.objective == "self-supervised")
     batches = iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda"))
     val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates) \
         if rank == 0 else (None, None)

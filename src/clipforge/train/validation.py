@@ -44,6 +44,8 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
         return validate_bag_of_words(model, val_set, device, autocast)
     if isinstance(model, CLIPClassifier):
         return validate_classifier(model, val_set, device, autocast)
+    if not hasattr(model, "encode_text"):  # a self-supervised tower: nothing language-side to validate
+        return {}
     was_training = model.training
     model.eval()
     with autocast:
