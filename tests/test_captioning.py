@@ -365,3 +365,42 @@ def test_concept_nouns_precision_recall_and_missed_word_similarity():
     # missed: water (best of dog 0 / beach 0.6 -> 0.6), woman (man 0.8, horse 0 -> 0.8), field (man -0.8, horse 0 -> 0)
     assert similarity["places"] == pytest.approx((0.6 + 0.0) / 2) and similarity["people"] == pytest.approx(0.8)
     assert similarity["all"] == pytest.approx((0.6 + 0.8 + 0.0) / 3)
+
+
+def test_vqa_prompts_interleave_solved_examples_and_the_cli_scores_them(tiny_lm, tiny_clip, tmp_path, capsys):
+    from clipforge.captioning import vqa
+
+    lm, tokenizer = limber.load_language_model(str(tiny_lm))
+    mapping = limber.ImageToPrefix(limber.MappingConfig(8, lm.config.hidden_size, prefix_tokens=2))
+    seen = []
+    original = lm.generate
+
+    def recording_generate(inputs_embeds, **kwargs):
+        seen.append(inputs_embeds.shape[1])
+        return original(inputs_embeds=inputs_embeds, **kwargs)
+
+    lm.generate = recording_generate
+    length = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    vqa.answer(mapping, lm, tokenizer, torch.randn(8), "what colour", [])
+    vqa.answer(mapping, lm, tokenizer, torch.randn(8), "what colour", [(torch.randn(8), "which shape", "red")])
+    assert seen[0] == 2 + length(" Q: what colour A:")  # the image prompt, then the question
+    assert seen[1] == seen[0] + 2 + length(" Q: which shape A: red\n")  # one solved example before it
+
+    images, captions = colour_images(16, seed=0)
+    shard = write_shard(tmp_path / "d" / "train-000000.tar", [{"__key__": f"{i:04d}", "png": _png(im), "txt": c[0]}
+                                                              for i, (im, c) in enumerate(zip(images, captions))])
+    assert main(["caption", "train", "--clip", str(tiny_clip), "--lm", str(tiny_lm), "--data", str(shard), "--steps",
+                 "2", "--batch-size", "4", "--output", str(tmp_path / "map"), "--no-progress"]) == 0
+    assert main(["caption", "vqa", "--make-shapes", str(tmp_path / "vqa"), "--shapes-images", "4"]) == 0
+    report = tmp_path / "vqa.json"
+    assert main(["caption", "vqa", "--mapping", str(tmp_path / "map"), "--questions", str(tmp_path / "vqa" /
+                 "questions.json"), "--annotations", str(tmp_path / "vqa" / "annotations.json"), "--images",
+                 str(tmp_path / "vqa" / "images"), "--shots", "0", "1", "--json", str(report), "--no-progress"]) == 0
+    result = json.loads(report.read_text())
+    assert set(result["accuracy"]) == {"0", "1"} and all(0 <= a <= 1 for a in result["accuracy"].values())
+    rows = result["answers"]["0"]
+    assert len(rows) == 4 + 3 + 3 + 4  # 1, 2, 3, 1 shapes: "where" is asked of single shapes only
+    assert result["accuracy"]["0"] == pytest.approx(sum(r["accuracy"] for r in rows) / len(rows))
+    capsys.readouterr()
+    assert main(["caption", "vqa", "--mapping", str(tmp_path / "map")]) == 2
+    assert "--questions" in capsys.readouterr().err

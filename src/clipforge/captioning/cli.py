@@ -29,7 +29,7 @@ EXAMPLES = """examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description, p.epilog = DESCRIPTION, EXAMPLES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    sub = p.add_subparsers(dest="caption_command", metavar="{train,generate,eval}")
+    sub = p.add_subparsers(dest="caption_command", metavar="{train,generate,eval,vqa}")
 
     t = sub.add_parser("train", help="train the linear image-to-prefix map", description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +85,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--device", default="cpu")
     e.add_argument("--no-progress", dest="progress", action="store_false")
     e.set_defaults(caption_func=run_eval)
+    v = sub.add_parser("vqa", help="answer questions about images (VQAv2 format), n-shot, scored by VQA accuracy",
+                       description="Prompts the image, then 'Q: {question} A:', after n solved examples (image, "
+                       "question, answer) from other images; scores VQAv2 accuracy. --make-shapes DIR writes a "
+                       "question set over generated shapes (colour, shape, position, count) to test on.")
+    v.add_argument("--mapping", help="the --output folder of 'caption train'")
+    v.add_argument("--questions", help="VQAv2 questions JSON")
+    v.add_argument("--annotations", help="VQAv2 annotations JSON")
+    v.add_argument("--images", help="folder of the images, named by image_id (or COCO style)")
+    v.add_argument("--shots", type=int, nargs="+", default=[0], help="solved examples before each question [0]")
+    v.add_argument("--max-questions", type=int, help="the first N questions only")
+    v.add_argument("--max-new-tokens", type=int, default=5)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--json", help="write every answer and the accuracies here")
+    v.add_argument("--make-shapes", metavar="DIR", help="write a shapes question set to DIR and stop")
+    v.add_argument("--shapes-images", type=int, default=60, help="images in the shapes set [60]")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--no-progress", dest="progress", action="store_false")
+    v.set_defaults(caption_func=run_vqa)
     p.set_defaults(func=lambda args: args.caption_func(args) if getattr(args, "caption_func", None)
                    else p.print_help() or 1)
 
@@ -315,4 +333,34 @@ def run_eval(args) -> int:
                                "captions": [{"caption": c, "references": r,
                                              **{k: float(v[i]) for k, v in per_image.items()}}
                                             for i, (c, r) in enumerate(zip(captions, references))]})
+    return 0
+
+
+def run_vqa(args) -> int:
+    from ..files import write_json
+    from ..preprocess import open_image
+    from .vqa import evaluate, image_files, load_vqa, shapes_vqa
+
+    if args.make_shapes:
+        images, questions, annotations = shapes_vqa(args.make_shapes, args.shapes_images, args.seed)
+        print(f"wrote {images}, {questions}, {annotations}")
+        return 0
+    missing = [flag for flag in ("mapping", "questions", "annotations", "images") if not getattr(args, flag)]
+    if missing:
+        raise ValueError(f"caption vqa needs --{', --'.join(missing)} (or --make-shapes DIR)")
+    items = load_vqa(args.questions, args.annotations)[: args.max_questions]
+    files = image_files(args.images, [item["image_id"] for item in items])
+    mapping, encoder, lm, tokenizer = _load_trained(args.mapping, args.device)
+    ids = sorted(files)
+    vectors = encoder.features([open_image(files[i].read_bytes(), name=str(files[i])) for i in ids])
+    features = dict(zip(ids, vectors))
+    results = {}
+    for shots in args.shots:
+        results[shots] = evaluate(mapping, lm, tokenizer, items, features, shots, args.seed, args.max_new_tokens,
+                                  args.progress)
+        print(f"{shots}-shot VQA accuracy: {results[shots]['accuracy']:.4f} ({len(items)} questions)")
+    if args.json:
+        write_json(args.json, {"mapping": args.mapping, "questions": args.questions,
+                               "accuracy": {str(k): r["accuracy"] for k, r in results.items()},
+                               "answers": {str(k): r["answers"] for k, r in results.items()}})
     return 0
