@@ -404,3 +404,20 @@ def test_vqa_prompts_interleave_solved_examples_and_the_cli_scores_them(tiny_lm,
     capsys.readouterr()
     assert main(["caption", "vqa", "--mapping", str(tmp_path / "map")]) == 2
     assert "--questions" in capsys.readouterr().err
+
+
+def test_a_training_prompt_sits_between_image_and_caption_and_is_not_scored(tiny_lm):
+    lm, tokenizer = limber.load_language_model(str(tiny_lm))
+    plain = limber.ImageToPrefix(limber.MappingConfig(8, lm.config.hidden_size, 2))
+    prompted = limber.ImageToPrefix(limber.MappingConfig(8, lm.config.hidden_size, 2, prompt="a shape"))
+    prompted.load_state_dict(plain.state_dict())
+    features, captions = torch.randn(2, 8), ["a red shape", "a blue shape"]
+    embeds, _, labels = limber._prefixed_captions(plain, lm, tokenizer, features, captions)
+    p_embeds, _, p_labels = limber._prefixed_captions(prompted, lm, tokenizer, features, captions)
+    prompt_length = len(tokenizer("a shape", add_special_tokens=False).input_ids)
+    assert p_embeds.shape[1] == embeds.shape[1] + prompt_length
+    assert (p_labels[:, : 2 + prompt_length] == -100).all()  # image prompt and text prompt: not scored
+    assert torch.equal(p_labels[:, 2 + prompt_length:], labels[:, 2:])  # the same caption tokens scored
+    torch.testing.assert_close(p_embeds[:, 2:2 + prompt_length],
+                               lm.get_input_embeddings()(tokenizer("a shape", add_special_tokens=False,
+                                                                   return_tensors="pt").input_ids).expand(2, -1, -1))

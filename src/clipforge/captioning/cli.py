@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="labelled shards (image + .cls, classnames.txt beside them): captions made from class names")
     t.add_argument("--max-images", type=int, help="use at most this many images")
     t.add_argument("--prefix-tokens", type=int, default=4, help="LM input vectors per image [4]")
+    t.add_argument("--prompt", default="", help='text between the image prompt and each caption, not scored (e.g. '
+                   '"A picture of"); generation uses it too [none]')
     t.add_argument("--steps", type=int, default=300, help="optimiser steps [300]")
     t.add_argument("--batch-size", type=int, default=16, help="[16]")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the map's weights; its bias (the shared "
@@ -62,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = sub.add_parser("generate", help="caption images with a trained map")
     g.add_argument("--mapping", required=True, help="the --output folder of 'caption train'")
     g.add_argument("images", nargs="+", help="image files")
-    g.add_argument("--prompt", default="", help='text after the image prefix, e.g. "A picture of" [none]')
+    g.add_argument("--prompt", help='text after the image prefix, e.g. "A picture of" [the one it was trained with]')
     g.add_argument("--max-new-tokens", type=int, default=24)
     g.add_argument("--json", action="store_true", help="one JSON object per image instead of 'path: caption'")
     g.add_argument("--device", default="cpu")
@@ -74,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="captioned shards, CSV or image folder: its captions are the references")
     e.add_argument("--label-captions", action="store_true", help="labelled shards: references made from class names")
     e.add_argument("--max-images", type=int, default=500, help="[500]")
-    e.add_argument("--prompt", default="", help="text after the image prefix [none]")
+    e.add_argument("--prompt", help="text after the image prefix [the one it was trained with]")
     e.add_argument("--max-new-tokens", type=int, default=24)
     e.add_argument("--batch-size", type=int, default=32, help="images captioned per language-model call [32]")
     e.add_argument("--judge", help="the CLIP checkpoint that computes CLIPScore/RefCLIPScore for every encoder alike "
@@ -187,7 +189,7 @@ def run_train(args) -> int:
     # the map is named relative to it, so the folder can move)
     spec = RANDOM_TOWER if Path(encoder.spec) == (out / RANDOM_TOWER).resolve() else encoder.spec
     config = MappingConfig(features.shape[-1], lm.config.hidden_size, args.prefix_tokens, spec, args.lm,
-                           args.features)
+                           args.features, args.prompt)
     mapping = ImageToPrefix(config).to(args.device)
     mapping.fit_scale(features)
     mapping.start_from(lm)
@@ -197,8 +199,8 @@ def run_train(args) -> int:
         if not (out / TRAIN_STATE).is_file():
             raise FileNotFoundError(f"--resume: no {out / TRAIN_STATE}")
         mapping = ImageToPrefix.load(out).to(args.device)
-        if (mapping.config.image_dim, mapping.config.lm_dim, mapping.config.features) != \
-                (config.image_dim, config.lm_dim, config.features):
+        if (mapping.config.image_dim, mapping.config.lm_dim, mapping.config.features, mapping.config.prompt) != \
+                (config.image_dim, config.lm_dim, config.features, config.prompt):
             raise ValueError(f"--resume: {out} was trained with other image features or another language model")
         optimizer = mapping_optimizer(mapping, args.lr)
         state = load_train_state(out)
@@ -326,7 +328,8 @@ def run_eval(args) -> int:
     for caption, refs in list(zip(captions, references))[:5]:
         print(f"  {caption!r}  (reference: {refs[0]!r})")
     if args.json:
-        write_json(args.json, {"mapping": str(args.mapping), "data": args.data, "prompt": args.prompt,
+        prompt = mapping.config.prompt if args.prompt is None else args.prompt
+        write_json(args.json, {"mapping": str(args.mapping), "data": args.data, "prompt": prompt,
                                "judge": args.judge or "the tower under test", "scores": scores,
                                "nouns_by_category": nouns, "missed_noun_similarity": similarity,
                                "skipped": dict(skipped),

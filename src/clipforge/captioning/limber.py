@@ -31,6 +31,7 @@ class MappingConfig:
     clip: str = ""  # the image encoder the features came from (captioning.encoders), so captioning can reload it
     lm: str = ""  # the language model spec (see ``load_language_model``)
     features: str = "pooled"  # or "grid": one feature vector per prompt position (captioning.encoders)
+    prompt: str = ""  # text between the image prompt and the caption in training (e.g. "A picture of"), not scored
 
 
 class ImageToPrefix(nn.Module):
@@ -142,12 +143,20 @@ def _prefixed_captions(mapping: ImageToPrefix, lm, tokenizer, features: torch.Te
     """LM inputs ``[image prefix, caption, EOS]`` per row: embeddings, attention mask, and labels that score the
     caption tokens and EOS only (-100 on the prefix and padding)."""
     ids, mask = _caption_batch(tokenizer, captions, features.device)
-    prefix = mapping(features)
+    prefix = _with_prompt(mapping(features), lm, tokenizer, mapping.config.prompt)
     embeds = torch.cat([prefix, lm.get_input_embeddings()(ids)], dim=1)
     n, k = prefix.shape[:2]
     attention = torch.cat([torch.ones(n, k, dtype=mask.dtype, device=mask.device), mask], dim=1)
     labels = torch.cat([torch.full((n, k), -100, device=ids.device), ids.masked_fill(mask == 0, -100)], dim=1)
     return embeds, attention, labels
+
+
+def _with_prompt(prefix: torch.Tensor, lm, tokenizer, prompt: str) -> torch.Tensor:
+    """The image prefix ``[N, k, dim]`` followed by the embedded ``prompt`` text (when there is one)."""
+    if not prompt:
+        return prefix
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(prefix.device)
+    return torch.cat([prefix, lm.get_input_embeddings()(ids).expand(len(prefix), -1, -1).to(prefix.dtype)], dim=1)
 
 
 def caption_loss(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -187,13 +196,10 @@ def rank_captions(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor,
 
 @torch.no_grad()
 def generate(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor, max_new_tokens: int = 24,
-             prompt: str = "") -> list[str]:
-    """Greedy captions for image features; ``prompt`` (e.g. "A picture of") is placed after the image prefix."""
-    prefix = mapping(features)
-    n = len(prefix)
-    if prompt:
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(prefix.device)
-        prefix = torch.cat([prefix, lm.get_input_embeddings()(ids).expand(n, -1, -1)], dim=1)
+             prompt: str | None = None) -> list[str]:
+    """Greedy captions for image features; ``prompt`` (e.g. "A picture of") is placed after the image prefix
+    [the map's own training prompt]."""
+    prefix = _with_prompt(mapping(features), lm, tokenizer, mapping.config.prompt if prompt is None else prompt)
     attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
     out = lm.generate(inputs_embeds=prefix, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
