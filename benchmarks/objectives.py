@@ -1,0 +1,127 @@
+"""The CLIP paper's efficiency claim (its Figure 2) at our scale: zero-shot accuracy against images seen, for the
+contrastive objective and for predicting the caption's bag of words, on the same image tower and data.
+
+    python benchmarks/objectives.py --recipe recipes/flickr8k.yaml --json runs/bench/objectives.json \\
+        --plot docs/img/objectives.png
+
+Runs (flickr8k/train, the recipe's image tower, augmentation, batch size and step budget; checkpoints along the way):
+- contrastive, text tower from scratch (the paper's setting: nothing pretrained);
+- contrastive, the recipe's locked pretrained MiniLM text tower;
+- bag of words (``--objective bow``): the same image tower and a linear head over the 1000 most frequent caption
+  words; zero-shot by the mean log-probability of each class name's words (no prompt).
+Zero-shot top-1 on cifar10/test and flowers/test at every checkpoint ("a photo of a {}." for the contrastive runs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import clipforge
+from clipforge import bow
+from clipforge.evaluate.datasets import open_labelled
+from clipforge.evaluate.features import embed_labelled
+from clipforge.evaluate.metrics import pyplot, topk_accuracy
+from clipforge.train import TrainConfig, train
+from clipforge.train.checkpoints import checkpoint_dirs
+from clipforge.train.cli import read_config
+from clipforge.zeroshot import zero_shot_classifier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def runs(recipe: dict) -> dict:
+    """name -> the settings that differ from the recipe."""
+    scratch_text = {"text_model": None, "lock_text": False, "text_cache": False}  # the zoo model's own text tower
+    return {"contrastive, text from scratch": scratch_text,
+            "contrastive, locked MiniLM text": {},
+            "bag of words": {**scratch_text, "objective": "bow", "bow_vocab": 1000}}
+
+
+@torch.no_grad()
+def zero_shot(folder: Path, data: Path) -> dict:
+    config = json.loads((folder / "config.json").read_text())["model_cfg"]
+    if config.get("objective") == "bow":
+        model, preprocess = bow.load(str(folder))
+    else:
+        model, preprocess, tokenizer = clipforge.load(str(folder))
+    out = {}
+    for name in ("cifar10", "flowers"):
+        dataset = open_labelled(data / name, "test")
+        if config.get("objective") == "bow":
+            images, labels = _images(dataset)
+            log_probs = torch.cat([model.word_log_probs(torch.stack([preprocess(i) for i in images[s:s + 256]]))
+                                   for s in range(0, len(images), 256)])
+            logits = bow.zero_shot_logits(log_probs, model.vocabulary, dataset.classnames)
+            out[f"{name}_named_classes"] = sum(bool(i) for i in bow.class_word_indices(model.vocabulary,
+                                                                                      dataset.classnames))
+        else:
+            features, labels = embed_labelled(model, dataset.source, preprocess, progress=False)
+            logits = features @ zero_shot_classifier(model, tokenizer, dataset.classnames, ["a photo of a {}."])
+        out[name] = topk_accuracy(logits, torch.as_tensor(labels))[1]
+    return out
+
+
+def _images(dataset):
+    import random
+    from collections import Counter
+
+    from clipforge.data.pipeline import decode_sample
+
+    images, labels = [], []
+    for raw in dataset.source.samples(0, 1, 0, 0, Counter()):
+        image, _ = decode_sample(dict(raw, txt=b"-"), random.Random(0))
+        images.append(image)
+        labels.append(int(raw["cls"]))
+    return images, labels
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "flickr8k.yaml")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--output", type=Path, default=REPO / "runs" / "objectives")
+    parser.add_argument("--checkpoints", type=int, default=4, help="evaluated points along each run [4]")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    recipe = read_config(args.recipe)
+    steps, batch = recipe["steps"], recipe.get("batch_size", 64)
+    results = {}
+    for name, changes in runs(recipe).items():
+        folder = args.output / name.replace(", ", "-").replace(" ", "-")
+        if not checkpoint_dirs(folder) or int(checkpoint_dirs(folder)[-1].name.split("-")[1]) < steps:
+            settings = {**recipe, **changes, "output": str(folder), "progress": False,
+                        "save_every": steps // args.checkpoints, "keep": args.checkpoints}
+            train(TrainConfig(**settings))
+        results[name] = []
+        for checkpoint in checkpoint_dirs(folder):
+            step = int(checkpoint.name.split("-")[1])
+            results[name].append({"step": step, "images_seen": step * batch, **zero_shot(checkpoint, args.data)})
+            print(name, json.dumps(results[name][-1]), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"recipe": str(args.recipe), "results": results}, indent=1))
+    if args.plot:
+        plt = pyplot()
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, dataset in zip(axes, ("cifar10", "flowers")):
+            for name, points in results.items():
+                ax.plot([p["images_seen"] for p in points], [p[dataset] for p in points], marker="o", label=name)
+            ax.axhline(1 / (10 if dataset == "cifar10" else 5), color="grey", linestyle=":", label="chance")
+            ax.set_xlabel("images seen (training samples)")
+            ax.set_ylabel("zero-shot top-1")
+            ax.set_title(f"{dataset}/test zero-shot")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=100)
+    for name, points in results.items():
+        print(name, [(p["images_seen"], round(p["cifar10"], 3), round(p["flowers"], 3)) for p in points])
+
+
+if __name__ == "__main__":
+    main()
