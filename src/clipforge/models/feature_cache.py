@@ -27,12 +27,19 @@ class FeatureCache:
         return [row.tobytes() for row in rows]
 
     @torch.no_grad()
-    def fill(self, tokens: torch.Tensor, batch_size: int = 256) -> None:
-        """Compute and keep the features of every distinct row of ``tokens`` (sorted, then in fixed batches)."""
+    def fill(self, tokens: torch.Tensor, batch_size: int = 256, progress: bool = False) -> None:
+        """Compute and keep the features of every distinct row of ``tokens``, in a fixed order of fixed batches:
+        sorted by length (rows of a batch then need little padding), then by value."""
+        from tqdm import tqdm
+
         keys = self._keys(tokens)
-        unique = sorted({k: i for i, k in enumerate(keys)}.items())  # (key, one row index), in key order
+        lengths = tokens.ne(0).sum(dim=1).tolist()
+        first = {k: i for i, k in enumerate(keys)}  # one row per distinct key
+        unique = sorted(first.items(), key=lambda item: (lengths[item[1]], item[0]))
         unique = [(k, i) for k, i in unique if k not in self.table][: max(0, self.max_entries - len(self.table))]
-        for start in range(0, len(unique), batch_size):
+        starts = range(0, len(unique), batch_size)
+        for start in tqdm(starts, desc=f"caching text features of {len(unique)} captions", unit="batch",
+                          disable=not progress, leave=False):
             chunk = unique[start:start + batch_size]
             features = self.compute(tokens[[i for _, i in chunk]]).float().cpu()
             self.table.update(zip((k for k, _ in chunk), features))

@@ -231,12 +231,7 @@ def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Lab
     texts = sorted(set(caption_texts(source, cfg.seed)))
     if cfg.hflip:  # mirrored images come with their captions' left and right exchanged
         texts = sorted(set(texts) | {swap_left_right(t) for t in texts})
-    from tqdm import tqdm
-
-    cache, device, chunk = core.text.cache_features(), next(core.parameters()).device, 1024
-    for start in tqdm(range(0, len(texts), chunk), desc=f"caching text features of {len(texts)} captions",
-                      unit="chunk", disable=not cfg.progress, leave=False):
-        cache.fill(tokenizer(texts[start:start + chunk]).to(device))
+    core.text.cache_features().fill(tokenizer(texts).to(next(core.parameters()).device), progress=cfg.progress)
 
 
 def _word_prediction(cfg: TrainConfig, source, labels: _Labels, model_config: dict, model, loss_fn):
