@@ -49,7 +49,7 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
         if objective != "contrastive":
             raise CheckpointError(f"{name_or_path}: an image tower trained with --objective {objective}, "
                                   "not a CLIP model (no text tower); load it with "
-                                  + ("clipforge.ssl.load" if objective == "self-supervised" else "clipforge.bow.load"))
+                                  "clipforge.models.image_tower.load_image_tower")
         if config is None or "vision_cfg" not in config:  # no full config stored: read it off the weight shapes
             config = {**infer_config(state), **(config or {})}
         source = name_or_path

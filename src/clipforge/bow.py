@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.clip import CLIPOutput, build_vision_tower
+from .models.clip import CLIPOutput
+from .models.image_tower import ImageTowerModel, load_image_tower
 
 STOP_WORDS = frozenset("""a an the and or of in on at to with while is are be being been it its this that these those
 there their they them he she his her him we our you your i my me from by for as into onto over under up down out off
@@ -89,28 +90,19 @@ def _singular(word: str, counts: Counter) -> str:
     return word
 
 
-class BagOfWordsModel(nn.Module):
+class BagOfWordsModel(ImageTowerModel):
     """CLIP's image tower plus a linear word head; speaks the training loop's interface (``forward`` -> CLIPOutput
     with the word logits as image features and the word counts as text features)."""
 
     def __init__(self, config: dict, vocabulary: Vocabulary):
-        super().__init__()
-        self.config, self.vocabulary = config, vocabulary
-        self.visual = build_vision_tower(config["vision_cfg"], config["embed_dim"], config.get("quick_gelu", False))
+        super().__init__(config)
+        self.vocabulary = vocabulary
         self.head = nn.Linear(config["embed_dim"], len(vocabulary))
         self.register_buffer("logit_scale", torch.zeros(()), persistent=False)  # logged by the loop; not learned
 
-    @property
-    def image_size(self) -> int:
-        return self.visual.image_size
-
-    @property
-    def embed_dim(self) -> int:
-        return self.config["embed_dim"]
-
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.visual(images)
-        return F.normalize(features, dim=-1) if normalize else features
+    @classmethod
+    def from_config(cls, config: dict) -> "BagOfWordsModel":
+        return cls(config, Vocabulary(config["vocabulary"], config.get("vocabulary_kind", "words")))
 
     def word_log_probs(self, images: torch.Tensor) -> torch.Tensor:
         """Per vocabulary entry: log-softmax for a word distribution (bow, single labels); log-sigmoid for
@@ -122,10 +114,6 @@ class BagOfWordsModel(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> CLIPOutput:
         return CLIPOutput(self.head(self.visual(images)), targets, self.logit_scale.exp())
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if hasattr(getattr(self.visual, "transformer", None), "grad_checkpointing"):
-            self.visual.transformer.grad_checkpointing = enable
 
 
 class BagOfWordsLoss(nn.Module):
@@ -167,14 +155,7 @@ def zero_shot_logits(word_log_probs: torch.Tensor, vocabulary: Vocabulary, class
     return torch.stack(columns, dim=1)
 
 
+
 def load(path: str, device: str = "cpu"):
     """``(model, preprocess)`` of a checkpoint written by ``clipforge train --objective bow`` or ``labels``."""
-    from .checkpoint import CheckpointError, load_into, read_checkpoint
-    from .preprocess import Preprocess
-
-    state, config = read_checkpoint(path)
-    if (config or {}).get("objective") not in ("bow", "labels"):
-        raise CheckpointError(f"{path}: not a word or label prediction checkpoint (--objective bow or labels)")
-    model = BagOfWordsModel(config, Vocabulary(config["vocabulary"], config.get("vocabulary_kind", "words")))
-    load_into(model, state, source=str(path))
-    return model.to(device).eval(), Preprocess(model.image_size)
+    return load_image_tower(path, device)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 from torch import nn
 
-from .models.clip import CLIPOutput, build_vision_tower
+from .models.clip import CLIPOutput
+from .models.image_tower import ImageTowerModel, load_image_tower
 
 TEMPERATURE = 0.1
 
@@ -35,48 +36,23 @@ def colour_augment(image: Image.Image, rng: random.Random) -> Image.Image:
     return image
 
 
-class SelfSupervisedModel(nn.Module):
+class SelfSupervisedModel(ImageTowerModel):
     """CLIP's image tower plus a two-layer projection head; ``forward(view_a, view_b)`` speaks the training loop's
     interface (a CLIPOutput of the two views' normalised projections, at SimCLR's temperature)."""
 
     def __init__(self, config: dict):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         dim = config["embed_dim"]
-        self.visual = build_vision_tower(config["vision_cfg"], dim, config.get("quick_gelu", False))
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
         self.register_buffer("logit_scale", torch.tensor(math.log(1 / TEMPERATURE)), persistent=False)
-
-    @property
-    def image_size(self) -> int:
-        return self.visual.image_size
-
-    @property
-    def embed_dim(self) -> int:
-        return self.config["embed_dim"]
-
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.visual(images)
-        return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, view_a: torch.Tensor, view_b: torch.Tensor) -> CLIPOutput:
         a = F.normalize(self.head(self.visual(view_a)), dim=-1)
         b = F.normalize(self.head(self.visual(view_b)), dim=-1)
         return CLIPOutput(a, b, self.logit_scale.exp())
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if hasattr(getattr(self.visual, "transformer", None), "grad_checkpointing"):
-            self.visual.transformer.grad_checkpointing = enable
 
 
 def load(path: str, device: str = "cpu"):
     """``(model, preprocess)`` of a checkpoint written by ``clipforge train --objective self-supervised``."""
-    from .checkpoint import CheckpointError, load_into, read_checkpoint
-    from .preprocess import Preprocess
-
-    state, config = read_checkpoint(path)
-    if (config or {}).get("objective") != "self-supervised":
-        raise CheckpointError(f"{path}: not a self-supervised checkpoint (--objective self-supervised)")
-    model = SelfSupervisedModel(config)
-    load_into(model, state, source=str(path))
-    return model.to(device).eval(), Preprocess(model.image_size)
+    return load_image_tower(path, device)

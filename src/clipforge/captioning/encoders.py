@@ -100,6 +100,7 @@ def open_encoder(spec: str, pretrained: str | None = None, device: str = "cpu", 
     ``save_random_to``, so that it reloads exactly)."""
     from .. import load
     from ..models import list_models
+    from ..models.image_tower import OBJECTIVES as IMAGE_TOWER_OBJECTIVES, load_image_tower
 
     if Path(spec).exists() and is_hf_vision_folder(spec):
         from transformers import AutoImageProcessor, AutoModel
@@ -110,14 +111,8 @@ def open_encoder(spec: str, pretrained: str | None = None, device: str = "cpu", 
     if Path(spec).exists():
         config_file = Path(spec) / "config.json"
         config = json.loads(config_file.read_text()).get("model_cfg", {}) if config_file.is_file() else {}
-        if config.get("objective") in ("bow", "labels"):
-            from ..bow import load as load_bow
-
-            model, preprocess = load_bow(spec, device)
-        elif config.get("objective") == "self-supervised":
-            from ..ssl import load as load_ssl
-
-            model, preprocess = load_ssl(spec, device)
+        if config.get("objective") in IMAGE_TOWER_OBJECTIVES:
+            model, preprocess = load_image_tower(spec, device)
         else:
             model, preprocess, _ = load(spec, device=device)
         return FrozenImageEncoder(str(Path(spec).resolve()), model, preprocess, "clipforge", features, k)

@@ -1,0 +1,58 @@
+"""Image towers trained without a text tower (``--objective bow``, ``labels``, ``self-supervised``): CLIP's image
+tower plus a head that the objective trains, saved with ``"objective"`` in its config and loaded back here."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip import build_vision_tower
+
+OBJECTIVES = ("bow", "labels", "self-supervised")
+
+
+class ImageTowerModel(nn.Module):
+    """What every such model shares: the tower built from ``config["vision_cfg"]``, its embedding (``encode_image``,
+    what later uses see), and grad checkpointing."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config
+        self.visual = build_vision_tower(config["vision_cfg"], config["embed_dim"], config.get("quick_gelu", False))
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ImageTowerModel":
+        return cls(config)
+
+    @property
+    def image_size(self) -> int:
+        return self.visual.image_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config["embed_dim"]
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if hasattr(getattr(self.visual, "transformer", None), "grad_checkpointing"):
+            self.visual.transformer.grad_checkpointing = enable
+
+
+def load_image_tower(path: str, device: str = "cpu"):
+    """``(model, preprocess)`` of a checkpoint written by ``clipforge train --objective bow|labels|self-supervised``."""
+    from ..bow import BagOfWordsModel
+    from ..checkpoint import CheckpointError, load_into, read_checkpoint
+    from ..preprocess import Preprocess
+    from ..ssl import SelfSupervisedModel
+
+    state, config = read_checkpoint(path)
+    objective = (config or {}).get("objective")
+    kinds = {"bow": BagOfWordsModel, "labels": BagOfWordsModel, "self-supervised": SelfSupervisedModel}
+    if objective not in kinds:
+        raise CheckpointError(f"{path}: not an image-tower checkpoint (--objective {', '.join(OBJECTIVES)})")
+    model = kinds[objective].from_config(config)
+    load_into(model, state, source=str(path))
+    return model.to(device).eval(), Preprocess(model.image_size)
