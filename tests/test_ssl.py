@@ -39,7 +39,7 @@ def test_two_views_of_one_image_are_different_crops_of_it(tmp_path):
     from clipforge.preprocess import TrainTransform
 
     shard = shapes_shard(tmp_path / "s-000000.tar", 8)
-    stream = ContrastiveStream(open_source(str(shard)), TrainTransform(64, scale=(0.3, 1.0)), None, 8, two_views=True)
+    stream = ContrastiveStream(open_source(str(shard)), TrainTransform(64, scale=(0.3, 1.0)), None, 8, targets="views")
     batch = next(iter(stream))
     assert batch["images"].shape == batch["tokens"].shape == (8, 3, 64, 64)
     assert not torch.equal(batch["images"], batch["tokens"])

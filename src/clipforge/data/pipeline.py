@@ -79,8 +79,7 @@ class ContrastiveStream(IterableDataset):
 
     def __init__(self, source, transform, tokenizer, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, classnames=None, caption_templates=None, label_captions: bool = False,
-                 exclude_labels=(), resume: dict | None = None, hflip: bool = False, label_targets: bool = False,
-                 two_views: bool = False):
+                 exclude_labels=(), resume: dict | None = None, hflip: bool = False, targets: str = "tokens"):
         self.source, self.transform, self.tokenizer = source, transform, tokenizer
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -89,8 +88,11 @@ class ContrastiveStream(IterableDataset):
         self.exclude_labels = frozenset(exclude_labels)
         self.resume = {int(k): v for k, v in (resume or {}).items()}
         self.hflip = hflip
-        self.label_targets = label_targets  # batches carry integer labels instead of tokens (fine-tuning)
-        self.two_views = two_views  # batches carry a second augmented view instead of tokens (self-supervised)
+        if targets not in ("tokens", "labels", "views"):
+            raise ValueError(f"targets must be tokens, labels or views, got {targets!r}")
+        # what each image is paired with under "tokens" in a batch: its caption's tokens, its integer label
+        # (fine-tuning, classes), or a second augmented view of it (self-supervised)
+        self.targets = targets
 
     def _view(self, raw: dict, rng: random.Random) -> torch.Tensor:
         """One augmented view of the sample's image, captions ignored (self-supervised training)."""
@@ -119,7 +121,7 @@ class ContrastiveStream(IterableDataset):
                     continue
                 rng = self._sample_rng(epoch, part, position)
                 try:
-                    if self.two_views:
+                    if self.targets == "views":
                         images.append(self._view(raw, rng))
                         texts.append(self._view(raw, rng))
                         usable += 1
@@ -140,9 +142,9 @@ class ContrastiveStream(IterableDataset):
                     continue
                 usable += 1
                 images.append(tensor)
-                texts.append(int(raw["cls"]) if self.label_targets else text)
+                texts.append(int(raw["cls"]) if self.targets == "labels" else text)
                 if len(images) == self.batch_size:
-                    targets = torch.tensor(texts) if self.label_targets else self.tokenizer(texts)
+                    targets = torch.tensor(texts) if self.targets == "labels" else self.tokenizer(texts)
                     yield {"images": torch.stack(images), "tokens": targets,
                            "state": {"part": part, "epoch": epoch, "position": position, "skipped": dict(skipped)}}
                     images, texts = [], []

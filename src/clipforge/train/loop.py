@@ -234,6 +234,34 @@ def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Lab
     core.text.cache_features().fill(tokenizer(texts).to(next(core.parameters()).device), progress=cfg.progress)
 
 
+@dataclass
+class _Objective:
+    """What the objective decides: the model (None: the zoo model built from ``model_config``), the config saved
+    with it, what turns texts into the model's second input, the loss, and what the data stream pairs each image
+    with (``tokens``, ``labels`` or a second augmented view, ``views``)."""
+
+    model: object
+    model_config: dict
+    tokenizer: object
+    loss_fn: object
+    targets: str = "tokens"
+
+
+def _objective(cfg: TrainConfig, source, labels: _Labels, model=None, loss_fn=None) -> _Objective:
+    model_config = model_config_for(cfg)
+    if cfg.objective in ("bow", "labels"):
+        model, tokenizer, loss_fn, model_config = _word_prediction(cfg, source, labels, model_config, model, loss_fn)
+        return _Objective(model, model_config, tokenizer, loss_fn, "labels" if labels.classnames else "tokens")
+    if cfg.objective == "classify":
+        model, loss_fn, model_config = _classifier(cfg, labels, model, loss_fn)
+        return _Objective(model, model_config, None, loss_fn, "labels")
+    if cfg.objective == "self-supervised":
+        model, model_config = _self_supervised(cfg, model_config, model)
+        return _Objective(model, model_config, None, loss_fn or create_loss("clip"), "views")
+    return _Objective(model, model_config, get_tokenizer(model_config),
+                      loss_fn or create_loss(cfg.loss, local_loss=cfg.local_loss, chunk_size=cfg.loss_chunk_size))
+
+
 def _word_prediction(cfg: TrainConfig, source, labels: _Labels, model_config: dict, model, loss_fn):
     """(model, targets "tokenizer", loss, config to save) for ``--objective bow`` / ``labels``: an image tower and a
     linear head over a vocabulary read off the training data (its caption words, caption nouns, or class names),
@@ -376,16 +404,9 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     random.seed(cfg.seed + rank)
 
     source, labels = _open_training_data(cfg, train_source)
-    model_config, tokenizer = model_config_for(cfg), None
-    if cfg.objective in ("bow", "labels"):
-        model, tokenizer, loss_fn, model_config = _word_prediction(cfg, source, labels, model_config, model, loss_fn)
-    elif cfg.objective == "classify":
-        model, loss_fn, model_config = _classifier(cfg, labels, model, loss_fn)
-    elif cfg.objective == "self-supervised":
-        model, model_config = _self_supervised(cfg, model_config, model)
-    model, core = _build_model(cfg, model_config, device, world, model)
-    loss_fn = loss_fn or create_loss(cfg.loss, local_loss=cfg.local_loss, chunk_size=cfg.loss_chunk_size)
-    tokenizer = tokenizer or (get_tokenizer(model_config) if "text_cfg" in model_config else None)
+    objective = _objective(cfg, source, labels, model, loss_fn)
+    model_config, tokenizer, loss_fn = objective.model_config, objective.tokenizer, objective.loss_fn
+    model, core = _build_model(cfg, model_config, device, world, objective.model)
     if cfg.text_cache:
         _cache_text_features(cfg, core, source, tokenizer, labels)
     samples_per_step = cfg.batch_size * world * cfg.accum_freq
@@ -398,10 +419,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                                cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                                classnames=labels.classnames, caption_templates=labels.templates,
                                label_captions=bool(labels.classnames), exclude_labels=labels.exclude,
-                               resume=position.data, hflip=cfg.hflip,
-                               label_targets=cfg.objective == "classify" or (cfg.objective == "labels" and
-                                                                            bool(labels.classnames)),
-                               two_views=cfg.objective == "self-supervised")
+                               resume=position.data, hflip=cfg.hflip, targets=objective.targets)
     batches = iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda"))
     val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates) \
         if rank == 0 else (None, None)
