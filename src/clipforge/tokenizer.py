@@ -115,17 +115,24 @@ class Tokenizer:
         self._word_ids.update(zip(words, (e.ids for e in encodings)))
 
     def _prefill(self, cleaned_texts: list[str]) -> None:
-        """Encode every unseen word of these texts in one call to the Rust BPE model, rather than one call per new
-        chunk, so a cold tokenizer runs nearly as fast as a warm one. (Words from non-ASCII texts found this way
-        are harmless extra cache entries: a word's ids do not depend on its text.)"""
+        """Cache the ids of every unseen printable-ASCII chunk of these texts, BPE-encoding all their unseen words in
+        one call to the Rust model: a cold batch then encodes from the caches, almost as fast as a warm one. (Words
+        and chunks found in texts that also hold non-ASCII are harmless extra entries: an ASCII chunk's ids do not
+        depend on the text around it.)"""
         chunks = {c for text in cleaned_texts for c in text.split(" ")}
         chunks.difference_update(self._chunk_ids)
         if not chunks or len(self._chunk_ids) + len(chunks) > self._MAX_CACHED_WORDS:
             return
-        words = {w for chunk in chunks for w in _ASCII_WORDS.findall(chunk)}
+        split = {c: _ASCII_WORDS.findall(c) for c in chunks if _PRINTABLE_ASCII.fullmatch(c)}
+        words = {w for found in split.values() for w in found}
         words.difference_update(self._word_ids)
-        if words and len(self._word_ids) + len(words) <= self._MAX_CACHED_WORDS:
+        if len(self._word_ids) + len(words) > self._MAX_CACHED_WORDS:
+            return
+        if words:
             self._bpe_into_cache(list(words))
+        word_ids = self._word_ids
+        self._chunk_ids.update((c, list(chain.from_iterable(map(word_ids.__getitem__, found))))
+                               for c, found in split.items())
 
     def _encode_cleaned(self, cleaned: str, fill: bool = True) -> list[int] | None:
         """Ids of one cleaned text; with ``fill=False`` None instead of encoding an unseen ASCII chunk."""
