@@ -29,12 +29,11 @@ from ..data.captions import swap_left_right
 from ..data.pipeline import caption_texts
 from ..data.sources import source_classnames
 from ..files import write_json
-from ..loss import create_loss
 from ..models import create_model, get_model_config, is_resnet, merge_config
 from ..preprocess import TrainTransform
 from ..prompts import load_templates
-from ..tokenizer import get_tokenizer
 from .checkpoints import load_train_state, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .objectives import objective_for
 from .optim import build_optimizer, cosine_with_warmup
 from .step import autocast_for, train_step
 from .validation import open_validation, validate
@@ -234,89 +233,6 @@ def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Lab
     core.text.cache_features().fill(tokenizer(texts).to(next(core.parameters()).device), progress=cfg.progress)
 
 
-@dataclass
-class _Objective:
-    """What the objective decides: the model (None: the zoo model built from ``model_config``), the config saved
-    with it, what turns texts into the model's second input, the loss, and what the data stream pairs each image
-    with (``tokens``, ``labels`` or a second augmented view, ``views``)."""
-
-    model: object
-    model_config: dict
-    tokenizer: object
-    loss_fn: object
-    targets: str = "tokens"
-
-
-def _objective(cfg: TrainConfig, source, labels: _Labels, model=None, loss_fn=None) -> _Objective:
-    model_config = model_config_for(cfg)
-    if cfg.objective in ("bow", "labels"):
-        model, tokenizer, loss_fn, model_config = _word_prediction(cfg, source, labels, model_config, model, loss_fn)
-        return _Objective(model, model_config, tokenizer, loss_fn, "labels" if labels.classnames else "tokens")
-    if cfg.objective == "classify":
-        model, loss_fn, model_config = _classifier(cfg, labels, model, loss_fn)
-        return _Objective(model, model_config, None, loss_fn, "labels")
-    if cfg.objective == "self-supervised":
-        model, model_config = _self_supervised(cfg, model_config, model)
-        return _Objective(model, model_config, None, loss_fn or create_loss("clip"), "views")
-    return _Objective(model, model_config, get_tokenizer(model_config),
-                      loss_fn or create_loss(cfg.loss, local_loss=cfg.local_loss, chunk_size=cfg.loss_chunk_size))
-
-
-def _word_prediction(cfg: TrainConfig, source, labels: _Labels, model_config: dict, model, loss_fn):
-    """(model, targets "tokenizer", loss, config to save) for ``--objective bow`` / ``labels``: an image tower and a
-    linear head over a vocabulary read off the training data (its caption words, caption nouns, or class names),
-    saved with the model (clipforge.bow)."""
-    from ..bow import BagOfWordsLoss, BagOfWordsModel, LabelLoss, Vocabulary
-
-    if cfg.text_model or cfg.lock_text or cfg.text_cache or cfg.pretrained or \
-            (labels.classnames and cfg.objective == "bow"):
-        raise ValueError(f"--objective {cfg.objective} trains an image tower from scratch: no --text-model, "
-                         "--lock-text, --text-cache or --pretrained (and bow no --label-captions)")
-    if labels.classnames:  # labelled data: its classes, one per image
-        vocabulary = Vocabulary(labels.classnames)
-    else:
-        kind = "nouns" if cfg.objective == "labels" else "words"
-        vocabulary = Vocabulary.from_captions(caption_texts(source, cfg.seed), cfg.bow_vocab, kind)
-    if not len(vocabulary):
-        raise ValueError(f"--objective {cfg.objective}: the training captions hold no words to predict")
-    config = {**{k: v for k, v in model_config.items() if k != "text_cfg"}, "objective": cfg.objective,
-              "vocabulary": vocabulary.words, "vocabulary_kind": vocabulary.kind}
-    loss = BagOfWordsLoss() if cfg.objective == "bow" else LabelLoss()
-    return model or BagOfWordsModel(config, vocabulary), vocabulary, loss_fn or loss, config
-
-
-def _self_supervised(cfg: TrainConfig, model_config: dict, model):
-    """(model, config to save) for ``--objective self-supervised``: two augmented views, no language (clipforge.ssl)."""
-    from ..ssl import SelfSupervisedModel
-
-    if cfg.text_model or cfg.lock_text or cfg.text_cache or cfg.pretrained or cfg.label_captions:
-        raise ValueError("--objective self-supervised trains an image tower from scratch on images alone: no "
-                         "--text-model, --lock-text, --text-cache, --pretrained or --label-captions")
-    config = {**{k: v for k, v in model_config.items() if k != "text_cfg"}, "objective": "self-supervised"}
-    return model or SelfSupervisedModel(config), config
-
-
-def _classifier(cfg: TrainConfig, labels: _Labels, model, loss_fn):
-    """(model, loss, config to save) for ``--objective classify``: the --pretrained CLIP with its zero-shot head
-    for the training data's classes (clipforge.finetune)."""
-    from ..finetune import ClassificationLoss, CLIPClassifier
-    from ..inference import load_for_inference
-    from ..prompts import DEFAULT_TEMPLATES
-
-    if not cfg.pretrained or not labels.classnames:
-        raise ValueError("fine-tuning (objective classify) needs --pretrained weights and labelled training data "
-                         "(classnames.txt beside the shards)")
-    if model is None:
-        named = None if os.path.exists(cfg.pretrained) else cfg.model
-        clip, _, tokenizer = load_for_inference(named, cfg.pretrained, device="cpu")
-        model = CLIPClassifier.from_zero_shot(clip, labels.classnames, cfg.templates or list(DEFAULT_TEMPLATES),
-                                              tokenizer)
-    model.lock_text_tower()  # the head replaces the text tower; its weights are kept as they are
-    if cfg.head_only:
-        model.lock_all_but_head()
-    return model, loss_fn or ClassificationLoss(), model.config
-
-
 def _schedule_length(cfg: TrainConfig, source, samples_per_step: int) -> tuple[int, int]:
     """(total steps, warmup steps)."""
     if cfg.steps:
@@ -404,7 +320,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     random.seed(cfg.seed + rank)
 
     source, labels = _open_training_data(cfg, train_source)
-    objective = _objective(cfg, source, labels, model, loss_fn)
+    objective = objective_for(cfg, source, labels, model_config_for(cfg), model, loss_fn)
     model_config, tokenizer, loss_fn = objective.model_config, objective.tokenizer, objective.loss_fn
     model, core = _build_model(cfg, model_config, device, world, objective.model)
     if cfg.text_cache:
