@@ -116,6 +116,18 @@ def test_embedding_rates_and_ratios_come_from_the_interleaved_times(monkeypatch,
         statistics.median(p / c for c, p in zip(times["clipforge"], times["open_clip"])))
 
 
+def test_onnx_backends_are_timed_against_open_clip(monkeypatch):
+    pytest.importorskip("open_clip")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is in the test extras")
+    pytest.importorskip("onnxscript", reason="onnxscript is in the test extras")
+    times = _recording_interleaved(monkeypatch)
+    result = worker.run_task({"kind": "embed", "what": "image", "impls": ["clipforge", "open_clip", "onnx-int8"],
+                              "model": "ViT-Tiny-64", "n": 8, "batch": 4, "repeats": 3, "threads": 1})
+    assert result["onnx-int8"]["open_clip_ratio"] == pytest.approx(
+        statistics.median(o / n for n, o in zip(times["onnx-int8"], times["open_clip"])))
+    assert "open_clip_ratio" not in result["open_clip"]
+
+
 def test_tokenizer_speed_is_cold_with_a_fresh_tokenizer_per_repeat():
     built = []
 

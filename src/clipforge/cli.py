@@ -106,6 +106,8 @@ _EXTRA_COMMANDS: list = [
     _register_lazy("index", "retrieval.cli", "build a FAISS index over embeddings", "add_index_arguments"),
     _register_lazy("search", "retrieval.cli", "search an indexed collection by text or image",
                    "add_search_arguments"),
+    _register_lazy("export", "onnx_backend", "export a model as ONNX graphs for ONNX Runtime (fp32, int8)",
+                   "add_export_arguments"),
     _register_lazy("bench", "bench.cli", "speed and memory side by side with open_clip and transformers"),
     _register_lazy("serve", "serve.cli", "HTTP API and web page for search and classification"),
     _register_lazy("caption", "captioning.cli", "LiMBer: caption images via one linear map into a frozen LM"),

@@ -19,6 +19,7 @@ from .timing import matmul_peak_gflops
 from .worker import run_in_subprocess
 
 PEERS = ("open_clip", "transformers")
+ONNX_BACKENDS = {"onnx": "image_embed_onnx_vs_open_clip", "onnx-int8": "image_embed_int8_vs_open_clip"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-batch", type=int, default=None)
     p.add_argument("--embed-models", nargs="+", default=["ViT-B-32", "RN50"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, also time the first model's image tower in ONNX Runtime, fp32 and int8 (needs "
+                        "clipforge[onnx]; the export takes a minute)")
     p.set_defaults(func=run)
 
 
@@ -66,14 +70,20 @@ def bench_embedding(args, device: str, ratios: dict) -> dict:
         if model_name != args.embed_models[0]:
             jobs = jobs[:1]  # the zoo's text towers are alike: time text once
         for what, n, batch in jobs:
-            row = run_in_subprocess({"kind": "embed", "what": what, "impls": ["clipforge", *PEERS], "model": model_name,
-                                     "n": n, "batch": batch, "repeats": args.repeats + 2, "device": device,
-                                     "data": args.data})
+            # clipforge's ONNX Runtime backends (fp32, int8) on CPU, for the first model's images
+            backends = ONNX_BACKENDS if (what == "image" and not on_gpu and model_name == args.embed_models[0]
+                                         and args.onnx) else []
+            row = run_in_subprocess({"kind": "embed", "what": what, "impls": ["clipforge", *PEERS, *backends],
+                                     "model": model_name, "n": n, "batch": batch, "repeats": args.repeats + 2,
+                                     "device": device, "data": args.data})
             results[f"{model_name} {what}"] = row
             for peer in PEERS:
                 if "clipforge_ratio" in row.get(peer, {}):
                     suffix = "" if model_name == args.embed_models[0] else f"_{model_name}"
                     ratios[f"{what}_embed_vs_{peer}{suffix}"] = row[peer]["clipforge_ratio"]
+            for backend, key in ONNX_BACKENDS.items():
+                if "open_clip_ratio" in row.get(backend, {}):
+                    ratios[key] = row[backend]["open_clip_ratio"]
             unit = f"{what}s_per_s"
             print(f"{what} embedding {model_name} ({n} {what}s, batch {batch}): " + ", ".join(
                 f"{k} {v[unit]:.1f}/s" if unit in v else f"{k}: {v}" for k, v in row.items()))

@@ -8,7 +8,7 @@ import torch
 from ..checkpoint import clipforge_config_to_hf, clipforge_to_hf, clipforge_to_openai
 from ..models import create_model, get_model_config, is_resnet
 
-IMPLEMENTATIONS = ("clipforge", "open_clip", "transformers")
+IMPLEMENTATIONS = ("clipforge", "open_clip", "transformers", "onnx", "onnx-int8")
 
 
 def build(name: str):
@@ -16,6 +16,23 @@ def build(name: str):
     model = create_model(name)
     model.config = get_model_config(name)
     return model
+
+
+def _onnx_peer(ours, int8: bool):
+    """``ours`` exported to ONNX (in a temporary folder, removed at exit) and run by ONNX Runtime."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from ..onnx_backend import OnnxCLIP, export_onnx
+
+    folder = tempfile.mkdtemp(prefix="clipforge-bench-onnx-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    try:
+        export_onnx(ours, folder, int8=int8)
+        return OnnxCLIP(folder, int8=int8)
+    except ImportError:  # clipforge[onnx] is not installed
+        return None
 
 
 def peer(impl: str, ours):
@@ -34,6 +51,8 @@ def peer(impl: str, ours):
             quick_gelu=cfg.get("quick_gelu", False))
         model.load_state_dict(ours.state_dict() if hf_text else clipforge_to_openai(ours.state_dict()))
         return model
+    if impl in ("onnx", "onnx-int8"):
+        return _onnx_peer(ours, int8=impl == "onnx-int8")
     if impl == "transformers":
         if is_resnet(ours.config):
             return None  # transformers' CLIPModel has no ResNet image tower

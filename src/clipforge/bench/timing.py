@@ -26,13 +26,16 @@ def interleaved(runs: dict, repeats: int) -> dict:
 
 def summary(times: dict, items: int, unit: str) -> dict:
     """Median/min/max rate per implementation and, for peers, ``clipforge_ratio``: the median of adjacent-run
-    ratios (> 1: clipforge faster)."""
+    ratios (> 1: clipforge faster). clipforge's other backends ("onnx", "onnx-int8") also get ``open_clip_ratio``:
+    the same against open_clip (> 1: the backend faster)."""
     out = {}
     for name, ts in times.items():
         rates = [items / t for t in ts]
         out[name] = {unit: statistics.median(rates), "min": min(rates), "max": max(rates)}
         if name != "clipforge" and "clipforge" in times:
             out[name]["clipforge_ratio"] = statistics.median(p / c for c, p in zip(times["clipforge"], ts))
+        if name.startswith("onnx") and "open_clip" in times:
+            out[name]["open_clip_ratio"] = statistics.median(p / c for c, p in zip(ts, times["open_clip"]))
     return out
 
 

@@ -108,7 +108,8 @@ def run(args) -> int:
     from .datasets import open_labelled
     from .metrics import check_labels, classification_metrics, confusion_png, fewshot_png, per_class_table
 
-    model, preprocess, tokenizer = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle)
+    model, preprocess, tokenizer = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
+                                                      backend=args.backend)
     result = {"dataset": args.dataset or Path(args.dataset_root).name, "model": args.model,
               "pretrained": args.pretrained, "task": CB_TASK[args.task], "language": "en"}
     if args.task == "retrieval":

@@ -79,10 +79,14 @@ class HFTextEncoder(nn.Module):
         pooled = self.feature_cache(tokens) if self.feature_cache is not None else self.pooled(tokens)
         return self.proj(pooled.to(self.proj.weight.dtype))
 
-    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+    def features_padded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``forward`` over the whole padded sequence: one computation for every batch shape (exported graphs)."""
+        return self.proj(self.pooled(tokens, trim=False))
+
+    def pooled(self, tokens: torch.Tensor, trim: bool = True) -> torch.Tensor:
         """The transformer's output pooled over the tokens (mean or [CLS]), before the projection."""
         mask = tokens.ne(self.pad_token_id)
-        if not tokens.is_cuda:  # skip padding columns (they cannot change the pooled features)
+        if trim and not tokens.is_cuda:  # skip padding columns (they cannot change the pooled features)
             keep = int(mask.sum(dim=1).max())
             tokens, mask = tokens[:, :keep], mask[:, :keep]
         hidden = self.transformer(input_ids=tokens, attention_mask=mask.long()).last_hidden_state

@@ -54,7 +54,7 @@ class TextTransformer(nn.Module):
         # The EOT token has the largest id in CLIP's vocabulary, so argmax finds it (as OpenAI CLIP does).
         eot = tokens.argmax(dim=-1)
         if tokens.is_cuda:
-            return self._encode(self._embed(tokens), eot)
+            return self.features_padded(tokens)
         # Under a causal mask nothing after a row's EOT can change its pooled features, so on CPU we skip padding:
         # rows are grouped by length and each group runs only up to its own longest EOT. (On GPU this would cost
         # a host-device sync, and padding is cheap there.) Tokens are embedded once for the whole batch so the
@@ -74,6 +74,11 @@ class TextTransformer(nn.Module):
             index.append(rows)
         out = torch.empty(len(lengths), parts[0].shape[1], dtype=parts[0].dtype, device=tokens.device)
         return out.index_copy(0, torch.cat(index), torch.cat(parts))
+
+    def features_padded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``features`` over the whole padded sequence: one computation for every batch shape, what GPUs and
+        exported graphs (ONNX) run."""
+        return self._encode(self._embed(tokens), tokens.argmax(dim=-1))
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]

@@ -37,7 +37,8 @@ def run_embed(args) -> int:
         torch.distributed.init_process_group("gloo")  # only to add up counts: the images never cross processes
         if args.device is None and torch.cuda.is_available():
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    model, preprocess, tokenizer = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle)
+    model, preprocess, tokenizer = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
+                                                      backend=args.backend)
     texts = [l.strip() for l in Path(args.texts).read_text().splitlines() if l.strip()] if args.texts else None
     try:
         device = next(model.parameters()).device
@@ -126,7 +127,7 @@ def run_search(args) -> int:
     if args.dedup is not None and not 0 < args.dedup <= 1:
         raise ValueError(f"--dedup {args.dedup}: a cosine similarity in (0, 1], e.g. 0.95")
     searcher = Searcher(args.folder, *load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
-                                                         collection=args.folder))
+                                                         collection=args.folder, backend=args.backend))
     hits = searcher.search_image(open_image(args.image), args.k, args.dedup) if args.image else \
         searcher.search_text(args.query, args.k, args.dedup)
     if args.json:

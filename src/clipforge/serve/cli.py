@@ -24,7 +24,8 @@ def run(args) -> int:
     from ..inference import load_for_inference
     from .app import create_app
 
-    model = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, collection=args.folder)
+    model = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, collection=args.folder,
+                               backend=args.backend)
     app = create_app(args.folder, *model,
                      max_upload_bytes=int(args.max_upload_mb * 2**20))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
