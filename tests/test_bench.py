@@ -154,3 +154,13 @@ def test_bench_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
     assert "--quick" in capsys.readouterr().out
+
+
+def test_bench_parts_measure_only_what_is_asked(tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--parts", "loss", "--device", "cpu", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["loss_memory_mb"]) == {"512", "1024"}
+    assert "train" not in results and "embed" not in results and "tokenizer" not in results

@@ -19,6 +19,7 @@ from .timing import matmul_peak_gflops
 from .worker import run_in_subprocess
 
 PEERS = ("open_clip", "transformers")
+PARTS = ("tokenizer", "embed", "train", "loss")
 ONNX_BACKENDS = {"onnx": "image_embed_onnx_vs_open_clip", "onnx-int8": "image_embed_int8_vs_open_clip"}
 
 
@@ -36,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-batch", type=int, default=None)
     p.add_argument("--embed-models", nargs="+", default=["ViT-B-32", "RN50"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="measure only these [all: " + " ".join(PARTS) + "]")
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                    help="on CPU, also time the first model's image tower in ONNX Runtime, fp32 and int8 (needs "
                         "clipforge[onnx]; the export takes a minute)")
@@ -123,18 +126,23 @@ def run(args) -> int:
     results, ratios = {"machine": machine, "device": device, "torch": torch.__version__}, {}
     print(f"clipforge bench on {machine} ({'quick' if args.quick else 'full'})"
           + ("" if args.data else "; no --data: generated captions only"))
-    results["tokenizer"] = bench_tokenizer(args, ratios)
-    results["embed"] = bench_embedding(args, device, ratios)
-    results["train"], memory_key = bench_training(args, device, ratios)
-    peak = results["matmul_peak_gflops"] = matmul_peak_gflops(device=device)
-    achieved = results["train"].get("clipforge", {}).get("achieved_gflops")
-    if achieved:
-        results["mfu"] = achieved / peak
-        print(f"model FLOPs utilisation: {achieved:.1f} GFLOP/s of a {peak:.1f} GFLOP/s "
-              f"{'bf16' if on_gpu else 'fp32'} matmul peak = {results['mfu']:.0%}")
-    results["loss_memory_mb"] = loss_memory((512, 1024) if args.quick else (512, 1024, 2048, 4096), device)
-    print("loss memory (MB held for backward) " + ", ".join(
-        f"N={n}: dense {r['dense']:.1f} / chunked {r['chunked']:.1f}" for n, r in results["loss_memory_mb"].items()))
+    if "tokenizer" in args.parts:
+        results["tokenizer"] = bench_tokenizer(args, ratios)
+    if "embed" in args.parts:
+        results["embed"] = bench_embedding(args, device, ratios)
+    if "train" in args.parts:
+        results["train"], _ = bench_training(args, device, ratios)
+        peak = results["matmul_peak_gflops"] = matmul_peak_gflops(device=device)
+        achieved = results["train"].get("clipforge", {}).get("achieved_gflops")
+        if achieved:
+            results["mfu"] = achieved / peak
+            print(f"model FLOPs utilisation: {achieved:.1f} GFLOP/s of a {peak:.1f} GFLOP/s "
+                  f"{'bf16' if on_gpu else 'fp32'} matmul peak = {results['mfu']:.0%}")
+    if "loss" in args.parts:
+        results["loss_memory_mb"] = loss_memory((512, 1024) if args.quick else (512, 1024, 2048, 4096), device)
+        print("loss memory (MB held for backward) " + ", ".join(
+            f"N={n}: dense {r['dense']:.1f} / chunked {r['chunked']:.1f}"
+            for n, r in results["loss_memory_mb"].items()))
     results["ratios"] = ratios
     print("ratios (clipforge / peer; speed ratios are medians of adjacent interleaved runs): "
           + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
