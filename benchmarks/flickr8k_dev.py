@@ -1,0 +1,64 @@
+"""The score the Flickr8k recipe was chosen by, on development data only (never a test split):
+- flickr8k/dev retrieval (1,000 images, 5,000 captions; the standard protocol), R@1/5/10 both ways;
+- zero-shot top-1 on every 10th image of cifar10/train (2,000 images; CIFAR-10's test split stays unseen) with bare
+  class names, "a photo of a {}." and the paper's CIFAR-10 template ensemble.
+
+    clipforge train --config recipes/flickr8k-search/s1-crop05-flip.yaml --output runs/s1
+    python benchmarks/flickr8k_dev.py runs/s1/checkpoints/step-00001500 --name s1 --jsonl runs/bench/flickr8k-dev.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import clipforge
+from clipforge.data import evaluation_set, open_source
+from clipforge.evaluate.datasets import open_labelled
+from clipforge.evaluate.features import embed_labelled
+from clipforge.evaluate.metrics import topk_accuracy
+from clipforge.evaluate.retrieval import embed_pairs, retrieval_metrics
+from clipforge.zeroshot import zero_shot_classifier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@torch.no_grad()
+def dev_scores(model, preprocess, tokenizer, data: Path, every: int = 10) -> dict:
+    pairs = evaluation_set(open_source(str(data / "flickr8k" / "dev"), shuffle_buffer=0), preprocess)
+    images, texts = embed_pairs(model, tokenizer, pairs.images, pairs.captions)
+    out = {k: round(v, 4) for k, v in retrieval_metrics(images, texts, pairs.caption_images).items()}
+    cifar = open_labelled(data / "cifar10", "train")
+    features, labels = embed_labelled(model, cifar.source, preprocess, progress=False)
+    features, labels = features[::every], labels[::every]
+    for name, templates in (("bare", ["{}"]), ("photo", ["a photo of a {}."]), ("ensemble", cifar.templates)):
+        weights = zero_shot_classifier(model, tokenizer, cifar.classnames, templates)
+        out[f"cifar10_train_subset_{name}"] = round(topk_accuracy(features @ weights.cpu(), labels)[1], 4)
+    out["cifar10_train_subset_images"] = len(labels)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--name", help="the row's name [the checkpoint path]")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--jsonl", type=Path, help="append the row to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    model, preprocess, tokenizer = clipforge.load(args.checkpoint)
+    row = {"name": args.name or args.checkpoint, "checkpoint": args.checkpoint,
+           **dev_scores(model, preprocess, tokenizer, args.data), "eval_s": round(time.perf_counter() - start, 1)}
+    print(json.dumps(row))
+    if args.jsonl:
+        args.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        with args.jsonl.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
