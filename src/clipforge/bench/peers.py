@@ -18,6 +18,9 @@ def build(name: str):
     return model
 
 
+_ONNX_EXPORTS: dict[int, str] = {}  # one export (with its int8 graph) per model, shared by onnx and onnx-int8
+
+
 def _onnx_peer(ours, int8: bool):
     """``ours`` exported to ONNX (in a temporary folder, removed at exit) and run by ONNX Runtime."""
     import atexit
@@ -26,11 +29,13 @@ def _onnx_peer(ours, int8: bool):
 
     from ..onnx_backend import OnnxCLIP, export_onnx
 
-    folder = tempfile.mkdtemp(prefix="clipforge-bench-onnx-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     try:
-        export_onnx(ours, folder, int8=int8)
-        return OnnxCLIP(folder, int8=int8)
+        if id(ours) not in _ONNX_EXPORTS:
+            folder = tempfile.mkdtemp(prefix="clipforge-bench-onnx-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            export_onnx(ours, folder, int8=True)
+            _ONNX_EXPORTS[id(ours)] = folder
+        return OnnxCLIP(_ONNX_EXPORTS[id(ours)], int8=int8)
     except ImportError:  # clipforge[onnx] is not installed
         return None
 
