@@ -107,3 +107,18 @@ def test_ids_equal_open_clip_on_flickr8k_human_captions_cold_and_warm():
     warm = clipforge.Tokenizer()
     warm(captions[:500])
     assert torch.equal(warm(captions[250:]), theirs[250:])
+
+
+def test_ids_equal_open_clip_on_the_bench_noisy_web_corpus():
+    """The bench's generated web-style corpus (emoji, entities, mojibake, control characters, long lines)."""
+    from clipforge.bench.corpora import noisy_captions
+
+    open_clip = pytest.importorskip("open_clip")
+    texts = noisy_captions(None, 3000)
+    assert texts == noisy_captions(None, 3000)  # deterministic: the bench's ratio is always on the same strings
+    assert sum(not t.isascii() for t in texts) > 1000 and any("&amp;" in t for t in texts)
+    assert any("Ã" in t or "â€" in t for t in texts)  # some mojibake, for ftfy to undo
+    theirs = open_clip.tokenize(texts)
+    ours = clipforge.Tokenizer()(texts)
+    mismatched = [texts[i] for i in range(len(texts)) if not torch.equal(ours[i], theirs[i])]
+    assert not mismatched, f"{len(mismatched)} texts differ, e.g. {mismatched[:3]!r}"

@@ -46,20 +46,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def bench_tokenizer(args, ratios: dict) -> dict | None:
+    """Cold tokenizer speed on three corpora, each after checking that the ids equal open_clip's: the bench's own
+    recombined captions, Flickr8k's 30,000 human training captions (with --data), and generated web-style noise."""
     from ..tokenizer import Tokenizer
+    from .corpora import flickr8k_captions, noisy_captions
 
     try:
         from open_clip.tokenizer import SimpleTokenizer
     except ImportError:
         print("tokenizer: open_clip not installed, skipped")
         return None
-    captions = distinct_captions(args.data, 10_000)
-    assert torch.equal(Tokenizer()(captions[:2000]), SimpleTokenizer()(captions[:2000])), "token ids differ"
-    result = tokenizer_speed({"clipforge": Tokenizer, "open_clip": SimpleTokenizer}, captions, args.repeats)
-    ratios["tokenizer_vs_open_clip"] = result["open_clip"]["clipforge_ratio"]
-    print(f"tokenizer (10k distinct captions, cold): clipforge {result['clipforge']['captions_per_s']:.0f}/s, "
-          f"open_clip {result['open_clip']['captions_per_s']:.0f}/s, ratio {ratios['tokenizer_vs_open_clip']:.1f}x")
-    return result
+    corpora = {"own": (distinct_captions(args.data, 10_000), "tokenizer_vs_open_clip"),
+               "natural": (flickr8k_captions(args.data), "tokenizer_natural_vs_open_clip"),
+               "noisy": (noisy_captions(args.data, 2_000 if args.quick else 5_000), "tokenizer_noisy_vs_open_clip")}
+    results = {}
+    for name, (captions, key) in corpora.items():
+        if not captions:
+            print(f"tokenizer, {name}: no data (--data with flickr8k/), skipped")
+            continue
+        check = captions[:2000]
+        assert torch.equal(Tokenizer()(check), SimpleTokenizer()(check)), f"token ids differ on the {name} corpus"
+        result = results[name] = tokenizer_speed({"clipforge": Tokenizer, "open_clip": SimpleTokenizer}, captions,
+                                                 args.repeats)
+        ratios[key] = result["open_clip"]["clipforge_ratio"]
+        print(f"tokenizer, {name} ({len(captions)} strings, cold): clipforge {result['clipforge']['captions_per_s']:.0f}/s, "
+              f"open_clip {result['open_clip']['captions_per_s']:.0f}/s, ratio {ratios[key]:.1f}x")
+    return results
 
 
 def bench_embedding(args, device: str, ratios: dict) -> dict:
