@@ -11,18 +11,24 @@ from ..data.captions import label_caption
 CIFAR10_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 
 
+def shard_captions(shards: list[Path], n: int | None = None) -> list[str]:
+    """Every caption line of the shards' ``.txt`` members, in order (the first ``n``)."""
+    captions = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".txt"):
+                    text = tar.extractfile(member).read().decode()
+                    captions += [line.strip() for line in text.splitlines() if line.strip()]
+                    if n is not None and len(captions) >= n:
+                        return captions[:n]
+    return captions
+
+
 def coco_captions(data: str | Path | None) -> list[str]:
     """coco-mini's human captions, or [] when the data folder is not given or lacks coco-mini."""
     shard = Path(data) / "coco-mini" / "test" / "test-000000.tar" if data else None
-    if shard is None or not shard.exists():
-        return []
-    captions = []
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if member.name.endswith(".txt"):
-                text = tar.extractfile(member).read().decode()
-                captions += [line.strip() for line in text.splitlines() if line.strip()]
-    return captions
+    return shard_captions([shard]) if shard is not None and shard.exists() else []
 
 
 def real_captions(data: str | Path | None, n: int) -> list[str]:
@@ -51,17 +57,7 @@ def distinct_captions(data: str | Path | None, n: int = 10_000, seed: int = 0) -
 
 def flickr8k_captions(data: str | Path | None, n: int = 30_000) -> list[str]:
     """Flickr8k's human training captions (the first ``n``, in shard order), or [] without the data set."""
-    shards = sorted((Path(data) / "flickr8k" / "train").glob("*.tar")) if data else []
-    captions = []
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".txt"):
-                    text = tar.extractfile(member).read().decode()
-                    captions += [line.strip() for line in text.splitlines() if line.strip()]
-                    if len(captions) >= n:
-                        return captions[:n]
-    return captions
+    return shard_captions(sorted((Path(data) / "flickr8k" / "train").glob("*.tar")) if data else [], n)
 
 
 # What web alt-text carries that human captions do not: each kind is one function of a random generator and a
