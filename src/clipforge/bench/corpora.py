@@ -102,8 +102,8 @@ def noisy_captions(data: str | Path | None, n: int = 5_000, seed: int = 0) -> li
                 words.insert(at, f"\u201c{rng.choice(_ACCENTED)}\u201d")
             elif kind == 6 and words:
                 words[at % len(words)] = words[at % len(words)].upper()
-            else:
-                words = words * rng.randint(5, 20)  # a very long line
+            elif len(words) < 100:
+                words = words * rng.randint(5, 20)  # a very long line (once: alt-text runs long, not unbounded)
         text = " ".join(words)
         out.append(_mojibake(text, rng) if rng.random() < 0.15 else text)
     return out
