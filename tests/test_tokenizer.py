@@ -88,18 +88,12 @@ def test_non_string_input_is_a_clear_error():
 
 def test_ids_equal_open_clip_on_flickr8k_human_captions_cold_and_warm():
     """Real captions (Flickr8k's 40,000), through a fresh tokenizer (the cold batch path) and a warm one."""
-    import tarfile
+    from clipforge.bench.corpora import shard_captions
 
     from conftest import shared_data
 
     open_clip = pytest.importorskip("open_clip")
-    captions = []
-    for shard in sorted(shared_data("flickr8k").glob("*/*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".txt"):
-                    text = tar.extractfile(member).read().decode()
-                    captions += [line.strip() for line in text.splitlines() if line.strip()]
+    captions = shard_captions(sorted(shared_data("flickr8k").glob("*/*.tar")))
     assert len(captions) == 40_000
     theirs = open_clip.tokenize(captions)
     cold = clipforge.Tokenizer()

@@ -51,19 +51,14 @@ class _TextGraph(nn.Module):
 
 
 def _export(graph: nn.Module, example: torch.Tensor, name: str, path: Path) -> None:
+    """``name``: the graph's input, which is also ``graph.forward``'s argument (the batch dimension is dynamic)."""
     _require("onnxscript")  # torch's ONNX exporter
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     program = torch.onnx.export(graph.eval(), (example,), input_names=[name], output_names=["features"],
-                                dynamic_shapes={next(iter(_forward_args(graph))): {0: batch}}, opset_version=OPSET,
+                                dynamic_shapes={name: {0: batch}}, opset_version=OPSET,
                                 dynamo=True, verbose=False)
     with atomic_path(path) as tmp:
         program.save(str(tmp))
-
-
-def _forward_args(graph: nn.Module):
-    import inspect
-
-    return inspect.signature(graph.forward).parameters
 
 
 def export_onnx(model: nn.Module, output: str | os.PathLike, int8: bool = False) -> Path:
