@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "A picture of"
+TEXT_SETTINGS = ("text_model", "lock_text", "text_cache", "pretrained")
 
 
 def clipforge(*args: str) -> None:
@@ -36,9 +37,14 @@ def clipforge(*args: str) -> None:
 def train_encoder(objective: str, recipe: Path, output: Path) -> Path:
     """The recipe's image tower trained with another objective (no text tower), once."""
     from clipforge.train.checkpoints import checkpoint_dirs
+    from clipforge.train.cli import read_config
 
     if not checkpoint_dirs(output):
-        clipforge("train", "--config", str(recipe), "--objective", objective, "--output", str(output),
+        # the recipe without its text tower: these objectives train the image tower alone
+        settings = {k: v for k, v in read_config(recipe).items() if k not in TEXT_SETTINGS}
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "recipe.json").write_text(json.dumps(settings, indent=1))
+        clipforge("train", "--config", str(output / "recipe.json"), "--objective", objective, "--output", str(output),
                   "--no-progress", "--save-every", "0", *(["--crop-scale", "0.3", "1.0"] if objective ==
                                                           "self-supervised" else []))
     return checkpoint_dirs(output)[-1]

@@ -213,8 +213,8 @@ def test_index_tuned_on_given_queries_holds_its_recall_on_fresh_ones(tmp_path):
     index, info = build_index(vectors, kind="ivfpq", target_recall=0.95, queries=tune)
     assert info["target_met"] and info["tuned_on"] == "300 given queries", info
     save_index(index, info, tmp_path)
-    loaded, _ = load_index(tmp_path)
-    assert faiss.extract_index_ivf(loaded).nprobe == info["nprobe"]
+    loaded, _ = load_index(tmp_path, vectors=vectors)  # the re-rank reads these (a folder's own img_emb by default)
+    assert loaded.ivf.nprobe == info["nprobe"] and loaded.k_factor == info["k_factor"]
     exact = faiss.IndexFlatIP(32)
     exact.add(vectors)
     recall = recall_at_k(loaded.search(fresh, 10)[1], exact.search(fresh, 10)[1])

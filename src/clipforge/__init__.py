@@ -9,11 +9,35 @@ from __future__ import annotations
 
 import os
 
-from .checkpoint import CheckpointError, infer_config, load_into, read_checkpoint, save_pretrained
-from .models import CLIP, UnknownModelError, create_model, get_model_config, list_models
-from .preprocess import Preprocess, image_transform
-from .pretrained import get_pretrained, list_pretrained, register_pretrained
-from .tokenizer import Tokenizer, get_tokenizer, tokenize
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .models import CLIP
+
+# The public names resolve on first use (PEP 562), so that commands without a model (``clipforge index build``,
+# ``clipforge --help``) never import torch: importing it costs ~650 MB of RSS and a second or more.
+_LAZY = {
+    "CheckpointError": "checkpoint", "infer_config": "checkpoint", "load_into": "checkpoint",
+    "read_checkpoint": "checkpoint", "save_pretrained": "checkpoint",
+    "CLIP": "models", "UnknownModelError": "models", "create_model": "models", "get_model_config": "models",
+    "list_models": "models",
+    "Preprocess": "preprocess", "image_transform": "preprocess",
+    "get_pretrained": "pretrained", "list_pretrained": "pretrained", "register_pretrained": "pretrained",
+    "Tokenizer": "tokenizer", "get_tokenizer": "tokenizer", "tokenize": "tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # resolved once
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __version__ = "0.1.0"
 __all__ = ["load", "create_model", "list_models", "get_tokenizer", "tokenize", "list_pretrained",
@@ -28,6 +52,10 @@ def _looks_like_path(name: str) -> bool:
 def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: bool | None = None,
                trust_pickle: bool = False) -> CLIP:
     """The model alone; see ``load``."""
+    from .checkpoint import CheckpointError, infer_config, load_into, read_checkpoint
+    from .models import create_model, get_model_config, list_models
+    from .pretrained import get_pretrained
+
     config, state, normalisation = None, None, {}
     if name_or_path.startswith("hf-hub:") and pretrained is None:
         from .pretrained import fetch_hub
@@ -97,6 +125,9 @@ def load(name_or_path: str, pretrained: str | None = None, device: str = "cpu", 
     activation (OpenAI's weights use QuickGELU; it cannot be read from the weights). ``trust_pickle`` allows full
     unpickling of ``.pt``/``.bin`` files: only for files you trust.
     """
+    from .preprocess import Preprocess
+    from .tokenizer import get_tokenizer
+
     model = load_model(name_or_path, pretrained, quick_gelu, trust_pickle).to(device)
     return model, Preprocess(model.image_size, **model.normalisation), get_tokenizer(model.config)
 

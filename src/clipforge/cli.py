@@ -51,7 +51,10 @@ def _cmd_tokenize(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """Every command's parser ("*"); with a ``command`` name, only that command's module is imported to define its
+    arguments (the others get their one-line help; None: none of them), so that ``clipforge index build`` and
+    ``clipforge --help`` never import torch."""
     parser = argparse.ArgumentParser(prog="clipforge", description="CLIP training, evaluation, search and "
                                      "captioning.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="<command>")
@@ -80,17 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_tokenize)
 
     for register in _EXTRA_COMMANDS:
-        register(sub)
+        register(sub, command)
     return parser
 
 
 def _register_lazy(name: str, module: str, help_text: str, function: str = "add_arguments"):
-    """Commands whose modules import heavier dependencies register their own arguments."""
-    def register(sub):
+    """Commands whose modules import heavier dependencies register their own arguments, when they are the one
+    asked for (or all of them: "*")."""
+    def register(sub, command: str | None = "*"):
         import importlib
 
-        getattr(importlib.import_module(f"clipforge.{module}"), function)(sub.add_parser(name, help=help_text))
+        parser = sub.add_parser(name, help=help_text)
+        if command in ("*", name):
+            getattr(importlib.import_module(f"clipforge.{module}"), function)(parser)
     return register
+
+
+def _user_errors() -> tuple:
+    """The exceptions reported as one line rather than a traceback. An exception class can only be raised once its
+    module is imported, so only the imported ones are looked up (importing the rest would import torch)."""
+    classes = [FileNotFoundError, ValueError, MemoryError]
+    for module, name in (("clipforge.checkpoint.errors", "CheckpointError"), ("clipforge.models", "UnknownModelError"),
+                         ("clipforge.preprocess", "BadImageError"), ("clipforge.pretrained", "DownloadError")):
+        if module in sys.modules:
+            classes.append(getattr(sys.modules[module], name))
+    return tuple(classes)
 
 
 _EXTRA_COMMANDS: list = [
@@ -114,16 +131,18 @@ _EXTRA_COMMANDS: list = [
 ]
 
 
+_COMMAND_NAMES = ("demo", "train", "finetune", "wise-ft", "eval", "embed", "index", "search", "export", "bench",
+                  "serve", "caption")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((word for word in argv if not word.startswith("-")), None)
+    parser = build_parser(command if command in _COMMAND_NAMES else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    from .checkpoint import CheckpointError
-    from .models import UnknownModelError
-    from .preprocess import BadImageError
-    from .pretrained import DownloadError
 
     device = getattr(args, "device", None)
     if isinstance(device, str) and device.startswith("cuda"):
@@ -138,15 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args) or 0
         sys.stdout.flush()  # here, so that a closed pipe is caught below, not at interpreter exit
         return code
-    except (CheckpointError, UnknownModelError, BadImageError, DownloadError, FileNotFoundError, ValueError) as exc:
-        print(f"clipforge {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"clipforge {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like, which stopped reading: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second traceback at interpreter exit
         return 0
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
+        print(f"clipforge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

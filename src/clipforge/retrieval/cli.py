@@ -56,13 +56,20 @@ def run_embed(args) -> int:
 
 
 def add_index_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Build a FAISS index beside the embeddings: exact for small collections, IVF-PQ (or HNSW) "
-                     "for large ones, tuned to reach --target-recall@10 against exact search.")
+    p.description = ("Build a FAISS index beside the embeddings: exact for small collections; for large ones IVF-PQ "
+                     "(codes only, the shortlist re-ranked from the stored embeddings), trained on a sample and "
+                     "filled chunk by chunk within --max-memory; or HNSW. Tuned to reach --target-recall@10 against "
+                     "exact search. Several processes or machines (IVF-PQ): torchrun --nproc-per-node N -m "
+                     "clipforge.cli index build FOLDER (FOLDER on a shared file system across machines).")
     p.add_argument("action", choices=["build"])
     p.add_argument("folder", help="a folder written by clipforge embed")
     p.add_argument("--kind", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto")
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--exact-below", type=int, default=50_000, help="auto: exact search below this many vectors")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory budget for the whole process, e.g. 2GB: IVF-PQ chunks and code size are chosen "
+                        "to fit it (and printed); flat/HNSW refuse a budget they exceed [no limit]")
+    p.add_argument("--nlist", type=int, help="IVF-PQ: inverted lists [4 sqrt(n), at most 2048]")
     p.add_argument("--tune-queries", default="auto",
                    help="what recall is tuned on: 'auto' (the folder's text_emb/ when it holds >= 100 texts, else "
                         "perturbed collection vectors), 'collection', or a .npy file of query vectors [auto]")
@@ -71,13 +78,35 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_index(args) -> int:
-    from .collection import load_embeddings
-    from .index import build_index, save_index
+    from .collection import StoredVectors, write_metadata_arrow
+    from .index import build_index, build_index_distributed, parse_size, save_index
 
-    vectors, _ = load_embeddings(args.folder)
-    log = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    index, info = build_index(vectors, args.kind, args.target_recall, args.exact_below,
-                              queries=_tuning_queries(args.folder, args.tune_queries), log=log)
+    max_memory = parse_size(args.max_memory)
+    vectors = StoredVectors(args.folder)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if rank == 0:  # what serving memory-maps; first, so that the build's budget counts what it left resident
+        write_metadata_arrow(args.folder)
+    say = (lambda message: print(message, file=sys.stderr, flush=True))
+    log = None if args.quiet or rank != 0 else say
+    queries = _tuning_queries(args.folder, args.tune_queries)
+    if world > 1:
+        import torch.distributed as dist
+
+        if args.kind not in ("auto", "ivfpq"):
+            raise SystemExit(f"--kind {args.kind}: only IVF-PQ builds split across processes")
+        dist.init_process_group("gloo")
+        try:
+            part_log = None if args.quiet else (lambda message: say(f"[rank {rank}] {message}"))
+            index, info = build_index_distributed(vectors, args.folder, rank, world, dist.barrier,
+                                                  args.target_recall, queries=queries, log=part_log,
+                                                  max_memory=max_memory, nlist=args.nlist)
+        finally:
+            dist.destroy_process_group()
+        if rank != 0:
+            return 0
+    else:
+        index, info = build_index(vectors, args.kind, args.target_recall, args.exact_below, queries=queries, log=log,
+                                  max_memory=max_memory, nlist=args.nlist)
     save_index(index, info, args.folder)
     if not info.get("target_met", True):
         print(f"warning: the {info['kind']} index reaches recall@10 {info['recall@10']:.3f}, below the target "

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.sources import IMAGE_EXTENSIONS
-from ..files import read_json, write_json
-from ..preprocess import open_image
+from ..files import atomic_path, read_json, write_json
 
 INFO = "embed_info.json"
 TEXT_EMBEDDINGS = Path("text_emb") / "text_emb_00000.npy"
@@ -27,6 +25,28 @@ def image_shard(folder: str | Path, shard: int) -> tuple[Path, Path]:
     """(embeddings file, metadata file) of output shard ``shard``."""
     folder = Path(folder)
     return folder / "img_emb" / f"img_emb_{shard:05d}.npy", folder / "metadata" / f"metadata_{shard:05d}.parquet"
+
+
+def write_image_shard(folder: str | Path, shard: int, vectors: np.ndarray, metadata) -> None:
+    """Output shard ``shard``, each file atomically: ``vectors`` [n, d] (stored float16), ``metadata`` a list of
+    rows or a dict of columns with METADATA_SCHEMA's fields. Metadata first: a shard counts as done when both exist,
+    and the vectors file is the one looked for."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    emb_path, meta_path = image_shard(folder, shard)
+    emb_path.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in METADATA_SCHEMA])
+    table = pa.Table.from_pylist(metadata, schema=schema) if isinstance(metadata, list) else \
+        pa.table(metadata, schema=schema)
+    if table.num_rows != len(vectors):
+        raise ValueError(f"shard {shard}: {len(vectors)} vectors but {table.num_rows} metadata rows")
+    with atomic_path(meta_path) as tmp:
+        pq.write_table(table, tmp)
+    with atomic_path(emb_path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, np.asarray(vectors, dtype=np.float16))
 
 
 def _image_shard_files(folder: Path) -> list[Path]:
@@ -96,6 +116,9 @@ def item_captions(item: dict) -> list[str]:
 
 def load_item(item: dict):
     """(image, first caption) of one catalogued item: a file path, or a key in a shard."""
+    from ..data.sources import IMAGE_EXTENSIONS
+    from ..preprocess import open_image
+
     if "path" in item:
         return open_image(item["path"]), item.get("caption", "")
     data = _shard_member(item, IMAGE_EXTENSIONS)
@@ -147,14 +170,154 @@ def load_text_embeddings(folder: str | Path) -> np.ndarray | None:
     return np.load(path).astype(np.float32) if path.exists() else None
 
 
+def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, byte offset of the data) of a C-ordered ``.npy`` file, from its header alone."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(handle)
+        if fortran_order:
+            raise ValueError(f"{path}: a Fortran-ordered array; expected C order as clipforge embed writes")
+        return shape, dtype, handle.tell()
+
+
 class StoredVectors:
-    """The collection's own embeddings, memory-mapped from ``img_emb/*.npy``: read by id, never all loaded."""
+    """The collection's own embeddings in ``img_emb/*.npy``, read by id or in chunks with plain file reads: never
+    all loaded, and never memory-mapped either (mapped pages count as the process's resident memory, so a full
+    pass over a 10M-vector collection would show its whole size as RSS)."""
 
     def __init__(self, folder: str | Path):
-        self.shards = [np.load(path, mmap_mode="r") for path in _image_shard_files(Path(folder))]
-        self.starts = np.cumsum([0] + [len(shard) for shard in self.shards])
+        self.files = _image_shard_files(Path(check_collection(folder)))
+        layouts = [_npy_layout(path) for path in self.files]
+        shapes = {shape[1:] for shape, _, _ in layouts}
+        if len(shapes) != 1 or any(len(shape) != 2 for shape, _, _ in layouts):
+            raise ValueError(f"{folder}: img_emb shards must be [n, d] arrays of one dimension, got "
+                             f"{sorted({shape for shape, _, _ in layouts})}")
+        self.dim = shapes.pop()[0]
+        self.dtypes = [dtype for _, dtype, _ in layouts]
+        self.offsets = [offset for _, _, offset in layouts]
+        self.starts = np.cumsum([0] + [shape[0] for shape, _, _ in layouts])
+        self._handles: list | None = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self), self.dim
+
+    def _files(self) -> list:
+        if self._handles is None:
+            self._handles = [open(path, "rb") for path in self.files]
+        return self._handles
 
     def get(self, ids) -> np.ndarray:
+        """Rows ``ids`` (any order) as unit float32 vectors, one positioned read each (thread-safe)."""
+        import os
+
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            raise IndexError(f"ids out of range 0..{len(self) - 1}")
+        handles = self._files()
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
         shard_of = np.searchsorted(self.starts, ids, side="right") - 1
-        rows = np.stack([self.shards[s][i - self.starts[s]] for s, i in zip(shard_of, ids)]).astype(np.float32)
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)  # stored as float16: renormalise
+        for position in np.argsort(ids):  # ascending offsets: friendlier to the disk
+            s = shard_of[position]
+            dtype = self.dtypes[s]
+            size = self.dim * dtype.itemsize
+            offset = self.offsets[s] + int(ids[position] - self.starts[s]) * size
+            out[position] = np.frombuffer(os.pread(handles[s].fileno(), size, offset), dtype=dtype)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)  # stored as float16: renormalise
+
+    def slice(self, first: int, last: int) -> np.ndarray:
+        """Rows ``first..last`` as float32, read shard by shard."""
+        parts = []
+        for s, handle in enumerate(self._files()):
+            lo, hi = max(first, int(self.starts[s])), min(last, int(self.starts[s + 1]))
+            if lo < hi:
+                dtype = self.dtypes[s]
+                handle.seek(self.offsets[s] + (lo - int(self.starts[s])) * self.dim * dtype.itemsize)
+                rows = np.fromfile(handle, dtype=dtype, count=(hi - lo) * self.dim).reshape(hi - lo, self.dim)
+                parts.append(rows.astype(np.float32))
+        if not parts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def chunks(self, rows: int, start: int = 0, stop: int | None = None):
+        """``(first id, float32 [<= rows, d])`` over ids ``start..stop``, in order."""
+        stop = len(self) if stop is None else stop
+        for first in range(start, stop, rows):
+            yield first, self.slice(first, min(first + rows, stop))
+
+    def close(self) -> None:
+        for handle in self._handles or []:
+            handle.close()
+        self._handles = None
+
+
+# ------------------------------------------------------------------------------------------------------ metadata
+
+def _arrow_path(parquet: Path) -> Path:
+    return parquet.with_suffix(".arrow")
+
+
+def write_metadata_arrow(folder: str | Path) -> int:
+    """An uncompressed Arrow IPC copy of each metadata shard beside its parquet (batch by batch, never a whole shard
+    in memory), so that serving memory-maps the metadata instead of decoding it; returns how many were written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    written = 0
+    pool = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())  # mimalloc keeps ~2x as much resident afterwards: a budget's worth
+    try:
+        for emb_path in _image_shard_files(Path(folder)):
+            parquet = image_shard(folder, int(emb_path.stem.split("_")[-1]))[1]
+            target = _arrow_path(parquet)
+            if target.exists() and target.stat().st_mtime >= parquet.stat().st_mtime:
+                continue
+            source = pq.ParquetFile(parquet)
+            with atomic_path(target) as tmp:
+                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, source.schema_arrow) as writer:
+                    for batch in source.iter_batches(batch_size=65_536, use_threads=False):
+                        writer.write_batch(batch)
+            written += 1
+    finally:
+        pa.set_memory_pool(pool)
+    return written
+
+
+class Metadata:
+    """The metadata rows, looked up by row id through Arrow: memory-mapped Arrow IPC files where ``index build``
+    wrote them, else the parquet shards read as columns. Never a Python object per row: a 10M-row collection costs
+    its columns' bytes (page cache, when memory-mapped), not gigabytes of dicts."""
+
+    def __init__(self, folder: str | Path):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        folder = Path(folder)
+        self.tables = []
+        self.memory_mapped = True
+        for emb_path in _image_shard_files(folder):
+            parquet = image_shard(folder, int(emb_path.stem.split("_")[-1]))[1]
+            arrow = _arrow_path(parquet)
+            if arrow.exists() and arrow.stat().st_mtime >= parquet.stat().st_mtime:
+                self.tables.append(pa.ipc.open_file(pa.memory_map(str(arrow), "r")).read_all())
+            else:
+                self.tables.append(pq.read_table(parquet, memory_map=True))
+                self.memory_mapped = False
+        self.starts = np.cumsum([0] + [table.num_rows for table in self.tables])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, row: int) -> dict:
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range 0..{len(self) - 1}")
+        shard = int(np.searchsorted(self.starts, row, side="right") - 1)
+        return self.tables[shard].slice(row - int(self.starts[shard]), 1).to_pylist()[0]
+
+    def rows(self, ids) -> list[dict]:
+        return [self[int(i)] for i in ids]

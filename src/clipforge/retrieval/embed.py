@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..data.sources import open_source
 from ..files import atomic_path
 from ..preprocess import BadImageError
-from .collection import (METADATA_SCHEMA, TEXT_EMBEDDINGS, TEXT_METADATA, image_shard, item_path, load_item,
+from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, image_shard, item_path, load_item, write_image_shard,
                          write_info)
 
 
@@ -63,9 +63,6 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
     ``workers`` > 0 decodes and preprocesses in that many processes while the model runs (what keeps a GPU fed).
     ``model_spec`` (``{"model", "pretrained"}``) is recorded so that search and serve reload the same model.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     output = Path(output)
     (output / "img_emb").mkdir(parents=True, exist_ok=True)
     (output / "metadata").mkdir(parents=True, exist_ok=True)
@@ -92,12 +89,7 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
                 rows.extend(row for _, row in good)
             bar.update(len(batch))
         array = np.concatenate(features) if features else np.zeros((0, model.embed_dim), np.float16)
-        with atomic_path(meta_path) as tmp:
-            schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in METADATA_SCHEMA])
-            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-        with atomic_path(emb_path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, array)
+        write_image_shard(output, shard, array, rows)
         stats["embedded"] += len(rows)
     bar.close()
     if texts and rank == 0:

@@ -1,9 +1,14 @@
 """FAISS indexes over unit vectors (inner product = cosine): exact when small, approximate when large.
 
-Chosen by collection size: exact ``IndexFlatIP`` up to ``exact_below`` vectors; beyond, IVF with 4-bit fast-scan
-product quantisation and an exact re-rank of the shortlist (``IVF{nlist},PQ{d/2}x4fs,RFlat``), its ``nprobe`` and
-re-rank depth raised until recall@10 against exact search on tuning queries reaches ``target_recall``; HNSW
-(``HNSW32``) on request. Saved as ``index.faiss`` + ``index.json`` beside the embeddings.
+Chosen by collection size: exact ``IndexFlatIP`` up to ``exact_below`` vectors; beyond, IVF with product-quantised
+codes (``IVF{nlist},PQ{m}``, 8-bit codes, ``d / 4`` bytes a vector by default), whose shortlist is re-ranked exactly
+against the collection's own stored embeddings (read from disk by id, see ``StoredVectors``): the index holds codes
+only, no float copy. It is built within a memory budget whatever the collection's size: the coarse quantizer and PQ
+are trained on a sample (64 vectors per list, as FAISS recommends 39-256), then vectors are added in chunks read from
+the fp16 shards; ``plan_ivfpq`` sizes the sample, the chunks and the code size to fit ``max_memory``. ``nprobe``
+and the re-rank depth are raised until recall@10 against exact search (computed in chunks, never all in RAM) on
+tuning queries reaches ``target_recall``. HNSW (``HNSW32``, vectors in RAM) on request. Saved as ``index.faiss`` +
+``index.json`` beside the embeddings; plain IVF-PQ files memory-map for serving (``faiss.IO_FLAG_MMAP``).
 
 The tuning queries should look like the real ones: pass ``queries`` (e.g. text embeddings); without them the
 builder uses perturbed collection vectors, which suit clustered data (real CLIP embeddings) but flatter the
@@ -13,11 +18,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 
 from ..files import atomic_path, write_json
+
+GB = 1 << 30
+MIN_CHUNK = 4096
 
 
 def _faiss():
@@ -28,22 +37,182 @@ def _faiss():
     return faiss
 
 
+def parse_size(text: str | int | None) -> int | None:
+    """Bytes in ``"2GB"``, ``"512MB"``, ``"1.5G"``, or a plain number of bytes; None passes through."""
+    if text is None or isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
+    if not match:
+        raise ValueError(f"{text!r}: expected a size such as 2GB, 512MB or 1.5G")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux), else 0: what a budget has already spent."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+    except (OSError, AttributeError):
+        return 0
+
+
+class ArrayVectors:
+    """An in-memory [n, d] array with ``StoredVectors``' reading interface (``get``, ``chunks``)."""
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if self.vectors.ndim != 2:
+            raise ValueError(f"vectors must be [n, d], got shape {self.vectors.shape}")
+        self.shape, self.dim = self.vectors.shape, self.vectors.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def get(self, ids) -> np.ndarray:
+        return self.vectors[np.asarray(ids, dtype=np.int64)]
+
+    def chunks(self, rows: int, start: int = 0, stop: int | None = None):
+        stop = len(self) if stop is None else stop
+        for first in range(start, stop, rows):
+            yield first, self.vectors[first:min(first + rows, stop)]
+
+
+class Reranked:
+    """An IVF-PQ index whose top ``k * k_factor`` candidates are re-scored exactly against the stored vectors:
+    FAISS's ``IndexRefineFlat`` without its in-RAM float copy. ``search`` and ``ntotal`` as a FAISS index."""
+
+    def __init__(self, index, vectors, k_factor: int = 16):
+        self.index, self.vectors, self.k_factor = index, vectors, k_factor
+        self.ivf = _faiss().extract_index_ivf(index)
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def d(self) -> int:
+        return self.index.d
+
+    def search(self, queries: np.ndarray, k: int):
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        depth = max(k, min(self.ntotal, k * self.k_factor))
+        _, candidates = self.index.search(queries, depth)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        for row, (query, found) in enumerate(zip(queries, candidates)):
+            found = found[found >= 0]
+            if not len(found):
+                continue
+            exact = self.vectors.get(found) @ query
+            best = np.argsort(-exact, kind="stable")[:k]
+            scores[row, :len(best)], ids[row, :len(best)] = exact[best], found[best]
+        return scores, ids
+
+
+def exact_top_k(vectors, queries: np.ndarray, k: int, chunk_rows: int = 262_144):
+    """Exact inner-product top-k of ``queries`` over ``vectors`` (array or ``StoredVectors``), chunk by chunk."""
+    from faiss.contrib.exhaustive_search import knn_ground_truth
+
+    faiss = _faiss()
+    if isinstance(vectors, np.ndarray):
+        vectors = ArrayVectors(vectors)
+    chunks = (chunk for _, chunk in vectors.chunks(chunk_rows))
+    return knn_ground_truth(np.ascontiguousarray(queries, dtype=np.float32), chunks, k,
+                            metric_type=faiss.METRIC_INNER_PRODUCT, ngpu=0)
+
+
+def default_nlist(n: int) -> int:
+    # FAISS wants >= 39 training points per list; 2048 lists keep k-means affordable on a CPU at 10M+
+    return max(1, min(int(4 * math.sqrt(n)), n // 39, 2048))
+
+
+def plan_ivfpq(n: int, d: int, max_memory: int | None = None, n_queries: int = 500, in_use: int | None = None,
+               nlist: int | None = None) -> dict:
+    """The IVF-PQ build's parameters and its estimated peak memory: the largest chunks and codes that fit.
+
+    ``max_memory`` (bytes) is the whole process's budget; ``in_use`` (default: this process's RSS now) is spent
+    already. Peak = what is in use + the larger of training (the sample, with k-means' working copies) and adding
+    (the codes, twice for list growth, plus one chunk and its assignment buffers) or tuning (codes plus exact-search
+    scores for one chunk). Raises when even the smallest settings do not fit, saying what would."""
+    in_use = resident_bytes() if in_use is None else in_use
+    nlist = nlist or default_nlist(n)
+    train_rows = min(n, max(64 * nlist, 100 * 256))  # PQ's 256 centroids per sub-vector want ~100 points each
+    code_sizes = [m for m in (d // 4, d // 8, d // 16) if m >= 1 and d % m == 0]
+    chunk_options = [262_144, 131_072, 65_536, 32_768, 16_384, 8_192, MIN_CHUNK]
+
+    def estimate(m: int, chunk: int, train: int) -> int:
+        codes = 2 * n * (m + 8)
+        training = 3 * train * d * 4 + nlist * d * 4
+        adding = codes + chunk * (3 * d * 4 + 16)
+        tuning = codes + chunk * (d * 4 + n_queries * 4) + n_queries * 1024 * 4
+        return in_use + max(training, adding, tuning)
+
+    smallest = None
+    for m in code_sizes:
+        for train in (train_rows, min(n, 39 * nlist)):
+            for chunk in chunk_options:
+                need = estimate(m, min(chunk, max(n, 1)), train)
+                smallest = need if smallest is None else min(smallest, need)
+                if max_memory is None or need <= max_memory:
+                    # 256 centroids per sub-vector want >= 39 points each; a tiny collection gets fewer bits
+                    bits = int(min(8, max(1, math.floor(math.log2(max(train, 2) / 39)))))
+                    return {"nlist": nlist, "pq_m": m, "pq_bits": bits, "train_rows": train,
+                            "chunk_rows": min(chunk, max(n, 1)), "estimated_peak_bytes": need,
+                            "max_memory": max_memory}
+    raise MemoryError(f"an IVF-PQ index of {n:,} x {d} vectors needs at least {smallest / GB:.2f} GB here "
+                      f"({in_use / GB:.2f} GB already in use); --max-memory is {max_memory / GB:.2f} GB")
+
+
+def train_ivfpq(vectors, plan: dict, seed: int = 0, log=None):
+    """An empty IVF-PQ index with its quantizer and codebooks trained on a sample of ``vectors``."""
+    faiss = _faiss()
+    log = log or (lambda message: None)
+    n, d = vectors.shape
+    index = faiss.index_factory(d, f"IVF{plan['nlist']},PQ{plan['pq_m']}x{plan['pq_bits']}",
+                                faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    # the exact re-rank forgives coarse codes: skip polysemous training (40 of 50 s at 700k x 64 here) and cap the
+    # codebooks' k-means at 10 iterations on <= 64 points a centroid (FAISS's defaults: 25 on 256)
+    ivf.do_polysemous_training = False
+    ivf.pq.cp.niter, ivf.pq.cp.max_points_per_centroid = 10, 64
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=plan["train_rows"], replace=False))
+    log(f"training {plan['nlist']} IVF lists and the PQ codebooks ({plan['pq_m']} x {plan['pq_bits']}-bit codes) on "
+        f"{len(sample):,} sampled vectors")
+    index.train(vectors.get(sample))
+    return index
+
+
+def add_chunks(index, vectors, chunk_rows: int, start: int = 0, stop: int | None = None, log=None) -> None:
+    """Add ids ``start..stop`` of ``vectors`` to a trained index, ``chunk_rows`` at a time (ids = row numbers)."""
+    stop = len(vectors) if stop is None else stop
+    log = log or (lambda message: None)
+    for first, chunk in vectors.chunks(chunk_rows, start, stop):
+        index.add_with_ids(chunk, np.arange(first, first + len(chunk), dtype=np.int64))
+        log(f"added {first + len(chunk) - start:,} / {stop - start:,} vectors")
+
+
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     """Fraction of the exact top-k found in the approximate top-k."""
     hits = sum(len(set(a) & set(e)) for a, e in zip(approx_ids.tolist(), exact_ids.tolist()))
     return hits / exact_ids.size
 
 
-def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 0.95, exact_below: int = 50_000,
-                n_queries: int = 500, seed: int = 0, queries: np.ndarray | None = None, log=None):
+def build_index(vectors, kind: str = "auto", target_recall: float = 0.95, exact_below: int = 50_000,
+                n_queries: int = 500, seed: int = 0, queries: np.ndarray | None = None, log=None,
+                max_memory: int | str | None = None, nlist: int | None = None):
     """Return ``(index, info)``; ``info`` records the choice, its parameters and the measured recall@10.
 
+    ``vectors``: an [n, d] array of unit vectors, or ``StoredVectors`` (a collection read from disk in chunks).
     ``queries``: vectors to tune the search knobs on (up to ``n_queries`` are used); default perturbed collection
-    vectors. ``log``: called with a line per stage (k-means and adding take minutes at a million vectors).
+    vectors. ``log``: called with a line per stage (k-means and adding take minutes at millions of vectors).
+    ``max_memory``: the process's memory budget (bytes or "2GB"): the IVF-PQ build's chunks and code size are
+    chosen to fit it (``plan_ivfpq``); flat and HNSW indexes hold every vector and refuse a budget they exceed.
+    ``nlist``: IVF lists (default ``default_nlist(n)``).
     """
     faiss = _faiss()
     log = log or (lambda message: None)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if isinstance(vectors, np.ndarray):
+        vectors = ArrayVectors(vectors)
     n, d = vectors.shape
     if n == 0:
         raise ValueError("cannot index an empty collection")
@@ -51,64 +220,81 @@ def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != d or len(queries) == 0:
             raise ValueError(f"tuning queries must be a non-empty [N, {d}] array, got shape {queries.shape}")
+    max_memory = parse_size(max_memory)
     if kind == "auto":
         kind = "flat" if n < exact_below else "ivfpq"
     info = {"kind": kind, "count": n, "dim": d}
+    if kind in ("flat", "hnsw"):
+        need = resident_bytes() + n * d * 4 * (2 if kind == "hnsw" else 1) + (n * 32 * 8 if kind == "hnsw" else 0)
+        if max_memory is not None and need > max_memory:
+            raise MemoryError(f"a {kind} index of {n:,} x {d} vectors holds them all in RAM (~{need / GB:.2f} GB), "
+                              f"over --max-memory {max_memory / GB:.2f} GB; use --kind ivfpq")
+        in_ram = vectors.vectors if isinstance(vectors, ArrayVectors) else vectors.slice(0, n)
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
-        index.add(vectors)
+        index.add(in_ram)
         info["recall@10"] = 1.0
         return index, info
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
         log(f"building the HNSW graph over {n:,} vectors")
-        index.add(vectors)
-        knobs = [16, 32, 64, 128, 256, 512, 1024, 2048]
-        setter = lambda value: setattr(index.hnsw, "efSearch", value)
+        index.add(in_ram)
+        del in_ram
         info["param"] = "efSearch"
     elif kind == "ivfpq":
-        # FAISS wants >= 39 training points per list; 2048 lists keep k-means affordable on a CPU at 1M+
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39, 2048))
-        # 4-bit fast-scan codes of two dimensions each: scanned with SIMD lookups ~10x faster than float vectors,
-        # fine enough that an exact re-rank of a short list recovers the true top-k
-        m = d // 2 if d % 2 == 0 else d
-        index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(seed)
-        log(f"training {nlist} IVF lists and the PQ codebooks on {min(n, 64 * nlist):,} vectors")
-        index.train(vectors[rng.choice(n, size=min(n, 64 * nlist), replace=False)])
-        log(f"adding {n:,} vectors")
-        index.add(vectors)
-        ivf = faiss.extract_index_ivf(index)
-        # (nprobe, k_factor) from cheap to expensive: more lists first, then (all lists) a deeper exact re-rank.
-        # At nprobe == nlist every code is scanned, so the last steps reach any target on any data.
-        probes = sorted({min(p, nlist) for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)})
-        knobs = [(p, 16) for p in probes] + [(nlist, f) for f in (64, 256)]
-
-        def setter(value):
-            ivf.nprobe, index.k_factor = value
-        info.update(param="nprobe,k_factor", nlist=nlist, pq_m=m, pq_bits=4)
+        plan = plan_ivfpq(n, d, max_memory, n_queries, nlist=nlist)
+        log(f"plan: {plan['nlist']} lists, {plan['pq_m']} x {plan['pq_bits']}-bit codes, "
+            f"{plan['train_rows']:,} training vectors, chunks of {plan['chunk_rows']:,}; estimated peak {plan['estimated_peak_bytes'] / GB:.2f} GB"
+            + (f" (budget {max_memory / GB:.2f} GB)" if max_memory else ""))
+        trained = train_ivfpq(vectors, plan, seed, log)
+        add_chunks(trained, vectors, plan["chunk_rows"], log=log)
+        index = Reranked(trained, vectors)
+        info.update(param="nprobe,k_factor", nlist=plan["nlist"], pq_m=plan["pq_m"], pq_bits=plan["pq_bits"],
+                    rerank="stored", plan=plan)
     else:
         raise ValueError(f"unknown index kind {kind!r}; choose auto, flat, ivfpq or hnsw")
-    # tune the search knob on queries against exact search
+    return index, tune_index(index, vectors, info, target_recall, queries, n_queries, seed, log)
+
+
+def _knobs(index, info: dict):
+    """(values from cheap to expensive, setter) of the index's search knob."""
+    if info["kind"] == "hnsw":
+        return [16, 32, 64, 128, 256, 512, 1024, 2048], lambda value: setattr(index.hnsw, "efSearch", value)
+    nlist = info["nlist"]
+    # more lists first, then (all lists) a deeper exact re-rank: at nprobe == nlist every code is scanned, so the
+    # last steps reach any target on any data
+    probes = sorted({min(p, nlist) for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)} | {nlist})
+
+    def setter(value):
+        index.ivf.nprobe, index.k_factor = value
+    return [(p, 16) for p in probes] + [(nlist, f) for f in (64, 256)], setter
+
+
+def tune_index(index, vectors, info: dict, target_recall: float = 0.95, queries: np.ndarray | None = None,
+               n_queries: int = 500, seed: int = 0, log=None, chunk_rows: int | None = None) -> dict:
+    """Raise the search knob until recall@10 against exact search (chunked) reaches ``target_recall``."""
+    log = log or (lambda message: None)
+    n, d = vectors.shape
     rng = np.random.default_rng(seed + 1)
     if queries is None:
-        queries = vectors[rng.choice(n, size=min(n_queries, n), replace=False)]
+        queries = vectors.get(np.sort(rng.choice(n, size=min(n_queries, n), replace=False)))
         queries = queries + 0.1 * rng.standard_normal(queries.shape).astype(np.float32)
         info["tuned_on"] = "perturbed collection vectors"
     else:
         queries = queries[rng.permutation(len(queries))[:n_queries]]
         info["tuned_on"] = f"{len(queries)} given queries"
-    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    exact = faiss.IndexFlatIP(d)
-    exact.add(vectors)
+    queries = np.ascontiguousarray(queries / np.linalg.norm(queries, axis=1, keepdims=True), dtype=np.float32)
     k = min(10, n)
-    _, truth = exact.search(queries, k)
+    log(f"exact top-{k} of {len(queries)} tuning queries")
+    chunk_rows = chunk_rows or info.get("plan", {}).get("chunk_rows", 262_144)
+    _, truth = exact_top_k(vectors, queries, k, chunk_rows)
+    knobs, setter = _knobs(index, info)
     for value in knobs:
         setter(value)
         _, found = index.search(queries, k)
         recall = recall_at_k(found, truth)
-        if kind == "ivfpq":
+        if info["kind"] == "ivfpq":
             info.update(nprobe=value[0], k_factor=value[1], **{"recall@10": recall})
         else:
             info.update({info["param"]: value, "recall@10": recall})
@@ -116,29 +302,91 @@ def build_index(vectors: np.ndarray, kind: str = "auto", target_recall: float = 
         if recall >= target_recall:
             break
     info["target_recall"], info["target_met"] = target_recall, info["recall@10"] >= target_recall
-    return index, info
+    return info
 
 
 def save_index(index, info: dict, folder: str | Path) -> Path:
     faiss = _faiss()
     folder = Path(folder)
     with atomic_path(folder / "index.faiss") as tmp:
-        faiss.write_index(index, str(tmp))
+        faiss.write_index(index.index if isinstance(index, Reranked) else index, str(tmp))
     write_json(folder / "index.json", info)
     return folder / "index.faiss"
 
 
-def load_index(folder: str | Path):
+def load_index(folder: str | Path, mmap: bool = False, vectors=None):
+    """``(index, info)`` of a folder's saved index. ``mmap``: leave IVF-PQ codes on disk, paged in as searched
+    (``faiss.IO_FLAG_MMAP``); ``vectors``: the re-rank store (default the folder's own ``StoredVectors``)."""
     faiss = _faiss()
     folder = Path(folder)
     if not (folder / "index.faiss").exists():
         raise FileNotFoundError(f"{folder}: no index.faiss; run `clipforge index build {folder}`")
-    index = faiss.read_index(str(folder / "index.faiss"))
     info = json.loads((folder / "index.json").read_text())
-    if "nprobe" in info:
+    reranked = info.get("rerank") == "stored"
+    index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_MMAP if mmap and reranked else 0)
+    if reranked:
+        from .collection import StoredVectors
+
+        if vectors is None:
+            vectors = StoredVectors(folder)
+        elif isinstance(vectors, np.ndarray):
+            vectors = ArrayVectors(vectors)
+        index = Reranked(index, vectors, info.get("k_factor", 16))
+        index.ivf.nprobe = info["nprobe"]
+        return index, info
+    if "nprobe" in info:  # an index built before the re-rank moved out of it (IVF-PQ fast-scan + RFlat)
         faiss.extract_index_ivf(index).nprobe = info["nprobe"]
         if "k_factor" in info:
             faiss.downcast_index(index).k_factor = info["k_factor"]
     if "efSearch" in info:
         faiss.downcast_index(index).hnsw.efSearch = info["efSearch"]
     return index, info
+
+
+def build_index_distributed(vectors, folder: str | Path, rank: int, world: int, barrier, target_recall: float = 0.95,
+                            n_queries: int = 500, seed: int = 0, queries: np.ndarray | None = None, log=None,
+                            max_memory: int | str | None = None, nlist: int | None = None):
+    """The IVF-PQ build split across ``world`` processes (torchrun; several machines when ``folder`` is on a shared
+    file system): rank 0 trains the quantizer and codebooks once; every rank adds its contiguous share of the ids to
+    a copy and writes it as a part; rank 0 merges the parts in rank order (the codes alone, no vectors) and tunes.
+    The lists then hold the same codes in the same order as a one-process build from the same trained index, so the
+    results are identical. ``barrier()`` waits for every rank. Returns ``(index, info)`` on rank 0, else (None, None).
+    """
+    from ..files import read_json
+
+    faiss = _faiss()
+    log = log or (lambda message: None)
+    folder = Path(folder)
+    n, d = vectors.shape
+    trained_path, plan_path = folder / "index.trained.faiss", folder / "index.plan.json"
+    part_path = lambda r: folder / f"index.part-{r:03d}.faiss"  # noqa: E731
+    if rank == 0:
+        plan = plan_ivfpq(n, d, parse_size(max_memory), n_queries, nlist=nlist)
+        trained = train_ivfpq(vectors, plan, seed, log)
+        with atomic_path(trained_path) as tmp:
+            faiss.write_index(trained, str(tmp))
+        write_json(plan_path, plan)
+        del trained
+    barrier()
+    plan = read_json(plan_path)
+    part = faiss.read_index(str(trained_path))
+    start, stop = n * rank // world, n * (rank + 1) // world
+    add_chunks(part, vectors, plan["chunk_rows"], start, stop, log)
+    with atomic_path(part_path(rank)) as tmp:
+        faiss.write_index(part, str(tmp))
+    del part
+    barrier()
+    if rank != 0:
+        return None, None
+    merged = faiss.read_index(str(trained_path))
+    for r in range(world):
+        part = faiss.read_index(str(part_path(r)))
+        faiss.extract_index_ivf(merged).merge_from(faiss.extract_index_ivf(part), 0)  # ids are already global
+        del part
+    for path in [trained_path, plan_path] + [part_path(r) for r in range(world)]:
+        path.unlink()
+    log(f"merged {world} parts: {merged.ntotal:,} vectors")
+    index = Reranked(merged, vectors)
+    info = {"kind": "ivfpq", "count": n, "dim": d, "param": "nprobe,k_factor", "nlist": plan["nlist"],
+            "pq_m": plan["pq_m"], "pq_bits": plan["pq_bits"], "rerank": "stored", "plan": plan, "built_by": world}
+    return index, tune_index(index, vectors, info, target_recall, queries, n_queries, seed, log)

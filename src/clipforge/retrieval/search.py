@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .collection import StoredVectors, load_metadata
+from .collection import Metadata, StoredVectors
 from .index import load_index
 
 
@@ -25,13 +25,16 @@ def drop_near_duplicates(vectors: np.ndarray, threshold: float) -> list[int]:
 
 
 class Searcher:
-    """``Searcher(folder, model, preprocess, tokenizer)``: top-k of the collection for a text or an image."""
+    """``Searcher(folder, model, preprocess, tokenizer)``: top-k of the collection for a text or an image.
 
-    def __init__(self, folder: str | Path, model, preprocess, tokenizer):
+    Served from disk: IVF-PQ codes memory-mapped (``in_memory=False``, the default), metadata through Arrow by row
+    id, the re-rank and de-duplication reading the stored embeddings by id; RAM holds no per-image object."""
+
+    def __init__(self, folder: str | Path, model, preprocess, tokenizer, in_memory: bool = False):
         self.folder = Path(folder)
         self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
-        self.index, self.info = load_index(self.folder)
-        self.rows = load_metadata(self.folder)
+        self.index, self.info = load_index(self.folder, mmap=not in_memory, vectors=self.stored)
+        self.rows = Metadata(self.folder)
         if len(self.rows) != self.index.ntotal:
             raise ValueError(f"{self.folder}: index holds {self.index.ntotal} vectors but the metadata "
                              f"{len(self.rows)} rows; rebuild the index")
@@ -63,7 +66,7 @@ class Searcher:
 
     @cached_property
     def stored(self) -> StoredVectors:
-        """Memory-mapped on the first de-duplicated search."""
+        """The stored embeddings, read by id (re-rank, de-duplication, more-like-this)."""
         return StoredVectors(self.folder)
 
     def search_text(self, text: str, k: int = 10, dedup: float | None = None) -> list[dict]:

@@ -122,8 +122,9 @@ class Batcher:
                         future.set_exception(exc)
 
 
-def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_bytes: int = 10 * 2**20) -> FastAPI:
-    searcher = Searcher(folder, model, preprocess, tokenizer)
+def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_bytes: int = 10 * 2**20,
+               index_in_memory: bool = False) -> FastAPI:
+    searcher = Searcher(folder, model, preprocess, tokenizer, in_memory=index_in_memory)
     app = FastAPI(title="clipforge", description="Search and classify images with a CLIP model.")
     lock = threading.Lock()  # one model call at a time; batching keeps it busy
 
@@ -211,7 +212,7 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
         """One image of the collection with every caption it has (a sample's text lines, or its sidecar file)."""
         row = searcher.rows[known(index)]
         try:
-            captions = item_captions(thumbnail_sources[index]) or [row.get("caption") or ""]
+            captions = item_captions(item_from_path(str(row["path"]))) or [row.get("caption") or ""]
         except (OSError, KeyError):  # the file moved since embedding: what the metadata kept
             captions = [row.get("caption") or ""]
         return {"id": index, "name": Path(str(row["path"])).name, "width": int(row.get("width") or 0),
@@ -249,18 +250,16 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
 
     @lru_cache(maxsize=2048)
     def thumbnail(index: int, size: int) -> bytes:
-        image, _ = load_item(thumbnail_sources[index])
+        image, _ = load_item(item_from_path(str(searcher.rows[index]["path"])))
         image = image.convert("RGB")
         image.thumbnail((size, size))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
         return buffer.getvalue()
 
-    thumbnail_sources = [item_from_path(str(row["path"])) for row in searcher.rows]
-
     @app.get("/thumb/{index}", responses={200: {"content": {"image/jpeg": {}}}})
     def thumb(index: int, size: int = Query(THUMB_SIZES[0], description=f"one of {THUMB_SIZES} pixels")):
-        if not 0 <= index < len(thumbnail_sources):
+        if not 0 <= index < len(searcher.rows):
             raise HTTPException(404, f"no image with id {index} in the collection")
         if size not in THUMB_SIZES:
             raise HTTPException(422, f"size: one of {', '.join(map(str, THUMB_SIZES))}")

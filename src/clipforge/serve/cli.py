@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="[127.0.0.1: this machine only]")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=10.0)
+    p.add_argument("--index-in-memory", action="store_true",
+                   help="read the IVF-PQ index into RAM instead of memory-mapping it (faster first queries, more RSS)")
     p.set_defaults(func=run)
 
 
@@ -27,6 +29,6 @@ def run(args) -> int:
     model = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, collection=args.folder,
                                backend=args.backend)
     app = create_app(args.folder, *model,
-                     max_upload_bytes=int(args.max_upload_mb * 2**20))
+                     max_upload_bytes=int(args.max_upload_mb * 2**20), index_in_memory=args.index_in_memory)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

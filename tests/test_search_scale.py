@@ -1,0 +1,188 @@
+"""Search at scale (issue 19): chunked, memory-bounded index builds; serving from disk (memory-mapped index, Arrow
+metadata by row id); the build split across processes under torchrun."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("faiss", reason="faiss-cpu is in the test extras")
+pytest.importorskip("pyarrow", reason="pyarrow is in the test extras")
+
+from clipforge.retrieval.collection import Metadata, StoredVectors, load_metadata, write_image_shard  # noqa: E402
+from clipforge.retrieval.index import (add_chunks, build_index, load_index, plan_ivfpq, save_index,  # noqa: E402
+                                       train_ivfpq)
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def clustered(n: int, d: int, seed: int, clusters: int = 64) -> np.ndarray:
+    """Unit vectors around ``clusters`` centres: the structure real CLIP embeddings have."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d), dtype=np.float32)
+    vectors = centres[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, d), dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def write_collection(folder: Path, vectors: np.ndarray, shard_rows) -> None:
+    """Shards of the given sizes (a list) or of one size, with a path per row naming its id."""
+    sizes = shard_rows if isinstance(shard_rows, list) else \
+        [min(shard_rows, len(vectors) - s) for s in range(0, len(vectors), shard_rows)]
+    start = 0
+    for shard, size in enumerate(sizes):
+        ids = range(start, start + size)
+        write_image_shard(folder, shard, vectors[start:start + size],
+                          {"path": [f"img/{i}.jpg" for i in ids], "caption": [f"caption {i}" for i in ids],
+                           "width": [i % 500 for i in ids], "height": [7] * size})
+        start += size
+
+
+def run_cli(*args, env=None, check=True, prefix=()):
+    env = {**os.environ, "PYTHONPATH": SRC, **(env or {})}
+    return subprocess.run([*prefix, *(args[0] if isinstance(args[0], list) else [sys.executable, "-m",
+                                                                                "clipforge.cli", *args])],
+                          env=env, capture_output=True, text=True, check=check, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scale")
+    vectors = clustered(6_000, 32, seed=0)
+    write_collection(folder, vectors, [2_500, 1, 2_499, 1_000])  # uneven shards, one of a single row
+    return folder, vectors
+
+
+def test_stored_vectors_read_by_id_and_in_chunks_across_shards(small):
+    folder, vectors = small
+    stored = StoredVectors(folder)
+    assert stored.shape == (6_000, 32)
+    ids = [5_999, 0, 2_500, 2_499, 2_501, 3_000, 2_500]  # shard ends, the one-row shard, repeats, any order
+    expected = vectors[ids].astype(np.float16).astype(np.float32)
+    assert np.allclose(stored.get(ids), expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-6)
+    chunks = list(stored.chunks(1_234))
+    assert [first for first, _ in chunks] == list(range(0, 6_000, 1_234))
+    assert np.array_equal(np.concatenate([c for _, c in chunks]), vectors.astype(np.float16).astype(np.float32))
+    with pytest.raises(IndexError, match="out of range"):
+        stored.get([6_000])
+
+
+def test_chunked_build_equals_one_shot_build_for_the_same_trained_quantizer(small):
+    import faiss
+
+    folder, vectors = small
+    stored = StoredVectors(folder)
+    plan = plan_ivfpq(len(stored), stored.dim, nlist=32)
+    trained = train_ivfpq(stored, plan, seed=0)
+    one_shot, chunked = faiss.clone_index(trained), faiss.clone_index(trained)
+    one_shot.add(stored.slice(0, len(stored)))
+    add_chunks(chunked, stored, 777)
+    for index in (one_shot, chunked):
+        faiss.extract_index_ivf(index).nprobe = 8
+    queries = clustered(50, 32, seed=9)
+    assert np.array_equal(one_shot.search(queries, 10)[1], chunked.search(queries, 10)[1])
+    lists_a, lists_b = faiss.extract_index_ivf(one_shot).invlists, faiss.extract_index_ivf(chunked).invlists
+    for lst in range(32):
+        assert lists_a.list_size(lst) == lists_b.list_size(lst)
+        size = lists_a.list_size(lst) * lists_a.code_size
+        assert faiss.rev_swig_ptr(lists_a.get_codes(lst), size).tobytes() == \
+            faiss.rev_swig_ptr(lists_b.get_codes(lst), size).tobytes()
+
+
+def test_index_holds_codes_only_and_memory_mapped_serving_returns_the_in_ram_results(small, tmp_path):
+    folder, vectors = small
+    target = tmp_path / "c"
+    shutil.copytree(folder, target)
+    index, info = build_index(StoredVectors(target), kind="ivfpq", target_recall=0.95, nlist=32)
+    assert info["rerank"] == "stored" and info["target_met"], info
+    save_index(index, info, target)
+    # codes (8 bytes of PQ + 8 of id a vector) and the quantizer, no float copy of the vectors (6,000 x 32 x 4 bytes)
+    assert (target / "index.faiss").stat().st_size < 6_000 * 32 * 4 / 3
+    rng = np.random.default_rng(5)  # fresh queries near the data, as the tuning ones are
+    queries = vectors[rng.integers(0, len(vectors), 100)] + 0.1 * rng.standard_normal((100, 32), dtype=np.float32)
+    in_ram, _ = load_index(target)
+    mapped, _ = load_index(target, mmap=True)
+    scores_a, ids_a = in_ram.search(queries, 10)
+    scores_b, ids_b = mapped.search(queries, 10)
+    assert np.array_equal(ids_a, ids_b) and np.array_equal(scores_a, scores_b)
+    exact = np.argsort(-(vectors @ queries.T).T, axis=1)[:, :10]
+    assert np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ids_a, exact)]) >= 0.9
+
+
+def test_metadata_by_row_id_at_shard_ends_and_middles_memory_mapped_or_not(small, tmp_path):
+    from clipforge.retrieval.collection import write_metadata_arrow
+
+    folder, _ = small
+    target = tmp_path / "m"
+    shutil.copytree(folder, target)
+    rows = load_metadata(target)
+    ids = [0, 1_250, 2_499, 2_500, 2_501, 3_700, 4_999, 5_000, 5_500, 5_999]
+    parquet = Metadata(target)
+    assert not parquet.memory_mapped and len(parquet) == 6_000
+    assert write_metadata_arrow(target) == 4 and write_metadata_arrow(target) == 0  # up to date: not rewritten
+    mapped = Metadata(target)
+    assert mapped.memory_mapped
+    for i in ids:
+        assert parquet[i] == mapped[i] == rows[i] == {"path": f"img/{i}.jpg", "caption": f"caption {i}",
+                                                      "width": i % 500, "height": 7}
+    with pytest.raises(IndexError):
+        mapped[6_000]
+
+
+def peak_rss_of(args, env=None) -> tuple[int, subprocess.CompletedProcess]:
+    """Run the CLI in a fresh interpreter and return its own peak RSS (VmHWM, bytes) with the result."""
+    code = ("import sys, re; from clipforge import cli; rc = cli.main(sys.argv[1:]); "
+            "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+            "print('PEAK', int(hwm) * 1024); print('TORCH', 'torch' in sys.modules); sys.exit(rc)")
+    done = run_cli([sys.executable, "-c", code, *args], env=env)
+    peak = int(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK")))
+    return peak, done
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
+def test_a_collection_larger_than_the_memory_budget_builds_within_it(tmp_path):
+    n, d = 640_000, 64  # 156 MiB as float32 (78 MiB on disk as float16), against a 150 MiB budget for everything
+    folder = tmp_path / "big"
+    for shard, start in enumerate(range(0, n, 200_000)):
+        part = clustered(min(200_000, n - start), d, seed=shard, clusters=256)
+        write_image_shard(folder, shard, part, {"path": [f"{start + i}.jpg" for i in range(len(part))],
+                                                "caption": [""] * len(part), "width": [0] * len(part),
+                                                "height": [0] * len(part)})
+    budget = 150 * 2**20
+    assert n * d * 4 > budget  # the collection as float32 is larger than the whole process may use
+    peak, done = peak_rss_of(["index", "build", str(folder), "--kind", "ivfpq", "--nlist", "256",
+                              "--max-memory", str(budget)])
+    assert "plan:" in done.stderr and "budget" in done.stderr
+    info = json.loads((folder / "index.json").read_text())
+    assert info["count"] == n and info["target_met"] and info["plan"]["max_memory"] == budget
+    assert peak <= budget, f"peak RSS {peak / 2**20:.0f} MB over the {budget / 2**20:.0f} MB budget"
+    assert "TORCH False" in done.stdout  # the build never imports torch (~650 MB of RSS by itself)
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        run_cli("index", "build", str(folder), "--kind", "ivfpq", "--max-memory", "50MB")
+    assert "--max-memory" in failed.value.stderr and "needs at least" in failed.value.stderr
+
+
+def test_two_process_torchrun_build_equals_the_one_process_build(small, tmp_path):
+    pytest.importorskip("torch.distributed.run")
+    folder, _ = small
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(folder, one)
+    shutil.copytree(folder, two)
+    env = {"OMP_NUM_THREADS": "1"}  # k-means as torchrun's ranks run it: identical training in both builds
+    run_cli("index", "build", str(one), "--kind", "ivfpq", "--nlist", "32", "--quiet", env=env)
+    done = run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    "29531", "-m", "clipforge.cli", "index", "build", str(two), "--kind", "ivfpq", "--nlist", "32"],
+                   env=env)
+    assert "[rank 1] added" in done.stderr and "merged 2 parts" in done.stderr
+    assert sorted(p.name for p in two.glob("index*")) == ["index.faiss", "index.json"]  # parts cleaned up
+    info_one, info_two = (json.loads((f / "index.json").read_text()) for f in (one, two))
+    assert info_two.pop("built_by") == 2
+    for info in (info_one, info_two):  # (each process's own estimate: torchrun's ranks have torch imported)
+        del info["plan"]["estimated_peak_bytes"]
+    assert info_one == info_two
+    assert (one / "index.faiss").read_bytes() == (two / "index.faiss").read_bytes()
+    queries = clustered(40, 32, seed=11)
+    assert np.array_equal(load_index(one)[0].search(queries, 10)[1], load_index(two)[0].search(queries, 10)[1])
