@@ -149,10 +149,12 @@ def serve(folder: Path, src: Path, extra=(), queries: int = 300) -> dict:
     finally:
         process.terminate()
         process.wait(timeout=60)
-    rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
-    peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+    field = lambda key: round(int(re.search(rf"{key}:\s+(\d+)", status).group(1)) / 1024)  # noqa: E731
+    # RssFile: pages of the memory-mapped index and metadata files, shared with the page cache and dropped by the
+    # kernel under memory pressure; RssAnon: the process's own memory
     return {"startup_s": round(startup, 1), "rss_after_startup_mb": round(rss_started),
-            "rss_after_queries_mb": round(rss), "peak_rss_mb": round(peak), "http": percentiles(times)}
+            "rss_after_queries_mb": field("VmRSS"), "anon_mb": field("RssAnon"), "file_backed_mb": field("RssFile"),
+            "peak_rss_mb": field("VmHWM"), "http": percentiles(times)}
 
 
 def peer_checkout(commit: str, work: Path) -> Path:
@@ -182,6 +184,7 @@ def main():
     parser.add_argument("--max-memory", help="pass --max-memory to the builds")
     parser.add_argument("--peer-commit", help="also build and serve with the code at this commit (e.g. 2b293d8)")
     parser.add_argument("--no-serve", action="store_true")
+    parser.add_argument("--reuse-index", action="store_true", help="keep an index already built in --work")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     from clipforge.retrieval.collection import StoredVectors
@@ -199,8 +202,11 @@ def main():
                                                                           (folder / "img_emb").glob("*.npy")) / 2**20),
                                                  "metadata": round(sum(p.stat().st_size for p in
                                                                        (folder / "metadata").glob("*.parquet")) / 2**20)}}
-            print("  build", file=sys.stderr, flush=True)
-            row["build"] = build(folder, src, ["--max-memory", args.max_memory] if args.max_memory else [])
+            if args.reuse_index and (folder / "index.faiss").exists():
+                row["build"] = {"reused": True, **json.loads((folder / "index.json").read_text())}
+            else:
+                print("  build", file=sys.stderr, flush=True)
+                row["build"] = build(folder, src, ["--max-memory", args.max_memory] if args.max_memory else [])
             print(f"  {row['build']}", file=sys.stderr, flush=True)
             queries = fresh_queries(folder)
             _, truth = exact_top_k(StoredVectors(folder), queries, 10)

@@ -186,3 +186,21 @@ def test_two_process_torchrun_build_equals_the_one_process_build(small, tmp_path
     assert (one / "index.faiss").read_bytes() == (two / "index.faiss").read_bytes()
     queries = clustered(40, 32, seed=11)
     assert np.array_equal(load_index(one)[0].search(queries, 10)[1], load_index(two)[0].search(queries, 10)[1])
+
+
+def test_the_plan_fits_a_budget_by_smaller_chunks_then_shorter_codes():
+    from clipforge.retrieval.index import parse_size
+
+    assert parse_size("2GB") == 2 * 2**30 and parse_size("512MB") == 512 * 2**20 and parse_size("1.5g") == 3 * 2**29
+    assert parse_size(1000) == 1000 and parse_size(None) is None
+    with pytest.raises(ValueError, match="2 gigs"):
+        parse_size("2 gigs")
+    roomy = plan_ivfpq(10_000_000, 128, in_use=0)
+    assert (roomy["pq_m"], roomy["pq_bits"], roomy["chunk_rows"], roomy["nlist"]) == (32, 8, 131_072, 2048)
+    tighter = plan_ivfpq(10_000_000, 128, max_memory=roomy["estimated_peak_bytes"] - 1, in_use=0)
+    assert tighter["pq_m"] == 32 and tighter["chunk_rows"] < roomy["chunk_rows"]
+    # codes alone (2 x (32 + 8) bytes a vector with list growth) exceed 700 MB: shorter codes
+    shortest = plan_ivfpq(10_000_000, 128, max_memory=700 * 2**20, in_use=0)
+    assert shortest["pq_m"] < 32 and shortest["estimated_peak_bytes"] <= 700 * 2**20
+    with pytest.raises(MemoryError, match="needs at least"):
+        plan_ivfpq(10_000_000, 128, max_memory=100 * 2**20, in_use=0)

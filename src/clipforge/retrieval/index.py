@@ -138,7 +138,9 @@ def plan_ivfpq(n: int, d: int, max_memory: int | None = None, n_queries: int = 5
     nlist = nlist or default_nlist(n)
     train_rows = min(n, max(64 * nlist, 100 * 256))  # PQ's 256 centroids per sub-vector want ~100 points each
     code_sizes = [m for m in (d // 4, d // 8, d // 16) if m >= 1 and d % m == 0]
-    chunk_options = [262_144, 131_072, 65_536, 32_768, 16_384, 8_192, MIN_CHUNK]
+    # a chunk as float32 stays under 64 MiB whatever the budget: larger ones add memory, not speed
+    chunk_options = [c for c in (262_144, 131_072, 65_536, 32_768, 16_384, 8_192) if c * d * 4 <= 64 * 2**20]
+    chunk_options.append(MIN_CHUNK)
 
     def estimate(m: int, chunk: int, train: int) -> int:
         codes = 2 * n * (m + 8)
