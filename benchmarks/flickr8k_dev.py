@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -26,14 +27,23 @@ from clipforge.zeroshot import zero_shot_classifier
 REPO = Path(__file__).resolve().parents[1]
 
 
+class EveryNth:
+    """A source's every n-th raw sample, taken before decoding: the subset costs what it holds, not the split."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, n
+
+    def samples(self, *args, **kwargs):
+        return itertools.islice(self.source.samples(*args, **kwargs), 0, None, self.n)
+
+
 @torch.no_grad()
 def dev_scores(model, preprocess, tokenizer, data: Path, every: int = 10) -> dict:
     pairs = evaluation_set(open_source(str(data / "flickr8k" / "dev"), shuffle_buffer=0), preprocess)
     images, texts = embed_pairs(model, tokenizer, pairs.images, pairs.captions)
     out = {k: round(v, 4) for k, v in retrieval_metrics(images, texts, pairs.caption_images).items()}
     cifar = open_labelled(data / "cifar10", "train")
-    features, labels = embed_labelled(model, cifar.source, preprocess, progress=False)
-    features, labels = features[::every], labels[::every]
+    features, labels = embed_labelled(model, EveryNth(cifar.source, every), preprocess, progress=False)
     for name, templates in (("bare", ["{}"]), ("photo", ["a photo of a {}."]), ("ensemble", cifar.templates)):
         weights = zero_shot_classifier(model, tokenizer, cifar.classnames, templates)
         out[f"cifar10_train_subset_{name}"] = round(topk_accuracy(features @ weights.cpu(), labels)[1], 4)

@@ -3,6 +3,7 @@ metadata by row id); the build split across processes under torchrun."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -173,8 +174,11 @@ def test_two_process_torchrun_build_equals_the_one_process_build(small, tmp_path
     shutil.copytree(folder, two)
     env = {"OMP_NUM_THREADS": "1"}  # k-means as torchrun's ranks run it: identical training in both builds
     run_cli("index", "build", str(one), "--kind", "ivfpq", "--nlist", "32", "--quiet", env=env)
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     done = run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                    "29531", "-m", "clipforge.cli", "index", "build", str(two), "--kind", "ivfpq", "--nlist", "32"],
+                    port, "-m", "clipforge.cli", "index", "build", str(two), "--kind", "ivfpq", "--nlist", "32"],
                    env=env)
     assert "[rank 1] added" in done.stderr and "merged 2 parts" in done.stderr
     assert sorted(p.name for p in two.glob("index*")) == ["index.faiss", "index.json"]  # parts cleaned up
