@@ -208,3 +208,23 @@ def test_the_plan_fits_a_budget_by_smaller_chunks_then_shorter_codes():
     assert shortest["pq_m"] < 32 and shortest["estimated_peak_bytes"] <= 700 * 2**20
     with pytest.raises(MemoryError, match="needs at least"):
         plan_ivfpq(10_000_000, 128, max_memory=100 * 2**20, in_use=0)
+
+
+def test_an_index_built_before_the_rerank_moved_out_still_loads(small, tmp_path):
+    """Folders indexed by earlier versions (fast-scan IVF-PQ with an in-index float copy, index.json without
+    "rerank", metadata without Arrow copies) keep working."""
+    import faiss
+
+    folder, vectors = small
+    target = tmp_path / "old"
+    shutil.copytree(folder, target)
+    old = faiss.index_factory(32, "IVF16,PQ16x4fs,RFlat", faiss.METRIC_INNER_PRODUCT)
+    old.train(vectors)
+    old.add(vectors)
+    faiss.write_index(old, str(target / "index.faiss"))
+    (target / "index.json").write_text(json.dumps({"kind": "ivfpq", "count": 6000, "dim": 32, "nlist": 16,
+                                                   "nprobe": 16, "k_factor": 8, "recall@10": 1.0}))
+    index, _ = load_index(target, mmap=True)
+    assert faiss.extract_index_ivf(index).nprobe == 16 and faiss.downcast_index(index).k_factor == 8
+    assert index.search(vectors[:3], 1)[1][:, 0].tolist() == [0, 1, 2]
+    assert not Metadata(target).memory_mapped and Metadata(target)[5_999]["path"] == "img/5999.jpg"
