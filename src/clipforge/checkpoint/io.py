@@ -95,6 +95,10 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tupl
         raise CheckpointError(f"{path}: no such file or folder")
     config = None
     try:
+        if path.is_dir() and (path / "sharded" / ".metadata").exists():  # a --fsdp training checkpoint (DCP)
+            from ..train.fsdp import read_sharded_weights
+
+            return read_sharded_weights(path)
         if path.is_dir():
             config_file = path / CONFIG_NAME
             folder_config = json.loads(config_file.read_text()) if config_file.exists() else {}

@@ -51,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-dropout", type=float, help=f"FLIP: fraction of image patches dropped (ViT) [{d.patch_dropout}]")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, more time")
     g.add_argument("--torchcompile", action="store_true", help="compile the model with torch.compile")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and AdamW state across ranks (PyTorch FSDP2; torchrun for several; "
+                        "bf16 compute with fp32 reduction on GPU); checkpoints become sharded folders (DCP) that "
+                        "clipforge.load and clipforge convert read")
     g.add_argument("--objective", choices=OBJECTIVES,
                    help=f"contrastive (CLIP; SigLIP with --loss siglip); bow: predict the caption's bag of words from "
                         f"the image, the CLIP paper's baseline; labels: the classes of labelled data, or the caption's "

@@ -70,6 +70,7 @@ class TrainConfig:
     local_loss: bool = False
     loss_chunk_size: int | None = None
     grad_checkpointing: bool = False
+    fsdp: bool = False  # shard weights, gradients and optimizer state across ranks (PyTorch FSDP2, clipforge.train.fsdp)
     torchcompile: bool = False
     patch_dropout: float = 0.0
     lock_image: bool = False
@@ -113,12 +114,19 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
         device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if cfg.fsdp and not dist.is_initialized():  # one process: FSDP still wants a process group
+        from .fsdp import init_single_process_group
+
+        init_single_process_group(device)
     return rank, world, device
 
 
 def _check_choices(cfg: TrainConfig) -> None:
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
+    if cfg.fsdp and (cfg.objective != "contrastive" or cfg.text_cache or cfg.torchcompile):
+        raise ValueError("--fsdp trains CLIP models with the contrastive or SigLIP loss; it does not combine with "
+                         "--objective other than contrastive, --text-cache or --torchcompile (yet)")
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
@@ -142,8 +150,9 @@ def model_config_for(cfg: TrainConfig) -> dict:
     return config
 
 
-def _build_model(cfg: TrainConfig, model_config: dict, device: torch.device, world: int, model=None):
-    """(the module the steps run: DDP- and compile-wrapped as asked, the bare model)."""
+def _build_model(cfg: TrainConfig, model_config: dict, device: torch.device, world: int, model=None,
+                 precision: str = "fp32"):
+    """(the module the steps run: DDP- or FSDP- and compile-wrapped as asked, the bare model)."""
     if model is None:
         model = create_model(model_config)
     if cfg.pretrained and cfg.objective != "classify":  # (a classifier is built from its --pretrained)
@@ -160,6 +169,10 @@ def _build_model(cfg: TrainConfig, model_config: dict, device: torch.device, wor
     if device.type == "cuda" and is_resnet(model_config):
         model.to(memory_format=torch.channels_last)  # ResNet convolutions run faster channels-last
     core = model
+    if cfg.fsdp:  # sharded in place: the module the steps run is the model itself
+        from .fsdp import shard_model
+
+        return shard_model(model, bf16=device.type == "cuda" and precision == "amp_bf16"), model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -252,14 +265,27 @@ class _Position:
     rng: dict | None = None
 
 
+def _full(parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value, also when FSDP holds it as a sharded DTensor (a collective: every rank calls)."""
+    return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+
+
 def _resume(cfg: TrainConfig, output: Path, core, optimizer, scheduler, scaler, rank: int, world: int) -> _Position:
+    from .fsdp import is_sharded_checkpoint, load_sharded_checkpoint
+
     checkpoint = resolve_resume(cfg.resume, output) if cfg.resume else None
     if checkpoint is None:
         return _Position()
-    state, _ = read_checkpoint(checkpoint)
-    load_into(core, state, source=str(checkpoint))
     train_state = load_train_state(checkpoint)
-    optimizer.load_state_dict(train_state["optimizer"])
+    if cfg.fsdp != is_sharded_checkpoint(checkpoint):
+        raise ValueError(f"{checkpoint} is {'a sharded' if not cfg.fsdp else 'an unsharded'} checkpoint: resume it "
+                         f"{'with' if not cfg.fsdp else 'without'} --fsdp")
+    if cfg.fsdp:
+        load_sharded_checkpoint(checkpoint, core, optimizer)
+    else:
+        state, _ = read_checkpoint(checkpoint)
+        load_into(core, state, source=str(checkpoint))
+        optimizer.load_state_dict(train_state["optimizer"])
     scheduler.load_state_dict(train_state["scheduler"])
     scaler.load_state_dict(train_state["scaler"])
     if train_state.get("world_size", 1) != world or train_state.get("workers") != cfg.workers:
@@ -322,7 +348,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     source, labels = _open_training_data(cfg, train_source)
     objective = objective_for(cfg, source, labels, model_config_for(cfg), model, loss_fn)
     model_config, tokenizer, loss_fn = objective.model_config, objective.tokenizer, objective.loss_fn
-    model, core = _build_model(cfg, model_config, device, world, objective.model)
+    model, core = _build_model(cfg, model_config, device, world, objective.model, precision)
     if cfg.text_cache:
         _cache_text_features(cfg, core, source, tokenizer, labels)
     samples_per_step = cfg.batch_size * world * cfg.accum_freq
@@ -337,8 +363,9 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                                label_captions=bool(labels.classnames), exclude_labels=labels.exclude,
                                resume=position.data, hflip=cfg.hflip, targets=objective.targets)
     batches = iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda"))
+    # (sharded towers run collectively: under FSDP every rank validates, rank 0 logs)
     val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates) \
-        if rank == 0 else (None, None)
+        if rank == 0 or cfg.fsdp else (None, None)
     log = _RunLog(output, rank, {"train": dataclasses.asdict(cfg), "model_cfg": model_config, "world_size": world,
                                  "total_steps": total_steps}, position.step)
     if position.rng is not None:
@@ -365,7 +392,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                 last_loss = losses.mean(step)
                 elapsed = time.perf_counter() - interval_start
                 record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": interval_samples / elapsed, "logit_scale": core.logit_scale.exp().item(),
+                          "samples_per_s": interval_samples / elapsed, "logit_scale": _full(core.logit_scale).exp().item(),
                           "skipped_samples": sum(_skipped_total(position, world).values())}
                 log(record)
                 bar.set_postfix(loss=f"{last_loss:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
@@ -428,6 +455,12 @@ def _save_checkpoint(output: Path, position: _Position, core, model_config: dict
     for part in _gather_objects(position.data, world):
         data.update(part)
     rngs = _gather_objects(rng_state(), world)
+    if cfg.fsdp:  # every rank writes its shard of weights and optimizer state
+        from .fsdp import save_sharded_checkpoint
+
+        return save_sharded_checkpoint(output, position.step, core, optimizer, model_config, {
+            "step": position.step, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+            "data": data, "world_size": world, "workers": cfg.workers}, rank, cfg.keep)
     path = None
     if rank == 0:
         path = save_checkpoint(output, position.step, core, model_config, {
