@@ -2,9 +2,11 @@
 exact resume from a sharded (DCP) checkpoint, and conversion of one into the normal single-file format."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -95,15 +97,44 @@ def test_a_sharded_checkpoint_converts_and_loads_with_identical_features(runs, t
         torch.testing.assert_close(text, features[0][1], atol=1e-6, rtol=1e-5)
 
 
-def test_fsdp_composes_with_accumulation_locked_towers_checkpointing_siglip_and_clipping(runs):
+def test_fsdp_composes_with_accumulation_locked_towers_checkpointing_siglip_local_loss_and_clipping(runs):
     root, spec = runs
-    extra = ["--accum-freq", "2", "--lock-text", "--grad-checkpointing", "--loss", "siglip", "--grad-clip", "1"]
+    extra = ["--accum-freq", "2", "--lock-text", "--grad-checkpointing", "--loss", "siglip", "--local-loss",
+             "--grad-clip", "1"]
     torchrun_train(spec, root / "ddp-all", extra, steps=2)
     torchrun_train(spec, root / "fsdp-all", ["--fsdp", *extra], steps=2)
     assert losses(root / "fsdp-all") == pytest.approx(losses(root / "ddp-all"), rel=1e-5)
     ddp, fsdp = (weights(root / run / "checkpoints" / "step-00000002") for run in ("ddp-all", "fsdp-all"))
     for key in ddp:
         torch.testing.assert_close(fsdp[key], ddp[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_a_run_killed_after_a_sharded_checkpoint_resumes_to_the_same_weights(runs):
+    root, spec = runs
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    victim_dir = root / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "clipforge.cli", "train", "--train-data", spec, "--model", "ViT-Tiny-64",
+           "--batch-size", "8", "--steps", "12", "--save-every", "2", "--workers", "0", "--seed", "5", "--output",
+           str(victim_dir), "--no-progress", "--log-every", "1", "--fsdp"]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    victim = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    checkpoints = victim_dir / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (checkpoints.exists() and any(checkpoints.glob("step-*"))):
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    victim.wait()
+    done = sorted(p.name for p in checkpoints.glob("step-*"))
+    assert done and done[-1] < "step-00000012", "the run finished before it could be killed"
+    torchrun_train(spec, victim_dir, ["--fsdp", "--resume", "latest"], steps=12)
+    torchrun_train(spec, root / "straight-12", ["--fsdp"], steps=12)
+    straight, resumed = weights(root / "straight-12" / "checkpoints" / "step-00000012"), \
+        weights(victim_dir / "checkpoints" / "step-00000012")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_fsdp_refuses_what_it_does_not_support_and_resuming_across_kinds(runs, tmp_path):
