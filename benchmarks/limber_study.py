@@ -35,18 +35,20 @@ def clipforge(*args: str) -> None:
 
 
 def train_encoder(objective: str, recipe: Path, output: Path) -> Path:
-    """The recipe's image tower trained with another objective (no text tower), once."""
+    """The recipe's image tower trained with another objective (no text tower), once; a killed run continues from
+    its last checkpoint when the study is run again."""
     from clipforge.train.checkpoints import checkpoint_dirs
     from clipforge.train.cli import read_config
 
-    if not checkpoint_dirs(output):
-        # the recipe without its text tower: these objectives train the image tower alone
-        settings = {k: v for k, v in read_config(recipe).items() if k not in TEXT_SETTINGS}
+    # the recipe without its text tower: these objectives train the image tower alone
+    settings = {k: v for k, v in read_config(recipe).items() if k not in TEXT_SETTINGS}
+    final = output / "checkpoints" / f"step-{settings['steps']:08d}"
+    if not final.exists():
         output.mkdir(parents=True, exist_ok=True)
         (output / "recipe.json").write_text(json.dumps(settings, indent=1))
         clipforge("train", "--config", str(output / "recipe.json"), "--objective", objective, "--output", str(output),
-                  "--no-progress", "--save-every", "0", *(["--crop-scale", "0.3", "1.0"] if objective ==
-                                                          "self-supervised" else []))
+                  "--no-progress", "--save-every", "200", "--resume", "latest",
+                  *(["--crop-scale", "0.3", "1.0"] if objective == "self-supervised" else []))
     return checkpoint_dirs(output)[-1]
 
 
