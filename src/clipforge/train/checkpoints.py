@@ -63,13 +63,27 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(run_dir: str | Path, step: int, model, model_config: dict, train_state: dict,
                     keep: int | None = 3) -> Path:
     """Write the step folder atomically (temp folder + rename), then prune to the newest ``keep``."""
-    folder = Path(run_dir) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=folder))
+    tmp, final = new_step_folder(run_dir, step)
     try:
         save_pretrained(model, tmp, model_config)
         write_train_state(tmp, train_state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish_step_folder(tmp, final, run_dir, keep)
+
+
+def new_step_folder(run_dir: str | Path, step: int) -> tuple[Path, Path]:
+    """(a fresh temporary folder to write step ``step`` into, the name it will have once complete)."""
+    folder = Path(run_dir) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=folder)), folder / f"step-{step:08d}"
+
+
+def publish_step_folder(tmp: Path, final: Path, run_dir: str | Path, keep: int | None) -> Path:
+    """Rename a completely written temporary step folder into place (replacing one of the same step), then prune
+    the run to its newest ``keep`` checkpoints; the temporary folder never outlives this call."""
+    try:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -16,9 +16,7 @@ back into a plain state dict in a single process (no process group), which is ho
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -96,16 +94,13 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model, optimizer, model_co
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from ..files import write_json
-    from .checkpoints import checkpoint_dirs, write_train_state
+    from .checkpoints import new_step_folder, publish_step_folder, write_train_state
 
-    folder = Path(run_dir) / "checkpoints"
-    final = folder / f"step-{step:08d}"
-    name = [None]
+    names = [None, None]
     if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        name[0] = tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=folder)
-    dist.broadcast_object_list(name, src=0)
-    tmp = Path(name[0])
+        names = [str(path) for path in new_step_folder(run_dir, step)]
+    dist.broadcast_object_list(names, src=0)
+    tmp, final = map(Path, names)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / SHARDED))
     dist.barrier()
@@ -113,15 +108,10 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model, optimizer, model_co
         try:
             write_json(tmp / "config.json", {"format": "clipforge-sharded", "model_cfg": model_config})
             write_train_state(tmp, train_state)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        if keep:
-            for old in checkpoint_dirs(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish_step_folder(tmp, final, run_dir, keep)
     dist.barrier()
     return final
 
