@@ -96,6 +96,7 @@ def _register_lazy(name: str, module: str, help_text: str, function: str = "add_
         parser = sub.add_parser(name, help=help_text)
         if command in ("*", name):
             getattr(importlib.import_module(f"clipforge.{module}"), function)(parser)
+    register.command = name
     return register
 
 
@@ -131,14 +132,10 @@ _EXTRA_COMMANDS: list = [
 ]
 
 
-_COMMAND_NAMES = ("demo", "train", "finetune", "wise-ft", "eval", "embed", "index", "search", "export", "bench",
-                  "serve", "caption")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((word for word in argv if not word.startswith("-")), None)
-    parser = build_parser(command if command in _COMMAND_NAMES else None)
+    parser = build_parser(command if command in {r.command for r in _EXTRA_COMMANDS} else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -148,10 +148,9 @@ def load_metadata(folder: str | Path) -> list[dict]:
     """The metadata rows of every image shard, in shard order (without reading the vectors)."""
     import pyarrow.parquet as pq
 
-    folder = Path(folder)
     rows = []
-    for emb_path in _image_shard_files(folder):
-        rows.extend(pq.read_table(image_shard(folder, int(emb_path.stem.split("_")[-1]))[1]).to_pylist())
+    for parquet, _ in _metadata_files(Path(folder)):
+        rows.extend(pq.read_table(parquet).to_pylist())
     return rows
 
 
@@ -250,16 +249,18 @@ class StoredVectors:
         for first in range(start, stop, rows):
             yield first, self.slice(first, min(first + rows, stop))
 
-    def close(self) -> None:
-        for handle in self._handles or []:
-            handle.close()
-        self._handles = None
-
 
 # ------------------------------------------------------------------------------------------------------ metadata
 
-def _arrow_path(parquet: Path) -> Path:
-    return parquet.with_suffix(".arrow")
+def _metadata_files(folder: Path) -> list[tuple[Path, Path]]:
+    """(parquet, its Arrow IPC copy's path) of every image shard, in shard order."""
+    parquets = [image_shard(folder, int(emb.stem.split("_")[-1]))[1] for emb in _image_shard_files(Path(folder))]
+    return [(parquet, parquet.with_suffix(".arrow")) for parquet in parquets]
+
+
+def _is_fresh(arrow: Path, parquet: Path) -> bool:
+    """The Arrow copy exists and is not older than its parquet (a re-embedded shard invalidates it)."""
+    return arrow.exists() and arrow.stat().st_mtime >= parquet.stat().st_mtime
 
 
 def write_metadata_arrow(folder: str | Path) -> int:
@@ -272,10 +273,8 @@ def write_metadata_arrow(folder: str | Path) -> int:
     pool = pa.default_memory_pool()
     pa.set_memory_pool(pa.system_memory_pool())  # mimalloc keeps ~2x as much resident afterwards: a budget's worth
     try:
-        for emb_path in _image_shard_files(Path(folder)):
-            parquet = image_shard(folder, int(emb_path.stem.split("_")[-1]))[1]
-            target = _arrow_path(parquet)
-            if target.exists() and target.stat().st_mtime >= parquet.stat().st_mtime:
+        for parquet, target in _metadata_files(folder):
+            if _is_fresh(target, parquet):
                 continue
             source = pq.ParquetFile(parquet)
             with atomic_path(target) as tmp:
@@ -300,10 +299,8 @@ class Metadata:
         folder = Path(folder)
         self.tables = []
         self.memory_mapped = True
-        for emb_path in _image_shard_files(folder):
-            parquet = image_shard(folder, int(emb_path.stem.split("_")[-1]))[1]
-            arrow = _arrow_path(parquet)
-            if arrow.exists() and arrow.stat().st_mtime >= parquet.stat().st_mtime:
+        for parquet, arrow in _metadata_files(folder):
+            if _is_fresh(arrow, parquet):
                 self.tables.append(pa.ipc.open_file(pa.memory_map(str(arrow), "r")).read_all())
             else:
                 self.tables.append(pq.read_table(parquet, memory_map=True))
@@ -318,6 +315,3 @@ class Metadata:
             raise IndexError(f"row {row} out of range 0..{len(self) - 1}")
         shard = int(np.searchsorted(self.starts, row, side="right") - 1)
         return self.tables[shard].slice(row - int(self.starts[shard]), 1).to_pylist()[0]
-
-    def rows(self, ids) -> list[dict]:
-        return [self[int(i)] for i in ids]

@@ -77,6 +77,11 @@ class ArrayVectors:
             yield first, self.vectors[first:min(first + rows, stop)]
 
 
+def as_vectors(vectors):
+    """``vectors`` with the reading interface (``get``, ``chunks``, ``shape``): arrays are wrapped, stores pass."""
+    return ArrayVectors(vectors) if isinstance(vectors, np.ndarray) else vectors
+
+
 class Reranked:
     """An IVF-PQ index whose top ``k * k_factor`` candidates are re-scored exactly against the stored vectors:
     FAISS's ``IndexRefineFlat`` without its in-RAM float copy. ``search`` and ``ntotal`` as a FAISS index."""
@@ -88,10 +93,6 @@ class Reranked:
     @property
     def ntotal(self) -> int:
         return self.index.ntotal
-
-    @property
-    def d(self) -> int:
-        return self.index.d
 
     def search(self, queries: np.ndarray, k: int):
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -114,9 +115,7 @@ def exact_top_k(vectors, queries: np.ndarray, k: int, chunk_rows: int = 262_144)
     from faiss.contrib.exhaustive_search import knn_ground_truth
 
     faiss = _faiss()
-    if isinstance(vectors, np.ndarray):
-        vectors = ArrayVectors(vectors)
-    chunks = (chunk for _, chunk in vectors.chunks(chunk_rows))
+    chunks = (chunk for _, chunk in as_vectors(vectors).chunks(chunk_rows))
     return knn_ground_truth(np.ascontiguousarray(queries, dtype=np.float32), chunks, k,
                             metric_type=faiss.METRIC_INNER_PRODUCT, ngpu=0)
 
@@ -213,8 +212,7 @@ def build_index(vectors, kind: str = "auto", target_recall: float = 0.95, exact_
     """
     faiss = _faiss()
     log = log or (lambda message: None)
-    if isinstance(vectors, np.ndarray):
-        vectors = ArrayVectors(vectors)
+    vectors = as_vectors(vectors)
     n, d = vectors.shape
     if n == 0:
         raise ValueError("cannot index an empty collection")
@@ -252,11 +250,16 @@ def build_index(vectors, kind: str = "auto", target_recall: float = 0.95, exact_
         trained = train_ivfpq(vectors, plan, seed, log)
         add_chunks(trained, vectors, plan["chunk_rows"], log=log)
         index = Reranked(trained, vectors)
-        info.update(param="nprobe,k_factor", nlist=plan["nlist"], pq_m=plan["pq_m"], pq_bits=plan["pq_bits"],
-                    rerank="stored", plan=plan)
+        info.update(_ivfpq_info(plan))
     else:
         raise ValueError(f"unknown index kind {kind!r}; choose auto, flat, ivfpq or hnsw")
     return index, tune_index(index, vectors, info, target_recall, queries, n_queries, seed, log)
+
+
+def _ivfpq_info(plan: dict) -> dict:
+    """What index.json records of an IVF-PQ build (``load_index`` reads ``rerank`` and the tuned knobs)."""
+    return {"param": "nprobe,k_factor", "nlist": plan["nlist"], "pq_m": plan["pq_m"], "pq_bits": plan["pq_bits"],
+            "rerank": "stored", "plan": plan}
 
 
 def _knobs(index, info: dict):
@@ -329,11 +332,8 @@ def load_index(folder: str | Path, mmap: bool = False, vectors=None):
     if reranked:
         from .collection import StoredVectors
 
-        if vectors is None:
-            vectors = StoredVectors(folder)
-        elif isinstance(vectors, np.ndarray):
-            vectors = ArrayVectors(vectors)
-        index = Reranked(index, vectors, info.get("k_factor", 16))
+        index = Reranked(index, StoredVectors(folder) if vectors is None else as_vectors(vectors),
+                         info.get("k_factor", 16))
         index.ivf.nprobe = info["nprobe"]
         return index, info
     if "nprobe" in info:  # an index built before the re-rank moved out of it (IVF-PQ fast-scan + RFlat)
@@ -389,6 +389,5 @@ def build_index_distributed(vectors, folder: str | Path, rank: int, world: int, 
         path.unlink()
     log(f"merged {world} parts: {merged.ntotal:,} vectors")
     index = Reranked(merged, vectors)
-    info = {"kind": "ivfpq", "count": n, "dim": d, "param": "nprobe,k_factor", "nlist": plan["nlist"],
-            "pq_m": plan["pq_m"], "pq_bits": plan["pq_bits"], "rerank": "stored", "plan": plan, "built_by": world}
+    info = {"kind": "ivfpq", "count": n, "dim": d, **_ivfpq_info(plan), "built_by": world}
     return index, tune_index(index, vectors, info, target_recall, queries, n_queries, seed, log)
