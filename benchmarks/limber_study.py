@@ -64,12 +64,18 @@ def blind(mapping_folder: Path, output: Path) -> Path:
 
 def caption_row(encoder: str, args, seed: int, output: Path, extra=()) -> dict:
     if not (output / "eval.json").exists():
-        if not (output / "mapping.safetensors").exists():
+        if not (output / "train_args.json").exists():  # written when training ends; a killed run resumes
             clipforge("caption", "train", "--clip", encoder, "--data", str(args.data / "flickr8k" / "train"),
                       "--steps", str(args.steps), "--batch-size", "16", "--seed", str(seed), "--output", str(output),
-                      "--prompt", PROMPT, "--no-progress", *extra)
+                      "--prompt", PROMPT, "--no-progress", *resume_flag(output), *extra)
         evaluate(output, args)
     return json.loads((output / "eval.json").read_text())
+
+
+def resume_flag(output: Path) -> list[str]:
+    from clipforge.train.checkpoints import TRAIN_STATE
+
+    return ["--resume"] if (output / TRAIN_STATE).is_file() else []
 
 
 def evaluate(mapping: Path, args) -> None:

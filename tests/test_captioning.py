@@ -385,6 +385,13 @@ def test_vqa_prompts_interleave_solved_examples_and_the_cli_scores_them(tiny_lm,
     vqa.answer(mapping, lm, tokenizer, torch.randn(8), "what colour", [(torch.randn(8), "which shape", "red")])
     assert seen[0] == 2 + length(" Q: what colour A:")  # the image prompt, then the question
     assert seen[1] == seen[0] + 2 + length(" Q: which shape A: red\n")  # one solved example before it
+    # prompts of different lengths answered in one left-padded batch get the answers they get alone
+    prompts = [(torch.randn(8), "what colour", []), (torch.randn(8), "how many shapes are there", []),
+               (torch.randn(8), "which", [(torch.randn(8), "which shape", "red"), (torch.randn(8), "how", "two")])]
+    mapping.proj.weight.data.normal_()
+    alone = [vqa.answer(mapping, lm, tokenizer, *p, max_new_tokens=4) for p in prompts]
+    assert vqa.answer_batch(mapping, lm, tokenizer, prompts, max_new_tokens=4) == alone
+    assert seen[-1] == max(seen[2:-1])  # one call, as long as the longest prompt
 
     images, captions = colour_images(16, seed=0)
     shard = write_shard(tmp_path / "d" / "train-000000.tar", [{"__key__": f"{i:04d}", "png": _png(im), "txt": c[0]}

@@ -116,3 +116,21 @@ def test_ids_equal_open_clip_on_the_bench_noisy_web_corpus():
     ours = clipforge.Tokenizer()(texts)
     mismatched = [texts[i] for i in range(len(texts)) if not torch.equal(ours[i], theirs[i])]
     assert not mismatched, f"{len(mismatched)} texts differ, e.g. {mismatched[:3]!r}"
+
+
+def test_batches_mixing_every_path_and_overflowing_the_caches_keep_the_ids():
+    """Plain text (batch path), text that ftfy/HTML cleaning turns plain ("&amp;"), and unicode text in one batch,
+    in any order and with one-string calls, with caches so small that they start afresh between calls."""
+    open_clip = pytest.importorskip("open_clip")
+    texts = _varied_strings(600, seed=3)
+    theirs = open_clip.tokenize(texts)
+    tiny = clipforge.Tokenizer()
+    tiny._MAX_CACHED_WORDS = 50
+    assert torch.equal(torch.cat([tiny(texts[i:i + 100]) for i in range(0, 600, 100)]), theirs)
+    assert len(tiny._word_ids) < 600 and len(tiny._chunk_row) < 600  # the bound was hit and honoured
+    order = list(range(600))
+    random.Random(0).shuffle(order)
+    assert torch.equal(clipforge.Tokenizer()([texts[i] for i in order]), theirs[order])
+    one = clipforge.Tokenizer()
+    assert all(torch.equal(one(texts[i])[0], theirs[i]) for i in range(0, 600, 7))
+    assert one.encode("Dogs &amp; cats") == one.encode("dogs & cats") == one(["dogs & cats"])[0, 1:4].tolist()

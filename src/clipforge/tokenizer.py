@@ -14,7 +14,7 @@ import html
 import re
 from functools import lru_cache
 from importlib import resources
-from itertools import chain
+from itertools import chain, repeat
 
 import numpy as np
 import torch
@@ -25,12 +25,16 @@ EOT_TOKEN = "<end_of_text>"
 _WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # Anything outside printable ASCII (tab/newline/CR allowed) or an '&' (a possible HTML entity) needs the full clean.
 _NEEDS_FULL_CLEAN = re.compile(r"[^\t\n\r\x20-\x25\x27-\x7e]")
+_PLAIN_BYTES = bytes([9, 10, 13, *range(0x20, 0x26), *range(0x27, 0x7f)])  # the same set, as bytes
 # On cleaned text that is printable ASCII (lower case, single spaces) OpenAI's pattern reduces to this one, which
 # the standard library runs several times faster than the ``regex`` module runs the Unicode-class original.
 # Letters come first because they are most common; no other branch can start with a letter or digit, so the
 # matches are the same as with OpenAI's order.
 _ASCII_WORDS = re.compile(f"[a-z]+|[0-9]|{SOT_TOKEN}|{EOT_TOKEN}|'(?:s|t|re|ve|m|ll|d)|[^ a-z0-9]+")
 _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
+# Batch cleaning of plain text: the whitespace str.split() folds (as much as plain text can hold) that is not already
+# a single space
+_WHITESPACE_TO_FOLD = re.compile(r"[ \t\n\r]{2,}|[\t\n\r]")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -70,11 +74,13 @@ class Tokenizer:
     """Callable: ``tokenizer("a photo of a cat")`` or a list of strings -> LongTensor [N, context_length].
 
     Words are split by OpenAI's regex (the ``regex`` module, in C; an equivalent stdlib pattern on ASCII text), each
-    distinct word is BPE-encoded once by the Rust ``tokenizers`` model and cached, and rows are assembled in numpy.
-    Captions repeat words heavily, so after warm-up a caption costs a cleaning pass and a few dict look-ups.
+    distinct word is BPE-encoded once by the Rust ``tokenizers`` model and cached. Plain-ASCII text (nearly every
+    caption) never goes through Python per word or per caption: a batch is cleaned as one string, cut into
+    space-separated chunks whose ids are cached, and the rows are gathered from the cache in numpy.
     """
 
     _MAX_CACHED_WORDS = 1_000_000
+    _SEPARATOR = "\x00"  # joins a batch's plain texts; never in one (it would need the full clean)
 
     def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH):
         import regex
@@ -88,75 +94,94 @@ class Tokenizer:
         self.sot_token_id = vocab[SOT_TOKEN]
         self.eot_token_id = vocab[EOT_TOKEN]
         self.context_length = context_length
-        # The BPE model sees one pre-split word at a time; ByteLevel maps its UTF-8 bytes to CLIP's alphabet.
+        # The BPE model sees pre-split words; ByteLevel maps each word's UTF-8 bytes to CLIP's alphabet.
         self._bpe = HFTokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>"))
         self._bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         # OpenAI's pattern, special tokens first: their literal text in a caption becomes the special id.
         self._word_regex = regex.compile(f"{SOT_TOKEN}|{EOT_TOKEN}|{_WORD_PATTERN}", regex.IGNORECASE)
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
         self._word_ids: dict[str, list[int]] = {SOT_TOKEN: [self.sot_token_id], EOT_TOKEN: [self.eot_token_id]}
-        self._chunk_ids: dict[str, list[int]] = {}
+        # chunk -> row of (offset, length) into a flat id store; row 0 is the batch separator, row 1 the empty chunk
+        self._chunk_row = {self._SEPARATOR: 0, "": 1}
+        self._chunk_span = np.zeros((2, 2), dtype=np.int64)
+        self._chunk_store = np.zeros(0, dtype=np.int64)
+
+    def _bound_caches(self) -> None:
+        """Start the caches afresh once they pass the bound (checked between calls, so a call's own entries stay)."""
+        if max(len(self._word_ids), len(self._chunk_row)) > self._MAX_CACHED_WORDS:
+            self._reset_caches()
 
     def _encode_words(self, words: list[str]) -> list[int]:
-        """Ids of regex-split words; unseen words go through the Rust BPE model in one batch."""
+        """Ids of regex-split words; unseen words go through the Rust BPE model in one call."""
         cache = self._word_ids
         try:
             return list(chain.from_iterable(map(cache.__getitem__, words)))
         except KeyError:
             pass
-        missing = list({w for w in words if w not in cache})
-        if len(cache) + len(missing) > self._MAX_CACHED_WORDS:
-            cache.clear()
-            cache.update({SOT_TOKEN: [self.sot_token_id], EOT_TOKEN: [self.eot_token_id]})
-        self._bpe_into_cache(missing)
-        return self._encode_words(words)
+        self._bpe_into_cache([w for w in dict.fromkeys(words) if w not in cache])
+        return list(chain.from_iterable(map(cache.__getitem__, words)))
 
     def _bpe_into_cache(self, words: list[str]) -> None:
-        encodings = self._bpe.encode_batch([[w] for w in words], is_pretokenized=True, add_special_tokens=False)
-        self._word_ids.update(zip(words, (e.ids for e in encodings)))
+        """BPE every word in one sequence (one Rust call, one result object) and cut the ids back per word."""
+        if not words:
+            return
+        encoding = self._bpe.encode(words, is_pretokenized=True, add_special_tokens=False)
+        ids = encoding.ids
+        counts = np.bincount(np.asarray(encoding.word_ids, dtype=np.int64), minlength=len(words))
+        ends = np.cumsum(counts).tolist()
+        self._word_ids.update(zip(words, (ids[e - c:e] for e, c in zip(ends, counts.tolist()))))
 
-    def _prefill(self, cleaned_texts: list[str]) -> None:
-        """Cache the ids of every unseen printable-ASCII chunk of these texts, BPE-encoding all their unseen words in
-        one call to the Rust model: a cold batch then encodes from the caches, almost as fast as a warm one. (Words
-        and chunks found in texts that also hold non-ASCII are harmless extra entries: an ASCII chunk's ids do not
-        depend on the text around it.)"""
-        chunks = {c for text in cleaned_texts for c in text.split(" ")}
-        chunks.difference_update(self._chunk_ids)
-        if not chunks or len(self._chunk_ids) + len(chunks) > self._MAX_CACHED_WORDS:
-            return
-        split = {c: _ASCII_WORDS.findall(c) for c in chunks if _PRINTABLE_ASCII.fullmatch(c)}
-        words = {w for found in split.values() for w in found}
-        words.difference_update(self._word_ids)
-        if len(self._word_ids) + len(words) > self._MAX_CACHED_WORDS:
-            return
-        if words:
-            self._bpe_into_cache(list(words))
+    def _add_chunks(self, chunks: list[str]) -> None:
+        """Cache the ids of unseen chunks of cleaned plain-ASCII text (each encoded on its own: no OpenAI regex
+        match spans a space in cleaned text)."""
+        split = [_ASCII_WORDS.findall(c) for c in chunks]
+        words = {w for found in split for w in found}
+        self._bpe_into_cache([w for w in words if w not in self._word_ids])
         word_ids = self._word_ids
-        self._chunk_ids.update((c, list(chain.from_iterable(map(word_ids.__getitem__, found))))
-                               for c, found in split.items())
+        ids = [list(chain.from_iterable(map(word_ids.__getitem__, found))) for found in split]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        offsets = len(self._chunk_store) + np.cumsum(lengths) - lengths
+        self._chunk_store = np.concatenate([self._chunk_store, np.fromiter(
+            chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))])
+        self._chunk_span = np.concatenate([self._chunk_span, np.stack([offsets, lengths], axis=1)])
+        first = len(self._chunk_row)
+        self._chunk_row.update(zip(chunks, range(first, first + len(chunks))))
 
-    def _encode_cleaned(self, cleaned: str, fill: bool = True) -> list[int] | None:
-        """Ids of one cleaned text; with ``fill=False`` None instead of encoding an unseen ASCII chunk."""
-        if not _PRINTABLE_ASCII.fullmatch(cleaned):
-            return self._encode_words(self._word_regex.findall(cleaned))
-        # In cleaned ASCII text no regex match spans a space, so each space-separated chunk ("dog,") can be
-        # cached whole and most captions need no regex scan at all.
-        chunks = cleaned.split(" ")
-        cache = self._chunk_ids
-        try:
-            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
-        except KeyError:
-            if not fill:
-                return None
-        if len(cache) > self._MAX_CACHED_WORDS:
-            cache.clear()
-        for chunk in chunks:
-            if chunk not in cache:
-                cache[chunk] = self._encode_words(_ASCII_WORDS.findall(chunk))
-        return self._encode_cleaned(cleaned)
+    def _encode_plain(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of all ``texts`` concatenated, each text's id count) for texts of printable ASCII plus tab/newline/CR
+        (raw, or already cleaned): cleaned as one string, looked up as one list of chunks, gathered in numpy."""
+        sep = self._SEPARATOR
+        joined = sep.join(texts).lower()
+        if any(mark in joined for mark in ("  ", "\t", "\n", "\r")):  # a scan for each is cheaper than one regex pass
+            joined = _WHITESPACE_TO_FOLD.sub(" ", joined)
+        joined = joined.replace(" " + sep, sep).replace(sep + " ", sep).strip(" ")
+        chunks = joined.replace(sep, f" {sep} ").split(" ")
+        row_of = self._chunk_row
+        sample = chunks[:1000]
+        if 4 * sum(c not in row_of for c in sample) > len(sample):  # a cold batch: cache all its new chunks first
+            self._add_chunks([c for c in set(chunks) if c not in row_of])
+        rows = np.fromiter(map(row_of.get, chunks, repeat(-1)), dtype=np.int64, count=len(chunks))
+        unseen = np.flatnonzero(rows < 0)
+        if len(unseen):
+            self._add_chunks(list({chunks[i] for i in unseen.tolist()}))
+            rows[unseen] = np.fromiter(map(row_of.__getitem__, (chunks[i] for i in unseen.tolist())), dtype=np.int64,
+                                       count=len(unseen))
+        text_of = np.cumsum(rows == 0)  # a separator chunk (no ids) opens the next text
+        offsets, lengths = self._chunk_span[rows, 0], self._chunk_span[rows, 1]
+        counts = np.bincount(text_of, weights=lengths, minlength=len(texts)).astype(np.int64)
+        starts = np.cumsum(lengths) - lengths
+        gather = np.repeat(offsets - starts, lengths) + np.arange(int(lengths.sum()))
+        return self._chunk_store[gather], counts
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text after cleaning, without start/end tokens or padding."""
-        return self._encode_cleaned(clean_text(text))
+        self._bound_caches()
+        cleaned = clean_text(text)
+        if _PRINTABLE_ASCII.fullmatch(cleaned):
+            return self._encode_plain([cleaned])[0].tolist()
+        return self._encode_words(self._word_regex.findall(cleaned))
 
     def decode(self, ids) -> str:
         if isinstance(ids, torch.Tensor):
@@ -167,32 +192,55 @@ class Tokenizer:
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.LongTensor:
         if isinstance(texts, str):
             texts = [texts]
-        elif not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        elif not isinstance(texts, (list, tuple)) or not all(map(isinstance, texts, repeat(str))):
             raise TypeError("the tokenizer takes a string or a list of strings")
         context_length = context_length or self.context_length
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
-        limit = context_length - 2
-        cleaned = [clean_text(t) for t in texts]
-        encode = self._encode_cleaned
-        if len(self._chunk_ids) < len(cleaned):  # cold-ish caches: most texts bring new words
-            self._prefill(cleaned)
-            encoded = [encode(text) for text in cleaned]
-        else:  # warm: encode from the caches, then BPE the few texts with new chunks together
-            encoded = [encode(text, False) for text in cleaned]
-            missed = [i for i, ids in enumerate(encoded) if ids is None]
-            if len(missed) > 1:
-                self._prefill([cleaned[i] for i in missed])
-            for i in missed:
-                encoded[i] = encode(cleaned[i])
-        encoded = [ids if len(ids) <= limit else ids[:limit] for ids in encoded]  # truncation keeps the end token
-        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         result = np.zeros((len(texts), context_length), dtype=np.int64)
         result[:, 0] = self.sot_token_id
-        body = np.arange(context_length - 1) < lengths[:, None]
-        result[:, 1:][body] = np.fromiter(chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum()))
-        result[np.arange(len(texts)), lengths + 1] = self.eot_token_id
+        if not texts:
+            return torch.from_numpy(result)
+        self._bound_caches()
+        # texts that need ftfy/HTML cleaning, found in one scan ("\n" is allowed, so it cannot be a hit itself);
+        # deleting the allowed bytes from the whole batch at C speed says first whether there is anything to find
+        joined = "\n".join(texts)
+        full = []
+        if not joined.isascii() or joined.encode("ascii").translate(None, _PLAIN_BYTES):
+            ends = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) + 1)
+            hits = [m.start() for m in _NEEDS_FULL_CLEAN.finditer(joined)]
+            full = sorted(set(np.searchsorted(ends, hits, side="right").tolist()))
+        plain_rows, plain, other_rows, other = list(range(len(texts))), list(texts), [], []
+        if full:
+            full_set = set(full)
+            plain_rows = [i for i in range(len(texts)) if i not in full_set]
+            plain = [texts[i] for i in plain_rows]
+            for i in full:
+                cleaned = clean_text(texts[i])
+                if _PRINTABLE_ASCII.fullmatch(cleaned):  # cleaned plain text: the plain path leaves it as it is
+                    plain_rows.append(i)
+                    plain.append(cleaned)
+                else:
+                    other_rows.append(i)
+                    other.append(self._encode_words(self._word_regex.findall(cleaned)))
+        limit = context_length - 2  # truncation keeps the end token
+        if plain:
+            ids, counts = self._encode_plain(plain)
+            self._place(result, np.asarray(plain_rows), ids, counts, limit)
+        if other:
+            counts = np.fromiter(map(len, other), dtype=np.int64, count=len(other))
+            ids = np.fromiter(chain.from_iterable(other), dtype=np.int64, count=int(counts.sum()))
+            self._place(result, np.asarray(other_rows), ids, counts, limit)
         return torch.from_numpy(result)
+
+    def _place(self, result: np.ndarray, rows: np.ndarray, ids: np.ndarray, counts: np.ndarray, limit: int) -> None:
+        """Write each row's ids (concatenated in ``ids``, ``counts`` per row) after the start token, truncated to
+        ``limit``, then the end token."""
+        text = np.repeat(np.arange(len(rows)), counts)
+        position = np.arange(len(ids)) - np.repeat(np.cumsum(counts) - counts, counts)
+        keep = position < limit
+        result[rows[text[keep]], 1 + position[keep]] = ids[keep]
+        result[rows, 1 + np.minimum(counts, limit)] = self.eot_token_id
 
 
 @lru_cache(maxsize=None)

@@ -98,6 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--shots", type=int, nargs="+", default=[0], help="solved examples before each question [0]")
     v.add_argument("--max-questions", type=int, help="the first N questions only")
     v.add_argument("--max-new-tokens", type=int, default=5)
+    v.add_argument("--batch-size", type=int, default=16, help="questions answered per language-model call [16]")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", help="write every answer and the accuracies here")
     v.add_argument("--make-shapes", metavar="DIR", help="write a shapes question set to DIR and stop")
@@ -360,7 +361,7 @@ def run_vqa(args) -> int:
     results = {}
     for shots in args.shots:
         results[shots] = evaluate(mapping, lm, tokenizer, items, features, shots, args.seed, args.max_new_tokens,
-                                  args.progress)
+                                  args.progress, args.batch_size)
         print(f"{shots}-shot VQA accuracy: {results[shots]['accuracy']:.4f} ({len(items)} questions)")
     if args.json:
         write_json(args.json, {"mapping": args.mapping, "questions": args.questions,

@@ -88,11 +88,9 @@ def _embed_text(lm, tokenizer, text: str, device) -> torch.Tensor:
     return lm.get_input_embeddings()(ids)[0]
 
 
-@torch.no_grad()
-def answer(mapping, lm, tokenizer, features: torch.Tensor, question: str, shots: list[tuple] = (),
-           max_new_tokens: int = 5) -> str:
-    """The greedy answer to ``question`` about the image with ``features`` ([image_dim] or [k, image_dim]), after
-    ``shots``: solved examples (features, question, answer), each as its image prompt + "Q: ... A: answer"."""
+def _prompt_embeddings(mapping, lm, tokenizer, features: torch.Tensor, question: str, shots) -> torch.Tensor:
+    """[length, lm_dim]: each solved example as its image prompt + " Q: ... A: answer", then the image prompt and
+    " Q: {question} A:"."""
     device = next(mapping.parameters()).device
     parts = []
     for shot_features, shot_question, shot_answer in shots:
@@ -100,30 +98,57 @@ def answer(mapping, lm, tokenizer, features: torch.Tensor, question: str, shots:
         parts.append(_embed_text(lm, tokenizer, f" Q: {shot_question} A: {shot_answer}\n", device))
     parts.append(mapping(features[None].to(device))[0])
     parts.append(_embed_text(lm, tokenizer, f" Q: {question} A:", device))
-    inputs = torch.cat(parts).unsqueeze(0).to(lm.get_input_embeddings().weight.dtype)
-    out = lm.generate(inputs_embeds=inputs, attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long, device=device),
-                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.eos_token_id)
-    text = tokenizer.decode(out[0], skip_special_tokens=True)
-    return re.split(r"[\n.]|Q:", text.strip(), maxsplit=1)[0].strip()
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def answer_batch(mapping, lm, tokenizer, prompts: list[tuple], max_new_tokens: int = 5) -> list[str]:
+    """Greedy answers to several prompts at once; ``prompts``: (features, question, shots) each, as for ``answer``.
+
+    Prompts of different lengths are left-padded (masked, with positions counted from each prompt's first real
+    token), so every answer is the one its prompt gets alone: decoding a 135M-parameter LM on a CPU is bound by
+    reading its weights once per step, and a batch reads them once for all of its prompts."""
+    embedded = [_prompt_embeddings(mapping, lm, tokenizer, f, q, shots) for f, q, shots in prompts]
+    longest = max(len(e) for e in embedded)
+    inputs = embedded[0].new_zeros(len(embedded), longest, embedded[0].shape[-1])
+    mask = torch.zeros(len(embedded), longest, dtype=torch.long, device=inputs.device)
+    for row, e in enumerate(embedded):
+        inputs[row, longest - len(e):], mask[row, longest - len(e):] = e, 1
+    inputs = inputs.to(lm.get_input_embeddings().weight.dtype)
+    out = lm.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    return [re.split(r"[\n.]|Q:", text.strip(), maxsplit=1)[0].strip()
+            for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def answer(mapping, lm, tokenizer, features: torch.Tensor, question: str, shots: list[tuple] = (),
+           max_new_tokens: int = 5) -> str:
+    """The greedy answer to ``question`` about the image with ``features`` ([image_dim] or [k, image_dim]), after
+    ``shots``: solved examples (features, question, answer), each as its image prompt + "Q: ... A: answer"."""
+    return answer_batch(mapping, lm, tokenizer, [(features, question, shots)], max_new_tokens)[0]
 
 
 def evaluate(mapping, lm, tokenizer, items: list[dict], features: dict, shots: int = 0, seed: int = 0,
-             max_new_tokens: int = 5, progress: bool = True) -> dict:
+             max_new_tokens: int = 5, progress: bool = True, batch_size: int = 16) -> dict:
     """VQA accuracy over ``items`` with ``shots`` solved examples drawn (seeded, per question) from the other items;
-    ``features``: image_id -> image features. Returns {accuracy, answers: [...]}."""
+    ``features``: image_id -> image features; ``batch_size`` questions per LM call. Returns {accuracy, answers}."""
     from tqdm import tqdm
 
-    rows = []
-    for index, item in enumerate(tqdm(items, desc=f"VQA {shots}-shot", unit="q", disable=not progress)):
+    prompts = []
+    for index, item in enumerate(items):
         rng = random.Random(f"vqa-{seed}-{index}")
         pool = [other for other in items if other["image_id"] != item["image_id"]]
         examples = [(features[o["image_id"]], o["question"], o["answers"][0])
                     for o in rng.sample(pool, min(shots, len(pool)))]
-        predicted = answer(mapping, lm, tokenizer, features[item["image_id"]], item["question"], examples,
-                           max_new_tokens)
-        rows.append({"question_id": item["question_id"], "question": item["question"], "prediction": predicted,
-                     "answers": item["answers"], "accuracy": vqa_accuracy(predicted, item["answers"])})
+        prompts.append((features[item["image_id"]], item["question"], examples))
+    predicted = []
+    with tqdm(total=len(items), desc=f"VQA {shots}-shot", unit="q", disable=not progress) as bar:
+        for begin in range(0, len(prompts), batch_size):
+            predicted += answer_batch(mapping, lm, tokenizer, prompts[begin:begin + batch_size], max_new_tokens)
+            bar.update(len(prompts[begin:begin + batch_size]))
+    rows = [{"question_id": item["question_id"], "question": item["question"], "prediction": p,
+             "answers": item["answers"], "accuracy": vqa_accuracy(p, item["answers"])}
+            for item, p in zip(items, predicted)]
     accuracy = sum(r["accuracy"] for r in rows) / len(rows)
     return {"accuracy": accuracy, "shots": shots, "questions": len(rows), "answers": rows}
 
