@@ -87,3 +87,43 @@ def test_the_map_takes_either_reading_and_only_it_trains(features, k):
     assert mapping.proj.weight.numel() == expected_weights  # grid: one layer shared by every position
     with pytest.raises(ValueError, match="expected image features"):
         mapping(torch.randn(5, dim + 1))
+
+
+def _tiny_lm():
+    """A small random Llama with a word-level tokenizer: enough to backpropagate a caption loss into the map."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["</s>", "<unk>", "a", "red", "green", "shape"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, eos_token_id=0, bos_token_id=0, pad_token_id=0)).eval().requires_grad_(False)
+    return lm, tokenizer
+
+
+@pytest.mark.parametrize("kind", ["clipforge", "hf", "random"])
+def test_training_the_map_changes_the_map_and_nothing_else(tmp_path, clip_folder, kind):
+    spec = {"clipforge": clip_folder, "hf": _hf_folder(tmp_path, "vit")[0], "random": "ViT-Tiny-64"}[kind]
+    features = "grid" if kind == "hf" else "pooled"
+    encoder = open_encoder(spec, features=features, k=2, seed=3, save_random_to=tmp_path / "random-tower")
+    lm, tokenizer = _tiny_lm()
+    snapshot = lambda module: {k: v.clone() for k, v in module.state_dict().items()}  # noqa: E731
+    encoder_before, lm_before = snapshot(encoder.model), snapshot(lm)
+    image_features = encoder.features(_images(4))
+    mapping = limber.ImageToPrefix(limber.MappingConfig(image_features.shape[-1], 16, 2, features=features))
+    mapping.fit_scale(image_features)
+    mapping.start_from(lm)
+    map_before = snapshot(mapping)
+    losses, _ = limber.train_mapping(mapping, lm, tokenizer, image_features, [["a red shape"], ["a green shape"]] * 2,
+                                     steps=3, batch_size=2, progress=False)
+    assert len(losses) == 3
+    assert not any(p.requires_grad for p in encoder.model.parameters())
+    assert all(torch.equal(v, encoder.model.state_dict()[k]) for k, v in encoder_before.items())
+    assert all(torch.equal(v, lm.state_dict()[k]) for k, v in lm_before.items())
+    assert not torch.equal(map_before["proj.weight"], mapping.proj.weight)  # the map, and only it, moved
+    if kind == "random":  # the seeded random tower was saved, and reloads to the same features
+        again = open_encoder(str(tmp_path / "random-tower"), features=features, k=2)
+        torch.testing.assert_close(again.features(_images(4)), image_features)
