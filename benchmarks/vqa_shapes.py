@@ -10,7 +10,8 @@ with the image prompt and "Q: {question} A:", after n = 0, 1, 2, 4 solved exampl
 - random: the same architecture randomly initialised (seeded, saved with the map);
 - blind: the clip map with its weights zeroed, so the LM sees the shared prompt and the question alone;
 - prior: always the most frequent answer of the question's type (what guessing from the question alone can reach).
-Each map row is trained with ``--seeds`` seeds; the table shows the median and the range.
+Each map row is trained with ``--seeds`` seeds; the table shows the median and the range. A last table checks the
+image prompt itself: how often each map's plain caption of a question image names its colour and its shape.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -62,6 +64,30 @@ def prior_accuracy(questions: Path, annotations: Path) -> dict:
     right = sum(counts.most_common(1)[0][1] for counts in by_type.values())
     return {"accuracy": right / len(items),
             "by_type": {t: counts.most_common(1)[0][1] / sum(counts.values()) for t, counts in by_type.items()}}
+
+
+def caption_naming(folder: Path, images: Path, questions: Path, annotations: Path) -> dict:
+    """How often the map's plain caption of each question image (``caption generate``, no question) names the
+    image's colour and its shape: whether the image prompt carries what the questions ask about."""
+    from clipforge.captioning.vqa import load_vqa
+
+    out = folder / "captions.jsonl"
+    if not out.exists():
+        files = sorted(images.glob("*.png"), key=lambda p: int(p.stem))
+        result = subprocess.run([sys.executable, "-m", "clipforge.cli", "caption", "generate", "--mapping", str(folder),
+                                 "--max-new-tokens", "12", "--json", *map(str, files)], check=True, capture_output=True,
+                                text=True)
+        out.write_text(result.stdout)
+    captions = {Path(row["image"]).stem: row["caption"].split("\n")[0].lower()
+                for row in map(json.loads, out.read_text().splitlines())}
+    truth: dict[str, dict] = {}
+    for item in load_vqa(questions, annotations):
+        kind = question_type(item["question"])
+        if kind in ("colour", "shape"):
+            truth.setdefault(str(item["image_id"]), {})[kind] = item["answers"][0]
+    named = {kind: sum(f" {t[kind]}" in f" {captions[i]}" for i, t in truth.items()) / len(truth)
+             for kind in ("colour", "shape")}
+    return {**named, "examples": [captions[i] for i in sorted(captions, key=int)[:6]]}
 
 
 def by_type(answers: list[dict]) -> dict:
@@ -111,7 +137,8 @@ def main():
                           "--json", str(folder / "vqa.json"), "--no-progress")
             result = json.loads((folder / "vqa.json").read_text())
             results.setdefault(row, []).append(
-                {"accuracy": result["accuracy"], "by_type": {n: by_type(a) for n, a in result["answers"].items()}})
+                {"accuracy": result["accuracy"], "by_type": {n: by_type(a) for n, a in result["answers"].items()},
+                 "caption_names": caption_naming(folder, images, questions, annotations)})
 
     prior = prior_accuracy(questions, annotations)
     lines = ["| encoder | " + " | ".join(f"n = {n}" for n in SHOTS) + " |", "|---" * (len(SHOTS) + 1) + "|"]
@@ -130,6 +157,11 @@ def main():
         cells = [f"{statistics.median(r['by_type'][str(best)].get(t, 0.0) for r in runs):.3f}" for t in types]
         lines.append(f"| {row}, n = {best} | " + " | ".join(cells) + " |")
     lines.append("| prior | " + " | ".join(f"{prior['by_type'][t]:.3f}" for t in types) + " |")
+    lines += ["", "| encoder | plain caption names the colour | names the shape | e.g. |", "|---|---|---|---|"]
+    for row, runs in results.items():
+        named = [r["caption_names"] for r in runs]
+        lines.append(f"| {row} | {statistics.median(n['colour'] for n in named):.3f} | "
+                     f"{statistics.median(n['shape'] for n in named):.3f} | {'; '.join(named[0]['examples'][:3])} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "rows": results, "prior": prior},
