@@ -84,18 +84,28 @@ def evaluate(mapping: Path, args) -> None:
               "--json", str(mapping / "eval.json"), "--no-progress")
 
 
-def page(result: dict, title: str, path: Path, data: Path, n: int = 24) -> None:
+def page(result: dict, title: str, path: Path, data: Path, n: int = 12) -> None:
+    """An HTML page of the first ``n`` test images (160 px thumbnails, inline), each with the generated caption and
+    its references: small enough to keep beside the docs."""
+    import io
+
+    from PIL import Image
+
     from clipforge.data import open_source
 
-    images = []
+    thumbnails = []
     for raw in open_source(str(data / "flickr8k" / "test"), shuffle_buffer=0).samples(0, 1, 0, 0, {}):
-        images.append(raw["jpg"])
-        if len(images) == n:
+        image = Image.open(io.BytesIO(raw["jpg"])).convert("RGB")
+        image.thumbnail((160, 160))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=80)
+        thumbnails.append(buffer.getvalue())
+        if len(thumbnails) == n:
             break
     rows = "".join(
-        f"<tr><td><img src='data:image/jpeg;base64,{base64.b64encode(image).decode()}' width=160></td>"
+        f"<tr><td><img src='data:image/jpeg;base64,{base64.b64encode(image).decode()}'></td>"
         f"<td><b>{html.escape(c['caption'])}</b><br><small>{'<br>'.join(html.escape(r) for r in c['references'])}"
-        f"</small></td></tr>" for image, c in zip(images, result["captions"]))
+        f"</small></td></tr>" for image, c in zip(thumbnails, result["captions"]))
     path.write_text(f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
                     f"<h1>{html.escape(title)}</h1><table>{rows}</table>")
 
