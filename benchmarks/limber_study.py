@@ -119,8 +119,9 @@ def table(rows: dict) -> str:
         cells = []
         for column in COLUMNS:
             values = [r["scores"].get(column, float("nan")) for r in results]
+            values = [v for v in values if v == v]  # NaN: no noun generated at all (a degenerate map)
             spread = f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else ""
-            cells.append(f"{statistics.median(values):.3f}{spread}")
+            cells.append(f"{statistics.median(values):.3f}{spread}" if values else "n/a")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
