@@ -67,3 +67,19 @@ def shapes_shard(path: Path, n: int, seed: int = 0, corrupt_every: int = 0) -> P
             image = image[:40]  # truncated PNG
         samples.append({"__key__": raw["__key__"], "png": image, "txt": raw["txt"]})
     return write_shard(path, samples)
+
+
+def tiny_llama(words: list[str], hidden_size: int = 32, layers: int = 2, heads: int = 4):
+    """``(LlamaForCausalLM, tokenizer)``: a small random causal LM over a word-level vocabulary (``words[0]`` is the
+    end-of-sequence token, ``words[1]`` the unknown one), for LiMBer tests that need an LM but not a real one."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[1]))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token=words[0], unk_token=words[1])
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(words), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, eos_token_id=0, bos_token_id=0, pad_token_id=0))
+    return lm, tokenizer

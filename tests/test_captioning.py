@@ -32,17 +32,10 @@ def colour_images(n: int, seed: int):
 def tiny_lm(tmp_path_factory):
     """A small Llama trained (briefly, here) as a language model that copies a colour word seen before the caption:
     like a real LM, it already 'reads' its input space; LiMBer must learn to write the image's colour into it."""
-    transformers = pytest.importorskip("transformers", reason="LiMBer loads language models with transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    pytest.importorskip("transformers", reason="LiMBer loads language models with transformers")
+    from conftest import tiny_llama
 
-    words = ["</s>", "<unk>", "a", "shape", *COLOURS]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, eos_token_id=0, bos_token_id=0, pad_token_id=0))
+    lm, tokenizer = tiny_llama(["</s>", "<unk>", "a", "shape", *COLOURS])
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-2)
     rng = random.Random(0)
     for _ in range(100):

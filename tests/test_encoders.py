@@ -90,18 +90,11 @@ def test_the_map_takes_either_reading_and_only_it_trains(features, k):
 
 
 def _tiny_lm():
-    """A small random Llama with a word-level tokenizer: enough to backpropagate a caption loss into the map."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A small random Llama: enough to backpropagate a caption loss into the map."""
+    from conftest import tiny_llama
 
-    words = ["</s>", "<unk>", "a", "red", "green", "shape"]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, eos_token_id=0, bos_token_id=0, pad_token_id=0)).eval().requires_grad_(False)
-    return lm, tokenizer
+    lm, tokenizer = tiny_llama(["</s>", "<unk>", "a", "red", "green", "shape"], hidden_size=16, layers=1, heads=2)
+    return lm.eval().requires_grad_(False), tokenizer
 
 
 @pytest.mark.parametrize("kind", ["clipforge", "hf", "random"])
