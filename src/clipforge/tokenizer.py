@@ -103,10 +103,13 @@ class Tokenizer:
 
     def _reset_caches(self) -> None:
         self._word_ids: dict[str, list[int]] = {SOT_TOKEN: [self.sot_token_id], EOT_TOKEN: [self.eot_token_id]}
-        # chunk -> row of (offset, length) into a flat id store; row 0 is the batch separator, row 1 the empty chunk
+        # chunk -> row of (offset, length) into a flat id store; row 0 is the batch separator, row 1 the empty chunk.
+        # Both arrays grow by doubling (rows and ids beyond those in use are spare), so adding a few chunks to a large
+        # cache does not copy it.
         self._chunk_row = {self._SEPARATOR: 0, "": 1}
-        self._chunk_span = np.zeros((2, 2), dtype=np.int64)
-        self._chunk_store = np.zeros(0, dtype=np.int64)
+        self._chunk_span = np.zeros((1024, 2), dtype=np.int64)
+        self._chunk_store = np.zeros(4096, dtype=np.int64)
+        self._store_used = 0
 
     def _bound_caches(self) -> None:
         """Start the caches afresh once they pass the bound (checked between calls, so a call's own entries stay)."""
@@ -142,11 +145,13 @@ class Tokenizer:
         word_ids = self._word_ids
         ids = [list(chain.from_iterable(map(word_ids.__getitem__, found))) for found in split]
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        offsets = len(self._chunk_store) + np.cumsum(lengths) - lengths
-        self._chunk_store = np.concatenate([self._chunk_store, np.fromiter(
-            chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))])
-        self._chunk_span = np.concatenate([self._chunk_span, np.stack([offsets, lengths], axis=1)])
+        used, added = self._store_used, int(lengths.sum())
         first = len(self._chunk_row)
+        self._chunk_store = _with_room(self._chunk_store, used + added)
+        self._chunk_span = _with_room(self._chunk_span, first + len(chunks))
+        self._chunk_store[used:used + added] = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=added)
+        self._chunk_span[first:first + len(chunks)] = np.stack([used + np.cumsum(lengths) - lengths, lengths], axis=1)
+        self._store_used = used + added
         self._chunk_row.update(zip(chunks, range(first, first + len(chunks))))
 
     def _encode_plain(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -241,6 +246,15 @@ class Tokenizer:
         keep = position < limit
         result[rows[text[keep]], 1 + position[keep]] = ids[keep]
         result[rows, 1 + np.minimum(counts, limit)] = self.eot_token_id
+
+
+def _with_room(array: np.ndarray, rows: int) -> np.ndarray:
+    """``array`` itself when it has ``rows`` rows, else a copy at least twice as long (the spare rows zero)."""
+    if rows <= len(array):
+        return array
+    grown = np.zeros((max(rows, 2 * len(array)), *array.shape[1:]), dtype=array.dtype)
+    grown[:len(array)] = array
+    return grown
 
 
 @lru_cache(maxsize=None)

@@ -144,8 +144,9 @@ def evaluate(mapping, lm, tokenizer, items: list[dict], features: dict, shots: i
     predicted = []
     with tqdm(total=len(items), desc=f"VQA {shots}-shot", unit="q", disable=not progress) as bar:
         for begin in range(0, len(prompts), batch_size):
-            predicted += answer_batch(mapping, lm, tokenizer, prompts[begin:begin + batch_size], max_new_tokens)
-            bar.update(len(prompts[begin:begin + batch_size]))
+            batch = prompts[begin:begin + batch_size]
+            predicted += answer_batch(mapping, lm, tokenizer, batch, max_new_tokens)
+            bar.update(len(batch))
     rows = [{"question_id": item["question_id"], "question": item["question"], "prediction": p,
              "answers": item["answers"], "accuracy": vqa_accuracy(p, item["answers"])}
             for item, p in zip(items, predicted)]

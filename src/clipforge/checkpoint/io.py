@@ -84,6 +84,13 @@ def _read_file(path: Path, trust_pickle: bool) -> tuple[dict, dict | None]:
     return obj, None
 
 
+SHARDED = "sharded"  # the subfolder of a --fsdp step folder that torch.distributed.checkpoint writes
+
+
+def is_sharded_checkpoint(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / SHARDED / ".metadata").exists()
+
+
 def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Read any supported checkpoint into ``(state_dict in clipforge layout, config or None)``.
 
@@ -95,7 +102,7 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tupl
         raise CheckpointError(f"{path}: no such file or folder")
     config = None
     try:
-        if path.is_dir() and (path / "sharded" / ".metadata").exists():  # a --fsdp training checkpoint (DCP)
+        if is_sharded_checkpoint(path):  # a --fsdp training checkpoint (DCP)
             from ..train.fsdp import read_sharded_weights
 
             return read_sharded_weights(path)

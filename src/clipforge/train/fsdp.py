@@ -24,12 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-SHARDED = "sharded"
-
-
-def is_sharded_checkpoint(folder: str | Path) -> bool:
-    return (Path(folder) / SHARDED / ".metadata").exists()
-
+from ..checkpoint.io import SHARDED
 
 def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
     """``fully_shard`` every residual block, each tower, then the root; in place (the module stays itself)."""

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load_into, read_checkpoint
+from ..checkpoint.io import is_sharded_checkpoint
 from ..data import ContrastiveStream, make_loader, open_source
 from ..data.captions import swap_left_right
 from ..data.pipeline import caption_texts
@@ -271,7 +272,7 @@ def _full(parameter: torch.Tensor) -> torch.Tensor:
 
 
 def _resume(cfg: TrainConfig, output: Path, core, optimizer, scheduler, scaler, rank: int, world: int) -> _Position:
-    from .fsdp import is_sharded_checkpoint, load_sharded_checkpoint
+    from .fsdp import load_sharded_checkpoint
 
     checkpoint = resolve_resume(cfg.resume, output) if cfg.resume else None
     if checkpoint is None:
