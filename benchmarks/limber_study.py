@@ -110,6 +110,21 @@ def page(result: dict, title: str, path: Path, data: Path, n: int = 12) -> None:
                     f"<h1>{html.escape(title)}</h1><table>{rows}</table>")
 
 
+def training_summary(folder: Path, every: int = 25) -> str:
+    """A map's training loss as means over ``every`` steps, and the norm of its weight matrix (how far the
+    image-dependent part of the prompt has grown)."""
+    from safetensors.torch import load_file
+
+    losses = {}
+    for line in (folder / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        losses[record["step"]] = record["loss"]  # a resumed run logs some steps again: the last entry counts
+    means = [statistics.mean(v for s, v in losses.items() if start < s <= start + every)
+             for start in range(0, max(losses), every)]
+    weight = load_file(str(folder / "mapping.safetensors"))["proj.weight"]
+    return f"loss per {every} steps {' '.join(f'{m:.2f}' for m in means)}; |W| {float(weight.norm()):.2f}"
+
+
 COLUMNS = ("cider", "bleu_4", "clip_score", "ref_clip_score", "noun_precision", "noun_recall", "missed_noun_similarity")
 
 
@@ -143,6 +158,8 @@ def main():
     parser.add_argument("--ablation", action="store_true", help="k = 1, 2, 4, 8, 16, pooled and grid, for clip")
     parser.add_argument("--pages", type=Path, help="write sample-caption pages here")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--curves", type=Path, nargs="*", default=[],
+                        help="also print the training summary of these map folders (runs outside the table)")
     args = parser.parse_args()
     from clipforge.train.cli import read_config
 
@@ -184,6 +201,14 @@ def main():
         args.json.write_text(json.dumps({"judge": str(args.judge), "steps": args.steps, "lr": args.lr, "seeds": args.seeds,
                                          "rows": summary}, indent=1))
     print(table(results))
+    for row in args.rows:
+        for seed in args.seeds:
+            folder = args.output / f"{row}-seed{seed}"
+            scores = json.loads((folder / "eval.json").read_text())["scores"]
+            trained = f"; {training_summary(folder)}" if (folder / "log.jsonl").exists() else ""
+            print(f"{row} seed {seed}: CIDEr-D {scores['cider']:.3f}, CLIPScore {scores['clip_score']:.3f}{trained}")
+    for folder in args.curves:
+        print(f"{folder}: {training_summary(folder)}")
 
 
 if __name__ == "__main__":
