@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--prefix-tokens", type=int, default=4)
+    p.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the map's gradient to this norm; 0: never (the published figures) [1.0]")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -68,7 +70,8 @@ def main() -> None:
     mapping.fit_scale(features)
     mapping.start_from(lm)
     began = time.perf_counter()
-    losses, _ = train_mapping(mapping, lm, lm_tokenizer, features, captions, args.steps, args.batch_size, args.lr)
+    losses, _ = train_mapping(mapping, lm, lm_tokenizer, features, captions, args.steps, args.batch_size, args.lr,
+                              max_grad_norm=args.max_grad_norm or None)
     train_s = time.perf_counter() - began
 
     def score(generated: list[str]) -> float:

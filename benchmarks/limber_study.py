@@ -11,7 +11,7 @@ Rows (the encoders differ only in supervision: same architecture, same Flickr8k 
 Each row's map is trained on flickr8k/train captions with the text prefix "A picture of" (``--steps`` steps, seeds
 ``--seeds``) and evaluated on flickr8k/test: CIDEr-D, BLEU-4, CLIPScore and RefCLIPScore (judged by ``--judge``, a
 CLIP model that is none of the encoders: the recipe's seed-1 run), noun precision/recall and the missed nouns'
-similarity. ``--ablation`` adds k = 1, 2, 4, 8, 16 prompts for the clip encoder, pooled and grid. Sample pages:
+similarity. ``--ablation K ...`` adds k prompts for the clip encoder, pooled and grid (first seed). Sample pages:
 ``--pages DIR`` writes one HTML page per row (images, generated caption, references).
 """
 from __future__ import annotations
@@ -67,6 +67,7 @@ def caption_row(encoder: str, args, seed: int, output: Path, extra=()) -> dict:
         if not (output / "train_args.json").exists():  # written when training ends; a killed run resumes
             clipforge("caption", "train", "--clip", encoder, "--data", str(args.data / "flickr8k" / "train"),
                       "--steps", str(args.steps), "--batch-size", "16", "--lr", str(args.lr), "--seed", str(seed),
+                      "--max-grad-norm", str(args.max_grad_norm),
                       "--output", str(output), "--prompt", PROMPT, "--no-progress", *resume_flag(output), *extra)
         evaluate(output, args)
     return json.loads((output / "eval.json").read_text())
@@ -115,14 +116,20 @@ def training_summary(folder: Path, every: int = 25) -> str:
     image-dependent part of the prompt has grown)."""
     from safetensors.torch import load_file
 
-    losses = {}
+    losses, grad_norms = {}, {}
     for line in (folder / "log.jsonl").read_text().splitlines():
         record = json.loads(line)
         losses[record["step"]] = record["loss"]  # a resumed run logs some steps again: the last entry counts
+        if "grad_norm" in record:  # logged since gradient clipping came in
+            grad_norms[record["step"]] = record["grad_norm"]
     means = [statistics.mean(v for s, v in losses.items() if start < s <= start + every)
              for start in range(0, max(losses), every)]
     weight = load_file(str(folder / "mapping.safetensors"))["proj.weight"]
-    return f"loss per {every} steps {' '.join(f'{m:.2f}' for m in means)}; |W| {float(weight.norm()):.2f}"
+    spikes = ""
+    if grad_norms:
+        typical, (worst_step, worst) = statistics.median(grad_norms.values()), max(grad_norms.items(), key=lambda kv: kv[1])
+        spikes = f"; gradient norm median {typical:.1f}, largest {worst:.1f} (step {worst_step}, before clipping)"
+    return f"loss per {every} steps {' '.join(f'{m:.2f}' for m in means)}; |W| {float(weight.norm()):.2f}{spikes}"
 
 
 COLUMNS = ("cider", "bleu_4", "clip_score", "ref_clip_score", "noun_precision", "noun_recall", "missed_noun_similarity")
@@ -148,14 +155,21 @@ def main():
     parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "flickr8k.yaml")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--output", type=Path, default=REPO / "runs" / "limber-study")
+    parser.add_argument("--encoders", type=Path, help="where the labels / self-supervised towers are trained (or "
+                        "found, when an earlier study trained them) [OUTPUT/encoders]")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=3e-4,
                         help="the maps' learning rate (the shared prompt's: 10x) [3e-4: at caption train's default 1e-3 "
                              "the map on the Flickr8k CLIP's features grew to prefixes the LM cannot read]")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--max-grad-norm", type=float, default=1.0,
+                        help="clip each map's gradient to this norm; 0: never (the first study's maps) [1.0]")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--test-images", type=int, default=300)
     parser.add_argument("--rows", nargs="+", default=["clip", "labels", "self-supervised", "random", "blind"])
-    parser.add_argument("--ablation", action="store_true", help="k = 1, 2, 4, 8, 16, pooled and grid, for clip")
+    parser.add_argument("--ablation", type=int, nargs="*", default=[], metavar="K",
+                        help="prompt counts k to compare for clip, pooled and grid features, first seed (the paper "
+                             "never varied k), e.g. --ablation 1 2 4 8 16")
+    parser.add_argument("--ablation-features", nargs="+", default=["pooled", "grid"], choices=["pooled", "grid"])
     parser.add_argument("--pages", type=Path, help="write sample-caption pages here")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--curves", type=Path, nargs="*", default=[],
@@ -164,12 +178,13 @@ def main():
     from clipforge.train.cli import read_config
 
     model = read_config(args.recipe).get("model", "ViT-Tiny-64")
+    towers = args.encoders or args.output / "encoders"
     encoders = {"clip": args.clip}
     if "labels" in args.rows:
-        encoders["labels"] = str(train_encoder("labels", args.recipe, args.output / "encoders" / "labels"))
+        encoders["labels"] = str(train_encoder("labels", args.recipe, towers / "labels"))
     if "self-supervised" in args.rows:
         encoders["self-supervised"] = str(train_encoder("self-supervised", args.recipe,
-                                                        args.output / "encoders" / "self-supervised"))
+                                                        towers / "self-supervised"))
     results: dict[str, list] = {}
     for row in args.rows:
         for seed in args.seeds:
@@ -189,24 +204,29 @@ def main():
             if args.pages and seed == args.seeds[0]:
                 args.pages.mkdir(parents=True, exist_ok=True)
                 page(result, f"LiMBer captions, {row} encoder", args.pages / f"{row}.html", args.data)
-    if args.ablation:
-        for features in ("pooled", "grid"):
-            for k in (1, 2, 4, 8, 16):
-                name = f"clip {features} k={k}"
-                results[name] = [caption_row(args.clip, args, args.seeds[0], args.output / f"clip-{features}-k{k}",
-                                             ["--features", features, "--prefix-tokens", str(k)])]
+    for features in args.ablation_features if args.ablation else ():
+        for k in args.ablation:
+            name = f"clip {features} k={k}"
+            if features == "pooled" and k == 4 and "clip" in args.rows:  # the table's own clip row
+                results[name] = results["clip"][:1]
+                continue
+            results[name] = [caption_row(args.clip, args, args.seeds[0], args.output / f"clip-{features}-k{k}",
+                                         ["--features", features, "--prefix-tokens", str(k)])]
     summary = {name: [r["scores"] for r in rows] for name, rows in results.items()}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"judge": str(args.judge), "steps": args.steps, "lr": args.lr, "seeds": args.seeds,
+        args.json.write_text(json.dumps({"judge": str(args.judge), "steps": args.steps, "lr": args.lr,
+                                         "max_grad_norm": args.max_grad_norm, "seeds": args.seeds,
                                          "rows": summary}, indent=1))
     print(table(results))
-    for row in args.rows:
-        for seed in args.seeds:
-            folder = args.output / f"{row}-seed{seed}"
-            scores = json.loads((folder / "eval.json").read_text())["scores"]
-            trained = f"; {training_summary(folder)}" if (folder / "log.jsonl").exists() else ""
-            print(f"{row} seed {seed}: CIDEr-D {scores['cider']:.3f}, CLIPScore {scores['clip_score']:.3f}{trained}")
+    runs = [(f"{row} seed {seed}", args.output / f"{row}-seed{seed}") for row in args.rows for seed in args.seeds]
+    runs += [(f"clip {features} k={k}", args.output / f"clip-{features}-k{k}")
+             for features in (args.ablation_features if args.ablation else ()) for k in args.ablation
+             if (args.output / f"clip-{features}-k{k}").is_dir()]
+    for name, folder in runs:
+        scores = json.loads((folder / "eval.json").read_text())["scores"]
+        trained = f"; {training_summary(folder)}" if (folder / "log.jsonl").exists() else ""
+        print(f"{name}: CIDEr-D {scores['cider']:.3f}, CLIPScore {scores['clip_score']:.3f}{trained}")
     for folder in args.curves:
         print(f"{folder}: {training_summary(folder)}")
 

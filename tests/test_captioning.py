@@ -114,6 +114,39 @@ def test_mapping_optimizer_gives_the_shared_prompt_a_faster_rate():
     assert [(g["params"][0] is mapping.proj.weight, g["lr"]) for g in groups] == [(True, 1e-3), (False, 1e-2)]
 
 
+class RecordingSGD(torch.optim.SGD):
+    """Plain SGD that records the norm of the gradient it is given at each step."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append(float(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]).norm()))
+        return super().step(closure)
+
+
+def test_training_clips_the_maps_gradient_and_reports_its_norm_before_clipping(tiny_lm):
+    """A spike in the frozen LM's gradient reaches the optimiser no larger than ``max_grad_norm``; ``on_step`` gets
+    the norm as computed, so the log shows where the spikes were."""
+    lm, tokenizer = limber.load_language_model(str(tiny_lm))
+    features, captions = torch.randn(8, 8) * 50, [["a red shape"], ["a blue shape"]] * 4  # large inputs, large grads
+    reported = {}
+    for bound in (None, 0.01):
+        torch.manual_seed(0)
+        mapping = limber.ImageToPrefix(limber.MappingConfig(8, lm.config.hidden_size, prefix_tokens=2))
+        optimizer = RecordingSGD(mapping.parameters())
+        norms = []
+        limber.train_mapping(mapping, lm, tokenizer, features, captions, steps=3, batch_size=4, optimizer=optimizer,
+                             on_step=lambda step, loss, norm: norms.append(norm), progress=False, max_grad_norm=bound)
+        reported[bound] = norms
+        if bound is None:
+            assert optimizer.seen == pytest.approx(norms, rel=1e-5) and min(norms) > 0.01
+        else:
+            assert max(optimizer.seen) == pytest.approx(0.01, rel=1e-4)
+    assert reported[None] == pytest.approx(reported[0.01], rel=1e-5)  # lr 0: same batches, same unclipped norms
+
+
 def test_mapping_round_trips_and_rejects_bad_input(tmp_path):
     mapping = limber.ImageToPrefix(limber.MappingConfig(8, 6, 3, clip="somewhere", lm="smollm2"))
     mapping.fit_scale(torch.randn(10, 8))

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, default=16, help="[16]")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the map's weights; its bias (the shared "
                    "soft prompt) learns 10x faster [1e-3]")
+    t.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the map's gradient to this norm; 0: never. The frozen LM's rare gradient spikes otherwise "
+                        "throw the map off for good [1.0]")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-every", type=int, default=50, help="checkpoint the map every N steps [50]")
     t.add_argument("--resume", action="store_true", help="continue from the map and optimizer state in --output")
@@ -211,8 +214,9 @@ def run_train(args) -> int:
     log = (out / "log.jsonl").open("a")
     began = time.time()
 
-    def on_step(step, loss):
-        log.write(json.dumps({"step": step, "loss": loss, "elapsed_s": round(time.time() - began, 2)}) + "\n")
+    def on_step(step, loss, grad_norm):
+        log.write(json.dumps({"step": step, "loss": loss, "grad_norm": round(grad_norm, 4),
+                              "elapsed_s": round(time.time() - began, 2)}) + "\n")
         if step % args.save_every == 0 or step == args.steps:
             mapping.save(out)  # the map first, then the state that says which step it belongs to
             write_train_state(out, {"step": step, "optimizer": optimizer.state_dict()})
@@ -220,7 +224,7 @@ def run_train(args) -> int:
 
     try:
         losses, _ = train_mapping(mapping, lm, tokenizer, features, captions, args.steps, args.batch_size, args.lr,
-                                  args.seed, start, optimizer, on_step, args.progress)
+                                  args.seed, start, optimizer, on_step, args.progress, args.max_grad_norm or None)
     finally:
         log.close()
     if losses:

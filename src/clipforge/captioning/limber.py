@@ -265,14 +265,24 @@ def mapping_optimizer(mapping: ImageToPrefix, lr: float) -> torch.optim.Optimize
                               {"params": [mapping.proj.bias], "lr": lr * PREFIX_LR_SCALE}], weight_decay=0.0)
 
 
+MAX_GRAD_NORM = 1.0
+
+
 def train_mapping(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor, captions: list[list[str]],
                   steps: int, batch_size: int = 16, lr: float = 1e-3, seed: int = 0, start_step: int = 0,
-                  optimizer: torch.optim.Optimizer | None = None, on_step=None, progress: bool = True):
+                  optimizer: torch.optim.Optimizer | None = None, on_step=None, progress: bool = True,
+                  max_grad_norm: float | None = MAX_GRAD_NORM):
     """Train ``mapping`` (nothing else) on image features and, per image, one or more captions.
 
     Each step draws its images and captions from a generator seeded by ``(seed, step)``, so a run resumed at
-    ``start_step`` (with the saved optimizer state) continues exactly as it would have. ``on_step(step, loss)`` is
-    called after every update (checkpointing, logging); it may return True to stop.
+    ``start_step`` (with the saved optimizer state) continues exactly as it would have. ``on_step(step, loss,
+    grad_norm)`` is called after every update (checkpointing, logging); it may return True to stop.
+
+    ``max_grad_norm`` clips the map's gradient (None: not clipped). A frozen LM's loss is occasionally very steep in
+    its input embeddings: single batches give gradients 20-100x the usual, and Adam, whose step is normalised by the
+    running gradient scale, then carries the map along that spike for many steps. Unclipped, a map on CLIP features
+    went from loss 3.5 to 5 within 20 steps after two such spikes, at learning rates 1e-4 to 1e-3
+    (docs/BENCHMARKS.md, the LiMBer study).
     """
     from tqdm import tqdm
 
@@ -290,10 +300,11 @@ def train_mapping(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor,
         loss = caption_loss(mapping, lm, tokenizer, features[rows], [rng.choice(captions[r]) for r in rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(mapping.parameters(), max_grad_norm or float("inf"))
         optimizer.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if on_step is not None and on_step(step + 1, losses[-1]):
+        if on_step is not None and on_step(step + 1, losses[-1], float(grad_norm)):
             break
     mapping.eval()
     return losses, optimizer
