@@ -132,7 +132,16 @@ def training_summary(folder: Path, every: int = 25) -> str:
     return f"loss per {every} steps {' '.join(f'{m:.2f}' for m in means)}; |W| {float(weight.norm()):.2f}{spikes}"
 
 
-COLUMNS = ("cider", "bleu_4", "clip_score", "ref_clip_score", "noun_precision", "noun_recall", "missed_noun_similarity")
+COLUMNS = ("cider", "bleu_4", "clip_score", "ref_clip_score", "noun_precision", "noun_recall", "missed_noun_similarity",
+           "distinct_captions")
+
+
+def with_distinct(result: dict) -> dict:
+    """Adds the number of different generated captions per test image: 1/300 for a map that says the same sentence
+    to every image (the blind row), 1 for one that never repeats itself."""
+    captions = [c["caption"] for c in result["captions"]]
+    result["scores"]["distinct_captions"] = len(set(captions)) / len(captions)
+    return result
 
 
 def table(rows: dict) -> str:
@@ -145,6 +154,16 @@ def table(rows: dict) -> str:
             spread = f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else ""
             cells.append(f"{statistics.median(values):.3f}{spread}" if values else "n/a")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_seed_table(rows: dict, seeds: list[int]) -> str:
+    """One line per (row, seed) of the seeded rows."""
+    lines = ["| encoder | seed | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for name, results in rows.items():
+        for seed, result in zip(seeds, results):
+            cells = [f"{result['scores'].get(column, float('nan')):.3f}" for column in COLUMNS]
+            lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -200,7 +219,7 @@ def main():
                 result = caption_row(model, args, seed, folder)
             else:
                 result = caption_row(encoders[row], args, seed, folder)
-            results.setdefault(row, []).append(result)
+            results.setdefault(row, []).append(with_distinct(result))
             if args.pages and seed == args.seeds[0]:
                 args.pages.mkdir(parents=True, exist_ok=True)
                 page(result, f"LiMBer captions, {row} encoder", args.pages / f"{row}.html", args.data)
@@ -210,14 +229,17 @@ def main():
             if features == "pooled" and k == 4 and "clip" in args.rows:  # the table's own clip row
                 results[name] = results["clip"][:1]
                 continue
-            results[name] = [caption_row(args.clip, args, args.seeds[0], args.output / f"clip-{features}-k{k}",
-                                         ["--features", features, "--prefix-tokens", str(k)])]
+            results[name] = [with_distinct(caption_row(args.clip, args, args.seeds[0],
+                                                       args.output / f"clip-{features}-k{k}",
+                                                       ["--features", features, "--prefix-tokens", str(k)]))]
     summary = {name: [r["scores"] for r in rows] for name, rows in results.items()}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"judge": str(args.judge), "steps": args.steps, "lr": args.lr,
                                          "max_grad_norm": args.max_grad_norm, "seeds": args.seeds,
                                          "rows": summary}, indent=1))
+    print(per_seed_table({row: results[row] for row in args.rows}, args.seeds))
+    print()
     print(table(results))
     runs = [(f"{row} seed {seed}", args.output / f"{row}-seed{seed}") for row in args.rows for seed in args.seeds]
     runs += [(f"clip {features} k={k}", args.output / f"clip-{features}-k{k}")
