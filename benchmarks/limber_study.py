@@ -178,8 +178,8 @@ def main():
                         "found, when an earlier study trained them) [OUTPUT/encoders]")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=3e-4,
-                        help="the maps' learning rate (the shared prompt's: 10x) [3e-4: at caption train's default 1e-3 "
-                             "the map on the Flickr8k CLIP's features grew to prefixes the LM cannot read]")
+                        help="the maps' learning rate (the shared prompt's: 10x) [3e-4, the first study's, chosen before "
+                             "gradient clipping, when a clip map diverged at caption train's default 1e-3]")
     parser.add_argument("--max-grad-norm", type=float, default=1.0,
                         help="clip each map's gradient to this norm; 0: never (the first study's maps) [1.0]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -161,6 +161,8 @@ def test_mapping_round_trips_and_rejects_bad_input(tmp_path):
         limber.ImageToPrefix.load(tmp_path)
     with pytest.raises(ValueError, match="one caption list per image"):
         limber.train_mapping(mapping, None, None, features, [["a"]], steps=1, progress=False)
+    with pytest.raises(ValueError, match="max_grad_norm must be positive"):
+        limber.train_mapping(mapping, None, None, features, [["a"]] * 4, steps=1, progress=False, max_grad_norm=-1.0)
 
 
 def _png(image) -> bytes:
@@ -179,6 +181,10 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
               "--batch-size", "4", "--save-every", "2", "--no-progress"]
     assert main([*common, "--steps", "4", "--output", str(tmp_path / "straight")]) == 0
     assert "skipped: {'corrupt_image': 1}" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert all(entry["grad_norm"] > 0 for entry in log)
+    assert main([*common, "--steps", "4", "--max-grad-norm", "-1", "--output", str(tmp_path / "bad")]) == 2
+    assert "--max-grad-norm must be >= 0" in capsys.readouterr().err
     assert main([*common, "--steps", "2", "--output", str(tmp_path / "resumed")]) == 0
     assert main([*common, "--steps", "4", "--output", str(tmp_path / "resumed"), "--resume"]) == 0
     straight = limber.ImageToPrefix.load(tmp_path / "straight").state_dict()

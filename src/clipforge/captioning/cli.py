@@ -178,6 +178,8 @@ def run_train(args) -> int:
     from .encoders import open_encoder
     from .limber import ImageToPrefix, MappingConfig, load_language_model, mapping_optimizer, train_mapping
 
+    if args.max_grad_norm < 0:  # before minutes of embedding
+        raise ValueError(f"--max-grad-norm must be >= 0 (0: no clipping), got {args.max_grad_norm}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)

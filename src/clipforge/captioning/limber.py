@@ -290,6 +290,8 @@ def train_mapping(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor,
         raise ValueError(f"need one caption list per image: {len(features)} images, {len(captions)} caption lists")
     if any(not c for c in captions):
         raise ValueError("every image needs at least one caption")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be positive (or None: no clipping), got {max_grad_norm}")
     optimizer = optimizer or mapping_optimizer(mapping, lr)
     mapping.train()
     losses = []
@@ -300,7 +302,8 @@ def train_mapping(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor,
         loss = caption_loss(mapping, lm, tokenizer, features[rows], [rng.choice(captions[r]) for r in rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(mapping.parameters(), max_grad_norm or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(mapping.parameters(),
+                                                   float("inf") if max_grad_norm is None else max_grad_norm)
         optimizer.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
