@@ -101,6 +101,10 @@ def test_caption_log_likelihood_matches_the_training_loss(tiny_lm):
     with torch.no_grad():
         mean_loss = limber.caption_loss(mapping, lm, tokenizer, features, captions)
     torch.testing.assert_close(-logp.sum() / scored_tokens.sum(), mean_loss)
+    for batch_size in (1, 32):  # the development loss is the training loss, over any batching
+        torch.testing.assert_close(torch.tensor(limber.held_out_loss(mapping, lm, tokenizer, features,
+                                                                     [[c] for c in captions], batch_size)),
+                                   mean_loss, atol=1e-5, rtol=1e-5)
     for row in range(3):  # padding of the other rows changes nothing
         torch.testing.assert_close(logp[row], limber.caption_log_likelihood(
             mapping, lm, tokenizer, features[row:row + 1], captions[row:row + 1])[0], atol=1e-5, rtol=1e-5)
@@ -179,10 +183,12 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
     shard = write_shard(tmp_path / "data" / "train-000000.tar", samples)
     common = ["caption", "train", "--clip", str(tiny_clip), "--lm", str(tiny_lm), "--data", str(shard),
               "--batch-size", "4", "--save-every", "2", "--no-progress"]
-    assert main([*common, "--steps", "4", "--output", str(tmp_path / "straight")]) == 0
+    # the straight run also scores development data: that must not change what it trains
+    assert main([*common, "--steps", "4", "--output", str(tmp_path / "straight"), "--val-data", str(shard)]) == 0
     assert "skipped: {'corrupt_image': 1}" in capsys.readouterr().out
     log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     assert all(entry["grad_norm"] > 0 for entry in log)
+    assert [entry["step"] for entry in log if "val_loss" in entry] == [2, 4] and log[3]["val_loss"] > 0
     assert main([*common, "--steps", "4", "--max-grad-norm", "-1", "--output", str(tmp_path / "bad")]) == 2
     assert "--max-grad-norm must be >= 0" in capsys.readouterr().err
     assert main([*common, "--steps", "2", "--output", str(tmp_path / "resumed")]) == 0

@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "throw the map off for good [1.0]")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-every", type=int, default=50, help="checkpoint the map every N steps [50]")
+    t.add_argument("--val-data", help="captioned development data (e.g. flickr8k/dev): the map's loss on it is logged "
+                                      "every --save-every steps (val_loss in log.jsonl), to choose steps and rates on")
+    t.add_argument("--val-images", type=int, default=200, help="development images used, all their captions [200]")
     t.add_argument("--resume", action="store_true", help="continue from the map and optimizer state in --output")
     t.add_argument("--output", required=True, help="folder for limber.json, mapping.safetensors, log.jsonl")
     t.add_argument("--device", default="cpu")
@@ -176,7 +179,8 @@ def run_train(args) -> int:
     from ..files import write_json
     from ..train.checkpoints import TRAIN_STATE, load_train_state, write_train_state
     from .encoders import open_encoder
-    from .limber import ImageToPrefix, MappingConfig, load_language_model, mapping_optimizer, train_mapping
+    from .limber import (ImageToPrefix, MappingConfig, held_out_loss, load_language_model, mapping_optimizer,
+                         train_mapping)
 
     if args.max_grad_norm < 0:  # before minutes of embedding
         raise ValueError(f"--max-grad-norm must be >= 0 (0: no clipping), got {args.max_grad_norm}")
@@ -189,6 +193,12 @@ def run_train(args) -> int:
                                                      args.max_images, args.seed, progress=args.progress)
     features = features.to(args.device)
     print(f"{len(features)} images, {sum(map(len, captions))} captions (skipped: {dict(skipped) or 'none'})")
+    val_features = val_captions = None
+    if args.val_data:
+        val_features, val_captions, _, val_skipped = embed_captioned(
+            encoder.features, args.val_data, args.label_captions, args.val_images, progress=args.progress)
+        val_features = val_features.to(args.device)
+        print(f"development: {len(val_features)} images (skipped: {dict(val_skipped) or 'none'})")
     lm, tokenizer = load_language_model(args.lm)
     lm.to(args.device)
     # where the features came from, so that 'caption generate' reloads the same encoder (a random tower saved with
@@ -217,9 +227,13 @@ def run_train(args) -> int:
     began = time.time()
 
     def on_step(step, loss, grad_norm):
-        log.write(json.dumps({"step": step, "loss": loss, "grad_norm": round(grad_norm, 4),
-                              "elapsed_s": round(time.time() - began, 2)}) + "\n")
-        if step % args.save_every == 0 or step == args.steps:
+        record = {"step": step, "loss": loss, "grad_norm": round(grad_norm, 4)}
+        checkpoint = step % args.save_every == 0 or step == args.steps
+        if checkpoint and val_features is not None:
+            record["val_loss"] = held_out_loss(mapping, lm, tokenizer, val_features, val_captions)
+            print(f"step {step}: development loss {record['val_loss']:.4f}")
+        log.write(json.dumps({**record, "elapsed_s": round(time.time() - began, 2)}) + "\n")
+        if checkpoint:
             mapping.save(out)  # the map first, then the state that says which step it belongs to
             write_train_state(out, {"step": step, "optimizer": optimizer.state_dict()})
             log.flush()

@@ -220,6 +220,25 @@ def caption_log_likelihood(mapping: ImageToPrefix, lm, tokenizer, features: torc
 
 
 @torch.no_grad()
+def held_out_loss(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor, captions: list[list[str]],
+                  batch_size: int = 32) -> float:
+    """The training loss (per caption token, EOS included) over every caption of every held-out image: what
+    ``caption train --val-data`` logs, so that steps and rates are chosen on development data, not on test scores."""
+    pairs = [(i, c) for i, lines in enumerate(captions) for c in lines]
+    if not pairs:
+        raise ValueError("held_out_loss needs at least one captioned image")
+    was_training = mapping.training
+    mapping.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        rows, texts = zip(*pairs[start:start + batch_size])
+        total -= float(caption_log_likelihood(mapping, lm, tokenizer, features[list(rows)], list(texts)).sum())
+        tokens += sum(len(tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in texts)
+    mapping.train(was_training)
+    return total / tokens
+
+
+@torch.no_grad()
 def rank_captions(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor, candidates: list[str],
                   batch_size: int = 64) -> torch.Tensor:
     """``[N, len(candidates)]`` log-likelihood of every candidate caption for every image: which of several
