@@ -210,13 +210,19 @@ def caption_loss(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor, 
 
 
 @torch.no_grad()
-def caption_log_likelihood(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor,
-                           captions: list[str]) -> torch.Tensor:
-    """``[N]``: log-probability of each caption (tokens and EOS, summed) given its own image's prefix."""
+def _caption_nll(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor,
+                 captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([N] summed negative log-likelihood, [N] number of scored tokens)`` of each caption given its image."""
     embeds, attention, labels = _prefixed_captions(mapping, lm, tokenizer, features, captions)
     logits = lm(inputs_embeds=embeds, attention_mask=attention).logits[:, :-1].float()
     token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")
-    return -token_nll.sum(dim=1)  # ignored positions (-100) contribute 0
+    return token_nll.sum(dim=1), (labels[:, 1:] != -100).sum(dim=1)  # ignored positions (-100) contribute 0
+
+
+def caption_log_likelihood(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor,
+                           captions: list[str]) -> torch.Tensor:
+    """``[N]``: log-probability of each caption (tokens and EOS, summed) given its own image's prefix."""
+    return -_caption_nll(mapping, lm, tokenizer, features, captions)[0]
 
 
 @torch.no_grad()
@@ -227,14 +233,11 @@ def held_out_loss(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor,
     pairs = [(i, c) for i, lines in enumerate(captions) for c in lines]
     if not pairs:
         raise ValueError("held_out_loss needs at least one captioned image")
-    was_training = mapping.training
-    mapping.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(pairs), batch_size):
         rows, texts = zip(*pairs[start:start + batch_size])
-        total -= float(caption_log_likelihood(mapping, lm, tokenizer, features[list(rows)], list(texts)).sum())
-        tokens += sum(len(tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in texts)
-    mapping.train(was_training)
+        nll, scored = _caption_nll(mapping, lm, tokenizer, features[list(rows)], list(texts))
+        total, tokens = total + float(nll.sum()), tokens + int(scored.sum())
     return total / tokens
 
 

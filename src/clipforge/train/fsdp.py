@@ -26,6 +26,7 @@ from torch import nn
 
 from ..checkpoint.io import SHARDED
 
+
 def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
     """``fully_shard`` every residual block, each tower, then the root; in place (the module stays itself)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
