@@ -40,13 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--pretrained", help="pretrained tag or checkpoint for a zoo name in --clip")
     t.add_argument("--features", choices=["pooled", "grid"], default="pooled",
                    help="pooled: one vector per image, mapped to --prefix-tokens prompts; grid: the last layer's "
-                        "spatial map pooled to --prefix-tokens positions, one prompt each [pooled]")
+                        "spatial map pooled to --prefix-tokens positions, one prompt each (on Flickr8k below "
+                        "pooled at every k) [pooled]")
     t.add_argument("--lm", default="smollm2", help="language model: smollm2, a Hugging Face folder or a .gguf [smollm2]")
     t.add_argument("--data", required=True, help="captioned shards, CSV or image folder (one image, its captions)")
     t.add_argument("--label-captions", action="store_true",
                    help="labelled shards (image + .cls, classnames.txt beside them): captions made from class names")
     t.add_argument("--max-images", type=int, help="use at most this many images")
-    t.add_argument("--prefix-tokens", type=int, default=4, help="LM input vectors per image [4]")
+    t.add_argument("--prefix-tokens", type=int, default=4, help="LM input vectors per image; on Flickr8k 1-2 "
+                   "were far worse, 8-16 a little better than 4 (docs/BENCHMARKS.md) [4]")
     t.add_argument("--prompt", default="", help='text between the image prompt and each caption, not scored (e.g. '
                    '"A picture of"); generation uses it too [none]')
     t.add_argument("--steps", type=int, default=300, help="optimiser steps [300]")
