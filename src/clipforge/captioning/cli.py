@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--pretrained", help="pretrained tag or checkpoint for a zoo name in --clip")
     t.add_argument("--features", choices=["pooled", "grid"], default="pooled",
                    help="pooled: one vector per image, mapped to --prefix-tokens prompts; grid: the last layer's "
-                        "spatial map pooled to --prefix-tokens positions, one prompt each (on Flickr8k below "
-                        "pooled at every k) [pooled]")
+                        "spatial map pooled to --prefix-tokens positions, one prompt each (on Flickr8k no "
+                        "better than pooled at any k, far below it from k = 4) [pooled]")
     t.add_argument("--lm", default="smollm2", help="language model: smollm2, a Hugging Face folder or a .gguf [smollm2]")
     t.add_argument("--data", required=True, help="captioned shards, CSV or image folder (one image, its captions)")
     t.add_argument("--label-captions", action="store_true",
