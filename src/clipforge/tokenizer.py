@@ -4,7 +4,7 @@ Ids are identical to OpenAI's (and open_clip's) pure-Python tokenizer: the same 
 unescaping, whitespace folding, lower-casing), the same pre-tokenising regex, the same byte-to-unicode table and
 BPE merges, ``<start_of_text>``/``<end_of_text>`` around the ids, zero padding, and truncation that keeps the end
 token. Only the expensive parts move: ftfy runs only on text that is not plain printable ASCII (on which it is the
-identity), words are split by the same C regex engine OpenAI uses, and each distinct word's BPE runs once in
+identity) and skips its steps that cannot change the string (``textfix``), words are split by the same C regex engine OpenAI uses, and each distinct word's BPE runs once in
 Rust (``tokenizers``) and is cached.
 """
 from __future__ import annotations
@@ -54,9 +54,9 @@ def clean_text(text: str) -> str:
     """OpenAI CLIP's cleaning: ftfy fixes, HTML unescaping (twice), whitespace folding, lower case."""
     if not _NEEDS_FULL_CLEAN.search(text):
         return " ".join(text.split()).lower()
-    import ftfy
+    from .textfix import fix_text
 
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = html.unescape(html.unescape(fix_text(text))).strip()
     return " ".join(text.split()).lower()
 
 
@@ -137,9 +137,10 @@ class Tokenizer:
         self._word_ids.update(zip(words, (ids[e - c:e] for e, c in zip(ends, counts.tolist()))))
 
     def _add_chunks(self, chunks: list[str]) -> None:
-        """Cache the ids of unseen chunks of cleaned plain-ASCII text (each encoded on its own: no OpenAI regex
-        match spans a space in cleaned text)."""
-        split = [_ASCII_WORDS.findall(c) for c in chunks]
+        """Cache the ids of unseen chunks of cleaned text (each encoded on its own: no OpenAI regex match spans a
+        space in cleaned text); printable-ASCII chunks are split by the faster ASCII pattern."""
+        plain, regex_split = _PRINTABLE_ASCII.fullmatch, self._word_regex.findall
+        split = [_ASCII_WORDS.findall(c) if plain(c) else regex_split(c) for c in chunks]
         words = {w for found in split for w in found}
         self._bpe_into_cache([w for w in words if w not in self._word_ids])
         word_ids = self._word_ids
@@ -155,8 +156,9 @@ class Tokenizer:
         self._chunk_row.update(zip(chunks, range(first, first + len(chunks))))
 
     def _encode_plain(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids of all ``texts`` concatenated, each text's id count) for texts of printable ASCII plus tab/newline/CR
-        (raw, or already cleaned): cleaned as one string, looked up as one list of chunks, gathered in numpy."""
+        """(ids of all ``texts`` concatenated, each text's id count) for texts that are printable ASCII plus
+        tab/newline/CR, or already cleaned: cleaned as one string (a no-op on cleaned text), looked up as one list of
+        space-separated chunks, gathered in numpy."""
         sep = self._SEPARATOR
         joined = sep.join(texts).lower()
         if any(mark in joined for mark in ("  ", "\t", "\n", "\r")):  # a scan for each is cheaper than one regex pass
@@ -207,22 +209,19 @@ class Tokenizer:
         if not texts:
             return torch.from_numpy(result)
         self._bound_caches()
-        # texts that need ftfy/HTML cleaning, found in one scan ("\n" is allowed, so it cannot be a hit itself);
-        # deleting the allowed bytes from the whole batch at C speed says first whether there is anything to find
+        # texts that need ftfy/HTML cleaning; deleting the allowed bytes from the whole batch at C speed says first
+        # whether there is any
         joined = "\n".join(texts)
-        full = []
-        if not joined.isascii() or joined.encode("ascii").translate(None, _PLAIN_BYTES):
-            ends = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) + 1)
-            hits = [m.start() for m in _NEEDS_FULL_CLEAN.finditer(joined)]
-            full = sorted(set(np.searchsorted(ends, hits, side="right").tolist()))
         plain_rows, plain, other_rows, other = list(range(len(texts))), list(texts), [], []
-        if full:
+        if not joined.isascii() or joined.encode("ascii").translate(None, _PLAIN_BYTES):
+            needs_full_clean = _NEEDS_FULL_CLEAN.search
+            full = [i for i, text in enumerate(texts) if needs_full_clean(text)]
             full_set = set(full)
             plain_rows = [i for i in range(len(texts)) if i not in full_set]
             plain = [texts[i] for i in plain_rows]
             for i in full:
                 cleaned = clean_text(texts[i])
-                if _PRINTABLE_ASCII.fullmatch(cleaned):  # cleaned plain text: the plain path leaves it as it is
+                if self._SEPARATOR not in cleaned:  # cleaned text: the chunk path below leaves it as it is
                     plain_rows.append(i)
                     plain.append(cleaned)
                 else:
