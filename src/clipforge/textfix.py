@@ -13,9 +13,9 @@ width, control characters). Here each of those runs only where it could match:
   ``fix_encoding`` runs.
 
 Everything else (segmenting at newlines, the "auto" HTML rule, the order of fixers, the repeat-until-stable loop,
-NFC) is ftfy's control flow, calling ftfy's own fixers. Those structural facts were checked for the ftfy release
-named in ``_CHECKED_BADNESS``; on any other release the pattern's fingerprint differs and ``fix_text`` is plain
-``ftfy.fix_text``.
+NFC) is ftfy's control flow, calling ftfy's own fixers. That control flow and the facts about the regex were checked
+on the ftfy release in ``_CHECKED_RELEASE``; on any other release (or if its ``BADNESS_RE`` differs) ``fix_text`` is
+plain ``ftfy.fix_text``: slower, never different.
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ import unicodedata
 import ftfy
 from ftfy import badness, chardata, fixes
 
-# sha256 of BADNESS_RE.pattern in ftfy 6.3.x, the release whose regex the window argument above was checked on
-_CHECKED_BADNESS = "9dcc0f2ac90d9ae3c85eb7b9b2c0b8a8e8126153847c2b30c91a0bb263f3b8c4"
+_CHECKED_RELEASE = "6.3.1"
+_CHECKED_BADNESS = "9dcc0f2ac90d9ae3c85eb7b9b2c0b8a8e8126153847c2b30c91a0bb263f3b8c4"  # sha256 of its BADNESS_RE
+_SEGMENT_LIMIT = ftfy.TextFixerConfig().max_decode_length
 _LONGEST_BADNESS_MATCH = 7  # "ГўВЂВ.[A-Za-z ]"
 
 
@@ -59,10 +60,6 @@ _ANY_FIXABLE = re.compile("[" + "".join(p.pattern[1:-1] for p in (chardata.C1_CO
                                                                    chardata.DOUBLE_QUOTE_RE, fixes.SURROGATE_RE))
                           + _class_of({*chardata.LIGATURES, *chardata.WIDTH_MAP, *chardata.CONTROL_CHARS,
                                        *map(ord, "&\x1b\r\u2028\u2029\x85")}) + "]")
-
-
-def fingerprint() -> str:
-    return hashlib.sha256(badness.BADNESS_RE.pattern.encode()).hexdigest()
 
 
 def is_bad(text: str) -> bool:
@@ -109,13 +106,12 @@ def _fix_segment(text: str, unescape: bool) -> str:
 def _guarded_fix_text(text: str) -> str:
     """ftfy.fix_text's segment loop: lines (at most ``max_decode_length`` each), and once a segment holds '<' the
     "auto" HTML unescaping is off for it and every later segment."""
-    limit = ftfy.TextFixerConfig().max_decode_length
     unescape = True
     out = []
     position = 0
     while position < len(text):
         end = text.find("\n", position) + 1 or len(text)
-        end = min(end, position + limit)
+        end = min(end, position + _SEGMENT_LIMIT)
         segment = text[position:end]
         unescape = unescape and "<" not in segment
         out.append(_fix_segment(segment, unescape))
@@ -123,5 +119,6 @@ def _guarded_fix_text(text: str) -> str:
     return "".join(out)
 
 
-GUARDED = fingerprint() == _CHECKED_BADNESS
+GUARDED = (ftfy.__version__ == _CHECKED_RELEASE
+           and hashlib.sha256(badness.BADNESS_RE.pattern.encode()).hexdigest() == _CHECKED_BADNESS)
 fix_text = _guarded_fix_text if GUARDED else ftfy.fix_text
