@@ -103,6 +103,8 @@ def main():
     parser.add_argument("--caption-images", type=int, default=3000, help="captioned shapes the maps train on [3000]")
     parser.add_argument("--vqa-images", type=int, default=60, help="images in the question set [60]")
     parser.add_argument("--steps", type=int, default=300, help="map training steps [300]")
+    parser.add_argument("--lr", type=float, default=1e-3, help="map learning rate [1e-3: what the published figure used, "
+                        "then caption train's default]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--max-grad-norm", type=float, default=1.0,
                         help="clip the maps' gradients to this norm; 0: never (the published figures) [1.0]")
@@ -131,7 +133,8 @@ def main():
                     blind(out / f"clip-seed{seed}", folder)
             elif not (folder / "train_args.json").exists():  # written when training ends; a killed run resumes
                 clipforge("caption", "train", "--clip", encoders[row], "--data", str(captions), "--steps",
-                          str(args.steps), "--batch-size", "16", "--seed", str(seed), "--output", str(folder),
+                          str(args.steps), "--batch-size", "16", "--lr", str(args.lr), "--seed", str(seed),
+                          "--output", str(folder),
                           "--max-grad-norm", str(args.max_grad_norm),
                           "--no-progress", *resume_flag(folder))
             if not (folder / "vqa.json").exists():
