@@ -375,6 +375,11 @@ def test_config_file_then_flags_and_a_run_recreated_from_its_run_config_is_ident
     a = load_file(tmp_path / "a" / "checkpoints" / "step-00000002" / "model.safetensors")
     b = load_file(tmp_path / "b" / "checkpoints" / "step-00000002" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from clipforge.cli import build_parser
+    from clipforge.train.cli import config_from_args
+
+    switched_off = config_from_args(build_parser("train").parse_args(["train", "--config", str(recipe), "--no-hflip"]))
+    assert switched_off.hflip is False and switched_off.lr == 0.002  # a recipe's switch can be turned off by a flag
     capsys.readouterr()
     (tmp_path / "bad.yaml").write_text("lr: 0.1\nlearning_rate: 0.1\n")
     assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2

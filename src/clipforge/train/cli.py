@@ -39,20 +39,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.argument_default = argparse.SUPPRESS
     d = TrainConfig()
-    p.add_argument("--config", help="a YAML or JSON file of settings (TrainConfig field names); flags override it")
+    p.add_argument("--config", help="a YAML or JSON file of settings (TrainConfig field names); flags override it "
+                                        "(--no-hflip, --no-lock-text, ... turn its switches off)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help=f"zoo architecture (clipforge models) [{d.model}]")
     g.add_argument("--model-cfg", type=json.loads, metavar="JSON",
                    help='overrides merged into the architecture, e.g. \'{"vision_cfg": {"image_size": 96}}\'')
     g.add_argument("--pretrained", help="start from these weights: a pretrained tag or a checkpoint path")
     g.add_argument("--text-model", help="a pretrained Hugging Face text encoder as text tower, e.g. all-minilm-l6-v2")
-    g.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
-    g.add_argument("--lock-text", action="store_true",
+    g.add_argument("--lock-image", action=argparse.BooleanOptionalAction, help="freeze the image tower (LiT)")
+    g.add_argument("--lock-text", action=argparse.BooleanOptionalAction,
                    help="freeze the text tower (a Hugging Face tower keeps its new projection trainable, as in "
                         "open_clip); its features are computed once per distinct caption and cached")
     g.add_argument("--patch-dropout", type=float, help=f"FLIP: fraction of image patches dropped (ViT) [{d.patch_dropout}]")
-    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, more time")
-    g.add_argument("--torchcompile", action="store_true", help="compile the model with torch.compile")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations: less memory, more time")
+    g.add_argument("--torchcompile", action=argparse.BooleanOptionalAction, help="compile the model with torch.compile")
     g.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and AdamW state across ranks (PyTorch FSDP2; torchrun for several; "
                         "bf16 compute with fp32 reduction on GPU); checkpoints become sharded folders (DCP) that "
@@ -64,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"classify: fine-tune --pretrained (see clipforge finetune) "
                         f"[{d.objective}]")
     g.add_argument("--bow-vocab", type=int, help=f"bow / labels: the N most frequent caption words / nouns [{d.bow_vocab}]")
-    g.add_argument("--text-cache", action="store_true",
+    g.add_argument("--text-cache", action=argparse.BooleanOptionalAction,
                    help="with --lock-text: compute the frozen text features of every training caption once, before "
                         "training (for a dataset seen for many epochs)")
     g = p.add_argument_group("data")
@@ -77,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exclude-classes", help="comma-separated class names left out of training")
     g.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help=f"random resized crop: fraction of the image area kept [{d.crop_scale[0]} {d.crop_scale[1]}]")
-    g.add_argument("--hflip", action="store_true",
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flips, with 'left' and 'right' swapped in the caption to match")
     g.add_argument("--workers", type=int, help=f"DataLoader workers per process [{d.workers}]")
     g.add_argument("--shuffle-buffer", type=int, help=f"shard sample shuffle buffer [{d.shuffle_buffer}]")
@@ -105,7 +106,7 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accum-freq", type=int,
                    help=f"micro-batches per step (exact for the contrastive loss) [{d.accum_freq}]")
     g.add_argument("--loss", choices=["clip", "siglip"], help=f"[{d.loss}]")
-    g.add_argument("--local-loss", action="store_true", help="each rank computes only its rows (less memory)")
+    g.add_argument("--local-loss", action=argparse.BooleanOptionalAction, help="each rank computes only its rows (less memory)")
     g.add_argument("--loss-chunk-size", type=int, help="compute the loss in row chunks: memory linear in batch size")
     g.add_argument("--seed", type=int, help=f"[{d.seed}]")
 
