@@ -44,6 +44,16 @@ def test_zero_shot_scores_a_class_by_its_words_mean_log_probability():
     assert logits.argmax(dim=1).tolist() == [0, 1]
 
 
+def test_a_word_prior_turns_the_most_frequent_word_from_winner_into_baseline():
+    vocabulary = bow.Vocabulary(["dog", "cat"])
+    prior = bow.word_log_prior(vocabulary, ["a dog runs", "dogs play", "the dog and the dog", "a cat"])
+    torch.testing.assert_close(prior.exp(), torch.tensor([5 / 7, 2 / 7]))  # counts 4 and 1, add-one smoothed
+    log_probs = torch.log(torch.tensor([[0.7, 0.3], [0.9, 0.1]]))  # "dog" most likely for both images
+    assert bow.zero_shot_logits(log_probs, vocabulary, ["dog", "cat"]).argmax(1).tolist() == [0, 0]
+    # the first image makes "cat" likelier than the captions do (0.3 > 2/7), the second does not
+    assert bow.zero_shot_logits(log_probs, vocabulary, ["dog", "cat"], prior=prior).argmax(1).tolist() == [1, 0]
+
+
 def test_bow_training_lowers_its_loss_and_saves_a_loadable_image_tower(tmp_path):
     shard = shapes_shard(tmp_path / "s-000000.tar", 64)
     cfg = TrainConfig(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 2}}, objective="bow", bow_vocab=50,

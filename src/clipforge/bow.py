@@ -145,9 +145,24 @@ def class_word_indices(vocabulary: Vocabulary, classnames: list[str]) -> list[li
             [i for i in (vocabulary.lookup(w) for w in words(name)) if i is not None] for name in classnames]
 
 
+def word_log_prior(vocabulary: Vocabulary, captions: list[str]) -> torch.Tensor:
+    """``[len(vocabulary)]``: log of the word distribution of ``captions`` (the training captions; add-one
+    smoothed), for ``zero_shot_logits(prior=...)``."""
+    counts = sum((vocabulary(captions[i:i + 2048]).sum(0) for i in range(0, len(captions), 2048)),
+                 torch.zeros(len(vocabulary)))
+    return torch.log((counts + 1) / (counts + 1).sum())
+
+
 @torch.no_grad()
-def zero_shot_logits(word_log_probs: torch.Tensor, vocabulary: Vocabulary, classnames: list[str]) -> torch.Tensor:
-    """``[N, classes]``: each class's mean word log-probability; -inf for a class with no vocabulary word."""
+def zero_shot_logits(word_log_probs: torch.Tensor, vocabulary: Vocabulary, classnames: list[str],
+                     prior: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N, classes]``: each class's mean word log-probability; -inf for a class with no vocabulary word.
+
+    With ``prior`` (``word_log_prior`` of the training captions) a word scores log p(word | image) - log p(word):
+    how much more likely the image makes it than a typical training caption does. Without it the most frequent
+    caption word wins nearly everywhere (a Flickr8k model called 98% of CIFAR-10 images "dog"; docs/BENCHMARKS.md)."""
+    if prior is not None:
+        word_log_probs = word_log_probs - prior
     columns = []
     for indices in class_word_indices(vocabulary, classnames):
         columns.append(word_log_probs[:, indices].mean(dim=1) if indices else
