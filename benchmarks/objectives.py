@@ -51,14 +51,15 @@ def zero_shot(folder: Path, data: Path, training_captions: list[str]) -> dict:
     else:
         model, preprocess, tokenizer = clipforge.load(str(folder))
     out = {}
+    if config.get("objective") == "bow":
+        prior = bow.word_log_prior(model.vocabulary, training_captions)
     for name in ("cifar10", "flowers"):
         dataset = open_labelled(data / name, "test")
         if config.get("objective") == "bow":
-            images, labels = _images(dataset)
+            images, labels = _images(dataset.source)
             log_probs = torch.cat([model.word_log_probs(torch.stack([preprocess(i) for i in images[s:s + 256]]))
                                    for s in range(0, len(images), 256)])
             logits = bow.zero_shot_logits(log_probs, model.vocabulary, dataset.classnames)
-            prior = bow.word_log_prior(model.vocabulary, training_captions)
             with_prior = bow.zero_shot_logits(log_probs, model.vocabulary, dataset.classnames, prior=prior)
             out[f"{name}_word_prior"] = topk_accuracy(with_prior, torch.as_tensor(labels))[1]
             out[f"{name}_named_classes"] = sum(bool(i) for i in bow.class_word_indices(model.vocabulary,
@@ -70,18 +71,45 @@ def zero_shot(folder: Path, data: Path, training_captions: list[str]) -> dict:
     return out
 
 
-def _images(dataset):
+def _images(source):
     import random
     from collections import Counter
 
     from clipforge.data.pipeline import decode_sample
 
     images, labels = [], []
-    for raw in dataset.source.samples(0, 1, 0, 0, Counter()):
+    for raw in source.samples(0, 1, 0, 0, Counter()):
         image, _ = decode_sample(dict(raw, txt=b"-"), random.Random(0))
         images.append(image)
         labels.append(int(raw["cls"]))
     return images, labels
+
+
+@torch.no_grad()
+def bow_scoring_on_dev(checkpoint: Path, data: Path, training_captions: list[str], every: int = 10) -> dict:
+    """How to score a bag-of-words model zero-shot, decided on development data (every 10th cifar10/train image):
+    plain mean log-probability, less the training captions' word prior, or less the mean over the evaluated images
+    themselves (transductive: reported, not used)."""
+    from collections import Counter
+
+    from flickr8k_dev import EveryNth
+
+    model, preprocess = bow.load(str(checkpoint))
+    cifar = open_labelled(data / "cifar10", "train")
+    images, labels = _images(EveryNth(cifar.source, every))
+    labels = torch.as_tensor(labels)
+    log_probs = torch.cat([model.word_log_probs(torch.stack([preprocess(i) for i in images[s:s + 256]]))
+                           for s in range(0, len(images), 256)])
+    nameable = torch.tensor([bool(i) for i in bow.class_word_indices(model.vocabulary, cifar.classnames)])[labels]
+    rules = {"plain": log_probs, "less_word_prior": log_probs - bow.word_log_prior(model.vocabulary, training_captions),
+             "less_mean_over_these_images": log_probs - log_probs.mean(0, keepdim=True)}
+    out = {"images": len(labels), "images_of_nameable_classes": int(nameable.sum())}
+    for rule, scores in rules.items():
+        predicted = bow.zero_shot_logits(scores, model.vocabulary, cifar.classnames).argmax(1)
+        out[rule] = {"top1": (predicted == labels).float().mean().item(),
+                     "top1_nameable_classes": (predicted[nameable] == labels[nameable]).float().mean().item(),
+                     "most_predicted_share": Counter(predicted.tolist()).most_common(1)[0][1] / len(labels)}
+    return out
 
 
 def main():
@@ -92,11 +120,18 @@ def main():
     parser.add_argument("--checkpoints", type=int, default=4, help="evaluated points along each run [4]")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--bow-dev", action="store_true",
+                        help="only print the bag-of-words scoring rules compared on development data (its last "
+                             "checkpoint; every 10th cifar10/train image)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     recipe = read_config(args.recipe)
     steps, batch = recipe["steps"], recipe.get("batch_size", 64)
     training_captions = flickr8k_captions(args.data, n=10**9)  # the recipe's training data
+    if args.bow_dev:
+        last = checkpoint_dirs(args.output / "bag-of-words")[-1]
+        print(last, json.dumps(bow_scoring_on_dev(last, args.data, training_captions), indent=1))
+        return
     results = {}
     for name, changes in runs(recipe).items():
         folder = args.output / name.replace(", ", "-").replace(" ", "-")
@@ -107,7 +142,8 @@ def main():
         results[name] = []
         for checkpoint in checkpoint_dirs(folder):
             step = int(checkpoint.name.split("-")[1])
-            results[name].append({"step": step, "images_seen": step * batch, **zero_shot(checkpoint, args.data, training_captions)})
+            scores = zero_shot(checkpoint, args.data, training_captions)
+            results[name].append({"step": step, "images_seen": step * batch, **scores})
             print(name, json.dumps(results[name][-1]), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -9,13 +9,14 @@ from clipforge.bench.corpora import noisy_captions
 
 # Characters each fixer acts on, the mojibake heuristic's characters, and the ones that steer ftfy's control flow
 # ("\n" segments, "<" turns HTML unescaping off, "&" starts entities).
-_POOL = (list("abcxyzABC .,!?;#'\"") + ["\n", "\r", "\r\n", "<", "&", "&amp;", "&lt;", "&eacute;", "&EACUTE;", "\x1b[31m"]
+_POOL = (list("abcxyzABC .,!?;#'\"")
+         + ["\n", "\r", "\r\n", "<", "&", "&amp;", "&lt;", "&eacute;", "&EACUTE;", "\x1b[31m"]
          + sorted({c for c in badness.BADNESS_RE.pattern if not c.isascii()})
          + [chr(c) for c in range(0x80, 0x250)] + [chr(c) for c in range(0x370, 0x460)]
          + list(map(chr, chardata.LIGATURES)) + [chr(c) for c in list(chardata.WIDTH_MAP)[:40]]
          + [chr(c) for c in list(chardata.CONTROL_CHARS)[:40]]
-         + ["\u2018", "\u201c", "\u201d", "\u02bc", "\u2028", "\u2029", "\ud83d", "\ude00", "\ud83d\ude00", "😀", "東京",
-            "e\u0301", "\ufeff", "\u200b", "Ã©", "â€™", "Ã\xa0", "ГўВЂВ", "вЂ"])
+         + ["\u2018", "\u201c", "\u201d", "\u02bc", "\u2028", "\u2029", "\ud83d", "\ude00", "\ud83d\ude00", "😀",
+            "東京", "e\u0301", "\ufeff", "\u200b", "Ã©", "â€™", "Ã\xa0", "ГўВЂВ", "вЂ"])
 
 
 def _fuzz(n: int, seed: int) -> list[str]:

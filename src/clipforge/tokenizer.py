@@ -4,8 +4,8 @@ Ids are identical to OpenAI's (and open_clip's) pure-Python tokenizer: the same 
 unescaping, whitespace folding, lower-casing), the same pre-tokenising regex, the same byte-to-unicode table and
 BPE merges, ``<start_of_text>``/``<end_of_text>`` around the ids, zero padding, and truncation that keeps the end
 token. Only the expensive parts move: ftfy runs only on text that is not plain printable ASCII (on which it is the
-identity) and skips its steps that cannot change the string (``textfix``), words are split by the same C regex engine OpenAI uses, and each distinct word's BPE runs once in
-Rust (``tokenizers``) and is cached.
+identity) and skips its steps that cannot change the string (``textfix``), words are split by the same C regex
+engine OpenAI uses, and each distinct word's BPE runs once in Rust (``tokenizers``) and is cached.
 """
 from __future__ import annotations
 

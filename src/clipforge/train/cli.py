@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.argument_default = argparse.SUPPRESS
     d = TrainConfig()
     p.add_argument("--config", help="a YAML or JSON file of settings (TrainConfig field names); flags override it "
-                                        "(--no-hflip, --no-lock-text, ... turn its switches off)")
+                                    "(--no-hflip, --no-lock-text, ... turn its switches off)")
     g = p.add_argument_group("model")
     g.add_argument("--model", help=f"zoo architecture (clipforge models) [{d.model}]")
     g.add_argument("--model-cfg", type=json.loads, metavar="JSON",
@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="freeze the text tower (a Hugging Face tower keeps its new projection trainable, as in "
                         "open_clip); its features are computed once per distinct caption and cached")
     g.add_argument("--patch-dropout", type=float, help=f"FLIP: fraction of image patches dropped (ViT) [{d.patch_dropout}]")
-    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations: less memory, more time")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute activations: less memory, more time")
     g.add_argument("--torchcompile", action=argparse.BooleanOptionalAction, help="compile the model with torch.compile")
     g.add_argument("--fsdp", action="store_true",
                    help="shard weights, gradients and AdamW state across ranks (PyTorch FSDP2; torchrun for several; "
@@ -106,7 +107,8 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accum-freq", type=int,
                    help=f"micro-batches per step (exact for the contrastive loss) [{d.accum_freq}]")
     g.add_argument("--loss", choices=["clip", "siglip"], help=f"[{d.loss}]")
-    g.add_argument("--local-loss", action=argparse.BooleanOptionalAction, help="each rank computes only its rows (less memory)")
+    g.add_argument("--local-loss", action=argparse.BooleanOptionalAction,
+                   help="each rank computes only its rows (less memory)")
     g.add_argument("--loss-chunk-size", type=int, help="compute the loss in row chunks: memory linear in batch size")
     g.add_argument("--seed", type=int, help=f"[{d.seed}]")
 
