@@ -5,6 +5,7 @@ import statistics
 import pytest
 import torch
 
+import clipforge
 from clipforge import cli
 from clipforge.bench import corpora, peers, tasks, timing, worker
 
@@ -164,3 +165,33 @@ def test_bench_parts_measure_only_what_is_asked(tmp_path):
     results = json.loads(out.read_text())
     assert set(results["loss_memory_mb"]) == {"512", "1024"}
     assert "train" not in results and "embed" not in results and "tokenizer" not in results
+
+
+def test_open_clip_peer_caches_its_locked_text_towers_features_without_dropout():
+    """The Flickr8k peer runs open_clip's model with the recipe's text-feature cache: features of the frozen
+    Hugging Face transformer, computed once and dropout-free, give the same outputs as open_clip in eval mode."""
+    pytest.importorskip("open_clip", reason="open_clip is in the test extras")
+    torch.manual_seed(0)
+    try:
+        ours = peers.build("ViT-Tiny-64-MiniLM")
+    except Exception as error:  # the MiniLM package is in the test extras
+        pytest.skip(f"MiniLM text tower unavailable: {error}")
+    model = peers.OpenClipForTraining(ours)
+    with pytest.raises(ValueError, match="locked"):
+        model.text.cache_features()
+    model.lock_text_tower()
+    tokenizer = clipforge.get_tokenizer("ViT-Tiny-64-MiniLM")
+    tokens = tokenizer(["a dog runs through water", "a child on a swing", "two people"])
+    model.text.cache_features().fill(tokens)
+    assert len(model.text_features) == 3
+    model.train()
+    assert model.inner.visual.training and not model.inner.text.transformer.training  # dropout stays off
+    images = torch.randn(3, 3, 64, 64)
+    cached = model(images, tokens)
+    assert cached.text_features.requires_grad  # the projection above the cache still trains
+    model.eval()
+    model.text_features = None
+    with torch.no_grad():
+        plain = model(images, tokens)
+    torch.testing.assert_close(cached.text_features.detach(), plain.text_features, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cached.image_features.detach(), plain.image_features, atol=1e-5, rtol=1e-4)

@@ -1,5 +1,6 @@
 """Fully sharded training (--fsdp, PyTorch FSDP2) under torchrun on CPU (gloo): the same losses and weights as DDP,
 exact resume from a sharded (DCP) checkpoint, and conversion of one into the normal single-file format."""
+import contextlib
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from clipforge.checkpoint import read_checkpoint
 from conftest import REPO, shapes_shard
 
 pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 ships with torch >= 2.6")
+HAS_PROC = Path("/proc/self/stat").exists()
 
 
 def torchrun_train(spec: str, output, extra=(), steps: int = 4):
@@ -31,6 +34,32 @@ def torchrun_train(spec: str, output, extra=(), steps: int = 4):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux /proc). torchrun starts each rank in a session of its own, so killing
+    the launcher's process group leaves the ranks running: they must be found and killed one by one."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while being read
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def losses(run) -> list[float]:
@@ -109,6 +138,7 @@ def test_fsdp_composes_with_accumulation_locked_towers_checkpointing_siglip_loca
         torch.testing.assert_close(fsdp[key], ddp[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
+@pytest.mark.skipif(not HAS_PROC, reason="finding torchrun's rank processes to kill them needs Linux /proc")
 def test_a_run_killed_after_a_sharded_checkpoint_resumes_to_the_same_weights(runs):
     root, spec = runs
     with socket.socket() as probe:
@@ -126,8 +156,16 @@ def test_a_run_killed_after_a_sharded_checkpoint_resumes_to_the_same_weights(run
     deadline = time.time() + 240
     while time.time() < deadline and not (checkpoints.exists() and any(checkpoints.glob("step-*"))):
         time.sleep(0.05)
-    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+    ranks = descendants(victim.pid)
+    assert len(ranks) >= 2, "the launcher's rank processes were not found"
+    for pid in [victim.pid, *ranks]:  # the launcher and both ranks, mid-run, as a machine failure would
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     victim.wait()
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in ranks) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in ranks), "a rank survived SIGKILL"
     done = sorted(p.name for p in checkpoints.glob("step-*"))
     assert done and done[-1] < "step-00000012", "the run finished before it could be killed"
     torchrun_train(spec, victim_dir, ["--fsdp", "--resume", "latest"], steps=12)

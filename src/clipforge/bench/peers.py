@@ -98,6 +98,8 @@ class OpenClipForTraining(torch.nn.Module):
         if self.inner is None:
             raise ImportError("open_clip is not installed (pip install open-clip-torch)")
         self.image_size = ours.image_size
+        self.text = _OpenClipTextCache(self)  # a plain object (not a module): ``text.cache_features()`` for the loop
+        self.text_features = None  # once cached: the frozen Hugging Face transformer's pooled output per token row
 
     @property
     def logit_scale(self):
@@ -106,8 +108,18 @@ class OpenClipForTraining(torch.nn.Module):
     def forward(self, images, tokens):
         from ..models import CLIPOutput
 
-        image_features, text_features, scale = self.inner(images, tokens)[:3]
-        return CLIPOutput(image_features, text_features, scale)
+        if self.text_features is None:
+            image_features, text_features, scale = self.inner(images, tokens)[:3]
+            return CLIPOutput(image_features, text_features, scale)
+        text = self.inner.text.proj(self.text_features(tokens))
+        return CLIPOutput(self.inner.encode_image(images, normalize=True),
+                          torch.nn.functional.normalize(text, dim=-1), self.inner.logit_scale.exp())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.text_features is not None:  # cached features are dropout-free: so must any computed afresh be
+            self.inner.text.transformer.eval()
+        return self
 
     def encode_image(self, images, normalize=False):
         return self.inner.encode_image(images, normalize=normalize)
@@ -123,6 +135,30 @@ class OpenClipForTraining(torch.nn.Module):
 
     def set_grad_checkpointing(self, enable=True):
         self.inner.set_grad_checkpointing(enable)
+
+
+class _OpenClipTextCache:
+    """``cache_features()`` for open_clip's locked Hugging Face text tower, as clipforge's towers have it: the frozen
+    transformer's mean-pooled output kept per distinct token row, computed without dropout (open_clip itself leaves
+    dropout on in a locked tower, so its text features are noisy; cached ones cannot be). The projection still trains."""
+
+    def __init__(self, owner: OpenClipForTraining):
+        self.owner = owner
+
+    def cache_features(self):
+        from ..models.feature_cache import FeatureCache
+
+        text = self.owner.inner.text
+        if not hasattr(text, "transformer") or any(p.requires_grad for p in text.transformer.parameters()):
+            raise ValueError("open_clip peer: only a locked Hugging Face text tower's features can be cached")
+        text.transformer.eval()
+
+        def pooled(tokens: torch.Tensor) -> torch.Tensor:
+            mask = (tokens != text.config.pad_token_id).long()
+            return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
+
+        self.owner.text_features = FeatureCache(pooled)
+        return self.owner.text_features
 
 
 class OpenClipLoss(torch.nn.Module):

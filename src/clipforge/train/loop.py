@@ -275,6 +275,10 @@ def _resume(cfg: TrainConfig, output: Path, core, optimizer, scheduler, scaler, 
     from .fsdp import load_sharded_checkpoint
 
     checkpoint = resolve_resume(cfg.resume, output) if cfg.resume else None
+    if world > 1 and cfg.resume:  # every rank resumes from rank 0's choice, even if the folder changes meanwhile
+        chosen = [str(checkpoint) if checkpoint else None]
+        dist.broadcast_object_list(chosen, src=0)
+        checkpoint = Path(chosen[0]) if chosen[0] else None
     if checkpoint is None:
         return _Position()
     train_state = load_train_state(checkpoint)
