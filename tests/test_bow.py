@@ -1,6 +1,7 @@
 """The bag-of-words objective (the CLIP paper's baseline): vocabulary, loss, training, zero-shot from class words."""
 import io
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,11 @@ import clipforge
 from clipforge import bow
 from clipforge.captioning import concepts
 from clipforge.checkpoint import CheckpointError
+from clipforge.data import open_source
+from clipforge.data.pipeline import caption_texts
+from clipforge.evaluate.metrics import topk_accuracy
 from clipforge.train import TrainConfig, train
+from clipforge.train.validation import validate_bag_of_words
 
 from conftest import shapes_shard, write_shard
 
@@ -71,6 +76,16 @@ def test_bow_training_lowers_its_loss_and_saves_a_loadable_image_tower(tmp_path)
         torch.testing.assert_close(model.word_log_probs(images), summary["model"].eval().word_log_probs(images))
     with pytest.raises(CheckpointError, match="objective bow"):
         clipforge.load(summary["checkpoint"])
+    # the run keeps its captions' word counts, so zero-shot (and validation) can subtract their prior
+    captions = caption_texts(open_source(str(shard)))
+    torch.testing.assert_close(model.word_log_prior, bow.word_log_prior(model.vocabulary, captions))
+    val_set = SimpleNamespace(images=list(images), captions=["a red shape", "a blue shape"], caption_images=
+                              torch.tensor([0, 1]), labels=torch.tensor([0, 1]), classnames=["red", "blue"])
+    expected = bow.zero_shot_logits(model.word_log_probs(images).detach(), model.vocabulary, ["red", "blue"],
+                                    prior=model.word_log_prior)
+    plain = bow.zero_shot_logits(model.word_log_probs(images).detach(), model.vocabulary, ["red", "blue"])
+    assert not torch.equal(expected, plain)
+    assert validate_bag_of_words(model, val_set, "cpu")["zeroshot_top1"] == topk_accuracy(expected, val_set.labels)[1]
     with pytest.raises(ValueError, match="from scratch: no --text-model"):
         train(TrainConfig(objective="bow", text_model="all-minilm-l6-v2", train_data=str(shard),
                           output=str(tmp_path / "bad"), progress=False))

@@ -104,6 +104,13 @@ class BagOfWordsModel(ImageTowerModel):
     def from_config(cls, config: dict) -> "BagOfWordsModel":
         return cls(config, Vocabulary(config["vocabulary"], config.get("vocabulary_kind", "words")))
 
+    @property
+    def word_log_prior(self) -> torch.Tensor | None:
+        """log p(word) over the training captions, from the word counts a bag-of-words run saves in its config
+        (None for checkpoints written before it did, and for ``labels`` models)."""
+        counts = self.config.get("word_counts")
+        return None if counts is None else log_prior(torch.tensor(counts))
+
     def word_log_probs(self, images: torch.Tensor) -> torch.Tensor:
         """Per vocabulary entry: log-softmax for a word distribution (bow, single labels); log-sigmoid for
         independent multi-label nouns."""
@@ -145,12 +152,22 @@ def class_word_indices(vocabulary: Vocabulary, classnames: list[str]) -> list[li
             [i for i in (vocabulary.lookup(w) for w in words(name)) if i is not None] for name in classnames]
 
 
-def word_log_prior(vocabulary: Vocabulary, captions: list[str]) -> torch.Tensor:
-    """``[len(vocabulary)]``: log of the word distribution of ``captions`` (the training captions; add-one
-    smoothed), for ``zero_shot_logits(prior=...)``."""
-    counts = sum((vocabulary(captions[i:i + 2048]).sum(0) for i in range(0, len(captions), 2048)),
-                 torch.zeros(len(vocabulary)))
+def word_counts(vocabulary: Vocabulary, captions: list[str]) -> torch.Tensor:
+    """``[len(vocabulary)]``: how often each vocabulary entry occurs in ``captions``."""
+    return sum((vocabulary(captions[i:i + 2048]).sum(0) for i in range(0, len(captions), 2048)),
+               torch.zeros(len(vocabulary)))
+
+
+def log_prior(counts: torch.Tensor) -> torch.Tensor:
+    """Word counts -> log of their distribution, add-one smoothed (a word never seen keeps a finite prior)."""
+    counts = torch.as_tensor(counts, dtype=torch.float32)
     return torch.log((counts + 1) / (counts + 1).sum())
+
+
+def word_log_prior(vocabulary: Vocabulary, captions: list[str]) -> torch.Tensor:
+    """``[len(vocabulary)]``: log of the word distribution of ``captions`` (the training captions), for
+    ``zero_shot_logits(prior=...)``."""
+    return log_prior(word_counts(vocabulary, captions))
 
 
 @torch.no_grad()

@@ -49,21 +49,25 @@ def _word_prediction(cfg, source, labels, model_config: dict, model, loss_fn):
     """(model, targets "tokenizer", loss, config to save) for ``--objective bow`` / ``labels``: an image tower and a
     linear head over a vocabulary read off the training data (its caption words, caption nouns, or class names),
     saved with the model (clipforge.bow)."""
-    from ..bow import BagOfWordsLoss, BagOfWordsModel, LabelLoss, Vocabulary
+    from ..bow import BagOfWordsLoss, BagOfWordsModel, LabelLoss, Vocabulary, word_counts
 
     if cfg.text_model or cfg.lock_text or cfg.text_cache or cfg.pretrained or \
             (labels.classnames and cfg.objective == "bow"):
         raise ValueError(f"--objective {cfg.objective} trains an image tower from scratch: no --text-model, "
                          "--lock-text, --text-cache or --pretrained (and bow no --label-captions)")
+    captions = None
     if labels.classnames:  # labelled data: its classes, one per image
         vocabulary = Vocabulary(labels.classnames)
     else:
         kind = "nouns" if cfg.objective == "labels" else "words"
-        vocabulary = Vocabulary.from_captions(caption_texts(source, cfg.seed), cfg.bow_vocab, kind)
+        captions = caption_texts(source, cfg.seed)
+        vocabulary = Vocabulary.from_captions(captions, cfg.bow_vocab, kind)
     if not len(vocabulary):
         raise ValueError(f"--objective {cfg.objective}: the training captions hold no words to predict")
     config = {**{k: v for k, v in model_config.items() if k != "text_cfg"}, "objective": cfg.objective,
               "vocabulary": vocabulary.words, "vocabulary_kind": vocabulary.kind}
+    if cfg.objective == "bow":  # zero-shot subtracts the captions' word prior (bow.zero_shot_logits): keep it
+        config["word_counts"] = [int(n) for n in word_counts(vocabulary, captions).tolist()]
     loss = BagOfWordsLoss() if cfg.objective == "bow" else LabelLoss()
     return model or BagOfWordsModel(config, vocabulary), vocabulary, loss_fn or loss, config
 

@@ -66,7 +66,7 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
 @torch.no_grad()
 def validate_bag_of_words(model, val_set, device, autocast=nullcontext(), batch_size: int = 256) -> dict:
     """Held-out loss of predicting each caption's words (every caption of every image), and zero-shot top-1/top-5
-    from the class names' words when the set is labelled."""
+    from the class names' words when the set is labelled (less the training captions' word prior, when saved)."""
     from ..bow import BagOfWordsLoss, LabelLoss, zero_shot_logits
 
     was_training = model.training
@@ -83,7 +83,7 @@ def validate_bag_of_words(model, val_set, device, autocast=nullcontext(), batch_
     else:
         metrics = {}
     if val_set.labels is not None:
-        logits = zero_shot_logits(log_probs, model.vocabulary, val_set.classnames)
+        logits = zero_shot_logits(log_probs, model.vocabulary, val_set.classnames, prior=model.word_log_prior)
         metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
     model.train(was_training)
     return metrics
