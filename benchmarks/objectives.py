@@ -1,5 +1,6 @@
 """The CLIP paper's efficiency claim (its Figure 2) at our scale: zero-shot accuracy against images seen, for the
-contrastive objective and for predicting the caption's bag of words, on the same image tower and data.
+contrastive objective, for predicting the caption's bag of words and for predicting it word by word, on the same
+image tower and data.
 
     python benchmarks/objectives.py --recipe recipes/flickr8k.yaml --json runs/bench/objectives.json \\
         --plot docs/img/objectives.png
@@ -11,6 +12,9 @@ Runs (flickr8k/train, the recipe's image tower, augmentation, batch size and ste
   words; zero-shot by the mean log-probability of each class name's words (no prompt), and by the same less the
   words' log-frequency in the training captions (``*_word_prior``: chosen over the plain rule on a cifar10/train
   subset, since the plain rule names the commonest caption word's class for nearly every image).
+- word by word (``--objective caption``): the same image tower and a causal decoder the size of the zoo model's
+  text tower predicting the caption's words (vocabulary of 5000); zero-shot by the likelihood of each class's prompt
+  (``--caption-template``, chosen with ``--caption-dev`` on a cifar10/train subset).
 Zero-shot top-1 on cifar10/test and flowers/test at every checkpoint ("a photo of a {}." for the contrastive runs).
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 import torch
 
 import clipforge
-from clipforge import bow
+from clipforge import bow, caption_lm
 from clipforge.bench.corpora import flickr8k_captions
 from clipforge.evaluate.datasets import open_labelled
 from clipforge.evaluate.features import embed_labelled
@@ -33,6 +37,8 @@ from clipforge.train.cli import read_config
 from clipforge.zeroshot import zero_shot_classifier
 
 REPO = Path(__file__).resolve().parents[1]
+CAPTION_VOCAB = 5000  # the word-by-word model's vocabulary: nearly every word of the training captions
+CAPTION_TEMPLATES = ("a {}.", "a photo of a {}.", "{}")  # candidates, chosen on development data (--caption-dev)
 
 
 def runs(recipe: dict) -> dict:
@@ -40,12 +46,15 @@ def runs(recipe: dict) -> dict:
     scratch_text = {"text_model": None, "lock_text": False, "text_cache": False}  # the zoo model's own text tower
     return {"contrastive, text from scratch": scratch_text,
             "contrastive, locked MiniLM text": {},
-            "bag of words": {**scratch_text, "objective": "bow", "bow_vocab": 1000}}
+            "bag of words": {**scratch_text, "objective": "bow", "bow_vocab": 1000},
+            "word by word": {**scratch_text, "objective": "caption", "bow_vocab": CAPTION_VOCAB}}
 
 
 @torch.no_grad()
-def zero_shot(folder: Path, data: Path, training_captions: list[str]) -> dict:
+def zero_shot(folder: Path, data: Path, training_captions: list[str], template: str = "a {}.") -> dict:
     config = json.loads((folder / "config.json").read_text())["model_cfg"]
+    if config.get("objective") == "caption":
+        return _caption_zero_shot(folder, data, template)
     if config.get("objective") == "bow":
         model, preprocess = bow.load(str(folder))
     else:
@@ -69,6 +78,41 @@ def zero_shot(folder: Path, data: Path, training_captions: list[str]) -> dict:
             logits = features @ zero_shot_classifier(model, tokenizer, dataset.classnames, ["a photo of a {}."])
         out[name] = topk_accuracy(logits, torch.as_tensor(labels))[1]
     return out
+
+
+def _caption_embeddings(model, preprocess, source) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw image embeddings, what the word-by-word decoder reads; labels) of a labelled source."""
+    images, labels = _images(source)
+    embeddings = torch.cat([model.encode_image(torch.stack([preprocess(i) for i in images[s:s + 256]]))
+                            for s in range(0, len(images), 256)])
+    return embeddings, torch.as_tensor(labels)
+
+
+@torch.no_grad()
+def _caption_zero_shot(folder: Path, data: Path, template: str) -> dict:
+    """Zero-shot top-1 of a word-by-word model: each class prompt's likelihood given the image."""
+    model, preprocess = caption_lm.load(str(folder))
+    out = {}
+    for name in ("cifar10", "flowers"):
+        dataset = open_labelled(data / name, "test")
+        embeddings, labels = _caption_embeddings(model, preprocess, dataset.source)
+        logits = caption_lm.zero_shot_logits(model, embeddings, dataset.classnames, [template])
+        out[name] = topk_accuracy(logits, labels)[1]
+        out[f"{name}_named_classes"] = int(torch.isfinite(logits[0]).sum())
+    return out
+
+
+@torch.no_grad()
+def caption_scoring_on_dev(checkpoint: Path, data: Path, every: int = 10) -> dict:
+    """Which prompt a word-by-word model scores classes with, decided on development data (every 10th cifar10/train
+    image): top-1 for each of ``CAPTION_TEMPLATES``."""
+    from flickr8k_dev import EveryNth
+
+    model, preprocess = caption_lm.load(str(checkpoint))
+    cifar = open_labelled(data / "cifar10", "train")
+    embeddings, labels = _caption_embeddings(model, preprocess, EveryNth(cifar.source, every))
+    return {"images": len(labels), **{template: topk_accuracy(caption_lm.zero_shot_logits(
+        model, embeddings, cifar.classnames, [template]), labels)[1] for template in CAPTION_TEMPLATES}}
 
 
 def _images(source):
@@ -120,6 +164,11 @@ def main():
     parser.add_argument("--checkpoints", type=int, default=4, help="evaluated points along each run [4]")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--caption-dev", action="store_true",
+                        help="only print the word-by-word model's prompt candidates compared on development data (its "
+                             "last checkpoint; every 10th cifar10/train image)")
+    parser.add_argument("--caption-template", default="a {}.",
+                        help="the prompt the word-by-word model is scored with on test (choose with --caption-dev)")
     parser.add_argument("--bow-dev", action="store_true",
                         help="only print the bag-of-words scoring rules compared on development data (its last "
                              "checkpoint; every 10th cifar10/train image)")
@@ -132,6 +181,10 @@ def main():
         last = checkpoint_dirs(args.output / "bag-of-words")[-1]
         print(last, json.dumps(bow_scoring_on_dev(last, args.data, training_captions), indent=1))
         return
+    if args.caption_dev:
+        last = checkpoint_dirs(args.output / "word-by-word")[-1]
+        print(last, json.dumps(caption_scoring_on_dev(last, args.data), indent=1))
+        return
     results = {}
     for name, changes in runs(recipe).items():
         folder = args.output / name.replace(", ", "-").replace(" ", "-")
@@ -142,7 +195,7 @@ def main():
         results[name] = []
         for checkpoint in checkpoint_dirs(folder):
             step = int(checkpoint.name.split("-")[1])
-            scores = zero_shot(checkpoint, args.data, training_captions)
+            scores = zero_shot(checkpoint, args.data, training_captions, args.caption_template)
             results[name].append({"step": step, "images_seen": step * batch, **scores})
             print(name, json.dumps(results[name][-1]), flush=True)
     if args.json:

@@ -1,5 +1,6 @@
-"""Image towers trained without a text tower (``--objective bow``, ``labels``, ``self-supervised``): CLIP's image
-tower plus a head that the objective trains, saved with ``"objective"`` in its config and loaded back here."""
+"""Image towers trained without a text encoder (``--objective bow``, ``caption``, ``labels``, ``self-supervised``):
+CLIP's image tower plus a head that the objective trains, saved with ``"objective"`` in its config and loaded back
+here."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 
 from .clip import build_vision_tower
 
-OBJECTIVES = ("bow", "labels", "self-supervised")
+OBJECTIVES = ("bow", "caption", "labels", "self-supervised")
 
 
 class ImageTowerModel(nn.Module):
@@ -42,15 +43,18 @@ class ImageTowerModel(nn.Module):
 
 
 def load_image_tower(path: str, device: str = "cpu"):
-    """``(model, preprocess)`` of a checkpoint written by ``clipforge train --objective bow|labels|self-supervised``."""
+    """``(model, preprocess)`` of a checkpoint written by ``clipforge train --objective
+    bow|caption|labels|self-supervised``."""
     from ..bow import BagOfWordsModel
+    from ..caption_lm import CaptionLMModel
     from ..checkpoint import CheckpointError, load_into, read_checkpoint
     from ..preprocess import Preprocess
     from ..ssl import SelfSupervisedModel
 
     state, config = read_checkpoint(path)
     objective = (config or {}).get("objective")
-    kinds = {"bow": BagOfWordsModel, "labels": BagOfWordsModel, "self-supervised": SelfSupervisedModel}
+    kinds = {"bow": BagOfWordsModel, "caption": CaptionLMModel, "labels": BagOfWordsModel,
+             "self-supervised": SelfSupervisedModel}
     if objective not in kinds:
         raise CheckpointError(f"{path}: not an image-tower checkpoint (--objective {', '.join(OBJECTIVES)})")
     model = kinds[objective].from_config(config)

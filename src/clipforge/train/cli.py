@@ -61,11 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "clipforge.load and clipforge convert read")
     g.add_argument("--objective", choices=OBJECTIVES,
                    help=f"contrastive (CLIP; SigLIP with --loss siglip); bow: predict the caption's bag of words from "
-                        f"the image, the CLIP paper's baseline; labels: the classes of labelled data, or the caption's "
+                        f"the image, the CLIP paper's baseline; caption: predict the caption word by word (its "
+                        f"transformer language-model baseline); labels: the classes of labelled data, or the caption's "
                         f"concrete nouns (multi-label); self-supervised: two augmented views, no language (SimCLR); "
                         f"classify: fine-tune --pretrained (see clipforge finetune) "
                         f"[{d.objective}]")
-    g.add_argument("--bow-vocab", type=int, help=f"bow / labels: the N most frequent caption words / nouns [{d.bow_vocab}]")
+    g.add_argument("--bow-vocab", type=int, help=f"bow / caption / labels: the N most frequent caption words / nouns "
+                        f"[{d.bow_vocab}]")
     g.add_argument("--text-cache", action=argparse.BooleanOptionalAction,
                    help="with --lock-text: compute the frozen text features of every training caption once, before "
                         "training (for a dataset seen for many epochs)")

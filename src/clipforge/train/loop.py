@@ -40,7 +40,7 @@ from .step import autocast_for, train_step
 from .validation import open_validation, validate
 
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_fp16")
-OBJECTIVES = ("contrastive", "bow", "labels", "self-supervised", "classify")
+OBJECTIVES = ("contrastive", "bow", "caption", "labels", "self-supervised", "classify")
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,7 +78,8 @@ class TrainConfig:
     lock_text: bool = False
     text_cache: bool = False
     objective: str = "contrastive"  # or "bow": predict the caption's words from the image (clipforge.bow);
-    bow_vocab: int = 1000           # or "classify": fine-tune --pretrained on labelled data (clipforge.finetune)
+    bow_vocab: int = 1000           # "caption": word by word (clipforge.caption_lm); "classify": fine-tune
+                                    # --pretrained on labelled data (clipforge.finetune)
     templates: list[str] | None = None  # classify: the prompts of the zero-shot head [the default prompt]
     head_only: bool = False  # classify: train the head alone
     text_model: str | None = None

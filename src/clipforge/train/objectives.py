@@ -35,6 +35,9 @@ def objective_for(cfg, source, labels, model_config: dict, model=None, loss_fn=N
     if cfg.objective in ("bow", "labels"):
         model, tokenizer, loss_fn, model_config = _word_prediction(cfg, source, labels, model_config, model, loss_fn)
         return Objective(model, model_config, tokenizer, loss_fn, "labels" if labels.classnames else "tokens")
+    if cfg.objective == "caption":
+        model, tokenizer, loss_fn, model_config = _caption_lm(cfg, source, labels, model_config, model, loss_fn)
+        return Objective(model, model_config, tokenizer, loss_fn, "tokens")
     if cfg.objective == "classify":
         model, loss_fn, model_config = _classifier(cfg, labels, model, loss_fn)
         return Objective(model, model_config, None, loss_fn, "labels")
@@ -70,6 +73,25 @@ def _word_prediction(cfg, source, labels, model_config: dict, model, loss_fn):
         config["word_counts"] = [int(n) for n in word_counts(vocabulary, captions).tolist()]
     loss = BagOfWordsLoss() if cfg.objective == "bow" else LabelLoss()
     return model or BagOfWordsModel(config, vocabulary), vocabulary, loss_fn or loss, config
+
+
+def _caption_lm(cfg, source, labels, model_config: dict, model, loss_fn):
+    """(model, targets "tokenizer", loss, config to save) for ``--objective caption``: an image tower and a causal
+    decoder the size of the zoo model's text tower, predicting the training captions word by word
+    (clipforge.caption_lm)."""
+    from ..caption_lm import CONTEXT_LENGTH, CaptionLMModel, CaptionLoss, CaptionVocabulary
+
+    if cfg.text_model or cfg.lock_text or cfg.text_cache or cfg.pretrained or labels.classnames:
+        raise ValueError("--objective caption trains an image tower from scratch on captioned data: no --text-model, "
+                         "--lock-text, --text-cache, --pretrained or --label-captions")
+    vocabulary = CaptionVocabulary.from_captions(caption_texts(source, cfg.seed), cfg.bow_vocab)
+    if not vocabulary.words:
+        raise ValueError("--objective caption: the training captions hold no words to predict")
+    text = model_config["text_cfg"]
+    config = {**{k: v for k, v in model_config.items() if k != "text_cfg"}, "objective": "caption",
+              "vocabulary": vocabulary.words, "decoder": {"width": text["width"], "layers": text["layers"],
+                                                          "heads": text["heads"], "context_length": CONTEXT_LENGTH}}
+    return model or CaptionLMModel(config, vocabulary), vocabulary, loss_fn or CaptionLoss(), config
 
 
 def _self_supervised(cfg, model_config: dict, model):

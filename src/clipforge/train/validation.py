@@ -38,10 +38,13 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
     from ..evaluate.retrieval import embed_pairs, retrieval_metrics
 
     from ..bow import BagOfWordsModel
+    from ..caption_lm import CaptionLMModel
     from ..finetune import CLIPClassifier
 
     if isinstance(model, BagOfWordsModel):
         return validate_bag_of_words(model, val_set, device, autocast)
+    if isinstance(model, CaptionLMModel):
+        return validate_caption_lm(model, val_set, device, autocast, templates)
     if isinstance(model, CLIPClassifier):
         return validate_classifier(model, val_set, device, autocast)
     if not hasattr(model, "encode_text"):  # a self-supervised tower: nothing language-side to validate
@@ -85,6 +88,36 @@ def validate_bag_of_words(model, val_set, device, autocast=nullcontext(), batch_
     if val_set.labels is not None:
         logits = zero_shot_logits(log_probs, model.vocabulary, val_set.classnames, prior=model.word_log_prior)
         metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
+    model.train(was_training)
+    return metrics
+
+
+@torch.no_grad()
+def validate_caption_lm(model, val_set, device, autocast=nullcontext(), templates=DEFAULT_TEMPLATES,
+                        batch_size: int = 256) -> dict:
+    """Held-out loss of predicting every caption of every image word by word, and zero-shot top-1/top-5 from each
+    class prompt's likelihood when the set is labelled."""
+    import torch.nn.functional as F
+
+    from ..caption_lm import PAD, zero_shot_logits
+
+    was_training = model.training
+    model.eval()
+    with autocast:
+        embeddings = torch.cat([model.encode_image(torch.stack(val_set.images[i:i + batch_size]).to(device))
+                                for i in range(0, len(val_set.images), batch_size)])
+        tokens, owners = model.vocabulary(val_set.captions).to(device), torch.as_tensor(val_set.caption_images)
+        total, count = 0.0, 0
+        for i in range(0, len(tokens), batch_size):
+            rows, targets = tokens[i:i + batch_size], tokens[i:i + batch_size, 1:]
+            logits = model.next_word_logits(embeddings[owners[i:i + batch_size]], rows)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD,
+                                     reduction="sum").item()
+            count += int(targets.ne(PAD).sum())
+        metrics = {"caption_loss": total / max(1, count)}  # per predicted word (and <eos>)
+        if val_set.labels is not None:
+            logits = zero_shot_logits(model, embeddings, val_set.classnames, templates)
+            metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
     model.train(was_training)
     return metrics
 

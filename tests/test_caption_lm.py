@@ -1,0 +1,124 @@
+"""The word-by-word caption objective (the CLIP paper's transformer language-model baseline): vocabulary rows,
+causal next-word prediction conditioned on the image, the loss, zero-shot from prompt likelihoods, training."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clipforge
+from clipforge import caption_lm
+from clipforge.caption_lm import BOS, EOS, PAD, UNK, CaptionLMModel, CaptionLoss, CaptionVocabulary
+from clipforge.checkpoint import CheckpointError
+from clipforge.evaluate.metrics import topk_accuracy
+from clipforge.train import TrainConfig, train
+from clipforge.train.validation import validate_caption_lm
+
+from conftest import shapes_shard
+
+
+def _model(vocabulary: CaptionVocabulary) -> CaptionLMModel:
+    torch.manual_seed(0)
+    config = {**clipforge.models.get_model_config("ViT-Tiny-64"), "objective": "caption",
+              "vocabulary": vocabulary.words,
+              "decoder": {"width": 32, "layers": 2, "heads": 4, "context_length": vocabulary.context_length}}
+    config["vision_cfg"] = {**config["vision_cfg"], "layers": 1}
+    return CaptionLMModel(config, vocabulary).eval()
+
+
+def test_vocabulary_keeps_every_frequent_word_and_writes_bos_words_eos_rows():
+    vocabulary = CaptionVocabulary.from_captions(["A dog runs", "a dog and a cat", "the cat"], 3, context_length=5)
+    assert vocabulary.words == ["a", "cat", "dog"]  # stop words stay: a language model has to say them
+    a, cat, dog = (vocabulary.index[w] for w in ("a", "cat", "dog"))
+    rows = vocabulary(["A dog runs", "a cat a dog a cat", ""])
+    assert rows.tolist() == [[BOS, a, dog, UNK, EOS], [BOS, a, cat, a, EOS], [BOS, EOS, PAD, PAD, PAD]]
+    assert len(vocabulary) == 4 + 3
+    with pytest.raises(ValueError, match="context_length"):
+        CaptionVocabulary(["a"], context_length=2)
+
+
+def _two_captions(captions: list[str]):
+    """(vocabulary, model, caption rows, two image embeddings, next-word logits) over a four-word vocabulary."""
+    vocabulary = CaptionVocabulary(["a", "red", "blue", "circle"], context_length=6)
+    model = _model(vocabulary)
+    tokens = vocabulary(captions)
+    embeddings = torch.randn(2, model.embed_dim)
+    with torch.no_grad():
+        return vocabulary, model, tokens, embeddings, model.next_word_logits(embeddings, tokens)
+
+
+def test_next_word_prediction_is_causal_and_reads_the_image():
+    vocabulary, model, tokens, embeddings, logits = _two_captions(["a red circle", "a blue circle"])
+    with torch.no_grad():
+        assert logits.shape == (2, 5, len(vocabulary))
+        changed = tokens.clone()
+        changed[:, 2] = vocabulary.index["circle"]  # the word at position 2: predictions before it cannot change
+        after = model.next_word_logits(embeddings, changed)
+        torch.testing.assert_close(after[:, :2], logits[:, :2])
+        assert not torch.allclose(after[:, 2:], logits[:, 2:])
+        other_image = model.next_word_logits(torch.randn(2, model.embed_dim), tokens)
+        assert not torch.allclose(other_image[:, 0], logits[:, 0])  # even the first word depends on the image
+
+
+def test_loss_leaves_padding_out_and_likelihoods_sum_each_captions_words():
+    vocabulary, model, tokens, embeddings, logits = _two_captions(["a red circle", "blue"])
+    with torch.no_grad():
+        targets = tokens[:, 1:]
+        log_p = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+        real = targets.ne(PAD)
+        torch.testing.assert_close(CaptionLoss()(logits, targets), -(log_p * real).sum() / real.sum())
+        likelihood = model.caption_log_likelihood(embeddings, tokens)  # [image, caption]
+        torch.testing.assert_close(likelihood.diagonal(), (log_p * real).sum(1))
+        wider = CaptionVocabulary(vocabulary.words, context_length=12)  # more padding changes nothing
+        torch.testing.assert_close(model.caption_log_likelihood(embeddings, wider(["a red circle", "blue"])),
+                                   likelihood, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_shot_averages_templates_and_cannot_name_an_unknown_class():
+    vocabulary = CaptionVocabulary(["a", "red", "blue", "circle", "photo", "of"], context_length=8)
+    model = _model(vocabulary)
+    embeddings = torch.randn(3, model.embed_dim)
+    templates = ("a photo of a {}", "{}")
+    scores = caption_lm.zero_shot_logits(model, embeddings, ["red circle", "blue", "green"], templates)
+    assert scores.shape == (3, 3) and torch.isinf(scores[:, 2]).all()  # "green" would be <unk>
+    single = [model.caption_log_likelihood(embeddings, vocabulary([t.format(c) for c in ("red circle", "blue")]))
+              for t in templates]
+    torch.testing.assert_close(scores[:, :2], (single[0] + single[1]) / 2)
+
+
+def test_caption_training_lowers_its_loss_validates_and_saves_a_loadable_model(tmp_path):
+    shard = shapes_shard(tmp_path / "s-000000.tar", 64)
+    cfg = TrainConfig(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 2}}, objective="caption",
+                      bow_vocab=60, train_data=str(shard), val_data=str(shard), val_samples=32, batch_size=16,
+                      steps=30, lr=2e-3, warmup=3, workers=0, save_every=0, log_every=5,
+                      output=str(tmp_path / "run"), progress=False)
+    summary = train(cfg)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert 0 < summary["val"]["caption_loss"] < losses[0]
+    model, preprocess = caption_lm.load(summary["checkpoint"])
+    assert model.config["decoder"]["width"] == clipforge.models.get_model_config("ViT-Tiny-64")["text_cfg"]["width"]
+    images = torch.randn(2, 3, 64, 64)
+    tokens = model.vocabulary(["a red circle", "a small blue square"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, tokens).image_features,
+                                   summary["model"].eval()(images, tokens).image_features)
+    # validation's zero-shot is the prompt likelihoods' top-1
+    val_set = SimpleNamespace(images=list(images), captions=["a red circle", "a blue square"],
+                              caption_images=torch.tensor([0, 1]), labels=torch.tensor([0, 1]),
+                              classnames=["red", "blue"])
+    expected = caption_lm.zero_shot_logits(model, model.encode_image(images).detach(), ["red", "blue"])
+    metrics = validate_caption_lm(model, val_set, "cpu")
+    assert metrics["zeroshot_top1"] == topk_accuracy(expected, val_set.labels)[1]
+    with torch.no_grad():
+        logits = model.next_word_logits(model.encode_image(images), model.vocabulary(val_set.captions))
+    manual = F.cross_entropy(logits.flatten(0, 1), model.vocabulary(val_set.captions)[:, 1:].flatten(),
+                             ignore_index=PAD)
+    assert metrics["caption_loss"] == pytest.approx(manual.item(), rel=1e-5)
+    with pytest.raises(CheckpointError, match="objective"):
+        clipforge.load(summary["checkpoint"])
+    with pytest.raises(ValueError, match="from scratch on captioned data"):
+        train(TrainConfig(objective="caption", text_model="all-minilm-l6-v2", train_data=str(shard),
+                          output=str(tmp_path / "bad"), progress=False))
