@@ -164,6 +164,12 @@ def main():
     parser.add_argument("--checkpoints", type=int, default=4, help="evaluated points along each run [4]")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--runs", nargs="+", help="train / evaluate only these runs (names as in the JSON); the "
+                                                   "others' results already in --json are kept")
+    parser.add_argument("--train-only", action="store_true", help="train the runs, evaluate nothing (choose the "
+                                                                  "word-by-word prompt with --caption-dev first)")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the checkpoints the runs have, train "
+                                                                 "nothing (for a run stopped part-way)")
     parser.add_argument("--caption-dev", action="store_true",
                         help="only print the word-by-word model's prompt candidates compared on development data (its "
                              "last checkpoint; every 10th cifar10/train image)")
@@ -185,22 +191,34 @@ def main():
         last = checkpoint_dirs(args.output / "word-by-word")[-1]
         print(last, json.dumps(caption_scoring_on_dev(last, args.data), indent=1))
         return
-    results = {}
-    for name, changes in runs(recipe).items():
+    results = json.loads(args.json.read_text())["results"] if args.json and args.json.exists() else {}
+    chosen = runs(recipe)
+    unknown = set(args.runs or ()) - set(chosen)
+    if unknown:
+        parser.error(f"unknown runs {sorted(unknown)}; choose from {sorted(chosen)}")
+    for name, changes in chosen.items():
+        if args.runs and name not in args.runs:
+            continue
         folder = args.output / name.replace(", ", "-").replace(" ", "-")
-        if not checkpoint_dirs(folder) or int(checkpoint_dirs(folder)[-1].name.split("-")[1]) < steps:
+        if not args.eval_only and (not checkpoint_dirs(folder) or
+                                   int(checkpoint_dirs(folder)[-1].name.split("-")[1]) < steps):
             settings = {**recipe, **changes, "output": str(folder), "progress": False,
                         "save_every": steps // args.checkpoints, "keep": args.checkpoints}
             train(TrainConfig(**settings))
+        if args.train_only:
+            continue
         results[name] = []
         for checkpoint in checkpoint_dirs(folder):
             step = int(checkpoint.name.split("-")[1])
             scores = zero_shot(checkpoint, args.data, training_captions, args.caption_template)
             results[name].append({"step": step, "images_seen": step * batch, **scores})
             print(name, json.dumps(results[name][-1]), flush=True)
+    if args.train_only:
+        return
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"recipe": str(args.recipe), "results": results}, indent=1))
+        args.json.write_text(json.dumps({"recipe": str(args.recipe), "results": results,
+                                         "caption_template": args.caption_template}, indent=1))
     if args.plot:
         plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
