@@ -202,8 +202,8 @@ def main():
         folder = args.output / name.replace(", ", "-").replace(" ", "-")
         if not args.eval_only and (not checkpoint_dirs(folder) or
                                    int(checkpoint_dirs(folder)[-1].name.split("-")[1]) < steps):
-            settings = {**recipe, **changes, "output": str(folder), "progress": False,
-                        "save_every": steps // args.checkpoints, "keep": args.checkpoints}
+            settings = {**recipe, **changes, "output": str(folder), "progress": False, "resume": "latest",
+                        "save_every": steps // args.checkpoints, "keep": args.checkpoints}  # a stopped run continues
             train(TrainConfig(**settings))
         if args.train_only:
             continue
