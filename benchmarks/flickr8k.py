@@ -3,6 +3,7 @@
     python benchmarks/flickr8k.py --recipe recipes/flickr8k.yaml --seeds 0 1 2 --json runs/bench/flickr8k.json
     python benchmarks/flickr8k.py --recipe recipes/flickr8k.yaml --seeds 0 --impls clipforge --skip-probe
     python benchmarks/flickr8k.py --impls open_clip-cached --json runs/bench/flickr8k.json   (adds the peer's rows)
+    python benchmarks/flickr8k.py --speed 120 --rounds 2   (training samples/s only, side by side, same session)
 
 For each (implementation, seed): train with the recipe (``--seed`` and ``--output`` replaced), then measure
 - Flickr8k test retrieval (1,000 images, 5,000 captions; image->text hits when any of the image's 5 captions ranks
@@ -18,7 +19,10 @@ open_clip's peer is its own ``CLIP`` (``CustomTextCLIP`` for a Hugging Face text
 the recipe's architecture with clipforge's initial weights, locked as open_clip locks towers. ``open_clip`` runs it
 as open_clip does: dropout stays on in a locked Hugging Face tower, so the text tower runs every step (about 2 hours a
 seed here). ``open_clip-cached`` gives it the recipe's text-feature cache (the frozen transformer's features computed
-once, dropout-free, as clipforge's locked tower computes them): the same model and loss, the same speed as clipforge.
+once, dropout-free, as clipforge's locked tower computes them): the same model and loss, the same training regime.
+``--speed N`` compares training speed alone: each implementation trains N steps of the recipe on the first training
+shard (a short cache fill), in alternating order for ``--rounds``, so both meet the same box in the same state;
+samples/s of runs from different sessions are not comparable (the same box type runs 75-195 GFLOP/s).
 Nothing here is chosen on a test split: the recipe was chosen on flickr8k/dev and cifar10/train (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -98,6 +103,27 @@ def evaluate(model, tokenizer, data: Path, probe: bool = True) -> dict:
     return result
 
 
+def speed(recipe: dict, impls: list[str], steps: int, rounds: int, data: Path, output: Path) -> dict:
+    """Median logged samples/s of ``steps`` training steps per implementation and round (the first two logged
+    intervals, warm-up, left out), implementations alternating; and each run's final loss, which must agree."""
+    short = {**recipe, "train_data": str(data / "flickr8k" / "train" / "train-000000.tar"), "steps": steps,
+             "val_data": None, "save_every": steps, "log_every": 10}
+    rates, losses = {impl: [] for impl in impls}, {impl: [] for impl in impls}
+    for round_ in range(rounds):
+        for impl in impls:
+            folder = output / f"speed-{impl}-round{round_}"
+            shutil.rmtree(folder, ignore_errors=True)  # a fresh run, never a resume
+            _, info = train_one(short, impl, 0, folder)
+            logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+            rates[impl].append(statistics.median(r["samples_per_s"] for r in logged if "samples_per_s" in r and
+                                                 r["step"] > 2 * short["log_every"]))
+            losses[impl].append(info["final_loss"])
+            print(f"round {round_} {impl}: {rates[impl][-1]:.1f} samples/s, final loss {info['final_loss']:.6f}",
+                  flush=True)
+    return {"steps": steps, "rounds": rounds, "samples_per_s": rates, "final_loss": losses,
+            "median_samples_per_s": {impl: statistics.median(v) for impl, v in rates.items()}}
+
+
 def median_table(runs: list[dict]) -> str:
     def cell(values):
         return f"{100 * statistics.median(values):.1f} ({100 * min(values):.1f}-{100 * max(values):.1f})"
@@ -129,9 +155,19 @@ def main():
                         choices=["clipforge", "open_clip", "open_clip-cached"])
     parser.add_argument("--skip-probe", action="store_true", help="no linear probe / few-shot curve (faster)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--speed", type=int, metavar="STEPS",
+                        help="only compare training samples/s: STEPS steps per implementation on the first shard")
+    parser.add_argument("--rounds", type=int, default=2, help="with --speed: rounds of alternating runs")
     args = parser.parse_args()
     torch.set_num_threads(2)
     recipe = read_config(args.recipe)
+    if args.speed:
+        result = speed(recipe, args.impls, args.speed, args.rounds, args.data, args.output)
+        print(json.dumps(result, indent=1))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(), **result}, indent=1))
+        return
     runs = json.loads(args.json.read_text())["runs"] if args.json and args.json.exists() else []
     done = {(r["impl"], r["seed"]) for r in runs}
     for seed in args.seeds:
