@@ -55,15 +55,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHOTS = (1, 2, 4, 8, 16)
 
 
+def peer_model(cfg: TrainConfig, impl: str, seed: int):
+    """open_clip's model and loss with clipforge's initial weights for this seed; (None, None) for clipforge, whose
+    loop builds its own."""
+    if impl not in ("open_clip", "open_clip-cached"):
+        return None, None
+    torch.manual_seed(seed)  # the same initial weights as clipforge's run with this seed
+    ours = clipforge.create_model(model_config_for(cfg))
+    ours.config = model_config_for(cfg)
+    return OpenClipForTraining(ours), OpenClipLoss()
+
+
 def train_one(recipe: dict, impl: str, seed: int, output: Path) -> tuple[torch.nn.Module, dict]:
     cfg = TrainConfig(**{**recipe, "seed": seed, "output": str(output), "progress": False})
-    model = loss = None
-    if impl in ("open_clip", "open_clip-cached"):
-        torch.manual_seed(seed)  # the same initial weights as clipforge's run with this seed
-        ours = clipforge.create_model(model_config_for(cfg))
-        ours.config = model_config_for(cfg)
-        model, loss = OpenClipForTraining(ours), OpenClipLoss()
-        cfg.text_cache = cfg.text_cache and impl == "open_clip-cached"
+    model, loss = peer_model(cfg, impl, seed)
+    cfg.text_cache = cfg.text_cache and impl != "open_clip"  # open_clip as shipped runs its locked tower each step
     start = time.perf_counter()
     summary = train(cfg, model=model, loss_fn=loss)
     return summary["model"].eval(), {"train_seconds": time.perf_counter() - start, "steps": summary["steps"],
@@ -121,7 +127,45 @@ def speed(recipe: dict, impls: list[str], steps: int, rounds: int, data: Path, o
             print(f"round {round_} {impl}: {rates[impl][-1]:.1f} samples/s, final loss {info['final_loss']:.6f}",
                   flush=True)
     return {"steps": steps, "rounds": rounds, "samples_per_s": rates, "final_loss": losses,
-            "median_samples_per_s": {impl: statistics.median(v) for impl, v in rates.items()}}
+            "median_samples_per_s": {impl: statistics.median(v) for impl, v in rates.items()},
+            "image_tower": image_tower_speed(recipe, impls)}
+
+
+def image_tower_speed(recipe: dict, impls: list[str], repeats: int = 5, profiled: int = 3) -> dict:
+    """Where a loop step's time differs: each implementation's image tower alone, forward + backward of one recipe
+    batch (median of ``repeats``, implementations alternating), and the self CPU seconds of its matrix multiplies
+    and copies over ``profiled`` more steps."""
+    cfg = TrainConfig(**{**recipe, "progress": False})
+    models = {}
+    for impl in impls:
+        model = peer_model(cfg, impl, 0)[0]
+        if model is None:
+            torch.manual_seed(0)
+            model = clipforge.create_model(model_config_for(cfg))
+        models[impl] = model.train()
+    images = torch.randn(cfg.batch_size, 3, models[impls[0]].image_size, models[impls[0]].image_size)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        model.encode_image(images).square().mean().backward()
+
+    seconds = {impl: [] for impl in impls}
+    for impl in impls:
+        step(models[impl])  # warm-up
+    for _ in range(repeats):
+        for impl in impls:
+            start = time.perf_counter()
+            step(models[impl])
+            seconds[impl].append(time.perf_counter() - start)
+    result = {}
+    for impl in impls:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(profiled):
+                step(models[impl])
+        ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages() if e.key in ("aten::mm", "aten::copy_")}
+        result[impl] = {"fwd_bwd_s": statistics.median(seconds[impl]), f"self_cpu_s_over_{profiled}_steps": ops}
+        print(f"image tower {impl}: forward + backward {result[impl]['fwd_bwd_s']:.3f} s, {ops}", flush=True)
+    return result
 
 
 def median_table(runs: list[dict]) -> str:
