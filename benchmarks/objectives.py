@@ -2,7 +2,7 @@
 contrastive objective, for predicting the caption's bag of words and for predicting it word by word, on the same
 image tower and data.
 
-    python benchmarks/objectives.py --recipe recipes/flickr8k.yaml --json runs/bench/objectives.json \\
+    python benchmarks/objectives.py --recipe recipes/flickr8k.yaml --json docs/results/objectives.json \\
         --plot docs/img/objectives.png
 
 Runs (flickr8k/train, the recipe's image tower, augmentation, batch size and step budget; checkpoints along the way):
@@ -14,7 +14,9 @@ Runs (flickr8k/train, the recipe's image tower, augmentation, batch size and ste
   subset, since the plain rule names the commonest caption word's class for nearly every image).
 - word by word (``--objective caption``): the same image tower and a causal decoder the size of the zoo model's
   text tower predicting the caption's words (vocabulary of 5000); zero-shot by the likelihood of each class's prompt
-  (``--caption-template``, chosen with ``--caption-dev`` on a cifar10/train subset).
+  (``--caption-template``), and by the same less the prompt's mean likelihood over 500 flickr8k/train images
+  (``*_prompt_prior``), both chosen with ``--caption-dev`` on a cifar10/train subset, since the plain rule names one
+  class for nearly every image.
 Zero-shot top-1 on cifar10/test and flowers/test at every checkpoint ("a photo of a {}." for the contrastive runs).
 """
 from __future__ import annotations
@@ -37,8 +39,10 @@ from clipforge.train.cli import read_config
 from clipforge.zeroshot import zero_shot_classifier
 
 REPO = Path(__file__).resolve().parents[1]
+BOW_VOCAB = 1000  # the bag-of-words head: the 1000 most frequent caption words
 CAPTION_VOCAB = 5000  # the word-by-word model's vocabulary: nearly every word of the training captions
 CAPTION_TEMPLATES = ("a {}.", "a photo of a {}.", "{}")  # candidates, chosen on development data (--caption-dev)
+PRIOR_IMAGES = 500  # flickr8k/train images (the recipe's training data) over which the word-by-word prompt prior is averaged
 
 
 def runs(recipe: dict) -> dict:
@@ -46,7 +50,7 @@ def runs(recipe: dict) -> dict:
     scratch_text = {"text_model": None, "lock_text": False, "text_cache": False}  # the zoo model's own text tower
     return {"contrastive, text from scratch": scratch_text,
             "contrastive, locked MiniLM text": {},
-            "bag of words": {**scratch_text, "objective": "bow", "bow_vocab": 1000},
+            "bag of words": {**scratch_text, "objective": "bow", "bow_vocab": BOW_VOCAB},
             "word by word": {**scratch_text, "objective": "caption", "bow_vocab": CAPTION_VOCAB}}
 
 
@@ -54,7 +58,7 @@ def runs(recipe: dict) -> dict:
 def zero_shot(folder: Path, data: Path, training_captions: list[str], template: str = "a {}.") -> dict:
     config = json.loads((folder / "config.json").read_text())["model_cfg"]
     if config.get("objective") == "caption":
-        return _caption_zero_shot(folder, data, template)
+        return _caption_zero_shot(folder, data, template, training_captions)
     if config.get("objective") == "bow":
         model, preprocess = bow.load(str(folder))
     else:
@@ -88,31 +92,71 @@ def _caption_embeddings(model, preprocess, source) -> tuple[torch.Tensor, torch.
     return embeddings, torch.as_tensor(labels)
 
 
+def _training_image_embeddings(model, preprocess, data: Path, n: int = PRIOR_IMAGES) -> torch.Tensor:
+    """Image embeddings of the first ``n`` flickr8k/train images: the references for the word-by-word prompt prior
+    (training data, so no statistic of an evaluated image enters its own score)."""
+    import random
+    from collections import Counter
+    from itertools import islice
+
+    from clipforge.data.pipeline import decode_sample
+    from clipforge.data.sources import open_source
+
+    samples = islice(open_source(str(data / "flickr8k" / "train")).samples(0, 1, 0, 0, Counter()), n)
+    images = [preprocess(decode_sample(raw, random.Random(0))[0]) for raw in samples]
+    return torch.cat([model.encode_image(torch.stack(images[s:s + 256])) for s in range(0, len(images), 256)])
+
+
 @torch.no_grad()
-def _caption_zero_shot(folder: Path, data: Path, template: str) -> dict:
-    """Zero-shot top-1 of a word-by-word model: each class prompt's likelihood given the image."""
+def _caption_zero_shot(folder: Path, data: Path, template: str, training_captions: list[str]) -> dict:
+    """Zero-shot top-1 of a word-by-word model: each class prompt's likelihood given the image, plainly and less the
+    prompt's prior (``*_prompt_prior``, chosen on development data: the plain rule names one class for every image).
+    ``*_prompt_prior_bow_classes``: the same on the images of the classes the bag-of-words run can name, choosing
+    among those only (its vocabulary names fewer classes; this compares the two on equal terms)."""
     model, preprocess = caption_lm.load(str(folder))
+    references = _training_image_embeddings(model, preprocess, data)
+    bow_vocabulary = bow.Vocabulary.from_captions(training_captions, BOW_VOCAB)
     out = {}
     for name in ("cifar10", "flowers"):
         dataset = open_labelled(data / name, "test")
         embeddings, labels = _caption_embeddings(model, preprocess, dataset.source)
         logits = caption_lm.zero_shot_logits(model, embeddings, dataset.classnames, [template])
+        prior = caption_lm.prompt_log_prior(model, references, dataset.classnames, [template])
+        with_prior = caption_lm.zero_shot_logits(model, embeddings, dataset.classnames, [template], prior=prior)
         out[name] = topk_accuracy(logits, labels)[1]
+        out[f"{name}_prompt_prior"] = topk_accuracy(with_prior, labels)[1]
+        shared = torch.tensor([bool(i) for i in bow.class_word_indices(bow_vocabulary, dataset.classnames)])
+        if shared.any():
+            among = with_prior.masked_fill(~shared, float("-inf"))[shared[labels]]
+            out[f"{name}_prompt_prior_bow_classes"] = topk_accuracy(among, labels[shared[labels]])[1]
         out[f"{name}_named_classes"] = int(torch.isfinite(logits[0]).sum())
     return out
 
 
 @torch.no_grad()
 def caption_scoring_on_dev(checkpoint: Path, data: Path, every: int = 10) -> dict:
-    """Which prompt a word-by-word model scores classes with, decided on development data (every 10th cifar10/train
-    image): top-1 for each of ``CAPTION_TEMPLATES``."""
+    """Which prompt and rule a word-by-word model scores classes with, decided on development data (every 10th
+    cifar10/train image): for each of ``CAPTION_TEMPLATES``, top-1 of the plain likelihood, of the likelihood less
+    the prompt prior over flickr8k/train images, and (transductive: reported, not used) less the mean over these
+    images themselves; and the share of images given the most predicted class."""
+    from collections import Counter
+
     from flickr8k_dev import EveryNth
 
     model, preprocess = caption_lm.load(str(checkpoint))
     cifar = open_labelled(data / "cifar10", "train")
     embeddings, labels = _caption_embeddings(model, preprocess, EveryNth(cifar.source, every))
-    return {"images": len(labels), **{template: topk_accuracy(caption_lm.zero_shot_logits(
-        model, embeddings, cifar.classnames, [template]), labels)[1] for template in CAPTION_TEMPLATES}}
+    references = _training_image_embeddings(model, preprocess, data)
+    out = {"images": len(labels), "prior_images": len(references)}
+    for template in CAPTION_TEMPLATES:
+        plain = caption_lm.zero_shot_logits(model, embeddings, cifar.classnames, [template])
+        prior = caption_lm.prompt_log_prior(model, references, cifar.classnames, [template])
+        rules = {"plain": plain, "less_prompt_prior": plain - prior,
+                 "less_mean_over_these_images": plain - plain.mean(0, keepdim=True)}
+        out[template] = {rule: {"top1": topk_accuracy(logits, labels)[1],
+                                "most_predicted_share": Counter(logits.argmax(1).tolist()).most_common(1)[0][1]
+                                / len(labels)} for rule, logits in rules.items()}
+    return out
 
 
 def _images(source):
@@ -164,6 +208,8 @@ def main():
     parser.add_argument("--checkpoints", type=int, default=4, help="evaluated points along each run [4]")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--seed", type=int, help="train with this seed instead of the recipe's; runs are named "
+                                                 "and stored with it (\"word by word, seed 1\")")
     parser.add_argument("--runs", nargs="+", help="train / evaluate only these runs (names as in the JSON); the "
                                                    "others' results already in --json are kept")
     parser.add_argument("--train-only", action="store_true", help="train the runs, evaluate nothing (choose the "
@@ -182,6 +228,9 @@ def main():
     torch.set_num_threads(2)
     recipe = read_config(args.recipe)
     steps, batch = recipe["steps"], recipe.get("batch_size", 64)
+    if args.seed is not None:
+        recipe["seed"] = args.seed
+    seeded = "" if args.seed is None else f", seed {args.seed}"
     training_captions = flickr8k_captions(args.data, n=10**9)  # the recipe's training data
     if args.bow_dev:
         last = checkpoint_dirs(args.output / "bag-of-words")[-1]
@@ -191,7 +240,8 @@ def main():
         last = checkpoint_dirs(args.output / "word-by-word")[-1]
         print(last, json.dumps(caption_scoring_on_dev(last, args.data), indent=1))
         return
-    results = json.loads(args.json.read_text())["results"] if args.json and args.json.exists() else {}
+    saved = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    results = saved.get("results", {})  # other runs' points (and any note on them) are kept as they are
     chosen = runs(recipe)
     unknown = set(args.runs or ()) - set(chosen)
     if unknown:
@@ -199,7 +249,7 @@ def main():
     for name, changes in chosen.items():
         if args.runs and name not in args.runs:
             continue
-        folder = args.output / name.replace(", ", "-").replace(" ", "-")
+        folder = args.output / (name + seeded).replace(", ", "-").replace(" ", "-")
         if not args.eval_only and (not checkpoint_dirs(folder) or
                                    int(checkpoint_dirs(folder)[-1].name.split("-")[1]) < steps):
             settings = {**recipe, **changes, "output": str(folder), "progress": False, "resume": "latest",
@@ -207,6 +257,7 @@ def main():
             train(TrainConfig(**settings))
         if args.train_only:
             continue
+        name += seeded
         results[name] = []
         for checkpoint in checkpoint_dirs(folder):
             step = int(checkpoint.name.split("-")[1])
@@ -217,17 +268,22 @@ def main():
         return
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"recipe": str(args.recipe), "results": results,
-                                         "caption_template": args.caption_template}, indent=1))
+        recipe_name = args.recipe.resolve()
+        recipe_name = recipe_name.relative_to(REPO) if recipe_name.is_relative_to(REPO) else recipe_name.name
+        args.json.write_text(json.dumps({**saved, "recipe": str(recipe_name), "results": results,
+                                         "caption_template": args.caption_template}, indent=1) + "\n")
     if args.plot:
         plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, dataset in zip(axes, ("cifar10", "flowers")):
             for name, points in results.items():
-                ax.plot([p["images_seen"] for p in points], [p[dataset] for p in points], marker="o", label=name)
-                if f"{dataset}_word_prior" in points[0]:
-                    ax.plot([p["images_seen"] for p in points], [p[f"{dataset}_word_prior"] for p in points],
-                            marker="o", linestyle="--", label=f"{name}, less the word prior")
+                line, = ax.plot([p["images_seen"] for p in points], [p[dataset] for p in points], marker="o",
+                                label=name)
+                for prior in ("word_prior", "prompt_prior"):
+                    if f"{dataset}_{prior}" in points[0]:
+                        ax.plot([p["images_seen"] for p in points], [p[f"{dataset}_{prior}"] for p in points],
+                                marker="o", linestyle="--", color=line.get_color(),
+                                label=f"{name}, less the {prior.replace('_', ' ')}")
             ax.axhline(1 / (10 if dataset == "cifar10" else 5), color="grey", linestyle=":", label="chance")
             ax.set_xlabel("images seen (training samples)")
             ax.set_ylabel("zero-shot top-1")

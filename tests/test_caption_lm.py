@@ -87,6 +87,21 @@ def test_zero_shot_averages_templates_and_cannot_name_an_unknown_class():
     torch.testing.assert_close(scores[:, :2], (single[0] + single[1]) / 2)
 
 
+def test_prompt_prior_is_the_mean_likelihood_over_references_and_leaves_unknown_classes_out():
+    vocabulary = CaptionVocabulary(["a", "red", "blue", "circle", "photo", "of"], context_length=8)
+    model = _model(vocabulary)
+    references, embeddings = torch.randn(5, model.embed_dim), torch.randn(3, model.embed_dim)
+    classes, templates = ["red circle", "blue", "green"], ("a photo of a {}", "{}")
+    prior = caption_lm.prompt_log_prior(model, references, classes, templates, batch_size=2)
+    assert prior.shape == (3,) and torch.isfinite(prior).all()  # "green" is <unk> but still has a likelihood
+    plain = caption_lm.zero_shot_logits(model, embeddings, classes, templates)
+    torch.testing.assert_close(prior[:2], caption_lm.zero_shot_logits(model, references, classes, templates)[:, :2]
+                               .mean(0))
+    scored = caption_lm.zero_shot_logits(model, embeddings, classes, templates, prior=prior)
+    torch.testing.assert_close(scored[:, :2], plain[:, :2] - prior[:2])
+    assert torch.isinf(scored[:, 2]).all() and (scored[:, 2] < 0).all()  # never nan, never chosen
+
+
 def test_caption_training_lowers_its_loss_validates_and_saves_a_loadable_model(tmp_path):
     shard = shapes_shard(tmp_path / "s-000000.tar", 64)
     cfg = TrainConfig(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 2}}, objective="caption",

@@ -114,18 +114,38 @@ class CaptionLoss(nn.Module):
 
 @torch.no_grad()
 def zero_shot_logits(model: CaptionLMModel, embeddings: torch.Tensor, classnames: list[str],
-                     templates=("a photo of a {}.",), batch_size: int = 256) -> torch.Tensor:
+                     templates=("a photo of a {}.",), batch_size: int = 256,
+                     prior: torch.Tensor | None = None) -> torch.Tensor:
     """``[N, classes]``: each class's prompt log-likelihood given the image, averaged over ``templates``; -inf for a
-    class whose name has a word outside the vocabulary (the model could only say "<unk>")."""
+    class whose name has a word outside the vocabulary (the model could only say "<unk>").
+
+    With ``prior`` (``prompt_log_prior`` over training images, same templates) a class scores
+    log p(prompt | image) - log p(prompt): without it the prompt the decoder finds likeliest for any image (its
+    commonest caption noun's) wins for nearly every image."""
+    scores = _prompt_log_likelihoods(model, embeddings, classnames, templates, batch_size)
+    if prior is not None:
+        scores = scores - prior.to(scores.device)
+    unnameable = [any(i == UNK for i in model.vocabulary.ids(name)) or not words(name) for name in classnames]
+    scores[:, torch.tensor(unnameable, dtype=torch.bool)] = float("-inf")
+    return scores
+
+
+@torch.no_grad()
+def prompt_log_prior(model: CaptionLMModel, embeddings: torch.Tensor, classnames: list[str],
+                     templates=("a photo of a {}.",), batch_size: int = 256) -> torch.Tensor:
+    """``[classes]``: each class prompt's log-likelihood averaged over reference images' ``embeddings``, an estimate
+    of log p(prompt) for ``zero_shot_logits(prior=...)``. Take the references from training images, never from the
+    images being classified."""
+    return _prompt_log_likelihoods(model, embeddings, classnames, templates, batch_size).mean(dim=0)
+
+
+def _prompt_log_likelihoods(model, embeddings, classnames, templates, batch_size) -> torch.Tensor:
     from .prompts import prompt_texts
 
     tokens = model.vocabulary(prompt_texts(classnames, list(templates)))
     scores = torch.cat([model.caption_log_likelihood(embeddings[i:i + batch_size], tokens).cpu()
                         for i in range(0, len(embeddings), batch_size)])
-    scores = scores.view(len(embeddings), len(classnames), len(templates)).mean(dim=2)
-    unnameable = [any(i == UNK for i in model.vocabulary.ids(name)) or not words(name) for name in classnames]
-    scores[:, torch.tensor(unnameable, dtype=torch.bool)] = float("-inf")
-    return scores
+    return scores.view(len(embeddings), len(classnames), len(templates)).mean(dim=2)
 
 
 def load(path: str, device: str = "cpu"):
