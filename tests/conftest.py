@@ -69,6 +69,23 @@ def shapes_shard(path: Path, n: int, seed: int = 0, corrupt_every: int = 0) -> P
     return write_shard(path, samples)
 
 
+def colour_dataset(root: Path, n: int = 24):
+    """A labelled split in the CLIP_benchmark layout: solid colour images (image + .cls, no text)."""
+    import io
+
+    from PIL import Image
+
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    (root / "classnames.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classnames.txt").write_text("\n".join(colours) + "\n")
+    samples = []
+    for i in range(n):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 40), colours[i % len(colours)]).save(buffer, format="PNG")
+        samples.append({"__key__": f"c{i:04d}", "png": buffer.getvalue(), "cls": str(i % len(colours))})
+    return write_shard(root / "test" / "test-000000.tar", samples), colours
+
+
 def tiny_llama(words: list[str], hidden_size: int = 32, layers: int = 2, heads: int = 4):
     """``(LlamaForCausalLM, tokenizer)``: a small random causal LM over a word-level vocabulary (``words[0]`` is the
     end-of-sequence token, ``words[1]`` the unknown one), for LiMBer tests that need an LM but not a real one."""

@@ -15,7 +15,7 @@ from clipforge.evaluate.metrics import topk_accuracy
 from clipforge.train import TrainConfig, train
 from clipforge.train.validation import validate_caption_lm
 
-from conftest import shapes_shard
+from conftest import colour_dataset, shapes_shard
 
 
 def _model(vocabulary: CaptionVocabulary) -> CaptionLMModel:
@@ -137,3 +137,39 @@ def test_caption_training_lowers_its_loss_validates_and_saves_a_loadable_model(t
     with pytest.raises(ValueError, match="from scratch on captioned data"):
         train(TrainConfig(objective="caption", text_model="all-minilm-l6-v2", train_data=str(shard),
                           output=str(tmp_path / "bad"), progress=False))
+
+
+def test_labelled_validation_scores_zero_shot_less_the_prompt_prior_over_training_images(tmp_path):
+    """With labelled validation data a caption run's zero-shot subtracts each prompt's mean likelihood over the first
+    training images (the rule the objectives study chose on development data) and also reports the plain rule."""
+    from clipforge.data import open_source
+    from clipforge.train.validation import PRIOR_IMAGES, open_validation
+
+    shard = shapes_shard(tmp_path / "s-000000.tar", 32)
+    val_shard, colours = colour_dataset(tmp_path / "colours")
+    cfg = TrainConfig(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 1}}, objective="caption",
+                      bow_vocab=60, train_data=str(shard), val_data=str(val_shard), batch_size=8, steps=3,
+                      workers=0, save_every=0, output=str(tmp_path / "run"), progress=False)
+    summary = train(cfg)
+    assert {"zeroshot_top1", "zeroshot_plain_top1", "zeroshot_top5", "caption_loss"} <= summary["val"].keys()
+
+    model = summary["model"].eval()
+    train_source = open_source(str(shard), shuffle_buffer=cfg.shuffle_buffer)
+    labels = SimpleNamespace(classnames=None, templates=None)
+    val_set, templates = open_validation(cfg, None, model.image_size, None, train_source, labels)
+    assert len(val_set.prior_images) == min(32, PRIOR_IMAGES) and len(val_set.images) == 24
+    with torch.no_grad():
+        embeddings = model.encode_image(torch.stack(val_set.images))
+        prior = caption_lm.prompt_log_prior(model, model.encode_image(torch.stack(val_set.prior_images)), colours,
+                                            templates)
+        expected = caption_lm.zero_shot_logits(model, embeddings, colours, templates, prior=prior)
+        plain = caption_lm.zero_shot_logits(model, embeddings, colours, templates)
+    metrics = validate_caption_lm(model, val_set, "cpu", templates=templates)
+    assert metrics["zeroshot_top1"] == topk_accuracy(expected, val_set.labels)[1] == summary["val"]["zeroshot_top1"]
+    assert metrics["zeroshot_plain_top1"] == topk_accuracy(plain, val_set.labels)[1]
+    assert not torch.equal(expected.argmax(1), plain.argmax(1))  # the prior changes what is predicted
+    # the references are training images, not validation ones: a contrastive run carries none
+    other, _ = open_validation(TrainConfig(**{**cfg.__dict__, "objective": "contrastive"}), None, 64, None,
+                               train_source, labels)
+    assert other.prior_images is None
+

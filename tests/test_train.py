@@ -21,7 +21,7 @@ from clipforge.train import TrainConfig, TrainingDiverged, train
 from clipforge.train.step import train_step
 from clipforge.train.optim import build_optimizer
 
-from conftest import REPO, random_tokens, shapes_shard, write_shard
+from conftest import REPO, colour_dataset, random_tokens, shapes_shard
 
 
 def _small_model():
@@ -168,23 +168,6 @@ def test_trained_checkpoint_loads_with_clipforge_load(tmp_path):
     torch.testing.assert_close(a, b)
 
 
-def _colour_dataset(root, n=24):
-    """A labelled split in the CLIP_benchmark layout: solid colour images (image + .cls, no text)."""
-    import io
-
-    from PIL import Image
-
-    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
-    (root / "classnames.txt").parent.mkdir(parents=True, exist_ok=True)
-    (root / "classnames.txt").write_text("\n".join(colours) + "\n")
-    samples = []
-    for i in range(n):
-        buffer = io.BytesIO()
-        Image.new("RGB", (40, 40), colours[i % len(colours)]).save(buffer, format="PNG")
-        samples.append({"__key__": f"c{i:04d}", "png": buffer.getvalue(), "cls": str(i % len(colours))})
-    return write_shard(root / "test" / "test-000000.tar", samples), colours
-
-
 def test_labelled_validation_data_reports_zero_shot_accuracy(tmp_path):
     """Captioned training data, labelled validation data: zero-shot top-1/5 as ``clipforge eval zeroshot`` computes
     them on the same images, besides retrieval recall (over label captions)."""
@@ -194,7 +177,7 @@ def test_labelled_validation_data_reports_zero_shot_accuracy(tmp_path):
     from clipforge.zeroshot import zero_shot_classifier
 
     shard = shapes_shard(tmp_path / "s-000000.tar", 32)
-    val_shard, colours = _colour_dataset(tmp_path / "colours")
+    val_shard, colours = colour_dataset(tmp_path / "colours")
     cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), val_data=str(val_shard), batch_size=8, steps=3,
                       workers=0, save_every=0, output=str(tmp_path / "run"), progress=False)
     summary = train(cfg)
@@ -239,7 +222,7 @@ def test_validation_zero_shot_accuracy_is_exact_for_a_model_that_knows_the_class
     from clipforge.data import evaluation_set, open_source
     from clipforge.train.loop import validate
 
-    val_shard, colours = _colour_dataset(tmp_path / "colours")
+    val_shard, colours = colour_dataset(tmp_path / "colours")
     preprocess, tokenizer = clipforge.Preprocess(32), clipforge.get_tokenizer()
     val_set = evaluation_set(open_source(str(val_shard), shuffle_buffer=0), preprocess, classnames=colours)
     assert len(val_set.images) == 24 and val_set.labels.tolist() == [i % 6 for i in range(24)]
@@ -253,7 +236,7 @@ def test_validation_zero_shot_accuracy_is_exact_for_a_model_that_knows_the_class
 
 
 def test_labelled_data_without_label_captions_fails_before_training_with_the_fix(tmp_path):
-    shard, _ = _colour_dataset(tmp_path / "colours")
+    shard, _ = colour_dataset(tmp_path / "colours")
     cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), batch_size=8, steps=2, workers=1,
                       output=str(tmp_path / "run"), progress=False)
     with pytest.raises(ValueError, match="no caption.*--label-captions default"):
@@ -279,7 +262,7 @@ def test_final_checkpoint_is_written_before_validation_runs(tmp_path, monkeypatc
 
 def test_validation_data_without_usable_samples_fails_before_training(tmp_path):
     shard = shapes_shard(tmp_path / "s-000000.tar", 16)
-    val_shard, _ = _colour_dataset(tmp_path / "colours")
+    val_shard, _ = colour_dataset(tmp_path / "colours")
     (tmp_path / "colours" / "classnames.txt").unlink()  # labels without names: nothing to caption them with
     cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), val_data=str(val_shard), batch_size=8, steps=2,
                       workers=0, output=str(tmp_path / "run"), progress=False)

@@ -174,6 +174,7 @@ class EvaluationSet:
     classnames: list[str] | None = None
     skipped: Counter = field(default_factory=Counter)
     captions_from_labels: bool = False  # every caption was made from its class name, none written for the image
+    prior_images: list[torch.Tensor] | None = None  # training images: a word-by-word model's prompt prior
 
 
 def evaluation_set(source, transform, limit: int | None = None, classnames=None, caption_templates=None,

@@ -370,8 +370,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                                resume=position.data, hflip=cfg.hflip, targets=objective.targets)
     batches = iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda"))
     # (sharded towers run collectively: under FSDP every rank validates, rank 0 logs)
-    val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates) \
-        if rank == 0 or cfg.fsdp else (None, None)
+    val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates, source,
+                                                   labels) if rank == 0 or cfg.fsdp else (None, None)
     log = _RunLog(output, rank, {"train": dataclasses.asdict(cfg), "model_cfg": model_config, "world_size": world,
                                  "total_steps": total_steps}, position.step)
     if position.rng is not None:

@@ -13,10 +13,16 @@ from ..prompts import DEFAULT_TEMPLATES
 from ..zeroshot import zero_shot_classifier
 
 
-def open_validation(cfg, val_source, image_size: int, label_templates: list[str] | None):
+PRIOR_IMAGES = 256  # training images over which a word-by-word model's prompt prior is averaged at validation
+
+
+def open_validation(cfg, val_source, image_size: int, label_templates: list[str] | None, train_source=None,
+                    labels=None):
     """(the fixed validation set, zero-shot templates) or (None, None). Labelled validation data (classnames.txt
     beside the shards) gets zero-shot accuracy besides retrieval, whether or not training uses label captions;
-    samples without text are captioned from their label."""
+    samples without text are captioned from their label. For ``--objective caption`` the first ``PRIOR_IMAGES``
+    usable images of ``train_source`` (decoded as training decodes them, by ``labels``) come along: zero-shot
+    subtracts each prompt's mean likelihood over them (``caption_lm.prompt_log_prior``)."""
     if val_source is None and not cfg.val_data:
         return None, None
     source = val_source if val_source is not None else open_source(cfg.val_data, shuffle_buffer=0)
@@ -28,6 +34,9 @@ def open_validation(cfg, val_source, image_size: int, label_templates: list[str]
         raise ValueError(f"validation data {cfg.val_data or source!r} has no usable samples "
                          f"(skipped: {dict(val_set.skipped) or 'none'}); labelled shards need classnames.txt "
                          "beside the split folder")
+    if cfg.objective == "caption" and val_set.labels is not None and train_source is not None:
+        val_set.prior_images = evaluation_set(train_source, Preprocess(image_size), PRIOR_IMAGES, labels.classnames,
+                                              labels.templates, bool(labels.classnames), seed=cfg.seed).images
     return val_set, templates or list(DEFAULT_TEMPLATES)
 
 
@@ -96,10 +105,12 @@ def validate_bag_of_words(model, val_set, device, autocast=nullcontext(), batch_
 def validate_caption_lm(model, val_set, device, autocast=nullcontext(), templates=DEFAULT_TEMPLATES,
                         batch_size: int = 256) -> dict:
     """Held-out loss of predicting every caption of every image word by word, and zero-shot top-1/top-5 from each
-    class prompt's likelihood when the set is labelled."""
+    class prompt's likelihood when the set is labelled: less the prompts' prior over the training images the set
+    carries (``zeroshot_*``; else the plain likelihood), and plainly (``zeroshot_plain_*``, which names one class
+    for nearly every image)."""
     import torch.nn.functional as F
 
-    from ..caption_lm import PAD, zero_shot_logits
+    from ..caption_lm import PAD, prompt_log_prior, zero_shot_logits
 
     was_training = model.training
     model.eval()
@@ -117,6 +128,14 @@ def validate_caption_lm(model, val_set, device, autocast=nullcontext(), template
         metrics = {"caption_loss": total / max(1, count)}  # per predicted word (and <eos>)
         if val_set.labels is not None:
             logits = zero_shot_logits(model, embeddings, val_set.classnames, templates)
+            if getattr(val_set, "prior_images", None):
+                metrics.update({f"zeroshot_plain_top{k}": v
+                                for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
+                references = torch.cat([model.encode_image(torch.stack(val_set.prior_images[i:i + batch_size])
+                                                           .to(device))
+                                        for i in range(0, len(val_set.prior_images), batch_size)])
+                logits = zero_shot_logits(model, embeddings, val_set.classnames, templates,
+                                          prior=prompt_log_prior(model, references, val_set.classnames, templates))
             metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
     model.train(was_training)
     return metrics
