@@ -200,6 +200,35 @@ def bow_scoring_on_dev(checkpoint: Path, data: Path, training_captions: list[str
     return out
 
 
+def plot(results: dict, path: Path) -> None:
+    """Zero-shot top-1 against images seen, one panel per dataset: each run under the rule reported for it (the
+    bag of words and word by word less their prior, where measured); one colour per objective, one line style per
+    seed."""
+    import re
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    objectives = list(dict.fromkeys(re.sub(r", seed \d+$", "", name) for name in results))
+    for ax, dataset in zip(axes, ("cifar10", "flowers")):
+        for name, points in results.items():
+            objective, seed = re.fullmatch(r"(.*?)(?:, seed (\d+))?", name).groups()
+            key = next((f"{dataset}_{prior}" for prior in ("word_prior", "prompt_prior")
+                        if f"{dataset}_{prior}" in points[0]), dataset)
+            rule = {dataset: "", f"{dataset}_word_prior": ", less the word prior",
+                    f"{dataset}_prompt_prior": ", less the prompt prior"}[key]
+            ax.plot([p["images_seen"] for p in points], [p[key] for p in points], color=f"C{objectives.index(objective)}",
+                    linestyle=("-", "--", ":", "-.")[int(seed or 0) % 4], marker="os^v"[int(seed or 0) % 4],
+                    label=f"{objective}{rule}, seed {seed or 0}")
+        ax.axhline(1 / (10 if dataset == "cifar10" else 5), color="grey", linestyle=":", label="chance")
+        ax.set_xlabel("images seen (training samples)")
+        ax.set_ylabel("zero-shot top-1")
+        ax.set_title(f"{dataset}/test zero-shot")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "flickr8k.yaml")
@@ -221,6 +250,8 @@ def main():
                              "last checkpoint; every 10th cifar10/train image)")
     parser.add_argument("--caption-template", default="a {}.",
                         help="the prompt the word-by-word model is scored with on test (choose with --caption-dev)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw --plot from --json; train and evaluate "
+                                                                  "nothing")
     parser.add_argument("--bow-dev", action="store_true",
                         help="only print the bag-of-words scoring rules compared on development data (its last "
                              "checkpoint; every 10th cifar10/train image)")
@@ -247,7 +278,7 @@ def main():
     if unknown:
         parser.error(f"unknown runs {sorted(unknown)}; choose from {sorted(chosen)}")
     for name, changes in chosen.items():
-        if args.runs and name not in args.runs:
+        if args.plot_only or (args.runs and name not in args.runs):
             continue
         folder = args.output / (name + seeded).replace(", ", "-").replace(" ", "-")
         if not args.eval_only and (not checkpoint_dirs(folder) or
@@ -266,32 +297,14 @@ def main():
             print(name, json.dumps(results[name][-1]), flush=True)
     if args.train_only:
         return
-    if args.json:
+    if args.json and not args.plot_only:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         recipe_name = args.recipe.resolve()
         recipe_name = recipe_name.relative_to(REPO) if recipe_name.is_relative_to(REPO) else recipe_name.name
         args.json.write_text(json.dumps({**saved, "recipe": str(recipe_name), "results": results,
                                          "caption_template": args.caption_template}, indent=1) + "\n")
     if args.plot:
-        plt = pyplot()
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, dataset in zip(axes, ("cifar10", "flowers")):
-            for name, points in results.items():
-                line, = ax.plot([p["images_seen"] for p in points], [p[dataset] for p in points], marker="o",
-                                label=name)
-                for prior in ("word_prior", "prompt_prior"):
-                    if f"{dataset}_{prior}" in points[0]:
-                        ax.plot([p["images_seen"] for p in points], [p[f"{dataset}_{prior}"] for p in points],
-                                marker="o", linestyle="--", color=line.get_color(),
-                                label=f"{name}, less the {prior.replace('_', ' ')}")
-            ax.axhline(1 / (10 if dataset == "cifar10" else 5), color="grey", linestyle=":", label="chance")
-            ax.set_xlabel("images seen (training samples)")
-            ax.set_ylabel("zero-shot top-1")
-            ax.set_title(f"{dataset}/test zero-shot")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=100)
+        plot(results, args.plot)
     for name, points in results.items():
         print(name, [(p["images_seen"], *(round(v, 3) for k, v in p.items() if k.startswith(("cifar10", "flowers"))
                                              and "named" not in k)) for p in points])
