@@ -122,7 +122,7 @@ def _caption_zero_shot(folder: Path, data: Path, template: str, training_caption
         embeddings, labels = _caption_embeddings(model, preprocess, dataset.source)
         logits = caption_lm.zero_shot_logits(model, embeddings, dataset.classnames, [template])
         prior = caption_lm.prompt_log_prior(model, references, dataset.classnames, [template])
-        with_prior = caption_lm.zero_shot_logits(model, embeddings, dataset.classnames, [template], prior=prior)
+        with_prior = logits - prior  # as zero_shot_logits(prior=prior), without scoring every prompt again
         out[name] = topk_accuracy(logits, labels)[1]
         out[f"{name}_prompt_prior"] = topk_accuracy(with_prior, labels)[1]
         shared = torch.tensor([bool(i) for i in bow.class_word_indices(bow_vocabulary, dataset.classnames)])

@@ -115,8 +115,7 @@ def validate_caption_lm(model, val_set, device, autocast=nullcontext(), template
     was_training = model.training
     model.eval()
     with autocast:
-        embeddings = torch.cat([model.encode_image(torch.stack(val_set.images[i:i + batch_size]).to(device))
-                                for i in range(0, len(val_set.images), batch_size)])
+        embeddings = _encode_images(model, val_set.images, device, batch_size)
         tokens, owners = model.vocabulary(val_set.captions).to(device), torch.as_tensor(val_set.caption_images)
         total, count = 0.0, 0
         for i in range(0, len(tokens), batch_size):
@@ -131,14 +130,17 @@ def validate_caption_lm(model, val_set, device, autocast=nullcontext(), template
             if getattr(val_set, "prior_images", None):
                 metrics.update({f"zeroshot_plain_top{k}": v
                                 for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
-                references = torch.cat([model.encode_image(torch.stack(val_set.prior_images[i:i + batch_size])
-                                                           .to(device))
-                                        for i in range(0, len(val_set.prior_images), batch_size)])
-                logits = zero_shot_logits(model, embeddings, val_set.classnames, templates,
-                                          prior=prompt_log_prior(model, references, val_set.classnames, templates))
+                references = _encode_images(model, val_set.prior_images, device, batch_size)
+                # as zero_shot_logits(prior=...), without scoring every prompt on the validation images again
+                logits = logits - prompt_log_prior(model, references, val_set.classnames, templates)
             metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
     model.train(was_training)
     return metrics
+
+
+def _encode_images(model, images: list, device, batch_size: int) -> torch.Tensor:
+    return torch.cat([model.encode_image(torch.stack(images[i:i + batch_size]).to(device))
+                      for i in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
