@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 from pathlib import Path
 
 from .loop import OBJECTIVES, PRECISIONS, TrainConfig
@@ -189,16 +187,10 @@ def run(args) -> int:
     finally:
         import torch.distributed as dist
 
-        if dist.is_initialized():  # joined before exit: a live gloo group can abort the interpreter's shutdown
+        if dist.is_initialized():  # also on failure; a finished torchrun rank then leaves as cli.main says
             dist.destroy_process_group()
     if summary["rank"] == 0:  # under torchrun, one report: rank 0 holds the checkpoint and the validation
         print(f"done: {summary['steps']} steps, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
         if summary["val"]:
             print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["val"].items()))
-    if cfg.fsdp and "TORCHELASTIC_RUN_ID" in os.environ:
-        # Under torchrun, FSDP2 on gloo sometimes aborts in C++ teardown at interpreter exit ("terminate called
-        # without an active exception"), after every file is written: leave without running those destructors.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
     return 0
