@@ -219,6 +219,15 @@ def reported_rule(point: dict, dataset: str) -> tuple[str, str]:
     return dataset, ""
 
 
+def _summary_value(point: dict, row: str) -> float:
+    """One checkpoint's figure for a row of ``seed_summary``: a dataset under the reported rule, or "bow_classes"."""
+    if row != "bow_classes":
+        return point[reported_rule(point, row)[0]]
+    if "cifar10_word_prior" in point:
+        return 2 * point["cifar10_word_prior"]
+    return point["cifar10_prompt_prior_bow_classes"]
+
+
 def seed_summary(results: dict) -> str:
     """A markdown table: per objective and point, the median top-1 across seeds and their range (%), under each
     objective's reported rule; and CIFAR-10 on the 5 classes the bag of words can name (choosing among those 5). The
@@ -234,25 +243,15 @@ def seed_summary(results: dict) -> str:
         rows = [("CIFAR-10", "cifar10"), ("flowers", "flowers")]
         if "bag of words" in objective or "word by word" in objective:
             rows.append(("CIFAR-10, the 5 classes the bag of words names", "bow_classes"))
-        for label, dataset in rows:
+        rule = reported_rule(runs_[0][1][0], "cifar10")[1]
+        seeds = ", ".join(str(seed) for seed, _ in runs_)
+        for label, row in rows:
             cells = []
             for x in seen:
-                values = []
-                for _, points in runs_:
-                    point = next((p for p in points if p["images_seen"] == x), None)
-                    if point is None:
-                        continue
-                    if dataset != "bow_classes":
-                        values.append(point[reported_rule(point, dataset)[0]])
-                    elif "cifar10_word_prior" in point:
-                        values.append(2 * point["cifar10_word_prior"])
-                    else:
-                        values.append(point["cifar10_prompt_prior_bow_classes"])
-                values = 100 * np.array(values)
+                values = 100 * np.array([_summary_value(p, row) for _, points in runs_ for p in points
+                                         if p["images_seen"] == x])
                 cells.append("-" if not len(values) else f"{np.median(values):.1f}" if len(values) == 1 else
                              f"{np.median(values):.1f} ({values.min():.1f}-{values.max():.1f})")
-            seeds = ", ".join(str(seed) for seed, _ in runs_)
-            rule = reported_rule(runs_[0][1][0], "cifar10")[1]
             lines.append(f"| {objective}{rule}, {label} (seed{'s' * (len(runs_) > 1)} {seeds}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
