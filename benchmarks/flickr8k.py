@@ -28,6 +28,7 @@ Nothing here is chosen on a test split: the recipe was chosen on flickr8k/dev an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import shutil
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import clipforge
 from clipforge.bench.peers import OpenClipForTraining, OpenClipLoss
@@ -45,6 +47,7 @@ from clipforge.evaluate.features import embed_labelled
 from clipforge.evaluate.linear_probe import few_shot, linear_probe
 from clipforge.evaluate.metrics import topk_accuracy
 from clipforge.evaluate.retrieval import embed_pairs, retrieval_metrics
+from clipforge.models.layers import ResidualAttentionBlock
 from clipforge.prompts import DEFAULT_TEMPLATES
 from clipforge.train import TrainConfig, train
 from clipforge.train.cli import read_config
@@ -131,40 +134,70 @@ def speed(recipe: dict, impls: list[str], steps: int, rounds: int, data: Path, o
             "image_tower": image_tower_speed(recipe, impls)}
 
 
+@contextlib.contextmanager
+def _last_block_unpooled():
+    """clipforge's image tower as a plain ViT computes it: the last block on every token, the class token taken after
+    (``ResidualAttentionBlock`` otherwise computes only the class token's query, projection and MLP there). Same
+    output to float rounding: the ablation that says how much of the gap to open_clip is that one block."""
+    pooled = ResidualAttentionBlock.forward
+
+    def every_token(self, x, causal=False, pool_index=None, lean=False):
+        out = pooled(self, x, causal, None, lean)
+        return out if pool_index is None else out[torch.arange(x.shape[0], device=x.device), pool_index]
+
+    ResidualAttentionBlock.forward = every_token
+    try:
+        yield
+    finally:
+        ResidualAttentionBlock.forward = pooled
+
+
 def image_tower_speed(recipe: dict, impls: list[str], repeats: int = 5, profiled: int = 3) -> dict:
     """Where a loop step's time differs: each implementation's image tower alone, forward + backward of one recipe
-    batch (median of ``repeats``, implementations alternating), and the self CPU seconds of its matrix multiplies
-    and copies over ``profiled`` more steps."""
+    batch (median of ``repeats``, implementations alternating), the floating-point operations of one such step
+    (``torch.utils.flop_counter``: what each computes, independent of the machine) and the self CPU seconds of its
+    matrix multiplies and copies over ``profiled`` more steps. With clipforge, also ``clipforge-unpooled``: the same
+    weights with the last block run on every token (``_last_block_unpooled``)."""
     cfg = TrainConfig(**{**recipe, "progress": False})
-    models = {}
+    models, variants = {}, {}
     for impl in impls:
         model = peer_model(cfg, impl, 0)[0]
         if model is None:
             torch.manual_seed(0)
             model = clipforge.create_model(model_config_for(cfg))
         models[impl] = model.train()
+        variants[impl] = (models[impl], contextlib.nullcontext)
+        if impl == "clipforge":
+            variants["clipforge-unpooled"] = (models[impl], _last_block_unpooled)
     images = torch.randn(cfg.batch_size, 3, models[impls[0]].image_size, models[impls[0]].image_size)
 
-    def step(model):
-        model.zero_grad(set_to_none=True)
-        model.encode_image(images).square().mean().backward()
+    def step(variant):
+        model, context = variants[variant]
+        with context():
+            model.zero_grad(set_to_none=True)
+            model.encode_image(images).square().mean().backward()
 
-    seconds = {impl: [] for impl in impls}
-    for impl in impls:
-        step(models[impl])  # warm-up
+    seconds = {variant: [] for variant in variants}
+    for variant in variants:
+        step(variant)  # warm-up
     for _ in range(repeats):
-        for impl in impls:
+        for variant in variants:
             start = time.perf_counter()
-            step(models[impl])
-            seconds[impl].append(time.perf_counter() - start)
+            step(variant)
+            seconds[variant].append(time.perf_counter() - start)
     result = {}
-    for impl in impls:
+    for variant in variants:
+        with FlopCounterMode(display=False) as counter:
+            step(variant)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(profiled):
-                step(models[impl])
-        ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages() if e.key in ("aten::mm", "aten::copy_")}
-        result[impl] = {"fwd_bwd_s": statistics.median(seconds[impl]), f"self_cpu_s_over_{profiled}_steps": ops}
-        print(f"image tower {impl}: forward + backward {result[impl]['fwd_bwd_s']:.3f} s, {ops}", flush=True)
+                step(variant)
+        ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()
+               if e.key in ("aten::mm", "aten::addmm", "aten::copy_")}
+        result[variant] = {"fwd_bwd_s": statistics.median(seconds[variant]), "gflop": counter.get_total_flops() / 1e9,
+                           f"self_cpu_s_over_{profiled}_steps": ops}
+        print(f"image tower {variant}: forward + backward {result[variant]['fwd_bwd_s']:.3f} s, "
+              f"{result[variant]['gflop']:.1f} GFLOP, {ops}", flush=True)
     return result
 
 

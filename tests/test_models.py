@@ -129,6 +129,29 @@ def test_pooled_last_block_equals_full_computation_and_gradients(causal, checkpo
     torch.testing.assert_close(grad_pooled, grad_full, atol=1e-5, rtol=1e-4)
 
 
+def test_pooled_last_block_saves_the_last_blocks_per_token_work():
+    """Why the image tower trains faster than open_clip's (docs/BENCHMARKS.md): pooling skips the last block's
+    queries, output projection and MLP for all but one row, a known share of the forward + backward FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipforge.models.layers import Transformer
+
+    width, layers, length, batch = 64, 3, 17, 4
+    net = Transformer(width=width, layers=layers, heads=4)
+    x = torch.randn(batch, length, width, requires_grad=True)
+    index = torch.zeros(batch, dtype=torch.long)
+    flops = {}
+    for name, pool_index in (("full", None), ("pooled", index)):
+        with FlopCounterMode(display=False) as counter:
+            out = net(x, pool_index=pool_index)
+            (out if pool_index is not None else out[:, 0]).square().sum().backward()
+        flops[name] = counter.get_total_flops()
+    # per token and block: QKV 3w^2, output projection w^2, MLP 8w^2 multiply-adds; the pooled block keeps K, V (2w^2)
+    # for every token and the rest (10w^2) for one; attention itself is a few percent here, hence the tolerance
+    saved_matmul_flops = 3 * 2 * batch * (length - 1) * 10 * width**2  # forward + backward = 3x, 2 FLOPs a mul-add
+    assert flops["full"] - flops["pooled"] == pytest.approx(saved_matmul_flops, rel=0.1)
+
+
 def test_cpu_training_uses_the_fused_adamw_kernel():
     from clipforge.train.optim import build_optimizer
 
