@@ -159,17 +159,17 @@ def image_tower_speed(recipe: dict, impls: list[str], repeats: int = 5, profiled
     matrix multiplies and copies over ``profiled`` more steps. With clipforge, also ``clipforge-unpooled``: the same
     weights with the last block run on every token (``_last_block_unpooled``)."""
     cfg = TrainConfig(**{**recipe, "progress": False})
-    models, variants = {}, {}
+    variants = {}  # name -> (model, context it runs in)
     for impl in impls:
         model = peer_model(cfg, impl, 0)[0]
         if model is None:
             torch.manual_seed(0)
             model = clipforge.create_model(model_config_for(cfg))
-        models[impl] = model.train()
-        variants[impl] = (models[impl], contextlib.nullcontext)
+        variants[impl] = (model.train(), contextlib.nullcontext)
         if impl == "clipforge":
-            variants["clipforge-unpooled"] = (models[impl], _last_block_unpooled)
-    images = torch.randn(cfg.batch_size, 3, models[impls[0]].image_size, models[impls[0]].image_size)
+            variants["clipforge-unpooled"] = (model, _last_block_unpooled)
+    size = variants[impls[0]][0].image_size
+    images = torch.randn(cfg.batch_size, 3, size, size)
 
     def step(variant):
         model, context = variants[variant]
