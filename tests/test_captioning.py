@@ -189,6 +189,8 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
     log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     assert all(entry["grad_norm"] > 0 for entry in log)
     assert [entry["step"] for entry in log if "val_loss" in entry] == [2, 4] and log[3]["val_loss"] > 0
+    train_args = json.loads((tmp_path / "straight" / "train_args.json").read_text())
+    assert train_args["steps"] == 4 and train_args["environment"]["torch"] == torch.__version__
     assert main([*common, "--steps", "4", "--max-grad-norm", "-1", "--output", str(tmp_path / "bad")]) == 2
     assert "--max-grad-norm must be >= 0" in capsys.readouterr().err
     assert main([*common, "--steps", "2", "--output", str(tmp_path / "resumed")]) == 0

@@ -130,6 +130,64 @@ def test_two_process_training_under_torchrun_resumes_exactly(tmp_path):
     assert any(not torch.equal(first[k], a[k]) for k in a)  # the last two steps did change the weights
 
 
+def test_a_script_calling_train_under_torchrun_ends_with_exit_torchrun_rank(tmp_path):
+    """The pattern README gives for ``train()`` from one's own script under torchrun: both ranks train, rank 0's
+    last print (block-buffered into a pipe) still arrives, and the ranks leave with the code given."""
+    shapes_shard(tmp_path / "s-000000.tar", 32)
+    script = tmp_path / "user_train.py"
+    script.write_text(
+        "import os\n"
+        "from clipforge.train import TrainConfig, exit_torchrun_rank, train\n"
+        f"cfg = TrainConfig(model='ViT-Tiny-64', train_data={str(tmp_path / 's-000000.tar')!r}, batch_size=4, "
+        f"steps=2, workers=0, save_every=0, output={str(tmp_path / 'run')!r}, progress=False)\n"
+        "summary = train(cfg)\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    print('user script done after', summary['steps'], 'steps', end='')\n"
+        "exit_torchrun_rank(0)\n"
+        "raise SystemExit('not reached: exit_torchrun_rank returned')\n")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), str(script)]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    env.pop("PYTHONUNBUFFERED", None)  # buffered, as a user's pipe is: os._exit drops what was not flushed
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("user script done after 2 steps") == 1
+    assert "not reached" not in result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "model.safetensors").exists()
+
+    code = ("import torch.distributed as dist, sys\n"
+            "from clipforge.train import exit_torchrun_rank\n"
+            f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=0, world_size=1)\n"
+            "print('buffered', end=''); sys.stderr.write('to stderr')\n"
+            "exit_torchrun_rank(3)\n")
+    alone = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 3 and alone.stdout == "buffered" and alone.stderr.endswith("to stderr")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_run_environment_names_the_commit_and_whether_sources_changed(tmp_path):
+    from clipforge.environment import _git_commit
+
+    assert _git_commit(tmp_path) is None  # not a checkout (an installed wheel)
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "a"]):
+        subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True, capture_output=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert _git_commit(tmp_path / "pkg") == head
+    (tmp_path / "untracked.txt").write_text("not a source change")
+    assert _git_commit(tmp_path / "pkg") == head
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    assert _git_commit(tmp_path / "pkg") == head + "-dirty"
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
     shard = shapes_shard(tmp_path / "bad-000000.tar", 64, corrupt_every=8)  # 8 of 64 images are truncated
     cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), batch_size=8, steps=6, workers=0, save_every=0,
@@ -353,6 +411,8 @@ def test_config_file_then_flags_and_a_run_recreated_from_its_run_config_is_ident
     assert train_cfg["steps"] == 2 and train_cfg["lr"] == 0.002 and train_cfg["seed"] == 7  # the flag won
     assert train_cfg["crop_scale"] == [0.5, 1.0] and train_cfg["hflip"] is True
     assert run_config["model_cfg"]["vision_cfg"]["layers"] == 1 and run_config["model_cfg"]["vision_cfg"]["width"] == 128
+    environment = run_config["environment"]  # what produced the run, to tell apart runs that end differently
+    assert environment["torch"] == torch.__version__ and environment["clipforge"] == clipforge.__version__
     assert main(["train", "--config", str(tmp_path / "a" / "run_config.json"), "--output", str(tmp_path / "b"),
                  "--no-progress"]) == 0
     a = load_file(tmp_path / "a" / "checkpoints" / "step-00000002" / "model.safetensors")

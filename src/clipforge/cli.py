@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args) or 0
         sys.stdout.flush()  # here, so that a closed pipe is caught below, not at interpreter exit
         if "TORCHELASTIC_RUN_ID" in os.environ and "torch.distributed" in sys.modules:
-            _leave_torchrun_rank(code)
+            from .train.loop import exit_torchrun_rank
+
+            exit_torchrun_rank(code)  # a gloo thread can abort the interpreter's shutdown (see there)
         return code
     except KeyboardInterrupt:
         print(f"clipforge {args.command}: interrupted", file=sys.stderr)
@@ -167,25 +169,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"clipforge {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-def _leave_torchrun_rank(code: int) -> None:
-    """End a torchrun rank whose command has finished without Python's interpreter shutdown.
-
-    Gloo's worker threads free each finished collective's tensors, and freeing one that Python also saw takes the
-    GIL; a worker doing so while the interpreter finalizes is ended inside a C++ destructor, which aborts the process
-    ("terminate called without an active exception", exit -6) after every file was written and closed: about one
-    two-rank run in ten on two cores (traced in a core dump). Leaving with ``os._exit`` skips that shutdown."""
-    import logging
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

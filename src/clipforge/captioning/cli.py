@@ -248,7 +248,10 @@ def run_train(args) -> int:
         log.close()
     if losses:
         print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over steps {start + 1}-{start + len(losses)}")
-    write_json(out / "train_args.json", {k: v for k, v in vars(args).items() if not callable(v)})
+    from ..environment import run_environment
+
+    write_json(out / "train_args.json", {**{k: v for k, v in vars(args).items() if not callable(v)},
+                                         "environment": run_environment()})
     print(f"saved {out / 'mapping.safetensors'}")
     return 0
 

@@ -1,0 +1,52 @@
+"""What produced a result: library versions, the machine, and clipforge's git commit when it runs from a checkout.
+
+Saved beside every training run (``run_config.json``'s ``environment``) so that two runs of the same settings that
+end differently can be told apart by what changed underneath them."""
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+_PACKAGES = ("numpy", "Pillow", "tokenizers", "webdataset", "transformers", "open_clip_torch")
+
+
+def run_environment() -> dict:
+    """Versions of Python and of the installed packages that shape training numerics (absent ones left out), the
+    machine, torch's thread count, and clipforge's commit (with ``-dirty`` if its sources differ from it)."""
+    import torch
+
+    from . import __version__
+
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    environment = {"clipforge": __version__, "python": sys.version.split()[0],
+                   "torch": torch.__version__,  # with its build tag (+cpu, +cu130), which package metadata drops
+                   **versions, "machine": platform.processor() or platform.machine(),
+                   "torch_threads": torch.get_num_threads(), "torch_cuda": torch.version.cuda}
+    commit = _git_commit(Path(__file__).resolve().parent)
+    if commit:
+        environment["git_commit"] = commit
+    return environment
+
+
+def _git_commit(folder: Path) -> str | None:
+    """``HEAD`` of the git checkout holding ``folder`` (``-dirty`` when tracked files under it changed), or None
+    when it is not in one (an installed wheel) or git is missing."""
+    try:
+        def git(*args):
+            return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=10)
+
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
