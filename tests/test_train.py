@@ -413,6 +413,7 @@ def test_config_file_then_flags_and_a_run_recreated_from_its_run_config_is_ident
     assert run_config["model_cfg"]["vision_cfg"]["layers"] == 1 and run_config["model_cfg"]["vision_cfg"]["width"] == 128
     environment = run_config["environment"]  # what produced the run, to tell apart runs that end differently
     assert environment["torch"] == torch.__version__ and environment["clipforge"] == clipforge.__version__
+    assert environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert main(["train", "--config", str(tmp_path / "a" / "run_config.json"), "--output", str(tmp_path / "b"),
                  "--no-progress"]) == 0
     a = load_file(tmp_path / "a" / "checkpoints" / "step-00000002" / "model.safetensors")

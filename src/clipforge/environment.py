@@ -15,7 +15,8 @@ _PACKAGES = ("numpy", "Pillow", "tokenizers", "webdataset", "transformers", "ope
 
 def run_environment() -> dict:
     """Versions of Python and of the installed packages that shape training numerics (absent ones left out), the
-    machine, torch's thread count, and clipforge's commit (with ``-dirty`` if its sources differ from it)."""
+    machine (CPU model, the instruction set torch's kernels use), torch's thread count, and clipforge's commit (with
+    ``-dirty`` if its sources differ from it)."""
     import torch
 
     from . import __version__
@@ -28,12 +29,27 @@ def run_environment() -> dict:
             pass
     environment = {"clipforge": __version__, "python": sys.version.split()[0],
                    "torch": torch.__version__,  # with its build tag (+cpu, +cu130), which package metadata drops
-                   **versions, "machine": platform.processor() or platform.machine(),
+                   **versions, "machine": platform.processor() or platform.machine(), "cpu": _cpu_model(),
+                   # the kernels torch dispatches to (AVX2, AVX512): they sum in different orders, so the same run
+                   # on two CPUs of one family drifts apart after some steps
+                   "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                    "torch_threads": torch.get_num_threads(), "torch_cuda": torch.version.cuda}
     commit = _git_commit(Path(__file__).resolve().parent)
     if commit:
         environment["git_commit"] = commit
     return environment
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name and family/model numbers (Linux), which tell apart CPUs one brand name covers."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30] if ":" in line)
+    except OSError:
+        return None
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if "model name" not in fields:
+        return None
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
 
 
 def _git_commit(folder: Path) -> str | None:
