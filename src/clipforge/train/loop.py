@@ -395,7 +395,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates, source,
                                                    labels) if rank == 0 or cfg.fsdp else (None, None)
     log = _RunLog(output, rank, {"train": dataclasses.asdict(cfg), "model_cfg": model_config, "world_size": world,
-                                 "total_steps": total_steps, "environment": run_environment()}, position.step)
+                                 "total_steps": total_steps, "environment": run_environment() if rank == 0 else None},
+                  position.step)
     if position.rng is not None:
         set_rng_state(position.rng)  # last, after everything that draws random numbers during setup
 
