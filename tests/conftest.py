@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,13 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data set not found at {path} (set CLIPFORGE_SHARED_DATA)")
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (a torchrun rendezvous, a test server)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

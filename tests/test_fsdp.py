@@ -4,7 +4,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,14 @@ import torch
 import clipforge
 from clipforge.checkpoint import read_checkpoint
 
-from conftest import REPO, shapes_shard
+from conftest import REPO, free_port, shapes_shard
 
 pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 ships with torch >= 2.6")
 HAS_PROC = Path("/proc/self/stat").exists()
 
 
 def torchrun_train(spec: str, output, extra=(), steps: int = 4):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(port), "-m", "clipforge.cli", "train", "--train-data", spec, "--model", "ViT-Tiny-64",
            "--batch-size", "8", "--steps", str(steps), "--save-every", "2", "--workers", "0", "--seed", "5",
@@ -141,9 +138,7 @@ def test_fsdp_composes_with_accumulation_locked_towers_checkpointing_siglip_loca
 @pytest.mark.skipif(not HAS_PROC, reason="finding torchrun's rank processes to kill them needs Linux /proc")
 def test_a_run_killed_after_a_sharded_checkpoint_resumes_to_the_same_weights(runs):
     root, spec = runs
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     victim_dir = root / "killed"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(port), "-m", "clipforge.cli", "train", "--train-data", spec, "--model", "ViT-Tiny-64",

@@ -1,6 +1,5 @@
 """Losses: chunked equals dense with memory linear in batch size; distributed (2 gloo processes) equals one process."""
 import os
-import socket
 
 import pytest
 import torch
@@ -8,6 +7,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clipforge.loss import ClipLoss, SigLipLoss
+
+from conftest import free_port
 
 
 def _features(n, d=32, seed=0):
@@ -141,12 +142,6 @@ def _worker(rank, world, port, kind, out_dir):
     os._exit(0)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("kind", ["gather", "local", "local_chunked", "siglip"])
 def test_two_process_loss_and_gradients_equal_one_process(kind, tmp_path):
     model = _TinyTowers(kind == "siglip")
@@ -155,7 +150,7 @@ def test_two_process_loss_and_gradients_equal_one_process(kind, tmp_path):
     loss.backward()
     reference = {k: p.grad for k, p in model.named_parameters()}
 
-    mp.spawn(_worker, args=(2, _free_port(), kind, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), kind, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(result["loss"], loss.detach(), atol=1e-6, rtol=1e-5)

@@ -3,7 +3,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 
@@ -17,7 +16,7 @@ from clipforge import cli
 from clipforge.data import ShapesSource
 from clipforge.zeroshot import class_probabilities, zero_shot_classifier
 
-from conftest import write_shard
+from conftest import free_port, write_shard
 
 pytest.importorskip("faiss", reason="faiss-cpu is in the test extras")
 pytest.importorskip("pyarrow", reason="pyarrow is in the test extras")
@@ -91,9 +90,7 @@ def test_torchrun_splits_shards_by_rank_and_matches_one_process(collection, tmp_
 
     from clipforge.retrieval import load_embeddings
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "emb"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
@@ -378,9 +375,7 @@ def _chromium():
 @pytest.fixture(scope="module")
 def live_server(app):
     uvicorn = pytest.importorskip("uvicorn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -3,7 +3,6 @@ metadata by row id); the build split across processes under torchrun."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ pytest.importorskip("pyarrow", reason="pyarrow is in the test extras")
 from clipforge.retrieval.collection import Metadata, StoredVectors, load_metadata, write_image_shard  # noqa: E402
 from clipforge.retrieval.index import (add_chunks, build_index, load_index, plan_ivfpq, save_index,  # noqa: E402
                                        train_ivfpq)
+from conftest import free_port  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -174,9 +174,7 @@ def test_two_process_torchrun_build_equals_the_one_process_build(small, tmp_path
     shutil.copytree(folder, two)
     env = {"OMP_NUM_THREADS": "1"}  # k-means as torchrun's ranks run it: identical training in both builds
     run_cli("index", "build", str(one), "--kind", "ivfpq", "--nlist", "32", "--quiet", env=env)
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
+    port = str(free_port())  # for the rendezvous
     done = run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                     port, "-m", "clipforge.cli", "index", "build", str(two), "--kind", "ivfpq", "--nlist", "32"],
                    env=env)

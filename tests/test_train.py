@@ -21,7 +21,7 @@ from clipforge.train import TrainConfig, TrainingDiverged, train
 from clipforge.train.step import train_step
 from clipforge.train.optim import build_optimizer
 
-from conftest import REPO, colour_dataset, random_tokens, shapes_shard
+from conftest import REPO, colour_dataset, free_port, random_tokens, shapes_shard
 
 
 def _small_model():
@@ -95,16 +95,16 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     assert not list(checkpoints.glob(".step-*"))  # no temp folders left
 
 
-def _torchrun_train(shard_spec, output, extra=()):
-    import socket
+def _torchrun(*args) -> list[str]:
+    """torchrun with 2 ranks, its rendezvous on a free local port, running ``args``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), *args]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(port), "-m", "clipforge.cli", "train", "--train-data", shard_spec,
-           "--model", "ViT-Tiny-64", "--batch-size", "8", "--steps", "4", "--save-every", "2", "--workers", "0",
-           "--seed", "5", "--output", str(output), "--no-progress", *extra]
+
+def _torchrun_train(shard_spec, output, extra=()):
+    cmd = _torchrun("-m", "clipforge.cli", "train", "--train-data", shard_spec, "--model", "ViT-Tiny-64",
+                    "--batch-size", "8", "--steps", "4", "--save-every", "2", "--workers", "0", "--seed", "5",
+                    "--output", str(output), "--no-progress", *extra)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -145,13 +145,7 @@ def test_a_script_calling_train_under_torchrun_ends_with_exit_torchrun_rank(tmp_
         "    print('user script done after', summary['steps'], 'steps', end='')\n"
         "exit_torchrun_rank(0)\n"
         "raise SystemExit('not reached: exit_torchrun_rank returned')\n")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(port), str(script)]
+    cmd = _torchrun(str(script))
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
     env.pop("PYTHONUNBUFFERED", None)  # buffered, as a user's pipe is: os._exit drops what was not flushed
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -162,7 +156,7 @@ def test_a_script_calling_train_under_torchrun_ends_with_exit_torchrun_rank(tmp_
 
     code = ("import torch.distributed as dist, sys\n"
             "from clipforge.train import exit_torchrun_rank\n"
-            f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{port}', rank=0, world_size=1)\n"
+            f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)\n"
             "print('buffered', end=''); sys.stderr.write('to stderr')\n"
             "exit_torchrun_rank(3)\n")
     alone = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
