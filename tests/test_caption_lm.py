@@ -75,6 +75,34 @@ def test_loss_leaves_padding_out_and_likelihoods_sum_each_captions_words():
                                    likelihood, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("max_nodes", [256, 8, 1])
+def test_caption_tree_scores_each_caption_as_the_causal_decoder_alone_does(monkeypatch, max_nodes):
+    """Captions read as one tree per image (shared first words computed once) score what each caption scores run
+    alone through the causal decoder, in float64 to 1e-9: shared words then different lengths, nothing shared, a
+    duplicate, an empty caption, and trees split at ``MAX_NODES`` (8: several trees; 1: one caption per tree)."""
+    monkeypatch.setattr(caption_lm.CaptionTree, "MAX_NODES", max_nodes)
+    vocabulary = CaptionVocabulary(["a", "red", "blue", "circle", "photo", "of"], context_length=8)
+    model = _model(vocabulary).double()
+    embeddings = torch.randn(3, model.embed_dim, dtype=torch.float64)
+    captions = ["a photo of a red circle", "a photo of a blue", "a photo of a red", "blue circle", "a red",
+                "a photo of a red circle", "", "red"]
+    tokens = vocabulary(captions)
+    tree_scores = model.caption_log_likelihood(embeddings, tokens)
+    assert tree_scores.shape == (3, len(captions))
+    with torch.no_grad():
+        for c, row in enumerate(tokens):
+            one = row[: int(row.ne(PAD).sum())][None]
+            log_p = torch.log_softmax(model.next_word_logits(embeddings, one.expand(3, -1)), -1)
+            alone = log_p.gather(-1, one[:, 1:].expand(3, -1)[..., None]).sum(dim=(1, 2))
+            torch.testing.assert_close(tree_scores[:, c], alone, atol=1e-9, rtol=0, msg=captions[c])
+    trees = caption_lm.CaptionTree.split(tokens)
+    assert all(len(tree.depth) <= max(max_nodes, 8) for tree in trees)  # 8: the longest caption's own tree
+    if max_nodes == 1:
+        assert len(trees) == len(captions)
+    if max_nodes == 256:  # one tree: the image, <bos>, "a photo of a red circle", "blue" after it, "blue circle",
+        assert len(trees) == 1 and len(trees[0].depth) == 1 + 1 + 6 + 1 + 2 + 1 + 1  # "red" after "a", "red"
+
+
 def test_zero_shot_averages_templates_and_cannot_name_an_unknown_class():
     vocabulary = CaptionVocabulary(["a", "red", "blue", "circle", "photo", "of"], context_length=8)
     model = _model(vocabulary)

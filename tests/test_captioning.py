@@ -112,6 +112,30 @@ def test_caption_log_likelihood_matches_the_training_loss(tiny_lm):
         limber.rank_captions(mapping, lm, tokenizer, features, [])
 
 
+@pytest.mark.parametrize("prompt", ["", "a"])
+def test_rank_captions_reads_the_shared_prefix_once_with_the_same_scores(tiny_lm, prompt):
+    """Scores after the cached shared prefix equal each (image, caption) pair scored whole, in float64 to 1e-9:
+    shared words then different lengths, nothing shared, identical candidates, one candidate, and more candidates
+    than one call holds (the prefix read again per chunk)."""
+    lm, tokenizer = limber.load_language_model(str(tiny_lm))
+    lm = lm.double()
+    torch.manual_seed(0)
+    mapping = limber.ImageToPrefix(limber.MappingConfig(8, lm.config.hidden_size, prefix_tokens=2,
+                                                        prompt=prompt)).double()
+    torch.nn.init.normal_(mapping.proj.weight, std=0.5)
+    features = torch.randn(5, 8, dtype=torch.float64)
+    candidate_sets = [["a red shape", "a red", "a blue blue shape", "a green shape shape shape"],
+                      ["red", "blue shape", "a yellow"], ["a red shape", "a red shape"], ["a blue shape"],
+                      [f"a {c} shape" for c in COLOURS] + ["a shape"]]
+    for candidates in candidate_sets:
+        pairs = [(i, c) for i in range(len(features)) for c in candidates]
+        whole = limber.caption_log_likelihood(mapping, lm, tokenizer, features[[i for i, _ in pairs]],
+                                              [c for _, c in pairs]).view(len(features), len(candidates))
+        for batch_size in (64, 3, 1):
+            ranked = limber.rank_captions(mapping, lm, tokenizer, features, candidates, batch_size=batch_size)
+            torch.testing.assert_close(ranked, whole, atol=1e-9, rtol=0, msg=f"{candidates}, batch {batch_size}")
+
+
 def test_mapping_optimizer_gives_the_shared_prompt_a_faster_rate():
     mapping = limber.ImageToPrefix(limber.MappingConfig(8, 6, 3))
     groups = limber.mapping_optimizer(mapping, 1e-3).param_groups

@@ -95,14 +95,76 @@ class CaptionLMModel(ImageTowerModel):
 
     @torch.no_grad()
     def caption_log_likelihood(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``[N, C]``: log p(caption c | image n), summed over each caption's words and its <eos>."""
-        n, c = len(embeddings), len(tokens)
-        length = int(tokens.ne(PAD).sum(dim=1).max())  # nothing past the longest caption can change a sum
-        tokens = tokens[:, :length].to(embeddings.device)
-        logits = self.next_word_logits(embeddings.repeat_interleave(c, dim=0), tokens.repeat(n, 1))
-        targets = tokens[:, 1:].repeat(n, 1)
-        log_p = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
-        return (log_p * targets.ne(PAD)).sum(dim=1).view(n, c)
+        """``[N, C]``: log p(caption c | image n), summed over each caption's words and its <eos>.
+
+        The captions are read as one tree per image (``CaptionTree``): words that several captions begin with ("a
+        photo of a") are one decoder position, seen by every caption under it, so a class prompt costs the decoder
+        only the positions of its own words. Same sums as running each caption alone, to float rounding."""
+        scores = []
+        prefix = self.image_to_prefix(embeddings.to(self.image_to_prefix.weight.dtype))[:, None]
+        for tree in CaptionTree.split(tokens):
+            words_ = self.token_embedding(tree.tokens.to(prefix.device)).expand(len(prefix), -1, -1)
+            x = torch.cat([prefix, words_], dim=1) + self.positional_embedding[tree.depth.to(prefix.device)]
+            x = self.ln_final(self.decoder(x, attn_mask=tree.visible.to(prefix.device)))
+            logits = x[:, 1:] @ self.token_embedding.weight.t()
+            log_p = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+            scored = log_p[:, tree.pair_node.to(prefix.device) - 1, tree.pair_target.to(prefix.device)]  # [N, pairs]
+            scores.append(scored @ tree.pair_in_caption.to(scored))
+        return torch.cat(scores, dim=1)
+
+
+class CaptionTree:
+    """Caption rows (``<bos> words <eos> <pad>...``) as one decoder input: a trie of their input tokens (all but
+    each caption's last) under node 0, the image position. Node i sits at position ``depth[i]`` and sees itself
+    and its ancestors only (``visible``), so its output is exactly what the causal decoder gives at that position
+    of every caption through it. ``pair_node``/``pair_target``: each (node, next token) a caption scores, once;
+    ``pair_in_caption`` [pairs, C]: 1 where caption c scores the pair."""
+
+    MAX_NODES = 256  # attention over the tree grows with its square; larger caption sets are split (``split``)
+
+    def __init__(self, rows: list[list[int]]):
+        parents, depths, tokens = [-1], [0], [PAD]
+        children: dict[tuple[int, int], int] = {}
+        pairs: dict[tuple[int, int], int] = {}
+        uses = []
+        for row in rows:
+            node, used = 0, []
+            for position, (token, target) in enumerate(zip(row[:-1], row[1:])):
+                if (node, token) not in children:
+                    children[node, token] = len(tokens)
+                    parents.append(node)
+                    depths.append(position + 1)
+                    tokens.append(token)
+                node = children[node, token]
+                used.append(pairs.setdefault((node, target), len(pairs)))
+            uses.append(used)
+        visible = torch.zeros(len(tokens), len(tokens), dtype=torch.bool)
+        for node, parent in enumerate(parents):  # parents come before their children
+            if parent >= 0:
+                visible[node] = visible[parent]
+            visible[node, node] = True
+        self.tokens, self.depth, self.visible = torch.tensor(tokens[1:]), torch.tensor(depths), visible
+        self.pair_node = torch.tensor([node for node, _ in pairs], dtype=torch.long)
+        self.pair_target = torch.tensor([target for _, target in pairs], dtype=torch.long)
+        self.pair_in_caption = torch.zeros(len(pairs), len(rows))
+        for caption, used in enumerate(uses):
+            self.pair_in_caption[used, caption] = 1.0
+
+    @classmethod
+    def split(cls, tokens: torch.Tensor) -> list["CaptionTree"]:
+        """Trees over consecutive rows of ``tokens`` [C, L], each of at most ``MAX_NODES`` nodes (a caption longer
+        than that still gets a tree of its own); their score columns concatenate in row order."""
+        groups, seen = [], set()
+        for row in tokens.tolist():
+            row = [t for t in row if t != PAD]
+            inputs = [tuple(row[:end]) for end in range(1, len(row))]  # each input token, named by its path
+            new = [path for path in inputs if path not in seen]
+            if not groups or len(seen) + len(new) + 1 > cls.MAX_NODES:
+                groups.append([])
+                seen, new = set(), inputs
+            groups[-1].append(row)
+            seen.update(new)
+        return [cls(group) for group in groups]
 
 
 class CaptionLoss(nn.Module):

@@ -8,6 +8,7 @@ LM forward and backward over ``prefix_tokens + caption`` positions, whatever the
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -214,9 +215,14 @@ def _caption_nll(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor,
                  captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """``([N] summed negative log-likelihood, [N] number of scored tokens)`` of each caption given its image."""
     embeds, attention, labels = _prefixed_captions(mapping, lm, tokenizer, features, captions)
-    logits = lm(inputs_embeds=embeds, attention_mask=attention).logits[:, :-1].float()
+    logits = _wide(lm(inputs_embeds=embeds, attention_mask=attention).logits[:, :-1])
     token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")
     return token_nll.sum(dim=1), (labels[:, 1:] != -100).sum(dim=1)  # ignored positions (-100) contribute 0
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 for the softmax (bf16 rounds log-probabilities visibly; float64 stays)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def caption_log_likelihood(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor,
@@ -247,17 +253,69 @@ def rank_captions(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor,
     """``[N, len(candidates)]`` log-likelihood of every candidate caption for every image: which of several
     descriptions (e.g. "a photo of a {class}." per class) the language model finds likeliest after seeing the image.
     A more sensitive test than greedy captions of whether the map carries the image's content at all.
-    ``batch_size`` (image, caption) pairs per LM call; each holds [length, vocabulary] float logits (SmolLM2: ~3.5 MB
-    per pair of 18 tokens)."""
+
+    The image prefix, the prompt and the first tokens all candidates share ("a photo of a") go through the language
+    model once per image; every candidate then reads their keys and values from the cache and only its own last
+    tokens are computed (ten CIFAR-10 captions: about a third of the tokens of scoring each pair whole). Same scores
+    as ``caption_log_likelihood`` per pair, to float rounding. ``batch_size``: (image, candidate) rows per LM call;
+    each holds [its own tokens, vocabulary] float logits (SmolLM2: ~0.2 MB per token)."""
     if not candidates:
         raise ValueError("rank_captions needs at least one candidate caption")
-    pairs = [(i, c) for i in range(len(features)) for c in range(len(candidates))]
-    scores = torch.empty(len(features), len(candidates))
-    for start in range(0, len(pairs), batch_size):
-        rows, columns = zip(*pairs[start:start + batch_size])
-        scores[list(rows), list(columns)] = caption_log_likelihood(
-            mapping, lm, tokenizer, features[list(rows)], [candidates[c] for c in columns]).cpu()
+    ids = [tokenizer(c, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for c in candidates]
+    # at least one token of each candidate is its own: the one the last shared position predicts
+    shared = min(_common_prefix_length(ids), min(map(len, ids)) - 1)
+    per_call = min(len(candidates), batch_size)
+    images_per_call = max(1, batch_size // per_call)
+    scores = torch.empty(len(features), len(candidates), dtype=torch.promote_types(features.dtype, torch.float32))
+    for start in range(0, len(features), images_per_call):
+        images = features[start:start + images_per_call]
+        for first in range(0, len(candidates), per_call):  # more candidates than one call holds: the prefix again
+            scores[start:start + len(images), first:first + per_call] = _score_after_shared_prefix(
+                mapping, lm, tokenizer, images, ids[first:first + per_call], shared).cpu()
     return scores
+
+
+def _common_prefix_length(sequences: list[list[int]]) -> int:
+    length = 0
+    for column in zip(*sequences):
+        if any(token != column[0] for token in column):
+            break
+        length += 1
+    return length
+
+
+def _score_after_shared_prefix(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor, ids: list[list[int]],
+                               shared: int) -> torch.Tensor:
+    """``[n, len(ids)]``: log p(ids[c] | image prefix and prompt), summed over tokens, when ``ids[c][:shared]`` is
+    the same for every c and each ``ids[c]`` has a token past it."""
+    n, count = len(features), len(ids)
+    prefix = _with_prompt(mapping(features), lm, tokenizer, mapping.config.prompt)
+    k = prefix.shape[1]
+    shared_ids = torch.tensor(ids[0][:shared], dtype=torch.long, device=prefix.device)
+    embeds = torch.cat([prefix, lm.get_input_embeddings()(shared_ids).expand(n, -1, -1).to(prefix.dtype)], dim=1)
+    out = lm(inputs_embeds=embeds, use_cache=True)
+    cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.x
+    # positions k-1 .. k+shared-1 predict the shared tokens, then each candidate's first own token
+    log_p = torch.log_softmax(_wide(out.logits[:, k - 1:]), dim=-1)
+    score = log_p[:, :shared].gather(-1, shared_ids.expand(n, -1)[..., None]).sum(dim=(1, 2))[:, None]
+    own_first = torch.tensor([seq[shared] for seq in ids], device=prefix.device)
+    score = score + log_p[:, shared, own_first]
+    rest = [seq[shared:] for seq in ids]  # each candidate's inputs are rest[:-1], its targets rest[1:]
+    longest = max(map(len, rest)) - 1
+    if longest == 0:  # every candidate ends right after the shared tokens
+        return score
+    inputs = torch.full((count, longest), tokenizer.eos_token_id, dtype=torch.long)
+    targets = torch.full((count, longest), -100, dtype=torch.long)
+    for row, seq in enumerate(rest):
+        inputs[row, :len(seq) - 1], targets[row, :len(seq) - 1] = torch.tensor(seq[:-1]), torch.tensor(seq[1:])
+    inputs, targets = inputs.to(prefix.device).repeat(n, 1), targets.to(prefix.device).repeat(n, 1)
+    cache.batch_repeat_interleave(count)  # image i's cached keys and values, once per candidate (rows i*count + c)
+    attention = torch.cat([torch.ones(n * count, k + shared, dtype=torch.long, device=prefix.device),
+                           targets.ne(-100).long()], dim=1)
+    cache_argument = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    logits = _wide(lm(input_ids=inputs, attention_mask=attention, **{cache_argument: cache}).logits)
+    token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return score - token_nll.sum(dim=1).view(n, count)
 
 
 @torch.no_grad()

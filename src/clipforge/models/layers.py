@@ -97,19 +97,21 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, lean: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, lean: bool = False,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``lean``: recompute the merged heads in backward instead of keeping a second copy of the attention output."""
-        heads = self.attend(x, causal)
+        heads = self.attend(x, causal, attn_mask)
         out = self.merge_heads(heads)
         with recomputed_for_backward(out, lambda: self.merge_heads(heads)) if lean else contextlib.nullcontext():
             return self.out_proj(out)
 
-    def attend(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        """[N, L, width] -> per-head attention outputs [N, heads, L, head_dim], before the output projection."""
+    def attend(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, L, width] -> per-head attention outputs [N, heads, L, head_dim], before the output projection.
+        ``attn_mask``: [L, L] (or broadcastable) boolean, True where a query may see a key; instead of ``causal``."""
         batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+        return F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, is_causal=causal)
 
     @staticmethod
     def merge_heads(heads: torch.Tensor) -> torch.Tensor:
@@ -150,8 +152,9 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp.add_module("c_proj", nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None,
-                lean: bool = False) -> torch.Tensor:
+                lean: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[N, L, width] -> [N, L, width]; with ``pool_index`` (one position per row) -> [N, width] at those rows.
+        ``attn_mask`` (boolean, True = visible) replaces ``causal`` for any other pattern; not with ``pool_index``.
 
         ``lean`` (training without checkpointing): LayerNorm, GELU and head-merge outputs are recomputed in backward
         rather than kept (see ``recomputed_for_backward``): same gradients, ~40% less activation memory.
@@ -159,25 +162,27 @@ class ResidualAttentionBlock(nn.Module):
         # the in-place GEMMs of the inference path take no autocast casts: run it only where no cast would happen
         if (pool_index is None and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
                 and x.dtype == self.attn.out_proj.weight.dtype):
-            return self._forward_inference(x, causal)
+            return self._forward_inference(x, causal, attn_mask)
         if pool_index is None:
             with self._normed(self.ln_1, x, lean) as h:
-                x = x + self.attn(h, causal=causal, lean=lean)
+                x = x + self.attn(h, causal=causal, lean=lean, attn_mask=attn_mask)
         else:
+            if attn_mask is not None:
+                raise ValueError("attn_mask with pool_index is not supported: the pooled path builds its own mask")
             x_pooled = x[torch.arange(x.shape[0], device=x.device), pool_index]
             with self._normed(self.ln_1, x, lean) as h:
                 x = x_pooled + self.attn.forward_pooled(h, pool_index, causal=causal)
         with self._normed(self.ln_2, x, lean) as h:
             return x + self._mlp(h, lean)
 
-    def _forward_inference(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    def _forward_inference(self, x: torch.Tensor, causal: bool, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``forward`` without autograd or dtype casts: the same sums, with each residual and bias accumulated by the
         GEMM itself (``addmm_`` into ``x + bias``) instead of a bias copy, a GEMM and a separate residual add, and the
         MLP's hidden tensor activated in place: fewer passes over memory and allocations on CPU, where they show
         (docs/BENCHMARKS.md). ``x`` is not modified."""
         width = x.shape[-1]
         attn_proj, fc, proj = self.attn.out_proj, self.mlp.c_fc, self.mlp.c_proj
-        heads = self.attn.merge_heads(self.attn.attend(self.ln_1(x), causal)).view(-1, width)
+        heads = self.attn.merge_heads(self.attn.attend(self.ln_1(x), causal, attn_mask)).view(-1, width)
         y = torch.add(x, attn_proj.bias).view(-1, width).addmm_(heads, attn_proj.weight.t())
         hidden = _activate_in_place(self.mlp.gelu, F.linear(self.ln_2(y), fc.weight, fc.bias))
         return y.add_(proj.bias).addmm_(hidden, proj.weight.t()).view(x.shape)
@@ -220,18 +225,20 @@ class Transformer(nn.Module):
             [ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu) for _ in range(layers)]
         )
 
-    def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[N, L, width] -> [N, L, width], or [N, width] at ``pool_index`` when the caller pools one token per row
-        (the last block then computes only those rows)."""
+        (the last block then computes only those rows). ``attn_mask``: boolean [L, L], True where a position may
+        attend, for patterns other than ``causal`` (e.g. ``caption_lm``'s prompt tree)."""
         last = len(self.resblocks) - 1
         # torch.compile's partitioner makes its own recompute choices; the saved-tensor hooks would only get in its way
         lean = self.lean and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         for i, block in enumerate(self.resblocks):
             index = pool_index if i == last else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, index, use_reentrant=False)
+                x = checkpoint(block, x, causal, index, False, attn_mask, use_reentrant=False)
             else:
-                x = block(x, causal=causal, pool_index=index, lean=lean)
+                x = block(x, causal=causal, pool_index=index, lean=lean, attn_mask=attn_mask)
         return x
 
     def init_parameters(self) -> None:
