@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 BOW_VOCAB = 1000  # the bag-of-words head: the 1000 most frequent caption words
 CAPTION_VOCAB = 5000  # the word-by-word model's vocabulary: nearly every word of the training captions
 CAPTION_TEMPLATES = ("a {}.", "a photo of a {}.", "{}")  # candidates, chosen on development data (--caption-dev)
-PRIOR_IMAGES = 500  # flickr8k/train images (the recipe's training data) over which the word-by-word prompt prior is averaged
+PRIOR_IMAGES = caption_lm.PRIOR_IMAGES  # flickr8k/train images (training data) the word-by-word prompt prior is averaged over
 
 
 def runs(recipe: dict) -> dict:

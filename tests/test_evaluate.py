@@ -189,3 +189,64 @@ def test_empty_dataset_missing_classnames_and_bad_templates(tmp_path, checkpoint
         load_templates(bad)
     with pytest.raises(FileNotFoundError, match="no split"):
         open_labelled(root, "validation")
+
+
+def test_cli_evaluates_image_towers_by_their_own_zero_shot_rule(tmp_path, capsys):
+    """`clipforge eval` takes checkpoints of --objective bow and caption: zero-shot by the objective's own rule on the
+    raw embeddings (bag of words: its word head less the saved word prior; word by word: prompt likelihoods, less
+    their mean over --prior-data training images), the same logits as the modules' functions; linear probes read
+    the tower's features; retrieval, which needs a text tower, is a clear error."""
+    from clipforge import bow, caption_lm
+    from clipforge.data import evaluation_set, open_source
+    from clipforge.evaluate.metrics import topk_accuracy
+    from clipforge.models.image_tower import load_image_tower
+    from clipforge.train import TrainConfig, train
+
+    from conftest import colour_dataset, shapes_shard
+
+    shard = shapes_shard(tmp_path / "s-000000.tar", 32)
+    colour_shard, colours = colour_dataset(tmp_path / "colours")
+    dataset = open_labelled(tmp_path / "colours", "test")
+    template = "a {} shape"
+    for objective in ("bow", "caption"):
+        summary = train(TrainConfig(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 1}}, objective=objective,
+                                    bow_vocab=60, train_data=str(shard), batch_size=8, steps=3, workers=0,
+                                    save_every=0, output=str(tmp_path / objective), progress=False))
+        model, preprocess = load_image_tower(summary["checkpoint"])
+        images, labels = [], []
+        for raw in dataset.source.samples(0, 1, 0, 0, {}):
+            images.append(preprocess(Image.open(io.BytesIO(raw["png"])).convert("RGB")))
+            labels.append(int(raw["cls"]))
+        labels = torch.tensor(labels)
+        with torch.no_grad():
+            embeddings = model.encode_image(torch.stack(images))
+            if objective == "bow":
+                expected = {"": bow.zero_shot_logits(model.word_log_probs_of(embeddings), model.vocabulary, colours,
+                                                     prior=model.word_log_prior)}
+            else:
+                references = evaluation_set(open_source(str(shard)), preprocess, caption_lm.PRIOR_IMAGES).images
+                prior = caption_lm.prompt_log_prior(model, model.encode_image(torch.stack(references)), colours,
+                                                    [template])
+                expected = {"prior": caption_lm.zero_shot_logits(model, embeddings, colours, [template], prior=prior),
+                            "plain": caption_lm.zero_shot_logits(model, embeddings, colours, [template])}
+                assert not torch.equal(expected["prior"].argmax(1), expected["plain"].argmax(1))
+        for rule, logits in expected.items():
+            out = tmp_path / f"{objective}-{rule}.json"
+            extra = ["--prior-data", str(shard)] if rule == "prior" else []
+            assert cli.main(["eval", "zeroshot", "--pretrained", summary["checkpoint"], "--dataset-root",
+                             str(tmp_path / "colours"), "--templates", template, "--output", str(out), "--quiet",
+                             "--cache-dir", str(tmp_path / "cache"), *extra]) == 0
+            result = json.loads(out.read_text())
+            predicted = logits.argmax(1)
+            assert result["metrics"]["acc1"] == pytest.approx(topk_accuracy(logits, labels)[1])
+            assert result["confusion_matrix"] == [[int(((labels == t) & (predicted == p)).sum()) for p in
+                                                   range(len(colours))] for t in range(len(colours))]
+            assert ("less" in result["zero_shot_rule"]) == (rule != "plain"), result["zero_shot_rule"]
+    assert cli.main(["eval", "linear-probe", "--pretrained", summary["checkpoint"], "--dataset-root",
+                     str(tmp_path / "colours"), "--train-split", "test", "--no-cache", "--quiet", "--output",
+                     str(tmp_path / "lp.json")]) == 0
+    assert json.loads((tmp_path / "lp.json").read_text())["metrics"]["lp_acc1"] == 1.0  # solid colours
+    capsys.readouterr()
+    assert cli.main(["eval", "retrieval", "--pretrained", summary["checkpoint"], "--dataset-root", str(tmp_path),
+                     "--quiet", "--output", str(tmp_path / "r.json")]) == 2
+    assert "has no text tower for retrieval" in capsys.readouterr().err

@@ -52,7 +52,7 @@ def _looks_like_path(name: str) -> bool:
 def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: bool | None = None,
                trust_pickle: bool = False) -> CLIP:
     """The model alone; see ``load``."""
-    from .checkpoint import CheckpointError, infer_config, load_into, read_checkpoint
+    from .checkpoint import ImageTowerCheckpointError, infer_config, load_into, read_checkpoint
     from .models import create_model, get_model_config, list_models
     from .pretrained import get_pretrained
 
@@ -75,9 +75,9 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
             load_into(model, state, source=name_or_path)
             return model.eval()
         if objective != "contrastive":
-            raise CheckpointError(f"{name_or_path}: an image tower trained with --objective {objective}, "
-                                  "not a CLIP model (no text tower); load it with "
-                                  "clipforge.models.image_tower.load_image_tower")
+            raise ImageTowerCheckpointError(f"{name_or_path}: an image tower trained with --objective {objective}, "
+                                            "not a CLIP model (no text tower); load it with "
+                                            "clipforge.models.image_tower.load_image_tower", objective)
         if config is None or "vision_cfg" not in config:  # no full config stored: read it off the weight shapes
             config = {**infer_config(state), **(config or {})}
         source = name_or_path

@@ -114,10 +114,23 @@ class BagOfWordsModel(ImageTowerModel):
     def word_log_probs(self, images: torch.Tensor) -> torch.Tensor:
         """Per vocabulary entry: log-softmax for a word distribution (bow, single labels); log-sigmoid for
         independent multi-label nouns."""
-        logits = self.head(self.visual(images)).float()
+        return self.word_log_probs_of(self.visual(images))
+
+    def word_log_probs_of(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``word_log_probs`` from image embeddings already computed (``encode_image``, not normalised)."""
+        logits = self.head(embeddings.to(self.head.weight.dtype)).float()
         if self.config.get("objective") == "labels" and self.vocabulary.kind == "nouns":
             return F.logsigmoid(logits)
         return F.log_softmax(logits, dim=-1)
+
+    @torch.no_grad()
+    def zero_shot_logits(self, embeddings: torch.Tensor, classnames: list[str], templates=None,
+                         references: torch.Tensor | None = None) -> torch.Tensor:
+        """Each class's mean word log-probability less the words' prior over the training captions (saved with the
+        model; none for ``labels`` models and older checkpoints): ``zero_shot_logits`` below. A bag of words reads no
+        prompt, so ``templates`` and ``references`` are not used."""
+        return zero_shot_logits(self.word_log_probs_of(embeddings), self.vocabulary, classnames,
+                                prior=self.word_log_prior)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> CLIPOutput:
         return CLIPOutput(self.head(self.visual(images)), targets, self.logit_scale.exp())

@@ -22,6 +22,7 @@ from .models.layers import LayerNorm, Transformer
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD, BOS, EOS, UNK = range(len(SPECIALS))
+PRIOR_IMAGES = 500  # training images a prompt's prior is averaged over when evaluating (benchmarks/objectives.py)
 CONTEXT_LENGTH = 32  # tokens per caption row: <bos>, up to 30 words, <eos> (Flickr8k captions rarely pass 25 words)
 
 
@@ -92,6 +93,14 @@ class CaptionLMModel(ImageTowerModel):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> CLIPOutput:
         return CLIPOutput(self.next_word_logits(self.visual(images), tokens), tokens[:, 1:], self.logit_scale.exp())
+
+    def zero_shot_logits(self, embeddings: torch.Tensor, classnames: list[str], templates=("a photo of a {}.",),
+                         references: torch.Tensor | None = None) -> torch.Tensor:
+        """Each class prompt's log-likelihood given the image, averaged over ``templates``, less its mean over the
+        ``references`` (embeddings of training images) when given: module ``zero_shot_logits`` and
+        ``prompt_log_prior``. Without references the likeliest prompt for any image tends to win for nearly all."""
+        prior = None if references is None else prompt_log_prior(self, references, classnames, templates)
+        return zero_shot_logits(self, embeddings, classnames, templates, prior=prior)
 
     @torch.no_grad()
     def caption_log_likelihood(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

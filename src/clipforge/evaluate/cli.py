@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..inference import add_model_arguments, load_for_inference
+from ..caption_lm import PRIOR_IMAGES
 
 TASKS = ("zeroshot", "retrieval", "linear-probe", "fewshot", "robustness")
 CB_TASK = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "linear-probe": "linear_probe",
@@ -29,6 +30,11 @@ EXAMPLES = """examples:
   clipforge eval fewshot --pretrained CKPT --dataset-root ../shared/data/cifar10 --train-split train
   clipforge eval robustness --pretrained CKPT --dataset-root ../shared/data/cifar10 --max-images 2000 --plot r.png
   clipforge eval robustness ... --corruptions gaussian_noise,fog --severities 1..5 --probe linear
+  clipforge eval zeroshot --pretrained runs/bow/checkpoints/step-00002400 --dataset-root ../shared/data/cifar10
+      an image tower trained with --objective bow or labels: its word head, less the training captions' word prior
+  clipforge eval zeroshot --pretrained runs/caption/checkpoints/step-00002400 --dataset-root ../shared/data/cifar10 \
+      --templates 'a photo of a {}.' --prior-data ../shared/data/flickr8k/train
+      --objective caption: prompt likelihoods, less their mean over training images (without it one class wins)
 """
 
 
@@ -45,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-split", default="train", help="features to fit linear/few-shot probes on")
     p.add_argument("--templates", help="prompt templates: a file (one per line, with {}), a shipped set name, "
                    "a single template containing {}, or 'none' for bare class names [the dataset's set]")
+    p.add_argument("--prior-data", help="--objective caption checkpoints, zero-shot: training images (shards or a "
+                   f"folder); each prompt's mean likelihood over {PRIOR_IMAGES} of them (a seeded draw) is "
+                   "subtracted [none: the plain likelihood, which names one class for nearly every image]")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--output", help="result JSON [<dataset>_<task>.json]")
     p.add_argument("--plot", help="PNG: confusion matrix (zeroshot, linear-probe) or accuracy vs k (fewshot)")
@@ -82,19 +91,21 @@ def _model_key(args, model) -> str:
     return "|".join(ident)
 
 
-def cached_features(args, model, dataset, split: str, preprocess):
+def cached_features(args, model, dataset, split: str, preprocess, raw: bool = False):
+    """(image features, labels) of a split, L2-normalised, or with ``raw`` as ``encode_image`` gives them (what an
+    image tower's own zero-shot rule reads); kept in the feature cache."""
     from ..pretrained import cache_dir
     from .features import embed_labelled
 
     key = hashlib.sha256(f"{_model_key(args, model)}|{Path(args.dataset_root).resolve()}|{split}|"
-                         f"{model.image_size}".encode()).hexdigest()[:20]
+                         f"{model.image_size}{'|raw' if raw else ''}".encode()).hexdigest()[:20]
     folder = Path(args.cache_dir) if args.cache_dir else cache_dir() / "features"
     path = folder / f"{dataset.name}-{split}-{key}.pt"
     if not args.no_cache and path.exists():
         cached = torch.load(path, weights_only=True)
         return cached["features"], cached["labels"]
     features, labels = embed_labelled(model, dataset.source, preprocess, args.batch_size, progress=not args.quiet,
-                                      desc=f"embedding {dataset.name}/{split}")
+                                      desc=f"embedding {dataset.name}/{split}", normalize=not raw)
     if not args.no_cache:
         from ..files import atomic_path
 
@@ -108,10 +119,14 @@ def run(args) -> int:
     from .datasets import open_labelled
     from .metrics import check_labels, classification_metrics, confusion_png, fewshot_png, per_class_table
 
-    model, preprocess, tokenizer = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
-                                                      backend=args.backend)
+    model, preprocess, tokenizer = _load(args)
     result = {"dataset": args.dataset or Path(args.dataset_root).name, "model": args.model,
               "pretrained": args.pretrained, "task": CB_TASK[args.task], "language": "en"}
+    if tokenizer is None and (args.task == "retrieval" or (args.task == "robustness" and args.probe == "zeroshot")):
+        raise ValueError(f"{args.pretrained or args.model}: an image tower trained with --objective "
+                         f"{model.config.get('objective')} has no text tower for {args.task}"
+                         f"{' --probe zeroshot' if args.task == 'robustness' else ''}; its image features can be "
+                         "evaluated with linear-probe, fewshot or robustness --probe linear")
     if args.task == "retrieval":
         result["metrics"] = _retrieval(args, model, preprocess, tokenizer)
         _report(args, result)
@@ -128,9 +143,12 @@ def run(args) -> int:
         from ..zeroshot import zero_shot_classifier
 
         templates = resolve_templates(args.templates, dataset.templates)
-        with torch.no_grad():
-            weights = zero_shot_classifier(model, tokenizer, dataset.classnames, templates)
-        zs = classification_metrics(test_x @ weights.cpu(), test_y, dataset.classnames)
+        if tokenizer is None:  # an image tower: its objective's own rule on its raw embeddings
+            logits = _image_tower_zero_shot(args, model, preprocess, dataset, templates, result)
+        else:
+            with torch.no_grad():
+                logits = test_x @ zero_shot_classifier(model, tokenizer, dataset.classnames, templates).cpu()
+        zs = classification_metrics(logits, test_y, dataset.classnames)
         result["templates"] = templates
     if args.task == "zeroshot":
         metrics = zs
@@ -164,6 +182,55 @@ def run(args) -> int:
             confusion_png(confusion, dataset.classnames, args.plot, f"{result['dataset']} {args.task}")
     _report(args, result)
     return 0
+
+
+def _load(args):
+    """``(model, preprocess, tokenizer)``; an image tower trained without a text encoder (``--objective bow|caption|
+    labels|self-supervised``) comes back with tokenizer None."""
+    from ..checkpoint import ImageTowerCheckpointError
+
+    try:
+        return load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, backend=args.backend)
+    except ImageTowerCheckpointError:
+        from ..inference import default_device
+        from ..models.image_tower import load_image_tower
+
+        model, preprocess = load_image_tower(args.pretrained or args.model, default_device(args.device))
+        return model, preprocess, None
+
+
+@torch.no_grad()
+def _image_tower_zero_shot(args, model, preprocess, dataset, templates: list[str], result: dict) -> torch.Tensor:
+    """Zero-shot logits of an image tower by its objective's rule (``model.zero_shot_logits``); for --objective
+    caption with --prior-data, less each prompt's mean likelihood over those training images. ``result`` gets the
+    rule used."""
+    from ..caption_lm import CaptionLMModel
+
+    raw_x, _ = cached_features(args, model, dataset, args.split, preprocess, raw=True)
+    device = next(model.parameters()).device
+    references = None
+    if isinstance(model, CaptionLMModel):
+        if args.prior_data:
+            from ..data import evaluation_set, open_source
+
+            # a seeded shuffle (shards sorted by class would otherwise give one class's images), as the study drew them
+            images = evaluation_set(open_source(args.prior_data), preprocess, PRIOR_IMAGES).images
+            if not images:
+                raise ValueError(f"--prior-data {args.prior_data}: no usable images")
+            references = torch.cat([model.encode_image(torch.stack(images[i:i + args.batch_size]).to(device))
+                                    for i in range(0, len(images), args.batch_size)])
+            result["zero_shot_rule"] = f"prompt likelihood less its mean over {len(images)} --prior-data images"
+        else:
+            result["zero_shot_rule"] = "plain prompt likelihood (no --prior-data)"
+            print("note: without --prior-data a word-by-word model's likeliest prompt tends to win for nearly every "
+                  "image; pass training images to subtract each prompt's prior")
+    elif model.config.get("objective") in ("bow", "labels"):
+        result["zero_shot_rule"] = ("mean class-word log-probability" +
+                                    (" less the training captions' word prior" if model.word_log_prior is not None
+                                     else ""))
+    return torch.cat([model.zero_shot_logits(raw_x[i:i + args.batch_size].to(device), dataset.classnames,
+                                             templates, references).float().cpu()
+                      for i in range(0, len(raw_x), args.batch_size)])
 
 
 def _retrieval(args, model, preprocess, tokenizer) -> dict:

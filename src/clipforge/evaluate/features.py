@@ -25,15 +25,17 @@ def embed_images(model, images: list, preprocess, batch_size: int = 64, normaliz
 
 @torch.no_grad()
 def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None, progress: bool = True,
-                   desc: str = "embedding images", limit: int | None = None, image_transform=None):
+                   desc: str = "embedding images", limit: int | None = None, image_transform=None,
+                   normalize: bool = True):
     """(L2-normalised image features [N, D], labels [N]) for every sample of a labelled source (image + cls), or its
-    first ``limit``. ``image_transform(image, index)`` changes each decoded image before preprocessing (corruptions)."""
+    first ``limit``. ``image_transform(image, index)`` changes each decoded image before preprocessing (corruptions).
+    ``normalize=False``: the embeddings as ``encode_image`` gives them (what an image tower's own head reads)."""
     device = device or next(model.parameters()).device
     features, labels, batch, batch_labels, skipped = [], [], [], [], Counter()
 
     def flush():
         if batch:
-            features.append(model.encode_image(torch.stack(batch).to(device), normalize=True).float().cpu())
+            features.append(model.encode_image(torch.stack(batch).to(device), normalize=normalize).float().cpu())
             labels.extend(batch_labels)
             batch.clear()
             batch_labels.clear()

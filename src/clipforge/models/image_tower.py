@@ -37,6 +37,15 @@ class ImageTowerModel(nn.Module):
         features = self.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
 
+    def zero_shot_logits(self, embeddings: torch.Tensor, classnames: list[str], templates=("a photo of a {}.",),
+                         references: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, classes]`` scores of raw image ``embeddings`` (``encode_image``, not normalised) by the objective's
+        own zero-shot rule; ``references``: embeddings of training images, for rules that need a prior over them.
+        Objectives without one (self-supervised) have no zero-shot classifier: their features are for probes."""
+        objective = self.config.get("objective", "self-supervised")
+        raise ValueError(f"an image tower trained with --objective {objective} has no zero-shot classifier (no text "
+                         "side, no word head): evaluate it with linear-probe or fewshot")
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if hasattr(getattr(self.visual, "transformer", None), "grad_checkpointing"):
             self.visual.transformer.grad_checkpointing = enable
