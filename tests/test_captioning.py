@@ -136,6 +136,32 @@ def test_rank_captions_reads_the_shared_prefix_once_with_the_same_scores(tiny_lm
             torch.testing.assert_close(ranked, whole, atol=1e-9, rtol=0, msg=f"{candidates}, batch {batch_size}")
 
 
+def test_caption_prior_is_the_likelihood_without_the_image_or_over_reference_images(tiny_lm):
+    lm, tokenizer = limber.load_language_model(str(tiny_lm))
+    torch.manual_seed(0)
+    mapping = limber.ImageToPrefix(limber.MappingConfig(8, lm.config.hidden_size, prefix_tokens=2))
+    torch.nn.init.normal_(mapping.proj.weight, std=0.5)
+    weights = mapping.proj.weight.clone()
+    features, references = torch.randn(4, 8), torch.randn(6, 8)
+    classes, templates = list(COLOURS), ["a {} shape", "{}"]
+    blind = limber.ImageToPrefix(mapping.config)
+    blind.load_state_dict(mapping.state_dict())
+    torch.nn.init.zeros_(blind.proj.weight)
+    without_image = limber.caption_prior(mapping, lm, tokenizer, classes, templates)
+    assert without_image.shape == (4,)
+    for row in limber.zero_shot_logits(blind, lm, tokenizer, features, classes, templates):  # any image alike
+        torch.testing.assert_close(without_image, row)
+    over_references = limber.caption_prior(mapping, lm, tokenizer, classes, templates, references)
+    torch.testing.assert_close(over_references, limber.zero_shot_logits(mapping, lm, tokenizer, references, classes,
+                                                                         templates).mean(0))
+    assert not torch.allclose(over_references, without_image)
+    torch.testing.assert_close(limber.zero_shot_logits(mapping, lm, tokenizer, features, classes, templates,
+                                                       prior=over_references),
+                               limber.zero_shot_logits(mapping, lm, tokenizer, features, classes, templates)
+                               - over_references)
+    assert torch.equal(mapping.proj.weight, weights)  # the blind copy left the map itself alone
+
+
 def test_mapping_optimizer_gives_the_shared_prompt_a_faster_rate():
     mapping = limber.ImageToPrefix(limber.MappingConfig(8, 6, 3))
     groups = limber.mapping_optimizer(mapping, 1e-3).param_groups
@@ -291,6 +317,48 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
     truth = [list(COLOURS)[i % 4] for i in range(8)]
     assert result["scores"]["names_the_class"] == pytest.approx(
         sum({w for w in words if w in COLOURS} == {colour} for words, colour in zip(named, truth)) / 8)
+
+    # caption classify: zero-shot through the LM, the class caption it finds likeliest after each labelled image
+    scores = tmp_path / "classify.json"
+    assert main(["caption", "classify", "--mapping", str(tmp_path / "straight"), "--dataset-root",
+                 str(tmp_path / "colours"), "--templates", "a {} shape", "--json", str(scores), "--no-progress",
+                 "--prior", "none"]) == 0
+    classified = json.loads(scores.read_text())
+    labelled_images = colour_images(8, seed=7)[0]  # what the labelled shard holds, as lossless PNG
+    labels = torch.tensor([list(COLOURS).index(c) for c in truth])
+    with torch.no_grad():
+        logits = limber.zero_shot_logits(mapping, lm, tokenizer, embed_images(clip_model, labelled_images, preprocess),
+                                         list(COLOURS), ["a {} shape"])
+        two = limber.zero_shot_logits(mapping, lm, tokenizer, features, list(COLOURS), ["a {} shape", "{}"])
+        torch.testing.assert_close(two, (limber.rank_captions(mapping, lm, tokenizer, features,
+                                                              [f"a {c} shape" for c in COLOURS]) +
+                                         limber.rank_captions(mapping, lm, tokenizer, features, list(COLOURS))) / 2)
+    predicted = logits.argmax(1)
+    assert classified["images"] == 8 and classified["templates"] == ["a {} shape"]
+    assert classified["metrics"]["acc1"] == pytest.approx((predicted == labels).float().mean().item())
+    assert classified["confusion_matrix"] == [[int(((labels == t) & (predicted == q)).sum()) for q in range(4)]
+                                              for t in range(4)]
+    assert main(["caption", "classify", "--mapping", str(tmp_path / "straight"), "--dataset-root",
+                 str(tmp_path / "colours"), "--templates", "a {} shape", "--json", str(scores), "--no-progress",
+                 "--without-image", "--prior", "none"]) == 0
+    blind = json.loads(scores.read_text())  # the shared prompt alone: one guess for every image
+    assert blind["without_image"] and max(map(sum, zip(*blind["confusion_matrix"]))) == 8
+    prior = limber.caption_prior(mapping, lm, tokenizer, list(COLOURS), ["a {} shape"])  # --prior blind
+    assert main(["caption", "classify", "--mapping", str(tmp_path / "straight"), "--dataset-root",
+                 str(tmp_path / "colours"), "--templates", "a {} shape", "--json", str(scores), "--no-progress"]) == 0
+    assert json.loads(scores.read_text())["prior"] == "blind"  # the default without --prior-data
+    predicted = (logits - prior).argmax(1)
+    assert json.loads(scores.read_text())["confusion_matrix"] == [
+        [int(((labels == t) & (predicted == q)).sum()) for q in range(4)] for t in range(4)]
+    assert main(["caption", "classify", "--mapping", str(tmp_path / "straight"), "--dataset-root",
+                 str(tmp_path / "colours"), "--json", str(scores), "--no-progress", "--prior", "images",
+                 "--prior-data", str(shard)]) == 0
+    assert json.loads(scores.read_text())["prior_data"] == str(shard)
+    assert main(["caption", "classify", "--mapping", str(tmp_path / "straight"), "--dataset-root",
+                 str(tmp_path / "colours"), "--prior", "images"]) == 2
+    assert "--prior images needs --prior-data" in capsys.readouterr().err
+    assert main(["caption", "classify", "--mapping", str(tmp_path / "straight"), "--dataset-root",
+                 str(tmp_path / "absent")]) == 2
 
 
 def test_a_randomly_initialised_tower_is_saved_with_the_map_and_reloads(tiny_lm, tmp_path, capsys):

@@ -144,6 +144,10 @@ def test_cli_zeroshot_writes_clip_benchmark_json_and_plot(tiny_dataset, checkpoi
     assert result["templates"] == ["a {} square", "a photo of something {}"]
     assert set(result["per_class"]) == {"red", "blue", "green"} and plot.stat().st_size > 1000
     assert list((tmp_path / "cache").glob("*.pt"))  # features cached for the next run
+    total = sum(map(sum, result["confusion_matrix"]))
+    assert cli.main(["eval", "zeroshot", "--pretrained", checkpoint, "--dataset-root", str(tiny_dataset),
+                     "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--max-images", "2"]) == 0
+    assert total > 2 and sum(map(sum, json.loads(out.read_text())["confusion_matrix"])) == 2  # the first 2 only
 
 
 def test_cli_linear_probe_and_fewshot(tiny_dataset, checkpoint, tmp_path):

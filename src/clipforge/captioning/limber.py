@@ -275,6 +275,51 @@ def rank_captions(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor,
     return scores
 
 
+@torch.no_grad()
+def zero_shot_logits(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor, classnames: list[str],
+                     templates=("a photo of a {}.",), batch_size: int = 64, progress: bool = False,
+                     prior: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N, classes]``: zero-shot classification through the language model: each class's caption log-likelihood
+    after the image prefix (``rank_captions``), averaged over ``templates``, less ``prior`` [classes] when given
+    (``caption_prior``). Each template's captions are ranked together, so the words they share are read once per
+    image."""
+    from tqdm import tqdm
+
+    from ..prompts import fill
+
+    if not classnames:
+        raise ValueError("zero-shot classification needs at least one class name")
+    if not templates:
+        raise ValueError("zero-shot classification needs at least one prompt template")
+    images_per_chunk = 64  # the progress bar's step; rank_captions batches within it
+    chunks = []
+    for start in tqdm(range(0, len(features), images_per_chunk), desc="ranking class captions", unit="chunk",
+                      disable=not progress):
+        images = features[start:start + images_per_chunk]
+        chunks.append(torch.stack([rank_captions(mapping, lm, tokenizer, images, [fill(t, c) for c in classnames],
+                                                 batch_size) for t in templates]).mean(dim=0))
+    logits = torch.cat(chunks)
+    return logits if prior is None else logits - prior.to(logits)
+
+
+@torch.no_grad()
+def caption_prior(mapping: ImageToPrefix, lm, tokenizer, classnames: list[str], templates=("a photo of a {}.",),
+                  references: torch.Tensor | None = None, batch_size: int = 64) -> torch.Tensor:
+    """``[classes]``: how likely the language model finds each class caption whatever the image, for
+    ``zero_shot_logits(prior=...)``: its mean log-likelihood over ``references`` (features of training images, never
+    of the images classified), or with None under the map's shared prompt alone (weights zeroed, bias kept: the LM
+    sees no image). Without a prior the class the captions' style favours (Flickr8k: "dog") wins nearly everywhere."""
+    if references is None:
+        blind = ImageToPrefix(mapping.config).to(mapping.proj.weight.device)
+        blind.load_state_dict(mapping.state_dict())
+        torch.nn.init.zeros_(blind.proj.weight)
+        shape = (1, mapping.config.prefix_tokens, mapping.config.image_dim) if mapping.config.features == "grid" \
+            else (1, mapping.config.image_dim)
+        return zero_shot_logits(blind, lm, tokenizer, torch.zeros(shape, device=mapping.proj.weight.device),
+                                classnames, templates, batch_size)[0]
+    return zero_shot_logits(mapping, lm, tokenizer, references, classnames, templates, batch_size).mean(dim=0)
+
+
 def _common_prefix_length(sequences: list[list[int]]) -> int:
     length = 0
     for column in zip(*sequences):

@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior-data", help="--objective caption checkpoints, zero-shot: training images (shards or a "
                    f"folder); each prompt's mean likelihood over {PRIOR_IMAGES} of them (a seeded draw) is "
                    "subtracted [none: the plain likelihood, which names one class for nearly every image]")
+    p.add_argument("--max-images", type=int, help="the first N images of --split only (robustness embeds each 1 + 5 "
+                   "x 14 times) [all]")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--output", help="result JSON [<dataset>_<task>.json]")
     p.add_argument("--plot", help="PNG: confusion matrix (zeroshot, linear-probe) or accuracy vs k (fewshot)")
@@ -67,7 +69,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--probe", choices=["zeroshot", "linear", "head"], default="zeroshot",
                    help="the classifier: zero-shot prompts, a linear probe fit on clean --train-split features, or "
                         "the head of a fine-tuned model (clipforge finetune / wise-ft)")
-    g.add_argument("--max-images", type=int, help="the first N test images only (each is embedded 1 + 5 x 14 times)")
     g.add_argument("--corruption-seed", type=int, default=0, help="the corruptions' random draws [0]")
     p.add_argument("--cache-dir", help="image feature cache, and for robustness the corrupted images "
                    "[$CLIPFORGE_CACHE/features, $CLIPFORGE_CACHE/corruptions]")
@@ -91,21 +92,22 @@ def _model_key(args, model) -> str:
     return "|".join(ident)
 
 
-def cached_features(args, model, dataset, split: str, preprocess, raw: bool = False):
-    """(image features, labels) of a split, L2-normalised, or with ``raw`` as ``encode_image`` gives them (what an
-    image tower's own zero-shot rule reads); kept in the feature cache."""
+def cached_features(args, model, dataset, split: str, preprocess, raw: bool = False, limit: int | None = None):
+    """(image features, labels) of a split's first ``limit`` images (all: None), L2-normalised, or with ``raw`` as
+    ``encode_image`` gives them (what an image tower's own zero-shot rule reads); kept in the feature cache."""
     from ..pretrained import cache_dir
     from .features import embed_labelled
 
     key = hashlib.sha256(f"{_model_key(args, model)}|{Path(args.dataset_root).resolve()}|{split}|"
-                         f"{model.image_size}{'|raw' if raw else ''}".encode()).hexdigest()[:20]
+                         f"{model.image_size}{'|raw' if raw else ''}{f'|first {limit}' if limit else ''}"
+                         .encode()).hexdigest()[:20]
     folder = Path(args.cache_dir) if args.cache_dir else cache_dir() / "features"
     path = folder / f"{dataset.name}-{split}-{key}.pt"
     if not args.no_cache and path.exists():
         cached = torch.load(path, weights_only=True)
         return cached["features"], cached["labels"]
     features, labels = embed_labelled(model, dataset.source, preprocess, args.batch_size, progress=not args.quiet,
-                                      desc=f"embedding {dataset.name}/{split}", normalize=not raw)
+                                      desc=f"embedding {dataset.name}/{split}", normalize=not raw, limit=limit)
     if not args.no_cache:
         from ..files import atomic_path
 
@@ -136,7 +138,7 @@ def run(args) -> int:
         result.update(_robustness(args, model, preprocess, tokenizer, dataset))
         _report(args, result)
         return 0
-    test_x, test_y = cached_features(args, model, dataset, args.split, preprocess)
+    test_x, test_y = cached_features(args, model, dataset, args.split, preprocess, limit=args.max_images)
     check_labels(test_y, len(dataset.classnames), f"split {args.split!r}: ")
     if args.task in ("zeroshot", "fewshot"):
         from ..prompts import resolve_templates
@@ -206,7 +208,7 @@ def _image_tower_zero_shot(args, model, preprocess, dataset, templates: list[str
     rule used."""
     from ..caption_lm import CaptionLMModel
 
-    raw_x, _ = cached_features(args, model, dataset, args.split, preprocess, raw=True)
+    raw_x, _ = cached_features(args, model, dataset, args.split, preprocess, raw=True, limit=args.max_images)
     device = next(model.parameters()).device
     references = None
     if isinstance(model, CaptionLMModel):
