@@ -211,11 +211,12 @@ def test_cli_evaluates_image_towers_by_their_own_zero_shot_rule(tmp_path, capsys
     shard = shapes_shard(tmp_path / "s-000000.tar", 32)
     colour_shard, colours = colour_dataset(tmp_path / "colours")
     dataset = open_labelled(tmp_path / "colours", "test")
-    template = "a {} shape"
+    template, checkpoints = "a {} shape", {}
     for objective in ("bow", "caption"):
         summary = train(TrainConfig(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 1}}, objective=objective,
                                     bow_vocab=60, train_data=str(shard), batch_size=8, steps=3, workers=0,
                                     save_every=0, output=str(tmp_path / objective), progress=False))
+        checkpoints[objective] = summary["checkpoint"]
         model, preprocess = load_image_tower(summary["checkpoint"])
         images, labels = [], []
         for raw in dataset.source.samples(0, 1, 0, 0, {}):
@@ -254,3 +255,9 @@ def test_cli_evaluates_image_towers_by_their_own_zero_shot_rule(tmp_path, capsys
     assert cli.main(["eval", "retrieval", "--pretrained", summary["checkpoint"], "--dataset-root", str(tmp_path),
                      "--quiet", "--output", str(tmp_path / "r.json")]) == 2
     assert "has no text tower for retrieval" in capsys.readouterr().err
+    assert cli.main(["eval", "zeroshot", "--pretrained", summary["checkpoint"], "--dataset-root",
+                     str(tmp_path / "colours"), "--prior-data", str(shard), "--quiet", "--output",
+                     str(tmp_path / "p.json")]) == 0  # a caption tower: used
+    assert cli.main(["eval", "zeroshot", "--pretrained", checkpoints["bow"], "--dataset-root", str(tmp_path / "colours"),
+                     "--prior-data", str(shard), "--quiet"]) == 2
+    assert "--prior-data is for checkpoints of --objective caption" in capsys.readouterr().err

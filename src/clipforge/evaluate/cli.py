@@ -124,6 +124,9 @@ def run(args) -> int:
     model, preprocess, tokenizer = _load(args)
     result = {"dataset": args.dataset or Path(args.dataset_root).name, "model": args.model,
               "pretrained": args.pretrained, "task": CB_TASK[args.task], "language": "en"}
+    if args.prior_data and (tokenizer is not None or model.config.get("objective") != "caption"):
+        raise ValueError("--prior-data is for checkpoints of --objective caption; "
+                         f"{args.pretrained or args.model} is not one")
     if tokenizer is None and (args.task == "retrieval" or (args.task == "robustness" and args.probe == "zeroshot")):
         raise ValueError(f"{args.pretrained or args.model}: an image tower trained with --objective "
                          f"{model.config.get('objective')} has no text tower for {args.task}"
