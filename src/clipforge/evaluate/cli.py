@@ -217,13 +217,13 @@ def _image_tower_zero_shot(args, model, preprocess, dataset, templates: list[str
     if isinstance(model, CaptionLMModel):
         if args.prior_data:
             from ..data import evaluation_set, open_source
+            from .features import embed_images
 
             # a seeded shuffle (shards sorted by class would otherwise give one class's images), as the study drew them
-            images = evaluation_set(open_source(args.prior_data), preprocess, PRIOR_IMAGES).images
+            images = evaluation_set(open_source(args.prior_data), lambda image: image, PRIOR_IMAGES).images
             if not images:
                 raise ValueError(f"--prior-data {args.prior_data}: no usable images")
-            references = torch.cat([model.encode_image(torch.stack(images[i:i + args.batch_size]).to(device))
-                                    for i in range(0, len(images), args.batch_size)])
+            references = embed_images(model, images, preprocess, args.batch_size).to(device)
             result["zero_shot_rule"] = f"prompt likelihood less its mean over {len(images)} --prior-data images"
         else:
             result["zero_shot_rule"] = "plain prompt likelihood (no --prior-data)"
@@ -233,9 +233,8 @@ def _image_tower_zero_shot(args, model, preprocess, dataset, templates: list[str
         result["zero_shot_rule"] = ("mean class-word log-probability" +
                                     (" less the training captions' word prior" if model.word_log_prior is not None
                                      else ""))
-    return torch.cat([model.zero_shot_logits(raw_x[i:i + args.batch_size].to(device), dataset.classnames,
-                                             templates, references).float().cpu()
-                      for i in range(0, len(raw_x), args.batch_size)])
+    # in one call: the rule batches its own work, and the word-by-word prior is scored once, not once per chunk
+    return model.zero_shot_logits(raw_x.to(device), dataset.classnames, templates, references).float().cpu()
 
 
 def _retrieval(args, model, preprocess, tokenizer) -> dict:
