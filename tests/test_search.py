@@ -222,13 +222,42 @@ def test_index_tuned_on_given_queries_holds_its_recall_on_fresh_ones(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------- HTTP API
 
+CAPTION_WORDS = ["</s>", "<unk>", "a", "red", "green", "blue", "yellow", "square", "circle", "triangle", "cross"]
+
+
 @pytest.fixture(scope="module")
-def app(collection):
+def mapping_folder(collection, tmp_path_factory):
+    """A LiMBer map (random, scaled up so that captions depend on the image) from the collection's tower into a tiny
+    random Llama: what ``serve --mapping`` loads."""
+    pytest.importorskip("transformers", reason="LiMBer loads language models with transformers")
+    from clipforge.captioning.encoders import open_encoder
+    from clipforge.captioning.limber import ImageToPrefix, MappingConfig
+    from conftest import tiny_llama
+
+    root = tmp_path_factory.mktemp("limber")
+    lm, tokenizer = tiny_llama(CAPTION_WORDS)
+    lm.save_pretrained(root / "lm")
+    tokenizer.save_pretrained(root / "lm")
+    images = [Image.open(collection["images"] / f"shape{i:03d}.png") for i in range(40)]
+    features = open_encoder(collection["ckpt"]).features(images)
+    torch.manual_seed(0)
+    mapping = ImageToPrefix(MappingConfig(features.shape[1], lm.config.hidden_size, 2, collection["ckpt"],
+                                          str(root / "lm"), prompt="a"))
+    mapping.fit_scale(features)
+    with torch.no_grad():
+        mapping.proj.weight.mul_(30)
+    return mapping.save(root / "map")
+
+
+@pytest.fixture(scope="module")
+def app(collection, mapping_folder):
     pytest.importorskip("fastapi", reason="fastapi is in the test extras")
+    from clipforge.captioning.captioner import Captioner
     from clipforge.serve.app import create_app
 
     model, preprocess, tokenizer = clipforge.load(collection["ckpt"])
-    return create_app(collection["emb"], model, preprocess, tokenizer, max_upload_bytes=2_000_000)
+    return create_app(collection["emb"], model, preprocess, tokenizer, max_upload_bytes=2_000_000,
+                      captioner=Captioner.load(mapping_folder))
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +345,72 @@ def test_bad_requests_get_clear_4xx_errors(client, request_kwargs, status, messa
     assert client.get("/health").status_code == 200  # still serving
 
 
+def test_captions_of_uploads_and_of_the_collection_are_the_maps_own(client, collection, mapping_folder):
+    from clipforge.captioning.captioner import Captioner
+
+    captioner = Captioner.load(mapping_folder)  # the same map, loaded apart from the server: what it should say
+    assert client.get("/health").json()["captioning"] is True
+    upload = Image.open(collection["images"] / "shape005.png").convert("RGB")
+    png = (collection["images"] / "shape005.png").read_bytes()
+    response = client.post("/caption", files={"file": ("x.png", png)})
+    assert response.status_code == 200 and response.json()["caption"] == captioner.caption([upload])[0]
+    short = client.post("/caption", files={"file": ("x.png", png)}, data={"prompt": "a red", "max_new_tokens": "3"})
+    assert short.json()["caption"] == captioner.caption([upload], "a red", 3)[0]
+    assert len(short.json()["caption"].split()) <= 3 + 2  # the prompt's two words and three new ones at most
+
+    batcher = client.app.state.batchers["caption"]
+    seen = {}
+    for index in range(6):
+        text = client.get(f"/item/{index}/caption").json()["caption"]
+        image = Image.open(collection["images"] / client.get(f"/item/{index}").json()["name"]).convert("RGB")
+        assert text == captioner.caption([image])[0]
+        seen[index] = text
+    assert len(set(seen.values())) > 1  # the captions follow the images
+    calls = len(batcher.batch_sizes)
+    assert client.get("/item/3/caption").json()["caption"] == seen[3] and len(batcher.batch_sizes) == calls  # kept
+
+
+@pytest.mark.parametrize("request_kwargs, status, message", [
+    (dict(method="POST", url="/caption", files={"file": ("x.png", b"garbage")}), 400, "not a readable image"),
+    (dict(method="POST", url="/caption", files={"file": ("x.png", _png())}, data={"max_new_tokens": "0"}), 422,
+     "greater than or equal to 1"),
+    (dict(method="POST", url="/caption", files={"file": ("x.png", _png())}, data={"max_new_tokens": "65"}), 422,
+     "less than or equal to 64"),
+    (dict(method="POST", url="/caption", files={"file": ("x.png", _png())}, data={"prompt": "a" * 201}), 422,
+     "at most 200 characters"),
+    (dict(method="GET", url="/item/40/caption"), 404, "no image with id 40"),
+])
+def test_bad_caption_requests_get_clear_4xx_errors(client, request_kwargs, status, message):
+    response = client.request(**request_kwargs)
+    assert response.status_code == status, response.text
+    assert message in json.dumps(response.json())
+    assert client.get("/health").status_code == 200  # still serving
+
+
+def test_without_a_map_captioning_is_off_and_says_how_to_turn_it_on(collection):
+    from fastapi.testclient import TestClient
+    from clipforge.serve.app import create_app
+
+    client = TestClient(create_app(collection["emb"], *clipforge.load(collection["ckpt"])))
+    assert client.get("/health").json()["captioning"] is False
+    for response in (client.post("/caption", files={"file": ("x.png", _png())}), client.get("/item/0/caption")):
+        assert response.status_code == 404 and "--mapping" in response.json()["detail"]
+
+
+def test_serve_command_loads_the_map_and_refuses_a_folder_that_is_not_one(collection, mapping_folder, tmp_path,
+                                                                         monkeypatch, capsys):
+    uvicorn = pytest.importorskip("uvicorn")
+    from fastapi.testclient import TestClient
+
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kwargs: started.update(app=app, host=host))
+    assert cli.main(["serve", str(collection["emb"]), "--mapping", str(mapping_folder)]) == 0
+    assert started["host"] == "127.0.0.1"  # this machine only, unless asked
+    assert TestClient(started["app"]).get("/health").json()["captioning"] is True
+    assert cli.main(["serve", str(collection["emb"]), "--mapping", str(tmp_path)]) == 2
+    assert "not a LiMBer mapping" in capsys.readouterr().err
+
+
 def test_decompression_bomb_is_refused(client):
     bomb = io.BytesIO()
     Image.new("1", (8000, 8000)).save(bomb, format="PNG")  # tiny file, 64 Mpx decoded
@@ -340,6 +435,35 @@ def test_concurrent_requests_are_batched(app):
     batcher.wait_s = 0.005
     sizes = batcher.batch_sizes[start:]
     assert results == [200] * 16 and sum(sizes) == 16 and max(sizes) > 1, sizes
+
+
+def test_concurrent_captions_are_batched_by_prompt(app, collection, mapping_folder):
+    from fastapi.testclient import TestClient
+    from clipforge.captioning.captioner import Captioner
+
+    captioner = Captioner.load(mapping_folder)
+    batcher = app.state.batchers["caption"]
+    batcher.wait_s = 0.1  # a generous window so the concurrent requests meet in it
+    requests = [(i, "a red" if i % 2 else None) for i in range(10, 16)]
+    answers = {}
+
+    def ask(i, prompt, client):
+        data = {"max_new_tokens": "4"} | ({"prompt": prompt} if prompt else {})
+        png = (collection["images"] / f"shape{i:03d}.png").read_bytes()
+        answers[i] = client.post("/caption", files={"file": ("x.png", png)}, data=data).json()["caption"]
+
+    with TestClient(app) as client:
+        start = len(batcher.batch_sizes)
+        threads = [threading.Thread(target=ask, args=(i, prompt, client)) for i, prompt in requests]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    batcher.wait_s = 0.005
+    assert sum(batcher.batch_sizes[start:]) == 6 and max(batcher.batch_sizes[start:]) > 1
+    for i, prompt in requests:  # each got its own image's caption under its own prompt
+        image = Image.open(collection["images"] / f"shape{i:03d}.png").convert("RGB")
+        assert answers[i] == captioner.caption([image], prompt, 4)[0]
 
 
 def test_openapi_fuzzing_finds_no_server_errors(app):
@@ -387,14 +511,18 @@ def live_server(app):
     thread.join(timeout=10)
 
 
-def requests_json(base: str, path: str) -> list:
+def client_json(base: str, path: str) -> dict:
     import urllib.request
 
     with urllib.request.urlopen(base + path) as response:
-        return json.loads(response.read())["results"]
+        return json.loads(response.read())
 
 
-def test_web_page_search_and_drop_classification_in_chromium(live_server, collection):
+def requests_json(base: str, path: str) -> list:
+    return client_json(base, path)["results"]
+
+
+def test_web_page_search_drop_classification_and_captions_in_chromium(live_server, collection):
     playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
     browser_path = _chromium()
     if browser_path is None:
@@ -432,6 +560,10 @@ def test_web_page_search_and_drop_classification_in_chromium(live_server, collec
         captions = page.locator("#viewer-captions li").all_inner_texts()
         assert captions and all(c.startswith("a ") for c in captions)
         assert page.locator("#viewer-image").evaluate("img => img.src").endswith("size=512")
+        viewed = page.locator("#results .result").first.get_attribute("data-id")  # served with a map: its caption
+        page.wait_for_function("document.querySelector('#viewer-generated').textContent.startsWith('generated:')")
+        generated = client_json(live_server, f"/item/{viewed}/caption")["caption"]
+        assert page.locator("#viewer-generated").inner_text() == f"generated: “{generated}”"
         page.click("#viewer-close")
         assert page.locator("#viewer").is_hidden()
 
@@ -452,6 +584,8 @@ def test_web_page_search_and_drop_classification_in_chromium(live_server, collec
         probabilities = [float(t.rstrip("%")) for t in page.locator("#predictions .probability").all_inner_texts()]
         assert sorted(labels) == ["blue circle", "green cross", "red square"]
         assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 100) < 0.5
+        page.wait_for_function("document.querySelector('#dropped-caption').textContent.startsWith('generated:')")
+        assert len(page.locator("#dropped-caption").inner_text()) > len("generated: “”")
         browser.close()
 
 

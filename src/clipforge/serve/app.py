@@ -1,4 +1,5 @@
-"""The FastAPI app: search by text or image, zero-shot classification, embeddings, thumbnails, a web page.
+"""The FastAPI app: search by text or image, zero-shot classification, embeddings, thumbnails, a web page, and
+with a LiMBer map (``serve --mapping``) generated captions of uploads and of the collection's images.
 
 Every input is bounded (query length, k, number of labels, upload bytes, decoded pixels) and every bad request gets
 a 4xx JSON error naming the problem. Thumbnails are addressed by index id, never by path, so nothing outside the
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+from collections import OrderedDict
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -32,6 +34,9 @@ THUMB_SIZES = (256, 512)
 MAX_LABELS = 256
 MAX_TEXTS = 256
 MAX_PIXELS = 40_000_000
+MAX_PROMPT_CHARS = 200
+MAX_NEW_TOKENS = 64
+CAPTIONS_KEPT = 4096  # generated captions of collection images kept in memory
 DEDUP_HELP = "leave out near-duplicates of better results at this cosine similarity or more, e.g. 0.95"
 
 
@@ -64,6 +69,10 @@ class LabelProbability(BaseModel):
 
 class ClassifyResponse(BaseModel):
     labels: list[LabelProbability]
+
+
+class CaptionResponse(BaseModel):
+    caption: str
 
 
 class EmbedRequest(BaseModel):
@@ -123,9 +132,11 @@ class Batcher:
 
 
 def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_bytes: int = 10 * 2**20,
-               index_in_memory: bool = False) -> FastAPI:
+               index_in_memory: bool = False, captioner=None) -> FastAPI:
+    """``captioner``: a ``captioning.Captioner`` (a trained LiMBer map) to serve /caption and
+    /item/{id}/caption; without one those endpoints answer 404 saying how to turn them on."""
     searcher = Searcher(folder, model, preprocess, tokenizer, in_memory=index_in_memory)
-    app = FastAPI(title="clipforge", description="Search and classify images with a CLIP model.")
+    app = FastAPI(title="clipforge", description="Search, classify and caption images with a CLIP model.")
     lock = threading.Lock()  # one model call at a time; batching keeps it busy
 
     def encode_texts(texts):
@@ -150,9 +161,22 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
                 out[n] = found[offset:offset + k]
         return out
 
+    def caption_batch(requests):
+        """Concurrent (image, prompt, max_new_tokens) requests: those asking for the same prompt and length are
+        captioned in one language-model call. Only the batcher's one worker calls this, so no lock is needed."""
+        out = [None] * len(requests)
+        for key in dict.fromkeys((prompt, tokens) for _, prompt, tokens in requests):
+            group = [n for n, r in enumerate(requests) if r[1:] == key]
+            for n, text in zip(group, captioner.caption([requests[n][0] for n in group], *key)):
+                out[n] = text
+        return out
+
     text_batcher, image_batcher = Batcher(encode_texts), Batcher(encode_images, max_batch=16)
     search_batcher = Batcher(search_batch, max_batch=64, wait_s=0.002)
-    app.state.batchers = {"text": text_batcher, "image": image_batcher, "search": search_batcher}
+    caption_batcher = Batcher(caption_batch, max_batch=8)
+    app.state.batchers = {"text": text_batcher, "image": image_batcher, "search": search_batcher,
+                          "caption": caption_batcher}
+    generated: OrderedDict[int, str] = OrderedDict()  # collection image id -> its caption, least recent first
 
     async def read_image(upload: UploadFile):
         data = await upload.read(max_upload_bytes + 1)
@@ -172,7 +196,13 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "images": searcher.index.ntotal, "index": searcher.info.get("kind")}
+        return {"status": "ok", "images": searcher.index.ntotal, "index": searcher.info.get("kind"),
+                "captioning": captioner is not None}
+
+    def require_captioner() -> None:
+        if captioner is None:
+            raise HTTPException(404, "captioning is off: start clipforge serve with --mapping (the output folder "
+                                     "of clipforge caption train)")
 
     def check_depth(offset: int, k: int) -> None:
         if offset + k > MAX_DEPTH:
@@ -236,6 +266,35 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
         probs = class_probabilities(model, torch.from_numpy(image_vector)[None], weights)[0].tolist()
         ranked = sorted(zip(names, probs), key=lambda pair: -pair[1])
         return {"labels": [{"label": n, "probability": p} for n, p in ranked]}
+
+    @app.post("/caption", response_model=CaptionResponse)
+    async def caption(file: UploadFile = File(...),
+                      prompt: str | None = Form(None, max_length=MAX_PROMPT_CHARS,
+                                                description="text after the image, e.g. 'A picture of' [the map's "
+                                                            "own training prompt]"),
+                      max_new_tokens: int = Form(24, ge=1, le=MAX_NEW_TOKENS)):
+        """A caption of the uploaded image, generated by the LiMBer map's language model."""
+        require_captioner()
+        image = await read_image(file)
+        return {"caption": await caption_batcher.submit((image, prompt, max_new_tokens))}
+
+    @app.get("/item/{index}/caption", response_model=CaptionResponse)
+    async def item_caption(index: int):
+        """A generated caption of one image of the collection (its own prompt and length; kept once made)."""
+        require_captioner()
+        if known(index) in generated:
+            generated.move_to_end(index)
+            return {"caption": generated[index]}
+        path = str(searcher.rows[index]["path"])
+        try:
+            image, _ = await asyncio.get_running_loop().run_in_executor(None, load_item, item_from_path(path))
+        except (BadImageError, OSError, KeyError, StopIteration):
+            raise HTTPException(404, f"image {index} is no longer readable") from None
+        text = await caption_batcher.submit((image.convert("RGB"), None, 24))
+        generated[index] = text
+        while len(generated) > CAPTIONS_KEPT:
+            generated.popitem(last=False)
+        return {"caption": text}
 
     @app.post("/embed", response_model=EmbedResponse)
     async def embed(request: EmbedRequest):

@@ -7,9 +7,9 @@ from ..inference import add_model_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Serve an indexed collection: a web page at / (search, drag-and-drop classification), a JSON "
-                     "API (/search, /search/image, /classify, /embed, /health; schema at /docs). Binds 127.0.0.1 "
-                     "unless --host says otherwise.")
+    p.description = ("Serve an indexed collection: a web page at / (search, drag-and-drop classification and, with --mapping, captions), a JSON "
+                     "API (/search, /search/image, /classify, /embed, /health, and /caption with --mapping; schema at "
+                     "/docs). Binds 127.0.0.1 unless --host says otherwise.")
     p.add_argument("folder", help="a folder written by clipforge embed + clipforge index build")
     add_model_arguments(p, recorded=True)
     p.add_argument("--host", default="127.0.0.1", help="[127.0.0.1: this machine only]")
@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10.0)
     p.add_argument("--index-in-memory", action="store_true",
                    help="read the IVF-PQ index into RAM instead of memory-mapping it (faster first queries, more RSS)")
+    p.add_argument("--mapping", help="a LiMBer map (the --output folder of clipforge caption train): adds /caption "
+                                     "for uploads, /item/ID/caption for the collection, and captions on the page")
     p.set_defaults(func=run)
 
 
@@ -26,9 +28,14 @@ def run(args) -> int:
     from ..inference import load_for_inference
     from .app import create_app
 
+    captioner = None
+    if args.mapping:  # first: a bad map fails before the collection's model loads
+        from ..captioning.captioner import Captioner
+
+        captioner = Captioner.load(args.mapping, args.device)
     model = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, collection=args.folder,
                                backend=args.backend)
-    app = create_app(args.folder, *model,
-                     max_upload_bytes=int(args.max_upload_mb * 2**20), index_in_memory=args.index_in_memory)
+    app = create_app(args.folder, *model, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                     index_in_memory=args.index_in_memory, captioner=captioner)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
