@@ -345,7 +345,7 @@ def test_bad_requests_get_clear_4xx_errors(client, request_kwargs, status, messa
     assert client.get("/health").status_code == 200  # still serving
 
 
-def test_captions_of_uploads_and_of_the_collection_are_the_maps_own(client, collection, mapping_folder):
+def test_captions_and_answers_are_the_maps_own(client, collection, mapping_folder, monkeypatch):
     from clipforge.captioning.captioner import Captioner
 
     captioner = Captioner.load(mapping_folder)  # the same map, loaded apart from the server: what it should say
@@ -369,6 +369,16 @@ def test_captions_of_uploads_and_of_the_collection_are_the_maps_own(client, coll
     calls = len(batcher.batch_sizes)
     assert client.get("/item/3/caption").json()["caption"] == seen[3] and len(batcher.batch_sizes) == calls  # kept
 
+    answer = client.post("/ask", files={"file": ("x.png", png)}, data={"question": " what colour is it? "})
+    assert answer.status_code == 200  # asked with the spaces around it trimmed
+    assert answer.json()["answer"] == captioner.answer([upload], ["what colour is it?"])[0]
+    longer = client.post("/ask", files={"file": ("x.png", png)}, data={"question": "a b", "max_new_tokens": "12"})
+    assert longer.json()["answer"] == captioner.answer([upload], ["a b"], 12)[0]
+    generate, asked_for = captioner.lm.generate, []  # an answer is never the end of text at once
+    monkeypatch.setattr(captioner.lm, "generate", lambda **kw: asked_for.append(kw) or generate(**kw))
+    captioner.answer([upload], ["a b"])
+    assert asked_for[0]["min_new_tokens"] == 1
+
 
 @pytest.mark.parametrize("request_kwargs, status, message", [
     (dict(method="POST", url="/caption", files={"file": ("x.png", b"garbage")}), 400, "not a readable image"),
@@ -379,6 +389,15 @@ def test_captions_of_uploads_and_of_the_collection_are_the_maps_own(client, coll
     (dict(method="POST", url="/caption", files={"file": ("x.png", _png())}, data={"prompt": "a" * 201}), 422,
      "at most 200 characters"),
     (dict(method="GET", url="/item/40/caption"), 404, "no image with id 40"),
+    (dict(method="POST", url="/ask", files={"file": ("x.png", _png())}, data={"question": "  "}), 400,
+     "ask something"),
+    (dict(method="POST", url="/ask", files={"file": ("x.png", _png())}, data={"question": "q" * 301}), 422,
+     "at most 300 characters"),
+    (dict(method="POST", url="/ask", files={"file": ("x.png", _png())}), 422, "question"),
+    (dict(method="POST", url="/ask", files={"file": ("x.png", _png())},
+          data={"question": "why", "max_new_tokens": "33"}), 422, "less than or equal to 32"),
+    (dict(method="POST", url="/ask", files={"file": ("x.png", b"garbage")}, data={"question": "why"}), 400,
+     "not a readable image"),
 ])
 def test_bad_caption_requests_get_clear_4xx_errors(client, request_kwargs, status, message):
     response = client.request(**request_kwargs)
@@ -393,7 +412,8 @@ def test_without_a_map_captioning_is_off_and_says_how_to_turn_it_on(collection):
 
     client = TestClient(create_app(collection["emb"], *clipforge.load(collection["ckpt"])))
     assert client.get("/health").json()["captioning"] is False
-    for response in (client.post("/caption", files={"file": ("x.png", _png())}), client.get("/item/0/caption")):
+    for response in (client.post("/caption", files={"file": ("x.png", _png())}), client.get("/item/0/caption"),
+                     client.post("/ask", files={"file": ("x.png", _png())}, data={"question": "what is it?"})):
         assert response.status_code == 404 and "--mapping" in response.json()["detail"]
 
 
@@ -464,6 +484,36 @@ def test_concurrent_captions_are_batched_by_prompt(app, collection, mapping_fold
     for i, prompt in requests:  # each got its own image's caption under its own prompt
         image = Image.open(collection["images"] / f"shape{i:03d}.png").convert("RGB")
         assert answers[i] == captioner.caption([image], prompt, 4)[0]
+
+
+def test_concurrent_questions_of_different_lengths_are_answered_together_as_if_alone(app, collection,
+                                                                                      mapping_folder):
+    from fastapi.testclient import TestClient
+    from clipforge.captioning.captioner import Captioner
+
+    captioner = Captioner.load(mapping_folder)
+    batcher = app.state.batchers["answer"]
+    batcher.wait_s = 0.1
+    questions = {20: "what", 21: "what colour is the shape", 22: "is it red", 23: "where is the blue square now"}
+    answers = {}
+
+    def ask(i, client):
+        png = (collection["images"] / f"shape{i:03d}.png").read_bytes()
+        answers[i] = client.post("/ask", files={"file": ("x.png", png)}, data={"question": questions[i],
+                                                                              "max_new_tokens": "4"}).json()["answer"]
+
+    with TestClient(app) as client:
+        start = len(batcher.batch_sizes)
+        threads = [threading.Thread(target=ask, args=(i, client)) for i in questions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    batcher.wait_s = 0.005
+    assert sum(batcher.batch_sizes[start:]) == 4 and max(batcher.batch_sizes[start:]) > 1
+    for i, question in questions.items():
+        image = Image.open(collection["images"] / f"shape{i:03d}.png").convert("RGB")
+        assert answers[i] == captioner.answer([image], [question], 4)[0]
 
 
 def test_openapi_fuzzing_finds_no_server_errors(app):
@@ -586,6 +636,12 @@ def test_web_page_search_drop_classification_and_captions_in_chromium(live_serve
         assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 100) < 0.5
         page.wait_for_function("document.querySelector('#dropped-caption').textContent.startsWith('generated:')")
         assert len(page.locator("#dropped-caption").inner_text()) > len("generated: “”")
+        page.fill("#question", "what colour is it")  # a question about the dropped image
+        with page.expect_response(lambda r: r.url.endswith("/ask")) as asked:
+            page.press("#question", "Enter")
+        expected = asked.value.json()["answer"]
+        page.wait_for_function("document.querySelector('#answer').textContent.startsWith('“')")
+        assert page.locator("#answer").inner_text() == f"“{expected}”"
         browser.close()
 
 

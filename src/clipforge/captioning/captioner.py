@@ -1,5 +1,6 @@
 """A trained LiMBer map loaded with the frozen image encoder and language model it was trained with: what every
-command that uses a trained map (``caption generate|eval|classify|vqa``, ``serve --mapping``) starts from.
+command that uses a trained map (``caption generate|eval|classify|vqa``, ``serve --mapping``) starts from, and
+its two uses on images: ``caption`` and ``answer``.
 torch is imported when a map is loaded, not with this module: the CLI imports it at start-up."""
 from __future__ import annotations
 
@@ -44,3 +45,19 @@ class Captioner(NamedTuple):
         with torch.no_grad():
             features = self.encoder.features(images).to(self.mapping.proj.weight.device)
             return generate(self.mapping, self.lm, self.tokenizer, features, max_new_tokens, prompt)
+
+    def answer(self, images: list, questions: list[str], max_new_tokens: int = 5) -> list[str]:
+        """Greedy zero-shot answers, one question per PIL image, each asked as " Q: {question} A:" after its image
+        (as ``caption vqa`` asks them); questions of different lengths are answered in one left-padded batch. Unlike
+        ``caption vqa``, the LM may not end the text before its first token: a Flickr8k caption map, asked about
+        photos, otherwise ends it at once for most of them (the map learned that captions end)."""
+        import torch
+
+        from .vqa import answer_batch
+
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions: one question per image")
+        with torch.no_grad():
+            features = self.encoder.features(images)
+            prompts = [(f, q, ()) for f, q in zip(features, questions)]  # no solved examples before it
+            return answer_batch(self.mapping, self.lm, self.tokenizer, prompts, max_new_tokens, min_new_tokens=1)

@@ -102,8 +102,11 @@ def _prompt_embeddings(mapping, lm, tokenizer, features: torch.Tensor, question:
 
 
 @torch.no_grad()
-def answer_batch(mapping, lm, tokenizer, prompts: list[tuple], max_new_tokens: int = 5) -> list[str]:
+def answer_batch(mapping, lm, tokenizer, prompts: list[tuple], max_new_tokens: int = 5,
+                 min_new_tokens: int = 0) -> list[str]:
     """Greedy answers to several prompts at once; ``prompts``: (features, question, shots) each, as for ``answer``.
+    ``min_new_tokens``: end of text is not allowed before this many tokens (0, as VQA accuracy is measured here: an
+    LM that ends the text at once has not answered).
 
     Prompts of different lengths are left-padded (masked, with positions counted from each prompt's first real
     token), so every answer is the one its prompt gets alone: decoding a 135M-parameter LM on a CPU is bound by
@@ -116,7 +119,8 @@ def answer_batch(mapping, lm, tokenizer, prompts: list[tuple], max_new_tokens: i
         inputs[row, longest - len(e):], mask[row, longest - len(e):] = e, 1
     inputs = inputs.to(lm.get_input_embeddings().weight.dtype)
     out = lm.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+                      min_new_tokens=min_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.eos_token_id)
     return [re.split(r"[\n.]|Q:", text.strip(), maxsplit=1)[0].strip()
             for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
 

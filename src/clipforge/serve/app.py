@@ -1,5 +1,6 @@
 """The FastAPI app: search by text or image, zero-shot classification, embeddings, thumbnails, a web page, and
-with a LiMBer map (``serve --mapping``) generated captions of uploads and of the collection's images.
+with a LiMBer map (``serve --mapping``) generated captions of uploads and of the collection's images and answers to
+questions about an upload.
 
 Every input is bounded (query length, k, number of labels, upload bytes, decoded pixels) and every bad request gets
 a 4xx JSON error naming the problem. Thumbnails are addressed by index id, never by path, so nothing outside the
@@ -36,6 +37,8 @@ MAX_TEXTS = 256
 MAX_PIXELS = 40_000_000
 MAX_PROMPT_CHARS = 200
 MAX_NEW_TOKENS = 64
+MAX_QUESTION_CHARS = 300
+MAX_ANSWER_TOKENS = 32
 CAPTIONS_KEPT = 4096  # generated captions of collection images kept in memory
 DEDUP_HELP = "leave out near-duplicates of better results at this cosine similarity or more, e.g. 0.95"
 
@@ -73,6 +76,10 @@ class ClassifyResponse(BaseModel):
 
 class CaptionResponse(BaseModel):
     caption: str
+
+
+class AnswerResponse(BaseModel):
+    answer: str
 
 
 class EmbedRequest(BaseModel):
@@ -161,21 +168,28 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
                 out[n] = found[offset:offset + k]
         return out
 
-    def caption_batch(requests):
-        """Concurrent (image, prompt, max_new_tokens) requests: those asking for the same prompt and length are
-        captioned in one language-model call. Only the batcher's one worker calls this, so no lock is needed."""
+    def in_groups(requests, key, run):
+        """``run(group)`` once per group of requests sharing ``key(request)`` (one language-model call each),
+        results back in request order. Only a batcher's one worker calls this, so no lock is needed."""
         out = [None] * len(requests)
-        for key in dict.fromkeys((prompt, tokens) for _, prompt, tokens in requests):
-            group = [n for n, r in enumerate(requests) if r[1:] == key]
-            for n, text in zip(group, captioner.caption([requests[n][0] for n in group], *key)):
-                out[n] = text
+        for value in dict.fromkeys(map(key, requests)):
+            group = [n for n, request in enumerate(requests) if key(request) == value]
+            for n, result in zip(group, run([requests[n] for n in group])):
+                out[n] = result
         return out
+
+    def caption_batch(requests):  # (image, prompt, max_new_tokens): one call per prompt and length
+        return in_groups(requests, lambda r: r[1:], lambda g: captioner.caption([r[0] for r in g], *g[0][1:]))
+
+    def answer_batch(requests):  # (image, question, max_new_tokens): questions of any length together
+        return in_groups(requests, lambda r: r[2],
+                         lambda g: captioner.answer([r[0] for r in g], [r[1] for r in g], g[0][2]))
 
     text_batcher, image_batcher = Batcher(encode_texts), Batcher(encode_images, max_batch=16)
     search_batcher = Batcher(search_batch, max_batch=64, wait_s=0.002)
-    caption_batcher = Batcher(caption_batch, max_batch=8)
+    caption_batcher, answer_batcher = Batcher(caption_batch, max_batch=8), Batcher(answer_batch, max_batch=8)
     app.state.batchers = {"text": text_batcher, "image": image_batcher, "search": search_batcher,
-                          "caption": caption_batcher}
+                          "caption": caption_batcher, "answer": answer_batcher}
     generated: OrderedDict[int, str] = OrderedDict()  # collection image id -> its caption, least recent first
 
     async def read_image(upload: UploadFile):
@@ -277,6 +291,16 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
         require_captioner()
         image = await read_image(file)
         return {"caption": await caption_batcher.submit((image, prompt, max_new_tokens))}
+
+    @app.post("/ask", response_model=AnswerResponse)
+    async def ask(file: UploadFile = File(...), question: str = Form(..., max_length=MAX_QUESTION_CHARS),
+                  max_new_tokens: int = Form(5, ge=1, le=MAX_ANSWER_TOKENS)):
+        """A short answer to a question about the uploaded image (zero-shot, asked as "Q: ... A:" after it)."""
+        require_captioner()
+        if not question.strip():
+            raise HTTPException(400, "question: ask something about the image")
+        image = await read_image(file)
+        return {"answer": await answer_batcher.submit((image, question.strip(), max_new_tokens))}
 
     @app.get("/item/{index}/caption", response_model=CaptionResponse)
     async def item_caption(index: int):

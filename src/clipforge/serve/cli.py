@@ -7,9 +7,10 @@ from ..inference import add_model_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Serve an indexed collection: a web page at / (search, drag-and-drop classification and, with --mapping, captions), a JSON "
-                     "API (/search, /search/image, /classify, /embed, /health, and /caption with --mapping; schema at "
-                     "/docs). Binds 127.0.0.1 unless --host says otherwise.")
+    p.description = ("Serve an indexed collection: a web page at / (search, drag-and-drop classification and, with "
+                     "--mapping, captions and questions), a JSON API (/search, /search/image, /classify, /embed, "
+                     "/health, and /caption, /ask with --mapping; schema at /docs). Binds 127.0.0.1 unless --host "
+                     "says otherwise.")
     p.add_argument("folder", help="a folder written by clipforge embed + clipforge index build")
     add_model_arguments(p, recorded=True)
     p.add_argument("--host", default="127.0.0.1", help="[127.0.0.1: this machine only]")
@@ -18,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-in-memory", action="store_true",
                    help="read the IVF-PQ index into RAM instead of memory-mapping it (faster first queries, more RSS)")
     p.add_argument("--mapping", help="a LiMBer map (the --output folder of clipforge caption train): adds /caption "
-                                     "for uploads, /item/ID/caption for the collection, and captions on the page")
+                                     "for uploads, /item/ID/caption for the collection, /ask (a question about an "
+                                     "upload), and both on the page")
     p.set_defaults(func=run)
 
 
