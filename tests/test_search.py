@@ -438,49 +438,46 @@ def test_decompression_bomb_is_refused(client):
     assert response.status_code == 400 and "exceeds the limit" in response.json()["detail"]
 
 
-def test_concurrent_requests_are_batched(app):
+def batched_together(app, batcher: str, requests) -> list[int]:
+    """Send ``requests`` (each a function of a client) from one thread each, all at once, through one event loop as
+    under uvicorn, with a generous batching window so that they meet in it; the batch sizes ``batcher`` formed."""
     from fastapi.testclient import TestClient
 
-    batcher = app.state.batchers["text"]
-    batcher.wait_s = 0.05  # a generous window so the 16 concurrent queries meet in it
+    batcher = app.state.batchers[batcher]
+    batcher.wait_s, start = 0.1, len(batcher.batch_sizes)
+    try:
+        with TestClient(app) as client:
+            threads = [threading.Thread(target=request, args=(client,)) for request in requests]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        batcher.wait_s = 0.005
+    return batcher.batch_sizes[start:]
+
+
+def test_concurrent_requests_are_batched(app):
     results = []
-    with TestClient(app) as client:  # one event loop for all requests, as under uvicorn
-        start = len(batcher.batch_sizes)
-        threads = [threading.Thread(target=lambda i=i: results.append(
-            client.get("/search", params={"q": f"query {i}", "k": 3}).status_code)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    batcher.wait_s = 0.005
-    sizes = batcher.batch_sizes[start:]
+    sizes = batched_together(app, "text", [lambda client, i=i: results.append(
+        client.get("/search", params={"q": f"query {i}", "k": 3}).status_code) for i in range(16)])
     assert results == [200] * 16 and sum(sizes) == 16 and max(sizes) > 1, sizes
 
 
 def test_concurrent_captions_are_batched_by_prompt(app, collection, mapping_folder):
-    from fastapi.testclient import TestClient
     from clipforge.captioning.captioner import Captioner
 
     captioner = Captioner.load(mapping_folder)
-    batcher = app.state.batchers["caption"]
-    batcher.wait_s = 0.1  # a generous window so the concurrent requests meet in it
     requests = [(i, "a red" if i % 2 else None) for i in range(10, 16)]
     answers = {}
 
-    def ask(i, prompt, client):
+    def ask(client, i, prompt):
         data = {"max_new_tokens": "4"} | ({"prompt": prompt} if prompt else {})
         png = (collection["images"] / f"shape{i:03d}.png").read_bytes()
         answers[i] = client.post("/caption", files={"file": ("x.png", png)}, data=data).json()["caption"]
 
-    with TestClient(app) as client:
-        start = len(batcher.batch_sizes)
-        threads = [threading.Thread(target=ask, args=(i, prompt, client)) for i, prompt in requests]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    batcher.wait_s = 0.005
-    assert sum(batcher.batch_sizes[start:]) == 6 and max(batcher.batch_sizes[start:]) > 1
+    sizes = batched_together(app, "caption", [lambda client, r=r: ask(client, *r) for r in requests])
+    assert sum(sizes) == 6 and max(sizes) > 1
     for i, prompt in requests:  # each got its own image's caption under its own prompt
         image = Image.open(collection["images"] / f"shape{i:03d}.png").convert("RGB")
         assert answers[i] == captioner.caption([image], prompt, 4)[0]
@@ -488,29 +485,19 @@ def test_concurrent_captions_are_batched_by_prompt(app, collection, mapping_fold
 
 def test_concurrent_questions_of_different_lengths_are_answered_together_as_if_alone(app, collection,
                                                                                       mapping_folder):
-    from fastapi.testclient import TestClient
     from clipforge.captioning.captioner import Captioner
 
     captioner = Captioner.load(mapping_folder)
-    batcher = app.state.batchers["answer"]
-    batcher.wait_s = 0.1
     questions = {20: "what", 21: "what colour is the shape", 22: "is it red", 23: "where is the blue square now"}
     answers = {}
 
-    def ask(i, client):
+    def ask(client, i):
         png = (collection["images"] / f"shape{i:03d}.png").read_bytes()
         answers[i] = client.post("/ask", files={"file": ("x.png", png)}, data={"question": questions[i],
                                                                               "max_new_tokens": "4"}).json()["answer"]
 
-    with TestClient(app) as client:
-        start = len(batcher.batch_sizes)
-        threads = [threading.Thread(target=ask, args=(i, client)) for i in questions]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    batcher.wait_s = 0.005
-    assert sum(batcher.batch_sizes[start:]) == 4 and max(batcher.batch_sizes[start:]) > 1
+    sizes = batched_together(app, "answer", [lambda client, i=i: ask(client, i) for i in questions])
+    assert sum(sizes) == 4 and max(sizes) > 1
     for i, question in questions.items():
         image = Image.open(collection["images"] / f"shape{i:03d}.png").convert("RGB")
         assert answers[i] == captioner.answer([image], [question], 4)[0]
