@@ -2,6 +2,7 @@
 import io
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -383,6 +384,35 @@ def test_a_randomly_initialised_tower_is_saved_with_the_map_and_reloads(tiny_lm,
     assert main(["caption", "generate", "--mapping", str(moved), "--max-new-tokens", "3", str(image_file)]) == 0
     assert main(["caption", "train", "--clip", "NoSuchNet", "--data", str(shard), "--output", str(tmp_path / "c")]) == 2
     assert "not a checkpoint, a Hugging Face vision folder or a zoo name" in capsys.readouterr().err
+
+
+def test_a_map_names_its_tower_and_lm_relative_to_itself_so_a_project_can_move(tiny_lm, tiny_clip, tmp_path,
+                                                                              monkeypatch, capsys):
+    project = tmp_path / "project"
+    shutil.copytree(tiny_clip, project / "towers" / "clip")
+    shutil.copytree(tiny_lm, project / "lm")
+    images, captions = colour_images(8, seed=0)
+    shard = write_shard(tmp_path / "data" / "train-000000.tar", [{"__key__": f"{i:04d}", "png": _png(img), "txt": c[0]}
+                                                                 for i, (img, c) in enumerate(zip(images, captions))])
+    image_file = tmp_path / "x.png"
+    images[2].save(image_file)
+    monkeypatch.chdir(project)  # paths as users type them: relative to where they stand
+    assert main(["caption", "train", "--clip", "towers/clip", "--lm", "lm", "--data", str(shard), "--steps", "2",
+                 "--batch-size", "4", "--no-progress", "--output", "runs/map"]) == 0
+    config = json.loads((project / "runs" / "map" / "limber.json").read_text())
+    assert (config["clip"], config["lm"]) == ("../../towers/clip", "../../lm")
+    generate = ["caption", "generate", "--max-new-tokens", "3", "--json", str(image_file), "--mapping"]
+    capsys.readouterr()
+    assert main([*generate, "runs/map"]) == 0
+    before = capsys.readouterr().out
+    moved = tmp_path / "elsewhere"
+    project.rename(moved)  # the whole project moves, and is used from another directory
+    monkeypatch.chdir(tmp_path)
+    assert main([*generate, str(moved / "runs" / "map")]) == 0
+    assert capsys.readouterr().out == before  # the same tower and LM found, the same caption
+    shutil.rmtree(moved / "towers")
+    assert main([*generate, str(moved / "runs" / "map")]) == 2
+    assert "its image encoder '../../towers/clip' is not there" in capsys.readouterr().err
 
 
 def test_smollm2_from_pypi_takes_a_prefix_and_only_the_map_gets_gradients(tmp_path, monkeypatch):

@@ -4,10 +4,27 @@ its two uses on images: ``caption`` and ``answer``.
 torch is imported when a map is loaded, not with this module: the CLI imports it at start-up."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple
 
 RANDOM_TOWER = "tower"  # a randomly initialised encoder is saved in the map's folder under this name
+
+
+def reference_from(map_folder: str | Path, spec: str) -> str:
+    """How ``limber.json`` names the encoder or language model ``spec``: a path relative to the map's folder when it
+    is an existing path, so that a project's maps, towers and models can move together (a tower saved beside the map
+    is just "tower"); anything else (a zoo name with @pretrained, "smollm2") as given."""
+    if not spec or not Path(spec).exists():
+        return spec
+    return os.path.relpath(Path(spec).resolve(), Path(map_folder).resolve())
+
+
+def _named_path(map_folder: str | Path, spec: str) -> str | None:
+    """The path ``limber.json``'s ``spec`` names, read relative to the map's folder (older maps wrote absolute
+    paths, which this reads as they are), or None when no such path exists."""
+    path = Path(map_folder) / spec
+    return str(path) if spec and path.exists() else None
 
 
 class Captioner(NamedTuple):
@@ -27,12 +44,17 @@ class Captioner(NamedTuple):
         spec, pretrained = mapping.config.clip, None
         if not spec:
             raise ValueError(f"{mapping_folder}: limber.json does not say which image encoder made the features")
-        if spec == RANDOM_TOWER:
-            spec = str(Path(mapping_folder) / RANDOM_TOWER)
-        elif "@" in spec and not Path(spec).exists():
+        if _named_path(mapping_folder, spec):
+            spec = _named_path(mapping_folder, spec)
+        elif "@" in spec:  # a zoo name and its pretrained tag
             spec, pretrained = spec.rsplit("@", 1)
+        else:
+            raise FileNotFoundError(
+                f"{Path(mapping_folder) / 'limber.json'}: its image encoder {spec!r} is not there (read relative to "
+                "the map's folder); put the tower back, or set \"clip\" to where it is now")
         encoder = open_encoder(spec, pretrained, device, mapping.config.features, mapping.config.prefix_tokens)
-        lm, tokenizer = load_language_model(mapping.config.lm or "smollm2")
+        lm_spec = mapping.config.lm or "smollm2"
+        lm, tokenizer = load_language_model(_named_path(mapping_folder, lm_spec) or lm_spec)
         lm.to(device)
         return cls(mapping, encoder, lm.eval(), tokenizer)
 

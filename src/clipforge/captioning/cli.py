@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .captioner import RANDOM_TOWER, Captioner
+from .captioner import RANDOM_TOWER, Captioner, reference_from
 
 DESCRIPTION = """Caption images with LiMBer: a frozen CLIP image tower, a frozen language model, and one trained
 linear layer mapping image features to a few input vectors of the language model.
@@ -240,11 +240,9 @@ def run_train(args) -> int:
         print(f"development: {len(val_features)} images (skipped: {dict(val_skipped) or 'none'})")
     lm, tokenizer = load_language_model(args.lm)
     lm.to(args.device)
-    # where the features came from, so that 'caption generate' reloads the same encoder (a random tower saved with
-    # the map is named relative to it, so the folder can move)
-    spec = RANDOM_TOWER if Path(encoder.spec) == (out / RANDOM_TOWER).resolve() else encoder.spec
-    config = MappingConfig(features.shape[-1], lm.config.hidden_size, args.prefix_tokens, spec, args.lm,
-                           args.features, args.prompt)
+    # where the features came from and which LM read them, so that 'caption generate' reloads the same ones
+    config = MappingConfig(features.shape[-1], lm.config.hidden_size, args.prefix_tokens,
+                           reference_from(out, encoder.spec), reference_from(out, args.lm), args.features, args.prompt)
     mapping = ImageToPrefix(config).to(args.device)
     mapping.fit_scale(features)
     mapping.start_from(lm)
