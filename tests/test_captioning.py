@@ -268,6 +268,14 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
     features = embed_images(clip_model, [Image.open(f).convert("RGB") for f in files], preprocess)
     with torch.no_grad():
         assert [row["caption"] for row in rows] == limber.generate(mapping, lm, tokenizer, features, 4)
+    assert main(["caption", "generate", "--mapping", str(tmp_path / "straight"), "--json", "--question", "which colour",
+                 *map(str, files)]) == 0  # a question about each image instead: the captioner's own answers
+    answers = [json.loads(line)["answer"] for line in capsys.readouterr().out.splitlines()]
+    from clipforge.captioning.captioner import Captioner
+    captioner = Captioner.load(tmp_path / "straight")
+    assert answers == captioner.answer([Image.open(f) for f in files], ["which colour"] * 2, 5)
+    assert main(["caption", "generate", "--mapping", str(tmp_path / "straight"), "--question", " ", str(files[0])]) == 2
+    assert "ask something" in capsys.readouterr().err
     (tmp_path / "broken.png").write_bytes(b"garbage")
     assert main(["caption", "generate", "--mapping", str(tmp_path / "straight"), str(tmp_path / "broken.png")]) == 2
     assert "broken.png" in capsys.readouterr().err

@@ -22,6 +22,7 @@ EXAMPLES = """examples:
       --steps 300 --output runs/limber
   clipforge caption train --clip ViT-B-32 --pretrained openai --data shards/{000000..000099}.tar --output runs/limber
   clipforge caption generate --mapping runs/limber photo1.jpg photo2.png --prompt "A picture of"
+  clipforge caption generate --mapping runs/limber photo1.jpg --question "What is the dog doing?"
   clipforge caption eval --mapping runs/limber --data ../shared/data/coco-mini/test --json runs/limber/coco.json
   clipforge caption classify --mapping runs/limber --dataset-root ../shared/data/cifar10 --max-images 500
 """
@@ -71,12 +72,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-progress", dest="progress", action="store_false")
     t.set_defaults(caption_func=run_train)
 
-    g = sub.add_parser("generate", help="caption images with a trained map")
+    g = sub.add_parser("generate", help="caption images with a trained map, or answer a question about each")
     g.add_argument("--mapping", required=True, help="the --output folder of 'caption train'")
     g.add_argument("images", nargs="+", help="image files")
     g.add_argument("--prompt", help='text after the image prefix, e.g. "A picture of" [the one it was trained with]')
-    g.add_argument("--max-new-tokens", type=int, default=24)
-    g.add_argument("--json", action="store_true", help="one JSON object per image instead of 'path: caption'")
+    g.add_argument("--question", help="answer this about each image instead of captioning it: zero-shot, asked as "
+                                      "' Q: ... A:' after the image (as caption vqa and serve's /ask ask it)")
+    g.add_argument("--max-new-tokens", type=int, help="[24 for a caption, 5 for an answer]")
+    g.add_argument("--json", action="store_true", help="one JSON object per image instead of 'path: text'")
     g.add_argument("--device", default="cpu")
     g.set_defaults(caption_func=run_generate)
 
@@ -296,11 +299,18 @@ def run_generate(args) -> int:
     missing = [path for path in args.images if not Path(path).is_file()]
     if missing:  # before minutes of model loading
         raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
+    if args.question is not None and not args.question.strip():
+        raise ValueError("--question: ask something about the images")
+    if args.question is not None and args.prompt is not None:
+        raise ValueError("--prompt and --question: give one (a question is asked right after the image)")
     captioner = Captioner.load(args.mapping, args.device)
     images = [open_image(Path(path).read_bytes(), name=path) for path in args.images]  # clear error on a bad file
-    captions = captioner.caption(images, args.prompt, args.max_new_tokens)
-    for path, caption in zip(args.images, captions):
-        print(json.dumps({"image": path, "caption": caption}) if args.json else f"{path}: {caption}")
+    if args.question is None:
+        key, texts = "caption", captioner.caption(images, args.prompt, args.max_new_tokens or 24)
+    else:
+        key, texts = "answer", captioner.answer(images, [args.question.strip()] * len(images), args.max_new_tokens or 5)
+    for path, text in zip(args.images, texts):
+        print(json.dumps({"image": path, key: text}) if args.json else f"{path}: {text}")
     return 0
 
 
