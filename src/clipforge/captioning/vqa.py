@@ -105,8 +105,8 @@ def _prompt_embeddings(mapping, lm, tokenizer, features: torch.Tensor, question:
 def answer_batch(mapping, lm, tokenizer, prompts: list[tuple], max_new_tokens: int = 5,
                  min_new_tokens: int = 0) -> list[str]:
     """Greedy answers to several prompts at once; ``prompts``: (features, question, shots) each, as for ``answer``.
-    ``min_new_tokens``: end of text is not allowed before this many tokens (0, as VQA accuracy is measured here: an
-    LM that ends the text at once has not answered).
+    ``min_new_tokens``: the LM may not end the text before this many tokens [0: how ``caption vqa`` measures VQA
+    accuracy, where an LM that ends the text at once has answered nothing and scores 0].
 
     Prompts of different lengths are left-padded (masked, with positions counted from each prompt's first real
     token), so every answer is the one its prompt gets alone: decoding a 135M-parameter LM on a CPU is bound by
