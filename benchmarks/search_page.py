@@ -28,6 +28,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def chromium_path() -> str:
+    """The system Chromium for playwright (its own browser download is not reachable here)."""
+    path = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if path is None:
+        raise SystemExit("no system Chromium: apt-get install chromium")
+    return path
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("collection", help="a folder written by clipforge embed + index build")
@@ -39,10 +47,7 @@ def main():
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
-    browser_path = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
-                        None)
-    if browser_path is None:
-        raise SystemExit("no system Chromium: apt-get install chromium")
+    browser_path = chromium_path()
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "clipforge.cli", "serve", args.collection, "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,6 +1,7 @@
 """Captions through `clipforge serve --mapping`: latency and throughput of POST /caption on real photos, one client and
 several at once (the caption batcher waiting 5 or 50 ms for more requests), beside the same map called directly
-in-process (one image at a time, and eight per call).
+in-process (one image at a time, and eight per call); and a few questions about the first photos, answered as /ask
+answers them and as `caption vqa` would (``--rounds 0``: the questions only).
 
     clipforge embed ../shared/data/flickr8k/test runs/flickr8k-test-emb --pretrained CKPT
     clipforge index build runs/flickr8k-test-emb
@@ -15,19 +16,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import shutil
-import socket
 import statistics
 import threading
 import time
 from pathlib import Path
 from urllib.parse import urlencode
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from search_page import chromium_path, free_port  # beside this script
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -35,9 +30,10 @@ def percentiles(seconds: list[float]) -> dict:
     return {"p50_ms": 1000 * statistics.median(ordered), "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))]}
 
 
-def collection_photos(rows, count: int) -> list:
-    from clipforge.retrieval.collection import item_from_path, load_item
+def collection_photos(folder: str, count: int) -> list:
+    from clipforge.retrieval.collection import Metadata, item_from_path, load_item
 
+    rows = Metadata(folder)
     return [load_item(item_from_path(str(rows[i]["path"])))[0].convert("RGB") for i in range(count)]
 
 
@@ -45,6 +41,28 @@ def jpeg(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
+
+
+QUESTIONS = ["What animal is in the picture?", "What colour is the dog?", "Is it indoors or outdoors?",
+             "How many people are there?"]
+
+
+def ask_both_ways(captioner, images: list, questions: list[str]) -> dict:
+    """Each question about every image: answers as /ask gives them, and as caption vqa's rule would (the LM may end
+    the text at once), with how many of each are empty."""
+    from clipforge.captioning.vqa import answer_batch
+
+    out = {}
+    for question in questions:
+        served = captioner.answer(images, [question] * len(images))
+        features = captioner.encoder.features(images)
+        plain = answer_batch(captioner.mapping, captioner.lm, captioner.tokenizer,
+                             [(f, question, ()) for f in features], min_new_tokens=0)
+        out[question] = {"served": served, "end_allowed_first": plain,
+                         "empty_served": served.count(""), "empty_end_allowed_first": plain.count("")}
+        print(f"{question}: empty {out[question]['empty_end_allowed_first']}/{len(images)} -> "
+              f"{out[question]['empty_served']}/{len(images)}; {served}", flush=True)
+    return out
 
 
 def main():
@@ -56,6 +74,10 @@ def main():
     parser.add_argument("--wait-ms", type=float, nargs="+", default=[5, 50],
                         help="how long the caption batcher waits for more requests, each measured [5 50]")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every setting, interleaved [3]")
+    parser.add_argument("--questions", nargs="*", default=QUESTIONS, help="each asked about the first "
+                        "--question-images photos, answered as /ask does (no end of text before the first token) and "
+                        "as caption vqa does (allowed)")
+    parser.add_argument("--question-images", type=int, default=6, help="[6]")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--screenshot", type=Path, help="JPEG of the page's larger view with its generated caption")
     parser.add_argument("--query", default="a dog running through water")
@@ -66,16 +88,16 @@ def main():
 
     from clipforge.captioning.captioner import Captioner
     from clipforge.inference import load_for_inference
-    from clipforge.retrieval.search import Searcher
     from clipforge.serve.app import create_app
 
     captioner = Captioner.load(args.mapping)
     model = load_for_inference(None, None, "cpu", False, collection=args.collection)
-    photos = collection_photos(Searcher(args.collection, *model).rows, args.images)
+    photos = collection_photos(args.collection, args.images)
     uploads = [jpeg(photo) for photo in photos]
     from PIL import Image
 
     decoded = [Image.open(io.BytesIO(data)).convert("RGB") for data in uploads]  # what the server will see
+    questions = ask_both_ways(captioner, photos[:args.question_images], args.questions)
 
     app = create_app(args.collection, *model, captioner=captioner)
     batcher = app.state.batchers["caption"]
@@ -148,9 +170,9 @@ def main():
     thread.join(timeout=30)
 
     medians = {name: {key: statistics.median(r[name][key] for r in rounds) for key in ("p50_ms", "captions_per_s")
-                      if key in rounds[0][name]} for name in rounds[0]}
+                      if key in rounds[0][name]} for name in (rounds[0] if rounds else [])}
     result = {"images": len(uploads), "clients": args.clients, "rounds": rounds, "medians": medians,
-              "examples": direct[:5]}
+              "examples": (direct or [])[:5], "questions": questions}
     print(json.dumps(medians, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -160,10 +182,7 @@ def main():
 def take_screenshot(base: str, query: str, path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    browser_path = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
-                        None)
-    if browser_path is None:
-        raise SystemExit("no system Chromium: apt-get install chromium")
+    browser_path = chromium_path()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1100, "height": 760})

@@ -432,6 +432,27 @@ def test_serve_command_loads_the_map_and_refuses_a_folder_that_is_not_one(collec
     assert "not a LiMBer mapping" in capsys.readouterr().err
 
 
+def test_an_image_gone_since_embedding_is_a_clear_404(collection, mapping_folder, tmp_path):
+    from fastapi.testclient import TestClient
+    from clipforge.captioning.captioner import Captioner
+    from clipforge.serve.app import create_app
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        shutil.copy(collection["images"] / f"shape{i:03d}.png", images)
+    assert cli.main(["embed", str(images), str(tmp_path / "emb"), "--pretrained", collection["ckpt"],
+                     "--no-progress"]) == 0
+    assert cli.main(["index", "build", str(tmp_path / "emb")]) == 0
+    client = TestClient(create_app(tmp_path / "emb", *clipforge.load(collection["ckpt"]),
+                                   captioner=Captioner.load(mapping_folder)))
+    for name in ("shape000.png", "shape001.png", "shape002.png"):
+        (images / name).unlink()
+    for path in ("/thumb/1", "/item/1/caption"):
+        response = client.get(path)
+        assert response.status_code == 404 and "image 1 is no longer readable" in response.json()["detail"], path
+
+
 def test_decompression_bomb_is_refused(client):
     bomb = io.BytesIO()
     Image.new("1", (8000, 8000)).save(bomb, format="PNG")  # tiny file, 64 Mpx decoded
