@@ -5,6 +5,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -451,6 +452,106 @@ def test_an_image_gone_since_embedding_is_a_clear_404(collection, mapping_folder
     for path in ("/thumb/1", "/item/1/caption"):
         response = client.get(path)
         assert response.status_code == 404 and "image 1 is no longer readable" in response.json()["detail"], path
+
+
+def test_path_references_keep_relative_and_inside_paths_relative_and_others_absolute(tmp_path, monkeypatch):
+    from clipforge.files import PathReferences
+
+    (tmp_path / "real" / "runs" / "c").mkdir(parents=True)
+    (tmp_path / "real" / "images").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")  # the project reached through a link
+    monkeypatch.chdir(tmp_path / "link")
+    references = PathReferences("runs/c")
+    outside = str(tmp_path / "elsewhere" / "x.jpg")
+    recorded = {path: references.record(path) for path in
+                ("images/a.jpg", str(tmp_path / "link" / "runs" / "c" / "tower"), outside)}
+    assert list(recorded.values()) == ["../../images/a.jpg", "tower", outside]
+    assert references.resolve("../../images/a.jpg") == str(tmp_path / "real" / "images" / "a.jpg")
+    assert references.resolve(outside) == outside
+
+
+def _served(folder):
+    """A test client of ``clipforge serve FOLDER`` with the model the collection recorded."""
+    from fastapi.testclient import TestClient
+    from clipforge.inference import load_for_inference
+    from clipforge.serve.app import create_app
+
+    return TestClient(create_app(folder, *load_for_inference(collection=folder)))
+
+
+def test_a_collection_names_images_and_model_relative_to_itself_so_a_project_can_move(collection, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """Embedded from inside a project with relative paths (an image folder, a tar shard, a checkpoint), the
+    collection is searched and served from another directory after the whole project has moved."""
+    import pyarrow.parquet as pq
+
+    pytest.importorskip("fastapi", reason="fastapi is in the test extras")
+    project = tmp_path / "project"
+    (project / "images").mkdir(parents=True)
+    for i in range(4):
+        shutil.copy(collection["images"] / f"shape{i:03d}.png", project / "images")
+        shutil.copy(collection["images"] / f"shape{i:03d}.txt", project / "images")
+    shutil.copytree(collection["ckpt"], project / "model")
+    write_shard(project / "shards" / "s-000000.tar", [{"__key__": f"k{i}", "png": _png(colour=c), "txt": f"a {c} one"}
+                                                      for i, c in enumerate(("red", "blue"))])
+    monkeypatch.chdir(project)  # paths as users type them
+    for source, out in (("images", "runs/files"), ("shards/s-000000.tar", "runs/shards")):
+        assert cli.main(["embed", source, out, "--pretrained", "model", "--no-progress"]) == 0
+        assert cli.main(["index", "build", out, "--quiet"]) == 0
+    stored = pq.read_table(project / "runs" / "files" / "metadata" / "metadata_00000.parquet").column("path")
+    assert stored.to_pylist()[0] == "../../images/shape000.png"
+    assert pq.read_table(project / "runs" / "shards" / "metadata" / "metadata_00000.parquet").column(
+        "path").to_pylist()[0] == "../../shards/s-000000.tar:k0"
+    info = json.loads((project / "runs" / "files" / "embed_info.json").read_text())
+    assert info["model_spec"]["pretrained"] == "../../model" and info["input"] == "../../images"
+    capsys.readouterr()
+    assert cli.main(["search", "runs/files", "a red circle", "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+
+    moved = tmp_path / "elsewhere"
+    project.rename(moved)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["search", str(moved / "runs" / "files"), "a red circle", "--json"]) == 0  # its model found
+    after = json.loads(capsys.readouterr().out)
+    assert [(h["id"], h["score"]) for h in after] == [(h["id"], h["score"]) for h in before]
+    assert all(h["path"] == str(moved / "images" / os.path.basename(h["path"])) for h in after)
+    for name in ("files", "shards"):  # images and their captions read through the stored paths
+        client = _served(moved / "runs" / name)
+        assert client.get("/thumb/1").status_code == 200, name
+        expected = "a blue one" if name == "shards" else (moved / "images" / "shape001.txt").read_text()
+        assert client.get("/item/1").json()["captions"] == [expected], name
+
+
+def test_a_collection_embedded_before_relative_paths_reads_and_resumes_as_it_was(collection, tmp_path, monkeypatch):
+    """Older collections stored paths as typed (from the working directory): read so, and a resumed run keeps
+    writing them so, so that one collection never mixes the two."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipforge.retrieval.collection import RELATIVE_PATHS, Metadata
+
+    pytest.importorskip("fastapi", reason="fastapi is in the test extras")
+    shutil.copytree(collection["images"], tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["embed", "images", "old", "--pretrained", collection["ckpt"], "--shard-size", "16",
+                     "--no-progress"]) == 0
+    info = json.loads(Path("old/embed_info.json").read_text())
+    del info[RELATIVE_PATHS]  # as the earlier version wrote it, with the paths as typed
+    Path("old/embed_info.json").write_text(json.dumps(info))
+    for parquet in sorted(Path("old/metadata").glob("*.parquet")):
+        table = pq.read_table(parquet)
+        paths = [p.replace("../images/", "images/") for p in table.column("path").to_pylist()]
+        pq.write_table(table.set_column(0, "path", pa.array(paths, pa.string())), parquet)
+    assert cli.main(["index", "build", "old", "--quiet"]) == 0
+    assert Metadata("old")[0]["path"] == "images/shape000.png"
+    assert _served(Path("old")).get("/thumb/0").status_code == 200
+
+    Path("old/img_emb/img_emb_00002.npy").unlink()  # cut short: the resumed run writes shard 2 again
+    assert cli.main(["embed", "images", "old", "--pretrained", collection["ckpt"], "--shard-size", "16",
+                     "--no-progress"]) == 0
+    assert RELATIVE_PATHS not in json.loads(Path("old/embed_info.json").read_text())
+    rewritten = pq.read_table("old/metadata/metadata_00002.parquet").column("path").to_pylist()
+    assert rewritten[0].startswith("images/shape")
 
 
 def test_decompression_bomb_is_refused(client):

@@ -30,3 +30,37 @@ def write_json(path: str | os.PathLike, data) -> None:
 
 def read_json(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text())
+
+
+class PathReferences:
+    """How a file kept in ``folder`` (a collection's metadata, a LiMBer map's limber.json) names other files, so that
+    it finds them again from any working directory and after a move:
+
+    - a path given relative to the working directory, or any path inside ``folder``, is recorded relative to
+      ``folder``: the folder, or a project holding it beside what it names, can move as a whole;
+    - any other absolute path stays absolute: it was given as a fixed place.
+
+    ``resolve`` reads a recorded reference back as an absolute path. Links among the folders are resolved once per
+    folder, so that recording millions of paths costs no file-system call per path."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = os.path.realpath(folder)
+        self._real_folders: dict[str, str] = {}
+
+    def _real(self, path: str) -> str:
+        """``path`` absolute, its folder's links resolved (the name itself kept: a linked file keeps its name)."""
+        head, name = os.path.split(os.path.abspath(path))
+        if head not in self._real_folders:
+            self._real_folders[head] = os.path.realpath(head)
+        return os.path.join(self._real_folders[head], name)
+
+    def record(self, path: str | os.PathLike) -> str:
+        path = os.fspath(path)
+        real = self._real(path)
+        inside = real == self.folder or real.startswith(self.folder.rstrip(os.sep) + os.sep)
+        if os.path.isabs(path) and not inside:
+            return path
+        return os.path.relpath(real, self.folder)
+
+    def resolve(self, reference: str) -> str:
+        return reference if os.path.isabs(reference) else os.path.normpath(os.path.join(self.folder, reference))

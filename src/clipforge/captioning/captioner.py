@@ -8,23 +8,25 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from ..files import PathReferences
+
 RANDOM_TOWER = "tower"  # a randomly initialised encoder is saved in the map's folder under this name
 
 
 def reference_from(map_folder: str | Path, spec: str) -> str:
-    """How ``limber.json`` names the encoder or language model ``spec``: a path relative to the map's folder when it
-    is an existing path, so that a project's maps, towers and models can move together (a tower saved beside the map
-    is just "tower"); anything else (a zoo name with @pretrained, "smollm2") as given."""
+    """How ``limber.json`` names the encoder or language model ``spec``: an existing path as ``files.PathReferences``
+    records it (relative to the map's folder unless given as an absolute path outside it: a tower saved beside the
+    map is just "tower"); anything else (a zoo name with @pretrained, "smollm2") as given."""
     if not spec or not Path(spec).exists():
         return spec
-    return os.path.relpath(Path(spec).resolve(), Path(map_folder).resolve())
+    return PathReferences(map_folder).record(spec)
 
 
 def _named_path(map_folder: str | Path, spec: str) -> str | None:
-    """The path ``limber.json``'s ``spec`` names, read relative to the map's folder (older maps wrote absolute
-    paths, which this reads as they are), or None when no such path exists."""
-    path = Path(map_folder) / spec
-    return str(path) if spec and path.exists() else None
+    """The path ``limber.json``'s ``spec`` names (read relative to the map's folder, absolute ones as they are), or
+    None when no such path exists (a zoo name)."""
+    path = PathReferences(map_folder).resolve(spec) if spec else ""
+    return path if path and os.path.exists(path) else None
 
 
 class Captioner(NamedTuple):

@@ -106,7 +106,7 @@ def open_encoder(spec: str, pretrained: str | None = None, device: str = "cpu", 
         from transformers import AutoImageProcessor, AutoModel
 
         model = AutoModel.from_pretrained(spec).to(device)
-        return FrozenImageEncoder(str(Path(spec).resolve()), model, AutoImageProcessor.from_pretrained(spec), "hf",
+        return FrozenImageEncoder(str(spec), model, AutoImageProcessor.from_pretrained(spec), "hf",
                                   features, k)
     if Path(spec).exists():
         config_file = Path(spec) / "config.json"
@@ -115,7 +115,7 @@ def open_encoder(spec: str, pretrained: str | None = None, device: str = "cpu", 
             model, preprocess = load_image_tower(spec, device)
         else:
             model, preprocess, _ = load(spec, device=device)
-        return FrozenImageEncoder(str(Path(spec).resolve()), model, preprocess, "clipforge", features, k)
+        return FrozenImageEncoder(str(spec), model, preprocess, "clipforge", features, k)
     if pretrained is not None:
         model, preprocess, _ = load(spec, pretrained=pretrained, device=device)
         return FrozenImageEncoder(f"{spec}@{pretrained}", model, preprocess, "clipforge", features, k)
@@ -131,4 +131,4 @@ def open_encoder(spec: str, pretrained: str | None = None, device: str = "cpu", 
     model = create_model(spec)
     path = save_pretrained(model, Path(save_random_to), get_model_config(spec))
     model, preprocess, _ = load(str(path), device=device)
-    return FrozenImageEncoder(str(Path(path).resolve()), model, preprocess, "clipforge", features, k)
+    return FrozenImageEncoder(str(path), model, preprocess, "clipforge", features, k)

@@ -179,8 +179,9 @@ class IndexedSource:
         return len(self.items)
 
     def catalogue(self) -> list[dict]:
-        """``{"path", "caption"}`` of every item (the caption's first line, or "")."""
-        return [{"path": str(Path(item.path).resolve()),
+        """``{"path", "caption"}`` of every item (the caption's first line, or ""); paths as listed (relative ones
+        from the working directory), so that whoever records them knows how they were given."""
+        return [{"path": item.path,
                  "caption": (item.caption or "").strip().split("\n")[0].strip()} for item in self.items]
 
     def samples(self, part: int, parts: int, epoch: int, seed: int, errors: Counter) -> Iterator[dict]:

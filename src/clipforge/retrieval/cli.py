@@ -12,7 +12,9 @@ from ..inference import add_model_arguments
 
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Embed images (a folder, a CSV with a filepath column, or WebDataset shards) into sharded "
-                     "float16 .npy files plus parquet metadata. Re-running continues at the first missing shard. "
+                     "float16 .npy files plus parquet metadata. Re-running continues at the first missing shard. Image and "
+                     "checkpoint paths are recorded relative to the output folder (absolute ones outside it as "
+                     "given), so search and serve work from any directory and the project can move as a whole. "
                      "Several processes: torchrun --nproc-per-node N -m clipforge.cli embed ...")
     p.add_argument("input", help="image folder, CSV/TSV, or shards ('data/{000000..000009}.tar')")
     p.add_argument("output", help="output folder")

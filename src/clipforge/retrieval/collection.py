@@ -5,17 +5,24 @@
     text_emb/text_emb_00000.npy      (with --texts) and metadata/text_metadata_00000.parquet
     embed_info.json                  model config, the --model/--pretrained that embedded it, counts, dimension
     index.faiss, index.json          (clipforge index build)
+
+Paths (metadata ``path``, the --model/--pretrained recorded) are stored as ``files.PathReferences`` records them,
+relative to the collection's folder, so that search and serve find images and model from any working directory
+and after the project moves. Collections embedded before that (``embed_info.json`` without ``RELATIVE_PATHS``)
+stored them as typed, relative to the working directory of the time, and are read so.
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_path, read_json, write_json
+from ..files import PathReferences, atomic_path, read_json, write_json
 
 INFO = "embed_info.json"
+RELATIVE_PATHS = "paths_relative_to_collection"  # embed_info.json's mark of the layout above
 TEXT_EMBEDDINGS = Path("text_emb") / "text_emb_00000.npy"
 TEXT_METADATA = Path("metadata") / "text_metadata_00000.parquet"
 METADATA_SCHEMA = (("path", "string"), ("caption", "string"), ("width", "int32"), ("height", "int32"))
@@ -140,17 +147,50 @@ def write_info(folder: str | Path, info: dict) -> None:
 
 
 def model_spec(folder: str | Path) -> dict:
-    """The --model/--pretrained that embedded this collection."""
-    return read_info(folder).get("model_spec", {})
+    """The --model/--pretrained that embedded this collection, paths among them usable from here."""
+    info = read_info(folder)
+    spec = dict(info.get("model_spec", {}))
+    if info.get(RELATIVE_PATHS):
+        references = PathReferences(folder)
+        for key, value in spec.items():
+            if value and os.path.exists(references.resolve(value)):
+                spec[key] = references.resolve(value)
+    return spec
+
+
+def item_path_recorder(folder: str | Path):
+    """``record(path)``: a metadata ``path`` (a file, or "SHARD:KEY") as a collection in ``folder`` stores it."""
+    references = PathReferences(folder)
+    return lambda path: _map_location(path, references.record)
+
+
+def item_path_reader(folder: str | Path):
+    """``read(stored)``: a stored metadata ``path`` as one usable from here (absolute); as stored for collections
+    embedded before paths were relative to the collection."""
+    if not read_info(folder).get(RELATIVE_PATHS):
+        return lambda path: path
+    references = PathReferences(folder)
+    return lambda path: _map_location(path, references.resolve)
+
+
+def _map_location(path: str, change) -> str:
+    """``path`` with its file (or its shard's file) changed by ``change``."""
+    item = item_from_path(path)
+    where = "path" if "path" in item else "shard"
+    item[where] = change(item[where])
+    return item_path(item)
 
 
 def load_metadata(folder: str | Path) -> list[dict]:
     """The metadata rows of every image shard, in shard order (without reading the vectors)."""
     import pyarrow.parquet as pq
 
+    read_path = item_path_reader(folder)
     rows = []
     for parquet, _ in _metadata_files(Path(folder)):
         rows.extend(pq.read_table(parquet).to_pylist())
+    for row in rows:
+        row["path"] = read_path(row["path"])
     return rows
 
 
@@ -306,12 +346,16 @@ class Metadata:
                 self.tables.append(pq.read_table(parquet, memory_map=True))
                 self.memory_mapped = False
         self.starts = np.cumsum([0] + [table.num_rows for table in self.tables])
+        self.read_path = item_path_reader(folder)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def __getitem__(self, row: int) -> dict:
+        """Row ``row``, its ``path`` usable from the working directory."""
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} out of range 0..{len(self) - 1}")
         shard = int(np.searchsorted(self.starts, row, side="right") - 1)
-        return self.tables[shard].slice(row - int(self.starts[shard]), 1).to_pylist()[0]
+        found = self.tables[shard].slice(row - int(self.starts[shard]), 1).to_pylist()[0]
+        found["path"] = self.read_path(found["path"])
+        return found
