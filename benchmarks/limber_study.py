@@ -54,9 +54,11 @@ def train_encoder(objective: str, recipe: Path, output: Path) -> Path:
 
 def blind(mapping_folder: Path, output: Path) -> Path:
     """A copy of a trained map with its weights zeroed: every image gets the shared prompt (the bias) alone."""
+    from clipforge.captioning.captioner import rebase_references
     from clipforge.captioning.limber import ImageToPrefix
 
     mapping = ImageToPrefix.load(mapping_folder)
+    rebase_references(mapping.config, mapping_folder, output)
     mapping.proj.weight.data.zero_()
     mapping.save(output)
     return output

@@ -108,6 +108,9 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--max-grad-norm", type=float, default=1.0,
                         help="clip the maps' gradients to this norm; 0: never (the published figures) [1.0]")
+    parser.add_argument("--min-new-tokens", type=int, default=0,
+                        help="caption vqa's --min-new-tokens: 1 does not let the LM end the text before answering "
+                             "(as serve's /ask); evaluated into vqa-min1.json beside vqa.json, same maps [0]")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     from clipforge.train.checkpoints import checkpoint_dirs
@@ -137,13 +140,15 @@ def main():
                           "--output", str(folder),
                           "--max-grad-norm", str(args.max_grad_norm),
                           "--no-progress", *resume_flag(folder))
-            if not (folder / "vqa.json").exists():
+            answers = folder / ("vqa.json" if not args.min_new_tokens else f"vqa-min{args.min_new_tokens}.json")
+            if not answers.exists():
                 clipforge("caption", "vqa", "--mapping", str(folder), "--questions", str(questions), "--annotations",
                           str(annotations), "--images", str(images), "--shots", *map(str, SHOTS), "--seed", str(seed),
-                          "--json", str(folder / "vqa.json"), "--no-progress")
-            result = json.loads((folder / "vqa.json").read_text())
+                          "--min-new-tokens", str(args.min_new_tokens), "--json", str(answers), "--no-progress")
+            result = json.loads(answers.read_text())
             results.setdefault(row, []).append(
                 {"accuracy": result["accuracy"], "by_type": {n: by_type(a) for n, a in result["answers"].items()},
+                 "empty": {n: sum(not row["prediction"] for row in a) for n, a in result["answers"].items()},
                  "caption_names": caption_naming(folder, images, questions, annotations)})
 
     prior = prior_accuracy(questions, annotations)
@@ -156,6 +161,11 @@ def main():
             cells.append(f"{statistics.median(values):.3f}{spread}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines.append(f"| prior (type's most frequent answer) | {prior['accuracy']:.3f} |" + " |" * (len(SHOTS) - 1))
+    asked = len(json.loads(annotations.read_text())["annotations"])
+    lines += ["", f"| empty answers of {asked}, per seed | " + " | ".join(f"n = {n}" for n in SHOTS) + " |",
+              "|---" * (len(SHOTS) + 1) + "|"]
+    for row, runs in results.items():
+        lines.append(f"| {row} | " + " | ".join("/".join(str(r["empty"][str(n)]) for r in runs) for n in SHOTS) + " |")
     types = sorted(prior["by_type"])
     lines += ["", "| encoder, best n by median | " + " | ".join(types) + " |", "|---" * (len(types) + 1) + "|"]
     for row, runs in results.items():
@@ -170,7 +180,8 @@ def main():
                      f"{statistics.median(n['shape'] for n in named):.3f} | {'; '.join(named[0]['examples'][:3])} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "rows": results, "prior": prior},
+        args.json.write_text(json.dumps({"steps": args.steps, "seeds": args.seeds, "min_new_tokens": args.min_new_tokens,
+                                         "rows": results, "prior": prior},
                                         indent=1))
     print("\n".join(lines))
 

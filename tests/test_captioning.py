@@ -547,7 +547,8 @@ def test_concept_nouns_precision_recall_and_missed_word_similarity():
     assert similarity["all"] == pytest.approx((0.6 + 0.8 + 0.0) / 3)
 
 
-def test_vqa_prompts_interleave_solved_examples_and_the_cli_scores_them(tiny_lm, tiny_clip, tmp_path, capsys):
+def test_vqa_prompts_interleave_solved_examples_and_the_cli_scores_them(tiny_lm, tiny_clip, tmp_path, capsys,
+                                                                          monkeypatch):
     from clipforge.captioning import vqa
 
     lm, tokenizer = limber.load_language_model(str(tiny_lm))
@@ -588,6 +589,15 @@ def test_vqa_prompts_interleave_solved_examples_and_the_cli_scores_them(tiny_lm,
     rows = result["answers"]["0"]
     assert len(rows) == 4 + 3 + 3 + 4  # 1, 2, 3, 1 shapes: "where" is asked of single shapes only
     assert result["accuracy"]["0"] == pytest.approx(sum(r["accuracy"] for r in rows) / len(rows))
+    assert result["min_new_tokens"] == 0
+    answer_batch, asked_for = vqa.answer_batch, []  # --min-new-tokens reaches the LM's generate
+    monkeypatch.setattr(vqa, "answer_batch", lambda *a, **kw: asked_for.append(a[5:] + tuple(kw.values())) or
+                        answer_batch(*a, **kw))
+    assert main(["caption", "vqa", "--mapping", str(tmp_path / "map"), "--questions", str(tmp_path / "vqa" /
+                 "questions.json"), "--annotations", str(tmp_path / "vqa" / "annotations.json"), "--images",
+                 str(tmp_path / "vqa" / "images"), "--max-questions", "2", "--min-new-tokens", "1", "--json",
+                 str(report), "--no-progress"]) == 0
+    assert asked_for == [(1,)] and json.loads(report.read_text())["min_new_tokens"] == 1
     capsys.readouterr()
     assert main(["caption", "vqa", "--mapping", str(tmp_path / "map")]) == 2
     assert "--questions" in capsys.readouterr().err
@@ -608,3 +618,18 @@ def test_a_training_prompt_sits_between_image_and_caption_and_is_not_scored(tiny
     torch.testing.assert_close(p_embeds[:, 2:2 + prompt_length],
                                lm.get_input_embeddings()(tokenizer("a shape", add_special_tokens=False,
                                                                    return_tensors="pt").input_ids).expand(2, -1, -1))
+
+
+def test_a_map_copied_elsewhere_names_its_tower_and_lm_from_its_new_folder(tmp_path, monkeypatch):
+    from clipforge.captioning.captioner import rebase_references
+    from clipforge.captioning.limber import MappingConfig
+
+    for folder in ("towers/clip", "lm", "runs/map", "copies/deeper/blind"):
+        (tmp_path / folder).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    config = MappingConfig(8, 16, clip="../../towers/clip", lm="../../lm")
+    rebase_references(config, "runs/map", "copies/deeper/blind")
+    assert (config.clip, config.lm) == ("../../../towers/clip", "../../../lm")
+    zoo = MappingConfig(8, 16, clip="ViT-Tiny-64@seed", lm="smollm2")  # names, not paths: as they are
+    rebase_references(zoo, "runs/map", "copies/deeper/blind")
+    assert (zoo.clip, zoo.lm) == ("ViT-Tiny-64@seed", "smollm2")

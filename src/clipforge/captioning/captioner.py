@@ -29,6 +29,16 @@ def _named_path(map_folder: str | Path, spec: str) -> str | None:
     return path if path and os.path.exists(path) else None
 
 
+def rebase_references(config, from_folder: str | Path, to_folder: str | Path) -> None:
+    """A map's config (``limber.MappingConfig``) read from ``from_folder`` made right for saving into ``to_folder``:
+    its encoder and LM paths recorded anew, so that a copy (e.g. the blind baseline's zeroed map) finds them too."""
+    for field in ("clip", "lm"):
+        value = getattr(config, field)
+        named = _named_path(from_folder, value)
+        if named and not os.path.isabs(value):  # relative stays relative (absolute ones need nothing)
+            setattr(config, field, PathReferences(to_folder).record(os.path.relpath(named)))
+
+
 class Captioner(NamedTuple):
     mapping: object  # limber.ImageToPrefix
     encoder: object  # encoders.FrozenImageEncoder

@@ -140,6 +140,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--shots", type=int, nargs="+", default=[0], help="solved examples before each question [0]")
     v.add_argument("--max-questions", type=int, help="the first N questions only")
     v.add_argument("--max-new-tokens", type=int, default=5)
+    v.add_argument("--min-new-tokens", type=int, default=0,
+                   help="the LM may not end the text before this many tokens (1: as serve's /ask) [0: an LM that "
+                        "ends it at once has answered nothing]")
     v.add_argument("--batch-size", type=int, default=16, help="questions answered per language-model call [16]")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", help="write every answer and the accuracies here")
@@ -457,10 +460,11 @@ def run_vqa(args) -> int:
     results = {}
     for shots in args.shots:
         results[shots] = evaluate(mapping, lm, tokenizer, items, features, shots, args.seed, args.max_new_tokens,
-                                  args.progress, args.batch_size)
+                                  args.progress, args.batch_size, args.min_new_tokens)
         print(f"{shots}-shot VQA accuracy: {results[shots]['accuracy']:.4f} ({len(items)} questions)")
     if args.json:
         write_json(args.json, {"mapping": args.mapping, "questions": args.questions,
+                               "min_new_tokens": args.min_new_tokens,
                                "accuracy": {str(k): r["accuracy"] for k, r in results.items()},
                                "answers": {str(k): r["answers"] for k, r in results.items()}})
     return 0

@@ -133,9 +133,10 @@ def answer(mapping, lm, tokenizer, features: torch.Tensor, question: str, shots:
 
 
 def evaluate(mapping, lm, tokenizer, items: list[dict], features: dict, shots: int = 0, seed: int = 0,
-             max_new_tokens: int = 5, progress: bool = True, batch_size: int = 16) -> dict:
+             max_new_tokens: int = 5, progress: bool = True, batch_size: int = 16, min_new_tokens: int = 0) -> dict:
     """VQA accuracy over ``items`` with ``shots`` solved examples drawn (seeded, per question) from the other items;
-    ``features``: image_id -> image features; ``batch_size`` questions per LM call. Returns {accuracy, answers}."""
+    ``features``: image_id -> image features; ``batch_size`` questions per LM call; ``min_new_tokens`` as for
+    ``answer_batch``. Returns {accuracy, answers}."""
     from tqdm import tqdm
 
     prompts = []
@@ -149,7 +150,7 @@ def evaluate(mapping, lm, tokenizer, items: list[dict], features: dict, shots: i
     with tqdm(total=len(items), desc=f"VQA {shots}-shot", unit="q", disable=not progress) as bar:
         for begin in range(0, len(prompts), batch_size):
             batch = prompts[begin:begin + batch_size]
-            predicted += answer_batch(mapping, lm, tokenizer, batch, max_new_tokens)
+            predicted += answer_batch(mapping, lm, tokenizer, batch, max_new_tokens, min_new_tokens)
             bar.update(len(batch))
     rows = [{"question_id": item["question_id"], "question": item["question"], "prediction": p,
              "answers": item["answers"], "accuracy": vqa_accuracy(p, item["answers"])}
