@@ -158,10 +158,28 @@ def model_spec(folder: str | Path) -> dict:
     return spec
 
 
-def item_path_recorder(folder: str | Path):
-    """``record(path)``: a metadata ``path`` (a file, or "SHARD:KEY") as a collection in ``folder`` stores it."""
-    references = PathReferences(folder)
-    return lambda path: _map_location(path, references.record)
+class PathRecorder:
+    """How ``embed`` records paths into the collection in ``folder``: relative to it (the layout above), or as typed
+    for a collection begun before that (shards but no ``RELATIVE_PATHS`` mark), so that its shards agree."""
+
+    def __init__(self, folder: str | Path):
+        self.legacy = any(Path(folder).glob("img_emb/*.npy")) and not read_info(folder).get(RELATIVE_PATHS)
+        self.references = PathReferences(folder)
+
+    def item(self, path: str) -> str:
+        """A metadata ``path``: a file, or "SHARD:KEY"."""
+        return path if self.legacy else _map_location(path, self.references.record)
+
+    def spec(self, value: str | None) -> str | None:
+        """An input or --model/--pretrained spec: recorded when it names an existing path, else (a zoo name, a
+        shard pattern) as given."""
+        if self.legacy or not value or not os.path.exists(value):
+            return value
+        return self.references.record(value)
+
+    def mark(self) -> dict:
+        """What ``embed_info.json`` carries to say how its paths are recorded."""
+        return {} if self.legacy else {RELATIVE_PATHS: True}
 
 
 def item_path_reader(folder: str | Path):

@@ -6,7 +6,6 @@ missing shard. Under ``torchrun`` output shard ``i`` belongs to rank ``i % world
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +13,10 @@ import torch
 from tqdm import tqdm
 
 from ..data.sources import open_source
-from ..files import PathReferences, atomic_path
+from ..files import atomic_path
 from ..preprocess import BadImageError
-from .collection import (RELATIVE_PATHS, TEXT_EMBEDDINGS, TEXT_METADATA, image_shard, item_path,
-                         item_path_recorder, load_item, read_info, write_image_shard, write_info)
+from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, image_shard, item_path, load_item,
+                         write_image_shard, write_info)
 
 
 def list_items(input_spec: str) -> list[dict]:
@@ -66,21 +65,13 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
     Paths are recorded relative to ``output`` (``retrieval.collection`` says how).
     """
     output = Path(output)
-    # a collection begun before paths were relative to it keeps its paths as typed, so that its shards agree
-    legacy = output.is_dir() and any(output.glob("img_emb/*.npy")) and not read_info(output).get(RELATIVE_PATHS)
+    paths = PathRecorder(output)
     (output / "img_emb").mkdir(parents=True, exist_ok=True)
     (output / "metadata").mkdir(parents=True, exist_ok=True)
     device = device or next(model.parameters()).device
     items = list_items(input_spec)
-    record = (lambda path: path) if legacy else item_path_recorder(output)
-    if not legacy:
-        references = PathReferences(output)
-        model_spec = {key: references.record(value) if value and os.path.exists(value) else value
-                      for key, value in (model_spec or {}).items()}
-        if os.path.exists(input_spec):
-            input_spec = references.record(input_spec)
-    summary = {"input": input_spec, "dim": model.embed_dim, "model": getattr(model, "config", None),
-               "model_spec": model_spec or {}, **({} if legacy else {RELATIVE_PATHS: True})}
+    summary = {"input": paths.spec(input_spec), "dim": model.embed_dim, "model": getattr(model, "config", None),
+               "model_spec": {key: paths.spec(value) for key, value in (model_spec or {}).items()}, **paths.mark()}
     if rank == 0:  # before any shard: a collection cut short reads its paths the same way
         write_info(output, summary)
     n_shards = (len(items) + shard_size - 1) // shard_size
@@ -101,7 +92,7 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
                 out = model.encode_image(torch.stack([t for t, _ in good]).to(device, non_blocking=True),
                                          normalize=True)
                 features.append(out.float().cpu().numpy().astype(np.float16))
-                rows.extend({**row, "path": record(row["path"])} for _, row in good)
+                rows.extend({**row, "path": paths.item(row["path"])} for _, row in good)
             bar.update(len(batch))
         array = np.concatenate(features) if features else np.zeros((0, model.embed_dim), np.float16)
         write_image_shard(output, shard, array, rows)
