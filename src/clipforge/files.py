@@ -64,3 +64,12 @@ class PathReferences:
 
     def resolve(self, reference: str) -> str:
         return reference if os.path.isabs(reference) else os.path.normpath(os.path.join(self.folder, reference))
+
+    def record_if_path(self, spec: str | None) -> str | None:
+        """``spec`` recorded when it names an existing path; anything else (a zoo name, a shard pattern) as given."""
+        return self.record(spec) if spec and os.path.exists(spec) else spec
+
+    def find(self, reference: str | None) -> str | None:
+        """The existing path ``reference`` names, or None when it names none (a zoo name, or a file gone)."""
+        path = self.resolve(reference) if reference else None
+        return path if path and os.path.exists(path) else None

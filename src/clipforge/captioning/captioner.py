@@ -13,20 +13,8 @@ from ..files import PathReferences
 RANDOM_TOWER = "tower"  # a randomly initialised encoder is saved in the map's folder under this name
 
 
-def reference_from(map_folder: str | Path, spec: str) -> str:
-    """How ``limber.json`` names the encoder or language model ``spec``: an existing path as ``files.PathReferences``
-    records it (relative to the map's folder unless given as an absolute path outside it: a tower saved beside the
-    map is just "tower"); anything else (a zoo name with @pretrained, "smollm2") as given."""
-    if not spec or not Path(spec).exists():
-        return spec
-    return PathReferences(map_folder).record(spec)
-
-
-def _named_path(map_folder: str | Path, spec: str) -> str | None:
-    """The path ``limber.json``'s ``spec`` names (read relative to the map's folder, absolute ones as they are), or
-    None when no such path exists (a zoo name)."""
-    path = PathReferences(map_folder).resolve(spec) if spec else ""
-    return path if path and os.path.exists(path) else None
+# limber.json names its encoder and LM as files.PathReferences of the map's folder records them (a tower saved
+# beside the map is just "tower"); names that are not paths (a zoo name with @pretrained, "smollm2") as given.
 
 
 def rebase_references(config, from_folder: str | Path, to_folder: str | Path) -> None:
@@ -34,9 +22,9 @@ def rebase_references(config, from_folder: str | Path, to_folder: str | Path) ->
     its encoder and LM paths recorded anew, so that a copy (e.g. the blind baseline's zeroed map) finds them too."""
     for field in ("clip", "lm"):
         value = getattr(config, field)
-        named = _named_path(from_folder, value)
+        named = PathReferences(from_folder).find(value)
         if named and not os.path.isabs(value):  # relative stays relative (absolute ones need nothing)
-            setattr(config, field, PathReferences(to_folder).record(os.path.relpath(named)))
+            setattr(config, field, os.path.relpath(named, PathReferences(to_folder).folder))
 
 
 class Captioner(NamedTuple):
@@ -56,8 +44,9 @@ class Captioner(NamedTuple):
         spec, pretrained = mapping.config.clip, None
         if not spec:
             raise ValueError(f"{mapping_folder}: limber.json does not say which image encoder made the features")
-        if _named_path(mapping_folder, spec):
-            spec = _named_path(mapping_folder, spec)
+        references = PathReferences(mapping_folder)
+        if references.find(spec):
+            spec = references.find(spec)
         elif "@" in spec:  # a zoo name and its pretrained tag
             spec, pretrained = spec.rsplit("@", 1)
         else:
@@ -66,7 +55,7 @@ class Captioner(NamedTuple):
                 "the map's folder); put the tower back, or set \"clip\" to where it is now")
         encoder = open_encoder(spec, pretrained, device, mapping.config.features, mapping.config.prefix_tokens)
         lm_spec = mapping.config.lm or "smollm2"
-        lm, tokenizer = load_language_model(_named_path(mapping_folder, lm_spec) or lm_spec)
+        lm, tokenizer = load_language_model(references.find(lm_spec) or lm_spec)
         lm.to(device)
         return cls(mapping, encoder, lm.eval(), tokenizer)
 

@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .captioner import RANDOM_TOWER, Captioner, reference_from
+from .captioner import RANDOM_TOWER, Captioner
 
 DESCRIPTION = """Caption images with LiMBer: a frozen CLIP image tower, a frozen language model, and one trained
 linear layer mapping image features to a few input vectors of the language model.
@@ -221,7 +221,7 @@ def embed_source(featurize, source, classnames=None, max_images: int | None = No
 def run_train(args) -> int:
     import torch
 
-    from ..files import write_json
+    from ..files import PathReferences, write_json
     from ..train.checkpoints import TRAIN_STATE, load_train_state, write_train_state
     from .encoders import open_encoder
     from .limber import (ImageToPrefix, MappingConfig, held_out_loss, load_language_model, mapping_optimizer,
@@ -247,8 +247,10 @@ def run_train(args) -> int:
     lm, tokenizer = load_language_model(args.lm)
     lm.to(args.device)
     # where the features came from and which LM read them, so that 'caption generate' reloads the same ones
+    references = PathReferences(out)
     config = MappingConfig(features.shape[-1], lm.config.hidden_size, args.prefix_tokens,
-                           reference_from(out, encoder.spec), reference_from(out, args.lm), args.features, args.prompt)
+                           references.record_if_path(encoder.spec), references.record_if_path(args.lm), args.features,
+                           args.prompt)
     mapping = ImageToPrefix(config).to(args.device)
     mapping.fit_scale(features)
     mapping.start_from(lm)

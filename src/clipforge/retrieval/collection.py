@@ -13,7 +13,6 @@ stored them as typed, relative to the working directory of the time, and are rea
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -152,9 +151,7 @@ def model_spec(folder: str | Path) -> dict:
     spec = dict(info.get("model_spec", {}))
     if info.get(RELATIVE_PATHS):
         references = PathReferences(folder)
-        for key, value in spec.items():
-            if value and os.path.exists(references.resolve(value)):
-                spec[key] = references.resolve(value)
+        spec = {key: references.find(value) or value for key, value in spec.items()}
     return spec
 
 
@@ -173,9 +170,7 @@ class PathRecorder:
     def spec(self, value: str | None) -> str | None:
         """An input or --model/--pretrained spec: recorded when it names an existing path, else (a zoo name, a
         shard pattern) as given."""
-        if self.legacy or not value or not os.path.exists(value):
-            return value
-        return self.references.record(value)
+        return value if self.legacy else self.references.record_if_path(value)
 
     def mark(self) -> dict:
         """What ``embed_info.json`` carries to say how its paths are recorded."""
