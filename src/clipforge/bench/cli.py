@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-model", default=None,
                    help="[CPU: ViT-Small-64 (6 layers, width 256, 64 px), batch 64; GPU: ViT-B-32 at 224 px, batch 256]")
     p.add_argument("--train-batch", type=int, default=None)
+    p.add_argument("--train-compile", action="store_true",
+                   help="time training with every implementation's model under torch.compile (as `clipforge train "
+                        "--torchcompile` runs it); the first steps, which compile, are not timed")
     p.add_argument("--embed-models", nargs="+", default=["ViT-B-32", "RN50"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
@@ -77,7 +80,8 @@ def bench_tokenizer(args, ratios: dict) -> dict | None:
 def bench_embedding(args, device: str, ratios: dict) -> dict:
     """Image and text embedding: every implementation in one process, runs interleaved."""
     on_gpu = device != "cpu"
-    n_images = (16 if args.quick else 64) * (8 if on_gpu else 1)
+    # on GPU enough images that a run lasts tens of milliseconds, well above launch and timer jitter
+    n_images = (16 if args.quick else 64) * (32 if on_gpu else 1)
     n_texts = 2048 if on_gpu else 64 if args.quick else 128  # real captions, padded to 77 tokens for the peers
     results = {}
     for model_name in args.embed_models:
@@ -111,7 +115,7 @@ def bench_training(args, device: str, ratios: dict) -> tuple[dict, str]:
     model = args.train_model or ("ViT-B-32" if on_gpu else "ViT-Small-64")
     batch = args.train_batch or (256 if on_gpu else 64)
     task = {"kind": "train_speed", "impls": ["clipforge", "open_clip"], "model": model, "batch": batch,
-            "steps": 6 if args.quick else 16, "data": args.data, "device": device}
+            "steps": 6 if args.quick else 16, "data": args.data, "device": device, "compile": args.train_compile}
     train = run_in_subprocess(task)
     for impl in ("clipforge", "open_clip"):
         memory = run_in_subprocess({**task, "kind": "train_memory", "impls": [impl], "steps": 3})
@@ -124,7 +128,8 @@ def bench_training(args, device: str, ratios: dict) -> tuple[dict, str]:
     memory_key = "peak_memory_mb" if on_gpu else "peak_rss_growth_mb"
     if memory_key in ours and memory_key in theirs:
         ratios["train_memory_vs_open_clip"] = ours[memory_key] / max(1e-9, theirs[memory_key])
-    print(f"training {model} batch {batch} (real captions{', bf16' if on_gpu else ''}): " + ", ".join(
+    how = "".join(("real captions", ", bf16" if on_gpu else "", ", torch.compile" if args.train_compile else ""))
+    print(f"training {model} batch {batch} ({how}): " + ", ".join(
         f"{k} {v['samples_per_s']:.1f} samples/s, {v.get(memory_key, 0):.0f} MB peak"
         if "samples_per_s" in v else f"{k}: {v}" for k, v in train.items()))
     return train, memory_key

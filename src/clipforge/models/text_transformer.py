@@ -53,12 +53,13 @@ class TextTransformer(nn.Module):
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         # The EOT token has the largest id in CLIP's vocabulary, so argmax finds it (as OpenAI CLIP does).
         eot = tokens.argmax(dim=-1)
-        if tokens.is_cuda:
+        if tokens.is_cuda or torch.compiler.is_compiling():
             return self.features_padded(tokens)
         # Under a causal mask nothing after a row's EOT can change its pooled features, so on CPU we skip padding:
         # rows are grouped by length and each group runs only up to its own longest EOT. (On GPU this would cost
-        # a host-device sync, and padding is cheap there.) Tokens are embedded once for the whole batch so the
-        # (vocabulary-sized) embedding gradient is formed once, not once per group.
+        # a host-device sync, and padding is cheap there; under torch.compile every new set of lengths would
+        # recompile.) Tokens are embedded once for the whole batch so the (vocabulary-sized) embedding gradient is
+        # formed once, not once per group.
         lengths = (eot + 1).tolist()
         x = self._embed(tokens[:, : max(lengths)])
         n_groups = 1 if len(lengths) < 16 else 4 if len(lengths) >= 64 else 2
