@@ -109,6 +109,17 @@ def test_length_grouped_text_encoding_matches_one_by_one():
     torch.testing.assert_close(grouped, single, atol=1e-5, rtol=1e-4)
 
 
+def test_patch_embedding_as_a_matrix_product_equals_the_convolution():
+    """On GPU the ViT embeds patches with one GEMM over patchified images instead of its strided conv1."""
+    from clipforge.models.vision_transformer import patchify
+
+    model = clipforge.create_model("ViT-Tiny-64")
+    conv1 = model.visual.conv1
+    images = torch.randn(3, 3, 64, 64)
+    as_matrix = patchify(images, conv1.kernel_size[0]) @ conv1.weight.reshape(conv1.out_channels, -1).T
+    torch.testing.assert_close(as_matrix, conv1(images).flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-4)
+
+
 def test_compiled_text_tower_traces_once_for_every_caption_length():
     """Under torch.compile the text tower runs padded: the CPU length grouping (a host sync on lengths) would break
     the graph and recompile for each new batch of lengths, which made `--torchcompile` on CPU slower than eager."""

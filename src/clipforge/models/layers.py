@@ -44,7 +44,7 @@ def recomputed_for_backward(tensor: torch.Tensor, recompute: Callable[[], torch.
         yield
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer casts ``x`` to under autocast (``x.dtype`` outside it)."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -110,8 +110,10 @@ class Attention(nn.Module):
         ``attn_mask``: [L, L] (or broadcastable) boolean, True where a query may see a key; instead of ``causal``."""
         batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, is_causal=causal)
+        # unbind, not qkv[0], qkv[1], qkv[2]: in backward its gradients are stacked once, where each index would
+        # build a zero-filled [3, ...] gradient of its own and autograd would add the three together
+        q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
 
     @staticmethod
     def merge_heads(heads: torch.Tensor) -> torch.Tensor:
@@ -194,7 +196,7 @@ class ResidualAttentionBlock(nn.Module):
         if not lean:
             yield norm(x)
             return
-        dtype = _autocast_dtype(x)
+        dtype = autocast_dtype(x)
 
         def normed():
             return norm(x).to(dtype)
