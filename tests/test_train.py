@@ -418,9 +418,24 @@ def test_config_file_then_flags_and_a_run_recreated_from_its_run_config_is_ident
 
     switched_off = config_from_args(build_parser("train").parse_args(["train", "--config", str(recipe), "--no-hflip"]))
     assert switched_off.hflip is False and switched_off.lr == 0.002  # a recipe's switch can be turned off by a flag
+    assert switched_off.recompute_activations is True
+    assert config_from_args(build_parser("train").parse_args(
+        ["train", "--config", str(recipe), "--no-recompute-activations"])).recompute_activations is False
     capsys.readouterr()
     (tmp_path / "bad.yaml").write_text("lr: 0.1\nlearning_rate: 0.1\n")
     assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown setting(s) learning_rate" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "absent.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_recompute_activations_setting_reaches_both_towers(recompute):
+    """--no-recompute-activations keeps the blocks' cheap activations (faster on a GPU, more memory); the default
+    recomputes them. The two give the same gradients (tests/test_models.py, the lean-block tests)."""
+    from clipforge.models import get_model_config
+    from clipforge.train.loop import TrainConfig, _build_model
+
+    cfg = TrainConfig(model="ViT-Tiny-64", recompute_activations=recompute)
+    _, model = _build_model(cfg, get_model_config("ViT-Tiny-64"), torch.device("cpu"), world=1)
+    assert model.visual.transformer.lean is recompute and model.text.transformer.lean is recompute

@@ -114,20 +114,23 @@ def bench_training(args, device: str, ratios: dict) -> tuple[dict, str]:
     on_gpu = device != "cpu"
     model = args.train_model or ("ViT-B-32" if on_gpu else "ViT-Small-64")
     batch = args.train_batch or (256 if on_gpu else 64)
-    task = {"kind": "train_speed", "impls": ["clipforge", "open_clip"], "model": model, "batch": batch,
+    impls = ["clipforge", *PEERS]
+    task = {"kind": "train_speed", "impls": impls, "model": model, "batch": batch,
             "steps": 6 if args.quick else 16, "data": args.data, "device": device, "compile": args.train_compile}
     train = run_in_subprocess(task)
-    for impl in ("clipforge", "open_clip"):
+    for impl in impls:
         memory = run_in_subprocess({**task, "kind": "train_memory", "impls": [impl], "steps": 3})
         train.setdefault(impl, {}).update(memory.get(impl, memory))
-    ours, theirs = train.get("clipforge", {}), train.get("open_clip", {})
-    if "clipforge_ratio" in theirs:
-        ratios["train_vs_open_clip"] = theirs["clipforge_ratio"]
-        if abs(ours["first_loss"] - theirs["first_loss"]) > (1e-2 if on_gpu else 1e-4):
-            print(f"warning: first-step losses differ: {ours['first_loss']} vs {theirs['first_loss']}")
+    ours = train.get("clipforge", {})
     memory_key = "peak_memory_mb" if on_gpu else "peak_rss_growth_mb"
-    if memory_key in ours and memory_key in theirs:
-        ratios["train_memory_vs_open_clip"] = ours[memory_key] / max(1e-9, theirs[memory_key])
+    for peer in PEERS:
+        theirs = train.get(peer, {})
+        if "clipforge_ratio" in theirs:
+            ratios[f"train_vs_{peer}"] = theirs["clipforge_ratio"]
+            if abs(ours["first_loss"] - theirs["first_loss"]) > (1e-2 if on_gpu else 1e-4):
+                print(f"warning: first-step losses differ: {ours['first_loss']} vs {peer} {theirs['first_loss']}")
+        if memory_key in ours and memory_key in theirs:
+            ratios[f"train_memory_vs_{peer}"] = ours[memory_key] / max(1e-9, theirs[memory_key])
     how = "".join(("real captions", ", bf16" if on_gpu else "", ", torch.compile" if args.train_compile else ""))
     print(f"training {model} batch {batch} ({how}): " + ", ".join(
         f"{k} {v['samples_per_s']:.1f} samples/s, {v.get(memory_key, 0):.0f} MB peak"

@@ -56,23 +56,37 @@ def embed_speed(task: dict, ours, models: dict) -> dict:
     return summary(interleaved(runs, task["repeats"]), len(inputs), "texts_per_s" if text else "images_per_s")
 
 
+def _features_for_loss(impl: str, model, net):
+    """``(images, tokens) -> (image features, text features, logit scale)`` through ``net`` (``model`` itself or
+    compiled), as each implementation's training computes them: transformers' CLIPModel by keyword, returning
+    normalised embeddings, with the scale applied by the caller as its own loss does."""
+    if impl == "transformers":
+        def forward(images, tokens):
+            out = net(input_ids=tokens, pixel_values=images)
+            return out.image_embeds, out.text_embeds, model.logit_scale.exp()
+        return forward
+    return lambda images, tokens: net(images, tokens)[:3]
+
+
 def train_step_fn(impl: str, model, tokens: torch.Tensor, images: torch.Tensor, task: dict):
     """forward, contrastive loss, backward, AdamW step: clipforge with its own optimiser (fused AdamW where the
-    kernel exists), the peer with the same parameter groups on torch's default AdamW, as open_clip's training uses."""
+    kernel exists), the peers with the same parameter groups on torch's default AdamW, as open_clip's training uses;
+    every implementation through the same loss."""
     optimizer = build_optimizer(model, 1e-4, 0.2, fused=None if impl == "clipforge" else False)
     loss_fn, batch = ClipLoss(), len(images)
     model.train()
     if task.get("device", "cpu") != "cpu" and impl == "clipforge" and is_resnet(model.config):
         model.to(memory_format=torch.channels_last)  # as clipforge train does for ResNets on GPU
-    compiled = torch.compile(model) if task.get("compile") else model
+    eager = _features_for_loss(impl, model, model)
+    compiled = _features_for_loss(impl, model, torch.compile(model)) if task.get("compile") else eager
 
-    def step(i, eager=False):
-        """One step on batch ``i``; ``eager`` runs the uncompiled model (FLOP counting cannot see into a
+    def step(i, eager_step=False):
+        """One step on batch ``i``; ``eager_step`` runs the uncompiled model (FLOP counting cannot see into a
         compiled graph; the arithmetic is the same)."""
         optimizer.zero_grad(set_to_none=True)
         with autocast(task):
-            forward = model if eager else compiled
-            image_features, text_features, scale = forward(images, tokens[i * batch:(i + 1) * batch])[:3]
+            forward = eager if eager_step else compiled
+            image_features, text_features, scale = forward(images, tokens[i * batch:(i + 1) * batch])
             loss = loss_fn(image_features.float(), text_features.float(), scale)
         loss.backward()
         optimizer.step()
@@ -100,7 +114,7 @@ def train_speed(task: dict, ours, models: dict) -> dict:
     if "clipforge" in steps:
         counter = FlopCounterMode(display=False)
         with counter:
-            steps["clipforge"](1, eager=True)
+            steps["clipforge"](1, eager_step=True)
         flops = counter.get_total_flops()
     for impl, step in steps.items():
         step(1)  # a second untimed step each (clipforge's FLOP-counting step was eager)

@@ -73,6 +73,7 @@ class TrainConfig:
     local_loss: bool = False
     loss_chunk_size: int | None = None
     grad_checkpointing: bool = False
+    recompute_activations: bool = True  # CLIP.set_activation_recompute: less memory; off is faster on a GPU
     fsdp: bool = False  # shard weights, gradients and optimizer state across ranks (PyTorch FSDP2, clipforge.train.fsdp)
     torchcompile: bool = False
     patch_dropout: float = 0.0
@@ -189,6 +190,8 @@ def _build_model(cfg: TrainConfig, model_config: dict, device: torch.device, wor
         model.lock_text_tower()
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if not cfg.recompute_activations and hasattr(model, "set_activation_recompute"):
+        model.set_activation_recompute(False)
     model.to(device)
     if device.type == "cuda" and is_resnet(model_config):
         model.to(memory_format=torch.channels_last)  # ResNet convolutions run faster channels-last
