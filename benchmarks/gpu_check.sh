@@ -44,7 +44,7 @@ for phase in $PHASES; do
     case $phase in
         # CUDA-only tests (short); -rs lists every skip with its reason
         tests) timeout "$(left 90)" python3 -m pytest -q -rs -p no:cacheprovider tests/test_loss.py \
-                   tests/test_checkpoint.py -k cuda 2>&1 | tee "$OUT/tests.log" ;;
+                   tests/test_checkpoint.py tests/test_models.py -k cuda 2>&1 | tee "$OUT/tests.log" ;;
         # ViT-B-32 224 px bf16: training samples/s, peak memory, MFU against the measured bf16 matmul peak, image
         # embedding, each beside open_clip and transformers in the same run
         bench) bench bench-gpu 300 --parts embed train loss ;;

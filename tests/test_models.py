@@ -120,6 +120,20 @@ def test_patch_embedding_as_a_matrix_product_equals_the_convolution():
     torch.testing.assert_close(as_matrix, conv1(images).flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GEMM patch embedding runs on CUDA only")
+def test_cuda_vit_patch_embedding_equals_the_convolution():
+    model = clipforge.create_model("ViT-Tiny-64").cuda()
+    images = torch.randn(4, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        expected = model.visual.conv1(images).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(model.visual._embed_patches(images), expected, atol=1e-4, rtol=1e-3)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            embedded = model.visual._embed_patches(images)
+            expected = model.visual.conv1(images).flatten(2).transpose(1, 2)
+        assert embedded.dtype == torch.bfloat16  # the image was cast before its patches were gathered
+        torch.testing.assert_close(embedded.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_compiled_text_tower_traces_once_for_every_caption_length():
     """Under torch.compile the text tower runs padded: the CPU length grouping (a host sync on lengths) would break
     the graph and recompile for each new batch of lengths, which made `--torchcompile` on CPU slower than eager."""

@@ -133,7 +133,8 @@ class CLIP(nn.Module):
     def set_activation_recompute(self, enable: bool = True) -> None:
         """On (the default): the transformer blocks keep their LayerNorm, GELU and head-merge outputs out of memory
         and recompute them in backward, with the same gradients. Off keeps them: on an H200 (ViT-B-32, batch 256,
-        bf16) steps are 1.15x faster and the peak above weights and optimiser state 1.38x higher (docs/BENCHMARKS.md)."""
+        bf16) steps are 1.15x faster and the peak above weights and optimiser state 1.38x higher
+        (docs/BENCHMARKS.md)."""
         for tower in (self.visual, self.text):
             transformer = getattr(tower, "transformer", None)
             if hasattr(transformer, "lean"):
