@@ -4,6 +4,7 @@ import statistics
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import clipforge
 from clipforge import cli
@@ -130,6 +131,22 @@ def test_onnx_backends_are_timed_against_open_clip(monkeypatch):
     assert result["onnx-int8"]["open_clip_ratio"] == pytest.approx(
         statistics.median(o / n for n, o in zip(times["onnx-int8"], times["open_clip"])))
     assert "open_clip_ratio" not in result["open_clip"]
+
+
+def test_bf16_weights_are_timed_against_open_clip_and_embed_close_to_fp32(monkeypatch):
+    pytest.importorskip("open_clip")
+    times = _recording_interleaved(monkeypatch)
+    result = worker.run_task({"kind": "embed", "what": "image", "impls": ["clipforge", "open_clip", "bf16"],
+                              "model": "ViT-Tiny-64", "n": 8, "batch": 4, "repeats": 3, "threads": 1})
+    assert result["bf16"]["open_clip_ratio"] == pytest.approx(
+        statistics.median(o / b for b, o in zip(times["bf16"], times["open_clip"])))
+    ours = peers.build("ViT-Tiny-64").eval()
+    cast = peers.peer("bf16", ours)
+    assert {p.dtype for p in cast.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}  # a copy: the fp32 model is untouched
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert F.cosine_similarity(cast.encode_image(images).float(), ours.encode_image(images)).min() > 0.99
 
 
 def test_tokenizer_speed_is_cold_with_a_fresh_tokenizer_per_repeat():

@@ -150,6 +150,21 @@ def test_cli_zeroshot_writes_clip_benchmark_json_and_plot(tiny_dataset, checkpoi
     assert total > 2 and sum(map(sum, json.loads(out.read_text())["confusion_matrix"])) == 2  # the first 2 only
 
 
+def test_cli_eval_at_bf16_caches_its_own_features(tiny_dataset, checkpoint, tmp_path):
+    """Features at another precision are other features: a bf16 run neither reuses nor overwrites fp32's cache."""
+    cache = tmp_path / "cache"
+    common = ["eval", "zeroshot", "--pretrained", checkpoint, "--dataset-root", str(tiny_dataset), "--cache-dir",
+              str(cache), "--quiet"]
+    assert cli.main([*common, "--output", str(tmp_path / "fp32.json")]) == 0
+    fp32_files = set(cache.glob("*.pt"))
+    assert cli.main([*common, "--output", str(tmp_path / "bf16.json"), "--precision", "bf16"]) == 0
+    bf16_files = set(cache.glob("*.pt")) - fp32_files
+    assert len(fp32_files) == len(bf16_files) == 1
+    fp32, bf16 = (torch.load(next(iter(f)), weights_only=True)["features"] for f in (fp32_files, bf16_files))
+    assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)  # bf16 rounding, handed back as float32
+    assert F.cosine_similarity(fp32, bf16).min() > 0.99
+
+
 def test_cli_linear_probe_and_fewshot(tiny_dataset, checkpoint, tmp_path):
     common = ["--pretrained", checkpoint, "--dataset-root", str(tiny_dataset), "--no-cache", "--quiet"]
     assert cli.main(["eval", "linear-probe", *common, "--output", str(tmp_path / "lp.json")]) == 0

@@ -56,6 +56,7 @@ def test_embeddings_are_sharded_float16_with_metadata(collection):
     assert rows[0]["caption"].startswith("a ") and rows[0]["width"] == 64
     info = json.loads((emb / "embed_info.json").read_text())
     assert info["skipped"] == 1 and info["model_spec"]["pretrained"] == collection["ckpt"]
+    assert info["weights_dtype"] == "float32"  # --precision auto on CPU
 
 
 def test_embedding_resumes_at_the_first_missing_shard(collection, tmp_path):
@@ -126,6 +127,45 @@ def test_search_cli_orders_by_score_and_finds_an_image_by_itself(collection, cap
     query = collection["images"] / "shape007.png"
     assert cli.main(["search", str(collection["emb"]), "--image", str(query), "-k", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["path"].endswith("shape007.png")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_embedding_at_reduced_precision_gives_float_vectors_close_to_fp32s(collection, tmp_path, capsys, precision):
+    """--precision casts the weights (the GPU default is bf16, as OpenAI's CLIP loads fp16 there): the collection
+    stays float16 vectors, each within rounding of the fp32 one, and a query image finds itself."""
+    from clipforge.retrieval import load_embeddings
+
+    out = tmp_path / precision
+    assert cli.main(["embed", str(collection["images"]), str(out), "--pretrained", collection["ckpt"],
+                     "--shard-size", "16", "--precision", precision, "--no-progress"]) == 0
+    assert json.loads((out / "embed_info.json").read_text())["weights_dtype"] == {"bf16": "bfloat16",
+                                                                                  "fp16": "float16"}[precision]
+    (reduced, rows), (full, full_rows) = load_embeddings(out), load_embeddings(collection["emb"])
+    assert rows == full_rows and reduced.dtype == full.dtype
+    cosine = (reduced.astype(np.float32) * full.astype(np.float32)).sum(axis=1)
+    assert cosine.min() > 0.99 and not np.array_equal(reduced, full), cosine.min()  # rounded, not recomputed fp32
+    query = collection["images"] / "shape007.png"
+    assert cli.main(["index", "build", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["search", str(out), "--image", str(query), "-k", "5", "--json", "--precision", precision]) == 0
+    # a random tower puts these shapes within 0.003 of each other: rounding may reorder the nearest few
+    hits = json.loads(capsys.readouterr().out)
+    assert any(h["path"].endswith("shape007.png") and h["score"] > 0.99 for h in hits), hits
+
+
+def test_precision_auto_is_bf16_on_a_gpu_only_and_onnx_refuses_another():
+    from clipforge.inference import inference_dtype, load_for_inference
+
+    assert inference_dtype("auto", "cuda:1") == torch.bfloat16 and inference_dtype("auto", "cpu") == torch.float32
+    assert inference_dtype(None, "cpu") == torch.float32 and inference_dtype("fp16", "cpu") == torch.float16
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        inference_dtype("int4", "cpu")
+    model, _, _ = load_for_inference("ViT-Tiny-64", precision="bf16", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    images = torch.randn(2, 3, 64, 64)  # float32, as preprocessing gives them
+    assert model.encode_image(images).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="fp32 graph; got --precision bf16"):
+        load_for_inference("unused", backend="onnx", precision="bf16")
 
 
 def _vector_collection(folder, vectors):

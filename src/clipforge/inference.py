@@ -15,10 +15,37 @@ def add_model_arguments(p: argparse.ArgumentParser, recorded: bool = False) -> N
                                         "Hugging Face folder)" + note)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda if available]")
     p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (trusted files only)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the weights' dtype: auto = bf16 on a GPU (as OpenAI's CLIP loads fp16 there; features "
+                        "differ from fp32's by bf16 rounding, docs/BENCHMARKS.md), fp32 on CPU, where most "
+                        "processors multiply bf16 slowly [auto]")
     p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"], default=None,
                    help="run the model in PyTorch, or in ONNX Runtime (CPU) from a folder written by `clipforge "
                         "export onnx` given as --model; onnx-int8 uses its int8 image tower [onnx for such a "
                         "folder, else torch]")
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def inference_dtype(precision: str | None, device: str):
+    """The dtype ``--precision`` asks for on ``device``: "auto" (or None) is bf16 on CUDA and fp32 elsewhere."""
+    import torch
+
+    if precision in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    return dtypes[precision]
+
+
+def weights_dtype(model):
+    """The dtype a loaded model computes in (float32 for one that holds no PyTorch weights, e.g. ONNX Runtime's)."""
+    import torch
+
+    parameters = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
+    return next((p.dtype for p in parameters if p.is_floating_point()), torch.float32)
 
 
 def default_device(device: str | None = None) -> str:
@@ -29,14 +56,15 @@ def default_device(device: str | None = None) -> str:
 
 def load_for_inference(model: str | None = None, pretrained: str | None = None, device: str | None = None,
                        trust_pickle: bool = False, collection: str | os.PathLike | None = None,
-                       backend: str | None = None):
+                       backend: str | None = None, precision: str | None = "fp32"):
     """``(model, preprocess, tokenizer)`` in eval mode on ``device``.
 
     ``model`` alone: a zoo name (random weights) or a checkpoint path; ``pretrained`` alone: a checkpoint path; both:
     the named architecture with those weights (a tag or a path). ``collection``: an embedded collection (checked to
     be one before anything loads) whose recorded ``--model``/``--pretrained`` are used when neither is given.
     ``backend``: "torch", "onnx" or "onnx-int8" (clipforge.onnx_backend); by default an ONNX export folder runs
-    in ONNX Runtime and anything else in PyTorch.
+    in ONNX Runtime and anything else in PyTorch. ``precision``: the weights' dtype (``inference_dtype``); images
+    are cast to it by ``encode_image``, and callers take features back as float32.
     """
     from . import load
 
@@ -53,13 +81,20 @@ def load_for_inference(model: str | None = None, pretrained: str | None = None, 
 
     path = pretrained or model
     if backend in ("onnx", "onnx-int8") or (backend is None and is_onnx_export(path)):
+        if device not in (None, "cpu"):
+            raise ValueError(f"the ONNX backend runs on CPU; got --device {device}")
+        if precision not in (None, "auto", "fp32"):
+            raise ValueError(f"the ONNX backend runs the exported fp32 graph; got --precision {precision}")
         if not is_onnx_export(path):
             raise ValueError(f"--backend {backend} runs a folder written by `clipforge export onnx`, and {path} is "
                              f"not one: run `clipforge export onnx {path} OUT`, then pass --model OUT")
-        if device not in (None, "cpu"):
-            raise ValueError(f"the ONNX backend runs on CPU; got --device {device}")
         return load_onnx(path, int8=backend == "onnx-int8")
     device = default_device(device)
+    dtype = inference_dtype(precision, device)  # checked before anything loads
     if model is None or (pretrained is None and os.path.exists(model)):
-        return load(pretrained or model, device=device, trust_pickle=trust_pickle)
-    return load(model, pretrained=pretrained, device=device, trust_pickle=trust_pickle)
+        loaded = load(pretrained or model, device=device, trust_pickle=trust_pickle)
+    else:
+        loaded = load(model, pretrained=pretrained, device=device, trust_pickle=trust_pickle)
+    if dtype != weights_dtype(loaded[0]):
+        loaded[0].to(dtype)
+    return loaded

@@ -21,6 +21,16 @@ from .worker import run_in_subprocess
 PEERS = ("open_clip", "transformers")
 PARTS = ("tokenizer", "embed", "train", "loss")
 ONNX_BACKENDS = {"onnx": "image_embed_onnx_vs_open_clip", "onnx-int8": "image_embed_int8_vs_open_clip"}
+BF16_BACKEND = {"bf16": "image_embed_bf16_vs_open_clip"}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this processor multiplies bf16 natively (AVX512-BF16 or AMX); without, bf16 matmul is slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                    help="on CPU, also time the first model's image tower in ONNX Runtime, fp32 and int8 (needs "
                         "clipforge[onnx]; the export takes a minute)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="on CPU, also time the first model's image tower with bf16 weights (`--precision bf16`) "
+                        "[where the processor has bf16 instructions]")
     p.set_defaults(func=run)
 
 
@@ -89,9 +102,11 @@ def bench_embedding(args, device: str, ratios: dict) -> dict:
         if model_name != args.embed_models[0]:
             jobs = jobs[:1]  # the zoo's text towers are alike: time text once
         for what, n, batch in jobs:
-            # clipforge's ONNX Runtime backends (fp32, int8) on CPU, for the first model's images
-            backends = ONNX_BACKENDS if (what == "image" and not on_gpu and model_name == args.embed_models[0]
-                                         and args.onnx) else []
+            # clipforge's other CPU backends (ONNX Runtime fp32 and int8, bf16 weights), for the first model's images
+            backends = {}
+            if what == "image" and not on_gpu and model_name == args.embed_models[0]:
+                backends = {**(ONNX_BACKENDS if args.onnx else {}),
+                            **(BF16_BACKEND if (cpu_has_bf16() if args.bf16 is None else args.bf16) else {})}
             row = run_in_subprocess({"kind": "embed", "what": what, "impls": ["clipforge", *PEERS, *backends],
                                      "model": model_name, "n": n, "batch": batch, "repeats": args.repeats + 2,
                                      "device": device, "data": args.data})
@@ -100,7 +115,7 @@ def bench_embedding(args, device: str, ratios: dict) -> dict:
                 if "clipforge_ratio" in row.get(peer, {}):
                     suffix = "" if model_name == args.embed_models[0] else f"_{model_name}"
                     ratios[f"{what}_embed_vs_{peer}{suffix}"] = row[peer]["clipforge_ratio"]
-            for backend, key in ONNX_BACKENDS.items():
+            for backend, key in backends.items():
                 if "open_clip_ratio" in row.get(backend, {}):
                     ratios[key] = row[backend]["open_clip_ratio"]
             unit = f"{what}s_per_s"

@@ -7,8 +7,9 @@ import torch
 
 from ..checkpoint import clipforge_config_to_hf, clipforge_to_hf, clipforge_to_openai
 from ..models import create_model, get_model_config, is_resnet
+from .timing import CLIPFORGE_BACKENDS
 
-IMPLEMENTATIONS = ("clipforge", "open_clip", "transformers", "onnx", "onnx-int8")
+IMPLEMENTATIONS = ("clipforge", "open_clip", "transformers", *CLIPFORGE_BACKENDS)
 
 
 def build(name: str):
@@ -58,6 +59,10 @@ def peer(impl: str, ours):
         return model
     if impl in ("onnx", "onnx-int8"):
         return _onnx_peer(ours, int8=impl == "onnx-int8")
+    if impl == "bf16":  # as `--precision bf16` runs it: the weights cast, images cast by encode_image
+        import copy
+
+        return copy.deepcopy(ours).to(torch.bfloat16)
     if impl == "transformers":
         if is_resnet(ours.config):
             return None  # transformers' CLIPModel has no ResNet image tower

@@ -12,6 +12,10 @@ from pathlib import Path
 import torch
 
 
+# clipforge run another way (ONNX Runtime fp32 and int8, weights cast to bf16): each also timed against open_clip
+CLIPFORGE_BACKENDS = ("onnx", "onnx-int8", "bf16")
+
+
 def interleaved(runs: dict, repeats: int) -> dict:
     """``{name: [seconds per repeat]}``: each ``run()`` in turn, the order rotated every repeat."""
     names = list(runs)
@@ -26,7 +30,7 @@ def interleaved(runs: dict, repeats: int) -> dict:
 
 def summary(times: dict, items: int, unit: str) -> dict:
     """Median/min/max rate per implementation and, for peers, ``clipforge_ratio``: the median of adjacent-run
-    ratios (> 1: clipforge faster). clipforge's other backends ("onnx", "onnx-int8") also get ``open_clip_ratio``:
+    ratios (> 1: clipforge faster). clipforge's other backends (``CLIPFORGE_BACKENDS``) also get ``open_clip_ratio``:
     the same against open_clip (> 1: the backend faster)."""
     out = {}
     for name, ts in times.items():
@@ -34,7 +38,7 @@ def summary(times: dict, items: int, unit: str) -> dict:
         out[name] = {unit: statistics.median(rates), "min": min(rates), "max": max(rates)}
         if name != "clipforge" and "clipforge" in times:
             out[name]["clipforge_ratio"] = statistics.median(p / c for c, p in zip(times["clipforge"], ts))
-        if name.startswith("onnx") and "open_clip" in times:
+        if name in CLIPFORGE_BACKENDS and "open_clip" in times:
             out[name]["open_clip_ratio"] = statistics.median(p / c for c, p in zip(ts, times["open_clip"]))
     return out
 

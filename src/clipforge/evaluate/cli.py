@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..inference import add_model_arguments, load_for_inference
+from ..inference import add_model_arguments, load_for_inference, weights_dtype
 from ..caption_lm import PRIOR_IMAGES
 
 TASKS = ("zeroshot", "retrieval", "linear-probe", "fewshot", "robustness")
@@ -98,9 +98,10 @@ def cached_features(args, model, dataset, split: str, preprocess, raw: bool = Fa
     from ..pretrained import cache_dir
     from .features import embed_labelled
 
+    dtype = weights_dtype(model)  # features at another precision are other features (fp32's key is unchanged)
     key = hashlib.sha256(f"{_model_key(args, model)}|{Path(args.dataset_root).resolve()}|{split}|"
                          f"{model.image_size}{'|raw' if raw else ''}{f'|first {limit}' if limit else ''}"
-                         .encode()).hexdigest()[:20]
+                         f"{'' if dtype == torch.float32 else f'|{dtype}'}".encode()).hexdigest()[:20]
     folder = Path(args.cache_dir) if args.cache_dir else cache_dir() / "features"
     path = folder / f"{dataset.name}-{split}-{key}.pt"
     if not args.no_cache and path.exists():
@@ -195,7 +196,8 @@ def _load(args):
     from ..checkpoint import ImageTowerCheckpointError
 
     try:
-        return load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, backend=args.backend)
+        return load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, backend=args.backend,
+                                  precision=args.precision)
     except ImageTowerCheckpointError:
         from ..inference import default_device
         from ..models.image_tower import load_image_tower

@@ -111,7 +111,9 @@ class CLIP(nn.Module):
         return self.text.context_length
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.visual(images)
+        # preprocessing gives float32: a model cast to bf16 or fp16 for inference takes images in its own dtype
+        dtype = next(self.visual.parameters()).dtype
+        features = self.visual(images.to(dtype) if images.is_floating_point() else images)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:

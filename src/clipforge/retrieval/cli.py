@@ -40,7 +40,7 @@ def run_embed(args) -> int:
         if args.device is None and torch.cuda.is_available():
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     model, preprocess, tokenizer = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
-                                                      backend=args.backend)
+                                                      backend=args.backend, precision=args.precision)
     texts = [l.strip() for l in Path(args.texts).read_text().splitlines() if l.strip()] if args.texts else None
     try:
         device = next(model.parameters()).device
@@ -158,7 +158,8 @@ def run_search(args) -> int:
     if args.dedup is not None and not 0 < args.dedup <= 1:
         raise ValueError(f"--dedup {args.dedup}: a cosine similarity in (0, 1], e.g. 0.95")
     searcher = Searcher(args.folder, *load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
-                                                         collection=args.folder, backend=args.backend))
+                                                         collection=args.folder, backend=args.backend,
+                                                         precision=args.precision))
     hits = searcher.search_image(open_image(args.image), args.k, args.dedup) if args.image else \
         searcher.search_text(args.query, args.k, args.dedup)
     if args.json:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..data.sources import open_source
 from ..files import atomic_path
+from ..inference import weights_dtype
 from ..preprocess import BadImageError
 from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, image_shard, item_path, load_item,
                          write_image_shard, write_info)
@@ -71,7 +72,8 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
     device = device or next(model.parameters()).device
     items = list_items(input_spec)
     summary = {"input": paths.spec(input_spec), "dim": model.embed_dim, "model": getattr(model, "config", None),
-               "model_spec": {key: paths.spec(value) for key, value in (model_spec or {}).items()}, **paths.mark()}
+               "model_spec": {key: paths.spec(value) for key, value in (model_spec or {}).items()},
+               "weights_dtype": str(weights_dtype(model)).removeprefix("torch."), **paths.mark()}
     if rank == 0:  # before any shard: a collection cut short reads its paths the same way
         write_info(output, summary)
     n_shards = (len(items) + shard_size - 1) // shard_size
