@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 import clipforge
 from clipforge.models import UnknownModelError, get_model_config
@@ -132,6 +133,23 @@ def test_cuda_vit_patch_embedding_equals_the_convolution():
             expected = model.visual.conv1(images).flatten(2).transpose(1, 2)
         assert embedded.dtype == torch.bfloat16  # the image was cast before its patches were gathered
         torch.testing.assert_close(embedded.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="--precision auto is bf16 on CUDA only")
+@pytest.mark.parametrize("name", ["ViT-Tiny-64", "RN-Tiny-64"])
+def test_cuda_inference_loads_bf16_weights_by_default_and_embeds_like_fp32(name, tmp_path):
+    from clipforge.inference import load_for_inference
+
+    path = str(clipforge.save_pretrained(clipforge.create_model(name), tmp_path / "m"))
+    fp32, _, tokenizer = load_for_inference(pretrained=path, device="cuda", precision="fp32")
+    bf16, _, _ = load_for_inference(pretrained=path, device="cuda", precision="auto")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    images, tokens = torch.randn(4, 3, 64, 64, device="cuda"), tokenizer(["a red square", "two dogs"]).cuda()
+    with torch.no_grad():
+        for encode in ("encode_image", "encode_text"):
+            inputs = images if encode == "encode_image" else tokens
+            full, reduced = getattr(fp32, encode)(inputs), getattr(bf16, encode)(inputs).float()
+            assert F.cosine_similarity(full, reduced).min() > 0.99, encode
 
 
 def test_compiled_text_tower_traces_once_for_every_caption_length():
