@@ -56,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on CPU, also time the first model's image tower in ONNX Runtime, fp32 and int8 (needs "
                         "clipforge[onnx]; the export takes a minute)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="on CPU, also time the first model's image tower with bf16 weights (`--precision bf16`) "
-                        "[where the processor has bf16 instructions]")
+                   help="also time the first model's image tower with bf16 weights (`--precision bf16`, the GPU "
+                        "default) [on a GPU, and on CPUs with bf16 instructions]")
     p.set_defaults(func=run)
 
 
@@ -102,11 +102,12 @@ def bench_embedding(args, device: str, ratios: dict) -> dict:
         if model_name != args.embed_models[0]:
             jobs = jobs[:1]  # the zoo's text towers are alike: time text once
         for what, n, batch in jobs:
-            # clipforge's other CPU backends (ONNX Runtime fp32 and int8, bf16 weights), for the first model's images
+            # clipforge's other backends for the first model's images: ONNX Runtime fp32 and int8 on CPU; bf16
+            # weights (what `--precision auto` runs on a GPU) on a GPU and on CPUs with bf16 instructions
             backends = {}
-            if what == "image" and not on_gpu and model_name == args.embed_models[0]:
-                backends = {**(ONNX_BACKENDS if args.onnx else {}),
-                            **(BF16_BACKEND if (cpu_has_bf16() if args.bf16 is None else args.bf16) else {})}
+            if what == "image" and model_name == args.embed_models[0]:
+                bf16 = (on_gpu or cpu_has_bf16()) if args.bf16 is None else args.bf16
+                backends = {**(ONNX_BACKENDS if args.onnx and not on_gpu else {}), **(BF16_BACKEND if bf16 else {})}
             row = run_in_subprocess({"kind": "embed", "what": what, "impls": ["clipforge", *PEERS, *backends],
                                      "model": model_name, "n": n, "batch": batch, "repeats": args.repeats + 2,
                                      "device": device, "data": args.data})
