@@ -31,7 +31,7 @@ python3 -c "import torch, clipforge, open_clip; print('torch', torch.__version__
     || exit 1
 # Phases (arguments choose and order them; default: the most important first; what does not fit is cut). Each gets
 # what is left of a ~560 s budget (the device call allows 600) and writes its own files under $OUT, so a phase cut
-# short loses only itself (at most 8 files come back). On an H200, `tests bench` took ~320 s and `variants` ~40 s;
+# short loses only itself (at most 8 files come back). On an H200 `variants` and `bench` together took ~350 s;
 # the three compile phases compile every implementation three times each.
 PHASES=${*:-tests bench compile-b1024 variants profile}
 BUDGET=${GPU_CHECK_BUDGET:-560}
