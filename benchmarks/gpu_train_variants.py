@@ -103,9 +103,9 @@ def main() -> None:
                 "vs_before": statistics.median(b / x for b, x in zip(times["before"], t)),
                 "peak_memory_mb": peak.get(v), "max_feature_diff_vs_before": drift[v]} for v, t in times.items()}
     for v, row in rows.items():
+        peak = "n/a on CPU" if row["peak_memory_mb"] is None else f"{row['peak_memory_mb']:6.0f} MB"
         print(f"{v:14s} {row['ms_per_step']:7.1f} ms/step  {row['samples_per_s']:7.0f} samples/s  "
-              f"x{row['vs_before']:.3f} vs before  peak {row['peak_memory_mb'] or 0:6.0f} MB  "
-              f"feature diff {row['max_feature_diff_vs_before']:.1e}")
+              f"x{row['vs_before']:.3f} vs before  peak {peak}  feature diff {row['max_feature_diff_vs_before']:.1e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "batch": args.batch, "device": args.device, "torch": torch.__version__,

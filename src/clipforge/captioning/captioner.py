@@ -45,8 +45,9 @@ class Captioner(NamedTuple):
         if not spec:
             raise ValueError(f"{mapping_folder}: limber.json does not say which image encoder made the features")
         references = PathReferences(mapping_folder)
-        if references.find(spec):
-            spec = references.find(spec)
+        found = references.find(spec)
+        if found:
+            spec = found
         elif "@" in spec:  # a zoo name and its pretrained tag
             spec, pretrained = spec.rsplit("@", 1)
         else:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Transformer
 from .modified_resnet import ModifiedResNet
 from .text_transformer import TextTransformer
 from .vision_transformer import VisionTransformer
@@ -126,21 +127,23 @@ class CLIP(nn.Module):
         return CLIPOutput(image_features, text_features, self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX),
                           self.logit_bias)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
+    def _block_stacks(self):
+        """The towers' own transformer stacks (not a ResNet's, nor a Hugging Face text encoder's)."""
         for tower in (self.visual, self.text):
-            transformer = getattr(tower, "transformer", None)
-            if hasattr(transformer, "grad_checkpointing"):
-                transformer.grad_checkpointing = enable
+            if isinstance(getattr(tower, "transformer", None), Transformer):
+                yield tower.transformer
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for transformer in self._block_stacks():
+            transformer.grad_checkpointing = enable
 
     def set_activation_recompute(self, enable: bool = True) -> None:
         """On (the default): the transformer blocks keep their LayerNorm, GELU and head-merge outputs out of memory
         and recompute them in backward, with the same gradients. Off keeps them: on an H200 (ViT-B-32, batch 256,
         bf16) steps are 1.15x faster and the peak above weights and optimiser state 1.38x higher
         (docs/BENCHMARKS.md)."""
-        for tower in (self.visual, self.text):
-            transformer = getattr(tower, "transformer", None)
-            if hasattr(transformer, "lean"):
-                transformer.lean = enable
+        for transformer in self._block_stacks():
+            transformer.lean = enable
 
     def lock_image_tower(self) -> None:
         """LiT: freeze the image tower (weights and batch-norm statistics)."""
