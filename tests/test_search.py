@@ -812,3 +812,43 @@ def test_items_in_shards_are_read_by_offset_with_every_caption(tmp_path):
     image, caption = load_item(items[1])
     assert image.getpixel((0, 0)) == (0, 128, 0) and caption == "first 1"
     assert item_captions(items[2]) == ["first 2", "second 2"]
+
+
+def test_a_corrupt_or_cut_short_shard_is_reported_and_the_rest_embedded(tmp_path, capsys):
+    """One bad shard must not stop a long embedding run: a file that is not a tar is skipped, a shard cut short
+    keeps the members it holds in full, and both are named on stderr and counted."""
+    from conftest import shapes_shard
+
+    from clipforge.data import open_source
+    from clipforge.data.sources import shard_index
+
+    shards = tmp_path / "shards"
+    whole = shapes_shard(shards / "a-000000.tar", 12)
+    data = whole.read_bytes()
+    png_at = shard_index(str(whole)).members["shape-0000008"]["png"][0]
+    (shards / "b-000001.tar").write_bytes(data[:png_at + 50])  # cut inside a member's data
+    (shards / "c-000002.tar").write_bytes(b"not a tar file" * 10)
+    for cut in (png_at - 512, png_at - 300):  # at a header, inside one: tarfile alone ends quietly at either
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        shard_index.cache_clear()
+        assert "no end-of-archive block" in shard_index(str(tmp_path / "cut.tar")).problem
+    assert shard_index(str(whole)).problem is None
+    source = open_source(str(shards), shuffle_buffer=0)
+    items = source.catalogue()
+    from_cut = [item for item in items if item["shard"].endswith("b-000001.tar")]
+    assert source.bad_shards == 2 and 0 < len(from_cut) < 12 and len(items) == 12 + len(from_cut)
+    assert len(source) == 12 + len(from_cut)  # what --epochs counts
+    err = capsys.readouterr().err
+    assert "b-000001.tar: truncated inside shape-0000008.png" in err and "c-000002.tar: not a readable tar file" in err
+
+    ckpt = str(clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64"), tmp_path / "model"))
+    assert cli.main(["embed", str(shards), str(tmp_path / "emb"), "--pretrained", ckpt, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"embedded {len(items)} images" in out and "2 input shards unreadable or cut short" in out
+    assert json.loads((tmp_path / "emb" / "embed_info.json").read_text())["bad_input_shards"] == 2
+
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    shutil.copy(shards / "c-000002.tar", only_bad / "c.tar")
+    assert cli.main(["embed", str(only_bad), str(tmp_path / "emb2"), "--pretrained", ckpt, "--no-progress"]) == 2
+    assert "no images in the shards (1 unreadable)" in capsys.readouterr().err

@@ -193,6 +193,18 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step-00000006" / "model.safetensors").exists()
 
 
+def test_a_bad_shard_is_counted_and_skipped_when_training_by_epochs(tmp_path):
+    """--epochs counts samples from the tar headers: a shard that is not a tar must not stop that count or the run."""
+    shards = tmp_path / "shards"
+    shapes_shard(shards / "a-000000.tar", 32)
+    (shards / "b-000001.tar").write_bytes(b"not a tar file" * 10)
+    cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shards), batch_size=8, epochs=1, workers=0, save_every=0,
+                      output=str(tmp_path / "run"), progress=False)
+    summary = train(cfg)
+    assert summary["steps"] == 4  # 32 readable samples / 8
+    assert summary["skipped"].get("bad_shard_or_member", 0) >= 1
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     shard = shapes_shard(tmp_path / "s-000000.tar", 32)
     cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), batch_size=8, steps=4, workers=0, save_every=2,

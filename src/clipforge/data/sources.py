@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import os
 import random
+import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -70,10 +72,53 @@ def source_classnames(source, needed_for: str | None = None) -> list[str] | None
     return names
 
 
+@dataclass(frozen=True)
+class ShardIndex:
+    """What a tar shard's headers say: ``members`` maps key -> {extension: (byte offset, size)} for every member
+    whose data the file holds in full; ``problem`` says why the rest could not be read (None for a whole shard)."""
+
+    members: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    problem: str | None = None
+
+
+@lru_cache(maxsize=64)
+def shard_index(url: str) -> ShardIndex:
+    """Read a local shard's tar headers once (no member data). Never raises for a corrupt or truncated file: its
+    readable part is indexed and ``problem`` names the damage, for the caller to count or report."""
+    import tarfile
+
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    problem = None
+    try:
+        size = os.path.getsize(url)
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if not (member.isfile() and "." in member.name):
+                    continue
+                if member.offset_data + member.size > size:
+                    problem = f"truncated inside {member.name}"
+                    break
+                key, ext = member.name.split(".", 1)
+                members.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+            else:  # tarfile ends quietly at a cut or garbled header: a whole archive ends with a zero block there
+                with open(url, "rb") as handle:
+                    handle.seek(tar.offset)
+                    end = handle.read(512)
+                if len(end) < 512 or any(end):
+                    problem = (f"cut short or damaged after {sum(map(len, members.values()))} members "
+                               f"(no end-of-archive block at byte {tar.offset})")
+    except (tarfile.TarError, OSError, EOFError) as error:
+        detail = str(error).splitlines()[0].rstrip(":")
+        problem = (f"truncated after {sum(map(len, members.values()))} members ({detail})" if members
+                   else f"not a readable tar file ({detail})")
+    return ShardIndex(members, problem)
+
+
 class ShardSource:
     """WebDataset tar shards (img2dataset layout: image + txt [+ json]; or CLIP_benchmark: image + cls)."""
 
     classnames = None
+    bad_shards = 0  # unreadable or truncated shards met by the last count or catalogue
 
     def __init__(self, spec: str, shuffle_buffer: int = 1000):
         self.spec = spec
@@ -95,31 +140,30 @@ class ShardSource:
             raise ValueError(f"cannot {what} of remote shards ({remote[0]}); pass local files")
         return self.urls
 
+    def _indexes(self, what: str) -> list[tuple[str, ShardIndex]]:
+        """Every local shard's header index; a shard that is not a tar file, or is cut short, is reported once on
+        stderr (what it still holds in full is kept), so one bad shard does not stop a long job."""
+        indexes = [(url, shard_index(url)) for url in self._local_urls(what)]
+        bad = [(url, index) for url, index in indexes if index.problem]
+        for url, index in bad[:3]:
+            print(f"warning: {url}: {index.problem}", file=sys.stderr)
+        if len(bad) > 3:
+            print(f"warning: {len(bad) - 3} more unreadable or truncated shards", file=sys.stderr)
+        self.bad_shards = len(bad)
+        return indexes
+
     def __len__(self) -> int:
         """Number of samples, counted from the tar headers of local shards (no decoding)."""
-        import tarfile
-
-        keys = set()
-        for url in self._local_urls("count the samples"):
-            with tarfile.open(url) as tar:
-                keys.update((url, m.name.split(".", 1)[0]) for m in tar if m.isfile())
-        return len(keys)
+        return sum(len(index.members) for _, index in self._indexes("count the samples"))
 
     def catalogue(self) -> list[dict]:
         """``{"shard", "key"}`` of every sample that holds an image, in shard order, read from the tar headers."""
-        import tarfile
-
-        items = []
-        for url in self._local_urls("list the images"):
-            keys: dict[str, set] = {}
-            with tarfile.open(url) as tar:
-                for member in tar:
-                    if member.isfile() and "." in member.name:
-                        key, ext = member.name.split(".", 1)
-                        keys.setdefault(key, set()).add(ext.lower())
-            items += [{"shard": url, "key": key} for key, exts in keys.items() if exts & set(IMAGE_EXTENSIONS)]
+        items = [{"shard": url, "key": key}
+                 for url, index in self._indexes("list the images")
+                 for key, members in index.members.items() if members.keys() & set(IMAGE_EXTENSIONS)]
         if not items:
-            raise ValueError(f"{self.spec}: no images in the shards")
+            raise ValueError(f"{self.spec}: no images in the shards"
+                             + (f" ({self.bad_shards} unreadable)" if self.bad_shards else ""))
         return items
 
     def samples(self, part: int, parts: int, epoch: int, seed: int, errors: Counter) -> Iterator[dict]:

@@ -52,8 +52,10 @@ def run_embed(args) -> int:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if rank == 0:
+        bad_shards = (f"; {stats['bad_input_shards']} input shards unreadable or cut short, their readable part "
+                      f"embedded" if stats.get("bad_input_shards") else "")
         print(f"embedded {stats['embedded']} images into {args.output} ({stats['skipped']} unreadable, skipped; "
-              f"{stats['reused_shards']} shards already done)")
+              f"{stats['reused_shards']} shards already done{bad_shards})")
     return 0
 
 

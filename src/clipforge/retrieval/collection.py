@@ -13,7 +13,6 @@ stored them as typed, relative to the working directory of the time, and are rea
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -84,23 +83,11 @@ def item_from_path(path: str) -> dict:
     return {"path": path}
 
 
-@lru_cache(maxsize=64)
-def _shard_index(url: str) -> dict[str, dict[str, tuple[int, int]]]:
-    """{key: {extension: (byte offset, size)}} of a tar shard, read once from its headers."""
-    import tarfile
-
-    index: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(url) as tar:
-        for member in tar:
-            if member.isfile() and "." in member.name:
-                key, ext = member.name.split(".", 1)
-                index.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
-    return index
-
-
 def _shard_member(item: dict, extensions) -> bytes | None:
     """The bytes of the item's first member with one of ``extensions``, read by offset (no other member is read)."""
-    members = _shard_index(item["shard"])[item["key"]]
+    from ..data.sources import shard_index
+
+    members = shard_index(item["shard"]).members[item["key"]]
     ext = next((e for e in extensions if e in members), None)
     if ext is None:
         return None

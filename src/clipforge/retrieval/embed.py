@@ -20,12 +20,6 @@ from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, image_sha
                          write_image_shard, write_info)
 
 
-def list_items(input_spec: str) -> list[dict]:
-    """Every image of the collection as ``{"path", "caption"}`` or ``{"shard", "key"}``, without decoding images
-    (``clipforge.data.open_source`` decides what the spec names)."""
-    return open_source(input_spec, shuffle_buffer=0).catalogue()
-
-
 class _DecodedItems(torch.utils.data.Dataset):
     """Item i -> (preprocessed image, metadata row), or None when it cannot be read (counted, then skipped)."""
 
@@ -70,14 +64,16 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
     (output / "img_emb").mkdir(parents=True, exist_ok=True)
     (output / "metadata").mkdir(parents=True, exist_ok=True)
     device = device or next(model.parameters()).device
-    items = list_items(input_spec)
+    source = open_source(input_spec, shuffle_buffer=0)  # what the spec names; catalogue(): items, undecoded
+    items = source.catalogue()
     summary = {"input": paths.spec(input_spec), "dim": model.embed_dim, "model": getattr(model, "config", None),
                "model_spec": {key: paths.spec(value) for key, value in (model_spec or {}).items()},
                "weights_dtype": str(weights_dtype(model)).removeprefix("torch."), **paths.mark()}
     if rank == 0:  # before any shard: a collection cut short reads its paths the same way
         write_info(output, summary)
     n_shards = (len(items) + shard_size - 1) // shard_size
-    stats = {"images": len(items), "embedded": 0, "skipped": 0, "reused_shards": 0, "shards": n_shards}
+    stats = {"images": len(items), "embedded": 0, "skipped": 0, "reused_shards": 0, "shards": n_shards,
+             "bad_input_shards": getattr(source, "bad_shards", 0)}
     bar = tqdm(total=len(items), desc="embedding", unit="img", disable=not progress)
     for shard in range(rank, n_shards, world_size):
         emb_path, meta_path = image_shard(output, shard)
