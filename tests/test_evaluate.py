@@ -193,6 +193,14 @@ def test_label_outside_the_class_list_is_a_clear_error(tiny_dataset, checkpoint,
     assert code == 2 and "label 7 is outside the class list (3 classes)" in capsys.readouterr().err
 
 
+def test_bad_templates_fail_before_any_image_is_embedded(tiny_dataset, checkpoint, tmp_path, capsys):
+    code = cli.main(["eval", "zeroshot", "--pretrained", checkpoint, "--dataset-root", str(tiny_dataset),
+                     "--templates", "no placeholder", "--cache-dir", str(tmp_path / "cache"), "--quiet",
+                     "--output", str(tmp_path / "x.json")])
+    assert code == 2 and "a template with '{}'" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # nothing was embedded (the features would have been cached)
+
+
 def test_empty_dataset_missing_classnames_and_bad_templates(tmp_path, checkpoint, capsys):
     root = tmp_path / "ds"
     write_shard(root / "test" / "test-000000.tar", [{"__key__": "x", "txt": "no image, no label"}])

@@ -97,6 +97,11 @@ def test_wise_ft_and_alpha_errors(clip_checkpoint):
     assert parse_alphas("0:1:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0] and parse_alphas("0.3") == [0.3]
     with pytest.raises(ValueError, match="between 0"):
         parse_alphas("1.5")
+    for spec in ("2:1", "a", "0:1:x"):  # were a bare unpacking or float() error
+        with pytest.raises(ValueError, match="expected numbers such as"):
+            parse_alphas(spec)
+    with pytest.raises(ValueError, match="goes up from start to stop"):
+        parse_alphas("1:0:0.1")
     clip, _, tokenizer = clipforge.load(clip_checkpoint)
     a = CLIPClassifier.from_zero_shot(clip, COLOURS, ["a {}"], tokenizer)
     b = CLIPClassifier.from_zero_shot(clip, COLOURS[::-1], ["a {}"], tokenizer)

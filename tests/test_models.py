@@ -91,12 +91,21 @@ def test_openai_slash_names_are_accepted():
     assert get_model_config("ViT-B/32") == get_model_config("ViT-B-32")
 
 
-def test_wrong_image_shape_is_a_clear_error():
-    model = clipforge.create_model("ViT-Tiny-64")
+@pytest.mark.parametrize("name", ["ViT-Tiny-64", "RN-Tiny-64"])
+def test_wrong_image_or_token_shape_or_dtype_is_a_clear_error(name):
+    model = clipforge.create_model(name)
     with pytest.raises(ValueError, match="64x64"):
         model.encode_image(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         model.encode_image(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="expected float images .* got torch.uint8"):  # forgot the preprocess
+        model.encode_image(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="expected integer token ids .* got torch.float32"):  # was "length 77 exceeds"
+        model.encode_text(torch.zeros(1, 77))
+    with pytest.raises(ValueError, match="length 40 exceed context_length 32"):
+        model.encode_text(torch.zeros(1, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \[N, context_length\]"):
+        model.encode_text(torch.zeros(32, dtype=torch.long))
 
 
 def test_length_grouped_text_encoding_matches_one_by_one():

@@ -852,3 +852,17 @@ def test_a_corrupt_or_cut_short_shard_is_reported_and_the_rest_embedded(tmp_path
     shutil.copy(shards / "c-000002.tar", only_bad / "c.tar")
     assert cli.main(["embed", str(only_bad), str(tmp_path / "emb2"), "--pretrained", ckpt, "--no-progress"]) == 2
     assert "no images in the shards (1 unreadable)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search", "emb", "a dog", "-k", "0"], "argument -k: 0: expected a whole number of at least 1"),
+    (["serve", "emb", "--port", "99999"], "argument --port: 99999: expected a TCP port"),  # was a traceback
+    (["index", "build", "emb", "--target-recall", "2"], "argument --target-recall: 2"),  # was accepted
+    (["embed", "in", "out", "--batch-size", "abc"], "argument --batch-size: 'abc' is not an integer"),
+    (["eval", "zeroshot", "--max-images", "0"], "argument --max-images: 0"),
+    (["caption", "train", "--save-every", "0"], "argument --save-every: 0"),  # was a ZeroDivisionError at step 1
+])
+def test_out_of_range_numbers_are_the_flags_own_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -68,7 +69,9 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     shard = shapes_shard(tmp_path / "data" / "shapes-000000.tar", 96)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
     steps = 40
-    subprocess.run(_train_cmd(shard, tmp_path / "straight", steps), check=True, env=env, capture_output=True)
+    straight = subprocess.run(_train_cmd(shard, tmp_path / "straight", steps, ["--resume", "latest"]), check=True,
+                              env=env, capture_output=True, text=True)  # nothing to resume yet: a fresh run
+    assert "--resume latest: no checkpoint in" in straight.stderr
 
     victim = subprocess.Popen(_train_cmd(shard, tmp_path / "killed", steps), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -82,8 +85,9 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     done = sorted(p.name for p in checkpoints.glob("step-*"))
     assert done and done[-1] < f"step-{steps:08d}"
 
-    subprocess.run(_train_cmd(shard, tmp_path / "killed", steps, ["--resume", "latest"]), check=True, env=env,
-                   capture_output=True)
+    resumed_run = subprocess.run(_train_cmd(shard, tmp_path / "killed", steps, ["--resume", "latest"]), check=True,
+                                 env=env, capture_output=True, text=True)
+    assert f"resuming from {checkpoints / done[-1]} at step {int(done[-1][5:])}" in resumed_run.stderr
     final = f"checkpoints/step-{steps:08d}/model.safetensors"
     straight, resumed = load_file(tmp_path / "straight" / final), load_file(tmp_path / "killed" / final)
     for key in straight:
@@ -191,6 +195,22 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["skipped_samples"] == sum(summary["skipped"].values())
     assert (tmp_path / "run" / "checkpoints" / "step-00000006" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"batch_size": 0}, "--batch-size 0: expected a whole number of at least 1"),  # hung in the data loader
+    ({"log_every": 0}, "--log-every 0"), ({"accum_freq": 0}, "--accum-freq 0"), ({"steps": 0}, "--steps 0"),
+    ({"lr": -1.0}, "--lr -1.0: expected a number above 0"), ({"epochs": 0.0, "steps": None}, "--epochs 0.0"),
+    ({"beta2": 1.0}, "--beta2 1.0"), ({"patch_dropout": 1.0}, "--patch-dropout 1.0"),
+    ({"crop_scale": (0.5, 2.0)}, "--crop-scale 0.5 2.0"), ({"grad_clip": 0.0}, "--grad-clip 0.0"),
+    ({"batch_size": 2.5}, "--batch-size 2.5"),  # a config file's float
+])
+def test_settings_out_of_range_are_refused_before_anything_runs(tmp_path, setting, message):
+    cfg = TrainConfig(**{"model": "ViT-Tiny-64", "train_data": str(tmp_path / "none.tar"), "steps": 2,
+                         "output": str(tmp_path / "run"), **setting})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_bad_shard_is_counted_and_skipped_when_training_by_epochs(tmp_path):

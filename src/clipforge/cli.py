@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from .argtypes import positive_int
+
 EPILOG = """examples:
   clipforge demo                                   train ViT-Tiny-64 on generated shapes (~2 min CPU), HTML report
   clipforge models                                 list the architectures in the zoo and their pretrained tags
@@ -79,7 +81,7 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     p = sub.add_parser("tokenize", help="print token ids of texts (OpenAI CLIP BPE)")
     p.add_argument("texts", nargs="+")
     p.add_argument("--model", default=None, help="zoo model whose context length to use")
-    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--context-length", type=positive_int, default=None)
     p.set_defaults(func=_cmd_tokenize)
 
     for register in _EXTRA_COMMANDS:

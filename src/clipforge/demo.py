@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .argtypes import non_negative_int, positive_int
 from .data.shapes import COLOURS, HELD_OUT_PAIRS, SHAPES, ShapesSource, caption
 from .evaluate.retrieval import retrieval_metrics
 from .preprocess import Preprocess
@@ -32,14 +33,14 @@ PROMPTS = ["a {}", "a picture of a {}", "a small {}", "a large {}"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--steps", type=int, default=360, help="training steps (~2 min on 2 CPU cores) [360]")
-    p.add_argument("--batch-size", type=int, default=64, help="[64]")
+    p.add_argument("--steps", type=positive_int, default=360, help="training steps (~2 min on 2 CPU cores) [360]")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="[64]")
     p.add_argument("--model", default="ViT-Tiny-64", help="zoo architecture [ViT-Tiny-64]")
     p.add_argument("--output", default="runs/demo", help="run folder: checkpoints, metrics, report.html [runs/demo]")
     p.add_argument("--data", help="train on real data instead (shards, CSV or folder; see clipforge train --help)")
     p.add_argument("--val-data", help="with --data: held-out data for retrieval in the report")
     p.add_argument("--label-captions", help="with --data on labelled shards: 'default' or a templates file")
-    p.add_argument("--workers", type=int, default=2, help="[2]")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="[2]")
     p.add_argument("--seed", type=int, default=0, help="[0]")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run)

@@ -95,14 +95,19 @@ def wise_ft(zeroshot: CLIPClassifier, finetuned: CLIPClassifier, alpha: float) -
 
 def parse_alphas(spec: str) -> list[float]:
     """``"0.5"``, ``"0,0.5,1"`` or ``"0:1:0.1"`` (start:stop:step, stop included) -> mixing coefficients in [0, 1]."""
+    try:
+        if ":" in spec:
+            start, stop, step = (float(v) for v in spec.split(":"))
+        else:
+            values = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:  # a word, or a sweep without its three parts
+        raise ValueError(f"--alphas {spec!r}: expected numbers such as '0,0.5,1' or a sweep start:stop:step "
+                         f"such as 0:1:0.1") from None
     if ":" in spec:
-        start, stop, step = (float(v) for v in spec.split(":"))
-        if step <= 0:
-            raise ValueError(f"--alphas {spec!r}: the step must be positive")
+        if step <= 0 or stop < start:
+            raise ValueError(f"--alphas {spec!r}: a sweep goes up from start to stop by a positive step")
         count = int(round((stop - start) / step)) + 1
         values = [round(start + i * step, 10) for i in range(count)]
-    else:
-        values = [float(v) for v in spec.split(",") if v.strip()]
     bad = [v for v in values if not 0 <= v <= 1]
     if not values or bad:
         raise ValueError(f"--alphas {spec!r}: coefficients between 0 (zero-shot) and 1 (fine-tuned), got {bad or 'none'}")

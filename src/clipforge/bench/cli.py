@@ -17,6 +17,7 @@ from .corpora import distinct_captions
 from .tasks import loss_memory, tokenizer_speed
 from .timing import matmul_peak_gflops
 from .worker import run_in_subprocess
+from ..argtypes import positive_int
 
 PEERS = ("open_clip", "transformers")
 PARTS = ("tokenizer", "embed", "train", "loss")
@@ -44,12 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda [cuda when available]; GPU runs use bf16 autocast")
     p.add_argument("--train-model", default=None,
                    help="[CPU: ViT-Small-64 (6 layers, width 256, 64 px), batch 64; GPU: ViT-B-32 at 224 px, batch 256]")
-    p.add_argument("--train-batch", type=int, default=None)
+    p.add_argument("--train-batch", type=positive_int, default=None)
     p.add_argument("--train-compile", action="store_true",
                    help="time training with every implementation's model under torch.compile (as `clipforge train "
                         "--torchcompile` runs it); the first steps, which compile, are not timed")
     p.add_argument("--embed-models", nargs="+", default=["ViT-B-32", "RN50"])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                    help="measure only these [all: " + " ".join(PARTS) + "]")
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,

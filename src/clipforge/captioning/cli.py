@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from .captioner import RANDOM_TOWER, Captioner
+from ..argtypes import non_negative_int, positive_float, positive_int
 
 DESCRIPTION = """Caption images with LiMBer: a frozen CLIP image tower, a frozen language model, and one trained
 linear layer mapping image features to a few input vectors of the language model.
@@ -48,24 +49,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--data", required=True, help="captioned shards, CSV or image folder (one image, its captions)")
     t.add_argument("--label-captions", action="store_true",
                    help="labelled shards (image + .cls, classnames.txt beside them): captions made from class names")
-    t.add_argument("--max-images", type=int, help="use at most this many images")
-    t.add_argument("--prefix-tokens", type=int, default=4, help="LM input vectors per image; on Flickr8k 1-2 "
+    t.add_argument("--max-images", type=positive_int, help="use at most this many images")
+    t.add_argument("--prefix-tokens", type=positive_int, default=4, help="LM input vectors per image; on Flickr8k 1-2 "
                    "were far worse, 8-16 a little better than 4 (docs/BENCHMARKS.md) [4]")
     t.add_argument("--prompt", default="", help='text between the image prompt and each caption, not scored (e.g. '
                    '"A picture of"); generation uses it too [none]')
-    t.add_argument("--steps", type=int, default=300, help="optimiser steps [300]")
-    t.add_argument("--batch-size", type=int, default=16, help="[16]")
-    t.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of the map's weights; its bias (the shared "
+    t.add_argument("--steps", type=positive_int, default=300, help="optimiser steps [300]")
+    t.add_argument("--batch-size", type=positive_int, default=16, help="[16]")
+    t.add_argument("--lr", type=positive_float, default=3e-4, help="AdamW learning rate of the map's weights; its bias (the shared "
                    "soft prompt) learns 10x faster. 3e-4 beat 1e-3 on Flickr8k dev loss at every point measured (two "
                    "seeds, docs/BENCHMARKS.md) [3e-4]")
     t.add_argument("--max-grad-norm", type=float, default=1.0,
                    help="clip the map's gradient to this norm; 0: never. The frozen LM's rare gradient spikes otherwise "
                         "throw the map off for good [1.0]")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--save-every", type=int, default=50, help="checkpoint the map every N steps [50]")
+    t.add_argument("--save-every", type=positive_int, default=50, help="checkpoint the map every N steps [50]")
     t.add_argument("--val-data", help="captioned development data (e.g. flickr8k/dev): the map's loss on it is logged "
                                       "every --save-every steps (val_loss in log.jsonl), to choose steps and rates on")
-    t.add_argument("--val-images", type=int, default=200, help="development images used, all their captions [200]")
+    t.add_argument("--val-images", type=positive_int, default=200, help="development images used, all their captions [200]")
     t.add_argument("--resume", action="store_true", help="continue from the map and optimizer state in --output")
     t.add_argument("--output", required=True, help="folder for limber.json, mapping.safetensors, log.jsonl")
     t.add_argument("--device", default="cpu")
@@ -78,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", help='text after the image prefix, e.g. "A picture of" [the one it was trained with]')
     g.add_argument("--question", help="answer this about each image instead of captioning it: zero-shot, asked as "
                                       "' Q: ... A:' after the image (as caption vqa and serve's /ask ask it)")
-    g.add_argument("--max-new-tokens", type=int, help="[24 for a caption, 5 for an answer]")
+    g.add_argument("--max-new-tokens", type=positive_int, help="[24 for a caption, 5 for an answer]")
     g.add_argument("--json", action="store_true", help="one JSON object per image instead of 'path: text'")
     g.add_argument("--device", default="cpu")
     g.set_defaults(caption_func=run_generate)
@@ -88,10 +89,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--data", required=True,
                    help="captioned shards, CSV or image folder: its captions are the references")
     e.add_argument("--label-captions", action="store_true", help="labelled shards: references made from class names")
-    e.add_argument("--max-images", type=int, default=500, help="[500]")
+    e.add_argument("--max-images", type=positive_int, default=500, help="[500]")
     e.add_argument("--prompt", help="text after the image prefix [the one it was trained with]")
-    e.add_argument("--max-new-tokens", type=int, default=24)
-    e.add_argument("--batch-size", type=int, default=32, help="images captioned per language-model call [32]")
+    e.add_argument("--max-new-tokens", type=positive_int, default=24)
+    e.add_argument("--batch-size", type=positive_int, default=32, help="images captioned per language-model call [32]")
     e.add_argument("--judge", help="the CLIP checkpoint that computes CLIPScore/RefCLIPScore for every encoder alike "
                                    "[the mapping's own tower, whose scores are not comparable across towers]")
     e.add_argument("--no-word-similarity", dest="word_similarity", action="store_false",
@@ -114,8 +115,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--templates", default="a photo of a {}.", help="a file, a shipped set's name, 'dataset' for "
                    "the dataset's own set, or one template with {} (each template costs a pass over the classes) "
                    "['a photo of a {}.']")
-    c.add_argument("--max-images", type=int, help="the first N images only")
-    c.add_argument("--batch-size", type=int, default=64, help="(image, caption) rows per language-model call [64]")
+    c.add_argument("--max-images", type=positive_int, help="the first N images only")
+    c.add_argument("--batch-size", type=positive_int, default=64, help="(image, caption) rows per language-model call [64]")
     c.add_argument("--prior", choices=["auto", "none", "images", "blind"], default="auto",
                    help="subtract each class caption's likelihood whatever the image: its mean over --prior-data "
                         "training images (images), or under the map's shared prompt alone (blind); with none the "
@@ -138,16 +139,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--annotations", help="VQAv2 annotations JSON")
     v.add_argument("--images", help="folder of the images, named by image_id (or COCO style)")
     v.add_argument("--shots", type=int, nargs="+", default=[0], help="solved examples before each question [0]")
-    v.add_argument("--max-questions", type=int, help="the first N questions only")
-    v.add_argument("--max-new-tokens", type=int, default=5)
-    v.add_argument("--min-new-tokens", type=int, default=0,
+    v.add_argument("--max-questions", type=positive_int, help="the first N questions only")
+    v.add_argument("--max-new-tokens", type=positive_int, default=5)
+    v.add_argument("--min-new-tokens", type=non_negative_int, default=0,
                    help="the LM may not end the text before this many tokens (1: as serve's /ask) [0: an LM that "
                         "ends it at once has answered nothing]")
-    v.add_argument("--batch-size", type=int, default=16, help="questions answered per language-model call [16]")
+    v.add_argument("--batch-size", type=positive_int, default=16, help="questions answered per language-model call [16]")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", help="write every answer and the accuracies here")
     v.add_argument("--make-shapes", metavar="DIR", help="write a shapes question set to DIR and stop")
-    v.add_argument("--shapes-images", type=int, default=60, help="images in the shapes set [60]")
+    v.add_argument("--shapes-images", type=positive_int, default=60, help="images in the shapes set [60]")
     v.add_argument("--device", default="cpu")
     v.add_argument("--no-progress", dest="progress", action="store_false")
     v.set_defaults(caption_func=run_vqa)

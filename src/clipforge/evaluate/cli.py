@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..argtypes import positive_int
 from ..inference import add_model_arguments, load_for_inference, weights_dtype
 from ..caption_lm import PRIOR_IMAGES
 
@@ -54,13 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior-data", help="--objective caption checkpoints, zero-shot: training images (shards or a "
                    f"folder); each prompt's mean likelihood over {PRIOR_IMAGES} of them (a seeded draw) is "
                    "subtracted [none: the plain likelihood, which names one class for nearly every image]")
-    p.add_argument("--max-images", type=int, help="the first N images of --split only (robustness embeds each 1 + 5 "
+    p.add_argument("--max-images", type=positive_int, help="the first N images of --split only (robustness embeds each 1 + 5 "
                    "x 14 times) [all]")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--output", help="result JSON [<dataset>_<task>.json]")
     p.add_argument("--plot", help="PNG: confusion matrix (zeroshot, linear-probe) or accuracy vs k (fewshot)")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--seeds", type=int, default=3, help="few-shot draws per k")
+    p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--seeds", type=positive_int, default=3, help="few-shot draws per k")
     g = p.add_argument_group("robustness (common corruptions, applied at the images' own resolution)")
     g.add_argument("--corruptions", default="all", help="'all' or a comma-separated list of gaussian_noise, "
                    "shot_noise, impulse_noise, defocus_blur, glass_blur, motion_blur, zoom_blur, snow, fog, "
@@ -142,13 +143,15 @@ def run(args) -> int:
         result.update(_robustness(args, model, preprocess, tokenizer, dataset))
         _report(args, result)
         return 0
+    if args.task in ("zeroshot", "fewshot"):  # a bad --templates fails before the images are embedded
+        from ..prompts import resolve_templates
+
+        templates = resolve_templates(args.templates, dataset.templates)
     test_x, test_y = cached_features(args, model, dataset, args.split, preprocess, limit=args.max_images)
     check_labels(test_y, len(dataset.classnames), f"split {args.split!r}: ")
     if args.task in ("zeroshot", "fewshot"):
-        from ..prompts import resolve_templates
         from ..zeroshot import zero_shot_classifier
 
-        templates = resolve_templates(args.templates, dataset.templates)
         if tokenizer is None:  # an image tower: its objective's own rule on its raw embeddings
             logits = _image_tower_zero_shot(args, model, preprocess, dataset, templates, result)
         else:

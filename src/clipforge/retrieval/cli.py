@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..argtypes import fraction, non_negative_int, positive_int
 from ..inference import add_model_arguments
 
 
@@ -20,9 +21,9 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="output folder")
     add_model_arguments(p)
     p.add_argument("--texts", help="also embed these texts (one per line) into text_emb/")
-    p.add_argument("--shard-size", type=int, default=10_000, help="images per output shard [10000]")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--shard-size", type=positive_int, default=10_000, help="images per output shard [10000]")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--workers", type=non_negative_int, default=None,
                    help="processes decoding images ahead of the model [4 on GPU, 1 on CPU]")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run_embed)
@@ -68,12 +69,12 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["build"])
     p.add_argument("folder", help="a folder written by clipforge embed")
     p.add_argument("--kind", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto")
-    p.add_argument("--target-recall", type=float, default=0.95)
-    p.add_argument("--exact-below", type=int, default=50_000, help="auto: exact search below this many vectors")
+    p.add_argument("--target-recall", type=fraction, default=0.95)
+    p.add_argument("--exact-below", type=non_negative_int, default=50_000, help="auto: exact search below this many vectors")
     p.add_argument("--max-memory", metavar="SIZE",
                    help="memory budget for the whole process, e.g. 2GB: IVF-PQ chunks and code size are chosen "
                         "to fit it (and printed); flat/HNSW refuse a budget they exceed [no limit]")
-    p.add_argument("--nlist", type=int, help="IVF-PQ: inverted lists [4 sqrt(n), at most 2048]")
+    p.add_argument("--nlist", type=positive_int, help="IVF-PQ: inverted lists [4 sqrt(n), at most 2048]")
     p.add_argument("--tune-queries", default="auto",
                    help="what recall is tuned on: 'auto' (the folder's text_emb/ when it holds >= 100 texts, else "
                         "perturbed collection vectors), 'collection', or a .npy file of query vectors [auto]")
@@ -142,7 +143,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder")
     p.add_argument("query", nargs="?", help="text query")
     p.add_argument("--image", help="query by this image instead")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=positive_int, default=10)
     p.add_argument("--dedup", type=float, metavar="COSINE",
                    help="leave out near-duplicates of better results at this cosine similarity or more (e.g. 0.95)")
     p.add_argument("--json", action="store_true", help="print JSON")

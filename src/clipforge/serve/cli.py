@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..argtypes import port, positive_float
 from ..inference import add_model_arguments
 
 
@@ -14,8 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="a folder written by clipforge embed + clipforge index build")
     add_model_arguments(p, recorded=True)
     p.add_argument("--host", default="127.0.0.1", help="[127.0.0.1: this machine only]")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=10.0)
+    p.add_argument("--port", type=port, default=8000)
+    p.add_argument("--max-upload-mb", type=positive_float, default=10.0)
     p.add_argument("--index-in-memory", action="store_true",
                    help="read the IVF-PQ index into RAM instead of memory-mapping it (faster first queries, more RSS)")
     p.add_argument("--mapping", help="a LiMBer map (the --output folder of clipforge caption train): adds /caption "

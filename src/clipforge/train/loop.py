@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -136,7 +137,6 @@ def exit_torchrun_rank(code: int = 0) -> None:
     two-rank run in ten on two cores (traced in a core dump). This leaves the process group, flushes logging and the
     standard streams, and exits with ``os._exit``. ``clipforge`` commands do this themselves under torchrun."""
     import logging
-    import sys
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -146,7 +146,34 @@ def exit_torchrun_rank(code: int = 0) -> None:
     os._exit(code)
 
 
-def _check_choices(cfg: TrainConfig) -> None:
+# the least each number may be (None: not set, allowed); a config file bypasses argparse, so they are checked here
+_AT_LEAST = {"batch_size": 1, "accum_freq": 1, "log_every": 1, "val_samples": 1, "bow_vocab": 1, "workers": 0,
+             "save_every": 0, "keep": 0, "val_every": 0, "shuffle_buffer": 0, "steps": 1, "train_num_samples": 1,
+             "loss_chunk_size": 1, "warmup": 0}
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that would fail late, hang (a batch of 0) or divide by zero, naming the flag."""
+    def refuse(name: str, value, expected: str):
+        raise ValueError(f"--{name.replace('_', '-')} {value}: expected {expected}")
+
+    for name, least in _AT_LEAST.items():
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            refuse(name, value, f"a whole number of at least {least}")
+    for name in ("lr", "eps") + (() if cfg.steps else ("epochs",)):
+        if not getattr(cfg, name) > 0:
+            refuse(name, getattr(cfg, name), "a number above 0")
+    if not cfg.wd >= 0:
+        refuse("wd", cfg.wd, "a number of at least 0")
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        refuse("grad_clip", cfg.grad_clip, "a norm above 0")
+    for name in ("beta1", "beta2", "patch_dropout"):
+        if not 0 <= getattr(cfg, name) < 1:
+            refuse(name, getattr(cfg, name), "a number from 0 up to (not including) 1")
+    low, high = cfg.crop_scale
+    if not 0 < low <= high <= 1:
+        refuse("crop_scale", f"{low} {high}", "MIN MAX with 0 < MIN <= MAX <= 1")
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
     if cfg.fsdp and (cfg.objective != "contrastive" or cfg.text_cache or cfg.torchcompile):
@@ -306,6 +333,8 @@ def _resume(cfg: TrainConfig, output: Path, core, optimizer, scheduler, scaler, 
         dist.broadcast_object_list(chosen, src=0)
         checkpoint = Path(chosen[0]) if chosen[0] else None
     if checkpoint is None:
+        if cfg.resume and rank == 0:  # "latest" on a new run: say so, a mistyped --output looks the same
+            print(f"--resume {cfg.resume}: no checkpoint in {output} yet, starting at step 0", file=sys.stderr)
         return _Position()
     train_state = load_train_state(checkpoint)
     if cfg.fsdp != is_sharded_checkpoint(checkpoint):
@@ -322,6 +351,8 @@ def _resume(cfg: TrainConfig, output: Path, core, optimizer, scheduler, scaler, 
     if train_state.get("world_size", 1) != world or train_state.get("workers") != cfg.workers:
         raise ValueError(f"{checkpoint} was written with world size {train_state.get('world_size')} and "
                          f"{train_state.get('workers')} workers; resume with the same to continue exactly")
+    if rank == 0:
+        print(f"resuming from {checkpoint} at step {int(train_state['step'])}", file=sys.stderr)
     return _Position(int(train_state["step"]), {int(k): v for k, v in train_state["data"].items()},
                      train_state["rng"][rank])
 
@@ -369,7 +400,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     ``ShapesSource``). ``model`` and ``loss_fn`` replace the zoo model and the configured loss: any module whose
     forward returns a ``CLIPOutput`` and that has ``encode_image``/``encode_text``/``image_size`` will do.
     """
-    _check_choices(cfg)
+    _check_config(cfg)
     rank, world, device = _init_distributed(cfg)
     precision = _resolve_precision(cfg.precision, device)
     output = Path(cfg.output)
