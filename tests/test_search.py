@@ -59,16 +59,27 @@ def test_embeddings_are_sharded_float16_with_metadata(collection):
     assert info["weights_dtype"] == "float32"  # --precision auto on CPU
 
 
-def test_embedding_resumes_at_the_first_missing_shard(collection, tmp_path):
+def test_embedding_resumes_at_the_first_missing_shard(collection, tmp_path, capsys):
     out = tmp_path / "emb"
     shutil.copytree(collection["emb"], out)
     (out / "img_emb" / "img_emb_00002.npy").unlink()
+    assert cli.main(["index", "build", str(out), "--quiet"]) == 0  # part of a collection: indexed, with a warning
+    captured = capsys.readouterr()
+    assert "the embedding run has not finished (2 of 3 shards written)" in captured.err
+    assert "(embedding unfinished)" in captured.out
     before = (out / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns
     assert cli.main(["embed", str(collection["images"]), str(out), "--pretrained", collection["ckpt"],
                      "--shard-size", "16", "--no-progress"]) == 0
     info = json.loads((out / "embed_info.json").read_text())
     assert info["reused_shards"] == 2 and (out / "img_emb" / "img_emb_00002.npy").exists()
     assert (out / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns == before
+    capsys.readouterr()
+    assert cli.main(["index", "build", str(out), "--quiet"]) == 0
+    assert "not finished" not in capsys.readouterr().err
+    info.pop("shards")  # what a run still going, or killed, leaves: the count is written last
+    (out / "embed_info.json").write_text(json.dumps(info))
+    assert cli.main(["index", "build", str(out), "--quiet"]) == 0
+    assert "the embedding run has not finished (3 shards written)" in capsys.readouterr().err
 
 
 def test_decoding_workers_change_nothing_but_speed(collection, tmp_path):

@@ -83,12 +83,15 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_index(args) -> int:
-    from .collection import StoredVectors, write_metadata_arrow
+    from .collection import StoredVectors, unfinished_embedding, write_metadata_arrow
     from .index import build_index, build_index_distributed, parse_size, save_index
 
     max_memory = parse_size(args.max_memory)
     vectors = StoredVectors(args.folder)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    unfinished = unfinished_embedding(args.folder)
+    if unfinished and rank == 0:  # an index of part of the images is still useful, but should not pass unnoticed
+        print(f"warning: {unfinished}; indexing the {len(vectors):,} images embedded so far", file=sys.stderr)
     if rank == 0:  # what serving memory-maps; first, so that the build's budget counts what it left resident
         write_metadata_arrow(args.folder)
     say = (lambda message: print(message, file=sys.stderr, flush=True))
@@ -116,7 +119,8 @@ def run_index(args) -> int:
     if not info.get("target_met", True):
         print(f"warning: the {info['kind']} index reaches recall@10 {info['recall@10']:.3f}, below the target "
               f"{args.target_recall}; these vectors have little cluster structure. Use --kind flat (exact) or hnsw.")
-    print(f"built {info['kind']} index of {info['count']} vectors (recall@10 {info['recall@10']:.3f}) in {args.folder}")
+    print(f"built {info['kind']} index of {info['count']} vectors (recall@10 {info['recall@10']:.3f}) in {args.folder}"
+          + (" (embedding unfinished)" if unfinished else ""))
     return 0
 
 

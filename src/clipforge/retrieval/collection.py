@@ -68,6 +68,17 @@ def check_collection(folder: str | Path) -> Path:
     return folder
 
 
+def unfinished_embedding(folder: str | Path) -> str | None:
+    """Why ``folder`` may hold only part of its images (embed records the shard count once every shard is written),
+    or None when the embedding run finished."""
+    present, expected = len(_image_shard_files(Path(folder))), read_info(folder).get("shards")
+    if expected is not None and present >= expected:
+        return None
+    done = f"{present} of {expected}" if expected is not None else f"{present}"
+    return (f"{folder}: the embedding run has not finished ({done} shards written); rerun the same "
+            f"`clipforge embed` to complete it (done shards are kept)")
+
+
 # -------------------------------------------------------------------------------------------------- item addresses
 
 def item_path(item: dict) -> str:
