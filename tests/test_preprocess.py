@@ -72,6 +72,9 @@ def test_corrupt_and_truncated_images_name_the_source(tmp_path):
     garbage.write_bytes(b"not an image at all")
     with pytest.raises(BadImageError, match="garbage.png"):
         open_image(garbage)
+    with pytest.raises(BadImageError) as error:  # bytes: Pillow's own message names a BytesIO object
+        open_image(b"not an image at all", name="upload.png")
+    assert str(error.value) == "upload.png: not a readable image (no image format recognised)"
     with pytest.raises(BadImageError, match="no such file"):
         open_image(tmp_path / "missing.jpg")
 

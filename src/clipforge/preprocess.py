@@ -36,7 +36,9 @@ def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXE
         raise
     except FileNotFoundError:
         raise BadImageError(f"{label}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+    except UnidentifiedImageError:  # its message names the file object Pillow was given, not the image
+        raise BadImageError(f"{label}: not a readable image (no image format recognised)") from None
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise BadImageError(f"{label}: not a readable image ({exc})") from None
     return image
 
