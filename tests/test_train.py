@@ -19,6 +19,7 @@ import clipforge
 import clipforge.train
 from clipforge.loss import ClipLoss
 from clipforge.train import TrainConfig, TrainingDiverged, train
+from clipforge.train.checkpoints import load_train_state
 from clipforge.train.step import train_step
 from clipforge.train.optim import build_optimizer
 
@@ -65,7 +66,7 @@ def _train_cmd(shard, output, steps, extra=()):
             "--output", str(output), "--seed", "3", "--patch-dropout", "0.25", "--no-progress", *extra]
 
 
-def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
+def test_killed_or_signalled_runs_resume_to_the_same_weights(tmp_path):
     shard = shapes_shard(tmp_path / "data" / "shapes-000000.tar", 96)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
     steps = 40
@@ -97,6 +98,27 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
                                                          map(json.loads, (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(list(checkpoints.glob("step-*"))) == 2  # --keep 2
     assert not list(checkpoints.glob(".step-*"))  # no temp folders left
+
+    # SIGTERM to the whole process group, DataLoader worker included, as a scheduler or a terminal's Ctrl-C sends
+    # it: the run finishes its step, checkpoints it although no checkpoint is due, and stops; resumed, it ends
+    # exactly where the straight run does
+    signalled = tmp_path / "signalled"
+    run = subprocess.Popen(_train_cmd(shard, signalled, steps, ["--save-every", "1000"]), env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    metrics = signalled / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.01)
+    os.killpg(run.pid, signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM, err[-2000:]
+    (stopped,) = [p.name for p in (signalled / "checkpoints").glob("step-*")]
+    assert 10 <= int(stopped[5:]) < steps and f"stopped by SIGTERM at step {int(stopped[5:])} of {steps}" in out
+    subprocess.run(_train_cmd(shard, signalled, steps, ["--resume", "latest"]), check=True, env=env,
+                   capture_output=True)
+    resumed = load_file(signalled / final)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
 def _torchrun(*args) -> list[str]:
@@ -132,6 +154,28 @@ def test_two_process_training_under_torchrun_resumes_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     first = load_file(middle / "model.safetensors")
     assert any(not torch.equal(first[k], a[k]) for k in a)  # the last two steps did change the weights
+
+
+def test_a_signal_under_torchrun_stops_every_rank_at_one_step_with_one_checkpoint(tmp_path):
+    """The ranks agree at a logging step before stopping (saving is collective): one checkpoint, both ranks' state."""
+    shapes_shard(tmp_path / "s-000000.tar", 64)
+    cmd = _torchrun("-m", "clipforge.cli", "train", "--train-data", str(tmp_path / "s-000000.tar"), "--model",
+                    "ViT-Tiny-64", "--batch-size", "4", "--steps", "2000", "--save-every", "1000", "--workers", "1",
+                    "--log-every", "2", "--output", str(tmp_path / "run"), "--no-progress")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    run = subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGTERM)  # torchrun, both ranks and their DataLoader workers, as a scheduler does
+    out, err = run.communicate(timeout=120)
+    (stopped,) = (tmp_path / "run" / "checkpoints").glob("step-*")
+    step = int(stopped.name[5:])
+    assert step % 2 == 0 and out.count(f"stopped by SIGTERM at step {step} of 2000") == 1, err[-3000:]
+    state = load_train_state(stopped)
+    assert state["step"] == step and len(state["rng"]) == 2 and state["world_size"] == 2
 
 
 def test_a_script_calling_train_under_torchrun_ends_with_exit_torchrun_rank(tmp_path):
@@ -223,6 +267,27 @@ def test_a_bad_shard_is_counted_and_skipped_when_training_by_epochs(tmp_path):
     summary = train(cfg)
     assert summary["steps"] == 4  # 32 readable samples / 8
     assert summary["skipped"].get("bad_shard_or_member", 0) >= 1
+
+
+def test_ctrl_c_in_a_notebook_ends_train_at_a_step_with_a_checkpoint(tmp_path):
+    """train() from Python: a first SIGINT returns the summary at the step boundary, checkpointed; the caller's own
+    SIGINT handling is back afterwards."""
+    shard = shapes_shard(tmp_path / "s-000000.tar", 64)
+    calls = []
+
+    def loss_interrupted_at_step_3(image_features, text_features, logit_scale, logit_bias=None):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return ClipLoss()(image_features, text_features, logit_scale)
+
+    handler = signal.getsignal(signal.SIGINT)
+    cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), batch_size=8, steps=50, workers=0, save_every=0,
+                      output=str(tmp_path / "run"), progress=False)
+    summary = train(cfg, loss_fn=loss_interrupted_at_step_3)
+    assert summary["stopped_by"] == "SIGINT" and summary["steps"] == 3
+    assert summary["checkpoint"].endswith("step-00000003") and load_train_state(summary["checkpoint"])["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):

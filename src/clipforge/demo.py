@@ -53,16 +53,16 @@ def run(args) -> int:
                       val_data=args.val_data, label_captions=args.label_captions)
     output = Path(args.output)
     if args.data:
-        summary = train(cfg)
-        print(f"trained {summary['steps']} steps on {args.data}; checkpoint {summary['checkpoint']}")
-        if summary["val"]:
-            print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["val"].items()))
-        return 0
+        from .train.cli import report
+
+        return report(train(cfg))
     held_out = ", ".join(f"{c} {s}" for c, s in HELD_OUT_PAIRS)
     print(f"clipforge demo: training {args.model} on generated shapes for {args.steps} steps "
           f"(held out of training: {held_out})")
     start = time.perf_counter()
     summary = train(cfg, train_source=ShapesSource(50_000, seed=args.seed, exclude_pairs=HELD_OUT_PAIRS))
+    if summary["stopped_by"]:  # Ctrl-C: a report on a half-trained model would mislead
+        raise KeyboardInterrupt
     minutes = (time.perf_counter() - start) / 60
     model = summary["model"].eval()
     results = evaluate_shapes(model, get_tokenizer(args.model), seed=args.seed)

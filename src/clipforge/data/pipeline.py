@@ -9,6 +9,7 @@ Corrupt or unusable samples are skipped and counted, never fatal.
 from __future__ import annotations
 
 import random
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -154,11 +155,19 @@ class ContrastiveStream(IterableDataset):
             epoch, skip = epoch + 1, 0
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A Ctrl-C or a scheduler's SIGTERM reaches every process of the group: the workers keep feeding batches while
+    the training process finishes its step and saves (they exit with it, as DataLoader workers do)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(stream: ContrastiveStream, workers: int = 2, pin_memory: bool = False) -> DataLoader:
     """Batches from worker processes. ``pin_memory`` (for CUDA) lets the step's non-blocking copies overlap compute."""
     # Its own generator, so creating the loader never consumes the global torch RNG (exact resume).
     return DataLoader(stream, batch_size=None, num_workers=workers, generator=torch.Generator(),
-                      persistent_workers=False, prefetch_factor=4 if workers else None, pin_memory=pin_memory)
+                      persistent_workers=False, prefetch_factor=4 if workers else None, pin_memory=pin_memory,
+                      worker_init_fn=_leave_stop_signals_to_the_trainer if workers else None)
 
 
 @dataclass

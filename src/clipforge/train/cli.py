@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 from pathlib import Path
 
 from .loop import OBJECTIVES, PRECISIONS, TrainConfig
@@ -19,6 +20,10 @@ model_cfg, ...); flags given on the command line override it. A run's own run_co
 `clipforge train --config runs/a/run_config.json --output runs/b` repeats run a.
 
 Several processes or GPUs: torchrun --nproc-per-node 4 -m clipforge.cli train ... (DDP; NCCL on GPU, gloo on CPU).
+
+Stopping: Ctrl-C or SIGTERM (a scheduler's preemption) ends the run after the current step with a checkpoint
+(under torchrun, at the next --log-every step, where the ranks agree); --resume latest continues it exactly.
+A second Ctrl-C quits at once.
 """
 
 EXAMPLES = """examples:
@@ -193,6 +198,16 @@ def run(args) -> int:
 
         if dist.is_initialized():  # also on failure; a finished torchrun rank then leaves as cli.main says
             dist.destroy_process_group()
+    return report(summary)
+
+
+def report(summary: dict) -> int:
+    """Print how a run of ``train()`` ended; the command's exit code."""
+    if summary["stopped_by"]:  # by a signal, with a checkpoint: the run is not done, so not a success either
+        if summary["rank"] == 0:
+            print(f"stopped by {summary['stopped_by']} at step {summary['steps']} of {summary['total_steps']}, "
+                  f"checkpoint {summary['checkpoint']}; continue with the same command and --resume latest")
+        return 128 + signal.Signals[summary["stopped_by"]].value
     if summary["rank"] == 0:  # under torchrun, one report: rank 0 holds the checkpoint and the validation
         print(f"done: {summary['steps']} steps, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
         if summary["val"]:

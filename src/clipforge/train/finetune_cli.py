@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import add_optimisation_arguments, add_run_arguments, config_from_args
+from .cli import add_optimisation_arguments, add_run_arguments, config_from_args, report
 
 FINETUNE = """Fine-tune a CLIP model on a labelled dataset (CLIP_benchmark layout: <root>/<split>/*.tar with .cls,
 <root>/classnames.txt). The classifier head starts as the zero-shot classifier (the class prompts' embeddings times
@@ -63,12 +63,7 @@ def run_finetune(args) -> int:
     cfg = config_from_args(args)
     if cfg.output == "runs/clipforge":
         cfg.output = "runs/finetune"
-    summary = train(cfg)
-    if summary["rank"] == 0:
-        print(f"done: {summary['steps']} steps, loss {summary['loss']:.4f}, checkpoint {summary['checkpoint']}")
-        if summary["val"]:
-            print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["val"].items()))
-    return 0
+    return report(train(cfg))
 
 
 def add_wise_ft_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -391,10 +393,51 @@ class _RunLog:
                 handle.close()
 
 
+class _StopRequest:
+    """SIGTERM (a scheduler's preemption notice) or a first Ctrl-C asks the run to stop at a step boundary with a
+    checkpoint, so nothing trained is lost; a second Ctrl-C stops at once. Ranks agree before stopping (a checkpoint
+    is collective): every step in one process, at each logging step under torchrun, where ranks meet anyway."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, world: int, device: torch.device):
+        self.world, self.device = world, device
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+            print(f"\n{self.signal}: stopping after this step with a checkpoint"
+                  + (" (Ctrl-C again to quit without one)" if signum == signal.SIGINT else ""), file=sys.stderr)
+
+    def agreed(self, step: int, log_every: int) -> bool:
+        if self.world == 1:
+            return self.signal is not None
+        if step % log_every:
+            return False
+        flag = torch.tensor([self.signal is not None], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 # ---------------------------------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss_fn=None) -> dict:
     """Train and return a summary (steps, last loss, checkpoint path, skipped samples, validation metrics).
+
+    A SIGTERM or a first Ctrl-C (also in a notebook) ends the run early at a step boundary, with a checkpoint to
+    ``--resume`` from; the summary's ``stopped_by`` then names the signal.
 
     ``train_source``/``val_source`` replace ``cfg.train_data``/``cfg.val_data`` with source objects (e.g.
     ``ShapesSource``). ``model`` and ``loss_fn`` replace the zoo model and the configured loss: any module whose
@@ -440,7 +483,9 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     losses = _LossMeter(device, output)
     last_loss, last_path, val_metrics = float("nan"), None, {}
     interval_start, interval_samples = time.perf_counter(), 0
+    stop = _StopRequest(world, device)
     try:
+        stop.install()
         while position.step < total_steps:
             micro = [next(batches) for _ in range(cfg.accum_freq)]
             for batch in micro:
@@ -461,7 +506,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                 bar.set_postfix(loss=f"{last_loss:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
                                 lr=f"{record['lr']:.2e}", skipped=record["skipped_samples"])
                 interval_start, interval_samples = time.perf_counter(), 0
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
+            stopping = stop.agreed(step, cfg.log_every)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stopping:
                 last_loss = losses.mean(step) if losses.count else last_loss
                 # before validation, so that nothing trained is lost if validation fails
                 last_path = _save_checkpoint(output, position, core, model_config, optimizer, scheduler, scaler, cfg,
@@ -469,14 +515,18 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
             if val_set is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == total_steps):
                 val_metrics = validate(core, tokenizer, val_set, device, autocast, zero_shot_templates)
                 log({"step": step, **{f"val/{k}": v for k, v in val_metrics.items()}})
+            if stopping:
+                break
     finally:
+        stop.restore()
         bar.close()
         log.close()
     skipped = _skipped_total(position, world)
     if rank == 0 and skipped:
         print(f"skipped samples: {skipped}")
     return {"steps": position.step, "loss": last_loss, "checkpoint": str(last_path) if last_path else None,
-            "skipped": skipped, "val": val_metrics, "output": str(output), "model": core, "rank": rank}
+            "skipped": skipped, "val": val_metrics, "output": str(output), "model": core, "rank": rank,
+            "total_steps": total_steps, "stopped_by": stop.signal if position.step < total_steps else None}
 
 
 class _LossMeter:
