@@ -284,3 +284,50 @@ def test_cli_evaluates_image_towers_by_their_own_zero_shot_rule(tmp_path, capsys
     assert cli.main(["eval", "zeroshot", "--pretrained", checkpoints["bow"], "--dataset-root", str(tmp_path / "colours"),
                      "--prior-data", str(shard), "--quiet"]) == 2
     assert "--prior-data is for checkpoints of --objective caption" in capsys.readouterr().err
+
+
+def test_classify_prints_the_zero_shot_top_k_of_files_folders_and_shards(tiny_dataset, checkpoint, tmp_path,
+                                                                        capsys):
+    from clipforge.classify import image_items
+    from clipforge.retrieval.collection import item_path, load_item
+    from clipforge.zeroshot import class_probabilities, zero_shot_classifier
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "blue.png").write_bytes(_png("blue"))
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    templates = tiny_dataset / "zeroshot_classification_templates.txt"
+    shard = tiny_dataset / "test" / "test-000000.tar"
+    argv = ["classify", str(photos), str(shard), "--labels", "red,blue,green", "--templates", str(templates),
+            "--pretrained", checkpoint, "-k", "5", "--json", "--no-progress", "--batch-size", "5"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    results = [json.loads(line) for line in out.splitlines()]
+    assert f"{photos / 'broken.jpg'}: not a readable image, skipped" in err
+
+    # the same figures from the Python API, image by image
+    model, preprocess, tokenizer = clipforge.load(checkpoint)
+    weights = zero_shot_classifier(model, tokenizer, ["red", "blue", "green"], load_templates(templates))
+    items = [item for item in image_items([str(photos), str(shard)]) if "broken" not in item_path(item)]
+    assert [r["image"] for r in results] == [item_path(item) for item in items] and len(results) == 13
+    with torch.no_grad():
+        images = torch.stack([preprocess(load_item(item)[0]) for item in items])
+        expected = class_probabilities(model, model.encode_image(images, normalize=True), weights)
+    for result, row in zip(results, expected):
+        assert len(result["labels"]) == 3  # -k 5 of 3 classes
+        assert [label["label"] for label in result["labels"]] == [["red", "blue", "green"][i] for i in
+                                                                   row.argsort(descending=True).tolist()]
+        torch.testing.assert_close(torch.tensor([label["probability"] for label in result["labels"]]),
+                                   row.sort(descending=True).values, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "name the classes with --labels"), (["--labels", " , "], "no class names"),
+    (["--labels", "a,b,a"], "['a'] given more than once"), (["--dataset", "nosuch"], "no shipped class list"),
+    (["--labels", "a,b", "--templates", "no placeholder"], "a template with '{}'"),
+])
+def test_classify_refuses_bad_classes_before_loading_a_model(extra, message, tmp_path, capsys):
+    (tmp_path / "x.png").write_bytes(_png("red"))
+    assert cli.main(["classify", str(tmp_path / "x.png"), "--pretrained", str(tmp_path / "no-such-model"),
+                     *extra]) == 2
+    assert message in capsys.readouterr().err  # and not the missing model's error

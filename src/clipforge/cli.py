@@ -18,6 +18,7 @@ EPILOG = """examples:
   clipforge finetune --pretrained CKPT --dataset-root ../shared/data/cifar10 --steps 500 --output runs/ft
   clipforge wise-ft --zeroshot CKPT --finetuned runs/ft/checkpoints/step-00000500 --alphas 0:1:0.1 --output runs/wise
   clipforge eval robustness --pretrained CKPT --dataset-root ../shared/data/cifar10 --max-images 2000
+  clipforge classify photo.jpg photos/ --labels "a dog,a cat,a car" --pretrained CKPT
 """
 
 
@@ -120,6 +121,7 @@ _EXTRA_COMMANDS: list = [
                    "add_finetune_arguments"),
     _register_lazy("wise-ft", "train.finetune_cli", "interpolate zero-shot and fine-tuned weights (WiSE-FT)",
                    "add_wise_ft_arguments"),
+    _register_lazy("classify", "classify", "zero-shot labels for images among the class names you give"),
     _register_lazy("eval", "evaluate.cli", "zero-shot, retrieval, linear-probe, few-shot and robustness evaluation"),
     _register_lazy("embed", "retrieval.cli", "embed an image collection into sharded .npy + parquet",
                    "add_embed_arguments"),

@@ -40,7 +40,7 @@ class _DecodedItems(torch.utils.data.Dataset):
         return self.preprocess(image), row
 
 
-def _decoded_batches(items: list[dict], preprocess, batch_size: int, workers: int):
+def decoded_batches(items: list[dict], preprocess, batch_size: int, workers: int):
     """Batches (lists, in order) of decoded items; worker processes decode ahead of the model."""
     loader = torch.utils.data.DataLoader(_DecodedItems(items, preprocess), batch_size=batch_size,
                                          num_workers=workers, collate_fn=list, pin_memory=False,
@@ -83,7 +83,7 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
             bar.update(len(chunk))
             continue
         features, rows = [], []
-        for batch in _decoded_batches(chunk, preprocess, batch_size, workers):
+        for batch in decoded_batches(chunk, preprocess, batch_size, workers):
             good = [sample for sample in batch if sample is not None]
             stats["skipped"] += len(batch) - len(good)
             if good:

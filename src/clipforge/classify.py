@@ -1,0 +1,130 @@
+"""``clipforge classify``: zero-shot labels for images from the command line, the first thing most people do with a
+CLIP model (openai/CLIP's README example): class names become prompts ("a photo of a {}."), several templates are
+averaged per class (prompt ensembling, ``zeroshot``), and each image gets its top-k classes with probabilities."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .argtypes import non_negative_int, positive_int
+from .inference import add_model_arguments
+
+EXAMPLES = """examples:
+  clipforge classify photo.jpg --labels "a dog,a cat,a car" --pretrained runs/flickr8k/checkpoints/step-00002400
+  clipforge classify photos/ --dataset cifar10 --pretrained CKPT     CIFAR-10's classes and the paper's 18 prompts
+  clipforge classify photos/ --labels classes.txt --templates "a blurry photo of a {}." -k 1 --json > labels.jsonl
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Zero-shot classification of image files, folders of images (searched recursively), CSV/TSV "
+                     "tables or WebDataset shards among the classes you name. Prints each image's top -k classes "
+                     "with their probabilities (softmax over the classes given, at the model's own temperature). "
+                     "Unreadable images are named on stderr and skipped.")
+    p.epilog = EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("images", nargs="+", help="image files, image folders, CSV/TSV files or shards")
+    p.add_argument("--labels", help="class names, comma-separated, or a file with one per line")
+    p.add_argument("--dataset", help="a shipped class list and its prompts instead of --labels (cifar10, cifar100, "
+                                     "imagenet1k, ...)")
+    p.add_argument("--templates", help="prompt templates: one with {} where the class goes, a file (one per line), "
+                                       "a shipped set name, or 'none' for bare class names [--dataset's own, else "
+                                       "'a photo of a {}.']")
+    p.add_argument("-k", type=positive_int, default=3, help="classes shown per image [3]")
+    p.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=non_negative_int, default=0, help="processes decoding images [0]")
+    add_model_arguments(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=run)
+
+
+def class_list(labels: str | None, dataset: str | None) -> list[str]:
+    """The classes ``--labels`` or ``--dataset`` name."""
+    from .data.sources import read_classnames
+    from .prompts import shipped_classnames
+
+    if (labels is None) == (dataset is None):
+        raise ValueError("name the classes with --labels 'a,b,c' (or a file, one per line) or --dataset NAME")
+    if dataset is not None:
+        names = shipped_classnames(dataset)
+        if names is None:
+            raise ValueError(f"--dataset {dataset!r}: no shipped class list by that name")
+        return names
+    if os.path.isfile(labels):
+        return read_classnames(labels)
+    names = [name.strip() for name in labels.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"--labels {labels!r}: no class names (comma-separated, or a file with one per line)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--labels: {sorted({n for n in names if names.count(n) > 1})} given more than once")
+    return names
+
+
+def image_items(specs: list[str]) -> list[dict]:
+    """Every image the arguments name, as catalogue items (``retrieval.collection.load_item`` reads them)."""
+    from .data.sources import IMAGE_EXTENSIONS, open_source
+
+    items = []
+    for spec in specs:
+        if os.path.isfile(spec) and Path(spec).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+            items.append({"path": spec, "caption": ""})
+        else:
+            items.extend(open_source(spec, shuffle_buffer=0).catalogue())
+    return items
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .inference import load_for_inference
+    from .prompts import resolve_templates, shipped_templates
+    from .retrieval.collection import item_path
+    from .retrieval.embed import decoded_batches
+    from .zeroshot import class_probabilities, zero_shot_classifier
+
+    # everything that can be wrong with the arguments fails before the model loads or an image is read
+    names = class_list(args.labels, args.dataset)
+    templates = resolve_templates(args.templates, shipped_templates(args.dataset) if args.dataset else None)
+    items = image_items(args.images)
+    model, preprocess, tokenizer = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
+                                                      backend=args.backend, precision=args.precision)
+    if tokenizer is None:
+        raise ValueError(f"{args.pretrained or args.model} has no text tower to turn class names into a classifier")
+    device = next(model.parameters()).device
+    weights = zero_shot_classifier(model, tokenizer, names, templates).to(device)
+    k = min(args.k, len(names))
+    unreadable = []
+    bar = tqdm(total=len(items), desc="classifying", unit="img", disable=not args.progress, file=sys.stderr)
+    done = 0
+    with torch.no_grad():
+        for batch in decoded_batches(items, preprocess, args.batch_size, args.workers):
+            good = [(done + i, sample) for i, sample in enumerate(batch) if sample is not None]
+            unreadable += [item_path(items[done + i]) for i, sample in enumerate(batch) if sample is None]
+            done += len(batch)
+            bar.update(len(batch))
+            if not good:
+                continue
+            images = torch.stack([tensor for _, (tensor, _) in good]).to(device)
+            probabilities = class_probabilities(model, model.encode_image(images, normalize=True), weights)
+            top = probabilities.topk(k, dim=-1)
+            for (index, _), values, classes in zip(good, top.values.tolist(), top.indices.tolist()):
+                ranked = [(names[c], p) for c, p in zip(classes, values)]
+                path = item_path(items[index])
+                if args.json:
+                    print(json.dumps({"image": path, "labels": [{"label": n, "probability": round(p, 6)}
+                                                                for n, p in ranked]}))
+                else:
+                    print(path + "  " + "  ".join(f"{n} {p:.3f}" for n, p in ranked))
+    bar.close()
+    for path in unreadable[:10]:
+        print(f"warning: {path}: not a readable image, skipped", file=sys.stderr)
+    if len(unreadable) > 10:
+        print(f"warning: {len(unreadable) - 10} more unreadable images skipped", file=sys.stderr)
+    if len(unreadable) == len(items):
+        raise ValueError("no readable images among the inputs")
+    return 0
