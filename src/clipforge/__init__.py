@@ -2,7 +2,7 @@
 
     >>> import clipforge
     >>> model, preprocess, tokenizer = clipforge.load("ViT-Tiny-64")          # random init
-    >>> model, preprocess, tokenizer = clipforge.load("runs/demo/final")      # a folder written by clipforge
+    >>> model, preprocess, tokenizer = clipforge.load("runs/demo/checkpoints/step-00000360")  # a clipforge run
     >>> model, preprocess, tokenizer = clipforge.load("ViT-B-32", pretrained="openai")
 """
 from __future__ import annotations
