@@ -390,6 +390,24 @@ def test_search_classify_embed_and_thumbnails(client, collection):
     (dict(method="GET", url="/search/similar", params={"id": -3}), 404, "no image with id -3"),
     (dict(method="GET", url="/item/40"), 404, "no image with id 40"),
     (dict(method="GET", url="/thumb/0", params={"size": 300}), 422, "size: one of 256, 512"),
+    # clip-retrieval's API
+    (dict(method="POST", url="/knn-service", json={"text": "cat", "indice_name": "laion5B"}), 400,
+     "this server holds 'emb'"),
+    (dict(method="POST", url="/knn-service", json={"text": "cat", "modality": "text"}), 400, "indexes images only"),
+    (dict(method="POST", url="/knn-service", json={"image_url": "http://127.0.0.1:22/x.jpg"}), 400,
+     "makes no outbound requests"),
+    (dict(method="POST", url="/knn-service", json={"num_images": 5}), 400, "exactly one of text, image"),
+    (dict(method="POST", url="/knn-service", json={"text": "cat", "embedding_input": [0.1] * 32}), 400,
+     "exactly one"),
+    (dict(method="POST", url="/knn-service", json={"image": "not base64!"}), 400, "not valid base64"),
+    (dict(method="POST", url="/knn-service", json={"image": "Z2FyYmFnZQ=="}), 400, "not a readable image"),
+    (dict(method="POST", url="/knn-service", json={"image": "A" * 2_800_100}), 413, "limit"),
+    (dict(method="POST", url="/knn-service", json={"embedding_input": [0.1] * 3}), 400, "finite numbers expected"),
+    (dict(method="POST", url="/knn-service", json={"embedding_input": [0.0] * 128}), 400, "zero vector"),
+    (dict(method="POST", url="/knn-service", json={"text": "cat", "num_images": 101}), 422, "less than or equal"),
+    (dict(method="POST", url="/knn-service", json={"text": "cat", "use_mclip": True}), 400, "multilingual"),
+    (dict(method="POST", url="/metadata", json={"ids": [0, 40]}), 404, "no image with id 40"),
+    (dict(method="POST", url="/metadata", json={"ids": list(range(1001))}), 422, "at most 1000"),
 ])
 def test_bad_requests_get_clear_4xx_errors(client, request_kwargs, status, message):
     response = client.request(**request_kwargs)
@@ -695,6 +713,58 @@ def test_openapi_fuzzing_finds_no_server_errors(app):
 
         check()
     assert not failures, failures[:3]
+
+
+def _clip_client_module():
+    """clip-retrieval's ClipClient (README's test command installs clip-retrieval --no-deps): its module file alone,
+    since the package's __init__ imports its whole back-end and that back-end's dependencies."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("clip_retrieval")
+    if spec is None:
+        pytest.skip("clip-retrieval is not installed (pip install --no-deps clip-retrieval==2.45.0)")
+    path = Path(spec.submodule_search_locations[0]) / "clip_client.py"
+    module_spec = importlib.util.spec_from_file_location("clip_retrieval_clip_client", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_clip_retrieval_client_queries_the_server_unchanged(live_server, client, collection):
+    """A script written for `clip-retrieval back`: ClipClient by text, image file and embedding; the answers are
+    clipforge's own search results in clip-retrieval's shape, and each url serves the image."""
+    import urllib.request
+
+    clip_client = _clip_client_module()
+    assert client_json(live_server, "/indices-list") == ["emb"]
+    knn = clip_client.ClipClient(url=live_server + "/knn-service", indice_name="emb", num_images=6,
+                                 deduplicate=False)  # its safety, violence and aesthetic defaults are accepted
+    by_text = knn.query(text="a blue square")
+    ours = client.get("/search", params={"q": "a blue square", "k": 6}).json()["results"]
+    assert [r["id"] for r in by_text] == [h["id"] for h in ours]
+    assert [r["caption"] for r in by_text] == [h["caption"] for h in ours]
+    np.testing.assert_allclose([r["similarity"] for r in by_text], [h["score"] for h in ours], rtol=1e-6)
+    with urllib.request.urlopen(by_text[0]["url"]) as response:
+        assert response.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(response.read())).size == (64, 64)  # 64 px images (thumbnails never enlarge)
+    by_image = knn.query(image=str(collection["images"] / "shape005.png"))
+    assert by_image[0]["name"] == "shape005.png" and by_image[0]["similarity"] > 0.99  # finds itself
+    vector = client.post("/embed", json={"texts": ["a blue square"]}).json()["embeddings"][0]
+    assert [r["id"] for r in knn.query(embedding_input=vector)] == [r["id"] for r in by_text]
+    request = urllib.request.Request(live_server + "/metadata", method="POST",
+                                     data=json.dumps({"ids": [by_text[1]["id"]], "indice_name": "emb"}).encode())
+    with urllib.request.urlopen(request) as response:
+        (entry,) = json.loads(response.read())
+    assert entry["id"] == by_text[1]["id"] and entry["metadata"]["caption"] == by_text[1]["caption"]
+    from clipforge.retrieval import load_embeddings
+
+    deduplicated = clip_client.ClipClient(url=live_server + "/knn-service", indice_name="emb", num_images=6)
+    kept = [r["id"] for r in deduplicated.query(text="a blue square")]  # deduplicate: ClipClient's default
+    ranking = [h["id"] for h in client.get("/search", params={"q": "a blue square", "k": 40}).json()["results"]]
+    assert kept[0] == ranking[0] and kept == [i for i in ranking if i in kept]  # a subsequence of the ranking
+    vectors = load_embeddings(collection["emb"])[0][kept].astype(np.float32)
+    similarity = vectors @ vectors.T
+    assert (similarity[np.triu_indices(len(kept), 1)] < 0.94 + 1e-3).all()  # no two kept are near-duplicates
 
 
 # --------------------------------------------------------------------------------------------------- the browser

@@ -27,6 +27,7 @@ from ..prompts import parse_templates, prompt_texts
 from ..retrieval.collection import item_captions, item_from_path, load_item
 from ..retrieval.search import Searcher
 from ..zeroshot import class_probabilities, class_weights
+from .clip_retrieval_api import add_routes as add_clip_retrieval_routes
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
@@ -193,16 +194,18 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
                           "caption": caption_batcher, "answer": answer_batcher}
     generated: OrderedDict[int, str] = OrderedDict()  # collection image id -> its caption, least recent first
 
-    async def read_image(upload: UploadFile):
-        data = await upload.read(max_upload_bytes + 1)
+    def decode_image(data: bytes, name: str):
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"image larger than the {max_upload_bytes} byte limit")
         if not data:
             raise HTTPException(400, "empty image upload")
         try:
-            return open_image(data, name=upload.filename or "upload", max_pixels=MAX_PIXELS).convert("RGB")
+            return open_image(data, name=name, max_pixels=MAX_PIXELS).convert("RGB")
         except BadImageError as exc:
             raise HTTPException(400, str(exc)) from None
+
+    async def read_image(upload: UploadFile):
+        return decode_image(await upload.read(max_upload_bytes + 1), upload.filename or "upload")
 
     def hits(results) -> dict:
         return {"results": [{"id": h["id"], "score": h["score"], "caption": h.get("caption") or "",
@@ -356,4 +359,6 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
     def page():
         return (resources.files(__package__) / "index.html").read_text()
 
+    add_clip_retrieval_routes(app, Path(folder).resolve().name, searcher, text_batcher.submit, image_batcher.submit,
+                              search_batcher.submit, decode_image, max_upload_bytes)
     return app

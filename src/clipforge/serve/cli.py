@@ -10,8 +10,9 @@ from ..inference import add_model_arguments
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Serve an indexed collection: a web page at / (search, drag-and-drop classification and, with "
                      "--mapping, captions and questions), a JSON API (/search, /search/image, /classify, /embed, "
-                     "/health, and /caption, /ask with --mapping; schema at /docs). Binds 127.0.0.1 unless --host "
-                     "says otherwise.")
+                     "/health, and /caption, /ask with --mapping; schema at /docs), and clip-retrieval's back-end API "
+                     "(/knn-service, /metadata, /indices-list: its ClipClient works unchanged). Binds 127.0.0.1 unless "
+                     "--host says otherwise.")
     p.add_argument("folder", help="a folder written by clipforge embed + clipforge index build")
     add_model_arguments(p, recorded=True)
     p.add_argument("--host", default="127.0.0.1", help="[127.0.0.1: this machine only]")

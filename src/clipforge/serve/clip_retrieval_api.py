@@ -1,0 +1,146 @@
+"""clip-retrieval's back-end API over a clipforge collection: ``POST /knn-service``, ``POST /metadata`` and
+``GET /indices-list``, the calls ``clip_retrieval.clip_client.ClipClient`` and scripts written for ``clip-retrieval
+back`` make, so they run against ``clipforge serve`` unchanged.
+
+Where it differs, on purpose: the collection's images are searched (``modality`` "image"; a collection has no index
+of captions); ``image_url`` is not fetched, since the server makes no outbound requests (send the image itself, base64,
+as ``image``); clipforge has no safety, violence or aesthetic models, so those fields are accepted and change
+nothing; a result's ``url`` is the image's address on this server (a 512 px view), and it carries ``name``, ``width``
+and ``height`` beside ``caption``, never a file path.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEDUP_COSINE = 0.94  # clip-retrieval's threshold for "deduplicate"
+MAX_METADATA_IDS = 1000
+
+
+class KnnRequest(BaseModel):
+    """A ``/knn-service`` query as ClipClient sends it: exactly one of text, image or embedding_input."""
+
+    model_config = ConfigDict(extra="ignore")
+    text: str | None = Field(None, max_length=1000)
+    image: str | None = Field(None, description="the query image's file bytes, base64")
+    image_url: str | None = Field(None, description="not fetched: send the image itself as `image`")
+    embedding_input: list[float] | None = Field(None, max_length=8192)
+    modality: Literal["image", "text"] = "image"
+    num_images: int = Field(40, ge=1, le=100)
+    num_result_ids: int | None = Field(None, ge=1)
+    indice_name: str | None = None
+    use_mclip: bool = False
+    deduplicate: bool = False
+    use_safety_model: bool = False  # accepted, no effect (no safety model here)
+    use_violence_detector: bool = False  # accepted, no effect
+    aesthetic_score: int | str | None = None  # accepted, no effect (no aesthetic embeddings here)
+    aesthetic_weight: float | str | None = None
+
+
+class MetadataRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    ids: list[int] = Field(..., max_length=MAX_METADATA_IDS)
+    indice_name: str | None = None
+
+
+def _json_body(model: type[BaseModel]) -> dict:
+    """The OpenAPI entry of a JSON body read by hand (the schema at /docs, and what schemathesis fuzzes)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+async def _read_body(request: Request, model: type[BaseModel], limit: int):
+    """The request's JSON body as ``model``. ClipClient posts JSON without a Content-Type header, which FastAPI's
+    own body parsing refuses, so it is read here: bounded, then validated (a 422 like FastAPI's own)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"request body over the limit of {limit} bytes")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPException(400, "the request body is not JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors(include_url=False)) from None
+
+
+def add_routes(app: FastAPI, name: str, searcher, embed_text, embed_image, search, decode_image,
+               max_upload_bytes: int) -> None:
+    """``embed_text(str)``, ``embed_image(PIL image)`` and ``search((vector, k, dedup, offset))`` are the app's
+    batched coroutines; ``decode_image(bytes, name)`` its bounded image decoder (an HTTP 400 on bad bytes)."""
+    import numpy as np
+
+    body_limit = (max_upload_bytes + 2) // 3 * 4 + 65536  # a base64 image at the upload limit, and the other fields
+
+    def check_index_name(indice_name: str | None) -> None:
+        if indice_name not in (None, name):
+            raise HTTPException(400, f"indice_name {indice_name!r}: this server holds {name!r} (GET /indices-list)")
+
+    def fields(request: Request, row: dict, index: int) -> dict:
+        url = str(request.url_for("thumb", index=index)) + "?size=512"
+        return {"url": url, "caption": row.get("caption") or "", "name": Path(str(row["path"])).name,
+                "width": int(row.get("width") or 0), "height": int(row.get("height") or 0)}
+
+    @app.get("/indices-list", tags=["clip-retrieval"])
+    def indices_list() -> list[str]:
+        """The collections this server searches: one, named after its folder."""
+        return [name]
+
+    @app.post("/knn-service", tags=["clip-retrieval"], openapi_extra=_json_body(KnnRequest))
+    async def knn_service(request: Request) -> list[dict]:
+        """Nearest images to a text, an image or an embedding, as clip-retrieval's back-end answers: each result's
+        metadata with ``id`` and ``similarity`` (cosine)."""
+        query = await _read_body(request, KnnRequest, body_limit)
+        check_index_name(query.indice_name)
+        if query.modality != "image":
+            raise HTTPException(400, "modality 'text': a clipforge collection indexes images only; use 'image'")
+        if query.use_mclip:
+            raise HTTPException(400, "use_mclip: multilingual CLIP is not available here")
+        if query.image_url:
+            raise HTTPException(400, "image_url: this server makes no outbound requests; send the image's bytes, "
+                                     "base64, as `image`")
+        given = [value for value in (query.text, query.image, query.embedding_input) if value not in (None, "", [])]
+        if len(given) != 1:
+            raise HTTPException(400, "give exactly one of text, image (base64) or embedding_input")
+        if query.text:
+            vector = await embed_text(query.text)
+        elif query.image:
+            if len(query.image) > (max_upload_bytes + 2) // 3 * 4 + 4:
+                raise HTTPException(413, f"image larger than the {max_upload_bytes} byte limit")
+            try:
+                data = base64.b64decode(query.image, validate=True)
+            except (binascii.Error, ValueError):
+                raise HTTPException(400, "image: not valid base64") from None
+            vector = await embed_image(decode_image(data, "image"))
+        else:
+            vector = np.asarray(query.embedding_input, dtype=np.float64)
+            if vector.shape != (searcher.index.d,) or not all(map(math.isfinite, query.embedding_input)):
+                raise HTTPException(400, f"embedding_input: {searcher.index.d} finite numbers expected, got "
+                                         f"{len(query.embedding_input)}")
+            largest = float(np.abs(vector).max())
+            if largest == 0:
+                raise HTTPException(400, "embedding_input: a zero vector has no direction to search")
+            vector = vector / largest  # first, so that squaring huge values cannot overflow
+            vector = (vector / np.linalg.norm(vector)).astype(np.float32)
+        found = await search((vector, query.num_images, DEDUP_COSINE if query.deduplicate else None, 0))
+        return [{**fields(request, hit, hit["id"]), "id": hit["id"], "similarity": hit["score"]} for hit in found]
+
+    @app.post("/metadata", tags=["clip-retrieval"], openapi_extra=_json_body(MetadataRequest))
+    async def metadata(request: Request) -> list[dict]:
+        """The metadata of images by id, as clip-retrieval's back-end returns it."""
+        query = await _read_body(request, MetadataRequest, 65536)
+        check_index_name(query.indice_name)
+        unknown = [i for i in query.ids if not 0 <= i < searcher.index.ntotal]
+        if unknown:
+            raise HTTPException(404, f"no image with id {unknown[0]} in the collection")
+        return [{"id": i, "metadata": fields(request, searcher.rows[i], i)} for i in query.ids]
