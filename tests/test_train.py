@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 
 import clipforge
 import clipforge.train
+from clipforge import cli
 from clipforge.loss import ClipLoss
 from clipforge.train import TrainConfig, TrainingDiverged, train
 from clipforge.train.checkpoints import load_train_state
 from clipforge.train.step import train_step
-from clipforge.train.optim import build_optimizer
+from clipforge.train.optim import build_optimizer, lr_schedule
 
 from conftest import REPO, colour_dataset, free_port, random_tokens, shapes_shard
 
@@ -255,6 +256,44 @@ def test_settings_out_of_range_are_refused_before_anything_runs(tmp_path, settin
     with pytest.raises(ValueError, match=re.escape(message)):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def _learning_rates(kind: str, warmup: int, total: int, **options) -> list[float]:
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scheduler = lr_schedule(optimizer, kind, warmup, total, **options)
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates + [optimizer.param_groups[0]["lr"]]  # and where it ends, after the last step
+
+
+def test_learning_rate_schedules_warm_up_then_decay_hold_or_cool_down():
+    cosine = _learning_rates("cosine", 2, 10, end_ratio=0.1)
+    assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
+    assert _learning_rates("constant", 2, 10) == [0.5] + [1.0] * 10
+    cooled = _learning_rates("constant-cooldown", 2, 10, end_ratio=0.2, cooldown_steps=4)
+    assert cooled[:6] == [0.5] + [1.0] * 5 and cooled[6:] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    with pytest.raises(ValueError, match="--cooldown 9: between 1 and the 8 steps after warmup"):
+        _learning_rates("constant-cooldown", 2, 10, cooldown_steps=9)
+
+
+def test_constant_cooldown_from_the_command_line_and_its_checks(tmp_path, capsys):
+    shard = shapes_shard(tmp_path / "s-000000.tar", 32)
+    common = ["train", "--train-data", str(shard), "--model", "ViT-Tiny-64", "--batch-size", "4", "--steps", "6",
+              "--warmup", "1", "--lr", "0.001", "--workers", "0", "--log-every", "1", "--no-progress"]
+    assert cli.main([*common, "--lr-schedule", "constant-cooldown", "--cooldown", "2", "--lr-end", "0.0001",
+                     "--output", str(tmp_path / "run")]) == 0
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"lr"' in line]  # the rate each step ends with, ready for the next
+    assert rates == pytest.approx([0.001, 0.001, 0.001, 0.001, 0.00055, 0.0001])  # as open_clip's const-cooldown
+    run_config = json.loads((tmp_path / "run" / "run_config.json").read_text())["train"]
+    assert (run_config["lr_schedule"], run_config["cooldown"], run_config["lr_end"]) == ("constant-cooldown", 2, 1e-4)
+    assert cli.main([*common, "--lr-end", "0.01", "--output", str(tmp_path / "bad")]) == 2
+    assert "--lr-end 0.01: expected a learning rate from 0 to --lr (0.001)" in capsys.readouterr().err
 
 
 def test_a_bad_shard_is_counted_and_skipped_when_training_by_epochs(tmp_path):

@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 from .loop import OBJECTIVES, PRECISIONS, TrainConfig
+from .optim import SCHEDULES
 
 DESCRIPTION = """Train CLIP image and text encoders with the contrastive loss.
 
@@ -107,6 +108,11 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help=f"peak learning rate [{d.lr}]")
     g.add_argument("--wd", type=float, help=f"AdamW weight decay (not on gains/biases/embeddings) [{d.wd}]")
     g.add_argument("--warmup", type=int, help="linear warmup steps [5%% of the steps]")
+    g.add_argument("--lr-schedule", choices=SCHEDULES,
+                   help="after warmup: cosine decay to --lr-end (CLIP's); constant; or constant-cooldown, constant "
+                        f"then a linear fall to --lr-end over the last --cooldown steps [{d.lr_schedule}]")
+    g.add_argument("--cooldown", type=int, help="constant-cooldown: steps of the final decay [10%% of the steps]")
+    g.add_argument("--lr-end", type=float, help=f"the learning rate the schedule ends at [{d.lr_end}]")
     g.add_argument("--beta1", type=float, help=f"[{d.beta1}]")
     g.add_argument("--beta2", type=float, help=f"[{d.beta2}]")
     g.add_argument("--eps", type=float, help=f"[{d.eps}]")

@@ -40,7 +40,7 @@ from ..preprocess import TrainTransform
 from ..prompts import load_templates
 from .checkpoints import load_train_state, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .objectives import objective_for
-from .optim import build_optimizer, cosine_with_warmup
+from .optim import SCHEDULES, build_optimizer, lr_schedule
 from .step import autocast_for, train_step
 from .validation import open_validation, validate
 
@@ -66,6 +66,9 @@ class TrainConfig:
     lr: float = 5e-4
     wd: float = 0.2
     warmup: int | None = None  # default: 5% of the steps
+    lr_schedule: str = "cosine"  # or "constant", "constant-cooldown" (train.optim.lr_schedule)
+    cooldown: int | None = None  # constant-cooldown: steps of linear decay at the end [10% of the steps]
+    lr_end: float = 0.0  # the learning rate the cosine or the cooldown ends at
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
@@ -151,7 +154,7 @@ def exit_torchrun_rank(code: int = 0) -> None:
 # the least each number may be (None: not set, allowed); a config file bypasses argparse, so they are checked here
 _AT_LEAST = {"batch_size": 1, "accum_freq": 1, "log_every": 1, "val_samples": 1, "bow_vocab": 1, "workers": 0,
              "save_every": 0, "keep": 0, "val_every": 0, "shuffle_buffer": 0, "steps": 1, "train_num_samples": 1,
-             "loss_chunk_size": 1, "warmup": 0}
+             "loss_chunk_size": 1, "warmup": 0, "cooldown": 1}
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -168,6 +171,10 @@ def _check_config(cfg: TrainConfig) -> None:
             refuse(name, getattr(cfg, name), "a number above 0")
     if not cfg.wd >= 0:
         refuse("wd", cfg.wd, "a number of at least 0")
+    if not 0 <= cfg.lr_end <= cfg.lr:
+        refuse("lr_end", cfg.lr_end, f"a learning rate from 0 to --lr ({cfg.lr})")
+    if cfg.lr_schedule not in SCHEDULES:
+        refuse("lr_schedule", cfg.lr_schedule, f"one of {', '.join(SCHEDULES)}")
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         refuse("grad_clip", cfg.grad_clip, "a norm above 0")
     for name in ("beta1", "beta2", "patch_dropout"):
@@ -459,7 +466,9 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     samples_per_step = cfg.batch_size * world * cfg.accum_freq
     total_steps, warmup = _schedule_length(cfg, source, samples_per_step)
     optimizer = build_optimizer(core, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps)
-    scheduler = cosine_with_warmup(optimizer, warmup, total_steps)
+    cooldown = cfg.cooldown if cfg.cooldown is not None else max(1, total_steps // 10)
+    scheduler = lr_schedule(optimizer, cfg.lr_schedule, warmup, total_steps, cfg.lr_end / cfg.lr,
+                            cooldown if cfg.lr_schedule == "constant-cooldown" else 0)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
     position = _resume(cfg, output, core, optimizer, scheduler, scaler, rank, world)
     stream = ContrastiveStream(source, TrainTransform(core.image_size, scale=tuple(cfg.crop_scale)), tokenizer,

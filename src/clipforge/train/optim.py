@@ -1,4 +1,4 @@
-"""AdamW with CLIP's parameter groups and a cosine schedule with linear warmup."""
+"""AdamW with CLIP's parameter groups, and the learning-rate schedules (linear warmup, then cosine or constant)."""
 from __future__ import annotations
 
 import math
@@ -32,13 +32,30 @@ def _can_fuse(params: list[torch.Tensor]) -> bool:
     return len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
 
 
-def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
-    """LR factor: linear ramp over ``warmup_steps``, then a cosine from 1 down to ``min_ratio`` at ``total_steps``."""
+SCHEDULES = ("cosine", "constant", "constant-cooldown")
+
+
+def lr_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int, end_ratio: float = 0.0,
+                cooldown_steps: int = 0):
+    """The LR factor per step, after a linear ramp over ``warmup_steps``: ``cosine`` from 1 down to ``end_ratio`` at
+    ``total_steps`` (CLIP's); ``constant`` 1 (a run that can be extended, or a schedule-free comparison);
+    ``constant-cooldown`` 1, then a linear fall to ``end_ratio`` over the last ``cooldown_steps`` (open_clip's
+    const-cooldown: a constant run whose checkpoints can each be cooled down into a finished model)."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"--lr-schedule {kind!r}: one of {', '.join(SCHEDULES)}")
+    if kind == "constant-cooldown" and not 0 < cooldown_steps <= total_steps - warmup_steps:
+        raise ValueError(f"--cooldown {cooldown_steps}: between 1 and the {total_steps - warmup_steps} steps after "
+                         f"warmup")
+    cooldown_start = total_steps - cooldown_steps
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if kind == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return end_ratio + (1 - end_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if kind == "constant" or step < cooldown_start:
+            return 1.0
+        return 1 - (1 - end_ratio) * min(1.0, (step - cooldown_start) / cooldown_steps)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
