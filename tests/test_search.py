@@ -164,14 +164,18 @@ def test_embedding_at_reduced_precision_gives_float_vectors_close_to_fp32s(colle
     assert any(h["path"].endswith("shape007.png") and h["score"] > 0.99 for h in hits), hits
 
 
-def test_precision_auto_is_bf16_on_a_gpu_only_and_onnx_refuses_another():
+def test_precision_auto_is_bf16_on_a_gpu_only_onnx_refuses_another_and_random_weights_warn(collection, capsys):
     from clipforge.inference import inference_dtype, load_for_inference
 
     assert inference_dtype("auto", "cuda:1") == torch.bfloat16 and inference_dtype("auto", "cpu") == torch.float32
     assert inference_dtype(None, "cpu") == torch.float32 and inference_dtype("fp16", "cpu") == torch.float16
     with pytest.raises(ValueError, match="unknown precision 'int4'"):
         inference_dtype("int4", "cpu")
+    load_for_inference(collection["ckpt"], device="cpu")
+    load_for_inference("ViT-Tiny-64", collection["ckpt"], device="cpu")
+    assert "warning" not in capsys.readouterr().err
     model, _, _ = load_for_inference("ViT-Tiny-64", precision="bf16", device="cpu")
+    assert "--model ViT-Tiny-64 without --pretrained has random weights" in capsys.readouterr().err  # a slip
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     images = torch.randn(2, 3, 64, 64)  # float32, as preprocessing gives them
     assert model.encode_image(images).dtype == torch.bfloat16

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 def add_model_arguments(p: argparse.ArgumentParser, recorded: bool = False) -> None:
@@ -94,6 +95,9 @@ def load_for_inference(model: str | None = None, pretrained: str | None = None, 
     if model is None or (pretrained is None and os.path.exists(model)):
         loaded = load(pretrained or model, device=device, trust_pickle=trust_pickle)
     else:
+        if pretrained is None and not model.startswith("hf-hub:"):  # open_clip warns the same: an easy slip
+            print(f"warning: --model {model} without --pretrained has random weights, whose features mean nothing; "
+                  f"give --pretrained TAG_OR_CHECKPOINT (`clipforge models` lists the tags)", file=sys.stderr)
         loaded = load(model, pretrained=pretrained, device=device, trust_pickle=trust_pickle)
     if dtype != weights_dtype(loaded[0]):
         loaded[0].to(dtype)
