@@ -771,6 +771,26 @@ def test_clip_retrieval_client_queries_the_server_unchanged(live_server, client,
     assert (similarity[np.triu_indices(len(kept), 1)] < 0.94 + 1e-3).all()  # no two kept are near-duplicates
 
 
+def test_browsers_may_call_the_api_only_from_allowed_origins(client, collection):
+    """A clip-retrieval front page on another port posts JSON as text/plain (no preflight); its origin must be
+    allowed for the browser to read the answer, and no other site's is, by default or otherwise."""
+    from fastapi.testclient import TestClient
+
+    from clipforge.serve.app import create_app
+
+    front = "http://localhost:8080"
+    body = json.dumps({"text": "a red circle", "num_images": 3, "indice_name": "emb"})
+    assert "access-control-allow-origin" not in client.get("/health", headers={"Origin": front}).headers
+    allowing = TestClient(create_app(collection["emb"], *clipforge.load(collection["ckpt"]), allow_origins=[front]))
+    answer = allowing.post("/knn-service", content=body, headers={"Origin": front, "Content-Type": "text/plain"})
+    assert answer.status_code == 200 and len(answer.json()) == 3
+    assert answer.headers["access-control-allow-origin"] == front
+    other = allowing.post("/knn-service", content=body, headers={"Origin": "https://elsewhere.example"})
+    assert "access-control-allow-origin" not in other.headers
+    preflight = allowing.options("/search/image", headers={"Origin": front, "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == front
+
+
 # --------------------------------------------------------------------------------------------------- the browser
 
 def _chromium():

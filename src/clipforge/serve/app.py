@@ -141,11 +141,17 @@ class Batcher:
 
 
 def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_bytes: int = 10 * 2**20,
-               index_in_memory: bool = False, captioner=None) -> FastAPI:
+               index_in_memory: bool = False, captioner=None, allow_origins: list[str] = ()) -> FastAPI:
     """``captioner``: a ``captioning.Captioner`` (a trained LiMBer map) to serve /caption, /item/{id}/caption and
-    /ask; without one those endpoints answer 404 saying how to turn them on."""
+    /ask; without one those endpoints answer 404 saying how to turn them on. ``allow_origins``: the web origins
+    whose pages may call the API from a browser (CORS); none by default, so other sites cannot read the collection."""
     searcher = Searcher(folder, model, preprocess, tokenizer, in_memory=index_in_memory)
     app = FastAPI(title="clipforge", description="Search, classify and caption images with a CLIP model.")
+    if allow_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
     lock = threading.Lock()  # one model call at a time; batching keeps it busy
 
     def encode_texts(texts):

@@ -20,6 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-mb", type=positive_float, default=10.0)
     p.add_argument("--index-in-memory", action="store_true",
                    help="read the IVF-PQ index into RAM instead of memory-mapping it (faster first queries, more RSS)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from this origin call the API from a browser (CORS), e.g. "
+                        "http://localhost:8080 for a `clip-retrieval front` pointed at this server; repeatable "
+                        "[none: only this server's own page]")
     p.add_argument("--mapping", help="a LiMBer map (the --output folder of clipforge caption train): adds /caption "
                                      "for uploads, /item/ID/caption for the collection, /ask (a question about an "
                                      "upload), and both on the page")
@@ -40,6 +44,6 @@ def run(args) -> int:
     model = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, collection=args.folder,
                                backend=args.backend, precision=args.precision)
     app = create_app(args.folder, *model, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                     index_in_memory=args.index_in_memory, captioner=captioner)
+                     index_in_memory=args.index_in_memory, captioner=captioner, allow_origins=args.allow_origin)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
