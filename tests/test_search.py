@@ -1,4 +1,5 @@
 """Embed, index, search; the HTTP API (bad input, fuzzing); the web page in headless Chromium."""
+import contextlib
 import io
 import json
 import os
@@ -760,6 +761,11 @@ def test_clip_retrieval_client_queries_the_server_unchanged(live_server, client,
     with urllib.request.urlopen(request) as response:
         (entry,) = json.loads(response.read())
     assert entry["id"] == by_text[1]["id"] and entry["metadata"]["caption"] == by_text[1]["caption"]
+    ranked = client.post("/knn-service", json={"text": "a blue square", "num_images": 2, "num_result_ids": 9}).json()
+    assert [r["id"] for r in ranked] == [h["id"] for h in client.get(
+        "/search", params={"q": "a blue square", "k": 9}).json()["results"]]  # the ranking its page scrolls through
+    assert [set(r) for r in ranked] == [set(by_text[0])] * 2 + [{"id", "similarity"}] * 7  # metadata: first 2
+
     from clipforge.retrieval import load_embeddings
 
     deduplicated = clip_client.ClipClient(url=live_server + "/knn-service", indice_name="emb", num_images=6)
@@ -801,8 +807,9 @@ def _chromium():
     return None
 
 
-@pytest.fixture(scope="module")
-def live_server(app):
+@contextlib.contextmanager
+def _serving(app):
+    """``app`` under uvicorn on a free local port, in a thread; yields its base URL."""
     uvicorn = pytest.importorskip("uvicorn")
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
@@ -811,9 +818,17 @@ def live_server(app):
     deadline = time.time() + 20
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def live_server(app):
+    with _serving(app) as url:
+        yield url
 
 
 def client_json(base: str, path: str) -> dict:
@@ -971,3 +986,44 @@ def test_out_of_range_numbers_are_the_flags_own_usage_errors(argv, message, caps
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_clip_retrieval_web_front_searches_a_clipforge_server_in_chromium(collection):
+    """clip-retrieval's own page (its `clip-retrieval front` build, from the wheel), on another port, pointed at
+    `clipforge serve --allow-origin` that page: it lists the collection, searches it and shows its images."""
+    import functools
+    import http.server
+    import importlib.util
+
+    from clipforge.serve.app import create_app
+
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
+    spec = importlib.util.find_spec("clip_retrieval")
+    if spec is None:
+        pytest.skip("clip-retrieval is not installed (pip install --no-deps clip-retrieval==2.45.0)")
+    front = Path(collection["root"]) / "front"
+    shutil.copytree(Path(spec.submodule_search_locations[0]).parent / "front" / "build", front, dirs_exist_ok=True)
+    pages = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(front)))
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    front_url = f"http://127.0.0.1:{pages.server_address[1]}"
+    app = create_app(collection["emb"], *clipforge.load(collection["ckpt"]), allow_origins=[front_url])
+    try:
+        with _serving(app) as backend, playwright_api.sync_playwright() as p:
+            (front / "config.json").write_text(json.dumps({"defaultBackend": backend, "defaultIndex": "emb"}))
+            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(f"{front_url}/?query=a+blue+square")
+            page.wait_for_function("() => (document.querySelector('clip-front').images || []).length > 0",
+                                   timeout=30_000)
+            shown = page.evaluate("() => document.querySelector('clip-front').images.slice(0, 3)")
+            assert shown[0]["url"].startswith(f"{backend}/thumb/") and shown[0]["caption"]
+            page.wait_for_function(f"() => Array.from(document.querySelector('clip-front').shadowRoot"
+                                   f".querySelectorAll('img')).some(i => i.src.startsWith('{backend}/thumb/') "
+                                   f"&& i.naturalWidth > 0)", timeout=30_000)  # the collection's images load
+            browser.close()
+    finally:
+        pages.shutdown()

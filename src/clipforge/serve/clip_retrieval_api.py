@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEDUP_COSINE = 0.94  # clip-retrieval's threshold for "deduplicate"
 MAX_METADATA_IDS = 1000
+MAX_RESULT_IDS = 1000  # how deep a ranking is returned (its page asks for 3,000; the app's search depth bound)
 
 
 class KnnRequest(BaseModel):
@@ -35,7 +36,8 @@ class KnnRequest(BaseModel):
     embedding_input: list[float] | None = Field(None, max_length=8192)
     modality: Literal["image", "text"] = "image"
     num_images: int = Field(40, ge=1, le=100)
-    num_result_ids: int | None = Field(None, ge=1)
+    num_result_ids: int | None = Field(None, ge=1, description=f"ranked ids returned, at most {MAX_RESULT_IDS}; "
+                                                                 "the first num_images with their metadata")
     indice_name: str | None = None
     use_mclip: bool = False
     deduplicate: bool = False
@@ -132,8 +134,12 @@ def add_routes(app: FastAPI, name: str, searcher, embed_text, embed_image, searc
                 raise HTTPException(400, "embedding_input: a zero vector has no direction to search")
             vector = vector / largest  # first, so that squaring huge values cannot overflow
             vector = (vector / np.linalg.norm(vector)).astype(np.float32)
-        found = await search((vector, query.num_images, DEDUP_COSINE if query.deduplicate else None, 0))
-        return [{**fields(request, hit, hit["id"]), "id": hit["id"], "similarity": hit["score"]} for hit in found]
+        # as clip-retrieval: num_result_ids ranked ids (its page fetches their metadata as one scrolls), the first
+        # num_images of them with their metadata
+        depth = min(max(query.num_result_ids or 0, query.num_images), MAX_RESULT_IDS)
+        found = await search((vector, depth, DEDUP_COSINE if query.deduplicate else None, 0))
+        return [{**(fields(request, hit, hit["id"]) if rank < query.num_images else {}), "id": hit["id"],
+                 "similarity": hit["score"]} for rank, hit in enumerate(found)]
 
     @app.post("/metadata", tags=["clip-retrieval"], openapi_extra=_json_body(MetadataRequest))
     async def metadata(request: Request) -> list[dict]:
