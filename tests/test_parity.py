@@ -127,6 +127,36 @@ def test_export_to_hugging_face_round_trips(tmp_path):
         assert _max_diff(a, b) <= TOL
 
 
+def test_a_hugging_face_export_carries_a_clip_processor_that_feeds_the_model_as_clipforge_does(tmp_path):
+    """`clipforge convert --to hf` writes what CLIPProcessor.from_pretrained reads: on captions (with accents,
+    emoji, runs of punctuation) its ids are clipforge's up to padding, its pixels within one 8-bit level, and
+    CLIPModel's embeddings are clipforge's."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    from clipforge.convert import convert
+
+    torch.manual_seed(0)
+    model = clipforge.create_model("ViT-Tiny-64").eval()
+    clipforge.save_pretrained(model, tmp_path / "ours")
+    convert(str(tmp_path / "ours"), str(tmp_path / "hf"), to="hf")
+    processor = transformers.CLIPProcessor.from_pretrained(tmp_path / "hf")
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    _, preprocess, tokenizer = clipforge.load(str(tmp_path / "ours"))
+    texts = ["a photo of a cat", "A Dog's   DINNER, café & crème brûlée!! 😀", "two  dogs\tplay?!", "x " * 40]
+    ids = processor(text=texts, return_tensors="pt", padding="max_length", truncation=True).input_ids
+    ours = tokenizer(texts)
+    assert ids.shape == ours.shape  # the model's own context length (32 here)
+    assert torch.equal(torch.where(ours == 0, 49407, ours), ids)  # transformers pads with <|endoftext|>
+    image = Image.radial_gradient("L").convert("RGB").resize((150, 100))
+    pixels = processor(images=[image], return_tensors="pt").pixel_values
+    assert _max_diff(pixels[0], preprocess(image)) < 1.1 / 255 / min(preprocess.std)
+    with torch.no_grad():
+        out = hf(input_ids=ids, pixel_values=pixels)
+        assert _max_diff(out.text_embeds, model.encode_text(ours, normalize=True)) <= TOL
+        assert _max_diff(out.image_embeds, model.encode_image(pixels, normalize=True)) <= TOL
+
+
 def _scripted_archive(state: dict) -> torch.jit.ScriptModule:
     """A TorchScript module whose state_dict has exactly ``state``'s keys, as OpenAI's released archives do."""
     root = torch.nn.Module()

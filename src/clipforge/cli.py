@@ -12,7 +12,7 @@ EPILOG = """examples:
   clipforge demo                                   train ViT-Tiny-64 on generated shapes (~2 min CPU), HTML report
   clipforge models                                 list the architectures in the zoo and their pretrained tags
   clipforge convert openai/ViT-B-32.pt out/ --to clipforge
-  clipforge convert out/ hf_folder/ --to hf        export to a Hugging Face CLIPModel folder
+  clipforge convert out/ hf_folder/ --to hf        a Hugging Face CLIPModel + CLIPProcessor folder
   clipforge train --model ViT-Tiny-64 --train-data 'shards/train-{000000..000009}.tar' --steps 2000 --output runs/a
   clipforge train --config recipes/flickr8k.yaml   the published Flickr8k recipe
   clipforge finetune --pretrained CKPT --dataset-root ../shared/data/cifar10 --steps 500 --output runs/ft
@@ -68,7 +68,7 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a checkpoint between formats",
                        description="Read SRC (OpenAI .pt, open_clip state dict, Hugging Face CLIPModel folder, "
                        "clipforge folder or safetensors) and write DST in the chosen format. clipforge: a folder "
-                       "with model.safetensors + config.json; hf: a CLIPModel folder transformers loads; openai: a "
+                       "with model.safetensors + config.json; hf: a CLIPModel folder transformers loads, with its CLIPProcessor files; openai: a "
                        "state dict file (.pt, or .safetensors) that openai/CLIP and open_clip load.")
     p.add_argument("src")
     p.add_argument("dst")

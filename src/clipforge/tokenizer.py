@@ -61,7 +61,7 @@ def clean_text(text: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     raw = (resources.files(__package__) / "bpe_simple_vocab_16e6.txt.gz").read_bytes()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
@@ -86,7 +86,7 @@ class Tokenizer:
         import regex
         from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
-        vocab, merges = _vocab_and_merges()
+        vocab, merges = vocab_and_merges()
         self.encoder = vocab
         self.decoder = {i: t for t, i in vocab.items()}
         self.byte_decoder = {c: b for b, c in bytes_to_unicode().items()}

@@ -174,7 +174,8 @@ def config_from_clipforge(config: dict, logit_scale: float) -> dict:
 
 
 def save(model, folder: str | Path) -> Path:
-    """A ``CLIPModel`` folder (``model.safetensors`` + ``config.json``) that transformers loads."""
+    """A ``CLIPModel`` folder that transformers loads (``model.safetensors`` + ``config.json``), with the files its
+    ``CLIPProcessor`` reads, so that text and images go in as clipforge's own tokenizer and preprocess send them."""
     from ..files import write_json
     from .io import save_safetensors
 
@@ -182,4 +183,37 @@ def save(model, folder: str | Path) -> Path:
     config = config_from_clipforge(model.config, float(model.logit_scale.detach()))
     save_safetensors(from_clipforge(model.state_dict()), folder / "model.safetensors", {"format": "pt"})
     write_json(folder / "config.json", config)
+    save_processor(model, folder)
     return folder
+
+
+HF_SOT, HF_EOT = "<|startoftext|>", "<|endoftext|>"  # transformers' names for OpenAI's two special tokens
+
+
+def save_processor(model, folder: str | Path) -> None:
+    """``preprocessor_config.json`` (the evaluation transform: bicubic short-side resize, centre crop, the model's
+    mean and std) and OpenAI's BPE as a ``CLIPTokenizer`` (``vocab.json``, ``merges.txt``). Its ids are clipforge's
+    but for padding: transformers pads with ``<|endoftext|>`` (as OpenAI's own transformers export does; padding
+    with id 0, "!", would make "!" a special token and split "!!"), and the features are the same either way."""
+    from ..files import atomic_path, write_json
+    from ..preprocess import OPENAI_MEAN, OPENAI_STD
+    from ..tokenizer import EOT_TOKEN, SOT_TOKEN, vocab_and_merges
+
+    folder = Path(folder)
+    size, normalisation = model.image_size, getattr(model, "normalisation", None) or {}
+    write_json(folder / "preprocessor_config.json", {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+        "image_mean": list(normalisation.get("mean", OPENAI_MEAN)), "image_std": list(normalisation.get("std", OPENAI_STD)),
+    })
+    vocab, merges = vocab_and_merges()
+    renamed = {SOT_TOKEN: HF_SOT, EOT_TOKEN: HF_EOT}
+    write_json(folder / "vocab.json", {renamed.get(token, token): i for token, i in vocab.items()})
+    with atomic_path(folder / "merges.txt") as tmp:
+        tmp.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    special = {"bos_token": HF_SOT, "eos_token": HF_EOT, "unk_token": HF_EOT, "pad_token": HF_EOT}
+    write_json(folder / "special_tokens_map.json", special)
+    write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": model.config["text_cfg"]["context_length"],
+        "errors": "replace", **special})
