@@ -68,8 +68,9 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a checkpoint between formats",
                        description="Read SRC (OpenAI .pt, open_clip state dict, Hugging Face CLIPModel folder, "
                        "clipforge folder or safetensors) and write DST in the chosen format. clipforge: a folder "
-                       "with model.safetensors + config.json; hf: a CLIPModel folder transformers loads, with its CLIPProcessor files; openai: a "
-                       "state dict file (.pt, or .safetensors) that openai/CLIP and open_clip load.")
+                       "with model.safetensors + config.json; hf: a CLIPModel folder transformers loads, with its "
+                       "CLIPProcessor files; openai: a state dict file (.pt, or .safetensors) that openai/CLIP and "
+                       "open_clip load.")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--to", choices=["clipforge", "hf", "openai"], default="clipforge")

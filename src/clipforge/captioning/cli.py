@@ -56,9 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    '"A picture of"); generation uses it too [none]')
     t.add_argument("--steps", type=positive_int, default=300, help="optimiser steps [300]")
     t.add_argument("--batch-size", type=positive_int, default=16, help="[16]")
-    t.add_argument("--lr", type=positive_float, default=3e-4, help="AdamW learning rate of the map's weights; its bias (the shared "
-                   "soft prompt) learns 10x faster. 3e-4 beat 1e-3 on Flickr8k dev loss at every point measured (two "
-                   "seeds, docs/BENCHMARKS.md) [3e-4]")
+    t.add_argument("--lr", type=positive_float, default=3e-4,
+                   help="AdamW learning rate of the map's weights; its bias (the shared soft prompt) learns 10x faster. "
+                        "3e-4 beat 1e-3 on Flickr8k dev loss at every point measured (two seeds, docs/BENCHMARKS.md) "
+                        "[3e-4]")
     t.add_argument("--max-grad-norm", type=float, default=1.0,
                    help="clip the map's gradient to this norm; 0: never. The frozen LM's rare gradient spikes otherwise "
                         "throw the map off for good [1.0]")
@@ -66,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--save-every", type=positive_int, default=50, help="checkpoint the map every N steps [50]")
     t.add_argument("--val-data", help="captioned development data (e.g. flickr8k/dev): the map's loss on it is logged "
                                       "every --save-every steps (val_loss in log.jsonl), to choose steps and rates on")
-    t.add_argument("--val-images", type=positive_int, default=200, help="development images used, all their captions [200]")
+    t.add_argument("--val-images", type=positive_int, default=200,
+                   help="development images used, all their captions [200]")
     t.add_argument("--resume", action="store_true", help="continue from the map and optimizer state in --output")
     t.add_argument("--output", required=True, help="folder for limber.json, mapping.safetensors, log.jsonl")
     t.add_argument("--device", default="cpu")
@@ -116,7 +118,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the dataset's own set, or one template with {} (each template costs a pass over the classes) "
                    "['a photo of a {}.']")
     c.add_argument("--max-images", type=positive_int, help="the first N images only")
-    c.add_argument("--batch-size", type=positive_int, default=64, help="(image, caption) rows per language-model call [64]")
+    c.add_argument("--batch-size", type=positive_int, default=64,
+                   help="(image, caption) rows per language-model call [64]")
     c.add_argument("--prior", choices=["auto", "none", "images", "blind"], default="auto",
                    help="subtract each class caption's likelihood whatever the image: its mean over --prior-data "
                         "training images (images), or under the map's shared prompt alone (blind); with none the "
@@ -144,7 +147,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--min-new-tokens", type=non_negative_int, default=0,
                    help="the LM may not end the text before this many tokens (1: as serve's /ask) [0: an LM that "
                         "ends it at once has answered nothing]")
-    v.add_argument("--batch-size", type=positive_int, default=16, help="questions answered per language-model call [16]")
+    v.add_argument("--batch-size", type=positive_int, default=16,
+                   help="questions answered per language-model call [16]")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", help="write every answer and the accuracies here")
     v.add_argument("--make-shapes", metavar="DIR", help="write a shapes question set to DIR and stop")

@@ -205,7 +205,8 @@ def save_processor(model, folder: str | Path) -> None:
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
         "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
         "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-        "image_mean": list(normalisation.get("mean", OPENAI_MEAN)), "image_std": list(normalisation.get("std", OPENAI_STD)),
+        "image_mean": list(normalisation.get("mean", OPENAI_MEAN)),
+        "image_std": list(normalisation.get("std", OPENAI_STD)),
     })
     vocab, merges = vocab_and_merges()
     renamed = {SOT_TOKEN: HF_SOT, EOT_TOKEN: HF_EOT}
