@@ -43,6 +43,33 @@ def test_clipforge_weights_load_into_open_clip(name):
         assert _max_diff(theirs.encode_text(tokens), ours.encode_text(tokens)) <= TOL
 
 
+def test_an_open_clip_script_runs_with_clipforge_swapped_in(tmp_path):
+    """open_clip's calls (create_model_and_transforms, create_model_from_pretrained, get_tokenizer) on clipforge
+    give the same features, for a script that changes only its import."""
+    open_clip = pytest.importorskip("open_clip")
+    from PIL import Image
+
+    torch.save(open_clip.create_model("ViT-B-32", pretrained=None).state_dict(), tmp_path / "weights.pt")
+    image = Image.radial_gradient("L").convert("RGB").resize((300, 200))
+
+    def script(library):
+        model, train_transform, preprocess = library.create_model_and_transforms(
+            "ViT-B-32", pretrained=str(tmp_path / "weights.pt"))
+        model.eval()
+        tokenizer = library.get_tokenizer("ViT-B-32")
+        with torch.no_grad():
+            features = (model.encode_image(preprocess(image).unsqueeze(0)),
+                        model.encode_text(tokenizer(["a diagram", "a dog running through water"])))
+        return features, train_transform(image).shape, library.create_model_from_pretrained(
+            "ViT-B-32", pretrained=str(tmp_path / "weights.pt"))[1](image)
+
+    (image_a, text_a), train_shape_a, pixels_a = script(open_clip)
+    (image_b, text_b), train_shape_b, pixels_b = script(clipforge)
+    assert _max_diff(text_a, text_b) <= TOL and train_shape_a == train_shape_b == (3, 224, 224)
+    assert _max_diff(pixels_a, pixels_b) < 1.1 / 255 / 0.26  # Pillow alone vs torchvision: within one 8-bit level
+    assert torch.nn.functional.cosine_similarity(image_a, image_b).item() > 0.9999
+
+
 def test_head_layout_of_a_zoo_architecture_is_used_when_loading_its_weights_by_path(tmp_path, monkeypatch):
     """Weights do not show how many heads split a width. LAION's ViT-H/g/bigG-14 use 80-104-wide heads, not OpenAI's
     64: loading their state dict by path must take the zoo's head layout (here a small stand-in with 40-wide heads

@@ -40,7 +40,8 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 __version__ = "0.1.0"
-__all__ = ["load", "create_model", "list_models", "get_tokenizer", "tokenize", "list_pretrained",
+__all__ = ["load", "create_model", "create_model_and_transforms", "create_model_from_pretrained", "list_models",
+           "get_tokenizer", "tokenize", "list_pretrained",
            "register_pretrained", "save_pretrained", "CLIP", "Tokenizer", "Preprocess", "CheckpointError",
            "UnknownModelError", "zero_shot_classifier", "image_transform"]
 
@@ -130,6 +131,24 @@ def load(name_or_path: str, pretrained: str | None = None, device: str = "cpu", 
 
     model = load_model(name_or_path, pretrained, quick_gelu, trust_pickle).to(device)
     return model, Preprocess(model.image_size, **model.normalisation), get_tokenizer(model.config)
+
+
+def create_model_and_transforms(model_name: str, pretrained: str | None = None, device: str = "cpu",
+                                quick_gelu: bool | None = None, trust_pickle: bool = False):
+    """open_clip's call, for scripts moving over: ``(model, train transform, evaluation transform)``; the model as
+    ``load`` gives it (eval mode: call ``model.train()`` to train it)."""
+    from .preprocess import image_transform
+
+    model, preprocess, _ = load(model_name, pretrained, device, quick_gelu, trust_pickle)
+    train = image_transform(model.image_size, train=True, mean=preprocess.mean, std=preprocess.std)
+    return model, train, preprocess
+
+
+def create_model_from_pretrained(model_name: str, pretrained: str | None = None, device: str = "cpu",
+                                 quick_gelu: bool | None = None, trust_pickle: bool = False):
+    """open_clip's call: ``(model, evaluation transform)``."""
+    model, preprocess, _ = load(model_name, pretrained, device, quick_gelu, trust_pickle)
+    return model, preprocess
 
 
 def zero_shot_classifier(*args, **kwargs):
