@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import signal
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -160,6 +160,25 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     the training process finishes its step and saves (they exit with it, as DataLoader workers do)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def continue_interleaving(batches, workers: int, consumed: int):
+    """The loader's batches in the order an uninterrupted run would have met them. A DataLoader takes one batch
+    from each worker in turn, always starting at worker 0; a run resumed after ``consumed`` batches must start at
+    worker ``consumed % workers`` (each worker's own stream resumes exactly at its recorded position), else the
+    same batches arrive in another order and the run is no longer the one it continues. The first few batches of
+    the workers before that one are held back until their turn comes."""
+    start = consumed % workers if workers > 1 else 0
+    if start == 0:
+        yield from batches
+        return
+    waiting = {worker: deque() for worker in range(workers)}
+    turn = start
+    for batch in batches:
+        waiting[batch["state"]["part"] % workers].append(batch)  # part = rank * workers + worker
+        while waiting[turn]:
+            yield waiting[turn].popleft()
+            turn = (turn + 1) % workers
 
 
 def make_loader(stream: ContrastiveStream, workers: int = 2, pin_memory: bool = False) -> DataLoader:

@@ -31,7 +31,7 @@ from ..checkpoint import load_into, read_checkpoint
 from ..checkpoint.io import is_sharded_checkpoint
 from ..data import ContrastiveStream, make_loader, open_source
 from ..data.captions import swap_left_right
-from ..data.pipeline import caption_texts
+from ..data.pipeline import caption_texts, continue_interleaving
 from ..data.sources import source_classnames
 from ..environment import run_environment
 from ..files import write_json
@@ -476,7 +476,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                                classnames=labels.classnames, caption_templates=labels.templates,
                                label_captions=bool(labels.classnames), exclude_labels=labels.exclude,
                                resume=position.data, hflip=cfg.hflip, targets=objective.targets)
-    batches = iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda"))
+    batches = continue_interleaving(iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda")),
+                                    cfg.workers, position.step * cfg.accum_freq)
     # (sharded towers run collectively: under FSDP every rank validates, rank 0 logs)
     val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates, source,
                                                    labels) if rank == 0 or cfg.fsdp else (None, None)
