@@ -317,6 +317,19 @@ def test_cli_convert_round_trips_through_every_format(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_a_hugging_face_text_tower_is_refused_by_the_openai_and_hf_layouts(tmp_path, capsys):
+    """A model with a MiniLM text tower (the Flickr8k recipe's) has no place in OpenAI's or CLIPModel's layout: hf
+    was a KeyError traceback and openai wrote a file nothing could load; both now refuse, writing nothing."""
+    pytest.importorskip("transformers")
+    clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64-MiniLM"), tmp_path / "ours",
+                              clipforge.get_model_config("ViT-Tiny-64-MiniLM"))
+    for to, out in (("hf", tmp_path / "hf"), ("openai", tmp_path / "openai.pt")):
+        assert cli.main(["convert", str(tmp_path / "ours"), str(out), "--to", to]) == 2
+        assert f"its text tower is all-minilm-l6-v2, a Hugging Face encoder, which the {to} layout cannot hold" in \
+            capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_cli_asking_for_cuda_without_a_gpu_is_a_clear_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the error path cannot be reached")
