@@ -16,7 +16,6 @@ def _number(kind, low, high, what: str):
             raise argparse.ArgumentTypeError(f"{text}: expected {what}")
         return value
 
-    parse.__name__ = what  # argparse names the type in some messages
     return parse
 
 

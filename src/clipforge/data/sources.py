@@ -81,6 +81,10 @@ class ShardIndex:
     problem: str | None = None
 
 
+def _count(members: dict) -> int:
+    return sum(map(len, members.values()))
+
+
 @lru_cache(maxsize=64)
 def shard_index(url: str) -> ShardIndex:
     """Read a local shard's tar headers once (no member data). Never raises for a corrupt or truncated file: its
@@ -105,11 +109,11 @@ def shard_index(url: str) -> ShardIndex:
                     handle.seek(tar.offset)
                     end = handle.read(512)
                 if len(end) < 512 or any(end):
-                    problem = (f"cut short or damaged after {sum(map(len, members.values()))} members "
+                    problem = (f"cut short or damaged after {_count(members)} members "
                                f"(no end-of-archive block at byte {tar.offset})")
     except (tarfile.TarError, OSError, EOFError) as error:
         detail = str(error).splitlines()[0].rstrip(":")
-        problem = (f"truncated after {sum(map(len, members.values()))} members ({detail})" if members
+        problem = (f"truncated after {_count(members)} members ({detail})" if members
                    else f"not a readable tar file ({detail})")
     return ShardIndex(members, problem)
 
