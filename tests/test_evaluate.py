@@ -140,7 +140,8 @@ def test_cli_zeroshot_writes_clip_benchmark_json_and_plot(tiny_dataset, checkpoi
                      "--quiet"]) == 0
     result = json.loads(out.read_text())
     assert result["task"] == "zeroshot_classification" and result["dataset"] == "colours"
-    assert set(result["metrics"]) == {"acc1", "mean_per_class_recall"}  # acc5 only with >= 5 classes
+    assert set(result["metrics"]) == {"acc1", "mean_per_class_recall", "n_images"}  # acc5 only with >= 5 classes
+    assert result["metrics"]["n_images"] == 12
     assert result["templates"] == ["a {} square", "a photo of something {}"]
     assert set(result["per_class"]) == {"red", "blue", "green"} and plot.stat().st_size > 1000
     assert list((tmp_path / "cache").glob("*.pt"))  # features cached for the next run
@@ -184,6 +185,67 @@ def test_cli_retrieval(tmp_path, checkpoint):
                      "--output", str(tmp_path / "r.json"), "--quiet"]) == 0
     metrics = json.loads((tmp_path / "r.json").read_text())["metrics"]
     assert metrics["n_images"] == 4 and metrics["n_captions"] == 8 and metrics["image_retrieval_recall@10"] == 1.0
+    assert cli.main(["eval", "retrieval", "--pretrained", checkpoint, "--dataset-root", str(tmp_path / "caps"),
+                     "--output", str(tmp_path / "r2.json"), "--quiet", "--max-images", "2"]) == 0
+    metrics = json.loads((tmp_path / "r2.json").read_text())["metrics"]
+    assert metrics["n_images"] == 2 and metrics["n_captions"] == 4  # --max-images was ignored by retrieval before
+
+
+def test_several_datasets_one_model_load_then_eval_table(tiny_dataset, checkpoint, tmp_path, monkeypatch, capsys):
+    """CLIP_benchmark's sweep: several --dataset-root with an --output template, then `eval table` of the results
+    (Markdown per task, CSV with one row per result) whose cells are the JSON metrics."""
+    import csv
+    import shutil
+    from clipforge.evaluate import cli as eval_cli
+
+    other = tmp_path / "hues"
+    shutil.copytree(tiny_dataset, other)
+    loads = []
+    real_load = eval_cli._load
+    monkeypatch.setattr(eval_cli, "_load", lambda args: loads.append(1) or real_load(args))
+    out = tmp_path / "evals"
+    common = ["--pretrained", checkpoint, "--dataset-root", str(tiny_dataset), str(other), "--no-cache", "--quiet"]
+    assert cli.main(["eval", "zeroshot", *common, "--output", f"{out}/{{dataset}}_{{pretrained}}_{{task}}.json"]) == 0
+    assert cli.main(["eval", "linear-probe", *common, "--output", f"{out}/{{dataset}}_{{task}}.json"]) == 0
+    assert len(loads) == 2  # one per command, not per dataset
+    slug = checkpoint.replace("/", "_").strip("_")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([f"colours_{slug}_zeroshot.json", f"hues_{slug}_zeroshot.json", "colours_linear-probe.json",
+                            "hues_linear-probe.json"])
+    (out / "config.json").write_text('{"not": "a result"}')  # passed over in a folder
+    capsys.readouterr()
+    assert cli.main(["eval", "table", str(out), "--csv", str(tmp_path / "t.csv")]) == 0
+    printed = capsys.readouterr().out
+    zeroshot = json.loads((out / f"hues_{slug}_zeroshot.json").read_text())["metrics"]
+    assert "zeroshot_classification:" in printed and "linear_probe:" in printed
+    assert f"| hues | {checkpoint} | {100 * zeroshot['acc1']:.2f} | {100 * zeroshot['mean_per_class_recall']:.2f} | 12 |" \
+        in printed
+    rows = list(csv.DictReader((tmp_path / "t.csv").open()))
+    assert len(rows) == 4 and {r["dataset"] for r in rows} == {"colours", "hues"}
+    lp = next(r for r in rows if r["task"] == "linear_probe" and r["dataset"] == "colours")
+    assert float(lp["lp_acc1"]) == 1.0 and lp["acc1"] == "" and lp["pretrained"] == checkpoint
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "table"], "needs result JSON files"),
+    (["eval", "table", "missing.json"], "missing.json: no such file"),
+    (["eval", "table", "{bad}"], "not a result of `clipforge eval`"),
+    (["eval", "zeroshot", "r.json", "--dataset-root", "."], "takes no result files"),
+    (["eval", "zeroshot"], "needs --dataset-root"),
+    (["eval", "zeroshot", "--dataset-root", "{ds}", "{ds}", "--output", "same.json"], "put {dataset} in it"),
+    (["eval", "zeroshot", "--dataset-root", "{ds}", "{ds}"], "evaluate them one at a time"),
+    (["eval", "zeroshot", "--dataset-root", "{ds}", "--output", "{split}.json"], "only {dataset}, {task}"),
+    (["eval", "zeroshot", "--dataset-root", "{ds}", "{ds}", "--dataset", "cifar10"], "give it with one"),
+])
+def test_eval_sweep_and_table_refuse_bad_input_before_loading_a_model(argv, message, tiny_dataset, tmp_path,
+                                                                      monkeypatch, capsys):
+    from clipforge.evaluate import cli as eval_cli
+
+    monkeypatch.setattr(eval_cli, "_load", lambda args: pytest.fail("a model was loaded"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.json").write_text('{"metrics": 1}')
+    argv = [a.replace("{bad}", "bad.json").replace("{ds}", str(tiny_dataset)) for a in argv]
+    assert cli.main(argv) == 2 and message in capsys.readouterr().err
 
 
 def test_label_outside_the_class_list_is_a_clear_error(tiny_dataset, checkpoint, tmp_path, capsys):

@@ -1,15 +1,18 @@
-"""``clipforge eval zeroshot|retrieval|linear-probe|fewshot``, with flags like CLIP_benchmark's.
+"""``clipforge eval zeroshot|retrieval|linear-probe|fewshot|robustness``, with flags like CLIP_benchmark's, and
+``clipforge eval table`` to read a sweep's results back side by side (CLIP_benchmark's ``build``).
 
 Results go to ``--output`` as JSON in CLIP_benchmark's format (``dataset``, ``model``, ``pretrained``, ``task``,
 ``metrics``, ``language``), with extra keys for what CLIP_benchmark does not report (per-class table, sweep, curve).
-Image features are cached (``--cache-dir``) so that a sweep, a few-shot curve or a second template set does not
-re-embed the images.
+Several ``--dataset-root`` are evaluated in turn with one model load, ``--output`` naming each file by its
+{placeholders}. Image features are cached (``--cache-dir``) so that a sweep, a few-shot curve or a second template
+set does not re-embed the images.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -18,7 +21,7 @@ from ..argtypes import positive_int
 from ..inference import add_model_arguments, load_for_inference, weights_dtype
 from ..caption_lm import PRIOR_IMAGES
 
-TASKS = ("zeroshot", "retrieval", "linear-probe", "fewshot", "robustness")
+TASKS = ("zeroshot", "retrieval", "linear-probe", "fewshot", "robustness", "table")
 CB_TASK = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "linear-probe": "linear_probe",
            "fewshot": "fewshot_linear_probe", "robustness": "robustness_common_corruptions"}
 
@@ -31,6 +34,9 @@ EXAMPLES = """examples:
   clipforge eval fewshot --pretrained CKPT --dataset-root ../shared/data/cifar10 --train-split train
   clipforge eval robustness --pretrained CKPT --dataset-root ../shared/data/cifar10 --max-images 2000 --plot r.png
   clipforge eval robustness ... --corruptions gaussian_noise,fog --severities 1..5 --probe linear
+  clipforge eval zeroshot --pretrained CKPT --dataset-root ../shared/data/cifar10 ../shared/data/flowers \
+      --output 'evals/{dataset}_{pretrained}_{task}.json'      several datasets, one model load
+  clipforge eval table evals/ --csv evals.csv      every result JSON as Markdown tables (per task) and one CSV
   clipforge eval zeroshot --pretrained runs/bow/checkpoints/step-00002400 --dataset-root ../shared/data/cifar10
       an image tower trained with --objective bow or labels: its word head, less the training captions' word prior
   clipforge eval zeroshot --pretrained runs/caption/checkpoints/step-00002400 --dataset-root ../shared/data/cifar10 \
@@ -43,9 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description, p.epilog = __doc__, EXAMPLES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("task", choices=TASKS)
+    p.add_argument("results", nargs="*", metavar="RESULT", help="table: result JSON files or folders of them")
     add_model_arguments(p)
-    p.add_argument("--dataset-root", required=True, help="dataset folder (CLIP_benchmark layout, class folders "
-                   "or CSV; for retrieval: shards with image + multi-line .txt captions)")
+    p.add_argument("--dataset-root", nargs="+", help="dataset folder (CLIP_benchmark layout, class folders "
+                   "or CSV; for retrieval: shards with image + multi-line .txt captions); several are evaluated "
+                   "in turn with one model load")
     p.add_argument("--dataset", help="dataset name for the shipped class names/templates (cifar10, imagenet1k...) "
                    "[the folder name]")
     p.add_argument("--split", default="test")
@@ -55,11 +63,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior-data", help="--objective caption checkpoints, zero-shot: training images (shards or a "
                    f"folder); each prompt's mean likelihood over {PRIOR_IMAGES} of them (a seeded draw) is "
                    "subtracted [none: the plain likelihood, which names one class for nearly every image]")
-    p.add_argument("--max-images", type=positive_int, help="the first N images of --split only (robustness embeds each 1 + 5 "
-                   "x 14 times) [all]")
+    p.add_argument("--max-images", type=positive_int,
+                   help="the first N images of --split only (robustness embeds each 1 + 5 x 14 times; retrieval ranks "
+                        "against these only, so recall reads higher than on all) [all]")
     p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--output", help="result JSON [<dataset>_<task>.json]")
-    p.add_argument("--plot", help="PNG: confusion matrix (zeroshot, linear-probe) or accuracy vs k (fewshot)")
+    p.add_argument("--output", help="result JSON; {dataset}, {task}, {model} and {pretrained} are replaced "
+                   "(paths with '/' as '_') [{dataset}_{task}.json]")
+    p.add_argument("--plot", help="PNG: confusion matrix (zeroshot, linear-probe) or accuracy vs k (fewshot); "
+                   "the same {placeholders} as --output")
+    p.add_argument("--csv", help="table: also write every metric of every result here, one row each")
     p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--seeds", type=positive_int, default=3, help="few-shot draws per k")
     g = p.add_argument_group("robustness (common corruptions, applied at the images' own resolution)")
@@ -120,10 +132,71 @@ def cached_features(args, model, dataset, split: str, preprocess, raw: bool = Fa
 
 
 def run(args) -> int:
+    if args.task == "table":
+        return _table(args)
+    if args.results:
+        raise ValueError(f"eval {args.task} takes no result files ({' '.join(args.results)}): those are for "
+                         "`clipforge eval table`")
+    if not args.dataset_root:
+        raise ValueError(f"eval {args.task} needs --dataset-root")
+    if args.dataset and len(args.dataset_root) > 1:
+        raise ValueError("--dataset names one dataset's class names and templates: give it with one --dataset-root")
+    runs = []
+    for root in args.dataset_root:
+        if not os.path.exists(root):
+            raise ValueError(f"--dataset-root {root}: no such file or folder")
+        one = argparse.Namespace(**vars(args))
+        one.dataset_root, name = root, args.dataset or Path(root).name
+        one.output = fill_placeholders(args.output or "{dataset}_{task}.json", args, name)
+        one.plot = args.plot and fill_placeholders(args.plot, args, name)
+        runs.append(one)
+    for flag in ("output", "plot"):  # several datasets must not overwrite each other's files
+        paths = [getattr(one, flag) for one in runs if getattr(one, flag)]
+        if len(set(map(os.path.abspath, paths))) < len(paths):
+            template = getattr(args, flag) or "{dataset}_{task}.json"
+            hint = ("put {dataset} in it" if "{dataset}" not in template else
+                    "their folders have the same name: evaluate them one at a time")
+            raise ValueError(f"--{flag} {template}: several --dataset-root would write the same file; {hint}")
+    model, preprocess, tokenizer = _load(args)
+    for one in runs:
+        _evaluate(one, model, preprocess, tokenizer)
+    return 0
+
+
+def fill_placeholders(template: str, args, dataset: str) -> str:
+    """``template`` with {dataset}, {task}, {model} and {pretrained} filled in, as CLIP_benchmark's --output is
+    (a path's separators become '_', so each fills one file name)."""
+    def slug(value) -> str:
+        return re.sub(r"[\\/:]+", "_", str(value or "")).strip("_.") or "none"
+
+    try:
+        return template.format(dataset=slug(dataset), task=args.task, model=slug(args.model),
+                               pretrained=slug(args.pretrained))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"{template}: only {{dataset}}, {{task}}, {{model}} and {{pretrained}} can be filled in "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def _table(args) -> int:
+    from .table import load_results, markdown_tables, write_csv
+
+    if not args.results:
+        raise ValueError("eval table needs result JSON files or folders, e.g. `clipforge eval table evals/`")
+    if args.dataset_root:
+        raise ValueError("eval table reads result files; --dataset-root is for the evaluations that write them")
+    results = load_results(args.results)
+    print(markdown_tables(results))
+    if args.csv:
+        write_csv(results, args.csv)
+        print(f"wrote {args.csv} ({len(results)} results)")
+    return 0
+
+
+def _evaluate(args, model, preprocess, tokenizer) -> None:
+    """Evaluate a loaded model on ``args.dataset_root`` (one of them) and write its result."""
     from .datasets import open_labelled
     from .metrics import check_labels, classification_metrics, confusion_png, fewshot_png, per_class_table
 
-    model, preprocess, tokenizer = _load(args)
     result = {"dataset": args.dataset or Path(args.dataset_root).name, "model": args.model,
               "pretrained": args.pretrained, "task": CB_TASK[args.task], "language": "en"}
     if args.prior_data and (tokenizer is not None or model.config.get("objective") != "caption"):
@@ -137,12 +210,12 @@ def run(args) -> int:
     if args.task == "retrieval":
         result["metrics"] = _retrieval(args, model, preprocess, tokenizer)
         _report(args, result)
-        return 0
+        return
     dataset = open_labelled(args.dataset_root, args.split, args.dataset)
     if args.task == "robustness":
         result.update(_robustness(args, model, preprocess, tokenizer, dataset))
         _report(args, result)
-        return 0
+        return
     if args.task in ("zeroshot", "fewshot"):  # a bad --templates fails before the images are embedded
         from ..prompts import resolve_templates
 
@@ -179,7 +252,7 @@ def run(args) -> int:
             metrics["zeroshot_acc1"] = zs["acc1"]
             result["curve"] = {str(k): v for k, v in curve.items()}
     per_class, confusion = metrics.pop("per_class", None), metrics.pop("confusion_matrix", None)
-    result["metrics"] = metrics
+    result["metrics"] = {**metrics, "n_images": len(test_y)}  # a --max-images run reads apart from a full one
     if per_class:
         result["per_class"], result["confusion_matrix"] = per_class, confusion
         if not args.quiet:
@@ -190,7 +263,6 @@ def run(args) -> int:
         else:
             confusion_png(confusion, dataset.classnames, args.plot, f"{result['dataset']} {args.task}")
     _report(args, result)
-    return 0
 
 
 def _load(args):
@@ -248,7 +320,8 @@ def _retrieval(args, model, preprocess, tokenizer) -> dict:
 
     root = Path(args.dataset_root)
     split = root / args.split if (root / args.split).exists() else root
-    pairs = evaluation_set(open_source(str(split), shuffle_buffer=0), preprocess)  # every caption of every image
+    # every caption of every image (of the first --max-images)
+    pairs = evaluation_set(open_source(str(split), shuffle_buffer=0), preprocess, limit=args.max_images)
     if not pairs.images:
         raise ValueError(f"{split}: no samples with an image and a caption (skipped: {dict(pairs.skipped) or 'none'})")
     with torch.no_grad():
@@ -305,7 +378,7 @@ def _robustness(args, model, preprocess, tokenizer, dataset) -> dict:
 
 
 def _report(args, result: dict) -> None:
-    output = Path(args.output or f"{result['dataset']}_{args.task}.json")
+    output = Path(args.output)
     from ..files import write_json
 
     write_json(output, result)
