@@ -178,6 +178,9 @@ def test_precision_auto_is_bf16_on_a_gpu_only_onnx_refuses_another_and_random_we
     model, _, _ = load_for_inference("ViT-Tiny-64", precision="bf16", device="cpu")
     assert "--model ViT-Tiny-64 without --pretrained has random weights" in capsys.readouterr().err  # a slip
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="unknown model 'ViT-Tiny-65'"):
+        load_for_inference("ViT-Tiny-65", device="cpu")
+    assert "warning" not in capsys.readouterr().err  # the unknown name is the message, not a random-weights warning
     images = torch.randn(2, 3, 64, 64)  # float32, as preprocessing gives them
     assert model.encode_image(images).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="fp32 graph; got --precision bf16"):

@@ -96,6 +96,9 @@ def load_for_inference(model: str | None = None, pretrained: str | None = None, 
         loaded = load(pretrained or model, device=device, trust_pickle=trust_pickle)
     else:
         if pretrained is None and not model.startswith("hf-hub:"):  # open_clip warns the same: an easy slip
+            from .models import get_model_config
+
+            get_model_config(model)  # an unknown name is the error to give, not this warning
             print(f"warning: --model {model} without --pretrained has random weights, whose features mean nothing; "
                   f"give --pretrained TAG_OR_CHECKPOINT (`clipforge models` lists the tags)", file=sys.stderr)
         loaded = load(model, pretrained=pretrained, device=device, trust_pickle=trust_pickle)
