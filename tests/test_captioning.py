@@ -226,6 +226,43 @@ def _png(image) -> bytes:
     return buffer.getvalue()
 
 
+def test_ctrl_c_stops_caption_train_with_a_checkpoint_and_resume_ends_on_the_straight_run(tiny_lm, tiny_clip,
+                                                                                          tmp_path, monkeypatch, capsys):
+    """A first SIGINT mid-run: the step finishes, the map and optimizer state are saved although no checkpoint is
+    due, the command exits 130 saying how to go on; --resume then ends on the uninterrupted run's weights."""
+    import os
+    import signal
+
+    images, captions = colour_images(12, seed=0)
+    samples = [{"__key__": f"{i:04d}", "png": _png(img), "txt": "\n".join(c)}
+               for i, (img, c) in enumerate(zip(images, captions))]
+    shard = write_shard(tmp_path / "data" / "train-000000.tar", samples)
+    common = ["caption", "train", "--clip", str(tiny_clip), "--lm", str(tiny_lm), "--data", str(shard),
+              "--batch-size", "4", "--save-every", "100", "--steps", "6", "--no-progress"]
+    assert main([*common, "--output", str(tmp_path / "straight")]) == 0
+    calls, real_loss = [], limber.caption_loss
+
+    def interrupted_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(limber, "caption_loss", interrupted_in_step_3)
+    handler = signal.getsignal(signal.SIGINT)
+    capsys.readouterr()
+    assert main([*common, "--output", str(tmp_path / "stopped")]) == 128 + signal.SIGINT
+    assert "stopped by SIGINT at step 3 of 6" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert json.loads((tmp_path / "stopped" / "log.jsonl").read_text().splitlines()[-1])["step"] == 3
+    monkeypatch.setattr(limber, "caption_loss", real_loss)
+    assert main([*common, "--output", str(tmp_path / "stopped"), "--resume"]) == 0
+    assert "resuming at step 3" in capsys.readouterr().out
+    straight = limber.ImageToPrefix.load(tmp_path / "straight").state_dict()
+    resumed = limber.ImageToPrefix.load(tmp_path / "stopped").state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_path, capsys):
     images, captions = colour_images(24, seed=0)
     samples = [{"__key__": f"{i:04d}", "png": _png(img), "txt": "\n".join(c + ["one " + c[0]])}

@@ -228,6 +228,7 @@ def run_train(args) -> int:
 
     from ..files import PathReferences, write_json
     from ..train.checkpoints import TRAIN_STATE, load_train_state, write_train_state
+    from ..train.stop import StopRequest
     from .encoders import open_encoder
     from .limber import (ImageToPrefix, MappingConfig, held_out_loss, load_language_model, mapping_optimizer,
                          train_mapping)
@@ -275,30 +276,40 @@ def run_train(args) -> int:
         print(f"resuming at step {start}")
     log = (out / "log.jsonl").open("a")
     began = time.time()
+    stop = StopRequest()  # Ctrl-C or SIGTERM: checkpoint at the step boundary, then stop
 
     def on_step(step, loss, grad_norm):
         record = {"step": step, "loss": loss, "grad_norm": round(grad_norm, 4)}
-        checkpoint = step % args.save_every == 0 or step == args.steps
-        if checkpoint and val_features is not None:
+        due = step % args.save_every == 0 or step == args.steps
+        if due and val_features is not None:
             record["val_loss"] = held_out_loss(mapping, lm, tokenizer, val_features, val_captions)
             print(f"step {step}: development loss {record['val_loss']:.4f}")
         log.write(json.dumps({**record, "elapsed_s": round(time.time() - began, 2)}) + "\n")
-        if checkpoint:
+        stopping = stop.agreed(step)
+        if due or stopping:
             mapping.save(out)  # the map first, then the state that says which step it belongs to
             write_train_state(out, {"step": step, "optimizer": optimizer.state_dict()})
             log.flush()
+        return stopping
 
     try:
+        stop.install()
         losses, _ = train_mapping(mapping, lm, tokenizer, features, captions, args.steps, args.batch_size, args.lr,
                                   args.seed, start, optimizer, on_step, args.progress, args.max_grad_norm or None)
     finally:
+        stop.restore()
         log.close()
+    end = start + len(losses)
     if losses:
-        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over steps {start + 1}-{start + len(losses)}")
+        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over steps {start + 1}-{end}")
     from ..environment import run_environment
 
     write_json(out / "train_args.json", {**{k: v for k, v in vars(args).items() if not callable(v)},
                                          "environment": run_environment()})
+    if stop.signal and end < args.steps:
+        print(f"stopped by {stop.signal} at step {end} of {args.steps}, map and optimizer state in {out}; "
+              "continue with the same command and --resume")
+        return 128 + stop.signum
     print(f"saved {out / 'mapping.safetensors'}")
     return 0
 

@@ -16,9 +16,7 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from .checkpoints import load_train_state, resolve_resume, rng_state, save_check
 from .objectives import objective_for
 from .optim import SCHEDULES, build_optimizer, lr_schedule
 from .step import autocast_for, train_step
+from .stop import StopRequest
 from .validation import open_validation, validate
 
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_fp16")
@@ -400,44 +399,6 @@ class _RunLog:
                 handle.close()
 
 
-class _StopRequest:
-    """SIGTERM (a scheduler's preemption notice) or a first Ctrl-C asks the run to stop at a step boundary with a
-    checkpoint, so nothing trained is lost; a second Ctrl-C stops at once. Ranks agree before stopping (a checkpoint
-    is collective): every step in one process, at each logging step under torchrun, where ranks meet anyway."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, world: int, device: torch.device):
-        self.world, self.device = world, device
-        self.signal: str | None = None
-        self._previous: dict = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if self.signal is None:
-            self.signal = signal.Signals(signum).name
-            print(f"\n{self.signal}: stopping after this step with a checkpoint"
-                  + (" (Ctrl-C again to quit without one)" if signum == signal.SIGINT else ""), file=sys.stderr)
-
-    def agreed(self, step: int, log_every: int) -> bool:
-        if self.world == 1:
-            return self.signal is not None
-        if step % log_every:
-            return False
-        flag = torch.tensor([self.signal is not None], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 # ---------------------------------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss_fn=None) -> dict:
@@ -493,7 +454,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     losses = _LossMeter(device, output)
     last_loss, last_path, val_metrics = float("nan"), None, {}
     interval_start, interval_samples = time.perf_counter(), 0
-    stop = _StopRequest(world, device)
+    stop = StopRequest(world, device)
     try:
         stop.install()
         while position.step < total_steps:
