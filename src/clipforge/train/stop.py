@@ -34,7 +34,11 @@ class StopRequest:
     def install(self) -> None:
         """Take SIGINT and SIGTERM (main thread only: Python delivers signals there); collective under torchrun."""
         if self.world > 1 and dist.is_gloo_available():
-            self._group = dist.new_group(backend="gloo")
+            try:
+                self._group = dist.new_group(backend="gloo")
+            except RuntimeError as exc:  # e.g. no usable network interface for gloo: agree at logging steps instead
+                print(f"note: no gloo group for per-step stop agreement ({exc}); a signal stops the run at the next "
+                      "--log-every step", file=sys.stderr)
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
