@@ -28,20 +28,9 @@ from ..retrieval.collection import item_captions, item_from_path, load_item
 from ..retrieval.search import Searcher
 from ..zeroshot import class_probabilities, class_weights
 from .clip_retrieval_api import add_routes as add_clip_retrieval_routes
+from .limits import (CAPTION_TOKENS, CAPTIONS_KEPT, MAX_ANSWER_TOKENS, MAX_DEPTH, MAX_K, MAX_LABELS, MAX_NEW_TOKENS,
+                     MAX_PIXELS, MAX_PROMPT_CHARS, MAX_QUERY_CHARS, MAX_QUESTION_CHARS, MAX_TEXTS, THUMB_SIZES)
 
-MAX_QUERY_CHARS = 1000
-MAX_K = 100
-MAX_DEPTH = 1000  # offset + k: how deep a page of results may reach into the ranking
-THUMB_SIZES = (256, 512)
-MAX_LABELS = 256
-MAX_TEXTS = 256
-MAX_PIXELS = 40_000_000
-MAX_PROMPT_CHARS = 200
-MAX_NEW_TOKENS = 64
-CAPTION_TOKENS = 24  # a caption's length unless the request says otherwise
-MAX_QUESTION_CHARS = 300
-MAX_ANSWER_TOKENS = 32
-CAPTIONS_KEPT = 4096  # generated captions of collection images kept in memory
 DEDUP_HELP = "leave out near-duplicates of better results at this cosine similarity or more, e.g. 0.95"
 
 

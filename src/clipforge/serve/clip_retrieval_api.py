@@ -21,21 +21,22 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .limits import MAX_DEPTH, MAX_K, MAX_METADATA_IDS, MAX_QUERY_CHARS
+
 DEDUP_COSINE = 0.94  # clip-retrieval's threshold for "deduplicate"
-MAX_METADATA_IDS = 1000
-MAX_RESULT_IDS = 1000  # how deep a ranking is returned (its page asks for 3,000; the app's search depth bound)
+MAX_RESULT_IDS = MAX_DEPTH  # how deep a ranking is returned (its page asks for 3,000)
 
 
 class KnnRequest(BaseModel):
     """A ``/knn-service`` query as ClipClient sends it: exactly one of text, image or embedding_input."""
 
     model_config = ConfigDict(extra="ignore")
-    text: str | None = Field(None, max_length=1000)
+    text: str | None = Field(None, max_length=MAX_QUERY_CHARS)
     image: str | None = Field(None, description="the query image's file bytes, base64")
     image_url: str | None = Field(None, description="not fetched: send the image itself as `image`")
     embedding_input: list[float] | None = Field(None, max_length=8192)
     modality: Literal["image", "text"] = "image"
-    num_images: int = Field(40, ge=1, le=100)
+    num_images: int = Field(40, ge=1, le=MAX_K)
     num_result_ids: int | None = Field(None, ge=1, description=f"ranked ids returned, at most {MAX_RESULT_IDS}; "
                                                                  "the first num_images with their metadata")
     indice_name: str | None = None
