@@ -286,6 +286,53 @@ def test_index_tuned_on_given_queries_holds_its_recall_on_fresh_ones(tmp_path):
 CAPTION_WORDS = ["</s>", "<unk>", "a", "red", "green", "blue", "yellow", "square", "circle", "triangle", "cross"]
 
 
+def test_search_copy_to_writes_the_hits_images_and_captions_as_stored(collection, tmp_path, capsys):
+    """clip-retrieval's filter: the results' image bytes (from files, and from tar shards), captions and a listing;
+    --min-score keeps only the close ones; a file gone since embedding is skipped and counted."""
+    assert cli.main(["search", str(collection["emb"]), "a red circle", "-k", "6", "--json"]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    out = tmp_path / "subset"
+    assert cli.main(["search", str(collection["emb"]), "a red circle", "-k", "6", "--copy-to", str(out)]) == 0
+    listing = [json.loads(line) for line in (out / "hits.jsonl").read_text().splitlines()]
+    assert [row["source"] for row in listing] == [h["path"] for h in ranked] and "copied 6 images" in \
+        capsys.readouterr().err
+    for row in listing:
+        source = Path(row["source"])
+        assert row["file"].startswith(f"{row['rank']:05d}-{source.stem}")
+        assert (out / row["file"]).read_bytes() == source.read_bytes()
+        assert (out / row["file"]).with_suffix(".txt").read_text() == source.with_suffix(".txt").read_text() + "\n"
+    threshold = ranked[2]["score"]
+    assert cli.main(["search", str(collection["emb"]), "a red circle", "-k", "6", "--min-score", str(threshold),
+                     "--json"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)] == [h["id"] for h in ranked[:3]]
+
+    # a shard collection; one image file of a folder collection deleted since
+    shard = write_shard(tmp_path / "s-000000.tar", [{"__key__": f"k{i}", "png": _png(colour=c), "txt": f"a {c} one"}
+                                                    for i, c in enumerate(("red", "blue", "green"))])
+    assert cli.main(["embed", str(shard), str(tmp_path / "emb"), "--pretrained", collection["ckpt"],
+                     "--no-progress"]) == 0
+    assert cli.main(["index", "build", str(tmp_path / "emb"), "--quiet"]) == 0
+    assert cli.main(["search", str(tmp_path / "emb"), "red", "-k", "3", "--copy-to", str(tmp_path / "fromshard")]) == 0
+    copied = sorted((tmp_path / "fromshard").glob("*.png"))
+    assert len(copied) == 3 and {Image.open(p).getpixel((0, 0)) for p in copied} == {(255, 0, 0), (0, 0, 255),
+                                                                                     (0, 128, 0)}
+    assert {p.with_suffix(".txt").read_text() for p in copied} == {"a red one\n", "a blue one\n", "a green one\n"}
+    images = tmp_path / "images"
+    shutil.copytree(collection["images"], images, ignore=shutil.ignore_patterns("broken.png"))
+    assert cli.main(["embed", str(images), str(tmp_path / "emb2"), "--pretrained", collection["ckpt"],
+                     "--no-progress"]) == 0
+    assert cli.main(["index", "build", str(tmp_path / "emb2"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["search", str(tmp_path / "emb2"), "a red circle", "-k", "2", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)[0]["path"]
+    os.remove(first)
+    assert cli.main(["search", str(tmp_path / "emb2"), "a red circle", "-k", "2", "--copy-to",
+                     str(tmp_path / "partial")]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {first}" in err and "copied 1 images" in err and "(1 unreadable, skipped)" in err
+    assert len((tmp_path / "partial" / "hits.jsonl").read_text().splitlines()) == 1
+
+
 @pytest.fixture(scope="module")
 def mapping_folder(collection, tmp_path_factory):
     """A LiMBer map (random, scaled up so that captions depend on the image) from the collection's tower into a tiny

@@ -143,13 +143,21 @@ def _tuning_queries(folder: str, choice: str):
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = "Search an indexed collection by text or by image; prints rank, score and path."
+    p.description = ("Search an indexed collection by text or by image; prints rank, score and path. With "
+                     "--copy-to, also writes the results' images and captions to a folder (a subset to train or "
+                     "label on).")
     p.add_argument("folder")
     p.add_argument("query", nargs="?", help="text query")
     p.add_argument("--image", help="query by this image instead")
     p.add_argument("-k", type=positive_int, default=10)
     p.add_argument("--dedup", type=float, metavar="COSINE",
                    help="leave out near-duplicates of better results at this cosine similarity or more (e.g. 0.95)")
+    p.add_argument("--min-score", type=float, metavar="COSINE",
+                   help="keep only results at this cosine similarity or more (with -k as the most kept)")
+    p.add_argument("--copy-to", metavar="FOLDER",
+                   help="also write each result's image (its file's bytes, from a folder or a shard) to FOLDER as "
+                        "RANK-NAME.EXT, its captions beside it as .txt, and hits.jsonl listing rank, score and "
+                        "source: a subset of the collection to train or label on (clip-retrieval's filter)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_model_arguments(p, recorded=True)
     p.set_defaults(func=run_search)
@@ -169,9 +177,51 @@ def run_search(args) -> int:
                                                          precision=args.precision))
     hits = searcher.search_image(open_image(args.image), args.k, args.dedup) if args.image else \
         searcher.search_text(args.query, args.k, args.dedup)
+    if args.min_score is not None:
+        hits = [hit for hit in hits if hit["score"] >= args.min_score]
+    if args.copy_to:
+        copied, failed = copy_hits(hits, args.copy_to)
+        print(f"copied {copied} images to {args.copy_to}" + (f" ({failed} unreadable, skipped)" if failed else ""),
+              file=sys.stderr)
     if args.json:
         print(json.dumps(hits))
     else:
         for rank, hit in enumerate(hits, 1):
             print(f"{rank:3d}  {hit['score']:.4f}  {hit['path']}" + (f"  {hit['caption']}" if hit["caption"] else ""))
     return 0
+
+
+def copy_hits(hits: list[dict], folder: str | os.PathLike) -> tuple[int, int]:
+    """Write each hit's image bytes (as stored: no re-encoding) and captions into ``folder``, named by rank, and
+    ``hits.jsonl``; an image that can no longer be read (moved or deleted since ``embed``) is skipped, named on
+    stderr and counted. Returns (copied, skipped)."""
+    import re
+
+    from ..files import atomic_path
+    from .collection import item_captions, item_from_path, item_image_bytes
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    copied, failed, listing = 0, 0, []
+    for rank, hit in enumerate(hits, 1):
+        item = item_from_path(str(hit["path"]))
+        try:
+            data, ext = item_image_bytes(item)
+            captions = item_captions(item)
+        except (OSError, KeyError) as exc:
+            print(f"skipped {hit['path']}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        name = Path(item["path"]).stem if "path" in item else item["key"]
+        stem = f"{rank:05d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[:100]}"
+        with atomic_path(folder / f"{stem}.{ext}") as tmp:
+            tmp.write_bytes(data)
+        if captions:
+            with atomic_path(folder / f"{stem}.txt") as tmp:
+                tmp.write_text("\n".join(captions) + "\n")
+        listing.append({"rank": rank, "score": hit["score"], "file": f"{stem}.{ext}", "source": str(hit["path"]),
+                        "caption": hit.get("caption") or ""})
+        copied += 1
+    with atomic_path(folder / "hits.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in listing))
+    return copied, failed

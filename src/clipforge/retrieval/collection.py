@@ -94,18 +94,19 @@ def item_from_path(path: str) -> dict:
     return {"path": path}
 
 
-def _shard_member(item: dict, extensions) -> bytes | None:
-    """The bytes of the item's first member with one of ``extensions``, read by offset (no other member is read)."""
+def _shard_member(item: dict, extensions) -> tuple[bytes, str] | tuple[None, None]:
+    """(bytes, extension) of the item's first member with one of ``extensions``, read by offset (no other member is
+    read); (None, None) if it has none."""
     from ..data.sources import shard_index
 
     members = shard_index(item["shard"]).members[item["key"]]
     ext = next((e for e in extensions if e in members), None)
     if ext is None:
-        return None
+        return None, None
     offset, size = members[ext]
     with open(item["shard"], "rb") as handle:
         handle.seek(offset)
-        return handle.read(size)
+        return handle.read(size), ext
 
 
 def item_captions(item: dict) -> list[str]:
@@ -114,20 +115,29 @@ def item_captions(item: dict) -> list[str]:
         sidecar = Path(item["path"]).with_suffix(".txt")
         text = sidecar.read_text(errors="replace") if sidecar.is_file() else ""
     else:
-        text = (_shard_member(item, ("txt",)) or b"").decode("utf-8", "replace")
+        text = (_shard_member(item, ("txt",))[0] or b"").decode("utf-8", "replace")
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def item_image_bytes(item: dict) -> tuple[bytes, str]:
+    """(the image file's bytes as stored, its extension) of one catalogued item: a file, or a member of a shard."""
+    from ..data.sources import IMAGE_EXTENSIONS
+
+    if "path" in item:
+        return Path(item["path"]).read_bytes(), Path(item["path"]).suffix.lstrip(".").lower()
+    data, ext = _shard_member(item, IMAGE_EXTENSIONS)
+    if data is None:
+        raise KeyError(f"{item_path(item)}: no image member")
+    return data, ext
 
 
 def load_item(item: dict):
     """(image, first caption) of one catalogued item: a file path, or a key in a shard."""
-    from ..data.sources import IMAGE_EXTENSIONS
     from ..preprocess import open_image
 
     if "path" in item:
         return open_image(item["path"]), item.get("caption", "")
-    data = _shard_member(item, IMAGE_EXTENSIONS)
-    if data is None:
-        raise KeyError(f"{item_path(item)}: no image member")
+    data, _ = item_image_bytes(item)
     captions = item_captions(item)
     return open_image(data, name=item_path(item)), captions[0] if captions else ""
 
