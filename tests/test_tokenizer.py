@@ -134,3 +134,26 @@ def test_batches_mixing_every_path_and_overflowing_the_caches_keep_the_ids():
     one = clipforge.Tokenizer()
     assert all(torch.equal(one(texts[i])[0], theirs[i]) for i in range(0, 600, 7))
     assert one.encode("Dogs &amp; cats") == one.encode("dogs & cats") == one(["dogs & cats"])[0, 1:4].tolist()
+
+
+def test_whole_word_vocabulary_entries_need_no_bpe():
+    """The tokenizer takes a printable-ASCII word that is itself a vocabulary entry as that one id, without BPE: true
+    only if BPE of every such word ends in that entry, which this checks for all of them with the Rust BPE model."""
+    tokenizer = clipforge.Tokenizer()
+    words = [t[:-4] for t in tokenizer.encoder if t.endswith("</w>") and len(t) > 4 and t[:-4].isascii()
+             and t[:-4].isprintable()]
+    assert len(words) > 30_000
+    encodings = tokenizer._bpe.encode_batch([[w] for w in words], is_pretokenized=True, add_special_tokens=False)
+    wrong = [(w, e.ids) for w, e in zip(words, encodings) if e.ids != [tokenizer.encoder[w + "</w>"]]]
+    assert not wrong, wrong[:10]
+
+
+def test_a_few_texts_needing_the_full_clean_in_a_large_plain_batch():
+    """A batch of plain captions where a few hold '&' (an HTML entity or not) or a control character: the texts are
+    found by one scan of the batch, and every id still equals open_clip's."""
+    open_clip = pytest.importorskip("open_clip")
+    rng = random.Random(5)
+    texts = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 12))) for _ in range(300)]
+    for i, odd in ((0, "Tom &amp; Jerry"), (17, "salt & pepper"), (150, "a\x07bell"), (299, "x &lt;b&gt; y &amp;")):
+        texts[i] = f"{texts[i]} {odd}"
+    assert torch.equal(clipforge.Tokenizer()(texts), open_clip.tokenize(texts))

@@ -127,7 +127,16 @@ class Tokenizer:
         return list(chain.from_iterable(map(cache.__getitem__, words)))
 
     def _bpe_into_cache(self, words: list[str]) -> None:
-        """BPE every word in one sequence (one Rust call, one result object) and cut the ids back per word."""
+        """BPE every word in one sequence (one Rust call, one result object) and cut the ids back per word.
+
+        A printable-ASCII word that is itself a vocabulary entry (most words of real captions) is that one id without
+        BPE: its byte-level spelling is the word, and BPE of such a word always ends in that entry (true of every one
+        of the vocabulary's printable-ASCII entries; ``tests/test_tokenizer.py`` checks them all)."""
+        encoder = self.encoder
+        whole = [(w, i) for w in words if (i := encoder.get(w + "</w>")) is not None and w.isascii() and w.isprintable()]
+        if whole:
+            self._word_ids.update((w, [i]) for w, i in whole)
+            words = [w for w in words if w not in self._word_ids]
         if not words:
             return
         encoding = self._bpe.encode(words, is_pretokenized=True, add_special_tokens=False)
@@ -212,25 +221,31 @@ class Tokenizer:
         # texts that need ftfy/HTML cleaning; deleting the allowed bytes from the whole batch at C speed says first
         # whether there is any
         joined = "\n".join(texts)
-        plain_rows, plain, other_rows, other = list(range(len(texts))), list(texts), [], []
-        if not joined.isascii() or joined.encode("ascii").translate(None, _PLAIN_BYTES):
-            needs_full_clean = _NEEDS_FULL_CLEAN.search
-            full = [i for i, text in enumerate(texts) if needs_full_clean(text)]
-            full_set = set(full)
-            plain_rows = [i for i in range(len(texts)) if i not in full_set]
-            plain = [texts[i] for i in plain_rows]
+        plain, other_rows, other = list(texts), [], []
+        marks = len(joined.encode("ascii").translate(None, _PLAIN_BYTES)) if joined.isascii() else len(joined)
+        if marks:
+            if marks < len(texts):  # a few '&' or control characters: one scan, their offsets mapped to texts
+                found = [m.start() for m in _NEEDS_FULL_CLEAN.finditer(joined)]
+                ends = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) + 1)
+                full = np.unique(np.searchsorted(ends, found, side="right")).tolist()
+            else:
+                needs_full_clean = _NEEDS_FULL_CLEAN.search
+                full = [i for i, text in enumerate(texts) if needs_full_clean(text)]
             for i in full:
                 cleaned = clean_text(texts[i])
                 if self._SEPARATOR not in cleaned:  # cleaned text: the chunk path below leaves it as it is
-                    plain_rows.append(i)
-                    plain.append(cleaned)
+                    plain[i] = cleaned
                 else:
                     other_rows.append(i)
                     other.append(self._encode_words(self._word_regex.findall(cleaned)))
+        plain_rows = np.arange(len(texts))
+        if other_rows:
+            plain_rows = np.delete(plain_rows, other_rows)
+            plain = [plain[i] for i in plain_rows.tolist()]
         limit = context_length - 2  # truncation keeps the end token
         if plain:
             ids, counts = self._encode_plain(plain)
-            self._place(result, np.asarray(plain_rows), ids, counts, limit)
+            self._place(result, plain_rows, ids, counts, limit)
         if other:
             counts = np.fromiter(map(len, other), dtype=np.int64, count=len(other))
             ids = np.fromiter(chain.from_iterable(other), dtype=np.int64, count=int(counts.sum()))
