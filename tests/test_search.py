@@ -1077,3 +1077,19 @@ def test_clip_retrieval_web_front_searches_a_clipforge_server_in_chromium(collec
             browser.close()
     finally:
         pages.shutdown()
+
+
+def test_embed_suggests_bf16_on_processors_that_multiply_it_natively(monkeypatch, capsys):
+    """On such a CPU, an fp32 embedding of a ViT-B-32-sized tower at the default precision names --precision bf16;
+    not on other CPUs, not for a tiny tower, not when fp32 was asked for."""
+    from types import SimpleNamespace
+
+    from clipforge import environment
+    from clipforge.retrieval.cli import _suggest_bf16
+
+    big, tiny = clipforge.create_model("ViT-B-32"), clipforge.create_model("ViT-Tiny-64")
+    for has_bf16, model, precision, expected in ((True, big, "auto", True), (False, big, "auto", False),
+                                                 (True, tiny, "auto", False), (True, big, "fp32", False)):
+        monkeypatch.setattr(environment, "cpu_has_bf16", lambda: has_bf16)
+        _suggest_bf16(SimpleNamespace(precision=precision), model, rank=0)
+        assert ("--precision bf16" in capsys.readouterr().err) == expected, (has_bf16, precision)

@@ -66,3 +66,12 @@ def _git_commit(folder: Path) -> str | None:
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this processor multiplies bf16 natively (AVX512-BF16 or AMX); without, bf16 matmul is slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))

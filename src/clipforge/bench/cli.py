@@ -18,20 +18,12 @@ from .tasks import loss_memory, tokenizer_speed
 from .timing import matmul_peak_gflops
 from .worker import run_in_subprocess
 from ..argtypes import positive_int
+from ..environment import cpu_has_bf16
 
 PEERS = ("open_clip", "transformers")
 PARTS = ("tokenizer", "embed", "train", "loss")
 ONNX_BACKENDS = {"onnx": "image_embed_onnx_vs_open_clip", "onnx-int8": "image_embed_int8_vs_open_clip"}
 BF16_BACKEND = {"bf16": "image_embed_bf16_vs_open_clip"}
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this processor multiplies bf16 natively (AVX512-BF16 or AMX); without, bf16 matmul is slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
