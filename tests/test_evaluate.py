@@ -218,12 +218,17 @@ def test_several_datasets_one_model_load_then_eval_table(tiny_dataset, checkpoin
     printed = capsys.readouterr().out
     zeroshot = json.loads((out / f"hues_{slug}_zeroshot.json").read_text())["metrics"]
     assert "zeroshot_classification:" in printed and "linear_probe:" in printed
-    assert f"| hues | {checkpoint} | {100 * zeroshot['acc1']:.2f} | {100 * zeroshot['mean_per_class_recall']:.2f} | 12 |" \
-        in printed
+    row = f"| hues | {checkpoint} | {100 * zeroshot['acc1']:.2f} | {100 * zeroshot['mean_per_class_recall']:.2f} | 12 |"
+    assert row in printed
     rows = list(csv.DictReader((tmp_path / "t.csv").open()))
     assert len(rows) == 4 and {r["dataset"] for r in rows} == {"colours", "hues"}
     lp = next(r for r in rows if r["task"] == "linear_probe" and r["dataset"] == "colours")
     assert float(lp["lp_acc1"]) == 1.0 and lp["acc1"] == "" and lp["pretrained"] == checkpoint
+    assert cli.main(["eval", "table", str(out), "--metric", "acc1"]) == 0  # the leaderboard view
+    colours = json.loads((out / f"colours_{slug}_zeroshot.json").read_text())["metrics"]["acc1"]
+    cells = [100 * colours, 100 * zeroshot["acc1"], 50 * (colours + zeroshot["acc1"])]
+    expected = f"| {checkpoint} | " + " | ".join(f"{c:.2f}" for c in cells) + " |"
+    assert capsys.readouterr().out.splitlines()[-1] == expected
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -236,6 +241,8 @@ def test_several_datasets_one_model_load_then_eval_table(tiny_dataset, checkpoin
     (["eval", "zeroshot", "--dataset-root", "{ds}", "{ds}"], "evaluate them one at a time"),
     (["eval", "zeroshot", "--dataset-root", "{ds}", "--output", "{split}.json"], "only {dataset}, {task}"),
     (["eval", "zeroshot", "--dataset-root", "{ds}", "{ds}", "--dataset", "cifar10"], "give it with one"),
+    (["eval", "zeroshot", "--dataset-root", "{ds}", "--metric", "acc1"], "are for `clipforge eval table`"),
+    (["eval", "table", "{good}", "--metric", "acc2"], "no result has the metric 'acc2'; these do: acc1"),
 ])
 def test_eval_sweep_and_table_refuse_bad_input_before_loading_a_model(argv, message, tiny_dataset, tmp_path,
                                                                       monkeypatch, capsys):
@@ -244,7 +251,9 @@ def test_eval_sweep_and_table_refuse_bad_input_before_loading_a_model(argv, mess
     monkeypatch.setattr(eval_cli, "_load", lambda args: pytest.fail("a model was loaded"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.json").write_text('{"metrics": 1}')
-    argv = [a.replace("{bad}", "bad.json").replace("{ds}", str(tiny_dataset)) for a in argv]
+    (tmp_path / "good.json").write_text('{"task": "zeroshot_classification", "dataset": "d", "metrics": {"acc1": 0.5}}')
+    argv = [a.replace("{bad}", "bad.json").replace("{good}", "good.json").replace("{ds}", str(tiny_dataset))
+            for a in argv]
     assert cli.main(argv) == 2 and message in capsys.readouterr().err
 
 

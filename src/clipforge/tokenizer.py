@@ -133,7 +133,8 @@ class Tokenizer:
         BPE: its byte-level spelling is the word, and BPE of such a word always ends in that entry (true of every one
         of the vocabulary's printable-ASCII entries; ``tests/test_tokenizer.py`` checks them all)."""
         encoder = self.encoder
-        whole = [(w, i) for w in words if (i := encoder.get(w + "</w>")) is not None and w.isascii() and w.isprintable()]
+        whole = [(w, i) for w in words
+                 if (i := encoder.get(w + "</w>")) is not None and w.isascii() and w.isprintable()]
         if whole:
             self._word_ids.update((w, [i]) for w, i in whole)
             words = [w for w in words if w not in self._word_ids]

@@ -37,6 +37,7 @@ EXAMPLES = """examples:
   clipforge eval zeroshot --pretrained CKPT --dataset-root ../shared/data/cifar10 ../shared/data/flowers \
       --output 'evals/{dataset}_{pretrained}_{task}.json'      several datasets, one model load
   clipforge eval table evals/ --csv evals.csv      every result JSON as Markdown tables (per task) and one CSV
+  clipforge eval table evals/ --metric acc1        one metric: a model x dataset matrix with each model's mean
   clipforge eval zeroshot --pretrained runs/bow/checkpoints/step-00002400 --dataset-root ../shared/data/cifar10
       an image tower trained with --objective bow or labels: its word head, less the training captions' word prior
   clipforge eval zeroshot --pretrained runs/caption/checkpoints/step-00002400 --dataset-root ../shared/data/cifar10 \
@@ -72,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", help="PNG: confusion matrix (zeroshot, linear-probe) or accuracy vs k (fewshot); "
                    "the same {placeholders} as --output")
     p.add_argument("--csv", help="table: also write every metric of every result here, one row each")
+    p.add_argument("--metric", help="table: instead, one metric (e.g. acc1, image_retrieval_recall@5) as a "
+                   "model x dataset matrix with each model's mean")
     p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--seeds", type=positive_int, default=3, help="few-shot draws per k")
     g = p.add_argument_group("robustness (common corruptions, applied at the images' own resolution)")
@@ -139,6 +142,8 @@ def run(args) -> int:
                          "`clipforge eval table`")
     if not args.dataset_root:
         raise ValueError(f"eval {args.task} needs --dataset-root")
+    if args.csv or args.metric:
+        raise ValueError("--csv and --metric are for `clipforge eval table`, which reads the results back")
     if args.dataset and len(args.dataset_root) > 1:
         raise ValueError("--dataset names one dataset's class names and templates: give it with one --dataset-root")
     runs = []
@@ -178,14 +183,14 @@ def fill_placeholders(template: str, args, dataset: str) -> str:
 
 
 def _table(args) -> int:
-    from .table import load_results, markdown_tables, write_csv
+    from .table import load_results, markdown_tables, metric_matrix, write_csv
 
     if not args.results:
         raise ValueError("eval table needs result JSON files or folders, e.g. `clipforge eval table evals/`")
     if args.dataset_root:
         raise ValueError("eval table reads result files; --dataset-root is for the evaluations that write them")
     results = load_results(args.results)
-    print(markdown_tables(results))
+    print(metric_matrix(results, args.metric) if args.metric else markdown_tables(results))
     if args.csv:
         write_csv(results, args.csv)
         print(f"wrote {args.csv} ({len(results)} results)")

@@ -88,6 +88,29 @@ def markdown_tables(results: list[dict]) -> str:
     return "\n\n".join(tables)
 
 
+def metric_matrix(results: list[dict], metric: str) -> str:
+    """One Markdown table of one metric (in percent): a row per model, a column per dataset, and their mean where
+    a row has every dataset (the leaderboard view)."""
+    having = [r for r in results if metric in _numeric_metrics(r)]
+    if not having:
+        known = sorted({k for r in results for k in _numeric_metrics(r)})
+        raise ValueError(f"no result has the metric {metric!r}; these do: {', '.join(known)}")
+    datasets = sorted({str(r.get("dataset")) for r in having})
+    table: dict[str, dict[str, float]] = {}
+    for r in having:  # a later file for the same model and dataset replaces an earlier one
+        table.setdefault(_name(r), {})[str(r.get("dataset"))] = _numeric_metrics(r)[metric]
+    mean = len(datasets) > 1
+    header = ["model", *datasets, *(["mean"] if mean else [])]
+    lines = [f"{metric} (%):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in sorted(table):
+        row = table[name]
+        cells = [_cell(metric, row.get(d)) for d in datasets]
+        if mean:
+            cells.append(_cell(metric, sum(row.values()) / len(row)) if len(row) == len(datasets) else "")
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def write_csv(results: list[dict], path: str) -> None:
     """Every numeric metric of every result, one row each (blank where a result lacks a metric); fractions as
     they are in the JSON."""
