@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from PIL import Image
 
 import clipforge
 from clipforge import cli
@@ -167,6 +168,33 @@ def test_hf_hub_open_clip_repo_loads_with_identical_outputs_and_its_normalisatio
     monkeypatch.setattr(clipforge.models, "_EXTRA_CONFIGS", {**clipforge.models._EXTRA_CONFIGS})  # undone after
     clipforge.models.register_model_config("Test-Hub", _HUB_CONFIG)  # or the repo's weights into a named architecture
     assert _same_outputs(clipforge.load("Test-Hub", pretrained="hf-hub:owner/repo")[0], ours)
+
+
+def test_hf_hub_repo_preprocessing_is_the_repos_own_and_survives_a_save(cache, tmp_path, monkeypatch):
+    """An open_clip repo whose images are squashed to a square (Apple's DFN) preprocesses so here too, and a
+    clipforge save of it keeps that; one that asks for a resize clipforge does not build is refused by name."""
+    model = clipforge.create_model(_HUB_CONFIG)
+    save_safetensors(clipforge.checkpoint.clipforge_to_openai(model.state_dict()), tmp_path / "w.safetensors")
+    meta = {"model_cfg": _HUB_CONFIG, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                                                         "resize_mode": "squash", "interpolation": "bilinear"}}
+    longest = {**meta, "preprocess_cfg": {**meta["preprocess_cfg"], "resize_mode": "longest"}}
+    srv = _Server({"/owner/repo/resolve/main/open_clip_config.json": json.dumps(meta).encode(),
+                   "/owner/repo/resolve/main/open_clip_model.safetensors": (tmp_path / "w.safetensors").read_bytes(),
+                   "/owner/longest/resolve/main/open_clip_config.json": json.dumps(longest).encode()})
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    try:
+        ours, preprocess, _ = clipforge.load("hf-hub:owner/repo")
+        with pytest.raises(CheckpointError, match="resize_mode 'longest' is not built here"):
+            clipforge.load("hf-hub:owner/longest")
+    finally:
+        srv.close()
+    assert (preprocess.resize_mode, preprocess.interpolation, preprocess.std) == ("squash", "bilinear", (0.5,) * 3)
+    wide = Image.new("RGB", (200, 100), "red")
+    wide.paste(Image.new("RGB", (50, 100), "blue"))  # the left quarter: squashed, not cropped away
+    assert preprocess(wide).shape == (3, 64, 64) and preprocess(wide)[2, 32, 4] > 0
+    clipforge.save_pretrained(ours, tmp_path / "saved")
+    _, again, _ = clipforge.load(str(tmp_path / "saved"))
+    assert (again.resize_mode, again.interpolation, again.mean) == ("squash", "bilinear", (0.5,) * 3)
 
 
 def test_hf_hub_transformers_repo_loads_with_identical_outputs(cache, tmp_path, monkeypatch):

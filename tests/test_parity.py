@@ -184,6 +184,73 @@ def test_a_hugging_face_export_carries_a_clip_processor_that_feeds_the_model_as_
         assert _max_diff(out.image_embeds, model.encode_image(pixels, normalize=True)) <= TOL
 
 
+def test_every_pretrained_tag_open_clip_also_has_names_its_weights_activation_and_preprocessing():
+    """Each built-in tag against open_clip's own registry: the same file (OpenAI's URL or the Hugging Face repo),
+    QuickGELU or not, and the same image mean, std, resize mode and interpolation (defaults: OpenAI's). A tag whose
+    weights were trained on other preprocessing than OpenAI's (ViT-L-14 laion2b_s32b_b82k: mean and std 0.5; the DFN-5B
+    models: images squashed) would otherwise load exactly and still give other features."""
+    open_clip = pytest.importorskip("open_clip")
+    from clipforge.preprocess import OPENAI_MEAN, OPENAI_STD
+    from clipforge.pretrained import get_pretrained
+
+    theirs_known = set(open_clip.list_pretrained())
+    checked = 0
+    for model, tag in clipforge.list_pretrained():
+        if (model, tag) not in theirs_known:
+            continue
+        ours, theirs = get_pretrained(model, tag), open_clip.get_pretrained_cfg(model, tag)
+        hub = theirs.get("hf_hub", "").strip("/")
+        if "huggingface.co" in ours.url:
+            assert f"/{hub}/resolve/main/" in ours.url, (model, tag)
+        else:
+            assert ours.url == theirs["url"], (model, tag)
+        assert ours.quick_gelu == bool(theirs.get("quick_gelu", False)), (model, tag)
+        assert tuple(ours.mean or OPENAI_MEAN) == pytest.approx(tuple(theirs.get("mean", OPENAI_MEAN))), (model, tag)
+        assert tuple(ours.std or OPENAI_STD) == pytest.approx(tuple(theirs.get("std", OPENAI_STD))), (model, tag)
+        assert (ours.resize_mode or "shortest") == theirs.get("resize_mode", "shortest"), (model, tag)
+        assert (ours.interpolation or "bicubic") == theirs.get("interpolation", "bicubic"), (model, tag)
+        checked += 1
+    assert checked == len(clipforge.list_pretrained()) >= 40  # all of them: open_clip has every one
+
+
+def test_open_clip_quickgelu_names_build_the_same_model(tmp_path):
+    """open_clip's NAME-quickgelu (MetaCLIP's and DFN's weights are trained with it): the same architecture with
+    QuickGELU, loading open_clip's weights with identical outputs, and NAME's tags."""
+    open_clip = pytest.importorskip("open_clip")
+    theirs = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
+    torch.save(theirs.state_dict(), tmp_path / "w.pt")
+    ours = clipforge.load("ViT-B-32-quickgelu", pretrained=str(tmp_path / "w.pt"))[0]
+    plain = clipforge.load("ViT-B-32", pretrained=str(tmp_path / "w.pt"))[0]
+    images, tokens = torch.randn(2, 3, 224, 224), random_tokens(3)
+    with torch.no_grad():
+        assert _max_diff(theirs.encode_image(images), ours.encode_image(images)) <= TOL
+        assert _max_diff(theirs.encode_text(tokens), ours.encode_text(tokens)) <= TOL
+        assert _max_diff(theirs.encode_text(tokens), plain.encode_text(tokens)) > 1e-3  # GELU is another model
+    assert clipforge.list_pretrained("ViT-B-32-quickgelu") == clipforge.list_pretrained("ViT-B-32")
+    assert clipforge.get_model_config("ViT-H-14-378-quickgelu")["vision_cfg"]["image_size"] == 378
+
+
+def test_a_squashing_model_exports_a_processor_that_squashes(tmp_path):
+    """A model whose weights want their images squashed (DFN) exports a CLIPProcessor that does the same: its pixels
+    within one 8-bit level of clipforge's on a wide image."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    from clipforge.convert import convert
+
+    model = clipforge.create_model("ViT-Tiny-64").eval()
+    model.normalisation = {"resize_mode": "squash", "interpolation": "bicubic"}
+    clipforge.save_pretrained(model, tmp_path / "ours")
+    convert(str(tmp_path / "ours"), str(tmp_path / "hf"), to="hf")
+    processor = transformers.CLIPProcessor.from_pretrained(tmp_path / "hf")
+    _, preprocess, _ = clipforge.load(str(tmp_path / "ours"))
+    assert preprocess.resize_mode == "squash"
+    image = Image.radial_gradient("L").convert("RGB").resize((300, 100))
+    pixels = processor(images=[image], return_tensors="pt").pixel_values
+    assert pixels.shape == (1, 3, 64, 64)
+    assert _max_diff(pixels[0], preprocess(image)) < 1.1 / 255 / min(preprocess.std)
+
+
 def _scripted_archive(state: dict) -> torch.jit.ScriptModule:
     """A TorchScript module whose state_dict has exactly ``state``'s keys, as OpenAI's released archives do."""
     root = torch.nn.Module()

@@ -22,13 +22,15 @@ def _shard_images(path, limit=None):
     return images
 
 
-@pytest.mark.parametrize("size", [224, 64])
-def test_matches_open_clip_on_coco_photos(size):
+@pytest.mark.parametrize("size, resize_mode, interpolation", [(224, "shortest", "bicubic"), (64, "shortest", "bicubic"),
+                                                               (224, "squash", "bicubic"), (64, "squash", "bilinear"),
+                                                               (224, "shortest", "bilinear")])
+def test_matches_open_clip_on_coco_photos(size, resize_mode, interpolation):
     open_clip = pytest.importorskip("open_clip")
     photos = _shard_images(shared_data("coco-mini", "test", "test-000000.tar"))
     assert len(photos) == 79
-    theirs = open_clip.image_transform(size, is_train=False)
-    ours = Preprocess(size)
+    theirs = open_clip.image_transform(size, is_train=False, resize_mode=resize_mode, interpolation=interpolation)
+    ours = Preprocess(size, resize_mode=resize_mode, interpolation=interpolation)
     worst = 0.0
     for name, data in photos:
         image = Image.open(io.BytesIO(data))

@@ -53,7 +53,7 @@ def _looks_like_path(name: str) -> bool:
 def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: bool | None = None,
                trust_pickle: bool = False) -> CLIP:
     """The model alone; see ``load``."""
-    from .checkpoint import ImageTowerCheckpointError, infer_config, load_into, read_checkpoint
+    from .checkpoint import ImageTowerCheckpointError, infer_config, load_into, read_checkpoint, read_preprocess_cfg
     from .models import create_model, get_model_config, list_models
     from .pretrained import get_pretrained
 
@@ -64,7 +64,7 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
         hub = fetch_hub(name_or_path[len("hf-hub:"):])
         state, _ = read_checkpoint(hub.weights, trust_pickle=trust_pickle)
         config, source = hub.config, name_or_path
-        normalisation = {k: v for k, v in (("mean", hub.mean), ("std", hub.std)) if v is not None}
+        normalisation = dict(hub.preprocess or {})
     elif pretrained is None and _looks_like_path(name_or_path) and name_or_path not in list_models():
         state, config = read_checkpoint(name_or_path, trust_pickle=trust_pickle)
         objective = (config or {}).get("objective", "contrastive")
@@ -72,7 +72,7 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
             from .finetune import CLIPClassifier
 
             model = CLIPClassifier.from_config(config)
-            model.normalisation = {}
+            model.normalisation = read_preprocess_cfg(name_or_path)
             load_into(model, state, source=name_or_path)
             return model.eval()
         if objective != "contrastive":
@@ -81,23 +81,26 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
                                             "clipforge.models.image_tower.load_image_tower", objective)
         if config is None or "vision_cfg" not in config:  # no full config stored: read it off the weight shapes
             config = {**infer_config(state), **(config or {})}
-        source = name_or_path
+        source, normalisation = name_or_path, read_preprocess_cfg(name_or_path)
     else:
         config = get_model_config(name_or_path)
         source = name_or_path
         if pretrained is not None:
             if os.path.exists(pretrained):
-                path = pretrained
+                path, normalisation = pretrained, read_preprocess_cfg(pretrained)
             elif pretrained.startswith("hf-hub:"):  # a hub repo's weights into the named architecture
                 from .pretrained import fetch_hub
 
-                path = fetch_hub(pretrained[len("hf-hub:"):]).weights
+                hub = fetch_hub(pretrained[len("hf-hub:"):])
+                path, normalisation = hub.weights, dict(hub.preprocess or {})
             else:
                 from .pretrained import fetch
 
                 entry = get_pretrained(name_or_path, pretrained)
                 path = fetch(entry)
-                config["quick_gelu"] = entry.quick_gelu
+                # QuickGELU if the weights were trained with it, or the name asks for it (open_clip's NAME-quickgelu)
+                config["quick_gelu"] = entry.quick_gelu or config.get("quick_gelu", False)
+                normalisation = entry.preprocess
             state, file_config = read_checkpoint(path, trust_pickle=trust_pickle)
             if file_config and "quick_gelu" in file_config:
                 config["quick_gelu"] = file_config["quick_gelu"]
@@ -108,7 +111,7 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
         config["init_logit_bias"] = 0.0
     model = create_model(config)
     model.config = config
-    model.normalisation = normalisation  # a hub repo's own image mean/std, for ``load``'s preprocess
+    model.normalisation = normalisation  # the weights' own preprocessing (mean, std, resize), for ``load``
     if state is not None:
         load_into(model, state, source=source)
     return model.eval()

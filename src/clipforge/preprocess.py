@@ -43,14 +43,19 @@ def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXE
     return image
 
 
-def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+# how an image reaches the model's square input: open_clip's ``resize_mode`` names
+RESIZE_MODES = ("shortest", "squash")  # short side to size then a center crop (OpenAI's); both sides to size
+INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def resize_short_side(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
     if short == size:
         return image
     new_long = int(size * long / short)
     new_size = (size, new_long) if width <= height else (new_long, size)
-    return image.resize(new_size, Image.BICUBIC)
+    return image.resize(new_size, INTERPOLATIONS[interpolation])
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -74,20 +79,37 @@ def to_tensor(image: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Ten
 
 
 class Preprocess:
-    """Evaluation transform: ``preprocess(pil_image) -> tensor [3, size, size]``."""
+    """Evaluation transform: ``preprocess(pil_image) -> tensor [3, size, size]``.
 
-    def __init__(self, image_size: int, mean=OPENAI_MEAN, std=OPENAI_STD):
+    ``resize_mode`` and ``interpolation`` follow the weights (open_clip's ``preprocess_cfg``): OpenAI's short side and
+    center crop, bicubic, unless they were trained otherwise (Apple's DFN models: "squash", the whole image resized
+    to a square)."""
+
+    def __init__(self, image_size: int, mean=OPENAI_MEAN, std=OPENAI_STD, resize_mode: str = "shortest",
+                 interpolation: str = "bicubic"):
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode {resize_mode!r} is not built here; choose from {', '.join(RESIZE_MODES)}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {interpolation!r} is not built here; choose from "
+                             f"{', '.join(INTERPOLATIONS)}")
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
+        self.resize_mode, self.interpolation = resize_mode, interpolation
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if not isinstance(image, Image.Image):
             image = open_image(image)
-        image = center_crop(resize_short_side(image, self.image_size), self.image_size)
+        size = self.image_size
+        if self.resize_mode == "squash":
+            image = image.resize((size, size), INTERPOLATIONS[self.interpolation])
+        else:
+            image = center_crop(resize_short_side(image, size, self.interpolation), size)
         return to_tensor(image, self.mean, self.std)
 
     def __repr__(self) -> str:
-        return f"Preprocess(image_size={self.image_size}, resize=bicubic short side, center crop, mean={self.mean}, std={self.std})"
+        how = "squash to a square" if self.resize_mode == "squash" else "short side, center crop"
+        return (f"Preprocess(image_size={self.image_size}, resize={self.interpolation} {how}, mean={self.mean}, "
+                f"std={self.std})")
 
 
 class TrainTransform:

@@ -21,6 +21,9 @@ from pathlib import Path
 from .files import atomic_path
 
 
+QUICKGELU_SUFFIX = "-quickgelu"
+
+
 class DownloadError(RuntimeError):
     """A pretrained file could not be fetched or failed verification; nothing was cached."""
 
@@ -35,6 +38,16 @@ class PretrainedSource:
     sha256: str | None = None
     quick_gelu: bool = False
     fallback_url: str | None = None  # tried when ``url`` does not exist (older Hugging Face repos: no safetensors)
+    # the weights' own preprocessing where it is not OpenAI's (``Preprocess`` arguments)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    resize_mode: str | None = None
+    interpolation: str | None = None
+
+    @property
+    def preprocess(self) -> dict:
+        """``Preprocess`` keyword arguments these weights need (empty: OpenAI's)."""
+        return {k: getattr(self, k) for k in ("mean", "std", "resize_mode", "interpolation") if getattr(self, k)}
 
 
 _REGISTRY: dict[tuple[str, str], PretrainedSource] = {}
@@ -51,7 +64,9 @@ def _load_builtin() -> None:
             sha = entry.get("sha256")
             if sha is None and "openaipublic" in url:  # OpenAI put each file's SHA-256 in its URL
                 sha = url.rstrip("/").split("/")[-2]
-            _REGISTRY[(model, tag)] = PretrainedSource(url, sha, entry.get("quick_gelu", False), fallback)
+            mean, std = (tuple(entry[k]) if k in entry else None for k in ("mean", "std"))
+            _REGISTRY[(model, tag)] = PretrainedSource(url, sha, entry.get("quick_gelu", False), fallback, mean, std,
+                                                       entry.get("resize_mode"), entry.get("interpolation"))
 
 
 def register_pretrained(model: str, tag: str, url: str, sha256: str | None = None, quick_gelu: bool = False,
@@ -65,13 +80,19 @@ def register_pretrained(model: str, tag: str, url: str, sha256: str | None = Non
 def list_pretrained(model: str | None = None) -> list[tuple[str, str]]:
     if not _REGISTRY:
         _load_builtin()
-    return sorted(key for key in _REGISTRY if model is None or key[0] == model)
+    base = None if model is None else base_model_name(model)
+    return sorted(key for key in _REGISTRY if base is None or key[0] == base)
+
+
+def base_model_name(name: str) -> str:
+    """open_clip's ``NAME-quickgelu`` is the architecture NAME with QuickGELU: its tags are NAME's."""
+    return name[:-len(QUICKGELU_SUFFIX)] if name.lower().endswith(QUICKGELU_SUFFIX) else name
 
 
 def get_pretrained(model: str, tag: str) -> PretrainedSource:
     if not _REGISTRY:
         _load_builtin()
-    key = (model.replace("/", "-"), tag)
+    key = (base_model_name(model.replace("/", "-")), tag)
     if key not in _REGISTRY:
         tags = [t for m, t in list_pretrained(key[0])]
         raise ValueError(f"no pretrained tag {tag!r} for model {model!r}; known tags: {', '.join(tags) or 'none'}")
@@ -164,8 +185,7 @@ _HUB_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "m
 class HubCheckpoint:
     weights: Path  # the cached weights file
     config: dict  # clipforge model config
-    mean: tuple[float, float, float] | None = None  # the repo's normalisation, where it names one
-    std: tuple[float, float, float] | None = None
+    preprocess: dict | None = None  # the repo's own ``Preprocess`` arguments (mean, std, resize_mode, interpolation)
 
 
 def hub_endpoint() -> str:
@@ -184,14 +204,14 @@ def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
     base = f"{hub_endpoint()}/{repo}/resolve/main"
     try:
         meta = json.loads(download(f"{base}/open_clip_config.json", progress=False).read_text())
+    except NotFoundError:
+        meta = None  # not an open_clip repo: try the transformers layout
+    if meta is not None:  # what clipforge cannot reproduce is refused before the weights are fetched
         config = _open_clip_config(meta.get("model_cfg", {}), repo)
+        preprocess = _hub_preprocess(meta.get("preprocess_cfg") or {}, repo)
         weights = fetch(PretrainedSource(f"{base}/open_clip_model.safetensors",
                                          fallback_url=f"{base}/open_clip_pytorch_model.bin"), progress=progress)
-        pre = meta.get("preprocess_cfg", {})
-        mean, std = pre.get("mean"), pre.get("std")
-        return HubCheckpoint(weights, config, tuple(mean) if mean else None, tuple(std) if std else None)
-    except NotFoundError:
-        pass  # not an open_clip repo: try the transformers layout
+        return HubCheckpoint(weights, config, preprocess)
     try:
         hf_config = json.loads(download(f"{base}/config.json", progress=False).read_text())
     except NotFoundError:
@@ -201,6 +221,22 @@ def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
     weights = fetch(PretrainedSource(f"{base}/model.safetensors", fallback_url=f"{base}/pytorch_model.bin"),
                     progress=progress)
     return HubCheckpoint(weights, hf_config_to_clipforge(hf_config))
+
+
+def _hub_preprocess(cfg: dict, repo: str) -> dict:
+    """``Preprocess`` arguments from an open_clip repo's ``preprocess_cfg``; one this package cannot reproduce is an
+    error (features would differ from open_clip's)."""
+    from .checkpoint import CheckpointError
+    from .preprocess import INTERPOLATIONS, RESIZE_MODES
+
+    out = {k: tuple(cfg[k]) for k in ("mean", "std") if cfg.get(k)}
+    for key, known in (("resize_mode", RESIZE_MODES), ("interpolation", INTERPOLATIONS)):
+        if cfg.get(key):
+            if cfg[key] not in known:
+                raise CheckpointError(f"hf-hub:{repo}: preprocess_cfg {key} {cfg[key]!r} is not built here "
+                                      f"({', '.join(known)} are); its images would not match open_clip's")
+            out[key] = cfg[key]
+    return out
 
 
 def _open_clip_config(model_cfg: dict, repo: str) -> dict:

@@ -201,9 +201,12 @@ def save_processor(model, folder: str | Path) -> None:
 
     folder = Path(folder)
     size, normalisation = model.image_size, getattr(model, "normalisation", None) or {}
+    squash = normalisation.get("resize_mode") == "squash"  # the whole image to a square, no crop (DFN)
     write_json(folder / "preprocessor_config.json", {
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
-        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True,
+        "size": {"height": size, "width": size} if squash else {"shortest_edge": size},
+        "resample": 2 if normalisation.get("interpolation") == "bilinear" else 3,  # PIL's codes
+        "do_center_crop": not squash, "crop_size": {"height": size, "width": size}, "do_rescale": True,
         "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
         "image_mean": list(normalisation.get("mean", OPENAI_MEAN)),
         "image_std": list(normalisation.get("std", OPENAI_STD)),

@@ -45,8 +45,31 @@ def save_pretrained(model, folder: str | os.PathLike, config: dict | None = None
     if config is None:
         config = infer_config(model.state_dict())
     save_safetensors(model.state_dict(), folder / WEIGHTS_NAME, {"format": "pt", "clipforge_config": json.dumps(config)})
-    write_json(folder / CONFIG_NAME, {"format": "clipforge", "model_cfg": config})
+    preprocess = getattr(model, "normalisation", None)  # the weights' own preprocessing (a DFN tag's squash, say)
+    write_json(folder / CONFIG_NAME, {"format": "clipforge", "model_cfg": config,
+                                      **({"preprocess_cfg": preprocess} if preprocess else {})})
     return folder
+
+
+def read_preprocess_cfg(path: str | os.PathLike) -> dict:
+    """``Preprocess`` arguments a checkpoint folder records beside its weights (``save_pretrained``'s
+    ``preprocess_cfg``; a Hugging Face folder's image mean and std); empty where it records none (OpenAI's)."""
+    path = Path(path)
+    if not path.is_dir():
+        return {}
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text()) if (path / CONFIG_NAME).is_file() else {}
+        processor = path / "preprocessor_config.json"
+        if "preprocess_cfg" in config:
+            found = config["preprocess_cfg"]
+        elif processor.is_file():
+            hf_processor = json.loads(processor.read_text())
+            found = {"mean": hf_processor.get("image_mean"), "std": hf_processor.get("image_std")}
+        else:
+            return {}
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable preprocessing settings ({exc})") from None
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in found.items() if v}
 
 
 # ----------------------------------------------------------------------------------------------------------- reading

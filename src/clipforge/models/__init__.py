@@ -41,9 +41,15 @@ def register_model_config(name: str, config: dict) -> None:
 
 def get_model_config(name: str) -> dict:
     """A copy of the named config. Unknown names raise ``UnknownModelError`` with close matches."""
+    from ..pretrained import QUICKGELU_SUFFIX
+
     configs = {**_builtin_configs(), **_EXTRA_CONFIGS}
     # OpenAI spells the ViTs with slashes ("ViT-B/32"); accept both spellings.
     key = name.replace("/", "-")
+    if key not in configs and key.lower().endswith(QUICKGELU_SUFFIX) and len(key) > len(QUICKGELU_SUFFIX):
+        config = get_model_config(key[:-len(QUICKGELU_SUFFIX)])  # open_clip's NAME-quickgelu: NAME with QuickGELU
+        config["quick_gelu"] = True
+        return config
     if key not in configs:
         lowered = {k.lower(): k for k in configs}
         if key.lower() in lowered:
