@@ -211,6 +211,9 @@ def test_every_pretrained_tag_open_clip_also_has_names_its_weights_activation_an
         assert (ours.interpolation or "bicubic") == theirs.get("interpolation", "bicubic"), (model, tag)
         checked += 1
     assert checked == len(clipforge.list_pretrained()) >= 40  # all of them: open_clip has every one
+    architectures = set(clipforge.list_models())
+    missing = [(m, t) for m, t in theirs_known if m in architectures and (m, t) not in set(clipforge.list_pretrained())]
+    assert not missing  # and every tag open_clip has for an architecture clipforge builds is here
 
 
 def test_open_clip_quickgelu_names_build_the_same_model(tmp_path):

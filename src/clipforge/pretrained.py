@@ -4,6 +4,11 @@ Files land in ``$CLIPFORGE_CACHE`` (default ``~/.cache/clipforge``) under a name
 streams into a temporary file beside the final one, is checked against its SHA-256 (from the registry, or the
 server's ETag for Hugging Face LFS files) and only then renamed into place. With ``CLIPFORGE_OFFLINE=1`` (or
 ``HF_HUB_OFFLINE=1``) nothing is fetched: cached files are used and anything else is a clear error.
+
+``pretrained.json`` holds every tag open_clip has for an architecture clipforge builds, with its file, activation
+and image preprocessing as open_clip's registry gives them (``tests/test_parity.py`` compares the two). One
+deliberate difference: ViT-B-16-plus-240 ``laion400m_e32`` names its release file, since open_clip's Hugging Face
+name for that tag is the ``laion400m_e31`` repository.
 """
 from __future__ import annotations
 
