@@ -254,6 +254,36 @@ def test_a_squashing_model_exports_a_processor_that_squashes(tmp_path):
     assert _max_diff(pixels[0], preprocess(image)) < 1.1 / 255 / min(preprocess.std)
 
 
+def test_an_open_clip_folder_export_loads_in_open_clip_with_our_features_and_preprocessing(tmp_path):
+    """`convert --to open_clip` writes what open_clip.create_model_and_transforms("local-dir:...") reads: the same
+    features, and its evaluation transform equal to clipforge's (squashed images and mean/std kept); clipforge reads
+    the folder back too."""
+    open_clip = pytest.importorskip("open_clip")
+    from PIL import Image
+
+    from clipforge.convert import convert
+
+    torch.manual_seed(0)
+    model = clipforge.create_model("ViT-Tiny-64", init_logit_bias=-3.0).eval()
+    model.normalisation = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "resize_mode": "squash"}
+    clipforge.save_pretrained(model, tmp_path / "ours")
+    convert(str(tmp_path / "ours"), str(tmp_path / "oc"), to="open_clip")
+    theirs, _, their_preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
+    theirs.eval()
+    loaded, preprocess, tokenizer = clipforge.load(str(tmp_path / "ours"))
+    image = Image.radial_gradient("L").convert("RGB").resize((300, 100))
+    assert _max_diff(their_preprocess(image), preprocess(image)) <= 1e-6
+    images, tokens = torch.stack([preprocess(image)] * 2), tokenizer(["a red square", "a photo of a dog"])
+    with torch.no_grad():
+        assert _max_diff(theirs.encode_image(images), model.encode_image(images)) <= TOL
+        assert _max_diff(theirs.encode_text(tokens), model.encode_text(tokens)) <= TOL
+        assert _max_diff(theirs.logit_bias, model.logit_bias) == 0
+    back, back_preprocess, _ = clipforge.load(f"local-dir:{tmp_path / 'oc'}")
+    assert back.config == loaded.config and back_preprocess.resize_mode == "squash"
+    with torch.no_grad():
+        assert _max_diff(back.encode_image(images), model.encode_image(images)) == 0
+
+
 def _scripted_archive(state: dict) -> torch.jit.ScriptModule:
     """A TorchScript module whose state_dict has exactly ``state``'s keys, as OpenAI's released archives do."""
     root = torch.nn.Module()

@@ -58,6 +58,8 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
     from .pretrained import get_pretrained
 
     config, state, normalisation = None, None, {}
+    if name_or_path.startswith("local-dir:"):  # open_clip's spelling of a model folder
+        name_or_path = name_or_path[len("local-dir:"):]
     if name_or_path.startswith("hf-hub:") and pretrained is None:
         from .pretrained import fetch_hub
 

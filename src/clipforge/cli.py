@@ -13,6 +13,7 @@ EPILOG = """examples:
   clipforge models                                 list the architectures in the zoo and their pretrained tags
   clipforge convert openai/ViT-B-32.pt out/ --to clipforge
   clipforge convert out/ hf_folder/ --to hf        a Hugging Face CLIPModel + CLIPProcessor folder
+  clipforge convert out/ oc_folder/ --to open_clip  open_clip.create_model_and_transforms('local-dir:oc_folder')
   clipforge train --model ViT-Tiny-64 --train-data 'shards/train-{000000..000009}.tar' --steps 2000 --output runs/a
   clipforge train --config recipes/flickr8k.yaml   the published Flickr8k recipe
   clipforge finetune --pretrained CKPT --dataset-root ../shared/data/cifar10 --steps 500 --output runs/ft
@@ -70,10 +71,12 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
                        "clipforge folder or safetensors) and write DST in the chosen format. clipforge: a folder "
                        "with model.safetensors + config.json; hf: a CLIPModel folder transformers loads, with its "
                        "CLIPProcessor files; openai: a state dict file (.pt, or .safetensors) that openai/CLIP and "
-                       "open_clip load.")
+                       "open_clip load; open_clip: a folder with open_clip_config.json (architecture and image "
+                       "preprocessing) + open_clip_model.safetensors, which open_clip loads as local-dir:DST and, "
+                       "uploaded to the Hugging Face Hub, as hf-hub:OWNER/NAME.")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", choices=["clipforge", "hf", "openai"], default="clipforge")
+    p.add_argument("--to", choices=["clipforge", "hf", "openai", "open_clip"], default="clipforge")
     p.add_argument("--model", help="architecture of SRC when it cannot be inferred (a zoo name)")
     p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                    help="force QuickGELU on/off (OpenAI's weights use it; weights alone cannot tell)")

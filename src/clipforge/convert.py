@@ -1,4 +1,5 @@
-"""Convert a checkpoint between formats: clipforge (safetensors + config.json), Hugging Face CLIPModel, OpenAI."""
+"""Convert a checkpoint between formats: clipforge (safetensors + config.json), Hugging Face CLIPModel, OpenAI's
+state dict, and an open_clip model folder (open_clip_config.json + safetensors: ``local-dir:`` or a hub repo)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 from . import load_model
 from .checkpoint import hf, openai, save_pretrained
 
-FORMATS = ("clipforge", "hf", "openai")
+FORMATS = ("clipforge", "hf", "openai", "open_clip")
 
 
 def convert(src: str, dst: str, to: str = "clipforge", model: str | None = None, quick_gelu: bool | None = None,
@@ -23,7 +24,9 @@ def convert(src: str, dst: str, to: str = "clipforge", model: str | None = None,
     if text_model:  # neither layout has a place for another text encoder: refuse rather than write an orphan file
         from .checkpoint.errors import CheckpointError
 
-        raise CheckpointError(f"{src}: its text tower is {text_model}, a Hugging Face encoder, which the {to} layout "
-                              f"cannot hold (CLIP's own text transformer only); keep it as a clipforge folder "
+        raise CheckpointError(f"{src}: its text tower is {text_model}, a Hugging Face encoder, which clipforge's {to} "
+                              f"export cannot hold (CLIP's own text transformer only); keep it as a clipforge folder "
                               f"(--to clipforge), which clipforge.load reads")
+    if to == "open_clip":
+        return openai.save_open_clip(clip, dst)
     return (hf if to == "hf" else openai).save(clip, dst)

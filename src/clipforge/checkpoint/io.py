@@ -21,6 +21,7 @@ from .errors import CheckpointError
 from .infer import infer_config
 
 CONFIG_NAME = "config.json"
+OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "model.safetensors"
 _FOLDER_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 # Foreign key layouts, each a module with ``matches(state)`` and ``to_clipforge(state)``; a new format is one more
@@ -52,13 +53,15 @@ def save_pretrained(model, folder: str | os.PathLike, config: dict | None = None
 
 
 def read_preprocess_cfg(path: str | os.PathLike) -> dict:
-    """``Preprocess`` arguments a checkpoint folder records beside its weights (``save_pretrained``'s
-    ``preprocess_cfg``; a Hugging Face folder's image mean and std); empty where it records none (OpenAI's)."""
+    """``Preprocess`` arguments a checkpoint folder records beside its weights (``preprocess_cfg`` in clipforge's
+    ``config.json`` or open_clip's ``open_clip_config.json``; a Hugging Face folder's image mean and std); empty where
+    it records none (OpenAI's)."""
     path = Path(path)
     if not path.is_dir():
         return {}
     try:
-        config = json.loads((path / CONFIG_NAME).read_text()) if (path / CONFIG_NAME).is_file() else {}
+        config_file = next((path / n for n in (CONFIG_NAME, OPEN_CLIP_CONFIG_NAME) if (path / n).is_file()), None)
+        config = json.loads(config_file.read_text()) if config_file else {}
         processor = path / "preprocessor_config.json"
         if "preprocess_cfg" in config:
             found = config["preprocess_cfg"]
@@ -69,7 +72,8 @@ def read_preprocess_cfg(path: str | os.PathLike) -> dict:
             return {}
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable preprocessing settings ({exc})") from None
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in found.items() if v}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in found.items()
+            if v and k in ("mean", "std", "resize_mode", "interpolation")}
 
 
 # ----------------------------------------------------------------------------------------------------------- reading
@@ -138,6 +142,9 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tupl
             tensors, config = _read_file(weights, trust_pickle)
             if hf.is_clip_config(folder_config):
                 return hf.to_clipforge(tensors), hf.config_to_clipforge(folder_config)
+            open_clip_config = path / OPEN_CLIP_CONFIG_NAME  # an open_clip model folder (local-dir:, a hub repo)
+            if not folder_config and open_clip_config.exists():
+                folder_config = json.loads(open_clip_config.read_text())
             config = folder_config.get("model_cfg", config)
         else:
             tensors, config = _read_file(path, trust_pickle)

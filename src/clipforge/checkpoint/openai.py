@@ -48,3 +48,34 @@ def save(model, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return path
+
+
+# the model_cfg keys open_clip's CLIP takes that clipforge configs use; anything else would not build there
+OPEN_CLIP_TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias"}
+OPEN_CLIP_VISION_KEYS = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "patch_dropout"}
+OPEN_CLIP_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+
+
+def save_open_clip(model, folder: str | Path) -> Path:
+    """An open_clip model folder: ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg``) and
+    ``open_clip_model.safetensors``, what ``open_clip.create_model_and_transforms("local-dir:FOLDER")`` reads, and,
+    uploaded, ``hf-hub:OWNER/NAME`` (for open_clip and clipforge alike)."""
+    from .errors import CheckpointError
+    from .io import save_safetensors
+    from ..files import write_json
+    from ..preprocess import OPENAI_MEAN, OPENAI_STD
+
+    config = model.config
+    unsupported = sorted(set(config) - OPEN_CLIP_TOP_KEYS) + \
+        sorted(f"vision_cfg.{k}" for k in set(config.get("vision_cfg", {})) - OPEN_CLIP_VISION_KEYS) + \
+        sorted(f"text_cfg.{k}" for k in set(config.get("text_cfg", {})) - OPEN_CLIP_TEXT_KEYS)
+    if unsupported:
+        raise CheckpointError(f"this model's config uses {', '.join(unsupported)}, which open_clip's CLIP does not "
+                              "take; keep it as a clipforge folder (--to clipforge)")
+    folder = Path(folder)
+    own = getattr(model, "normalisation", None) or {}
+    preprocess = {"mean": list(own.get("mean", OPENAI_MEAN)), "std": list(own.get("std", OPENAI_STD)),
+                  "interpolation": own.get("interpolation", "bicubic"), "resize_mode": own.get("resize_mode", "shortest")}
+    save_safetensors(from_clipforge(model.state_dict()), folder / "open_clip_model.safetensors", {"format": "pt"})
+    write_json(folder / "open_clip_config.json", {"model_cfg": config, "preprocess_cfg": preprocess})
+    return folder
