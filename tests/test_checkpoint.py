@@ -351,10 +351,10 @@ def test_a_hugging_face_text_tower_is_refused_by_the_openai_and_hf_layouts(tmp_p
     pytest.importorskip("transformers")
     clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64-MiniLM"), tmp_path / "ours",
                               clipforge.get_model_config("ViT-Tiny-64-MiniLM"))
-    for to, out in (("hf", tmp_path / "hf"), ("openai", tmp_path / "openai.pt")):
+    for to, out in (("hf", tmp_path / "hf"), ("openai", tmp_path / "openai.pt"), ("open_clip", tmp_path / "oc")):
         assert cli.main(["convert", str(tmp_path / "ours"), str(out), "--to", to]) == 2
-        assert f"its text tower is all-minilm-l6-v2, a Hugging Face encoder, which the {to} layout cannot hold" in \
-            capsys.readouterr().err
+        assert f"its text tower is all-minilm-l6-v2, a Hugging Face encoder, which clipforge's {to} export cannot " \
+            "hold" in capsys.readouterr().err
         assert not out.exists()
 
 
