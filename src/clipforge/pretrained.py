@@ -178,13 +178,8 @@ def fetch(source: PretrainedSource, directory: Path | None = None, progress: boo
 
 # ------------------------------------------------------------------------------------------- Hugging Face Hub repos
 
-# open_clip model_cfg keys this package builds exactly; anything else changes the architecture (LayerScale, attentional
-# pooling, timm or Hugging Face towers ...) and is refused by name rather than loaded wrong.
-_HUB_TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
-                 "custom_text"}
-_HUB_VISION_KEYS = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size"}
-_HUB_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
-
+# An open_clip model_cfg with keys clipforge does not share (LayerScale, attentional pooling, timm or Hugging Face
+# towers ...: ``checkpoint.openai.keys_outside_open_clip``) is refused by name rather than loaded wrong.
 
 @dataclass(frozen=True)
 class HubCheckpoint:
@@ -246,12 +241,11 @@ def _hub_preprocess(cfg: dict, repo: str) -> dict:
 
 def _open_clip_config(model_cfg: dict, repo: str) -> dict:
     from .checkpoint import CheckpointError
+    from .checkpoint.openai import keys_outside_open_clip
 
     if not model_cfg:
         raise CheckpointError(f"hf-hub:{repo}: open_clip_config.json has no model_cfg")
-    unsupported = sorted(set(model_cfg) - _HUB_TOP_KEYS) + \
-        sorted(f"vision_cfg.{k}" for k in set(model_cfg.get("vision_cfg", {})) - _HUB_VISION_KEYS) + \
-        sorted(f"text_cfg.{k}" for k in set(model_cfg.get("text_cfg", {})) - _HUB_TEXT_KEYS)
+    unsupported = keys_outside_open_clip(model_cfg)
     if unsupported:
         raise CheckpointError(f"hf-hub:{repo}: this architecture uses {', '.join(unsupported)}, which clipforge does "
                               "not build; it would not load with identical outputs")

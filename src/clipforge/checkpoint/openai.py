@@ -50,10 +50,19 @@ def save(model, path: str | Path) -> Path:
     return path
 
 
-# the model_cfg keys open_clip's CLIP takes that clipforge configs use; anything else would not build there
-OPEN_CLIP_TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias"}
+# open_clip model_cfg keys that mean the same in clipforge's configs (custom_text: a layout flag, read off the keys)
+OPEN_CLIP_TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
+                      "custom_text"}
 OPEN_CLIP_VISION_KEYS = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "patch_dropout"}
 OPEN_CLIP_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+
+
+def keys_outside_open_clip(config: dict) -> list[str]:
+    """The keys of a model config (open_clip's ``model_cfg`` or clipforge's) that the two do not share: an
+    architecture one of them would build differently or not at all."""
+    return sorted(set(config) - OPEN_CLIP_TOP_KEYS) + \
+        sorted(f"vision_cfg.{k}" for k in set(config.get("vision_cfg", {})) - OPEN_CLIP_VISION_KEYS) + \
+        sorted(f"text_cfg.{k}" for k in set(config.get("text_cfg", {})) - OPEN_CLIP_TEXT_KEYS)
 
 
 def save_open_clip(model, folder: str | Path) -> Path:
@@ -66,9 +75,7 @@ def save_open_clip(model, folder: str | Path) -> Path:
     from ..preprocess import OPENAI_MEAN, OPENAI_STD
 
     config = model.config
-    unsupported = sorted(set(config) - OPEN_CLIP_TOP_KEYS) + \
-        sorted(f"vision_cfg.{k}" for k in set(config.get("vision_cfg", {})) - OPEN_CLIP_VISION_KEYS) + \
-        sorted(f"text_cfg.{k}" for k in set(config.get("text_cfg", {})) - OPEN_CLIP_TEXT_KEYS)
+    unsupported = keys_outside_open_clip(config)
     if unsupported:
         raise CheckpointError(f"this model's config uses {', '.join(unsupported)}, which open_clip's CLIP does not "
                               "take; keep it as a clipforge folder (--to clipforge)")
