@@ -189,6 +189,11 @@ def test_cli_retrieval(tmp_path, checkpoint):
                      "--output", str(tmp_path / "r2.json"), "--quiet", "--max-images", "2"]) == 0
     metrics = json.loads((tmp_path / "r2.json").read_text())["metrics"]
     assert metrics["n_images"] == 2 and metrics["n_captions"] == 4  # --max-images was ignored by retrieval before
+    assert cli.main(["eval", "retrieval", "--pretrained", checkpoint, "--dataset-root", str(tmp_path / "caps"),
+                     "--output", str(tmp_path / "r3.json"), "--quiet", "--recall-k", "2", "1"]) == 0
+    metrics = json.loads((tmp_path / "r3.json").read_text())["metrics"]
+    assert [k for k in metrics if "recall" in k] == ["image_retrieval_recall@1", "text_retrieval_recall@1",
+                                                     "image_retrieval_recall@2", "text_retrieval_recall@2"]
 
 
 def test_several_datasets_one_model_load_then_eval_table(tiny_dataset, checkpoint, tmp_path, monkeypatch, capsys):

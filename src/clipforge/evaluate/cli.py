@@ -75,6 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", help="table: also write every metric of every result here, one row each")
     p.add_argument("--metric", help="table: instead, one metric (e.g. acc1, image_retrieval_recall@5) as a "
                    "model x dataset matrix with each model's mean")
+    p.add_argument("--recall-k", type=positive_int, nargs="+", default=[1, 5, 10],
+                   help="retrieval: the k of recall@k, as CLIP_benchmark's --recall_k [1 5 10]")
     p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--seeds", type=positive_int, default=3, help="few-shot draws per k")
     g = p.add_argument_group("robustness (common corruptions, applied at the images' own resolution)")
@@ -332,10 +334,11 @@ def _retrieval(args, model, preprocess, tokenizer) -> dict:
     with torch.no_grad():
         image_features, text_features = embed_pairs(model, tokenizer, pairs.images, pairs.captions, args.batch_size,
                                                     device=next(model.parameters()).device)
-    ours = retrieval_metrics(image_features, text_features, pairs.caption_images)
+    ks = sorted(set(args.recall_k))
+    ours = retrieval_metrics(image_features, text_features, pairs.caption_images, ks=ks)
     images, captions = pairs.images, pairs.captions
     metrics = {}
-    for k in (1, 5, 10):  # CLIP_benchmark's names: "image retrieval" = text->image
+    for k in ks:  # CLIP_benchmark's names: "image retrieval" = text->image
         metrics[f"image_retrieval_recall@{k}"] = ours[f"text_to_image_R@{k}"]
         metrics[f"text_retrieval_recall@{k}"] = ours[f"image_to_text_R@{k}"]
     metrics.update(n_images=len(images), n_captions=len(captions))
