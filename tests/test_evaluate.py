@@ -248,6 +248,7 @@ def test_several_datasets_one_model_load_then_eval_table(tiny_dataset, checkpoin
     (["eval", "zeroshot", "--dataset-root", "{ds}", "{ds}", "--dataset", "cifar10"], "give it with one"),
     (["eval", "zeroshot", "--dataset-root", "{ds}", "--metric", "acc1"], "are for `clipforge eval table`"),
     (["eval", "table", "{good}", "--metric", "acc2"], "no result has the metric 'acc2'; these do: acc1"),
+    (["eval", "table", "{good}", "--csv", "good.json/t.csv"], "cannot write good.json/t.csv: "),  # names no temp file
 ])
 def test_eval_sweep_and_table_refuse_bad_input_before_loading_a_model(argv, message, tiny_dataset, tmp_path,
                                                                       monkeypatch, capsys):

@@ -331,6 +331,12 @@ def test_search_copy_to_writes_the_hits_images_and_captions_as_stored(collection
     err = capsys.readouterr().err
     assert f"skipped {first}" in err and "copied 1 images" in err and "(1 unreadable, skipped)" in err
     assert len((tmp_path / "partial" / "hits.jsonl").read_text().splitlines()) == 1
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(["search", str(tmp_path / "emb2"), "red", "--copy-to", str(tmp_path / "a-file")]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err  # was a FileExistsError traceback
+    assert cli.main(["search", str(tmp_path / "emb2"), "red", "--min-score", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == [] and "no result scores --min-score 2.0 or more (the best: " in captured.err
 
 
 @pytest.fixture(scope="module")

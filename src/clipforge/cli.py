@@ -110,7 +110,9 @@ def _register_lazy(name: str, module: str, help_text: str, function: str = "add_
 def _user_errors() -> tuple:
     """The exceptions reported as one line rather than a traceback. An exception class can only be raised once its
     module is imported, so only the imported ones are looked up (importing the rest would import torch)."""
-    classes = [FileNotFoundError, ValueError, MemoryError]
+    # path errors name the user's own paths (a folder where a file goes, no permission ...)
+    classes = [FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
+               MemoryError]
     for module, name in (("clipforge.checkpoint.errors", "CheckpointError"), ("clipforge.models", "UnknownModelError"),
                          ("clipforge.preprocess", "BadImageError"), ("clipforge.pretrained", "DownloadError")):
         if module in sys.modules:

@@ -198,7 +198,11 @@ def run_search(args) -> int:
     hits = searcher.search_image(open_image(args.image), args.k, args.dedup) if args.image else \
         searcher.search_text(args.query, args.k, args.dedup)
     if args.min_score is not None:
-        hits = [hit for hit in hits if hit["score"] >= args.min_score]
+        kept = [hit for hit in hits if hit["score"] >= args.min_score]
+        if not kept and hits:
+            print(f"no result scores --min-score {args.min_score} or more (the best: {hits[0]['score']:.4f})",
+                  file=sys.stderr)
+        hits = kept
     if args.copy_to:
         copied, failed = copy_hits(hits, args.copy_to)
         print(f"copied {copied} images to {args.copy_to}" + (f" ({failed} unreadable, skipped)" if failed else ""),
@@ -221,6 +225,8 @@ def copy_hits(hits: list[dict], folder: str | os.PathLike) -> tuple[int, int]:
     from .collection import item_captions, item_from_path, item_image_bytes
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"--copy-to {folder}: a file, not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     copied, failed, listing = 0, 0, []
     for rank, hit in enumerate(hits, 1):
