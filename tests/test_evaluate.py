@@ -213,6 +213,13 @@ def test_several_datasets_one_model_load_then_eval_table(tiny_dataset, checkpoin
     assert cli.main(["eval", "zeroshot", *common, "--output", f"{out}/{{dataset}}_{{pretrained}}_{{task}}.json"]) == 0
     assert cli.main(["eval", "linear-probe", *common, "--output", f"{out}/{{dataset}}_{{task}}.json"]) == 0
     assert len(loads) == 2  # one per command, not per dataset
+    second = str(clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64"), tmp_path / "second"))
+    sweep = ["eval", "zeroshot", "--pretrained", checkpoint, second, "--dataset-root", str(tiny_dataset), "--no-cache",
+             "--quiet"]
+    assert cli.main([*sweep, "--output", str(tmp_path / "{dataset}.json")]) == 2
+    assert "two evaluations would write the same file; put {pretrained} in it" in capsys.readouterr().err
+    assert cli.main([*sweep, "--output", str(tmp_path / "sweep" / "{pretrained}.json")]) == 0
+    assert len(loads) == 4 and len(list((tmp_path / "sweep").glob("*.json"))) == 2  # one load per checkpoint
     slug = checkpoint.replace("/", "_").strip("_")
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([f"colours_{slug}_zeroshot.json", f"hues_{slug}_zeroshot.json", "colours_linear-probe.json",

@@ -7,13 +7,16 @@ import os
 import sys
 
 
-def add_model_arguments(p: argparse.ArgumentParser, recorded: bool = False) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, recorded: bool = False, several: bool = False) -> None:
     """``--model``, ``--pretrained``, ``--device`` (and ``--trust-pickle``). ``recorded``: for commands on an embedded
-    collection, where both default to what ``clipforge embed`` recorded."""
+    collection, where both default to what ``clipforge embed`` recorded; ``several``: ``--pretrained`` takes a list
+    (a list then, or None)."""
     note = " [recorded by embed]" if recorded else ""
     p.add_argument("--model", help="zoo architecture, or a checkpoint path when --pretrained is not given" + note)
-    p.add_argument("--pretrained", help="a pretrained tag or a checkpoint path (a clipforge train step folder, .pt, "
-                                        "Hugging Face folder)" + note)
+    p.add_argument("--pretrained", nargs="+" if several else None,
+                   help="a pretrained tag or a checkpoint path (a clipforge train step folder, .pt, Hugging Face "
+                        "folder)" + (" ; several (a run's checkpoints, say) are evaluated in turn" if several else "")
+                        + note)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda if available]")
     p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (trusted files only)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

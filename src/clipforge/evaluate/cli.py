@@ -3,8 +3,8 @@
 
 Results go to ``--output`` as JSON in CLIP_benchmark's format (``dataset``, ``model``, ``pretrained``, ``task``,
 ``metrics``, ``language``), with extra keys for what CLIP_benchmark does not report (per-class table, sweep, curve).
-Several ``--dataset-root`` are evaluated in turn with one model load, ``--output`` naming each file by its
-{placeholders}. Image features are cached (``--cache-dir``) so that a sweep, a few-shot curve or a second template
+Several ``--dataset-root`` are evaluated in turn with one model load, and several ``--pretrained`` one after
+another, ``--output`` naming each file by its {placeholders}. Image features are cached (``--cache-dir``) so that a sweep, a few-shot curve or a second template
 set does not re-embed the images.
 """
 from __future__ import annotations
@@ -36,6 +36,8 @@ EXAMPLES = """examples:
   clipforge eval robustness ... --corruptions gaussian_noise,fog --severities 1..5 --probe linear
   clipforge eval zeroshot --pretrained CKPT --dataset-root ../shared/data/cifar10 ../shared/data/flowers \
       --output 'evals/{dataset}_{pretrained}_{task}.json'      several datasets, one model load
+  clipforge eval zeroshot --pretrained runs/a/checkpoints/step-* --dataset-root ../shared/data/flowers \
+      --output 'evals/{dataset}_{pretrained}_{task}.json'      every checkpoint of a run, one after another
   clipforge eval table evals/ --csv evals.csv      every result JSON as Markdown tables (per task) and one CSV
   clipforge eval table evals/ --metric acc1        one metric: a model x dataset matrix with each model's mean
   clipforge eval zeroshot --pretrained runs/bow/checkpoints/step-00002400 --dataset-root ../shared/data/cifar10
@@ -51,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("task", choices=TASKS)
     p.add_argument("results", nargs="*", metavar="RESULT", help="table: result JSON files or folders of them")
-    add_model_arguments(p)
+    add_model_arguments(p, several=True)
     p.add_argument("--dataset-root", nargs="+", help="dataset folder (CLIP_benchmark layout, class folders "
                    "or CSV; for retrieval: shards with image + multi-line .txt captions); several are evaluated "
                    "in turn with one model load")
@@ -148,25 +150,35 @@ def run(args) -> int:
         raise ValueError("--csv and --metric are for `clipforge eval table`, which reads the results back")
     if args.dataset and len(args.dataset_root) > 1:
         raise ValueError("--dataset names one dataset's class names and templates: give it with one --dataset-root")
-    runs = []
     for root in args.dataset_root:
         if not os.path.exists(root):
             raise ValueError(f"--dataset-root {root}: no such file or folder")
-        one = argparse.Namespace(**vars(args))
-        one.dataset_root, name = root, args.dataset or Path(root).name
-        one.output = fill_placeholders(args.output or "{dataset}_{task}.json", args, name)
-        one.plot = args.plot and fill_placeholders(args.plot, args, name)
-        runs.append(one)
-    for flag in ("output", "plot"):  # several datasets must not overwrite each other's files
-        paths = [getattr(one, flag) for one in runs if getattr(one, flag)]
+    sweep = []  # (one model's settings, its runs: one per dataset)
+    for pretrained in args.pretrained or [None]:
+        model_args = argparse.Namespace(**vars(args))
+        model_args.pretrained = pretrained
+        runs = []
+        for root in args.dataset_root:
+            one = argparse.Namespace(**vars(model_args))
+            one.dataset_root, name = root, args.dataset or Path(root).name
+            one.output = fill_placeholders(args.output or "{dataset}_{task}.json", model_args, name)
+            one.plot = args.plot and fill_placeholders(args.plot, model_args, name)
+            runs.append(one)
+        sweep.append((model_args, runs))
+    for flag in ("output", "plot"):  # no two evaluations may write the same file
+        paths = [getattr(one, flag) for _, runs in sweep for one in runs if getattr(one, flag)]
         if len(set(map(os.path.abspath, paths))) < len(paths):
             template = getattr(args, flag) or "{dataset}_{task}.json"
-            hint = ("put {dataset} in it" if "{dataset}" not in template else
-                    "their folders have the same name: evaluate them one at a time")
-            raise ValueError(f"--{flag} {template}: several --dataset-root would write the same file; {hint}")
-    model, preprocess, tokenizer = _load(args)
-    for one in runs:
-        _evaluate(one, model, preprocess, tokenizer)
+            missing = [p for p, needed in (("{dataset}", len(args.dataset_root) > 1),
+                                           ("{pretrained}", len(sweep) > 1)) if needed and p not in template]
+            hint = (f"put {' and '.join(missing)} in it" if missing else
+                    "two of them have the same name: evaluate them one at a time")
+            raise ValueError(f"--{flag} {template}: two evaluations would write the same file; {hint}")
+    for model_args, runs in sweep:
+        model, preprocess, tokenizer = _load(model_args)
+        for one in runs:
+            _evaluate(one, model, preprocess, tokenizer)
+        del model
     return 0
 
 
