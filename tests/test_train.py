@@ -593,3 +593,26 @@ def test_recompute_activations_setting_reaches_both_towers(recompute):
     cfg = TrainConfig(model="ViT-Tiny-64", recompute_activations=recompute)
     _, model = _build_model(cfg, get_model_config("ViT-Tiny-64"), torch.device("cpu"), world=1)
     assert model.visual.transformer.lean is recompute and model.text.transformer.lean is recompute
+
+
+def test_training_from_pretrained_weights_uses_their_image_normalisation(tmp_path, monkeypatch):
+    """Weights trained on other image statistics than OpenAI's (some LAION tags: mean and std 0.5) are trained and
+    validated on those, as open_clip does, and the run's checkpoints record them for clipforge.load."""
+    import clipforge.train.loop as loop
+    import clipforge.train.validation as validation
+
+    start = clipforge.create_model("ViT-Tiny-64")
+    start.normalisation = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    clipforge.save_pretrained(start, tmp_path / "start", clipforge.get_model_config("ViT-Tiny-64"))
+    shard = shapes_shard(tmp_path / "s-000000.tar", 16)
+    seen = {}
+    real_transform, real_preprocess = loop.TrainTransform, validation.Preprocess
+    monkeypatch.setattr(loop, "TrainTransform", lambda *a, **k: seen.setdefault("train", real_transform(*a, **k)))
+    monkeypatch.setattr(validation, "Preprocess", lambda *a, **k: seen.setdefault("val", real_preprocess(*a, **k)))
+    cfg = TrainConfig(model="ViT-Tiny-64", pretrained=str(tmp_path / "start"), train_data=str(shard),
+                      val_data=str(shard), batch_size=8, steps=2, workers=0, output=str(tmp_path / "run"),
+                      progress=False)
+    summary = train(cfg)
+    assert seen["train"].mean == seen["val"].mean == (0.5, 0.5, 0.5) and seen["train"].std == (0.5, 0.5, 0.5)
+    _, preprocess, _ = clipforge.load(summary["checkpoint"])
+    assert preprocess.mean == (0.5, 0.5, 0.5)

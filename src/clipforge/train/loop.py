@@ -218,7 +218,9 @@ def _build_model(cfg: TrainConfig, model_config: dict, device: torch.device, wor
     if cfg.pretrained and cfg.objective != "classify":  # (a classifier is built from its --pretrained)
         from .. import load_model
 
-        load_into(model, load_model(cfg.model, pretrained=cfg.pretrained).state_dict(), source=cfg.pretrained)
+        pretrained = load_model(cfg.model, pretrained=cfg.pretrained)
+        load_into(model, pretrained.state_dict(), source=cfg.pretrained)
+        model.normalisation = pretrained.normalisation  # its image mean/std: training and validation use them
     if cfg.lock_image:
         model.lock_image_tower()
     if cfg.lock_text:
@@ -432,7 +434,10 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                             cooldown if cfg.lr_schedule == "constant-cooldown" else 0)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
     position = _resume(cfg, output, core, optimizer, scheduler, scaler, rank, world)
-    stream = ContrastiveStream(source, TrainTransform(core.image_size, scale=tuple(cfg.crop_scale)), tokenizer,
+    # a --pretrained model's own image normalisation (0.5 for some LAION tags), as open_clip trains it
+    normalisation = {k: v for k, v in (getattr(core, "normalisation", None) or {}).items() if k in ("mean", "std")}
+    stream = ContrastiveStream(source, TrainTransform(core.image_size, scale=tuple(cfg.crop_scale), **normalisation),
+                               tokenizer,
                                cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                                classnames=labels.classnames, caption_templates=labels.templates,
                                label_captions=bool(labels.classnames), exclude_labels=labels.exclude,
@@ -441,7 +446,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                                     cfg.workers, position.step * cfg.accum_freq)
     # (sharded towers run collectively: under FSDP every rank validates, rank 0 logs)
     val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates, source,
-                                                   labels) if rank == 0 or cfg.fsdp else (None, None)
+                                                   labels, getattr(core, "normalisation", None)) \
+        if rank == 0 or cfg.fsdp else (None, None)
     log = _RunLog(output, rank, {"train": dataclasses.asdict(cfg), "model_cfg": model_config, "world_size": world,
                                  "total_steps": total_steps, "environment": run_environment() if rank == 0 else None},
                   position.step)

@@ -120,6 +120,7 @@ def _classifier(cfg, labels, model, loss_fn):
         clip, _, tokenizer = load_for_inference(named, cfg.pretrained, device="cpu")
         model = CLIPClassifier.from_zero_shot(clip, labels.classnames, cfg.templates or list(DEFAULT_TEMPLATES),
                                               tokenizer)
+        model.normalisation = getattr(clip, "normalisation", {})  # its images as its weights were trained on
     model.lock_text_tower()  # the head replaces the text tower; its weights are kept as they are
     if cfg.head_only:
         model.lock_all_but_head()

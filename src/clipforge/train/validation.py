@@ -17,25 +17,27 @@ PRIOR_IMAGES = 256  # training images over which a word-by-word model's prompt p
 
 
 def open_validation(cfg, val_source, image_size: int, label_templates: list[str] | None, train_source=None,
-                    labels=None):
+                    labels=None, preprocess_cfg: dict | None = None):
     """(the fixed validation set, zero-shot templates) or (None, None). Labelled validation data (classnames.txt
     beside the shards) gets zero-shot accuracy besides retrieval, whether or not training uses label captions;
+    ``preprocess_cfg``: a --pretrained model's own image preprocessing (``Preprocess`` arguments);
     samples without text are captioned from their label. For ``--objective caption`` the first ``PRIOR_IMAGES``
     usable images of ``train_source`` (decoded as training decodes them, by ``labels``) come along: zero-shot
     subtracts each prompt's mean likelihood over them (``caption_lm.prompt_log_prior``)."""
     if val_source is None and not cfg.val_data:
         return None, None
+    preprocess = Preprocess(image_size, **(preprocess_cfg or {}))  # a --pretrained model's own, else OpenAI's
     source = val_source if val_source is not None else open_source(cfg.val_data, shuffle_buffer=0)
     classnames = source_classnames(source)
     templates = label_templates  # --label-captions FILE: the same prompts caption and classify
-    val_set = evaluation_set(source, Preprocess(image_size), cfg.val_samples, classnames, templates,
+    val_set = evaluation_set(source, preprocess, cfg.val_samples, classnames, templates,
                              bool(cfg.label_captions and classnames), seed=cfg.seed)
     if not val_set.images:
         raise ValueError(f"validation data {cfg.val_data or source!r} has no usable samples "
                          f"(skipped: {dict(val_set.skipped) or 'none'}); labelled shards need classnames.txt "
                          "beside the split folder")
     if cfg.objective == "caption" and val_set.labels is not None and train_source is not None:
-        val_set.prior_images = evaluation_set(train_source, Preprocess(image_size), PRIOR_IMAGES, labels.classnames,
+        val_set.prior_images = evaluation_set(train_source, preprocess, PRIOR_IMAGES, labels.classnames,
                                               labels.templates, bool(labels.classnames), seed=cfg.seed).images
     return val_set, templates or list(DEFAULT_TEMPLATES)
 
