@@ -205,12 +205,14 @@ def test_hf_hub_transformers_repo_loads_with_identical_outputs(cache, tmp_path, 
                            image_size=64, patch_size=16), projection_dim=48)
     hf = transformers.CLIPModel(config).eval()
     hf.save_pretrained(tmp_path / "hf")
-    srv = _serve_repo({name: (tmp_path / "hf" / name).read_bytes() for name in ("config.json", "model.safetensors")},
-                      monkeypatch)
+    files = {name: (tmp_path / "hf" / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    files["preprocessor_config.json"] = json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}).encode()
+    srv = _serve_repo(files, monkeypatch)
     try:
-        ours, _, tokenizer = clipforge.load("hf-hub:owner/repo")
+        ours, preprocess, tokenizer = clipforge.load("hf-hub:owner/repo")
     finally:
         srv.close()
+    assert preprocess.mean == preprocess.std == (0.5, 0.5, 0.5)  # the repo's CLIPProcessor's, not OpenAI's
     images, tokens = torch.randn(2, 3, 64, 64), tokenizer(["a diagram", "a photo of a dog"])
     with torch.no_grad():
         out = hf(input_ids=tokens, pixel_values=images)

@@ -252,6 +252,8 @@ def test_a_squashing_model_exports_a_processor_that_squashes(tmp_path):
     pixels = processor(images=[image], return_tensors="pt").pixel_values
     assert pixels.shape == (1, 3, 64, 64)
     assert _max_diff(pixels[0], preprocess(image)) < 1.1 / 255 / min(preprocess.std)
+    _, from_hf, _ = clipforge.load(str(tmp_path / "hf"))  # and the CLIPModel folder reads back as squashing
+    assert (from_hf.resize_mode, from_hf.interpolation) == ("squash", "bicubic")
 
 
 def test_an_open_clip_folder_export_loads_in_open_clip_with_our_features_and_preprocessing(tmp_path):

@@ -197,7 +197,7 @@ def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
     ``open_clip_config.json`` with ``open_clip_model.safetensors`` (else ``open_clip_pytorch_model.bin``); or a
     transformers ``CLIPModel`` repo (``config.json`` with ``model.safetensors``, else ``pytorch_model.bin``).
     Cached like pretrained tags, so a repo fetched once also loads offline."""
-    from .checkpoint import CheckpointError, hf_config_to_clipforge
+    from .checkpoint import CheckpointError, hf, hf_config_to_clipforge
 
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise ValueError(f"hf-hub:{repo}: expected hf-hub:OWNER/NAME")
@@ -218,9 +218,13 @@ def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
         raise DownloadError(f"hf-hub:{repo}: neither open_clip_config.json nor config.json found at {base}") from None
     if hf_config.get("model_type") != "clip":
         raise CheckpointError(f"hf-hub:{repo}: config.json is a {hf_config.get('model_type')!r} model, not 'clip'")
+    try:  # its CLIPProcessor's image settings, where the repo has them
+        processor = json.loads(download(f"{base}/preprocessor_config.json", progress=False).read_text())
+    except NotFoundError:
+        processor = {}
     weights = fetch(PretrainedSource(f"{base}/model.safetensors", fallback_url=f"{base}/pytorch_model.bin"),
                     progress=progress)
-    return HubCheckpoint(weights, hf_config_to_clipforge(hf_config))
+    return HubCheckpoint(weights, hf_config_to_clipforge(hf_config), hf.processor_preprocess(processor))
 
 
 def _hub_preprocess(cfg: dict, repo: str) -> dict:

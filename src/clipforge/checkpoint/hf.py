@@ -66,6 +66,19 @@ def is_clip_config(folder_config: dict) -> bool:
     return folder_config.get("model_type") == "clip" or "CLIPModel" in folder_config.get("architectures", [])
 
 
+def processor_preprocess(processor: dict) -> dict:
+    """``Preprocess`` arguments from a ``CLIPImageProcessor`` config (``preprocessor_config.json``): its mean and std,
+    bilinear for PIL's resample code 2, and "squash" for a resize to height x width without a center crop (as
+    ``save_processor`` writes them)."""
+    out = {k: tuple(processor[h]) for k, h in (("mean", "image_mean"), ("std", "image_std")) if processor.get(h)}
+    if processor.get("resample") == 2:
+        out["interpolation"] = "bilinear"
+    size = processor.get("size")
+    if isinstance(size, dict) and "height" in size and "width" in size and not processor.get("do_center_crop", True):
+        out["resize_mode"] = "squash"
+    return out
+
+
 def to_clipforge(state: dict) -> dict:
     state = {k[len("clip."):] if k.startswith("clip.") else k: v for k, v in state.items()}
     out, qkv = {}, {}

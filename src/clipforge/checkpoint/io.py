@@ -54,8 +54,8 @@ def save_pretrained(model, folder: str | os.PathLike, config: dict | None = None
 
 def read_preprocess_cfg(path: str | os.PathLike) -> dict:
     """``Preprocess`` arguments a checkpoint folder records beside its weights (``preprocess_cfg`` in clipforge's
-    ``config.json`` or open_clip's ``open_clip_config.json``; a Hugging Face folder's image mean and std); empty where
-    it records none (OpenAI's)."""
+    ``config.json`` or open_clip's ``open_clip_config.json``; a Hugging Face folder's ``preprocessor_config.json``);
+    empty where it records none (OpenAI's)."""
     path = Path(path)
     if not path.is_dir():
         return {}
@@ -66,8 +66,7 @@ def read_preprocess_cfg(path: str | os.PathLike) -> dict:
         if "preprocess_cfg" in config:
             found = config["preprocess_cfg"]
         elif processor.is_file():
-            hf_processor = json.loads(processor.read_text())
-            found = {"mean": hf_processor.get("image_mean"), "std": hf_processor.get("image_std")}
+            found = hf.processor_preprocess(json.loads(processor.read_text()))
         else:
             return {}
     except (OSError, ValueError) as exc:
