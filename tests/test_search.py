@@ -1099,3 +1099,29 @@ def test_embed_suggests_bf16_on_processors_that_multiply_it_natively(monkeypatch
         monkeypatch.setattr(environment, "cpu_has_bf16", lambda: has_bf16)
         _suggest_bf16(SimpleNamespace(precision=precision), model, rank=0)
         assert ("--precision bf16" in capsys.readouterr().err) == expected, (has_bf16, precision)
+
+
+def test_search_many_queries_from_a_file_equals_one_by_one(collection, tmp_path, capsys):
+    """--queries: each line's results as the single-query search gives them (JSON lines with the query), a subfolder
+    per query with --copy-to; an empty file or two kinds of query are refused before any model loads."""
+    queries = ["a red circle", "a blue square", "a green triangle"]
+    (tmp_path / "q.txt").write_text("\n".join([queries[0], "", *queries[1:]]) + "\n")
+    single = []
+    for query in queries:
+        assert cli.main(["search", str(collection["emb"]), query, "-k", "4", "--json"]) == 0
+        single.append(json.loads(capsys.readouterr().out))
+    assert cli.main(["search", str(collection["emb"]), "--queries", str(tmp_path / "q.txt"), "-k", "4", "--json",
+                     "--copy-to", str(tmp_path / "out")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["query"] for line in lines] == queries
+    assert all([h["id"] for h in line["hits"]] == [h["id"] for h in hits] for line, hits in zip(lines, single))
+    assert all(a["score"] == pytest.approx(b["score"], abs=1e-5) for line, hits in zip(lines, single)
+               for a, b in zip(line["hits"], hits))
+    folders = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert folders == ["00001-a-red-circle", "00002-a-blue-square", "00003-a-green-triangle"]
+    assert len(list((tmp_path / "out" / folders[1]).glob("*.png"))) == 4
+    (tmp_path / "empty.txt").write_text("\n \n")
+    assert cli.main(["search", str(collection["emb"]), "--queries", str(tmp_path / "empty.txt")]) == 2
+    assert "no queries (one per line)" in capsys.readouterr().err
+    assert cli.main(["search", str(collection["emb"]), "red", "--queries", str(tmp_path / "q.txt")]) == 2
+    assert "give one of: a text query, --image PATH, --queries FILE" in capsys.readouterr().err

@@ -169,6 +169,8 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder")
     p.add_argument("query", nargs="?", help="text query")
     p.add_argument("--image", help="query by this image instead")
+    p.add_argument("--queries", metavar="FILE", help="many text queries, one per line, embedded and searched in "
+                   "batches; with --json one JSON line per query, with --copy-to a subfolder per query")
     p.add_argument("-k", type=positive_int, default=10)
     p.add_argument("--dedup", type=float, metavar="COSINE",
                    help="leave out near-duplicates of better results at this cosine similarity or more (e.g. 0.95)")
@@ -188,31 +190,73 @@ def run_search(args) -> int:
     from ..preprocess import open_image
     from .search import Searcher
 
-    if (args.query is None) == (args.image is None):
-        raise ValueError("give a text query or --image PATH (one of them)")
+    if sum(x is not None for x in (args.query, args.image, args.queries)) != 1:
+        raise ValueError("give one of: a text query, --image PATH, --queries FILE")
     if args.dedup is not None and not 0 < args.dedup <= 1:
         raise ValueError(f"--dedup {args.dedup}: a cosine similarity in (0, 1], e.g. 0.95")
+    texts = _read_queries(args.queries) if args.queries else None  # a bad file fails before the model loads
     searcher = Searcher(args.folder, *load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
                                                          collection=args.folder, backend=args.backend,
                                                          precision=args.precision))
-    hits = searcher.search_image(open_image(args.image), args.k, args.dedup) if args.image else \
-        searcher.search_text(args.query, args.k, args.dedup)
-    if args.min_score is not None:
-        kept = [hit for hit in hits if hit["score"] >= args.min_score]
-        if not kept and hits:
-            print(f"no result scores --min-score {args.min_score} or more (the best: {hits[0]['score']:.4f})",
-                  file=sys.stderr)
-        hits = kept
-    if args.copy_to:
-        copied, failed = copy_hits(hits, args.copy_to)
-        print(f"copied {copied} images to {args.copy_to}" + (f" ({failed} unreadable, skipped)" if failed else ""),
+    if texts is None:
+        hits = searcher.search_image(open_image(args.image), args.k, args.dedup) if args.image else \
+            searcher.search_text(args.query, args.k, args.dedup)
+        _report_hits(args, args.query or args.image, _kept(args, hits), args.copy_to, one_of_many=False)
+        return 0
+    from tqdm import tqdm
+
+    batch = 256
+    for start in tqdm(range(0, len(texts), batch), desc="searching", unit="batch", disable=len(texts) <= batch,
+                      file=sys.stderr):
+        chunk = texts[start:start + batch]
+        for i, (query, hits) in enumerate(zip(chunk, searcher.search_vectors(searcher.embed_texts(chunk), args.k,
+                                                                               args.dedup)), start):
+            folder = args.copy_to and Path(args.copy_to) / f"{i + 1:05d}-{_slug(query)}"
+            _report_hits(args, query, _kept(args, hits), folder, one_of_many=True)
+    return 0
+
+
+def _read_queries(path: str) -> list[str]:
+    try:
+        texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--queries {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not texts:
+        raise ValueError(f"--queries {path}: no queries (one per line)")
+    return texts
+
+
+def _kept(args, hits: list[dict]) -> list[dict]:
+    """``hits`` at --min-score or more (saying so when that leaves none)."""
+    if args.min_score is None:
+        return hits
+    kept = [hit for hit in hits if hit["score"] >= args.min_score]
+    if not kept and hits:
+        print(f"no result scores --min-score {args.min_score} or more (the best: {hits[0]['score']:.4f})",
+              file=sys.stderr)
+    return kept
+
+
+def _report_hits(args, query: str, hits: list[dict], copy_to, one_of_many: bool) -> None:
+    """Print one query's results (JSON: its hit list, or with many queries one line with the query), and copy them
+    when asked."""
+    if copy_to:
+        copied, failed = copy_hits(hits, copy_to)
+        print(f"copied {copied} images to {copy_to}" + (f" ({failed} unreadable, skipped)" if failed else ""),
               file=sys.stderr)
     if args.json:
-        print(json.dumps(hits))
-    else:
-        for rank, hit in enumerate(hits, 1):
-            print(f"{rank:3d}  {hit['score']:.4f}  {hit['path']}" + (f"  {hit['caption']}" if hit["caption"] else ""))
-    return 0
+        print(json.dumps({"query": query, "hits": hits} if one_of_many else hits))
+        return
+    if one_of_many:
+        print(f"# {query}")
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank:3d}  {hit['score']:.4f}  {hit['path']}" + (f"  {hit['caption']}" if hit["caption"] else ""))
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:60] or "query"
 
 
 def copy_hits(hits: list[dict], folder: str | os.PathLike) -> tuple[int, int]:
