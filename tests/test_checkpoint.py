@@ -390,3 +390,19 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "error" in err and "missing.pt" in err and "Traceback" not in err
+
+
+def test_models_command_describes_one_architecture_and_its_tags(capsys, cache):
+    """`clipforge models NAME`: the config, then per tag where it downloads from, its activation and its own image
+    preprocessing (what a user needs to know before fetching gigabytes)."""
+    assert cli.main(["models", "ViT-L-14"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert json.loads(out[0].split(": ", 1)[1]) == clipforge.get_model_config("ViT-L-14")
+    tags = {line.split(":")[0].strip(): line for line in out[1:]}
+    assert set(tags) == {t for _, t in clipforge.list_pretrained("ViT-L-14")}
+    assert "hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K" in tags["laion2b_s32b_b82k"]
+    assert "mean (0.5, 0.5, 0.5)" in tags["laion2b_s32b_b82k"] and "(QuickGELU)" in tags["metaclip_400m"]
+    assert cli.main(["models", "ViT-H-14-378-quickgelu"]) == 0
+    assert "resize_mode squash" in capsys.readouterr().out
+    assert cli.main(["models", "ViT-Tiny-64"]) == 0
+    assert "no pretrained tags" in capsys.readouterr().out

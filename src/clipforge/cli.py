@@ -27,6 +27,8 @@ def _cmd_models(args) -> int:
     from . import list_models, list_pretrained
     from .models import get_model_config, is_resnet
 
+    if args.name:
+        return _describe_model(args.name)
     names = list_models()
     width = max(map(len, names))
     for name in names:
@@ -35,6 +37,28 @@ def _cmd_models(args) -> int:
         kind = "ResNet" if is_resnet(cfg) else "ViT"
         print(f"{name:{width}s} {kind:6s} {cfg['vision_cfg']['image_size']:4d}px  embed {cfg['embed_dim']:5d}  "
               f"pretrained: {', '.join(tags) or '-'}")
+    return 0
+
+
+def _describe_model(name: str) -> int:
+    """One architecture: its config, and each pretrained tag's file, activation and image preprocessing."""
+    from . import list_pretrained
+    from .models import get_model_config
+    from .pretrained import base_model_name, cached_path, get_pretrained
+
+    config = get_model_config(name)
+    print(f"{name}: {json.dumps(config)}")
+    tags = [t for _, t in list_pretrained(name)]
+    if not tags:
+        print("no pretrained tags (train it, or load a checkpoint into it with --pretrained PATH)")
+    for tag in tags:
+        entry = get_pretrained(base_model_name(name), tag)
+        source = entry.url.split("/resolve/")[0].replace("https://huggingface.co/", "hf-hub:") \
+            if "huggingface.co" in entry.url else entry.url
+        cached = cached_path(entry.url).exists() or (entry.fallback_url and cached_path(entry.fallback_url).exists())
+        notes = ["QuickGELU" if entry.quick_gelu or config.get("quick_gelu") else "GELU"]
+        notes += [f"{k} {v}" for k, v in entry.preprocess.items()]
+        print(f"  {tag}: {source}  ({', '.join(notes)}{', cached' if cached else ''})")
     return 0
 
 
@@ -64,6 +88,8 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>")
 
     p = sub.add_parser("models", help="list zoo architectures and pretrained tags")
+    p.add_argument("name", nargs="?", help="one architecture: its config and each tag's source, activation and "
+                                           "image preprocessing")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("convert", help="convert a checkpoint between formats",
