@@ -309,3 +309,29 @@ def test_inference_path_gives_the_same_features_and_leaves_its_input_alone(quick
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # casts: the plain path runs, no dtype clash
         assert block(x, causal=causal).shape == x.shape
         assert block(x.bfloat16(), causal=causal).dtype == torch.bfloat16  # bf16 input, fp32 weights (mid-tower)
+
+
+def test_forward_output_unpacks_as_open_clip_and_compiles_without_a_graph_break():
+    """CLIPOutput: three values to unpack (four with a logit bias), fields by name and by key, the namedtuple helpers
+    over all four fields, and torch.compile(fullgraph=True) of the forward in one frame."""
+    import copy
+    import pickle
+
+    from torch._dynamo.testing import CompileCounter
+
+    images, tokens = torch.randn(2, 3, 64, 64), random_tokens(2, 32)
+    for bias, size in ((None, 3), (-2.0, 4)):
+        model = clipforge.create_model("ViT-Tiny-64", init_logit_bias=bias).eval()
+        with torch.no_grad():
+            out = model(images, tokens)
+        assert len(out) == len(list(out)) == size and torch.equal(out["image_features"], out.image_features)
+        assert (out.logit_bias is None) == (bias is None) and (out._asdict()["logit_bias"] is None) == (bias is None)
+        again = pickle.loads(pickle.dumps(out))
+        assert type(again) is type(out) and torch.equal(again.logits_per_image, out.logits_per_image)
+        assert torch.equal(copy.deepcopy(out)._replace(logit_scale=out.logit_scale * 2).logit_scale,
+                           2 * out.logit_scale)
+    counter = CompileCounter()
+    compiled = torch.compile(clipforge.create_model("ViT-Tiny-64").eval(), backend=counter, fullgraph=True)
+    with torch.no_grad():
+        image_features, text_features, scale = compiled(images, tokens)
+    assert counter.frame_count == 1 and image_features.shape == (2, 128)

@@ -60,12 +60,15 @@ def test_an_open_clip_script_runs_with_clipforge_swapped_in(tmp_path):
         with torch.no_grad():
             features = (model.encode_image(preprocess(image).unsqueeze(0)),
                         model.encode_text(tokenizer(["a diagram", "a dog running through water"])))
+            # open_clip's forward: three values to unpack (a fourth only with a logit bias)
+            _, text_features, logit_scale = model(preprocess(image).unsqueeze(0), tokenizer(["a diagram"]))
         return features, train_transform(image).shape, library.create_model_from_pretrained(
-            "ViT-B-32", pretrained=str(tmp_path / "weights.pt"))[1](image)
+            "ViT-B-32", pretrained=str(tmp_path / "weights.pt"))[1](image), (text_features, logit_scale)
 
-    (image_a, text_a), train_shape_a, pixels_a = script(open_clip)
-    (image_b, text_b), train_shape_b, pixels_b = script(clipforge)
+    (image_a, text_a), train_shape_a, pixels_a, forward_a = script(open_clip)
+    (image_b, text_b), train_shape_b, pixels_b, forward_b = script(clipforge)
     assert _max_diff(text_a, text_b) <= TOL and train_shape_a == train_shape_b == (3, 224, 224)
+    assert _max_diff(forward_a[0], forward_b[0]) <= TOL and _max_diff(forward_a[1], forward_b[1]) == 0
     assert _max_diff(pixels_a, pixels_b) < 1.1 / 255 / 0.26  # Pillow alone vs torchvision: within one 8-bit level
     assert torch.nn.functional.cosine_similarity(image_a, image_b).item() > 0.9999
 

@@ -16,17 +16,46 @@ from .vision_transformer import VisionTransformer
 LOGIT_SCALE_MAX = 100.0
 
 
-class CLIPOutput(NamedTuple):
-    """What ``CLIP.forward`` returns: L2-normalised features plus the (clamped, exponentiated) temperature.
-
-    Features rather than logits come out of ``forward`` so distributed losses can gather them across ranks;
-    ``logits_per_image`` computes the local N x M logits when they are wanted.
-    """
-
+class _CLIPOutputFields(NamedTuple):
     image_features: torch.Tensor
     text_features: torch.Tensor
     logit_scale: torch.Tensor
     logit_bias: torch.Tensor | None = None
+
+
+class CLIPOutput(_CLIPOutputFields):
+    """What ``CLIP.forward`` returns: L2-normalised features plus the (clamped, exponentiated) temperature.
+
+    Features rather than logits come out of ``forward`` so distributed losses can gather them across ranks;
+    ``logits_per_image`` computes the local N x M logits when they are wanted.
+
+    It unpacks as open_clip's forward returns: ``image_features, text_features, logit_scale = model(images, texts)``,
+    with ``logit_bias`` fourth only for a model that has one (SigLIP); ``out["image_features"]`` reads a field as
+    open_clip's ``output_dict=True`` does. The fields are always there by name (``out.logit_bias`` is None without).
+    """
+
+    __slots__ = ()
+
+    def __iter__(self):
+        return iter(tuple.__getitem__(self, slice(0, 3 if self.logit_bias is None else 4)))
+
+    def __len__(self) -> int:
+        return 3 if self.logit_bias is None else 4
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
+
+    # the namedtuple helpers, over all four fields whatever ``__iter__`` shows (torch.compile rebuilds outputs with
+    # ``_make`` from the fields it was given)
+    @classmethod
+    def _make(cls, iterable) -> "CLIPOutput":
+        return cls(*iterable)
+
+    def _asdict(self) -> dict:
+        return dict(zip(self._fields, tuple.__iter__(self)))
+
+    def _replace(self, **changes) -> "CLIPOutput":
+        return type(self)(**{**self._asdict(), **changes})
 
     @property
     def logits_per_image(self) -> torch.Tensor:
