@@ -166,6 +166,26 @@ def test_cli_eval_at_bf16_caches_its_own_features(tiny_dataset, checkpoint, tmp_
     assert F.cosine_similarity(fp32, bf16).min() > 0.99
 
 
+def test_cli_eval_caches_features_per_preprocessing(tiny_dataset, checkpoint, tmp_path):
+    """The same weights with their images normalised otherwise (a tag's own mean/std, recorded beside them) give
+    other features: the cache must not hand back those of OpenAI's normalisation."""
+    import json as json_module
+
+    cache = tmp_path / "cache"
+    common = ["eval", "zeroshot", "--pretrained", checkpoint, "--dataset-root", str(tiny_dataset), "--cache-dir",
+              str(cache), "--quiet", "--output", str(tmp_path / "r.json")]
+    assert cli.main(common) == 0
+    first = set(cache.glob("*.pt"))
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json_module.loads(config_file.read_text())
+    config_file.write_text(json_module.dumps({**config, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+    assert cli.main(common) == 0
+    second = set(cache.glob("*.pt")) - first
+    assert len(first) == len(second) == 1
+    a, b = (torch.load(next(iter(f)), weights_only=True)["features"] for f in (first, second))
+    assert not torch.equal(a, b)
+
+
 def test_cli_linear_probe_and_fewshot(tiny_dataset, checkpoint, tmp_path):
     common = ["--pretrained", checkpoint, "--dataset-root", str(tiny_dataset), "--no-cache", "--quiet"]
     assert cli.main(["eval", "linear-probe", *common, "--output", str(tmp_path / "lp.json")]) == 0
