@@ -435,3 +435,14 @@ def test_classify_refuses_bad_classes_before_loading_a_model(extra, message, tmp
     assert cli.main(["classify", str(tmp_path / "x.png"), "--pretrained", str(tmp_path / "no-such-model"),
                      *extra]) == 2
     assert message in capsys.readouterr().err  # and not the missing model's error
+
+
+def test_eval_table_orders_checkpoints_by_number(tmp_path, capsys):
+    """Rows of a sweep read in training order: epoch_2 before epoch_10 (a plain sort puts it after)."""
+    for epoch, acc in ((10, 0.3), (2, 0.2), (1, 0.1)):
+        (tmp_path / f"e{epoch}.json").write_text(json.dumps({
+            "task": "zeroshot_classification", "dataset": "d", "pretrained": f"run/epoch_{epoch}",
+            "metrics": {"acc1": acc}}))
+    assert cli.main(["eval", "table", str(tmp_path), "--metric", "acc1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| run/")]
+    assert [row.split(" | ")[0] for row in rows] == ["| run/epoch_1", "| run/epoch_2", "| run/epoch_10"]

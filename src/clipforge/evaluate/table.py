@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 IDENTITY = ("dataset", "model", "pretrained", "task", "language")
@@ -51,6 +52,11 @@ def _read(file: Path, strict: bool) -> dict | None:
     return result
 
 
+def natural_key(text: str) -> list:
+    """Sort key that orders numbers inside names by value: epoch_2 before epoch_10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+
+
 def _numeric_metrics(result: dict) -> dict:
     return {k: v for k, v in result["metrics"].items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -76,7 +82,8 @@ def markdown_tables(results: list[dict]) -> str:
     """One Markdown table per task, rows sorted by dataset then model, metric columns in their first order."""
     tables = []
     for task in sorted({r["task"] for r in results}):
-        rows = sorted((r for r in results if r["task"] == task), key=lambda r: (str(r.get("dataset")), _name(r)))
+        rows = sorted((r for r in results if r["task"] == task),
+                      key=lambda r: (str(r.get("dataset")), natural_key(_name(r))))
         columns = list(dict.fromkeys(k for r in rows for k in _numeric_metrics(r)))
         header = ["dataset", "model", *[c if c in _COUNTS else f"{c} (%)" for c in columns]]
         lines = [f"{task}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -102,7 +109,7 @@ def metric_matrix(results: list[dict], metric: str) -> str:
     mean = len(datasets) > 1
     header = ["model", *datasets, *(["mean"] if mean else [])]
     lines = [f"{metric} (%):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in sorted(table):
+    for name in sorted(table, key=natural_key):
         row = table[name]
         cells = [_cell(metric, row.get(d)) for d in datasets]
         if mean:
