@@ -236,6 +236,31 @@ def test_open_clip_quickgelu_names_build_the_same_model(tmp_path):
     assert clipforge.get_model_config("ViT-H-14-378-quickgelu")["vision_cfg"]["image_size"] == 378
 
 
+def test_transformers_zero_shot_pipeline_on_an_export_gives_clipforges_probabilities(tmp_path):
+    """A transformers user's one-liner, pipeline("zero-shot-image-classification", model=EXPORT), on a `convert --to
+    hf` folder: the same class probabilities as clipforge's own zero-shot on the same image (pixels within one 8-bit
+    level, hence the tolerance)."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    from clipforge.convert import convert
+
+    torch.manual_seed(0)
+    clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64").eval(), tmp_path / "ours")
+    convert(str(tmp_path / "ours"), str(tmp_path / "hf"), to="hf")
+    classify = transformers.pipeline("zero-shot-image-classification", model=str(tmp_path / "hf"))
+    image = Image.radial_gradient("L").convert("RGB").resize((120, 90))
+    labels = ["a red square", "a blue circle", "a dog"]
+    theirs = {row["label"]: row["score"] for row in classify(image, candidate_labels=labels,
+                                                              hypothesis_template="{}")}
+    model, preprocess, tokenizer = clipforge.load(str(tmp_path / "ours"))
+    with torch.no_grad():
+        image_features = model.encode_image(preprocess(image)[None], normalize=True)
+        text_features = model.encode_text(tokenizer(labels), normalize=True)
+        ours = (model.logit_scale.exp() * image_features @ text_features.T).softmax(dim=-1)[0].tolist()
+    assert [theirs[label] for label in labels] == pytest.approx(ours, abs=2e-3)
+
+
 def test_a_squashing_model_exports_a_processor_that_squashes(tmp_path):
     """A model whose weights want their images squashed (DFN) exports a CLIPProcessor that does the same: its pixels
     within one 8-bit level of clipforge's on a wide image."""
