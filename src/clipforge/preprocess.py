@@ -46,6 +46,8 @@ def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXE
 # how an image reaches the model's square input: open_clip's ``resize_mode`` names
 RESIZE_MODES = ("shortest", "squash")  # short side to size then a center crop (OpenAI's); both sides to size
 INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+# the settings weights may bring with them (open_clip's ``preprocess_cfg``), as ``Preprocess`` takes them
+PREPROCESS_KEYS = ("mean", "std", "resize_mode", "interpolation")
 
 
 def resize_short_side(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
@@ -105,6 +107,11 @@ class Preprocess:
         else:
             image = center_crop(resize_short_side(image, size, self.interpolation), size)
         return to_tensor(image, self.mean, self.std)
+
+    @property
+    def settings(self) -> dict:
+        """Every ``PREPROCESS_KEYS`` setting, defaults included (what an export writes out)."""
+        return {key: getattr(self, key) for key in PREPROCESS_KEYS}
 
     def __repr__(self) -> str:
         how = "squash to a square" if self.resize_mode == "squash" else "short side, center crop"

@@ -52,7 +52,9 @@ class PretrainedSource:
     @property
     def preprocess(self) -> dict:
         """``Preprocess`` keyword arguments these weights need (empty: OpenAI's)."""
-        return {k: getattr(self, k) for k in ("mean", "std", "resize_mode", "interpolation") if getattr(self, k)}
+        from .preprocess import PREPROCESS_KEYS  # here: this module does not import torch
+
+        return {k: getattr(self, k) for k in PREPROCESS_KEYS if getattr(self, k)}
 
 
 _REGISTRY: dict[tuple[str, str], PretrainedSource] = {}

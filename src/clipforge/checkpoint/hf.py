@@ -209,20 +209,20 @@ def save_processor(model, folder: str | Path) -> None:
     but for padding: transformers pads with ``<|endoftext|>`` (as OpenAI's own transformers export does; padding
     with id 0, "!", would make "!" a special token and split "!!"), and the features are the same either way."""
     from ..files import atomic_path, write_json
-    from ..preprocess import OPENAI_MEAN, OPENAI_STD
+    from ..preprocess import Preprocess
     from ..tokenizer import EOT_TOKEN, SOT_TOKEN, vocab_and_merges
 
     folder = Path(folder)
-    size, normalisation = model.image_size, getattr(model, "normalisation", None) or {}
-    squash = normalisation.get("resize_mode") == "squash"  # the whole image to a square, no crop (DFN)
+    size = model.image_size
+    settings = Preprocess(size, **(getattr(model, "normalisation", None) or {})).settings
+    squash = settings["resize_mode"] == "squash"  # the whole image to a square, no crop (DFN)
     write_json(folder / "preprocessor_config.json", {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True,
         "size": {"height": size, "width": size} if squash else {"shortest_edge": size},
-        "resample": 2 if normalisation.get("interpolation") == "bilinear" else 3,  # PIL's codes
+        "resample": 2 if settings["interpolation"] == "bilinear" else 3,  # PIL's codes
         "do_center_crop": not squash, "crop_size": {"height": size, "width": size}, "do_rescale": True,
         "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-        "image_mean": list(normalisation.get("mean", OPENAI_MEAN)),
-        "image_std": list(normalisation.get("std", OPENAI_STD)),
+        "image_mean": list(settings["mean"]), "image_std": list(settings["std"]),
     })
     vocab, merges = vocab_and_merges()
     renamed = {SOT_TOKEN: HF_SOT, EOT_TOKEN: HF_EOT}

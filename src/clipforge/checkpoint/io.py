@@ -71,8 +71,9 @@ def read_preprocess_cfg(path: str | os.PathLike) -> dict:
             return {}
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable preprocessing settings ({exc})") from None
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in found.items()
-            if v and k in ("mean", "std", "resize_mode", "interpolation")}
+    from ..preprocess import PREPROCESS_KEYS
+
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in found.items() if v and k in PREPROCESS_KEYS}
 
 
 # ----------------------------------------------------------------------------------------------------------- reading

@@ -72,7 +72,7 @@ def save_open_clip(model, folder: str | Path) -> Path:
     from .errors import CheckpointError
     from .io import save_safetensors
     from ..files import write_json
-    from ..preprocess import OPENAI_MEAN, OPENAI_STD
+    from ..preprocess import Preprocess
 
     config = model.config
     unsupported = keys_outside_open_clip(config)
@@ -80,9 +80,7 @@ def save_open_clip(model, folder: str | Path) -> Path:
         raise CheckpointError(f"this model's config uses {', '.join(unsupported)}, which open_clip's CLIP does not "
                               "take; keep it as a clipforge folder (--to clipforge)")
     folder = Path(folder)
-    own = getattr(model, "normalisation", None) or {}
-    preprocess = {"mean": list(own.get("mean", OPENAI_MEAN)), "std": list(own.get("std", OPENAI_STD)),
-                  "interpolation": own.get("interpolation", "bicubic"), "resize_mode": own.get("resize_mode", "shortest")}
+    preprocess = Preprocess(model.image_size, **(getattr(model, "normalisation", None) or {})).settings
     save_safetensors(from_clipforge(model.state_dict()), folder / "open_clip_model.safetensors", {"format": "pt"})
     write_json(folder / "open_clip_config.json", {"model_cfg": config, "preprocess_cfg": preprocess})
     return folder

@@ -116,14 +116,12 @@ def cached_features(args, model, dataset, split: str, preprocess, raw: bool = Fa
     """(image features, labels) of a split's first ``limit`` images (all: None), L2-normalised, or with ``raw`` as
     ``encode_image`` gives them (what an image tower's own zero-shot rule reads); kept in the feature cache."""
     from ..pretrained import cache_dir
-    from ..preprocess import OPENAI_MEAN, OPENAI_STD
+    from ..preprocess import Preprocess
     from .features import embed_labelled
 
     dtype = weights_dtype(model)  # features at another precision are other features (fp32's key is unchanged)
     # and so are features of images preprocessed otherwise (a tag's own mean/std or resize; OpenAI's keeps its key)
-    custom = getattr(preprocess, "resize_mode", "shortest") != "shortest" or \
-        getattr(preprocess, "interpolation", "bicubic") != "bicubic" or \
-        (getattr(preprocess, "mean", OPENAI_MEAN), getattr(preprocess, "std", OPENAI_STD)) != (OPENAI_MEAN, OPENAI_STD)
+    custom = preprocess.settings != Preprocess(preprocess.image_size).settings
     key = hashlib.sha256(f"{_model_key(args, model)}|{Path(args.dataset_root).resolve()}|{split}|"
                          f"{model.image_size}{'|raw' if raw else ''}{f'|first {limit}' if limit else ''}"
                          f"{'' if dtype == torch.float32 else f'|{dtype}'}{f'|{preprocess!r}' if custom else ''}"

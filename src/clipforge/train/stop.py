@@ -64,12 +64,9 @@ class StopRequest:
         """Whether to stop after ``step``: this process was signalled (one process), or any rank was (torchrun)."""
         if self.world == 1:
             return self.signal is not None
-        if self._group is not None:
-            flag = torch.tensor([self.signal is not None], dtype=torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-            return bool(flag.item())
-        if step % log_every:
+        if self._group is None and step % log_every:  # no gloo group: only where the ranks meet anyway
             return False
-        flag = torch.tensor([self.signal is not None], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        device = "cpu" if self._group is not None else self.device  # group None: the default one, on the device
+        flag = torch.tensor([self.signal is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
