@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
             source = str(pretrained)
     if quick_gelu is not None:
         config["quick_gelu"] = quick_gelu
+    _use_tokenizer_beside_weights(config, name_or_path, pretrained)
     if state is not None and "logit_bias" in state and config.get("init_logit_bias") is None:
         config["init_logit_bias"] = 0.0
     model = create_model(config)
@@ -117,6 +119,17 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
     if state is not None:
         load_into(model, state, source=source)
     return model.eval()
+
+
+def _use_tokenizer_beside_weights(config: dict, *paths) -> None:
+    """A model with its own tokenizer files (SigLIP's) uses those in the folder its weights came from."""
+    from .hub_tokenizer import has_tokenizer_files
+
+    if "hf_tokenizer_name" not in config.get("text_cfg", {}):
+        return
+    folder = next((p for p in paths if p and has_tokenizer_files(p)), None)
+    if folder is not None:
+        config["text_cfg"]["hf_tokenizer_name"] = str(Path(folder).resolve())
 
 
 def load(name_or_path: str, pretrained: str | None = None, device: str = "cpu", quick_gelu: bool | None = None,

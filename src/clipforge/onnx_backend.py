@@ -116,6 +116,9 @@ class OnnxCLIP(nn.Module):
         # parameters() is how callers find the device: these two make it CPU, as the sessions are
         self.logit_scale = nn.Parameter(torch.tensor(manifest["logit_scale"]), requires_grad=False)
         bias = manifest.get("logit_bias")
+        from .models.clip import LOGIT_SCALE_MAX
+
+        self.logit_scale_max = self.config.get("logit_scale_max", LOGIT_SCALE_MAX)  # None: SigLIP's, unclamped
         self.logit_bias = None if bias is None else nn.Parameter(torch.tensor(bias), requires_grad=False)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
@@ -155,11 +158,12 @@ class OnnxCLIP(nn.Module):
         return torch.nn.functional.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None):
-        from .models.clip import LOGIT_SCALE_MAX, CLIPOutput
+        from .models.clip import CLIPOutput
+        from .zeroshot import temperature
 
         return CLIPOutput(None if images is None else self.encode_image(images, normalize=True),
                           None if tokens is None else self.encode_text(tokens, normalize=True),
-                          self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX), self.logit_bias)
+                          torch.tensor(temperature(self)), self.logit_bias)
 
 
 def load_onnx(folder: str | os.PathLike, int8: bool = False, threads: int | None = None):

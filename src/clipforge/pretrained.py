@@ -218,15 +218,19 @@ def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
         hf_config = json.loads(download(f"{base}/config.json", progress=False).read_text())
     except NotFoundError:
         raise DownloadError(f"hf-hub:{repo}: neither open_clip_config.json nor config.json found at {base}") from None
-    if hf_config.get("model_type") != "clip":
-        raise CheckpointError(f"hf-hub:{repo}: config.json is a {hf_config.get('model_type')!r} model, not 'clip'")
+    if hf_config.get("model_type") not in ("clip", "siglip"):
+        raise CheckpointError(f"hf-hub:{repo}: config.json is a {hf_config.get('model_type')!r} model, not 'clip' or "
+                              "'siglip'")
     try:  # its CLIPProcessor's image settings, where the repo has them
         processor = json.loads(download(f"{base}/preprocessor_config.json", progress=False).read_text())
     except NotFoundError:
         processor = {}
     weights = fetch(PretrainedSource(f"{base}/model.safetensors", fallback_url=f"{base}/pytorch_model.bin"),
                     progress=progress)
-    return HubCheckpoint(weights, hf_config_to_clipforge(hf_config), hf.processor_preprocess(processor))
+    config = hf_config_to_clipforge(hf_config)
+    if hf.is_siglip(config):  # its tokenizer files are in the same repo
+        config["text_cfg"]["hf_tokenizer_name"] = repo
+    return HubCheckpoint(weights, config, hf.processor_preprocess(processor))
 
 
 def _hub_preprocess(cfg: dict, repo: str) -> dict:
@@ -251,6 +255,10 @@ def _open_clip_config(model_cfg: dict, repo: str) -> dict:
 
     if not model_cfg:
         raise CheckpointError(f"hf-hub:{repo}: open_clip_config.json has no model_cfg")
+    from .checkpoint import timm_siglip
+
+    if timm_siglip.is_open_clip_siglip(model_cfg):  # a timm image tower: SigLIP's are built here, others refused
+        return timm_siglip.config_from_open_clip(model_cfg)
     unsupported = keys_outside_open_clip(model_cfg)
     if unsupported:
         raise CheckpointError(f"hf-hub:{repo}: this architecture uses {', '.join(unsupported)}, which clipforge does "

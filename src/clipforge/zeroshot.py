@@ -36,10 +36,19 @@ def zero_shot_classifier(model, tokenizer, classnames, templates=DEFAULT_TEMPLAT
 
 
 def temperature(model) -> float:
-    """The model's logit scale as its forward pass applies it: learned, exponentiated, clamped."""
-    return float(model.logit_scale.detach().exp().clamp(max=LOGIT_SCALE_MAX))
+    """The model's logit scale as its forward pass applies it: learned, exponentiated, clamped (where the model
+    clamps it: SigLIP's does not)."""
+    scale = float(model.logit_scale.detach().exp())
+    ceiling = getattr(model, "logit_scale_max", LOGIT_SCALE_MAX)
+    return scale if ceiling is None else min(scale, ceiling)
 
 
 def class_probabilities(model, image_features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Softmax over classes of the scaled cosine similarities; ``image_features`` L2-normalised ``[N, D]``."""
-    return (temperature(model) * image_features.float() @ weights.float()).softmax(dim=-1)
+    """Per image, each class's probability from the scaled cosine similarities (``image_features`` L2-normalised
+    ``[N, D]``): a softmax over classes for CLIP; for a model with a logit bias (SigLIP, trained with a sigmoid per
+    pair), each class's own sigmoid, as Hugging Face's zero-shot pipeline gives them (they need not sum to 1)."""
+    logits = temperature(model) * image_features.float() @ weights.float()
+    bias = getattr(model, "logit_bias", None)
+    if bias is None:
+        return logits.softmax(dim=-1)
+    return (logits + float(bias.detach())).sigmoid()

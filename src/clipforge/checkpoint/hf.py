@@ -1,4 +1,5 @@
-"""Hugging Face ``CLIPModel``: its key layout and config, to and from clipforge's.
+"""Hugging Face ``CLIPModel`` and ``SiglipModel`` (SigLIP, and SigLIP 2 at a fixed resolution): their key layout
+and config, to and from clipforge's.
 
 Each table maps Hugging Face names to clipforge's once; the reverse direction uses the same tables inverted.
 Hugging Face splits attention into q/k/v projections where clipforge (like OpenAI) keeps one fused ``in_proj``.
@@ -28,6 +29,20 @@ _TOP = {
     "vision_model.post_layernorm.bias": "visual.ln_post.bias",
     "logit_scale": "logit_scale",
 }
+# SigLIP's: a patch bias, the attention-pooling head, a text projection with a bias (a Linear: not transposed)
+_SIGLIP_TOP = {
+    "vision_model.embeddings.patch_embedding.bias": "visual.conv1.bias",
+    "vision_model.head.probe": "visual.head.probe",
+    "text_model.head.weight": "text.text_projection.weight",
+    "text_model.head.bias": "text.text_projection.bias",
+    "logit_bias": "logit_bias",
+    **{f"vision_model.head.{hf}.{kind}": f"visual.head.{ours}.{kind}" for kind in ("weight", "bias")
+       for hf, ours in (("attention.out_proj", "attn.out_proj"), ("layernorm", "ln"), ("mlp.fc1", "mlp.c_fc"),
+                        ("mlp.fc2", "mlp.c_proj"))},
+    **{f"vision_model.head.attention.in_proj_{kind}": f"visual.head.attn.in_proj_{kind}" for kind in ("weight", "bias")},
+}
+_TOP.update(_SIGLIP_TOP)
+_SCALARS = ("logit_scale", "logit_bias")  # shape [] in CLIPModel and clipforge, [1] in SiglipModel
 _TRANSPOSED = {"visual_projection.weight": "visual.proj", "text_projection.weight": "text.text_projection"}
 _TOWERS = {"text_model.encoder.layers.": "text.transformer.resblocks.",
            "vision_model.encoder.layers.": "visual.transformer.resblocks."}
@@ -62,19 +77,27 @@ def matches(state: dict) -> bool:
 
 
 def is_clip_config(folder_config: dict) -> bool:
-    """Whether a folder's ``config.json`` is a transformers ``CLIPModel``'s."""
-    return folder_config.get("model_type") == "clip" or "CLIPModel" in folder_config.get("architectures", [])
+    """Whether a folder's ``config.json`` is a transformers ``CLIPModel``'s or ``SiglipModel``'s."""
+    return folder_config.get("model_type") in ("clip", "siglip") or \
+        bool({"CLIPModel", "SiglipModel"} & set(folder_config.get("architectures", [])))
+
+
+def is_siglip(state_or_config: dict) -> bool:
+    """A SigLIP model: a clipforge state dict with attention pooling, or a clipforge or HF config of one."""
+    return "visual.head.probe" in state_or_config or state_or_config.get("model_type") == "siglip" or \
+        state_or_config.get("vision_cfg", {}).get("pool") == "map"
 
 
 def processor_preprocess(processor: dict) -> dict:
     """``Preprocess`` arguments from a ``CLIPImageProcessor`` config (``preprocessor_config.json``): its mean and std,
     bilinear for PIL's resample code 2, and "squash" for a resize to height x width without a center crop (as
-    ``save_processor`` writes them)."""
+    ``save_image_processor`` writes them; SigLIP's ``SiglipImageProcessor`` always squashes)."""
     out = {k: tuple(processor[h]) for k, h in (("mean", "image_mean"), ("std", "image_std")) if processor.get(h)}
     if processor.get("resample") == 2:
         out["interpolation"] = "bilinear"
     size = processor.get("size")
-    if isinstance(size, dict) and "height" in size and "width" in size and not processor.get("do_center_crop", True):
+    crops = processor.get("do_center_crop", processor.get("image_processor_type") != "SiglipImageProcessor")
+    if isinstance(size, dict) and "height" in size and "width" in size and not crops:
         out["resize_mode"] = "squash"
     return out
 
@@ -86,7 +109,7 @@ def to_clipforge(state: dict) -> dict:
         if key.endswith("position_ids"):
             continue
         if key in _TOP:
-            out[_TOP[key]] = value
+            out[_TOP[key]] = value.reshape(()) if key in _SCALARS else value
             continue
         if key in _TRANSPOSED:
             out[_TRANSPOSED[key]] = value.T.contiguous()
@@ -106,18 +129,21 @@ def to_clipforge(state: dict) -> dict:
 
 
 def from_clipforge(state: dict) -> dict:
-    if "visual.proj" not in state:
+    """A ``CLIPModel`` state dict, or a ``SiglipModel``'s for a SigLIP model."""
+    siglip = is_siglip(state)
+    if "visual.proj" not in state and not siglip:
         raise CheckpointError("Hugging Face CLIPModel has no ResNet image tower; only ViT models export to HF")
+    if "logit_bias" in state and not siglip:
+        raise CheckpointError("Hugging Face CLIPModel has no logit_bias (a CLIP trained with the sigmoid loss has no "
+                              "transformers class; keep it as clipforge or safetensors)")
     out = {}
     for key, value in state.items():
         if key in _TOP_INV:
-            out[_TOP_INV[key]] = value
+            out[_TOP_INV[key]] = value.reshape(1) if siglip and key in _SCALARS else value
             continue
         if key in _TRANSPOSED_INV:
             out[_TRANSPOSED_INV[key]] = value.T.contiguous()
             continue
-        if key == "logit_bias":
-            raise CheckpointError("Hugging Face CLIPModel has no logit_bias (SigLIP models do not export to CLIPModel)")
         split = _split_block_key(key, _TOWERS_INV)
         if split is None:
             raise CheckpointError(f"{key!r} has no place in a Hugging Face CLIPModel")
@@ -131,7 +157,47 @@ def from_clipforge(state: dict) -> dict:
     return out
 
 
+# transformers' defaults for what a SiglipConfig file may leave out (its published configs are sparse)
+_SIGLIP_TOWER_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+_SIGLIP_TEXT_DEFAULTS = {**_SIGLIP_TOWER_DEFAULTS, "vocab_size": 32000, "max_position_embeddings": 64}
+_SIGLIP_VISION_DEFAULTS = {**_SIGLIP_TOWER_DEFAULTS, "image_size": 224, "patch_size": 16, "vision_use_head": True}
+_HF_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
+
+
+def _siglip_config_to_clipforge(hf: dict) -> dict:
+    text = {**_SIGLIP_TEXT_DEFAULTS, **{k: v for k, v in hf.get("text_config", {}).items() if v is not None}}
+    vision = {**_SIGLIP_VISION_DEFAULTS, **{k: v for k, v in hf.get("vision_config", {}).items() if v is not None}}
+    for tower in (text, vision):
+        if tower["hidden_act"] not in _HF_ACTIVATIONS:
+            raise CheckpointError(f"unsupported Hugging Face activation {tower['hidden_act']!r}")
+    if not vision["vision_use_head"]:
+        raise CheckpointError("a SiglipModel without its attention-pooling head (vision_use_head: false) is not built "
+                              "here")
+    width = vision["hidden_size"]
+    projection = text.get("projection_size") or text["hidden_size"]
+    if projection != width:
+        raise CheckpointError(f"SigLIP text projection {projection} differs from the image width {width}")
+
+    def tower(cfg: dict) -> dict:
+        return {"width": cfg["hidden_size"], "layers": cfg["num_hidden_layers"],
+                "mlp_ratio": mlp_ratio(cfg["intermediate_size"], cfg["hidden_size"]),
+                "act": _HF_ACTIVATIONS[cfg["hidden_act"]], "norm_eps": cfg["layer_norm_eps"]}
+
+    return {
+        "embed_dim": width, "init_logit_bias": -10.0, "logit_scale_max": None,
+        "vision_cfg": {"image_size": vision["image_size"], "patch_size": vision["patch_size"], **tower(vision),
+                       "head_width": width // vision["num_attention_heads"], "pool": "map"},
+        "text_cfg": {"context_length": text["max_position_embeddings"], "vocab_size": text["vocab_size"],
+                     **tower(text), "heads": text["num_attention_heads"], "causal": False, "pool": "last",
+                     "proj": "linear", "hf_tokenizer_name": None,  # the folder or repo it came from, once known
+                     "tokenizer_kwargs": {"clean": "canonicalize"}},
+    }
+
+
 def config_to_clipforge(hf: dict) -> dict:
+    if hf.get("model_type") == "siglip" or "SiglipModel" in hf.get("architectures", []):
+        return _siglip_config_to_clipforge(hf)
     text, vision = hf["text_config"], hf["vision_config"]
     for tower in (text, vision):
         if tower.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
@@ -153,9 +219,37 @@ def config_to_clipforge(hf: dict) -> dict:
     }
 
 
+def _siglip_config_from_clipforge(config: dict) -> dict:
+    vision, text = config["vision_cfg"], config["text_cfg"]
+    if text.get("causal", True) or text.get("pool") != "last" or text.get("proj") != "linear":
+        raise CheckpointError("Hugging Face SiglipModel's text tower is bidirectional, pooled at the last token and "
+                              "projected with a bias; this model's is not (keep it as a clipforge folder)")
+    names = {ours: theirs for theirs, ours in _HF_ACTIVATIONS.items() if theirs != "gelu_new"}
+
+    def tower(cfg: dict, kind: str) -> dict:
+        act = cfg.get("act") or ("quick_gelu" if cfg.get("quick_gelu", config.get("quick_gelu")) else "gelu")
+        return {"hidden_size": cfg["width"], "intermediate_size": int(cfg["width"] * cfg.get("mlp_ratio", 4.0)),
+                "num_hidden_layers": cfg["layers"], "hidden_act": names[act],
+                "layer_norm_eps": cfg.get("norm_eps", 1e-6 if kind == "vision" else 1e-5),
+                "model_type": f"siglip_{kind}_model"}
+
+    return {
+        "architectures": ["SiglipModel"], "model_type": "siglip",
+        "text_config": {**tower(text, "text"), "num_attention_heads": text.get("heads", text["width"] // 64),
+                        "max_position_embeddings": text["context_length"], "vocab_size": text["vocab_size"],
+                        "projection_size": config["embed_dim"]},
+        "vision_config": {**tower(vision, "vision"), "num_attention_heads": vision["width"] // vision.get("head_width", 64),
+                          "image_size": vision["image_size"], "patch_size": vision["patch_size"], "num_channels": 3,
+                          "vision_use_head": True},
+    }
+
+
 def config_from_clipforge(config: dict, logit_scale: float) -> dict:
+    """A ``CLIPModel`` config.json, or a ``SiglipModel``'s for a SigLIP model."""
     from ..models import is_resnet
 
+    if is_siglip(config):
+        return _siglip_config_from_clipforge(config)
     vision, text = config["vision_cfg"], config["text_cfg"]
     if is_resnet(config):
         raise CheckpointError("Hugging Face CLIPModel has no ResNet image tower; only ViT models export to HF")
@@ -187,8 +281,9 @@ def config_from_clipforge(config: dict, logit_scale: float) -> dict:
 
 
 def save(model, folder: str | Path) -> Path:
-    """A ``CLIPModel`` folder that transformers loads (``model.safetensors`` + ``config.json``), with the files its
-    ``CLIPProcessor`` reads, so that text and images go in as clipforge's own tokenizer and preprocess send them."""
+    """A ``CLIPModel`` (or ``SiglipModel``) folder that transformers loads (``model.safetensors`` + ``config.json``),
+    with the files its processor reads, so that text and images go in as clipforge's own tokenizer and preprocess
+    send them."""
     from ..files import write_json
     from .io import save_safetensors
 
@@ -196,21 +291,23 @@ def save(model, folder: str | Path) -> Path:
     config = config_from_clipforge(model.config, float(model.logit_scale.detach()))
     save_safetensors(from_clipforge(model.state_dict()), folder / "model.safetensors", {"format": "pt"})
     write_json(folder / "config.json", config)
-    save_processor(model, folder)
+    save_image_processor(model, folder)
+    if is_siglip(model.config):
+        save_siglip_tokenizer(model, folder)
+    else:
+        save_clip_tokenizer(model, folder)
     return folder
 
 
 HF_SOT, HF_EOT = "<|startoftext|>", "<|endoftext|>"  # transformers' names for OpenAI's two special tokens
 
 
-def save_processor(model, folder: str | Path) -> None:
-    """``preprocessor_config.json`` (the evaluation transform: bicubic short-side resize, centre crop, the model's
-    mean and std) and OpenAI's BPE as a ``CLIPTokenizer`` (``vocab.json``, ``merges.txt``). Its ids are clipforge's
-    but for padding: transformers pads with ``<|endoftext|>`` (as OpenAI's own transformers export does; padding
-    with id 0, "!", would make "!" a special token and split "!!"), and the features are the same either way."""
-    from ..files import atomic_path, write_json
+def save_image_processor(model, folder: str | Path) -> None:
+    """``preprocessor_config.json``: the evaluation transform (bicubic short-side resize and centre crop, or a squash;
+    the model's mean and std) as a ``CLIPImageProcessor``, which expresses both (SigLIP's own processor squashes
+    only)."""
+    from ..files import write_json
     from ..preprocess import Preprocess
-    from ..tokenizer import EOT_TOKEN, SOT_TOKEN, vocab_and_merges
 
     folder = Path(folder)
     size = model.image_size
@@ -224,6 +321,31 @@ def save_processor(model, folder: str | Path) -> None:
         "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
         "image_mean": list(settings["mean"]), "image_std": list(settings["std"]),
     })
+
+
+def save_siglip_tokenizer(model, folder: str | Path) -> None:
+    """The model's tokenizer files, with ``model_input_names: ["input_ids"]`` in ``tokenizer_config.json``: SigLIP was
+    trained without a padding mask (as open_clip and clipforge run it), and transformers' SiglipModel masks padding
+    whenever its tokenizer hands it an ``attention_mask``, which its zero-shot pipeline always passes on."""
+    from ..files import read_json, write_json
+    from ..hub_tokenizer import copy_tokenizer_files
+
+    folder = Path(folder)
+    copy_tokenizer_files(model.config, folder, fetch=True)
+    config_file = folder / "tokenizer_config.json"
+    settings = read_json(config_file) if config_file.is_file() else {}
+    write_json(config_file, {**settings, "model_input_names": ["input_ids"],
+                             "model_max_length": model.config["text_cfg"]["context_length"]})
+
+
+def save_clip_tokenizer(model, folder: str | Path) -> None:
+    """OpenAI's BPE as a ``CLIPTokenizer`` (``vocab.json``, ``merges.txt``). Its ids are clipforge's but for padding:
+    transformers pads with ``<|endoftext|>`` (as OpenAI's own transformers export does; padding with id 0, "!", would
+    make "!" a special token and split "!!"), and the features are the same either way."""
+    from ..files import atomic_path, write_json
+    from ..tokenizer import EOT_TOKEN, SOT_TOKEN, vocab_and_merges
+
+    folder = Path(folder)
     vocab, merges = vocab_and_merges()
     renamed = {SOT_TOKEN: HF_SOT, EOT_TOKEN: HF_EOT}
     write_json(folder / "vocab.json", {renamed.get(token, token): i for token, i in vocab.items()})

@@ -33,6 +33,8 @@ def infer_config(state: dict) -> dict:
             "layers": _count(state, "text.transformer.resblocks."),
             "mlp_ratio": mlp_ratio(state["text.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], text_width),
         }
+        if "visual.head.probe" in state:
+            return _infer_siglip(state, text_cfg)
         embed_dim = state["text.text_projection"].shape[1]
         if "visual.proj" in state:
             width = state["visual.conv1.weight"].shape[0]
@@ -54,6 +56,25 @@ def infer_config(state: dict) -> dict:
     _adopt_zoo_heads(config)
     if "logit_bias" in state:
         config["init_logit_bias"] = float(state["logit_bias"])
+    return config
+
+
+def _infer_siglip(state: dict, text_cfg: dict) -> dict:
+    """A SigLIP model's architecture; the MLP activation (exact or tanh GELU) is not in the weights: exact is assumed,
+    name the architecture (``clipforge.load(NAME, pretrained=PATH)``) for a model that uses the other."""
+    width = state["visual.conv1.weight"].shape[0]
+    patch = state["visual.conv1.weight"].shape[-1]
+    projection = state.get("text.text_projection.weight")
+    text_cfg.update(causal=False, pool="last", proj="none" if projection is None else "linear", norm_eps=1e-6)
+    config = {
+        "embed_dim": width, "init_logit_bias": float(state.get("logit_bias", -10.0)), "logit_scale_max": None,
+        "vision_cfg": {"image_size": patch * round(math.sqrt(state["visual.positional_embedding"].shape[0])),
+                       "patch_size": patch, "width": width, "layers": _count(state, "visual.transformer.resblocks."),
+                       "mlp_ratio": mlp_ratio(state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], width),
+                       "pool": "map", "norm_eps": 1e-6},
+        "text_cfg": text_cfg,
+    }
+    _adopt_zoo_heads(config)
     return config
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_path, write_json
-from . import hf, openai
+from . import hf, openai, timm_siglip
 from .errors import CheckpointError
 from .infer import infer_config
 
@@ -26,7 +26,7 @@ WEIGHTS_NAME = "model.safetensors"
 _FOLDER_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 # Foreign key layouts, each a module with ``matches(state)`` and ``to_clipforge(state)``; a new format is one more
 # module in this tuple. clipforge's own layout (``text.*``) needs no conversion.
-FORMATS = (hf, openai)
+FORMATS = (timm_siglip, hf, openai)
 
 
 # ----------------------------------------------------------------------------------------------------------- writing
@@ -49,6 +49,9 @@ def save_pretrained(model, folder: str | os.PathLike, config: dict | None = None
     preprocess = getattr(model, "normalisation", None)  # the weights' own preprocessing (a DFN tag's squash, say)
     write_json(folder / CONFIG_NAME, {"format": "clipforge", "model_cfg": config,
                                       **({"preprocess_cfg": preprocess} if preprocess else {})})
+    from ..hub_tokenizer import copy_tokenizer_files
+
+    copy_tokenizer_files(config, folder)  # SigLIP's tokenizer files travel with the weights
     return folder
 
 
@@ -121,8 +124,9 @@ def is_sharded_checkpoint(folder: str | os.PathLike) -> bool:
 def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Read any supported checkpoint into ``(state_dict in clipforge layout, config or None)``.
 
-    Accepts OpenAI ``.pt`` (TorchScript or state dict), open_clip state dicts and training checkpoints, Hugging Face
-    ``CLIPModel`` folders (safetensors or bin), clipforge folders and single safetensors files.
+    Accepts OpenAI ``.pt`` (TorchScript or state dict), open_clip state dicts and training checkpoints (SigLIP's timm
+    towers included), Hugging Face ``CLIPModel`` and ``SiglipModel`` folders (safetensors or bin), clipforge folders
+    and single safetensors files.
     """
     path = Path(path)
     if not path.exists():
@@ -145,6 +149,8 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tupl
             open_clip_config = path / OPEN_CLIP_CONFIG_NAME  # an open_clip model folder (local-dir:, a hub repo)
             if not folder_config and open_clip_config.exists():
                 folder_config = json.loads(open_clip_config.read_text())
+                if timm_siglip.is_open_clip_siglip(folder_config.get("model_cfg", {})):
+                    folder_config["model_cfg"] = timm_siglip.config_from_open_clip(folder_config["model_cfg"])
             config = folder_config.get("model_cfg", config)
         else:
             tensors, config = _read_file(path, trust_pickle)

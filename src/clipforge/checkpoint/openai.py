@@ -69,18 +69,27 @@ def save_open_clip(model, folder: str | Path) -> Path:
     """An open_clip model folder: ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg``) and
     ``open_clip_model.safetensors``, what ``open_clip.create_model_and_transforms("local-dir:FOLDER")`` reads, and,
     uploaded, ``hf-hub:OWNER/NAME`` (for open_clip and clipforge alike)."""
+    from . import hf, timm_siglip
     from .errors import CheckpointError
     from .io import save_safetensors
     from ..files import write_json
+    from ..hub_tokenizer import copy_tokenizer_files
     from ..preprocess import Preprocess
 
-    config = model.config
-    unsupported = keys_outside_open_clip(config)
-    if unsupported:
-        raise CheckpointError(f"this model's config uses {', '.join(unsupported)}, which open_clip's CLIP does not "
-                              "take; keep it as a clipforge folder (--to clipforge)")
     folder = Path(folder)
+    config, state = model.config, model.state_dict()
+    if hf.is_siglip(config):  # open_clip builds SigLIP's image tower from timm (checked by config_to_open_clip);
+        # its text tower stays under text. (open_clip's "custom_text" layout)
+        config, state = timm_siglip.config_to_open_clip(config), timm_siglip.from_clipforge(state)
+    else:
+        state = from_clipforge(state)
+        unsupported = keys_outside_open_clip(config)
+        if unsupported:
+            raise CheckpointError(f"this model's config uses {', '.join(unsupported)}, which open_clip's CLIP does "
+                                  "not take; keep it as a clipforge folder (--to clipforge)")
     preprocess = Preprocess(model.image_size, **(getattr(model, "normalisation", None) or {})).settings
-    save_safetensors(from_clipforge(model.state_dict()), folder / "open_clip_model.safetensors", {"format": "pt"})
+    save_safetensors(state, folder / "open_clip_model.safetensors", {"format": "pt"})
     write_json(folder / "open_clip_config.json", {"model_cfg": config, "preprocess_cfg": preprocess})
+    # SigLIP's tokenizer: open_clip's local-dir: reads it from the folder
+    copy_tokenizer_files(model.config, folder, fetch=hf.is_siglip(model.config))
     return folder

@@ -84,7 +84,8 @@ def create_model(name_or_config: str | dict, **overrides) -> CLIP:
     else:
         config = get_model_config(name_or_config)
     config = merge_config(config, overrides)
-    known = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias"}
+    known = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
+             "logit_scale_max"}
     unknown = set(config) - known
     if unknown:
         raise ValueError(f"unknown model config keys {sorted(unknown)}; expected some of {sorted(known)}")

@@ -10,6 +10,7 @@ from torch import nn
 
 from .layers import Transformer
 from .modified_resnet import ModifiedResNet
+from .siglip_vision import SigLIPVisionTransformer
 from .text_transformer import TextTransformer
 from .vision_transformer import VisionTransformer
 
@@ -72,8 +73,21 @@ def is_resnet(config: dict) -> bool:
     return isinstance(config.get("vision_cfg", config).get("layers"), (list, tuple))
 
 
+def _activation(cfg: dict, quick_gelu: bool) -> str:
+    """A tower's MLP activation: its own ``act``, else QuickGELU or GELU as the tower's or model's flag says."""
+    return cfg.get("act") or ("quick_gelu" if cfg.get("quick_gelu", quick_gelu) else "gelu")
+
+
 def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
     quick_gelu = cfg.get("quick_gelu", quick_gelu)
+    if cfg.get("pool") == "map":  # SigLIP's tower: attention pooling, no class token, no projection
+        if cfg["width"] != embed_dim:
+            raise ValueError(f"a SigLIP image tower's width is its embedding: width {cfg['width']} != embed_dim "
+                             f"{embed_dim}")
+        return SigLIPVisionTransformer(
+            image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["width"], layers=cfg["layers"],
+            heads=cfg["width"] // cfg.get("head_width", 64), mlp_ratio=cfg.get("mlp_ratio", 4.0),
+            act=_activation(cfg, quick_gelu), eps=cfg.get("norm_eps", 1e-6))
     if is_resnet(cfg):
         width = cfg.get("width", 64)
         return ModifiedResNet(
@@ -110,7 +124,11 @@ def build_text_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
         heads=cfg.get("heads", cfg["width"] // 64),
         output_dim=embed_dim,
         mlp_ratio=cfg.get("mlp_ratio", 4.0),
-        quick_gelu=cfg.get("quick_gelu", quick_gelu),
+        act=_activation(cfg, quick_gelu),
+        causal=cfg.get("causal", True),
+        pool=cfg.get("pool", "eot"),
+        proj=cfg.get("proj", "matrix"),
+        eps=cfg.get("norm_eps", 1e-5),
     )
 
 
@@ -123,8 +141,12 @@ class CLIP(nn.Module):
         quick_gelu: bool = False,
         init_logit_scale: float = math.log(1 / 0.07),
         init_logit_bias: float | None = None,
+        logit_scale_max: float | None = LOGIT_SCALE_MAX,
     ):
+        """``logit_scale_max``: the temperature's ceiling in ``forward`` (CLIP's 100); None for none (SigLIP's
+        released weights learned more than 100)."""
         super().__init__()
+        self.logit_scale_max = logit_scale_max
         self.embed_dim = embed_dim
         self.visual = build_vision_tower(vision_cfg, embed_dim, quick_gelu)
         self.text = build_text_tower(text_cfg, embed_dim, quick_gelu)
@@ -153,8 +175,10 @@ class CLIP(nn.Module):
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> CLIPOutput:
         image_features = self.encode_image(images, normalize=True) if images is not None else None
         text_features = self.encode_text(tokens, normalize=True) if tokens is not None else None
-        return CLIPOutput(image_features, text_features, self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX),
-                          self.logit_bias)
+        scale = self.logit_scale.exp()
+        if self.logit_scale_max is not None:
+            scale = scale.clamp(max=self.logit_scale_max)
+        return CLIPOutput(image_features, text_features, scale, self.logit_bias)
 
     def _block_stacks(self):
         """The towers' own transformer stacks (not a ResNet's, nor a Hugging Face text encoder's)."""

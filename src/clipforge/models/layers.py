@@ -58,6 +58,19 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+def make_activation(act: str) -> nn.Module:
+    """The MLP activation by name: exact GELU (open_clip's default), its tanh approximation (SigLIP 2, Hugging Face's
+    ``gelu_pytorch_tanh``) or OpenAI's QuickGELU."""
+    if act == "quick_gelu":
+        return QuickGELU()
+    if act in ("gelu", "gelu_tanh"):
+        return nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
+    raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)}")
+
+
 def _activate_in_place(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``activation(x)`` written over ``x``, with the same values.
 
@@ -139,19 +152,25 @@ class Attention(nn.Module):
         return self.out_proj(out.reshape(batch, width))
 
 
+def mlp(width: int, hidden: int, act: str) -> nn.Sequential:
+    """A transformer's MLP under OpenAI's names (``c_fc``, ``gelu``, ``c_proj``)."""
+    layers = nn.Sequential()
+    layers.add_module("c_fc", nn.Linear(width, hidden))
+    layers.add_module("gelu", make_activation(act))
+    layers.add_module("c_proj", nn.Linear(hidden, width))
+    return layers
+
+
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = False,
+                 act: str | None = None, eps: float = 1e-5):
         super().__init__()
-        hidden = int(width * mlp_ratio)
-        self.ln_1 = LayerNorm(width)
+        self.ln_1 = LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
-        self.ln_2 = LayerNorm(width)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
-        self.mlp.add_module("gelu", QuickGELU() if quick_gelu else nn.GELU())
-        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
+        self.ln_2 = LayerNorm(width, eps=eps)
+        self.mlp = mlp(width, int(width * mlp_ratio), act or ("quick_gelu" if quick_gelu else "gelu"))
 
     def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None,
                 lean: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,14 +236,17 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of residual attention blocks, batch-first, with optional gradient checkpointing."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = False,
+                 act: str | None = None, eps: float = 1e-5):
+        """``act`` names the MLP activation (``make_activation``), else ``quick_gelu`` chooses; ``eps``: the
+        LayerNorms' (SigLIP's are 1e-6)."""
         super().__init__()
         self.width = width
         self.layers = layers
         self.grad_checkpointing = False
         self.lean = True  # recompute cheap activations in backward (see ResidualAttentionBlock.forward)
         self.resblocks = nn.ModuleList(
-            [ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu) for _ in range(layers)]
+            [ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu, act, eps) for _ in range(layers)]
         )
 
     def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None,

@@ -1,4 +1,8 @@
-"""CLIP's text tower: token + position embeddings, causal transformer, ``ln_final``, features at the EOT token."""
+"""CLIP's text tower: token + position embeddings, causal transformer, ``ln_final``, features at the EOT token.
+
+SigLIP's is the same tower with three settings changed: no causal mask, features at the last position (``pool="last"``,
+padding included), and a projection with a bias (``proj="linear"``; ``"none"`` where the width is the embedding).
+"""
 from __future__ import annotations
 
 import torch
@@ -19,19 +23,39 @@ class TextTransformer(nn.Module):
         output_dim: int,
         mlp_ratio: float = 4.0,
         quick_gelu: bool = False,
+        causal: bool = True,
+        pool: str = "eot",
+        proj: str = "matrix",
+        act: str | None = None,
+        eps: float = 1e-5,
     ):
+        """``pool``: "eot" (CLIP: the end-of-text token, the row's largest id) or "last" (SigLIP: the last position);
+        ``proj``: "matrix" (CLIP's ``text_projection`` parameter, no bias), "linear" (with a bias) or "none"."""
         super().__init__()
+        if pool not in ("eot", "last"):
+            raise ValueError(f"text pool must be 'eot' or 'last', got {pool!r}")
+        if proj not in ("matrix", "linear", "none"):
+            raise ValueError(f"text proj must be 'matrix', 'linear' or 'none', got {proj!r}")
+        if proj == "none" and width != output_dim:
+            raise ValueError(f"a text tower without projection needs width == embed_dim ({width} != {output_dim})")
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.output_dim = output_dim
+        self.causal, self.pool = causal, pool
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.transformer = Transformer(width, layers, heads, mlp_ratio, quick_gelu)
-        self.ln_final = LayerNorm(width)
-        self.text_projection = nn.Parameter(torch.empty(width, output_dim))
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, quick_gelu, act, eps)
+        self.ln_final = LayerNorm(width, eps=eps)
+        if proj == "matrix":
+            self.text_projection = nn.Parameter(torch.empty(width, output_dim))
+            nn.init.normal_(self.text_projection, std=width ** -0.5)
+        elif proj == "linear":
+            self.text_projection = nn.Linear(width, output_dim)
+            nn.init.normal_(self.text_projection.weight, std=width ** -0.5)
+        else:
+            self.text_projection = None
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.text_projection, std=width ** -0.5)
         self.transformer.init_parameters()
         self.feature_cache = None  # a FeatureCache of this tower's output, once frozen (``cache_features``)
 
@@ -49,6 +73,8 @@ class TextTransformer(nn.Module):
         return self.feature_cache(tokens) if self.feature_cache is not None else self.features(tokens)
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.causal:  # every position sees the padding: nothing can be skipped
+            return self.features_padded(tokens)
         # The EOT token has the largest id in CLIP's vocabulary, so argmax finds it (as OpenAI CLIP does).
         eot = tokens.argmax(dim=-1)
         if tokens.is_cuda or torch.compiler.is_compiling():
@@ -77,11 +103,18 @@ class TextTransformer(nn.Module):
     def features_padded(self, tokens: torch.Tensor) -> torch.Tensor:
         """``features`` over the whole padded sequence: one computation for every batch shape, what GPUs and
         exported graphs (ONNX) run."""
-        return self._encode(self._embed(tokens), tokens.argmax(dim=-1))
+        return self._encode(self._embed(tokens), self._pool_index(tokens))
+
+    def _pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pool == "last":
+            return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+        return tokens.argmax(dim=-1)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
 
     def _encode(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        x = self.transformer(x, causal=True, pool_index=eot)  # [N, width]: only the EOT token is pooled
-        return self.ln_final(x) @ self.text_projection
+        x = self.ln_final(self.transformer(x, causal=self.causal, pool_index=eot))  # [N, width]: the pooled token's
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(x)
+        return x if self.text_projection is None else x @ self.text_projection

@@ -18,6 +18,19 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
             .reshape(n, (height // p) * (width // p), channels * p * p))
 
 
+def embed_patches(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
+    """A patch-sized, patch-strided ``conv`` over images, as tokens [N, grid*grid, width]. On GPU as one matrix
+    product over the flattened patches (the same sums): cuDNN's weight gradient for a patch-sized stride is several
+    times slower than the GEMM's. The image is cast to the product's dtype before patches are gathered, halving that
+    copy under bf16 autocast."""
+    if not images.is_cuda:
+        return conv(images).flatten(2).transpose(1, 2)
+    p = conv.kernel_size[0]
+    height, width = images.shape[-2] // p * p, images.shape[-1] // p * p  # the pixels the convolution covers
+    patches = patchify(images[..., :height, :width].to(autocast_dtype(images)), p)
+    return F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+
+
 class VisionTransformer(nn.Module):
     def __init__(
         self,
@@ -50,14 +63,7 @@ class VisionTransformer(nn.Module):
         self.transformer.init_parameters()
 
     def _embed_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """``conv1`` over non-overlapping patches, [N, grid*grid, width]. On GPU as one matrix product over the
-        flattened patches (the same sums): cuDNN's weight gradient for a patch-sized stride is several times slower
-        than the GEMM's. The image is cast to the product's dtype before patches are gathered, halving that copy
-        under bf16 autocast."""
-        if not images.is_cuda:
-            return self.conv1(images).flatten(2).transpose(1, 2)
-        patches = patchify(images.to(autocast_dtype(images)), self.patch_size)
-        return F.linear(patches, self.conv1.weight.reshape(self.conv1.out_channels, -1))
+        return embed_patches(self.conv1, images)
 
     def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
         """FLIP's patch dropout: keep a random subset of patch tokens (class token always kept) while training."""

@@ -1,0 +1,177 @@
+"""Tokenizers that ship as Hugging Face tokenizer files beside the weights: SigLIP's SentencePiece vocabularies
+(T5's English, mT5's multilingual, Gemma's for SigLIP 2), with open_clip's text cleaning, so that ids are those of
+open_clip's ``HFTokenizer``: clean each text, then the tokenizer with its own special tokens, truncated and padded to
+the context length.
+
+A ``tokenizer.json`` runs in the compiled ``tokenizers`` library directly; a folder with only a SentencePiece model
+(``spiece.model``, what Google's SigLIP repos hold) goes through ``transformers.AutoTokenizer`` (and needs
+``sentencepiece``), as open_clip does.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+import string
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CLEANERS = ("canonicalize", "lower", "whitespace")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
+                   "tokenizer.model")
+_NEEDS_FIX = re.compile(r"[^\t\n\r\x20-\x25\x27-\x7e]")  # not printable ASCII, or '&': ftfy and HTML may act
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def basic_clean(text: str) -> str:
+    """open_clip's ``basic_clean``: ftfy, HTML unescaping twice, stripped. Printable ASCII without '&' only loses
+    its outer whitespace (ftfy and unescaping are the identity there, but for line breaks, which every cleaner
+    folds afterwards)."""
+    if not _NEEDS_FIX.search(text):
+        return text.strip()
+    from .textfix import fix_text
+
+    return html.unescape(html.unescape(fix_text(text))).strip()
+
+
+def clean(text: str, mode: str = "canonicalize") -> str:
+    """open_clip's cleaners: "canonicalize" (big_vision's: underscores to spaces, ASCII punctuation removed, lower
+    case, whitespace folded), "lower" (whitespace folded, lower case) or "whitespace" (folded only)."""
+    text = basic_clean(text)
+    if mode == "canonicalize":
+        text = text.replace("_", " ").translate(_PUNCTUATION).lower()
+    elif mode == "lower":
+        text = text.lower()
+    elif mode != "whitespace":
+        raise ValueError(f"unknown text cleaner {mode!r}; expected one of {', '.join(CLEANERS)}")
+    return " ".join(text.split())
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json / special_tokens_map.json write it: a string or {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def has_tokenizer_files(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and any((folder / n).is_file() for n in ("tokenizer.json", "spiece.model", "tokenizer.model"))
+
+
+def tokenizer_folder(source: str | Path) -> Path:
+    """A local folder holding tokenizer files, or a Hugging Face Hub repo (``OWNER/NAME``) whose tokenizer files are
+    fetched into the cache once (``pretrained.download``: offline, a clear error unless cached)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        raise FileNotFoundError(f"tokenizer {source!r}: neither a folder nor a Hugging Face Hub repo (OWNER/NAME)")
+    from .pretrained import DownloadError, NotFoundError, cache_dir, download, hub_endpoint
+
+    folder = cache_dir() / "tokenizers" / str(source).replace("/", "--")
+    if (folder / ".complete").exists():  # fetched before: no request, online or not
+        return folder
+    base = f"{hub_endpoint()}/{source}/resolve/main"
+    for name in TOKENIZER_FILES:
+        if (folder / name).exists():
+            continue
+        try:
+            fetched = download(f"{base}/{name}", directory=folder / ".downloads", progress=False)
+        except NotFoundError:
+            continue
+        except DownloadError as exc:
+            raise DownloadError(f"this model's tokenizer comes from the Hugging Face Hub repo {source} and could not "
+                                f"be fetched ({exc}); offline, point text_cfg.hf_tokenizer_name at a folder holding its "
+                                "tokenizer files") from None
+        folder.mkdir(parents=True, exist_ok=True)
+        fetched.replace(folder / name)
+    if not any((folder / n).exists() for n in ("tokenizer.json", "spiece.model", "tokenizer.model")):
+        raise FileNotFoundError(f"hf-hub:{source} holds no tokenizer.json or SentencePiece model")
+    (folder / ".complete").touch()
+    return folder
+
+
+def copy_tokenizer_files(config: dict, folder: str | Path, fetch: bool = False) -> None:
+    """Copy a model's tokenizer files (``text_cfg.hf_tokenizer_name``) into ``folder``, so that a saved model carries
+    its own tokenizer. A hub repo's files are fetched first with ``fetch`` (exports for other libraries, which need
+    them); otherwise a repo name stays a name, fetched when used."""
+    import shutil
+
+    source = config.get("text_cfg", {}).get("hf_tokenizer_name")
+    if not source:
+        return
+    if not has_tokenizer_files(source):
+        if not fetch:
+            return
+        source = tokenizer_folder(source)
+    folder = Path(folder)
+    for name in TOKENIZER_FILES:
+        src, dst = Path(source) / name, folder / name
+        if src.is_file() and src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+
+
+class HubTokenizer:
+    """``tokenizer(texts) -> LongTensor [N, context_length]`` from a folder (or hub repo) of tokenizer files."""
+
+    def __init__(self, source: str | Path | None, context_length: int = 64, clean: str = "canonicalize"):
+        """Files are found (and fetched from the hub) on first use: a model whose text goes unused (image embedding)
+        needs none."""
+        if clean not in CLEANERS:
+            raise ValueError(f"unknown text cleaner {clean!r}; expected one of {', '.join(CLEANERS)}")
+        self.source = source
+        self.context_length = context_length
+        self.clean_mode = clean
+        self._fast = self._auto = self._folder = None
+
+    @property
+    def folder(self) -> Path:
+        if self._folder is None:
+            if not self.source:  # e.g. a transformers SiglipModel folder holding weights only
+                raise ValueError("this model's tokenizer files (tokenizer.json, or spiece.model) were not found beside "
+                                 "its weights; copy them into the model folder, or set text_cfg.hf_tokenizer_name to "
+                                 "a folder or hub repo that has them")
+            self._folder = tokenizer_folder(self.source)
+        return self._folder
+
+    def _load(self) -> None:
+        settings = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+            if (self.folder / name).is_file():
+                settings.update(json.loads((self.folder / name).read_text(encoding="utf-8")))
+        if (self.folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            fast = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+            pad = _token_text(settings.get("pad_token"))
+            self.pad_token_id = fast.token_to_id(pad) if pad is not None else None
+            if self.pad_token_id is None:
+                raise ValueError(f"{self.folder}: the tokenizer names no padding token (pad_token) in its vocabulary")
+            self._padding_side = settings.get("padding_side", "right")
+            self._fast = fast
+        else:
+            from transformers import AutoTokenizer
+
+            self._auto = AutoTokenizer.from_pretrained(str(self.folder))
+            self.pad_token_id = self._auto.pad_token_id
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.LongTensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("the tokenizer takes a string or a list of strings")
+        length = context_length or self.context_length
+        cleaned = [clean(t, self.clean_mode) for t in texts]
+        if not cleaned:
+            return torch.zeros(0, length, dtype=torch.long)
+        if self._fast is None and self._auto is None:
+            self._load()
+        if self._auto is not None:
+            return self._auto(cleaned, return_tensors="pt", max_length=length, padding="max_length",
+                              truncation=True).input_ids
+        self._fast.enable_truncation(max_length=length)
+        self._fast.enable_padding(length=length, pad_id=self.pad_token_id,
+                                  pad_token=self._fast.id_to_token(self.pad_token_id), direction=self._padding_side)
+        encodings = self._fast.encode_batch(cleaned)
+        return torch.from_numpy(np.array([e.ids for e in encodings], dtype=np.int64))

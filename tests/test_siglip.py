@@ -1,0 +1,253 @@
+"""SigLIP and SigLIP 2: clipforge's towers against transformers' SiglipModel and open_clip's timm-tower SigLIP on
+randomly initialised peers, their tokenizer files, and the sigmoid's zero-shot probabilities."""
+import json
+
+import pytest
+import torch
+
+import clipforge
+
+TOL = 2e-5
+# Captions and web text: punctuation (canonicalize removes it), underscores, case, accents, emoji, an HTML entity, a
+# control character, runs of whitespace, one longer than the context, and nothing at all.
+TEXTS = ["A photo of a dog.", "a cat_on a MAT!!", "Flickr8k: 6k/1k/1k photos", "café &amp; crème brûlée 😀",
+         "two  dogs\tplay?!\x07", "x " * 80, "", "   "]
+CORPUS = ["a photo of a dog", "a cat on a mat", "two dogs play in the park", "a man rides a bike down the street",
+          "children run on the beach", "a red square and a blue circle", "café crème brûlée"] * 20
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def make_tokenizer_folder(folder):
+    """A SentencePiece-style (Unigram, Metaspace) tokenizer.json with SigLIP's special tokens: "</s>" ends every
+    text and pads it, as in Google's SigLIP vocabularies, which cannot be downloaded here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(CORPUS, trainers.UnigramTrainer(vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                            unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="</s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return tok.get_vocab_size()
+
+
+@pytest.fixture(scope="module")
+def hf_siglip(tmp_path_factory):
+    """A transformers SiglipModel folder (small, random, logit scale above CLIP's clamp) with tokenizer and image
+    processor files, as google/siglip-* repos hold them."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("siglip") / "hf"
+    vocab = make_tokenizer_folder(folder)
+    torch.manual_seed(0)
+    tower = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config = transformers.SiglipConfig(text_config=dict(vocab_size=vocab, max_position_embeddings=64, **tower),
+                                       vision_config=dict(image_size=32, patch_size=8, **tower))
+    model = transformers.SiglipModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "logit" not in name:
+                p.add_(torch.randn_like(p) * 0.02)
+        model.logit_scale.fill_(4.8)  # exp: 121.5, above the 100 CLIP clamps at
+        model.logit_bias.fill_(-12.0)
+    model.save_pretrained(folder)
+    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder, model
+
+
+def test_a_transformers_siglip_folder_loads_with_identical_features_logits_and_tokens(hf_siglip):
+    folder, hf = hf_siglip
+    model, preprocess, tokenizer = clipforge.load(str(folder))
+    assert model.config["vision_cfg"]["act"] == "gelu_tanh" and model.config["text_cfg"]["pool"] == "last"
+    assert preprocess.settings["resize_mode"] == "squash" and preprocess.settings["mean"] == (0.5, 0.5, 0.5)
+    ids = tokenizer(TEXTS)
+    assert ids.shape == (len(TEXTS), 64) and (ids[:, -1] == 1).all()  # "</s>"-padded, the long one truncated
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = hf(input_ids=ids, pixel_values=images)
+        assert _max_diff(model.encode_image(images, normalize=True), out.image_embeds) <= TOL
+        assert _max_diff(model.encode_text(ids, normalize=True), out.text_embeds) <= TOL
+        ours = model(images, ids)
+        assert ours.logit_scale.item() == pytest.approx(121.51, abs=0.01)  # not clamped to 100
+        assert _max_diff(ours.logits_per_image, out.logits_per_image) <= 1e-4 * 121
+
+
+def test_siglip_tokens_are_open_clips(hf_siglip):
+    """open_clip's HFTokenizer (the canonicalize cleaner, then the tokenizer padded and truncated to 64) on the same
+    files: identical ids, noisy web text included."""
+    open_clip = pytest.importorskip("open_clip")
+    folder, _ = hf_siglip
+    tokenizer = clipforge.load(str(folder))[2]
+    theirs = open_clip.tokenizer.HFTokenizer(str(folder), context_length=64, clean="canonicalize")
+    assert torch.equal(tokenizer(TEXTS), theirs(TEXTS))
+    assert torch.equal(tokenizer(TEXTS, context_length=16), theirs(TEXTS, context_length=16))
+    assert tokenizer([]).shape == (0, 64)
+
+
+def test_siglip_converts_to_clipforge_and_back_and_transformers_pipeline_gives_clipforges_probabilities(
+        hf_siglip, tmp_path):
+    """HF -> clipforge -> HF: the same SiglipModel; the export's zero-shot pipeline gives clipforge's class
+    probabilities (sigmoids, as the pipeline computes them for SigLIP), and its pixels are clipforge's within one
+    8-bit level."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    from clipforge.convert import convert
+    from clipforge.zeroshot import class_probabilities
+
+    folder, hf = hf_siglip
+    convert(str(folder), str(tmp_path / "ours"), to="clipforge")
+    assert (tmp_path / "ours" / "tokenizer.json").is_file()  # the saved model carries its tokenizer
+    convert(str(tmp_path / "ours"), str(tmp_path / "back"), to="hf")
+    back = transformers.SiglipModel.from_pretrained(tmp_path / "back").eval()
+    model, preprocess, tokenizer = clipforge.load(str(tmp_path / "ours"))
+    images, ids = torch.randn(2, 3, 32, 32), tokenizer(TEXTS[:3])
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids, pixel_values=images).logits_per_image,
+                           back(input_ids=ids, pixel_values=images).logits_per_image)
+    classify = transformers.pipeline("zero-shot-image-classification", model=str(tmp_path / "back"))
+    image = Image.radial_gradient("L").convert("RGB").resize((120, 90))
+    labels = ["a red square", "a blue circle", "a dog"]
+    theirs = {row["label"]: row["score"] for row in classify(image, candidate_labels=labels, hypothesis_template="{}")}
+    pixels = classify.image_processor(images=image, return_tensors="pt").pixel_values
+    assert _max_diff(pixels[0], preprocess(image)) < 1.1 / 255 / 0.5
+    with torch.no_grad():
+        weights = model.encode_text(tokenizer(labels), normalize=True).T
+        ours = class_probabilities(model, model.encode_image(pixels, normalize=True), weights)[0]
+    assert ours.tolist() == pytest.approx([theirs[label] for label in labels], abs=1e-5)
+    assert abs(float(ours.sum()) - 1) > 0.05  # sigmoids, not a softmax
+
+
+def test_open_clip_siglip_weights_load_and_export_back_to_open_clip(hf_siglip, tmp_path):
+    """open_clip's ViT-B-16-SigLIP (timm image tower): its state dict loads by name with identical features, and
+    `convert --to open_clip` writes a local-dir: folder open_clip loads with identical features and tokens."""
+    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("timm")
+    from clipforge.checkpoint.openai import save_open_clip
+
+    torch.manual_seed(0)
+    theirs = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None).eval()
+    torch.save(theirs.state_dict(), tmp_path / "w.pt")
+    ours = clipforge.load_model("ViT-B-16-SigLIP", pretrained=str(tmp_path / "w.pt"))
+    tokenizer_folder, _ = hf_siglip  # the real tokenizer lives in the hub repo timm/ViT-B-16-SigLIP
+    ours.config["text_cfg"]["hf_tokenizer_name"] = str(tokenizer_folder)
+    save_open_clip(ours, tmp_path / "oc")
+    back = open_clip.create_model("local-dir:" + str(tmp_path / "oc")).eval()
+    reloaded, _, tokenizer = clipforge.load("local-dir:" + str(tmp_path / "oc"))
+    assert torch.equal(open_clip.get_tokenizer("local-dir:" + str(tmp_path / "oc"))(TEXTS), tokenizer(TEXTS))
+    images, ids = torch.randn(2, 3, 224, 224), torch.randint(0, 32000, (3, 64))
+    with torch.no_grad():
+        expected_image, expected_text = theirs.encode_image(images), theirs.encode_text(ids)
+        for model in (ours, back, reloaded):
+            assert _max_diff(model.encode_image(images), expected_image) <= TOL
+            assert _max_diff(model.encode_text(ids), expected_text) <= TOL
+
+
+def test_zoo_siglip_configs_are_open_clips_and_timm_towers_are_timms():
+    """Every open_clip SigLIP / SigLIP 2 architecture is in the zoo under its name, translated from open_clip's
+    config; the timm towers' shapes and activations (exact GELU in some, tanh in others) are timm's."""
+    open_clip = pytest.importorskip("open_clip")
+    timm = pytest.importorskip("timm")
+    from pathlib import Path
+
+    from clipforge.checkpoint.timm_siglip import TIMM_SIGLIP, config_from_open_clip, config_to_open_clip
+
+    configs = sorted((Path(open_clip.__file__).parent / "model_configs").glob("*SigLIP*.json"))
+    assert len(configs) >= 26
+    for path in configs:
+        ours = clipforge.get_model_config(path.stem)
+        assert ours == config_from_open_clip(json.loads(path.read_text())), path.stem
+        assert config_from_open_clip(config_to_open_clip(ours)) == ours, path.stem
+    for name, (patch, size, width, layers, heads, hidden, act) in TIMM_SIGLIP.items():
+        with torch.device("meta"):
+            tower = timm.create_model(name, pretrained=False, num_classes=0)
+        block = tower.blocks[0]
+        assert (tower.patch_embed.patch_size[0], tower.patch_embed.img_size[0], tower.embed_dim, len(tower.blocks),
+                block.attn.num_heads, block.mlp.fc1.out_features) == (patch, size, width, layers, heads, hidden), name
+        assert (type(block.mlp.act).__name__ == "GELUTanh") == (act == "gelu_tanh"), name
+        assert tower.cls_token is None and tower.global_pool == "map", name
+
+
+TINY = {"embed_dim": 64, "init_logit_bias": -10.0, "logit_scale_max": None,
+        "vision_cfg": {"image_size": 36, "patch_size": 8, "width": 64, "layers": 2, "head_width": 16, "pool": "map",
+                       "act": "gelu_tanh", "norm_eps": 1e-6},
+        "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 48, "heads": 4, "layers": 2, "causal": False,
+                     "pool": "last", "proj": "linear", "act": "gelu", "norm_eps": 1e-6, "hf_tokenizer_name": None}}
+
+
+def test_a_siglip_model_trains_and_its_image_size_need_not_be_a_patch_multiple():
+    """The towers learn under the sigmoid loss (the pooling probe and text projection bias included); 36 px at
+    patch 8 covers the top-left 32 px, as timm's SO400M/14 at 384 px does."""
+    from clipforge.loss import create_loss
+
+    torch.manual_seed(0)
+    model = clipforge.create_model(TINY)
+    images, tokens = torch.randn(4, 3, 36, 36), torch.randint(0, 100, (4, 16))
+    out = model(images, tokens)
+    create_loss("siglip")(*out).backward()
+    for name in ("visual.head.probe", "text.text_projection.bias", "logit_bias", "visual.conv1.bias"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    model.eval()
+    with torch.no_grad():
+        cropped = images.clone()
+        cropped[..., 32:, :] = 0  # the pixels outside the patch grid change nothing
+        cropped[..., :, 32:] = 0
+        assert torch.equal(model.encode_image(images), model.encode_image(cropped))
+        assert model.visual.forward_grid(images).shape == (4, 64, 4, 4)
+
+
+def test_clip_keeps_its_softmax_and_clamp():
+    from clipforge.zeroshot import class_probabilities
+
+    model = clipforge.create_model("ViT-Tiny-64").eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)
+        assert model(torch.randn(1, 3, 64, 64), None).logit_scale.item() == 100.0
+    probabilities = class_probabilities(model, torch.nn.functional.normalize(torch.randn(2, 512)),
+                                        torch.nn.functional.normalize(torch.randn(512, 3), dim=0))
+    assert probabilities.sum(dim=-1).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_a_siglip_model_without_tokenizer_files_says_so(hf_siglip, tmp_path, monkeypatch):
+    import shutil
+
+    folder, _ = hf_siglip
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(folder / name, bare / name)
+    model, _, tokenizer = clipforge.load(str(bare))  # images need no tokenizer: loading works, text says why not
+    assert model.encode_image(torch.randn(1, 3, 32, 32)).shape == (1, 64)
+    with pytest.raises(ValueError, match="tokenizer files"):
+        tokenizer(["a dog"])
+    # a zoo SigLIP's tokenizer is a hub repo: offline and uncached, the error names the repo (on first use only)
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
+    tokenizer = clipforge.get_tokenizer("ViT-B-16-SigLIP")
+    from clipforge.pretrained import DownloadError
+
+    with pytest.raises(DownloadError, match="timm/ViT-B-16-SigLIP"):
+        tokenizer(["a dog"])
+    with pytest.raises(ValueError, match="unknown text cleaner"):
+        clipforge.get_tokenizer({"text_cfg": {"hf_tokenizer_name": str(folder), "tokenizer_kwargs": {"clean": "x"}}})
+
+
+def test_siglip_exports_to_onnx_with_eager_features(hf_siglip, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from clipforge.onnx_backend import export_onnx, load_onnx
+
+    folder, _ = hf_siglip
+    model, _, tokenizer = clipforge.load(str(folder))
+    export_onnx(model, tmp_path / "onnx")
+    onnx_model = load_onnx(tmp_path / "onnx")[0]
+    images, ids = torch.randn(3, 3, 32, 32), tokenizer(TEXTS)
+    with torch.no_grad():
+        assert _max_diff(onnx_model.encode_image(images, normalize=True), model.encode_image(images, normalize=True)) <= 1e-4
+        assert _max_diff(onnx_model.encode_text(ids, normalize=True), model.encode_text(ids, normalize=True)) <= 1e-4
+        assert onnx_model(images, ids).logit_scale.item() == pytest.approx(model(images, ids).logit_scale.item())
