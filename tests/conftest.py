@@ -1,5 +1,7 @@
+import http.server
 import os
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,36 @@ def tiny_llama(words: list[str], hidden_size: int = 32, layers: int = 2, heads: 
         vocab_size=len(words), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=heads, eos_token_id=0, bos_token_id=0, pad_token_id=0))
     return lm, tokenizer
+
+
+class FileServer:
+    """Serves ``files`` (path -> bytes) on 127.0.0.1; ``/cut/...`` promises the full length but sends half."""
+
+    def __init__(self, files):
+        files = dict(files)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                cut = self.path.startswith("/cut/")
+                body = files.get(self.path.removeprefix("/cut") if cut else self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if cut else body)
+                self.wfile.flush()
+                if cut:
+                    self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,8 +1,6 @@
 """Checkpoint files: pretrained downloads (against a local HTTP server), conversions, and clear errors on bad input."""
 import hashlib
 import json
-import http.server
-import threading
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from clipforge import cli
 from clipforge.checkpoint import CheckpointError, read_checkpoint, save_safetensors
 from clipforge.pretrained import DownloadError, cached_path, register_pretrained
 
-from conftest import random_tokens
+from conftest import FileServer, random_tokens
 
 
 @pytest.fixture(scope="module")
@@ -23,39 +21,6 @@ def tiny_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
     save_safetensors(clipforge.checkpoint.clipforge_to_openai(model.state_dict()), path)
     return path.read_bytes(), model
-
-
-class _Server:
-    """Serves ``files`` (path -> bytes) on 127.0.0.1; ``/cut/...`` promises the full length but sends half."""
-
-    def __init__(self, files):
-        files = dict(files)
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                cut = self.path.startswith("/cut/")
-                body = files.get(self.path.removeprefix("/cut") if cut else self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if cut else body)
-                self.wfile.flush()
-                if cut:
-                    self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +37,7 @@ def _pretrained_registry_restored():
 
 @pytest.fixture
 def server(tiny_weights):
-    srv = _Server({"/tiny.safetensors": tiny_weights[0]})
+    srv = FileServer({"/tiny.safetensors": tiny_weights[0]})
     yield srv
     srv.close()
 
@@ -114,7 +79,7 @@ def test_repo_without_safetensors_falls_back_to_open_clips_bin(tiny_weights, cac
     _, reference = tiny_weights
     bin_path = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(clipforge.checkpoint.clipforge_to_openai(reference.state_dict()), bin_path)
-    srv = _Server({"/repo/open_clip_pytorch_model.bin": bin_path.read_bytes()})
+    srv = FileServer({"/repo/open_clip_pytorch_model.bin": bin_path.read_bytes()})
     try:
         register_pretrained("ViT-Tiny-64", "bin-only", f"{srv.url}/repo/open_clip_model.safetensors",
                             fallback_url=f"{srv.url}/repo/open_clip_pytorch_model.bin")
@@ -139,9 +104,9 @@ _HUB_CONFIG = {"embed_dim": 48, "quick_gelu": True,
                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 96, "heads": 2, "layers": 2}}
 
 
-def _serve_repo(files: dict, monkeypatch) -> _Server:
+def _serve_repo(files: dict, monkeypatch) -> FileServer:
     """A stand-in for the Hugging Face Hub: ``files`` (name -> bytes) under /owner/repo/resolve/main/."""
-    srv = _Server({f"/owner/repo/resolve/main/{name}": data for name, data in files.items()})
+    srv = FileServer({f"/owner/repo/resolve/main/{name}": data for name, data in files.items()})
     monkeypatch.setenv("HF_ENDPOINT", srv.url)
     return srv
 
@@ -178,7 +143,7 @@ def test_hf_hub_repo_preprocessing_is_the_repos_own_and_survives_a_save(cache, t
     meta = {"model_cfg": _HUB_CONFIG, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
                                                          "resize_mode": "squash", "interpolation": "bilinear"}}
     longest = {**meta, "preprocess_cfg": {**meta["preprocess_cfg"], "resize_mode": "longest"}}
-    srv = _Server({"/owner/repo/resolve/main/open_clip_config.json": json.dumps(meta).encode(),
+    srv = FileServer({"/owner/repo/resolve/main/open_clip_config.json": json.dumps(meta).encode(),
                    "/owner/repo/resolve/main/open_clip_model.safetensors": (tmp_path / "w.safetensors").read_bytes(),
                    "/owner/longest/resolve/main/open_clip_config.json": json.dumps(longest).encode()})
     monkeypatch.setenv("HF_ENDPOINT", srv.url)
@@ -218,6 +183,8 @@ def test_hf_hub_transformers_repo_loads_with_identical_outputs(cache, tmp_path, 
         out = hf(input_ids=tokens, pixel_values=images)
         assert (out.image_embeds - ours.encode_image(images, normalize=True)).abs().max() <= 1e-5
         assert (out.text_embeds - ours.encode_text(tokens, normalize=True)).abs().max() <= 1e-5
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")  # cached, with the server gone (no open_clip_config.json to cache)
+    assert _same_outputs(clipforge.load("hf-hub:owner/repo")[0], ours)
 
 
 def test_hf_hub_architectures_clipforge_does_not_build_are_refused_by_name(cache, monkeypatch):

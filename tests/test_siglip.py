@@ -251,3 +251,30 @@ def test_siglip_exports_to_onnx_with_eager_features(hf_siglip, tmp_path):
         assert _max_diff(onnx_model.encode_image(images, normalize=True), model.encode_image(images, normalize=True)) <= 1e-4
         assert _max_diff(onnx_model.encode_text(ids, normalize=True), model.encode_text(ids, normalize=True)) <= 1e-4
         assert onnx_model(images, ids).logit_scale.item() == pytest.approx(model(images, ids).logit_scale.item())
+
+
+def test_a_transformers_siglip_hub_repo_loads_and_its_tokenizer_is_fetched_once(hf_siglip, tmp_path, monkeypatch):
+    """hf-hub:OWNER/NAME for a SiglipModel repo (google/siglip-* and siglip2-*): weights, image processor and the
+    tokenizer files from the repo; all cached, so it loads and tokenizes again offline."""
+    from conftest import FileServer
+
+    folder, hf = hf_siglip
+    names = ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json")
+    srv = FileServer({f"/owner/siglip/resolve/main/{name}": (folder / name).read_bytes() for name in names})
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CLIPFORGE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    try:
+        model, preprocess, tokenizer = clipforge.load("hf-hub:owner/siglip")
+        ids = tokenizer(TEXTS)
+    finally:
+        srv.close()
+    assert preprocess.settings["resize_mode"] == "squash"
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = hf(input_ids=ids, pixel_values=images)
+        assert _max_diff(model.encode_image(images, normalize=True), out.image_embeds) <= TOL
+        assert _max_diff(model.encode_text(ids, normalize=True), out.text_embeds) <= TOL
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
+    assert torch.equal(clipforge.load("hf-hub:owner/siglip")[2](TEXTS), ids)

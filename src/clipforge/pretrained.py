@@ -204,10 +204,15 @@ def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise ValueError(f"hf-hub:{repo}: expected hf-hub:OWNER/NAME")
     base = f"{hub_endpoint()}/{repo}/resolve/main"
+    open_clip_config = f"{base}/open_clip_config.json"
     try:
-        meta = json.loads(download(f"{base}/open_clip_config.json", progress=False).read_text())
+        meta = json.loads(download(open_clip_config, progress=False).read_text())
     except NotFoundError:
         meta = None  # not an open_clip repo: try the transformers layout
+    except DownloadError:
+        if not (_offline() and cached_path(f"{base}/config.json").exists()):
+            raise
+        meta = None  # offline, a transformers repo fetched before (its 404 left nothing to cache)
     if meta is not None:  # what clipforge cannot reproduce is refused before the weights are fetched
         config = _open_clip_config(meta.get("model_cfg", {}), repo)
         preprocess = _hub_preprocess(meta.get("preprocess_cfg") or {}, repo)
