@@ -37,6 +37,21 @@ def make_tokenizer_folder(folder):
     return tok.get_vocab_size()
 
 
+def make_gemma_tokenizer_folder(folder):
+    """SigLIP 2's kind: a GemmaTokenizer (BPE, its own normalizer, BOS and EOS added, padding on the left by its class
+    default), which transformers rebuilds from tokenizer.json rather than taking the file as it is."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=[
+        "<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]))
+    data = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in data["merges"]]
+    GemmaTokenizer(vocab=data["vocab"], merges=merges, add_bos_token=True, add_eos_token=True).save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def hf_siglip(tmp_path_factory):
     """A transformers SiglipModel folder (small, random, logit scale above CLIP's clamp) with tokenizer and image
@@ -77,16 +92,24 @@ def test_a_transformers_siglip_folder_loads_with_identical_features_logits_and_t
         assert _max_diff(ours.logits_per_image, out.logits_per_image) <= 1e-4 * 121
 
 
-def test_siglip_tokens_are_open_clips(hf_siglip):
+def test_siglip_tokens_are_open_clips(hf_siglip, tmp_path):
     """open_clip's HFTokenizer (the canonicalize cleaner, then the tokenizer padded and truncated to 64) on the same
-    files: identical ids, noisy web text included."""
+    files: identical ids, noisy web text included; for SigLIP's T5-style vocabulary (EOS-padded on the right) and
+    SigLIP 2's Gemma kind (BOS and EOS, padded on the left)."""
     open_clip = pytest.importorskip("open_clip")
+    from clipforge.hub_tokenizer import HubTokenizer
+
     folder, _ = hf_siglip
-    tokenizer = clipforge.load(str(folder))[2]
-    theirs = open_clip.tokenizer.HFTokenizer(str(folder), context_length=64, clean="canonicalize")
-    assert torch.equal(tokenizer(TEXTS), theirs(TEXTS))
-    assert torch.equal(tokenizer(TEXTS, context_length=16), theirs(TEXTS, context_length=16))
-    assert tokenizer([]).shape == (0, 64)
+    make_gemma_tokenizer_folder(tmp_path / "gemma")
+    for source in (folder, tmp_path / "gemma"):
+        tokenizer = HubTokenizer(source, 64)
+        theirs = open_clip.tokenizer.HFTokenizer(str(source), context_length=64, clean="canonicalize")
+        assert torch.equal(tokenizer(TEXTS), theirs(TEXTS)), source
+        assert torch.equal(tokenizer(TEXTS, context_length=16), theirs(TEXTS, context_length=16)), source
+        assert tokenizer([]).shape == (0, 64)
+    row = HubTokenizer(tmp_path / "gemma", 16)(["a dog"])[0].tolist()
+    pads = row.count(0)  # <pad> is 0, <eos> 1, <bos> 2
+    assert pads > 0 and row[:pads] == [0] * pads and row[pads] == 2 and row[-1] == 1
 
 
 def test_siglip_converts_to_clipforge_and_back_and_transformers_pipeline_gives_clipforges_probabilities(

@@ -55,6 +55,12 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def _transformers_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("transformers") is not None
+
+
 def has_tokenizer_files(folder: str | Path) -> bool:
     folder = Path(folder)
     return folder.is_dir() and any((folder / n).is_file() for n in ("tokenizer.json", "spiece.model", "tokenizer.model"))
@@ -137,25 +143,34 @@ class HubTokenizer:
         return self._folder
 
     def _load(self) -> None:
+        """The backend: tokenizer.json as transformers would configure it. A folder naming its own tokenizer class
+        (Gemma's: BOS/EOS flags, its own normalizer, left padding) is built by ``AutoTokenizer`` once, as open_clip
+        builds it, and its compiled backend is what runs; a plain tokenizer.json needs no transformers."""
         settings = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
             if (self.folder / name).is_file():
                 settings.update(json.loads((self.folder / name).read_text(encoding="utf-8")))
-        if (self.folder / "tokenizer.json").is_file():
+        has_json = (self.folder / "tokenizer.json").is_file()
+        own_class = settings.get("tokenizer_class") not in (None, "PreTrainedTokenizerFast", "TokenizersBackend")
+        if has_json and not (own_class and _transformers_installed()):
             from tokenizers import Tokenizer
 
             fast = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
             pad = _token_text(settings.get("pad_token"))
             self.pad_token_id = fast.token_to_id(pad) if pad is not None else None
-            if self.pad_token_id is None:
-                raise ValueError(f"{self.folder}: the tokenizer names no padding token (pad_token) in its vocabulary")
             self._padding_side = settings.get("padding_side", "right")
-            self._fast = fast
         else:
             from transformers import AutoTokenizer
 
-            self._auto = AutoTokenizer.from_pretrained(str(self.folder))
-            self.pad_token_id = self._auto.pad_token_id
+            auto = AutoTokenizer.from_pretrained(str(self.folder))
+            fast = getattr(auto, "backend_tokenizer", None) if auto.is_fast else None
+            self.pad_token_id, self._padding_side = auto.pad_token_id, auto.padding_side
+            if fast is None:  # a SentencePiece model without tokenizer.json: transformers runs it
+                self._auto = auto
+                return
+        if self.pad_token_id is None:
+            raise ValueError(f"{self.folder}: the tokenizer names no padding token (pad_token) in its vocabulary")
+        self._fast = fast
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.LongTensor:
         if isinstance(texts, str):

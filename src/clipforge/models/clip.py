@@ -144,7 +144,7 @@ class CLIP(nn.Module):
         logit_scale_max: float | None = LOGIT_SCALE_MAX,
     ):
         """``logit_scale_max``: the temperature's ceiling in ``forward`` (CLIP's 100); None for none (SigLIP's
-        released weights learned more than 100)."""
+        configs: neither open_clip nor transformers clamps a loaded SigLIP's temperature)."""
         super().__init__()
         self.logit_scale_max = logit_scale_max
         self.embed_dim = embed_dim
