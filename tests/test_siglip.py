@@ -124,6 +124,8 @@ def test_siglip_converts_to_clipforge_and_back_and_transformers_pipeline_gives_c
     from clipforge.zeroshot import class_probabilities
 
     folder, hf = hf_siglip
+    with pytest.raises(clipforge.CheckpointError, match="SigLIP model has no OpenAI layout"):
+        convert(str(folder), str(tmp_path / "w.safetensors"), to="openai")
     convert(str(folder), str(tmp_path / "ours"), to="clipforge")
     assert (tmp_path / "ours" / "tokenizer.json").is_file()  # the saved model carries its tokenizer
     convert(str(tmp_path / "ours"), str(tmp_path / "back"), to="hf")

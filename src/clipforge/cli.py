@@ -93,13 +93,15 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("convert", help="convert a checkpoint between formats",
-                       description="Read SRC (OpenAI .pt, open_clip state dict, Hugging Face CLIPModel folder, "
-                       "clipforge folder or safetensors) and write DST in the chosen format. clipforge: a folder "
-                       "with model.safetensors + config.json; hf: a CLIPModel folder transformers loads, with its "
-                       "CLIPProcessor files; openai: a state dict file (.pt, or .safetensors) that openai/CLIP and "
-                       "open_clip load; open_clip: a folder with open_clip_config.json (architecture and image "
-                       "preprocessing) + open_clip_model.safetensors, which open_clip loads as local-dir:DST and, "
-                       "uploaded to the Hugging Face Hub, as hf-hub:OWNER/NAME.")
+                       description="Read SRC (OpenAI .pt, open_clip state dict or model folder, SigLIP's with a "
+                       "timm image tower included, Hugging Face CLIPModel or SiglipModel folder, clipforge folder or "
+                       "safetensors) and write DST in the chosen format. clipforge: a folder with model.safetensors "
+                       "+ config.json (and a SigLIP model's tokenizer files); hf: a CLIPModel (SigLIP: SiglipModel) "
+                       "folder transformers loads, with its processor and tokenizer files; openai: a state dict file "
+                       "(.pt, or .safetensors) that openai/CLIP and open_clip load (CLIP only); open_clip: a folder "
+                       "with open_clip_config.json (architecture and image preprocessing) + "
+                       "open_clip_model.safetensors, which open_clip loads as local-dir:DST and, uploaded to the "
+                       "Hugging Face Hub, as hf-hub:OWNER/NAME.")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--to", choices=["clipforge", "hf", "openai", "open_clip"], default="clipforge")

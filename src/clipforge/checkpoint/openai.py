@@ -38,8 +38,14 @@ def save(model, path: str | Path) -> Path:
     from ..files import atomic_path
     from .io import save_safetensors
 
+    from .hf import is_siglip
+
     path = Path(path)
-    state = from_clipforge(model.state_dict())
+    state = model.state_dict()
+    if is_siglip(state):
+        raise CheckpointError("a SigLIP model has no OpenAI layout (open_clip keeps its text tower apart and builds "
+                              "its image tower with timm); write --to open_clip, hf or clipforge")
+    state = from_clipforge(state)
     if path.suffix == ".safetensors":
         save_safetensors(state, path, {"format": "pt"})
         return path
