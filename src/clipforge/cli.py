@@ -34,8 +34,10 @@ def _cmd_models(args) -> int:
     for name in names:
         cfg = get_model_config(name)
         tags = [t for _, t in list_pretrained(name)]
-        kind = "ResNet" if is_resnet(cfg) else "ViT"
-        print(f"{name:{width}s} {kind:6s} {cfg['vision_cfg']['image_size']:4d}px  embed {cfg['embed_dim']:5d}  "
+        vision = cfg["vision_cfg"]
+        kind = "ResNet" if is_resnet(cfg) else "ConvNeXt" if "depths" in vision else \
+            "SigLIP" if vision.get("pool") == "map" else "ViT"
+        print(f"{name:{width}s} {kind:8s} {cfg['vision_cfg']['image_size']:4d}px  embed {cfg['embed_dim']:5d}  "
               f"pretrained: {', '.join(tags) or '-'}")
     return 0
 

@@ -260,8 +260,10 @@ def _open_clip_config(model_cfg: dict, repo: str) -> dict:
 
     if not model_cfg:
         raise CheckpointError(f"hf-hub:{repo}: open_clip_config.json has no model_cfg")
-    from .checkpoint import timm_siglip
+    from .checkpoint import timm_convnext, timm_siglip
 
+    if timm_convnext.is_open_clip_convnext(model_cfg):  # LAION's ConvNeXt
+        return timm_convnext.config_from_open_clip(model_cfg)
     if timm_siglip.is_open_clip_siglip(model_cfg):  # a timm image tower: SigLIP's are built here, others refused
         return timm_siglip.config_from_open_clip(model_cfg)
     unsupported = keys_outside_open_clip(model_cfg)

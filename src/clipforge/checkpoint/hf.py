@@ -132,7 +132,8 @@ def from_clipforge(state: dict) -> dict:
     """A ``CLIPModel`` state dict, or a ``SiglipModel``'s for a SigLIP model."""
     siglip = is_siglip(state)
     if "visual.proj" not in state and not siglip:
-        raise CheckpointError("Hugging Face CLIPModel has no ResNet image tower; only ViT models export to HF")
+        kind = "ConvNeXt" if any(k.startswith("visual.trunk.stages.") for k in state) else "ResNet"
+        raise CheckpointError(f"Hugging Face CLIPModel has no {kind} image tower; only ViT models export to HF")
     if "logit_bias" in state and not siglip:
         raise CheckpointError("Hugging Face CLIPModel has no logit_bias (a CLIP trained with the sigmoid loss has no "
                               "transformers class; keep it as clipforge or safetensors)")
@@ -251,8 +252,9 @@ def config_from_clipforge(config: dict, logit_scale: float) -> dict:
     if is_siglip(config):
         return _siglip_config_from_clipforge(config)
     vision, text = config["vision_cfg"], config["text_cfg"]
-    if is_resnet(config):
-        raise CheckpointError("Hugging Face CLIPModel has no ResNet image tower; only ViT models export to HF")
+    if is_resnet(config) or "depths" in vision:
+        kind = "ConvNeXt" if "depths" in vision else "ResNet"
+        raise CheckpointError(f"Hugging Face CLIPModel has no {kind} image tower; only ViT models export to HF")
     top_gelu = config.get("quick_gelu", False)
 
     def activation(cfg: dict) -> str:

@@ -36,6 +36,8 @@ def infer_config(state: dict) -> dict:
         if "visual.head.probe" in state:
             return _infer_siglip(state, text_cfg)
         embed_dim = state["text.text_projection"].shape[1]
+        if any(k.startswith("visual.trunk.stages.") for k in state):
+            return _infer_convnext(state, {"embed_dim": embed_dim, "text_cfg": text_cfg})
         if "visual.proj" in state:
             width = state["visual.conv1.weight"].shape[0]
             patch = state["visual.conv1.weight"].shape[-1]
@@ -56,6 +58,34 @@ def infer_config(state: dict) -> dict:
     _adopt_zoo_heads(config)
     if "logit_bias" in state:
         config["init_logit_bias"] = float(state["logit_bias"])
+    return config
+
+
+def _text_shape(cfg: dict) -> tuple:
+    return tuple(cfg.get(k) for k in ("context_length", "vocab_size", "width", "layers")) + \
+        (int(cfg.get("width", 0) * cfg.get("mlp_ratio", 4.0)),)
+
+
+def _infer_convnext(state: dict, config: dict) -> dict:
+    """A ConvNeXt model's architecture. Its image size and LayerNorm eps are not in the weights: they come from the
+    zoo architecture with these shapes (open_clip's names), else 224 pixels and timm's 1e-6."""
+    from ..models import get_model_config, list_models
+
+    stages = _count(state, "visual.trunk.stages.")
+    config["vision_cfg"] = {
+        "image_size": 224, "depths": [_count(state, f"visual.trunk.stages.{i}.blocks.") for i in range(stages)],
+        "dims": [state[f"visual.trunk.stages.{i}.blocks.0.conv_dw.weight"].shape[0] for i in range(stages)],
+        "norm_eps": 1e-6, "proj": "mlp" if "visual.head.mlp.fc1.weight" in state else "linear"}
+    shapes = ("depths", "dims", "proj")
+    for name in list_models():
+        zoo = get_model_config(name)
+        if zoo["vision_cfg"].get("depths") is not None and zoo["embed_dim"] == config["embed_dim"] and \
+                all(zoo["vision_cfg"].get(k) == config["vision_cfg"][k] for k in shapes) and \
+                _text_shape(zoo["text_cfg"]) == _text_shape(config["text_cfg"]):
+            config["vision_cfg"].update(image_size=zoo["vision_cfg"]["image_size"],
+                                        norm_eps=zoo["vision_cfg"].get("norm_eps", 1e-6))
+            config["text_cfg"]["heads"] = zoo["text_cfg"].get("heads", config["text_cfg"]["heads"])
+            break
     return config
 
 

@@ -75,7 +75,7 @@ def save_open_clip(model, folder: str | Path) -> Path:
     """An open_clip model folder: ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg``) and
     ``open_clip_model.safetensors``, what ``open_clip.create_model_and_transforms("local-dir:FOLDER")`` reads, and,
     uploaded, ``hf-hub:OWNER/NAME`` (for open_clip and clipforge alike)."""
-    from . import hf, timm_siglip
+    from . import hf, timm_convnext, timm_siglip
     from .errors import CheckpointError
     from .io import save_safetensors
     from ..files import write_json
@@ -87,6 +87,8 @@ def save_open_clip(model, folder: str | Path) -> Path:
     if hf.is_siglip(config):  # open_clip builds SigLIP's image tower from timm (checked by config_to_open_clip);
         # its text tower stays under text. (open_clip's "custom_text" layout)
         config, state = timm_siglip.config_to_open_clip(config), timm_siglip.from_clipforge(state)
+    elif "depths" in config["vision_cfg"]:  # ConvNeXt: timm's tower by name, the weights as they are
+        config, state = timm_convnext.config_to_open_clip(config), from_clipforge(state)
     else:
         state = from_clipforge(state)
         unsupported = keys_outside_open_clip(config)

@@ -40,7 +40,8 @@ _TOP = {"patch_embed.proj": "conv1", "norm": "ln_post", "attn_pool.proj": "head.
 
 
 def matches(state: dict) -> bool:
-    return any(k.startswith(TRUNK) for k in state)
+    """A timm SigLIP tower (attention pooling); open_clip's ConvNeXt trunks keep their names in clipforge."""
+    return any(k.startswith(TRUNK + "attn_pool.") for k in state)
 
 
 def _renamed(rest: str, table: dict, key: str) -> str:

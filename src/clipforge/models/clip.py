@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Transformer
+from .convnext import ConvNeXt
 from .modified_resnet import ModifiedResNet
 from .siglip_vision import SigLIPVisionTransformer
 from .text_transformer import TextTransformer
@@ -88,6 +89,9 @@ def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module
             image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["width"], layers=cfg["layers"],
             heads=cfg["width"] // cfg.get("head_width", 64), mlp_ratio=cfg.get("mlp_ratio", 4.0),
             act=_activation(cfg, quick_gelu), eps=cfg.get("norm_eps", 1e-6))
+    if "depths" in cfg:  # LAION's ConvNeXt (timm's, under its names)
+        return ConvNeXt(image_size=cfg["image_size"], depths=list(cfg["depths"]), dims=list(cfg["dims"]),
+                        output_dim=embed_dim, proj=cfg.get("proj", "linear"), eps=cfg.get("norm_eps", 1e-6))
     if is_resnet(cfg):
         width = cfg.get("width", 64)
         return ModifiedResNet(

@@ -1,0 +1,104 @@
+"""ConvNeXt image towers (Liu et al. 2022), as LAION trained them for open_clip: timm's ConvNeXt (``trunk``) with its
+average pool and LayerNorm head, then a linear projection or a two-layer MLP (``head``).
+
+Module names are timm's and open_clip's (``trunk.stem``, ``trunk.stages.N.downsample``, ``trunk.stages.N.blocks.M``
+with ``conv_dw``, ``norm``, ``mlp.fc1``, ``mlp.fc2``, ``gamma``; ``trunk.head.norm``; ``head.proj`` or
+``head.mlp.fc1/fc2``), so open_clip's ConvNeXt checkpoints load without renaming.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .inputs import check_image_batch
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an ``[N, C, H, W]`` map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int, out: int | None = None, bias_out: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out or width, bias=bias_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ConvNeXtBlock(nn.Module):
+    """7x7 depthwise convolution, LayerNorm, MLP (4x), layer scale ``gamma``, residual."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1))) * self.gamma  # channels last inside
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtStage(nn.Module):
+    def __init__(self, in_dim: int, dim: int, depth: int, eps: float, first: bool):
+        super().__init__()
+        # every stage but the first halves the resolution: LayerNorm, then a 2x2 stride-2 convolution
+        self.downsample = nn.Identity() if first else nn.Sequential(LayerNorm2d(in_dim, eps=eps),
+                                                                    nn.Conv2d(in_dim, dim, kernel_size=2, stride=2))
+        self.blocks = nn.Sequential(*[ConvNeXtBlock(dim, eps) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class _Trunk(nn.Module):
+    def __init__(self, depths: list[int], dims: list[int], eps: float):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=eps))
+        self.stages = nn.Sequential(*[ConvNeXtStage(dims[max(i - 1, 0)], dims[i], depths[i], eps, i == 0)
+                                      for i in range(len(depths))])
+        self.head = nn.Module()
+        self.head.norm = LayerNorm2d(dims[-1], eps=eps)
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, image_size: int, depths: list[int], dims: list[int], output_dim: int, proj: str = "linear",
+                 eps: float = 1e-6):
+        super().__init__()
+        if proj not in ("linear", "mlp"):
+            raise ValueError(f"ConvNeXt proj must be 'linear' or 'mlp', got {proj!r}")
+        self.image_size = image_size
+        self.output_dim = output_dim
+        self.trunk = _Trunk(depths, dims, eps)
+        self.head = nn.Module()
+        if proj == "linear":
+            self.head.proj = nn.Linear(dims[-1], output_dim, bias=False)
+        else:  # open_clip's "mlp" (the large_d models): GELU between, no bias on the output
+            self.head.mlp = Mlp(dims[-1], 2 * output_dim, output_dim, bias_out=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward_grid(self, images: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map ``[N, C, H/32, W/32]`` (before pooling)."""
+        check_image_batch(images, self.image_size)
+        return self.trunk.stages(self.trunk.stem(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = self.trunk.head.norm(self.forward_grid(images).mean(dim=(2, 3), keepdim=True)).flatten(1)
+        head = self.head
+        return head.proj(pooled) if hasattr(head, "proj") else head.mlp(pooled)
