@@ -88,3 +88,18 @@ def test_a_convnext_model_has_no_hugging_face_export(tmp_path):
     model = clipforge.load("convnext_tiny")[0]
     with pytest.raises(CheckpointError, match="ConvNeXt"):
         hf.save(model, tmp_path / "hf")
+
+
+def test_the_inference_path_computes_the_training_paths_features():
+    """No-grad blocks fold the layer scale and residual into one GEMM and run channels-last: the same features as the
+    autograd path (which training runs), within float rounding."""
+    torch.manual_seed(0)
+    model = clipforge.create_model("convnext_tiny", vision_cfg={"image_size": 64}).eval()
+    with torch.no_grad():
+        for block in model.visual.modules():
+            if hasattr(block, "gamma"):
+                block.gamma.uniform_(0.5, 1.5)
+        images = torch.randn(2, 3, 64, 64)
+        fast = model.encode_image(images)
+    slow = model.encode_image(images)
+    assert slow.requires_grad and _max_diff(fast, slow) <= 1e-4 * slow.abs().max().item()

@@ -44,8 +44,25 @@ class ConvNeXtBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) \
+                and x.dtype == self.gamma.dtype:
+            return self._forward_inference(x)
         y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1))) * self.gamma  # channels last inside
         return x + y.permute(0, 3, 1, 2)
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` without autograd, in fewer passes over memory: the GELU in place, and the residual, the
+        output bias and the layer scale taken into the second GEMM (``x + gamma * (W h + b)`` as ``(x + gamma * b)
+        + (gamma * W) h``, accumulated by ``addmm_``). The output is channels-last (NHWC in memory), which the next
+        block's convolution keeps, so its LayerNorm reads contiguous rows instead of copying them."""
+        channels = x.shape[1]
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
+        hidden = F.linear(self.norm(self.conv_dw(x).permute(0, 2, 3, 1)), fc1.weight, fc1.bias)
+        hidden = torch.ops.aten.gelu_(hidden)
+        out = torch.empty(x.shape[0], x.shape[2], x.shape[3], channels, dtype=x.dtype, device=x.device)
+        torch.add(x.permute(0, 2, 3, 1), fc2.bias * self.gamma, out=out)
+        out.view(-1, channels).addmm_(hidden.reshape(-1, hidden.shape[-1]), (fc2.weight * self.gamma[:, None]).t())
+        return out.permute(0, 3, 1, 2)
 
 
 class ConvNeXtStage(nn.Module):

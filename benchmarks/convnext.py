@@ -1,0 +1,64 @@
+"""LAION's ConvNeXt on CPU: clipforge's tower vs open_clip's (timm), the same weights, image embedding.
+
+    python benchmarks/convnext.py [--model convnext_base_w] [--batch 16] [--repeats 7] [--json out.json]
+
+open_clip's random initialisation (layer scale randomised so every block counts), loaded into clipforge; features
+checked equal, then both timed taking turns (``bench.timing.interleaved``); fp32, the threads torch is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from clipforge.bench.timing import interleaved, summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="convnext_base_w")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--json")
+    args = p.parse_args()
+    import open_clip
+
+    import clipforge
+
+    torch.manual_seed(0)
+    theirs = open_clip.create_model(args.model, pretrained=None).eval()
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if name.endswith("gamma"):
+                param.uniform_(0.5, 1.5)
+    path = Path(tempfile.mkdtemp(prefix="convnext-bench-")) / "w.pt"
+    torch.save(theirs.state_dict(), path)
+    ours = clipforge.load(args.model, pretrained=str(path))[0]
+    size = ours.image_size
+    images = torch.randn(args.batch, 3, size, size)
+    with torch.no_grad():
+        difference = (ours.encode_image(images[:2]) - theirs.encode_image(images[:2])).abs().max().item()
+    assert difference < 1e-4, difference
+
+    def timed(model):
+        def run():
+            with torch.no_grad():
+                model.encode_image(images)
+        return run
+
+    result = {"model": args.model, "image_size": size, "batch": args.batch, "max_abs_difference": difference,
+              "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "image_embed": summary(interleaved({"clipforge": timed(ours), "open_clip": timed(theirs)}, args.repeats),
+                                     args.batch, "images_per_s")}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
