@@ -127,7 +127,9 @@ def test_siglip_converts_to_clipforge_and_back_and_transformers_pipeline_gives_c
     with pytest.raises(clipforge.CheckpointError, match="SigLIP model has no OpenAI layout"):
         convert(str(folder), str(tmp_path / "w.safetensors"), to="openai")
     convert(str(folder), str(tmp_path / "ours"), to="clipforge")
-    assert (tmp_path / "ours" / "tokenizer.json").is_file()  # the saved model carries its tokenizer
+    assert (tmp_path / "ours" / "tokenizer.json").is_file()  # the saved model carries its tokenizer, not a path
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_cfg"]["text_cfg"]["hf_tokenizer_name"] \
+        is None
     convert(str(tmp_path / "ours"), str(tmp_path / "back"), to="hf")
     back = transformers.SiglipModel.from_pretrained(tmp_path / "back").eval()
     model, preprocess, tokenizer = clipforge.load(str(tmp_path / "ours"))

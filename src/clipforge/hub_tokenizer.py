@@ -119,6 +119,15 @@ def copy_tokenizer_files(config: dict, folder: str | Path, fetch: bool = False) 
             shutil.copyfile(src, dst)
 
 
+def without_local_tokenizer_path(config: dict) -> dict:
+    """``config`` as a saved model folder records it: a tokenizer in a local folder (copied beside the weights, and
+    found there on loading) is not named by this machine's path; a hub repo name is kept."""
+    text_cfg = config.get("text_cfg", {})
+    if not has_tokenizer_files(text_cfg.get("hf_tokenizer_name") or ""):
+        return config
+    return {**config, "text_cfg": {**text_cfg, "hf_tokenizer_name": None}}
+
+
 class HubTokenizer:
     """``tokenizer(texts) -> LongTensor [N, context_length]`` from a folder (or hub repo) of tokenizer files."""
 

@@ -45,13 +45,14 @@ def save_pretrained(model, folder: str | os.PathLike, config: dict | None = None
     config = config if config is not None else getattr(model, "config", None)
     if config is None:
         config = infer_config(model.state_dict())
+    from ..hub_tokenizer import copy_tokenizer_files, without_local_tokenizer_path
+
+    source, config = config, without_local_tokenizer_path(config)  # SigLIP's tokenizer: its files, not its path
     save_safetensors(model.state_dict(), folder / WEIGHTS_NAME, {"format": "pt", "clipforge_config": json.dumps(config)})
     preprocess = getattr(model, "normalisation", None)  # the weights' own preprocessing (a DFN tag's squash, say)
     write_json(folder / CONFIG_NAME, {"format": "clipforge", "model_cfg": config,
                                       **({"preprocess_cfg": preprocess} if preprocess else {})})
-    from ..hub_tokenizer import copy_tokenizer_files
-
-    copy_tokenizer_files(config, folder)  # SigLIP's tokenizer files travel with the weights
+    copy_tokenizer_files(source, folder)
     return folder
 
 

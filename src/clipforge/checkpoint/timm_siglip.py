@@ -102,6 +102,12 @@ def from_clipforge(state: dict) -> dict:
     return out
 
 
+def _hub_name(name: str | None) -> str:
+    from ..hub_tokenizer import has_tokenizer_files
+
+    return name if name and not has_tokenizer_files(name) else "."
+
+
 def config_to_open_clip(config: dict) -> dict:
     """open_clip's ``model_cfg`` for a clipforge SigLIP config: its image tower named by the timm model of the same
     shapes and activation (the inverse of ``config_from_open_clip``)."""
@@ -117,7 +123,9 @@ def config_to_open_clip(config: dict) -> dict:
     text_cfg = {"context_length": text["context_length"], "vocab_size": text["vocab_size"], "width": text["width"],
                 "heads": text["heads"], "layers": text["layers"], "mlp_ratio": text.get("mlp_ratio", 4.0),
                 "no_causal_mask": True, "pool_type": "last", "norm_kwargs": {"eps": text.get("norm_eps", 1e-5)},
-                "hf_tokenizer_name": text.get("hf_tokenizer_name") or "",
+                # a hub repo is kept; a local folder's files are copied beside the weights, where open_clip's
+                # local-dir: looks whatever the (non-empty) name; for an hf-hub: upload, name the repo here
+                "hf_tokenizer_name": _hub_name(text.get("hf_tokenizer_name")),
                 "tokenizer_kwargs": text.get("tokenizer_kwargs", {})}
     if text.get("proj", "matrix") == "linear":
         text_cfg["proj_bias"] = True
