@@ -22,7 +22,8 @@ EXAMPLES = """examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Zero-shot classification of image files, folders of images (searched recursively), CSV/TSV "
                      "tables or WebDataset shards among the classes you name. Prints each image's top -k classes "
-                     "with their probabilities (softmax over the classes given, at the model's own temperature). "
+                     "with their probabilities (softmax over the classes given, at the model's own temperature; a SigLIP "
+                     "model's are each class's own sigmoid, with its learned bias, so they need not sum to 1). "
                      "Unreadable images are named on stderr and skipped.")
     p.epilog = EXAMPLES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
