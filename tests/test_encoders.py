@@ -75,6 +75,23 @@ def test_clipforge_towers_give_pooled_and_grid_features(clip_folder):
     assert grid.shape == (3, 16, 128)  # ViT-Tiny-64: an 8 x 8 patch grid of width 128, pooled to 4 x 4
 
 
+def test_siglip_and_convnext_towers_are_encoders_too(tmp_path):
+    """A transformers SiglipModel folder is read as clipforge's SigLIP (not as a bare vision model, whose forward
+    would want text); SigLIP's patch grid has no class token, ConvNeXt's is its last stage's map."""
+    torch.manual_seed(0)
+    tower = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    transformers.SiglipModel(transformers.SiglipConfig(
+        text_config=dict(vocab_size=100, max_position_embeddings=16, **tower),
+        vision_config=dict(image_size=32, patch_size=8, **tower))).save_pretrained(tmp_path / "siglip")
+    encoder = open_encoder(str(tmp_path / "siglip"), features="grid", k=16)
+    assert encoder.kind == "clipforge" and encoder.features(_images()).shape == (3, 16, 48)  # the 4 x 4 patch grid
+    assert open_encoder(str(tmp_path / "siglip")).features(_images()).shape == (3, 48)
+    model = clipforge.create_model("convnext_tiny", vision_cfg={"image_size": 64})
+    clipforge.save_pretrained(model, tmp_path / "convnext")
+    assert open_encoder(str(tmp_path / "convnext"), features="grid", k=4).features(_images()).shape == (3, 4, 768)
+    assert open_encoder(str(tmp_path / "convnext")).features(_images()).shape == (3, 1024)
+
+
 @pytest.mark.parametrize("features, k", [("pooled", 4), ("grid", 4), ("grid", 1)])
 def test_the_map_takes_either_reading_and_only_it_trains(features, k):
     dim, lm_dim = 8, 6

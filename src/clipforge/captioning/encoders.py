@@ -85,12 +85,15 @@ def hf_feature_map(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def is_hf_vision_folder(path: str | Path) -> bool:
-    """A Hugging Face model folder that is not a CLIP model or a clipforge checkpoint."""
+    """A Hugging Face model folder that is not a CLIP or SigLIP model (clipforge loads those as its own) or a clipforge
+    checkpoint."""
+    from ..checkpoint.hf import is_clip_config
+
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
     data = json.loads(config.read_text())
-    return "model_type" in data and data.get("model_type") != "clip" and data.get("format") != "clipforge"
+    return "model_type" in data and not is_clip_config(data) and data.get("format") != "clipforge"
 
 
 def open_encoder(spec: str, pretrained: str | None = None, device: str = "cpu", features: str = "pooled", k: int = 4,
