@@ -81,6 +81,8 @@ def _activation(cfg: dict, quick_gelu: bool) -> str:
 
 def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
     quick_gelu = cfg.get("quick_gelu", quick_gelu)
+    if cfg.get("patch_dropout") and (cfg.get("pool") == "map" or "depths" in cfg or is_resnet(cfg)):
+        raise ValueError("patch dropout is built for CLIP's ViT only (not SigLIP's, ConvNeXt or ResNet towers)")
     if cfg.get("pool") == "map":  # SigLIP's tower: attention pooling, no class token, no projection
         if cfg["width"] != embed_dim:
             raise ValueError(f"a SigLIP image tower's width is its embedding: width {cfg['width']} != embed_dim "
