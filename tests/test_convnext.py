@@ -103,3 +103,9 @@ def test_the_inference_path_computes_the_training_paths_features():
         fast = model.encode_image(images)
     slow = model.encode_image(images)
     assert slow.requires_grad and _max_diff(fast, slow) <= 1e-4 * slow.abs().max().item()
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny", "RN-Tiny-64", "ViT-B-16-SigLIP"])
+def test_patch_dropout_is_refused_where_no_patches_are_dropped(name):
+    with pytest.raises(ValueError, match="patch dropout is built for CLIP's ViT only"):
+        clipforge.create_model(name, vision_cfg={"patch_dropout": 0.5})

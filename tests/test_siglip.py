@@ -305,3 +305,20 @@ def test_a_transformers_siglip_hub_repo_loads_and_its_tokenizer_is_fetched_once(
         assert _max_diff(model.encode_text(ids, normalize=True), out.text_embeds) <= TOL
     monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
     assert torch.equal(clipforge.load("hf-hub:owner/siglip")[2](TEXTS), ids)
+
+
+def test_a_bare_siglip_state_dict_takes_the_activations_of_the_zoo_architecture_with_its_shapes(monkeypatch):
+    """Weights do not show exact vs tanh GELU; a zoo architecture with the same shapes says (SigLIP 2's vocabulary
+    sets it apart from SigLIP's), so an unnamed open_clip SigLIP 2 file loads with its own activations."""
+    from clipforge import models
+    from clipforge.checkpoint import infer_config
+
+    monkeypatch.setattr(models, "_EXTRA_CONFIGS", {**models._EXTRA_CONFIGS})
+    tanh = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "image_size": 32, "act": "gelu_tanh"},
+            "text_cfg": {**TINY["text_cfg"], "act": "gelu_tanh"}}
+    state = clipforge.create_model(tanh).state_dict()
+    assert infer_config(state)["text_cfg"].get("act", "gelu") == "gelu"  # no architecture with these shapes: exact
+    models.register_model_config("Test-SigLIP2-tanh", tanh)
+    inferred = infer_config(state)
+    assert inferred["vision_cfg"]["act"] == inferred["text_cfg"]["act"] == "gelu_tanh"
+    assert inferred["vision_cfg"]["head_width"] == 16

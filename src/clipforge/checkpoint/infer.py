@@ -125,9 +125,10 @@ def _shape_signature(config: dict) -> tuple | None:
 
 
 def _adopt_zoo_heads(config: dict) -> None:
-    """Weights do not reveal how many attention heads split a width: 64-wide heads (OpenAI's) are assumed, unless
-    a zoo architecture has exactly these shapes, whose head layout is taken (LAION's ViT-H/g/bigG use 80-104).
-    Other architectures with other head widths need their name: ``clipforge.load(NAME, pretrained=PATH)``."""
+    """Weights do not reveal how many attention heads split a width, nor (SigLIP's) which GELU a tower uses: 64-wide
+    heads (OpenAI's) and exact GELU are assumed, unless a zoo architecture has exactly these shapes, whose head layout
+    and activations are taken (LAION's ViT-H/g/bigG use 80-104-wide heads; SigLIP 2's towers mostly tanh GELU, and
+    its 256k vocabulary tells it from SigLIP's). Others need their name: ``clipforge.load(NAME, pretrained=PATH)``."""
     from ..models import get_model_config, list_models
 
     signature = _shape_signature(config)
@@ -139,4 +140,7 @@ def _adopt_zoo_heads(config: dict) -> None:
             config["vision_cfg"]["head_width"] = zoo["vision_cfg"]["head_width"]
         if "heads" in zoo["text_cfg"]:
             config["text_cfg"]["heads"] = zoo["text_cfg"]["heads"]
+        for tower in ("vision_cfg", "text_cfg"):
+            if "act" in zoo[tower]:
+                config[tower]["act"] = zoo[tower]["act"]
         return
