@@ -3,9 +3,12 @@
 open_clip's ``HFTokenizer``: clean each text, then the tokenizer with its own special tokens, truncated and padded to
 the context length.
 
-A ``tokenizer.json`` runs in the compiled ``tokenizers`` library directly; a folder with only a SentencePiece model
-(``spiece.model``, what Google's SigLIP repos hold) goes through ``transformers.AutoTokenizer`` (and needs
-``sentencepiece``), as open_clip does.
+A plain ``tokenizer.json`` runs in the compiled ``tokenizers`` library directly. A folder that names its own
+tokenizer class (SigLIP 2's ``GemmaTokenizer``, which transformers rebuilds around the file) is configured once by
+``transformers.AutoTokenizer``, as open_clip's is, and its compiled backend then runs here; a folder with only a
+SentencePiece model (``spiece.model``, what Google's SigLIP repos hold) is run by transformers (with
+``sentencepiece``). Either way only the cleaning, the call and the padding are clipforge's, which is where the time
+goes (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
