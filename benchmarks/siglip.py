@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--data", default="../shared/data")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json")
+    p.add_argument("--bf16", action="store_true", help="also time clipforge with bf16 weights (CPUs that multiply "
+                   "bf16 natively: AMX / AVX512-BF16), as `--precision bf16` runs it, and its features' cosine to fp32")
     args = p.parse_args()
     import open_clip
     import transformers
@@ -87,6 +89,15 @@ def main() -> None:
     image_runs = {"clipforge": no_grad(lambda: ours.encode_image(images)),
                   "open_clip": no_grad(lambda: theirs.encode_image(images)),
                   "transformers": no_grad(lambda: hf_model.get_image_features(pixel_values=images))}
+    if args.bf16:
+        import copy
+
+        ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+        image_runs["bf16"] = no_grad(lambda: ours_bf16.encode_image(images))
+        with torch.no_grad():
+            cosine = torch.nn.functional.cosine_similarity(ours_bf16.encode_image(images[:8]).float(),
+                                                           ours.encode_image(images[:8]), dim=-1)
+        results["bf16_min_cosine_to_fp32"] = cosine.min().item()
     results["image_embed"] = summary(interleaved(image_runs, args.repeats), len(images), "images_per_s")
     text_runs = {"clipforge": no_grad(lambda: ours.encode_text(tokens)),
                  "open_clip": no_grad(lambda: theirs.encode_text(tokens)),
