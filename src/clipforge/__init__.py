@@ -54,8 +54,32 @@ def _looks_like_path(name: str) -> bool:
 def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: bool | None = None,
                trust_pickle: bool = False) -> CLIP:
     """The model alone; see ``load``."""
-    from .checkpoint import ImageTowerCheckpointError, infer_config, load_into, read_checkpoint, read_preprocess_cfg
-    from .models import create_model, get_model_config, list_models
+    from .checkpoint import load_into, read_preprocess_cfg
+    from .models import create_model
+
+    config, state, normalisation, source = read_model_weights(name_or_path, pretrained, quick_gelu, trust_pickle)
+    if config.get("objective") == "classify":  # a fine-tuned CLIP: the model plus its class head
+        from .finetune import CLIPClassifier
+
+        model = CLIPClassifier.from_config(config)
+        model.normalisation = read_preprocess_cfg(source)
+        load_into(model, state, source=source)
+        return model.eval()
+    model = create_model(config)
+    model.config = config
+    model.normalisation = normalisation  # the weights' own preprocessing (mean, std, resize), for ``load``
+    if state is not None:
+        load_into(model, state, source=source)
+    return model.eval()
+
+
+def read_model_weights(name_or_path: str, pretrained: str | None = None, quick_gelu: bool | None = None,
+                       trust_pickle: bool = False) -> tuple[dict, dict | None, dict, str]:
+    """What ``load_model`` builds from, without building it: ``(config, state dict in clipforge's layout or None for a
+    bare zoo name, the weights' own preprocessing, source)``. Training from ``--pretrained`` loads the state into the
+    model it has built, rather than building a second one to copy from."""
+    from .checkpoint import ImageTowerCheckpointError, infer_config, read_checkpoint, read_preprocess_cfg
+    from .models import get_model_config, list_models
     from .pretrained import get_pretrained
 
     config, state, normalisation = None, None, {}
@@ -71,13 +95,8 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
     elif pretrained is None and _looks_like_path(name_or_path) and name_or_path not in list_models():
         state, config = read_checkpoint(name_or_path, trust_pickle=trust_pickle)
         objective = (config or {}).get("objective", "contrastive")
-        if objective == "classify":  # a fine-tuned CLIP: the model plus its class head
-            from .finetune import CLIPClassifier
-
-            model = CLIPClassifier.from_config(config)
-            model.normalisation = read_preprocess_cfg(name_or_path)
-            load_into(model, state, source=name_or_path)
-            return model.eval()
+        if objective == "classify":
+            return config, state, {}, name_or_path
         if objective != "contrastive":
             raise ImageTowerCheckpointError(f"{name_or_path}: an image tower trained with --objective {objective}, "
                                             "not a CLIP model (no text tower); load it with "
@@ -113,12 +132,7 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
     _use_tokenizer_beside_weights(config, name_or_path, pretrained)
     if state is not None and "logit_bias" in state and config.get("init_logit_bias") is None:
         config["init_logit_bias"] = 0.0
-    model = create_model(config)
-    model.config = config
-    model.normalisation = normalisation  # the weights' own preprocessing (mean, std, resize), for ``load``
-    if state is not None:
-        load_into(model, state, source=source)
-    return model.eval()
+    return config, state, normalisation, source
 
 
 def _use_tokenizer_beside_weights(config: dict, *paths) -> None:

@@ -216,11 +216,12 @@ def _build_model(cfg: TrainConfig, model_config: dict, device: torch.device, wor
     if model is None:
         model = create_model(model_config)
     if cfg.pretrained and cfg.objective != "classify":  # (a classifier is built from its --pretrained)
-        from .. import load_model
+        from .. import read_model_weights
 
-        pretrained = load_model(cfg.model, pretrained=cfg.pretrained)
-        load_into(model, pretrained.state_dict(), source=cfg.pretrained)
-        model.normalisation = pretrained.normalisation  # its image mean/std: training and validation use them
+        # the weights go straight into the model built above (no second model to copy them from)
+        _, state, normalisation, _ = read_model_weights(cfg.model, pretrained=cfg.pretrained)
+        load_into(model, state, source=cfg.pretrained)
+        model.normalisation = normalisation  # its image mean/std: training and validation use them
     if cfg.lock_image:
         model.lock_image_tower()
     if cfg.lock_text:
