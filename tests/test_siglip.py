@@ -322,3 +322,19 @@ def test_a_bare_siglip_state_dict_takes_the_activations_of_the_zoo_architecture_
     inferred = infer_config(state)
     assert inferred["vision_cfg"]["act"] == inferred["text_cfg"]["act"] == "gelu_tanh"
     assert inferred["vision_cfg"]["head_width"] == 16
+
+
+def test_an_export_whose_tokenizer_cannot_be_fetched_writes_nothing(tmp_path, monkeypatch):
+    """A SigLIP whose tokenizer is a hub repo, offline and uncached: the HF and open_clip exports fail, naming the
+    repo, before a file is written (not a folder of weights without a tokenizer)."""
+    from clipforge.checkpoint import hf
+    from clipforge.pretrained import DownloadError
+
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
+    config = {**TINY, "text_cfg": {**TINY["text_cfg"], "hf_tokenizer_name": "owner/siglip-tokenizer"}}
+    model = clipforge.create_model(config)
+    model.config = config
+    with pytest.raises(DownloadError, match="owner/siglip-tokenizer"):
+        hf.save(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -102,19 +102,26 @@ def tokenizer_folder(source: str | Path) -> Path:
     return folder
 
 
+def tokenizer_files(config: dict, fetch: bool = False) -> Path | None:
+    """The local folder holding a model's tokenizer files (``text_cfg.hf_tokenizer_name``; a hub repo's fetched into
+    the cache with ``fetch``), or None where there is none (or, without ``fetch``, none on this machine yet)."""
+    source = config.get("text_cfg", {}).get("hf_tokenizer_name")
+    if not source:
+        return None
+    if has_tokenizer_files(source):
+        return Path(source)
+    return tokenizer_folder(source) if fetch else None
+
+
 def copy_tokenizer_files(config: dict, folder: str | Path, fetch: bool = False) -> None:
     """Copy a model's tokenizer files (``text_cfg.hf_tokenizer_name``) into ``folder``, so that a saved model carries
     its own tokenizer. A hub repo's files are fetched first with ``fetch`` (exports for other libraries, which need
     them); otherwise a repo name stays a name, fetched when used."""
     import shutil
 
-    source = config.get("text_cfg", {}).get("hf_tokenizer_name")
-    if not source:
+    source = tokenizer_files(config, fetch)
+    if source is None:
         return
-    if not has_tokenizer_files(source):
-        if not fetch:
-            return
-        source = tokenizer_folder(source)
     folder = Path(folder)
     for name in TOKENIZER_FILES:
         src, dst = Path(source) / name, folder / name

@@ -291,6 +291,10 @@ def save(model, folder: str | Path) -> Path:
 
     folder = Path(folder)
     config = config_from_clipforge(model.config, float(model.logit_scale.detach()))
+    if is_siglip(model.config):  # its tokenizer files (fetched from its hub repo if need be) before anything is written
+        from ..hub_tokenizer import tokenizer_files
+
+        tokenizer_files(model.config, fetch=True)
     save_safetensors(from_clipforge(model.state_dict()), folder / "model.safetensors", {"format": "pt"})
     write_json(folder / "config.json", config)
     save_image_processor(model, folder)
@@ -335,6 +339,8 @@ def save_siglip_tokenizer(model, folder: str | Path) -> None:
     folder = Path(folder)
     copy_tokenizer_files(model.config, folder, fetch=True)
     config_file = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file() and not (folder / "spiece.model").is_file():
+        return  # no tokenizer known (weights alone were loaded): none is written
     settings = read_json(config_file) if config_file.is_file() else {}
     write_json(config_file, {**settings, "model_input_names": ["input_ids"],
                              "model_max_length": model.config["text_cfg"]["context_length"]})

@@ -86,7 +86,10 @@ def save_open_clip(model, folder: str | Path) -> Path:
     config, state = model.config, model.state_dict()
     if hf.is_siglip(config):  # open_clip builds SigLIP's image tower from timm (checked by config_to_open_clip);
         # its text tower stays under text. (open_clip's "custom_text" layout)
+        from ..hub_tokenizer import tokenizer_files
+
         config, state = timm_siglip.config_to_open_clip(config), timm_siglip.from_clipforge(state)
+        tokenizer_files(model.config, fetch=True)  # fetched (or refused) before anything is written
     elif "depths" in config["vision_cfg"]:  # ConvNeXt: timm's tower by name, the weights as they are
         config, state = timm_convnext.config_to_open_clip(config), from_clipforge(state)
     else:
