@@ -48,14 +48,16 @@ class TextTransformer(nn.Module):
         self.ln_final = LayerNorm(width, eps=eps)
         if proj == "matrix":
             self.text_projection = nn.Parameter(torch.empty(width, output_dim))
-            nn.init.normal_(self.text_projection, std=width ** -0.5)
         elif proj == "linear":
             self.text_projection = nn.Linear(width, output_dim)
-            nn.init.normal_(self.text_projection.weight, std=width ** -0.5)
         else:
             self.text_projection = None
+        # in this order, so that a seed gives CLIP's towers the weights it gave before SigLIP's options existed
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.text_projection is not None:
+            weight = self.text_projection if proj == "matrix" else self.text_projection.weight
+            nn.init.normal_(weight, std=width ** -0.5)
         self.transformer.init_parameters()
         self.feature_cache = None  # a FeatureCache of this tower's output, once frozen (``cache_features``)
 
