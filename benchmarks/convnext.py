@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from clipforge.bench.timing import interleaved, summary
+from clipforge.files import write_json
 
 
 def main() -> None:
@@ -56,8 +57,7 @@ def main() -> None:
                                      args.batch, "images_per_s")}
     print(json.dumps(result, indent=1))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

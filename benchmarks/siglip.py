@@ -22,6 +22,7 @@ import torch
 
 from clipforge.bench.corpora import flickr8k_captions, noisy_captions
 from clipforge.bench.timing import interleaved, summary
+from clipforge.files import write_json
 
 
 def make_tokenizer(folder: Path, corpus: list[str], vocab_size: int = 8000) -> None:
@@ -110,8 +111,7 @@ def main() -> None:
         results[f"tokenizer_{corpus_name}"] = summary(interleaved(runs, args.repeats), len(corpus), "captions_per_s")
     print(json.dumps(results, indent=1))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":
