@@ -203,6 +203,19 @@ def test_hf_hub_architectures_clipforge_does_not_build_are_refused_by_name(cache
     assert _files(cache) == [cached_path(f"{srv.url}/owner/repo/resolve/main/open_clip_config.json").name]
 
 
+def test_an_open_clip_folder_clipforge_does_not_build_is_refused_by_name(tmp_path, tiny_weights):
+    """local-dir: folders are read as hub repos are: an architecture clipforge would build differently is named."""
+    folder = tmp_path / "oc"
+    folder.mkdir()
+    (folder / "open_clip_model.safetensors").write_bytes(tiny_weights[0])
+    for vision, message in (({"ls_init_value": 1e-5}, "vision_cfg.ls_init_value"),
+                            ({"timm_model_name": "eva02_base_patch16_clip_224"}, "timm's 'eva02_base_patch16_clip_224'")):
+        meta = {"model_cfg": {**_HUB_CONFIG, "vision_cfg": {**_HUB_CONFIG["vision_cfg"], **vision}}}
+        (folder / "open_clip_config.json").write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match=message):
+            clipforge.load("local-dir:" + str(folder))
+
+
 def test_checksum_mismatch_is_an_error_and_nothing_is_cached(server, cache):
     register_pretrained("ViT-Tiny-64", "bad-sum", f"{server.url}/tiny.safetensors", sha256="0" * 64)
     with pytest.raises(DownloadError, match="checksum mismatch"):

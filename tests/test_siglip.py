@@ -338,3 +338,21 @@ def test_an_export_whose_tokenizer_cannot_be_fetched_writes_nothing(tmp_path, mo
     with pytest.raises(DownloadError, match="owner/siglip-tokenizer"):
         hf.save(model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_open_clip_hub_configs_with_timm_towers_translate_as_local_folders_do():
+    """fetch_hub's reading of an open_clip repo's model_cfg (the download itself is tested elsewhere): SigLIP's and
+    ConvNeXt's timm towers become the zoo's configs; a timm tower clipforge does not build is refused by name."""
+    open_clip = pytest.importorskip("open_clip")
+    from pathlib import Path
+
+    from clipforge.checkpoint import CheckpointError
+    from clipforge.pretrained import _open_clip_config
+
+    configs = Path(open_clip.__file__).parent / "model_configs"
+    for name in ("ViT-B-16-SigLIP2-256", "convnext_base_w"):
+        assert _open_clip_config(json.loads((configs / f"{name}.json").read_text()), "owner/repo") == \
+            clipforge.get_model_config(name)
+    eva = json.loads((configs / "EVA02-B-16.json").read_text())
+    with pytest.raises(CheckpointError, match="timm's 'eva02_base_patch16_clip_224', which clipforge does not build"):
+        _open_clip_config(eva, "owner/repo")

@@ -256,21 +256,11 @@ def _hub_preprocess(cfg: dict, repo: str) -> dict:
 
 def _open_clip_config(model_cfg: dict, repo: str) -> dict:
     from .checkpoint import CheckpointError
-    from .checkpoint.openai import keys_outside_open_clip
+    from .checkpoint.openai import config_from_open_clip
 
     if not model_cfg:
         raise CheckpointError(f"hf-hub:{repo}: open_clip_config.json has no model_cfg")
-    from .checkpoint import timm_convnext, timm_siglip
-
-    if timm_convnext.is_open_clip_convnext(model_cfg):  # LAION's ConvNeXt
-        return timm_convnext.config_from_open_clip(model_cfg)
-    if timm_siglip.is_open_clip_siglip(model_cfg):  # a timm image tower: SigLIP's are built here, others refused
-        return timm_siglip.config_from_open_clip(model_cfg)
-    unsupported = keys_outside_open_clip(model_cfg)
-    if unsupported:
-        raise CheckpointError(f"hf-hub:{repo}: this architecture uses {', '.join(unsupported)}, which clipforge does "
-                              "not build; it would not load with identical outputs")
-    return {k: v for k, v in model_cfg.items() if k != "custom_text"}  # the text layout is detected from the keys
+    return config_from_open_clip(model_cfg, f"hf-hub:{repo}")
 
 
 def _progress(total: int, name: str):

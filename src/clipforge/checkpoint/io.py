@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_path, write_json
-from . import hf, openai, timm_convnext, timm_siglip
+from . import hf, openai, timm_siglip
 from .errors import CheckpointError
 from .infer import infer_config
 
@@ -150,11 +150,8 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tupl
             open_clip_config = path / OPEN_CLIP_CONFIG_NAME  # an open_clip model folder (local-dir:, a hub repo)
             if not folder_config and open_clip_config.exists():
                 folder_config = json.loads(open_clip_config.read_text())
-                model_cfg = folder_config.get("model_cfg", {})
-                if timm_convnext.is_open_clip_convnext(model_cfg):
-                    folder_config["model_cfg"] = timm_convnext.config_from_open_clip(model_cfg)
-                elif timm_siglip.is_open_clip_siglip(model_cfg):
-                    folder_config["model_cfg"] = timm_siglip.config_from_open_clip(model_cfg)
+                if folder_config.get("model_cfg"):  # as a hub repo's: translated, or refused by name
+                    folder_config["model_cfg"] = openai.config_from_open_clip(folder_config["model_cfg"], str(path))
             config = folder_config.get("model_cfg", config)
         else:
             tensors, config = _read_file(path, trust_pickle)

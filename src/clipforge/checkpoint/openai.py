@@ -71,6 +71,28 @@ def keys_outside_open_clip(config: dict) -> list[str]:
         sorted(f"text_cfg.{k}" for k in set(config.get("text_cfg", {})) - OPEN_CLIP_TEXT_KEYS)
 
 
+def config_from_open_clip(model_cfg: dict, where: str) -> dict:
+    """clipforge's config for an open_clip ``model_cfg`` (a model folder's or hub repo's): CLIP's as it is; timm's
+    SigLIP and ConvNeXt towers translated; anything clipforge would build differently (another timm tower, LayerScale,
+    attentional pooling ...) refused by name, naming ``where`` it came from, rather than loaded wrong."""
+    from . import timm_convnext, timm_siglip
+    from .errors import CheckpointError
+
+    if timm_convnext.is_open_clip_convnext(model_cfg):
+        return timm_convnext.config_from_open_clip(model_cfg)
+    if timm_siglip.is_open_clip_siglip(model_cfg):
+        return timm_siglip.config_from_open_clip(model_cfg)
+    timm_name = model_cfg.get("vision_cfg", {}).get("timm_model_name")
+    if timm_name:
+        raise CheckpointError(f"{where}: its image tower is timm's {timm_name!r}, which clipforge does not build "
+                              "(timm's SigLIP and ConvNeXt towers are)")
+    unsupported = keys_outside_open_clip(model_cfg)
+    if unsupported:
+        raise CheckpointError(f"{where}: this architecture uses {', '.join(unsupported)}, which clipforge does not "
+                              "build; it would not load with identical outputs")
+    return {k: v for k, v in model_cfg.items() if k != "custom_text"}  # the text layout is detected from the keys
+
+
 def save_open_clip(model, folder: str | Path) -> Path:
     """An open_clip model folder: ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg``) and
     ``open_clip_model.safetensors``, what ``open_clip.create_model_and_transforms("local-dir:FOLDER")`` reads, and,

@@ -155,7 +155,7 @@ def tower_config(timm_model_name: str, image_size: int | None = None) -> dict:
 
 
 def is_open_clip_siglip(model_cfg: dict) -> bool:
-    return "timm_model_name" in model_cfg.get("vision_cfg", {})
+    return "siglip" in model_cfg.get("vision_cfg", {}).get("timm_model_name", "")
 
 
 def config_from_open_clip(model_cfg: dict) -> dict:
