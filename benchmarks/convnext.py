@@ -1,9 +1,10 @@
 """LAION's ConvNeXt on CPU: clipforge's tower vs open_clip's (timm), the same weights, image embedding.
 
-    python benchmarks/convnext.py [--model convnext_base_w] [--batch 16] [--repeats 7] [--json out.json]
+    python benchmarks/convnext.py [--model convnext_base_w] [--batch 16] [--repeats 7] [--json out.json] [--profile]
 
 open_clip's random initialisation (layer scale randomised so every block counts), loaded into clipforge; features
 checked equal, then both timed taking turns (``bench.timing.interleaved``); fp32, the threads torch is given.
+``--profile`` also prints where clipforge's time goes in one batch (torch.profiler, by operator).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json")
+    p.add_argument("--profile", action="store_true", help="print clipforge's time per operator for one batch")
     args = p.parse_args()
     import open_clip
 
@@ -56,6 +58,10 @@ def main() -> None:
               "image_embed": summary(interleaved({"clipforge": timed(ours), "open_clip": timed(theirs)}, args.repeats),
                                      args.batch, "images_per_s")}
     print(json.dumps(result, indent=1))
+    if args.profile:
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            ours.encode_image(images)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     if args.json:
         write_json(args.json, result)
 
