@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 CLEANERS = ("canonicalize", "lower", "whitespace")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
-                   "tokenizer.model")
+MODEL_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")  # any one of them is a tokenizer
+TOKENIZER_FILES = (*MODEL_FILES, "tokenizer_config.json", "special_tokens_map.json")
 _NEEDS_FIX = re.compile(r"[^\t\n\r\x20-\x25\x27-\x7e]")  # not printable ASCII, or '&': ftfy and HTML may act
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -66,7 +66,7 @@ def _transformers_installed() -> bool:
 
 def has_tokenizer_files(folder: str | Path) -> bool:
     folder = Path(folder)
-    return folder.is_dir() and any((folder / n).is_file() for n in ("tokenizer.json", "spiece.model", "tokenizer.model"))
+    return folder.is_dir() and any((folder / n).is_file() for n in MODEL_FILES)
 
 
 def tokenizer_folder(source: str | Path) -> Path:
@@ -96,7 +96,7 @@ def tokenizer_folder(source: str | Path) -> Path:
                                 "tokenizer files") from None
         folder.mkdir(parents=True, exist_ok=True)
         fetched.replace(folder / name)
-    if not any((folder / n).exists() for n in ("tokenizer.json", "spiece.model", "tokenizer.model")):
+    if not has_tokenizer_files(folder):
         raise FileNotFoundError(f"hf-hub:{source} holds no tokenizer.json or SentencePiece model")
     (folder / ".complete").touch()
     return folder
@@ -124,7 +124,7 @@ def copy_tokenizer_files(config: dict, folder: str | Path, fetch: bool = False) 
         return
     folder = Path(folder)
     for name in TOKENIZER_FILES:
-        src, dst = Path(source) / name, folder / name
+        src, dst = source / name, folder / name
         if src.is_file() and src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)
 

@@ -84,8 +84,10 @@ def is_clip_config(folder_config: dict) -> bool:
 
 def is_siglip(state_or_config: dict) -> bool:
     """A SigLIP model: a clipforge state dict with attention pooling, or a clipforge or HF config of one."""
+    from ..models import is_siglip as is_siglip_config
+
     return "visual.head.probe" in state_or_config or state_or_config.get("model_type") == "siglip" or \
-        state_or_config.get("vision_cfg", {}).get("pool") == "map"
+        ("vision_cfg" in state_or_config and is_siglip_config(state_or_config))
 
 
 def processor_preprocess(processor: dict) -> dict:
@@ -220,17 +222,23 @@ def config_to_clipforge(hf: dict) -> dict:
     }
 
 
+def _hf_activation(cfg: dict, config: dict) -> str:
+    """transformers' name for a tower's activation (``models.clip.tower_activation``)."""
+    from ..models.clip import tower_activation
+
+    names = {ours: theirs for theirs, ours in _HF_ACTIVATIONS.items() if theirs != "gelu_new"}
+    return names[tower_activation(cfg, config.get("quick_gelu", False))]
+
+
 def _siglip_config_from_clipforge(config: dict) -> dict:
     vision, text = config["vision_cfg"], config["text_cfg"]
     if text.get("causal", True) or text.get("pool") != "last" or text.get("proj") != "linear":
         raise CheckpointError("Hugging Face SiglipModel's text tower is bidirectional, pooled at the last token and "
                               "projected with a bias; this model's is not (keep it as a clipforge folder)")
-    names = {ours: theirs for theirs, ours in _HF_ACTIVATIONS.items() if theirs != "gelu_new"}
 
     def tower(cfg: dict, kind: str) -> dict:
-        act = cfg.get("act") or ("quick_gelu" if cfg.get("quick_gelu", config.get("quick_gelu")) else "gelu")
         return {"hidden_size": cfg["width"], "intermediate_size": int(cfg["width"] * cfg.get("mlp_ratio", 4.0)),
-                "num_hidden_layers": cfg["layers"], "hidden_act": names[act],
+                "num_hidden_layers": cfg["layers"], "hidden_act": _hf_activation(cfg, config),
                 "layer_norm_eps": cfg.get("norm_eps", 1e-6 if kind == "vision" else 1e-5),
                 "model_type": f"siglip_{kind}_model"}
 
@@ -247,19 +255,14 @@ def _siglip_config_from_clipforge(config: dict) -> dict:
 
 def config_from_clipforge(config: dict, logit_scale: float) -> dict:
     """A ``CLIPModel`` config.json, or a ``SiglipModel``'s for a SigLIP model."""
-    from ..models import is_resnet
+    from ..models import is_convnext, is_resnet
 
     if is_siglip(config):
         return _siglip_config_from_clipforge(config)
     vision, text = config["vision_cfg"], config["text_cfg"]
-    if is_resnet(config) or "depths" in vision:
-        kind = "ConvNeXt" if "depths" in vision else "ResNet"
+    if is_resnet(config) or is_convnext(config):
+        kind = "ConvNeXt" if is_convnext(config) else "ResNet"
         raise CheckpointError(f"Hugging Face CLIPModel has no {kind} image tower; only ViT models export to HF")
-    top_gelu = config.get("quick_gelu", False)
-
-    def activation(cfg: dict) -> str:
-        return "quick_gelu" if cfg.get("quick_gelu", top_gelu) else "gelu"
-
     return {
         "architectures": ["CLIPModel"],
         "model_type": "clip",
@@ -269,14 +272,15 @@ def config_from_clipforge(config: dict, logit_scale: float) -> dict:
             "hidden_size": text["width"], "intermediate_size": int(text["width"] * text.get("mlp_ratio", 4.0)),
             "num_attention_heads": text.get("heads", text["width"] // 64), "num_hidden_layers": text["layers"],
             "max_position_embeddings": text["context_length"], "vocab_size": text["vocab_size"],
-            "hidden_act": activation(text), "layer_norm_eps": 1e-5, "projection_dim": config["embed_dim"],
+            "hidden_act": _hf_activation(text, config), "layer_norm_eps": 1e-5,
+            "projection_dim": config["embed_dim"],
             "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1, "model_type": "clip_text_model",
         },
         "vision_config": {
             "hidden_size": vision["width"], "intermediate_size": int(vision["width"] * vision.get("mlp_ratio", 4.0)),
             "num_attention_heads": vision["width"] // vision.get("head_width", 64),
             "num_hidden_layers": vision["layers"], "image_size": vision["image_size"],
-            "patch_size": vision["patch_size"], "num_channels": 3, "hidden_act": activation(vision),
+            "patch_size": vision["patch_size"], "num_channels": 3, "hidden_act": _hf_activation(vision, config),
             "layer_norm_eps": 1e-5, "projection_dim": config["embed_dim"], "model_type": "clip_vision_model",
         },
     }
@@ -334,12 +338,12 @@ def save_siglip_tokenizer(model, folder: str | Path) -> None:
     trained without a padding mask (as open_clip and clipforge run it), and transformers' SiglipModel masks padding
     whenever its tokenizer hands it an ``attention_mask``, which its zero-shot pipeline always passes on."""
     from ..files import read_json, write_json
-    from ..hub_tokenizer import copy_tokenizer_files
+    from ..hub_tokenizer import copy_tokenizer_files, has_tokenizer_files
 
     folder = Path(folder)
     copy_tokenizer_files(model.config, folder, fetch=True)
     config_file = folder / "tokenizer_config.json"
-    if not (folder / "tokenizer.json").is_file() and not (folder / "spiece.model").is_file():
+    if not has_tokenizer_files(folder):
         return  # no tokenizer known (weights alone were loaded): none is written
     settings = read_json(config_file) if config_file.is_file() else {}
     write_json(config_file, {**settings, "model_input_names": ["input_ids"],

@@ -100,6 +100,7 @@ def save_open_clip(model, folder: str | Path) -> Path:
     from . import hf, timm_convnext, timm_siglip
     from .errors import CheckpointError
     from .io import save_safetensors
+    from ..models import is_convnext
     from ..files import write_json
     from ..hub_tokenizer import copy_tokenizer_files
     from ..preprocess import Preprocess
@@ -112,7 +113,7 @@ def save_open_clip(model, folder: str | Path) -> Path:
 
         config, state = timm_siglip.config_to_open_clip(config), timm_siglip.from_clipforge(state)
         tokenizer_files(model.config, fetch=True)  # fetched (or refused) before anything is written
-    elif "depths" in config["vision_cfg"]:  # ConvNeXt: timm's tower by name, the weights as they are
+    elif is_convnext(config):  # ConvNeXt: timm's tower by name, the weights as they are
         config, state = timm_convnext.config_to_open_clip(config), from_clipforge(state)
     else:
         state = from_clipforge(state)

@@ -74,24 +74,34 @@ def is_resnet(config: dict) -> bool:
     return isinstance(config.get("vision_cfg", config).get("layers"), (list, tuple))
 
 
-def _activation(cfg: dict, quick_gelu: bool) -> str:
+def is_siglip(config: dict) -> bool:
+    """Whether a model config (or its ``vision_cfg``) has SigLIP's image tower: attention pooling."""
+    return config.get("vision_cfg", config).get("pool") == "map"
+
+
+def is_convnext(config: dict) -> bool:
+    """Whether a model config (or its ``vision_cfg``) has a ConvNeXt image tower: its stages' ``depths``."""
+    return "depths" in config.get("vision_cfg", config)
+
+
+def tower_activation(cfg: dict, quick_gelu: bool) -> str:
     """A tower's MLP activation: its own ``act``, else QuickGELU or GELU as the tower's or model's flag says."""
     return cfg.get("act") or ("quick_gelu" if cfg.get("quick_gelu", quick_gelu) else "gelu")
 
 
 def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
     quick_gelu = cfg.get("quick_gelu", quick_gelu)
-    if cfg.get("patch_dropout") and (cfg.get("pool") == "map" or "depths" in cfg or is_resnet(cfg)):
+    if cfg.get("patch_dropout") and (is_siglip(cfg) or is_convnext(cfg) or is_resnet(cfg)):
         raise ValueError("patch dropout is built for CLIP's ViT only (not SigLIP's, ConvNeXt or ResNet towers)")
-    if cfg.get("pool") == "map":  # SigLIP's tower: attention pooling, no class token, no projection
+    if is_siglip(cfg):  # SigLIP's tower: attention pooling, no class token, no projection
         if cfg["width"] != embed_dim:
             raise ValueError(f"a SigLIP image tower's width is its embedding: width {cfg['width']} != embed_dim "
                              f"{embed_dim}")
         return SigLIPVisionTransformer(
             image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["width"], layers=cfg["layers"],
             heads=cfg["width"] // cfg.get("head_width", 64), mlp_ratio=cfg.get("mlp_ratio", 4.0),
-            act=_activation(cfg, quick_gelu), eps=cfg.get("norm_eps", 1e-6))
-    if "depths" in cfg:  # LAION's ConvNeXt (timm's, under its names)
+            act=tower_activation(cfg, quick_gelu), eps=cfg.get("norm_eps", 1e-6))
+    if is_convnext(cfg):  # LAION's ConvNeXt (timm's, under its names)
         return ConvNeXt(image_size=cfg["image_size"], depths=list(cfg["depths"]), dims=list(cfg["dims"]),
                         output_dim=embed_dim, proj=cfg.get("proj", "linear"), eps=cfg.get("norm_eps", 1e-6))
     if is_resnet(cfg):
@@ -130,7 +140,7 @@ def build_text_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
         heads=cfg.get("heads", cfg["width"] // 64),
         output_dim=embed_dim,
         mlp_ratio=cfg.get("mlp_ratio", 4.0),
-        act=_activation(cfg, quick_gelu),
+        act=tower_activation(cfg, quick_gelu),
         causal=cfg.get("causal", True),
         pool=cfg.get("pool", "eot"),
         proj=cfg.get("proj", "matrix"),
