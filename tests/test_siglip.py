@@ -102,7 +102,7 @@ def test_siglip_tokens_are_open_clips(hf_siglip, tmp_path):
     folder, _ = hf_siglip
     make_gemma_tokenizer_folder(tmp_path / "gemma")
     for source in (folder, tmp_path / "gemma"):
-        tokenizer = HubTokenizer(source, 64)
+        tokenizer = HubTokenizer(source, 64, clean="canonicalize")
         theirs = open_clip.tokenizer.HFTokenizer(str(source), context_length=64, clean="canonicalize")
         assert torch.equal(tokenizer(TEXTS), theirs(TEXTS)), source
         assert torch.equal(tokenizer(TEXTS, context_length=16), theirs(TEXTS, context_length=16)), source

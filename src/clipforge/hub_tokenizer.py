@@ -1,7 +1,7 @@
 """Tokenizers that ship as Hugging Face tokenizer files beside the weights: SigLIP's SentencePiece vocabularies
-(T5's English, mT5's multilingual, Gemma's for SigLIP 2), with open_clip's text cleaning, so that ids are those of
-open_clip's ``HFTokenizer``: clean each text, then the tokenizer with its own special tokens, truncated and padded to
-the context length.
+(T5's English, mT5's multilingual, Gemma's for SigLIP 2), CLIPA's BERT WordPiece and MetaCLIP 2's XLM-V, with
+open_clip's text cleaning, so that ids are those of open_clip's ``HFTokenizer``: clean each text, then the tokenizer
+with its own special tokens, truncated and padded to the context length.
 
 A plain ``tokenizer.json`` runs in the compiled ``tokenizers`` library directly. A folder that names its own
 tokenizer class (SigLIP 2's ``GemmaTokenizer``, which transformers rebuilds around the file) is configured once by
@@ -56,6 +56,19 @@ def clean(text: str, mode: str = "canonicalize") -> str:
 def _token_text(value) -> str | None:
     """A special token as tokenizer_config.json / special_tokens_map.json write it: a string or {"content": ...}."""
     return value.get("content") if isinstance(value, dict) else value
+
+
+# a special token a tokenizer folder does not name (bert-base-uncased's name none: transformers takes its class's
+# defaults), found by these spellings among the tokenizer's own special tokens
+DEFAULT_SPECIALS = {"pad_token": ("[PAD]", "<pad>"), "sep_token": ("[SEP]", "</s>")}
+
+
+def _special_id(fast, settings: dict, name: str) -> int | None:
+    token = _token_text(settings.get(name))
+    if token is not None:
+        return fast.token_to_id(token)
+    specials = {t.content for t in fast.get_added_tokens_decoder().values() if t.special}
+    return next((fast.token_to_id(t) for t in DEFAULT_SPECIALS[name] if t in specials), None)
 
 
 def _transformers_installed() -> bool:
@@ -141,14 +154,18 @@ def without_local_tokenizer_path(config: dict) -> dict:
 class HubTokenizer:
     """``tokenizer(texts) -> LongTensor [N, context_length]`` from a folder (or hub repo) of tokenizer files."""
 
-    def __init__(self, source: str | Path | None, context_length: int = 64, clean: str = "canonicalize"):
-        """Files are found (and fetched from the hub) on first use: a model whose text goes unused (image embedding)
-        needs none."""
+    def __init__(self, source: str | Path | None, context_length: int = 64, clean: str = "whitespace",
+                 strip_sep_token: bool = False):
+        """``clean`` and ``strip_sep_token`` (the separator token replaced by id 0, CLIPA's BERT setting) as open_clip's
+        ``tokenizer_kwargs`` name them, with its defaults. Files are found (and fetched from the hub) on first use: a
+        model whose text goes unused (image embedding) needs none."""
         if clean not in CLEANERS:
             raise ValueError(f"unknown text cleaner {clean!r}; expected one of {', '.join(CLEANERS)}")
         self.source = source
         self.context_length = context_length
         self.clean_mode = clean
+        self.strip_sep_token = strip_sep_token
+        self.sep_token_id = None
         self._fast = self._auto = self._folder = None
 
     @property
@@ -175,8 +192,8 @@ class HubTokenizer:
             from tokenizers import Tokenizer
 
             fast = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-            pad = _token_text(settings.get("pad_token"))
-            self.pad_token_id = fast.token_to_id(pad) if pad is not None else None
+            self.pad_token_id = _special_id(fast, settings, "pad_token")
+            self.sep_token_id = _special_id(fast, settings, "sep_token")
             self._padding_side = settings.get("padding_side", "right")
         else:
             from transformers import AutoTokenizer
@@ -184,14 +201,23 @@ class HubTokenizer:
             auto = AutoTokenizer.from_pretrained(str(self.folder))
             fast = getattr(auto, "backend_tokenizer", None) if auto.is_fast else None
             self.pad_token_id, self._padding_side = auto.pad_token_id, auto.padding_side
+            self.sep_token_id = auto.sep_token_id
             if fast is None:  # a SentencePiece model without tokenizer.json: transformers runs it
                 self._auto = auto
                 return
         if self.pad_token_id is None:
             raise ValueError(f"{self.folder}: the tokenizer names no padding token (pad_token) in its vocabulary")
+        if self.strip_sep_token and self.sep_token_id is None:
+            raise ValueError(f"{self.folder}: strip_sep_token is set, but the tokenizer has no separator token")
         self._fast = fast
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.LongTensor:
+        ids = self._ids(texts, context_length)
+        if self.strip_sep_token:  # open_clip's: the separator becomes id 0 wherever it stands
+            ids[ids == self.sep_token_id] = 0
+        return ids
+
+    def _ids(self, texts: str | list[str], context_length: int | None) -> torch.LongTensor:
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):

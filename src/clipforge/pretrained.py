@@ -223,9 +223,9 @@ def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
         hf_config = json.loads(download(f"{base}/config.json", progress=False).read_text())
     except NotFoundError:
         raise DownloadError(f"hf-hub:{repo}: neither open_clip_config.json nor config.json found at {base}") from None
-    if hf_config.get("model_type") not in ("clip", "siglip"):
-        raise CheckpointError(f"hf-hub:{repo}: config.json is a {hf_config.get('model_type')!r} model, not 'clip' or "
-                              "'siglip'")
+    if not hf.is_clip_config(hf_config):
+        raise CheckpointError(f"hf-hub:{repo}: config.json is a {hf_config.get('model_type')!r} model, not one of "
+                              f"{', '.join(hf.MODEL_TYPES)}")
     try:  # its CLIPProcessor's image settings, where the repo has them
         processor = json.loads(download(f"{base}/preprocessor_config.json", progress=False).read_text())
     except NotFoundError:
@@ -233,7 +233,7 @@ def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
     weights = fetch(PretrainedSource(f"{base}/model.safetensors", fallback_url=f"{base}/pytorch_model.bin"),
                     progress=progress)
     config = hf_config_to_clipforge(hf_config)
-    if hf.is_siglip(config):  # its tokenizer files are in the same repo
+    if "hf_tokenizer_name" in config["text_cfg"]:  # SigLIP's, MetaCLIP 2's: its tokenizer files are in the same repo
         config["text_cfg"]["hf_tokenizer_name"] = repo
     return HubCheckpoint(weights, config, hf.processor_preprocess(processor))
 

@@ -279,8 +279,8 @@ def _shared_tokenizer(context_length: int) -> Tokenizer:
 
 def get_tokenizer(name: str | dict | None = None, context_length: int | None = None):
     """The tokenizer for a zoo model name or model config (its context length; a Hugging Face text tower brings its
-    own tokenizer, a SigLIP model its tokenizer files: ``hub_tokenizer``), or the OpenAI default (77 tokens) when no
-    name is given."""
+    own tokenizer, a SigLIP, CLIPA or MetaCLIP 2 model its tokenizer files: ``hub_tokenizer``), or the OpenAI default
+    (77 tokens) when no name is given."""
     text_cfg = {}
     if name is not None:
         from .models import get_model_config
@@ -292,7 +292,7 @@ def get_tokenizer(name: str | dict | None = None, context_length: int | None = N
         from .models.hf_text import HFTokenizer
 
         return HFTokenizer(text_cfg["hf_model_name"], context_length)
-    if "hf_tokenizer_name" in text_cfg:  # SigLIP's: tokenizer files beside the weights or in a hub repo
+    if "hf_tokenizer_name" in text_cfg:  # SigLIP's, CLIPA's, MetaCLIP 2's: files beside the weights or in a hub repo
         from .hub_tokenizer import HubTokenizer
 
         return HubTokenizer(text_cfg["hf_tokenizer_name"], context_length, **text_cfg.get("tokenizer_kwargs", {}))

@@ -76,10 +76,18 @@ def matches(state: dict) -> bool:
     return any(k.startswith(("vision_model.", "text_model.")) for k in state)
 
 
+MODEL_TYPES = {"clip": "CLIPModel", "siglip": "SiglipModel", "metaclip_2": "MetaClip2Model"}
+
+
 def is_clip_config(folder_config: dict) -> bool:
-    """Whether a folder's ``config.json`` is a transformers ``CLIPModel``'s or ``SiglipModel``'s."""
-    return folder_config.get("model_type") in ("clip", "siglip") or \
-        bool({"CLIPModel", "SiglipModel"} & set(folder_config.get("architectures", [])))
+    """Whether a folder's ``config.json`` is a transformers ``CLIPModel``'s, ``SiglipModel``'s or
+    ``MetaClip2Model``'s (CLIP's layout and keys, with its own tokenizer, pooled at its end-of-text id)."""
+    return folder_config.get("model_type") in MODEL_TYPES or \
+        bool(set(MODEL_TYPES.values()) & set(folder_config.get("architectures", [])))
+
+
+def is_metaclip_2(folder_config: dict) -> bool:
+    return folder_config.get("model_type") == "metaclip_2" or "MetaClip2Model" in folder_config.get("architectures", [])
 
 
 def is_siglip(state_or_config: dict) -> bool:
@@ -205,7 +213,7 @@ def config_to_clipforge(hf: dict) -> dict:
     for tower in (text, vision):
         if tower.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
             raise CheckpointError(f"unsupported Hugging Face activation {tower['hidden_act']!r}")
-    return {
+    config = {
         "embed_dim": hf.get("projection_dim", 512),
         "vision_cfg": {
             "image_size": vision["image_size"], "patch_size": vision["patch_size"], "width": vision["hidden_size"],
@@ -220,6 +228,9 @@ def config_to_clipforge(hf: dict) -> dict:
             "quick_gelu": text.get("hidden_act", "quick_gelu") == "quick_gelu",
         },
     }
+    if is_metaclip_2(hf):  # pooled at the first end-of-text token; its tokenizer files lie beside the weights
+        config["text_cfg"].update(pool="eos", eos_id=text.get("eos_token_id", 2), hf_tokenizer_name=None)
+    return config
 
 
 def _hf_activation(cfg: dict, config: dict) -> str:
@@ -263,9 +274,17 @@ def config_from_clipforge(config: dict, logit_scale: float) -> dict:
     if is_resnet(config) or is_convnext(config):
         kind = "ConvNeXt" if is_convnext(config) else "ResNet"
         raise CheckpointError(f"Hugging Face CLIPModel has no {kind} image tower; only ViT models export to HF")
+    if vision.get("pool", "tok") != "tok" or not vision.get("ln_pre", True) or text.get("pool", "eot") == "last" \
+            or not text.get("causal", True) or text.get("proj", "matrix") != "matrix":
+        raise CheckpointError("Hugging Face CLIPModel pools the class token after ln_pre and the text at its "
+                              "end-of-text token under a causal mask; this model (CLIPA's settings) is not one; write "
+                              "--to open_clip or clipforge")
+    model_type = "metaclip_2" if text.get("pool") == "eos" else "clip"  # its own tokenizer's end-of-text id
+    ids = {"bos_token_id": 0, "eos_token_id": text["eos_id"], "pad_token_id": 1} if model_type == "metaclip_2" else \
+        {"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1}
     return {
-        "architectures": ["CLIPModel"],
-        "model_type": "clip",
+        "architectures": [MODEL_TYPES[model_type]],
+        "model_type": model_type,
         "projection_dim": config["embed_dim"],
         "logit_scale_init_value": logit_scale,
         "text_config": {
@@ -273,15 +292,15 @@ def config_from_clipforge(config: dict, logit_scale: float) -> dict:
             "num_attention_heads": text.get("heads", text["width"] // 64), "num_hidden_layers": text["layers"],
             "max_position_embeddings": text["context_length"], "vocab_size": text["vocab_size"],
             "hidden_act": _hf_activation(text, config), "layer_norm_eps": 1e-5,
-            "projection_dim": config["embed_dim"],
-            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1, "model_type": "clip_text_model",
+            "projection_dim": config["embed_dim"], **ids, "model_type": f"{model_type}_text_model",
         },
         "vision_config": {
             "hidden_size": vision["width"], "intermediate_size": int(vision["width"] * vision.get("mlp_ratio", 4.0)),
             "num_attention_heads": vision["width"] // vision.get("head_width", 64),
             "num_hidden_layers": vision["layers"], "image_size": vision["image_size"],
             "patch_size": vision["patch_size"], "num_channels": 3, "hidden_act": _hf_activation(vision, config),
-            "layer_norm_eps": 1e-5, "projection_dim": config["embed_dim"], "model_type": "clip_vision_model",
+            "layer_norm_eps": 1e-5, "projection_dim": config["embed_dim"],
+            "model_type": f"{model_type}_vision_model",
         },
     }
 
@@ -295,15 +314,16 @@ def save(model, folder: str | Path) -> Path:
 
     folder = Path(folder)
     config = config_from_clipforge(model.config, float(model.logit_scale.detach()))
-    if is_siglip(model.config):  # its tokenizer files (fetched from its hub repo if need be) before anything is written
+    own_tokenizer = "hf_tokenizer_name" in model.config["text_cfg"]  # SigLIP's, MetaCLIP 2's
+    if own_tokenizer:  # its tokenizer files (fetched from its hub repo if need be) before anything is written
         from ..hub_tokenizer import tokenizer_files
 
         tokenizer_files(model.config, fetch=True)
     save_safetensors(from_clipforge(model.state_dict()), folder / "model.safetensors", {"format": "pt"})
     write_json(folder / "config.json", config)
     save_image_processor(model, folder)
-    if is_siglip(model.config):
-        save_siglip_tokenizer(model, folder)
+    if own_tokenizer:
+        save_own_tokenizer(model, folder)
     else:
         save_clip_tokenizer(model, folder)
     return folder
@@ -333,10 +353,11 @@ def save_image_processor(model, folder: str | Path) -> None:
     })
 
 
-def save_siglip_tokenizer(model, folder: str | Path) -> None:
+def save_own_tokenizer(model, folder: str | Path) -> None:
     """The model's tokenizer files, with ``model_input_names: ["input_ids"]`` in ``tokenizer_config.json``: SigLIP was
     trained without a padding mask (as open_clip and clipforge run it), and transformers' SiglipModel masks padding
-    whenever its tokenizer hands it an ``attention_mask``, which its zero-shot pipeline always passes on."""
+    whenever its tokenizer hands it an ``attention_mask``, which its zero-shot pipeline always passes on. (A causal
+    tower such as MetaCLIP 2's gives the same features either way.)"""
     from ..files import read_json, write_json
     from ..hub_tokenizer import copy_tokenizer_files, has_tokenizer_files
 

@@ -47,6 +47,8 @@ def infer_config(state: dict) -> dict:
                 "layers": _count(state, "visual.transformer.resblocks."),
                 "mlp_ratio": mlp_ratio(state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], width),
             }
+            if "visual.ln_pre.weight" not in state:  # CLIPA's
+                vision_cfg["ln_pre"] = False
         else:
             layers = [_count(state, f"visual.layer{i}.") for i in range(1, 5)]
             output_width = round(math.sqrt(state["visual.attnpool.positional_embedding"].shape[0] - 1))
@@ -118,17 +120,25 @@ def _shape_signature(config: dict) -> tuple | None:
             return tuple(str(cfg.get(k)) for k in keys) + (hidden,)
 
         return (config["embed_dim"],
-                tower(config["vision_cfg"], ("image_size", "patch_size", "width", "layers"), not is_resnet(config)),
+                tower(config["vision_cfg"], ("image_size", "patch_size", "width", "layers", "ln_pre"),
+                      not is_resnet(config)),
                 tower(config["text_cfg"], ("context_length", "vocab_size", "width", "layers"), True))
     except (KeyError, TypeError):  # e.g. a Hugging Face text tower: not comparable
         return None
 
 
+# what weights do not show, taken from the zoo architecture with the same shapes
+UNSEEN_SETTINGS = {"vision_cfg": ("head_width", "act", "pool", "final_ln_after_pool"),
+                   "text_cfg": ("heads", "act", "pool", "eos_id", "causal", "hf_tokenizer_name", "tokenizer_kwargs")}
+
+
 def _adopt_zoo_heads(config: dict) -> None:
-    """Weights do not reveal how many attention heads split a width, nor (SigLIP's) which GELU a tower uses: 64-wide
-    heads (OpenAI's) and exact GELU are assumed, unless a zoo architecture has exactly these shapes, whose head layout
-    and activations are taken (LAION's ViT-H/g/bigG use 80-104-wide heads; SigLIP 2's towers mostly tanh GELU, and
-    its 256k vocabulary tells it from SigLIP's). Others need their name: ``clipforge.load(NAME, pretrained=PATH)``."""
+    """Weights do not reveal how many attention heads split a width, which GELU a tower uses (SigLIP's), how it pools
+    (CLIPA's mean of patches, MetaCLIP 2's end-of-text id) nor its tokenizer: OpenAI's CLIP is assumed (64-wide heads,
+    exact GELU, class and EOT tokens), unless a zoo architecture has exactly these shapes, whose settings are taken
+    (LAION's ViT-H/g/bigG use 80-104-wide heads; SigLIP 2's towers mostly tanh GELU, and its 256k vocabulary tells it
+    from SigLIP's; CLIPA's 32-token BERT vocabulary and missing ln_pre, MetaCLIP 2's 901,629-token XLM-V). Others need
+    their name: ``clipforge.load(NAME, pretrained=PATH)``."""
     from ..models import get_model_config, list_models
 
     signature = _shape_signature(config)
@@ -136,11 +146,6 @@ def _adopt_zoo_heads(config: dict) -> None:
         zoo = get_model_config(name)
         if _shape_signature(zoo) != signature:
             continue
-        if "head_width" in zoo["vision_cfg"]:
-            config["vision_cfg"]["head_width"] = zoo["vision_cfg"]["head_width"]
-        if "heads" in zoo["text_cfg"]:
-            config["text_cfg"]["heads"] = zoo["text_cfg"]["heads"]
-        for tower in ("vision_cfg", "text_cfg"):
-            if "act" in zoo[tower]:
-                config[tower]["act"] = zoo[tower]["act"]
+        for tower, keys in UNSEEN_SETTINGS.items():
+            config[tower].update({k: zoo[tower][k] for k in keys if k in zoo[tower]})
         return

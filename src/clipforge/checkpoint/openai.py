@@ -59,16 +59,131 @@ def save(model, path: str | Path) -> Path:
 # open_clip model_cfg keys that mean the same in clipforge's configs (custom_text: a layout flag, read off the keys)
 OPEN_CLIP_TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
                       "custom_text"}
-OPEN_CLIP_VISION_KEYS = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "patch_dropout"}
-OPEN_CLIP_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+SHARED_VISION_KEYS = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "patch_dropout"}
+SHARED_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "hf_tokenizer_name",
+                    "tokenizer_kwargs"}
+TEXT_POOLS = {"argmax": "eot", "last": "last", "eos": "eos"}  # open_clip's pool_type -> clipforge's text pool
 
 
-def keys_outside_open_clip(config: dict) -> list[str]:
-    """The keys of a model config (open_clip's ``model_cfg`` or clipforge's) that the two do not share: an
-    architecture one of them would build differently or not at all."""
-    return sorted(set(config) - OPEN_CLIP_TOP_KEYS) + \
-        sorted(f"vision_cfg.{k}" for k in set(config.get("vision_cfg", {})) - OPEN_CLIP_VISION_KEYS) + \
-        sorted(f"text_cfg.{k}" for k in set(config.get("text_cfg", {})) - OPEN_CLIP_TEXT_KEYS)
+def _refuse_unknown(cfg: dict, known: set, prefix: str, where: str, builder: str) -> None:
+    from .errors import CheckpointError
+
+    unknown = sorted(f"{prefix}.{k}" for k in set(cfg) - known)
+    if unknown:
+        raise CheckpointError(f"{where}: this architecture uses {', '.join(unknown)}, which {builder} does not "
+                              "build; it would not load with identical outputs")
+
+
+def text_cfg_from_open_clip(text: dict, where: str) -> dict:
+    """clipforge's ``text_cfg`` for open_clip's TextTransformer settings: only the keys that differ from CLIP's
+    defaults are written (a plain CLIP config comes back as it was)."""
+    from .errors import CheckpointError
+
+    _refuse_unknown(text, SHARED_TEXT_KEYS | {"pool_type", "eos_id", "no_causal_mask", "proj_bias", "proj_type",
+                                             "act_kwargs", "norm_kwargs", "pad_id"}, "text_cfg", where, "clipforge")
+    out = {k: v for k, v in text.items() if k in SHARED_TEXT_KEYS}
+    pool = text.get("pool_type", "argmax")
+    if pool not in TEXT_POOLS:
+        raise CheckpointError(f"{where}: text pool_type {pool!r} is not built here (argmax, eos and last are)")
+    if pool != "argmax":
+        out["pool"] = TEXT_POOLS[pool]
+    if pool == "eos":
+        out["eos_id"] = text.get("eos_id", 2)  # open_clip's default
+    if text.get("no_causal_mask"):
+        out["causal"] = False
+    if text.get("proj_type", "linear") == "none":
+        out["proj"] = "none"
+    elif text.get("proj_bias"):
+        out["proj"] = "linear"
+    approximate = (text.get("act_kwargs") or {}).get("approximate", "none")
+    if approximate != "none":
+        out["act"] = "gelu_tanh" if approximate == "tanh" else approximate
+    if "norm_kwargs" in text:
+        out["norm_eps"] = text["norm_kwargs"].get("eps", 1e-5)
+    return out
+
+
+def _hub_name(name: str | None) -> str:
+    """A tokenizer's name as an exported open_clip folder records it: a hub repo is kept; a local folder's files are
+    copied beside the weights, where open_clip's local-dir: looks whatever the (non-empty) name is (for an hf-hub:
+    upload, name the repo here)."""
+    from ..hub_tokenizer import has_tokenizer_files
+
+    return name if name and not has_tokenizer_files(name) else "."
+
+
+def text_cfg_to_open_clip(text: dict, quick_gelu: bool = False) -> dict:
+    """open_clip's TextTransformer settings for a clipforge ``text_cfg`` (``text_cfg_from_open_clip``'s inverse)."""
+    _refuse_unknown(text, SHARED_TEXT_KEYS | {"pool", "eos_id", "causal", "proj", "act", "norm_eps"}, "text_cfg",
+                    "this model's config", "open_clip's CLIP")
+    out = {k: v for k, v in text.items() if k in SHARED_TEXT_KEYS}
+    if "hf_tokenizer_name" in text:
+        out["hf_tokenizer_name"] = _hub_name(text["hf_tokenizer_name"])
+    pool = text.get("pool", "eot")
+    if pool != "eot":
+        out["pool_type"] = {v: k for k, v in TEXT_POOLS.items()}[pool]
+    if pool == "eos":
+        out["eos_id"] = text["eos_id"]
+    if not text.get("causal", True):
+        out["no_causal_mask"] = True
+    if text.get("proj", "matrix") == "linear":
+        out["proj_bias"] = True
+    elif text.get("proj") == "none":
+        out["proj_type"] = "none"
+    act = text.get("act")
+    if act == "gelu_tanh":
+        out["act_kwargs"] = {"approximate": "tanh"}
+    elif act is not None and act != ("quick_gelu" if quick_gelu else "gelu"):
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"open_clip sets the text tower's activation for the whole model; this one's ({act}) "
+                              "differs from the image tower's")
+    if text.get("norm_eps", 1e-5) != 1e-5:
+        out["norm_kwargs"] = {"eps": text["norm_eps"]}
+    return out
+
+
+def vision_cfg_from_open_clip(vision: dict, where: str) -> dict:
+    """clipforge's ``vision_cfg`` for open_clip's VisionTransformer settings (CLIPA's pooling and norms included)."""
+    from .errors import CheckpointError
+
+    _refuse_unknown(vision, SHARED_VISION_KEYS | {"no_ln_pre", "pool_type", "final_ln_after_pool"}, "vision_cfg",
+                    where, "clipforge")
+    out = {k: v for k, v in vision.items() if k in SHARED_VISION_KEYS}
+    pool = vision.get("pool_type", "tok")
+    if pool not in ("tok", "avg"):
+        raise CheckpointError(f"{where}: image pool_type {pool!r} is not built here (tok and avg are)")
+    if pool == "avg":
+        out["pool"] = "avg"
+    if vision.get("no_ln_pre"):
+        out["ln_pre"] = False
+    if vision.get("final_ln_after_pool"):
+        out["final_ln_after_pool"] = True
+    return out
+
+
+def vision_cfg_to_open_clip(vision: dict) -> dict:
+    """open_clip's VisionTransformer settings for a clipforge ViT ``vision_cfg``."""
+    _refuse_unknown(vision, SHARED_VISION_KEYS | {"pool", "ln_pre", "final_ln_after_pool"}, "vision_cfg",
+                    "this model's config", "open_clip's CLIP")
+    out = {k: v for k, v in vision.items() if k in SHARED_VISION_KEYS}
+    if vision.get("pool", "tok") == "avg":
+        out["pool_type"] = "avg"
+    if not vision.get("ln_pre", True):
+        out["no_ln_pre"] = True
+    if vision.get("final_ln_after_pool"):
+        out["final_ln_after_pool"] = True
+    return out
+
+
+def config_to_open_clip(config: dict) -> dict:
+    """open_clip's ``model_cfg`` for a clipforge CLIP config with open_clip's own towers (a ViT or a ResNet)."""
+    from ..models import is_resnet
+
+    _refuse_unknown(config, OPEN_CLIP_TOP_KEYS, "config", "this model's config", "open_clip's CLIP")
+    quick_gelu = config.get("quick_gelu", False)
+    vision = dict(config["vision_cfg"]) if is_resnet(config) else vision_cfg_to_open_clip(config["vision_cfg"])
+    return {**config, "vision_cfg": vision, "text_cfg": text_cfg_to_open_clip(config["text_cfg"], quick_gelu)}
 
 
 def config_from_open_clip(model_cfg: dict, where: str) -> dict:
@@ -86,11 +201,14 @@ def config_from_open_clip(model_cfg: dict, where: str) -> dict:
     if timm_name:
         raise CheckpointError(f"{where}: its image tower is timm's {timm_name!r}, which clipforge does not build "
                               "(timm's SigLIP and ConvNeXt towers are)")
-    unsupported = keys_outside_open_clip(model_cfg)
-    if unsupported:
-        raise CheckpointError(f"{where}: this architecture uses {', '.join(unsupported)}, which clipforge does not "
-                              "build; it would not load with identical outputs")
-    return {k: v for k, v in model_cfg.items() if k != "custom_text"}  # the text layout is detected from the keys
+    from ..models import is_resnet
+
+    _refuse_unknown(model_cfg, OPEN_CLIP_TOP_KEYS, "model_cfg", where, "clipforge")
+    config = {k: v for k, v in model_cfg.items() if k != "custom_text"}  # the text layout is detected from the keys
+    if not is_resnet(model_cfg):
+        config["vision_cfg"] = vision_cfg_from_open_clip(model_cfg.get("vision_cfg", {}), where)
+    config["text_cfg"] = text_cfg_from_open_clip(model_cfg.get("text_cfg", {}), where)
+    return config
 
 
 def save_open_clip(model, folder: str | Path) -> Path:
@@ -102,28 +220,26 @@ def save_open_clip(model, folder: str | Path) -> Path:
     from .io import save_safetensors
     from ..models import is_convnext
     from ..files import write_json
-    from ..hub_tokenizer import copy_tokenizer_files
+    from ..hub_tokenizer import copy_tokenizer_files, tokenizer_files
     from ..preprocess import Preprocess
 
     folder = Path(folder)
     config, state = model.config, model.state_dict()
     if hf.is_siglip(config):  # open_clip builds SigLIP's image tower from timm (checked by config_to_open_clip);
         # its text tower stays under text. (open_clip's "custom_text" layout)
-        from ..hub_tokenizer import tokenizer_files
-
         config, state = timm_siglip.config_to_open_clip(config), timm_siglip.from_clipforge(state)
-        tokenizer_files(model.config, fetch=True)  # fetched (or refused) before anything is written
     elif is_convnext(config):  # ConvNeXt: timm's tower by name, the weights as they are
         config, state = timm_convnext.config_to_open_clip(config), from_clipforge(state)
     else:
-        state = from_clipforge(state)
-        unsupported = keys_outside_open_clip(config)
-        if unsupported:
-            raise CheckpointError(f"this model's config uses {', '.join(unsupported)}, which open_clip's CLIP does "
-                                  "not take; keep it as a clipforge folder (--to clipforge)")
+        try:
+            config, state = config_to_open_clip(config), from_clipforge(state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; keep it as a clipforge folder (--to clipforge)") from None
+    # a tokenizer of its own (SigLIP's, CLIPA's, MetaCLIP 2's): fetched (or refused) before anything is written, and
+    # copied beside the weights, where open_clip's local-dir: reads it
+    tokenizer_files(model.config, fetch=True)
     preprocess = Preprocess(model.image_size, **(getattr(model, "normalisation", None) or {})).settings
     save_safetensors(state, folder / "open_clip_model.safetensors", {"format": "pt"})
     write_json(folder / "open_clip_config.json", {"model_cfg": config, "preprocess_cfg": preprocess})
-    # SigLIP's tokenizer: open_clip's local-dir: reads it from the folder
-    copy_tokenizer_files(model.config, folder, fetch=hf.is_siglip(model.config))
+    copy_tokenizer_files(model.config, folder, fetch=True)
     return folder

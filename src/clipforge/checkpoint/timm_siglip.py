@@ -102,15 +102,11 @@ def from_clipforge(state: dict) -> dict:
     return out
 
 
-def _hub_name(name: str | None) -> str:
-    from ..hub_tokenizer import has_tokenizer_files
-
-    return name if name and not has_tokenizer_files(name) else "."
-
-
 def config_to_open_clip(config: dict) -> dict:
     """open_clip's ``model_cfg`` for a clipforge SigLIP config: its image tower named by the timm model of the same
     shapes and activation (the inverse of ``config_from_open_clip``)."""
+    from .openai import text_cfg_to_open_clip
+
     vision, text = config["vision_cfg"], config["text_cfg"]
     fits = [name for name in TIMM_SIGLIP if {**tower_config(name), "image_size": vision["image_size"]} == vision]
     # timm's model for this resolution where it has one (open_clip's choice), else one open_clip resizes
@@ -120,19 +116,8 @@ def config_to_open_clip(config: dict) -> dict:
                               "activation; keep it as a clipforge or Hugging Face folder")
     if text.get("pool") != "last" or text.get("causal", True) or text.get("act") == "quick_gelu":
         raise CheckpointError("this text tower is not one open_clip's SigLIP settings build")
-    text_cfg = {"context_length": text["context_length"], "vocab_size": text["vocab_size"], "width": text["width"],
-                "heads": text["heads"], "layers": text["layers"], "mlp_ratio": text.get("mlp_ratio", 4.0),
-                "no_causal_mask": True, "pool_type": "last", "norm_kwargs": {"eps": text.get("norm_eps", 1e-5)},
-                # a hub repo is kept; a local folder's files are copied beside the weights, where open_clip's
-                # local-dir: looks whatever the (non-empty) name; for an hf-hub: upload, name the repo here
-                "hf_tokenizer_name": _hub_name(text.get("hf_tokenizer_name")),
-                "tokenizer_kwargs": text.get("tokenizer_kwargs", {})}
-    if text.get("proj", "matrix") == "linear":
-        text_cfg["proj_bias"] = True
-    elif text.get("proj") == "none":
-        text_cfg["proj_type"] = "none"
-    if text.get("act") == "gelu_tanh":
-        text_cfg["act_kwargs"] = {"approximate": "tanh"}
+    text_cfg = {"mlp_ratio": 4.0, "norm_kwargs": {"eps": text.get("norm_eps", 1e-5)}, "tokenizer_kwargs": {},
+                **text_cfg_to_open_clip(text)}
     out = {"embed_dim": config["embed_dim"], "custom_text": True,
            "vision_cfg": {"image_size": vision["image_size"], "timm_model_name": timm_name,
                           "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
@@ -161,24 +146,16 @@ def is_open_clip_siglip(model_cfg: dict) -> bool:
 def config_from_open_clip(model_cfg: dict) -> dict:
     """clipforge's config for an open_clip SigLIP ``model_cfg`` (timm image tower, open_clip's text tower without a
     causal mask, pooled at the last token, a projection with a bias); anything else in it is refused by name."""
+    from .openai import text_cfg_from_open_clip
+
     vision, text = model_cfg["vision_cfg"], dict(model_cfg["text_cfg"])
     if vision.get("timm_pool", "map") != "map" or vision.get("timm_proj", "none") != "none":
         raise CheckpointError(f"open_clip timm tower with pool {vision.get('timm_pool')!r} and projection "
                               f"{vision.get('timm_proj')!r} is not built here (SigLIP's map / none are)")
-    known = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "hf_tokenizer_name",
-             "tokenizer_kwargs", "no_causal_mask", "proj_bias", "pool_type", "norm_kwargs", "act_kwargs", "proj_type"}
-    unknown = sorted(set(text) - known)
-    if unknown or text.get("pool_type", "argmax") != "last" or not text.get("no_causal_mask"):
-        raise CheckpointError(f"open_clip text tower settings not built here: {unknown or text}")
-    approximate = (text.get("act_kwargs") or {}).get("approximate", "none")
-    proj = "none" if text.get("proj_type") == "none" else "linear" if text.get("proj_bias") else "matrix"
-    text_cfg = {
-        "context_length": text["context_length"], "vocab_size": text["vocab_size"], "width": text["width"],
-        "heads": text["heads"], "layers": text["layers"], "mlp_ratio": text.get("mlp_ratio", 4.0),
-        "causal": False, "pool": "last", "proj": proj, "act": "gelu_tanh" if approximate == "tanh" else "gelu",
-        "norm_eps": (text.get("norm_kwargs") or {}).get("eps", 1e-5),
-        "hf_tokenizer_name": text.get("hf_tokenizer_name"), "tokenizer_kwargs": text.get("tokenizer_kwargs", {}),
-    }
+    text_cfg = {"mlp_ratio": 4.0, "proj": "matrix", "act": "gelu", "norm_eps": 1e-5, "hf_tokenizer_name": None,
+                "tokenizer_kwargs": {}, **text_cfg_from_open_clip(text, "open_clip SigLIP config")}
+    if text_cfg.get("pool") != "last" or text_cfg.get("causal", True):
+        raise CheckpointError(f"open_clip text tower settings not built here: {text}")
     config = {"embed_dim": model_cfg["embed_dim"], "init_logit_bias": model_cfg.get("init_logit_bias", -10.0),
               "logit_scale_max": None,
               "vision_cfg": tower_config(vision["timm_model_name"], vision.get("image_size")), "text_cfg": text_cfg}

@@ -123,6 +123,9 @@ def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module
         mlp_ratio=cfg.get("mlp_ratio", 4.0),
         quick_gelu=quick_gelu,
         patch_dropout=cfg.get("patch_dropout", 0.0),
+        pool=cfg.get("pool", "tok"),
+        ln_pre=cfg.get("ln_pre", True),
+        final_ln_after_pool=cfg.get("final_ln_after_pool", False),
     )
 
 
@@ -145,6 +148,7 @@ def build_text_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
         pool=cfg.get("pool", "eot"),
         proj=cfg.get("proj", "matrix"),
         eps=cfg.get("norm_eps", 1e-5),
+        eos_id=cfg.get("eos_id"),
     )
 
 

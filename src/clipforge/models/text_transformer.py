@@ -2,6 +2,8 @@
 
 SigLIP's is the same tower with three settings changed: no causal mask, features at the last position (``pool="last"``,
 padding included), and a projection with a bias (``proj="linear"``; ``"none"`` where the width is the embedding).
+A tokenizer whose end-of-text token is not its largest id (MetaCLIP 2's XLM-V) pools at that token's first place
+(``pool="eos"``, ``eos_id``), as open_clip's ``pool_type="eos"`` does.
 """
 from __future__ import annotations
 
@@ -28,12 +30,16 @@ class TextTransformer(nn.Module):
         proj: str = "matrix",
         act: str | None = None,
         eps: float = 1e-5,
+        eos_id: int | None = None,
     ):
-        """``pool``: "eot" (CLIP: the end-of-text token, the row's largest id) or "last" (SigLIP: the last position);
-        ``proj``: "matrix" (CLIP's ``text_projection`` parameter, no bias), "linear" (with a bias) or "none"."""
+        """``pool``: "eot" (CLIP: the end-of-text token, the row's largest id), "eos" (the first ``eos_id`` token) or
+        "last" (SigLIP: the last position); ``proj``: "matrix" (CLIP's ``text_projection`` parameter, no bias),
+        "linear" (with a bias) or "none"."""
         super().__init__()
-        if pool not in ("eot", "last"):
-            raise ValueError(f"text pool must be 'eot' or 'last', got {pool!r}")
+        if pool not in ("eot", "eos", "last"):
+            raise ValueError(f"text pool must be 'eot', 'eos' or 'last', got {pool!r}")
+        if (pool == "eos") != (eos_id is not None):
+            raise ValueError("text pool 'eos' takes the end-of-text token's id (eos_id), and only it does")
         if proj not in ("matrix", "linear", "none"):
             raise ValueError(f"text proj must be 'matrix', 'linear' or 'none', got {proj!r}")
         if proj == "none" and width != output_dim:
@@ -41,7 +47,7 @@ class TextTransformer(nn.Module):
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.output_dim = output_dim
-        self.causal, self.pool = causal, pool
+        self.causal, self.pool, self.eos_id = causal, pool, eos_id
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.transformer = Transformer(width, layers, heads, mlp_ratio, quick_gelu, act, eps)
@@ -77,8 +83,7 @@ class TextTransformer(nn.Module):
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.causal:  # every position sees the padding: nothing can be skipped
             return self.features_padded(tokens)
-        # The EOT token has the largest id in CLIP's vocabulary, so argmax finds it (as OpenAI CLIP does).
-        eot = tokens.argmax(dim=-1)
+        eot = self._pool_index(tokens)
         if tokens.is_cuda or torch.compiler.is_compiling():
             return self.features_padded(tokens)
         # Under a causal mask nothing after a row's EOT can change its pooled features, so on CPU we skip padding:
@@ -110,6 +115,9 @@ class TextTransformer(nn.Module):
     def _pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pool == "last":
             return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+        if self.pool == "eos":  # the first end-of-text token (position 0 in a row without one, as open_clip's)
+            return tokens.eq(self.eos_id).int().argmax(dim=-1)
+        # The EOT token has the largest id in CLIP's vocabulary, so argmax finds it (as OpenAI CLIP does).
         return tokens.argmax(dim=-1)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:

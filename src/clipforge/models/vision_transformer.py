@@ -1,4 +1,9 @@
-"""CLIP's Vision Transformer: patchify, class token, learned positions, pre-LN blocks, class-token projection."""
+"""CLIP's Vision Transformer: patchify, class token, learned positions, pre-LN blocks, class-token projection.
+
+CLIPA's is the same tower with three settings changed: no LayerNorm before the blocks (``ln_pre=False``), features
+averaged over the patch tokens (``pool="avg"``, the class token left out) and ``ln_post`` applied after that average
+(``final_ln_after_pool``), as open_clip's ``no_ln_pre``, ``pool_type`` and ``final_ln_after_pool`` build it.
+"""
 from __future__ import annotations
 
 import torch
@@ -43,20 +48,28 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         quick_gelu: bool = False,
         patch_dropout: float = 0.0,
+        pool: str = "tok",
+        ln_pre: bool = True,
+        final_ln_after_pool: bool = False,
     ):
+        """``pool``: "tok" (CLIP: the class token) or "avg" (the mean of the patch tokens); ``final_ln_after_pool``:
+        ``ln_post`` on the pooled vector rather than on every token before pooling (the same for "tok")."""
         super().__init__()
+        if pool not in ("tok", "avg"):
+            raise ValueError(f"ViT pool must be 'tok' or 'avg', got {pool!r}")
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.image_size = image_size
         self.patch_size = patch_size
         self.output_dim = output_dim
         self.patch_dropout = patch_dropout
+        self.pool, self.final_ln_after_pool = pool, final_ln_after_pool
         grid = image_size // patch_size
         scale = width ** -0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-        self.ln_pre = LayerNorm(width)
+        self.ln_pre = LayerNorm(width) if ln_pre else nn.Identity()
         self.transformer = Transformer(width, layers, heads, mlp_ratio, quick_gelu)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
@@ -74,6 +87,10 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self._tokens(images)
+        if self.pool == "avg":
+            x = self.transformer(x)[:, 1:]  # every patch token is pooled
+            x = self.ln_post(x.mean(dim=1)) if self.final_ln_after_pool else self.ln_post(x).mean(dim=1)
+            return x @ self.proj
         cls_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         x = self.transformer(x, pool_index=cls_index)  # [N, width]: only the class token is pooled
         return self.ln_post(x) @ self.proj
