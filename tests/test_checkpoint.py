@@ -209,7 +209,7 @@ def test_an_open_clip_folder_clipforge_does_not_build_is_refused_by_name(tmp_pat
     folder.mkdir()
     (folder / "open_clip_model.safetensors").write_bytes(tiny_weights[0])
     for vision, message in (({"ls_init_value": 1e-5}, "vision_cfg.ls_init_value"),
-                            ({"timm_model_name": "eva02_base_patch16_clip_224"}, "timm's 'eva02_base_patch16_clip_224'")):
+                            ({"timm_model_name": "swin_base_patch4_window7_224"}, "timm's 'swin_base_patch4_window7_224'")):
         meta = {"model_cfg": {**_HUB_CONFIG, "vision_cfg": {**_HUB_CONFIG["vision_cfg"], **vision}}}
         (folder / "open_clip_config.json").write_text(json.dumps(meta))
         with pytest.raises(CheckpointError, match=message):
@@ -359,7 +359,7 @@ def test_cli_output_into_a_pipe_closed_early_is_not_an_error(capsys):
     assert cli.main(["models"]) == 0
     rows = capsys.readouterr().out.splitlines()
     kinds = {row.split()[1] for row in rows}
-    assert len(rows) == len(clipforge.list_models()) and kinds == {"ViT", "ResNet", "SigLIP", "ConvNeXt"}
+    assert len(rows) == len(clipforge.list_models()) and kinds == {"ViT", "ResNet", "SigLIP", "ConvNeXt", "EVA"}
     assert len({row.index(row.split()[1], len(row.split()[0])) for row in rows}) == 1  # the kind column aligned
     assert len({row.index("px") for row in rows}) == 1
     proc = subprocess.Popen([sys.executable, "-m", "clipforge.cli", "models"], stdout=subprocess.PIPE,

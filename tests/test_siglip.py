@@ -342,7 +342,8 @@ def test_an_export_whose_tokenizer_cannot_be_fetched_writes_nothing(tmp_path, mo
 
 def test_open_clip_hub_configs_with_timm_towers_translate_as_local_folders_do():
     """fetch_hub's reading of an open_clip repo's model_cfg (the download itself is tested elsewhere): SigLIP's and
-    ConvNeXt's timm towers become the zoo's configs; a timm tower clipforge does not build is refused by name."""
+    ConvNeXt's and EVA's timm towers become the zoo's configs; a timm tower clipforge does not build is refused by
+    name."""
     open_clip = pytest.importorskip("open_clip")
     from pathlib import Path
 
@@ -350,9 +351,9 @@ def test_open_clip_hub_configs_with_timm_towers_translate_as_local_folders_do():
     from clipforge.pretrained import _open_clip_config
 
     configs = Path(open_clip.__file__).parent / "model_configs"
-    for name in ("ViT-B-16-SigLIP2-256", "convnext_base_w"):
+    for name in ("ViT-B-16-SigLIP2-256", "convnext_base_w", "EVA02-B-16"):
         assert _open_clip_config(json.loads((configs / f"{name}.json").read_text()), "owner/repo") == \
             clipforge.get_model_config(name)
-    eva = json.loads((configs / "EVA02-B-16.json").read_text())
-    with pytest.raises(CheckpointError, match="timm's 'eva02_base_patch16_clip_224', which clipforge does not build"):
-        _open_clip_config(eva, "owner/repo")
+    swin = json.loads((configs / "swin_base_patch4_window7_224.json").read_text())
+    with pytest.raises(CheckpointError, match="timm's 'swin_base_patch4_window7_224', which clipforge does not build"):
+        _open_clip_config(swin, "owner/repo")

@@ -25,7 +25,7 @@ EPILOG = """examples:
 
 def _cmd_models(args) -> int:
     from . import list_models, list_pretrained
-    from .models import get_model_config, is_convnext, is_resnet, is_siglip
+    from .models import get_model_config, is_convnext, is_eva, is_resnet, is_siglip
 
     if args.name:
         return _describe_model(args.name)
@@ -34,7 +34,8 @@ def _cmd_models(args) -> int:
     for name in names:
         cfg = get_model_config(name)
         tags = [t for _, t in list_pretrained(name)]
-        kind = "ResNet" if is_resnet(cfg) else "ConvNeXt" if is_convnext(cfg) else "SigLIP" if is_siglip(cfg) else "ViT"
+        kind = "ResNet" if is_resnet(cfg) else "ConvNeXt" if is_convnext(cfg) else "SigLIP" if is_siglip(cfg) else \
+            "EVA" if is_eva(cfg) else "ViT"
         print(f"{name:{width}s} {kind:8s} {cfg['vision_cfg']['image_size']:4d}px  embed {cfg['embed_dim']:5d}  "
               f"pretrained: {', '.join(tags) or '-'}")
     return 0

@@ -38,6 +38,8 @@ def infer_config(state: dict) -> dict:
         embed_dim = state["text.text_projection"].shape[1]
         if any(k.startswith("visual.trunk.stages.") for k in state):
             return _infer_convnext(state, {"embed_dim": embed_dim, "text_cfg": text_cfg})
+        if any(k.startswith("visual.trunk.blocks.") for k in state):
+            return _infer_eva(state, {"embed_dim": embed_dim, "text_cfg": text_cfg})
         if "visual.proj" in state:
             width = state["visual.conv1.weight"].shape[0]
             patch = state["visual.conv1.weight"].shape[-1]
@@ -91,6 +93,32 @@ def _infer_convnext(state: dict, config: dict) -> dict:
     return config
 
 
+def _infer_eva(state: dict, config: dict) -> dict:
+    """An EVA model's architecture: the zoo architecture whose image tower has these shapes (the block kind, EVA01's
+    or EVA02-E's, is not in the weights; timm's towers are few and all in the zoo)."""
+    from ..models import get_model_config, is_eva, list_models
+    from .timm_eva import TIMM_EVA, tower_config
+
+    shapes = (state["visual.trunk.patch_embed.proj.weight"].shape[-1], state["visual.trunk.pos_embed"].shape[1],
+              state["visual.trunk.pos_embed"].shape[2], _count(state, "visual.trunk.blocks."))
+    for name in TIMM_EVA:
+        cfg = tower_config(name)
+        if (cfg["patch_size"], (cfg["image_size"] // cfg["patch_size"]) ** 2 + 1, cfg["width"], cfg["layers"]) == \
+                shapes:
+            config["vision_cfg"] = cfg
+            break
+    else:
+        raise CheckpointError(f"an EVA image tower of shapes {shapes} (patch, tokens, width, layers) is none of timm's "
+                              f"EVA-CLIP towers ({', '.join(TIMM_EVA)})")
+    for name in list_models():  # the text tower's head layout, from the zoo architecture with both towers' shapes
+        zoo = get_model_config(name)
+        if is_eva(zoo) and zoo["vision_cfg"] == config["vision_cfg"] and zoo["embed_dim"] == config["embed_dim"] and \
+                _text_shape(zoo["text_cfg"]) == _text_shape(config["text_cfg"]):
+            config["text_cfg"]["heads"] = zoo["text_cfg"].get("heads", config["text_cfg"]["heads"])
+            break
+    return config
+
+
 def _infer_siglip(state: dict, text_cfg: dict) -> dict:
     """A SigLIP model's architecture; the MLP activation (exact or tanh GELU) is not in the weights: exact is assumed,
     name the architecture (``clipforge.load(NAME, pretrained=PATH)``) for a model that uses the other."""
@@ -120,7 +148,7 @@ def _shape_signature(config: dict) -> tuple | None:
             return tuple(str(cfg.get(k)) for k in keys) + (hidden,)
 
         return (config["embed_dim"],
-                tower(config["vision_cfg"], ("image_size", "patch_size", "width", "layers", "ln_pre"),
+                tower(config["vision_cfg"], ("tower", "image_size", "patch_size", "width", "layers", "ln_pre"),
                       not is_resnet(config)),
                 tower(config["text_cfg"], ("context_length", "vocab_size", "width", "layers"), True))
     except (KeyError, TypeError):  # e.g. a Hugging Face text tower: not comparable

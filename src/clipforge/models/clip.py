@@ -10,6 +10,7 @@ from torch import nn
 
 from .layers import Transformer
 from .convnext import ConvNeXt
+from .eva import EvaVisionTower
 from .modified_resnet import ModifiedResNet
 from .siglip_vision import SigLIPVisionTransformer
 from .text_transformer import TextTransformer
@@ -84,6 +85,11 @@ def is_convnext(config: dict) -> bool:
     return "depths" in config.get("vision_cfg", config)
 
 
+def is_eva(config: dict) -> bool:
+    """Whether a model config (or its ``vision_cfg``) has an EVA-CLIP image tower."""
+    return config.get("vision_cfg", config).get("tower") == "eva"
+
+
 def tower_activation(cfg: dict, quick_gelu: bool) -> str:
     """A tower's MLP activation: its own ``act``, else QuickGELU or GELU as the tower's or model's flag says."""
     return cfg.get("act") or ("quick_gelu" if cfg.get("quick_gelu", quick_gelu) else "gelu")
@@ -91,8 +97,14 @@ def tower_activation(cfg: dict, quick_gelu: bool) -> str:
 
 def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
     quick_gelu = cfg.get("quick_gelu", quick_gelu)
-    if cfg.get("patch_dropout") and (is_siglip(cfg) or is_convnext(cfg) or is_resnet(cfg)):
-        raise ValueError("patch dropout is built for CLIP's ViT only (not SigLIP's, ConvNeXt or ResNet towers)")
+    if cfg.get("patch_dropout") and (is_siglip(cfg) or is_convnext(cfg) or is_resnet(cfg) or is_eva(cfg)):
+        raise ValueError("patch dropout is built for CLIP's ViT only (not SigLIP's, EVA, ConvNeXt or ResNet towers)")
+    if is_eva(cfg):  # EVA-CLIP's (timm's, under its names)
+        return EvaVisionTower(
+            image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["width"], layers=cfg["layers"],
+            heads=cfg["heads"], output_dim=embed_dim, mlp_ratio=cfg["mlp_ratio"], mlp=cfg.get("mlp", "gelu"),
+            fused_qkv=cfg.get("fused_qkv", True), inner_norm=cfg.get("inner_norm", False),
+            post_norm=cfg.get("post_norm", False), rope_grid=cfg.get("rope_grid"), eps=cfg.get("norm_eps", 1e-6))
     if is_siglip(cfg):  # SigLIP's tower: attention pooling, no class token, no projection
         if cfg["width"] != embed_dim:
             raise ValueError(f"a SigLIP image tower's width is its embedding: width {cfg['width']} != embed_dim "

@@ -1,9 +1,11 @@
-"""LAION's ConvNeXt on CPU: clipforge's tower vs open_clip's (timm), the same weights, image embedding.
+"""open_clip's timm image towers on CPU (LAION's ConvNeXt, EVA-CLIP): clipforge's tower vs open_clip's (timm), the
+same weights, image embedding.
 
-    python benchmarks/convnext.py [--model convnext_base_w] [--batch 16] [--repeats 7] [--json out.json] [--profile]
+    python benchmarks/timm_towers.py [--model convnext_base_w | EVA02-B-16 | ...] [--batch 16] [--repeats 7]
+        [--json out.json] [--profile]
 
-open_clip's random initialisation (layer scale randomised so every block counts), loaded into clipforge; features
-checked equal, then both timed taking turns (``bench.timing.interleaved``); fp32, the threads torch is given.
+open_clip's random initialisation (ConvNeXt's layer scale randomised so every block counts), loaded into clipforge;
+features checked equal, then both timed taking turns (``bench.timing.interleaved``); fp32, the threads torch is given.
 ``--profile`` also prints where clipforge's time goes in one batch (torch.profiler, by operator).
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ def main() -> None:
         for name, param in theirs.named_parameters():
             if name.endswith("gamma"):
                 param.uniform_(0.5, 1.5)
-    path = Path(tempfile.mkdtemp(prefix="convnext-bench-")) / "w.pt"
+    path = Path(tempfile.mkdtemp(prefix="timm-tower-bench-")) / "w.pt"
     torch.save(theirs.state_dict(), path)
     ours = clipforge.load(args.model, pretrained=str(path))[0]
     size = ours.image_size

@@ -1,0 +1,180 @@
+"""EVA-CLIP's image towers (Sun et al. 2023; BAAI's EVA01-g and EVA02-B/L/E as open_clip builds them from timm):
+a ViT with a biased patch embedding, class token and learned positions, attention whose key has no bias, and one of
+three block kinds:
+
+- EVA01: pre-LN blocks, fused QKV, GELU MLP;
+- EVA02 (B, L): pre-LN blocks, separate Q/K/V projections, 2-D rotary position embeddings on the patch tokens
+  (positions rescaled to the 16 x 16 grid the model was pretrained on), a LayerNorm inside the attention output and
+  inside a SwiGLU MLP;
+- EVA02-E: post-LN blocks (each residual branch normalised after it), fused QKV, GELU MLP.
+
+The class token after a final LayerNorm, then a linear head (with a bias) to the embedding. Module names are timm's,
+under ``trunk`` as open_clip's ``TimmModel`` keeps them, so open_clip's checkpoints load without renaming.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .inputs import check_image_batch
+from .layers import LayerNorm
+
+
+def rope_table(grid: int, head_dim: int, reference_grid: int, temperature: float = 10000.0) -> torch.Tensor:
+    """timm's ``RotaryEmbeddingCat`` for a square grid: [grid*grid, 2*head_dim], sines then cosines, each angle
+    repeated for the pair of channels it rotates. A quarter of the head's channels per axis: row angles first, then
+    column angles; positions are scaled so the grid spans ``reference_grid`` (EVA02 fine-tuned at 336 pixels keeps
+    its 224-pixel frequencies)."""
+    bands = head_dim // 4
+    frequencies = 1.0 / temperature ** (torch.arange(bands, dtype=torch.float32) / bands)
+    positions = torch.arange(grid, dtype=torch.float32) / grid * reference_grid
+    coords = torch.stack(torch.meshgrid(positions, positions, indexing="ij"), dim=-1)  # [grid, grid, 2]
+    angles = (coords.unsqueeze(-1) * frequencies).flatten(-2).flatten(0, 1)  # [grid*grid, 2 * bands]
+    return torch.cat([angles.sin().repeat_interleave(2, -1), angles.cos().repeat_interleave(2, -1)], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent channel pair of ``x`` [..., L, head_dim] by the table's angles (timm's interleaved
+    layout): x * cos + (-x1, x0, -x3, x2, ...) * sin."""
+    sin, cos = table.chunk(2, dim=-1)
+    rotated = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class EvaAttention(nn.Module):
+    def __init__(self, width: int, heads: int, fused_qkv: bool, inner_norm: bool, eps: float):
+        super().__init__()
+        self.heads = heads
+        if fused_qkv:  # one product; the key's bias is fixed at zero
+            self.qkv = nn.Linear(width, 3 * width, bias=False)
+            self.q_bias = nn.Parameter(torch.zeros(width))
+            self.v_bias = nn.Parameter(torch.zeros(width))
+        else:
+            self.qkv = None
+            self.q_proj = nn.Linear(width, width)
+            self.k_proj = nn.Linear(width, width, bias=False)
+            self.v_proj = nn.Linear(width, width)
+        self.norm = LayerNorm(width, eps=eps) if inner_norm else nn.Identity()
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, width = x.shape
+        if self.qkv is not None:
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+            qkv = F.linear(x, self.qkv.weight, bias).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            q, k, v = (proj(x).view(batch, length, self.heads, -1).transpose(1, 2)
+                       for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if rope is not None:  # patch tokens only: the class token has no position to rotate by
+            q = torch.cat([q[:, :, :1], apply_rope(q[:, :, 1:], rope)], dim=2)
+            k = torch.cat([k[:, :, :1], apply_rope(k[:, :, 1:], rope)], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, width)
+        return self.proj(self.norm(out))
+
+
+class SwiGLU(nn.Module):
+    """timm's SwiGLU with split gate and value projections, and EVA02's LayerNorm before the output projection."""
+
+    def __init__(self, width: int, hidden: int, eps: float):
+        super().__init__()
+        self.fc1_g = nn.Linear(width, hidden)
+        self.fc1_x = nn.Linear(width, hidden)
+        self.norm = LayerNorm(hidden, eps=eps)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(F.silu(self.fc1_g(x)) * self.fc1_x(x)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class EvaBlock(nn.Module):
+    def __init__(self, width: int, heads: int, hidden: int, mlp: str, fused_qkv: bool, inner_norm: bool,
+                 post_norm: bool, eps: float):
+        super().__init__()
+        self.post_norm = post_norm
+        self.norm1 = LayerNorm(width, eps=eps)
+        self.attn = EvaAttention(width, heads, fused_qkv, inner_norm, eps)
+        self.norm2 = LayerNorm(width, eps=eps)
+        self.mlp = SwiGLU(width, hidden, eps) if mlp == "swiglu" else Mlp(width, hidden)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        if self.post_norm:  # EVA02-E: each branch's output normalised before it joins the residual
+            x = x + self.norm1(self.attn(x, rope))
+            return x + self.norm2(self.mlp(x))
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class EvaTrunk(nn.Module):
+    """timm's ``Eva`` with class-token pooling and a head to ``output_dim`` (what open_clip creates)."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, hidden: int,
+                 output_dim: int, mlp: str, fused_qkv: bool, inner_norm: bool, post_norm: bool,
+                 rope_grid: int | None, eps: float):
+        super().__init__()
+        grid = image_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, width))
+        self.blocks = nn.ModuleList([EvaBlock(width, heads, hidden, mlp, fused_qkv, inner_norm, post_norm, eps)
+                                     for _ in range(layers)])
+        self.norm = LayerNorm(width, eps=eps)
+        self.head = nn.Linear(width, output_dim)
+        rope = rope_table(grid, width // heads, rope_grid) if rope_grid else None
+        self.register_buffer("rope", rope, persistent=False)  # a function of the shape: not in checkpoints
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """timm's: truncated normal (std 0.02) for positions, class token and linear weights; zero biases."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed.to(x.dtype)
+        for block in self.blocks:
+            x = block(x, self.rope)
+        return self.head(self.norm(x)[:, 0])
+
+
+class EvaVisionTower(nn.Module):
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
+                 mlp_ratio: float, mlp: str = "gelu", fused_qkv: bool = True, inner_norm: bool = False,
+                 post_norm: bool = False, rope_grid: int | None = None, eps: float = 1e-6):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        if mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"EVA mlp must be 'gelu' or 'swiglu', got {mlp!r}")
+        self.image_size, self.patch_size, self.output_dim = image_size, patch_size, output_dim
+        self.trunk = EvaTrunk(image_size, patch_size, width, layers, heads, int(width * mlp_ratio), output_dim, mlp,
+                              fused_qkv, inner_norm, post_norm, rope_grid, eps)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_image_batch(images, self.image_size)
+        return self.trunk(images)

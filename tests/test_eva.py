@@ -1,0 +1,118 @@
+"""EVA-CLIP: timm's Eva towers (EVA01-g, EVA02-B/L with rotary positions and SwiGLU, EVA02-E post-norm) under timm's
+module names. Parity with timm for each block kind and with open_clip's EVA02-B-16 both ways, on random weights (no
+pretrained weights can be downloaded here)."""
+import json
+
+import pytest
+import torch
+
+import clipforge
+
+TINY = {"width": 64, "heads": 4, "layers": 2}
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("timm_name", ["eva_giant_patch14_224", "eva02_base_patch16_clip_224",
+                                       "eva02_large_patch14_clip_336", "eva02_enormous_patch14_clip_224"])
+def test_each_eva_block_kind_matches_timm(timm_name):
+    """Each timm EVA-CLIP model, shrunk to two 64-wide blocks (its own kind of block, rotary table, resolution):
+    timm's weights load by name with no renaming and give timm's output (weights moved off their initial values, so
+    that every bias and norm counts)."""
+    timm = pytest.importorskip("timm")
+    from clipforge.checkpoint.timm_eva import tower_config
+    from clipforge.models.eva import EvaVisionTower
+
+    torch.manual_seed(0)
+    theirs = timm.create_model(timm_name, pretrained=False, num_classes=32, global_pool="token", depth=2,
+                               embed_dim=64, num_heads=4).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cfg = {**tower_config(timm_name), **TINY}
+    cfg["mlp_ratio"] = theirs.blocks[0].mlp.fc2.weight.shape[1] / 64
+    ours = EvaVisionTower(cfg["image_size"], cfg["patch_size"], 64, 2, 4, 32, cfg["mlp_ratio"], cfg["mlp"],
+                          cfg["fused_qkv"], cfg["inner_norm"], cfg["post_norm"], cfg["rope_grid"]).eval()
+    ours.trunk.load_state_dict(theirs.state_dict(), strict=True)
+    images = torch.randn(2, 3, cfg["image_size"], cfg["image_size"])
+    with torch.no_grad():
+        assert _max_diff(ours(images), theirs(images)) <= 1e-5
+
+
+def test_zoo_eva_configs_are_open_clips_and_timm_towers_are_timms():
+    """Every open_clip EVA architecture is in the zoo, translated from open_clip's config and back; each timm tower
+    in TIMM_EVA has timm's parameter shapes (built on the meta device: no memory)."""
+    open_clip = pytest.importorskip("open_clip")
+    timm = pytest.importorskip("timm")
+    from pathlib import Path
+
+    from clipforge.checkpoint.timm_eva import TIMM_EVA, config_from_open_clip, config_to_open_clip, tower_config
+    from clipforge.models import get_model_config
+    from clipforge.models.eva import EvaVisionTower
+
+    folder = Path(open_clip.__file__).parent / "model_configs"
+    names = sorted(p.stem for p in folder.glob("EVA*.json"))
+    assert len(names) == 7
+    for name in names:
+        theirs, ours = json.loads((folder / f"{name}.json").read_text()), get_model_config(name)
+        assert ours == config_from_open_clip(theirs), name
+        assert config_to_open_clip(ours) == theirs, name
+    for timm_name in TIMM_EVA:
+        cfg = tower_config(timm_name)
+        with torch.device("meta"):
+            theirs = timm.create_model(timm_name, pretrained=False, num_classes=512, global_pool="token")
+            ours = EvaVisionTower(cfg["image_size"], cfg["patch_size"], cfg["width"], cfg["layers"], cfg["heads"],
+                                  512, cfg["mlp_ratio"], cfg["mlp"], cfg["fused_qkv"], cfg["inner_norm"],
+                                  cfg["post_norm"], cfg["rope_grid"])
+        assert {k: v.shape for k, v in ours.trunk.state_dict().items()} == \
+            {k: v.shape for k, v in theirs.state_dict().items()}, timm_name
+        assert ours.trunk.blocks[0].post_norm == (type(theirs.blocks[0]).__name__ == "EvaBlockPostNorm")
+        assert (ours.trunk.rope is not None) == (theirs.rope is not None)
+
+
+def test_open_clip_eva02_loads_by_name_and_by_shapes_and_exports_back(tmp_path):
+    """open_clip's EVA02-B-16 (timm tower, rotary positions): its state dict loads by name and, without one, by its
+    shapes with identical features; `convert --to open_clip` writes a local-dir: folder open_clip loads with them."""
+    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("timm")
+    from clipforge.checkpoint.openai import save_open_clip
+
+    torch.manual_seed(0)
+    theirs = open_clip.create_model("EVA02-B-16", pretrained=None).eval()
+    torch.save(theirs.state_dict(), tmp_path / "w.pt")
+    named = clipforge.load_model("EVA02-B-16", pretrained=str(tmp_path / "w.pt"))
+    inferred, _, _ = clipforge.load(str(tmp_path / "w.pt"))
+    assert inferred.config["vision_cfg"] == named.config["vision_cfg"]
+    save_open_clip(named, tmp_path / "oc")
+    back = open_clip.create_model("local-dir:" + str(tmp_path / "oc")).eval()
+    images, ids = torch.randn(2, 3, 224, 224), open_clip.get_tokenizer("EVA02-B-16")(["a dog", "a photo of a cat"])
+    with torch.no_grad():
+        expected_image, expected_text = theirs.encode_image(images), theirs.encode_text(ids)
+        for model in (named, inferred, back):
+            assert _max_diff(model.encode_image(images), expected_image) <= 1e-4
+            assert _max_diff(model.encode_text(ids), expected_text) <= 1e-5
+
+
+def test_eva_refuses_what_it_does_not_build_and_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from clipforge.checkpoint import hf
+    from clipforge.onnx_backend import export_onnx, load_onnx
+
+    overrides = dict(vision_cfg={**TINY, "image_size": 32}, text_cfg={"layers": 1, "width": 64, "heads": 4})
+    torch.manual_seed(0)
+    model = clipforge.create_model("EVA02-B-16", **overrides).eval()
+    model.config = clipforge.models.get_model_config("EVA02-B-16")
+    clipforge.models.merge_config(model.config, overrides)
+    with pytest.raises(clipforge.CheckpointError, match="no EVA image tower"):
+        hf.save(model, tmp_path / "hf")
+    with pytest.raises(ValueError, match="patch dropout"):
+        clipforge.create_model("EVA02-B-16", vision_cfg={"patch_dropout": 0.5})
+    export_onnx(model, tmp_path / "onnx")
+    onnx_model = load_onnx(tmp_path / "onnx")[0]
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(onnx_model.encode_image(images, normalize=True), model.encode_image(images, normalize=True)) \
+            <= 1e-4
