@@ -1,5 +1,6 @@
-"""EVA-CLIP: timm's Eva towers (EVA01-g, EVA02-B/L with rotary positions and SwiGLU, EVA02-E post-norm) under timm's
-module names. Parity with timm for each block kind and with open_clip's EVA02-B-16 both ways, on random weights (no
+"""EVA-CLIP and PE-Core: timm's Eva towers (EVA01-g, EVA02-B/L with rotary positions and SwiGLU, EVA02-E post-norm;
+Meta's Perception Encoder with latent attention pooling, with and without a class token) under timm's module names.
+Parity with timm for each kind and with open_clip's EVA02-B-16 and PE-Core-T-16-384 both ways, on random weights (no
 pretrained weights can be downloaded here)."""
 import json
 
@@ -16,7 +17,8 @@ def _max_diff(a, b):
 
 
 @pytest.mark.parametrize("timm_name", ["eva_giant_patch14_224", "eva02_base_patch16_clip_224",
-                                       "eva02_large_patch14_clip_336", "eva02_enormous_patch14_clip_224"])
+                                       "eva02_large_patch14_clip_336", "eva02_enormous_patch14_clip_224",
+                                       "vit_pe_core_base_patch16_224", "vit_pe_core_gigantic_patch14_448"])
 def test_each_eva_block_kind_matches_timm(timm_name):
     """Each timm EVA-CLIP model, shrunk to two 64-wide blocks (its own kind of block, rotary table, resolution):
     timm's weights load by name with no renaming and give timm's output (weights moved off their initial values, so
@@ -26,19 +28,28 @@ def test_each_eva_block_kind_matches_timm(timm_name):
     from clipforge.models.eva import EvaVisionTower
 
     torch.manual_seed(0)
-    theirs = timm.create_model(timm_name, pretrained=False, num_classes=32, global_pool="token", depth=2,
-                               embed_dim=64, num_heads=4).eval()
+    cfg = tower_config(timm_name)
+    theirs = timm.create_model(timm_name, pretrained=False, num_classes=32, global_pool=cfg.get("pool", "token"),
+                               depth=2, embed_dim=64, num_heads=4).eval()
     with torch.no_grad():
         for p in theirs.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    cfg = {**tower_config(timm_name), **TINY}
+    cfg.update(TINY)
     cfg["mlp_ratio"] = theirs.blocks[0].mlp.fc2.weight.shape[1] / 64
-    ours = EvaVisionTower(cfg["image_size"], cfg["patch_size"], 64, 2, 4, 32, cfg["mlp_ratio"], cfg["mlp"],
-                          cfg["fused_qkv"], cfg["inner_norm"], cfg["post_norm"], cfg["rope_grid"]).eval()
+    ours = EvaVisionTower(**_tower_args(cfg), output_dim=32).eval()
     ours.trunk.load_state_dict(theirs.state_dict(), strict=True)
     images = torch.randn(2, 3, cfg["image_size"], cfg["image_size"])
     with torch.no_grad():
         assert _max_diff(ours(images), theirs(images)) <= 1e-5
+
+
+def _tower_args(cfg: dict) -> dict:
+    from clipforge.models.clip import PE_SETTINGS
+
+    return {"image_size": cfg["image_size"], "patch_size": cfg["patch_size"], "width": cfg["width"],
+            "layers": cfg["layers"], "heads": cfg["heads"], "mlp_ratio": cfg["mlp_ratio"], "mlp": cfg["mlp"],
+            "fused_qkv": cfg["fused_qkv"], "inner_norm": cfg["inner_norm"], "post_norm": cfg["post_norm"],
+            "rope_grid": cfg["rope_grid"], "eps": cfg["norm_eps"], **{k: cfg[k] for k in PE_SETTINGS if k in cfg}}
 
 
 def test_zoo_eva_configs_are_open_clips_and_timm_towers_are_timms():
@@ -53,8 +64,8 @@ def test_zoo_eva_configs_are_open_clips_and_timm_towers_are_timms():
     from clipforge.models.eva import EvaVisionTower
 
     folder = Path(open_clip.__file__).parent / "model_configs"
-    names = sorted(p.stem for p in folder.glob("EVA*.json"))
-    assert len(names) == 7
+    names = sorted(p.stem for p in [*folder.glob("EVA*.json"), *folder.glob("PE-Core*.json")])
+    assert len(names) == 12
     for name in names:
         theirs, ours = json.loads((folder / f"{name}.json").read_text()), get_model_config(name)
         assert ours == config_from_open_clip(theirs), name
@@ -62,32 +73,39 @@ def test_zoo_eva_configs_are_open_clips_and_timm_towers_are_timms():
     for timm_name in TIMM_EVA:
         cfg = tower_config(timm_name)
         with torch.device("meta"):
-            theirs = timm.create_model(timm_name, pretrained=False, num_classes=512, global_pool="token")
-            ours = EvaVisionTower(cfg["image_size"], cfg["patch_size"], cfg["width"], cfg["layers"], cfg["heads"],
-                                  512, cfg["mlp_ratio"], cfg["mlp"], cfg["fused_qkv"], cfg["inner_norm"],
-                                  cfg["post_norm"], cfg["rope_grid"])
+            theirs = timm.create_model(timm_name, pretrained=False, num_classes=512,
+                                       global_pool=cfg.get("pool", "token"))
+            ours = EvaVisionTower(**_tower_args(cfg), output_dim=512)
         assert {k: v.shape for k, v in ours.trunk.state_dict().items()} == \
             {k: v.shape for k, v in theirs.state_dict().items()}, timm_name
         assert ours.trunk.blocks[0].post_norm == (type(theirs.blocks[0]).__name__ == "EvaBlockPostNorm")
         assert (ours.trunk.rope is not None) == (theirs.rope is not None)
+        assert (ours.trunk.attn_pool is None) or ours.trunk.attn_pool.heads == theirs.attn_pool.num_heads
 
 
-def test_open_clip_eva02_loads_by_name_and_by_shapes_and_exports_back(tmp_path):
-    """open_clip's EVA02-B-16 (timm tower, rotary positions): its state dict loads by name and, without one, by its
-    shapes with identical features; `convert --to open_clip` writes a local-dir: folder open_clip loads with them."""
+@pytest.mark.parametrize("name", ["EVA02-B-16", "PE-Core-T-16-384"])
+def test_open_clip_eva_and_pe_load_by_name_and_by_shapes_and_export_back(name, tmp_path):
+    """open_clip's EVA02-B-16 and PE-Core-T-16-384 (timm towers, rotary positions; PE's latent attention pooling):
+    a state dict loads by name and, without one, by its shapes with identical features; `convert --to open_clip`
+    writes a local-dir: folder open_clip loads with them."""
     open_clip = pytest.importorskip("open_clip")
     pytest.importorskip("timm")
     from clipforge.checkpoint.openai import save_open_clip
 
     torch.manual_seed(0)
-    theirs = open_clip.create_model("EVA02-B-16", pretrained=None).eval()
+    theirs = open_clip.create_model(name, pretrained=None).eval()
+    with torch.no_grad():  # timm starts the latent pooling's biases at zero: moved, so that they count
+        for key, p in theirs.named_parameters():
+            if key.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.02)
     torch.save(theirs.state_dict(), tmp_path / "w.pt")
-    named = clipforge.load_model("EVA02-B-16", pretrained=str(tmp_path / "w.pt"))
+    named = clipforge.load_model(name, pretrained=str(tmp_path / "w.pt"))
     inferred, _, _ = clipforge.load(str(tmp_path / "w.pt"))
     assert inferred.config["vision_cfg"] == named.config["vision_cfg"]
     save_open_clip(named, tmp_path / "oc")
     back = open_clip.create_model("local-dir:" + str(tmp_path / "oc")).eval()
-    images, ids = torch.randn(2, 3, 224, 224), open_clip.get_tokenizer("EVA02-B-16")(["a dog", "a photo of a cat"])
+    size = named.image_size
+    images, ids = torch.randn(2, 3, size, size), open_clip.get_tokenizer(name)(["a dog", "a photo of a cat"])
     with torch.no_grad():
         expected_image, expected_text = theirs.encode_image(images), theirs.encode_text(ids)
         for model in (named, inferred, back):

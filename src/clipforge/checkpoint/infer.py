@@ -94,8 +94,8 @@ def _infer_convnext(state: dict, config: dict) -> dict:
 
 
 def _infer_eva(state: dict, config: dict) -> dict:
-    """An EVA model's architecture: the zoo architecture whose image tower has these shapes (the block kind, EVA01's
-    or EVA02-E's, is not in the weights; timm's towers are few and all in the zoo)."""
+    """An EVA or PE model's architecture: the timm tower with these shapes (the block kind, EVA01's or EVA02-E's, is
+    not in the weights; timm's towers are few and all in the zoo)."""
     from ..models import get_model_config, is_eva, list_models
     from .timm_eva import TIMM_EVA, tower_config
 
@@ -103,8 +103,8 @@ def _infer_eva(state: dict, config: dict) -> dict:
               state["visual.trunk.pos_embed"].shape[2], _count(state, "visual.trunk.blocks."))
     for name in TIMM_EVA:
         cfg = tower_config(name)
-        if (cfg["patch_size"], (cfg["image_size"] // cfg["patch_size"]) ** 2 + 1, cfg["width"], cfg["layers"]) == \
-                shapes:
+        tokens = (cfg["image_size"] // cfg["patch_size"]) ** 2 + int(cfg.get("class_token", True))
+        if (cfg["patch_size"], tokens, cfg["width"], cfg["layers"]) == shapes:
             config["vision_cfg"] = cfg
             break
     else:

@@ -1,5 +1,5 @@
-"""open_clip's EVA-CLIP models: a timm ``Eva`` image tower named by ``timm_model_name`` (class-token pooled, its head
-the projection) beside open_clip's own text tower. clipforge's ``models.eva`` keeps timm's module names, so the
+"""open_clip's EVA-CLIP and PE-Core models: a timm ``Eva`` image tower named by ``timm_model_name`` (class-token or
+latent-attention pooled, its head the projection) beside open_clip's own text tower. clipforge's ``models.eva`` keeps timm's module names, so the
 weights need no renaming and only the config is translated (``TIMM_EVA`` spells out each timm model; the parity tests
 compare it with timm itself)."""
 from __future__ import annotations
@@ -7,24 +7,34 @@ from __future__ import annotations
 from .errors import CheckpointError
 from .infer import mlp_ratio
 
-# the three block kinds (models/eva.py)
+# the block and pooling kinds (models/eva.py)
+_PE = {"mlp": "gelu", "fused_qkv": True, "inner_norm": False, "post_norm": False, "key_bias": True,
+       "rope_offset": 1.0, "rope_indexing": "xy", "class_token": True, "norm_pre": True, "pool": "map",
+       "pool_heads": 8, "norm_eps": 1e-5}
 EVA_KINDS = {
-    "eva01": {"mlp": "gelu", "fused_qkv": True, "inner_norm": False, "post_norm": False, "rope_grid": None},
-    "eva02": {"mlp": "swiglu", "fused_qkv": False, "inner_norm": True, "post_norm": False, "rope_grid": 16},
-    "eva02_post_norm": {"mlp": "gelu", "fused_qkv": True, "inner_norm": False, "post_norm": True, "rope_grid": None},
+    "eva01": {"mlp": "gelu", "fused_qkv": True, "inner_norm": False, "post_norm": False, "norm_eps": 1e-6},
+    "eva02": {"mlp": "swiglu", "fused_qkv": False, "inner_norm": True, "post_norm": False, "norm_eps": 1e-6},
+    "eva02_post_norm": {"mlp": "gelu", "fused_qkv": True, "inner_norm": False, "post_norm": True, "norm_eps": 1e-6},
+    "pe": _PE,
+    "pe_no_class_token": {**_PE, "class_token": False, "rope_offset": 0.0},
 }
-# timm model -> (patch size, image size, width, layers, heads, MLP hidden, kind)
+# timm model -> (patch size, image size, width, layers, heads, MLP hidden, kind, rotary reference grid)
 TIMM_EVA = {
-    "eva_giant_patch14_224": (14, 224, 1408, 40, 16, 6144, "eva01"),
-    "eva02_base_patch16_clip_224": (16, 224, 768, 12, 12, 2048, "eva02"),
-    "eva02_large_patch14_clip_224": (14, 224, 1024, 24, 16, 2730, "eva02"),
-    "eva02_large_patch14_clip_336": (14, 336, 1024, 24, 16, 2730, "eva02"),
-    "eva02_enormous_patch14_clip_224": (14, 224, 1792, 64, 16, 15360, "eva02_post_norm"),
+    "eva_giant_patch14_224": (14, 224, 1408, 40, 16, 6144, "eva01", None),
+    "eva02_base_patch16_clip_224": (16, 224, 768, 12, 12, 2048, "eva02", 16),
+    "eva02_large_patch14_clip_224": (14, 224, 1024, 24, 16, 2730, "eva02", 16),
+    "eva02_large_patch14_clip_336": (14, 336, 1024, 24, 16, 2730, "eva02", 16),
+    "eva02_enormous_patch14_clip_224": (14, 224, 1792, 64, 16, 15360, "eva02_post_norm", None),
+    "vit_pe_core_tiny_patch16_384": (16, 384, 192, 12, 3, 768, "pe", 24),
+    "vit_pe_core_small_patch16_384": (16, 384, 384, 12, 6, 1536, "pe", 24),
+    "vit_pe_core_base_patch16_224": (16, 224, 768, 12, 12, 3072, "pe", 14),
+    "vit_pe_core_large_patch14_336": (14, 336, 1024, 24, 16, 4096, "pe", 24),
+    "vit_pe_core_gigantic_patch14_448": (14, 448, 1536, 50, 16, 8960, "pe_no_class_token", 32),
 }
 
 
 def is_open_clip_eva(model_cfg: dict) -> bool:
-    return model_cfg.get("vision_cfg", {}).get("timm_model_name", "").startswith("eva")
+    return model_cfg.get("vision_cfg", {}).get("timm_model_name", "").startswith(("eva", "vit_pe_core"))
 
 
 def tower_config(timm_model_name: str, image_size: int | None = None) -> dict:
@@ -32,9 +42,9 @@ def tower_config(timm_model_name: str, image_size: int | None = None) -> dict:
     if timm_model_name not in TIMM_EVA:
         raise CheckpointError(f"timm image tower {timm_model_name!r} is not built here; clipforge builds the EVA-CLIP "
                               f"towers {', '.join(TIMM_EVA)}")
-    patch, size, width, layers, heads, hidden, kind = TIMM_EVA[timm_model_name]
+    patch, size, width, layers, heads, hidden, kind, rope_grid = TIMM_EVA[timm_model_name]
     return {"tower": "eva", "image_size": image_size or size, "patch_size": patch, "width": width, "layers": layers,
-            "heads": heads, "mlp_ratio": mlp_ratio(hidden, width), **EVA_KINDS[kind], "norm_eps": 1e-6}
+            "heads": heads, "mlp_ratio": mlp_ratio(hidden, width), **EVA_KINDS[kind], "rope_grid": rope_grid}
 
 
 def config_from_open_clip(model_cfg: dict) -> dict:
@@ -42,9 +52,10 @@ def config_from_open_clip(model_cfg: dict) -> dict:
     from .openai import OPEN_CLIP_TOP_KEYS, text_cfg_from_open_clip
 
     vision = model_cfg["vision_cfg"]
-    if vision.get("timm_pool", "token") != "token" or vision.get("timm_proj") not in (None, "none", ""):
+    pool = tower_config(vision["timm_model_name"]).get("pool", "token")
+    if vision.get("timm_pool", pool) != pool or vision.get("timm_proj") not in (None, "none", ""):
         raise CheckpointError(f"open_clip EVA tower with pool {vision.get('timm_pool')!r} and projection "
-                              f"{vision.get('timm_proj')!r} is not built here (class token, timm's own head)")
+                              f"{vision.get('timm_proj')!r} is not built here ({pool} pooling, timm's own head)")
     config = {k: v for k, v in model_cfg.items() if k in OPEN_CLIP_TOP_KEYS - {"custom_text", "vision_cfg",
                                                                                "text_cfg"}}
     config["vision_cfg"] = tower_config(vision["timm_model_name"], vision.get("image_size"))
@@ -64,6 +75,7 @@ def config_to_open_clip(config: dict) -> dict:
                               "a clipforge folder")
     out = {k: v for k, v in config.items() if k not in ("vision_cfg", "text_cfg")}
     out.update(custom_text=True, vision_cfg={"image_size": vision["image_size"], "timm_model_name": timm_name,
-                                              "timm_model_pretrained": False, "timm_pool": "token", "timm_proj": None},
+                                              "timm_model_pretrained": False,
+                                              "timm_pool": vision.get("pool", "token"), "timm_proj": None},
                text_cfg=text_cfg_to_open_clip(config["text_cfg"], config.get("quick_gelu", False)))
     return out

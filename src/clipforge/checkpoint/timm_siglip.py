@@ -40,8 +40,9 @@ _TOP = {"patch_embed.proj": "conv1", "norm": "ln_post", "attn_pool.proj": "head.
 
 
 def matches(state: dict) -> bool:
-    """A timm SigLIP tower (attention pooling); open_clip's ConvNeXt trunks keep their names in clipforge."""
-    return any(k.startswith(TRUNK + "attn_pool.") for k in state)
+    """A timm SigLIP tower (attention pooling, no LayerNorm before the blocks: PE's towers have one and keep their
+    names in clipforge, as open_clip's ConvNeXt and EVA trunks do)."""
+    return any(k.startswith(TRUNK + "attn_pool.") for k in state) and TRUNK + "norm_pre.weight" not in state
 
 
 def _renamed(rest: str, table: dict, key: str) -> str:

@@ -76,13 +76,18 @@ def is_resnet(config: dict) -> bool:
 
 
 def is_siglip(config: dict) -> bool:
-    """Whether a model config (or its ``vision_cfg``) has SigLIP's image tower: attention pooling."""
-    return config.get("vision_cfg", config).get("pool") == "map"
+    """Whether a model config (or its ``vision_cfg``) has SigLIP's image tower: attention pooling (PE's, the other
+    attention-pooled tower, is an EVA tower)."""
+    cfg = config.get("vision_cfg", config)
+    return cfg.get("pool") == "map" and cfg.get("tower") != "eva"
 
 
 def is_convnext(config: dict) -> bool:
     """Whether a model config (or its ``vision_cfg``) has a ConvNeXt image tower: its stages' ``depths``."""
     return "depths" in config.get("vision_cfg", config)
+
+
+PE_SETTINGS = ("key_bias", "rope_offset", "rope_indexing", "class_token", "norm_pre", "pool", "pool_heads")
 
 
 def is_eva(config: dict) -> bool:
@@ -104,7 +109,8 @@ def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module
             image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["width"], layers=cfg["layers"],
             heads=cfg["heads"], output_dim=embed_dim, mlp_ratio=cfg["mlp_ratio"], mlp=cfg.get("mlp", "gelu"),
             fused_qkv=cfg.get("fused_qkv", True), inner_norm=cfg.get("inner_norm", False),
-            post_norm=cfg.get("post_norm", False), rope_grid=cfg.get("rope_grid"), eps=cfg.get("norm_eps", 1e-6))
+            post_norm=cfg.get("post_norm", False), rope_grid=cfg.get("rope_grid"), eps=cfg.get("norm_eps", 1e-6),
+            **{k: cfg[k] for k in PE_SETTINGS if k in cfg})
     if is_siglip(cfg):  # SigLIP's tower: attention pooling, no class token, no projection
         if cfg["width"] != embed_dim:
             raise ValueError(f"a SigLIP image tower's width is its embedding: width {cfg['width']} != embed_dim "

@@ -8,8 +8,11 @@ three block kinds:
   inside a SwiGLU MLP;
 - EVA02-E: post-LN blocks (each residual branch normalised after it), fused QKV, GELU MLP.
 
-The class token after a final LayerNorm, then a linear head (with a bias) to the embedding. Module names are timm's,
-under ``trunk`` as open_clip's ``TimmModel`` keeps them, so open_clip's checkpoints load without renaming.
+The class token after a final LayerNorm, then a linear head (with a bias) to the embedding. Meta's Perception Encoder
+(PE-Core, Bolya et al. 2025) is the same timm class with other settings: a LayerNorm before the blocks (and no patch
+bias), a biased key, rotary positions counted from 1 in (x, y) order, and attention pooling by a learned latent in
+place of the class token (which PE-Core-bigG does not have). Module names are timm's, under ``trunk`` as open_clip's
+``TimmModel`` keeps them, so open_clip's checkpoints load without renaming.
 """
 from __future__ import annotations
 
@@ -21,15 +24,16 @@ from .inputs import check_image_batch
 from .layers import LayerNorm
 
 
-def rope_table(grid: int, head_dim: int, reference_grid: int, temperature: float = 10000.0) -> torch.Tensor:
+def rope_table(grid: int, head_dim: int, reference_grid: int, offset: float = 0.0, indexing: str = "ij",
+               temperature: float = 10000.0) -> torch.Tensor:
     """timm's ``RotaryEmbeddingCat`` for a square grid: [grid*grid, 2*head_dim], sines then cosines, each angle
     repeated for the pair of channels it rotates. A quarter of the head's channels per axis: row angles first, then
-    column angles; positions are scaled so the grid spans ``reference_grid`` (EVA02 fine-tuned at 336 pixels keeps
-    its 224-pixel frequencies)."""
+    column angles ("ij"; column first for "xy", PE's); positions start at ``offset`` and are scaled so the grid spans
+    ``reference_grid`` (EVA02 fine-tuned at 336 pixels keeps its 224-pixel frequencies)."""
     bands = head_dim // 4
     frequencies = 1.0 / temperature ** (torch.arange(bands, dtype=torch.float32) / bands)
-    positions = torch.arange(grid, dtype=torch.float32) / grid * reference_grid
-    coords = torch.stack(torch.meshgrid(positions, positions, indexing="ij"), dim=-1)  # [grid, grid, 2]
+    positions = (torch.arange(grid, dtype=torch.float32) + offset) / grid * reference_grid
+    coords = torch.stack(torch.meshgrid(positions, positions, indexing=indexing), dim=-1)  # [grid, grid, 2]
     angles = (coords.unsqueeze(-1) * frequencies).flatten(-2).flatten(0, 1)  # [grid*grid, 2 * bands]
     return torch.cat([angles.sin().repeat_interleave(2, -1), angles.cos().repeat_interleave(2, -1)], dim=-1)
 
@@ -43,10 +47,16 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 class EvaAttention(nn.Module):
-    def __init__(self, width: int, heads: int, fused_qkv: bool, inner_norm: bool, eps: float):
+    def __init__(self, width: int, heads: int, fused_qkv: bool, inner_norm: bool, eps: float, key_bias: bool = False,
+                 prefix_tokens: int = 1):
+        """``key_bias``: a plain biased QKV product (PE's; fused only); EVA fixes the key's bias at zero.
+        ``prefix_tokens``: tokens before the patches (the class token), which rotary positions leave alone."""
         super().__init__()
-        self.heads = heads
-        if fused_qkv:  # one product; the key's bias is fixed at zero
+        self.heads, self.prefix_tokens = heads, prefix_tokens
+        self.q_bias = self.v_bias = None
+        if fused_qkv and key_bias:
+            self.qkv = nn.Linear(width, 3 * width)
+        elif fused_qkv:  # one product; the key's bias is fixed at zero
             self.qkv = nn.Linear(width, 3 * width, bias=False)
             self.q_bias = nn.Parameter(torch.zeros(width))
             self.v_bias = nn.Parameter(torch.zeros(width))
@@ -61,15 +71,19 @@ class EvaAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, width = x.shape
         if self.qkv is not None:
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+            bias = self.qkv.bias if self.q_bias is None else \
+                torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
             qkv = F.linear(x, self.qkv.weight, bias).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
         else:
             q, k, v = (proj(x).view(batch, length, self.heads, -1).transpose(1, 2)
                        for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if rope is not None:  # patch tokens only: the class token has no position to rotate by
-            q = torch.cat([q[:, :, :1], apply_rope(q[:, :, 1:], rope)], dim=2)
-            k = torch.cat([k[:, :, :1], apply_rope(k[:, :, 1:], rope)], dim=2)
+        if rope is not None and self.prefix_tokens:  # patch tokens only: the class token has no position
+            n = self.prefix_tokens
+            q = torch.cat([q[:, :, :n], apply_rope(q[:, :, n:], rope)], dim=2)
+            k = torch.cat([k[:, :, :n], apply_rope(k[:, :, n:], rope)], dim=2)
+        elif rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, width)
         return self.proj(self.norm(out))
 
@@ -100,11 +114,11 @@ class Mlp(nn.Module):
 
 class EvaBlock(nn.Module):
     def __init__(self, width: int, heads: int, hidden: int, mlp: str, fused_qkv: bool, inner_norm: bool,
-                 post_norm: bool, eps: float):
+                 post_norm: bool, eps: float, key_bias: bool = False, prefix_tokens: int = 1):
         super().__init__()
         self.post_norm = post_norm
         self.norm1 = LayerNorm(width, eps=eps)
-        self.attn = EvaAttention(width, heads, fused_qkv, inner_norm, eps)
+        self.attn = EvaAttention(width, heads, fused_qkv, inner_norm, eps, key_bias, prefix_tokens)
         self.norm2 = LayerNorm(width, eps=eps)
         self.mlp = SwiGLU(width, hidden, eps) if mlp == "swiglu" else Mlp(width, hidden)
 
@@ -116,38 +130,70 @@ class EvaBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, width: int):
+class LatentAttentionPool(nn.Module):
+    """timm's ``AttentionPoolLatent`` (PE's pooling): one learned latent queries every token, then an MLP on a
+    residual. The same computation as SigLIP's pooling head, under timm's names and with its own head count."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, eps: float):
         super().__init__()
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.heads = heads
+        self.latent = nn.Parameter(torch.randn(1, 1, width) * width ** -0.5)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm = LayerNorm(width, eps=eps)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, L, width] -> [N, width]."""
+        batch, length, width = x.shape
+        q = self.q(self.latent.to(x.dtype)).view(1, self.heads, 1, -1).expand(batch, -1, -1, -1)
+        k, v = self.kv(x).view(batch, length, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        pooled = self.proj(F.scaled_dot_product_attention(q, k, v).reshape(batch, width))
+        return pooled + self.mlp(self.norm(pooled))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, width: int, bias: bool = True):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
 class EvaTrunk(nn.Module):
-    """timm's ``Eva`` with class-token pooling and a head to ``output_dim`` (what open_clip creates)."""
+    """timm's ``Eva`` with class-token or latent-attention pooling and a head to ``output_dim`` (what open_clip
+    creates)."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, hidden: int,
                  output_dim: int, mlp: str, fused_qkv: bool, inner_norm: bool, post_norm: bool,
-                 rope_grid: int | None, eps: float):
+                 rope_grid: int | None, eps: float, key_bias: bool = False, rope_offset: float = 0.0,
+                 rope_indexing: str = "ij", class_token: bool = True, norm_pre: bool = False, pool: str = "token",
+                 pool_heads: int = 8):
         super().__init__()
+        if pool not in ("token", "map") or (pool == "token" and not class_token):
+            raise ValueError(f"EVA pool must be 'token' (with a class token) or 'map', got {pool!r}")
         grid = image_size // patch_size
-        self.patch_embed = PatchEmbed(patch_size, width)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, width))
-        self.blocks = nn.ModuleList([EvaBlock(width, heads, hidden, mlp, fused_qkv, inner_norm, post_norm, eps)
-                                     for _ in range(layers)])
+        prefix = int(class_token)
+        self.patch_embed = PatchEmbed(patch_size, width, bias=not norm_pre)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + prefix, width))
+        self.norm_pre = LayerNorm(width, eps=eps) if norm_pre else nn.Identity()
+        self.blocks = nn.ModuleList([EvaBlock(width, heads, hidden, mlp, fused_qkv, inner_norm, post_norm, eps,
+                                              key_bias, prefix) for _ in range(layers)])
         self.norm = LayerNorm(width, eps=eps)
+        self.attn_pool = LatentAttentionPool(width, pool_heads, 4.0, eps) if pool == "map" else None
         self.head = nn.Linear(width, output_dim)
-        rope = rope_table(grid, width // heads, rope_grid) if rope_grid else None
+        rope = rope_table(grid, width // heads, rope_grid, rope_offset, rope_indexing) if rope_grid else None
         self.register_buffer("rope", rope, persistent=False)  # a function of the shape: not in checkpoints
         self._init_weights()
 
     def _init_weights(self) -> None:
         """timm's: truncated normal (std 0.02) for positions, class token and linear weights; zero biases."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -156,16 +202,21 @@ class EvaTrunk(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed.to(x.dtype)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = self.norm_pre(x + self.pos_embed.to(x.dtype))
         for block in self.blocks:
             x = block(x, self.rope)
-        return self.head(self.norm(x)[:, 0])
+        x = self.norm(x)
+        return self.head(self.attn_pool(x) if self.attn_pool is not None else x[:, 0])
 
 
 class EvaVisionTower(nn.Module):
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
                  mlp_ratio: float, mlp: str = "gelu", fused_qkv: bool = True, inner_norm: bool = False,
-                 post_norm: bool = False, rope_grid: int | None = None, eps: float = 1e-6):
+                 post_norm: bool = False, rope_grid: int | None = None, eps: float = 1e-6, **pe_settings):
+        """``pe_settings``: PE's (``key_bias``, ``rope_offset``, ``rope_indexing``, ``class_token``, ``norm_pre``,
+        ``pool``, ``pool_heads``; ``EvaTrunk``)."""
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -173,7 +224,7 @@ class EvaVisionTower(nn.Module):
             raise ValueError(f"EVA mlp must be 'gelu' or 'swiglu', got {mlp!r}")
         self.image_size, self.patch_size, self.output_dim = image_size, patch_size, output_dim
         self.trunk = EvaTrunk(image_size, patch_size, width, layers, heads, int(width * mlp_ratio), output_dim, mlp,
-                              fused_qkv, inner_norm, post_norm, rope_grid, eps)
+                              fused_qkv, inner_norm, post_norm, rope_grid, eps, **pe_settings)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_image_batch(images, self.image_size)
