@@ -111,10 +111,10 @@ def test_open_clip_folders_load_with_identical_features_and_tokens_and_export_ba
         assert not (tmp_path / "hf").exists()
 
 
-def test_metaclip_2_exports_to_transformers_and_its_folders_load(tmp_path):
+def test_metaclip_2_exports_to_transformers_and_its_folders_and_hub_repos_load(tmp_path, monkeypatch):
     """MetaCLIP 2 worldwide as transformers' MetaClip2Model (CLIP's keys, pooled at the first ``eos_token_id``): an
-    export transformers runs with open_clip's features, and that folder loads back into clipforge with them and its
-    tokenizer."""
+    export transformers runs with open_clip's features, and that folder, and the same files as a hub repo, load
+    back into clipforge with them and its tokenizer."""
     open_clip = pytest.importorskip("open_clip")
     transformers = pytest.importorskip("transformers")
     from clipforge.convert import convert
@@ -132,6 +132,31 @@ def test_metaclip_2_exports_to_transformers_and_its_folders_load(tmp_path):
         assert _max_diff(hf.get_text_features(input_ids=ids).pooler_output, expected_text) <= 1e-5
         assert _max_diff(model.encode_image(images), expected_image) <= 1e-5
         assert _max_diff(model.encode_text(ids), expected_text) <= 1e-5
+    _loads_from_a_hub_repo(tmp_path / "hf", ids, expected_image, expected_text, images, monkeypatch)
+
+
+def _loads_from_a_hub_repo(folder, ids, expected_image, expected_text, images, monkeypatch):
+    """hf-hub:OWNER/NAME for a MetaClip2Model repo (facebook/metaclip-2-worldwide-*), served locally: weights,
+    image processor and tokenizer files; all cached, so it loads and tokenizes again offline."""
+    from conftest import FileServer
+
+    srv = FileServer({f"/owner/mc2/resolve/main/{p.name}": p.read_bytes() for p in folder.iterdir() if p.is_file()})
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(folder.parent / "cache"))
+    monkeypatch.delenv("CLIPFORGE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    try:
+        model, _, tokenizer = clipforge.load("hf-hub:owner/mc2")
+        assert torch.equal(tokenizer(TEXTS), ids)
+    finally:
+        srv.close()
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
+    again, _, tokenizer = clipforge.load("hf-hub:owner/mc2")
+    assert torch.equal(tokenizer(TEXTS), ids)
+    with torch.no_grad():
+        for m in (model, again):
+            assert _max_diff(m.encode_image(images), expected_image) <= 1e-5
+            assert _max_diff(m.encode_text(ids), expected_text) <= 1e-5
 
 
 def test_eos_pooling_skips_padding_on_cpu_with_the_padded_features():
