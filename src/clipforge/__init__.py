@@ -65,7 +65,9 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
         model.normalisation = read_preprocess_cfg(source)
         load_into(model, state, source=source)
         return model.eval()
-    model = create_model(config)
+    # a Hugging Face text tower whose weights the checkpoint brings is built from its config alone (nothing fetched)
+    hf_text = state is not None and "hf_model_name" in config.get("text_cfg", {})
+    model = create_model(config, **({"text_cfg": {"hf_pretrained": False}} if hf_text else {}))
     model.config = config
     model.normalisation = normalisation  # the weights' own preprocessing (mean, std, resize), for ``load``
     if state is not None:

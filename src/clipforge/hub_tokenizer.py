@@ -82,13 +82,18 @@ def has_tokenizer_files(folder: str | Path) -> bool:
     return folder.is_dir() and any((folder / n).is_file() for n in MODEL_FILES)
 
 
+def is_hub_name(name: str) -> bool:
+    """``OWNER/NAME``, or a legacy one-part name (``bert-base-uncased``, ``roberta-base``: the hub redirects them)."""
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name))) and not str(name).startswith(".")
+
+
 def tokenizer_folder(source: str | Path) -> Path:
     """A local folder holding tokenizer files, or a Hugging Face Hub repo (``OWNER/NAME``) whose tokenizer files are
     fetched into the cache once (``pretrained.download``: offline, a clear error unless cached)."""
     path = Path(source)
     if path.is_dir():
         return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+    if not is_hub_name(str(source)):
         raise FileNotFoundError(f"tokenizer {source!r}: neither a folder nor a Hugging Face Hub repo (OWNER/NAME)")
     from .pretrained import DownloadError, NotFoundError, cache_dir, download, hub_endpoint
 

@@ -288,7 +288,7 @@ def get_tokenizer(name: str | dict | None = None, context_length: int | None = N
         text_cfg = (name if isinstance(name, dict) else get_model_config(name))["text_cfg"]
     if context_length is None:
         context_length = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
-    if "hf_model_name" in text_cfg:
+    if "hf_model_name" in text_cfg and not text_cfg.get("hf_tokenizer_name"):
         from .models.hf_text import HFTokenizer
 
         return HFTokenizer(text_cfg["hf_model_name"], context_length)

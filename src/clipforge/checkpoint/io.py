@@ -197,6 +197,10 @@ def to_clipforge_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.
 def load_into(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> None:
     """``load_state_dict`` with errors that name the key and both shapes."""
     expected = model.state_dict()
+    # what older transformers and open_clip versions saved with a Hugging Face text tower and this model does not use:
+    # position ids (a buffer, not weights) and the pooler head of a mean-pooled tower
+    state = {k: v for k, v in state.items() if k in expected or not (k.endswith(".position_ids") or
+                                                                     k.startswith("text.transformer.pooler."))}
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:

@@ -74,11 +74,35 @@ def _refuse_unknown(cfg: dict, known: set, prefix: str, where: str, builder: str
                               "build; it would not load with identical outputs")
 
 
-def text_cfg_from_open_clip(text: dict, where: str) -> dict:
-    """clipforge's ``text_cfg`` for open_clip's TextTransformer settings: only the keys that differ from CLIP's
-    defaults are written (a plain CLIP config comes back as it was)."""
+HF_POOLERS = {"mean_pooler": "mean", "cls_pooler": "cls_pooler", "cls_last_hidden_state_pooler": "cls"}
+
+
+def _hf_text_cfg_from_open_clip(text: dict, where: str) -> dict:
+    """open_clip's Hugging Face text tower (``hf_model_name``): its pooler and projection as clipforge names them
+    (open_clip's defaults: mean pooling, an MLP projection)."""
     from .errors import CheckpointError
 
+    _refuse_unknown(text, {"hf_model_name", "hf_tokenizer_name", "hf_pooler_type", "hf_proj_type",
+                           "hf_model_pretrained", "context_length", "tokenizer_kwargs"}, "text_cfg", where, "clipforge")
+    pooler, proj = text.get("hf_pooler_type", "mean_pooler"), text.get("hf_proj_type", "mlp")
+    if pooler not in HF_POOLERS or proj not in ("linear", "mlp"):
+        raise CheckpointError(f"{where}: Hugging Face text tower with pooler {pooler!r} and projection {proj!r} is "
+                              f"not built here (poolers {', '.join(HF_POOLERS)}; linear or mlp projections)")
+    out = {"hf_model_name": text["hf_model_name"], "hf_tokenizer_name": text.get("hf_tokenizer_name") or
+           text["hf_model_name"], "pooling": HF_POOLERS[pooler], "proj": proj,
+           "context_length": text.get("context_length", 77)}
+    if text.get("tokenizer_kwargs"):
+        out["tokenizer_kwargs"] = text["tokenizer_kwargs"]
+    return out
+
+
+def text_cfg_from_open_clip(text: dict, where: str) -> dict:
+    """clipforge's ``text_cfg`` for open_clip's TextTransformer settings: only the keys that differ from CLIP's
+    defaults are written (a plain CLIP config comes back as it was); a Hugging Face tower's as clipforge builds it."""
+    from .errors import CheckpointError
+
+    if "hf_model_name" in text:
+        return _hf_text_cfg_from_open_clip(text, where)
     _refuse_unknown(text, SHARED_TEXT_KEYS | {"pool_type", "eos_id", "no_causal_mask", "proj_bias", "proj_type",
                                              "act_kwargs", "norm_kwargs", "pad_id"}, "text_cfg", where, "clipforge")
     out = {k: v for k, v in text.items() if k in SHARED_TEXT_KEYS}
@@ -114,6 +138,20 @@ def _hub_name(name: str | None) -> str:
 
 def text_cfg_to_open_clip(text: dict, quick_gelu: bool = False) -> dict:
     """open_clip's TextTransformer settings for a clipforge ``text_cfg`` (``text_cfg_from_open_clip``'s inverse)."""
+    if "hf_model_name" in text:
+        _refuse_unknown(text, {"hf_model_name", "hf_tokenizer_name", "pooling", "proj", "context_length",
+                               "tokenizer_kwargs", "hf_pretrained"}, "text_cfg", "this model's config",
+                        "open_clip's CLIP")
+        out = {"hf_model_name": text["hf_model_name"], "hf_tokenizer_name": text.get("hf_tokenizer_name") or
+               text["hf_model_name"], "hf_pooler_type": {v: k for k, v in HF_POOLERS.items()}[text.get("pooling",
+                                                                                                         "mean")]}
+        if text.get("proj", "linear") != "mlp":  # open_clip's default is the MLP
+            out["hf_proj_type"] = text.get("proj", "linear")
+        if text.get("context_length", 77) != 77:
+            out["context_length"] = text["context_length"]
+        if text.get("tokenizer_kwargs"):
+            out["tokenizer_kwargs"] = text["tokenizer_kwargs"]
+        return out
     _refuse_unknown(text, SHARED_TEXT_KEYS | {"pool", "eos_id", "causal", "proj", "act", "norm_eps"}, "text_cfg",
                     "this model's config", "open_clip's CLIP")
     out = {k: v for k, v in text.items() if k in SHARED_TEXT_KEYS}

@@ -152,7 +152,8 @@ def build_text_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
         from .hf_text import HFTextEncoder  # optional: needs transformers
 
         return HFTextEncoder(cfg["hf_model_name"], output_dim=embed_dim, pooling=cfg.get("pooling", "mean"),
-                             context_length=cfg.get("context_length", 77))
+                             context_length=cfg.get("context_length", 77), proj=cfg.get("proj", "linear"),
+                             pretrained=cfg.get("hf_pretrained", True))
     return TextTransformer(
         context_length=cfg["context_length"],
         vocab_size=cfg["vocab_size"],

