@@ -110,3 +110,36 @@ def test_a_hub_text_model_is_fetched_once_and_a_checkpoint_fetches_its_config_al
     theirs = transformers.AutoModel.from_pretrained(folder)
     ours = transformers.AutoModel.from_pretrained(full)
     assert all(torch.equal(a, b) for a, b in zip(theirs.state_dict().values(), ours.state_dict().values()))
+
+
+def test_nllb_clip_siglip_an_open_clip_siglip_image_tower_beside_a_hugging_face_text_encoder(tmp_path):
+    """nllb-clip-siglip's layout: timm's SigLIP image tower (attention pooling, a logit bias) with an NLLB (M2M100)
+    encoder pooled at its first token: an open_clip folder loads with open_clip's features, bias and ids."""
+    open_clip = pytest.importorskip("open_clip")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    text_folder = tmp_path / "text"
+    vocab = make_xlmr_folder(text_folder)
+    torch.manual_seed(0)
+    _hf_model(transformers, "m2m_100", vocab).save_pretrained(text_folder)
+    model_cfg = {"embed_dim": 768, "custom_text": True, "init_logit_bias": -10,
+                 "vision_cfg": {"image_size": 256, "timm_model_name": "vit_base_patch32_siglip_256",
+                                "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
+                 "text_cfg": {"hf_model_name": str(text_folder), "hf_tokenizer_name": str(text_folder),
+                              "hf_proj_type": "linear", "hf_pooler_type": "cls_pooler"}}
+    theirs = open_clip.model.CustomTextCLIP(**{k: v for k, v in model_cfg.items() if k != "custom_text"}).eval()
+    folder = tmp_path / "oc"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    model, _, tokenizer = clipforge.load("local-dir:" + str(folder))
+    ids = tokenizer(TEXTS)
+    assert torch.equal(ids, open_clip.tokenizer.HFTokenizer(str(text_folder))(TEXTS))
+    images = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        ours, expected = model(images, ids), theirs(images, ids)
+        assert _max_diff(ours.image_features, expected[0]) <= 1e-5
+        assert _max_diff(ours.text_features, expected[1]) <= 1e-5
+        assert ours.logit_bias.item() == expected[3].item() == -10

@@ -176,16 +176,18 @@ def test_open_clip_siglip_weights_load_and_export_back_to_open_clip(hf_siglip, t
 
 
 def test_zoo_siglip_configs_are_open_clips_and_timm_towers_are_timms():
-    """Every open_clip SigLIP / SigLIP 2 architecture is in the zoo under its name, translated from open_clip's
-    config; the timm towers' shapes and activations (exact GELU in some, tanh in others) are timm's."""
+    """Every open_clip SigLIP / SigLIP 2 architecture (nllb-clip-siglip's too, with its Hugging Face text tower) is in
+    the zoo under its name, translated from open_clip's config; the timm towers' shapes and activations (exact GELU
+    in some, tanh in others) are timm's."""
     open_clip = pytest.importorskip("open_clip")
     timm = pytest.importorskip("timm")
     from pathlib import Path
 
     from clipforge.checkpoint.timm_siglip import TIMM_SIGLIP, config_from_open_clip, config_to_open_clip
 
-    configs = sorted((Path(open_clip.__file__).parent / "model_configs").glob("*SigLIP*.json"))
-    assert len(configs) >= 26
+    folder = Path(open_clip.__file__).parent / "model_configs"
+    configs = sorted([*folder.glob("*SigLIP*.json"), *folder.glob("nllb-clip-*-siglip.json")])
+    assert len(configs) >= 28
     for path in configs:
         ours = clipforge.get_model_config(path.stem)
         assert ours == config_from_open_clip(json.loads(path.read_text())), path.stem

@@ -115,10 +115,13 @@ def config_to_open_clip(config: dict) -> dict:
     if timm_name is None:
         raise CheckpointError("open_clip builds SigLIP image towers from timm, which has none of this shape and "
                               "activation; keep it as a clipforge or Hugging Face folder")
-    if text.get("pool") != "last" or text.get("causal", True) or text.get("act") == "quick_gelu":
+    if "hf_model_name" in text:
+        text_cfg = text_cfg_to_open_clip(text)
+    elif text.get("pool") != "last" or text.get("causal", True) or text.get("act") == "quick_gelu":
         raise CheckpointError("this text tower is not one open_clip's SigLIP settings build")
-    text_cfg = {"mlp_ratio": 4.0, "norm_kwargs": {"eps": text.get("norm_eps", 1e-5)}, "tokenizer_kwargs": {},
-                **text_cfg_to_open_clip(text)}
+    else:
+        text_cfg = {"mlp_ratio": 4.0, "norm_kwargs": {"eps": text.get("norm_eps", 1e-5)}, "tokenizer_kwargs": {},
+                    **text_cfg_to_open_clip(text)}
     out = {"embed_dim": config["embed_dim"], "custom_text": True,
            "vision_cfg": {"image_size": vision["image_size"], "timm_model_name": timm_name,
                           "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
@@ -153,10 +156,13 @@ def config_from_open_clip(model_cfg: dict) -> dict:
     if vision.get("timm_pool", "map") != "map" or vision.get("timm_proj", "none") != "none":
         raise CheckpointError(f"open_clip timm tower with pool {vision.get('timm_pool')!r} and projection "
                               f"{vision.get('timm_proj')!r} is not built here (SigLIP's map / none are)")
-    text_cfg = {"mlp_ratio": 4.0, "proj": "matrix", "act": "gelu", "norm_eps": 1e-5, "hf_tokenizer_name": None,
-                "tokenizer_kwargs": {}, **text_cfg_from_open_clip(text, "open_clip SigLIP config")}
-    if text_cfg.get("pool") != "last" or text_cfg.get("causal", True):
-        raise CheckpointError(f"open_clip text tower settings not built here: {text}")
+    if "hf_model_name" in text:  # nllb-clip-siglip: a Hugging Face text encoder beside the SigLIP image tower
+        text_cfg = text_cfg_from_open_clip(text, "open_clip SigLIP config")
+    else:
+        text_cfg = {"mlp_ratio": 4.0, "proj": "matrix", "act": "gelu", "norm_eps": 1e-5, "hf_tokenizer_name": None,
+                    "tokenizer_kwargs": {}, **text_cfg_from_open_clip(text, "open_clip SigLIP config")}
+        if text_cfg.get("pool") != "last" or text_cfg.get("causal", True):
+            raise CheckpointError(f"open_clip text tower settings not built here: {text}")
     config = {"embed_dim": model_cfg["embed_dim"], "init_logit_bias": model_cfg.get("init_logit_bias", -10.0),
               "logit_scale_max": None,
               "vision_cfg": tower_config(vision["timm_model_name"], vision.get("image_size")), "text_cfg": text_cfg}
