@@ -35,7 +35,8 @@ def _cmd_models(args) -> int:
         cfg = get_model_config(name)
         tags = [t for _, t in list_pretrained(name)]
         kind = "ResNet" if is_resnet(cfg) else "ConvNeXt" if is_convnext(cfg) else "SigLIP" if is_siglip(cfg) else \
-            ("PE" if is_siglip({**cfg["vision_cfg"], "tower": None}) else "EVA") if is_eva(cfg) else "ViT"
+            ("PE" if is_siglip({**cfg["vision_cfg"], "tower": None}) else "ViT" if cfg["vision_cfg"].get("key_bias")
+             else "EVA") if is_eva(cfg) else "ViT"
         print(f"{name:{width}s} {kind:8s} {cfg['vision_cfg']['image_size']:4d}px  embed {cfg['embed_dim']:5d}  "
               f"pretrained: {', '.join(tags) or '-'}")
     return 0

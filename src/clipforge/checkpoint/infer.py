@@ -94,22 +94,26 @@ def _infer_convnext(state: dict, config: dict) -> dict:
 
 
 def _infer_eva(state: dict, config: dict) -> dict:
-    """An EVA or PE model's architecture: the timm tower with these shapes (the block kind, EVA01's or EVA02-E's, is
-    not in the weights; timm's towers are few and all in the zoo)."""
+    """An EVA, PE or timm-ViT model's architecture: the timm tower whose parameters have exactly these names and
+    shapes (the block kind, EVA01's or EVA02-E's, is not in the weights; timm's towers are few and all in the zoo)."""
+    import torch
+
     from ..models import get_model_config, is_eva, list_models
+    from ..models.clip import build_vision_tower
     from .timm_eva import TIMM_EVA, tower_config
 
-    shapes = (state["visual.trunk.patch_embed.proj.weight"].shape[-1], state["visual.trunk.pos_embed"].shape[1],
-              state["visual.trunk.pos_embed"].shape[2], _count(state, "visual.trunk.blocks."))
+    prefix = "visual."
+    shapes = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
     for name in TIMM_EVA:
         cfg = tower_config(name)
-        tokens = (cfg["image_size"] // cfg["patch_size"]) ** 2 + int(cfg.get("class_token", True))
-        if (cfg["patch_size"], tokens, cfg["width"], cfg["layers"]) == shapes:
+        with torch.device("meta"):  # names and shapes only: no memory, no time
+            tower = build_vision_tower(cfg, config["embed_dim"], False)
+        if {k: tuple(v.shape) for k, v in tower.state_dict().items()} == shapes:
             config["vision_cfg"] = cfg
             break
     else:
-        raise CheckpointError(f"an EVA image tower of shapes {shapes} (patch, tokens, width, layers) is none of timm's "
-                              f"EVA-CLIP towers ({', '.join(TIMM_EVA)})")
+        raise CheckpointError(f"an image tower with timm's Eva/ViT names ({len(shapes)} tensors) that is none of the "
+                              f"towers clipforge builds ({', '.join(TIMM_EVA)})")
     for name in list_models():  # the text tower's head layout, from the zoo architecture with both towers' shapes
         zoo = get_model_config(name)
         if is_eva(zoo) and zoo["vision_cfg"] == config["vision_cfg"] and zoo["embed_dim"] == config["embed_dim"] and \

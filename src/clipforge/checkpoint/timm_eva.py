@@ -17,6 +17,12 @@ EVA_KINDS = {
     "eva02_post_norm": {"mlp": "gelu", "fused_qkv": True, "inner_norm": False, "post_norm": True, "norm_eps": 1e-6},
     "pe": _PE,
     "pe_no_class_token": {**_PE, "class_token": False, "rope_offset": 0.0},
+    # timm's plain VisionTransformer: MobileCLIP-B's (a convolutional stem, no position for the class token) and a
+    # CLIP-style ViT (a LayerNorm before the blocks) for MobileCLIP2-L-14
+    "vit_mci": {"mlp": "gelu", "fused_qkv": True, "inner_norm": False, "post_norm": False, "key_bias": True,
+                "stem": "mci", "class_position": False, "norm_eps": 1e-6},
+    "vit_clip": {"mlp": "gelu", "fused_qkv": True, "inner_norm": False, "post_norm": False, "key_bias": True,
+                 "norm_pre": True, "norm_eps": 1e-5},
 }
 # timm model -> (patch size, image size, width, layers, heads, MLP hidden, kind, rotary reference grid)
 TIMM_EVA = {
@@ -30,11 +36,13 @@ TIMM_EVA = {
     "vit_pe_core_base_patch16_224": (16, 224, 768, 12, 12, 3072, "pe", 14),
     "vit_pe_core_large_patch14_336": (14, 336, 1024, 24, 16, 4096, "pe", 24),
     "vit_pe_core_gigantic_patch14_448": (14, 448, 1536, 50, 16, 8960, "pe_no_class_token", 32),
+    "vit_base_mci_224": (16, 224, 768, 12, 12, 3072, "vit_mci", None),
+    "vit_large_patch14_clip_224": (14, 224, 1024, 24, 16, 4096, "vit_clip", None),
 }
 
 
 def is_open_clip_eva(model_cfg: dict) -> bool:
-    return model_cfg.get("vision_cfg", {}).get("timm_model_name", "").startswith(("eva", "vit_pe_core"))
+    return model_cfg.get("vision_cfg", {}).get("timm_model_name") in TIMM_EVA
 
 
 def tower_config(timm_model_name: str, image_size: int | None = None) -> dict:

@@ -87,7 +87,8 @@ def is_convnext(config: dict) -> bool:
     return "depths" in config.get("vision_cfg", config)
 
 
-PE_SETTINGS = ("key_bias", "rope_offset", "rope_indexing", "class_token", "norm_pre", "pool", "pool_heads")
+PE_SETTINGS = ("key_bias", "rope_offset", "rope_indexing", "class_token", "norm_pre", "pool", "pool_heads", "stem",
+               "class_position")
 
 
 def is_eva(config: dict) -> bool:

@@ -11,8 +11,10 @@ three block kinds:
 The class token after a final LayerNorm, then a linear head (with a bias) to the embedding. Meta's Perception Encoder
 (PE-Core, Bolya et al. 2025) is the same timm class with other settings: a LayerNorm before the blocks (and no patch
 bias), a biased key, rotary positions counted from 1 in (x, y) order, and attention pooling by a learned latent in
-place of the class token (which PE-Core-bigG does not have). Module names are timm's, under ``trunk`` as open_clip's
-``TimmModel`` keeps them, so open_clip's checkpoints load without renaming.
+place of the class token (which PE-Core-bigG does not have). timm's plain ``VisionTransformer`` is one more setting
+of it (a biased QKV product, GELU): MobileCLIP-B's, whose patches come from a three-convolution stem (``stem="mci"``)
+and whose class token has no position, and MobileCLIP2-L-14's CLIP-style ViT. Module names are timm's, under
+``trunk`` as open_clip's ``TimmModel`` keeps them, so open_clip's checkpoints load without renaming.
 """
 from __future__ import annotations
 
@@ -162,6 +164,31 @@ class PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
+class ConvNormAct(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, last: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel, stride=kernel, bias=last)
+        self.bn = nn.Sequential() if last else nn.BatchNorm2d(out_channels)
+        self.last = last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return x if self.last else F.gelu(self.bn(x))
+
+
+class MciStem(nn.Module):
+    """MobileCLIP-B's patch embedding (timm's ``ConvStem`` in a ``HybridEmbed``): 4x4, 2x2 and 2x2 strided
+    convolutions, batch norm and GELU between them: a 16-pixel patch grid."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.backbone = nn.Sequential(ConvNormAct(3, width // 4, 4, False), ConvNormAct(width // 4, width // 4, 2, False),
+                                      ConvNormAct(width // 4, width, 2, True))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images).flatten(2).transpose(1, 2)
+
+
 class EvaTrunk(nn.Module):
     """timm's ``Eva`` with class-token or latent-attention pooling and a head to ``output_dim`` (what open_clip
     creates)."""
@@ -170,15 +197,20 @@ class EvaTrunk(nn.Module):
                  output_dim: int, mlp: str, fused_qkv: bool, inner_norm: bool, post_norm: bool,
                  rope_grid: int | None, eps: float, key_bias: bool = False, rope_offset: float = 0.0,
                  rope_indexing: str = "ij", class_token: bool = True, norm_pre: bool = False, pool: str = "token",
-                 pool_heads: int = 8):
+                 pool_heads: int = 8, stem: str = "patch", class_position: bool = True):
+        """``stem``: "patch" (one patch-sized convolution) or "mci" (``MciStem``); ``class_position``: whether the
+        class token has a learned position (timm's ``no_embed_class`` is False)."""
         super().__init__()
         if pool not in ("token", "map") or (pool == "token" and not class_token):
             raise ValueError(f"EVA pool must be 'token' (with a class token) or 'map', got {pool!r}")
+        if stem not in ("patch", "mci") or (stem == "mci" and patch_size != 16):
+            raise ValueError(f"EVA stem must be 'patch' or 'mci' (16-pixel patches), got {stem!r}")
         grid = image_size // patch_size
         prefix = int(class_token)
-        self.patch_embed = PatchEmbed(patch_size, width, bias=not norm_pre)
+        self.patch_embed = PatchEmbed(patch_size, width, bias=not norm_pre) if stem == "patch" else MciStem(width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + prefix, width))
+        self.class_position = class_position
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + (prefix if class_position else 0), width))
         self.norm_pre = LayerNorm(width, eps=eps) if norm_pre else nn.Identity()
         self.blocks = nn.ModuleList([EvaBlock(width, heads, hidden, mlp, fused_qkv, inner_norm, post_norm, eps,
                                               key_bias, prefix) for _ in range(layers)])
@@ -202,9 +234,11 @@ class EvaTrunk(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images)
+        if not self.class_position:  # positions for the patches only, the class token joins after
+            x = x + self.pos_embed.to(x.dtype)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = self.norm_pre(x + self.pos_embed.to(x.dtype))
+        x = self.norm_pre(x + self.pos_embed.to(x.dtype) if self.class_position else x)
         for block in self.blocks:
             x = block(x, self.rope)
         x = self.norm(x)
