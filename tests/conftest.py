@@ -61,6 +61,18 @@ def write_shard(path: Path, samples: list[dict]) -> Path:
     return path
 
 
+def write_open_clip_folder(folder: Path, model: torch.nn.Module, model_cfg: dict) -> Path:
+    """An open_clip model folder (what its ``local-dir:`` reads): ``model``'s weights and ``model_cfg``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    return folder
+
+
 def shapes_shard(path: Path, n: int, seed: int = 0, corrupt_every: int = 0) -> Path:
     """A shard of generated shapes with multi-line captions; every ``corrupt_every``-th image is garbage bytes."""
     import io

@@ -2,13 +2,13 @@
 of each kind loads with open_clip's features and ids. Small random transformers of each kind (XLM-R with mean pooling
 and an MLP projection, mT5's encoder, NLLB's M2M100 encoder pooled at its first token with a linear projection),
 all on one XLM-R-style vocabulary trained here, since none can be downloaded."""
-import json
 
 import pytest
 import torch
 
 import clipforge
 
+from conftest import write_open_clip_folder
 from test_open_clip_variants import TEXTS, _max_diff, make_xlmr_folder
 
 KINDS = {
@@ -40,8 +40,6 @@ def _hf_model(transformers, kind, vocab):
 def test_open_clip_hf_text_tower_folders_load_with_identical_features_and_tokens(kind, tmp_path):
     open_clip = pytest.importorskip("open_clip")
     transformers = pytest.importorskip("transformers")
-    from safetensors.torch import save_file
-
     text_folder = tmp_path / "text"
     vocab = make_xlmr_folder(text_folder)
     torch.manual_seed(0)
@@ -54,10 +52,7 @@ def test_open_clip_hf_text_tower_folders_load_with_identical_features_and_tokens
     with torch.no_grad():
         for p in theirs.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    folder = tmp_path / "oc"
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    folder = write_open_clip_folder(tmp_path / "oc", theirs, model_cfg)
 
     model, _, tokenizer = clipforge.load("local-dir:" + str(folder))
     ids = tokenizer(TEXTS)
@@ -118,8 +113,6 @@ def test_nllb_clip_siglip_an_open_clip_siglip_image_tower_beside_a_hugging_face_
     open_clip = pytest.importorskip("open_clip")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("timm")
-    from safetensors.torch import save_file
-
     text_folder = tmp_path / "text"
     vocab = make_xlmr_folder(text_folder)
     torch.manual_seed(0)
@@ -130,10 +123,7 @@ def test_nllb_clip_siglip_an_open_clip_siglip_image_tower_beside_a_hugging_face_
                  "text_cfg": {"hf_model_name": str(text_folder), "hf_tokenizer_name": str(text_folder),
                               "hf_proj_type": "linear", "hf_pooler_type": "cls_pooler"}}
     theirs = open_clip.model.CustomTextCLIP(**{k: v for k, v in model_cfg.items() if k != "custom_text"}).eval()
-    folder = tmp_path / "oc"
-    folder.mkdir()
-    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    folder = write_open_clip_folder(tmp_path / "oc", theirs, model_cfg)
     model, _, tokenizer = clipforge.load("local-dir:" + str(folder))
     ids = tokenizer(TEXTS)
     assert torch.equal(ids, open_clip.tokenizer.HFTokenizer(str(text_folder))(TEXTS))

@@ -51,16 +51,15 @@ def make_xlmr_folder(folder):
 def _open_clip_folder(open_clip, folder, model_cfg):
     """A random open_clip model of ``model_cfg`` (LayerNorms and biases moved off their initial values, so that each
     one is checked), saved as a local-dir: folder beside its tokenizer files."""
-    from safetensors.torch import save_file
+    from conftest import write_open_clip_folder
 
     torch.manual_seed(0)
-    model = open_clip.model.CLIP(**{k: v for k, v in model_cfg.items()}).eval()
+    model = open_clip.model.CLIP(**model_cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    write_open_clip_folder(folder, model, model_cfg)
     return model
 
 
