@@ -133,3 +133,20 @@ def test_nllb_clip_siglip_an_open_clip_siglip_image_tower_beside_a_hugging_face_
         assert _max_diff(ours.image_features, expected[0]) <= 1e-5
         assert _max_diff(ours.text_features, expected[1]) <= 1e-5
         assert ours.logit_bias.item() == expected[3].item() == -10
+
+
+def test_a_text_model_in_hugging_faces_own_cache_is_used_from_there(tmp_path, monkeypatch):
+    """A repo transformers fetched before (Hugging Face's cache) loads from there, offline, without a request."""
+    from clipforge.models.hf_text import resolve_hf_model
+
+    snapshot = tmp_path / "hf" / "models--owner--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hf" / "models--owner--cached" / "refs").mkdir()
+    (tmp_path / "hf" / "models--owner--cached" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert resolve_hf_model("owner/cached", weights=False) == str(snapshot)
+    with pytest.raises(Exception, match="could not be fetched|offline"):  # its weights are not cached: a clear error
+        resolve_hf_model("owner/cached", weights=True)

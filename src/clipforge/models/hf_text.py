@@ -44,7 +44,23 @@ def resolve_hf_model(name: str, weights: bool = True) -> str:
         return str(Path(next(iter(spec.submodule_search_locations))) / folder)
     if Path(name).is_dir():
         return name
-    return str(fetch_hf_model(name, weights))
+    cached = _in_hf_cache(name, weights)
+    return str(cached) if cached is not None else str(fetch_hf_model(name, weights))
+
+
+def _in_hf_cache(repo: str, weights: bool) -> Path | None:
+    """The snapshot folder of ``repo`` in Hugging Face's own cache, where what is needed is already there (a model
+    used with transformers before loads offline, as it did before clipforge fetched into its own cache)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    config = try_to_load_from_cache(repo, "config.json")
+    if not isinstance(config, str):
+        return None
+    if weights and not any(isinstance(try_to_load_from_cache(repo, n), str) for n in WEIGHT_FILES):
+        return None
+    return Path(config).parent
 
 
 def fetch_hf_model(repo: str, weights: bool) -> Path:
@@ -56,13 +72,12 @@ def fetch_hf_model(repo: str, weights: bool) -> Path:
     if not is_hub_name(repo):
         raise FileNotFoundError(f"text model {repo!r}: neither a folder, a packaged model nor a Hugging Face Hub repo")
     folder = cache_dir() / "text-models" / repo.replace("/", "--")
-    wanted = ["config.json"] + (["weights"] if weights else [])
     base = f"{hub_endpoint()}/{repo}/resolve/main"
     try:
         if not (folder / "config.json").is_file():
             fetched = download(f"{base}/config.json", directory=folder / ".downloads", progress=False)
             fetched.replace(folder / "config.json")
-        if "weights" in wanted and not any((folder / n).is_file() for n in WEIGHT_FILES):
+        if weights and not any((folder / n).is_file() for n in WEIGHT_FILES):
             for file_name in WEIGHT_FILES:
                 try:
                     fetched = download(f"{base}/{file_name}", directory=folder / ".downloads")
