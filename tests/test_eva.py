@@ -47,6 +47,12 @@ def test_each_eva_block_kind_matches_timm(timm_name):
     images = torch.randn(2, 3, cfg["image_size"], cfg["image_size"])
     with torch.no_grad():
         assert _max_diff(ours(images), theirs(images)) <= 1e-5
+        grid = ours.forward_grid(images)  # LiMBer's grid features: the patch tokens the pooling reads
+        side = cfg["image_size"] // cfg["patch_size"]
+        assert grid.shape == (2, cfg["width"], side, side)
+        if ours.trunk.attn_pool is not None and ours.trunk.cls_token is None:
+            pooled = ours.trunk.head(ours.trunk.attn_pool(grid.flatten(2).transpose(1, 2)))
+            assert _max_diff(pooled, theirs(images)) <= 1e-5
 
 
 def _tower_args(cfg: dict) -> dict:

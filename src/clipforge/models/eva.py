@@ -232,7 +232,8 @@ class EvaTrunk(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The last block's tokens after the final LayerNorm: [N, (class token +) grid*grid, width]."""
         x = self.patch_embed(images)
         if not self.class_position:  # positions for the patches only, the class token joins after
             x = x + self.pos_embed.to(x.dtype)
@@ -241,7 +242,10 @@ class EvaTrunk(nn.Module):
         x = self.norm_pre(x + self.pos_embed.to(x.dtype) if self.class_position else x)
         for block in self.blocks:
             x = block(x, self.rope)
-        x = self.norm(x)
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(images)
         return self.head(self.attn_pool(x) if self.attn_pool is not None else x[:, 0])
 
 
@@ -263,3 +267,12 @@ class EvaVisionTower(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_image_batch(images, self.image_size)
         return self.trunk(images)
+
+    def forward_grid(self, images: torch.Tensor) -> torch.Tensor:
+        """The last layer's patch tokens as a spatial map ``[N, width, grid, grid]`` (after the final LayerNorm,
+        before the pooling and head): LiMBer's grid features."""
+        check_image_batch(images, self.image_size)
+        x = self.trunk.forward_features(images)
+        x = x[:, 1:] if self.trunk.cls_token is not None else x
+        grid = self.image_size // self.patch_size
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid, grid)
