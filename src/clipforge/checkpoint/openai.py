@@ -65,6 +65,11 @@ SHARED_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", 
 TEXT_POOLS = {"argmax": "eot", "last": "last", "eos": "eos"}  # open_clip's pool_type -> clipforge's text pool
 
 
+def top_level_settings(model_cfg: dict) -> dict:
+    """The top-level settings open_clip and clipforge spell alike (the towers' configs aside)."""
+    return {k: v for k, v in model_cfg.items() if k in OPEN_CLIP_TOP_KEYS - {"custom_text", "vision_cfg", "text_cfg"}}
+
+
 def _refuse_unknown(cfg: dict, known: set, prefix: str, where: str, builder: str) -> None:
     from .errors import CheckpointError
 
@@ -231,6 +236,7 @@ def config_from_open_clip(model_cfg: dict, where: str) -> dict:
     from . import timm_convnext, timm_eva, timm_siglip
     from .errors import CheckpointError
 
+    _refuse_unknown(model_cfg, OPEN_CLIP_TOP_KEYS, "model_cfg", where, "clipforge")
     if timm_convnext.is_open_clip_convnext(model_cfg):
         return timm_convnext.config_from_open_clip(model_cfg)
     if timm_eva.is_open_clip_eva(model_cfg):
@@ -243,7 +249,6 @@ def config_from_open_clip(model_cfg: dict, where: str) -> dict:
                               "(timm's SigLIP, EVA and ConvNeXt towers are)")
     from ..models import is_resnet
 
-    _refuse_unknown(model_cfg, OPEN_CLIP_TOP_KEYS, "model_cfg", where, "clipforge")
     config = {k: v for k, v in model_cfg.items() if k != "custom_text"}  # the text layout is detected from the keys
     if not is_resnet(model_cfg):
         config["vision_cfg"] = vision_cfg_from_open_clip(model_cfg.get("vision_cfg", {}), where)

@@ -30,12 +30,13 @@ def config_from_open_clip(model_cfg: dict) -> dict:
             or vision.get("timm_proj_bias"):
         raise CheckpointError(f"open_clip ConvNeXt with pool {vision.get('timm_pool')!r} and projection "
                               f"{vision.get('timm_proj')!r} is not built here (average pool; linear or mlp)")
+    from .openai import text_cfg_from_open_clip, top_level_settings
+
     depths, dims, eps = TIMM_CONVNEXT[name]
-    config = {key: model_cfg[key] for key in ("embed_dim", "quick_gelu", "init_logit_scale", "init_logit_bias")
-              if key in model_cfg}
+    config = top_level_settings(model_cfg)
     config["vision_cfg"] = {"image_size": vision.get("image_size", 224), "depths": depths, "dims": dims,
                             "norm_eps": eps, "proj": vision.get("timm_proj", "linear")}
-    config["text_cfg"] = dict(model_cfg["text_cfg"])
+    config["text_cfg"] = text_cfg_from_open_clip(model_cfg["text_cfg"], "open_clip ConvNeXt config")
     return config
 
 
@@ -47,7 +48,10 @@ def config_to_open_clip(config: dict) -> dict:
     if name is None:
         raise CheckpointError("open_clip builds ConvNeXt towers from timm, which has none of this shape; keep it as a "
                               "clipforge folder")
+    from .openai import text_cfg_to_open_clip
+
     out = {k: v for k, v in config.items() if k != "vision_cfg"}
     out["vision_cfg"] = {"timm_model_name": name, "timm_model_pretrained": False, "timm_pool": "",
                          "timm_proj": vision.get("proj", "linear"), "image_size": vision["image_size"]}
+    out["text_cfg"] = text_cfg_to_open_clip(config["text_cfg"], config.get("quick_gelu", False))
     return out

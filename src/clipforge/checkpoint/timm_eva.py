@@ -57,15 +57,14 @@ def tower_config(timm_model_name: str, image_size: int | None = None) -> dict:
 
 def config_from_open_clip(model_cfg: dict) -> dict:
     """clipforge's config for an open_clip EVA ``model_cfg``; another pooling or projection is refused by name."""
-    from .openai import OPEN_CLIP_TOP_KEYS, text_cfg_from_open_clip
+    from .openai import text_cfg_from_open_clip, top_level_settings
 
     vision = model_cfg["vision_cfg"]
     pool = tower_config(vision["timm_model_name"]).get("pool", "token")
     if vision.get("timm_pool", pool) != pool or vision.get("timm_proj") not in (None, "none", ""):
         raise CheckpointError(f"open_clip EVA tower with pool {vision.get('timm_pool')!r} and projection "
                               f"{vision.get('timm_proj')!r} is not built here ({pool} pooling, timm's own head)")
-    config = {k: v for k, v in model_cfg.items() if k in OPEN_CLIP_TOP_KEYS - {"custom_text", "vision_cfg",
-                                                                               "text_cfg"}}
+    config = top_level_settings(model_cfg)
     config["vision_cfg"] = tower_config(vision["timm_model_name"], vision.get("image_size"))
     config["text_cfg"] = text_cfg_from_open_clip(model_cfg["text_cfg"], "open_clip EVA config")
     return config
