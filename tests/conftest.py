@@ -73,6 +73,22 @@ def write_open_clip_folder(folder: Path, model: torch.nn.Module, model_cfg: dict
     return folder
 
 
+def onnx_feature_differences(model, folder: Path, images: torch.Tensor, tokens: torch.Tensor | None = None):
+    """Export ``model`` (with its ``config``) to ONNX in ``folder`` and return the largest differences of the exported
+    graphs' normalised image (and text) features from eager PyTorch's."""
+    from clipforge.onnx_backend import export_onnx, load_onnx
+
+    export_onnx(model, folder)
+    exported = load_onnx(folder)[0]
+
+    def diff(encode_exported, encode_eager, inputs):
+        return (encode_exported(inputs, normalize=True) - encode_eager(inputs, normalize=True)).abs().max().item()
+
+    with torch.no_grad():
+        image = diff(exported.encode_image, model.encode_image, images)
+        return image if tokens is None else (image, diff(exported.encode_text, model.encode_text, tokens))
+
+
 def shapes_shard(path: Path, n: int, seed: int = 0, corrupt_every: int = 0) -> Path:
     """A shard of generated shapes with multi-line captions; every ``corrupt_every``-th image is garbage bytes."""
     import io

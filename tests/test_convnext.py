@@ -113,16 +113,11 @@ def test_patch_dropout_is_refused_where_no_patches_are_dropped(name):
 
 def test_convnext_exports_to_onnx_with_eager_features(tmp_path):
     pytest.importorskip("onnxruntime")
-    from clipforge.onnx_backend import export_onnx, load_onnx
+    from conftest import onnx_feature_differences
 
     torch.manual_seed(0)
     config = clipforge.get_model_config("convnext_tiny")
     config["vision_cfg"]["image_size"] = 64
     model = clipforge.create_model(config).eval()
     model.config, model.normalisation = config, {}
-    export_onnx(model, tmp_path / "onnx")
-    exported = load_onnx(tmp_path / "onnx")[0]
-    images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert _max_diff(exported.encode_image(images, normalize=True), model.encode_image(images, normalize=True)) \
-            <= 1e-4
+    assert onnx_feature_differences(model, tmp_path / "onnx", torch.randn(2, 3, 64, 64)) <= 1e-4
