@@ -1,16 +1,19 @@
-"""open_clip's timm image towers on CPU (LAION's ConvNeXt, EVA-CLIP): clipforge's tower vs open_clip's (timm), the
-same weights, image embedding.
+"""open_clip's timm image towers on CPU (LAION's ConvNeXt, EVA-CLIP, MobileCLIP's FastViT): clipforge's tower vs
+open_clip's (timm), the same weights, image embedding.
 
-    python benchmarks/timm_towers.py [--model convnext_base_w | EVA02-B-16 | ...] [--batch 16] [--repeats 7]
-        [--json out.json] [--profile]
+    python benchmarks/timm_towers.py [--model convnext_base_w | EVA02-B-16 | MobileCLIP2-S0 | ...] [--batch 16]
+        [--repeats 7] [--json out.json] [--profile]
 
-open_clip's random initialisation (ConvNeXt's layer scale randomised so every block counts), loaded into clipforge;
-features checked equal, then both timed taking turns (``bench.timing.interleaved``); fp32, the threads torch is given.
+open_clip's random initialisation (layer scales randomised so every block counts), loaded into clipforge; features
+checked equal, then both timed taking turns (``bench.timing.interleaved``); fp32, the threads torch is given. A tower
+with re-parameterisable branches (FastViT's) is also timed as timm's ``reparameterize_model`` leaves it
+(``open_clip_reparameterized``: what Apple's MobileCLIP code runs for inference).
 ``--profile`` also prints where clipforge's time goes in one batch (torch.profiler, by operator).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import tempfile
@@ -36,10 +39,15 @@ def main() -> None:
 
     torch.manual_seed(0)
     theirs = open_clip.create_model(args.model, pretrained=None).eval()
+    reparameterizable = any(hasattr(module, "reparameterize") for module in theirs.modules())
+    # timm starts layer scales at 1e-6 (ConvNeXt) or 1e-5 (FastViT): randomised so that every block counts. FastViT's
+    # 40-odd blocks at unit scale would grow activations to 1e4, where fp32 rounding alone (timm's own
+    # re-parameterised model's too) moves the features by a percent: a tenth of it there.
+    low, high = (0.05, 0.15) if reparameterizable else (0.5, 1.5)
     with torch.no_grad():
         for name, param in theirs.named_parameters():
             if name.endswith("gamma"):
-                param.uniform_(0.5, 1.5)
+                param.uniform_(low, high)
     path = Path(tempfile.mkdtemp(prefix="timm-tower-bench-")) / "w.pt"
     torch.save(theirs.state_dict(), path)
     ours = clipforge.load(args.model, pretrained=str(path))[0]
@@ -55,10 +63,15 @@ def main() -> None:
                 model.encode_image(images)
         return run
 
+    contestants = {"clipforge": timed(ours), "open_clip": timed(theirs)}
+    if reparameterizable:
+        from timm.utils.model import reparameterize_model
+
+        fused = reparameterize_model(copy.deepcopy(theirs)).eval()
+        contestants["open_clip_reparameterized"] = timed(fused)
     result = {"model": args.model, "image_size": size, "batch": args.batch, "max_abs_difference": difference,
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "image_embed": summary(interleaved({"clipforge": timed(ours), "open_clip": timed(theirs)}, args.repeats),
-                                     args.batch, "images_per_s")}
+              "image_embed": summary(interleaved(contestants, args.repeats), args.batch, "images_per_s")}
     print(json.dumps(result, indent=1))
     if args.profile:
         with torch.no_grad(), torch.profiler.profile() as prof:

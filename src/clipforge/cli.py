@@ -23,19 +23,9 @@ EPILOG = """examples:
 """
 
 
-def _tower_kind(cfg: dict) -> str:
-    """The image tower's family, as `clipforge models` lists it (timm's Eva trunk builds EVA, PE and plain ViTs)."""
-    from .models import is_convnext, is_eva, is_resnet, is_siglip
-
-    vision = cfg["vision_cfg"]
-    if is_eva(cfg):
-        return "PE" if vision.get("pool") == "map" else "ViT" if vision.get("key_bias") else "EVA"
-    return "ResNet" if is_resnet(cfg) else "ConvNeXt" if is_convnext(cfg) else "SigLIP" if is_siglip(cfg) else "ViT"
-
-
 def _cmd_models(args) -> int:
     from . import list_models, list_pretrained
-    from .models import get_model_config
+    from .models import get_model_config, tower_kind
 
     if args.name:
         return _describe_model(args.name)
@@ -44,7 +34,7 @@ def _cmd_models(args) -> int:
     for name in names:
         cfg = get_model_config(name)
         tags = [t for _, t in list_pretrained(name)]
-        print(f"{name:{width}s} {_tower_kind(cfg):8s} {cfg['vision_cfg']['image_size']:4d}px  embed {cfg['embed_dim']:5d}  "
+        print(f"{name:{width}s} {tower_kind(cfg):8s} {cfg['vision_cfg']['image_size']:4d}px  embed {cfg['embed_dim']:5d}  "
               f"pretrained: {', '.join(tags) or '-'}")
     return 0
 

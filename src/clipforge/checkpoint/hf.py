@@ -142,8 +142,9 @@ def from_clipforge(state: dict) -> dict:
     """A ``CLIPModel`` state dict, or a ``SiglipModel``'s for a SigLIP model."""
     siglip = is_siglip(state)
     if "visual.proj" not in state and not siglip:
-        kind = "ConvNeXt" if any(k.startswith("visual.trunk.stages.") for k in state) else \
-            "EVA" if any(k.startswith("visual.trunk.blocks.") for k in state) else "ResNet"
+        trunk = {k.split(".")[2] for k in state if k.startswith("visual.trunk.")}
+        kind = "FastViT" if "final_conv" in trunk else "ConvNeXt" if "stages" in trunk else \
+            "EVA" if "blocks" in trunk else "ResNet"
         raise CheckpointError(f"Hugging Face CLIPModel has no {kind} image tower; only ViT models export to HF")
     if "logit_bias" in state and not siglip:
         raise CheckpointError("Hugging Face CLIPModel has no logit_bias (a CLIP trained with the sigmoid loss has no "
@@ -267,14 +268,15 @@ def _siglip_config_from_clipforge(config: dict) -> dict:
 
 def config_from_clipforge(config: dict, logit_scale: float) -> dict:
     """A ``CLIPModel`` config.json, or a ``SiglipModel``'s for a SigLIP model."""
-    from ..models import is_convnext, is_eva, is_resnet
+    from ..models import tower_kind
 
     if is_siglip(config):
         return _siglip_config_from_clipforge(config)
     vision, text = config["vision_cfg"], config["text_cfg"]
-    if is_resnet(config) or is_convnext(config) or is_eva(config):
-        kind = "ConvNeXt" if is_convnext(config) else "EVA" if is_eva(config) else "ResNet"
-        raise CheckpointError(f"Hugging Face CLIPModel has no {kind} image tower; only ViT models export to HF")
+    kind = tower_kind(config)
+    if kind != "ViT" or "tower" in vision:  # timm's plain ViTs (MobileCLIP-B's: timm's names) are not CLIPModel's
+        kind = "timm ViT" if kind == "ViT" else kind
+        raise CheckpointError(f"Hugging Face CLIPModel has no {kind} image tower; only CLIP's ViT models export to HF")
     if vision.get("pool", "tok") != "tok" or not vision.get("ln_pre", True) or text.get("pool", "eot") == "last" \
             or not text.get("causal", True) or text.get("proj", "matrix") != "matrix":
         raise CheckpointError("Hugging Face CLIPModel pools the class token after ln_pre and the text at its "

@@ -36,10 +36,18 @@ def infer_config(state: dict) -> dict:
         if "visual.head.probe" in state:
             return _infer_siglip(state, text_cfg)
         embed_dim = state["text.text_projection"].shape[1]
+        partial = {"embed_dim": embed_dim, "text_cfg": text_cfg}
+        if "visual.trunk.final_conv.se.fc1.weight" in state:
+            from .timm_fastvit import TIMM_FASTVIT, tower_config
+
+            return _infer_timm_tower(state, partial, {n: tower_config(n) for n in TIMM_FASTVIT}, "FastViT",
+                                     size_in_weights=False)
         if any(k.startswith("visual.trunk.stages.") for k in state):
-            return _infer_convnext(state, {"embed_dim": embed_dim, "text_cfg": text_cfg})
+            return _infer_convnext(state, partial)
         if any(k.startswith("visual.trunk.blocks.") for k in state):
-            return _infer_eva(state, {"embed_dim": embed_dim, "text_cfg": text_cfg})
+            from .timm_eva import TIMM_EVA, tower_config
+
+            return _infer_timm_tower(state, partial, {n: tower_config(n) for n in TIMM_EVA}, "Eva/ViT")
         if "visual.proj" in state:
             width = state["visual.conv1.weight"].shape[0]
             patch = state["visual.conv1.weight"].shape[-1]
@@ -93,32 +101,39 @@ def _infer_convnext(state: dict, config: dict) -> dict:
     return config
 
 
-def _infer_eva(state: dict, config: dict) -> dict:
-    """An EVA, PE or timm-ViT model's architecture: the timm tower whose parameters have exactly these names and
-    shapes (the block kind, EVA01's or EVA02-E's, is not in the weights; timm's towers are few and all in the zoo)."""
+def _infer_timm_tower(state: dict, config: dict, towers: dict[str, dict], kind: str,
+                      size_in_weights: bool = True) -> dict:
+    """An image tower under timm's names (EVA, PE, timm's ViT, FastViT): the one of ``towers`` (timm name ->
+    clipforge ``vision_cfg``) whose parameters have exactly these names and shapes (block kinds are not in the
+    weights; timm's towers are few and all in the zoo). The zoo architecture with both towers' shapes gives the text
+    tower's unseen settings (heads, causal mask ...) and, where the weights do not show it, the image size."""
     import torch
 
-    from ..models import get_model_config, is_eva, list_models
+    from ..models import get_model_config, list_models
     from ..models.clip import build_vision_tower
-    from .timm_eva import TIMM_EVA, tower_config
 
     prefix = "visual."
     shapes = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
-    for name in TIMM_EVA:
-        cfg = tower_config(name)
+    for cfg in towers.values():
         with torch.device("meta"):  # names and shapes only: no memory, no time
             tower = build_vision_tower(cfg, config["embed_dim"], False)
         if {k: tuple(v.shape) for k, v in tower.state_dict().items()} == shapes:
             config["vision_cfg"] = cfg
             break
     else:
-        raise CheckpointError(f"an image tower with timm's Eva/ViT names ({len(shapes)} tensors) that is none of the "
-                              f"towers clipforge builds ({', '.join(TIMM_EVA)})")
-    for name in list_models():  # the text tower's head layout, from the zoo architecture with both towers' shapes
+        raise CheckpointError(f"an image tower with timm's {kind} names ({len(shapes)} tensors) that is none of the "
+                              f"towers clipforge builds ({', '.join(towers)})")
+
+    def key(vision: dict) -> dict:  # a FastViT's weights do not show its image size: the zoo's is taken
+        return vision if size_in_weights else {**vision, "image_size": None}
+
+    for name in list_models():
         zoo = get_model_config(name)
-        if is_eva(zoo) and zoo["vision_cfg"] == config["vision_cfg"] and zoo["embed_dim"] == config["embed_dim"] and \
+        if key(zoo["vision_cfg"]) == key(config["vision_cfg"]) and zoo["embed_dim"] == config["embed_dim"] and \
                 _text_shape(zoo["text_cfg"]) == _text_shape(config["text_cfg"]):
-            config["text_cfg"]["heads"] = zoo["text_cfg"].get("heads", config["text_cfg"]["heads"])
+            config["vision_cfg"]["image_size"] = zoo["vision_cfg"]["image_size"]
+            config["text_cfg"].update({k: zoo["text_cfg"][k] for k in UNSEEN_SETTINGS["text_cfg"]
+                                       if k in zoo["text_cfg"]})
             break
     return config
 

@@ -231,14 +231,17 @@ def config_to_open_clip(config: dict) -> dict:
 
 def config_from_open_clip(model_cfg: dict, where: str) -> dict:
     """clipforge's config for an open_clip ``model_cfg`` (a model folder's or hub repo's): CLIP's as it is; timm's
-    SigLIP and ConvNeXt towers translated; anything clipforge would build differently (another timm tower, LayerScale,
-    attentional pooling ...) refused by name, naming ``where`` it came from, rather than loaded wrong."""
-    from . import timm_convnext, timm_eva, timm_siglip
+    SigLIP, ConvNeXt, EVA and FastViT towers translated; anything clipforge would build differently (another timm
+    tower, LayerScale, attentional pooling ...) refused by name, naming ``where`` it came from, rather than loaded
+    wrong."""
+    from . import timm_convnext, timm_eva, timm_fastvit, timm_siglip
     from .errors import CheckpointError
 
     _refuse_unknown(model_cfg, OPEN_CLIP_TOP_KEYS, "model_cfg", where, "clipforge")
     if timm_convnext.is_open_clip_convnext(model_cfg):
         return timm_convnext.config_from_open_clip(model_cfg)
+    if timm_fastvit.is_open_clip_fastvit(model_cfg):
+        return timm_fastvit.config_from_open_clip(model_cfg)
     if timm_eva.is_open_clip_eva(model_cfg):
         return timm_eva.config_from_open_clip(model_cfg)
     if timm_siglip.is_open_clip_siglip(model_cfg):
@@ -246,7 +249,7 @@ def config_from_open_clip(model_cfg: dict, where: str) -> dict:
     timm_name = model_cfg.get("vision_cfg", {}).get("timm_model_name")
     if timm_name:
         raise CheckpointError(f"{where}: its image tower is timm's {timm_name!r}, which clipforge does not build "
-                              "(timm's SigLIP, EVA and ConvNeXt towers are)")
+                              "(timm's SigLIP, EVA, ConvNeXt and MobileCLIP FastViT towers are)")
     from ..models import is_resnet
 
     config = {k: v for k, v in model_cfg.items() if k != "custom_text"}  # the text layout is detected from the keys
@@ -260,10 +263,10 @@ def save_open_clip(model, folder: str | Path) -> Path:
     """An open_clip model folder: ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg``) and
     ``open_clip_model.safetensors``, what ``open_clip.create_model_and_transforms("local-dir:FOLDER")`` reads, and,
     uploaded, ``hf-hub:OWNER/NAME`` (for open_clip and clipforge alike)."""
-    from . import hf, timm_convnext, timm_eva, timm_siglip
+    from . import hf, timm_convnext, timm_eva, timm_fastvit, timm_siglip
     from .errors import CheckpointError
     from .io import save_safetensors
-    from ..models import is_convnext, is_eva
+    from ..models import is_convnext, is_eva, is_fastvit
     from ..files import write_json
     from ..hub_tokenizer import copy_tokenizer_files, tokenizer_files
     from ..preprocess import Preprocess
@@ -277,6 +280,8 @@ def save_open_clip(model, folder: str | Path) -> Path:
         config, state = timm_convnext.config_to_open_clip(config), from_clipforge(state)
     elif is_eva(config):  # EVA: timm's tower by name, the weights as they are
         config, state = timm_eva.config_to_open_clip(config), from_clipforge(state)
+    elif is_fastvit(config):  # MobileCLIP-S: timm's FastViT by name, the weights as they are
+        config, state = timm_fastvit.config_to_open_clip(config), from_clipforge(state)
     else:
         try:
             config, state = config_to_open_clip(config), from_clipforge(state)

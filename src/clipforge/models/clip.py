@@ -10,6 +10,7 @@ from torch import nn
 
 from .layers import Transformer
 from .convnext import ConvNeXt
+from .fastvit import FastViT
 from .eva import EvaVisionTower
 from .modified_resnet import ModifiedResNet
 from .siglip_vision import SigLIPVisionTransformer
@@ -83,8 +84,15 @@ def is_siglip(config: dict) -> bool:
 
 
 def is_convnext(config: dict) -> bool:
-    """Whether a model config (or its ``vision_cfg``) has a ConvNeXt image tower: its stages' ``depths``."""
-    return "depths" in config.get("vision_cfg", config)
+    """Whether a model config (or its ``vision_cfg``) has a ConvNeXt image tower: its stages' ``depths`` (and no
+    other ``tower`` named)."""
+    cfg = config.get("vision_cfg", config)
+    return "depths" in cfg and cfg.get("tower", "convnext") == "convnext"
+
+
+def is_fastvit(config: dict) -> bool:
+    """Whether a model config (or its ``vision_cfg``) has a FastViT (MobileCLIP-S) image tower."""
+    return config.get("vision_cfg", config).get("tower") == "fastvit"
 
 
 PE_SETTINGS = ("key_bias", "rope_offset", "rope_indexing", "class_token", "norm_pre", "pool", "pool_heads", "stem",
@@ -96,6 +104,18 @@ def is_eva(config: dict) -> bool:
     return config.get("vision_cfg", config).get("tower") == "eva"
 
 
+def tower_kind(config: dict) -> str:
+    """The image tower's family by name (as `clipforge models` lists it; timm's Eva trunk builds EVA, PE and plain
+    ViTs)."""
+    vision = config.get("vision_cfg", config)
+    if is_fastvit(vision):
+        return "FastViT"
+    if is_eva(vision):
+        return "PE" if vision.get("pool") == "map" else "ViT" if vision.get("key_bias") else "EVA"
+    return "ResNet" if is_resnet(vision) else "ConvNeXt" if is_convnext(vision) else "SigLIP" if is_siglip(vision) \
+        else "ViT"
+
+
 def tower_activation(cfg: dict, quick_gelu: bool) -> str:
     """A tower's MLP activation: its own ``act``, else QuickGELU or GELU as the tower's or model's flag says."""
     return cfg.get("act") or ("quick_gelu" if cfg.get("quick_gelu", quick_gelu) else "gelu")
@@ -103,8 +123,10 @@ def tower_activation(cfg: dict, quick_gelu: bool) -> str:
 
 def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
     quick_gelu = cfg.get("quick_gelu", quick_gelu)
-    if cfg.get("patch_dropout") and (is_siglip(cfg) or is_convnext(cfg) or is_resnet(cfg) or is_eva(cfg)):
-        raise ValueError("patch dropout is built for CLIP's ViT only (not SigLIP's, EVA, ConvNeXt or ResNet towers)")
+    if cfg.get("patch_dropout") and (is_siglip(cfg) or is_convnext(cfg) or is_resnet(cfg) or is_eva(cfg)
+                                     or is_fastvit(cfg)):
+        raise ValueError("patch dropout is built for CLIP's ViT only (not SigLIP's, EVA, ConvNeXt, FastViT or ResNet "
+                         "towers)")
     if is_eva(cfg):  # EVA-CLIP's (timm's, under its names)
         return EvaVisionTower(
             image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["width"], layers=cfg["layers"],
@@ -120,6 +142,11 @@ def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module
             image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["width"], layers=cfg["layers"],
             heads=cfg["width"] // cfg.get("head_width", 64), mlp_ratio=cfg.get("mlp_ratio", 4.0),
             act=tower_activation(cfg, quick_gelu), eps=cfg.get("norm_eps", 1e-6))
+    if is_fastvit(cfg):  # MobileCLIP-S's FastViT (timm's, under its names)
+        return FastViT(image_size=cfg["image_size"], depths=list(cfg["depths"]), dims=list(cfg["dims"]),
+                       mixers=list(cfg["mixers"]), output_dim=embed_dim, mlp_ratio=cfg.get("mlp_ratio", 3.0),
+                       se_downsample=cfg.get("se_downsample"), norm=cfg.get("norm", "batch"),
+                       stem_scale_branch=cfg.get("stem_scale_branch", True))
     if is_convnext(cfg):  # LAION's ConvNeXt (timm's, under its names)
         return ConvNeXt(image_size=cfg["image_size"], depths=list(cfg["depths"]), dims=list(cfg["dims"]),
                         output_dim=embed_dim, proj=cfg.get("proj", "linear"), eps=cfg.get("norm_eps", 1e-6))
