@@ -1,8 +1,9 @@
 """EVA-CLIP, PE-Core and MobileCLIP's ViTs: timm's Eva towers (EVA01-g, EVA02-B/L with rotary positions and SwiGLU,
 EVA02-E post-norm; Meta's Perception Encoder with latent attention pooling, with and without a class token) and timm's
-plain ViTs (MobileCLIP-B's convolutional stem, MobileCLIP2-L-14's CLIP-style ViT) under timm's module names.
-Parity with timm for each kind and with open_clip's EVA02-B-16 and PE-Core-T-16-384 both ways, on random weights (no
-pretrained weights can be downloaded here)."""
+plain ViTs (MobileCLIP-B's convolutional stem, MobileCLIP2-L-14's CLIP-style ViT; ViTamin's convolutional backbone,
+GeGLU MLPs and mean pooling) under timm's module names. Parity with timm for each kind and with open_clip's EVA02-B-16,
+PE-Core-T-16-384, MobileCLIP-B and ViTamin-S both ways, on random weights (no pretrained weights can be downloaded
+here)."""
 import json
 
 import pytest
@@ -20,7 +21,8 @@ def _max_diff(a, b):
 @pytest.mark.parametrize("timm_name", ["eva_giant_patch14_224", "eva02_base_patch16_clip_224",
                                        "eva02_large_patch14_clip_336", "eva02_enormous_patch14_clip_224",
                                        "vit_pe_core_base_patch16_224", "vit_pe_core_gigantic_patch14_448",
-                                       "vit_base_mci_224", "vit_large_patch14_clip_224"])
+                                       "vit_base_mci_224", "vit_large_patch14_clip_224", "vitamin_small_224",
+                                       "vitamin_xlarge_256"])
 def test_each_eva_block_kind_matches_timm(timm_name):
     """Each timm EVA-CLIP model, shrunk to two 64-wide blocks (its own kind of block, rotary table, resolution):
     timm's weights load by name with no renaming and give timm's output (weights moved off their initial values, so
@@ -31,9 +33,11 @@ def test_each_eva_block_kind_matches_timm(timm_name):
 
     torch.manual_seed(0)
     cfg = tower_config(timm_name)
-    tiny = {} if cfg.get("stem") == "mci" else TINY  # MobileCLIP's stem is built 768 wide whatever the width
-    theirs = timm.create_model(timm_name, pretrained=False, num_classes=32, global_pool=cfg.get("pool", "token"),
-                               depth=2, **({"embed_dim": 64, "num_heads": 4} if tiny else {})).eval()
+    # MobileCLIP's and ViTamin's convolutional stems are built at their own widths, whatever the transformer's
+    tiny = {} if cfg.get("stem") in ("mci", "vitamin") else TINY
+    theirs = timm.create_model(timm_name, pretrained=False, num_classes=0 if cfg.get("proj") else 32,
+                               global_pool=cfg.get("pool", "token"), depth=2,
+                               **({"embed_dim": 64, "num_heads": 4} if tiny else {})).eval()
     with torch.no_grad():
         for p in theirs.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -41,27 +45,19 @@ def test_each_eva_block_kind_matches_timm(timm_name):
             if name.endswith(("running_mean", "running_var")):
                 buffer.uniform_(0.5, 1.5)
     cfg.update(tiny or {"layers": 2})
-    cfg["mlp_ratio"] = theirs.blocks[0].mlp.fc2.weight.shape[1] / cfg["width"]
-    ours = EvaVisionTower(**_tower_args(cfg), output_dim=32).eval()
+    mlp = theirs.blocks[0].mlp
+    cfg["mlp_ratio"] = (mlp.w2 if cfg["mlp"] == "geglu" else mlp.fc2).weight.shape[1] / cfg["width"]
+    ours = EvaVisionTower.from_config(cfg, 32).eval()
     ours.trunk.load_state_dict(theirs.state_dict(), strict=True)
     images = torch.randn(2, 3, cfg["image_size"], cfg["image_size"])
     with torch.no_grad():
-        assert _max_diff(ours(images), theirs(images)) <= 1e-5
+        assert _max_diff(ours.trunk(images), theirs(images)) <= 1e-5  # ViTamin's projection is open_clip's
         grid = ours.forward_grid(images)  # LiMBer's grid features: the patch tokens the pooling reads
         side = cfg["image_size"] // cfg["patch_size"]
         assert grid.shape == (2, cfg["width"], side, side)
         if ours.trunk.attn_pool is not None and ours.trunk.cls_token is None:
             pooled = ours.trunk.head(ours.trunk.attn_pool(grid.flatten(2).transpose(1, 2)))
             assert _max_diff(pooled, theirs(images)) <= 1e-5
-
-
-def _tower_args(cfg: dict) -> dict:
-    from clipforge.models.clip import PE_SETTINGS
-
-    return {"image_size": cfg["image_size"], "patch_size": cfg["patch_size"], "width": cfg["width"],
-            "layers": cfg["layers"], "heads": cfg["heads"], "mlp_ratio": cfg["mlp_ratio"], "mlp": cfg["mlp"],
-            "fused_qkv": cfg["fused_qkv"], "inner_norm": cfg["inner_norm"], "post_norm": cfg["post_norm"],
-            "rope_grid": cfg["rope_grid"], "eps": cfg["norm_eps"], **{k: cfg[k] for k in PE_SETTINGS if k in cfg}}
 
 
 def test_zoo_eva_configs_are_open_clips_and_timm_towers_are_timms():
@@ -76,9 +72,9 @@ def test_zoo_eva_configs_are_open_clips_and_timm_towers_are_timms():
     from clipforge.models.eva import EvaVisionTower
 
     folder = Path(open_clip.__file__).parent / "model_configs"
-    names = sorted(p.stem for p in [*folder.glob("EVA*.json"), *folder.glob("PE-Core*.json")]) + \
-        ["MobileCLIP-B", "MobileCLIP2-B", "MobileCLIP2-L-14"]
-    assert len(names) == 15
+    names = sorted(p.stem for p in [*folder.glob("EVA*.json"), *folder.glob("PE-Core*.json"),
+                                    *folder.glob("ViTamin*.json")]) + ["MobileCLIP-B", "MobileCLIP2-B", "MobileCLIP2-L-14"]
+    assert len(names) == 30
     for name in names:
         theirs, ours = json.loads((folder / f"{name}.json").read_text()), get_model_config(name)
         for key in ("timm_drop", "timm_drop_path"):  # training-only regularisation: not carried
@@ -86,13 +82,21 @@ def test_zoo_eva_configs_are_open_clips_and_timm_towers_are_timms():
         if theirs["text_cfg"].get("no_causal_mask") is False:  # the default, spelled out
             del theirs["text_cfg"]["no_causal_mask"]
         assert ours == config_from_open_clip(theirs), name
-        assert config_to_open_clip(ours) == theirs, name
+        back = config_to_open_clip(ours)
+        # timm names one tower several ways (ViTamin-L2's is L's; XL's 336 and 384 built at the size asked): the
+        # name written back may be another of them, never another tower
+        size, their_tower = theirs["vision_cfg"]["image_size"], theirs["vision_cfg"].pop("timm_model_name")
+        assert tower_config(back["vision_cfg"].pop("timm_model_name"), size) == tower_config(their_tower, size), name
+        assert back == theirs, name
+        assert [t for _, t in clipforge.list_pretrained(name)] == list(open_clip.list_pretrained_tags_by_model(name))
+    source = clipforge.pretrained.get_pretrained("ViTamin-S", "datacomp1b")  # a hub repo's one named file
+    assert source.url.endswith("/jienengchen/ViTamin-S/resolve/main/pytorch_model.bin") and source.fallback_url is None
     for timm_name in TIMM_EVA:
         cfg = tower_config(timm_name)
         with torch.device("meta"):
-            theirs = timm.create_model(timm_name, pretrained=False, num_classes=512,
+            theirs = timm.create_model(timm_name, pretrained=False, num_classes=0 if cfg.get("proj") else 512,
                                        global_pool=cfg.get("pool", "token"))
-            ours = EvaVisionTower(**_tower_args(cfg), output_dim=512)
+            ours = EvaVisionTower.from_config(cfg, 512)
         assert {k: v.shape for k, v in ours.trunk.state_dict().items()} == \
             {k: v.shape for k, v in theirs.state_dict().items()}, timm_name
         assert ours.trunk.blocks[0].post_norm == (type(theirs.blocks[0]).__name__ == "EvaBlockPostNorm")
@@ -100,7 +104,7 @@ def test_zoo_eva_configs_are_open_clips_and_timm_towers_are_timms():
         assert (ours.trunk.attn_pool is None) or ours.trunk.attn_pool.heads == theirs.attn_pool.num_heads
 
 
-@pytest.mark.parametrize("name", ["EVA02-B-16", "PE-Core-T-16-384", "MobileCLIP-B"])
+@pytest.mark.parametrize("name", ["EVA02-B-16", "PE-Core-T-16-384", "MobileCLIP-B", "ViTamin-S"])
 def test_open_clip_eva_and_pe_load_by_name_and_by_shapes_and_export_back(name, tmp_path):
     """open_clip's EVA02-B-16 and PE-Core-T-16-384 (timm towers, rotary positions; PE's latent attention pooling):
     a state dict loads by name and, without one, by its shapes with identical features; `convert --to open_clip`
@@ -146,3 +150,10 @@ def test_eva_refuses_what_it_does_not_build_and_exports_to_onnx(tmp_path):
     with pytest.raises(ValueError, match="patch dropout"):
         clipforge.create_model("EVA02-B-16", vision_cfg={"patch_dropout": 0.5})
     assert onnx_feature_differences(model, tmp_path / "onnx", torch.randn(3, 3, 32, 32)) <= 1e-4
+    vitamin = dict(vision_cfg={"layers": 2, "image_size": 64}, text_cfg={"layers": 1})  # its convolutional backbone
+    model = clipforge.create_model("ViTamin-S", **vitamin).eval()
+    model.config = clipforge.models.get_model_config("ViTamin-S")
+    clipforge.models.merge_config(model.config, vitamin)
+    with pytest.raises(clipforge.CheckpointError, match="no ViTamin image tower"):
+        hf.save(model, tmp_path / "hf")
+    assert onnx_feature_differences(model, tmp_path / "onnx-vitamin", torch.randn(3, 3, 64, 64)) <= 1e-4

@@ -66,8 +66,10 @@ def _load_builtin() -> None:
         for tag, entry in tags.items():
             url, fallback = entry.get("url"), None
             if url is None:  # open_clip's files in a Hugging Face repo: safetensors where present, else its .bin
-                repo = f"https://huggingface.co/{entry['hf_hub']}/resolve/main"
-                url, fallback = f"{repo}/open_clip_model.safetensors", f"{repo}/open_clip_pytorch_model.bin"
+                owner, name, *file = entry["hf_hub"].split("/", 2)  # or the one file named (ViTamin's)
+                repo = f"https://huggingface.co/{owner}/{name}/resolve/main"
+                url, fallback = (f"{repo}/{file[0]}", None) if file else \
+                    (f"{repo}/open_clip_model.safetensors", f"{repo}/open_clip_pytorch_model.bin")
             sha = entry.get("sha256")
             if sha is None and "openaipublic" in url:  # OpenAI put each file's SHA-256 in its URL
                 sha = url.rstrip("/").split("/")[-2]

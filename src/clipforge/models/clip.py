@@ -95,10 +95,6 @@ def is_fastvit(config: dict) -> bool:
     return config.get("vision_cfg", config).get("tower") == "fastvit"
 
 
-PE_SETTINGS = ("key_bias", "rope_offset", "rope_indexing", "class_token", "norm_pre", "pool", "pool_heads", "stem",
-               "class_position")
-
-
 def is_eva(config: dict) -> bool:
     """Whether a model config (or its ``vision_cfg``) has an EVA-CLIP image tower."""
     return config.get("vision_cfg", config).get("tower") == "eva"
@@ -111,7 +107,8 @@ def tower_kind(config: dict) -> str:
     if is_fastvit(vision):
         return "FastViT"
     if is_eva(vision):
-        return "PE" if vision.get("pool") == "map" else "ViT" if vision.get("key_bias") else "EVA"
+        return "PE" if vision.get("pool") == "map" else "ViTamin" if vision.get("stem") == "vitamin" else \
+            "ViT" if vision.get("key_bias") else "EVA"
     return "ResNet" if is_resnet(vision) else "ConvNeXt" if is_convnext(vision) else "SigLIP" if is_siglip(vision) \
         else "ViT"
 
@@ -128,12 +125,7 @@ def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module
         raise ValueError("patch dropout is built for CLIP's ViT only (not SigLIP's, EVA, ConvNeXt, FastViT or ResNet "
                          "towers)")
     if is_eva(cfg):  # EVA-CLIP's (timm's, under its names)
-        return EvaVisionTower(
-            image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["width"], layers=cfg["layers"],
-            heads=cfg["heads"], output_dim=embed_dim, mlp_ratio=cfg["mlp_ratio"], mlp=cfg.get("mlp", "gelu"),
-            fused_qkv=cfg.get("fused_qkv", True), inner_norm=cfg.get("inner_norm", False),
-            post_norm=cfg.get("post_norm", False), rope_grid=cfg.get("rope_grid"), eps=cfg.get("norm_eps", 1e-6),
-            **{k: cfg[k] for k in PE_SETTINGS if k in cfg})
+        return EvaVisionTower.from_config(cfg, embed_dim)
     if is_siglip(cfg):  # SigLIP's tower: attention pooling, no class token, no projection
         if cfg["width"] != embed_dim:
             raise ValueError(f"a SigLIP image tower's width is its embedding: width {cfg['width']} != embed_dim "

@@ -13,8 +13,12 @@ The class token after a final LayerNorm, then a linear head (with a bias) to the
 bias), a biased key, rotary positions counted from 1 in (x, y) order, and attention pooling by a learned latent in
 place of the class token (which PE-Core-bigG does not have). timm's plain ``VisionTransformer`` is one more setting
 of it (a biased QKV product, GELU): MobileCLIP-B's, whose patches come from a three-convolution stem (``stem="mci"``)
-and whose class token has no position, and MobileCLIP2-L-14's CLIP-style ViT. Module names are timm's, under
-``trunk`` as open_clip's ``TimmModel`` keeps them, so open_clip's checkpoints load without renaming.
+and whose class token has no position, and MobileCLIP2-L-14's CLIP-style ViT. ViTamin (Chen et al. 2024) is one more:
+its tokens come from a convolutional backbone (a stem and two stages of inverted-bottleneck blocks with LayerNorm, then
+a strided convolution: ``stem="vitamin"``), its MLPs are GeGLU with a LayerNorm first, its tokens are averaged (no
+class token) and normalised, and open_clip adds an unbiased linear projection outside the trunk (``proj="linear"``).
+Module names are timm's, under ``trunk`` as open_clip's ``TimmModel`` keeps them, so open_clip's checkpoints load
+without renaming.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .convnext import LayerNorm2d
 from .inputs import check_image_batch
 from .layers import LayerNorm
 
@@ -46,6 +51,12 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     sin, cos = table.chunk(2, dim=-1)
     rotated = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU, written over ``x`` where no gradient needs its input (inference): a fresh output as large as the map
+    costs about as much on CPU as the GELU itself (ViTamin's 4x-expanded convolution maps; docs/BENCHMARKS.md)."""
+    return F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
 
 
 class EvaAttention(nn.Module):
@@ -104,6 +115,22 @@ class SwiGLU(nn.Module):
         return self.fc2(self.norm(F.silu(self.fc1_g(x)) * self.fc1_x(x)))
 
 
+class GeGluMlp(nn.Module):
+    """ViTamin's MLP: a LayerNorm first, then ``w2(GELU(w0 x) * w1 x)``."""
+
+    def __init__(self, width: int, hidden: int, eps: float):
+        super().__init__()
+        self.norm = LayerNorm(width, eps=eps)
+        self.w0 = nn.Linear(width, hidden)
+        self.w1 = nn.Linear(width, hidden)
+        self.w2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        hidden, value = _gelu(self.w0(x)), self.w1(x)
+        return self.w2(hidden * value if hidden.requires_grad else hidden.mul_(value))
+
+
 class Mlp(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
@@ -111,7 +138,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(_gelu(self.fc1(x)))
 
 
 class EvaBlock(nn.Module):
@@ -122,7 +149,8 @@ class EvaBlock(nn.Module):
         self.norm1 = LayerNorm(width, eps=eps)
         self.attn = EvaAttention(width, heads, fused_qkv, inner_norm, eps, key_bias, prefix_tokens)
         self.norm2 = LayerNorm(width, eps=eps)
-        self.mlp = SwiGLU(width, hidden, eps) if mlp == "swiglu" else Mlp(width, hidden)
+        self.mlp = SwiGLU(width, hidden, eps) if mlp == "swiglu" else GeGluMlp(width, hidden, eps) \
+            if mlp == "geglu" else Mlp(width, hidden)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
         if self.post_norm:  # EVA02-E: each branch's output normalised before it joins the residual
@@ -189,6 +217,58 @@ class MciStem(nn.Module):
         return self.backbone(images).flatten(2).transpose(1, 2)
 
 
+class MbConvBlock(nn.Module):
+    """ViTamin's convolution block (timm's ``MbConvLNBlock``): LayerNorm, 1x1 up to 4x, GELU, depthwise 3x3 (stride 2
+    in a stage's first block), GELU, 1x1 down; where it downsamples, the shortcut is a 3x3 average pool (and a 1x1
+    convolution where the width changes)."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int):
+        super().__init__()
+        mid = 4 * out_chs
+        if stride == 2:
+            self.shortcut = nn.Module()
+            self.shortcut.pool = nn.AvgPool2d(3, 2, 1, count_include_pad=False)
+            self.shortcut.expand = nn.Conv2d(in_chs, out_chs, 1) if in_chs != out_chs else nn.Identity()
+        else:
+            self.shortcut = None
+        self.pre_norm = LayerNorm2d(in_chs, eps=1e-6)
+        self.conv1_1x1 = nn.Conv2d(in_chs, mid, 1)
+        self.conv2_kxk = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid)
+        self.conv3_1x1 = nn.Conv2d(mid, out_chs, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.shortcut is None else self.shortcut.expand(self.shortcut.pool(x))
+        x = _gelu(self.conv2_kxk(_gelu(self.conv1_1x1(self.pre_norm(x)))))
+        return self.conv3_1x1(x) + shortcut
+
+
+class VitaminStem(nn.Module):
+    """ViTamin's token embedding (timm's ``MbConvStages`` in a ``HybridEmbed``): a 3x3 stride-2 convolution,
+    LayerNorm + GELU, a 3x3 convolution; two stages of ``MbConvBlock`` (2 and 4 blocks, each halving the resolution);
+    a LayerNorm and a 3x3 stride-2 convolution to the transformer's width: a 16-pixel token grid."""
+
+    def __init__(self, dims: list[int], width: int):
+        super().__init__()
+        first, second = dims
+        self.backbone = nn.Module()
+        self.backbone.stem = nn.Module()
+        self.backbone.stem.conv1 = nn.Conv2d(3, first, 3, 2, 1)
+        self.backbone.stem.norm1 = LayerNorm2d(first, eps=1e-6)
+        self.backbone.stem.conv2 = nn.Conv2d(first, first, 3, 1, 1)
+        self.backbone.stages = nn.Sequential(
+            nn.Sequential(MbConvBlock(first, first, 2), MbConvBlock(first, first, 1)),
+            nn.Sequential(MbConvBlock(first, second, 2), *[MbConvBlock(second, second, 1) for _ in range(3)]))
+        self.backbone.pool = nn.Module()
+        self.backbone.pool.norm = LayerNorm2d(second, eps=1e-6)
+        self.backbone.pool.proj = nn.Conv2d(second, width, 3, 2, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        net = self.backbone
+        x = net.stem.conv2(_gelu(net.stem.norm1(net.stem.conv1(images))))
+        x = net.pool.proj(net.pool.norm(net.stages(x)))
+        return x.flatten(2).transpose(1, 2)
+
+
 class EvaTrunk(nn.Module):
     """timm's ``Eva`` with class-token or latent-attention pooling and a head to ``output_dim`` (what open_clip
     creates)."""
@@ -197,33 +277,43 @@ class EvaTrunk(nn.Module):
                  output_dim: int, mlp: str, fused_qkv: bool, inner_norm: bool, post_norm: bool,
                  rope_grid: int | None, eps: float, key_bias: bool = False, rope_offset: float = 0.0,
                  rope_indexing: str = "ij", class_token: bool = True, norm_pre: bool = False, pool: str = "token",
-                 pool_heads: int = 8, stem: str = "patch", class_position: bool = True):
-        """``stem``: "patch" (one patch-sized convolution) or "mci" (``MciStem``); ``class_position``: whether the
-        class token has a learned position (timm's ``no_embed_class`` is False)."""
+                 pool_heads: int = 8, stem: str = "patch", class_position: bool = True,
+                 stem_dims: list[int] | None = None, pos_embed: bool = True, head: bool = True):
+        """``stem``: "patch" (one patch-sized convolution), "mci" (``MciStem``) or "vitamin" (``VitaminStem``, its
+        two stages' widths ``stem_dims``); ``class_position``: whether the class token has a learned position (timm's
+        ``no_embed_class`` is False); ``pool``: the class token, "map" (latent attention) or "avg" (the mean token,
+        then ``fc_norm`` in place of the final LayerNorm); ``head``: timm's biased linear head (else none)."""
         super().__init__()
-        if pool not in ("token", "map") or (pool == "token" and not class_token):
-            raise ValueError(f"EVA pool must be 'token' (with a class token) or 'map', got {pool!r}")
-        if stem not in ("patch", "mci") or (stem == "mci" and patch_size != 16):
-            raise ValueError(f"EVA stem must be 'patch' or 'mci' (16-pixel patches), got {stem!r}")
+        if pool not in ("token", "map", "avg") or (pool == "token" and not class_token) or \
+                (pool == "avg" and class_token):
+            raise ValueError(f"EVA pool must be 'token' (with a class token), 'map' or 'avg' (without), got {pool!r}")
+        if stem not in ("patch", "mci", "vitamin") or (stem != "patch" and patch_size != 16) or \
+                (stem == "vitamin" and len(stem_dims or []) != 2):
+            raise ValueError(f"EVA stem must be 'patch', 'mci' or 'vitamin' (16-pixel tokens; vitamin with two "
+                             f"stem_dims), got {stem!r}")
         grid = image_size // patch_size
         prefix = int(class_token)
-        self.patch_embed = PatchEmbed(patch_size, width, bias=not norm_pre) if stem == "patch" else MciStem(width)
+        self.patch_embed = PatchEmbed(patch_size, width, bias=not norm_pre) if stem == "patch" else \
+            MciStem(width) if stem == "mci" else VitaminStem(list(stem_dims), width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
         self.class_position = class_position
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + (prefix if class_position else 0), width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + (prefix if class_position else 0), width)) \
+            if pos_embed else None
         self.norm_pre = LayerNorm(width, eps=eps) if norm_pre else nn.Identity()
         self.blocks = nn.ModuleList([EvaBlock(width, heads, hidden, mlp, fused_qkv, inner_norm, post_norm, eps,
                                               key_bias, prefix) for _ in range(layers)])
-        self.norm = LayerNorm(width, eps=eps)
+        self.norm = LayerNorm(width, eps=eps) if pool != "avg" else nn.Identity()
+        self.fc_norm = LayerNorm(width, eps=eps) if pool == "avg" else None
         self.attn_pool = LatentAttentionPool(width, pool_heads, 4.0, eps) if pool == "map" else None
-        self.head = nn.Linear(width, output_dim)
+        self.head = nn.Linear(width, output_dim) if head else nn.Identity()
         rope = rope_table(grid, width // heads, rope_grid, rope_offset, rope_indexing) if rope_grid else None
         self.register_buffer("rope", rope, persistent=False)  # a function of the shape: not in checkpoints
         self._init_weights()
 
     def _init_weights(self) -> None:
         """timm's: truncated normal (std 0.02) for positions, class token and linear weights; zero biases."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         for module in self.modules():
@@ -235,38 +325,65 @@ class EvaTrunk(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """The last block's tokens after the final LayerNorm: [N, (class token +) grid*grid, width]."""
         x = self.patch_embed(images)
-        if not self.class_position:  # positions for the patches only, the class token joins after
+        positions = self.pos_embed is not None
+        if positions and not self.class_position:  # positions for the patches only, the class token joins after
             x = x + self.pos_embed.to(x.dtype)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = self.norm_pre(x + self.pos_embed.to(x.dtype) if self.class_position else x)
+        x = self.norm_pre(x + self.pos_embed.to(x.dtype) if positions and self.class_position else x)
         for block in self.blocks:
             x = block(x, self.rope)
         return self.norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(images)
+        if self.fc_norm is not None:
+            return self.head(self.fc_norm(x.mean(dim=1)))
         return self.head(self.attn_pool(x) if self.attn_pool is not None else x[:, 0])
+
+
+# the trunk settings a ``vision_cfg`` may carry beyond the shared ones (PE's, MobileCLIP-B's, ViTamin's; ``EvaTrunk``)
+TRUNK_SETTINGS = ("key_bias", "rope_offset", "rope_indexing", "class_token", "norm_pre", "pool", "pool_heads", "stem",
+                  "class_position", "stem_dims", "pos_embed")
 
 
 class EvaVisionTower(nn.Module):
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
                  mlp_ratio: float, mlp: str = "gelu", fused_qkv: bool = True, inner_norm: bool = False,
-                 post_norm: bool = False, rope_grid: int | None = None, eps: float = 1e-6, **pe_settings):
-        """``pe_settings``: PE's (``key_bias``, ``rope_offset``, ``rope_indexing``, ``class_token``, ``norm_pre``,
-        ``pool``, ``pool_heads``; ``EvaTrunk``)."""
+                 post_norm: bool = False, rope_grid: int | None = None, eps: float = 1e-6, proj: str | None = None,
+                 **trunk_settings):
+        """``trunk_settings``: ``TRUNK_SETTINGS`` (``EvaTrunk``); ``proj``: None (timm's head is the projection) or
+        "linear" (open_clip's unbiased projection after a headless trunk, ViTamin's)."""
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-        if mlp not in ("gelu", "swiglu"):
-            raise ValueError(f"EVA mlp must be 'gelu' or 'swiglu', got {mlp!r}")
+        if mlp not in ("gelu", "swiglu", "geglu"):
+            raise ValueError(f"EVA mlp must be 'gelu', 'swiglu' or 'geglu', got {mlp!r}")
+        if proj not in (None, "linear"):
+            raise ValueError(f"EVA proj must be None (timm's head) or 'linear', got {proj!r}")
         self.image_size, self.patch_size, self.output_dim = image_size, patch_size, output_dim
         self.trunk = EvaTrunk(image_size, patch_size, width, layers, heads, int(width * mlp_ratio), output_dim, mlp,
-                              fused_qkv, inner_norm, post_norm, rope_grid, eps, **pe_settings)
+                              fused_qkv, inner_norm, post_norm, rope_grid, eps, head=proj is None, **trunk_settings)
+        self.head = None
+        if proj == "linear":
+            self.head = nn.Module()
+            self.head.proj = nn.Linear(width, output_dim, bias=False)
+            nn.init.trunc_normal_(self.head.proj.weight, std=0.02)
+
+    @classmethod
+    def from_config(cls, cfg: dict, output_dim: int) -> "EvaVisionTower":
+        """The tower a ``vision_cfg`` (``tower: "eva"``) describes."""
+        return cls(image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["width"],
+                   layers=cfg["layers"], heads=cfg["heads"], output_dim=output_dim, mlp_ratio=cfg["mlp_ratio"],
+                   mlp=cfg.get("mlp", "gelu"), fused_qkv=cfg.get("fused_qkv", True),
+                   inner_norm=cfg.get("inner_norm", False), post_norm=cfg.get("post_norm", False),
+                   rope_grid=cfg.get("rope_grid"), eps=cfg.get("norm_eps", 1e-6), proj=cfg.get("proj"),
+                   **{k: cfg[k] for k in TRUNK_SETTINGS if k in cfg})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_image_batch(images, self.image_size)
-        return self.trunk(images)
+        features = self.trunk(images)
+        return features if self.head is None else self.head.proj(features)
 
     def forward_grid(self, images: torch.Tensor) -> torch.Tensor:
         """The last layer's patch tokens as a spatial map ``[N, width, grid, grid]`` (after the final LayerNorm,
