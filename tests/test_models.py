@@ -335,3 +335,47 @@ def test_forward_output_unpacks_as_open_clip_and_compiles_without_a_graph_break(
     with torch.no_grad():
         image_features, text_features, scale = compiled(images, tokens)
     assert counter.frame_count == 1 and image_features.shape == (2, 128)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("EVA02-B-16", {"vision_cfg": {"width": 64, "heads": 4, "layers": 2, "image_size": 32}}),
+    ("ViTamin-S", {"vision_cfg": {"layers": 2, "image_size": 64}}),
+    ("convnext_tiny", {"vision_cfg": {"image_size": 64, "depths": [1, 1, 1, 1]}}),
+    ("ViT-Tiny-64-MiniLM", {}),
+])
+def test_grad_checkpointing_recomputes_every_tower_that_offers_it_with_the_same_gradients(name, overrides):
+    """`set_grad_checkpointing` reaches the timm-named trunks (EVA, ViTamin, ConvNeXt stages) and a Hugging Face text
+    tower as well as clipforge's own stacks: blocks run again in backward, and the gradients do not change."""
+    if name.endswith("MiniLM"):
+        pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    text = {} if name.endswith("MiniLM") else {"text_cfg": {"layers": 1, "width": 64, "heads": 4}}
+    model = clipforge.create_model(name, **overrides, **text)
+    size = model.image_size
+    images, tokens = torch.randn(2, 3, size, size), clipforge.get_tokenizer(name)(["a dog", "a cat"])
+    calls = []
+    blocks = [m for m in model.modules() if type(m).__name__ in ("EvaBlock", "MbConvBlock", "ConvNeXtBlock",
+                                                                  "BertLayer", "ResidualAttentionBlock")]
+    assert blocks
+    for block in blocks:  # counted inside forward: checkpoint's recomputation skips forward hooks
+        def counted(*args, _forward=block.forward, **kwargs):
+            calls.append(1)
+            return _forward(*args, **kwargs)
+        block.forward = counted
+
+    def gradients():
+        model.zero_grad()
+        calls.clear()
+        out = model(images, tokens)
+        (out.image_features @ out.text_features.T).sum().backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+    plain, plain_calls = gradients()
+    model.set_grad_checkpointing(True)
+    recomputed, recomputed_calls = gradients()
+    assert recomputed_calls > plain_calls  # blocks ran again in backward
+    assert plain.keys() == recomputed.keys()
+    for key in plain:
+        torch.testing.assert_close(recomputed[key], plain[key], atol=1e-5, rtol=1e-4, msg=key)
+    model.set_grad_checkpointing(False)
+    assert gradients()[1] == plain_calls

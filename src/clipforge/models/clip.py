@@ -113,6 +113,24 @@ def tower_kind(config: dict) -> str:
         else "ViT"
 
 
+def set_grad_checkpointing(model: nn.Module, enable: bool) -> None:
+    """Turn block recomputation on or off in every part of ``model`` that offers it (a ``grad_checkpointing``
+    flag, or a Hugging Face model's own switch)."""
+    for module in model.modules():
+        if hasattr(module, "grad_checkpointing"):
+            module.grad_checkpointing = enable
+        elif getattr(module, "supports_gradient_checkpointing", False):  # a transformers PreTrainedModel
+            # transformers 5.x's name for it, else the older one (the same switch)
+            on, off, kwargs = ("activation_checkpointing_enable", "activation_checkpointing_disable",
+                               "activation_checkpointing_kwargs") \
+                if hasattr(module, "activation_checkpointing_enable") else \
+                ("gradient_checkpointing_enable", "gradient_checkpointing_disable", "gradient_checkpointing_kwargs")
+            if enable:
+                getattr(module, on)(**{kwargs: {"use_reentrant": False}})
+            else:
+                getattr(module, off)()
+
+
 def tower_activation(cfg: dict, quick_gelu: bool) -> str:
     """A tower's MLP activation: its own ``act``, else QuickGELU or GELU as the tower's or model's flag says."""
     return cfg.get("act") or ("quick_gelu" if cfg.get("quick_gelu", quick_gelu) else "gelu")
@@ -246,8 +264,11 @@ class CLIP(nn.Module):
                 yield tower.transformer
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for transformer in self._block_stacks():
-            transformer.grad_checkpointing = enable
+        """Recompute each block's activations in backward instead of keeping them: clipforge's transformer stacks,
+        the timm-named trunks (EVA, PE, ViTamin, MobileCLIP's ViTs, ConvNeXt stages) and Hugging Face text towers.
+        FastViT and ResNet towers train without it: recomputing a batch-norm block in training mode would move its
+        running statistics twice."""
+        set_grad_checkpointing(self, enable)
 
     def set_activation_recompute(self, enable: bool = True) -> None:
         """On (the default): the transformer blocks keep their LayerNorm, GELU and head-merge outputs out of memory

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .inputs import check_image_batch
 
@@ -72,9 +73,15 @@ class ConvNeXtStage(nn.Module):
         self.downsample = nn.Identity() if first else nn.Sequential(LayerNorm2d(in_dim, eps=eps),
                                                                     nn.Conv2d(in_dim, dim, kernel_size=2, stride=2))
         self.blocks = nn.Sequential(*[ConvNeXtBlock(dim, eps) for _ in range(depth)])
+        self.grad_checkpointing = False  # recompute each block in backward (CLIP.set_grad_checkpointing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.downsample(x))
+        x = self.downsample(x)
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.blocks(x)
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
 
 
 class _Trunk(nn.Module):

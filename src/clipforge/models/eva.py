@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .convnext import LayerNorm2d
 from .inputs import check_image_batch
@@ -261,11 +262,16 @@ class VitaminStem(nn.Module):
         self.backbone.pool = nn.Module()
         self.backbone.pool.norm = LayerNorm2d(second, eps=1e-6)
         self.backbone.pool.proj = nn.Conv2d(second, width, 3, 2, 1)
+        self.grad_checkpointing = False  # recompute each block in backward (CLIP.set_grad_checkpointing)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         net = self.backbone
         x = net.stem.conv2(_gelu(net.stem.norm1(net.stem.conv1(images))))
-        x = net.pool.proj(net.pool.norm(net.stages(x)))
+        for stage in net.stages:
+            for block in stage:
+                recompute = self.grad_checkpointing and torch.is_grad_enabled()
+                x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        x = net.pool.proj(net.pool.norm(x))
         return x.flatten(2).transpose(1, 2)
 
 
@@ -293,6 +299,7 @@ class EvaTrunk(nn.Module):
                              f"stem_dims), got {stem!r}")
         grid = image_size // patch_size
         prefix = int(class_token)
+        self.grad_checkpointing = False  # recompute each block in backward (CLIP.set_grad_checkpointing)
         self.patch_embed = PatchEmbed(patch_size, width, bias=not norm_pre) if stem == "patch" else \
             MciStem(width) if stem == "mci" else VitaminStem(list(stem_dims), width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
@@ -332,7 +339,10 @@ class EvaTrunk(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = self.norm_pre(x + self.pos_embed.to(x.dtype) if positions and self.class_position else x)
         for block in self.blocks:
-            x = block(x, self.rope)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, self.rope, use_reentrant=False)
+            else:
+                x = block(x, self.rope)
         return self.norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import build_vision_tower
+from .clip import build_vision_tower, set_grad_checkpointing
 
 OBJECTIVES = ("bow", "caption", "labels", "self-supervised")
 
@@ -47,8 +47,7 @@ class ImageTowerModel(nn.Module):
                          "side, no word head): evaluate it with linear-probe or fewshot")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if hasattr(getattr(self.visual, "transformer", None), "grad_checkpointing"):
-            self.visual.transformer.grad_checkpointing = enable
+        set_grad_checkpointing(self.visual, enable)
 
 
 def load_image_tower(path: str, device: str = "cpu"):
