@@ -204,7 +204,9 @@ def test_every_pretrained_tag_open_clip_also_has_names_its_weights_activation_an
         ours, theirs = get_pretrained(model, tag), open_clip.get_pretrained_cfg(model, tag)
         hub = theirs.get("hf_hub", "").strip("/")
         if "huggingface.co" in ours.url:
-            assert f"/{hub}/resolve/main/" in ours.url, (model, tag)
+            repo, _, file = hub.partition("/")[2].partition("/")  # a repo, or a repo and the one file named
+            owner = hub.split("/")[0]
+            assert f"/{owner}/{repo}/resolve/main/{file}" in ours.url, (model, tag)
         else:
             assert ours.url == theirs["url"], (model, tag)
         assert ours.quick_gelu == bool(theirs.get("quick_gelu", False)), (model, tag)
