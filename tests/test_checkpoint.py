@@ -360,7 +360,7 @@ def test_cli_output_into_a_pipe_closed_early_is_not_an_error(capsys):
     rows = capsys.readouterr().out.splitlines()
     kinds = {row.split()[1] for row in rows}
     assert len(rows) == len(clipforge.list_models())
-    assert kinds == {"ViT", "ResNet", "SigLIP", "ConvNeXt", "EVA", "PE", "FastViT", "ViTamin"}
+    assert kinds == {"ViT", "ResNet", "SigLIP", "ConvNeXt", "EVA", "PE", "FastViT", "ViTamin", "CoCa"}
     assert len({row.index(row.split()[1], len(row.split()[0])) for row in rows}) == 1  # the kind column aligned
     assert len({row.index("px") for row in rows}) == 1
     proc = subprocess.Popen([sys.executable, "-m", "clipforge.cli", "models"], stdout=subprocess.PIPE,

@@ -106,7 +106,8 @@ def test_zoo_fastvit_configs_are_open_clips_and_timm_towers_are_timms():
 def test_open_clip_mobileclip_loads_by_name_and_by_shapes_and_export_back(tmp_path):
     """open_clip's MobileCLIP2-S0 (a FastViT with batch-norm statistics, a bidirectional text tower): a state dict
     loads by name and, without one, by its shapes with identical features; `convert --to open_clip` writes a
-    local-dir: folder open_clip (and clipforge) loads with them; preprocessing is the tag's (no normalisation, bilinear)."""
+    local-dir: folder open_clip (and clipforge) loads with them; preprocessing is the tag's (no normalisation,
+    bilinear)."""
     open_clip = pytest.importorskip("open_clip")
     pytest.importorskip("timm")
     from clipforge.checkpoint.openai import save_open_clip

@@ -75,8 +75,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-progress", dest="progress", action="store_false")
     t.set_defaults(caption_func=run_train)
 
-    g = sub.add_parser("generate", help="caption images with a trained map, or answer a question about each")
-    g.add_argument("--mapping", required=True, help="the --output folder of 'caption train'")
+    g = sub.add_parser("generate", help="caption images with a trained map, or answer a question about each; or "
+                                        "caption them with a CoCa model (--coca)")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mapping", help="the --output folder of 'caption train'")
+    source.add_argument("--coca", metavar="MODEL", help="a CoCa model instead (open_clip's contrastive captioner: "
+                        "coca_ViT-B-32, coca_ViT-L-14, a checkpoint or folder), captions written greedily")
+    g.add_argument("--pretrained", help="with --coca: a pretrained tag (e.g. mscoco_finetuned_laion2b_s13b_b90k) or "
+                                        "checkpoint for the named architecture")
     g.add_argument("images", nargs="+", help="image files")
     g.add_argument("--prompt", help='text after the image prefix, e.g. "A picture of" [the one it was trained with]')
     g.add_argument("--question", help="answer this about each image instead of captioning it: zero-shot, asked as "
@@ -324,6 +330,8 @@ def run_generate(args) -> int:
         raise ValueError("--question: ask something about the images")
     if args.question is not None and args.prompt is not None:
         raise ValueError("--prompt and --question: give one (a question is asked right after the image)")
+    if args.coca:
+        return _generate_coca(args)
     captioner = Captioner.load(args.mapping, args.device)
     images = [open_image(Path(path).read_bytes(), name=path) for path in args.images]  # clear error on a bad file
     if args.question is None:
@@ -332,6 +340,27 @@ def run_generate(args) -> int:
         key, texts = "answer", captioner.answer(images, [args.question.strip()] * len(images), args.max_new_tokens or 5)
     for path, text in zip(args.images, texts):
         print(json.dumps({"image": path, key: text}) if args.json else f"{path}: {text}")
+    return 0
+
+
+def _generate_coca(args) -> int:
+    """``caption generate --coca``: captions from a CoCa model's own decoder (greedy, up to --max-new-tokens)."""
+    import torch
+
+    import clipforge
+    from ..models.coca import CoCa, decode_captions
+    from ..preprocess import open_image
+
+    if args.question is not None or args.prompt is not None:
+        raise ValueError("--coca captions images; --prompt and --question are for a LiMBer --mapping")
+    model, preprocess, tokenizer = clipforge.load(args.coca, pretrained=args.pretrained, device=args.device)
+    if not isinstance(model, CoCa):
+        raise ValueError(f"--coca {args.coca}: not a CoCa model (no captioning decoder); zoo CoCas: "
+                         f"{', '.join(n for n in clipforge.list_models() if n.startswith('coca'))}")
+    images = torch.stack([preprocess(open_image(Path(path).read_bytes(), name=path)) for path in args.images])
+    ids = model.generate(images.to(args.device), max_length=(args.max_new_tokens or 28) + 2)
+    for path, text in zip(args.images, decode_captions(ids, tokenizer)):
+        print(json.dumps({"image": path, "caption": text}) if args.json else f"{path}: {text}")
     return 0
 
 

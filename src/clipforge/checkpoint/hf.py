@@ -141,6 +141,9 @@ def to_clipforge(state: dict) -> dict:
 def from_clipforge(state: dict) -> dict:
     """A ``CLIPModel`` state dict, or a ``SiglipModel``'s for a SigLIP model."""
     siglip = is_siglip(state)
+    if any(k.startswith("text_decoder.") for k in state):
+        raise CheckpointError("Hugging Face has no CoCa model class (a CLIPModel would drop the captioning decoder); "
+                              "write --to open_clip or clipforge")
     if "visual.proj" not in state and not siglip:
         trunk = {k.split(".")[2] for k in state if k.startswith("visual.trunk.")}
         kind = "FastViT" if "final_conv" in trunk else "ConvNeXt" if "stages" in trunk else \
@@ -273,6 +276,9 @@ def config_from_clipforge(config: dict, logit_scale: float) -> dict:
     if is_siglip(config):
         return _siglip_config_from_clipforge(config)
     vision, text = config["vision_cfg"], config["text_cfg"]
+    if "multimodal_cfg" in config:
+        raise CheckpointError("Hugging Face has no CoCa model class (a CLIPModel would drop the captioning decoder); "
+                              "write --to open_clip or clipforge")
     kind = tower_kind(config)
     if kind != "ViT" or "tower" in vision:  # timm's plain ViTs (MobileCLIP-B's: timm's names) are not CLIPModel's
         kind = "timm ViT" if kind == "ViT" else kind

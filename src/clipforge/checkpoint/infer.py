@@ -59,6 +59,9 @@ def infer_config(state: dict) -> dict:
             }
             if "visual.ln_pre.weight" not in state:  # CLIPA's
                 vision_cfg["ln_pre"] = False
+            if "visual.attn_pool.query" in state:  # CoCa's
+                vision_cfg.update(attentional_pool=True,
+                                  attn_pooler_queries=state["visual.attn_pool.query"].shape[0])
         else:
             layers = [_count(state, f"visual.layer{i}.") for i in range(1, 5)]
             output_width = round(math.sqrt(state["visual.attnpool.positional_embedding"].shape[0] - 1))
@@ -67,6 +70,14 @@ def infer_config(state: dict) -> dict:
     except KeyError as exc:
         raise CheckpointError(f"cannot infer the architecture: key {exc.args[0]!r} is missing") from None
     config = {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    if "text.cls_emb" in state:  # CoCa: a class token after the text, a captioning decoder
+        text_cfg.update(context_length=text_cfg["context_length"] - 1, embed_cls=True)
+        width = state["text_decoder.ln_final.weight"].shape[0]
+        config["multimodal_cfg"] = {
+            "context_length": text_cfg["context_length"],
+            "vocab_size": state["text_decoder.text_projection"].shape[1], "width": width, "heads": width // 64,
+            "layers": _count(state, "text_decoder.resblocks."),
+            "mlp_ratio": mlp_ratio(state["text_decoder.resblocks.0.mlp.c_fc.weight"].shape[0], width)}
     _adopt_zoo_heads(config)
     if "logit_bias" in state:
         config["init_logit_bias"] = float(state["logit_bias"])
@@ -167,7 +178,8 @@ def _shape_signature(config: dict) -> tuple | None:
             return tuple(str(cfg.get(k)) for k in keys) + (hidden,)
 
         return (config["embed_dim"],
-                tower(config["vision_cfg"], ("tower", "image_size", "patch_size", "width", "layers", "ln_pre"),
+                tower(config["vision_cfg"], ("tower", "image_size", "patch_size", "width", "layers", "ln_pre",
+                                             "attentional_pool"),
                       not is_resnet(config)),
                 tower(config["text_cfg"], ("context_length", "vocab_size", "width", "layers"), True))
     except (KeyError, TypeError):  # e.g. a Hugging Face text tower: not comparable
@@ -175,8 +187,10 @@ def _shape_signature(config: dict) -> tuple | None:
 
 
 # what weights do not show, taken from the zoo architecture with the same shapes
-UNSEEN_SETTINGS = {"vision_cfg": ("head_width", "act", "pool", "final_ln_after_pool"),
-                   "text_cfg": ("heads", "act", "pool", "eos_id", "causal", "hf_tokenizer_name", "tokenizer_kwargs")}
+UNSEEN_SETTINGS = {"vision_cfg": ("head_width", "act", "pool", "final_ln_after_pool", "attn_pooler_heads"),
+                   "text_cfg": ("heads", "act", "pool", "eos_id", "causal", "hf_tokenizer_name", "tokenizer_kwargs",
+                                "pad_id", "correct_cls_mask"),
+                   "multimodal_cfg": ("heads", "attn_pooler_heads")}
 
 
 def _adopt_zoo_heads(config: dict) -> None:
@@ -194,5 +208,6 @@ def _adopt_zoo_heads(config: dict) -> None:
         if _shape_signature(zoo) != signature:
             continue
         for tower, keys in UNSEEN_SETTINGS.items():
-            config[tower].update({k: zoo[tower][k] for k in keys if k in zoo[tower]})
+            if tower in config and tower in zoo:
+                config[tower].update({k: zoo[tower][k] for k in keys if k in zoo[tower]})
         return

@@ -58,7 +58,11 @@ def save(model, path: str | Path) -> Path:
 
 # open_clip model_cfg keys that mean the same in clipforge's configs (custom_text: a layout flag, read off the keys)
 OPEN_CLIP_TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
-                      "custom_text"}
+                      "custom_text", "multimodal_cfg"}
+# CoCa's decoder settings clipforge builds (open_clip's MultimodalCfg; attn_pooler_heads there is unused)
+MULTIMODAL_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "attn_pooler_heads"}
+COCA_VISION_KEYS = ("attentional_pool", "attn_pooler_heads", "attn_pooler_queries")  # in the order written
+COCA_TEXT_KEYS = ("embed_cls", "pad_id", "correct_cls_mask")
 SHARED_VISION_KEYS = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "patch_dropout"}
 SHARED_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "hf_tokenizer_name",
                     "tokenizer_kwargs"}
@@ -108,9 +112,12 @@ def text_cfg_from_open_clip(text: dict, where: str) -> dict:
 
     if "hf_model_name" in text:
         return _hf_text_cfg_from_open_clip(text, where)
-    _refuse_unknown(text, SHARED_TEXT_KEYS | {"pool_type", "eos_id", "no_causal_mask", "proj_bias", "proj_type",
-                                             "act_kwargs", "norm_kwargs", "pad_id"}, "text_cfg", where, "clipforge")
+    known = {"pool_type", "eos_id", "no_causal_mask", "proj_bias", "proj_type", "act_kwargs", "norm_kwargs",
+             "output_tokens"}
+    _refuse_unknown(text, SHARED_TEXT_KEYS | set(COCA_TEXT_KEYS) | known, "text_cfg", where, "clipforge")
     out = {k: v for k, v in text.items() if k in SHARED_TEXT_KEYS}
+    if text.get("embed_cls"):  # CoCa's (the padding id matters to its mask only)
+        out.update({k: text[k] for k in COCA_TEXT_KEYS if k in text})
     pool = text.get("pool_type", "argmax")
     if pool not in TEXT_POOLS:
         raise CheckpointError(f"{where}: text pool_type {pool!r} is not built here (argmax, eos and last are)")
@@ -157,9 +164,12 @@ def text_cfg_to_open_clip(text: dict, quick_gelu: bool = False) -> dict:
         if text.get("tokenizer_kwargs"):
             out["tokenizer_kwargs"] = text["tokenizer_kwargs"]
         return out
-    _refuse_unknown(text, SHARED_TEXT_KEYS | {"pool", "eos_id", "causal", "proj", "act", "norm_eps"}, "text_cfg",
-                    "this model's config", "open_clip's CLIP")
+    _refuse_unknown(text, SHARED_TEXT_KEYS | set(COCA_TEXT_KEYS) | {"pool", "eos_id", "causal", "proj", "act",
+                                                                   "norm_eps"},
+                    "text_cfg", "this model's config", "open_clip's CLIP")
     out = {k: v for k, v in text.items() if k in SHARED_TEXT_KEYS}
+    if text.get("embed_cls"):  # CoCa's: open_clip's CoCa reads the tower's tokens
+        out.update({k: text[k] for k in COCA_TEXT_KEYS if k in text}, output_tokens=True)
     if "hf_tokenizer_name" in text:
         out["hf_tokenizer_name"] = _hub_name(text["hf_tokenizer_name"])
     pool = text.get("pool", "eot")
@@ -190,9 +200,14 @@ def vision_cfg_from_open_clip(vision: dict, where: str) -> dict:
     """clipforge's ``vision_cfg`` for open_clip's VisionTransformer settings (CLIPA's pooling and norms included)."""
     from .errors import CheckpointError
 
-    _refuse_unknown(vision, SHARED_VISION_KEYS | {"no_ln_pre", "pool_type", "final_ln_after_pool"}, "vision_cfg",
-                    where, "clipforge")
+    known = {"no_ln_pre", "pool_type", "final_ln_after_pool", "output_tokens"}
+    _refuse_unknown(vision, SHARED_VISION_KEYS | set(COCA_VISION_KEYS) | known, "vision_cfg", where, "clipforge")
     out = {k: v for k, v in vision.items() if k in SHARED_VISION_KEYS}
+    if vision.get("attentional_pool"):  # CoCa's
+        if vision["attentional_pool"] is not True:
+            raise CheckpointError(f"{where}: attentional_pool {vision['attentional_pool']!r} is not built here "
+                                  "(open_clip's original CoCa pooling, true, is)")
+        out.update({k: vision[k] for k in COCA_VISION_KEYS if k in vision})
     pool = vision.get("pool_type", "tok")
     if pool not in ("tok", "avg"):
         raise CheckpointError(f"{where}: image pool_type {pool!r} is not built here (tok and avg are)")
@@ -207,9 +222,11 @@ def vision_cfg_from_open_clip(vision: dict, where: str) -> dict:
 
 def vision_cfg_to_open_clip(vision: dict) -> dict:
     """open_clip's VisionTransformer settings for a clipforge ViT ``vision_cfg``."""
-    _refuse_unknown(vision, SHARED_VISION_KEYS | {"pool", "ln_pre", "final_ln_after_pool"}, "vision_cfg",
-                    "this model's config", "open_clip's CLIP")
+    _refuse_unknown(vision, SHARED_VISION_KEYS | set(COCA_VISION_KEYS) | {"pool", "ln_pre", "final_ln_after_pool"},
+                    "vision_cfg", "this model's config", "open_clip's CLIP")
     out = {k: v for k, v in vision.items() if k in SHARED_VISION_KEYS}
+    if vision.get("attentional_pool"):  # CoCa's: open_clip's CoCa reads the tower's tokens
+        out.update({k: vision[k] for k in COCA_VISION_KEYS if k in vision}, output_tokens=True)
     if vision.get("pool", "tok") == "avg":
         out["pool_type"] = "avg"
     if not vision.get("ln_pre", True):
@@ -224,9 +241,14 @@ def config_to_open_clip(config: dict) -> dict:
     from ..models import is_resnet
 
     _refuse_unknown(config, OPEN_CLIP_TOP_KEYS, "config", "this model's config", "open_clip's CLIP")
+    _refuse_unknown(config.get("multimodal_cfg", {}), MULTIMODAL_KEYS, "multimodal_cfg", "this model's config",
+                    "open_clip's CoCa")
     quick_gelu = config.get("quick_gelu", False)
     vision = dict(config["vision_cfg"]) if is_resnet(config) else vision_cfg_to_open_clip(config["vision_cfg"])
-    return {**config, "vision_cfg": vision, "text_cfg": text_cfg_to_open_clip(config["text_cfg"], quick_gelu)}
+    out = {**config, "vision_cfg": vision, "text_cfg": text_cfg_to_open_clip(config["text_cfg"], quick_gelu)}
+    if "multimodal_cfg" in config:  # open_clip's CoCa takes the custom-text layout (its text under text.)
+        out["custom_text"] = True
+    return out
 
 
 def config_from_open_clip(model_cfg: dict, where: str) -> dict:
@@ -253,6 +275,10 @@ def config_from_open_clip(model_cfg: dict, where: str) -> dict:
     from ..models import is_resnet
 
     config = {k: v for k, v in model_cfg.items() if k != "custom_text"}  # the text layout is detected from the keys
+    if "multimodal_cfg" in model_cfg:  # CoCa: its decoder's settings as open_clip spells them
+        if "hf_model_name" in model_cfg.get("text_cfg", {}):
+            raise CheckpointError(f"{where}: a CoCa with a Hugging Face text tower is not built here")
+        _refuse_unknown(model_cfg["multimodal_cfg"], MULTIMODAL_KEYS, "multimodal_cfg", where, "clipforge")
     if not is_resnet(model_cfg):
         config["vision_cfg"] = vision_cfg_from_open_clip(model_cfg.get("vision_cfg", {}), where)
     config["text_cfg"] = text_cfg_from_open_clip(model_cfg.get("text_cfg", {}), where)
@@ -282,6 +308,8 @@ def save_open_clip(model, folder: str | Path) -> Path:
         config, state = timm_eva.config_to_open_clip(config), from_clipforge(state)
     elif is_fastvit(config):  # MobileCLIP-S: timm's FastViT by name, the weights as they are
         config, state = timm_fastvit.config_to_open_clip(config), from_clipforge(state)
+    elif "multimodal_cfg" in config:  # CoCa: open_clip's custom-text layout, which is clipforge's
+        config = config_to_open_clip(config)
     else:
         try:
             config, state = config_to_open_clip(config), from_clipforge(state)

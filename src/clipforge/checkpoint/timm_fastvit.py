@@ -27,8 +27,8 @@ def is_open_clip_fastvit(model_cfg: dict) -> bool:
 def tower_config(timm_model_name: str, image_size: int = 256) -> dict:
     """clipforge's ``vision_cfg`` for a timm FastViT tower."""
     if timm_model_name not in TIMM_FASTVIT:
-        raise CheckpointError(f"timm image tower {timm_model_name!r} is not built here; clipforge builds the MobileCLIP "
-                              f"towers {', '.join(TIMM_FASTVIT)}")
+        raise CheckpointError(f"timm image tower {timm_model_name!r} is not built here; clipforge builds the "
+                              f"MobileCLIP towers {', '.join(TIMM_FASTVIT)}")
     return {"tower": "fastvit", "image_size": image_size, **TIMM_FASTVIT[timm_model_name]}
 
 

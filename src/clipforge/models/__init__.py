@@ -85,8 +85,12 @@ def create_model(name_or_config: str | dict, **overrides) -> CLIP:
         config = get_model_config(name_or_config)
     config = merge_config(config, overrides)
     known = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
-             "logit_scale_max"}
+             "logit_scale_max", "multimodal_cfg"}
     unknown = set(config) - known
     if unknown:
         raise ValueError(f"unknown model config keys {sorted(unknown)}; expected some of {sorted(known)}")
+    if "multimodal_cfg" in config:  # a captioning decoder beside the towers
+        from .coca import CoCa
+
+        return CoCa(**config)
     return CLIP(**config)

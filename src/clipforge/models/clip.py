@@ -106,6 +106,8 @@ def tower_kind(config: dict) -> str:
     vision = config.get("vision_cfg", config)
     if is_fastvit(vision):
         return "FastViT"
+    if vision.get("attentional_pool"):
+        return "CoCa"
     if is_eva(vision):
         return "PE" if vision.get("pool") == "map" else "ViTamin" if vision.get("stem") == "vitamin" else \
             "ViT" if vision.get("key_bias") else "EVA"
@@ -169,7 +171,15 @@ def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module
             image_size=cfg["image_size"],
             width=width,
         )
-    return VisionTransformer(
+    vit = VisionTransformer
+    if cfg.get("attentional_pool"):  # CoCa's: attentional pooling, tokens for its decoder
+        from functools import partial
+
+        from .coca import CoCaVisionTransformer
+
+        vit = partial(CoCaVisionTransformer, pool_heads=cfg.get("attn_pooler_heads", 8),
+                      pool_queries=cfg.get("attn_pooler_queries", 256))
+    return vit(
         image_size=cfg["image_size"],
         patch_size=cfg["patch_size"],
         width=cfg["width"],
@@ -192,7 +202,15 @@ def build_text_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
         return HFTextEncoder(cfg["hf_model_name"], output_dim=embed_dim, pooling=cfg.get("pooling", "mean"),
                              context_length=cfg.get("context_length", 77), proj=cfg.get("proj", "linear"),
                              pretrained=cfg.get("hf_pretrained", True))
-    return TextTransformer(
+    text = TextTransformer
+    if cfg.get("embed_cls"):  # CoCa's: a class token appended after the text
+        from functools import partial
+
+        from .coca import CoCaTextTransformer
+
+        text = partial(CoCaTextTransformer, pad_id=cfg.get("pad_id", 0),
+                       correct_cls_mask=cfg.get("correct_cls_mask", False))
+    return text(
         context_length=cfg["context_length"],
         vocab_size=cfg["vocab_size"],
         width=cfg["width"],

@@ -13,10 +13,10 @@ stages mix tokens with depthwise convolutions (RepMixer) and whose last one or t
   head to the embedding.
 
 Each "MobileOne" convolution is trained as parallel branches (kxk conv + BatchNorm, 1x1 conv + BatchNorm, a
-BatchNorm alone as the identity), as RepVGG does. In eval mode every such group runs as the one convolution it
-equals (RepVGG's re-parameterisation, recomputed from the weights at each call, so the state dict keeps the trained
-form and open_clip's and timm's checkpoints load as they are), on channels-last maps. Module names are timm's, under ``trunk`` as open_clip's
-``TimmModel`` keeps them.
+BatchNorm alone as the identity), as RepVGG does. In eval mode every such group runs as the one convolution it equals
+(RepVGG's re-parameterisation, recomputed from the weights at each call, so the state dict keeps the trained form and
+open_clip's and timm's checkpoints load as they are), on channels-last maps. Module names are timm's, under ``trunk``
+as open_clip's ``TimmModel`` keeps them.
 """
 from __future__ import annotations
 

@@ -1,0 +1,278 @@
+"""CoCa (Yu et al. 2022) as open_clip trained it (LAION's coca_ViT-B-32 / coca_ViT-L-14): a CLIP whose towers also
+hand their tokens to a captioning decoder.
+
+- Image tower: CLIP's ViT, then attentional pooling (256 learned queries attend over the last block's tokens, in the
+  embedding's width), ``ln_post`` over the queries; the first query, projected, is the image embedding, the other
+  255 are what the decoder reads. (open_clip's own layout, "not the paper's", kept for its weights.)
+- Text tower: CLIP's, with a learned ``cls_emb`` appended after the text; its output after ``ln_final`` and the
+  projection is the text embedding; keys at padding positions are masked, one position late, as open_clip's
+  released weights were trained (``correct_cls_mask`` false).
+- Decoder (``text_decoder``, open_clip's ``MultimodalTransformer``): per layer a causal self-attention block on the
+  caption so far and a cross-attention block on the image's tokens; ``ln_final``; a projection to the vocabulary.
+
+Module names are open_clip's, so its checkpoints load without renaming. ``generate`` writes captions greedily or by
+top-k / top-p sampling, as open_clip's ``generate`` does for those kinds (its group beam search is not built here);
+``decode_captions`` turns them into text; ``clipforge caption generate --coca MODEL`` does both from the command line.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .clip import CLIP
+from .layers import LayerNorm, ResidualAttentionBlock, mlp
+from .text_transformer import TextTransformer
+from .vision_transformer import VisionTransformer
+
+SOT_ID, EOT_ID = 49406, 49407  # CLIP's tokenizer's start- and end-of-text ids
+
+
+class AttentionalPooler(nn.Module):
+    """``queries`` learned vectors attend over the tokens (keys and values ``context_dim`` wide)."""
+
+    def __init__(self, width: int, context_dim: int, heads: int, queries: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(queries, width))
+        self.attn = nn.MultiheadAttention(width, heads, kdim=context_dim, vdim=context_dim, batch_first=True)
+        self.ln_q = LayerNorm(width)
+        self.ln_k = LayerNorm(context_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_k(x)
+        query = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.attn(query, x, x, need_weights=False)[0]
+
+
+class CoCaVisionTransformer(VisionTransformer):
+    def __init__(self, *args, pool_heads: int = 8, pool_queries: int = 256, **kwargs):
+        super().__init__(*args, **kwargs)
+        width, output_dim = self.conv1.out_channels, self.output_dim
+        self.attn_pool = AttentionalPooler(output_dim, width, pool_heads, pool_queries)
+        self.ln_post = LayerNorm(output_dim)  # over the pooled queries, in the embedding's width
+        self.proj = nn.Parameter(output_dim ** -0.5 * torch.randn(output_dim, output_dim))
+
+    def forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embedding [N, output_dim], tokens for the decoder [N, queries - 1, output_dim])``."""
+        x = self.ln_post(self.attn_pool(self.transformer(self._tokens(images))))
+        return x[:, 0] @ self.proj, x[:, 1:]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(images)[0]
+
+    def forward_grid(self, images: torch.Tensor) -> torch.Tensor:
+        """The last block's patch tokens as a map ``[N, width, grid, grid]`` (the pooling's input)."""
+        x = self.transformer(self._tokens(images))[:, 1:]
+        grid = self.image_size // self.patch_size
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid, grid)
+
+
+class CoCaTextTransformer(TextTransformer):
+    def __init__(self, *args, pad_id: int = 0, correct_cls_mask: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.causal or self.pool != "eot":
+            raise ValueError("CoCa's text tower is causal and pools its appended class token")
+        width = self.token_embedding.embedding_dim
+        self.pad_id, self.correct_cls_mask = pad_id, correct_cls_mask
+        self.cls_emb = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(torch.empty(self.context_length + 1, width))
+        nn.init.normal_(self.cls_emb, std=0.01)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+
+    def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embedding [N, output_dim], per-position outputs before ln_final [N, L, width])``."""
+        batch, length = tokens.shape
+        x = torch.cat([self.token_embedding(tokens), self.cls_emb.to(self.token_embedding.weight.dtype)
+                       .expand(batch, 1, -1)], dim=1)
+        x = x + self.positional_embedding[: length + 1]
+        keys = tokens != self.pad_id
+        ones = keys.new_ones(batch, 1)
+        keys = torch.cat([keys, ones] if self.correct_cls_mask else [ones, keys], dim=1)  # the released weights': late
+        causal = torch.ones(length + 1, length + 1, dtype=torch.bool, device=tokens.device).tril()
+        x = self.transformer(x, attn_mask=(causal & keys[:, None, :]).unsqueeze(1))
+        pooled = self.ln_final(x[:, -1])
+        if isinstance(self.text_projection, nn.Linear):
+            pooled = self.text_projection(pooled)
+        elif self.text_projection is not None:
+            pooled = pooled @ self.text_projection
+        return pooled, x[:, :-1]
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(tokens)[0]
+
+    features_padded = features
+
+
+class CrossAttentionBlock(nn.Module):
+    """``x + attn(ln_1(x), ln_1_kv(image), ln_1_kv(image))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str):
+        super().__init__()
+        self.ln_1 = LayerNorm(width)
+        self.ln_1_kv = LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = mlp(width, int(width * mlp_ratio), act)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        image = self.ln_1_kv(image)
+        x = x + self.attn(self.ln_1(x), image, image, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class MultimodalDecoder(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, vocab_size: int, context_length: int,
+                 mlp_ratio: float = 4.0, act: str = "gelu"):
+        super().__init__()
+        self.context_length = context_length
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_ratio, act=act)
+                                        for _ in range(layers)])
+        self.cross_attn = nn.ModuleList([CrossAttentionBlock(width, heads, mlp_ratio, act) for _ in range(layers)])
+        self.ln_final = LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, vocab_size))
+        self._init(width, layers)
+
+    def _init(self, width: int, layers: int) -> None:
+        """open_clip's: attention and MLP weights scaled down with depth, the vocabulary projection by width."""
+        proj_std, attn_std, fc_std = width ** -0.5 * (2 * layers) ** -0.5, width ** -0.5, (2 * width) ** -0.5
+        for block in (*self.resblocks, *self.cross_attn):
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits ``[N, L, vocab]`` for each caption position, from the text tower's outputs."""
+        x = text_tokens
+        for block, cross in zip(self.resblocks, self.cross_attn):
+            x = cross(block(x, causal=True), image_tokens)
+        return self.ln_final(x) @ self.text_projection
+
+
+class CoCa(CLIP):
+    def __init__(self, embed_dim: int, vision_cfg: dict, text_cfg: dict, multimodal_cfg: dict, **kwargs):
+        super().__init__(embed_dim, vision_cfg, text_cfg, **kwargs)
+        if not isinstance(self.visual, CoCaVisionTransformer) or not isinstance(self.text, CoCaTextTransformer):
+            raise ValueError("CoCa needs attentional pooling in its image tower (vision_cfg.attentional_pool) and a "
+                             "class token in its text tower (text_cfg.embed_cls)")
+        cfg = multimodal_cfg
+        self.text_decoder = MultimodalDecoder(
+            cfg["width"], cfg["layers"], cfg["heads"], cfg["vocab_size"], cfg["context_length"],
+            cfg.get("mlp_ratio", 4.0), "quick_gelu" if kwargs.get("quick_gelu") else "gelu")
+
+    def caption_logits(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The decoder's next-token logits ``[N, L, vocab]`` at every position of ``tokens`` (teacher forcing: the
+        captioning loss compares position i with token i + 1)."""
+        _, image_tokens = self.visual.forward_tokens(images)
+        return self.text_decoder(image_tokens, self.text.forward_tokens(tokens)[1])
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, max_length: int = 30, min_length: int = 5, top_k: int | None = 1,
+                 top_p: float | None = None, temperature: float = 1.0, generator: torch.Generator | None = None,
+                 sot_id: int = SOT_ID, eot_id: int = EOT_ID, pad_id: int | None = None) -> torch.Tensor:
+        """Caption token ids ``[N, <= max_length]``: start-of-text, then one token at a time until end-of-text or
+        ``max_length`` (the last one is then end-of-text), as open_clip's ``generate`` with ``generation_type``
+        "top_k" (``top_k=1``: greedy, the default) or "top_p"; no end-of-text before ``min_length`` tokens.
+        Finished rows are padded with ``pad_id`` (the text tower's).
+
+        Each step runs only the new position through the text tower and the decoder, attending over the keys and
+        values kept from earlier steps (and the image tokens' keys and values, projected once): under the causal
+        masks earlier positions' outputs cannot change, so this is open_clip's computation without its recomputing
+        of the whole caption at every step."""
+        if max_length <= min_length:
+            raise ValueError(f"max_length ({max_length}) must be larger than min_length ({min_length})")
+        if max_length > self.text.context_length:
+            raise ValueError(f"max_length ({max_length}) is past the text tower's {self.text.context_length} positions")
+        if (top_k is None) == (top_p is None):
+            raise ValueError("generate samples by top_k or by top_p: give exactly one")
+        pad_id = self.text.pad_id if pad_id is None else pad_id
+        was_training = self.training
+        self.eval()
+        text, decoder = self.text, self.text_decoder
+        _, image_tokens = self.visual.forward_tokens(images)
+        cross_kv = [_cross_keys_values(block, image_tokens) for block in decoder.cross_attn]
+        text_cache = [[] for _ in text.transformer.resblocks]
+        decoder_cache = [[] for _ in decoder.resblocks]
+        out = torch.full((images.shape[0], 1), sot_id, dtype=torch.long, device=images.device)
+        while True:
+            length = out.shape[1]
+            done = (out[:, -1] == eot_id) | (out[:, -1] == pad_id)
+            if done.all():
+                break
+            x = text.token_embedding(out[:, -1:]) + text.positional_embedding[length - 1]
+            for block, cache in zip(text.transformer.resblocks, text_cache):
+                x = _self_attention_step(block, x, cache)
+            for block, cross, cache, kv in zip(decoder.resblocks, decoder.cross_attn, decoder_cache, cross_kv):
+                x = _cross_attention_step(cross, _self_attention_step(block, x, cache), kv)
+            logits = (decoder.ln_final(x[~done, -1]) @ decoder.text_projection)
+            if length < min_length:  # open_clip's MinLengthLogitsProcessor
+                logits[:, eot_id] = float("-inf")
+            logits = _filter_top_k(logits, top_k) if top_k is not None else _filter_top_p(logits, top_p)
+            sample = torch.full((out.shape[0], 1), pad_id, dtype=torch.long, device=out.device)
+            if length + 1 == max_length:
+                sample[~done] = eot_id
+            else:
+                sample[~done] = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator)
+            out = torch.cat([out, sample], dim=1)
+            if out.shape[1] >= max_length:
+                break
+        self.train(was_training)
+        return out
+
+
+def _self_attention_step(block: ResidualAttentionBlock, x: torch.Tensor, cache: list) -> torch.Tensor:
+    """One new position ``x`` [N, 1, width] through a causal pre-LN block; its keys and values join ``cache``."""
+    attn = block.attn
+    batch, _, width = x.shape
+    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias) \
+        .view(batch, 1, 3, attn.heads, width // attn.heads).permute(2, 0, 3, 1, 4)
+    if cache:
+        k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+    cache[:] = [k, v]
+    x = x + attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, 1, width))
+    return x + block.mlp(block.ln_2(x))
+
+
+def _cross_keys_values(block: CrossAttentionBlock, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image tokens' keys and values for one cross-attention block [N, heads, tokens, head_dim], computed once."""
+    attn, width = block.attn, image.shape[-1]
+    kv = F.linear(block.ln_1_kv(image), attn.in_proj_weight[width:], attn.in_proj_bias[width:])
+    k, v = kv.view(image.shape[0], -1, 2, attn.num_heads, width // attn.num_heads).permute(2, 0, 3, 1, 4)
+    return k, v
+
+
+def _cross_attention_step(block: CrossAttentionBlock, x: torch.Tensor, kv: tuple) -> torch.Tensor:
+    attn = block.attn
+    batch, _, width = x.shape
+    q = F.linear(block.ln_1(x), attn.in_proj_weight[:width], attn.in_proj_bias[:width])
+    q = q.view(batch, 1, attn.num_heads, width // attn.num_heads).transpose(1, 2)
+    x = x + attn.out_proj(F.scaled_dot_product_attention(q, *kv).transpose(1, 2).reshape(batch, 1, width))
+    return x + block.mlp(block.ln_2(x))
+
+
+def decode_captions(ids: torch.Tensor, tokenizer) -> list[str]:
+    """The text of each ``generate`` row: the tokens between start- and end-of-text, decoded."""
+    captions = []
+    for row in ids.tolist():
+        row = row[1:] if row and row[0] == SOT_ID else row
+        row = row[: row.index(EOT_ID)] if EOT_ID in row else row
+        captions.append(tokenizer.decode([i for i in row if i != 0]).strip())
+    return captions
+
+
+def _filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Every logit below the k-th largest of its row set to -inf (transformers' ``TopKLogitsWarper``)."""
+    k = min(max(k, 1), logits.shape[-1])
+    kth = torch.topk(logits, k).values[..., -1, None]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """The smallest set of most probable tokens whose probabilities sum past ``p`` kept (transformers'
+    ``TopPLogitsWarper``: the tokens in the lowest ``1 - p`` of the mass are dropped, the top one always kept)."""
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= (1 - p)
+    drop[..., -1:] = False
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))

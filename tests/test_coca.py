@@ -1,0 +1,175 @@
+"""CoCa: open_clip's contrastive captioners (coca_ViT-B-32, coca_ViT-L-14) load with open_clip's module names;
+embeddings, the decoder's caption logits and generated captions match open_clip's on random weights (no pretrained
+weights can be downloaded here), for a small CoCa and for the zoo's configs."""
+import json
+
+import pytest
+import torch
+
+import clipforge
+import clipforge.models
+
+# coca_ViT-B-32's layout, shrunk: 64 wide, 2 layers per tower, 16 pooled queries
+TINY_COCA = {"embed_dim": 64,
+             "vision_cfg": {"image_size": 64, "layers": 2, "width": 96, "patch_size": 16, "attentional_pool": True,
+                            "attn_pooler_heads": 4, "attn_pooler_queries": 16, "output_tokens": True},
+             "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2,
+                          "embed_cls": True, "output_tokens": True},
+             "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2,
+                                "attn_pooler_heads": 4},
+             "custom_text": True}
+
+
+def _randomised(model):
+    """Biases and norms off their initial values (open_clip starts them at 0 and 1), so that every one counts; the
+    decoder's vocabulary projection drawn (open_clip leaves it as torch.empty made it, often zeros: every logit
+    equal, and "greedy" captions would be uniform samples)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or "ln_final" in name or "ln_post" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        vocabulary = model.text_decoder.text_projection
+        torch.nn.init.normal_(vocabulary, std=vocabulary.shape[0] ** -0.5)
+    return model
+
+
+@pytest.fixture()
+def tiny_coca(monkeypatch, tmp_path):
+    """open_clip's tiny CoCa on random weights, saved as open_clip's state dict; clipforge's zoo knows the name."""
+    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("transformers")  # open_clip's generate uses its logits processors
+    from clipforge.checkpoint.openai import config_from_open_clip
+
+    name = "Test-CoCa-tiny"
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, TINY_COCA)
+    monkeypatch.setattr(clipforge.models, "_EXTRA_CONFIGS", {**clipforge.models._EXTRA_CONFIGS})
+    clipforge.models.register_model_config(name, config_from_open_clip(json.loads(json.dumps(TINY_COCA)), "test"))
+    torch.manual_seed(0)
+    theirs = _randomised(open_clip.create_model(name, pretrained=None)).eval()
+    torch.save(theirs.state_dict(), tmp_path / "w.pt")
+    return name, theirs, tmp_path / "w.pt"
+
+
+def test_coca_embeddings_and_caption_logits_match_open_clip_by_name_by_shapes_and_back(tiny_coca, tmp_path):
+    """A CoCa state dict loads by name and, without one, by its shapes; image and text embeddings and the decoder's
+    logits (teacher forcing, padding in the batch) equal open_clip's; `convert --to open_clip` writes a folder open_clip
+    loads with the same outputs."""
+    open_clip = pytest.importorskip("open_clip")
+    from clipforge.checkpoint.openai import save_open_clip
+
+    name, theirs, weights = tiny_coca
+    named = clipforge.load_model(name, pretrained=str(weights))
+    inferred = clipforge.load(str(weights))[0]
+    assert {tower: {k: v for k, v in inferred.config[tower].items() if (k, v) != ("mlp_ratio", 4.0)}
+            for tower in ("vision_cfg", "text_cfg", "multimodal_cfg")} == \
+        {tower: named.config[tower] for tower in ("vision_cfg", "text_cfg", "multimodal_cfg")}  # heads from the zoo
+    save_open_clip(named, tmp_path / "oc")
+    back = open_clip.create_model("local-dir:" + str(tmp_path / "oc")).eval()
+    images = torch.randn(3, 3, 64, 64)
+    tokens = open_clip.get_tokenizer(name)(["a dog", "a photo of a cat on a mat", "red"])
+    assert tokens.shape == (3, 76) and (clipforge.get_tokenizer(name)(["a dog"]) == tokens[:1]).all()
+    with torch.no_grad():
+        expected = theirs(images, tokens)
+        for model in (named, inferred):
+            # open_clip's CoCa normalises by default
+            expected_image, expected_text = theirs.encode_image(images, False), theirs.encode_text(tokens, False)
+            assert (model.encode_image(images) - expected_image).abs().max() <= 1e-5
+            assert (model.encode_text(tokens) - expected_text).abs().max() <= 1e-5
+            logits = model.caption_logits(images, tokens[:, :-1])  # open_clip's forward aligns inputs with labels
+            assert (logits - expected["logits"]).abs().max() <= 1e-4
+        assert (back(images, tokens)["logits"] - expected["logits"]).abs().max() <= 1e-4
+
+
+def test_coca_generates_open_clips_captions_and_trains(tiny_coca, monkeypatch):
+    """Greedy captions (open_clip's ``generate`` with top_k=1) are token for token open_clip's, minimum length and
+    the forced end-of-text included; top-p sampling keeps only tokens open_clip's warper keeps; the captioning loss
+    and the contrastive loss both reach every tower."""
+    from open_clip import coca_model
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    name, theirs, weights = tiny_coca
+    # open_clip 3.3's CoCa turns generation off whole when transformers (5.x) lacks BeamSearchScorer, though its
+    # top-k and top-p paths need only the logits warpers, which transformers has: switched back on for those
+    monkeypatch.setattr(coca_model, "_has_transformers", True)
+    monkeypatch.setitem(coca_model.GENERATION_TYPES, "top_k", TopKLogitsWarper)
+    monkeypatch.setitem(coca_model.GENERATION_TYPES, "top_p", TopPLogitsWarper)
+    ours = clipforge.load_model(name, pretrained=str(weights))
+    images = torch.randn(4, 3, 64, 64)
+    expected = theirs.generate(images, generation_type="top_k", top_k=1, seq_len=12, min_seq_len=5)
+    got = ours.generate(images, max_length=12, min_length=5)
+    assert torch.equal(got, expected)
+    assert (got[:, 1:5] != 49407).all() and got.shape[1] <= 12
+    from clipforge.models.coca import _filter_top_p
+    logits = torch.randn(5, 300)
+    assert torch.equal(_filter_top_p(logits, 0.3), TopPLogitsWarper(0.3)(None, logits.clone()))
+    sampled = ours.generate(images, max_length=8, min_length=2, top_k=None, top_p=0.9,
+                            generator=torch.Generator().manual_seed(0))
+    assert sampled.shape[0] == 4 and (sampled[:, 0] == 49406).all()
+
+    ours.train()
+    tokens = clipforge.get_tokenizer(name)(["a dog", "a cat", "a car", "a tree"])
+    out = ours(images, tokens)
+    logits = ours.caption_logits(images, tokens[:, :-1])
+    caption_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], ignore_index=0)
+    (caption_loss + (out.image_features @ out.text_features.T).logsumexp(1).mean()).backward()
+    assert all(p.grad is not None for n, p in ours.named_parameters() if not n.startswith("logit"))
+
+
+def test_zoo_coca_configs_are_open_clips_and_hf_export_is_refused(tmp_path):
+    """coca_ViT-B-32 and coca_ViT-L-14 and their four tags are in the zoo, translated from open_clip's configs and
+    back; the zoo model's parameters are open_clip's, name for name and shape for shape (built on the meta device);
+    transformers has no CoCa, so the Hugging Face export is refused by name."""
+    open_clip = pytest.importorskip("open_clip")
+    from pathlib import Path
+
+    from clipforge.checkpoint import hf
+    from clipforge.checkpoint.openai import config_from_open_clip, config_to_open_clip
+
+    folder = Path(open_clip.__file__).parent / "model_configs"
+    for name in ("coca_ViT-B-32", "coca_ViT-L-14"):
+        theirs = json.loads((folder / f"{name}.json").read_text())
+        ours = clipforge.models.get_model_config(name)
+        assert ours == config_from_open_clip(json.loads(json.dumps(theirs)), name)
+        assert config_to_open_clip(ours) == theirs, name
+        assert [t for _, t in clipforge.list_pretrained(name)] == list(open_clip.list_pretrained_tags_by_model(name))
+        with torch.device("meta"):
+            reference = open_clip.create_model(name, pretrained=None, device="meta")
+            model = clipforge.create_model(name)
+        assert {k: v.shape for k, v in model.state_dict().items()} == \
+            {k: v.shape for k, v in reference.state_dict().items()}, name
+    torch.manual_seed(0)
+    overrides = dict(vision_cfg={"layers": 1}, text_cfg={"layers": 1}, multimodal_cfg={"layers": 1})
+    small = clipforge.create_model("coca_ViT-B-32", **overrides)
+    small.config = clipforge.models.get_model_config("coca_ViT-B-32")
+    clipforge.models.merge_config(small.config, overrides)
+    with pytest.raises(clipforge.CheckpointError, match="CoCa"):
+        hf.save(small, tmp_path / "hf")
+
+
+def test_caption_generate_with_coca_prints_the_models_greedy_captions(tiny_coca, tmp_path, capsys):
+    """`clipforge caption generate --coca FOLDER IMAGES --json`: each image's greedy caption, as ``generate`` and
+    ``decode_captions`` give it; a CLIP that is not a CoCa is refused by name."""
+    from PIL import Image
+
+    from clipforge import cli
+    from clipforge.checkpoint.io import save_pretrained
+    from clipforge.models.coca import decode_captions
+
+    name, _, weights = tiny_coca
+    model, preprocess, tokenizer = clipforge.load(name, pretrained=str(weights))
+    save_pretrained(model, tmp_path / "coca")
+    paths = []
+    for i, colour in enumerate(("red", "navy")):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (80, 64), colour).save(paths[-1])
+    assert cli.main(["caption", "generate", "--coca", str(tmp_path / "coca"), *paths, "--json",
+                     "--max-new-tokens", "6"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    images = torch.stack([preprocess(Image.open(p)) for p in paths])
+    expected = decode_captions(model.generate(images, max_length=8), tokenizer)
+    assert [p["caption"] for p in printed] == expected and [p["image"] for p in printed] == paths
+    assert all(caption for caption in expected)
+    save_pretrained(clipforge.create_model("ViT-Tiny-64"), tmp_path / "clip")
+    capsys.readouterr()
+    assert cli.main(["caption", "generate", "--coca", str(tmp_path / "clip"), paths[0]]) == 2
+    assert "not a CoCa model" in capsys.readouterr().err
