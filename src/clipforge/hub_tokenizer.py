@@ -95,25 +95,18 @@ def tokenizer_folder(source: str | Path) -> Path:
         return path
     if not is_hub_name(str(source)):
         raise FileNotFoundError(f"tokenizer {source!r}: neither a folder nor a Hugging Face Hub repo (OWNER/NAME)")
-    from .pretrained import DownloadError, NotFoundError, cache_dir, download, hub_endpoint
+    from .pretrained import DownloadError, cache_dir, fetch_hub_file
 
     folder = cache_dir() / "tokenizers" / str(source).replace("/", "--")
     if (folder / ".complete").exists():  # fetched before: no request, online or not
         return folder
-    base = f"{hub_endpoint()}/{source}/resolve/main"
-    for name in TOKENIZER_FILES:
-        if (folder / name).exists():
-            continue
+    for name in TOKENIZER_FILES:  # each that the repo has
         try:
-            fetched = download(f"{base}/{name}", directory=folder / ".downloads", progress=False)
-        except NotFoundError:
-            continue
+            fetch_hub_file(str(source), name, folder)
         except DownloadError as exc:
             raise DownloadError(f"this model's tokenizer comes from the Hugging Face Hub repo {source} and could not "
                                 f"be fetched ({exc}); offline, point text_cfg.hf_tokenizer_name at a folder holding its "
                                 "tokenizer files") from None
-        folder.mkdir(parents=True, exist_ok=True)
-        fetched.replace(folder / name)
     if not has_tokenizer_files(folder):
         raise FileNotFoundError(f"hf-hub:{source} holds no tokenizer.json or SentencePiece model")
     (folder / ".complete").touch()

@@ -196,6 +196,21 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def fetch_hub_file(repo: str, name: str, folder: Path, progress: bool = False) -> Path | None:
+    """``name`` from a Hugging Face Hub repo, kept in ``folder`` (fetched once: a file already there is not asked
+    for again), or None where the repo has no such file. Other failures raise ``DownloadError``."""
+    target = folder / name
+    if target.is_file():
+        return target
+    try:
+        fetched = download(f"{hub_endpoint()}/{repo}/resolve/main/{name}", directory=folder / ".downloads",
+                           progress=progress)
+    except NotFoundError:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return fetched.replace(target)
+
+
 def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
     """Weights and architecture of a Hugging Face Hub repo, as ``open_clip.create_model("hf-hub:REPO")`` reads it:
     ``open_clip_config.json`` with ``open_clip_model.safetensors`` (else ``open_clip_pytorch_model.bin``); or a

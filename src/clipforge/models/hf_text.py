@@ -66,27 +66,18 @@ def _in_hf_cache(repo: str, weights: bool) -> Path | None:
 def fetch_hf_model(repo: str, weights: bool) -> Path:
     """A hub repo's ``config.json`` (and weights) in ``$CLIPFORGE_CACHE/text-models/``, fetched once; offline, a clear
     error unless cached."""
-    from ..pretrained import DownloadError, NotFoundError, cache_dir, download, hub_endpoint
+    from ..pretrained import DownloadError, cache_dir, fetch_hub_file
     from ..hub_tokenizer import is_hub_name
 
     if not is_hub_name(repo):
         raise FileNotFoundError(f"text model {repo!r}: neither a folder, a packaged model nor a Hugging Face Hub repo")
     folder = cache_dir() / "text-models" / repo.replace("/", "--")
-    base = f"{hub_endpoint()}/{repo}/resolve/main"
     try:
-        if not (folder / "config.json").is_file():
-            fetched = download(f"{base}/config.json", directory=folder / ".downloads", progress=False)
-            fetched.replace(folder / "config.json")
-        if weights and not any((folder / n).is_file() for n in WEIGHT_FILES):
-            for file_name in WEIGHT_FILES:
-                try:
-                    fetched = download(f"{base}/{file_name}", directory=folder / ".downloads")
-                except NotFoundError:
-                    continue
-                fetched.replace(folder / file_name)
-                break
-            else:
-                raise DownloadError(f"hf-hub:{repo} holds no {' or '.join(WEIGHT_FILES)}")
+        if fetch_hub_file(repo, "config.json", folder) is None:
+            raise DownloadError(f"hf-hub:{repo} holds no config.json")
+        if weights and not any((folder / n).is_file() for n in WEIGHT_FILES) and \
+                not any(fetch_hub_file(repo, n, folder, progress=True) for n in WEIGHT_FILES):  # the first one found
+            raise DownloadError(f"hf-hub:{repo} holds no {' or '.join(WEIGHT_FILES)}")
     except DownloadError as exc:
         raise DownloadError(f"text model {repo} comes from the Hugging Face Hub and could not be fetched ({exc}); "
                             "offline, point text_cfg.hf_model_name at a folder holding it") from None
