@@ -173,3 +173,15 @@ def test_caption_generate_with_coca_prints_the_models_greedy_captions(tiny_coca,
     capsys.readouterr()
     assert cli.main(["caption", "generate", "--coca", str(tmp_path / "clip"), paths[0]]) == 2
     assert "not a CoCa model" in capsys.readouterr().err
+
+
+def test_coca_embeddings_export_to_onnx(tiny_coca, tmp_path):
+    """`clipforge export onnx` of a CoCa: its image and text embeddings (the retrieval side) match eager PyTorch."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from conftest import onnx_feature_differences
+
+    name, _, weights = tiny_coca
+    model = clipforge.load_model(name, pretrained=str(weights))
+    tokens = clipforge.get_tokenizer(name)(["a dog", "a photo of a cat on a mat"])
+    assert max(onnx_feature_differences(model, tmp_path / "onnx", torch.randn(2, 3, 64, 64), tokens)) <= 1e-4
