@@ -173,6 +173,8 @@ def test_caption_generate_with_coca_prints_the_models_greedy_captions(tiny_coca,
     capsys.readouterr()
     assert cli.main(["caption", "generate", "--coca", str(tmp_path / "clip"), paths[0]]) == 2
     assert "not a CoCa model" in capsys.readouterr().err
+    assert cli.main(["caption", "generate", "--mapping", str(tmp_path), "--pretrained", "x", paths[0]]) == 2
+    assert "goes with --coca" in capsys.readouterr().err
 
 
 def test_coca_embeddings_export_to_onnx(tiny_coca, tmp_path):

@@ -332,6 +332,8 @@ def run_generate(args) -> int:
         raise ValueError("--prompt and --question: give one (a question is asked right after the image)")
     if args.coca:
         return _generate_coca(args)
+    if args.pretrained:
+        raise ValueError("--pretrained names a CoCa's weights: it goes with --coca (a --mapping holds its own)")
     captioner = Captioner.load(args.mapping, args.device)
     images = [open_image(Path(path).read_bytes(), name=path) for path in args.images]  # clear error on a bad file
     if args.question is None:
