@@ -82,8 +82,9 @@ def test_coca_embeddings_and_caption_logits_match_open_clip_by_name_by_shapes_an
 
 def test_coca_generates_open_clips_captions_and_trains(tiny_coca, monkeypatch):
     """Greedy captions (open_clip's ``generate`` with top_k=1) are token for token open_clip's, minimum length and
-    the forced end-of-text included; top-p sampling keeps only tokens open_clip's warper keeps; the captioning loss
-    and the contrastive loss both reach every tower."""
+    the forced end-of-text included; top-p sampling keeps only tokens open_clip's warper keeps; the captioning loss is
+    open_clip's CoCaLoss's, and with the contrastive loss reaches every tower, with the same gradients under
+    gradient checkpointing."""
     from open_clip import coca_model
     from transformers import TopKLogitsWarper, TopPLogitsWarper
 
@@ -108,11 +109,29 @@ def test_coca_generates_open_clips_captions_and_trains(tiny_coca, monkeypatch):
 
     ours.train()
     tokens = clipforge.get_tokenizer(name)(["a dog", "a cat", "a car", "a tree"])
-    out = ours(images, tokens)
-    logits = ours.caption_logits(images, tokens[:, :-1])
-    caption_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], ignore_index=0)
-    (caption_loss + (out.image_features @ out.text_features.T).logsumexp(1).mean()).backward()
-    assert all(p.grad is not None for n, p in ours.named_parameters() if not n.startswith("logit"))
+    from open_clip.loss import CoCaLoss
+
+    with torch.no_grad():
+        expected = theirs(images, tokens)
+        _, expected_caption = CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0)(
+            expected["image_features"], expected["text_features"], expected["logits"], expected["labels"],
+            expected["logit_scale"])
+        ours.eval()
+        assert abs(ours.caption_loss(images, tokens).item() - expected_caption.item()) <= 1e-5
+        ours.train()
+
+    def gradients():
+        ours.zero_grad()
+        out = ours(images, tokens)
+        (ours.caption_loss(images, tokens) + (out.image_features @ out.text_features.T).logsumexp(1).mean()).backward()
+        return {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    assert all(n in plain for n, _ in ours.named_parameters() if not n.startswith("logit"))
+    ours.set_grad_checkpointing(True)  # the decoder's blocks too: the same gradients
+    assert ours.text_decoder.grad_checkpointing
+    for key, grad in gradients().items():
+        torch.testing.assert_close(grad, plain[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
 def test_zoo_coca_configs_are_open_clips_and_hf_export_is_refused(tmp_path):

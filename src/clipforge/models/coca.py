@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .clip import CLIP
 from .layers import LayerNorm, ResidualAttentionBlock, mlp
@@ -130,6 +131,7 @@ class MultimodalDecoder(nn.Module):
         self.cross_attn = nn.ModuleList([CrossAttentionBlock(width, heads, mlp_ratio, act) for _ in range(layers)])
         self.ln_final = LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, vocab_size))
+        self.grad_checkpointing = False  # recompute each block in backward (CLIP.set_grad_checkpointing)
         self._init(width, layers)
 
     def _init(self, width: int, layers: int) -> None:
@@ -145,8 +147,13 @@ class MultimodalDecoder(nn.Module):
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits ``[N, L, vocab]`` for each caption position, from the text tower's outputs."""
         x = text_tokens
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block, cross in zip(self.resblocks, self.cross_attn):
-            x = cross(block(x, causal=True), image_tokens)
+            if recompute:
+                x = checkpoint(block, x, True, use_reentrant=False)
+                x = checkpoint(cross, x, image_tokens, use_reentrant=False)
+            else:
+                x = cross(block(x, causal=True), image_tokens)
         return self.ln_final(x) @ self.text_projection
 
 
@@ -166,6 +173,13 @@ class CoCa(CLIP):
         captioning loss compares position i with token i + 1)."""
         _, image_tokens = self.visual.forward_tokens(images)
         return self.text_decoder(image_tokens, self.text.forward_tokens(tokens)[1])
+
+    def caption_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """CoCa's captioning loss (open_clip's ``CoCaLoss`` before its weight): the mean cross-entropy of each next
+        token given the caption so far and the image, padding left out. For a training loop of one's own:
+        ``clipforge train`` optimises a CoCa's contrastive loss only."""
+        logits = self.caption_logits(images, tokens[:, :-1])
+        return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], ignore_index=self.text.pad_id)
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, max_length: int = 30, min_length: int = 5, top_k: int | None = 1,
