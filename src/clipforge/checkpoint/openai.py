@@ -252,10 +252,10 @@ def config_to_open_clip(config: dict) -> dict:
 
 
 def config_from_open_clip(model_cfg: dict, where: str) -> dict:
-    """clipforge's config for an open_clip ``model_cfg`` (a model folder's or hub repo's): CLIP's as it is; timm's
-    SigLIP, ConvNeXt, EVA and FastViT towers translated; anything clipforge would build differently (another timm
-    tower, LayerScale, attentional pooling ...) refused by name, naming ``where`` it came from, rather than loaded
-    wrong."""
+    """clipforge's config for an open_clip ``model_cfg`` (a model folder's or hub repo's): CLIP's as it is (CoCa's
+    attentional pooling, text class token and ``multimodal_cfg`` included); timm's SigLIP, ConvNeXt, EVA and FastViT
+    towers translated; anything clipforge would build differently (another timm tower, LayerScale ...) refused by
+    name, naming ``where`` it came from, rather than loaded wrong."""
     from . import timm_convnext, timm_eva, timm_fastvit, timm_siglip
     from .errors import CheckpointError
 
