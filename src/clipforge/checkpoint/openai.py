@@ -164,9 +164,9 @@ def text_cfg_to_open_clip(text: dict, quick_gelu: bool = False) -> dict:
         if text.get("tokenizer_kwargs"):
             out["tokenizer_kwargs"] = text["tokenizer_kwargs"]
         return out
-    _refuse_unknown(text, SHARED_TEXT_KEYS | set(COCA_TEXT_KEYS) | {"pool", "eos_id", "causal", "proj", "act",
-                                                                   "norm_eps"},
-                    "text_cfg", "this model's config", "open_clip's CLIP")
+    known = {"pool", "eos_id", "causal", "proj", "act", "norm_eps"}
+    _refuse_unknown(text, SHARED_TEXT_KEYS | set(COCA_TEXT_KEYS) | known, "text_cfg", "this model's config",
+                    "open_clip's CLIP")
     out = {k: v for k, v in text.items() if k in SHARED_TEXT_KEYS}
     if text.get("embed_cls"):  # CoCa's: open_clip's CoCa reads the tower's tokens
         out.update({k: text[k] for k in COCA_TEXT_KEYS if k in text}, output_tokens=True)

@@ -52,7 +52,7 @@ def config_to_open_clip(config: dict) -> dict:
 
     vision = config["vision_cfg"]
     timm_name = next((name for name in TIMM_FASTVIT
-                      if tower_config(name, vision["image_size"]) == dict(vision)), None)
+                      if tower_config(name, vision["image_size"]) == vision), None)
     if timm_name is None:
         raise CheckpointError("open_clip builds FastViT image towers from timm, which has none of this shape; keep it "
                               "as a clipforge folder")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -173,8 +174,6 @@ def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module
         )
     vit = VisionTransformer
     if cfg.get("attentional_pool"):  # CoCa's: attentional pooling, tokens for its decoder
-        from functools import partial
-
         from .coca import CoCaVisionTransformer
 
         vit = partial(CoCaVisionTransformer, pool_heads=cfg.get("attn_pooler_heads", 8),
@@ -204,8 +203,6 @@ def build_text_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
                              pretrained=cfg.get("hf_pretrained", True))
     text = TextTransformer
     if cfg.get("embed_cls"):  # CoCa's: a class token appended after the text
-        from functools import partial
-
         from .coca import CoCaTextTransformer
 
         text = partial(CoCaTextTransformer, pad_id=cfg.get("pad_id", 0),

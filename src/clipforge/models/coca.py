@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .clip import CLIP
-from .layers import LayerNorm, ResidualAttentionBlock, mlp
+from .layers import LayerNorm, ResidualAttentionBlock, mlp, recomputed
 from .text_transformer import TextTransformer
 from .vision_transformer import VisionTransformer
 
@@ -147,13 +146,9 @@ class MultimodalDecoder(nn.Module):
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits ``[N, L, vocab]`` for each caption position, from the text tower's outputs."""
         x = text_tokens
-        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block, cross in zip(self.resblocks, self.cross_attn):
-            if recompute:
-                x = checkpoint(block, x, True, use_reentrant=False)
-                x = checkpoint(cross, x, image_tokens, use_reentrant=False)
-            else:
-                x = cross(block(x, causal=True), image_tokens)
+            x = recomputed(block, x, True, enabled=self.grad_checkpointing)  # causal self-attention
+            x = recomputed(cross, x, image_tokens, enabled=self.grad_checkpointing)
         return self.ln_final(x) @ self.text_projection
 
 
@@ -219,7 +214,7 @@ class CoCa(CLIP):
                 x = _self_attention_step(block, x, cache)
             for block, cross, cache, kv in zip(decoder.resblocks, decoder.cross_attn, decoder_cache, cross_kv):
                 x = _cross_attention_step(cross, _self_attention_step(block, x, cache), kv)
-            logits = (decoder.ln_final(x[~done, -1]) @ decoder.text_projection)
+            logits = decoder.ln_final(x[~done, -1]) @ decoder.text_projection
             if length < min_length:  # open_clip's MinLengthLogitsProcessor
                 logits[:, eot_id] = float("-inf")
             logits = _filter_top_k(logits, top_k) if top_k is not None else _filter_top_p(logits, top_p)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .inputs import check_image_batch
+from .layers import recomputed
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -77,10 +77,8 @@ class ConvNeXtStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if not (self.grad_checkpointing and torch.is_grad_enabled()):
-            return self.blocks(x)
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False)
+            x = recomputed(block, x, enabled=self.grad_checkpointing)
         return x
 
 

@@ -25,11 +25,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .convnext import LayerNorm2d
 from .inputs import check_image_batch
-from .layers import LayerNorm
+from .layers import LayerNorm, recomputed
 
 
 def rope_table(grid: int, head_dim: int, reference_grid: int, offset: float = 0.0, indexing: str = "ij",
@@ -269,8 +268,7 @@ class VitaminStem(nn.Module):
         x = net.stem.conv2(_gelu(net.stem.norm1(net.stem.conv1(images))))
         for stage in net.stages:
             for block in stage:
-                recompute = self.grad_checkpointing and torch.is_grad_enabled()
-                x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+                x = recomputed(block, x, enabled=self.grad_checkpointing)
         x = net.pool.proj(net.pool.norm(x))
         return x.flatten(2).transpose(1, 2)
 
@@ -339,10 +337,7 @@ class EvaTrunk(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = self.norm_pre(x + self.pos_embed.to(x.dtype) if positions and self.class_position else x)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, self.rope, use_reentrant=False)
-            else:
-                x = block(x, self.rope)
+            x = recomputed(block, x, self.rope, enabled=self.grad_checkpointing)
         return self.norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -233,6 +233,14 @@ class ResidualAttentionBlock(nn.Module):
             return self.mlp.c_proj(activated)
 
 
+def recomputed(block: nn.Module, *inputs, enabled: bool):
+    """``block(*inputs)``; with ``enabled`` (a tower's ``grad_checkpointing``) and autograd on, its activations are
+    recomputed in backward instead of kept (``torch.utils.checkpoint``, non-reentrant)."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
+
+
 class Transformer(nn.Module):
     """A stack of residual attention blocks, batch-first, with optional gradient checkpointing."""
 
