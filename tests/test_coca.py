@@ -52,8 +52,8 @@ def tiny_coca(monkeypatch, tmp_path):
 
 def test_coca_embeddings_and_caption_logits_match_open_clip_by_name_by_shapes_and_back(tiny_coca, tmp_path):
     """A CoCa state dict loads by name and, without one, by its shapes; image and text embeddings and the decoder's
-    logits (teacher forcing, padding in the batch) equal open_clip's; `convert --to open_clip` writes a folder open_clip
-    loads with the same outputs."""
+    logits (teacher forcing, padding in the batch) equal open_clip's; `convert --to open_clip` writes a folder, and
+    `--to openai` a state dict, that open_clip loads with the same outputs."""
     open_clip = pytest.importorskip("open_clip")
     from clipforge.checkpoint.openai import save_open_clip
 
@@ -78,6 +78,17 @@ def test_coca_embeddings_and_caption_logits_match_open_clip_by_name_by_shapes_an
             logits = model.caption_logits(images, tokens[:, :-1])  # open_clip's forward aligns inputs with labels
             assert (logits - expected["logits"]).abs().max() <= 1e-4
         assert (back(images, tokens)["logits"] - expected["logits"]).abs().max() <= 1e-4
+    # `convert --to openai`: CLIP's text weights at the top level, CoCa's class token left under text., which
+    # open_clip's reader expects; both libraries read the file back
+    from clipforge.checkpoint import openai
+
+    openai.save(named, tmp_path / "openai.pt")
+    assert "text.cls_emb" in torch.load(tmp_path / "openai.pt", weights_only=True)
+    theirs_again = open_clip.create_model(name, pretrained=str(tmp_path / "openai.pt")).eval()
+    ours_again = clipforge.load_model(name, pretrained=str(tmp_path / "openai.pt"))
+    with torch.no_grad():
+        assert (theirs_again(images, tokens)["logits"] - expected["logits"]).abs().max() <= 1e-4
+        assert (ours_again.caption_logits(images, tokens[:, :-1]) - expected["logits"]).abs().max() <= 1e-4
 
 
 def test_coca_generates_open_clips_captions_and_trains(tiny_coca, monkeypatch):
@@ -136,8 +147,8 @@ def test_coca_generates_open_clips_captions_and_trains(tiny_coca, monkeypatch):
 
 def test_zoo_coca_configs_are_open_clips_and_hf_export_is_refused(tmp_path):
     """coca_ViT-B-32 and coca_ViT-L-14 and their four tags are in the zoo, translated from open_clip's configs and
-    back; the zoo model's parameters are open_clip's, name for name and shape for shape (built on the meta device);
-    transformers has no CoCa, so the Hugging Face export is refused by name."""
+    back; the zoo model's parameters are open_clip's, name for name and shape for shape (built on the meta device), and
+    a fresh decoder's attention biases start at zero as open_clip's; transformers has no CoCa, so the Hugging Face export is refused by name."""
     open_clip = pytest.importorskip("open_clip")
     from pathlib import Path
 
@@ -159,6 +170,10 @@ def test_zoo_coca_configs_are_open_clips_and_hf_export_is_refused(tmp_path):
     torch.manual_seed(0)
     overrides = dict(vision_cfg={"layers": 1}, text_cfg={"layers": 1}, multimodal_cfg={"layers": 1})
     small = clipforge.create_model("coca_ViT-B-32", **overrides)
+    # a fresh decoder starts as open_clip's: attention biases at zero (nn.MultiheadAttention's), weights drawn
+    for block in (*small.text_decoder.resblocks, *small.text_decoder.cross_attn):
+        assert not block.attn.out_proj.bias.any() and not block.attn.in_proj_bias.any()
+        assert block.attn.out_proj.weight.std() > 0
     small.config = clipforge.models.get_model_config("coca_ViT-B-32")
     clipforge.models.merge_config(small.config, overrides)
     with pytest.raises(clipforge.CheckpointError, match="CoCa"):
@@ -206,3 +221,100 @@ def test_coca_embeddings_export_to_onnx(tiny_coca, tmp_path):
     model = clipforge.load_model(name, pretrained=str(weights))
     tokens = clipforge.get_tokenizer(name)(["a dog", "a photo of a cat on a mat"])
     assert max(onnx_feature_differences(model, tmp_path / "onnx", torch.randn(2, 3, 64, 64), tokens)) <= 1e-4
+
+
+def test_coca_training_loss_is_open_clips_and_exact_under_gradient_accumulation(tiny_coca):
+    """In training, one forward gives the contrastive features and the decoder's logits for every caption token
+    (decoded only as far as the batch's longest caption): the same logits as open_clip's full forward at those
+    positions, and ``CoCaLoss`` equal to open_clip's CoCaLoss at its default weights. A step of two micro-batches
+    (captions of different lengths) gives the gradients of one step on the whole batch."""
+    from contextlib import nullcontext
+
+    from open_clip.loss import CoCaLoss as OpenClipCoCaLoss
+
+    from clipforge.loss import ClipLoss, CoCaLoss
+    from clipforge.train import TrainConfig
+    from clipforge.train.step import train_step
+
+    name, theirs, weights = tiny_coca
+    ours = clipforge.load_model(name, pretrained=str(weights)).train()
+    theirs.train()
+    images = torch.randn(6, 3, 64, 64)
+    tokens = clipforge.get_tokenizer(name)(["a dog", "a photo of a black cat sitting on a red mat", "two birds",
+                                            "a car", "a man riding a bike down a long hill in the rain", "red"])
+    loss_fn = CoCaLoss(ClipLoss())
+    with torch.no_grad():
+        expected = theirs(images, tokens)
+        expected_clip, expected_caption = OpenClipCoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)(
+            expected["image_features"], expected["text_features"], expected["logits"], expected["labels"],
+            expected["logit_scale"])
+    out = ours(images, tokens)
+    labelled = tokens[:, 1:] != 0
+    assert out.caption_logits.shape == (int(labelled.sum()), 49408)
+    assert torch.equal(out.caption_labels, tokens[:, 1:][labelled])
+    assert (out.caption_logits - expected["logits"][labelled]).abs().max() <= 1e-4
+    loss = loss_fn(*out[:3], caption_logits=out.caption_logits, caption_labels=out.caption_labels)
+    assert abs(loss.item() - (expected_clip + expected_caption).item()) <= 1e-5
+    with torch.no_grad():  # without autograd (accumulation's cached pass) the decoder is skipped
+        cached = ours(images, tokens)
+    assert cached.caption_logits is None and torch.equal(cached.caption_labels, out.caption_labels)
+    assert ours.eval()(images, tokens).caption_labels is None and ours.train().training
+
+    def gradients(micro):
+        optimizer = torch.optim.SGD(ours.parameters(), lr=0.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        train_step(ours, micro, loss_fn, optimizer, scaler, nullcontext(), torch.device("cpu"),
+                   TrainConfig(accum_freq=len(micro)))
+        return {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
+
+    whole = gradients([{"images": images, "tokens": tokens}])
+    assert any(n.startswith("text_decoder.") for n in whole) and any(n.startswith("visual.") for n in whole)
+    halves = gradients([{"images": images[:3], "tokens": tokens[:3]}, {"images": images[3:], "tokens": tokens[3:]}])
+    assert whole.keys() == halves.keys()
+    for key, grad in whole.items():
+        torch.testing.assert_close(halves[key], grad, atol=1e-5, rtol=1e-4, msg=lambda m: key + m)
+
+
+def test_clipforge_train_trains_a_coca_with_its_caption_loss_and_validates_it(tiny_coca, tmp_path, capsys):
+    """`clipforge train --model <a CoCa>` optimises CoCa's two losses at open_clip's weights (settable); validation
+    reports the held-out caption loss beside retrieval recall; the checkpoint loads and captions. The CoCa weight
+    flags on a model that is not a CoCa are refused by name."""
+    import math
+
+    from conftest import shapes_shard
+
+    from clipforge import cli
+    from clipforge.train import TrainConfig, train
+    from clipforge.train.validation import coca_caption_loss
+
+    name, _, _ = tiny_coca
+    shard = shapes_shard(tmp_path / "s-000000.tar", 24)
+    cfg = TrainConfig(model=name, train_data=str(shard), val_data=str(shard), val_samples=8, batch_size=8, steps=4,
+                      lr=1e-3, workers=0, output=str(tmp_path / "run"), progress=False)
+    summary = train(cfg)
+    assert summary["steps"] == 4 and math.isfinite(summary["loss"])
+    metrics = summary["val"]
+    assert math.isfinite(metrics["caption_loss"]) and 0 < metrics["caption_loss"] < math.log(49408) + 1
+    assert any("R@1" in k or "r1" in k.lower() for k in metrics), metrics
+    # the metric is the mean per-token cross-entropy: the same, computed image by image
+    from clipforge.data import evaluation_set, open_source
+    from clipforge.preprocess import Preprocess
+
+    model = summary["model"].eval()
+    val_set = evaluation_set(open_source(str(shard), shuffle_buffer=0), Preprocess(64), 8, None, None, False, seed=0)
+    tokenizer = clipforge.get_tokenizer(name)
+    total = count = 0
+    with torch.no_grad():
+        for i, caption in enumerate(val_set.captions):
+            tokens = tokenizer([caption])
+            image = val_set.images[val_set.caption_images[i]][None]
+            n = int((tokens[:, 1:] != 0).sum())
+            total += model.caption_loss(image, tokens).item() * n
+            count += n
+    assert abs(coca_caption_loss(model, tokenizer, val_set, "cpu", batch_size=3) - total / count) <= 1e-4
+    loaded = clipforge.load(summary["checkpoint"])[0]
+    assert loaded.generate(torch.randn(1, 3, 64, 64), max_length=8).shape[0] == 1
+
+    assert cli.main(["train", "--model", "ViT-Tiny-64", "--train-data", str(shard), "--steps", "1", "--workers", "0",
+                     "--coca-caption-loss-weight", "1", "--output", str(tmp_path / "r2"), "--no-progress"]) == 2
+    assert "not a CoCa" in capsys.readouterr().err

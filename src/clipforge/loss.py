@@ -9,6 +9,8 @@ they equal those of one process holding the concatenated batch.
   ``local_loss``); same loss and gradients, W times less logit memory and compute.
 - ``chunk_size``: rows are processed in chunks by a custom autograd function that recomputes each chunk's logits
   in the backward pass, so peak memory is O(chunk_size x columns) instead of O(rows x columns).
+
+``CoCaLoss`` adds CoCa's captioning term (the decoder's next-token cross-entropy) to either of them.
 """
 from __future__ import annotations
 
@@ -173,6 +175,28 @@ def _siglip_rows(rows, texts, logit_scale, logit_bias, first_label: int) -> torc
     index = torch.arange(rows.shape[0], device=rows.device)
     signs[index, index + first_label] = 1.0
     return -F.logsigmoid(signs * logits).sum()
+
+
+class CoCaLoss(nn.Module):
+    """CoCa's objective as open_clip's ``CoCaLoss`` weighs it: ``contrastive_weight`` x the contrastive loss +
+    ``caption_weight`` x the mean cross-entropy of each caption token (``CoCa.forward``'s caption fields).
+
+    ``caption_tokens``: how many tokens the mean is over, when a step is several micro-batches (``train_step``):
+    each micro-batch's summed cross-entropy over the whole step's count gives the gradient of one batch's mean.
+    Under ``torch.distributed`` the caption term stays per rank, as open_clip's (DDP averages its gradients)."""
+
+    def __init__(self, contrastive: nn.Module, caption_weight: float = 2.0, contrastive_weight: float = 1.0):
+        super().__init__()
+        self.contrastive, self.caption_weight, self.contrastive_weight = contrastive, caption_weight, contrastive_weight
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None = None, caption_logits: torch.Tensor | None = None,
+                caption_labels: torch.Tensor | None = None, caption_tokens: int | None = None) -> torch.Tensor:
+        loss = self.contrastive_weight * self.contrastive(image_features, text_features, logit_scale, logit_bias)
+        if caption_logits is None:
+            return loss
+        summed = F.cross_entropy(caption_logits.float(), caption_labels, reduction="sum")
+        return loss + self.caption_weight * summed / max(1, caption_tokens or len(caption_labels))
 
 
 def create_loss(name: str = "clip", local_loss: bool = False, chunk_size: int | None = None) -> nn.Module:

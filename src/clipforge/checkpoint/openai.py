@@ -27,8 +27,11 @@ def to_clipforge(state: dict) -> dict:
 
 
 def from_clipforge(state: dict) -> dict:
-    """OpenAI/open_clip key layout (the text tower at the top level); loads into both of them."""
-    return {(k[len("text."):] if k.startswith("text.") else k): v for k, v in state.items()}
+    """OpenAI/open_clip key layout (the text tower at the top level); loads into both of them. Text weights CLIP's
+    text tower does not have (CoCa's ``text.cls_emb``) stay under ``text.``, where open_clip's custom-text models
+    keep them: open_clip moves only CLIP's own names back under ``text.`` when it reads the file."""
+    return {(k[len("text."):] if k.startswith("text.") and k[len("text."):].startswith(TEXT_PREFIXES) else k): v
+            for k, v in state.items()}
 
 
 def save(model, path: str | Path) -> Path:

@@ -26,6 +26,8 @@ class _CLIPOutputFields(NamedTuple):
     text_features: torch.Tensor
     logit_scale: torch.Tensor
     logit_bias: torch.Tensor | None = None
+    caption_logits: torch.Tensor | None = None  # CoCa in training: next-token logits [tokens, vocab] ...
+    caption_labels: torch.Tensor | None = None  # ... and the caption tokens they predict [tokens]
 
 
 class CLIPOutput(_CLIPOutputFields):
@@ -37,6 +39,7 @@ class CLIPOutput(_CLIPOutputFields):
     It unpacks as open_clip's forward returns: ``image_features, text_features, logit_scale = model(images, texts)``,
     with ``logit_bias`` fourth only for a model that has one (SigLIP); ``out["image_features"]`` reads a field as
     open_clip's ``output_dict=True`` does. The fields are always there by name (``out.logit_bias`` is None without).
+    A CoCa in training adds its captioning decoder's logits and their labels (``CoCa.forward``), by name only.
     """
 
     __slots__ = ()
@@ -50,7 +53,7 @@ class CLIPOutput(_CLIPOutputFields):
     def __getitem__(self, key):
         return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
 
-    # the namedtuple helpers, over all four fields whatever ``__iter__`` shows (torch.compile rebuilds outputs with
+    # the namedtuple helpers, over all the fields whatever ``__iter__`` shows (torch.compile rebuilds outputs with
     # ``_make`` from the fields it was given)
     @classmethod
     def _make(cls, iterable) -> "CLIPOutput":

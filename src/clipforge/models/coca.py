@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip import CLIP
+from .clip import CLIP, CLIPOutput
 from .layers import LayerNorm, ResidualAttentionBlock, mlp, recomputed
 from .text_transformer import TextTransformer
 from .vision_transformer import VisionTransformer
@@ -139,17 +139,20 @@ class MultimodalDecoder(nn.Module):
         for block in (*self.resblocks, *self.cross_attn):
             nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
             nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)  # nn.MultiheadAttention's (open_clip's blocks use it)
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
-    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits ``[N, L, vocab]`` for each caption position, from the text tower's outputs."""
+    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, project: bool = True) -> torch.Tensor:
+        """Vocabulary logits ``[N, L, vocab]`` for each caption position, from the text tower's outputs (``project``
+        false: the states before the vocabulary projection, ``[N, L, width]``)."""
         x = text_tokens
         for block, cross in zip(self.resblocks, self.cross_attn):
             x = recomputed(block, x, True, enabled=self.grad_checkpointing)  # causal self-attention
             x = recomputed(cross, x, image_tokens, enabled=self.grad_checkpointing)
-        return self.ln_final(x) @ self.text_projection
+        x = self.ln_final(x)
+        return x @ self.text_projection if project else x
 
 
 class CoCa(CLIP):
@@ -171,10 +174,44 @@ class CoCa(CLIP):
 
     def caption_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """CoCa's captioning loss (open_clip's ``CoCaLoss`` before its weight): the mean cross-entropy of each next
-        token given the caption so far and the image, padding left out. For a training loop of one's own:
-        ``clipforge train`` optimises a CoCa's contrastive loss only."""
+        token given the caption so far and the image, padding left out. (``clipforge train`` takes it from
+        ``forward``'s caption fields instead, with the contrastive loss from the same tower passes: ``CoCaLoss``.)"""
         logits = self.caption_logits(images, tokens[:, :-1])
         return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], ignore_index=self.text.pad_id)
+
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> CLIPOutput:
+        """CLIP's output; in training, given images and tokens, also what the captioning loss needs, from the same
+        two tower passes (as open_clip's ``CoCa.forward``): ``caption_labels``, every caption token after the first
+        that is not padding, flattened, and (autograd on) ``caption_logits``, the decoder's logits predicting each.
+
+        The decoder runs only as far as the batch's longest caption, and only positions with a label are projected
+        onto the vocabulary: causal masks make both exact (later positions cannot change earlier ones), so the
+        padding of a 77-token context costs neither time nor logits' memory. Without autograd (the cached pass of
+        gradient accumulation) the decoder is skipped: the step needs only the labels' count."""
+        if not (self.training and images is not None and tokens is not None):
+            return super().forward(images, tokens)
+        dtype = next(self.visual.parameters()).dtype
+        image_features, image_tokens = self.visual.forward_tokens(images.to(dtype))
+        text_features, text_states = self.text.forward_tokens(tokens)
+        if torch.is_grad_enabled():
+            logits, labels = self.caption_predictions(image_tokens, text_states, tokens)
+        else:
+            logits, labels = None, tokens[:, 1:][tokens[:, 1:] != self.text.pad_id]
+        return super().forward()._replace(
+            image_features=F.normalize(image_features, dim=-1), text_features=F.normalize(text_features, dim=-1),
+            caption_logits=logits, caption_labels=labels)
+
+    def caption_predictions(self, image_tokens: torch.Tensor, text_states: torch.Tensor,
+                            tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [T, vocab], labels [T])`` for the T caption tokens after the first that are not padding: the
+        decoder's prediction of each from the tokens before it (``text_states``: the text tower's per-position
+        outputs for ``tokens``) and the image's tokens. Only as many positions as the longest caption are decoded."""
+        labels = tokens[:, 1:]
+        has_label = labels != self.text.pad_id
+        used = has_label.any(dim=0).nonzero()
+        length = int(used.max()) + 1 if len(used) else 1
+        states = self.text_decoder(image_tokens, text_states[:, :length], project=False)
+        return states[has_label[:, :length]] @ self.text_decoder.text_projection, labels[has_label]
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, max_length: int = 30, min_length: int = 5, top_k: int | None = 1,

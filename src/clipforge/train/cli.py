@@ -125,6 +125,10 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-loss", action=argparse.BooleanOptionalAction,
                    help="each rank computes only its rows (less memory)")
     g.add_argument("--loss-chunk-size", type=int, help="compute the loss in row chunks: memory linear in batch size")
+    g.add_argument("--coca-caption-loss-weight", type=float,
+                   help=f"a CoCa model (coca_*): weight of its captioning loss [{d.coca_caption_loss_weight}]")
+    g.add_argument("--coca-contrastive-loss-weight", type=float,
+                   help=f"a CoCa model: weight of its contrastive loss [{d.coca_contrastive_loss_weight}]")
     g.add_argument("--seed", type=int, help=f"[{d.seed}]")
 
 

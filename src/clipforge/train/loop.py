@@ -77,6 +77,8 @@ class TrainConfig:
     loss: str = "clip"
     local_loss: bool = False
     loss_chunk_size: int | None = None
+    coca_caption_loss_weight: float = 2.0  # CoCa: open_clip's weights of its captioning and contrastive terms
+    coca_contrastive_loss_weight: float = 1.0
     grad_checkpointing: bool = False
     recompute_activations: bool = True  # CLIP.set_activation_recompute: less memory; off is faster on a GPU
     fsdp: bool = False  # shard weights, gradients and optimizer state across ranks (PyTorch FSDP2, clipforge.train.fsdp)

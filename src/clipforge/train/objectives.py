@@ -1,7 +1,7 @@
 """What a training objective decides: the model, the config saved with it, what turns a sample's text into the
 model's second input, the loss, and what the data stream pairs each image with.
 
-- ``contrastive``: CLIP (or SigLIP), the zoo model and its tokenizer;
+- ``contrastive``: CLIP (or SigLIP), the zoo model and its tokenizer (a CoCa adds its captioning loss);
 - ``bow`` / ``labels``: the image tower and a linear head over caption words, caption nouns or classes
   (``clipforge.bow``);
 - ``classify``: a --pretrained CLIP fine-tuned from its zero-shot head (``clipforge.finetune``);
@@ -44,8 +44,24 @@ def objective_for(cfg, source, labels, model_config: dict, model=None, loss_fn=N
     if cfg.objective == "self-supervised":
         model, model_config = _self_supervised(cfg, model_config, model)
         return Objective(model, model_config, None, loss_fn or create_loss("clip"), "views")
-    return Objective(model, model_config, get_tokenizer(model_config),
-                      loss_fn or create_loss(cfg.loss, local_loss=cfg.local_loss, chunk_size=cfg.loss_chunk_size))
+    return Objective(model, model_config, get_tokenizer(model_config), loss_fn or _contrastive_loss(cfg, model_config))
+
+
+def _contrastive_loss(cfg, model_config: dict):
+    """CLIP's or SigLIP's loss; for a CoCa (``multimodal_cfg``) with its captioning term beside it."""
+    from ..loss import CoCaLoss
+
+    loss = create_loss(cfg.loss, local_loss=cfg.local_loss, chunk_size=cfg.loss_chunk_size)
+    weights = (cfg.coca_caption_loss_weight, cfg.coca_contrastive_loss_weight)
+    if "multimodal_cfg" not in model_config:
+        if weights != (2.0, 1.0):
+            raise ValueError("--coca-caption-loss-weight / --coca-contrastive-loss-weight weigh a CoCa's losses; "
+                             f"{cfg.model} is not a CoCa (coca_* in clipforge models)")
+        return loss
+    if min(weights) < 0 or max(weights) == 0:
+        raise ValueError(f"CoCa's loss weights must be >= 0 and not both 0 (caption {weights[0]}, contrastive "
+                         f"{weights[1]})")
+    return CoCaLoss(loss, caption_weight=weights[0], contrastive_weight=weights[1])
 
 
 def _word_prediction(cfg, source, labels, model_config: dict, model, loss_fn):

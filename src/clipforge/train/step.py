@@ -5,30 +5,36 @@ from contextlib import nullcontext
 
 import torch
 
+from ..loss import CoCaLoss
+
 
 def train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) -> torch.Tensor:
     """One optimiser step over ``len(micro)`` micro-batches, exact for the contrastive loss.
 
     With accumulation, features of every micro-batch are first computed without gradient; then each micro-batch is
     recomputed with gradient and the loss taken over all of them (its own fresh features plus the others' cached
-    ones), as open_clip's ``accum_freq``. The summed gradients equal those of one step on the whole batch.
+    ones), as open_clip's ``accum_freq``. The summed gradients equal those of one step on the whole batch; CoCa's
+    captioning term too (each micro-batch's cross-entropy summed, over the whole step's caption token count).
     """
     optimizer.zero_grad(set_to_none=True)
     inputs = [(b["images"].to(device, non_blocking=True), b["tokens"].to(device, non_blocking=True)) for b in micro]
     if len(inputs) == 1:
         with autocast:
             out = model(*inputs[0])
-            loss = loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+            loss = loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias,
+                           **_caption_terms(loss_fn, out))
         scaler.scale(loss).backward()
         total = loss.detach()
     else:
-        rng_before, cached_images, cached_texts = [], [], []
+        rng_before, cached_images, cached_texts, caption_tokens = [], [], [], 0
         with torch.no_grad(), autocast:
             for images, tokens in inputs:
                 rng_before.append(_device_rng(device))
                 out = model(images, tokens)
                 cached_images.append(out.image_features)
                 cached_texts.append(out.text_features)
+                caption_labels = getattr(out, "caption_labels", None)
+                caption_tokens += 0 if caption_labels is None else len(caption_labels)
         rng_after = _device_rng(device)
         total = None
         for j, (images, tokens) in enumerate(inputs):
@@ -43,7 +49,8 @@ def train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) 
                     last = j == len(inputs) - 1
                     scale = out.logit_scale if last else out.logit_scale.detach()
                     bias = out.logit_bias if last or out.logit_bias is None else out.logit_bias.detach()
-                    loss = loss_fn(image_features, text_features, scale, bias)
+                    loss = loss_fn(image_features, text_features, scale, bias,
+                                   **_caption_terms(loss_fn, out, caption_tokens))
                 scaler.scale(loss).backward()
             total = loss.detach()
         _set_device_rng(device, rng_after)
@@ -53,6 +60,14 @@ def train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) 
     scaler.step(optimizer)
     scaler.update()
     return total.float()
+
+
+def _caption_terms(loss_fn, out, caption_tokens: int | None = None) -> dict:
+    """A CoCa's caption fields, for a loss that takes them (``CoCaLoss``); nothing for other models or losses."""
+    if getattr(out, "caption_logits", None) is None or not isinstance(loss_fn, CoCaLoss):
+        return {}
+    return {"caption_logits": out.caption_logits, "caption_labels": out.caption_labels,
+            "caption_tokens": caption_tokens}
 
 
 def autocast_for(precision: str, device: torch.device):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from ..data import evaluation_set, open_source
 from ..data.sources import source_classnames
@@ -73,8 +74,29 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
             weights = zero_shot_classifier(model, tokenizer, val_set.classnames, templates, device=device)
             logits = images @ weights.float().cpu()
             metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
+        if hasattr(model, "caption_predictions") and not val_set.captions_from_labels:  # CoCa: its decoder too
+            metrics["caption_loss"] = coca_caption_loss(model, tokenizer, val_set, device)
     model.train(was_training)
     return metrics
+
+
+@torch.no_grad()
+def coca_caption_loss(model, tokenizer, val_set, device, batch_size: int = 64) -> float:
+    """A CoCa's held-out captioning loss: the mean cross-entropy per caption token (after the first, padding left
+    out) over every caption of every image, as its training term is computed (``CoCa.caption_predictions``)."""
+    owners = torch.as_tensor(val_set.caption_images)
+    total, count = 0.0, 0
+    for start in range(0, len(val_set.images), batch_size):
+        images = torch.stack(val_set.images[start:start + batch_size]).to(device)
+        image_tokens = model.visual.forward_tokens(images.to(next(model.visual.parameters()).dtype))[1]
+        rows = ((owners >= start) & (owners < start + len(images))).nonzero().flatten()
+        for chunk in rows.split(batch_size):  # the logits of up to batch_size captions at a time
+            tokens = tokenizer([val_set.captions[i] for i in chunk.tolist()]).to(device)
+            logits, labels = model.caption_predictions(image_tokens[(owners[chunk] - start).to(device)],
+                                                       model.text.forward_tokens(tokens)[1], tokens)
+            total += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            count += len(labels)
+    return total / max(1, count)
 
 
 @torch.no_grad()
