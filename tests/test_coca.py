@@ -277,8 +277,8 @@ def test_coca_training_loss_is_open_clips_and_exact_under_gradient_accumulation(
 
 def test_clipforge_train_trains_a_coca_with_its_caption_loss_and_validates_it(tiny_coca, tmp_path, capsys):
     """`clipforge train --model <a CoCa>` optimises CoCa's two losses at open_clip's weights (settable); validation
-    reports the held-out caption loss beside retrieval recall; the checkpoint loads and captions. The CoCa weight
-    flags on a model that is not a CoCa are refused by name."""
+    reports the held-out caption loss beside retrieval recall; the checkpoint loads and captions. A text cache (pooled
+    features only) and the CoCa weight flags on a model that is not a CoCa are refused by name."""
     import math
 
     from conftest import shapes_shard
@@ -315,6 +315,9 @@ def test_clipforge_train_trains_a_coca_with_its_caption_loss_and_validates_it(ti
     loaded = clipforge.load(summary["checkpoint"])[0]
     assert loaded.generate(torch.randn(1, 3, 64, 64), max_length=8).shape[0] == 1
 
+    with pytest.raises(ValueError, match="CoCa's decoder reads every token"):
+        train(TrainConfig(model=name, train_data=str(shard), lock_text=True, text_cache=True, batch_size=8, steps=1,
+                          workers=0, output=str(tmp_path / "cached"), progress=False))
     assert cli.main(["train", "--model", "ViT-Tiny-64", "--train-data", str(shard), "--steps", "1", "--workers", "0",
                      "--coca-caption-loss-weight", "1", "--output", str(tmp_path / "r2"), "--no-progress"]) == 2
     assert "not a CoCa" in capsys.readouterr().err

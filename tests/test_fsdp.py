@@ -92,6 +92,26 @@ def test_fsdp_gives_the_losses_and_weights_of_ddp(runs):
     assert any(not torch.equal(first[k], fsdp[k]) for k in fsdp)  # the later steps did train
 
 
+def test_fsdp_trains_a_coca_with_the_losses_and_weights_of_ddp(tmp_path):
+    """A CoCa's towers are also called by ``forward_tokens`` (image tokens for the decoder, text states): FSDP gathers
+    their weights for it as for ``forward``, and both losses train as under DDP."""
+    spec = str(shapes_shard(tmp_path / "s-000000.tar", 32))
+    tiny = json.dumps({"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "patch_size": 16,
+                                                       "head_width": 32, "attn_pooler_queries": 8,
+                                                       "attn_pooler_heads": 2},
+                       "text_cfg": {"layers": 1, "width": 64, "heads": 2},
+                       "multimodal_cfg": {"layers": 1, "width": 64, "heads": 2}})
+    coca = ["--model", "coca_ViT-B-32", "--model-cfg", tiny]
+    torchrun_train(spec, tmp_path / "ddp", coca, steps=2)
+    torchrun_train(spec, tmp_path / "fsdp", [*coca, "--fsdp"], steps=2)
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), rel=1e-5)
+    ddp, fsdp = weights(tmp_path / "ddp" / "checkpoints" / "step-00000002"), \
+        weights(tmp_path / "fsdp" / "checkpoints" / "step-00000002")
+    assert ddp.keys() == fsdp.keys() and any(k.startswith("text_decoder.") for k in ddp)
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
 def test_sharded_checkpoints_are_written_per_rank_and_resume_exactly(runs):
     root, _ = runs
     step = root / "fsdp" / "checkpoints" / "step-00000004"

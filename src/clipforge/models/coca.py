@@ -196,7 +196,7 @@ class CoCa(CLIP):
         if torch.is_grad_enabled():
             logits, labels = self.caption_predictions(image_tokens, text_states, tokens)
         else:
-            logits, labels = None, tokens[:, 1:][tokens[:, 1:] != self.text.pad_id]
+            logits, labels = None, _labelled_rows(tokens[:, 1:], tokens[:, 1:] != self.text.pad_id)
         return super().forward()._replace(
             image_features=F.normalize(image_features, dim=-1), text_features=F.normalize(text_features, dim=-1),
             caption_logits=logits, caption_labels=labels)
@@ -207,11 +207,10 @@ class CoCa(CLIP):
         decoder's prediction of each from the tokens before it (``text_states``: the text tower's per-position
         outputs for ``tokens``) and the image's tokens. Only as many positions as the longest caption are decoded."""
         labels = tokens[:, 1:]
-        has_label = labels != self.text.pad_id
-        used = has_label.any(dim=0).nonzero()
-        length = int(used.max()) + 1 if len(used) else 1
+        has_label, length = _caption_extent(labels, self.text.pad_id)
         states = self.text_decoder(image_tokens, text_states[:, :length], project=False)
-        return states[has_label[:, :length]] @ self.text_decoder.text_projection, labels[has_label]
+        return _labelled_rows(states, has_label[:, :length]) @ self.text_decoder.text_projection, \
+            _labelled_rows(labels, has_label)
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, max_length: int = 30, min_length: int = 5, top_k: int | None = 1,
@@ -265,6 +264,20 @@ class CoCa(CLIP):
                 break
         self.train(was_training)
         return out
+
+
+# Sizes read off the data: eager under torch.compile (a graph break, without dynamo tracing .item() and nonzero)
+@torch.compiler.disable
+def _caption_extent(labels: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
+    """(which positions hold a caption token, how many positions reach the last of them)."""
+    has_label = labels != pad_id
+    used = has_label.any(dim=0).nonzero()
+    return has_label, int(used.max()) + 1 if len(used) else 1
+
+
+@torch.compiler.disable
+def _labelled_rows(x: torch.Tensor, has_label: torch.Tensor) -> torch.Tensor:
+    return x[has_label]
 
 
 def _self_attention_step(block: ResidualAttentionBlock, x: torch.Tensor, cache: list) -> torch.Tensor:

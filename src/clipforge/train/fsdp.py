@@ -29,7 +29,7 @@ from ..checkpoint.io import SHARDED
 
 def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
     """``fully_shard`` every residual block, each tower, then the root; in place (the module stays itself)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
@@ -55,6 +55,8 @@ def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
         tower = getattr(model, name, None)
         if isinstance(tower, nn.Module) and any(True for _ in tower.parameters()):
             shard(tower)
+            if hasattr(tower, "forward_tokens"):  # CoCa's towers are also called by this method: gather for it too
+                register_fsdp_forward_method(tower, "forward_tokens")
     shard(model)
     if dist.get_world_size() > 1:
         for parameter in scalars:
