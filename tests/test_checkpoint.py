@@ -329,15 +329,24 @@ def test_cli_convert_round_trips_through_every_format(tmp_path, capsys):
 
 def test_a_hugging_face_text_tower_is_refused_by_the_openai_and_hf_layouts(tmp_path, capsys):
     """A model with a MiniLM text tower (the Flickr8k recipe's) has no place in OpenAI's or CLIPModel's layout: hf
-    was a KeyError traceback and openai wrote a file nothing could load; both now refuse, writing nothing."""
+    was a KeyError traceback and openai wrote a file nothing could load; both now refuse, writing nothing. An open_clip
+    folder holds it, naming the hub repo the packaged MiniLM came from (what open_clip fetches), and reads back."""
     pytest.importorskip("transformers")
-    clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64-MiniLM"), tmp_path / "ours",
-                              clipforge.get_model_config("ViT-Tiny-64-MiniLM"))
-    for to, out in (("hf", tmp_path / "hf"), ("openai", tmp_path / "openai.pt"), ("open_clip", tmp_path / "oc")):
+    model = clipforge.create_model("ViT-Tiny-64-MiniLM").eval()
+    clipforge.save_pretrained(model, tmp_path / "ours", clipforge.get_model_config("ViT-Tiny-64-MiniLM"))
+    for to, out in (("hf", tmp_path / "hf"), ("openai", tmp_path / "openai.pt")):
         assert cli.main(["convert", str(tmp_path / "ours"), str(out), "--to", to]) == 2
         assert f"its text tower is all-minilm-l6-v2, a Hugging Face encoder, which clipforge's {to} export cannot " \
             "hold" in capsys.readouterr().err
         assert not out.exists()
+    assert cli.main(["convert", str(tmp_path / "ours"), str(tmp_path / "oc"), "--to", "open_clip"]) == 0
+    text_cfg = json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    back, _, tokenizer = clipforge.load("local-dir:" + str(tmp_path / "oc"))
+    tokens, images = tokenizer(["a dog runs on the grass", "two people"]), torch.randn(2, 3, 64, 64)
+    assert torch.equal(tokens, clipforge.get_tokenizer("ViT-Tiny-64-MiniLM")(["a dog runs on the grass", "two people"]))
+    with torch.no_grad():
+        assert all(torch.equal(x, y) for x, y in zip(back(images, tokens)[:2], model(images, tokens)[:2]))
 
 
 def test_cli_asking_for_cuda_without_a_gpu_is_a_clear_error(capsys):

@@ -38,6 +38,9 @@ def _hf_model(transformers, kind, vocab):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_open_clip_hf_text_tower_folders_load_with_identical_features_and_tokens(kind, tmp_path):
+    """An open_clip folder of each kind loads with open_clip's features and ids; `convert --to open_clip` writes one
+    back that open_clip builds the same model from (OpenAI's and Hugging Face's layouts have no place for the tower:
+    refused)."""
     open_clip = pytest.importorskip("open_clip")
     transformers = pytest.importorskip("transformers")
     text_folder = tmp_path / "text"
@@ -70,10 +73,16 @@ def test_open_clip_hf_text_tower_folders_load_with_identical_features_and_tokens
         load_into(model, old)
         with pytest.raises(clipforge.CheckpointError, match="unexpected 1 key"):
             load_into(model, {**model.state_dict(), "text.transformer.other.weight": torch.zeros(1)})
-    with pytest.raises(clipforge.CheckpointError, match="Hugging Face encoder"):
-        from clipforge.convert import convert
+    # and back: `convert --to open_clip` writes a folder open_clip builds the same text tower from
+    from clipforge.convert import convert
 
-        convert("local-dir:" + str(folder), str(tmp_path / "back"), to="open_clip")
+    back = open_clip.create_model("local-dir:" + str(convert("local-dir:" + str(folder), str(tmp_path / "back"),
+                                                             to="open_clip"))).eval()
+    with torch.no_grad():
+        assert _max_diff(back.encode_text(ids), theirs.encode_text(ids)) <= 1e-5
+        assert _max_diff(back.encode_image(images), theirs.encode_image(images)) <= 1e-5
+    with pytest.raises(clipforge.CheckpointError, match="Hugging Face encoder"):
+        convert("local-dir:" + str(folder), str(tmp_path / "openai.pt"), to="openai")
 
 
 def test_a_hub_text_model_is_fetched_once_and_a_checkpoint_fetches_its_config_alone(tmp_path, monkeypatch):
@@ -109,7 +118,8 @@ def test_a_hub_text_model_is_fetched_once_and_a_checkpoint_fetches_its_config_al
 
 def test_nllb_clip_siglip_an_open_clip_siglip_image_tower_beside_a_hugging_face_text_encoder(tmp_path):
     """nllb-clip-siglip's layout: timm's SigLIP image tower (attention pooling, a logit bias) with an NLLB (M2M100)
-    encoder pooled at its first token: an open_clip folder loads with open_clip's features, bias and ids."""
+    encoder pooled at its first token: an open_clip folder loads with open_clip's features, bias and ids, and
+    `convert --to open_clip` writes it back."""
     open_clip = pytest.importorskip("open_clip")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("timm")
@@ -133,6 +143,13 @@ def test_nllb_clip_siglip_an_open_clip_siglip_image_tower_beside_a_hugging_face_
         assert _max_diff(ours.image_features, expected[0]) <= 1e-5
         assert _max_diff(ours.text_features, expected[1]) <= 1e-5
         assert ours.logit_bias.item() == expected[3].item() == -10
+    from clipforge.convert import convert  # and back: a folder open_clip builds the same model from
+
+    back = open_clip.create_model("local-dir:" + str(convert("local-dir:" + str(folder), str(tmp_path / "back"),
+                                                             to="open_clip"))).eval()
+    with torch.no_grad():
+        again = back(images, ids)
+        assert _max_diff(again[0], expected[0]) <= 1e-5 and _max_diff(again[1], expected[1]) <= 1e-5
 
 
 def test_a_text_model_in_hugging_faces_own_cache_is_used_from_there(tmp_path, monkeypatch):

@@ -20,13 +20,13 @@ def convert(src: str, dst: str, to: str = "clipforge", model: str | None = None,
         load_model(src, quick_gelu=quick_gelu, trust_pickle=trust_pickle)
     if to == "clipforge":
         return save_pretrained(clip, Path(dst), clip.config)
+    if to == "open_clip":  # open_clip's folder names a Hugging Face text tower too (text_cfg.hf_model_name)
+        return openai.save_open_clip(clip, dst)
     text_model = clip.config.get("text_cfg", {}).get("hf_model_name")
     if text_model:  # neither layout has a place for another text encoder: refuse rather than write an orphan file
         from .checkpoint.errors import CheckpointError
 
         raise CheckpointError(f"{src}: its text tower is {text_model}, a Hugging Face encoder, which clipforge's {to} "
-                              f"export cannot hold (CLIP's own text transformer only); keep it as a clipforge folder "
-                              f"(--to clipforge), which clipforge.load reads")
-    if to == "open_clip":
-        return openai.save_open_clip(clip, dst)
+                              f"export cannot hold (CLIP's own text transformer only); write --to open_clip or "
+                              f"--to clipforge, which open_clip and clipforge read")
     return (hf if to == "hf" else openai).save(clip, dst)

