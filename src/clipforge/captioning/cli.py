@@ -93,16 +93,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.set_defaults(caption_func=run_generate)
 
     e = sub.add_parser("eval", help="caption a captioned dataset and score it: CLIPScore, RefCLIPScore, BLEU, CIDEr")
-    e.add_argument("--mapping", required=True, help="the --output folder of 'caption train'")
+    captioner = e.add_mutually_exclusive_group(required=True)
+    captioner.add_argument("--mapping", help="the --output folder of 'caption train'")
+    captioner.add_argument("--coca", metavar="MODEL", help="a CoCa model instead (a zoo name with --pretrained, a "
+                           "checkpoint or folder, e.g. a clipforge train run's), captioning greedily")
+    e.add_argument("--pretrained", help="with --coca: a pretrained tag or checkpoint for the named architecture")
     e.add_argument("--data", required=True,
                    help="captioned shards, CSV or image folder: its captions are the references")
     e.add_argument("--label-captions", action="store_true", help="labelled shards: references made from class names")
     e.add_argument("--max-images", type=positive_int, default=500, help="[500]")
     e.add_argument("--prompt", help="text after the image prefix [the one it was trained with]")
     e.add_argument("--max-new-tokens", type=positive_int, default=24)
-    e.add_argument("--batch-size", type=positive_int, default=32, help="images captioned per language-model call [32]")
+    e.add_argument("--batch-size", type=positive_int, default=32,
+                   help="images captioned per language-model (or CoCa decoder) call [32]")
     e.add_argument("--judge", help="the CLIP checkpoint that computes CLIPScore/RefCLIPScore for every encoder alike "
-                                   "[the mapping's own tower, whose scores are not comparable across towers]")
+                                   "[the mapping's own tower, or the CoCa itself, whose scores are not comparable "
+                                   "across models]")
     e.add_argument("--no-word-similarity", dest="word_similarity", action="store_false",
                    help="skip the similarity of missed nouns (it loads all-MiniLM-L6-v2)")
     e.add_argument("--json", help="write the scores and every caption with its references and scores here")
@@ -345,20 +351,45 @@ def run_generate(args) -> int:
     return 0
 
 
+def _load_coca(spec: str, pretrained: str | None, device: str):
+    """(model, preprocess, tokenizer) of ``--coca``, refused by name if it is not a CoCa."""
+    import clipforge
+    from ..models.coca import CoCa
+
+    model, preprocess, tokenizer = clipforge.load(spec, pretrained=pretrained, device=device)
+    if not isinstance(model, CoCa):
+        raise ValueError(f"--coca {spec}: not a CoCa model (no captioning decoder); zoo CoCas: "
+                         f"{', '.join(n for n in clipforge.list_models() if n.startswith('coca'))}")
+    return model, preprocess, tokenizer
+
+
+def _coca_caption_ids(model, preprocess, max_length: int, batch_size: int, device: str):
+    """PIL images -> a CoCa's greedy caption ids ``[N, max_length]`` (padded with 0, which ``decode_captions`` drops),
+    ``batch_size`` images per ``generate`` call: what ``embed_captioned`` collects as each image's "features"."""
+    import torch
+    import torch.nn.functional as F
+
+    def caption_ids(images: list) -> torch.Tensor:
+        rows = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([preprocess(image) for image in images[start:start + batch_size]]).to(device)
+            ids = model.generate(batch, max_length=max_length).cpu()
+            rows.append(F.pad(ids, (0, max_length - ids.shape[1])))
+        return torch.cat(rows)
+
+    return caption_ids
+
+
 def _generate_coca(args) -> int:
     """``caption generate --coca``: captions from a CoCa model's own decoder (greedy, up to --max-new-tokens)."""
     import torch
 
-    import clipforge
-    from ..models.coca import CoCa, decode_captions
+    from ..models.coca import decode_captions
     from ..preprocess import open_image
 
     if args.question is not None or args.prompt is not None:
         raise ValueError("--coca captions images; --prompt and --question are for a LiMBer --mapping")
-    model, preprocess, tokenizer = clipforge.load(args.coca, pretrained=args.pretrained, device=args.device)
-    if not isinstance(model, CoCa):
-        raise ValueError(f"--coca {args.coca}: not a CoCa model (no captioning decoder); zoo CoCas: "
-                         f"{', '.join(n for n in clipforge.list_models() if n.startswith('coca'))}")
+    model, preprocess, tokenizer = _load_coca(args.coca, args.pretrained, args.device)
     images = torch.stack([preprocess(open_image(Path(path).read_bytes(), name=path)) for path in args.images])
     ids = model.generate(images.to(args.device), max_length=(args.max_new_tokens or 28) + 2)
     for path, text in zip(args.images, decode_captions(ids, tokenizer)):
@@ -378,29 +409,45 @@ def run_eval(args) -> int:
     from .concepts import missed_noun_similarity, noun_scores
 
     from ..inference import load_for_inference
+    from ..models.coca import decode_captions
     from .encoders import FrozenImageEncoder
 
-    mapping, encoder, lm, tokenizer = Captioner.load(args.mapping, args.device)
+    if args.coca and args.prompt is not None:
+        raise ValueError("--coca captions images; --prompt is for a LiMBer --mapping")
+    if args.pretrained and not args.coca:
+        raise ValueError("--pretrained names a CoCa's weights: it goes with --coca (a --mapping holds its own)")
+    if args.coca:
+        coca, coca_preprocess, coca_tokenizer = _load_coca(args.coca, args.pretrained, args.device)
+        encoder = FrozenImageEncoder(args.coca, coca, coca_preprocess, "clipforge")
+    else:
+        mapping, encoder, lm, tokenizer = Captioner.load(args.mapping, args.device)
     if args.judge:  # one fixed CLIP model grades every encoder's captions
         judge_model, judge_preprocess, judge_tokenizer = load_for_inference(args.judge, None, args.device)
         judge = FrozenImageEncoder(args.judge, judge_model, judge_preprocess, "clipforge")
     elif encoder.kind == "clipforge" and hasattr(encoder.model, "encode_text") and encoder.feature_kind == "pooled":
-        print("note: CLIPScore is judged by the image tower under test; pass --judge CKPT for figures comparable "
-              "across towers")
+        print("note: CLIPScore is judged by the model under test; pass --judge CKPT for figures comparable "
+              "across models")
         judge, judge_model = None, encoder.model
         judge_tokenizer = get_tokenizer(encoder.model.config)
     else:
         raise ValueError("this map's image encoder has no text tower to judge its captions with: pass --judge CKPT")
-    embedded = embed_captioned(encoder.features, args.data, args.label_captions, args.max_images,
-                               progress=args.progress, also=judge.features if judge else None)
-    features, references, labels, skipped = embedded[:4]
-    judge_features = embedded[4] if judge else features
-    captions = []
-    for start in tqdm(range(0, len(features), args.batch_size), desc="captioning", unit="batch",
-                      disable=not args.progress):
-        with torch.no_grad():
-            captions += generate(mapping, lm, tokenizer, features[start:start + args.batch_size].to(args.device),
-                                 args.max_new_tokens, args.prompt)
+    if args.coca:  # the captions are written while the images are at hand: their token ids, in one width
+        caption_ids = _coca_caption_ids(coca, coca_preprocess, args.max_new_tokens + 2, args.batch_size, args.device)
+        embedded = embed_captioned(caption_ids, args.data, args.label_captions, args.max_images,
+                                   progress=args.progress, also=judge.features if judge else encoder.features)
+        references, labels, skipped, judge_features = embedded[1:]
+        captions = decode_captions(embedded[0], coca_tokenizer)
+    else:
+        embedded = embed_captioned(encoder.features, args.data, args.label_captions, args.max_images,
+                                   progress=args.progress, also=judge.features if judge else None)
+        features, references, labels, skipped = embedded[:4]
+        judge_features = embedded[4] if judge else features
+        captions = []
+        for start in tqdm(range(0, len(features), args.batch_size), desc="captioning", unit="batch",
+                          disable=not args.progress):
+            with torch.no_grad():
+                captions += generate(mapping, lm, tokenizer, features[start:start + args.batch_size].to(args.device),
+                                     args.max_new_tokens, args.prompt)
     per_image = clip_scores(judge_model, judge_tokenizer, judge_features, captions, references)
     scores = {name: float(values.mean()) for name, values in per_image.items()}
     # The human reference point, scored the same way: each image's first reference caption (its CLIPScore and, where
@@ -427,8 +474,9 @@ def run_eval(args) -> int:
     for caption, refs in list(zip(captions, references))[:5]:
         print(f"  {caption!r}  (reference: {refs[0]!r})")
     if args.json:
-        prompt = mapping.config.prompt if args.prompt is None else args.prompt
-        write_json(args.json, {"mapping": str(args.mapping), "data": args.data, "prompt": prompt,
+        prompt = None if args.coca else mapping.config.prompt if args.prompt is None else args.prompt
+        captioner = {"coca": args.coca, "pretrained": args.pretrained} if args.coca else {"mapping": str(args.mapping)}
+        write_json(args.json, {**captioner, "data": args.data, "prompt": prompt,
                                "judge": args.judge or "the tower under test", "scores": scores,
                                "nouns_by_category": nouns, "missed_noun_similarity": similarity,
                                "skipped": dict(skipped),
