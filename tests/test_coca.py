@@ -227,7 +227,7 @@ def test_coca_training_loss_is_open_clips_and_exact_under_gradient_accumulation(
     """In training, one forward gives the contrastive features and the decoder's logits for every caption token
     (decoded only as far as the batch's longest caption): the same logits as open_clip's full forward at those
     positions, and ``CoCaLoss`` equal to open_clip's CoCaLoss at its default weights. A step of two micro-batches
-    (captions of different lengths) gives the gradients of one step on the whole batch."""
+    (captions of different lengths) gives the gradients and the reported loss of one step on the whole batch."""
     from contextlib import nullcontext
 
     from open_clip.loss import CoCaLoss as OpenClipCoCaLoss
@@ -260,16 +260,19 @@ def test_coca_training_loss_is_open_clips_and_exact_under_gradient_accumulation(
     assert cached.caption_logits is None and torch.equal(cached.caption_labels, out.caption_labels)
     assert ours.eval()(images, tokens).caption_labels is None and ours.train().training
 
+    reported = []
+
     def gradients(micro):
         optimizer = torch.optim.SGD(ours.parameters(), lr=0.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        train_step(ours, micro, loss_fn, optimizer, scaler, nullcontext(), torch.device("cpu"),
-                   TrainConfig(accum_freq=len(micro)))
+        reported.append(train_step(ours, micro, loss_fn, optimizer, scaler, nullcontext(), torch.device("cpu"),
+                                   TrainConfig(accum_freq=len(micro))).item())
         return {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
 
     whole = gradients([{"images": images, "tokens": tokens}])
     assert any(n.startswith("text_decoder.") for n in whole) and any(n.startswith("visual.") for n in whole)
     halves = gradients([{"images": images[:3], "tokens": tokens[:3]}, {"images": images[3:], "tokens": tokens[3:]}])
+    assert reported[0] == pytest.approx(loss.item(), abs=1e-5) and reported[1] == pytest.approx(loss.item(), abs=1e-5)
     assert whole.keys() == halves.keys()
     for key, grad in whole.items():
         torch.testing.assert_close(halves[key], grad, atol=1e-5, rtol=1e-4, msg=lambda m: key + m)

@@ -183,11 +183,14 @@ class CoCaLoss(nn.Module):
 
     ``caption_tokens``: how many tokens the mean is over, when a step is several micro-batches (``train_step``):
     each micro-batch's summed cross-entropy over the whole step's count gives the gradient of one batch's mean.
-    Under ``torch.distributed`` the caption term stays per rank, as open_clip's (DDP averages its gradients)."""
+    Under ``torch.distributed`` the caption term stays per rank, as open_clip's (DDP averages its gradients).
+    ``last_caption_term``: the weighted caption term of the last call, detached (what a step over several
+    micro-batches adds up to report the whole batch's loss)."""
 
     def __init__(self, contrastive: nn.Module, caption_weight: float = 2.0, contrastive_weight: float = 1.0):
         super().__init__()
         self.contrastive, self.caption_weight, self.contrastive_weight = contrastive, caption_weight, contrastive_weight
+        self.last_caption_term = None
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor | None = None, caption_logits: torch.Tensor | None = None,
@@ -196,7 +199,9 @@ class CoCaLoss(nn.Module):
         if caption_logits is None:
             return loss
         summed = F.cross_entropy(caption_logits.float(), caption_labels, reduction="sum")
-        return loss + self.caption_weight * summed / max(1, caption_tokens or len(caption_labels))
+        caption = self.caption_weight * summed / max(1, caption_tokens or len(caption_labels))
+        self.last_caption_term = caption.detach()
+        return loss + caption
 
 
 def create_loss(name: str = "clip", local_loss: bool = False, chunk_size: int | None = None) -> nn.Module:

@@ -36,7 +36,7 @@ def train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) 
                 caption_labels = getattr(out, "caption_labels", None)
                 caption_tokens += 0 if caption_labels is None else len(caption_labels)
         rng_after = _device_rng(device)
-        total = None
+        total, earlier_captions = None, 0.0  # each pass's loss holds the whole contrastive loss, its own caption share
         for j, (images, tokens) in enumerate(inputs):
             _set_device_rng(device, rng_before[j])  # same patch-dropout masks as in the cached pass
             sync = nullcontext() if j == len(inputs) - 1 or not hasattr(model, "no_sync") else model.no_sync()
@@ -52,7 +52,9 @@ def train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) 
                     loss = loss_fn(image_features, text_features, scale, bias,
                                    **_caption_terms(loss_fn, out, caption_tokens))
                 scaler.scale(loss).backward()
-            total = loss.detach()
+            if j < len(inputs) - 1 and _caption_terms(loss_fn, out):
+                earlier_captions = earlier_captions + loss_fn.last_caption_term
+            total = loss.detach() + earlier_captions
         _set_device_rng(device, rng_after)
     if cfg.grad_clip:
         scaler.unscale_(optimizer)
