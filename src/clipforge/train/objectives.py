@@ -9,6 +9,7 @@ model's second input, the loss, and what the data stream pairs each image with.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -52,9 +53,11 @@ def _contrastive_loss(cfg, model_config: dict):
     from ..loss import CoCaLoss
 
     loss = create_loss(cfg.loss, local_loss=cfg.local_loss, chunk_size=cfg.loss_chunk_size)
-    weights = (cfg.coca_caption_loss_weight, cfg.coca_contrastive_loss_weight)
+    names = ("coca_caption_loss_weight", "coca_contrastive_loss_weight")
+    weights = tuple(getattr(cfg, name) for name in names)
     if "multimodal_cfg" not in model_config:
-        if weights != (2.0, 1.0):
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+        if weights != tuple(defaults[name] for name in names):
             raise ValueError("--coca-caption-loss-weight / --coca-contrastive-loss-weight weigh a CoCa's losses; "
                              f"{cfg.model} is not a CoCa (coca_* in clipforge models)")
         return loss
