@@ -12,7 +12,9 @@ hand their tokens to a captioning decoder.
 
 Module names are open_clip's, so its checkpoints load without renaming. ``generate`` writes captions greedily or by
 top-k / top-p sampling, as open_clip's ``generate`` does for those kinds (its group beam search is not built here);
-``decode_captions`` turns them into text; ``clipforge caption generate --coca MODEL`` does both from the command line.
+``decode_captions`` turns them into text; ``clipforge caption generate --coca MODEL`` does both from the command line
+(``caption eval --coca`` scores them). In training, ``forward`` also returns the decoder's logits for the caption
+tokens, which ``loss.CoCaLoss`` adds to the contrastive loss (``clipforge train --model coca_...``).
 """
 from __future__ import annotations
 
