@@ -37,8 +37,9 @@ FALLBACK_CAPTIONS = ["A black dog is running through the grass .", "Two children
                      "A brown dog carries a stick in its mouth .", "People walk down a busy city street at night ."]
 
 
-def training_models(model: str):
-    """(open_clip's CoCa on random weights in training mode, clipforge's with the same weights)."""
+def paired_models(model: str):
+    """(open_clip's CoCa on random weights, clipforge's loaded with the same weights); open_clip leaves the decoder's
+    vocabulary projection as ``torch.empty`` made it, so it is drawn first."""
     import open_clip
 
     import clipforge
@@ -46,10 +47,11 @@ def training_models(model: str):
     torch.manual_seed(0)
     theirs = open_clip.create_model(model, pretrained=None)
     with torch.no_grad():
-        torch.nn.init.normal_(theirs.text_decoder.text_projection, std=theirs.text_decoder.text_projection.shape[0] ** -0.5)
+        vocabulary = theirs.text_decoder.text_projection
+        torch.nn.init.normal_(vocabulary, std=vocabulary.shape[0] ** -0.5)
     path = Path(tempfile.mkdtemp(prefix="coca-bench-")) / "w.pt"
     torch.save(theirs.state_dict(), path)
-    return theirs.train(), clipforge.load(model, pretrained=str(path))[0].train()
+    return theirs, clipforge.load(model, pretrained=str(path))[0]
 
 
 def training_steps(args):
@@ -60,7 +62,7 @@ def training_steps(args):
     from clipforge.bench.corpora import flickr8k_captions
     from clipforge.loss import ClipLoss, CoCaLoss
 
-    theirs, ours = training_models(args.model)
+    theirs, ours = (model.train() for model in paired_models(args.model))
     captions = flickr8k_captions(args.data, args.batch) if args.data else []
     captions = (captions or FALLBACK_CAPTIONS * (args.batch // len(FALLBACK_CAPTIONS) + 1))[: args.batch]
     tokens = clipforge.get_tokenizer(args.model)(captions)
@@ -117,6 +119,41 @@ def bench_training(args) -> dict:
             "peak_mb": memory, "memory_ratio": memory["clipforge"] / memory["open_clip"]}
 
 
+def bench_captioning(args) -> dict:
+    from open_clip import coca_model
+    from transformers import TopKLogitsWarper
+
+    coca_model._has_transformers = True
+    coca_model.GENERATION_TYPES["top_k"] = TopKLogitsWarper
+    theirs, ours = paired_models(args.model)
+    theirs.eval()
+    size = ours.image_size
+    images = torch.randn(args.batch, 3, size, size)
+
+    def generate_ours():
+        return ours.generate(images, max_length=args.length)
+
+    def generate_theirs():
+        return theirs.generate(images, generation_type="top_k", top_k=1, seq_len=args.length)
+
+    same = torch.equal(generate_ours(), generate_theirs())
+    assert same, "captions differ"
+
+    def embed(model):
+        def run():
+            with torch.no_grad():
+                model.encode_image(images)
+        return run
+
+    return {"model": args.model, "image_size": size, "batch": args.batch, "length": args.length,
+            "captions_identical": same, "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "generate": summary(interleaved({"clipforge": generate_ours, "open_clip": generate_theirs},
+                                            args.repeats), args.batch, "captions_per_s"),
+            "image_embed": summary(interleaved({"clipforge": embed(ours), "open_clip": embed(theirs)},
+                                               args.repeats), args.batch, "images_per_s")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="coca_ViT-B-32")
@@ -136,51 +173,8 @@ def main() -> None:
         result = {"model": args.model, "batch": args.batch, "machine": platform.processor() or platform.machine(),
                   "threads": torch.get_num_threads(), "captions": "flickr8k" if args.data else "fallback",
                   **bench_training(args)}
-        print(json.dumps(result, indent=1))
-        if args.json:
-            write_json(args.json, result)
-        return
-    import open_clip
-    from open_clip import coca_model
-    from transformers import TopKLogitsWarper
-
-    import clipforge
-
-    coca_model._has_transformers = True
-    coca_model.GENERATION_TYPES["top_k"] = TopKLogitsWarper
-    torch.manual_seed(0)
-    theirs = open_clip.create_model(args.model, pretrained=None).eval()
-    with torch.no_grad():
-        vocabulary = theirs.text_decoder.text_projection
-        torch.nn.init.normal_(vocabulary, std=vocabulary.shape[0] ** -0.5)
-    path = Path(tempfile.mkdtemp(prefix="coca-bench-")) / "w.pt"
-    torch.save(theirs.state_dict(), path)
-    ours = clipforge.load(args.model, pretrained=str(path))[0]
-    size = ours.image_size
-    images = torch.randn(args.batch, 3, size, size)
-
-    def generate_ours():
-        return ours.generate(images, max_length=args.length)
-
-    def generate_theirs():
-        return theirs.generate(images, generation_type="top_k", top_k=1, seq_len=args.length)
-
-    same = torch.equal(generate_ours(), generate_theirs())
-    assert same, "captions differ"
-
-    def embed(model):
-        def run():
-            with torch.no_grad():
-                model.encode_image(images)
-        return run
-
-    result = {"model": args.model, "image_size": size, "batch": args.batch, "length": args.length,
-              "captions_identical": same, "machine": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(),
-              "generate": summary(interleaved({"clipforge": generate_ours, "open_clip": generate_theirs},
-                                              args.repeats), args.batch, "captions_per_s"),
-              "image_embed": summary(interleaved({"clipforge": embed(ours), "open_clip": embed(theirs)},
-                                                 args.repeats), args.batch, "images_per_s")}
+    else:
+        result = bench_captioning(args)
     print(json.dumps(result, indent=1))
     if args.json:
         write_json(args.json, result)

@@ -76,6 +76,8 @@ def matches(state: dict) -> bool:
     return any(k.startswith(("vision_model.", "text_model.")) for k in state)
 
 
+NO_COCA = ("Hugging Face has no CoCa model class (a CLIPModel would drop the captioning decoder); write --to "
+           "open_clip or clipforge")
 MODEL_TYPES = {"clip": "CLIPModel", "siglip": "SiglipModel", "metaclip_2": "MetaClip2Model"}
 
 
@@ -142,8 +144,7 @@ def from_clipforge(state: dict) -> dict:
     """A ``CLIPModel`` state dict, or a ``SiglipModel``'s for a SigLIP model."""
     siglip = is_siglip(state)
     if any(k.startswith("text_decoder.") for k in state):
-        raise CheckpointError("Hugging Face has no CoCa model class (a CLIPModel would drop the captioning decoder); "
-                              "write --to open_clip or clipforge")
+        raise CheckpointError(NO_COCA)
     if "visual.proj" not in state and not siglip:
         trunk = {k.split(".")[2] for k in state if k.startswith("visual.trunk.")}
         kind = "FastViT" if "final_conv" in trunk else "ConvNeXt" if "stages" in trunk else \
@@ -277,8 +278,7 @@ def config_from_clipforge(config: dict, logit_scale: float) -> dict:
         return _siglip_config_from_clipforge(config)
     vision, text = config["vision_cfg"], config["text_cfg"]
     if "multimodal_cfg" in config:
-        raise CheckpointError("Hugging Face has no CoCa model class (a CLIPModel would drop the captioning decoder); "
-                              "write --to open_clip or clipforge")
+        raise CheckpointError(NO_COCA)
     kind = tower_kind(config)
     if kind != "ViT" or "tower" in vision:  # timm's plain ViTs (MobileCLIP-B's: timm's names) are not CLIPModel's
         kind = "timm ViT" if kind == "ViT" else kind

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clip import CLIP, CLIPOutput
-from .layers import LayerNorm, ResidualAttentionBlock, mlp, recomputed
+from .layers import LayerNorm, ResidualAttentionBlock, init_residual_blocks, mlp, recomputed
 from .text_transformer import TextTransformer
 from .vision_transformer import VisionTransformer
 
@@ -133,17 +133,8 @@ class MultimodalDecoder(nn.Module):
         self.ln_final = LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, vocab_size))
         self.grad_checkpointing = False  # recompute each block in backward (CLIP.set_grad_checkpointing)
-        self._init(width, layers)
-
-    def _init(self, width: int, layers: int) -> None:
-        """open_clip's: attention and MLP weights scaled down with depth, the vocabulary projection by width."""
-        proj_std, attn_std, fc_std = width ** -0.5 * (2 * layers) ** -0.5, width ** -0.5, (2 * width) ** -0.5
-        for block in (*self.resblocks, *self.cross_attn):
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out_proj.bias)  # nn.MultiheadAttention's (open_clip's blocks use it)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        # open_clip's: CLIP's block initialisation over both kinds of block, the vocabulary projection by width
+        init_residual_blocks((*self.resblocks, *self.cross_attn), width, layers)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
 
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, project: bool = True) -> torch.Tensor:
@@ -178,8 +169,8 @@ class CoCa(CLIP):
         """CoCa's captioning loss (open_clip's ``CoCaLoss`` before its weight): the mean cross-entropy of each next
         token given the caption so far and the image, padding left out. (``clipforge train`` takes it from
         ``forward``'s caption fields instead, with the contrastive loss from the same tower passes: ``CoCaLoss``.)"""
-        logits = self.caption_logits(images, tokens[:, :-1])
-        return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], ignore_index=self.text.pad_id)
+        image_tokens = self.visual.forward_tokens(images)[1]
+        return F.cross_entropy(*self.caption_predictions(image_tokens, self.text.forward_tokens(tokens)[1], tokens))
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> CLIPOutput:
         """CLIP's output; in training, given images and tokens, also what the captioning loss needs, from the same

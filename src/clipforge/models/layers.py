@@ -274,14 +274,19 @@ class Transformer(nn.Module):
         return x
 
     def init_parameters(self) -> None:
-        """OpenAI CLIP's initialisation: residual projections scaled down with depth."""
-        proj_std = (self.width ** -0.5) * ((2 * self.layers) ** -0.5)
-        attn_std = self.width ** -0.5
-        fc_std = (2 * self.width) ** -0.5
-        for block in self.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            nn.init.zeros_(block.attn.in_proj_bias)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(block.attn.out_proj.bias)
-            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        init_residual_blocks(self.resblocks, self.width, self.layers)
+
+
+def init_residual_blocks(blocks, width: int, layers: int) -> None:
+    """OpenAI CLIP's initialisation of residual attention blocks (``attn`` with fused ``in_proj``, ``mlp``):
+    residual projections scaled down with depth, attention biases zero."""
+    proj_std = (width ** -0.5) * ((2 * layers) ** -0.5)
+    attn_std = width ** -0.5
+    fc_std = (2 * width) ** -0.5
+    for block in blocks:
+        nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+        nn.init.zeros_(block.attn.in_proj_bias)
+        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        nn.init.zeros_(block.attn.out_proj.bias)
+        nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)

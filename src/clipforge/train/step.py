@@ -49,10 +49,10 @@ def train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) 
                     last = j == len(inputs) - 1
                     scale = out.logit_scale if last else out.logit_scale.detach()
                     bias = out.logit_bias if last or out.logit_bias is None else out.logit_bias.detach()
-                    loss = loss_fn(image_features, text_features, scale, bias,
-                                   **_caption_terms(loss_fn, out, caption_tokens))
+                    captions = _caption_terms(loss_fn, out, caption_tokens)
+                    loss = loss_fn(image_features, text_features, scale, bias, **captions)
                 scaler.scale(loss).backward()
-            if j < len(inputs) - 1 and _caption_terms(loss_fn, out):
+            if captions and not last:
                 earlier_captions = earlier_captions + loss_fn.last_caption_term
             total = loss.detach() + earlier_captions
         _set_device_rng(device, rng_after)
