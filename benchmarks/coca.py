@@ -1,7 +1,9 @@
 """CoCa on CPU, clipforge vs open_clip on the same weights: captioning with ``generate`` (greedy: open_clip's
-``generation_type="top_k", top_k=1``) and image embedding; with ``--train``, one training step of both losses.
+``generation_type="top_k", top_k=1``; with ``--beams``, its beam search) and image embedding; with ``--train``, one
+training step of both losses.
 
     python benchmarks/coca.py [--model coca_ViT-B-32] [--batch 8] [--length 30] [--repeats 5] [--json out.json]
+    PYTHONPATH=.venv/peers/transformers-4 python benchmarks/coca.py --beams 6 --beam-groups 3 [...]
     python benchmarks/coca.py --train [--data ../shared/data] [--batch 16] [--repeats 5] [--json out.json]
 
 open_clip's random initialisation (its decoder's vocabulary projection drawn, as open_clip leaves it empty), loaded
@@ -9,7 +11,8 @@ into clipforge; captions checked identical token for token, then both timed taki
 (``bench.timing.interleaved``); fp32, the threads torch is given. Random weights rarely emit end-of-text, so every
 caption runs to ``--length`` tokens: the most work a caption can take. open_clip 3.3 turns ``generate`` off when
 transformers lacks ``BeamSearchScorer`` (transformers 5.x); its greedy path needs only the logits warpers, switched
-back on here.
+back on here. Its beam search (``--beams``, open_clip's default generation: 6 beams in 3 groups) needs transformers
+4.x: the README's test command installs 4.56 in ``.venv/peers/transformers-4``, put first on PYTHONPATH.
 
 ``--train``: forward, CoCa's loss (contrastive + 2 x caption, open_clip's default weights) and backward, on the
 first ``--batch`` Flickr8k training captions (``--data``; else a fixed set of captions of similar length): losses
@@ -123,17 +126,23 @@ def bench_captioning(args) -> dict:
     from open_clip import coca_model
     from transformers import TopKLogitsWarper
 
+    if args.beams and not coca_model._has_transformers:
+        raise SystemExit("--beams: open_clip's beam search needs transformers 4.x (BeamSearchScorer): run with "
+                         "PYTHONPATH=.venv/peers/transformers-4 (the README's test command installs it there)")
     coca_model._has_transformers = True
     coca_model.GENERATION_TYPES["top_k"] = TopKLogitsWarper
     theirs, ours = paired_models(args.model)
     theirs.eval()
     size = ours.image_size
     images = torch.randn(args.batch, 3, size, size)
+    beams = {"num_beams": args.beams, "num_beam_groups": args.beam_groups} if args.beams else {}
 
     def generate_ours():
-        return ours.generate(images, max_length=args.length)
+        return ours.generate(images, max_length=args.length, **beams)
 
     def generate_theirs():
+        if beams:
+            return theirs.generate(images, seq_len=args.length, **beams)
         return theirs.generate(images, generation_type="top_k", top_k=1, seq_len=args.length)
 
     same = torch.equal(generate_ours(), generate_theirs())
@@ -146,7 +155,8 @@ def bench_captioning(args) -> dict:
         return run
 
     return {"model": args.model, "image_size": size, "batch": args.batch, "length": args.length,
-            "captions_identical": same, "machine": platform.processor() or platform.machine(),
+            "decoding": beams or "greedy", "captions_identical": same,
+            "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "generate": summary(interleaved({"clipforge": generate_ours, "open_clip": generate_theirs},
                                             args.repeats), args.batch, "captions_per_s"),
@@ -160,6 +170,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="[8 for captioning, 16 with --train]")
     p.add_argument("--length", type=int, default=30, help="caption length in tokens, start and end included")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--beams", type=int, help="time open_clip's beam search with this many beams instead of greedy")
+    p.add_argument("--beam-groups", type=int, default=3, help="with --beams: open_clip's num_beam_groups [3]")
     p.add_argument("--train", action="store_true", help="time a training step instead of captioning")
     p.add_argument("--data", help="--train: the shared data folder, for Flickr8k's captions")
     p.add_argument("--one-train", help=argparse.SUPPRESS)  # a child process's memory measurement

@@ -1,6 +1,7 @@
 import http.server
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -17,6 +18,17 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data set not found at {path} (set CLIPFORGE_SHARED_DATA)")
     return path
+
+
+def transformers4_peer() -> Path:
+    """transformers 4.56 (with the hub client and tokenizers it needs), installed apart from the venv's own 5.x by the
+    README's test command, for peer code that needs it: open_clip's beam search uses ``BeamSearchScorer``, which
+    transformers 5 removed. Put first on a subprocess's PYTHONPATH. Skips with a reason when absent."""
+    folder = Path(sys.prefix) / "peers" / "transformers-4"
+    if not (folder / "transformers").is_dir():
+        pytest.skip(f"transformers 4.56 is not installed in {folder}: the README's test command installs it there "
+                    "(pip install --no-deps --upgrade --target ...)")
+    return folder
 
 
 def free_port() -> int:

@@ -145,6 +145,86 @@ def test_coca_generates_open_clips_captions_and_trains(tiny_coca, monkeypatch):
         torch.testing.assert_close(grad, plain[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+# Run by open_clip itself in a process whose transformers is 4.56 (open_clip's beam search needs BeamSearchScorer)
+OPEN_CLIP_GENERATE = """
+import json, sys, torch, open_clip
+from open_clip import coca_model
+assert coca_model._has_transformers, "open_clip's generate is off: transformers 4.x is not first on the path"
+config, weights, images, settings, out = sys.argv[1:]
+open_clip.factory._MODEL_CONFIGS["Test-CoCa-tiny"] = json.load(open(config))
+model = open_clip.create_model("Test-CoCa-tiny", pretrained=weights).eval()
+images = torch.load(images)
+forward, results = model.forward, {}
+
+
+def log_prob_forward(*args, **kwargs):  # its beam search over log-probabilities: the logits log-softmaxed
+    out = forward(*args, **kwargs)
+    return {**out, "logits": out["logits"].log_softmax(-1)}
+
+
+for name, (kwargs, _) in json.load(open(settings)).items():
+    model.forward = log_prob_forward if kwargs.pop("log_probs", False) else forward
+    results[name] = model.generate(images, **kwargs)
+torch.save(results, out)
+"""
+
+
+def test_coca_beam_search_and_repetition_penalty_are_open_clips(tiny_coca, tmp_path):
+    """open_clip's default generation (beam search, 6 beams in 3 groups), a 4-beam search with a repetition penalty,
+    one over log-probabilities, and greedy decoding with a repetition penalty give open_clip's captions token for
+    token, open_clip run by itself with transformers 4.56 (over log-probabilities: its model's logits log-softmaxed),
+    on captions that end at different lengths (some at max_length, unfinished); bad settings are refused."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import transformers4_peer
+
+    peer = transformers4_peer()
+    name, theirs, _ = tiny_coca
+    with torch.no_grad():  # end-of-text likelier, so that captions end at different lengths
+        eot = theirs.text_decoder.text_projection[:, 49407]
+        eot.add_(3.0 * eot.sign())
+    torch.save(theirs.state_dict(), tmp_path / "w.pt")
+    torch.save(torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(0)), tmp_path / "images.pt")
+    (tmp_path / "config.json").write_text(json.dumps(TINY_COCA))
+    settings = {  # open_clip's arguments, clipforge's
+        "default": ({"seq_len": 12, "min_seq_len": 3},
+                    {"max_length": 12, "min_length": 3, "num_beams": 6, "num_beam_groups": 3}),
+        "four_beams": ({"seq_len": 15, "min_seq_len": 2, "num_beams": 4, "num_beam_groups": 1,
+                        "repetition_penalty": 1.3},
+                       {"max_length": 15, "min_length": 2, "num_beams": 4, "repetition_penalty": 1.3}),
+        "log_probs": ({"seq_len": 15, "min_seq_len": 2, "num_beams": 3, "num_beam_groups": 1, "log_probs": True},
+                      {"max_length": 15, "min_length": 2, "num_beams": 3, "beam_scores": "log_probs"}),
+        "greedy": ({"generation_type": "top_k", "top_k": 1, "seq_len": 12, "min_seq_len": 3,
+                    "repetition_penalty": 1.5}, {"max_length": 12, "min_length": 3, "repetition_penalty": 1.5})}
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    subprocess.run([sys.executable, "-c", OPEN_CLIP_GENERATE, *(str(tmp_path / f) for f in (
+        "config.json", "w.pt", "images.pt", "settings.json", "out.pt"))], check=True,
+        env={**os.environ, "PYTHONPATH": str(peer)})
+    expected = torch.load(tmp_path / "out.pt", weights_only=True)
+    ours = clipforge.load_model(name, pretrained=str(tmp_path / "w.pt"))
+    images = torch.load(tmp_path / "images.pt", weights_only=True)
+    for setting, (_, kwargs) in settings.items():
+        got = ours.generate(images, **kwargs)
+        assert got.shape == expected[setting].shape and torch.equal(got, expected[setting]), setting
+        lengths = (got != 0).sum(1)
+        assert len(set(lengths.tolist())) > 1, setting  # captions of several lengths: finishing is exercised
+    beams = expected["default"]
+    assert ((beams == 49407).any(1) & ((beams != 0).sum(1) < 12)).any()  # some end early ...
+    assert ((beams != 0).sum(1) == 12).any() and (beams[:, -1] != 49407).any()  # ... some run out unfinished
+    with pytest.raises(ValueError, match="at most one"):
+        ours.generate(images, top_k=2, num_beams=4)
+    assert not torch.equal(expected["log_probs"], ours.generate(images, **{**settings["log_probs"][1],
+                                                                          "beam_scores": "logits"}))
+    with pytest.raises(ValueError, match="multiple of num_beam_groups"):
+        ours.generate(images, num_beams=5, num_beam_groups=3)
+    with pytest.raises(ValueError, match="beam_scores"):
+        ours.generate(images, num_beams=2, beam_scores="probabilities")
+    with pytest.raises(ValueError, match="repetition_penalty must be positive"):
+        ours.generate(images, repetition_penalty=0)
+
+
 def test_zoo_coca_configs_are_open_clips_and_hf_export_is_refused(tmp_path):
     """coca_ViT-B-32 and coca_ViT-L-14 and their four tags are in the zoo, translated from open_clip's configs and
     back; the zoo model's parameters are open_clip's, name for name and shape for shape (built on the meta device), and
@@ -180,9 +260,11 @@ def test_zoo_coca_configs_are_open_clips_and_hf_export_is_refused(tmp_path):
         hf.save(small, tmp_path / "hf")
 
 
-def test_caption_generate_with_coca_prints_the_models_greedy_captions(tiny_coca, tmp_path, capsys):
-    """`clipforge caption generate --coca FOLDER IMAGES --json`: each image's greedy caption, as ``generate`` and
-    ``decode_captions`` give it; a CLIP that is not a CoCa is refused by name."""
+def test_caption_generate_with_coca_prints_the_models_captions(tiny_coca, tmp_path, capsys):
+    """`clipforge caption generate --coca FOLDER IMAGES --json`: each image's caption by the default decoding (3 beams
+    on log-probabilities), greedy with a repetition penalty (`--beams 1 --repetition-penalty`), or open_clip's beam
+    search (`--beams 2 --beam-scores logits`), as ``generate`` and ``decode_captions`` give it; a CLIP that is not a
+    CoCa is refused by name, and the decoding flags without --coca or --beam-scores without beams."""
     from PIL import Image
 
     from clipforge import cli
@@ -196,13 +278,24 @@ def test_caption_generate_with_coca_prints_the_models_greedy_captions(tiny_coca,
     for i, colour in enumerate(("red", "navy")):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.new("RGB", (80, 64), colour).save(paths[-1])
-    assert cli.main(["caption", "generate", "--coca", str(tmp_path / "coca"), *paths, "--json",
-                     "--max-new-tokens", "6"]) == 0
-    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     images = torch.stack([preprocess(Image.open(p)) for p in paths])
-    expected = decode_captions(model.generate(images, max_length=8), tokenizer)
-    assert [p["caption"] for p in printed] == expected and [p["image"] for p in printed] == paths
-    assert all(caption for caption in expected)
+    printed_captions = []
+    for decoding, flags in (({"num_beams": 3, "beam_scores": "log_probs"}, []),
+                            ({"repetition_penalty": 1.5}, ["--beams", "1", "--repetition-penalty", "1.5"]),
+                            ({"num_beams": 2, "beam_scores": "logits"}, ["--beams", "2", "--beam-scores", "logits"])):
+        assert cli.main(["caption", "generate", "--coca", str(tmp_path / "coca"), *paths, "--json",
+                         "--max-new-tokens", "6", *flags]) == 0
+        printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        expected = decode_captions(model.generate(images, max_length=8, **decoding), tokenizer)
+        assert [p["caption"] for p in printed] == expected and [p["image"] for p in printed] == paths
+        assert all(caption for caption in expected)
+        printed_captions.append(expected)
+    assert len({tuple(captions) for captions in printed_captions}) == 3  # the flags reached generate
+    assert cli.main(["caption", "generate", "--mapping", str(tmp_path), "--beams", "3", paths[0]]) == 2
+    assert "decode a --coca model's captions" in capsys.readouterr().err
+    assert cli.main(["caption", "generate", "--coca", str(tmp_path / "coca"), "--beams", "1", "--beam-scores",
+                     "logits", paths[0]]) == 2
+    assert "goes with --beams" in capsys.readouterr().err
     save_pretrained(clipforge.create_model("ViT-Tiny-64"), tmp_path / "clip")
     capsys.readouterr()
     assert cli.main(["caption", "generate", "--coca", str(tmp_path / "clip"), paths[0]]) == 2
@@ -327,9 +420,10 @@ def test_clipforge_train_trains_a_coca_with_its_caption_loss_and_validates_it(ti
 
 
 def test_caption_eval_with_coca_scores_the_models_own_captions(tiny_coca, tmp_path, capsys):
-    """`clipforge caption eval --coca MODEL --data SHARDS`: the CoCa captions each image greedily (as ``generate``,
-    in batches) and its captions are scored as a LiMBer map's are, CLIPScore judged by the CoCa itself unless
-    --judge names another model; --prompt (a LiMBer setting) is refused."""
+    """`clipforge caption eval --coca MODEL --data SHARDS`: the CoCa captions each image by its default decoding (3
+    beams on log-probabilities, as ``generate``, in batches; recorded in the report) and its captions are scored as a
+    LiMBer map's are, CLIPScore judged by the CoCa itself unless --judge names another model; --prompt (a LiMBer
+    setting) is refused."""
     from conftest import shapes_shard
 
     from clipforge import cli
@@ -349,7 +443,8 @@ def test_caption_eval_with_coca_scores_the_models_own_captions(tiny_coca, tmp_pa
         references.append(lines)
     images, references = images[:5], references[:5]
     pixels = torch.stack([preprocess(image) for image in images])
-    expected = decode_captions(model.generate(pixels, max_length=8), tokenizer)
+    decoding = {"repetition_penalty": 1.0, "num_beams": 3, "beam_scores": "log_probs"}
+    expected = decode_captions(model.generate(pixels, max_length=8, **decoding), tokenizer)
     with torch.no_grad():
         # random towers disagree in sign as often as not (CLIPScore 0 throughout): these two are made to agree (the
         # text projection is not what the decoder reads, so the captions stay)
@@ -367,6 +462,7 @@ def test_caption_eval_with_coca_scores_the_models_own_captions(tiny_coca, tmp_pa
     assert report["scores"]["clip_score"] == pytest.approx(float(judged["clip_score"].mean()), abs=1e-5)
     assert report["scores"]["clip_score"] > 0, report["scores"]
     assert report["coca"] == str(tmp_path / "coca") and report["scores"]["images"] == 5
+    assert report["decoding"] == decoding
     assert cli.main(["caption", "eval", "--coca", str(tmp_path / "coca"), "--data", str(shard),
                      "--prompt", "A picture of"]) == 2
     assert "--prompt is for a LiMBer --mapping" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     source = g.add_mutually_exclusive_group(required=True)
     source.add_argument("--mapping", help="the --output folder of 'caption train'")
     source.add_argument("--coca", metavar="MODEL", help="a CoCa model instead (open_clip's contrastive captioner: "
-                        "coca_ViT-B-32, coca_ViT-L-14, a checkpoint or folder), captions written greedily")
+                        "coca_ViT-B-32, coca_ViT-L-14, a checkpoint or folder), captions beam-searched (--beams)")
     g.add_argument("--pretrained", help="with --coca: a pretrained tag (e.g. mscoco_finetuned_laion2b_s13b_b90k) or "
                                         "checkpoint for the named architecture")
     g.add_argument("images", nargs="+", help="image files")
@@ -89,6 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                       "' Q: ... A:' after the image (as caption vqa and serve's /ask ask it)")
     g.add_argument("--max-new-tokens", type=positive_int, help="[24 for a caption, 5 for an answer]")
     g.add_argument("--json", action="store_true", help="one JSON object per image instead of 'path: text'")
+    _add_coca_decoding(g)
     g.add_argument("--device", default="cpu")
     g.set_defaults(caption_func=run_generate)
 
@@ -96,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     captioner = e.add_mutually_exclusive_group(required=True)
     captioner.add_argument("--mapping", help="the --output folder of 'caption train'")
     captioner.add_argument("--coca", metavar="MODEL", help="a CoCa model instead (a zoo name with --pretrained, a "
-                           "checkpoint or folder, e.g. a clipforge train run's), captioning greedily")
+                           "checkpoint or folder, e.g. a clipforge train run's), captions beam-searched (--beams)")
     e.add_argument("--pretrained", help="with --coca: a pretrained tag or checkpoint for the named architecture")
     e.add_argument("--data", required=True,
                    help="captioned shards, CSV or image folder: its captions are the references")
@@ -104,6 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-images", type=positive_int, default=500, help="[500]")
     e.add_argument("--prompt", help="text after the image prefix [the one it was trained with]")
     e.add_argument("--max-new-tokens", type=positive_int, default=24)
+    _add_coca_decoding(e)
     e.add_argument("--batch-size", type=positive_int, default=32,
                    help="images captioned per language-model (or CoCa decoder) call [32]")
     e.add_argument("--judge", help="the CLIP checkpoint that computes CLIPScore/RefCLIPScore for every encoder alike "
@@ -340,6 +342,7 @@ def run_generate(args) -> int:
         return _generate_coca(args)
     if args.pretrained:
         raise ValueError("--pretrained names a CoCa's weights: it goes with --coca (a --mapping holds its own)")
+    _coca_decoding(args)
     captioner = Captioner.load(args.mapping, args.device)
     images = [open_image(Path(path).read_bytes(), name=path) for path in args.images]  # clear error on a bad file
     if args.question is None:
@@ -349,6 +352,34 @@ def run_generate(args) -> int:
     for path, text in zip(args.images, texts):
         print(json.dumps({"image": path, key: text}) if args.json else f"{path}: {text}")
     return 0
+
+
+def _add_coca_decoding(parser) -> None:
+    parser.add_argument("--beams", type=positive_int,
+                        help="with --coca: beam search with N beams (1: greedy). 3 beams ranked by log-probabilities "
+                             "captioned Flickr8k dev best for a CoCa trained here (docs/BENCHMARKS.md); open_clip's "
+                             "default generate, 6 beams in 3 groups on logits, is --beams 2 --beam-scores logits [3]")
+    parser.add_argument("--beam-scores", choices=("log-probs", "logits"),
+                        help="with --beams N > 1: rank beams by summed log-probabilities (transformers' beam search) "
+                             "or by summed logits (open_clip's) [log-probs]")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="with --coca: divide the logits of tokens already in the caption by this (open_clip's "
+                             "repetition_penalty; 1: off) [1.0]")
+
+
+def _coca_decoding(args) -> dict:
+    """``CoCa.generate``'s decoding arguments from --beams, --beam-scores and --repetition-penalty (a CoCa's only)."""
+    if not args.coca and (args.beams or args.beam_scores or args.repetition_penalty != 1.0):
+        raise ValueError("--beams, --beam-scores and --repetition-penalty decode a --coca model's captions (a "
+                         "--mapping's language model decodes greedily)")
+    if args.beam_scores and args.beams == 1:
+        raise ValueError("--beam-scores ranks beams: it goes with --beams N (N > 1)")
+    if args.repetition_penalty <= 0:
+        raise ValueError(f"--repetition-penalty must be positive, not {args.repetition_penalty}")
+    beams = args.beams or 3  # chosen on Flickr8k dev, with log-probabilities (docs/BENCHMARKS.md)
+    beams = {"num_beams": beams, "beam_scores": (args.beam_scores or "log-probs").replace("-", "_")} \
+        if beams > 1 else {}
+    return {"repetition_penalty": args.repetition_penalty, **beams}
 
 
 def _load_coca(spec: str, pretrained: str | None, device: str):
@@ -363,9 +394,10 @@ def _load_coca(spec: str, pretrained: str | None, device: str):
     return model, preprocess, tokenizer
 
 
-def _coca_caption_ids(model, preprocess, max_length: int, batch_size: int, device: str):
-    """PIL images -> a CoCa's greedy caption ids ``[N, max_length]`` (padded with 0, which ``decode_captions`` drops),
-    ``batch_size`` images per ``generate`` call: what ``embed_captioned`` collects as each image's "features"."""
+def _coca_caption_ids(model, preprocess, max_length: int, batch_size: int, device: str, decoding: dict):
+    """PIL images -> a CoCa's caption ids ``[N, max_length]`` (``generate`` with ``decoding``; padded with 0, which
+    ``decode_captions`` drops), ``batch_size`` images per ``generate`` call: what ``embed_captioned`` collects as each
+    image's "features"."""
     import torch
     import torch.nn.functional as F
 
@@ -373,7 +405,7 @@ def _coca_caption_ids(model, preprocess, max_length: int, batch_size: int, devic
         rows = []
         for start in range(0, len(images), batch_size):
             batch = torch.stack([preprocess(image) for image in images[start:start + batch_size]]).to(device)
-            ids = model.generate(batch, max_length=max_length).cpu()
+            ids = model.generate(batch, max_length=max_length, **decoding).cpu()
             rows.append(F.pad(ids, (0, max_length - ids.shape[1])))
         return torch.cat(rows)
 
@@ -381,7 +413,8 @@ def _coca_caption_ids(model, preprocess, max_length: int, batch_size: int, devic
 
 
 def _generate_coca(args) -> int:
-    """``caption generate --coca``: captions from a CoCa model's own decoder (greedy, up to --max-new-tokens)."""
+    """``caption generate --coca``: captions from a CoCa model's own decoder (``_coca_decoding``'s way, up to
+    --max-new-tokens)."""
     import torch
 
     from ..models.coca import decode_captions
@@ -389,9 +422,10 @@ def _generate_coca(args) -> int:
 
     if args.question is not None or args.prompt is not None:
         raise ValueError("--coca captions images; --prompt and --question are for a LiMBer --mapping")
+    decoding = _coca_decoding(args)
     model, preprocess, tokenizer = _load_coca(args.coca, args.pretrained, args.device)
     images = torch.stack([preprocess(open_image(Path(path).read_bytes(), name=path)) for path in args.images])
-    ids = model.generate(images.to(args.device), max_length=(args.max_new_tokens or 28) + 2)
+    ids = model.generate(images.to(args.device), max_length=(args.max_new_tokens or 28) + 2, **decoding)
     for path, text in zip(args.images, decode_captions(ids, tokenizer)):
         print(json.dumps({"image": path, "caption": text}) if args.json else f"{path}: {text}")
     return 0
@@ -414,6 +448,7 @@ def run_eval(args) -> int:
 
     if args.coca and args.prompt is not None:
         raise ValueError("--coca captions images; --prompt is for a LiMBer --mapping")
+    decoding = _coca_decoding(args)
     if args.pretrained and not args.coca:
         raise ValueError("--pretrained names a CoCa's weights: it goes with --coca (a --mapping holds its own)")
     if args.coca:
@@ -432,7 +467,8 @@ def run_eval(args) -> int:
     else:
         raise ValueError("this map's image encoder has no text tower to judge its captions with: pass --judge CKPT")
     if args.coca:  # the captions are written while the images are at hand: their token ids, in one width
-        caption_ids = _coca_caption_ids(coca, coca_preprocess, args.max_new_tokens + 2, args.batch_size, args.device)
+        caption_ids = _coca_caption_ids(coca, coca_preprocess, args.max_new_tokens + 2, args.batch_size, args.device,
+                                        decoding)
         embedded = embed_captioned(caption_ids, args.data, args.label_captions, args.max_images,
                                    progress=args.progress, also=judge.features if judge else encoder.features)
         references, labels, skipped, judge_features = embedded[1:]
@@ -475,7 +511,8 @@ def run_eval(args) -> int:
         print(f"  {caption!r}  (reference: {refs[0]!r})")
     if args.json:
         prompt = None if args.coca else mapping.config.prompt if args.prompt is None else args.prompt
-        captioner = {"coca": args.coca, "pretrained": args.pretrained} if args.coca else {"mapping": str(args.mapping)}
+        captioner = {"coca": args.coca, "pretrained": args.pretrained, "decoding": decoding} if args.coca \
+            else {"mapping": str(args.mapping)}
         write_json(args.json, {**captioner, "data": args.data, "prompt": prompt,
                                "judge": args.judge or "the tower under test", "scores": scores,
                                "nouns_by_category": nouns, "missed_noun_similarity": similarity,

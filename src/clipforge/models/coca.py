@@ -10,11 +10,11 @@ hand their tokens to a captioning decoder.
 - Decoder (``text_decoder``, open_clip's ``MultimodalTransformer``): per layer a causal self-attention block on the
   caption so far and a cross-attention block on the image's tokens; ``ln_final``; a projection to the vocabulary.
 
-Module names are open_clip's, so its checkpoints load without renaming. ``generate`` writes captions greedily or by
-top-k / top-p sampling, as open_clip's ``generate`` does for those kinds (its group beam search is not built here);
-``decode_captions`` turns them into text; ``clipforge caption generate --coca MODEL`` does both from the command line
-(``caption eval --coca`` scores them). In training, ``forward`` also returns the decoder's logits for the caption
-tokens, which ``loss.CoCaLoss`` adds to the contrastive loss (``clipforge train --model coca_...``).
+Module names are open_clip's, so its checkpoints load without renaming. ``generate`` writes captions greedily, by
+top-k / top-p sampling or by beam search, as open_clip's ``generate`` does (token for token), or by beam search over
+log-probabilities; ``decode_captions`` turns them into text; ``clipforge caption generate --coca MODEL`` does both from
+the command line (``caption eval --coca`` scores them). In training, ``forward`` also returns the decoder's logits for
+the caption tokens, which ``loss.CoCaLoss`` adds to the contrastive loss (``clipforge train --model coca_...``).
 """
 from __future__ import annotations
 
@@ -206,57 +206,212 @@ class CoCa(CLIP):
             _labelled_rows(labels, has_label)
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, max_length: int = 30, min_length: int = 5, top_k: int | None = 1,
-                 top_p: float | None = None, temperature: float = 1.0, generator: torch.Generator | None = None,
-                 sot_id: int = SOT_ID, eot_id: int = EOT_ID, pad_id: int | None = None) -> torch.Tensor:
-        """Caption token ids ``[N, <= max_length]``: start-of-text, then one token at a time until end-of-text or
-        ``max_length`` (the last one is then end-of-text), as open_clip's ``generate`` with ``generation_type``
-        "top_k" (``top_k=1``: greedy, the default) or "top_p"; no end-of-text before ``min_length`` tokens.
-        Finished rows are padded with ``pad_id`` (the text tower's).
+    def generate(self, images: torch.Tensor, max_length: int = 30, min_length: int = 5, top_k: int | None = None,
+                 top_p: float | None = None, num_beams: int | None = None, num_beam_groups: int = 1,
+                 beam_scores: str = "logits", temperature: float = 1.0, repetition_penalty: float = 1.0,
+                 length_penalty: float = 1.0, generator: torch.Generator | None = None, sot_id: int = SOT_ID,
+                 eot_id: int = EOT_ID, pad_id: int | None = None) -> torch.Tensor:
+        """Caption token ids ``[N, <= max_length]``, start-of-text first, as open_clip's ``generate``:
 
-        Each step runs only the new position through the text tower and the decoder, attending over the keys and
-        values kept from earlier steps (and the image tokens' keys and values, projected once): under the causal
-        masks earlier positions' outputs cannot change, so this is open_clip's computation without its recomputing
-        of the whole caption at every step."""
+        - greedy (the default) or ``top_k`` / ``top_p`` sampling (its ``generation_type`` "top_k" / "top_p"): one
+          token at a time until end-of-text (or ``pad_id``) or ``max_length``, where the last token is forced to
+          end-of-text; finished rows are padded with ``pad_id`` (the text tower's);
+        - ``num_beams`` (with ``num_beam_groups``): its "beam_search", open_clip's default (6 beams in 3 groups).
+          As open_clip's, beams are ranked by their summed *logits* (not log-probabilities), finished hypotheses by
+          that sum over their length (with end-of-text) to the power ``length_penalty``, and a caption that reaches
+          ``max_length`` keeps its last token. open_clip's groups have no diversity penalty, so every group searches
+          alike: one group of ``num_beams // num_beam_groups`` beams is searched here, with the same result.
+          ``beam_scores="log_probs"`` ranks by summed log-probabilities instead, as transformers' beam search does
+          (better captions on Flickr8k dev for a CoCa trained here: docs/BENCHMARKS.md).
+
+        No end-of-text before ``min_length`` tokens; ``repetition_penalty`` shrinks the logits of tokens already in
+        the caption (transformers' ``RepetitionPenaltyLogitsProcessor``, which open_clip applies). Each step runs only
+        the new position of the rows still being written through the text tower and the decoder, attending over the
+        keys and values kept from earlier steps: under the causal masks earlier positions cannot change, so this is
+        open_clip's computation without its recomputing every caption (and every finished one) at every step."""
         if max_length <= min_length:
             raise ValueError(f"max_length ({max_length}) must be larger than min_length ({min_length})")
         if max_length > self.text.context_length:
             raise ValueError(f"max_length ({max_length}) is past the text tower's {self.text.context_length} positions")
-        if (top_k is None) == (top_p is None):
-            raise ValueError("generate samples by top_k or by top_p: give exactly one")
+        if sum(option is not None for option in (top_k, top_p, num_beams)) > 1:
+            raise ValueError("generate decodes greedily, by top_k or top_p sampling, or by beam search (num_beams): "
+                             "give at most one of them")
+        if beam_scores not in ("logits", "log_probs"):
+            raise ValueError(f"beam_scores is 'logits' (open_clip's) or 'log_probs', not {beam_scores!r}")
+        if num_beams is not None and (num_beams < 2 or num_beam_groups < 1 or num_beams % num_beam_groups):
+            raise ValueError(f"num_beams ({num_beams}) must be at least 2 and a multiple of num_beam_groups "
+                             f"({num_beam_groups})")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, not {repetition_penalty}")
         pad_id = self.text.pad_id if pad_id is None else pad_id
         was_training = self.training
         self.eval()
-        text, decoder = self.text, self.text_decoder
-        _, image_tokens = self.visual.forward_tokens(images)
-        cross_kv = [_cross_keys_values(block, image_tokens) for block in decoder.cross_attn]
-        text_cache = [[] for _ in text.transformer.resblocks]
-        decoder_cache = [[] for _ in decoder.resblocks]
-        out = torch.full((images.shape[0], 1), sot_id, dtype=torch.long, device=images.device)
-        while True:
-            length = out.shape[1]
-            done = (out[:, -1] == eot_id) | (out[:, -1] == pad_id)
-            if done.all():
-                break
-            x = text.token_embedding(out[:, -1:]) + text.positional_embedding[length - 1]
-            for block, cache in zip(text.transformer.resblocks, text_cache):
-                x = _self_attention_step(block, x, cache)
-            for block, cross, cache, kv in zip(decoder.resblocks, decoder.cross_attn, decoder_cache, cross_kv):
-                x = _cross_attention_step(cross, _self_attention_step(block, x, cache), kv)
-            logits = decoder.ln_final(x[~done, -1]) @ decoder.text_projection
-            if length < min_length:  # open_clip's MinLengthLogitsProcessor
-                logits[:, eot_id] = float("-inf")
-            logits = _filter_top_k(logits, top_k) if top_k is not None else _filter_top_p(logits, top_p)
-            sample = torch.full((out.shape[0], 1), pad_id, dtype=torch.long, device=out.device)
-            if length + 1 == max_length:
-                sample[~done] = eot_id
+        try:
+            decoder = _IncrementalDecoder(self, self.visual.forward_tokens(images)[1])
+            if num_beams is None:
+                out = _sample(decoder, images.shape[0], max_length, min_length, 1 if top_p is None and top_k is None
+                              else top_k, top_p, temperature, repetition_penalty, generator, sot_id, eot_id, pad_id)
             else:
-                sample[~done] = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator)
-            out = torch.cat([out, sample], dim=1)
-            if out.shape[1] >= max_length:
-                break
-        self.train(was_training)
+                out = _beam_search(decoder, images.shape[0], num_beams // num_beam_groups, max_length, min_length,
+                                   beam_scores == "log_probs", repetition_penalty, length_penalty, sot_id, eot_id,
+                                   pad_id)
+        finally:
+            self.train(was_training)
         return out
+
+
+class _IncrementalDecoder:
+    """A CoCa's text tower and decoder run one caption position at a time for each row (an image, or one beam of an
+    image), keeping every layer's self-attention keys and values, and the image tokens' cross-attention ones."""
+
+    def __init__(self, model: CoCa, image_tokens: torch.Tensor):
+        self.text, self.decoder = model.text, model.text_decoder
+        self.cross_kv = [_cross_keys_values(block, image_tokens) for block in self.decoder.cross_attn]
+        self.text_cache = [[] for _ in self.text.transformer.resblocks]
+        self.decoder_cache = [[] for _ in self.decoder.resblocks]
+
+    def next_logits(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """Each row's next-token logits ``[R, vocab]`` after its token ``tokens[r]`` at ``position``."""
+        text, decoder = self.text, self.decoder
+        x = text.token_embedding(tokens[:, None]) + text.positional_embedding[position]
+        for block, cache in zip(text.transformer.resblocks, self.text_cache):
+            x = _self_attention_step(block, x, cache)
+        for block, cross, cache, kv in zip(decoder.resblocks, decoder.cross_attn, self.decoder_cache, self.cross_kv):
+            x = _cross_attention_step(cross, _self_attention_step(block, x, cache), kv)
+        return decoder.ln_final(x[:, -1]) @ decoder.text_projection
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """From now on only ``rows``, in that order (beams reordered, finished rows dropped; a row may repeat)."""
+        for cache in self.text_cache + self.decoder_cache:
+            cache[:] = [t[rows] for t in cache]
+        self.cross_kv = [(k[rows], v[rows]) for k, v in self.cross_kv]
+
+
+def _sample(decoder: _IncrementalDecoder, batch: int, max_length: int, min_length: int, top_k: int | None,
+            top_p: float | None, temperature: float, repetition_penalty: float, generator, sot_id: int, eot_id: int,
+            pad_id: int) -> torch.Tensor:
+    """open_clip's top-k / top-p ``generate`` loop; rows leave the computation as they finish."""
+    device = decoder.text.positional_embedding.device
+    out = torch.full((batch, 1), sot_id, dtype=torch.long, device=device)
+    writing = torch.arange(batch, device=device)  # rows of ``out`` still being written, in the decoder's row order
+    while True:
+        length = out.shape[1]
+        logits = _processed(decoder.next_logits(out[writing, -1], length - 1), out[writing], length < min_length,
+                            repetition_penalty, eot_id)
+        logits = _filter_top_k(logits, top_k) if top_k is not None else _filter_top_p(logits, top_p)
+        if length + 1 == max_length:
+            new = torch.full((len(writing),), eot_id, dtype=torch.long, device=device)
+        else:
+            new = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator)[:, 0]
+        column = torch.full((batch, 1), pad_id, dtype=torch.long, device=device)
+        column[writing, 0] = new
+        out = torch.cat([out, column], dim=1)
+        going = (new != eot_id) & (new != pad_id)  # open_clip stops a row at either
+        if out.shape[1] >= max_length or not going.any():
+            return out
+        if not going.all():
+            decoder.keep(going.nonzero()[:, 0])
+            writing = writing[going]
+
+
+def _processed(logits: torch.Tensor, tokens: torch.Tensor, too_short: bool, repetition_penalty: float,
+               eot_id: int) -> torch.Tensor:
+    """open_clip's logits processors: no end-of-text while ``too_short`` (transformers' MinLengthLogitsProcessor),
+    then the logits of tokens already in each row's ``tokens`` divided by ``repetition_penalty`` (multiplied where
+    negative: transformers' RepetitionPenaltyLogitsProcessor)."""
+    if too_short:
+        logits[:, eot_id] = float("-inf")
+    if repetition_penalty != 1.0:
+        seen = logits.gather(1, tokens)
+        logits = logits.scatter(1, tokens, torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty))
+    return logits
+
+
+class _Finished:
+    """One image's best finished captions, at most ``size`` (transformers' ``BeamHypotheses``, which open_clip's beam
+    search keeps): each scored by its summed logits over its length to the power ``length_penalty``."""
+
+    def __init__(self, size: int, length_penalty: float):
+        self.size, self.length_penalty = size, length_penalty
+        self.captions: list[tuple[float, torch.Tensor]] = []
+        self.worst = 1e9
+
+    def add(self, tokens: torch.Tensor, summed: float, length: int) -> None:
+        score = summed / length ** self.length_penalty
+        if len(self.captions) < self.size or score > self.worst:
+            self.captions.append((score, tokens))
+            if len(self.captions) > self.size:
+                ranked = sorted((s, i) for i, (s, _) in enumerate(self.captions))
+                del self.captions[ranked[0][1]]
+                self.worst = ranked[1][0]
+            else:
+                self.worst = min(score, self.worst)
+
+    def done(self, best_summed: float, length: int) -> bool:
+        """Full, and no open beam can beat the worst caption kept (transformers' ``early_stopping=False``)."""
+        return len(self.captions) >= self.size and self.worst >= best_summed / length ** self.length_penalty
+
+    def best(self) -> torch.Tensor:
+        return sorted(self.captions, key=lambda caption: caption[0])[-1][1]  # the last of equals, as transformers'
+
+
+def _beam_search(decoder: _IncrementalDecoder, batch: int, beams: int, max_length: int, min_length: int,
+                 log_probs: bool, repetition_penalty: float, length_penalty: float, sot_id: int, eot_id: int,
+                 pad_id: int) -> torch.Tensor:
+    """open_clip's ``_generate_beamsearch`` (transformers' ``BeamSearchScorer``) for one group of ``beams`` beams
+    per image, on logits or (``log_probs``) log-probabilities; an image leaves the computation once its search is
+    done."""
+    device = decoder.text.positional_embedding.device
+    decoder.keep(torch.arange(batch, device=device).repeat_interleave(beams))
+    searching = list(range(batch))  # images still searched; each has ``beams`` consecutive rows
+    finished = [_Finished(beams, length_penalty) for _ in range(batch)]
+    tokens = torch.full((batch * beams, 1), sot_id, dtype=torch.long, device=device)
+    scores = torch.full((batch, beams), -1e9, device=device)
+    scores[:, 0] = 0  # every image starts from one beam
+    scores = scores.view(-1)
+    while True:
+        length = tokens.shape[1]
+        logits = decoder.next_logits(tokens[:, -1], length - 1)
+        logits = _processed(F.log_softmax(logits, dim=-1) if log_probs else logits, tokens, length < min_length,
+                            repetition_penalty, eot_id)
+        vocab = logits.shape[1]
+        top_scores, top = (logits + scores[:, None]).view(len(searching), beams * vocab).topk(2 * beams, dim=1)
+        rows, next_tokens, next_scores, still = [], [], [], []
+        for i, (image, image_scores, image_top) in enumerate(zip(searching, top_scores.tolist(), top.tolist())):
+            kept = []
+            for rank, (score, choice) in enumerate(zip(image_scores, image_top)):
+                row, token = i * beams + choice // vocab, choice % vocab
+                if token == eot_id:
+                    if rank < beams:  # an end among the best ``beams`` candidates finishes that caption
+                        finished[image].add(tokens[row], score, length + 1)
+                else:
+                    kept.append((row, token, score))
+                if len(kept) == beams:
+                    break
+            if not finished[image].done(max(image_scores), length + 1):
+                still.append(image)
+                for row, token, score in kept:
+                    rows.append(row), next_tokens.append(token), next_scores.append(score)
+        searching = still
+        if not searching:
+            break
+        rows = torch.tensor(rows, device=device)
+        tokens = torch.cat([tokens[rows], torch.tensor(next_tokens, device=device)[:, None]], dim=1)
+        scores = torch.tensor(next_scores, device=device)
+        if tokens.shape[1] >= max_length:  # the open beams of an unfinished search compete as they are
+            for i, image in enumerate(searching):
+                for row in range(i * beams, (i + 1) * beams):
+                    finished[image].add(tokens[row], next_scores[row], tokens.shape[1])
+            break
+        decoder.keep(rows)
+    best = [caption.best() for caption in finished]
+    width = min(max(len(caption) for caption in best) + 1, max_length)
+    out = torch.full((batch, width), pad_id, dtype=torch.long, device=device)
+    for row, caption in zip(out, best):
+        row[:len(caption)] = caption
+        if len(caption) < width:
+            row[len(caption)] = eot_id
+    return out
 
 
 # Sizes read off the data: eager under torch.compile (a graph break, without dynamo tracing .item() and nonzero)
