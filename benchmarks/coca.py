@@ -83,7 +83,7 @@ def training_steps(args):
     def step_ours():
         ours.zero_grad(set_to_none=True)
         out = ours(images, tokens)
-        loss = our_loss(*out[:3], caption_logits=out.caption_logits, caption_labels=out.caption_labels)
+        loss = our_loss(*out[:3], caption_nll=out.caption_nll, caption_labels=out.caption_labels)
         loss.backward()
         return loss.detach()
 
@@ -178,6 +178,9 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     args.batch = args.batch or (16 if args.train else 8)
+    if args.train and args.batch < 8:
+        p.error("--train --batch below 8: the resident-memory measure cannot see a step that small after its warm-up "
+                "(its peak would read as noise, even negative)")
     if args.one_train:
         print(json.dumps(train_memory(args, args.one_train)))
         return

@@ -343,14 +343,19 @@ def test_coca_training_loss_is_open_clips_and_exact_under_gradient_accumulation(
             expected["logit_scale"])
     out = ours(images, tokens)
     labelled = tokens[:, 1:] != 0
-    assert out.caption_logits.shape == (int(labelled.sum()), 49408)
     assert torch.equal(out.caption_labels, tokens[:, 1:][labelled])
-    assert (out.caption_logits - expected["logits"][labelled]).abs().max() <= 1e-4
-    loss = loss_fn(*out[:3], caption_logits=out.caption_logits, caption_labels=out.caption_labels)
+    # the summed cross-entropy of open_clip's logits at the labelled positions, without logits of its own
+    expected_nll = torch.nn.functional.cross_entropy(expected["logits"][labelled], out.caption_labels, reduction="sum")
+    assert out.caption_nll.shape == () and abs(out.caption_nll.item() - expected_nll.item()) <= 1e-5 * expected_nll
+    with torch.no_grad():
+        logits, labels = ours.caption_predictions(ours.visual.forward_tokens(images)[1],
+                                                  ours.text.forward_tokens(tokens)[1], tokens)
+    assert torch.equal(labels, out.caption_labels) and (logits - expected["logits"][labelled]).abs().max() <= 1e-4
+    loss = loss_fn(*out[:3], caption_nll=out.caption_nll, caption_labels=out.caption_labels)
     assert abs(loss.item() - (expected_clip + expected_caption).item()) <= 1e-5
     with torch.no_grad():  # without autograd (accumulation's cached pass) the decoder is skipped
         cached = ours(images, tokens)
-    assert cached.caption_logits is None and torch.equal(cached.caption_labels, out.caption_labels)
+    assert cached.caption_nll is None and torch.equal(cached.caption_labels, out.caption_labels)
     assert ours.eval()(images, tokens).caption_labels is None and ours.train().training
 
     reported = []

@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from clipforge.loss import ClipLoss, SigLipLoss
+from clipforge.loss import ClipLoss, SigLipLoss, linear_cross_entropy
 
 from conftest import free_port
 
@@ -82,6 +82,47 @@ def test_chunked_memory_grows_linearly_dense_quadratically():
     assert dense[2] / dense[1] > 3.5 and dense[1] / dense[0] > 3.5
     assert chunked[2] / chunked[1] < 2.2 and chunked[1] / chunked[0] < 2.2
     assert chunked[2] < dense[2] / 10
+
+
+def test_linear_cross_entropy_equals_dense_and_keeps_no_logits():
+    """``linear_cross_entropy`` (CoCa's caption term): the summed cross-entropy of ``states @ weight`` and its
+    gradients (scaled by the gradient coming back) equal the dense computation's, whatever the chunking (an uneven
+    tail, one chunk, a chunk larger than the rows), with either input frozen, and without autograd; between the passes
+    it keeps its inputs' gradients, not the [rows x vocab] logits and log-softmax the dense computation keeps (and so
+    allows one backward)."""
+    torch.manual_seed(0)
+    states = torch.randn(300, 32, requires_grad=True)
+    weight = (torch.randn(32, 5000) * 0.2).requires_grad_()
+    labels = torch.randint(0, 5000, (300,))
+
+    def saved_bytes_and_grads(compute):
+        states.grad = weight.grad = None
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = compute()
+        (0.5 * loss).backward()
+        return loss.detach(), sum(saved), states.grad, weight.grad
+
+    dense, dense_saved, dense_states, dense_weight = saved_bytes_and_grads(
+        lambda: F.cross_entropy(states @ weight, labels, reduction="sum"))
+    for chunk in (64, 300, 1000):
+        loss, saved, grad_states, grad_weight = saved_bytes_and_grads(
+            lambda: linear_cross_entropy(states, weight, labels, chunk))
+        assert torch.allclose(loss, dense, rtol=1e-6)
+        assert torch.allclose(grad_states, dense_states, atol=1e-6) and torch.allclose(grad_weight, dense_weight,
+                                                                                      atol=1e-5)
+        assert saved < dense_saved / 5, (saved, dense_saved)
+    frozen = weight.detach()
+    states.grad = None
+    (0.5 * linear_cross_entropy(states, frozen, labels, 64)).backward()
+    assert torch.allclose(states.grad, dense_states, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(linear_cross_entropy(states, weight, labels, 64), dense, rtol=1e-6)
+    loss = linear_cross_entropy(states, weight, labels, 64)  # its gradients are scaled in place: a second use refused
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak device memory is measured on CUDA only")

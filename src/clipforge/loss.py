@@ -10,7 +10,8 @@ they equal those of one process holding the concatenated batch.
 - ``chunk_size``: rows are processed in chunks by a custom autograd function that recomputes each chunk's logits
   in the backward pass, so peak memory is O(chunk_size x columns) instead of O(rows x columns).
 
-``CoCaLoss`` adds CoCa's captioning term (the decoder's next-token cross-entropy) to either of them.
+``CoCaLoss`` adds CoCa's captioning term (the decoder's next-token cross-entropy) to either of them; the model computes
+that cross-entropy with ``linear_cross_entropy``, which never holds the [caption tokens x vocabulary] logits whole.
 """
 from __future__ import annotations
 
@@ -177,9 +178,64 @@ def _siglip_rows(rows, texts, logit_scale, logit_bias, first_label: int) -> torc
     return -F.logsigmoid(signs * logits).sum()
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``labels`` under ``states @ weight``, chunk by chunk. Each chunk's gradients are taken
+    in the forward pass, while its logits exist (softmax minus one-hot, through the two matmuls): the backward pass
+    only scales them, and no logits are kept between the passes."""
+
+    @staticmethod
+    def forward(ctx, states, weight, labels, chunk_size):
+        want_states, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=states.device)
+        grad_states = torch.empty_like(states) if want_states else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        for start in range(0, len(states), chunk_size):
+            rows, targets = states[start:start + chunk_size], labels[start:start + chunk_size]
+            logits = (rows @ weight.to(rows.dtype)).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, targets[:, None])[:, 0]).sum()
+            grad = logits.sub_(log_norm[:, None]).exp_()  # softmax, in the logits' memory
+            grad[torch.arange(len(targets), device=grad.device), targets] -= 1
+            grad = grad.to(rows.dtype)
+            if want_states:
+                grad_states[start:start + chunk_size] = grad @ weight.to(rows.dtype).T
+            if want_weight:
+                grad_weight += (rows.T @ grad).float()
+        ctx.save_for_backward(grad_states, grad_weight)
+        ctx.weight_dtype, ctx.scaled = weight.dtype, False
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        # scaled in place: the weight's [width x vocab] gradient is not held twice (hence only one backward)
+        if ctx.scaled:
+            raise RuntimeError("linear_cross_entropy's gradients were already used: one backward per forward")
+        ctx.scaled = True
+        grad_states, grad_weight = ctx.saved_tensors
+        if grad_states is not None:
+            grad_states = grad_states.mul_(grad_total.to(grad_states.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
+        return grad_states, grad_weight, None, None
+
+
+@torch.compiler.disable  # a loop over data-dependent row counts: eager, as the caption sizes it follows
+def linear_cross_entropy(states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_size: int = 512) -> torch.Tensor:
+    """``F.cross_entropy(states @ weight, labels, reduction="sum")`` in float32, ``chunk_size`` rows at a time, so
+    that the logits (a CoCa's caption tokens x its 49,408-word vocabulary) never exist whole: peak memory is one
+    chunk's logits, not three copies of all of them (logits, log-softmax, their gradient)."""
+    if torch.is_grad_enabled() and (states.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(states, weight, labels, chunk_size)
+    return sum((F.cross_entropy((states[i:i + chunk_size] @ weight.to(states.dtype)).float(),
+                                labels[i:i + chunk_size], reduction="sum") for i in range(0, len(states), chunk_size)),
+               torch.zeros((), dtype=torch.float32, device=states.device))
+
+
 class CoCaLoss(nn.Module):
     """CoCa's objective as open_clip's ``CoCaLoss`` weighs it: ``contrastive_weight`` x the contrastive loss +
-    ``caption_weight`` x the mean cross-entropy of each caption token (``CoCa.forward``'s caption fields).
+    ``caption_weight`` x the mean cross-entropy of each caption token (``CoCa.forward``'s caption fields: their
+    summed cross-entropy and the tokens).
 
     ``caption_tokens``: how many tokens the mean is over, when a step is several micro-batches (``train_step``):
     each micro-batch's summed cross-entropy over the whole step's count gives the gradient of one batch's mean.
@@ -193,13 +249,12 @@ class CoCaLoss(nn.Module):
         self.last_caption_term = None
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor | None = None, caption_logits: torch.Tensor | None = None,
+                logit_bias: torch.Tensor | None = None, caption_nll: torch.Tensor | None = None,
                 caption_labels: torch.Tensor | None = None, caption_tokens: int | None = None) -> torch.Tensor:
         loss = self.contrastive_weight * self.contrastive(image_features, text_features, logit_scale, logit_bias)
-        if caption_logits is None:
+        if caption_nll is None:
             return loss
-        summed = F.cross_entropy(caption_logits.float(), caption_labels, reduction="sum")
-        caption = self.caption_weight * summed / max(1, caption_tokens or len(caption_labels))
+        caption = self.caption_weight * caption_nll / max(1, caption_tokens or len(caption_labels))
         self.last_caption_term = caption.detach()
         return loss + caption
 

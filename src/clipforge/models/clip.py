@@ -26,8 +26,8 @@ class _CLIPOutputFields(NamedTuple):
     text_features: torch.Tensor
     logit_scale: torch.Tensor
     logit_bias: torch.Tensor | None = None
-    caption_logits: torch.Tensor | None = None  # CoCa in training: next-token logits [tokens, vocab] ...
-    caption_labels: torch.Tensor | None = None  # ... and the caption tokens they predict [tokens]
+    caption_nll: torch.Tensor | None = None  # CoCa in training: the caption tokens' summed cross-entropy ...
+    caption_labels: torch.Tensor | None = None  # ... and those tokens [tokens]
 
 
 class CLIPOutput(_CLIPOutputFields):

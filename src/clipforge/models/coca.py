@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..loss import linear_cross_entropy
 from .clip import CLIP, CLIPOutput
 from .layers import LayerNorm, ResidualAttentionBlock, init_residual_blocks, mlp, recomputed
 from .text_transformer import TextTransformer
@@ -175,35 +176,45 @@ class CoCa(CLIP):
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> CLIPOutput:
         """CLIP's output; in training, given images and tokens, also what the captioning loss needs, from the same
         two tower passes (as open_clip's ``CoCa.forward``): ``caption_labels``, every caption token after the first
-        that is not padding, flattened, and (autograd on) ``caption_logits``, the decoder's logits predicting each.
+        that is not padding, flattened, and (autograd on) ``caption_nll``, the summed cross-entropy of the decoder's
+        prediction of each (open_clip returns the logits; its loss takes the mean).
 
         The decoder runs only as far as the batch's longest caption, and only positions with a label are projected
         onto the vocabulary: causal masks make both exact (later positions cannot change earlier ones), so the
-        padding of a 77-token context costs neither time nor logits' memory. Without autograd (the cached pass of
-        gradient accumulation) the decoder is skipped: the step needs only the labels' count."""
+        padding of a 77-token context costs neither time nor memory. The projection and cross-entropy run a chunk of
+        tokens at a time (``loss.linear_cross_entropy``): the [tokens x 49,408] logits never exist whole. Without
+        autograd (the cached pass of gradient accumulation) the decoder is skipped: the step needs only the labels'
+        count."""
         if not (self.training and images is not None and tokens is not None):
             return super().forward(images, tokens)
         dtype = next(self.visual.parameters()).dtype
         image_features, image_tokens = self.visual.forward_tokens(images.to(dtype))
         text_features, text_states = self.text.forward_tokens(tokens)
         if torch.is_grad_enabled():
-            logits, labels = self.caption_predictions(image_tokens, text_states, tokens)
+            states, labels = self.caption_states(image_tokens, text_states, tokens)
+            nll = linear_cross_entropy(states, self.text_decoder.text_projection, labels)
         else:
-            logits, labels = None, _labelled_rows(tokens[:, 1:], tokens[:, 1:] != self.text.pad_id)
+            nll, labels = None, _labelled_rows(tokens[:, 1:], tokens[:, 1:] != self.text.pad_id)
         return super().forward()._replace(
             image_features=F.normalize(image_features, dim=-1), text_features=F.normalize(text_features, dim=-1),
-            caption_logits=logits, caption_labels=labels)
+            caption_nll=nll, caption_labels=labels)
 
-    def caption_predictions(self, image_tokens: torch.Tensor, text_states: torch.Tensor,
-                            tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits [T, vocab], labels [T])`` for the T caption tokens after the first that are not padding: the
-        decoder's prediction of each from the tokens before it (``text_states``: the text tower's per-position
-        outputs for ``tokens``) and the image's tokens. Only as many positions as the longest caption are decoded."""
+    def caption_states(self, image_tokens: torch.Tensor, text_states: torch.Tensor,
+                       tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(states [T, width], labels [T])`` for the T caption tokens after the first that are not padding: the
+        decoder's final states predicting each (before the vocabulary projection) from the tokens before it
+        (``text_states``: the text tower's per-position outputs for ``tokens``) and the image's tokens. Only as many
+        positions as the longest caption are decoded."""
         labels = tokens[:, 1:]
         has_label, length = _caption_extent(labels, self.text.pad_id)
         states = self.text_decoder(image_tokens, text_states[:, :length], project=False)
-        return _labelled_rows(states, has_label[:, :length]) @ self.text_decoder.text_projection, \
-            _labelled_rows(labels, has_label)
+        return _labelled_rows(states, has_label[:, :length]), _labelled_rows(labels, has_label)
+
+    def caption_predictions(self, image_tokens: torch.Tensor, text_states: torch.Tensor,
+                            tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [T, vocab], labels [T])``: ``caption_states`` projected onto the vocabulary."""
+        states, labels = self.caption_states(image_tokens, text_states, tokens)
+        return states @ self.text_decoder.text_projection, labels
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, max_length: int = 30, min_length: int = 5, top_k: int | None = None,

@@ -66,9 +66,9 @@ def train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) 
 
 def _caption_terms(loss_fn, out, caption_tokens: int | None = None) -> dict:
     """A CoCa's caption fields, for a loss that takes them (``CoCaLoss``); nothing for other models or losses."""
-    if getattr(out, "caption_logits", None) is None or not isinstance(loss_fn, CoCaLoss):
+    if getattr(out, "caption_nll", None) is None or not isinstance(loss_fn, CoCaLoss):
         return {}
-    return {"caption_logits": out.caption_logits, "caption_labels": out.caption_labels,
+    return {"caption_nll": out.caption_nll, "caption_labels": out.caption_labels,
             "caption_tokens": caption_tokens}
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 from ..data import evaluation_set, open_source
 from ..data.sources import source_classnames
 from ..evaluate.metrics import topk_accuracy
+from ..loss import linear_cross_entropy
 from ..preprocess import Preprocess
 from ..prompts import DEFAULT_TEMPLATES
 from ..zeroshot import zero_shot_classifier
@@ -74,7 +74,7 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
             weights = zero_shot_classifier(model, tokenizer, val_set.classnames, templates, device=device)
             logits = images @ weights.float().cpu()
             metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
-        if hasattr(model, "caption_predictions") and not val_set.captions_from_labels:  # CoCa: its decoder too
+        if hasattr(model, "caption_states") and not val_set.captions_from_labels:  # CoCa: its decoder too
             metrics["caption_loss"] = coca_caption_loss(model, tokenizer, val_set, device)
     model.train(was_training)
     return metrics
@@ -83,7 +83,7 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
 @torch.no_grad()
 def coca_caption_loss(model, tokenizer, val_set, device, batch_size: int = 64) -> float:
     """A CoCa's held-out captioning loss: the mean cross-entropy per caption token (after the first, padding left
-    out) over every caption of every image, as its training term is computed (``CoCa.caption_predictions``)."""
+    out) over every caption of every image, as its training term is computed (``CoCa.caption_states``)."""
     owners = torch.as_tensor(val_set.caption_images)
     total, count = 0.0, 0
     for start in range(0, len(val_set.images), batch_size):
@@ -92,9 +92,9 @@ def coca_caption_loss(model, tokenizer, val_set, device, batch_size: int = 64) -
         rows = ((owners >= start) & (owners < start + len(images))).nonzero().flatten()
         for chunk in rows.split(batch_size):  # the logits of up to batch_size captions at a time
             tokens = tokenizer([val_set.captions[i] for i in chunk.tolist()]).to(device)
-            logits, labels = model.caption_predictions(image_tokens[(owners[chunk] - start).to(device)],
-                                                       model.text.forward_tokens(tokens)[1], tokens)
-            total += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            states, labels = model.caption_states(image_tokens[(owners[chunk] - start).to(device)],
+                                                  model.text.forward_tokens(tokens)[1], tokens)
+            total += linear_cross_entropy(states, model.text_decoder.text_projection, labels).item()
             count += len(labels)
     return total / max(1, count)
 
