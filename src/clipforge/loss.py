@@ -189,16 +189,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=states.device)
         grad_states = torch.empty_like(states) if want_states else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        projection = weight.to(states.dtype)  # cast once (bf16 autocast), not per chunk
         for start in range(0, len(states), chunk_size):
             rows, targets = states[start:start + chunk_size], labels[start:start + chunk_size]
-            logits = (rows @ weight.to(rows.dtype)).float()
+            logits = (rows @ projection).float()
             log_norm = torch.logsumexp(logits, dim=-1)
             total += (log_norm - logits.gather(1, targets[:, None])[:, 0]).sum()
             grad = logits.sub_(log_norm[:, None]).exp_()  # softmax, in the logits' memory
             grad[torch.arange(len(targets), device=grad.device), targets] -= 1
             grad = grad.to(rows.dtype)
             if want_states:
-                grad_states[start:start + chunk_size] = grad @ weight.to(rows.dtype).T
+                grad_states[start:start + chunk_size] = grad @ projection.T
             if want_weight:
                 grad_weight += (rows.T @ grad).float()
         ctx.save_for_backward(grad_states, grad_weight)
@@ -227,8 +228,9 @@ def linear_cross_entropy(states: torch.Tensor, weight: torch.Tensor, labels: tor
     chunk's logits, not three copies of all of them (logits, log-softmax, their gradient)."""
     if torch.is_grad_enabled() and (states.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(states, weight, labels, chunk_size)
-    return sum((F.cross_entropy((states[i:i + chunk_size] @ weight.to(states.dtype)).float(),
-                                labels[i:i + chunk_size], reduction="sum") for i in range(0, len(states), chunk_size)),
+    projection = weight.to(states.dtype)
+    return sum((F.cross_entropy((states[i:i + chunk_size] @ projection).float(), labels[i:i + chunk_size],
+                                reduction="sum") for i in range(0, len(states), chunk_size)),
                torch.zeros((), dtype=torch.float32, device=states.device))
 
 
