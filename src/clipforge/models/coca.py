@@ -387,7 +387,7 @@ def _beam_search(decoder: _IncrementalDecoder, batch: int, beams: int, max_lengt
                             repetition_penalty, eot_id)
         vocab = logits.shape[1]
         top_scores, top = (logits + scores[:, None]).view(len(searching), beams * vocab).topk(2 * beams, dim=1)
-        rows, next_tokens, next_scores, still = [], [], [], []
+        chosen, still = [], []  # (row, token, summed score) of every beam that goes on; the images that do
         for i, (image, image_scores, image_top) in enumerate(zip(searching, top_scores.tolist(), top.tolist())):
             kept = []
             for rank, (score, choice) in enumerate(zip(image_scores, image_top)):
@@ -401,11 +401,11 @@ def _beam_search(decoder: _IncrementalDecoder, batch: int, beams: int, max_lengt
                     break
             if not finished[image].done(max(image_scores), length + 1):
                 still.append(image)
-                for row, token, score in kept:
-                    rows.append(row), next_tokens.append(token), next_scores.append(score)
+                chosen += kept
         searching = still
         if not searching:
             break
+        rows, next_tokens, next_scores = (list(column) for column in zip(*chosen))
         rows = torch.tensor(rows, device=device)
         tokens = torch.cat([tokens[rows], torch.tensor(next_tokens, device=device)[:, None]], dim=1)
         scores = torch.tensor(next_scores, device=device)
