@@ -171,7 +171,8 @@ class CoCa(CLIP):
         token given the caption so far and the image, padding left out. (``clipforge train`` takes it from
         ``forward``'s caption fields instead, with the contrastive loss from the same tower passes: ``CoCaLoss``.)"""
         image_tokens = self.visual.forward_tokens(images)[1]
-        return F.cross_entropy(*self.caption_predictions(image_tokens, self.text.forward_tokens(tokens)[1], tokens))
+        states, labels = self.caption_states(image_tokens, self.text.forward_tokens(tokens)[1], tokens)
+        return linear_cross_entropy(states, self.text_decoder.text_projection, labels) / max(1, len(labels))
 
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> CLIPOutput:
         """CLIP's output; in training, given images and tokens, also what the captioning loss needs, from the same
