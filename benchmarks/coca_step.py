@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 import clipforge
 from clipforge.bench.corpora import flickr8k_captions
-from clipforge.bench.timing import rss_peak_growth
 from clipforge.loss import ClipLoss, CoCaLoss
+from step_measure import measure_step  # beside this script
 
 
 def main() -> None:
@@ -48,22 +47,9 @@ def main() -> None:
 
     result = {"model": args.model, "batch": args.batch, "caption_tokens": int((tokens[:, 1:] != 0).sum()),
               "threads": torch.get_num_threads()}
-    if args.measure == "first":
-        peak = rss_peak_growth()
-        result.update(loss=step(), first_step_peak_mb=peak())
-    elif args.measure == "warm":
-        step()
-        peak = rss_peak_growth()
-        result.update(loss=step(), warm_step_peak_mb=peak())
-    else:
-        step()
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            result["loss"] = step()
-            times.append(time.perf_counter() - start)
-        median = sorted(times)[len(times) // 2]
-        result.update(median_s=median, samples_per_s=args.batch / median)
+    result.update(measure_step(step, args.measure, args.repeats))
+    if args.measure == "time":
+        result["samples_per_s"] = args.batch / result["median_s"]
     print(json.dumps(result))
 
 

@@ -91,6 +91,89 @@ def test_linear_map_carries_the_image_into_a_frozen_lm(tiny_lm, tiny_clip):
     assert [name for name, p in mapping.named_parameters()] == ["proj.weight", "proj.bias"]
 
 
+def _lm_with_head(head: str):
+    """A tiny random LM whose logits are a plain projection of its last hidden states, or are not (a head with a
+    bias; Gemma 2's soft-capped logits)."""
+    from conftest import tiny_llama
+
+    words = ["</s>", "<unk>", "a", "shape", *COLOURS]
+    lm, tokenizer = tiny_llama(words)
+    if head == "biased":
+        lm.lm_head = torch.nn.Linear(lm.config.hidden_size, len(words), bias=True)
+    elif head == "soft-capped":
+        import transformers
+
+        lm = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5, eos_token_id=0, bos_token_id=0,
+            pad_token_id=0))
+    return lm.eval().requires_grad_(False), tokenizer
+
+
+@pytest.mark.parametrize("head", ["plain", "biased", "soft-capped"])
+def test_caption_loss_is_the_language_models_own_loss_whatever_its_head(head):
+    """Where the LM's logits are a plain projection (checked per model), only the scored positions' states are
+    projected, chunk by chunk, and the LM's head module never runs; otherwise the LM's own logits are taken. Either
+    way: the loss and the map's gradient of the LM's own ``labels=`` loss, and its per-caption sums."""
+    lm, tokenizer = _lm_with_head(head)
+    torch.manual_seed(1)
+    mapping = limber.ImageToPrefix(limber.MappingConfig(8, lm.config.hidden_size, prefix_tokens=2, prompt="a"))
+    torch.nn.init.normal_(mapping.proj.weight, std=0.5)
+    features, captions = torch.randn(3, 8), ["a red shape", "red", "a blue blue shape"]
+    assert (limber._plain_output_projection(lm) is not None) == (head == "plain")
+    head_calls = []
+    hook = lm.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+    try:
+        loss = limber.caption_loss(mapping, lm, tokenizer, features, captions)
+        loss.backward()
+    finally:
+        hook.remove()
+    assert len(head_calls) == (0 if head == "plain" else 1)
+    ours = mapping.proj.weight.grad.clone()
+    mapping.zero_grad()
+    embeds, attention, labels = limber._prefixed_captions(mapping, lm, tokenizer, features, captions)
+    output = lm(inputs_embeds=embeds, attention_mask=attention, labels=labels)
+    output.loss.backward()
+    torch.testing.assert_close(loss, output.loss)
+    torch.testing.assert_close(ours, mapping.proj.weight.grad)
+    token_nll = torch.nn.functional.cross_entropy(output.logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                                  reduction="none")
+    nll, scored = limber._caption_nll(mapping, lm, tokenizer, features, captions)
+    torch.testing.assert_close(nll, token_nll.sum(dim=1).detach())
+    assert scored.tolist() == [len(c.split()) + 1 for c in captions]
+
+
+def test_grad_checkpointing_recomputes_the_lm_layers_for_the_same_gradients_without_dropout(tiny_lm):
+    lm, tokenizer = limber.load_language_model(str(tiny_lm))
+    torch.manual_seed(0)
+    mapping = limber.ImageToPrefix(limber.MappingConfig(8, lm.config.hidden_size, prefix_tokens=2))
+    torch.nn.init.normal_(mapping.proj.weight, std=0.5)
+    features, captions = torch.randn(4, 8), ["a red shape", "red", "a blue blue shape", "a shape"]
+
+    def loss_grad_and_layer_calls():
+        calls = []
+        # (on the layers' attention: transformers recomputes a layer's forward, outside the layer's own hooks)
+        hooks = [layer.self_attn.register_forward_hook(lambda *_: calls.append(1)) for layer in lm.model.layers]
+        mapping.zero_grad()
+        try:
+            loss = limber.caption_loss(mapping, lm, tokenizer, features, captions)
+            loss.backward()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return loss.detach(), mapping.proj.weight.grad.clone(), len(calls)
+
+    assert limber._plain_output_projection(lm) is not None  # (checked once, by running the LM: before counting)
+    loss, grad, calls = loss_grad_and_layer_calls()
+    assert calls == len(lm.model.layers)
+    limber.recompute_activations(lm)
+    checkpointed_loss, checkpointed_grad, calls = loss_grad_and_layer_calls()
+    assert calls == 2 * len(lm.model.layers)  # each layer again in the backward pass
+    torch.testing.assert_close(checkpointed_loss, loss)
+    torch.testing.assert_close(checkpointed_grad, grad)
+    assert not any(m.training for m in lm.modules() if m not in set(lm.model.layers))  # dropout stays off
+
+
 def test_caption_log_likelihood_matches_the_training_loss(tiny_lm):
     """Summed log-probabilities per caption, over the same scored tokens as ``caption_loss``'s mean."""
     lm, tokenizer = limber.load_language_model(str(tiny_lm))
@@ -282,7 +365,9 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
     assert main([*common, "--steps", "4", "--max-grad-norm", "-1", "--output", str(tmp_path / "bad")]) == 2
     assert "--max-grad-norm must be >= 0" in capsys.readouterr().err
     assert main([*common, "--steps", "2", "--output", str(tmp_path / "resumed")]) == 0
-    assert main([*common, "--steps", "4", "--output", str(tmp_path / "resumed"), "--resume"]) == 0
+    # the second half recomputes the LM's activations in backward: the same steps
+    assert main([*common, "--steps", "4", "--output", str(tmp_path / "resumed"), "--resume",
+                 "--grad-checkpointing"]) == 0
     straight = limber.ImageToPrefix.load(tmp_path / "straight").state_dict()
     resumed = limber.ImageToPrefix.load(tmp_path / "resumed").state_dict()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

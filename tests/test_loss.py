@@ -123,6 +123,15 @@ def test_linear_cross_entropy_equals_dense_and_keeps_no_logits():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         loss.backward()
+    # float64 (LiMBer's scoring tests run the LM in float64) stays float64, with and without autograd
+    wide_states, wide_weight = states.detach().double().requires_grad_(), weight.detach().double()
+    wide_dense = F.cross_entropy(wide_states @ wide_weight, labels, reduction="sum")
+    for grad_mode in (False, True):
+        with torch.set_grad_enabled(grad_mode):
+            wide = linear_cross_entropy(wide_states, wide_weight, labels, 64)
+        assert wide.dtype == torch.float64 and torch.allclose(wide, wide_dense, rtol=1e-12, atol=0)
+    wide.backward()
+    assert wide_states.grad.dtype == torch.float64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak device memory is measured on CUDA only")

@@ -186,13 +186,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, states, weight, labels, chunk_size):
         want_states, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total = torch.zeros((), dtype=torch.float32, device=states.device)
+        wide = torch.promote_types(states.dtype, torch.float32)  # bf16 logits widened; float64 kept
+        total = torch.zeros((), dtype=wide, device=states.device)
         grad_states = torch.empty_like(states) if want_states else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                                  device=weight.device) if want_weight else None
         projection = weight.to(states.dtype)  # cast once (bf16 autocast), not per chunk
         for start in range(0, len(states), chunk_size):
             rows, targets = states[start:start + chunk_size], labels[start:start + chunk_size]
-            logits = (rows @ projection).float()
+            logits = (rows @ projection).to(wide)
             log_norm = torch.logsumexp(logits, dim=-1)
             total += (log_norm - logits.gather(1, targets[:, None])[:, 0]).sum()
             grad = logits.sub_(log_norm[:, None]).exp_()  # softmax, in the logits' memory
@@ -201,7 +203,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_states:
                 grad_states[start:start + chunk_size] = grad @ projection.T
             if want_weight:
-                grad_weight += (rows.T @ grad).float()
+                grad_weight += rows.T @ grad
         ctx.save_for_backward(grad_states, grad_weight)
         ctx.weight_dtype, ctx.scaled = weight.dtype, False
         return total
@@ -223,15 +225,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 @torch.compiler.disable  # a loop over data-dependent row counts: eager, as the caption sizes it follows
 def linear_cross_entropy(states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          chunk_size: int = 512) -> torch.Tensor:
-    """``F.cross_entropy(states @ weight, labels, reduction="sum")`` in float32, ``chunk_size`` rows at a time, so
-    that the logits (a CoCa's caption tokens x its 49,408-word vocabulary) never exist whole: peak memory is one
-    chunk's logits, not three copies of all of them (logits, log-softmax, their gradient)."""
+    """``F.cross_entropy(states @ weight, labels, reduction="sum")`` in (at least) float32, ``chunk_size`` rows at a
+    time, so that the logits (a CoCa's caption tokens x its 49,408-word vocabulary) never exist whole: peak memory is
+    one chunk's logits, not three copies of all of them (logits, log-softmax, their gradient)."""
     if torch.is_grad_enabled() and (states.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(states, weight, labels, chunk_size)
-    projection = weight.to(states.dtype)
-    return sum((F.cross_entropy((states[i:i + chunk_size] @ projection).float(), labels[i:i + chunk_size],
+    projection, wide = weight.to(states.dtype), torch.promote_types(states.dtype, torch.float32)
+    return sum((F.cross_entropy((states[i:i + chunk_size] @ projection).to(wide), labels[i:i + chunk_size],
                                 reduction="sum") for i in range(0, len(states), chunk_size)),
-               torch.zeros((), dtype=torch.float32, device=states.device))
+               torch.zeros((), dtype=wide, device=states.device))
 
 
 class CoCaLoss(nn.Module):

@@ -137,6 +137,28 @@ def load_language_model(spec: str = "smollm2"):
     return lm, tokenizer
 
 
+def recompute_activations(lm) -> None:
+    """Have the frozen LM keep only each decoder layer's input for the backward pass and recompute the rest there
+    (transformers' gradient checkpointing): a LiMBer step's memory is the LM's activations, kept only to carry the
+    gradient back to the image prefix. SmolLM2 at batch 64: 0.45x the first step's peak memory for 1.39x its time
+    (docs/BENCHMARKS.md).
+
+    transformers checkpoints a layer only while that layer is in training mode, and ``model.train()`` would switch on
+    the LM's dropout as well, changing the objective: only the checkpointed layers' own flags are set, their
+    submodules (attention and dropout) stay in eval mode. A later ``lm.eval()`` turns recomputation off again."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if hasattr(lm, "activation_checkpointing_enable"):  # its newer name (the older one warns where both exist)
+        lm.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if not layers:
+        raise ValueError(f"{type(lm).__name__}: transformers cannot checkpoint this language model's layers")
+    for layer in layers:
+        layer.training = True  # the flag, not .train(): children keep theirs
+
+
 def _converted_gguf_folder(gguf: Path) -> Path:
     from ..pretrained import cache_dir
 
@@ -206,18 +228,63 @@ def _with_prompt(prefix: torch.Tensor, lm, tokenizer, prompt: str) -> torch.Tens
 
 def caption_loss(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
     """Next-token cross-entropy of the captions (and their EOS) given the image prefix; the prefix is not scored."""
-    embeds, attention, labels = _prefixed_captions(mapping, lm, tokenizer, features, captions)
-    return lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
+    nll, scored = _scored_nll(lm, *_prefixed_captions(mapping, lm, tokenizer, features, captions), per_row=False)
+    return nll / scored.sum()
 
 
 @torch.no_grad()
 def _caption_nll(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor,
                  captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """``([N] summed negative log-likelihood, [N] number of scored tokens)`` of each caption given its image."""
-    embeds, attention, labels = _prefixed_captions(mapping, lm, tokenizer, features, captions)
-    logits = _wide(lm(inputs_embeds=embeds, attention_mask=attention).logits[:, :-1])
-    token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")
-    return token_nll.sum(dim=1), (labels[:, 1:] != -100).sum(dim=1)  # ignored positions (-100) contribute 0
+    return _scored_nll(lm, *_prefixed_captions(mapping, lm, tokenizer, features, captions), per_row=True)
+
+
+def _scored_nll(lm, embeds: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor,
+                per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy of the labelled tokens (``[N]`` per row, or the batch's total) and the number
+    of scored tokens per row.
+
+    Only the positions that predict a scored token are projected onto the vocabulary: the image prefix, the prompt
+    and the padding never are. Where the LM's logits are a plain projection of its last hidden states (SmolLM2 and
+    most decoders: ``_plain_output_projection``) the projection goes through ``loss.linear_cross_entropy`` a chunk at
+    a time, so the [tokens x vocabulary] logits, their log-softmax and their gradient never exist whole."""
+    from ..loss import linear_cross_entropy
+
+    targets = labels[:, 1:]
+    scored = targets != -100
+    counts = scored.sum(dim=1)
+    projection = _plain_output_projection(lm)
+    if projection is None:  # soft-capped, scaled or biased logits: take the LM's own, at the scored positions
+        logits = _wide(lm(inputs_embeds=embeds, attention_mask=attention).logits[:, :-1][scored])
+        token_nll = torch.nn.functional.cross_entropy(logits, targets[scored], reduction="none")
+        nll = torch.zeros(len(labels), dtype=token_nll.dtype, device=token_nll.device).index_add(
+            0, scored.nonzero()[:, 0], token_nll) if per_row else token_nll.sum()
+        return nll, counts
+    hidden = lm.base_model(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state
+    states = hidden[:, :-1][scored]
+    if not per_row:
+        return linear_cross_entropy(states, projection.T, targets[scored]), counts
+    rows = zip(states.split(counts.tolist()), targets[scored].split(counts.tolist()))  # scored positions: row-major
+    return torch.stack([linear_cross_entropy(s, projection.T, t) for s, t in rows]), counts
+
+
+@torch.no_grad()
+def _plain_output_projection(lm) -> torch.Tensor | None:
+    """The LM's output projection ``[vocabulary, dim]`` when its logits are exactly the last hidden states of its
+    ``base_model`` times that matrix (Llama, SmolLM2, Qwen, GPT-2, ...), else None: Gemma 2 soft-caps its logits,
+    Cohere scales them, Phi's head has a bias. Not assumed from the architecture's name but checked once per model, by
+    computing both ways on three token embeddings (the verdict is kept on the model)."""
+    verdict = getattr(lm, "_clipforge_plain_head", None)
+    if verdict is None:
+        head = lm.get_output_embeddings()
+        verdict = isinstance(head, nn.Linear) and head.bias is None
+        if verdict:
+            probe = lm.get_input_embeddings().weight[:3].unsqueeze(0)
+            logits = lm(inputs_embeds=probe).logits
+            projected = lm.base_model(inputs_embeds=probe).last_hidden_state @ head.weight.T.to(probe.dtype)
+            verdict = logits.shape == projected.shape and torch.allclose(logits, projected, rtol=1e-4, atol=1e-4)
+        lm._clipforge_plain_head = verdict
+    return lm.get_output_embeddings().weight if verdict else None
 
 
 def _wide(logits: torch.Tensor) -> torch.Tensor:
