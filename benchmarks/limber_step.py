@@ -3,7 +3,7 @@ after a warm-up, of ``caption_loss`` (the frozen SmolLM2-135M reading image pref
 backward into the map.
 
     python benchmarks/limber_step.py [--batch 16] [--prefix-tokens 4] [--prompt "A picture of"] [--grad-checkpointing] \
-        --measure time|first|warm
+        --measure time|first|warm|heldout
 
 Random 512-wide image features (a ViT-B-32's width; the LM's cost does not depend on them) and the first ``--batch``
 Flickr8k training captions (``--data``), fp32, the threads torch is given. One measure per process: run it once per
@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 
 from clipforge.bench.corpora import flickr8k_captions
-from clipforge.captioning.limber import ImageToPrefix, MappingConfig, caption_loss, load_language_model
+from clipforge.captioning.limber import ImageToPrefix, MappingConfig, caption_loss, held_out_loss, load_language_model
 from step_measure import measure_step  # beside this script
 
 
@@ -30,14 +31,15 @@ def main() -> None:
     p.add_argument("--data", default="../shared/data")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the LM's layers in backward")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--measure", choices=("time", "first", "warm"), required=True)
+    p.add_argument("--measure", choices=("time", "first", "warm", "heldout"), required=True,
+                   help="heldout: median seconds of held_out_loss (scoring, no gradient) over --batch images x 5 captions")
     args = p.parse_args()
     lm, tokenizer = load_language_model("smollm2")
     if args.grad_checkpointing:
         from clipforge.captioning.limber import recompute_activations
 
         recompute_activations(lm)
-    torch.manual_seed(0)  # after loading: a first load (from the GGUF file) draws random numbers, a cached one does not
+    torch.manual_seed(0)  # after loading: reading the cached conversion draws random numbers, reading the GGUF does not
     mapping = ImageToPrefix(MappingConfig(image_dim=512, lm_dim=lm.config.hidden_size,
                                           prefix_tokens=args.prefix_tokens, prompt=args.prompt))
     mapping.start_from(lm)
@@ -58,7 +60,18 @@ def main() -> None:
               "grad_checkpointing": args.grad_checkpointing,
               "caption_tokens": sum(len(tokenizer(c, add_special_tokens=False).input_ids) + 1 for c in captions),
               "threads": torch.get_num_threads()}
-    result.update(measure_step(step, args.measure, args.repeats))
+    if args.measure == "heldout":
+        texts = flickr8k_captions(args.data, 5 * args.batch)
+        groups = [texts[5 * i:5 * i + 5] for i in range(args.batch)]
+        held_out_loss(mapping, lm, tokenizer, features[:2], groups[:2])  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            result["held_out_loss"] = held_out_loss(mapping, lm, tokenizer, features, groups)
+            times.append(time.perf_counter() - start)
+        result.update(median_s=sorted(times)[len(times) // 2], times_s=[round(t, 3) for t in times])
+    else:
+        result.update(measure_step(step, args.measure, args.repeats))
     print(json.dumps(result))
 
 

@@ -1,4 +1,5 @@
 """LiMBer captioning: only the linear map trains, it carries image information into a frozen LM, runs resume exactly."""
+import inspect
 import io
 import json
 import random
@@ -10,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import clipforge
-from clipforge.captioning import limber
+from clipforge.captioning import cli as limber_cli, limber
 from clipforge.checkpoint import CheckpointError, save_pretrained
 from clipforge.evaluate.features import embed_images
 from clipforge.cli import main
@@ -346,7 +347,7 @@ def test_ctrl_c_stops_caption_train_with_a_checkpoint_and_resume_ends_on_the_str
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
-def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_path, capsys):
+def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_path, capsys, monkeypatch):
     images, captions = colour_images(24, seed=0)
     samples = [{"__key__": f"{i:04d}", "png": _png(img), "txt": "\n".join(c + ["one " + c[0]])}
                for i, (img, c) in enumerate(zip(images, captions))]
@@ -390,6 +391,27 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
     features = embed_images(clip_model, [Image.open(f).convert("RGB") for f in files], preprocess)
     with torch.no_grad():
         assert [row["caption"] for row in rows] == limber.generate(mapping, lm, tokenizer, features, 4)
+    # beam search and a repetition penalty reach transformers' generate; what they give is generate's
+    decodings = []
+    real_generate = limber.generate
+
+    def recording_generate(*args, **kwargs):
+        call = inspect.signature(real_generate).bind(*args, **kwargs).arguments
+        decodings.append((call.get("num_beams"), call.get("repetition_penalty")))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(limber, "generate", recording_generate)
+    assert main(["caption", "generate", "--mapping", str(tmp_path / "straight"), "--json", "--max-new-tokens", "4",
+                 "--beams", "3", "--repetition-penalty", "1.3", *map(str, files)]) == 0
+    assert decodings == [(3, 1.3)]
+    with torch.no_grad():
+        assert [json.loads(line)["caption"] for line in capsys.readouterr().out.splitlines()] == real_generate(
+            mapping, lm, tokenizer, features, 4, num_beams=3, repetition_penalty=1.3)
+    assert main(["caption", "generate", "--mapping", str(tmp_path / "straight"), "--beams", "2", "--question", "what",
+                 str(files[0])]) == 2
+    assert "--question's answers are greedy" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="num_beams must be >= 1"):
+        real_generate(mapping, lm, tokenizer, features, 4, num_beams=0)
     assert main(["caption", "generate", "--mapping", str(tmp_path / "straight"), "--json", "--question", "which colour",
                  *map(str, files)]) == 0  # a question about each image instead: the captioner's own answers
     answers = [json.loads(line)["answer"] for line in capsys.readouterr().out.splitlines()]
@@ -409,6 +431,7 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
                  "--max-new-tokens", "4", "--json", str(report), "--no-progress"]) == 0
     result = json.loads(report.read_text())
     assert result["scores"]["images"] == 8 and len(result["captions"]) == 8
+    assert result["decoding"] == {"num_beams": limber_cli.LIMBER_BEAMS, "repetition_penalty": 1.0}
     expected = {"clip_score", "ref_clip_score", "bleu_4", "cider", "human_clip_score", "human_cider"}
     assert expected <= result["scores"].keys()
     assert result["captions"][0]["references"] == ["a red shape", "one a red shape"]

@@ -264,7 +264,7 @@ def test_caption_generate_with_coca_prints_the_models_captions(tiny_coca, tmp_pa
     """`clipforge caption generate --coca FOLDER IMAGES --json`: each image's caption by the default decoding (3 beams
     on log-probabilities), greedy with a repetition penalty (`--beams 1 --repetition-penalty`), or open_clip's beam
     search (`--beams 2 --beam-scores logits`), as ``generate`` and ``decode_captions`` give it; a CLIP that is not a
-    CoCa is refused by name, and the decoding flags without --coca or --beam-scores without beams."""
+    CoCa is refused by name, and --beam-scores without --coca or without beams."""
     from PIL import Image
 
     from clipforge import cli
@@ -291,8 +291,9 @@ def test_caption_generate_with_coca_prints_the_models_captions(tiny_coca, tmp_pa
         assert all(caption for caption in expected)
         printed_captions.append(expected)
     assert len({tuple(captions) for captions in printed_captions}) == 3  # the flags reached generate
-    assert cli.main(["caption", "generate", "--mapping", str(tmp_path), "--beams", "3", paths[0]]) == 2
-    assert "decode a --coca model's captions" in capsys.readouterr().err
+    assert cli.main(["caption", "generate", "--mapping", str(tmp_path), "--beams", "3", "--beam-scores", "logits",
+                     paths[0]]) == 2
+    assert "ranks a --coca model's beams" in capsys.readouterr().err
     assert cli.main(["caption", "generate", "--coca", str(tmp_path / "coca"), "--beams", "1", "--beam-scores",
                      "logits", paths[0]]) == 2
     assert "goes with --beams" in capsys.readouterr().err

@@ -60,15 +60,18 @@ class Captioner(NamedTuple):
         lm.to(device)
         return cls(mapping, encoder, lm.eval(), tokenizer)
 
-    def caption(self, images: list, prompt: str | None = None, max_new_tokens: int = 24) -> list[str]:
-        """Greedy captions of PIL images; ``prompt`` after the image prefix [the map's own training prompt]."""
+    def caption(self, images: list, prompt: str | None = None, max_new_tokens: int = 24, num_beams: int = 1,
+                repetition_penalty: float = 1.0) -> list[str]:
+        """Captions of PIL images (``limber.generate``: greedy, or beam search with ``num_beams`` > 1); ``prompt``
+        after the image prefix [the map's own training prompt]."""
         import torch
 
         from .limber import generate
 
         with torch.no_grad():
             features = self.encoder.features(images).to(self.mapping.proj.weight.device)
-            return generate(self.mapping, self.lm, self.tokenizer, features, max_new_tokens, prompt)
+            return generate(self.mapping, self.lm, self.tokenizer, features, max_new_tokens, prompt, num_beams,
+                            repetition_penalty)
 
     def answer(self, images: list, questions: list[str], max_new_tokens: int = 5) -> list[str]:
         """Greedy zero-shot answers, one question per PIL image, each asked as " Q: {question} A:" after its image

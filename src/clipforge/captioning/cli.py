@@ -92,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                       "' Q: ... A:' after the image (as caption vqa and serve's /ask ask it)")
     g.add_argument("--max-new-tokens", type=positive_int, help="[24 for a caption, 5 for an answer]")
     g.add_argument("--json", action="store_true", help="one JSON object per image instead of 'path: text'")
-    _add_coca_decoding(g)
+    _add_decoding(g)
     g.add_argument("--device", default="cpu")
     g.set_defaults(caption_func=run_generate)
 
@@ -108,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-images", type=positive_int, default=500, help="[500]")
     e.add_argument("--prompt", help="text after the image prefix [the one it was trained with]")
     e.add_argument("--max-new-tokens", type=positive_int, default=24)
-    _add_coca_decoding(e)
+    _add_decoding(e)
     e.add_argument("--batch-size", type=positive_int, default=32,
                    help="images captioned per language-model (or CoCa decoder) call [32]")
     e.add_argument("--judge", help="the CLIP checkpoint that computes CLIPScore/RefCLIPScore for every encoder alike "
@@ -347,11 +347,13 @@ def run_generate(args) -> int:
         return _generate_coca(args)
     if args.pretrained:
         raise ValueError("--pretrained names a CoCa's weights: it goes with --coca (a --mapping holds its own)")
-    _coca_decoding(args)
+    decoding = _decoding(args)
+    if args.question is not None and ((args.beams or 1) > 1 or args.repetition_penalty != 1.0):
+        raise ValueError("--beams and --repetition-penalty decode captions; --question's answers are greedy")
     captioner = Captioner.load(args.mapping, args.device)
     images = [open_image(Path(path).read_bytes(), name=path) for path in args.images]  # clear error on a bad file
     if args.question is None:
-        key, texts = "caption", captioner.caption(images, args.prompt, args.max_new_tokens or 24)
+        key, texts = "caption", captioner.caption(images, args.prompt, args.max_new_tokens or 24, **decoding)
     else:
         key, texts = "answer", captioner.answer(images, [args.question.strip()] * len(images), args.max_new_tokens or 5)
     for path, text in zip(args.images, texts):
@@ -359,28 +361,36 @@ def run_generate(args) -> int:
     return 0
 
 
-def _add_coca_decoding(parser) -> None:
+def _add_decoding(parser) -> None:
     parser.add_argument("--beams", type=positive_int,
-                        help="with --coca: beam search with N beams (1: greedy). 3 beams ranked by log-probabilities "
+                        help="beam search with N beams (1: greedy). --coca: 3 beams ranked by log-probabilities "
                              "captioned Flickr8k dev best for a CoCa trained here (docs/BENCHMARKS.md); open_clip's "
-                             "default generate, 6 beams in 3 groups on logits, is --beams 2 --beam-scores logits [3]")
+                             "default generate, 6 beams in 3 groups on logits, is --beams 2 --beam-scores logits [3]. "
+                             "--mapping: transformers' beam search over log-probabilities; greedy captioned Flickr8k "
+                             "dev best for a map trained here [%d]" % LIMBER_BEAMS)
     parser.add_argument("--beam-scores", choices=("log-probs", "logits"),
-                        help="with --beams N > 1: rank beams by summed log-probabilities (transformers' beam search) "
-                             "or by summed logits (open_clip's) [log-probs]")
+                        help="with --coca --beams N > 1: rank beams by summed log-probabilities (transformers' beam "
+                             "search) or by summed logits (open_clip's) [log-probs]")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="with --coca: divide the logits of tokens already in the caption by this (open_clip's "
-                             "repetition_penalty; 1: off) [1.0]")
+                        help="divide the logits of tokens already in the caption by this (open_clip's and "
+                             "transformers' repetition_penalty; 1: off) [1.0]")
 
 
-def _coca_decoding(args) -> dict:
-    """``CoCa.generate``'s decoding arguments from --beams, --beam-scores and --repetition-penalty (a CoCa's only)."""
-    if not args.coca and (args.beams or args.beam_scores or args.repetition_penalty != 1.0):
-        raise ValueError("--beams, --beam-scores and --repetition-penalty decode a --coca model's captions (a "
-                         "--mapping's language model decodes greedily)")
+LIMBER_BEAMS = 1  # a map's captions: greedy unless --beams (see docs/BENCHMARKS.md)
+
+
+def _decoding(args) -> dict:
+    """The decoding arguments of ``CoCa.generate`` (--coca) or ``limber.generate`` (--mapping) from --beams,
+    --beam-scores and --repetition-penalty."""
+    if args.beam_scores and not args.coca:
+        raise ValueError("--beam-scores ranks a --coca model's beams (a --mapping's language model ranks them by "
+                         "log-probabilities, transformers' beam search)")
     if args.beam_scores and args.beams == 1:
         raise ValueError("--beam-scores ranks beams: it goes with --beams N (N > 1)")
     if args.repetition_penalty <= 0:
         raise ValueError(f"--repetition-penalty must be positive, not {args.repetition_penalty}")
+    if not args.coca:
+        return {"num_beams": args.beams or LIMBER_BEAMS, "repetition_penalty": args.repetition_penalty}
     beams = args.beams or 3  # chosen on Flickr8k dev, with log-probabilities (docs/BENCHMARKS.md)
     beams = {"num_beams": beams, "beam_scores": (args.beam_scores or "log-probs").replace("-", "_")} \
         if beams > 1 else {}
@@ -418,7 +428,7 @@ def _coca_caption_ids(model, preprocess, max_length: int, batch_size: int, devic
 
 
 def _generate_coca(args) -> int:
-    """``caption generate --coca``: captions from a CoCa model's own decoder (``_coca_decoding``'s way, up to
+    """``caption generate --coca``: captions from a CoCa model's own decoder (``_decoding``'s way, up to
     --max-new-tokens)."""
     import torch
 
@@ -427,7 +437,7 @@ def _generate_coca(args) -> int:
 
     if args.question is not None or args.prompt is not None:
         raise ValueError("--coca captions images; --prompt and --question are for a LiMBer --mapping")
-    decoding = _coca_decoding(args)
+    decoding = _decoding(args)
     model, preprocess, tokenizer = _load_coca(args.coca, args.pretrained, args.device)
     images = torch.stack([preprocess(open_image(Path(path).read_bytes(), name=path)) for path in args.images])
     ids = model.generate(images.to(args.device), max_length=(args.max_new_tokens or 28) + 2, **decoding)
@@ -453,7 +463,7 @@ def run_eval(args) -> int:
 
     if args.coca and args.prompt is not None:
         raise ValueError("--coca captions images; --prompt is for a LiMBer --mapping")
-    decoding = _coca_decoding(args)
+    decoding = _decoding(args)
     if args.pretrained and not args.coca:
         raise ValueError("--pretrained names a CoCa's weights: it goes with --coca (a --mapping holds its own)")
     if args.coca:
@@ -488,7 +498,7 @@ def run_eval(args) -> int:
                           disable=not args.progress):
             with torch.no_grad():
                 captions += generate(mapping, lm, tokenizer, features[start:start + args.batch_size].to(args.device),
-                                     args.max_new_tokens, args.prompt)
+                                     args.max_new_tokens, args.prompt, **decoding)
     per_image = clip_scores(judge_model, judge_tokenizer, judge_features, captions, references)
     scores = {name: float(values.mean()) for name, values in per_image.items()}
     # The human reference point, scored the same way: each image's first reference caption (its CLIPScore and, where
@@ -516,9 +526,8 @@ def run_eval(args) -> int:
         print(f"  {caption!r}  (reference: {refs[0]!r})")
     if args.json:
         prompt = None if args.coca else mapping.config.prompt if args.prompt is None else args.prompt
-        captioner = {"coca": args.coca, "pretrained": args.pretrained, "decoding": decoding} if args.coca \
-            else {"mapping": str(args.mapping)}
-        write_json(args.json, {**captioner, "data": args.data, "prompt": prompt,
+        captioner = {"coca": args.coca, "pretrained": args.pretrained} if args.coca else {"mapping": str(args.mapping)}
+        write_json(args.json, {**captioner, "decoding": decoding, "data": args.data, "prompt": prompt,
                                "judge": args.judge or "the tower under test", "scores": scores,
                                "nouns_by_category": nouns, "missed_noun_similarity": similarity,
                                "skipped": dict(skipped),

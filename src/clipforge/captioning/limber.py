@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 import json
 import random
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -246,26 +247,30 @@ def _scored_nll(lm, embeds: torch.Tensor, attention: torch.Tensor, labels: torch
 
     Only the positions that predict a scored token are projected onto the vocabulary: the image prefix, the prompt
     and the padding never are. Where the LM's logits are a plain projection of its last hidden states (SmolLM2 and
-    most decoders: ``_plain_output_projection``) the projection goes through ``loss.linear_cross_entropy`` a chunk at
-    a time, so the [tokens x vocabulary] logits, their log-softmax and their gradient never exist whole."""
+    most decoders: ``_plain_output_projection``) the batch's total goes through ``loss.linear_cross_entropy`` a chunk
+    at a time, so the [tokens x vocabulary] logits, their log-softmax and their gradient never exist whole; per-row
+    sums are for scoring (no gradient) and project 512 positions at a time."""
     from ..loss import linear_cross_entropy
 
     targets = labels[:, 1:]
     scored = targets != -100
-    counts = scored.sum(dim=1)
+    counts, wanted = scored.sum(dim=1), targets[scored]
     projection = _plain_output_projection(lm)
     if projection is None:  # soft-capped, scaled or biased logits: take the LM's own, at the scored positions
         logits = _wide(lm(inputs_embeds=embeds, attention_mask=attention).logits[:, :-1][scored])
-        token_nll = torch.nn.functional.cross_entropy(logits, targets[scored], reduction="none")
-        nll = torch.zeros(len(labels), dtype=token_nll.dtype, device=token_nll.device).index_add(
-            0, scored.nonzero()[:, 0], token_nll) if per_row else token_nll.sum()
-        return nll, counts
-    hidden = lm.base_model(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state
-    states = hidden[:, :-1][scored]
+        token_nll = torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
+    else:
+        hidden = lm.base_model(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state
+        states = hidden[:, :-1][scored]
+        if not per_row:
+            return linear_cross_entropy(states, projection.T, wanted), counts
+        # scoring (no gradient): every caption's tokens at once, 512 rows of logits at a time
+        token_nll = torch.cat([torch.nn.functional.cross_entropy(_wide(rows @ projection.T), tokens, reduction="none")
+                               for rows, tokens in zip(states.split(512), wanted.split(512))])
     if not per_row:
-        return linear_cross_entropy(states, projection.T, targets[scored]), counts
-    rows = zip(states.split(counts.tolist()), targets[scored].split(counts.tolist()))  # scored positions: row-major
-    return torch.stack([linear_cross_entropy(s, projection.T, t) for s, t in rows]), counts
+        return token_nll.sum(), counts
+    rows = scored.nonzero()[:, 0]  # each scored position's caption
+    return torch.zeros(len(labels), dtype=token_nll.dtype, device=token_nll.device).index_add(0, rows, token_nll), counts
 
 
 @torch.no_grad()
@@ -432,13 +437,19 @@ def _score_after_shared_prefix(mapping: ImageToPrefix, lm, tokenizer, features: 
 
 @torch.no_grad()
 def generate(mapping: ImageToPrefix, lm, tokenizer, features: torch.Tensor, max_new_tokens: int = 24,
-             prompt: str | None = None) -> list[str]:
-    """Greedy captions for image features; ``prompt`` (e.g. "A picture of") is placed after the image prefix
-    [the map's own training prompt]."""
+             prompt: str | None = None, num_beams: int = 1, repetition_penalty: float = 1.0) -> list[str]:
+    """Captions for image features; ``prompt`` (e.g. "A picture of") is placed after the image prefix [the map's own
+    training prompt]. Greedy, or transformers' beam search over summed log-probabilities with ``num_beams`` > 1;
+    ``repetition_penalty`` > 1 makes the tokens already in the caption less likely (transformers' processor)."""
+    if num_beams < 1 or not repetition_penalty > 0:
+        raise ValueError(f"num_beams must be >= 1 and repetition_penalty > 0, got {num_beams}, {repetition_penalty}")
     prefix = _with_prompt(mapping(features), lm, tokenizer, mapping.config.prompt if prompt is None else prompt)
     attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-    out = lm.generate(inputs_embeds=prefix, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    with warnings.catch_warnings():  # penalising the caption's own tokens, not the prefix's, is what is meant
+        warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
+        out = lm.generate(inputs_embeds=prefix, attention_mask=attention, max_new_tokens=max_new_tokens,
+                          do_sample=False, num_beams=num_beams, repetition_penalty=repetition_penalty,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
