@@ -259,6 +259,29 @@ def test_inferred_architecture_fits_odd_mlp_widths(width, hidden):
     assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in state.items()}
 
 
+def test_bare_weights_that_fit_zoo_architectures_of_several_image_sizes_say_so_and_how_to_choose():
+    """open_clip's convnext_base_w and convnext_base_w_320 (ViTamin-XL-256 and -336) have weights of the same names and
+    shapes: a state dict alone is read as the first, with a warning naming the others; weights that fit one size
+    are read without one."""
+    import warnings
+
+    for name, first, other in (("convnext_base_w_320", "convnext_base_w", "convnext_base_w_320 (320 px)"),
+                               ("ViTamin-XL-336", "ViTamin-XL-256", "ViTamin-XL-336 (336 px)")):
+        with torch.device("meta"):  # shapes only
+            state = clipforge.create_model(name).state_dict()
+        with pytest.warns(UserWarning, match="these weights fit") as caught:
+            config = clipforge.infer_config(state)
+        message = str(caught[0].message)
+        assert f"{first} (256 px)" in message and other in message and f"read as {first}" in message
+        assert "pretrained=PATH" in message and config["vision_cfg"]["image_size"] == 256
+    for name, size in (("convnext_base", 224), ("EVA02-B-16", 224), ("MobileCLIP-S2", 256)):
+        with torch.device("meta"):
+            state = clipforge.create_model(name).state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert clipforge.infer_config(state)["vision_cfg"]["image_size"] == size
+
+
 def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
     small = clipforge.create_model("ViT-Tiny-64", embed_dim=64)
     clipforge.save_pretrained(small, tmp_path / "small", config=None)

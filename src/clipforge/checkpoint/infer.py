@@ -92,24 +92,44 @@ def _text_shape(cfg: dict) -> tuple:
 def _infer_convnext(state: dict, config: dict) -> dict:
     """A ConvNeXt model's architecture. Its image size and LayerNorm eps are not in the weights: they come from the
     zoo architecture with these shapes (open_clip's names), else 224 pixels and timm's 1e-6."""
-    from ..models import get_model_config, list_models
-
     stages = _count(state, "visual.trunk.stages.")
     config["vision_cfg"] = {
         "image_size": 224, "depths": [_count(state, f"visual.trunk.stages.{i}.blocks.") for i in range(stages)],
         "dims": [state[f"visual.trunk.stages.{i}.blocks.0.conv_dw.weight"].shape[0] for i in range(stages)],
         "norm_eps": 1e-6, "proj": "mlp" if "visual.head.mlp.fc1.weight" in state else "linear"}
     shapes = ("depths", "dims", "proj")
-    for name in list_models():
-        zoo = get_model_config(name)
-        if zoo["vision_cfg"].get("depths") is not None and zoo["embed_dim"] == config["embed_dim"] and \
-                all(zoo["vision_cfg"].get(k) == config["vision_cfg"][k] for k in shapes) and \
-                _text_shape(zoo["text_cfg"]) == _text_shape(config["text_cfg"]):
-            config["vision_cfg"].update(image_size=zoo["vision_cfg"]["image_size"],
-                                        norm_eps=zoo["vision_cfg"].get("norm_eps", 1e-6))
-            config["text_cfg"]["heads"] = zoo["text_cfg"].get("heads", config["text_cfg"]["heads"])
-            break
+    zoo = _zoo_match(lambda zoo: zoo["vision_cfg"].get("depths") is not None and
+                     zoo["embed_dim"] == config["embed_dim"] and
+                     all(zoo["vision_cfg"].get(k) == config["vision_cfg"][k] for k in shapes) and
+                     _text_shape(zoo["text_cfg"]) == _text_shape(config["text_cfg"]))
+    if zoo is not None:
+        config["vision_cfg"].update(image_size=zoo["vision_cfg"]["image_size"],
+                                    norm_eps=zoo["vision_cfg"].get("norm_eps", 1e-6))
+        config["text_cfg"]["heads"] = zoo["text_cfg"].get("heads", config["text_cfg"]["heads"])
     return config
+
+
+def _zoo_match(fits) -> dict | None:
+    """The config of the first zoo architecture (in ``list_models`` order) for which ``fits(config)`` holds, or None.
+
+    Where architectures of different image sizes fit (open_clip's ``convnext_base_w`` and ``convnext_base_w_320``,
+    ``ViTamin-XL-256`` and ``-336``: the same weights' shapes), the weights cannot say which they are: the first is
+    taken and a warning names the others and how to choose one."""
+    import warnings
+
+    from ..models import get_model_config, list_models
+
+    found = [(name, zoo) for name in list_models() if fits(zoo := get_model_config(name))]
+    if not found:
+        return None
+    sizes = {}
+    for name, zoo in found:
+        sizes.setdefault(zoo["vision_cfg"]["image_size"], name)
+    if len(sizes) > 1:
+        warnings.warn(f"these weights fit {' and '.join(f'{n} ({s} px)' for s, n in sizes.items())}, which differ "
+                      f"only in what the weights do not show; read as {found[0][0]}: to read them as another, name it "
+                      "(clipforge.load(NAME, pretrained=PATH), or --model NAME --pretrained PATH)", stacklevel=3)
+    return found[0][1]
 
 
 def _infer_timm_tower(state: dict, config: dict, towers: dict[str, dict], kind: str,
@@ -120,32 +140,34 @@ def _infer_timm_tower(state: dict, config: dict, towers: dict[str, dict], kind: 
     tower's unseen settings (heads, causal mask ...) and, where the weights do not show it, the image size."""
     import torch
 
-    from ..models import get_model_config, list_models
     from ..models.clip import build_vision_tower
 
     prefix = "visual."
     shapes = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
-    for cfg in towers.values():
+
+    def fits(cfg: dict) -> bool:
         with torch.device("meta"):  # names and shapes only: no memory, no time
             tower = build_vision_tower(cfg, config["embed_dim"], False)
-        if {k: tuple(v.shape) for k, v in tower.state_dict().items()} == shapes:
-            config["vision_cfg"] = cfg
-            break
-    else:
+        return {k: tuple(v.shape) for k, v in tower.state_dict().items()} == shapes
+
+    config["vision_cfg"] = next((cfg for cfg in towers.values() if fits(cfg)), None)
+    if config["vision_cfg"] is None:
         raise CheckpointError(f"an image tower with timm's {kind} names ({len(shapes)} tensors) that is none of the "
                               f"towers clipforge builds ({', '.join(towers)})")
+    sizeless = {**config["vision_cfg"], "image_size": None}
+    if size_in_weights and any(cfg["image_size"] != config["vision_cfg"]["image_size"] and
+                               {**cfg, "image_size": None} == sizeless and fits(cfg) for cfg in towers.values()):
+        size_in_weights = False  # the same tower at another size has the same shapes (ViTamin-XL: no position table)
 
-    def key(vision: dict) -> dict:  # a FastViT's weights do not show its image size: the zoo's is taken
+    def key(vision: dict) -> dict:  # where the weights do not show the image size (FastViT), the zoo's is taken
         return vision if size_in_weights else {**vision, "image_size": None}
 
-    for name in list_models():
-        zoo = get_model_config(name)
-        if key(zoo["vision_cfg"]) == key(config["vision_cfg"]) and zoo["embed_dim"] == config["embed_dim"] and \
-                _text_shape(zoo["text_cfg"]) == _text_shape(config["text_cfg"]):
-            config["vision_cfg"]["image_size"] = zoo["vision_cfg"]["image_size"]
-            config["text_cfg"].update({k: zoo["text_cfg"][k] for k in UNSEEN_SETTINGS["text_cfg"]
-                                       if k in zoo["text_cfg"]})
-            break
+    zoo = _zoo_match(lambda zoo: key(zoo["vision_cfg"]) == key(config["vision_cfg"]) and
+                     zoo["embed_dim"] == config["embed_dim"] and
+                     _text_shape(zoo["text_cfg"]) == _text_shape(config["text_cfg"]))
+    if zoo is not None:
+        config["vision_cfg"]["image_size"] = zoo["vision_cfg"]["image_size"]
+        config["text_cfg"].update({k: zoo["text_cfg"][k] for k in UNSEEN_SETTINGS["text_cfg"] if k in zoo["text_cfg"]})
     return config
 
 
