@@ -230,10 +230,17 @@ def linear_cross_entropy(states: torch.Tensor, weight: torch.Tensor, labels: tor
     one chunk's logits, not three copies of all of them (logits, log-softmax, their gradient)."""
     if torch.is_grad_enabled() and (states.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(states, weight, labels, chunk_size)
+    return token_cross_entropy(states, weight, labels, chunk_size).sum()
+
+
+def token_cross_entropy(states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        chunk_size: int = 512) -> torch.Tensor:
+    """``[rows]``: each label's cross-entropy under ``states @ weight``, in (at least) float32, ``chunk_size`` rows of
+    logits at a time. For scoring (no gradient); ``linear_cross_entropy`` is the training loss's form."""
     projection, wide = weight.to(states.dtype), torch.promote_types(states.dtype, torch.float32)
-    return sum((F.cross_entropy((states[i:i + chunk_size] @ projection).to(wide), labels[i:i + chunk_size],
-                                reduction="sum") for i in range(0, len(states), chunk_size)),
-               torch.zeros((), dtype=wide, device=states.device))
+    chunks = [F.cross_entropy((states[i:i + chunk_size] @ projection).to(wide), labels[i:i + chunk_size],
+                              reduction="none") for i in range(0, len(states), chunk_size)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=wide, device=states.device)
 
 
 class CoCaLoss(nn.Module):

@@ -250,7 +250,7 @@ def _scored_nll(lm, embeds: torch.Tensor, attention: torch.Tensor, labels: torch
     most decoders: ``_plain_output_projection``) the batch's total goes through ``loss.linear_cross_entropy`` a chunk
     at a time, so the [tokens x vocabulary] logits, their log-softmax and their gradient never exist whole; per-row
     sums are for scoring (no gradient) and project 512 positions at a time."""
-    from ..loss import linear_cross_entropy
+    from ..loss import linear_cross_entropy, token_cross_entropy
 
     targets = labels[:, 1:]
     scored = targets != -100
@@ -264,9 +264,7 @@ def _scored_nll(lm, embeds: torch.Tensor, attention: torch.Tensor, labels: torch
         states = hidden[:, :-1][scored]
         if not per_row:
             return linear_cross_entropy(states, projection.T, wanted), counts
-        # scoring (no gradient): every caption's tokens at once, 512 rows of logits at a time
-        token_nll = torch.cat([torch.nn.functional.cross_entropy(_wide(rows @ projection.T), tokens, reduction="none")
-                               for rows, tokens in zip(states.split(512), wanted.split(512))])
+        token_nll = token_cross_entropy(states, projection.T, wanted)  # scoring: every caption's tokens at once
     if not per_row:
         return token_nll.sum(), counts
     rows = scored.nonzero()[:, 0]  # each scored position's caption

@@ -307,7 +307,7 @@ def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Lab
         raise ValueError("--text-cache needs --lock-text: only a frozen text tower's features can be cached")
     if labels.classnames:
         raise ValueError("--text-cache takes captioned data; label captions are drawn from a grammar, not a list")
-    if hasattr(core, "caption_predictions"):
+    if hasattr(core, "caption_states"):  # a CoCa (as validation tells one)
         raise ValueError("--text-cache keeps each caption's pooled features; a CoCa's decoder reads every token's "
                          "states from the text tower, so it runs the tower each step: leave --text-cache out")
     texts = sorted(set(caption_texts(source, cfg.seed)))

@@ -90,7 +90,7 @@ def coca_caption_loss(model, tokenizer, val_set, device, batch_size: int = 64) -
         images = torch.stack(val_set.images[start:start + batch_size]).to(device)
         image_tokens = model.visual.forward_tokens(images.to(next(model.visual.parameters()).dtype))[1]
         rows = ((owners >= start) & (owners < start + len(images))).nonzero().flatten()
-        for chunk in rows.split(batch_size):  # the logits of up to batch_size captions at a time
+        for chunk in rows.split(batch_size):  # up to batch_size captions through the decoder at a time
             tokens = tokenizer([val_set.captions[i] for i in chunk.tolist()]).to(device)
             states, labels = model.caption_states(image_tokens[(owners[chunk] - start).to(device)],
                                                   model.text.forward_tokens(tokens)[1], tokens)
