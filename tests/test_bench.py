@@ -30,6 +30,9 @@ def test_peers_have_our_weights_and_outputs(impl):
         theirs = getattr(theirs, "pooler_output", theirs)
         torch.testing.assert_close(theirs, ours.encode_image(images), atol=1e-5, rtol=1e-4)
     assert peers.peer("transformers", peers.build("RN-Tiny-64")) is None  # no ResNet CLIP in transformers
+    layer_scaled = peers.build("ViT-Tiny-64")
+    layer_scaled.config["vision_cfg"]["ls_init_value"] = 1e-4
+    assert peers.peer("transformers", layer_scaled) is None  # nor LayerScale blocks
     with pytest.raises(ValueError, match="no-such-peer"):
         peers.peer("no-such-peer", ours)
 
@@ -107,6 +110,10 @@ def test_training_peak_memory_holds_at_least_the_optimiser_state():
                                        "batch": 8, "steps": 2, "threads": 1})
     # AdamW's two moments are allocated during the steps, after the baseline: at least twice the weights
     assert memory["clipforge"]["peak_rss_growth_mb"] * 2**20 >= 2 * _param_bytes(peers.build("ViT-Tiny-64")), memory
+    # a peer without the architecture is reported as skipped, not as a failed measurement
+    assert worker.run_in_subprocess({"kind": "train_memory", "impls": ["transformers"], "model": "RN-Tiny-64", "batch": 2,
+                            "steps": 1, "threads": 1}) == \
+        {"transformers": {"skipped": "transformers is not installed or has no such architecture"}}
 
 
 @pytest.mark.parametrize("what", ["image", "text"])

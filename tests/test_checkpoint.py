@@ -188,10 +188,10 @@ def test_hf_hub_transformers_repo_loads_with_identical_outputs(cache, tmp_path, 
 
 
 def test_hf_hub_architectures_clipforge_does_not_build_are_refused_by_name(cache, monkeypatch):
-    meta = {"model_cfg": {**_HUB_CONFIG, "vision_cfg": {**_HUB_CONFIG["vision_cfg"], "ls_init_value": 1e-5}}}
+    meta = {"model_cfg": {**_HUB_CONFIG, "vision_cfg": {**_HUB_CONFIG["vision_cfg"], "pos_embed_type": "sin_cos_2d"}}}
     srv = _serve_repo({"open_clip_config.json": json.dumps(meta).encode()}, monkeypatch)
     try:
-        with pytest.raises(CheckpointError, match="vision_cfg.ls_init_value"):
+        with pytest.raises(CheckpointError, match="vision_cfg.pos_embed_type"):
             clipforge.load("hf-hub:owner/repo")
         with pytest.raises(DownloadError, match="neither open_clip_config.json nor config.json"):
             clipforge.load("hf-hub:owner/missing")
@@ -208,7 +208,7 @@ def test_an_open_clip_folder_clipforge_does_not_build_is_refused_by_name(tmp_pat
     folder = tmp_path / "oc"
     folder.mkdir()
     (folder / "open_clip_model.safetensors").write_bytes(tiny_weights[0])
-    for vision, message in (({"ls_init_value": 1e-5}, "vision_cfg.ls_init_value"),
+    for vision, message in (({"pos_embed_type": "sin_cos_2d"}, "vision_cfg.pos_embed_type"),
                             ({"timm_model_name": "swin_base_patch4_window7_224"}, "timm's 'swin_base_patch4_window7_224'")):
         meta = {"model_cfg": {**_HUB_CONFIG, "vision_cfg": {**_HUB_CONFIG["vision_cfg"], **vision}}}
         (folder / "open_clip_config.json").write_text(json.dumps(meta))

@@ -110,6 +110,83 @@ def test_open_clip_folders_load_with_identical_features_and_tokens_and_export_ba
         assert not (tmp_path / "hf").exists()
 
 
+def test_layer_scale_vits_load_from_open_clip_with_its_features_and_gradients_and_convert_back(tmp_path):
+    """open_clip's LayerScale ViT (ViT-M-16-alt's ``ls_init_value``; ``ls_1.gamma``, ``ls_2.gamma``): a local-dir:
+    folder and the same weights bare load with open_clip's features, in eval mode (the fused inference path) and
+    training mode, with its gradients; `convert --to open_clip` gives it back; transformers has no place for it."""
+    open_clip = pytest.importorskip("open_clip")
+    from clipforge.checkpoint.io import save_safetensors
+    from clipforge.convert import convert
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
+                                           "ls_init_value": 1e-4},
+           "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 64, "heads": 1, "layers": 2}}  # 64-wide
+    theirs = _open_clip_folder(open_clip, tmp_path / "theirs", cfg)  # heads, as bare weights are read; gammas moved
+    model = clipforge.load("local-dir:" + str(tmp_path / "theirs"))[0]
+    save_safetensors(model.state_dict(), tmp_path / "bare.safetensors")
+    bare = clipforge.load(str(tmp_path / "bare.safetensors"))[0]
+    assert bare.config["vision_cfg"]["ls_init_value"] is not None
+    images, tokens = torch.randn(3, 3, 32, 32), torch.randint(1, 100, (3, 16))
+    with torch.no_grad():
+        expected = theirs.encode_image(images)
+        for ours in (model, bare):
+            assert _max_diff(ours.encode_image(images), expected) <= 1e-5
+            assert _max_diff(ours.encode_text(tokens), theirs.encode_text(tokens)) <= 1e-5
+        as_plain = clipforge.create_model({**cfg, "vision_cfg": {**cfg["vision_cfg"], "ls_init_value": None}}).eval()
+        as_plain.load_state_dict(model.state_dict(), strict=False)
+        assert _max_diff(as_plain.encode_image(images), expected) > 1e-3  # the scales matter
+    model.train(), theirs.train()
+    ours_out, their_out = model.encode_image(images), theirs.encode_image(images)
+    assert _max_diff(ours_out, their_out) <= 1e-5
+    ours_out.square().sum().backward()
+    their_out.square().sum().backward()
+    for name in ("transformer.resblocks.0.ls_1.gamma", "transformer.resblocks.1.ls_2.gamma", "conv1.weight"):
+        ours_grad = model.visual.get_parameter(name).grad
+        assert ours_grad.abs().max() > 0, name
+        assert _max_diff(ours_grad, theirs.visual.get_parameter(name).grad) <= 1e-5 * ours_grad.abs().max(), name
+
+    convert(str(tmp_path / "theirs"), str(tmp_path / "back"), to="open_clip")
+    assert json.loads((tmp_path / "back" / "open_clip_config.json").read_text())["model_cfg"] == cfg
+    back = open_clip.create_model("local-dir:" + str(tmp_path / "back")).eval()
+    with torch.no_grad():
+        assert _max_diff(back.encode_image(images), expected) <= 1e-5
+    with pytest.raises(clipforge.CheckpointError, match="no LayerScale"):
+        convert(str(tmp_path / "theirs"), str(tmp_path / "hf"), to="hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_layer_scale_vit_exports_to_onnx_with_eager_features(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from conftest import onnx_feature_differences
+
+    from clipforge.models import get_model_config
+
+    config = get_model_config("ViT-Tiny-64")
+    config["vision_cfg"]["ls_init_value"] = 0.5
+    torch.manual_seed(0)
+    model = clipforge.create_model(config).eval()
+    model.config = config  # as clipforge.load sets it: the export records it
+    with torch.no_grad():
+        for block in model.visual.transformer.resblocks:
+            block.ls_1.gamma.uniform_(-1, 1)
+    assert onnx_feature_differences(model, tmp_path / "onnx", torch.randn(3, 3, 64, 64)) <= 1e-4
+
+
+def test_vit_m_16_alt_is_open_clips_with_layer_scale_from_its_initial_value():
+    """The zoo's ViT-M-16-alt builds open_clip's: same parameter names and shapes, each gamma at 1e-4."""
+    open_clip = pytest.importorskip("open_clip")
+    from clipforge.checkpoint.openai import from_clipforge
+
+    with torch.device("meta"):
+        ours = from_clipforge(clipforge.create_model("ViT-M-16-alt").state_dict())  # open_clip's key names
+        theirs = open_clip.create_model("ViT-M-16-alt", device="meta").state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    gamma = clipforge.create_model("ViT-M-16-alt", vision_cfg={"layers": 1}, text_cfg={"layers": 1}) \
+        .visual.transformer.resblocks[0].ls_2.gamma
+    assert gamma.shape == (512,) and (gamma == 1e-4).all()
+
+
 def test_metaclip_2_exports_to_transformers_and_its_folders_and_hub_repos_load(tmp_path, monkeypatch):
     """MetaCLIP 2 worldwide as transformers' MetaClip2Model (CLIP's keys, pooled at the first ``eos_token_id``): an
     export transformers runs with open_clip's features, and that folder, and the same files as a hub repo, load
@@ -199,7 +276,8 @@ def test_zoo_configs_of_open_clips_own_towers_are_open_clips():
         assert config_from_open_clip(theirs, name) == ours, name
         assert config_to_open_clip(ours) == theirs, name
         checked.append(name)
-    for name in ("ViT-L-14-CLIPA", "ViT-bigG-14-CLIPA-336", "ViT-H-14-worldwide", "ViT-S-16", "ViT-e-14", "RN50"):
+    for name in ("ViT-L-14-CLIPA", "ViT-bigG-14-CLIPA-336", "ViT-H-14-worldwide", "ViT-S-16", "ViT-e-14", "RN50",
+                 "ViT-M-16-alt"):
         assert name in checked
 
 
@@ -240,7 +318,7 @@ def test_bare_clipa_and_worldwide_state_dicts_take_the_settings_of_the_zoo_archi
     from clipforge.checkpoint.infer import infer_config
     from clipforge.models import get_model_config
 
-    for name in ("ViT-L-14-CLIPA", "ViT-H-14-worldwide", "ViT-B-32"):
+    for name in ("ViT-L-14-CLIPA", "ViT-H-14-worldwide", "ViT-B-32", "ViT-M-16-alt", "ViT-M-16"):
         zoo = get_model_config(name)
         with torch.device("meta"):  # shapes only: no memory for the weights
             inferred = infer_config(clipforge.create_model(name).state_dict())

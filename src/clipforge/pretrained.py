@@ -182,8 +182,8 @@ def fetch(source: PretrainedSource, directory: Path | None = None, progress: boo
 
 # ------------------------------------------------------------------------------------------- Hugging Face Hub repos
 
-# An open_clip model_cfg with keys clipforge does not share (LayerScale, attentional pooling, timm or Hugging Face
-# towers ...: ``checkpoint.openai.keys_outside_open_clip``) is refused by name rather than loaded wrong.
+# An open_clip model_cfg with keys clipforge does not build (other timm towers, a CoCa with a Hugging Face text tower
+# ...: ``checkpoint.openai.config_from_open_clip``) is refused by name rather than loaded wrong.
 
 @dataclass(frozen=True)
 class HubCheckpoint:

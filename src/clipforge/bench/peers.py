@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import clipforge_config_to_hf, clipforge_to_hf, clipforge_to_openai
-from ..models import create_model, get_model_config, is_resnet
+from ..checkpoint import CheckpointError, clipforge_config_to_hf, clipforge_to_hf, clipforge_to_openai
+from ..models import create_model, get_model_config
 from .timing import CLIPFORGE_BACKENDS
 
 IMPLEMENTATIONS = ("clipforge", "open_clip", "transformers", *CLIPFORGE_BACKENDS)
@@ -64,13 +64,14 @@ def peer(impl: str, ours):
 
         return copy.deepcopy(ours).to(torch.bfloat16)
     if impl == "transformers":
-        if is_resnet(ours.config):
-            return None  # transformers' CLIPModel has no ResNet image tower
         try:
             import transformers
         except ImportError:
             return None
-        hf_cfg = clipforge_config_to_hf(ours.config, ours.logit_scale.item())
+        try:
+            hf_cfg = clipforge_config_to_hf(ours.config, ours.logit_scale.item())
+        except CheckpointError:  # no CLIPModel of this kind (a ResNet, LayerScale, CLIPA's pooling ...)
+            return None
         config = transformers.CLIPConfig(text_config=hf_cfg["text_config"], vision_config=hf_cfg["vision_config"],
                                          projection_dim=hf_cfg["projection_dim"])
         model = transformers.CLIPModel(config)

@@ -134,6 +134,8 @@ def train_speed(task: dict, ours, models: dict) -> dict:
 def train_memory(task: dict, ours, models: dict) -> dict:
     """Peak memory over a few steps, one implementation per process so peaks do not mix: resident-set growth on
     CPU, ``torch.cuda.max_memory_allocated`` on GPU."""
+    if not models:  # the implementation is not installed or has no such architecture: the worker says so
+        return {}
     (impl, model), = models.items()
     tokens, images = _train_inputs(task, ours)
     on_gpu = task.get("device", "cpu") != "cpu"

@@ -59,6 +59,8 @@ def infer_config(state: dict) -> dict:
             }
             if "visual.ln_pre.weight" not in state:  # CLIPA's
                 vision_cfg["ln_pre"] = False
+            if "visual.transformer.resblocks.0.ls_1.gamma" in state:  # LayerScale: its initial value (the zoo
+                vision_cfg["ls_init_value"] = 1e-5  # architecture's, where one fits) does not change the outputs
             if "visual.attn_pool.query" in state:  # CoCa's
                 vision_cfg.update(attentional_pool=True,
                                   attn_pooler_queries=state["visual.attn_pool.query"].shape[0])
@@ -197,7 +199,7 @@ def _shape_signature(config: dict) -> tuple | None:
     try:
         def tower(cfg: dict, keys: tuple[str, ...], transformer: bool) -> tuple:
             hidden = int(cfg["width"] * cfg.get("mlp_ratio", 4.0)) if transformer else 0  # as built
-            return tuple(str(cfg.get(k)) for k in keys) + (hidden,)
+            return tuple(str(cfg.get(k)) for k in keys) + (hidden, cfg.get("ls_init_value") is not None)
 
         return (config["embed_dim"],
                 tower(config["vision_cfg"], ("tower", "image_size", "patch_size", "width", "layers", "ln_pre",
@@ -209,7 +211,8 @@ def _shape_signature(config: dict) -> tuple | None:
 
 
 # what weights do not show, taken from the zoo architecture with the same shapes
-UNSEEN_SETTINGS = {"vision_cfg": ("head_width", "act", "pool", "final_ln_after_pool", "attn_pooler_heads"),
+UNSEEN_SETTINGS = {"vision_cfg": ("head_width", "act", "pool", "final_ln_after_pool", "attn_pooler_heads",
+                                  "ls_init_value"),
                    "text_cfg": ("heads", "act", "pool", "eos_id", "causal", "hf_tokenizer_name", "tokenizer_kwargs",
                                 "pad_id", "correct_cls_mask"),
                    "multimodal_cfg": ("heads", "attn_pooler_heads")}

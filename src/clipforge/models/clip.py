@@ -194,6 +194,7 @@ def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module
         pool=cfg.get("pool", "tok"),
         ln_pre=cfg.get("ln_pre", True),
         final_ln_after_pool=cfg.get("final_ln_after_pool", False),
+        ls_init_value=cfg.get("ls_init_value"),
     )
 
 

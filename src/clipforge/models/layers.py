@@ -94,6 +94,28 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch (CaiT's LayerScale; open_clip's ``ls_1.gamma``, ``ls_2.gamma``)
+    that starts near zero, so each block starts close to the identity."""
+
+    def __init__(self, width: int, init_value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((width,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+def layer_scaled(scale: nn.Module | None, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear``'s weight and bias with the ``LayerScale`` after it folded in (``gamma * (W h + b)`` as ``(gamma W) h
+    + gamma b``); as they are where ``scale`` is None or the identity. Folded, training keeps no scaled copy of the
+    branch's output for the backward pass (the linear layer's input, kept anyway, serves), and inference accumulates
+    the residual in the GEMM as before."""
+    if isinstance(scale, LayerScale):
+        return linear.weight * scale.gamma[:, None], linear.bias * scale.gamma
+    return linear.weight, linear.bias
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection and ``scaled_dot_product_attention``.
 
@@ -111,12 +133,13 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, causal: bool = False, lean: bool = False,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``lean``: recompute the merged heads in backward instead of keeping a second copy of the attention output."""
+                attn_mask: torch.Tensor | None = None, scale: nn.Module | None = None) -> torch.Tensor:
+        """``lean``: recompute the merged heads in backward instead of keeping a second copy of the attention output;
+        ``scale``: a ``LayerScale`` on the output, folded into the output projection (``layer_scaled``)."""
         heads = self.attend(x, causal, attn_mask)
         out = self.merge_heads(heads)
         with recomputed_for_backward(out, lambda: self.merge_heads(heads)) if lean else contextlib.nullcontext():
-            return self.out_proj(out)
+            return F.linear(out, *layer_scaled(scale, self.out_proj))
 
     def attend(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[N, L, width] -> per-head attention outputs [N, heads, L, head_dim], before the output projection.
@@ -133,7 +156,8 @@ class Attention(nn.Module):
         batch, n_heads, length, head_dim = heads.shape
         return heads.transpose(1, 2).reshape(batch, length, n_heads * head_dim)
 
-    def forward_pooled(self, x: torch.Tensor, pool_index: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward_pooled(self, x: torch.Tensor, pool_index: torch.Tensor, causal: bool = False,
+                       scale: nn.Module | None = None) -> torch.Tensor:
         """Attention output at one position per row (``pool_index``), keys and values from every position.
 
         Only the pooled token's output survives the last block, so its queries, output projection (and the MLP
@@ -149,7 +173,7 @@ class Attention(nn.Module):
         if causal:  # the pooled row sees itself and what came before it
             mask = (torch.arange(length, device=x.device) <= pool_index[:, None]).view(batch, 1, 1, length)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(out.reshape(batch, width))
+        return F.linear(out.reshape(batch, width), *layer_scaled(scale, self.out_proj))
 
 
 def mlp(width: int, hidden: int, act: str) -> nn.Sequential:
@@ -162,15 +186,19 @@ def mlp(width: int, hidden: int, act: str) -> nn.Sequential:
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); with ``ls_init_value`` each branch is
+    scaled by a ``LayerScale`` (``ls_1``, ``ls_2``) before it is added, as open_clip builds it (here folded into the
+    branch's output projection)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = False,
-                 act: str | None = None, eps: float = 1e-5):
+                 act: str | None = None, eps: float = 1e-5, ls_init_value: float | None = None):
         super().__init__()
         self.ln_1 = LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
+        self.ls_1 = nn.Identity() if ls_init_value is None else LayerScale(width, ls_init_value)
         self.ln_2 = LayerNorm(width, eps=eps)
         self.mlp = mlp(width, int(width * mlp_ratio), act or ("quick_gelu" if quick_gelu else "gelu"))
+        self.ls_2 = nn.Identity() if ls_init_value is None else LayerScale(width, ls_init_value)
 
     def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None,
                 lean: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,13 +214,13 @@ class ResidualAttentionBlock(nn.Module):
             return self._forward_inference(x, causal, attn_mask)
         if pool_index is None:
             with self._normed(self.ln_1, x, lean) as h:
-                x = x + self.attn(h, causal=causal, lean=lean, attn_mask=attn_mask)
+                x = x + self.attn(h, causal=causal, lean=lean, attn_mask=attn_mask, scale=self.ls_1)
         else:
             if attn_mask is not None:
                 raise ValueError("attn_mask with pool_index is not supported: the pooled path builds its own mask")
             x_pooled = x[torch.arange(x.shape[0], device=x.device), pool_index]
             with self._normed(self.ln_1, x, lean) as h:
-                x = x_pooled + self.attn.forward_pooled(h, pool_index, causal=causal)
+                x = x_pooled + self.attn.forward_pooled(h, pool_index, causal=causal, scale=self.ls_1)
         with self._normed(self.ln_2, x, lean) as h:
             return x + self._mlp(h, lean)
 
@@ -202,11 +230,13 @@ class ResidualAttentionBlock(nn.Module):
         MLP's hidden tensor activated in place: fewer passes over memory and allocations on CPU, where they show
         (docs/BENCHMARKS.md). ``x`` is not modified."""
         width = x.shape[-1]
-        attn_proj, fc, proj = self.attn.out_proj, self.mlp.c_fc, self.mlp.c_proj
+        fc = self.mlp.c_fc
+        (attn_weight, attn_bias), (proj_weight, proj_bias) = \
+            layer_scaled(self.ls_1, self.attn.out_proj), layer_scaled(self.ls_2, self.mlp.c_proj)
         heads = self.attn.merge_heads(self.attn.attend(self.ln_1(x), causal, attn_mask)).view(-1, width)
-        y = torch.add(x, attn_proj.bias).view(-1, width).addmm_(heads, attn_proj.weight.t())
+        y = torch.add(x, attn_bias).view(-1, width).addmm_(heads, attn_weight.t())
         hidden = _activate_in_place(self.mlp.gelu, F.linear(self.ln_2(y), fc.weight, fc.bias))
-        return y.add_(proj.bias).addmm_(hidden, proj.weight.t()).view(x.shape)
+        return y.add_(proj_bias).addmm_(hidden, proj_weight.t()).view(x.shape)
 
     @staticmethod
     @contextlib.contextmanager
@@ -225,12 +255,13 @@ class ResidualAttentionBlock(nn.Module):
             yield h
 
     def _mlp(self, x: torch.Tensor, lean: bool) -> torch.Tensor:
+        """The MLP branch, ``ls_2`` folded into its output projection."""
         hidden = self.mlp.c_fc(x)
         if not hidden.requires_grad:  # inference: nothing else needs the pre-activation values
-            return self.mlp.c_proj(_activate_in_place(self.mlp.gelu, hidden))
+            return F.linear(_activate_in_place(self.mlp.gelu, hidden), *layer_scaled(self.ls_2, self.mlp.c_proj))
         activated = self.mlp.gelu(hidden)
         with recomputed_for_backward(activated, lambda: self.mlp.gelu(hidden)) if lean else contextlib.nullcontext():
-            return self.mlp.c_proj(activated)
+            return F.linear(activated, *layer_scaled(self.ls_2, self.mlp.c_proj))
 
 
 def recomputed(block: nn.Module, *inputs, enabled: bool):
@@ -245,16 +276,16 @@ class Transformer(nn.Module):
     """A stack of residual attention blocks, batch-first, with optional gradient checkpointing."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, quick_gelu: bool = False,
-                 act: str | None = None, eps: float = 1e-5):
+                 act: str | None = None, eps: float = 1e-5, ls_init_value: float | None = None):
         """``act`` names the MLP activation (``make_activation``), else ``quick_gelu`` chooses; ``eps``: the
-        LayerNorms' (SigLIP's are 1e-6)."""
+        LayerNorms' (SigLIP's are 1e-6); ``ls_init_value``: LayerScale on each residual branch, starting there."""
         super().__init__()
         self.width = width
         self.layers = layers
         self.grad_checkpointing = False
         self.lean = True  # recompute cheap activations in backward (see ResidualAttentionBlock.forward)
         self.resblocks = nn.ModuleList(
-            [ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu, act, eps) for _ in range(layers)]
+            [ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu, act, eps, ls_init_value) for _ in range(layers)]
         )
 
     def forward(self, x: torch.Tensor, causal: bool = False, pool_index: torch.Tensor | None = None,

@@ -51,9 +51,11 @@ class VisionTransformer(nn.Module):
         pool: str = "tok",
         ln_pre: bool = True,
         final_ln_after_pool: bool = False,
+        ls_init_value: float | None = None,
     ):
         """``pool``: "tok" (CLIP: the class token) or "avg" (the mean of the patch tokens); ``final_ln_after_pool``:
-        ``ln_post`` on the pooled vector rather than on every token before pooling (the same for "tok")."""
+        ``ln_post`` on the pooled vector rather than on every token before pooling (the same for "tok");
+        ``ls_init_value``: LayerScale on the blocks' residual branches (open_clip's ViT-M-16-alt)."""
         super().__init__()
         if pool not in ("tok", "avg"):
             raise ValueError(f"ViT pool must be 'tok' or 'avg', got {pool!r}")
@@ -70,7 +72,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width) if ln_pre else nn.Identity()
-        self.transformer = Transformer(width, layers, heads, mlp_ratio, quick_gelu)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, quick_gelu, ls_init_value=ls_init_value)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
         self.transformer.init_parameters()
