@@ -33,21 +33,35 @@ def _randomised(model):
     return model
 
 
-@pytest.fixture()
-def tiny_coca(monkeypatch, tmp_path):
-    """open_clip's tiny CoCa on random weights, saved as open_clip's state dict; clipforge's zoo knows the name."""
+def _named_open_clip_coca(config, name, monkeypatch, folder):
+    """open_clip's CoCa of ``config`` on random weights, saved as open_clip's state dict; both zoos know ``name``."""
     open_clip = pytest.importorskip("open_clip")
     pytest.importorskip("transformers")  # open_clip's generate uses its logits processors
     from clipforge.checkpoint.openai import config_from_open_clip
 
-    name = "Test-CoCa-tiny"
-    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, TINY_COCA)
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, config)
     monkeypatch.setattr(clipforge.models, "_EXTRA_CONFIGS", {**clipforge.models._EXTRA_CONFIGS})
-    clipforge.models.register_model_config(name, config_from_open_clip(json.loads(json.dumps(TINY_COCA)), "test"))
+    clipforge.models.register_model_config(name, config_from_open_clip(json.loads(json.dumps(config)), "test"))
     torch.manual_seed(0)
     theirs = _randomised(open_clip.create_model(name, pretrained=None)).eval()
-    torch.save(theirs.state_dict(), tmp_path / "w.pt")
-    return name, theirs, tmp_path / "w.pt"
+    torch.save(theirs.state_dict(), folder / "w.pt")
+    return name, theirs, folder / "w.pt"
+
+
+@pytest.fixture()
+def tiny_coca(monkeypatch, tmp_path):
+    return _named_open_clip_coca(TINY_COCA, "Test-CoCa-tiny", monkeypatch, tmp_path)
+
+
+def _greedy_open_clip_generation(monkeypatch):
+    """open_clip 3.3's CoCa turns generation off whole when transformers (5.x) lacks BeamSearchScorer, though its
+    top-k and top-p paths need only the logits warpers, which transformers has: switched back on for those."""
+    from open_clip import coca_model
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    monkeypatch.setattr(coca_model, "_has_transformers", True)
+    monkeypatch.setitem(coca_model.GENERATION_TYPES, "top_k", TopKLogitsWarper)
+    monkeypatch.setitem(coca_model.GENERATION_TYPES, "top_p", TopPLogitsWarper)
 
 
 def test_coca_embeddings_and_caption_logits_match_open_clip_by_name_by_shapes_and_back(tiny_coca, tmp_path):
@@ -96,15 +110,10 @@ def test_coca_generates_open_clips_captions_and_trains(tiny_coca, monkeypatch):
     the forced end-of-text included; top-p sampling keeps only tokens open_clip's warper keeps; the captioning loss is
     open_clip's CoCaLoss's, and with the contrastive loss reaches every tower, with the same gradients under
     gradient checkpointing."""
-    from open_clip import coca_model
-    from transformers import TopKLogitsWarper, TopPLogitsWarper
+    from transformers import TopPLogitsWarper
 
     name, theirs, weights = tiny_coca
-    # open_clip 3.3's CoCa turns generation off whole when transformers (5.x) lacks BeamSearchScorer, though its
-    # top-k and top-p paths need only the logits warpers, which transformers has: switched back on for those
-    monkeypatch.setattr(coca_model, "_has_transformers", True)
-    monkeypatch.setitem(coca_model.GENERATION_TYPES, "top_k", TopKLogitsWarper)
-    monkeypatch.setitem(coca_model.GENERATION_TYPES, "top_p", TopPLogitsWarper)
+    _greedy_open_clip_generation(monkeypatch)
     ours = clipforge.load_model(name, pretrained=str(weights))
     images = torch.randn(4, 3, 64, 64)
     expected = theirs.generate(images, generation_type="top_k", top_k=1, seq_len=12, min_seq_len=5)
@@ -167,6 +176,37 @@ for name, (kwargs, _) in json.load(open(settings)).items():
     results[name] = model.generate(images, **kwargs)
 torch.save(results, out)
 """
+
+
+def test_a_coca_text_tower_with_layer_scale_captions_and_embeds_as_open_clips(monkeypatch, tmp_path):
+    """open_clip's ``text_cfg.ls_init_value`` in a CoCa: the position-at-a-time decoder scales the text tower's
+    branches as the full forward does, so greedy captions, text embeddings and the caption loss are open_clip's; a
+    bare state dict shows the scales."""
+    from open_clip.loss import CoCaLoss
+
+    config = {**TINY_COCA, "text_cfg": {**TINY_COCA["text_cfg"], "ls_init_value": 1e-4}}
+    name, theirs, weights = _named_open_clip_coca(config, "Test-CoCa-tiny-ls", monkeypatch, tmp_path)
+    with torch.no_grad():
+        for name_, p in theirs.named_parameters():
+            if name_.endswith("gamma"):  # LayerScale's, moved far off 1e-4 so that they count
+                p.uniform_(-1, 1)
+    torch.save(theirs.state_dict(), weights)
+    _greedy_open_clip_generation(monkeypatch)
+    ours = clipforge.load_model(name, pretrained=str(weights))
+    assert ours.text.transformer.resblocks[1].ls_2.gamma.abs().max() > 0.1
+    images = torch.randn(3, 3, 64, 64)
+    tokens = clipforge.get_tokenizer(name)(["a dog runs", "a cat", "two children on a swing"])
+    with torch.no_grad():
+        expected = theirs.generate(images, generation_type="top_k", top_k=1, seq_len=12, min_seq_len=3)
+        assert torch.equal(ours.generate(images, max_length=12, min_length=3), expected)
+        assert (ours.encode_text(tokens, normalize=True) - theirs.encode_text(tokens)).abs().max() <= 1e-5
+        out = theirs(images, tokens)
+        _, their_loss = CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0)(
+            out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"])
+        assert abs(ours.caption_loss(images, tokens).item() - their_loss.item()) <= 1e-5
+    from clipforge.checkpoint.infer import infer_config
+
+    assert infer_config(ours.state_dict())["text_cfg"]["ls_init_value"] is not None
 
 
 def test_coca_beam_search_and_repetition_penalty_are_open_clips(tiny_coca, tmp_path):

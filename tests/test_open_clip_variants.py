@@ -110,40 +110,48 @@ def test_open_clip_folders_load_with_identical_features_and_tokens_and_export_ba
         assert not (tmp_path / "hf").exists()
 
 
-def test_layer_scale_vits_load_from_open_clip_with_its_features_and_gradients_and_convert_back(tmp_path):
-    """open_clip's LayerScale ViT (ViT-M-16-alt's ``ls_init_value``; ``ls_1.gamma``, ``ls_2.gamma``): a local-dir:
-    folder and the same weights bare load with open_clip's features, in eval mode (the fused inference path) and
-    training mode, with its gradients; `convert --to open_clip` gives it back; transformers has no place for it."""
+def test_layer_scale_towers_load_from_open_clip_with_its_features_and_gradients_and_convert_back(tmp_path):
+    """open_clip's LayerScale (ViT-M-16-alt's image tower, ``ls_init_value``; ``ls_1.gamma``, ``ls_2.gamma``; here in
+    the text tower too): a local-dir: folder and the same weights bare load with open_clip's features, in eval mode
+    (the fused inference path) and training mode, with its gradients; `convert --to open_clip` gives it back;
+    transformers has no place for it."""
     open_clip = pytest.importorskip("open_clip")
     from clipforge.checkpoint.io import save_safetensors
     from clipforge.convert import convert
 
     cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
                                            "ls_init_value": 1e-4},
-           "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 64, "heads": 1, "layers": 2}}  # 64-wide
+           "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 64, "heads": 1, "layers": 2,  # 64-wide
+                        "ls_init_value": 1e-3}}
     theirs = _open_clip_folder(open_clip, tmp_path / "theirs", cfg)  # heads, as bare weights are read; gammas moved
     model = clipforge.load("local-dir:" + str(tmp_path / "theirs"))[0]
     save_safetensors(model.state_dict(), tmp_path / "bare.safetensors")
     bare = clipforge.load(str(tmp_path / "bare.safetensors"))[0]
-    assert bare.config["vision_cfg"]["ls_init_value"] is not None
+    assert bare.config["vision_cfg"]["ls_init_value"] is not None and bare.config["text_cfg"]["ls_init_value"]
     images, tokens = torch.randn(3, 3, 32, 32), torch.randint(1, 100, (3, 16))
     with torch.no_grad():
         expected = theirs.encode_image(images)
         for ours in (model, bare):
             assert _max_diff(ours.encode_image(images), expected) <= 1e-5
             assert _max_diff(ours.encode_text(tokens), theirs.encode_text(tokens)) <= 1e-5
-        as_plain = clipforge.create_model({**cfg, "vision_cfg": {**cfg["vision_cfg"], "ls_init_value": None}}).eval()
+        plain = {tower: {**cfg[tower], "ls_init_value": None} for tower in ("vision_cfg", "text_cfg")}
+        as_plain = clipforge.create_model({**cfg, **plain}).eval()
         as_plain.load_state_dict(model.state_dict(), strict=False)
         assert _max_diff(as_plain.encode_image(images), expected) > 1e-3  # the scales matter
+        assert _max_diff(as_plain.encode_text(tokens), theirs.encode_text(tokens)) > 1e-3
     model.train(), theirs.train()
-    ours_out, their_out = model.encode_image(images), theirs.encode_image(images)
+    ours_out = torch.cat([model.encode_image(images), model.encode_text(tokens)])
+    their_out = torch.cat([theirs.encode_image(images), theirs.encode_text(tokens)])
     assert _max_diff(ours_out, their_out) <= 1e-5
     ours_out.square().sum().backward()
     their_out.square().sum().backward()
-    for name in ("transformer.resblocks.0.ls_1.gamma", "transformer.resblocks.1.ls_2.gamma", "conv1.weight"):
-        ours_grad = model.visual.get_parameter(name).grad
+    for name, their_name in (("visual.transformer.resblocks.0.ls_1.gamma",) * 2,
+                             ("visual.transformer.resblocks.1.ls_2.gamma",) * 2, ("visual.conv1.weight",) * 2,
+                             ("text.transformer.resblocks.0.ls_1.gamma", "transformer.resblocks.0.ls_1.gamma"),
+                             ("text.transformer.resblocks.1.ls_2.gamma", "transformer.resblocks.1.ls_2.gamma")):
+        ours_grad = model.get_parameter(name).grad
         assert ours_grad.abs().max() > 0, name
-        assert _max_diff(ours_grad, theirs.visual.get_parameter(name).grad) <= 1e-5 * ours_grad.abs().max(), name
+        assert _max_diff(ours_grad, theirs.get_parameter(their_name).grad) <= 1e-5 * ours_grad.abs().max(), name
 
     convert(str(tmp_path / "theirs"), str(tmp_path / "back"), to="open_clip")
     assert json.loads((tmp_path / "back" / "open_clip_config.json").read_text())["model_cfg"] == cfg

@@ -274,18 +274,18 @@ def config_from_clipforge(config: dict, logit_scale: float) -> dict:
     """A ``CLIPModel`` config.json, or a ``SiglipModel``'s for a SigLIP model."""
     from ..models import tower_kind
 
+    vision, text = config["vision_cfg"], config["text_cfg"]
+    if vision.get("ls_init_value") is not None or text.get("ls_init_value") is not None:
+        raise CheckpointError("Hugging Face CLIPModel's and SiglipModel's blocks have no LayerScale (this model scales "
+                              "its towers' residual branches: ViT-M-16-alt's kind); write --to open_clip or clipforge")
     if is_siglip(config):
         return _siglip_config_from_clipforge(config)
-    vision, text = config["vision_cfg"], config["text_cfg"]
     if "multimodal_cfg" in config:
         raise CheckpointError(NO_COCA)
     kind = tower_kind(config)
     if kind != "ViT" or "tower" in vision:  # timm's plain ViTs (MobileCLIP-B's: timm's names) are not CLIPModel's
         kind = "timm ViT" if kind == "ViT" else kind
         raise CheckpointError(f"Hugging Face CLIPModel has no {kind} image tower; only CLIP's ViT models export to HF")
-    if vision.get("ls_init_value") is not None:
-        raise CheckpointError("Hugging Face CLIPModel's blocks have no LayerScale (this model's image tower scales "
-                              "its residual branches: ViT-M-16-alt's kind); write --to open_clip or clipforge")
     if vision.get("pool", "tok") != "tok" or not vision.get("ln_pre", True) or text.get("pool", "eot") == "last" \
             or not text.get("causal", True) or text.get("proj", "matrix") != "matrix":
         raise CheckpointError("Hugging Face CLIPModel pools the class token after ln_pre and the text at its "

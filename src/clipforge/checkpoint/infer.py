@@ -33,6 +33,8 @@ def infer_config(state: dict) -> dict:
             "layers": _count(state, "text.transformer.resblocks."),
             "mlp_ratio": mlp_ratio(state["text.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], text_width),
         }
+        if "text.transformer.resblocks.0.ls_1.gamma" in state:  # LayerScale (see the image tower's below)
+            text_cfg["ls_init_value"] = 1e-5
         if "visual.head.probe" in state:
             return _infer_siglip(state, text_cfg)
         embed_dim = state["text.text_projection"].shape[1]
@@ -59,8 +61,8 @@ def infer_config(state: dict) -> dict:
             }
             if "visual.ln_pre.weight" not in state:  # CLIPA's
                 vision_cfg["ln_pre"] = False
-            if "visual.transformer.resblocks.0.ls_1.gamma" in state:  # LayerScale: its initial value (the zoo
-                vision_cfg["ls_init_value"] = 1e-5  # architecture's, where one fits) does not change the outputs
+            if "visual.transformer.resblocks.0.ls_1.gamma" in state:  # LayerScale; its initial value is not in
+                vision_cfg["ls_init_value"] = 1e-5  # the weights nor in the outputs: the zoo's, where one fits
             if "visual.attn_pool.query" in state:  # CoCa's
                 vision_cfg.update(attentional_pool=True,
                                   attn_pooler_queries=state["visual.attn_pool.query"].shape[0])
@@ -214,7 +216,7 @@ def _shape_signature(config: dict) -> tuple | None:
 UNSEEN_SETTINGS = {"vision_cfg": ("head_width", "act", "pool", "final_ln_after_pool", "attn_pooler_heads",
                                   "ls_init_value"),
                    "text_cfg": ("heads", "act", "pool", "eos_id", "causal", "hf_tokenizer_name", "tokenizer_kwargs",
-                                "pad_id", "correct_cls_mask"),
+                                "pad_id", "correct_cls_mask", "ls_init_value"),
                    "multimodal_cfg": ("heads", "attn_pooler_heads")}
 
 

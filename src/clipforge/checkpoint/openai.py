@@ -69,7 +69,7 @@ COCA_TEXT_KEYS = ("embed_cls", "pad_id", "correct_cls_mask")
 SHARED_VISION_KEYS = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "patch_dropout",
                       "ls_init_value"}
 SHARED_TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "hf_tokenizer_name",
-                    "tokenizer_kwargs"}
+                    "tokenizer_kwargs", "ls_init_value"}
 TEXT_POOLS = {"argmax": "eot", "last": "last", "eos": "eos"}  # open_clip's pool_type -> clipforge's text pool
 
 
@@ -261,8 +261,8 @@ def config_to_open_clip(config: dict) -> dict:
 def config_from_open_clip(model_cfg: dict, where: str) -> dict:
     """clipforge's config for an open_clip ``model_cfg`` (a model folder's or hub repo's): CLIP's as it is (CoCa's
     attentional pooling, text class token and ``multimodal_cfg`` included); timm's SigLIP, ConvNeXt, EVA and FastViT
-    towers translated; anything clipforge would build differently (another timm tower, a text tower's LayerScale ...)
-    refused by name, naming ``where`` it came from, rather than loaded wrong."""
+    towers translated; anything clipforge would build differently (another timm tower, a CoCa decoder's LayerScale
+    ...) refused by name, naming ``where`` it came from, rather than loaded wrong."""
     from . import timm_convnext, timm_eva, timm_fastvit, timm_siglip
     from .errors import CheckpointError
 

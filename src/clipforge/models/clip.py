@@ -225,6 +225,7 @@ def build_text_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module:
         proj=cfg.get("proj", "matrix"),
         eps=cfg.get("norm_eps", 1e-5),
         eos_id=cfg.get("eos_id"),
+        ls_init_value=cfg.get("ls_init_value"),
     )
 
 

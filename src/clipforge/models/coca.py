@@ -449,8 +449,8 @@ def _self_attention_step(block: ResidualAttentionBlock, x: torch.Tensor, cache: 
     if cache:
         k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
     cache[:] = [k, v]
-    x = x + attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, 1, width))
-    return x + block.mlp(block.ln_2(x))
+    x = x + block.ls_1(attn.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, 1, width)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def _cross_keys_values(block: CrossAttentionBlock, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

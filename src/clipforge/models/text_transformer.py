@@ -31,10 +31,11 @@ class TextTransformer(nn.Module):
         act: str | None = None,
         eps: float = 1e-5,
         eos_id: int | None = None,
+        ls_init_value: float | None = None,
     ):
         """``pool``: "eot" (CLIP: the end-of-text token, the row's largest id), "eos" (the first ``eos_id`` token) or
         "last" (SigLIP: the last position); ``proj``: "matrix" (CLIP's ``text_projection`` parameter, no bias),
-        "linear" (with a bias) or "none"."""
+        "linear" (with a bias) or "none"; ``ls_init_value``: LayerScale on the blocks' residual branches."""
         super().__init__()
         if pool not in ("eot", "eos", "last"):
             raise ValueError(f"text pool must be 'eot', 'eos' or 'last', got {pool!r}")
@@ -50,7 +51,7 @@ class TextTransformer(nn.Module):
         self.causal, self.pool, self.eos_id = causal, pool, eos_id
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.transformer = Transformer(width, layers, heads, mlp_ratio, quick_gelu, act, eps)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, quick_gelu, act, eps, ls_init_value)
         self.ln_final = LayerNorm(width, eps=eps)
         if proj == "matrix":
             self.text_projection = nn.Parameter(torch.empty(width, output_dim))
