@@ -209,6 +209,43 @@ def test_a_coca_text_tower_with_layer_scale_captions_and_embeds_as_open_clips(mo
     assert infer_config(ours.state_dict())["text_cfg"]["ls_init_value"] is not None
 
 
+def test_a_coca_decoding_a_plain_vits_tokens_is_open_clips(monkeypatch, tmp_path):
+    """coca_base's kind: no attentional pooling, the decoder reads the ViT's own patch tokens (after ``ln_post``, not
+    projected, as wide as the decoder): embeddings, greedy captions and the caption loss are open_clip's, by name and
+    from bare weights; `convert --to open_clip` gives a folder open_clip reads back (``output_tokens`` written)."""
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.loss import CoCaLoss
+
+    from clipforge.checkpoint.openai import save_open_clip
+
+    vision = {k: v for k, v in TINY_COCA["vision_cfg"].items() if not k.startswith(("attn", "attentional"))}
+    config = {**TINY_COCA, "vision_cfg": {**vision, "width": 64},
+              "multimodal_cfg": {**TINY_COCA["multimodal_cfg"], "n_queries": 256, "dim_head": 64}}
+    name, theirs, weights = _named_open_clip_coca(config, "Test-CoCa-tiny-base", monkeypatch, tmp_path)
+    _greedy_open_clip_generation(monkeypatch)
+    named = clipforge.load_model(name, pretrained=str(weights))
+    inferred = clipforge.load(str(weights))[0]
+    assert not hasattr(named.visual, "attn_pool") and "attentional_pool" not in inferred.config["vision_cfg"]
+    images = torch.randn(3, 3, 64, 64)
+    tokens = clipforge.get_tokenizer(name)(["a dog runs", "a cat", "two children on a swing"])
+    with torch.no_grad():
+        expected = theirs.generate(images, generation_type="top_k", top_k=1, seq_len=12, min_seq_len=3)
+        out = theirs(images, tokens)
+        _, their_loss = CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0)(
+            out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"])
+        for ours in (named, inferred):
+            assert torch.equal(ours.generate(images, max_length=12, min_length=3), expected)
+            assert (ours.encode_image(images, normalize=True) - theirs.encode_image(images)).abs().max() <= 1e-5
+            assert (ours.encode_text(tokens, normalize=True) - theirs.encode_text(tokens)).abs().max() <= 1e-5
+            assert abs(ours.caption_loss(images, tokens).item() - their_loss.item()) <= 1e-5
+    save_open_clip(named, tmp_path / "oc")
+    back = open_clip.create_model("local-dir:" + str(tmp_path / "oc")).eval()
+    with torch.no_grad():
+        assert (back(images, tokens)["logits"] - out["logits"]).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="multimodal_cfg.width 96"):  # the decoder must read tokens its own width
+        clipforge.create_model({**named.config, "multimodal_cfg": {**config["multimodal_cfg"], "width": 96}})
+
+
 def test_coca_beam_search_and_repetition_penalty_are_open_clips(tiny_coca, tmp_path):
     """open_clip's default generation (beam search, 6 beams in 3 groups), a 4-beam search with a repetition penalty,
     one over log-probabilities, and greedy decoding with a repetition penalty give open_clip's captions token for
@@ -266,8 +303,8 @@ def test_coca_beam_search_and_repetition_penalty_are_open_clips(tiny_coca, tmp_p
 
 
 def test_zoo_coca_configs_are_open_clips_and_hf_export_is_refused(tmp_path):
-    """coca_ViT-B-32 and coca_ViT-L-14 and their four tags are in the zoo, translated from open_clip's configs and
-    back; the zoo model's parameters are open_clip's, name for name and shape for shape (built on the meta device), and
+    """coca_ViT-B-32, coca_ViT-L-14 (and their four tags) and coca_base (no tags: a plain ViT's tokens for its
+    decoder) are in the zoo, translated from open_clip's configs and back; the zoo model's parameters are open_clip's, name for name and shape for shape (built on the meta device), and
     a fresh decoder's attention biases start at zero as open_clip's; transformers has no CoCa, so the Hugging Face export is refused by name."""
     open_clip = pytest.importorskip("open_clip")
     from pathlib import Path
@@ -276,7 +313,7 @@ def test_zoo_coca_configs_are_open_clips_and_hf_export_is_refused(tmp_path):
     from clipforge.checkpoint.openai import config_from_open_clip, config_to_open_clip
 
     folder = Path(open_clip.__file__).parent / "model_configs"
-    for name in ("coca_ViT-B-32", "coca_ViT-L-14"):
+    for name in ("coca_ViT-B-32", "coca_ViT-L-14", "coca_base"):
         theirs = json.loads((folder / f"{name}.json").read_text())
         ours = clipforge.models.get_model_config(name)
         assert ours == config_from_open_clip(json.loads(json.dumps(theirs)), name)

@@ -62,8 +62,10 @@ def save(model, path: str | Path) -> Path:
 # open_clip model_cfg keys that mean the same in clipforge's configs (custom_text: a layout flag, read off the keys)
 OPEN_CLIP_TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
                       "custom_text", "multimodal_cfg"}
-# CoCa's decoder settings clipforge builds (open_clip's MultimodalCfg; attn_pooler_heads there is unused)
-MULTIMODAL_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "attn_pooler_heads"}
+# CoCa's decoder settings clipforge builds (open_clip's MultimodalCfg; attn_pooler_heads, n_queries and dim_head
+# there are unused: coca_base sets them)
+MULTIMODAL_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "attn_pooler_heads",
+                   "n_queries", "dim_head"}
 COCA_VISION_KEYS = ("attentional_pool", "attn_pooler_heads", "attn_pooler_queries")  # in the order written
 COCA_TEXT_KEYS = ("embed_cls", "pad_id", "correct_cls_mask")
 SHARED_VISION_KEYS = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "patch_dropout",
@@ -253,8 +255,9 @@ def config_to_open_clip(config: dict) -> dict:
     quick_gelu = config.get("quick_gelu", False)
     vision = dict(config["vision_cfg"]) if is_resnet(config) else vision_cfg_to_open_clip(config["vision_cfg"])
     out = {**config, "vision_cfg": vision, "text_cfg": text_cfg_to_open_clip(config["text_cfg"], quick_gelu)}
-    if "multimodal_cfg" in config:  # open_clip's CoCa takes the custom-text layout (its text under text.)
-        out["custom_text"] = True
+    if "multimodal_cfg" in config:  # open_clip's CoCa takes the custom-text layout (its text under text.) and reads
+        out.update(custom_text=True)  # the image tower's tokens
+        vision["output_tokens"] = True
     return out
 
 

@@ -110,7 +110,7 @@ def tower_kind(config: dict) -> str:
     vision = config.get("vision_cfg", config)
     if is_fastvit(vision):
         return "FastViT"
-    if vision.get("attentional_pool"):
+    if vision.get("attentional_pool") or "multimodal_cfg" in config:  # a CoCa's (coca_base's: a plain ViT)
         return "CoCa"
     if is_eva(vision):
         return "PE" if vision.get("pool") == "map" else "ViTamin" if vision.get("stem") == "vitamin" else \

@@ -152,10 +152,17 @@ class MultimodalDecoder(nn.Module):
 class CoCa(CLIP):
     def __init__(self, embed_dim: int, vision_cfg: dict, text_cfg: dict, multimodal_cfg: dict, **kwargs):
         super().__init__(embed_dim, vision_cfg, text_cfg, **kwargs)
-        if not isinstance(self.visual, CoCaVisionTransformer) or not isinstance(self.text, CoCaTextTransformer):
-            raise ValueError("CoCa needs attentional pooling in its image tower (vision_cfg.attentional_pool) and a "
-                             "class token in its text tower (text_cfg.embed_cls)")
+        if not isinstance(self.visual, VisionTransformer) or not isinstance(self.text, CoCaTextTransformer):
+            raise ValueError("CoCa needs CLIP's ViT as its image tower (with or without attentional pooling, "
+                             "vision_cfg.attentional_pool) and a class token in its text tower (text_cfg.embed_cls)")
         cfg = multimodal_cfg
+        # the decoder's cross-attention reads the image tokens in its own width: the pooled queries' (the embedding
+        # width) after attentional pooling, else the tower's own (coca_base)
+        token_width = self.visual.output_dim if isinstance(self.visual, CoCaVisionTransformer) else \
+            self.visual.conv1.out_channels
+        if token_width != cfg["width"]:
+            raise ValueError(f"CoCa's decoder (multimodal_cfg.width {cfg['width']}) reads image tokens "
+                             f"{token_width} wide; the two must be equal")
         self.text_decoder = MultimodalDecoder(
             cfg["width"], cfg["layers"], cfg["heads"], cfg["vocab_size"], cfg["context_length"],
             cfg.get("mlp_ratio", 4.0), "quick_gelu" if kwargs.get("quick_gelu") else "gelu")

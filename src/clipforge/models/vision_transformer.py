@@ -97,6 +97,18 @@ class VisionTransformer(nn.Module):
         x = self.transformer(x, pool_index=cls_index)  # [N, width]: only the class token is pooled
         return self.ln_post(x) @ self.proj
 
+    def forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embedding [N, output_dim], patch tokens [N, grid*grid, width])``: the tokens a CoCa decoder reads from a
+        tower without attentional pooling (open_clip's ``output_tokens``; its coca_base), the last block's after
+        ``ln_post`` (before it where ``final_ln_after_pool``), not projected."""
+        x = self.transformer(self._tokens(images))
+        if not self.final_ln_after_pool:
+            x = self.ln_post(x)
+        pooled = x[:, 1:].mean(dim=1) if self.pool == "avg" else x[:, 0]
+        if self.final_ln_after_pool:
+            pooled = self.ln_post(pooled)
+        return pooled @ self.proj, x[:, 1:]
+
     def forward_grid(self, images: torch.Tensor) -> torch.Tensor:
         """The last layer's patch tokens as a spatial map ``[N, width, grid, grid]`` (after ``ln_post``, before the
         projection, which maps the class token only)."""
