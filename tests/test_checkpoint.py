@@ -282,6 +282,40 @@ def test_bare_weights_that_fit_zoo_architectures_of_several_image_sizes_say_so_a
             assert clipforge.infer_config(state)["vision_cfg"]["image_size"] == size
 
 
+def test_every_zoo_architectures_bare_weights_are_read_as_that_architecture():
+    """A state dict alone (names and shapes, on the meta device) of each zoo architecture with clipforge's own or
+    timm's towers gives back every setting of its config (an MLP ratio as the width it builds); where the weights
+    fit several image sizes (above; ViT-SO400M-14-SigLIP-378 and -384, whose 14-pixel patches cover 378 px of 384),
+    a warning names the architecture."""
+    import warnings
+
+    from clipforge.models import get_model_config
+
+    checked = []
+    for name in clipforge.list_models():
+        zoo = get_model_config(name)
+        if "hf_model_name" in zoo["text_cfg"]:  # a Hugging Face text tower is read from its folder's config
+            continue
+        with torch.device("meta"):
+            state = clipforge.create_model(name).state_dict()
+        state = {k: torch.zeros(()) if v.dim() == 0 else v for k, v in state.items()}  # scalars are read as numbers
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inferred = clipforge.infer_config(state)
+        for tower in ("vision_cfg", "text_cfg", "multimodal_cfg"):
+            for key, value in zoo.get(tower, {}).items():
+                got = inferred[tower].get(key)
+                if key == "mlp_ratio" and "width" in zoo[tower]:
+                    assert int(zoo[tower]["width"] * value) == int(inferred[tower]["width"] * got), (name, tower)
+                elif key == "image_size" and got != value:
+                    assert any(f"{name} ({value} px)" in str(w.message) for w in caught), name
+                else:
+                    assert got == value, (name, tower, key, got, value)
+        checked.append(name)
+    assert len(checked) > 100 and {"ViT-M-16-alt", "coca_base", "ViT-SO400M-14-SigLIP-384", "EVA02-B-16"} <= \
+        set(checked)
+
+
 def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
     small = clipforge.create_model("ViT-Tiny-64", embed_dim=64)
     clipforge.save_pretrained(small, tmp_path / "small", config=None)

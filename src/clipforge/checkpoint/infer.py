@@ -148,9 +148,12 @@ def _infer_timm_tower(state: dict, config: dict, towers: dict[str, dict], kind: 
 
     prefix = "visual."
     shapes = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+    blocks = _count(state, "visual.trunk.blocks.")  # a transformer trunk's depth (FastViT's stages have none)
 
     def fits(cfg: dict) -> bool:
-        with torch.device("meta"):  # names and shapes only: no memory, no time
+        if blocks and cfg.get("layers") != blocks:  # another depth: no need to build it to know
+            return False
+        with torch.device("meta"):  # names and shapes only: no memory, little time
             tower = build_vision_tower(cfg, config["embed_dim"], False)
         return {k: tuple(v.shape) for k, v in tower.state_dict().items()} == shapes
 
@@ -195,7 +198,8 @@ def _infer_siglip(state: dict, text_cfg: dict) -> dict:
 
 
 def _shape_signature(config: dict) -> tuple | None:
-    """Everything about an architecture that weight shapes reveal (not the attention head count)."""
+    """Everything about an architecture that weight shapes reveal (not the attention head count; of the image size,
+    the pixels the patches cover: SigLIP's 384 px in 14-pixel patches are 27 patches, as 378 px are)."""
     from ..models import is_resnet
 
     try:
@@ -203,9 +207,11 @@ def _shape_signature(config: dict) -> tuple | None:
             hidden = int(cfg["width"] * cfg.get("mlp_ratio", 4.0)) if transformer else 0  # as built
             return tuple(str(cfg.get(k)) for k in keys) + (hidden, cfg.get("ls_init_value") is not None)
 
+        vision = config["vision_cfg"]
+        if isinstance(vision.get("patch_size"), int) and isinstance(vision.get("image_size"), int):
+            vision = {**vision, "image_size": vision["image_size"] // vision["patch_size"] * vision["patch_size"]}
         return (config["embed_dim"],
-                tower(config["vision_cfg"], ("tower", "image_size", "patch_size", "width", "layers", "ln_pre",
-                                             "attentional_pool"),
+                tower(vision, ("tower", "image_size", "patch_size", "width", "layers", "ln_pre", "attentional_pool"),
                       not is_resnet(config)),
                 tower(config["text_cfg"], ("context_length", "vocab_size", "width", "layers"), True))
     except (KeyError, TypeError):  # e.g. a Hugging Face text tower: not comparable
@@ -217,7 +223,7 @@ UNSEEN_SETTINGS = {"vision_cfg": ("head_width", "act", "pool", "final_ln_after_p
                                   "ls_init_value"),
                    "text_cfg": ("heads", "act", "pool", "eos_id", "causal", "hf_tokenizer_name", "tokenizer_kwargs",
                                 "pad_id", "correct_cls_mask", "ls_init_value"),
-                   "multimodal_cfg": ("heads", "attn_pooler_heads")}
+                   "multimodal_cfg": ("heads", "attn_pooler_heads", "n_queries", "dim_head")}
 
 
 def _adopt_zoo_heads(config: dict) -> None:
@@ -226,15 +232,12 @@ def _adopt_zoo_heads(config: dict) -> None:
     exact GELU, class and EOT tokens), unless a zoo architecture has exactly these shapes, whose settings are taken
     (LAION's ViT-H/g/bigG use 80-104-wide heads; SigLIP 2's towers mostly tanh GELU, and its 256k vocabulary tells it
     from SigLIP's; CLIPA's 32-token BERT vocabulary and missing ln_pre, MetaCLIP 2's 901,629-token XLM-V). Others need
-    their name: ``clipforge.load(NAME, pretrained=PATH)``."""
-    from ..models import get_model_config, list_models
-
+    their name: ``clipforge.load(NAME, pretrained=PATH)``. The zoo architecture's image size is taken too: where
+    several sizes fit (ViT-SO400M-14-SigLIP-378 and -384), the first, with a warning (``_zoo_match``)."""
     signature = _shape_signature(config)
-    for name in list_models():
-        zoo = get_model_config(name)
-        if _shape_signature(zoo) != signature:
-            continue
-        for tower, keys in UNSEEN_SETTINGS.items():
-            if tower in config and tower in zoo:
-                config[tower].update({k: zoo[tower][k] for k in keys if k in zoo[tower]})
+    zoo = None if signature is None else _zoo_match(lambda zoo: _shape_signature(zoo) == signature)
+    if zoo is None:
         return
+    for tower, keys in (*UNSEEN_SETTINGS.items(), ("vision_cfg", ("image_size",))):
+        if tower in config and tower in zoo:
+            config[tower].update({k: zoo[tower][k] for k in keys if k in zoo[tower]})
