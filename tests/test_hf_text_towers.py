@@ -83,6 +83,9 @@ def test_open_clip_hf_text_tower_folders_load_with_identical_features_and_tokens
         assert _max_diff(back.encode_image(images), theirs.encode_image(images)) <= 1e-5
     with pytest.raises(clipforge.CheckpointError, match="Hugging Face encoder"):
         convert("local-dir:" + str(folder), str(tmp_path / "openai.pt"), to="openai")
+    with pytest.raises(clipforge.CheckpointError, match="Hugging Face encoder"):  # was a KeyError
+        convert("local-dir:" + str(folder), str(tmp_path / "hf"), to="hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_a_hub_text_model_is_fetched_once_and_a_checkpoint_fetches_its_config_alone(tmp_path, monkeypatch):

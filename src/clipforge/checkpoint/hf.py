@@ -275,6 +275,10 @@ def config_from_clipforge(config: dict, logit_scale: float) -> dict:
     from ..models import tower_kind
 
     vision, text = config["vision_cfg"], config["text_cfg"]
+    if "hf_model_name" in text:
+        raise CheckpointError(f"Hugging Face CLIPModel's and SiglipModel's text towers are their own transformers; this "
+                              f"model's is a Hugging Face encoder ({text['hf_model_name']}); write --to open_clip or "
+                              "clipforge")
     if vision.get("ls_init_value") is not None or text.get("ls_init_value") is not None:
         raise CheckpointError("Hugging Face CLIPModel's and SiglipModel's blocks have no LayerScale (this model scales "
                               "its towers' residual branches: ViT-M-16-alt's kind); write --to open_clip or clipforge")
