@@ -187,6 +187,38 @@ def test_a_hugging_face_export_carries_a_clip_processor_that_feeds_the_model_as_
         assert _max_diff(out.image_embeds, model.encode_image(pixels, normalize=True)) <= TOL
 
 
+def test_every_zoo_architecture_open_clip_has_is_its_parameters_name_for_name_and_shape_for_shape():
+    """Each architecture in both zoos (clipforge's own towers and timm's; not those with a Hugging Face text encoder,
+    which open_clip would download) builds open_clip's parameters, under its key layout: built on the meta device,
+    so shapes cost no memory."""
+    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("timm")
+    import logging
+
+    from clipforge.checkpoint import openai, timm_siglip
+    from clipforge.models import get_model_config
+
+    checked = []
+    logging.disable(logging.WARNING)  # open_clip's "no pretrained weights loaded", once per model
+    try:
+        for name in sorted(set(clipforge.list_models()) & set(open_clip.list_models())):
+            if "hf_model_name" in get_model_config(name)["text_cfg"]:
+                continue
+            with torch.device("meta"):
+                ours = clipforge.create_model(name).state_dict()
+                theirs = open_clip.create_model(name, device="meta").state_dict()
+            if "visual.head.probe" in ours:  # SigLIP: timm's tower names
+                ours = timm_siglip.from_clipforge(ours)
+            elif not any(k.startswith("text.") for k in theirs):  # CLIP's layout (custom-text models keep text.)
+                ours = openai.from_clipforge(ours)
+            assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}, name
+            checked.append(name)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert len(checked) > 110 and {"ViT-M-16-alt", "coca_base", "EVA02-B-16", "ViT-B-16-SigLIP2", "MobileCLIP-S2",
+                                   "convnext_base_w", "ViTamin-S", "RN50"} <= set(checked)
+
+
 def test_every_pretrained_tag_open_clip_also_has_names_its_weights_activation_and_preprocessing():
     """Each built-in tag against open_clip's own registry: the same file (OpenAI's URL or the Hugging Face repo),
     QuickGELU or not, and the same image mean, std, resize mode and interpolation (defaults: OpenAI's). A tag whose
