@@ -219,6 +219,31 @@ def test_every_zoo_architecture_open_clip_has_is_its_parameters_name_for_name_an
                                    "convnext_base_w", "ViTamin-S", "RN50"} <= set(checked)
 
 
+def test_every_zoo_architecture_transformers_has_exports_to_its_parameters_name_for_name_and_shape_for_shape():
+    """Each zoo architecture `convert --to hf` writes (CLIP, SigLIP, MetaCLIP 2 kinds; the rest are refused by name)
+    gets a config from which transformers builds exactly the parameters our weights map to (on the meta device)."""
+    transformers = pytest.importorskip("transformers")
+    import math
+
+    from clipforge.checkpoint import CheckpointError, hf
+    from clipforge.models import get_model_config
+
+    kinds = {}
+    for name in clipforge.list_models():
+        try:
+            config = hf.config_from_clipforge(get_model_config(name), math.log(100))
+        except CheckpointError:
+            continue
+        architecture = config["architectures"][0]
+        hf_config = getattr(transformers, architecture.replace("Model", "Config")).from_dict(config)
+        with torch.device("meta"):
+            theirs = getattr(transformers, architecture)(hf_config).state_dict()
+            ours = hf.from_clipforge(clipforge.create_model(name).state_dict())
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}, name
+        kinds.setdefault(architecture, []).append(name)
+    assert set(kinds) == {"CLIPModel", "SiglipModel", "MetaClip2Model"} and sum(map(len, kinds.values())) > 50
+
+
 def test_every_pretrained_tag_open_clip_also_has_names_its_weights_activation_and_preprocessing():
     """Each built-in tag against open_clip's own registry: the same file (OpenAI's URL or the Hugging Face repo),
     QuickGELU or not, and the same image mean, std, resize mode and interpolation (defaults: OpenAI's). A tag whose
