@@ -116,6 +116,36 @@ def test_training_peak_memory_holds_at_least_the_optimiser_state():
         {"transformers": {"skipped": "transformers is not installed or has no such architecture"}}
 
 
+def test_training_memory_is_the_median_of_three_processes_per_implementation_taken_in_turns(monkeypatch):
+    """A resident-set peak moves between processes: on CPU each implementation's is the median of three runs, the
+    runs rotating through the implementations; a peer without the architecture is reported as the worker says."""
+    import argparse
+
+    from clipforge.bench import cli as bench_cli
+
+    readings = {"clipforge": iter([700.0, 600.0, 650.0]), "open_clip": iter([900.0, 1100.0, 1000.0])}
+    calls = []
+
+    def fake_subprocess(task):
+        if task["kind"] == "train_speed":
+            return {"clipforge": {"samples_per_s": 2.0, "first_loss": 1.0},
+                    "open_clip": {"samples_per_s": 1.0, "first_loss": 1.0, "clipforge_ratio": 2.0}}
+        impl, = task["impls"]
+        calls.append(impl)
+        if impl not in readings:
+            return {impl: {"skipped": f"{impl} is not installed or has no such architecture"}}
+        return {impl: {"peak_rss_growth_mb": next(readings[impl])}}
+
+    monkeypatch.setattr(bench_cli, "run_in_subprocess", fake_subprocess)
+    args = argparse.Namespace(train_model=None, train_batch=None, quick=True, data=None, train_compile=False)
+    ratios = {}
+    train, key = bench_cli.bench_training(args, "cpu", ratios)
+    assert key == "peak_rss_growth_mb" and calls == ["clipforge", "open_clip", "transformers"] * 3
+    assert train["clipforge"][key] == 650.0 and train["clipforge"][f"{key}_runs"] == [700.0, 600.0, 650.0]
+    assert ratios["train_memory_vs_open_clip"] == pytest.approx(650 / 1000) and ratios["train_vs_open_clip"] == 2.0
+    assert train["transformers"] == {"skipped": "transformers is not installed or has no such architecture"}
+
+
 @pytest.mark.parametrize("what", ["image", "text"])
 def test_embedding_rates_and_ratios_come_from_the_interleaved_times(monkeypatch, what):
     pytest.importorskip("open_clip")

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 from pathlib import Path
 
 import torch
@@ -127,11 +128,22 @@ def bench_training(args, device: str, ratios: dict) -> tuple[dict, str]:
     task = {"kind": "train_speed", "impls": impls, "model": model, "batch": batch,
             "steps": 6 if args.quick else 16, "data": args.data, "device": device, "compile": args.train_compile}
     train = run_in_subprocess(task)
-    for impl in impls:
-        memory = run_in_subprocess({**task, "kind": "train_memory", "impls": [impl], "steps": 3})
-        train.setdefault(impl, {}).update(memory.get(impl, memory))
-    ours = train.get("clipforge", {})
     memory_key = "peak_memory_mb" if on_gpu else "peak_rss_growth_mb"
+    # a process's resident-set peak moves from run to run (allocator and page reuse; one peer's read 935-1,131 MB
+    # across runs of the same command): on CPU the median of three processes per implementation, taken in turns
+    peaks: dict[str, list[float]] = {impl: [] for impl in impls}
+    unmeasured: dict[str, dict] = {}  # what the worker said where it gave no peak (a skipped peer, an error)
+    for _ in range(1 if on_gpu else 3):
+        for impl in impls:
+            memory = run_in_subprocess({**task, "kind": "train_memory", "impls": [impl], "steps": 3})
+            if memory_key in memory.get(impl, {}):
+                peaks[impl].append(memory[impl][memory_key])
+            else:
+                unmeasured[impl] = memory.get(impl, memory)
+    for impl, runs in peaks.items():
+        train.setdefault(impl, {}).update({memory_key: statistics.median(runs), f"{memory_key}_runs": runs} if runs
+                                          else unmeasured[impl])
+    ours = train.get("clipforge", {})
     for peer in PEERS:
         theirs = train.get(peer, {})
         if "clipforge_ratio" in theirs:
