@@ -164,6 +164,7 @@ def test_layer_scale_towers_load_from_open_clip_with_its_features_and_gradients_
 
 
 def test_layer_scale_vit_exports_to_onnx_with_eager_features(tmp_path):
+    """The scales (moved far off their start) are in the exported graph: features within 1e-4 of eager PyTorch's."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from conftest import onnx_feature_differences
@@ -181,18 +182,12 @@ def test_layer_scale_vit_exports_to_onnx_with_eager_features(tmp_path):
     assert onnx_feature_differences(model, tmp_path / "onnx", torch.randn(3, 3, 64, 64)) <= 1e-4
 
 
-def test_vit_m_16_alt_is_open_clips_with_layer_scale_from_its_initial_value():
-    """The zoo's ViT-M-16-alt builds open_clip's: same parameter names and shapes, each gamma at 1e-4."""
-    open_clip = pytest.importorskip("open_clip")
-    from clipforge.checkpoint.openai import from_clipforge
-
-    with torch.device("meta"):
-        ours = from_clipforge(clipforge.create_model("ViT-M-16-alt").state_dict())  # open_clip's key names
-        theirs = open_clip.create_model("ViT-M-16-alt", device="meta").state_dict()
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
-    gamma = clipforge.create_model("ViT-M-16-alt", vision_cfg={"layers": 1}, text_cfg={"layers": 1}) \
-        .visual.transformer.resblocks[0].ls_2.gamma
-    assert gamma.shape == (512,) and (gamma == 1e-4).all()
+def test_vit_m_16_alt_starts_its_layer_scales_at_open_clips_initial_value():
+    """(Its parameters are open_clip's by name and shape: tests/test_parity.py checks the whole zoo.)"""
+    model = clipforge.create_model("ViT-M-16-alt", vision_cfg={"layers": 1}, text_cfg={"layers": 1})
+    gamma = model.visual.transformer.resblocks[0].ls_2.gamma
+    assert gamma.shape == (512,) and (gamma == 1e-4).all() and not hasattr(model.text.transformer.resblocks[0].ls_1,
+                                                                            "gamma")
 
 
 def test_metaclip_2_exports_to_transformers_and_its_folders_and_hub_repos_load(tmp_path, monkeypatch):
