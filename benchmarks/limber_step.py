@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -60,16 +59,12 @@ def main() -> None:
               "grad_checkpointing": args.grad_checkpointing,
               "caption_tokens": sum(len(tokenizer(c, add_special_tokens=False).input_ids) + 1 for c in captions),
               "threads": torch.get_num_threads()}
-    if args.measure == "heldout":
+    if args.measure == "heldout":  # timed as a step is: the median after one warm-up
         texts = flickr8k_captions(args.data, 5 * args.batch)
         groups = [texts[5 * i:5 * i + 5] for i in range(args.batch)]
-        held_out_loss(mapping, lm, tokenizer, features[:2], groups[:2])  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            result["held_out_loss"] = held_out_loss(mapping, lm, tokenizer, features, groups)
-            times.append(time.perf_counter() - start)
-        result.update(median_s=sorted(times)[len(times) // 2], times_s=[round(t, 3) for t in times])
+        result.update(measure_step(lambda: held_out_loss(mapping, lm, tokenizer, features, groups), "time",
+                                   args.repeats))
+        result["held_out_loss"] = result.pop("loss")
     else:
         result.update(measure_step(step, args.measure, args.repeats))
     print(json.dumps(result))

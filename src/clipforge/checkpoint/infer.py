@@ -21,6 +21,12 @@ def _count(state: dict, prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def _layer_scale(state: dict, blocks: str) -> dict:
+    """LayerScale shows in the weights (``ls_1.gamma``), its initial value does not (nor in the outputs): a
+    placeholder, replaced by the zoo architecture's where one has these shapes (``_adopt_zoo_heads``)."""
+    return {"ls_init_value": 1e-5} if f"{blocks}0.ls_1.gamma" in state else {}
+
+
 def infer_config(state: dict) -> dict:
     """Rebuild the architecture from weight shapes."""
     try:
@@ -33,8 +39,7 @@ def infer_config(state: dict) -> dict:
             "layers": _count(state, "text.transformer.resblocks."),
             "mlp_ratio": mlp_ratio(state["text.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], text_width),
         }
-        if "text.transformer.resblocks.0.ls_1.gamma" in state:  # LayerScale (see the image tower's below)
-            text_cfg["ls_init_value"] = 1e-5
+        text_cfg.update(_layer_scale(state, "text.transformer.resblocks."))
         if "visual.head.probe" in state:
             return _infer_siglip(state, text_cfg)
         embed_dim = state["text.text_projection"].shape[1]
@@ -61,8 +66,7 @@ def infer_config(state: dict) -> dict:
             }
             if "visual.ln_pre.weight" not in state:  # CLIPA's
                 vision_cfg["ln_pre"] = False
-            if "visual.transformer.resblocks.0.ls_1.gamma" in state:  # LayerScale; its initial value is not in
-                vision_cfg["ls_init_value"] = 1e-5  # the weights nor in the outputs: the zoo's, where one fits
+            vision_cfg.update(_layer_scale(state, "visual.transformer.resblocks."))
             if "visual.attn_pool.query" in state:  # CoCa's
                 vision_cfg.update(attentional_pool=True,
                                   attn_pooler_queries=state["visual.attn_pool.query"].shape[0])

@@ -88,11 +88,9 @@ class VisionTransformer(nn.Module):
         return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.pool == "avg":  # every patch token is pooled
+            return self.forward_tokens(images)[0]
         x = self._tokens(images)
-        if self.pool == "avg":
-            x = self.transformer(x)[:, 1:]  # every patch token is pooled
-            x = self.ln_post(x.mean(dim=1)) if self.final_ln_after_pool else self.ln_post(x).mean(dim=1)
-            return x @ self.proj
         cls_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         x = self.transformer(x, pool_index=cls_index)  # [N, width]: only the class token is pooled
         return self.ln_post(x) @ self.proj
