@@ -326,6 +326,23 @@ def test_shape_mismatch_names_the_key_and_both_shapes(tmp_path):
     assert "(128, 64)" in message and "(128, 128)" in message
 
 
+def test_a_created_model_carries_its_config_into_what_it_is_saved_as(tmp_path):
+    """``create_model``'s model knows its config: a setting the weights cannot show (QuickGELU) survives
+    ``save_pretrained`` (it was read back off the weight shapes, as GELU, and the features changed), and the Hugging
+    Face and open_clip writers take the model as it is (they raised AttributeError without a loaded model's config)."""
+    from clipforge.checkpoint import hf, openai
+
+    model = clipforge.create_model("ViT-Tiny-64", quick_gelu=True).eval()
+    assert model.config == {**clipforge.get_model_config("ViT-Tiny-64"), "quick_gelu": True}
+    clipforge.save_pretrained(model, tmp_path / "saved")
+    back = clipforge.load(str(tmp_path / "saved"))[0]
+    assert back.config["quick_gelu"] is True and _same_outputs(back, model)
+    hf.save(model, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vision_config"]["hidden_act"] == "quick_gelu"
+    openai.save_open_clip(model, tmp_path / "oc")
+    assert _same_outputs(clipforge.load(str(tmp_path / "oc"))[0], model)
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "model.pt", "model.bin"])
 def test_truncated_or_corrupt_files_name_the_file(tmp_path, name):
     model = clipforge.create_model("ViT-Tiny-64")

@@ -86,3 +86,19 @@ def test_decompression_bombs_are_refused():
     Image.new("L", (3000, 3000)).save(big, format="PNG")
     with pytest.raises(BadImageError, match="exceeds the limit"):
         open_image(big.getvalue(), name="bomb.png", max_pixels=1_000_000)
+
+
+def test_training_crop_falls_back_as_open_clips_does():
+    """Where no random crop fits in 10 tries (a 3:2 photo at the default scale 0.9-1.0 never fits the 3:4-4:3 ratio
+    range), the crop is torchvision's fallback, as open_clip trains: the whole image, clamped to the ratio range and
+    centered (it was a square, cutting more of a landscape photo's sides). At scale 1.0 every crop falls back."""
+    open_clip = pytest.importorskip("open_clip")
+    photos = [Image.open(io.BytesIO(data)) for _, data in
+              _shard_images(shared_data("coco-mini", "test", "test-000000.tar"), limit=12)]
+    photos += [Image.radial_gradient("L").convert("RGB").resize(size) for size in ((90, 60), (40, 120), (50, 50))]
+    assert {"wide", "tall", "within"} <= {"wide" if w / h > 4 / 3 else "tall" if w / h < 3 / 4 else "within"
+                                         for w, h in (p.size for p in photos)}
+    theirs = open_clip.image_transform(64, is_train=True, aug_cfg={"scale": (1.0, 1.0)})
+    ours = TrainTransform(64, scale=(1.0, 1.0))
+    for image in photos:
+        assert (ours(image) - theirs(image)).abs().max().item() <= 1e-6, image.size

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 _LAZY = {
     "CheckpointError": "checkpoint", "infer_config": "checkpoint", "load_into": "checkpoint",
     "read_checkpoint": "checkpoint", "save_pretrained": "checkpoint",
-    "CLIP": "models", "UnknownModelError": "models", "create_model": "models", "get_model_config": "models",
-    "list_models": "models",
+    "CLIP": "models", "UnknownModelError": "models", "get_model_config": "models", "list_models": "models",
+    "create_model": "open_clip_api", "create_model_and_transforms": "open_clip_api",
+    "create_model_from_pretrained": "open_clip_api",
     "Preprocess": "preprocess", "image_transform": "preprocess",
     "get_pretrained": "pretrained", "list_pretrained": "pretrained", "register_pretrained": "pretrained",
     "Tokenizer": "tokenizer", "get_tokenizer": "tokenizer", "tokenize": "tokenizer",
@@ -48,16 +49,33 @@ __all__ = ["load", "create_model", "create_model_and_transforms", "create_model_
 
 
 def _looks_like_path(name: str) -> bool:
-    return os.path.sep in name or name.startswith(".") or os.path.exists(name)
+    """A checkpoint path rather than a zoo name: what exists on disk, or is spelt as a path and names no architecture
+    (OpenAI's "ViT-B/32" is ViT-B-32, as in open_clip)."""
+    from .models import UnknownModelError, get_model_config
+
+    if os.path.exists(name):
+        return True
+    if not (os.path.sep in name or name.startswith(".")):
+        return False
+    try:
+        get_model_config(name)
+    except UnknownModelError:
+        return True
+    return False
 
 
 def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: bool | None = None,
-               trust_pickle: bool = False) -> CLIP:
-    """The model alone; see ``load``."""
+               trust_pickle: bool = False, overrides: dict | None = None) -> CLIP:
+    """The model alone; see ``load``. ``overrides``: merged into the config before the model is built (nested dicts
+    key by key), as ``create_model``'s keywords are; weights that then do not fit are an error naming the key."""
+    import copy
+
     from .checkpoint import load_into, read_preprocess_cfg
-    from .models import create_model
+    from .models import create_model, merge_config
 
     config, state, normalisation, source = read_model_weights(name_or_path, pretrained, quick_gelu, trust_pickle)
+    if overrides:
+        merge_config(config, copy.deepcopy(overrides))
     if config.get("objective") == "classify":  # a fine-tuned CLIP: the model plus its class head
         from .finetune import CLIPClassifier
 
@@ -94,7 +112,7 @@ def read_model_weights(name_or_path: str, pretrained: str | None = None, quick_g
         state, _ = read_checkpoint(hub.weights, trust_pickle=trust_pickle)
         config, source = hub.config, name_or_path
         normalisation = dict(hub.preprocess or {})
-    elif pretrained is None and _looks_like_path(name_or_path) and name_or_path not in list_models():
+    elif pretrained is None and name_or_path not in list_models() and _looks_like_path(name_or_path):
         state, config = read_checkpoint(name_or_path, trust_pickle=trust_pickle)
         objective = (config or {}).get("objective", "contrastive")
         if objective == "classify":
@@ -167,22 +185,26 @@ def load(name_or_path: str, pretrained: str | None = None, device: str = "cpu", 
     return model, Preprocess(model.image_size, **model.normalisation), get_tokenizer(model.config)
 
 
-def create_model_and_transforms(model_name: str, pretrained: str | None = None, device: str = "cpu",
-                                quick_gelu: bool | None = None, trust_pickle: bool = False):
-    """open_clip's call, for scripts moving over: ``(model, train transform, evaluation transform)``; the model as
-    ``load`` gives it (eval mode: call ``model.train()`` to train it)."""
-    from .preprocess import image_transform
+def read_model_config(name_or_path: str) -> dict:
+    """The config ``load(name_or_path)`` builds, reading a checkpoint's weights only where nothing else names its
+    architecture: a zoo name's, an ``hf-hub:`` repo's (its JSON files alone), or a checkpoint folder's (``local-dir:``
+    as open_clip spells one). What ``get_tokenizer`` reads for a name that is not in the zoo."""
+    from .checkpoint import read_config
+    from .models import get_model_config
 
-    model, preprocess, _ = load(model_name, pretrained, device, quick_gelu, trust_pickle)
-    train = image_transform(model.image_size, train=True, mean=preprocess.mean, std=preprocess.std)
-    return model, train, preprocess
+    if name_or_path.startswith("local-dir:"):
+        name_or_path = name_or_path[len("local-dir:"):]
+    if name_or_path.startswith("hf-hub:"):
+        from .pretrained import hub_config
 
-
-def create_model_from_pretrained(model_name: str, pretrained: str | None = None, device: str = "cpu",
-                                 quick_gelu: bool | None = None, trust_pickle: bool = False):
-    """open_clip's call: ``(model, evaluation transform)``."""
-    model, preprocess, _ = load(model_name, pretrained, device, quick_gelu, trust_pickle)
-    return model, preprocess
+        return hub_config(name_or_path[len("hf-hub:"):])[0]
+    if not _looks_like_path(name_or_path):
+        return get_model_config(name_or_path)
+    config = read_config(name_or_path)
+    if config is None:
+        return read_model_weights(name_or_path)[0]
+    _use_tokenizer_beside_weights(config, name_or_path)
+    return config
 
 
 def zero_shot_classifier(*args, **kwargs):

@@ -171,6 +171,10 @@ class HubTokenizer:
         self.sep_token_id = None
         self._fast = self._auto = self._folder = None
 
+    def fetch(self) -> None:
+        """Find (or fetch) the tokenizer files now rather than on first use."""
+        self.folder
+
     @property
     def folder(self) -> Path:
         if self._folder is None:

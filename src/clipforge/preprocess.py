@@ -142,15 +142,23 @@ class TrainTransform:
                 left = rng.randint(0, width - w)
                 top = rng.randint(0, height - h)
                 return left, top, left + w, top + h
-        side = min(width, height)  # fall back to a center crop
-        left, top = (width - side) // 2, (height - side) // 2
-        return left, top, left + side, top + side
+        # no fit in 10 tries (a 3:2 photo at scale 0.9-1.0 never fits): torchvision's fallback, the center crop of
+        # the whole image clamped to the ratio range, as open_clip's training transform takes
+        w, h = width, height
+        if width / height < min(self.ratio):
+            h = int(round(width / min(self.ratio)))
+        elif width / height > max(self.ratio):
+            w = int(round(height * max(self.ratio)))
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         """``rng``: the generator for this sample's crop (the data pipeline ties it to the sample's position)."""
         image = image.convert("RGB")
         box = self.crop_box(*image.size, rng=rng)
-        image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
+        # cropped first: resize(box=) would let pixels outside the box into the edge pixels' filter (open_clip's
+        # crop, then resize, does not)
+        image = image.crop(box).resize((self.image_size, self.image_size), Image.BICUBIC)
         return to_tensor(image, self.mean, self.std)
 
 

@@ -19,6 +19,8 @@ import os
 import re
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -108,8 +110,22 @@ def get_pretrained(model: str, tag: str) -> PretrainedSource:
     return _REGISTRY[key]
 
 
+_CACHE_OVERRIDE: ContextVar[Path | None] = ContextVar("clipforge_cache_override", default=None)
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("CLIPFORGE_CACHE", Path.home() / ".cache" / "clipforge"))
+    return _CACHE_OVERRIDE.get() or Path(os.environ.get("CLIPFORGE_CACHE", Path.home() / ".cache" / "clipforge"))
+
+
+@contextmanager
+def cache_at(directory: str | os.PathLike | None):
+    """Within the block, downloads (weights, hub configs, tokenizer files) are kept in and read from ``directory``
+    (open_clip's ``cache_dir=``); None keeps the usual cache."""
+    token = _CACHE_OVERRIDE.set(Path(directory).expanduser() if directory is not None else _CACHE_OVERRIDE.get())
+    try:
+        yield
+    finally:
+        _CACHE_OVERRIDE.reset(token)
 
 
 def _offline() -> bool:
@@ -216,6 +232,14 @@ def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
     ``open_clip_config.json`` with ``open_clip_model.safetensors`` (else ``open_clip_pytorch_model.bin``); or a
     transformers ``CLIPModel`` repo (``config.json`` with ``model.safetensors``, else ``pytorch_model.bin``).
     Cached like pretrained tags, so a repo fetched once also loads offline."""
+    config, preprocess, weights = hub_config(repo)
+    return HubCheckpoint(fetch(weights, progress=progress), config, preprocess)
+
+
+def hub_config(repo: str) -> tuple[dict, dict, PretrainedSource]:
+    """A Hub repo's ``(clipforge config, its preprocessing, where its weights are)``, fetching its small JSON files
+    only (what ``get_tokenizer("hf-hub:REPO")`` needs). What clipforge cannot build is refused here, before any
+    weights are fetched."""
     from .checkpoint import CheckpointError, hf, hf_config_to_clipforge
 
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
@@ -230,12 +254,11 @@ def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
         if not (_offline() and cached_path(f"{base}/config.json").exists()):
             raise
         meta = None  # offline, a transformers repo fetched before (its 404 left nothing to cache)
-    if meta is not None:  # what clipforge cannot reproduce is refused before the weights are fetched
+    if meta is not None:
         config = _open_clip_config(meta.get("model_cfg", {}), repo)
         preprocess = _hub_preprocess(meta.get("preprocess_cfg") or {}, repo)
-        weights = fetch(PretrainedSource(f"{base}/open_clip_model.safetensors",
-                                         fallback_url=f"{base}/open_clip_pytorch_model.bin"), progress=progress)
-        return HubCheckpoint(weights, config, preprocess)
+        return config, preprocess, PretrainedSource(f"{base}/open_clip_model.safetensors",
+                                                    fallback_url=f"{base}/open_clip_pytorch_model.bin")
     try:
         hf_config = json.loads(download(f"{base}/config.json", progress=False).read_text())
     except NotFoundError:
@@ -247,12 +270,11 @@ def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
         processor = json.loads(download(f"{base}/preprocessor_config.json", progress=False).read_text())
     except NotFoundError:
         processor = {}
-    weights = fetch(PretrainedSource(f"{base}/model.safetensors", fallback_url=f"{base}/pytorch_model.bin"),
-                    progress=progress)
     config = hf_config_to_clipforge(hf_config)
     if "hf_tokenizer_name" in config["text_cfg"]:  # SigLIP's, MetaCLIP 2's: its tokenizer files are in the same repo
         config["text_cfg"]["hf_tokenizer_name"] = repo
-    return HubCheckpoint(weights, config, hf.processor_preprocess(processor))
+    return config, hf.processor_preprocess(processor), \
+        PretrainedSource(f"{base}/model.safetensors", fallback_url=f"{base}/pytorch_model.bin")
 
 
 def _hub_preprocess(cfg: dict, repo: str) -> dict:

@@ -277,15 +277,28 @@ def _shared_tokenizer(context_length: int) -> Tokenizer:
     return Tokenizer(context_length)
 
 
-def get_tokenizer(name: str | dict | None = None, context_length: int | None = None):
-    """The tokenizer for a zoo model name or model config (its context length; a Hugging Face text tower brings its
-    own tokenizer, a SigLIP, CLIPA or MetaCLIP 2 model its tokenizer files: ``hub_tokenizer``), or the OpenAI default
-    (77 tokens) when no name is given."""
-    text_cfg = {}
-    if name is not None:
-        from .models import get_model_config
+def get_tokenizer(name: str | dict | None = None, context_length: int | None = None, cache_dir: str | None = None):
+    """The tokenizer for a model (its context length; a Hugging Face text tower brings its own tokenizer, a SigLIP,
+    CLIPA or MetaCLIP 2 model its tokenizer files: ``hub_tokenizer``), or the OpenAI default (77 tokens) when no name
+    is given. ``name``: a zoo name, a model config, or what ``clipforge.load`` takes (``hf-hub:`` repos, checkpoint
+    folders, ``local-dir:``), as open_clip's ``get_tokenizer`` does; ``cache_dir``: where fetched files are kept."""
+    from .pretrained import cache_at
 
-        text_cfg = (name if isinstance(name, dict) else get_model_config(name))["text_cfg"]
+    with cache_at(cache_dir):
+        tokenizer = _tokenizer_for(name or None, context_length)
+        if cache_dir is not None and hasattr(tokenizer, "fetch"):
+            tokenizer.fetch()  # its files now, into cache_dir (they are otherwise found on first use)
+    return tokenizer
+
+
+def _tokenizer_for(name: str | dict | None, context_length: int | None):
+    text_cfg = {}
+    if isinstance(name, dict):
+        text_cfg = name["text_cfg"]
+    elif name is not None:
+        from . import read_model_config
+
+        text_cfg = read_model_config(name)["text_cfg"]
     if context_length is None:
         context_length = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
     if "hf_model_name" in text_cfg and not text_cfg.get("hf_tokenizer_name"):

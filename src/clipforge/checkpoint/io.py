@@ -139,20 +139,14 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tupl
 
             return read_sharded_weights(path)
         if path.is_dir():
-            config_file = path / CONFIG_NAME
-            folder_config = json.loads(config_file.read_text()) if config_file.exists() else {}
             weights = next((path / n for n in _FOLDER_WEIGHTS if (path / n).exists()), None)
             if weights is None:
                 raise CheckpointError(f"{path}: folder holds none of {', '.join(_FOLDER_WEIGHTS)}")
             tensors, config = _read_file(weights, trust_pickle)
-            if hf.is_clip_config(folder_config):
-                return hf.to_clipforge(tensors), hf.config_to_clipforge(folder_config)
-            open_clip_config = path / OPEN_CLIP_CONFIG_NAME  # an open_clip model folder (local-dir:, a hub repo)
-            if not folder_config and open_clip_config.exists():
-                folder_config = json.loads(open_clip_config.read_text())
-                if folder_config.get("model_cfg"):  # as a hub repo's: translated, or refused by name
-                    folder_config["model_cfg"] = openai.config_from_open_clip(folder_config["model_cfg"], str(path))
-            config = folder_config.get("model_cfg", config)
+            folder_config, is_hf = _folder_config(path)
+            if is_hf:
+                return hf.to_clipforge(tensors), folder_config
+            config = folder_config or config
         else:
             tensors, config = _read_file(path, trust_pickle)
         if (config or {}).get("objective", "contrastive") != "contrastive":
@@ -163,6 +157,36 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tupl
         raise CheckpointError(f"{path}: cannot read checkpoint, the file is truncated or corrupt "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     return to_clipforge_state_dict(tensors, source=str(path)), config
+
+
+def _folder_config(folder: Path) -> tuple[dict | None, bool]:
+    """``(the model config a checkpoint folder's JSON names, whether it is a Hugging Face folder)``: clipforge's
+    ``config.json`` (its ``model_cfg``), a transformers ``config.json`` or open_clip's ``open_clip_config.json``
+    (translated, or refused by name); None where the folder names none."""
+    config_file = folder / CONFIG_NAME
+    folder_config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    if hf.is_clip_config(folder_config):
+        return hf.config_to_clipforge(folder_config), True
+    open_clip_config = folder / OPEN_CLIP_CONFIG_NAME  # an open_clip model folder (local-dir:, a hub repo)
+    if not folder_config and open_clip_config.exists():
+        folder_config = json.loads(open_clip_config.read_text())
+        if folder_config.get("model_cfg"):  # as a hub repo's: translated, or refused by name
+            folder_config["model_cfg"] = openai.config_from_open_clip(folder_config["model_cfg"], str(folder))
+    return folder_config.get("model_cfg"), False
+
+
+def read_config(path: str | os.PathLike) -> dict | None:
+    """The model config a checkpoint folder names, without reading its weights (None: a file, or a folder naming
+    none, whose architecture ``read_checkpoint`` reads off the weights)."""
+    path = Path(path)
+    if not path.is_dir() or is_sharded_checkpoint(path):
+        return None
+    try:
+        return _folder_config(path)[0]
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read its config ({type(exc).__name__}: {exc})") from None
 
 
 def _unwrap(obj) -> dict:

@@ -92,5 +92,8 @@ def create_model(name_or_config: str | dict, **overrides) -> CLIP:
     if "multimodal_cfg" in config:  # a captioning decoder beside the towers
         from .coca import CoCa
 
-        return CoCa(**config)
-    return CLIP(**config)
+        model = CoCa(**config)
+    else:
+        model = CLIP(**config)
+    model.config = config  # what saving, converting and exporting write beside the weights
+    return model

@@ -197,6 +197,10 @@ class HFTokenizer:
         self.context_length = context_length
         self._tokenizer = None
 
+    def fetch(self) -> None:
+        """Load (or fetch) the tokenizer now rather than on first use."""
+        self._load()
+
     def _load(self):
         if self._tokenizer is None:
             from transformers import AutoTokenizer

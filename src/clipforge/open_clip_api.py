@@ -1,0 +1,151 @@
+"""open_clip's model-making calls with open_clip's arguments, so that a script changes only its import
+(``import clipforge as open_clip``): ``create_model``, ``create_model_and_transforms``,
+``create_model_from_pretrained``. The models, weights and preprocessing are ``clipforge.load``'s; what this module
+adds is the reading of open_clip's keywords (``precision``, ``device``, ``force_*``, ``image_*``, ``aug_cfg``,
+``cache_dir`` ...), and a clear error for the few that ask for something clipforge does not do."""
+from __future__ import annotations
+
+import dataclasses
+
+# open_clip's ``precision`` values: the dtype the weights are cast to ("amp*": fp32 weights, the caller autocasts)
+_PRECISIONS = {"fp32": "float32", "amp": "float32", "amp_bf16": "float32", "amp_bfloat16": "float32",
+               "fp16": "float16", "pure_fp16": "float16", "bf16": "bfloat16", "pure_bf16": "bfloat16"}
+
+# open_clip's keywords of ``create_model`` (its others: the model config's own keys, merged into it)
+OPEN_CLIP_KEYWORDS = frozenset({
+    "pretrained", "load_weights", "precision", "device", "jit", "force_quick_gelu", "force_custom_text",
+    "force_patch_dropout", "force_image_size", "force_preprocess_cfg", "force_context_length", "pretrained_image",
+    "pretrained_text", "pretrained_image_path", "pretrained_text_path", "cache_dir", "output_dict",
+    "require_pretrained", "weights_only", "quick_gelu", "trust_pickle"})
+
+_AUGMENTATIONS = ("scale", "ratio")  # the AugmentationCfg fields clipforge's training crop takes
+
+
+def create_model(model_name: str | dict, pretrained: str | None = None, **kwargs):
+    """``clipforge.create_model``: a randomly initialised model from a zoo name or config dict, keyword overrides
+    merged into its config (``create_model("ViT-B-32", quick_gelu=True, vision_cfg={"patch_dropout": 0.5})``); or,
+    given ``pretrained``, an ``hf-hub:`` or ``local-dir:`` name, or any of open_clip's own keywords (``device``,
+    ``precision``, ``force_image_size`` ...), open_clip's ``create_model``: the model with its weights, in training mode as open_clip returns it."""
+    from .models import create_model as create_zoo_model
+
+    loads = isinstance(model_name, str) and model_name.startswith(("hf-hub:", "local-dir:"))  # open_clip's names
+    if pretrained is None and not loads and not (OPEN_CLIP_KEYWORDS & set(kwargs)):
+        return create_zoo_model(model_name, **kwargs)
+    return _model(model_name, pretrained, **kwargs)[0].train()
+
+
+def create_model_and_transforms(model_name: str, pretrained: str | None = None, *, image_mean=None, image_std=None,
+                                image_interpolation: str | None = None, image_resize_mode: str | None = None,
+                                aug_cfg=None, **kwargs):
+    """open_clip's call: ``(model, training transform, evaluation transform)``, the model in eval mode (call
+    ``model.train()`` to train it: open_clip leaves it in training mode). ``image_*`` override the weights' own
+    preprocessing; ``aug_cfg``'s ``scale`` and ``ratio`` set the training crop."""
+    from .preprocess import image_transform
+
+    augment = _augmentation(aug_cfg)
+    model, preprocess = _model(model_name, pretrained, force_preprocess_cfg=_preprocess_overrides(
+        image_mean, image_std, image_interpolation, image_resize_mode), **kwargs)
+    train = image_transform(model.image_size, train=True, mean=preprocess.mean, std=preprocess.std, **augment)
+    return model.eval(), train, preprocess
+
+
+def create_model_from_pretrained(model_name: str, pretrained: str | None = None, *, image_mean=None, image_std=None,
+                                 image_interpolation: str | None = None, image_resize_mode: str | None = None,
+                                 return_transform: bool = True, **kwargs):
+    """open_clip's call: ``(model, evaluation transform)`` (the model alone with ``return_transform=False``), the
+    model in eval mode."""
+    model, preprocess = _model(model_name, pretrained, force_preprocess_cfg=_preprocess_overrides(
+        image_mean, image_std, image_interpolation, image_resize_mode), **kwargs)
+    return (model.eval(), preprocess) if return_transform else model.eval()
+
+
+def _model(model_name, pretrained: str | None = None, load_weights: bool = True, precision: str = "fp32",
+           device="cpu", jit: bool = False, force_quick_gelu: bool = False, force_custom_text: bool = False,
+           force_patch_dropout: float | None = None, force_image_size=None, force_preprocess_cfg: dict | None = None,
+           force_context_length: int | None = None, pretrained_image: bool = False, pretrained_text: bool = True,
+           pretrained_image_path: str | None = None, pretrained_text_path: str | None = None,
+           cache_dir: str | None = None, output_dict: bool | None = None, require_pretrained: bool = False,
+           weights_only: bool = True, quick_gelu: bool | None = None, trust_pickle: bool = False, **model_kwargs):
+    """``(model, evaluation transform)`` from open_clip's arguments. ``force_custom_text`` (a state-dict layout:
+    clipforge reads both) and ``output_dict`` (the forward's ``CLIPOutput`` unpacks as a tuple and reads as a dict)
+    change nothing here."""
+    import torch
+
+    from . import load_model
+    from .models import get_model_config
+    from .preprocess import Preprocess, PREPROCESS_KEYS
+    from .pretrained import cache_at
+
+    if isinstance(model_name, dict):
+        raise TypeError("open_clip's create_model takes a model name; a config dict builds a random model: "
+                        "clipforge.create_model(config) without open_clip's keywords")
+    refused = {"jit": (jit, "TorchScript is not built here: run the model eagerly, or torch.compile(model)"),
+               "pretrained_image": (pretrained_image, "timm's ImageNet weights for the image tower are not fetched "
+                                    "here: load a whole CLIP checkpoint with pretrained="),
+               "pretrained_image_path": (pretrained_image_path, "one tower's weights alone are not loaded here: "
+                                         "load a whole CLIP checkpoint with pretrained="),
+               "pretrained_text_path": (pretrained_text_path, "one tower's weights alone are not loaded here: "
+                                        "load a whole CLIP checkpoint with pretrained=")}
+    for name, (value, why) in refused.items():
+        if value:
+            raise ValueError(f"{name}={value!r}: {why}")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of open_clip's: {', '.join(_PRECISIONS)}")
+    unknown = set(force_preprocess_cfg or {}) - set(PREPROCESS_KEYS)
+    if unknown:
+        raise ValueError(f"force_preprocess_cfg: {', '.join(sorted(unknown))} not among {', '.join(PREPROCESS_KEYS)}")
+    if not load_weights:
+        pretrained = None
+    if require_pretrained and pretrained is None:
+        raise ValueError(f"require_pretrained=True, but no pretrained weights were named for {model_name}")
+    overrides = dict(model_kwargs)
+    if force_quick_gelu:
+        quick_gelu = True
+    vision = {k: v for k, v in (("patch_dropout", force_patch_dropout), ("image_size", force_image_size))
+              if v is not None}
+    if isinstance(vision.get("image_size"), (tuple, list)):
+        height, width = vision["image_size"]
+        if height != width:
+            raise ValueError(f"force_image_size {tuple(vision['image_size'])}: clipforge's towers take square images")
+        vision["image_size"] = height
+    text = {"context_length": force_context_length} if force_context_length is not None else {}
+    if not pretrained_text and pretrained is None and _is_zoo_name(model_name) and \
+            "hf_model_name" in get_model_config(model_name).get("text_cfg", {}):
+        text["hf_pretrained"] = False  # a Hugging Face text tower left randomly initialised, as open_clip does
+    for key, values in (("vision_cfg", vision), ("text_cfg", text)):
+        if values:
+            overrides[key] = {**overrides.get(key, {}), **values}
+    with cache_at(cache_dir):
+        model = load_model(model_name, pretrained, quick_gelu, trust_pickle or not weights_only,
+                           overrides=overrides)
+    model.normalisation = {**model.normalisation, **(force_preprocess_cfg or {})}
+    model.to(device=device, dtype=getattr(torch, _PRECISIONS[precision]))
+    return model, Preprocess(model.image_size, **model.normalisation)
+
+
+def _is_zoo_name(name: str) -> bool:
+    from .models import UnknownModelError, get_model_config
+
+    try:
+        get_model_config(name)
+    except UnknownModelError:
+        return False
+    return True
+
+
+def _preprocess_overrides(mean, std, interpolation, resize_mode) -> dict:
+    values = {"mean": mean, "std": std, "interpolation": interpolation, "resize_mode": resize_mode}
+    return {k: tuple(v) if k in ("mean", "std") else v for k, v in values.items() if v is not None}
+
+
+def _augmentation(aug_cfg) -> dict:
+    """The training crop's arguments from open_clip's ``aug_cfg`` (a dict or its ``AugmentationCfg``); any other
+    augmentation it turns on (colour jitter, random erasing, timm's pipeline ...) is refused by name."""
+    if aug_cfg is None:
+        return {}
+    cfg = dataclasses.asdict(aug_cfg) if dataclasses.is_dataclass(aug_cfg) else dict(aug_cfg)
+    others = sorted(k for k, v in cfg.items() if k not in _AUGMENTATIONS and v not in (None, False, 0, 0.0))
+    if others:
+        raise ValueError(f"aug_cfg: {', '.join(others)} not built here; clipforge's training crop takes "
+                         f"{' and '.join(_AUGMENTATIONS)} (RandomResizedCrop's)")
+    return {k: tuple(cfg[k]) for k in _AUGMENTATIONS if cfg.get(k) is not None}

@@ -1,0 +1,126 @@
+"""open_clip's model-making calls with open_clip's own keywords, side by side with open_clip: a script that changes only
+its import gets the same model, features and preprocessing, or an error naming what clipforge does not do."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import clipforge
+import clipforge.models
+from clipforge.checkpoint import save_safetensors
+
+from conftest import FileServer
+
+open_clip = pytest.importorskip("open_clip")
+
+TINY = {"embed_dim": 48, "vision_cfg": {"image_size": 64, "layers": 2, "width": 160, "head_width": 40, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 96, "heads": 2, "layers": 2}}
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    """"Test-Tiny" in both zoos (GELU), and open_clip's random weights for it in a file."""
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "Test-Tiny", TINY)
+    monkeypatch.setattr(clipforge.models, "_EXTRA_CONFIGS", {**clipforge.models._EXTRA_CONFIGS})
+    clipforge.models.register_model_config("Test-Tiny", TINY)
+    torch.manual_seed(0)
+    save_safetensors(open_clip.create_model("Test-Tiny").state_dict(), tmp_path / "w.safetensors")
+    return str(tmp_path / "w.safetensors")
+
+
+def test_open_clips_keywords_give_open_clips_model_features_and_transforms(tiny, tmp_path):
+    image = Image.radial_gradient("L").convert("RGB").resize((90, 60))
+    keywords = dict(pretrained=tiny, precision="fp32", device="cpu", jit=False, force_quick_gelu=True,
+                    force_custom_text=True, image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25),
+                    image_interpolation="bilinear", image_resize_mode="squash", aug_cfg={"scale": (1.0, 1.0)},
+                    cache_dir=str(tmp_path / "cache"), output_dict=True, weights_only=True)
+
+    def script(library):
+        model, train, preprocess = library.create_model_and_transforms("Test-Tiny", **keywords)
+        model.eval()
+        pixels, tokens = preprocess(image)[None], library.get_tokenizer("Test-Tiny")(["a diagram", "a dog"])
+        with torch.no_grad():
+            out = model(pixels, tokens)
+        return out["image_features"], out["text_features"], pixels, train(image)
+
+    theirs, ours = script(open_clip), script(clipforge)
+    assert (theirs[2] - ours[2]).abs().max() <= 1e-6  # squashed, bilinear, their mean and std
+    assert (theirs[3] - ours[3]).abs().max() <= 1e-6  # the training crop at scale 1.0: the whole image, 4:3
+    assert (theirs[0] - ours[0]).abs().max() <= 1e-5 and (theirs[1] - ours[1]).abs().max() <= 1e-5
+    gelu = clipforge.create_model_and_transforms("Test-Tiny", pretrained=tiny)[0]
+    with torch.no_grad():  # force_quick_gelu took effect: the weights' own GELU model is another one
+        assert (gelu.encode_image(ours[2]) - ours[0]).abs().max() > 1e-3
+
+    model, preprocess = clipforge.create_model_from_pretrained("Test-Tiny", tiny, image_mean=(0.5, 0.5, 0.5))
+    assert not model.training and preprocess.mean == (0.5, 0.5, 0.5)
+    assert isinstance(clipforge.create_model_from_pretrained("Test-Tiny", tiny, return_transform=False),
+                      clipforge.CLIP)
+
+
+def test_create_model_takes_open_clips_call_and_its_size_and_precision_keywords(tiny):
+    """``clipforge.create_model(name, pretrained=...)`` is open_clip's ``create_model`` (weights loaded, training mode,
+    as open_clip returns it); ``force_*`` resize the towers as open_clip's do; ``precision`` casts as open_clip's."""
+    ours = clipforge.create_model("Test-Tiny", pretrained=tiny, device="cpu")
+    theirs = open_clip.create_model("Test-Tiny", pretrained=tiny)
+    assert ours.training and theirs.training
+    images, tokens = torch.randn(2, 3, 64, 64), clipforge.tokenize(["a dog", "a cat"])
+    with torch.no_grad():
+        assert (ours.eval().encode_image(images) - theirs.eval().encode_image(images)).abs().max() <= 1e-5
+        assert (ours.encode_text(tokens) - theirs.encode_text(tokens)).abs().max() <= 1e-5
+
+    sizes = dict(force_image_size=96, force_context_length=32, force_patch_dropout=0.5)
+    ours, theirs = clipforge.create_model("Test-Tiny", **sizes), open_clip.create_model("Test-Tiny", **sizes)
+    assert ours.image_size == 96 and ours.context_length == 32 and ours.visual.patch_dropout == 0.5
+    assert {k: v.shape for k, v in clipforge.checkpoint.clipforge_to_openai(ours.state_dict()).items()} == \
+        {k: v.shape for k, v in theirs.state_dict().items()}
+    with pytest.raises(clipforge.CheckpointError, match="positional_embedding"):  # weights that no longer fit
+        clipforge.create_model("Test-Tiny", pretrained=tiny, force_image_size=96)
+
+    for precision, dtype in (("bf16", torch.bfloat16), ("pure_fp16", torch.float16), ("amp", torch.float32)):
+        model = clipforge.create_model("Test-Tiny", precision=precision)
+        assert model.visual.conv1.weight.dtype == dtype, precision
+    assert clipforge.create_model("Test-Tiny", embed_dim=32).embed_dim == 32  # config overrides, as before
+
+
+@pytest.mark.parametrize("keywords, named", [
+    ({"jit": True}, "jit=True: TorchScript"),
+    ({"pretrained_image": True}, "pretrained_image=True"),
+    ({"pretrained_text_path": "text.bin"}, "pretrained_text_path"),
+    ({"precision": "fp8"}, "precision 'fp8'"),
+    ({"aug_cfg": {"scale": (0.5, 1.0), "color_jitter_prob": 0.8, "color_jitter": (0.4,) * 4}},
+     "aug_cfg: color_jitter, color_jitter_prob not built here"),
+    ({"require_pretrained": True}, "require_pretrained=True"),
+])
+def test_what_clipforge_does_not_do_is_refused_by_name(tiny, keywords, named):
+    with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        clipforge.create_model_and_transforms("Test-Tiny", **keywords)
+
+
+def test_openai_names_and_hub_and_folder_tokenizers(tmp_path, monkeypatch):
+    """OpenAI's "ViT-B/32" names the architecture, as open_clip reads it; ``get_tokenizer`` takes what ``load`` takes:
+    an ``hf-hub:`` repo (its config alone is fetched, not its weights), and a model folder, ``local-dir:`` or not,
+    with ``cache_dir`` where the files are kept."""
+    assert clipforge.load("ViT-B/32")[0].config == clipforge.get_model_config("ViT-B-32")
+
+    monkeypatch.delenv("CLIPFORGE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "default-cache"))
+    config = {**TINY, "text_cfg": {**TINY["text_cfg"], "context_length": 24}}
+    srv = FileServer({"/owner/repo/resolve/main/open_clip_config.json": json.dumps({"model_cfg": config}).encode()})
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    try:  # the weights are not on the server: asking for them would fail
+        tokenizer = clipforge.get_tokenizer("hf-hub:owner/repo", cache_dir=str(tmp_path / "mine"))
+    finally:
+        srv.close()
+    assert tokenizer(["a dog"]).shape == (1, 24)
+    assert any((tmp_path / "mine").iterdir()) and not (tmp_path / "default-cache").exists()
+
+    model = clipforge.create_model(config)
+    clipforge.save_pretrained(model, tmp_path / "folder")
+    for name in (str(tmp_path / "folder"), f"local-dir:{tmp_path / 'folder'}"):
+        assert clipforge.get_tokenizer(name)(["a dog"]).shape == (1, 24)
+    loaded = clipforge.create_model(f"local-dir:{tmp_path / 'folder'}")  # open_clip's create_model of a folder
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval().encode_image(images), model.eval().encode_image(images))
