@@ -124,3 +124,49 @@ def test_openai_names_and_hub_and_folder_tokenizers(tmp_path, monkeypatch):
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded.eval().encode_image(images), model.eval().encode_image(images))
+
+
+def test_zero_shot_and_captioning_helpers_give_open_clips_values(tiny, tmp_path):
+    """What open_clip's zero-shot and CoCa scripts take beside the model: ImageNet's class names and templates
+    (callables, as open_clip's), ``build_zero_shot_classifier``'s weights, ``decode``, the tag lists, and
+    ``add_model_config`` reading open_clip's own config files (a timm-tower one translated as a folder's is)."""
+    from pathlib import Path
+
+    assert list(clipforge.IMAGENET_CLASSNAMES) == list(open_clip.IMAGENET_CLASSNAMES)
+    for name in ("OPENAI_IMAGENET_TEMPLATES", "SIMPLE_IMAGENET_TEMPLATES"):
+        ours, theirs = getattr(clipforge, name), getattr(open_clip, name)
+        assert [t("dog") for t in ours] == [t("dog") for t in theirs], name
+    assert clipforge.OPENAI_DATASET_MEAN == tuple(open_clip.OPENAI_DATASET_MEAN)
+    assert clipforge.OPENAI_DATASET_STD == tuple(open_clip.OPENAI_DATASET_STD)
+
+    ours = clipforge.create_model_from_pretrained("Test-Tiny", tiny, return_transform=False)
+    theirs = open_clip.create_model("Test-Tiny", pretrained=tiny).eval()
+    classnames = open_clip.IMAGENET_CLASSNAMES[:7]
+    for their_templates, our_templates in ((open_clip.SIMPLE_IMAGENET_TEMPLATES, clipforge.SIMPLE_IMAGENET_TEMPLATES),
+                                           (["a photo of a {}."],) * 2):
+        a = open_clip.build_zero_shot_classifier(theirs, open_clip.get_tokenizer("Test-Tiny"), classnames,
+                                                 their_templates, num_classes_per_batch=3)
+        b = clipforge.build_zero_shot_classifier(ours, clipforge.get_tokenizer("Test-Tiny"), classnames,
+                                                 our_templates, num_classes_per_batch=3, use_tqdm=True)
+        assert a.shape == b.shape == (48, 7) and (a - b).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="at least one class name"):
+        clipforge.build_zero_shot_classifier(ours, clipforge.get_tokenizer("Test-Tiny"), [], ["{}"])
+
+    ids = open_clip.tokenize(["a photo of a dog, naïve café 🐕"])[0]
+    assert clipforge.decode(ids) == open_clip.decode(ids)
+    assert sorted(clipforge.list_pretrained_tags_by_model("ViT-B-32")) == \
+        sorted(open_clip.list_pretrained_tags_by_model("ViT-B-32"))
+    assert set(clipforge.list_pretrained_models_by_tag("openai")) <= set(open_clip.list_pretrained_models_by_tag("openai"))
+    assert "ViT-L-14-336" in clipforge.list_pretrained_models_by_tag("openai")
+
+    configs = Path(open_clip.__file__).parent / "model_configs"
+    for name in ("ViT-B-32", "ViT-B-16-SigLIP"):
+        (tmp_path / f"Mine-{name}.json").write_text((configs / f"{name}.json").read_text())
+    clipforge.add_model_config(tmp_path)
+    for name in ("ViT-B-32", "ViT-B-16-SigLIP"):
+        assert clipforge.get_model_config(f"Mine-{name}") == clipforge.get_model_config(name), name
+    for augmentation in (clipforge.AugmentationCfg(scale=(0.5, 1.0)), open_clip.AugmentationCfg(scale=(0.5, 1.0))):
+        assert clipforge.create_model_and_transforms("Test-Tiny", aug_cfg=augmentation)[1].scale == (0.5, 1.0)
+    (tmp_path / "bad.json").write_text(json.dumps({"embed_dim": 8}))
+    with pytest.raises(ValueError, match="not an open_clip model config"):
+        clipforge.add_model_config(tmp_path / "bad.json")

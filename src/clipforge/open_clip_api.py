@@ -149,3 +149,106 @@ def _augmentation(aug_cfg) -> dict:
         raise ValueError(f"aug_cfg: {', '.join(others)} not built here; clipforge's training crop takes "
                          f"{' and '.join(_AUGMENTATIONS)} (RandomResizedCrop's)")
     return {k: tuple(cfg[k]) for k in _AUGMENTATIONS if cfg.get(k) is not None}
+
+
+# ---------------------------------------------------------------------------------- the rest of open_clip's namespace
+# What zero-shot and captioning scripts take from open_clip beside the model: the same values and results.
+
+@dataclasses.dataclass
+class AugmentationCfg:
+    """open_clip's ``aug_cfg`` fields; clipforge's training crop takes ``scale`` and ``ratio`` (the others are
+    refused by name when set)."""
+    scale: tuple = (0.9, 1.0)
+    ratio: tuple | None = None
+    color_jitter: float | tuple | None = None
+    re_prob: float | None = None
+    re_count: int | None = None
+    use_timm: bool = False
+    color_jitter_prob: float | None = None
+    gray_scale_prob: float | None = None
+
+
+def build_zero_shot_classifier(model, tokenizer, classnames, templates, num_classes_per_batch: int | None = 10,
+                               device="cpu", use_tqdm: bool = False):
+    """open_clip's call: classifier weights ``[embed_dim, n_classes]`` (``zeroshot.zero_shot_classifier``), the
+    templates strings with ``{}`` or callables (open_clip's ``OPENAI_IMAGENET_TEMPLATES``), ``num_classes_per_batch``
+    classes' prompts per text batch (all at once: None)."""
+    import torch
+
+    from .zeroshot import zero_shot_classifier
+
+    classnames = list(classnames)
+    if not classnames:
+        raise ValueError("zero-shot classification needs at least one class name")
+    step = num_classes_per_batch or len(classnames)
+    batches = [classnames[start:start + step] for start in range(0, len(classnames), step)]
+    if use_tqdm:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="class embeddings", unit="batch")
+    return torch.cat([zero_shot_classifier(model, tokenizer, batch, templates, device=device) for batch in batches],
+                     dim=1)
+
+
+def decode(output_ids) -> str:
+    """open_clip's ``decode``: OpenAI BPE ids (a CoCa's ``generate`` row) back to text, special tokens included."""
+    from .tokenizer import get_tokenizer
+
+    return get_tokenizer().decode(output_ids)
+
+
+def list_pretrained_tags_by_model(model: str) -> list[str]:
+    from .pretrained import list_pretrained
+
+    return [tag for _, tag in list_pretrained(model)]
+
+
+def list_pretrained_models_by_tag(tag: str) -> list[str]:
+    from .pretrained import list_pretrained
+
+    return [model for model, known in list_pretrained() if known == tag]
+
+
+def add_model_config(path) -> None:
+    """open_clip's call: the architectures in an open_clip model-config JSON file, or a folder of them, into the zoo
+    under their file names (translated as an open_clip folder's config is; what clipforge does not build is refused
+    by name)."""
+    import json
+    from pathlib import Path
+
+    from .checkpoint.openai import config_from_open_clip
+    from .models import register_model_config
+
+    path = Path(path)
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"{path}: no model config JSON files there")
+    for file in files:
+        config = json.loads(file.read_text())
+        if not all(key in config for key in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise ValueError(f"{file}: not an open_clip model config (needs embed_dim, vision_cfg and text_cfg)")
+        register_model_config(file.stem, config_from_open_clip(config, str(file)))
+
+
+_SIMPLE_IMAGENET_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                              "a {} in a video game.", "art of the {}.", "a photo of the small {}.")
+
+
+def _as_callables(templates) -> tuple:
+    from .prompts import fill
+
+    return tuple((lambda classname, template=template: fill(template, classname)) for template in templates)
+
+
+def __getattr__(name: str):  # the shipped class names and templates are read on first use
+    from .preprocess import OPENAI_MEAN, OPENAI_STD
+    from .prompts import shipped_classnames, shipped_templates
+
+    values = {"IMAGENET_CLASSNAMES": lambda: tuple(shipped_classnames("imagenet1k")),
+              "OPENAI_IMAGENET_TEMPLATES": lambda: _as_callables(shipped_templates("imagenet1k")),
+              "SIMPLE_IMAGENET_TEMPLATES": lambda: _as_callables(_SIMPLE_IMAGENET_TEMPLATES),
+              "OPENAI_DATASET_MEAN": lambda: tuple(OPENAI_MEAN), "OPENAI_DATASET_STD": lambda: tuple(OPENAI_STD)}
+    if name not in values:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = values[name]()
+    return globals()[name]

@@ -38,7 +38,11 @@ def load_templates(path: str | os.PathLike) -> list[str]:
     return parse_templates(path.read_text().splitlines(), str(path))
 
 
-def fill(template: str, classname: str) -> str:
+def fill(template, classname: str) -> str:
+    """``template`` with ``classname`` in its placeholder; a callable template (open_clip's
+    ``OPENAI_IMAGENET_TEMPLATES``) is called with it."""
+    if callable(template):
+        return template(classname)
     return template.replace("{}", classname).replace("{c}", classname)
 
 
