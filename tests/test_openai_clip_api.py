@@ -44,6 +44,7 @@ def _openai_archive(path, name):
     return str(path)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # OpenAI's files are TorchScript archives
 @pytest.mark.parametrize("name", ["ViT-B-32", "RN50"])
 def test_load_forward_and_preprocess_are_openais(openai_clip, name, tmp_path):
     weights = _openai_archive(tmp_path / "model.pt", name)

@@ -56,17 +56,11 @@ __all__ = ["load", "create_model", "create_model_and_transforms", "create_model_
 def _looks_like_path(name: str) -> bool:
     """A checkpoint path rather than a zoo name: what exists on disk, or is spelt as a path and names no architecture
     (OpenAI's "ViT-B/32" is ViT-B-32, as in open_clip)."""
-    from .models import UnknownModelError, get_model_config
+    from .models import is_model_name
 
     if os.path.exists(name):
         return True
-    if not (os.path.sep in name or name.startswith(".")):
-        return False
-    try:
-        get_model_config(name)
-    except UnknownModelError:
-        return True
-    return False
+    return (os.path.sep in name or name.startswith(".")) and not is_model_name(name)
 
 
 def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: bool | None = None,

@@ -72,7 +72,7 @@ def _model(model_name, pretrained: str | None = None, load_weights: bool = True,
     import torch
 
     from . import load_model
-    from .models import get_model_config
+    from .models import get_model_config, is_model_name
     from .preprocess import Preprocess, PREPROCESS_KEYS
     from .pretrained import cache_at
 
@@ -109,7 +109,7 @@ def _model(model_name, pretrained: str | None = None, load_weights: bool = True,
             raise ValueError(f"force_image_size {tuple(vision['image_size'])}: clipforge's towers take square images")
         vision["image_size"] = height
     text = {"context_length": force_context_length} if force_context_length is not None else {}
-    if not pretrained_text and pretrained is None and _is_zoo_name(model_name) and \
+    if not pretrained_text and pretrained is None and is_model_name(model_name) and \
             "hf_model_name" in get_model_config(model_name).get("text_cfg", {}):
         text["hf_pretrained"] = False  # a Hugging Face text tower left randomly initialised, as open_clip does
     for key, values in (("vision_cfg", vision), ("text_cfg", text)):
@@ -121,16 +121,6 @@ def _model(model_name, pretrained: str | None = None, load_weights: bool = True,
     model.normalisation = {**model.normalisation, **(force_preprocess_cfg or {})}
     model.to(device=device, dtype=getattr(torch, _PRECISIONS[precision]))
     return model, Preprocess(model.image_size, **model.normalisation)
-
-
-def _is_zoo_name(name: str) -> bool:
-    from .models import UnknownModelError, get_model_config
-
-    try:
-        get_model_config(name)
-    except UnknownModelError:
-        return False
-    return True
 
 
 def _preprocess_overrides(mean, std, interpolation, resize_mode) -> dict:

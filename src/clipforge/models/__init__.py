@@ -63,6 +63,15 @@ def get_model_config(name: str) -> dict:
     return copy.deepcopy(configs[key])
 
 
+def is_model_name(name: str) -> bool:
+    """Whether ``get_model_config`` knows ``name`` (its spellings too: OpenAI's "ViT-B/32", ``NAME-quickgelu``)."""
+    try:
+        get_model_config(name)
+    except UnknownModelError:
+        return False
+    return True
+
+
 def merge_config(base: dict, overrides: dict) -> dict:
     """``base`` updated with ``overrides``, nested dicts key by key (in place; returns ``base``)."""
     for key, value in overrides.items():
