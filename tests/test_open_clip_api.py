@@ -60,7 +60,8 @@ def test_open_clips_keywords_give_open_clips_model_features_and_transforms(tiny,
 
 def test_create_model_takes_open_clips_call_and_its_size_and_precision_keywords(tiny):
     """``clipforge.create_model(name, pretrained=...)`` is open_clip's ``create_model`` (weights loaded, training mode,
-    as open_clip returns it); ``force_*`` resize the towers as open_clip's do; ``precision`` casts as open_clip's."""
+    as open_clip returns it); ``force_*`` resize the towers (and the weights' positions) as open_clip's do;
+    ``precision`` casts as open_clip's."""
     ours = clipforge.create_model("Test-Tiny", pretrained=tiny, device="cpu")
     theirs = open_clip.create_model("Test-Tiny", pretrained=tiny)
     assert ours.training and theirs.training
@@ -74,8 +75,15 @@ def test_create_model_takes_open_clips_call_and_its_size_and_precision_keywords(
     assert ours.image_size == 96 and ours.context_length == 32 and ours.visual.patch_dropout == 0.5
     assert {k: v.shape for k, v in clipforge.checkpoint.clipforge_to_openai(ours.state_dict()).items()} == \
         {k: v.shape for k, v in theirs.state_dict().items()}
-    with pytest.raises(clipforge.CheckpointError, match="positional_embedding"):  # weights that no longer fit
-        clipforge.create_model("Test-Tiny", pretrained=tiny, force_image_size=96)
+    # with weights: their position grid (bicubic) and text positions (linear) resized as open_clip resizes them
+    ours = clipforge.create_model("Test-Tiny", pretrained=tiny, force_image_size=96, force_context_length=32).eval()
+    theirs = open_clip.create_model("Test-Tiny", pretrained=tiny, force_image_size=96, force_context_length=32).eval()
+    images, tokens = torch.randn(2, 3, 96, 96), clipforge.tokenize(["a dog", "a cat"], context_length=32)
+    with torch.no_grad():
+        assert (ours.encode_image(images) - theirs.encode_image(images)).abs().max() <= 1e-5
+        assert (ours.encode_text(tokens) - theirs.encode_text(tokens)).abs().max() <= 1e-5
+    with pytest.raises(clipforge.CheckpointError, match="text_projection"):  # what cannot be resized is named
+        clipforge.create_model("Test-Tiny", pretrained=tiny, embed_dim=32)
 
     for precision, dtype in (("bf16", torch.bfloat16), ("pure_fp16", torch.float16), ("amp", torch.float32)):
         model = clipforge.create_model("Test-Tiny", precision=precision)

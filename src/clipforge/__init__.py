@@ -66,7 +66,8 @@ def _looks_like_path(name: str) -> bool:
 def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: bool | None = None,
                trust_pickle: bool = False, overrides: dict | None = None) -> CLIP:
     """The model alone; see ``load``. ``overrides``: merged into the config before the model is built (nested dicts
-    key by key), as ``create_model``'s keywords are; weights that then do not fit are an error naming the key."""
+    key by key), as ``create_model``'s keywords are; position embeddings are then resized to a new image size or
+    context length as open_clip resizes them, and other weights that do not fit are an error naming the key."""
     import copy
 
     from .checkpoint import load_into, read_preprocess_cfg
@@ -88,6 +89,10 @@ def load_model(name_or_path: str, pretrained: str | None = None, quick_gelu: boo
     model.config = config
     model.normalisation = normalisation  # the weights' own preprocessing (mean, std, resize), for ``load``
     if state is not None:
+        if overrides:  # another image size or context length than the weights': their positions resized to it
+            from .checkpoint.io import resize_positions
+
+            state = resize_positions(state, model)
         load_into(model, state, source=source)
     return model.eval()
 

@@ -8,6 +8,7 @@ TorchScript types.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import zipfile
@@ -216,6 +217,36 @@ def to_clipforge_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.
         return dict(state)
     raise CheckpointError(f"{source}: not a CLIP checkpoint (no text tower found among keys such as "
                           f"{', '.join(list(state)[:5])})")
+
+
+def resize_positions(state: dict, model: torch.nn.Module) -> dict:
+    """``state`` with its ViT position grid and text positions resized to ``model``'s, as open_clip does when a model
+    is asked for another image size or context length than its weights' (``force_image_size`` /
+    ``force_context_length``): the grid bicubically with antialiasing, the class token's position kept; text
+    positions linearly. Anything else that does not fit is left for ``load_into`` to name."""
+    import torch.nn.functional as F
+
+    expected, state = model.state_dict(), dict(state)
+    key = "visual.positional_embedding"
+    if _resizable(state, expected, key):
+        old, size = state[key], math.isqrt(len(expected[key]) - 1)
+        side = math.isqrt(len(old) - 1)
+        if side * side + 1 == len(old) and size * size + 1 == len(expected[key]):  # a class token and a square grid
+            grid = old[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            state[key] = torch.cat([old[:1], grid.permute(0, 2, 3, 1).reshape(size * size, -1)])
+    key = "text.positional_embedding"
+    if _resizable(state, expected, key):
+        state[key] = F.interpolate(state[key].T[None], size=len(expected[key]), mode="linear",
+                                   align_corners=False)[0].T
+    return state
+
+
+def _resizable(state: dict, expected: dict, key: str) -> bool:
+    """Both hold ``key`` as [positions, width] of the same width and a different number of positions."""
+    old, new = state.get(key), expected.get(key)
+    return old is not None and new is not None and old.dim() == new.dim() == 2 and old.shape[1] == new.shape[1] \
+        and old.shape[0] != new.shape[0]
 
 
 def load_into(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> None:
