@@ -14,7 +14,8 @@ from conftest import FileServer
 
 open_clip = pytest.importorskip("open_clip")
 
-TINY = {"embed_dim": 48, "vision_cfg": {"image_size": 64, "layers": 2, "width": 160, "head_width": 40, "patch_size": 16},
+TINY = {"embed_dim": 48,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 160, "head_width": 40, "patch_size": 16},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 96, "heads": 2, "layers": 2}}
 
 
@@ -164,7 +165,8 @@ def test_zero_shot_and_captioning_helpers_give_open_clips_values(tiny, tmp_path)
     assert clipforge.decode(ids) == open_clip.decode(ids)
     assert sorted(clipforge.list_pretrained_tags_by_model("ViT-B-32")) == \
         sorted(open_clip.list_pretrained_tags_by_model("ViT-B-32"))
-    assert set(clipforge.list_pretrained_models_by_tag("openai")) <= set(open_clip.list_pretrained_models_by_tag("openai"))
+    assert set(clipforge.list_pretrained_models_by_tag("openai")) <= \
+        set(open_clip.list_pretrained_models_by_tag("openai"))
     assert "ViT-L-14-336" in clipforge.list_pretrained_models_by_tag("openai")
 
     configs = Path(open_clip.__file__).parent / "model_configs"

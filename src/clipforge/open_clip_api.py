@@ -1,8 +1,9 @@
-"""open_clip's model-making calls with open_clip's arguments, so that a script changes only its import
-(``import clipforge as open_clip``): ``create_model``, ``create_model_and_transforms``,
-``create_model_from_pretrained``. The models, weights and preprocessing are ``clipforge.load``'s; what this module
-adds is the reading of open_clip's keywords (``precision``, ``device``, ``force_*``, ``image_*``, ``aug_cfg``,
-``cache_dir`` ...), and a clear error for the few that ask for something clipforge does not do."""
+"""open_clip's calls with open_clip's arguments, so that a script changes only its import (``import clipforge as
+open_clip``): ``create_model``, ``create_model_and_transforms``, ``create_model_from_pretrained``, and the rest of its
+namespace that scripts use (``build_zero_shot_classifier``, ``decode``, ImageNet's class names and templates ...).
+The models, weights and preprocessing are ``clipforge.load``'s; what this module adds is the reading of open_clip's
+keywords (``precision``, ``device``, ``force_*``, ``image_*``, ``aug_cfg``, ``cache_dir`` ...), and a clear error for
+the few that ask for something clipforge does not do."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,8 @@ def create_model(model_name: str | dict, pretrained: str | None = None, **kwargs
     """``clipforge.create_model``: a randomly initialised model from a zoo name or config dict, keyword overrides
     merged into its config (``create_model("ViT-B-32", quick_gelu=True, vision_cfg={"patch_dropout": 0.5})``); or,
     given ``pretrained``, an ``hf-hub:`` or ``local-dir:`` name, or any of open_clip's own keywords (``device``,
-    ``precision``, ``force_image_size`` ...), open_clip's ``create_model``: the model with its weights, in training mode as open_clip returns it."""
+    ``precision``, ``force_image_size`` ...), open_clip's ``create_model``: the model with its weights, in training
+    mode as open_clip returns it."""
     from .models import create_model as create_zoo_model
 
     loads = isinstance(model_name, str) and model_name.startswith(("hf-hub:", "local-dir:"))  # open_clip's names
