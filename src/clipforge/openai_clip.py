@@ -85,9 +85,10 @@ def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = 
     texts = [texts] if isinstance(texts, str) else texts
     tokenizer = get_tokenizer(context_length=context_length + 1)  # one more position: a long text fills it
     ids = tokenizer(texts)
-    too_long = (ids[:, -1] != 0).nonzero()
-    if len(too_long) and not truncate:
-        raise RuntimeError(f"Input {texts[int(too_long[0])]} is too long for context length {context_length}")
-    if len(too_long):
-        ids = get_tokenizer(context_length=context_length)(texts)
-    return ids[:, :context_length].int()
+    too_long = ids[:, -1] != 0
+    if too_long.any() and not truncate:
+        raise RuntimeError(f"Input {texts[int(too_long.nonzero()[0])]} is too long for context length "
+                           f"{context_length}")
+    ids = ids[:, :context_length]
+    ids[too_long, -1] = tokenizer.eot_token_id  # OpenAI's truncation: the first tokens, then end-of-text
+    return ids.int()
