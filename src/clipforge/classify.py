@@ -93,7 +93,8 @@ def run(args) -> int:
     templates = resolve_templates(args.templates, shipped_templates(args.dataset) if args.dataset else None)
     items = image_items(args.images)
     model, preprocess, tokenizer = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
-                                                      backend=args.backend, precision=args.precision)
+                                                      backend=args.backend, precision=args.precision,
+                                                      language=args.language)
     if tokenizer is None:
         raise ValueError(f"{args.pretrained or args.model} has no text tower to turn class names into a classifier")
     device = next(model.parameters()).device

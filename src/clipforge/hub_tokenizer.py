@@ -16,6 +16,7 @@ import html
 import json
 import re
 import string
+import warnings
 from itertools import chain
 from pathlib import Path
 
@@ -154,22 +155,70 @@ def without_local_tokenizer_path(config: dict) -> dict:
     return {**config, "text_cfg": {**text_cfg, "hf_tokenizer_name": None}}
 
 
+def set_source_language(auto, language: str) -> bool:
+    """Make a transformers tokenizer with a source language (NLLB's, M2M100's, mBART's) start each text with
+    ``language``'s code from now on: what its ``src_lang`` setter does, which lasts (open_clip's ``set_language`` calls
+    ``set_src_lang_special_tokens``, which the tokenizer's own ``__call__`` undoes: each call resets the source
+    language, so its ids keep English's code). False where the tokenizer has no source language."""
+    if not callable(getattr(auto, "set_src_lang_special_tokens", None)):
+        return False
+    code = auto.convert_tokens_to_ids(language)
+    if code is None or code == auto.unk_token_id:
+        from difflib import get_close_matches
+
+        known = [str(t) for t in auto.all_special_tokens  # NLLB's "fra_Latn", mBART's "fr_XX", M2M100's "__fr__"
+                 if re.fullmatch(r"[a-z]{2,3}_[A-Z][a-z]{3}|[a-z]{2}_[A-Z]{2}|__[a-z]{2,3}__", str(t))]
+        close = get_close_matches(language, known, n=3, cutoff=0.5)
+        raise ValueError(f"language {language!r} is not one of this tokenizer's {len(known)} language codes"
+                         + (f"; the closest: {', '.join(close)}" if close else
+                            f", such as {', '.join(known[:3])}" if known else ""))
+    auto.src_lang = language
+    return True
+
+
+class LanguageIgnoredWarning(UserWarning):
+    """A language set on a tokenizer that has no source languages (open_clip warns the same and goes on)."""
+
+
+def warn_no_language(language: str) -> None:
+    warnings.warn(f"this model's tokenizer has no source languages: language {language!r} changes nothing (as in "
+                  "open_clip)", LanguageIgnoredWarning, stacklevel=4)
+
+
 class HubTokenizer:
     """``tokenizer(texts) -> LongTensor [N, context_length]`` from a folder (or hub repo) of tokenizer files."""
 
     def __init__(self, source: str | Path | None, context_length: int = 64, clean: str = "whitespace",
-                 strip_sep_token: bool = False):
-        """``clean`` and ``strip_sep_token`` (the separator token replaced by id 0, CLIPA's BERT setting) as open_clip's
-        ``tokenizer_kwargs`` name them, with its defaults. Files are found (and fetched from the hub) on first use: a
-        model whose text goes unused (image embedding) needs none."""
+                 strip_sep_token: bool = False, language: str | None = None):
+        """``clean``, ``strip_sep_token`` (the separator token replaced by id 0, CLIPA's BERT setting) and ``language``
+        (``set_language``'s) as open_clip's ``tokenizer_kwargs`` name them, with its defaults. Files are found (and
+        fetched from the hub) on first use: a model whose text goes unused (image embedding) needs none."""
         if clean not in CLEANERS:
             raise ValueError(f"unknown text cleaner {clean!r}; expected one of {', '.join(CLEANERS)}")
         self.source = source
         self.context_length = context_length
         self.clean_mode = clean
         self.strip_sep_token = strip_sep_token
+        self.language = language
         self.sep_token_id = None
-        self._fast = self._auto = self._folder = None
+        self._fast = self._auto = self._folder = self._configured = None
+
+    def set_language(self, language: str) -> None:
+        """Start each text with ``language``'s code (NLLB-CLIP's: ``"fra_Latn"``, ``"deu_Latn"``, ...; English's,
+        ``"eng_Latn"``, is the default), as open_clip's ``set_language`` is meant to. A tokenizer without source
+        languages warns and changes nothing, as open_clip's; a code the tokenizer does not know is an error. The
+        tokenizer loads now, if it has not yet, so that either is said here."""
+        self.language = language
+        if self._fast is None and self._auto is None:
+            self._load()  # which applies it
+        else:
+            self._apply_language()
+
+    def _apply_language(self) -> None:
+        if self.language is None:
+            return
+        if self._configured is None or not set_source_language(self._configured, self.language):
+            warn_no_language(self.language)
 
     def fetch(self) -> None:
         """Find (or fetch) the tokenizer files now rather than on first use."""
@@ -195,7 +244,8 @@ class HubTokenizer:
                 settings.update(json.loads((self.folder / name).read_text(encoding="utf-8")))
         has_json = (self.folder / "tokenizer.json").is_file()
         own_class = settings.get("tokenizer_class") not in (None, "PreTrainedTokenizerFast", "TokenizersBackend")
-        if has_json and not (own_class and _transformers_installed()):
+        # a language is set through the tokenizer class that knows its codes (NLLB's), which transformers builds
+        if has_json and not (own_class and (_transformers_installed() or self.language is not None)):
             from tokenizers import Tokenizer
 
             fast = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
@@ -205,18 +255,20 @@ class HubTokenizer:
         else:
             from transformers import AutoTokenizer
 
-            auto = AutoTokenizer.from_pretrained(str(self.folder))
+            auto = self._configured = AutoTokenizer.from_pretrained(str(self.folder))
             fast = getattr(auto, "backend_tokenizer", None) if auto.is_fast else None
             self.pad_token_id, self._padding_side = auto.pad_token_id, auto.padding_side
             self.sep_token_id = auto.sep_token_id
             if fast is None:  # a SentencePiece model without tokenizer.json: transformers runs it
                 self._auto = auto
+                self._apply_language()
                 return
         if self.pad_token_id is None:
             raise ValueError(f"{self.folder}: the tokenizer names no padding token (pad_token) in its vocabulary")
         if self.strip_sep_token and self.sep_token_id is None:
             raise ValueError(f"{self.folder}: strip_sep_token is set, but the tokenizer has no separator token")
         self._fast = fast
+        self._apply_language()  # the backend's post-processor now starts each text with the language's code
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.LongTensor:
         ids = self._ids(texts, context_length)

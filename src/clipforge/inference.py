@@ -27,6 +27,9 @@ def add_model_arguments(p: argparse.ArgumentParser, recorded: bool = False, seve
                    help="run the model in PyTorch, or in ONNX Runtime (CPU) from a folder written by `clipforge "
                         "export onnx` given as --model; onnx-int8 uses its int8 image tower [onnx for such a "
                         "folder, else torch]")
+    p.add_argument("--language", default=None,
+                   help="the texts' language, for a model whose tokenizer marks it (NLLB-CLIP's codes: fra_Latn, "
+                        "deu_Latn, zho_Hans, ...) [its default, eng_Latn]")
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -60,7 +63,7 @@ def default_device(device: str | None = None) -> str:
 
 def load_for_inference(model: str | None = None, pretrained: str | None = None, device: str | None = None,
                        trust_pickle: bool = False, collection: str | os.PathLike | None = None,
-                       backend: str | None = None, precision: str | None = "fp32"):
+                       backend: str | None = None, precision: str | None = "fp32", language: str | None = None):
     """``(model, preprocess, tokenizer)`` in eval mode on ``device``.
 
     ``model`` alone: a zoo name (random weights) or a checkpoint path; ``pretrained`` alone: a checkpoint path; both:
@@ -68,7 +71,8 @@ def load_for_inference(model: str | None = None, pretrained: str | None = None, 
     be one before anything loads) whose recorded ``--model``/``--pretrained`` are used when neither is given.
     ``backend``: "torch", "onnx" or "onnx-int8" (clipforge.onnx_backend); by default an ONNX export folder runs
     in ONNX Runtime and anything else in PyTorch. ``precision``: the weights' dtype (``inference_dtype``); images
-    are cast to it by ``encode_image``, and callers take features back as float32.
+    are cast to it by ``encode_image``, and callers take features back as float32. ``language``: the texts'
+    language, set on the tokenizer (``set_language``); an error for a tokenizer without source languages.
     """
     from . import load
 
@@ -92,7 +96,7 @@ def load_for_inference(model: str | None = None, pretrained: str | None = None, 
         if not is_onnx_export(path):
             raise ValueError(f"--backend {backend} runs a folder written by `clipforge export onnx`, and {path} is "
                              f"not one: run `clipforge export onnx {path} OUT`, then pass --model OUT")
-        return load_onnx(path, int8=backend == "onnx-int8")
+        return _set_language(load_onnx(path, int8=backend == "onnx-int8"), language)
     device = default_device(device)
     dtype = inference_dtype(precision, device)  # checked before anything loads
     if model is None or (pretrained is None and os.path.exists(model)):
@@ -107,4 +111,26 @@ def load_for_inference(model: str | None = None, pretrained: str | None = None, 
         loaded = load(model, pretrained=pretrained, device=device, trust_pickle=trust_pickle)
     if dtype != weights_dtype(loaded[0]):
         loaded[0].to(dtype)
+    return _set_language(loaded, language)
+
+
+def _set_language(loaded, language: str | None):
+    """``loaded`` with ``language`` set on its tokenizer; where it changes nothing, an error (a flag that does
+    nothing is a mistake on the command line, where the Python call warns as open_clip's)."""
+    if language is None:
+        return loaded
+    import warnings
+
+    from .hub_tokenizer import LanguageIgnoredWarning
+
+    tokenizer = loaded[2]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LanguageIgnoredWarning)
+            if tokenizer is None or not hasattr(tokenizer, "set_language"):
+                raise LanguageIgnoredWarning()
+            tokenizer.set_language(language)
+    except LanguageIgnoredWarning:
+        raise ValueError(f"--language {language}: this model's tokenizer has no source languages to choose from "
+                         "(NLLB-CLIP's has); leave --language out") from None
     return loaded

@@ -56,7 +56,8 @@ def load(name: str, device: str | torch.device = "cuda" if torch.cuda.is_availab
     downloaded into ``download_root`` or clipforge's cache, checked) or a checkpoint file: OpenAI's TorchScript
     archive or a state dict (``.pt``, ``.bin``), built with QuickGELU as OpenAI's code builds any file, or a
     safetensors file ``clipforge.load`` reads, with its own settings. The model is in eval mode, fp32 on CPU and fp16
-    elsewhere."""
+    elsewhere (all of it: OpenAI's keeps LayerNorm, embeddings and batch norm in fp32, and its fp16 features are no
+    closer to fp32's than these, tests/test_openai_clip_api.py)."""
     from . import load_model
     from .preprocess import Preprocess
     from .pretrained import cache_at

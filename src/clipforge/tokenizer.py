@@ -277,21 +277,36 @@ def _shared_tokenizer(context_length: int) -> Tokenizer:
     return Tokenizer(context_length)
 
 
-def get_tokenizer(name: str | dict | None = None, context_length: int | None = None, cache_dir: str | None = None):
+def get_tokenizer(name: str | dict | None = None, context_length: int | None = None, cache_dir: str | None = None,
+                  **settings):
     """The tokenizer for a model (its context length; a Hugging Face text tower brings its own tokenizer, a SigLIP,
     CLIPA or MetaCLIP 2 model its tokenizer files: ``hub_tokenizer``), or the OpenAI default (77 tokens) when no name
     is given. ``name``: a zoo name, a model config, or what ``clipforge.load`` takes (``hf-hub:`` repos, checkpoint
-    folders, ``local-dir:``), as open_clip's ``get_tokenizer`` does; ``cache_dir``: where fetched files are kept."""
+    folders, ``local-dir:``), as open_clip's ``get_tokenizer`` does; ``cache_dir``: where fetched files are kept.
+
+    ``settings``: open_clip's tokenizer keywords, over the model's own ``text_cfg.tokenizer_kwargs``: ``clean``,
+    ``strip_sep_token`` and ``language`` (NLLB-CLIP's source language, e.g. ``"fra_Latn"``; also
+    ``tokenizer.set_language``) for a tokenizer from files, ``language`` for a Hugging Face text tower's; the CLIP BPE
+    tokenizer cleans as OpenAI's (``clean="lower"``) and takes nothing else. Others are refused by name."""
     from .pretrained import cache_at
 
     with cache_at(cache_dir):
-        tokenizer = _tokenizer_for(name or None, context_length)
+        tokenizer = _tokenizer_for(name or None, context_length, settings)
         if cache_dir is not None and hasattr(tokenizer, "fetch"):
             tokenizer.fetch()  # its files now, into cache_dir (they are otherwise found on first use)
     return tokenizer
 
 
-def _tokenizer_for(name: str | dict | None, context_length: int | None):
+def _only(settings: dict, allowed: tuple, kind: str) -> dict:
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise TypeError(f"get_tokenizer: {', '.join(unknown)}: not a setting of {kind}, which takes "
+                        f"{', '.join(allowed) if allowed else 'none'}")
+    return settings
+
+
+def _tokenizer_for(name: str | dict | None, context_length: int | None, settings: dict | None = None):
+    settings = settings or {}
     text_cfg = {}
     if isinstance(name, dict):
         text_cfg = name["text_cfg"]
@@ -304,11 +319,18 @@ def _tokenizer_for(name: str | dict | None, context_length: int | None):
     if "hf_model_name" in text_cfg and not text_cfg.get("hf_tokenizer_name"):
         from .models.hf_text import HFTokenizer
 
-        return HFTokenizer(text_cfg["hf_model_name"], context_length)
+        return HFTokenizer(text_cfg["hf_model_name"], context_length,
+                           **_only(settings, ("language",), "a Hugging Face text tower's tokenizer"))
     if "hf_tokenizer_name" in text_cfg:  # SigLIP's, CLIPA's, MetaCLIP 2's: files beside the weights or in a hub repo
         from .hub_tokenizer import HubTokenizer
 
-        return HubTokenizer(text_cfg["hf_tokenizer_name"], context_length, **text_cfg.get("tokenizer_kwargs", {}))
+        settings = {**text_cfg.get("tokenizer_kwargs", {}), **settings}  # the caller's win, as in open_clip
+        return HubTokenizer(text_cfg["hf_tokenizer_name"], context_length,
+                            **_only(settings, ("clean", "strip_sep_token", "language"), "a tokenizer from files"))
+    _only(settings, ("clean",), "the CLIP BPE tokenizer")
+    if settings.get("clean", "lower") != "lower":
+        raise ValueError(f"get_tokenizer: clean={settings['clean']!r}: the CLIP BPE tokenizer cleans as OpenAI's "
+                         "('lower': ftfy, HTML unescaped, whitespace folded, lower case), the only cleaning built")
     return _shared_tokenizer(context_length)
 
 

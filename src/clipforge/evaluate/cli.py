@@ -295,7 +295,7 @@ def _load(args):
 
     try:
         return load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, backend=args.backend,
-                                  precision=args.precision)
+                                  precision=args.precision, language=args.language)
     except ImageTowerCheckpointError:
         from ..inference import default_device
         from ..models.image_tower import load_image_tower

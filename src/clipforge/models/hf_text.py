@@ -192,20 +192,36 @@ class HFTextEncoder(nn.Module):
 class HFTokenizer:
     """Callable like ``clipforge.Tokenizer``: texts -> LongTensor [N, context_length], padded and truncated."""
 
-    def __init__(self, hf_model_name: str, context_length: int = 77):
+    def __init__(self, hf_model_name: str, context_length: int = 77, language: str | None = None):
         self.name = hf_model_name
         self.context_length = context_length
+        self.language = language
         self._tokenizer = None
 
     def fetch(self) -> None:
         """Load (or fetch) the tokenizer now rather than on first use."""
         self._load()
 
+    def set_language(self, language: str) -> None:
+        """Start each text with ``language``'s code (an NLLB text tower's), as ``HubTokenizer.set_language``."""
+        self.language = language
+        if self._tokenizer is None:
+            self._load()  # which applies it
+        else:
+            self._apply_language()
+
+    def _apply_language(self) -> None:
+        from ..hub_tokenizer import set_source_language, warn_no_language
+
+        if self.language is not None and not set_source_language(self._tokenizer, self.language):
+            warn_no_language(self.language)
+
     def _load(self):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(resolve_hf_model(self.name))
+            self._apply_language()
         return self._tokenizer
 
     def __call__(self, texts, context_length: int | None = None) -> torch.LongTensor:
@@ -217,4 +233,4 @@ class HFTokenizer:
                             max_length=context_length or self.context_length, return_tensors="pt")["input_ids"]
 
     def __getstate__(self):  # DataLoader workers receive it pickled; they load their own copy lazily
-        return {"name": self.name, "context_length": self.context_length, "_tokenizer": None}
+        return {**self.__dict__, "_tokenizer": None}

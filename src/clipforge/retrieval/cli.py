@@ -41,7 +41,8 @@ def run_embed(args) -> int:
         if args.device is None and torch.cuda.is_available():
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     model, preprocess, tokenizer = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
-                                                      backend=args.backend, precision=args.precision)
+                                                      backend=args.backend, precision=args.precision,
+                                                      language=args.language)
     texts = [l.strip() for l in Path(args.texts).read_text().splitlines() if l.strip()] if args.texts else None
     _suggest_bf16(args, model, rank)
     try:
@@ -197,7 +198,7 @@ def run_search(args) -> int:
     texts = _read_queries(args.queries) if args.queries else None  # a bad file fails before the model loads
     searcher = Searcher(args.folder, *load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
                                                          collection=args.folder, backend=args.backend,
-                                                         precision=args.precision))
+                                                         precision=args.precision, language=args.language))
     if texts is None:
         hits = searcher.search_image(open_image(args.image), args.k, args.dedup) if args.image else \
             searcher.search_text(args.query, args.k, args.dedup)

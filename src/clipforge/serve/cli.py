@@ -42,7 +42,7 @@ def run(args) -> int:
 
         captioner = Captioner.load(args.mapping, args.device)
     model = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, collection=args.folder,
-                               backend=args.backend, precision=args.precision)
+                               backend=args.backend, precision=args.precision, language=args.language)
     app = create_app(args.folder, *model, max_upload_bytes=int(args.max_upload_mb * 2**20),
                      index_in_memory=args.index_in_memory, captioner=captioner, allow_origins=args.allow_origin)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
