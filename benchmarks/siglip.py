@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from clipforge.bench.corpora import flickr8k_captions, noisy_captions
-from clipforge.bench.timing import interleaved, summary
+from clipforge.bench.timing import interleaved, summary, without_grad
 from clipforge.files import write_json
 
 
@@ -78,31 +78,25 @@ def main() -> None:
                      (text_fn(tokens[:8]) - reference[1]).abs().max().item())
             assert max(diffs) < 1e-4, (name, diffs)
 
-    def no_grad(fn):
-        def run():
-            with torch.no_grad():
-                fn()
-        return run
-
     results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__,
                             "transformers": transformers.__version__}}
-    image_runs = {"clipforge": no_grad(lambda: ours.encode_image(images)),
-                  "open_clip": no_grad(lambda: theirs.encode_image(images)),
-                  "transformers": no_grad(lambda: hf_model.get_image_features(pixel_values=images))}
+    image_runs = {"clipforge": without_grad(lambda: ours.encode_image(images)),
+                  "open_clip": without_grad(lambda: theirs.encode_image(images)),
+                  "transformers": without_grad(lambda: hf_model.get_image_features(pixel_values=images))}
     if args.bf16:
         import copy
 
         ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)
-        image_runs["bf16"] = no_grad(lambda: ours_bf16.encode_image(images))
+        image_runs["bf16"] = without_grad(lambda: ours_bf16.encode_image(images))
         with torch.no_grad():
             cosine = torch.nn.functional.cosine_similarity(ours_bf16.encode_image(images[:8]).float(),
                                                            ours.encode_image(images[:8]), dim=-1)
         results["bf16_min_cosine_to_fp32"] = cosine.min().item()
     results["image_embed"] = summary(interleaved(image_runs, args.repeats), len(images), "images_per_s")
-    text_runs = {"clipforge": no_grad(lambda: ours.encode_text(tokens)),
-                 "open_clip": no_grad(lambda: theirs.encode_text(tokens)),
-                 "transformers": no_grad(lambda: hf_model.get_text_features(input_ids=tokens))}
+    text_runs = {"clipforge": without_grad(lambda: ours.encode_text(tokens)),
+                 "open_clip": without_grad(lambda: theirs.encode_text(tokens)),
+                 "transformers": without_grad(lambda: hf_model.get_text_features(input_ids=tokens))}
     results["text_embed"] = summary(interleaved(text_runs, args.repeats), len(tokens), "texts_per_s")
     theirs_tokenizer = open_clip.tokenizer.HFTokenizer(str(work / "tokenizer"), context_length=64, clean="canonicalize")
     for corpus_name, corpus in (("flickr8k", captions), ("noisy", noisy)):

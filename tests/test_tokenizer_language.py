@@ -1,7 +1,8 @@
-"""NLLB-CLIP's source language (``tokenizer.set_language``, ``get_tokenizer(language=)``, ``--language``) and open_clip's
-other ``get_tokenizer`` keywords. The reference for the language is transformers' own NLLB tokenizer with ``src_lang``
-set, which puts the language's code first, as NLLB-CLIP was trained to read (open_clip's ``set_language`` calls
-``set_src_lang_special_tokens``, which the tokenizer's ``__call__`` resets, so its ids keep English's code)."""
+"""NLLB-CLIP's source language (``tokenizer.set_language``, ``get_tokenizer(language=)``, ``--language``) and
+open_clip's other ``get_tokenizer`` keywords. The reference for the language is transformers' own NLLB tokenizer
+with ``src_lang`` set, which puts the language's code first, as NLLB-CLIP was trained to read (open_clip's
+``set_language`` calls ``set_src_lang_special_tokens``, which the tokenizer's ``__call__`` resets, so its ids keep
+English's code)."""
 import pickle
 import warnings
 

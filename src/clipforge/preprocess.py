@@ -119,6 +119,75 @@ class Preprocess:
                 f"std={self.std})")
 
 
+class NaFlexPreprocess:
+    """SigLIP 2's NaFlex transform, as transformers' ``Siglip2ImageProcessor`` (its Pillow backend) computes it: the
+    image resized (bilinear) at its own aspect ratio to the most whole patches that fit ``max_patches``, normalised,
+    cut into patches (rows, then columns; each patch row by row, channels last) and padded to ``max_patches``.
+
+    ``preprocess(pil_image)`` -> ``{"pixel_values": [max_patches, 3 * patch**2], "pixel_attention_mask":
+    [max_patches], "spatial_shapes": [2]}``; ``torch.utils.data.default_collate`` (or ``naflex_batch``) stacks them
+    into the batch a NaFlex model's ``encode_image`` takes. ``NaFlexPreprocess.for_model(model)`` reads the patch size,
+    the position grid (transformers' default ``max_num_patches``, 256, for the base models) and the normalisation."""
+
+    def __init__(self, patch_size: int = 16, max_patches: int = 256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+        if patch_size < 1 or max_patches < 1:
+            raise ValueError(f"patch_size and max_patches must be positive, got {patch_size} and {max_patches}")
+        self.patch_size, self.max_patches = patch_size, max_patches
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @classmethod
+    def for_model(cls, model, max_patches: int | None = None) -> "NaFlexPreprocess":
+        vision = model.config["vision_cfg"]
+        if not vision.get("naflex"):
+            raise ValueError("NaFlexPreprocess is for SigLIP 2's NaFlex models (a Siglip2Model folder); this model "
+                             "takes square images: use the preprocess clipforge.load returns")
+        grid = vision["image_size"] // vision["patch_size"]
+        settings = getattr(model, "normalisation", None) or {}
+        return cls(vision["patch_size"], max_patches or grid * grid, settings.get("mean", (0.5,) * 3),
+                   settings.get("std", (0.5,) * 3))
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(height, width)`` in whole patches: one scale for both sides, the largest whose patches fit (found by
+        bisection to 1e-5, as transformers finds it, so that the sizes agree at the boundaries)."""
+        p = self.patch_size
+
+        def sides(scale: float) -> tuple[int, int]:
+            return tuple(max(p, math.ceil(side * scale / p) * p) for side in (height, width))
+
+        low, high = 1e-6, 100.0
+        while high - low >= 1e-5:
+            middle = (low + high) / 2
+            rows, cols = (side // p for side in sides(middle))
+            low, high = (middle, high) if rows * cols <= self.max_patches else (low, middle)
+        return sides(low)
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        if not isinstance(image, Image.Image):
+            image = open_image(image)
+        image = image.convert("RGB")
+        height, width = self.target_size(image.height, image.width)
+        pixels = to_tensor(image.resize((width, height), Image.BILINEAR), self.mean, self.std)
+        p, rows, cols = self.patch_size, height // self.patch_size, width // self.patch_size
+        patches = pixels.reshape(3, rows, p, cols, p).permute(1, 3, 2, 4, 0).reshape(rows * cols, 3 * p * p)
+        padded = torch.zeros(self.max_patches, 3 * p * p)
+        padded[:rows * cols] = patches
+        mask = torch.zeros(self.max_patches, dtype=torch.int32)
+        mask[:rows * cols] = 1
+        return {"pixel_values": padded, "pixel_attention_mask": mask,
+                "spatial_shapes": torch.tensor([rows, cols], dtype=torch.long)}
+
+    def __repr__(self) -> str:
+        return (f"NaFlexPreprocess(patch_size={self.patch_size}, max_patches={self.max_patches}, mean={self.mean}, "
+                f"std={self.std})")
+
+
+def naflex_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``NaFlexPreprocess`` outputs stacked into one batch."""
+    if not items:
+        raise ValueError("naflex_batch needs at least one image")
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
 class TrainTransform:
     """Training transform: RandomResizedCrop (scale 0.9-1.0 by default, as open_clip) then normalise."""
 

@@ -16,6 +16,14 @@ import torch
 CLIPFORGE_BACKENDS = ("onnx", "onnx-int8", "bf16")
 
 
+def without_grad(fn):
+    """``fn`` as a timed run: called under ``torch.no_grad()``, its result dropped."""
+    def run():
+        with torch.no_grad():
+            fn()
+    return run
+
+
 def interleaved(runs: dict, repeats: int) -> dict:
     """``{name: [seconds per repeat]}``: each ``run()`` in turn, the order rotated every repeat."""
     names = list(runs)

@@ -1,11 +1,13 @@
-"""Hugging Face ``CLIPModel`` and ``SiglipModel`` (SigLIP, and SigLIP 2 at a fixed resolution): their key layout
-and config, to and from clipforge's.
+"""Hugging Face ``CLIPModel``, ``SiglipModel`` (SigLIP, and SigLIP 2 at a fixed resolution) and ``Siglip2Model``
+(SigLIP 2's NaFlex towers: a linear patch embedding over flattened patches): their key layout and config, to and from
+clipforge's.
 
 Each table maps Hugging Face names to clipforge's once; the reverse direction uses the same tables inverted.
 Hugging Face splits attention into q/k/v projections where clipforge (like OpenAI) keeps one fused ``in_proj``.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -78,7 +80,8 @@ def matches(state: dict) -> bool:
 
 NO_COCA = ("Hugging Face has no CoCa model class (a CLIPModel would drop the captioning decoder); write --to "
            "open_clip or clipforge")
-MODEL_TYPES = {"clip": "CLIPModel", "siglip": "SiglipModel", "metaclip_2": "MetaClip2Model"}
+MODEL_TYPES = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model", "metaclip_2": "MetaClip2Model"}
+_PATCH_KEY = "vision_model.embeddings.patch_embedding.weight"
 
 
 def is_clip_config(folder_config: dict) -> bool:
@@ -96,18 +99,27 @@ def is_siglip(state_or_config: dict) -> bool:
     """A SigLIP model: a clipforge state dict with attention pooling, or a clipforge or HF config of one."""
     from ..models import is_siglip as is_siglip_config
 
-    return "visual.head.probe" in state_or_config or state_or_config.get("model_type") == "siglip" or \
+    return "visual.head.probe" in state_or_config or state_or_config.get("model_type") in ("siglip", "siglip2") or \
         ("vision_cfg" in state_or_config and is_siglip_config(state_or_config))
+
+
+def is_naflex(config: dict) -> bool:
+    """A SigLIP 2 NaFlex model: a ``Siglip2Model`` config, or a clipforge config with a NaFlex image tower."""
+    return config.get("model_type") == "siglip2" or "Siglip2Model" in config.get("architectures", []) or \
+        bool(config.get("vision_cfg", {}).get("naflex"))
 
 
 def processor_preprocess(processor: dict) -> dict:
     """``Preprocess`` arguments from a ``CLIPImageProcessor`` config (``preprocessor_config.json``): its mean and std,
     bilinear for PIL's resample code 2, and "squash" for a resize to height x width without a center crop (as
-    ``save_image_processor`` writes them; SigLIP's ``SiglipImageProcessor`` always squashes)."""
+    ``save_image_processor`` writes them; SigLIP's ``SiglipImageProcessor`` always squashes, and so, for a square
+    image, does SigLIP 2's NaFlex processor: a plain image tensor goes in squashed to the tower's own grid)."""
     out = {k: tuple(processor[h]) for k, h in (("mean", "image_mean"), ("std", "image_std")) if processor.get(h)}
     if processor.get("resample") == 2:
         out["interpolation"] = "bilinear"
     size = processor.get("size")
+    if str(processor.get("image_processor_type", "")).startswith("Siglip2ImageProcessor"):
+        return {**out, "resize_mode": "squash"}
     crops = processor.get("do_center_crop", processor.get("image_processor_type") != "SiglipImageProcessor")
     if isinstance(size, dict) and "height" in size and "width" in size and not crops:
         out["resize_mode"] = "squash"
@@ -119,6 +131,10 @@ def to_clipforge(state: dict) -> dict:
     out, qkv = {}, {}
     for key, value in state.items():
         if key.endswith("position_ids"):
+            continue
+        if key == _PATCH_KEY and value.ndim == 2:  # Siglip2Model's linear one, over (row, column, channel) patches
+            patch = math.isqrt(value.shape[1] // 3)
+            out[_TOP[key]] = value.reshape(value.shape[0], patch, patch, 3).permute(0, 3, 1, 2).contiguous()
             continue
         if key in _TOP:
             out[_TOP[key]] = value.reshape(()) if key in _SCALARS else value
@@ -140,8 +156,8 @@ def to_clipforge(state: dict) -> dict:
     return out
 
 
-def from_clipforge(state: dict) -> dict:
-    """A ``CLIPModel`` state dict, or a ``SiglipModel``'s for a SigLIP model."""
+def from_clipforge(state: dict, naflex: bool = False) -> dict:
+    """A ``CLIPModel`` state dict, or a ``SiglipModel``'s for a SigLIP model (``Siglip2Model``'s with ``naflex``)."""
     siglip = is_siglip(state)
     if any(k.startswith("text_decoder.") for k in state):
         raise CheckpointError(NO_COCA)
@@ -171,6 +187,9 @@ def from_clipforge(state: dict) -> dict:
                 out[f"{base}self_attn.{name}_proj.{kind}"] = part.contiguous()
         else:
             out[base + _rename_in_block(rest, _BLOCK_INV, key)] = value
+    if naflex:  # a linear patch embedding over (row, column, channel) patches
+        weight = out[_PATCH_KEY]
+        out[_PATCH_KEY] = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
     return out
 
 
@@ -179,6 +198,7 @@ _SIGLIP_TOWER_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hi
                           "num_attention_heads": 12, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
 _SIGLIP_TEXT_DEFAULTS = {**_SIGLIP_TOWER_DEFAULTS, "vocab_size": 32000, "max_position_embeddings": 64}
 _SIGLIP_VISION_DEFAULTS = {**_SIGLIP_TOWER_DEFAULTS, "image_size": 224, "patch_size": 16, "vision_use_head": True}
+_NAFLEX_PATCHES = 256  # Siglip2VisionConfig's num_patches default: a 16 x 16 position grid
 _HF_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
 
 
@@ -191,6 +211,14 @@ def _siglip_config_to_clipforge(hf: dict) -> dict:
     if not vision["vision_use_head"]:
         raise CheckpointError("a SiglipModel without its attention-pooling head (vision_use_head: false) is not built "
                               "here")
+    naflex = is_naflex(hf)
+    if naflex:  # no image size: a grid of learned positions, resized to each image's
+        patches = vision.get("num_patches", _NAFLEX_PATCHES)
+        grid = math.isqrt(patches)
+        if grid * grid != patches:
+            raise CheckpointError(f"a Siglip2Model with {patches} position embeddings (not a square grid) is not built "
+                                  "here")
+        vision["image_size"] = grid * vision["patch_size"]
     width = vision["hidden_size"]
     projection = text.get("projection_size") or text["hidden_size"]
     if projection != width:
@@ -204,7 +232,8 @@ def _siglip_config_to_clipforge(hf: dict) -> dict:
     return {
         "embed_dim": width, "init_logit_bias": -10.0, "logit_scale_max": None,
         "vision_cfg": {"image_size": vision["image_size"], "patch_size": vision["patch_size"], **tower(vision),
-                       "head_width": width // vision["num_attention_heads"], "pool": "map"},
+                       "head_width": width // vision["num_attention_heads"], "pool": "map",
+                       **({"naflex": True} if naflex else {})},
         "text_cfg": {"context_length": text["max_position_embeddings"], "vocab_size": text["vocab_size"],
                      **tower(text), "heads": text["num_attention_heads"], "causal": False, "pool": "last",
                      "proj": "linear", "hf_tokenizer_name": None,  # the folder or repo it came from, once known
@@ -213,7 +242,7 @@ def _siglip_config_to_clipforge(hf: dict) -> dict:
 
 
 def config_to_clipforge(hf: dict) -> dict:
-    if hf.get("model_type") == "siglip" or "SiglipModel" in hf.get("architectures", []):
+    if is_siglip(hf) or is_naflex(hf):
         return _siglip_config_to_clipforge(hf)
     text, vision = hf["text_config"], hf["vision_config"]
     for tower in (text, vision):
@@ -253,20 +282,23 @@ def _siglip_config_from_clipforge(config: dict) -> dict:
         raise CheckpointError("Hugging Face SiglipModel's text tower is bidirectional, pooled at the last token and "
                               "projected with a bias; this model's is not (keep it as a clipforge folder)")
 
+    model_type = "siglip2" if vision.get("naflex") else "siglip"
+
     def tower(cfg: dict, kind: str) -> dict:
         return {"hidden_size": cfg["width"], "intermediate_size": int(cfg["width"] * cfg.get("mlp_ratio", 4.0)),
                 "num_hidden_layers": cfg["layers"], "hidden_act": _hf_activation(cfg, config),
                 "layer_norm_eps": cfg.get("norm_eps", 1e-6 if kind == "vision" else 1e-5),
-                "model_type": f"siglip_{kind}_model"}
+                "model_type": f"{model_type}_{kind}_model"}
 
+    grid = vision["image_size"] // vision["patch_size"]
+    size = {"num_patches": grid * grid} if vision.get("naflex") else {"image_size": vision["image_size"]}
     return {
-        "architectures": ["SiglipModel"], "model_type": "siglip",
+        "architectures": [MODEL_TYPES[model_type]], "model_type": model_type,
         "text_config": {**tower(text, "text"), "num_attention_heads": text.get("heads", text["width"] // 64),
                         "max_position_embeddings": text["context_length"], "vocab_size": text["vocab_size"],
                         "projection_size": config["embed_dim"]},
         "vision_config": {**tower(vision, "vision"), "num_attention_heads": vision["width"] // vision.get("head_width", 64),
-                          "image_size": vision["image_size"], "patch_size": vision["patch_size"], "num_channels": 3,
-                          "vision_use_head": True},
+                          **size, "patch_size": vision["patch_size"], "num_channels": 3, "vision_use_head": True},
     }
 
 
@@ -335,7 +367,8 @@ def save(model, folder: str | Path) -> Path:
         from ..hub_tokenizer import tokenizer_files
 
         tokenizer_files(model.config, fetch=True)
-    save_safetensors(from_clipforge(model.state_dict()), folder / "model.safetensors", {"format": "pt"})
+    save_safetensors(from_clipforge(model.state_dict(), naflex=is_naflex(model.config)), folder / "model.safetensors",
+                     {"format": "pt"})
     write_json(folder / "config.json", config)
     save_image_processor(model, folder)
     if own_tokenizer:
@@ -358,6 +391,14 @@ def save_image_processor(model, folder: str | Path) -> None:
     folder = Path(folder)
     size = model.image_size
     settings = Preprocess(size, **(getattr(model, "normalisation", None) or {})).settings
+    if is_naflex(model.config):  # transformers' NaFlex processor: aspect kept, up to the tower's grid of patches
+        patch = model.config["vision_cfg"]["patch_size"]
+        write_json(folder / "preprocessor_config.json", {
+            "image_processor_type": "Siglip2ImageProcessor", "do_resize": True, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 2,
+            "image_mean": list(settings["mean"]), "image_std": list(settings["std"]), "patch_size": patch,
+            "max_num_patches": (size // patch) ** 2})
+        return
     squash = settings["resize_mode"] == "squash"  # the whole image to a square, no crop (DFN)
     write_json(folder / "preprocessor_config.json", {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True,

@@ -109,6 +109,9 @@ def config_to_open_clip(config: dict) -> dict:
     from .openai import text_cfg_to_open_clip
 
     vision, text = config["vision_cfg"], config["text_cfg"]
+    if vision.get("naflex"):
+        raise CheckpointError("open_clip has no NaFlex image tower (SigLIP 2's, for images at their own aspect "
+                              "ratio); write --to hf (a Siglip2Model folder) or clipforge")
     fits = [name for name in TIMM_SIGLIP if {**tower_config(name), "image_size": vision["image_size"]} == vision]
     # timm's model for this resolution where it has one (open_clip's choice), else one open_clip resizes
     timm_name = next((n for n in fits if TIMM_SIGLIP[n][1] == vision["image_size"]), fits[0] if fits else None)

@@ -157,7 +157,7 @@ def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module
         return SigLIPVisionTransformer(
             image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["width"], layers=cfg["layers"],
             heads=cfg["width"] // cfg.get("head_width", 64), mlp_ratio=cfg.get("mlp_ratio", 4.0),
-            act=tower_activation(cfg, quick_gelu), eps=cfg.get("norm_eps", 1e-6))
+            act=tower_activation(cfg, quick_gelu), eps=cfg.get("norm_eps", 1e-6), naflex=cfg.get("naflex", False))
     if is_fastvit(cfg):  # MobileCLIP-S's FastViT (timm's, under its names)
         return FastViT(image_size=cfg["image_size"], depths=list(cfg["depths"]), dims=list(cfg["dims"]),
                        mixers=list(cfg["mixers"]), output_dim=embed_dim, mlp_ratio=cfg.get("mlp_ratio", 3.0),
@@ -260,9 +260,11 @@ class CLIP(nn.Module):
         return self.text.context_length
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        # preprocessing gives float32: a model cast to bf16 or fp16 for inference takes images in its own dtype
+        # preprocessing gives float32: a model cast to bf16 or fp16 for inference takes images in its own dtype (a
+        # NaFlex batch of patches, SigLIP 2's, is cast by its tower)
         dtype = next(self.visual.parameters()).dtype
-        features = self.visual(images.to(dtype) if images.is_floating_point() else images)
+        cast = isinstance(images, torch.Tensor) and images.is_floating_point()
+        features = self.visual(images.to(dtype) if cast else images)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:

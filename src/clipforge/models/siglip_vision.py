@@ -4,8 +4,16 @@ learned query. Its width is the embedding: there is no projection.
 
 Parameter names follow clipforge's ViT (``conv1``, ``positional_embedding``, ``transformer``, ``ln_post``) so the two
 towers share their blocks and converters; ``head`` is the pooling.
+
+SigLIP 2's NaFlex towers (``naflex``: transformers' ``Siglip2VisionModel``) take images at their own aspect ratio:
+each is a grid of patches of its own shape, the learned position grid resized to it (bilinear, antialiased), and a
+batch is padded to one length and masked. They take transformers' processor output as it is (``pixel_values``,
+``pixel_attention_mask``, ``spatial_shapes``: ``preprocess.NaFlexPreprocess`` gives the same), or plain image
+tensors of any size in whole patches.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,26 +36,37 @@ class AttentionPool(nn.Module):
         self.mlp = mlp(width, int(width * mlp_ratio), act)
         nn.init.normal_(self.attn.in_proj_weight, std=width ** -0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, L, width] -> [N, width]."""
+    def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, L, width] -> [N, width]; ``visible`` [N, L]: the tokens that are not padding (all, without)."""
         batch, length, width = x.shape
         heads = self.attn.heads
         weight, bias = self.attn.in_proj_weight, self.attn.in_proj_bias
         q = F.linear(self.probe.to(x.dtype), weight[:width], bias[:width])
         q = q.view(1, heads, 1, width // heads).expand(batch, -1, -1, -1)
         k, v = F.linear(x, weight[width:], bias[width:]).view(batch, length, 2, heads, -1).permute(2, 0, 3, 1, 4)
-        pooled = self.attn.out_proj(F.scaled_dot_product_attention(q, k, v).reshape(batch, width))
+        mask = None if visible is None else visible[:, None, None, :]
+        pooled = self.attn.out_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(batch, width))
         return pooled + self.mlp(self.ln(pooled))
+
+
+NAFLEX_INPUTS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")  # transformers' names
+
+
+def is_naflex_batch(images) -> bool:
+    """Whether ``images`` is a NaFlex batch (a mapping of ``NAFLEX_INPUTS``: transformers' ``BatchFeature`` is one)."""
+    return isinstance(images, Mapping) and "pixel_values" in images and "spatial_shapes" in images
 
 
 class SigLIPVisionTransformer(nn.Module):
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-                 mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-6):
+                 mlp_ratio: float = 4.0, act: str = "gelu", eps: float = 1e-6, naflex: bool = False):
         """An ``image_size`` need not be a multiple of ``patch_size``: the patches cover the top-left ``grid *
-        patch_size`` pixels, as timm's SO400M/14 at 384 pixels does (27 x 27 patches)."""
+        patch_size`` pixels, as timm's SO400M/14 at 384 pixels does (27 x 27 patches). ``naflex``: SigLIP 2's
+        variable-shape tower, its position grid that of ``image_size`` (16 x 16 for 256 patches of 16 pixels)."""
         super().__init__()
         self.image_size = image_size
         self.patch_size = patch_size
+        self.naflex = naflex
         self.output_dim = width
         grid = image_size // patch_size
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=True)
@@ -57,17 +76,67 @@ class SigLIPVisionTransformer(nn.Module):
         self.head = AttentionPool(width, heads, mlp_ratio, act, eps)
         self.transformer.init_parameters()
 
-    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
-        check_image_batch(images, self.image_size)
-        x = embed_patches(self.conv1, images)
-        return (x + self.positional_embedding.to(x.dtype)).contiguous()  # the conv's tokens are a transposed view
+    def _grid_of(self, images: torch.Tensor) -> tuple[int, int]:
+        """The patch grid an image batch makes: the model's own, or for a NaFlex tower any whole number of patches."""
+        if not self.naflex:
+            check_image_batch(images, self.image_size)
+            return (self.image_size // self.patch_size,) * 2
+        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            check_image_batch(images, self.image_size)  # its error names what is wrong
+        height, width = images.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"a NaFlex tower takes images in whole {self.patch_size}-pixel patches, got "
+                             f"{height}x{width}")
+        return height // self.patch_size, width // self.patch_size
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _positions(self, rows: int, cols: int) -> torch.Tensor:
+        """The learned positions for a ``rows`` x ``cols`` patch grid [rows * cols, width]: the model's own grid, or
+        (NaFlex) that grid resized as transformers' ``Siglip2VisionEmbeddings`` resizes it, in float32."""
+        grid = self.image_size // self.patch_size
+        if (rows, cols) == (grid, grid):
+            return self.positional_embedding
+        table = self.positional_embedding.float().reshape(grid, grid, -1).permute(2, 0, 1)[None]
+        resized = F.interpolate(table, size=(rows, cols), mode="bilinear", align_corners=False, antialias=True)
+        return resized[0].flatten(1).T.to(self.positional_embedding.dtype)
+
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+        rows, cols = self._grid_of(images)
+        x = embed_patches(self.conv1, images)
+        return (x + self._positions(rows, cols).to(x.dtype)).contiguous()  # the conv's tokens are a transposed view
+
+    def _naflex_tokens(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(tokens [N, L, width], visible [N, L] or None)`` for a NaFlex batch: flattened patches (rows, then
+        columns, then channels within a patch, as transformers' processor orders them), padded to one length L."""
+        if not self.naflex:
+            raise ValueError("patchified images (pixel_values with spatial_shapes) are for SigLIP 2's NaFlex towers; "
+                             f"this one takes [N, 3, {self.image_size}, {self.image_size}] images")
+        patches, shapes = batch["pixel_values"], torch.as_tensor(batch["spatial_shapes"]).cpu()
+        weight, p = self.conv1.weight, self.patch_size
+        if patches.ndim != 3 or patches.shape[-1] != 3 * p * p or shapes.shape != (patches.shape[0], 2):
+            raise ValueError(f"expected pixel_values [N, L, {3 * p * p}] and spatial_shapes [N, 2], got "
+                             f"{tuple(patches.shape)} and {tuple(shapes.shape)}")
+        if (shapes.prod(-1) > patches.shape[1]).any() or (shapes < 1).any():
+            raise ValueError(f"spatial_shapes {shapes.tolist()} do not fit {patches.shape[1]} patches per image")
+        x = F.linear(patches.to(weight.dtype), weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1), self.conv1.bias)
+        positions = torch.zeros_like(x)  # padding's stay zero: it is masked out
+        for rows, cols in {tuple(shape) for shape in shapes.tolist()}:
+            same = ((shapes[:, 0] == rows) & (shapes[:, 1] == cols)).nonzero()[:, 0].to(x.device)
+            positions[same, :rows * cols] = self._positions(rows, cols).to(x.dtype)
+        mask = batch.get("pixel_attention_mask")
+        return x + positions, None if mask is None else mask.to(x.device).bool()
+
+    def forward(self, images: torch.Tensor | Mapping) -> torch.Tensor:
+        if is_naflex_batch(images):
+            x, visible = self._naflex_tokens(images)
+            mask = None if visible is None else visible[:, None, None, :]  # keys a token may attend to
+            return self.head(self.ln_post(self.transformer(x, attn_mask=mask)), visible)
         return self.head(self.ln_post(self.transformer(self._tokens(images))))
 
     def forward_grid(self, images: torch.Tensor) -> torch.Tensor:
-        """The last layer's patch tokens as a spatial map ``[N, width, grid, grid]`` (after ``ln_post``, before the
+        """The last layer's patch tokens as a spatial map ``[N, width, rows, cols]`` (after ``ln_post``, before the
         pooling)."""
+        if is_naflex_batch(images):
+            raise ValueError("forward_grid takes an image tensor; a NaFlex batch has a grid of its own per image")
+        rows, cols = self._grid_of(images)
         x = self.ln_post(self.transformer(self._tokens(images)))
-        grid = self.image_size // self.patch_size
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid, grid)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], rows, cols)
