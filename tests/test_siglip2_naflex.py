@@ -2,6 +2,8 @@
 grid of patches whose learned positions are resized to each image's grid): a folder loads with transformers'
 features, ``NaFlexPreprocess`` gives transformers' processor output, and ``convert --to hf`` writes one back.
 Random small models, since none can be downloaded."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -55,9 +57,12 @@ def _features(output):
 def test_a_siglip2_naflex_folder_loads_with_transformers_features_and_inputs(naflex_folder):
     from transformers import Siglip2Model
 
+    from clipforge.preprocess import Preprocess
+
     theirs = Siglip2Model.from_pretrained(naflex_folder).eval()
     model, preprocess, _ = clipforge.load(str(naflex_folder))
     assert model.config["vision_cfg"]["naflex"] and model.image_size == 64  # the 8 x 8 position grid, in pixels
+    assert isinstance(preprocess, NaFlexPreprocess) and preprocess.settings == NaFlexPreprocess(8, 64).settings
     images = _images()
     processor = _their_processor(patch_size=8, max_num_patches=64)
     their_batch = processor(images=images, return_tensors="pt")
@@ -74,17 +79,41 @@ def test_a_siglip2_naflex_folder_loads_with_transformers_features_and_inputs(naf
         assert (model.encode_text(ids) - _features(theirs.get_text_features(input_ids=ids))).abs().max() <= 1e-5
         logits = model(our_batch, ids).logits_per_image
         assert (logits - theirs(input_ids=ids, **their_batch).logits_per_image).abs().max() <= 1e-4
-        # a square image goes in as a plain tensor too: load's preprocess squashes it to the tower's own grid, as
-        # transformers' processor does a square image
-        square = [images[2], images[4]]
+        # a square image goes in as a plain tensor too (what an ONNX export takes): squashed to the tower's own grid,
+        # as transformers' processor makes of a square image
+        square, squash = [images[2], images[4]], Preprocess(64, **model.normalisation)
         expected = _features(theirs.get_image_features(**processor(images=square, return_tensors="pt")))
-        assert (model.encode_image(torch.stack([preprocess(i) for i in square])) - expected).abs().max() <= 1e-5
+        assert (model.encode_image(torch.stack([squash(i) for i in square])) - expected).abs().max() <= 1e-5
     with torch.enable_grad():  # training's path (autograd, no fused inference blocks) takes the mask too
         features = model.encode_image(our_batch)
         features.sum().backward()
     with torch.no_grad():
         assert (features - model.encode_image(our_batch)).abs().max() <= 1e-5
     assert model.visual.positional_embedding.grad.abs().sum() > 0
+
+
+def test_commands_embed_a_naflex_model_at_each_images_own_aspect_ratio(naflex_folder, tmp_path):
+    """`clipforge embed` (and so search, serve, eval, classify: the same batching) runs NaFlex inputs: the stored
+    embeddings are transformers' features of its processor's inputs (fp16 shards)."""
+    import pyarrow.parquet as pq
+    from transformers import Siglip2Model
+
+    from clipforge.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, image in enumerate(_images()):
+        image.save(folder / f"{i}.png")
+    assert main(["embed", str(folder), str(tmp_path / "out"), "--pretrained", str(naflex_folder), "--batch-size",
+                 "4", "--no-progress"]) == 0
+    stored = np.load(tmp_path / "out" / "img_emb" / "img_emb_00000.npy").astype(np.float32)
+    paths = pq.read_table(tmp_path / "out" / "metadata" / "metadata_00000.parquet").column("path").to_pylist()
+    images = [Image.open(folder / Path(path).name) for path in paths]
+    with torch.no_grad():
+        inputs = _their_processor(patch_size=8, max_num_patches=64)(images=images, return_tensors="pt")
+        expected = torch.nn.functional.normalize(
+            _features(Siglip2Model.from_pretrained(naflex_folder).eval().get_image_features(**inputs)), dim=-1)
+    assert len(paths) == len(SIZES) and np.abs(stored - expected.numpy()).max() <= 2e-3
 
 
 def test_naflex_target_sizes_are_transformers(naflex_folder):

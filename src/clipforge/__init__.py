@@ -182,11 +182,11 @@ def load(name_or_path: str, pretrained: str | None = None, device: str = "cpu", 
     activation (OpenAI's weights use QuickGELU; it cannot be read from the weights). ``trust_pickle`` allows full
     unpickling of ``.pt``/``.bin`` files: only for files you trust.
     """
-    from .preprocess import Preprocess
+    from .preprocess import preprocess_for
     from .tokenizer import get_tokenizer
 
     model = load_model(name_or_path, pretrained, quick_gelu, trust_pickle).to(device)
-    return model, Preprocess(model.image_size, **model.normalisation), get_tokenizer(model.config)
+    return model, preprocess_for(model), get_tokenizer(model.config)
 
 
 def read_model_config(name_or_path: str) -> dict:

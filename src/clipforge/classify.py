@@ -83,6 +83,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from .inference import load_for_inference
+    from .preprocess import image_batch
     from .prompts import resolve_templates, shipped_templates
     from .retrieval.collection import item_path
     from .retrieval.embed import decoded_batches
@@ -111,7 +112,7 @@ def run(args) -> int:
             bar.update(len(batch))
             if not good:
                 continue
-            images = torch.stack([tensor for _, (tensor, _) in good]).to(device)
+            images = image_batch([tensor for _, (tensor, _) in good], device)
             probabilities = class_probabilities(model, model.encode_image(images, normalize=True), weights)
             top = probabilities.topk(k, dim=-1)
             for (index, _), values, classes in zip(good, top.values.tolist(), top.indices.tolist()):

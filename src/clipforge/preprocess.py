@@ -146,6 +146,15 @@ class NaFlexPreprocess:
         return cls(vision["patch_size"], max_patches or grid * grid, settings.get("mean", (0.5,) * 3),
                    settings.get("std", (0.5,) * 3))
 
+    @property
+    def image_size(self) -> int:
+        """The side of the square image that fills ``max_patches`` (a NaFlex model's own grid, in pixels)."""
+        return math.isqrt(self.max_patches) * self.patch_size
+
+    @property
+    def settings(self) -> dict:
+        return {"patch_size": self.patch_size, "max_patches": self.max_patches, "mean": self.mean, "std": self.std}
+
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """``(height, width)`` in whole patches: one scale for both sides, the largest whose patches fit (found by
         bisection to 1e-5, as transformers finds it, so that the sizes agree at the boundaries)."""
@@ -186,6 +195,24 @@ def naflex_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     if not items:
         raise ValueError("naflex_batch needs at least one image")
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def image_batch(items: list, device=None, non_blocking: bool = False):
+    """Preprocessed images as one batch on ``device``: image tensors stacked, or NaFlex inputs (``NaFlexPreprocess``'s
+    dicts) stacked key by key; what ``encode_image`` takes either way."""
+    if items and isinstance(items[0], dict):
+        return {key: value.to(device, non_blocking=non_blocking) for key, value in naflex_batch(items).items()}
+    return torch.stack(items).to(device, non_blocking=non_blocking)
+
+
+def preprocess_for(model):
+    """The evaluation transform a loaded model takes: ``Preprocess`` at its image size with its normalisation and
+    resize, or for a SigLIP 2 NaFlex model ``NaFlexPreprocess`` (each image at its own aspect ratio, as transformers'
+    processor gives it)."""
+    normalisation = getattr(model, "normalisation", None) or {}
+    if getattr(model, "config", {}).get("vision_cfg", {}).get("naflex"):
+        return NaFlexPreprocess.for_model(model)
+    return Preprocess(model.image_size, **normalisation)
 
 
 class TrainTransform:

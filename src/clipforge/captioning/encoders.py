@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..preprocess import image_batch
+
 FEATURES = ("pooled", "grid")
 
 
@@ -64,7 +66,7 @@ class FrozenImageEncoder:
                 hidden = out.last_hidden_state
                 pooled = hidden.flatten(2).mean(-1) if hidden.ndim == 4 else hidden.mean(1)
             return pooled.flatten(1)
-        batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)
+        batch = image_batch([self.preprocess(image) for image in images], self.device)
         if self.feature_kind == "grid":
             return pool_grid(self.model.visual.forward_grid(batch), self.k)
         return self.model.encode_image(batch)

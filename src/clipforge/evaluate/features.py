@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.pipeline import SkipSample, decode_sample
+from ..preprocess import image_batch
 
 
 @torch.no_grad()
@@ -16,7 +17,7 @@ def embed_images(model, images: list, preprocess, batch_size: int = 64, normaliz
     device = next(model.parameters()).device
     chunks = []
     for i in range(0, len(images), batch_size):
-        batch = torch.stack([preprocess(image) for image in images[i:i + batch_size]]).to(device)
+        batch = image_batch([preprocess(image) for image in images[i:i + batch_size]], device)
         chunks.append(model.encode_image(batch, normalize=normalize).float().cpu())
     if not chunks:
         raise ValueError("no images to embed")
@@ -35,7 +36,7 @@ def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None
 
     def flush():
         if batch:
-            features.append(model.encode_image(torch.stack(batch).to(device), normalize=normalize).float().cpu())
+            features.append(model.encode_image(image_batch(batch, device), normalize=normalize).float().cpu())
             labels.extend(batch_labels)
             batch.clear()
             batch_labels.clear()

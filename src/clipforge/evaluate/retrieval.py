@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..preprocess import image_batch
+
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
                       ks=(1, 5, 10), positives: torch.Tensor | None = None) -> dict[str, float]:
@@ -37,7 +39,7 @@ def embed_pairs(model, tokenizer, images: list[torch.Tensor], texts: list[str], 
     """L2-normalised image and text features, in batches."""
     image_features, text_features = [], []
     for start in range(0, len(images), batch_size):
-        batch = torch.stack(images[start:start + batch_size]).to(device)
+        batch = image_batch(images[start:start + batch_size], device)
         image_features.append(model.encode_image(batch, normalize=True).float().cpu())
     for start in range(0, len(texts), batch_size):
         tokens = tokenizer(texts[start:start + batch_size]).to(device)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..data.sources import open_source
 from ..files import atomic_path
 from ..inference import weights_dtype
-from ..preprocess import BadImageError
+from ..preprocess import BadImageError, image_batch
 from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, image_shard, item_path, load_item,
                          write_image_shard, write_info)
 
@@ -87,8 +87,7 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
             good = [sample for sample in batch if sample is not None]
             stats["skipped"] += len(batch) - len(good)
             if good:
-                out = model.encode_image(torch.stack([t for t, _ in good]).to(device, non_blocking=True),
-                                         normalize=True)
+                out = model.encode_image(image_batch([t for t, _ in good], device, non_blocking=True), normalize=True)
                 features.append(out.float().cpu().numpy().astype(np.float16))
                 rows.extend({**row, "path": paths.item(row["path"])} for _, row in good)
             bar.update(len(batch))

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..preprocess import image_batch
 from .collection import Metadata, StoredVectors
 from .index import load_index
 
@@ -47,7 +48,7 @@ class Searcher:
 
     @torch.no_grad()
     def embed_images(self, images) -> np.ndarray:
-        batch = torch.stack([self.preprocess(i) for i in images]).to(self.device)
+        batch = image_batch([self.preprocess(i) for i in images], self.device)
         return self.model.encode_image(batch, normalize=True).float().cpu().numpy()
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, dedup: float | None = None) -> list[list[dict]]:

@@ -9,7 +9,7 @@ from ..data import evaluation_set, open_source
 from ..data.sources import source_classnames
 from ..evaluate.metrics import topk_accuracy
 from ..loss import linear_cross_entropy
-from ..preprocess import Preprocess
+from ..preprocess import Preprocess, image_batch
 from ..prompts import DEFAULT_TEMPLATES
 from ..zeroshot import zero_shot_classifier
 
@@ -163,7 +163,7 @@ def validate_caption_lm(model, val_set, device, autocast=nullcontext(), template
 
 
 def _encode_images(model, images: list, device, batch_size: int) -> torch.Tensor:
-    return torch.cat([model.encode_image(torch.stack(images[i:i + batch_size]).to(device))
+    return torch.cat([model.encode_image(image_batch(images[i:i + batch_size], device))
                       for i in range(0, len(images), batch_size)])
 
 
