@@ -116,6 +116,28 @@ def test_commands_embed_a_naflex_model_at_each_images_own_aspect_ratio(naflex_fo
     assert len(paths) == len(SIZES) and np.abs(stored - expected.numpy()).max() <= 2e-3
 
 
+def test_a_naflex_hub_repo_loads_as_its_folder_does(naflex_folder, tmp_path, monkeypatch):
+    """hf-hub:OWNER/NAME of a Siglip2Model repo (google/siglip2-*-naflex): config, weights and image processor."""
+    from conftest import FileServer
+
+    names = [p.name for p in naflex_folder.iterdir() if p.suffix in (".json", ".safetensors")]
+    srv = FileServer({f"/owner/naflex/resolve/main/{name}": (naflex_folder / name).read_bytes() for name in names})
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CLIPFORGE_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    try:
+        model, preprocess, _ = clipforge.load("hf-hub:owner/naflex")
+    finally:
+        srv.close()
+    local, _, _ = clipforge.load(str(naflex_folder))
+    assert preprocess.settings == NaFlexPreprocess(8, 64).settings
+    assert model.config["text_cfg"]["hf_tokenizer_name"] == "owner/naflex"  # its tokenizer files: the same repo
+    batch = naflex_batch([preprocess(image) for image in _images()])
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(batch), local.encode_image(batch))
+
+
 def test_naflex_target_sizes_are_transformers(naflex_folder):
     from transformers.models.siglip2 import image_processing_siglip2 as theirs
 
