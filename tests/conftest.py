@@ -183,3 +183,14 @@ class FileServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def hub_server(monkeypatch, cache: Path, repo: str, files: dict) -> FileServer:
+    """A stand-in for the Hugging Face Hub serving ``files`` (name -> bytes) as ``repo`` (OWNER/NAME), with
+    clipforge's cache at ``cache`` and downloads allowed; close it when done."""
+    srv = FileServer({f"/{repo}/resolve/main/{name}": data for name, data in files.items()})
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(cache))
+    for name in ("CLIPFORGE_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    return srv

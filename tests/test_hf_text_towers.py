@@ -92,7 +92,7 @@ def test_a_hub_text_model_is_fetched_once_and_a_checkpoint_fetches_its_config_al
     """hf_model_name as a hub repo: a fresh model fetches config and weights into the cache (then offline); a model
     whose checkpoint brings the weights fetches config.json alone."""
     transformers = pytest.importorskip("transformers")
-    from conftest import FileServer
+    from conftest import hub_server
 
     from clipforge.models.hf_text import resolve_hf_model
 
@@ -100,11 +100,7 @@ def test_a_hub_text_model_is_fetched_once_and_a_checkpoint_fetches_its_config_al
     torch.manual_seed(0)
     _hf_model(transformers, "xlm-roberta", 150).save_pretrained(folder)
     requested = []
-    files = {f"/owner/text/resolve/main/{p.name}": p.read_bytes() for p in folder.iterdir()}
-    srv = FileServer(files)
-    monkeypatch.setenv("HF_ENDPOINT", srv.url)
-    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("CLIPFORGE_OFFLINE", raising=False)
+    srv = hub_server(monkeypatch, tmp_path / "cache", "owner/text", {p.name: p.read_bytes() for p in folder.iterdir()})
     try:
         config_only = resolve_hf_model("owner/text", weights=False)
         requested.append(sorted(p.name for p in tmp_path.joinpath(config_only).iterdir() if p.is_file()))

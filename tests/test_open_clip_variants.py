@@ -217,13 +217,10 @@ def test_metaclip_2_exports_to_transformers_and_its_folders_and_hub_repos_load(t
 def _loads_from_a_hub_repo(folder, ids, expected_image, expected_text, images, monkeypatch):
     """hf-hub:OWNER/NAME for a MetaClip2Model repo (facebook/metaclip-2-worldwide-*), served locally: weights,
     image processor and tokenizer files; all cached, so it loads and tokenizes again offline."""
-    from conftest import FileServer
+    from conftest import hub_server
 
-    srv = FileServer({f"/owner/mc2/resolve/main/{p.name}": p.read_bytes() for p in folder.iterdir() if p.is_file()})
-    monkeypatch.setenv("HF_ENDPOINT", srv.url)
-    monkeypatch.setenv("CLIPFORGE_CACHE", str(folder.parent / "cache"))
-    monkeypatch.delenv("CLIPFORGE_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    srv = hub_server(monkeypatch, folder.parent / "cache", "owner/mc2",
+                     {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
     try:
         model, _, tokenizer = clipforge.load("hf-hub:owner/mc2")
         assert torch.equal(tokenizer(TEXTS), ids)

@@ -285,15 +285,12 @@ def test_siglip_exports_to_onnx_with_eager_features(hf_siglip, tmp_path):
 def test_a_transformers_siglip_hub_repo_loads_and_its_tokenizer_is_fetched_once(hf_siglip, tmp_path, monkeypatch):
     """hf-hub:OWNER/NAME for a SiglipModel repo (google/siglip-* and siglip2-*): weights, image processor and the
     tokenizer files from the repo; all cached, so it loads and tokenizes again offline."""
-    from conftest import FileServer
+    from conftest import hub_server
 
     folder, hf = hf_siglip
     names = ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json")
-    srv = FileServer({f"/owner/siglip/resolve/main/{name}": (folder / name).read_bytes() for name in names})
-    monkeypatch.setenv("HF_ENDPOINT", srv.url)
-    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("CLIPFORGE_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    files = {name: (folder / name).read_bytes() for name in names}
+    srv = hub_server(monkeypatch, tmp_path / "cache", "owner/siglip", files)
     try:
         model, preprocess, tokenizer = clipforge.load("hf-hub:owner/siglip")
         ids = tokenizer(TEXTS)

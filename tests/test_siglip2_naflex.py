@@ -118,14 +118,10 @@ def test_commands_embed_a_naflex_model_at_each_images_own_aspect_ratio(naflex_fo
 
 def test_a_naflex_hub_repo_loads_as_its_folder_does(naflex_folder, tmp_path, monkeypatch):
     """hf-hub:OWNER/NAME of a Siglip2Model repo (google/siglip2-*-naflex): config, weights and image processor."""
-    from conftest import FileServer
+    from conftest import hub_server
 
-    names = [p.name for p in naflex_folder.iterdir() if p.suffix in (".json", ".safetensors")]
-    srv = FileServer({f"/owner/naflex/resolve/main/{name}": (naflex_folder / name).read_bytes() for name in names})
-    monkeypatch.setenv("HF_ENDPOINT", srv.url)
-    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("CLIPFORGE_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    files = {p.name: p.read_bytes() for p in naflex_folder.iterdir() if p.suffix in (".json", ".safetensors")}
+    srv = hub_server(monkeypatch, tmp_path / "cache", "owner/naflex", files)
     try:
         model, preprocess, _ = clipforge.load("hf-hub:owner/naflex")
     finally:
