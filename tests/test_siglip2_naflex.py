@@ -165,6 +165,10 @@ def test_naflex_round_trips_through_convert_to_hf_and_refuses_what_it_cannot(naf
     assert clipforge.load(str(out))[0].config["vision_cfg"] == model.config["vision_cfg"]
     with pytest.raises(CheckpointError, match="open_clip has no NaFlex image tower"):
         convert(str(naflex_folder), str(tmp_path / "oc"), to="open_clip")
+    from clipforge.onnx_backend import export_onnx
+
+    with pytest.raises(ValueError, match="ONNX export of a SigLIP 2 NaFlex model is not built"):
+        export_onnx(model, tmp_path / "onnx")  # its backend would embed other images than PyTorch's
 
     with pytest.raises(ValueError, match="whole 8-pixel patches, got 60x64"):
         model.encode_image(torch.zeros(1, 3, 60, 64))
