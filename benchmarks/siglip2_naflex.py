@@ -7,7 +7,9 @@ positions; a small text tower, which is not timed), saved and loaded by clipforg
 downloaded here; speed does not depend on the values). Images of mixed aspect ratios (3:2, 2:3, 4:3, 16:9, 1:1, 1:3,
 ...) are preprocessed by transformers' Pillow processor and by ``NaFlexPreprocess`` (checked equal), and the batch is
 embedded by each (features checked within 1e-4). Timed, taking turns (``bench.timing.interleaved``): preprocessing,
-and image embedding of the padded, masked batch. Medians and the median of adjacent-run ratios; fp32, the threads
+and image embedding of the padded, masked batch; beside it, what the mask and the varied grids cost clipforge: the
+same batch without its mask (``clipforge_unmasked``) and a plain [N, 3, 256, 256] tensor, 256 tokens per image with
+neither mask nor position resizing (``clipforge_square``). Medians and the median of adjacent-run ratios; fp32, the threads
 torch is given.
 """
 from __future__ import annotations
@@ -71,9 +73,13 @@ def main() -> None:
         "clipforge": lambda: naflex_batch([preprocess(image) for image in images]),
         "transformers": lambda: processor(images=images, return_tensors="pt")}, args.repeats), len(images),
         "images_per_s")
+    unmasked = {k: v for k, v in our_batch.items() if k != "pixel_attention_mask"}
+    square = torch.randn(args.batch, 3, ours.image_size, ours.image_size)
     results["image_embed"] = summary(interleaved({
         "clipforge": without_grad(lambda: ours.encode_image(our_batch)),
-        "transformers": without_grad(lambda: theirs.get_image_features(**their_batch))}, args.repeats), len(images),
+        "transformers": without_grad(lambda: theirs.get_image_features(**their_batch)),
+        "clipforge_unmasked": without_grad(lambda: ours.encode_image(unmasked)),
+        "clipforge_square": without_grad(lambda: ours.encode_image(square))}, args.repeats), len(images),
         "images_per_s")
     print(json.dumps(results, indent=1))
     if args.json:

@@ -63,7 +63,9 @@ def _export(graph: nn.Module, example: torch.Tensor, name: str, path: Path) -> N
 
 def export_onnx(model: nn.Module, output: str | os.PathLike, int8: bool = False) -> Path:
     """Write ``model``'s towers as ONNX graphs into the folder ``output``; returns it."""
-    if getattr(model, "config", {}).get("vision_cfg", {}).get("naflex"):  # a graph of square images would differ
+    from .models import is_naflex
+
+    if is_naflex(getattr(model, "config", {})):  # a graph of square images would differ
         raise ValueError("ONNX export of a SigLIP 2 NaFlex model is not built: its graph would take square images, "
                          "where the model takes each image at its own aspect ratio (PyTorch, the default backend)")
     out = Path(output)

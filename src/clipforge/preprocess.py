@@ -137,8 +137,10 @@ class NaFlexPreprocess:
 
     @classmethod
     def for_model(cls, model, max_patches: int | None = None) -> "NaFlexPreprocess":
+        from .models import is_naflex
+
         vision = model.config["vision_cfg"]
-        if not vision.get("naflex"):
+        if not is_naflex(vision):
             raise ValueError("NaFlexPreprocess is for SigLIP 2's NaFlex models (a Siglip2Model folder); this model "
                              "takes square images: use the preprocess clipforge.load returns")
         grid = vision["image_size"] // vision["patch_size"]
@@ -209,10 +211,11 @@ def preprocess_for(model):
     """The evaluation transform a loaded model takes: ``Preprocess`` at its image size with its normalisation and
     resize, or for a SigLIP 2 NaFlex model ``NaFlexPreprocess`` (each image at its own aspect ratio, as transformers'
     processor gives it)."""
-    normalisation = getattr(model, "normalisation", None) or {}
-    if getattr(model, "config", {}).get("vision_cfg", {}).get("naflex"):
+    from .models import is_naflex
+
+    if is_naflex(getattr(model, "config", {})):
         return NaFlexPreprocess.for_model(model)
-    return Preprocess(model.image_size, **normalisation)
+    return Preprocess(model.image_size, **(getattr(model, "normalisation", None) or {}))
 
 
 class TrainTransform:

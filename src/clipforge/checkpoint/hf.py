@@ -105,8 +105,10 @@ def is_siglip(state_or_config: dict) -> bool:
 
 def is_naflex(config: dict) -> bool:
     """A SigLIP 2 NaFlex model: a ``Siglip2Model`` config, or a clipforge config with a NaFlex image tower."""
+    from ..models import is_naflex as is_naflex_config
+
     return config.get("model_type") == "siglip2" or "Siglip2Model" in config.get("architectures", []) or \
-        bool(config.get("vision_cfg", {}).get("naflex"))
+        ("vision_cfg" in config and is_naflex_config(config))
 
 
 def processor_preprocess(processor: dict) -> dict:
@@ -242,7 +244,8 @@ def _siglip_config_to_clipforge(hf: dict) -> dict:
 
 
 def config_to_clipforge(hf: dict) -> dict:
-    if is_siglip(hf) or is_naflex(hf):
+    if hf.get("model_type") in ("siglip", "siglip2") or \
+            {"SiglipModel", "Siglip2Model"} & set(hf.get("architectures", [])):
         return _siglip_config_to_clipforge(hf)
     text, vision = hf["text_config"], hf["vision_config"]
     for tower in (text, vision):
@@ -282,7 +285,7 @@ def _siglip_config_from_clipforge(config: dict) -> dict:
         raise CheckpointError("Hugging Face SiglipModel's text tower is bidirectional, pooled at the last token and "
                               "projected with a bias; this model's is not (keep it as a clipforge folder)")
 
-    model_type = "siglip2" if vision.get("naflex") else "siglip"
+    model_type = "siglip2" if is_naflex(config) else "siglip"
 
     def tower(cfg: dict, kind: str) -> dict:
         return {"hidden_size": cfg["width"], "intermediate_size": int(cfg["width"] * cfg.get("mlp_ratio", 4.0)),
@@ -291,7 +294,7 @@ def _siglip_config_from_clipforge(config: dict) -> dict:
                 "model_type": f"{model_type}_{kind}_model"}
 
     grid = vision["image_size"] // vision["patch_size"]
-    size = {"num_patches": grid * grid} if vision.get("naflex") else {"image_size": vision["image_size"]}
+    size = {"num_patches": grid * grid} if model_type == "siglip2" else {"image_size": vision["image_size"]}
     return {
         "architectures": [MODEL_TYPES[model_type]], "model_type": model_type,
         "text_config": {**tower(text, "text"), "num_attention_heads": text.get("heads", text["width"] // 64),

@@ -7,9 +7,9 @@ import json
 from functools import lru_cache
 from importlib import resources
 
-from .clip import CLIP, CLIPOutput, is_convnext, is_eva, is_fastvit, is_resnet, is_siglip, tower_kind
+from .clip import CLIP, CLIPOutput, is_convnext, is_eva, is_fastvit, is_naflex, is_resnet, is_siglip, tower_kind
 
-__all__ = ["CLIP", "CLIPOutput", "is_resnet", "is_convnext", "is_eva", "is_fastvit", "tower_kind", "is_siglip", "merge_config", "list_models", "get_model_config", "create_model", "register_model_config",
+__all__ = ["CLIP", "CLIPOutput", "is_resnet", "is_convnext", "is_eva", "is_fastvit", "tower_kind", "is_siglip", "is_naflex", "merge_config", "list_models", "get_model_config", "create_model", "register_model_config",
            "UnknownModelError"]
 
 _EXTRA_CONFIGS: dict[str, dict] = {}

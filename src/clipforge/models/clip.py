@@ -87,6 +87,12 @@ def is_siglip(config: dict) -> bool:
     return cfg.get("pool") == "map" and cfg.get("tower") != "eva"
 
 
+def is_naflex(config: dict) -> bool:
+    """Whether a model config (or its ``vision_cfg``) has SigLIP 2's NaFlex image tower (images at their own aspect
+    ratio, as grids of patches of their own shapes)."""
+    return bool(config.get("vision_cfg", config).get("naflex"))
+
+
 def is_convnext(config: dict) -> bool:
     """Whether a model config (or its ``vision_cfg``) has a ConvNeXt image tower: its stages' ``depths`` (and no
     other ``tower`` named)."""
@@ -157,7 +163,7 @@ def build_vision_tower(cfg: dict, embed_dim: int, quick_gelu: bool) -> nn.Module
         return SigLIPVisionTransformer(
             image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["width"], layers=cfg["layers"],
             heads=cfg["width"] // cfg.get("head_width", 64), mlp_ratio=cfg.get("mlp_ratio", 4.0),
-            act=tower_activation(cfg, quick_gelu), eps=cfg.get("norm_eps", 1e-6), naflex=cfg.get("naflex", False))
+            act=tower_activation(cfg, quick_gelu), eps=cfg.get("norm_eps", 1e-6), naflex=is_naflex(cfg))
     if is_fastvit(cfg):  # MobileCLIP-S's FastViT (timm's, under its names)
         return FastViT(image_size=cfg["image_size"], depths=list(cfg["depths"]), dims=list(cfg["dims"]),
                        mixers=list(cfg["mixers"]), output_dim=embed_dim, mlp_ratio=cfg.get("mlp_ratio", 3.0),

@@ -49,11 +49,9 @@ class AttentionPool(nn.Module):
         return pooled + self.mlp(self.ln(pooled))
 
 
-NAFLEX_INPUTS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")  # transformers' names
-
-
 def is_naflex_batch(images) -> bool:
-    """Whether ``images`` is a NaFlex batch (a mapping of ``NAFLEX_INPUTS``: transformers' ``BatchFeature`` is one)."""
+    """Whether ``images`` is a NaFlex batch: a mapping of transformers' ``pixel_values``, ``spatial_shapes`` (and
+    ``pixel_attention_mask``), as its ``BatchFeature`` is."""
     return isinstance(images, Mapping) and "pixel_values" in images and "spatial_shapes" in images
 
 
