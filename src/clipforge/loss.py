@@ -10,6 +10,9 @@ they equal those of one process holding the concatenated batch.
 - ``chunk_size``: rows are processed in chunks by a custom autograd function that recomputes each chunk's logits
   in the backward pass, so peak memory is O(chunk_size x columns) instead of O(rows x columns).
 
+``DistillationLoss`` adds knowledge distillation from a frozen teacher CLIP to either of them (open_clip's
+``DistillClipLoss``): the student's similarity rows matched to the teacher's softmax, row by row.
+
 ``CoCaLoss`` adds CoCa's captioning term (the decoder's next-token cross-entropy) to either of them; the model computes
 that cross-entropy with ``linear_cross_entropy``, which never holds the [caption tokens x vocabulary] logits whole.
 """
@@ -268,6 +271,67 @@ class CoCaLoss(nn.Module):
         caption = self.caption_weight * caption_nll / max(1, caption_tokens or len(caption_labels))
         self.last_caption_term = caption.detach()
         return loss + caption
+
+
+class DistillationLoss(nn.Module):
+    """The student's own loss (``base``) + ``weight`` x the distillation term of open_clip's ``DistillClipLoss``:
+    the cross-entropy of each row of the student's image-to-text (and text-to-image) logits against the softmax of the
+    teacher's same row, averaged over rows and the two directions. The teacher's features come without gradient;
+    its logit bias (a SigLIP teacher's) would not change a softmax and is left out.
+
+    Rows and columns follow the base loss's ``local_loss`` under ``torch.distributed``, as ``ClipLoss``'s do;
+    ``chunk_size`` computes the rows in chunks that are recomputed in backward (memory O(chunk x columns)).
+    ``last_distill_term``: the unweighted distillation term of the last call, detached, for the training log."""
+
+    def __init__(self, base: nn.Module, weight: float = 1.0, local_loss: bool = False, chunk_size: int | None = None):
+        super().__init__()
+        self.base, self.weight, self.local_loss, self.chunk_size = base, weight, local_loss, chunk_size
+        self.last_distill_term = None
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None = None, teacher_image_features: torch.Tensor | None = None,
+                teacher_text_features: torch.Tensor | None = None,
+                teacher_logit_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if teacher_image_features is None or teacher_text_features is None or teacher_logit_scale is None:
+            raise ValueError("DistillationLoss needs the teacher's image and text features and its logit scale")
+        loss = self.base(image_features, text_features, logit_scale, logit_bias)
+        rank, _ = _world()
+        n = image_features.shape[0]
+        all_images, all_texts = gather_with_grad(image_features), gather_with_grad(text_features)
+        with torch.no_grad():
+            teacher_images = gather_with_grad(teacher_image_features).float()
+            teacher_texts = gather_with_grad(teacher_text_features).float()
+        start = rank * n if self.local_loss else 0
+        rows = slice(start, start + n) if self.local_loss else slice(None)
+        scale, teacher_scale = logit_scale, teacher_logit_scale.detach().float()
+        distill = (_soft_cross_entropy(all_images[rows], all_texts, scale, teacher_images[rows], teacher_texts,
+                                       teacher_scale, self.chunk_size)
+                   + _soft_cross_entropy(all_texts[rows], all_images, scale, teacher_texts[rows], teacher_images,
+                                         teacher_scale, self.chunk_size)) / 2
+        self.last_distill_term = distill.detach()
+        return loss + self.weight * distill
+
+
+def _soft_cross_entropy(rows, columns, scale, teacher_rows, teacher_columns, teacher_scale,
+                        chunk_size: int | None) -> torch.Tensor:
+    """Mean over rows of -sum_j softmax(teacher logits)_j log softmax(student logits)_j, dense or in row chunks."""
+    n = rows.shape[0]
+    chunk = chunk_size or n
+    total = rows.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk):
+        part = (rows[start:start + chunk], columns, scale, teacher_rows[start:start + chunk], teacher_columns,
+                teacher_scale)
+        if chunk < n and torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(_soft_rows, *part, use_reentrant=False)
+        else:
+            total = total + _soft_rows(*part)
+    return total / max(1, n)
+
+
+def _soft_rows(rows, columns, scale, teacher_rows, teacher_columns, teacher_scale) -> torch.Tensor:
+    targets = (teacher_scale * teacher_rows @ teacher_columns.T).softmax(dim=1)
+    log_probs = (scale * rows @ columns.T).float().log_softmax(dim=1)
+    return -(targets * log_probs).sum()
 
 
 def create_loss(name: str = "clip", local_loss: bool = False, chunk_size: int | None = None) -> nn.Module:

@@ -76,12 +76,21 @@ class ContrastiveStream(IterableDataset):
     """Endless batches ``{"images", "tokens", "state", "skipped"}`` for one rank; split further across workers.
 
     ``resume``: ``{part: {"epoch", "position", "skipped"}}`` as collected from the ``state`` of consumed batches.
+    ``teacher``: a distillation teacher's inputs (``train.distill.TeacherInputs``): batches then also carry
+    ``teacher_tokens`` (each caption by its tokenizer) and, when it takes other images than the student,
+    ``teacher_images`` (the same crop of the same image at its size and normalisation).
     """
 
     def __init__(self, source, transform, tokenizer, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, classnames=None, caption_templates=None, label_captions: bool = False,
-                 exclude_labels=(), resume: dict | None = None, hflip: bool = False, targets: str = "tokens"):
+                 exclude_labels=(), resume: dict | None = None, hflip: bool = False, targets: str = "tokens",
+                 teacher=None):
         self.source, self.transform, self.tokenizer = source, transform, tokenizer
+        if teacher is not None and (targets != "tokens" or (teacher.transform is not None
+                                                            and not isinstance(transform, TrainTransform))):
+            raise ValueError("a distillation teacher takes captioned batches with the training crop "
+                             "(targets 'tokens', a TrainTransform)")
+        self.teacher = teacher
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.classnames, self.caption_templates = classnames, caption_templates
@@ -102,6 +111,15 @@ class ContrastiveStream(IterableDataset):
         image, _ = decode_sample(dict(raw, txt=b"-"), rng)
         return self.transform(colour_augment(image, rng), rng)
 
+    def _teacher_view(self, image, rng: random.Random):
+        """The teacher's tensor of the crop the student's transform is about to draw from ``rng`` (replayed on a
+        copy, so the student's draws are unchanged); None when the teacher takes the student's tensor."""
+        if self.teacher is None or self.teacher.transform is None:
+            return None
+        replay = random.Random()
+        replay.setstate(rng.getstate())
+        return self.teacher.transform(image, replay)
+
     def _sample_rng(self, epoch: int, part: int, position: int) -> random.Random:
         return random.Random(f"sample-{self.seed}-{epoch}-{part}-{position}")
 
@@ -112,7 +130,7 @@ class ContrastiveStream(IterableDataset):
         state = self.resume.get(part, {})
         epoch, skip = int(state.get("epoch", 0)), int(state.get("position", 0))
         skipped = Counter(state.get("skipped", {}))
-        images, texts = [], []
+        images, texts, teacher_images = [], [], []
         while True:
             position, usable = 0, 0
             for raw in self.source.samples(part, parts, epoch, self.seed, skipped):
@@ -136,6 +154,7 @@ class ContrastiveStream(IterableDataset):
                                                 self.label_captions, self.exclude_labels)
                     if self.hflip and rng.random() < 0.5:  # the mirror image, described as such
                         image, text = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), swap_left_right(text)
+                    teacher_view = self._teacher_view(image, rng)  # before the student's crop draws from rng
                     tensor = self.transform(image, rng) if isinstance(self.transform, TrainTransform) \
                         else self.transform(image)
                 except SkipSample as exc:
@@ -144,11 +163,18 @@ class ContrastiveStream(IterableDataset):
                 usable += 1
                 images.append(tensor)
                 texts.append(int(raw["cls"]) if self.targets == "labels" else text)
+                if teacher_view is not None:
+                    teacher_images.append(teacher_view)
                 if len(images) == self.batch_size:
                     targets = torch.tensor(texts) if self.targets == "labels" else self.tokenizer(texts)
-                    yield {"images": torch.stack(images), "tokens": targets,
-                           "state": {"part": part, "epoch": epoch, "position": position, "skipped": dict(skipped)}}
-                    images, texts = [], []
+                    batch = {"images": torch.stack(images), "tokens": targets,
+                             "state": {"part": part, "epoch": epoch, "position": position, "skipped": dict(skipped)}}
+                    if self.teacher is not None:
+                        batch["teacher_tokens"] = self.teacher.tokenizer(texts)
+                        if teacher_images:
+                            batch["teacher_images"] = torch.stack(teacher_images)
+                    yield batch
+                    images, texts, teacher_images = [], [], []
             if usable == 0:
                 raise RuntimeError(f"data part {part} of {parts} has no usable samples in epoch {epoch} "
                                    f"(skipped: {dict(skipped) or 'none'}); check the data and the shard count")

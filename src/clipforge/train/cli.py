@@ -33,6 +33,8 @@ EXAMPLES = """examples:
   clipforge train --model ViT-Tiny-64 --train-data ../shared/data/cifar10/train --label-captions default \\
       --val-data ../shared/data/cifar10/test --steps 1000 --output runs/cifar
   clipforge train --resume latest --output runs/cifar ...same flags...     continue after a crash, exactly
+  clipforge train --model ViT-Tiny-64 --distill-pretrained runs/flickr8k/checkpoints/step-00002400 \
+      --distill-text-cache --train-data ../shared/data/flickr8k/train --steps 1200 --output runs/student
 """
 
 
@@ -79,6 +81,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-cache", action=argparse.BooleanOptionalAction,
                    help="with --lock-text: compute the frozen text features of every training caption once, before "
                         "training (for a dataset seen for many epochs)")
+    g = p.add_argument_group("distillation (a frozen teacher CLIP; open_clip's --distill-model)")
+    g.add_argument("--distill-model", help="the teacher: a zoo name (with --distill-pretrained) or a checkpoint path; "
+                                           "any format clipforge.load reads, with its own tokenizer and image size")
+    g.add_argument("--distill-pretrained", help="the teacher's weights: a pretrained tag or a checkpoint path")
+    g.add_argument("--distill-weight", type=float,
+                   help=f"weight of the distillation term (each similarity row matched to the teacher's softmax) "
+                        f"beside the student's loss [{d.distill_weight}]")
+    g.add_argument("--distill-text-cache", action=argparse.BooleanOptionalAction,
+                   help="compute the teacher's text features of every training caption once, before training")
     g = p.add_argument_group("data")
     g.add_argument("--train-data", help="training data (shards, CSV or folder)")
     g.add_argument("--val-data", help="held-out data for periodic retrieval R@1/5/10 (every caption of an image "

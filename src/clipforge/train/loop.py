@@ -93,6 +93,10 @@ class TrainConfig:
     templates: list[str] | None = None  # classify: the prompts of the zero-shot head [the default prompt]
     head_only: bool = False  # classify: train the head alone
     text_model: str | None = None
+    distill_model: str | None = None  # a frozen teacher CLIP to distill from (train.distill): a zoo name or a path
+    distill_pretrained: str | None = None  # its weights (a tag or a checkpoint), as --model / --pretrained elsewhere
+    distill_weight: float = 1.0  # the distillation term's weight beside the student's own loss (open_clip's: 1)
+    distill_text_cache: bool = False  # the teacher's text features of every training caption computed once
     label_captions: str | None = None
     exclude_classes: list[str] = field(default_factory=list)
     crop_scale: tuple[float, float] = (0.9, 1.0)
@@ -186,9 +190,22 @@ def _check_config(cfg: TrainConfig) -> None:
         refuse("crop_scale", f"{low} {high}", "MIN MAX with 0 < MIN <= MAX <= 1")
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
-    if cfg.fsdp and (cfg.objective != "contrastive" or cfg.text_cache or cfg.torchcompile):
+    if cfg.fsdp and (cfg.objective != "contrastive" or cfg.text_cache or cfg.torchcompile or _distilling(cfg)):
         raise ValueError("--fsdp trains CLIP models with the contrastive or SigLIP loss; it does not combine with "
-                         "--objective other than contrastive, --text-cache or --torchcompile (yet)")
+                         "--objective other than contrastive, --text-cache, --torchcompile or --distill-* (yet)")
+    if _distilling(cfg):
+        if cfg.objective != "contrastive":
+            raise ValueError(f"--distill-model / --distill-pretrained train a CLIP student (objective contrastive), "
+                             f"not --objective {cfg.objective}")
+        if not cfg.distill_weight > 0:
+            refuse("distill_weight", cfg.distill_weight, "a number above 0")
+    elif cfg.distill_text_cache:
+        raise ValueError("--distill-text-cache caches a teacher's text features: give --distill-model / "
+                         "--distill-pretrained")
+
+
+def _distilling(cfg: TrainConfig) -> bool:
+    return bool(cfg.distill_model or cfg.distill_pretrained)
 
 
 def _resolve_precision(precision: str, device: torch.device) -> str:
@@ -310,10 +327,38 @@ def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Lab
     if hasattr(core, "caption_states"):  # a CoCa (as validation tells one)
         raise ValueError("--text-cache keeps each caption's pooled features; a CoCa's decoder reads every token's "
                          "states from the text tower, so it runs the tower each step: leave --text-cache out")
+    texts = _training_captions(cfg, source)
+    core.text.cache_features().fill(tokenizer(texts).to(next(core.parameters()).device), progress=cfg.progress)
+
+
+def _training_captions(cfg: TrainConfig, source) -> list[str]:
+    """Every distinct caption training can pair an image with (with their mirrored forms under --hflip)."""
     texts = sorted(set(caption_texts(source, cfg.seed)))
     if cfg.hflip:  # mirrored images come with their captions' left and right exchanged
         texts = sorted(set(texts) | {swap_left_right(t) for t in texts})
-    core.text.cache_features().fill(tokenizer(texts).to(next(core.parameters()).device), progress=cfg.progress)
+    return texts
+
+
+def _distillation(cfg: TrainConfig, core, model_config: dict, loss_fn, source, labels: _Labels, device,
+                  normalisation: dict):
+    """(teacher, the loss with its distillation term) for --distill-*; (None, the loss) otherwise."""
+    if not _distilling(cfg):
+        return None, loss_fn
+    from ..loss import CoCaLoss, DistillationLoss
+    from .distill import load_teacher
+
+    if "multimodal_cfg" in model_config or isinstance(loss_fn, CoCaLoss):
+        raise ValueError("--distill-*: a CoCa student is not distilled here (its captioning loss has no teacher term); "
+                         "distil into a CLIP")
+    with torch.random.fork_rng(devices=[]):  # building the teacher draws random numbers; the run's draws stay as without
+        teacher = load_teacher(cfg.distill_model, cfg.distill_pretrained, device, core.image_size, normalisation,
+                               cfg.crop_scale)
+    if cfg.distill_text_cache:
+        if labels.classnames:
+            raise ValueError("--distill-text-cache takes captioned data; label captions are drawn from a grammar, "
+                             "not a list")
+        teacher.cache_text_features(_training_captions(cfg, source), progress=cfg.progress)
+    return teacher, DistillationLoss(loss_fn, cfg.distill_weight, cfg.local_loss, cfg.loss_chunk_size)
 
 
 def _schedule_length(cfg: TrainConfig, source, samples_per_step: int) -> tuple[int, int]:
@@ -442,12 +487,14 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     position = _resume(cfg, output, core, optimizer, scheduler, scaler, rank, world)
     # a --pretrained model's own image normalisation (0.5 for some LAION tags), as open_clip trains it
     normalisation = {k: v for k, v in (getattr(core, "normalisation", None) or {}).items() if k in ("mean", "std")}
+    teacher, loss_fn = _distillation(cfg, core, model_config, loss_fn, source, labels, device, normalisation)
     stream = ContrastiveStream(source, TrainTransform(core.image_size, scale=tuple(cfg.crop_scale), **normalisation),
                                tokenizer,
                                cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                                classnames=labels.classnames, caption_templates=labels.templates,
                                label_captions=bool(labels.classnames), exclude_labels=labels.exclude,
-                               resume=position.data, hflip=cfg.hflip, targets=objective.targets)
+                               resume=position.data, hflip=cfg.hflip, targets=objective.targets,
+                               teacher=teacher.inputs if teacher else None)
     batches = continue_interleaving(iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda")),
                                     cfg.workers, position.step * cfg.accum_freq)
     # (sharded towers run collectively: under FSDP every rank validates, rank 0 logs)
@@ -464,6 +511,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     autocast = autocast_for(precision, device)
     bar = _progress(total_steps, position.step, enabled=cfg.progress and rank == 0)
     losses = _LossMeter(device, output)
+    distill_terms = _LossMeter(device, output) if teacher else None
     last_loss, last_path, val_metrics = float("nan"), None, {}
     interval_start, interval_samples = time.perf_counter(), 0
     stop = StopRequest(world, device)
@@ -473,7 +521,9 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
             micro = [next(batches) for _ in range(cfg.accum_freq)]
             for batch in micro:
                 position.data[batch["state"]["part"]] = batch["state"]
-            losses.add(train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg))
+            losses.add(train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg, teacher))
+            if distill_terms is not None:
+                distill_terms.add(loss_fn.last_distill_term.float())
             scheduler.step()
             position.step += 1
             step = position.step
@@ -485,6 +535,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                 record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                           "samples_per_s": interval_samples / elapsed, "logit_scale": _full(core.logit_scale).exp().item(),
                           "skipped_samples": sum(_skipped_total(position, world).values())}
+                if distill_terms is not None:  # its unweighted value; "loss" includes it, weighted
+                    record["distill_loss"] = distill_terms.mean(step)
                 log(record)
                 bar.set_postfix(loss=f"{last_loss:.3f}", samples_s=f"{record['samples_per_s']:.0f}",
                                 lr=f"{record['lr']:.2e}", skipped=record["skipped_samples"])

@@ -8,21 +8,24 @@ import torch
 from ..loss import CoCaLoss
 
 
-def train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) -> torch.Tensor:
+def train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg, teacher=None) -> torch.Tensor:
     """One optimiser step over ``len(micro)`` micro-batches, exact for the contrastive loss.
 
     With accumulation, features of every micro-batch are first computed without gradient; then each micro-batch is
     recomputed with gradient and the loss taken over all of them (its own fresh features plus the others' cached
     ones), as open_clip's ``accum_freq``. The summed gradients equal those of one step on the whole batch; CoCa's
     captioning term too (each micro-batch's cross-entropy summed, over the whole step's caption token count).
+    ``teacher``: a distillation teacher (``train.distill.Teacher``), whose features of the whole step, computed once,
+    enter every pass's loss (``loss.DistillationLoss``): exact under accumulation too.
     """
     optimizer.zero_grad(set_to_none=True)
     inputs = [(b["images"].to(device, non_blocking=True), b["tokens"].to(device, non_blocking=True)) for b in micro]
+    distill = _teacher_terms(teacher, micro, device, autocast)
     if len(inputs) == 1:
         with autocast:
             out = model(*inputs[0])
             loss = loss_fn(out.image_features, out.text_features, out.logit_scale, out.logit_bias,
-                           **_caption_terms(loss_fn, out))
+                           **_caption_terms(loss_fn, out), **distill)
         scaler.scale(loss).backward()
         total = loss.detach()
     else:
@@ -50,7 +53,7 @@ def train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) 
                     scale = out.logit_scale if last else out.logit_scale.detach()
                     bias = out.logit_bias if last or out.logit_bias is None else out.logit_bias.detach()
                     captions = _caption_terms(loss_fn, out, caption_tokens)
-                    loss = loss_fn(image_features, text_features, scale, bias, **captions)
+                    loss = loss_fn(image_features, text_features, scale, bias, **captions, **distill)
                 scaler.scale(loss).backward()
             if captions and not last:
                 earlier_captions = earlier_captions + loss_fn.last_caption_term
@@ -62,6 +65,15 @@ def train_step(model, micro, loss_fn, optimizer, scaler, autocast, device, cfg) 
     scaler.step(optimizer)
     scaler.update()
     return total.float()
+
+
+def _teacher_terms(teacher, micro, device, autocast) -> dict:
+    """The teacher's features of every micro-batch of the step, for ``DistillationLoss``; nothing without one."""
+    if teacher is None:
+        return {}
+    images, texts, scale = zip(*(teacher.features(batch, device, autocast) for batch in micro))
+    return {"teacher_image_features": torch.cat(images), "teacher_text_features": torch.cat(texts),
+            "teacher_logit_scale": scale[0]}
 
 
 def _caption_terms(loss_fn, out, caption_tokens: int | None = None) -> dict:
