@@ -4,6 +4,7 @@
     python benchmarks/flickr8k.py --recipe recipes/flickr8k.yaml --seeds 0 --impls clipforge --skip-probe
     python benchmarks/flickr8k.py --impls open_clip-cached --json runs/bench/flickr8k.json   (adds the peer's rows)
     python benchmarks/flickr8k.py --speed 120 --rounds 2   (training samples/s only, side by side, same session)
+    python benchmarks/flickr8k.py --evaluate runs/flickr8k/checkpoints/step-00002400 --skip-probe   (a trained model)
 
 For each (implementation, seed): train with the recipe (``--seed`` and ``--output`` replaced), then measure
 - Flickr8k test retrieval (1,000 images, 5,000 captions; image->text hits when any of the image's 5 captions ranks
@@ -235,8 +236,18 @@ def main():
     parser.add_argument("--speed", type=int, metavar="STEPS",
                         help="only compare training samples/s: STEPS steps per implementation on the first shard")
     parser.add_argument("--rounds", type=int, default=2, help="with --speed: rounds of alternating runs")
+    parser.add_argument("--evaluate", metavar="CHECKPOINT", help="only measure this trained model (no training)")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.evaluate:
+        model, _, tokenizer = clipforge.load(args.evaluate)
+        result = {"checkpoint": args.evaluate, **evaluate(model.eval(), tokenizer, args.data, probe=not args.skip_probe)}
+        print(json.dumps(result, indent=1))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"machine": platform.processor() or platform.machine(), **result},
+                                            indent=1))
+        return
     recipe = read_config(args.recipe)
     if args.speed:
         result = speed(recipe, args.impls, args.speed, args.rounds, args.data, args.output)

@@ -94,7 +94,8 @@ def test_a_siglip2_naflex_folder_loads_with_transformers_features_and_inputs(naf
 
 def test_commands_embed_a_naflex_model_at_each_images_own_aspect_ratio(naflex_folder, tmp_path):
     """`clipforge embed` (and so search, serve, eval, classify: the same batching) runs NaFlex inputs: the stored
-    embeddings are transformers' features of its processor's inputs (fp16 shards)."""
+    embeddings are transformers' features of its processor's inputs (fp16 shards), at the sequence length
+    --max-patches asks for, which the collection records for its image queries."""
     import pyarrow.parquet as pq
     from transformers import Siglip2Model
 
@@ -105,15 +106,31 @@ def test_commands_embed_a_naflex_model_at_each_images_own_aspect_ratio(naflex_fo
     for i, image in enumerate(_images()):
         image.save(folder / f"{i}.png")
     assert main(["embed", str(folder), str(tmp_path / "out"), "--pretrained", str(naflex_folder), "--batch-size",
-                 "4", "--no-progress"]) == 0
+                 "4", "--no-progress", "--max-patches", "100"]) == 0
     stored = np.load(tmp_path / "out" / "img_emb" / "img_emb_00000.npy").astype(np.float32)
     paths = pq.read_table(tmp_path / "out" / "metadata" / "metadata_00000.parquet").column("path").to_pylist()
     images = [Image.open(folder / Path(path).name) for path in paths]
     with torch.no_grad():
-        inputs = _their_processor(patch_size=8, max_num_patches=64)(images=images, return_tensors="pt")
+        inputs = _their_processor(patch_size=8, max_num_patches=100)(images=images, return_tensors="pt")
         expected = torch.nn.functional.normalize(
             _features(Siglip2Model.from_pretrained(naflex_folder).eval().get_image_features(**inputs)), dim=-1)
+    assert inputs["pixel_values"].shape[1] == 100
     assert len(paths) == len(SIZES) and np.abs(stored - expected.numpy()).max() <= 2e-3
+    from clipforge.inference import load_for_inference
+
+    assert load_for_inference(collection=tmp_path / "out")[1].max_patches == 100  # search, serve: as embedded
+    assert load_for_inference(naflex_folder)[1].max_patches == 64  # the model's own grid
+    with pytest.raises(ValueError, match="--max-patches sets a SigLIP 2 NaFlex"):
+        load_for_inference(str(_square_checkpoint(tmp_path)), max_patches=100)
+    _, train_transform, preprocess = clipforge.create_model_and_transforms(str(naflex_folder))  # open_clip's call
+    assert isinstance(preprocess, NaFlexPreprocess) and preprocess.max_patches == 64
+
+
+def _square_checkpoint(tmp_path):
+    model = clipforge.create_model("ViT-Tiny-64", vision_cfg={"layers": 1}, text_cfg={"layers": 1})
+    config = clipforge.get_model_config("ViT-Tiny-64")
+    config["vision_cfg"]["layers"] = config["text_cfg"]["layers"] = 1
+    return clipforge.save_pretrained(model, tmp_path / "square", config)
 
 
 def test_a_naflex_hub_repo_loads_as_its_folder_does(naflex_folder, tmp_path, monkeypatch):

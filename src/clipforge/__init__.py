@@ -107,6 +107,8 @@ def read_model_weights(name_or_path: str, pretrained: str | None = None, quick_g
     from .pretrained import get_pretrained
 
     config, state, normalisation = None, None, {}
+    name_or_path = os.fspath(name_or_path)  # a pathlib.Path too
+    pretrained = os.fspath(pretrained) if pretrained is not None else None
     if name_or_path.startswith("local-dir:"):  # open_clip's spelling of a model folder
         name_or_path = name_or_path[len("local-dir:"):]
     if name_or_path.startswith("hf-hub:") and pretrained is None:

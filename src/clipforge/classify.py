@@ -82,7 +82,7 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .inference import load_for_inference
+    from .inference import load_from_args
     from .preprocess import image_batch
     from .prompts import resolve_templates, shipped_templates
     from .retrieval.collection import item_path
@@ -93,9 +93,7 @@ def run(args) -> int:
     names = class_list(args.labels, args.dataset)
     templates = resolve_templates(args.templates, shipped_templates(args.dataset) if args.dataset else None)
     items = image_items(args.images)
-    model, preprocess, tokenizer = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
-                                                      backend=args.backend, precision=args.precision,
-                                                      language=args.language)
+    model, preprocess, tokenizer = load_from_args(args)
     if tokenizer is None:
         raise ValueError(f"{args.pretrained or args.model} has no text tower to turn class names into a classifier")
     device = next(model.parameters()).device

@@ -30,6 +30,17 @@ def add_model_arguments(p: argparse.ArgumentParser, recorded: bool = False, seve
     p.add_argument("--language", default=None,
                    help="the texts' language, for a model whose tokenizer marks it (NLLB-CLIP's codes: fra_Latn, "
                         "deu_Latn, zho_Hans, ...) [its default, eng_Latn]")
+    p.add_argument("--max-patches", type=int, default=None, metavar="N",
+                   help="a SigLIP 2 NaFlex model: the most patches each image is cut into, its sequence length "
+                        "(transformers' max_num_patches; more is finer and slower) [the model's own grid, 256 for "
+                        "the released models" + ("; for a collection, what embed used" if recorded else "") + "]")
+
+
+def load_from_args(args, collection: str | os.PathLike | None = None):
+    """``load_for_inference`` with the flags ``add_model_arguments`` defines."""
+    return load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, collection=collection,
+                              backend=args.backend, precision=args.precision, language=args.language,
+                              max_patches=args.max_patches)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -63,7 +74,8 @@ def default_device(device: str | None = None) -> str:
 
 def load_for_inference(model: str | None = None, pretrained: str | None = None, device: str | None = None,
                        trust_pickle: bool = False, collection: str | os.PathLike | None = None,
-                       backend: str | None = None, precision: str | None = "fp32", language: str | None = None):
+                       backend: str | None = None, precision: str | None = "fp32", language: str | None = None,
+                       max_patches: int | None = None):
     """``(model, preprocess, tokenizer)`` in eval mode on ``device``.
 
     ``model`` alone: a zoo name (random weights) or a checkpoint path; ``pretrained`` alone: a checkpoint path; both:
@@ -73,15 +85,22 @@ def load_for_inference(model: str | None = None, pretrained: str | None = None, 
     in ONNX Runtime and anything else in PyTorch. ``precision``: the weights' dtype (``inference_dtype``); images
     are cast to it by ``encode_image``, and callers take features back as float32. ``language``: the texts'
     language, set on the tokenizer (``set_language``); an error for a tokenizer without source languages.
+    ``max_patches``: a SigLIP 2 NaFlex model's sequence length (``NaFlexPreprocess``); for a collection embedded with
+    one, what it recorded (query images must be cut as its images were); an error for any other model.
     """
     from . import load
 
+    model, pretrained = (os.fspath(x) if x is not None else None for x in (model, pretrained))  # paths too
+    recorded_patches = None
+    if max_patches is not None and max_patches < 1:
+        raise ValueError(f"--max-patches {max_patches}: expected a whole number of at least 1")
     if collection is not None:
         from .retrieval.collection import check_collection, model_spec
 
         check_collection(collection)
+        spec = model_spec(collection)
+        recorded_patches = spec.get("max_patches")
         if model is None and pretrained is None:
-            spec = model_spec(collection)
             model, pretrained = spec.get("model"), spec.get("pretrained")
     if model is None and pretrained is None:
         raise ValueError("give --model NAME (with --pretrained TAG_OR_PATH) or --pretrained CHECKPOINT_PATH")
@@ -96,6 +115,9 @@ def load_for_inference(model: str | None = None, pretrained: str | None = None, 
         if not is_onnx_export(path):
             raise ValueError(f"--backend {backend} runs a folder written by `clipforge export onnx`, and {path} is "
                              f"not one: run `clipforge export onnx {path} OUT`, then pass --model OUT")
+        if max_patches is not None:
+            raise ValueError("--max-patches sets a SigLIP 2 NaFlex model's sequence length; the ONNX backend runs "
+                             "square-image graphs (NaFlex models are not exported)")
         return _set_language(load_onnx(path, int8=backend == "onnx-int8"), language)
     device = default_device(device)
     dtype = inference_dtype(precision, device)  # checked before anything loads
@@ -111,7 +133,26 @@ def load_for_inference(model: str | None = None, pretrained: str | None = None, 
         loaded = load(model, pretrained=pretrained, device=device, trust_pickle=trust_pickle)
     if dtype != weights_dtype(loaded[0]):
         loaded[0].to(dtype)
-    return _set_language(loaded, language)
+    return _set_language(_set_max_patches(loaded, max_patches, recorded_patches, path), language)
+
+
+def _set_max_patches(loaded, max_patches: int | None, recorded: int | None, name: str):
+    """``loaded`` with a NaFlex model's preprocessing cut into ``max_patches`` (else what the collection recorded)."""
+    from .models import is_naflex
+    from .preprocess import NaFlexPreprocess
+
+    model, preprocess, tokenizer = loaded
+    if not is_naflex(getattr(model, "config", {}) or {}):
+        if max_patches is not None:
+            raise ValueError(f"--max-patches sets a SigLIP 2 NaFlex model's sequence length; {name} takes square "
+                             f"images of {model.image_size} px: leave --max-patches out")
+        return loaded
+    if max_patches is None and recorded is None:
+        return loaded
+    if max_patches is not None and recorded is not None and max_patches != recorded:
+        print(f"warning: the collection was embedded with --max-patches {recorded}; image queries cut into "
+              f"{max_patches} patches give slightly different features", file=sys.stderr)
+    return model, NaFlexPreprocess.for_model(model, max_patches or recorded), tokenizer
 
 
 def _set_language(loaded, language: str | None):

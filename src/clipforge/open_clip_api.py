@@ -75,7 +75,8 @@ def _model(model_name, pretrained: str | None = None, load_weights: bool = True,
 
     from . import load_model
     from .models import get_model_config, is_model_name
-    from .preprocess import Preprocess, PREPROCESS_KEYS
+    from .models import is_naflex
+    from .preprocess import NaFlexPreprocess, Preprocess, PREPROCESS_KEYS
     from .pretrained import cache_at
 
     if isinstance(model_name, dict):
@@ -122,6 +123,8 @@ def _model(model_name, pretrained: str | None = None, load_weights: bool = True,
                            overrides=overrides)
     model.normalisation = {**model.normalisation, **(force_preprocess_cfg or {})}
     model.to(device=device, dtype=getattr(torch, _PRECISIONS[precision]))
+    if is_naflex(getattr(model, "config", None) or {}):  # SigLIP 2 NaFlex (open_clip has none): each image at its own aspect ratio
+        return model, NaFlexPreprocess.for_model(model)
     return model, Preprocess(model.image_size, **model.normalisation)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..argtypes import positive_int
-from ..inference import add_model_arguments, load_for_inference, weights_dtype
+from ..inference import add_model_arguments, load_from_args, weights_dtype
 from ..caption_lm import PRIOR_IMAGES
 
 TASKS = ("zeroshot", "retrieval", "linear-probe", "fewshot", "robustness", "table")
@@ -294,8 +294,7 @@ def _load(args):
     from ..checkpoint import ImageTowerCheckpointError
 
     try:
-        return load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, backend=args.backend,
-                                  precision=args.precision, language=args.language)
+        return load_from_args(args)
     except ImageTowerCheckpointError:
         from ..inference import default_device
         from ..models.image_tower import load_image_tower

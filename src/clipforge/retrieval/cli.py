@@ -32,7 +32,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
 def run_embed(args) -> int:
     import torch
 
-    from ..inference import load_for_inference
+    from ..inference import load_from_args
     from .embed import embed_collection
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -40,9 +40,7 @@ def run_embed(args) -> int:
         torch.distributed.init_process_group("gloo")  # only to add up counts: the images never cross processes
         if args.device is None and torch.cuda.is_available():
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    model, preprocess, tokenizer = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
-                                                      backend=args.backend, precision=args.precision,
-                                                      language=args.language)
+    model, preprocess, tokenizer = load_from_args(args)
     texts = [l.strip() for l in Path(args.texts).read_text().splitlines() if l.strip()] if args.texts else None
     _suggest_bf16(args, model, rank)
     try:
@@ -50,7 +48,8 @@ def run_embed(args) -> int:
         workers = args.workers if args.workers is not None else 4 if device.type == "cuda" else 1
         stats = embed_collection(model, preprocess, args.input, args.output, args.shard_size, args.batch_size,
                                  texts, tokenizer, rank, world, args.progress and rank == 0, workers=workers,
-                                 model_spec={"model": args.model, "pretrained": args.pretrained})
+                                 model_spec={"model": args.model, "pretrained": args.pretrained},
+                                 max_patches=getattr(preprocess, "max_patches", None))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -187,7 +186,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_search(args) -> int:
-    from ..inference import load_for_inference
+    from ..inference import load_from_args
     from ..preprocess import open_image
     from .search import Searcher
 
@@ -196,9 +195,7 @@ def run_search(args) -> int:
     if args.dedup is not None and not 0 < args.dedup <= 1:
         raise ValueError(f"--dedup {args.dedup}: a cosine similarity in (0, 1], e.g. 0.95")
     texts = _read_queries(args.queries) if args.queries else None  # a bad file fails before the model loads
-    searcher = Searcher(args.folder, *load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle,
-                                                         collection=args.folder, backend=args.backend,
-                                                         precision=args.precision, language=args.language))
+    searcher = Searcher(args.folder, *load_from_args(args, collection=args.folder))
     if texts is None:
         hits = searcher.search_image(open_image(args.image), args.k, args.dedup) if args.image else \
             searcher.search_text(args.query, args.k, args.dedup)

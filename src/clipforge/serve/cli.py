@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import uvicorn
 
-    from ..inference import load_for_inference
+    from ..inference import load_from_args
     from .app import create_app
 
     captioner = None
@@ -41,8 +41,7 @@ def run(args) -> int:
         from ..captioning.captioner import Captioner
 
         captioner = Captioner.load(args.mapping, args.device)
-    model = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, collection=args.folder,
-                               backend=args.backend, precision=args.precision, language=args.language)
+    model = load_from_args(args, collection=args.folder)
     app = create_app(args.folder, *model, max_upload_bytes=int(args.max_upload_mb * 2**20),
                      index_in_memory=args.index_in_memory, captioner=captioner, allow_origins=args.allow_origin)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
