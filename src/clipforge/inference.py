@@ -30,7 +30,9 @@ def add_model_arguments(p: argparse.ArgumentParser, recorded: bool = False, seve
     p.add_argument("--language", default=None,
                    help="the texts' language, for a model whose tokenizer marks it (NLLB-CLIP's codes: fra_Latn, "
                         "deu_Latn, zho_Hans, ...) [its default, eng_Latn]")
-    p.add_argument("--max-patches", type=int, default=None, metavar="N",
+    from .argtypes import positive_int
+
+    p.add_argument("--max-patches", type=positive_int, default=None, metavar="N",
                    help="a SigLIP 2 NaFlex model: the most patches each image is cut into, its sequence length "
                         "(transformers' max_num_patches; more is finer and slower) [the model's own grid, 256 for "
                         "the released models" + ("; for a collection, what embed used" if recorded else "") + "]")
