@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Transformer
+from .locking import unlock_last
 from .convnext import ConvNeXt
 from .fastvit import FastViT
 from .eva import EvaVisionTower
@@ -306,17 +307,35 @@ class CLIP(nn.Module):
         for transformer in self._block_stacks():
             transformer.lean = enable
 
-    def lock_image_tower(self) -> None:
-        """LiT: freeze the image tower (weights and batch-norm statistics)."""
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """LiT: freeze the image tower (weights and batch-norm statistics). ``unlocked_groups``: leave its last groups
+        training, as open_clip's ``VisionTransformer.lock`` groups a ViT (the patch and position embeddings with
+        ln_pre, each block, the last block with ln_post, the projection); the tower then stays in training mode.
+        ``freeze_bn_stats``: open_clip's switch, for its callers; a locked tower's statistics are always frozen here."""
+        if unlocked_groups:
+            if not hasattr(self.visual, "lock_groups"):
+                raise ValueError(f"unlocked image groups: built for ViT image towers (as open_clip's); this model's is "
+                                 f"a {type(self.visual).__name__}: lock it whole or not at all")
+            unlock_last(self.visual.lock_groups(), unlocked_groups, "--lock-image-unlocked-groups", "groups")
+            return
         self.visual.requires_grad_(False)
         self.visual.eval()
         self._locked_image = True
 
-    def lock_text_tower(self) -> None:
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
         """Freeze the text tower. A pretrained Hugging Face tower keeps its projection, new to this model, trainable
-        (as open_clip does); CLIP's own text tower is frozen whole."""
+        (as open_clip does); CLIP's own text tower is frozen whole. ``unlocked_layers``: leave its last layers
+        training, as open_clip counts them (CLIP's tower: the embeddings, each block, the last block with ln_final,
+        the projection; a Hugging Face tower: the embeddings and each layer); the tower then stays in training mode.
+        ``freeze_layer_norm=False`` (a Hugging Face tower): its LayerNorms train too, as open_clip's default does."""
         if hasattr(self.text, "lock"):
-            self.text.lock()
+            self.text.lock(unlocked_layers, freeze_layer_norm)
+            return
+        if not freeze_layer_norm:
+            raise ValueError("unfrozen LayerNorms in a locked text tower: built for Hugging Face text towers (as "
+                             "open_clip's); CLIP's own text tower treats its LayerNorms as its other weights")
+        if unlocked_layers:
+            unlock_last(self.text.lock_groups(), unlocked_layers, "--lock-text-unlocked-layers", "layers")
             return
         self.text.requires_grad_(False)
         self.text.eval()

@@ -139,12 +139,42 @@ class HFTextEncoder(nn.Module):
         self.locked = False
         self.feature_cache = None  # a FeatureCache of pooled features, once locked (``cache_features``)
 
-    def lock(self) -> None:
+    def lock(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
         """Freeze the pretrained transformer; the projection, new to this model, keeps training (as open_clip's
-        ``lock_text_tower`` does for Hugging Face towers)."""
-        self.transformer.requires_grad_(False)
-        self.transformer.eval()
-        self.locked = True
+        ``lock_text_tower`` does for Hugging Face towers). ``unlocked_layers``: its last layers (of the embeddings
+        and each layer, as open_clip counts them) train too, and so does what follows them (a final norm, a pooler);
+        ``freeze_layer_norm=False``: the frozen part's LayerNorms train, as open_clip's default. Only the fully frozen
+        transformer runs in eval mode and can cache its features."""
+        if not unlocked_layers and freeze_layer_norm:
+            self.transformer.requires_grad_(False)
+            self.transformer.eval()
+            self.locked = True
+            return
+        frozen = [self.transformer]
+        if unlocked_layers:
+            embeddings, layers = self._embeddings_and_layers()
+            groups = [embeddings, *([layer] for layer in layers)]
+            if not 0 < unlocked_layers <= len(groups):
+                raise ValueError(f"--lock-text-unlocked-layers: {unlocked_layers} unlocked layers; this tower has "
+                                 f"{len(groups)} (its embeddings and {len(layers)} layers)")
+            frozen = [module for group in groups[:len(groups) - unlocked_layers] for module in group]
+        for module in frozen:
+            for submodule in module.modules():
+                is_norm = "LayerNorm" in type(submodule).__name__ or isinstance(submodule, nn.LayerNorm)
+                for parameter in submodule.parameters(recurse=False):
+                    parameter.requires_grad_(is_norm and not freeze_layer_norm)
+
+    def _embeddings_and_layers(self) -> tuple[list[nn.Module], nn.ModuleList]:
+        """(the input embedding modules, the stack of layers) of the transformer: BERT's and RoBERTa's
+        ``embeddings`` and ``encoder.layer``, T5's ``embed_tokens`` and ``block``, NLLB's ``embed_*`` and ``layers``."""
+        encoder = getattr(self.transformer, "encoder", self.transformer)
+        layers = next((getattr(encoder, name) for name in ("layer", "layers", "block")
+                       if isinstance(getattr(encoder, name, None), nn.ModuleList)), None)
+        embeddings = [module for name, module in self.transformer.named_children() if "embed" in name]
+        if layers is None or not embeddings:
+            raise ValueError(f"unlocked text layers: no embeddings and layer stack found in this "
+                             f"{type(self.transformer).__name__}; lock it whole or not at all")
+        return embeddings, layers
 
     def train(self, mode: bool = True) -> "HFTextEncoder":
         super().train(mode)

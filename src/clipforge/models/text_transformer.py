@@ -68,6 +68,13 @@ class TextTransformer(nn.Module):
         self.transformer.init_parameters()
         self.feature_cache = None  # a FeatureCache of this tower's output, once frozen (``cache_features``)
 
+    def lock_groups(self) -> list:
+        """The tower's parameters in open_clip's lock groups, input side first (``CLIP.lock_text_tower``)."""
+        blocks = list(self.transformer.resblocks)
+        projection = [[self.text_projection]] if self.text_projection is not None else []
+        return [[self.token_embedding, self.positional_embedding], *([b] for b in blocks[:-1]),
+                [blocks[-1], self.ln_final], *projection]
+
     def cache_features(self):
         """Keep this (frozen) tower's features per distinct token row; returns the cache to ``fill``."""
         if any(p.requires_grad for p in self.parameters()):

@@ -87,6 +87,12 @@ class VisionTransformer(nn.Module):
         index = scores.topk(keep, dim=1).indices
         return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
+    def lock_groups(self) -> list:
+        """The tower's parameters in open_clip's lock groups, input side first (``CLIP.lock_image_tower``)."""
+        blocks = list(self.transformer.resblocks)
+        return [[self.conv1, self.class_embedding, self.positional_embedding, self.ln_pre], *([b] for b in blocks[:-1]),
+                [blocks[-1], self.ln_post], [self.proj]]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.pool == "avg":  # every patch token is pooled
             return self.forward_tokens(images)[0]

@@ -54,9 +54,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", help="start from these weights: a pretrained tag or a checkpoint path")
     g.add_argument("--text-model", help="a pretrained Hugging Face text encoder as text tower, e.g. all-minilm-l6-v2")
     g.add_argument("--lock-image", action=argparse.BooleanOptionalAction, help="freeze the image tower (LiT)")
+    g.add_argument("--lock-image-unlocked-groups", type=int, metavar="N",
+                   help="with --lock-image: its last N groups train (a ViT's, as open_clip groups them: the "
+                        "embeddings with ln_pre, each block, the last block with ln_post, the projection) [0]")
+    g.add_argument("--lock-image-freeze-bn-stats", action=argparse.BooleanOptionalAction,
+                   help="open_clip's flag, accepted: a locked tower's batch-norm statistics are always frozen here")
     g.add_argument("--lock-text", action=argparse.BooleanOptionalAction,
                    help="freeze the text tower (a Hugging Face tower keeps its new projection trainable, as in "
                         "open_clip); its features are computed once per distinct caption and cached")
+    g.add_argument("--lock-text-unlocked-layers", type=int, metavar="N",
+                   help="with --lock-text: its last N layers train (CLIP's tower: the embeddings, each block, the last "
+                        "block with ln_final, the projection; a Hugging Face tower: the embeddings and each layer) [0]")
+    g.add_argument("--lock-text-freeze-layer-norm", action=argparse.BooleanOptionalAction,
+                   help="a locked Hugging Face tower's LayerNorms stay frozen [on]; --no-lock-text-freeze-layer-norm "
+                        "trains them (open_clip's default), which rules out --text-cache")
     g.add_argument("--patch-dropout", type=float, help=f"FLIP: fraction of image patches dropped (ViT) [{d.patch_dropout}]")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute each block in backward: least memory, most time")

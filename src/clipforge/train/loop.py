@@ -85,7 +85,11 @@ class TrainConfig:
     torchcompile: bool = False
     patch_dropout: float = 0.0
     lock_image: bool = False
+    lock_image_unlocked_groups: int = 0  # a locked ViT's last groups left training (open_clip's; CLIP.lock_image_tower)
+    lock_image_freeze_bn_stats: bool = False  # open_clip's switch: a locked tower's statistics are frozen here anyway
     lock_text: bool = False
+    lock_text_unlocked_layers: int = 0  # a locked text tower's last layers left training (CLIP.lock_text_tower)
+    lock_text_freeze_layer_norm: bool = True  # False: a locked Hugging Face tower's LayerNorms train (open_clip's default)
     text_cache: bool = False
     objective: str = "contrastive"  # or "bow": predict the caption's words from the image (clipforge.bow);
     bow_vocab: int = 1000           # "caption": word by word (clipforge.caption_lm); "classify": fine-tune
@@ -159,7 +163,8 @@ def exit_torchrun_rank(code: int = 0) -> None:
 # the least each number may be (None: not set, allowed); a config file bypasses argparse, so they are checked here
 _AT_LEAST = {"batch_size": 1, "accum_freq": 1, "log_every": 1, "val_samples": 1, "bow_vocab": 1, "workers": 0,
              "save_every": 0, "keep": 0, "val_every": 0, "shuffle_buffer": 0, "steps": 1, "train_num_samples": 1,
-             "loss_chunk_size": 1, "warmup": 0, "cooldown": 1}
+             "loss_chunk_size": 1, "warmup": 0, "cooldown": 1, "lock_image_unlocked_groups": 0,
+             "lock_text_unlocked_layers": 0}
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -193,6 +198,13 @@ def _check_config(cfg: TrainConfig) -> None:
     if cfg.fsdp and (cfg.objective != "contrastive" or cfg.text_cache or cfg.torchcompile or _distilling(cfg)):
         raise ValueError("--fsdp trains CLIP models with the contrastive or SigLIP loss; it does not combine with "
                          "--objective other than contrastive, --text-cache, --torchcompile or --distill-* (yet)")
+    for tower, partial in (("image", cfg.lock_image_unlocked_groups), ("text", cfg.lock_text_unlocked_layers)):
+        if partial and not getattr(cfg, f"lock_{tower}"):
+            raise ValueError(f"--lock-{tower}-unlocked-{'groups' if tower == 'image' else 'layers'} {partial} leaves "
+                             f"part of a locked {tower} tower training: give --lock-{tower} too")
+    if cfg.text_cache and (cfg.lock_text_unlocked_layers or not cfg.lock_text_freeze_layer_norm):
+        raise ValueError("--text-cache keeps a frozen text tower's features; with --lock-text-unlocked-layers or "
+                         "--no-lock-text-freeze-layer-norm part of it trains: leave --text-cache out")
     if _distilling(cfg):
         if cfg.objective != "contrastive":
             raise ValueError(f"--distill-model / --distill-pretrained train a CLIP student (objective contrastive), "
@@ -242,9 +254,9 @@ def _build_model(cfg: TrainConfig, model_config: dict, device: torch.device, wor
         load_into(model, state, source=cfg.pretrained)
         model.normalisation = normalisation  # its image mean/std: training and validation use them
     if cfg.lock_image:
-        model.lock_image_tower()
+        model.lock_image_tower(cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats)
     if cfg.lock_text:
-        model.lock_text_tower()
+        model.lock_text_tower(cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if not cfg.recompute_activations and hasattr(model, "set_activation_recompute"):

@@ -1,0 +1,84 @@
+"""Locking a tower but its last groups or layers (open_clip's --lock-image-unlocked-groups, --lock-text-unlocked-layers,
+--lock-text-freeze-layer-norm): the same parameters train as under open_clip."""
+import pytest
+import torch
+
+import clipforge
+from clipforge.checkpoint import openai
+from clipforge.train import TrainConfig, train
+
+from conftest import shapes_shard
+from test_train import _minilm_or_skip
+
+VISION = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 3, "head_width": 16}
+TEXT = {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 3}
+
+
+def _trainable(model, rename=lambda names: names) -> set[str]:
+    return set(rename({name: None for name, p in model.named_parameters() if p.requires_grad}))
+
+
+def test_unlocked_groups_and_layers_are_open_clips():
+    open_clip = pytest.importorskip("open_clip")
+    for count in (1, 2, 4, 5):
+        ours = clipforge.create_model({"embed_dim": 16, "vision_cfg": VISION, "text_cfg": TEXT})
+        theirs = open_clip.CLIP(16, VISION, TEXT)
+        ours.lock_image_tower(unlocked_groups=count)
+        theirs.lock_image_tower(unlocked_groups=count)
+        ours.lock_text_tower(unlocked_layers=count)
+        theirs.lock_text_tower(unlocked_layers=count)
+        mine = _trainable(ours, openai.from_clipforge)
+        assert mine == _trainable(theirs), count
+        assert ("visual.proj" in mine) and ("visual.conv1.weight" in mine) == (count == 5)
+        assert ours.training and ours.visual.training  # the unlocked part trains in training mode
+    with pytest.raises(ValueError, match="6 unlocked groups; this tower has 5"):
+        ours.lock_image_tower(unlocked_groups=6)
+    with pytest.raises(ValueError, match="built for ViT image towers"):
+        clipforge.create_model("RN50").lock_image_tower(unlocked_groups=1)
+    with pytest.raises(ValueError, match="Hugging Face text towers"):
+        ours.lock_text_tower(freeze_layer_norm=False)
+
+
+def test_a_hugging_face_text_tower_unlocks_its_last_layers_and_layer_norms_as_open_clip(monkeypatch):
+    """open_clip's partial unlocking fails on BERT towers (MiniLM: its table names no layer attribute for "bert", a
+    KeyError); given RoBERTa's names, which BERT shares, it is the reference."""
+    _minilm_or_skip()
+    open_clip_hf = pytest.importorskip("open_clip.hf_model")
+    from clipforge.models.hf_text import resolve_hf_model
+
+    names = open_clip_hf.arch_dict["bert"]["config_names"]
+    monkeypatch.setitem(open_clip_hf.arch_dict["bert"], "config_names",
+                        {**names, "layer_attr": "layer", "token_embeddings_attr": "embeddings"})
+
+    folder = resolve_hf_model("all-minilm-l6-v2")
+    for unlocked, freeze_layer_norm in ((0, False), (2, True), (3, False), (7, True)):
+        ours = clipforge.create_model("ViT-Tiny-64", text_cfg={"hf_model_name": "all-minilm-l6-v2", "pooling": "mean"})
+        ours.lock_text_tower(unlocked, freeze_layer_norm)
+        theirs = open_clip_hf.HFTextEncoder(folder, output_dim=128, pooler_type="mean_pooler", proj_type="linear")
+        theirs.lock(unlocked, freeze_layer_norm)
+        mine = {name.removeprefix("text.") for name in _trainable(ours) if name.startswith("text.transformer.")}
+        assert mine == {name for name in _trainable(theirs) if name.startswith("transformer.")}, unlocked
+        assert bool(mine) and not ours.text.locked  # a partly trainable tower is not cached nor kept in eval
+    assert "transformer.embeddings.word_embeddings.weight" in mine  # 7: the embeddings and all six layers
+    with pytest.raises(ValueError, match="8 unlocked layers; this tower has 7"):
+        ours.lock_text_tower(8)
+
+
+def test_training_moves_only_the_unlocked_part(tmp_path):
+    shard = shapes_shard(tmp_path / "s-000000.tar", 16)
+    cfg = dict(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 2}, "text_cfg": {"layers": 2}},
+               train_data=str(shard), batch_size=8, steps=2, workers=0, progress=False, lr=1e-2,
+               lock_image=True, lock_image_unlocked_groups=2, lock_text=True, lock_text_unlocked_layers=1)
+    torch.manual_seed(0)
+    start = clipforge.create_model(TrainConfig(**cfg).model, vision_cfg={"layers": 2}, text_cfg={"layers": 2})
+    summary = train(TrainConfig(**cfg, seed=0, output=str(tmp_path / "run")))
+    after = summary["model"].state_dict()
+    moved = {name for name, value in start.state_dict().items() if not torch.equal(value, after[name])}
+    assert {"visual.proj", "visual.ln_post.weight", "text.text_projection", "logit_scale"} <= moved
+    assert "visual.transformer.resblocks.1.attn.in_proj_weight" in moved
+    assert not any(n.startswith(("visual.conv1", "visual.transformer.resblocks.0.", "text.transformer.",
+                                 "text.token_embedding", "text.ln_final")) for n in moved)
+    with pytest.raises(ValueError, match="give --lock-image too"):
+        train(TrainConfig(**{**cfg, "lock_image": False}, output=str(tmp_path / "bad")))
+    with pytest.raises(ValueError, match="leave --text-cache out"):
+        train(TrainConfig(**cfg, text_cache=True, output=str(tmp_path / "bad")))
