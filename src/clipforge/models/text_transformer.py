@@ -72,8 +72,10 @@ class TextTransformer(nn.Module):
         """The tower's parameters in open_clip's lock groups, input side first (``CLIP.lock_text_tower``)."""
         blocks = list(self.transformer.resblocks)
         projection = [[self.text_projection]] if self.text_projection is not None else []
-        return [[self.token_embedding, self.positional_embedding], *([b] for b in blocks[:-1]),
-                [blocks[-1], self.ln_final], *projection]
+        embeddings = [self.token_embedding, self.positional_embedding]
+        if getattr(self, "cls_emb", None) is not None:  # a CoCa's class token, an embedding as open_clip groups it
+            embeddings.append(self.cls_emb)
+        return [embeddings, *([b] for b in blocks[:-1]), [blocks[-1], self.ln_final], *projection]
 
     def cache_features(self):
         """Keep this (frozen) tower's features per distinct token row; returns the cache to ``fill``."""

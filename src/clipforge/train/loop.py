@@ -361,7 +361,7 @@ def _distillation(cfg: TrainConfig, core, model_config: dict, loss_fn, source, l
 
     if "multimodal_cfg" in model_config or isinstance(loss_fn, CoCaLoss):
         raise ValueError("--distill-*: a CoCa student is not distilled here (its captioning loss has no teacher term); "
-                         "distil into a CLIP")
+                         "distill into a CLIP")
     with torch.random.fork_rng(devices=[]):  # building the teacher draws random numbers; the run's draws stay as without
         teacher = load_teacher(cfg.distill_model, cfg.distill_pretrained, device, core.image_size, normalisation,
                                cfg.crop_scale)
