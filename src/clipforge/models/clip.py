@@ -316,7 +316,8 @@ class CLIP(nn.Module):
             if not hasattr(self.visual, "lock_groups"):
                 raise ValueError(f"unlocked image groups: built for ViT image towers (as open_clip's); this model's is "
                                  f"a {type(self.visual).__name__}: lock it whole or not at all")
-            unlock_last(self.visual.lock_groups(), unlocked_groups, "--lock-image-unlocked-groups", "groups")
+            unlock_last(self.visual, self.visual.lock_groups(), unlocked_groups, "--lock-image-unlocked-groups",
+                        "groups")
             return
         self.visual.requires_grad_(False)
         self.visual.eval()
@@ -335,7 +336,7 @@ class CLIP(nn.Module):
             raise ValueError("unfrozen LayerNorms in a locked text tower: built for Hugging Face text towers (as "
                              "open_clip's); CLIP's own text tower treats its LayerNorms as its other weights")
         if unlocked_layers:
-            unlock_last(self.text.lock_groups(), unlocked_layers, "--lock-text-unlocked-layers", "layers")
+            unlock_last(self.text, self.text.lock_groups(), unlocked_layers, "--lock-text-unlocked-layers", "layers")
             return
         self.text.requires_grad_(False)
         self.text.eval()

@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 
-def unlock_last(groups: list, count: int, what: str, unit: str) -> None:
-    """Freeze every parameter of ``groups`` (each a list of modules and parameters, input side first), then let the
-    last ``count`` groups train again."""
+def unlock_last(tower: nn.Module, groups: list, count: int, what: str, unit: str) -> None:
+    """Freeze the whole ``tower``, then let the last ``count`` of its ``groups`` (each a list of modules and
+    parameters, input side first) train again; parameters in no group (a CoCa's attention pooler) stay frozen, as
+    open_clip's ``lock`` leaves them."""
     if not 0 < count <= len(groups):
         raise ValueError(f"{what}: {count} unlocked {unit}; this tower has {len(groups)} (from 1 to {len(groups)})")
-    for index, group in enumerate(groups):
-        trainable = index >= len(groups) - count
+    tower.requires_grad_(False)
+    for group in groups[len(groups) - count:]:
         for item in group:
             for parameter in ([item] if isinstance(item, nn.Parameter) else item.parameters()):
-                parameter.requires_grad_(trainable)
+                parameter.requires_grad_(True)

@@ -30,8 +30,8 @@ class Teacher:
     """A frozen CLIP in eval mode: ``features(batch)`` gives its normalised image and text features and its
     temperature for a batch of the data pipeline (``teacher_images`` / ``teacher_tokens``)."""
 
-    def __init__(self, model, tokenizer, inputs: TeacherInputs):
-        self.model, self.tokenizer, self.inputs = model, tokenizer, inputs
+    def __init__(self, model, inputs: TeacherInputs):
+        self.model, self.inputs = model, inputs
 
     @torch.no_grad()
     def features(self, batch: dict, device: torch.device, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,13 +50,14 @@ class Teacher:
         self.model.requires_grad_(False)
         if not hasattr(self.model.text, "cache_features"):
             raise ValueError("--distill-text-cache: this teacher's text tower keeps no feature cache; leave it out")
-        self.model.text.cache_features().fill(self.tokenizer(texts).to(device), progress=progress)
+        self.model.text.cache_features().fill(self.inputs.tokenizer(texts).to(device), progress=progress)
 
 
-def load_teacher(model: str | None, pretrained: str | None, device: torch.device, student_image_size: int,
-                 student_normalisation: dict, crop_scale, trust_pickle: bool = False) -> Teacher:
+def load_teacher(model: str | None, pretrained: str | None, device: torch.device, student: TrainTransform,
+                 trust_pickle: bool = False) -> Teacher:
     """The teacher named by ``--distill-model`` / ``--distill-pretrained`` (as ``--model`` / ``--pretrained`` of the
-    inference commands), frozen on ``device``, with the inputs the pipeline makes for it."""
+    inference commands), frozen on ``device``, with the inputs the pipeline makes for it beside the student's training
+    transform ``student`` (the same crop range, the teacher's size and normalisation)."""
     from ..inference import load_for_inference
     from ..models import is_naflex
 
@@ -81,9 +82,8 @@ def load_teacher(model: str | None, pretrained: str | None, device: torch.device
     teacher.eval()
     normalisation = {k: tuple(v) for k, v in (getattr(teacher, "normalisation", None) or {}).items()
                      if k in ("mean", "std")}
-    transform = TrainTransform(teacher.image_size, scale=tuple(crop_scale), **normalisation)
-    student = TrainTransform(student_image_size, scale=tuple(crop_scale), **student_normalisation)
+    transform = TrainTransform(teacher.image_size, scale=student.scale, ratio=student.ratio, **normalisation)
     same = (transform.image_size, transform.mean, transform.std) == (student.image_size, student.mean, student.std)
     view = "the student's own" if same else "cut from the student's crops"
     print(f"distilling from {name}: {teacher.image_size} px images ({view}), its own tokenizer", file=sys.stderr)
-    return Teacher(teacher, tokenizer, TeacherInputs(None if same else transform, tokenizer))
+    return Teacher(teacher, TeacherInputs(None if same else transform, tokenizer))

@@ -352,7 +352,7 @@ def _training_captions(cfg: TrainConfig, source) -> list[str]:
 
 
 def _distillation(cfg: TrainConfig, core, model_config: dict, loss_fn, source, labels: _Labels, device,
-                  normalisation: dict):
+                  student_transform: TrainTransform):
     """(teacher, the loss with its distillation term) for --distill-*; (None, the loss) otherwise."""
     if not _distilling(cfg):
         return None, loss_fn
@@ -363,8 +363,7 @@ def _distillation(cfg: TrainConfig, core, model_config: dict, loss_fn, source, l
         raise ValueError("--distill-*: a CoCa student is not distilled here (its captioning loss has no teacher term); "
                          "distill into a CLIP")
     with torch.random.fork_rng(devices=[]):  # building the teacher draws random numbers; the run's draws stay as without
-        teacher = load_teacher(cfg.distill_model, cfg.distill_pretrained, device, core.image_size, normalisation,
-                               cfg.crop_scale)
+        teacher = load_teacher(cfg.distill_model, cfg.distill_pretrained, device, student_transform)
     if cfg.distill_text_cache:
         if labels.classnames:
             raise ValueError("--distill-text-cache takes captioned data; label captions are drawn from a grammar, "
@@ -499,9 +498,9 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     position = _resume(cfg, output, core, optimizer, scheduler, scaler, rank, world)
     # a --pretrained model's own image normalisation (0.5 for some LAION tags), as open_clip trains it
     normalisation = {k: v for k, v in (getattr(core, "normalisation", None) or {}).items() if k in ("mean", "std")}
-    teacher, loss_fn = _distillation(cfg, core, model_config, loss_fn, source, labels, device, normalisation)
-    stream = ContrastiveStream(source, TrainTransform(core.image_size, scale=tuple(cfg.crop_scale), **normalisation),
-                               tokenizer,
+    transform = TrainTransform(core.image_size, scale=tuple(cfg.crop_scale), **normalisation)
+    teacher, loss_fn = _distillation(cfg, core, model_config, loss_fn, source, labels, device, transform)
+    stream = ContrastiveStream(source, transform, tokenizer,
                                cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                                classnames=labels.classnames, caption_templates=labels.templates,
                                label_captions=bool(labels.classnames), exclude_labels=labels.exclude,
