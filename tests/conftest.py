@@ -41,7 +41,9 @@ def free_port() -> int:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # Under pytest-xdist each worker gets its share of the cores, so workers do not oversubscribe them.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
 def random_tokens(n: int, context_length: int = 77, generator=None) -> torch.Tensor:
