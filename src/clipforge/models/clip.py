@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Transformer
-from .locking import unlock_last
+from .locking import frozen_batch_norms, unlock_last
 from .convnext import ConvNeXt
 from .fastvit import FastViT
 from .eva import EvaVisionTower
@@ -309,15 +309,20 @@ class CLIP(nn.Module):
 
     def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
         """LiT: freeze the image tower (weights and batch-norm statistics). ``unlocked_groups``: leave its last groups
-        training, as open_clip's ``VisionTransformer.lock`` groups a ViT (the patch and position embeddings with
-        ln_pre, each block, the last block with ln_post, the projection); the tower then stays in training mode.
-        ``freeze_bn_stats``: open_clip's switch, for its callers; a locked tower's statistics are always frozen here."""
+        training, grouped as open_clip groups them (a ViT as its ``VisionTransformer.lock``: the patch and position
+        embeddings with ln_pre, each block, the last block with ln_post, the projection; the timm-named towers, SigLIP's,
+        EVA's, PE's, ViTamin's, ConvNeXt's and FastViT's, as timm's ``group_matcher``, open_clip's head always in the
+        last group); the tower then stays in training mode. ``freeze_bn_stats``: with ``unlocked_groups``, the locked
+        groups' batch norms keep their running statistics (open_clip's switch); a tower locked whole keeps them anyway."""
         if unlocked_groups:
             if not hasattr(self.visual, "lock_groups"):
-                raise ValueError(f"unlocked image groups: built for ViT image towers (as open_clip's); this model's is "
-                                 f"a {type(self.visual).__name__}: lock it whole or not at all")
+                raise ValueError(f"unlocked image groups: built for ViT, ConvNeXt and FastViT image towers (a ResNet is "
+                                 f"locked whole, as in open_clip); this model's is a {type(self.visual).__name__}: "
+                                 f"lock it whole or not at all")
             unlock_last(self.visual, self.visual.lock_groups(), unlocked_groups, "--lock-image-unlocked-groups",
                         "groups")
+            self._frozen_norms = frozen_batch_norms(self.visual) if freeze_bn_stats else []
+            self.train(self.training)
             return
         self.visual.requires_grad_(False)
         self.visual.eval()
@@ -349,4 +354,6 @@ class CLIP(nn.Module):
             self.visual.eval()
         if getattr(self, "_locked_text", False):
             self.text.eval()
+        for norm in getattr(self, "_frozen_norms", ()):  # a partly locked tower's frozen batch norms
+            norm.eval()
         return self

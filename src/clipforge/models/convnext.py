@@ -13,6 +13,7 @@ from torch import nn
 
 from .inputs import check_image_batch
 from .layers import recomputed
+from .locking import CONVNEXT_GROUPS, trunk_groups
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -114,6 +115,11 @@ class ConvNeXt(nn.Module):
             nn.init.trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+    def lock_groups(self) -> list:
+        """open_clip's lock groups, timm's for ConvNeXt: the stem, each block (a stage's downsampling with its first),
+        then the final norm with the head."""
+        return trunk_groups(self, CONVNEXT_GROUPS)
 
     def forward_grid(self, images: torch.Tensor) -> torch.Tensor:
         """The last stage's feature map ``[N, C, H/32, W/32]`` (before pooling)."""

@@ -29,6 +29,7 @@ from torch import nn
 from .convnext import LayerNorm2d
 from .inputs import check_image_batch
 from .layers import LayerNorm, recomputed
+from .locking import VIT_GROUPS, trunk_groups
 
 
 def rope_table(grid: int, head_dim: int, reference_grid: int, offset: float = 0.0, indexing: str = "ij",
@@ -384,6 +385,11 @@ class EvaVisionTower(nn.Module):
                    inner_norm=cfg.get("inner_norm", False), post_norm=cfg.get("post_norm", False),
                    rope_grid=cfg.get("rope_grid"), eps=cfg.get("norm_eps", 1e-6), proj=cfg.get("proj"),
                    **{k: cfg[k] for k in TRUNK_SETTINGS if k in cfg})
+
+    def lock_groups(self) -> list:
+        """open_clip's lock groups, timm's for a ViT trunk: the embeddings (with a stem and ``norm_pre``), each block
+        (the last with the final norm), then the pooling and heads."""
+        return trunk_groups(self, VIT_GROUPS)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_image_batch(images, self.image_size)

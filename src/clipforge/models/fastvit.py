@@ -26,6 +26,7 @@ from torch import nn
 
 from .convnext import LayerNorm2d
 from .inputs import check_image_batch
+from .locking import FASTVIT_GROUPS, trunk_groups
 
 Kernel = tuple[torch.Tensor, torch.Tensor]  # a convolution's weight and bias
 
@@ -321,6 +322,11 @@ class FastViT(nn.Module):
             for conv in (module.fc1, module.fc2):
                 nn.init.trunc_normal_(conv.weight, std=0.02)
                 nn.init.zeros_(conv.bias)
+
+    def lock_groups(self) -> list:
+        """open_clip's lock groups, timm's for FastViT: the stem, each block (a stage's downsampling and position
+        encoding with its first), then the final convolution with the head."""
+        return trunk_groups(self, FASTVIT_GROUPS)
 
     def forward_grid(self, images: torch.Tensor) -> torch.Tensor:
         """The map the head pools, ``[N, 2 * dims[-1], H/32, W/32]``. In eval mode the images enter channels-last

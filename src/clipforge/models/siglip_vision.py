@@ -74,6 +74,13 @@ class SigLIPVisionTransformer(nn.Module):
         self.head = AttentionPool(width, heads, mlp_ratio, act, eps)
         self.transformer.init_parameters()
 
+    def lock_groups(self) -> list:
+        """The tower's parameters in open_clip's lock groups (timm's for its trunk), input side first: the patch
+        embedding with the positions, each block, the last block with the final LayerNorm, the attention pooling."""
+        blocks = list(self.transformer.resblocks)
+        return [[self.conv1, self.positional_embedding], *([b] for b in blocks[:-1]), [blocks[-1], self.ln_post],
+                [self.head]]
+
     def _grid_of(self, images: torch.Tensor) -> tuple[int, int]:
         """The patch grid an image batch makes: the model's own, or for a NaFlex tower any whole number of patches."""
         if not self.naflex:

@@ -55,10 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-model", help="a pretrained Hugging Face text encoder as text tower, e.g. all-minilm-l6-v2")
     g.add_argument("--lock-image", action=argparse.BooleanOptionalAction, help="freeze the image tower (LiT)")
     g.add_argument("--lock-image-unlocked-groups", type=int, metavar="N",
-                   help="with --lock-image: its last N groups train (a ViT's, as open_clip groups them: the "
-                        "embeddings with ln_pre, each block, the last block with ln_post, the projection) [0]")
+                   help="with --lock-image: its last N groups train, as open_clip groups them (a ViT: the embeddings "
+                        "with ln_pre, each block, the last block with ln_post, the projection; SigLIP, EVA, PE, "
+                        "ViTamin, ConvNeXt and FastViT towers as timm groups them, the projection head in the last "
+                        "group; a ResNet is locked whole) [0]")
     g.add_argument("--lock-image-freeze-bn-stats", action=argparse.BooleanOptionalAction,
-                   help="open_clip's flag, accepted: a locked tower's batch-norm statistics are always frozen here")
+                   help="with --lock-image-unlocked-groups: the locked groups' batch norms (FastViT's) keep their "
+                        "running statistics, as open_clip's flag; a tower locked whole keeps them anyway")
     g.add_argument("--lock-text", action=argparse.BooleanOptionalAction,
                    help="freeze the text tower (a Hugging Face tower keeps its new projection trainable, as in "
                         "open_clip); its features are computed once per distinct caption and cached")

@@ -85,8 +85,8 @@ class TrainConfig:
     torchcompile: bool = False
     patch_dropout: float = 0.0
     lock_image: bool = False
-    lock_image_unlocked_groups: int = 0  # a locked ViT's last groups left training (open_clip's; CLIP.lock_image_tower)
-    lock_image_freeze_bn_stats: bool = False  # open_clip's switch: a locked tower's statistics are frozen here anyway
+    lock_image_unlocked_groups: int = 0  # a locked tower's last groups left training (open_clip's; CLIP.lock_image_tower)
+    lock_image_freeze_bn_stats: bool = False  # with unlocked groups: the locked groups' batch-norm statistics frozen
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0  # a locked text tower's last layers left training (CLIP.lock_text_tower)
     lock_text_freeze_layer_norm: bool = True  # False: a locked Hugging Face tower's LayerNorms train (open_clip's default)
