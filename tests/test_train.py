@@ -402,6 +402,63 @@ def test_labelled_validation_data_reports_zero_shot_accuracy(tmp_path):
     assert logged[-1]["val/zeroshot_top1"] == val["zeroshot_top1"]
 
 
+def test_zeroshot_data_sets_are_measured_at_each_validation_as_clipforge_eval_measures_them(tmp_path, capsys):
+    """``--zeroshot-data`` twice (shards with classnames.txt; class folders with a templates file beside them, a root
+    of the same name), ``--val-samples 20``: at steps 2 and 4 each set's top-1/5 under its own name, equal to
+    ``embed_labelled`` + ``zero_shot_classifier`` with that set's templates on the first 20 images."""
+    from PIL import Image
+
+    from clipforge.cli import main
+    from clipforge.data import open_source
+    from clipforge.evaluate.features import embed_labelled
+    from clipforge.evaluate.metrics import classification_metrics
+    from clipforge.zeroshot import zero_shot_classifier
+
+    shard = shapes_shard(tmp_path / "s-000000.tar", 16)
+    _, colours = colour_dataset(tmp_path / "a" / "colours")
+    folders = tmp_path / "b" / "colours"
+    for i, colour in enumerate(["red", "blue", "green"] * 8):
+        (folders / "test" / colour).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), colour).save(folders / "test" / colour / f"{i:03d}.png")
+    (folders / "zeroshot_classification_templates.txt").write_text("a {} square.\nthe colour {}.\n")
+    run = tmp_path / "run"
+    assert main(["train", "--model", "ViT-Tiny-64", "--train-data", str(shard), "--batch-size", "8", "--steps", "4",
+                 "--workers", "0", "--val-every", "2", "--val-samples", "20", "--no-progress", "--output", str(run),
+                 "--zeroshot-data", str(tmp_path / "a" / "colours"), "--zeroshot-data", str(folders)]) == 0
+    assert "validation: colours/zeroshot_top1" in capsys.readouterr().out
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in logged if "val/colours/zeroshot_top1" in r]
+    assert [r["step"] for r in validations] == [2, 4]
+    assert {"val/colours-2/zeroshot_top1", "val/colours-2/zeroshot_top5"} <= validations[-1].keys()
+
+    model = clipforge.load(str(run / "checkpoints" / "step-00000004"))[0].eval()
+    tokenizer = clipforge.get_tokenizer("ViT-Tiny-64")
+    for name, split, classnames, templates in (
+            ("colours", tmp_path / "a" / "colours" / "test", colours, ["a photo of a {}."]),
+            ("colours-2", folders / "test", ["blue", "green", "red"], ["a {} square.", "the colour {}."])):
+        features, labels = embed_labelled(model, open_source(str(split), shuffle_buffer=0, classnames=classnames),
+                                          clipforge.Preprocess(64), progress=False, limit=20)
+        expected = classification_metrics(features @ zero_shot_classifier(model, tokenizer, classnames, templates),
+                                           labels, classnames)
+        assert len(labels) == 20
+        assert validations[-1][f"val/{name}/zeroshot_top1"] == pytest.approx(expected["acc1"], abs=1e-6), name
+        top5 = expected.get("acc5", 1.0)  # (3 classes: every label is among the top 5)
+        assert validations[-1][f"val/{name}/zeroshot_top5"] == pytest.approx(top5, abs=1e-6), name
+    # what each set holds (the accuracies of a 4-step model may not tell templates apart)
+    from clipforge.train.validation import open_zero_shot_sets
+
+    sets = open_zero_shot_sets(TrainConfig(**json.loads((run / "run_config.json").read_text())["train"]), 64)
+    assert [(zs.name, zs.templates, len(zs.images.images)) for zs in sets] == [
+        ("colours", ["a photo of a {}."], 20), ("colours-2", ["a {} square.", "the colour {}."], 20)]
+    assert sets[1].images.classnames == ["blue", "green", "red"] and sets[1].images.labels[:3].tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="--zeroshot-data measures zero-shot classification"):
+        train(TrainConfig(model="ViT-Tiny-64", train_data=str(shard), objective="self-supervised", steps=1,
+                          zeroshot_data=[str(folders)], output=str(tmp_path / "bad"), progress=False))
+    with pytest.raises(FileNotFoundError, match="no split 'val'"):
+        train(TrainConfig(model="ViT-Tiny-64", train_data=str(shard), steps=1, zeroshot_data=[str(folders)],
+                          zeroshot_split="val", workers=0, output=str(tmp_path / "bad"), progress=False))
+
+
 class _ColourOracle(torch.nn.Module):
     """Knows colours perfectly: an image embeds as the one-hot of its nearest palette colour, a text as the one-hot
     of the colour word in it. Zero-shot accuracy over colour classes must then be exactly 1."""

@@ -33,7 +33,9 @@ EXAMPLES = """examples:
   clipforge train --model ViT-Tiny-64 --train-data ../shared/data/cifar10/train --label-captions default \\
       --val-data ../shared/data/cifar10/test --steps 1000 --output runs/cifar
   clipforge train --resume latest --output runs/cifar ...same flags...     continue after a crash, exactly
-  clipforge train --model ViT-Tiny-64 --distill-pretrained runs/flickr8k/checkpoints/step-00002400 \
+  clipforge train --config recipes/flickr8k.yaml --zeroshot-data ../shared/data/cifar10 \\
+      --zeroshot-data ../shared/data/flowers --val-every 400    zero-shot transfer tracked during training
+  clipforge train --model ViT-Tiny-64 --distill-pretrained runs/flickr8k/checkpoints/step-00002400 \\
       --distill-text-cache --train-data ../shared/data/flickr8k/train --steps 1200 --output runs/student
 """
 
@@ -108,6 +110,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-data", help="training data (shards, CSV or folder)")
     g.add_argument("--val-data", help="held-out data for periodic retrieval R@1/5/10 (every caption of an image "
                                       "counts), and zero-shot top-1/5 when labelled (classnames.txt beside it)")
+    g.add_argument("--zeroshot-data", action="append", metavar="ROOT",
+                   help="a labelled data set (a folder clipforge eval reads: CLIP_benchmark shards with "
+                        "classnames.txt, class folders or a CSV) whose zero-shot top-1/5 is measured whenever the "
+                        "run validates (--val-every, and at the end), as val/<name>/zeroshot_top1; repeat for more; "
+                        "--val-samples images of each (open_clip's --imagenet-val)")
+    g.add_argument("--zeroshot-split", help=f"the split of each --zeroshot-data root [{d.zeroshot_split}]")
     g.add_argument("--train-num-samples", type=int, help="dataset size, for --epochs on remote shards")
     g.add_argument("--label-captions", metavar="default|FILE",
                    help="caption labelled samples from class names: 'default' grammar or a file of templates with {}")
@@ -214,6 +222,8 @@ def config_from_args(args) -> TrainConfig:
     if isinstance(flags.get("exclude_classes"), str):
         flags["exclude_classes"] = [c.strip() for c in flags["exclude_classes"].split(",") if c.strip()]
     values.update(flags)
+    if isinstance(values.get("zeroshot_data"), str):  # one root in a config file
+        values["zeroshot_data"] = [values["zeroshot_data"]]
     if "crop_scale" in values:
         values["crop_scale"] = tuple(values["crop_scale"])
     return TrainConfig(**values)

@@ -41,7 +41,7 @@ from .objectives import objective_for
 from .optim import SCHEDULES, build_optimizer, lr_schedule
 from .step import autocast_for, train_step
 from .stop import StopRequest
-from .validation import open_validation, validate
+from .validation import open_validation, open_zero_shot_sets, validate, zero_shot_metrics
 
 PRECISIONS = ("auto", "fp32", "amp", "amp_bf16", "amp_fp16")
 OBJECTIVES = ("contrastive", "bow", "caption", "labels", "self-supervised", "classify")
@@ -113,6 +113,8 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 0
     val_samples: int = 1000
+    zeroshot_data: list[str] = field(default_factory=list)  # labelled data set roots: zero-shot top-1/5 at validation
+    zeroshot_split: str = "test"
     resume: str | None = None
     shuffle_buffer: int = 1000
     progress: bool = True
@@ -195,6 +197,9 @@ def _check_config(cfg: TrainConfig) -> None:
         refuse("crop_scale", f"{low} {high}", "MIN MAX with 0 < MIN <= MAX <= 1")
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
+    if cfg.zeroshot_data and cfg.objective in ("self-supervised", "classify"):
+        raise ValueError(f"--zeroshot-data measures zero-shot classification, which --objective {cfg.objective} "
+                         "does not give (no text side to name the classes with)")
     if cfg.fsdp and (cfg.objective != "contrastive" or cfg.text_cache or cfg.torchcompile or _distilling(cfg)):
         raise ValueError("--fsdp trains CLIP models with the contrastive or SigLIP loss; it does not combine with "
                          "--objective other than contrastive, --text-cache, --torchcompile or --distill-* (yet)")
@@ -512,6 +517,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates, source,
                                                    labels, getattr(core, "normalisation", None)) \
         if rank == 0 or cfg.fsdp else (None, None)
+    zero_shot_sets = open_zero_shot_sets(cfg, core.image_size, getattr(core, "normalisation", None), source, labels,
+                                         val_set) if rank == 0 or cfg.fsdp else []
     log = _RunLog(output, rank, {"train": dataclasses.asdict(cfg), "model_cfg": model_config, "world_size": world,
                                  "total_steps": total_steps, "environment": run_environment() if rank == 0 else None},
                   position.step)
@@ -558,8 +565,11 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                 # before validation, so that nothing trained is lost if validation fails
                 last_path = _save_checkpoint(output, position, core, model_config, optimizer, scheduler, scaler, cfg,
                                              rank, world)
-            if val_set is not None and ((cfg.val_every and step % cfg.val_every == 0) or step == total_steps):
-                val_metrics = validate(core, tokenizer, val_set, device, autocast, zero_shot_templates)
+            if (val_set is not None or zero_shot_sets) and \
+                    ((cfg.val_every and step % cfg.val_every == 0) or step == total_steps):
+                val_metrics = validate(core, tokenizer, val_set, device, autocast, zero_shot_templates) \
+                    if val_set is not None else {}
+                val_metrics.update(zero_shot_metrics(core, tokenizer, zero_shot_sets, device, autocast))
                 log({"step": step, **{f"val/{k}": v for k, v in val_metrics.items()}})
             if stopping:
                 break

@@ -1,7 +1,9 @@
-"""Validation during training: retrieval recall on held-out pairs, and zero-shot accuracy when they are labelled."""
+"""Validation during training: retrieval recall on held-out pairs, zero-shot accuracy when they are labelled, and
+zero-shot accuracy on labelled data sets of their own (``--zeroshot-data``, open_clip's ``--imagenet-val``)."""
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -38,9 +40,64 @@ def open_validation(cfg, val_source, image_size: int, label_templates: list[str]
                          f"(skipped: {dict(val_set.skipped) or 'none'}); labelled shards need classnames.txt "
                          "beside the split folder")
     if cfg.objective == "caption" and val_set.labels is not None and train_source is not None:
-        val_set.prior_images = evaluation_set(train_source, preprocess, PRIOR_IMAGES, labels.classnames,
-                                              labels.templates, bool(labels.classnames), seed=cfg.seed).images
+        val_set.prior_images = _prior_images(cfg, train_source, labels, preprocess)
     return val_set, templates or list(DEFAULT_TEMPLATES)
+
+
+def _prior_images(cfg, train_source, labels, preprocess) -> list[torch.Tensor]:
+    """The first ``PRIOR_IMAGES`` usable training images, decoded as training decodes them (a word-by-word model's
+    prompt prior is averaged over them)."""
+    return evaluation_set(train_source, preprocess, PRIOR_IMAGES, labels.classnames, labels.templates,
+                          bool(labels.classnames), seed=cfg.seed).images
+
+
+@dataclass
+class ZeroShotSet:
+    """One ``--zeroshot-data`` set: its name (the metrics' prefix), labelled images and prompt templates."""
+    name: str
+    images: object  # an EvaluationSet, captions made from the labels
+    templates: list[str]
+
+
+def open_zero_shot_sets(cfg, image_size: int, preprocess_cfg: dict | None = None, train_source=None, labels=None,
+                        val_set=None) -> list[ZeroShotSet]:
+    """Each ``cfg.zeroshot_data`` root's ``cfg.zeroshot_split`` (any layout ``clipforge eval`` reads), its first
+    ``cfg.val_samples`` usable images, with its own templates (a templates file beside it or the shipped set of its
+    name, as ``clipforge eval zeroshot`` picks them; else "a photo of a {}.")."""
+    from ..evaluate.datasets import open_labelled
+
+    if not cfg.zeroshot_data:
+        return []
+    preprocess = Preprocess(image_size, **(preprocess_cfg or {}))
+    prior = None
+    if cfg.objective == "caption" and train_source is not None:  # one prior sample for every set
+        prior = getattr(val_set, "prior_images", None) or _prior_images(cfg, train_source, labels, preprocess)
+    sets, names = [], set()
+    for root in cfg.zeroshot_data:
+        dataset = open_labelled(root, cfg.zeroshot_split)
+        images = evaluation_set(dataset.source, preprocess, cfg.val_samples, dataset.classnames, None, True,
+                                seed=cfg.seed)
+        if images.labels is None:
+            raise ValueError(f"--zeroshot-data {root}: no usable labelled samples in split {cfg.zeroshot_split!r} "
+                             f"(skipped: {dict(images.skipped) or 'none'})")
+        images.prior_images = prior
+        name, n = dataset.name, 1
+        while name in names:  # two roots of one name (e.g. two "test" folders): the metrics stay apart
+            n += 1
+            name = f"{dataset.name}-{n}"
+        names.add(name)
+        sets.append(ZeroShotSet(name, images, dataset.templates or list(DEFAULT_TEMPLATES)))
+    return sets
+
+
+def zero_shot_metrics(model, tokenizer, sets: list[ZeroShotSet], device, autocast=nullcontext()) -> dict:
+    """``{"<set>/zeroshot_top1": ..., "<set>/zeroshot_top5": ...}`` for each set (a word-by-word model's
+    ``zeroshot_plain_*`` too), by the same rules as ``validate``'s zero-shot."""
+    metrics = {}
+    for zs in sets:
+        found = validate(model, tokenizer, zs.images, device, autocast, zs.templates)
+        metrics.update({f"{zs.name}/{k}": v for k, v in found.items() if k.startswith("zeroshot_")})
+    return metrics
 
 
 @torch.no_grad()
