@@ -107,9 +107,11 @@ def test_zoo_eva_configs_are_open_clips_and_timm_towers_are_timms():
 
 @pytest.mark.parametrize("name", ["EVA02-B-16", "PE-Core-T-16-384", "MobileCLIP-B", "ViTamin-S"])
 def test_open_clip_eva_and_pe_load_by_name_and_by_shapes_and_export_back(name, tmp_path):
-    """open_clip's EVA02-B-16 and PE-Core-T-16-384 (timm towers, rotary positions; PE's latent attention pooling):
-    a state dict loads by name and, without one, by its shapes with identical features; `convert --to open_clip`
-    writes a local-dir: folder open_clip loads with them."""
+    """open_clip's EVA02-B-16 and PE-Core-T-16-384 (timm towers, rotary positions; PE's latent attention pooling),
+    MobileCLIP-B's (a class token without a position) and ViTamin-S's: a state dict loads by name and, without one, by
+    its shapes with identical features; `convert --to open_clip` writes a local-dir: folder open_clip loads with them;
+    loaded at another image size (``force_image_size``), the features are open_clip's at that size (positions
+    resampled as timm's ``set_input_size`` resamples them, rotary frequencies of the trained grid)."""
     open_clip = pytest.importorskip("open_clip")
     pytest.importorskip("timm")
     from clipforge.checkpoint.openai import save_open_clip
@@ -133,6 +135,14 @@ def test_open_clip_eva_and_pe_load_by_name_and_by_shapes_and_export_back(name, t
         for model in (named, inferred, back):
             assert _max_diff(model.encode_image(images), expected_image) <= 1e-4
             assert _max_diff(model.encode_text(ids), expected_text) <= 1e-5
+    from clipforge.open_clip_api import create_model
+
+    size += 32
+    theirs = open_clip.create_model(name, pretrained=str(tmp_path / "w.pt"), force_image_size=size).eval()
+    forced = create_model(name, pretrained=str(tmp_path / "w.pt"), force_image_size=size).eval()
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert _max_diff(forced.encode_image(images), theirs.encode_image(images)) <= 1e-4
 
 
 def test_eva_refuses_what_it_does_not_build_and_exports_to_onnx(tmp_path):

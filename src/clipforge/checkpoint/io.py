@@ -220,21 +220,18 @@ def to_clipforge_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.
 
 
 def resize_positions(state: dict, model: torch.nn.Module) -> dict:
-    """``state`` with its ViT position grid and text positions resized to ``model``'s, as open_clip does when a model
-    is asked for another image size or context length than its weights' (``force_image_size`` /
-    ``force_context_length``): the grid bicubically with antialiasing, the class token's position kept; text
-    positions linearly. Anything else that does not fit is left for ``load_into`` to name."""
+    """``state`` with its image position grid and text positions resized to ``model``'s, as open_clip does when a
+    model is asked for another image size or context length than its weights' (``force_image_size`` /
+    ``force_context_length``): the grid bicubically with antialiasing, a class token's position kept (CLIP's ViT
+    as open_clip's ``resize_pos_embed``; SigLIP's and the timm-named trunks' ``pos_embed`` as timm's
+    ``set_input_size``, which open_clip calls for them); text positions linearly. Rotary positions are computed for
+    the model's own grid. Anything else that does not fit is left for ``load_into`` to name."""
     import torch.nn.functional as F
 
     expected, state = model.state_dict(), dict(state)
-    key = "visual.positional_embedding"
-    if _resizable(state, expected, key):
-        old, size = state[key], math.isqrt(len(expected[key]) - 1)
-        side = math.isqrt(len(old) - 1)
-        if side * side + 1 == len(old) and size * size + 1 == len(expected[key]):  # a class token and a square grid
-            grid = old[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-            state[key] = torch.cat([old[:1], grid.permute(0, 2, 3, 1).reshape(size * size, -1)])
+    for key in ("visual.positional_embedding", "visual.trunk.pos_embed"):
+        if _resizable(state, expected, key):
+            state[key] = _resized_grid(state[key], len(expected[key][..., 0].flatten()))
     key = "text.positional_embedding"
     if _resizable(state, expected, key):
         state[key] = F.interpolate(state[key].T[None], size=len(expected[key]), mode="linear",
@@ -242,11 +239,28 @@ def resize_positions(state: dict, model: torch.nn.Module) -> dict:
     return state
 
 
+def _resized_grid(old: torch.Tensor, positions: int) -> torch.Tensor:
+    """A square grid of positions ([L, width] or timm's [1, L, width]), after a class token's position when there is
+    one, resized to ``positions`` in all; unchanged when neither reading makes both grids square."""
+    import torch.nn.functional as F
+
+    rows = old.reshape(-1, old.shape[-1])
+    for prefix in (1, 0):  # a class token's position first, or none (SigLIP; a class token without one)
+        side, size = math.isqrt(len(rows) - prefix), math.isqrt(positions - prefix)
+        if side * side + prefix == len(rows) and size * size + prefix == positions:
+            grid = rows[prefix:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            resized = torch.cat([rows[:prefix], grid.permute(0, 2, 3, 1).reshape(size * size, -1).to(rows.dtype)])
+            return resized.reshape(*old.shape[:-2], positions, old.shape[-1])
+    return old
+
+
 def _resizable(state: dict, expected: dict, key: str) -> bool:
-    """Both hold ``key`` as [positions, width] of the same width and a different number of positions."""
+    """Both hold ``key`` as [positions, width] (or [1, positions, width]) of the same width and a different number of
+    positions."""
     old, new = state.get(key), expected.get(key)
-    return old is not None and new is not None and old.dim() == new.dim() == 2 and old.shape[1] == new.shape[1] \
-        and old.shape[0] != new.shape[0]
+    return old is not None and new is not None and old.dim() == new.dim() and old.dim() in (2, 3) \
+        and old.shape[:-2] == new.shape[:-2] and old.shape[-1] == new.shape[-1] and old.shape[-2] != new.shape[-2]
 
 
 def load_into(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> None:
