@@ -652,6 +652,30 @@ def test_recompute_activations_setting_reaches_both_towers(recompute):
     assert model.visual.transformer.lean is recompute and model.text.transformer.lean is recompute
 
 
+def test_force_image_size_trains_pretrained_weights_at_another_size_with_their_positions_resized(tmp_path):
+    """``--force-image-size 96`` from 64-pixel weights: the run starts from the weights with the position grid resized
+    (``resize_positions``, open_clip's rule), trains and validates at 96 pixels, and its checkpoint loads at 96."""
+    from clipforge.checkpoint.io import resize_positions
+    from clipforge.cli import main
+
+    torch.manual_seed(0)
+    start = clipforge.create_model("ViT-Tiny-64")
+    clipforge.save_pretrained(start, tmp_path / "start", clipforge.get_model_config("ViT-Tiny-64"))
+    shard = shapes_shard(tmp_path / "s-000000.tar", 16)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "ViT-Tiny-64", "--pretrained", str(tmp_path / "start"), "--force-image-size",
+                 "96", "--train-data", str(shard), "--val-data", str(shard), "--batch-size", "8", "--steps", "1",
+                 "--lr", "1e-12", "--workers", "0", "--no-progress", "--output", str(run)]) == 0
+    model, preprocess, _ = clipforge.load(str(run / "checkpoints" / "step-00000001"))
+    assert model.image_size == 96 and preprocess.image_size == 96
+    key = "visual.positional_embedding"
+    expected = resize_positions(start.state_dict(), model)[key]
+    assert expected.shape[0] == 145 and start.state_dict()[key].shape[0] == 65  # 12 x 12 + 1 from 8 x 8 + 1
+    assert torch.allclose(model.state_dict()[key], expected, atol=1e-6)  # (a step at lr 1e-12 moves nothing visible)
+    assert torch.allclose(model.state_dict()["visual.conv1.weight"], start.state_dict()["visual.conv1.weight"],
+                          atol=1e-6)
+
+
 def test_training_from_pretrained_weights_uses_their_image_normalisation(tmp_path, monkeypatch):
     """Weights trained on other image statistics than OpenAI's (some LAION tags: mean and std 0.5) are trained and
     validated on those, as open_clip does, and the run's checkpoints record them for clipforge.load."""

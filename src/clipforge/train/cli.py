@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-cfg", type=json.loads, metavar="JSON",
                    help='overrides merged into the architecture, e.g. \'{"vision_cfg": {"image_size": 96}}\'')
     g.add_argument("--pretrained", help="start from these weights: a pretrained tag or a checkpoint path")
+    g.add_argument("--force-image-size", type=int, metavar="N",
+                   help="train at N pixels: the architecture's image size replaced, --pretrained weights' position "
+                        "grid resized to it (bicubic), as open_clip's flag")
     g.add_argument("--text-model", help="a pretrained Hugging Face text encoder as text tower, e.g. all-minilm-l6-v2")
     g.add_argument("--lock-image", action=argparse.BooleanOptionalAction, help="freeze the image tower (LiT)")
     g.add_argument("--lock-image-unlocked-groups", type=int, metavar="N",

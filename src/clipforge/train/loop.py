@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load_into, read_checkpoint
+from ..checkpoint.io import resize_positions
 from ..checkpoint.io import is_sharded_checkpoint
 from ..data import ContrastiveStream, make_loader, open_source
 from ..data.captions import swap_left_right
@@ -84,6 +85,7 @@ class TrainConfig:
     fsdp: bool = False  # shard weights, gradients and optimizer state across ranks (PyTorch FSDP2, clipforge.train.fsdp)
     torchcompile: bool = False
     patch_dropout: float = 0.0
+    force_image_size: int | None = None  # train at this size: --pretrained positions resized to it (open_clip's)
     lock_image: bool = False
     lock_image_unlocked_groups: int = 0  # a locked tower's last groups left training (open_clip's; CLIP.lock_image_tower)
     lock_image_freeze_bn_stats: bool = False  # with unlocked groups: the locked groups' batch-norm statistics frozen
@@ -166,7 +168,7 @@ def exit_torchrun_rank(code: int = 0) -> None:
 _AT_LEAST = {"batch_size": 1, "accum_freq": 1, "log_every": 1, "val_samples": 1, "bow_vocab": 1, "workers": 0,
              "save_every": 0, "keep": 0, "val_every": 0, "shuffle_buffer": 0, "steps": 1, "train_num_samples": 1,
              "loss_chunk_size": 1, "warmup": 0, "cooldown": 1, "lock_image_unlocked_groups": 0,
-             "lock_text_unlocked_layers": 0}
+             "lock_text_unlocked_layers": 0, "force_image_size": 1}
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -237,6 +239,8 @@ def model_config_for(cfg: TrainConfig) -> dict:
     config = merge_config(get_model_config(cfg.model), copy.deepcopy(cfg.model_cfg or {}))
     if cfg.patch_dropout:
         config["vision_cfg"]["patch_dropout"] = cfg.patch_dropout
+    if cfg.force_image_size:
+        config["vision_cfg"]["image_size"] = cfg.force_image_size
     if cfg.text_model:
         context = config["text_cfg"].get("context_length", 77)
         config["text_cfg"] = {"hf_model_name": cfg.text_model, "pooling": "mean", "context_length": context}
@@ -254,9 +258,10 @@ def _build_model(cfg: TrainConfig, model_config: dict, device: torch.device, wor
     if cfg.pretrained and cfg.objective != "classify":  # (a classifier is built from its --pretrained)
         from .. import read_model_weights
 
-        # the weights go straight into the model built above (no second model to copy them from)
+        # the weights go straight into the model built above (no second model to copy them from); at another image
+        # size or context length (--force-image-size, --model-cfg) their positions are resized as open_clip does
         _, state, normalisation, _ = read_model_weights(cfg.model, pretrained=cfg.pretrained)
-        load_into(model, state, source=cfg.pretrained)
+        load_into(model, resize_positions(state, model), source=cfg.pretrained)
         model.normalisation = normalisation  # its image mean/std: training and validation use them
     if cfg.lock_image:
         model.lock_image_tower(cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats)
