@@ -79,6 +79,23 @@ def test_csv_and_folder_sources(tmp_path):
         CsvSource(tmp_path / "bad.csv")
 
 
+def test_csv_columns_and_separator_as_open_clip_names_them(tmp_path):
+    """open_clip's --csv-img-key / --csv-caption-key / --csv-separator: named columns and separator; a tab-separated
+    file named .csv (open_clip's default separator) is read without one; a named column that is absent is an error
+    naming it and the columns found."""
+    for i, colour in enumerate(["red", "blue"]):
+        (tmp_path / f"img{i}.png").write_bytes(_png(colour))
+    (tmp_path / "custom.csv").write_text("img;desc;title\nimg0.png;a red thing;x\nimg1.png;a blue thing;y\n")
+    custom = open_source(str(tmp_path / "custom.csv"), csv_keys={"image_key": "img", "caption_key": "desc",
+                                                                 "separator": ";"})
+    assert sorted(s["txt"] for s in custom.samples(0, 1, 0, 0, Counter())) == [b"a blue thing", b"a red thing"]
+    (tmp_path / "tabbed.csv").write_text("filepath\ttitle\nimg0.png\tred, in a field\nimg1.png\tblue\n")
+    assert sorted(s["txt"] for s in open_source(str(tmp_path / "tabbed.csv")).samples(0, 1, 0, 0, Counter())) == \
+        [b"blue", b"red, in a field"]
+    with pytest.raises(ValueError, match=r"no caption column 'caption'; its columns \(separated by ';'\): \['img'"):
+        CsvSource(tmp_path / "custom.csv", caption_key="caption", separator=";")
+
+
 def test_parts_split_the_data_without_overlap():
     source = ShapesSource(50)
     seen = [s["__key__"] for part in range(3) for s in source.samples(part, 3, 0, 0, Counter())]

@@ -459,6 +459,43 @@ def test_zeroshot_data_sets_are_measured_at_each_validation_as_clipforge_eval_me
                           zeroshot_split="val", workers=0, output=str(tmp_path / "bad"), progress=False))
 
 
+def test_open_clips_training_flags_read_as_their_clipforge_settings_or_stop_with_what_to_use(tmp_path, capsys):
+    import argparse
+
+    from clipforge.cli import main
+    from clipforge.train import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    cfg = cli.config_from_args(parser.parse_args([
+        "--siglip", "--grad-clip-norm", "1", "--lr-scheduler", "const-cooldown", "--log-every-n-steps", "5",
+        "--force-patch-dropout", "0.5", "--delete-previous-checkpoint", "--csv-separator", "\\t"]))
+    assert (cfg.loss, cfg.grad_clip, cfg.lr_schedule, cfg.log_every, cfg.patch_dropout, cfg.keep, cfg.csv_separator) \
+        == ("siglip", 1.0, "constant-cooldown", 5, 0.5, 1, "\t")
+    for flag, instead in (("--zeroshot-frequency", "--zeroshot-data ROOT"), ("--val-frequency", "--val-every N"),
+                          ("--dataset-type", "read from --train-data"), ("--lr-scheduler", "const-cooldown")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", flag, "1", "--train-data", "x"])
+        assert stopped.value.code == 2 and instead in capsys.readouterr().err, flag
+    assert "--siglip" in parser.description and "--siglip" not in parser.format_usage()  # listed, not in the table
+    with pytest.raises(ValueError, match="--csv-separator ';;': expected one character"):
+        train(TrainConfig(train_data="x.csv", csv_separator=";;", output=str(tmp_path / "bad")))
+
+    # a CSV of open_clip's kind with its own column names, for training and validation
+    from PIL import Image
+
+    rows = ["img;desc"]
+    for i, colour in enumerate(["red", "blue", "green", "yellow"] * 4):
+        Image.new("RGB", (40, 40), colour).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png;a {colour} square")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    assert main(["train", "--model", "ViT-Tiny-64", "--train-data", str(tmp_path / "pairs.csv"), "--val-data",
+                 str(tmp_path / "pairs.csv"), "--csv-img-key", "img", "--csv-caption-key", "desc", "--csv-separator",
+                 ";", "--batch-size", "8", "--steps", "1", "--workers", "0", "--no-progress",
+                 "--output", str(tmp_path / "run")]) == 0
+    assert "text_to_image_R@1" in capsys.readouterr().out  # validated on the CSV's 16 pairs
+
+
 class _ColourOracle(torch.nn.Module):
     """Knows colours perfectly: an image embeds as the one-hot of its nearest palette colour, a text as the one-hot
     of the colour word in it. Zero-shot accuracy over colour classes must then be exactly 1."""

@@ -252,20 +252,29 @@ class IndexedSource:
 
 
 class CsvSource(IndexedSource):
-    """A CSV (or TSV) file: an image path column (``IMAGE_COLUMNS``) and a caption column (``CAPTION_COLUMNS``)
-    and/or a ``label`` column (an integer, or one of ``classnames``). Relative paths are from the file's folder."""
+    """A CSV (or TSV) file: an image path column (``image_key``, else the first of ``IMAGE_COLUMNS``) and a caption
+    column (``caption_key``, else ``CAPTION_COLUMNS``) and/or a ``label`` column (an integer, or one of
+    ``classnames``). Relative paths are from the file's folder. ``separator``: else a tab for ``.tsv``/``.tab`` files
+    and for a header with tabs and no commas (open_clip's ``--csv-separator`` default is a tab), else a comma."""
 
     def __init__(self, path: str | Path, image_key: str | None = None, caption_key: str | None = None,
-                 classnames: list[str] | None = None, shuffle: bool = True):
+                 classnames: list[str] | None = None, shuffle: bool = True, separator: str | None = None):
         path = Path(path)
         self.anchor, self.classnames, self.shuffle = str(path), classnames, shuffle
-        delimiter = "\t" if path.suffix in (".tsv", ".tab") else ","
         with open(path, newline="") as handle:
-            reader = csv.DictReader(handle, delimiter=delimiter)
+            header = handle.readline()
+            handle.seek(0)
+            if separator is None:
+                tabbed = path.suffix in (".tsv", ".tab") or ("\t" in header and "," not in header)
+                separator = "\t" if tabbed else ","
+            reader = csv.DictReader(handle, delimiter=separator)
             fields = reader.fieldnames or []
-            image_key = image_key if image_key in fields else next((f for f in IMAGE_COLUMNS if f in fields), None)
-            caption_key = caption_key if caption_key in fields else \
-                next((f for f in CAPTION_COLUMNS if f in fields), None)
+            for given, what in ((image_key, "image path"), (caption_key, "caption")):
+                if given is not None and given not in fields:
+                    raise ValueError(f"{path}: no {what} column {given!r}; its columns (separated by "
+                                     f"{separator!r}): {fields}")
+            image_key = image_key or next((f for f in IMAGE_COLUMNS if f in fields), None)
+            caption_key = caption_key or next((f for f in CAPTION_COLUMNS if f in fields), None)
             label_key = LABEL_COLUMN if LABEL_COLUMN in fields else None
             if image_key is None or (caption_key is None and label_key is None):
                 raise ValueError(f"{path}: need an image path column ({'/'.join(IMAGE_COLUMNS)}) and a caption column "
@@ -308,14 +317,16 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
 
 
-def open_source(spec: str, shuffle_buffer: int = 1000, classnames: list[str] | None = None):
+def open_source(spec: str, shuffle_buffer: int = 1000, classnames: list[str] | None = None,
+                csv_keys: dict | None = None):
     """The source a spec names: ``*.csv``/``*.tsv``; a folder of ``.tar`` shards; a folder of images (with sidecar
     captions, or with ``classnames`` one subfolder per class); or shard URLs (brace notation, ``::`` lists,
     ``pipe:``). ``shuffle_buffer`` 0 reads in order (evaluation); ``classnames`` names a labelled collection's
-    classes (a CSV's label column may use them)."""
+    classes (a CSV's label column may use them); ``csv_keys``: a CSV's ``image_key``, ``caption_key`` and
+    ``separator`` (``CsvSource``; other sources have no columns to name)."""
     shuffle = shuffle_buffer > 0
     if spec.endswith((".csv", ".tsv")):
-        return CsvSource(spec, classnames=classnames, shuffle=shuffle)
+        return CsvSource(spec, classnames=classnames, shuffle=shuffle, **(csv_keys or {}))
     path = Path(spec)
     if path.is_dir():
         tars = sorted(path.glob("*.tar"))

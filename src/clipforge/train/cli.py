@@ -22,6 +22,10 @@ model_cfg, ...); flags given on the command line override it. A run's own run_co
 
 Several processes or GPUs: torchrun --nproc-per-node 4 -m clipforge.cli train ... (DDP; NCCL on GPU, gloo on CPU).
 
+open_clip's command lines: its flags of the same meaning are read under its names too (--siglip, --grad-clip-norm,
+--lr-scheduler cosine|const|const-cooldown, --log-every-n-steps, --force-patch-dropout, --delete-previous-checkpoint
+as --keep 1); its epoch-counted and logging flags are refused with the step-counted flag to use instead.
+
 Stopping: Ctrl-C or SIGTERM (a scheduler's preemption) ends the run after the current step with a checkpoint
 (under torchrun, at the next --log-every step, where the ranks agree); --resume latest continues it exactly.
 A second Ctrl-C quits at once.
@@ -113,6 +117,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-data", help="training data (shards, CSV or folder)")
     g.add_argument("--val-data", help="held-out data for periodic retrieval R@1/5/10 (every caption of an image "
                                       "counts), and zero-shot top-1/5 when labelled (classnames.txt beside it)")
+    g.add_argument("--csv-img-key", metavar="COLUMN",
+                   help="a CSV's image path column [the first of filepath, image, path, image_path, file]")
+    g.add_argument("--csv-caption-key", metavar="COLUMN", help="a CSV's caption column [title, caption or text]")
+    g.add_argument("--csv-separator", metavar="CHAR", type=lambda s: "\t" if s in ("\\t", "tab") else s,
+                   help="a CSV's separator ('\\t' or 'tab' for a tab) [a tab for .tsv files and tab-separated "
+                        "headers, else a comma]")
     g.add_argument("--zeroshot-data", action="append", metavar="ROOT",
                    help="a labelled data set (a folder clipforge eval reads: CLIP_benchmark shards with "
                         "classnames.txt, class folders or a CSV) whose zero-shot top-1/5 is measured whenever the "
@@ -131,7 +141,60 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shuffle-buffer", type=int, help=f"shard sample shuffle buffer [{d.shuffle_buffer}]")
     add_optimisation_arguments(p)
     add_run_arguments(p)
+    add_open_clip_spellings(p)
     p.set_defaults(func=run)
+
+
+# open_clip_train's flags with no exact counterpart here, and what to give instead
+OPEN_CLIP_INSTEAD = {
+    "--save-frequency": "clipforge counts steps: --save-every N",
+    "--val-frequency": "clipforge counts steps: --val-every N",
+    "--zeroshot-frequency": "clipforge counts steps: --val-every N, with --zeroshot-data ROOT for each labelled set",
+    "--imagenet-val": "give --zeroshot-data ROOT (class folders, or shards with classnames.txt beside them)",
+    "--imagenet-v2": "give --zeroshot-data ROOT (class folders, or shards with classnames.txt beside them)",
+    "--epochs-cooldown": "clipforge counts steps: --lr-schedule constant-cooldown --cooldown N",
+    "--logs": "give the run's own folder as --output FOLDER",
+    "--name": "give the run's own folder as --output FOLDER",
+    "--report-to": "metrics go to OUTPUT/metrics.jsonl, and to OUTPUT/tensorboard when tensorboard is installed",
+    "--dataset-type": "the kind of data is read from --train-data itself (a .csv/.tsv, shards, a folder)",
+    "--dataset-resampled": "not needed: each process reads its shards as an endless stream, so uneven shards never "
+                           "leave a rank without data",
+    "--aug-cfg": "give --crop-scale MIN MAX and --hflip",
+    "--gather-with-grad": "not needed: clipforge's loss always gathers the other ranks' features with gradients",
+    "--horovod": "run several processes under torchrun",
+}
+
+
+class _OpenClipOnly(argparse.Action):
+    """An open_clip flag without an exact counterpart: the command stops and names what to give instead."""
+
+    def __init__(self, option_strings, dest, instead: str = "", **kwargs):
+        super().__init__(option_strings, argparse.SUPPRESS, nargs="?", help=argparse.SUPPRESS)
+        self.instead = instead
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is open_clip's; {self.instead}")
+
+
+def add_open_clip_spellings(p: argparse.ArgumentParser) -> None:
+    """open_clip's names for settings clipforge has under its own (hidden from --help; the description lists them),
+    and its flags that have no exact counterpart (``OPEN_CLIP_INSTEAD``)."""
+    hidden = argparse.SUPPRESS
+    schedules = {"cosine": "cosine", "const": "constant", "const-cooldown": "constant-cooldown"}
+
+    def open_clip_schedule(name: str) -> str:
+        if name not in schedules:
+            raise argparse.ArgumentTypeError(f"{name!r}: open_clip's schedules are {', '.join(schedules)}")
+        return schedules[name]
+
+    p.add_argument("--siglip", dest="loss", action="store_const", const="siglip", help=hidden)
+    p.add_argument("--grad-clip-norm", dest="grad_clip", type=float, help=hidden)
+    p.add_argument("--lr-scheduler", dest="lr_schedule", type=open_clip_schedule, help=hidden)
+    p.add_argument("--log-every-n-steps", dest="log_every", type=int, help=hidden)
+    p.add_argument("--force-patch-dropout", dest="patch_dropout", type=float, help=hidden)
+    p.add_argument("--delete-previous-checkpoint", dest="keep", action="store_const", const=1, help=hidden)
+    for flag, instead in OPEN_CLIP_INSTEAD.items():
+        p.add_argument(flag, action=_OpenClipOnly, instead=instead)
 
 
 def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:

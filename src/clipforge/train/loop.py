@@ -59,6 +59,9 @@ class TrainConfig:
     pretrained: str | None = None
     train_data: str | None = None
     val_data: str | None = None
+    csv_img_key: str | None = None  # a CSV's image path column [filepath, image, path ...] (open_clip's flags)
+    csv_caption_key: str | None = None  # its caption column [title, caption, text]
+    csv_separator: str | None = None  # [a tab for .tsv and tab-separated headers, else a comma]
     train_num_samples: int | None = None
     batch_size: int = 64
     epochs: float = 1.0
@@ -194,6 +197,8 @@ def _check_config(cfg: TrainConfig) -> None:
     for name in ("beta1", "beta2", "patch_dropout"):
         if not 0 <= getattr(cfg, name) < 1:
             refuse(name, getattr(cfg, name), "a number from 0 up to (not including) 1")
+    if cfg.csv_separator is not None and len(cfg.csv_separator) != 1:
+        refuse("csv_separator", repr(cfg.csv_separator), "one character ('\\t' or 'tab' on the command line: a tab)")
     low, high = cfg.crop_scale
     if not 0 < low <= high <= 1:
         refuse("crop_scale", f"{low} {high}", "MIN MAX with 0 < MIN <= MAX <= 1")
@@ -233,6 +238,11 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "amp_bf16" if device.type == "cuda" else "fp32"
     return "amp_fp16" if precision == "amp" else precision
+
+
+def csv_keys(cfg: TrainConfig) -> dict:
+    """The CSV columns and separator the flags name, for ``open_source``."""
+    return {"image_key": cfg.csv_img_key, "caption_key": cfg.csv_caption_key, "separator": cfg.csv_separator}
 
 
 def model_config_for(cfg: TrainConfig) -> dict:
@@ -333,7 +343,8 @@ def _check_captioned(source, name, peek: int = 64) -> None:
 
 def _open_training_data(cfg: TrainConfig, train_source=None):
     """(source, its labels) with the data checked usable before any training starts."""
-    source = train_source if train_source is not None else open_source(cfg.train_data, cfg.shuffle_buffer)
+    source = train_source if train_source is not None else \
+        open_source(cfg.train_data, cfg.shuffle_buffer, csv_keys=csv_keys(cfg))
     labels = _Labels(cfg, source)
     if not labels.classnames and cfg.objective != "self-supervised":  # images alone need no captions
         _check_captioned(source, cfg.train_data or source)
