@@ -60,6 +60,44 @@ def test_embeddings_are_sharded_float16_with_metadata(collection):
     assert info["weights_dtype"] == "float32"  # --precision auto on CPU
 
 
+def test_force_image_size_runs_a_model_at_another_size_and_the_collection_remembers_it(collection, tmp_path, capsys):
+    """``clipforge.load(force_image_size=96)`` of a 64-pixel model: its position grid resized (``resize_positions``)
+    and images preprocessed to 96; ``embed --force-image-size 96`` stores that model's features and records the size,
+    which search and serve then load the model at; an ONNX export is made at the size and refuses another."""
+    from clipforge.checkpoint.io import resize_positions
+    from clipforge.inference import load_for_inference
+    from clipforge.retrieval import load_embeddings
+
+    ckpt = collection["ckpt"]
+    model, preprocess, _ = clipforge.load(ckpt, force_image_size=96)
+    assert model.image_size == preprocess.image_size == 96
+    key = "visual.positional_embedding"
+    assert torch.equal(model.state_dict()[key], resize_positions(clipforge.load(ckpt)[0].state_dict(), model)[key])
+    for bad in (0, 9.5):
+        with pytest.raises(ValueError, match="force_image_size"):
+            clipforge.load(ckpt, force_image_size=bad)
+
+    out = tmp_path / "emb96"
+    assert cli.main(["embed", str(collection["images"]), str(out), "--pretrained", ckpt, "--force-image-size", "96",
+                     "--no-progress"]) == 0
+    assert json.loads((out / "embed_info.json").read_text())["force_image_size"] == 96
+    vectors, rows = load_embeddings(out)
+    assert rows[0]["path"].endswith("shape000.png")
+    first = Image.open(collection["images"] / "shape000.png")
+    with torch.no_grad():
+        expected = model.encode_image(preprocess(first.convert("RGB"))[None], normalize=True)[0].numpy()
+    assert np.abs(vectors[0] - expected).max() < 2e-3
+    reloaded, queries, _ = load_for_inference(collection=out)
+    assert reloaded.image_size == queries.image_size == 96
+    load_for_inference(collection=out, force_image_size=80)
+    assert "embedded with --force-image-size 96" in capsys.readouterr().err
+
+    assert cli.main(["export", "onnx", ckpt, str(tmp_path / "onnx"), "--force-image-size", "96", "--no-check"]) == 0
+    assert load_for_inference(str(tmp_path / "onnx"))[1].image_size == 96
+    with pytest.raises(ValueError, match="runs at the image size it was exported at"):
+        load_for_inference(str(tmp_path / "onnx"), force_image_size=96)
+
+
 def test_embedding_resumes_at_the_first_missing_shard(collection, tmp_path, capsys):
     out = tmp_path / "emb"
     shutil.copytree(collection["emb"], out)

@@ -54,6 +54,11 @@ def _features(output):
     return getattr(output, "pooler_output", output)  # transformers 5 returns an output object, 4.x the tensor
 
 
+def test_force_image_size_on_a_naflex_model_names_max_patches(naflex_folder):
+    with pytest.raises(ValueError, match="NaFlex model takes each image at its own size.*--max-patches"):
+        clipforge.load(str(naflex_folder), force_image_size=256)
+
+
 def test_a_siglip2_naflex_folder_loads_with_transformers_features_and_inputs(naflex_folder):
     from transformers import Siglip2Model
 

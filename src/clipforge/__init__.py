@@ -173,7 +173,7 @@ def _use_tokenizer_beside_weights(config: dict, *paths) -> None:
 
 
 def load(name_or_path: str, pretrained: str | None = None, device: str = "cpu", quick_gelu: bool | None = None,
-         trust_pickle: bool = False):
+         trust_pickle: bool = False, force_image_size: int | None = None):
     """Return ``(model, preprocess, tokenizer)`` with the model in eval mode.
 
     ``name_or_path``: a zoo name (``clipforge.list_models()``), ``hf-hub:OWNER/NAME`` (an open_clip or transformers
@@ -182,12 +182,24 @@ def load(name_or_path: str, pretrained: str | None = None, device: str = "cpu", 
     its config, or inferred from the weights). ``pretrained``: a tag (``clipforge.list_pretrained(name)``), downloaded
     into the cache and verified, or a checkpoint path loaded into the named architecture. ``quick_gelu`` overrides the
     activation (OpenAI's weights use QuickGELU; it cannot be read from the weights). ``trust_pickle`` allows full
-    unpickling of ``.pt``/``.bin`` files: only for files you trust.
+    unpickling of ``.pt``/``.bin`` files: only for files you trust. ``force_image_size``: the model at another image
+    size than its weights', their position grid resized as open_clip's ``force_image_size`` resizes it, and the
+    preprocessing at that size (a model trained on random crops often reads larger images better, FixRes;
+    docs/BENCHMARKS.md).
     """
+    from .models import is_naflex
     from .preprocess import preprocess_for
     from .tokenizer import get_tokenizer
 
-    model = load_model(name_or_path, pretrained, quick_gelu, trust_pickle).to(device)
+    overrides = None
+    if force_image_size is not None:
+        if not (isinstance(force_image_size, int) and force_image_size > 0):
+            raise ValueError(f"force_image_size {force_image_size!r}: expected a whole number of pixels above 0")
+        overrides = {"vision_cfg": {"image_size": force_image_size}}
+    model = load_model(name_or_path, pretrained, quick_gelu, trust_pickle, overrides=overrides).to(device)
+    if force_image_size is not None and is_naflex(model.config):
+        raise ValueError("force_image_size: a SigLIP 2 NaFlex model takes each image at its own size and aspect "
+                         "ratio; its --max-patches sets how finely")
     return model, preprocess_for(model), get_tokenizer(model.config)
 
 

@@ -36,13 +36,17 @@ def add_model_arguments(p: argparse.ArgumentParser, recorded: bool = False, seve
                    help="a SigLIP 2 NaFlex model: the most patches each image is cut into, its sequence length "
                         "(transformers' max_num_patches; more is finer and slower) [the model's own grid, 256 for "
                         "the released models" + ("; for a collection, what embed used" if recorded else "") + "]")
+    p.add_argument("--force-image-size", type=positive_int, default=None, metavar="N",
+                   help="run the model at N pixels instead of its own size, its position grid resized as "
+                        "open_clip's force_image_size does (a model trained on random crops may read larger images "
+                        "better) [its own" + ("; for a collection, what embed used" if recorded else "") + "]")
 
 
 def load_from_args(args, collection: str | os.PathLike | None = None):
     """``load_for_inference`` with the flags ``add_model_arguments`` defines."""
     return load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, collection=collection,
                               backend=args.backend, precision=args.precision, language=args.language,
-                              max_patches=args.max_patches)
+                              max_patches=args.max_patches, force_image_size=args.force_image_size)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -77,7 +81,7 @@ def default_device(device: str | None = None) -> str:
 def load_for_inference(model: str | None = None, pretrained: str | None = None, device: str | None = None,
                        trust_pickle: bool = False, collection: str | os.PathLike | None = None,
                        backend: str | None = None, precision: str | None = "fp32", language: str | None = None,
-                       max_patches: int | None = None):
+                       max_patches: int | None = None, force_image_size: int | None = None):
     """``(model, preprocess, tokenizer)`` in eval mode on ``device``.
 
     ``model`` alone: a zoo name (random weights) or a checkpoint path; ``pretrained`` alone: a checkpoint path; both:
@@ -89,6 +93,8 @@ def load_for_inference(model: str | None = None, pretrained: str | None = None, 
     language, set on the tokenizer (``set_language``); an error for a tokenizer without source languages.
     ``max_patches``: a SigLIP 2 NaFlex model's sequence length (``NaFlexPreprocess``); for a collection embedded with
     one, what it recorded (query images must be cut as its images were); an error for any other model.
+    ``force_image_size``: the model at that image size (``clipforge.load``); for a collection embedded with one, what
+    it recorded.
     """
     from . import load
 
@@ -102,6 +108,11 @@ def load_for_inference(model: str | None = None, pretrained: str | None = None, 
         check_collection(collection)
         spec = model_spec(collection)
         recorded_patches = spec.get("max_patches")
+        recorded_size = spec.get("force_image_size")
+        if force_image_size is not None and recorded_size is not None and force_image_size != recorded_size:
+            print(f"warning: the collection was embedded with --force-image-size {recorded_size}; image queries at "
+                  f"{force_image_size} px give other features than its images'", file=sys.stderr)
+        force_image_size = force_image_size or recorded_size
         if model is None and pretrained is None:
             model, pretrained = spec.get("model"), spec.get("pretrained")
     if model is None and pretrained is None:
@@ -120,11 +131,14 @@ def load_for_inference(model: str | None = None, pretrained: str | None = None, 
         if max_patches is not None:
             raise ValueError("--max-patches sets a SigLIP 2 NaFlex model's sequence length; the ONNX backend runs "
                              "square-image graphs (NaFlex models are not exported)")
+        if force_image_size is not None:
+            raise ValueError("--force-image-size: an ONNX export runs at the image size it was exported at; export "
+                             "the model at that size instead (clipforge export onnx MODEL OUT --force-image-size N)")
         return _set_language(load_onnx(path, int8=backend == "onnx-int8"), language)
     device = default_device(device)
     dtype = inference_dtype(precision, device)  # checked before anything loads
     if model is None or (pretrained is None and os.path.exists(model)):
-        loaded = load(pretrained or model, device=device, trust_pickle=trust_pickle)
+        loaded = load(pretrained or model, device=device, trust_pickle=trust_pickle, force_image_size=force_image_size)
     else:
         if pretrained is None and not model.startswith("hf-hub:"):  # open_clip warns the same: an easy slip
             from .models import get_model_config
@@ -132,7 +146,8 @@ def load_for_inference(model: str | None = None, pretrained: str | None = None, 
             get_model_config(model)  # an unknown name is the error to give, not this warning
             print(f"warning: --model {model} without --pretrained has random weights, whose features mean nothing; "
                   f"give --pretrained TAG_OR_CHECKPOINT (`clipforge models` lists the tags)", file=sys.stderr)
-        loaded = load(model, pretrained=pretrained, device=device, trust_pickle=trust_pickle)
+        loaded = load(model, pretrained=pretrained, device=device, trust_pickle=trust_pickle,
+                      force_image_size=force_image_size)
     if dtype != weights_dtype(loaded[0]):
         loaded[0].to(dtype)
     return _set_language(_set_max_patches(loaded, max_patches, recorded_patches, path), language)

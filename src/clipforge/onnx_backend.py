@@ -181,6 +181,8 @@ def load_onnx(folder: str | os.PathLike, int8: bool = False, threads: int | None
 
 
 def add_export_arguments(p) -> None:
+    from .argtypes import positive_int
+
     p.description = ("Export a model's image and text towers as ONNX graphs (dynamic batch) that ONNX Runtime runs "
                      "on CPU: pass the folder as --model to embed, search, serve and eval (--backend onnx, or "
                      "onnx-int8 with --int8). Needs pip install 'clipforge[onnx]'.")
@@ -190,6 +192,8 @@ def add_export_arguments(p) -> None:
     p.add_argument("output", help="folder to write image.onnx, text.onnx and clipforge_onnx.json into")
     p.add_argument("--pretrained", help="a pretrained tag or checkpoint path for MODEL")
     p.add_argument("--int8", action="store_true", help="also write image.int8.onnx (dynamic int8 quantisation)")
+    p.add_argument("--force-image-size", type=positive_int, metavar="N",
+                   help="export the model at N pixels, its position grid resized (clipforge.load's force_image_size)")
     p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling (trusted files only)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="compare the graphs with PyTorch on a random batch and report the largest difference")
@@ -199,7 +203,8 @@ def add_export_arguments(p) -> None:
 def run_export(args) -> int:
     from .inference import load_for_inference
 
-    model, _, tokenizer = load_for_inference(args.model, args.pretrained, "cpu", args.trust_pickle, backend="torch")
+    model, _, tokenizer = load_for_inference(args.model, args.pretrained, "cpu", args.trust_pickle, backend="torch",
+                                             force_image_size=args.force_image_size)
     out = export_onnx(model, args.output, int8=args.int8)
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     if args.check:

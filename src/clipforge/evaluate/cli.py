@@ -221,7 +221,8 @@ def _evaluate(args, model, preprocess, tokenizer) -> None:
     from .metrics import check_labels, classification_metrics, confusion_png, fewshot_png, per_class_table
 
     result = {"dataset": args.dataset or Path(args.dataset_root).name, "model": args.model,
-              "pretrained": args.pretrained, "task": CB_TASK[args.task], "language": "en"}
+              "pretrained": args.pretrained, "task": CB_TASK[args.task], "language": "en",
+              **({"image_size": model.image_size} if getattr(args, "force_image_size", None) else {})}
     if args.prior_data and (tokenizer is not None or model.config.get("objective") != "caption"):
         raise ValueError("--prior-data is for checkpoints of --objective caption; "
                          f"{args.pretrained or args.model} is not one")

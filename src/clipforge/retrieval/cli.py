@@ -49,7 +49,8 @@ def run_embed(args) -> int:
         stats = embed_collection(model, preprocess, args.input, args.output, args.shard_size, args.batch_size,
                                  texts, tokenizer, rank, world, args.progress and rank == 0, workers=workers,
                                  model_spec={"model": args.model, "pretrained": args.pretrained},
-                                 max_patches=getattr(preprocess, "max_patches", None))
+                                 max_patches=getattr(preprocess, "max_patches", None),
+                                 force_image_size=args.force_image_size)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

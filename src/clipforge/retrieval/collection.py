@@ -155,14 +155,15 @@ def write_info(folder: str | Path, info: dict) -> None:
 
 def model_spec(folder: str | Path) -> dict:
     """The --model/--pretrained that embedded this collection, paths among them usable from here (and its
-    --max-patches, for a SigLIP 2 NaFlex model)."""
+    --max-patches, for a SigLIP 2 NaFlex model, and --force-image-size, when it ran at another image size)."""
     info = read_info(folder)
     spec = dict(info.get("model_spec", {}))
     if info.get(RELATIVE_PATHS):
         references = PathReferences(folder)
         spec = {key: references.find(value) or value for key, value in spec.items()}
-    if info.get("max_patches"):
-        spec["max_patches"] = int(info["max_patches"])
+    for key in ("max_patches", "force_image_size"):
+        if info.get(key):
+            spec[key] = int(info[key])
     return spec
 
 

@@ -52,12 +52,14 @@ def decoded_batches(items: list[dict], preprocess, batch_size: int, workers: int
 def embed_collection(model, preprocess, input_spec: str, output: str | Path, shard_size: int = 10_000,
                      batch_size: int = 256, texts: list[str] | None = None, tokenizer=None, rank: int = 0,
                      world_size: int = 1, progress: bool = True, device=None, workers: int = 0,
-                     model_spec: dict | None = None, max_patches: int | None = None) -> dict:
+                     model_spec: dict | None = None, max_patches: int | None = None,
+                     force_image_size: int | None = None) -> dict:
     """Embed every image of ``input_spec`` into ``output``; returns counts (embedded, skipped, shards reused).
 
     ``workers`` > 0 decodes and preprocesses in that many processes while the model runs (what keeps a GPU fed).
     ``model_spec`` (``{"model", "pretrained"}``) is recorded so that search and serve reload the same model, and
-    ``max_patches`` (a SigLIP 2 NaFlex model's sequence length) so that they cut query images as these were.
+    ``max_patches`` (a SigLIP 2 NaFlex model's sequence length) and ``force_image_size`` (a model run at another size
+    than its own) so that they take query images as these were taken.
     Paths are recorded relative to ``output`` (``retrieval.collection`` says how).
     """
     output = Path(output)
@@ -70,7 +72,8 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
     summary = {"input": paths.spec(input_spec), "dim": model.embed_dim, "model": getattr(model, "config", None),
                "model_spec": {key: paths.spec(value) for key, value in (model_spec or {}).items()},
                "weights_dtype": str(weights_dtype(model)).removeprefix("torch."), **paths.mark(),
-               **({"max_patches": int(max_patches)} if max_patches else {})}
+               **({"max_patches": int(max_patches)} if max_patches else {}),
+               **({"force_image_size": int(force_image_size)} if force_image_size else {})}
     if rank == 0:  # before any shard: a collection cut short reads its paths the same way
         write_info(output, summary)
     n_shards = (len(items) + shard_size - 1) // shard_size
