@@ -237,11 +237,13 @@ def main():
                         help="only compare training samples/s: STEPS steps per implementation on the first shard")
     parser.add_argument("--rounds", type=int, default=2, help="with --speed: rounds of alternating runs")
     parser.add_argument("--evaluate", metavar="CHECKPOINT", help="only measure this trained model (no training)")
+    parser.add_argument("--image-size", type=int, help="with --evaluate: at this image size, its positions resized")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.evaluate:
-        model, _, tokenizer = clipforge.load(args.evaluate)
-        result = {"checkpoint": args.evaluate, **evaluate(model.eval(), tokenizer, args.data, probe=not args.skip_probe)}
+        model, _, tokenizer = clipforge.load(args.evaluate, force_image_size=args.image_size)
+        result = {"checkpoint": args.evaluate, "image_size": model.image_size,
+                  **evaluate(model.eval(), tokenizer, args.data, probe=not args.skip_probe)}
         print(json.dumps(result, indent=1))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

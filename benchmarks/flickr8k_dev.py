@@ -5,6 +5,9 @@
 
     clipforge train --config recipes/flickr8k-search/s1-crop05-flip.yaml --output runs/s1
     python benchmarks/flickr8k_dev.py runs/s1/checkpoints/step-00001500 --name s1 --jsonl runs/bench/flickr8k-dev.jsonl
+
+``--image-size N`` scores a model at another image size than it was trained at (its position grid resized as
+``force_image_size`` resizes it).
 """
 from __future__ import annotations
 
@@ -57,11 +60,12 @@ def main():
     parser.add_argument("--name", help="the row's name [the checkpoint path]")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--jsonl", type=Path, help="append the row to this file")
+    parser.add_argument("--image-size", type=int, help="score the model at this image size [its own]")
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
-    model, preprocess, tokenizer = clipforge.load(args.checkpoint)
-    row = {"name": args.name or args.checkpoint, "checkpoint": args.checkpoint,
+    model, preprocess, tokenizer = clipforge.load(args.checkpoint, force_image_size=args.image_size)
+    row = {"name": args.name or args.checkpoint, "checkpoint": args.checkpoint, "image_size": model.image_size,
            **dev_scores(model, preprocess, tokenizer, args.data), "eval_s": round(time.perf_counter() - start, 1)}
     print(json.dumps(row))
     if args.jsonl:
