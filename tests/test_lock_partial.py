@@ -33,6 +33,9 @@ def test_unlocked_groups_and_layers_are_open_clips():
         assert ours.training and ours.visual.training  # the unlocked part trains in training mode
     with pytest.raises(ValueError, match="6 unlocked groups; this tower has 5"):
         ours.lock_image_tower(unlocked_groups=6)
+    ours.lock_image_tower()  # locked whole (kept in eval mode), then partly: its unlocked part trains in training mode
+    ours.lock_image_tower(unlocked_groups=1)
+    assert ours.train().visual.training
     with pytest.raises(ValueError, match="a ResNet is locked whole"):
         clipforge.create_model("RN50").lock_image_tower(unlocked_groups=1)
     with pytest.raises(ValueError, match="Hugging Face text towers"):

@@ -322,6 +322,7 @@ class CLIP(nn.Module):
             unlock_last(self.visual, self.visual.lock_groups(), unlocked_groups, "--lock-image-unlocked-groups",
                         "groups")
             self._frozen_norms = frozen_batch_norms(self.visual) if freeze_bn_stats else []
+            self._locked_image = False  # (a tower locked whole before) the unlocked part trains in training mode
             self.train(self.training)
             return
         self.visual.requires_grad_(False)
