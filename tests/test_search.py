@@ -89,6 +89,10 @@ def test_force_image_size_runs_a_model_at_another_size_and_the_collection_rememb
     assert np.abs(vectors[0] - expected).max() < 2e-3
     reloaded, queries, _ = load_for_inference(collection=out)
     assert reloaded.image_size == queries.image_size == 96
+    # resuming at the model's own size would mix two kinds of vectors
+    assert cli.main(["embed", str(collection["images"]), str(out), "--pretrained", ckpt, "--no-progress"]) == 2
+    assert "other settings than this run's: the model's config; force_image_size 96 (now None)" in \
+        capsys.readouterr().err
     load_for_inference(collection=out, force_image_size=80)
     assert "embedded with --force-image-size 96" in capsys.readouterr().err
 

@@ -6,6 +6,7 @@ missing shard. Under ``torchrun`` output shard ``i`` belongs to rank ``i % world
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from ..data.sources import open_source
 from ..files import atomic_path
 from ..inference import weights_dtype
 from ..preprocess import BadImageError, image_batch
-from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, image_shard, item_path, load_item,
+from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, image_shard, item_path, load_item, read_info,
                          write_image_shard, write_info)
 
 
@@ -48,6 +49,27 @@ def decoded_batches(items: list[dict], preprocess, batch_size: int, workers: int
     return iter(loader)
 
 
+# what a shard's vectors depend on besides the weights: resuming into a folder embedded with other values would mix
+# two kinds of vectors (the model's config holds its architecture and image size)
+RESUME_SETTINGS = ("model", "max_patches", "force_image_size")
+
+
+def _check_resumable(output: Path, summary: dict, n_shards: int) -> None:
+    """Refuse to add shards to a collection whose finished shards were embedded by another architecture or at other
+    image settings. (The weights' precision may differ: its vectors are the same up to rounding. Paths are recorded
+    in more than one form, so another checkpoint of the same architecture is not told apart here.)"""
+    previous = read_info(output)
+    if not previous or not any(image_shard(output, shard)[0].exists() for shard in range(n_shards)):
+        return
+    current = json.loads(json.dumps({key: summary.get(key) for key in RESUME_SETTINGS}, default=str))  # as stored
+    changed = [("the model's config" if key == "model" else f"{key} {previous.get(key)!r} (now {current[key]!r})")
+               for key in RESUME_SETTINGS if (key in previous or key != "model") and previous.get(key) != current[key]]
+    if changed:
+        raise ValueError(f"{output} holds shards embedded with other settings than this run's: {'; '.join(changed)}. "
+                         "Resuming would mix two kinds of vectors: embed into a new folder, or resume with the same "
+                         "settings")
+
+
 @torch.no_grad()
 def embed_collection(model, preprocess, input_spec: str, output: str | Path, shard_size: int = 10_000,
                      batch_size: int = 256, texts: list[str] | None = None, tokenizer=None, rank: int = 0,
@@ -74,9 +96,10 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
                "weights_dtype": str(weights_dtype(model)).removeprefix("torch."), **paths.mark(),
                **({"max_patches": int(max_patches)} if max_patches else {}),
                **({"force_image_size": int(force_image_size)} if force_image_size else {})}
+    n_shards = (len(items) + shard_size - 1) // shard_size
+    _check_resumable(output, summary, n_shards)
     if rank == 0:  # before any shard: a collection cut short reads its paths the same way
         write_info(output, summary)
-    n_shards = (len(items) + shard_size - 1) // shard_size
     stats = {"images": len(items), "embedded": 0, "skipped": 0, "reused_shards": 0, "shards": n_shards,
              "bad_input_shards": getattr(source, "bad_shards", 0)}
     bar = tqdm(total=len(items), desc="embedding", unit="img", disable=not progress)
