@@ -448,9 +448,9 @@ def test_zeroshot_data_sets_are_measured_at_each_validation_as_clipforge_eval_me
     from clipforge.train.validation import open_zero_shot_sets
 
     sets = open_zero_shot_sets(TrainConfig(**json.loads((run / "run_config.json").read_text())["train"]), 64)
-    assert [(zs.name, zs.templates, len(zs.images.images)) for zs in sets] == [
+    assert [(zs.name, zs.templates, len(zs.samples.images)) for zs in sets] == [
         ("colours", ["a photo of a {}."], 20), ("colours-2", ["a {} square.", "the colour {}."], 20)]
-    assert sets[1].images.classnames == ["blue", "green", "red"] and sets[1].images.labels[:3].tolist() == [0, 0, 0]
+    assert sets[1].samples.classnames == ["blue", "green", "red"] and sets[1].samples.labels[:3].tolist() == [0, 0, 0]
     with pytest.raises(ValueError, match="--zeroshot-data measures zero-shot classification"):
         train(TrainConfig(model="ViT-Tiny-64", train_data=str(shard), objective="self-supervised", steps=1,
                           zeroshot_data=[str(folders)], output=str(tmp_path / "bad"), progress=False))

@@ -56,9 +56,9 @@ def _prior_images(cfg, train_source, labels, preprocess) -> list[torch.Tensor]:
 
 @dataclass
 class ZeroShotSet:
-    """One ``--zeroshot-data`` set: its name (the metrics' prefix), labelled images and prompt templates."""
+    """One ``--zeroshot-data`` set: its name (the metrics' prefix), its labelled images and its prompt templates."""
     name: str
-    images: object  # an EvaluationSet, captions made from the labels
+    samples: object  # an EvaluationSet (its captions made from the labels)
     templates: list[str]
 
 
@@ -78,18 +78,18 @@ def open_zero_shot_sets(cfg, image_size: int, preprocess_cfg: dict | None = None
     sets, names = [], set()
     for root in cfg.zeroshot_data:
         dataset = open_labelled(root, cfg.zeroshot_split)
-        images = evaluation_set(dataset.source, preprocess, cfg.val_samples, dataset.classnames, None, True,
-                                seed=cfg.seed)
-        if images.labels is None:
+        samples = evaluation_set(dataset.source, preprocess, cfg.val_samples, dataset.classnames, None, True,
+                                 seed=cfg.seed)
+        if samples.labels is None:
             raise ValueError(f"--zeroshot-data {root}: no usable labelled samples in split {cfg.zeroshot_split!r} "
-                             f"(skipped: {dict(images.skipped) or 'none'})")
-        images.prior_images = prior
+                             f"(skipped: {dict(samples.skipped) or 'none'})")
+        samples.prior_images = prior
         name, n = dataset.name, 1
         while name in names:  # two roots of one name (e.g. two "test" folders): the metrics stay apart
             n += 1
             name = f"{dataset.name}-{n}"
         names.add(name)
-        sets.append(ZeroShotSet(name, images, dataset.templates or list(DEFAULT_TEMPLATES)))
+        sets.append(ZeroShotSet(name, samples, dataset.templates or list(DEFAULT_TEMPLATES)))
     return sets
 
 
@@ -98,7 +98,7 @@ def zero_shot_metrics(model, tokenizer, sets: list[ZeroShotSet], device, autocas
     ``zeroshot_plain_*`` too), by the same rules as ``validate``'s zero-shot."""
     metrics = {}
     for zs in sets:
-        found = validate(model, tokenizer, zs.images, device, autocast, zs.templates)
+        found = validate(model, tokenizer, zs.samples, device, autocast, zs.templates)
         metrics.update({f"{zs.name}/{k}": v for k, v in found.items() if k.startswith("zeroshot_")})
     return metrics
 
