@@ -46,6 +46,19 @@ def _deterministic():
     torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
+def forced_size_gap(open_clip, name: str, weights, size: int) -> float:
+    """Largest difference between clipforge's and open_clip's image features of ``name`` with ``weights`` loaded at
+    ``force_image_size=size`` (position grids resized: open_clip's rule for its ViT, timm's ``set_input_size`` for
+    its trunks), on a random batch."""
+    from clipforge.open_clip_api import create_model
+
+    theirs = open_clip.create_model(name, pretrained=str(weights), force_image_size=size).eval()
+    ours = create_model(name, pretrained=str(weights), force_image_size=size).eval()
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        return (ours.encode_image(images) - theirs.encode_image(images)).abs().max().item()
+
+
 def random_tokens(n: int, context_length: int = 77, generator=None) -> torch.Tensor:
     """Token rows shaped like real ones: <sot> random ids <eot> then zero padding."""
     tokens = torch.zeros(n, context_length, dtype=torch.long)

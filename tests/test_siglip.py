@@ -7,6 +7,8 @@ import torch
 
 import clipforge
 
+from conftest import forced_size_gap
+
 TOL = 2e-5
 # Captions and web text: punctuation (canonicalize removes it), underscores, case, accents, emoji, an HTML entity, a
 # control character, runs of whitespace, one longer than the context, and nothing at all.
@@ -173,19 +175,8 @@ def test_open_clip_siglip_weights_load_and_export_back_to_open_clip(hf_siglip, t
         for model in (ours, back, reloaded):
             assert _max_diff(model.encode_image(images), expected_image) <= TOL
             assert _max_diff(model.encode_text(ids), expected_text) <= TOL
-    _same_at_a_forced_image_size(open_clip, "ViT-B-16-SigLIP", tmp_path / "w.pt", 256)
-
-
-def _same_at_a_forced_image_size(open_clip, name: str, weights, size: int) -> None:
-    """Loaded at ``force_image_size=size`` (a position grid without a class token's, resized as timm's
-    ``set_input_size`` resizes it), the image features are open_clip's at that size."""
-    from clipforge.open_clip_api import create_model
-
-    theirs = open_clip.create_model(name, pretrained=str(weights), force_image_size=size).eval()
-    ours = create_model(name, pretrained=str(weights), force_image_size=size).eval()
-    images = torch.randn(2, 3, size, size)
-    with torch.no_grad():
-        assert _max_diff(ours.encode_image(images), theirs.encode_image(images)) <= TOL
+    # at 256 px: a position grid without a class token's, resized as timm's set_input_size resizes it
+    assert forced_size_gap(open_clip, "ViT-B-16-SigLIP", tmp_path / "w.pt", 256) <= TOL
 
 
 def test_zoo_siglip_configs_are_open_clips_and_timm_towers_are_timms():

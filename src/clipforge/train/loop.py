@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load_into, read_checkpoint
-from ..checkpoint.io import resize_positions
-from ..checkpoint.io import is_sharded_checkpoint
+from ..checkpoint.io import is_sharded_checkpoint, resize_positions
 from ..data import ContrastiveStream, make_loader, open_source
 from ..data.captions import swap_left_right
 from ..data.pipeline import caption_texts, continue_interleaving
@@ -124,6 +123,10 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     progress: bool = True
     device: str | None = None
+
+    def csv_keys(self) -> dict:
+        """The CSV columns and separator the flags name, for ``open_source``."""
+        return {"image_key": self.csv_img_key, "caption_key": self.csv_caption_key, "separator": self.csv_separator}
 
 
 # ---------------------------------------------------------------------------------------------------- setup steps
@@ -240,11 +243,6 @@ def _resolve_precision(precision: str, device: torch.device) -> str:
     return "amp_fp16" if precision == "amp" else precision
 
 
-def csv_keys(cfg: TrainConfig) -> dict:
-    """The CSV columns and separator the flags name, for ``open_source``."""
-    return {"image_key": cfg.csv_img_key, "caption_key": cfg.csv_caption_key, "separator": cfg.csv_separator}
-
-
 def model_config_for(cfg: TrainConfig) -> dict:
     config = merge_config(get_model_config(cfg.model), copy.deepcopy(cfg.model_cfg or {}))
     if cfg.patch_dropout:
@@ -344,7 +342,7 @@ def _check_captioned(source, name, peek: int = 64) -> None:
 def _open_training_data(cfg: TrainConfig, train_source=None):
     """(source, its labels) with the data checked usable before any training starts."""
     source = train_source if train_source is not None else \
-        open_source(cfg.train_data, cfg.shuffle_buffer, csv_keys=csv_keys(cfg))
+        open_source(cfg.train_data, cfg.shuffle_buffer, csv_keys=cfg.csv_keys())
     labels = _Labels(cfg, source)
     if not labels.classnames and cfg.objective != "self-supervised":  # images alone need no captions
         _check_captioned(source, cfg.train_data or source)

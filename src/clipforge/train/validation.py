@@ -30,10 +30,8 @@ def open_validation(cfg, val_source, image_size: int, label_templates: list[str]
     if val_source is None and not cfg.val_data:
         return None, None
     preprocess = Preprocess(image_size, **(preprocess_cfg or {}))  # a --pretrained model's own, else OpenAI's
-    from .loop import csv_keys
-
     source = val_source if val_source is not None else open_source(cfg.val_data, shuffle_buffer=0,
-                                                                   csv_keys=csv_keys(cfg))
+                                                                   csv_keys=cfg.csv_keys())
     classnames = source_classnames(source)
     templates = label_templates  # --label-captions FILE: the same prompts caption and classify
     val_set = evaluation_set(source, preprocess, cfg.val_samples, classnames, templates,
