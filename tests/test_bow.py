@@ -85,7 +85,10 @@ def test_bow_training_lowers_its_loss_and_saves_a_loadable_image_tower(tmp_path)
                                     prior=model.word_log_prior)
     plain = bow.zero_shot_logits(model.word_log_probs(images).detach(), model.vocabulary, ["red", "blue"])
     assert not torch.equal(expected, plain)
-    assert validate_bag_of_words(model, val_set, "cpu")["zeroshot_top1"] == topk_accuracy(expected, val_set.labels)[1]
+    metrics = validate_bag_of_words(model, val_set, "cpu")
+    assert metrics["zeroshot_top1"] == topk_accuracy(expected, val_set.labels)[1] and "bow_loss" in metrics
+    only = validate_bag_of_words(model, val_set, "cpu", zero_shot_only=True)  # a --zeroshot-data set's figures
+    assert only == {"zeroshot_top1": metrics["zeroshot_top1"]}  # (2 classes: no top-5; no loss over the captions)
     with pytest.raises(ValueError, match="from scratch: no --text-model"):
         train(TrainConfig(objective="bow", text_model="all-minilm-l6-v2", train_data=str(shard),
                           output=str(tmp_path / "bad"), progress=False))

@@ -193,6 +193,9 @@ def test_labelled_validation_scores_zero_shot_less_the_prompt_prior_over_trainin
         expected = caption_lm.zero_shot_logits(model, embeddings, colours, templates, prior=prior)
         plain = caption_lm.zero_shot_logits(model, embeddings, colours, templates)
     metrics = validate_caption_lm(model, val_set, "cpu", templates=templates)
+    # a --zeroshot-data set: the zero-shot figures alone, the same ones (the captions' loss is not computed)
+    assert validate_caption_lm(model, val_set, "cpu", templates=templates, zero_shot_only=True) == \
+        {k: v for k, v in metrics.items() if k.startswith("zeroshot_")}
     assert metrics["zeroshot_top1"] == topk_accuracy(expected, val_set.labels)[1] == summary["val"]["zeroshot_top1"]
     assert metrics["zeroshot_plain_top1"] == topk_accuracy(plain, val_set.labels)[1]
     assert not torch.equal(expected.argmax(1), plain.argmax(1))  # the prior changes what is predicted

@@ -20,6 +20,13 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1,)) -> dict[i
     return {k: (top[:, :k] == labels[:, None]).any(dim=1).float().mean().item() for k in ks}
 
 
+def top1_top5(logits: torch.Tensor, labels: torch.Tensor, prefix: str = "acc") -> dict[str, float]:
+    """``{prefix}1`` and, when there are at least 5 classes, ``{prefix}5`` (with fewer, every label is among the top
+    5: a figure of 1.0 that says nothing), as CLIP_benchmark reports them."""
+    ks = (1, 5) if logits.shape[1] >= 5 else (1,)
+    return {f"{prefix}{k}": value for k, value in topk_accuracy(logits, labels, ks).items()}
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classnames: list[str]) -> dict:
     """``acc1``, ``acc5`` (when there are at least 5 classes), ``mean_per_class_recall``, ``per_class`` and
     ``confusion_matrix`` (rows: true class, columns: predicted)."""
@@ -29,8 +36,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classname
         raise ValueError("no samples to evaluate")
     check_labels(labels, n_classes)
     predictions = logits.argmax(dim=1)
-    accuracy = topk_accuracy(logits, labels, (1, 5) if n_classes >= 5 else (1,))
-    metrics = {f"acc{k}": value for k, value in accuracy.items()}
+    metrics = top1_top5(logits, labels)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     confusion.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
     support = confusion.sum(dim=1)

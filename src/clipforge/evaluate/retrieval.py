@@ -36,7 +36,7 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
 @torch.no_grad()
 def embed_pairs(model, tokenizer, images: list[torch.Tensor], texts: list[str], batch_size: int = 256,
                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised image and text features, in batches."""
+    """L2-normalised image and text features, in batches (``texts`` may be empty: a [0, 0] tensor for them)."""
     image_features, text_features = [], []
     for start in range(0, len(images), batch_size):
         batch = image_batch(images[start:start + batch_size], device)
@@ -44,4 +44,4 @@ def embed_pairs(model, tokenizer, images: list[torch.Tensor], texts: list[str], 
     for start in range(0, len(texts), batch_size):
         tokens = tokenizer(texts[start:start + batch_size]).to(device)
         text_features.append(model.encode_text(tokens, normalize=True).float().cpu())
-    return torch.cat(image_features), torch.cat(text_features)
+    return torch.cat(image_features), torch.cat(text_features) if text_features else torch.zeros(0, 0)

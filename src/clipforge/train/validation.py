@@ -9,7 +9,7 @@ import torch
 
 from ..data import evaluation_set, open_source
 from ..data.sources import source_classnames
-from ..evaluate.metrics import topk_accuracy
+from ..evaluate.metrics import top1_top5
 from ..loss import linear_cross_entropy
 from ..preprocess import Preprocess, image_batch
 from ..prompts import DEFAULT_TEMPLATES
@@ -96,15 +96,17 @@ def zero_shot_metrics(model, tokenizer, sets: list[ZeroShotSet], device, autocas
     ``zeroshot_plain_*`` too), by the same rules as ``validate``'s zero-shot."""
     metrics = {}
     for zs in sets:
-        found = validate(model, tokenizer, zs.samples, device, autocast, zs.templates)
-        metrics.update({f"{zs.name}/{k}": v for k, v in found.items() if k.startswith("zeroshot_")})
+        found = validate(model, tokenizer, zs.samples, device, autocast, zs.templates, zero_shot_only=True)
+        metrics.update({f"{zs.name}/{k}": v for k, v in found.items()})
     return metrics
 
 
 @torch.no_grad()
-def validate(model, tokenizer, val_set, device, autocast=nullcontext(), templates=DEFAULT_TEMPLATES) -> dict:
+def validate(model, tokenizer, val_set, device, autocast=nullcontext(), templates=DEFAULT_TEMPLATES,
+             zero_shot_only: bool = False) -> dict:
     """Retrieval recall@1/5/10 both ways over ``val_set``'s pairs (``class_*``: by class, when the captions were made
-    from class names), and zero-shot top-1/top-5 when it is labelled."""
+    from class names), and zero-shot top-1/top-5 when it is labelled; ``zero_shot_only``: the zero-shot figures
+    alone (a labelled set's captions are not embedded or scored)."""
     from ..evaluate.retrieval import embed_pairs, retrieval_metrics
 
     from ..bow import BagOfWordsModel
@@ -112,9 +114,9 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
     from ..finetune import CLIPClassifier
 
     if isinstance(model, BagOfWordsModel):
-        return validate_bag_of_words(model, val_set, device, autocast)
+        return validate_bag_of_words(model, val_set, device, autocast, zero_shot_only=zero_shot_only)
     if isinstance(model, CaptionLMModel):
-        return validate_caption_lm(model, val_set, device, autocast, templates)
+        return validate_caption_lm(model, val_set, device, autocast, templates, zero_shot_only=zero_shot_only)
     if isinstance(model, CLIPClassifier):
         return validate_classifier(model, val_set, device, autocast)
     if not hasattr(model, "encode_text"):  # a self-supervised tower: nothing language-side to validate
@@ -122,8 +124,11 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
     was_training = model.training
     model.eval()
     with autocast:
-        images, texts = embed_pairs(model, tokenizer, val_set.images, val_set.captions, device=device)
-        if val_set.captions_from_labels:  # "a photo of a cat" describes every cat: any same-class item is a hit
+        images, texts = embed_pairs(model, tokenizer, val_set.images, [] if zero_shot_only else val_set.captions,
+                                    device=device)
+        if zero_shot_only:
+            metrics = {}
+        elif val_set.captions_from_labels:  # "a photo of a cat" describes every cat: any same-class item is a hit
             same_class = val_set.labels[val_set.caption_images][:, None] == val_set.labels[None, :]
             metrics = {f"class_{k}": v for k, v in retrieval_metrics(images, texts, None, positives=same_class).items()}
         else:  # the standard protocol: image->text hits when any of the image's captions ranks in the top k
@@ -131,8 +136,8 @@ def validate(model, tokenizer, val_set, device, autocast=nullcontext(), template
         if val_set.labels is not None:
             weights = zero_shot_classifier(model, tokenizer, val_set.classnames, templates, device=device)
             logits = images @ weights.float().cpu()
-            metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
-        if hasattr(model, "caption_states") and not val_set.captions_from_labels:  # CoCa: its decoder too
+            metrics.update(top1_top5(logits, val_set.labels, "zeroshot_top"))
+        if hasattr(model, "caption_states") and not val_set.captions_from_labels and not zero_shot_only:  # CoCa: its decoder too
             metrics["caption_loss"] = coca_caption_loss(model, tokenizer, val_set, device)
     model.train(was_training)
     return metrics
@@ -158,7 +163,8 @@ def coca_caption_loss(model, tokenizer, val_set, device, batch_size: int = 64) -
 
 
 @torch.no_grad()
-def validate_bag_of_words(model, val_set, device, autocast=nullcontext(), batch_size: int = 256) -> dict:
+def validate_bag_of_words(model, val_set, device, autocast=nullcontext(), batch_size: int = 256,
+                          zero_shot_only: bool = False) -> dict:
     """Held-out loss of predicting each caption's words (every caption of every image), and zero-shot top-1/top-5
     from the class names' words when the set is labelled (less the training captions' word prior, when saved)."""
     from ..bow import BagOfWordsLoss, LabelLoss, zero_shot_logits
@@ -168,7 +174,9 @@ def validate_bag_of_words(model, val_set, device, autocast=nullcontext(), batch_
     with autocast:
         log_probs = torch.cat([model.word_log_probs(torch.stack(val_set.images[i:i + batch_size]).to(device)).cpu()
                                for i in range(0, len(val_set.images), batch_size)])
-    if model.config.get("objective") == "bow":
+    if zero_shot_only:
+        metrics = {}
+    elif model.config.get("objective") == "bow":
         metrics = {"bow_loss": BagOfWordsLoss()(log_probs[val_set.caption_images],
                                                 model.vocabulary(val_set.captions)).item()}
     elif model.vocabulary.kind == "nouns":  # log-sigmoids back to logits: held-out multi-label loss
@@ -178,46 +186,52 @@ def validate_bag_of_words(model, val_set, device, autocast=nullcontext(), batch_
         metrics = {}
     if val_set.labels is not None:
         logits = zero_shot_logits(log_probs, model.vocabulary, val_set.classnames, prior=model.word_log_prior)
-        metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
+        metrics.update(top1_top5(logits, val_set.labels, "zeroshot_top"))
     model.train(was_training)
     return metrics
 
 
 @torch.no_grad()
 def validate_caption_lm(model, val_set, device, autocast=nullcontext(), templates=DEFAULT_TEMPLATES,
-                        batch_size: int = 256) -> dict:
+                        batch_size: int = 256, zero_shot_only: bool = False) -> dict:
     """Held-out loss of predicting every caption of every image word by word, and zero-shot top-1/top-5 from each
     class prompt's likelihood when the set is labelled: less the prompts' prior over the training images the set
     carries (``zeroshot_*``; else the plain likelihood), and plainly (``zeroshot_plain_*``, which names one class
     for nearly every image)."""
-    import torch.nn.functional as F
-
-    from ..caption_lm import PAD, prompt_log_prior, zero_shot_logits
+    from ..caption_lm import prompt_log_prior, zero_shot_logits
 
     was_training = model.training
     model.eval()
     with autocast:
         embeddings = _encode_images(model, val_set.images, device, batch_size)
-        tokens, owners = model.vocabulary(val_set.captions).to(device), torch.as_tensor(val_set.caption_images)
-        total, count = 0.0, 0
-        for i in range(0, len(tokens), batch_size):
-            rows, targets = tokens[i:i + batch_size], tokens[i:i + batch_size, 1:]
-            logits = model.next_word_logits(embeddings[owners[i:i + batch_size]], rows)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD,
-                                     reduction="sum").item()
-            count += int(targets.ne(PAD).sum())
-        metrics = {"caption_loss": total / max(1, count)}  # per predicted word (and <eos>)
+        metrics = {} if zero_shot_only else {"caption_loss": _caption_lm_loss(model, val_set, embeddings, batch_size)}
         if val_set.labels is not None:
             logits = zero_shot_logits(model, embeddings, val_set.classnames, templates)
             if getattr(val_set, "prior_images", None):
-                metrics.update({f"zeroshot_plain_top{k}": v
-                                for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
+                metrics.update(top1_top5(logits, val_set.labels, "zeroshot_plain_top"))
                 references = _encode_images(model, val_set.prior_images, device, batch_size)
                 # as zero_shot_logits(prior=...), without scoring every prompt on the validation images again
                 logits = logits - prompt_log_prior(model, references, val_set.classnames, templates)
-            metrics.update({f"zeroshot_top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()})
+            metrics.update(top1_top5(logits, val_set.labels, "zeroshot_top"))
     model.train(was_training)
     return metrics
+
+
+def _caption_lm_loss(model, val_set, embeddings: torch.Tensor, batch_size: int) -> float:
+    """The held-out loss per predicted word (and <eos>) of every caption of every image."""
+    import torch.nn.functional as F
+
+    from ..caption_lm import PAD
+
+    tokens, owners = model.vocabulary(val_set.captions).to(embeddings.device), torch.as_tensor(val_set.caption_images)
+    total, count = 0.0, 0
+    for i in range(0, len(tokens), batch_size):
+        rows, targets = tokens[i:i + batch_size], tokens[i:i + batch_size, 1:]
+        logits = model.next_word_logits(embeddings[owners[i:i + batch_size]], rows)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=PAD,
+                                 reduction="sum").item()
+        count += int(targets.ne(PAD).sum())
+    return total / max(1, count)
 
 
 def _encode_images(model, images: list, device, batch_size: int) -> torch.Tensor:
@@ -236,4 +250,4 @@ def validate_classifier(model, val_set, device, autocast=nullcontext(), batch_si
         logits = torch.cat([model.classify(torch.stack(val_set.images[i:i + batch_size]).to(device)).float().cpu()
                             for i in range(0, len(val_set.images), batch_size)])
     model.train(was_training)
-    return {f"top{k}": v for k, v in topk_accuracy(logits, val_set.labels, (1, 5)).items()}
+    return top1_top5(logits, val_set.labels, "top")
