@@ -125,6 +125,42 @@ def test_embedding_resumes_at_the_first_missing_shard(collection, tmp_path, caps
     assert "the embedding run has not finished (3 shards written)" in capsys.readouterr().err
 
 
+def test_resuming_or_querying_with_other_weights_of_the_same_architecture_is_caught(collection, tmp_path, capsys):
+    """The collection stores its model's features of the probe images and texts (``retrieval.probe``): resuming with
+    another checkpoint of the same architecture is refused, the same weights in bf16 resume, and search with other
+    weights than the collection's warns (with its own, recorded or named, it does not)."""
+    from clipforge.retrieval.probe import SAME_WEIGHTS, probe_features, read_probe
+
+    ckpt = collection["ckpt"]
+    stored = read_probe(collection["emb"])
+    model, preprocess, tokenizer = clipforge.load(ckpt)
+    assert set(stored) == {"image", "text"} and stored["image"].shape == (3, 128)
+    for side, features in probe_features(model, preprocess, tokenizer).items():
+        np.testing.assert_allclose(stored[side], features, atol=1e-6)
+    torch.manual_seed(1)
+    other = str(clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64"), tmp_path / "other"))
+
+    out = tmp_path / "emb"
+    shutil.copytree(collection["emb"], out)
+    (out / "img_emb" / "img_emb_00002.npy").unlink()
+    assert cli.main(["embed", str(collection["images"]), str(out), "--pretrained", other, "--shard-size", "16",
+                     "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "other settings than this run's: other weights (probe images agree to cosine" in error
+    cosine = float(error.split("agree to cosine ")[1].split()[0])
+    assert cosine < SAME_WEIGHTS and not (out / "img_emb" / "img_emb_00002.npy").exists()
+    assert cli.main(["embed", str(collection["images"]), str(out), "--pretrained", ckpt, "--shard-size", "16",
+                     "--precision", "bf16", "--no-progress"]) == 0
+    assert json.loads((out / "embed_info.json").read_text())["reused_shards"] == 2
+    capsys.readouterr()
+
+    for pretrained in ([], ["--pretrained", ckpt]):
+        assert cli.main(["search", str(out), "a red circle", "-k", "1", *pretrained]) == 0
+        assert "warning" not in capsys.readouterr().err
+    assert cli.main(["search", str(out), "a red circle", "-k", "1", "--pretrained", other]) == 0
+    assert "warning: this model is not the one that embedded" in capsys.readouterr().err
+
+
 def test_decoding_workers_change_nothing_but_speed(collection, tmp_path):
     from clipforge.retrieval import load_embeddings
 

@@ -43,10 +43,16 @@ def add_model_arguments(p: argparse.ArgumentParser, recorded: bool = False, seve
 
 
 def load_from_args(args, collection: str | os.PathLike | None = None):
-    """``load_for_inference`` with the flags ``add_model_arguments`` defines."""
-    return load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, collection=collection,
-                              backend=args.backend, precision=args.precision, language=args.language,
-                              max_patches=args.max_patches, force_image_size=args.force_image_size)
+    """``load_for_inference`` with the flags ``add_model_arguments`` defines; for a ``collection``, a warning when
+    the model is not the one that embedded it (``retrieval.probe``)."""
+    loaded = load_for_inference(args.model, args.pretrained, args.device, args.trust_pickle, collection=collection,
+                                backend=args.backend, precision=args.precision, language=args.language,
+                                max_patches=args.max_patches, force_image_size=args.force_image_size)
+    if collection is not None:
+        from .retrieval.probe import warn_if_other_weights
+
+        warn_if_other_weights(collection, *loaded)
+    return loaded
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -4,6 +4,7 @@
     metadata/metadata_00000.parquet  path (a file, or "SHARD:KEY" for a sample in a tar shard), caption, width, height
     text_emb/text_emb_00000.npy      (with --texts) and metadata/text_metadata_00000.parquet
     embed_info.json                  model config, the --model/--pretrained that embedded it, counts, dimension
+    probe_emb.npz                    its features of fixed probe images and texts: which weights (retrieval.probe)
     index.faiss, index.json          (clipforge index build)
 
 Paths (metadata ``path``, the --model/--pretrained recorded) are stored as ``files.PathReferences`` records them,

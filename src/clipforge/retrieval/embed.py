@@ -19,6 +19,7 @@ from ..inference import weights_dtype
 from ..preprocess import BadImageError, image_batch
 from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, image_shard, item_path, load_item, read_info,
                          write_image_shard, write_info)
+from .probe import disagreeing, probe_features, read_probe, write_probe
 
 
 class _DecodedItems(torch.utils.data.Dataset):
@@ -54,20 +55,22 @@ def decoded_batches(items: list[dict], preprocess, batch_size: int, workers: int
 RESUME_SETTINGS = ("model", "max_patches", "force_image_size")
 
 
-def _check_resumable(output: Path, summary: dict, n_shards: int) -> None:
-    """Refuse to add shards to a collection whose finished shards were embedded by another architecture or at other
-    image settings. (The weights' precision may differ: its vectors are the same up to rounding. Paths are recorded
-    in more than one form, so another checkpoint of the same architecture is not told apart here.)"""
+def _check_resumable(output: Path, summary: dict, n_shards: int, probe: dict) -> None:
+    """Refuse to add shards to a collection whose finished shards were embedded by another architecture, at other
+    image settings, or by other weights (their features of the probe images, ``retrieval.probe``, disagree). The
+    weights' precision may differ: its vectors are the same up to rounding."""
     previous = read_info(output)
     if not previous or not any(image_shard(output, shard)[0].exists() for shard in range(n_shards)):
         return
     current = json.loads(json.dumps({key: summary.get(key) for key in RESUME_SETTINGS}, default=str))  # as stored
     changed = [("the model's config" if key == "model" else f"{key} {previous.get(key)!r} (now {current[key]!r})")
                for key in RESUME_SETTINGS if (key in previous or key != "model") and previous.get(key) != current[key]]
+    if not changed and (differs := disagreeing(read_probe(output), probe, sides=("image",))):
+        changed = [f"other weights ({differs})"]
     if changed:
         raise ValueError(f"{output} holds shards embedded with other settings than this run's: {'; '.join(changed)}. "
                          "Resuming would mix two kinds of vectors: embed into a new folder, or resume with the same "
-                         "settings")
+                         "model and settings")
 
 
 @torch.no_grad()
@@ -97,9 +100,11 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
                **({"max_patches": int(max_patches)} if max_patches else {}),
                **({"force_image_size": int(force_image_size)} if force_image_size else {})}
     n_shards = (len(items) + shard_size - 1) // shard_size
-    _check_resumable(output, summary, n_shards)
-    if rank == 0:  # before any shard: a collection cut short reads its paths the same way
+    probe = probe_features(model, preprocess, tokenizer, device)
+    _check_resumable(output, summary, n_shards, probe)
+    if rank == 0:  # before any shard: a collection cut short reads its paths and weights' fingerprint the same way
         write_info(output, summary)
+        write_probe(output, probe)
     stats = {"images": len(items), "embedded": 0, "skipped": 0, "reused_shards": 0, "shards": n_shards,
              "bad_input_shards": getattr(source, "bad_shards", 0)}
     bar = tqdm(total=len(items), desc="embedding", unit="img", disable=not progress)
