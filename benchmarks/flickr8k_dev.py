@@ -7,7 +7,8 @@
     python benchmarks/flickr8k_dev.py runs/s1/checkpoints/step-00001500 --name s1 --jsonl runs/bench/flickr8k-dev.jsonl
 
 ``--image-size N`` scores a model at another image size than it was trained at (its position grid resized as
-``force_image_size`` resizes it).
+``force_image_size`` resizes it). Text->image recall is also given over the dev captions that name a colour (red,
+black, white ...; about 40% of them) and over the rest, apart: what colour augmentation can change.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from clipforge.evaluate.retrieval import embed_pairs, retrieval_metrics
 from clipforge.zeroshot import zero_shot_classifier
 
 REPO = Path(__file__).resolve().parents[1]
+COLOUR_WORDS = {"red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "grey"}
 
 
 class EveryNth:
@@ -45,6 +47,13 @@ def dev_scores(model, preprocess, tokenizer, data: Path, every: int = 10) -> dic
     pairs = evaluation_set(open_source(str(data / "flickr8k" / "dev"), shuffle_buffer=0), preprocess)
     images, texts = embed_pairs(model, tokenizer, pairs.images, pairs.captions)
     out = {k: round(v, 4) for k, v in retrieval_metrics(images, texts, pairs.caption_images).items()}
+    # text->image over the captions that name a colour and over the rest: what colour augmentation can change
+    coloured = torch.tensor([bool(COLOUR_WORDS & set(c.lower().replace(".", " ").replace(",", " ").split()))
+                             for c in pairs.captions])
+    for name, rows in (("colour", coloured), ("no_colour", ~coloured)):
+        found = retrieval_metrics(images, texts[rows], torch.as_tensor(pairs.caption_images)[rows])
+        out.update({f"{name}_captions_t2i_R@{k}": round(found[f"text_to_image_R@{k}"], 4) for k in (1, 5, 10)})
+        out[f"{name}_captions"] = int(rows.sum())
     cifar = open_labelled(data / "cifar10", "train")
     features, labels = embed_labelled(model, EveryNth(cifar.source, every), preprocess, progress=False)
     for name, templates in (("bare", ["{}"]), ("photo", ["a photo of a {}."]), ("ensemble", cifar.templates)):

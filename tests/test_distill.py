@@ -87,11 +87,14 @@ def test_a_step_with_a_teacher_is_exact_under_gradient_accumulation():
     assert all(p.grad is None for p in teacher_model.parameters())
 
 
-def test_the_teacher_sees_the_students_crop_at_its_own_size_and_normalisation(tmp_path):
+@pytest.mark.parametrize("colour", [{}, {"color_jitter": (0.4, 0.4, 0.4, 0.1), "color_jitter_prob": 0.8,
+                                              "gray_scale_prob": 0.3}])
+def test_the_teacher_sees_the_students_crop_at_its_own_size_and_normalisation(tmp_path, colour):
+    """... and with colour augmentation, the student's colour changes too (``TrainTransform.augmentation``)."""
     shard = shapes_shard(tmp_path / "s-000000.tar", 12)
     tokenizer = clipforge.get_tokenizer("ViT-Tiny-64")
     teacher_tokenizer = clipforge.get_tokenizer("ViT-Tiny-64", context_length=16)
-    student = TrainTransform(48, scale=(0.3, 1.0))
+    student = TrainTransform(48, scale=(0.3, 1.0), **colour)
     half = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
     def first_batch(teacher):
@@ -100,8 +103,12 @@ def test_the_teacher_sees_the_students_crop_at_its_own_size_and_normalisation(tm
         return next(iter(stream))
 
     alone = first_batch(None)
-    same_size = first_batch(TeacherInputs(TrainTransform(48, scale=(0.3, 1.0), **half), teacher_tokenizer))
-    other_size = first_batch(TeacherInputs(TrainTransform(24, scale=(0.3, 1.0), **half), teacher_tokenizer))
+    same_size = first_batch(TeacherInputs(TrainTransform(48, **student.augmentation(), **half), teacher_tokenizer))
+    other_size = first_batch(TeacherInputs(TrainTransform(24, **student.augmentation(), **half), teacher_tokenizer))
+    if colour:  # (the colour changes do change the student's images)
+        plain = ContrastiveStream(open_source(str(shard)), TrainTransform(48, scale=(0.3, 1.0)), tokenizer, 6,
+                                  seed=2, hflip=True)
+        assert not torch.equal(next(iter(plain))["images"], alone["images"])
     for batch in (same_size, other_size):  # the student's batch is as without a teacher
         assert torch.equal(batch["images"], alone["images"]) and torch.equal(batch["tokens"], alone["tokens"])
         assert batch["teacher_tokens"].shape == (6, 16)

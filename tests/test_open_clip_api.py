@@ -97,8 +97,7 @@ def test_create_model_takes_open_clips_call_and_its_size_and_precision_keywords(
     ({"pretrained_image": True}, "pretrained_image=True"),
     ({"pretrained_text_path": "text.bin"}, "pretrained_text_path"),
     ({"precision": "fp8"}, "precision 'fp8'"),
-    ({"aug_cfg": {"scale": (0.5, 1.0), "color_jitter_prob": 0.8, "color_jitter": (0.4,) * 4}},
-     "aug_cfg: color_jitter, color_jitter_prob not built here"),
+    ({"aug_cfg": {"scale": (0.5, 1.0), "re_prob": 0.25, "use_timm": True}}, "aug_cfg: re_prob, use_timm not built here"),
     ({"require_pretrained": True}, "require_pretrained=True"),
 ])
 def test_what_clipforge_does_not_do_is_refused_by_name(tiny, keywords, named):
@@ -177,6 +176,13 @@ def test_zero_shot_and_captioning_helpers_give_open_clips_values(tiny, tmp_path)
         assert clipforge.get_model_config(f"Mine-{name}") == clipforge.get_model_config(name), name
     for augmentation in (clipforge.AugmentationCfg(scale=(0.5, 1.0)), open_clip.AugmentationCfg(scale=(0.5, 1.0))):
         assert clipforge.create_model_and_transforms("Test-Tiny", aug_cfg=augmentation)[1].scale == (0.5, 1.0)
+    # open_clip's own colour changes, as its transform applies them: the jitter only with a probability
+    colour = {"color_jitter": (0.4, 0.4, 0.4, 0.1), "color_jitter_prob": 0.8, "gray_scale_prob": 0.2}
+    for augmentation in (clipforge.AugmentationCfg(**colour), open_clip.AugmentationCfg(**colour)):
+        train = clipforge.create_model_and_transforms("Test-Tiny", aug_cfg=augmentation)[1]
+        assert train.augmentation() == {"scale": (0.9, 1.0), "ratio": (3 / 4, 4 / 3), **colour}
+    unused = clipforge.create_model_and_transforms("Test-Tiny", aug_cfg={"color_jitter": (0.4,) * 4})[1]
+    assert unused.color_jitter_prob == 0 and unused.gray_scale_prob == 0
     (tmp_path / "bad.json").write_text(json.dumps({"embed_dim": 8}))
     with pytest.raises(ValueError, match="not an open_clip model config"):
         clipforge.add_model_config(tmp_path / "bad.json")

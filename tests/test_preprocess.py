@@ -65,6 +65,51 @@ def test_train_transform_is_random_but_seedable():
     assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_colour_jitter_and_grey_scale_are_torchvisions_for_the_same_draw():
+    """For the same order and factors, ``color_jitter_image`` gives the pixels torchvision's ``ColorJitter`` gives a PIL
+    image (its Pillow operations; a negative hue shift wraps as its uint8 arithmetic does), and grey scale those of
+    ``Grayscale(3)``; ``TrainTransform`` draws the crop first, then whether to jitter, then the jitter."""
+    import random
+
+    import numpy as np
+
+    from clipforge.preprocess import color_jitter_image, jitter_draw, to_tensor
+
+    tf = pytest.importorskip("torchvision.transforms.functional", reason="torchvision is the reference (test extra)")
+    colours = np.random.default_rng(0).integers(0, 256, (2, 6, 8, 3), dtype=np.uint8)  # smooth colour fields
+    images = [Image.fromarray(c).resize((80, 60), Image.BICUBIC) for c in colours]
+    ops = (tf.adjust_brightness, tf.adjust_contrast, tf.adjust_saturation, tf.adjust_hue)
+    rng = random.Random(0)
+    for image in images:
+        for _ in range(6):
+            order, factors = jitter_draw((0.4, 0.4, 0.4, 0.5), rng)
+            theirs = image
+            for i in order:
+                theirs = ops[i](theirs, factors[i])
+            assert sorted(order) == [0, 1, 2, 3] and -0.5 <= factors[3] <= 0.5
+            assert np.array_equal(np.asarray(color_jitter_image(image, order, factors)), np.asarray(theirs)), factors
+        assert np.array_equal(np.asarray(image.convert("L").convert("RGB")),
+                              np.asarray(tf.rgb_to_grayscale(image, num_output_channels=3)))
+    # strength 0 draws no factor (torchvision's None); the crop's draws come first
+    assert jitter_draw((0.4, 0.0, 0.4, 0.0), random.Random(1))[1][1::2] == (None, None)
+    image = images[0]
+    jittered = TrainTransform(48, color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_prob=1.0)(image, random.Random(5))
+    replay = random.Random(5)
+    box = TrainTransform(48).crop_box(*image.size, rng=replay)
+    replay.random()  # whether to jitter
+    expected = color_jitter_image(image.crop(box).resize((48, 48), Image.BICUBIC),
+                                  *jitter_draw((0.4, 0.4, 0.4, 0.1), replay))
+    assert torch.equal(jittered, to_tensor(expected, TrainTransform(48).mean, TrainTransform(48).std))
+    # how often each applies
+    grey = TrainTransform(16, gray_scale_prob=0.3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    rates = [grey(image, random.Random(i)).std(dim=0).max().item() == 0 for i in range(400)]
+    assert 0.22 < sum(rates) / 400 < 0.38
+    for bad, named in (({"color_jitter": (0.4, 0.4, 0.4, 0.6)}, "hue"), ({"color_jitter": (-1, 0, 0)}, ">= 0"),
+                       ({"color_jitter_prob": 0.5}, "without color_jitter"), ({"gray_scale_prob": 2}, "probability")):
+        with pytest.raises(ValueError, match=named):
+            TrainTransform(16, **bad)
+
+
 def test_corrupt_and_truncated_images_name_the_source(tmp_path):
     good = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(good, format="JPEG")

@@ -478,6 +478,26 @@ def test_open_clips_training_flags_read_as_their_clipforge_settings_or_stop_with
             main(["train", flag, "1", "--train-data", "x"])
         assert stopped.value.code == 2 and instead in capsys.readouterr().err, flag
     assert "--siglip" in parser.description and "--siglip" not in parser.format_usage()  # listed, not in the table
+    # open_clip's --aug-cfg (its own transform's keys) and clipforge's colour flags
+    from clipforge.train.loop import colour_augmentation
+
+    cfg = cli.config_from_args(parser.parse_args(["--aug-cfg", "scale=(0.5, 1.0)", "color_jitter=(0.4, 0.4, 0.4, 0.1)",
+                                                  "color_jitter_prob=0.8", "gray_scale_prob=0.2"]))
+    assert cfg.crop_scale == (0.5, 1.0) and colour_augmentation(cfg) == {
+        "color_jitter": (0.4, 0.4, 0.4, 0.1), "color_jitter_prob": 0.8, "gray_scale_prob": 0.2}
+    cfg = cli.config_from_args(parser.parse_args(["--color-jitter", "0.3", "--gray-scale-prob", "0.1"]))
+    assert colour_augmentation(cfg) == {"color_jitter": (0.3,), "color_jitter_prob": 0.8, "gray_scale_prob": 0.1}
+    assert colour_augmentation(TrainConfig()) == {"color_jitter": None, "color_jitter_prob": 0.0, "gray_scale_prob": 0}
+    for values, named in ((["use_timm=True", "re_prob=0.25"], "--aug-cfg re_prob, use_timm: only open_clip's own"),
+                          (["color_jitter=0.4"], "color_jitter without color_jitter_prob"),
+                          (["scale=(0.5,"], "expected KEY=VALUE")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", "--aug-cfg", *values, "--train-data", "x"])
+        assert stopped.value.code == 2 and named in capsys.readouterr().err, values
+    for settings, named in (({"color_jitter": (0.4, 0.4, 0.4, 0.7)}, "hue"), ({"gray_scale_prob": 1.5}, "probability"),
+                            ({"objective": "self-supervised", "gray_scale_prob": 0.2}, "SimCLR's own")):
+        with pytest.raises(ValueError, match=named):
+            train(TrainConfig(train_data="x", output=str(tmp_path / "bad"), **settings))
     with pytest.raises(ValueError, match="--csv-separator ';;': expected one character"):
         train(TrainConfig(train_data="x.csv", csv_separator=";;", output=str(tmp_path / "bad")))
 
@@ -491,9 +511,11 @@ def test_open_clips_training_flags_read_as_their_clipforge_settings_or_stop_with
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
     assert main(["train", "--model", "ViT-Tiny-64", "--train-data", str(tmp_path / "pairs.csv"), "--val-data",
                  str(tmp_path / "pairs.csv"), "--csv-img-key", "img", "--csv-caption-key", "desc", "--csv-separator",
-                 ";", "--batch-size", "8", "--steps", "1", "--workers", "0", "--no-progress",
-                 "--output", str(tmp_path / "run")]) == 0
+                 ";", "--batch-size", "8", "--steps", "1", "--workers", "0", "--no-progress", "--color-jitter", "0.4",
+                 "0.4", "0.4", "0.1", "--gray-scale-prob", "0.2", "--output", str(tmp_path / "run")]) == 0
     assert "text_to_image_R@1" in capsys.readouterr().out  # validated on the CSV's 16 pairs
+    recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())["train"]
+    assert recorded["color_jitter"] == [0.4, 0.4, 0.4, 0.1] and recorded["gray_scale_prob"] == 0.2
 
 
 class _ColourOracle(torch.nn.Module):

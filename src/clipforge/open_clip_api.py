@@ -41,7 +41,7 @@ def create_model_and_transforms(model_name: str, pretrained: str | None = None, 
                                 aug_cfg=None, **kwargs):
     """open_clip's call: ``(model, training transform, evaluation transform)``, the model in eval mode (call
     ``model.train()`` to train it: open_clip leaves it in training mode). ``image_*`` override the weights' own
-    preprocessing; ``aug_cfg``'s ``scale`` and ``ratio`` set the training crop."""
+    preprocessing; ``aug_cfg`` sets the training crop and colour changes (``_augmentation``)."""
     from .preprocess import image_transform
 
     augment = _augmentation(aug_cfg)
@@ -134,16 +134,24 @@ def _preprocess_overrides(mean, std, interpolation, resize_mode) -> dict:
 
 
 def _augmentation(aug_cfg) -> dict:
-    """The training crop's arguments from open_clip's ``aug_cfg`` (a dict or its ``AugmentationCfg``); any other
-    augmentation it turns on (colour jitter, random erasing, timm's pipeline ...) is refused by name."""
+    """The training transform's arguments from open_clip's ``aug_cfg`` (a dict or its ``AugmentationCfg``): the crop's
+    ``scale`` and ``ratio``, and as open_clip's own (non-timm) transform applies them, ``color_jitter`` when
+    ``color_jitter_prob`` is set and ``gray_scale_prob``; what only timm's pipeline does (``use_timm``, random
+    erasing) is refused by name."""
     if aug_cfg is None:
         return {}
     cfg = dataclasses.asdict(aug_cfg) if dataclasses.is_dataclass(aug_cfg) else dict(aug_cfg)
-    others = sorted(k for k, v in cfg.items() if k not in _AUGMENTATIONS and v not in (None, False, 0, 0.0))
+    colour = ("color_jitter", "color_jitter_prob", "gray_scale_prob")
+    others = sorted(k for k, v in cfg.items() if k not in _AUGMENTATIONS + colour and v not in (None, False, 0, 0.0))
     if others:
-        raise ValueError(f"aug_cfg: {', '.join(others)} not built here; clipforge's training crop takes "
-                         f"{' and '.join(_AUGMENTATIONS)} (RandomResizedCrop's)")
-    return {k: tuple(cfg[k]) for k in _AUGMENTATIONS if cfg.get(k) is not None}
+        raise ValueError(f"aug_cfg: {', '.join(others)} not built here; clipforge's training transform takes "
+                         f"{', '.join(_AUGMENTATIONS + colour)} (open_clip's own transform without timm)")
+    found = {k: tuple(cfg[k]) for k in _AUGMENTATIONS if cfg.get(k) is not None}
+    if cfg.get("color_jitter_prob"):  # open_clip applies the jitter only with a probability
+        found.update(color_jitter=cfg["color_jitter"], color_jitter_prob=cfg["color_jitter_prob"])
+    if cfg.get("gray_scale_prob"):
+        found["gray_scale_prob"] = cfg["gray_scale_prob"]
+    return found
 
 
 # ---------------------------------------------------------------------------------- the rest of open_clip's namespace
@@ -151,8 +159,9 @@ def _augmentation(aug_cfg) -> dict:
 
 @dataclasses.dataclass
 class AugmentationCfg:
-    """open_clip's ``aug_cfg`` fields; clipforge's training crop takes ``scale`` and ``ratio`` (the others are
-    refused by name when set)."""
+    """open_clip's ``aug_cfg`` fields; clipforge's training transform takes ``scale``, ``ratio``, ``color_jitter``
+    (with ``color_jitter_prob``) and ``gray_scale_prob`` (timm's, ``use_timm`` and random erasing, are refused by
+    name when set)."""
     scale: tuple = (0.9, 1.0)
     ratio: tuple | None = None
     color_jitter: float | tuple | None = None

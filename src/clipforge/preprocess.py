@@ -219,14 +219,33 @@ def preprocess_for(model):
 
 
 class TrainTransform:
-    """Training transform: RandomResizedCrop (scale 0.9-1.0 by default, as open_clip) then normalise."""
+    """Training transform: RandomResizedCrop (scale 0.9-1.0 by default, as open_clip), then open_clip's optional
+    colour augmentations (its ``aug_cfg`` without timm): with probability ``color_jitter_prob`` torchvision's
+    ``ColorJitter(*color_jitter)`` (brightness, contrast, saturation, hue: ``color_jitter_image``), then with
+    probability ``gray_scale_prob`` the grey image in three channels; then normalise. Every draw comes from the
+    sample's generator, the crop's first, so a run without colour augmentation crops as before."""
 
     def __init__(self, image_size: int, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), mean=OPENAI_MEAN, std=OPENAI_STD,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, color_jitter=None, color_jitter_prob: float = 0.0,
+                 gray_scale_prob: float = 0.0):
         self.image_size = image_size
         self.scale, self.ratio = scale, ratio
         self.mean, self.std = tuple(mean), tuple(std)
         self.rng = rng or random.Random()
+        self.color_jitter = check_color_jitter(color_jitter) if color_jitter is not None else None
+        for name, p in (("color_jitter_prob", color_jitter_prob), ("gray_scale_prob", gray_scale_prob)):
+            if not 0 <= p <= 1:
+                raise ValueError(f"{name} {p}: a probability, from 0 to 1")
+        if color_jitter_prob and self.color_jitter is None:
+            raise ValueError(f"color_jitter_prob {color_jitter_prob} without color_jitter: give the four strengths "
+                             "(brightness, contrast, saturation, hue), e.g. 0.4 0.4 0.4 0.1")
+        self.color_jitter_prob, self.gray_scale_prob = color_jitter_prob, gray_scale_prob
+
+    def augmentation(self) -> dict:
+        """The random parts (crop, colour) as keyword arguments, for a transform that must draw the same (a
+        distillation teacher's view at its own size and normalisation)."""
+        return {"scale": self.scale, "ratio": self.ratio, "color_jitter": self.color_jitter,
+                "color_jitter_prob": self.color_jitter_prob, "gray_scale_prob": self.gray_scale_prob}
 
     def crop_box(self, width: int, height: int, rng: random.Random | None = None) -> tuple[int, int, int, int]:
         rng = rng or self.rng
@@ -258,7 +277,60 @@ class TrainTransform:
         # cropped first: resize(box=) would let pixels outside the box into the edge pixels' filter (open_clip's
         # crop, then resize, does not)
         image = image.crop(box).resize((self.image_size, self.image_size), Image.BICUBIC)
+        rng = rng or self.rng
+        if self.color_jitter_prob and rng.random() < self.color_jitter_prob:
+            image = color_jitter_image(image, *jitter_draw(self.color_jitter, rng))
+        if self.gray_scale_prob and rng.random() < self.gray_scale_prob:
+            image = image.convert("L").convert("RGB")
         return to_tensor(image, self.mean, self.std)
+
+
+def check_color_jitter(strengths) -> tuple[float, float, float, float]:
+    """(brightness, contrast, saturation, hue) from one number (the first three; hue 0), three or four, as
+    torchvision's ``ColorJitter`` reads them: each factor drawn from [max(0, 1 - s), 1 + s], the hue shift from
+    [-hue, hue] with hue at most 0.5."""
+    values = [float(strengths)] if isinstance(strengths, (int, float)) else [float(v) for v in strengths]
+    if len(values) == 1:
+        values *= 3
+    if len(values) == 3:
+        values.append(0.0)
+    if len(values) != 4 or min(values) < 0 or values[3] > 0.5:
+        raise ValueError(f"color_jitter {strengths}: brightness, contrast, saturation (each >= 0) and optionally hue "
+                         "(0 to 0.5), e.g. 0.4 0.4 0.4 0.1")
+    return tuple(values)
+
+
+def jitter_draw(strengths, rng: random.Random) -> tuple[list[int], tuple[float, float, float, float]]:
+    """One ``ColorJitter`` draw: the order of the four adjustments and their factors (a strength of 0: none)."""
+    order = [0, 1, 2, 3]
+    rng.shuffle(order)
+    brightness, contrast, saturation, hue = strengths
+    factors = tuple(rng.uniform(max(0.0, 1 - s), 1 + s) if s else None for s in (brightness, contrast, saturation))
+    return order, (*factors, rng.uniform(-hue, hue) if hue else None)
+
+
+def color_jitter_image(image: Image.Image, order, factors) -> Image.Image:
+    """``image`` with brightness, contrast and saturation scaled by ``factors[:3]`` and its hue turned by
+    ``factors[3]`` (of a full turn), in ``order``, None factors skipped: the Pillow operations torchvision's
+    ``ColorJitter`` applies to a PIL image, so its pixels are the same for the same draw."""
+    from PIL import ImageEnhance
+
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for i in order:
+        if factors[i] is None:
+            continue
+        if i < 3:
+            image = enhancers[i](image).enhance(factors[i])
+        else:
+            image = _shift_hue(image, factors[i])
+    return image
+
+
+def _shift_hue(image: Image.Image, turn: float) -> Image.Image:
+    """The hue channel (0-255 in Pillow's HSV) moved by ``turn`` x 255, wrapping, as torchvision does on PIL images."""
+    hue, saturation, value = image.convert("HSV").split()
+    shifted = (np.asarray(hue, dtype=np.uint8) + np.uint8(int(turn * 255) % 256)).astype(np.uint8)
+    return Image.merge("HSV", (Image.fromarray(shifted, "L"), saturation, value)).convert(image.mode)
 
 
 def image_transform(image_size: int, train: bool = False, **kwargs):

@@ -24,7 +24,8 @@ Several processes or GPUs: torchrun --nproc-per-node 4 -m clipforge.cli train ..
 
 open_clip's command lines: its flags of the same meaning are read under its names too (--siglip, --grad-clip-norm,
 --lr-scheduler cosine|const|const-cooldown, --log-every-n-steps, --force-patch-dropout, --delete-previous-checkpoint
-as --keep 1); its epoch-counted and logging flags are refused with the step-counted flag to use instead.
+as --keep 1, --aug-cfg scale=... color_jitter=... color_jitter_prob=... gray_scale_prob=...); its epoch-counted and
+logging flags are refused with the step-counted flag to use instead.
 
 Stopping: Ctrl-C or SIGTERM (a scheduler's preemption) ends the run after the current step with a checkpoint
 (under torchrun, at the next --log-every step, where the ranks agree); --resume latest continues it exactly.
@@ -137,6 +138,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"random resized crop: fraction of the image area kept [{d.crop_scale[0]} {d.crop_scale[1]}]")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flips, with 'left' and 'right' swapped in the caption to match")
+    g.add_argument("--color-jitter", type=float, nargs="+", metavar="S",
+                   help="colour jitter after the crop, as torchvision's ColorJitter: brightness, contrast, saturation "
+                        "[and hue] strengths (one number: the first three), e.g. 0.4 0.4 0.4 0.1; a hue shift can "
+                        "contradict a caption's colour words [none]")
+    g.add_argument("--color-jitter-prob", type=float, metavar="P",
+                   help="how often the jitter applies [0.8 with --color-jitter]")
+    g.add_argument("--gray-scale-prob", type=float, metavar="P", help=f"how often the image turns grey [{d.gray_scale_prob}]")
     g.add_argument("--workers", type=int, help=f"DataLoader workers per process [{d.workers}]")
     g.add_argument("--shuffle-buffer", type=int, help=f"shard sample shuffle buffer [{d.shuffle_buffer}]")
     add_optimisation_arguments(p)
@@ -159,10 +167,42 @@ OPEN_CLIP_INSTEAD = {
     "--dataset-type": "the kind of data is read from --train-data itself (a .csv/.tsv, shards, a folder)",
     "--dataset-resampled": "not needed: each process reads its shards as an endless stream, so uneven shards never "
                            "leave a rank without data",
-    "--aug-cfg": "give --crop-scale MIN MAX and --hflip",
     "--gather-with-grad": "not needed: clipforge's loss always gathers the other ranks' features with gradients",
     "--horovod": "run several processes under torchrun",
 }
+
+
+class _OpenClipAugCfg(argparse.Action):
+    """open_clip's ``--aug-cfg KEY=VALUE ...`` (its non-timm training transform) read as clipforge's settings:
+    ``scale`` -> --crop-scale, ``color_jitter``, ``color_jitter_prob``, ``gray_scale_prob``; the rest refused."""
+
+    TAKEN = {"scale": "crop_scale", "color_jitter": "color_jitter", "color_jitter_prob": "color_jitter_prob",
+             "gray_scale_prob": "gray_scale_prob"}
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, argparse.SUPPRESS, nargs="+", help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import ast
+
+        settings = {}
+        for item in values:
+            key, _, text = item.partition("=")
+            try:
+                settings[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                parser.error(f"--aug-cfg {item}: expected KEY=VALUE with a Python literal value, e.g. "
+                             "color_jitter='(0.4, 0.4, 0.4, 0.1)' color_jitter_prob=0.8")
+        others = sorted(set(settings) - set(self.TAKEN))
+        if others:
+            parser.error(f"--aug-cfg {', '.join(others)}: only open_clip's own (non-timm) transform is built here: "
+                         f"{', '.join(self.TAKEN)} (ratio is 3/4 to 4/3 as in open_clip's crop; timm's RandAugment "
+                         "and random erasing are not built)")
+        if "color_jitter" in settings and not settings.get("color_jitter_prob"):
+            parser.error("--aug-cfg color_jitter without color_jitter_prob: open_clip leaves the jitter unused; "
+                         "give color_jitter_prob=P too")
+        for key, value in settings.items():
+            setattr(namespace, self.TAKEN[key], tuple(value) if isinstance(value, (list, tuple)) else value)
 
 
 class _OpenClipOnly(argparse.Action):
@@ -193,6 +233,7 @@ def add_open_clip_spellings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every-n-steps", dest="log_every", type=int, help=hidden)
     p.add_argument("--force-patch-dropout", dest="patch_dropout", type=float, help=hidden)
     p.add_argument("--delete-previous-checkpoint", dest="keep", action="store_const", const=1, help=hidden)
+    p.add_argument("--aug-cfg", action=_OpenClipAugCfg)
     for flag, instead in OPEN_CLIP_INSTEAD.items():
         p.add_argument(flag, action=_OpenClipOnly, instead=instead)
 
@@ -290,8 +331,9 @@ def config_from_args(args) -> TrainConfig:
     values.update(flags)
     if isinstance(values.get("zeroshot_data"), str):  # one root in a config file
         values["zeroshot_data"] = [values["zeroshot_data"]]
-    if "crop_scale" in values:
-        values["crop_scale"] = tuple(values["crop_scale"])
+    for key in ("crop_scale", "color_jitter"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
     return TrainConfig(**values)
 
 

@@ -57,7 +57,7 @@ def load_teacher(model: str | None, pretrained: str | None, device: torch.device
                  trust_pickle: bool = False) -> Teacher:
     """The teacher named by ``--distill-model`` / ``--distill-pretrained`` (as ``--model`` / ``--pretrained`` of the
     inference commands), frozen on ``device``, with the inputs the pipeline makes for it beside the student's training
-    transform ``student`` (the same crop range, the teacher's size and normalisation)."""
+    transform ``student`` (the same random crop and colour changes, the teacher's size and normalisation)."""
     from ..inference import load_for_inference
     from ..models import is_naflex
 
@@ -82,7 +82,7 @@ def load_teacher(model: str | None, pretrained: str | None, device: torch.device
     teacher.eval()
     normalisation = {k: tuple(v) for k, v in (getattr(teacher, "normalisation", None) or {}).items()
                      if k in ("mean", "std")}
-    transform = TrainTransform(teacher.image_size, scale=student.scale, ratio=student.ratio, **normalisation)
+    transform = TrainTransform(teacher.image_size, **student.augmentation(), **normalisation)
     same = (transform.image_size, transform.mean, transform.std) == (student.image_size, student.mean, student.std)
     view = "the student's own" if same else "cut from the student's crops"
     print(f"distilling from {name}: {teacher.image_size} px images ({view}), its own tokenizer", file=sys.stderr)

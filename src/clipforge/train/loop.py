@@ -109,6 +109,11 @@ class TrainConfig:
     exclude_classes: list[str] = field(default_factory=list)
     crop_scale: tuple[float, float] = (0.9, 1.0)
     hflip: bool = False
+    # open_clip's colour augmentations (aug_cfg without timm): ColorJitter(brightness, contrast, saturation, hue)
+    # with probability color_jitter_prob (None: 0.8 when color_jitter is given), grey scale with gray_scale_prob
+    color_jitter: tuple[float, ...] | None = None
+    color_jitter_prob: float | None = None
+    gray_scale_prob: float = 0.0
     seed: int = 0
     workers: int = 2
     output: str = "runs/clipforge"
@@ -205,6 +210,11 @@ def _check_config(cfg: TrainConfig) -> None:
     low, high = cfg.crop_scale
     if not 0 < low <= high <= 1:
         refuse("crop_scale", f"{low} {high}", "MIN MAX with 0 < MIN <= MAX <= 1")
+    if cfg.color_jitter is not None or cfg.color_jitter_prob or cfg.gray_scale_prob:
+        if cfg.objective == "self-supervised":
+            raise ValueError("--color-jitter / --gray-scale-prob: the self-supervised objective draws SimCLR's own "
+                             "colour changes for each view; leave them out")
+        TrainTransform(8, **colour_augmentation(cfg))  # its errors name the setting
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.objective!r}; choose from {', '.join(OBJECTIVES)}")
     if cfg.zeroshot_data and cfg.objective in ("self-supervised", "classify"):
@@ -229,6 +239,13 @@ def _check_config(cfg: TrainConfig) -> None:
     elif cfg.distill_text_cache:
         raise ValueError("--distill-text-cache caches a teacher's text features: give --distill-model / "
                          "--distill-pretrained")
+
+
+def colour_augmentation(cfg: TrainConfig) -> dict:
+    """TrainTransform's colour arguments from the run's settings."""
+    probability = cfg.color_jitter_prob if cfg.color_jitter_prob is not None else \
+        0.8 if cfg.color_jitter is not None else 0.0
+    return {"color_jitter": cfg.color_jitter, "color_jitter_prob": probability, "gray_scale_prob": cfg.gray_scale_prob}
 
 
 def _distilling(cfg: TrainConfig) -> bool:
@@ -517,7 +534,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     position = _resume(cfg, output, core, optimizer, scheduler, scaler, rank, world)
     # a --pretrained model's own image normalisation (0.5 for some LAION tags), as open_clip trains it
     normalisation = {k: v for k, v in (getattr(core, "normalisation", None) or {}).items() if k in ("mean", "std")}
-    transform = TrainTransform(core.image_size, scale=tuple(cfg.crop_scale), **normalisation)
+    transform = TrainTransform(core.image_size, scale=tuple(cfg.crop_scale), **normalisation,
+                               **colour_augmentation(cfg))
     teacher, loss_fn = _distillation(cfg, core, model_config, loss_fn, source, labels, device, transform)
     stream = ContrastiveStream(source, transform, tokenizer,
                                cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
