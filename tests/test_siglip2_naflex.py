@@ -121,6 +121,9 @@ def test_commands_embed_a_naflex_model_at_each_images_own_aspect_ratio(naflex_fo
             _features(Siglip2Model.from_pretrained(naflex_folder).eval().get_image_features(**inputs)), dim=-1)
     assert inputs["pixel_values"].shape[1] == 100
     assert len(paths) == len(SIZES) and np.abs(stored - expected.numpy()).max() <= 2e-3
+    from clipforge.retrieval.probe import read_probe
+
+    assert set(read_probe(tmp_path / "out")) == {"image"}  # (no tokenizer files in the folder: no text probe)
     from clipforge.inference import load_for_inference
 
     assert load_for_inference(collection=tmp_path / "out")[1].max_patches == 100  # search, serve: as embedded

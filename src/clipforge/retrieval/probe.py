@@ -41,14 +41,19 @@ def probe_images(size: int = 224) -> list:
 @torch.no_grad()
 def probe_features(model, preprocess, tokenizer=None, device=None) -> dict[str, np.ndarray]:
     """``{"image": [3, d], "text": [3, d]}`` (float32, L2-normalised): the model's features of ``probe_images``
-    through ``preprocess`` and of ``PROBE_TEXTS`` through ``tokenizer`` (left out without one)."""
+    through ``preprocess`` and of ``PROBE_TEXTS`` through ``tokenizer`` (left out without one, or when the tokenizer
+    cannot run: a model folder without its tokenizer files still embeds images)."""
     if device is None:  # where the weights are (an ONNX Runtime model has none: CPU)
         parameters = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
         device = next((p.device for p in parameters), torch.device("cpu"))
     images = image_batch([preprocess(image) for image in probe_images()], device)
     found = {"image": model.encode_image(images, normalize=True).float().cpu().numpy()}
     if tokenizer is not None:
-        found["text"] = model.encode_text(tokenizer(list(PROBE_TEXTS)).to(device), normalize=True).float().cpu().numpy()
+        try:
+            tokens = tokenizer(list(PROBE_TEXTS))
+        except (OSError, ValueError):
+            return found
+        found["text"] = model.encode_text(tokens.to(device), normalize=True).float().cpu().numpy()
     return found
 
 
