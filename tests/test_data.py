@@ -117,6 +117,42 @@ def test_shards_split_across_parts_and_epochs_reshuffle(tmp_path):
     assert again == epoch0  # the order is a function of (seed, epoch)
 
 
+def test_upsampling_factors_weigh_each_shard_list_per_epoch_as_open_clips(tmp_path):
+    """``--train-data-upsampling-factors 1::2.5`` (open_clip's): each epoch reads the first list's shards once and
+    the second's twice, plus a third time with probability 0.5 per shard and epoch; parts still split each epoch's
+    reads without overlap; the text cache sees every shard once; a CSV or a miscounted list is refused."""
+    for i in range(4):
+        shapes_shard(tmp_path / f"s-{i:06d}.tar", 10, seed=i)
+    spec = f"{tmp_path}/s-{{000000..000001}}.tar::{tmp_path}/s-{{000002..000003}}.tar"
+    source = open_source(spec, upsampling="1::2.5")
+    assert source.weights == [1, 1, 2.5, 2.5] and len(source) == 20 + 50
+    thirds = []
+    for epoch in range(40):
+        urls = Counter(source.epoch_urls(epoch, seed=0))
+        assert urls[source.urls[0]] == urls[source.urls[1]] == 1 and {urls[u] for u in source.urls[2:]} <= {2, 3}
+        thirds += [urls[u] == 3 for u in source.urls[2:]]
+        if epoch < 2:  # what the parts read is that list, split between them
+            reads = [[s["__url__"] for s in source.samples(p, 2, epoch, 0, Counter())] for p in range(2)]
+            assert Counter(reads[0] + reads[1]) == Counter({u: 10 * n for u, n in urls.items()})
+    assert 25 <= sum(thirds) <= 55  # of 80 draws at 0.5
+    assert source.epoch_urls(3, seed=0) == source.epoch_urls(3, seed=0) != source.epoch_urls(3, seed=1)
+    from clipforge.data.pipeline import caption_texts
+
+    assert len(caption_texts(source)) == len(caption_texts(open_source(spec)))  # every caption, once
+    zero = open_source(spec, upsampling=[0, 1])
+    assert set(zero.epoch_urls(0, 0)) == set(zero.urls[2:]) and len(zero) == 20
+    for spec_, factors, named in ((spec, "1::2::3", "3 upsampling factors for 2"), (spec, "1::-1", "each 0 or more"),
+                                  (spec, "a::b", "expected numbers"), (str(tmp_path / "x.csv"), "1", "is a CSV")):
+        with pytest.raises(ValueError, match=named):
+            open_source(spec_, upsampling=factors)
+    # through training: the flag reaches the source (an epoch of 70 samples: 9 steps of 8)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", "ViT-Tiny-64", "--train-data", spec, "--train-data-upsampling-factors",
+                     "1::2.5", "--batch-size", "8", "--epochs", "1", "--workers", "0", "--save-every", "0",
+                     "--no-progress", "--output", str(run)]) == 0
+    assert '"step": 9' in (run / "metrics.jsonl").read_text()
+
+
 def test_resume_state_skips_exactly_the_consumed_samples(tmp_path):
     shard = shapes_shard(tmp_path / "s-000000.tar", 30)
     make = lambda resume=None: ContrastiveStream(open_source(str(shard)), TrainTransform(32),

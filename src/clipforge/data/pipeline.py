@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..preprocess import BadImageError, TrainTransform, open_image
 from .captions import label_caption, swap_left_right
-from .sources import IMAGE_EXTENSIONS
+from .sources import IMAGE_EXTENSIONS, ShardSource
 
 
 class SkipSample(Exception):
@@ -291,8 +291,10 @@ def captioned_images(source, classnames=None, max_images: int | None = None, see
 
 
 def caption_texts(source, seed: int = 0) -> list[str]:
-    """Every caption line of every sample of ``source``, read once in order without decoding an image."""
+    """Every caption line of every sample of ``source``, read once in order without decoding an image (every shard
+    an epoch can draw, once, for upsampled shard lists)."""
     texts, skipped = [], Counter()
+    source = source.distinct() if isinstance(source, ShardSource) else source
     for raw in source.samples(0, 1, 0, seed, skipped):
         if "txt" in raw:
             texts += caption_lines(raw)

@@ -36,6 +36,23 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
+def upsampling_factors(spec: str, factors) -> list[tuple[list[str], float]]:
+    """open_clip's ``--train-data-upsampling-factors``: ``spec``'s ``::``-separated shard lists, each with its factor
+    (``"1::2"`` or a list of numbers), every shard of a list drawn that many times as often as with factor 1."""
+    groups = spec.split("::")
+    values = factors.split("::") if isinstance(factors, str) else list(factors)
+    try:
+        values = [float(v) for v in values]
+    except ValueError:
+        raise ValueError(f"upsampling factors {factors!r}: expected numbers separated by '::', e.g. 1::2") from None
+    if len(values) != len(groups):
+        raise ValueError(f"{len(values)} upsampling factors for {len(groups)} '::'-separated shard lists in {spec!r}: "
+                         "give one factor per list")
+    if min(values) < 0 or not sum(values) > 0:
+        raise ValueError(f"upsampling factors {factors!r}: each 0 or more, and not all 0")
+    return [(expand_shards(group), value) for group, value in zip(groups, values)]
+
+
 def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
@@ -119,14 +136,24 @@ def shard_index(url: str) -> ShardIndex:
 
 
 class ShardSource:
-    """WebDataset tar shards (img2dataset layout: image + txt [+ json]; or CLIP_benchmark: image + cls)."""
+    """WebDataset tar shards (img2dataset layout: image + txt [+ json]; or CLIP_benchmark: image + cls).
+
+    ``upsampling``: one factor per ``::``-separated shard list (``upsampling_factors``). An epoch then reads each shard
+    its factor's whole part times, and once more with the probability of its fraction (drawn per epoch and seed, so
+    every rank, worker and resumed run reads the same list): open_clip's weights for its resampled shards, as
+    epochs."""
 
     classnames = None
     bad_shards = 0  # unreadable or truncated shards met by the last count or catalogue
 
-    def __init__(self, spec: str, shuffle_buffer: int = 1000):
+    def __init__(self, spec: str, shuffle_buffer: int = 1000, upsampling=None):
         self.spec = spec
-        self.urls = expand_shards(spec)
+        if upsampling is None:
+            self.urls, self.weights = expand_shards(spec), None
+        else:
+            groups = upsampling_factors(spec, upsampling)
+            self.urls = [url for urls, _ in groups for url in urls]
+            self.weights = [factor for urls, factor in groups for _ in urls]
         self.shuffle_buffer = shuffle_buffer
         missing = [u for u in self.urls if not _is_remote(u) and not os.path.exists(u)]
         if missing:
@@ -157,8 +184,26 @@ class ShardSource:
         return indexes
 
     def __len__(self) -> int:
-        """Number of samples, counted from the tar headers of local shards (no decoding)."""
-        return sum(len(index.members) for _, index in self._indexes("count the samples"))
+        """Number of samples (an epoch's expected number under upsampling), counted from the tar headers of local
+        shards (no decoding)."""
+        counts = [len(index.members) for _, index in self._indexes("count the samples")]
+        return sum(counts) if self.weights is None else round(sum(w * n for w, n in zip(self.weights, counts)))
+
+    def distinct(self) -> "ShardSource":
+        """The shards any epoch can read, each once (what a text cache must hold, whatever an epoch draws)."""
+        if self.weights is None:
+            return self
+        return ShardSource("::".join(url for url, w in zip(self.urls, self.weights) if w > 0), self.shuffle_buffer)
+
+    def epoch_urls(self, epoch: int, seed: int) -> list[str]:
+        """The shards an epoch reads, in order: each once, or under upsampling as often as its factor draws."""
+        urls = list(self.urls)
+        if self.weights is not None:
+            draw = random.Random(f"upsample-{seed}-{epoch}")
+            urls = [url for url, w in zip(self.urls, self.weights)
+                    for _ in range(int(w) + (draw.random() < w - int(w)))]
+        random.Random(f"shards-{seed}-{epoch}").shuffle(urls)  # the same order on every part
+        return urls
 
     def catalogue(self) -> list[dict]:
         """``{"shard", "key"}`` of every sample that holds an image, in shard order, read from the tar headers."""
@@ -173,8 +218,7 @@ class ShardSource:
     def samples(self, part: int, parts: int, epoch: int, seed: int, errors: Counter) -> Iterator[dict]:
         from webdataset.tariterators import tarfile_samples
 
-        urls = list(self.urls)
-        random.Random(f"shards-{seed}-{epoch}").shuffle(urls)  # the same order on every part
+        urls = self.epoch_urls(epoch, seed)
         by_shard = len(urls) >= parts
         mine = urls[part::parts] if by_shard else urls
 
@@ -318,13 +362,18 @@ def _images(folder: Path) -> list[Path]:
 
 
 def open_source(spec: str, shuffle_buffer: int = 1000, classnames: list[str] | None = None,
-                csv_keys: dict | None = None):
+                csv_keys: dict | None = None, upsampling=None):
     """The source a spec names: ``*.csv``/``*.tsv``; a folder of ``.tar`` shards; a folder of images (with sidecar
     captions, or with ``classnames`` one subfolder per class); or shard URLs (brace notation, ``::`` lists,
     ``pipe:``). ``shuffle_buffer`` 0 reads in order (evaluation); ``classnames`` names a labelled collection's
     classes (a CSV's label column may use them); ``csv_keys``: a CSV's ``image_key``, ``caption_key`` and
-    ``separator`` (``CsvSource``; other sources have no columns to name)."""
+    ``separator`` (``CsvSource``; other sources have no columns to name); ``upsampling``: shard lists' factors
+    (``ShardSource``; other sources are refused)."""
     shuffle = shuffle_buffer > 0
+    if upsampling is not None and (spec.endswith((".csv", ".tsv")) or Path(spec).is_dir()):
+        raise ValueError(f"upsampling factors weigh '::'-separated lists of shards; {spec} is a "
+                         f"{'CSV' if spec.endswith(('.csv', '.tsv')) else 'folder'}: name its shards instead "
+                         "(e.g. 'a/{000000..000009}.tar::b/{000000..000003}.tar')")
     if spec.endswith((".csv", ".tsv")):
         return CsvSource(spec, classnames=classnames, shuffle=shuffle, **(csv_keys or {}))
     path = Path(spec)
@@ -335,4 +384,4 @@ def open_source(spec: str, shuffle_buffer: int = 1000, classnames: list[str] | N
         return FolderSource(path, classnames, shuffle)
     if not path.exists() and not _is_remote(spec) and not any(mark in spec for mark in ("{", "::", ".tar")):
         raise FileNotFoundError(f"{spec} not found (expected an image folder, a CSV/TSV, or WebDataset shards)")
-    return ShardSource(spec, shuffle_buffer)
+    return ShardSource(spec, shuffle_buffer, upsampling)

@@ -131,6 +131,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--val-samples images of each (open_clip's --imagenet-val)")
     g.add_argument("--zeroshot-split", help=f"the split of each --zeroshot-data root [{d.zeroshot_split}]")
     g.add_argument("--train-num-samples", type=int, help="dataset size, for --epochs on remote shards")
+    g.add_argument("--train-data-upsampling-factors", metavar="F1::F2",
+                   help="one factor per '::'-separated shard list of --train-data, as open_clip's: each epoch reads "
+                        "every shard of a list that many times as often (fractions drawn per epoch), e.g. 1::2")
     g.add_argument("--label-captions", metavar="default|FILE",
                    help="caption labelled samples from class names: 'default' grammar or a file of templates with {}")
     g.add_argument("--exclude-classes", help="comma-separated class names left out of training")

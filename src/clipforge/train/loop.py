@@ -62,6 +62,8 @@ class TrainConfig:
     csv_caption_key: str | None = None  # its caption column [title, caption, text]
     csv_separator: str | None = None  # [a tab for .tsv and tab-separated headers, else a comma]
     train_num_samples: int | None = None
+    # one factor per '::'-separated shard list of train_data ("1::2"): open_clip's --train-data-upsampling-factors
+    train_data_upsampling_factors: str | None = None
     batch_size: int = 64
     epochs: float = 1.0
     steps: int | None = None
@@ -359,7 +361,8 @@ def _check_captioned(source, name, peek: int = 64) -> None:
 def _open_training_data(cfg: TrainConfig, train_source=None):
     """(source, its labels) with the data checked usable before any training starts."""
     source = train_source if train_source is not None else \
-        open_source(cfg.train_data, cfg.shuffle_buffer, csv_keys=cfg.csv_keys())
+        open_source(cfg.train_data, cfg.shuffle_buffer, csv_keys=cfg.csv_keys(),
+                    upsampling=cfg.train_data_upsampling_factors)
     labels = _Labels(cfg, source)
     if not labels.classnames and cfg.objective != "self-supervised":  # images alone need no captions
         _check_captioned(source, cfg.train_data or source)
