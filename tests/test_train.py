@@ -297,6 +297,13 @@ def test_learning_rate_schedules_warm_up_then_decay_hold_or_cool_down():
     assert cooled[:6] == [0.5] + [1.0] * 5 and cooled[6:] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
     with pytest.raises(ValueError, match="--cooldown 9: between 1 and the 8 steps after warmup"):
         _learning_rates("constant-cooldown", 2, 10, cooldown_steps=9)
+    # open_clip's const-cooldown, its power and end rate included (its schedule is per step, ours per step too)
+    scheduler = pytest.importorskip("open_clip_train.scheduler", reason="open_clip's training package is the peer")
+    for power in (1.0, 2.0, 0.5):
+        ours = _learning_rates("constant-cooldown", 2, 10, end_ratio=0.2, cooldown_steps=4, cooldown_power=power)
+        theirs = scheduler.const_lr_cooldown(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 1.0, 2,
+                                             10, 4, cooldown_power=power, cooldown_end_lr=0.2)
+        assert ours[:10] == pytest.approx([theirs(step) for step in range(10)]), power
 
 
 def test_constant_cooldown_from_the_command_line_and_its_checks(tmp_path, capsys):
@@ -312,6 +319,8 @@ def test_constant_cooldown_from_the_command_line_and_its_checks(tmp_path, capsys
     assert (run_config["lr_schedule"], run_config["cooldown"], run_config["lr_end"]) == ("constant-cooldown", 2, 1e-4)
     assert cli.main([*common, "--lr-end", "0.01", "--output", str(tmp_path / "bad")]) == 2
     assert "--lr-end 0.01: expected a learning rate from 0 to --lr (0.001)" in capsys.readouterr().err
+    assert cli.main([*common, "--cooldown-power", "0", "--output", str(tmp_path / "bad")]) == 2
+    assert "--cooldown-power 0.0: expected a power above 0" in capsys.readouterr().err
 
 
 def test_a_bad_shard_is_counted_and_skipped_when_training_by_epochs(tmp_path):
@@ -469,9 +478,10 @@ def test_open_clips_training_flags_read_as_their_clipforge_settings_or_stop_with
     cli.add_arguments(parser)
     cfg = cli.config_from_args(parser.parse_args([
         "--siglip", "--grad-clip-norm", "1", "--lr-scheduler", "const-cooldown", "--log-every-n-steps", "5",
-        "--force-patch-dropout", "0.5", "--delete-previous-checkpoint", "--csv-separator", "\\t"]))
-    assert (cfg.loss, cfg.grad_clip, cfg.lr_schedule, cfg.log_every, cfg.patch_dropout, cfg.keep, cfg.csv_separator) \
-        == ("siglip", 1.0, "constant-cooldown", 5, 0.5, 1, "\t")
+        "--force-patch-dropout", "0.5", "--delete-previous-checkpoint", "--csv-separator", "\\t",
+        "--lr-cooldown-power", "2", "--lr-cooldown-end", "1e-5"]))
+    assert (cfg.loss, cfg.grad_clip, cfg.lr_schedule, cfg.log_every, cfg.patch_dropout, cfg.keep, cfg.csv_separator,
+            cfg.cooldown_power, cfg.lr_end) == ("siglip", 1.0, "constant-cooldown", 5, 0.5, 1, "\t", 2.0, 1e-5)
     for flag, instead in (("--zeroshot-frequency", "--zeroshot-data ROOT"), ("--val-frequency", "--val-every N"),
                           ("--dataset-type", "read from --train-data"), ("--lr-scheduler", "const-cooldown")):
         with pytest.raises(SystemExit) as stopped:

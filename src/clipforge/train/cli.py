@@ -23,8 +23,8 @@ model_cfg, ...); flags given on the command line override it. A run's own run_co
 Several processes or GPUs: torchrun --nproc-per-node 4 -m clipforge.cli train ... (DDP; NCCL on GPU, gloo on CPU).
 
 open_clip's command lines: its flags of the same meaning are read under its names too (--siglip, --grad-clip-norm,
---lr-scheduler cosine|const|const-cooldown, --log-every-n-steps, --force-patch-dropout, --delete-previous-checkpoint
-as --keep 1, --aug-cfg scale=... color_jitter=... color_jitter_prob=... gray_scale_prob=...); its epoch-counted and
+--lr-scheduler cosine|const|const-cooldown, --lr-cooldown-power, --lr-cooldown-end, --log-every-n-steps,
+--force-patch-dropout, --delete-previous-checkpoint as --keep 1, --aug-cfg scale=... color_jitter=... color_jitter_prob=... gray_scale_prob=...); its epoch-counted and
 logging flags are refused with the step-counted flag to use instead.
 
 Stopping: Ctrl-C or SIGTERM (a scheduler's preemption) ends the run after the current step with a checkpoint
@@ -236,6 +236,8 @@ def add_open_clip_spellings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every-n-steps", dest="log_every", type=int, help=hidden)
     p.add_argument("--force-patch-dropout", dest="patch_dropout", type=float, help=hidden)
     p.add_argument("--delete-previous-checkpoint", dest="keep", action="store_const", const=1, help=hidden)
+    p.add_argument("--lr-cooldown-power", dest="cooldown_power", type=float, help=hidden)
+    p.add_argument("--lr-cooldown-end", dest="lr_end", type=float, help=hidden)
     p.add_argument("--aug-cfg", action=_OpenClipAugCfg)
     for flag, instead in OPEN_CLIP_INSTEAD.items():
         p.add_argument(flag, action=_OpenClipOnly, instead=instead)
@@ -253,8 +255,10 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, help="linear warmup steps [5%% of the steps]")
     g.add_argument("--lr-schedule", choices=SCHEDULES,
                    help="after warmup: cosine decay to --lr-end (CLIP's); constant; or constant-cooldown, constant "
-                        f"then a linear fall to --lr-end over the last --cooldown steps [{d.lr_schedule}]")
+                        f"then a fall to --lr-end over the last --cooldown steps [{d.lr_schedule}]")
     g.add_argument("--cooldown", type=int, help="constant-cooldown: steps of the final decay [10%% of the steps]")
+    g.add_argument("--cooldown-power", type=float,
+                   help=f"constant-cooldown: the fall's shape, (1 - progress) ** power; 1 is linear [{d.cooldown_power}]")
     g.add_argument("--lr-end", type=float, help=f"the learning rate the schedule ends at [{d.lr_end}]")
     g.add_argument("--beta1", type=float, help=f"[{d.beta1}]")
     g.add_argument("--beta2", type=float, help=f"[{d.beta2}]")

@@ -73,6 +73,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # or "constant", "constant-cooldown" (train.optim.lr_schedule)
     cooldown: int | None = None  # constant-cooldown: steps of linear decay at the end [10% of the steps]
     lr_end: float = 0.0  # the learning rate the cosine or the cooldown ends at
+    cooldown_power: float = 1.0  # constant-cooldown: 1 a linear fall, else (1 - progress) ** power (open_clip's)
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
@@ -198,6 +199,8 @@ def _check_config(cfg: TrainConfig) -> None:
             refuse(name, getattr(cfg, name), "a number above 0")
     if not cfg.wd >= 0:
         refuse("wd", cfg.wd, "a number of at least 0")
+    if not cfg.cooldown_power > 0:
+        refuse("cooldown_power", cfg.cooldown_power, "a power above 0 (1: a linear fall)")
     if not 0 <= cfg.lr_end <= cfg.lr:
         refuse("lr_end", cfg.lr_end, f"a learning rate from 0 to --lr ({cfg.lr})")
     if cfg.lr_schedule not in SCHEDULES:
@@ -532,7 +535,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     optimizer = build_optimizer(core, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps)
     cooldown = cfg.cooldown if cfg.cooldown is not None else max(1, total_steps // 10)
     scheduler = lr_schedule(optimizer, cfg.lr_schedule, warmup, total_steps, cfg.lr_end / cfg.lr,
-                            cooldown if cfg.lr_schedule == "constant-cooldown" else 0)
+                            cooldown if cfg.lr_schedule == "constant-cooldown" else 0, cfg.cooldown_power)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")
     position = _resume(cfg, output, core, optimizer, scheduler, scaler, rank, world)
     # a --pretrained model's own image normalisation (0.5 for some LAION tags), as open_clip trains it

@@ -36,11 +36,12 @@ SCHEDULES = ("cosine", "constant", "constant-cooldown")
 
 
 def lr_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int, end_ratio: float = 0.0,
-                cooldown_steps: int = 0):
+                cooldown_steps: int = 0, cooldown_power: float = 1.0):
     """The LR factor per step, after a linear ramp over ``warmup_steps``: ``cosine`` from 1 down to ``end_ratio`` at
     ``total_steps`` (CLIP's); ``constant`` 1 (a run that can be extended, or a schedule-free comparison);
-    ``constant-cooldown`` 1, then a linear fall to ``end_ratio`` over the last ``cooldown_steps`` (open_clip's
-    const-cooldown: a constant run whose checkpoints can each be cooled down into a finished model)."""
+    ``constant-cooldown`` 1, then a fall to ``end_ratio`` over the last ``cooldown_steps``, linear or with
+    ``cooldown_power`` polynomial (open_clip's const-cooldown and its ``--lr-cooldown-power``: a constant run whose
+    checkpoints can each be cooled down into a finished model)."""
     if kind not in SCHEDULES:
         raise ValueError(f"--lr-schedule {kind!r}: one of {', '.join(SCHEDULES)}")
     if kind == "constant-cooldown" and not 0 < cooldown_steps <= total_steps - warmup_steps:
@@ -56,6 +57,7 @@ def lr_schedule(optimizer, kind: str, warmup_steps: int, total_steps: int, end_r
             return end_ratio + (1 - end_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         if kind == "constant" or step < cooldown_start:
             return 1.0
-        return 1 - (1 - end_ratio) * min(1.0, (step - cooldown_start) / cooldown_steps)
+        remaining = 1 - min(1.0, (step - cooldown_start) / cooldown_steps)
+        return end_ratio + (1 - end_ratio) * remaining ** cooldown_power
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
