@@ -482,8 +482,17 @@ def test_open_clips_training_flags_read_as_their_clipforge_settings_or_stop_with
         "--lr-cooldown-power", "2", "--lr-cooldown-end", "1e-5"]))
     assert (cfg.loss, cfg.grad_clip, cfg.lr_schedule, cfg.log_every, cfg.patch_dropout, cfg.keep, cfg.csv_separator,
             cfg.cooldown_power, cfg.lr_end) == ("siglip", 1.0, "constant-cooldown", 5, 0.5, 1, "\t", 2.0, 1e-5)
+    # every flag of open_clip's training script is read, or refused naming what to give instead
+    params = pytest.importorskip("open_clip_train.params", reason="open_clip's training package is the peer")
+    theirs = set(re.findall(r'"(--[a-z0-9-]+)"', Path(params.__file__).read_text()))
+    ours = {flag for action in parser._actions for flag in action.option_strings}
+    assert len(theirs) > 60 and theirs <= ours, sorted(theirs - ours)
+    cfg = cli.config_from_args(parser.parse_args(["--force-quick-gelu", "--model-cfg", '{"embed_dim": 8}',
+                                                  "--val-num-samples", "7"]))
+    assert cfg.model_cfg == {"embed_dim": 8, "quick_gelu": True} and cfg.val_samples == 7
     for flag, instead in (("--zeroshot-frequency", "--zeroshot-data ROOT"), ("--val-frequency", "--val-every N"),
-                          ("--dataset-type", "read from --train-data"), ("--lr-scheduler", "const-cooldown")):
+                          ("--dataset-type", "read from --train-data"), ("--lr-scheduler", "const-cooldown"),
+                          ("--opt", "AdamW"), ("--torchscript", "clipforge export onnx")):
         with pytest.raises(SystemExit) as stopped:
             main(["train", flag, "1", "--train-data", "x"])
         assert stopped.value.code == 2 and instead in capsys.readouterr().err, flag

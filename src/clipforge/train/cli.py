@@ -24,7 +24,7 @@ Several processes or GPUs: torchrun --nproc-per-node 4 -m clipforge.cli train ..
 
 open_clip's command lines: its flags of the same meaning are read under its names too (--siglip, --grad-clip-norm,
 --lr-scheduler cosine|const|const-cooldown, --lr-cooldown-power, --lr-cooldown-end, --log-every-n-steps,
---force-patch-dropout, --delete-previous-checkpoint as --keep 1, --aug-cfg scale=... color_jitter=... color_jitter_prob=... gray_scale_prob=...); its epoch-counted and
+--force-patch-dropout, --force-quick-gelu, --val-num-samples, --delete-previous-checkpoint as --keep 1, --aug-cfg scale=... color_jitter=... color_jitter_prob=... gray_scale_prob=...); its epoch-counted and
 logging flags are refused with the step-counted flag to use instead.
 
 Stopping: Ctrl-C or SIGTERM (a scheduler's preemption) ends the run after the current step with a checkpoint
@@ -172,6 +172,32 @@ OPEN_CLIP_INSTEAD = {
                            "leave a rank without data",
     "--gather-with-grad": "not needed: clipforge's loss always gathers the other ranks' features with gradients",
     "--horovod": "run several processes under torchrun",
+    "--opt": "clipforge trains with AdamW (--beta1, --beta2, --eps, --wd)",
+    "--momentum": "clipforge trains with AdamW (--beta1, --beta2, --eps, --wd)",
+    "--skip-scheduler": "give --lr-schedule constant --warmup 0",
+    "--save-most-recent": "not needed: every checkpoint is whole, --resume latest finds the newest and --keep N bounds "
+                          "how many stay",
+    "--torchscript": "export a trained model with `clipforge export onnx CHECKPOINT OUT`",
+    "--trace": "export a trained model with `clipforge export onnx CHECKPOINT OUT`",
+    "--pretrained-image": "timm's hub weights are not fetched here: give --pretrained TAG_OR_CHECKPOINT",
+    "--force-custom-text": "not needed: clipforge reads and writes both of open_clip's text-tower layouts",
+    "--use-bn-sync": "not built: a ResNet tower's batch norms keep per-process statistics under DDP",
+    "--use-bnb-linear": "not built: bitsandbytes' int8 linear layers",
+    "--loss-dist-impl": "not needed: the loss gathers the other ranks' features itself (--local-loss)",
+    "--ddp-static-graph": "not needed: torchrun and DDP are set up by clipforge",
+    "--no-set-device-rank": "not needed: each torchrun process takes the GPU of its LOCAL_RANK",
+    "--dist-url": "torchrun sets the rendezvous (--master-addr, --master-port)",
+    "--dist-backend": "not needed: NCCL on GPUs, gloo on CPUs",
+    "--remote-sync": "copy OUTPUT yourself: checkpoints are written atomically, whole, one folder per step",
+    "--remote-sync-frequency": "copy OUTPUT yourself: checkpoints are written atomically, whole, one folder per step",
+    "--remote-sync-protocol": "copy OUTPUT yourself: checkpoints are written atomically, whole, one folder per step",
+    "--wandb-project-name": "metrics go to OUTPUT/metrics.jsonl, and to OUTPUT/tensorboard when tensorboard is "
+                            "installed",
+    "--wandb-notes": "metrics go to OUTPUT/metrics.jsonl, and to OUTPUT/tensorboard when tensorboard is installed",
+    "--copy-codebase": "not needed: OUTPUT/run_config.json records the run's settings",
+    "--log-local": "give the run's own folder as --output FOLDER",
+    "--debug": "give the run's own folder as --output FOLDER (metrics.jsonl logs every --log-every steps)",
+    "--cache-dir": "nothing is downloaded here: give --pretrained a local checkpoint or an installed tag",
 }
 
 
@@ -237,6 +263,8 @@ def add_open_clip_spellings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-patch-dropout", dest="patch_dropout", type=float, help=hidden)
     p.add_argument("--delete-previous-checkpoint", dest="keep", action="store_const", const=1, help=hidden)
     p.add_argument("--lr-cooldown-power", dest="cooldown_power", type=float, help=hidden)
+    p.add_argument("--val-num-samples", dest="val_samples", type=int, help=hidden)
+    p.add_argument("--force-quick-gelu", action="store_true", help=hidden)
     p.add_argument("--lr-cooldown-end", dest="lr_end", type=float, help=hidden)
     p.add_argument("--aug-cfg", action=_OpenClipAugCfg)
     for flag, instead in OPEN_CLIP_INSTEAD.items():
@@ -336,6 +364,8 @@ def config_from_args(args) -> TrainConfig:
     if isinstance(flags.get("exclude_classes"), str):
         flags["exclude_classes"] = [c.strip() for c in flags["exclude_classes"].split(",") if c.strip()]
     values.update(flags)
+    if getattr(args, "force_quick_gelu", False):  # open_clip's flag: OpenAI's activation in a config without it
+        values["model_cfg"] = {**(values.get("model_cfg") or {}), "quick_gelu": True}
     if isinstance(values.get("zeroshot_data"), str):  # one root in a config file
         values["zeroshot_data"] = [values["zeroshot_data"]]
     for key in ("crop_scale", "color_jitter"):
