@@ -170,6 +170,26 @@ def test_distillation_settings_that_cannot_work_are_refused_by_name(tmp_path, se
                           progress=False, output=str(tmp_path / "run"), **settings))
 
 
+def test_a_bf16_teacher_holds_half_the_bytes_and_gives_the_features_of_its_fp32_self(tmp_path, capsys):
+    """``--distill-precision bf16``: the teacher's weights in bf16 (half the memory), its features of a batch within
+    bf16 rounding of the fp32 teacher's, through the same ``Teacher.features`` a step calls."""
+    from contextlib import nullcontext
+
+    from clipforge.train.distill import load_teacher
+
+    folder = clipforge.save_pretrained(_tiny(vision={"image_size": 32, "patch_size": 8}), tmp_path / "teacher")
+    student = TrainTransform(32)
+    teachers = {p: load_teacher(None, str(folder), torch.device("cpu"), student, precision=p) for p in ("fp32", "bf16")}
+    assert "bfloat16 weights" in capsys.readouterr().err
+    assert {p.dtype for p in teachers["bf16"].model.parameters()} == {torch.bfloat16}
+    batch = {"images": torch.randn(4, 3, 32, 32), "teacher_tokens": teachers["fp32"].inputs.tokenizer(["a red square",
+             "a blue circle", "two dogs", "a cat"])}
+    exact, rounded = (teachers[p].features(batch, torch.device("cpu"), nullcontext()) for p in ("fp32", "bf16"))
+    for a, b in zip(exact[:2], rounded[:2]):
+        assert b.dtype == torch.bfloat16 and (a - b.float()).abs().max() < 0.05
+        assert torch.nn.functional.cosine_similarity(a, b.float()).min() > 0.99
+
+
 def test_a_teacher_that_is_not_a_clip_is_refused(tmp_path):
     shard = shapes_shard(tmp_path / "s-000000.tar", 16)
     bow = train(TrainConfig(model="ViT-Tiny-64", objective="bow", train_data=str(shard), batch_size=8, steps=1,

@@ -114,6 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"beside the student's loss [{d.distill_weight}]")
     g.add_argument("--distill-text-cache", action=argparse.BooleanOptionalAction,
                    help="compute the teacher's text features of every training caption once, before training")
+    g.add_argument("--distill-precision", choices=("fp32", "bf16", "fp16"),
+                   help=f"the teacher's weights (bf16: half the memory of a large teacher on a GPU; slow on most "
+                        f"CPUs) [{d.distill_precision}]")
     g = p.add_argument_group("data")
     g.add_argument("--train-data", help="training data (shards, CSV or folder)")
     g.add_argument("--val-data", help="held-out data for periodic retrieval R@1/5/10 (every caption of an image "

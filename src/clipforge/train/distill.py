@@ -54,9 +54,10 @@ class Teacher:
 
 
 def load_teacher(model: str | None, pretrained: str | None, device: torch.device, student: TrainTransform,
-                 trust_pickle: bool = False) -> Teacher:
+                 trust_pickle: bool = False, precision: str = "fp32") -> Teacher:
     """The teacher named by ``--distill-model`` / ``--distill-pretrained`` (as ``--model`` / ``--pretrained`` of the
-    inference commands), frozen on ``device``, with the inputs the pipeline makes for it beside the student's training
+    inference commands), frozen on ``device`` with weights of ``precision`` (``--distill-precision``: bf16 halves a
+    large teacher's memory on a GPU), with the inputs the pipeline makes for it beside the student's training
     transform ``student`` (the same random crop and colour changes, the teacher's size and normalisation)."""
     from ..inference import load_for_inference
     from ..models import is_naflex
@@ -69,7 +70,7 @@ def load_teacher(model: str | None, pretrained: str | None, device: torch.device
                          "weights: give --distill-pretrained TAG_OR_CHECKPOINT")
     name = f"{model or ''}{' ' if model and pretrained else ''}{pretrained or ''}"
     teacher, _, tokenizer = load_for_inference(model, pretrained, device=str(device), trust_pickle=trust_pickle,
-                                               backend="torch")
+                                               backend="torch", precision=precision)
     config = getattr(teacher, "config", {}) or {}
     if not all(hasattr(teacher, a) for a in ("encode_image", "encode_text", "logit_scale")) or tokenizer is None \
             or config.get("objective", "contrastive") != "contrastive":
@@ -85,5 +86,7 @@ def load_teacher(model: str | None, pretrained: str | None, device: torch.device
     transform = TrainTransform(teacher.image_size, **student.augmentation(), **normalisation)
     same = (transform.image_size, transform.mean, transform.std) == (student.image_size, student.mean, student.std)
     view = "the student's own" if same else "cut from the student's crops"
-    print(f"distilling from {name}: {teacher.image_size} px images ({view}), its own tokenizer", file=sys.stderr)
+    dtype = str(next(teacher.parameters()).dtype).removeprefix("torch.")
+    print(f"distilling from {name}: {teacher.image_size} px images ({view}), its own tokenizer, {dtype} weights",
+          file=sys.stderr)
     return Teacher(teacher, TeacherInputs(None if same else transform, tokenizer))

@@ -108,6 +108,7 @@ class TrainConfig:
     distill_pretrained: str | None = None  # its weights (a tag or a checkpoint), as --model / --pretrained elsewhere
     distill_weight: float = 1.0  # the distillation term's weight beside the student's own loss (open_clip's: 1)
     distill_text_cache: bool = False  # the teacher's text features of every training caption computed once
+    distill_precision: str = "fp32"  # the teacher's weights: fp32, bf16 or fp16 (inference.inference_dtype)
     label_captions: str | None = None
     exclude_classes: list[str] = field(default_factory=list)
     crop_scale: tuple[float, float] = (0.9, 1.0)
@@ -405,7 +406,8 @@ def _distillation(cfg: TrainConfig, core, model_config: dict, loss_fn, source, l
         raise ValueError("--distill-*: a CoCa student is not distilled here (its captioning loss has no teacher term); "
                          "distill into a CLIP")
     with torch.random.fork_rng(devices=[]):  # building the teacher draws random numbers; the run's draws stay as without
-        teacher = load_teacher(cfg.distill_model, cfg.distill_pretrained, device, student_transform)
+        teacher = load_teacher(cfg.distill_model, cfg.distill_pretrained, device, student_transform,
+                               precision=cfg.distill_precision)
     if cfg.distill_text_cache:
         if labels.classnames:
             raise ValueError("--distill-text-cache takes captioned data; label captions are drawn from a grammar, "
