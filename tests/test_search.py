@@ -6,6 +6,7 @@ import os
 import shutil
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,65 @@ def test_resuming_or_querying_with_other_weights_of_the_same_architecture_is_cau
         assert "warning" not in capsys.readouterr().err
     assert cli.main(["search", str(out), "a red circle", "-k", "1", "--pretrained", other]) == 0
     assert "warning: this model is not the one that embedded" in capsys.readouterr().err
+
+
+def test_caption_scores_filter_pairs_into_shards_that_train(collection, tmp_path, capsys):
+    """``embed --captions`` stores each image's caption vector row for row (the model's normalised text features,
+    float16); ``clipforge filter`` keeps the pairs whose cosine passes --min-score or is in the top --keep-fraction,
+    as shards holding the image bytes, every caption line and the score, that training reads."""
+    import pyarrow.parquet as pq
+
+    from clipforge.data import open_source
+    from clipforge.retrieval import load_embeddings
+
+    out = tmp_path / "emb"
+    assert cli.main(["embed", str(collection["images"]), str(out), "--pretrained", collection["ckpt"],
+                     "--shard-size", "16", "--captions", "--no-progress"]) == 0
+    vectors, rows = load_embeddings(out)
+    captions = np.concatenate([np.load(out / "caption_emb" / f"caption_emb_0000{i}.npy") for i in range(3)])
+    model, _, tokenizer = clipforge.load(collection["ckpt"])
+    with torch.no_grad():
+        expected = model.encode_text(tokenizer([r["caption"] for r in rows]), normalize=True).numpy()
+    assert captions.shape == vectors.shape and np.abs(captions - expected).max() < 2e-3
+    scores = (vectors * captions.astype(np.float32)).sum(1)
+
+    assert cli.main(["filter", str(out), str(tmp_path / "half"), "--keep-fraction", "0.5", "--shard-size", "8",
+                     "--no-progress"]) == 0
+    assert "kept 20 of 40 pairs" in capsys.readouterr().out
+    info = json.loads((tmp_path / "half" / "filter_info.json").read_text())
+    table = pq.read_table(tmp_path / "half" / "scores.parquet").to_pylist()
+    assert [r["path"] for r in table] == [r["path"] for r in rows] and info["shards"] == 3
+    np.testing.assert_allclose([r["clip_score"] for r in table], scores, atol=1e-5)
+    kept = [r for r in table if r["kept"]]
+    assert len(kept) == 20 and min(r["clip_score"] for r in kept) >= max(r["clip_score"] for r in table
+                                                                         if not r["kept"])
+    samples = list(open_source(str(tmp_path / "half"), shuffle_buffer=0).samples(0, 1, 0, 0, Counter()))
+    assert len(samples) == 20
+    for sample in samples:
+        record = json.loads(sample["json"])
+        source = Path(record["source"])
+        assert sample["png"] == source.read_bytes()
+        assert sample["txt"].decode() == source.with_suffix(".txt").read_text()
+        assert record["clip_score"] == pytest.approx(scores[[r["path"] for r in rows].index(str(source))], abs=1e-5)
+    threshold = float(np.sort(scores)[-10])
+    assert cli.main(["filter", str(out), str(tmp_path / "top"), "--min-score", str(threshold), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "top" / "filter_info.json").read_text())["kept"] == int((scores >= threshold).sum())
+    # the kept pairs train as they are
+    assert cli.main(["train", "--model", "ViT-Tiny-64", "--train-data", str(tmp_path / "half"), "--batch-size", "4",
+                     "--steps", "1", "--workers", "0", "--no-progress", "--output", str(tmp_path / "run")]) == 0
+    # what cannot work says what to do
+    assert cli.main(["filter", str(out), str(tmp_path / "half"), "--keep-fraction", "0.5"]) == 2
+    assert "already holds shards" in capsys.readouterr().err
+    assert cli.main(["filter", str(collection["emb"]), str(tmp_path / "none"), "--min-score", "0"]) == 2
+    assert "embed it with --captions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["filter", str(out), str(tmp_path / "x"), "--min-score", "0", "--keep-fraction", "0.5"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    shutil.copytree(collection["emb"], tmp_path / "plain")
+    (tmp_path / "plain" / "img_emb" / "img_emb_00002.npy").unlink()
+    assert cli.main(["embed", str(collection["images"]), str(tmp_path / "plain"), "--pretrained", collection["ckpt"],
+                     "--shard-size", "16", "--captions", "--no-progress"]) == 2
+    assert "other settings than this run's: captions False (now True)" in capsys.readouterr().err
 
 
 def test_decoding_workers_change_nothing_but_speed(collection, tmp_path):

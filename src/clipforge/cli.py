@@ -159,6 +159,8 @@ _EXTRA_COMMANDS: list = [
                    "zero-shot, retrieval, linear-probe, few-shot and robustness evaluation; a sweep's results as tables"),
     _register_lazy("embed", "retrieval.cli", "embed an image collection into sharded .npy + parquet",
                    "add_embed_arguments"),
+    _register_lazy("filter", "retrieval.cli", "keep the image-caption pairs a model scores as matching (CLIP score)",
+                   "add_filter_arguments"),
     _register_lazy("index", "retrieval.cli", "build a FAISS index over embeddings", "add_index_arguments"),
     _register_lazy("search", "retrieval.cli", "search an indexed collection by text or image",
                    "add_search_arguments"),

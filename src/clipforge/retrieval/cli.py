@@ -21,6 +21,9 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="output folder")
     add_model_arguments(p)
     p.add_argument("--texts", help="also embed these texts (one per line) into text_emb/")
+    p.add_argument("--captions", action="store_true",
+                   help="also embed each image's caption (its first line) into caption_emb/, row for row: the "
+                        "pair's CLIP score, which `clipforge filter` keeps or drops pairs by")
     p.add_argument("--shard-size", type=positive_int, default=10_000, help="images per output shard [10000]")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--workers", type=non_negative_int, default=None,
@@ -50,7 +53,7 @@ def run_embed(args) -> int:
                                  texts, tokenizer, rank, world, args.progress and rank == 0, workers=workers,
                                  model_spec={"model": args.model, "pretrained": args.pretrained},
                                  max_patches=getattr(preprocess, "max_patches", None),
-                                 force_image_size=args.force_image_size)
+                                 force_image_size=args.force_image_size, captions=args.captions)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -79,6 +82,38 @@ def _suggest_bf16(args, model, rank: int) -> None:
         print("note: this processor multiplies bf16 natively; --precision bf16 embeds this size of model ~2-3x "
               "faster here, with features within bf16 rounding of fp32's (retrieval and zero-shot within 0.4 "
               "points, docs/BENCHMARKS.md)", file=sys.stderr)
+
+
+def add_filter_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Keep the image-caption pairs of a collection embedded with --captions whose CLIP score (the "
+                     "cosine of the image's and its caption's embeddings) passes a threshold, as LAION and DataComp's "
+                     "baseline filter web pairs. The kept pairs are written as WebDataset shards (the image as stored, "
+                     "every caption line, a .json with the score) that `clipforge train --train-data OUTPUT` reads; "
+                     "OUTPUT/scores.parquet lists every pair's score and OUTPUT/filter_info.json the quantiles.")
+    p.add_argument("collection", help="a folder written by `clipforge embed IMAGES FOLDER --captions`")
+    p.add_argument("output", help="a new folder for the kept pairs' shards")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--min-score", type=float, metavar="S",
+                   help="keep pairs scoring at least this cosine (LAION-400M kept >= 0.3 by OpenAI's ViT-B/32; each "
+                        "model has its own scale: see the quantiles filter_info.json reports)")
+    g.add_argument("--keep-fraction", type=fraction, metavar="F",
+                   help="keep the top fraction of the scored pairs (DataComp's CLIP-score baseline keeps 0.3)")
+    p.add_argument("--shard-size", type=positive_int, default=10_000, help="pairs per output shard [10000]")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=run_filter)
+
+
+def run_filter(args) -> int:
+    from .filter import filter_collection
+
+    info = filter_collection(args.collection, args.output, args.min_score, args.keep_fraction, args.shard_size,
+                             args.progress)
+    quantiles = ", ".join(f"{k} {v:.3f}" for k, v in info["score_quantiles"].items())
+    unreadable = f"; {info['unreadable']} images no longer readable, left out" if info["unreadable"] else ""
+    print(f"kept {info['kept']:,} of {info['pairs']:,} pairs (CLIP score >= {info['threshold']:.4f}; "
+          f"{info['pairs'] - info['scored']:,} without a caption{unreadable}) in {info['shards']} shards under "
+          f"{args.output}; scores: {quantiles}")
+    return 0
 
 
 def add_index_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,8 @@
     img_emb/img_emb_00000.npy        float16 [n, d], L2-normalised
     metadata/metadata_00000.parquet  path (a file, or "SHARD:KEY" for a sample in a tar shard), caption, width, height
     text_emb/text_emb_00000.npy      (with --texts) and metadata/text_metadata_00000.parquet
+    caption_emb/caption_emb_00000.npy  (with --captions) float16 [n, d]: each image's caption, row for row (zeros
+                                     for an image without one); its dot product with the image's is the CLIP score
     embed_info.json                  model config, the --model/--pretrained that embedded it, counts, dimension
     probe_emb.npz                    its features of fixed probe images and texts: which weights (retrieval.probe)
     index.faiss, index.json          (clipforge index build)
@@ -33,10 +35,23 @@ def image_shard(folder: str | Path, shard: int) -> tuple[Path, Path]:
     return folder / "img_emb" / f"img_emb_{shard:05d}.npy", folder / "metadata" / f"metadata_{shard:05d}.parquet"
 
 
-def write_image_shard(folder: str | Path, shard: int, vectors: np.ndarray, metadata) -> None:
+def caption_shard(folder: str | Path, shard: int) -> Path:
+    """The caption embeddings of output shard ``shard`` (``embed --captions``)."""
+    return Path(folder) / "caption_emb" / f"caption_emb_{shard:05d}.npy"
+
+
+def _save_npy(path: Path, vectors: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, np.asarray(vectors, dtype=np.float16))
+
+
+def write_image_shard(folder: str | Path, shard: int, vectors: np.ndarray, metadata,
+                      captions: np.ndarray | None = None) -> None:
     """Output shard ``shard``, each file atomically: ``vectors`` [n, d] (stored float16), ``metadata`` a list of
-    rows or a dict of columns with METADATA_SCHEMA's fields. Metadata first: a shard counts as done when both exist,
-    and the vectors file is the one looked for."""
+    rows or a dict of columns with METADATA_SCHEMA's fields, ``captions`` the rows' caption vectors (``--captions``).
+    Metadata and captions first: a shard counts as done when all exist, and the vectors file is the one looked for."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -46,17 +61,23 @@ def write_image_shard(folder: str | Path, shard: int, vectors: np.ndarray, metad
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in METADATA_SCHEMA])
     table = pa.Table.from_pylist(metadata, schema=schema) if isinstance(metadata, list) else \
         pa.table(metadata, schema=schema)
-    if table.num_rows != len(vectors):
-        raise ValueError(f"shard {shard}: {len(vectors)} vectors but {table.num_rows} metadata rows")
+    if table.num_rows != len(vectors) or (captions is not None and len(captions) != len(vectors)):
+        raise ValueError(f"shard {shard}: {len(vectors)} vectors but {table.num_rows} metadata rows"
+                         + (f" and {len(captions)} caption vectors" if captions is not None else ""))
     with atomic_path(meta_path) as tmp:
         pq.write_table(table, tmp)
-    with atomic_path(emb_path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, np.asarray(vectors, dtype=np.float16))
+    if captions is not None:
+        _save_npy(caption_shard(folder, shard), captions)
+    _save_npy(emb_path, vectors)
 
 
 def _image_shard_files(folder: Path) -> list[Path]:
     return sorted((folder / "img_emb").glob("img_emb_*.npy"))
+
+
+def embedded_shards(folder: str | Path) -> list[tuple[int, Path]]:
+    """(shard number, vectors file) of every image shard written so far, in order."""
+    return [(int(path.stem.rsplit("_", 1)[1]), path) for path in _image_shard_files(Path(folder))]
 
 
 def check_collection(folder: str | Path) -> Path:

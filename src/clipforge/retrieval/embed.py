@@ -52,7 +52,7 @@ def decoded_batches(items: list[dict], preprocess, batch_size: int, workers: int
 
 # what a shard's vectors depend on besides the weights: resuming into a folder embedded with other values would mix
 # two kinds of vectors (the model's config holds its architecture and image size)
-RESUME_SETTINGS = ("model", "max_patches", "force_image_size")
+RESUME_SETTINGS = ("model", "max_patches", "force_image_size", "captions")
 
 
 def _check_resumable(output: Path, summary: dict, n_shards: int, probe: dict) -> None:
@@ -62,9 +62,10 @@ def _check_resumable(output: Path, summary: dict, n_shards: int, probe: dict) ->
     previous = read_info(output)
     if not previous or not any(image_shard(output, shard)[0].exists() for shard in range(n_shards)):
         return
-    current = json.loads(json.dumps({key: summary.get(key) for key in RESUME_SETTINGS}, default=str))  # as stored
+    current = json.loads(json.dumps({key: summary.get(key) or None for key in RESUME_SETTINGS}, default=str))
     changed = [("the model's config" if key == "model" else f"{key} {previous.get(key)!r} (now {current[key]!r})")
-               for key in RESUME_SETTINGS if (key in previous or key != "model") and previous.get(key) != current[key]]
+               for key in RESUME_SETTINGS
+               if (key in previous or key != "model") and (previous.get(key) or None) != current[key]]
     if not changed and (differs := disagreeing(read_probe(output), probe, sides=("image",))):
         changed = [f"other weights ({differs})"]
     if changed:
@@ -78,13 +79,15 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
                      batch_size: int = 256, texts: list[str] | None = None, tokenizer=None, rank: int = 0,
                      world_size: int = 1, progress: bool = True, device=None, workers: int = 0,
                      model_spec: dict | None = None, max_patches: int | None = None,
-                     force_image_size: int | None = None) -> dict:
+                     force_image_size: int | None = None, captions: bool = False) -> dict:
     """Embed every image of ``input_spec`` into ``output``; returns counts (embedded, skipped, shards reused).
 
     ``workers`` > 0 decodes and preprocesses in that many processes while the model runs (what keeps a GPU fed).
     ``model_spec`` (``{"model", "pretrained"}``) is recorded so that search and serve reload the same model, and
     ``max_patches`` (a SigLIP 2 NaFlex model's sequence length) and ``force_image_size`` (a model run at another size
-    than its own) so that they take query images as these were taken.
+    than its own) so that they take query images as these were taken. ``captions``: each image's caption embedded
+    too, row for row (``caption_emb/``; zeros for an image without one), whose dot product with the image's vector is
+    its CLIP score (``clipforge filter``).
     Paths are recorded relative to ``output`` (``retrieval.collection`` says how).
     """
     output = Path(output)
@@ -97,9 +100,12 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
     summary = {"input": paths.spec(input_spec), "dim": model.embed_dim, "model": getattr(model, "config", None),
                "model_spec": {key: paths.spec(value) for key, value in (model_spec or {}).items()},
                "weights_dtype": str(weights_dtype(model)).removeprefix("torch."), **paths.mark(),
+               "captions": captions,
                **({"max_patches": int(max_patches)} if max_patches else {}),
                **({"force_image_size": int(force_image_size)} if force_image_size else {})}
     n_shards = (len(items) + shard_size - 1) // shard_size
+    if captions and tokenizer is None:
+        raise ValueError("embedding captions needs the model's tokenizer")
     probe = probe_features(model, preprocess, tokenizer, device)
     _check_resumable(output, summary, n_shards, probe)
     if rank == 0:  # before any shard: a collection cut short reads its paths and weights' fingerprint the same way
@@ -115,7 +121,7 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
             stats["reused_shards"] += 1
             bar.update(len(chunk))
             continue
-        features, rows = [], []
+        features, caption_features, rows = [], [], []
         for batch in decoded_batches(chunk, preprocess, batch_size, workers):
             good = [sample for sample in batch if sample is not None]
             stats["skipped"] += len(batch) - len(good)
@@ -123,9 +129,14 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
                 out = model.encode_image(image_batch([t for t, _ in good], device, non_blocking=True), normalize=True)
                 features.append(out.float().cpu().numpy().astype(np.float16))
                 rows.extend({**row, "path": paths.item(row["path"])} for _, row in good)
+                if captions:
+                    caption_features.append(_caption_vectors(model, tokenizer, [row["caption"] for _, row in good],
+                                                             device))
             bar.update(len(batch))
-        array = np.concatenate(features) if features else np.zeros((0, model.embed_dim), np.float16)
-        write_image_shard(output, shard, array, rows)
+        empty = np.zeros((0, model.embed_dim), np.float16)
+        array = np.concatenate(features) if features else empty
+        write_image_shard(output, shard, array, rows,
+                          (np.concatenate(caption_features) if caption_features else empty) if captions else None)
         stats["embedded"] += len(rows)
     bar.close()
     if texts and rank == 0:
@@ -143,6 +154,16 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
 
 
 @torch.no_grad()
+def _caption_vectors(model, tokenizer, captions: list[str], device) -> np.ndarray:
+    """L2-normalised float16 features of ``captions``, zeros for an empty one (an image without a caption)."""
+    vectors = np.zeros((len(captions), model.embed_dim), np.float16)
+    present = [i for i, caption in enumerate(captions) if caption.strip()]
+    if present:
+        tokens = tokenizer([captions[i] for i in present]).to(device)
+        vectors[present] = model.encode_text(tokens, normalize=True).float().cpu().numpy()
+    return vectors
+
+
 def embed_texts(model, tokenizer, texts: list[str], output: Path, batch_size: int = 256, device=None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
