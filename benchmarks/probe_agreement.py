@@ -1,6 +1,7 @@
 """Does the probe fingerprint (``retrieval.probe``) tell weights apart, and where should its threshold sit?
 
     python benchmarks/probe_agreement.py runs/flickr8k --json runs/bench/probe-agreement.json
+    python benchmarks/probe_agreement.py --precision-only ViT-B-32 ViT-L-14 RN50   (zoo models, random weights)
 
 For a training run's last checkpoint (the reference) and each variant - the same weights run otherwise (bf16 weights,
 ONNX Runtime fp32, its int8 image tower) and the run's earlier checkpoints, plus the architecture at random weights -
@@ -12,6 +13,8 @@ this measures
 - what a collection mixing the two would do to retrieval: text->image R@1 and R@10 over Flickr8k test with the
   reference's text queries against image vectors of which every other one is the variant's (what resuming an
   embedding run with other weights leaves), beside all images by the reference.
+``--precision-only NAME ...``: only the probe's agreement between fp32 weights and the same weights cast to bf16 and
+fp16, for zoo architectures at random weights (seed 0): how far rounding alone moves the probe in larger towers.
 """
 from __future__ import annotations
 
@@ -54,12 +57,32 @@ def compare(variant: dict, reference: dict, owners) -> dict:
             "same_weights": probe["image"] >= SAME_WEIGHTS and probe["text"] >= SAME_WEIGHTS}
 
 
+def precision_only(names: list[str]) -> None:
+    import copy
+
+    from clipforge.preprocess import preprocess_for
+
+    for name in names:
+        torch.manual_seed(0)
+        model = clipforge.create_model(name).eval()
+        preprocess, tokenizer = preprocess_for(model), clipforge.get_tokenizer(name)
+        reference = probe_features(model, preprocess, tokenizer)
+        for dtype in (torch.bfloat16, torch.float16):
+            found = agreement(reference, probe_features(copy.deepcopy(model).to(dtype), preprocess, tokenizer))
+            print(name, str(dtype).removeprefix("torch."), {k: round(v, 4) for k, v in found.items()}, flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="a training run's folder (its checkpoints/step-* are compared with the last)")
+    p.add_argument("run", nargs="?", help="a training run's folder (its checkpoints/step-* are compared with the last)")
+    p.add_argument("--precision-only", nargs="+", metavar="NAME")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flickr8k" / "test"))
     p.add_argument("--json")
     args = p.parse_args()
+    if args.precision_only:
+        return precision_only(args.precision_only)
+    if not args.run:
+        p.error("give a training run's folder (or --precision-only NAME ...)")
     torch.manual_seed(0)
     checkpoints = sorted((Path(args.run) / "checkpoints").glob("step-*"))
     if not checkpoints:
