@@ -164,6 +164,7 @@ def _caption_vectors(model, tokenizer, captions: list[str], device) -> np.ndarra
     return vectors
 
 
+@torch.no_grad()
 def embed_texts(model, tokenizer, texts: list[str], output: Path, batch_size: int = 256, device=None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
