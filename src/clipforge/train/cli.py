@@ -24,8 +24,9 @@ Several processes or GPUs: torchrun --nproc-per-node 4 -m clipforge.cli train ..
 
 open_clip's command lines: its flags of the same meaning are read under its names too (--siglip, --grad-clip-norm,
 --lr-scheduler cosine|const|const-cooldown, --lr-cooldown-power, --lr-cooldown-end, --log-every-n-steps,
---force-patch-dropout, --force-quick-gelu, --val-num-samples, --delete-previous-checkpoint as --keep 1, --aug-cfg scale=... color_jitter=... color_jitter_prob=... gray_scale_prob=...); its epoch-counted and
-logging flags are refused with the step-counted flag to use instead.
+--force-patch-dropout, --force-quick-gelu, --val-num-samples, --delete-previous-checkpoint as --keep 1, --aug-cfg
+scale=... color_jitter=... color_jitter_prob=... gray_scale_prob=...); its epoch-counted and logging flags, and the
+rest it has no counterpart for, are refused naming what to give instead.
 
 Stopping: Ctrl-C or SIGTERM (a scheduler's preemption) ends the run after the current step with a checkpoint
 (under torchrun, at the next --log-every step, where the ranks agree); --resume latest continues it exactly.
@@ -150,7 +151,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "contradict a caption's colour words [none]")
     g.add_argument("--color-jitter-prob", type=float, metavar="P",
                    help="how often the jitter applies [0.8 with --color-jitter]")
-    g.add_argument("--gray-scale-prob", type=float, metavar="P", help=f"how often the image turns grey [{d.gray_scale_prob}]")
+    g.add_argument("--gray-scale-prob", type=float, metavar="P",
+                   help=f"how often the image turns grey [{d.gray_scale_prob}]")
     g.add_argument("--workers", type=int, help=f"DataLoader workers per process [{d.workers}]")
     g.add_argument("--shuffle-buffer", type=int, help=f"shard sample shuffle buffer [{d.shuffle_buffer}]")
     add_optimisation_arguments(p)
@@ -289,7 +291,8 @@ def add_optimisation_arguments(p: argparse.ArgumentParser) -> None:
                         f"then a fall to --lr-end over the last --cooldown steps [{d.lr_schedule}]")
     g.add_argument("--cooldown", type=int, help="constant-cooldown: steps of the final decay [10%% of the steps]")
     g.add_argument("--cooldown-power", type=float,
-                   help=f"constant-cooldown: the fall's shape, (1 - progress) ** power; 1 is linear [{d.cooldown_power}]")
+                   help=f"constant-cooldown: the fall's shape, (1 - progress) ** power; 1 is linear "
+                        f"[{d.cooldown_power}]")
     g.add_argument("--lr-end", type=float, help=f"the learning rate the schedule ends at [{d.lr_end}]")
     g.add_argument("--beta1", type=float, help=f"[{d.beta1}]")
     g.add_argument("--beta2", type=float, help=f"[{d.beta2}]")

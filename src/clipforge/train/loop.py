@@ -71,7 +71,7 @@ class TrainConfig:
     wd: float = 0.2
     warmup: int | None = None  # default: 5% of the steps
     lr_schedule: str = "cosine"  # or "constant", "constant-cooldown" (train.optim.lr_schedule)
-    cooldown: int | None = None  # constant-cooldown: steps of linear decay at the end [10% of the steps]
+    cooldown: int | None = None  # constant-cooldown: steps of the final decay [10% of the steps]
     lr_end: float = 0.0  # the learning rate the cosine or the cooldown ends at
     cooldown_power: float = 1.0  # constant-cooldown: 1 a linear fall, else (1 - progress) ** power (open_clip's)
     beta1: float = 0.9
