@@ -172,17 +172,20 @@ def test_distillation_settings_that_cannot_work_are_refused_by_name(tmp_path, se
 
 def test_a_bf16_teacher_holds_half_the_bytes_and_gives_the_features_of_its_fp32_self(tmp_path, capsys):
     """``--distill-precision bf16``: the teacher's weights in bf16 (half the memory), its features of a batch within
-    bf16 rounding of the fp32 teacher's, through the same ``Teacher.features`` a step calls."""
+    bf16 rounding of the fp32 teacher's, through the same ``Teacher.features`` a step calls; and a teacher of another
+    size than the student draws its view as the student draws (``load_teacher`` passes the crop and colour settings)."""
     from contextlib import nullcontext
 
     from clipforge.train.distill import load_teacher
 
     folder = clipforge.save_pretrained(_tiny(vision={"image_size": 32, "patch_size": 8}), tmp_path / "teacher")
-    student = TrainTransform(32)
+    student = TrainTransform(48, scale=(0.4, 1.0), color_jitter=(0.4, 0.4, 0.4), gray_scale_prob=0.3)
     teachers = {p: load_teacher(None, str(folder), torch.device("cpu"), student, precision=p) for p in ("fp32", "bf16")}
+    view = teachers["fp32"].inputs.transform  # (32 px, the student's 48): its own view, drawn as the student's
+    assert view.image_size == 32 and view.augmentation() == student.augmentation()
     assert "bfloat16 weights" in capsys.readouterr().err
     assert {p.dtype for p in teachers["bf16"].model.parameters()} == {torch.bfloat16}
-    batch = {"images": torch.randn(4, 3, 32, 32), "teacher_tokens": teachers["fp32"].inputs.tokenizer(["a red square",
+    batch = {"images": torch.randn(4, 3, 48, 48), "teacher_images": torch.randn(4, 3, 32, 32), "teacher_tokens": teachers["fp32"].inputs.tokenizer(["a red square",
              "a blue circle", "two dogs", "a cat"])}
     exact, rounded = (teachers[p].features(batch, torch.device("cpu"), nullcontext()) for p in ("fp32", "bf16"))
     for a, b in zip(exact[:2], rounded[:2]):
