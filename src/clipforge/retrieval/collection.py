@@ -40,7 +40,8 @@ def caption_shard(folder: str | Path, shard: int) -> Path:
     return Path(folder) / "caption_emb" / f"caption_emb_{shard:05d}.npy"
 
 
-def _save_npy(path: Path, vectors: np.ndarray) -> None:
+def save_vectors(path: Path, vectors: np.ndarray) -> None:
+    """``vectors`` as a float16 ``.npy`` file at ``path``, written atomically (the collection's vector format)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
@@ -67,8 +68,8 @@ def write_image_shard(folder: str | Path, shard: int, vectors: np.ndarray, metad
     with atomic_path(meta_path) as tmp:
         pq.write_table(table, tmp)
     if captions is not None:
-        _save_npy(caption_shard(folder, shard), captions)
-    _save_npy(emb_path, vectors)
+        save_vectors(caption_shard(folder, shard), captions)
+    save_vectors(emb_path, vectors)
 
 
 def _image_shard_files(folder: Path) -> list[Path]:

@@ -18,7 +18,7 @@ from ..files import atomic_path
 from ..inference import weights_dtype
 from ..preprocess import BadImageError, image_batch
 from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, image_shard, item_path, load_item, read_info,
-                         write_image_shard, write_info)
+                         save_vectors, write_image_shard, write_info)
 from .probe import disagreeing, probe_features, read_probe, write_probe
 
 
@@ -173,8 +173,6 @@ def embed_texts(model, tokenizer, texts: list[str], output: Path, batch_size: in
     device = device or next(model.parameters()).device
     parts = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device), normalize=True).float().cpu().numpy()
              for i in range(0, len(texts), batch_size)]
-    with atomic_path(output / TEXT_EMBEDDINGS) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, np.concatenate(parts).astype(np.float16))
+    save_vectors(output / TEXT_EMBEDDINGS, np.concatenate(parts))
     with atomic_path(output / TEXT_METADATA) as tmp:
         pq.write_table(pa.Table.from_pylist([{"caption": t} for t in texts]), tmp)
