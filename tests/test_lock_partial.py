@@ -70,7 +70,7 @@ def test_timm_named_image_towers_unlock_the_groups_timm_gives_open_clip(name):
     finally:
         logging.disable(logging.NOTSET)
     count = len(ours.visual.lock_groups())
-    for unlocked in (1, 3, count):
+    for unlocked in (0, 1, 3, count):  # 0: locked whole (a head outside the trunk still trains)
         theirs.requires_grad_(True)
         ours.lock_image_tower(unlocked_groups=unlocked)
         theirs.visual.lock(unlocked_groups=unlocked, freeze_bn_stats=False)
@@ -80,6 +80,10 @@ def test_timm_named_image_towers_unlock_the_groups_timm_gives_open_clip(name):
     assert mine == everything or name.startswith("coca") and mine < everything  # all groups: all (CoCa: its pooler)
     with pytest.raises(ValueError, match=f"{count + 1} unlocked groups; this tower has {count}"):
         ours.lock_image_tower(unlocked_groups=count + 1)
+    ours.lock_image_tower(lock_head=True)  # LiT's whole tower: nothing of it trains, its head included
+    assert not any(p.requires_grad for p in ours.visual.parameters()) and not ours.visual.training
+    with pytest.raises(ValueError, match="the head is in the last group"):
+        ours.lock_image_tower(unlocked_groups=1, lock_head=True)
 
 
 def test_freeze_bn_stats_keeps_the_locked_groups_batch_norm_statistics_as_open_clip():
@@ -150,5 +154,33 @@ def test_training_moves_only_the_unlocked_part(tmp_path):
                                  "text.token_embedding", "text.ln_final")) for n in moved)
     with pytest.raises(ValueError, match="give --lock-image too"):
         train(TrainConfig(**{**cfg, "lock_image": False}, output=str(tmp_path / "bad")))
+    with pytest.raises(ValueError, match="--lock-image-head .* not --lock-image-unlocked-groups"):
+        train(TrainConfig(**cfg, lock_image_head=True, output=str(tmp_path / "bad")))
+    with pytest.raises(ValueError, match="--lock-image-head .* give --lock-image too"):
+        train(TrainConfig(**{**cfg, "lock_image": False, "lock_image_unlocked_groups": 0}, lock_image_head=True,
+                          output=str(tmp_path / "bad")))
     with pytest.raises(ValueError, match="leave --text-cache out"):
         train(TrainConfig(**cfg, text_cache=True, output=str(tmp_path / "bad")))
+
+
+def test_lock_image_trains_a_timm_named_towers_head_as_open_clip_and_lock_image_head_freezes_it(tmp_path):
+    """ConvNeXt locked whole: its trunk stays as it was and open_clip's projection head outside it trains (as open_clip's
+    ``--lock-image``); with ``--lock-image-head`` nothing of the image tower moves."""
+    shard = shapes_shard(tmp_path / "s-000000.tar", 16)
+    cfg = dict(model="convnext_tiny", model_cfg={"vision_cfg": {"image_size": 64, "depths": [1, 1, 1, 1]},
+                                                 "text_cfg": {"layers": 1, "width": 64, "heads": 4}},
+               train_data=str(shard), batch_size=8, steps=2, workers=0, progress=False, lr=1e-2, lock_image=True)
+    for lock_head in (False, True):
+        torch.manual_seed(0)
+        start = clipforge.create_model("convnext_tiny", **cfg["model_cfg"])
+        summary = train(TrainConfig(**cfg, lock_image_head=lock_head, seed=0, output=str(tmp_path / f"run{lock_head}")))
+        after = summary["model"].state_dict()
+        moved = {name for name, value in start.state_dict().items() if not torch.equal(value, after[name])}
+        assert "text.text_projection" in moved and not any(n.startswith("visual.trunk.") for n in moved)
+        assert ("visual.head.proj.weight" in moved) is not lock_head, lock_head
+    from clipforge.cli import build_parser
+    from clipforge.train.cli import config_from_args
+
+    parsed = config_from_args(build_parser("train").parse_args(["train", "--train-data", "x", "--lock-image",
+                                                                "--lock-image-head"]))
+    assert parsed.lock_image and parsed.lock_image_head

@@ -307,13 +307,18 @@ class CLIP(nn.Module):
         for transformer in self._block_stacks():
             transformer.lean = enable
 
-    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False, lock_head: bool = False) -> None:
         """LiT: freeze the image tower (weights and batch-norm statistics). ``unlocked_groups``: leave its last groups
         training, grouped as open_clip groups them (a ViT as its ``VisionTransformer.lock``: the patch and position
         embeddings with ln_pre, each block, the last block with ln_post, the projection; the timm-named towers, SigLIP's,
         EVA's, PE's, ViTamin's, ConvNeXt's and FastViT's, as timm's ``group_matcher``, open_clip's head always in the
         last group); the tower then stays in training mode. ``freeze_bn_stats``: with ``unlocked_groups``, the locked
-        groups' batch norms keep their running statistics (open_clip's switch); a tower locked whole keeps them anyway."""
+        groups' batch norms keep their running statistics (open_clip's switch); a tower locked whole keeps them anyway.
+        Locked whole, a timm-named tower freezes its ``trunk``: open_clip's projection head outside it (ConvNeXt's,
+        ViTamin's) trains, as under open_clip's ``--lock-image``; ``lock_head`` freezes it too (LiT's whole tower)."""
+        if lock_head and unlocked_groups:
+            raise ValueError("a locked image head with unlocked groups: the head is in the last group, which trains; "
+                             "lock the tower whole to freeze its head")
         if unlocked_groups:
             if not hasattr(self.visual, "lock_groups"):
                 raise ValueError(f"unlocked image groups: built for ViT, ConvNeXt and FastViT image towers (a ResNet is "
@@ -325,7 +330,9 @@ class CLIP(nn.Module):
             self._locked_image = False  # (a tower locked whole before) the unlocked part trains in training mode
             self.train(self.training)
             return
-        self.visual.requires_grad_(False)
+        # open_clip's TimmModel.lock freezes the trunk only: a projection head outside it (ConvNeXt's, ViTamin's) keeps
+        # training, as it must when a new head sits on a pretrained trunk. Its mode follows the tower's (eval).
+        (self.visual if lock_head else getattr(self.visual, "trunk", self.visual)).requires_grad_(False)
         self.visual.eval()
         self._locked_image = True
 

@@ -64,7 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train at N pixels: the architecture's image size replaced, --pretrained weights' position "
                         "grid resized to it (bicubic), as open_clip's flag")
     g.add_argument("--text-model", help="a pretrained Hugging Face text encoder as text tower, e.g. all-minilm-l6-v2")
-    g.add_argument("--lock-image", action=argparse.BooleanOptionalAction, help="freeze the image tower (LiT)")
+    g.add_argument("--lock-image", action=argparse.BooleanOptionalAction,
+                   help="freeze the image tower (LiT); as open_clip's flag, a timm-named tower (ConvNeXt, ViTamin ...) "
+                        "freezes its trunk and its projection head outside the trunk trains (see --lock-image-head)")
+    g.add_argument("--lock-image-head", action=argparse.BooleanOptionalAction,
+                   help="with --lock-image: that projection head freezes too (the whole tower, as LiT locks it)")
     g.add_argument("--lock-image-unlocked-groups", type=int, metavar="N",
                    help="with --lock-image: its last N groups train, as open_clip groups them (a ViT: the embeddings "
                         "with ln_pre, each block, the last block with ln_post, the projection; SigLIP, EVA, PE, "

@@ -94,6 +94,7 @@ class TrainConfig:
     lock_image: bool = False
     lock_image_unlocked_groups: int = 0  # a locked tower's last groups left training (open_clip's; CLIP.lock_image_tower)
     lock_image_freeze_bn_stats: bool = False  # with unlocked groups: the locked groups' batch-norm statistics frozen
+    lock_image_head: bool = False  # locked whole: a timm-named tower's projection head freezes too (open_clip's trains)
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0  # a locked text tower's last layers left training (CLIP.lock_text_tower)
     lock_text_freeze_layer_norm: bool = True  # False: a locked Hugging Face tower's LayerNorms train (open_clip's default)
@@ -233,6 +234,10 @@ def _check_config(cfg: TrainConfig) -> None:
         if partial and not getattr(cfg, f"lock_{tower}"):
             raise ValueError(f"--lock-{tower}-unlocked-{'groups' if tower == 'image' else 'layers'} {partial} leaves "
                              f"part of a locked {tower} tower training: give --lock-{tower} too")
+    if cfg.lock_image_head and (not cfg.lock_image or cfg.lock_image_unlocked_groups):
+        raise ValueError("--lock-image-head freezes the projection head of an image tower locked whole: give "
+                         "--lock-image" + (", not --lock-image-unlocked-groups (the head is in the last group)"
+                                           if cfg.lock_image_unlocked_groups else " too"))
     if cfg.text_cache and (cfg.lock_text_unlocked_layers or not cfg.lock_text_freeze_layer_norm):
         raise ValueError("--text-cache keeps a frozen text tower's features; with --lock-text-unlocked-layers or "
                          "--no-lock-text-freeze-layer-norm part of it trains: leave --text-cache out")
@@ -295,7 +300,7 @@ def _build_model(cfg: TrainConfig, model_config: dict, device: torch.device, wor
         load_into(model, resize_positions(state, model), source=cfg.pretrained)
         model.normalisation = normalisation  # its image mean/std: training and validation use them
     if cfg.lock_image:
-        model.lock_image_tower(cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats)
+        model.lock_image_tower(cfg.lock_image_unlocked_groups, cfg.lock_image_freeze_bn_stats, cfg.lock_image_head)
     if cfg.lock_text:
         model.lock_text_tower(cfg.lock_text_unlocked_layers, cfg.lock_text_freeze_layer_norm)
     if cfg.grad_checkpointing:
