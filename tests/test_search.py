@@ -1263,3 +1263,82 @@ def test_search_many_queries_from_a_file_equals_one_by_one(collection, tmp_path,
     assert "no queries (one per line)" in capsys.readouterr().err
     assert cli.main(["search", str(collection["emb"]), "red", "--queries", str(tmp_path / "q.txt")]) == 2
     assert "give one of: a text query, --image PATH, --queries FILE" in capsys.readouterr().err
+
+
+def test_near_duplicates_are_searchs_greedy_rule_across_blocks_and_chunks():
+    """``near_duplicates`` drops exactly what ``drop_near_duplicates`` (search --dedup) drops, whatever the block and
+    chunk sizes, and names for each dropped row a kept row before it at the threshold or more."""
+    from clipforge.retrieval.filter import near_duplicates
+    from clipforge.retrieval.search import drop_near_duplicates
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((60, 16))
+    copies = base[rng.integers(0, 60, 40)] + 0.15 * rng.standard_normal((40, 16))  # near copies, some chains
+    vectors = np.concatenate([base, copies])[rng.permutation(100)]
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    order = rng.permutation(100)
+    expected = set(order[drop_near_duplicates(vectors[order], 0.9)].tolist())
+    assert 60 <= len(expected) < 100
+    for block, chunk in ((512, 65_536), (7, 65_536), (7, 5), (1, 3)):
+        found = near_duplicates(vectors, 0.9, order, block=block, chunk=chunk)
+        assert set(np.flatnonzero(found < 0).tolist()) == expected, (block, chunk)
+        rank = np.argsort(order)
+        for row in np.flatnonzero(found >= 0):
+            twin = found[row]
+            assert found[twin] < 0 and rank[twin] < rank[row] and vectors[row] @ vectors[twin] >= 0.9
+    with pytest.raises(ValueError, match="--dedup 1.5: a cosine similarity"):
+        near_duplicates(vectors, 1.5, order)
+
+
+def test_filter_dedup_keeps_the_best_scored_of_each_near_duplicate_group(collection, tmp_path, capsys):
+    """``filter --dedup``: exact copies of images (with other captions) go, the better-scored copy kept; alone it needs
+    no captions and keeps the first copy; with --keep-fraction it dedups the pairs kept by score. (The random tower
+    puts distinct shapes within 0.9996 of each other, copies at 1 +- 1e-4: hence 0.9999.)"""
+    import pyarrow.parquet as pq
+
+    images = tmp_path / "images"
+    shutil.copytree(collection["images"], images)
+    twins = {"shape001": "a photo", "shape005": "an object", "shape009": "a dog"}
+    for name, caption in twins.items():
+        shutil.copy(images / f"{name}.png", images / f"z{name}.png")
+        (images / f"z{name}.txt").write_text(caption)
+    out = tmp_path / "emb"
+    assert cli.main(["embed", str(images), str(out), "--pretrained", collection["ckpt"], "--shard-size", "16",
+                     "--captions", "--no-progress"]) == 0
+    assert cli.main(["filter", str(out), str(tmp_path / "dedup"), "--dedup", "0.9999", "--no-progress"]) == 0
+    assert "3 near-duplicates at cosine >= 0.9999 dropped" in capsys.readouterr().out
+    table = {r["path"]: r for r in pq.read_table(tmp_path / "dedup" / "scores.parquet").to_pylist()}
+    assert len(table) == 43 and sum(r["kept"] for r in table.values()) == 40
+    for name in twins:
+        pair = [table[str(images / f"{name}.png")], table[str(images / f"z{name}.png")]]
+        better, worse = sorted(pair, key=lambda r: -r["clip_score"])
+        assert better["kept"] and not worse["kept"] and worse["duplicate_of"] == better["path"]
+        assert better["duplicate_of"] is None
+    # without captions: the collection's order decides, the first copy stays
+    plain = tmp_path / "plain"
+    assert cli.main(["embed", str(images), str(plain), "--pretrained", collection["ckpt"], "--no-progress"]) == 0
+    assert cli.main(["filter", str(plain), str(tmp_path / "first"), "--dedup", "0.9999", "--no-progress"]) == 0
+    table = {r["path"]: r for r in pq.read_table(tmp_path / "first" / "scores.parquet").to_pylist()}
+    assert {p for p, r in table.items() if not r["kept"]} == {str(images / f"z{name}.png") for name in twins}
+    assert "clip_score" not in json.loads(next(open_tar_json(tmp_path / "first")))
+    # by score first, then dedup among the kept
+    assert cli.main(["filter", str(out), str(tmp_path / "both"), "--keep-fraction", "0.5", "--dedup", "0.9999",
+                     "--no-progress"]) == 0
+    info = json.loads((tmp_path / "both" / "filter_info.json").read_text())
+    table = pq.read_table(tmp_path / "both" / "scores.parquet").to_pylist()
+    by_score = [r for r in table if r["clip_score"] >= info["threshold"]]
+    assert info["kept"] == len(by_score) - info["near_duplicates"] == sum(r["kept"] for r in table)
+    assert cli.main(["filter", str(out), str(tmp_path / "none")]) == 2
+    assert "--dedup COSINE" in capsys.readouterr().err
+    assert cli.main(["filter", str(plain), str(tmp_path / "none"), "--min-score", "0"]) == 2
+    assert "embed it with --captions" in capsys.readouterr().err
+
+
+def open_tar_json(folder):
+    """The ``.json`` members of a filter output's first shard."""
+    import tarfile
+
+    with tarfile.open(folder / "000000.tar") as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".json"):
+                yield tar.extractfile(member).read().decode()

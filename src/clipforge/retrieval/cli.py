@@ -87,17 +87,24 @@ def _suggest_bf16(args, model, rank: int) -> None:
 def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Keep the image-caption pairs of a collection embedded with --captions whose CLIP score (the "
                      "cosine of the image's and its caption's embeddings) passes a threshold, as LAION and DataComp's "
-                     "baseline filter web pairs. The kept pairs are written as WebDataset shards (the image as stored, "
+                     "baseline filter web pairs; with --dedup, keep one image of each group of near-duplicates (the "
+                     "best-scored). The kept pairs are written as WebDataset shards (the image as stored, "
                      "every caption line, a .json with the score) that `clipforge train --train-data OUTPUT` reads; "
-                     "OUTPUT/scores.parquet lists every pair's score and OUTPUT/filter_info.json the quantiles.")
-    p.add_argument("collection", help="a folder written by `clipforge embed IMAGES FOLDER --captions`")
+                     "OUTPUT/scores.parquet lists every pair's score (and what each near-duplicate duplicates) and "
+                     "OUTPUT/filter_info.json the quantiles.")
+    p.add_argument("collection", help="a folder written by `clipforge embed IMAGES FOLDER --captions` (--dedup alone: "
+                                      "by `clipforge embed IMAGES FOLDER`)")
     p.add_argument("output", help="a new folder for the kept pairs' shards")
-    g = p.add_mutually_exclusive_group(required=True)
+    g = p.add_mutually_exclusive_group()
     g.add_argument("--min-score", type=float, metavar="S",
                    help="keep pairs scoring at least this cosine (LAION-400M kept >= 0.3 by OpenAI's ViT-B/32; each "
                         "model has its own scale: see the quantiles filter_info.json reports)")
     g.add_argument("--keep-fraction", type=fraction, metavar="F",
                    help="keep the top fraction of the scored pairs (DataComp's CLIP-score baseline keeps 0.3)")
+    p.add_argument("--dedup", type=float, metavar="COSINE",
+                   help="of the pairs kept by score (or of all), drop each image whose cosine to a better-scored kept "
+                        "image (without scores: an earlier one) is COSINE or more, as search --dedup drops results; "
+                        "0.95 keeps one of each re-upload, crop or resize (docs/BENCHMARKS.md)")
     p.add_argument("--shard-size", type=positive_int, default=10_000, help="pairs per output shard [10000]")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run_filter)
@@ -107,12 +114,16 @@ def run_filter(args) -> int:
     from .filter import filter_collection
 
     info = filter_collection(args.collection, args.output, args.min_score, args.keep_fraction, args.shard_size,
-                             args.progress)
+                             args.progress, args.dedup)
+    reasons = [f"CLIP score >= {info['threshold']:.4f}; {info['pairs'] - info['scored']:,} without a caption"
+               if info["threshold"] is not None else "any score"]
+    if "dedup" in info:
+        reasons.append(f"{info['near_duplicates']:,} near-duplicates at cosine >= {info['dedup']} dropped")
+    if info["unreadable"]:
+        reasons.append(f"{info['unreadable']} images no longer readable, left out")
     quantiles = ", ".join(f"{k} {v:.3f}" for k, v in info["score_quantiles"].items())
-    unreadable = f"; {info['unreadable']} images no longer readable, left out" if info["unreadable"] else ""
-    print(f"kept {info['kept']:,} of {info['pairs']:,} pairs (CLIP score >= {info['threshold']:.4f}; "
-          f"{info['pairs'] - info['scored']:,} without a caption{unreadable}) in {info['shards']} shards under "
-          f"{args.output}; scores: {quantiles}")
+    print(f"kept {info['kept']:,} of {info['pairs']:,} pairs ({'; '.join(reasons)}) in {info['shards']} shards under "
+          f"{args.output}" + (f"; scores: {quantiles}" if quantiles else ""))
     return 0
 
 

@@ -1,7 +1,10 @@
 """Keep the image-caption pairs a model scores as matching: CLIP-score filtering, as LAION and DataComp's baseline
-filter web pairs, over a collection embedded with ``clipforge embed --captions``.
+filter web pairs, over a collection embedded with ``clipforge embed --captions``; and drop near-duplicate images.
 
-A pair's score is the cosine of its image and caption embeddings (the collection's float16 vectors). The kept pairs are
+A pair's score is the cosine of its image and caption embeddings (the collection's float16 vectors). A near-duplicate
+is an image whose cosine to a better-ranked kept image (higher score; without scores, earlier in the collection)
+reaches the ``dedup`` threshold: the rule ``search --dedup`` applies to results, here over the whole collection (re-uploads,
+crops and resizes of one photo, which a model sees as one image and a dataset counts many times). The kept pairs are
 written as WebDataset shards (the image as stored, every caption line, a ``.json`` with the score and where the pair
 came from) that ``clipforge train --train-data OUT`` reads; ``OUT/scores.parquet`` lists every pair's score.
 """
@@ -17,7 +20,7 @@ import numpy as np
 
 from ..files import atomic_path, write_json
 from .collection import (caption_shard, check_collection, embedded_shards, item_captions, item_from_path,
-                         item_image_bytes, load_metadata, read_info, unfinished_embedding)
+                         item_image_bytes, load_embeddings, load_metadata, read_info, unfinished_embedding)
 
 SCORES = "scores.parquet"
 INFO = "filter_info.json"
@@ -45,25 +48,89 @@ def caption_scores(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
     return np.concatenate(scores), load_metadata(folder)
 
 
-def filter_collection(folder: str | Path, output: str | Path, min_score: float | None = None,
-                      keep_fraction: float | None = None, shard_size: int = 10_000, progress: bool = True) -> dict:
-    """Write the pairs of ``folder`` scoring at least ``min_score`` (or the top ``keep_fraction`` of the scored ones)
-    into ``output`` as shards ``000000.tar`` ...; returns (and writes as ``filter_info.json``) what was kept."""
+def near_duplicates(vectors: np.ndarray, threshold: float, order: np.ndarray, block: int = 512,
+                    chunk: int = 65_536, progress: bool = False) -> np.ndarray:
+    """For each row of ``vectors`` (unit length), the row it duplicates, or -1 for a kept one: taken in ``order``
+    (best first), a row goes when its cosine to a kept row before it is ``threshold`` or more (the greedy rule of
+    ``search --dedup``). Costs one matrix product of every row against the kept ones, ``block`` rows at a time."""
+    import torch
     from tqdm import tqdm
 
-    if (min_score is None) == (keep_fraction is None):
+    if not -1 <= threshold <= 1:
+        raise ValueError(f"--dedup {threshold}: a cosine similarity, from -1 to 1 (0.95 keeps one of each re-upload)")
+    x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    duplicate_of = np.full(len(x), -1, dtype=np.int64)
+    kept_ids = np.empty(len(x), dtype=np.int64)
+    kept_vectors, count = torch.empty_like(x), 0
+    # kept rows are compared ``chunk`` at a time: a [block, chunk] float32 matrix, 128 MiB at the defaults
+    for start in tqdm(range(0, len(order), block), desc="finding near-duplicates", unit="block", disable=not progress,
+                      file=sys.stderr):
+        ids = order[start:start + block]
+        queries = x[ids]
+        best = torch.full((len(ids),), -2.0)
+        which = torch.zeros(len(ids), dtype=torch.long)
+        for first in range(0, count, chunk):
+            value, index = (queries @ kept_vectors[first:min(count, first + chunk)].T).max(dim=1)
+            better = value > best
+            best, which = torch.where(better, value, best), torch.where(better, index + first, which)
+        dup = np.where(best.numpy() >= threshold, kept_ids[which.numpy()], -1)
+        inner = (queries @ queries.T).numpy()
+        block_kept: list[int] = []
+        for j in range(len(ids)):  # within the block, in order
+            if dup[j] < 0 and block_kept:
+                nearest = block_kept[int(np.argmax(inner[j, block_kept]))]
+                if inner[j, nearest] >= threshold:
+                    dup[j] = ids[nearest]
+            if dup[j] < 0:
+                block_kept.append(j)
+        duplicate_of[ids] = dup
+        new = ids[block_kept]
+        kept_vectors[count:count + len(new)] = x[new]
+        kept_ids[count:count + len(new)] = new
+        count += len(new)
+    return duplicate_of
+
+
+def filter_collection(folder: str | Path, output: str | Path, min_score: float | None = None,
+                      keep_fraction: float | None = None, shard_size: int = 10_000, progress: bool = True,
+                      dedup: float | None = None) -> dict:
+    """Write the pairs of ``folder`` scoring at least ``min_score`` (or the top ``keep_fraction`` of the scored ones)
+    into ``output`` as shards ``000000.tar`` ...; with ``dedup`` (a cosine), of those only one of each group of
+    near-duplicate images, the best-scored. Returns (and writes as ``filter_info.json``) what was kept."""
+    from tqdm import tqdm
+
+    if min_score is not None and keep_fraction is not None:
         raise ValueError("give one of --min-score S (a cosine) or --keep-fraction F (the top fraction of the pairs)")
+    if min_score is None and keep_fraction is None and dedup is None:
+        raise ValueError("give --min-score S or --keep-fraction F (CLIP-score filtering), --dedup COSINE "
+                         "(near-duplicate images dropped), or both")
     if keep_fraction is not None and not 0 < keep_fraction <= 1:
         raise ValueError(f"--keep-fraction {keep_fraction}: a fraction above 0, at most 1")
     output = Path(output)
     if output.exists() and any(output.glob("*.tar")):
         raise FileExistsError(f"{output} already holds shards: give an empty or new folder")
-    scores, rows = caption_scores(folder)
+    by_score = min_score is not None or keep_fraction is not None
+    if by_score or read_info(check_collection(folder)).get("captions"):
+        scores, rows = caption_scores(folder)  # without a score filter, the scores still rank near-duplicates
+    else:
+        rows = load_metadata(folder)
+        scores = np.full(len(rows), np.nan, dtype=np.float32)
     scored = ~np.isnan(scores)
-    if not scored.any():
+    if by_score and not scored.any():
         raise ValueError(f"{folder}: no image has a caption to score")
-    threshold = float(min_score) if min_score is not None else float(np.quantile(scores[scored], 1 - keep_fraction))
-    kept = np.flatnonzero(scored & (scores >= threshold))
+    threshold = None
+    if by_score:
+        threshold = float(min_score) if min_score is not None else float(np.quantile(scores[scored], 1 - keep_fraction))
+        kept = np.flatnonzero(scored & (scores >= threshold))
+    else:
+        kept = np.arange(len(rows))
+    duplicate_of = np.full(len(rows), -1, dtype=np.int64)
+    if dedup is not None:
+        vectors, _ = load_embeddings(folder)
+        ranked = kept[np.argsort(-np.nan_to_num(scores[kept], nan=-np.inf), kind="stable")]  # best first; ties in order
+        found = near_duplicates(vectors[ranked], dedup, np.arange(len(ranked)), progress=progress)
+        duplicate_of[ranked] = np.where(found >= 0, ranked[np.maximum(found, 0)], -1)
+        kept = kept[duplicate_of[kept] < 0]
     output.mkdir(parents=True, exist_ok=True)
     written, unreadable = 0, 0
     bar = tqdm(total=len(kept), desc="writing kept pairs", unit="pair", disable=not progress, file=sys.stderr)
@@ -79,7 +146,7 @@ def filter_collection(folder: str | Path, output: str | Path, min_score: float |
                     unreadable += 1
                     continue
                 key = f"{i:09d}"
-                record = {"source": row["path"], "clip_score": round(float(scores[i]), 6)}
+                record = {"source": row["path"], **({"clip_score": round(float(scores[i]), 6)} if scored[i] else {})}
                 for suffix, payload in ((ext, data), ("txt", "\n".join(captions).encode()),
                                         ("json", json.dumps(record).encode())):
                     member = tarfile.TarInfo(f"{key}.{suffix}")
@@ -88,22 +155,28 @@ def filter_collection(folder: str | Path, output: str | Path, min_score: float |
                 written += 1
         bar.update(len(kept[start:start + shard_size]))
     bar.close()
-    _write_scores(output / SCORES, rows, scores, kept)
-    quantiles = {f"p{q}": round(float(np.quantile(scores[scored], q / 100)), 4) for q in (10, 25, 50, 75, 90)}
+    _write_scores(output / SCORES, rows, scores, kept, duplicate_of if dedup is not None else None)
+    quantiles = {f"p{q}": round(float(np.quantile(scores[scored], q / 100)), 4) for q in (10, 25, 50, 75, 90)} \
+        if scored.any() else {}
     info = {"collection": str(folder), "pairs": len(rows), "scored": int(scored.sum()), "threshold": threshold,
             "kept": written, "unreadable": unreadable, "shards": -(-len(kept) // shard_size),
-            "score_quantiles": quantiles, **({"keep_fraction": keep_fraction} if keep_fraction else {})}
+            "score_quantiles": quantiles, **({"keep_fraction": keep_fraction} if keep_fraction else {}),
+            **({"dedup": dedup, "near_duplicates": int((duplicate_of >= 0).sum())} if dedup is not None else {})}
     write_json(output / INFO, info)
     return info
 
 
-def _write_scores(path: Path, rows: list[dict], scores: np.ndarray, kept: np.ndarray) -> None:
+def _write_scores(path: Path, rows: list[dict], scores: np.ndarray, kept: np.ndarray,
+                  duplicate_of: np.ndarray | None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     mask = np.zeros(len(rows), dtype=bool)
     mask[kept] = True
-    table = pa.table({"path": [r["path"] for r in rows], "caption": [r["caption"] for r in rows],
-                      "clip_score": pa.array(scores, type=pa.float32(), from_pandas=True), "kept": mask})
+    columns = {"path": [r["path"] for r in rows], "caption": [r["caption"] for r in rows],
+               "clip_score": pa.array(scores, type=pa.float32(), from_pandas=True), "kept": mask}
+    if duplicate_of is not None:  # the kept image each near-duplicate was dropped for
+        columns["duplicate_of"] = [rows[j]["path"] if j >= 0 else None for j in duplicate_of]
+    table = pa.table(columns)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
