@@ -104,7 +104,8 @@ def add_filter_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dedup", type=float, metavar="COSINE",
                    help="of the pairs kept by score (or of all), drop each image whose cosine to a better-scored kept "
                         "image (without scores: an earlier one) is COSINE or more, as search --dedup drops results; "
-                        "0.95 keeps one of each re-upload, crop or resize (docs/BENCHMARKS.md)")
+                        "0.95 drops re-encoded and resized copies (a weak model's space is crowded below that; crops "
+                        "need about 0.9: docs/BENCHMARKS.md); scores.parquet names each dropped image's twin")
     p.add_argument("--shard-size", type=positive_int, default=10_000, help="pairs per output shard [10000]")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run_filter)
