@@ -11,9 +11,13 @@ de-duplication (the classical peer: grey thumbnails compared by correlation), an
   centred and scaled (their dot product is the pixel correlation), at correlation thresholds.
 - A crowded collection: CIFAR-10 (20,000 train + 10,000 test photos at 32 px, seen at 64) holds few copies; how many
   photos each threshold drops there, beside how close random pairs of photos sit in the model's space.
-- Cost: each command's wall seconds (model loading included), and ``near_duplicates`` alone on random unit vectors of
-  the model's width with 10% near copies planted, at 30,000 and 100,000 rows (each row is compared with the kept ones:
-  quadratic in the collection's size).
+- Cost: each command's wall seconds (model loading included), and the rule alone (``near_duplicates``: each row
+  compared with the kept ones, quadratic) on random unit vectors of the model's width with 10% near copies planted, at
+  30,000 and 100,000 rows (``--scale-only``: this part alone).
+- Tried and not kept (``--tried-index``, on the CIFAR-10 vectors and on the 100,000 random ones): each row's 32
+  nearest neighbours from an IVF-PQ index (``clipforge index``'s, re-ranked exactly) as its only candidates, one
+  pass in rank order (``indexed_candidates`` below): the index build and the pass timed, the drops compared with the
+  exact rule's.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from PIL import Image
 from clipforge.data import open_source
 from clipforge.retrieval.collection import load_embeddings
 from clipforge.retrieval.filter import near_duplicates
+from clipforge.retrieval.index import build_index
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_SHARDS = "{train/train-{000000..000009},test/test-{000000..000004}}.tar"
@@ -131,7 +136,7 @@ def planted_copies(args, tmp: Path, cli: list[str], report: dict) -> None:
         k: float(np.median([same[c] @ same[o] for c, o in twin.items() if kind[c] == k])) for k in KINDS}
 
 
-def crowded(args, tmp: Path, cli: list[str], report: dict) -> None:
+def crowded(args, tmp: Path, cli: list[str], report: dict) -> int:
     emb = tmp / "cifar"
     report["cifar_embed_s"] = timed(cli + ["embed", f"{args.cifar}/{CIFAR_SHARDS}", str(emb), "--pretrained",
                                            args.checkpoint, "--no-progress"])
@@ -147,16 +152,63 @@ def crowded(args, tmp: Path, cli: list[str], report: dict) -> None:
         report["cifar"]["filter"].append({"threshold": threshold, "seconds": seconds,
                                           "dropped": info["near_duplicates"]})
         print(json.dumps(report["cifar"]["filter"][-1]), file=sys.stderr)
-    report["near_duplicates_s"] = {}
+    return vectors.shape[1]
+
+
+def planted_vectors(n: int, dim: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    copies = rng.choice(n, n // 10, replace=False)
+    x[copies] = x[rng.integers(0, n, len(copies))] + 0.1 * rng.standard_normal((len(copies), dim))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def indexed_candidates(vectors: np.ndarray, threshold: float, index, neighbours: int = 32,
+                       block: int = 4096) -> np.ndarray:
+    """``near_duplicates``' rule with each row's ``neighbours`` nearest rows from ``index`` as its only candidates (in
+    collection order): one batched search per block, then a pass that keeps a row unless a kept neighbour reaches the
+    threshold. The same as the exact rule unless a row has more such neighbours than it is given, none kept."""
+    kept = np.zeros(len(vectors), dtype=bool)  # rows are kept as the pass reaches them: only earlier ones are
+    duplicate_of = np.full(len(vectors), -1, dtype=np.int64)
+    for start in range(0, len(vectors), block):
+        scores, found = index.search(np.ascontiguousarray(vectors[start:start + block]), neighbours + 1)
+        for row, row_scores, row_found in zip(range(start, start + block), scores, found):
+            for value, other in zip(row_scores.tolist(), row_found.tolist()):  # best first (the row itself too)
+                if value < threshold:
+                    break
+                if other >= 0 and kept[other]:
+                    duplicate_of[row] = other
+                    break
+            kept[row] = duplicate_of[row] < 0
+    return duplicate_of
+
+
+def scale(dim: int, report: dict) -> None:
+    report["exact"] = {}
     for n in (30_000, 100_000):
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((n, vectors.shape[1])).astype(np.float32)
-        copies = rng.choice(n, n // 10, replace=False)
-        x[copies] = x[rng.integers(0, n, len(copies))] + 0.1 * rng.standard_normal((len(copies), x.shape[1]))
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        x = planted_vectors(n, dim)
         start = time.perf_counter()
         found = near_duplicates(x, 0.95, np.arange(n))
-        report["near_duplicates_s"][n] = {"seconds": time.perf_counter() - start, "dropped": int((found >= 0).sum())}
+        report["exact"][n] = {"seconds": time.perf_counter() - start, "dropped": int((found >= 0).sum())}
+        print(json.dumps({"exact": n, **report["exact"][n]}), file=sys.stderr)
+
+
+def tried_index(sets: dict[str, np.ndarray], report: dict) -> None:
+    report["tried_index"] = {}
+    for name, x in sets.items():
+        start = time.perf_counter()
+        exact = near_duplicates(x, 0.95, np.arange(len(x)))
+        exact_s = time.perf_counter() - start
+        start = time.perf_counter()
+        index, info = build_index(x, kind="ivfpq")
+        built = time.perf_counter() - start
+        start = time.perf_counter()
+        found = indexed_candidates(x, 0.95, index)
+        report["tried_index"][name] = {
+            "rows": len(x), "exact_s": exact_s, "indexed_s": time.perf_counter() - start, "index_build_s": built,
+            "nprobe": info["nprobe"], "nlist": info["nlist"], "index_recall@10": info["recall@10"],
+            "same_decision_as_exact": float(np.mean((found >= 0) == (exact >= 0)))}
+        print(json.dumps({name: report["tried_index"][name]}), file=sys.stderr)
 
 
 def main() -> None:
@@ -166,15 +218,30 @@ def main() -> None:
     p.add_argument("--cifar", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
     p.add_argument("--pixel-thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.98])
+    p.add_argument("--scale-only", action="store_true", help="only the rule's cost on planted random vectors")
+    p.add_argument("--tried-index", action="store_true", help="only the IVF-PQ candidates tried and not kept")
+    p.add_argument("--dim", type=int, default=128, help="with --scale-only: the vectors' width [128, the recipe's]")
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(2)
     cli = [sys.executable, "-m", "clipforge.cli"]
     report = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 2 threads",
               "checkpoint": args.checkpoint}
-    with tempfile.TemporaryDirectory() as tmp:
-        planted_copies(args, Path(tmp), cli, report)
-        crowded(args, Path(tmp), cli, report)
+    if args.scale_only:
+        scale(args.dim, report)
+    elif args.tried_index:
+        with tempfile.TemporaryDirectory() as tmp:
+            emb = Path(tmp) / "cifar"
+            subprocess.run(cli + ["embed", f"{args.cifar}/{CIFAR_SHARDS}", str(emb), "--pretrained", args.checkpoint,
+                                  "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+            cifar, _ = load_embeddings(emb)
+        tried_index({"cifar10 (model vectors)": cifar, "random, planted": planted_vectors(100_000, cifar.shape[1])},
+                    report)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            planted_copies(args, Path(tmp), cli, report)
+            dim = crowded(args, Path(tmp), cli, report)
+        scale(dim, report)
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

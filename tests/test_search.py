@@ -1267,7 +1267,7 @@ def test_search_many_queries_from_a_file_equals_one_by_one(collection, tmp_path,
 
 def test_near_duplicates_are_searchs_greedy_rule_across_blocks_and_chunks():
     """``near_duplicates`` drops exactly what ``drop_near_duplicates`` (search --dedup) drops, whatever the block and
-    chunk sizes, and names for each dropped row a kept row before it at the threshold or more."""
+    chunk sizes, and names for each dropped row its nearest kept row before it."""
     from clipforge.retrieval.filter import near_duplicates
     from clipforge.retrieval.search import drop_near_duplicates
 
@@ -1277,17 +1277,31 @@ def test_near_duplicates_are_searchs_greedy_rule_across_blocks_and_chunks():
     vectors = np.concatenate([base, copies])[rng.permutation(100)]
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     order = rng.permutation(100)
-    expected = set(order[drop_near_duplicates(vectors[order], 0.9)].tolist())
-    assert 60 <= len(expected) < 100
-    for block, chunk in ((512, 65_536), (7, 65_536), (7, 5), (1, 3)):
-        found = near_duplicates(vectors, 0.9, order, block=block, chunk=chunk)
-        assert set(np.flatnonzero(found < 0).tolist()) == expected, (block, chunk)
-        rank = np.argsort(order)
-        for row in np.flatnonzero(found >= 0):
-            twin = found[row]
-            assert found[twin] < 0 and rank[twin] < rank[row] and vectors[row] @ vectors[twin] >= 0.9
+    for threshold in (0.9, 0.5):  # 0.5: rows with several kept rows above it, in and out of their block
+        expected = set(order[drop_near_duplicates(vectors[order], threshold)].tolist())
+        assert 30 <= len(expected) < 100
+        for block, chunk in ((512, 65_536), (7, 65_536), (7, 5), (1, 3)):
+            check_near_duplicates(vectors, threshold, order, block, chunk, expected)
+    # c is within 0.7 of a (kept, an earlier block) and nearer still to b (kept, c's own block): c names b
+    angles = np.radians([0, 180, 70, 40])  # a, a far one, b, c
+    plane = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    assert near_duplicates(plane, 0.7, np.arange(4), block=2).tolist() == [-1, -1, -1, 2]
     with pytest.raises(ValueError, match="--dedup 1.5: a cosine similarity"):
         near_duplicates(vectors, 1.5, order)
+
+
+def check_near_duplicates(vectors, threshold, order, block, chunk, expected):
+    """The drops equal ``expected``; each dropped row names its nearest kept row before it, at the threshold or more."""
+    from clipforge.retrieval.filter import near_duplicates
+
+    found = near_duplicates(vectors, threshold, order, block=block, chunk=chunk)
+    assert set(np.flatnonzero(found < 0).tolist()) == expected, (block, chunk)
+    rank = np.argsort(order)
+    for row in np.flatnonzero(found >= 0):
+        twin = found[row]
+        assert found[twin] < 0 and rank[twin] < rank[row] and vectors[row] @ vectors[twin] >= threshold
+        before = [r for r in np.flatnonzero(found < 0) if rank[r] < rank[row]]
+        assert vectors[row] @ vectors[twin] == pytest.approx(max(vectors[before] @ vectors[row]), abs=1e-6)
 
 
 def test_filter_dedup_keeps_the_best_scored_of_each_near_duplicate_group(collection, tmp_path, capsys):
