@@ -131,8 +131,7 @@ def filter_collection(folder: str | Path, output: str | Path, min_score: float |
     if dedup is not None:
         vectors, _ = load_embeddings(folder)
         ranked = kept[np.argsort(-np.nan_to_num(scores[kept], nan=-np.inf), kind="stable")]  # best first; ties in order
-        found = near_duplicates(vectors[ranked], dedup, np.arange(len(ranked)), progress=progress)
-        duplicate_of[ranked] = np.where(found >= 0, ranked[np.maximum(found, 0)], -1)
+        duplicate_of = near_duplicates(vectors, dedup, ranked, progress=progress)
         kept = kept[duplicate_of[kept] < 0]
     output.mkdir(parents=True, exist_ok=True)
     written, unreadable = 0, 0
