@@ -178,6 +178,9 @@ def test_lock_image_trains_a_timm_named_towers_head_as_open_clip_and_lock_image_
         moved = {name for name, value in start.state_dict().items() if not torch.equal(value, after[name])}
         assert "text.text_projection" in moved and not any(n.startswith("visual.trunk.") for n in moved)
         assert ("visual.head.proj.weight" in moved) is not lock_head, lock_head
+    # a run locked with its head resumed without: another set of trained tensors, named as the cause
+    with pytest.raises(ValueError, match="holds 18 trained parameter tensors, this run trains 19.*--lock-image-head"):
+        train(TrainConfig(**{**cfg, "steps": 4}, resume="latest", seed=0, output=str(tmp_path / "runTrue")))
     from clipforge.cli import build_parser
     from clipforge.train.cli import config_from_args
 

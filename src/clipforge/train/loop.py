@@ -466,7 +466,16 @@ def _resume(cfg: TrainConfig, output: Path, core, optimizer, scheduler, scaler, 
     else:
         state, _ = read_checkpoint(checkpoint)
         load_into(core, state, source=str(checkpoint))
-        optimizer.load_state_dict(train_state["optimizer"])
+        try:
+            optimizer.load_state_dict(train_state["optimizer"])
+        except ValueError:  # torch's "parameter group that doesn't match the size" names no setting
+            saved = sum(len(group["params"]) for group in train_state["optimizer"]["param_groups"])
+            now = sum(len(group["params"]) for group in optimizer.param_groups)
+            raise ValueError(f"{checkpoint}: its optimizer state holds {saved} trained parameter tensors, this run "
+                             f"trains {now}: resume with the locking settings that wrote it (--lock-image, "
+                             f"--lock-image-head, --lock-image-unlocked-groups, --lock-text ...). Runs made before "
+                             f"--lock-image-head existed froze a timm-named image tower's projection head (ConvNeXt, "
+                             f"ViTamin ...) with --lock-image: give --lock-image-head for such a run") from None
     scheduler.load_state_dict(train_state["scheduler"])
     scaler.load_state_dict(train_state["scaler"])
     if train_state.get("world_size", 1) != world or train_state.get("workers") != cfg.workers:
