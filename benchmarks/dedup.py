@@ -213,7 +213,7 @@ def tried_index(sets: dict[str, np.ndarray], report: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?", help="the model (not needed with --scale-only)")
     p.add_argument("--flickr8k", default=str(REPO.parent / "shared" / "data" / "flickr8k" / "test"))
     p.add_argument("--cifar", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99])
@@ -223,6 +223,8 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128, help="with --scale-only: the vectors' width [128, the recipe's]")
     p.add_argument("--json")
     args = p.parse_args()
+    if args.checkpoint is None and not args.scale_only:
+        p.error("give the model's checkpoint (only --scale-only runs without one)")
     torch.set_num_threads(2)
     cli = [sys.executable, "-m", "clipforge.cli"]
     report = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 2 threads",
