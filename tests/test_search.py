@@ -1334,7 +1334,10 @@ def test_filter_dedup_keeps_the_best_scored_of_each_near_duplicate_group(collect
     assert cli.main(["filter", str(plain), str(tmp_path / "first"), "--dedup", "0.9999", "--no-progress"]) == 0
     table = {r["path"]: r for r in pq.read_table(tmp_path / "first" / "scores.parquet").to_pylist()}
     assert {p for p, r in table.items() if not r["kept"]} == {str(images / f"z{name}.png") for name in twins}
-    assert "clip_score" not in json.loads(next(open_tar_json(tmp_path / "first")))
+    from clipforge.data import open_source
+
+    first = next(iter(open_source(str(tmp_path / "first"), shuffle_buffer=0).samples(0, 1, 0, 0, Counter())))
+    assert "clip_score" not in json.loads(first["json"])
     # by score first, then dedup among the kept
     assert cli.main(["filter", str(out), str(tmp_path / "both"), "--keep-fraction", "0.5", "--dedup", "0.9999",
                      "--no-progress"]) == 0
@@ -1347,12 +1350,3 @@ def test_filter_dedup_keeps_the_best_scored_of_each_near_duplicate_group(collect
     assert cli.main(["filter", str(plain), str(tmp_path / "none"), "--min-score", "0"]) == 2
     assert "embed it with --captions" in capsys.readouterr().err
 
-
-def open_tar_json(folder):
-    """The ``.json`` members of a filter output's first shard."""
-    import tarfile
-
-    with tarfile.open(folder / "000000.tar") as tar:
-        for member in tar.getmembers():
-            if member.name.endswith(".json"):
-                yield tar.extractfile(member).read().decode()

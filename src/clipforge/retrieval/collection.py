@@ -242,13 +242,18 @@ def load_metadata(folder: str | Path) -> list[dict]:
     return rows
 
 
-def load_embeddings(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
-    """All image embeddings (float32) and their metadata rows, in shard order."""
+def load_vectors(folder: str | Path) -> np.ndarray:
+    """All image embeddings (float32), in shard order, without the metadata."""
     folder = Path(folder)
     arrays = [np.load(path).astype(np.float32) for path in _image_shard_files(folder)]
     if not arrays:
         raise FileNotFoundError(f"{folder}: no img_emb/*.npy; run `clipforge embed` first")
-    return np.concatenate(arrays), load_metadata(folder)
+    return np.concatenate(arrays)
+
+
+def load_embeddings(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
+    """All image embeddings (float32) and their metadata rows, in shard order."""
+    return load_vectors(folder), load_metadata(folder)
 
 
 def load_text_embeddings(folder: str | Path) -> np.ndarray | None:

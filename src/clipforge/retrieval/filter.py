@@ -20,7 +20,7 @@ import numpy as np
 
 from ..files import atomic_path, write_json
 from .collection import (caption_shard, check_collection, embedded_shards, item_captions, item_from_path,
-                         item_image_bytes, load_embeddings, load_metadata, read_info, unfinished_embedding)
+                         item_image_bytes, load_metadata, load_vectors, read_info, unfinished_embedding)
 
 SCORES = "scores.parquet"
 INFO = "filter_info.json"
@@ -129,7 +129,7 @@ def filter_collection(folder: str | Path, output: str | Path, min_score: float |
         kept = np.arange(len(rows))
     duplicate_of = np.full(len(rows), -1, dtype=np.int64)
     if dedup is not None:
-        vectors, _ = load_embeddings(folder)
+        vectors = load_vectors(folder)  # the rows are read already
         ranked = kept[np.argsort(-np.nan_to_num(scores[kept], nan=-np.inf), kind="stable")]  # best first; ties in order
         duplicate_of = near_duplicates(vectors, dedup, ranked, progress=progress)
         kept = kept[duplicate_of[kept] < 0]
