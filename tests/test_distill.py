@@ -186,7 +186,8 @@ def test_a_bf16_teacher_holds_half_the_bytes_and_gives_the_features_of_its_fp32_
     assert "bfloat16 weights" in capsys.readouterr().err
     assert {p.dtype for p in teachers["bf16"].model.parameters()} == {torch.bfloat16}
     batch = {"images": torch.randn(4, 3, 48, 48), "teacher_images": torch.randn(4, 3, 32, 32),
-             "teacher_tokens": teachers["fp32"].inputs.tokenizer(["a red square", "a blue circle", "two dogs", "a cat"])}
+             "teacher_tokens": teachers["fp32"].inputs.tokenizer(["a red square", "a blue circle", "two dogs",
+                                                                  "a cat"])}
     exact, rounded = (teachers[p].features(batch, torch.device("cpu"), nullcontext()) for p in ("fp32", "bf16"))
     for a, b in zip(exact[:2], rounded[:2]):
         assert b.dtype == torch.bfloat16 and (a - b.float()).abs().max() < 0.05
