@@ -5,9 +5,9 @@ A pair's score is the cosine of its image and caption embeddings (the collection
 is an image whose cosine to a better-ranked kept image (higher score; without scores, earlier in the collection)
 reaches the ``dedup`` threshold: the rule ``search --dedup`` applies to results, here over the whole collection
 (re-uploads, crops and resizes of one photo, which a model sees as one image and a dataset counts many times). The
-kept pairs are
-written as WebDataset shards (the image as stored, every caption line, a ``.json`` with the score and where the pair
-came from) that ``clipforge train --train-data OUT`` reads; ``OUT/scores.parquet`` lists every pair's score.
+kept pairs are written as WebDataset shards (the image as stored, every caption line, a ``.json`` with the score and
+where the pair came from) that ``clipforge train --train-data OUT`` reads; ``OUT/scores.parquet`` lists every pair's
+score.
 """
 from __future__ import annotations
 
