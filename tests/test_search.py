@@ -592,7 +592,8 @@ def test_search_classify_embed_and_thumbnails(client, collection):
     # clip-retrieval's API
     (dict(method="POST", url="/knn-service", json={"text": "cat", "indice_name": "laion5B"}), 400,
      "this server holds 'emb'"),
-    (dict(method="POST", url="/knn-service", json={"text": "cat", "modality": "text"}), 400, "indexes images only"),
+    (dict(method="POST", url="/knn-service", json={"text": "cat", "modality": "text"}), 400,
+     "no caption index (embed it with --captions"),
     (dict(method="POST", url="/knn-service", json={"image_url": "http://127.0.0.1:22/x.jpg"}), 400,
      "makes no outbound requests"),
     (dict(method="POST", url="/knn-service", json={"num_images": 5}), 400, "exactly one of text, image"),
@@ -1350,3 +1351,145 @@ def test_filter_dedup_keeps_the_best_scored_of_each_near_duplicate_group(collect
     assert cli.main(["filter", str(plain), str(tmp_path / "none"), "--min-score", "0"]) == 2
     assert "embed it with --captions" in capsys.readouterr().err
 
+
+
+@pytest.fixture(scope="module")
+def captioned(collection, tmp_path_factory):
+    """The collection's images embedded with --captions, three of them (in two shards) without a caption, indexed:
+    an image index and a caption index."""
+    root = tmp_path_factory.mktemp("captioned")
+    images = root / "images"
+    shutil.copytree(collection["images"], images)
+    for i in (5, 17, 30):
+        (images / f"shape{i:03d}.txt").unlink()
+    out = root / "emb"
+    assert cli.main(["embed", str(images), str(out), "--pretrained", collection["ckpt"], "--shard-size", "16",
+                     "--captions", "--no-progress"]) == 0
+    assert cli.main(["index", "build", str(out), "--quiet"]) == 0
+    return {"images": images, "emb": out, "ckpt": collection["ckpt"]}
+
+
+def _caption_vectors(folder):
+    """Every row's caption vector as stored (float16, zeros without a caption), as float32, and the metadata."""
+    from clipforge.retrieval import load_embeddings
+
+    captions = np.concatenate([np.load(path) for path in sorted((folder / "caption_emb").glob("*.npy"))])
+    return captions.astype(np.float32), load_embeddings(folder)[1]
+
+
+def test_captions_get_an_index_of_their_own_searched_by_text_or_image(captioned, collection, capsys):
+    """``index build`` on a collection embedded with --captions also indexes the captions, of the captioned images
+    only; ``--modality text`` ranks the collection's rows by their caption's cosine to a text or an image (each
+    result the image and the caption that matched), and de-duplicates on the captions."""
+    from clipforge.retrieval.search import Searcher
+
+    folder = captioned["emb"]
+    captions, rows = _caption_vectors(folder)
+    has_caption = np.flatnonzero(captions.any(axis=1))
+    assert len(has_caption) == 37 and not {r["path"] for r in rows if not r["caption"]} - {
+        str(captioned["images"] / f"shape{i:03d}.png") for i in (5, 17, 30)}
+    assert np.load(folder / "caption_index.rows.npy").tolist() == has_caption.tolist()
+    assert json.loads((folder / "caption_index.json").read_text())["count"] == 37
+    assert json.loads((folder / "index.json").read_text())["count"] == 40
+    stored = captions[has_caption]  # float16 unit vectors (an exact index scores them as stored)
+
+    searcher = Searcher(folder, *clipforge.load(captioned["ckpt"]))
+    assert searcher.captions_indexed == 37
+    for query in (searcher.embed_texts(["a red circle"]), searcher.embed_images([Image.open(
+            captioned["images"] / "shape003.png")])):
+        hits = searcher.search_vectors(query, k=40, modality="text")[0]
+        scores = stored @ query[0]
+        assert len(hits) == 37  # every captioned row once; no caption-less one, whatever k
+        np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1], atol=1e-5)
+        assert all(abs(scores[has_caption.tolist().index(h["id"])] - h["score"]) < 1e-5 for h in hits)
+        assert all(h["caption"] == rows[h["id"]]["caption"] and h["caption"] for h in hits)
+    by_image = searcher.search_vectors(query, k=40)[0]
+    assert [h["id"] for h in by_image] != [h["id"] for h in hits] and len(by_image) == 40  # the images' own ranking
+
+    # de-duplication on the captions: the generated captions repeat ("a red circle" many times), so at 0.999 one
+    # row per distinct caption is left, the best-ranked, in rank order
+    ranking = searcher.search_text("a red circle", k=40, modality="text")
+    distinct = list(dict.fromkeys(h["caption"] for h in ranking))
+    assert 1 < len(distinct) < 37
+    deduped = searcher.search_text("a red circle", k=40, dedup=0.999, modality="text")
+    assert [h["caption"] for h in deduped] == distinct
+    assert [h["id"] for h in deduped] == [next(h["id"] for h in ranking if h["caption"] == c) for c in distinct]
+
+    # the CLI: the same ranking; refusals say what to do
+    assert cli.main(["search", str(folder), "a red circle", "--modality", "text", "-k", "5", "--json"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)] == [h["id"] for h in ranking[:5]]
+    plain = collection["emb"]  # embedded without --captions
+    assert cli.main(["search", str(plain), "a red circle", "--modality", "text"]) == 2
+    assert "has no caption index: embed the collection with --captions" in capsys.readouterr().err
+    assert cli.main(["index", "build", str(plain), "--modality", "text"]) == 2
+    assert "holds no caption embeddings; embed it with --captions" in capsys.readouterr().err
+
+
+def test_serving_a_caption_index_over_http_and_clip_retrievals_api(captioned, client):
+    """``modality=text`` on /search and /search/image, and clip-retrieval's ``modality: "text"``, search the
+    caption index where there is one, with the Searcher's own ranking; a collection without one says how to build
+    it; /health says how many captions are indexed."""
+    from fastapi.testclient import TestClient
+
+    from clipforge.retrieval.search import Searcher
+    from clipforge.serve.app import create_app
+
+    loaded = clipforge.load(captioned["ckpt"])
+    served = TestClient(create_app(captioned["emb"], *loaded))
+    searcher = Searcher(captioned["emb"], *loaded)
+    assert served.get("/health").json()["captions_indexed"] == 37
+    expected = searcher.search_text("a green cross", k=6, modality="text")
+    found = served.get("/search", params={"q": "a green cross", "k": 6, "modality": "text"}).json()["results"]
+    assert [h["id"] for h in found] == [h["id"] for h in expected]
+    np.testing.assert_allclose([h["score"] for h in found], [h["score"] for h in expected], rtol=1e-6)
+    paged = served.get("/search", params={"q": "a green cross", "k": 3, "offset": 3, "modality": "text"}).json()
+    assert [h["id"] for h in paged["results"]] == [h["id"] for h in expected[3:6]]
+    images = served.get("/search", params={"q": "a green cross", "k": 6}).json()["results"]
+    assert [h["id"] for h in images] == [h["id"] for h in searcher.search_text("a green cross", k=6)]
+    png = (captioned["images"] / "shape008.png").read_bytes()
+    by_image = served.post("/search/image", files={"file": ("q.png", png)}, data={"k": 5, "modality": "text"}).json()
+    assert [h["id"] for h in by_image["results"]] == [
+        h["id"] for h in searcher.search_image(Image.open(io.BytesIO(png)), k=5, modality="text")]
+    knn = served.post("/knn-service", json={"text": "a green cross", "modality": "text", "num_images": 6}).json()
+    assert [r["id"] for r in knn] == [h["id"] for h in expected]
+    assert [r["caption"] for r in knn] == [h["caption"] for h in expected]
+
+    assert client.get("/health").json()["captions_indexed"] is None  # the collection embedded without --captions
+    for response in (client.get("/search", params={"q": "a green cross", "modality": "text"}),
+                     client.post("/search/image", files={"file": ("q.png", png)}, data={"modality": "text"}),
+                     client.post("/knn-service", json={"text": "a green cross", "modality": "text"})):
+        assert response.status_code == 400 and "no caption index (embed it with --captions" in \
+            response.json()["detail"]
+    assert served.get("/search", params={"q": "x", "modality": "captions"}).status_code == 422
+
+
+def test_web_page_matches_captions_where_the_collection_has_a_caption_index(captioned, live_server):
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
+    from clipforge.serve.app import create_app
+
+    with _serving(create_app(captioned["emb"], *clipforge.load(captioned["ckpt"]))) as url, \
+            playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(live_server + "/")  # no caption index: no choice offered
+        page.wait_for_function("document.querySelector('#captions-toggle').hidden === true")
+        page.goto(url + "/")
+        page.wait_for_selector("#captions-toggle:not([hidden])")
+        page.check("#by-caption")
+        page.fill("#query", "a red circle")
+        with page.expect_response(lambda r: "/search?" in r.url) as response:
+            page.press("#query", "Enter")
+        assert "modality=text" in response.value.url and page.url.endswith("&modality=text")
+        page.wait_for_selector("#results .result")
+        page.wait_for_function("document.querySelector('#search-status').textContent.includes('results for')")
+        shown = page.locator("#results .result").evaluate_all("cards => cards.map(c => c.dataset.id)")
+        expected = requests_json(url, "/search?q=a+red+circle&k=40&modality=text")  # (a second page may load)
+        assert len(shown) >= 24 and shown == [str(h["id"]) for h in expected][:len(shown)]
+        assert page.locator("#search-status").inner_text().endswith("results for captions matching “a red circle”")
+        page.reload()  # the choice lives in the URL
+        page.wait_for_selector("#results .result")
+        assert page.locator("#by-caption").is_checked()
+        browser.close()

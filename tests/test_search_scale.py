@@ -13,7 +13,8 @@ import pytest
 pytest.importorskip("faiss", reason="faiss-cpu is in the test extras")
 pytest.importorskip("pyarrow", reason="pyarrow is in the test extras")
 
-from clipforge.retrieval.collection import Metadata, StoredVectors, load_metadata, write_image_shard  # noqa: E402
+from clipforge.retrieval.collection import (Metadata, StoredVectors, load_metadata, write_image_shard,  # noqa: E402
+                                            write_info)
 from clipforge.retrieval.index import (add_chunks, build_index, load_index, plan_ivfpq, save_index,  # noqa: E402
                                        train_ivfpq)
 from conftest import free_port  # noqa: E402
@@ -29,8 +30,9 @@ def clustered(n: int, d: int, seed: int, clusters: int = 64) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def write_collection(folder: Path, vectors: np.ndarray, shard_rows) -> None:
-    """Shards of the given sizes (a list) or of one size, with a path per row naming its id."""
+def write_collection(folder: Path, vectors: np.ndarray, shard_rows, captions: np.ndarray | None = None) -> None:
+    """Shards of the given sizes (a list) or of one size, with a path per row naming its id; ``captions``: the
+    rows' caption vectors, as ``embed --captions`` stores them (zeros: no caption)."""
     sizes = shard_rows if isinstance(shard_rows, list) else \
         [min(shard_rows, len(vectors) - s) for s in range(0, len(vectors), shard_rows)]
     start = 0
@@ -38,8 +40,11 @@ def write_collection(folder: Path, vectors: np.ndarray, shard_rows) -> None:
         ids = range(start, start + size)
         write_image_shard(folder, shard, vectors[start:start + size],
                           {"path": [f"img/{i}.jpg" for i in ids], "caption": [f"caption {i}" for i in ids],
-                           "width": [i % 500 for i in ids], "height": [7] * size})
+                           "width": [i % 500 for i in ids], "height": [7] * size},
+                          None if captions is None else captions[start:start + size])
         start += size
+    if captions is not None:
+        write_info(folder, {"captions": True})
 
 
 def run_cli(*args, env=None, check=True, prefix=()):
@@ -55,6 +60,20 @@ def small(tmp_path_factory):
     vectors = clustered(6_000, 32, seed=0)
     write_collection(folder, vectors, [2_500, 1, 2_499, 1_000])  # uneven shards, one of a single row
     return folder, vectors
+
+
+@pytest.fixture(scope="module")
+def captioned_small(tmp_path_factory):
+    """``small``'s layout embedded with --captions: each caption vector near its image's, 30% of rows without one."""
+    folder = tmp_path_factory.mktemp("scale-captions")
+    vectors = clustered(6_000, 32, seed=0)
+    rng = np.random.default_rng(1)
+    captions = vectors + 0.5 * rng.standard_normal(vectors.shape, dtype=np.float32)
+    captions /= np.linalg.norm(captions, axis=1, keepdims=True)
+    captions[rng.random(len(captions)) < 0.3] = 0
+    captions[2_500] = 0  # the one-row shard has no caption at all
+    write_collection(folder, vectors, [2_500, 1, 2_499, 1_000], captions)
+    return folder, vectors, captions
 
 
 def test_stored_vectors_read_by_id_and_in_chunks_across_shards(small):
@@ -166,9 +185,10 @@ def test_a_collection_larger_than_the_memory_budget_builds_within_it(tmp_path):
     assert "--max-memory" in failed.value.stderr and "needs at least" in failed.value.stderr
 
 
-def test_two_process_torchrun_build_equals_the_one_process_build(small, tmp_path):
+def test_two_process_torchrun_build_equals_the_one_process_build(captioned_small, tmp_path):
+    """Both indexes of a collection embedded with --captions: the images' and the captions'."""
     pytest.importorskip("torch.distributed.run")
-    folder, _ = small
+    folder = captioned_small[0]
     one, two = tmp_path / "one", tmp_path / "two"
     shutil.copytree(folder, one)
     shutil.copytree(folder, two)
@@ -179,15 +199,19 @@ def test_two_process_torchrun_build_equals_the_one_process_build(small, tmp_path
                     port, "-m", "clipforge.cli", "index", "build", str(two), "--kind", "ivfpq", "--nlist", "32"],
                    env=env)
     assert "[rank 1] added" in done.stderr and "merged 2 parts" in done.stderr
-    assert sorted(p.name for p in two.glob("index*")) == ["index.faiss", "index.json"]  # parts cleaned up
-    info_one, info_two = (json.loads((f / "index.json").read_text()) for f in (one, two))
-    assert info_two.pop("built_by") == 2
-    for info in (info_one, info_two):  # (each process's own estimate: torchrun's ranks have torch imported)
-        del info["plan"]["estimated_peak_bytes"]
-    assert info_one == info_two
-    assert (one / "index.faiss").read_bytes() == (two / "index.faiss").read_bytes()
+    assert sorted(p.name for p in two.glob("*index*")) == ["caption_index.faiss", "caption_index.json",
+                                                           "caption_index.rows.npy", "index.faiss",
+                                                           "index.json"]  # parts cleaned up
     queries = clustered(40, 32, seed=11)
-    assert np.array_equal(load_index(one)[0].search(queries, 10)[1], load_index(two)[0].search(queries, 10)[1])
+    for stem, modality in (("index", "image"), ("caption_index", "text")):
+        info_one, info_two = (json.loads((f / f"{stem}.json").read_text()) for f in (one, two))
+        assert info_two.pop("built_by") == 2
+        for info in (info_one, info_two):  # (each process's own estimate: torchrun's ranks have torch imported)
+            del info["plan"]["estimated_peak_bytes"]
+        assert info_one == info_two
+        assert (one / f"{stem}.faiss").read_bytes() == (two / f"{stem}.faiss").read_bytes()
+        assert np.array_equal(load_index(one, modality=modality)[0].search(queries, 10)[1],
+                              load_index(two, modality=modality)[0].search(queries, 10)[1])
 
 
 def test_the_plan_fits_a_budget_by_smaller_chunks_then_shorter_codes():
@@ -226,3 +250,57 @@ def test_an_index_built_before_the_rerank_moved_out_still_loads(small, tmp_path)
     assert faiss.extract_index_ivf(index).nprobe == 16 and faiss.downcast_index(index).k_factor == 8
     assert index.search(vectors[:3], 1)[1][:, 0].tolist() == [0, 1, 2]
     assert not Metadata(target).memory_mapped and Metadata(target)[5_999]["path"] == "img/5999.jpg"
+
+
+def test_the_caption_index_holds_the_captioned_rows_and_answers_in_collection_row_ids(captioned_small, tmp_path):
+    """IVF-PQ and HNSW caption indexes: built over the rows with a caption only (``RowSubset``), re-ranked from
+    the stored caption vectors, each result named by its collection row; recall against exact search holds."""
+    import clipforge
+    from clipforge.retrieval.index import RowSubset
+    from clipforge.retrieval.search import Searcher
+
+    folder, _, captions = captioned_small
+    has_caption = np.flatnonzero(captions.any(axis=1))
+    stored = StoredVectors(folder, "text")
+    subset = RowSubset(stored, has_caption)
+    assert subset.shape == (len(has_caption), 32)
+    across = has_caption[(has_caption > 2_490) & (has_caption < 2_510)]
+    for rows in (has_caption, has_caption[[0, -1]], across):  # dense, sparse, across shards
+        part = RowSubset(stored, rows)
+        sliced, got = part.slice(0, len(rows)), part.get(np.arange(len(rows)))
+        assert np.allclose(sliced / np.linalg.norm(sliced, axis=1, keepdims=True), got, atol=1e-6)
+        assert np.allclose(got, stored.get(rows))
+    with pytest.raises(FileNotFoundError, match="holds no caption embeddings"):
+        StoredVectors(write_plain(tmp_path / "plain"), "text")
+
+    unit = captions[has_caption].astype(np.float16).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    rng = np.random.default_rng(12)  # fresh queries near the data, as the tuning ones are
+    queries = unit[rng.integers(0, len(unit), 50)] + 0.1 * rng.standard_normal((50, 32), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    truth = has_caption[np.argsort(-(queries @ unit.T), axis=1, kind="stable")[:, :10]]
+    model = clipforge.create_model("ViT-Tiny-64")
+    for kind in ("ivfpq", "hnsw"):
+        target = tmp_path / kind
+        shutil.copytree(folder, target)
+        run_cli("index", "build", str(target), "--kind", kind, "--nlist", "32", "--modality", "text", "--quiet")
+        assert not (target / "index.faiss").exists()  # --modality text: the captions' index alone
+        run_cli("index", "build", str(target), "--kind", "flat", "--modality", "image", "--quiet")
+        searcher = Searcher(target, model, None, None)
+        assert searcher.captions_indexed == len(has_caption)
+        hits = searcher.search_vectors(queries, k=10, modality="text")
+        ids = np.array([[h["id"] for h in row] for row in hits])
+        assert np.isin(ids, has_caption).all()
+        scores = np.array([[h["score"] for h in row] for row in hits])
+        exact = np.einsum("qd,qkd->qk", queries, captions[ids].astype(np.float16).astype(np.float32)
+                          / np.linalg.norm(captions[ids].astype(np.float16).astype(np.float32), axis=2,
+                                           keepdims=True))
+        assert np.allclose(scores, exact, atol=1e-3)  # those very rows' caption vectors (HNSW: as stored, fp16)
+        assert all(h["caption"] == f"caption {h['id']}" for row in hits for h in row)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), truth.tolist())])
+        assert recall >= 0.9, (kind, recall)
+
+
+def write_plain(folder: Path) -> Path:
+    write_collection(folder, clustered(20, 32, seed=3), 10)
+    return folder

@@ -132,11 +132,16 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Build a FAISS index beside the embeddings: exact for small collections; for large ones IVF-PQ "
                      "(codes only, the shortlist re-ranked from the stored embeddings), trained on a sample and "
                      "filled chunk by chunk within --max-memory; or HNSW. Tuned to reach --target-recall@10 against "
-                     "exact search. Several processes or machines (IVF-PQ): torchrun --nproc-per-node N -m "
-                     "clipforge.cli index build FOLDER (FOLDER on a shared file system across machines).")
+                     "exact search. A collection embedded with --captions gets a second index, of its captions "
+                     "(search --modality text). Several processes or machines (IVF-PQ): torchrun --nproc-per-node N "
+                     "-m clipforge.cli index build FOLDER (FOLDER on a shared file system across machines).")
     p.add_argument("action", choices=["build"])
     p.add_argument("folder", help="a folder written by clipforge embed")
     p.add_argument("--kind", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto")
+    p.add_argument("--modality", choices=["auto", "image", "text"], default="auto",
+                   help="what to index: the images, the captions (of a collection embedded with --captions; the "
+                        "captioned images only), or auto: the images, and the captions too where they were embedded "
+                        "[auto]")
     p.add_argument("--target-recall", type=fraction, default=0.95)
     p.add_argument("--exact-below", type=non_negative_int, default=50_000, help="auto: exact search below this many vectors")
     p.add_argument("--max-memory", metavar="SIZE",
@@ -151,45 +156,70 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_index(args) -> int:
-    from .collection import StoredVectors, unfinished_embedding, write_metadata_arrow
-    from .index import build_index, build_index_distributed, parse_size, save_index
+    from .collection import check_collection, read_info, unfinished_embedding, write_metadata_arrow
 
-    max_memory = parse_size(args.max_memory)
-    vectors = StoredVectors(args.folder)
+    check_collection(args.folder)
+    captions = bool(read_info(args.folder).get("captions"))
+    if args.modality == "text" and not captions:
+        raise ValueError(f"--modality text: {args.folder} holds no caption embeddings; embed it with --captions "
+                         f"(clipforge embed IMAGES {args.folder} --captions ...; done image shards are embedded again)")
+    modalities = {"auto": ["image"] + (["text"] if captions else []), "image": ["image"], "text": ["text"]}
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     unfinished = unfinished_embedding(args.folder)
     if unfinished and rank == 0:  # an index of part of the images is still useful, but should not pass unnoticed
-        print(f"warning: {unfinished}; indexing the {len(vectors):,} images embedded so far", file=sys.stderr)
+        print(f"warning: {unfinished}; indexing the images embedded so far", file=sys.stderr)
     if rank == 0:  # what serving memory-maps; first, so that the build's budget counts what it left resident
         write_metadata_arrow(args.folder)
+    queries = _tuning_queries(args.folder, args.tune_queries)
+    if world == 1:
+        for modality in modalities[args.modality]:
+            _build_one_index(args, modality, queries, unfinished)
+        return 0
+    import torch.distributed as dist
+
+    if args.kind not in ("auto", "ivfpq"):
+        raise SystemExit(f"--kind {args.kind}: only IVF-PQ builds split across processes")
+    dist.init_process_group("gloo")
+    try:
+        for modality in modalities[args.modality]:
+            _build_one_index(args, modality, queries, unfinished, dist.barrier)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _build_one_index(args, modality: str, queries, unfinished: str | None, barrier=None) -> None:
+    """Build, save and report the index of ``modality``; under torchrun (``barrier`` given) this rank's part."""
+    from .index import build_index, build_index_distributed, modality_vectors, parse_size, save_index
+
+    max_memory = parse_size(args.max_memory)
+    vectors, rows = modality_vectors(args.folder, modality)
+    rank = int(os.environ.get("RANK", 0))
+    if not len(vectors):
+        if args.modality == "text":
+            raise ValueError(f"{args.folder}: no image has a caption to index")
+        if rank == 0:
+            print(f"note: no image of {args.folder} has a caption: no caption index", file=sys.stderr)
+        return
     say = (lambda message: print(message, file=sys.stderr, flush=True))
     log = None if args.quiet or rank != 0 else say
-    queries = _tuning_queries(args.folder, args.tune_queries)
-    if world > 1:
-        import torch.distributed as dist
-
-        if args.kind not in ("auto", "ivfpq"):
-            raise SystemExit(f"--kind {args.kind}: only IVF-PQ builds split across processes")
-        dist.init_process_group("gloo")
-        try:
-            part_log = None if args.quiet else (lambda message: say(f"[rank {rank}] {message}"))
-            index, info = build_index_distributed(vectors, args.folder, rank, world, dist.barrier,
-                                                  args.target_recall, queries=queries, log=part_log,
-                                                  max_memory=max_memory, nlist=args.nlist)
-        finally:
-            dist.destroy_process_group()
+    if barrier is not None:
+        part_log = None if args.quiet else (lambda message: say(f"[rank {rank}] {message}"))
+        index, info = build_index_distributed(vectors, args.folder, rank, int(os.environ["WORLD_SIZE"]), barrier,
+                                              args.target_recall, queries=queries, log=part_log,
+                                              max_memory=max_memory, nlist=args.nlist)
         if rank != 0:
-            return 0
+            return
     else:
         index, info = build_index(vectors, args.kind, args.target_recall, args.exact_below, queries=queries, log=log,
                                   max_memory=max_memory, nlist=args.nlist)
-    save_index(index, info, args.folder)
+    save_index(index, info, args.folder, modality, rows)
+    what = "index" if modality == "image" else "caption index"
     if not info.get("target_met", True):
-        print(f"warning: the {info['kind']} index reaches recall@10 {info['recall@10']:.3f}, below the target "
+        print(f"warning: the {info['kind']} {what} reaches recall@10 {info['recall@10']:.3f}, below the target "
               f"{args.target_recall}; these vectors have little cluster structure. Use --kind flat (exact) or hnsw.")
-    print(f"built {info['kind']} index of {info['count']} vectors (recall@10 {info['recall@10']:.3f}) in {args.folder}"
-          + (" (embedding unfinished)" if unfinished else ""))
-    return 0
+    print(f"built {info['kind']} {what} of {info['count']} vectors (recall@10 {info['recall@10']:.3f}) in "
+          f"{args.folder}" + (" (embedding unfinished)" if unfinished else ""))
 
 
 def _tuning_queries(folder: str, choice: str):
@@ -211,17 +241,22 @@ def _tuning_queries(folder: str, choice: str):
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Search an indexed collection by text or by image; prints rank, score and path. With "
-                     "--copy-to, also writes the results' images and captions to a folder (a subset to train or "
-                     "label on).")
+    p.description = ("Search an indexed collection by text or by image, among its images or (--modality text) its "
+                     "captions; prints rank, score and path. With --copy-to, also writes the results' images and "
+                     "captions to a folder (a subset to train or label on).")
     p.add_argument("folder")
     p.add_argument("query", nargs="?", help="text query")
     p.add_argument("--image", help="query by this image instead")
     p.add_argument("--queries", metavar="FILE", help="many text queries, one per line, embedded and searched in "
                    "batches; with --json one JSON line per query, with --copy-to a subfolder per query")
     p.add_argument("-k", type=positive_int, default=10)
+    p.add_argument("--modality", choices=["image", "text"], default="image",
+                   help="search the images, or the captions (a collection embedded with --captions; index build "
+                        "indexes them): each result is the image whose caption matches, a text query finding "
+                        "captions that say the same thing, an --image query the captions that describe it [image]")
     p.add_argument("--dedup", type=float, metavar="COSINE",
-                   help="leave out near-duplicates of better results at this cosine similarity or more (e.g. 0.95)")
+                   help="leave out near-duplicates of better results (images, or with --modality text captions) at "
+                        "this cosine similarity or more (e.g. 0.95)")
     p.add_argument("--min-score", type=float, metavar="COSINE",
                    help="keep only results at this cosine similarity or more (with -k as the most kept)")
     p.add_argument("--copy-to", metavar="FOLDER",
@@ -236,17 +271,19 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
 def run_search(args) -> int:
     from ..inference import load_from_args
     from ..preprocess import open_image
-    from .search import Searcher
+    from .search import Searcher, require_caption_index
 
     if sum(x is not None for x in (args.query, args.image, args.queries)) != 1:
         raise ValueError("give one of: a text query, --image PATH, --queries FILE")
     if args.dedup is not None and not 0 < args.dedup <= 1:
         raise ValueError(f"--dedup {args.dedup}: a cosine similarity in (0, 1], e.g. 0.95")
     texts = _read_queries(args.queries) if args.queries else None  # a bad file fails before the model loads
+    if args.modality == "text":
+        require_caption_index(args.folder)
     searcher = Searcher(args.folder, *load_from_args(args, collection=args.folder))
     if texts is None:
-        hits = searcher.search_image(open_image(args.image), args.k, args.dedup) if args.image else \
-            searcher.search_text(args.query, args.k, args.dedup)
+        hits = searcher.search_image(open_image(args.image), args.k, args.dedup, args.modality) if args.image else \
+            searcher.search_text(args.query, args.k, args.dedup, args.modality)
         _report_hits(args, args.query or args.image, _kept(args, hits), args.copy_to, one_of_many=False)
         return 0
     from tqdm import tqdm
@@ -255,8 +292,8 @@ def run_search(args) -> int:
     for start in tqdm(range(0, len(texts), batch), desc="searching", unit="batch", disable=len(texts) <= batch,
                       file=sys.stderr):
         chunk = texts[start:start + batch]
-        for i, (query, hits) in enumerate(zip(chunk, searcher.search_vectors(searcher.embed_texts(chunk), args.k,
-                                                                               args.dedup)), start):
+        found = searcher.search_vectors(searcher.embed_texts(chunk), args.k, args.dedup, args.modality)
+        for i, (query, hits) in enumerate(zip(chunk, found), start):
             folder = args.copy_to and Path(args.copy_to) / f"{i + 1:05d}-{_slug(query)}"
             _report_hits(args, query, _kept(args, hits), folder, one_of_many=True)
     return 0

@@ -8,6 +8,9 @@
     embed_info.json                  model config, the --model/--pretrained that embedded it, counts, dimension
     probe_emb.npz                    its features of fixed probe images and texts: which weights (retrieval.probe)
     index.faiss, index.json          (clipforge index build)
+    caption_index.faiss, caption_index.json, caption_index.rows.npy
+                                     (index build, with --captions) the captions' index; it holds the captioned
+                                     images only, and .rows.npy maps its positions to collection row ids
 
 Paths (metadata ``path``, the --model/--pretrained recorded) are stored as ``files.PathReferences`` records them,
 relative to the collection's folder, so that search and serve find images and model from any working directory
@@ -274,13 +277,28 @@ def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         return shape, dtype, handle.tell()
 
 
-class StoredVectors:
-    """The collection's own embeddings in ``img_emb/*.npy``, read by id or in chunks with plain file reads: never
-    all loaded, and never memory-mapped either (mapped pages count as the process's resident memory, so a full
-    pass over a 10M-vector collection would show its whole size as RSS)."""
+MODALITIES = ("image", "text")  # what an index holds: the images, or their captions (clip-retrieval's names)
 
-    def __init__(self, folder: str | Path):
-        self.files = _image_shard_files(Path(check_collection(folder)))
+
+class StoredVectors:
+    """The collection's own embeddings in ``img_emb/*.npy`` (``modality`` "text": the caption vectors of
+    ``caption_emb/*.npy``, row for row), read by id or in chunks with plain file reads: never all loaded, and never
+    memory-mapped either (mapped pages count as the process's resident memory, so a full pass over a 10M-vector
+    collection would show its whole size as RSS)."""
+
+    def __init__(self, folder: str | Path, modality: str = "image"):
+        folder = check_collection(folder)
+        if modality == "image":
+            self.files = _image_shard_files(folder)
+        elif modality == "text":
+            self.files = [caption_shard(folder, shard) for shard, _ in embedded_shards(folder)]
+            missing = [path for path in self.files if not path.exists()]
+            if missing:
+                raise FileNotFoundError(f"{folder} holds no caption embeddings ({missing[0].relative_to(folder)} "
+                                        f"missing): embed it with --captions (clipforge embed IMAGES {folder} "
+                                        "--captions ...; done image shards are embedded again)")
+        else:
+            raise ValueError(f"modality {modality!r}: choose one of {', '.join(MODALITIES)}")
         layouts = [_npy_layout(path) for path in self.files]
         shapes = {shape[1:] for shape, _, _ in layouts}
         if len(shapes) != 1 or any(len(shape) != 2 for shape, _, _ in layouts):
@@ -320,7 +338,8 @@ class StoredVectors:
             size = self.dim * dtype.itemsize
             offset = self.offsets[s] + int(ids[position] - self.starts[s]) * size
             out[position] = np.frombuffer(os.pread(handles[s].fileno(), size, offset), dtype=dtype)
-        return out / np.linalg.norm(out, axis=1, keepdims=True)  # stored as float16: renormalise
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norms > 0, norms, 1)  # stored as float16: renormalise (a caption-less row stays 0)
 
     def slice(self, first: int, last: int) -> np.ndarray:
         """Rows ``first..last`` as float32, read shard by shard."""
@@ -341,6 +360,13 @@ class StoredVectors:
         stop = len(self) if stop is None else stop
         for first in range(start, stop, rows):
             yield first, self.slice(first, min(first + rows, stop))
+
+
+def captioned_rows(captions: StoredVectors, rows: int = 65_536) -> np.ndarray:
+    """Row ids whose caption vector is not all zeros (``embed --captions`` stores zeros for an image without one),
+    read chunk by chunk."""
+    found = [first + np.flatnonzero(chunk.any(axis=1)) for first, chunk in captions.chunks(rows)]
+    return np.concatenate(found).astype(np.int64) if found else np.empty(0, np.int64)
 
 
 # ------------------------------------------------------------------------------------------------------ metadata

@@ -8,7 +8,10 @@ are trained on a sample (64 vectors per list, as FAISS recommends 39-256), then 
 the fp16 shards; ``plan_ivfpq`` sizes the sample, the chunks and the code size to fit ``max_memory``. ``nprobe``
 and the re-rank depth are raised until recall@10 against exact search (computed in chunks, never all in RAM) on
 tuning queries reaches ``target_recall``. HNSW (``HNSW32``, vectors in RAM) on request. Saved as ``index.faiss`` +
-``index.json`` beside the embeddings; plain IVF-PQ files memory-map for serving (``faiss.IO_FLAG_MMAP``).
+``index.json`` beside the embeddings; plain IVF-PQ files memory-map for serving (``faiss.IO_FLAG_MMAP``). A
+collection embedded with ``--captions`` gets a second index, of its captions (``caption_index.*``: modality "text",
+as clip-retrieval names it), over the captioned images only (``RowSubset``; ``caption_index.rows.npy`` maps its
+positions to the collection's row ids).
 
 The tuning queries should look like the real ones: pass ``queries`` (e.g. text embeddings); without them the
 builder uses perturbed collection vectors, which suit clustered data (real CLIP embeddings) but flatter the
@@ -27,6 +30,7 @@ from ..files import atomic_path, write_json
 
 GB = 1 << 30
 MIN_CHUNK = 4096
+INDEX_STEMS = {"image": "index", "text": "caption_index"}  # each modality's files in the collection folder
 
 
 def _faiss():
@@ -75,6 +79,59 @@ class ArrayVectors:
         stop = len(self) if stop is None else stop
         for first in range(start, stop, rows):
             yield first, self.vectors[first:min(first + rows, stop)]
+
+
+class RowSubset:
+    """Rows ``rows`` (ascending ids) of a vector store renumbered 0..len(rows) - 1, with the same reading interface:
+    the caption index holds the captioned images only."""
+
+    def __init__(self, vectors, rows):
+        self.vectors, self.rows = vectors, np.asarray(rows, dtype=np.int64)
+        self.dim = vectors.dim
+        self.shape = (len(self.rows), self.dim)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, ids) -> np.ndarray:
+        return self.vectors.get(self.rows[np.asarray(ids, dtype=np.int64)])
+
+    def slice(self, first: int, last: int) -> np.ndarray:
+        rows = self.rows[first:last]
+        if not len(rows):
+            return np.empty((0, self.dim), dtype=np.float32)
+        span = int(rows[-1] - rows[0]) + 1
+        if span > 4 * len(rows):  # sparse: one read per row rather than a long stretch mostly thrown away
+            return self.vectors.get(rows)
+        block = self.vectors.slice(int(rows[0]), int(rows[-1]) + 1)
+        return block[rows - rows[0]]
+
+    def chunks(self, rows: int, start: int = 0, stop: int | None = None):
+        stop = len(self) if stop is None else stop
+        for first in range(start, stop, rows):
+            yield first, self.slice(first, min(first + rows, stop))
+
+
+def modality_vectors(folder: str | Path, modality: str = "image", rows: np.ndarray | None = None):
+    """``(vectors, rows)``: what an index of ``modality`` holds, and the collection row of each of its positions
+    (None for the images: position i is row i). The captions' rows are those with a caption unless given (the ones
+    an index was built over, ``load_rows``)."""
+    from .collection import StoredVectors, captioned_rows
+
+    stored = StoredVectors(folder, modality)
+    if modality == "image":
+        return stored, None
+    rows = captioned_rows(stored) if rows is None else rows
+    return RowSubset(stored, rows), rows
+
+
+def index_path(folder: str | Path, modality: str = "image", suffix: str = ".faiss") -> Path:
+    return Path(folder) / f"{INDEX_STEMS[modality]}{suffix}"
+
+
+def load_rows(folder: str | Path, modality: str) -> np.ndarray | None:
+    """The collection rows of a saved index's positions (None for the image index: the identity)."""
+    return None if modality == "image" else np.load(index_path(folder, modality, ".rows.npy"))
 
 
 def as_vectors(vectors):
@@ -310,30 +367,39 @@ def tune_index(index, vectors, info: dict, target_recall: float = 0.95, queries:
     return info
 
 
-def save_index(index, info: dict, folder: str | Path) -> Path:
+def save_index(index, info: dict, folder: str | Path, modality: str = "image", rows: np.ndarray | None = None) -> Path:
+    """Write ``index.faiss`` + ``index.json`` (``modality`` "text": ``caption_index.*``, with ``rows``, the
+    collection row of each position), each atomically; the rows first, so that an index file never lacks them."""
     faiss = _faiss()
-    folder = Path(folder)
-    with atomic_path(folder / "index.faiss") as tmp:
+    if (rows is None) != (modality == "image"):
+        raise ValueError("the caption index is saved with its rows, the image index without")
+    if rows is not None:
+        with atomic_path(index_path(folder, modality, ".rows.npy")) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, np.asarray(rows, dtype=np.int64))
+    with atomic_path(index_path(folder, modality)) as tmp:
         faiss.write_index(index.index if isinstance(index, Reranked) else index, str(tmp))
-    write_json(folder / "index.json", info)
-    return folder / "index.faiss"
+    write_json(index_path(folder, modality, ".json"), info)
+    return index_path(folder, modality)
 
 
-def load_index(folder: str | Path, mmap: bool = False, vectors=None):
+def load_index(folder: str | Path, mmap: bool = False, vectors=None, modality: str = "image"):
     """``(index, info)`` of a folder's saved index. ``mmap``: leave IVF-PQ codes on disk, paged in as searched
-    (``faiss.IO_FLAG_MMAP``); ``vectors``: the re-rank store (default the folder's own ``StoredVectors``)."""
+    (``faiss.IO_FLAG_MMAP``); ``vectors``: the re-rank store (default what ``modality_vectors`` gives, over the
+    rows the index was built on)."""
     faiss = _faiss()
     folder = Path(folder)
-    if not (folder / "index.faiss").exists():
-        raise FileNotFoundError(f"{folder}: no index.faiss; run `clipforge index build {folder}`")
-    info = json.loads((folder / "index.json").read_text())
+    path = index_path(folder, modality)
+    if not path.exists():
+        how = "" if modality == "image" else " (it indexes the captions of a collection embedded with --captions)"
+        raise FileNotFoundError(f"{folder}: no {path.name}; run `clipforge index build {folder}`{how}")
+    info = json.loads(index_path(folder, modality, ".json").read_text())
     reranked = info.get("rerank") == "stored"
-    index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_MMAP if mmap and reranked else 0)
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap and reranked else 0)
     if reranked:
-        from .collection import StoredVectors
-
-        index = Reranked(index, StoredVectors(folder) if vectors is None else as_vectors(vectors),
-                         info.get("k_factor", 16))
+        if vectors is None:
+            vectors, _ = modality_vectors(folder, modality, load_rows(folder, modality))
+        index = Reranked(index, as_vectors(vectors), info.get("k_factor", 16))
         index.ivf.nprobe = info["nprobe"]
         return index, info
     if "nprobe" in info:  # an index built before the re-rank moved out of it (IVF-PQ fast-scan + RFlat)

@@ -1,4 +1,4 @@
-"""Query an embedded, indexed collection by text or by image."""
+"""Query an embedded, indexed collection by text or by image: its images, or (modality "text") its captions."""
 from __future__ import annotations
 
 from functools import cached_property
@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from ..preprocess import image_batch
-from .collection import Metadata, StoredVectors
-from .index import load_index
+from .collection import MODALITIES, Metadata, StoredVectors
+from .index import index_path, load_index, load_rows, modality_vectors
 
 
 DEDUP_DEPTH = 4  # with de-duplication, candidates are read this many times deeper than k
@@ -25,8 +25,17 @@ def drop_near_duplicates(vectors: np.ndarray, threshold: float) -> list[int]:
     return kept
 
 
+def require_caption_index(folder: str | Path) -> None:
+    """A clear error when ``folder`` has no caption index (what ``--modality text`` searches)."""
+    if not index_path(folder, "text").exists():
+        raise FileNotFoundError(f"{folder} has no caption index: embed the collection with --captions, then "
+                                f"clipforge index build {folder}")
+
+
 class Searcher:
-    """``Searcher(folder, model, preprocess, tokenizer)``: top-k of the collection for a text or an image.
+    """``Searcher(folder, model, preprocess, tokenizer)``: top-k of the collection for a text or an image, among its
+    images or (``modality="text"``, where ``index build`` made a caption index) its captions; a result is the
+    collection's row either way (the image with the caption that matched).
 
     Served from disk: IVF-PQ codes memory-mapped (``in_memory=False``, the default), metadata through Arrow by row
     id, the re-rank and de-duplication reading the stored embeddings by id; RAM holds no per-image object."""
@@ -39,7 +48,30 @@ class Searcher:
         if len(self.rows) != self.index.ntotal:
             raise ValueError(f"{self.folder}: index holds {self.index.ntotal} vectors but the metadata "
                              f"{len(self.rows)} rows; rebuild the index")
+        # modality -> (index, its vectors for de-duplication, the collection row of each position or None)
+        self.indexes = {"image": (self.index, self.stored, None)}
+        if index_path(self.folder, "text").exists():
+            rows = load_rows(self.folder, "text")
+            captions, _ = modality_vectors(self.folder, "text", rows)
+            index, self.caption_info = load_index(self.folder, mmap=not in_memory, vectors=captions, modality="text")
+            if index.ntotal != len(rows) or (len(rows) and rows.max() >= len(self.rows)):
+                raise ValueError(f"{self.folder}: the caption index does not match the collection (rebuilt or "
+                                 "re-embedded since); rebuild it: clipforge index build "
+                                 f"{self.folder} --modality text")
+            self.indexes["text"] = (index, captions, rows)
         self.device = next(model.parameters()).device
+
+    @property
+    def captions_indexed(self) -> int | None:
+        """How many captions the caption index holds (None without one)."""
+        return self.indexes["text"][0].ntotal if "text" in self.indexes else None
+
+    def _modality(self, modality: str):
+        if modality not in self.indexes:
+            if modality not in MODALITIES:
+                raise ValueError(f"modality {modality!r}: choose one of {', '.join(MODALITIES)}")
+            require_caption_index(self.folder)
+        return self.indexes[modality]
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> np.ndarray:
@@ -51,17 +83,22 @@ class Searcher:
         batch = image_batch([self.preprocess(i) for i in images], self.device)
         return self.model.encode_image(batch, normalize=True).float().cpu().numpy()
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10, dedup: float | None = None) -> list[list[dict]]:
-        """Top-``k`` per query vector; ``dedup`` (a cosine similarity, e.g. 0.95) leaves out near-duplicates of
-        better-ranked results, filling the k places from a deeper candidate list."""
-        k = max(1, min(k, self.index.ntotal))
-        depth = k if dedup is None else min(self.index.ntotal, k * DEDUP_DEPTH)
-        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), depth)
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, dedup: float | None = None,
+                       modality: str = "image") -> list[list[dict]]:
+        """Top-``k`` per query vector among the images or (``modality="text"``) the captions; ``dedup`` (a cosine
+        similarity, e.g. 0.95) leaves out near-duplicates of better-ranked results (images, or captions), filling
+        the k places from a deeper candidate list."""
+        index, stored, rows = self._modality(modality)
+        k = max(1, min(k, index.ntotal))
+        depth = k if dedup is None else min(index.ntotal, k * DEDUP_DEPTH)
+        scores, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), depth)
         results = []
         for srow, irow in zip(scores, ids):
             found = [(float(s), int(i)) for s, i in zip(srow, irow) if i >= 0]
             if dedup is not None and found:
-                found = [found[p] for p in drop_near_duplicates(self.stored.get([i for _, i in found]), dedup)]
+                found = [found[p] for p in drop_near_duplicates(stored.get([i for _, i in found]), dedup)]
+            if rows is not None:  # the caption index's positions -> collection rows
+                found = [(s, int(rows[i])) for s, i in found]
             results.append([{"id": i, "score": s, **self.rows[i]} for s, i in found[:k]])
         return results
 
@@ -70,8 +107,8 @@ class Searcher:
         """The stored embeddings, read by id (re-rank, de-duplication, more-like-this)."""
         return StoredVectors(self.folder)
 
-    def search_text(self, text: str, k: int = 10, dedup: float | None = None) -> list[dict]:
-        return self.search_vectors(self.embed_texts([text]), k, dedup)[0]
+    def search_text(self, text: str, k: int = 10, dedup: float | None = None, modality: str = "image") -> list[dict]:
+        return self.search_vectors(self.embed_texts([text]), k, dedup, modality)[0]
 
-    def search_image(self, image, k: int = 10, dedup: float | None = None) -> list[dict]:
-        return self.search_vectors(self.embed_images([image]), k, dedup)[0]
+    def search_image(self, image, k: int = 10, dedup: float | None = None, modality: str = "image") -> list[dict]:
+        return self.search_vectors(self.embed_images([image]), k, dedup, modality)[0]

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ from .limits import (CAPTION_TOKENS, CAPTIONS_KEPT, MAX_ANSWER_TOKENS, MAX_DEPTH
                      MAX_PIXELS, MAX_PROMPT_CHARS, MAX_QUERY_CHARS, MAX_QUESTION_CHARS, MAX_TEXTS, THUMB_SIZES)
 
 DEDUP_HELP = "leave out near-duplicates of better results at this cosine similarity or more, e.g. 0.95"
+MODALITY_HELP = ("image: search the images; text: the captions (a collection embedded with --captions, its caption "
+                 "index built), each result the image whose caption matches")
 
 
 class Hit(BaseModel):
@@ -153,15 +156,15 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
 
     def search_batch(requests):
         """One index search for concurrent queries (FAISS scans faster in batches), off the event loop; queries
-        asking for de-duplication are searched together per threshold. A request is (vector, k, dedup, offset):
-        results offset .. offset + k of the ranking."""
+        are searched together per modality and de-duplication threshold. A request is (vector, k, dedup, offset,
+        modality): results offset .. offset + k of the ranking."""
         out = [None] * len(requests)
-        for dedup in {r[2] for r in requests}:
-            group = [n for n, r in enumerate(requests) if r[2] == dedup]
+        for dedup, modality in {(r[2], r[4]) for r in requests}:
+            group = [n for n, r in enumerate(requests) if (r[2], r[4]) == (dedup, modality)]
             vectors = np.stack([requests[n][0] for n in group])
             depth = max(requests[n][1] + requests[n][3] for n in group)
-            for n, found in zip(group, searcher.search_vectors(vectors, depth, dedup)):
-                _, k, _, offset = requests[n]
+            for n, found in zip(group, searcher.search_vectors(vectors, depth, dedup, modality)):
+                _, k, _, offset, _ = requests[n]
                 out[n] = found[offset:offset + k]
         return out
 
@@ -210,7 +213,13 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "images": searcher.index.ntotal, "index": searcher.info.get("kind"),
-                "captioning": captioner is not None}
+                "captions_indexed": searcher.captions_indexed, "captioning": captioner is not None}
+
+    def check_modality(modality: str) -> str:
+        if modality not in searcher.indexes:
+            raise HTTPException(400, f"modality {modality!r}: this collection has no caption index (embed it with "
+                                     "--captions, then clipforge index build FOLDER)")
+        return modality
 
     def require_captioner() -> None:
         if captioner is None:
@@ -238,10 +247,12 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
     async def search(q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS),
                      k: int = Query(10, ge=1, le=MAX_K),
                      offset: int = Query(0, ge=0, le=MAX_DEPTH, description="skip this many results (paging)"),
-                     dedup: float | None = Query(None, gt=0, le=1, description=DEDUP_HELP)):
+                     dedup: float | None = Query(None, gt=0, le=1, description=DEDUP_HELP),
+                     modality: Literal["image", "text"] = Query("image", description=MODALITY_HELP)):
         check_depth(offset, k)
+        check_modality(modality)
         vector = await text_batcher.submit(q)
-        return hits(await search_batcher.submit((vector, k, dedup, offset)))
+        return hits(await search_batcher.submit((vector, k, dedup, offset, modality)))
 
     @app.get("/search/similar", response_model=SearchResponse)
     async def search_similar(id: int = Query(..., description="an image of the collection: find more like it"),
@@ -250,13 +261,15 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
                              dedup: float | None = Query(None, gt=0, le=1, description=DEDUP_HELP)):
         check_depth(offset, k)
         vector = searcher.stored.get([known(id)])[0]  # its own stored embedding: nothing to decode or embed
-        return hits(await search_batcher.submit((vector, k, dedup, offset)))
+        return hits(await search_batcher.submit((vector, k, dedup, offset, "image")))
 
     @app.post("/search/image", response_model=SearchResponse)
     async def search_image(file: UploadFile = File(...), k: int = Form(10, ge=1, le=MAX_K),
-                           dedup: float | None = Form(None, gt=0, le=1, description=DEDUP_HELP)):
+                           dedup: float | None = Form(None, gt=0, le=1, description=DEDUP_HELP),
+                           modality: Literal["image", "text"] = Form("image", description=MODALITY_HELP)):
+        check_modality(modality)
         vector = await image_batcher.submit(await read_image(file))
-        return hits(await search_batcher.submit((vector, k, dedup, 0)))
+        return hits(await search_batcher.submit((vector, k, dedup, 0, modality)))
 
     @app.get("/item/{index}", response_model=Item)
     def item(index: int):

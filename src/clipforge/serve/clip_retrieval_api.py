@@ -2,11 +2,12 @@
 ``GET /indices-list``, the calls ``clip_retrieval.clip_client.ClipClient`` and scripts written for ``clip-retrieval
 back`` make, so they run against ``clipforge serve`` unchanged.
 
-Where it differs, on purpose: the collection's images are searched (``modality`` "image"; a collection has no index
-of captions); ``image_url`` is not fetched, since the server makes no outbound requests (send the image itself, base64,
-as ``image``); clipforge has no safety, violence or aesthetic models, so those fields are accepted and change
-nothing; a result's ``url`` is the image's address on this server (a 512 px view), and it carries ``name``, ``width``
-and ``height`` beside ``caption``, never a file path.
+Where it differs, on purpose: ``modality`` "text" searches the captions only where the collection has a caption
+index (embedded with ``--captions``: its captioned images), and is refused otherwise; ``image_url`` is not fetched,
+since the server makes no outbound requests (send the image itself, base64, as ``image``); clipforge has no safety,
+violence or aesthetic models, so those fields are accepted and change nothing; a result's ``url`` is the image's
+address on this server (a 512 px view), and it carries ``name``, ``width`` and ``height`` beside ``caption``, never a
+file path.
 """
 from __future__ import annotations
 
@@ -79,8 +80,8 @@ async def _read_body(request: Request, model: type[BaseModel], limit: int):
 
 def add_routes(app: FastAPI, name: str, searcher, embed_text, embed_image, search, decode_image,
                max_upload_bytes: int) -> None:
-    """``embed_text(str)``, ``embed_image(PIL image)`` and ``search((vector, k, dedup, offset))`` are the app's
-    batched coroutines; ``decode_image(bytes, name)`` its bounded image decoder (an HTTP 400 on bad bytes)."""
+    """``embed_text(str)``, ``embed_image(PIL image)`` and ``search((vector, k, dedup, offset, modality))`` are the
+    app's batched coroutines; ``decode_image(bytes, name)`` its bounded image decoder (an HTTP 400 on bad bytes)."""
     import numpy as np
 
     body_limit = (max_upload_bytes + 2) // 3 * 4 + 65536  # a base64 image at the upload limit, and the other fields
@@ -105,8 +106,9 @@ def add_routes(app: FastAPI, name: str, searcher, embed_text, embed_image, searc
         metadata with ``id`` and ``similarity`` (cosine)."""
         query = await _read_body(request, KnnRequest, body_limit)
         check_index_name(query.indice_name)
-        if query.modality != "image":
-            raise HTTPException(400, "modality 'text': a clipforge collection indexes images only; use 'image'")
+        if query.modality not in searcher.indexes:
+            raise HTTPException(400, "modality 'text': this collection has no caption index (embed it with "
+                                     "--captions, then clipforge index build FOLDER); use 'image'")
         if query.use_mclip:
             raise HTTPException(400, "use_mclip: multilingual CLIP is not available here")
         if query.image_url:
@@ -138,7 +140,7 @@ def add_routes(app: FastAPI, name: str, searcher, embed_text, embed_image, searc
         # as clip-retrieval: num_result_ids ranked ids (its page fetches their metadata as one scrolls), the first
         # num_images of them with their metadata
         depth = min(max(query.num_result_ids or 0, query.num_images), MAX_RESULT_IDS)
-        found = await search((vector, depth, DEDUP_COSINE if query.deduplicate else None, 0))
+        found = await search((vector, depth, DEDUP_COSINE if query.deduplicate else None, 0, query.modality))
         return [{**(fields(request, hit, hit["id"]) if rank < query.num_images else {}), "id": hit["id"],
                  "similarity": hit["score"]} for rank, hit in enumerate(found)]
 
