@@ -119,6 +119,46 @@ def test_length_grouped_text_encoding_matches_one_by_one():
     torch.testing.assert_close(grouped, single, atol=1e-5, rtol=1e-4)
 
 
+def test_by_length_runs_sorted_groups_each_as_wide_as_its_longest_row_and_restores_the_order():
+    from clipforge.models.inputs import by_length
+
+    calls = []
+
+    def run(rows, width):  # each row's "features": its own length, and the width it was run at
+        calls.append((None if rows is None else rows.tolist(), width))
+        picked = torch.arange(len(lengths)) if rows is None else rows
+        return torch.stack([torch.tensor(lengths)[picked], torch.full((len(picked),), width)], dim=1)
+
+    lengths = [5, 30, 2, 7] * 16  # 64 rows: 4 groups of 16, each cut at its own longest
+    out = by_length(lengths, run)
+    assert out[:, 0].tolist() == lengths  # back in the batch's order
+    assert [width for _, width in calls] == [2, 5, 7, 30] and all(out[:, 1] == out[:, 0])
+    assert sorted(sum((rows for rows, _ in calls), [])) == list(range(64))
+    calls.clear()
+    lengths = [12, 13] * 32  # grouping would save under a tenth of the tokens: one run, as wide as the longest
+    assert by_length(lengths, run)[:, 0].tolist() == lengths and calls == [(None, 13)]
+    calls.clear()
+    lengths = [3, 30] * 7  # under 16 rows: one run
+    by_length(lengths, run)
+    assert calls == [(None, 30)]
+
+
+def test_hugging_face_text_tower_skips_padding_by_length_with_the_padded_features():
+    """MiniLM (a masked, bidirectional encoder): a large batch of captions of many lengths, grouped by length on
+    CPU, gives the features of the whole padded computation and of each caption alone."""
+    pytest.importorskip("transformers")
+    model = clipforge.create_model("ViT-Tiny-64-MiniLM").eval()
+    words = "a dog runs across the green grass near two children playing with a red ball".split()
+    texts = [" ".join(words[: 1 + i % len(words)]) for i in range(70)]
+    tokens = clipforge.get_tokenizer("ViT-Tiny-64-MiniLM")(texts)
+    with torch.no_grad():
+        grouped = model.encode_text(tokens)
+        padded = model.text.features_padded(tokens)
+        alone = torch.cat([model.encode_text(tokens[i : i + 1]) for i in range(0, 70, 7)])
+    torch.testing.assert_close(grouped, padded, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grouped[::7], alone, atol=1e-5, rtol=1e-4)
+
+
 def test_patch_embedding_as_a_matrix_product_equals_the_convolution():
     """On GPU the ViT embeds patches with one GEMM over patchified images instead of its strided conv1."""
     from clipforge.models.vision_transformer import patchify

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .inputs import check_token_batch
+from .inputs import by_length, check_token_batch
 
 # Aliases for models that ship as PyPI packages (no hub access at run time): alias -> (module, folder in it)
 PACKAGED_MODELS = {
@@ -202,11 +202,19 @@ class HFTextEncoder(nn.Module):
         return self.proj(self.pooled(tokens, trim=False))
 
     def pooled(self, tokens: torch.Tensor, trim: bool = True) -> torch.Tensor:
-        """The transformer's output pooled over the tokens (mean or [CLS]), before the projection."""
+        """The transformer's output pooled over the tokens (mean or [CLS]), before the projection. On CPU padding
+        is skipped (masked out, it cannot change the pooled features): rows grouped by length, each group only as
+        wide as its longest row (``by_length``). On GPU padding is cheap and the lengths would cost a sync."""
         mask = tokens.ne(self.pad_token_id)
-        if trim and not tokens.is_cuda:  # skip padding columns (they cannot change the pooled features)
-            keep = int(mask.sum(dim=1).max())
-            tokens, mask = tokens[:, :keep], mask[:, :keep]
+        if not trim or tokens.is_cuda or torch.compiler.is_compiling():
+            return self._pooled_rows(tokens, mask)
+
+        def run(rows, width):
+            picked = slice(None) if rows is None else rows
+            return self._pooled_rows(tokens[picked, :width], mask[picked, :width])
+        return by_length(mask.sum(dim=1).tolist(), run)
+
+    def _pooled_rows(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.transformer(input_ids=tokens, attention_mask=mask.long())
         hidden = out.last_hidden_state
         if self.pooling == "cls_pooler" and getattr(out, "pooler_output", None) is not None:

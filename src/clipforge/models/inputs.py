@@ -1,5 +1,8 @@
-"""Input checks shared by the towers: a wrong shape or dtype gets an error that names it, not a matmul failure."""
+"""Input checks shared by the towers: a wrong shape or dtype gets an error that names it, not a matmul failure; and
+``by_length``, how the text towers skip padding on CPU."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -20,3 +23,26 @@ def check_token_batch(tokens: torch.Tensor, context_length: int) -> None:
         raise ValueError(f"expected integer token ids (what the tokenizer returns), got {tokens.dtype}")
     if tokens.shape[1] > context_length:
         raise ValueError(f"token sequences of length {tokens.shape[1]} exceed context_length {context_length}")
+
+
+def by_length(lengths: list[int], run: Callable[[torch.Tensor | None, int], torch.Tensor]) -> torch.Tensor:
+    """A text tower's rows run by length, for a tower where nothing past a row's ``lengths[i]`` tokens can change its
+    pooled features (padding under a causal mask, or masked out): ``run(rows, width)`` computes rows ``rows`` (None:
+    every row) over their first ``width`` tokens. The rows are sorted by length into 1, 2 or 4 groups (under 16
+    rows, 16 to 63, 64 and more: fewer, larger groups keep the matrix products efficient), each run only as wide as
+    its longest row, and the results put back in the batch's order; as one group where that would save under a
+    tenth of the tokens (rows of nearly one length). On Flickr8k captions at batches of 256 (a mean of 14 tokens,
+    at most 32) MiniLM embeds them 1.8x faster so than cut at the longest (``benchmarks/text_padding.py``)."""
+    n_groups = 1 if len(lengths) < 16 else 4 if len(lengths) >= 64 else 2
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    bounds = [round(i * len(order) / n_groups) for i in range(n_groups + 1)]
+    grouped = sum((stop - start) * lengths[order[stop - 1]] for start, stop in zip(bounds[:-1], bounds[1:]))
+    if n_groups == 1 or grouped > 0.9 * len(lengths) * max(lengths):
+        return run(None, max(lengths))
+    parts, index = [], []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        rows = torch.tensor(order[start:stop])
+        parts.append(run(rows, lengths[order[stop - 1]]))
+        index.append(rows)
+    out = torch.empty(len(lengths), *parts[0].shape[1:], dtype=parts[0].dtype, device=parts[0].device)
+    return out.index_copy(0, torch.cat(index).to(out.device), torch.cat(parts))

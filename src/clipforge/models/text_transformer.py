@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inputs import check_token_batch
+from .inputs import by_length, check_token_batch
 from .layers import LayerNorm, Transformer
 
 
@@ -97,25 +97,17 @@ class TextTransformer(nn.Module):
         if tokens.is_cuda or torch.compiler.is_compiling():
             return self.features_padded(tokens)
         # Under a causal mask nothing after a row's EOT can change its pooled features, so on CPU we skip padding:
-        # rows are grouped by length and each group runs only up to its own longest EOT. (On GPU this would cost
-        # a host-device sync, and padding is cheap there; under torch.compile every new set of lengths would
-        # recompile.) Tokens are embedded once for the whole batch so the (vocabulary-sized) embedding gradient is
-        # formed once, not once per group.
+        # rows are grouped by length and each group runs only up to its own longest EOT (``by_length``). (On GPU
+        # this would cost a host-device sync, and padding is cheap there; under torch.compile every new set of
+        # lengths would recompile.) Tokens are embedded once for the whole batch so the (vocabulary-sized)
+        # embedding gradient is formed once, not once per group.
         lengths = (eot + 1).tolist()
         x = self._embed(tokens[:, : max(lengths)])
-        n_groups = 1 if len(lengths) < 16 else 4 if len(lengths) >= 64 else 2
-        if n_groups == 1 or max(lengths) == min(lengths):
-            return self._encode(x, eot)
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        bounds = [round(i * len(order) / n_groups) for i in range(n_groups + 1)]
-        parts, index = [], []
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            rows = torch.tensor(order[start:stop], device=tokens.device)
-            width = lengths[order[stop - 1]]
-            parts.append(self._encode(x[rows, :width], eot[rows]))
-            index.append(rows)
-        out = torch.empty(len(lengths), parts[0].shape[1], dtype=parts[0].dtype, device=tokens.device)
-        return out.index_copy(0, torch.cat(index), torch.cat(parts))
+
+        def run(rows, width):
+            picked = slice(None) if rows is None else rows
+            return self._encode(x[picked, :width], eot[picked])
+        return by_length(lengths, run)
 
     def features_padded(self, tokens: torch.Tensor) -> torch.Tensor:
         """``features`` over the whole padded sequence: one computation for every batch shape, what GPUs and
