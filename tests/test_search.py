@@ -1350,7 +1350,45 @@ def test_filter_dedup_keeps_the_best_scored_of_each_near_duplicate_group(collect
     assert "--dedup COSINE" in capsys.readouterr().err
     assert cli.main(["filter", str(plain), str(tmp_path / "none"), "--min-score", "0"]) == 2
     assert "embed it with --captions" in capsys.readouterr().err
+    # candidates from clusters: the same drops and twins here
+    assert cli.main(["filter", str(out), str(tmp_path / "clustered"), "--dedup", "0.9999", "--dedup-clusters", "4",
+                     "--no-progress"]) == 0
+    assert "3 near-duplicates at cosine >= 0.9999 dropped (candidates from 4 clusters)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "clustered" / "filter_info.json").read_text())["dedup_clusters"] == 4
+    assert pq.read_table(tmp_path / "clustered" / "scores.parquet").to_pylist() == \
+        pq.read_table(tmp_path / "dedup" / "scores.parquet").to_pylist()
+    assert cli.main(["filter", str(out), str(tmp_path / "none"), "--min-score", "0", "--dedup-clusters", "4"]) == 2
+    assert "--dedup-clusters goes with --dedup COSINE" in capsys.readouterr().err
 
+
+def test_clustered_near_duplicates_agree_with_the_exact_rule():
+    """Candidates from k-means clusters (each row in its 3 nearest): the exact rule's drops and twins on clustered
+    data with near copies, and one kept of a group of 150 copies, more than a row's candidate list holds (the last
+    pass); rows outside the order are neither kept nor dropped."""
+    from clipforge.retrieval.filter import clustered_near_duplicates, near_duplicates
+
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((40, 24))
+    base = centres[rng.integers(0, 40, 3000)] + 2.0 * rng.standard_normal((3000, 24))  # clusters that overlap
+    copies = base[rng.integers(0, 3000, 600)] + 0.1 * rng.standard_normal((600, 24))
+    group = base[:1] + 0.02 * rng.standard_normal((150, 24))
+    vectors = np.concatenate([base, copies, group])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    order = rng.permutation(len(vectors))[:-50]  # 50 rows left out
+    exact = near_duplicates(vectors, 0.95, order)
+    found = clustered_near_duplicates(vectors, 0.95, order, clusters=20)
+    assert 700 < (exact >= 0).sum() and ((found >= 0) != (exact >= 0)).sum() <= 2
+    one_probe = clustered_near_duplicates(vectors, 0.95, order, clusters=20, probes=1)  # SemDeDup's own way
+    assert ((one_probe >= 0) != (exact >= 0)).sum() >= 5  # copies split across clusters: why each row is in 3
+    assert np.mean(found[exact >= 0] == exact[exact >= 0]) > 0.995  # the same twin named
+    in_group = np.isin(np.arange(len(vectors)), order) & (np.arange(len(vectors)) >= 3600)
+    assert (found[in_group] < 0).sum() == 1 == (exact[in_group] < 0).sum()
+    assert (found[np.setdiff1d(np.arange(len(vectors)), order)] == -1).all()
+    rank = np.argsort(np.concatenate([order, np.setdiff1d(np.arange(len(vectors)), order)]))  # row -> its place
+    for row in np.flatnonzero(found >= 0):
+        twin = found[row]
+        assert rank[twin] < rank[row] and vectors[row] @ vectors[twin] >= 0.95
+    assert np.array_equal(clustered_near_duplicates(vectors, 0.95, order, clusters=1), exact)  # one cluster: exact
 
 
 @pytest.fixture(scope="module")

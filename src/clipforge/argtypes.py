@@ -25,3 +25,11 @@ non_negative_int = _number(int, lambda v: v >= 0, _any, "a whole number of at le
 positive_float = _number(float, lambda v: v > 0, lambda v: v < float("inf"), "a number above 0")
 fraction = _number(float, lambda v: v > 0, lambda v: v <= 1, "a number above 0 and at most 1")
 port = _number(int, lambda v: v >= 1, lambda v: v <= 65535, "a TCP port, 1-65535")
+
+
+def or_auto(parse):
+    """``parse``, or the word ``auto`` as it is (a setting chosen from the data unless given)."""
+    def parse_or_auto(text: str):
+        return text if text == "auto" else parse(text)
+
+    return parse_or_auto

@@ -95,12 +95,109 @@ def near_duplicates(vectors: np.ndarray, threshold: float, order: np.ndarray, bl
     return duplicate_of
 
 
+EXACT_DEDUP_BELOW = 50_000  # --dedup-clusters auto: the exact rule below this many rows (20 s at 100,000)
+
+
+def clustered_near_duplicates(vectors: np.ndarray, threshold: float, order: np.ndarray, clusters: int | None = None,
+                              probes: int = 3, neighbours: int = 32, seed: int = 0,
+                              progress: bool = False) -> np.ndarray:
+    """``near_duplicates``' rule with candidates from clusters, for collections where comparing every row with every
+    kept one takes too long (SemDeDup's idea, Abbas et al. 2023, made to agree with the greedy rule): spherical
+    k-means (FAISS; ``clusters``, default the square root of the rows, trained on 64 rows a cluster) and each row of
+    ``order`` put in its ``probes`` nearest clusters. Within each cluster, each row's ``neighbours`` most similar
+    earlier rows at ``threshold`` or more are its candidate twins; then, in ``order``, a row goes for its most similar
+    candidate still kept (a row with more candidates than that, in a large group of copies, is compared with every
+    kept row of its clusters). So a row goes exactly when the rule would drop it for a kept row it shares a cluster
+    with; a pair that shares none is missed (both kept): measured in docs/BENCHMARKS.md."""
+    import torch
+    from tqdm import tqdm
+
+    from .index import _faiss
+
+    order = np.asarray(order, dtype=np.int64)
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    clusters = max(1, round(len(order) ** 0.5)) if clusters is None else clusters
+    if clusters < 1:
+        raise ValueError(f"--dedup-clusters {clusters}: at least 1 (or 0 for the exact rule)")
+    probes = min(probes, clusters)
+    if clusters == 1 or len(order) < 2 * clusters:
+        return near_duplicates(x, threshold, order, progress=progress)
+    rng = np.random.default_rng(seed)
+    kmeans = _faiss().Kmeans(x.shape[1], clusters, niter=20, seed=seed, spherical=True, max_points_per_centroid=64)
+    kmeans.train(x[np.sort(rng.choice(order, size=min(len(order), 64 * clusters), replace=False))])
+    ranked = torch.from_numpy(x[order])  # row r of the ranking is ``order[r]``
+    _, nearest = kmeans.index.search(x[order], probes)
+    rank_of = np.repeat(np.arange(len(order)), probes)
+    by_cluster = np.lexsort((rank_of, nearest.ravel()))  # each cluster's members in rank order
+    members_of, cluster_of = rank_of[by_cluster], nearest.ravel()[by_cluster]
+    bounds = np.searchsorted(cluster_of, np.arange(clusters + 1))
+    lists = [members_of[bounds[c]:bounds[c + 1]] for c in range(clusters)]
+    later, earlier, similarity = [], [], []
+    truncated = np.zeros(len(order), dtype=bool)  # rows with more candidates in a cluster than ``neighbours``
+    for members in tqdm(lists, desc="near-duplicate candidates", unit="cluster", disable=not progress,
+                        file=sys.stderr):
+        for start, sims in _earlier_similarities(ranked[torch.from_numpy(members)]):
+            counts = (sims >= threshold).sum(dim=1)
+            rows = torch.nonzero(counts, as_tuple=True)[0]
+            if not len(rows):
+                continue
+            truncated[members[rows[counts[rows] > neighbours].numpy() + start]] = True
+            values, columns = sims[rows].topk(min(neighbours, sims.shape[1]), dim=1)
+            found, picks = torch.nonzero(values >= threshold, as_tuple=True)
+            later.append(members[rows[found].numpy() + start])
+            earlier.append(members[columns[found, picks].numpy()])
+            similarity.append(values[found, picks].numpy())
+    later, earlier, similarity = (np.concatenate(parts) if parts else np.empty(0) for parts in
+                                  (later, earlier, similarity))
+    arranged = np.lexsort((-similarity, later))  # by the later row, its most similar candidate first
+    later, earlier = later[arranged].astype(np.int64), earlier[arranged].astype(np.int64)
+    starts = np.searchsorted(later, np.arange(len(order) + 1)).tolist()
+    earlier, homes, cut_short = earlier.tolist(), nearest.tolist(), truncated.tolist()  # plain lists: a fast loop
+    dropped_for = [-1] * len(order)
+    kept_in: list[list[int]] = [[] for _ in range(clusters)]  # each cluster's kept rows so far
+    for row in range(len(order)):  # rank order: each decision sees every earlier one
+        for candidate in earlier[starts[row]:starts[row + 1]]:
+            if dropped_for[candidate] < 0:
+                dropped_for[row] = candidate
+                break
+        else:
+            if cut_short[row]:  # more candidates than it was given (a large group of copies): every kept row it shares
+                shared = np.array([k for c in homes[row] for k in kept_in[c]], dtype=np.int64)
+                if len(shared):
+                    sims = (ranked[torch.from_numpy(shared)] @ ranked[row]).numpy()
+                    if sims.max() >= threshold:
+                        dropped_for[row] = int(shared[int(np.argmax(sims))])
+        if dropped_for[row] < 0:
+            for c in homes[row]:
+                kept_in[c].append(row)
+    dropped_for = np.array(dropped_for, dtype=np.int64)
+    duplicate_of = np.full(len(x), -1, dtype=np.int64)
+    dropped = dropped_for >= 0
+    duplicate_of[order[dropped]] = order[dropped_for[dropped]]
+    return duplicate_of
+
+
+def _earlier_similarities(vectors, block: int = 1024):
+    """``(start, sims)`` for each block of rows of ``vectors`` from ``start``: their cosines to every row before
+    them (-2 in the places of themselves and the rows after)."""
+    import torch
+
+    after = torch.ones(block, block, dtype=torch.bool).triu_()  # in the diagonal square: itself and after
+    for start in range(0, len(vectors), block):
+        sims = vectors[start:start + block] @ vectors[:start + block].T
+        rows = sims.shape[0]
+        sims[:, start:].masked_fill_(after[:rows, :rows], -2.0)
+        yield start, sims
+
+
 def filter_collection(folder: str | Path, output: str | Path, min_score: float | None = None,
                       keep_fraction: float | None = None, shard_size: int = 10_000, progress: bool = True,
-                      dedup: float | None = None) -> dict:
+                      dedup: float | None = None, dedup_clusters: int | str = "auto") -> dict:
     """Write the pairs of ``folder`` scoring at least ``min_score`` (or the top ``keep_fraction`` of the scored ones)
     into ``output`` as shards ``000000.tar`` ...; with ``dedup`` (a cosine), of those only one of each group of
-    near-duplicate images, the best-scored. Returns (and writes as ``filter_info.json``) what was kept."""
+    near-duplicate images, the best-scored: by the exact rule (``dedup_clusters`` 0, and "auto" below
+    ``EXACT_DEDUP_BELOW`` rows) or with candidates from that many clusters ("auto": the square root of the rows;
+    ``clustered_near_duplicates``). Returns (and writes as ``filter_info.json``) what was kept."""
     from tqdm import tqdm
 
     if min_score is not None and keep_fraction is not None:
@@ -132,7 +229,10 @@ def filter_collection(folder: str | Path, output: str | Path, min_score: float |
     if dedup is not None:
         vectors = load_vectors(folder)  # the rows are read already
         ranked = kept[np.argsort(-np.nan_to_num(scores[kept], nan=-np.inf), kind="stable")]  # best first; ties in order
-        duplicate_of = near_duplicates(vectors, dedup, ranked, progress=progress)
+        if dedup_clusters == "auto":
+            dedup_clusters = 0 if len(ranked) < EXACT_DEDUP_BELOW else max(1, round(len(ranked) ** 0.5))
+        duplicate_of = near_duplicates(vectors, dedup, ranked, progress=progress) if not dedup_clusters else \
+            clustered_near_duplicates(vectors, dedup, ranked, int(dedup_clusters), progress=progress)
         kept = kept[duplicate_of[kept] < 0]
     output.mkdir(parents=True, exist_ok=True)
     written, unreadable = 0, 0
@@ -164,7 +264,8 @@ def filter_collection(folder: str | Path, output: str | Path, min_score: float |
     info = {"collection": str(folder), "pairs": len(rows), "scored": int(scored.sum()), "threshold": threshold,
             "kept": written, "unreadable": unreadable, "shards": -(-len(kept) // shard_size),
             "score_quantiles": quantiles, **({"keep_fraction": keep_fraction} if keep_fraction else {}),
-            **({"dedup": dedup, "near_duplicates": int((duplicate_of >= 0).sum())} if dedup is not None else {})}
+            **({"dedup": dedup, "near_duplicates": int((duplicate_of >= 0).sum()),
+                "dedup_clusters": int(dedup_clusters)} if dedup is not None else {})}
     write_json(output / INFO, info)
     return info
 
