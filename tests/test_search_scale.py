@@ -304,3 +304,14 @@ def test_the_caption_index_holds_the_captioned_rows_and_answers_in_collection_ro
 def write_plain(folder: Path) -> Path:
     write_collection(folder, clustered(20, 32, seed=3), 10)
     return folder
+
+
+def test_a_collection_whose_images_have_no_caption_gets_no_caption_index(tmp_path):
+    folder = tmp_path / "c"
+    vectors = clustered(40, 32, seed=4)
+    write_collection(folder, vectors, 16, np.zeros_like(vectors))  # embedded with --captions, none had one
+    done = run_cli("index", "build", str(folder))
+    assert "no image of" in done.stderr and "has a caption: no caption index" in done.stderr
+    assert (folder / "index.faiss").exists() and not (folder / "caption_index.faiss").exists()
+    refused = run_cli("index", "build", str(folder), "--modality", "text", check=False)
+    assert refused.returncode == 2 and "no image has a caption to index" in refused.stderr

@@ -367,7 +367,8 @@ def tune_index(index, vectors, info: dict, target_recall: float = 0.95, queries:
     return info
 
 
-def save_index(index, info: dict, folder: str | Path, modality: str = "image", rows: np.ndarray | None = None) -> Path:
+def save_index(index, info: dict, folder: str | Path, modality: str = "image",
+               rows: np.ndarray | None = None) -> Path:
     """Write ``index.faiss`` + ``index.json`` (``modality`` "text": ``caption_index.*``, with ``rows``, the
     collection row of each position), each atomically; the rows first, so that an index file never lacks them."""
     faiss = _faiss()
