@@ -446,3 +446,63 @@ def test_eval_table_orders_checkpoints_by_number(tmp_path, capsys):
     assert cli.main(["eval", "table", str(tmp_path), "--metric", "acc1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| run/")]
     assert [row.split(" | ")[0] for row in rows] == ["| run/epoch_1", "| run/epoch_2", "| run/epoch_10"]
+
+
+def test_caption_selection_equals_clip_benchmark_and_reads_sugar_crepe_files(tmp_path, checkpoint, capsys):
+    """``eval caption-selection`` on a SugarCrepe-style JSON file (image files, and samples of a shard): the accuracy
+    CLIP_benchmark's ``image_caption_selection`` computes on the same model and samples, several negatives, a tie
+    counted for the true caption (its rule) and reported, an unreadable image skipped and counted."""
+    cb = _cb("image_caption_selection")
+    from clipforge.evaluate.caption_selection import caption_selection, load_selection_set
+
+    colours = ["red", "blue", "green", "yellow", "purple", "orange"]
+    (tmp_path / "images").mkdir()
+    records = {}
+    for i, colour in enumerate(colours):
+        (tmp_path / "images" / f"{colour}.png").write_bytes(_png(colour))
+        negatives = [f"a {colours[(i + 1) % 6]} square", f"a {colour} circle"]
+        records[str(i)] = {"filename": f"{colour}.png", "caption": f"a {colour} square",
+                           **({"negative_captions": negatives} if i % 2 else {"negative_caption": negatives[0]})}
+    write_shard(tmp_path / "shard.tar", [{"__key__": "k0", "png": _png("white"), "txt": "a white square"}])
+    records["6"] = {"filename": f"{tmp_path / 'shard.tar'}:k0", "caption": "a white square",
+                    "negative_caption": "a white square"}  # the same text: a tie
+    records["7"] = {"filename": "gone.png", "caption": "a cat", "negative_caption": "a dog"}
+    path = tmp_path / "sets" / "colours.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(records))
+
+    model, preprocess, tokenizer = clipforge.load(checkpoint)
+    samples = load_selection_set(path, tmp_path / "images")
+    ours = caption_selection(model, preprocess, tokenizer, samples, batch_size=3)
+    assert ours["n_samples"] == 7 and ours["skipped"] == 1 and ours["ties"] >= 1
+
+    class Readable(torch.utils.data.Dataset):  # the readable samples, as CLIP_benchmark's loader hands them
+        def __init__(self):
+            from clipforge.retrieval.collection import item_from_path, load_item
+            self.items = [(preprocess(load_item(item_from_path(w))[0].convert("RGB")), c) for w, c in samples[:-1]]
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+    loader = torch.utils.data.DataLoader(Readable(), batch_size=1, collate_fn=lambda b: (  # (one caption count)
+        torch.stack([x for x, _ in b]), [c for _, c in b]))
+    theirs = cb.evaluate(model, loader, tokenizer, "cpu", amp=False)
+    assert ours["acc"] == pytest.approx(theirs["acc"], abs=1e-6)
+
+    out = tmp_path / "r.json"
+    assert cli.main(["eval", "caption-selection", "--pretrained", checkpoint, "--dataset-root", str(path),
+                     "--images", str(tmp_path / "images"), "--output", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == "image_caption_selection" and result["dataset"] == "colours"
+    assert result["metrics"]["acc"] == pytest.approx(ours["acc"]) and result["metrics"]["skipped"] == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"0": {"filename": "red.png", "caption": "a red square"}}))
+    assert cli.main(["eval", "caption-selection", "--pretrained", checkpoint, "--dataset-root", str(bad),
+                     "--output", str(tmp_path / "x.json"), "--quiet"]) == 2
+    assert "sample 0 needs filename, caption and negative_caption(s)" in capsys.readouterr().err
+    assert cli.main(["eval", "caption-selection", "--pretrained", checkpoint, "--dataset-root", str(tmp_path),
+                     "--output", str(tmp_path / "x.json"), "--quiet"]) == 2
+    assert "expected a JSON file of samples" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""``clipforge eval zeroshot|retrieval|linear-probe|fewshot|robustness``, with flags like CLIP_benchmark's, and
-``clipforge eval table`` to read a sweep's results back side by side (CLIP_benchmark's ``build``).
+"""``clipforge eval zeroshot|retrieval|linear-probe|fewshot|robustness|caption-selection``, with flags like
+CLIP_benchmark's, and ``clipforge eval table`` to read a sweep's results back side by side (CLIP_benchmark's
+``build``).
 
 Results go to ``--output`` as JSON in CLIP_benchmark's format (``dataset``, ``model``, ``pretrained``, ``task``,
 ``metrics``, ``language``), with extra keys for what CLIP_benchmark does not report (per-class table, sweep, curve).
@@ -21,9 +22,10 @@ from ..argtypes import positive_int
 from ..inference import add_model_arguments, load_from_args, weights_dtype
 from ..caption_lm import PRIOR_IMAGES
 
-TASKS = ("zeroshot", "retrieval", "linear-probe", "fewshot", "robustness", "table")
+TASKS = ("zeroshot", "retrieval", "linear-probe", "fewshot", "robustness", "caption-selection", "table")
 CB_TASK = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "linear-probe": "linear_probe",
-           "fewshot": "fewshot_linear_probe", "robustness": "robustness_common_corruptions"}
+           "fewshot": "fewshot_linear_probe", "robustness": "robustness_common_corruptions",
+           "caption-selection": "image_caption_selection"}
 
 EXAMPLES = """examples:
   clipforge eval zeroshot --pretrained runs/cifar/checkpoints/step-00001000 --dataset-root ../shared/data/cifar10
@@ -38,6 +40,8 @@ EXAMPLES = """examples:
       --output 'evals/{dataset}_{pretrained}_{task}.json'      several datasets, one model load
   clipforge eval zeroshot --pretrained runs/a/checkpoints/step-* --dataset-root ../shared/data/flowers \
       --output 'evals/{dataset}_{pretrained}_{task}.json'      every checkpoint of a run, one after another
+  clipforge eval caption-selection --pretrained CKPT --dataset-root sugar_crepe/swap_obj.json --images val2017
+      true caption against hard negatives (SugarCrepe's JSON files; several --dataset-root, one result each)
   clipforge eval table evals/ --csv evals.csv      every result JSON as Markdown tables (per task) and one CSV
   clipforge eval table evals/ --metric acc1        one metric: a model x dataset matrix with each model's mean
   clipforge eval zeroshot --pretrained runs/bow/checkpoints/step-00002400 --dataset-root ../shared/data/cifar10
@@ -55,8 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", nargs="*", metavar="RESULT", help="table: result JSON files or folders of them")
     add_model_arguments(p, several=True)
     p.add_argument("--dataset-root", nargs="+", help="dataset folder (CLIP_benchmark layout, class folders "
-                   "or CSV; for retrieval: shards with image + multi-line .txt captions); several are evaluated "
-                   "in turn with one model load")
+                   "or CSV; for retrieval: shards with image + multi-line .txt captions; for caption-selection: a "
+                   "SugarCrepe-style JSON file); several are evaluated in turn with one model load")
+    p.add_argument("--images", help="caption-selection: the folder the JSON's filenames are in [the JSON's folder]")
     p.add_argument("--dataset", help="dataset name for the shipped class names/templates (cifar10, imagenet1k...) "
                    "[the folder name]")
     p.add_argument("--split", default="test")
@@ -164,7 +169,7 @@ def run(args) -> int:
         runs = []
         for root in args.dataset_root:
             one = argparse.Namespace(**vars(model_args))
-            one.dataset_root, name = root, args.dataset or Path(root).name
+            one.dataset_root, name = root, _dataset_name(args, root)
             one.output = fill_placeholders(args.output or "{dataset}_{task}.json", model_args, name)
             one.plot = args.plot and fill_placeholders(args.plot, model_args, name)
             runs.append(one)
@@ -184,6 +189,11 @@ def run(args) -> int:
             _evaluate(one, model, preprocess, tokenizer)
         del model
     return 0
+
+
+def _dataset_name(args, root: str) -> str:
+    """--dataset, or the folder's name (a JSON file's stem: a caption-selection set)."""
+    return args.dataset or (Path(root).stem if Path(root).is_file() else Path(root).name)
 
 
 def fill_placeholders(template: str, args, dataset: str) -> str:
@@ -220,19 +230,28 @@ def _evaluate(args, model, preprocess, tokenizer) -> None:
     from .datasets import open_labelled
     from .metrics import check_labels, classification_metrics, confusion_png, fewshot_png, per_class_table
 
-    result = {"dataset": args.dataset or Path(args.dataset_root).name, "model": args.model,
+    result = {"dataset": _dataset_name(args, args.dataset_root), "model": args.model,
               "pretrained": args.pretrained, "task": CB_TASK[args.task], "language": "en",
               **({"image_size": model.image_size} if getattr(args, "force_image_size", None) else {})}
     if args.prior_data and (tokenizer is not None or model.config.get("objective") != "caption"):
         raise ValueError("--prior-data is for checkpoints of --objective caption; "
                          f"{args.pretrained or args.model} is not one")
-    if tokenizer is None and (args.task == "retrieval" or (args.task == "robustness" and args.probe == "zeroshot")):
+    needs_text = args.task in ("retrieval", "caption-selection") or (args.task == "robustness" and
+                                                                      args.probe == "zeroshot")
+    if tokenizer is None and needs_text:
         raise ValueError(f"{args.pretrained or args.model}: an image tower trained with --objective "
                          f"{model.config.get('objective')} has no text tower for {args.task}"
                          f"{' --probe zeroshot' if args.task == 'robustness' else ''}; its image features can be "
                          "evaluated with linear-probe, fewshot or robustness --probe linear")
-    if args.task == "retrieval":
-        result["metrics"] = _retrieval(args, model, preprocess, tokenizer)
+    if args.task in ("retrieval", "caption-selection"):
+        if args.task == "caption-selection":
+            from .caption_selection import caption_selection, load_selection_set
+
+            samples = load_selection_set(args.dataset_root, args.images)[:args.max_images]
+            result["metrics"] = caption_selection(model, preprocess, tokenizer, samples, args.batch_size,
+                                                  next(model.parameters()).device, progress=not args.quiet)
+        else:
+            result["metrics"] = _retrieval(args, model, preprocess, tokenizer)
         _report(args, result)
         return
     dataset = open_labelled(args.dataset_root, args.split, args.dataset)
