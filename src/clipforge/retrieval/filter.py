@@ -231,6 +231,8 @@ def filter_collection(folder: str | Path, output: str | Path, min_score: float |
         ranked = kept[np.argsort(-np.nan_to_num(scores[kept], nan=-np.inf), kind="stable")]  # best first; ties in order
         if dedup_clusters == "auto":
             dedup_clusters = 0 if len(ranked) < EXACT_DEDUP_BELOW else max(1, round(len(ranked) ** 0.5))
+        if dedup_clusters == 1 or len(ranked) < 2 * dedup_clusters:  # what clustered_near_duplicates does then
+            dedup_clusters = 0
         duplicate_of = near_duplicates(vectors, dedup, ranked, progress=progress) if not dedup_clusters else \
             clustered_near_duplicates(vectors, dedup, ranked, int(dedup_clusters), progress=progress)
         kept = kept[duplicate_of[kept] < 0]

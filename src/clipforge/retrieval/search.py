@@ -53,7 +53,7 @@ class Searcher:
         if index_path(self.folder, "text").exists():
             rows = load_rows(self.folder, "text")
             captions, _ = modality_vectors(self.folder, "text", rows)
-            index, self.caption_info = load_index(self.folder, mmap=not in_memory, vectors=captions, modality="text")
+            index, _ = load_index(self.folder, mmap=not in_memory, vectors=captions, modality="text")
             if index.ntotal != len(rows) or (len(rows) and rows.max() >= len(self.rows)):
                 raise ValueError(f"{self.folder}: the caption index does not match the collection (rebuilt or "
                                  "re-embedded since); rebuild it: clipforge index build "
