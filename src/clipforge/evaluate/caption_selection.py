@@ -30,12 +30,12 @@ def load_selection_set(path: str | Path, images: str | Path | None = None) -> li
     root = Path(images) if images is not None else path.parent
     samples = []
     for number, record in enumerate(records):
-        negatives = (record.get("negative_captions") or ([record["negative_caption"]] if
-                                                          record.get("negative_caption") else [])) \
-            if isinstance(record, dict) else []
+        record = record if isinstance(record, dict) else {}
+        single = record.get("negative_caption")
+        negatives = record.get("negative_captions") or ([single] if single else [])
         if not negatives or not record.get("filename") or not record.get("caption"):
             raise ValueError(f"{path}: sample {number} needs filename, caption and negative_caption(s), got "
-                             f"{sorted(record) if isinstance(record, dict) else type(record).__name__}")
+                             f"{sorted(record) or 'none of them'}")
         where = str(record["filename"])
         if ".tar:" not in where and not Path(where).is_absolute():
             where = str(root / where)
