@@ -32,7 +32,7 @@ def by_length(lengths: list[int], run: Callable[[torch.Tensor | None, int], torc
     rows, 16 to 63, 64 and more: fewer, larger groups keep the matrix products efficient), each run only as wide as
     its longest row, and the results put back in the batch's order; as one group where that would save under a
     tenth of the tokens (rows of nearly one length). On Flickr8k captions at batches of 256 (a mean of 14 tokens,
-    at most 32) MiniLM embeds them 1.8x faster so than cut at the longest (``benchmarks/text_padding.py``)."""
+    at most 32) MiniLM embeds them 1.8x faster than cut at the longest (``benchmarks/text_padding.py``)."""
     n_groups = 1 if len(lengths) < 16 else 4 if len(lengths) >= 64 else 2
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     bounds = [round(i * len(order) / n_groups) for i in range(n_groups + 1)]
