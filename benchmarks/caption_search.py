@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from report import finish, machine
 
 REPO = Path(__file__).resolve().parents[1]
 KS = (1, 5, 10)
@@ -111,7 +112,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(2)
-    report = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 2 threads",
+    report = {"machine": machine(),
               "data": "flickr8k/test", "runs": {}}
     for checkpoint in args.checkpoints:
         with tempfile.TemporaryDirectory() as tmp:
@@ -126,10 +127,7 @@ def main() -> None:
         report["runs"][checkpoint] = result
         print(checkpoint, json.dumps(result, indent=1), flush=True)
     report["peer: all-MiniLM-L6-v2 (sentence-transformers), text -> text"] = peer(first, queries, targets)
-    print(json.dumps(report, indent=1))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    finish(report, args.json)
 
 
 if __name__ == "__main__":

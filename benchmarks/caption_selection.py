@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from report import finish, machine
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = ["black", "white", "brown", "red", "blue", "green", "yellow", "pink", "orange", "purple", "gray", "grey"]
@@ -147,7 +148,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(2)
-    report = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 2 threads",
+    report = {"machine": machine(),
               "data": "flickr8k/test", "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         paths = build_sets(args.data, Path(tmp))
@@ -164,10 +165,7 @@ def main() -> None:
             report["models"][checkpoint] = {"all": evaluate(checkpoint, paths, Path(tmp)),
                                             "debiased": evaluate(checkpoint, fair, Path(tmp))}
             print(checkpoint, json.dumps(report["models"][checkpoint]), flush=True)
-    print(json.dumps(report, indent=1))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    finish(report, args.json)
 
 
 if __name__ == "__main__":

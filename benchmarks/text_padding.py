@@ -13,14 +13,14 @@ recipe's locked MiniLM).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
+
+from report import finish, machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,14 +78,11 @@ def main() -> None:
                     started = time.perf_counter()
                     run(ordered)
                     seconds.setdefault(order, {}).setdefault(way, []).append(time.perf_counter() - started)
-    report = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 2 threads",
+    report = {"machine": machine(),
               "texts": len(texts), "batch": args.batch, "checkpoint": args.checkpoint, "texts_per_s (median)": {
                   order: {way: round(len(texts) / statistics.median(times)) for way, times in ways_.items()}
                   for order, ways_ in seconds.items()}}
-    print(json.dumps(report, indent=1))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    finish(report, args.json)
 
 
 if __name__ == "__main__":

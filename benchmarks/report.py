@@ -1,0 +1,20 @@
+"""What the benchmark scripts share: the machine line a report starts with, and the report printed and written as
+JSON (``--json PATH``) at the end. Scripts run as ``python benchmarks/NAME.py``, so ``from report import ...``."""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+
+def machine(threads: int = 2) -> str:
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} threads"
+
+
+def finish(report: dict, path: str | None) -> None:
+    print(json.dumps(report, indent=1))
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=1) + "\n")
