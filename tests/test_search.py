@@ -1099,6 +1099,7 @@ def test_web_page_search_drop_classification_and_captions_in_chromium(live_serve
         labels = page.locator("#predictions .prediction .label").all_inner_texts()
         probabilities = [float(t.rstrip("%")) for t in page.locator("#predictions .probability").all_inner_texts()]
         assert sorted(labels) == ["blue circle", "green cross", "red square"]
+        assert page.locator("#nearest-captions").is_hidden()  # no caption index here
         assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 100) < 0.5
         page.wait_for_function("document.querySelector('#dropped-caption').textContent.startsWith('generated:')")
         assert page.locator("#dropped-caption").inner_text() == f"generated: “{captioned.value.json()['caption']}”"
@@ -1530,4 +1531,20 @@ def test_web_page_matches_captions_where_the_collection_has_a_caption_index(capt
         page.reload()  # the choice lives in the URL
         page.wait_for_selector("#results .result")
         assert page.locator("#by-caption").is_checked()
+
+        data = list((captioned["images"] / "shape012.png").read_bytes())  # a dropped image: its nearest captions
+        transfer = page.evaluate_handle("""bytes => {
+            const dt = new DataTransfer();
+            dt.items.add(new File([new Uint8Array(bytes)], "dropped.png", {type: "image/png"}));
+            return dt; }""", data)
+        with page.expect_response(lambda r: r.url.endswith("/search/image")) as nearest:
+            page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        page.wait_for_selector("#nearest-captions:not([hidden]) li")
+        expected = [hit["caption"] for hit in nearest.value.json()["results"]]
+        assert len(expected) == 3 and page.locator("#nearest-captions li").all_inner_texts() == expected
+        from clipforge.retrieval.search import Searcher  # the caption index's top 3 for that image
+
+        searcher = Searcher(captioned["emb"], *clipforge.load(captioned["ckpt"]))
+        assert expected == [hit["caption"] for hit in searcher.search_image(
+            Image.open(captioned["images"] / "shape012.png"), k=3, modality="text")]
         browser.close()
