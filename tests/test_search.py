@@ -1390,6 +1390,8 @@ def test_clustered_near_duplicates_agree_with_the_exact_rule():
         twin = found[row]
         assert rank[twin] < rank[row] and vectors[row] @ vectors[twin] >= 0.95
     assert np.array_equal(clustered_near_duplicates(vectors, 0.95, order, clusters=1), exact)  # one cluster: exact
+    with pytest.raises(ValueError, match="--dedup 1.5: a cosine similarity"):
+        clustered_near_duplicates(vectors, 1.5, order, clusters=20)
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,11 @@ def caption_scores(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
     return np.concatenate(scores), load_metadata(folder)
 
 
+def _check_threshold(threshold: float) -> None:
+    if not -1 <= threshold <= 1:
+        raise ValueError(f"--dedup {threshold}: a cosine similarity, from -1 to 1 (0.95 keeps one of each re-upload)")
+
+
 def near_duplicates(vectors: np.ndarray, threshold: float, order: np.ndarray, block: int = 512,
                     chunk: int = 65_536, progress: bool = False) -> np.ndarray:
     """For each row of ``vectors`` (unit length), the row it duplicates (its nearest kept row), or -1 for a kept one:
@@ -58,8 +63,7 @@ def near_duplicates(vectors: np.ndarray, threshold: float, order: np.ndarray, bl
     import torch
     from tqdm import tqdm
 
-    if not -1 <= threshold <= 1:
-        raise ValueError(f"--dedup {threshold}: a cosine similarity, from -1 to 1 (0.95 keeps one of each re-upload)")
+    _check_threshold(threshold)
     x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
     duplicate_of = np.full(len(x), -1, dtype=np.int64)
     kept_ids = np.empty(len(x), dtype=np.int64)
@@ -114,6 +118,7 @@ def clustered_near_duplicates(vectors: np.ndarray, threshold: float, order: np.n
 
     from .index import _faiss
 
+    _check_threshold(threshold)
     order = np.asarray(order, dtype=np.int64)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     clusters = max(1, round(len(order) ** 0.5)) if clusters is None else clusters
