@@ -498,6 +498,11 @@ def test_caption_selection_equals_clip_benchmark_and_reads_sugar_crepe_files(tmp
     result = json.loads(out.read_text())
     assert result["task"] == "image_caption_selection" and result["dataset"] == "colours"
     assert result["metrics"]["acc"] == pytest.approx(ours["acc"]) and result["metrics"]["skipped"] == 1
+    capsys.readouterr()
+    assert cli.main(["eval", "table", str(out)]) == 0  # counts as counts, the accuracy in percent
+    table = capsys.readouterr().out
+    assert "| acc (%) | ties | n_samples | skipped |" in table and f"| {100 * ours['acc']:.2f} |" in table
+    assert "| 7 | 1 |" in table
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"0": {"filename": "red.png", "caption": "a red square"}}))
     assert cli.main(["eval", "caption-selection", "--pretrained", checkpoint, "--dataset-root", str(bad),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 IDENTITY = ("dataset", "model", "pretrained", "task", "language")
 # counts and sizes, printed as they are; every other numeric metric is a fraction, printed in percent
-_COUNTS = {"n_images", "n_captions", "images"}
+_COUNTS = {"n_images", "n_captions", "images", "n_samples", "ties", "skipped"}
 
 
 def load_results(paths: list[str]) -> list[dict]:
