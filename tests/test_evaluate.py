@@ -479,7 +479,7 @@ def test_caption_selection_equals_clip_benchmark_and_reads_sugar_crepe_files(tmp
     class Readable(torch.utils.data.Dataset):  # the readable samples, as CLIP_benchmark's loader hands them
         def __init__(self):
             from clipforge.retrieval.collection import item_from_path, load_item
-            self.items = [(preprocess(load_item(item_from_path(w))[0].convert("RGB")), c) for w, c in samples[:-1]]
+            self.items = [(preprocess(load_item(item_from_path(w[0]))[0].convert("RGB")), c) for w, c in samples[:-1]]
 
         def __len__(self):
             return len(self.items)
@@ -501,8 +501,29 @@ def test_caption_selection_equals_clip_benchmark_and_reads_sugar_crepe_files(tmp
     capsys.readouterr()
     assert cli.main(["eval", "table", str(out)]) == 0  # counts as counts, the accuracy in percent
     table = capsys.readouterr().out
-    assert "| acc (%) | ties | n_samples | skipped |" in table and f"| {100 * ours['acc']:.2f} |" in table
+    assert "| acc (%) | text_acc (%) | image_acc (%) | ties | n_samples | skipped |" in table
+    assert f"| {100 * ours['acc']:.2f} |" in table
     assert "| 7 | 1 |" in table
+    assert result["metrics"]["text_acc"] == result["metrics"]["acc"] and result["metrics"]["image_acc"] == 1.0
+
+    # Winoground's layout: two images, two captions, each image its own caption and each caption its own image
+    lines = [{"id": i, "image_0": a, "caption_0": f"a {a} square", "image_1": b, "caption_1": f"a {b} square"}
+             for i, (a, b) in enumerate([("red", "blue"), ("green", "yellow"), ("purple", "orange"), ("red", "red")])]
+    wino = tmp_path / "images" / "examples.jsonl"
+    wino.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    instances = load_selection_set(wino)
+    assert instances[0] == ([str(tmp_path / "images" / "red.png"), str(tmp_path / "images" / "blue.png")],
+                            ["a red square", "a blue square"])  # names without a suffix found as .png
+    ours = caption_selection(model, preprocess, tokenizer, instances, batch_size=3)
+    pairs = [(torch.stack([preprocess(Image.open(place).convert("RGB")) for place in places]), captions)
+             for places, captions in instances]
+    loader = torch.utils.data.DataLoader(pairs, batch_size=2, collate_fn=lambda b: (
+        torch.stack([x for x, _ in b]), [c for _, c in b]))
+    theirs = cb.evaluate(model, loader, tokenizer, "cpu", amp=False)
+    for name in ("acc", "text_acc", "image_acc"):
+        assert ours[name] == pytest.approx(theirs[name], abs=1e-6), name
+    assert ours["n_samples"] == 4 and ours["ties"] >= 1  # the last: one picture twice, one caption twice
+
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"0": {"filename": "red.png", "caption": "a red square"}}))
     assert cli.main(["eval", "caption-selection", "--pretrained", checkpoint, "--dataset-root", str(bad),

@@ -42,6 +42,8 @@ EXAMPLES = """examples:
       --output 'evals/{dataset}_{pretrained}_{task}.json'      every checkpoint of a run, one after another
   clipforge eval caption-selection --pretrained CKPT --dataset-root sugar_crepe/swap_obj.json --images val2017
       true caption against hard negatives (SugarCrepe's JSON files; several --dataset-root, one result each)
+  clipforge eval caption-selection --pretrained CKPT --dataset-root winoground/examples.jsonl --images winoground/images
+      two images, two captions (Winoground): text, image and group scores as CLIP_benchmark's text_acc, image_acc, acc
   clipforge eval table evals/ --csv evals.csv      every result JSON as Markdown tables (per task) and one CSV
   clipforge eval table evals/ --metric acc1        one metric: a model x dataset matrix with each model's mean
   clipforge eval zeroshot --pretrained runs/bow/checkpoints/step-00002400 --dataset-root ../shared/data/cifar10
@@ -60,8 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, several=True)
     p.add_argument("--dataset-root", nargs="+", help="dataset folder (CLIP_benchmark layout, class folders "
                    "or CSV; for retrieval: shards with image + multi-line .txt captions; for caption-selection: a "
-                   "SugarCrepe-style JSON file); several are evaluated in turn with one model load")
-    p.add_argument("--images", help="caption-selection: the folder the JSON's filenames are in [the JSON's folder]")
+                   "SugarCrepe-style JSON file or a Winoground-style .jsonl); several are evaluated in turn with one "
+                   "model load")
+    p.add_argument("--images", help="caption-selection: the folder the set's images are in [the set file's folder]")
     p.add_argument("--dataset", help="dataset name for the shipped class names/templates (cifar10, imagenet1k...) "
                    "[the folder name]")
     p.add_argument("--split", default="test")
