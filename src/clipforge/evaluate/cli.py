@@ -246,15 +246,9 @@ def _evaluate(args, model, preprocess, tokenizer) -> None:
                          f"{model.config.get('objective')} has no text tower for {args.task}"
                          f"{' --probe zeroshot' if args.task == 'robustness' else ''}; its image features can be "
                          "evaluated with linear-probe, fewshot or robustness --probe linear")
-    if args.task in ("retrieval", "caption-selection"):
-        if args.task == "caption-selection":
-            from .caption_selection import caption_selection, load_selection_set
-
-            samples = load_selection_set(args.dataset_root, args.images)[:args.max_images]
-            result["metrics"] = caption_selection(model, preprocess, tokenizer, samples, args.batch_size,
-                                                  next(model.parameters()).device, progress=not args.quiet)
-        else:
-            result["metrics"] = _retrieval(args, model, preprocess, tokenizer)
+    text_tasks = {"retrieval": _retrieval, "caption-selection": _caption_selection}
+    if args.task in text_tasks:
+        result["metrics"] = text_tasks[args.task](args, model, preprocess, tokenizer)
         _report(args, result)
         return
     dataset = open_labelled(args.dataset_root, args.split, args.dataset)
@@ -381,6 +375,14 @@ def _retrieval(args, model, preprocess, tokenizer) -> dict:
         metrics[f"text_retrieval_recall@{k}"] = ours[f"image_to_text_R@{k}"]
     metrics.update(n_images=len(images), n_captions=len(captions))
     return metrics
+
+
+def _caption_selection(args, model, preprocess, tokenizer) -> dict:
+    from .caption_selection import caption_selection, load_selection_set
+
+    samples = load_selection_set(args.dataset_root, args.images)[:args.max_images]
+    return caption_selection(model, preprocess, tokenizer, samples, args.batch_size, next(model.parameters()).device,
+                             progress=not args.quiet)
 
 
 def _robustness(args, model, preprocess, tokenizer, dataset) -> dict:

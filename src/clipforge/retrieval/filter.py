@@ -102,12 +102,24 @@ def near_duplicates(vectors: np.ndarray, threshold: float, order: np.ndarray, bl
 EXACT_DEDUP_BELOW = 50_000  # --dedup-clusters auto: the exact rule below this many rows (20 s at 100,000)
 
 
+def dedup_clusters_for(rows: int, clusters: int | str | None) -> int:
+    """The clusters the candidates come from for ``rows`` rows, 0 for the exact rule: ``clusters`` as given, None
+    for the square root of the rows, "auto" for that from ``EXACT_DEDUP_BELOW`` rows on; 0 too where one cluster or
+    fewer than two rows a cluster would leave nothing to gain."""
+    if clusters == "auto":
+        clusters = 0 if rows < EXACT_DEDUP_BELOW else None
+    clusters = max(1, round(rows ** 0.5)) if clusters is None else int(clusters)
+    if clusters < 0:
+        raise ValueError(f"--dedup-clusters {clusters}: at least 0 (0: the exact rule)")
+    return 0 if clusters == 1 or rows < 2 * clusters else clusters
+
+
 def clustered_near_duplicates(vectors: np.ndarray, threshold: float, order: np.ndarray, clusters: int | None = None,
                               probes: int = 3, neighbours: int = 32, seed: int = 0,
                               progress: bool = False) -> np.ndarray:
     """``near_duplicates``' rule with candidates from clusters, for collections where comparing every row with every
     kept one takes too long (SemDeDup's idea, Abbas et al. 2023, made to agree with the greedy rule): spherical
-    k-means (FAISS; ``clusters``, default the square root of the rows, trained on 64 rows a cluster) and each row of
+    k-means (FAISS; ``clusters`` as ``dedup_clusters_for`` reads it, trained on 64 rows a cluster) and each row of
     ``order`` put in its ``probes`` nearest clusters. Within each cluster, each row's ``neighbours`` most similar
     earlier rows at ``threshold`` or more are its candidate twins; then, in ``order``, a row goes for its most similar
     candidate still kept (a row with more candidates than that, in a large group of copies, is compared with every
@@ -121,17 +133,16 @@ def clustered_near_duplicates(vectors: np.ndarray, threshold: float, order: np.n
     _check_threshold(threshold)
     order = np.asarray(order, dtype=np.int64)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    clusters = max(1, round(len(order) ** 0.5)) if clusters is None else clusters
-    if clusters < 1:
-        raise ValueError(f"--dedup-clusters {clusters}: at least 1 (or 0 for the exact rule)")
-    probes = min(probes, clusters)
-    if clusters == 1 or len(order) < 2 * clusters:
+    clusters = dedup_clusters_for(len(order), clusters)
+    if not clusters:
         return near_duplicates(x, threshold, order, progress=progress)
+    probes = min(probes, clusters)
     rng = np.random.default_rng(seed)
     kmeans = _faiss().Kmeans(x.shape[1], clusters, niter=20, seed=seed, spherical=True, max_points_per_centroid=64)
     kmeans.train(x[np.sort(rng.choice(order, size=min(len(order), 64 * clusters), replace=False))])
-    ranked = torch.from_numpy(x[order])  # row r of the ranking is ``order[r]``
-    _, nearest = kmeans.index.search(x[order], probes)
+    in_rank_order = x[order]  # row r of the ranking is ``order[r]``
+    ranked = torch.from_numpy(in_rank_order)
+    _, nearest = kmeans.index.search(in_rank_order, probes)
     rank_of = np.repeat(np.arange(len(order)), probes)
     by_cluster = np.lexsort((rank_of, nearest.ravel()))  # each cluster's members in rank order
     members_of, cluster_of = rank_of[by_cluster], nearest.ravel()[by_cluster]
@@ -234,12 +245,9 @@ def filter_collection(folder: str | Path, output: str | Path, min_score: float |
     if dedup is not None:
         vectors = load_vectors(folder)  # the rows are read already
         ranked = kept[np.argsort(-np.nan_to_num(scores[kept], nan=-np.inf), kind="stable")]  # best first; ties in order
-        if dedup_clusters == "auto":
-            dedup_clusters = 0 if len(ranked) < EXACT_DEDUP_BELOW else max(1, round(len(ranked) ** 0.5))
-        if dedup_clusters == 1 or len(ranked) < 2 * dedup_clusters:  # what clustered_near_duplicates does then
-            dedup_clusters = 0
+        dedup_clusters = dedup_clusters_for(len(ranked), dedup_clusters)
         duplicate_of = near_duplicates(vectors, dedup, ranked, progress=progress) if not dedup_clusters else \
-            clustered_near_duplicates(vectors, dedup, ranked, int(dedup_clusters), progress=progress)
+            clustered_near_duplicates(vectors, dedup, ranked, dedup_clusters, progress=progress)
         kept = kept[duplicate_of[kept] < 0]
     output.mkdir(parents=True, exist_ok=True)
     written, unreadable = 0, 0
@@ -272,7 +280,7 @@ def filter_collection(folder: str | Path, output: str | Path, min_score: float |
             "kept": written, "unreadable": unreadable, "shards": -(-len(kept) // shard_size),
             "score_quantiles": quantiles, **({"keep_fraction": keep_fraction} if keep_fraction else {}),
             **({"dedup": dedup, "near_duplicates": int((duplicate_of >= 0).sum()),
-                "dedup_clusters": int(dedup_clusters)} if dedup is not None else {})}
+                "dedup_clusters": dedup_clusters} if dedup is not None else {})}
     write_json(output / INFO, info)
     return info
 
