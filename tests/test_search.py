@@ -25,17 +25,23 @@ pytest.importorskip("faiss", reason="faiss-cpu is in the test extras")
 pytest.importorskip("pyarrow", reason="pyarrow is in the test extras")
 
 
+def _shape_images(images: Path, count: int, seed: int, stem: str = "shape{:03d}", article: str = "a",
+                  size: int | None = None) -> None:
+    """``count`` generated images in ``images``, each with a caption file ("a red circle")."""
+    images.mkdir()
+    source = ShapesSource(count, seed=seed)
+    for i in range(count):
+        image, attrs = source.item(i)
+        (image.resize((size, size)) if size else image).save(images / f"{stem.format(i)}.png")
+        (images / f"{stem.format(i)}.txt").write_text(f"{article} {attrs['colour']} {attrs['shape']}")
+
+
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
     """40 generated images with captions, embedded by a (random) ViT-Tiny-64 and indexed."""
     root = tmp_path_factory.mktemp("collection")
     images = root / "images"
-    images.mkdir()
-    source = ShapesSource(40, seed=3)
-    for i in range(40):
-        image, attrs = source.item(i)
-        image.save(images / f"shape{i:03d}.png")
-        (images / f"shape{i:03d}.txt").write_text(f"a {attrs['colour']} {attrs['shape']}")
+    _shape_images(images, 40, seed=3)
     (images / "broken.png").write_bytes(b"\x89PNG not really")
     torch.manual_seed(0)  # the same tower every run: the captions made from its features are then the same too
     ckpt = str(clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64"), root / "model"))
@@ -1549,4 +1555,177 @@ def test_web_page_matches_captions_where_the_collection_has_a_caption_index(capt
         searcher = Searcher(captioned["emb"], *clipforge.load(captioned["ckpt"]))
         assert expected == [hit["caption"] for hit in searcher.search_image(
             Image.open(captioned["images"] / "shape012.png"), k=3, modality="text")]
+        browser.close()
+
+
+# ------------------------------------------------------------------------------------ several collections, one server
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """Six 40 px images embedded by another (random) ViT-Tiny-64: a collection in another embedding space."""
+    root = tmp_path_factory.mktemp("other")
+    images = root / "images"
+    _shape_images(images, 6, seed=11, stem="other{}", article="another", size=40)
+    torch.manual_seed(1)
+    ckpt = str(clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64"), root / "model"))
+    out = root / "other-emb"
+    assert cli.main(["embed", str(images), str(out), "--pretrained", ckpt, "--no-progress"]) == 0
+    assert cli.main(["index", "build", str(out), "--quiet"]) == 0
+    return {"images": images, "emb": out, "ckpt": ckpt}
+
+
+@pytest.fixture(scope="module")
+def several(collection, captioned, other_model):
+    """`clipforge serve` over three collections: two embedded by one model (both folders named "emb", so one is
+    named on the command line), one by another."""
+    uvicorn = pytest.importorskip("uvicorn")
+    started = {}
+    original = uvicorn.run
+    uvicorn.run = lambda app, host, port, **kwargs: started.update(app=app)
+    try:
+        folders = [str(collection["emb"]), f"captioned={captioned['emb']}", str(other_model["emb"])]
+        assert cli.main(["serve", *folders]) == 0
+    finally:
+        uvicorn.run = original
+    return started["app"]
+
+
+def test_serve_names_each_collection_and_loads_a_model_once_for_all_it_embedded(several, collection, captioned,
+                                                                                 other_model, capsys, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    served = several.state.collections
+    assert list(served) == ["emb", "captioned", "other-emb"]
+    assert served["emb"].searcher.model is served["captioned"].searcher.model  # one model, loaded once
+    assert served["other-emb"].searcher.model is not served["emb"].searcher.model
+    assert served["emb"].embed_text == served["captioned"].embed_text  # and their queries batched together
+    health = TestClient(several).get("/health").json()
+    assert health["images"] == 40 and health["captions_indexed"] is None  # the first collection at the top
+    assert [(c["name"], c["images"], c["captions_indexed"]) for c in health["collections"]] == [
+        ("emb", 40, None), ("captioned", 40, 37), ("other-emb", 6, None)]
+
+    assert cli.main(["serve", str(collection["emb"]), str(captioned["emb"])]) == 2  # two folders named emb
+    assert "two collections named 'emb': name them, e.g. emb-2=" in capsys.readouterr().err
+    assert cli.main(["serve", "my collection=" + str(captioned["emb"])]) == 2
+    assert "collection name 'my collection': letters, digits" in capsys.readouterr().err
+    assert cli.main(["serve", str(collection["emb"]), f"x={other_model['images']}"]) == 2  # checked before loading
+    assert "other-emb" not in capsys.readouterr().err
+
+    started = {}  # a model given on the command line serves every collection, with a warning where it did not embed
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kwargs: started.update(app=app))
+    capsys.readouterr()
+    assert cli.main(["serve", str(collection["emb"]), str(other_model["emb"]), "--pretrained", collection["ckpt"]]) == 0
+    given = started["app"].state.collections
+    assert given["emb"].searcher.model is given["other-emb"].searcher.model
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "is not the one that embedded" in line]
+    assert len(warnings) == 1 and str(other_model["emb"]) in warnings[0]
+
+
+def test_each_request_searches_the_collection_it_names_with_that_collections_model(several, collection, captioned,
+                                                                                    other_model):
+    from fastapi.testclient import TestClient
+
+    from clipforge.retrieval.search import Searcher
+
+    client = TestClient(several)
+    other = Searcher(other_model["emb"], *clipforge.load(other_model["ckpt"]))
+    found = client.get("/search", params={"q": "a red circle", "k": 4, "collection": "other-emb"}).json()["results"]
+    expected = other.search_text("a red circle", k=4)
+    assert [h["id"] for h in found] == [h["id"] for h in expected]
+    np.testing.assert_allclose([h["score"] for h in found], [h["score"] for h in expected], rtol=1e-5)
+    assert all(h["name"].startswith("other") and h["caption"].startswith("another") for h in found)
+    default = client.get("/search", params={"q": "a red circle", "k": 4}).json()["results"]
+    first = Searcher(collection["emb"], *clipforge.load(collection["ckpt"])).search_text("a red circle", k=4)
+    assert [h["id"] for h in default] == [h["id"] for h in first]
+
+    vectors = [np.array(client.post("/embed", params=params, json={"texts": ["a red circle"]}).json()["embeddings"][0])
+               for params in ({}, {"collection": "other-emb"})]
+    np.testing.assert_allclose(vectors[1], other.embed_texts(["a red circle"])[0], atol=1e-5)
+    assert float(vectors[0] @ vectors[1]) < 0.9  # two models, two embedding spaces
+
+    hit = found[0]  # a result's thumbnail names its collection: the other collection's 40 px image
+    assert hit["thumbnail"] == f"/thumb/{hit['id']}?collection=other-emb"
+    thumb = client.get(hit["thumbnail"])
+    assert Image.open(io.BytesIO(thumb.content)).size == (40, 40)
+    assert Image.open(io.BytesIO(client.get(f"/thumb/{hit['id']}").content)).size == (64, 64)  # the first's
+    assert client.get(f"/item/{hit['id']}", params={"collection": "other-emb"}).json()["name"] == hit["name"]
+    assert client.get("/item/39", params={"collection": "other-emb"}).status_code == 404  # 6 images there
+    png = (other_model["images"] / "other3.png").read_bytes()
+    by_image = client.post("/search/image", params={"collection": "other-emb"}, files={"file": ("q.png", png)},
+                           data={"k": 1}).json()["results"]
+    assert by_image[0]["name"] == "other3.png" and by_image[0]["score"] > 0.99
+    similar = client.get("/search/similar", params={"id": 3, "k": 2, "collection": "other-emb"}).json()["results"]
+    assert similar[0]["id"] == 3 and similar[0]["name"] == "other3.png"
+    classified = client.post("/classify", params={"collection": "other-emb"}, files={"file": ("q.png", png)},
+                             data={"labels": "red, green"})
+    assert classified.status_code == 200 and len(classified.json()["labels"]) == 2
+
+    captions = client.get("/search", params={"q": "a green cross", "k": 3, "modality": "text",
+                                             "collection": "captioned"}).json()["results"]
+    assert [h["id"] for h in captions] == [h["id"] for h in Searcher(captioned["emb"], *clipforge.load(
+        captioned["ckpt"])).search_text("a green cross", k=3, modality="text")]
+    assert client.get("/search", params={"q": "x", "modality": "text", "collection": "emb"}).status_code == 400
+    for response in (client.get("/search", params={"q": "x", "collection": "nowhere"}),
+                     client.get("/thumb/0", params={"collection": "nowhere"})):
+        assert response.status_code == 404
+        assert response.json()["detail"] == "no collection named 'nowhere': this server holds emb, captioned, other-emb"
+
+
+def test_clip_retrievals_indice_name_chooses_the_collection(several):
+    from fastapi.testclient import TestClient
+
+    client = TestClient(several)
+    assert client.get("/indices-list").json() == ["emb", "captioned", "other-emb"]
+    knn = client.post("/knn-service", json={"text": "a red circle", "num_images": 3, "indice_name": "other-emb"})
+    ours = client.get("/search", params={"q": "a red circle", "k": 3, "collection": "other-emb"}).json()["results"]
+    assert [r["id"] for r in knn.json()] == [h["id"] for h in ours]
+    url = knn.json()[0]["url"]
+    assert url.endswith(f"/thumb/{ours[0]['id']}?size=512&collection=other-emb")
+    assert Image.open(io.BytesIO(client.get(url).content)).size == (40, 40)
+    metadata = client.post("/metadata", json={"ids": [ours[1]["id"]], "indice_name": "other-emb"}).json()
+    assert metadata[0]["metadata"]["name"] == ours[1]["name"]
+    default = client.post("/knn-service", json={"text": "a red circle", "num_images": 3}).json()
+    assert [r["id"] for r in default] == [h["id"] for h in client.get(
+        "/search", params={"q": "a red circle", "k": 3}).json()["results"]]
+    refused = client.post("/knn-service", json={"text": "x", "indice_name": "laion5B-L-14"})
+    assert refused.status_code == 400 and "holds 'emb', 'captioned', 'other-emb'" in refused.json()["detail"]
+
+
+def test_web_page_offers_a_menu_of_collections_where_there_are_several(several, live_server):
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
+    with _serving(several) as url, playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(live_server + "/?q=a+red+circle")  # one collection: no menu
+        page.wait_for_selector("#results .result")
+        assert page.locator("#collection").is_hidden()
+
+        page.goto(url + "/?q=a+red+circle")
+        page.wait_for_selector("#collection:not([hidden])")
+        assert page.locator("#collection option").all_inner_texts() == ["emb", "captioned", "other-emb"]
+        assert page.locator("#collection").input_value() == "emb" and page.locator("#captions-toggle").is_hidden()
+        with page.expect_response(lambda r: "/search?" in r.url and "collection=other-emb" in r.url) as response:
+            page.select_option("#collection", "other-emb")  # the same query in the other collection
+        assert response.value.ok and "collection=other-emb" in page.url
+        page.wait_for_function("document.querySelector('#search-status').textContent.endsWith('in other-emb')")
+        shown = page.locator("#results .result").evaluate_all("cards => cards.map(c => c.dataset.id)")
+        expected = requests_json(url, "/search?q=a+red+circle&k=24&collection=other-emb")
+        assert shown == [str(h["id"]) for h in expected] and len(shown) == 6
+        assert page.locator("#results .result img").first.evaluate("img => img.naturalWidth") == 40
+
+        page.locator("#results .result .view").first.click()  # the larger view reads the chosen collection
+        page.wait_for_selector("#viewer:not([hidden]) #viewer-captions li")
+        assert page.locator("#viewer-captions li").first.inner_text().startswith("another ")
+        assert page.locator("#viewer-image").evaluate("img => img.src").endswith("size=512&collection=other-emb")
+        page.click("#viewer-close")
+
+        page.select_option("#collection", "captioned")  # a collection with a caption index offers to match captions
+        page.wait_for_selector("#captions-toggle:not([hidden])")
+        page.reload()  # the choice lives in the URL
+        page.wait_for_selector("#collection:not([hidden])")
+        assert page.locator("#collection").input_value() == "captioned"
         browser.close()

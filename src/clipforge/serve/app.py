@@ -1,6 +1,8 @@
 """The FastAPI app: search by text or image, zero-shot classification, embeddings, thumbnails, a web page, and
 with a LiMBer map (``serve --mapping``) generated captions of uploads and of the collection's images and answers to
-questions about an upload.
+questions about an upload. One server may hold several collections (``create_collections_app``): each request names
+one with ``?collection=NAME`` (clip-retrieval's ``indice_name``), the first by default; collections embedded by the
+same model share it.
 
 Every input is bounded (query length, k, number of labels, upload bytes, decoded pixels) and every bad request gets
 a 4xx JSON error naming the problem. Thumbnails are addressed by index id, never by path, so nothing outside the
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import threading
 from collections import OrderedDict
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -35,6 +39,15 @@ from .limits import (CAPTION_TOKENS, CAPTIONS_KEPT, MAX_ANSWER_TOKENS, MAX_DEPTH
 DEDUP_HELP = "leave out near-duplicates of better results at this cosine similarity or more, e.g. 0.95"
 MODALITY_HELP = ("image: search the images; text: the captions (a collection embedded with --captions, its caption "
                  "index built), each result the image whose caption matches")
+COLLECTION_HELP = "which collection, where the server holds several (/health lists them) [the first]"
+COLLECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # safe in a URL and a file name as it is
+
+
+def check_collection_name(name: str) -> str:
+    if not COLLECTION_NAME.fullmatch(name):
+        raise ValueError(f"collection name {name!r}: letters, digits, '_', '.' and '-' only (at most 64, the first "
+                         "a letter or digit)")
+    return name
 
 
 class Hit(BaseModel):
@@ -82,6 +95,16 @@ class EmbedRequest(BaseModel):
 
 class EmbedResponse(BaseModel):
     embeddings: list[list[float]]
+
+
+class Served(NamedTuple):
+    """One collection on the server: its searcher, and the batched coroutines its requests go through."""
+    name: str
+    searcher: Searcher
+    embed_text: object  # async (str) -> vector, batched per model
+    embed_image: object  # async (PIL image) -> vector, batched per model
+    search: object  # async ((vector, k, dedup, offset, modality)) -> hits, batched per collection
+    batchers: dict  # "text", "image", "search" -> Batcher
 
 
 class Batcher:
@@ -134,10 +157,22 @@ class Batcher:
 
 def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_bytes: int = 10 * 2**20,
                index_in_memory: bool = False, captioner=None, allow_origins: list[str] = ()) -> FastAPI:
-    """``captioner``: a ``captioning.Captioner`` (a trained LiMBer map) to serve /caption, /item/{id}/caption and
-    /ask; without one those endpoints answer 404 saying how to turn them on. ``allow_origins``: the web origins
-    whose pages may call the API from a browser (CORS); none by default, so other sites cannot read the collection."""
-    searcher = Searcher(folder, model, preprocess, tokenizer, in_memory=index_in_memory)
+    """The app over one collection, named after its folder. ``captioner``: a ``captioning.Captioner`` (a trained
+    LiMBer map) to serve /caption, /item/{id}/caption and /ask; without one those endpoints answer 404 saying how to
+    turn them on. ``allow_origins``: the web origins whose pages may call the API from a browser (CORS); none by
+    default, so other sites cannot read the collection."""
+    return create_collections_app({Path(folder).resolve().name: (folder, (model, preprocess, tokenizer))},
+                                  max_upload_bytes, index_in_memory, captioner, allow_origins)
+
+
+def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20, index_in_memory: bool = False,
+                           captioner=None, allow_origins: list[str] = ()) -> FastAPI:
+    """The app over several collections: ``{name: (folder, (model, preprocess, tokenizer))}``, the first the
+    default. Collections given the same model object share its batchers (one model call embeds queries for all)."""
+    if not collections:
+        raise ValueError("no collection to serve")
+    for name in collections:
+        check_collection_name(name)
     app = FastAPI(title="clipforge", description="Search, classify and caption images with a CLIP model.")
     if allow_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -146,27 +181,44 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
                            allow_headers=["*"])
     lock = threading.Lock()  # one model call at a time; batching keeps it busy
 
-    def encode_texts(texts):
-        with lock:
-            return list(searcher.embed_texts(texts))
+    def search_batch(searcher):
+        def run(requests):
+            """One index search for concurrent queries (FAISS scans faster in batches), off the event loop; queries
+            are searched together per modality and de-duplication threshold. A request is (vector, k, dedup,
+            offset, modality): results offset .. offset + k of the ranking."""
+            out = [None] * len(requests)
+            for dedup, modality in {(r[2], r[4]) for r in requests}:
+                group = [n for n, r in enumerate(requests) if (r[2], r[4]) == (dedup, modality)]
+                vectors = np.stack([requests[n][0] for n in group])
+                depth = max(requests[n][1] + requests[n][3] for n in group)
+                for n, found in zip(group, searcher.search_vectors(vectors, depth, dedup, modality)):
+                    _, k, _, offset, _ = requests[n]
+                    out[n] = found[offset:offset + k]
+            return out
+        return run
 
-    def encode_images(images):
-        with lock:
-            return list(searcher.embed_images(images))
+    def encoders(searcher):
+        def texts(batch):
+            with lock:
+                return list(searcher.embed_texts(batch))
 
-    def search_batch(requests):
-        """One index search for concurrent queries (FAISS scans faster in batches), off the event loop; queries
-        are searched together per modality and de-duplication threshold. A request is (vector, k, dedup, offset,
-        modality): results offset .. offset + k of the ranking."""
-        out = [None] * len(requests)
-        for dedup, modality in {(r[2], r[4]) for r in requests}:
-            group = [n for n, r in enumerate(requests) if (r[2], r[4]) == (dedup, modality)]
-            vectors = np.stack([requests[n][0] for n in group])
-            depth = max(requests[n][1] + requests[n][3] for n in group)
-            for n, found in zip(group, searcher.search_vectors(vectors, depth, dedup, modality)):
-                _, k, _, offset, _ = requests[n]
-                out[n] = found[offset:offset + k]
-        return out
+        def images(batch):
+            with lock:
+                return list(searcher.embed_images(batch))
+        return Batcher(texts), Batcher(images, max_batch=16)
+
+    served: dict[str, Served] = {}
+    by_model: dict[int, tuple[Batcher, Batcher]] = {}
+    for name, (folder, (model, preprocess, tokenizer)) in collections.items():
+        searcher = Searcher(folder, model, preprocess, tokenizer, in_memory=index_in_memory)
+        if id(model) not in by_model:
+            by_model[id(model)] = encoders(searcher)
+        text_batcher, image_batcher = by_model[id(model)]
+        search_batcher = Batcher(search_batch(searcher), max_batch=64, wait_s=0.002)
+        served[name] = Served(name, searcher, text_batcher.submit, image_batcher.submit, search_batcher.submit,
+                              {"text": text_batcher, "image": image_batcher, "search": search_batcher})
+    default = next(iter(served.values()))
+    several = len(served) > 1
 
     def in_groups(requests, key, run):
         """``run(group)`` once per group of requests sharing ``key(request)`` (one language-model call each),
@@ -185,12 +237,26 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
         return in_groups(requests, lambda r: r[2],
                          lambda g: captioner.answer([r[0] for r in g], [r[1] for r in g], g[0][2]))
 
-    text_batcher, image_batcher = Batcher(encode_texts), Batcher(encode_images, max_batch=16)
-    search_batcher = Batcher(search_batch, max_batch=64, wait_s=0.002)
     caption_batcher, answer_batcher = Batcher(caption_batch, max_batch=8), Batcher(answer_batch, max_batch=8)
-    app.state.batchers = {"text": text_batcher, "image": image_batcher, "search": search_batcher,
-                          "caption": caption_batcher, "answer": answer_batcher}
-    generated: OrderedDict[int, str] = OrderedDict()  # collection image id -> its caption, least recent first
+    app.state.batchers = {**default.batchers, "caption": caption_batcher, "answer": answer_batcher}
+    app.state.collections = served
+    generated: OrderedDict[tuple[str, int], str] = OrderedDict()  # (collection, image id) -> caption, oldest first
+
+    def pick(collection: str | None) -> Served:
+        if collection is None:
+            return default
+        if collection not in served:
+            raise HTTPException(404, f"no collection named {collection!r}: this server holds "
+                                     f"{', '.join(served)}")
+        return served[collection]
+
+    def collection_query():
+        return Query(None, max_length=64, description=COLLECTION_HELP)
+
+    def thumb_url(name: str, index: int, size: int | None = None) -> str:
+        """A result's image on this server; it names its collection where there are several."""
+        params = ([f"size={size}"] if size else []) + ([f"collection={quote(name)}"] if several else [])
+        return f"/thumb/{index}" + ("?" + "&".join(params) if params else "")
 
     def decode_image(data: bytes, name: str):
         if len(data) > max_upload_bytes:
@@ -205,18 +271,25 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
     async def read_image(upload: UploadFile):
         return decode_image(await upload.read(max_upload_bytes + 1), upload.filename or "upload")
 
-    def hits(results) -> dict:
+    def hits(results, where: Served) -> dict:
         return {"results": [{"id": h["id"], "score": h["score"], "caption": h.get("caption") or "",
                              "width": int(h.get("width") or 0), "height": int(h.get("height") or 0),
-                             "name": Path(str(h["path"])).name, "thumbnail": f"/thumb/{h['id']}"} for h in results]}
+                             "name": Path(str(h["path"])).name, "thumbnail": thumb_url(where.name, h["id"])}
+                            for h in results]}
+
+    def summary(where: Served) -> dict:
+        return {"images": where.searcher.index.ntotal, "index": where.searcher.info.get("kind"),
+                "captions_indexed": where.searcher.captions_indexed}
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "images": searcher.index.ntotal, "index": searcher.info.get("kind"),
-                "captions_indexed": searcher.captions_indexed, "captioning": captioner is not None}
+        """The server's state: the default collection's size, index kind and caption index at the top level (as
+        with one collection), every collection under ``collections``, and whether captioning is on."""
+        return {"status": "ok", **summary(default), "captioning": captioner is not None,
+                "collections": [{"name": where.name, **summary(where)} for where in served.values()]}
 
-    def check_modality(modality: str) -> str:
-        if modality not in searcher.indexes:
+    def check_modality(where: Served, modality: str) -> str:
+        if modality not in where.searcher.indexes:
             raise HTTPException(400, f"modality {modality!r}: this collection has no caption index (embed it with "
                                      "--captions, then clipforge index build FOLDER)")
         return modality
@@ -230,15 +303,15 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
         if offset + k > MAX_DEPTH:
             raise HTTPException(422, f"offset + k: at most {MAX_DEPTH} results deep")
 
-    def known(index: int) -> int:
-        if not 0 <= index < searcher.index.ntotal:
+    def known(where: Served, index: int) -> int:
+        if not 0 <= index < where.searcher.index.ntotal:
             raise HTTPException(404, f"no image with id {index} in the collection")
         return index
 
-    def collection_image(index: int):
+    def collection_image(where: Served, index: int):
         """Image ``index`` of the collection in RGB, or a 404 when its file or shard can no longer be read."""
         try:
-            image, _ = load_item(item_from_path(str(searcher.rows[index]["path"])))
+            image, _ = load_item(item_from_path(str(where.searcher.rows[index]["path"])))
             return image.convert("RGB")
         except (BadImageError, OSError, KeyError, StopIteration):
             raise HTTPException(404, f"image {index} is no longer readable") from None
@@ -248,33 +321,40 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
                      k: int = Query(10, ge=1, le=MAX_K),
                      offset: int = Query(0, ge=0, le=MAX_DEPTH, description="skip this many results (paging)"),
                      dedup: float | None = Query(None, gt=0, le=1, description=DEDUP_HELP),
-                     modality: Literal["image", "text"] = Query("image", description=MODALITY_HELP)):
+                     modality: Literal["image", "text"] = Query("image", description=MODALITY_HELP),
+                     collection: str | None = collection_query()):
+        where = pick(collection)
         check_depth(offset, k)
-        check_modality(modality)
-        vector = await text_batcher.submit(q)
-        return hits(await search_batcher.submit((vector, k, dedup, offset, modality)))
+        check_modality(where, modality)
+        vector = await where.embed_text(q)
+        return hits(await where.search((vector, k, dedup, offset, modality)), where)
 
     @app.get("/search/similar", response_model=SearchResponse)
     async def search_similar(id: int = Query(..., description="an image of the collection: find more like it"),
                              k: int = Query(10, ge=1, le=MAX_K),
                              offset: int = Query(0, ge=0, le=MAX_DEPTH, description="skip this many results"),
-                             dedup: float | None = Query(None, gt=0, le=1, description=DEDUP_HELP)):
+                             dedup: float | None = Query(None, gt=0, le=1, description=DEDUP_HELP),
+                             collection: str | None = collection_query()):
+        where = pick(collection)
         check_depth(offset, k)
-        vector = searcher.stored.get([known(id)])[0]  # its own stored embedding: nothing to decode or embed
-        return hits(await search_batcher.submit((vector, k, dedup, offset, "image")))
+        vector = where.searcher.stored.get([known(where, id)])[0]  # its own stored embedding: nothing to embed
+        return hits(await where.search((vector, k, dedup, offset, "image")), where)
 
     @app.post("/search/image", response_model=SearchResponse)
     async def search_image(file: UploadFile = File(...), k: int = Form(10, ge=1, le=MAX_K),
                            dedup: float | None = Form(None, gt=0, le=1, description=DEDUP_HELP),
-                           modality: Literal["image", "text"] = Form("image", description=MODALITY_HELP)):
-        check_modality(modality)
-        vector = await image_batcher.submit(await read_image(file))
-        return hits(await search_batcher.submit((vector, k, dedup, 0, modality)))
+                           modality: Literal["image", "text"] = Form("image", description=MODALITY_HELP),
+                           collection: str | None = collection_query()):
+        where = pick(collection)
+        check_modality(where, modality)
+        vector = await where.embed_image(await read_image(file))
+        return hits(await where.search((vector, k, dedup, 0, modality)), where)
 
     @app.get("/item/{index}", response_model=Item)
-    def item(index: int):
+    def item(index: int, collection: str | None = collection_query()):
         """One image of the collection with every caption it has (a sample's text lines, or its sidecar file)."""
-        row = searcher.rows[known(index)]
+        where = pick(collection)
+        row = where.searcher.rows[known(where, index)]
         try:
             captions = item_captions(item_from_path(str(row["path"]))) or [row.get("caption") or ""]
         except (OSError, KeyError):  # the file moved since embedding: what the metadata kept
@@ -284,7 +364,10 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
 
     @app.post("/classify", response_model=ClassifyResponse)
     async def classify(file: UploadFile = File(...), labels: str = Form(..., max_length=20_000),
-                       templates: str = Form("a photo of a {}.", max_length=5_000)):
+                       templates: str = Form("a photo of a {}.", max_length=5_000),
+                       collection: str | None = Query(None, max_length=64,
+                                                      description="classify with this collection's model")):
+        where = pick(collection)
         names = [name.strip() for name in labels.replace("\n", ",").split(",") if name.strip()]
         if not names:
             raise HTTPException(400, "labels: give at least one class name (comma-separated)")
@@ -294,13 +377,12 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
             prompts = parse_templates(templates.split("\n"), "templates")
         except ValueError as exc:
             raise HTTPException(400, f"{exc}; one per line, each with {{}} where the label goes") from None
-        image_vector = await image_batcher.submit(await read_image(file))
-        text_vectors = await asyncio.gather(*(text_batcher.submit(t) for t in prompt_texts(names, prompts)))
+        image_vector = await where.embed_image(await read_image(file))
+        text_vectors = await asyncio.gather(*(where.embed_text(t) for t in prompt_texts(names, prompts)))
         weights = class_weights(torch.from_numpy(np.stack(text_vectors)), len(names))
-        probs = class_probabilities(model, torch.from_numpy(image_vector)[None], weights)[0].tolist()
+        probs = class_probabilities(where.searcher.model, torch.from_numpy(image_vector)[None], weights)[0].tolist()
         ranked = sorted(zip(names, probs), key=lambda pair: -pair[1])
         return {"labels": [{"label": n, "probability": p} for n, p in ranked]}
-
     @app.post("/caption", response_model=CaptionResponse)
     async def caption(file: UploadFile = File(...),
                       prompt: str | None = Form(None, max_length=MAX_PROMPT_CHARS,
@@ -323,50 +405,57 @@ def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_byte
         return {"answer": await answer_batcher.submit((image, question.strip(), max_new_tokens))}
 
     @app.get("/item/{index}/caption", response_model=CaptionResponse)
-    async def item_caption(index: int):
+    async def item_caption(index: int, collection: str | None = collection_query()):
         """A generated caption of one image of the collection (its own prompt and length; kept once made)."""
         require_captioner()
-        if known(index) in generated:
-            generated.move_to_end(index)
-            return {"caption": generated[index]}
-        image = await asyncio.get_running_loop().run_in_executor(None, collection_image, index)
+        where = pick(collection)
+        key = (where.name, known(where, index))
+        if key in generated:
+            generated.move_to_end(key)
+            return {"caption": generated[key]}
+        image = await asyncio.get_running_loop().run_in_executor(None, collection_image, where, index)
         text = await caption_batcher.submit((image, None, CAPTION_TOKENS))
-        generated[index] = text
+        generated[key] = text
         while len(generated) > CAPTIONS_KEPT:
             generated.popitem(last=False)
         return {"caption": text}
 
     @app.post("/embed", response_model=EmbedResponse)
-    async def embed(request: EmbedRequest):
+    async def embed(request: EmbedRequest, collection: str | None = Query(
+            None, max_length=64, description="embed with this collection's model")):
+        where = pick(collection)
         if any(len(t) > MAX_QUERY_CHARS for t in request.texts):
             raise HTTPException(400, f"texts: each at most {MAX_QUERY_CHARS} characters")
-        vectors = await asyncio.gather(*(text_batcher.submit(t) for t in request.texts))
+        vectors = await asyncio.gather(*(where.embed_text(t) for t in request.texts))
         return {"embeddings": [v.tolist() for v in vectors]}
 
     @app.post("/embed/image", response_model=EmbedResponse)
-    async def embed_image(file: UploadFile = File(...)):
-        return {"embeddings": [(await image_batcher.submit(await read_image(file))).tolist()]}
+    async def embed_image(file: UploadFile = File(...), collection: str | None = Query(
+            None, max_length=64, description="embed with this collection's model")):
+        where = pick(collection)
+        return {"embeddings": [(await where.embed_image(await read_image(file))).tolist()]}
 
     @lru_cache(maxsize=2048)
-    def thumbnail(index: int, size: int) -> bytes:
-        image = collection_image(index)
+    def thumbnail(name: str, index: int, size: int) -> bytes:
+        image = collection_image(served[name], index)
         image.thumbnail((size, size))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
         return buffer.getvalue()
 
     @app.get("/thumb/{index}", responses={200: {"content": {"image/jpeg": {}}}})
-    def thumb(index: int, size: int = Query(THUMB_SIZES[0], description=f"one of {THUMB_SIZES} pixels")):
-        if not 0 <= index < len(searcher.rows):
+    def thumb(index: int, size: int = Query(THUMB_SIZES[0], description=f"one of {THUMB_SIZES} pixels"),
+              collection: str | None = collection_query()):
+        where = pick(collection)
+        if not 0 <= index < len(where.searcher.rows):
             raise HTTPException(404, f"no image with id {index} in the collection")
         if size not in THUMB_SIZES:
             raise HTTPException(422, f"size: one of {', '.join(map(str, THUMB_SIZES))}")
-        return Response(thumbnail(index, size), media_type="image/jpeg")
+        return Response(thumbnail(where.name, index, size), media_type="image/jpeg")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
         return (resources.files(__package__) / "index.html").read_text()
 
-    add_clip_retrieval_routes(app, Path(folder).resolve().name, searcher, text_batcher.submit, image_batcher.submit,
-                              search_batcher.submit, decode_image, max_upload_bytes)
+    add_clip_retrieval_routes(app, served, thumb_url, decode_image, max_upload_bytes)
     return app

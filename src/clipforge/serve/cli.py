@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
 
 from ..argtypes import port, positive_float
 from ..inference import add_model_arguments
@@ -12,8 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "--mapping, captions and questions), a JSON API (/search, /search/image, /classify, /embed, "
                      "/health, and /caption, /ask with --mapping; schema at /docs), and clip-retrieval's back-end API "
                      "(/knn-service, /metadata, /indices-list: its ClipClient works unchanged). Binds 127.0.0.1 unless "
-                     "--host says otherwise.")
-    p.add_argument("folder", help="a folder written by clipforge embed + clipforge index build")
+                     "--host says otherwise. Several collections: one server, a collection chosen per request "
+                     "(?collection=NAME, clip-retrieval's indice_name, a menu on the page), the first by default; "
+                     "each is searched with the model that embedded it, loaded once for all that share it.")
+    p.add_argument("folders", nargs="+", metavar="[NAME=]FOLDER",
+                   help="a folder written by clipforge embed + clipforge index build; several for several "
+                        "collections, each named after its folder unless NAME= says otherwise")
     add_model_arguments(p, recorded=True)
     p.add_argument("--host", default="127.0.0.1", help="[127.0.0.1: this machine only]")
     p.add_argument("--port", type=port, default=8000)
@@ -30,19 +37,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+def named_folders(values: list[str]) -> dict[str, str]:
+    """``[NAME=]FOLDER`` arguments as {name: folder}, in order: an existing path is a folder even with a "=" in it;
+    a name defaults to the folder's own. Two collections of one name are an error naming the fix."""
+    from .app import check_collection_name
+
+    collections: dict[str, str] = {}
+    for value in values:
+        name, given, folder = value.partition("=")
+        if not given or os.path.exists(value):
+            name, folder = Path(value).resolve().name, value
+        if name in collections:
+            raise ValueError(f"two collections named {name!r}: name them, e.g. {name}-2={folder}")
+        collections[check_collection_name(name)] = folder
+    return collections
+
+
+def load_models(args, folders: dict[str, str]) -> dict[str, tuple]:
+    """Each collection's (model, preprocess, tokenizer): the --model/--pretrained given, else what it recorded;
+    loaded once for all the collections that name the same one."""
+    from ..inference import load_from_args
+    from ..retrieval.collection import check_collection, model_spec
+    from ..retrieval.probe import warn_if_other_weights
+
+    for folder in folders.values():  # every folder checked before any model loads
+        check_collection(folder)
+    loaded: dict[str, tuple] = {}
+    models = {}
+    for name, folder in folders.items():
+        key = "given" if args.model or args.pretrained else json.dumps(model_spec(folder), sort_keys=True)
+        if key in loaded:
+            warn_if_other_weights(folder, *loaded[key])
+        else:
+            loaded[key] = load_from_args(args, collection=folder)
+        models[name] = loaded[key]
+    return models
+
+
 def run(args) -> int:
     import uvicorn
 
-    from ..inference import load_from_args
-    from .app import create_app
+    from .app import create_collections_app
 
+    folders = named_folders(args.folders)
     captioner = None
     if args.mapping:  # first: a bad map fails before the collection's model loads
         from ..captioning.captioner import Captioner
 
         captioner = Captioner.load(args.mapping, args.device)
-    model = load_from_args(args, collection=args.folder)
-    app = create_app(args.folder, *model, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                     index_in_memory=args.index_in_memory, captioner=captioner, allow_origins=args.allow_origin)
+    models = load_models(args, folders)
+    app = create_collections_app({name: (folder, models[name]) for name, folder in folders.items()},
+                                 max_upload_bytes=int(args.max_upload_mb * 2**20),
+                                 index_in_memory=args.index_in_memory, captioner=captioner,
+                                 allow_origins=args.allow_origin)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

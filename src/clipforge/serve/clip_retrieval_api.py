@@ -1,6 +1,7 @@
 """clip-retrieval's back-end API over a clipforge collection: ``POST /knn-service``, ``POST /metadata`` and
 ``GET /indices-list``, the calls ``clip_retrieval.clip_client.ClipClient`` and scripts written for ``clip-retrieval
-back`` make, so they run against ``clipforge serve`` unchanged.
+back`` make, so they run against ``clipforge serve`` unchanged. Each collection the server holds is one of its
+indices, chosen by ``indice_name`` (the first where none is given).
 
 Where it differs, on purpose: ``modality`` "text" searches the captions only where the collection has a caption
 index (embedded with ``--captions``: its captioned images), and is refused otherwise; ``image_url`` is not fetched,
@@ -78,34 +79,40 @@ async def _read_body(request: Request, model: type[BaseModel], limit: int):
         raise RequestValidationError(error.errors(include_url=False)) from None
 
 
-def add_routes(app: FastAPI, name: str, searcher, embed_text, embed_image, search, decode_image,
-               max_upload_bytes: int) -> None:
-    """``embed_text(str)``, ``embed_image(PIL image)`` and ``search((vector, k, dedup, offset, modality))`` are the
-    app's batched coroutines; ``decode_image(bytes, name)`` its bounded image decoder (an HTTP 400 on bad bytes)."""
+def add_routes(app: FastAPI, served: dict, thumb_url, decode_image, max_upload_bytes: int) -> None:
+    """``served``: the app's collections by name (``app.Served``: a searcher and its batched coroutines), the first
+    the default; ``thumb_url(name, id, size)`` an image's address on the server; ``decode_image(bytes, name)`` the
+    app's bounded image decoder (an HTTP 400 on bad bytes)."""
     import numpy as np
 
     body_limit = (max_upload_bytes + 2) // 3 * 4 + 65536  # a base64 image at the upload limit, and the other fields
 
-    def check_index_name(indice_name: str | None) -> None:
-        if indice_name not in (None, name):
-            raise HTTPException(400, f"indice_name {indice_name!r}: this server holds {name!r} (GET /indices-list)")
+    def pick(indice_name: str | None):
+        if indice_name is None:
+            return next(iter(served.values()))
+        if indice_name not in served:
+            raise HTTPException(400, f"indice_name {indice_name!r}: this server holds {', '.join(map(repr, served))} "
+                                     "(GET /indices-list)")
+        return served[indice_name]
 
-    def fields(request: Request, row: dict, index: int) -> dict:
-        url = str(request.url_for("thumb", index=index)) + "?size=512"
+    def fields(request: Request, name: str, row: dict, index: int) -> dict:
+        url = str(request.base_url).rstrip("/") + thumb_url(name, index, 512)
         return {"url": url, "caption": row.get("caption") or "", "name": Path(str(row["path"])).name,
                 "width": int(row.get("width") or 0), "height": int(row.get("height") or 0)}
 
     @app.get("/indices-list", tags=["clip-retrieval"])
     def indices_list() -> list[str]:
-        """The collections this server searches: one, named after its folder."""
-        return [name]
+        """The collections this server searches, each named as `clipforge serve` was told (its folder's name by
+        default), the default first."""
+        return list(served)
 
     @app.post("/knn-service", tags=["clip-retrieval"], openapi_extra=_json_body(KnnRequest))
     async def knn_service(request: Request) -> list[dict]:
         """Nearest images to a text, an image or an embedding, as clip-retrieval's back-end answers: each result's
         metadata with ``id`` and ``similarity`` (cosine)."""
         query = await _read_body(request, KnnRequest, body_limit)
-        check_index_name(query.indice_name)
+        where = pick(query.indice_name)
+        searcher = where.searcher
         if query.modality not in searcher.indexes:
             raise HTTPException(400, "modality 'text': this collection has no caption index (embed it with "
                                      "--captions, then clipforge index build FOLDER); use 'image'")
@@ -118,7 +125,7 @@ def add_routes(app: FastAPI, name: str, searcher, embed_text, embed_image, searc
         if len(given) != 1:
             raise HTTPException(400, "give exactly one of text, image (base64) or embedding_input")
         if query.text:
-            vector = await embed_text(query.text)
+            vector = await where.embed_text(query.text)
         elif query.image:
             if len(query.image) > (max_upload_bytes + 2) // 3 * 4 + 4:
                 raise HTTPException(413, f"image larger than the {max_upload_bytes} byte limit")
@@ -126,7 +133,7 @@ def add_routes(app: FastAPI, name: str, searcher, embed_text, embed_image, searc
                 data = base64.b64decode(query.image, validate=True)
             except (binascii.Error, ValueError):
                 raise HTTPException(400, "image: not valid base64") from None
-            vector = await embed_image(decode_image(data, "image"))
+            vector = await where.embed_image(decode_image(data, "image"))
         else:
             vector = np.asarray(query.embedding_input, dtype=np.float64)
             if vector.shape != (searcher.index.d,) or not all(map(math.isfinite, query.embedding_input)):
@@ -140,16 +147,16 @@ def add_routes(app: FastAPI, name: str, searcher, embed_text, embed_image, searc
         # as clip-retrieval: num_result_ids ranked ids (its page fetches their metadata as one scrolls), the first
         # num_images of them with their metadata
         depth = min(max(query.num_result_ids or 0, query.num_images), MAX_RESULT_IDS)
-        found = await search((vector, depth, DEDUP_COSINE if query.deduplicate else None, 0, query.modality))
-        return [{**(fields(request, hit, hit["id"]) if rank < query.num_images else {}), "id": hit["id"],
+        found = await where.search((vector, depth, DEDUP_COSINE if query.deduplicate else None, 0, query.modality))
+        return [{**(fields(request, where.name, hit, hit["id"]) if rank < query.num_images else {}), "id": hit["id"],
                  "similarity": hit["score"]} for rank, hit in enumerate(found)]
 
     @app.post("/metadata", tags=["clip-retrieval"], openapi_extra=_json_body(MetadataRequest))
     async def metadata(request: Request) -> list[dict]:
         """The metadata of images by id, as clip-retrieval's back-end returns it."""
         query = await _read_body(request, MetadataRequest, 65536)
-        check_index_name(query.indice_name)
-        unknown = [i for i in query.ids if not 0 <= i < searcher.index.ntotal]
+        where = pick(query.indice_name)
+        unknown = [i for i in query.ids if not 0 <= i < where.searcher.index.ntotal]
         if unknown:
             raise HTTPException(404, f"no image with id {unknown[0]} in the collection")
-        return [{"id": i, "metadata": fields(request, searcher.rows[i], i)} for i in query.ids]
+        return [{"id": i, "metadata": fields(request, where.name, where.searcher.rows[i], i)} for i in query.ids]
