@@ -1416,6 +1416,61 @@ def captioned(collection, tmp_path_factory):
     return {"images": images, "emb": out, "ckpt": collection["ckpt"]}
 
 
+def test_captions_all_embeds_the_mean_of_every_caption_of_an_image(collection, tmp_path, capsys):
+    """``embed --all-captions``: each image's caption vector is the renormalised mean of its captions' unit vectors
+    (files with sidecars and samples in shards alike; one caption: its own; none: zeros); a folder embedded with the
+    first captions is not resumed with all of them; the caption index is built and searched as ever."""
+    from clipforge.retrieval.search import Searcher
+
+    model, preprocess, tokenizer = clipforge.load(collection["ckpt"])
+    captions = {0: ["a red circle", "a round red thing", "something red on grey"], 1: ["a blue square"], 2: [],
+                3: ["a green cross", "two green bars crossing"]}
+    images = tmp_path / "images"
+    images.mkdir()
+    samples = []
+    for i, texts in captions.items():
+        shutil.copy(collection["images"] / f"shape{i:03d}.png", images)
+        if texts:
+            (images / f"shape{i:03d}.txt").write_text("\n".join(texts) + "\n\n")
+        samples.append({"__key__": f"s{i}", "png": (images / f"shape{i:03d}.png").read_bytes(),
+                        **({"txt": "\n".join(texts)} if texts else {})})
+    shard = write_shard(tmp_path / "shards" / "000000.tar", samples)
+    with torch.no_grad():
+        features = {text: model.encode_text(tokenizer([text]), normalize=True)[0].numpy()
+                    for texts in captions.values() for text in texts}
+
+    def expected(texts):
+        if not texts:
+            return np.zeros(model.embed_dim)
+        mean = np.mean([features[t] for t in texts], axis=0)
+        return mean / np.linalg.norm(mean)
+
+    for source in (images, shard):
+        out = tmp_path / f"emb-{Path(source).stem}"
+        assert cli.main(["embed", str(source), str(out), "--pretrained", collection["ckpt"], "--all-captions",
+                         "--no-progress"]) == 0
+        stored, rows = _caption_vectors(out)
+        assert len(rows) == 4 and json.loads((out / "embed_info.json").read_text())["captions"] == "all"
+        for vector, row, texts in zip(stored, rows, captions.values()):
+            assert row["caption"] == (texts[0] if texts else "")  # the metadata keeps the first caption
+            np.testing.assert_allclose(vector, expected(texts), atol=2e-3)  # float16
+        assert not np.allclose(stored[0], expected(captions[0][:1]), atol=2e-2)  # not the first caption alone
+        assert cli.main(["index", "build", str(out), "--quiet"]) == 0
+        found = Searcher(out, model, preprocess, tokenizer).search_text("a round red thing", k=3, modality="text")
+        by_hand = np.argsort(-(stored @ features["a round red thing"]))[:3]
+        assert [h["id"] for h in found] == by_hand.tolist()
+
+    first = tmp_path / "first"
+    assert cli.main(["embed", str(images), str(first), "--pretrained", collection["ckpt"], "--captions",
+                     "--no-progress", "--shard-size", "2"]) == 0
+    np.testing.assert_allclose(_caption_vectors(first)[0][0], features["a red circle"], atol=2e-3)
+    (first / "img_emb" / "img_emb_00001.npy").unlink()  # cut short, then resumed with all the captions: refused
+    capsys.readouterr()
+    assert cli.main(["embed", str(images), str(first), "--pretrained", collection["ckpt"], "--all-captions",
+                     "--no-progress", "--shard-size", "2"]) == 2
+    assert "captions True (now 'all')" in capsys.readouterr().err
+
+
 def _caption_vectors(folder):
     """Every row's caption vector as stored (float16, zeros without a caption), as float32, and the metadata."""
     from clipforge.retrieval import load_embeddings

@@ -4,7 +4,8 @@
     metadata/metadata_00000.parquet  path (a file, or "SHARD:KEY" for a sample in a tar shard), caption, width, height
     text_emb/text_emb_00000.npy      (with --texts) and metadata/text_metadata_00000.parquet
     caption_emb/caption_emb_00000.npy  (with --captions) float16 [n, d]: each image's caption, row for row (zeros
-                                     for an image without one); its dot product with the image's is the CLIP score
+                                     for an image without one; --all-captions: the mean of its captions' vectors,
+                                     renormalised); its dot product with the image's is the CLIP score
     embed_info.json                  model config, the --model/--pretrained that embedded it, counts, dimension
     probe_emb.npz                    its features of fixed probe images and texts: which weights (retrieval.probe)
     index.faiss, index.json          (clipforge index build)

@@ -17,16 +17,20 @@ from ..data.sources import open_source
 from ..files import atomic_path
 from ..inference import weights_dtype
 from ..preprocess import BadImageError, image_batch
-from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, image_shard, item_path, load_item, read_info,
-                         save_vectors, write_image_shard, write_info)
+from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, image_shard, item_captions, item_path,
+                         load_item, read_info, save_vectors, write_image_shard, write_info)
 from .probe import disagreeing, probe_features, read_probe, write_probe
 
 
-class _DecodedItems(torch.utils.data.Dataset):
-    """Item i -> (preprocessed image, metadata row), or None when it cannot be read (counted, then skipped)."""
+CAPTION_CHOICES = ("first", "all")  # embed --captions: each image's first caption, or the mean of all its captions
 
-    def __init__(self, items: list[dict], preprocess):
-        self.items, self.preprocess = items, preprocess
+
+class _DecodedItems(torch.utils.data.Dataset):
+    """Item i -> (preprocessed image, metadata row), or None when it cannot be read (counted, then skipped). With
+    ``every_caption`` a row also lists all the item's captions (``captions``), the first among them."""
+
+    def __init__(self, items: list[dict], preprocess, every_caption: bool = False):
+        self.items, self.preprocess, self.every_caption = items, preprocess, every_caption
 
     def __len__(self) -> int:
         return len(self.items)
@@ -39,12 +43,17 @@ class _DecodedItems(torch.utils.data.Dataset):
             return None
         row = {"path": item_path(item), "caption": caption,
                "width": image.width, "height": image.height}
+        if self.every_caption:  # a CSV's caption column has no other lines: that caption alone
+            try:
+                row["captions"] = item_captions(item) or ([caption] if caption.strip() else [])
+            except (KeyError, OSError):
+                row["captions"] = [caption] if caption.strip() else []
         return self.preprocess(image), row
 
 
-def decoded_batches(items: list[dict], preprocess, batch_size: int, workers: int):
+def decoded_batches(items: list[dict], preprocess, batch_size: int, workers: int, every_caption: bool = False):
     """Batches (lists, in order) of decoded items; worker processes decode ahead of the model."""
-    loader = torch.utils.data.DataLoader(_DecodedItems(items, preprocess), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(_DecodedItems(items, preprocess, every_caption), batch_size=batch_size,
                                          num_workers=workers, collate_fn=list, pin_memory=False,
                                          prefetch_factor=2 if workers else None)
     return iter(loader)
@@ -79,7 +88,7 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
                      batch_size: int = 256, texts: list[str] | None = None, tokenizer=None, rank: int = 0,
                      world_size: int = 1, progress: bool = True, device=None, workers: int = 0,
                      model_spec: dict | None = None, max_patches: int | None = None,
-                     force_image_size: int | None = None, captions: bool = False) -> dict:
+                     force_image_size: int | None = None, captions: bool | str = False) -> dict:
     """Embed every image of ``input_spec`` into ``output``; returns counts (embedded, skipped, shards reused).
 
     ``workers`` > 0 decodes and preprocesses in that many processes while the model runs (what keeps a GPU fed).
@@ -87,9 +96,15 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
     ``max_patches`` (a SigLIP 2 NaFlex model's sequence length) and ``force_image_size`` (a model run at another size
     than its own) so that they take query images as these were taken. ``captions``: each image's caption embedded
     too, row for row (``caption_emb/``; zeros for an image without one), whose dot product with the image's vector is
-    its CLIP score (``clipforge filter``).
+    its CLIP score (``clipforge filter``): "first" (or True) its first caption, "all" the mean of all its captions'
+    unit vectors, renormalised (a Flickr- or COCO-style collection with several captions per image: its caption
+    index then finds an image by any of them, docs/BENCHMARKS.md).
     Paths are recorded relative to ``output`` (``retrieval.collection`` says how).
     """
+    if captions not in (False, None, True) + CAPTION_CHOICES:
+        raise ValueError(f"captions {captions!r}: choose one of {', '.join(CAPTION_CHOICES)}")
+    every_caption = captions == "all"
+    captions = "all" if every_caption else bool(captions)  # recorded: True for the first caption, as before "all"
     output = Path(output)
     paths = PathRecorder(output)
     (output / "img_emb").mkdir(parents=True, exist_ok=True)
@@ -122,7 +137,7 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
             bar.update(len(chunk))
             continue
         features, caption_features, rows = [], [], []
-        for batch in decoded_batches(chunk, preprocess, batch_size, workers):
+        for batch in decoded_batches(chunk, preprocess, batch_size, workers, every_caption):
             good = [sample for sample in batch if sample is not None]
             stats["skipped"] += len(batch) - len(good)
             if good:
@@ -130,8 +145,8 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
                 features.append(out.float().cpu().numpy().astype(np.float16))
                 rows.extend({**row, "path": paths.item(row["path"])} for _, row in good)
                 if captions:
-                    caption_features.append(_caption_vectors(model, tokenizer, [row["caption"] for _, row in good],
-                                                             device))
+                    lines = [row["captions"] if every_caption else [row["caption"]] for _, row in good]
+                    caption_features.append(_caption_vectors(model, tokenizer, lines, device))
             bar.update(len(batch))
         empty = np.zeros((0, model.embed_dim), np.float16)
         array = np.concatenate(features) if features else empty
@@ -154,13 +169,18 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
 
 
 @torch.no_grad()
-def _caption_vectors(model, tokenizer, captions: list[str], device) -> np.ndarray:
-    """L2-normalised float16 features of ``captions``, zeros for an empty one (an image without a caption)."""
+def _caption_vectors(model, tokenizer, captions: list[list[str]], device) -> np.ndarray:
+    """One float16 unit vector per image from its ``captions``: the mean of their unit features, renormalised (a
+    single caption's own features); zeros for an image without a caption."""
     vectors = np.zeros((len(captions), model.embed_dim), np.float16)
-    present = [i for i, caption in enumerate(captions) if caption.strip()]
-    if present:
-        tokens = tokenizer([captions[i] for i in present]).to(device)
-        vectors[present] = model.encode_text(tokens, normalize=True).float().cpu().numpy()
+    owners = [i for i, texts in enumerate(captions) for text in texts if text.strip()]
+    if owners:
+        tokens = tokenizer([text for texts in captions for text in texts if text.strip()]).to(device)
+        features = model.encode_text(tokens, normalize=True).float()
+        sums = torch.zeros(len(captions), features.shape[1], device=features.device)
+        sums.index_add_(0, torch.tensor(owners, device=features.device), features)
+        present = sorted(set(owners))
+        vectors[present] = torch.nn.functional.normalize(sums[present], dim=1).cpu().numpy()
     return vectors
 
 

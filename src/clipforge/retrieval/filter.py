@@ -1,13 +1,13 @@
 """Keep the image-caption pairs a model scores as matching: CLIP-score filtering, as LAION and DataComp's baseline
 filter web pairs, over a collection embedded with ``clipforge embed --captions``; and drop near-duplicate images.
 
-A pair's score is the cosine of its image and caption embeddings (the collection's float16 vectors). A near-duplicate
-is an image whose cosine to a better-ranked kept image (higher score; without scores, earlier in the collection)
-reaches the ``dedup`` threshold: the rule ``search --dedup`` applies to results, here over the whole collection
-(re-uploads, crops and resizes of one photo, which a model sees as one image and a dataset counts many times). The
-kept pairs are written as WebDataset shards (the image as stored, every caption line, a ``.json`` with the score and
-where the pair came from) that ``clipforge train --train-data OUT`` reads; ``OUT/scores.parquet`` lists every pair's
-score.
+A pair's score is the cosine of its image and caption embeddings (the collection's float16 vectors; embedded with
+``--all-captions``, the mean of the image's captions). A near-duplicate is an image whose cosine to a better-ranked
+kept image (higher score; without scores, earlier in the collection) reaches the ``dedup`` threshold: the rule
+``search --dedup`` applies to results, here over the whole collection (re-uploads, crops and resizes of one photo,
+which a model sees as one image and a dataset counts many times). The kept pairs are written as WebDataset shards
+(the image as stored, every caption line, a ``.json`` with the score and where the pair came from) that ``clipforge
+train --train-data OUT`` reads; ``OUT/scores.parquet`` lists every pair's score.
 """
 from __future__ import annotations
 
