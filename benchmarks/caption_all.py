@@ -16,7 +16,6 @@ in their own words, against a collection captioned by others). Recall@1/5/10 of 
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import subprocess
@@ -29,10 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caption_search import KS, recalls
+from caption_search import KS, flickr_arguments, recalls
 from report import finish, machine
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def photos_and_captions(data: str) -> list[tuple[str, bytes, list[str]]]:
@@ -143,14 +140,7 @@ def peer(data: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", help="models trained here (e.g. the recipe's seeds)")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flickr8k" / "test"))
-    p.add_argument("--dev", default=str(REPO.parent / "shared" / "data" / "flickr8k" / "dev"),
-                   help="where mean or max is chosen (numpy folds only)")
-    p.add_argument("--json")
-    args = p.parse_args()
-    torch.set_num_threads(2)
+    args = flickr_arguments(__doc__, "where mean or max is chosen (numpy folds only)")
     report = {"machine": machine(), "data": "flickr8k", "runs": {}}
     import clipforge
 

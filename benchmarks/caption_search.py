@@ -103,15 +103,19 @@ def peer(first_captions: list[str], queries: list, targets: np.ndarray) -> dict:
             "embed_s (documents + queries)": round(seconds, 1)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def flickr_arguments(description: str, dev_help: str):
+    """The arguments of a caption benchmark on Flickr8k: checkpoints, --data (test), --dev, --json."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="models trained here (e.g. the recipe's seeds)")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flickr8k" / "test"))
-    p.add_argument("--dev", default=str(REPO.parent / "shared" / "data" / "flickr8k" / "dev"),
-                   help="where the fusion's weight is chosen (by R@1, then R@5)")
+    p.add_argument("--dev", default=str(REPO.parent / "shared" / "data" / "flickr8k" / "dev"), help=dev_help)
     p.add_argument("--json")
-    args = p.parse_args()
     torch.set_num_threads(2)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = flickr_arguments(__doc__, "where the fusion's weight is chosen (by R@1, then R@5)")
     report = {"machine": machine(),
               "data": "flickr8k/test", "runs": {}}
     for checkpoint in args.checkpoints:
