@@ -132,6 +132,73 @@ def test_embedding_resumes_at_the_first_missing_shard(collection, tmp_path, caps
     assert "the embedding run has not finished (3 shards written)" in capsys.readouterr().err
 
 
+def test_images_added_after_the_embedded_ones_are_embedded_by_running_again_and_other_changes_refused(
+        collection, tmp_path, capsys, monkeypatch):
+    """Output shard i holds the input's images from i * shard_size: new images that sort after the embedded ones
+    are added (the last shard redone where they join it, safely across a kill); images inserted among them, another
+    shard size, or a collection from before inputs were recorded whose image count changed are refused."""
+    from clipforge.retrieval import embed as embed_module
+    from clipforge.retrieval import load_embeddings
+
+    images, out = tmp_path / "images", tmp_path / "emb"
+    images.mkdir()
+
+    def add(*numbers):
+        for i in numbers:
+            shutil.copy(collection["images"] / f"shape{i:03d}.png", images)
+
+    def embed(*extra):
+        return cli.main(["embed", str(images), str(out), "--pretrained", collection["ckpt"], "--shard-size", "3",
+                         "--no-progress", *extra])
+
+    def names(folder=out):
+        return [Path(row["path"]).name for row in load_embeddings(folder)[1]]
+
+    add(0, 1, 2, 3, 4)
+    assert embed() == 0
+    first_shard = (out / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns
+    add(5, 6)
+    capsys.readouterr()
+    assert embed() == 0
+    assert "note: 2 images added to the input since" in capsys.readouterr().err
+    assert names() == [f"shape{i:03d}.png" for i in range(7)]  # in order, none twice
+    assert json.loads((out / "embed_info.json").read_text())["reused_shards"] == 1  # shard 1 redone
+    assert (out / "img_emb" / "img_emb_00000.npy").stat().st_mtime_ns == first_shard
+    fresh = tmp_path / "fresh"
+    assert cli.main(["embed", str(images), str(fresh), "--pretrained", collection["ckpt"], "--no-progress"]) == 0
+    np.testing.assert_allclose(load_embeddings(out)[0], load_embeddings(fresh)[0], atol=2e-3)
+
+    add(7)  # killed while redoing the last shard: the next run still redoes it
+    original = embed_module.decoded_batches
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_module, "decoded_batches", interrupted)
+    assert embed() == 130
+    monkeypatch.setattr(embed_module, "decoded_batches", original)
+    assert embed() == 0
+    assert names() == [f"shape{i:03d}.png" for i in range(8)]
+
+    written = {path: path.stat().st_mtime_ns for path in (out / "img_emb").iterdir()}
+    (images / "aardvark.png").write_bytes((collection["images"] / "shape009.png").read_bytes())  # sorts first
+    capsys.readouterr()
+    assert embed() == 2
+    assert "the input's first 8 images are no longer the ones embedded" in capsys.readouterr().err
+    (images / "aardvark.png").unlink()
+    assert embed("--shard-size", "4") == 2  # (the last --shard-size wins)
+    error = capsys.readouterr().err
+    assert "--shard-size 4: the shards in" in error and "hold 3 images each; resume with --shard-size 3" in error
+    assert {path: path.stat().st_mtime_ns for path in (out / "img_emb").iterdir()} == written  # nothing touched
+
+    info = json.loads((out / "embed_info.json").read_text())  # a collection embedded before inputs were recorded
+    info.pop("catalogue")
+    (out / "embed_info.json").write_text(json.dumps(info))
+    add(8)
+    assert embed() == 2
+    assert "was embedded from 8 images and the input now has 9" in capsys.readouterr().err
+
+
 def test_resuming_or_querying_with_other_weights_of_the_same_architecture_is_caught(collection, tmp_path, capsys):
     """The collection stores its model's features of the probe images and texts (``retrieval.probe``): resuming with
     another checkpoint of the same architecture is refused, the same weights in bf16 resume, and search with other
@@ -811,7 +878,7 @@ def test_a_collection_embedded_before_relative_paths_reads_and_resumes_as_it_was
     assert cli.main(["embed", "images", "old", "--pretrained", collection["ckpt"], "--shard-size", "16",
                      "--no-progress"]) == 0
     info = json.loads(Path("old/embed_info.json").read_text())
-    del info[RELATIVE_PATHS]  # as the earlier version wrote it, with the paths as typed
+    del info[RELATIVE_PATHS], info["catalogue"]  # as the earlier version wrote it, with the paths as typed
     Path("old/embed_info.json").write_text(json.dumps(info))
     for parquet in sorted(Path("old/metadata").glob("*.parquet")):
         table = pq.read_table(parquet)

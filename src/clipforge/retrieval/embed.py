@@ -2,11 +2,17 @@
 the layout ``retrieval.collection`` describes.
 
 Each output shard is written atomically once its images are embedded, so a killed run continues at the first
-missing shard. Under ``torchrun`` output shard ``i`` belongs to rank ``i % world_size``.
+missing shard. Under ``torchrun`` output shard ``i`` belongs to rank ``i % world_size``. Output shard ``i`` holds the
+input's images ``i * shard_size`` onwards, so ``embed_info.json`` records which images those were (a digest of their
+paths in order): images added where they sort after the embedded ones are embedded by running again (the last shard
+redone where they join it), and any other change to the input, or another ``--shard-size``, is refused instead of
+filing images under other rows.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +23,8 @@ from ..data.sources import open_source
 from ..files import atomic_path
 from ..inference import weights_dtype
 from ..preprocess import BadImageError, image_batch
-from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, image_shard, item_captions, item_path,
-                         load_item, read_info, save_vectors, write_image_shard, write_info)
+from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, embedded_shards, image_shard, item_captions,
+                         item_path, load_item, read_info, save_vectors, write_image_shard, write_info)
 from .probe import disagreeing, probe_features, read_probe, write_probe
 
 
@@ -83,6 +89,49 @@ def _check_resumable(output: Path, summary: dict, n_shards: int, probe: dict) ->
                          "model and settings")
 
 
+def _digest(paths: list[str]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
+
+
+def catalogue_record(paths: list[str], shard_size: int) -> dict:
+    """What ``embed_info.json`` keeps of the input: how many images, in shards of how many, and a digest of their
+    recorded paths in order (what decides which image lands in which row)."""
+    return {"images": len(paths), "shard_size": shard_size, "sha256": _digest(paths)}
+
+
+def stale_shards(output: Path, previous: dict, paths: list[str], shard_size: int) -> set[int]:
+    """Finished shards to embed again for the input's ``paths``: none when the input is the one embedded; the last
+    one when images were added after the embedded ones and some join it; an error for any other change (images
+    added among, removed from or renamed within the embedded ones, or another shard size), which would put images in
+    other rows than their shards hold."""
+    if not embedded_shards(output):
+        return set()
+    before = previous.get("catalogue")
+    if before is None:  # embedded before inputs were recorded: the finished run's image count is all there is
+        if previous.get("images") not in (None, len(paths)):
+            raise ValueError(f"{output} was embedded from {previous['images']} images and the input now has "
+                             f"{len(paths)}; resuming would put images in other rows than its shards hold: embed "
+                             "into a new folder")
+        return set()
+    if before["shard_size"] != shard_size:
+        raise ValueError(f"--shard-size {shard_size}: the shards in {output} hold {before['shard_size']} images "
+                         f"each; resume with --shard-size {before['shard_size']} (or embed into a new folder)")
+    count = before["images"]
+    if count > len(paths) or _digest(paths[:count]) != before["sha256"]:
+        raise ValueError(f"the input's first {count} images are no longer the ones embedded into {output} (images "
+                         f"added among them, removed or renamed; {len(paths)} now): resuming would put images in "
+                         "other rows than its shards hold. Embed into a new folder; images added where they sort "
+                         "after all the embedded ones (new files named later, new shards) are added by running "
+                         "the same embed again")
+    if count == len(paths):
+        return set()
+    last = (count - 1) // shard_size if count else 0
+    return {last} if count % shard_size and image_shard(output, last)[0].exists() else set()
+
+
 @torch.no_grad()
 def embed_collection(model, preprocess, input_spec: str, output: str | Path, shard_size: int = 10_000,
                      batch_size: int = 256, texts: list[str] | None = None, tokenizer=None, rank: int = 0,
@@ -123,7 +172,17 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
         raise ValueError("embedding captions needs the model's tokenizer")
     probe = probe_features(model, preprocess, tokenizer, device)
     _check_resumable(output, summary, n_shards, probe)
+    recorded = [paths.item(item_path(item)) for item in items]
+    previous = read_info(output)
+    stale = stale_shards(output, previous, recorded, shard_size)
+    summary["catalogue"] = catalogue_record(recorded, shard_size)
     if rank == 0:  # before any shard: a collection cut short reads its paths and weights' fingerprint the same way
+        added = len(items) - previous.get("catalogue", {}).get("images", len(items))
+        if added > 0 and embedded_shards(output):
+            print(f"note: {added} images added to the input since {output} was embedded: embedding them"
+                  + (f" (shard {min(stale)} again, which they join)" if stale else ""), file=sys.stderr)
+        for shard in stale:  # first: were this run killed, the next one still finds the shard to redo
+            image_shard(output, shard)[0].unlink()
         write_info(output, summary)
         write_probe(output, probe)
     stats = {"images": len(items), "embedded": 0, "skipped": 0, "reused_shards": 0, "shards": n_shards,
@@ -132,7 +191,8 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
     for shard in range(rank, n_shards, world_size):
         emb_path, meta_path = image_shard(output, shard)
         chunk = items[shard * shard_size:(shard + 1) * shard_size]
-        if emb_path.exists() and meta_path.exists():  # finished before a restart
+        # finished before a restart; a stale shard is redone even where rank 0 has not unlinked it yet (torchrun)
+        if emb_path.exists() and meta_path.exists() and shard not in stale:
             stats["reused_shards"] += 1
             bar.update(len(chunk))
             continue
