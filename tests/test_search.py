@@ -1045,6 +1045,115 @@ def test_clip_retrieval_client_queries_the_server_unchanged(live_server, client,
     assert (similarity[np.triu_indices(len(kept), 1)] < 0.94 + 1e-3).all()  # no two kept are near-duplicates
 
 
+def _clip_retrieval_folder(folder: Path, model, preprocess, tokenizer, items: list[tuple[str, str, Path]],
+                           partition_rows: int, enable_metadata: bool = True) -> None:
+    """An embeddings folder as `clip-retrieval inference` writes it, by its own writer: ``items`` are (image_path
+    as it records it, caption, image file), embedded by ``model``, ``partition_rows`` to a partition."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("clip_retrieval")
+    if spec is None:
+        pytest.skip("clip-retrieval is not installed (pip install --no-deps clip-retrieval==2.45.0)")
+    pytest.importorskip("pandas", reason="pandas is in the test extras (clip-retrieval's writer needs it)")
+    path = Path(spec.submodule_search_locations[0]) / "clip_inference" / "writer.py"
+    module_spec = importlib.util.spec_from_file_location("clip_retrieval_writer", path)
+    writer = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(writer)
+    partitions = (len(items) + partition_rows - 1) // partition_rows
+    for partition in range(partitions):
+        chunk = items[partition * partition_rows:(partition + 1) * partition_rows]
+        images = [Image.open(file).convert("RGB") for _, _, file in chunk]
+        with torch.no_grad():
+            image_embs = model.encode_image(torch.stack([preprocess(i) for i in images]), normalize=True)
+            text_embs = model.encode_text(tokenizer([caption for _, caption, _ in chunk]), normalize=True)
+        sink = writer.NumpyWriter(partition, str(folder), True, True, enable_metadata, partitions)
+        sink({"image_embs": image_embs.numpy().astype(np.float16), "image_filename": [p for p, _, _ in chunk],
+              "text": [caption for _, caption, _ in chunk], "text_embs": text_embs.numpy().astype(np.float16),
+              "metadata": [json.dumps({"width": i.width, "height": i.height, "url": "http://example.com/x"})
+                           for i in images]})
+        sink.flush()
+
+
+def test_a_clip_retrieval_embeddings_folder_is_adopted_without_embedding_again(collection, tmp_path, capsys):
+    """`clipforge import clip-retrieval`: the folder clip-retrieval's own writer makes (files by path; shard samples
+    by key, found with --images) becomes a collection that searches as clipforge's own embedding of the same images,
+    captions included; vectors of another model, another dimension, or a folder that is not new are refused; a run
+    cut short resumes."""
+    from clipforge.retrieval import load_embeddings
+    from clipforge.retrieval.search import Searcher
+
+    loaded = clipforge.load(collection["ckpt"])
+    files = sorted(collection["images"].glob("shape0[0-2]*.png"))  # 30 images
+    captions = [(file.with_suffix(".txt")).read_text().strip() for file in files]
+    source = tmp_path / "clip-retrieval"
+    _clip_retrieval_folder(source, *loaded, [(str(f), c, f) for f, c in zip(files, captions)], partition_rows=12)
+    assert sorted(p.name for p in (source / "img_emb").iterdir()) == ["img_emb_0.npy", "img_emb_1.npy",
+                                                                         "img_emb_2.npy"]
+    middle = source / "img_emb" / "img_emb_1.npy"  # float32, not unit length: copied as unit float16 all the same
+    np.save(middle, np.load(middle).astype(np.float32) * 2.5)
+    out = tmp_path / "adopted"
+    assert cli.main(["import", "clip-retrieval", str(source), str(out), "--pretrained", collection["ckpt"],
+                     "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "adopted 30 images in 3 partitions" in printed and "with their caption vectors" in printed
+    assert "median cosine 1.000" in printed or "median cosine 0.99" in printed
+    vectors, rows = load_embeddings(out)
+    assert [Path(r["path"]).name for r in rows] == [f.name for f in files]
+    assert [r["caption"] for r in rows] == captions and rows[0]["width"] == 64
+    ours = tmp_path / "ours"  # clipforge's own embedding of the same images, with their captions
+    shutil.copytree(collection["images"], tmp_path / "images", ignore=lambda d, names: [
+        n for n in names if not n.startswith(("shape00", "shape01", "shape02"))])
+    assert cli.main(["embed", str(tmp_path / "images"), str(ours), "--pretrained", collection["ckpt"], "--captions",
+                     "--no-progress"]) == 0
+    np.testing.assert_allclose(vectors, load_embeddings(ours)[0], atol=2e-3)
+    np.testing.assert_allclose(_caption_vectors(out)[0], _caption_vectors(ours)[0], atol=2e-3)
+    for folder in (out, ours):
+        assert cli.main(["index", "build", str(folder), "--quiet"]) == 0
+    adopted, own = Searcher(out, *loaded), Searcher(ours, *loaded)
+    for modality in ("image", "text"):
+        assert [h["id"] for h in adopted.search_text("a red circle", k=8, modality=modality)] == \
+            [h["id"] for h in own.search_text("a red circle", k=8, modality=modality)]
+    capsys.readouterr()
+    assert cli.main(["search", str(out), "a red circle", "-k", "1"]) == 0  # the recorded model embeds the query
+    assert "shape0" in capsys.readouterr().out
+
+    keyed = tmp_path / "keyed"  # from shards: clip-retrieval keeps the sample's key only
+    shard = write_shard(tmp_path / "shards" / "000000.tar", [
+        {"__key__": f.stem, "png": f.read_bytes(), "txt": c} for f, c in zip(files, captions)])
+    _clip_retrieval_folder(keyed, *loaded, [(f.stem, c, f) for f, c in zip(files, captions)], partition_rows=30,
+                           enable_metadata=False)
+    capsys.readouterr()
+    assert cli.main(["import", "clip-retrieval", str(keyed), str(tmp_path / "k1"), "--pretrained", collection["ckpt"],
+                     "--no-progress"]) == 0  # the keys alone: not found, not checked
+    captured = capsys.readouterr()
+    assert "none of the sampled images" in captured.err and "30 images not found from here" in captured.err
+    assert cli.main(["import", "clip-retrieval", str(keyed), str(tmp_path / "k2"), "--pretrained", collection["ckpt"],
+                     "--images", str(shard), "--no-progress"]) == 0
+    rows = load_embeddings(tmp_path / "k2")[1]
+    assert rows[3]["path"].endswith("000000.tar:" + files[3].stem) and rows[3]["width"] == 0
+    from clipforge.retrieval.collection import item_from_path, load_item
+
+    assert load_item(item_from_path(rows[3]["path"]))[0].size == (64, 64)  # the sample, read from its shard
+
+    torch.manual_seed(5)  # vectors of another model: refused before anything is written
+    other = clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64"), tmp_path / "other-model")
+    capsys.readouterr()
+    assert cli.main(["import", "clip-retrieval", str(source), str(tmp_path / "wrong"), "--pretrained", str(other),
+                     "--no-progress"]) == 2
+    assert "were not made by this model" in capsys.readouterr().err and not (tmp_path / "wrong").exists()
+    assert cli.main(["import", "clip-retrieval", str(source), str(tmp_path / "wider"), "--model", "ViT-B-32",
+                     "--no-progress"]) == 2
+    assert "holds 128-dimensional vectors and this model makes 512" in capsys.readouterr().err
+    assert cli.main(["import", "clip-retrieval", str(keyed), str(out), "--pretrained", collection["ckpt"],
+                     "--no-progress"]) == 2
+    assert f"{out} is not empty" in capsys.readouterr().err
+
+    (out / "img_emb" / "img_emb_00002.npy").unlink()  # cut short: the same command resumes
+    assert cli.main(["import", "clip-retrieval", str(source), str(out), "--pretrained", collection["ckpt"],
+                     "--no-progress"]) == 0
+    np.testing.assert_array_equal(load_embeddings(out)[0], vectors)
+
+
 def test_browsers_may_call_the_api_only_from_allowed_origins(client, collection):
     """A clip-retrieval front page on another port posts JSON as text/plain (no preflight); its origin must be
     allowed for the browser to read the answer, and no other site's is, by default or otherwise."""

@@ -161,6 +161,8 @@ _EXTRA_COMMANDS: list = [
                    "add_embed_arguments"),
     _register_lazy("filter", "retrieval.cli", "keep the image-caption pairs a model scores as matching (CLIP score)",
                    "add_filter_arguments"),
+    _register_lazy("import", "retrieval.cli", "adopt clip-retrieval's embeddings as a collection (no re-embedding)",
+                   "add_import_arguments"),
     _register_lazy("index", "retrieval.cli", "build a FAISS index over embeddings", "add_index_arguments"),
     _register_lazy("search", "retrieval.cli", "search an indexed collection by text or image",
                    "add_search_arguments"),

@@ -257,6 +257,48 @@ def _tuning_queries(folder: str, choice: str):
     return np.load(path).astype(np.float32)
 
 
+def add_import_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Adopt embeddings made elsewhere as a clipforge collection, without embedding again: "
+                     "clip-retrieval's (the output folder of `clip-retrieval inference`: img_emb/, metadata/ and, "
+                     "with --enable_text, text_emb/, which become the collection's caption vectors). The vectors "
+                     "are copied in chunks as unit float16, the metadata mapped onto clipforge's columns, and the "
+                     "vectors checked against the model given (its features of a few of the images), which search "
+                     "and serve then embed queries with. Then: clipforge index build OUTPUT.")
+    p.epilog = ("example: clipforge import clip-retrieval embeddings/ emb/ --model ViT-B-32 --pretrained openai "
+                "--images 'shards/{00000..00099}.tar'")
+    p.add_argument("format", choices=["clip-retrieval"])
+    p.add_argument("source", help="the embeddings folder clip-retrieval wrote")
+    p.add_argument("output", help="a new folder for the collection")
+    add_model_arguments(p)
+    p.add_argument("--images", help="the folder or shards clip-retrieval read, where its image_path values are not "
+                                    "files from here: a shard's samples are found by key, a folder's files by name")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip comparing the model's features of a few images with the stored vectors")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=run_import)
+
+
+def run_import(args) -> int:
+    from ..inference import load_from_args
+    from .clip_retrieval_import import adopt_clip_retrieval
+
+    if args.model is None and args.pretrained is None:
+        raise ValueError("give the model clip-retrieval embedded with (--model NAME --pretrained TAG_OR_PATH, or "
+                         "--pretrained CHECKPOINT): search and serve embed queries with it")
+    stats = adopt_clip_retrieval(args.source, args.output, *load_from_args(args),
+                                 model_spec={"model": args.model, "pretrained": args.pretrained},
+                                 images=args.images, check=args.check, progress=args.progress)
+    checked = (f"; vectors checked on {stats['checked_images']} images (median cosine {stats['check_cosine']:.3f})"
+               if stats["check_cosine"] is not None else "")
+    print(f"adopted {stats['images']} images in {stats['partitions']} partitions into {args.output}"
+          + (" with their caption vectors" if stats["captions"] else "") + checked)
+    if stats["not_found"]:
+        print(f"warning: {stats['not_found']} images not found from here (no thumbnails for them): give --images, "
+              "the folder or shards clip-retrieval read", file=sys.stderr)
+    print(f"next: clipforge index build {args.output}")
+    return 0
+
+
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Search an indexed collection by text or by image, among its images or (--modality text) its "
                      "captions; prints rank, score and path. With --copy-to, also writes the results' images and "

@@ -1,0 +1,207 @@
+"""Adopt a collection embedded by clip-retrieval (``clip-retrieval inference``), so that ``index build``, ``search``,
+``serve`` and ``filter`` work on it without embedding it again.
+
+clip-retrieval writes ``img_emb/img_emb_{N}.npy``, ``metadata/metadata_{N}.parquet`` (``image_path``, ``caption``
+and, with ``--enable_metadata``, the samples' own fields) and, with ``--enable_text``, ``text_emb/text_emb_{N}.npy``:
+each image's caption, row for row, which is what ``embed --captions`` keeps in ``caption_emb/``. The vectors are
+copied partition by partition, in chunks (any size fits in memory), renormalised, as float16; the metadata is mapped
+onto clipforge's columns, each image's path found from here (a file as clip-retrieval read it, or with ``images`` the
+folder or shards it read: a sample's key, which is all clip-retrieval keeps of a shard's sample, or a file's name).
+The vectors are checked against the model named (its features of a few of the collection's images), since queries
+must come from the model that made them.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..files import atomic_path
+from .collection import (METADATA_SCHEMA, PathRecorder, caption_shard, check_collection, image_shard, item_from_path,
+                         item_path, load_item, read_info, write_info)
+
+CHUNK_ROWS = 65_536
+SAME_MODEL_COSINE = 0.95  # median cosine of stored and recomputed image vectors that the same model reaches
+
+
+def clip_retrieval_parts(folder: str | Path) -> list[tuple[Path, Path, Path | None]]:
+    """(image vectors, metadata, caption vectors or None) of each partition of a clip-retrieval embeddings folder,
+    in partition order; an error naming what is missing."""
+    folder = Path(folder)
+    numbered = re.compile(r"_(\d+)$")
+
+    def by_number(directory: str, prefix: str, suffix: str) -> dict[int, Path]:
+        found = {}
+        for path in (folder / directory).glob(f"{prefix}_*{suffix}"):
+            match = numbered.search(path.name[:-len(suffix)])
+            if match:
+                found[int(match.group(1))] = path
+        return found
+
+    images = by_number("img_emb", "img_emb", ".npy")
+    if not images:
+        raise FileNotFoundError(f"{folder}: no img_emb/img_emb_*.npy (expected the output folder of clip-retrieval "
+                                "inference, with image embeddings)")
+    metadata = by_number("metadata", "metadata", ".parquet")
+    texts = by_number("text_emb", "text_emb", ".npy")
+    missing = sorted(set(images) - set(metadata))
+    if missing:
+        raise FileNotFoundError(f"{folder}: metadata/metadata_{missing[0]}.parquet missing beside img_emb_"
+                                f"{missing[0]}.npy")
+    if texts and set(texts) != set(images):
+        raise FileNotFoundError(f"{folder}: text_emb/ holds other partitions than img_emb/ "
+                                f"({sorted(set(texts) ^ set(images))[:3]} ...)")
+    return [(images[n], metadata[n], texts.get(n)) for n in sorted(images)]
+
+
+def _write_unit_vectors(source: Path, target: Path, rows: int) -> None:
+    """``source`` (a [rows, d] .npy of any float dtype) as unit float16 vectors at ``target``, chunk by chunk,
+    atomically; an all-zero row (no caption) stays zero."""
+    vectors = np.load(source, mmap_mode="r")
+    if vectors.ndim != 2 or len(vectors) != rows:
+        raise ValueError(f"{source}: expected [{rows}, d] vectors, got {list(vectors.shape)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=vectors.shape)
+        for first in range(0, rows, CHUNK_ROWS):
+            chunk = np.asarray(vectors[first:first + CHUNK_ROWS], dtype=np.float32)
+            norms = np.linalg.norm(chunk, axis=1, keepdims=True)
+            out[first:first + CHUNK_ROWS] = chunk / np.where(norms > 0, norms, 1)
+        out.flush()
+        del out
+
+
+class _Locator:
+    """clip-retrieval's ``image_path`` -> a clipforge item path: the file itself where it exists from here, else
+    (with ``images``) a sample of those shards by key, or a file of that folder by name."""
+
+    def __init__(self, images: str | None):
+        self.by_name: dict[str, str] = {}
+        if images:
+            from ..data.sources import open_source
+
+            for item in open_source(images, shuffle_buffer=0).catalogue():
+                name = item["key"] if "key" in item else Path(item["path"]).name
+                self.by_name.setdefault(name, item_path(item))
+
+    def __call__(self, image_path: str) -> str | None:
+        if image_path and Path(image_path).is_file():
+            return image_path
+        return self.by_name.get(image_path) or self.by_name.get(Path(image_path or "").name)
+
+
+def _rows(parquet: Path, locate: _Locator, record) -> tuple[dict, int]:
+    """The partition's metadata in clipforge's columns, and how many of its images were not found."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet)
+    n = table.num_rows
+    column = (lambda name, default: table.column(name).to_pylist() if name in table.column_names else [default] * n)
+    paths, unfound = [], 0
+    for given in column("image_path", ""):
+        found = locate(str(given or ""))
+        unfound += found is None
+        paths.append(record(found) if found else str(given or ""))
+    sizes = {key: [int(v or 0) for v in column(key, 0)] for key in ("width", "height")}
+    return {"path": paths, "caption": [str(c or "") for c in column("caption", "")], **sizes}, unfound
+
+
+def _check_vectors(parts, locate: _Locator, model, preprocess, samples: int = 8) -> tuple[float | None, int]:
+    """(median cosine of stored and recomputed image vectors over up to ``samples`` readable images spread over the
+    source's partitions, or None when none is readable here; how many were compared). Run before anything is
+    written, so that vectors of another model leave nothing behind."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from ..preprocess import image_batch
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu")) \
+        if isinstance(model, torch.nn.Module) else "cpu"
+    cosines = []
+    visited = parts[::max(1, len(parts) // samples)]
+    per_partition = max(4, -(-4 * samples // len(visited)))  # up to 4x the samples looked at: some may be unreadable
+    for vectors, parquet, _ in visited:
+        names = pq.read_table(parquet, columns=["image_path"]).column("image_path").to_pylist() \
+            if "image_path" in pq.read_schema(parquet).names else []
+        stored = np.load(vectors, mmap_mode="r")
+        for row in np.unique(np.linspace(0, len(names) - 1, min(len(names), per_partition)).astype(int)):
+            found = locate(str(names[row] or ""))
+            try:
+                image, _ = load_item(item_from_path(found)) if found else (None, None)
+            except Exception:  # unreadable here: try the next
+                image = None
+            if image is None:
+                continue
+            with torch.no_grad():
+                vector = model.encode_image(image_batch([preprocess(image.convert("RGB"))], device), normalize=True)
+            kept = np.asarray(stored[row], dtype=np.float32)
+            cosines.append(float(vector.float().cpu().numpy()[0] @ (kept / max(np.linalg.norm(kept), 1e-12))))
+            if len(cosines) == samples:
+                return float(np.median(cosines)), len(cosines)
+    return (float(np.median(cosines)) if cosines else None), len(cosines)
+
+
+def adopt_clip_retrieval(source: str | Path, output: str | Path, model, preprocess, tokenizer,
+                         model_spec: dict, images: str | None = None, check: bool = True,
+                         progress: bool = True) -> dict:
+    """Write the clipforge collection ``output`` from clip-retrieval's embeddings folder ``source``; returns counts
+    (images, partitions, captions, images not found, the check's cosine)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from .probe import probe_features, write_probe
+
+    parts = clip_retrieval_parts(source)
+    output = Path(output)
+    paths = PathRecorder(output)
+    started = {"input": paths.spec(str(source)), "adopted_from": "clip-retrieval",
+               "model_spec": {key: paths.spec(value) for key, value in model_spec.items()}}
+    previous = read_info(output)
+    resuming = bool(previous) and all(previous.get(key) == value for key, value in started.items())
+    if output.exists() and any(output.iterdir()) and not resuming:
+        raise FileExistsError(f"{output} is not empty: adopt into a new folder (a run cut short resumes when given "
+                              "the same source and model)")
+    dim = np.load(parts[0][0], mmap_mode="r").shape[-1]
+    if dim != model.embed_dim:
+        raise ValueError(f"{source} holds {dim}-dimensional vectors and this model makes {model.embed_dim}: give "
+                         "the model clip-retrieval embedded it with (its --clip_model)")
+    locate = _Locator(images)
+    cosine, compared = _check_vectors(parts, locate, model, preprocess) if check else (None, 0)
+    if cosine is not None and cosine < SAME_MODEL_COSINE:
+        raise ValueError(f"the vectors in {source} were not made by this model: its features of {compared} of the "
+                         f"collection's images agree with them to a median cosine of {cosine:.3f} (the same model "
+                         f"gives {SAME_MODEL_COSINE} or more). Give the model clip-retrieval embedded it with (its "
+                         "--clip_model)")
+    if check and cosine is None:
+        print(f"warning: none of the sampled images of {source} is readable from here, so the vectors were not "
+              "checked against the model, and search results will have no thumbnails; give --images (the folder "
+              "or shards clip-retrieval read)", file=sys.stderr)
+    output.mkdir(parents=True, exist_ok=True)
+    write_info(output, started)  # first: a run cut short resumes with the same source and model
+    stats = {"images": 0, "partitions": len(parts), "captions": all(text for _, _, text in parts),
+             "not_found": 0, "check_cosine": cosine, "checked_images": compared}
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in METADATA_SCHEMA])
+    for shard, (vectors, parquet, texts) in enumerate(tqdm(parts, desc="adopting", unit="partition",
+                                                            disable=not progress)):
+        columns, unfound = _rows(parquet, locate, paths.item)
+        rows = len(columns["path"])
+        stats["images"] += rows
+        stats["not_found"] += unfound
+        emb_path, meta_path = image_shard(output, shard)
+        if emb_path.exists():  # adopted before the run was cut short
+            continue
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(meta_path) as tmp:  # metadata and captions first, the vectors last: as embed writes a shard
+            pq.write_table(pa.table(columns, schema=schema), tmp)
+        if stats["captions"]:
+            _write_unit_vectors(texts, caption_shard(output, shard), rows)
+        _write_unit_vectors(vectors, emb_path, rows)
+    check_collection(output)
+    write_probe(output, probe_features(model, preprocess, tokenizer))
+    write_info(output, {**started, "dim": dim, "model": getattr(model, "config", None), **paths.mark(),
+                        "captions": stats["captions"], "embedded": stats["images"], "images": stats["images"],
+                        "shards": len(parts), "skipped": 0, "reused_shards": 0})
+    return stats
