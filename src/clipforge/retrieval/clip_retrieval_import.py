@@ -12,6 +12,7 @@ must come from the model that made them.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..files import atomic_path
 from .collection import (METADATA_SCHEMA, PathRecorder, caption_shard, check_collection, image_shard, item_from_path,
-                         item_path, load_item, read_info, write_info)
+                         item_path, load_item, npy_layout, read_info, write_info)
 
 CHUNK_ROWS = 65_536
 SAME_MODEL_COSINE = 0.95  # median cosine of stored and recomputed image vectors that the same model reaches
@@ -57,20 +58,23 @@ def clip_retrieval_parts(folder: str | Path) -> list[tuple[Path, Path, Path | No
 
 
 def _write_unit_vectors(source: Path, target: Path, rows: int) -> None:
-    """``source`` (a [rows, d] .npy of any float dtype) as unit float16 vectors at ``target``, chunk by chunk,
-    atomically; an all-zero row (no caption) stays zero."""
-    vectors = np.load(source, mmap_mode="r")
-    if vectors.ndim != 2 or len(vectors) != rows:
-        raise ValueError(f"{source}: expected [{rows}, d] vectors, got {list(vectors.shape)}")
+    """``source`` (a [rows, d] .npy of any float dtype) as unit float16 vectors at ``target``, atomically, chunk by
+    chunk with plain reads and writes (memory-mapping would count the whole file as resident memory); an all-zero
+    row (no caption) stays zero."""
+    shape, dtype, offset = npy_layout(source)
+    if len(shape) != 2 or shape[0] != rows:
+        raise ValueError(f"{source}: expected [{rows}, d] vectors, got {list(shape)}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=vectors.shape)
+    with atomic_path(target) as tmp, open(source, "rb") as reader, open(tmp, "wb") as writer:
+        np.lib.format.write_array_header_1_0(writer, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                      "fortran_order": False, "shape": tuple(shape)})
+        reader.seek(offset)
         for first in range(0, rows, CHUNK_ROWS):
-            chunk = np.asarray(vectors[first:first + CHUNK_ROWS], dtype=np.float32)
+            count = min(CHUNK_ROWS, rows - first)
+            chunk = np.fromfile(reader, dtype=dtype, count=count * shape[1]).reshape(count, shape[1])
+            chunk = chunk.astype(np.float32)
             norms = np.linalg.norm(chunk, axis=1, keepdims=True)
-            out[first:first + CHUNK_ROWS] = chunk / np.where(norms > 0, norms, 1)
-        out.flush()
-        del out
+            (chunk / np.where(norms > 0, norms, 1)).astype(np.float16).tofile(writer)
 
 
 class _Locator:
@@ -87,9 +91,11 @@ class _Locator:
                 self.by_name.setdefault(name, item_path(item))
 
     def __call__(self, image_path: str) -> str | None:
-        if image_path and Path(image_path).is_file():
+        if image_path and os.path.isfile(image_path):
             return image_path
-        return self.by_name.get(image_path) or self.by_name.get(Path(image_path or "").name)
+        if not self.by_name:
+            return None
+        return self.by_name.get(image_path) or self.by_name.get(os.path.basename(image_path))
 
 
 def _rows(parquet: Path, locate: _Locator, record) -> tuple[dict, int]:
@@ -164,7 +170,7 @@ def adopt_clip_retrieval(source: str | Path, output: str | Path, model, preproce
     if output.exists() and any(output.iterdir()) and not resuming:
         raise FileExistsError(f"{output} is not empty: adopt into a new folder (a run cut short resumes when given "
                               "the same source and model)")
-    dim = np.load(parts[0][0], mmap_mode="r").shape[-1]
+    dim = npy_layout(parts[0][0])[0][-1]
     if dim != model.embed_dim:
         raise ValueError(f"{source} holds {dim}-dimensional vectors and this model makes {model.embed_dim}: give "
                          "the model clip-retrieval embedded it with (its --clip_model)")

@@ -266,7 +266,7 @@ def load_text_embeddings(folder: str | Path) -> np.ndarray | None:
     return np.load(path).astype(np.float32) if path.exists() else None
 
 
-def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, byte offset of the data) of a C-ordered ``.npy`` file, from its header alone."""
     with open(path, "rb") as handle:
         version = np.lib.format.read_magic(handle)
@@ -300,7 +300,7 @@ class StoredVectors:
                                         "--captions ...; done image shards are embedded again)")
         else:
             raise ValueError(f"modality {modality!r}: choose one of {', '.join(MODALITIES)}")
-        layouts = [_npy_layout(path) for path in self.files]
+        layouts = [npy_layout(path) for path in self.files]
         shapes = {shape[1:] for shape, _, _ in layouts}
         if len(shapes) != 1 or any(len(shape) != 2 for shape, _, _ in layouts):
             raise ValueError(f"{folder}: img_emb shards must be [n, d] arrays of one dimension, got "
