@@ -7,10 +7,21 @@ import platform
 from pathlib import Path
 
 
+def cpu_name() -> str:
+    """The processor's model name where Linux says it (platform.processor() is empty there), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(threads: int = 2) -> str:
     import torch
 
-    return f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} threads"
+    return f"{cpu_name()}, torch {torch.__version__}, {threads} threads"
 
 
 def finish(report: dict, path: str | None) -> None:
