@@ -109,7 +109,7 @@ def _rows(parquet: Path, locate: _Locator, record) -> tuple[dict, int]:
     for given in column("image_path", ""):
         found = locate(str(given or ""))
         unfound += found is None
-        paths.append(record(found) if found else str(given or ""))
+        paths.append(record(found or str(given or "")))  # one not found: as clip-retrieval read it, from here
     sizes = {key: [int(v or 0) for v in column(key, 0)] for key in ("width", "height")}
     return {"path": paths, "caption": [str(c or "") for c in column("caption", "")], **sizes}, unfound
 
