@@ -1147,6 +1147,12 @@ def test_a_clip_retrieval_embeddings_folder_is_adopted_without_embedding_again(c
     assert cli.main(["import", "clip-retrieval", str(keyed), str(out), "--pretrained", collection["ckpt"],
                      "--no-progress"]) == 2
     assert f"{out} is not empty" in capsys.readouterr().err
+    bad = tmp_path / "bad"  # not float vectors: refused by their header, before anything is read or written
+    shutil.copytree(source, bad)
+    np.save(bad / "img_emb" / "img_emb_1.npy", np.zeros((12, 128), np.int8))
+    assert cli.main(["import", "clip-retrieval", str(bad), str(tmp_path / "b"), "--pretrained", collection["ckpt"],
+                     "--no-progress"]) == 2
+    assert "img_emb_1.npy: expected [n, d] float vectors, got [12, 128] int8" in capsys.readouterr().err
 
     (out / "img_emb" / "img_emb_00002.npy").unlink()  # cut short: the same command resumes
     assert cli.main(["import", "clip-retrieval", str(source), str(out), "--pretrained", collection["ckpt"],

@@ -62,8 +62,8 @@ def _write_unit_vectors(source: Path, target: Path, rows: int) -> None:
     chunk with plain reads and writes (memory-mapping would count the whole file as resident memory); an all-zero
     row (no caption) stays zero."""
     shape, dtype, offset = npy_layout(source)
-    if len(shape) != 2 or shape[0] != rows:
-        raise ValueError(f"{source}: expected [{rows}, d] vectors, got {list(shape)}")
+    if len(shape) != 2 or shape[0] != rows or dtype.kind != "f":
+        raise ValueError(f"{source}: expected [{rows}, d] float vectors, got {list(shape)} {dtype}")
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp, open(source, "rb") as reader, open(tmp, "wb") as writer:
         np.lib.format.write_array_header_1_0(writer, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
@@ -170,6 +170,10 @@ def adopt_clip_retrieval(source: str | Path, output: str | Path, model, preproce
     if output.exists() and any(output.iterdir()) and not resuming:
         raise FileExistsError(f"{output} is not empty: adopt into a new folder (a run cut short resumes when given "
                               "the same source and model)")
+    for path in [path for part in parts for path in (part[0], part[2]) if path is not None]:  # headers only
+        shape, dtype, _ = npy_layout(path)
+        if len(shape) != 2 or dtype.kind != "f":
+            raise ValueError(f"{path}: expected [n, d] float vectors, got {list(shape)} {dtype}")
     dim = npy_layout(parts[0][0])[0][-1]
     if dim != model.embed_dim:
         raise ValueError(f"{source} holds {dim}-dimensional vectors and this model makes {model.embed_dim}: give "
