@@ -315,3 +315,98 @@ def test_a_collection_whose_images_have_no_caption_gets_no_caption_index(tmp_pat
     assert (folder / "index.faiss").exists() and not (folder / "caption_index.faiss").exists()
     refused = run_cli("index", "build", str(folder), "--modality", "text", check=False)
     assert refused.returncode == 2 and "no image has a caption to index" in refused.stderr
+
+
+def test_an_index_takes_the_images_embedded_since_it_was_built_unless_rows_changed(tmp_path, capsys):
+    """After `embed` added images, `index build` adds their vectors to the IVF-PQ index (its trained quantizer kept)
+    and to the caption index (their captioned rows after the indexed ones), tuned again to the target; with
+    --rebuild, when earlier rows changed, or past twice the rows it was built over, it builds anew."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipforge import cli
+    from clipforge.retrieval.index import exact_top_k, recall_at_k
+    from clipforge.retrieval.search import Searcher
+
+    vectors = clustered(6_000, 32, seed=3)
+    rng = np.random.default_rng(4)
+    captions = vectors + 0.5 * rng.standard_normal(vectors.shape, dtype=np.float32)
+    captions /= np.linalg.norm(captions, axis=1, keepdims=True)
+    captions[rng.random(len(captions)) < 0.3] = 0
+    folder = tmp_path / "emb"
+    write_collection(folder, vectors[:4_000], [2_500, 1_500], captions[:4_000])
+
+    def build(*extra):
+        capsys.readouterr()
+        assert cli.main(["index", "build", str(folder), "--kind", "ivfpq", "--target-recall", "0.9", "--quiet",
+                         "--tune-queries", "collection", *extra]) == 0
+        return capsys.readouterr().out
+
+    def centroids():
+        index = load_index(folder)[0]  # held while its quantizer is read
+        ivf = faiss.extract_index_ivf(index.index)
+        return faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist).copy()
+
+    assert build().count("built ivfpq") == 2
+    before = centroids()
+    write_image_shard(folder, 2, vectors[4_000:], {"path": [f"img/{i}.jpg" for i in range(4_000, 6_000)],
+                                                   "caption": [""] * 2_000, "width": [0] * 2_000,
+                                                   "height": [0] * 2_000}, captions[4_000:])
+    printed = build()
+    assert "added 2000 vectors to the ivfpq index of 4000 (now 6000" in printed
+    assert "vectors to the ivfpq caption index of" in printed
+    np.testing.assert_array_equal(centroids(), before)  # not trained again
+    index, info = load_index(folder)
+    queries = vectors[::30] + 0.1 * np.random.default_rng(9).standard_normal((200, 32), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)  # near the collection, old rows and new alike
+    truth = exact_top_k(vectors, queries, 10)[1]
+    assert index.ntotal == 6_000 and info["extended_from"] == 4_000 and info["collection_rows"] == 6_000
+    assert recall_at_k(index.search(queries, 10)[1], truth) >= 0.85
+    rows = np.load(folder / "caption_index.rows.npy")
+    assert np.array_equal(rows, np.flatnonzero(captions.any(axis=1)))  # old rows, then the new captioned ones
+    searcher = Searcher.__new__(Searcher)  # the caption index's answers, as serving maps them, without a model
+    searcher.folder, searcher.rows = folder, Metadata(folder)
+    searcher.indexes = {"text": (load_index(folder, modality="text", vectors=None)[0], None, rows)}
+    found = searcher.search_vectors(queries[:50], k=10, modality="text")
+    exact = rows[exact_top_k(captions[rows], queries[:50], 10)[1]]
+    assert recall_at_k(np.array([[h["id"] for h in hits] for hits in found]), exact) >= 0.85
+
+    assert build("--rebuild").count("built ivfpq") == 2  # asked to
+    write_image_shard(folder, 3, vectors[:100], {"path": [f"again/{i}.jpg" for i in range(100)],
+                                                 "caption": [""] * 100, "width": [0] * 100, "height": [0] * 100},
+                      captions[:100])
+    parquet = folder / "metadata" / "metadata_00000.parquet"  # earlier rows renamed: built anew
+    table = pq.read_table(parquet)
+    pq.write_table(table.set_column(0, "path", pa.array(["moved/" + p for p in table.column("path").to_pylist()])),
+                   parquet)
+    assert build().count("built ivfpq") == 2
+
+
+def test_a_flat_index_takes_new_rows_and_grows_into_ivfpq_past_its_threshold(tmp_path, capsys):
+    from clipforge import cli
+
+    vectors = clustered(700, 32, seed=5)
+    folder = tmp_path / "emb"
+    write_collection(folder, vectors[:300], 150)
+
+    def build():
+        capsys.readouterr()
+        assert cli.main(["index", "build", str(folder), "--quiet", "--exact-below", "600"]) == 0
+        return capsys.readouterr().out
+
+    def append(shard, first, last):
+        ids = range(first, last)
+        write_image_shard(folder, shard, vectors[first:last], {"path": [f"img/{i}.jpg" for i in ids],
+                                                               "caption": [""] * len(ids), "width": [0] * len(ids),
+                                                               "height": [0] * len(ids)})
+
+    assert "built flat index of 300" in build()
+    append(2, 300, 450)
+    assert "added 150 vectors to the flat index of 300 (now 450, recall@10 1.000)" in build()
+    index, info = load_index(folder)
+    np.testing.assert_allclose(index.search(vectors[:5], 3)[0],
+                               np.sort(vectors[:5] @ vectors[:450].T, axis=1)[:, ::-1][:, :3], atol=2e-3)
+    assert info["count"] == 450 and index.ntotal == 450
+    append(3, 450, 700)  # past --exact-below: what a rebuild would choose now is IVF-PQ
+    assert "built ivfpq index of 700" in build()

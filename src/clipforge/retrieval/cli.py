@@ -150,7 +150,9 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
                      "(codes only, the shortlist re-ranked from the stored embeddings), trained on a sample and "
                      "filled chunk by chunk within --max-memory; or HNSW. Tuned to reach --target-recall@10 against "
                      "exact search. A collection embedded with --captions gets a second index, of its captions "
-                     "(search --modality text). Several processes or machines (IVF-PQ): torchrun --nproc-per-node N "
+                     "(search --modality text). After `embed` added images, an index takes their vectors (its IVF "
+                     "lists kept, tuned again) unless --rebuild, the earlier rows changed, or a rebuild would choose "
+                     "another kind (or the collection more than doubled). Several processes or machines (IVF-PQ): torchrun --nproc-per-node N "
                      "-m clipforge.cli index build FOLDER (FOLDER on a shared file system across machines).")
     p.add_argument("action", choices=["build"])
     p.add_argument("folder", help="a folder written by clipforge embed")
@@ -168,6 +170,9 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-queries", default="auto",
                    help="what recall is tuned on: 'auto' (the folder's text_emb/ when it holds >= 100 texts, else "
                         "perturbed collection vectors), 'collection', or a .npy file of query vectors [auto]")
+    p.add_argument("--rebuild", action="store_true",
+                   help="build from scratch even where the index can take the images embedded since it was built "
+                        "(by default those are added to it, and it is tuned again: after `embed` added images)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run_index)
 
@@ -206,22 +211,35 @@ def run_index(args) -> int:
 
 
 def _build_one_index(args, modality: str, queries, unfinished: str | None, barrier=None) -> None:
-    """Build, save and report the index of ``modality``; under torchrun (``barrier`` given) this rank's part."""
-    from .index import build_index, build_index_distributed, modality_vectors, parse_size, save_index
+    """Build, save and report the index of ``modality``; under torchrun (``barrier`` given) this rank's part. An index
+    built before ``embed`` added images takes the new ones (``index.extendable``) unless --rebuild."""
+    from .index import (build_index, build_index_distributed, extend_index, extendable, modality_vectors, parse_size,
+                        rows_record, save_index)
 
     max_memory = parse_size(args.max_memory)
-    vectors, rows = modality_vectors(args.folder, modality)
     rank = int(os.environ.get("RANK", 0))
+    log = None if args.quiet or rank != 0 else (lambda message: print(message, file=sys.stderr, flush=True))
+    what = "index" if modality == "image" else "caption index"
+    previous = None if args.rebuild or barrier is not None else \
+        extendable(args.folder, modality, args.kind, args.exact_below, args.nlist)
+    built_over = rows_record(args.folder) if rank == 0 else {}
+    if previous is not None:
+        index, info, rows = extend_index(args.folder, modality, previous, args.target_recall, queries, log)
+        save_index(index, {**info, **built_over}, args.folder, modality, rows)
+        print(f"added {info['count'] - info['extended_from']} vectors to the {info['kind']} {what} of "
+              f"{info['extended_from']} (now {info['count']}, recall@10 {info['recall@10']:.3f}) in {args.folder}"
+              + (" (embedding unfinished)" if unfinished else "") + "; --rebuild builds it anew")
+        return
+    vectors, rows = modality_vectors(args.folder, modality)
     if not len(vectors):
         if args.modality == "text":
             raise ValueError(f"{args.folder}: no image has a caption to index")
         if rank == 0:
             print(f"note: no image of {args.folder} has a caption: no caption index", file=sys.stderr)
         return
-    say = (lambda message: print(message, file=sys.stderr, flush=True))
-    log = None if args.quiet or rank != 0 else say
     if barrier is not None:
-        part_log = None if args.quiet else (lambda message: say(f"[rank {rank}] {message}"))
+        part_log = None if args.quiet else \
+            (lambda message: print(f"[rank {rank}] {message}", file=sys.stderr, flush=True))
         index, info = build_index_distributed(vectors, args.folder, rank, int(os.environ["WORLD_SIZE"]), barrier,
                                               args.target_recall, queries=queries, log=part_log,
                                               max_memory=max_memory, nlist=args.nlist)
@@ -230,8 +248,7 @@ def _build_one_index(args, modality: str, queries, unfinished: str | None, barri
     else:
         index, info = build_index(vectors, args.kind, args.target_recall, args.exact_below, queries=queries, log=log,
                                   max_memory=max_memory, nlist=args.nlist)
-    save_index(index, info, args.folder, modality, rows)
-    what = "index" if modality == "image" else "caption index"
+    save_index(index, {**info, **built_over}, args.folder, modality, rows)
     if not info.get("target_met", True):
         print(f"warning: the {info['kind']} {what} reaches recall@10 {info['recall@10']:.3f}, below the target "
               f"{args.target_recall}; these vectors have little cluster structure. Use --kind flat (exact) or hnsw.")

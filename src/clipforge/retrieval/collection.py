@@ -233,6 +233,45 @@ def _map_location(path: str, change) -> str:
     return item_path(item)
 
 
+def paths_digest(paths) -> str:
+    """sha256 of ``paths`` in order (which image is in which row, for embed's input record and an index's rows)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path).encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
+
+
+def stored_paths_digest(folder: str | Path, rows: int) -> str | None:
+    """``paths_digest`` of the metadata paths of the collection's first ``rows`` rows as stored, read a shard's
+    path column at a time; None when it holds fewer rows."""
+    import pyarrow.parquet as pq
+
+    def paths():  # a batch at a time: an index build runs within a memory budget
+        left = rows
+        for parquet, _ in _metadata_files(Path(folder)):
+            for batch in pq.ParquetFile(parquet).iter_batches(batch_size=8_192, columns=["path"]):
+                if left <= 0:
+                    return
+                column = batch.column(0).to_pylist()[:left]
+                left -= len(column)
+                yield from column
+        if left > 0:
+            raise IndexError(rows)
+
+    import pyarrow as pa
+
+    pool = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())  # as write_metadata_arrow: mimalloc would keep the batches resident
+    try:
+        return paths_digest(paths())
+    except IndexError:
+        return None
+    finally:
+        pa.set_memory_pool(pool)
+
+
 def load_metadata(folder: str | Path) -> list[dict]:
     """The metadata rows of every image shard, in shard order (without reading the vectors)."""
     import pyarrow.parquet as pq
@@ -363,10 +402,10 @@ class StoredVectors:
             yield first, self.slice(first, min(first + rows, stop))
 
 
-def captioned_rows(captions: StoredVectors, rows: int = 65_536) -> np.ndarray:
-    """Row ids whose caption vector is not all zeros (``embed --captions`` stores zeros for an image without one),
-    read chunk by chunk."""
-    found = [first + np.flatnonzero(chunk.any(axis=1)) for first, chunk in captions.chunks(rows)]
+def captioned_rows(captions: StoredVectors, rows: int = 65_536, start: int = 0) -> np.ndarray:
+    """Row ids (from ``start`` on) whose caption vector is not all zeros (``embed --captions`` stores zeros for an
+    image without one), read chunk by chunk."""
+    found = [first + np.flatnonzero(chunk.any(axis=1)) for first, chunk in captions.chunks(rows, start)]
     return np.concatenate(found).astype(np.int64) if found else np.empty(0, np.int64)
 
 

@@ -10,7 +10,6 @@ filing images under other rows.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..files import atomic_path
 from ..inference import weights_dtype
 from ..preprocess import BadImageError, image_batch
 from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, embedded_shards, image_shard, item_captions,
-                         item_path, load_item, read_info, save_vectors, write_image_shard, write_info)
+                         item_path, load_item, paths_digest, read_info, save_vectors, write_image_shard, write_info)
 from .probe import disagreeing, probe_features, read_probe, write_probe
 
 
@@ -89,17 +88,10 @@ def _check_resumable(output: Path, summary: dict, n_shards: int, probe: dict) ->
                          "model and settings")
 
 
-def _digest(paths: list[str]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
-    return digest.hexdigest()
-
-
 def catalogue_record(paths: list[str], shard_size: int) -> dict:
     """What ``embed_info.json`` keeps of the input: how many images, in shards of how many, and a digest of their
     recorded paths in order (what decides which image lands in which row)."""
-    return {"images": len(paths), "shard_size": shard_size, "sha256": _digest(paths)}
+    return {"images": len(paths), "shard_size": shard_size, "sha256": paths_digest(paths)}
 
 
 def stale_shards(output: Path, previous: dict, paths: list[str], shard_size: int) -> set[int]:
@@ -120,7 +112,7 @@ def stale_shards(output: Path, previous: dict, paths: list[str], shard_size: int
         raise ValueError(f"--shard-size {shard_size}: the shards in {output} hold {before['shard_size']} images "
                          f"each; resume with --shard-size {before['shard_size']} (or embed into a new folder)")
     count = before["images"]
-    if count > len(paths) or _digest(paths[:count]) != before["sha256"]:
+    if count > len(paths) or paths_digest(paths[:count]) != before["sha256"]:
         raise ValueError(f"the input's first {count} images are no longer the ones embedded into {output} (images "
                          f"added among them, removed or renamed; {len(paths)} now): resuming would put images in "
                          "other rows than its shards hold. Embed into a new folder; images added where they sort "

@@ -412,6 +412,69 @@ def load_index(folder: str | Path, mmap: bool = False, vectors=None, modality: s
     return index, info
 
 
+def rows_record(folder: str | Path) -> dict:
+    """Which collection rows an index is built over, for its info: how many, and their paths' digest (what
+    ``extendable`` checks before adding the rows embedded since). Read before a build, while little is resident."""
+    from .collection import StoredVectors, stored_paths_digest
+
+    rows = len(StoredVectors(folder))
+    return {"collection_rows": rows, "collection_sha256": stored_paths_digest(folder, rows)}
+
+
+def extendable(folder: str | Path, modality: str, kind: str, exact_below: int, nlist: int | None) -> dict | None:
+    """The saved index's info where it can take the rows embedded since it was built instead of a rebuild: its
+    collection rows are still the first ones (their paths' digest agrees), more have come, and a rebuild would
+    choose the same kind (at most twice the rows an IVF-PQ or HNSW index was built over: beyond that its lists or
+    graph were shaped for another collection). None otherwise."""
+    from .collection import StoredVectors, stored_paths_digest
+
+    path = index_path(folder, modality, ".json")
+    if not path.exists() or not index_path(folder, modality).exists():
+        return None
+    info = json.loads(path.read_text())
+    built_over, rows = info.get("collection_rows"), len(StoredVectors(folder))
+    if built_over is None or rows <= built_over or (nlist is not None and nlist != info.get("nlist")):
+        return None
+    if stored_paths_digest(folder, built_over) != info.get("collection_sha256"):
+        return None
+    new_count = len(_added_rows(folder, modality, info)[0])
+    chosen = kind if kind != "auto" else ("flat" if new_count < exact_below else "ivfpq")
+    if chosen != info["kind"] or (info["kind"] != "flat" and new_count > 2 * info["count"]):
+        return None
+    return info
+
+
+def _added_rows(folder: str | Path, modality: str, info: dict):
+    """``(vectors, rows)`` as ``modality_vectors`` gives them, the rows indexed before first and the ones embedded
+    since after them; only the new part of a caption store is read to find its captioned rows."""
+    if modality == "image":
+        return modality_vectors(folder, modality)
+    from .collection import StoredVectors, captioned_rows
+
+    stored = StoredVectors(folder, modality)
+    rows = np.concatenate([load_rows(folder, modality), captioned_rows(stored, start=info["collection_rows"])])
+    return RowSubset(stored, rows), rows
+
+
+def extend_index(folder: str | Path, modality: str, info: dict, target_recall: float = 0.95,
+                 queries: np.ndarray | None = None, log=None):
+    """``(index, info, rows)``: the saved index of ``modality`` with the vectors of the rows embedded since it was
+    built added (``extendable`` said it can take them), tuned again to ``target_recall``."""
+    log = log or (lambda message: None)
+    vectors, rows = _added_rows(folder, modality, info)
+    index, _ = load_index(folder, mmap=False, vectors=vectors, modality=modality)
+    start, stop = index.ntotal, len(vectors)
+    log(f"adding the {stop - start:,} vectors embedded since the {info['kind']} index was built over {start:,}")
+    if isinstance(index, Reranked):
+        add_chunks(index.index, vectors, info["plan"]["chunk_rows"], start, stop, log)
+    elif stop > start:
+        index.add(vectors.slice(start, stop))
+    info = {**info, "count": stop, "extended_from": start}
+    if info["kind"] != "flat":
+        info = tune_index(index, vectors, info, target_recall, queries, log=log)
+    return index, info, rows
+
+
 def build_index_distributed(vectors, folder: str | Path, rank: int, world: int, barrier, target_recall: float = 0.95,
                             n_queries: int = 500, seed: int = 0, queries: np.ndarray | None = None, log=None,
                             max_memory: int | str | None = None, nlist: int | None = None):
