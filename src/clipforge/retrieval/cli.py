@@ -152,8 +152,9 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
                      "exact search. A collection embedded with --captions gets a second index, of its captions "
                      "(search --modality text). After `embed` added images, an index takes their vectors (its IVF "
                      "lists kept, tuned again) unless --rebuild, the earlier rows changed, or a rebuild would choose "
-                     "another kind (or the collection more than doubled). Several processes or machines (IVF-PQ): torchrun --nproc-per-node N "
-                     "-m clipforge.cli index build FOLDER (FOLDER on a shared file system across machines).")
+                     "another kind (or the collection more than doubled). Several processes or machines (IVF-PQ): "
+                     "torchrun --nproc-per-node N -m clipforge.cli index build FOLDER (FOLDER on a shared file "
+                     "system across machines).")
     p.add_argument("action", choices=["build"])
     p.add_argument("folder", help="a folder written by clipforge embed")
     p.add_argument("--kind", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto")
