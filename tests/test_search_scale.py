@@ -353,7 +353,7 @@ def test_an_index_takes_the_images_embedded_since_it_was_built_unless_rows_chang
     write_image_shard(folder, 2, vectors[4_000:], {"path": [f"img/{i}.jpg" for i in range(4_000, 6_000)],
                                                    "caption": [""] * 2_000, "width": [0] * 2_000,
                                                    "height": [0] * 2_000}, captions[4_000:])
-    printed = build()
+    printed = build("--target-recall", "0.97")  # tuned again, to the target given now
     assert "added 2000 vectors to the ivfpq index of 4000 (now 6000" in printed
     assert "vectors to the ivfpq caption index of" in printed
     np.testing.assert_array_equal(centroids(), before)  # not trained again
@@ -362,6 +362,7 @@ def test_an_index_takes_the_images_embedded_since_it_was_built_unless_rows_chang
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)  # near the collection, old rows and new alike
     truth = exact_top_k(vectors, queries, 10)[1]
     assert index.ntotal == 6_000 and info["extended_from"] == 4_000 and info["collection_rows"] == 6_000
+    assert info["target_recall"] == 0.97 and info["target_met"]
     assert recall_at_k(index.search(queries, 10)[1], truth) >= 0.85
     rows = np.load(folder / "caption_index.rows.npy")
     assert np.array_equal(rows, np.flatnonzero(captions.any(axis=1)))  # old rows, then the new captioned ones
