@@ -332,6 +332,40 @@ def test_torchrun_splits_shards_by_rank_and_matches_one_process(collection, tmp_
     assert info["embedded"] == 40 and info["skipped"] == 1  # counts from both ranks
 
 
+def test_torchrun_embeds_images_added_since_with_the_last_shard_redone_by_its_rank(collection, tmp_path):
+    """Images appended to the input, embedded again under torchrun: the shard they join is redone by the rank that
+    owns it, whichever rank reads the input record first, and the rows come out as one process embeds them."""
+    import subprocess
+    import sys
+
+    from clipforge.retrieval import load_embeddings
+
+    images, out = tmp_path / "images", tmp_path / "emb"
+    images.mkdir()
+
+    def add(numbers):
+        for i in numbers:
+            shutil.copy(collection["images"] / f"shape{i:03d}.png", images)
+
+    def embed():
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+             "--master-port", str(free_port()), "-m", "clipforge.cli", "embed", str(images), str(out),
+             "--pretrained", collection["ckpt"], "--shard-size", "16", "--no-progress"],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stderr
+
+    add(range(30))
+    embed()
+    add(range(30, 40))
+    assert "note: 10 images added to the input since" in embed()
+    vectors, rows = load_embeddings(out)
+    reference, reference_rows = load_embeddings(collection["emb"])
+    assert [Path(r["path"]).name for r in rows] == [Path(r["path"]).name for r in reference_rows]
+    np.testing.assert_allclose(vectors, reference, atol=2e-3)
+
+
 def test_index_cli_tunes_on_a_query_file_and_rejects_a_bad_one(collection, tmp_path):
     out = tmp_path / "emb"
     shutil.copytree(collection["emb"], out)
