@@ -1103,8 +1103,9 @@ def _clip_retrieval_folder(folder: Path, model, preprocess, tokenizer, items: li
         sink = writer.NumpyWriter(partition, str(folder), True, True, enable_metadata, partitions)
         sink({"image_embs": image_embs.numpy().astype(np.float16), "image_filename": [p for p, _, _ in chunk],
               "text": [caption for _, caption, _ in chunk], "text_embs": text_embs.numpy().astype(np.float16),
-              "metadata": [json.dumps({"width": i.width, "height": i.height, "url": "http://example.com/x"})
-                           for i in images]})
+              "metadata": [json.dumps({"width": i.width, "height": i.height,
+                                       "url": f"http://example.com/{Path(file).name}"}) for (_, _, file), i
+                           in zip(chunk, images)]})
         sink.flush()
 
 
@@ -1154,17 +1155,28 @@ def test_a_clip_retrieval_embeddings_folder_is_adopted_without_embedding_again(c
     keyed = tmp_path / "keyed"  # from shards: clip-retrieval keeps the sample's key only
     shard = write_shard(tmp_path / "shards" / "000000.tar", [
         {"__key__": f.stem, "png": f.read_bytes(), "txt": c} for f, c in zip(files, captions)])
-    _clip_retrieval_folder(keyed, *loaded, [(f.stem, c, f) for f, c in zip(files, captions)], partition_rows=30,
-                           enable_metadata=False)
+    _clip_retrieval_folder(keyed, *loaded, [(f.stem, c, f) for f, c in zip(files, captions)], partition_rows=30)
     capsys.readouterr()
     assert cli.main(["import", "clip-retrieval", str(keyed), str(tmp_path / "k1"), "--pretrained", collection["ckpt"],
-                     "--no-progress"]) == 0  # the keys alone: not found, not checked
+                     "--no-progress"]) == 0  # the keys alone: not found, not checked; shown from their web address
     captured = capsys.readouterr()
     assert "none of the sampled images" in captured.err and "30 images not found from here" in captured.err
+    assert cli.main(["index", "build", str(tmp_path / "k1"), "--quiet"]) == 0
+    from fastapi.testclient import TestClient
+
+    from clipforge.serve.app import create_app
+
+    served = TestClient(create_app(tmp_path / "k1", *loaded))
+    hit = served.get("/search", params={"q": "a red circle", "k": 1}).json()["results"][0]
+    assert hit["thumbnail"] == f"http://example.com/{hit['name']}.png"  # the web address clip-retrieval kept
+    assert served.get(f"/item/{hit['id']}").json()["url"] == hit["thumbnail"]
+    assert served.post("/knn-service", json={"text": "a red circle", "num_images": 1}).json()[0]["url"] == \
+        hit["thumbnail"]
     assert cli.main(["import", "clip-retrieval", str(keyed), str(tmp_path / "k2"), "--pretrained", collection["ckpt"],
                      "--images", str(shard), "--no-progress"]) == 0
     rows = load_embeddings(tmp_path / "k2")[1]
-    assert rows[3]["path"].endswith("000000.tar:" + files[3].stem) and rows[3]["width"] == 0
+    assert rows[3]["path"].endswith("000000.tar:" + files[3].stem) and rows[3]["width"] == 64
+    assert "url" not in rows[3]  # found here: served from the shard, no web address kept
     from clipforge.retrieval.collection import item_from_path, load_item
 
     assert load_item(item_from_path(rows[3]["path"]))[0].size == (64, 64)  # the sample, read from its shard

@@ -6,7 +6,8 @@ and, with ``--enable_metadata``, the samples' own fields) and, with ``--enable_t
 each image's caption, row for row, which is what ``embed --captions`` keeps in ``caption_emb/``. The vectors are
 copied partition by partition, in chunks (any size fits in memory), renormalised, as float16; the metadata is mapped
 onto clipforge's columns, each image's path found from here (a file as clip-retrieval read it, or with ``images`` the
-folder or shards it read: a sample's key, which is all clip-retrieval keeps of a shard's sample, or a file's name).
+folder or shards it read: a sample's key, which is all clip-retrieval keeps of a shard's sample, or a file's name);
+an image not found here keeps its ``url`` (``--enable_metadata``'s web address), which the server shows instead.
 The vectors are checked against the model named (its features of a few of the collection's images), since queries
 must come from the model that made them.
 """
@@ -105,13 +106,15 @@ def _rows(parquet: Path, locate: _Locator, record) -> tuple[dict, int]:
     table = pq.read_table(parquet)
     n = table.num_rows
     column = (lambda name, default: table.column(name).to_pylist() if name in table.column_names else [default] * n)
-    paths, unfound = [], 0
-    for given in column("image_path", ""):
+    paths, urls, unfound = [], [], 0
+    for given, url in zip(column("image_path", ""), column("url", "")):
         found = locate(str(given or ""))
         unfound += found is None
         paths.append(record(found or str(given or "")))  # one not found: as clip-retrieval read it, from here
+        urls.append("" if found else str(url or ""))  # where an image not here can still be seen
     sizes = {key: [int(v or 0) for v in column(key, 0)] for key in ("width", "height")}
-    return {"path": paths, "caption": [str(c or "") for c in column("caption", "")], **sizes}, unfound
+    columns = {"path": paths, "caption": [str(c or "") for c in column("caption", "")], **sizes}
+    return ({**columns, "url": urls} if any(urls) else columns), unfound
 
 
 def _check_vectors(parts, locate: _Locator, model, preprocess, samples: int = 8) -> tuple[float | None, int]:
@@ -205,7 +208,8 @@ def adopt_clip_retrieval(source: str | Path, output: str | Path, model, preproce
             continue
         meta_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(meta_path) as tmp:  # metadata and captions first, the vectors last: as embed writes a shard
-            pq.write_table(pa.table(columns, schema=schema), tmp)
+            pq.write_table(pa.table(columns, schema=schema.append(pa.field("url", pa.string()))
+                                    if "url" in columns else schema), tmp)
         if stats["captions"]:
             _write_unit_vectors(texts, caption_shard(output, shard), rows)
         _write_unit_vectors(vectors, emb_path, rows)

@@ -57,7 +57,8 @@ class Hit(BaseModel):
     width: int
     height: int
     name: str
-    thumbnail: str
+    thumbnail: str = Field(description="where to see the image: this server's view of it, or for an image the "
+                                       "collection does not hold (adopted from clip-retrieval) its web address")
 
 
 class SearchResponse(BaseModel):
@@ -70,6 +71,7 @@ class Item(BaseModel):
     width: int
     height: int
     captions: list[str]
+    url: str = Field("", description="the image's web address where the collection holds no copy of it")
 
 
 class LabelProbability(BaseModel):
@@ -274,7 +276,8 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
     def hits(results, where: Served) -> dict:
         return {"results": [{"id": h["id"], "score": h["score"], "caption": h.get("caption") or "",
                              "width": int(h.get("width") or 0), "height": int(h.get("height") or 0),
-                             "name": Path(str(h["path"])).name, "thumbnail": thumb_url(where.name, h["id"])}
+                             "name": Path(str(h["path"])).name,
+                             "thumbnail": h.get("url") or thumb_url(where.name, h["id"])}
                             for h in results]}
 
     def summary(where: Served) -> dict:
@@ -360,7 +363,8 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
         except (OSError, KeyError):  # the file moved since embedding: what the metadata kept
             captions = [row.get("caption") or ""]
         return {"id": index, "name": Path(str(row["path"])).name, "width": int(row.get("width") or 0),
-                "height": int(row.get("height") or 0), "captions": [c for c in captions if c]}
+                "height": int(row.get("height") or 0), "captions": [c for c in captions if c],
+                "url": row.get("url") or ""}
 
     @app.post("/classify", response_model=ClassifyResponse)
     async def classify(file: UploadFile = File(...), labels: str = Form(..., max_length=20_000),

@@ -7,8 +7,9 @@ Where it differs, on purpose: ``modality`` "text" searches the captions only whe
 index (embedded with ``--captions``: its captioned images), and is refused otherwise; ``image_url`` is not fetched,
 since the server makes no outbound requests (send the image itself, base64, as ``image``); clipforge has no safety,
 violence or aesthetic models, so those fields are accepted and change nothing; a result's ``url`` is the image's
-address on this server (a 512 px view), and it carries ``name``, ``width`` and ``height`` beside ``caption``, never a
-file path.
+address on this server (a 512 px view; for an image the collection holds no copy of, adopted from clip-retrieval,
+the web address it recorded), and it carries ``name``, ``width`` and ``height`` beside ``caption``, never a file
+path.
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def add_routes(app: FastAPI, served: dict, thumb_url, decode_image, max_upload_b
         return served[indice_name]
 
     def fields(request: Request, name: str, row: dict, index: int) -> dict:
-        url = str(request.base_url).rstrip("/") + thumb_url(name, index, 512)
+        url = row.get("url") or str(request.base_url).rstrip("/") + thumb_url(name, index, 512)
         return {"url": url, "caption": row.get("caption") or "", "name": Path(str(row["path"])).name,
                 "width": int(row.get("width") or 0), "height": int(row.get("height") or 0)}
 
