@@ -1904,6 +1904,12 @@ def test_serve_names_each_collection_and_loads_a_model_once_for_all_it_embedded(
     warnings = [line for line in capsys.readouterr().err.splitlines() if "is not the one that embedded" in line]
     assert len(warnings) == 1 and str(other_model["emb"]) in warnings[0]
 
+    spaced = other_model["emb"].parent / "my photos (2024)"  # a folder's own name is made safe, not refused
+    if not spaced.exists():
+        shutil.copytree(other_model["emb"], spaced)
+    assert cli.main(["serve", str(spaced)]) == 0
+    assert TestClient(started["app"]).get("/indices-list").json() == ["my-photos-2024-"]
+
 
 def test_each_request_searches_the_collection_it_names_with_that_collections_model(several, collection, captioned,
                                                                                     other_model):

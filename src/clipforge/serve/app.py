@@ -50,6 +50,12 @@ def check_collection_name(name: str) -> str:
     return name
 
 
+def default_collection_name(folder: str | Path) -> str:
+    """A collection's name when none is given: its folder's, other characters as '-' ("my photos" -> "my-photos")."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(folder).resolve().name).lstrip("_.-")[:64]
+    return name or "collection"
+
+
 class Hit(BaseModel):
     id: int
     score: float
@@ -159,11 +165,11 @@ class Batcher:
 
 def create_app(folder: str | Path, model, preprocess, tokenizer, max_upload_bytes: int = 10 * 2**20,
                index_in_memory: bool = False, captioner=None, allow_origins: list[str] = ()) -> FastAPI:
-    """The app over one collection, named after its folder. ``captioner``: a ``captioning.Captioner`` (a trained
+    """The app over one collection, named after its folder (``default_collection_name``). ``captioner``: a ``captioning.Captioner`` (a trained
     LiMBer map) to serve /caption, /item/{id}/caption and /ask; without one those endpoints answer 404 saying how to
     turn them on. ``allow_origins``: the web origins whose pages may call the API from a browser (CORS); none by
     default, so other sites cannot read the collection."""
-    return create_collections_app({Path(folder).resolve().name: (folder, (model, preprocess, tokenizer))},
+    return create_collections_app({default_collection_name(folder): (folder, (model, preprocess, tokenizer))},
                                   max_upload_bytes, index_in_memory, captioner, allow_origins)
 
 

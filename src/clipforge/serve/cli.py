@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
 from ..argtypes import port, positive_float
 from ..inference import add_model_arguments
@@ -39,14 +38,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def named_folders(values: list[str]) -> dict[str, str]:
     """``[NAME=]FOLDER`` arguments as {name: folder}, in order: an existing path is a folder even with a "=" in it;
-    a name defaults to the folder's own. Two collections of one name are an error naming the fix."""
-    from .app import check_collection_name
+    a name defaults to the folder's own (``default_collection_name``). Two collections of one name are an error
+    naming the fix."""
+    from .app import check_collection_name, default_collection_name
 
     collections: dict[str, str] = {}
     for value in values:
         name, given, folder = value.partition("=")
         if not given or os.path.exists(value):
-            name, folder = Path(value).resolve().name, value
+            name, folder = default_collection_name(value), value
         if name in collections:
             raise ValueError(f"two collections named {name!r}: name them, e.g. {name}-2={folder}")
         collections[check_collection_name(name)] = folder
