@@ -64,7 +64,8 @@ def ranked(scores: np.ndarray, k: int = 10) -> np.ndarray:
 
 
 def folds(vectors: np.ndarray) -> dict:
-    """``vectors`` [photos, 5, d] (unit): recall of each way to hold several captions, each caption held out in turn."""
+    """``vectors`` [photos, 5, d] (unit): recall of each way to hold several captions, each caption held out in turn
+    (the mean over the folds, and each fold's R@1: caption 5's is the product path's query)."""
     targets = np.arange(len(vectors))
     out = {"first remaining caption": [], "mean of the four (--all-captions)": [], "tried: best of the four (max)": []}
     for held in range(vectors.shape[1]):
@@ -75,8 +76,8 @@ def folds(vectors: np.ndarray) -> dict:
         per_caption = np.einsum("qd,pcd->qpc", queries, others)
         for name, scores in zip(out, (per_caption[:, :, 0], queries @ mean.T, per_caption.max(axis=2))):
             out[name].append(recalls(ranked(scores), targets))
-    return {name: {f"R@{k}": round(float(np.mean([r[f"R@{k}"] for r in runs])), 1) for k in KS}
-            for name, runs in out.items()}
+    return {name: {**{f"R@{k}": round(float(np.mean([r[f"R@{k}"] for r in runs])), 1) for k in KS},
+                   "R@1 by held-out caption": [r["R@1"] for r in runs]} for name, runs in out.items()}
 
 
 def encode(encode_batch, texts: list[str], batch: int = 256) -> np.ndarray:

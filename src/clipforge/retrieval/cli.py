@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -179,7 +180,9 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_index(args) -> int:
-    from .collection import check_collection, read_info, unfinished_embedding, write_metadata_arrow
+    from .collection import (check_collection, read_info, stored_paths_digest, unfinished_embedding,
+                             write_metadata_arrow)
+    from .index import rows_record
 
     check_collection(args.folder)
     captions = bool(read_info(args.folder).get("captions"))
@@ -194,9 +197,11 @@ def run_index(args) -> int:
     if rank == 0:  # what serving memory-maps; first, so that the build's budget counts what it left resident
         write_metadata_arrow(args.folder)
     queries = _tuning_queries(args.folder, args.tune_queries)
+    digest = functools.lru_cache(maxsize=None)(functools.partial(stored_paths_digest, args.folder))  # read once
+    built_over = rows_record(args.folder, digest) if rank == 0 else {}  # before a build: little is resident yet
     if world == 1:
         for modality in modalities[args.modality]:
-            _build_one_index(args, modality, queries, unfinished)
+            _build_one_index(args, modality, queries, unfinished, built_over, digest)
         return 0
     import torch.distributed as dist
 
@@ -205,27 +210,28 @@ def run_index(args) -> int:
     dist.init_process_group("gloo")
     try:
         for modality in modalities[args.modality]:
-            _build_one_index(args, modality, queries, unfinished, dist.barrier)
+            _build_one_index(args, modality, queries, unfinished, built_over, digest, dist.barrier)
     finally:
         dist.destroy_process_group()
     return 0
 
 
-def _build_one_index(args, modality: str, queries, unfinished: str | None, barrier=None) -> None:
+def _build_one_index(args, modality: str, queries, unfinished: str | None, built_over: dict, digest,
+                     barrier=None) -> None:
     """Build, save and report the index of ``modality``; under torchrun (``barrier`` given) this rank's part. An index
-    built before ``embed`` added images takes the new ones (``index.extendable``) unless --rebuild."""
+    built before ``embed`` added images takes the new ones (``index.extendable``) unless --rebuild. ``built_over``:
+    the collection rows it is built over (``index.rows_record``), recorded in its info; ``digest``: their paths'."""
     from .index import (build_index, build_index_distributed, extend_index, extendable, modality_vectors, parse_size,
-                        rows_record, save_index)
+                        save_index)
 
     max_memory = parse_size(args.max_memory)
     rank = int(os.environ.get("RANK", 0))
     log = None if args.quiet or rank != 0 else (lambda message: print(message, file=sys.stderr, flush=True))
     what = "index" if modality == "image" else "caption index"
     previous = None if args.rebuild or barrier is not None else \
-        extendable(args.folder, modality, args.kind, args.exact_below, args.nlist)
-    built_over = rows_record(args.folder) if rank == 0 else {}
+        extendable(args.folder, modality, args.kind, args.exact_below, args.nlist, digest)
     if previous is not None:
-        index, info, rows = extend_index(args.folder, modality, previous, args.target_recall, queries, log)
+        index, info, rows = extend_index(args.folder, modality, *previous, args.target_recall, queries, log)
         save_index(index, {**info, **built_over}, args.folder, modality, rows)
         print(f"added {info['count'] - info['extended_from']} vectors to the {info['kind']} {what} of "
               f"{info['extended_from']} (now {info['count']}, recall@10 {info['recall@10']:.3f}) in {args.folder}"

@@ -122,13 +122,10 @@ def _check_vectors(parts, locate: _Locator, model, preprocess, samples: int = 8)
     source's partitions, or None when none is readable here; how many were compared). Run before anything is
     written, so that vectors of another model leave nothing behind."""
     import pyarrow.parquet as pq
-    import torch
 
-    from ..preprocess import image_batch
+    from ..evaluate.features import embed_images
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu")) \
-        if isinstance(model, torch.nn.Module) else "cpu"
-    cosines = []
+    images, kept = [], []  # up to ``samples`` readable images and their stored vectors, embedded in one batch
     visited = parts[::max(1, len(parts) // samples)]
     per_partition = max(4, -(-4 * samples // len(visited)))  # up to 4x the samples looked at: some may be unreadable
     for vectors, parquet, _ in visited:
@@ -143,13 +140,18 @@ def _check_vectors(parts, locate: _Locator, model, preprocess, samples: int = 8)
                 image = None
             if image is None:
                 continue
-            with torch.no_grad():
-                vector = model.encode_image(image_batch([preprocess(image.convert("RGB"))], device), normalize=True)
-            kept = np.asarray(stored[row], dtype=np.float32)
-            cosines.append(float(vector.float().cpu().numpy()[0] @ (kept / max(np.linalg.norm(kept), 1e-12))))
-            if len(cosines) == samples:
-                return float(np.median(cosines)), len(cosines)
-    return (float(np.median(cosines)) if cosines else None), len(cosines)
+            images.append(image.convert("RGB"))
+            kept.append(np.asarray(stored[row], dtype=np.float32))
+            if len(images) == samples:
+                break
+        if len(images) == samples:
+            break
+    if not images:
+        return None, 0
+    features = embed_images(model, images, preprocess, normalize=True).numpy()
+    kept = np.stack(kept)
+    cosines = (features * kept).sum(axis=1) / np.maximum(np.linalg.norm(kept, axis=1), 1e-12)
+    return float(np.median(cosines)), len(images)
 
 
 def adopt_clip_retrieval(source: str | Path, output: str | Path, model, preprocess, tokenizer,

@@ -20,6 +20,7 @@ stored them as typed, relative to the working directory of the time, and are rea
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -243,6 +244,20 @@ def paths_digest(paths) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _system_allocator():
+    """Arrow's allocations from the system allocator meanwhile: its default (mimalloc) keeps about twice as much
+    resident after reading a file batch by batch, which counts against an index build's memory budget."""
+    import pyarrow as pa
+
+    pool = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(pool)
+
+
 def stored_paths_digest(folder: str | Path, rows: int) -> str | None:
     """``paths_digest`` of the metadata paths of the collection's first ``rows`` rows as stored, read a shard's
     path column at a time; None when it holds fewer rows."""
@@ -260,16 +275,11 @@ def stored_paths_digest(folder: str | Path, rows: int) -> str | None:
         if left > 0:
             raise IndexError(rows)
 
-    import pyarrow as pa
-
-    pool = pa.default_memory_pool()
-    pa.set_memory_pool(pa.system_memory_pool())  # as write_metadata_arrow: mimalloc would keep the batches resident
-    try:
-        return paths_digest(paths())
-    except IndexError:
-        return None
-    finally:
-        pa.set_memory_pool(pool)
+    with _system_allocator():
+        try:
+            return paths_digest(paths())
+        except IndexError:
+            return None
 
 
 def load_metadata(folder: str | Path) -> list[dict]:
@@ -429,9 +439,7 @@ def write_metadata_arrow(folder: str | Path) -> int:
     import pyarrow.parquet as pq
 
     written = 0
-    pool = pa.default_memory_pool()
-    pa.set_memory_pool(pa.system_memory_pool())  # mimalloc keeps ~2x as much resident afterwards: a budget's worth
-    try:
+    with _system_allocator():
         for parquet, target in _metadata_files(folder):
             if _is_fresh(target, parquet):
                 continue
@@ -441,8 +449,6 @@ def write_metadata_arrow(folder: str | Path) -> int:
                     for batch in source.iter_batches(batch_size=65_536, use_threads=False):
                         writer.write_batch(batch)
             written += 1
-    finally:
-        pa.set_memory_pool(pool)
     return written
 
 

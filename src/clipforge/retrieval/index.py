@@ -412,21 +412,24 @@ def load_index(folder: str | Path, mmap: bool = False, vectors=None, modality: s
     return index, info
 
 
-def rows_record(folder: str | Path) -> dict:
+def rows_record(folder: str | Path, digest) -> dict:
     """Which collection rows an index is built over, for its info: how many, and their paths' digest (what
-    ``extendable`` checks before adding the rows embedded since). Read before a build, while little is resident."""
-    from .collection import StoredVectors, stored_paths_digest
+    ``extendable`` checks before adding the rows embedded since). ``digest(rows)``: ``stored_paths_digest`` of the
+    folder, shared with ``extendable`` so that one run reads each digest once. Read before a build, while little is
+    resident."""
+    from .collection import StoredVectors
 
     rows = len(StoredVectors(folder))
-    return {"collection_rows": rows, "collection_sha256": stored_paths_digest(folder, rows)}
+    return {"collection_rows": rows, "collection_sha256": digest(rows)}
 
 
-def extendable(folder: str | Path, modality: str, kind: str, exact_below: int, nlist: int | None) -> dict | None:
-    """The saved index's info where it can take the rows embedded since it was built instead of a rebuild: its
-    collection rows are still the first ones (their paths' digest agrees), more have come, and a rebuild would
-    choose the same kind (at most twice the rows an IVF-PQ or HNSW index was built over: beyond that its lists or
-    graph were shaped for another collection). None otherwise."""
-    from .collection import StoredVectors, stored_paths_digest
+def extendable(folder: str | Path, modality: str, kind: str, exact_below: int, nlist: int | None, digest):
+    """``(info, vectors, rows)``: the saved index's info, and what it holds with the rows embedded since (as
+    ``modality_vectors`` gives them), where it can take those instead of a rebuild: its collection rows are still the
+    first ones (``digest(rows)`` of their paths agrees), more have come, and a rebuild would choose the same kind (at
+    most twice the rows an IVF-PQ or HNSW index was built over: beyond that its lists or graph were shaped for another
+    collection). None otherwise."""
+    from .collection import StoredVectors
 
     path = index_path(folder, modality, ".json")
     if not path.exists() or not index_path(folder, modality).exists():
@@ -435,13 +438,13 @@ def extendable(folder: str | Path, modality: str, kind: str, exact_below: int, n
     built_over, rows = info.get("collection_rows"), len(StoredVectors(folder))
     if built_over is None or rows <= built_over or (nlist is not None and nlist != info.get("nlist")):
         return None
-    if stored_paths_digest(folder, built_over) != info.get("collection_sha256"):
+    if digest(built_over) != info.get("collection_sha256"):
         return None
-    new_count = len(_added_rows(folder, modality, info)[0])
-    chosen = kind if kind != "auto" else ("flat" if new_count < exact_below else "ivfpq")
-    if chosen != info["kind"] or (info["kind"] != "flat" and new_count > 2 * info["count"]):
+    vectors, rows = _added_rows(folder, modality, info)
+    chosen = kind if kind != "auto" else ("flat" if len(vectors) < exact_below else "ivfpq")
+    if chosen != info["kind"] or (info["kind"] != "flat" and len(vectors) > 2 * info["count"]):
         return None
-    return info
+    return info, vectors, rows
 
 
 def _added_rows(folder: str | Path, modality: str, info: dict):
@@ -456,12 +459,11 @@ def _added_rows(folder: str | Path, modality: str, info: dict):
     return RowSubset(stored, rows), rows
 
 
-def extend_index(folder: str | Path, modality: str, info: dict, target_recall: float = 0.95,
+def extend_index(folder: str | Path, modality: str, info: dict, vectors, rows, target_recall: float = 0.95,
                  queries: np.ndarray | None = None, log=None):
     """``(index, info, rows)``: the saved index of ``modality`` with the vectors of the rows embedded since it was
-    built added (``extendable`` said it can take them), tuned again to ``target_recall``."""
+    built added (``info``, ``vectors`` and ``rows`` as ``extendable`` found them), tuned again to ``target_recall``."""
     log = log or (lambda message: None)
-    vectors, rows = _added_rows(folder, modality, info)
     index, _ = load_index(folder, mmap=False, vectors=vectors, modality=modality)
     start, stop = index.ntotal, len(vectors)
     log(f"adding the {stop - start:,} vectors embedded since the {info['kind']} index was built over {start:,}")
