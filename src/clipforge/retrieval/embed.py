@@ -189,15 +189,18 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
             bar.update(len(chunk))
             continue
         features, caption_features, rows = [], [], []
+        position = shard * shard_size  # the catalogue index of the batch's first item: its path is recorded already
         for batch in decoded_batches(chunk, preprocess, batch_size, workers, every_caption):
-            good = [sample for sample in batch if sample is not None]
+            good = [(position + i, sample) for i, sample in enumerate(batch) if sample is not None]
+            position += len(batch)
             stats["skipped"] += len(batch) - len(good)
             if good:
-                out = model.encode_image(image_batch([t for t, _ in good], device, non_blocking=True), normalize=True)
+                out = model.encode_image(image_batch([t for _, (t, _) in good], device, non_blocking=True),
+                                         normalize=True)
                 features.append(out.float().cpu().numpy().astype(np.float16))
-                rows.extend({**row, "path": paths.item(row["path"])} for _, row in good)
+                rows.extend({**row, "path": recorded[i]} for i, (_, row) in good)
                 if captions:
-                    lines = [row["captions"] if every_caption else [row["caption"]] for _, row in good]
+                    lines = [row["captions"] if every_caption else [row["caption"]] for _, (_, row) in good]
                     caption_features.append(_caption_vectors(model, tokenizer, lines, device))
             bar.update(len(batch))
         empty = np.zeros((0, model.embed_dim), np.float16)
