@@ -1287,6 +1287,9 @@ def test_web_page_search_drop_classification_and_captions_in_chromium(live_serve
         assert page.url.endswith("/?q=a+green+triangle")  # the search lives in the URL: shareable
         scores = [float(s) for s in page.locator("#results .result .score").all_inner_texts()]
         assert len(scores) == 24 and scores == sorted(scores, reverse=True)
+        # the thumbnail is made on the first request for it: wait for it to arrive (under load it may take a while)
+        page.wait_for_function("(img => img.complete && img.naturalWidth > 0)"
+                               "(document.querySelector('#results .result img'))")
         assert page.locator("#results .result img").first.evaluate("img => img.complete && img.naturalWidth") > 0
         page.mouse.wheel(0, 20_000)  # the next page loads as the end of the list comes into view
         page.wait_for_function("document.querySelectorAll('#results .result').length == 40")
