@@ -1170,6 +1170,8 @@ def test_a_clip_retrieval_embeddings_folder_is_adopted_without_embedding_again(c
     hit = served.get("/search", params={"q": "a red circle", "k": 1}).json()["results"][0]
     assert hit["thumbnail"] == f"http://example.com/{hit['name']}.png"  # the web address clip-retrieval kept
     assert served.get(f"/item/{hit['id']}").json()["url"] == hit["thumbnail"]
+    moved = served.get(f"/thumb/{hit['id']}", follow_redirects=False)  # as the page's "images like" banner asks
+    assert moved.status_code == 307 and moved.headers["location"] == hit["thumbnail"]
     assert served.post("/knn-service", json={"text": "a red circle", "num_images": 1}).json()[0]["url"] == \
         hit["thumbnail"]
     assert cli.main(["import", "clip-retrieval", str(keyed), str(tmp_path / "k2"), "--pretrained", collection["ckpt"],

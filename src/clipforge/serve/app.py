@@ -24,7 +24,7 @@ from urllib.parse import quote
 import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from ..preprocess import BadImageError, open_image
@@ -453,7 +453,8 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
         image.save(buffer, format="JPEG", quality=85)
         return buffer.getvalue()
 
-    @app.get("/thumb/{index}", responses={200: {"content": {"image/jpeg": {}}}})
+    @app.get("/thumb/{index}", responses={200: {"content": {"image/jpeg": {}}},
+                                           307: {"description": "to the image's web address (no copy here)"}})
     def thumb(index: int, size: int = Query(THUMB_SIZES[0], description=f"one of {THUMB_SIZES} pixels"),
               collection: str | None = collection_query()):
         where = pick(collection)
@@ -461,6 +462,9 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
             raise HTTPException(404, f"no image with id {index} in the collection")
         if size not in THUMB_SIZES:
             raise HTTPException(422, f"size: one of {', '.join(map(str, THUMB_SIZES))}")
+        url = str(where.searcher.rows[index].get("url") or "")
+        if url.startswith(("https://", "http://")):  # an adopted image kept only as its web address: no copy here
+            return RedirectResponse(url, status_code=307)
         return Response(thumbnail(where.name, index, size), media_type="image/jpeg")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
