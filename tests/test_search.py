@@ -1104,8 +1104,11 @@ def _clip_retrieval_folder(folder: Path, model, preprocess, tokenizer, items: li
         sink({"image_embs": image_embs.numpy().astype(np.float16), "image_filename": [p for p, _, _ in chunk],
               "text": [caption for _, caption, _ in chunk], "text_embs": text_embs.numpy().astype(np.float16),
               "metadata": [json.dumps({"width": i.width, "height": i.height,
-                                       "url": f"http://example.com/{Path(file).name}"}) for (_, _, file), i
-                           in zip(chunk, images)]})
+                                       "url": f"http://example.com/{Path(file).name}", "status": "success",
+                                       "similarity": float("nan") if n == 2 else 0.25 + 0.001 * n,
+                                       "exif": {"Make": "Shapes Inc."},
+                                       "tags": ["shape", "toy"]})  # a list: no single value to keep
+                           for n, ((_, _, file), i) in enumerate(zip(chunk, images))]})
         sink.flush()
 
 
@@ -1135,6 +1138,10 @@ def test_a_clip_retrieval_embeddings_folder_is_adopted_without_embedding_again(c
     vectors, rows = load_embeddings(out)
     assert [Path(r["path"]).name for r in rows] == [f.name for f in files]
     assert [r["caption"] for r in rows] == captions and rows[0]["width"] == 64
+    # clip-retrieval's other metadata fields are kept (a nested one flattened as its writer does), lists are not
+    assert rows[1]["status"] == "success" and rows[1]["similarity"] == pytest.approx(0.251)
+    assert rows[1]["exif.Make"] == "Shapes Inc." and "tags" not in rows[1] and "image_path" not in rows[1]
+    assert "kept its other metadata fields: status, similarity, exif.Make (not tags: not a single value)" in printed
     ours = tmp_path / "ours"  # clipforge's own embedding of the same images, with their captions
     shutil.copytree(collection["images"], tmp_path / "images", ignore=lambda d, names: [
         n for n in names if not n.startswith(("shape00", "shape01", "shape02"))])
@@ -1169,7 +1176,15 @@ def test_a_clip_retrieval_embeddings_folder_is_adopted_without_embedding_again(c
     served = TestClient(create_app(tmp_path / "k1", *loaded))
     hit = served.get("/search", params={"q": "a red circle", "k": 1}).json()["results"][0]
     assert hit["thumbnail"] == f"http://example.com/{hit['name']}.png"  # the web address clip-retrieval kept
-    assert served.get(f"/item/{hit['id']}").json()["url"] == hit["thumbnail"]
+    item = served.get(f"/item/{hit['id']}").json()
+    assert item["url"] == hit["thumbnail"] and item["metadata"]["status"] == "success"
+    assert item["metadata"]["exif.Make"] == "Shapes Inc." and set(item["metadata"]) == {"status", "similarity",
+                                                                                         "exif.Make"}
+    knn = served.post("/knn-service", json={"text": "a red circle", "num_images": 1}).json()[0]
+    assert knn["status"] == "success" and knn["exif.Make"] == "Shapes Inc."  # as clip-retrieval's back returns it
+    assert served.post("/metadata", json={"ids": [hit["id"]]}).json()[0]["metadata"]["status"] == "success"
+    assert served.get("/item/2").json()["metadata"]["similarity"] is None  # NaN has no JSON: null (pydantic's)
+    assert served.post("/metadata", json={"ids": [2]}).json()[0]["metadata"]["similarity"] is None
     moved = served.get(f"/thumb/{hit['id']}", follow_redirects=False)  # as the page's "images like" banner asks
     assert moved.status_code == 307 and moved.headers["location"] == hit["thumbnail"]
     assert served.post("/knn-service", json={"text": "a red circle", "num_images": 1}).json()[0]["url"] == \
@@ -1206,6 +1221,108 @@ def test_a_clip_retrieval_embeddings_folder_is_adopted_without_embedding_again(c
     assert cli.main(["import", "clip-retrieval", str(source), str(out), "--pretrained", collection["ckpt"],
                      "--no-progress"]) == 0
     np.testing.assert_array_equal(load_embeddings(out)[0], vectors)
+
+
+def _clustered_unit_vectors(rng, n: int, dim: int, clusters: int = 40) -> np.ndarray:
+    centres = rng.standard_normal((clusters, dim))
+    vectors = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _autofaiss_index(path: Path, vectors: np.ndarray, factory: str, metric=None) -> None:
+    """An index as `clip-retrieval index` leaves it: autofaiss's factory string over the vectors in row order."""
+    import faiss
+
+    index = faiss.index_factory(vectors.shape[1], factory,
+                                faiss.METRIC_INNER_PRODUCT if metric is None else metric)
+    if factory.startswith("OPQ"):  # fewer training iterations than FAISS's defaults (24 s down to 2.5 s here)
+        opq = faiss.downcast_VectorTransform(index.chain.at(0))
+        opq.niter = opq.niter_pq = 4
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        ivf.pq.cp.niter, ivf.do_polysemous_training = 5, False
+    index.train(vectors)
+    index.add(vectors)
+    faiss.write_index(index, str(path))
+
+
+def test_clip_retrieval_indexes_are_adopted_with_the_embeddings(collection, tmp_path, capsys):
+    """`import clip-retrieval --index`: autofaiss's indexes (IVF-PQ behind OPQ with an HNSW quantizer, its large-
+    collection choice; HNSW; flat) become the collection's own, tuned and served as `index build` leaves them; an
+    index of other vectors, of the rows in another order, by L2, or of a kind not adopted is refused."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipforge.retrieval import load_embeddings
+    from clipforge.retrieval.index import exact_top_k, recall_at_k
+    from clipforge.retrieval.search import Searcher
+
+    rng = np.random.default_rng(0)
+    images, texts = _clustered_unit_vectors(rng, 6000, 128), _clustered_unit_vectors(rng, 6000, 128)
+    source = tmp_path / "embeddings"
+    for directory in ("img_emb", "text_emb", "metadata"):
+        (source / directory).mkdir(parents=True)
+    for part in range(3):  # clip-retrieval's layout: partitions of float16 vectors and their metadata
+        rows = slice(2000 * part, 2000 * (part + 1))
+        np.save(source / "img_emb" / f"img_emb_{part}.npy", images[rows].astype(np.float16))
+        np.save(source / "text_emb" / f"text_emb_{part}.npy", texts[rows].astype(np.float16))
+        pq.write_table(pa.table({"image_path": [f"gone/{i:05d}.jpg" for i in range(rows.start, rows.stop)],
+                                 "caption": [f"caption {i}" for i in range(rows.start, rows.stop)]}),
+                       source / "metadata" / f"metadata_{part}.parquet")
+    index_folder = tmp_path / "index"
+    index_folder.mkdir()
+    _autofaiss_index(index_folder / "image.index", images, "OPQ16_64,IVF32_HNSW32,PQ16x8")
+    _autofaiss_index(index_folder / "text.index", texts, "HNSW32")
+    (index_folder / "image.json").write_text(json.dumps({"index_key": "OPQ16_64,IVF32_HNSW32,PQ16x8", "index_param":
+                                                         "nprobe=16,efSearch=32,ht=2048", "nb vectors": 6000}))
+
+    def adopt(out, indexes=index_folder):
+        return cli.main(["import", "clip-retrieval", str(source), str(out), "--pretrained", collection["ckpt"],
+                         "--no-check", "--no-progress", "--index", str(indexes)])
+
+    capsys.readouterr()
+    assert adopt(tmp_path / "out") == 0
+    printed = capsys.readouterr().out
+    assert "adopted image.index as the ivfpq index: recall@10" in printed and "at nprobe" in printed
+    assert "adopted text.index as the hnsw caption index: recall@10" in printed and "at efSearch" in printed
+    out = tmp_path / "out"
+    info = json.loads((out / "index.json").read_text())
+    assert info["adopted"] == {"file": "image.index", "faiss_class": "IndexPreTransform", "index_key":
+                               "OPQ16_64,IVF32_HNSW32,PQ16x8", "index_param": "nprobe=16,efSearch=32,ht=2048"}
+    assert info["nlist"] == 32
+    assert info["target_met"] and info["collection_rows"] == 6000 and info["rerank"] == "stored"
+    searcher = Searcher(out, *clipforge.load(collection["ckpt"]))  # as serve loads it: codes memory-mapped
+    assert searcher.info["nprobe"] == info["nprobe"] and searcher.captions_indexed == 6000
+    stored = load_embeddings(out)[0].astype(np.float32)
+    for modality, vectors in (("image", stored), ("text", _caption_vectors(out)[0].astype(np.float32))):
+        queries = vectors[rng.choice(6000, 50)] + 0.1 * rng.standard_normal((50, 128)).astype(np.float32)
+        truth = exact_top_k(vectors, queries, 10)[1]
+        found = np.array([[h["id"] for h in hits] for hits in searcher.search_vectors(queries, 10, modality=modality)])
+        assert recall_at_k(found, truth) >= 0.9, modality  # tuned to 0.95 on 500 queries; these are 50
+
+    flat = tmp_path / "flat-index"  # a small collection's choice: exact, nothing to tune
+    flat.mkdir()
+    _autofaiss_index(flat / "image.index", images, "Flat")
+    assert adopt(tmp_path / "out-flat", flat) == 0
+    assert "adopted image.index as the flat index: recall@10 0.99" in capsys.readouterr().out  # float32 vs fp16
+    assert not (tmp_path / "out-flat" / "caption_index.faiss").exists()  # no text.index given: none adopted
+
+    refusals = {"shuffled": (np.concatenate([images[2000:4000], images[:2000], images[4000:]]), "IVF32,Flat", None,
+                             "find themselves among their 10 nearest: its ids are not this collection's rows"),
+                "fewer": (images[:5000], "IVF32,Flat", None, "indexes 5,000 vectors of dimension 128 and the "
+                                                              "collection holds 6,000"),
+                "l2": (images, "IVF32,Flat", faiss.METRIC_L2, "ranks by L2 distance"),
+                "sq": (images, "SQ8", None, "FAISS's IndexScalarQuantizer, and clipforge adopts flat, HNSW and "
+                                            "IVF indexes")}
+    for name, (vectors, factory, metric, message) in refusals.items():
+        (tmp_path / name).mkdir()
+        _autofaiss_index(tmp_path / name / "image.index", vectors, factory, metric)
+        assert adopt(tmp_path / f"out-{name}", tmp_path / name) == 2, name
+        assert message in capsys.readouterr().err, name
+        assert not (tmp_path / f"out-{name}" / "index.faiss").exists()
+    assert adopt(tmp_path / "out-none", tmp_path / "flat-index-missing") == 2  # checked before anything is written
+    assert "no image.index (expected the output folder of clip-retrieval index)" in capsys.readouterr().err
+    assert not (tmp_path / "out-none").exists()
 
 
 def test_browsers_may_call_the_api_only_from_allowed_origins(client, collection):

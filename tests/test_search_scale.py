@@ -411,3 +411,20 @@ def test_a_flat_index_takes_new_rows_and_grows_into_ivfpq_past_its_threshold(tmp
     assert info["count"] == 450 and index.ntotal == 450
     append(3, 450, 700)  # past --exact-below: what a rebuild would choose now is IVF-PQ
     assert "built ivfpq index of 700" in build()
+
+
+def test_where_more_lists_stop_helping_the_tuning_reranks_deeper_instead():
+    """Coarse codes (here 1 byte for 64 dimensions; an adopted autofaiss index's may be coarse) rank the true
+    neighbours below a 16 x k shortlist however many lists are scanned: the tuning then re-ranks deeper at the
+    lists it reached rather than scanning them all, and meets the target there."""
+    import faiss
+
+    from clipforge.retrieval.index import ArrayVectors, Reranked, tune_index
+
+    vectors = clustered(8_000, 64, seed=3, clusters=8)
+    index = faiss.index_factory(64, "IVF32,PQ2x4", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    info = tune_index(Reranked(index, ArrayVectors(vectors)), ArrayVectors(vectors),
+                      {"kind": "ivfpq", "nlist": 32, "param": "nprobe,k_factor"}, target_recall=0.95)
+    assert info["target_met"] and info["nprobe"] < 32 and info["k_factor"] > 16, info

@@ -169,9 +169,7 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory budget for the whole process, e.g. 2GB: IVF-PQ chunks and code size are chosen "
                         "to fit it (and printed); flat/HNSW refuse a budget they exceed [no limit]")
     p.add_argument("--nlist", type=positive_int, help="IVF-PQ: inverted lists [4 sqrt(n), at most 2048]")
-    p.add_argument("--tune-queries", default="auto",
-                   help="what recall is tuned on: 'auto' (the folder's text_emb/ when it holds >= 100 texts, else "
-                        "perturbed collection vectors), 'collection', or a .npy file of query vectors [auto]")
+    p.add_argument("--tune-queries", default="auto", help=TUNE_QUERIES_HELP)
     p.add_argument("--rebuild", action="store_true",
                    help="build from scratch even where the index can take the images embedded since it was built "
                         "(by default those are added to it, and it is tuned again: after `embed` added images)")
@@ -296,6 +294,13 @@ def add_import_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--images", help="the folder or shards clip-retrieval read, where its image_path values are not "
                                     "files from here: a shard's samples are found by key, a folder's files by name")
+    p.add_argument("--index", metavar="FOLDER",
+                   help="also adopt the indexes `clip-retrieval index` built there (image.index and, with caption "
+                        "vectors, text.index; autofaiss's flat, HNSW or IVF indexes), checked against the vectors "
+                        "and tuned to --target-recall, instead of building them with clipforge index build")
+    p.add_argument("--target-recall", type=fraction, default=0.95, help="with --index: tune its search to this "
+                                                                        "recall@10 against exact search [0.95]")
+    p.add_argument("--tune-queries", default="auto", help="with --index: " + TUNE_QUERIES_HELP)
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip comparing the model's features of a few images with the stored vectors")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -304,11 +309,12 @@ def add_import_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_import(args) -> int:
     from ..inference import load_from_args
-    from .clip_retrieval_import import adopt_clip_retrieval
+    from .clip_retrieval_import import adopt_clip_retrieval, adopt_indexes, autofaiss_indexes
 
     if args.model is None and args.pretrained is None:
         raise ValueError("give the model clip-retrieval embedded with (--model NAME --pretrained TAG_OR_PATH, or "
                          "--pretrained CHECKPOINT): search and serve embed queries with it")
+    indexes = autofaiss_indexes(args.index, args.source) if args.index else {}
     stats = adopt_clip_retrieval(args.source, args.output, *load_from_args(args),
                                  model_spec={"model": args.model, "pretrained": args.pretrained},
                                  images=args.images, check=args.check, progress=args.progress)
@@ -316,11 +322,34 @@ def run_import(args) -> int:
                if stats["check_cosine"] is not None else "")
     print(f"adopted {stats['images']} images in {stats['partitions']} partitions into {args.output}"
           + (" with their caption vectors" if stats["captions"] else "") + checked)
+    if stats["fields"] or stats["left_out"]:
+        print(f"kept its other metadata fields: {', '.join(stats['fields']) or 'none'}"
+              + (" (" + "; ".join(f"not {name}: {why}" for name, why in stats["left_out"].items()) + ")"
+                 if stats["left_out"] else ""))
     if stats["not_found"]:
         print(f"warning: {stats['not_found']} images not found from here (no thumbnails for them): give --images, "
               "the folder or shards clip-retrieval read", file=sys.stderr)
-    print(f"next: clipforge index build {args.output}")
+    if not indexes:
+        print(f"next: clipforge index build {args.output}")
+        return 0
+    log = (lambda message: print(message, file=sys.stderr, flush=True)) if args.progress else None
+    adopted = adopt_indexes(indexes, args.output, args.target_recall, _tuning_queries(args.output, args.tune_queries),
+                            log)
+    for modality, info in adopted.items():
+        knobs = {"nprobe,k_factor": ("nprobe", "k_factor"), "efSearch": ("efSearch",)}.get(info.get("param"), ())
+        print(f"adopted {indexes[modality].name} as the {info['kind']} {'caption ' if modality == 'text' else ''}"
+              f"index: recall@10 {info['recall@10']:.3f}"
+              + (" at " + ", ".join(f"{knob} {info[knob]}" for knob in knobs) if knobs else ""))
+        if not info["target_met"]:
+            print(f"warning: {indexes[modality].name} reaches recall@10 {info['recall@10']:.3f}, below the target "
+                  f"{args.target_recall}; clipforge index build {args.output} --rebuild builds one that does",
+                  file=sys.stderr)
+    print(f"next: clipforge serve {args.output}")
     return 0
+
+
+TUNE_QUERIES_HELP = ("what recall is tuned on: 'auto' (the folder's text_emb/ when it holds >= 100 texts, else "
+                     "perturbed collection vectors), 'collection', or a .npy file of query vectors [auto]")
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,9 +10,13 @@ folder or shards it read: a sample's key, which is all clip-retrieval keeps of a
 an image not found here keeps its ``url`` (``--enable_metadata``'s web address), which the server shows instead.
 The vectors are checked against the model named (its features of a few of the collection's images), since queries
 must come from the model that made them.
+
+The indexes ``clip-retrieval index`` built with autofaiss (``image.index``, ``text.index``) are adopted too where
+given (``adopt_indexes``): their ids are the rows in partition order, which the copy keeps.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -21,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_path
-from .collection import (METADATA_SCHEMA, PathRecorder, caption_shard, check_collection, image_shard, item_from_path,
-                         item_path, load_item, npy_layout, read_info, write_info)
+from .collection import (CLIPFORGE_FIELDS, METADATA_SCHEMA, RESERVED_FIELDS, PathRecorder, caption_shard,
+                         check_collection, image_shard, item_from_path, item_path, load_item, npy_layout, read_info,
+                         write_info)
 
 CHUNK_ROWS = 65_536
 SAME_MODEL_COSINE = 0.95  # median cosine of stored and recomputed image vectors that the same model reaches
@@ -99,8 +104,11 @@ class _Locator:
         return self.by_name.get(image_path) or self.by_name.get(os.path.basename(image_path))
 
 
-def _rows(parquet: Path, locate: _Locator, record) -> tuple[dict, int]:
-    """The partition's metadata in clipforge's columns, and how many of its images were not found."""
+def _rows(parquet: Path, locate: _Locator, record):
+    """The partition's metadata as a table: clipforge's columns, ``url`` where an image is not found here, then
+    clip-retrieval's other fields that hold one value a row (``--enable_metadata``'s, e.g. ``status``, ``exif``,
+    ``similarity``); returns (table, how many images were not found, {field left out: why})."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pq.read_table(parquet)
@@ -114,7 +122,30 @@ def _rows(parquet: Path, locate: _Locator, record) -> tuple[dict, int]:
         urls.append("" if found else str(url or ""))  # where an image not here can still be seen
     sizes = {key: [int(v or 0) for v in column(key, 0)] for key in ("width", "height")}
     columns = {"path": paths, "caption": [str(c or "") for c in column("caption", "")], **sizes}
-    return ({**columns, "url": urls} if any(urls) else columns), unfound
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in METADATA_SCHEMA])
+    if any(urls):
+        columns["url"], schema = urls, schema.append(pa.field("url", pa.string()))
+    adopted, left_out = pa.table(columns, schema=schema), {}
+    for field in table.schema:
+        if field.name in MAPPED_FIELDS:
+            continue
+        if field.name in CLIPFORGE_FIELDS | RESERVED_FIELDS:
+            left_out[field.name] = "a name clipforge uses"
+        elif _one_value(field.type):
+            adopted = adopted.append_column(field, table.column(field.name))
+        else:
+            left_out[field.name] = "not a single value"
+    return adopted, unfound, left_out
+
+
+MAPPED_FIELDS = {"image_path", "caption", "url", "width", "height"}  # clip-retrieval's, mapped onto clipforge's
+
+
+def _one_value(kind) -> bool:
+    import pyarrow as pa
+
+    return any(test(kind) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer,
+                                       pa.types.is_floating, pa.types.is_boolean))
 
 
 def _check_vectors(parts, locate: _Locator, model, preprocess, samples: int = 8) -> tuple[float | None, int]:
@@ -159,7 +190,6 @@ def adopt_clip_retrieval(source: str | Path, output: str | Path, model, preproce
                          progress: bool = True) -> dict:
     """Write the clipforge collection ``output`` from clip-retrieval's embeddings folder ``source``; returns counts
     (images, partitions, captions, images not found, the check's cosine)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
@@ -197,21 +227,21 @@ def adopt_clip_retrieval(source: str | Path, output: str | Path, model, preproce
     output.mkdir(parents=True, exist_ok=True)
     write_info(output, started)  # first: a run cut short resumes with the same source and model
     stats = {"images": 0, "partitions": len(parts), "captions": all(text for _, _, text in parts),
-             "not_found": 0, "check_cosine": cosine, "checked_images": compared}
-    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in METADATA_SCHEMA])
+             "not_found": 0, "check_cosine": cosine, "checked_images": compared, "fields": {}, "left_out": {}}
     for shard, (vectors, parquet, texts) in enumerate(tqdm(parts, desc="adopting", unit="partition",
                                                             disable=not progress)):
-        columns, unfound = _rows(parquet, locate, paths.item)
-        rows = len(columns["path"])
+        table, unfound, left_out = _rows(parquet, locate, paths.item)
+        rows = table.num_rows
         stats["images"] += rows
         stats["not_found"] += unfound
+        stats["fields"].update(dict.fromkeys(name for name in table.column_names if name not in CLIPFORGE_FIELDS))
+        stats["left_out"].update(left_out)
         emb_path, meta_path = image_shard(output, shard)
         if emb_path.exists():  # adopted before the run was cut short
             continue
         meta_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(meta_path) as tmp:  # metadata and captions first, the vectors last: as embed writes a shard
-            pq.write_table(pa.table(columns, schema=schema.append(pa.field("url", pa.string()))
-                                    if "url" in columns else schema), tmp)
+            pq.write_table(table, tmp)
         if stats["captions"]:
             _write_unit_vectors(texts, caption_shard(output, shard), rows)
         _write_unit_vectors(vectors, emb_path, rows)
@@ -221,3 +251,50 @@ def adopt_clip_retrieval(source: str | Path, output: str | Path, model, preproce
                         "captions": stats["captions"], "embedded": stats["images"], "images": stats["images"],
                         "shards": len(parts), "skipped": 0, "reused_shards": 0})
     return stats
+
+
+def autofaiss_indexes(index_folder: str | Path, source: str | Path) -> dict[str, Path]:
+    """The indexes of ``clip-retrieval index``'s output folder to adopt, by modality: ``image.index``, and
+    ``text.index`` where ``source`` holds caption vectors; an error naming what is missing, before anything is
+    written."""
+    folder = Path(index_folder)
+    found = {"image": folder / "image.index", "text": folder / "text.index"}
+    if found["image"].is_dir():
+        raise ValueError(f"{found['image']} is a folder (an index merged on disk, populated.index): clipforge adopts "
+                         "one index file; run clipforge index build")
+    if not found["image"].is_file():
+        raise FileNotFoundError(f"{folder}: no image.index (expected the output folder of clip-retrieval index)")
+    if not found["text"].is_file() or not all(text for _, _, text in clip_retrieval_parts(source)):
+        del found["text"]
+    return found
+
+
+def adopt_indexes(indexes: dict[str, Path], output: str | Path, target_recall: float = 0.95, queries=None,
+                  log=None) -> dict[str, dict]:
+    """Adopt autofaiss's indexes (``autofaiss_indexes``) as the collection ``output``'s own, each checked against
+    its vectors and tuned (``index.adopt_index``) and recorded as ``index build`` records its own (so that images
+    embedded later extend it); returns each one's info. Its caption index covers every row, as autofaiss's does."""
+    import functools
+
+    from .collection import StoredVectors, stored_paths_digest, write_metadata_arrow
+    from .index import RowSubset, adopt_index, rows_record, save_index
+
+    write_metadata_arrow(output)  # what serving memory-maps, as index build leaves it
+    built_over = rows_record(output, functools.partial(stored_paths_digest, output))
+    adopted = {}
+    for modality, path in indexes.items():
+        vectors, rows = StoredVectors(output, modality), None
+        if modality == "text":
+            rows = np.arange(len(vectors), dtype=np.int64)
+            vectors = RowSubset(vectors, rows)
+        index, info = adopt_index(path, vectors, target_recall, queries, log=log)
+        infos = path.with_suffix(".json")  # autofaiss's record of its choice, kept beside clipforge's
+        if infos.is_file():
+            try:
+                chosen = json.loads(infos.read_text())
+                info["adopted"].update({key: chosen[key] for key in ("index_key", "index_param") if key in chosen})
+            except (ValueError, AttributeError):  # not autofaiss's JSON: nothing to keep
+                pass
+        save_index(index, {**info, **built_over}, output, modality, rows, index_file=path)
+        adopted[modality] = info
+    return adopted

@@ -32,6 +32,13 @@ RELATIVE_PATHS = "paths_relative_to_collection"  # embed_info.json's mark of the
 TEXT_EMBEDDINGS = Path("text_emb") / "text_emb_00000.npy"
 TEXT_METADATA = Path("metadata") / "text_metadata_00000.parquet"
 METADATA_SCHEMA = (("path", "string"), ("caption", "string"), ("width", "int32"), ("height", "int32"))
+CLIPFORGE_FIELDS = {name for name, _ in METADATA_SCHEMA} | {"url"}  # url: an adopted image kept as its web address
+RESERVED_FIELDS = {"id", "score"}  # what a search result adds to its row: no metadata field may be named so
+
+
+def other_fields(row: dict) -> dict:
+    """A metadata row's fields beyond clipforge's own (adopted from clip-retrieval)."""
+    return {name: value for name, value in row.items() if name not in CLIPFORGE_FIELDS}
 
 
 def image_shard(folder: str | Path, shard: int) -> tuple[Path, Path]:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -320,24 +322,34 @@ def _ivfpq_info(plan: dict) -> dict:
 
 
 def _knobs(index, info: dict):
-    """(values from cheap to expensive, setter) of the index's search knob."""
+    """``(first value, following, setter)`` of the index's search knob: ``following(value, previous, gain)`` is the
+    next value to try, cheaper first (None: none left), given the one before ``value`` and the recall it gained."""
     if info["kind"] == "hnsw":
-        return [16, 32, 64, 128, 256, 512, 1024, 2048], lambda value: setattr(index.hnsw, "efSearch", value)
+        ladder = [16, 32, 64, 128, 256, 512, 1024, 2048]
+        return ladder[0], lambda value, previous, gain: next((v for v in ladder if v > value), None), \
+            lambda value: setattr(index.hnsw, "efSearch", value)
     nlist = info["nlist"]
-    # more lists first, then (all lists) a deeper exact re-rank: at nprobe == nlist every code is scanned, so the
-    # last steps reach any target on any data
     probes = sorted({min(p, nlist) for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)} | {nlist})
+
+    def following(value, previous, gain):
+        # more lists first; a deeper exact re-rank where all are scanned (so the last steps reach any target on any
+        # data) or where more lists stopped helping: the codes rank the true neighbours below the shortlist (coarse
+        # codes, such as an adopted autofaiss index's OPQ64_256 ... PQ64 of 512-d vectors)
+        probe, factor = value
+        stalled = previous is not None and probe > previous[0] and gain < 0.005
+        if (stalled or probe == nlist) and factor < 256:
+            return probe, factor * 4
+        return next(((p, factor) for p in probes if p > probe), None)
 
     def setter(value):
         index.ivf.nprobe, index.k_factor = value
-    return [(p, 16) for p in probes] + [(nlist, f) for f in (64, 256)], setter
+    return (probes[0], 16), following, setter
 
 
-def tune_index(index, vectors, info: dict, target_recall: float = 0.95, queries: np.ndarray | None = None,
-               n_queries: int = 500, seed: int = 0, log=None, chunk_rows: int | None = None) -> dict:
-    """Raise the search knob until recall@10 against exact search (chunked) reaches ``target_recall``."""
-    log = log or (lambda message: None)
-    n, d = vectors.shape
+def _tuning_set(vectors, info: dict, queries: np.ndarray | None, n_queries: int, seed: int, log,
+                chunk_rows: int | None = None):
+    """``(queries, their exact top-k ids, k)`` that recall is measured on; ``info`` records what the queries were."""
+    n = len(vectors)
     rng = np.random.default_rng(seed + 1)
     if queries is None:
         queries = vectors.get(np.sort(rng.choice(n, size=min(n_queries, n), replace=False)))
@@ -351,26 +363,38 @@ def tune_index(index, vectors, info: dict, target_recall: float = 0.95, queries:
     log(f"exact top-{k} of {len(queries)} tuning queries")
     chunk_rows = chunk_rows or info.get("plan", {}).get("chunk_rows", 262_144)
     _, truth = exact_top_k(vectors, queries, k, chunk_rows)
-    knobs, setter = _knobs(index, info)
-    for value in knobs:
+    return queries, truth, k
+
+
+def tune_index(index, vectors, info: dict, target_recall: float = 0.95, queries: np.ndarray | None = None,
+               n_queries: int = 500, seed: int = 0, log=None, chunk_rows: int | None = None) -> dict:
+    """Raise the search knob until recall@10 against exact search (chunked) reaches ``target_recall``."""
+    log = log or (lambda message: None)
+    queries, truth, k = _tuning_set(vectors, info, queries, n_queries, seed, log, chunk_rows)
+    value, following, setter = _knobs(index, info)
+    previous, last_recall = None, 0.0
+    while value is not None:
         setter(value)
         _, found = index.search(queries, k)
         recall = recall_at_k(found, truth)
-        if info["kind"] == "ivfpq":
+        if info["param"] == "nprobe,k_factor":
             info.update(nprobe=value[0], k_factor=value[1], **{"recall@10": recall})
         else:
             info.update({info["param"]: value, "recall@10": recall})
         log(f"tuning {info['param']} = {value}: recall@10 {recall:.3f} (target {target_recall})")
         if recall >= target_recall:
             break
+        previous, value, last_recall = value, following(value, previous, recall - last_recall), recall
     info["target_recall"], info["target_met"] = target_recall, info["recall@10"] >= target_recall
     return info
 
 
 def save_index(index, info: dict, folder: str | Path, modality: str = "image",
-               rows: np.ndarray | None = None) -> Path:
+               rows: np.ndarray | None = None, index_file: str | Path | None = None) -> Path:
     """Write ``index.faiss`` + ``index.json`` (``modality`` "text": ``caption_index.*``, with ``rows``, the
-    collection row of each position), each atomically; the rows first, so that an index file never lacks them."""
+    collection row of each position), each atomically; the rows first, so that an index file never lacks them.
+    ``index_file``: the index as a file already (an adopted one, read memory-mapped, which FAISS cannot write back):
+    hard-linked where it can be (a large index takes no second copy of the disk), else copied."""
     faiss = _faiss()
     if (rows is None) != (modality == "image"):
         raise ValueError("the caption index is saved with its rows, the image index without")
@@ -379,7 +403,14 @@ def save_index(index, info: dict, folder: str | Path, modality: str = "image",
             with open(tmp, "wb") as handle:
                 np.save(handle, np.asarray(rows, dtype=np.int64))
     with atomic_path(index_path(folder, modality)) as tmp:
-        faiss.write_index(index.index if isinstance(index, Reranked) else index, str(tmp))
+        if index_file is None:
+            faiss.write_index(index.index if isinstance(index, Reranked) else index, str(tmp))
+        else:
+            tmp.unlink()
+            try:
+                os.link(index_file, tmp)
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(index_file, tmp)
     write_json(index_path(folder, modality, ".json"), info)
     return index_path(folder, modality)
 
@@ -410,6 +441,57 @@ def load_index(folder: str | Path, mmap: bool = False, vectors=None, modality: s
     if "efSearch" in info:
         faiss.downcast_index(index).hnsw.efSearch = info["efSearch"]
     return index, info
+
+
+def adopt_index(path: str | Path, vectors, target_recall: float = 0.95, queries: np.ndarray | None = None,
+                n_queries: int = 500, seed: int = 0, log=None):
+    """``(index, info)`` of a FAISS index built elsewhere over ``vectors`` with ids in row order (autofaiss's, as
+    ``clip-retrieval index`` writes it), read, checked and tuned as ``build_index`` leaves its own: flat, HNSW, or IVF
+    with any codes (OPQ and an HNSW quantizer included), whose shortlist is then re-ranked exactly against the stored
+    vectors as clipforge's IVF-PQ is (the codes memory-mapped, never all in RAM). Refused, naming the problem, where
+    its dimension, size or metric differ, or where rows do not find themselves: its ids are not these rows."""
+    faiss = _faiss()
+    log = log or (lambda message: None)
+    vectors = as_vectors(vectors)
+    n, d = vectors.shape
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+    if index.d != d or index.ntotal != n:
+        raise ValueError(f"{path} indexes {index.ntotal:,} vectors of dimension {index.d} and the collection holds "
+                         f"{n:,} of dimension {d}: it was built from other embeddings")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ValueError(f"{path} ranks by L2 distance and clipforge by inner product; run clipforge index build")
+    base = faiss.downcast_index(index)  # its class, for the checks only: ``index`` owns it
+    info = {"count": n, "dim": d, "adopted": {"file": Path(path).name, "faiss_class": type(base).__name__}}
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:  # no inverted lists in it
+        ivf = None
+    if ivf is not None:
+        info.update(kind="ivfpq" if isinstance(ivf, (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan)) else "ivf",
+                    param="nprobe,k_factor", nlist=ivf.nlist, rerank="stored", plan={"chunk_rows": 65_536})
+        index = Reranked(index, vectors)
+    elif isinstance(base, faiss.IndexHNSW):
+        info.update(kind="hnsw", param="efSearch")
+    elif isinstance(base, faiss.IndexFlat):
+        info["kind"] = "flat"
+    else:
+        raise ValueError(f"{path}: FAISS's {type(base).__name__}, and clipforge adopts flat, HNSW and IVF indexes; "
+                         "run clipforge index build")
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(100, n), replace=False))
+    _, found = index.search(np.ascontiguousarray(vectors.get(rows), dtype=np.float32), min(10, n))
+    themselves = float(np.mean([row in hits for row, hits in zip(rows, found)]))
+    log(f"{path}: {type(base).__name__}, adopted as {info['kind']}; {themselves:.0%} of {len(rows)} sampled rows "
+        "find themselves")
+    if themselves < 0.5:
+        raise ValueError(f"{path}: only {themselves:.0%} of {len(rows)} sampled rows find themselves among their 10 "
+                         "nearest: its ids are not this collection's rows (built from other embeddings, or from the "
+                         "partitions in another order)")
+    if info["kind"] == "flat":
+        queries, truth, k = _tuning_set(vectors, info, queries, n_queries, seed, log)
+        info.update({"recall@10": recall_at_k(index.search(queries, k)[1], truth), "target_recall": target_recall})
+        info["target_met"] = info["recall@10"] >= target_recall
+        return index, info
+    return index, tune_index(index, vectors, info, target_recall, queries, n_queries, seed, log)
 
 
 def rows_record(folder: str | Path, digest) -> dict:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 
 from ..preprocess import BadImageError, open_image
 from ..prompts import parse_templates, prompt_texts
-from ..retrieval.collection import item_captions, item_from_path, load_item
+from ..retrieval.collection import item_captions, item_from_path, load_item, other_fields
 from ..retrieval.search import Searcher
 from ..zeroshot import class_probabilities, class_weights
 from .clip_retrieval_api import add_routes as add_clip_retrieval_routes
@@ -78,6 +78,9 @@ class Item(BaseModel):
     height: int
     captions: list[str]
     url: str = Field("", description="the image's web address where the collection holds no copy of it")
+    metadata: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict, description="its other fields, where the collection keeps some (adopted from "
+                                          "clip-retrieval: status, exif, ...)")
 
 
 class LabelProbability(BaseModel):
@@ -370,7 +373,7 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
             captions = [row.get("caption") or ""]
         return {"id": index, "name": Path(str(row["path"])).name, "width": int(row.get("width") or 0),
                 "height": int(row.get("height") or 0), "captions": [c for c in captions if c],
-                "url": row.get("url") or ""}
+                "url": row.get("url") or "", "metadata": other_fields(row)}
 
     @app.post("/classify", response_model=ClassifyResponse)
     async def classify(file: UploadFile = File(...), labels: str = Form(..., max_length=20_000),

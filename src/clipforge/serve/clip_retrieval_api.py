@@ -9,7 +9,8 @@ since the server makes no outbound requests (send the image itself, base64, as `
 violence or aesthetic models, so those fields are accepted and change nothing; a result's ``url`` is the image's
 address on this server (a 512 px view; for an image the collection holds no copy of, adopted from clip-retrieval,
 the web address it recorded), and it carries ``name``, ``width`` and ``height`` beside ``caption``, never a file
-path.
+path; the other metadata fields an adopted collection kept (``--enable_metadata``'s) come with it, as clip-retrieval
+returns its columns, ``similarity`` always the query's.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..retrieval.collection import other_fields
 from .limits import MAX_DEPTH, MAX_K, MAX_METADATA_IDS, MAX_QUERY_CHARS
 
 DEDUP_COSINE = 0.94  # clip-retrieval's threshold for "deduplicate"
@@ -98,8 +100,9 @@ def add_routes(app: FastAPI, served: dict, thumb_url, decode_image, max_upload_b
 
     def fields(request: Request, name: str, row: dict, index: int) -> dict:
         url = row.get("url") or str(request.base_url).rstrip("/") + thumb_url(name, index, 512)
-        return {"url": url, "caption": row.get("caption") or "", "name": Path(str(row["path"])).name,
-                "width": int(row.get("width") or 0), "height": int(row.get("height") or 0)}
+        return {**other_fields(row), "url": url, "caption": row.get("caption") or "",
+                "name": Path(str(row["path"])).name, "width": int(row.get("width") or 0),
+                "height": int(row.get("height") or 0)}
 
     @app.get("/indices-list", tags=["clip-retrieval"])
     def indices_list() -> list[str]:
