@@ -1390,6 +1390,63 @@ def requests_json(base: str, path: str) -> list:
     return client_json(base, path)["results"]
 
 
+def test_the_page_shows_an_adopted_image_from_its_web_address_with_its_other_fields(collection, tmp_path):
+    """An image adopted from clip-retrieval and not found here: its card, the larger view and the "images like"
+    banner all load it from the web address clip-retrieval kept (here a second local server standing in for the
+    web), and the larger view lists the metadata fields clip-retrieval kept."""
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+
+    from clipforge.serve.app import create_app
+
+    loaded = clipforge.load(collection["ckpt"])
+    files = sorted(collection["images"].glob("shape0[0-2]*.png"))
+    source, adopted = tmp_path / "clip-retrieval", tmp_path / "adopted"
+    _clip_retrieval_folder(source, *loaded, [(f.stem, f.with_suffix(".txt").read_text().strip(), f) for f in files],
+                           partition_rows=30)  # keys only: none of the images is found from here
+    web, fetched = FastAPI(), []  # "the web": serves each image under the name clip-retrieval's url gives it
+
+    @web.get("/{name}")
+    def image(name: str):
+        fetched.append(name)
+        return Response((collection["images"] / name).read_bytes(), media_type="image/png")
+
+    with _serving(web) as web_url:
+        for partition in (source / "metadata").glob("*.parquet"):  # the recorded addresses, pointed at it
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(partition)
+            urls = [u.replace("http://example.com", web_url) for u in table.column("url").to_pylist()]
+            pq.write_table(table.set_column(table.schema.get_field_index("url"), "url", [urls]), partition)
+        assert cli.main(["import", "clip-retrieval", str(source), str(adopted), "--pretrained", collection["ckpt"],
+                         "--no-progress"]) == 0
+        assert cli.main(["index", "build", str(adopted), "--quiet"]) == 0
+        with _serving(create_app(adopted, *loaded)) as url, playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(url + "/?q=a+red+circle")
+            page.wait_for_function("(img => img && img.complete && img.naturalWidth > 0)"
+                                   "(document.querySelector('#results .result img'))")
+            card = page.locator("#results .result").first
+            assert card.locator("img").get_attribute("src").startswith(web_url + "/shape0")
+            card.locator(".view").click()
+            page.wait_for_selector("#viewer:not([hidden]) #viewer-fields dt")
+            fields = dict(zip(page.locator("#viewer-fields dt").all_inner_texts(),
+                              page.locator("#viewer-fields dd").all_inner_texts()))
+            assert fields["status"] == "success" and fields["exif.Make"] == "Shapes Inc."
+            page.wait_for_function("document.querySelector('#viewer-image').naturalWidth > 0")
+            assert page.locator("#viewer-image").get_attribute("src").startswith(web_url)
+            page.click("#viewer-like")
+            page.wait_for_function("(img => img && img.complete && img.naturalWidth > 0)"
+                                   "(document.querySelector('#like-banner img'))")  # /thumb sent it to the web
+            browser.close()
+    assert len(fetched) >= 3
+
+
 def test_web_page_search_drop_classification_and_captions_in_chromium(live_server, collection):
     playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
     browser_path = _chromium()
@@ -1430,6 +1487,7 @@ def test_web_page_search_drop_classification_and_captions_in_chromium(live_serve
         page.wait_for_selector("#viewer:not([hidden]) #viewer-captions li")
         captions = page.locator("#viewer-captions li").all_inner_texts()
         assert captions and all(c.startswith("a ") for c in captions)
+        assert page.locator("#viewer-fields").is_hidden()  # clipforge's own collection: no other fields
         assert page.locator("#viewer-image").evaluate("img => img.src").endswith("size=512")
         viewed = page.locator("#results .result").first.get_attribute("data-id")  # served with a map: its caption
         page.wait_for_function("document.querySelector('#viewer-generated').textContent.startsWith('generated:')")

@@ -285,7 +285,9 @@ def add_import_arguments(p: argparse.ArgumentParser) -> None:
                      "with --enable_text, text_emb/, which become the collection's caption vectors). The vectors "
                      "are copied in chunks as unit float16, the metadata mapped onto clipforge's columns, and the "
                      "vectors checked against the model given (its features of a few of the images), which search "
-                     "and serve then embed queries with. Then: clipforge index build OUTPUT.")
+                     "and serve then embed queries with. Then: clipforge index build OUTPUT; or give --index, "
+                     "the folder `clip-retrieval index` wrote, to adopt its autofaiss indexes as well (clip-retrieval's "
+                     "other metadata fields are kept either way: /item, /knn-service and /metadata return them).")
     p.epilog = ("example: clipforge import clip-retrieval embeddings/ emb/ --model ViT-B-32 --pretrained openai "
                 "--images 'shards/{00000..00099}.tar'")
     p.add_argument("format", choices=["clip-retrieval"])
