@@ -1184,6 +1184,15 @@ def test_a_clip_retrieval_embeddings_folder_is_adopted_without_embedding_again(c
     assert knn["status"] == "success" and knn["exif.Make"] == "Shapes Inc."  # as clip-retrieval's back returns it
     assert served.post("/metadata", json={"ids": [hit["id"]]}).json()[0]["metadata"]["status"] == "success"
     assert served.get("/item/2").json()["metadata"]["similarity"] is None  # NaN has no JSON: null (pydantic's)
+    capsys.readouterr()
+    assert cli.main(["search", str(tmp_path / "k1"), "a red circle", "-k", "3", "--copy-to",
+                     str(tmp_path / "picked")]) == 0  # nothing to copy: listed by their web addresses
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0].split()[2] == hit["thumbnail"]
+    assert "copied 0 images" in captured.err and "3 listed in hits.jsonl by their web address" in captured.err
+    listed = [json.loads(line) for line in (tmp_path / "picked" / "hits.jsonl").read_text().splitlines()]
+    assert [row["rank"] for row in listed] == [1, 2, 3] and listed[0]["url"] == hit["thumbnail"]
+    assert all(row["file"] is None and row["url"].startswith("http://example.com/") for row in listed)
     assert served.post("/metadata", json={"ids": [2]}).json()[0]["metadata"]["similarity"] is None
     moved = served.get(f"/thumb/{hit['id']}", follow_redirects=False)  # as the page's "images like" banner asks
     assert moved.status_code == 307 and moved.headers["location"] == hit["thumbnail"]
@@ -1290,6 +1299,7 @@ def test_clip_retrieval_indexes_are_adopted_with_the_embeddings(collection, tmp_
     assert info["adopted"] == {"file": "image.index", "faiss_class": "IndexPreTransform", "index_key":
                                "OPQ16_64,IVF32_HNSW32,PQ16x8", "index_param": "nprobe=16,efSearch=32,ht=2048"}
     assert info["nlist"] == 32
+    assert ("codes are coarse" in printed) == (info["k_factor"] > 16)  # a rebuild suggested where the re-rank deepened
     assert info["target_met"] and info["collection_rows"] == 6000 and info["rerank"] == "stored"
     searcher = Searcher(out, *clipforge.load(collection["ckpt"]))  # as serve loads it: codes memory-mapped
     assert searcher.info["nprobe"] == info["nprobe"] and searcher.captions_indexed == 6000

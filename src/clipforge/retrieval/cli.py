@@ -346,6 +346,10 @@ def run_import(args) -> int:
             print(f"warning: {indexes[modality].name} reaches recall@10 {info['recall@10']:.3f}, below the target "
                   f"{args.target_recall}; clipforge index build {args.output} --rebuild builds one that does",
                   file=sys.stderr)
+        elif info.get("k_factor", 16) > 16:  # its codes rank too coarsely for the usual shortlist
+            print(f"note: {indexes[modality].name}'s codes are coarse: each query re-ranks {info['k_factor']} x k "
+                  f"candidates from disk; for a collection searched often, clipforge index build {args.output} "
+                  "--rebuild builds one that searches faster (docs/BENCHMARKS.md: 3.7x at 1M x 512)")
     print(f"next: clipforge serve {args.output}")
     return 0
 
@@ -438,16 +442,18 @@ def _report_hits(args, query: str, hits: list[dict], copy_to, one_of_many: bool)
     """Print one query's results (JSON: its hit list, or with many queries one line with the query), and copy them
     when asked."""
     if copy_to:
-        copied, failed = copy_hits(hits, copy_to)
-        print(f"copied {copied} images to {copy_to}" + (f" ({failed} unreadable, skipped)" if failed else ""),
+        copied, failed, addresses = copy_hits(hits, copy_to)
+        print(f"copied {copied} images to {copy_to}" + (f" ({failed} unreadable, skipped)" if failed else "")
+              + (f"; {addresses} listed in hits.jsonl by their web address (no copy here)" if addresses else ""),
               file=sys.stderr)
     if args.json:
         print(json.dumps({"query": query, "hits": hits} if one_of_many else hits))
         return
     if one_of_many:
         print(f"# {query}")
-    for rank, hit in enumerate(hits, 1):
-        print(f"{rank:3d}  {hit['score']:.4f}  {hit['path']}" + (f"  {hit['caption']}" if hit["caption"] else ""))
+    for rank, hit in enumerate(hits, 1):  # an adopted image kept only as its web address: that address
+        print(f"{rank:3d}  {hit['score']:.4f}  {hit.get('url') or hit['path']}"
+              + (f"  {hit['caption']}" if hit["caption"] else ""))
 
 
 def _slug(text: str) -> str:
@@ -456,10 +462,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:60] or "query"
 
 
-def copy_hits(hits: list[dict], folder: str | os.PathLike) -> tuple[int, int]:
+def copy_hits(hits: list[dict], folder: str | os.PathLike) -> tuple[int, int, int]:
     """Write each hit's image bytes (as stored: no re-encoding) and captions into ``folder``, named by rank, and
     ``hits.jsonl``; an image that can no longer be read (moved or deleted since ``embed``) is skipped, named on
-    stderr and counted. Returns (copied, skipped)."""
+    stderr and counted; an adopted image kept only as its web address is listed with it (``url``, no ``file``:
+    nothing is downloaded). Returns (copied, skipped, listed by address)."""
     import re
 
     from ..files import atomic_path
@@ -469,8 +476,13 @@ def copy_hits(hits: list[dict], folder: str | os.PathLike) -> tuple[int, int]:
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"--copy-to {folder}: a file, not a folder")
     folder.mkdir(parents=True, exist_ok=True)
-    copied, failed, listing = 0, 0, []
+    copied, failed, addresses, listing = 0, 0, 0, []
     for rank, hit in enumerate(hits, 1):
+        if hit.get("url"):
+            listing.append({"rank": rank, "score": hit["score"], "file": None, "url": hit["url"],
+                            "source": str(hit["path"]), "caption": hit.get("caption") or ""})
+            addresses += 1
+            continue
         item = item_from_path(str(hit["path"]))
         try:
             data, ext = item_image_bytes(item)
@@ -491,4 +503,4 @@ def copy_hits(hits: list[dict], folder: str | os.PathLike) -> tuple[int, int]:
         copied += 1
     with atomic_path(folder / "hits.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in listing))
-    return copied, failed
+    return copied, failed, addresses
