@@ -1148,6 +1148,11 @@ def test_a_clip_retrieval_embeddings_folder_is_adopted_without_embedding_again(c
     assert cli.main(["embed", str(tmp_path / "images"), str(ours), "--pretrained", collection["ckpt"], "--captions",
                      "--no-progress"]) == 0
     np.testing.assert_allclose(vectors, load_embeddings(ours)[0], atol=2e-3)
+    capsys.readouterr()  # embed cannot add to it: its rows follow clip-retrieval's partitions, not embed's order
+    assert cli.main(["embed", str(tmp_path / "images"), str(out), "--pretrained", collection["ckpt"],
+                     "--no-progress"]) == 2
+    assert "was adopted from clip-retrieval's embeddings" in capsys.readouterr().err
+    assert json.loads((out / "embed_info.json").read_text())["adopted_from"] == "clip-retrieval"  # untouched
     np.testing.assert_allclose(_caption_vectors(out)[0], _caption_vectors(ours)[0], atol=2e-3)
     for folder in (out, ours):
         assert cli.main(["index", "build", str(folder), "--quiet"]) == 0

@@ -71,11 +71,15 @@ RESUME_SETTINGS = ("model", "max_patches", "force_image_size", "captions")
 
 def _check_resumable(output: Path, summary: dict, n_shards: int, probe: dict) -> None:
     """Refuse to add shards to a collection whose finished shards were embedded by another architecture, at other
-    image settings, or by other weights (their features of the probe images, ``retrieval.probe``, disagree). The
-    weights' precision may differ: its vectors are the same up to rounding."""
+    image settings, or by other weights (their features of the probe images, ``retrieval.probe``, disagree), or that
+    was adopted from another tool. The weights' precision may differ: its vectors are the same up to rounding."""
     previous = read_info(output)
     if not previous or not any(image_shard(output, shard)[0].exists() for shard in range(n_shards)):
         return
+    if previous.get("adopted_from"):  # its rows follow the other tool's partitions, not this input's order
+        raise ValueError(f"{output} was adopted from {previous['adopted_from']}'s embeddings: its rows follow "
+                         "that tool's partitions, not this input, so embed cannot add to it; embed the new images "
+                         "into a folder of their own and serve both (clipforge serve OLD NEW)")
     current = json.loads(json.dumps({key: summary.get(key) or None for key in RESUME_SETTINGS}, default=str))
     changed = [("the model's config" if key == "model" else f"{key} {previous.get(key)!r} (now {current[key]!r})")
                for key in RESUME_SETTINGS
