@@ -1198,6 +1198,16 @@ def test_a_clip_retrieval_embeddings_folder_is_adopted_without_embedding_again(c
     listed = [json.loads(line) for line in (tmp_path / "picked" / "hits.jsonl").read_text().splitlines()]
     assert [row["rank"] for row in listed] == [1, 2, 3] and listed[0]["url"] == hit["thumbnail"]
     assert all(row["file"] is None and row["url"].startswith("http://example.com/") for row in listed)
+    assert cli.main(["filter", str(tmp_path / "k1"), str(tmp_path / "kept"), "--keep-fraction", "0.5",
+                     "--no-progress"]) == 0  # kept pairs with no image here: listed for a downloader (img2dataset)
+    assert "and 15 kept pairs known only by their web address" in capsys.readouterr().out
+    import pyarrow.parquet as pq
+
+    urls = pq.read_table(tmp_path / "kept" / "urls.parquet").to_pylist()
+    scores = pq.read_table(tmp_path / "kept" / "scores.parquet").to_pylist()
+    assert not list((tmp_path / "kept").glob("*.tar"))  # nothing to write into a shard
+    assert sorted(u["url"] for u in urls) == sorted(r["url"] for r in scores if r["kept"]) and len(urls) == 15
+    assert min(u["clip_score"] for u in urls) >= max(r["clip_score"] for r in scores if not r["kept"])
     assert served.post("/metadata", json={"ids": [2]}).json()[0]["metadata"]["similarity"] is None
     moved = served.get(f"/thumb/{hit['id']}", follow_redirects=False)  # as the page's "images like" banner asks
     assert moved.status_code == 307 and moved.headers["location"] == hit["thumbnail"]

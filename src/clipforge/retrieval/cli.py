@@ -143,6 +143,11 @@ def run_filter(args) -> int:
     quantiles = ", ".join(f"{k} {v:.3f}" for k, v in info["score_quantiles"].items())
     print(f"kept {info['kept']:,} of {info['pairs']:,} pairs ({'; '.join(reasons)}) in {info['shards']} shards under "
           f"{args.output}" + (f"; scores: {quantiles}" if quantiles else ""))
+    if info.get("kept_as_urls"):
+        urls = Path(args.output) / info["urls"]
+        print(f"and {info['kept_as_urls']:,} kept pairs known only by their web address in {urls}; to download them: "
+              f"img2dataset --url_list {urls} --input_format parquet --url_col url --caption_col caption "
+              "--save_additional_columns '[\"clip_score\"]' --output_format webdataset --output_folder IMAGES")
     return 0
 
 

@@ -7,7 +7,9 @@ kept image (higher score; without scores, earlier in the collection) reaches the
 ``search --dedup`` applies to results, here over the whole collection (re-uploads, crops and resizes of one photo,
 which a model sees as one image and a dataset counts many times). The kept pairs are written as WebDataset shards
 (the image as stored, every caption line, a ``.json`` with the score and where the pair came from) that ``clipforge
-train --train-data OUT`` reads; ``OUT/scores.parquet`` lists every pair's score.
+train --train-data OUT`` reads; ``OUT/scores.parquet`` lists every pair's score. A kept pair whose image the
+collection knows only by its web address (adopted from clip-retrieval) is listed in ``OUT/urls.parquet`` instead, as
+img2dataset takes a list of pairs to download.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .collection import (caption_shard, check_collection, embedded_shards, item_
                          item_image_bytes, load_metadata, load_vectors, read_info, unfinished_embedding)
 
 SCORES = "scores.parquet"
+URLS = "urls.parquet"  # kept pairs known only by their web address (an adopted collection): img2dataset's input
 INFO = "filter_info.json"
 
 
@@ -250,6 +253,8 @@ def filter_collection(folder: str | Path, output: str | Path, min_score: float |
             clustered_near_duplicates(vectors, dedup, ranked, dedup_clusters, progress=progress)
         kept = kept[duplicate_of[kept] < 0]
     output.mkdir(parents=True, exist_ok=True)
+    by_address = np.array([bool(rows[i].get("url")) for i in kept], dtype=bool)  # adopted, only a web address
+    addressed, kept = kept[by_address], kept[~by_address]  # those listed for a downloader, not written
     written, unreadable = 0, 0
     bar = tqdm(total=len(kept), desc="writing kept pairs", unit="pair", disable=not progress, file=sys.stderr)
     for number, start in enumerate(range(0, len(kept), shard_size)):
@@ -273,16 +278,32 @@ def filter_collection(folder: str | Path, output: str | Path, min_score: float |
                 written += 1
         bar.update(len(kept[start:start + shard_size]))
     bar.close()
-    _write_scores(output / SCORES, rows, scores, kept, duplicate_of if dedup is not None else None)
+    if len(addressed):
+        _write_urls(output / URLS, rows, scores, addressed)
+    _write_scores(output / SCORES, rows, scores, np.concatenate([kept, addressed]),
+                  duplicate_of if dedup is not None else None)
     quantiles = {f"p{q}": round(float(np.quantile(scores[scored], q / 100)), 4) for q in (10, 25, 50, 75, 90)} \
         if scored.any() else {}
     info = {"collection": str(folder), "pairs": len(rows), "scored": int(scored.sum()), "threshold": threshold,
             "kept": written, "unreadable": unreadable, "shards": -(-len(kept) // shard_size),
+            **({"kept_as_urls": len(addressed), "urls": URLS} if len(addressed) else {}),
             "score_quantiles": quantiles, **({"keep_fraction": keep_fraction} if keep_fraction else {}),
             **({"dedup": dedup, "near_duplicates": int((duplicate_of >= 0).sum()),
                 "dedup_clusters": dedup_clusters} if dedup is not None else {})}
     write_json(output / INFO, info)
     return info
+
+
+def _write_urls(path: Path, rows: list[dict], scores: np.ndarray, kept: np.ndarray) -> None:
+    """The kept pairs whose image is only a web address, as img2dataset's parquet input (``url``, ``caption``, and
+    ``clip_score`` for ``--save_additional_columns``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"url": [rows[i]["url"] for i in kept], "caption": [rows[i]["caption"] for i in kept],
+                      "clip_score": pa.array(scores[kept], type=pa.float32(), from_pandas=True)})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _write_scores(path: Path, rows: list[dict], scores: np.ndarray, kept: np.ndarray,
@@ -294,6 +315,8 @@ def _write_scores(path: Path, rows: list[dict], scores: np.ndarray, kept: np.nda
     mask[kept] = True
     columns = {"path": [r["path"] for r in rows], "caption": [r["caption"] for r in rows],
                "clip_score": pa.array(scores, type=pa.float32(), from_pandas=True), "kept": mask}
+    if any(r.get("url") for r in rows):  # adopted images known only by their web address
+        columns["url"] = [r.get("url") or None for r in rows]
     if duplicate_of is not None:  # the kept image each near-duplicate was dropped for
         columns["duplicate_of"] = [rows[j]["path"] if j >= 0 else None for j in duplicate_of]
     table = pa.table(columns)
