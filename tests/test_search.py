@@ -1316,6 +1316,7 @@ def test_clip_retrieval_indexes_are_adopted_with_the_embeddings(collection, tmp_
     assert info["nlist"] == 32
     assert ("codes are coarse" in printed) == (info["k_factor"] > 16)  # a rebuild suggested where the re-rank deepened
     assert info["target_met"] and info["collection_rows"] == 6000 and info["rerank"] == "stored"
+    (index_folder / "image.index").write_bytes(b"rewritten in place")  # as a second `clip-retrieval index` run
     searcher = Searcher(out, *clipforge.load(collection["ckpt"]))  # as serve loads it: codes memory-mapped
     assert searcher.info["nprobe"] == info["nprobe"] and searcher.captions_indexed == 6000
     stored = load_embeddings(out)[0].astype(np.float32)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -393,8 +392,8 @@ def save_index(index, info: dict, folder: str | Path, modality: str = "image",
                rows: np.ndarray | None = None, index_file: str | Path | None = None) -> Path:
     """Write ``index.faiss`` + ``index.json`` (``modality`` "text": ``caption_index.*``, with ``rows``, the
     collection row of each position), each atomically; the rows first, so that an index file never lacks them.
-    ``index_file``: the index as a file already (an adopted one, read memory-mapped, which FAISS cannot write back):
-    hard-linked where it can be (a large index takes no second copy of the disk), else copied."""
+    ``index_file``: the index as a file already (an adopted one, read memory-mapped, which FAISS cannot write back),
+    copied as it is: not linked, since the tool that wrote it rewrites that file in place when run again."""
     faiss = _faiss()
     if (rows is None) != (modality == "image"):
         raise ValueError("the caption index is saved with its rows, the image index without")
@@ -406,11 +405,7 @@ def save_index(index, info: dict, folder: str | Path, modality: str = "image",
         if index_file is None:
             faiss.write_index(index.index if isinstance(index, Reranked) else index, str(tmp))
         else:
-            tmp.unlink()
-            try:
-                os.link(index_file, tmp)
-            except OSError:  # another file system, or links not allowed
-                shutil.copyfile(index_file, tmp)
+            shutil.copyfile(index_file, tmp)
     write_json(index_path(folder, modality, ".json"), info)
     return index_path(folder, modality)
 
