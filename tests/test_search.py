@@ -1141,7 +1141,8 @@ def test_a_clip_retrieval_embeddings_folder_is_adopted_without_embedding_again(c
     # clip-retrieval's other metadata fields are kept (a nested one flattened as its writer does), lists are not
     assert rows[1]["status"] == "success" and rows[1]["similarity"] == pytest.approx(0.251)
     assert rows[1]["exif.Make"] == "Shapes Inc." and "tags" not in rows[1] and "image_path" not in rows[1]
-    assert "kept its other metadata fields: status, similarity, exif.Make (not tags: not a single value)" in printed
+    assert "kept its other metadata fields: status, similarity, exif.Make (not tags: list<element: string>, not a " \
+           "string, number or boolean)" in printed
     ours = tmp_path / "ours"  # clipforge's own embedding of the same images, with their captions
     shutil.copytree(collection["images"], tmp_path / "images", ignore=lambda d, names: [
         n for n in names if not n.startswith(("shape00", "shape01", "shape02"))])

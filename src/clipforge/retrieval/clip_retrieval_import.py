@@ -106,8 +106,8 @@ class _Locator:
 
 def _rows(parquet: Path, locate: _Locator, record):
     """The partition's metadata as a table: clipforge's columns, ``url`` where an image is not found here, then
-    clip-retrieval's other fields that hold one value a row (``--enable_metadata``'s, e.g. ``status``, ``exif``,
-    ``similarity``); returns (table, how many images were not found, {field left out: why})."""
+    clip-retrieval's other fields of strings, numbers or booleans (``--enable_metadata``'s, e.g. ``status``,
+    ``exif.Make``, ``similarity``); returns (table, how many images were not found, {field left out: why})."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -134,7 +134,7 @@ def _rows(parquet: Path, locate: _Locator, record):
         elif _one_value(field.type):
             adopted = adopted.append_column(field, table.column(field.name))
         else:
-            left_out[field.name] = "not a single value"
+            left_out[field.name] = f"{field.type}, not a string, number or boolean"
     return adopted, unfound, left_out
 
 
