@@ -1894,6 +1894,23 @@ def test_captions_all_embeds_the_mean_of_every_caption_of_an_image(collection, t
         found = Searcher(out, model, preprocess, tokenizer).search_text("a round red thing", k=3, modality="text")
         by_hand = np.argsort(-(stored @ features["a round red thing"]))[:3]
         assert [h["id"] for h in found] == by_hand.tolist()
+        # each result shows its caption line nearest the query, not its first
+        nearest = {i: max(texts, key=lambda t: float(features[t] @ features["a round red thing"]))
+                   for i, texts in enumerate(captions.values()) if texts}
+        assert [h["caption"] for h in found] == [nearest[i] for i in by_hand.tolist()]
+        assert found[by_hand.tolist().index(0)]["caption"] == "a round red thing"
+    from fastapi.testclient import TestClient
+
+    from clipforge.serve.app import create_app
+
+    served = TestClient(create_app(out, model, preprocess, tokenizer))  # the shard collection, served
+    shown = served.get("/search", params={"q": "two green bars crossing", "k": 3, "modality": "text"}).json()
+    assert shown["results"][0]["caption"] == "two green bars crossing"  # image 3's second line, not its first
+    assert served.get("/search", params={"q": "two green bars crossing", "k": 3}).json()["results"][0]["caption"] \
+        in ("", "a red circle", "a blue square", "a green cross")  # an image search: each image's first caption
+    knn = served.post("/knn-service", json={"text": "two green bars crossing", "modality": "text", "num_images": 1,
+                                            "num_result_ids": 3}).json()
+    assert knn[0]["caption"] == "two green bars crossing" and "caption" not in knn[1]
 
     first = tmp_path / "first"
     assert cli.main(["embed", str(images), str(first), "--pretrained", collection["ckpt"], "--captions",

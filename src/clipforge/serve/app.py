@@ -196,15 +196,19 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
         def run(requests):
             """One index search for concurrent queries (FAISS scans faster in batches), off the event loop; queries
             are searched together per modality and de-duplication threshold. A request is (vector, k, dedup,
-            offset, modality): results offset .. offset + k of the ranking."""
+            offset, modality, shown): results offset .. offset + k of the ranking, the first ``shown`` of them
+            (those whose metadata is shown) with the caption line that matched a caption search."""
             out = [None] * len(requests)
             for dedup, modality in {(r[2], r[4]) for r in requests}:
                 group = [n for n, r in enumerate(requests) if (r[2], r[4]) == (dedup, modality)]
                 vectors = np.stack([requests[n][0] for n in group])
                 depth = max(requests[n][1] + requests[n][3] for n in group)
-                for n, found in zip(group, searcher.search_vectors(vectors, depth, dedup, modality)):
-                    _, k, _, offset, _ = requests[n]
-                    out[n] = found[offset:offset + k]
+                for n, found in zip(group, searcher.search_vectors(vectors, depth, dedup, modality,
+                                                                   matched_lines=False)):
+                    vector, k, _, offset, _, shown = requests[n]
+                    found = found[offset:offset + k]
+                    out[n] = searcher.with_matched_lines(vector, found[:shown]) + found[shown:] \
+                        if modality == "text" else found
             return out
         return run
 
@@ -222,6 +226,7 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
     by_model: dict[int, tuple[Batcher, Batcher]] = {}
     for name, (folder, (model, preprocess, tokenizer)) in collections.items():
         searcher = Searcher(folder, model, preprocess, tokenizer, in_memory=index_in_memory)
+        searcher.model_lock = lock  # its caption lines are embedded under the server's one model lock
         if id(model) not in by_model:
             by_model[id(model)] = encoders(searcher)
         text_batcher, image_batcher = by_model[id(model)]
@@ -339,7 +344,7 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
         check_depth(offset, k)
         check_modality(where, modality)
         vector = await where.embed_text(q)
-        return hits(await where.search((vector, k, dedup, offset, modality)), where)
+        return hits(await where.search((vector, k, dedup, offset, modality, k)), where)
 
     @app.get("/search/similar", response_model=SearchResponse)
     async def search_similar(id: int = Query(..., description="an image of the collection: find more like it"),
@@ -350,7 +355,7 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
         where = pick(collection)
         check_depth(offset, k)
         vector = where.searcher.stored.get([known(where, id)])[0]  # its own stored embedding: nothing to embed
-        return hits(await where.search((vector, k, dedup, offset, "image")), where)
+        return hits(await where.search((vector, k, dedup, offset, "image", k)), where)
 
     @app.post("/search/image", response_model=SearchResponse)
     async def search_image(file: UploadFile = File(...), k: int = Form(10, ge=1, le=MAX_K),
@@ -360,7 +365,7 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
         where = pick(collection)
         check_modality(where, modality)
         vector = await where.embed_image(await read_image(file))
-        return hits(await where.search((vector, k, dedup, 0, modality)), where)
+        return hits(await where.search((vector, k, dedup, 0, modality, k)), where)
 
     @app.get("/item/{index}", response_model=Item)
     def item(index: int, collection: str | None = collection_query()):

@@ -151,7 +151,8 @@ def add_routes(app: FastAPI, served: dict, thumb_url, decode_image, max_upload_b
         # as clip-retrieval: num_result_ids ranked ids (its page fetches their metadata as one scrolls), the first
         # num_images of them with their metadata
         depth = min(max(query.num_result_ids or 0, query.num_images), MAX_RESULT_IDS)
-        found = await where.search((vector, depth, DEDUP_COSINE if query.deduplicate else None, 0, query.modality))
+        found = await where.search((vector, depth, DEDUP_COSINE if query.deduplicate else None, 0, query.modality,
+                                    query.num_images))
         return [{**(fields(request, where.name, hit, hit["id"]) if rank < query.num_images else {}), "id": hit["id"],
                  "similarity": hit["score"]} for rank, hit in enumerate(found)]
 
