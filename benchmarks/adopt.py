@@ -7,14 +7,12 @@ floor: adoption reads and writes every vector once).
 The folder: ``partitions`` img_emb/text_emb .npy files of unit float16 vectors (512 dimensions, as ViT-B-32's) and
 their metadata parquet (``image_path``, ``caption``), in a temporary folder. The model named (random ViT-B-32
 weights: ``--no-check``, since there are no images to check against) only records what embeds queries later.
-Peak memory is the child process's maximum resident set (``resource``), the model's weights included.
+Peak memory is each command's own maximum resident set (``wait4``), the model's weights included.
 """
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from report import finish, machine
+from report import finish, machine, timed_command as timed
 
 
 def write_folder(folder: Path, rows: int, partitions: int, dim: int = 512, seed: int = 0) -> int:
@@ -50,14 +48,6 @@ def write_folder(folder: Path, rows: int, partitions: int, dim: int = 512, seed:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def timed(command: list[str]) -> tuple[float, float]:
-    """(seconds, the child's peak RSS in GB) of one command."""
-    started = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    seconds = time.perf_counter() - started
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1_000_000)
@@ -71,7 +61,6 @@ def main() -> None:
         shutil.copytree(source, Path(tmp) / "copy")
         copy_s = time.perf_counter() - copy_started
         shutil.rmtree(Path(tmp) / "copy")
-        # the model alone first: getrusage's children figure is the largest of all children so far
         model_only_s, model_only_gb = timed([sys.executable, "-c",
                                              "import clipforge; clipforge.create_model('ViT-B-32')"])
         seconds, peak_gb = timed([sys.executable, "-m", "clipforge.cli", "import", "clip-retrieval", str(source),
@@ -82,7 +71,6 @@ def main() -> None:
               "adopt_peak_rss_gb": round(peak_gb, 2), "peer: copying the folder (shutil.copytree) s": round(copy_s, 1),
               "ratio adopt / copy": round(seconds / copy_s, 2),
               "a process building the model alone: s, peak RSS GB": [round(model_only_s, 1), round(model_only_gb, 2)]}
-    print(report)
     finish(report, args.json)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from index_growth import clustered
-from report import finish, machine
+from report import finish, machine, timed_command as timed
 
 
 def write_folder(folder: Path, vectors: np.ndarray, partitions: int) -> None:
@@ -60,16 +59,6 @@ def autofaiss_like_index(path: Path, vectors: np.ndarray, seed: int = 0) -> tupl
         index.add(vectors[first:first + 65_536])
     faiss.write_index(index, str(path))
     return factory, time.perf_counter() - started
-
-
-def timed(command: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in GB) of one command: its own figure (``wait4``), not the largest child's so far."""
-    started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    if status:
-        raise subprocess.CalledProcessError(status, command)
-    return time.perf_counter() - started, usage.ru_maxrss / 2**20
 
 
 def query_ms(folder: Path, queries: np.ndarray, repeats: int = 3) -> float:

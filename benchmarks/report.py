@@ -1,9 +1,12 @@
-"""What the benchmark scripts share: the machine line a report starts with, and the report printed and written as
-JSON (``--json PATH``) at the end. Scripts run as ``python benchmarks/NAME.py``, so ``from report import ...``."""
+"""What the benchmark scripts share: the machine line a report starts with, a command's time and its own peak
+memory, and the report printed and written as JSON (``--json PATH``) at the end. Scripts run as ``python benchmarks/NAME.py``, so ``from report import ...``."""
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -29,3 +32,15 @@ def finish(report: dict, path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def timed_command(command: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in GB) of one command, its own (``wait4``): not the largest child's so far, as
+    ``RUSAGE_CHILDREN`` gives. A child started by vfork counts its parent's peak in its own, so the parent should not
+    have held the benchmark's data (make it in a process of its own)."""
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    if status:
+        raise subprocess.CalledProcessError(status, command)
+    return time.perf_counter() - started, usage.ru_maxrss / 2**20

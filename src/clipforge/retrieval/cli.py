@@ -343,7 +343,7 @@ def run_import(args) -> int:
     adopted = adopt_indexes(indexes, args.output, args.target_recall, _tuning_queries(args.output, args.tune_queries),
                             log)
     for modality, info in adopted.items():
-        knobs = {"nprobe,k_factor": ("nprobe", "k_factor"), "efSearch": ("efSearch",)}.get(info.get("param"), ())
+        knobs = info["param"].split(",") if "param" in info else []  # nprobe,k_factor or efSearch; flat: none
         print(f"adopted {indexes[modality].name} as the {info['kind']} {'caption ' if modality == 'text' else ''}"
               f"index: recall@10 {info['recall@10']:.3f}"
               + (" at " + ", ".join(f"{knob} {info[knob]}" for knob in knobs) if knobs else ""))
