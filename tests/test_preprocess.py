@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipforge.preprocess import BadImageError, Preprocess, TrainTransform, open_image
+from clipforge.preprocess import BadImageError, Preprocess, TrainTransform, full_size, open_image
 
 from conftest import shared_data
 
@@ -126,6 +126,47 @@ def test_corrupt_and_truncated_images_name_the_source(tmp_path):
     assert str(error.value) == "upload.png: not a readable image (no image format recognised)"
     with pytest.raises(BadImageError, match="no such file"):
         open_image(tmp_path / "missing.jpg")
+
+
+def _jpeg(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_decodes_reduced_keeping_min_size_and_its_stored_size():
+    """``open_image(min_size=...)``: a JPEG at the smallest of 1/2, 1/4, 1/8 scale whose sides both keep min_size
+    (``full_size`` still its stored size); other formats, and a JPEG too small to reduce, whole."""
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1600, 3), dtype=np.uint8))
+    data = _jpeg(photo)
+    for min_size, decoded in ((300, (400, 300)), (100, (200, 150)), (599, (800, 600)), (601, (1600, 1200))):
+        image = open_image(data, min_size=min_size)
+        assert image.size == decoded and full_size(image) == (1600, 1200), min_size
+    assert open_image(data).size == (1600, 1200) and full_size(open_image(data)) == (1600, 1200)
+    assert open_image(_jpeg(photo, "PNG"), min_size=100).size == (1600, 1200)
+    assert Preprocess(64).decode_size == 192 and Preprocess(224).decode_size == 672
+
+
+def test_reduced_decode_stays_within_jpeg_noise_of_a_full_one():
+    """Photos of a few megapixels (coco-mini's, nine to a mosaic at their own resolution): preprocessed from the
+    reduced decode ``embed`` uses, each pixel within a fraction of a level of the full decode's on average."""
+    photos = [Image.open(io.BytesIO(data)).convert("RGB")
+              for _, data in _shard_images(shared_data("coco-mini", "test", "test-000000.tar"), limit=18)]
+    mosaics = []
+    for first in (0, 9):
+        mosaic = Image.new("RGB", (1920, 1440))
+        for k, photo in enumerate(photos[first:first + 9]):
+            mosaic.paste(photo, (640 * (k % 3), 480 * (k // 3)))
+        mosaics.append(_jpeg(mosaic))
+    for size, decoded in ((64, (480, 360)), (224, (960, 720))):
+        preprocess, worst = Preprocess(size), 0.0
+        for data in mosaics:
+            reduced = open_image(data, min_size=preprocess.decode_size)
+            assert reduced.size == decoded
+            std = torch.tensor(preprocess.std).view(3, 1, 1)
+            levels = 255 * ((preprocess(reduced) - preprocess(open_image(data))) * std).abs().mean().item()
+            worst = max(worst, levels)
+        assert worst < 1.0, size  # mean absolute difference, in 8-bit levels
 
 
 def test_decompression_bombs_are_refused():

@@ -855,6 +855,61 @@ def _served(folder):
     return TestClient(create_app(folder, *load_for_inference(collection=folder)))
 
 
+def test_embed_decodes_large_jpegs_reduced_unless_full_decode(collection, tmp_path, monkeypatch, capsys):
+    """``embed`` decodes a JPEG over three times the model's input at a reduced scale by default (recorded), rows
+    keeping its stored size, vectors within JPEG noise of ``--full-decode``'s, which are the full pixels through the
+    model; ``classify`` the same; the page's thumbnail of such a photo comes from a reduced decode too, as Pillow's
+    own thumbnail would."""
+    from clipforge.preprocess import open_image
+    from clipforge.retrieval import load_embeddings
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    source, rng = ShapesSource(6, seed=5), np.random.default_rng(0)
+    for i in range(6):  # shapes at phone-photo scale with texture, as JPEGs
+        shape = np.asarray(source.item(i)[0].convert("RGB").resize((1440, 1080), Image.BICUBIC), dtype=np.float32)
+        texture = rng.normal(0, 12, (135, 180, 3)).repeat(8, 0).repeat(8, 1)
+        Image.fromarray(np.clip(shape + texture, 0, 255).astype(np.uint8)).save(photos / f"p{i}.jpg", quality=90)
+    for way, extra in (("reduced", []), ("full", ["--full-decode"])):
+        assert cli.main(["embed", str(photos), str(tmp_path / way), "--pretrained", collection["ckpt"],
+                         "--no-progress", *extra]) == 0
+    reduced, rows = load_embeddings(tmp_path / "reduced")
+    full, full_rows = load_embeddings(tmp_path / "full")
+    assert json.loads((tmp_path / "reduced" / "embed_info.json").read_text())["decode_min_size"] == 192
+    assert json.loads((tmp_path / "full" / "embed_info.json").read_text())["decode_min_size"] is None
+    assert [(r["width"], r["height"]) for r in rows + full_rows] == [(1440, 1080)] * 12
+    model, preprocess, _ = clipforge.load(collection["ckpt"])
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(open_image(photos / f"p{i}.jpg")) for i in range(6)])
+        expected = model.encode_image(pixels, normalize=True).numpy()
+    assert np.allclose(full.astype(np.float32), expected, atol=2e-3)
+    cosines = (reduced.astype(np.float32) * full.astype(np.float32)).sum(1)
+    assert not np.array_equal(reduced, full) and cosines.min() > 0.999
+    chosen, _ = {}, capsys.readouterr()
+    for way, extra in (("reduced", []), ("full", ["--full-decode"])):  # classify decodes as embed does
+        assert cli.main(["classify", str(photos), "--labels", "red,green,blue", "--pretrained", collection["ckpt"],
+                         "--json", "--no-progress", *extra]) == 0
+        chosen[way] = [{c["label"]: c["probability"] for c in json.loads(line)["labels"]}
+                       for line in capsys.readouterr().out.splitlines()]
+    assert chosen["reduced"] != chosen["full"]
+    assert all(abs(a[c] - b[c]) < 0.01 for a, b in zip(chosen["reduced"], chosen["full"]) for c in a)
+
+    from clipforge.serve import app as serve_app
+
+    asked = []
+    monkeypatch.setattr(serve_app, "load_item", lambda item, min_size=None: asked.append(min_size) or
+                        (open_image(item["path"], min_size=min_size), ""))
+    assert cli.main(["index", "build", str(tmp_path / "reduced"), "--quiet"]) == 0
+    thumb = Image.open(io.BytesIO(_served(tmp_path / "reduced").get("/thumb/0").content))
+    assert asked == [512]
+    whole, encoded = open_image(photos / "p0.jpg").convert("RGB"), io.BytesIO()
+    whole.thumbnail((256, 256))
+    whole.save(encoded, format="JPEG", quality=85)  # as the server encodes its thumbnails
+    assert thumb.size == whole.size == (256, 192)
+    # the full decode's thumbnail within a level or two (this texture of 8-pixel blocks is JPEG's own worst case)
+    assert np.abs(np.asarray(thumb, np.float32) - np.asarray(Image.open(encoded), np.float32)).mean() < 2
+
+
 def test_a_collection_names_images_and_model_relative_to_itself_so_a_project_can_move(collection, tmp_path,
                                                                                       monkeypatch, capsys):
     """Embedded from inside a project with relative paths (an image folder, a tar shard, a checkpoint), the
@@ -928,6 +983,11 @@ def test_a_collection_embedded_before_relative_paths_reads_and_resumes_as_it_was
     assert RELATIVE_PATHS not in json.loads(Path("old/embed_info.json").read_text())
     rewritten = pq.read_table("old/metadata/metadata_00002.parquet").column("path").to_pylist()
     assert rewritten[0].startswith("images/shape")
+
+
+def test_blank_query_is_refused(client):
+    response = client.get("/search", params={"q": "   "})
+    assert response.status_code == 400 and "blank" in response.json()["detail"]
 
 
 def test_decompression_bomb_is_refused(client):
@@ -1706,6 +1766,8 @@ def test_search_many_queries_from_a_file_equals_one_by_one(collection, tmp_path,
     assert "no queries (one per line)" in capsys.readouterr().err
     assert cli.main(["search", str(collection["emb"]), "red", "--queries", str(tmp_path / "q.txt")]) == 2
     assert "give one of: a text query, --image PATH, --queries FILE" in capsys.readouterr().err
+    assert cli.main(["search", str(collection["emb"]), "  "]) == 2
+    assert "the text query is empty" in capsys.readouterr().err
 
 
 def test_near_duplicates_are_searchs_greedy_rule_across_blocks_and_chunks():

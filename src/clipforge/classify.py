@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .argtypes import non_negative_int, positive_int
-from .inference import add_model_arguments
+from .inference import add_decode_argument, add_model_arguments
 
 EXAMPLES = """examples:
   clipforge classify photo.jpg --labels "a dog,a cat,a car" --pretrained runs/flickr8k/checkpoints/step-00002400
@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per image and line")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=non_negative_int, default=0, help="processes decoding images [0]")
+    add_decode_argument(p)
     add_model_arguments(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run)
@@ -82,7 +83,7 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .inference import load_from_args
+    from .inference import decode_size_from_args, load_from_args
     from .preprocess import image_batch
     from .prompts import resolve_templates, shipped_templates
     from .retrieval.collection import item_path
@@ -103,7 +104,8 @@ def run(args) -> int:
     bar = tqdm(total=len(items), desc="classifying", unit="img", disable=not args.progress, file=sys.stderr)
     done = 0
     with torch.no_grad():
-        for batch in decoded_batches(items, preprocess, args.batch_size, args.workers):
+        for batch in decoded_batches(items, preprocess, args.batch_size, args.workers,
+                                     min_size=decode_size_from_args(args, preprocess)):
             good = [(done + i, sample) for i, sample in enumerate(batch) if sample is not None]
             unreadable += [item_path(items[done + i]) for i, sample in enumerate(batch) if sample is None]
             done += len(batch)

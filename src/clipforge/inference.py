@@ -42,6 +42,23 @@ def add_model_arguments(p: argparse.ArgumentParser, recorded: bool = False, seve
                         "better) [its own" + ("; for a collection, what embed used" if recorded else "") + "]")
 
 
+def add_decode_argument(p: argparse.ArgumentParser) -> None:
+    """``--full-decode``, for commands that read many image files (embed, classify); ``decode_size_from_args`` reads
+    it."""
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode every pixel of each JPEG, as open_clip's preprocess does; by default one over three "
+                        "times the model's input is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), its "
+                        "vectors as close to a full decode's as a quality-90 copy of the file would be: 12-megapixel "
+                        "photos decode 3x faster (docs/BENCHMARKS.md)")
+
+
+def decode_size_from_args(args, preprocess) -> int | None:
+    """The ``min_size`` to decode images at for ``preprocess`` (``preprocess.open_image``), None for every pixel."""
+    from .preprocess import decode_size
+
+    return None if args.full_decode else decode_size(preprocess)
+
+
 def load_from_args(args, collection: str | os.PathLike | None = None):
     """``load_for_inference`` with the flags ``add_model_arguments`` defines; for a ``collection``, a warning when
     the model is not the one that embedded it (``retrieval.probe``)."""

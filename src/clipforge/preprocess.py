@@ -18,19 +18,34 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # Decoded images larger than this are refused (decompression bombs); Pillow's own default is about 89 Mpx.
 MAX_IMAGE_PIXELS = 64_000_000
+# A JPEG decoded for a transform that shrinks it keeps at least this many times the output's size on each side
+# (Pillow's ``reducing_gap``): a model's features then stay about as close to a full decode's as those of the photo
+# re-encoded at JPEG quality 90; at 2 the farthest photo's moved 18 times as far (docs/BENCHMARKS.md)
+DECODE_GAP = 3
+FULL_SIZE = "clipforge_full_size"  # in a reduced image's ``info``: the size stored in the file
 
 
 class BadImageError(ValueError):
     """An image that cannot be decoded, or that is too large; the message names the source."""
 
 
-def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open a path, bytes or file object as a fully decoded PIL image, with a clear error on bad input."""
+def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+               min_size: int | None = None) -> Image.Image:
+    """Open a path, bytes or file object as a fully decoded PIL image, with a clear error on bad input.
+
+    ``min_size``: a JPEG is decoded at 1/2, 1/4 or 1/8 scale where both sides stay at least this many pixels
+    (libjpeg's DCT scaling: a 12-megapixel photo for a 224-pixel model in a third of the time); ``full_size(image)``
+    is then the size stored in the file. Other formats decode whole."""
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         if image.width * image.height > max_pixels:
             raise BadImageError(f"{label}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}")
+        if min_size and image.format == "JPEG":
+            stored = image.size
+            image.draft(None, (min_size, min_size))
+            if image.size != stored:
+                image.info[FULL_SIZE] = stored
         image.load()
     except BadImageError:
         raise
@@ -41,6 +56,17 @@ def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXE
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise BadImageError(f"{label}: not a readable image ({exc})") from None
     return image
+
+
+def full_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) stored in the image's file, also where ``open_image(min_size=...)`` decoded it smaller."""
+    return image.info.get(FULL_SIZE, image.size)
+
+
+def decode_size(preprocess) -> int | None:
+    """The ``min_size`` at which ``open_image`` may decode a JPEG for ``preprocess`` (``Preprocess.decode_size``);
+    None for a transform whose output size depends on the image (NaFlex): decoded whole."""
+    return getattr(preprocess, "decode_size", None)
 
 
 # how an image reaches the model's square input: open_clip's ``resize_mode`` names
@@ -107,6 +133,12 @@ class Preprocess:
         else:
             image = center_crop(resize_short_side(image, size, self.interpolation), size)
         return to_tensor(image, self.mean, self.std)
+
+    @property
+    def decode_size(self) -> int:
+        """Both sides of a JPEG decoded for this transform keep at least this many pixels (``open_image``'s
+        ``min_size``): ``DECODE_GAP`` times the output's."""
+        return DECODE_GAP * self.image_size
 
     @property
     def settings(self) -> dict:

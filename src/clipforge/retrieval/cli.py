@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..argtypes import fraction, non_negative_int, or_auto, positive_int
-from ..inference import add_model_arguments
+from ..inference import add_decode_argument, add_model_arguments
 
 
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +36,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--workers", type=non_negative_int, default=None,
                    help="processes decoding images ahead of the model [4 on GPU, 1 on CPU]")
+    add_decode_argument(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run_embed)
 
@@ -43,7 +44,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
 def run_embed(args) -> int:
     import torch
 
-    from ..inference import load_from_args
+    from ..inference import decode_size_from_args, load_from_args
     from .embed import embed_collection
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -62,7 +63,8 @@ def run_embed(args) -> int:
                                  model_spec={"model": args.model, "pretrained": args.pretrained},
                                  max_patches=getattr(preprocess, "max_patches", None),
                                  force_image_size=args.force_image_size,
-                                 captions="all" if args.all_captions else args.captions)
+                                 captions="all" if args.all_captions else args.captions,
+                                 decode_min_size=decode_size_from_args(args, preprocess))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -398,6 +400,8 @@ def run_search(args) -> int:
 
     if sum(x is not None for x in (args.query, args.image, args.queries)) != 1:
         raise ValueError("give one of: a text query, --image PATH, --queries FILE")
+    if args.query is not None and not args.query.strip():
+        raise ValueError("the text query is empty: give words to search for (or --image PATH, --queries FILE)")
     if args.dedup is not None and not 0 < args.dedup <= 1:
         raise ValueError(f"--dedup {args.dedup}: a cosine similarity in (0, 1], e.g. 0.95")
     texts = _read_queries(args.queries) if args.queries else None  # a bad file fails before the model loads

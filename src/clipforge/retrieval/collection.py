@@ -166,15 +166,16 @@ def item_image_bytes(item: dict) -> tuple[bytes, str]:
     return data, ext
 
 
-def load_item(item: dict):
-    """(image, first caption) of one catalogued item: a file path, or a key in a shard."""
+def load_item(item: dict, min_size: int | None = None):
+    """(image, first caption) of one catalogued item: a file path, or a key in a shard; a JPEG decoded reduced
+    where both sides keep ``min_size`` pixels (``preprocess.open_image``)."""
     from ..preprocess import open_image
 
     if "path" in item:
-        return open_image(item["path"]), item.get("caption", "")
+        return open_image(item["path"], min_size=min_size), item.get("caption", "")
     data, _ = item_image_bytes(item)
     captions = item_captions(item)
-    return open_image(data, name=item_path(item)), captions[0] if captions else ""
+    return open_image(data, name=item_path(item), min_size=min_size), captions[0] if captions else ""
 
 
 # ------------------------------------------------------------------------------------------------------ reading

@@ -325,10 +325,11 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
             raise HTTPException(404, f"no image with id {index} in the collection")
         return index
 
-    def collection_image(where: Served, index: int):
-        """Image ``index`` of the collection in RGB, or a 404 when its file or shard can no longer be read."""
+    def collection_image(where: Served, index: int, min_size: int | None = None):
+        """Image ``index`` of the collection in RGB (a JPEG decoded reduced to no less than ``min_size`` a side), or
+        a 404 when its file or shard can no longer be read."""
         try:
-            image, _ = load_item(item_from_path(str(where.searcher.rows[index]["path"])))
+            image, _ = load_item(item_from_path(str(where.searcher.rows[index]["path"])), min_size)
             return image.convert("RGB")
         except (BadImageError, OSError, KeyError, StopIteration):
             raise HTTPException(404, f"image {index} is no longer readable") from None
@@ -340,6 +341,8 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
                      dedup: float | None = Query(None, gt=0, le=1, description=DEDUP_HELP),
                      modality: Literal["image", "text"] = Query("image", description=MODALITY_HELP),
                      collection: str | None = collection_query()):
+        if not q.strip():
+            raise HTTPException(400, "q: the query is blank; give words to search for")
         where = pick(collection)
         check_depth(offset, k)
         check_modality(where, modality)
@@ -455,7 +458,7 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
 
     @lru_cache(maxsize=2048)
     def thumbnail(name: str, index: int, size: int) -> bytes:
-        image = collection_image(served[name], index)
+        image = collection_image(served[name], index, 2 * size)  # as Image.thumbnail's draft keeps (reducing_gap 2)
         image.thumbnail((size, size))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
