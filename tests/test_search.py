@@ -910,6 +910,53 @@ def test_embed_decodes_large_jpegs_reduced_unless_full_decode(collection, tmp_pa
     assert np.abs(np.asarray(thumb, np.float32) - np.asarray(Image.open(encoded), np.float32)).mean() < 2
 
 
+def test_end2end_embeds_indexes_serves_and_takes_the_images_added_since(collection, tmp_path, monkeypatch, capsys):
+    """``clipforge end2end IMAGES OUT``: embed, index build and serve in one command (clip-retrieval's end2end);
+    run again with nothing new, nothing is embedded or built again (``index build`` says its index is up to date);
+    after images were added, only those are embedded and added to the indexes. A bad --mapping fails first."""
+    import uvicorn
+
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+
+    def add(first: int, last: int) -> None:
+        for i in range(first, last):
+            for suffix in (".png", ".txt"):
+                shutil.copy(collection["images"] / f"shape{i:03d}{suffix}", photos)
+
+    def end2end(*extra) -> str:
+        capsys.readouterr()
+        assert cli.main(["end2end", str(photos), str(out), "--pretrained", collection["ckpt"], "--captions",
+                         "--no-progress", *extra]) == 0
+        return capsys.readouterr().out
+
+    add(0, 20)
+    printed = end2end("--no-serve")
+    assert "built flat index of 20 vectors" in printed and "built flat caption index of 20" in printed
+    built = (out / "index.faiss").stat().st_mtime_ns
+    printed = end2end("--no-serve")
+    assert "embedded 0 images" in printed and printed.count("is up to date") == 2
+    assert (out / "index.faiss").stat().st_mtime_ns == built
+    add(20, 30)
+    printed = end2end("--no-serve")
+    assert "embedded 30 images" in printed and "added 10 vectors to the flat index of 20 (now 30" in printed
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **_: served.update(app=app, host=host, port=port))
+    assert "is up to date" in end2end("--port", "8123")
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
+    from fastapi.testclient import TestClient
+
+    client = TestClient(served["app"])
+    assert client.get("/health").json()["images"] == 30
+    assert len(client.get("/search", params={"q": "a red circle", "k": 5}).json()["results"]) == 5
+
+    assert cli.main(["end2end", str(photos), str(tmp_path / "other"), "--pretrained", collection["ckpt"],
+                     "--mapping", str(tmp_path / "no-map")]) == 2
+    assert "--mapping" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert cli.main(["index", "build", str(out), "--rebuild"]) == 0 and "built flat index" in capsys.readouterr().out
+
+
 def test_a_collection_names_images_and_model_relative_to_itself_so_a_project_can_move(collection, tmp_path,
                                                                                       monkeypatch, capsys):
     """Embedded from inside a project with relative paths (an image folder, a tar shard, a checkpoint), the

@@ -384,6 +384,32 @@ def test_an_index_takes_the_images_embedded_since_it_was_built_unless_rows_chang
     assert build().count("built ivfpq") == 2
 
 
+def test_index_build_leaves_an_up_to_date_index_unless_asked_for_another(tmp_path, capsys):
+    """Nothing embedded since and the same settings: `index build` leaves the index as it is (saying so); another
+    kind, target recall or list count, or --rebuild, builds it anew."""
+    from clipforge import cli
+
+    folder = tmp_path / "emb"
+    write_collection(folder, clustered(3_000, 32, seed=6), 1_500)
+
+    def build(*extra):
+        capsys.readouterr()
+        assert cli.main(["index", "build", str(folder), "--quiet", "--kind", "ivfpq", "--target-recall", "0.9",
+                         *extra]) == 0
+        return capsys.readouterr().out
+
+    assert "built ivfpq index" in build()
+    written = (folder / "index.faiss").stat().st_mtime_ns
+    assert "is up to date" in build() and (folder / "index.faiss").stat().st_mtime_ns == written
+    assert "built ivfpq index" in build("--nlist", "16")
+    assert "is up to date" in build("--nlist", "16")
+    assert "built ivfpq index" in build("--target-recall", "0.8")
+    assert "built ivfpq index" in build("--rebuild")
+    capsys.readouterr()
+    assert cli.main(["index", "build", str(folder), "--quiet", "--kind", "hnsw"]) == 0
+    assert "built hnsw index" in capsys.readouterr().out
+
+
 def test_a_flat_index_takes_new_rows_and_grows_into_ivfpq_past_its_threshold(tmp_path, capsys):
     from clipforge import cli
 

@@ -20,6 +20,7 @@ EPILOG = """examples:
   clipforge wise-ft --zeroshot CKPT --finetuned runs/ft/checkpoints/step-00000500 --alphas 0:1:0.1 --output runs/wise
   clipforge eval robustness --pretrained CKPT --dataset-root ../shared/data/cifar10 --max-images 2000
   clipforge classify photo.jpg photos/ --labels "a dog,a cat,a car" --pretrained CKPT
+  clipforge end2end photos/ photos-search/ --pretrained CKPT   embed, index and serve a photo folder's search page
 """
 
 
@@ -170,6 +171,8 @@ _EXTRA_COMMANDS: list = [
                    "add_export_arguments"),
     _register_lazy("bench", "bench.cli", "speed and memory side by side with open_clip and transformers"),
     _register_lazy("serve", "serve.cli", "HTTP API and web page for search and classification"),
+    _register_lazy("end2end", "serve.cli", "embed images, index them and serve the search (clip-retrieval's "
+                   "end2end); again after adding images", "add_end2end_arguments"),
     _register_lazy("caption", "captioning.cli", "LiMBer: caption images via one linear map into a frozen LM"),
 ]
 

@@ -160,7 +160,8 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
                      "exact search. A collection embedded with --captions gets a second index, of its captions "
                      "(search --modality text). After `embed` added images, an index takes their vectors (its IVF "
                      "lists kept, tuned again) unless --rebuild, the earlier rows changed, or a rebuild would choose "
-                     "another kind (or the collection more than doubled). Several processes or machines (IVF-PQ): "
+                     "another kind (or the collection more than doubled); with nothing embedded since and the same "
+                     "settings, the index is left as it is. Several processes or machines (IVF-PQ): "
                      "torchrun --nproc-per-node N -m clipforge.cli index build FOLDER (FOLDER on a shared file "
                      "system across machines).")
     p.add_argument("action", choices=["build"])
@@ -227,12 +228,18 @@ def _build_one_index(args, modality: str, queries, unfinished: str | None, built
     built before ``embed`` added images takes the new ones (``index.extendable``) unless --rebuild. ``built_over``:
     the collection rows it is built over (``index.rows_record``), recorded in its info; ``digest``: their paths'."""
     from .index import (build_index, build_index_distributed, extend_index, extendable, modality_vectors, parse_size,
-                        save_index)
+                        save_index, up_to_date)
 
     max_memory = parse_size(args.max_memory)
     rank = int(os.environ.get("RANK", 0))
     log = None if args.quiet or rank != 0 else (lambda message: print(message, file=sys.stderr, flush=True))
     what = "index" if modality == "image" else "caption index"
+    if not args.rebuild and barrier is None and args.tune_queries == "auto" and max_memory is None and \
+            (current := up_to_date(args.folder, modality, args.kind, args.exact_below, args.nlist,
+                                   args.target_recall, digest)):
+        print(f"the {current['kind']} {what} of {current['count']} vectors in {args.folder} is up to date (recall@10 "
+              f"{current['recall@10']:.3f}): nothing was embedded since; --rebuild builds it anew")
+        return
     previous = None if args.rebuild or barrier is not None else \
         extendable(args.folder, modality, args.kind, args.exact_below, args.nlist, digest)
     if previous is not None:

@@ -524,6 +524,28 @@ def extendable(folder: str | Path, modality: str, kind: str, exact_below: int, n
     return info, vectors, rows
 
 
+def up_to_date(folder: str | Path, modality: str, kind: str, exact_below: int, nlist: int | None,
+               target_recall: float, digest) -> dict | None:
+    """The saved index's info where building again would make the same index: it holds every row embedded (their
+    paths' ``digest`` agreeing with its record), is of the kind asked (auto: the one its size chooses) and was tuned
+    to the same target with the same lists. None otherwise."""
+    from .collection import StoredVectors
+
+    path = index_path(folder, modality, ".json")
+    if not path.exists() or not index_path(folder, modality).exists():
+        return None
+    info = json.loads(path.read_text())
+    built_over = info.get("collection_rows")
+    if built_over is None or built_over != len(StoredVectors(folder)) or \
+            digest(built_over) != info.get("collection_sha256"):
+        return None
+    chosen = kind if kind != "auto" else ("flat" if info["count"] < exact_below else "ivfpq")
+    if chosen != info["kind"] or info.get("target_recall", target_recall) != target_recall or \
+            nlist not in (None, info.get("nlist")):
+        return None
+    return info
+
+
 def _added_rows(folder: str | Path, modality: str, info: dict):
     """``(vectors, rows)`` as ``modality_vectors`` gives them, the rows indexed before first and the ones embedded
     since after them; only the new part of a caption store is read to find its captioned rows."""

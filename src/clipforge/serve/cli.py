@@ -21,6 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a folder written by clipforge embed + clipforge index build; several for several "
                         "collections, each named after its folder unless NAME= says otherwise")
     add_model_arguments(p, recorded=True)
+    add_server_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the server listens and what it adds besides search (serve's options, end2end's too)."""
     p.add_argument("--host", default="127.0.0.1", help="[127.0.0.1: this machine only]")
     p.add_argument("--port", type=port, default=8000)
     p.add_argument("--max-upload-mb", type=positive_float, default=10.0)
@@ -33,7 +39,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mapping", help="a LiMBer map (the --output folder of clipforge caption train): adds /caption "
                                      "for uploads, /item/ID/caption for the collection, /ask (a question about an "
                                      "upload), and both on the page")
-    p.set_defaults(func=run)
+
+
+def add_end2end_arguments(p: argparse.ArgumentParser) -> None:
+    from ..argtypes import fraction
+    from ..retrieval.cli import add_embed_arguments
+
+    add_embed_arguments(p)
+    p.description = ("clip-retrieval's end2end for images you have: embed them (a folder, a CSV or shards) into\n"
+                     "OUTPUT, build its index, and serve it (the page, the JSON API, clip-retrieval's back end), as\n"
+                     "`clipforge embed`, `index build` and `serve` would one after another. Run it again after adding\n"
+                     "images: only those are embedded and added to the index. Interrupted, it loses nothing: embed\n"
+                     "continues at its first missing shard.")
+    p.epilog = ("examples:\n"
+                "  clipforge end2end photos/ photos-search/ --pretrained CKPT          then open http://127.0.0.1:8000\n"
+                "  clipforge end2end shards/{000000..000009}.tar emb/ --pretrained CKPT --captions --no-serve")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--target-recall", type=fraction, default=0.95,
+                   help="the index's recall@10 against exact search (index build's) [0.95]")
+    p.add_argument("--no-serve", dest="serve", action="store_false", help="embed and index, then stop")
+    add_server_arguments(p)
+    p.set_defaults(func=run_end2end)
+
+
+def run_end2end(args) -> int:
+    """embed, index build, serve: each step as its own command runs it (index build with its defaults)."""
+    from ..retrieval.cli import add_index_arguments, run_embed, run_index
+
+    if args.serve and args.mapping and not os.path.isdir(args.mapping):  # before the embedding, not after it
+        raise ValueError(f"--mapping {args.mapping}: no such folder (the --output folder of clipforge caption train)")
+    run_embed(args)
+    index_parser = argparse.ArgumentParser(prog="clipforge end2end")
+    add_index_arguments(index_parser)
+    run_index(index_parser.parse_args(["build", args.output, "--target-recall", str(args.target_recall),
+                                       *([] if args.progress else ["--quiet"])]))
+    if not args.serve:
+        return 0
+    args.folders = [args.output]
+    return run(args)
 
 
 def named_folders(values: list[str]) -> dict[str, str]:
