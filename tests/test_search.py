@@ -1037,6 +1037,39 @@ def test_blank_query_is_refused(client):
     assert response.status_code == 400 and "blank" in response.json()["detail"]
 
 
+def test_uploads_are_decoded_off_the_event_loop_reduced_for_the_model(client, monkeypatch):
+    """Every upload is decoded in a worker thread (a large photo on the event loop held up every other request: the
+    p99 of text queries during uploads 436 -> 66 ms, docs/BENCHMARKS.md); for the collection's model at the size
+    ``embed`` decodes for, for the captioner whole."""
+    import asyncio
+    import base64
+
+    from clipforge.preprocess import open_image
+    from clipforge.serve import app as serve_app
+
+    seen = []
+
+    def recording(data, name=None, max_pixels=None, min_size=None):
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        seen.append((on_loop, min_size))
+        return open_image(data, name=name, max_pixels=max_pixels, min_size=min_size)
+
+    monkeypatch.setattr(serve_app, "open_image", recording)
+    photo = io.BytesIO()
+    Image.new("RGB", (640, 480), "blue").save(photo, format="JPEG")
+    upload = {"file": ("photo.jpg", photo.getvalue())}
+    assert client.post("/search/image", files=upload).status_code == 200
+    assert client.post("/classify", files=upload, data={"labels": "red,blue"}).status_code == 200
+    assert client.post("/embed/image", files=upload).status_code == 200
+    assert client.post("/knn-service", json={"image": base64.b64encode(photo.getvalue()).decode()}).status_code == 200
+    assert client.post("/caption", files=upload).status_code == 200
+    assert seen == [(False, 192)] * 4 + [(False, None)]
+
+
 def test_decompression_bomb_is_refused(client):
     bomb = io.BytesIO()
     Image.new("1", (8000, 8000)).save(bomb, format="PNG")  # tiny file, 64 Mpx decoded

@@ -27,7 +27,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
-from ..preprocess import BadImageError, open_image
+from ..preprocess import BadImageError, decode_size, open_image
 from ..prompts import parse_templates, prompt_texts
 from ..retrieval.collection import item_captions, item_from_path, load_item, other_fields
 from ..retrieval.search import Searcher
@@ -274,18 +274,25 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
         params = ([f"size={size}"] if size else []) + ([f"collection={quote(name)}"] if several else [])
         return f"/thumb/{index}" + ("?" + "&".join(params) if params else "")
 
-    def decode_image(data: bytes, name: str):
+    def decode_image(data: bytes, name: str, min_size: int | None = None):
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"image larger than the {max_upload_bytes} byte limit")
         if not data:
             raise HTTPException(400, "empty image upload")
         try:
-            return open_image(data, name=name, max_pixels=MAX_PIXELS).convert("RGB")
+            return open_image(data, name=name, max_pixels=MAX_PIXELS, min_size=min_size).convert("RGB")
         except BadImageError as exc:
             raise HTTPException(400, str(exc)) from None
 
-    async def read_image(upload: UploadFile):
-        return decode_image(await upload.read(max_upload_bytes + 1), upload.filename or "upload")
+    async def decoded(data: bytes, name: str, where: Served | None = None):
+        """``data`` decoded in a worker thread, not on the event loop, which every other request would wait on (a
+        12-megapixel photo takes ~100 ms); for ``where``'s model, a large JPEG decoded reduced as ``embed`` decodes
+        it (``Preprocess.decode_size``)."""
+        min_size = decode_size(where.searcher.preprocess) if where is not None else None
+        return await asyncio.get_running_loop().run_in_executor(None, decode_image, data, name, min_size)
+
+    async def read_image(upload: UploadFile, where: Served | None = None):
+        return await decoded(await upload.read(max_upload_bytes + 1), upload.filename or "upload", where)
 
     def hits(results, where: Served) -> dict:
         return {"results": [{"id": h["id"], "score": h["score"], "caption": h.get("caption") or "",
@@ -367,7 +374,7 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
                            collection: str | None = collection_query()):
         where = pick(collection)
         check_modality(where, modality)
-        vector = await where.embed_image(await read_image(file))
+        vector = await where.embed_image(await read_image(file, where))
         return hits(await where.search((vector, k, dedup, 0, modality, k)), where)
 
     @app.get("/item/{index}", response_model=Item)
@@ -398,7 +405,7 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
             prompts = parse_templates(templates.split("\n"), "templates")
         except ValueError as exc:
             raise HTTPException(400, f"{exc}; one per line, each with {{}} where the label goes") from None
-        image_vector = await where.embed_image(await read_image(file))
+        image_vector = await where.embed_image(await read_image(file, where))
         text_vectors = await asyncio.gather(*(where.embed_text(t) for t in prompt_texts(names, prompts)))
         weights = class_weights(torch.from_numpy(np.stack(text_vectors)), len(names))
         probs = class_probabilities(where.searcher.model, torch.from_numpy(image_vector)[None], weights)[0].tolist()
@@ -454,7 +461,7 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
     async def embed_image(file: UploadFile = File(...), collection: str | None = Query(
             None, max_length=64, description="embed with this collection's model")):
         where = pick(collection)
-        return {"embeddings": [(await where.embed_image(await read_image(file))).tolist()]}
+        return {"embeddings": [(await where.embed_image(await read_image(file, where))).tolist()]}
 
     @lru_cache(maxsize=2048)
     def thumbnail(name: str, index: int, size: int) -> bytes:
@@ -482,5 +489,5 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
     def page():
         return (resources.files(__package__) / "index.html").read_text()
 
-    add_clip_retrieval_routes(app, served, thumb_url, decode_image, max_upload_bytes)
+    add_clip_retrieval_routes(app, served, thumb_url, decoded, max_upload_bytes)
     return app

@@ -82,10 +82,10 @@ async def _read_body(request: Request, model: type[BaseModel], limit: int):
         raise RequestValidationError(error.errors(include_url=False)) from None
 
 
-def add_routes(app: FastAPI, served: dict, thumb_url, decode_image, max_upload_bytes: int) -> None:
+def add_routes(app: FastAPI, served: dict, thumb_url, decoded, max_upload_bytes: int) -> None:
     """``served``: the app's collections by name (``app.Served``: a searcher and its batched coroutines), the first
-    the default; ``thumb_url(name, id, size)`` an image's address on the server; ``decode_image(bytes, name)`` the
-    app's bounded image decoder (an HTTP 400 on bad bytes)."""
+    the default; ``thumb_url(name, id, size)`` an image's address on the server; ``await decoded(bytes, name,
+    served_collection)`` the app's bounded image decoder (off the event loop; an HTTP 400 on bad bytes)."""
     import numpy as np
 
     body_limit = (max_upload_bytes + 2) // 3 * 4 + 65536  # a base64 image at the upload limit, and the other fields
@@ -137,7 +137,7 @@ def add_routes(app: FastAPI, served: dict, thumb_url, decode_image, max_upload_b
                 data = base64.b64decode(query.image, validate=True)
             except (binascii.Error, ValueError):
                 raise HTTPException(400, "image: not valid base64") from None
-            vector = await where.embed_image(decode_image(data, "image"))
+            vector = await where.embed_image(await decoded(data, "image", where))
         else:
             vector = np.asarray(query.embedding_input, dtype=np.float64)
             if vector.shape != (searcher.index.d,) or not all(map(math.isfinite, query.embedding_input)):
