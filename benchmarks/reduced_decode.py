@@ -11,7 +11,7 @@ the photos, beside open_clip's preprocess (torchvision) on the same files; and `
 ViT-B-32 (random weights) and with the checkpoint, each way, runs interleaved. Accuracy: coco-mini at original size
 through the checkpoint, each photo's vector against its full decode's (cosine), at reducing gaps 2, 3 (the default)
 and 4, beside the same photo re-encoded at JPEG quality 95 and 90 (the noise a copy of the file brings); and
-text->image / image->text recall on coco-mini's 395 captions each way.
+text->image / image->text recall on coco-mini's 396 captions each way.
 """
 from __future__ import annotations
 

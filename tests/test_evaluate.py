@@ -532,3 +532,29 @@ def test_caption_selection_equals_clip_benchmark_and_reads_sugar_crepe_files(tmp
     assert cli.main(["eval", "caption-selection", "--pretrained", checkpoint, "--dataset-root", str(tmp_path),
                      "--output", str(tmp_path / "x.json"), "--quiet"]) == 2
     assert "expected a JSON file of samples" in capsys.readouterr().err
+
+
+def test_the_embedding_progress_bar_counts_to_the_datasets_size(tmp_path, monkeypatch):
+    """``embed_labelled``'s bar knows its total from the shards' headers (it showed a bare count), at most
+    ``limit``, and counts the samples it skips, so that it ends at 100%; remote shards have no total."""
+    from clipforge.data.sources import open_source
+    from clipforge.evaluate import features as features_module
+    from clipforge.preprocess import Preprocess
+
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(png, format="PNG")
+    samples = [{"__key__": f"s{i}", "png": png.getvalue(), "cls": "0"} for i in range(7)]
+    samples += [{"__key__": "broken", "png": b"not a png", "cls": "0"}, {"__key__": "nolabel", "png": png.getvalue()}]
+    source = open_source(str(write_shard(tmp_path / "val-000000.tar", samples)), shuffle_buffer=0)
+    assert features_module.expected_samples(source) == 9 and features_module.expected_samples(source, 4) == 4
+    assert features_module.expected_samples(open_source("pipe:cat x.tar", shuffle_buffer=0), 5) == 5
+    bars = []
+
+    class Recording(features_module.tqdm):
+        def close(self):
+            bars.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(features_module, "tqdm", Recording)
+    features, _ = features_module.embed_labelled(clipforge.create_model("ViT-Tiny-64"), source, Preprocess(64))
+    assert len(features) == 7 and bars[0] == (9, 9)  # (tqdm closes again when collected)

@@ -24,6 +24,16 @@ def embed_images(model, images: list, preprocess, batch_size: int = 64, normaliz
     return torch.cat(chunks)
 
 
+def expected_samples(source, limit: int | None = None) -> int | None:
+    """How many samples a progress bar over ``source`` counts to: its own count where it gives one without decoding
+    (local shards' tar headers, listed files), at most ``limit``; else ``limit`` (remote shards)."""
+    try:
+        count = len(source)
+    except (TypeError, ValueError, OSError):
+        return limit
+    return min(count, limit) if limit else count
+
+
 @torch.no_grad()
 def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None, progress: bool = True,
                    desc: str = "embedding images", limit: int | None = None, image_transform=None,
@@ -41,18 +51,21 @@ def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None
             batch.clear()
             batch_labels.clear()
 
-    bar = tqdm(desc=desc, unit="img", disable=not progress, leave=False, total=limit)
+    bar = tqdm(desc=desc, unit="img", disable=not progress, leave=False,
+               total=expected_samples(source, limit) if progress else limit)
     kept = 0
     for raw in source.samples(0, 1, 0, 0, skipped):
         if limit and kept >= limit:
             break
         if "cls" not in raw:
             skipped["no_label"] += 1
+            bar.update(1)
             continue
         try:
             image, _ = decode_sample(dict(raw, txt=b"-"), rng=random.Random(0))
         except SkipSample:
             skipped["corrupt_image"] += 1
+            bar.update(1)
             continue
         if image_transform is not None:
             image = image_transform(image, kept)
