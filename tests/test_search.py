@@ -955,6 +955,15 @@ def test_end2end_embeds_indexes_serves_and_takes_the_images_added_since(collecti
                      "--mapping", str(tmp_path / "no-map")]) == 2
     assert "--mapping" in capsys.readouterr().err and not (tmp_path / "other").exists()
     assert cli.main(["index", "build", str(out), "--rebuild"]) == 0 and "built flat index" in capsys.readouterr().out
+    import socket
+
+    with socket.socket() as holder:  # another server on the port: said before anything is embedded
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = str(holder.getsockname()[1])
+        assert cli.main(["end2end", str(photos), str(tmp_path / "other"), "--pretrained", collection["ckpt"],
+                         "--port", taken]) == 2
+    assert f"--port {taken}: cannot listen there" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
 def test_a_collection_names_images_and_model_relative_to_itself_so_a_project_can_move(collection, tmp_path,

@@ -62,12 +62,28 @@ def add_end2end_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_end2end)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A clear error now where another server holds ``host:port`` (uvicorn would say so only once serving)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no bar
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); another server may "
+                             "hold it: choose another --port") from None
+
+
 def run_end2end(args) -> int:
     """embed, index build, serve: each step as its own command runs it (index build with its defaults)."""
     from ..retrieval.cli import add_index_arguments, run_embed, run_index
 
-    if args.serve and args.mapping and not os.path.isdir(args.mapping):  # before the embedding, not after it
-        raise ValueError(f"--mapping {args.mapping}: no such folder (the --output folder of clipforge caption train)")
+    if args.serve:  # what would stop the server, found before the embedding rather than after it
+        if args.mapping and not os.path.isdir(args.mapping):
+            raise ValueError(f"--mapping {args.mapping}: no such folder (the --output folder of clipforge caption "
+                             "train)")
+        check_port_free(args.host, args.port)
     run_embed(args)
     index_parser = argparse.ArgumentParser(prog="clipforge end2end")
     add_index_arguments(index_parser)
