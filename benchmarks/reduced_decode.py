@@ -66,13 +66,13 @@ def per_photo_ms(files: list[Path], transform) -> float:
 
 def decode_times(files: list[Path], checkpoint: str) -> dict:
     import clipforge
-    from clipforge.preprocess import DECODE_GAP, Preprocess, open_image
+    from clipforge.preprocess import DECODE_GAP, Decoding, Preprocess, open_image
 
     report = {}
     small = clipforge.load(checkpoint)[1]
     for name, preprocess in (("ViT-B-32 (224 px)", Preprocess(224)), (f"checkpoint ({small.image_size} px)", small)):
         report[name] = {f"reduced, gap {gap}" + (" (default)" if gap == DECODE_GAP else ""): per_photo_ms(
-            files, lambda p: preprocess(open_image(p, min_size=gap * preprocess.image_size))) for gap in (2, 3, 4)}
+            files, lambda p: preprocess(open_image(p, decoding=Decoding(gap * preprocess.image_size)))) for gap in (2, 3, 4)}
         report[name]["full"] = per_photo_ms(files, lambda p: preprocess(open_image(p)))
     try:
         import open_clip
@@ -83,7 +83,7 @@ def decode_times(files: list[Path], checkpoint: str) -> dict:
     except ImportError as exc:
         report["ViT-B-32 (224 px)"]["open_clip"] = f"not measured ({exc})"
     report["thumbnail 256 px"] = {
-        "reduced": per_photo_ms(files, lambda p: open_image(p, min_size=512).convert("RGB").thumbnail((256, 256))),
+        "reduced": per_photo_ms(files, lambda p: open_image(p, decoding=Decoding(512)).convert("RGB").thumbnail((256, 256))),
         "full": per_photo_ms(files, lambda p: open_image(p).convert("RGB").thumbnail((256, 256)))}
     return report
 
@@ -106,8 +106,10 @@ def embed_times(folder: Path, work: Path, model_args: list[str], runs: int) -> d
 def agreement(checkpoint: str, data: str) -> tuple[dict, dict]:
     """Cosine of each coco-mini photo's vector to its full decode's, each way; recall both ways."""
     import clipforge
+    from PIL import Image
+
     from clipforge.data.sources import open_source
-    from clipforge.preprocess import open_image
+    from clipforge.preprocess import Decoding, open_image
     from clipforge.retrieval.collection import item_captions, item_image_bytes
 
     model, preprocess, tokenizer = clipforge.load(checkpoint)
@@ -126,10 +128,23 @@ def agreement(checkpoint: str, data: str) -> tuple[dict, dict]:
         return out.getvalue()
 
     full = vectors([open_image(b) for b in raw])
-    ways = {f"reduced, gap {gap}": vectors([open_image(b, min_size=gap * preprocess.image_size) for b in raw])
+    ways = {f"reduced, gap {gap}": vectors([open_image(b, decoding=Decoding(gap * preprocess.image_size)) for b in raw])
             for gap in (2, 3, 4)}
     ways.update({f"full decode of a quality {q} copy": vectors([open_image(reencoded(b, q)) for b in raw])
                  for q in (95, 90)})
+
+    def phone_stored(data: bytes) -> bytes:
+        """The photo as a phone stores a portrait shot: its pixels a quarter turn from upright, EXIF orientation 6."""
+        exif, out = Image.Exif(), io.BytesIO()
+        exif[0x0112] = 6
+        open_image(data).convert("RGB").transpose(Image.Transpose.ROTATE_90).save(out, "JPEG", quality=95,
+                                                                                  exif=exif.tobytes())
+        return out.getvalue()
+
+    sideways = [phone_stored(b) for b in raw]
+    ways["phone-stored, EXIF ignored (--full-decode)"] = vectors([open_image(b) for b in sideways])
+    ways["phone-stored, default decoding (upright)"] = vectors(
+        [open_image(b, decoding=Decoding.for_model(preprocess)) for b in sideways])
     cosines = {}
     for name, got in ways.items():
         cos = (got * full).sum(1)
@@ -154,6 +169,7 @@ def main() -> None:
     p.add_argument("--coco", default=str(REPO.parent / "shared" / "data" / "coco-mini" / "test"))
     p.add_argument("--photos", type=int, default=160)
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--accuracy-only", action="store_true", help="the vectors and recall, not the timings")
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -166,10 +182,12 @@ def main() -> None:
         work = Path(tmp)
         coco = [open_image(item_image_bytes(item)[0]).convert("RGB")
                 for item in open_source(args.coco, shuffle_buffer=0).catalogue()]
-        files = phone_photos(work / "photos", coco, args.photos)
-        report["per_photo_ms"] = decode_times(files, args.checkpoint)
-        report["embed_vit_b_32"] = embed_times(work / "photos", work, ["--model", "ViT-B-32"], args.runs)
-        report["embed_checkpoint"] = embed_times(work / "photos", work, ["--pretrained", args.checkpoint], args.runs)
+        if not args.accuracy_only:
+            files = phone_photos(work / "photos", coco, args.photos)
+            report["per_photo_ms"] = decode_times(files, args.checkpoint)
+            report["embed_vit_b_32"] = embed_times(work / "photos", work, ["--model", "ViT-B-32"], args.runs)
+            report["embed_checkpoint"] = embed_times(work / "photos", work, ["--pretrained", args.checkpoint],
+                                                     args.runs)
     report["cosine_to_full_decode"], report["coco_mini_recall"] = agreement(args.checkpoint, args.coco)
     finish(report, args.json)
 

@@ -2,13 +2,14 @@
 import io
 import random
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from clipforge.preprocess import BadImageError, Preprocess, TrainTransform, full_size, open_image
+from clipforge.preprocess import BadImageError, Decoding, Preprocess, TrainTransform, full_size, open_image
 
 from conftest import shared_data
 
@@ -128,23 +129,49 @@ def test_corrupt_and_truncated_images_name_the_source(tmp_path):
         open_image(tmp_path / "missing.jpg")
 
 
-def _jpeg(image: Image.Image, fmt: str = "JPEG") -> bytes:
+def _jpeg(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
 def test_a_large_jpeg_decodes_reduced_keeping_min_size_and_its_stored_size():
-    """``open_image(min_size=...)``: a JPEG at the smallest of 1/2, 1/4, 1/8 scale whose sides both keep min_size
+    """``Decoding(min_size)``: a JPEG at the smallest of 1/2, 1/4, 1/8 scale whose sides both keep min_size
     (``full_size`` still its stored size); other formats, and a JPEG too small to reduce, whole."""
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1600, 3), dtype=np.uint8))
     data = _jpeg(photo)
     for min_size, decoded in ((300, (400, 300)), (100, (200, 150)), (599, (800, 600)), (601, (1600, 1200))):
-        image = open_image(data, min_size=min_size)
+        image = open_image(data, decoding=Decoding(min_size))
         assert image.size == decoded and full_size(image) == (1600, 1200), min_size
     assert open_image(data).size == (1600, 1200) and full_size(open_image(data)) == (1600, 1200)
-    assert open_image(_jpeg(photo, "PNG"), min_size=100).size == (1600, 1200)
+    assert open_image(_jpeg(photo, "PNG"), decoding=Decoding(100)).size == (1600, 1200)
     assert Preprocess(64).decode_size == 192 and Preprocess(224).decode_size == 672
+    assert Decoding.for_model(Preprocess(64)) == Decoding(192, upright=True)
+
+
+def test_a_photo_is_turned_upright_as_its_exif_orientation_says():
+    """A phone's portrait photo, stored sideways with EXIF orientation 6 (or upside down, 3; mirrored, 2): upright
+    with ``Decoding`` (reduced too, and ``full_size`` the upright size), as stored without it (open_clip's pixels);
+    a malformed EXIF block leaves it as stored rather than refusing it."""
+    stored = np.zeros((120, 160, 3), np.uint8)
+    stored[:, :80] = (255, 0, 0)  # left half red, as stored
+    for orientation, shown in ((6, (120, 160)), (3, (160, 120)), (2, (160, 120))):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = _jpeg(Image.fromarray(stored), exif=exif.tobytes(), quality=95)
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))), np.float32)
+        upright = open_image(data, decoding=Decoding())
+        assert upright.size == full_size(upright) == shown, orientation
+        assert np.abs(np.asarray(upright, np.float32) - expected).max() == 0
+        assert open_image(data).size == (160, 120)  # as stored
+        reduced = open_image(data, decoding=Decoding(40))
+        assert reduced.size == (shown[0] // 2, shown[1] // 2) and full_size(reduced) == shown
+    mirrored = np.asarray(open_image(data, decoding=Decoding()))
+    assert mirrored[5, 5].max() < 50 and mirrored[5, -5, 0] > 200  # the red half, stored on the left, on the right
+    broken = _jpeg(Image.fromarray(stored), exif=b"Exif\x00\x00II*\x00\xff\xff\xff\x7f")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Pillow's own, on opening it, as open_clip would see it
+        assert open_image(broken, decoding=Decoding()).size == (160, 120)
 
 
 def test_reduced_decode_stays_within_jpeg_noise_of_a_full_one():
@@ -161,7 +188,7 @@ def test_reduced_decode_stays_within_jpeg_noise_of_a_full_one():
     for size, decoded in ((64, (480, 360)), (224, (960, 720))):
         preprocess, worst = Preprocess(size), 0.0
         for data in mosaics:
-            reduced = open_image(data, min_size=preprocess.decode_size)
+            reduced = open_image(data, decoding=Decoding.for_model(preprocess))
             assert reduced.size == decoded
             std = torch.tensor(preprocess.std).view(3, 1, 1)
             levels = 255 * ((preprocess(reduced) - preprocess(open_image(data))) * std).abs().mean().item()

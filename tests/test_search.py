@@ -855,53 +855,70 @@ def _served(folder):
     return TestClient(create_app(folder, *load_for_inference(collection=folder)))
 
 
-def test_embed_decodes_large_jpegs_reduced_unless_full_decode(collection, tmp_path, monkeypatch, capsys):
-    """``embed`` decodes a JPEG over three times the model's input at a reduced scale by default (recorded), rows
-    keeping its stored size, vectors within JPEG noise of ``--full-decode``'s, which are the full pixels through the
-    model; ``classify`` the same; the page's thumbnail of such a photo comes from a reduced decode too, as Pillow's
-    own thumbnail would."""
-    from clipforge.preprocess import open_image
+def test_embed_decodes_photos_reduced_and_upright_unless_full_decode(collection, tmp_path, monkeypatch, capsys):
+    """``embed`` decodes a JPEG over three times the model's input at a reduced scale by default, and turns a photo
+    stored sideways (EXIF orientation 6, as phones store portrait shots) upright (recorded): rows keep the size each
+    is shown at, vectors within JPEG noise of the full upright decode's. ``--full-decode`` gives open_clip's: every
+    pixel, as stored. ``classify`` the same; the page's thumbnail comes from a reduced, upright decode too."""
+    from clipforge.preprocess import Decoding, open_image
     from clipforge.retrieval import load_embeddings
 
     photos = tmp_path / "photos"
     photos.mkdir()
     source, rng = ShapesSource(6, seed=5), np.random.default_rng(0)
-    for i in range(6):  # shapes at phone-photo scale with texture, as JPEGs
+    for i in range(6):  # shapes at phone-photo scale with texture, as JPEGs; the last stored sideways
         shape = np.asarray(source.item(i)[0].convert("RGB").resize((1440, 1080), Image.BICUBIC), dtype=np.float32)
         texture = rng.normal(0, 12, (135, 180, 3)).repeat(8, 0).repeat(8, 1)
-        Image.fromarray(np.clip(shape + texture, 0, 255).astype(np.uint8)).save(photos / f"p{i}.jpg", quality=90)
+        photo = Image.fromarray(np.clip(shape + texture, 0, 255).astype(np.uint8))
+        exif = Image.Exif()
+        if i == 5:
+            photo, exif[0x0112] = photo.transpose(Image.Transpose.ROTATE_90), 6
+        photo.save(photos / f"p{i}.jpg", quality=90, exif=exif.tobytes())
     for way, extra in (("reduced", []), ("full", ["--full-decode"])):
         assert cli.main(["embed", str(photos), str(tmp_path / way), "--pretrained", collection["ckpt"],
                          "--no-progress", *extra]) == 0
     reduced, rows = load_embeddings(tmp_path / "reduced")
     full, full_rows = load_embeddings(tmp_path / "full")
-    assert json.loads((tmp_path / "reduced" / "embed_info.json").read_text())["decode_min_size"] == 192
-    assert json.loads((tmp_path / "full" / "embed_info.json").read_text())["decode_min_size"] is None
-    assert [(r["width"], r["height"]) for r in rows + full_rows] == [(1440, 1080)] * 12
+    assert json.loads((tmp_path / "reduced" / "embed_info.json").read_text())["decoding"] == {"min_size": 192,
+                                                                                             "upright": True}
+    assert json.loads((tmp_path / "full" / "embed_info.json").read_text())["decoding"] is None
+    assert [(r["width"], r["height"]) for r in rows] == [(1440, 1080)] * 6
+    assert [(r["width"], r["height"]) for r in full_rows] == [(1440, 1080)] * 5 + [(1080, 1440)]  # as stored
     model, preprocess, _ = clipforge.load(collection["ckpt"])
     with torch.no_grad():
-        pixels = torch.stack([preprocess(open_image(photos / f"p{i}.jpg")) for i in range(6)])
-        expected = model.encode_image(pixels, normalize=True).numpy()
-    assert np.allclose(full.astype(np.float32), expected, atol=2e-3)
-    cosines = (reduced.astype(np.float32) * full.astype(np.float32)).sum(1)
-    assert not np.array_equal(reduced, full) and cosines.min() > 0.999
+        def vectors(decoding):
+            pixels = torch.stack([preprocess(open_image(photos / f"p{i}.jpg", decoding=decoding)) for i in range(6)])
+            return model.encode_image(pixels, normalize=True).numpy()
+
+        as_stored, upright = vectors(None), vectors(Decoding())
+    assert np.allclose(full.astype(np.float32), as_stored, atol=2e-3)
+    cosines = (reduced.astype(np.float32) * upright).sum(1)
+    assert not np.array_equal(reduced, upright.astype(np.float16))  # reduced ...
+    # ... and as near the full upright decode's as this random tower tells apart; the sideways photo is farther
+    assert cosines.min() > 0.9999 > full[5].astype(np.float32) @ upright[5]
     chosen, _ = {}, capsys.readouterr()
     for way, extra in (("reduced", []), ("full", ["--full-decode"])):  # classify decodes as embed does
         assert cli.main(["classify", str(photos), "--labels", "red,green,blue", "--pretrained", collection["ckpt"],
                          "--json", "--no-progress", *extra]) == 0
         chosen[way] = [{c["label"]: c["probability"] for c in json.loads(line)["labels"]}
                        for line in capsys.readouterr().out.splitlines()]
-    assert chosen["reduced"] != chosen["full"]
-    assert all(abs(a[c] - b[c]) < 0.01 for a, b in zip(chosen["reduced"], chosen["full"]) for c in a)
+    assert chosen["reduced"][:5] != chosen["full"][:5]
+    assert all(abs(a[c] - b[c]) < 0.01 for a, b in zip(chosen["reduced"][:5], chosen["full"]) for c in a)
 
     from clipforge.serve import app as serve_app
 
     asked = []
-    monkeypatch.setattr(serve_app, "load_item", lambda item, min_size=None: asked.append(min_size) or
-                        (open_image(item["path"], min_size=min_size), ""))
+    monkeypatch.setattr(serve_app, "load_item", lambda item, decoding=None: asked.append(decoding) or
+                        (open_image(item["path"], decoding=decoding), ""))
     assert cli.main(["index", "build", str(tmp_path / "reduced"), "--quiet"]) == 0
-    thumb = Image.open(io.BytesIO(_served(tmp_path / "reduced").get("/thumb/0").content))
-    assert asked == [512]
+    capsys.readouterr()
+    assert cli.main(["search", str(tmp_path / "reduced"), "--image", str(photos / "p5.jpg"), "-k", "1", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)[0]  # the query decoded as embed decoded it: upright
+    assert found["id"] == 5 and found["score"] > 0.9999
+    served = _served(tmp_path / "reduced")
+    thumb = Image.open(io.BytesIO(served.get("/thumb/0").content))
+    assert asked == [Decoding(512, upright=True)]
+    assert Image.open(io.BytesIO(served.get("/thumb/5").content)).size == (256, 192)  # upright
     whole, encoded = open_image(photos / "p0.jpg").convert("RGB"), io.BytesIO()
     whole.thumbnail((256, 256))
     whole.save(encoded, format="JPEG", quality=85)  # as the server encodes its thumbnails
@@ -1053,19 +1070,19 @@ def test_uploads_are_decoded_off_the_event_loop_reduced_for_the_model(client, mo
     import asyncio
     import base64
 
-    from clipforge.preprocess import open_image
+    from clipforge.preprocess import Decoding, open_image
     from clipforge.serve import app as serve_app
 
     seen = []
 
-    def recording(data, name=None, max_pixels=None, min_size=None):
+    def recording(data, name=None, max_pixels=None, decoding=None):
         try:
             asyncio.get_running_loop()
             on_loop = True
         except RuntimeError:
             on_loop = False
-        seen.append((on_loop, min_size))
-        return open_image(data, name=name, max_pixels=max_pixels, min_size=min_size)
+        seen.append((on_loop, decoding))
+        return open_image(data, name=name, max_pixels=max_pixels, decoding=decoding)
 
     monkeypatch.setattr(serve_app, "open_image", recording)
     photo = io.BytesIO()
@@ -1076,7 +1093,7 @@ def test_uploads_are_decoded_off_the_event_loop_reduced_for_the_model(client, mo
     assert client.post("/embed/image", files=upload).status_code == 200
     assert client.post("/knn-service", json={"image": base64.b64encode(photo.getvalue()).decode()}).status_code == 200
     assert client.post("/caption", files=upload).status_code == 200
-    assert seen == [(False, 192)] * 4 + [(False, None)]
+    assert seen == [(False, Decoding(192, upright=True))] * 4 + [(False, Decoding(None, upright=True))]
 
 
 def test_decompression_bomb_is_refused(client):

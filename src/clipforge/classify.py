@@ -83,7 +83,7 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .inference import decode_size_from_args, load_from_args
+    from .inference import decoding_from_args, load_from_args
     from .preprocess import image_batch
     from .prompts import resolve_templates, shipped_templates
     from .retrieval.collection import item_path
@@ -105,7 +105,7 @@ def run(args) -> int:
     done = 0
     with torch.no_grad():
         for batch in decoded_batches(items, preprocess, args.batch_size, args.workers,
-                                     min_size=decode_size_from_args(args, preprocess)):
+                                     decoding=decoding_from_args(args, preprocess)):
             good = [(done + i, sample) for i, sample in enumerate(batch) if sample is not None]
             unreadable += [item_path(items[done + i]) for i, sample in enumerate(batch) if sample is None]
             done += len(batch)

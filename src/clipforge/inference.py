@@ -43,20 +43,20 @@ def add_model_arguments(p: argparse.ArgumentParser, recorded: bool = False, seve
 
 
 def add_decode_argument(p: argparse.ArgumentParser) -> None:
-    """``--full-decode``, for commands that read many image files (embed, classify); ``decode_size_from_args`` reads
-    it."""
+    """``--full-decode``, for commands that read many photos (embed, classify); ``decoding_from_args`` reads it."""
     p.add_argument("--full-decode", action="store_true",
-                   help="decode every pixel of each JPEG, as open_clip's preprocess does; by default one over three "
-                        "times the model's input is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), its "
-                        "vectors as close to a full decode's as a quality-90 copy of the file would be: 12-megapixel "
-                        "photos decode 3x faster (docs/BENCHMARKS.md)")
+                   help="decode images as open_clip's preprocess does: every pixel of a JPEG, and as stored (EXIF "
+                        "orientation ignored). By default a JPEG over three times the model's input is decoded at "
+                        "1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling: 12-megapixel photos 3x faster, vectors as "
+                        "close to a full decode's as a quality-90 copy's) and a photo is turned upright as its EXIF "
+                        "orientation says (phones store portrait photos sideways with that tag; docs/BENCHMARKS.md)")
 
 
-def decode_size_from_args(args, preprocess) -> int | None:
-    """The ``min_size`` to decode images at for ``preprocess`` (``preprocess.open_image``), None for every pixel."""
-    from .preprocess import decode_size
+def decoding_from_args(args, preprocess):
+    """How to decode images for ``preprocess`` (``preprocess.Decoding``), None as stored (--full-decode)."""
+    from .preprocess import Decoding
 
-    return None if args.full_decode else decode_size(preprocess)
+    return None if args.full_decode else Decoding.for_model(preprocess)
 
 
 def load_from_args(args, collection: str | os.PathLike | None = None):

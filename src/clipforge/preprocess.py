@@ -9,10 +9,11 @@ import io
 import math
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -22,31 +23,48 @@ MAX_IMAGE_PIXELS = 64_000_000
 # (Pillow's ``reducing_gap``): a model's features then stay about as close to a full decode's as those of the photo
 # re-encoded at JPEG quality 90; at 2 the farthest photo's moved 18 times as far (docs/BENCHMARKS.md)
 DECODE_GAP = 3
-FULL_SIZE = "clipforge_full_size"  # in a reduced image's ``info``: the size stored in the file
+FULL_SIZE = "clipforge_full_size"  # in a reduced image's ``info``: its size as stored, turned upright where it was
+EXIF_ORIENTATION = 0x0112  # 1: as stored; 2-8: mirrored and/or turned (5-8: by a quarter turn)
 
 
 class BadImageError(ValueError):
     """An image that cannot be decoded, or that is too large; the message names the source."""
 
 
-def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
-               min_size: int | None = None) -> Image.Image:
-    """Open a path, bytes or file object as a fully decoded PIL image, with a clear error on bad input.
+class Decoding(NamedTuple):
+    """How a photo is decoded where the work it takes and the way it was meant to be seen matter more than
+    open_clip's exact pixels (embed, classify, serve): a JPEG at 1/2, 1/4 or 1/8 scale where both sides keep
+    ``min_size`` pixels (libjpeg's DCT scaling: a 12-megapixel photo for a 224-pixel model in a third of the time),
+    and ``upright``: turned as its EXIF orientation says (a phone stores a portrait photo sideways with that tag;
+    browsers, and img2dataset's OpenCV, show and store it upright)."""
+    min_size: int | None = None
+    upright: bool = True
 
-    ``min_size``: a JPEG is decoded at 1/2, 1/4 or 1/8 scale where both sides stay at least this many pixels
-    (libjpeg's DCT scaling: a 12-megapixel photo for a 224-pixel model in a third of the time); ``full_size(image)``
-    is then the size stored in the file. Other formats decode whole."""
+    @classmethod
+    def for_model(cls, preprocess) -> "Decoding":
+        """Upright, reduced to ``preprocess``'s ``decode_size`` (whole where it has none: NaFlex)."""
+        return cls(getattr(preprocess, "decode_size", None))
+
+
+def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+               decoding: Decoding | None = None) -> Image.Image:
+    """Open a path, bytes or file object as a fully decoded PIL image, with a clear error on bad input: its pixels
+    as stored (open_clip's), or as ``decoding`` says (reduced, upright); ``full_size(image)`` is then the size it
+    is shown at."""
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         if image.width * image.height > max_pixels:
             raise BadImageError(f"{label}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}")
-        if min_size and image.format == "JPEG":
-            stored = image.size
-            image.draft(None, (min_size, min_size))
-            if image.size != stored:
-                image.info[FULL_SIZE] = stored
+        shown = image.size
+        if decoding and decoding.min_size and image.format == "JPEG":
+            image.draft(None, (decoding.min_size, decoding.min_size))
         image.load()
+        if decoding and decoding.upright:
+            image, turned = _upright(image)
+            shown = shown[::-1] if turned else shown
+        if image.size != shown:
+            image.info[FULL_SIZE] = shown
     except BadImageError:
         raise
     except FileNotFoundError:
@@ -58,15 +76,22 @@ def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXE
     return image
 
 
+def _upright(image: Image.Image) -> tuple[Image.Image, bool]:
+    """(the image turned as its EXIF orientation says, whether by a quarter turn); as it is where it has no such tag
+    or one that cannot be read."""
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        if orientation not in range(2, 9):
+            return image, False
+        return ImageOps.exif_transpose(image), orientation >= 5
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError):  # a malformed EXIF block: shown as stored
+        return image, False
+
+
 def full_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) stored in the image's file, also where ``open_image(min_size=...)`` decoded it smaller."""
+    """(width, height) the image is shown at: as stored in its file, turned upright where ``open_image`` turned it,
+    also where it decoded it smaller."""
     return image.info.get(FULL_SIZE, image.size)
-
-
-def decode_size(preprocess) -> int | None:
-    """The ``min_size`` at which ``open_image`` may decode a JPEG for ``preprocess`` (``Preprocess.decode_size``);
-    None for a transform whose output size depends on the image (NaFlex): decoded whole."""
-    return getattr(preprocess, "decode_size", None)
 
 
 # how an image reaches the model's square input: open_clip's ``resize_mode`` names
@@ -136,8 +161,8 @@ class Preprocess:
 
     @property
     def decode_size(self) -> int:
-        """Both sides of a JPEG decoded for this transform keep at least this many pixels (``open_image``'s
-        ``min_size``): ``DECODE_GAP`` times the output's."""
+        """Both sides of a JPEG decoded for this transform keep at least this many pixels (``Decoding.min_size``):
+        ``DECODE_GAP`` times the output's."""
         return DECODE_GAP * self.image_size
 
     @property

@@ -334,7 +334,7 @@ def run_train(args) -> int:
 
 
 def run_generate(args) -> int:
-    from ..preprocess import open_image
+    from ..preprocess import Decoding, open_image
 
     missing = [path for path in args.images if not Path(path).is_file()]
     if missing:  # before minutes of model loading
@@ -351,7 +351,8 @@ def run_generate(args) -> int:
     if args.question is not None and ((args.beams or 1) > 1 or args.repetition_penalty != 1.0):
         raise ValueError("--beams and --repetition-penalty decode captions; --question's answers are greedy")
     captioner = Captioner.load(args.mapping, args.device)
-    images = [open_image(Path(path).read_bytes(), name=path) for path in args.images]  # clear error on a bad file
+    # a clear error on a bad file; a phone's portrait photo turned upright as its EXIF orientation says
+    images = [open_image(Path(path).read_bytes(), name=path, decoding=Decoding()) for path in args.images]
     if args.question is None:
         key, texts = "caption", captioner.caption(images, args.prompt, args.max_new_tokens or 24, **decoding)
     else:
@@ -433,13 +434,14 @@ def _generate_coca(args) -> int:
     import torch
 
     from ..models.coca import decode_captions
-    from ..preprocess import open_image
+    from ..preprocess import Decoding, open_image
 
     if args.question is not None or args.prompt is not None:
         raise ValueError("--coca captions images; --prompt and --question are for a LiMBer --mapping")
     decoding = _decoding(args)
     model, preprocess, tokenizer = _load_coca(args.coca, args.pretrained, args.device)
-    images = torch.stack([preprocess(open_image(Path(path).read_bytes(), name=path)) for path in args.images])
+    images = torch.stack([preprocess(open_image(Path(path).read_bytes(), name=path, decoding=Decoding()))
+                          for path in args.images])
     ids = model.generate(images.to(args.device), max_length=(args.max_new_tokens or 28) + 2, **decoding)
     for path, text in zip(args.images, decode_captions(ids, tokenizer)):
         print(json.dumps({"image": path, "caption": text}) if args.json else f"{path}: {text}")

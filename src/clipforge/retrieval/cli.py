@@ -44,7 +44,7 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
 def run_embed(args) -> int:
     import torch
 
-    from ..inference import decode_size_from_args, load_from_args
+    from ..inference import decoding_from_args, load_from_args
     from .embed import embed_collection
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -64,7 +64,7 @@ def run_embed(args) -> int:
                                  max_patches=getattr(preprocess, "max_patches", None),
                                  force_image_size=args.force_image_size,
                                  captions="all" if args.all_captions else args.captions,
-                                 decode_min_size=decode_size_from_args(args, preprocess))
+                                 decoding=decoding_from_args(args, preprocess))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -402,7 +402,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_search(args) -> int:
     from ..inference import load_from_args
-    from ..preprocess import open_image
+    from ..preprocess import Decoding, open_image
     from .search import Searcher, require_caption_index
 
     if sum(x is not None for x in (args.query, args.image, args.queries)) != 1:
@@ -416,8 +416,11 @@ def run_search(args) -> int:
         require_caption_index(args.folder)
     searcher = Searcher(args.folder, *load_from_args(args, collection=args.folder))
     if texts is None:
-        hits = searcher.search_image(open_image(args.image), args.k, args.dedup, args.modality) if args.image else \
-            searcher.search_text(args.query, args.k, args.dedup, args.modality)
+        if args.image:  # decoded as embed decodes the collection's photos: upright, a large JPEG reduced
+            image = open_image(args.image, decoding=Decoding.for_model(searcher.preprocess))
+            hits = searcher.search_image(image, args.k, args.dedup, args.modality)
+        else:
+            hits = searcher.search_text(args.query, args.k, args.dedup, args.modality)
         _report_hits(args, args.query or args.image, _kept(args, hits), args.copy_to, one_of_many=False)
         return 0
     from tqdm import tqdm

@@ -166,16 +166,16 @@ def item_image_bytes(item: dict) -> tuple[bytes, str]:
     return data, ext
 
 
-def load_item(item: dict, min_size: int | None = None):
-    """(image, first caption) of one catalogued item: a file path, or a key in a shard; a JPEG decoded reduced
-    where both sides keep ``min_size`` pixels (``preprocess.open_image``)."""
+def load_item(item: dict, decoding=None):
+    """(image, first caption) of one catalogued item: a file path, or a key in a shard; decoded as stored, or as
+    ``decoding`` (``preprocess.Decoding``) says."""
     from ..preprocess import open_image
 
     if "path" in item:
-        return open_image(item["path"], min_size=min_size), item.get("caption", "")
+        return open_image(item["path"], decoding=decoding), item.get("caption", "")
     data, _ = item_image_bytes(item)
     captions = item_captions(item)
-    return open_image(data, name=item_path(item), min_size=min_size), captions[0] if captions else ""
+    return open_image(data, name=item_path(item), decoding=decoding), captions[0] if captions else ""
 
 
 # ------------------------------------------------------------------------------------------------------ reading

@@ -32,12 +32,12 @@ CAPTION_CHOICES = ("first", "all")  # embed --captions: each image's first capti
 
 class _DecodedItems(torch.utils.data.Dataset):
     """Item i -> (preprocessed image, metadata row), or None when it cannot be read (counted, then skipped). With
-    ``every_caption`` a row also lists all the item's captions (``captions``), the first among them; ``min_size``:
-    JPEGs decoded reduced to no less (``preprocess.open_image``), the row keeping their stored size."""
+    ``every_caption`` a row also lists all the item's captions (``captions``), the first among them; ``decoding``:
+    how images are decoded (``preprocess.Decoding``), the row keeping the size each is shown at."""
 
-    def __init__(self, items: list[dict], preprocess, every_caption: bool = False, min_size: int | None = None):
+    def __init__(self, items: list[dict], preprocess, every_caption: bool = False, decoding=None):
         self.items, self.preprocess, self.every_caption = items, preprocess, every_caption
-        self.min_size = min_size
+        self.decoding = decoding
 
     def __len__(self) -> int:
         return len(self.items)
@@ -45,7 +45,7 @@ class _DecodedItems(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            image, caption = load_item(item, self.min_size)
+            image, caption = load_item(item, self.decoding)
         except (BadImageError, KeyError, StopIteration, OSError):
             return None
         width, height = full_size(image)
@@ -59,11 +59,10 @@ class _DecodedItems(torch.utils.data.Dataset):
 
 
 def decoded_batches(items: list[dict], preprocess, batch_size: int, workers: int, every_caption: bool = False,
-                    min_size: int | None = None):
+                    decoding=None):
     """Batches (lists, in order) of decoded items; worker processes decode ahead of the model."""
-    loader = torch.utils.data.DataLoader(_DecodedItems(items, preprocess, every_caption, min_size),
-                                         batch_size=batch_size,
-                                         num_workers=workers, collate_fn=list, pin_memory=False,
+    loader = torch.utils.data.DataLoader(_DecodedItems(items, preprocess, every_caption, decoding),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=list, pin_memory=False,
                                          prefetch_factor=2 if workers else None)
     return iter(loader)
 
@@ -138,7 +137,7 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
                      world_size: int = 1, progress: bool = True, device=None, workers: int = 0,
                      model_spec: dict | None = None, max_patches: int | None = None,
                      force_image_size: int | None = None, captions: bool | str = False,
-                     decode_min_size: int | None = None) -> dict:
+                     decoding=None) -> dict:
     """Embed every image of ``input_spec`` into ``output``; returns counts (embedded, skipped, shards reused).
 
     ``workers`` > 0 decodes and preprocesses in that many processes while the model runs (what keeps a GPU fed).
@@ -148,10 +147,10 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
     too, row for row (``caption_emb/``; zeros for an image without one), whose dot product with the image's vector is
     its CLIP score (``clipforge filter``): "first" (or True) its first caption, "all" the mean of all its captions'
     unit vectors, renormalised (a Flickr- or COCO-style collection with several captions per image: its caption
-    index then finds an image by any of them, docs/BENCHMARKS.md). ``decode_min_size``: a JPEG is decoded at 1/2, 1/4
-    or 1/8 scale where both sides keep this many pixels (``preprocess.open_image``; the CLI's default is
-    ``Preprocess.decode_size``, three times the model's input), recorded; None decodes every pixel, as open_clip's
-    preprocess does. Paths are recorded relative to ``output`` (``retrieval.collection`` says how).
+    index then finds an image by any of them, docs/BENCHMARKS.md). ``decoding`` (``preprocess.Decoding``, recorded):
+    large JPEGs decoded reduced and photos turned upright by their EXIF orientation (the CLI's default:
+    ``Decoding.for_model``); None decodes every pixel as stored, as open_clip's preprocess does. Paths are recorded
+    relative to ``output`` (``retrieval.collection`` says how).
     """
     if captions not in (False, None, True) + CAPTION_CHOICES:
         raise ValueError(f"captions {captions!r}: choose one of {', '.join(CAPTION_CHOICES)}")
@@ -167,7 +166,7 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
     summary = {"input": paths.spec(input_spec), "dim": model.embed_dim, "model": getattr(model, "config", None),
                "model_spec": {key: paths.spec(value) for key, value in (model_spec or {}).items()},
                "weights_dtype": str(weights_dtype(model)).removeprefix("torch."), **paths.mark(),
-               "captions": captions, "decode_min_size": decode_min_size,
+               "captions": captions, "decoding": decoding._asdict() if decoding else None,
                **({"max_patches": int(max_patches)} if max_patches else {}),
                **({"force_image_size": int(force_image_size)} if force_image_size else {})}
     n_shards = (len(items) + shard_size - 1) // shard_size
@@ -201,8 +200,7 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
             continue
         features, caption_features, rows = [], [], []
         position = shard * shard_size  # the catalogue index of the batch's first item: its path is recorded already
-        for batch in decoded_batches(chunk, preprocess, batch_size, workers, every_caption,
-                                     summary["decode_min_size"]):
+        for batch in decoded_batches(chunk, preprocess, batch_size, workers, every_caption, decoding):
             good = [(position + i, sample) for i, sample in enumerate(batch) if sample is not None]
             position += len(batch)
             stats["skipped"] += len(batch) - len(good)

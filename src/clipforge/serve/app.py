@@ -27,7 +27,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
-from ..preprocess import BadImageError, decode_size, open_image
+from ..preprocess import BadImageError, Decoding, open_image
 from ..prompts import parse_templates, prompt_texts
 from ..retrieval.collection import item_captions, item_from_path, load_item, other_fields
 from ..retrieval.search import Searcher
@@ -274,22 +274,22 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
         params = ([f"size={size}"] if size else []) + ([f"collection={quote(name)}"] if several else [])
         return f"/thumb/{index}" + ("?" + "&".join(params) if params else "")
 
-    def decode_image(data: bytes, name: str, min_size: int | None = None):
+    def decode_image(data: bytes, name: str, decoding: Decoding | None = None):
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"image larger than the {max_upload_bytes} byte limit")
         if not data:
             raise HTTPException(400, "empty image upload")
         try:
-            return open_image(data, name=name, max_pixels=MAX_PIXELS, min_size=min_size).convert("RGB")
+            return open_image(data, name=name, max_pixels=MAX_PIXELS, decoding=decoding).convert("RGB")
         except BadImageError as exc:
             raise HTTPException(400, str(exc)) from None
 
     async def decoded(data: bytes, name: str, where: Served | None = None):
         """``data`` decoded in a worker thread, not on the event loop, which every other request would wait on (a
-        12-megapixel photo takes ~100 ms); for ``where``'s model, a large JPEG decoded reduced as ``embed`` decodes
-        it (``Preprocess.decode_size``)."""
-        min_size = decode_size(where.searcher.preprocess) if where is not None else None
-        return await asyncio.get_running_loop().run_in_executor(None, decode_image, data, name, min_size)
+        12-megapixel photo takes ~100 ms); upright, and for ``where``'s model a large JPEG reduced, as ``embed``
+        decodes it (``Decoding.for_model``)."""
+        decoding = Decoding.for_model(where.searcher.preprocess) if where is not None else Decoding()
+        return await asyncio.get_running_loop().run_in_executor(None, decode_image, data, name, decoding)
 
     async def read_image(upload: UploadFile, where: Served | None = None):
         return await decoded(await upload.read(max_upload_bytes + 1), upload.filename or "upload", where)
@@ -332,11 +332,11 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
             raise HTTPException(404, f"no image with id {index} in the collection")
         return index
 
-    def collection_image(where: Served, index: int, min_size: int | None = None):
-        """Image ``index`` of the collection in RGB (a JPEG decoded reduced to no less than ``min_size`` a side), or
-        a 404 when its file or shard can no longer be read."""
+    def collection_image(where: Served, index: int, decoding: Decoding = Decoding()):
+        """Image ``index`` of the collection in RGB, upright (``decoding``: a JPEG reduced too), or a 404 when its
+        file or shard can no longer be read."""
         try:
-            image, _ = load_item(item_from_path(str(where.searcher.rows[index]["path"])), min_size)
+            image, _ = load_item(item_from_path(str(where.searcher.rows[index]["path"])), decoding)
             return image.convert("RGB")
         except (BadImageError, OSError, KeyError, StopIteration):
             raise HTTPException(404, f"image {index} is no longer readable") from None
@@ -465,7 +465,7 @@ def create_collections_app(collections: dict, max_upload_bytes: int = 10 * 2**20
 
     @lru_cache(maxsize=2048)
     def thumbnail(name: str, index: int, size: int) -> bytes:
-        image = collection_image(served[name], index, 2 * size)  # as Image.thumbnail's draft keeps (reducing_gap 2)
+        image = collection_image(served[name], index, Decoding(2 * size))  # as Image.thumbnail's draft (gap 2)
         image.thumbnail((size, size))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
