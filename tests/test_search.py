@@ -882,6 +882,16 @@ def test_embed_decodes_photos_reduced_and_upright_unless_full_decode(collection,
     assert json.loads((tmp_path / "reduced" / "embed_info.json").read_text())["decoding"] == {"min_size": 192,
                                                                                              "upright": True}
     assert json.loads((tmp_path / "full" / "embed_info.json").read_text())["decoding"] is None
+    capsys.readouterr()  # resuming with the other decoding would mix sideways and upright vectors: refused
+    assert cli.main(["embed", str(photos), str(tmp_path / "reduced"), "--pretrained", collection["ckpt"],
+                     "--no-progress", "--full-decode"]) == 2
+    assert "decoding (--full-decode given now)" in capsys.readouterr().err
+    info_path = tmp_path / "reduced" / "embed_info.json"
+    info = json.loads(info_path.read_text())
+    del info["decoding"]  # as a folder embedded before decoding was recorded: resumed as it is
+    info_path.write_text(json.dumps(info))
+    assert cli.main(["embed", str(photos), str(tmp_path / "reduced"), "--pretrained", collection["ckpt"],
+                     "--no-progress"]) == 0
     assert [(r["width"], r["height"]) for r in rows] == [(1440, 1080)] * 6
     assert [(r["width"], r["height"]) for r in full_rows] == [(1440, 1080)] * 5 + [(1080, 1440)]  # as stored
     model, preprocess, _ = clipforge.load(collection["ckpt"])

@@ -68,8 +68,10 @@ def decoded_batches(items: list[dict], preprocess, batch_size: int, workers: int
 
 
 # what a shard's vectors depend on besides the weights: resuming into a folder embedded with other values would mix
-# two kinds of vectors (the model's config holds its architecture and image size)
-RESUME_SETTINGS = ("model", "max_patches", "force_image_size", "captions")
+# two kinds of vectors (the model's config holds its architecture and image size; decoding, whether a phone's
+# sideways photo was turned upright). "model" and "decoding" are compared only where recorded (older folders lack them)
+RESUME_SETTINGS = ("model", "max_patches", "force_image_size", "captions", "decoding")
+RECORDED_LATER = ("model", "decoding")
 
 
 def _check_resumable(output: Path, summary: dict, n_shards: int, probe: dict) -> None:
@@ -84,9 +86,11 @@ def _check_resumable(output: Path, summary: dict, n_shards: int, probe: dict) ->
                          "that tool's partitions, not this input, so embed cannot add to it; embed the new images "
                          "into a folder of their own and serve both (clipforge serve OLD NEW)")
     current = json.loads(json.dumps({key: summary.get(key) or None for key in RESUME_SETTINGS}, default=str))
-    changed = [("the model's config" if key == "model" else f"{key} {previous.get(key)!r} (now {current[key]!r})")
+    named = {"model": "the model's config",
+             "decoding": "decoding (--full-decode " + ("given" if current["decoding"] is None else "left out") + " now)"}
+    changed = [named.get(key, f"{key} {previous.get(key)!r} (now {current[key]!r})")
                for key in RESUME_SETTINGS
-               if (key in previous or key != "model") and (previous.get(key) or None) != current[key]]
+               if (key in previous or key not in RECORDED_LATER) and (previous.get(key) or None) != current[key]]
     if not changed and (differs := disagreeing(read_probe(output), probe, sides=("image",))):
         changed = [f"other weights ({differs})"]
     if changed:
