@@ -23,7 +23,7 @@ MAX_IMAGE_PIXELS = 64_000_000
 # (Pillow's ``reducing_gap``): a model's features then stay about as close to a full decode's as those of the photo
 # re-encoded at JPEG quality 90; at 2 the farthest photo's moved 18 times as far (docs/BENCHMARKS.md)
 DECODE_GAP = 3
-FULL_SIZE = "clipforge_full_size"  # in a reduced image's ``info``: its size as stored, turned upright where it was
+FULL_SIZE = "clipforge_full_size"  # in a reduced image's ``info``: the size it is shown at (stored, turned upright)
 EXIF_ORIENTATION = 0x0112  # 1: as stored; 2-8: mirrored and/or turned (5-8: by a quarter turn)
 
 
