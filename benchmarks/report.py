@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +26,13 @@ def machine(threads: int = 2) -> str:
     import torch
 
     return f"{cpu_name()}, torch {torch.__version__}, {threads} threads"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now, for a server a benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def finish(report: dict, path: str | None) -> None:

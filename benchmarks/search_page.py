@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,11 +20,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlencode
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from report import free_port
 
 
 def chromium_path() -> str:

@@ -20,13 +20,14 @@ import json
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from report import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD = 1_000_000
@@ -106,12 +107,6 @@ def index_latency_and_recall(folder: Path, queries: np.ndarray, truth: np.ndarra
             found.append(ids[0])
         passes.append(percentiles(times))
     return {"recall@10": round(recall_at_k(np.array(found), truth), 4), "first_pass": passes[0], **passes[1]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(folder: Path, src: Path, extra=(), queries: int = 300) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,16 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from report import finish, machine
+from report import finish, free_port, machine
 from reduced_decode import phone_photos
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentiles(times: list[float]) -> dict:

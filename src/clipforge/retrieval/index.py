@@ -256,6 +256,12 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     return hits / exact_ids.size
 
 
+def chosen_kind(kind: str, count: int, exact_below: int) -> str:
+    """The kind of index ``build_index`` makes of ``count`` vectors: ``kind``, or for "auto" exact search below
+    ``exact_below`` vectors and IVF-PQ from there."""
+    return kind if kind != "auto" else ("flat" if count < exact_below else "ivfpq")
+
+
 def build_index(vectors, kind: str = "auto", target_recall: float = 0.95, exact_below: int = 50_000,
                 n_queries: int = 500, seed: int = 0, queries: np.ndarray | None = None, log=None,
                 max_memory: int | str | None = None, nlist: int | None = None):
@@ -279,8 +285,7 @@ def build_index(vectors, kind: str = "auto", target_recall: float = 0.95, exact_
         if queries.ndim != 2 or queries.shape[1] != d or len(queries) == 0:
             raise ValueError(f"tuning queries must be a non-empty [N, {d}] array, got shape {queries.shape}")
     max_memory = parse_size(max_memory)
-    if kind == "auto":
-        kind = "flat" if n < exact_below else "ivfpq"
+    kind = chosen_kind(kind, n, exact_below)
     info = {"kind": kind, "count": n, "dim": d}
     if kind in ("flat", "hnsw"):
         need = resident_bytes() + n * d * 4 * (2 if kind == "hnsw" else 1) + (n * 32 * 8 if kind == "hnsw" else 0)
@@ -506,20 +511,15 @@ def extendable(folder: str | Path, modality: str, kind: str, exact_below: int, n
     first ones (``digest(rows)`` of their paths agrees), more have come, and a rebuild would choose the same kind (at
     most twice the rows an IVF-PQ or HNSW index was built over: beyond that its lists or graph were shaped for another
     collection). None otherwise."""
-    from .collection import StoredVectors
-
-    path = index_path(folder, modality, ".json")
-    if not path.exists() or not index_path(folder, modality).exists():
+    saved = _saved_info(folder, modality, digest)
+    if saved is None:
         return None
-    info = json.loads(path.read_text())
-    built_over, rows = info.get("collection_rows"), len(StoredVectors(folder))
-    if built_over is None or rows <= built_over or (nlist is not None and nlist != info.get("nlist")):
-        return None
-    if digest(built_over) != info.get("collection_sha256"):
+    info, rows_now = saved
+    if rows_now <= info["collection_rows"] or nlist not in (None, info.get("nlist")):
         return None
     vectors, rows = _added_rows(folder, modality, info)
-    chosen = kind if kind != "auto" else ("flat" if len(vectors) < exact_below else "ivfpq")
-    if chosen != info["kind"] or (info["kind"] != "flat" and len(vectors) > 2 * info["count"]):
+    if chosen_kind(kind, len(vectors), exact_below) != info["kind"] or \
+            (info["kind"] != "flat" and len(vectors) > 2 * info["count"]):
         return None
     return info, vectors, rows
 
@@ -529,21 +529,30 @@ def up_to_date(folder: str | Path, modality: str, kind: str, exact_below: int, n
     """The saved index's info where building again would make the same index: it holds every row embedded (their
     paths' ``digest`` agreeing with its record), is of the kind asked (auto: the one its size chooses) and was tuned
     to the same target with the same lists. None otherwise."""
+    saved = _saved_info(folder, modality, digest)
+    if saved is None:
+        return None
+    info, rows_now = saved
+    if rows_now != info["collection_rows"] or chosen_kind(kind, info["count"], exact_below) != info["kind"] or \
+            info.get("target_recall", target_recall) != target_recall or nlist not in (None, info.get("nlist")):
+        return None
+    return info
+
+
+def _saved_info(folder: str | Path, modality: str, digest) -> tuple[dict, int] | None:
+    """``(info, the collection's rows now)`` of the saved index of ``modality`` where the collection rows it was
+    built over are still the collection's first (as many or more now, ``digest`` of their paths agreeing with its
+    record); None where there is no such index or record, or those rows changed."""
     from .collection import StoredVectors
 
     path = index_path(folder, modality, ".json")
     if not path.exists() or not index_path(folder, modality).exists():
         return None
     info = json.loads(path.read_text())
-    built_over = info.get("collection_rows")
-    if built_over is None or built_over != len(StoredVectors(folder)) or \
-            digest(built_over) != info.get("collection_sha256"):
+    built_over, rows_now = info.get("collection_rows"), len(StoredVectors(folder))
+    if built_over is None or rows_now < built_over or digest(built_over) != info.get("collection_sha256"):
         return None
-    chosen = kind if kind != "auto" else ("flat" if info["count"] < exact_below else "ivfpq")
-    if chosen != info["kind"] or info.get("target_recall", target_recall) != target_recall or \
-            nlist not in (None, info.get("nlist")):
-        return None
-    return info
+    return info, rows_now
 
 
 def _added_rows(folder: str | Path, modality: str, info: dict):
