@@ -42,12 +42,12 @@ def finish(report: dict, path: str | None) -> None:
         Path(path).write_text(json.dumps(report, indent=1) + "\n")
 
 
-def timed_command(command: list[str]) -> tuple[float, float]:
+def timed_command(command: list[str], env: dict | None = None) -> tuple[float, float]:
     """(seconds, peak RSS in GB) of one command, its own (``wait4``): not the largest child's so far, as
     ``RUSAGE_CHILDREN`` gives. A child started by vfork counts its parent's peak in its own, so the parent should not
     have held the benchmark's data (make it in a process of its own)."""
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(child.pid, 0)
     if status:
         raise subprocess.CalledProcessError(status, command)

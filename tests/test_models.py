@@ -406,6 +406,7 @@ def test_grad_checkpointing_recomputes_every_tower_that_offers_it_with_the_same_
     def gradients():
         model.zero_grad()
         calls.clear()
+        torch.manual_seed(1)  # the same dropout masks each time (the BERT tower's; recomputation replays them)
         out = model(images, tokens)
         (out.image_features @ out.text_features.T).sum().backward()
         return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, len(calls)

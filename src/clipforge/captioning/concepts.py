@@ -66,10 +66,10 @@ def noun_scores(generated: list[str], references: list[list[str]]) -> dict:
 
 @lru_cache(maxsize=1)
 def _minilm():
+    from ..models.bert import Bert
     from ..models.hf_text import HFTokenizer, resolve_hf_model
-    from transformers import AutoModel
 
-    return AutoModel.from_pretrained(resolve_hf_model("all-minilm-l6-v2")).eval(), HFTokenizer("all-minilm-l6-v2", 8)
+    return Bert.from_pretrained(resolve_hf_model("all-minilm-l6-v2")).eval(), HFTokenizer("all-minilm-l6-v2", 8)
 
 
 @torch.no_grad()

