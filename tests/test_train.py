@@ -20,6 +20,7 @@ import clipforge
 import clipforge.train
 from clipforge import cli
 from clipforge.loss import ClipLoss
+from clipforge.models.feature_cache import FeatureCache
 from clipforge.train import TrainConfig, TrainingDiverged, train
 from clipforge.train.checkpoints import load_train_state
 from clipforge.train.step import train_step
@@ -655,9 +656,10 @@ def test_locked_pretrained_minilm_keeps_its_transformer_and_trains_its_projectio
                                    model.eval().encode_text(tokenizer(["a red square"])))
 
 
-def test_text_cache_gives_the_same_features_and_resumes_exactly(tmp_path):
+def test_text_cache_gives_the_same_features_and_resumes_exactly(tmp_path, monkeypatch):
     """--text-cache: every training caption through the frozen tower once; features as computed without it, and a
-    run resumed from its middle checkpoint ends with the weights of the straight run."""
+    run resumed from its middle checkpoint ends with the weights of the straight run, reading the table the run kept
+    in its folder instead of computing it again."""
     _minilm_or_skip()
     shard = shapes_shard(tmp_path / "s-000000.tar", 24)
     common = dict(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 1}}, text_model="all-minilm-l6-v2",
@@ -674,12 +676,42 @@ def test_text_cache_gives_the_same_features_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(cache(tokens), straight["model"].text.pooled(tokens), atol=1e-5, rtol=1e-5)
     train(TrainConfig(**common, output=str(tmp_path / "resumed")))  # the same run ...
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000004")  # ... cut back to its middle checkpoint
+    kept = tmp_path / "resumed" / clipforge.train.loop.TEXT_FEATURES
+    assert kept.is_file()
+    fills = []
+    monkeypatch.setattr(FeatureCache, "fill", lambda self, *a, **k: fills.append(1))
     resumed = train(TrainConfig(**common, output=str(tmp_path / "resumed"), resume="latest"))
+    assert not fills and len(resumed["model"].text.feature_cache) == len(cache)  # read back, not computed
     a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000004" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000004" / "model.safetensors")
     assert resumed["steps"] == 4 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = FeatureCache(None)  # other captions (no mirrored forms): the kept table is not theirs
+    assert not other.load(kept, FeatureCache.fingerprint(resumed["model"].text, tokenizer(texts)))
+    assert not other.load(tmp_path / "none.safetensors", "") and len(other) == 0
     with pytest.raises(ValueError, match="needs --lock-text"):
         train(TrainConfig(**{**common, "lock_text": False}, output=str(tmp_path / "bad")))
+
+
+def test_the_text_cache_keeps_rows_computed_after_its_fill_for_the_next_validation_up_to_its_limit():
+    """Rows not filled in (validation captions) are computed with their batch, as without a cache, and kept: the next
+    validation computes nothing and gets the same values; past ``max_entries`` nothing more is kept."""
+    computed = []
+
+    def compute(tokens):
+        computed.append(len(tokens))
+        return tokens.float().sum(dim=1, keepdim=True) + 0.5 * len(tokens)  # depends on the batch, as padding can
+
+    cache = FeatureCache(compute, max_entries=4)
+    cache.fill(torch.tensor([[1, 0], [2, 0]]))
+    validation = torch.tensor([[1, 0], [3, 0], [4, 4], [3, 0]])
+    first = cache(validation)
+    assert computed == [2, 3] and len(cache) == 4  # the filled rows read; three rows computed, two distinct kept
+    assert torch.equal(first, torch.tensor([[2.0], [4.5], [9.5], [4.5]]))  # each as its batch computed it
+    assert torch.equal(cache(validation), first) and computed == [2, 3]
+    cache(torch.tensor([[5, 0]]))
+    assert len(cache) == 4 and computed[-1] == 1  # at the limit: computed, not kept
+    cache(torch.tensor([[5, 0]]))
+    assert computed[-1] == 1 and len(computed) == 4
 
 
 def test_config_file_then_flags_and_a_run_recreated_from_its_run_config_is_identical(tmp_path, capsys):

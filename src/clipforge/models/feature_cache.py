@@ -3,8 +3,9 @@
 A locked text tower maps the same tokens to the same features every time, and a small dataset seen for many epochs
 repeats its captions: ``FeatureCache.fill`` computes every caption of the training data once, in a fixed order of
 fixed batches, so the cached values are a function of the data alone and a resumed run gets bit-identical ones.
-Rows that were not filled in (validation captions, say) are computed with their batch and not kept, exactly as
-without a cache.
+Rows that were not filled in (validation captions, say) are computed with their batch, exactly as without a cache,
+and then kept (up to ``max_entries``): training validates on the same captions in the same batches each time, so
+later validations read what the first computed (a resumed run computes them again in those batches: the same values).
 """
 from __future__ import annotations
 
@@ -44,10 +45,54 @@ class FeatureCache:
             features = self.compute(tokens[[i for _, i in chunk]]).float().cpu()
             self.table.update(zip((k for k, _ in chunk), features))
 
+    def save(self, path, fingerprint: str) -> None:
+        """Write the table (token rows and their features) with ``fingerprint`` (what computed them), atomically."""
+        from safetensors.torch import save_file
+
+        from ..files import atomic_path
+
+        rows = torch.stack([torch.frombuffer(bytearray(key), dtype=torch.int64) for key in self.table]).int() \
+            if self.table else torch.zeros(0, 0, dtype=torch.int32)  # token ids: int32 holds every vocabulary
+        features = torch.stack(list(self.table.values())) if self.table else torch.zeros(0, 0)
+        with atomic_path(path) as tmp:
+            save_file({"rows": rows, "features": features}, str(tmp), metadata={"fingerprint": fingerprint})
+
+    def load(self, path, fingerprint: str) -> bool:
+        """Read a table ``save`` wrote with the same ``fingerprint``; False (nothing read) for another fingerprint,
+        or no file, or one that cannot be read."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as saved:
+                if (saved.metadata() or {}).get("fingerprint") != fingerprint:
+                    return False
+                rows, features = saved.get_tensor("rows"), saved.get_tensor("features")
+        except (OSError, SafetensorError):
+            return False
+        self.table.update(zip(self._keys(rows), features))
+        return True
+
+    @staticmethod
+    def fingerprint(tower: torch.nn.Module, tokens: torch.Tensor) -> str:
+        """What a fill's features are a function of: the tower's frozen weights and the token rows, by value."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in [*tower.named_parameters(), *tower.named_buffers()]:
+            if not tensor.requires_grad:  # a locked Hugging Face tower's projection trains: not part of the cache
+                digest.update(name.encode() + str(tensor.dtype).encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tokens.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         keys = self._keys(tokens)
         missing = [i for i, key in enumerate(keys) if key not in self.table]
-        computed = iter(self.compute(tokens[missing]).float().cpu()) if missing else iter(())
-        rows = [self.table[key] if key in self.table else next(computed) for key in keys]
+        computed = list(self.compute(tokens[missing]).float().cpu()) if missing else []
+        rows = [self.table.get(key) for key in keys]
+        for i, features in zip(missing, computed):
+            rows[i] = features
+            if len(self.table) < self.max_entries:
+                self.table.setdefault(keys[i], features)
         return torch.stack(rows).to(tokens.device)

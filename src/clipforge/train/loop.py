@@ -378,8 +378,14 @@ def _open_training_data(cfg: TrainConfig, train_source=None):
     return source, labels
 
 
-def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Labels) -> None:
-    """Every training caption through the frozen text tower once, before the first step (``--text-cache``)."""
+TEXT_FEATURES = "text_features.safetensors"  # a run's --text-cache table, kept in its folder for a resume
+
+
+def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Labels, output: Path,
+                         rank: int) -> None:
+    """Every training caption through the frozen text tower once, before the first step (``--text-cache``); the
+    table is kept in the run's folder, and a resumed run (or another with the same tower and captions) reads it
+    back instead: the same values, without the minutes of computing them."""
     if not cfg.lock_text:
         raise ValueError("--text-cache needs --lock-text: only a frozen text tower's features can be cached")
     if labels.classnames:
@@ -388,7 +394,14 @@ def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Lab
         raise ValueError("--text-cache keeps each caption's pooled features; a CoCa's decoder reads every token's "
                          "states from the text tower, so it runs the tower each step: leave --text-cache out")
     texts = _training_captions(cfg, source)
-    core.text.cache_features().fill(tokenizer(texts).to(next(core.parameters()).device), progress=cfg.progress)
+    tokens = tokenizer(texts).to(next(core.parameters()).device)
+    cache = core.text.cache_features()
+    fingerprint = cache.fingerprint(core.text, tokens)
+    if cache.load(output / TEXT_FEATURES, fingerprint):
+        return
+    cache.fill(tokens, progress=cfg.progress)
+    if rank == 0:
+        cache.save(output / TEXT_FEATURES, fingerprint)
 
 
 def _training_captions(cfg: TrainConfig, source) -> list[str]:
@@ -545,7 +558,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     model_config, tokenizer, loss_fn = objective.model_config, objective.tokenizer, objective.loss_fn
     model, core = _build_model(cfg, model_config, device, world, objective.model, precision)
     if cfg.text_cache:
-        _cache_text_features(cfg, core, source, tokenizer, labels)
+        _cache_text_features(cfg, core, source, tokenizer, labels, output, rank)
     samples_per_step = cfg.batch_size * world * cfg.accum_freq
     total_steps, warmup = _schedule_length(cfg, source, samples_per_step)
     optimizer = build_optimizer(core, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps)
