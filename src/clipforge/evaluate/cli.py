@@ -186,12 +186,31 @@ def run(args) -> int:
             hint = (f"put {' and '.join(missing)} in it" if missing else
                     "two of them have the same name: evaluate them one at a time")
             raise ValueError(f"--{flag} {template}: two evaluations would write the same file; {hint}")
+    shared = None
     for model_args, runs in sweep:
         model, preprocess, tokenizer = _load(model_args)
+        if len(sweep) > 1:
+            shared = _share_text_features(model, shared)
         for one in runs:
             _evaluate(one, model, preprocess, tokenizer)
         del model
     return 0
+
+
+def _share_text_features(model, shared):
+    """In a sweep, models whose text towers give the same features (one frozen transformer: the checkpoints and seeds
+    of a locked-text run such as the Flickr8k recipe) compute each caption and prompt once: the tower is frozen
+    (evaluation trains nothing) and caches its features, and a model with the previous one's frozen weights takes
+    over its cache. Each text is computed in the batch it would be without the cache, so results are unchanged.
+    Returns (fingerprint, cache) to pass on, or None where the model has no cacheable text tower."""
+    from ..models.feature_cache import FeatureCache
+
+    text = getattr(model, "text", None)
+    if not hasattr(text, "cache_features") or not hasattr(model, "lock_text_tower"):
+        return None
+    model.lock_text_tower()
+    fingerprint = FeatureCache.fingerprint(text)
+    return fingerprint, text.cache_features(shared[1] if shared and shared[0] == fingerprint else None)
 
 
 def _dataset_name(args, root: str) -> str:

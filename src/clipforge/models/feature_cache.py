@@ -19,6 +19,15 @@ class FeatureCache:
         self.compute, self.max_entries = compute, max_entries
         self.table: dict[bytes, torch.Tensor] = {}
 
+    @classmethod
+    def computing(cls, shared: "FeatureCache | None", compute: Callable[[torch.Tensor], torch.Tensor]) -> "FeatureCache":
+        """A new cache computing with ``compute``, or ``shared`` (its table kept) computing with it from now on: a
+        tower with the same frozen weights (``fingerprint``) takes over another's cache."""
+        if shared is None:
+            return cls(compute)
+        shared.compute = compute
+        return shared
+
     def __len__(self) -> int:
         return len(self.table)
 
@@ -73,8 +82,8 @@ class FeatureCache:
         return True
 
     @staticmethod
-    def fingerprint(tower: torch.nn.Module, tokens: torch.Tensor) -> str:
-        """What a fill's features are a function of: the tower's frozen weights and the token rows, by value."""
+    def fingerprint(tower: torch.nn.Module, tokens: torch.Tensor | None = None) -> str:
+        """What cached features are a function of: the tower's frozen weights (and a fill's token rows), by value."""
         import hashlib
 
         digest = hashlib.sha256()
@@ -82,7 +91,8 @@ class FeatureCache:
             if not tensor.requires_grad:  # a locked Hugging Face tower's projection trains: not part of the cache
                 digest.update(name.encode() + str(tensor.dtype).encode())
                 digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        digest.update(tokens.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+        if tokens is not None:
+            digest.update(tokens.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
         return digest.hexdigest()
 
     @torch.no_grad()

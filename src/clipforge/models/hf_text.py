@@ -199,13 +199,14 @@ class HFTextEncoder(nn.Module):
             self.transformer.eval()  # no dropout in a frozen tower: the same tokens always give the same features
         return self
 
-    def cache_features(self):
-        """Keep the frozen transformer's pooled features per distinct token row; returns the cache to ``fill``."""
+    def cache_features(self, shared=None):
+        """Keep the frozen transformer's pooled features per distinct token row; returns the cache to ``fill``.
+        ``shared``: the cache of a tower with this transformer's weights, whose table this one reads and adds to."""
         if not self.locked:
             raise ValueError("only a locked text tower's features can be cached (lock it first)")
         from .feature_cache import FeatureCache
 
-        self.feature_cache = FeatureCache(self.pooled)
+        self.feature_cache = FeatureCache.computing(shared, self.pooled)
         return self.feature_cache
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -77,13 +77,14 @@ class TextTransformer(nn.Module):
             embeddings.append(self.cls_emb)
         return [embeddings, *([b] for b in blocks[:-1]), [blocks[-1], self.ln_final], *projection]
 
-    def cache_features(self):
-        """Keep this (frozen) tower's features per distinct token row; returns the cache to ``fill``."""
+    def cache_features(self, shared=None):
+        """Keep this (frozen) tower's features per distinct token row; returns the cache to ``fill``. ``shared``: the
+        cache of a tower with these weights, whose table this one reads and adds to."""
         if any(p.requires_grad for p in self.parameters()):
             raise ValueError("only a locked text tower's features can be cached (lock it first)")
         from .feature_cache import FeatureCache
 
-        self.feature_cache = FeatureCache(self.features)
+        self.feature_cache = FeatureCache.computing(shared, self.features)
         return self.feature_cache
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
