@@ -661,6 +661,7 @@ def test_text_cache_gives_the_same_features_and_resumes_exactly(tmp_path, monkey
     run resumed from its middle checkpoint ends with the weights of the straight run, reading the table the run kept
     in its folder instead of computing it again."""
     _minilm_or_skip()
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
     shard = shapes_shard(tmp_path / "s-000000.tar", 24)
     common = dict(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 1}}, text_model="all-minilm-l6-v2",
                   lock_text=True, text_cache=True, train_data=str(shard), batch_size=8, steps=4, save_every=2,
@@ -674,6 +675,10 @@ def test_text_cache_gives_the_same_features_and_resumes_exactly(tmp_path, monkey
     with torch.no_grad():
         tokens = tokenizer(texts[:5])
         torch.testing.assert_close(cache(tokens), straight["model"].text.pooled(tokens), atol=1e-5, rtol=1e-5)
+    shared = list((tmp_path / "cache" / "text-features").glob("*.safetensors"))
+    assert len(shared) == 1 and shared[0].stat().st_ino == (tmp_path / "straight" / "text_features.safetensors").stat(
+    ).st_ino  # in the cache too, as a link to the run's table, not a second copy
+    shared[0].unlink()
     train(TrainConfig(**common, output=str(tmp_path / "resumed")))  # the same run ...
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000004")  # ... cut back to its middle checkpoint
     kept = tmp_path / "resumed" / clipforge.train.loop.TEXT_FEATURES
@@ -682,6 +687,9 @@ def test_text_cache_gives_the_same_features_and_resumes_exactly(tmp_path, monkey
     monkeypatch.setattr(FeatureCache, "fill", lambda self, *a, **k: fills.append(1))
     resumed = train(TrainConfig(**common, output=str(tmp_path / "resumed"), resume="latest"))
     assert not fills and len(resumed["model"].text.feature_cache) == len(cache)  # read back, not computed
+    seed = train(TrainConfig(**{**common, "seed": 1}, output=str(tmp_path / "seed1")))  # another run, same captions
+    assert not fills and len(seed["model"].text.feature_cache) == len(cache)  # read from the cache
+    assert (tmp_path / "seed1" / clipforge.train.loop.TEXT_FEATURES).is_file()
     a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000004" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000004" / "model.safetensors")
     assert resumed["steps"] == 4 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

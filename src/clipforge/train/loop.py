@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections import Counter
@@ -32,9 +33,10 @@ from ..data.captions import swap_left_right
 from ..data.pipeline import caption_texts, continue_interleaving
 from ..data.sources import source_classnames
 from ..environment import run_environment
-from ..files import write_json
+from ..files import atomic_path, write_json
 from ..models import create_model, get_model_config, is_resnet, merge_config
 from ..preprocess import TrainTransform
+from ..pretrained import cache_dir
 from ..prompts import load_templates
 from .checkpoints import load_train_state, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .objectives import objective_for
@@ -383,9 +385,11 @@ TEXT_FEATURES = "text_features.safetensors"  # a run's --text-cache table, kept 
 
 def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Labels, output: Path,
                          rank: int) -> None:
-    """Every training caption through the frozen text tower once, before the first step (``--text-cache``); the
-    table is kept in the run's folder, and a resumed run (or another with the same tower and captions) reads it
-    back instead: the same values, without the minutes of computing them."""
+    """Every training caption through the frozen text tower once, before the first step (``--text-cache``). The
+    table is kept in the run's folder and in the cache (``$CLIPFORGE_CACHE/text-features``, by its fingerprint: the
+    frozen weights and the token rows); a resumed run, or another run on the same captions with the same frozen
+    tower (another seed, another image-side setting), reads it back instead: the same values, without the minutes
+    of computing them."""
     if not cfg.lock_text:
         raise ValueError("--text-cache needs --lock-text: only a frozen text tower's features can be cached")
     if labels.classnames:
@@ -397,11 +401,31 @@ def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Lab
     tokens = tokenizer(texts).to(next(core.parameters()).device)
     cache = core.text.cache_features()
     fingerprint = cache.fingerprint(core.text, tokens)
-    if cache.load(output / TEXT_FEATURES, fingerprint):
+    kept, shared = output / TEXT_FEATURES, cache_dir() / "text-features" / f"{fingerprint[:32]}.safetensors"
+    if cache.load(kept, fingerprint):
+        return
+    if cache.load(shared, fingerprint):
+        if rank == 0:
+            _link_or_copy(shared, kept)
         return
     cache.fill(tokens, progress=cfg.progress)
     if rank == 0:
-        cache.save(output / TEXT_FEATURES, fingerprint)
+        cache.save(kept, fingerprint)
+        try:
+            _link_or_copy(kept, shared)
+        except OSError as exc:  # a read-only cache costs the next run the fill, not this run
+            print(f"warning: the text features are not kept in the cache ({exc}); the run's folder has them",
+                  file=sys.stderr)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (no second copy on disk), else a copy; atomically either way."""
+    with atomic_path(target) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(source, tmp)
 
 
 def _training_captions(cfg: TrainConfig, source) -> list[str]:
