@@ -65,6 +65,18 @@ def test_a_bert_saved_by_transformers_loads_with_its_pooler_and_a_tower_of_ours_
         assert not loaded.load_state_dict(ours.state_dict(), strict=False).unexpected_keys
         torch.testing.assert_close(loaded(input_ids=tokens, attention_mask=mask).pooler_output, a.pooler_output,
                                    atol=1e-6, rtol=0)
+    from safetensors.torch import load_file  # an older folder: pytorch_model.bin alone, read without unpickling code
+
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "config.json").write_text((folder / "config.json").read_text())
+    torch.save(load_file(folder / "model.safetensors"), older / "pytorch_model.bin")
+    assert bert.supports(bert.read_config(older), older)
+    with torch.no_grad():
+        assert torch.equal(bert.Bert.from_pretrained(older).eval()(tokens, mask).last_hidden_state,
+                           bert.Bert.from_pretrained(folder).eval()(tokens, mask).last_hidden_state)
+    (older / "pytorch_model.bin").unlink()
+    assert not bert.supports(bert.read_config(older), older)  # no weights to read: transformers says what is wrong
     deeper = bert.Bert(bert.read_config(folder) | {"num_hidden_layers": 3})
     with pytest.raises(ValueError, match="lack 16 of this BERT's parameters, e.g. encoder.layer.2"):
         bert._pretrained_state(folder, deeper)
