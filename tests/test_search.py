@@ -1773,6 +1773,7 @@ def test_a_corrupt_or_cut_short_shard_is_reported_and_the_rest_embedded(tmp_path
     assert len(source) == 12 + len(from_cut)  # what --epochs counts
     err = capsys.readouterr().err
     assert "b-000001.tar: truncated inside shape-0000008.png" in err and "c-000002.tar: not a readable tar file" in err
+    assert err.count("c-000002.tar") == 1  # named once, though the shards were read twice (listed, counted)
 
     ckpt = str(clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64"), tmp_path / "model"))
     assert cli.main(["embed", str(shards), str(tmp_path / "emb"), "--pretrained", ckpt, "--no-progress"]) == 0

@@ -155,6 +155,7 @@ class ShardSource:
             self.urls = [url for urls, _ in groups for url in urls]
             self.weights = [factor for urls, factor in groups for _ in urls]
         self.shuffle_buffer = shuffle_buffer
+        self._reported: set[str] = set()  # bad shards already named on stderr
         missing = [u for u in self.urls if not _is_remote(u) and not os.path.exists(u)]
         if missing:
             raise FileNotFoundError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)"
@@ -176,10 +177,12 @@ class ShardSource:
         stderr (what it still holds in full is kept), so one bad shard does not stop a long job."""
         indexes = [(url, shard_index(url)) for url in self._local_urls(what)]
         bad = [(url, index) for url, index in indexes if index.problem]
-        for url, index in bad[:3]:
+        unreported = [(url, index) for url, index in bad if url not in self._reported]
+        for url, index in unreported[:3]:  # once per source: a job that counts, then lists, says it once
             print(f"warning: {url}: {index.problem}", file=sys.stderr)
-        if len(bad) > 3:
-            print(f"warning: {len(bad) - 3} more unreadable or truncated shards", file=sys.stderr)
+        if len(unreported) > 3:
+            print(f"warning: {len(unreported) - 3} more unreadable or truncated shards", file=sys.stderr)
+        self._reported.update(url for url, _ in unreported)
         self.bad_shards = len(bad)
         return indexes
 
