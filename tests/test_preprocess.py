@@ -149,7 +149,7 @@ def test_a_large_jpeg_decodes_reduced_keeping_min_size_and_its_stored_size():
     assert Decoding.for_model(Preprocess(64)) == Decoding(192, upright=True)
 
 
-def test_a_photo_is_turned_upright_as_its_exif_orientation_says():
+def test_a_photo_is_turned_upright_as_its_exif_orientation_says(monkeypatch):
     """A phone's portrait photo, stored sideways with EXIF orientation 6 (or upside down, 3; mirrored, 2): upright
     with ``Decoding`` (reduced too, and ``full_size`` the upright size), as stored without it (open_clip's pixels);
     a malformed EXIF block leaves it as stored rather than refusing it."""
@@ -172,6 +172,15 @@ def test_a_photo_is_turned_upright_as_its_exif_orientation_says():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Pillow's own, on opening it, as open_clip would see it
         assert open_image(broken, decoding=Decoding()).size == (160, 120)
+
+    def cannot_apply(image):  # what Pillow raises on some EXIF blocks it reads but cannot apply
+        raise SyntaxError("not a TIFF file")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", cannot_apply)
+    exif[0x0112] = 6
+    sideways = _jpeg(Image.fromarray(stored), exif=exif.tobytes(), quality=95)
+    kept = open_image(sideways, decoding=Decoding())
+    assert kept.size == full_size(kept) == (160, 120)  # shown as stored, not refused
 
 
 def test_reduced_decode_stays_within_jpeg_noise_of_a_full_one():
