@@ -405,6 +405,15 @@ def test_index_build_leaves_an_up_to_date_index_unless_asked_for_another(tmp_pat
     assert "is up to date" in build("--nlist", "16")
     assert "built ivfpq index" in build("--target-recall", "0.8")
     assert "built ivfpq index" in build("--rebuild")
+    queries = tmp_path / "queries.npy"  # tuned on a query file: up to date while the same queries are given
+    np.save(queries, clustered(200, 32, seed=7))
+    assert "built ivfpq index" in build("--tune-queries", str(queries))
+    assert "is up to date" in build("--tune-queries", str(queries))
+    np.save(queries, clustered(200, 32, seed=8))
+    assert "built ivfpq index" in build("--tune-queries", str(queries))  # the same file, other queries
+    assert "built ivfpq index" in build("--tune-queries", "collection")
+    assert "is up to date" in build("--tune-queries", "collection")
+    assert "built ivfpq index" in build()  # auto again
     capsys.readouterr()
     assert cli.main(["index", "build", str(folder), "--quiet", "--kind", "hnsw"]) == 0
     assert "built hnsw index" in capsys.readouterr().out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -180,7 +181,8 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-queries", default="auto", help=TUNE_QUERIES_HELP)
     p.add_argument("--rebuild", action="store_true",
                    help="build from scratch even where the index can take the images embedded since it was built "
-                        "(by default those are added to it, and it is tuned again: after `embed` added images)")
+                        "(by default those are added to it, and it is tuned again: after `embed` added images), or "
+                        "holds them all already with these settings (by default it is then left as it is)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run_index)
 
@@ -204,7 +206,8 @@ def run_index(args) -> int:
         write_metadata_arrow(args.folder)
     queries = _tuning_queries(args.folder, args.tune_queries)
     digest = functools.lru_cache(maxsize=None)(functools.partial(stored_paths_digest, args.folder))  # read once
-    built_over = rows_record(args.folder, digest) if rank == 0 else {}  # before a build: little is resident yet
+    built_over = {**rows_record(args.folder, digest), "tune_queries": _queries_identity(args.tune_queries)} \
+        if rank == 0 else {}  # before a build: little is resident yet
     if world == 1:
         for modality in modalities[args.modality]:
             _build_one_index(args, modality, queries, unfinished, built_over, digest)
@@ -234,9 +237,9 @@ def _build_one_index(args, modality: str, queries, unfinished: str | None, built
     rank = int(os.environ.get("RANK", 0))
     log = None if args.quiet or rank != 0 else (lambda message: print(message, file=sys.stderr, flush=True))
     what = "index" if modality == "image" else "caption index"
-    if not args.rebuild and barrier is None and args.tune_queries == "auto" and max_memory is None and \
+    if not args.rebuild and barrier is None and max_memory is None and \
             (current := up_to_date(args.folder, modality, args.kind, args.exact_below, args.nlist,
-                                   args.target_recall, digest)):
+                                   args.target_recall, digest, built_over["tune_queries"])):
         print(f"the {current['kind']} {what} of {current['count']} vectors in {args.folder} is up to date (recall@10 "
               f"{current['recall@10']:.3f}): nothing was embedded since; --rebuild builds it anew")
         return
@@ -273,6 +276,18 @@ def _build_one_index(args, modality: str, queries, unfinished: str | None, built
               f"{args.target_recall}; these vectors have little cluster structure. Use --kind flat (exact) or hnsw.")
     print(f"built {info['kind']} {what} of {info['count']} vectors (recall@10 {info['recall@10']:.3f}) in "
           f"{args.folder}" + (" (embedding unfinished)" if unfinished else ""))
+
+
+def _queries_identity(choice: str) -> str:
+    """What an index was tuned on, for its info: "auto", "collection", or a query file's content digest (another
+    file, or the same file changed, tunes another index)."""
+    if choice in ("auto", "collection"):
+        return choice
+    digest = hashlib.sha256()
+    with open(choice, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"file:{digest.hexdigest()}"
 
 
 def _tuning_queries(folder: str, choice: str):

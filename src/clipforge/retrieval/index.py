@@ -525,16 +525,18 @@ def extendable(folder: str | Path, modality: str, kind: str, exact_below: int, n
 
 
 def up_to_date(folder: str | Path, modality: str, kind: str, exact_below: int, nlist: int | None,
-               target_recall: float, digest) -> dict | None:
+               target_recall: float, digest, tune_queries: str = "auto") -> dict | None:
     """The saved index's info where building again would make the same index: it holds every row embedded (their
     paths' ``digest`` agreeing with its record), is of the kind asked (auto: the one its size chooses) and was tuned
-    to the same target with the same lists. None otherwise."""
+    to the same target with the same lists on the same queries (``tune_queries``: as the CLI records them; an index
+    from before they were recorded was tuned on "auto"). None otherwise."""
     saved = _saved_info(folder, modality, digest)
     if saved is None:
         return None
     info, rows_now = saved
     if rows_now != info["collection_rows"] or chosen_kind(kind, info["count"], exact_below) != info["kind"] or \
-            info.get("target_recall", target_recall) != target_recall or nlist not in (None, info.get("nlist")):
+            info.get("target_recall", target_recall) != target_recall or nlist not in (None, info.get("nlist")) or \
+            info.get("tune_queries", "auto") != tune_queries:
         return None
     return info
 
