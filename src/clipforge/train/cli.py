@@ -109,7 +109,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"[{d.bow_vocab}]")
     g.add_argument("--text-cache", action=argparse.BooleanOptionalAction,
                    help="with --lock-text: compute the frozen text features of every training caption once, before "
-                        "training (for a dataset seen for many epochs)")
+                        "training (for a dataset seen for many epochs), kept in the run folder and in "
+                        "$CLIPFORGE_CACHE/text-features, where a resume or another run on the same captions and "
+                        "frozen tower reads them")
     g = p.add_argument_group("distillation (a frozen teacher CLIP; open_clip's --distill-model)")
     g.add_argument("--distill-model", help="the teacher: a zoo name (with --distill-pretrained) or a checkpoint path; "
                                            "any format clipforge.load reads, with its own tokenizer and image size")
