@@ -12,6 +12,7 @@ import clipforge
 from clipforge import cli
 from clipforge.data import ContrastiveStream, open_source
 from clipforge.loss import ClipLoss, DistillationLoss
+from clipforge.models.feature_cache import FeatureCache
 from clipforge.preprocess import TrainTransform
 from clipforge.train import TrainConfig, train
 from clipforge.train.distill import Teacher, TeacherInputs
@@ -127,7 +128,7 @@ def test_the_teacher_sees_the_students_crop_at_its_own_size_and_normalisation(tm
                           teacher=TeacherInputs(None, teacher_tokenizer))
 
 
-def test_training_distils_from_a_saved_teacher_logs_the_term_and_resumes_exactly(tmp_path, capsys):
+def test_training_distils_from_a_saved_teacher_logs_the_term_and_resumes_exactly(tmp_path, capsys, monkeypatch):
     teacher = _tiny(vision={"image_size": 32, "patch_size": 8}, text={"context_length": 16})
     teacher.normalisation = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     config = clipforge.get_model_config("ViT-Tiny-64")
@@ -140,8 +141,10 @@ def test_training_distils_from_a_saved_teacher_logs_the_term_and_resumes_exactly
             "--train-data", str(shard), "--batch-size", "8", "--steps", "4", "--save-every", "2", "--keep", "5",
             "--workers", "0", "--no-progress", "--hflip", "--distill-pretrained", str(tmp_path / "teacher"),
             "--distill-weight", "0.5", "--distill-text-cache"]
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
     assert cli.main(args + ["--output", str(tmp_path / "straight")]) == 0
     assert "distilling from" in capsys.readouterr().err
+    assert (tmp_path / "straight" / "teacher_text_features.safetensors").is_file()  # the teacher's table, kept
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4] and 0 < records[0]["distill_loss"] < 10
     run_config = json.loads((tmp_path / "straight" / "run_config.json").read_text())["train"]
@@ -150,7 +153,10 @@ def test_training_distils_from_a_saved_teacher_logs_the_term_and_resumes_exactly
     # cut back to the middle checkpoint and resumed: the weights of the straight run
     assert cli.main(args + ["--output", str(tmp_path / "resumed")]) == 0
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000004")
+    fills = []
+    monkeypatch.setattr(FeatureCache, "fill", lambda self, *a, **k: fills.append(1))
     assert cli.main(args + ["--output", str(tmp_path / "resumed"), "--resume", "latest"]) == 0
+    assert not fills  # the teacher's text features read back from the run's folder
     a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000004" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step-00000004" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -26,6 +26,18 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """``target`` as a hard link to ``source`` (no second copy on disk), else a copy; atomically either way."""
+    import shutil
+
+    with atomic_path(target) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(source, tmp)
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")

@@ -106,3 +106,34 @@ class FeatureCache:
             if len(self.table) < self.max_entries:
                 self.table.setdefault(keys[i], features)
         return torch.stack(rows).to(tokens.device)
+
+
+def fill_kept(cache: FeatureCache, tower: torch.nn.Module, tokens: torch.Tensor, kept, write: bool = True,
+              progress: bool = False) -> str:
+    """``cache.fill(tokens)``, unless the table is kept already: at ``kept`` (a run's folder: its resume), else in
+    ``$CLIPFORGE_CACHE/text-features`` under the fingerprint of ``tower``'s frozen weights and ``tokens`` (another run
+    on the same captions with the same frozen tower). ``write``: keep what was filled (or read from the shared cache)
+    at ``kept`` and in the shared cache (one process of a distributed run writes). Returns where the table came
+    from: "kept", "shared" or "computed"."""
+    import sys
+    from pathlib import Path
+
+    from ..files import link_or_copy
+    from ..pretrained import cache_dir
+
+    fingerprint = cache.fingerprint(tower, tokens)
+    kept, shared = Path(kept), cache_dir() / "text-features" / f"{fingerprint[:32]}.safetensors"
+    if cache.load(kept, fingerprint):
+        return "kept"
+    if cache.load(shared, fingerprint):
+        if write:
+            link_or_copy(shared, kept)
+        return "shared"
+    cache.fill(tokens, progress=progress)
+    if write:
+        cache.save(kept, fingerprint)
+        try:
+            link_or_copy(kept, shared)
+        except OSError as exc:  # a read-only cache costs the next run the fill, not this run
+            print(f"warning: text features not kept in the cache ({exc}); {kept} has them", file=sys.stderr)
+    return "computed"

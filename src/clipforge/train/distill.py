@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.feature_cache import fill_kept
 from ..preprocess import TrainTransform
 
 
@@ -41,16 +42,18 @@ class Teacher:
             out = self.model(images, tokens)
         return out.image_features, out.text_features, out.logit_scale
 
-    def cache_text_features(self, texts: list[str], progress: bool = False) -> None:
+    def cache_text_features(self, texts: list[str], kept, write: bool = True, progress: bool = False) -> None:
         """Every training caption through the teacher's text tower once, before the first step
-        (``--distill-text-cache``): its features then cost nothing per step."""
+        (``--distill-text-cache``): its features then cost nothing per step. The table is kept at ``kept`` (the run's
+        folder) and in the cache, as ``--text-cache``'s is (``feature_cache.fill_kept``)."""
         device = next(self.model.parameters()).device
         if hasattr(self.model, "lock_text_tower"):
             self.model.lock_text_tower()  # what the towers' caches ask for (it is frozen already)
         self.model.requires_grad_(False)
         if not hasattr(self.model.text, "cache_features"):
             raise ValueError("--distill-text-cache: this teacher's text tower keeps no feature cache; leave it out")
-        self.model.text.cache_features().fill(self.inputs.tokenizer(texts).to(device), progress=progress)
+        tokens = self.inputs.tokenizer(texts).to(device)
+        fill_kept(self.model.text.cache_features(), self.model.text, tokens, kept, write, progress)
 
 
 def load_teacher(model: str | None, pretrained: str | None, device: torch.device, student: TrainTransform,

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections import Counter
@@ -33,10 +32,10 @@ from ..data.captions import swap_left_right
 from ..data.pipeline import caption_texts, continue_interleaving
 from ..data.sources import source_classnames
 from ..environment import run_environment
-from ..files import atomic_path, write_json
+from ..files import write_json
 from ..models import create_model, get_model_config, is_resnet, merge_config
+from ..models.feature_cache import fill_kept
 from ..preprocess import TrainTransform
-from ..pretrained import cache_dir
 from ..prompts import load_templates
 from .checkpoints import load_train_state, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .objectives import objective_for
@@ -381,6 +380,7 @@ def _open_training_data(cfg: TrainConfig, train_source=None):
 
 
 TEXT_FEATURES = "text_features.safetensors"  # a run's --text-cache table, kept in its folder for a resume
+TEACHER_TEXT_FEATURES = "teacher_text_features.safetensors"  # --distill-text-cache's
 
 
 def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Labels, output: Path,
@@ -397,35 +397,8 @@ def _cache_text_features(cfg: TrainConfig, core, source, tokenizer, labels: _Lab
     if hasattr(core, "caption_states"):  # a CoCa (as validation tells one)
         raise ValueError("--text-cache keeps each caption's pooled features; a CoCa's decoder reads every token's "
                          "states from the text tower, so it runs the tower each step: leave --text-cache out")
-    texts = _training_captions(cfg, source)
-    tokens = tokenizer(texts).to(next(core.parameters()).device)
-    cache = core.text.cache_features()
-    fingerprint = cache.fingerprint(core.text, tokens)
-    kept, shared = output / TEXT_FEATURES, cache_dir() / "text-features" / f"{fingerprint[:32]}.safetensors"
-    if cache.load(kept, fingerprint):
-        return
-    if cache.load(shared, fingerprint):
-        if rank == 0:
-            _link_or_copy(shared, kept)
-        return
-    cache.fill(tokens, progress=cfg.progress)
-    if rank == 0:
-        cache.save(kept, fingerprint)
-        try:
-            _link_or_copy(kept, shared)
-        except OSError as exc:  # a read-only cache costs the next run the fill, not this run
-            print(f"warning: the text features are not kept in the cache ({exc}); the run's folder has them",
-                  file=sys.stderr)
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """``target`` as a hard link to ``source`` (no second copy on disk), else a copy; atomically either way."""
-    with atomic_path(target) as tmp:
-        tmp.unlink()
-        try:
-            os.link(source, tmp)
-        except OSError:  # another file system, or links not allowed
-            shutil.copyfile(source, tmp)
+    tokens = tokenizer(_training_captions(cfg, source)).to(next(core.parameters()).device)
+    fill_kept(core.text.cache_features(), core.text, tokens, output / TEXT_FEATURES, rank == 0, cfg.progress)
 
 
 def _training_captions(cfg: TrainConfig, source) -> list[str]:
@@ -437,8 +410,9 @@ def _training_captions(cfg: TrainConfig, source) -> list[str]:
 
 
 def _distillation(cfg: TrainConfig, core, model_config: dict, loss_fn, source, labels: _Labels, device,
-                  student_transform: TrainTransform):
-    """(teacher, the loss with its distillation term) for --distill-*; (None, the loss) otherwise."""
+                  student_transform: TrainTransform, output: Path, rank: int):
+    """(teacher, the loss with its distillation term) for --distill-*; (None, the loss) otherwise. The teacher's
+    text-feature table (--distill-text-cache) is kept in ``output`` (written by ``rank`` 0)."""
     if not _distilling(cfg):
         return None, loss_fn
     from ..loss import CoCaLoss, DistillationLoss
@@ -454,7 +428,8 @@ def _distillation(cfg: TrainConfig, core, model_config: dict, loss_fn, source, l
         if labels.classnames:
             raise ValueError("--distill-text-cache takes captioned data; label captions are drawn from a grammar, "
                              "not a list")
-        teacher.cache_text_features(_training_captions(cfg, source), progress=cfg.progress)
+        teacher.cache_text_features(_training_captions(cfg, source), output / TEACHER_TEXT_FEATURES, rank == 0,
+                                    progress=cfg.progress)
     return teacher, DistillationLoss(loss_fn, cfg.distill_weight, cfg.local_loss, cfg.loss_chunk_size)
 
 
@@ -595,7 +570,8 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     normalisation = {k: v for k, v in (getattr(core, "normalisation", None) or {}).items() if k in ("mean", "std")}
     transform = TrainTransform(core.image_size, scale=tuple(cfg.crop_scale), **normalisation,
                                **colour_augmentation(cfg))
-    teacher, loss_fn = _distillation(cfg, core, model_config, loss_fn, source, labels, device, transform)
+    teacher, loss_fn = _distillation(cfg, core, model_config, loss_fn, source, labels, device, transform, output,
+                                     rank)
     stream = ContrastiveStream(source, transform, tokenizer,
                                cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                                classnames=labels.classnames, caption_templates=labels.templates,
