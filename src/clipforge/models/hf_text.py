@@ -316,7 +316,8 @@ def _bert_wordpiece(folder: str) -> "_WordPiece | None":
     if not path.is_file() or not config_path.is_file():
         return None
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    spec = json.loads(path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
+    spec = json.loads(text)
     normalizer, post = spec.get("normalizer") or {}, spec.get("post_processor") or {}
     agrees = config.get("tokenizer_class") in BERT_TOKENIZERS and normalizer.get("type") == "BertNormalizer" \
         and normalizer.get("lowercase") == config.get("do_lower_case", True) \
@@ -328,7 +329,7 @@ def _bert_wordpiece(folder: str) -> "_WordPiece | None":
     from tokenizers import Tokenizer
 
     pad = config.get("pad_token", "[PAD]")
-    return _WordPiece(Tokenizer.from_str(path.read_text(encoding="utf-8")), pad)
+    return _WordPiece(Tokenizer.from_str(text), pad)
 
 
 class _WordPiece:
