@@ -42,7 +42,8 @@ def test_the_minilm_tower_gives_transformers_features_exactly_padded_or_not():
         for ids, keep in ((tokens, mask), (tokens[2:], mask[2:])):  # padded rows; a full row (no mask at all)
             a = ours.transformer(input_ids=ids, attention_mask=keep.long()).last_hidden_state
             b = theirs(input_ids=ids, attention_mask=keep.long()).last_hidden_state
-            assert torch.equal(a[keep], b[keep])
+            # bit-identical with transformers 5.25 (benchmarks/bert_tower.py); rounding room for other releases
+            torch.testing.assert_close(a[keep], b[keep], atol=1e-6, rtol=0)
         assert bool(mask[2].all())
 
 
