@@ -9,7 +9,6 @@ activation, a decoder, RoBERTa's position offsets, T5) is built by transformers,
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,9 +23,10 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def read_config(folder: str | Path) -> dict:
     """A Hugging Face model folder's ``config.json`` as a dict."""
-    path = Path(folder) / "config.json"
+    from ..files import read_json
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(Path(folder) / "config.json")
     except FileNotFoundError:
         raise FileNotFoundError(f"{folder} holds no config.json: not a Hugging Face model folder") from None
 

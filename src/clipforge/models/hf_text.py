@@ -312,10 +312,12 @@ def _bert_wordpiece(folder: str) -> "_WordPiece | None":
     settings say (transformers rebuilds the normaliser otherwise), [CLS]/[SEP] added by its post-processor."""
     import json
 
+    from ..files import read_json
+
     path, config_path = Path(folder) / "tokenizer.json", Path(folder) / "tokenizer_config.json"
     if not path.is_file() or not config_path.is_file():
         return None
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json(config_path)
     text = path.read_text(encoding="utf-8")
     spec = json.loads(text)
     normalizer, post = spec.get("normalizer") or {}, spec.get("post_processor") or {}

@@ -283,11 +283,8 @@ def _queries_identity(choice: str) -> str:
     file, or the same file changed, tunes another index)."""
     if choice in ("auto", "collection"):
         return choice
-    digest = hashlib.sha256()
     with open(choice, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"file:{digest.hexdigest()}"
+        return f"file:{hashlib.file_digest(f, 'sha256').hexdigest()}"
 
 
 def _tuning_queries(folder: str, choice: str):
