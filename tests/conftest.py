@@ -59,6 +59,22 @@ def forced_size_gap(open_clip, name: str, weights, size: int) -> float:
         return (ours.encode_image(images) - theirs.encode_image(images)).abs().max().item()
 
 
+def assert_same_outputs(theirs: dict, ours: dict, tolerance: float = 1e-5) -> None:
+    """Two ``forward_intermediates`` dicts: the same keys, shapes and values, to ``tolerance`` relative to each
+    tensor's largest magnitude (float32 rounding: the blocks' outputs reach magnitudes of ~10)."""
+    assert ours.keys() == theirs.keys()
+    for key, expected in theirs.items():
+        got = ours[key]
+        if isinstance(expected, list):
+            assert isinstance(got, list) and len(got) == len(expected), key
+            pairs = zip(expected, got)
+        else:
+            pairs = [(expected, got)]
+        for a, b in pairs:
+            assert a.shape == b.shape, key
+            assert (a - b).abs().max().item() <= tolerance * max(1.0, a.abs().max().item()), key
+
+
 def random_tokens(n: int, context_length: int = 77, generator=None) -> torch.Tensor:
     """Token rows shaped like real ones: <sot> random ids <eot> then zero padding."""
     tokens = torch.zeros(n, context_length, dtype=torch.long)

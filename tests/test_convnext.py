@@ -7,6 +7,8 @@ import torch
 
 import clipforge
 
+from conftest import assert_same_outputs
+
 TOL = 1e-5
 # convnext_tiny with open_clip's "mlp" projection (the large_d models' head), small enough to test on CPU
 MLP_CONFIG = {"embed_dim": 64,
@@ -56,6 +58,10 @@ def test_open_clip_convnext_weights_load_by_name_and_inferred_and_export_back(na
             assert _max_diff(model.encode_text(tokens), expected_text) <= TOL
         assert ours.visual.forward_grid(images).shape == (2, ours.config["vision_cfg"]["dims"][-1], size // 32,
                                                           size // 32)
+        for kwargs in ({}, {"image_indices": [0, 2], "text_indices": 1, "normalize_intermediates": True,
+                            "output_logits": True}, {"image_indices": 2, "stop_early": True, "intermediates_only": True}):
+            assert_same_outputs(theirs.forward_intermediates(images, tokens, **kwargs),
+                                ours.forward_intermediates(images, tokens, **kwargs))
 
 
 def test_zoo_convnext_configs_are_open_clips_and_timm_models_are_timms():

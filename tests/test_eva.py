@@ -11,7 +11,7 @@ import torch
 
 import clipforge
 
-from conftest import forced_size_gap
+from conftest import assert_same_outputs, forced_size_gap
 
 TINY = {"width": 64, "heads": 4, "layers": 2}
 
@@ -60,6 +60,14 @@ def test_each_eva_block_kind_matches_timm(timm_name):
         if ours.trunk.attn_pool is not None and ours.trunk.cls_token is None:
             pooled = ours.trunk.head(ours.trunk.attn_pool(grid.flatten(2).transpose(1, 2)))
             assert _max_diff(pooled, theirs(images)) <= 1e-5
+        # forward_intermediates: timm's block outputs (through the final norm, as patch maps), the tower's embedding
+        final, expected = theirs.forward_intermediates(images, indices=[0, -1], norm=True)
+        got = ours.forward_intermediates(images, [0, -1], normalize_intermediates=True, output_extra_tokens=True)
+        assert [t.shape for t in got["image_intermediates"]] == [t.shape for t in expected] == [grid.shape] * 2
+        assert max(map(_max_diff, got["image_intermediates"], expected)) <= 1e-5
+        assert _max_diff(got["image_features"], ours(images)) <= 1e-6
+        assert _max_diff(ours.trunk.forward_head(final), theirs.forward_head(final)) <= 1e-5
+        assert ("image_intermediates_prefix" in got) == (ours.trunk.cls_token is not None)
 
 
 def test_zoo_eva_configs_are_open_clips_and_timm_towers_are_timms():
@@ -137,6 +145,9 @@ def test_open_clip_eva_and_pe_load_by_name_and_by_shapes_and_export_back(name, t
         for model in (named, inferred, back):
             assert _max_diff(model.encode_image(images), expected_image) <= 1e-4
             assert _max_diff(model.encode_text(ids), expected_text) <= 1e-5
+        for kwargs in ({}, {"image_indices": [0, -1], "normalize_intermediates": True, "output_logits": True}):
+            assert_same_outputs(theirs.forward_intermediates(images, ids, **kwargs),
+                                named.forward_intermediates(images, ids, **kwargs), tolerance=1e-4)
     assert forced_size_gap(open_clip, name, tmp_path / "w.pt", size + 32) <= 1e-4
 
 

@@ -9,6 +9,8 @@ import torch
 
 import clipforge
 
+from conftest import assert_same_outputs
+
 
 def _randomised(model: torch.nn.Module) -> torch.nn.Module:
     """Batch-norm statistics, layer scales and norm weights off their initial values, so that every branch counts
@@ -128,6 +130,10 @@ def test_open_clip_mobileclip_loads_by_name_and_by_shapes_and_export_back(tmp_pa
         for model in (named, inferred, back, again):
             assert _relative_diff(model.encode_image(images), expected_image) <= 1e-5
             assert _relative_diff(model.encode_text(ids), expected_text) <= 1e-5
+        for kwargs in ({}, {"image_indices": [0, 2], "text_indices": 1, "output_logits": True},
+                       {"image_indices": 2, "stop_early": True, "intermediates_only": True}):
+            assert_same_outputs(theirs.forward_intermediates(images, ids, **kwargs),
+                                named.forward_intermediates(images, ids, **kwargs))
     source = clipforge.pretrained.get_pretrained("MobileCLIP2-S0", "dfndr2b")
     assert source.preprocess == {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "interpolation": "bilinear"}
 

@@ -286,6 +286,57 @@ class CLIP(nn.Module):
             scale = scale.clamp(max=self.logit_scale_max)
         return CLIPOutput(image_features, text_features, scale, self.logit_bias)
 
+    def forward_intermediates(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                              image_indices=None, text_indices=None, stop_early: bool = False, normalize: bool = True,
+                              normalize_intermediates: bool = False, intermediates_only: bool = False,
+                              image_output_fmt: str = "NCHW", image_output_extra_tokens: bool = False,
+                              text_output_fmt: str = "NLC", text_output_extra_tokens: bool = False,
+                              output_logits: bool = False, output_logit_scale_bias: bool = False) -> dict:
+        """open_clip's ``forward_intermediates``: the towers' block outputs beside their embeddings, in one dict.
+
+        ``image_indices`` / ``text_indices``: which blocks (a ResNet: stem and stages) to return, None for all, n for
+        the last n, a list for those (negative from the end). Keys: ``image_intermediates`` (patch maps [N, width, H,
+        W] for "NCHW", tokens for "NLC"), ``image_intermediates_prefix`` (a ViT's class tokens, with
+        ``image_output_extra_tokens``), ``text_intermediates`` ([N, L, width]), ``text_intermediates_suffix`` (a
+        CoCa's class token), ``image_features`` / ``text_features`` (L2-normalised where ``normalize``), with
+        ``output_logits`` ``image_logits`` / ``text_logits``, with ``output_logit_scale_bias`` ``logit_scale`` (and
+        ``logit_bias``). ``intermediates_only`` leaves out the embeddings and logits. Built for every image tower
+        (the timm-named ones as timm's trunks give them, as open_clip's ``TimmModel``) and for the text transformers
+        (CoCa's included); a Hugging Face text tower says it has none (open_clip's has none either)."""
+        if intermediates_only:
+            normalize = output_logits = False
+        if output_logits and (image is None or text is None):
+            raise ValueError("output_logits needs both an image and a text batch")
+        output = {}
+        for tower, inputs, indices, fmt, extra, key in (
+                (self.visual, image, image_indices, image_output_fmt, image_output_extra_tokens, "image_features"),
+                (self.text, text, text_indices, text_output_fmt, text_output_extra_tokens, "text_features")):
+            if inputs is None:
+                continue
+            if not hasattr(tower, "forward_intermediates"):
+                raise NotImplementedError(f"forward_intermediates: built for the image towers and the text "
+                                          f"transformers; this model's {key.split('_')[0]} tower is a "
+                                          f"{type(tower).__name__}")
+            if tower is self.visual and inputs.is_floating_point():
+                inputs = inputs.to(next(tower.parameters()).dtype)  # as encode_image casts
+            result = tower.forward_intermediates(inputs, indices, stop_early, normalize_intermediates,
+                                                 intermediates_only, fmt, extra)
+            if normalize and key in result:
+                result[key] = F.normalize(result[key], dim=-1)
+            output.update(result)
+        if output_logits or output_logit_scale_bias:
+            scale = self.logit_scale.exp()
+        if output_logits:
+            output["image_logits"] = scale * output["image_features"] @ output["text_features"].T
+            if self.logit_bias is not None:
+                output["image_logits"] = output["image_logits"] + self.logit_bias
+            output["text_logits"] = output["image_logits"].T
+        if output_logit_scale_bias:
+            output["logit_scale"] = scale
+            if self.logit_bias is not None:
+                output["logit_bias"] = self.logit_bias
+        return output
+
     def _block_stacks(self):
         """The towers' own transformer stacks (not a ResNet's, nor a Hugging Face text encoder's)."""
         for tower in (self.visual, self.text):

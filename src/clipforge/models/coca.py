@@ -55,10 +55,14 @@ class CoCaVisionTransformer(VisionTransformer):
         self.ln_post = LayerNorm(output_dim)  # over the pooled queries, in the embedding's width
         self.proj = nn.Parameter(output_dim ** -0.5 * torch.randn(output_dim, output_dim))
 
-    def forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(embedding [N, output_dim], tokens for the decoder [N, queries - 1, output_dim])``."""
-        x = self.ln_post(self.attn_pool(self.transformer(self._tokens(images))))
-        return x[:, 0] @ self.proj, x[:, 1:]
+    def _pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embedding [N, output_dim], tokens for the decoder [N, queries - 1, output_dim])`` (``forward_tokens``)."""
+        x = self.ln_post(self.attn_pool(x))
+        return self._project(x[:, 0]), x[:, 1:]
+
+    def _normalize_intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("normalize_intermediates: a CoCa image tower's final LayerNorm is over its pooled queries "
+                         "(the embedding's width), not over the blocks' tokens")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(images)[0]
@@ -84,6 +88,13 @@ class CoCaTextTransformer(TextTransformer):
 
     def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(embedding [N, output_dim], per-position outputs before ln_final [N, L, width])``."""
+        x, mask = self._sequence(tokens)
+        x = self.transformer(x, attn_mask=mask)
+        return self._pool_sequence(x, tokens), x[:, :-1]
+
+    def _sequence(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text's embeddings with the class token appended [N, L + 1, width], and the attention mask: causal, and
+        no query attends to padding."""
         batch, length = tokens.shape
         x = torch.cat([self.token_embedding(tokens), self.cls_emb.to(self.token_embedding.weight.dtype)
                        .expand(batch, 1, -1)], dim=1)
@@ -92,13 +103,17 @@ class CoCaTextTransformer(TextTransformer):
         ones = keys.new_ones(batch, 1)
         keys = torch.cat([keys, ones] if self.correct_cls_mask else [ones, keys], dim=1)  # the released weights': late
         causal = torch.ones(length + 1, length + 1, dtype=torch.bool, device=tokens.device).tril()
-        x = self.transformer(x, attn_mask=(causal & keys[:, None, :]).unsqueeze(1))
-        pooled = self.ln_final(x[:, -1])
-        if isinstance(self.text_projection, nn.Linear):
-            pooled = self.text_projection(pooled)
-        elif self.text_projection is not None:
-            pooled = pooled @ self.text_projection
-        return pooled, x[:, :-1]
+        return x, (causal & keys[:, None, :]).unsqueeze(1)
+
+    def _split_intermediates(self, intermediates: list[torch.Tensor], extra_tokens: bool) -> dict:
+        """The text positions, and (``extra_tokens``) the appended class token's as ``text_intermediates_suffix``."""
+        output = {"text_intermediates": [t[:, :-1] for t in intermediates]}
+        if extra_tokens:
+            output["text_intermediates_suffix"] = [t[:, -1:] for t in intermediates]
+        return output
+
+    def _pool_sequence(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self._project(self.ln_final(x[:, -1]))  # the class token's, whatever the pool setting
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(tokens)[0]

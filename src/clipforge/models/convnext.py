@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .inputs import check_image_batch
+from .intermediates import check_map_format, stage_intermediates
 from .layers import recomputed
 from .locking import CONVNEXT_GROUPS, trunk_groups
 
@@ -127,6 +128,26 @@ class ConvNeXt(nn.Module):
         return self.trunk.stages(self.trunk.stem(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pooled = self.trunk.head.norm(self.forward_grid(images).mean(dim=(2, 3), keepdim=True)).flatten(1)
+        return self._pool(self.forward_grid(images))
+
+    def _pool(self, grid: torch.Tensor) -> torch.Tensor:
+        """The last stage's map -> the embedding: averaged, timm's head norm, open_clip's projection."""
+        pooled = self.trunk.head.norm(grid.mean(dim=(2, 3), keepdim=True)).flatten(1)
         head = self.head
         return head.proj(pooled) if hasattr(head, "proj") else head.mlp(pooled)
+
+    def forward_intermediates(self, images: torch.Tensor, indices=None, stop_early: bool = False,
+                              normalize_intermediates: bool = False, intermediates_only: bool = False,
+                              output_fmt: str = "NCHW", output_extra_tokens: bool = False) -> dict:
+        """open_clip's ``forward_intermediates`` for this tower (timm's trunk's, as open_clip's ``TimmModel`` calls
+        it): ``{"image_intermediates": the maps of the stages ``indices`` names (4: None for all, n for the last n, a
+        list for those), "image_features": the embedding (unless ``intermediates_only``)}``. timm's ConvNeXt has no
+        norm before its head's pooling and no extra tokens: those flags change nothing."""
+        check_map_format(output_fmt)
+        check_image_batch(images, self.image_size)
+        x = self.trunk.stem(images)
+        x, intermediates = stage_intermediates(x, list(self.trunk.stages), indices, stop_early, intermediates_only)
+        output = {"image_intermediates": intermediates}
+        if not intermediates_only:
+            output["image_features"] = self._pool(x)
+        return output

@@ -28,6 +28,7 @@ from torch import nn
 
 from .convnext import LayerNorm2d
 from .inputs import check_image_batch
+from .intermediates import spatial_intermediates, take_indices
 from .layers import LayerNorm, recomputed
 from .locking import VIT_GROUPS, trunk_groups
 
@@ -328,24 +329,43 @@ class EvaTrunk(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The last block's tokens after the final LayerNorm: [N, (class token +) grid*grid, width]."""
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The blocks' input: [N, (class token +) grid*grid, width], with positions, after ``norm_pre``."""
         x = self.patch_embed(images)
         positions = self.pos_embed is not None
         if positions and not self.class_position:  # positions for the patches only, the class token joins after
             x = x + self.pos_embed.to(x.dtype)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = self.norm_pre(x + self.pos_embed.to(x.dtype) if positions and self.class_position else x)
+        return self.norm_pre(x + self.pos_embed.to(x.dtype) if positions and self.class_position else x)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The last block's tokens after the final LayerNorm: [N, (class token +) grid*grid, width]."""
+        x = self._tokens(images)
         for block in self.blocks:
             x = recomputed(block, x, self.rope, enabled=self.grad_checkpointing)
         return self.norm(x)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(images)
+    def forward_intermediates(self, images: torch.Tensor, indices=None, stop_early: bool = False,
+                              norm: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's: ``(the last block's tokens after the final norm, the tokens of the blocks ``indices`` names, each
+        through that norm where ``norm``)``; ``stop_early``: no block after the last one asked for runs."""
+        taken, last = take_indices(len(self.blocks), indices)
+        x, intermediates = self._tokens(images), []
+        for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
+            x = recomputed(block, x, self.rope, enabled=self.grad_checkpointing)
+            if i in taken:
+                intermediates.append(self.norm(x) if norm else x)
+        return self.norm(x), intermediates
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_features``' tokens -> the pooled, projected embedding."""
         if self.fc_norm is not None:
             return self.head(self.fc_norm(x.mean(dim=1)))
         return self.head(self.attn_pool(x) if self.attn_pool is not None else x[:, 0])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
 
 
 # the trunk settings a ``vision_cfg`` may carry beyond the shared ones (PE's, MobileCLIP-B's, ViTamin's; ``EvaTrunk``)
@@ -395,6 +415,27 @@ class EvaVisionTower(nn.Module):
         check_image_batch(images, self.image_size)
         features = self.trunk(images)
         return features if self.head is None else self.head.proj(features)
+
+    def forward_intermediates(self, images: torch.Tensor, indices=None, stop_early: bool = False,
+                              normalize_intermediates: bool = False, intermediates_only: bool = False,
+                              output_fmt: str = "NCHW", output_extra_tokens: bool = False) -> dict:
+        """open_clip's ``forward_intermediates`` for this tower (timm's trunk's, as open_clip's ``TimmModel`` calls
+        it): ``{"image_intermediates": the outputs of the blocks ``indices`` names (None: all; n: the last n; a list:
+        those) as patch maps [N, width, grid, grid] ("NCHW") or tokens ("NLC"), "image_intermediates_prefix": their
+        class tokens (with ``output_extra_tokens``, where the trunk has one), "image_features": the embedding (unless
+        ``intermediates_only``)}``; ``normalize_intermediates``: each through the trunk's final norm."""
+        check_image_batch(images, self.image_size)
+        x, intermediates = self.trunk.forward_intermediates(images, indices, stop_early, normalize_intermediates)
+        prefix = int(self.trunk.cls_token is not None)
+        grid = (self.image_size // self.patch_size,) * 2
+        patches, prefixes = spatial_intermediates(intermediates, prefix, grid, output_fmt)
+        output = {"image_intermediates": patches}
+        if output_extra_tokens and prefix:
+            output["image_intermediates_prefix"] = prefixes
+        if not intermediates_only:
+            features = self.trunk.forward_head(x)
+            output["image_features"] = features if self.head is None else self.head.proj(features)
+        return output
 
     def forward_grid(self, images: torch.Tensor) -> torch.Tensor:
         """The last layer's patch tokens as a spatial map ``[N, width, grid, grid]`` (after the final LayerNorm,

@@ -26,6 +26,7 @@ from torch import nn
 
 from .convnext import LayerNorm2d
 from .inputs import check_image_batch
+from .intermediates import check_map_format, stage_intermediates
 from .locking import FASTVIT_GROUPS, trunk_groups
 
 Kernel = tuple[torch.Tensor, torch.Tensor]  # a convolution's weight and bias
@@ -340,3 +341,21 @@ class FastViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.trunk.head.fc(self.forward_grid(images).mean(dim=(2, 3)))
+
+    def forward_intermediates(self, images: torch.Tensor, indices=None, stop_early: bool = False,
+                              normalize_intermediates: bool = False, intermediates_only: bool = False,
+                              output_fmt: str = "NCHW", output_extra_tokens: bool = False) -> dict:
+        """open_clip's ``forward_intermediates`` for this tower (timm's trunk's, as open_clip's ``TimmModel`` calls
+        it): ``{"image_intermediates": the maps of the stages ``indices`` names (4: None for all, n for the last n, a
+        list for those; before the final convolution), "image_features": the embedding (unless
+        ``intermediates_only``)}``. FastViT has no final norm nor extra tokens: those flags change nothing."""
+        check_map_format(output_fmt)
+        check_image_batch(images, self.image_size)
+        if not self.training:
+            images = images.contiguous(memory_format=torch.channels_last)  # as forward_grid
+        x = self.trunk.stem(images)
+        x, intermediates = stage_intermediates(x, list(self.trunk.stages), indices, stop_early, intermediates_only)
+        output = {"image_intermediates": intermediates}
+        if not intermediates_only:
+            output["image_features"] = self.trunk.head.fc(self.trunk.final_conv(x).mean(dim=(2, 3)))
+        return output

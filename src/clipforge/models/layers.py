@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .intermediates import take_indices
+
 
 @contextlib.contextmanager
 def recomputed_for_backward(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]):
@@ -294,15 +296,38 @@ class Transformer(nn.Module):
         (the last block then computes only those rows). ``attn_mask``: boolean [L, L], True where a position may
         attend, for patterns other than ``causal`` (e.g. ``caption_lm``'s prompt tree)."""
         last = len(self.resblocks) - 1
+        for i, block in enumerate(self.resblocks):
+            x = self._run_block(block, x, causal, pool_index if i == last else None, attn_mask)
+        return x
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, stop_early: bool = False, causal: bool = False,
+                              attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(last output [N, L, width], the outputs of the blocks ``indices`` names)``, ``indices`` as
+        ``take_indices`` reads them; ``stop_early``: no block after the last one asked for runs (the first value is
+        then that block's output), as open_clip's and timm's ``forward_intermediates``."""
+        taken, last = take_indices(len(self.resblocks), indices)
+        intermediates = []
+        for i, block in enumerate(self.resblocks[: last + 1] if stop_early else self.resblocks):
+            x = self._run_block(block, x, causal, None, attn_mask)
+            if i in taken:
+                intermediates.append(x)
+        return x, intermediates
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor, causal: bool, pool_index: torch.Tensor | None,
+                   attn_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, causal, pool_index, False, attn_mask, use_reentrant=False)
         # torch.compile's partitioner makes its own recompute choices; the saved-tensor hooks would only get in its way
         lean = self.lean and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        for i, block in enumerate(self.resblocks):
-            index = pool_index if i == last else None
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, index, False, attn_mask, use_reentrant=False)
-            else:
-                x = block(x, causal=causal, pool_index=index, lean=lean, attn_mask=attn_mask)
-        return x
+        return block(x, causal=causal, pool_index=pool_index, lean=lean, attn_mask=attn_mask)
+
+    def prune(self, indices=1) -> list[int]:
+        """Drop the blocks after the last one ``indices`` names (``take_indices``); returns the indices taken (open_clip's
+        ``prune_intermediate_layers``)."""
+        taken, last = take_indices(len(self.resblocks), indices)
+        self.resblocks = self.resblocks[: last + 1]
+        self.layers = len(self.resblocks)
+        return taken
 
     def init_parameters(self) -> None:
         init_residual_blocks(self.resblocks, self.width, self.layers)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .inputs import check_image_batch
+from .intermediates import spatial_intermediates
 from .layers import Attention, LayerNorm, Transformer, mlp
 from .vision_transformer import embed_patches
 
@@ -136,6 +137,26 @@ class SigLIPVisionTransformer(nn.Module):
             mask = None if visible is None else visible[:, None, None, :]  # keys a token may attend to
             return self.head(self.ln_post(self.transformer(x, attn_mask=mask)), visible)
         return self.head(self.ln_post(self.transformer(self._tokens(images))))
+
+    def forward_intermediates(self, images: torch.Tensor, indices=None, stop_early: bool = False,
+                              normalize_intermediates: bool = False, intermediates_only: bool = False,
+                              output_fmt: str = "NCHW", output_extra_tokens: bool = False) -> dict:
+        """open_clip's ``forward_intermediates`` for this tower (timm's, which open_clip's SigLIP calls):
+        ``{"image_intermediates": the outputs of the blocks ``indices`` names (None: all; n: the last n; a list:
+        those) as patch maps [N, width, rows, cols] ("NCHW") or tokens ("NLC"), "image_features": the embedding
+        (unless ``intermediates_only``)}``; ``normalize_intermediates``: each through the final LayerNorm. The tower
+        has no class token: ``output_extra_tokens`` adds nothing."""
+        if is_naflex_batch(images):
+            raise ValueError("forward_intermediates takes an image tensor; a NaFlex batch has a grid of its own per "
+                             "image")
+        grid = self._grid_of(images)
+        x, intermediates = self.transformer.forward_intermediates(self._tokens(images), indices, stop_early)
+        if normalize_intermediates:
+            intermediates = [self.ln_post(t) for t in intermediates]
+        output = {"image_intermediates": spatial_intermediates(intermediates, 0, grid, output_fmt)[0]}
+        if not intermediates_only:
+            output["image_features"] = self.head(self.ln_post(x))
+        return output
 
     def forward_grid(self, images: torch.Tensor) -> torch.Tensor:
         """The last layer's patch tokens as a spatial map ``[N, width, rows, cols]`` (after ``ln_post``, before the

@@ -127,7 +127,53 @@ class TextTransformer(nn.Module):
         return self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
 
     def _encode(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        x = self.ln_final(self.transformer(x, causal=self.causal, pool_index=eot))  # [N, width]: the pooled token's
+        return self._project(self.ln_final(self.transformer(x, causal=self.causal, pool_index=eot)))  # pooled only
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
         if isinstance(self.text_projection, nn.Linear):
-            return self.text_projection(x)
-        return x if self.text_projection is None else x @ self.text_projection
+            return self.text_projection(pooled)
+        return pooled if self.text_projection is None else pooled @ self.text_projection
+
+    def forward_intermediates(self, tokens: torch.Tensor, indices=None, stop_early: bool = False,
+                              normalize_intermediates: bool = False, intermediates_only: bool = False,
+                              output_fmt: str = "NLC", output_extra_tokens: bool = False) -> dict:
+        """open_clip's ``forward_intermediates`` for this tower: ``{"text_intermediates": the outputs [N, L, width]
+        of the blocks ``indices`` names (None: all; n: the last n; a list: those, negative from the end),
+        "text_features": the embedding (unless ``intermediates_only``)}``. ``normalize_intermediates``: each through
+        ``ln_final``; ``stop_early``: no block after the last one asked for runs. Runs the whole padded sequence,
+        never a feature cache."""
+        if output_fmt != "NLC":
+            raise ValueError(f"a text tower's intermediates are token sequences: output_fmt 'NLC', not {output_fmt!r}")
+        check_token_batch(tokens, self.context_length)
+        x, mask = self._sequence(tokens)
+        x, intermediates = self.transformer.forward_intermediates(x, indices, stop_early, causal=mask is None and
+                                                                  self.causal, attn_mask=mask)
+        if normalize_intermediates:
+            intermediates = [self.ln_final(t) for t in intermediates]
+        output = self._split_intermediates(intermediates, output_extra_tokens)
+        if not intermediates_only:
+            output["text_features"] = self._pool_sequence(x, tokens)
+        return output
+
+    def _sequence(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The blocks' input for ``tokens`` and its attention mask (None: ``causal`` says)."""
+        return self._embed(tokens), None
+
+    def _split_intermediates(self, intermediates: list[torch.Tensor], extra_tokens: bool) -> dict:
+        return {"text_intermediates": intermediates}
+
+    def _pool_sequence(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The last block's whole output [N, L, width] -> the embedding."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        return self._project(self.ln_final(x[rows, self._pool_index(tokens)]))
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Keep the blocks up to the last one ``indices`` names and drop the rest; ``prune_norm`` drops ``ln_final``,
+        ``prune_head`` the projection. Returns the block indices taken, as open_clip's."""
+        taken = self.transformer.prune(indices)
+        if prune_norm:
+            self.ln_final = nn.Identity()
+        if prune_head:
+            self.text_projection = None
+            self.output_dim = self.transformer.width
+        return taken

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .inputs import check_image_batch
+from .intermediates import spatial_intermediates
 from .layers import LayerNorm, Transformer, autocast_dtype
 
 
@@ -99,19 +100,62 @@ class VisionTransformer(nn.Module):
         x = self._tokens(images)
         cls_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         x = self.transformer(x, pool_index=cls_index)  # [N, width]: only the class token is pooled
-        return self.ln_post(x) @ self.proj
+        return self._project(self.ln_post(x))
 
     def forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(embedding [N, output_dim], patch tokens [N, grid*grid, width])``: the tokens a CoCa decoder reads from a
         tower without attentional pooling (open_clip's ``output_tokens``; its coca_base), the last block's after
         ``ln_post`` (before it where ``final_ln_after_pool``), not projected."""
-        x = self.transformer(self._tokens(images))
+        return self._pool(self.transformer(self._tokens(images)))
+
+    def _pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's output [N, 1 + patches, width] -> ``(embedding, patch tokens)`` as ``forward_tokens``."""
         if not self.final_ln_after_pool:
             x = self.ln_post(x)
         pooled = x[:, 1:].mean(dim=1) if self.pool == "avg" else x[:, 0]
         if self.final_ln_after_pool:
             pooled = self.ln_post(pooled)
-        return pooled @ self.proj, x[:, 1:]
+        return self._project(pooled), x[:, 1:]
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled if self.proj is None else pooled @ self.proj  # None: pruned (``prune_intermediate_layers``)
+
+    def _normalize_intermediate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_post(x)
+
+    def forward_intermediates(self, images: torch.Tensor, indices=None, stop_early: bool = False,
+                              normalize_intermediates: bool = False, intermediates_only: bool = False,
+                              output_fmt: str = "NCHW", output_extra_tokens: bool = False) -> dict:
+        """open_clip's ``forward_intermediates`` for this tower: ``{"image_intermediates": the outputs of the blocks
+        ``indices`` names (None: all; n: the last n; a list: those, negative from the end) as patch maps [N, width,
+        grid, grid] ("NCHW") or tokens [N, grid*grid, width] ("NLC"), "image_intermediates_prefix": their class
+        tokens [N, 1, width] (with ``output_extra_tokens``), "image_features": the embedding (unless
+        ``intermediates_only``)}``. ``normalize_intermediates``: each through ``ln_post``; ``stop_early``: no
+        block after the last one asked for runs (the embedding then comes from that block, as open_clip's)."""
+        x = self._tokens(images)
+        x, intermediates = self.transformer.forward_intermediates(x, indices, stop_early)
+        if normalize_intermediates:
+            intermediates = [self._normalize_intermediate(t) for t in intermediates]
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        patches, prefixes = spatial_intermediates(intermediates, 1, grid, output_fmt)
+        output = {"image_intermediates": patches}
+        if output_extra_tokens:
+            output["image_intermediates_prefix"] = prefixes
+        if not intermediates_only:
+            output["image_features"] = self._pool(x)[0]
+        return output
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Keep the blocks up to the last one ``indices`` names (as ``forward_intermediates`` reads it) and drop
+        the rest; ``prune_norm`` drops ``ln_post``, ``prune_head`` the projection (the embedding is then the pooled
+        token of the last kept block, ``width`` wide). Returns the block indices taken, as open_clip's."""
+        taken = self.transformer.prune(indices)
+        if prune_norm:
+            self.ln_post = nn.Identity()
+        if prune_head:
+            self.proj = None
+            self.output_dim = self.transformer.width
+        return taken
 
     def forward_grid(self, images: torch.Tensor) -> torch.Tensor:
         """The last layer's patch tokens as a spatial map ``[N, width, grid, grid]`` (after ``ln_post``, before the
