@@ -206,3 +206,51 @@ def test_two_process_loss_and_gradients_equal_one_process(kind, tmp_path):
         torch.testing.assert_close(result["loss"], loss.detach(), atol=1e-6, rtol=1e-5)
         for name, grad in reference.items():
             torch.testing.assert_close(result["grads"][name], grad, atol=1e-6, rtol=1e-5, msg=f"{kind}: {name}")
+
+
+def _open_clip_keywords_worker(rank, world, port, out_dir):
+    """Each rank's loss and gradients under open_clip's keywords, ours and open_clip's, for every (local_loss,
+    gather_with_grad) pair and SigLIP."""
+    import torch.distributed as dist
+    from open_clip.loss import ClipLoss as TheirClipLoss, SigLipLoss as TheirSigLipLoss
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    x, y = _batch()
+    n = x.shape[0] // world
+    results = {}
+    for local_loss in (False, True):
+        for gather_with_grad in (False, True):
+            for name, loss_class in (("ours", ClipLoss), ("theirs", TheirClipLoss)):
+                model = _TinyTowers(False)
+                loss_fn = loss_class(local_loss, gather_with_grad, False, rank, world)
+                loss = loss_fn(*model(x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])[:3])
+                loss.backward()
+                results[(local_loss, gather_with_grad, name)] = (loss.detach(), [p.grad for p in model.parameters()])
+    for name, loss_class in (("ours", SigLipLoss), ("theirs", TheirSigLipLoss)):
+        model = _TinyTowers(True)
+        loss = loss_class(rank=rank, world_size=world, dist_impl="bidir")(
+            *model(x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]))
+        loss.backward()
+        results[("siglip", name)] = (loss.detach(), [p.grad for p in model.parameters()])
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    os._exit(0)
+
+
+def test_two_process_losses_with_open_clips_keywords_equal_open_clips(tmp_path):
+    """Under torchrun-like ranks (2 gloo processes), ``ClipLoss(local_loss, gather_with_grad, cache_labels, rank,
+    world_size)`` and ``SigLipLoss(rank=, world_size=, dist_impl=)`` give each rank open_clip's loss and gradients
+    (without DDP's averaging: what each rank's own backward gives) for every local_loss / gather_with_grad pair,
+    open_clip's default ``gather_with_grad=False`` included."""
+    pytest.importorskip("open_clip")
+    mp.spawn(_open_clip_keywords_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        cases = [(local, with_grad) for local in (False, True) for with_grad in (False, True)] + [("siglip",)]
+        for case in cases:
+            ours, theirs = results[(*case, "ours")], results[(*case, "theirs")]
+            torch.testing.assert_close(ours[0], theirs[0], atol=1e-6, rtol=1e-5, msg=f"rank {rank} {case}")
+            for mine, reference in zip(ours[1], theirs[1]):
+                torch.testing.assert_close(mine, reference, atol=1e-6, rtol=1e-5, msg=f"rank {rank} {case}")
+        # open_clip's default gathers without gradient: with local_loss, a different gradient from gathering with it
+        assert not torch.allclose(results[(True, False, "ours")][1][0], results[(True, True, "ours")][1][0])

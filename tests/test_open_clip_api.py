@@ -186,3 +186,91 @@ def test_zero_shot_and_captioning_helpers_give_open_clips_values(tiny, tmp_path)
     (tmp_path / "bad.json").write_text(json.dumps({"embed_dim": 8}))
     with pytest.raises(ValueError, match="not an open_clip model config"):
         clipforge.add_model_config(tmp_path / "bad.json")
+
+
+def test_training_and_feature_script_helpers_answer_as_open_clips(tiny, tmp_path):
+    """The rest of open_clip's namespace a training or feature script takes: dtypes for a precision,
+    ``load_checkpoint`` (open_clip's training checkpoint into a model, positions resized to its size),
+    the preprocess and tokenize configs, the OpenAI list and loader, ``SimpleTokenizer``, and the losses with
+    open_clip's keywords and ``output_dict``; ``trace_model`` refused by name."""
+    for precision in ("fp32", "amp", "amp_bf16", "bf16", "pure_bf16", "fp16", "pure_fp16"):
+        assert clipforge.get_cast_dtype(precision) == open_clip.get_cast_dtype(precision), precision
+        assert clipforge.get_input_dtype(precision) == open_clip.get_input_dtype(precision), precision
+
+    # an open_clip training checkpoint (DDP's "module." names beside the optimiser's state), into a fresh model of
+    # the same size and of a larger one (positions resized as open_clip's loader resizes them)
+    trained = open_clip.create_model("Test-Tiny", pretrained=tiny)
+    torch.save({"epoch": 3, "name": "run", "state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()},
+                "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "epoch_3.pt")
+    images, tokens = torch.randn(2, 3, 96, 96), open_clip.tokenize(["a dog", "two cats on a red sofa"])
+    for size in (64, 96):
+        theirs = open_clip.create_model("Test-Tiny", force_image_size=size).eval()
+        ours = clipforge.create_model("Test-Tiny", vision_cfg={"image_size": size}).eval()
+        open_clip.load_checkpoint(theirs, str(tmp_path / "epoch_3.pt"))
+        keys = clipforge.load_checkpoint(ours, tmp_path / "epoch_3.pt")
+        assert not keys.missing_keys and not keys.unexpected_keys
+        with torch.no_grad():
+            pixels = images[..., :size, :size]
+            assert (theirs.encode_image(pixels) - ours.encode_image(pixels)).abs().max() <= 1e-5
+            assert (theirs.encode_text(tokens) - ours.encode_text(tokens)).abs().max() <= 1e-5
+    with pytest.raises(clipforge.CheckpointError, match="does not fit the model"):
+        clipforge.load_checkpoint(clipforge.create_model("ViT-Tiny-64"), tmp_path / "epoch_3.pt")
+
+    overrides = dict(image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25), image_interpolation="bilinear",
+                     image_resize_mode="squash")
+    theirs = open_clip.create_model_and_transforms("Test-Tiny", pretrained=tiny, **overrides)[0]
+    ours = clipforge.create_model_and_transforms("Test-Tiny", pretrained=tiny, **overrides)[0]
+    assert clipforge.get_model_preprocess_cfg(ours) == open_clip.get_model_preprocess_cfg(theirs)
+    assert clipforge.get_model_preprocess_cfg(clipforge.create_model_from_pretrained("Test-Tiny", tiny)[0]) == \
+        open_clip.get_model_preprocess_cfg(open_clip.create_model_from_pretrained("Test-Tiny", tiny)[0])
+    assert clipforge.get_model_tokenize_cfg(ours) == open_clip.get_model_tokenize_cfg(theirs)
+
+    assert set(clipforge.list_openai_models()) <= set(open_clip.list_openai_models())
+    assert "ViT-B-32" in clipforge.list_openai_models()
+    # (OpenAI's weights are fp16 values, which open_clip's loader rounds to: random ones made so first)
+    torch.save({k: v.half().float() for k, v in open_clip.create_model("ViT-B-32").state_dict().items()},
+               tmp_path / "openai-layout.pt")
+    theirs = open_clip.load_openai_model(str(tmp_path / "openai-layout.pt"), device="cpu")
+    ours = clipforge.load_openai_model(str(tmp_path / "openai-layout.pt"), device="cpu")
+    assert not ours.training and next(ours.parameters()).dtype == torch.float32
+    with torch.no_grad():  # OpenAI's QuickGELU, which the state dict does not show
+        assert (theirs.encode_text(tokens) - ours.encode_text(tokens)).abs().max() <= 1e-5
+
+    texts = ["a photo of a dog, naïve café 🐕", "<start_of_text>TWO   cats&amp;dogs", ""]
+    from open_clip.tokenizer import default_bpe
+
+    for ours in (clipforge.SimpleTokenizer(), clipforge.SimpleTokenizer(default_bpe(), context_length=77)):
+        assert torch.equal(ours(texts), open_clip.SimpleTokenizer()(texts))
+        assert ours.encode(texts[0]) == open_clip.SimpleTokenizer().encode(texts[0])
+    assert torch.equal(clipforge.SimpleTokenizer(context_length=16)(texts),
+                       open_clip.SimpleTokenizer(context_length=16)(texts))
+    with pytest.raises(ValueError, match="clean='whitespace'"):
+        clipforge.SimpleTokenizer(clean="whitespace")
+    (tmp_path / "other.txt.gz").write_bytes(__import__("gzip").compress(b"#version\na b\n"))
+    with pytest.raises(ValueError, match="only OpenAI's vocabulary"):
+        clipforge.SimpleTokenizer(str(tmp_path / "other.txt.gz"))
+
+    a, b = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1), torch.nn.functional.normalize(
+        torch.randn(8, 16), dim=-1)
+    scale, bias = torch.tensor(10.0), torch.tensor(-5.0)
+    keywords = dict(cache_labels=True, rank=0, world_size=1)
+    for local_loss in (False, True):
+        for gather_with_grad in (False, True):
+            expected = open_clip.ClipLoss(local_loss, gather_with_grad, **keywords)(a, b, scale, output_dict=True)
+            got = clipforge.ClipLoss(local_loss, gather_with_grad, **keywords)(a, b, scale, output_dict=True)
+            assert got.keys() == expected.keys() == {"contrastive_loss"}
+            torch.testing.assert_close(got["contrastive_loss"], expected["contrastive_loss"])
+    expected = open_clip.loss.SigLipLoss(dist_impl="bidir", **keywords)(a, b, scale, bias, output_dict=True)
+    got = clipforge.SigLipLoss(dist_impl="bidir", **keywords)(a, b, scale, bias, output_dict=True)
+    torch.testing.assert_close(got["contrastive_loss"], expected["contrastive_loss"])
+    with pytest.raises(ValueError, match=r"torch.distributed says rank 0 of 1"):
+        clipforge.ClipLoss(rank=1, world_size=2)(a, b, scale)
+    with pytest.raises(ValueError, match="Horovod is not supported"):
+        clipforge.ClipLoss(use_horovod=True)
+    with pytest.raises(ValueError, match="dist_impl 'ring'"):
+        clipforge.SigLipLoss(dist_impl="ring")
+    with pytest.raises(NotImplementedError, match="TorchScript is not built here"):
+        clipforge.trace_model(ours)
+    from clipforge.models.coca import CoCa
+
+    assert clipforge.CoCa is CoCa and "load_checkpoint" in dir(clipforge)  # isinstance(model, open_clip.CoCa)

@@ -32,6 +32,12 @@ _LAZY = {
     "Preprocess": "preprocess", "image_transform": "preprocess",
     "get_pretrained": "pretrained", "list_pretrained": "pretrained", "register_pretrained": "pretrained",
     "Tokenizer": "tokenizer", "get_tokenizer": "tokenizer", "tokenize": "tokenizer",
+    # the rest of open_clip's namespace that scripts use (``import clipforge as open_clip``)
+    "SimpleTokenizer": "tokenizer", "ClipLoss": "loss", "SigLipLoss": "loss", "CoCa": "models.coca",
+    "get_cast_dtype": "open_clip_api", "get_input_dtype": "open_clip_api", "load_checkpoint": "open_clip_api",
+    "trace_model": "open_clip_api", "get_model_preprocess_cfg": "open_clip_api",
+    "get_model_tokenize_cfg": "open_clip_api", "list_openai_models": "open_clip_api",
+    "load_openai_model": "open_clip_api",
 }
 
 

@@ -117,19 +117,72 @@ def cross_entropy_rows(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, la
     return _ChunkedCrossEntropy.apply(a, b, scale, labels, chunk_size)
 
 
-class ClipLoss(nn.Module):
-    """Symmetric InfoNCE over scaled cosine similarities (Radford et al. 2021, Fig. 3)."""
+def gather_without_grad(tensor: torch.Tensor, keep_own: bool = True) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0 without gradient but (``keep_own``) for this rank's own slice,
+    as open_clip's ``gather_with_grad=False`` gathers (its ``local_loss`` keeps none: the local rows carry it)."""
+    rank, world = _world()
+    if world == 1:
+        return tensor
+    out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+    _all_gather_single(out, tensor.detach().contiguous())
+    if not keep_own:
+        return out
+    parts = list(out.chunk(world))
+    parts[rank] = tensor
+    return torch.cat(parts)
 
-    def __init__(self, local_loss: bool = False, chunk_size: int | None = None):
+
+class _OpenClipKeywords:
+    """open_clip's loss keywords, read once: ``rank`` / ``world_size`` (clipforge reads torch.distributed; where a
+    script gives them they must agree with it), ``cache_labels`` (labels are made per call here: no effect),
+    ``use_horovod`` (refused: run under torchrun)."""
+
+    def __init__(self, rank: int | None, world_size: int | None, use_horovod: bool):
+        if use_horovod:
+            raise ValueError("use_horovod: Horovod is not supported here; run the ranks under torchrun "
+                             "(torch.distributed)")
+        self.stated_world = (rank, world_size)
+
+    def check_world(self, loss: str) -> None:
+        rank, world = self.stated_world
+        if rank is None and world is None:
+            return
+        actual = _world()
+        if (rank is not None and rank != actual[0]) or (world is not None and world != actual[1]):
+            raise ValueError(f"{loss}(rank={rank}, world_size={world}): torch.distributed says rank {actual[0]} of "
+                             f"{actual[1]}")
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE over scaled cosine similarities (Radford et al. 2021, Fig. 3).
+
+    Takes open_clip's keywords (``ClipLoss(local_loss, gather_with_grad, cache_labels, rank, world_size)``) and its
+    ``forward(..., output_dict=True)``. ``gather_with_grad`` is True by default here: other ranks' features keep their
+    gradients, so that DDP's average is the gradient of one process over the whole batch; False gathers them without,
+    as open_clip's default does (this rank's own slice keeps its gradient, except under ``local_loss``, where only the
+    local rows carry one: a different gradient)."""
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, cache_labels: bool = False,
+                 rank: int | None = None, world_size: int | None = None, use_horovod: bool = False, *,
+                 chunk_size: int | None = None):
         super().__init__()
         self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
         self.chunk_size = chunk_size
+        self._open_clip = _OpenClipKeywords(rank, world_size, use_horovod)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+                logit_bias: torch.Tensor | None = None, output_dict: bool = False) -> torch.Tensor | dict:
+        """The loss (a constant ``logit_bias`` would not change it); ``output_dict``: ``{"contrastive_loss": loss}``
+        as open_clip's."""
+        self._open_clip.check_world("ClipLoss")
         rank, world = _world()
         n = image_features.shape[0]
-        all_images, all_texts = gather_with_grad(image_features), gather_with_grad(text_features)
+        if self.gather_with_grad:
+            all_images, all_texts = gather_with_grad(image_features), gather_with_grad(text_features)
+        else:
+            own = not self.local_loss
+            all_images, all_texts = gather_without_grad(image_features, own), gather_without_grad(text_features, own)
         if self.local_loss:
             # This rank's rows against every column; the positive of local row i is global column rank*n + i.
             labels = torch.arange(n, device=image_features.device) + rank * n
@@ -139,7 +192,8 @@ class ClipLoss(nn.Module):
             labels = torch.arange(all_images.shape[0], device=image_features.device)
             per_image = cross_entropy_rows(all_images, all_texts, logit_scale, labels, self.chunk_size)
             per_text = cross_entropy_rows(all_texts, all_images, logit_scale, labels, self.chunk_size)
-        return (per_image + per_text) / 2
+        loss = (per_image + per_text) / 2
+        return {"contrastive_loss": loss} if output_dict else loss
 
 
 class SigLipLoss(nn.Module):
@@ -147,16 +201,30 @@ class SigLipLoss(nn.Module):
 
     Normalised by the local batch size, as in the paper's implementation; with DDP's gradient averaging over W
     ranks this equals one process computing the loss over the whole batch.
+
+    Takes open_clip's keywords (``SigLipLoss(cache_labels, rank, world_size, dist_impl)``) and its
+    ``forward(..., output_dict=True)``: each of open_clip's ``dist_impl`` ways of passing text features between ranks
+    gives the loss and gradients that gathering them all does, which is what this one does.
     """
 
-    def __init__(self, chunk_size: int | None = None):
+    def __init__(self, cache_labels: bool = False, rank: int | None = None, world_size: int | None = None,
+                 dist_impl: str | None = None, *, chunk_size: int | None = None):
         super().__init__()
+        if dist_impl not in (None, "bidir", "shift", "reduce", "gather"):
+            raise ValueError(f"dist_impl {dist_impl!r} is not one of open_clip's: bidir, shift, reduce, gather")
         self.chunk_size = chunk_size
+        self._open_clip = _OpenClipKeywords(rank, world_size, False)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+                logit_bias: torch.Tensor | None = None, output_dict: bool = False) -> torch.Tensor | dict:
         if logit_bias is None:
             raise ValueError("SigLIP needs a learnable logit bias: create the model with init_logit_bias=-10")
+        self._open_clip.check_world("SigLipLoss")
+        loss = self._sum(image_features, text_features, logit_scale, logit_bias)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _sum(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+             logit_bias: torch.Tensor) -> torch.Tensor:
         rank, world = _world()
         n = image_features.shape[0]
         all_texts = gather_with_grad(text_features)

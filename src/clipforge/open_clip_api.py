@@ -194,6 +194,86 @@ def build_zero_shot_classifier(model, tokenizer, classnames, templates, num_clas
                      dim=1)
 
 
+def get_cast_dtype(precision: str):
+    """open_clip's: the dtype a model's towers cast to under ``precision`` ("bf16", "fp16"), else None."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def get_input_dtype(precision: str):
+    """open_clip's: the dtype images are given in under ``precision`` ("bf16" / "pure_bf16", "fp16" /
+    "pure_fp16"), else None."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16, "fp16": torch.float16,
+            "pure_fp16": torch.float16}.get(precision)
+
+
+def load_checkpoint(model, checkpoint_path, strict: bool = True, weights_only: bool = True, device="cpu"):
+    """open_clip's: the weights of a checkpoint file or folder (any format ``clipforge.load`` reads: open_clip's state
+    dicts and training checkpoints, OpenAI's, Hugging Face's, clipforge's) into ``model``, its position grids resized
+    to the model's as open_clip's loader resizes them. Returns ``load_state_dict``'s missing and unexpected keys;
+    with ``strict`` a mismatch is an error naming the keys and shapes. ``weights_only=False`` unpickles anything
+    (only for files you trust). ``device`` changes nothing: tensors go where the model's are."""
+    from .checkpoint import read_checkpoint
+    from .checkpoint.io import load_into, resize_positions
+
+    state, _ = read_checkpoint(checkpoint_path, trust_pickle=not weights_only)
+    state = resize_positions(state, model)
+    if strict:
+        load_into(model, state, str(checkpoint_path))
+    return model.load_state_dict(state, strict=strict)
+
+
+def trace_model(model, batch_size: int = 256, device="cpu"):
+    """open_clip's TorchScript tracing is not built here."""
+    raise NotImplementedError("trace_model: TorchScript is not built here; run the model eagerly, torch.compile(model), "
+                              "or `clipforge export onnx` for a traced graph")
+
+
+def get_model_preprocess_cfg(model) -> dict:
+    """open_clip's: the preprocessing the model's weights were trained with, as open_clip's ``preprocess_cfg`` dict
+    (``size``, ``mode``, ``mean``, ``std``, ``interpolation``, ``resize_mode``, ``fill_color``)."""
+    import inspect
+
+    from .preprocess import Preprocess
+
+    defaults = {name: p.default for name, p in inspect.signature(Preprocess).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    chosen = {**defaults, **getattr(model, "normalisation", {})}
+    return {"size": (model.image_size, model.image_size), "mode": "RGB", "mean": tuple(chosen["mean"]), "std": tuple(chosen["std"]),
+            "interpolation": chosen["interpolation"], "resize_mode": chosen["resize_mode"], "fill_color": 0}
+
+
+def get_model_tokenize_cfg(model) -> dict:
+    """open_clip's: the text tower's ``context_length`` and ``vocab_size``, where it has them."""
+    text = getattr(model, "text", model)
+    return {key: getattr(text, key) for key in ("context_length", "vocab_size") if getattr(text, key, None) is not None}
+
+
+def list_openai_models() -> list[str]:
+    """open_clip's: the OpenAI checkpoints' names (``ViT-B-32`` ...)."""
+    return list_pretrained_models_by_tag("openai")
+
+
+def load_openai_model(name: str, precision: str | None = None, device=None, cache_dir: str | None = None):
+    """open_clip's: an OpenAI checkpoint by name (``list_openai_models``) or path, as a model in eval mode;
+    ``precision`` defaults to fp32 on CPU and fp16 on a GPU, as open_clip's."""
+    import torch
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = precision or ("fp32" if device.type == "cpu" else "fp16")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of open_clip's: {', '.join(_PRECISIONS)}")
+    from pathlib import Path
+
+    pretrained = None if Path(name).exists() else "openai"
+    # every OpenAI model uses QuickGELU, which a state dict cannot show
+    return _model(name, pretrained, precision=precision, device=device, cache_dir=cache_dir,
+                  quick_gelu=True)[0].eval()
+
+
 def decode(output_ids) -> str:
     """open_clip's ``decode``: OpenAI BPE ids (a CoCa's ``generate`` row) back to text, special tokens included."""
     from .tokenizer import get_tokenizer

@@ -277,6 +277,25 @@ def _shared_tokenizer(context_length: int) -> Tokenizer:
     return Tokenizer(context_length)
 
 
+class SimpleTokenizer(Tokenizer):
+    """open_clip's ``SimpleTokenizer`` by its name and keywords: this tokenizer (the same ids), for scripts that build
+    it themselves. What it cannot do is refused by name: another BPE vocabulary, added special tokens, cleaners other
+    than "lower" (open_clip's default, this tokenizer's), CLIPA's token reductions."""
+
+    def __init__(self, bpe_path: str | None = None, additional_special_tokens=None,
+                 context_length: int = DEFAULT_CONTEXT_LENGTH, clean: str = "lower", reduction_mask: str = ""):
+        if bpe_path is not None and gzip.decompress(open(bpe_path, "rb").read()) != gzip.decompress(
+                (resources.files(__package__) / "bpe_simple_vocab_16e6.txt.gz").read_bytes()):
+            raise ValueError(f"bpe_path {bpe_path}: only OpenAI's vocabulary (bpe_simple_vocab_16e6) is built here")
+        refused = {"additional_special_tokens": additional_special_tokens, "reduction_mask": reduction_mask,
+                   "clean": clean if clean != "lower" else None}
+        for name, value in refused.items():
+            if value:
+                raise ValueError(f"SimpleTokenizer({name}={value!r}) is not built here: OpenAI's BPE with open_clip's "
+                                 f"default cleaning ('lower') only")
+        super().__init__(context_length)
+
+
 def get_tokenizer(name: str | dict | None = None, context_length: int | None = None, cache_dir: str | None = None,
                   **settings):
     """The tokenizer for a model (its context length; a Hugging Face text tower brings its own tokenizer, a SigLIP,
