@@ -65,6 +65,13 @@ def test_open_clip_hf_text_tower_folders_load_with_identical_features_and_tokens
         assert _max_diff(model.encode_text(ids), theirs.encode_text(ids)) <= 1e-5
         images = torch.randn(2, 3, 32, 32)
         assert _max_diff(model.encode_image(images), theirs.encode_image(images)) <= 1e-5
+        # forward_intermediates (open_clip's towers have none): transformers' hidden states, encode_text's features
+        out = model.forward_intermediates(text=ids, text_indices=[0, -1], normalize=False)
+        states = theirs.text.transformer(input_ids=ids, attention_mask=ids.ne(1).long(),
+                                         output_hidden_states=True).hidden_states
+        assert [_max_diff(a, b) <= 1e-5 for a, b in zip(out["text_intermediates"], (states[1], states[-1]))] == \
+            [True, True]
+        assert _max_diff(out["text_features"], theirs.encode_text(ids)) <= 1e-5
     if kind == "xlm-roberta":  # what 2022's open_clip checkpoints also hold: position ids, an unused pooler head
         from clipforge.checkpoint import load_into
 

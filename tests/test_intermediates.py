@@ -141,9 +141,31 @@ def test_bad_requests_are_named():
         resnet.forward_intermediates(images, image_indices=[1], stop_early=True)
     assert len(resnet.forward_intermediates(images, image_indices=[1], stop_early=True,
                                             intermediates_only=True)["image_intermediates"]) == 1
-    minilm = clipforge.create_model("ViT-Tiny-64-MiniLM").eval()  # a Hugging Face text tower: open_clip has none
-    with pytest.raises(NotImplementedError, match="text tower is a HFTextEncoder"):
-        minilm.forward_intermediates(images, clipforge.get_tokenizer("ViT-Tiny-64-MiniLM")(["a dog"]))
+    model.text = torch.nn.Identity()  # a kind of tower added without the call
+    with pytest.raises(NotImplementedError, match="text tower, a Identity, has none"):
+        model.forward_intermediates(images, tokens)
+
+
+def test_a_hugging_face_text_tower_gives_transformers_hidden_states():
+    """The recipe's MiniLM tower (clipforge's BERT): its layers' outputs are those transformers' BertModel gives as
+    hidden_states (open_clip's Hugging Face towers have no forward_intermediates), its features encode_text's."""
+    transformers = pytest.importorskip("transformers")
+    from clipforge.models.hf_text import resolve_hf_model
+
+    model = clipforge.create_model("ViT-Tiny-64-MiniLM").eval()
+    tokens = clipforge.get_tokenizer("ViT-Tiny-64-MiniLM")(["a dog runs on the grass", "two girls in a fountain"])
+    theirs = transformers.AutoModel.from_pretrained(resolve_hf_model("all-minilm-l6-v2"),
+                                                    add_pooling_layer=False).eval()
+    with torch.no_grad():
+        out = model.forward_intermediates(text=tokens, text_indices=[0, -1], normalize=False)
+        states = theirs(input_ids=tokens, attention_mask=tokens.ne(0).long(), output_hidden_states=True).hidden_states
+        assert len(out["text_intermediates"]) == 2
+        for got, expected in zip(out["text_intermediates"], (states[1], states[-1])):
+            assert got.shape == expected.shape == (2, model.context_length, 384)
+            assert (got - expected).abs().max() <= 1e-5
+        assert torch.allclose(out["text_features"], model.encode_text(tokens), atol=1e-6)
+        with pytest.raises(ValueError, match="ask for intermediates_only"):
+            model.forward_intermediates(text=tokens, text_indices=[0], stop_early=True)
 
 
 def test_a_cached_text_tower_still_runs_its_blocks():

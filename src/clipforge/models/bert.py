@@ -45,6 +45,7 @@ def supports(config: dict, folder: str | Path | None = None) -> bool:
 class BertOutput(NamedTuple):
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor | None
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # the embeddings' and each layer's, where asked for
 
 
 class BertEmbeddings(nn.Module):
@@ -149,8 +150,10 @@ class Bert(nn.Module):
         return model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> BertOutput:
+                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> BertOutput:
+        """``output_hidden_states``: also the embeddings' output and each layer's, as transformers' ``hidden_states``."""
         x = self.embeddings(input_ids, token_type_ids)
+        states = [x]
         mask = None
         if attention_mask is not None:
             mask = attention_mask.bool()[:, None, None, :]  # [N, 1, 1, length]: which keys each query may attend
@@ -162,8 +165,9 @@ class Bert(nn.Module):
                 x = checkpoint(layer, x, mask, use_reentrant=False)
             else:
                 x = layer(x, mask)
+            states.append(x)
         pooled = torch.tanh(self.pooler["dense"](x[:, 0])) if self.pooler is not None else None
-        return BertOutput(x, pooled)
+        return BertOutput(x, pooled, tuple(states) if output_hidden_states else None)
 
 
 def _pretrained_state(folder: Path, model: nn.Module) -> dict:

@@ -301,8 +301,9 @@ class CLIP(nn.Module):
         CoCa's class token), ``image_features`` / ``text_features`` (L2-normalised where ``normalize``), with
         ``output_logits`` ``image_logits`` / ``text_logits``, with ``output_logit_scale_bias`` ``logit_scale`` (and
         ``logit_bias``). ``intermediates_only`` leaves out the embeddings and logits. Built for every image tower
-        (the timm-named ones as timm's trunks give them, as open_clip's ``TimmModel``) and for the text transformers
-        (CoCa's included); a Hugging Face text tower says it has none (open_clip's has none either)."""
+        (the timm-named ones as timm's trunks give them, as open_clip's ``TimmModel``) and every text tower (CoCa's
+        included; a Hugging Face encoder's layers as transformers' ``hidden_states``, which open_clip does not
+        offer)."""
         if intermediates_only:
             normalize = output_logits = False
         if output_logits and (image is None or text is None):
@@ -313,10 +314,9 @@ class CLIP(nn.Module):
                 (self.text, text, text_indices, text_output_fmt, text_output_extra_tokens, "text_features")):
             if inputs is None:
                 continue
-            if not hasattr(tower, "forward_intermediates"):
-                raise NotImplementedError(f"forward_intermediates: built for the image towers and the text "
-                                          f"transformers; this model's {key.split('_')[0]} tower is a "
-                                          f"{type(tower).__name__}")
+            if not hasattr(tower, "forward_intermediates"):  # a tower of a kind added without one
+                raise NotImplementedError(f"forward_intermediates: this model's {key.split('_')[0]} tower, a "
+                                          f"{type(tower).__name__}, has none")
             if tower is self.visual and inputs.is_floating_point():
                 inputs = inputs.to(next(tower.parameters()).dtype)  # as encode_image casts
             result = tower.forward_intermediates(inputs, indices, stop_early, normalize_intermediates,

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import bert
 from .inputs import by_length, check_token_batch
+from .intermediates import take_indices
 
 # Aliases for models that ship as PyPI packages (no hub access at run time): alias -> (module, folder in it)
 PACKAGED_MODELS = {
@@ -233,7 +234,36 @@ class HFTextEncoder(nn.Module):
         return by_length(mask.sum(dim=1).tolist(), run)
 
     def _pooled_rows(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.transformer(input_ids=tokens, attention_mask=mask.long())
+        return self._pool(self.transformer(input_ids=tokens, attention_mask=mask.long()), mask)
+
+    def forward_intermediates(self, tokens: torch.Tensor, indices=None, stop_early: bool = False,
+                              normalize_intermediates: bool = False, intermediates_only: bool = False,
+                              output_fmt: str = "NLC", output_extra_tokens: bool = False) -> dict:
+        """The CLIP text towers' ``forward_intermediates`` for a Hugging Face encoder (open_clip's have none):
+        ``{"text_intermediates": the outputs [N, L, width] of the layers ``indices`` names (None: all; n: the last
+        n; a list: those), as transformers' ``hidden_states`` give them (padding positions included), "text_features":
+        the embedding (unless ``intermediates_only``)}``. Every layer runs; ``stop_early`` before the last one only
+        with ``intermediates_only`` (the pooling needs the last layer). A BERT's norms are inside its layers:
+        ``normalize_intermediates`` changes nothing."""
+        if output_fmt != "NLC":
+            raise ValueError(f"a text tower's intermediates are token sequences: output_fmt 'NLC', not {output_fmt!r}")
+        check_token_batch(tokens, self.context_length)
+        mask = tokens.ne(self.pad_token_id)
+        out = self.transformer(input_ids=tokens, attention_mask=mask.long(), output_hidden_states=True)
+        layers = out.hidden_states[1:]  # the first is the embeddings'
+        taken, last = take_indices(len(layers), indices)
+        if stop_early and not intermediates_only and last < len(layers) - 1:
+            raise ValueError("stop_early before the last layer with the embedding: the pooling needs the last "
+                             "layer's output; ask for intermediates_only")
+        output = {"text_intermediates": [layers[i] for i in taken]}
+        if not intermediates_only:
+            pooled = self._pool(out, mask)
+            weight = next(self.proj.parameters(), None)
+            output["text_features"] = self.proj(pooled if weight is None else pooled.to(weight.dtype))
+        return output
+
+    def _pool(self, out, mask: torch.Tensor) -> torch.Tensor:
+        """The transformer's output for tokens with ``mask`` pooled (mean, [CLS] or its pooler), unprojected."""
         hidden = out.last_hidden_state
         if self.pooling == "cls_pooler" and getattr(out, "pooler_output", None) is not None:
             pooled = out.pooler_output
