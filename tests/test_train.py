@@ -372,6 +372,28 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
 
 
+def test_a_run_that_fails_with_loader_workers_exits_with_its_error(tmp_path):
+    """The loader's workers ignore SIGTERM (a stop signal to the group lets the trainer save); the interpreter's exit
+    ends children with SIGTERM and waits for them, so a run that failed with workers running hung there for ever
+    (a diverged loss left a cluster job holding its GPUs). The run's own clean-up now ends them: the process exits
+    with the error."""
+    shard = shapes_shard(tmp_path / "s-000000.tar", 64)
+    script = (
+        "import sys\n"
+        "from clipforge.loss import ClipLoss\n"
+        "from clipforge.train import TrainConfig, train\n"
+        "def exploding(image_features, text_features, logit_scale, logit_bias=None):\n"
+        "    return ClipLoss()(image_features, text_features, logit_scale) * float('inf')\n"
+        f"train(TrainConfig(model='ViT-Tiny-64', train_data={str(shard)!r}, batch_size=8, steps=6, workers=2,\n"
+        f"                  log_every=2, output={str(tmp_path / 'run')!r}, progress=False), loss_fn=exploding)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the failed run did not exit: its loader workers were left to the interpreter's exit")
+    assert done.returncode == 1 and re.search(r"TrainingDiverged: loss became (inf|nan) by step 2", done.stderr)
+
+
 def test_trained_checkpoint_loads_with_clipforge_load(tmp_path):
     shard = shapes_shard(tmp_path / "s-000000.tar", 16)
     cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(shard), batch_size=8, steps=2, workers=0,

@@ -188,6 +188,15 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def stop_workers(batches) -> None:
+    """End a loader iterator's worker processes now (what its own clean-up does when it is collected). They ignore
+    SIGTERM (above), so they must not be left to the interpreter's exit, which ends daemonic children with SIGTERM and
+    waits for them: a run that fails with an error (a diverged loss, a failing step) would hang there forever."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # a multi-process DataLoader iterator's
+    if shutdown is not None:
+        shutdown()
+
+
 def continue_interleaving(batches, workers: int, consumed: int):
     """The loader's batches in the order an uninterrupted run would have met them. A DataLoader takes one batch
     from each worker in turn, always starting at worker 0; a run resumed after ``consumed`` batches must start at

@@ -29,7 +29,7 @@ from ..checkpoint import load_into, read_checkpoint
 from ..checkpoint.io import is_sharded_checkpoint, resize_positions
 from ..data import ContrastiveStream, make_loader, open_source
 from ..data.captions import swap_left_right
-from ..data.pipeline import caption_texts, continue_interleaving
+from ..data.pipeline import caption_texts, continue_interleaving, stop_workers
 from ..data.sources import source_classnames
 from ..environment import run_environment
 from ..files import write_json
@@ -578,8 +578,6 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
                                label_captions=bool(labels.classnames), exclude_labels=labels.exclude,
                                resume=position.data, hflip=cfg.hflip, targets=objective.targets,
                                teacher=teacher.inputs if teacher else None)
-    batches = continue_interleaving(iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda")),
-                                    cfg.workers, position.step * cfg.accum_freq)
     # (sharded towers run collectively: under FSDP every rank validates, rank 0 logs)
     val_set, zero_shot_templates = open_validation(cfg, val_source, core.image_size, labels.templates, source,
                                                    labels, getattr(core, "normalisation", None)) \
@@ -600,6 +598,9 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     last_loss, last_path, val_metrics = float("nan"), None, {}
     interval_start, interval_samples = time.perf_counter(), 0
     stop = StopRequest(world, device)
+    # the worker processes start here, and the finally below ends them whatever happens
+    loader = iter(make_loader(stream, cfg.workers, pin_memory=device.type == "cuda"))
+    batches = continue_interleaving(loader, cfg.workers, position.step * cfg.accum_freq)
     try:
         stop.install()
         while position.step < total_steps:
@@ -641,6 +642,7 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
             if stopping:
                 break
     finally:
+        stop_workers(loader)  # also after an error: the workers ignore SIGTERM, and exit would wait on them
         stop.restore()
         bar.close()
         log.close()
