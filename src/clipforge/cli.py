@@ -21,6 +21,7 @@ EPILOG = """examples:
   clipforge eval robustness --pretrained CKPT --dataset-root ../shared/data/cifar10 --max-images 2000
   clipforge classify photo.jpg photos/ --labels "a dog,a cat,a car" --pretrained CKPT
   clipforge end2end photos/ photos-search/ --pretrained CKPT   embed, index and serve a photo folder's search page
+  clipforge cache                                  what $CLIPFORGE_CACHE holds; `clipforge cache clear --help`
 """
 
 
@@ -174,6 +175,8 @@ _EXTRA_COMMANDS: list = [
     _register_lazy("end2end", "serve.cli", "embed images, index them and serve the search (clip-retrieval's "
                    "end2end); again after adding images", "add_end2end_arguments"),
     _register_lazy("caption", "captioning.cli", "LiMBer: caption images via one linear map into a frozen LM"),
+    _register_lazy("cache", "cache_cli", "list or clear what clipforge keeps in $CLIPFORGE_CACHE (downloads, "
+                   "features, tables)"),
 ]
 
 
