@@ -38,6 +38,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """What the tests cache (eval features, text-feature tables, fetched files) goes to a folder of the session's own,
+    not the user's ~/.cache/clipforge, unless $CLIPFORGE_CACHE names one; the de-quantised language model (~500 MB,
+    slow to make) is shared through a link to the user's cache, where a second session finds it."""
+    if os.environ.get("CLIPFORGE_CACHE"):
+        yield
+        return
+    user = Path.home() / ".cache" / "clipforge" / "language-models"
+    cache = tmp_path_factory.mktemp("clipforge-cache")
+    user.mkdir(parents=True, exist_ok=True)
+    (cache / "language-models").symlink_to(user, target_is_directory=True)
+    os.environ["CLIPFORGE_CACHE"] = str(cache)  # subprocesses (the CLI tests) inherit it
+    yield
+    os.environ.pop("CLIPFORGE_CACHE", None)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

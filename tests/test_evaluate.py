@@ -241,7 +241,11 @@ def test_a_sweep_of_checkpoints_with_one_frozen_text_transformer_computes_each_c
         alone.append(json.loads((tmp_path / f"alone{i}.json").read_text())["metrics"])
     assert sum(rows) == 2 * 12  # each evaluation alone: every caption line (the repeated one too)
     rows.clear()
-    assert cli.main([*common, "--pretrained", *checkpoints, "--output", str(tmp_path / "{pretrained}.json")]) == 0
+    # another text tower between them (CLIP's own): the second MiniLM checkpoint still takes the first's cache over
+    other = str(clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64", vision_cfg={"layers": 1}),
+                                          tmp_path / "other"))
+    assert cli.main([*common, "--pretrained", checkpoints[0], other, checkpoints[1],
+                     "--output", str(tmp_path / "{pretrained}.json")]) == 0
     assert sum(rows) == 12  # the sweep: the first checkpoint's, then the second reads them
     for i, checkpoint in enumerate(checkpoints):
         swept = json.loads(next(tmp_path.glob(f"*ckpt{i}*.json")).read_text())["metrics"]

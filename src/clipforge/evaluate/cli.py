@@ -186,24 +186,26 @@ def run(args) -> int:
             hint = (f"put {' and '.join(missing)} in it" if missing else
                     "two of them have the same name: evaluate them one at a time")
             raise ValueError(f"--{flag} {template}: two evaluations would write the same file; {hint}")
-    shared = None
+    caches: dict = {}  # the text feature caches of the sweep's last few frozen text towers, by fingerprint
     for model_args, runs in sweep:
         model, preprocess, tokenizer = _load(model_args)
-        if len(sweep) > 1:
-            shared = _share_text_features(model, shared)
+        cache = _share_text_features(model, caches) if len(sweep) > 1 else None
         for one in runs:
             _evaluate(one, model, preprocess, tokenizer)
+        if cache is not None:
+            cache.compute = None  # the table outlives its model; a model that takes it over computes with its own
         del model
     return 0
 
 
-def _share_text_features(model, shared):
+def _share_text_features(model, caches: dict, keep: int = 4):
     """In a sweep, models whose text towers give the same features (one frozen transformer: the checkpoints and seeds
     of a locked-text run such as the Flickr8k recipe) compute each caption and prompt once: the tower is frozen
-    (evaluation trains nothing) and caches its features, and a model with the previous one's frozen weights takes
-    over its cache. A text is computed in the first batch it comes in, as without the cache, and a repeat reads that
+    (evaluation trains nothing) and caches its features, and a model with the frozen weights of one of the last
+    ``keep`` towers (``caches``: fingerprint -> cache, updated here) takes over its cache, also after models with other
+    towers in between. A text is computed in the first batch it comes in, as without the cache, and a repeat reads that
     value: each checkpoint's results are the ones it gets alone (tested; compared on four recipe checkpoints).
-    Returns (fingerprint, cache) to pass on, or None where the model has no cacheable text tower."""
+    Returns the model's cache, or None where it has no cacheable text tower."""
     from ..models.feature_cache import FeatureCache
 
     text = getattr(model, "text", None)
@@ -211,7 +213,10 @@ def _share_text_features(model, shared):
         return None
     model.lock_text_tower()
     fingerprint = FeatureCache.fingerprint(text)
-    return fingerprint, text.cache_features(shared[1] if shared and shared[0] == fingerprint else None)
+    cache = caches[fingerprint] = text.cache_features(caches.pop(fingerprint, None))
+    while len(caches) > keep:
+        caches.pop(next(iter(caches)))  # the least recently used
+    return cache
 
 
 def _dataset_name(args, root: str) -> str:
