@@ -59,7 +59,8 @@ def test_open_clip_convnext_weights_load_by_name_and_inferred_and_export_back(na
         assert ours.visual.forward_grid(images).shape == (2, ours.config["vision_cfg"]["dims"][-1], size // 32,
                                                           size // 32)
         for kwargs in ({}, {"image_indices": [0, 2], "text_indices": 1, "normalize_intermediates": True,
-                            "output_logits": True}, {"image_indices": 2, "stop_early": True, "intermediates_only": True}):
+                            "output_logits": True},
+                       {"image_indices": 2, "stop_early": True, "intermediates_only": True}):
             assert_same_outputs(theirs.forward_intermediates(images, tokens, **kwargs),
                                 ours.forward_intermediates(images, tokens, **kwargs))
 

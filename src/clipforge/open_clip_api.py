@@ -228,8 +228,8 @@ def load_checkpoint(model, checkpoint_path, strict: bool = True, weights_only: b
 
 def trace_model(model, batch_size: int = 256, device="cpu"):
     """open_clip's TorchScript tracing is not built here."""
-    raise NotImplementedError("trace_model: TorchScript is not built here; run the model eagerly, torch.compile(model), "
-                              "or `clipforge export onnx` for a traced graph")
+    raise NotImplementedError("trace_model: TorchScript is not built here; run the model eagerly, "
+                              "torch.compile(model), or `clipforge export onnx` for a traced graph")
 
 
 def get_model_preprocess_cfg(model) -> dict:
@@ -242,8 +242,9 @@ def get_model_preprocess_cfg(model) -> dict:
     defaults = {name: p.default for name, p in inspect.signature(Preprocess).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     chosen = {**defaults, **getattr(model, "normalisation", {})}
-    return {"size": (model.image_size, model.image_size), "mode": "RGB", "mean": tuple(chosen["mean"]), "std": tuple(chosen["std"]),
-            "interpolation": chosen["interpolation"], "resize_mode": chosen["resize_mode"], "fill_color": 0}
+    return {"size": (model.image_size, model.image_size), "mode": "RGB", "mean": tuple(chosen["mean"]),
+            "std": tuple(chosen["std"]), "interpolation": chosen["interpolation"], "resize_mode": chosen["resize_mode"],
+            "fill_color": 0}
 
 
 def get_model_tokenize_cfg(model) -> dict:

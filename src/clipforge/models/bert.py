@@ -151,7 +151,7 @@ class Bert(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False) -> BertOutput:
-        """``output_hidden_states``: also the embeddings' output and each layer's, as transformers' ``hidden_states``."""
+        """``output_hidden_states``: also the embeddings' output and each layer's (transformers' ``hidden_states``)."""
         x = self.embeddings(input_ids, token_type_ids)
         states = [x]
         mask = None

@@ -322,8 +322,8 @@ class Transformer(nn.Module):
         return block(x, causal=causal, pool_index=pool_index, lean=lean, attn_mask=attn_mask)
 
     def prune(self, indices=1) -> list[int]:
-        """Drop the blocks after the last one ``indices`` names (``take_indices``); returns the indices taken (open_clip's
-        ``prune_intermediate_layers``)."""
+        """Drop the blocks after the last one ``indices`` names (``take_indices``); returns the indices taken
+        (open_clip's ``prune_intermediate_layers``)."""
         taken, last = take_indices(len(self.resblocks), indices)
         self.resblocks = self.resblocks[: last + 1]
         self.layers = len(self.resblocks)
