@@ -215,6 +215,10 @@ def test_training_and_feature_script_helpers_answer_as_open_clips(tiny, tmp_path
             assert (theirs.encode_text(tokens) - ours.encode_text(tokens)).abs().max() <= 1e-5
     with pytest.raises(clipforge.CheckpointError, match="does not fit the model"):
         clipforge.load_checkpoint(clipforge.create_model("ViT-Tiny-64"), tmp_path / "epoch_3.pt")
+    partial = {k: v for k, v in trained.state_dict().items() if k != "logit_scale"}
+    torch.save(partial, tmp_path / "partial.pt")
+    keys = clipforge.load_checkpoint(clipforge.create_model("Test-Tiny"), tmp_path / "partial.pt", strict=False)
+    assert keys.missing_keys == ["logit_scale"] and not keys.unexpected_keys
 
     overrides = dict(image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25), image_interpolation="bilinear",
                      image_resize_mode="squash")
@@ -247,8 +251,9 @@ def test_training_and_feature_script_helpers_answer_as_open_clips(tiny, tmp_path
     with pytest.raises(ValueError, match="clean='whitespace'"):
         clipforge.SimpleTokenizer(clean="whitespace")
     (tmp_path / "other.txt.gz").write_bytes(__import__("gzip").compress(b"#version\na b\n"))
-    with pytest.raises(ValueError, match="only OpenAI's vocabulary"):
-        clipforge.SimpleTokenizer(str(tmp_path / "other.txt.gz"))
+    for other in (tmp_path / "other.txt.gz", tmp_path / "epoch_3.pt", tmp_path / "missing.gz"):
+        with pytest.raises(ValueError, match="only OpenAI's vocabulary"):
+            clipforge.SimpleTokenizer(str(other))
 
     a, b = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1), torch.nn.functional.normalize(
         torch.randn(8, 16), dim=-1)

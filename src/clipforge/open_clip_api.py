@@ -221,9 +221,7 @@ def load_checkpoint(model, checkpoint_path, strict: bool = True, weights_only: b
 
     state, _ = read_checkpoint(checkpoint_path, trust_pickle=not weights_only)
     state = resize_positions(state, model)
-    if strict:
-        load_into(model, state, str(checkpoint_path))
-    return model.load_state_dict(state, strict=strict)
+    return load_into(model, state, str(checkpoint_path)) if strict else model.load_state_dict(state, strict=False)
 
 
 def trace_model(model, batch_size: int = 256, device="cpu"):

@@ -277,6 +277,17 @@ def _shared_tokenizer(context_length: int) -> Tokenizer:
     return Tokenizer(context_length)
 
 
+def _is_openai_vocabulary(path) -> bool:
+    """Whether a gzipped BPE file holds the vocabulary this tokenizer ships (open_clip's copy of it does)."""
+    from pathlib import Path
+
+    ours = (resources.files(__package__) / "bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    try:
+        return gzip.decompress(Path(path).read_bytes()) == gzip.decompress(ours)
+    except (OSError, EOFError):  # missing, unreadable, not gzip
+        return False
+
+
 class SimpleTokenizer(Tokenizer):
     """open_clip's ``SimpleTokenizer`` by its name and keywords: this tokenizer (the same ids), for scripts that build
     it themselves. What it cannot do is refused by name: another BPE vocabulary, added special tokens, cleaners other
@@ -284,8 +295,7 @@ class SimpleTokenizer(Tokenizer):
 
     def __init__(self, bpe_path: str | None = None, additional_special_tokens=None,
                  context_length: int = DEFAULT_CONTEXT_LENGTH, clean: str = "lower", reduction_mask: str = ""):
-        if bpe_path is not None and gzip.decompress(open(bpe_path, "rb").read()) != gzip.decompress(
-                (resources.files(__package__) / "bpe_simple_vocab_16e6.txt.gz").read_bytes()):
+        if bpe_path is not None and not _is_openai_vocabulary(bpe_path):
             raise ValueError(f"bpe_path {bpe_path}: only OpenAI's vocabulary (bpe_simple_vocab_16e6) is built here")
         refused = {"additional_special_tokens": additional_special_tokens, "reduction_mask": reduction_mask,
                    "clean": clean if clean != "lower" else None}

@@ -263,8 +263,9 @@ def _resizable(state: dict, expected: dict, key: str) -> bool:
         and old.shape[:-2] == new.shape[:-2] and old.shape[-1] == new.shape[-1] and old.shape[-2] != new.shape[-2]
 
 
-def load_into(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> None:
-    """``load_state_dict`` with errors that name the key and both shapes."""
+def load_into(model: torch.nn.Module, state: dict, source: str = "checkpoint"):
+    """``load_state_dict`` with errors that name the key and both shapes; returns its missing and unexpected keys
+    (only batch-norm counters can be missing, and none unexpected but what old savers added and no model uses)."""
     expected = model.state_dict()
     # what older transformers and open_clip versions saved with a Hugging Face text tower and this model does not use:
     # position ids (a buffer, not weights) and the pooler head of a mean-pooled tower
@@ -283,4 +284,4 @@ def load_into(model: torch.nn.Module, state: dict, source: str = "checkpoint") -
         if tuple(value.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"{source} does not fit the model: {key!r} has shape {tuple(value.shape)} in the "
                                   f"checkpoint but {tuple(expected[key].shape)} in the model")
-    model.load_state_dict(state, strict=False)
+    return model.load_state_dict(state, strict=False)
