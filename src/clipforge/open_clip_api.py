@@ -233,15 +233,11 @@ def trace_model(model, batch_size: int = 256, device="cpu"):
 def get_model_preprocess_cfg(model) -> dict:
     """open_clip's: the preprocessing the model's weights were trained with, as open_clip's ``preprocess_cfg`` dict
     (``size``, ``mode``, ``mean``, ``std``, ``interpolation``, ``resize_mode``, ``fill_color``)."""
-    import inspect
-
     from .preprocess import Preprocess
 
-    defaults = {name: p.default for name, p in inspect.signature(Preprocess).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    chosen = {**defaults, **getattr(model, "normalisation", {})}
-    return {"size": (model.image_size, model.image_size), "mode": "RGB", "mean": tuple(chosen["mean"]),
-            "std": tuple(chosen["std"]), "interpolation": chosen["interpolation"], "resize_mode": chosen["resize_mode"],
+    preprocess = Preprocess(model.image_size, **getattr(model, "normalisation", {}))  # its defaults filled in
+    return {"size": (model.image_size, model.image_size), "mode": "RGB", "mean": preprocess.mean,
+            "std": preprocess.std, "interpolation": preprocess.interpolation, "resize_mode": preprocess.resize_mode,
             "fill_color": 0}
 
 

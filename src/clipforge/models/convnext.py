@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .inputs import check_image_batch
-from .intermediates import check_map_format, stage_intermediates
+from .intermediates import stage_intermediates
 from .layers import recomputed
 from .locking import CONVNEXT_GROUPS, trunk_groups
 
@@ -143,11 +143,6 @@ class ConvNeXt(nn.Module):
         it): ``{"image_intermediates": the maps of the stages ``indices`` names (4: None for all, n for the last n, a
         list for those), "image_features": the embedding (unless ``intermediates_only``)}``. timm's ConvNeXt has no
         norm before its head's pooling and no extra tokens: those flags change nothing."""
-        check_map_format(output_fmt)
         check_image_batch(images, self.image_size)
-        x = self.trunk.stem(images)
-        x, intermediates = stage_intermediates(x, list(self.trunk.stages), indices, stop_early, intermediates_only)
-        output = {"image_intermediates": intermediates}
-        if not intermediates_only:
-            output["image_features"] = self._pool(x)
-        return output
+        return stage_intermediates(self.trunk.stem(images), list(self.trunk.stages), self._pool, indices, stop_early,
+                                   intermediates_only, output_fmt)

@@ -26,7 +26,7 @@ from torch import nn
 
 from .convnext import LayerNorm2d
 from .inputs import check_image_batch
-from .intermediates import check_map_format, stage_intermediates
+from .intermediates import stage_intermediates
 from .locking import FASTVIT_GROUPS, trunk_groups
 
 Kernel = tuple[torch.Tensor, torch.Tensor]  # a convolution's weight and bias
@@ -333,14 +333,19 @@ class FastViT(nn.Module):
         """The map the head pools, ``[N, 2 * dims[-1], H/32, W/32]``. In eval mode the images enter channels-last
         (NHWC in memory), which oneDNN's depthwise and 1x1 convolutions run 1.25-1.35x faster on this CPU, with the
         same results (docs/BENCHMARKS.md); training keeps timm's layout."""
-        check_image_batch(images, self.image_size)
-        if not self.training:
-            images = images.contiguous(memory_format=torch.channels_last)
         trunk = self.trunk
-        return trunk.final_conv(trunk.stages(trunk.stem(images)))
+        return trunk.final_conv(trunk.stages(trunk.stem(self._input(images))))
+
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
+        check_image_batch(images, self.image_size)
+        return images if self.training else images.contiguous(memory_format=torch.channels_last)
+
+    def _pool(self, grid: torch.Tensor) -> torch.Tensor:
+        """``forward_grid``'s map -> the embedding."""
+        return self.trunk.head.fc(grid.mean(dim=(2, 3)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.trunk.head.fc(self.forward_grid(images).mean(dim=(2, 3)))
+        return self._pool(self.forward_grid(images))
 
     def forward_intermediates(self, images: torch.Tensor, indices=None, stop_early: bool = False,
                               normalize_intermediates: bool = False, intermediates_only: bool = False,
@@ -349,13 +354,6 @@ class FastViT(nn.Module):
         it): ``{"image_intermediates": the maps of the stages ``indices`` names (4: None for all, n for the last n, a
         list for those; before the final convolution), "image_features": the embedding (unless
         ``intermediates_only``)}``. FastViT has no final norm nor extra tokens: those flags change nothing."""
-        check_map_format(output_fmt)
-        check_image_batch(images, self.image_size)
-        if not self.training:
-            images = images.contiguous(memory_format=torch.channels_last)  # as forward_grid
-        x = self.trunk.stem(images)
-        x, intermediates = stage_intermediates(x, list(self.trunk.stages), indices, stop_early, intermediates_only)
-        output = {"image_intermediates": intermediates}
-        if not intermediates_only:
-            output["image_features"] = self.trunk.head.fc(self.trunk.final_conv(x).mean(dim=(2, 3)))
-        return output
+        return stage_intermediates(self.trunk.stem(self._input(images)), list(self.trunk.stages),
+                                   lambda x: self._pool(self.trunk.final_conv(x)), indices, stop_early,
+                                   intermediates_only, output_fmt)

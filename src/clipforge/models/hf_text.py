@@ -212,7 +212,9 @@ class HFTextEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         check_token_batch(tokens, self.context_length)
-        pooled = self.feature_cache(tokens) if self.feature_cache is not None else self.pooled(tokens)
+        return self._project(self.feature_cache(tokens) if self.feature_cache is not None else self.pooled(tokens))
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
         weight = next(self.proj.parameters(), None)  # the projection's dtype (it may train in fp32 over a bf16 tower)
         return self.proj(pooled if weight is None else pooled.to(weight.dtype))
 
@@ -257,9 +259,7 @@ class HFTextEncoder(nn.Module):
                              "layer's output; ask for intermediates_only")
         output = {"text_intermediates": [layers[i] for i in taken]}
         if not intermediates_only:
-            pooled = self._pool(out, mask)
-            weight = next(self.proj.parameters(), None)
-            output["text_features"] = self.proj(pooled if weight is None else pooled.to(weight.dtype))
+            output["text_features"] = self._project(self._pool(out, mask))
         return output
 
     def _pool(self, out, mask: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 
 def take_indices(count: int, indices=None) -> tuple[list[int], int]:
@@ -45,12 +44,16 @@ def spatial_intermediates(intermediates: list[torch.Tensor], prefix: int, grid: 
     return patches, prefixes
 
 
-def stage_intermediates(x: torch.Tensor, stages: list[nn.Module], indices=None, stop_early: bool = False,
-                        intermediates_only: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run a convolutional tower's ``stages`` (each a callable map -> map) on ``x``: ``(the last map run, the maps of
-    the stages ``indices`` names, in the usual contiguous NCHW layout)``. ``stop_early`` runs no stage after the last
-    one asked for; before the last stage only with ``intermediates_only``, since the tower's pooling needs the last
-    stage's map."""
+def stage_intermediates(x: torch.Tensor, stages: list, pool, indices=None, stop_early: bool = False,
+                        intermediates_only: bool = False, output_fmt: str = "NCHW") -> dict:
+    """A convolutional tower's ``forward_intermediates``: its ``stages`` (each a callable map -> map) run on ``x``,
+    ``{"image_intermediates": the maps of the stages ``indices`` names, in the usual contiguous NCHW layout,
+    "image_features": ``pool`` of the last map (unless ``intermediates_only``)}``. ``stop_early`` runs no stage after
+    the last one asked for; before the last stage only with ``intermediates_only``, since the pooling needs the last
+    stage's map. Such towers have no final norm nor extra tokens to return."""
+    if output_fmt != "NCHW":
+        raise ValueError(f"a convolutional tower's intermediates are feature maps: output_fmt 'NCHW', not "
+                         f"{output_fmt!r}")
     taken, last = take_indices(len(stages), indices)
     if stop_early and not intermediates_only and last < len(stages) - 1:
         raise ValueError("stop_early before the last stage with the embedding: the pooling needs the last stage's "
@@ -60,10 +63,5 @@ def stage_intermediates(x: torch.Tensor, stages: list[nn.Module], indices=None, 
         x = stage(x)
         if i in taken:
             intermediates.append(x.contiguous())  # a channels-last map (the CPU inference layout) as open_clip's
-    return x, intermediates
-
-
-def check_map_format(output_fmt: str) -> None:
-    if output_fmt != "NCHW":
-        raise ValueError(f"a convolutional tower's intermediates are feature maps: output_fmt 'NCHW', not "
-                         f"{output_fmt!r}")
+    return {"image_intermediates": intermediates} if intermediates_only else \
+        {"image_intermediates": intermediates, "image_features": pool(x)}

@@ -295,9 +295,9 @@ class Transformer(nn.Module):
         """[N, L, width] -> [N, L, width], or [N, width] at ``pool_index`` when the caller pools one token per row
         (the last block then computes only those rows). ``attn_mask``: boolean [L, L], True where a position may
         attend, for patterns other than ``causal`` (e.g. ``caption_lm``'s prompt tree)."""
-        last = len(self.resblocks) - 1
+        last, lean = len(self.resblocks) - 1, self._lean()
         for i, block in enumerate(self.resblocks):
-            x = self._run_block(block, x, causal, pool_index if i == last else None, attn_mask)
+            x = self._run_block(block, x, causal, pool_index if i == last else None, attn_mask, lean)
         return x
 
     def forward_intermediates(self, x: torch.Tensor, indices=None, stop_early: bool = False, causal: bool = False,
@@ -306,19 +306,21 @@ class Transformer(nn.Module):
         ``take_indices`` reads them; ``stop_early``: no block after the last one asked for runs (the first value is
         then that block's output), as open_clip's and timm's ``forward_intermediates``."""
         taken, last = take_indices(len(self.resblocks), indices)
-        intermediates = []
+        intermediates, lean = [], self._lean()
         for i, block in enumerate(self.resblocks[: last + 1] if stop_early else self.resblocks):
-            x = self._run_block(block, x, causal, None, attn_mask)
+            x = self._run_block(block, x, causal, None, attn_mask, lean)
             if i in taken:
                 intermediates.append(x)
         return x, intermediates
 
+    def _lean(self) -> bool:
+        # torch.compile's partitioner makes its own recompute choices; the saved-tensor hooks would only get in its way
+        return self.lean and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
     def _run_block(self, block: nn.Module, x: torch.Tensor, causal: bool, pool_index: torch.Tensor | None,
-                   attn_mask: torch.Tensor | None) -> torch.Tensor:
+                   attn_mask: torch.Tensor | None, lean: bool) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, causal, pool_index, False, attn_mask, use_reentrant=False)
-        # torch.compile's partitioner makes its own recompute choices; the saved-tensor hooks would only get in its way
-        lean = self.lean and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         return block(x, causal=causal, pool_index=pool_index, lean=lean, attn_mask=attn_mask)
 
     def prune(self, indices=1) -> list[int]:

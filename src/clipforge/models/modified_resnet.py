@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .inputs import check_image_batch
-from .intermediates import check_map_format, stage_intermediates
+from .intermediates import stage_intermediates
 
 
 class Bottleneck(nn.Module):
@@ -136,11 +136,7 @@ class ModifiedResNet(nn.Module):
         "image_features": the embedding (unless ``intermediates_only``)}``. A ResNet has no final norm nor extra
         tokens (those flags change nothing, as in open_clip); ``stop_early`` runs no stage after the last one asked
         for (before the last stage only with ``intermediates_only``: the pooling needs the last stage's map)."""
-        check_map_format(output_fmt)
         check_image_batch(images, self.image_size)
         x = images.to(self.conv1.weight.dtype).contiguous(memory_format=torch.channels_last)
-        x, intermediates = stage_intermediates(x, self._stages(), indices, stop_early, intermediates_only)
-        output = {"image_intermediates": intermediates}
-        if not intermediates_only:
-            output["image_features"] = self.attnpool(x)
-        return output
+        return stage_intermediates(x, self._stages(), self.attnpool, indices, stop_early, intermediates_only,
+                                   output_fmt)
