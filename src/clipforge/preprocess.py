@@ -111,14 +111,17 @@ def resize_short_side(image: Image.Image, size: int, interpolation: str = "bicub
     return image.resize(new_size, INTERPOLATIONS[interpolation])
 
 
-def center_crop(image: Image.Image, size: int) -> Image.Image:
+def center_crop(image: Image.Image, size: int, floor: bool = False) -> Image.Image:
+    """The centre ``size`` x ``size``, its offset half the margin rounded as torchvision rounds it (half to even), or
+    with ``floor`` rounded down, as transformers' CLIP image processor does (a margin of 3, 7, 11 ... pixels: one pixel
+    apart)."""
     width, height = image.size
     if width < size or height < size:  # only after a resize to a smaller size; pad like torchvision
         padded = Image.new(image.mode, (max(width, size), max(height, size)))
         padded.paste(image, ((max(width, size) - width) // 2, (max(height, size) - height) // 2))
         image, (width, height) = padded, padded.size
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
+    offset = (lambda margin: margin // 2) if floor else (lambda margin: int(round(margin / 2.0)))
+    top, left = offset(height - size), offset(width - size)
     return image.crop((left, top, left + size, top + size))
 
 

@@ -266,10 +266,18 @@ def hub_config(repo: str) -> tuple[dict, dict, PretrainedSource]:
     if not hf.is_clip_config(hf_config):
         raise CheckpointError(f"hf-hub:{repo}: config.json is a {hf_config.get('model_type')!r} model, not one of "
                               f"{', '.join(hf.MODEL_TYPES)}")
-    try:  # its CLIPProcessor's image settings, where the repo has them
-        processor = json.loads(download(f"{base}/preprocessor_config.json", progress=False).read_text())
-    except NotFoundError:
-        processor = {}
+    processor_files = {}  # its image processor's settings, where the repo has them
+    for name in hf.IMAGE_PROCESSOR_FILES:
+        try:
+            processor_files[name] = json.loads(download(f"{base}/{name}", progress=False).read_text())
+            break
+        except NotFoundError:
+            continue
+        except DownloadError:
+            if not _offline():
+                raise
+            continue  # offline, one the repo lacks (its 404 left nothing to cache)
+    processor = hf.image_processor_config(processor_files)
     config = hf_config_to_clipforge(hf_config)
     if "hf_tokenizer_name" in config["text_cfg"]:  # SigLIP's, MetaCLIP 2's: its tokenizer files are in the same repo
         config["text_cfg"]["hf_tokenizer_name"] = repo

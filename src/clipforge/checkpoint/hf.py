@@ -7,6 +7,7 @@ Hugging Face splits attention into q/k/v projections where clipforge (like OpenA
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -109,6 +110,25 @@ def is_naflex(config: dict) -> bool:
 
     return config.get("model_type") == "siglip2" or "Siglip2Model" in config.get("architectures", []) or \
         ("vision_cfg" in config and is_naflex_config(config))
+
+
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # transformers 4's and 5's
+
+
+def image_processor_config(files: dict) -> dict:
+    """The image processor's settings among a folder's or repo's processor files (``{name: parsed JSON}``, a missing
+    one absent): ``preprocessor_config.json`` as transformers 4 writes it, else transformers 5's
+    ``processor_config.json``, which nests them under ``image_processor``; empty where neither has them."""
+    if files.get(IMAGE_PROCESSOR_FILES[0]):
+        return files[IMAGE_PROCESSOR_FILES[0]]
+    return (files.get(IMAGE_PROCESSOR_FILES[1]) or {}).get("image_processor") or {}
+
+
+def read_image_processor(folder: str | Path) -> dict:
+    """``image_processor_config`` of a local folder."""
+    folder = Path(folder)
+    return image_processor_config({n: json.loads((folder / n).read_text(encoding="utf-8"))
+                                   for n in IMAGE_PROCESSOR_FILES if (folder / n).is_file()})
 
 
 def processor_preprocess(processor: dict) -> dict:

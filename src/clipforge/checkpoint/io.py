@@ -59,7 +59,7 @@ def save_pretrained(model, folder: str | os.PathLike, config: dict | None = None
 
 def read_preprocess_cfg(path: str | os.PathLike) -> dict:
     """``Preprocess`` arguments a checkpoint folder records beside its weights (``preprocess_cfg`` in clipforge's
-    ``config.json`` or open_clip's ``open_clip_config.json``; a Hugging Face folder's ``preprocessor_config.json``);
+    ``config.json`` or open_clip's ``open_clip_config.json``; a Hugging Face folder's image processor, ``hf.read_image_processor``);
     empty where it records none (OpenAI's)."""
     path = Path(path)
     if not path.is_dir():
@@ -67,13 +67,10 @@ def read_preprocess_cfg(path: str | os.PathLike) -> dict:
     try:
         config_file = next((path / n for n in (CONFIG_NAME, OPEN_CLIP_CONFIG_NAME) if (path / n).is_file()), None)
         config = json.loads(config_file.read_text()) if config_file else {}
-        processor = path / "preprocessor_config.json"
         if "preprocess_cfg" in config:
             found = config["preprocess_cfg"]
-        elif processor.is_file():
-            found = hf.processor_preprocess(json.loads(processor.read_text()))
         else:
-            return {}
+            found = hf.processor_preprocess(hf.read_image_processor(path))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: unreadable preprocessing settings ({exc})") from None
     from ..preprocess import PREPROCESS_KEYS

@@ -1,0 +1,116 @@
+"""``clipforge.transformers_api`` (``CLIPModel``, ``CLIPProcessor``) against transformers' own on the same folder:
+what a transformers script spends, part by part, with only its import changed.
+
+    python benchmarks/transformers_api.py --data ../shared/data --json runs/bench/transformers-api.json
+
+ViT-B-32 at 224 pixels (random weights, as transformers saves a CLIPModel folder: tokenizer.json and
+processor_config.json), fp32, 2 threads: 64 captions (coco-mini's, padded to the longest) and 16 photos (coco-mini's at
+their own size, about 640 x 480; without --data, smooth random pictures of that size). Each part runs once to warm
+up, then ``--repeats`` interleaved rounds; medians. The model parts take the same inputs in both libraries; the
+largest difference between their outputs is reported beside the speed.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from report import finish, machine
+
+
+def _photos(data: str | None, n: int):
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    shard = Path(data or "") / "coco-mini" / "test" / "test-000000.tar"
+    if data and shard.is_file():
+        with tarfile.open(shard) as tar:
+            members = [m for m in tar.getmembers() if m.name.endswith(".jpg")][:n]
+            return [Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB") for m in members]
+    rng = np.random.RandomState(0)
+    return [Image.fromarray(rng.randint(0, 256, (480, 640, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(3))
+            for _ in range(n)]
+
+
+def _folder(root: Path) -> Path:
+    """A transformers CLIPModel folder written by transformers, from a clipforge ViT-B-32 with random weights."""
+    import torch
+    import transformers
+
+    import clipforge
+    from clipforge.convert import convert
+
+    torch.manual_seed(0)
+    clipforge.save_pretrained(clipforge.create_model("ViT-B-32").eval(), root / "ours")
+    convert(str(root / "ours"), str(root / "converted"), to="hf")
+    transformers.CLIPProcessor.from_pretrained(root / "converted").save_pretrained(root / "saved")
+    transformers.CLIPModel.from_pretrained(root / "converted").save_pretrained(root / "saved")
+    return root / "saved"
+
+
+def main() -> None:
+    import torch
+    import transformers
+
+    from clipforge import transformers_api
+    from clipforge.bench.corpora import real_captions
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="the shared data folder (coco-mini's captions and photos)")
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--texts", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    captions, photos = real_captions(args.data, args.texts), _photos(args.data, args.images)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _folder(Path(tmp))
+        libraries = {"clipforge": transformers_api, "transformers": transformers}
+        models = {k: lib.CLIPModel.from_pretrained(folder).eval() for k, lib in libraries.items()}
+        processors = {k: lib.CLIPProcessor.from_pretrained(folder) for k, lib in libraries.items()}
+    inputs = processors["transformers"](text=captions, images=photos, return_tensors="pt", padding=True)
+    texts = {"input_ids": inputs.input_ids, "attention_mask": inputs.attention_mask}
+
+    def features(output):
+        return getattr(output, "pooler_output", output)
+
+    parts = {
+        f"processor: {args.texts} captions": lambda k: processors[k](
+            text=captions, return_tensors="pt", padding=True).input_ids,
+        f"processor: {args.images} photos": lambda k: processors[k](
+            images=photos, return_tensors="pt").pixel_values,
+        f"get_image_features: {args.images} images": lambda k: features(
+            models[k].get_image_features(pixel_values=inputs.pixel_values)),
+        f"get_text_features: {args.texts} captions": lambda k: features(models[k].get_text_features(**texts)),
+        f"end to end: processor + model({args.images} photos, {args.texts} captions)": lambda k: models[k](
+            **processors[k](text=captions, images=photos, return_tensors="pt", padding=True)).logits_per_image,
+    }
+    report = {"machine": machine(args.threads), "transformers": transformers.__version__, "parts": {}}
+    with torch.no_grad():
+        for part, run in parts.items():
+            outputs = {k: run(k) for k in libraries}  # warm-up
+            seconds: dict = {k: [] for k in libraries}
+            for _ in range(args.repeats):
+                for k in libraries:
+                    started = time.perf_counter()
+                    run(k)
+                    seconds[k].append(time.perf_counter() - started)
+            medians = {k: statistics.median(v) for k, v in seconds.items()}
+            a, b = outputs["transformers"], outputs["clipforge"]
+            report["parts"][part] = {
+                "seconds (median)": {k: round(v, 4) for k, v in medians.items()},
+                "speed vs transformers": round(medians["transformers"] / medians["clipforge"], 2),
+                "largest difference": float((a.float() - b.float()).abs().max())}
+            print(part, report["parts"][part], flush=True)
+    finish(report, args.json)
+
+
+if __name__ == "__main__":
+    main()

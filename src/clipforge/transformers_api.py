@@ -1,0 +1,569 @@
+"""Hugging Face transformers' CLIP classes answered by clipforge: a script that does
+``from clipforge.transformers_api import CLIPModel, CLIPProcessor`` in place of ``from transformers import ...`` gets
+the same token ids, pixels and features (``get_image_features`` / ``get_text_features``, ``model(...)``'s logits and
+loss) from the same folders and hub repos, without transformers installed.
+
+``get_*_features`` return the features as a tensor, as transformers 4 did, that also answers transformers 5's
+``.pooler_output`` (the same values), so scripts written for either run. What is not built here is refused by name:
+other image sizes (``interpolate_pos_encoding``), attention maps and hidden states (``forward_intermediates`` gives the
+blocks' outputs), SigLIP's ``SiglipModel`` (``clipforge.load`` reads its folders)."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .models.clip import CLIP
+
+class Features(torch.Tensor):
+    """Projected features as transformers 4's ``get_*_features`` returned them (a tensor) that also answer
+    transformers 5's ``.pooler_output``, where its ``BaseModelOutputWithPooling`` holds them. Operations on them give
+    plain tensors, and ``torch.save`` stores a plain tensor (one ``torch.load(weights_only=True)`` reads)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def pooler_output(self) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor)
+
+    def __reduce_ex__(self, protocol):
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+
+class ModelOutput(dict):
+    """transformers' ``ModelOutput``: fields by attribute, key or position (the fields that are set, in order)."""
+
+    fields: tuple[str, ...] = ()
+
+    def __init__(self, **values):
+        unknown = set(values) - set(self.fields)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field {', '.join(sorted(unknown))}")
+        super().__init__((k, values[k]) for k in self.fields if values.get(k) is not None)
+
+    def __getattr__(self, name: str):
+        if name in self:
+            return self[name]
+        if name in self.fields:
+            return None
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
+        return super().__getitem__(key)
+
+    def to_tuple(self) -> tuple:
+        return tuple(self.values())
+
+
+class CLIPOutput(ModelOutput):
+    """``CLIPModel``'s output: the contrastive ``loss`` (with ``return_loss``), ``logits_per_image`` [images, texts],
+    ``logits_per_text`` [texts, images], the L2-normalised ``text_embeds`` and ``image_embeds``."""
+
+    fields = ("loss", "logits_per_image", "logits_per_text", "text_embeds", "image_embeds")
+
+
+class BatchEncoding(dict):
+    """A processor's or tokenizer's output (``input_ids``, ``attention_mask``, ``pixel_values``) by key or attribute;
+    ``.to(device)`` moves every tensor, ``.to(dtype)`` casts the floating ones (pixels), as transformers' does."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no {name!r} in this batch (it has {', '.join(self) or 'nothing'})") from None
+
+    def to(self, *args, **kwargs) -> "BatchEncoding":
+        device = kwargs.get("device", next((a for a in args if not isinstance(a, torch.dtype)), None))
+        return BatchEncoding({k: (v.to(*args, **kwargs) if v.is_floating_point() else v.to(device))
+                              if torch.is_tensor(v) else v for k, v in self.items()})
+
+
+def _folder(name_or_path: str | os.PathLike, names: tuple[str, ...]) -> Path:
+    """A local folder, or a hub repo's ``names`` (those it has) fetched once into the cache."""
+    from .hub_tokenizer import is_hub_name
+    from .pretrained import cache_dir, fetch_hub_file
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    repo = str(name_or_path).removeprefix("hf-hub:")
+    if path.exists() or "/" not in repo or not is_hub_name(repo):
+        raise ValueError(f"{name_or_path}: expected a model folder or a Hugging Face Hub repo (OWNER/NAME)")
+    folder = cache_dir() / "transformers-api" / repo.replace("/", "--")
+    done = folder / f".complete-{'-'.join(names)}"  # each file asked for once: offline afterwards, nothing is asked
+    if not done.exists():
+        for name in names:
+            fetch_hub_file(repo, name, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        done.touch()
+    return folder
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an ``AddedToken`` dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class CLIPTokenizer:
+    """transformers' ``CLIPTokenizer`` / ``CLIPTokenizerFast``: the folder's ``tokenizer.json`` (or ``vocab.json`` and
+    ``merges.txt``) run by ``tokenizers``, as transformers runs them: ``<|startoftext|>`` ... ``<|endoftext|>``, padded
+    with the folder's pad token (``<|endoftext|>`` in OpenAI's repos). Its text cleaning is transformers' (Unicode NFC,
+    runs of white space, lower case), not OpenAI's ftfy: the ids are what ``CLIPModel`` was given in transformers."""
+
+    _FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+    def __init__(self, backend, model_max_length: int = 77, bos_token: str = "<|startoftext|>",
+                 eos_token: str = "<|endoftext|>", pad_token: str = "<|endoftext|>"):
+        self._backend = backend
+        self.model_max_length = model_max_length
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        for name in ("bos_token", "eos_token", "pad_token"):
+            token_id = backend.token_to_id(getattr(self, name))
+            if token_id is None:
+                raise ValueError(f"the tokenizer's {name} {getattr(self, name)!r} is not in its vocabulary")
+            setattr(self, f"{name}_id", token_id)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> "CLIPTokenizer":
+        """From a folder or hub repo holding ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``."""
+        from tokenizers import Tokenizer
+
+        folder = _folder(name_or_path, cls._FILES)
+        settings = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+        special = {k: _token_text(settings[k]) for k in ("bos_token", "eos_token", "pad_token") if settings.get(k)}
+        special.update({k: kwargs.pop(k) for k in ("bos_token", "eos_token", "pad_token") if k in kwargs})
+        max_length = kwargs.pop("model_max_length", settings.get("model_max_length", 77))
+        if kwargs:
+            raise TypeError(f"CLIPTokenizer.from_pretrained: {', '.join(sorted(kwargs))} not built here")
+        if (folder / "tokenizer.json").is_file():
+            backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            backend = _bpe_backend(folder, special.get("bos_token", "<|startoftext|>"),
+                                   special.get("eos_token", "<|endoftext|>"))
+        else:
+            raise FileNotFoundError(f"{name_or_path}: no tokenizer.json, nor vocab.json with merges.txt: not a "
+                                    "transformers CLIP tokenizer (clipforge.get_tokenizer reads clipforge's and "
+                                    "open_clip's models)")
+        backend.no_padding()
+        backend.no_truncation()
+        # transformers' cap for "no limit" (a huge number) means none: the model's context length bounds it anyway
+        return cls(backend, min(int(max_length), 10 ** 6), **special)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def __call__(self, text: str | list[str], padding: bool | str = False, truncation: bool | str | None = None,
+                 max_length: int | None = None, return_tensors: str | None = None,
+                 return_attention_mask: bool = True, **kwargs) -> BatchEncoding:
+        """``input_ids`` and ``attention_mask``: lists, or with ``return_tensors`` "pt" / "np" a [N, L] array.
+        ``padding``: False, True / "longest" (to the longest text), "max_length" (to ``max_length``, by default the
+        model's context length); ``truncation``: True / "longest_first" cuts to ``max_length`` keeping the end token
+        (``max_length`` alone does not truncate, as in transformers)."""
+        if kwargs:
+            raise TypeError(f"CLIPTokenizer: {', '.join(sorted(kwargs))} not built here")
+        single = isinstance(text, str)
+        texts = [text] if single else text
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("CLIPTokenizer takes a string or a list of strings")
+        if padding not in (False, True, "do_not_pad", "longest", "max_length"):
+            raise ValueError(f"padding={padding!r}: expected False, True, 'longest' or 'max_length'")
+        if truncation not in (None, False, True, "do_not_truncate", "longest_first", "only_first"):
+            raise ValueError(f"truncation={truncation!r}: expected True, False or 'longest_first'")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: 'pt' and 'np' are built here")
+        limit = max_length or self.model_max_length
+        if truncation not in (None, False, "do_not_truncate"):
+            self._backend.enable_truncation(max_length=limit)  # the template's special tokens kept within it
+        rows = [e.ids for e in self._backend.encode_batch(list(texts))]
+        self._backend.no_truncation()
+        longest = max(map(len, rows), default=0)
+        if longest > self.model_max_length:
+            warnings.warn(f"a text is {longest} tokens, longer than this model's {self.model_max_length}: pass "
+                          "truncation=True (the model refuses it as it is)", stacklevel=2)
+        width = limit if padding == "max_length" else longest if padding in (True, "longest") else None
+        masks = [[1] * len(r) + [0] * ((width or len(r)) - len(r)) for r in rows]
+        rows = [r + [self.pad_token_id] * ((width or len(r)) - len(r)) for r in rows]
+        if return_tensors is not None:
+            if len({len(r) for r in rows}) > 1:
+                raise ValueError("the texts have different lengths: pass padding=True (or 'max_length') to make "
+                                 "one tensor of them")
+            convert = (lambda x: torch.tensor(x, dtype=torch.long).reshape(len(x), -1)) if return_tensors == "pt" \
+                else (lambda x: np.array(x, dtype=np.int64).reshape(len(x), -1))
+            rows, masks = convert(rows), convert(masks)
+        elif single:
+            rows, masks = rows[0], masks[0]
+        out = BatchEncoding(input_ids=rows)
+        if return_attention_mask:
+            out["attention_mask"] = masks
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """The text of one row of ids (``</w>``, BPE's end of word, as a space)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return text.replace("</w>", " ").strip()
+
+    def batch_decode(self, rows, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
+
+def _bpe_backend(folder: Path, bos_token: str, eos_token: str):
+    """OpenAI's BPE from ``vocab.json`` and ``merges.txt`` as transformers builds it: NFC, white space runs to one
+    space, lower case; words, digits and punctuation runs split as OpenAI's pattern splits them, each word's last
+    piece marked ``</w>``; the start and end tokens around each text."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    vocab = _read_json(folder / "vocab.json")
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                            unk_token=eos_token, fuse_unk=False))
+    backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                               normalizers.Lowercase()])
+    words = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([bos_token, eos_token])  # whole tokens, never split, dropped by skip_special_tokens
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos_token} $A {eos_token}",
+        special_tokens=[(bos_token, vocab[bos_token]), (eos_token, vocab[eos_token])])
+    return backend
+
+
+class CLIPImageProcessor:
+    """transformers' ``CLIPImageProcessor``: transparency composited on white, the short side resized (bicubic, or
+    as the folder's ``resample`` says), the centre cropped as transformers crops it (half the margin rounded down,
+    where open_clip's crop, and ``clipforge.load``'s, rounds half to even: a pixel apart for some sizes), or the whole
+    image squashed; scaled and normalised with the folder's mean and std. The 8-bit image is resized by PyTorch's
+    antialiased interpolation, as transformers 5 (torchvision) resizes it: its pixels, exactly, 2-3x faster.
+    ``CLIPImageProcessorPil`` resizes with Pillow instead: transformers' class of that name (4.x's default)."""
+
+    pillow = False
+
+    def __init__(self, image_size: int, mean, std, resize_mode: str = "shortest", interpolation: str = "bicubic"):
+        from .preprocess import Preprocess
+
+        self.settings = Preprocess(image_size, mean, std, resize_mode, interpolation)  # checked there
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike) -> "CLIPImageProcessor":
+        from .checkpoint.hf import IMAGE_PROCESSOR_FILES, processor_preprocess, read_image_processor
+        from .preprocess import OPENAI_MEAN, OPENAI_STD
+
+        folder = _folder(name_or_path, IMAGE_PROCESSOR_FILES)
+        config = read_image_processor(folder)
+        if not config:
+            raise FileNotFoundError(f"{name_or_path}: no image processor ({' or '.join(IMAGE_PROCESSOR_FILES)})")
+        kind = config.get("image_processor_type", "CLIPImageProcessor")
+        if not kind.startswith("CLIPImageProcessor"):
+            raise ValueError(f"{name_or_path}: a {kind}, not a CLIPImageProcessor (clipforge.load reads the model "
+                             "with its own preprocessing)")
+        if config.get("resample", 3) not in (2, 3):
+            raise ValueError(f"{name_or_path}: resample {config['resample']} (PIL's code): bilinear (2) and bicubic "
+                             "(3) are built here")
+        crop, size = config.get("crop_size"), config.get("size")
+        size = crop if config.get("do_center_crop", True) and crop else size
+        side = size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size
+        if not isinstance(side, int):
+            raise ValueError(f"{name_or_path}: its image processor gives no image size (size / crop_size)")
+        return cls(side, **{"mean": OPENAI_MEAN, "std": OPENAI_STD, **processor_preprocess(config)})
+
+    def __call__(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchEncoding:
+        """``pixel_values`` [N, 3, size, size] from a PIL image, an [H, W, 3] uint8 array or a [3, H, W] uint8
+        tensor, or a list of them."""
+        if kwargs:
+            raise TypeError(f"CLIPImageProcessor: {', '.join(sorted(kwargs))} not built here")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: 'pt' and 'np' are built here")
+        batch = images if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise ValueError("no images given")
+        pixels = torch.stack([self._pixels(_rgb(_as_pil(image))) for image in batch])
+        return BatchEncoding(pixel_values=pixels.numpy() if return_tensors == "np" else pixels)
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        from .preprocess import INTERPOLATIONS, center_crop, resize_short_side, to_tensor
+
+        p = self.settings
+        size, squash = p.image_size, p.resize_mode == "squash"
+        if self.pillow:
+            image = image.resize((size, size), INTERPOLATIONS[p.interpolation]) if squash else \
+                center_crop(resize_short_side(image, size, p.interpolation), size, floor=True)
+            return to_tensor(image, p.mean, p.std)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # uint8 [3, H, W]
+        height, width = pixels.shape[1:]
+        short, long = min(height, width), max(height, width)
+        target = (size, size) if squash else (size, int(size * long / short)) if height <= width else \
+            (int(size * long / short), size)
+        if target != (height, width):  # on the 8-bit image, as torchvision resizes one
+            pixels = F.interpolate(pixels[None], size=target, mode=p.interpolation, antialias=True,
+                                   align_corners=False)[0]
+        top, left = (target[0] - size) // 2, (target[1] - size) // 2
+        pixels = pixels[:, top:top + size, left:left + size].float() / 255
+        return (pixels - torch.tensor(p.mean).view(3, 1, 1)) / torch.tensor(p.std).view(3, 1, 1)
+
+
+class CLIPImageProcessorPil(CLIPImageProcessor):
+    """``CLIPImageProcessor`` resized by Pillow: transformers' ``CLIPImageProcessorPil`` pixels (transformers 4's
+    ``CLIPImageProcessor``), exactly."""
+
+    pillow = True
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """RGB, transparency composited on white (as transformers' processors convert; Pillow's convert drops it)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
+    return image.convert("RGB")
+
+
+def _as_pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if torch.is_tensor(image):
+        if image.ndim != 3 or image.shape[0] not in (1, 3) or image.dtype != torch.uint8:
+            raise ValueError(f"an image tensor must be [3, H, W] (or [1, H, W]) uint8; got {tuple(image.shape)} "
+                             f"{image.dtype}")
+        image = image.permute(1, 2, 0).numpy()
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+            raise ValueError(f"an image array must be [H, W, 3] or [H, W] uint8; got {image.shape} {image.dtype}")
+        return Image.fromarray(image)
+    raise TypeError(f"expected a PIL image, a uint8 array or tensor; got {type(image).__name__}")
+
+
+class CLIPProcessor:
+    """transformers' ``CLIPProcessor``: ``processor(text=..., images=..., return_tensors="pt", padding=True)`` gives
+    ``input_ids``, ``attention_mask`` and ``pixel_values`` in one batch. Text and images may also be given by
+    position in either order (transformers 4 took text first, 5 takes images first)."""
+
+    def __init__(self, image_processor: CLIPImageProcessor | None = None, tokenizer: CLIPTokenizer | None = None):
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike) -> "CLIPProcessor":
+        return cls(CLIPImageProcessor.from_pretrained(name_or_path), CLIPTokenizer.from_pretrained(name_or_path))
+
+    def __call__(self, *args, text=None, images=None, return_tensors: str | None = None, **kwargs) -> BatchEncoding:
+        for value in args:
+            is_text = isinstance(value, str) or (isinstance(value, (list, tuple)) and value
+                                                 and all(isinstance(v, str) for v in value))
+            if is_text and text is None:
+                text = value
+            elif not is_text and images is None:
+                images = value
+            else:
+                raise TypeError("CLIPProcessor takes one text batch and one image batch")
+        if text is None and images is None:
+            raise ValueError("give text=..., images=..., or both")
+        out = BatchEncoding()
+        if text is not None:
+            out.update(self.tokenizer(text, return_tensors=return_tensors, **kwargs))
+        elif kwargs:
+            raise TypeError(f"CLIPProcessor: {', '.join(sorted(kwargs))} apply to text, and none was given")
+        if images is not None:
+            out.update(self.image_processor(images, return_tensors=return_tensors))
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens)
+
+    def batch_decode(self, rows, skip_special_tokens: bool = False) -> list[str]:
+        return self.tokenizer.batch_decode(rows, skip_special_tokens)
+
+
+class _Config:
+    """A config's keys as attributes (``model.config.projection_dim``, ``model.config.vision_config.image_size``)."""
+
+    def __init__(self, values: dict):
+        for key, value in values.items():
+            setattr(self, key, _Config(value) if isinstance(value, dict) else value)
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, _Config) else v for k, v in vars(self).items()}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_dict()})"
+
+
+# transformers' from_pretrained keywords that change nothing here (attention is PyTorch's fused kernel either way)
+_HARMLESS = {"attn_implementation", "low_cpu_mem_usage", "use_safetensors", "trust_remote_code", "local_files_only",
+             "revision"}
+
+
+class CLIPModel(torch.nn.Module):
+    """transformers' ``CLIPModel`` over a clipforge ``CLIP`` (``self.clip``): ``from_pretrained`` reads what
+    ``clipforge.load`` reads (transformers' folders and hub repos, open_clip's, OpenAI's, clipforge's); the state
+    dict is clipforge's, under ``clip.``, and ``save_pretrained`` writes a folder transformers loads."""
+
+    def __init__(self, clip: CLIP):
+        super().__init__()
+        if not isinstance(clip, CLIP):
+            raise TypeError(f"CLIPModel wraps a clipforge CLIP model, not a {type(clip).__name__}")
+        self.clip = clip
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype=None, torch_dtype=None, device_map=None,
+                        cache_dir: str | None = None, **kwargs) -> "CLIPModel":
+        """A folder, a hub repo (``OWNER/NAME``, fetched once into clipforge's cache, or ``cache_dir``) or a
+        checkpoint file. ``dtype`` (``torch_dtype``): float32 unless given ("auto" keeps float32: the weights are
+        read into clipforge's float32 model). ``device_map``: a device, or "auto" (a GPU where there is one)."""
+        from . import load_model
+        from .checkpoint.hf import is_siglip
+        from .hub_tokenizer import is_hub_name
+        from .pretrained import cache_at
+
+        unknown = set(kwargs) - _HARMLESS
+        if unknown:
+            raise TypeError(f"CLIPModel.from_pretrained: {', '.join(sorted(unknown))} not built here")
+        if kwargs.get("revision", "main") != "main":
+            raise ValueError("revision: only a hub repo's main branch is fetched here")
+        name = os.fspath(name_or_path)
+        if not os.path.exists(name) and not name.startswith("hf-hub:"):
+            if "/" not in name or not is_hub_name(name):
+                raise ValueError(f"{name}: expected a model folder, a checkpoint file or a Hugging Face Hub repo "
+                                 "(OWNER/NAME); zoo names load with clipforge.load")
+            name = f"hf-hub:{name}"
+        with cache_at(cache_dir):
+            clip = load_model(name)
+        if type(clip) is not CLIP:
+            raise ValueError(f"{name_or_path}: a {type(clip).__name__}, not a CLIP model")
+        if is_siglip(clip.config):
+            raise ValueError(f"{name_or_path}: a SigLIP model; transformers' SiglipModel API is not built here "
+                             "(clipforge.load reads it, with its sigmoid probabilities)")
+        dtype = dtype if dtype is not None else torch_dtype
+        if dtype not in (None, "auto"):
+            clip = clip.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        if isinstance(device_map, dict):
+            raise ValueError("device_map: one device (a string or torch.device) or 'auto'; models are not split here")
+        if device_map == "auto":
+            device_map = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_map is not None:
+            clip = clip.to(device_map)
+        return cls(clip).eval()
+
+    @property
+    def config(self) -> _Config:
+        """transformers' config for this model (``CLIPConfig``'s keys); one that ``CLIPModel`` cannot hold
+        (a Hugging Face text encoder, a ResNet) is named."""
+        from .checkpoint.hf import config_from_clipforge
+
+        return _Config(config_from_clipforge(self.clip.config, float(self.clip.logit_scale.detach())))
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.logit_scale.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.clip.visual.parameters()).dtype
+
+    @property
+    def logit_scale(self) -> torch.nn.Parameter:
+        return self.clip.logit_scale
+
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> None:
+        """A transformers ``CLIPModel`` folder (``config.json``, ``model.safetensors``, the tokenizer and processor
+        files), as ``clipforge convert --to hf`` writes it."""
+        from .checkpoint import hf
+
+        if set(kwargs) - {"safe_serialization"} or not kwargs.get("safe_serialization", True):
+            raise TypeError("save_pretrained writes safetensors; other options are not built here")
+        hf.save(self.clip, folder)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          position_ids: torch.Tensor | None = None, **kwargs) -> Features:
+        """The projected text features [N, D], not normalised."""
+        _refuse(kwargs, position_ids=position_ids)
+        if attention_mask is not None:
+            _check_right_padded(input_ids, attention_mask, self.clip.text)
+        return self.clip.encode_text(input_ids).as_subclass(Features)
+
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
+                           **kwargs) -> Features:
+        """The projected image features [N, D], not normalised."""
+        _refuse(kwargs, interpolate_pos_encoding=interpolate_pos_encoding)
+        return self.clip.encode_image(pixel_values).as_subclass(Features)
+
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_loss: bool | None = None, interpolate_pos_encoding: bool = False, **kwargs) -> CLIPOutput:
+        """Both towers, their normalised embeddings and the scaled cosine similarities (the temperature unclamped,
+        as transformers'); ``return_loss``: CLIP's symmetric cross-entropy over the batch's pairs."""
+        if input_ids is None or pixel_values is None:
+            raise ValueError("CLIPModel's forward takes both input_ids and pixel_values; get_text_features and "
+                             "get_image_features take one")
+        image_embeds = F.normalize(self.get_image_features(pixel_values, interpolate_pos_encoding, **kwargs), dim=-1)
+        text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask, position_ids), dim=-1)
+        logits_per_text = self.clip.logit_scale.exp() * text_embeds @ image_embeds.t()
+        loss = None
+        if return_loss:
+            labels = torch.arange(len(logits_per_text), device=logits_per_text.device)
+            loss = (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels)) / 2
+        return CLIPOutput(loss=loss, logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text,
+                          text_embeds=text_embeds, image_embeds=image_embeds)
+
+
+def _refuse(kwargs: dict, position_ids=None, interpolate_pos_encoding: bool = False) -> None:
+    """What transformers' CLIPModel takes and this one does not build, named."""
+    if position_ids is not None:
+        raise ValueError("position_ids: only the positions 0..L-1 are built here")
+    if interpolate_pos_encoding:
+        raise ValueError("interpolate_pos_encoding: load the model at the other size instead "
+                         "(clipforge.load(..., force_image_size=SIZE) resizes its position grid once)")
+    if kwargs.pop("return_dict", True) is False:
+        raise ValueError("return_dict=False: features come as a tensor, outputs as a CLIPOutput (index it by "
+                         "position for the tuple's order)")
+    for name in ("output_attentions", "output_hidden_states"):
+        if kwargs.pop(name, False):
+            raise ValueError(f"{name}: not computed here; clipforge's model.clip.forward_intermediates(...) gives "
+                             "every block's output")
+    if kwargs:
+        raise TypeError(f"CLIPModel: {', '.join(sorted(kwargs))} not built here")
+
+
+def _check_right_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, text: torch.nn.Module) -> None:
+    """CLIP's causal text tower pools one position, which sees nothing after it: a mask that pads after that position
+    changes nothing, one that masks a token before it (left padding) would, and is refused, as is padding for a tower
+    that attends both ways."""
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                         f"{tuple(input_ids.shape)}")
+    if bool(attention_mask.all()):
+        return
+    if not getattr(text, "causal", False) or not hasattr(text, "_pool_index"):
+        raise ValueError("attention_mask masks padding, which this model's text tower (not CLIP's causal "
+                         "transformer) does not take: pass input_ids alone, padded as its tokenizer pads them")
+    pooled = text._pool_index(input_ids).to(attention_mask.device)
+    leading = attention_mask.to(torch.long).cumprod(dim=-1).sum(dim=-1)  # each row's unmasked start
+    if bool((leading <= pooled).any()):
+        raise ValueError("attention_mask masks a token at or before a text's end-of-text token (left padding?): "
+                         "CLIP's text is padded on the right")
+
+
+# transformers' Auto classes, for the CLIP folders and repos these read (AutoModel gives CLIPModel for one)
+AutoModel, AutoProcessor, AutoTokenizer = CLIPModel, CLIPProcessor, CLIPTokenizer
+AutoImageProcessor = CLIPImageProcessor
+CLIPTokenizerFast, CLIPImageProcessorFast = CLIPTokenizer, CLIPImageProcessor

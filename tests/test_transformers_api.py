@@ -1,0 +1,240 @@
+"""clipforge.transformers_api against transformers' CLIPModel / CLIPProcessor on the same folders (random weights):
+the folder `clipforge convert --to hf` writes (vocab.json + merges.txt, transformers 4's preprocessor_config.json) and
+the one transformers 5 writes from it (tokenizer.json, processor_config.json)."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+import clipforge
+from clipforge import transformers_api
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from clipforge.convert import convert
+
+    root = tmp_path_factory.mktemp("transformers_api")
+    torch.manual_seed(0)
+    clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64").eval(), root / "ours")
+    convert(str(root / "ours"), str(root / "converted"), to="hf")
+    transformers.CLIPProcessor.from_pretrained(root / "converted").save_pretrained(root / "saved")
+    transformers.CLIPModel.from_pretrained(root / "converted").save_pretrained(root / "saved")
+    assert (root / "saved" / "tokenizer.json").is_file() and (root / "saved" / "processor_config.json").is_file()
+    return {"converted": root / "converted", "saved": root / "saved"}
+
+
+def _photos(n: int = 12, seed: int = 0) -> list[Image.Image]:
+    """Smooth random pictures of odd and even sizes, wide and tall: every crop offset rounding case."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in range(n):
+        width, height = int(rng.randint(40, 300)), int(rng.randint(40, 300))
+        noise = rng.randint(0, 256, (height, width, 3), dtype=np.uint8)
+        out.append(Image.fromarray(noise).filter(ImageFilter.GaussianBlur(3)))
+    return out
+
+
+def _script(library, folder, texts, images):
+    """What a transformers user writes, with only the import changed: 4.x's normalisation of get_*_features, 5.x's
+    .pooler_output, the processor's batch moved with .to(), the model's logits and loss."""
+    model = library.CLIPModel.from_pretrained(folder).eval()
+    processor = library.CLIPProcessor.from_pretrained(folder)
+    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True).to(model.device)
+    with torch.no_grad():
+        image_features = model.get_image_features(pixel_values=inputs["pixel_values"])
+        text_features = model.get_text_features(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask)
+        outputs = model(**inputs, return_loss=True)
+    if library is transformers_api:  # the tensor also answers .pooler_output, as transformers 5's output does
+        assert torch.equal(image_features.pooler_output, image_features)
+        image_features = image_features / image_features.norm(p=2, dim=-1, keepdim=True)
+    else:
+        image_features = torch.nn.functional.normalize(image_features.pooler_output, dim=-1)
+    text_features = getattr(text_features, "pooler_output", text_features)
+    return {"input_ids": inputs.input_ids, "attention_mask": inputs.attention_mask, "image": image_features,
+            "text": text_features, "probs": outputs.logits_per_image.softmax(dim=1), "loss": outputs.loss,
+            "logits_per_text": outputs["logits_per_text"], "image_embeds": outputs[4]}  # loss first, as set
+
+
+@pytest.mark.parametrize("kind", ["converted", "saved"])
+def test_a_transformers_script_runs_with_clipforge_swapped_in(folders, kind):
+    texts = ["a photo of a cat", "A Dog's   DINNER, café & crème brûlée!! 😀", "two  dogs\tplay?!"]
+    theirs = _script(transformers, folders[kind], texts, _photos(3))
+    ours = _script(transformers_api, folders[kind], texts, _photos(3))
+    assert torch.equal(theirs["input_ids"], ours["input_ids"])
+    assert torch.equal(theirs["attention_mask"], ours["attention_mask"])
+    assert theirs["input_ids"].shape[1] < 32  # padded to the longest text, shorter than the context
+    for key in ("image", "text", "probs", "loss", "logits_per_text", "image_embeds"):
+        assert (theirs[key] - ours[key]).abs().max().item() <= TOL, key
+
+
+@pytest.mark.parametrize("kind", ["converted", "saved"])
+def test_token_ids_and_decoding_are_transformers_on_natural_and_noisy_text(folders, kind):
+    from clipforge.bench.corpora import distinct_captions, noisy_captions
+
+    texts = distinct_captions(None, 150) + noisy_captions(None, 150) + ["", " ", "x " * 40, "<|endoftext|> hi"]
+    theirs = transformers.CLIPTokenizer.from_pretrained(folders[kind])
+    ours = transformers_api.CLIPTokenizer.from_pretrained(folders[kind])
+    for settings in ({"padding": True, "truncation": True}, {"padding": "max_length", "truncation": True},
+                     {"padding": "max_length", "truncation": True, "max_length": 12}):
+        a, b = theirs(texts, return_tensors="pt", **settings), ours(texts, return_tensors="pt", **settings)
+        assert torch.equal(a.input_ids, b.input_ids), settings
+        assert torch.equal(a.attention_mask, b.attention_mask), settings
+    a, b = theirs(texts[:20]), ours(texts[:20])  # lists, unpadded
+    assert a["input_ids"] == b["input_ids"] and a["attention_mask"] == b["attention_mask"]
+    assert theirs("one text")["input_ids"] == ours("one text")["input_ids"]
+    assert (ours.pad_token_id, ours.eos_token_id, ours.model_max_length) == (49407, 49407, 32)
+    for skip in (True, False):
+        assert theirs.batch_decode(a["input_ids"], skip_special_tokens=skip) == \
+            ours.batch_decode(b["input_ids"], skip_special_tokens=skip)
+    with pytest.raises(ValueError, match="padding=True"):
+        ours(["a", "a longer text"], return_tensors="pt")
+    with pytest.warns(UserWarning, match="truncation=True"):
+        assert ours("x " * 40)["input_ids"][-1] == 49407
+
+
+@pytest.mark.parametrize("squash", [False, True])
+@pytest.mark.parametrize("resample", [3, 2])
+def test_pixels_are_transformers_5s_and_with_pillow_transformers_4s_exactly(squash, resample, tmp_path):
+    settings = {"size": {"height": 64, "width": 64}, "do_center_crop": False} if squash else \
+        {"size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}}
+    settings.update(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.25], resample=resample)
+    transformers.CLIPImageProcessor(**settings).save_pretrained(tmp_path)
+    photos = _photos(16, seed=1) + [Image.new("RGBA", (90, 70), (200, 10, 10, 100)), Image.new("L", (64, 64), 90)]
+    std = torch.tensor(settings["image_std"]).view(1, 3, 1, 1)
+    for ours, theirs in ((transformers_api.CLIPImageProcessor, transformers.CLIPImageProcessor),
+                         (transformers_api.CLIPImageProcessorPil, transformers.CLIPImageProcessorPil)):
+        pixels = ours.from_pretrained(tmp_path)(photos, return_tensors="pt").pixel_values
+        assert pixels.shape == (18, 3, 64, 64)
+        expected = theirs(**settings)(images=photos, return_tensors="pt").pixel_values
+        assert ((expected - pixels).abs() * std * 255).max().item() < 1e-3, ours  # the same 8-bit levels
+    # arrays and tensors of the same picture give its pixels
+    processor = transformers_api.CLIPImageProcessor.from_pretrained(tmp_path)
+    array = np.array(photos[0])
+    assert torch.equal(processor(array).pixel_values, processor(photos[0]).pixel_values)
+    assert torch.equal(processor(torch.from_numpy(array).permute(2, 0, 1)).pixel_values, processor(array).pixel_values)
+    with pytest.raises(ValueError, match="uint8"):
+        processor(np.zeros((8, 8, 3), dtype=np.float32))
+
+
+def test_crop_margins_are_split_as_transformers_splits_them_not_as_open_clip():
+    """transformers halves a crop's margin rounding down; torchvision (open_clip, clipforge.load's preprocess) rounds
+    half to even: a margin of 3, 7, 11 ... pixels puts the two crops a pixel apart."""
+    from clipforge.preprocess import center_crop
+
+    image = Image.fromarray(np.arange(7 * 4, dtype=np.uint8).reshape(7, 4))  # height 7, width 4: margin 3
+    assert np.asarray(center_crop(image, 4, floor=True))[0, 0] == 4  # from row 1
+    assert np.asarray(center_crop(image, 4))[0, 0] == 8  # from row 2
+
+
+def test_features_are_a_tensor_that_saves_plainly_and_keeps_its_gradient(folders):
+    model = transformers_api.CLIPModel.from_pretrained(folders["saved"]).train()
+    features = model.get_image_features(torch.randn(2, 3, 64, 64))
+    assert type(features / 2) is torch.Tensor and type(features.pooler_output) is torch.Tensor
+    features.pooler_output.sum().backward()
+    assert model.clip.visual.conv1.weight.grad is not None
+    buffer = io.BytesIO()
+    torch.save(features.detach(), buffer)
+    buffer.seek(0)
+    assert type(torch.load(buffer, weights_only=True)) is torch.Tensor
+    buffer = io.BytesIO()
+    torch.save(features, buffer)  # the subclass itself: stored as a plain tensor
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=True), features.detach())
+
+
+def test_save_pretrained_writes_a_folder_transformers_loads_and_clipforge_reads_transformers_5_processor(folders,
+                                                                                                         tmp_path):
+    ours = transformers_api.CLIPModel.from_pretrained(folders["converted"], dtype="float32", device_map="cpu",
+                                                      attn_implementation="sdpa")
+    assert (ours.config.projection_dim, ours.config.vision_config.image_size, ours.dtype) == (128, 64, torch.float32)
+    ours.save_pretrained(tmp_path / "again")
+    theirs = transformers.CLIPModel.from_pretrained(tmp_path / "again").eval()
+    images, tokens = torch.randn(2, 3, 64, 64), transformers_api.CLIPTokenizer.from_pretrained(folders["saved"])(
+        ["a cat", "a dog on a mat"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a, b = theirs(pixel_values=images, **tokens), ours(pixel_values=images, **tokens)
+        assert (theirs.get_image_features(images).pooler_output - ours.get_image_features(images)).abs().max() <= TOL
+        assert (theirs.get_text_features(**tokens).pooler_output - ours.get_text_features(**tokens)).abs().max() <= TOL
+    for key in ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds"):
+        assert (a[key] - b[key]).abs().max().item() <= TOL, key
+    # a folder transformers 5 saved keeps its image settings in processor_config.json: clipforge.load reads them
+    processor = transformers.CLIPProcessor.from_pretrained(folders["converted"])
+    processor.image_processor.image_mean, processor.image_processor.image_std = [0.5] * 3, [0.5] * 3
+    theirs.save_pretrained(tmp_path / "transformers-5")
+    processor.save_pretrained(tmp_path / "transformers-5")
+    assert not (tmp_path / "transformers-5" / "preprocessor_config.json").exists()
+    _, preprocess, _ = clipforge.load(str(tmp_path / "transformers-5"))
+    assert preprocess.mean == preprocess.std == (0.5, 0.5, 0.5)
+
+
+def test_what_is_not_built_is_refused_by_name(folders, tmp_path):
+    model = transformers_api.CLIPModel.from_pretrained(folders["saved"])
+    images = torch.randn(1, 3, 64, 64)
+    ids = torch.tensor([[49406, 320, 49407, 49407]])
+    with pytest.raises(ValueError, match="force_image_size"):
+        model.get_image_features(images, interpolate_pos_encoding=True)
+    with pytest.raises(ValueError, match="forward_intermediates"):
+        model(input_ids=ids, pixel_values=images, output_hidden_states=True)
+    with pytest.raises(ValueError, match="left padding"):
+        model.get_text_features(ids, attention_mask=torch.tensor([[0, 1, 1, 1]]))
+    mask = torch.tensor([[1, 1, 1, 0]])  # right padding after the end token changes nothing
+    assert torch.equal(model.get_text_features(ids, attention_mask=mask), model.get_text_features(ids))
+    with pytest.raises(TypeError, match="load_in_8bit"):
+        transformers_api.CLIPModel.from_pretrained(folders["saved"], load_in_8bit=True)
+    with pytest.raises(ValueError, match="zoo names"):
+        transformers_api.CLIPModel.from_pretrained("ViT-B-32")
+    with pytest.raises(ValueError, match="both input_ids and pixel_values"):
+        model(pixel_values=images)
+    with pytest.raises(FileNotFoundError, match="image processor"):
+        transformers_api.CLIPImageProcessor.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        transformers_api.CLIPTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'pt' and 'np'"):
+        transformers_api.CLIPTokenizer.from_pretrained(folders["saved"])("a", return_tensors="tf")
+    siglip = clipforge.create_model("ViT-B-16-SigLIP", vision_cfg={"layers": 1}, text_cfg={"layers": 1})
+    clipforge.save_pretrained(siglip, tmp_path / "siglip")
+    with pytest.raises(ValueError, match="SiglipModel"):
+        transformers_api.CLIPModel.from_pretrained(tmp_path / "siglip")
+
+
+def test_the_processor_takes_text_and_images_by_position_in_either_order(folders):
+    processor = transformers_api.CLIPProcessor.from_pretrained(folders["saved"])
+    photo = _photos(1)[0]
+    a = processor(["a cat"], [photo], return_tensors="pt")  # transformers 4's order
+    b = processor([photo], ["a cat"], return_tensors="pt")  # transformers 5's
+    assert a.keys() == b.keys() == {"input_ids", "attention_mask", "pixel_values"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a.to(torch.float64).pixel_values.dtype == torch.float64 and a.to(torch.float64).input_ids.dtype == torch.long
+
+
+def test_a_hub_repo_transformers_5_saved_loads_by_name_with_its_processor(folders, tmp_path, monkeypatch):
+    """OWNER/NAME fetched from the hub (a local stand-in) into the cache: the model, its tokenizer.json and
+    transformers 5's processor_config.json (its mean and std read by clipforge.load("hf-hub:...") too)."""
+    from conftest import hub_server
+
+    processor = transformers.CLIPProcessor.from_pretrained(folders["saved"])
+    processor.image_processor.image_mean, processor.image_processor.image_std = [0.5] * 3, [0.5] * 3
+    processor.save_pretrained(tmp_path / "repo")
+    transformers.CLIPModel.from_pretrained(folders["saved"]).save_pretrained(tmp_path / "repo")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "repo").iterdir()}
+    server = hub_server(monkeypatch, tmp_path / "cache", "someone/tiny-clip", files)
+    try:
+        texts, photos = ["a cat", "two dogs on a mat"], _photos(2)
+        expected = _script(transformers, tmp_path / "repo", texts, photos)
+        fetched = _script(transformers_api, "someone/tiny-clip", texts, photos)
+        _, preprocess, _ = clipforge.load("hf-hub:someone/tiny-clip")
+    finally:
+        server.close()
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")  # fetched once: no hub needed again
+    assert torch.equal(_script(transformers_api, "someone/tiny-clip", texts, photos)["probs"], fetched["probs"])
+    assert torch.equal(expected["input_ids"], fetched["input_ids"])
+    assert (expected["probs"] - fetched["probs"]).abs().max().item() <= TOL
+    assert preprocess.mean == preprocess.std == (0.5, 0.5, 0.5)
+    assert (tmp_path / "cache" / "transformers-api" / "someone--tiny-clip" / "tokenizer.json").is_file()
