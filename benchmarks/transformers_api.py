@@ -5,7 +5,8 @@ what a transformers script spends, part by part, with only its import changed.
 
 ViT-B-32 at 224 pixels (random weights, as transformers saves a CLIPModel folder: tokenizer.json and
 processor_config.json), fp32, 2 threads: 64 captions (coco-mini's, padded to the longest) and 16 photos (coco-mini's at
-their own size, about 640 x 480; without --data, smooth random pictures of that size). Each part runs once to warm
+their own size, about 640 x 480; without --data, smooth random pictures of that size); the zero-shot pipeline on the
+16 photos with CIFAR-10's 10 class names. Each part runs once to warm
 up, then ``--repeats`` interleaved rounds; medians. The model parts take the same inputs in both libraries; the
 largest difference between their outputs is reported beside the speed.
 """
@@ -75,7 +76,14 @@ def main() -> None:
         libraries = {"clipforge": transformers_api, "transformers": transformers}
         models = {k: lib.CLIPModel.from_pretrained(folder).eval() for k, lib in libraries.items()}
         processors = {k: lib.CLIPProcessor.from_pretrained(folder) for k, lib in libraries.items()}
+        classifiers = {k: lib.pipeline("zero-shot-image-classification", model=str(folder), device="cpu")
+                       for k, lib in libraries.items()}
     inputs = processors["transformers"](text=captions, images=photos, return_tensors="pt", padding=True)
+    labels = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+    def label_scores(results):  # each photo's scores in the labels' order
+        return torch.tensor([[{r["label"]: r["score"] for r in rows}[label] for label in labels] for rows in results])
+
     texts = {"input_ids": inputs.input_ids, "attention_mask": inputs.attention_mask}
 
     def features(output):
@@ -91,6 +99,8 @@ def main() -> None:
         f"get_text_features: {args.texts} captions": lambda k: features(models[k].get_text_features(**texts)),
         f"end to end: processor + model({args.images} photos, {args.texts} captions)": lambda k: models[k](
             **processors[k](text=captions, images=photos, return_tensors="pt", padding=True)).logits_per_image,
+        f"pipeline: {args.images} photos x {len(labels)} labels": lambda k: label_scores(classifiers[k](
+            photos, candidate_labels=labels)),
     }
     report = {"machine": machine(args.threads), "transformers": transformers.__version__, "parts": {}}
     with torch.no_grad():

@@ -238,3 +238,35 @@ def test_a_hub_repo_transformers_5_saved_loads_by_name_with_its_processor(folder
     assert (expected["probs"] - fetched["probs"]).abs().max().item() <= TOL
     assert preprocess.mean == preprocess.std == (0.5, 0.5, 0.5)
     assert (tmp_path / "cache" / "transformers-api" / "someone--tiny-clip" / "tokenizer.json").is_file()
+
+
+def test_the_zero_shot_pipeline_ranks_labels_as_transformers_pipeline_does(folders, tmp_path):
+    """pipeline("zero-shot-image-classification") on a PIL image, a path, a JPEG stored sideways with its EXIF
+    orientation, an http URL, and a list of them: the same labels in the same order with the same scores."""
+    from conftest import FileServer
+
+    photos = _photos(3, seed=2)
+    photos[1].save(tmp_path / "photo.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter: shown upright by both
+    photos[2].save(tmp_path / "sideways.jpg", exif=exif)
+    server = FileServer({"/photo.png": (tmp_path / "photo.png").read_bytes()})
+    labels = ["cat", "dog", "a red car", "two birds"]
+    inputs = [photos[0], str(tmp_path / "photo.png"), str(tmp_path / "sideways.jpg"), f"{server.url}/photo.png"]
+    try:
+        theirs = transformers.pipeline("zero-shot-image-classification", model=str(folders["saved"]), device="cpu")
+        ours = transformers_api.pipeline("zero-shot-image-classification", model=folders["saved"], device=-1)
+        expected = [theirs(image, candidate_labels=labels, hypothesis_template="a photo of {}") for image in inputs]
+        got = ours(inputs, candidate_labels=labels, hypothesis_template="a photo of {}")
+        single = ours(inputs[0], candidate_labels=labels, hypothesis_template="a photo of {}")
+    finally:
+        server.close()
+    for a, b in zip([*expected, single], [*got, got[0]]):
+        assert [r["label"] for r in a] == [r["label"] for r in b]
+        assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=TOL)
+    assert [r["score"] for r in got[1]] == pytest.approx([r["score"] for r in got[3]], abs=TOL)  # the same photo
+    assert [r["score"] for r in got[1]] != pytest.approx([r["score"] for r in got[2]], abs=TOL)  # another one
+    with pytest.raises(ValueError, match="candidate_labels"):
+        ours(inputs[0], candidate_labels=[])
+    with pytest.raises(ValueError, match="only 'zero-shot-image-classification'"):
+        transformers_api.pipeline("image-to-text", model=folders["saved"])
