@@ -56,10 +56,13 @@ def make_gemma_tokenizer_folder(folder):
 
 @pytest.fixture(scope="module")
 def hf_siglip(tmp_path_factory):
+    return make_hf_siglip(tmp_path_factory.mktemp("siglip") / "hf")
+
+
+def make_hf_siglip(folder):
     """A transformers SiglipModel folder (small, random, logit scale above CLIP's clamp) with tokenizer and image
-    processor files, as google/siglip-* repos hold them."""
+    processor files, as google/siglip-* repos hold them; ``(folder, model)``."""
     transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("siglip") / "hf"
     vocab = make_tokenizer_folder(folder)
     torch.manual_seed(0)
     tower = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)

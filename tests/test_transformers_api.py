@@ -2,6 +2,7 @@
 the folder `clipforge convert --to hf` writes (vocab.json + merges.txt, transformers 4's preprocessor_config.json) and
 the one transformers 5 writes from it (tokenizer.json, processor_config.json)."""
 import io
+import json
 
 import numpy as np
 import pytest
@@ -202,6 +203,12 @@ def test_what_is_not_built_is_refused_by_name(folders, tmp_path):
     clipforge.save_pretrained(siglip, tmp_path / "siglip")
     with pytest.raises(ValueError, match="SiglipModel"):
         transformers_api.CLIPModel.from_pretrained(tmp_path / "siglip")
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    transformers.Siglip2Model(transformers.Siglip2Config(
+        text_config=dict(tower, vocab_size=100, max_position_embeddings=16),
+        vision_config=dict(tower, patch_size=8, num_patches=16))).save_pretrained(tmp_path / "naflex")
+    with pytest.raises(ValueError, match="NaFlex"):
+        transformers_api.AutoModel.from_pretrained(tmp_path / "naflex")
 
 
 def test_the_processor_takes_text_and_images_by_position_in_either_order(folders):
@@ -270,3 +277,68 @@ def test_the_zero_shot_pipeline_ranks_labels_as_transformers_pipeline_does(folde
         ours(inputs[0], candidate_labels=[])
     with pytest.raises(ValueError, match="only 'zero-shot-image-classification'"):
         transformers_api.pipeline("image-to-text", model=folders["saved"])
+
+
+@pytest.fixture(scope="module")
+def siglip_folder(tmp_path_factory):
+    """test_siglip's SiglipModel folder: a SentencePiece-style tokenizer.json that gives an attention_mask (SigLIP 2's
+    Gemma tokenizer does) and SiglipImageProcessor files."""
+    from test_siglip import make_hf_siglip
+
+    return make_hf_siglip(tmp_path_factory.mktemp("siglip") / "hf")[0]
+
+
+def test_a_siglip_script_runs_with_clipforge_swapped_in_padding_masked_or_seen(siglip_folder, tmp_path):
+    """AutoModel / AutoProcessor on a SiglipModel folder: the same ids, pixels, logits (with the bias) and sigmoid
+    loss; with an attention_mask the padding is hidden as transformers hides it, without one (Google's SigLIP
+    tokenizers give none) it is seen, as SigLIP was trained."""
+    import shutil
+
+    texts = ["A photo of a dog.", "a cat on a mat", "two dogs play in the park today"]
+    photos = _photos(3)
+    unmasked = tmp_path / "unmasked"
+    shutil.copytree(siglip_folder, unmasked)
+    settings = json.loads((unmasked / "tokenizer_config.json").read_text())
+    (unmasked / "tokenizer_config.json").write_text(json.dumps({**settings, "model_input_names": ["input_ids"]}))
+    for folder, masked in ((siglip_folder, True), (unmasked, False)):
+        results = []
+        for library in (transformers, transformers_api):
+            model = library.AutoModel.from_pretrained(folder).eval()
+            processor = library.AutoProcessor.from_pretrained(folder)
+            inputs = processor(text=texts, images=photos, padding="max_length", max_length=64, return_tensors="pt")
+            with torch.no_grad():
+                results.append((type(model).__name__, inputs, model(**inputs, return_loss=True)))
+        (theirs_name, theirs_inputs, theirs), (ours_name, ours_inputs, ours) = results
+        assert theirs_name == ours_name == "SiglipModel"
+        assert ("attention_mask" in ours_inputs) is masked and theirs_inputs.keys() == ours_inputs.keys()
+        assert torch.equal(theirs_inputs["input_ids"], ours_inputs["input_ids"])
+        assert (theirs_inputs["pixel_values"] - ours_inputs["pixel_values"]).abs().max().item() < 1e-6
+        for key in ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds", "loss"):
+            assert torch.allclose(theirs[key], ours[key], rtol=2e-5, atol=2e-5), (key, masked)
+    with pytest.raises(ValueError, match="SiglipModel.from_pretrained"):
+        transformers_api.CLIPModel.from_pretrained(siglip_folder)
+
+
+def test_the_zero_shot_pipeline_gives_siglips_sigmoids_as_transformers_does(siglip_folder):
+    labels = ["a dog", "a cat on a mat", "a red car"]
+    photos = _photos(2, seed=3)
+    theirs = transformers.pipeline("zero-shot-image-classification", model=str(siglip_folder), device="cpu")
+    ours = transformers_api.pipeline("zero-shot-image-classification", model=siglip_folder)
+    for image, got in zip(photos, ours(photos, candidate_labels=labels)):
+        expected = theirs(image, candidate_labels=labels)
+        assert [r["label"] for r in expected] == [r["label"] for r in got]
+        assert [r["score"] for r in expected] == pytest.approx([r["score"] for r in got], abs=TOL)
+        assert abs(sum(r["score"] for r in got) - 1) > 0.01  # sigmoids, not a softmax
+
+
+def test_a_gemma_tokenizer_pads_on_the_left_as_its_class_does(tmp_path):
+    """SigLIP 2's GemmaTokenizer: BOS and EOS added, padding on the left where the folder names no side."""
+    from test_siglip import TEXTS, make_gemma_tokenizer_folder
+
+    make_gemma_tokenizer_folder(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = transformers_api.AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.padding_side == "left"
+    for settings in ({"padding": "max_length", "max_length": 64, "truncation": True}, {"padding": True}):
+        a, b = theirs(TEXTS, return_tensors="pt", **settings), ours(TEXTS, return_tensors="pt", **settings)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.attention_mask, b.attention_mask)

@@ -1,12 +1,14 @@
-"""Hugging Face transformers' CLIP classes answered by clipforge: a script that does
-``from clipforge.transformers_api import CLIPModel, CLIPProcessor`` in place of ``from transformers import ...`` gets
-the same token ids, pixels and features (``get_image_features`` / ``get_text_features``, ``model(...)``'s logits and
-loss) from the same folders and hub repos, without transformers installed.
+"""Hugging Face transformers' CLIP and SigLIP classes answered by clipforge: a script that does
+``from clipforge.transformers_api import CLIPModel, CLIPProcessor`` (or ``SiglipModel``, ``AutoModel``,
+``AutoProcessor``, ``pipeline``) in place of ``from transformers import ...`` gets the same token ids, pixels and
+features (``get_image_features`` / ``get_text_features``, ``model(...)``'s logits and loss) from the same folders and
+hub repos, without transformers installed.
 
 ``get_*_features`` return the features as a tensor, as transformers 4 did, that also answers transformers 5's
 ``.pooler_output`` (the same values), so scripts written for either run. What is not built here is refused by name:
 other image sizes (``interpolate_pos_encoding``), attention maps and hidden states (``forward_intermediates`` gives the
-blocks' outputs), SigLIP's ``SiglipModel`` (``clipforge.load`` reads its folders)."""
+blocks' outputs), SigLIP 2's NaFlex ``Siglip2Model`` and SentencePiece tokenizers without a ``tokenizer.json``
+(``clipforge.load`` reads both)."""
 from __future__ import annotations
 
 import json
@@ -116,24 +118,38 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
+_CLIP_SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+# tokenizer classes whose padding side, where the folder names none, is transformers' class default
+_LEFT_PADDING_CLASSES = ("GemmaTokenizer", "GemmaTokenizerFast")
+
+
 class CLIPTokenizer:
-    """transformers' ``CLIPTokenizer`` / ``CLIPTokenizerFast``: the folder's ``tokenizer.json`` (or ``vocab.json`` and
-    ``merges.txt``) run by ``tokenizers``, as transformers runs them: ``<|startoftext|>`` ... ``<|endoftext|>``, padded
-    with the folder's pad token (``<|endoftext|>`` in OpenAI's repos). Its text cleaning is transformers' (Unicode NFC,
-    runs of white space, lower case), not OpenAI's ftfy: the ids are what ``CLIPModel`` was given in transformers."""
+    """transformers' ``CLIPTokenizer`` / ``CLIPTokenizerFast`` (and, from a SigLIP folder's ``tokenizer.json``, the
+    fast tokenizer transformers runs for SigLIP): the folder's ``tokenizer.json`` (or ``vocab.json`` and
+    ``merges.txt``) run by ``tokenizers``, as transformers runs them: CLIP's ``<|startoftext|>`` ...
+    ``<|endoftext|>``, padded with the folder's pad token on its padding side; ``attention_mask`` where the folder's
+    ``model_input_names`` have it. Its text cleaning is transformers' (CLIP's: Unicode NFC, runs of white space, lower
+    case), not OpenAI's ftfy: the ids are what the model was given in transformers."""
 
     _FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
-    def __init__(self, backend, model_max_length: int = 77, bos_token: str = "<|startoftext|>",
-                 eos_token: str = "<|endoftext|>", pad_token: str = "<|endoftext|>"):
+    def __init__(self, backend, model_max_length: int = 77, padding_side: str = "right",
+                 model_input_names=("input_ids", "attention_mask"), **special_tokens):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side {padding_side!r}: expected 'right' or 'left'")
         self._backend = backend
-        self.model_max_length = model_max_length
-        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
-        for name in ("bos_token", "eos_token", "pad_token"):
-            token_id = backend.token_to_id(getattr(self, name))
-            if token_id is None:
-                raise ValueError(f"the tokenizer's {name} {getattr(self, name)!r} is not in its vocabulary")
+        self.model_max_length, self.padding_side = model_max_length, padding_side
+        self.model_input_names = list(model_input_names)
+        for name in _SPECIAL:
+            token = special_tokens.pop(name, None)
+            token_id = None if token is None else backend.token_to_id(token)
+            if token is not None and token_id is None:
+                raise ValueError(f"the tokenizer's {name} {token!r} is not in its vocabulary")
+            setattr(self, name, token)
             setattr(self, f"{name}_id", token_id)
+        if special_tokens:
+            raise TypeError(f"CLIPTokenizer: {', '.join(sorted(special_tokens))} not built here")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> "CLIPTokenizer":
@@ -142,24 +158,30 @@ class CLIPTokenizer:
 
         folder = _folder(name_or_path, cls._FILES)
         settings = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
-        special = {k: _token_text(settings[k]) for k in ("bos_token", "eos_token", "pad_token") if settings.get(k)}
-        special.update({k: kwargs.pop(k) for k in ("bos_token", "eos_token", "pad_token") if k in kwargs})
-        max_length = kwargs.pop("model_max_length", settings.get("model_max_length", 77))
-        if kwargs:
-            raise TypeError(f"CLIPTokenizer.from_pretrained: {', '.join(sorted(kwargs))} not built here")
+        settings.update(kwargs)
+        special = {k: _token_text(settings.pop(k)) for k in _SPECIAL if settings.get(k)}
         if (folder / "tokenizer.json").is_file():
             backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            backend = _bpe_backend(folder, special.get("bos_token", "<|startoftext|>"),
-                                   special.get("eos_token", "<|endoftext|>"))
+            special = {**_CLIP_SPECIAL, **special}
+            backend = _bpe_backend(folder, special["bos_token"], special["eos_token"])
         else:
-            raise FileNotFoundError(f"{name_or_path}: no tokenizer.json, nor vocab.json with merges.txt: not a "
-                                    "transformers CLIP tokenizer (clipforge.get_tokenizer reads clipforge's and "
-                                    "open_clip's models)")
+            raise FileNotFoundError(f"{name_or_path}: no tokenizer.json, nor vocab.json with merges.txt (a "
+                                    "SentencePiece model alone is run by transformers; clipforge.get_tokenizer reads "
+                                    "clipforge's and open_clip's models)")
+        if backend.token_to_id(_CLIP_SPECIAL["eos_token"]) is not None:  # OpenAI's vocabulary: CLIPTokenizer's defaults
+            special = {**_CLIP_SPECIAL, **special}
         backend.no_padding()
         backend.no_truncation()
         # transformers' cap for "no limit" (a huge number) means none: the model's context length bounds it anyway
-        return cls(backend, min(int(max_length), 10 ** 6), **special)
+        max_length = min(int(settings.get("model_max_length", 77)), 10 ** 6)
+        names = settings.get("model_input_names") or ("input_ids", "attention_mask")
+        unknown = set(kwargs) - {"model_max_length", "padding_side", "model_input_names", *_SPECIAL}
+        if unknown:
+            raise TypeError(f"CLIPTokenizer.from_pretrained: {', '.join(sorted(unknown))} not built here")
+        side = settings.get("padding_side") or ("left" if settings.get("tokenizer_class") in _LEFT_PADDING_CLASSES
+                                                else "right")
+        return cls(backend, max_length, side, names, **special)
 
     @property
     def vocab_size(self) -> int:
@@ -170,7 +192,7 @@ class CLIPTokenizer:
 
     def __call__(self, text: str | list[str], padding: bool | str = False, truncation: bool | str | None = None,
                  max_length: int | None = None, return_tensors: str | None = None,
-                 return_attention_mask: bool = True, **kwargs) -> BatchEncoding:
+                 return_attention_mask: bool | None = None, **kwargs) -> BatchEncoding:
         """``input_ids`` and ``attention_mask``: lists, or with ``return_tensors`` "pt" / "np" a [N, L] array.
         ``padding``: False, True / "longest" (to the longest text), "max_length" (to ``max_length``, by default the
         model's context length); ``truncation``: True / "longest_first" cuts to ``max_length`` keeping the end token
@@ -197,8 +219,15 @@ class CLIPTokenizer:
             warnings.warn(f"a text is {longest} tokens, longer than this model's {self.model_max_length}: pass "
                           "truncation=True (the model refuses it as it is)", stacklevel=2)
         width = limit if padding == "max_length" else longest if padding in (True, "longest") else None
-        masks = [[1] * len(r) + [0] * ((width or len(r)) - len(r)) for r in rows]
-        rows = [r + [self.pad_token_id] * ((width or len(r)) - len(r)) for r in rows]
+        if width is not None and self.pad_token_id is None:
+            raise ValueError("this tokenizer has no pad token (pad_token): it cannot pad")
+
+        def padded(row: list, value: int) -> list:
+            pad = [value] * ((width or len(row)) - len(row))
+            return pad + row if self.padding_side == "left" else row + pad
+
+        masks = [padded([1] * len(r), 0) for r in rows]
+        rows = [padded(r, self.pad_token_id) for r in rows]
         if return_tensors is not None:
             if len({len(r) for r in rows}) > 1:
                 raise ValueError("the texts have different lengths: pass padding=True (or 'max_length') to make "
@@ -209,7 +238,7 @@ class CLIPTokenizer:
         elif single:
             rows, masks = rows[0], masks[0]
         out = BatchEncoding(input_ids=rows)
-        if return_attention_mask:
+        if return_attention_mask or (return_attention_mask is None and "attention_mask" in self.model_input_names):
             out["attention_mask"] = masks
         return out
 
@@ -274,9 +303,9 @@ class CLIPImageProcessor:
         if not config:
             raise FileNotFoundError(f"{name_or_path}: no image processor ({' or '.join(IMAGE_PROCESSOR_FILES)})")
         kind = config.get("image_processor_type", "CLIPImageProcessor")
-        if not kind.startswith("CLIPImageProcessor"):
-            raise ValueError(f"{name_or_path}: a {kind}, not a CLIPImageProcessor (clipforge.load reads the model "
-                             "with its own preprocessing)")
+        if not kind.startswith(("CLIPImageProcessor", "SiglipImageProcessor")):
+            raise ValueError(f"{name_or_path}: a {kind}, not CLIP's or SigLIP's image processor (clipforge.load "
+                             "reads the model with its own preprocessing)")
         if config.get("resample", 3) not in (2, 3):
             raise ValueError(f"{name_or_path}: resample {config['resample']} (PIL's code): bilinear (2) and bicubic "
                              "(3) are built here")
@@ -430,39 +459,12 @@ class CLIPModel(torch.nn.Module):
         """A folder, a hub repo (``OWNER/NAME``, fetched once into clipforge's cache, or ``cache_dir``) or a
         checkpoint file. ``dtype`` (``torch_dtype``): float32 unless given ("auto" keeps float32: the weights are
         read into clipforge's float32 model). ``device_map``: a device, or "auto" (a GPU where there is one)."""
-        from . import load_model
-        from .checkpoint.hf import is_siglip
-        from .hub_tokenizer import is_hub_name
-        from .pretrained import cache_at
-
-        unknown = set(kwargs) - _HARMLESS
-        if unknown:
-            raise TypeError(f"CLIPModel.from_pretrained: {', '.join(sorted(unknown))} not built here")
-        if kwargs.get("revision", "main") != "main":
-            raise ValueError("revision: only a hub repo's main branch is fetched here")
-        name = os.fspath(name_or_path)
-        if not os.path.exists(name) and not name.startswith("hf-hub:"):
-            if "/" not in name or not is_hub_name(name):
-                raise ValueError(f"{name}: expected a model folder, a checkpoint file or a Hugging Face Hub repo "
-                                 "(OWNER/NAME); zoo names load with clipforge.load")
-            name = f"hf-hub:{name}"
-        with cache_at(cache_dir):
-            clip = load_model(name)
-        if type(clip) is not CLIP:
-            raise ValueError(f"{name_or_path}: a {type(clip).__name__}, not a CLIP model")
-        if is_siglip(clip.config):
-            raise ValueError(f"{name_or_path}: a SigLIP model; transformers' SiglipModel API is not built here "
-                             "(clipforge.load reads it, with its sigmoid probabilities)")
-        dtype = dtype if dtype is not None else torch_dtype
-        if dtype not in (None, "auto"):
-            clip = clip.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        if isinstance(device_map, dict):
-            raise ValueError("device_map: one device (a string or torch.device) or 'auto'; models are not split here")
-        if device_map == "auto":
-            device_map = "cuda" if torch.cuda.is_available() else "cpu"
-        if device_map is not None:
-            clip = clip.to(device_map)
-        return cls(clip).eval()
+        clip = _load_clip(name_or_path, dtype if dtype is not None else torch_dtype, device_map, cache_dir, kwargs)
+        model_class = AutoModel.model_class(clip)
+        if model_class is not cls and cls is not AutoModel:
+            raise ValueError(f"{name_or_path}: a {model_class.__name__[:-5]} model; load it with "
+                             f"{model_class.__name__}.from_pretrained")
+        return model_class(clip).eval()
 
     @property
     def config(self) -> _Config:
@@ -497,8 +499,17 @@ class CLIPModel(torch.nn.Module):
                           position_ids: torch.Tensor | None = None, **kwargs) -> Features:
         """The projected text features [N, D], not normalised."""
         _refuse(kwargs, position_ids=position_ids)
-        if attention_mask is not None:
-            _check_right_padded(input_ids, attention_mask, self.clip.text)
+        text = self.clip.text
+        if attention_mask is not None and not bool(attention_mask.all()):
+            if not hasattr(text, "features_masked"):
+                raise ValueError("attention_mask masks padding, which this model's text tower (a Hugging Face "
+                                 "encoder) is not given here: pass input_ids alone")
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            if not text.causal:  # SigLIP's: every position would see the padding; transformers hides it
+                return text.features_masked(input_ids, attention_mask).as_subclass(Features)
+            _check_right_padded(input_ids, attention_mask, text)
         return self.clip.encode_text(input_ids).as_subclass(Features)
 
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
@@ -517,13 +528,80 @@ class CLIPModel(torch.nn.Module):
                              "get_image_features take one")
         image_embeds = F.normalize(self.get_image_features(pixel_values, interpolate_pos_encoding, **kwargs), dim=-1)
         text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask, position_ids), dim=-1)
+        logits_per_text, loss, output = self._logits_and_loss(text_embeds, image_embeds, return_loss)
+        return output(loss=loss, logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text,
+                      text_embeds=text_embeds, image_embeds=image_embeds)
+
+    def _logits_and_loss(self, text_embeds, image_embeds, return_loss):
         logits_per_text = self.clip.logit_scale.exp() * text_embeds @ image_embeds.t()
         loss = None
         if return_loss:
             labels = torch.arange(len(logits_per_text), device=logits_per_text.device)
             loss = (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels)) / 2
-        return CLIPOutput(loss=loss, logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text,
-                          text_embeds=text_embeds, image_embeds=image_embeds)
+        return logits_per_text, loss, CLIPOutput
+
+
+class SiglipOutput(CLIPOutput):
+    """``SiglipModel``'s output: ``CLIPOutput``'s fields, the logits with SigLIP's bias and its sigmoid loss."""
+
+
+class SiglipModel(CLIPModel):
+    """transformers' ``SiglipModel`` over a clipforge SigLIP model: ``CLIPModel``'s calls, the logits
+    ``scale * cos + bias`` and, with ``return_loss``, the pairwise sigmoid loss. Without an ``attention_mask`` the
+    text tower attends to every position, padding included, as SigLIP was trained (Google's SigLIP tokenizers give
+    none); with one (SigLIP 2's Gemma tokenizer gives one) padding is hidden, as transformers hides it."""
+
+    def _logits_and_loss(self, text_embeds, image_embeds, return_loss):
+        from .loss import SigLipLoss
+
+        scale, bias = self.clip.logit_scale.exp(), self.clip.logit_bias
+        logits_per_text = scale * text_embeds @ image_embeds.t() + bias
+        loss = SigLipLoss()(image_embeds, text_embeds, scale, bias) if return_loss else None
+        return logits_per_text, loss, SiglipOutput
+
+
+class AutoModel(CLIPModel):
+    """transformers' ``AutoModel`` for the models these classes answer: ``from_pretrained`` gives a ``CLIPModel``
+    or a ``SiglipModel``, as the folder's model is."""
+
+    @staticmethod
+    def model_class(clip: CLIP) -> type:
+        from .checkpoint.hf import is_siglip
+
+        return SiglipModel if is_siglip(clip.config) else CLIPModel
+
+
+def _load_clip(name_or_path, dtype, device_map, cache_dir, kwargs) -> CLIP:
+    from . import load_model
+    from .hub_tokenizer import is_hub_name
+    from .models import is_naflex
+    from .pretrained import cache_at
+
+    unknown = set(kwargs) - _HARMLESS
+    if unknown:
+        raise TypeError(f"from_pretrained: {', '.join(sorted(unknown))} not built here")
+    if kwargs.get("revision", "main") != "main":
+        raise ValueError("revision: only a hub repo's main branch is fetched here")
+    name = os.fspath(name_or_path)
+    if not os.path.exists(name) and not name.startswith("hf-hub:"):
+        if "/" not in name or not is_hub_name(name):
+            raise ValueError(f"{name}: expected a model folder, a checkpoint file or a Hugging Face Hub repo "
+                             "(OWNER/NAME); zoo names load with clipforge.load")
+        name = f"hf-hub:{name}"
+    with cache_at(cache_dir):
+        clip = load_model(name)
+    if type(clip) is not CLIP:
+        raise ValueError(f"{name_or_path}: a {type(clip).__name__}, not a CLIP model")
+    if is_naflex(clip.config):
+        raise ValueError(f"{name_or_path}: a SigLIP 2 NaFlex model (Siglip2Model's patches and masks are not built "
+                         "here; clipforge.load reads it)")
+    if dtype not in (None, "auto"):
+        clip = clip.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    if isinstance(device_map, dict):
+        raise ValueError("device_map: one device (a string or torch.device) or 'auto'; models are not split here")
+    if device_map == "auto":
+        device_map = "cuda" if torch.cuda.is_available() else "cpu"
+    return clip.to(device_map) if device_map is not None else clip
 
 
 def _refuse(kwargs: dict, position_ids=None, interpolate_pos_encoding: bool = False) -> None:
@@ -546,16 +624,8 @@ def _refuse(kwargs: dict, position_ids=None, interpolate_pos_encoding: bool = Fa
 
 def _check_right_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, text: torch.nn.Module) -> None:
     """CLIP's causal text tower pools one position, which sees nothing after it: a mask that pads after that position
-    changes nothing, one that masks a token before it (left padding) would, and is refused, as is padding for a tower
-    that attends both ways."""
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
-                         f"{tuple(input_ids.shape)}")
-    if bool(attention_mask.all()):
-        return
-    if not getattr(text, "causal", False) or not hasattr(text, "_pool_index"):
-        raise ValueError("attention_mask masks padding, which this model's text tower (not CLIP's causal "
-                         "transformer) does not take: pass input_ids alone, padded as its tokenizer pads them")
+    changes nothing (the tower skips that padding anyway); one that masks a token at or before it (left padding, which
+    transformers then pools at a padding token) is refused."""
     pooled = text._pool_index(input_ids).to(attention_mask.device)
     leading = attention_mask.to(torch.long).cumprod(dim=-1).sum(dim=-1)  # each row's unmasked start
     if bool((leading <= pooled).any()):
@@ -563,12 +633,11 @@ def _check_right_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, t
                          "CLIP's text is padded on the right")
 
 
-
 class ZeroShotImageClassificationPipeline:
     """transformers' ``pipeline("zero-shot-image-classification")``: ``classifier(image, candidate_labels=[...])``
     gives ``[{"score", "label"}, ...]`` best first (a list of those for a list of images), each label's softmax
-    probability over ``hypothesis_template`` filled with the labels. The labels' features are computed once for all
-    the images (transformers' runs them again for each image)."""
+    probability over ``hypothesis_template`` filled with the labels (a SigLIP model's: each label's sigmoid). The
+    labels' features are computed once for all the images (transformers' runs them again for each image)."""
 
     def __init__(self, model: CLIPModel, processor: CLIPProcessor):
         self.model, self.processor = model, processor
@@ -582,13 +651,17 @@ class ZeroShotImageClassificationPipeline:
         single = not isinstance(image, (list, tuple))
         images = [_load_image(i, timeout) for i in ([image] if single else image)]
         texts = [hypothesis_template.format(label) for label in candidate_labels]
-        tokens = self.processor.tokenizer(texts, return_tensors="pt", **{"padding": True, **(tokenizer_kwargs or {})})
-        pixels = self.processor.image_processor(images, return_tensors="pt").pixel_values
         model = self.model
+        siglip = isinstance(model, SiglipModel)  # as trained: padded to 64 tokens, each label's own sigmoid
+        padding = {"padding": "max_length", "max_length": 64, "truncation": True} if siglip else {"padding": True}
+        tokens = self.processor.tokenizer(texts, return_tensors="pt", **{**padding, **(tokenizer_kwargs or {})})
+        pixels = self.processor.image_processor(images, return_tensors="pt").pixel_values
         with torch.no_grad():
             text = F.normalize(model.get_text_features(**tokens.to(model.device)), dim=-1)
             pictures = F.normalize(model.get_image_features(pixels.to(model.device)), dim=-1)
-            probs = (model.logit_scale.exp() * pictures @ text.t()).softmax(dim=-1).float().cpu()
+            logits = model.logit_scale.exp() * pictures @ text.t()
+            probs = (logits + model.clip.logit_bias).sigmoid() if siglip else logits.softmax(dim=-1)
+            probs = probs.float().cpu()
         results = [[{"score": score, "label": label}
                     for score, label in sorted(zip(row.tolist(), candidate_labels), key=lambda pair: -pair[0])]
                    for row in probs]
@@ -613,8 +686,9 @@ def _load_image(image, timeout: float | None) -> Image.Image:
 
 def pipeline(task: str, model: str | os.PathLike | CLIPModel, processor: CLIPProcessor | str | None = None,
              device=None, dtype=None, torch_dtype=None, **kwargs) -> ZeroShotImageClassificationPipeline:
-    """transformers' ``pipeline`` for ``"zero-shot-image-classification"`` over a CLIP folder or hub repo (or a
-    ``CLIPModel`` with its ``processor``). ``device``: a device, or a GPU's index (-1: the CPU)."""
+    """transformers' ``pipeline`` for ``"zero-shot-image-classification"`` over a CLIP or SigLIP folder or hub repo
+    (or a ``CLIPModel`` / ``SiglipModel`` with its ``processor``). ``device``: a device, or a GPU's index (-1: the
+    CPU)."""
     if task != "zero-shot-image-classification":
         raise ValueError(f"pipeline {task!r}: only 'zero-shot-image-classification' is built here")
     if kwargs:
@@ -628,12 +702,13 @@ def pipeline(task: str, model: str | os.PathLike | CLIPModel, processor: CLIPPro
             model = model.to(device)
     else:
         processor = processor or model
-        model = CLIPModel.from_pretrained(model, dtype=dtype, torch_dtype=torch_dtype, device_map=device)
+        model = AutoModel.from_pretrained(model, dtype=dtype, torch_dtype=torch_dtype, device_map=device)
     if not isinstance(processor, CLIPProcessor):
         processor = CLIPProcessor.from_pretrained(processor)
     return ZeroShotImageClassificationPipeline(model.eval(), processor)
 
-# transformers' Auto classes, for the CLIP folders and repos these read (AutoModel gives CLIPModel for one)
-AutoModel, AutoProcessor, AutoTokenizer = CLIPModel, CLIPProcessor, CLIPTokenizer
-AutoImageProcessor = CLIPImageProcessor
+# transformers' other names for the classes above, for the CLIP and SigLIP folders and repos these read
+AutoProcessor, AutoTokenizer, AutoImageProcessor = CLIPProcessor, CLIPTokenizer, CLIPImageProcessor
 CLIPTokenizerFast, CLIPImageProcessorFast = CLIPTokenizer, CLIPImageProcessor
+SiglipProcessor, SiglipImageProcessor, SiglipImageProcessorFast = CLIPProcessor, CLIPImageProcessor, CLIPImageProcessor
+SiglipTokenizer = GemmaTokenizerFast = CLIPTokenizer

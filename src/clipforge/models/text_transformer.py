@@ -115,6 +115,22 @@ class TextTransformer(nn.Module):
         exported graphs (ONNX) run."""
         return self._encode(self._embed(tokens), self._pool_index(tokens))
 
+    def features_masked(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``features`` of a tower that attends both ways (SigLIP's) with the positions ``attention_mask`` zeroes
+        hidden from every position: what transformers' SiglipModel computes when a tokenizer hands it a mask
+        (SigLIP was trained to see its padding: ``forward`` lets it). A row with no position left sees them all."""
+        check_token_batch(tokens, self.context_length)
+        if self.causal:
+            raise ValueError("features_masked is for a tower that attends both ways; a causal one pools a position "
+                             "that sees no padding after it")
+        if attention_mask.shape != tokens.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match the tokens "
+                             f"{tuple(tokens.shape)}")
+        visible = attention_mask.to(device=tokens.device, dtype=torch.bool)
+        visible = visible | ~visible.any(dim=-1, keepdim=True)  # an empty row would leave attention nothing
+        x = self.ln_final(self.transformer(self._embed(tokens), attn_mask=visible[:, None, None, :]))  # keys
+        return self._project(x[torch.arange(len(x), device=x.device), self._pool_index(tokens)])
+
     def _pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pool == "last":
             return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
