@@ -245,6 +245,9 @@ def test_a_hub_repo_transformers_5_saved_loads_by_name_with_its_processor(folder
     assert (expected["probs"] - fetched["probs"]).abs().max().item() <= TOL
     assert preprocess.mean == preprocess.std == (0.5, 0.5, 0.5)
     assert (tmp_path / "cache" / "transformers-api" / "someone--tiny-clip" / "tokenizer.json").is_file()
+    from clipforge.cache_cli import entries
+
+    assert [p.name for p in entries(tmp_path / "cache", "transformers-api")] == ["someone--tiny-clip"]
 
 
 def test_the_zero_shot_pipeline_ranks_labels_as_transformers_pipeline_does(folders, tmp_path):

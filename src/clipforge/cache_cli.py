@@ -21,6 +21,7 @@ KINDS = {
     "text-features": "frozen text towers' caption features (train --text-cache; each run keeps its own link)",
     "text-models": "Hugging Face text models fetched from a hub repo",
     "tokenizers": "tokenizer files fetched from a hub repo",
+    "transformers-api": "a hub repo's tokenizer and processor files read by clipforge.transformers_api",
     "language-models": "GGUF language models de-quantised once (caption train / generate)",
 }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .models.clip import CLIP
+
 
 class Features(torch.Tensor):
     """Projected features as transformers 4's ``get_*_features`` returned them (a tensor) that also answer
@@ -84,8 +86,14 @@ class BatchEncoding(dict):
 
     def to(self, *args, **kwargs) -> "BatchEncoding":
         device = kwargs.get("device", next((a for a in args if not isinstance(a, torch.dtype)), None))
-        return BatchEncoding({k: (v.to(*args, **kwargs) if v.is_floating_point() else v.to(device))
-                              if torch.is_tensor(v) else v for k, v in self.items()})
+
+        def moved(value):
+            if not torch.is_tensor(value):
+                return value
+            if value.is_floating_point():
+                return value.to(*args, **kwargs)
+            return value if device is None else value.to(device)  # ids and masks keep their integer type
+        return BatchEncoding({k: moved(v) for k, v in self.items()})
 
 
 def _folder(name_or_path: str | os.PathLike, names: tuple[str, ...]) -> Path:
@@ -139,6 +147,7 @@ class CLIPTokenizer:
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side {padding_side!r}: expected 'right' or 'left'")
         self._backend = backend
+        self._truncating = threading.Lock()  # truncation is the backend's state: one call sets it at a time
         self.model_max_length, self.padding_side = model_max_length, padding_side
         self.model_input_names = list(model_input_names)
         for name in _SPECIAL:
@@ -203,6 +212,8 @@ class CLIPTokenizer:
         texts = [text] if single else text
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise TypeError("CLIPTokenizer takes a string or a list of strings")
+        if not texts:
+            raise ValueError("no texts given")
         if padding not in (False, True, "do_not_pad", "longest", "max_length"):
             raise ValueError(f"padding={padding!r}: expected False, True, 'longest' or 'max_length'")
         if truncation not in (None, False, True, "do_not_truncate", "longest_first", "only_first"):
@@ -210,10 +221,13 @@ class CLIPTokenizer:
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors={return_tensors!r}: 'pt' and 'np' are built here")
         limit = max_length or self.model_max_length
-        if truncation not in (None, False, "do_not_truncate"):
-            self._backend.enable_truncation(max_length=limit)  # the template's special tokens kept within it
-        rows = [e.ids for e in self._backend.encode_batch(list(texts))]
-        self._backend.no_truncation()
+        with self._truncating:
+            if truncation not in (None, False, "do_not_truncate"):
+                self._backend.enable_truncation(max_length=limit)  # the template's special tokens kept within it
+            try:
+                rows = [e.ids for e in self._backend.encode_batch(list(texts))]
+            finally:
+                self._backend.no_truncation()
         longest = max(map(len, rows), default=0)
         if longest > self.model_max_length:
             warnings.warn(f"a text is {longest} tokens, longer than this model's {self.model_max_length}: pass "
@@ -468,8 +482,8 @@ class CLIPModel(torch.nn.Module):
 
     @property
     def config(self) -> _Config:
-        """transformers' config for this model (``CLIPConfig``'s keys); one that ``CLIPModel`` cannot hold
-        (a Hugging Face text encoder, a ResNet) is named."""
+        """transformers' config for this model (``CLIPConfig``'s keys, or ``SiglipConfig``'s); one that neither
+        can hold (a Hugging Face text encoder, a ResNet) is named."""
         from .checkpoint.hf import config_from_clipforge
 
         return _Config(config_from_clipforge(self.clip.config, float(self.clip.logit_scale.detach())))
