@@ -6,7 +6,7 @@ what a transformers script spends, part by part, with only its import changed.
 ViT-B-32 at 224 pixels (random weights, as transformers saves a CLIPModel folder: tokenizer.json and
 processor_config.json), fp32, 2 threads: 64 captions (coco-mini's, padded to the longest) and 16 photos (coco-mini's at
 their own size, about 640 x 480; without --data, smooth random pictures of that size); the zero-shot pipeline on the
-16 photos with CIFAR-10's 10 class names. Each part runs once to warm
+16 photos with CIFAR-10's 10 class names; the image tower alone as ``CLIPVisionModel`` with its hidden states. Each part runs once to warm
 up, then ``--repeats`` interleaved rounds; medians. The model parts take the same inputs in both libraries; the
 largest difference between their outputs is reported beside the speed.
 """
@@ -78,6 +78,7 @@ def main() -> None:
         processors = {k: lib.CLIPProcessor.from_pretrained(folder) for k, lib in libraries.items()}
         classifiers = {k: lib.pipeline("zero-shot-image-classification", model=str(folder), device="cpu")
                        for k, lib in libraries.items()}
+        towers = {k: lib.CLIPVisionModel.from_pretrained(folder).eval() for k, lib in libraries.items()}
     inputs = processors["transformers"](text=captions, images=photos, return_tensors="pt", padding=True)
     labels = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -101,6 +102,8 @@ def main() -> None:
             **processors[k](text=captions, images=photos, return_tensors="pt", padding=True)).logits_per_image,
         f"pipeline: {args.images} photos x {len(labels)} labels": lambda k: label_scores(classifiers[k](
             photos, candidate_labels=labels)),
+        f"CLIPVisionModel hidden_states[-2] (LLaVA's features): {args.images} images": lambda k: towers[k](
+            pixel_values=inputs.pixel_values, output_hidden_states=True).hidden_states[-2],
     }
     report = {"machine": machine(args.threads), "transformers": transformers.__version__, "parts": {}}
     with torch.no_grad():

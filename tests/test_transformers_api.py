@@ -345,3 +345,28 @@ def test_a_gemma_tokenizer_pads_on_the_left_as_its_class_does(tmp_path):
     for settings in ({"padding": "max_length", "max_length": 64, "truncation": True}, {"padding": True}):
         a, b = theirs(TEXTS, return_tensors="pt", **settings), ours(TEXTS, return_tensors="pt", **settings)
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.attention_mask, b.attention_mask)
+
+
+def test_the_vision_models_give_transformers_hidden_states_and_embeddings(folders):
+    """CLIPVisionModel / CLIPVisionModelWithProjection, as vision-language models load them (LLaVA reads
+    hidden_states[-2]'s patch tokens): every hidden state, the last, the pooled class token and the projection equal
+    transformers' within 1e-5."""
+    images = torch.randn(2, 3, 64, 64)
+    ours = transformers_api.CLIPVisionModel.from_pretrained(folders["saved"])
+    theirs = transformers.CLIPVisionModel.from_pretrained(folders["saved"]).eval()
+    assert (ours.config.hidden_size, ours.config.image_size, ours.config.patch_size) == \
+        (theirs.config.hidden_size, theirs.config.image_size, theirs.config.patch_size)
+    assert not hasattr(ours, "clip")  # the text tower is not kept
+    with torch.no_grad():
+        a, b = theirs(pixel_values=images, output_hidden_states=True), ours(images, output_hidden_states=True)
+        assert len(a.hidden_states) == len(b.hidden_states) == theirs.config.num_hidden_layers + 1
+        for x, y in zip(a.hidden_states, b.hidden_states):
+            assert (x - y).abs().max().item() <= TOL
+        for key in ("last_hidden_state", "pooler_output"):
+            assert (a[key] - b[key]).abs().max().item() <= TOL, key
+        assert ours(images).hidden_states is None and ours(images)[0].shape == a.last_hidden_state.shape == (2, 65, 128)
+        projected = transformers_api.CLIPVisionModelWithProjection.from_pretrained(folders["saved"])(images)
+        expected = transformers.CLIPVisionModelWithProjection.from_pretrained(folders["saved"]).eval()(images)
+        assert (projected.image_embeds - expected.image_embeds).abs().max().item() <= TOL
+        assert (projected.image_embeds - transformers_api.CLIPModel.from_pretrained(folders["saved"])
+                .get_image_features(images)).abs().max().item() <= TOL

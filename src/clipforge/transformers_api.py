@@ -5,8 +5,9 @@ features (``get_image_features`` / ``get_text_features``, ``model(...)``'s logit
 hub repos, without transformers installed.
 
 ``get_*_features`` return the features as a tensor, as transformers 4 did, that also answers transformers 5's
-``.pooler_output`` (the same values), so scripts written for either run. What is not built here is refused by name:
-other image sizes (``interpolate_pos_encoding``), attention maps and hidden states (``forward_intermediates`` gives the
+``.pooler_output`` (the same values), so scripts written for either run. ``CLIPVisionModel`` gives the image tower's
+hidden states (what vision-language models read). What is not built here is refused by name: other image sizes
+(``interpolate_pos_encoding``), attention maps, the text tower's hidden states (``forward_intermediates`` gives the
 blocks' outputs), SigLIP 2's NaFlex ``Siglip2Model`` and SentencePiece tokenizers without a ``tokenizer.json``
 (``clipforge.load`` reads both)."""
 from __future__ import annotations
@@ -484,9 +485,7 @@ class CLIPModel(torch.nn.Module):
     def config(self) -> _Config:
         """transformers' config for this model (``CLIPConfig``'s keys, or ``SiglipConfig``'s); one that neither
         can hold (a Hugging Face text encoder, a ResNet) is named."""
-        from .checkpoint.hf import config_from_clipforge
-
-        return _Config(config_from_clipforge(self.clip.config, float(self.clip.logit_scale.detach())))
+        return _Config(_hf_config(self.clip))
 
     @property
     def device(self) -> torch.device:
@@ -585,6 +584,94 @@ class AutoModel(CLIPModel):
         return SiglipModel if is_siglip(clip.config) else CLIPModel
 
 
+class BaseModelOutputWithPooling(ModelOutput):
+    """``CLIPVisionModel``'s output: ``last_hidden_state`` [N, 1 + patches, width] (the last block's, before
+    ``post_layernorm``), ``pooler_output`` [N, width] (the class token after it), with ``output_hidden_states``
+    ``hidden_states``: the blocks' input (after ``pre_layrnorm``) and every block's output, as transformers counts
+    them (``hidden_states[-2]``: the next-to-last block's, which LLaVA reads)."""
+
+    fields = ("last_hidden_state", "pooler_output", "hidden_states")
+
+
+class CLIPVisionModelOutput(ModelOutput):
+    """``CLIPVisionModelWithProjection``'s output: the projected ``image_embeds`` beside the states."""
+
+    fields = ("image_embeds", "last_hidden_state", "hidden_states")
+
+
+class CLIPVisionModel(torch.nn.Module):
+    """transformers' ``CLIPVisionModel``: a CLIP model's ViT image tower alone (``self.vision``, clipforge's
+    ``VisionTransformer``; the text tower is not kept), with its hidden states as transformers gives them; what
+    vision-language models (LLaVA's ``hidden_states[-2]``) load for patch features. ``config``: the vision config's
+    keys (``hidden_size``, ``image_size``, ``patch_size`` ...)."""
+
+    def __init__(self, clip: CLIP):
+        super().__init__()
+        from .models.vision_transformer import VisionTransformer
+
+        tower = clip.visual
+        if type(tower) is not VisionTransformer or tower.pool != "tok" or tower.final_ln_after_pool:
+            raise ValueError("CLIPVisionModel is CLIP's ViT image tower pooled at its class token; this model's is "
+                             f"a {type(tower).__name__}{'' if tower.pool == 'tok' else ' pooled by averaging'}")
+        self.vision = tower
+        self._config = _hf_config(clip)["vision_config"]
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype=None, torch_dtype=None, device_map=None,
+                        cache_dir: str | None = None, **kwargs) -> "CLIPVisionModel":
+        """As ``CLIPModel.from_pretrained`` reads it (a ``CLIPModel`` folder, as transformers' class reads one)."""
+        clip = _load_clip(name_or_path, dtype if dtype is not None else torch_dtype, device_map, cache_dir, kwargs)
+        if AutoModel.model_class(clip) is not CLIPModel:
+            raise ValueError(f"{name_or_path}: a SigLIP model; transformers' SiglipVisionModel is not built here")
+        return cls(clip).eval()
+
+    @property
+    def config(self) -> _Config:
+        return _Config(self._config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision.class_embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision.class_embedding.dtype
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
+                interpolate_pos_encoding: bool = False, **kwargs) -> BaseModelOutputWithPooling:
+        last, pooled, hidden = self._states(pixel_values, output_hidden_states, interpolate_pos_encoding, kwargs)
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+
+    def _states(self, pixel_values, output_hidden_states, interpolate_pos_encoding, kwargs):
+        _refuse(kwargs, interpolate_pos_encoding=interpolate_pos_encoding)
+        tower = self.vision
+        x = tower._tokens(pixel_values.to(self.dtype) if pixel_values.is_floating_point() else pixel_values)
+        if output_hidden_states:
+            last, blocks = tower.transformer.forward_intermediates(x)
+            hidden = (x, *blocks)
+        else:
+            last, hidden = tower.transformer(x), None
+        return last, tower.ln_post(last[:, 0]), hidden
+
+
+class CLIPVisionModelWithProjection(CLIPVisionModel):
+    """transformers' ``CLIPVisionModelWithProjection``: ``CLIPVisionModel``'s states and the projected
+    ``image_embeds`` (what ``CLIPModel.get_image_features`` gives)."""
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
+                interpolate_pos_encoding: bool = False, **kwargs) -> CLIPVisionModelOutput:
+        last, pooled, hidden = self._states(pixel_values, output_hidden_states, interpolate_pos_encoding, kwargs)
+        return CLIPVisionModelOutput(image_embeds=self.vision._project(pooled), last_hidden_state=last,
+                                     hidden_states=hidden)
+
+
+def _hf_config(clip: CLIP) -> dict:
+    """transformers' config of a model (``CLIPConfig``'s or ``SiglipConfig``'s keys)."""
+    from .checkpoint.hf import config_from_clipforge
+
+    return config_from_clipforge(clip.config, float(clip.logit_scale.detach()))
+
+
 def _load_clip(name_or_path, dtype, device_map, cache_dir, kwargs) -> CLIP:
     from . import load_model
     from .hub_tokenizer import is_hub_name
@@ -628,10 +715,11 @@ def _refuse(kwargs: dict, position_ids=None, interpolate_pos_encoding: bool = Fa
     if kwargs.pop("return_dict", True) is False:
         raise ValueError("return_dict=False: features come as a tensor, outputs as a CLIPOutput (index it by "
                          "position for the tuple's order)")
-    for name in ("output_attentions", "output_hidden_states"):
-        if kwargs.pop(name, False):
-            raise ValueError(f"{name}: not computed here; clipforge's model.clip.forward_intermediates(...) gives "
-                             "every block's output")
+    if kwargs.pop("output_attentions", False):
+        raise ValueError("output_attentions: attention maps are not computed here (the attention runs fused)")
+    if kwargs.pop("output_hidden_states", False):
+        raise ValueError("output_hidden_states: CLIPVisionModel gives the image tower's, as transformers does; "
+                         "model.clip.forward_intermediates(...) every block's output of both towers")
     if kwargs:
         raise TypeError(f"CLIPModel: {', '.join(sorted(kwargs))} not built here")
 
