@@ -3,6 +3,7 @@ the folder `clipforge convert --to hf` writes (vocab.json + merges.txt, transfor
 the one transformers 5 writes from it (tokenizer.json, processor_config.json)."""
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -233,6 +234,13 @@ def test_a_hub_repo_transformers_5_saved_loads_by_name_with_its_processor(folder
     files = {p.name: p.read_bytes() for p in (tmp_path / "repo").iterdir()}
     server = hub_server(monkeypatch, tmp_path / "cache", "someone/tiny-clip", files)
     try:
+        from clipforge.pretrained import DownloadError
+
+        with pytest.raises(DownloadError, match="offline"):  # nothing fetched: not cached yet
+            transformers_api.CLIPModel.from_pretrained("someone/tiny-clip", local_files_only=True)
+        assert "CLIPFORGE_OFFLINE" not in os.environ
+        transformers_api.CLIPProcessor.from_pretrained("someone/tiny-clip", cache_dir=tmp_path / "elsewhere")
+        assert (tmp_path / "elsewhere" / "transformers-api" / "someone--tiny-clip" / "tokenizer.json").is_file()
         texts, photos = ["a cat", "two dogs on a mat"], _photos(2)
         expected = _script(transformers, tmp_path / "repo", texts, photos)
         fetched = _script(transformers_api, "someone/tiny-clip", texts, photos)

@@ -12,6 +12,7 @@ blocks' outputs), SigLIP 2's NaFlex ``Siglip2Model`` and SentencePiece tokenizer
 (``clipforge.load`` reads both)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -118,6 +119,36 @@ def _folder(name_or_path: str | os.PathLike, names: tuple[str, ...]) -> Path:
     return folder
 
 
+# transformers' from_pretrained keywords that change nothing here: attention is PyTorch's fused kernel, the
+# tokenizer and image processor are this module's, the weights are read as they are
+_HARMLESS = {"attn_implementation", "low_cpu_mem_usage", "use_safetensors", "trust_remote_code", "use_fast"}
+
+
+@contextlib.contextmanager
+def _hub_options(kind: str, options: dict, own: tuple = ()):
+    """transformers' hub keywords for a ``from_pretrained``: ``cache_dir`` (where hub files are kept),
+    ``local_files_only`` (nothing fetched: offline), ``revision`` (the main branch only); ``own``: the class's other
+    keywords; anything else is named as not built."""
+    from .pretrained import cache_at
+
+    unknown = set(options) - _HARMLESS - {"cache_dir", "local_files_only", "revision", *own}
+    if unknown:
+        raise TypeError(f"{kind}: {', '.join(sorted(unknown))} not built here")
+    if options.get("revision") not in (None, "main"):
+        raise ValueError("revision: only a hub repo's main branch is fetched here")
+    offline, before = options.get("local_files_only"), os.environ.get("CLIPFORGE_OFFLINE")
+    if offline:
+        os.environ["CLIPFORGE_OFFLINE"] = "1"
+    try:
+        with cache_at(options.get("cache_dir")):
+            yield
+    finally:
+        if offline and before is None:
+            del os.environ["CLIPFORGE_OFFLINE"]
+        elif offline:
+            os.environ["CLIPFORGE_OFFLINE"] = before
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -166,9 +197,11 @@ class CLIPTokenizer:
         """From a folder or hub repo holding ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``."""
         from tokenizers import Tokenizer
 
-        folder = _folder(name_or_path, cls._FILES)
+        own = ("model_max_length", "padding_side", "model_input_names", *_SPECIAL)
+        with _hub_options("CLIPTokenizer.from_pretrained", kwargs, own):
+            folder = _folder(name_or_path, cls._FILES)
         settings = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
-        settings.update(kwargs)
+        settings.update({k: v for k, v in kwargs.items() if k in own})
         special = {k: _token_text(settings.pop(k)) for k in _SPECIAL if settings.get(k)}
         if (folder / "tokenizer.json").is_file():
             backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -186,9 +219,6 @@ class CLIPTokenizer:
         # transformers' cap for "no limit" (a huge number) means none: the model's context length bounds it anyway
         max_length = min(int(settings.get("model_max_length", 77)), 10 ** 6)
         names = settings.get("model_input_names") or ("input_ids", "attention_mask")
-        unknown = set(kwargs) - {"model_max_length", "padding_side", "model_input_names", *_SPECIAL}
-        if unknown:
-            raise TypeError(f"CLIPTokenizer.from_pretrained: {', '.join(sorted(unknown))} not built here")
         side = settings.get("padding_side") or ("left" if settings.get("tokenizer_class") in _LEFT_PADDING_CLASSES
                                                 else "right")
         return cls(backend, max_length, side, names, **special)
@@ -309,11 +339,12 @@ class CLIPImageProcessor:
         self.settings = Preprocess(image_size, mean, std, resize_mode, interpolation)  # checked there
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike) -> "CLIPImageProcessor":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> "CLIPImageProcessor":
         from .checkpoint.hf import IMAGE_PROCESSOR_FILES, processor_preprocess, read_image_processor
         from .preprocess import OPENAI_MEAN, OPENAI_STD
 
-        folder = _folder(name_or_path, IMAGE_PROCESSOR_FILES)
+        with _hub_options(f"{cls.__name__}.from_pretrained", kwargs):
+            folder = _folder(name_or_path, IMAGE_PROCESSOR_FILES)
         config = read_image_processor(folder)
         if not config:
             raise FileNotFoundError(f"{name_or_path}: no image processor ({' or '.join(IMAGE_PROCESSOR_FILES)})")
@@ -407,8 +438,11 @@ class CLIPProcessor:
         self.image_processor, self.tokenizer = image_processor, tokenizer
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike) -> "CLIPProcessor":
-        return cls(CLIPImageProcessor.from_pretrained(name_or_path), CLIPTokenizer.from_pretrained(name_or_path))
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> "CLIPProcessor":
+        """The folder's (or hub repo's) image processor and tokenizer; transformers' hub keywords as
+        ``CLIPModel.from_pretrained`` takes them."""
+        return cls(CLIPImageProcessor.from_pretrained(name_or_path, **kwargs),
+                   CLIPTokenizer.from_pretrained(name_or_path, **kwargs))
 
     def __call__(self, *args, text=None, images=None, return_tensors: str | None = None, **kwargs) -> BatchEncoding:
         for value in args:
@@ -452,11 +486,6 @@ class _Config:
         return f"{type(self).__name__}({self.to_dict()})"
 
 
-# transformers' from_pretrained keywords that change nothing here (attention is PyTorch's fused kernel either way)
-_HARMLESS = {"attn_implementation", "low_cpu_mem_usage", "use_safetensors", "trust_remote_code", "local_files_only",
-             "revision"}
-
-
 class CLIPModel(torch.nn.Module):
     """transformers' ``CLIPModel`` over a clipforge ``CLIP`` (``self.clip``): ``from_pretrained`` reads what
     ``clipforge.load`` reads (transformers' folders and hub repos, open_clip's, OpenAI's, clipforge's); the state
@@ -470,11 +499,12 @@ class CLIPModel(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype=None, torch_dtype=None, device_map=None,
-                        cache_dir: str | None = None, **kwargs) -> "CLIPModel":
-        """A folder, a hub repo (``OWNER/NAME``, fetched once into clipforge's cache, or ``cache_dir``) or a
-        checkpoint file. ``dtype`` (``torch_dtype``): float32 unless given ("auto" keeps float32: the weights are
-        read into clipforge's float32 model). ``device_map``: a device, or "auto" (a GPU where there is one)."""
-        clip = _load_clip(name_or_path, dtype if dtype is not None else torch_dtype, device_map, cache_dir, kwargs)
+                        **kwargs) -> "CLIPModel":
+        """A folder, a hub repo (``OWNER/NAME``, fetched once into clipforge's cache, or ``cache_dir``; nothing
+        fetched with ``local_files_only``) or a checkpoint file. ``dtype`` (``torch_dtype``): float32 unless given
+        ("auto" keeps float32: the weights are read into clipforge's float32 model). ``device_map``: a device, or
+        "auto" (a GPU where there is one)."""
+        clip = _load_clip(name_or_path, dtype if dtype is not None else torch_dtype, device_map, kwargs)
         model_class = AutoModel.model_class(clip)
         if model_class is not cls and cls is not AutoModel:
             raise ValueError(f"{name_or_path}: a {model_class.__name__[:-5]} model; load it with "
@@ -485,7 +515,9 @@ class CLIPModel(torch.nn.Module):
     def config(self) -> _Config:
         """transformers' config for this model (``CLIPConfig``'s keys, or ``SiglipConfig``'s); one that neither
         can hold (a Hugging Face text encoder, a ResNet) is named."""
-        return _Config(_hf_config(self.clip))
+        from .checkpoint.hf import config_from_clipforge
+
+        return _Config(config_from_clipforge(self.clip.config, float(self.clip.logit_scale.detach())))
 
     @property
     def device(self) -> torch.device:
@@ -614,20 +646,22 @@ class CLIPVisionModel(torch.nn.Module):
             raise ValueError("CLIPVisionModel is CLIP's ViT image tower pooled at its class token; this model's is "
                              f"a {type(tower).__name__}{'' if tower.pool == 'tok' else ' pooled by averaging'}")
         self.vision = tower
-        self._config = _hf_config(clip)["vision_config"]
+        self._model_config, self._logit_scale = clip.config, float(clip.logit_scale.detach())
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype=None, torch_dtype=None, device_map=None,
-                        cache_dir: str | None = None, **kwargs) -> "CLIPVisionModel":
+                        **kwargs) -> "CLIPVisionModel":
         """As ``CLIPModel.from_pretrained`` reads it (a ``CLIPModel`` folder, as transformers' class reads one)."""
-        clip = _load_clip(name_or_path, dtype if dtype is not None else torch_dtype, device_map, cache_dir, kwargs)
+        clip = _load_clip(name_or_path, dtype if dtype is not None else torch_dtype, device_map, kwargs)
         if AutoModel.model_class(clip) is not CLIPModel:
             raise ValueError(f"{name_or_path}: a SigLIP model; transformers' SiglipVisionModel is not built here")
         return cls(clip).eval()
 
     @property
     def config(self) -> _Config:
-        return _Config(self._config)
+        from .checkpoint.hf import config_from_clipforge
+
+        return _Config(config_from_clipforge(self._model_config, self._logit_scale)["vision_config"])
 
     @property
     def device(self) -> torch.device:
@@ -665,31 +699,18 @@ class CLIPVisionModelWithProjection(CLIPVisionModel):
                                      hidden_states=hidden)
 
 
-def _hf_config(clip: CLIP) -> dict:
-    """transformers' config of a model (``CLIPConfig``'s or ``SiglipConfig``'s keys)."""
-    from .checkpoint.hf import config_from_clipforge
-
-    return config_from_clipforge(clip.config, float(clip.logit_scale.detach()))
-
-
-def _load_clip(name_or_path, dtype, device_map, cache_dir, kwargs) -> CLIP:
+def _load_clip(name_or_path, dtype, device_map, options: dict) -> CLIP:
     from . import load_model
     from .hub_tokenizer import is_hub_name
     from .models import is_naflex
-    from .pretrained import cache_at
 
-    unknown = set(kwargs) - _HARMLESS
-    if unknown:
-        raise TypeError(f"from_pretrained: {', '.join(sorted(unknown))} not built here")
-    if kwargs.get("revision", "main") != "main":
-        raise ValueError("revision: only a hub repo's main branch is fetched here")
     name = os.fspath(name_or_path)
     if not os.path.exists(name) and not name.startswith("hf-hub:"):
         if "/" not in name or not is_hub_name(name):
             raise ValueError(f"{name}: expected a model folder, a checkpoint file or a Hugging Face Hub repo "
                              "(OWNER/NAME); zoo names load with clipforge.load")
         name = f"hf-hub:{name}"
-    with cache_at(cache_dir):
+    with _hub_options("from_pretrained", options):
         clip = load_model(name)
     if type(clip) is not CLIP:
         raise ValueError(f"{name_or_path}: a {type(clip).__name__}, not a CLIP model")

@@ -59,8 +59,8 @@ def save_pretrained(model, folder: str | os.PathLike, config: dict | None = None
 
 def read_preprocess_cfg(path: str | os.PathLike) -> dict:
     """``Preprocess`` arguments a checkpoint folder records beside its weights (``preprocess_cfg`` in clipforge's
-    ``config.json`` or open_clip's ``open_clip_config.json``; a Hugging Face folder's image processor, ``hf.read_image_processor``);
-    empty where it records none (OpenAI's)."""
+    ``config.json`` or open_clip's ``open_clip_config.json``; a Hugging Face folder's image processor,
+    ``hf.read_image_processor``); empty where it records none (OpenAI's)."""
     path = Path(path)
     if not path.is_dir():
         return {}
