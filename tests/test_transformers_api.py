@@ -378,3 +378,17 @@ def test_the_vision_models_give_transformers_hidden_states_and_embeddings(folder
         assert (projected.image_embeds - expected.image_embeds).abs().max().item() <= TOL
         assert (projected.image_embeds - transformers_api.CLIPModel.from_pretrained(folders["saved"])
                 .get_image_features(images)).abs().max().item() <= TOL
+
+
+def test_a_legacy_feature_extractor_config_reads_as_transformers_reads_it(tmp_path):
+    """openai/clip-vit-base-patch32's preprocessor_config.json predates image processors: sizes as plain numbers,
+    "feature_extractor_type": "CLIPFeatureExtractor". Both read it as a short-side resize and a centre crop."""
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": 48, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 48}))
+    photos = _photos(6, seed=4)
+    theirs = transformers.CLIPImageProcessor.from_pretrained(tmp_path)(images=photos, return_tensors="pt")
+    ours = transformers_api.CLIPImageProcessor.from_pretrained(tmp_path)(photos)
+    assert ours.pixel_values.shape == (6, 3, 48, 48)
+    assert (theirs.pixel_values - ours.pixel_values).abs().max().item() < 1e-5
