@@ -4,11 +4,12 @@ what a transformers script spends, part by part, with only its import changed.
     python benchmarks/transformers_api.py --data ../shared/data --json runs/bench/transformers-api.json
 
 ViT-B-32 at 224 pixels (random weights, as transformers saves a CLIPModel folder: tokenizer.json and
-processor_config.json), fp32, 2 threads: 64 captions (coco-mini's, padded to the longest) and 16 photos (coco-mini's at
-their own size, about 640 x 480; without --data, smooth random pictures of that size); the zero-shot pipeline on the
-16 photos with CIFAR-10's 10 class names; the image tower alone as ``CLIPVisionModel`` with its hidden states. Each part runs once to warm
-up, then ``--repeats`` interleaved rounds; medians. The model parts take the same inputs in both libraries; the
-largest difference between their outputs is reported beside the speed.
+processor_config.json), fp32, 2 threads: 64 captions (coco-mini's, padded to the longest) and 16 photos (coco-mini's
+at their own size, about 640 x 480; without --data, smooth random pictures of that size); the zero-shot pipeline on
+the 16 photos with CIFAR-10's 10 class names; the image tower alone as ``CLIPVisionModel`` with its hidden states, the
+text tower as ``CLIPTextModel``. Each part runs once to warm up, then ``--repeats`` interleaved rounds; medians. The
+model parts take the same inputs in both libraries; the largest difference between their outputs is reported beside
+the speed.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def main() -> None:
         classifiers = {k: lib.pipeline("zero-shot-image-classification", model=str(folder), device="cpu")
                        for k, lib in libraries.items()}
         towers = {k: lib.CLIPVisionModel.from_pretrained(folder).eval() for k, lib in libraries.items()}
+        text_towers = {k: lib.CLIPTextModel.from_pretrained(folder).eval() for k, lib in libraries.items()}
     inputs = processors["transformers"](text=captions, images=photos, return_tensors="pt", padding=True)
     labels = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -104,6 +106,7 @@ def main() -> None:
             photos, candidate_labels=labels)),
         f"CLIPVisionModel hidden_states[-2] (LLaVA's features): {args.images} images": lambda k: towers[k](
             pixel_values=inputs.pixel_values, output_hidden_states=True).hidden_states[-2],
+        f"CLIPTextModel last_hidden_state: {args.texts} captions": lambda k: text_towers[k](**texts).last_hidden_state,
     }
     report = {"machine": machine(args.threads), "transformers": transformers.__version__, "parts": {}}
     with torch.no_grad():

@@ -210,6 +210,9 @@ def test_what_is_not_built_is_refused_by_name(folders, tmp_path):
         vision_config=dict(tower, patch_size=8, num_patches=16))).save_pretrained(tmp_path / "naflex")
     with pytest.raises(ValueError, match="NaFlex"):
         transformers_api.AutoModel.from_pretrained(tmp_path / "naflex")
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(**tower)).save_pretrained(tmp_path / "text-encoder")
+    with pytest.raises(ValueError, match="clip_text_model folder"):
+        transformers_api.CLIPTextModel.from_pretrained(tmp_path / "text-encoder")
 
 
 def test_the_processor_takes_text_and_images_by_position_in_either_order(folders):
@@ -392,3 +395,25 @@ def test_a_legacy_feature_extractor_config_reads_as_transformers_reads_it(tmp_pa
     ours = transformers_api.CLIPImageProcessor.from_pretrained(tmp_path)(photos)
     assert ours.pixel_values.shape == (6, 3, 48, 48)
     assert (theirs.pixel_values - ours.pixel_values).abs().max().item() < 1e-5
+
+
+def test_the_text_models_give_transformers_hidden_states_and_embeddings(folders):
+    """CLIPTextModel / CLIPTextModelWithProjection on right-padded captions, with and without the attention mask:
+    every hidden state (padding positions included), the normed last one, the pooled end token and the projection
+    equal transformers' within 1e-5."""
+    tokens = transformers_api.CLIPTokenizer.from_pretrained(folders["saved"])(
+        ["a photo of a cat", "two dogs play on the grass in the park", "x"], padding=True, return_tensors="pt")
+    ours = transformers_api.CLIPTextModel.from_pretrained(folders["saved"])
+    theirs = transformers.CLIPTextModel.from_pretrained(folders["saved"]).eval()
+    assert ours.config.hidden_size == theirs.config.hidden_size and not hasattr(ours, "clip")
+    with torch.no_grad():
+        for inputs in (dict(tokens), {"input_ids": tokens["input_ids"]}):
+            a, b = theirs(**inputs, output_hidden_states=True), ours(**inputs, output_hidden_states=True)
+            assert len(a.hidden_states) == len(b.hidden_states) == theirs.config.num_hidden_layers + 1
+            for x, y in zip([*a.hidden_states, a.last_hidden_state, a.pooler_output],
+                            [*b.hidden_states, b.last_hidden_state, b.pooler_output]):
+                assert (x - y).abs().max().item() <= TOL, len(inputs)
+        projected = transformers_api.CLIPTextModelWithProjection.from_pretrained(folders["saved"])(**tokens)
+        expected = transformers.CLIPTextModelWithProjection.from_pretrained(folders["saved"]).eval()(**tokens)
+        assert (projected.text_embeds - expected.text_embeds).abs().max().item() <= TOL
+        assert projected.hidden_states is None

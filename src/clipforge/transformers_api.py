@@ -5,11 +5,10 @@ features (``get_image_features`` / ``get_text_features``, ``model(...)``'s logit
 hub repos, without transformers installed.
 
 ``get_*_features`` return the features as a tensor, as transformers 4 did, that also answers transformers 5's
-``.pooler_output`` (the same values), so scripts written for either run. ``CLIPVisionModel`` gives the image tower's
-hidden states (what vision-language models read). What is not built here is refused by name: other image sizes
-(``interpolate_pos_encoding``), attention maps, the text tower's hidden states (``forward_intermediates`` gives the
-blocks' outputs), SigLIP 2's NaFlex ``Siglip2Model`` and SentencePiece tokenizers without a ``tokenizer.json``
-(``clipforge.load`` reads both)."""
+``.pooler_output`` (the same values), so scripts written for either run. ``CLIPVisionModel`` and ``CLIPTextModel``
+give one tower's hidden states (what vision-language models read). What is not built here is refused by name: other
+image sizes (``interpolate_pos_encoding``), attention maps, SigLIP 2's NaFlex ``Siglip2Model`` and SentencePiece
+tokenizers without a ``tokenizer.json`` (``clipforge.load`` reads both)."""
 from __future__ import annotations
 
 import contextlib
@@ -631,14 +630,51 @@ class CLIPVisionModelOutput(ModelOutput):
     fields = ("image_embeds", "last_hidden_state", "hidden_states")
 
 
-class CLIPVisionModel(torch.nn.Module):
+class _TowerModel(torch.nn.Module):
+    """One tower of a CLIP model, as transformers' ``CLIPVisionModel`` / ``CLIPTextModel`` load it from a
+    ``CLIPModel`` folder; ``config``: that tower's part of transformers' config (``config_key``)."""
+
+    config_key = ""
+
+    def __init__(self, clip: CLIP):
+        super().__init__()
+        self._model_config, self._logit_scale = clip.config, float(clip.logit_scale.detach())
+
+    @property
+    def config(self) -> _Config:
+        from .checkpoint.hf import config_from_clipforge
+
+        return _Config(config_from_clipforge(self._model_config, self._logit_scale)[self.config_key])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype=None, torch_dtype=None, device_map=None,
+                        **kwargs):
+        """As ``CLIPModel.from_pretrained`` reads it (a ``CLIPModel`` folder, as transformers' class reads one)."""
+        clip = _load_clip(name_or_path, dtype if dtype is not None else torch_dtype, device_map, kwargs)
+        if AutoModel.model_class(clip) is not CLIPModel:
+            raise ValueError(f"{name_or_path}: a SigLIP model; {cls.__name__} is CLIP's (transformers' Siglip "
+                             "tower classes are not built here)")
+        return cls(clip).eval()
+
+
+class CLIPVisionModel(_TowerModel):
     """transformers' ``CLIPVisionModel``: a CLIP model's ViT image tower alone (``self.vision``, clipforge's
     ``VisionTransformer``; the text tower is not kept), with its hidden states as transformers gives them; what
     vision-language models (LLaVA's ``hidden_states[-2]``) load for patch features. ``config``: the vision config's
     keys (``hidden_size``, ``image_size``, ``patch_size`` ...)."""
 
+    config_key = "vision_config"
+
     def __init__(self, clip: CLIP):
-        super().__init__()
+        super().__init__(clip)
         from .models.vision_transformer import VisionTransformer
 
         tower = clip.visual
@@ -646,30 +682,6 @@ class CLIPVisionModel(torch.nn.Module):
             raise ValueError("CLIPVisionModel is CLIP's ViT image tower pooled at its class token; this model's is "
                              f"a {type(tower).__name__}{'' if tower.pool == 'tok' else ' pooled by averaging'}")
         self.vision = tower
-        self._model_config, self._logit_scale = clip.config, float(clip.logit_scale.detach())
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype=None, torch_dtype=None, device_map=None,
-                        **kwargs) -> "CLIPVisionModel":
-        """As ``CLIPModel.from_pretrained`` reads it (a ``CLIPModel`` folder, as transformers' class reads one)."""
-        clip = _load_clip(name_or_path, dtype if dtype is not None else torch_dtype, device_map, kwargs)
-        if AutoModel.model_class(clip) is not CLIPModel:
-            raise ValueError(f"{name_or_path}: a SigLIP model; transformers' SiglipVisionModel is not built here")
-        return cls(clip).eval()
-
-    @property
-    def config(self) -> _Config:
-        from .checkpoint.hf import config_from_clipforge
-
-        return _Config(config_from_clipforge(self._model_config, self._logit_scale)["vision_config"])
-
-    @property
-    def device(self) -> torch.device:
-        return self.vision.class_embedding.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vision.class_embedding.dtype
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
                 interpolate_pos_encoding: bool = False, **kwargs) -> BaseModelOutputWithPooling:
@@ -699,12 +711,85 @@ class CLIPVisionModelWithProjection(CLIPVisionModel):
                                      hidden_states=hidden)
 
 
+class CLIPTextModelOutput(ModelOutput):
+    """``CLIPTextModelWithProjection``'s output: the projected ``text_embeds`` beside the states."""
+
+    fields = ("text_embeds", "last_hidden_state", "hidden_states")
+
+
+class CLIPTextModel(_TowerModel):
+    """transformers' ``CLIPTextModel``: a CLIP model's text transformer alone (``self.text``; the image tower is not
+    kept). ``last_hidden_state`` [N, L, width] after ``final_layer_norm``, ``pooler_output`` at each text's end token,
+    with ``output_hidden_states`` the embeddings and every block's output (before that norm), as transformers counts
+    them. An ``attention_mask`` hides padding from every position, as transformers' does (the states of the text's
+    own tokens are the same either way: they see nothing after them)."""
+
+    config_key = "text_config"
+
+    def __init__(self, clip: CLIP):
+        super().__init__(clip)
+        from .models.text_transformer import TextTransformer
+
+        tower = clip.text
+        if type(tower) is not TextTransformer or not tower.causal:
+            kind = type(tower).__name__ + ("" if getattr(tower, "causal", True) else " attending both ways")
+            raise ValueError(f"CLIPTextModel is CLIP's causal text transformer; this model's text tower is a {kind}")
+        self.text = tower
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                **kwargs) -> BaseModelOutputWithPooling:
+        last, pooled, hidden = self._states(input_ids, attention_mask, position_ids, output_hidden_states, kwargs)
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+
+    def _states(self, input_ids, attention_mask, position_ids, output_hidden_states, kwargs):
+        from .models.inputs import check_token_batch
+
+        _refuse(kwargs, position_ids=position_ids)
+        tower = self.text
+        check_token_batch(input_ids, tower.context_length)
+        x, length = tower._embed(input_ids), input_ids.shape[1]
+        mask = None  # causal alone
+        if attention_mask is not None and not bool(attention_mask.all()):
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            keys = attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
+            mask = keys & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            mask = mask | ~mask.any(dim=-1, keepdim=True)  # a row left nothing to see sees all it may
+            mask = mask & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        if output_hidden_states:
+            last, blocks = tower.transformer.forward_intermediates(x, causal=mask is None, attn_mask=mask)
+            hidden = (x, *blocks)
+        else:
+            last, hidden = tower.transformer(x, causal=mask is None, attn_mask=mask), None
+        last = tower.ln_final(last)
+        return last, last[torch.arange(len(last), device=last.device), tower._pool_index(input_ids)], hidden
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """transformers' ``CLIPTextModelWithProjection``: ``CLIPTextModel``'s states and the projected ``text_embeds``
+    (what ``CLIPModel.get_text_features`` gives)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                **kwargs) -> CLIPTextModelOutput:
+        last, pooled, hidden = self._states(input_ids, attention_mask, position_ids, output_hidden_states, kwargs)
+        return CLIPTextModelOutput(text_embeds=self.text._project(pooled), last_hidden_state=last,
+                                   hidden_states=hidden)
+
+
 def _load_clip(name_or_path, dtype, device_map, options: dict) -> CLIP:
     from . import load_model
     from .hub_tokenizer import is_hub_name
     from .models import is_naflex
 
     name = os.fspath(name_or_path)
+    tower_type = _read_json(Path(name) / "config.json").get("model_type") if os.path.isdir(name) else None
+    if tower_type in ("clip_text_model", "clip_vision_model", "siglip_text_model", "siglip_vision_model"):
+        raise ValueError(f"{name}: a transformers {tower_type} folder (one tower alone, as diffusers' text encoders "
+                         "are) is not built here; the towers of a whole CLIPModel folder load with "
+                         "CLIPTextModel / CLIPVisionModel.from_pretrained")
     if not os.path.exists(name) and not name.startswith("hf-hub:"):
         if "/" not in name or not is_hub_name(name):
             raise ValueError(f"{name}: expected a model folder, a checkpoint file or a Hugging Face Hub repo "
@@ -739,8 +824,8 @@ def _refuse(kwargs: dict, position_ids=None, interpolate_pos_encoding: bool = Fa
     if kwargs.pop("output_attentions", False):
         raise ValueError("output_attentions: attention maps are not computed here (the attention runs fused)")
     if kwargs.pop("output_hidden_states", False):
-        raise ValueError("output_hidden_states: CLIPVisionModel gives the image tower's, as transformers does; "
-                         "model.clip.forward_intermediates(...) every block's output of both towers")
+        raise ValueError("output_hidden_states: CLIPVisionModel and CLIPTextModel give a tower's, as transformers "
+                         "does; model.clip.forward_intermediates(...) every block's output of both towers")
     if kwargs:
         raise TypeError(f"CLIPModel: {', '.join(sorted(kwargs))} not built here")
 
