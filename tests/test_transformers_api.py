@@ -1,6 +1,7 @@
-"""clipforge.transformers_api against transformers' CLIPModel / CLIPProcessor on the same folders (random weights):
-the folder `clipforge convert --to hf` writes (vocab.json + merges.txt, transformers 4's preprocessor_config.json) and
-the one transformers 5 writes from it (tokenizer.json, processor_config.json)."""
+"""clipforge.transformers_api against transformers' own classes on the same folders (random weights): CLIPModel,
+CLIPProcessor and its tokenizer and image processors, the zero-shot pipeline, the single-tower models and SigLIP's; on
+the folder `clipforge convert --to hf` writes (vocab.json + merges.txt, transformers 4's preprocessor_config.json),
+the one transformers 5 writes from it (tokenizer.json, processor_config.json) and a hub repo."""
 import io
 import json
 import os
@@ -36,7 +37,7 @@ def _photos(n: int = 12, seed: int = 0) -> list[Image.Image]:
     """Smooth random pictures of odd and even sizes, wide and tall: every crop offset rounding case."""
     rng = np.random.RandomState(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         width, height = int(rng.randint(40, 300)), int(rng.randint(40, 300))
         noise = rng.randint(0, 256, (height, width, 3), dtype=np.uint8)
         out.append(Image.fromarray(noise).filter(ImageFilter.GaussianBlur(3)))

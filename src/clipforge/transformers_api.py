@@ -754,10 +754,9 @@ class CLIPTextModel(_TowerModel):
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
                                  f"{tuple(input_ids.shape)}")
-            keys = attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
-            mask = keys & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-            mask = mask | ~mask.any(dim=-1, keepdim=True)  # a row left nothing to see sees all it may
-            mask = mask & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            mask = attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :] & causal  # keys hidden
+            mask = (mask | ~mask.any(dim=-1, keepdim=True)) & causal  # a row left nothing to see sees all it may
         if output_hidden_states:
             last, blocks = tower.transformer.forward_intermediates(x, causal=mask is None, attn_mask=mask)
             hidden = (x, *blocks)
