@@ -7,7 +7,9 @@ ViT-B-32 at 224 pixels (random weights, as transformers saves a CLIPModel folder
 processor_config.json), fp32, 2 threads: 64 captions (coco-mini's, padded to the longest) and 16 photos (coco-mini's
 at their own size, about 640 x 480; without --data, smooth random pictures of that size); the zero-shot pipeline on
 the 16 photos with CIFAR-10's 10 class names; the image tower alone as ``CLIPVisionModel`` with its hidden states, the
-text tower as ``CLIPTextModel``. Each part runs once to warm up, then ``--repeats`` interleaved rounds; medians. The
+text tower as ``CLIPTextModel``; the Pillow image processor (``CLIPImageProcessorPil``) against transformers' default.
+With --data, how far clipforge's own preprocess and both image processors sit from transformers' pixels on 146 real
+photos (at 224 pixels). Each part runs once to warm up, then ``--repeats`` interleaved rounds; medians. The
 model parts take the same inputs in both libraries; the largest difference between their outputs is reported beside
 the speed.
 """
@@ -37,6 +39,47 @@ def _photos(data: str | None, n: int):
     rng = np.random.RandomState(0)
     return [Image.fromarray(rng.randint(0, 256, (480, 640, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(3))
             for _ in range(n)]
+
+
+def _agreement_photos(data: str) -> list:
+    """coco-mini's 79 photos at their own size and Flickr8k test's first 67 (short side 160): 146 in all."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    photos = []
+    for shard, n in (("coco-mini/test/test-000000.tar", 79), ("flickr8k/test/test-000000.tar", 67)):
+        with tarfile.open(Path(data) / shard) as tar:
+            members = [m for m in tar.getmembers() if m.name.endswith(".jpg")][:n]
+            photos += [Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB") for m in members]
+    return photos
+
+
+def pixel_agreement(data: str, folder: Path) -> dict:
+    """How far each way of preprocessing sits from transformers' own processor (transformers 5's default) on real
+    photos: the largest difference in 8-bit levels and the share of values more than one level apart."""
+    import torch
+    import transformers
+
+    from clipforge import transformers_api
+    from clipforge.preprocess import Preprocess
+
+    photos = _agreement_photos(data)
+    theirs = transformers.CLIPImageProcessor.from_pretrained(folder)
+    reference = theirs(images=photos, return_tensors="pt").pixel_values
+    pillow = transformers_api.CLIPImageProcessorPil.from_pretrained(folder)
+    tensor = transformers_api.CLIPImageProcessor.from_pretrained(folder)
+    ways = {"clipforge.load's preprocess (open_clip's crop)": lambda: torch.stack([Preprocess(224)(p) for p in photos]),
+            "CLIPImageProcessorPil (Pillow's resize)": lambda: pillow(photos).pixel_values,
+            "CLIPImageProcessor (the 8-bit tensor resized)": lambda: tensor(photos).pixel_values}
+    levels_per_unit = torch.tensor(theirs.image_std).view(1, 3, 1, 1) * 255
+    report = {"photos": len(photos)}
+    for way, pixels in ways.items():
+        levels = (pixels() - reference).abs() * levels_per_unit
+        report[way] = {"largest difference, 8-bit levels": round(float(levels.max()), 3),
+                       "share more than one level apart": round(float((levels > 1.01).float().mean()), 5)}
+    return report
 
 
 def _folder(root: Path) -> Path:
@@ -81,6 +124,9 @@ def main() -> None:
                        for k, lib in libraries.items()}
         towers = {k: lib.CLIPVisionModel.from_pretrained(folder).eval() for k, lib in libraries.items()}
         text_towers = {k: lib.CLIPTextModel.from_pretrained(folder).eval() for k, lib in libraries.items()}
+        pillow = {"clipforge": transformers_api.CLIPImageProcessorPil.from_pretrained(folder),
+                  "transformers": processors["transformers"].image_processor}  # its default, torchvision's resize
+        agreement = pixel_agreement(args.data, folder) if args.data else None
     inputs = processors["transformers"](text=captions, images=photos, return_tensors="pt", padding=True)
     labels = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -97,6 +143,8 @@ def main() -> None:
             text=captions, return_tensors="pt", padding=True).input_ids,
         f"processor: {args.images} photos": lambda k: processors[k](
             images=photos, return_tensors="pt").pixel_values,
+        f"image processor with Pillow (CLIPImageProcessorPil): {args.images} photos": lambda k: pillow[k](
+            images=photos, return_tensors="pt").pixel_values,
         f"get_image_features: {args.images} images": lambda k: features(
             models[k].get_image_features(pixel_values=inputs.pixel_values)),
         f"get_text_features: {args.texts} captions": lambda k: features(models[k].get_text_features(**texts)),
@@ -108,7 +156,9 @@ def main() -> None:
             pixel_values=inputs.pixel_values, output_hidden_states=True).hidden_states[-2],
         f"CLIPTextModel last_hidden_state: {args.texts} captions": lambda k: text_towers[k](**texts).last_hidden_state,
     }
-    report = {"machine": machine(args.threads), "transformers": transformers.__version__, "parts": {}}
+    report = {"machine": machine(args.threads), "transformers": transformers.__version__, "parts": {},
+              "pixels against transformers' processor": agreement}
+    print("pixels against transformers' processor:", agreement, flush=True)
     with torch.no_grad():
         for part, run in parts.items():
             outputs = {k: run(k) for k in libraries}  # warm-up

@@ -44,7 +44,7 @@ def write_json(path: str | os.PathLike, data) -> None:
 
 
 def read_json(path: str | os.PathLike) -> dict:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))  # JSON is UTF-8 whatever the locale
 
 
 class PathReferences:

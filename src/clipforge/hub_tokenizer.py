@@ -101,21 +101,17 @@ def tokenizer_folder(source: str | Path) -> Path:
         return Path(resolve_hf_model(str(source), weights=False))
     if not is_hub_name(str(source)):
         raise FileNotFoundError(f"tokenizer {source!r}: neither a folder nor a Hugging Face Hub repo (OWNER/NAME)")
-    from .pretrained import DownloadError, cache_dir, fetch_hub_file
+    from .pretrained import DownloadError, cache_dir, fetch_hub_files
 
     folder = cache_dir() / "tokenizers" / str(source).replace("/", "--")
-    if (folder / ".complete").exists():  # fetched before: no request, online or not
-        return folder
-    for name in TOKENIZER_FILES:  # each that the repo has
-        try:
-            fetch_hub_file(str(source), name, folder)
-        except DownloadError as exc:
-            raise DownloadError(f"this model's tokenizer comes from the Hugging Face Hub repo {source} and could not "
-                                f"be fetched ({exc}); offline, point text_cfg.hf_tokenizer_name at a folder holding its "
-                                "tokenizer files") from None
+    try:
+        fetch_hub_files(str(source), TOKENIZER_FILES, folder)  # each that the repo has; fetched before: no request
+    except DownloadError as exc:
+        raise DownloadError(f"this model's tokenizer comes from the Hugging Face Hub repo {source} and could not "
+                            f"be fetched ({exc}); offline, point text_cfg.hf_tokenizer_name at a folder holding its "
+                            "tokenizer files") from None
     if not has_tokenizer_files(folder):
         raise FileNotFoundError(f"hf-hub:{source} holds no tokenizer.json or SentencePiece model")
-    (folder / ".complete").touch()
     return folder
 
 

@@ -101,14 +101,18 @@ INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 PREPROCESS_KEYS = ("mean", "std", "resize_mode", "interpolation")
 
 
-def resize_short_side(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
-    width, height = image.size
+def short_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the short side at ``size`` and the long one scaled as torchvision's Resize scales it
+    (rounded down)."""
     short, long = (width, height) if width <= height else (height, width)
-    if short == size:
-        return image
     new_long = int(size * long / short)
-    new_size = (size, new_long) if width <= height else (new_long, size)
-    return image.resize(new_size, INTERPOLATIONS[interpolation])
+    return (size, new_long) if width <= height else (new_long, size)
+
+
+def resize_short_side(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+    if min(image.size) == size:
+        return image
+    return image.resize(short_side_size(*image.size, size), INTERPOLATIONS[interpolation])
 
 
 def center_crop(image: Image.Image, size: int, floor: bool = False) -> Image.Image:

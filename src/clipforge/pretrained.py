@@ -227,6 +227,17 @@ def fetch_hub_file(repo: str, name: str, folder: Path, progress: bool = False) -
     return fetched.replace(target)
 
 
+def fetch_hub_files(repo: str, names, folder: Path, marker: str = ".complete") -> Path:
+    """``names`` from a hub repo (those it has) into ``folder``, each asked for once: after a complete round (the
+    ``marker`` file) nothing is requested again, online or offline."""
+    if not (folder / marker).exists():
+        for name in names:
+            fetch_hub_file(repo, name, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / marker).touch()
+    return folder
+
+
 def fetch_hub(repo: str, progress: bool = True) -> HubCheckpoint:
     """Weights and architecture of a Hugging Face Hub repo, as ``open_clip.create_model("hf-hub:REPO")`` reads it:
     ``open_clip_config.json`` with ``open_clip_model.safetensors`` (else ``open_clip_pytorch_model.bin``); or a
