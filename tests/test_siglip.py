@@ -59,11 +59,12 @@ def hf_siglip(tmp_path_factory):
     return make_hf_siglip(tmp_path_factory.mktemp("siglip") / "hf")
 
 
-def make_hf_siglip(folder):
+def make_hf_siglip(folder, make_tokenizer=make_tokenizer_folder):
     """A transformers SiglipModel folder (small, random, logit scale above CLIP's clamp) with tokenizer and image
-    processor files, as google/siglip-* repos hold them; ``(folder, model)``."""
+    processor files, as google/siglip-* repos hold them; ``(folder, model)``. ``make_tokenizer(folder)`` writes the
+    tokenizer files and returns the vocabulary's size."""
     transformers = pytest.importorskip("transformers")
-    vocab = make_tokenizer_folder(folder)
+    vocab = make_tokenizer(folder)
     torch.manual_seed(0)
     tower = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     config = transformers.SiglipConfig(text_config=dict(vocab_size=vocab, max_position_embeddings=64, **tower),

@@ -5,10 +5,11 @@ with its own special tokens, truncated and padded to the context length.
 
 A plain ``tokenizer.json`` runs in the compiled ``tokenizers`` library directly. A folder that names its own
 tokenizer class (SigLIP 2's ``GemmaTokenizer``, which transformers rebuilds around the file) is configured once by
-``transformers.AutoTokenizer``, as open_clip's is, and its compiled backend then runs here; a folder with only a
-SentencePiece model (``spiece.model``, what Google's SigLIP repos hold) is run by transformers (with
-``sentencepiece``). Either way only the cleaning, the call and the padding are clipforge's, which is where the time
-goes (docs/BENCHMARKS.md).
+``transformers.AutoTokenizer``, as open_clip's is, and its compiled backend then runs here. A SigLIP folder with only
+a SentencePiece model (``spiece.model``, what Google's SigLIP repos hold) runs as transformers' ``SiglipTokenizer``
+runs it, rebuilt in ``tokenizers`` (``spiece``: neither transformers nor ``sentencepiece`` needed); another
+SentencePiece-only folder is run by transformers. Either way only the cleaning, the call and the padding are
+clipforge's, which is where the time goes (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -76,6 +77,11 @@ def _transformers_installed() -> bool:
     from importlib.util import find_spec
 
     return find_spec("transformers") is not None
+
+
+def is_siglip_sentencepiece(folder: Path, settings: dict) -> bool:
+    """A folder whose tokenizer is SigLIP's over a SentencePiece model (Google's SigLIP repos): ``spiece``'s."""
+    return (folder / "spiece.model").is_file() and settings.get("tokenizer_class") in (None, "SiglipTokenizer")
 
 
 def has_tokenizer_files(folder: str | Path) -> bool:
@@ -240,8 +246,13 @@ class HubTokenizer:
                 settings.update(json.loads((self.folder / name).read_text(encoding="utf-8")))
         has_json = (self.folder / "tokenizer.json").is_file()
         own_class = settings.get("tokenizer_class") not in (None, "PreTrainedTokenizerFast", "TokenizersBackend")
+        if not has_json and is_siglip_sentencepiece(self.folder, settings):
+            from .spiece import SiglipSentencePiece
+
+            fast = SiglipSentencePiece.from_folder(self.folder, settings)
+            self.pad_token_id, self._padding_side = fast.pad_token_id, "right"
         # a language is set through the tokenizer class that knows its codes (NLLB's), which transformers builds
-        if has_json and not (own_class and (_transformers_installed() or self.language is not None)):
+        elif has_json and not (own_class and (_transformers_installed() or self.language is not None)):
             from tokenizers import Tokenizer
 
             fast = Tokenizer.from_file(str(self.folder / "tokenizer.json"))

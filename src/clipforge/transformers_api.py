@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .files import read_json
-from .hub_tokenizer import _token_text, is_hub_name
+from .hub_tokenizer import _token_text, is_hub_name, is_siglip_sentencepiece
 from .models.clip import CLIP
 from .preprocess import (INTERPOLATIONS, OPENAI_MEAN, OPENAI_STD, Decoding, Preprocess, _upright, center_crop,
                          open_image, resize_short_side, short_side_size, to_tensor)
+from .spiece import SPIECE_FILE, SiglipSentencePiece
 
 
 class Features(torch.Tensor):
@@ -152,6 +153,7 @@ def _read_json(path: Path) -> dict:
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 _CLIP_SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+_SIGLIP_SPECIAL = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
 # tokenizer classes whose padding side, where the folder names none, is transformers' class default
 _LEFT_PADDING_CLASSES = ("GemmaTokenizer", "GemmaTokenizerFast")
 
@@ -164,7 +166,8 @@ class CLIPTokenizer:
     ``model_input_names`` have it. Its text cleaning is transformers' (CLIP's: Unicode NFC, runs of white space, lower
     case), not OpenAI's ftfy: the ids are what the model was given in transformers."""
 
-    _FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+    _FILES = ("tokenizer.json", "vocab.json", "merges.txt", SPIECE_FILE, "tokenizer_config.json",
+              "special_tokens_map.json")
 
     def __init__(self, backend, model_max_length: int = 77, padding_side: str = "right",
                  model_input_names=("input_ids", "attention_mask"), **special_tokens):
@@ -197,13 +200,16 @@ class CLIPTokenizer:
         special = {k: _token_text(settings.pop(k)) for k in _SPECIAL if settings.get(k)}
         if (folder / "tokenizer.json").is_file():
             backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        elif is_siglip_sentencepiece(folder, settings):  # transformers' SiglipTokenizer, its defaults
+            backend = SiglipSentencePiece.from_folder(folder, settings)
+            special = {**_SIGLIP_SPECIAL, **special}
+            settings.setdefault("model_max_length", 64)
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             special = {**_CLIP_SPECIAL, **special}
             backend = _bpe_backend(folder, special["bos_token"], special["eos_token"])
         else:
-            raise FileNotFoundError(f"{name_or_path}: no tokenizer.json, nor vocab.json with merges.txt (a "
-                                    "SentencePiece model alone is run by transformers; clipforge.get_tokenizer reads "
-                                    "clipforge's and open_clip's models)")
+            raise FileNotFoundError(f"{name_or_path}: no tokenizer.json, nor vocab.json with merges.txt, nor SigLIP's "
+                                    "spiece.model (another SentencePiece model alone is run by transformers)")
         if backend.token_to_id(_CLIP_SPECIAL["eos_token"]) is not None:  # OpenAI's vocabulary: CLIPTokenizer's defaults
             special = {**_CLIP_SPECIAL, **special}
         backend.no_padding()
