@@ -968,10 +968,15 @@ def test_end2end_embeds_indexes_serves_and_takes_the_images_added_since(collecti
     printed = end2end("--no-serve")
     assert "embedded 30 images" in printed and "added 10 vectors to the flat index of 20 (now 30" in printed
 
-    served = {}
+    served, loads = {}, []
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **_: served.update(app=app, host=host, port=port))
+    from clipforge import inference
+
+    load = inference.load_for_inference
+    monkeypatch.setattr(inference, "load_for_inference", lambda *a, **k: loads.append(a) or load(*a, **k))
     assert "is up to date" in end2end("--port", "8123")
     assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
+    assert len(loads) == 1  # one model for the embedding and the server
     from fastapi.testclient import TestClient
 
     client = TestClient(served["app"])

@@ -159,3 +159,29 @@ def test_transformers_api_runs_a_google_siglip_folder_as_transformers_does(googl
             **inputs))
         got = ours.AutoModel.from_pretrained(folder)(**ours.AutoProcessor.from_pretrained(folder)(**inputs))
     assert (got.logits_per_image - theirs.logits_per_image).abs().max() <= 1e-3
+
+
+def test_a_google_siglip_hub_repo_fetches_its_sentencepiece_model_once(google_siglip, tmp_path, monkeypatch):
+    """google/NAME from the hub (a local stand-in): spiece.model and its settings fetched into the cache for
+    clipforge.load and for transformers_api, then offline the same ids."""
+    import clipforge
+    from clipforge import transformers_api
+
+    from conftest import hub_server
+
+    folder, _ = google_siglip
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    texts = ["a photo of a dog", "Two dogs, playing!", "caf\u00e9 \u00a8 x"]
+    expected = transformers.AutoTokenizer.from_pretrained(folder)(texts, padding="max_length")["input_ids"]
+    server = hub_server(monkeypatch, tmp_path / "cache", "google/siglip-tiny", files)
+    try:
+        _, _, tokenizer = clipforge.load("hf-hub:google/siglip-tiny")
+        loaded = tokenizer(texts)
+        fetched = transformers_api.AutoTokenizer.from_pretrained("google/siglip-tiny")(texts, padding="max_length")
+    finally:
+        server.close()
+    assert fetched["input_ids"] == expected and loaded.tolist() == expected
+    assert (tmp_path / "cache" / "transformers-api" / "google--siglip-tiny" / "spiece.model").is_file()
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
+    again = transformers_api.AutoTokenizer.from_pretrained("google/siglip-tiny")(texts, padding="max_length")
+    assert again["input_ids"] == expected

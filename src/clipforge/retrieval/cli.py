@@ -42,7 +42,8 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_embed)
 
 
-def run_embed(args) -> int:
+def run_embed(args, loaded: tuple | None = None) -> int:
+    """``loaded``: the (model, preprocess, tokenizer) the flags name, where the caller has it already (end2end)."""
     import torch
 
     from ..inference import decoding_from_args, load_from_args
@@ -53,7 +54,7 @@ def run_embed(args) -> int:
         torch.distributed.init_process_group("gloo")  # only to add up counts: the images never cross processes
         if args.device is None and torch.cuda.is_available():
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    model, preprocess, tokenizer = load_from_args(args)
+    model, preprocess, tokenizer = loaded or load_from_args(args)
     texts = [l.strip() for l in Path(args.texts).read_text().splitlines() if l.strip()] if args.texts else None
     _suggest_bf16(args, model, rank)
     try:

@@ -76,7 +76,9 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def run_end2end(args) -> int:
-    """embed, index build, serve: each step as its own command runs it (index build with its defaults)."""
+    """embed, index build, serve: each step as its own command runs it (index build with its defaults), the model
+    loaded once for the embedding and the server."""
+    from ..inference import load_from_args
     from ..retrieval.cli import add_index_arguments, run_embed, run_index
 
     if args.serve:  # what would stop the server, found before the embedding rather than after it
@@ -84,7 +86,8 @@ def run_end2end(args) -> int:
             raise ValueError(f"--mapping {args.mapping}: no such folder (the --output folder of clipforge caption "
                              "train)")
         check_port_free(args.host, args.port)
-    run_embed(args)
+    loaded = load_from_args(args)
+    run_embed(args, loaded)
     index_parser = argparse.ArgumentParser(prog="clipforge end2end")
     add_index_arguments(index_parser)
     run_index(index_parser.parse_args(["build", args.output, "--target-recall", str(args.target_recall),
@@ -92,7 +95,7 @@ def run_end2end(args) -> int:
     if not args.serve:
         return 0
     args.folders = [args.output]
-    return run(args)
+    return run(args, loaded)
 
 
 def named_folders(values: list[str]) -> dict[str, str]:
@@ -112,19 +115,20 @@ def named_folders(values: list[str]) -> dict[str, str]:
     return collections
 
 
-def load_models(args, folders: dict[str, str]) -> dict[str, tuple]:
-    """Each collection's (model, preprocess, tokenizer): the --model/--pretrained given, else what it recorded;
-    loaded once for all the collections that name the same one."""
+def load_models(args, folders: dict[str, str], given: tuple | None = None) -> dict[str, tuple]:
+    """Each collection's (model, preprocess, tokenizer): the --model/--pretrained given (``given``: that model,
+    loaded already), else what it recorded; loaded once for all the collections that name the same one."""
     from ..inference import load_from_args
     from ..retrieval.collection import check_collection, model_spec
     from ..retrieval.probe import warn_if_other_weights
 
     for folder in folders.values():  # every folder checked before any model loads
         check_collection(folder)
-    loaded: dict[str, tuple] = {}
+    loaded: dict[str, tuple] = {} if given is None else {"given": given}
     models = {}
     for name, folder in folders.items():
-        key = "given" if args.model or args.pretrained else json.dumps(model_spec(folder), sort_keys=True)
+        key = "given" if given is not None or args.model or args.pretrained else \
+            json.dumps(model_spec(folder), sort_keys=True)
         if key in loaded:
             warn_if_other_weights(folder, *loaded[key])
         else:
@@ -133,7 +137,8 @@ def load_models(args, folders: dict[str, str]) -> dict[str, tuple]:
     return models
 
 
-def run(args) -> int:
+def run(args, loaded: tuple | None = None) -> int:
+    """``loaded``: the model the flags name, already loaded (end2end's, which embedded the one collection)."""
     import uvicorn
 
     from .app import create_collections_app
@@ -144,7 +149,7 @@ def run(args) -> int:
         from ..captioning.captioner import Captioner
 
         captioner = Captioner.load(args.mapping, args.device)
-    models = load_models(args, folders)
+    models = load_models(args, folders, loaded)
     app = create_collections_app({name: (folder, models[name]) for name, folder in folders.items()},
                                  max_upload_bytes=int(args.max_upload_mb * 2**20),
                                  index_in_memory=args.index_in_memory, captioner=captioner,
