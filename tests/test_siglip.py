@@ -98,21 +98,27 @@ def test_a_transformers_siglip_folder_loads_with_identical_features_logits_and_t
         assert _max_diff(ours.logits_per_image, out.logits_per_image) <= 1e-4 * 121
 
 
-def test_siglip_tokens_are_open_clips(hf_siglip, tmp_path):
+@pytest.mark.parametrize("with_transformers", [True, False])
+def test_siglip_tokens_are_open_clips(hf_siglip, tmp_path, monkeypatch, with_transformers):
     """open_clip's HFTokenizer (the canonicalize cleaner, then the tokenizer padded and truncated to 64) on the same
     files: identical ids, noisy web text included; for SigLIP's T5-style vocabulary (EOS-padded on the right) and
-    SigLIP 2's Gemma kind (BOS and EOS, padded on the left)."""
+    SigLIP 2's Gemma kind (BOS and EOS, padded on the left: also where transformers, which would configure it, is
+    not installed)."""
     open_clip = pytest.importorskip("open_clip")
+    from clipforge import hub_tokenizer
     from clipforge.hub_tokenizer import HubTokenizer
 
     folder, _ = hf_siglip
     make_gemma_tokenizer_folder(tmp_path / "gemma")
+    theirs = {source: open_clip.tokenizer.HFTokenizer(str(source), context_length=64, clean="canonicalize")
+              for source in (folder, tmp_path / "gemma")}
+    monkeypatch.setattr(hub_tokenizer, "_transformers_installed", lambda: with_transformers)
     for source in (folder, tmp_path / "gemma"):
         tokenizer = HubTokenizer(source, 64, clean="canonicalize")
-        theirs = open_clip.tokenizer.HFTokenizer(str(source), context_length=64, clean="canonicalize")
-        assert torch.equal(tokenizer(TEXTS), theirs(TEXTS)), source
-        assert torch.equal(tokenizer(TEXTS, context_length=16), theirs(TEXTS, context_length=16)), source
+        assert torch.equal(tokenizer(TEXTS), theirs[source](TEXTS)), source
+        assert torch.equal(tokenizer(TEXTS, context_length=16), theirs[source](TEXTS, context_length=16)), source
         assert tokenizer([]).shape == (0, 64)
+        assert (tokenizer._configured is None) == (not with_transformers or source == folder)
     row = HubTokenizer(tmp_path / "gemma", 16)(["a dog"])[0].tolist()
     pads = row.count(0)  # <pad> is 0, <eos> 1, <bos> 2
     assert pads > 0 and row[:pads] == [0] * pads and row[pads] == 2 and row[-1] == 1

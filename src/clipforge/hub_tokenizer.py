@@ -5,11 +5,12 @@ with its own special tokens, truncated and padded to the context length.
 
 A plain ``tokenizer.json`` runs in the compiled ``tokenizers`` library directly. A folder that names its own
 tokenizer class (SigLIP 2's ``GemmaTokenizer``, which transformers rebuilds around the file) is configured once by
-``transformers.AutoTokenizer``, as open_clip's is, and its compiled backend then runs here. A SigLIP folder with only
-a SentencePiece model (``spiece.model``, what Google's SigLIP repos hold) runs as transformers' ``SiglipTokenizer``
-runs it, rebuilt in ``tokenizers`` (``spiece``: neither transformers nor ``sentencepiece`` needed); another
-SentencePiece-only folder is run by transformers. Either way only the cleaning, the call and the padding are
-clipforge's, which is where the time goes (docs/BENCHMARKS.md).
+``transformers.AutoTokenizer``, as open_clip's is, and its compiled backend then runs here (without transformers,
+its ``tokenizer.json`` padded on its class's side: the same ids). A SigLIP folder with only a SentencePiece model
+(``spiece.model``, what Google's SigLIP repos hold) runs as transformers' ``SiglipTokenizer`` runs it, rebuilt in
+``tokenizers`` (``spiece``: neither transformers nor ``sentencepiece`` needed); another SentencePiece-only folder is
+run by transformers. Either way only the cleaning, the call and the padding are clipforge's, which is where the time
+goes (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -63,6 +64,17 @@ def _token_text(value) -> str | None:
 # a special token a tokenizer folder does not name (bert-base-uncased's name none: transformers takes its class's
 # defaults), found by these spellings among the tokenizer's own special tokens
 DEFAULT_SPECIALS = {"pad_token": ("[PAD]", "<pad>"), "sep_token": ("[SEP]", "</s>")}
+
+
+# tokenizer classes that pad on the left by their class default, where the folder names no side (SigLIP 2's Gemma)
+LEFT_PADDING_CLASSES = ("GemmaTokenizer", "GemmaTokenizerFast")
+
+
+def padding_side(settings: dict) -> str:
+    """The side a tokenizer folder pads on, as transformers sets it: the folder's ``padding_side``, else its
+    class's default."""
+    return settings.get("padding_side") or ("left" if settings.get("tokenizer_class") in LEFT_PADDING_CLASSES
+                                            else "right")
 
 
 def _special_id(fast, settings: dict, name: str) -> int | None:
@@ -258,7 +270,7 @@ class HubTokenizer:
             fast = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
             self.pad_token_id = _special_id(fast, settings, "pad_token")
             self.sep_token_id = _special_id(fast, settings, "sep_token")
-            self._padding_side = settings.get("padding_side", "right")
+            self._padding_side = padding_side(settings)  # a Gemma folder pads left without transformers too
         else:
             from transformers import AutoTokenizer
 

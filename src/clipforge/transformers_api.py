@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .files import read_json
-from .hub_tokenizer import _token_text, is_hub_name, is_siglip_sentencepiece
+from .hub_tokenizer import _token_text, is_hub_name, is_siglip_sentencepiece, padding_side
 from .models.clip import CLIP
 from .preprocess import (INTERPOLATIONS, OPENAI_MEAN, OPENAI_STD, Decoding, Preprocess, _upright, center_crop,
                          open_image, resize_short_side, short_side_size, to_tensor)
@@ -154,8 +154,6 @@ def _read_json(path: Path) -> dict:
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 _CLIP_SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
 _SIGLIP_SPECIAL = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
-# tokenizer classes whose padding side, where the folder names none, is transformers' class default
-_LEFT_PADDING_CLASSES = ("GemmaTokenizer", "GemmaTokenizerFast")
 
 
 class CLIPTokenizer:
@@ -217,8 +215,7 @@ class CLIPTokenizer:
         # transformers' cap for "no limit" (a huge number) means none: the model's context length bounds it anyway
         max_length = min(int(settings.get("model_max_length", 77)), 10 ** 6)
         names = settings.get("model_input_names") or ("input_ids", "attention_mask")
-        side = settings.get("padding_side") or ("left" if settings.get("tokenizer_class") in _LEFT_PADDING_CLASSES
-                                                else "right")
+        side = padding_side(settings)
         return cls(backend, max_length, side, names, **special)
 
     @property
