@@ -180,3 +180,23 @@ def test_a_cached_text_tower_still_runs_its_blocks():
         out = model.forward_intermediates(text=tokens, normalize=False)
     assert len(out["text_intermediates"]) == model.text.transformer.layers
     assert torch.allclose(out["text_features"], model.encode_text(tokens), atol=1e-6)
+
+
+def test_a_pruned_model_is_not_saved_as_a_checkpoint_its_config_no_longer_describes(tmp_path):
+    """Every format refuses it by name (it would otherwise write weights that no loader takes back); the same model
+    saved before pruning loads."""
+    from clipforge.checkpoint import hf, openai
+    from clipforge.checkpoint.errors import CheckpointError
+    from clipforge.checkpoint.io import save_pretrained
+
+    model = clipforge.create_model("ViT-Tiny-64").eval()
+    save_pretrained(model, tmp_path / "before")
+    model.text.prune_intermediate_layers([1])
+    for save in (lambda: save_pretrained(model, tmp_path / "ours"), lambda: hf.save(model, tmp_path / "hf"),
+                 lambda: openai.save(model, tmp_path / "openai.pt"),
+                 lambda: openai.save_open_clip(model, tmp_path / "oc")):
+        with pytest.raises(CheckpointError, match="text: pruned by prune_intermediate_layers"):
+            save()
+    assert not any((tmp_path / name).exists() for name in ("ours", "hf", "openai.pt", "oc"))
+    loaded, _, _ = clipforge.load(str(tmp_path / "before"))
+    assert len(loaded.text.transformer.resblocks) == model.config["text_cfg"]["layers"]

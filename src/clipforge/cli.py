@@ -112,9 +112,11 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of SRC (trusted files only)")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("tokenize", help="print token ids of texts (OpenAI CLIP BPE)")
+    p = sub.add_parser("tokenize", help="print token ids of texts (a model's tokenizer; OpenAI CLIP's BPE by "
+                       "default)")
     p.add_argument("texts", nargs="+")
-    p.add_argument("--model", default=None, help="zoo model whose context length to use")
+    p.add_argument("--model", default=None, help="the model whose tokenizer and context length to use: a zoo name "
+                   "(ViT-B-16-SigLIP), a checkpoint or Hugging Face folder, an hf-hub: repo")
     p.add_argument("--context-length", type=positive_int, default=None)
     p.set_defaults(func=_cmd_tokenize)
 

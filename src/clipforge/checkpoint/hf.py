@@ -381,16 +381,17 @@ def save(model, folder: str | Path) -> Path:
     with the files its processor reads, so that text and images go in as clipforge's own tokenizer and preprocess
     send them."""
     from ..files import write_json
-    from .io import save_safetensors
+    from .io import savable_state, save_safetensors
 
     folder = Path(folder)
+    state = savable_state(model)
     config = config_from_clipforge(model.config, float(model.logit_scale.detach()))
     own_tokenizer = "hf_tokenizer_name" in model.config["text_cfg"]  # SigLIP's, MetaCLIP 2's
     if own_tokenizer:  # its tokenizer files (fetched from its hub repo if need be) before anything is written
         from ..hub_tokenizer import tokenizer_files
 
         tokenizer_files(model.config, fetch=True)
-    save_safetensors(from_clipforge(model.state_dict(), naflex=is_naflex(model.config)), folder / "model.safetensors",
+    save_safetensors(from_clipforge(state, naflex=is_naflex(model.config)), folder / "model.safetensors",
                      {"format": "pt"})
     write_json(folder / "config.json", config)
     save_image_processor(model, folder)

@@ -40,16 +40,28 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
+def savable_state(model) -> dict[str, torch.Tensor]:
+    """The model's state dict for writing as a checkpoint, refused for a model whose tower was pruned
+    (``prune_intermediate_layers``: blocks or a projection gone, which its config still names, so that no format
+    would load it back)."""
+    pruned = sorted({name.split(".")[0] or "model" for name, m in model.named_modules() if getattr(m, "pruned", False)})
+    if pruned:
+        raise CheckpointError(f"{' and '.join(pruned)}: pruned by prune_intermediate_layers, so the model's config no "
+                              "longer describes it; save the model before pruning (and prune again after loading)")
+    return model.state_dict()
+
+
 def save_pretrained(model, folder: str | os.PathLike, config: dict | None = None) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/config.json`` (the architecture) for ``clipforge.load``."""
     folder = Path(folder)
+    state = savable_state(model)
     config = config if config is not None else getattr(model, "config", None)
     if config is None:
-        config = infer_config(model.state_dict())
+        config = infer_config(state)
     from ..hub_tokenizer import copy_tokenizer_files, without_local_tokenizer_path
 
     source, config = config, without_local_tokenizer_path(config)  # SigLIP's tokenizer: its files, not its path
-    save_safetensors(model.state_dict(), folder / WEIGHTS_NAME, {"format": "pt", "clipforge_config": json.dumps(config)})
+    save_safetensors(state, folder / WEIGHTS_NAME, {"format": "pt", "clipforge_config": json.dumps(config)})
     preprocess = getattr(model, "normalisation", None)  # the weights' own preprocessing (a DFN tag's squash, say)
     write_json(folder / CONFIG_NAME, {"format": "clipforge", "model_cfg": config,
                                       **({"preprocess_cfg": preprocess} if preprocess else {})})

@@ -39,12 +39,11 @@ def save(model, path: str | Path) -> Path:
     ``torch.load(weights_only=True)``."""
     from .errors import CheckpointError
     from ..files import atomic_path
-    from .io import save_safetensors
-
     from .hf import is_siglip
+    from .io import savable_state, save_safetensors
 
     path = Path(path)
-    state = model.state_dict()
+    state = savable_state(model)
     if is_siglip(state):
         raise CheckpointError("a SigLIP model has no OpenAI layout (open_clip keeps its text tower apart and builds "
                               "its image tower with timm); write --to open_clip, hf or clipforge")
@@ -301,14 +300,14 @@ def save_open_clip(model, folder: str | Path) -> Path:
     uploaded, ``hf-hub:OWNER/NAME`` (for open_clip and clipforge alike)."""
     from . import hf, timm_convnext, timm_eva, timm_fastvit, timm_siglip
     from .errors import CheckpointError
-    from .io import save_safetensors
+    from .io import savable_state, save_safetensors
     from ..models import is_convnext, is_eva, is_fastvit
     from ..files import write_json
     from ..hub_tokenizer import copy_tokenizer_files, tokenizer_files
     from ..preprocess import Preprocess
 
     folder = Path(folder)
-    config, state = model.config, model.state_dict()
+    config, state = model.config, savable_state(model)
     if hf.is_siglip(config):  # open_clip builds SigLIP's image tower from timm (checked by config_to_open_clip);
         # its text tower stays under text. (open_clip's "custom_text" layout)
         config, state = timm_siglip.config_to_open_clip(config), timm_siglip.from_clipforge(state)

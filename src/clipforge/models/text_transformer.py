@@ -187,6 +187,7 @@ class TextTransformer(nn.Module):
         """Keep the blocks up to the last one ``indices`` names and drop the rest; ``prune_norm`` drops ``ln_final``,
         ``prune_head`` the projection. Returns the block indices taken, as open_clip's."""
         taken = self.transformer.prune(indices)
+        self.pruned = True  # the config no longer describes this tower: checkpoint.io.savable_state refuses it
         if prune_norm:
             self.ln_final = nn.Identity()
         if prune_head:

@@ -150,6 +150,7 @@ class VisionTransformer(nn.Module):
         the rest; ``prune_norm`` drops ``ln_post``, ``prune_head`` the projection (the embedding is then the pooled
         token of the last kept block, ``width`` wide). Returns the block indices taken, as open_clip's."""
         taken = self.transformer.prune(indices)
+        self.pruned = True  # the config no longer describes this tower: checkpoint.io.savable_state refuses it
         if prune_norm:
             self.ln_post = nn.Identity()
         if prune_head:
