@@ -36,6 +36,8 @@ class SentencePieceModel(NamedTuple):
 
 
 def _varint(data: bytes, at: int) -> tuple[int, int]:
+    if at < len(data) and data[at] < 0x80:  # one byte: every key and almost every length in a model file
+        return data[at], at + 1
     value = shift = 0
     while True:
         if at >= len(data):
