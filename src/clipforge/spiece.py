@@ -254,5 +254,6 @@ class SiglipSentencePiece:
         return ids if ids and ids[-1] == self.eos_token_id else ids + [self.eos_token_id]
 
     def _decode_run(self, ids: list[int]) -> str:
+        ids = [i for i in ids if i not in self._hidden_names]  # a control piece ("<pad>") decodes to nothing
         text = self._backend.decode(ids, skip_special_tokens=False) if ids else ""
         return text[1:] if text.startswith(" ") else text  # SentencePiece drops the first word's space
