@@ -3,6 +3,7 @@ transformers' ``SiglipTokenizer`` over the real library, on models that ``senten
 vocabularies cannot be downloaded here), and the SigLIP folders that carry only ``spiece.model``: ``clipforge.load``
 against open_clip's ``HFTokenizer`` and transformers' ``SiglipModel``, and ``clipforge.transformers_api``."""
 import io
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from clipforge.spiece import CONTROL, UNKNOWN, UNUSED, BYTE, NORMAL, SiglipSente
 from conftest import SHARED_DATA
 from test_siglip import make_hf_siglip
 from test_tokenizer import _varied_strings
+from test_transformers_api import assert_tokenizer_methods_match
 
 spm = pytest.importorskip("sentencepiece", reason="the parity tests train models with sentencepiece (.[test])")
 transformers = pytest.importorskip("transformers")
@@ -149,6 +151,10 @@ def test_transformers_api_runs_a_google_siglip_folder_as_transformers_does(googl
         expected, got = theirs_tok(texts, **options), our_tok(texts, **options)
         assert got["input_ids"] == expected["input_ids"], options
         assert got.get("attention_mask") == expected.get("attention_mask"), options
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' "already has </s>" and long-text warnings
+        assert_tokenizer_methods_match(theirs_tok, our_tok, texts + EDGES + noisy_captions(DATA, 100),
+                                       unknown_as_text=False)
     row = expected["input_ids"][0]
     assert our_tok.decode(row) == theirs_tok.decode(row)
     assert our_tok.decode(row, skip_special_tokens=True) == theirs_tok.decode(row, skip_special_tokens=True)

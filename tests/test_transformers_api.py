@@ -5,6 +5,7 @@ the one transformers 5 writes from it (tokenizer.json, processor_config.json) an
 import io
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -100,6 +101,48 @@ def test_token_ids_and_decoding_are_transformers_on_natural_and_noisy_text(folde
         ours(["a", "a longer text"], return_tensors="pt")
     with pytest.warns(UserWarning, match="truncation=True"):
         assert ours("x " * 40)["input_ids"][-1] == 49407
+
+
+def assert_tokenizer_methods_match(theirs, ours, texts, unknown_as_text: bool = True):
+    """encode, tokenize, the id/token conversions, the vocabulary and the special tokens of two tokenizers agree;
+    without ``unknown_as_text``, ``tokenize``'s strings are compared through their ids (transformers' SentencePiece
+    tokenizer shows a character the vocabulary lacks as its text, clipforge's as the unknown token)."""
+    for text in texts:
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special) == theirs.encode(text, add_special_tokens=special)
+            assert ours(text, add_special_tokens=special)["input_ids"] == \
+                theirs(text, add_special_tokens=special)["input_ids"]
+        tokens = theirs.tokenize(text)
+        if unknown_as_text:
+            assert ours.tokenize(text) == tokens, text
+        assert ours.convert_tokens_to_ids(ours.tokenize(text)) == theirs.convert_tokens_to_ids(tokens), text
+        ids = theirs.encode(text)
+        for skip in (False, True):
+            assert ours.convert_ids_to_tokens(ids, skip_special_tokens=skip) == \
+                theirs.convert_ids_to_tokens(ids, skip_special_tokens=skip), text
+    assert ours.get_vocab() == theirs.get_vocab()
+    assert (ours.all_special_tokens, ours.all_special_ids) == (theirs.all_special_tokens, theirs.all_special_ids)
+    assert ours.convert_ids_to_tokens(5) == theirs.convert_ids_to_tokens(5)
+    assert ours.convert_tokens_to_ids("qqqzzzq") == theirs.convert_tokens_to_ids("qqqzzzq")
+    assert torch.equal(ours.encode("a dog", return_tensors="pt"), theirs.encode("a dog", return_tensors="pt"))
+
+
+@pytest.mark.parametrize("kind", ["converted", "saved", "gemma"])
+def test_the_tokenizers_other_methods_answer_as_transformers(folders, kind, tmp_path):
+    """encode, tokenize, convert_ids_to_tokens / convert_tokens_to_ids, get_vocab, all_special_tokens and
+    add_special_tokens=False, on CLIP's files of both versions and on SigLIP 2's Gemma tokenizer."""
+    from clipforge.bench.corpora import noisy_captions
+
+    if kind == "gemma":
+        from test_siglip import make_gemma_tokenizer_folder
+
+        make_gemma_tokenizer_folder(tmp_path)
+    folder = tmp_path if kind == "gemma" else folders[kind]
+    texts = ["a photo of a dog", "A Dog's DINNER, café & crème!! 😀", "", "x " * 40] + noisy_captions(None, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the long text's warning, from both
+        assert_tokenizer_methods_match(transformers.AutoTokenizer.from_pretrained(folder),
+                                       transformers_api.AutoTokenizer.from_pretrained(folder), texts)
 
 
 @pytest.mark.parametrize("squash", [False, True])

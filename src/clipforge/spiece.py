@@ -180,6 +180,12 @@ class SiglipSentencePiece:
     def _piece_id(self, piece: str) -> int | None:
         return self._hidden.get(piece, None if piece.startswith(" ") else self._backend.token_to_id(piece))
 
+    def get_vocab(self, with_added_tokens: bool = True) -> dict[str, int]:
+        vocab = {piece: i for piece, i in self._backend.get_vocab(with_added_tokens=False).items()
+                 if not piece.startswith(" ")}
+        vocab.update(self._hidden)
+        return {**vocab, **self._special_ids} if with_added_tokens else vocab
+
     def get_vocab_size(self, with_added_tokens: bool = True) -> int:
         return max(self._pieces, *(i + 1 for i in self._special_ids.values())) if with_added_tokens else self._pieces
 

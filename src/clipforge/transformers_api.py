@@ -151,7 +151,8 @@ def _read_json(path: Path) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
-_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
+# transformers' special token attributes, in its order (``all_special_tokens``)
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _CLIP_SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
 _SIGLIP_SPECIAL = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
 
@@ -227,7 +228,8 @@ class CLIPTokenizer:
 
     def __call__(self, text: str | list[str], padding: bool | str = False, truncation: bool | str | None = None,
                  max_length: int | None = None, return_tensors: str | None = None,
-                 return_attention_mask: bool | None = None, **kwargs) -> BatchEncoding:
+                 return_attention_mask: bool | None = None, add_special_tokens: bool = True,
+                 **kwargs) -> BatchEncoding:
         """``input_ids`` and ``attention_mask``: lists, or with ``return_tensors`` "pt" / "np" a [N, L] array.
         ``padding``: False, True / "longest" (to the longest text), "max_length" (to ``max_length``, by default the
         model's context length); ``truncation``: True / "longest_first" cuts to ``max_length`` keeping the end token
@@ -251,7 +253,7 @@ class CLIPTokenizer:
             if truncation not in (None, False, "do_not_truncate"):
                 self._backend.enable_truncation(max_length=limit)  # the template's special tokens kept within it
             try:
-                rows = [e.ids for e in self._backend.encode_batch(list(texts))]
+                rows = [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
             finally:
                 self._backend.no_truncation()
         longest = max(map(len, rows), default=0)
@@ -281,6 +283,43 @@ class CLIPTokenizer:
         if return_attention_mask or (return_attention_mask is None and "attention_mask" in self.model_input_names):
             out["attention_mask"] = masks
         return out
+
+    def encode(self, text: str, add_special_tokens: bool = True, **kwargs) -> list[int] | torch.Tensor:
+        """One text's ids (``__call__``'s keywords; with ``return_tensors`` a [1, L] array)."""
+        if not isinstance(text, str):
+            raise TypeError("encode takes one string (call the tokenizer for a list)")
+        return self(text, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        """The text's tokens as strings (CLIP's BPE pieces end a word with ``</w>``; SentencePiece's start one with
+        ``▁``). From SigLIP's ``spiece.model``, characters the vocabulary lacks show as its unknown token (transformers'
+        Python tokenizer shows their text there; the ids are the same)."""
+        return self.convert_ids_to_tokens(self.encode(text, add_special_tokens=add_special_tokens))
+
+    def convert_ids_to_tokens(self, ids: int | list[int], skip_special_tokens: bool = False) -> str | list[str]:
+        if isinstance(ids, int):
+            return self._backend.id_to_token(ids)
+        special = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self._backend.id_to_token(int(i)) for i in ids if int(i) not in special]
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
+        """Each token's id; one not in the vocabulary is the unknown token's (None where there is none)."""
+        if isinstance(tokens, str):
+            found = self._backend.token_to_id(tokens)
+            return self.unk_token_id if found is None else found
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every token and its id, the added tokens included."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return list(dict.fromkeys(getattr(self, name) for name in _SPECIAL if getattr(self, name) is not None))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self._backend.token_to_id(t) for t in self.all_special_tokens]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """The text of one row of ids (``</w>``, BPE's end of word, as a space)."""
