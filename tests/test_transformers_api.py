@@ -461,3 +461,30 @@ def test_the_text_models_give_transformers_hidden_states_and_embeddings(folders)
         expected = transformers.CLIPTextModelWithProjection.from_pretrained(folders["saved"]).eval()(**tokens)
         assert (projected.text_embeds - expected.text_embeds).abs().max().item() <= TOL
         assert projected.hidden_states is None
+
+
+def test_a_clip_models_tower_modules_and_projections_answer_as_transformers(folders, siglip_folder):
+    """model.vision_model / model.text_model (their states) and model.visual_projection / model.text_projection
+    (a Linear's call and weight), over the model's own weights: what scripts written against transformers' CLIPModel
+    reach into. SigLIP's are refused by name."""
+    images, texts = torch.randn(2, 3, 64, 64), ["a photo of a cat", "two dogs"]
+    ours = transformers_api.CLIPModel.from_pretrained(folders["saved"])
+    theirs = transformers.CLIPModel.from_pretrained(folders["saved"]).eval()
+    inputs = transformers.CLIPTokenizer.from_pretrained(folders["saved"])(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a, b = theirs.vision_model(pixel_values=images, output_hidden_states=True), \
+            ours.vision_model(pixel_values=images, output_hidden_states=True)
+        assert max((x - y).abs().max().item() for x, y in zip(a.hidden_states, b.hidden_states)) <= TOL
+        assert (a.pooler_output - b.pooler_output).abs().max().item() <= TOL
+        assert (theirs.visual_projection(a.pooler_output) - ours.visual_projection(b.pooler_output)).abs().max() <= TOL
+        a, b = theirs.text_model(**inputs), ours.text_model(**inputs)
+        assert (a.last_hidden_state - b.last_hidden_state).abs().max().item() <= TOL
+        assert (theirs.text_projection(a.pooler_output) - ours.text_projection(b.pooler_output)).abs().max() <= TOL
+    assert torch.equal(ours.visual_projection.weight, theirs.visual_projection.weight)
+    assert ours.visual_projection.weight.data_ptr() == ours.clip.visual.proj.data_ptr()  # the same tensor
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ours.clip.parameters())
+    siglip = transformers_api.SiglipModel.from_pretrained(siglip_folder)
+    with pytest.raises(ValueError, match="tower modules"):
+        siglip.vision_model
+    assert not hasattr(siglip, "visual_projection")  # transformers' SiglipModel has none either
+    assert not hasattr(transformers.SiglipModel.from_pretrained(siglip_folder), "visual_projection")

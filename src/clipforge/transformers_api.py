@@ -292,8 +292,8 @@ class CLIPTokenizer:
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
         """The text's tokens as strings (CLIP's BPE pieces end a word with ``</w>``; SentencePiece's start one with
-        ``▁``). From SigLIP's ``spiece.model``, characters the vocabulary lacks show as its unknown token (transformers'
-        Python tokenizer shows their text there; the ids are the same)."""
+        ``▁``). From SigLIP's ``spiece.model``, characters the vocabulary lacks show as its unknown token
+        (transformers' Python tokenizer shows their text there; the ids are the same)."""
         return self.convert_ids_to_tokens(self.encode(text, add_special_tokens=add_special_tokens))
 
     def convert_ids_to_tokens(self, ids: int | list[int], skip_special_tokens: bool = False) -> str | list[str]:
@@ -559,6 +559,26 @@ class CLIPModel(torch.nn.Module):
     def logit_scale(self) -> torch.nn.Parameter:
         return self.clip.logit_scale
 
+    @property
+    def vision_model(self) -> "CLIPVisionModel":
+        """transformers' ``model.vision_model``: the image tower's states (``last_hidden_state``, the post-norm
+        ``pooler_output``, ``hidden_states``), sharing this model's weights."""
+        return CLIPVisionModel(self.clip)
+
+    @property
+    def text_model(self) -> "CLIPTextModel":
+        """transformers' ``model.text_model``: the text transformer's states, sharing this model's weights."""
+        return CLIPTextModel(self.clip)
+
+    @property
+    def visual_projection(self) -> "Projection":
+        """transformers' ``model.visual_projection``: the image tower's pooled state to the joint space."""
+        return Projection(self.clip.visual.proj)
+
+    @property
+    def text_projection(self) -> "Projection":
+        return Projection(self.clip.text.text_projection)
+
     def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> None:
         """A transformers ``CLIPModel`` folder (``config.json``, ``model.safetensors``, the tokenizer and processor
         files), as ``clipforge convert --to hf`` writes it."""
@@ -614,6 +634,24 @@ class CLIPModel(torch.nn.Module):
         return logits_per_text, loss, CLIPOutput
 
 
+class Projection(torch.nn.Module):
+    """A tower's projection as transformers holds it (a ``Linear`` without bias: ``weight`` is [out, in]) over
+    clipforge's [in, out] matrix, the same tensor."""
+
+    def __init__(self, matrix: torch.Tensor | None):
+        super().__init__()
+        if matrix is None:
+            raise ValueError("this tower has no projection (pruned by prune_intermediate_layers)")
+        self.matrix = matrix
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.matrix.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.matrix
+
+
 class SiglipOutput(CLIPOutput):
     """``SiglipModel``'s output: ``CLIPOutput``'s fields, the logits with SigLIP's bias and its sigmoid loss."""
 
@@ -631,6 +669,20 @@ class SiglipModel(CLIPModel):
         logits_per_text = scale * text_embeds @ image_embeds.t() + bias
         loss = SigLipLoss()(image_embeds, text_embeds, scale, bias) if return_loss else None
         return logits_per_text, loss, SiglipOutput
+
+    @property
+    def vision_model(self):
+        raise ValueError("SiglipModel's tower modules (vision_model, text_model) are not built here: "
+                         "get_image_features / get_text_features give the embeddings, model.clip.forward_intermediates "
+                         "the blocks' outputs")
+
+    text_model = vision_model
+    visual_projection = text_projection = property(lambda self: _no_projection())
+
+
+def _no_projection():
+    raise AttributeError("SiglipModel has no visual_projection or text_projection (its heads are in its towers), as "
+                         "in transformers")
 
 
 class AutoModel(CLIPModel):
