@@ -279,3 +279,48 @@ def test_training_and_feature_script_helpers_answer_as_open_clips(tiny, tmp_path
     from clipforge.models.coca import CoCa
 
     assert clipforge.CoCa is CoCa and "load_checkpoint" in dir(clipforge)  # isinstance(model, open_clip.CoCa)
+
+
+def test_pretrained_lookups_preprocess_settings_and_low_precision_answer_as_open_clips(tiny, tmp_path, monkeypatch):
+    """get_pretrained_cfg / get_pretrained_url / is_pretrained_cfg for OpenAI's tags (the same URLs and
+    preprocessing) and for a tag neither has; download_pretrained(_from_url) from a local stand-in, into cache_dir;
+    set_model_preprocess_cfg read back by get_model_preprocess_cfg as open_clip's; convert_weights_to_fp16 / _lp."""
+    for model in clipforge.list_openai_models():
+        ours, theirs = clipforge.get_pretrained_cfg(model, "openai"), open_clip.get_pretrained_cfg(model, "openai")
+        assert ours == {k: theirs[k] for k in ours}, model
+        assert clipforge.get_pretrained_url(model, "openai") == open_clip.get_pretrained_url(model, "openai")
+    assert clipforge.get_pretrained_cfg("ViT-B-32", "nope") == open_clip.get_pretrained_cfg("ViT-B-32", "nope") == {}
+    assert clipforge.get_pretrained_url("ViT-B-32", "nope") == open_clip.get_pretrained_url("ViT-B-32", "nope") == ""
+    assert clipforge.is_pretrained_cfg("ViT-B-32", "openai") and not clipforge.is_pretrained_cfg("ViT-B-32", "nope")
+
+    monkeypatch.delenv("CLIPFORGE_OFFLINE", raising=False)
+    server = FileServer({"/weights/w.bin": b"weights"})
+    try:
+        path = clipforge.download_pretrained_from_url(f"{server.url}/weights/w.bin", cache_dir=str(tmp_path / "c"))
+        assert open(path, "rb").read() == b"weights" and path.startswith(str(tmp_path / "c"))
+        assert clipforge.download_pretrained({"url": f"{server.url}/weights/w.bin"}, cache_dir=tmp_path / "c") == path
+    finally:
+        server.close()
+    assert clipforge.download_pretrained({}) == ""
+
+    ours, theirs = clipforge.create_model("Test-Tiny", pretrained=tiny), open_clip.create_model("Test-Tiny",
+                                                                                                 pretrained=tiny)
+    settings = {"size": (64, 64), "mode": "RGB", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+                "interpolation": "bilinear", "resize_mode": "squash", "fill_color": 0}
+    clipforge.set_model_preprocess_cfg(ours, settings)
+    open_clip.set_model_preprocess_cfg(theirs, settings)
+    assert clipforge.get_model_preprocess_cfg(ours) == open_clip.get_model_preprocess_cfg(theirs)
+    with pytest.raises(ValueError, match="64-pixel RGB"):
+        clipforge.set_model_preprocess_cfg(ours, {**settings, "size": 96})
+    with pytest.raises(ValueError):
+        clipforge.set_model_preprocess_cfg(ours, {**settings, "resize_mode": "sideways"})
+
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        full = ours.encode_image(images, normalize=True)
+        clipforge.convert_weights_to_fp16(ours)
+        assert {p.dtype for p in ours.parameters()} == {torch.float16}
+        half = ours.encode_image(images.half(), normalize=True).float()
+    assert torch.nn.functional.cosine_similarity(full, half).min() > 0.999
+    clipforge.convert_weights_to_lp(ours, dtype=torch.bfloat16)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}

@@ -37,7 +37,10 @@ _LAZY = {
     "get_cast_dtype": "open_clip_api", "get_input_dtype": "open_clip_api", "load_checkpoint": "open_clip_api",
     "trace_model": "open_clip_api", "get_model_preprocess_cfg": "open_clip_api",
     "get_model_tokenize_cfg": "open_clip_api", "list_openai_models": "open_clip_api",
-    "load_openai_model": "open_clip_api",
+    "load_openai_model": "open_clip_api", "get_pretrained_cfg": "open_clip_api", "get_pretrained_url": "open_clip_api",
+    "is_pretrained_cfg": "open_clip_api", "download_pretrained": "open_clip_api",
+    "download_pretrained_from_url": "open_clip_api", "set_model_preprocess_cfg": "open_clip_api",
+    "convert_weights_to_lp": "open_clip_api", "convert_weights_to_fp16": "open_clip_api",
 }
 
 

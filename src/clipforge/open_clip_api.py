@@ -224,6 +224,82 @@ def load_checkpoint(model, checkpoint_path, strict: bool = True, weights_only: b
     return load_into(model, state, str(checkpoint_path)) if strict else model.load_state_dict(state, strict=False)
 
 
+def get_pretrained_cfg(model: str, tag: str) -> dict:
+    """open_clip's: a pretrained tag's source and preprocessing (``url``, ``mean``, ``std``, ``interpolation``,
+    ``resize_mode``, ``quick_gelu``), or {} for a tag this model does not have."""
+    from .pretrained import get_pretrained
+    from .preprocess import Preprocess
+
+    try:
+        source = get_pretrained(model, tag)
+    except ValueError:
+        return {}
+    preprocess = Preprocess(224, **source.preprocess)  # its defaults filled in
+    return {"url": source.url, "mean": preprocess.mean, "std": preprocess.std,
+            "interpolation": preprocess.interpolation, "resize_mode": preprocess.resize_mode,
+            "quick_gelu": source.quick_gelu}
+
+
+def get_pretrained_url(model: str, tag: str) -> str:
+    """open_clip's: the tag's weights URL, or "" where the model has no such tag."""
+    return get_pretrained_cfg(model, tag).get("url", "")
+
+
+def is_pretrained_cfg(model: str, tag: str) -> bool:
+    return bool(get_pretrained_cfg(model, tag))
+
+
+def download_pretrained_from_url(url: str, cache_dir: str | None = None) -> str:
+    """open_clip's: ``url`` fetched into the cache (or ``cache_dir``) once, verified where its SHA-256 is known;
+    the local path."""
+    from .pretrained import cache_at, download
+
+    with cache_at(cache_dir):
+        return str(download(url))
+
+
+def download_pretrained(cfg: dict, prefer_hf_hub: bool = True, cache_dir: str | None = None) -> str:
+    """open_clip's: the weights a ``get_pretrained_cfg`` dict names (its ``url``, or its ``hf_hub`` repo's weights),
+    fetched once; "" where it names none."""
+    from .pretrained import cache_at, fetch_hub
+
+    hub = (cfg.get("hf_hub") or "").strip("/")
+    with cache_at(cache_dir):
+        if hub and (prefer_hf_hub or not cfg.get("url")):
+            return str(fetch_hub(hub).weights)
+    return download_pretrained_from_url(cfg["url"], cache_dir) if cfg.get("url") else ""
+
+
+def set_model_preprocess_cfg(model, preprocess_cfg: dict) -> None:
+    """open_clip's: the preprocessing ``get_model_preprocess_cfg`` (and ``clipforge.load``'s preprocess) will give
+    for ``model``: ``mean``, ``std``, ``interpolation``, ``resize_mode``; a ``size`` other than the model's input,
+    another ``mode`` than RGB or a ``fill_color`` are refused (clipforge's towers take their own square size)."""
+    from .preprocess import PREPROCESS_KEYS, Preprocess
+
+    size = preprocess_cfg.get("size", model.image_size)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    if size != (model.image_size, model.image_size) or preprocess_cfg.get("mode", "RGB") != "RGB" or \
+            preprocess_cfg.get("fill_color", 0) != 0:
+        raise ValueError(f"preprocess_cfg {preprocess_cfg}: this model takes {model.image_size}-pixel RGB images "
+                         "(size, mode and fill_color are not settings here)")
+    settings = {k: tuple(v) if k in ("mean", "std") else v for k, v in preprocess_cfg.items() if k in PREPROCESS_KEYS}
+    Preprocess(model.image_size, **settings)  # a bad value said now, not at the first image
+    model.normalisation = settings
+
+
+def convert_weights_to_lp(model, dtype=None) -> None:
+    """open_clip's: the model's weights in a low precision (float16 unless ``dtype``), in place, as ``precision=``
+    casts them here (every floating-point tensor: clipforge's layers compute in their weights' dtype)."""
+    import torch
+
+    model.to(torch.float16 if dtype is None else dtype)
+
+
+def convert_weights_to_fp16(model) -> None:
+    """open_clip's: ``convert_weights_to_lp`` with float16."""
+    convert_weights_to_lp(model)
+
+
 def trace_model(model, batch_size: int = 256, device="cpu"):
     """open_clip's TorchScript tracing is not built here."""
     raise NotImplementedError("trace_model: TorchScript is not built here; run the model eagerly, "
