@@ -289,6 +289,15 @@ def test_pretrained_lookups_preprocess_settings_and_low_precision_answer_as_open
         ours, theirs = clipforge.get_pretrained_cfg(model, "openai"), open_clip.get_pretrained_cfg(model, "openai")
         assert ours == {k: theirs[k] for k in ours}, model
         assert clipforge.get_pretrained_url(model, "openai") == open_clip.get_pretrained_url(model, "openai")
+    defaults = {"mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD, "quick_gelu": False,
+                "interpolation": "bicubic", "resize_mode": "shortest"}  # what open_clip's entries leave out
+    shared = [(m, t) for m, t in clipforge.list_pretrained() if open_clip.get_pretrained_cfg(m, t)]
+    assert len(shared) >= 160
+    for model, tag in shared:  # every tag both know: the same preprocessing and activation
+        ours, theirs = clipforge.get_pretrained_cfg(model, tag), open_clip.get_pretrained_cfg(model, tag)
+        assert {k: v for k, v in ours.items() if k != "url"} == \
+            {k: tuple(theirs.get(k, defaults[k])) if k in ("mean", "std") else theirs.get(k, defaults[k])
+             for k in defaults}, (model, tag)
     assert clipforge.get_pretrained_cfg("ViT-B-32", "nope") == open_clip.get_pretrained_cfg("ViT-B-32", "nope") == {}
     assert clipforge.get_pretrained_url("ViT-B-32", "nope") == open_clip.get_pretrained_url("ViT-B-32", "nope") == ""
     assert clipforge.is_pretrained_cfg("ViT-B-32", "openai") and not clipforge.is_pretrained_cfg("ViT-B-32", "nope")
