@@ -333,3 +333,37 @@ def test_pretrained_lookups_preprocess_settings_and_low_precision_answer_as_open
     assert torch.nn.functional.cosine_similarity(full, half).min() > 0.999
     clipforge.convert_weights_to_lp(ours, dtype=torch.bfloat16)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+
+
+def test_coca_and_distillation_losses_take_open_clips_signatures_and_give_its_terms():
+    """open_clip's CoCaLoss(caption_loss_weight, clip_loss_weight, pad_id, ...)(image, text, logits, labels, scale)
+    and DistillClipLoss()(image, text, scale, teacher image, teacher text, teacher scale): the same two terms (as a
+    tuple, or a dict with output_dict) and the same gradients."""
+    torch.manual_seed(0)
+    a, b = (torch.nn.functional.normalize(torch.randn(8, 16), dim=-1).requires_grad_() for _ in range(2))
+    logits, labels = torch.randn(8, 5, 30, requires_grad=True), torch.randint(0, 30, (8, 5))
+    labels[:, -2:] = 0  # padding, ignored
+    teacher = [torch.nn.functional.normalize(torch.randn(8, 16), dim=-1) for _ in range(2)]
+    scale, teacher_scale = torch.tensor(10.0), torch.tensor(20.0)
+    calls = [
+        ("coca", lambda lib: lib.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=0),
+         (a, b, logits, labels, scale)),
+        ("coca without contrast", lambda lib: lib.CoCaLoss(2.0, 0.0), (a, b, logits, labels, scale)),
+        ("distill", lambda lib: lib.DistillClipLoss(), (a, b, scale, *teacher, teacher_scale)),
+        ("distill, local", lambda lib: lib.DistillClipLoss(local_loss=True), (a, b, scale, *teacher, teacher_scale))]
+    for name, make, inputs in calls:
+        expected, got = make(open_clip)(*inputs, output_dict=True), make(clipforge)(*inputs, output_dict=True)
+        assert expected.keys() == got.keys(), name
+        for key in expected:
+            torch.testing.assert_close(got[key].float(), expected[key].float(), msg=f"{name}: {key}")
+        assert all(torch.equal(x, y) for x, y in zip(make(clipforge)(*inputs), got.values()))  # the tuple form
+        gradients = []
+        for result in (expected, got):
+            sum(result.values()).backward()
+            gradients.append([x.grad for x in (a, b, logits)])  # logits': None where unused
+            for x in (a, b, logits):
+                x.grad = None
+        for theirs, ours in zip(*gradients):
+            assert (theirs is None) == (ours is None), name
+            if theirs is not None:
+                torch.testing.assert_close(ours, theirs, msg=name)

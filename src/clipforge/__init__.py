@@ -41,6 +41,7 @@ _LAZY = {
     "is_pretrained_cfg": "open_clip_api", "download_pretrained": "open_clip_api",
     "download_pretrained_from_url": "open_clip_api", "set_model_preprocess_cfg": "open_clip_api",
     "convert_weights_to_lp": "open_clip_api", "convert_weights_to_fp16": "open_clip_api",
+    "CoCaLoss": "open_clip_losses", "DistillClipLoss": "open_clip_losses",
 }
 
 

@@ -175,14 +175,10 @@ class ClipLoss(nn.Module):
                 logit_bias: torch.Tensor | None = None, output_dict: bool = False) -> torch.Tensor | dict:
         """The loss (a constant ``logit_bias`` would not change it); ``output_dict``: ``{"contrastive_loss": loss}``
         as open_clip's."""
-        self._open_clip.check_world("ClipLoss")
+        self._open_clip.check_world(type(self).__name__)
         rank, world = _world()
         n = image_features.shape[0]
-        if self.gather_with_grad:
-            all_images, all_texts = gather_with_grad(image_features), gather_with_grad(text_features)
-        else:
-            own = not self.local_loss
-            all_images, all_texts = gather_without_grad(image_features, own), gather_without_grad(text_features, own)
+        all_images, all_texts = self.gathered(image_features, text_features)
         if self.local_loss:
             # This rank's rows against every column; the positive of local row i is global column rank*n + i.
             labels = torch.arange(n, device=image_features.device) + rank * n
@@ -194,6 +190,14 @@ class ClipLoss(nn.Module):
             per_text = cross_entropy_rows(all_texts, all_images, logit_scale, labels, self.chunk_size)
         loss = (per_image + per_text) / 2
         return {"contrastive_loss": loss} if output_dict else loss
+
+    def gathered(self, image_features: torch.Tensor, text_features: torch.Tensor) -> tuple:
+        """Every rank's image and text features (this rank's alone outside torch.distributed), with or without
+        their gradients as ``gather_with_grad`` says."""
+        if self.gather_with_grad:
+            return gather_with_grad(image_features), gather_with_grad(text_features)
+        own = not self.local_loss
+        return gather_without_grad(image_features, own), gather_without_grad(text_features, own)
 
 
 class SigLipLoss(nn.Module):

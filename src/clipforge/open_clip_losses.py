@@ -1,0 +1,60 @@
+"""open_clip's ``CoCaLoss`` and ``DistillClipLoss`` with open_clip's constructor and call signatures, for scripts that
+``import clipforge as open_clip`` (clipforge's own training uses ``loss.CoCaLoss`` and ``loss.DistillationLoss``,
+which weigh the same terms inside one loss). Both build on ``loss.ClipLoss`` and its open_clip keywords; ``rank``
+and ``world_size`` default to what torch.distributed says (open_clip's defaults, 0 and 1, would contradict it
+under torchrun)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .loss import ClipLoss, _soft_cross_entropy, _world
+
+
+class CoCaLoss(ClipLoss):
+    """open_clip's: ``clip_loss_weight`` x the contrastive loss and ``caption_loss_weight`` x the cross-entropy of
+    the caption logits against the labels, padding (``pad_id``) ignored; ``forward`` returns both terms (a dict with
+    ``output_dict``), as open_clip's."""
+
+    def __init__(self, caption_loss_weight: float, clip_loss_weight: float, pad_id: int = 0, local_loss: bool = False,
+                 gather_with_grad: bool = False, cache_labels: bool = False, rank: int | None = None,
+                 world_size: int | None = None, use_horovod: bool = False):
+        super().__init__(local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod)
+        self.caption_loss_weight, self.clip_loss_weight, self.pad_id = caption_loss_weight, clip_loss_weight, pad_id
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logits: torch.Tensor,
+                labels: torch.Tensor, logit_scale: torch.Tensor, output_dict: bool = False):
+        if self.clip_loss_weight:
+            clip_loss = self.clip_loss_weight * super().forward(image_features, text_features, logit_scale)
+        else:
+            clip_loss = torch.tensor(0, device=logits.device)
+        caption_loss = self.caption_loss_weight * F.cross_entropy(logits.permute(0, 2, 1), labels,
+                                                                  ignore_index=self.pad_id)
+        if output_dict:
+            return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}
+        return clip_loss, caption_loss
+
+
+class DistillClipLoss(ClipLoss):
+    """open_clip's: the contrastive loss, and the cross-entropy of each row of the student's logits (image to text
+    and text to image) against the softmax of the teacher's (``dist_*``) same row, averaged over the two; ``forward``
+    returns both terms (a dict with ``output_dict``). The teacher's features take no gradient."""
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                dist_image_features: torch.Tensor, dist_text_features: torch.Tensor,
+                dist_logit_scale: torch.Tensor, output_dict: bool = False):
+        contrastive_loss = super().forward(image_features, text_features, logit_scale)
+        rank, _ = _world()
+        all_images, all_texts = self.gathered(image_features, text_features)
+        with torch.no_grad():
+            teacher_images, teacher_texts = self.gathered(dist_image_features, dist_text_features)
+        n = image_features.shape[0]
+        rows = slice(rank * n, rank * n + n) if self.local_loss else slice(None)
+        teacher_scale = dist_logit_scale.detach()
+        distill_loss = (_soft_cross_entropy(all_images[rows], all_texts, logit_scale, teacher_images[rows],
+                                            teacher_texts, teacher_scale, self.chunk_size)
+                        + _soft_cross_entropy(all_texts[rows], all_images, logit_scale, teacher_texts[rows],
+                                              teacher_images, teacher_scale, self.chunk_size)) / 2
+        if output_dict:
+            return {"contrastive_loss": contrastive_loss, "distill_loss": distill_loss}
+        return contrastive_loss, distill_loss
