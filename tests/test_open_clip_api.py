@@ -367,3 +367,35 @@ def test_coca_and_distillation_losses_take_open_clips_signatures_and_give_its_te
             assert (theirs is None) == (ours is None), name
             if theirs is not None:
                 torch.testing.assert_close(ours, theirs, msg=name)
+
+
+def test_create_loss_reads_open_clips_training_arguments_and_the_legacy_classifier_builder_agrees(tiny):
+    """create_loss(args) with open_clip's training arguments: the same kind of loss and the same value; the legacy
+    zero-shot builder: open_clip's legacy weights."""
+    from argparse import Namespace
+
+    torch.manual_seed(0)
+    a, b = (torch.nn.functional.normalize(torch.randn(8, 16), dim=-1) for _ in range(2))
+    base = dict(distill=False, model="ViT-B-32", siglip=False, local_loss=False, gather_with_grad=False, rank=0,
+                world_size=1, horovod=False, coca_caption_loss_weight=2.0, coca_contrastive_loss_weight=1.0,
+                loss_dist_impl=None)
+    for changes, kind in (({}, "ClipLoss"), ({"siglip": True}, "SigLipLoss"), ({"distill": True}, "DistillClipLoss"),
+                          ({"model": "coca_ViT-B-32"}, "CoCaLoss"), ({"local_loss": True}, "ClipLoss")):
+        args = Namespace(**{**base, **changes})
+        ours, theirs = clipforge.create_loss(args), open_clip.create_loss(args)
+        assert type(ours).__name__ == type(theirs).__name__ == kind
+        if kind in ("ClipLoss", "SigLipLoss"):
+            inputs = (a, b, torch.tensor(10.0)) + ((torch.tensor(-5.0),) if kind == "SigLipLoss" else ())
+            torch.testing.assert_close(ours(*inputs), theirs(*inputs))
+    with pytest.raises(ValueError, match="torchrun"):
+        clipforge.create_loss(Namespace(**{**base, "horovod": True}))
+
+    model, _, _ = clipforge.load("Test-Tiny", pretrained=tiny)
+    reference = open_clip.create_model("Test-Tiny", pretrained=tiny).eval()
+    classes, templates = ["dog", "cat", "red sofa"], ["a photo of a {}.", "a drawing of a {}."]
+    with torch.no_grad():
+        ours = clipforge.build_zero_shot_classifier_legacy(model, clipforge.get_tokenizer("Test-Tiny"), classes,
+                                                            templates)
+        theirs = open_clip.build_zero_shot_classifier_legacy(reference, open_clip.get_tokenizer("Test-Tiny"),
+                                                             classes, templates)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)

@@ -194,6 +194,12 @@ def build_zero_shot_classifier(model, tokenizer, classnames, templates, num_clas
                      dim=1)
 
 
+def build_zero_shot_classifier_legacy(model, tokenizer, classnames, templates, device="cpu",
+                                      use_tqdm: bool = False):
+    """open_clip's older call (one class's prompts at a time): the same weights as ``build_zero_shot_classifier``."""
+    return build_zero_shot_classifier(model, tokenizer, classnames, templates, 1, device, use_tqdm)
+
+
 def get_cast_dtype(precision: str):
     """open_clip's: the dtype a model's towers cast to under ``precision`` ("bf16", "fp16"), else None."""
     import torch

@@ -58,3 +58,28 @@ class DistillClipLoss(ClipLoss):
         if output_dict:
             return {"contrastive_loss": contrastive_loss, "distill_loss": distill_loss}
         return contrastive_loss, distill_loss
+
+
+def create_loss(args):
+    """open_clip's ``create_loss(args)``: from its training arguments (``distill``, ``model``, ``siglip``,
+    ``local_loss``, ``gather_with_grad``, ``rank``, ``world_size``, ``horovod``, ``coca_*_loss_weight``,
+    ``loss_dist_impl``) the loss its training script uses: ``DistillClipLoss``, ``CoCaLoss`` for a CoCa model,
+    ``SigLipLoss``, else ``ClipLoss``."""
+    from .loss import SigLipLoss
+
+    def arg(name, default=None):
+        return getattr(args, name, default)
+
+    world = dict(rank=arg("rank"), world_size=arg("world_size"))
+    gathering = dict(local_loss=bool(arg("local_loss", False)), gather_with_grad=bool(arg("gather_with_grad", False)),
+                     cache_labels=True, use_horovod=bool(arg("horovod", False)), **world)
+    if arg("distill"):
+        return DistillClipLoss(**gathering)
+    if "coca" in str(arg("model", "")).lower():
+        return CoCaLoss(caption_loss_weight=arg("coca_caption_loss_weight", 2.0),
+                        clip_loss_weight=arg("coca_contrastive_loss_weight", 1.0), **gathering)
+    if arg("siglip"):
+        if arg("horovod"):
+            raise ValueError("horovod: not supported for SigLIP (nor here at all: run the ranks under torchrun)")
+        return SigLipLoss(dist_impl=arg("loss_dist_impl"), **world)
+    return ClipLoss(**gathering)
