@@ -212,20 +212,34 @@ def _open_clip_keywords_worker(rank, world, port, out_dir):
     """Each rank's loss and gradients under open_clip's keywords, ours and open_clip's, for every (local_loss,
     gather_with_grad) pair and SigLIP."""
     import torch.distributed as dist
-    from open_clip.loss import ClipLoss as TheirClipLoss, SigLipLoss as TheirSigLipLoss
+    from open_clip.loss import ClipLoss as TheirClipLoss, DistillClipLoss as TheirDistill, SigLipLoss as TheirSigLipLoss
+
+    from clipforge.open_clip_losses import DistillClipLoss
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     x, y = _batch()
     n = x.shape[0] // world
+    own = slice(rank * n, (rank + 1) * n)
+    with torch.no_grad():  # a teacher: other towers' features of the same batch
+        teacher = _TinyTowers(False)
+        teacher.image.mul_(-1.5)
+        teacher_features = teacher(x[own], y[own])[:3]
     results = {}
     for local_loss in (False, True):
         for gather_with_grad in (False, True):
-            for name, loss_class in (("ours", ClipLoss), ("theirs", TheirClipLoss)):
+            for name, loss_class, distill_class in (("ours", ClipLoss, DistillClipLoss),
+                                                    ("theirs", TheirClipLoss, TheirDistill)):
                 model = _TinyTowers(False)
                 loss_fn = loss_class(local_loss, gather_with_grad, False, rank, world)
-                loss = loss_fn(*model(x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])[:3])
+                loss = loss_fn(*model(x[own], y[own])[:3])
                 loss.backward()
                 results[(local_loss, gather_with_grad, name)] = (loss.detach(), [p.grad for p in model.parameters()])
+                model = _TinyTowers(False)  # open_clip's distillation signature: both terms
+                loss = sum(distill_class(local_loss, gather_with_grad, False, rank, world)(
+                    *model(x[own], y[own])[:3], *teacher_features))
+                loss.backward()
+                results[("distill", local_loss, gather_with_grad, name)] = (
+                    loss.detach(), [p.grad for p in model.parameters()])
     for name, loss_class in (("ours", SigLipLoss), ("theirs", TheirSigLipLoss)):
         model = _TinyTowers(True)
         loss = loss_class(rank=rank, world_size=world, dist_impl="bidir")(
@@ -239,7 +253,8 @@ def _open_clip_keywords_worker(rank, world, port, out_dir):
 
 def test_two_process_losses_with_open_clips_keywords_equal_open_clips(tmp_path):
     """Under torchrun-like ranks (2 gloo processes), ``ClipLoss(local_loss, gather_with_grad, cache_labels, rank,
-    world_size)`` and ``SigLipLoss(rank=, world_size=, dist_impl=)`` give each rank open_clip's loss and gradients
+    world_size)``, ``SigLipLoss(rank=, world_size=, dist_impl=)`` and ``DistillClipLoss`` (open_clip's signature, its
+    two terms summed) give each rank open_clip's loss and gradients
     (without DDP's averaging: what each rank's own backward gives) for every local_loss / gather_with_grad pair,
     open_clip's default ``gather_with_grad=False`` included."""
     pytest.importorskip("open_clip")
@@ -247,6 +262,7 @@ def test_two_process_losses_with_open_clips_keywords_equal_open_clips(tmp_path):
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         cases = [(local, with_grad) for local in (False, True) for with_grad in (False, True)] + [("siglip",)]
+        cases += [("distill", local, with_grad) for local in (False, True) for with_grad in (False, True)]
         for case in cases:
             ours, theirs = results[(*case, "ours")], results[(*case, "theirs")]
             torch.testing.assert_close(ours[0], theirs[0], atol=1e-6, rtol=1e-5, msg=f"rank {rank} {case}")

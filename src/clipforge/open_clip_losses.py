@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .loss import ClipLoss, _soft_cross_entropy, _world
+from .loss import ClipLoss, _soft_cross_entropy
 
 
 class CoCaLoss(ClipLoss):
@@ -44,17 +44,17 @@ class DistillClipLoss(ClipLoss):
                 dist_image_features: torch.Tensor, dist_text_features: torch.Tensor,
                 dist_logit_scale: torch.Tensor, output_dict: bool = False):
         contrastive_loss = super().forward(image_features, text_features, logit_scale)
-        rank, _ = _world()
         all_images, all_texts = self.gathered(image_features, text_features)
         with torch.no_grad():
             teacher_images, teacher_texts = self.gathered(dist_image_features, dist_text_features)
-        n = image_features.shape[0]
-        rows = slice(rank * n, rank * n + n) if self.local_loss else slice(None)
+        # with local_loss the rows are this rank's own features (their gradient whatever the gathering), as open_clip's
+        rows = (image_features, text_features, dist_image_features.detach(), dist_text_features.detach()) \
+            if self.local_loss else (all_images, all_texts, teacher_images, teacher_texts)
         teacher_scale = dist_logit_scale.detach()
-        distill_loss = (_soft_cross_entropy(all_images[rows], all_texts, logit_scale, teacher_images[rows],
-                                            teacher_texts, teacher_scale, self.chunk_size)
-                        + _soft_cross_entropy(all_texts[rows], all_images, logit_scale, teacher_texts[rows],
-                                              teacher_images, teacher_scale, self.chunk_size)) / 2
+        distill_loss = (_soft_cross_entropy(rows[0], all_texts, logit_scale, rows[2], teacher_texts, teacher_scale,
+                                            self.chunk_size)
+                        + _soft_cross_entropy(rows[1], all_images, logit_scale, rows[3], teacher_images,
+                                              teacher_scale, self.chunk_size)) / 2
         if output_dict:
             return {"contrastive_loss": contrastive_loss, "distill_loss": distill_loss}
         return contrastive_loss, distill_loss
