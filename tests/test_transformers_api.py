@@ -122,7 +122,8 @@ def assert_tokenizer_methods_match(theirs, ours, texts, unknown_as_text: bool = 
                 theirs.convert_ids_to_tokens(ids, skip_special_tokens=skip), text
     assert ours.get_vocab() == theirs.get_vocab()
     assert (ours.all_special_tokens, ours.all_special_ids) == (theirs.all_special_tokens, theirs.all_special_ids)
-    assert ours.convert_ids_to_tokens(5) == theirs.convert_ids_to_tokens(5)
+    assert ours.convert_ids_to_tokens(5) == theirs.convert_ids_to_tokens(5) == \
+        ours.convert_ids_to_tokens(torch.tensor(5)) == ours.convert_ids_to_tokens(np.int64(5))
     assert ours.convert_tokens_to_ids("qqqzzzq") == theirs.convert_tokens_to_ids("qqqzzzq")
     assert torch.equal(ours.encode("a dog", return_tensors="pt"), theirs.encode("a dog", return_tensors="pt"))
 

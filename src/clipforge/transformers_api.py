@@ -297,8 +297,8 @@ class CLIPTokenizer:
         return self.convert_ids_to_tokens(self.encode(text, add_special_tokens=add_special_tokens))
 
     def convert_ids_to_tokens(self, ids: int | list[int], skip_special_tokens: bool = False) -> str | list[str]:
-        if isinstance(ids, int):
-            return self._backend.id_to_token(ids)
+        if isinstance(ids, (int, np.integer)) or getattr(ids, "ndim", None) == 0:  # one id: its token
+            return self._backend.id_to_token(int(ids))
         special = set(self.all_special_ids) if skip_special_tokens else set()
         return [self._backend.id_to_token(int(i)) for i in ids if int(i) not in special]
 
