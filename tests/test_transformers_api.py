@@ -5,6 +5,7 @@ the one transformers 5 writes from it (tokenizer.json, processor_config.json) an
 import io
 import json
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -489,3 +490,37 @@ def test_a_clip_models_tower_modules_and_projections_answer_as_transformers(fold
         siglip.vision_model
     assert not hasattr(siglip, "visual_projection")  # transformers' SiglipModel has none either
     assert not hasattr(transformers.SiglipModel.from_pretrained(siglip_folder), "visual_projection")
+
+
+def test_autoconfig_gives_transformers_values_for_full_sparse_and_other_format_folders(folders, siglip_folder,
+                                                                                        tmp_path):
+    """AutoConfig / CLIPConfig / SiglipConfig.from_pretrained: the keys a script reads equal transformers' for a CLIP
+    folder, a SigLIP folder and a SigLIP config as sparse as Google's (transformers' defaults filled in); a clipforge
+    checkpoint folder's config is its CLIPModel's."""
+    sparse = tmp_path / "sparse"
+    shutil.copytree(siglip_folder, sparse)
+    config = json.loads((sparse / "config.json").read_text())
+    for tower, kept in (("text_config", ("model_type", "vocab_size", "hidden_size", "num_attention_heads",
+                                         "intermediate_size", "num_hidden_layers")),
+                        ("vision_config", ("model_type", "patch_size", "image_size", "hidden_size",
+                                           "num_attention_heads", "intermediate_size", "num_hidden_layers"))):
+        config[tower] = {k: v for k, v in config[tower].items() if k in kept}
+    (sparse / "config.json").write_text(json.dumps(config))
+    keys = {None: ("model_type", "projection_dim", "logit_scale_init_value"),
+            "text_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "max_position_embeddings", "vocab_size", "hidden_act", "layer_norm_eps"),
+            "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                              "image_size", "patch_size", "num_channels", "hidden_act", "layer_norm_eps")}
+    for folder, ours_class in ((folders["saved"], transformers_api.CLIPConfig), (siglip_folder,
+                               transformers_api.AutoConfig), (sparse, transformers_api.SiglipConfig)):
+        theirs, ours = transformers.AutoConfig.from_pretrained(folder), ours_class.from_pretrained(folder)
+        for tower, names in keys.items():
+            for name in names:
+                expected = getattr(theirs if tower is None else getattr(theirs, tower), name, None)
+                got = getattr(ours if tower is None else getattr(ours, tower), name, None)
+                assert got == pytest.approx(expected) if isinstance(expected, float) else got == expected, \
+                    (folder.name, tower, name, got, expected)
+    model = clipforge.create_model("ViT-Tiny-64")
+    clipforge.save_pretrained(model, tmp_path / "clipforge-format")
+    ours = transformers_api.AutoConfig.from_pretrained(tmp_path / "clipforge-format")
+    assert (ours.projection_dim, ours.vision_config.image_size) == (model.embed_dim, 64)

@@ -514,6 +514,35 @@ class _Config:
         return f"{type(self).__name__}({self.to_dict()})"
 
 
+class AutoConfig:
+    """transformers' ``AutoConfig`` (``CLIPConfig``, ``SiglipConfig``) ``.from_pretrained``: a model folder's or hub
+    repo's ``config.json`` keys as attributes (``config.projection_dim``, ``config.vision_config.image_size``), with
+    transformers' values for what the file leaves out (Google's SigLIP configs are sparse); for a checkpoint clipforge
+    reads in another format, the config ``CLIPModel.from_pretrained(...).config`` gives."""
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> _Config:
+        from .checkpoint.hf import MODEL_TYPES, config_from_clipforge, config_to_clipforge
+
+        path = Path(name_or_path)
+        if not path.is_file():
+            with _hub_options("AutoConfig.from_pretrained", dict(kwargs)):
+                path = _folder(name_or_path, ("config.json",))
+        own = _read_json(path / "config.json") if path.is_dir() else {}
+        if own.get("model_type") not in MODEL_TYPES:  # clipforge's, open_clip's or OpenAI's weights
+            return CLIPModel.from_pretrained(name_or_path, **kwargs).config
+        scale = own.get("logit_scale_init_value", 2.6592)
+        return _Config(_merged(config_from_clipforge(config_to_clipforge(own), scale), own))
+
+
+def _merged(defaults: dict, own: dict) -> dict:
+    """``own``'s keys over ``defaults``', nested dicts key by key."""
+    out = dict(defaults)
+    for key, value in own.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 class CLIPModel(torch.nn.Module):
     """transformers' ``CLIPModel`` over a clipforge ``CLIP`` (``self.clip``): ``from_pretrained`` reads what
     ``clipforge.load`` reads (transformers' folders and hub repos, open_clip's, OpenAI's, clipforge's); the state
@@ -994,6 +1023,7 @@ def pipeline(task: str, model: str | os.PathLike | CLIPModel, processor: CLIPPro
 
 # transformers' other names for the classes above, for the CLIP and SigLIP folders and repos these read
 AutoProcessor, AutoTokenizer, AutoImageProcessor = CLIPProcessor, CLIPTokenizer, CLIPImageProcessor
+CLIPConfig = SiglipConfig = AutoConfig
 CLIPTokenizerFast, CLIPImageProcessorFast = CLIPTokenizer, CLIPImageProcessor
 SiglipProcessor, SiglipImageProcessor, SiglipImageProcessorFast = CLIPProcessor, CLIPImageProcessor, CLIPImageProcessor
 SiglipTokenizer = GemmaTokenizerFast = CLIPTokenizer
