@@ -399,3 +399,37 @@ def test_create_loss_reads_open_clips_training_arguments_and_the_legacy_classifi
         theirs = open_clip.build_zero_shot_classifier_legacy(reference, open_clip.get_tokenizer("Test-Tiny"),
                                                              classes, templates)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("towers", ["vit", "clipa-like", "resnet"])
+def test_clip_built_in_code_from_open_clips_tower_configs_is_open_clips_model(towers, tmp_path):
+    """open_clip's CLIP(embed_dim, vision_cfg=CLIPVisionCfg(...), text_cfg=CLIPTextCfg(...), quick_gelu): the same
+    model from clipforge's config classes and from open_clip's own dataclasses (open_clip's weights load, the same
+    features), saved and loaded back as any clipforge model; CustomTextCLIP is the same call."""
+    vision, text, quick_gelu = {
+        "vit": (dict(layers=2, width=64, head_width=32, patch_size=16, image_size=64),
+                dict(width=64, heads=2, layers=2), False),
+        "clipa-like": (dict(layers=2, width=64, head_width=32, patch_size=16, image_size=64, ls_init_value=0.1,
+                            no_ln_pre=True, pool_type="avg", final_ln_after_pool=True),
+                       dict(width=64, heads=2, layers=2, no_causal_mask=True, pool_type="last", proj_bias=True), True),
+        "resnet": (dict(layers=(1, 1, 1, 1), width=32, image_size=64), dict(width=64, heads=2, layers=2), False),
+    }[towers]
+    torch.manual_seed(0)
+    theirs = open_clip.CLIP(32, open_clip.CLIPVisionCfg(**vision), open_clip.CLIPTextCfg(**text),
+                            quick_gelu=quick_gelu).eval()
+    torch.save(theirs.state_dict(), tmp_path / "theirs.pt")
+    images, tokens = torch.randn(2, 3, 64, 64), open_clip.tokenize(["a dog", "two cats on a red sofa"])
+    for configs in ((clipforge.CLIPVisionCfg(**vision), clipforge.CLIPTextCfg(**text)),
+                    (open_clip.CLIPVisionCfg(**vision), open_clip.CLIPTextCfg(**text))):
+        for model_class in (clipforge.CLIP, clipforge.CustomTextCLIP):
+            ours = model_class(32, vision_cfg=configs[0], text_cfg=configs[1], quick_gelu=quick_gelu).eval()
+            clipforge.load_checkpoint(ours, tmp_path / "theirs.pt")
+            with torch.no_grad():
+                assert (ours.encode_image(images) - theirs.encode_image(images)).abs().max() <= 1e-5
+                assert (ours.encode_text(tokens) - theirs.encode_text(tokens)).abs().max() <= 1e-5
+    clipforge.save_pretrained(ours, tmp_path / "saved")
+    loaded, _, _ = clipforge.load(str(tmp_path / "saved"))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval().encode_text(tokens), ours.encode_text(tokens))
+    with pytest.raises(TypeError, match="CLIPVisionCfg"):
+        clipforge.CLIP(32, vision_cfg=[2, 64], text_cfg=clipforge.CLIPTextCfg(**text))

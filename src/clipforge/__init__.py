@@ -42,7 +42,8 @@ _LAZY = {
     "download_pretrained_from_url": "open_clip_api", "set_model_preprocess_cfg": "open_clip_api",
     "convert_weights_to_lp": "open_clip_api", "convert_weights_to_fp16": "open_clip_api",
     "CoCaLoss": "open_clip_losses", "DistillClipLoss": "open_clip_losses", "create_loss": "open_clip_losses",
-    "build_zero_shot_classifier_legacy": "open_clip_api",
+    "build_zero_shot_classifier_legacy": "open_clip_api", "CLIPVisionCfg": "open_clip_api",
+    "CLIPTextCfg": "open_clip_api", "CustomTextCLIP": "models",
 }
 
 

@@ -413,3 +413,63 @@ def __getattr__(name: str):  # the shipped class names and templates are read on
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = values[name]()
     return globals()[name]
+
+
+class _TowerCfg:
+    """A tower's settings as open_clip's ``CLIPVisionCfg`` / ``CLIPTextCfg`` take them (its JSON model configs'
+    keys), for ``clipforge.CLIP(embed_dim, vision_cfg=..., text_cfg=...)`` as open_clip's ``CLIP`` is called; the
+    sizes open_clip's dataclass defaults to are written out, the rest as given."""
+
+    sizes: dict = {}
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def to_open_clip(self) -> dict:
+        return {**self.sizes, **vars(self)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+class CLIPVisionCfg(_TowerCfg):
+    sizes = {"layers": 12, "width": 768, "patch_size": 16, "image_size": 224}
+
+
+class CLIPTextCfg(_TowerCfg):
+    sizes = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
+
+
+def _open_clip_tower(cfg, sizes: dict) -> dict:
+    """An open_clip tower config from ``_TowerCfg``, open_clip's own dataclass (its fields that differ from their
+    defaults, and the sizes) or a dict (as it is)."""
+    import dataclasses
+
+    if isinstance(cfg, dict):
+        return cfg
+    if isinstance(cfg, _TowerCfg):
+        return cfg.to_open_clip()
+    if dataclasses.is_dataclass(cfg):
+        changed = {}
+        for field in dataclasses.fields(cfg):
+            default = field.default if field.default is not dataclasses.MISSING else (
+                field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+            if getattr(cfg, field.name) != default or field.name in sizes:
+                changed[field.name] = getattr(cfg, field.name)
+        return changed
+    raise TypeError(f"a tower config is a dict, CLIPVisionCfg or CLIPTextCfg, not a {type(cfg).__name__}")
+
+
+def config_from_open_clip_cfgs(embed_dim: int, vision_cfg, text_cfg, quick_gelu: bool = False,
+                               init_logit_bias: float | None = None) -> dict:
+    """clipforge's model config for open_clip's ``CLIP(embed_dim, vision_cfg, text_cfg, quick_gelu)`` call, through
+    the translation open_clip model folders take (``checkpoint.openai.config_from_open_clip``: what clipforge would
+    build differently is refused by name)."""
+    from .checkpoint.openai import config_from_open_clip
+
+    model_cfg = {"embed_dim": embed_dim, "quick_gelu": quick_gelu,
+                 "vision_cfg": _open_clip_tower(vision_cfg, CLIPVisionCfg.sizes),
+                 "text_cfg": _open_clip_tower(text_cfg, CLIPTextCfg.sizes)}
+    if init_logit_bias is not None:
+        model_cfg["init_logit_bias"] = init_logit_bias
+    return config_from_open_clip(model_cfg, "CLIP(embed_dim, vision_cfg, text_cfg)")

@@ -9,6 +9,8 @@ from importlib import resources
 
 from .clip import CLIP, CLIPOutput, is_convnext, is_eva, is_fastvit, is_naflex, is_resnet, is_siglip, tower_kind
 
+CustomTextCLIP = CLIP  # open_clip's text-under-``text.`` layout is clipforge's own (both load either way)
+
 __all__ = ["CLIP", "CLIPOutput", "is_resnet", "is_convnext", "is_eva", "is_fastvit", "tower_kind", "is_siglip", "is_naflex", "merge_config", "list_models", "get_model_config", "create_model", "register_model_config",
            "UnknownModelError"]
 

@@ -248,8 +248,16 @@ class CLIP(nn.Module):
         logit_scale_max: float | None = LOGIT_SCALE_MAX,
     ):
         """``logit_scale_max``: the temperature's ceiling in ``forward`` (CLIP's 100); None for none (SigLIP's
-        configs: neither open_clip nor transformers clamps a loaded SigLIP's temperature)."""
+        configs: neither open_clip nor transformers clamps a loaded SigLIP's temperature). ``vision_cfg`` /
+        ``text_cfg`` may also be open_clip's ``CLIPVisionCfg`` / ``CLIPTextCfg``, as its ``CLIP`` takes them (its keys
+        translated as an open_clip folder's are; ``config`` then holds clipforge's spelling)."""
         super().__init__()
+        if not (isinstance(vision_cfg, dict) and isinstance(text_cfg, dict)):
+            from ..open_clip_api import config_from_open_clip_cfgs
+
+            self.config = config_from_open_clip_cfgs(embed_dim, vision_cfg, text_cfg, quick_gelu, init_logit_bias)
+            vision_cfg, text_cfg = self.config["vision_cfg"], self.config["text_cfg"]
+            quick_gelu = self.config.get("quick_gelu", quick_gelu)
         self.logit_scale_max = logit_scale_max
         self.embed_dim = embed_dim
         self.visual = build_vision_tower(vision_cfg, embed_dim, quick_gelu)
