@@ -178,7 +178,9 @@ class SiglipSentencePiece:
             self._backend.id_to_token(token_id)
 
     def _piece_id(self, piece: str) -> int | None:
-        return self._hidden.get(piece, None if piece.startswith(" ") else self._backend.token_to_id(piece))
+        if piece in self._hidden:
+            return self._hidden[piece]
+        return None if piece.startswith(" ") else self._backend.token_to_id(piece)  # " ...": a renamed hidden piece
 
     def get_vocab(self, with_added_tokens: bool = True) -> dict[str, int]:
         vocab = {piece: i for piece, i in self._backend.get_vocab(with_added_tokens=False).items()
@@ -212,9 +214,6 @@ class SiglipSentencePiece:
         for i, encoded in zip(where, encode(plain, add_special_tokens=False)):
             rows[i] = encoded.ids
         return [Encoded(self._finish(row, add_special_tokens)) for row in rows]
-
-    def encode_batch_fast(self, texts: list[str], add_special_tokens: bool = True) -> list[Encoded]:
-        return self.encode_batch(texts, add_special_tokens)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """SiglipTokenizer's ``decode``: each run of pieces decoded by SentencePiece's rules, special tokens between

@@ -8,7 +8,7 @@ hub repos, without transformers installed.
 ``.pooler_output`` (the same values), so scripts written for either run. ``CLIPVisionModel`` and ``CLIPTextModel``
 give one tower's hidden states (what vision-language models read). What is not built here is refused by name: other
 image sizes (``interpolate_pos_encoding``), attention maps, SigLIP 2's NaFlex ``Siglip2Model`` and SentencePiece
-tokenizers without a ``tokenizer.json`` (``clipforge.load`` reads both)."""
+tokenizers other than SigLIP's without a ``tokenizer.json`` (``clipforge.load`` reads both)."""
 from __future__ import annotations
 
 import contextlib
@@ -524,23 +524,17 @@ class AutoConfig:
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> _Config:
         from .checkpoint.hf import MODEL_TYPES, config_from_clipforge, config_to_clipforge
 
+        from .models import merge_config
+
         path = Path(name_or_path)
         if not path.is_file():
-            with _hub_options("AutoConfig.from_pretrained", dict(kwargs)):
+            with _hub_options("AutoConfig.from_pretrained", kwargs):
                 path = _folder(name_or_path, ("config.json",))
         own = _read_json(path / "config.json") if path.is_dir() else {}
         if own.get("model_type") not in MODEL_TYPES:  # clipforge's, open_clip's or OpenAI's weights
             return CLIPModel.from_pretrained(name_or_path, **kwargs).config
-        scale = own.get("logit_scale_init_value", 2.6592)
-        return _Config(_merged(config_from_clipforge(config_to_clipforge(own), scale), own))
-
-
-def _merged(defaults: dict, own: dict) -> dict:
-    """``own``'s keys over ``defaults``', nested dicts key by key."""
-    out = dict(defaults)
-    for key, value in own.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+        scale = own.get("logit_scale_init_value", 2.6592)  # CLIPConfig's default
+        return _Config(merge_config(config_from_clipforge(config_to_clipforge(own), scale), own))
 
 
 class CLIPModel(torch.nn.Module):
@@ -706,12 +700,11 @@ class SiglipModel(CLIPModel):
                          "the blocks' outputs")
 
     text_model = vision_model
-    visual_projection = text_projection = property(lambda self: _no_projection())
+    def _absent(self):
+        raise AttributeError  # then nn.Module's __getattr__ names the attribute, as for any other it lacks
 
-
-def _no_projection():
-    raise AttributeError("SiglipModel has no visual_projection or text_projection (its heads are in its towers), as "
-                         "in transformers")
+    # transformers' SiglipModel has neither (its heads are in its towers): hasattr is False here too
+    visual_projection = text_projection = property(_absent)
 
 
 class AutoModel(CLIPModel):
