@@ -7,7 +7,9 @@ ViT-B-32 at 224 pixels (random weights, as transformers saves a CLIPModel folder
 processor_config.json), fp32, 2 threads: 64 captions (coco-mini's, padded to the longest) and 16 photos (coco-mini's
 at their own size, about 640 x 480; without --data, smooth random pictures of that size); the zero-shot pipeline on
 the 16 photos with CIFAR-10's 10 class names; the image tower alone as ``CLIPVisionModel`` with its hidden states, the
-text tower as ``CLIPTextModel``; the Pillow image processor (``CLIPImageProcessorPil``) against transformers' default.
+text tower as ``CLIPTextModel``, every block's attention map (``output_attentions``; transformers' with eager
+attention, the only kind that gives them) and the image features at 336 pixels (``interpolate_pos_encoding``); the
+Pillow image processor (``CLIPImageProcessorPil``) against transformers' default.
 With --data, how far clipforge's own preprocess and both image processors sit from transformers' pixels on 146 real
 photos (at 224 pixels). Each part runs once to warm up, then ``--repeats`` interleaved rounds; medians. The
 model parts take the same inputs in both libraries; the largest difference between their outputs is reported beside
@@ -123,6 +125,8 @@ def main() -> None:
         classifiers = {k: lib.pipeline("zero-shot-image-classification", model=str(folder), device="cpu")
                        for k, lib in libraries.items()}
         towers = {k: lib.CLIPVisionModel.from_pretrained(folder).eval() for k, lib in libraries.items()}
+        eager = {k: lib.CLIPVisionModel.from_pretrained(folder, attn_implementation="eager").eval()
+                 for k, lib in libraries.items()}  # transformers gives attention maps with eager attention only
         text_towers = {k: lib.CLIPTextModel.from_pretrained(folder).eval() for k, lib in libraries.items()}
         pillow = {"clipforge": transformers_api.CLIPImageProcessorPil.from_pretrained(folder),
                   "transformers": processors["transformers"].image_processor}  # its default, torchvision's resize
@@ -134,6 +138,7 @@ def main() -> None:
         return torch.tensor([[{r["label"]: r["score"] for r in rows}[label] for label in labels] for rows in results])
 
     texts = {"input_ids": inputs.input_ids, "attention_mask": inputs.attention_mask}
+    large = torch.nn.functional.interpolate(inputs.pixel_values, size=(336, 336), mode="bilinear")
 
     def features(output):
         return getattr(output, "pooler_output", output)
@@ -155,6 +160,10 @@ def main() -> None:
         f"CLIPVisionModel hidden_states[-2] (LLaVA's features): {args.images} images": lambda k: towers[k](
             pixel_values=inputs.pixel_values, output_hidden_states=True).hidden_states[-2],
         f"CLIPTextModel last_hidden_state: {args.texts} captions": lambda k: text_towers[k](**texts).last_hidden_state,
+        f"CLIPVisionModel attentions (every block's map; transformers' eager attention): {args.images} images":
+            lambda k: torch.stack(eager[k](pixel_values=inputs.pixel_values, output_attentions=True).attentions),
+        f"get_image_features at 336 pixels (interpolate_pos_encoding): {args.images} images": lambda k: features(
+            models[k].get_image_features(pixel_values=large, interpolate_pos_encoding=True)),
     }
     report = {"machine": machine(args.threads), "transformers": transformers.__version__, "parts": {},
               "pixels against transformers' processor": agreement}

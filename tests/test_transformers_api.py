@@ -226,10 +226,17 @@ def test_what_is_not_built_is_refused_by_name(folders, tmp_path):
     model = transformers_api.CLIPModel.from_pretrained(folders["saved"])
     images = torch.randn(1, 3, 64, 64)
     ids = torch.tensor([[49406, 320, 49407, 49407]])
-    with pytest.raises(ValueError, match="force_image_size"):
-        model.get_image_features(images, interpolate_pos_encoding=True)
-    with pytest.raises(ValueError, match="forward_intermediates"):
-        model(input_ids=ids, pixel_values=images, output_hidden_states=True)
+    with pytest.raises(ValueError, match="model.vision_model"):
+        model.get_image_features(images, output_hidden_states=True)
+    with pytest.raises(AttributeError, match="output_hidden_states=True"):  # not computed unless asked for
+        model(input_ids=ids, pixel_values=images).vision_model_output.last_hidden_state
+    resnet = transformers_api.CLIPModel(clipforge.create_model(
+        "RN50", vision_cfg={"layers": [1, 1, 1, 1], "width": 8, "image_size": 64}, text_cfg={"layers": 1}).eval())
+    with pytest.raises(ValueError, match="no position grid"):
+        resnet.get_image_features(images, interpolate_pos_encoding=True)
+    with pytest.raises(ValueError, match="ModifiedResNet"):
+        resnet(input_ids=ids, pixel_values=images, output_attentions=True)
+    assert resnet(input_ids=ids, pixel_values=images).vision_model_output.pooler_output.shape == (1, 1024)
     with pytest.raises(ValueError, match="left padding"):
         model.get_text_features(ids, attention_mask=torch.tensor([[0, 1, 1, 1]]))
     mask = torch.tensor([[1, 1, 1, 0]])  # right padding after the end token changes nothing
@@ -257,8 +264,9 @@ def test_what_is_not_built_is_refused_by_name(folders, tmp_path):
     with pytest.raises(ValueError, match="NaFlex"):
         transformers_api.AutoModel.from_pretrained(tmp_path / "naflex")
     transformers.CLIPTextModel(transformers.CLIPTextConfig(**tower)).save_pretrained(tmp_path / "text-encoder")
-    with pytest.raises(ValueError, match="clip_text_model folder"):
-        transformers_api.CLIPTextModel.from_pretrained(tmp_path / "text-encoder")
+    with pytest.raises(ValueError, match="clip_text_model folder"):  # one tower: its own class reads it
+        transformers_api.CLIPModel.from_pretrained(tmp_path / "text-encoder")
+    assert transformers_api.CLIPTextModel.from_pretrained(tmp_path / "text-encoder").config.hidden_size == 32
 
 
 def test_the_processor_takes_text_and_images_by_position_in_either_order(folders):
@@ -468,7 +476,7 @@ def test_the_text_models_give_transformers_hidden_states_and_embeddings(folders)
 def test_a_clip_models_tower_modules_and_projections_answer_as_transformers(folders, siglip_folder):
     """model.vision_model / model.text_model (their states) and model.visual_projection / model.text_projection
     (a Linear's call and weight), over the model's own weights: what scripts written against transformers' CLIPModel
-    reach into. SigLIP's are refused by name."""
+    reach into; SigLIP's towers too."""
     images, texts = torch.randn(2, 3, 64, 64), ["a photo of a cat", "two dogs"]
     ours = transformers_api.CLIPModel.from_pretrained(folders["saved"])
     theirs = transformers.CLIPModel.from_pretrained(folders["saved"]).eval()
@@ -486,8 +494,16 @@ def test_a_clip_models_tower_modules_and_projections_answer_as_transformers(fold
     assert ours.visual_projection.weight.data_ptr() == ours.clip.visual.proj.data_ptr()  # the same tensor
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ours.clip.parameters())
     siglip = transformers_api.SiglipModel.from_pretrained(siglip_folder)
-    with pytest.raises(ValueError, match="tower modules"):
-        siglip.vision_model
+    theirs = transformers.SiglipModel.from_pretrained(siglip_folder).eval()
+    size = siglip.clip.visual.image_size
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        inputs = transformers_api.AutoTokenizer.from_pretrained(siglip_folder)(texts, padding=True, return_tensors="pt")
+        for a, b in ((theirs.vision_model(pixel_values=images), siglip.vision_model(images)),
+                     (theirs.text_model(**inputs), siglip.text_model(**inputs))):
+            assert type(b).__name__ == "BaseModelOutputWithPooling"
+            for key in ("last_hidden_state", "pooler_output"):
+                assert (a[key] - b[key]).abs().max().item() <= TOL, key
     assert not hasattr(siglip, "visual_projection")  # transformers' SiglipModel has none either
     assert not hasattr(transformers.SiglipModel.from_pretrained(siglip_folder), "visual_projection")
 
@@ -524,3 +540,158 @@ def test_autoconfig_gives_transformers_values_for_full_sparse_and_other_format_f
     clipforge.save_pretrained(model, tmp_path / "clipforge-format")
     ours = transformers_api.AutoConfig.from_pretrained(tmp_path / "clipforge-format")
     assert (ours.projection_dim, ours.vision_config.image_size) == (model.embed_dim, 64)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_attention_maps_hidden_states_and_other_image_sizes_are_transformers_eager_ones(folders, siglip_folder, kind):
+    """output_attentions / output_hidden_states through the model's forward (vision_model_output, text_model_output)
+    and the tower classes, with padding masked or not, and interpolate_pos_encoding for larger, smaller and
+    non-square images: every map, state and logit equals transformers' with eager attention (the only kind that
+    gives maps) within 1e-5. Without the flags the towers' outputs hold transformers 5's pooler_output."""
+    folder = folders["saved"] if kind == "clip" else siglip_folder
+    theirs = transformers.AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+    ours = transformers_api.AutoModelForZeroShotImageClassification.from_pretrained(folder)
+    assert type(ours).__name__ == type(theirs).__name__ == ("CLIPModel" if kind == "clip" else "SiglipModel")
+    texts = ["a photo of a cat", "two dogs play on the grass in the park"]
+    padding = {"padding": True} if kind == "clip" else {"padding": "max_length", "max_length": 64}
+    tokens = dict(transformers_api.AutoTokenizer.from_pretrained(folder)(texts, return_tensors="pt", **padding))
+    assert not bool(tokens["attention_mask"].all())  # the shorter caption's padding is masked
+    size = ours.clip.visual.image_size
+    maps = 0
+    with torch.no_grad():
+        for inputs in (tokens, {"input_ids": tokens["input_ids"]}):
+            images = torch.randn(2, 3, size, size)
+            asked = {"output_attentions": True, "output_hidden_states": True}
+            a, b = theirs(**inputs, pixel_values=images, **asked), ours(**inputs, pixel_values=images, **asked)
+            for tower in ("vision_model_output", "text_model_output"):
+                assert len(a[tower].attentions) == len(b[tower].attentions) == len(b[tower].hidden_states) - 1 > 0
+                for x, y in zip([*a[tower].attentions, *a[tower].hidden_states],
+                                [*b[tower].attentions, *b[tower].hidden_states]):
+                    assert x.shape == y.shape and (x - y).abs().max().item() <= TOL, tower
+                    maps += 1
+                for key in ("last_hidden_state", "pooler_output"):
+                    assert (a[tower][key] - b[tower][key]).abs().max().item() <= TOL, (tower, key)
+            assert (a.logits_per_image - b.logits_per_image).abs().max().item() <= 1e-4
+            assert torch.allclose(b.vision_model_output.attentions[0].sum(-1), torch.ones(()))  # each row sums to 1
+            plain = ours(**inputs, pixel_values=images)
+            assert (plain.logits_per_image - b.logits_per_image).abs().max().item() <= 1e-4  # fused vs explicit
+            assert (plain.vision_model_output.pooler_output - a.vision_model_output.pooler_output).abs().max() <= TOL
+        tower_class = "CLIPVisionModel" if kind == "clip" else "SiglipVisionModel"
+        theirs_tower = getattr(transformers, tower_class).from_pretrained(folder, attn_implementation="eager").eval()
+        ours_tower = getattr(transformers_api, tower_class).from_pretrained(folder)
+        for shape in ((size + 32, size + 32), (size - 16, size + 16), (size + 5, size)):
+            images = torch.randn(2, 3, *shape)
+            x = theirs.get_image_features(pixel_values=images, interpolate_pos_encoding=True)
+            y = ours.get_image_features(images, interpolate_pos_encoding=True)
+            assert (x.pooler_output - y).abs().max().item() <= TOL, shape
+            a = theirs_tower(pixel_values=images, interpolate_pos_encoding=True, output_attentions=True)
+            b = ours_tower(images, interpolate_pos_encoding=True, output_attentions=True)
+            assert a.attentions[-1].shape == b.attentions[-1].shape
+            for key in ("last_hidden_state", "pooler_output"):
+                assert (a[key] - b[key]).abs().max().item() <= TOL, (shape, key)
+            with pytest.raises(ValueError, match=f"expected {size}x{size}"):
+                ours.get_image_features(images)
+    assert maps > 10
+
+
+def _one_tower_folders(folders, siglip_folder, root):
+    """A diffusers-style model folder (text_encoder/ as transformers 5 saves a CLIPTextModel, text_encoder_2/ a
+    CLIPTextModelWithProjection in fp16 as the "fp16" variant, image_encoder/ a CLIPVisionModelWithProjection,
+    tokenizer/), the text encoder again with its keys in the other layout (under text_model., as transformers 4
+    and Stable Diffusion's files have them, or bare, as transformers 5 saves a fresh tower), and a SigLIP image
+    tower saved alone."""
+    from safetensors.torch import load_file, save_file
+
+    saved = folders["saved"]
+    transformers.CLIPTextModel.from_pretrained(saved).save_pretrained(root / "sd" / "text_encoder")
+    transformers.CLIPTextModelWithProjection.from_pretrained(saved).to(torch.float16).save_pretrained(
+        root / "sd" / "text_encoder_2", variant="fp16")
+    transformers.CLIPVisionModelWithProjection.from_pretrained(saved).save_pretrained(root / "sd" / "image_encoder")
+    transformers.CLIPTokenizer.from_pretrained(saved).save_pretrained(root / "sd" / "tokenizer")
+    shutil.copytree(root / "sd" / "text_encoder", root / "other-layout")
+    state = load_file(root / "other-layout" / "model.safetensors")
+    prefixed = all(k.startswith("text_model.") for k in state)
+    assert prefixed or not any(k.startswith("text_model.") for k in state)
+    save_file({k.removeprefix("text_model.") if prefixed else f"text_model.{k}": v for k, v in state.items()},
+              root / "other-layout" / "model.safetensors")
+    transformers.SiglipVisionModel.from_pretrained(siglip_folder).save_pretrained(root / "siglip_vision")
+    return root / "sd"
+
+
+def test_one_tower_folders_load_as_transformers_reads_them(folders, siglip_folder, tmp_path, monkeypatch):
+    """CLIPTextModel.from_pretrained(repo, subfolder="text_encoder") as diffusers loads Stable Diffusion's text
+    encoders (clip skip's hidden_states[-2], SDXL's projected second encoder in its fp16 variant), IP-Adapter's
+    CLIPVisionModelWithProjection image encoder and a vision-language model's SiglipVisionModel: from folders that
+    hold one tower, local (both key layouts) and from a hub repo's subfolders; states and embeddings equal
+    transformers' within 1e-5. What does not fit is named."""
+    from conftest import hub_server
+
+    sd = _one_tower_folders(folders, siglip_folder, tmp_path)
+    texts = ["a photo of an astronaut riding a horse", "a cat"]
+    tokens = transformers_api.CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")(
+        texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    expected_tokens = transformers.CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")(
+        texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    assert torch.equal(tokens.input_ids, expected_tokens.input_ids)
+    images = torch.randn(2, 3, 64, 64)
+    cases = [("CLIPTextModel", sd, {"subfolder": "text_encoder"}, {"input_ids": tokens.input_ids}),
+             ("CLIPTextModel", tmp_path / "other-layout", {}, {"input_ids": tokens.input_ids}),
+             ("CLIPTextModelWithProjection", sd, {"subfolder": "text_encoder_2", "variant": "fp16"}, dict(tokens)),
+             ("CLIPVisionModelWithProjection", sd, {"subfolder": "image_encoder"}, {"pixel_values": images}),
+             ("SiglipVisionModel", tmp_path / "siglip_vision", {}, {"pixel_values": torch.randn(2, 3, 32, 32)})]
+    with torch.no_grad():
+        for class_name, folder, options, inputs in cases:
+            theirs = getattr(transformers, class_name).from_pretrained(folder, dtype=torch.float32, **options).eval()
+            ours = getattr(transformers_api, class_name).from_pretrained(folder, **options)
+            assert not hasattr(ours, "clip") and ours.config.hidden_size == theirs.config.hidden_size
+            a, b = theirs(**inputs, output_hidden_states=True), ours(**inputs, output_hidden_states=True)
+            assert len(a.hidden_states) == len(b.hidden_states)
+            keys = [k for k in ("last_hidden_state", "pooler_output", "text_embeds", "image_embeds") if k in a]
+            for x, y in zip([*a.hidden_states, *(a[k] for k in keys)], [*b.hidden_states, *(b[k] for k in keys)]):
+                assert x.shape == y.shape and (x - y).abs().max().item() <= TOL, (class_name, options)
+    with pytest.raises(ValueError, match="holds no projection"):
+        transformers_api.CLIPTextModelWithProjection.from_pretrained(sd, subfolder="text_encoder")
+    with pytest.raises(ValueError, match="load it with CLIPTextModel"):
+        transformers_api.CLIPModel.from_pretrained(sd, subfolder="text_encoder")
+    with pytest.raises(ValueError, match="vision tower"):
+        transformers_api.CLIPVisionModel.from_pretrained(sd, subfolder="text_encoder")
+    with pytest.raises(ValueError, match="not outside it"):
+        transformers_api.CLIPTextModel.from_pretrained(sd, subfolder="../sd")
+    with pytest.raises(FileNotFoundError, match="model.fp16.safetensors"):
+        transformers_api.CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", variant="fp16")
+    files = {str(p.relative_to(sd)): p.read_bytes() for p in sd.rglob("*") if p.is_file()}
+    server = hub_server(monkeypatch, tmp_path / "cache", "someone/tiny-sd", files)
+    try:
+        ours = transformers_api.CLIPTextModel.from_pretrained("someone/tiny-sd", subfolder="text_encoder")
+        tokenizer = transformers_api.CLIPTokenizer.from_pretrained("someone/tiny-sd", subfolder="tokenizer")
+    finally:
+        server.close()
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")  # fetched once: no hub needed again
+    again = transformers_api.CLIPTextModel.from_pretrained("someone/tiny-sd", subfolder="text_encoder")
+    local = transformers_api.CLIPTextModel.from_pretrained(sd, subfolder="text_encoder")
+    ids = tokenizer(texts, padding="max_length", max_length=32, return_tensors="pt").input_ids
+    assert torch.equal(ids, tokens.input_ids)
+    with torch.no_grad():
+        assert torch.equal(ours(ids).last_hidden_state, local(ids).last_hidden_state)
+        assert torch.equal(again(ids).pooler_output, local(ids).pooler_output)
+
+
+def test_a_sharded_transformers_folder_loads_whole(folders, tmp_path):
+    """A large model's folder, as transformers shards it (model.safetensors.index.json beside its shards): read by
+    clipforge.load and CLIPModel.from_pretrained, every shard; the same features as the one-file folder. A missing
+    shard is named."""
+    transformers.CLIPModel.from_pretrained(folders["saved"]).save_pretrained(tmp_path / "sharded",
+                                                                            max_shard_size="200KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        shutil.copy(folders["saved"] / name, tmp_path / "sharded" / name)
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = transformers_api.CLIPModel.from_pretrained(folders["saved"]).get_image_features(images)
+        assert torch.equal(transformers_api.CLIPModel.from_pretrained(tmp_path / "sharded").get_image_features(images),
+                           expected)
+        assert torch.equal(clipforge.load(str(tmp_path / "sharded"))[0].encode_image(images), expected)
+    shards[1].unlink()
+    with pytest.raises(clipforge.checkpoint.CheckpointError, match=f"shard {shards[1].name} is missing"):
+        clipforge.load(str(tmp_path / "sharded"))

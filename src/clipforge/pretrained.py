@@ -223,7 +223,7 @@ def fetch_hub_file(repo: str, name: str, folder: Path, progress: bool = False) -
                            progress=progress)
     except NotFoundError:
         return None
-    folder.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)  # a name may lie in a subfolder (diffusers' "text_encoder/")
     return fetched.replace(target)
 
 

@@ -5,13 +5,15 @@ features (``get_image_features`` / ``get_text_features``, ``model(...)``'s logit
 hub repos, without transformers installed.
 
 ``get_*_features`` return the features as a tensor, as transformers 4 did, that also answers transformers 5's
-``.pooler_output`` (the same values), so scripts written for either run. ``CLIPVisionModel`` and ``CLIPTextModel``
-give one tower's hidden states (what vision-language models read). What is not built here is refused by name: other
-image sizes (``interpolate_pos_encoding``), attention maps, SigLIP 2's NaFlex ``Siglip2Model`` and SentencePiece
-tokenizers other than SigLIP's without a ``tokenizer.json`` (``clipforge.load`` reads both)."""
+``.pooler_output`` (the same values), so scripts written for either run. ``CLIPVisionModel`` / ``CLIPTextModel`` and
+``SiglipVisionModel`` / ``SiglipTextModel`` give one tower's hidden states and attention maps (what vision-language
+models read); ``interpolate_pos_encoding`` takes images of other sizes. What is not built here is refused by name:
+SigLIP 2's NaFlex ``Siglip2Model`` and SentencePiece tokenizers other than SigLIP's without a ``tokenizer.json``
+(``clipforge.load`` reads both)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import warnings
@@ -74,9 +76,11 @@ class ModelOutput(dict):
 
 class CLIPOutput(ModelOutput):
     """``CLIPModel``'s output: the contrastive ``loss`` (with ``return_loss``), ``logits_per_image`` [images, texts],
-    ``logits_per_text`` [texts, images], the L2-normalised ``text_embeds`` and ``image_embeds``."""
+    ``logits_per_text`` [texts, images], the L2-normalised ``text_embeds`` and ``image_embeds``, and the towers' own
+    outputs (``text_model_output``, ``vision_model_output``: ``model.text_model``'s and ``model.vision_model``'s)."""
 
-    fields = ("loss", "logits_per_image", "logits_per_text", "text_embeds", "image_embeds")
+    fields = ("loss", "logits_per_image", "logits_per_text", "text_embeds", "image_embeds", "text_model_output",
+              "vision_model_output")
 
 
 class BatchEncoding(dict):
@@ -101,34 +105,79 @@ class BatchEncoding(dict):
         return BatchEncoding({k: moved(v) for k, v in self.items()})
 
 
-def _folder(name_or_path: str | os.PathLike, names: tuple[str, ...]) -> Path:
-    """A local folder, or a hub repo's ``names`` (those it has) fetched once into the cache."""
-    from .pretrained import cache_dir, fetch_hub_files
+def _folder(name_or_path: str | os.PathLike, names: tuple[str, ...], subfolder: str | None = None) -> Path:
+    """A local folder, or a hub repo's ``names`` (those it has) fetched once into the cache; ``subfolder``: the one
+    inside it that holds them (diffusers' ``text_encoder``, ``tokenizer``)."""
+    from .pretrained import fetch_hub_files
 
+    inner = _inner(subfolder)
     path = Path(name_or_path)
     if path.is_dir():
-        return path
-    repo = str(name_or_path).removeprefix("hf-hub:")
-    if path.exists() or "/" not in repo or not is_hub_name(repo):
-        raise ValueError(f"{name_or_path}: expected a model folder or a Hugging Face Hub repo (OWNER/NAME)")
+        if not (path / inner).is_dir():
+            raise FileNotFoundError(f"{path}: no subfolder {inner!r}")
+        return path / inner
+    repo, root = _hub_cache(name_or_path)
     # one marker per set of names: the tokenizer's files and the processor's are asked for on their own
-    return fetch_hub_files(repo, names, cache_dir() / "transformers-api" / repo.replace("/", "--"),
-                           marker=f".complete-{'-'.join(names)}")
+    marker = f".complete-{inner.replace('/', '--') + '--' if subfolder else ''}{'-'.join(names)}"
+    return fetch_hub_files(repo, tuple(f"{inner}/{n}" if subfolder else n for n in names), root, marker) / inner
 
 
-# transformers' from_pretrained keywords that change nothing here: attention is PyTorch's fused kernel, the
-# tokenizer and image processor are this module's, the weights are read as they are
+def _inner(subfolder: str | None) -> str:
+    """A ``subfolder`` keyword as a relative path inside the folder or repo ("." for none)."""
+    from pathlib import PurePosixPath
+
+    inner = PurePosixPath(subfolder or ".")
+    if inner.is_absolute() or ".." in inner.parts:
+        raise ValueError(f"subfolder {subfolder!r}: a folder inside the model's folder or repo, not outside it")
+    return str(inner)
+
+
+def _hub_cache(name_or_path) -> tuple[str, Path]:
+    """``(OWNER/NAME, where its files are kept)`` for a hub repo's name; anything else named."""
+    from .pretrained import cache_dir
+
+    repo = str(name_or_path).removeprefix("hf-hub:")
+    if Path(name_or_path).exists() or "/" not in repo or not is_hub_name(repo):
+        raise ValueError(f"{name_or_path}: expected a model folder or a Hugging Face Hub repo (OWNER/NAME)")
+    return repo, cache_dir() / "transformers-api" / repo.replace("/", "--")
+
+
+def _model_folder(name_or_path, subfolder: str | None, variant: str | None) -> Path:
+    """A model's folder with its config and weights: local, or a hub repo's (``subfolder`` of it) fetched once
+    into the cache, the first weights transformers would take (``checkpoint.io.weight_files``' order)."""
+    from .checkpoint.io import weight_files
+    from .pretrained import fetch_hub_file
+
+    folder = _folder(name_or_path, ("config.json",), subfolder)
+    if Path(name_or_path).is_dir() or weight_files(folder, variant):
+        return folder
+    repo, root = _hub_cache(name_or_path)
+    prefix = "" if subfolder is None else f"{_inner(subfolder)}/"
+    stem = f"model.{variant}" if variant else "model"
+    if fetch_hub_file(repo, f"{prefix}{stem}.safetensors", root, progress=True) is None:
+        index = fetch_hub_file(repo, f"{prefix}{stem}.safetensors.index.json", root)
+        if index is not None:
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                fetch_hub_file(repo, f"{prefix}{shard}", root, progress=True)
+        else:
+            fetch_hub_file(repo, f"{prefix}pytorch_{stem}.bin", root, progress=True)
+    return folder
+
+
+# transformers' from_pretrained keywords that change nothing here: attention is PyTorch's fused kernel (explicit,
+# as transformers' eager attention, where output_attentions asks for its maps), the tokenizer and image processor
+# are this module's, the weights are read as they are
 _HARMLESS = {"attn_implementation", "low_cpu_mem_usage", "use_safetensors", "trust_remote_code", "use_fast"}
 
 
 @contextlib.contextmanager
 def _hub_options(kind: str, options: dict, own: tuple = ()):
     """transformers' hub keywords for a ``from_pretrained``: ``cache_dir`` (where hub files are kept),
-    ``local_files_only`` (nothing fetched: offline), ``revision`` (the main branch only); ``own``: the class's other
-    keywords; anything else is named as not built."""
+    ``local_files_only`` (nothing fetched: offline), ``revision`` (the main branch only), ``subfolder`` (read by
+    ``_folder``); ``own``: the class's other keywords; anything else is named as not built."""
     from .pretrained import cache_at
 
-    unknown = set(options) - _HARMLESS - {"cache_dir", "local_files_only", "revision", *own}
+    unknown = set(options) - _HARMLESS - {"cache_dir", "local_files_only", "revision", "subfolder", *own}
     if unknown:
         raise TypeError(f"{kind}: {', '.join(sorted(unknown))} not built here")
     if options.get("revision") not in (None, "main"):
@@ -193,7 +242,7 @@ class CLIPTokenizer:
 
         own = ("model_max_length", "padding_side", "model_input_names", *_SPECIAL)
         with _hub_options("CLIPTokenizer.from_pretrained", kwargs, own):
-            folder = _folder(name_or_path, cls._FILES)
+            folder = _folder(name_or_path, cls._FILES, kwargs.get("subfolder"))
         settings = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
         settings.update({k: v for k, v in kwargs.items() if k in own})
         special = {k: _token_text(settings.pop(k)) for k in _SPECIAL if settings.get(k)}
@@ -376,7 +425,7 @@ class CLIPImageProcessor:
         from .checkpoint.hf import IMAGE_PROCESSOR_FILES, processor_preprocess, read_image_processor
 
         with _hub_options(f"{cls.__name__}.from_pretrained", kwargs):
-            folder = _folder(name_or_path, IMAGE_PROCESSOR_FILES)
+            folder = _folder(name_or_path, IMAGE_PROCESSOR_FILES, kwargs.get("subfolder"))
         config = read_image_processor(folder)
         if not config:
             raise FileNotFoundError(f"{name_or_path}: no image processor ({' or '.join(IMAGE_PROCESSOR_FILES)})")
@@ -529,7 +578,7 @@ class AutoConfig:
         path = Path(name_or_path)
         if not path.is_file():
             with _hub_options("AutoConfig.from_pretrained", kwargs):
-                path = _folder(name_or_path, ("config.json",))
+                path = _folder(name_or_path, ("config.json",), kwargs.get("subfolder"))
         own = _read_json(path / "config.json") if path.is_dir() else {}
         if own.get("model_type") not in MODEL_TYPES:  # clipforge's, open_clip's or OpenAI's weights
             return CLIPModel.from_pretrained(name_or_path, **kwargs).config
@@ -585,13 +634,13 @@ class CLIPModel(torch.nn.Module):
     @property
     def vision_model(self) -> "CLIPVisionModel":
         """transformers' ``model.vision_model``: the image tower's states (``last_hidden_state``, the post-norm
-        ``pooler_output``, ``hidden_states``), sharing this model's weights."""
-        return CLIPVisionModel(self.clip)
+        ``pooler_output``, ``hidden_states``, ``attentions``), sharing this model's weights."""
+        return _tower_classes(self)[0](self.clip)
 
     @property
     def text_model(self) -> "CLIPTextModel":
         """transformers' ``model.text_model``: the text transformer's states, sharing this model's weights."""
-        return CLIPTextModel(self.clip)
+        return _tower_classes(self)[1](self.clip)
 
     @property
     def visual_projection(self) -> "Projection":
@@ -630,23 +679,48 @@ class CLIPModel(torch.nn.Module):
 
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
                            **kwargs) -> Features:
-        """The projected image features [N, D], not normalised."""
-        _refuse(kwargs, interpolate_pos_encoding=interpolate_pos_encoding)
-        return self.clip.encode_image(pixel_values).as_subclass(Features)
+        """The projected image features [N, D], not normalised. ``interpolate_pos_encoding``: images of another size
+        than the model's, its position grid resized to theirs as transformers resizes it (bicubic)."""
+        _refuse(kwargs)
+        if not interpolate_pos_encoding:
+            return self.clip.encode_image(pixel_values).as_subclass(Features)
+        tower = _positioned_tower(self.clip)
+        return tower(_pixels_for(tower, pixel_values), interpolate_positions=True).as_subclass(Features)
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_loss: bool | None = None, interpolate_pos_encoding: bool = False, **kwargs) -> CLIPOutput:
+                return_loss: bool | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, interpolate_pos_encoding: bool = False,
+                **kwargs) -> CLIPOutput:
         """Both towers, their normalised embeddings and the scaled cosine similarities (the temperature unclamped,
-        as transformers'); ``return_loss``: CLIP's symmetric cross-entropy over the batch's pairs."""
+        as transformers'); ``return_loss``: CLIP's symmetric cross-entropy over the batch's pairs. The towers'
+        outputs, ``vision_model_output`` and ``text_model_output``, as transformers 5 gives them: the projected
+        features as ``pooler_output`` (transformers 4's was the tower's own: ``model.vision_model(...)`` gives it)
+        and, with ``output_hidden_states`` / ``output_attentions``, ``last_hidden_state``, ``hidden_states`` and
+        ``attentions``. Without either, the last blocks run for the pooled token alone (about a tenth less work):
+        reading ``last_hidden_state`` then names the flag to pass."""
         if input_ids is None or pixel_values is None:
             raise ValueError("CLIPModel's forward takes both input_ids and pixel_values; get_text_features and "
                              "get_image_features take one")
-        image_embeds = F.normalize(self.get_image_features(pixel_values, interpolate_pos_encoding, **kwargs), dim=-1)
-        text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask, position_ids), dim=-1)
+        _refuse(kwargs)
+        asked = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
+        if any(asked.values()):  # a tower that is not transformers' kind (a ResNet, a BERT) is named here
+            vision_model, text_model = self.vision_model, self.text_model
+            vision_output = vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **asked)
+            text_output = text_model(input_ids, attention_mask, position_ids, **asked)
+            image_features, text_features = vision_model.embeds(vision_output), text_model.embeds(text_output)
+            vision_output = BaseModelOutputWithPooling(**{**vision_output, "pooler_output": image_features})
+            text_output = BaseModelOutputWithPooling(**{**text_output, "pooler_output": text_features})
+        else:
+            image_features = self.get_image_features(pixel_values, interpolate_pos_encoding)
+            text_features = self.get_text_features(input_ids, attention_mask, position_ids)
+            vision_output = _PooledOutput(pooler_output=image_features)
+            text_output = _PooledOutput(pooler_output=text_features)
+        image_embeds, text_embeds = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
         logits_per_text, loss, output = self._logits_and_loss(text_embeds, image_embeds, return_loss)
         return output(loss=loss, logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text,
-                      text_embeds=text_embeds, image_embeds=image_embeds)
+                      text_embeds=text_embeds, image_embeds=image_embeds, text_model_output=text_output,
+                      vision_model_output=vision_output)
 
     def _logits_and_loss(self, text_embeds, image_embeds, return_loss):
         logits_per_text = self.clip.logit_scale.exp() * text_embeds @ image_embeds.t()
@@ -693,13 +767,6 @@ class SiglipModel(CLIPModel):
         loss = SigLipLoss()(image_embeds, text_embeds, scale, bias) if return_loss else None
         return logits_per_text, loss, SiglipOutput
 
-    @property
-    def vision_model(self):
-        raise ValueError("SiglipModel's tower modules (vision_model, text_model) are not built here: "
-                         "get_image_features / get_text_features give the embeddings, model.clip.forward_intermediates "
-                         "the blocks' outputs")
-
-    text_model = vision_model
     def _absent(self):
         raise AttributeError  # then nn.Module's __getattr__ names the attribute, as for any other it lacks
 
@@ -719,29 +786,73 @@ class AutoModel(CLIPModel):
 
 
 class BaseModelOutputWithPooling(ModelOutput):
-    """``CLIPVisionModel``'s output: ``last_hidden_state`` [N, 1 + patches, width] (the last block's, before
-    ``post_layernorm``), ``pooler_output`` [N, width] (the class token after it), with ``output_hidden_states``
-    ``hidden_states``: the blocks' input (after ``pre_layrnorm``) and every block's output, as transformers counts
-    them (``hidden_states[-2]``: the next-to-last block's, which LLaVA reads)."""
+    """A tower's output (``CLIPVisionModel``'s, ``CLIPTextModel``'s, the Siglip ones'): ``last_hidden_state`` and
+    ``pooler_output`` as each class describes them; with ``output_hidden_states`` ``hidden_states``: the blocks'
+    input and every block's output, as transformers counts them (``hidden_states[-2]``: the next-to-last block's,
+    which LLaVA reads); with ``output_attentions`` ``attentions``: every block's attention map [N, heads, L, L]."""
 
-    fields = ("last_hidden_state", "pooler_output", "hidden_states")
+    fields = ("last_hidden_state", "pooler_output", "hidden_states", "attentions")
+
+
+class _PooledOutput(BaseModelOutputWithPooling):
+    """A tower's output from ``CLIPModel``'s forward without ``output_hidden_states`` / ``output_attentions``: the
+    projected features as ``pooler_output``; the states were not computed, and asking for them says how to."""
+
+    def __getattr__(self, name: str):
+        if name == "last_hidden_state":
+            raise AttributeError("last_hidden_state: CLIPModel's forward computes the towers' states with "
+                                 "output_hidden_states=True (or output_attentions=True); model.vision_model(...) and "
+                                 "model.text_model(...) give them too")
+        return super().__getattr__(name)
 
 
 class CLIPVisionModelOutput(ModelOutput):
     """``CLIPVisionModelWithProjection``'s output: the projected ``image_embeds`` beside the states."""
 
-    fields = ("image_embeds", "last_hidden_state", "hidden_states")
+    fields = ("image_embeds", "last_hidden_state", "hidden_states", "attentions")
+
+
+class CLIPTextModelOutput(ModelOutput):
+    """``CLIPTextModelWithProjection``'s output: the projected ``text_embeds`` beside the states."""
+
+    fields = ("text_embeds", "last_hidden_state", "hidden_states", "attentions")
+
+
+def _run_blocks(transformer, x: torch.Tensor, output_hidden_states, output_attentions, causal: bool = False,
+                attn_mask: torch.Tensor | None = None):
+    """A tower's blocks over their input ``x``: ``(last output, hidden_states or None, attentions or None)`` as
+    transformers gives them (the hidden states: ``x`` and every block's output)."""
+    maps = None
+    if output_attentions:
+        last, blocks, maps = transformer.forward_attentions(x, causal, attn_mask)
+    elif output_hidden_states:
+        last, blocks = transformer.forward_intermediates(x, causal=causal, attn_mask=attn_mask)
+    else:
+        last = transformer(x, causal=causal, attn_mask=attn_mask)
+    return last, (x, *blocks) if output_hidden_states else None, None if maps is None else tuple(maps)
 
 
 class _TowerModel(torch.nn.Module):
-    """One tower of a CLIP model, as transformers' ``CLIPVisionModel`` / ``CLIPTextModel`` load it from a
-    ``CLIPModel`` folder; ``config``: that tower's part of transformers' config (``config_key``)."""
+    """One tower of a CLIP or SigLIP model, as transformers' tower classes load it: from a whole model's folder, or
+    from a folder transformers saved one tower in (``CLIPTextModel`` ... alone: diffusers' ``text_encoder``,
+    IP-Adapter's ``image_encoder``, a vision-language model's SigLIP tower). ``config``: that tower's part of
+    transformers' config (``config_key``)."""
 
     config_key = ""
+    family = "CLIPModel"  # the whole model's class, as AutoModel.model_class names it
+    projected = False  # the ...WithProjection classes: a one-tower folder must hold the projection
 
-    def __init__(self, clip: CLIP):
+    def __init__(self, clip: CLIP | None = None, *, tower: torch.nn.Module | None = None,
+                 model_config: dict | None = None):
+        """``clip``: a whole model, whose tower this is (sharing its weights); or ``tower`` alone with the clipforge
+        ``model_config`` it was built from (a one-tower folder's, ``checkpoint.hf.tower_config_to_clipforge``)."""
         super().__init__()
-        self._model_config, self._logit_scale = clip.config, float(clip.logit_scale.detach())
+        self._logit_scale = 2.6592  # CLIPConfig's default, for a tower saved alone
+        if clip is not None:
+            tower, model_config = self._tower_of(clip), clip.config
+            self._logit_scale = float(clip.logit_scale.detach())
+        self._model_config = model_config
+        self._attach(tower)
 
     @property
     def config(self) -> _Config:
@@ -760,173 +871,369 @@ class _TowerModel(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype=None, torch_dtype=None, device_map=None,
                         **kwargs):
-        """As ``CLIPModel.from_pretrained`` reads it (a ``CLIPModel`` folder, as transformers' class reads one)."""
-        clip = _load_clip(name_or_path, dtype if dtype is not None else torch_dtype, device_map, kwargs)
-        if AutoModel.model_class(clip) is not CLIPModel:
-            raise ValueError(f"{name_or_path}: a SigLIP model; {cls.__name__} is CLIP's (transformers' Siglip "
-                             "tower classes are not built here)")
+        """As ``CLIPModel.from_pretrained`` reads a whole model's folder or hub repo; or a one-tower folder
+        (``subfolder``: the one inside a repo or folder that holds it, diffusers' "text_encoder"; ``variant``: its
+        weights' variant, diffusers' "fp16": ``model.fp16.safetensors``)."""
+        dtype = dtype if dtype is not None else torch_dtype
+        folder = _one_tower_folder(name_or_path, kwargs)
+        if folder is not None:
+            return _placed(cls._from_tower_folder(folder, name_or_path, kwargs.get("variant")), dtype,
+                           device_map).eval()
+        clip = _load_clip(name_or_path, dtype, device_map, kwargs)
+        family = AutoModel.model_class(clip).__name__
+        if family != cls.family:
+            raise ValueError(f"{name_or_path}: a {family[:-5]} model; {cls.__name__} is a {cls.family[:-5]} "
+                             f"model's tower (load {family[:-5]}VisionModel / {family[:-5]}TextModel)")
         return cls(clip).eval()
 
+    @classmethod
+    def _from_tower_folder(cls, folder: Path, name, variant: str | None) -> "_TowerModel":
+        """The tower a one-tower folder holds, built from its ``config.json`` and loaded from its weights."""
+        from .checkpoint import CheckpointError
+        from .checkpoint.hf import TOWER_TYPES, to_clipforge, tower_config_to_clipforge
+        from .checkpoint.io import read_weight_files, weight_files
+        from .models.clip import build_text_tower, build_vision_tower
 
-class CLIPVisionModel(_TowerModel):
+        folder_config = _read_json(folder / "config.json")
+        model_type = folder_config["model_type"]
+        family, side = TOWER_TYPES[model_type]
+        if ({"clip": "CLIPModel", "siglip": "SiglipModel"}[family], side) != (cls.family, cls.config_key[:-7]):
+            raise ValueError(f"{name}: a transformers {model_type} folder; {cls.__name__} reads a {cls.family[:-5]} "
+                             f"model's {cls.config_key[:-7]} tower")
+        config, _ = tower_config_to_clipforge(folder_config)
+        build = build_text_tower if side == "text" else build_vision_tower
+        tower = build(config[f"{side}_cfg"], config["embed_dim"], config.get("quick_gelu", False))
+        files = weight_files(folder, variant)
+        if not files:
+            stem = f"model.{variant}" if variant else "model"
+            raise FileNotFoundError(f"{name}: no weights ({stem}.safetensors, its shards or pytorch_{stem}.bin)")
+        # transformers 4 saved a tower under its model's prefix (text_model.), 5 may save it bare
+        prefix, projections = f"{side}_model.", ("text_projection.", "visual_projection.")
+        state = {k if k.startswith((prefix, *projections)) else prefix + k: v
+                 for k, v in read_weight_files(files).items()}
+        mine = "text." if side == "text" else "visual."
+        state = to_clipforge(state)
+        strays = sorted(k for k in state if not k.startswith(mine))
+        if strays:
+            raise CheckpointError(f"{name}: a {model_type} folder holding another tower's weights ({strays[0]})")
+        loaded = tower.load_state_dict({k[len(mine):]: v for k, v in state.items()}, strict=False)
+        projection = "text_projection" if side == "text" else "proj"
+        absent = set(loaded.missing_keys)
+        optional = {projection} | ({k for k in absent if k.startswith("head.")} if family == "siglip" else set())
+        if absent - optional or loaded.unexpected_keys:
+            wrong = sorted(absent - optional) or sorted(loaded.unexpected_keys)
+            raise CheckpointError(f"{name}: its weights do not fit the {model_type} its config describes "
+                                  f"({'missing' if absent - optional else 'unexpected'} {wrong[0]})")
+        if projection in absent:  # a CLIPTextModel / CLIPVisionModel saved without its projection
+            if cls.projected:
+                raise ValueError(f"{name}: a {folder_config.get('architectures', [model_type])[0]} folder holds no "
+                                 f"projection; {cls.__name__} needs one ({cls.__name__[:-14]} reads it)")
+            setattr(tower, projection, None)
+        if family == "siglip" and side == "vision" and "head.probe" in absent:  # vision_use_head: false
+            tower.head = None
+        return cls(tower=tower, model_config=config)
+
+
+def _one_tower_folder(name_or_path, options: dict) -> Path | None:
+    """The folder of a one-tower model (``config.json``'s model_type a tower's: ``checkpoint.hf.TOWER_TYPES``),
+    local or fetched from the hub with its weights; None where ``name_or_path`` is a whole model's."""
+    from .checkpoint.hf import TOWER_TYPES
+    from .pretrained import DownloadError
+
+    subfolder, path = options.get("subfolder"), Path(name_or_path)
+    with _hub_options("from_pretrained", dict(options), own=("variant",)):
+        if path.is_dir():
+            folder = path / _inner(subfolder)
+        elif path.exists():
+            return None  # a checkpoint file
+        else:
+            try:
+                folder = _folder(name_or_path, ("config.json",), subfolder)
+            except DownloadError:
+                if subfolder is not None:
+                    raise
+                return None  # offline, a whole model fetched before by load_model: _load_clip reads it
+        if _read_json(folder / "config.json").get("model_type") not in TOWER_TYPES:
+            return None
+        return _model_folder(name_or_path, subfolder, options.get("variant"))
+
+
+class _VisionTowerModel(_TowerModel):
+    config_key = "vision_config"
+
+    @staticmethod
+    def _tower_of(clip: CLIP) -> torch.nn.Module:
+        return clip.visual
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
+                interpolate_pos_encoding: bool = False, output_attentions: bool | None = None,
+                **kwargs) -> BaseModelOutputWithPooling:
+        """``interpolate_pos_encoding``: images of another size than the model's, its position grid resized to
+        theirs as transformers resizes it (bicubic)."""
+        last, pooled, hidden, maps = self._states(pixel_values, output_hidden_states, output_attentions,
+                                                  interpolate_pos_encoding, kwargs)
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden,
+                                          attentions=maps)
+
+    def _states(self, pixel_values, output_hidden_states, output_attentions, interpolate_pos_encoding, kwargs):
+        _refuse(kwargs)
+        tower = self.vision
+        x = tower._tokens(_pixels_for(tower, pixel_values), interpolate_pos_encoding)
+        last, hidden, maps = _run_blocks(tower.transformer, x, output_hidden_states, output_attentions)
+        return (*self._pooled(last), hidden, maps)
+
+
+class CLIPVisionModel(_VisionTowerModel):
     """transformers' ``CLIPVisionModel``: a CLIP model's ViT image tower alone (``self.vision``, clipforge's
-    ``VisionTransformer``; the text tower is not kept), with its hidden states as transformers gives them; what
+    ``VisionTransformer``; the text tower is not kept): ``last_hidden_state`` [N, 1 + patches, width] (the last
+    block's, before ``post_layernorm``), ``pooler_output`` [N, width] (the class token after it); what
     vision-language models (LLaVA's ``hidden_states[-2]``) load for patch features. ``config``: the vision config's
     keys (``hidden_size``, ``image_size``, ``patch_size`` ...)."""
 
-    config_key = "vision_config"
-
-    def __init__(self, clip: CLIP):
-        super().__init__(clip)
+    def _attach(self, tower: torch.nn.Module) -> None:
         from .models.vision_transformer import VisionTransformer
 
-        tower = clip.visual
         if type(tower) is not VisionTransformer or tower.pool != "tok" or tower.final_ln_after_pool:
+            averaged = " pooled by averaging" if getattr(tower, "pool", "") == "avg" else ""
             raise ValueError("CLIPVisionModel is CLIP's ViT image tower pooled at its class token; this model's is "
-                             f"a {type(tower).__name__}{'' if tower.pool == 'tok' else ' pooled by averaging'}")
+                             f"a {type(tower).__name__}{averaged}")
         self.vision = tower
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
-                interpolate_pos_encoding: bool = False, **kwargs) -> BaseModelOutputWithPooling:
-        last, pooled, hidden = self._states(pixel_values, output_hidden_states, interpolate_pos_encoding, kwargs)
-        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+    def _pooled(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return last, self.vision.ln_post(last[:, 0])
 
-    def _states(self, pixel_values, output_hidden_states, interpolate_pos_encoding, kwargs):
-        _refuse(kwargs, interpolate_pos_encoding=interpolate_pos_encoding)
-        tower = self.vision
-        x = tower._tokens(pixel_values.to(self.dtype) if pixel_values.is_floating_point() else pixel_values)
-        if output_hidden_states:
-            last, blocks = tower.transformer.forward_intermediates(x)
-            hidden = (x, *blocks)
-        else:
-            last, hidden = tower.transformer(x), None
-        return last, tower.ln_post(last[:, 0]), hidden
+    def embeds(self, output: BaseModelOutputWithPooling) -> torch.Tensor:
+        """The projected image features (``get_image_features``'), from this tower's output."""
+        return self.vision._project(output.pooler_output)
 
 
 class CLIPVisionModelWithProjection(CLIPVisionModel):
     """transformers' ``CLIPVisionModelWithProjection``: ``CLIPVisionModel``'s states and the projected
     ``image_embeds`` (what ``CLIPModel.get_image_features`` gives)."""
 
+    projected = True
+
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
-                interpolate_pos_encoding: bool = False, **kwargs) -> CLIPVisionModelOutput:
-        last, pooled, hidden = self._states(pixel_values, output_hidden_states, interpolate_pos_encoding, kwargs)
-        return CLIPVisionModelOutput(image_embeds=self.vision._project(pooled), last_hidden_state=last,
-                                     hidden_states=hidden)
+                interpolate_pos_encoding: bool = False, output_attentions: bool | None = None,
+                **kwargs) -> CLIPVisionModelOutput:
+        output = super().forward(pixel_values, output_hidden_states, interpolate_pos_encoding, output_attentions,
+                                 **kwargs)
+        return CLIPVisionModelOutput(image_embeds=self.embeds(output), last_hidden_state=output.last_hidden_state,
+                                     hidden_states=output.hidden_states, attentions=output.attentions)
 
 
-class CLIPTextModelOutput(ModelOutput):
-    """``CLIPTextModelWithProjection``'s output: the projected ``text_embeds`` beside the states."""
+class SiglipVisionModel(_VisionTowerModel):
+    """transformers' ``SiglipVisionModel``: a SigLIP model's image tower alone (``self.vision``, clipforge's
+    ``SigLIPVisionTransformer``), what vision-language models (PaliGemma's, LLaVA-OneVision's) load:
+    ``last_hidden_state`` [N, patches, width] after the final LayerNorm (``post_layernorm``), ``pooler_output`` the
+    attention pooling's [N, width] (SigLIP's image embedding)."""
 
-    fields = ("text_embeds", "last_hidden_state", "hidden_states")
+    family = "SiglipModel"
+
+    def _attach(self, tower: torch.nn.Module) -> None:
+        from .models.siglip_vision import SigLIPVisionTransformer
+
+        if type(tower) is not SigLIPVisionTransformer or tower.naflex:
+            kind = type(tower).__name__ + (" (NaFlex)" if getattr(tower, "naflex", False) else "")
+            raise ValueError(f"SiglipVisionModel is SigLIP's fixed-size image tower; this model's is a {kind}")
+        self.vision = tower
+
+    def _pooled(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        last = self.vision.ln_post(last)
+        return last, None if self.vision.head is None else self.vision.head(last)  # None: saved without its head
+
+    def embeds(self, output: BaseModelOutputWithPooling) -> torch.Tensor:
+        return output.pooler_output
 
 
-class CLIPTextModel(_TowerModel):
-    """transformers' ``CLIPTextModel``: a CLIP model's text transformer alone (``self.text``; the image tower is not
-    kept). ``last_hidden_state`` [N, L, width] after ``final_layer_norm``, ``pooler_output`` at each text's end token,
-    with ``output_hidden_states`` the embeddings and every block's output (before that norm), as transformers counts
-    them. An ``attention_mask`` hides padding from every position, as transformers' does (the states of the text's
-    own tokens are the same either way: they see nothing after them)."""
-
+class _TextTowerModel(_TowerModel):
     config_key = "text_config"
 
-    def __init__(self, clip: CLIP):
-        super().__init__(clip)
-        from .models.text_transformer import TextTransformer
-
-        tower = clip.text
-        if type(tower) is not TextTransformer or not tower.causal:
-            kind = type(tower).__name__ + ("" if getattr(tower, "causal", True) else " attending both ways")
-            raise ValueError(f"CLIPTextModel is CLIP's causal text transformer; this model's text tower is a {kind}")
-        self.text = tower
+    @staticmethod
+    def _tower_of(clip: CLIP) -> torch.nn.Module:
+        return clip.text
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, output_hidden_states: bool | None = None,
-                **kwargs) -> BaseModelOutputWithPooling:
-        last, pooled, hidden = self._states(input_ids, attention_mask, position_ids, output_hidden_states, kwargs)
-        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+                output_attentions: bool | None = None, **kwargs) -> BaseModelOutputWithPooling:
+        last, pooled, hidden, maps = self._states(input_ids, attention_mask, position_ids, output_hidden_states,
+                                                  output_attentions, kwargs)
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden,
+                                          attentions=maps)
 
-    def _states(self, input_ids, attention_mask, position_ids, output_hidden_states, kwargs):
+    def _states(self, input_ids, attention_mask, position_ids, output_hidden_states, output_attentions, kwargs):
         from .models.inputs import check_token_batch
 
         _refuse(kwargs, position_ids=position_ids)
         tower = self.text
         check_token_batch(input_ids, tower.context_length)
-        x, length = tower._embed(input_ids), input_ids.shape[1]
-        mask = None  # causal alone
+        x, mask = tower._embed(input_ids), None
         if attention_mask is not None and not bool(attention_mask.all()):
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids "
                                  f"{tuple(input_ids.shape)}")
-            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-            mask = attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :] & causal  # keys hidden
-            mask = (mask | ~mask.any(dim=-1, keepdim=True)) & causal  # a row left nothing to see sees all it may
-        if output_hidden_states:
-            last, blocks = tower.transformer.forward_intermediates(x, causal=mask is None, attn_mask=mask)
-            hidden = (x, *blocks)
-        else:
-            last, hidden = tower.transformer(x, causal=mask is None, attn_mask=mask), None
+            mask = self._visible(attention_mask.to(device=x.device, dtype=torch.bool))
+        last, hidden, maps = _run_blocks(tower.transformer, x, output_hidden_states, output_attentions,
+                                         causal=tower.causal and mask is None, attn_mask=mask)
         last = tower.ln_final(last)
-        return last, last[torch.arange(len(last), device=last.device), tower._pool_index(input_ids)], hidden
+        pooled = last[torch.arange(len(last), device=last.device), tower._pool_index(input_ids)]
+        return last, self._head(pooled), hidden, maps
+
+
+class CLIPTextModel(_TextTowerModel):
+    """transformers' ``CLIPTextModel``: a CLIP model's text transformer alone (``self.text``; the image tower is not
+    kept). ``last_hidden_state`` [N, L, width] after ``final_layer_norm``, ``pooler_output`` at each text's end token.
+    An ``attention_mask`` hides padding from every position, as transformers' does (the states of the text's own
+    tokens are the same either way: they see nothing after them)."""
+
+    def _attach(self, tower: torch.nn.Module) -> None:
+        from .models.text_transformer import TextTransformer
+
+        if type(tower) is not TextTransformer or not tower.causal:
+            kind = type(tower).__name__ + ("" if getattr(tower, "causal", True) else " attending both ways")
+            raise ValueError(f"CLIPTextModel is CLIP's causal text transformer; this model's text tower is a {kind}")
+        self.text = tower
+
+    @staticmethod
+    def _visible(attention_mask: torch.Tensor) -> torch.Tensor:
+        """[N, 1, L, L]: the keys each position sees: those before it that the mask keeps."""
+        length = attention_mask.shape[-1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+        mask = attention_mask[:, None, None, :] & causal
+        return (mask | ~mask.any(dim=-1, keepdim=True)) & causal  # a row left nothing to see sees all it may
+
+    def _head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled
+
+    def embeds(self, output: BaseModelOutputWithPooling) -> torch.Tensor:
+        """The projected text features (``get_text_features``'), from this tower's output."""
+        return self.text._project(output.pooler_output)
 
 
 class CLIPTextModelWithProjection(CLIPTextModel):
     """transformers' ``CLIPTextModelWithProjection``: ``CLIPTextModel``'s states and the projected ``text_embeds``
     (what ``CLIPModel.get_text_features`` gives)."""
 
+    projected = True
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, output_hidden_states: bool | None = None,
-                **kwargs) -> CLIPTextModelOutput:
-        last, pooled, hidden = self._states(input_ids, attention_mask, position_ids, output_hidden_states, kwargs)
-        return CLIPTextModelOutput(text_embeds=self.text._project(pooled), last_hidden_state=last,
-                                   hidden_states=hidden)
+                output_attentions: bool | None = None, **kwargs) -> CLIPTextModelOutput:
+        output = super().forward(input_ids, attention_mask, position_ids, output_hidden_states, output_attentions,
+                                 **kwargs)
+        return CLIPTextModelOutput(text_embeds=self.embeds(output), last_hidden_state=output.last_hidden_state,
+                                   hidden_states=output.hidden_states, attentions=output.attentions)
+
+
+class SiglipTextModel(_TextTowerModel):
+    """transformers' ``SiglipTextModel``: a SigLIP model's text transformer alone (``self.text``), attending both
+    ways: ``last_hidden_state`` [N, L, width] after ``final_layer_norm``, ``pooler_output`` the last position's
+    through the head (SigLIP's text embedding). Without an ``attention_mask`` every position sees the padding, as
+    SigLIP was trained; with one the padding is hidden, as transformers hides it."""
+
+    family = "SiglipModel"
+
+    def _attach(self, tower: torch.nn.Module) -> None:
+        from .models.text_transformer import TextTransformer
+
+        if type(tower) is not TextTransformer or tower.causal:
+            raise ValueError(f"SiglipTextModel is SigLIP's text transformer; this model's text tower is a "
+                             f"{type(tower).__name__}")
+        self.text = tower
+
+    @staticmethod
+    def _visible(attention_mask: torch.Tensor) -> torch.Tensor:
+        """[N, 1, 1, L]: the keys every position sees (all of a row that keeps none, as ``features_masked``)."""
+        return (attention_mask | ~attention_mask.any(dim=-1, keepdim=True))[:, None, None, :]
+
+    def _head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.text._project(pooled)
+
+    def embeds(self, output: BaseModelOutputWithPooling) -> torch.Tensor:
+        return output.pooler_output
+
+
+def _tower_classes(model: CLIPModel) -> tuple[type, type]:
+    """The tower classes of ``model.vision_model`` / ``model.text_model``."""
+    if isinstance(model, SiglipModel):
+        return SiglipVisionModel, SiglipTextModel
+    return CLIPVisionModel, CLIPTextModel
+
+
+def _pixels_for(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Pixels in the tower's dtype (a model cast to bf16 takes the processor's float32), integers left for the tower's
+    own check to name."""
+    dtype = next(tower.parameters()).dtype
+    return pixel_values.to(dtype) if pixel_values.is_floating_point() else pixel_values
+
+
+def _positioned_tower(clip: CLIP) -> torch.nn.Module:
+    """The image tower, where it has a learned position grid that ``interpolate_pos_encoding`` can resize."""
+    from .models.siglip_vision import SigLIPVisionTransformer
+    from .models.vision_transformer import VisionTransformer
+
+    tower = clip.visual
+    if type(tower) not in (VisionTransformer, SigLIPVisionTransformer) or getattr(tower, "naflex", False):
+        raise ValueError(f"interpolate_pos_encoding: this model's image tower (a {type(tower).__name__}) has no "
+                         "position grid to resize here")
+    return tower
 
 
 def _load_clip(name_or_path, dtype, device_map, options: dict) -> CLIP:
     from . import load_model
-    from .models import is_naflex
+    from .checkpoint.hf import TOWER_TYPES
 
     name = os.fspath(name_or_path)
-    tower_type = _read_json(Path(name) / "config.json").get("model_type") if os.path.isdir(name) else None
-    if tower_type in ("clip_text_model", "clip_vision_model", "siglip_text_model", "siglip_vision_model"):
-        raise ValueError(f"{name}: a transformers {tower_type} folder (one tower alone, as diffusers' text encoders "
-                         "are) is not built here; the towers of a whole CLIPModel folder load with "
-                         "CLIPTextModel / CLIPVisionModel.from_pretrained")
-    if not os.path.exists(name) and not name.startswith("hf-hub:"):
-        if "/" not in name or not is_hub_name(name):
-            raise ValueError(f"{name}: expected a model folder, a checkpoint file or a Hugging Face Hub repo "
-                             "(OWNER/NAME); zoo names load with clipforge.load")
-        name = f"hf-hub:{name}"
     with _hub_options("from_pretrained", options):
+        if options.get("subfolder") is not None:
+            name = os.fspath(_model_folder(name, options["subfolder"], None))
+        tower_type = _read_json(Path(name) / "config.json").get("model_type") if os.path.isdir(name) else None
+        if tower_type in TOWER_TYPES:
+            kind = {"clip": "CLIP", "siglip": "Siglip"}[TOWER_TYPES[tower_type][0]]
+            raise ValueError(f"{name}: a transformers {tower_type} folder (one tower alone, as diffusers' text "
+                             f"encoders are): load it with {kind}TextModel / {kind}VisionModel.from_pretrained")
+        if not os.path.exists(name) and not name.startswith("hf-hub:"):
+            if "/" not in name or not is_hub_name(name):
+                raise ValueError(f"{name}: expected a model folder, a checkpoint file or a Hugging Face Hub repo "
+                                 "(OWNER/NAME); zoo names load with clipforge.load")
+            name = f"hf-hub:{name}"
         clip = load_model(name)
+    return _placed(_checked_clip(clip, name_or_path), dtype, device_map)
+
+
+def _checked_clip(clip, name_or_path) -> CLIP:
+    from .models import is_naflex
+
     if type(clip) is not CLIP:
         raise ValueError(f"{name_or_path}: a {type(clip).__name__}, not a CLIP model")
     if is_naflex(clip.config):
         raise ValueError(f"{name_or_path}: a SigLIP 2 NaFlex model (Siglip2Model's patches and masks are not built "
                          "here; clipforge.load reads it)")
+    return clip
+
+
+def _placed(model: torch.nn.Module, dtype, device_map) -> torch.nn.Module:
+    """``model`` in ``from_pretrained``'s ``dtype`` and on its ``device_map`` (one device, or "auto")."""
     if dtype not in (None, "auto"):
-        clip = clip.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     if isinstance(device_map, dict):
         raise ValueError("device_map: one device (a string or torch.device) or 'auto'; models are not split here")
     if device_map == "auto":
         device_map = "cuda" if torch.cuda.is_available() else "cpu"
-    return clip.to(device_map) if device_map is not None else clip
+    return model.to(device_map) if device_map is not None else model
 
 
-def _refuse(kwargs: dict, position_ids=None, interpolate_pos_encoding: bool = False) -> None:
+def _refuse(kwargs: dict, position_ids=None) -> None:
     """What transformers' CLIPModel takes and this one does not build, named."""
     if position_ids is not None:
         raise ValueError("position_ids: only the positions 0..L-1 are built here")
-    if interpolate_pos_encoding:
-        raise ValueError("interpolate_pos_encoding: load the model at the other size instead "
-                         "(clipforge.load(..., force_image_size=SIZE) resizes its position grid once)")
     if kwargs.pop("return_dict", True) is False:
         raise ValueError("return_dict=False: features come as a tensor, outputs as a CLIPOutput (index it by "
                          "position for the tuple's order)")
-    if kwargs.pop("output_attentions", False):
-        raise ValueError("output_attentions: attention maps are not computed here (the attention runs fused)")
-    if kwargs.pop("output_hidden_states", False):
-        raise ValueError("output_hidden_states: CLIPVisionModel and CLIPTextModel give a tower's, as transformers "
-                         "does; model.clip.forward_intermediates(...) every block's output of both towers")
+    for asked in ("output_attentions", "output_hidden_states"):
+        if kwargs.pop(asked, False):
+            raise ValueError(f"{asked}: get_*_features give the features; the model's forward, model.vision_model "
+                             "and model.text_model (CLIPVisionModel, CLIPTextModel ...) give the towers' states")
     if kwargs:
         raise TypeError(f"CLIPModel: {', '.join(sorted(kwargs))} not built here")
 
@@ -1017,6 +1324,8 @@ def pipeline(task: str, model: str | os.PathLike | CLIPModel, processor: CLIPPro
 # transformers' other names for the classes above, for the CLIP and SigLIP folders and repos these read
 AutoProcessor, AutoTokenizer, AutoImageProcessor = CLIPProcessor, CLIPTokenizer, CLIPImageProcessor
 CLIPConfig = SiglipConfig = AutoConfig
+AutoModelForZeroShotImageClassification = AutoModel
+CLIPFeatureExtractor = CLIPImageProcessor  # transformers 4's older name
 CLIPTokenizerFast, CLIPImageProcessorFast = CLIPTokenizer, CLIPImageProcessor
 SiglipProcessor, SiglipImageProcessor, SiglipImageProcessorFast = CLIPProcessor, CLIPImageProcessor, CLIPImageProcessor
 SiglipTokenizer = GemmaTokenizerFast = CLIPTokenizer

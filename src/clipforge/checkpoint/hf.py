@@ -291,6 +291,32 @@ def config_to_clipforge(hf: dict) -> dict:
     return config
 
 
+# transformers' one-tower folders (diffusers' text encoders, IP-Adapter's image encoder, a VLM's SigLIP tower): the
+# model family and the tower's side
+TOWER_TYPES = {"clip_text_model": ("clip", "text"), "clip_vision_model": ("clip", "vision"),
+               "siglip_text_model": ("siglip", "text"), "siglip_vision_model": ("siglip", "vision")}
+_PLACEHOLDER_TOWER = {"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+                      "image_size": 8, "patch_size": 8}
+
+
+def tower_config_to_clipforge(folder_config: dict) -> tuple[dict, str]:
+    """``(clipforge config, "text" or "vision")`` for a one-tower folder's ``config.json``: the tower's settings as
+    the whole model's config would hold them (the other tower a placeholder, never built). A SigLIP image tower
+    saved without its pooling head (``vision_use_head: false``) is translated with one: its loader drops it."""
+    family, side = TOWER_TYPES[folder_config["model_type"]]
+    tower = {k: v for k, v in folder_config.items() if k not in ("model_type", "architectures")}
+    other = dict(_PLACEHOLDER_TOWER)
+    if family == "siglip":  # the text projection's width is the image tower's
+        tower["vision_use_head"] = True
+        width = tower.get("hidden_size", 768)
+        if side == "text":
+            width = tower.get("projection_size") or width
+        other.update(hidden_size=width, projection_size=width)
+    hf = {"model_type": family, f"{side}_config": tower, f"{'vision' if side == 'text' else 'text'}_config": other,
+          "projection_dim": tower.get("projection_dim", 512)}
+    return config_to_clipforge(hf), side
+
+
 def _hf_activation(cfg: dict, config: dict) -> str:
     """transformers' name for a tower's activation (``models.clip.tower_activation``)."""
     from ..models.clip import tower_activation

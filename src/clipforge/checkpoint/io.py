@@ -125,6 +125,38 @@ def _read_file(path: Path, trust_pickle: bool) -> tuple[dict, dict | None]:
     return obj, None
 
 
+def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """A transformers folder's weight files, in the order transformers prefers them: ``model.safetensors``, the
+    shards a ``model.safetensors.index.json`` lists (large models), ``pytorch_model.bin``; with ``variant``
+    (diffusers' "fp16") ``model.fp16.safetensors`` and so on. Empty where the folder holds none."""
+    stem = f"model.{variant}" if variant else "model"
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: shard {missing[0]} is missing")
+        return [folder / name for name in shards]
+    pickled = folder / f"pytorch_{stem}.bin"
+    return [pickled] if pickled.is_file() else []
+
+
+def read_weight_files(files: list[Path], trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of ``weight_files``, as they are stored (no renaming)."""
+    tensors = {}
+    for path in files:
+        try:
+            tensors.update(_read_file(path, trust_pickle)[0])
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read checkpoint, the file is truncated or corrupt "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return tensors
+
+
 SHARDED = "sharded"  # the subfolder of a --fsdp step folder that torch.distributed.checkpoint writes
 
 
@@ -150,9 +182,11 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tupl
             return read_sharded_weights(path)
         if path.is_dir():
             weights = next((path / n for n in _FOLDER_WEIGHTS if (path / n).exists()), None)
-            if weights is None:
+            shards = weight_files(path) if weights is None else []  # a large transformers model's, sharded
+            if weights is None and not shards:
                 raise CheckpointError(f"{path}: folder holds none of {', '.join(_FOLDER_WEIGHTS)}")
-            tensors, config = _read_file(weights, trust_pickle)
+            tensors, config = (_read_file(weights, trust_pickle) if weights else
+                               (read_weight_files(shards, trust_pickle), None))
             folder_config, is_hf = _folder_config(path)
             if is_hf:
                 return hf.to_clipforge(tensors), folder_config

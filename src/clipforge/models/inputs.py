@@ -7,10 +7,11 @@ from typing import Callable
 import torch
 
 
-def check_image_batch(images: torch.Tensor, image_size: int) -> None:
+def check_image_batch(images: torch.Tensor, image_size: int | None) -> None:
+    """``image_size``: the square size the batch must have (None: any)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape [N, 3, H, W], got {tuple(images.shape)}")
-    if images.shape[-2:] != (image_size, image_size):
+    if image_size is not None and images.shape[-2:] != (image_size, image_size):
         raise ValueError(f"expected {image_size}x{image_size} images, got {images.shape[-2]}x{images.shape[-1]}")
     if not images.is_floating_point():
         raise ValueError(f"expected float images (what the model's preprocess returns), got {images.dtype}")

@@ -146,12 +146,33 @@ class Attention(nn.Module):
     def attend(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[N, L, width] -> per-head attention outputs [N, heads, L, head_dim], before the output projection.
         ``attn_mask``: [L, L] (or broadcastable) boolean, True where a query may see a key; instead of ``causal``."""
+        q, k, v = self._split_heads(x)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+
+    def _split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[N, L, width] -> queries, keys, values, each [N, heads, L, head_dim]."""
         batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         # unbind, not qkv[0], qkv[1], qkv[2]: in backward its gradients are stacked once, where each index would
         # build a zero-filled [3, ...] gradient of its own and autograd would add the three together
-        q, k, v = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+        return qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attend_explicitly(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attend``'s output and the attention map it applies [N, heads, L, L] (each query's softmax over the keys
+        it may see), the map formed explicitly, the softmax in float32 as transformers' eager attention takes it:
+        for inspection (``output_attentions``), where SDPA's fused kernels never form it."""
+        q, k, v = self._split_heads(x)
+        scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+        visible = attn_mask
+        if causal:
+            visible = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=x.device).tril()
+        if visible is not None and visible.dtype != torch.bool:  # an additive mask, as SDPA also takes
+            scores = scores + visible
+        elif visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
+        probabilities = scores.softmax(dim=-1).to(q.dtype)
+        return probabilities @ v, probabilities
 
     @staticmethod
     def merge_heads(heads: torch.Tensor) -> torch.Tensor:
@@ -225,6 +246,15 @@ class ResidualAttentionBlock(nn.Module):
                 x = x_pooled + self.attn.forward_pooled(h, pool_index, causal=causal, scale=self.ls_1)
         with self._normed(self.ln_2, x, lean) as h:
             return x + self._mlp(h, lean)
+
+    def forward_with_map(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``'s output and the block's attention map [N, heads, L, L], its attention computed explicitly
+        (``Attention.attend_explicitly``) rather than fused: for inspection, at eager attention's cost."""
+        heads, attention_map = self.attn.attend_explicitly(self.ln_1(x), causal, attn_mask)
+        x = x + F.linear(self.attn.merge_heads(heads), *layer_scaled(self.ls_1, self.attn.out_proj))
+        with self._normed(self.ln_2, x, False) as h:
+            return x + self._mlp(h, False), attention_map
 
     def _forward_inference(self, x: torch.Tensor, causal: bool, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``forward`` without autograd or dtype casts: the same sums, with each residual and bias accumulated by the
@@ -312,6 +342,17 @@ class Transformer(nn.Module):
             if i in taken:
                 intermediates.append(x)
         return x, intermediates
+
+    def forward_attentions(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """``(last output, every block's output, every block's attention map [N, heads, L, L])``: for inspection
+        (``ResidualAttentionBlock.forward_with_map``: the attention explicit, as transformers' eager attention)."""
+        outputs, maps = [], []
+        for block in self.resblocks:
+            x, attention_map = block.forward_with_map(x, causal, attn_mask)
+            outputs.append(x)
+            maps.append(attention_map)
+        return x, outputs, maps
 
     def _lean(self) -> bool:
         # torch.compile's partitioner makes its own recompute choices; the saved-tensor hooks would only get in its way

@@ -22,7 +22,7 @@ from torch import nn
 from .inputs import check_image_batch
 from .intermediates import spatial_intermediates
 from .layers import Attention, LayerNorm, Transformer, mlp
-from .vision_transformer import embed_patches
+from .vision_transformer import embed_patches, interpolated_positions
 
 
 class AttentionPool(nn.Module):
@@ -82,11 +82,12 @@ class SigLIPVisionTransformer(nn.Module):
         return [[self.conv1, self.positional_embedding], *([b] for b in blocks[:-1]), [blocks[-1], self.ln_post],
                 [self.head]]
 
-    def _grid_of(self, images: torch.Tensor) -> tuple[int, int]:
-        """The patch grid an image batch makes: the model's own, or for a NaFlex tower any whole number of patches."""
+    def _grid_of(self, images: torch.Tensor, interpolate_positions: bool = False) -> tuple[int, int]:
+        """The patch grid an image batch makes: the model's own, or for a NaFlex tower any whole number of patches
+        (``interpolate_positions``: the patches of an image of any size, as the patch convolution covers it)."""
         if not self.naflex:
-            check_image_batch(images, self.image_size)
-            return (self.image_size // self.patch_size,) * 2
+            check_image_batch(images, None if interpolate_positions else self.image_size)
+            return images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             check_image_batch(images, self.image_size)  # its error names what is wrong
         height, width = images.shape[-2:]
@@ -105,10 +106,12 @@ class SigLIPVisionTransformer(nn.Module):
         resized = F.interpolate(table, size=(rows, cols), mode="bilinear", align_corners=False, antialias=True)
         return resized[0].flatten(1).T.to(self.positional_embedding.dtype)
 
-    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
-        rows, cols = self._grid_of(images)
+    def _tokens(self, images: torch.Tensor, interpolate_positions: bool = False) -> torch.Tensor:
+        rows, cols = self._grid_of(images, interpolate_positions)
         x = embed_patches(self.conv1, images)
-        return (x + self._positions(rows, cols).to(x.dtype)).contiguous()  # the conv's tokens are a transposed view
+        positions = (interpolated_positions(self.positional_embedding, rows, cols) if interpolate_positions
+                     and not self.naflex else self._positions(rows, cols))
+        return (x + positions.to(x.dtype)).contiguous()  # the conv's tokens are a transposed view
 
     def _naflex_tokens(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(tokens [N, L, width], visible [N, L] or None)`` for a NaFlex batch: flattened patches (rows, then
@@ -131,12 +134,14 @@ class SigLIPVisionTransformer(nn.Module):
         mask = batch.get("pixel_attention_mask")
         return x + positions, None if mask is None else mask.to(x.device).bool()
 
-    def forward(self, images: torch.Tensor | Mapping) -> torch.Tensor:
+    def forward(self, images: torch.Tensor | Mapping, interpolate_positions: bool = False) -> torch.Tensor:
+        """``interpolate_positions``: images of any size, the position grid resized to theirs for this call
+        (bicubic, as transformers' ``interpolate_pos_encoding``; a NaFlex tower resizes it for every image)."""
         if is_naflex_batch(images):
             x, visible = self._naflex_tokens(images)
             mask = None if visible is None else visible[:, None, None, :]  # keys a token may attend to
             return self.head(self.ln_post(self.transformer(x, attn_mask=mask)), visible)
-        return self.head(self.ln_post(self.transformer(self._tokens(images))))
+        return self.head(self.ln_post(self.transformer(self._tokens(images, interpolate_positions))))
 
     def forward_intermediates(self, images: torch.Tensor, indices=None, stop_early: bool = False,
                               normalize_intermediates: bool = False, intermediates_only: bool = False,

@@ -37,6 +37,20 @@ def embed_patches(conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
     return F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
 
 
+def interpolated_positions(table: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A square grid's learned positions [grid*grid, width] resized to a ``rows`` x ``cols`` patch grid [rows*cols,
+    width] as transformers' ``interpolate_pos_encoding`` resizes them (bicubic, corners not aligned, no
+    antialiasing; here in float32); the table itself where the grid is its own."""
+    grid = round(table.shape[0] ** 0.5)
+    if (rows, cols) == (grid, grid):
+        return table
+    if rows < 1 or cols < 1:
+        raise ValueError(f"images smaller than one patch ({rows}x{cols} patches)")
+    square = table.float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(square, size=(rows, cols), mode="bicubic", align_corners=False)
+    return resized[0].flatten(1).T.to(table.dtype)
+
+
 class VisionTransformer(nn.Module):
     def __init__(
         self,
@@ -94,10 +108,12 @@ class VisionTransformer(nn.Module):
         return [[self.conv1, self.class_embedding, self.positional_embedding, self.ln_pre], *([b] for b in blocks[:-1]),
                 [blocks[-1], self.ln_post], [self.proj]]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, interpolate_positions: bool = False) -> torch.Tensor:
+        """``interpolate_positions``: images of any size, the position grid resized to theirs for this call
+        (``interpolated_positions``; ``clipforge.load(..., force_image_size=...)`` resizes it once instead)."""
+        x = self._tokens(images, interpolate_positions)
         if self.pool == "avg":  # every patch token is pooled
-            return self.forward_tokens(images)[0]
-        x = self._tokens(images)
+            return self._pool(self.transformer(x))[0]
         cls_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         x = self.transformer(x, pool_index=cls_index)  # [N, width]: only the class token is pooled
         return self._project(self.ln_post(x))
@@ -165,11 +181,15 @@ class VisionTransformer(nn.Module):
         grid = self.image_size // self.patch_size
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grid, grid)
 
-    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def _tokens(self, images: torch.Tensor, interpolate_positions: bool = False) -> torch.Tensor:
         """Class token + patch tokens with positions, after ``ln_pre``: the transformer's input."""
-        check_image_batch(images, self.image_size)
-        x = self._embed_patches(images)  # [N, grid*grid, width]
-        x = x + self.positional_embedding[1:].to(x.dtype)
+        check_image_batch(images, None if interpolate_positions else self.image_size)
+        x = self._embed_patches(images)  # [N, rows*cols, width]
+        positions = self.positional_embedding[1:]
+        if interpolate_positions:
+            rows, cols = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+            positions = interpolated_positions(positions, rows, cols)
+        x = x + positions.to(x.dtype)
         if self.training and self.patch_dropout > 0:
             x = self._drop_patches(x)
         cls = (self.class_embedding + self.positional_embedding[0]).to(x.dtype).expand(x.shape[0], 1, -1)
