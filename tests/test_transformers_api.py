@@ -695,3 +695,39 @@ def test_a_sharded_transformers_folder_loads_whole(folders, tmp_path):
     shards[1].unlink()
     with pytest.raises(clipforge.checkpoint.CheckpointError, match=f"shard {shards[1].name} is missing"):
         clipforge.load(str(tmp_path / "sharded"))
+
+
+def _diffusers_prompt_embeds(library, sd, prompt, clip_skip):
+    """What diffusers' Stable Diffusion pipelines do with their text encoders, the import changed: SD's
+    encode_prompt (the last state, or with clip skip an earlier block's through text_model.final_layer_norm) and
+    SDXL's (the second encoder's projected text_embeds as output[0], hidden_states[-(clip_skip + 2)])."""
+    tokenizer = library.CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")
+    encoder = library.CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", dtype=torch.float32)
+    encoder_2 = library.CLIPTextModelWithProjection.from_pretrained(sd, subfolder="text_encoder_2", variant="fp16",
+                                                                    dtype=torch.float32)
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    assert not getattr(encoder.config, "use_attention_mask", False)
+    with torch.no_grad():
+        if clip_skip is None:
+            sd_embeds = encoder(ids, attention_mask=None)[0]
+        else:
+            sd_embeds = encoder(ids, attention_mask=None, output_hidden_states=True)[-1][-(clip_skip + 1)]
+            # transformers 4's layout, as diffusers reaches into it; 5's is flat (clipforge answers both)
+            layers = encoder.text_model if library is transformers_api or hasattr(encoder, "text_model") else encoder
+            sd_embeds = layers.final_layer_norm(sd_embeds)
+            assert library is transformers or encoder.final_layer_norm is layers.final_layer_norm
+        output = encoder_2(ids, output_hidden_states=True)
+        pooled = output[0]
+        xl_embeds = output.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)]
+    return sd_embeds.to(encoder.dtype), pooled, xl_embeds, encoder.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("clip_skip", [None, 1])
+def test_diffusers_prompt_encoding_runs_with_clipforge_swapped_in(folders, siglip_folder, tmp_path, clip_skip):
+    sd = _one_tower_folders(folders, siglip_folder, tmp_path)
+    prompt = ["a photograph of an astronaut riding a horse", "a cat"]
+    expected = _diffusers_prompt_embeds(transformers, sd, prompt, clip_skip)
+    got = _diffusers_prompt_embeds(transformers_api, sd, prompt, clip_skip)
+    for name, a, b in zip(("sd", "pooled", "xl", "input embeddings"), expected, got):
+        assert a.shape == b.shape and (a - b).abs().max().item() <= TOL, name

@@ -18,6 +18,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -1052,6 +1053,26 @@ class _TextTowerModel(_TowerModel):
     @staticmethod
     def _tower_of(clip: CLIP) -> torch.nn.Module:
         return clip.text
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        """The token embedding, as transformers' ``get_input_embeddings`` gives it (textual inversion reads it)."""
+        return self.text.token_embedding
+
+    @property
+    def final_layer_norm(self) -> torch.nn.Module:
+        """The last LayerNorm, where scripts reach for it (diffusers' clip skip applies it to an earlier block's
+        output): transformers 5's ``model.final_layer_norm``, 4's ``model.text_model.final_layer_norm``."""
+        return self.text.ln_final
+
+    @property
+    def embeddings(self) -> SimpleNamespace:
+        """``embeddings.token_embedding`` (transformers 5's layout; 4's under ``text_model``)."""
+        return SimpleNamespace(token_embedding=self.text.token_embedding)
+
+    @property
+    def text_model(self) -> SimpleNamespace:
+        """transformers 4's ``model.text_model``: ``final_layer_norm`` and ``embeddings``, this tower's own."""
+        return SimpleNamespace(final_layer_norm=self.final_layer_norm, embeddings=self.embeddings)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, output_hidden_states: bool | None = None,
