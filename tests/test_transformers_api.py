@@ -649,6 +649,16 @@ def test_one_tower_folders_load_as_transformers_reads_them(folders, siglip_folde
             keys = [k for k in ("last_hidden_state", "pooler_output", "text_embeds", "image_embeds") if k in a]
             for x, y in zip([*a.hidden_states, *(a[k] for k in keys)], [*b.hidden_states, *(b[k] for k in keys)]):
                 assert x.shape == y.shape and (x - y).abs().max().item() <= TOL, (class_name, options)
+    for class_name, folder, options in (("AutoConfig", sd, {"subfolder": "text_encoder_2"}),
+                                        ("CLIPTextConfig", sd, {"subfolder": "text_encoder"}),
+                                        ("CLIPTextConfig", folders["saved"], {}),
+                                        ("CLIPVisionConfig", folders["saved"], {}),
+                                        ("SiglipVisionConfig", tmp_path / "siglip_vision", {})):
+        theirs = getattr(transformers, class_name).from_pretrained(folder, **options)
+        ours = getattr(transformers_api, class_name).from_pretrained(folder, **options)
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+                    "layer_norm_eps", "projection_dim", "max_position_embeddings", "image_size", "patch_size"):
+            assert getattr(ours, key, None) == getattr(theirs, key, None), (class_name, key)
     with pytest.raises(ValueError, match="holds no projection"):
         transformers_api.CLIPTextModelWithProjection.from_pretrained(sd, subfolder="text_encoder")
     with pytest.raises(ValueError, match="load it with CLIPTextModel"):
