@@ -261,8 +261,9 @@ def test_what_is_not_built_is_refused_by_name(folders, tmp_path):
     transformers.Siglip2Model(transformers.Siglip2Config(
         text_config=dict(tower, vocab_size=100, max_position_embeddings=16),
         vision_config=dict(tower, patch_size=8, num_patches=16))).save_pretrained(tmp_path / "naflex")
-    with pytest.raises(ValueError, match="NaFlex"):
-        transformers_api.AutoModel.from_pretrained(tmp_path / "naflex")
+    assert type(transformers_api.AutoModel.from_pretrained(tmp_path / "naflex")).__name__ == "Siglip2Model"
+    with pytest.raises(ValueError, match="Siglip2Model.from_pretrained"):
+        transformers_api.SiglipModel.from_pretrained(tmp_path / "naflex")
     transformers.CLIPTextModel(transformers.CLIPTextConfig(**tower)).save_pretrained(tmp_path / "text-encoder")
     with pytest.raises(ValueError, match="clip_text_model folder"):  # one tower: its own class reads it
         transformers_api.CLIPModel.from_pretrained(tmp_path / "text-encoder")
@@ -741,3 +742,72 @@ def test_diffusers_prompt_encoding_runs_with_clipforge_swapped_in(folders, sigli
     got = _diffusers_prompt_embeds(transformers_api, sd, prompt, clip_skip)
     for name, a, b in zip(("sd", "pooled", "xl", "input embeddings"), expected, got):
         assert a.shape == b.shape and (a - b).abs().max().item() <= TOL, name
+
+
+@pytest.fixture(scope="module")
+def siglip2_folder(tmp_path_factory):
+    """A SigLIP 2 NaFlex repo as google/siglip2-*-naflex holds it: Siglip2Model, a Gemma tokenizer and
+    Siglip2Processor's files."""
+    from test_siglip import make_gemma_tokenizer_folder
+
+    if not hasattr(transformers, "Siglip2Model"):
+        pytest.skip("this transformers has no Siglip2Model (4.49 and later have)")
+    folder = tmp_path_factory.mktemp("siglip2")
+    make_gemma_tokenizer_folder(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tower = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    transformers.Siglip2Model(transformers.Siglip2Config(
+        text_config=dict(tower, vocab_size=len(tokenizer), max_position_embeddings=64),
+        vision_config=dict(tower, patch_size=16, num_patches=256))).save_pretrained(folder)
+    # Google's settings: transformers' Siglip2Processor passes 16-pixel patches and 256 of them whatever its image
+    # processor was saved with (its images_kwargs defaults)
+    transformers.Siglip2Processor(image_processor=transformers.Siglip2ImageProcessor(), tokenizer=tokenizer
+                                  ).save_pretrained(folder)
+    return folder
+
+
+def test_a_siglip2_naflex_script_runs_with_clipforge_swapped_in(siglip2_folder):
+    """AutoModel / AutoProcessor on a Siglip2Model repo: the processor's patches, masks and grid shapes (each photo
+    at its own aspect ratio; max_num_patches per call too) and its text defaults (padded to 64, lower-cased as
+    transformers 5's Siglip2Tokenizer reads the repo's Gemma tokenizer), then the model's features, logits and
+    sigmoid loss, as transformers gives them; the zero-shot pipeline's scores."""
+    texts, photos = ["A photo of a Dog.", "a cat on a mat", "TWO dogs play"], _photos(3, seed=5)  # lower-cased
+    results = {}
+    for library in (transformers, transformers_api):
+        model = library.AutoModel.from_pretrained(siglip2_folder).eval()
+        processor = library.AutoProcessor.from_pretrained(siglip2_folder)
+        inputs = processor(text=texts, images=photos, return_tensors="pt")
+        fewer = processor(images=photos, max_num_patches=32, return_tensors="pt")
+        with torch.no_grad():
+            output = model(**inputs, return_loss=True)
+            features = getattr(model.get_image_features(**fewer), "pooler_output", None)
+            if features is None or library is transformers_api:
+                features = model.get_image_features(**fewer)
+        results[library.__name__] = type(model).__name__, inputs, fewer, output, features
+    (theirs_name, theirs_inputs, theirs_fewer, theirs, theirs_features), (ours_name, ours_inputs, ours_fewer, ours,
+                                                                          ours_features) = results.values()
+    assert theirs_name == ours_name == "Siglip2Model"
+    assert theirs_inputs.keys() == ours_inputs.keys() >= {"input_ids", "pixel_values", "spatial_shapes"}
+    for key in theirs_inputs:
+        assert theirs_inputs[key].shape == ours_inputs[key].shape, key
+        assert (theirs_inputs[key].double() - ours_inputs[key].double()).abs().max().item() < 1e-6, key
+    assert ours_inputs["input_ids"].shape[1] == 64 and ours_fewer["pixel_values"].shape[1] == 32
+    assert torch.equal(theirs_fewer["spatial_shapes"], ours_fewer["spatial_shapes"])
+    assert torch.allclose(theirs_features, ours_features, rtol=2e-5, atol=2e-5)  # positions resized per image
+    for key in ("logits_per_image", "text_embeds", "image_embeds", "loss"):
+        assert torch.allclose(theirs[key], ours[key], rtol=2e-5, atol=2e-5), key
+    pipe = transformers_api.pipeline("zero-shot-image-classification", model=siglip2_folder)
+    expected = transformers.pipeline("zero-shot-image-classification", model=str(siglip2_folder), device="cpu")
+    labels = ["a dog", "a cat", "a car"]
+    for image, got in zip(photos, pipe(photos, candidate_labels=labels)):
+        want = expected(image, candidate_labels=labels)
+        assert [r["label"] for r in want] == [r["label"] for r in got]
+        assert [r["score"] for r in want] == pytest.approx([r["score"] for r in got], abs=TOL)
+    model = transformers_api.Siglip2Model.from_pretrained(siglip2_folder)
+    with pytest.raises(ValueError, match="not built here for NaFlex"):
+        model(**ours_inputs, output_hidden_states=True)
+    with pytest.raises(ValueError, match="spatial_shapes"):
+        model.get_image_features(ours_inputs["pixel_values"])
+    with pytest.raises(ValueError, match="a Siglip2 model; SiglipVisionModel reads a Siglip model's towers"):
+        transformers_api.SiglipVisionModel.from_pretrained(siglip2_folder)

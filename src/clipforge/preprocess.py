@@ -241,8 +241,12 @@ class NaFlexPreprocess:
             image = open_image(image)
         image = image.convert("RGB")
         height, width = self.target_size(image.height, image.width)
-        pixels = to_tensor(image.resize((width, height), Image.BILINEAR), self.mean, self.std)
-        p, rows, cols = self.patch_size, height // self.patch_size, width // self.patch_size
+        return self.patches(to_tensor(image.resize((width, height), Image.BILINEAR), self.mean, self.std))
+
+    def patches(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalised pixels [3, H, W] already at ``target_size`` -> the padded patches, mask and grid shape."""
+        p = self.patch_size
+        rows, cols = pixels.shape[1] // p, pixels.shape[2] // p
         patches = pixels.reshape(3, rows, p, cols, p).permute(1, 3, 2, 4, 0).reshape(rows * cols, 3 * p * p)
         padded = torch.zeros(self.max_patches, 3 * p * p)
         padded[:rows * cols] = patches

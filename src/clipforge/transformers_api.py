@@ -7,9 +7,10 @@ hub repos, without transformers installed.
 ``get_*_features`` return the features as a tensor, as transformers 4 did, that also answers transformers 5's
 ``.pooler_output`` (the same values), so scripts written for either run. ``CLIPVisionModel`` / ``CLIPTextModel`` and
 ``SiglipVisionModel`` / ``SiglipTextModel`` give one tower's hidden states and attention maps (what vision-language
-models read); ``interpolate_pos_encoding`` takes images of other sizes. What is not built here is refused by name:
-SigLIP 2's NaFlex ``Siglip2Model`` and SentencePiece tokenizers other than SigLIP's without a ``tokenizer.json``
-(``clipforge.load`` reads both)."""
+models read); ``interpolate_pos_encoding`` takes images of other sizes; ``Siglip2Model`` with its
+``Siglip2ImageProcessor`` takes SigLIP 2's NaFlex patches. What is not built here is refused by name: the tower states
+of NaFlex batches and SentencePiece tokenizers other than SigLIP's without a ``tokenizer.json`` (``clipforge.load``
+reads those)."""
 from __future__ import annotations
 
 import contextlib
@@ -123,6 +124,19 @@ def _folder(name_or_path: str | os.PathLike, names: tuple[str, ...], subfolder: 
     return fetch_hub_files(repo, tuple(f"{inner}/{n}" if subfolder else n for n in names), root, marker) / inner
 
 
+def _model_type(name_or_path, options: dict) -> str | None:
+    """The ``model_type`` of the model a folder or hub repo holds (its ``config.json``), None where it has none; for
+    a hub repo never fetched whose config cannot be fetched now (offline), None too."""
+    from .pretrained import DownloadError
+
+    try:
+        with _hub_options("from_pretrained", {k: v for k, v in options.items() if k in _HUB_KEYWORDS}):
+            folder = _folder(name_or_path, ("config.json",), options.get("subfolder"))
+    except DownloadError:
+        return None
+    return _read_json(folder / "config.json").get("model_type")
+
+
 def _inner(subfolder: str | None) -> str:
     """A ``subfolder`` keyword as a relative path inside the folder or repo ("." for none)."""
     from pathlib import PurePosixPath
@@ -169,6 +183,7 @@ def _model_folder(name_or_path, subfolder: str | None, variant: str | None) -> P
 # as transformers' eager attention, where output_attentions asks for its maps), the tokenizer and image processor
 # are this module's, the weights are read as they are
 _HARMLESS = {"attn_implementation", "low_cpu_mem_usage", "use_safetensors", "trust_remote_code", "use_fast"}
+_HUB_KEYWORDS = {"cache_dir", "local_files_only", "revision", "subfolder"}
 
 
 @contextlib.contextmanager
@@ -178,7 +193,7 @@ def _hub_options(kind: str, options: dict, own: tuple = ()):
     ``_folder``); ``own``: the class's other keywords; anything else is named as not built."""
     from .pretrained import cache_at
 
-    unknown = set(options) - _HARMLESS - {"cache_dir", "local_files_only", "revision", "subfolder", *own}
+    unknown = set(options) - _HARMLESS - _HUB_KEYWORDS - set(own)
     if unknown:
         raise TypeError(f"{kind}: {', '.join(sorted(unknown))} not built here")
     if options.get("revision") not in (None, "main"):
@@ -239,7 +254,7 @@ class CLIPTokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> "CLIPTokenizer":
         """From a folder or hub repo holding ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``."""
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer, normalizers
 
         own = ("model_max_length", "padding_side", "model_input_names", *_SPECIAL)
         with _hub_options("CLIPTokenizer.from_pretrained", kwargs, own):
@@ -261,6 +276,11 @@ class CLIPTokenizer:
                                     "spiece.model (another SentencePiece model alone is run by transformers)")
         if backend.token_to_id(_CLIP_SPECIAL["eos_token"]) is not None:  # OpenAI's vocabulary: CLIPTokenizer's defaults
             special = {**_CLIP_SPECIAL, **special}
+        if str(settings.get("tokenizer_class", "")).startswith(("GemmaTokenizer", "Siglip2Tokenizer")) and \
+                _model_type(name_or_path, kwargs) == "siglip2":
+            # transformers 5 reads a SigLIP 2 NaFlex repo's Gemma tokenizer as its Siglip2Tokenizer: lower case first,
+            # as SigLIP 2 was trained (transformers 4 did not)
+            backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *filter(None, [backend.normalizer])])
         backend.no_padding()
         backend.no_truncation()
         # transformers' cap for "no limit" (a huge number) means none: the model's context length bounds it anyway
@@ -431,6 +451,8 @@ class CLIPImageProcessor:
         if not config:
             raise FileNotFoundError(f"{name_or_path}: no image processor ({' or '.join(IMAGE_PROCESSOR_FILES)})")
         kind = config.get("image_processor_type", "CLIPImageProcessor")
+        if kind.startswith("Siglip2ImageProcessor"):  # SigLIP 2's NaFlex patches (AutoImageProcessor's answer)
+            return (Siglip2ImageProcessorPil if cls.pillow else Siglip2ImageProcessor).from_config(config)
         if not kind.startswith(("CLIPImageProcessor", "SiglipImageProcessor")):
             raise ValueError(f"{name_or_path}: a {kind}, not CLIP's or SigLIP's image processor (clipforge.load "
                              "reads the model with its own preprocessing)")
@@ -478,6 +500,84 @@ class CLIPImageProcessor:
 class CLIPImageProcessorPil(CLIPImageProcessor):
     """``CLIPImageProcessor`` resized by Pillow: transformers' ``CLIPImageProcessorPil`` pixels (transformers 4's
     ``CLIPImageProcessor``), exactly."""
+
+    pillow = True
+
+
+class Siglip2ImageProcessor:
+    """transformers' ``Siglip2ImageProcessor`` (SigLIP 2's NaFlex models): each image resized (bilinear) at its own
+    aspect ratio to the most whole patches that fit ``max_num_patches``, normalised, cut into patches and padded:
+    ``pixel_values`` [N, max_num_patches, 3 * patch**2], ``pixel_attention_mask`` [N, max_num_patches],
+    ``spatial_shapes`` [N, 2]. The 8-bit image is resized by PyTorch's antialiased interpolation, as transformers 5
+    (torchvision) resizes it; ``Siglip2ImageProcessorPil`` resizes with Pillow (``preprocess.NaFlexPreprocess``), as
+    transformers' class of that name and 4.x's default do."""
+
+    pillow = False
+
+    def __init__(self, patch_size: int = 16, max_num_patches: int = 256, image_mean=(0.5, 0.5, 0.5),
+                 image_std=(0.5, 0.5, 0.5)):
+        from .preprocess import NaFlexPreprocess
+
+        self.settings = NaFlexPreprocess(patch_size, max_num_patches, image_mean, image_std)  # checked there
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs):
+        processor = CLIPImageProcessor.from_pretrained(name_or_path, **kwargs)
+        if not isinstance(processor, Siglip2ImageProcessor):
+            raise ValueError(f"{name_or_path}: its image processor is not SigLIP 2's (Siglip2ImageProcessor)")
+        return processor if processor.pillow == cls.pillow else cls(*processor._arguments())
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Siglip2ImageProcessor":
+        if config.get("resample", 2) != 2 or not config.get("do_resize", True):
+            raise ValueError("a Siglip2ImageProcessor that does not resize bilinearly is not built here")
+        return cls(config.get("patch_size", 16), config.get("max_num_patches", 256),
+                   config.get("image_mean", (0.5,) * 3), config.get("image_std", (0.5,) * 3))
+
+    def _arguments(self) -> tuple:
+        p = self.settings
+        return p.patch_size, p.max_patches, p.mean, p.std
+
+    @property
+    def patch_size(self) -> int:
+        return self.settings.patch_size
+
+    @property
+    def max_num_patches(self) -> int:
+        return self.settings.max_patches
+
+    def __call__(self, images, return_tensors: str | None = "pt", max_num_patches: int | None = None,
+                 **kwargs) -> BatchEncoding:
+        """A PIL image, an [H, W, 3] uint8 array or a [3, H, W] uint8 tensor, or a list of them; ``max_num_patches``
+        for this call (more detail: up to the model's position grid, which is resized to each image's)."""
+        from .preprocess import NaFlexPreprocess, naflex_batch
+
+        if kwargs:
+            raise TypeError(f"Siglip2ImageProcessor: {', '.join(sorted(kwargs))} not built here")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: 'pt' and 'np' are built here")
+        batch = images if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise ValueError("no images given")
+        settings = self.settings
+        if max_num_patches is not None:
+            settings = NaFlexPreprocess(settings.patch_size, max_num_patches, settings.mean, settings.std)
+        out = naflex_batch([self._patches(settings, _rgb(_as_pil(image))) for image in batch])
+        return BatchEncoding({k: v.numpy() if return_tensors == "np" else v for k, v in out.items()})
+
+    def _patches(self, settings, image: Image.Image) -> dict:
+        if self.pillow:
+            return settings(image)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # uint8 [3, H, W]
+        target = settings.target_size(*pixels.shape[1:])
+        if target != tuple(pixels.shape[1:]):  # on the 8-bit image, as torchvision resizes one
+            pixels = F.interpolate(pixels[None], size=target, mode="bilinear", antialias=True, align_corners=False)[0]
+        return settings.patches((pixels.float() / 255 - torch.tensor(settings.mean).view(3, 1, 1))
+                                / torch.tensor(settings.std).view(3, 1, 1))
+
+
+class Siglip2ImageProcessorPil(Siglip2ImageProcessor):
+    """``Siglip2ImageProcessor`` resized by Pillow: transformers' ``Siglip2ImageProcessorPil`` pixels."""
 
     pillow = True
 
@@ -535,12 +635,15 @@ class CLIPProcessor:
         if text is None and images is None:
             raise ValueError("give text=..., images=..., or both")
         out = BatchEncoding()
+        image_options = {k: kwargs.pop(k) for k in ("max_num_patches",) if k in kwargs}  # Siglip2's, per call
+        if text is None and kwargs:
+            raise TypeError(f"CLIPProcessor: {', '.join(sorted(kwargs))} apply to text, and none was given")
+        if isinstance(self.image_processor, Siglip2ImageProcessor):  # Siglip2Processor's text defaults
+            kwargs = {"padding": "max_length", "truncation": True, "max_length": 64, **kwargs}
         if text is not None:
             out.update(self.tokenizer(text, return_tensors=return_tensors, **kwargs))
-        elif kwargs:
-            raise TypeError(f"CLIPProcessor: {', '.join(sorted(kwargs))} apply to text, and none was given")
         if images is not None:
-            out.update(self.image_processor(images, return_tensors=return_tensors))
+            out.update(self.image_processor(images, return_tensors=return_tensors, **image_options))
         return out
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
@@ -797,6 +900,46 @@ class SiglipModel(CLIPModel):
     visual_projection = text_projection = property(_absent)
 
 
+class Siglip2Model(SiglipModel):
+    """transformers' ``Siglip2Model`` over a SigLIP 2 NaFlex model: images as its image processor gives them, each at
+    its own aspect ratio (``pixel_values`` [N, patches, 3 * patch**2], ``pixel_attention_mask``, ``spatial_shapes``),
+    the position grid resized to each image's; ``SiglipModel``'s logits and sigmoid loss. The towers' states are not
+    built here for NaFlex batches (``output_hidden_states`` / ``output_attentions`` are refused by name)."""
+
+    def get_image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None,
+                           spatial_shapes: torch.Tensor | None = None, **kwargs) -> Features:
+        """The image embeddings [N, D], not normalised."""
+        _refuse(kwargs)
+        if spatial_shapes is None:
+            raise ValueError("Siglip2Model takes its image processor's pixel_values with spatial_shapes (and "
+                             "pixel_attention_mask)")
+        batch = {"pixel_values": pixel_values, "spatial_shapes": spatial_shapes}
+        if pixel_attention_mask is not None:
+            batch["pixel_attention_mask"] = pixel_attention_mask
+        return self.clip.encode_image(batch).as_subclass(Features)
+
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                pixel_attention_mask: torch.Tensor | None = None, spatial_shapes: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_loss: bool | None = None, **kwargs) -> SiglipOutput:
+        """Both towers, their normalised embeddings, the logits ``scale * cos + bias`` and, with ``return_loss``,
+        the pairwise sigmoid loss."""
+        if input_ids is None or pixel_values is None:
+            raise ValueError("Siglip2Model's forward takes both input_ids and pixel_values; get_text_features and "
+                             "get_image_features take one")
+        for asked in ("output_hidden_states", "output_attentions"):
+            if kwargs.pop(asked, False):
+                raise ValueError(f"{asked}: Siglip2Model's tower states are not built here for NaFlex batches")
+        image_features = self.get_image_features(pixel_values, pixel_attention_mask, spatial_shapes, **kwargs)
+        text_features = self.get_text_features(input_ids, attention_mask, position_ids)
+        image_embeds, text_embeds = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+        logits_per_text, loss, output = self._logits_and_loss(text_embeds, image_embeds, return_loss)
+        return output(loss=loss, logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text,
+                      text_embeds=text_embeds, image_embeds=image_embeds,
+                      text_model_output=_PooledOutput(pooler_output=text_features),
+                      vision_model_output=_PooledOutput(pooler_output=image_features))
+
+
 class AutoModel(CLIPModel):
     """transformers' ``AutoModel`` for the models these classes answer: ``from_pretrained`` gives a ``CLIPModel``
     or a ``SiglipModel``, as the folder's model is."""
@@ -804,7 +947,10 @@ class AutoModel(CLIPModel):
     @staticmethod
     def model_class(clip: CLIP) -> type:
         from .checkpoint.hf import is_siglip
+        from .models import is_naflex
 
+        if is_naflex(clip.config):
+            return Siglip2Model
         return SiglipModel if is_siglip(clip.config) else CLIPModel
 
 
@@ -905,8 +1051,8 @@ class _TowerModel(torch.nn.Module):
         clip = _load_clip(name_or_path, dtype, device_map, kwargs)
         family = AutoModel.model_class(clip).__name__
         if family != cls.family:
-            raise ValueError(f"{name_or_path}: a {family[:-5]} model; {cls.__name__} is a {cls.family[:-5]} "
-                             f"model's tower (load {family[:-5]}VisionModel / {family[:-5]}TextModel)")
+            raise ValueError(f"{name_or_path}: a {family[:-5]} model; {cls.__name__} reads a {cls.family[:-5]} "
+                             "model's towers")
         return cls(clip).eval()
 
     @classmethod
@@ -1245,13 +1391,8 @@ def _load_clip(name_or_path, dtype, device_map, options: dict) -> CLIP:
 
 
 def _checked_clip(clip, name_or_path) -> CLIP:
-    from .models import is_naflex
-
     if type(clip) is not CLIP:
         raise ValueError(f"{name_or_path}: a {type(clip).__name__}, not a CLIP model")
-    if is_naflex(clip.config):
-        raise ValueError(f"{name_or_path}: a SigLIP 2 NaFlex model (Siglip2Model's patches and masks are not built "
-                         "here; clipforge.load reads it)")
     return clip
 
 
@@ -1314,10 +1455,10 @@ class ZeroShotImageClassificationPipeline:
         siglip = isinstance(model, SiglipModel)  # as trained: padded to 64 tokens, each label's own sigmoid
         padding = {"padding": "max_length", "max_length": 64, "truncation": True} if siglip else {"padding": True}
         tokens = self.processor.tokenizer(texts, return_tensors="pt", **{**padding, **(tokenizer_kwargs or {})})
-        pixels = self.processor.image_processor(images, return_tensors="pt").pixel_values
+        pixels = self.processor.image_processor(images, return_tensors="pt")  # Siglip2's: patches, mask, shapes
         with torch.no_grad():
             text = F.normalize(model.get_text_features(**tokens.to(model.device)), dim=-1)
-            pictures = F.normalize(model.get_image_features(pixels.to(model.device)), dim=-1)
+            pictures = F.normalize(model.get_image_features(**pixels.to(model.device)), dim=-1)
             logits = model.logit_scale.exp() * pictures @ text.t()
             probs = (logits + model.clip.logit_bias).sigmoid() if siglip else logits.softmax(dim=-1)
             probs = probs.float().cpu()
@@ -1372,4 +1513,5 @@ AutoModelForZeroShotImageClassification = AutoModel
 CLIPFeatureExtractor = CLIPImageProcessor  # transformers 4's older name
 CLIPTokenizerFast, CLIPImageProcessorFast = CLIPTokenizer, CLIPImageProcessor
 SiglipProcessor, SiglipImageProcessor, SiglipImageProcessorFast = CLIPProcessor, CLIPImageProcessor, CLIPImageProcessor
+Siglip2Processor, Siglip2ImageProcessorFast = CLIPProcessor, Siglip2ImageProcessor
 SiglipTokenizer = GemmaTokenizerFast = CLIPTokenizer
