@@ -469,14 +469,7 @@ class CLIPImageProcessor:
     def __call__(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchEncoding:
         """``pixel_values`` [N, 3, size, size] from a PIL image, an [H, W, 3] uint8 array or a [3, H, W] uint8
         tensor, or a list of them."""
-        if kwargs:
-            raise TypeError(f"CLIPImageProcessor: {', '.join(sorted(kwargs))} not built here")
-        if return_tensors not in (None, "pt", "np"):
-            raise ValueError(f"return_tensors={return_tensors!r}: 'pt' and 'np' are built here")
-        batch = images if isinstance(images, (list, tuple)) else [images]
-        if not batch:
-            raise ValueError("no images given")
-        pixels = torch.stack([self._pixels(_rgb(_as_pil(image))) for image in batch])
+        pixels = torch.stack([self._pixels(image) for image in _rgb_images(images, return_tensors, kwargs)])
         return BatchEncoding(pixel_values=pixels.numpy() if return_tensors == "np" else pixels)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
@@ -552,17 +545,11 @@ class Siglip2ImageProcessor:
         for this call (more detail: up to the model's position grid, which is resized to each image's)."""
         from .preprocess import NaFlexPreprocess, naflex_batch
 
-        if kwargs:
-            raise TypeError(f"Siglip2ImageProcessor: {', '.join(sorted(kwargs))} not built here")
-        if return_tensors not in (None, "pt", "np"):
-            raise ValueError(f"return_tensors={return_tensors!r}: 'pt' and 'np' are built here")
-        batch = images if isinstance(images, (list, tuple)) else [images]
-        if not batch:
-            raise ValueError("no images given")
+        batch = _rgb_images(images, return_tensors, kwargs)
         settings = self.settings
         if max_num_patches is not None:
             settings = NaFlexPreprocess(settings.patch_size, max_num_patches, settings.mean, settings.std)
-        out = naflex_batch([self._patches(settings, _rgb(_as_pil(image))) for image in batch])
+        out = naflex_batch([self._patches(settings, image) for image in batch])
         return BatchEncoding({k: v.numpy() if return_tensors == "np" else v for k, v in out.items()})
 
     def _patches(self, settings, image: Image.Image) -> dict:
@@ -580,6 +567,19 @@ class Siglip2ImageProcessorPil(Siglip2ImageProcessor):
     """``Siglip2ImageProcessor`` resized by Pillow: transformers' ``Siglip2ImageProcessorPil`` pixels."""
 
     pillow = True
+
+
+def _rgb_images(images, return_tensors: str | None, unknown: dict) -> list[Image.Image]:
+    """An image processor's input (a PIL image, an [H, W, 3] uint8 array or a [3, H, W] uint8 tensor, or a list of
+    them) as RGB PIL images; its options checked."""
+    if unknown:
+        raise TypeError(f"image processor: {', '.join(sorted(unknown))} not built here")
+    if return_tensors not in (None, "pt", "np"):
+        raise ValueError(f"return_tensors={return_tensors!r}: 'pt' and 'np' are built here")
+    batch = images if isinstance(images, (list, tuple)) else [images]
+    if not batch:
+        raise ValueError("no images given")
+    return [_rgb(_as_pil(image)) for image in batch]
 
 
 def _rgb(image: Image.Image) -> Image.Image:
