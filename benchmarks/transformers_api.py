@@ -9,7 +9,8 @@ at their own size, about 640 x 480; without --data, smooth random pictures of th
 the 16 photos with CIFAR-10's 10 class names; the image tower alone as ``CLIPVisionModel`` with its hidden states, the
 text tower as ``CLIPTextModel``, every block's attention map (``output_attentions``; transformers' with eager
 attention, the only kind that gives them) and the image features at 336 pixels (``interpolate_pos_encoding``); the
-Pillow image processor (``CLIPImageProcessorPil``) against transformers' default.
+Pillow image processor (``CLIPImageProcessorPil``) against transformers' default; SigLIP 2's NaFlex image processor
+(``Siglip2ImageProcessor``, 256 patches of 16 pixels) against transformers' default.
 With --data, how far clipforge's own preprocess and both image processors sit from transformers' pixels on 146 real
 photos (at 224 pixels). Each part runs once to warm up, then ``--repeats`` interleaved rounds; medians. The
 model parts take the same inputs in both libraries; the largest difference between their outputs is reported beside
@@ -130,6 +131,8 @@ def main() -> None:
         text_towers = {k: lib.CLIPTextModel.from_pretrained(folder).eval() for k, lib in libraries.items()}
         pillow = {"clipforge": transformers_api.CLIPImageProcessorPil.from_pretrained(folder),
                   "transformers": processors["transformers"].image_processor}  # its default, torchvision's resize
+        naflex = {"clipforge": transformers_api.Siglip2ImageProcessor(),  # Google's settings: 256 patches of 16
+                  "transformers": transformers.Siglip2ImageProcessor()}
         agreement = pixel_agreement(args.data, folder) if args.data else None
     inputs = processors["transformers"](text=captions, images=photos, return_tensors="pt", padding=True)
     labels = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -149,6 +152,8 @@ def main() -> None:
         f"processor: {args.images} photos": lambda k: processors[k](
             images=photos, return_tensors="pt").pixel_values,
         f"image processor with Pillow (CLIPImageProcessorPil): {args.images} photos": lambda k: pillow[k](
+            images=photos, return_tensors="pt").pixel_values,
+        f"SigLIP 2's NaFlex image processor (Siglip2ImageProcessor): {args.images} photos": lambda k: naflex[k](
             images=photos, return_tensors="pt").pixel_values,
         f"get_image_features: {args.images} images": lambda k: features(
             models[k].get_image_features(pixel_values=inputs.pixel_values)),

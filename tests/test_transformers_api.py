@@ -687,10 +687,12 @@ def test_one_tower_folders_load_as_transformers_reads_them(folders, siglip_folde
         assert torch.equal(again(ids).pooler_output, local(ids).pooler_output)
 
 
-def test_a_sharded_transformers_folder_loads_whole(folders, tmp_path):
+def test_a_sharded_transformers_folder_loads_whole(folders, tmp_path, monkeypatch):
     """A large model's folder, as transformers shards it (model.safetensors.index.json beside its shards): read by
-    clipforge.load and CLIPModel.from_pretrained, every shard; the same features as the one-file folder. A missing
-    shard is named."""
+    clipforge.load and CLIPModel.from_pretrained, every shard, from a folder and from a hub repo (fetched once); the
+    same features as the one-file folder. A missing shard is named."""
+    from conftest import hub_server
+
     transformers.CLIPModel.from_pretrained(folders["saved"]).save_pretrained(tmp_path / "sharded",
                                                                             max_shard_size="200KB")
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
@@ -703,6 +705,17 @@ def test_a_sharded_transformers_folder_loads_whole(folders, tmp_path):
         assert torch.equal(transformers_api.CLIPModel.from_pretrained(tmp_path / "sharded").get_image_features(images),
                            expected)
         assert torch.equal(clipforge.load(str(tmp_path / "sharded"))[0].encode_image(images), expected)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "sharded").iterdir()}
+    server = hub_server(monkeypatch, tmp_path / "cache", "someone/big-clip", files)
+    try:
+        fetched = clipforge.load("hf-hub:someone/big-clip")[0]
+    finally:
+        server.close()
+    monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")  # every shard cached: nothing fetched again
+    with torch.no_grad():
+        assert torch.equal(fetched.encode_image(images), expected)
+        assert torch.equal(transformers_api.CLIPModel.from_pretrained("someone/big-clip").get_image_features(images),
+                           expected)
     shards[1].unlink()
     with pytest.raises(clipforge.checkpoint.CheckpointError, match=f"shard {shards[1].name} is missing"):
         clipforge.load(str(tmp_path / "sharded"))

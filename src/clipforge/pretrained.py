@@ -50,6 +50,8 @@ class PretrainedSource:
     std: tuple[float, float, float] | None = None
     resize_mode: str | None = None
     interpolation: str | None = None
+    # tried before the fallback: a large transformers model's shard index (model.safetensors.index.json)
+    index_url: str | None = None
 
     @property
     def preprocess(self) -> dict:
@@ -185,15 +187,47 @@ def fetch(source: PretrainedSource, directory: Path | None = None, progress: boo
     """A pretrained tag's weights file, downloaded and verified or from the cache. Where ``source.url`` does not
     exist and a fallback is known (open_clip's ``open_clip_pytorch_model.bin`` in Hugging Face repos that predate
     safetensors), the fallback is fetched, as open_clip does; it is read with ``weights_only=True`` like any pickle."""
-    fallback = cached_path(source.fallback_url, directory) if source.fallback_url else None
-    if fallback is not None and fallback.exists() and not cached_path(source.url, directory).exists():
-        return fallback
+    if not cached_path(source.url, directory).exists():  # what an earlier call took instead (offline: no 404 to see)
+        shards = _local_index(cached_path(source.index_url, directory)) if source.index_url else None
+        fallback = cached_path(source.fallback_url, directory) if source.fallback_url else None
+        for taken in (shards, fallback):
+            if taken is not None and taken.exists():
+                return taken
     try:
         return download(source.url, source.sha256, directory, progress)
     except NotFoundError:
-        if source.fallback_url is None:
+        if source.index_url is None and source.fallback_url is None:
             raise
-        return download(source.fallback_url, None, directory, progress)
+    if source.index_url is not None:
+        try:
+            return _fetch_shards(source.index_url, directory, progress)
+        except NotFoundError:
+            if source.fallback_url is None:
+                raise
+    return download(source.fallback_url, None, directory, progress)
+
+
+def _local_index(index: Path) -> Path:
+    """Where ``_fetch_shards`` keeps the index naming the cached shards, beside the fetched one."""
+    return index.with_name(index.name.removesuffix(".index.json") + ".local.index.json")
+
+
+def _fetch_shards(index_url: str, directory: Path | None, progress: bool) -> Path:
+    """A sharded checkpoint: its index and every shard it lists, fetched beside each other once; returns a local
+    index naming the cached shards, which ``checkpoint.read_checkpoint`` reads as one state."""
+    index = download(index_url, None, directory, progress=False)
+    local = _local_index(index)
+    if local.exists():
+        return local
+    meta = json.loads(index.read_text())
+    base = index_url.rsplit("/", 1)[0]
+    cached = {name: download(f"{base}/{name}", None, directory, progress).name
+              for name in sorted(set(meta["weight_map"].values()))}
+    meta["weight_map"] = {key: cached[name] for key, name in meta["weight_map"].items()}
+    tmp = local.with_name(local.name + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(local)  # whole or absent: a crash mid-way fetches what is missing again
+    return local
 
 
 # ------------------------------------------------------------------------------------------- Hugging Face Hub repos
@@ -293,7 +327,8 @@ def hub_config(repo: str) -> tuple[dict, dict, PretrainedSource]:
     if "hf_tokenizer_name" in config["text_cfg"]:  # SigLIP's, MetaCLIP 2's: its tokenizer files are in the same repo
         config["text_cfg"]["hf_tokenizer_name"] = repo
     return config, hf.processor_preprocess(processor), \
-        PretrainedSource(f"{base}/model.safetensors", fallback_url=f"{base}/pytorch_model.bin")
+        PretrainedSource(f"{base}/model.safetensors", fallback_url=f"{base}/pytorch_model.bin",
+                         index_url=f"{base}/model.safetensors.index.json")
 
 
 def _hub_preprocess(cfg: dict, repo: str) -> dict:

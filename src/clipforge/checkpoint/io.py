@@ -134,13 +134,18 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [name for name in shards if not (folder / name).is_file()]
-        if missing:
-            raise CheckpointError(f"{index}: shard {missing[0]} is missing")
-        return [folder / name for name in shards]
+        return index_shards(index)
     pickled = folder / f"pytorch_{stem}.bin"
     return [pickled] if pickled.is_file() else []
+
+
+def index_shards(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index (``model.safetensors.index.json``) lists, beside it."""
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    missing = [name for name in shards if not (index.parent / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: shard {missing[0]} is missing")
+    return [index.parent / name for name in shards]
 
 
 def read_weight_files(files: list[Path], trust_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -191,6 +196,8 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tupl
             if is_hf:
                 return hf.to_clipforge(tensors), folder_config
             config = folder_config or config
+        elif path.name.endswith(".index.json"):  # a sharded checkpoint's index: its shards lie beside it
+            tensors = read_weight_files(index_shards(path), trust_pickle)
         else:
             tensors, config = _read_file(path, trust_pickle)
         if (config or {}).get("objective", "contrastive") != "contrastive":
