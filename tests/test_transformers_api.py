@@ -660,6 +660,15 @@ def test_one_tower_folders_load_as_transformers_reads_them(folders, siglip_folde
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
                     "layer_norm_eps", "projection_dim", "max_position_embeddings", "image_size", "patch_size"):
             assert getattr(ours, key, None) == getattr(theirs, key, None), (class_name, key)
+    headless = transformers.SiglipVisionConfig.from_pretrained(tmp_path / "siglip_vision")
+    headless.vision_use_head = False  # a vision-language model's tower: the patch states, no pooling head
+    transformers.SiglipVisionModel(headless).save_pretrained(tmp_path / "headless")
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        a = transformers.SiglipVisionModel.from_pretrained(tmp_path / "headless").eval()(pixel_values=pixels)
+        b = transformers_api.SiglipVisionModel.from_pretrained(tmp_path / "headless")(pixels)
+    assert a.pooler_output is None and b.pooler_output is None
+    assert (a.last_hidden_state - b.last_hidden_state).abs().max().item() <= TOL
     with pytest.raises(ValueError, match="holds no projection"):
         transformers_api.CLIPTextModelWithProjection.from_pretrained(sd, subfolder="text_encoder")
     with pytest.raises(ValueError, match="load it with CLIPTextModel"):

@@ -185,8 +185,9 @@ def download(url: str, sha256: str | None = None, directory: Path | None = None,
 
 def fetch(source: PretrainedSource, directory: Path | None = None, progress: bool = True) -> Path:
     """A pretrained tag's weights file, downloaded and verified or from the cache. Where ``source.url`` does not
-    exist and a fallback is known (open_clip's ``open_clip_pytorch_model.bin`` in Hugging Face repos that predate
-    safetensors), the fallback is fetched, as open_clip does; it is read with ``weights_only=True`` like any pickle."""
+    exist, a sharded checkpoint's index where one is known (``index_url``: its shards fetched beside it, the local
+    index returned), else a fallback (open_clip's ``open_clip_pytorch_model.bin`` in Hugging Face repos that predate
+    safetensors), as open_clip and transformers do; a pickle is read with ``weights_only=True``."""
     if not cached_path(source.url, directory).exists():  # what an earlier call took instead (offline: no 404 to see)
         shards = _local_index(cached_path(source.index_url, directory)) if source.index_url else None
         fallback = cached_path(source.fallback_url, directory) if source.fallback_url else None

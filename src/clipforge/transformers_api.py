@@ -18,7 +18,7 @@ import json
 import os
 import threading
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
 import numpy as np
@@ -139,8 +139,6 @@ def _model_type(name_or_path, options: dict) -> str | None:
 
 def _inner(subfolder: str | None) -> str:
     """A ``subfolder`` keyword as a relative path inside the folder or repo ("." for none)."""
-    from pathlib import PurePosixPath
-
     inner = PurePosixPath(subfolder or ".")
     if inner.is_absolute() or ".." in inner.parts:
         raise ValueError(f"subfolder {subfolder!r}: a folder inside the model's folder or repo, not outside it")
@@ -160,12 +158,18 @@ def _hub_cache(name_or_path) -> tuple[str, Path]:
 def _model_folder(name_or_path, subfolder: str | None, variant: str | None) -> Path:
     """A model's folder with its config and weights: local, or a hub repo's (``subfolder`` of it) fetched once
     into the cache, the first weights transformers would take (``checkpoint.io.weight_files``' order)."""
+    from .checkpoint import CheckpointError
     from .checkpoint.io import weight_files
     from .pretrained import fetch_hub_file
 
     folder = _folder(name_or_path, ("config.json",), subfolder)
-    if Path(name_or_path).is_dir() or weight_files(folder, variant):
+    if Path(name_or_path).is_dir():
         return folder
+    try:
+        if weight_files(folder, variant):
+            return folder
+    except CheckpointError:
+        pass  # a shard missing: an earlier fetch was cut short, and what is missing is fetched below
     repo, root = _hub_cache(name_or_path)
     prefix = "" if subfolder is None else f"{_inner(subfolder)}/"
     stem = f"model.{variant}" if variant else "model"

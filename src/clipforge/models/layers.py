@@ -253,8 +253,7 @@ class ResidualAttentionBlock(nn.Module):
         (``Attention.attend_explicitly``) rather than fused: for inspection, at eager attention's cost."""
         heads, attention_map = self.attn.attend_explicitly(self.ln_1(x), causal, attn_mask)
         x = x + F.linear(self.attn.merge_heads(heads), *layer_scaled(self.ls_1, self.attn.out_proj))
-        with self._normed(self.ln_2, x, False) as h:
-            return x + self._mlp(h, False), attention_map
+        return x + self._mlp(self.ln_2(x), lean=False), attention_map
 
     def _forward_inference(self, x: torch.Tensor, causal: bool, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``forward`` without autograd or dtype casts: the same sums, with each residual and bias accumulated by the
