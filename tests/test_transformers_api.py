@@ -789,11 +789,12 @@ def siglip2_folder(tmp_path_factory):
     return folder
 
 
-def test_a_siglip2_naflex_script_runs_with_clipforge_swapped_in(siglip2_folder):
+def test_a_siglip2_naflex_script_runs_with_clipforge_swapped_in(siglip2_folder, siglip_folder):
     """AutoModel / AutoProcessor on a Siglip2Model repo: the processor's patches, masks and grid shapes (each photo
     at its own aspect ratio; max_num_patches per call too) and its text defaults (padded to 64, lower-cased as
     transformers 5's Siglip2Tokenizer reads the repo's Gemma tokenizer), then the model's features, logits and
-    sigmoid loss, as transformers gives them; the zero-shot pipeline's scores."""
+    sigmoid loss, as transformers gives them; the towers' states and attention maps; the zero-shot pipeline's
+    scores."""
     texts, photos = ["A photo of a Dog.", "a cat on a mat", "TWO dogs play"], _photos(3, seed=5)  # lower-cased
     results = {}
     for library in (transformers, transformers_api):
@@ -827,9 +828,22 @@ def test_a_siglip2_naflex_script_runs_with_clipforge_swapped_in(siglip2_folder):
         assert [r["label"] for r in want] == [r["label"] for r in got]
         assert [r["score"] for r in want] == pytest.approx([r["score"] for r in got], abs=TOL)
     model = transformers_api.Siglip2Model.from_pretrained(siglip2_folder)
-    with pytest.raises(ValueError, match="not built here for NaFlex"):
-        model(**ours_inputs, output_hidden_states=True)
+    eager = transformers.Siglip2Model.from_pretrained(siglip2_folder, attn_implementation="eager").eval()
+    asked = {"output_hidden_states": True, "output_attentions": True}
+    with torch.no_grad():  # the towers' states and maps over padded NaFlex batches, padding positions included
+        a, b = eager(**theirs_inputs, **asked), model(**ours_inputs, **asked)
+        for tower in ("vision_model_output", "text_model_output"):
+            assert len(a[tower].hidden_states) == len(b[tower].hidden_states) == 3
+            for x, y in zip([*a[tower].hidden_states, *a[tower].attentions, a[tower].last_hidden_state],
+                            [*b[tower].hidden_states, *b[tower].attentions, b[tower].last_hidden_state]):
+                assert x.shape == y.shape and (x - y).abs().max().item() <= 5e-5, tower
+        assert torch.allclose(a.logits_per_image, b.logits_per_image, rtol=2e-5, atol=2e-5)
+        tower = transformers_api.Siglip2VisionModel.from_pretrained(siglip2_folder)(**{
+            k: ours_fewer[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")})
+        assert torch.allclose(tower.pooler_output, ours_features, rtol=2e-5, atol=2e-5)
     with pytest.raises(ValueError, match="spatial_shapes"):
         model.get_image_features(ours_inputs["pixel_values"])
     with pytest.raises(ValueError, match="a Siglip2 model; SiglipVisionModel reads a Siglip model's towers"):
         transformers_api.SiglipVisionModel.from_pretrained(siglip2_folder)
+    with pytest.raises(ValueError, match="Siglip2VisionModel is SigLIP 2's NaFlex image tower"):
+        transformers_api.Siglip2VisionModel(transformers_api.SiglipModel.from_pretrained(siglip_folder).clip)

@@ -7,10 +7,10 @@ hub repos, without transformers installed.
 ``get_*_features`` return the features as a tensor, as transformers 4 did, that also answers transformers 5's
 ``.pooler_output`` (the same values), so scripts written for either run. ``CLIPVisionModel`` / ``CLIPTextModel`` and
 ``SiglipVisionModel`` / ``SiglipTextModel`` give one tower's hidden states and attention maps (what vision-language
-models read); ``interpolate_pos_encoding`` takes images of other sizes; ``Siglip2Model`` with its
-``Siglip2ImageProcessor`` takes SigLIP 2's NaFlex patches. What is not built here is refused by name: the tower states
-of NaFlex batches and SentencePiece tokenizers other than SigLIP's without a ``tokenizer.json`` (``clipforge.load``
-reads those)."""
+models read); ``interpolate_pos_encoding`` takes images of other sizes; ``Siglip2Model`` (``Siglip2VisionModel``)
+with its ``Siglip2ImageProcessor`` takes SigLIP 2's NaFlex patches. What is not built here is refused by name:
+SentencePiece tokenizers other than SigLIP's without a ``tokenizer.json`` (``clipforge.load`` reads those), for
+one."""
 from __future__ import annotations
 
 import contextlib
@@ -829,20 +829,29 @@ class CLIPModel(torch.nn.Module):
         and, with ``output_hidden_states`` / ``output_attentions``, ``last_hidden_state``, ``hidden_states`` and
         ``attentions``. Without either, the last blocks run for the pooled token alone (about a tenth less work):
         reading ``last_hidden_state`` then names the flag to pass."""
-        if input_ids is None or pixel_values is None:
-            raise ValueError("CLIPModel's forward takes both input_ids and pixel_values; get_text_features and "
-                             "get_image_features take one")
+        return self._forward({"pixel_values": pixel_values, "interpolate_pos_encoding": interpolate_pos_encoding},
+                             input_ids, attention_mask, position_ids, return_loss,
+                             {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions},
+                             kwargs)
+
+    def _forward(self, image_inputs: dict, input_ids, attention_mask, position_ids, return_loss, asked: dict,
+                 kwargs: dict) -> CLIPOutput:
+        """``forward`` for the image inputs each model takes (``get_image_features``' keywords)."""
+        if input_ids is None or image_inputs["pixel_values"] is None:
+            raise ValueError(f"{type(self).__name__}'s forward takes both input_ids and pixel_values; "
+                             "get_text_features and get_image_features take one")
         _refuse(kwargs)
-        asked = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
         if any(asked.values()):  # a tower that is not transformers' kind (a ResNet, a BERT) is named here
             vision_model, text_model = self.vision_model, self.text_model
-            vision_output = vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **asked)
+            # as transformers 5 gives them: each tower's states with its projected features as pooler_output
+            # (transformers 4's was the tower's own, unprojected: model.vision_model(...) gives that)
+            vision_output = vision_model(**image_inputs, **asked)
             text_output = text_model(input_ids, attention_mask, position_ids, **asked)
             image_features, text_features = vision_model.embeds(vision_output), text_model.embeds(text_output)
             vision_output = BaseModelOutputWithPooling(**{**vision_output, "pooler_output": image_features})
             text_output = BaseModelOutputWithPooling(**{**text_output, "pooler_output": text_features})
         else:
-            image_features = self.get_image_features(pixel_values, interpolate_pos_encoding)
+            image_features = self.get_image_features(**image_inputs)
             text_features = self.get_text_features(input_ids, attention_mask, position_ids)
             vision_output = _PooledOutput(pooler_output=image_features)
             text_output = _PooledOutput(pooler_output=text_features)
@@ -907,41 +916,39 @@ class SiglipModel(CLIPModel):
 class Siglip2Model(SiglipModel):
     """transformers' ``Siglip2Model`` over a SigLIP 2 NaFlex model: images as its image processor gives them, each at
     its own aspect ratio (``pixel_values`` [N, patches, 3 * patch**2], ``pixel_attention_mask``, ``spatial_shapes``),
-    the position grid resized to each image's; ``SiglipModel``'s logits and sigmoid loss. The towers' states are not
-    built here for NaFlex batches (``output_hidden_states`` / ``output_attentions`` are refused by name)."""
+    the position grid resized to each image's; ``SiglipModel``'s logits and sigmoid loss; its towers
+    ``Siglip2VisionModel`` / ``Siglip2TextModel``."""
 
     def get_image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None,
                            spatial_shapes: torch.Tensor | None = None, **kwargs) -> Features:
         """The image embeddings [N, D], not normalised."""
         _refuse(kwargs)
-        if spatial_shapes is None:
-            raise ValueError("Siglip2Model takes its image processor's pixel_values with spatial_shapes (and "
-                             "pixel_attention_mask)")
-        batch = {"pixel_values": pixel_values, "spatial_shapes": spatial_shapes}
-        if pixel_attention_mask is not None:
-            batch["pixel_attention_mask"] = pixel_attention_mask
+        batch = _naflex_inputs(pixel_values, pixel_attention_mask, spatial_shapes, "Siglip2Model")
         return self.clip.encode_image(batch).as_subclass(Features)
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 pixel_attention_mask: torch.Tensor | None = None, spatial_shapes: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_loss: bool | None = None, **kwargs) -> SiglipOutput:
+                return_loss: bool | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, **kwargs) -> SiglipOutput:
         """Both towers, their normalised embeddings, the logits ``scale * cos + bias`` and, with ``return_loss``,
-        the pairwise sigmoid loss."""
-        if input_ids is None or pixel_values is None:
-            raise ValueError("Siglip2Model's forward takes both input_ids and pixel_values; get_text_features and "
-                             "get_image_features take one")
-        for asked in ("output_hidden_states", "output_attentions"):
-            if kwargs.pop(asked, False):
-                raise ValueError(f"{asked}: Siglip2Model's tower states are not built here for NaFlex batches")
-        image_features = self.get_image_features(pixel_values, pixel_attention_mask, spatial_shapes, **kwargs)
-        text_features = self.get_text_features(input_ids, attention_mask, position_ids)
-        image_embeds, text_embeds = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
-        logits_per_text, loss, output = self._logits_and_loss(text_embeds, image_embeds, return_loss)
-        return output(loss=loss, logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text,
-                      text_embeds=text_embeds, image_embeds=image_embeds,
-                      text_model_output=_PooledOutput(pooler_output=text_features),
-                      vision_model_output=_PooledOutput(pooler_output=image_features))
+        the pairwise sigmoid loss; the towers' outputs as ``CLIPModel``'s forward gives them."""
+        image_inputs = {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask,
+                        "spatial_shapes": spatial_shapes}
+        return self._forward(image_inputs, input_ids, attention_mask, position_ids, return_loss,
+                             {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions},
+                             kwargs)
+
+
+def _naflex_inputs(pixel_values, pixel_attention_mask, spatial_shapes, who: str) -> dict:
+    """A NaFlex batch (``models.siglip_vision.is_naflex_batch``) from a Siglip2 image processor's outputs."""
+    if spatial_shapes is None:
+        raise ValueError(f"{who} takes its image processor's pixel_values with spatial_shapes (and "
+                         "pixel_attention_mask)")
+    batch = {"pixel_values": pixel_values, "spatial_shapes": spatial_shapes}
+    if pixel_attention_mask is not None:
+        batch["pixel_attention_mask"] = pixel_attention_mask
+    return batch
 
 
 class AutoModel(CLIPModel):
@@ -1346,8 +1353,53 @@ class SiglipTextModel(_TextTowerModel):
         return output.pooler_output
 
 
+class Siglip2VisionModel(_TowerModel):
+    """transformers' ``Siglip2VisionModel``: a SigLIP 2 NaFlex model's image tower alone (``self.vision``), on its
+    image processor's ``pixel_values``, ``pixel_attention_mask`` and ``spatial_shapes``: ``last_hidden_state`` [N,
+    patches, width] after ``post_layernorm`` (padding positions included, as transformers gives them),
+    ``pooler_output`` the attention pooling's over the image's own patches."""
+
+    config_key, family = "vision_config", "Siglip2Model"
+
+    @staticmethod
+    def _tower_of(clip: CLIP) -> torch.nn.Module:
+        return clip.visual
+
+    def _attach(self, tower: torch.nn.Module) -> None:
+        from .models.siglip_vision import SigLIPVisionTransformer
+
+        if type(tower) is not SigLIPVisionTransformer or not tower.naflex:
+            raise ValueError(f"Siglip2VisionModel is SigLIP 2's NaFlex image tower; this model's is a "
+                             f"{type(tower).__name__}{'' if getattr(tower, 'naflex', True) else ' of a fixed size'}")
+        self.vision = tower
+
+    def forward(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None,
+                spatial_shapes: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, **kwargs) -> BaseModelOutputWithPooling:
+        _refuse(kwargs)
+        batch = _naflex_inputs(pixel_values, pixel_attention_mask, spatial_shapes, "Siglip2VisionModel")
+        x, visible = self.vision._naflex_tokens(batch)
+        mask = None if visible is None else visible[:, None, None, :]  # the keys every token may see
+        last, hidden, maps = _run_blocks(self.vision.transformer, x, output_hidden_states, output_attentions,
+                                         attn_mask=mask)
+        last = self.vision.ln_post(last)
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=self.vision.head(last, visible),
+                                          hidden_states=hidden, attentions=maps)
+
+    def embeds(self, output: BaseModelOutputWithPooling) -> torch.Tensor:
+        return output.pooler_output
+
+
+class Siglip2TextModel(SiglipTextModel):
+    """transformers' ``Siglip2TextModel``: SigLIP's text tower, as a SigLIP 2 NaFlex model holds it."""
+
+    family = "Siglip2Model"
+
+
 def _tower_classes(model: CLIPModel) -> tuple[type, type]:
     """The tower classes of ``model.vision_model`` / ``model.text_model``."""
+    if isinstance(model, Siglip2Model):
+        return Siglip2VisionModel, Siglip2TextModel
     if isinstance(model, SiglipModel):
         return SiglipVisionModel, SiglipTextModel
     return CLIPVisionModel, CLIPTextModel

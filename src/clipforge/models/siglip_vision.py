@@ -127,10 +127,14 @@ class SigLIPVisionTransformer(nn.Module):
         if (shapes.prod(-1) > patches.shape[1]).any() or (shapes < 1).any():
             raise ValueError(f"spatial_shapes {shapes.tolist()} do not fit {patches.shape[1]} patches per image")
         x = F.linear(patches.to(weight.dtype), weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1), self.conv1.bias)
-        positions = torch.zeros_like(x)  # padding's stay zero: it is masked out
+        positions = torch.empty_like(x)
         for rows, cols in {tuple(shape) for shape in shapes.tolist()}:
             same = ((shapes[:, 0] == rows) & (shapes[:, 1] == cols)).nonzero()[:, 0].to(x.device)
-            positions[same, :rows * cols] = self._positions(rows, cols).to(x.dtype)
+            table = self._positions(rows, cols).to(x.dtype)
+            positions[same, :rows * cols] = table
+            # padding takes the first position's, as transformers' does: masked out of every real token's attention,
+            # so only the padding rows of the hidden states see it
+            positions[same, rows * cols:] = table[0]
         mask = batch.get("pixel_attention_mask")
         return x + positions, None if mask is None else mask.to(x.device).bool()
 
