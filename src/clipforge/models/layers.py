@@ -164,12 +164,10 @@ class Attention(nn.Module):
         for inspection (``output_attentions``), where SDPA's fused kernels never form it."""
         q, k, v = self._split_heads(x)
         scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-        visible = attn_mask
+        visible = attn_mask  # boolean, as ``attend`` takes it
         if causal:
             visible = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=x.device).tril()
-        if visible is not None and visible.dtype != torch.bool:  # an additive mask, as SDPA also takes
-            scores = scores + visible
-        elif visible is not None:
+        if visible is not None:
             scores = scores.masked_fill(~visible, float("-inf"))
         probabilities = scores.softmax(dim=-1).to(q.dtype)
         return probabilities @ v, probabilities
