@@ -386,6 +386,31 @@ def test_missing_file_and_folder_errors(tmp_path):
         read_checkpoint(tmp_path / "empty")
 
 
+def test_a_folder_of_pickled_shards_loads_with_weights_only_and_safetensors_win(tmp_path):
+    """transformers' older sharded layout (pytorch_model-0000N-of-0000M.bin beside pytorch_model.bin.index.json)
+    loads with the one-file folder's outputs, each shard read with weights_only; where a folder holds both kinds the
+    safetensors are read and the pickle never opened (transformers' order)."""
+    from safetensors.torch import load_file, save_file
+
+    model = clipforge.create_model("ViT-Tiny-64").eval()
+    clipforge.save_pretrained(model, tmp_path / "ours")
+    assert cli.main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    keys, weight_map = sorted(state), {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({key: state[key] for key in part}, tmp_path / "hf" / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (tmp_path / "hf" / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert _same_outputs(clipforge.load(str(tmp_path / "hf"))[0], model)
+    torch.save({"args": argparse_namespace()}, tmp_path / "hf" / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(CheckpointError, match="trust_pickle"):  # a shard holding objects: refused as one file is
+        clipforge.load(str(tmp_path / "hf"))
+    save_file(state, tmp_path / "hf" / "model.safetensors")  # safetensors first: the refused shard is not read
+    assert _same_outputs(clipforge.load(str(tmp_path / "hf"))[0], model)
+
+
 def test_cli_convert_round_trips_through_every_format(tmp_path, capsys):
     model = clipforge.create_model("ViT-Tiny-64").eval()
     clipforge.save_pretrained(model, tmp_path / "ours")

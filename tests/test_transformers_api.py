@@ -730,6 +730,47 @@ def test_a_sharded_transformers_folder_loads_whole(folders, tmp_path, monkeypatc
         clipforge.load(str(tmp_path / "sharded"))
 
 
+def test_a_hub_repo_of_pickled_shards_loads_as_transformers_reads_it(folders, tmp_path, monkeypatch):
+    """transformers' older sharded layout (pytorch_model-*.bin and their index), read with weights_only: the features
+    transformers gives on the same folder, fetched once from a hub repo (each name asked for in transformers' order)
+    and then offline. A repo with no weights names every file looked for."""
+    from conftest import hub_server
+    from safetensors.torch import load_file
+
+    state = load_file(folders["saved"] / "model.safetensors")
+    keys, files, weight_map = sorted(state), {}, {}
+    for i, part in enumerate((keys[::2], keys[1::2])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        buffer = io.BytesIO()
+        torch.save({key: state[key] for key in part}, buffer)
+        files[name] = buffer.getvalue()
+        weight_map.update(dict.fromkeys(part, name))
+    files["pytorch_model.bin.index.json"] = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+    files["config.json"] = (folders["saved"] / "config.json").read_bytes()
+    (tmp_path / "local").mkdir()
+    for name, data in files.items():
+        (tmp_path / "local" / name).write_bytes(data)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = transformers.CLIPModel.from_pretrained(tmp_path / "local").get_image_features(images)
+        expected = getattr(expected, "pooler_output", expected)
+        server = hub_server(monkeypatch, tmp_path / "cache", "someone/old-clip", files)
+        try:
+            fetched = transformers_api.CLIPModel.from_pretrained("someone/old-clip")
+        finally:
+            server.close()
+        monkeypatch.setenv("CLIPFORGE_OFFLINE", "1")
+        assert torch.allclose(fetched.get_image_features(images), expected, atol=1e-5)
+        again = transformers_api.CLIPModel.from_pretrained("someone/old-clip")  # every shard cached
+        assert torch.equal(again.get_image_features(images), fetched.get_image_features(images))
+    server = hub_server(monkeypatch, tmp_path / "cache", "someone/no-weights", {"config.json": files["config.json"]})
+    try:  # a repo without weights: every name transformers would take is named
+        with pytest.raises(clipforge.pretrained.DownloadError, match="nor model.safetensors.index.json, pytorch"):
+            transformers_api.CLIPModel.from_pretrained("someone/no-weights")
+    finally:
+        server.close()
+
+
 def _diffusers_prompt_embeds(library, sd, prompt, clip_skip):
     """What diffusers' Stable Diffusion pipelines do with their text encoders, the import changed: SD's
     encode_prompt (the last state, or with clip skip an earlier block's through text_model.final_layer_norm) and

@@ -56,7 +56,7 @@ def _describe_model(name: str) -> int:
         entry = get_pretrained(base_model_name(name), tag)
         source = entry.url.split("/resolve/")[0].replace("https://huggingface.co/", "hf-hub:") \
             if "huggingface.co" in entry.url else entry.url
-        cached = cached_path(entry.url).exists() or (entry.fallback_url and cached_path(entry.fallback_url).exists())
+        cached = any(cached_path(url).exists() for url in entry.urls)
         notes = ["QuickGELU" if entry.quick_gelu or config.get("quick_gelu") else "GELU"]
         notes += [f"{k} {v}" for k, v in entry.preprocess.items()]
         print(f"  {tag}: {source}  ({', '.join(notes)}{', cached' if cached else ''})")

@@ -50,8 +50,14 @@ class PretrainedSource:
     std: tuple[float, float, float] | None = None
     resize_mode: str | None = None
     interpolation: str | None = None
-    # tried before the fallback: a large transformers model's shard index (model.safetensors.index.json)
-    index_url: str | None = None
+    # tried in order after ``url``, before the fallback: a transformers repo's other weight files (a ``.index.json``
+    # is a sharded checkpoint's index); ``checkpoint.io.weight_file_names`` orders them
+    alternative_urls: tuple[str, ...] = ()
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every place these weights may be, in the order they are tried."""
+        return (self.url, *self.alternative_urls, *((self.fallback_url,) if self.fallback_url else ()))
 
     @property
     def preprocess(self) -> dict:
@@ -185,27 +191,25 @@ def download(url: str, sha256: str | None = None, directory: Path | None = None,
 
 def fetch(source: PretrainedSource, directory: Path | None = None, progress: bool = True) -> Path:
     """A pretrained tag's weights file, downloaded and verified or from the cache. Where ``source.url`` does not
-    exist, a sharded checkpoint's index where one is known (``index_url``: its shards fetched beside it, the local
-    index returned), else a fallback (open_clip's ``open_clip_pytorch_model.bin`` in Hugging Face repos that predate
-    safetensors), as open_clip and transformers do; a pickle is read with ``weights_only=True``."""
-    if not cached_path(source.url, directory).exists():  # what an earlier call took instead (offline: no 404 to see)
-        shards = _local_index(cached_path(source.index_url, directory)) if source.index_url else None
-        fallback = cached_path(source.fallback_url, directory) if source.fallback_url else None
-        for taken in (shards, fallback):
-            if taken is not None and taken.exists():
-                return taken
-    try:
-        return download(source.url, source.sha256, directory, progress)
-    except NotFoundError:
-        if source.index_url is None and source.fallback_url is None:
-            raise
-    if source.index_url is not None:
+    exist, the next of ``source.urls`` that does (a transformers repo's sharded checkpoint: its index, whose shards are
+    fetched beside it, the local index returned; open_clip's ``open_clip_pytorch_model.bin`` in Hugging Face repos
+    that predate safetensors), as open_clip and transformers do; a pickle is read with ``weights_only=True``."""
+    for url in source.urls:  # what an earlier call took (offline: no 404 to see), asked for nothing again
+        taken = cached_path(url, directory)
+        taken = _local_index(taken) if url.endswith(".index.json") else taken
+        if taken.exists():
+            return taken
+    for url in source.urls:
         try:
-            return _fetch_shards(source.index_url, directory, progress)
+            if url.endswith(".index.json"):
+                return _fetch_shards(url, directory, progress)
+            return download(url, source.sha256 if url == source.url else None, directory, progress)
         except NotFoundError:
-            if source.fallback_url is None:
-                raise
-    return download(source.fallback_url, None, directory, progress)
+            if url == source.urls[-1]:
+                if len(source.urls) == 1:
+                    raise
+                others = ", ".join(u.rsplit("/", 1)[-1] for u in source.urls[1:])
+                raise NotFoundError(f"{source.url}: no such file (HTTP 404), nor {others} beside it") from None
 
 
 def _local_index(index: Path) -> Path:
@@ -287,6 +291,7 @@ def hub_config(repo: str) -> tuple[dict, dict, PretrainedSource]:
     only (what ``get_tokenizer("hf-hub:REPO")`` needs). What clipforge cannot build is refused here, before any
     weights are fetched."""
     from .checkpoint import CheckpointError, hf, hf_config_to_clipforge
+    from .checkpoint.io import weight_file_names
 
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise ValueError(f"hf-hub:{repo}: expected hf-hub:OWNER/NAME")
@@ -327,9 +332,9 @@ def hub_config(repo: str) -> tuple[dict, dict, PretrainedSource]:
     config = hf_config_to_clipforge(hf_config)
     if "hf_tokenizer_name" in config["text_cfg"]:  # SigLIP's, MetaCLIP 2's: its tokenizer files are in the same repo
         config["text_cfg"]["hf_tokenizer_name"] = repo
+    first, *others = weight_file_names()  # transformers' order: model.safetensors, its shards, the pickles
     return config, hf.processor_preprocess(processor), \
-        PretrainedSource(f"{base}/model.safetensors", fallback_url=f"{base}/pytorch_model.bin",
-                         index_url=f"{base}/model.safetensors.index.json")
+        PretrainedSource(f"{base}/{first}", alternative_urls=tuple(f"{base}/{name}" for name in others))
 
 
 def _hub_preprocess(cfg: dict, repo: str) -> dict:

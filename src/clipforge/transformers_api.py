@@ -14,7 +14,6 @@ one."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import warnings
@@ -172,14 +171,8 @@ def _model_folder(name_or_path, subfolder: str | None, variant: str | None) -> P
         pass  # a shard missing: an earlier fetch was cut short, and what is missing is fetched below
     repo, root = _hub_cache(name_or_path)
     prefix = "" if subfolder is None else f"{_inner(subfolder)}/"
-    stem = f"model.{variant}" if variant else "model"
-    if fetch_hub_file(repo, f"{prefix}{stem}.safetensors", root, progress=True) is None:
-        index = fetch_hub_file(repo, f"{prefix}{stem}.safetensors.index.json", root)
-        if index is not None:
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                fetch_hub_file(repo, f"{prefix}{shard}", root, progress=True)
-        else:
-            fetch_hub_file(repo, f"{prefix}pytorch_{stem}.bin", root, progress=True)
+    weight_files(folder, variant, fetch=lambda name: fetch_hub_file(repo, prefix + name, root,
+                                                                     progress=not name.endswith(".json")))
     return folder
 
 
@@ -1071,7 +1064,7 @@ class _TowerModel(torch.nn.Module):
         """The tower a one-tower folder holds, built from its ``config.json`` and loaded from its weights."""
         from .checkpoint import CheckpointError
         from .checkpoint.hf import TOWER_TYPES, to_clipforge, tower_config_to_clipforge
-        from .checkpoint.io import read_weight_files, weight_files
+        from .checkpoint.io import read_weight_files, weight_file_names, weight_files
         from .models.clip import build_text_tower, build_vision_tower
 
         folder_config = _read_json(folder / "config.json")
@@ -1085,8 +1078,7 @@ class _TowerModel(torch.nn.Module):
         tower = build(config[f"{side}_cfg"], config["embed_dim"], config.get("quick_gelu", False))
         files = weight_files(folder, variant)
         if not files:
-            stem = f"model.{variant}" if variant else "model"
-            raise FileNotFoundError(f"{name}: no weights ({stem}.safetensors, its shards or pytorch_{stem}.bin)")
+            raise FileNotFoundError(f"{name}: no weights (none of {', '.join(weight_file_names(variant))})")
         # transformers 4 saved a tower under its model's prefix (text_model.), 5 may save it bare
         prefix, projections = f"{side}_model.", ("text_projection.", "visual_projection.")
         state = {k if k.startswith((prefix, *projections)) else prefix + k: v

@@ -24,7 +24,6 @@ from .infer import infer_config
 CONFIG_NAME = "config.json"
 OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "model.safetensors"
-_FOLDER_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 # Foreign key layouts, each a module with ``matches(state)`` and ``to_clipforge(state)``; a new format is one more
 # module in this tuple. clipforge's own layout (``text.*``) needs no conversion.
 FORMATS = (timm_siglip, hf, openai)
@@ -125,27 +124,40 @@ def _read_file(path: Path, trust_pickle: bool) -> tuple[dict, dict | None]:
     return obj, None
 
 
-def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
-    """A transformers folder's weight files, in the order transformers prefers them: ``model.safetensors``, the
-    shards a ``model.safetensors.index.json`` lists (large models), ``pytorch_model.bin``; with ``variant``
-    (diffusers' "fp16") ``model.fp16.safetensors`` and so on. Empty where the folder holds none."""
+def weight_file_names(variant: str | None = None, open_clip: bool = False) -> list[str]:
+    """The names a folder's weights may have, in the order transformers takes them: ``model.safetensors``, a sharded
+    checkpoint's ``model.safetensors.index.json``, then the pickles (``pytorch_model.bin``, its index); with
+    ``variant`` (diffusers' "fp16") ``model.fp16.safetensors`` and so on; with ``open_clip``, open_clip's names
+    after transformers' of the same kind (safetensors before any pickle)."""
     stem = f"model.{variant}" if variant else "model"
-    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        return index_shards(index)
-    pickled = folder / f"pytorch_{stem}.bin"
-    return [pickled] if pickled.is_file() else []
+    safetensors, pickles = [f"{stem}.safetensors"], [f"pytorch_{stem}.bin"]
+    if open_clip:
+        safetensors.append("open_clip_model.safetensors")
+        pickles.append("open_clip_pytorch_model.bin")
+    return safetensors + [f"{stem}.safetensors.index.json"] + pickles + [f"pytorch_{stem}.bin.index.json"]
 
 
-def index_shards(index: Path) -> list[Path]:
-    """The shard files a sharded checkpoint's index (``model.safetensors.index.json``) lists, beside it."""
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    missing = [name for name in shards if not (index.parent / name).is_file()]
+def weight_files(folder: Path, variant: str | None = None, fetch=None, open_clip: bool = False) -> list[Path]:
+    """A folder's weight files: the first of ``weight_file_names`` it holds, or the shards its index lists. ``fetch``
+    (a hub repo's files: ``name -> Path or None``) is asked for each name in turn where given; by default a name is
+    looked for in ``folder``. Empty where there are none; a shard its index lists but which is not there raises."""
+    fetch = fetch or (lambda name: folder / name if (folder / name).is_file() else None)
+    for name in weight_file_names(variant, open_clip):
+        found = fetch(name)
+        if found is not None:
+            return index_shards(found, fetch) if name.endswith(".index.json") else [found]
+    return []
+
+
+def index_shards(index: Path, fetch=None) -> list[Path]:
+    """The shard files a sharded checkpoint's index (``model.safetensors.index.json``) lists, beside it (or as
+    ``fetch`` gives them: ``weight_files``)."""
+    fetch = fetch or (lambda name: index.parent / name if (index.parent / name).is_file() else None)
+    shards = {name: fetch(name) for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))}
+    missing = [name for name, found in shards.items() if found is None]
     if missing:
         raise CheckpointError(f"{index}: shard {missing[0]} is missing")
-    return [index.parent / name for name in shards]
+    return list(shards.values())
 
 
 def read_weight_files(files: list[Path], trust_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -186,12 +198,11 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> tupl
 
             return read_sharded_weights(path)
         if path.is_dir():
-            weights = next((path / n for n in _FOLDER_WEIGHTS if (path / n).exists()), None)
-            shards = weight_files(path) if weights is None else []  # a large transformers model's, sharded
-            if weights is None and not shards:
-                raise CheckpointError(f"{path}: folder holds none of {', '.join(_FOLDER_WEIGHTS)}")
-            tensors, config = (_read_file(weights, trust_pickle) if weights else
-                               (read_weight_files(shards, trust_pickle), None))
+            files = weight_files(path, open_clip=True)  # several: a large transformers model's shards
+            if not files:
+                raise CheckpointError(f"{path}: folder holds none of {', '.join(weight_file_names(open_clip=True))}")
+            tensors, config = (_read_file(files[0], trust_pickle) if len(files) == 1 else
+                               (read_weight_files(files, trust_pickle), None))
             folder_config, is_hf = _folder_config(path)
             if is_hf:
                 return hf.to_clipforge(tensors), folder_config
