@@ -1,0 +1,227 @@
+"""``CLIPTokenizer``: a folder's ``tokenizer.json``, BPE vocabulary files or SigLIP's ``spiece.model``, with
+transformers' tokenizer calls (padding, truncation, the id/token conversions, special tokens)."""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..hub_tokenizer import _token_text, is_siglip_sentencepiece, padding_side
+from ..spiece import SPIECE_FILE, SiglipSentencePiece
+from .loading import _folder, _hub_options, _model_type, _read_json
+from .outputs import BatchEncoding
+
+
+# transformers' special token attributes, in its order (``all_special_tokens``)
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_CLIP_SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+_SIGLIP_SPECIAL = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
+
+
+class CLIPTokenizer:
+    """transformers' ``CLIPTokenizer`` / ``CLIPTokenizerFast`` (and, from a SigLIP folder's ``tokenizer.json``, the
+    fast tokenizer transformers runs for SigLIP): the folder's ``tokenizer.json`` (or ``vocab.json`` and
+    ``merges.txt``) run by ``tokenizers``, as transformers runs them: CLIP's ``<|startoftext|>`` ...
+    ``<|endoftext|>``, padded with the folder's pad token on its padding side; ``attention_mask`` where the folder's
+    ``model_input_names`` have it. Its text cleaning is transformers' (CLIP's: Unicode NFC, runs of white space, lower
+    case), not OpenAI's ftfy: the ids are what the model was given in transformers."""
+
+    _FILES = ("tokenizer.json", "vocab.json", "merges.txt", SPIECE_FILE, "tokenizer_config.json",
+              "special_tokens_map.json")
+
+    def __init__(self, backend, model_max_length: int = 77, padding_side: str = "right",
+                 model_input_names=("input_ids", "attention_mask"), **special_tokens):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side {padding_side!r}: expected 'right' or 'left'")
+        self._backend = backend
+        self._truncating = threading.Lock()  # truncation is the backend's state: one call sets it at a time
+        self.model_max_length, self.padding_side = model_max_length, padding_side
+        self.model_input_names = list(model_input_names)
+        for name in _SPECIAL:
+            token = special_tokens.pop(name, None)
+            token_id = None if token is None else backend.token_to_id(token)
+            if token is not None and token_id is None:
+                raise ValueError(f"the tokenizer's {name} {token!r} is not in its vocabulary")
+            setattr(self, name, token)
+            setattr(self, f"{name}_id", token_id)
+        if special_tokens:
+            raise TypeError(f"CLIPTokenizer: {', '.join(sorted(special_tokens))} not built here")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> "CLIPTokenizer":
+        """From a folder or hub repo holding ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``."""
+        from tokenizers import Tokenizer, normalizers
+
+        own = ("model_max_length", "padding_side", "model_input_names", *_SPECIAL)
+        with _hub_options("CLIPTokenizer.from_pretrained", kwargs, own):
+            folder = _folder(name_or_path, cls._FILES, kwargs.get("subfolder"))
+        settings = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+        settings.update({k: v for k, v in kwargs.items() if k in own})
+        special = {k: _token_text(settings.pop(k)) for k in _SPECIAL if settings.get(k)}
+        if (folder / "tokenizer.json").is_file():
+            backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        elif is_siglip_sentencepiece(folder, settings):  # transformers' SiglipTokenizer, its defaults
+            backend = SiglipSentencePiece.from_folder(folder, settings)
+            special = {**_SIGLIP_SPECIAL, **special}
+            settings.setdefault("model_max_length", 64)
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            special = {**_CLIP_SPECIAL, **special}
+            backend = _bpe_backend(folder, special["bos_token"], special["eos_token"])
+        else:
+            raise FileNotFoundError(f"{name_or_path}: no tokenizer.json, nor vocab.json with merges.txt, nor SigLIP's "
+                                    "spiece.model (another SentencePiece model alone is run by transformers)")
+        if backend.token_to_id(_CLIP_SPECIAL["eos_token"]) is not None:  # OpenAI's vocabulary: CLIPTokenizer's defaults
+            special = {**_CLIP_SPECIAL, **special}
+        if str(settings.get("tokenizer_class", "")).startswith(("GemmaTokenizer", "Siglip2Tokenizer")) and \
+                _model_type(name_or_path, kwargs) == "siglip2":
+            # transformers 5 reads a SigLIP 2 NaFlex repo's Gemma tokenizer as its Siglip2Tokenizer: lower case first,
+            # as SigLIP 2 was trained (transformers 4 did not)
+            backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *filter(None, [backend.normalizer])])
+        backend.no_padding()
+        backend.no_truncation()
+        # transformers' cap for "no limit" (a huge number) means none: the model's context length bounds it anyway
+        max_length = min(int(settings.get("model_max_length", 77)), 10 ** 6)
+        names = settings.get("model_input_names") or ("input_ids", "attention_mask")
+        side = padding_side(settings)
+        return cls(backend, max_length, side, names, **special)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def __call__(self, text: str | list[str], padding: bool | str = False, truncation: bool | str | None = None,
+                 max_length: int | None = None, return_tensors: str | None = None,
+                 return_attention_mask: bool | None = None, add_special_tokens: bool = True,
+                 **kwargs) -> BatchEncoding:
+        """``input_ids`` and ``attention_mask``: lists, or with ``return_tensors`` "pt" / "np" a [N, L] array.
+        ``padding``: False, True / "longest" (to the longest text), "max_length" (to ``max_length``, by default the
+        model's context length); ``truncation``: True / "longest_first" cuts to ``max_length`` keeping the end token
+        (``max_length`` alone does not truncate, as in transformers)."""
+        if kwargs:
+            raise TypeError(f"CLIPTokenizer: {', '.join(sorted(kwargs))} not built here")
+        single = isinstance(text, str)
+        texts = [text] if single else text
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("CLIPTokenizer takes a string or a list of strings")
+        if not texts:
+            raise ValueError("no texts given")
+        if padding not in (False, True, "do_not_pad", "longest", "max_length"):
+            raise ValueError(f"padding={padding!r}: expected False, True, 'longest' or 'max_length'")
+        if truncation not in (None, False, True, "do_not_truncate", "longest_first", "only_first"):
+            raise ValueError(f"truncation={truncation!r}: expected True, False or 'longest_first'")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors={return_tensors!r}: 'pt' and 'np' are built here")
+        limit = max_length or self.model_max_length
+        with self._truncating:
+            if truncation not in (None, False, "do_not_truncate"):
+                self._backend.enable_truncation(max_length=limit)  # the template's special tokens kept within it
+            try:
+                rows = [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+            finally:
+                self._backend.no_truncation()
+        longest = max(map(len, rows), default=0)
+        if longest > self.model_max_length:
+            warnings.warn(f"a text is {longest} tokens, longer than this model's {self.model_max_length}: pass "
+                          "truncation=True (the model refuses it as it is)", stacklevel=2)
+        width = limit if padding == "max_length" else longest if padding in (True, "longest") else None
+        if width is not None and self.pad_token_id is None:
+            raise ValueError("this tokenizer has no pad token (pad_token): it cannot pad")
+
+        def padded(row: list, value: int) -> list:
+            pad = [value] * ((width or len(row)) - len(row))
+            return pad + row if self.padding_side == "left" else row + pad
+
+        masks = [padded([1] * len(r), 0) for r in rows]
+        rows = [padded(r, self.pad_token_id) for r in rows]
+        if return_tensors is not None:
+            if len({len(r) for r in rows}) > 1:
+                raise ValueError("the texts have different lengths: pass padding=True (or 'max_length') to make "
+                                 "one tensor of them")
+            convert = (lambda x: torch.tensor(x, dtype=torch.long).reshape(len(x), -1)) if return_tensors == "pt" \
+                else (lambda x: np.array(x, dtype=np.int64).reshape(len(x), -1))
+            rows, masks = convert(rows), convert(masks)
+        elif single:
+            rows, masks = rows[0], masks[0]
+        out = BatchEncoding(input_ids=rows)
+        if return_attention_mask or (return_attention_mask is None and "attention_mask" in self.model_input_names):
+            out["attention_mask"] = masks
+        return out
+
+    def encode(self, text: str, add_special_tokens: bool = True, **kwargs) -> list[int] | torch.Tensor:
+        """One text's ids (``__call__``'s keywords; with ``return_tensors`` a [1, L] array)."""
+        if not isinstance(text, str):
+            raise TypeError("encode takes one string (call the tokenizer for a list)")
+        return self(text, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        """The text's tokens as strings (CLIP's BPE pieces end a word with ``</w>``; SentencePiece's start one with
+        ``▁``). From SigLIP's ``spiece.model``, characters the vocabulary lacks show as its unknown token
+        (transformers' Python tokenizer shows their text there; the ids are the same)."""
+        return self.convert_ids_to_tokens(self.encode(text, add_special_tokens=add_special_tokens))
+
+    def convert_ids_to_tokens(self, ids: int | list[int], skip_special_tokens: bool = False) -> str | list[str]:
+        if isinstance(ids, (int, np.integer)) or getattr(ids, "ndim", None) == 0:  # one id: its token
+            return self._backend.id_to_token(int(ids))
+        special = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self._backend.id_to_token(int(i)) for i in ids if int(i) not in special]
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
+        """Each token's id; one not in the vocabulary is the unknown token's (None where there is none)."""
+        if isinstance(tokens, str):
+            found = self._backend.token_to_id(tokens)
+            return self.unk_token_id if found is None else found
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every token and its id, the added tokens included."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return list(dict.fromkeys(getattr(self, name) for name in _SPECIAL if getattr(self, name) is not None))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self._backend.token_to_id(t) for t in self.all_special_tokens]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """The text of one row of ids (``</w>``, BPE's end of word, as a space)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return text.replace("</w>", " ").strip()
+
+    def batch_decode(self, rows, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
+
+def _bpe_backend(folder: Path, bos_token: str, eos_token: str):
+    """OpenAI's BPE from ``vocab.json`` and ``merges.txt`` as transformers builds it: NFC, white space runs to one
+    space, lower case; words, digits and punctuation runs split as OpenAI's pattern splits them, each word's last
+    piece marked ``</w>``; the start and end tokens around each text."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    vocab = _read_json(folder / "vocab.json")
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                            unk_token=eos_token, fuse_unk=False))
+    backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                               normalizers.Lowercase()])
+    words = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([bos_token, eos_token])  # whole tokens, never split, dropped by skip_special_tokens
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos_token} $A {eos_token}",
+        special_tokens=[(bos_token, vocab[bos_token]), (eos_token, vocab[eos_token])])
+    return backend
