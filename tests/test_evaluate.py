@@ -216,6 +216,41 @@ def test_cli_retrieval(tmp_path, checkpoint):
                                                      "image_retrieval_recall@2", "text_retrieval_recall@2"]
 
 
+def test_retrieval_embeds_each_batch_as_it_is_decoded_with_the_held_sets_metrics(tmp_path):
+    """eval retrieval holds one batch of pixels at a time (a 5,000-image set's would take 3 GB at 224 pixels), and
+    gets the features and recall a held evaluation set gives; unusable samples are skipped and counted."""
+    import weakref
+
+    from clipforge.data import evaluation_set, open_source
+    from clipforge.evaluate.retrieval import embed_pairs, embed_retrieval_set
+
+    colours = ["red", "blue", "green", "yellow", "purple", "orange", "white"]
+    samples = [{"__key__": f"k{i}", "png": _png(c), "txt": f"a {c} square\nsomething {c}" + "\nthird" * (i % 2)}
+               for i, c in enumerate(colours)]
+    samples.insert(3, {"__key__": "broken", "png": b"not an image", "txt": "lost"})
+    write_shard(tmp_path / "caps.tar", samples)
+    torch.manual_seed(0)
+    model, preprocess, tokenizer = clipforge.load("ViT-Tiny-64")
+    alive, most_alive = [], []
+
+    def counted(image):  # how many preprocessed images are still referenced when the next one is made
+        pixels = preprocess(image)
+        alive.append(weakref.ref(pixels))
+        most_alive.append(sum(ref() is not None for ref in alive))
+        return pixels
+
+    images, texts, owners, skipped = embed_retrieval_set(model, tokenizer, open_source(str(tmp_path / "caps.tar"),
+                                                         shuffle_buffer=0), counted, batch_size=3, progress=False)
+    assert max(most_alive) == 3 and len(images) == 7 and dict(skipped) == {"corrupt_image": 1}
+    held = evaluation_set(open_source(str(tmp_path / "caps.tar"), shuffle_buffer=0), preprocess)
+    held_images, held_texts = embed_pairs(model, tokenizer, held.images, held.captions, batch_size=3)
+    assert torch.equal(owners, held.caption_images) and len(texts) == 17
+    assert torch.allclose(images, held_images, atol=1e-6) and torch.allclose(texts, held_texts, atol=1e-6)
+    assert retrieval_metrics(images, texts, owners) == retrieval_metrics(held_images, held_texts, owners)
+    assert len(embed_retrieval_set(model, tokenizer, open_source(str(tmp_path / "caps.tar"), shuffle_buffer=0),
+                                   preprocess, limit=2, progress=False)[0]) == 2
+
+
 def test_a_sweep_of_checkpoints_with_one_frozen_text_transformer_computes_each_caption_once(tmp_path, monkeypatch):
     """The checkpoints (or seeds) of a locked-MiniLM run share its transformer: in one `eval --pretrained A B` the
     captions go through it once, and each checkpoint's metrics are what it gets evaluated alone."""

@@ -242,29 +242,41 @@ class EvaluationSet:
 
 def evaluation_set(source, transform, limit: int | None = None, classnames=None, caption_templates=None,
                    label_captions: bool = False, seed: int = 0) -> EvaluationSet:
-    """The first ``limit`` usable samples of ``source`` in order, each with all its caption lines (or, for labelled
-    samples without text or with ``label_captions``, one label caption). Unusable samples are counted."""
+    """The first ``limit`` usable samples of ``source`` in order (``evaluation_samples``), their images transformed
+    and held. Unusable samples are counted."""
     images, captions, owners, labels, skipped, from_labels = [], [], [], [], Counter(), []
+    for image, texts, label, from_label in evaluation_samples(source, limit, classnames, caption_templates,
+                                                              label_captions, seed, skipped):
+        captions += texts
+        owners += [len(images)] * len(texts)
+        images.append(transform(image))
+        labels.append(label)
+        from_labels.append(from_label)
+    labelled = bool(labels) and classnames is not None and None not in labels
+    return EvaluationSet(images, captions, torch.tensor(owners, dtype=torch.long),
+                         torch.tensor(labels) if labelled else None, list(classnames) if labelled else None,
+                         skipped, labelled and all(from_labels))
+
+
+def evaluation_samples(source, limit: int | None = None, classnames=None, caption_templates=None,
+                       label_captions: bool = False, seed: int = 0, skipped: Counter | None = None):
+    """``(PIL image, captions, label or None, whether the captions were made from the label)`` for the first
+    ``limit`` usable samples of ``source`` in order: each with all its caption lines (or, for labelled samples without
+    text or with ``label_captions``, one label caption). Unusable samples are counted in ``skipped``."""
+    skipped = Counter() if skipped is None else skipped
+    kept = 0
     for raw in source.samples(0, 1, 0, seed, skipped):
-        rng = random.Random(f"eval-{seed}-{len(images)}")
+        rng = random.Random(f"eval-{seed}-{kept}")
         try:
             image, text = decode_sample(raw, rng, classnames, caption_templates, label_captions)
         except SkipSample as exc:
             skipped[exc.reason] += 1
             continue
         written = "txt" in raw and not label_captions
-        texts = caption_lines(raw) if written else [text]
-        captions += texts
-        owners += [len(images)] * len(texts)
-        images.append(transform(image))
-        labels.append(int(raw["cls"]) if "cls" in raw else None)
-        from_labels.append(not written)
-        if limit and len(images) >= limit:
+        kept += 1
+        yield image, caption_lines(raw) if written else [text], int(raw["cls"]) if "cls" in raw else None, not written
+        if limit and kept >= limit:
             break
-    labelled = bool(labels) and classnames is not None and None not in labels
-    return EvaluationSet(images, captions, torch.tensor(owners, dtype=torch.long),
-                         torch.tensor(labels) if labelled else None, list(classnames) if labelled else None,
-                         skipped, labelled and all(from_labels))
 
 
 def iter_captioned_images(source, classnames=None, seed: int = 0, skipped: Counter | None = None):

@@ -379,26 +379,24 @@ def _image_tower_zero_shot(args, model, preprocess, dataset, templates: list[str
 
 
 def _retrieval(args, model, preprocess, tokenizer) -> dict:
-    from ..data import evaluation_set, open_source
-    from .retrieval import embed_pairs, retrieval_metrics
+    from ..data import open_source
+    from .retrieval import embed_retrieval_set, retrieval_metrics
 
     root = Path(args.dataset_root)
     split = root / args.split if (root / args.split).exists() else root
     # every caption of every image (of the first --max-images)
-    pairs = evaluation_set(open_source(str(split), shuffle_buffer=0), preprocess, limit=args.max_images)
-    if not pairs.images:
-        raise ValueError(f"{split}: no samples with an image and a caption (skipped: {dict(pairs.skipped) or 'none'})")
-    with torch.no_grad():
-        image_features, text_features = embed_pairs(model, tokenizer, pairs.images, pairs.captions, args.batch_size,
-                                                    device=next(model.parameters()).device)
+    image_features, text_features, caption_images, skipped = embed_retrieval_set(
+        model, tokenizer, open_source(str(split), shuffle_buffer=0), preprocess, args.max_images, args.batch_size,
+        progress=not args.quiet)
+    if not len(image_features):
+        raise ValueError(f"{split}: no samples with an image and a caption (skipped: {dict(skipped) or 'none'})")
     ks = sorted(set(args.recall_k))
-    ours = retrieval_metrics(image_features, text_features, pairs.caption_images, ks=ks)
-    images, captions = pairs.images, pairs.captions
+    ours = retrieval_metrics(image_features, text_features, caption_images, ks=ks)
     metrics = {}
     for k in ks:  # CLIP_benchmark's names: "image retrieval" = text->image
         metrics[f"image_retrieval_recall@{k}"] = ours[f"text_to_image_R@{k}"]
         metrics[f"text_retrieval_recall@{k}"] = ours[f"image_to_text_R@{k}"]
-    metrics.update(n_images=len(images), n_captions=len(captions))
+    metrics.update(n_images=len(image_features), n_captions=len(text_features))
     return metrics
 
 
