@@ -3,6 +3,8 @@ import os
 import socket
 import sys
 import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -201,22 +203,41 @@ def tiny_llama(words: list[str], hidden_size: int = 32, layers: int = 2, heads: 
 
 
 class FileServer:
-    """Serves ``files`` (path -> bytes) on 127.0.0.1; ``/cut/...`` promises the full length but sends half."""
+    """Serves ``files`` (path -> bytes) on 127.0.0.1, HTTP range requests too (206, or 200 with the whole file where
+    ``ranges`` is False); ``/cut/...`` promises the full length but sends half, as does the next request for a
+    path while ``cuts[path]`` counts down; ``delay`` seconds pass before each answer. ``requested`` lists each
+    request's (path, Range header or None)."""
 
     def __init__(self, files):
         files = dict(files)
+        server = self
+        self.cuts, self.ranges, self.requested, self.delay = Counter(), True, [], 0.0
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 cut = self.path.startswith("/cut/")
-                body = files.get(self.path.removeprefix("/cut") if cut else self.path)
+                path = self.path.removeprefix("/cut") if cut else self.path
+                body = files.get(path)
                 if body is None:
                     self.send_error(404)
                     return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                asked = self.headers.get("Range")
+                server.requested.append((path, asked))
+                time.sleep(server.delay)
+                if server.cuts[path] > 0:
+                    server.cuts[path] -= 1
+                    cut = True
+                start = int(asked.removeprefix("bytes=").split("-")[0]) if asked and server.ranges else 0
+                if start >= len(body) > 0:
+                    self.send_error(416)
+                    return
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if cut else body)
+                sent = body[start:]
+                self.wfile.write(sent[: len(sent) // 2] if cut else sent)
                 self.wfile.flush()
                 if cut:
                     self.close_connection = True

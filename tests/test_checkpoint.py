@@ -1,6 +1,8 @@
 """Checkpoint files: pretrained downloads (against a local HTTP server), conversions, and clear errors on bad input."""
 import hashlib
 import json
+import socket
+import time
 
 import pytest
 import torch
@@ -223,11 +225,68 @@ def test_checksum_mismatch_is_an_error_and_nothing_is_cached(server, cache):
     assert _files(cache) == []
 
 
-def test_interrupted_transfer_leaves_no_partial_file(server, cache):
-    register_pretrained("ViT-Tiny-64", "cut", f"{server.url}/cut/tiny.safetensors")
-    with pytest.raises(DownloadError, match="nothing was cached|interrupted"):
-        clipforge.load("ViT-Tiny-64", pretrained="cut")
-    assert _files(cache) == []
+def test_an_interrupted_transfer_keeps_its_bytes_and_the_next_call_resumes_there(server, cache, tiny_weights,
+                                                                                 monkeypatch):
+    """A download cut short (a crash, Ctrl-C, a dropped connection past its retries) keeps what arrived beside the
+    target, never as the cached file; the next call asks for the rest only (an HTTP range) and caches it whole and
+    verified. Within one call a dropped transfer is retried from where it stopped."""
+    monkeypatch.setattr(clipforge.pretrained, "_RETRY_WAITS", ())
+    url = f"{server.url}/tiny.safetensors"
+    register_pretrained("ViT-Tiny-64", "resumed", url, sha256=hashlib.sha256(tiny_weights[0]).hexdigest())
+    server.cuts["/tiny.safetensors"] = 1
+    with pytest.raises(DownloadError, match="bytes received are kept"):
+        clipforge.load("ViT-Tiny-64", pretrained="resumed")
+    part = cached_path(url).with_name(cached_path(url).name + ".part")
+    assert part.read_bytes() == tiny_weights[0][: len(tiny_weights[0]) // 2] and not cached_path(url).exists()
+    model, _, _ = clipforge.load("ViT-Tiny-64", pretrained="resumed")
+    assert server.requested[-1] == ("/tiny.safetensors", f"bytes={len(tiny_weights[0]) // 2}-")
+    assert _same_outputs(model, tiny_weights[1]) and _files(cache) == [cached_path(url).name]  # no .part, no lock
+    monkeypatch.setattr(clipforge.pretrained, "_RETRY_WAITS", (0, 0, 0))
+    server.cuts["/tiny.safetensors"], server.requested[:] = 2, []  # twice dropped, then whole: one call
+    again = clipforge.pretrained.download(url, directory=cache / "again", progress=False)
+    assert again.read_bytes() == tiny_weights[0] and [asked is None for _, asked in server.requested] == \
+        [True, False, False]
+
+
+def test_kept_bytes_that_do_not_verify_are_dropped_and_a_server_without_ranges_sends_all(server, cache, tiny_weights,
+                                                                                         monkeypatch):
+    url = f"{server.url}/tiny.safetensors"
+    sha = hashlib.sha256(tiny_weights[0]).hexdigest()
+    part = cached_path(url).with_name(cached_path(url).name + ".part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x" * 100)  # another file's beginning, or a version of the file since replaced
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        clipforge.pretrained.download(url, sha, progress=False)
+    assert not part.exists() and not cached_path(url).exists()
+    assert clipforge.pretrained.download(url, sha, progress=False).read_bytes() == tiny_weights[0]
+    cached_path(url).unlink()
+    part.write_bytes(tiny_weights[0][:100])
+    server.ranges = False  # answers a range request with the whole file (200): written afresh, not appended
+    assert clipforge.pretrained.download(url, sha, progress=False).read_bytes() == tiny_weights[0]
+
+
+def test_processes_fetching_one_file_at_once_take_turns(server, cache, tiny_weights):
+    """Two fetches of the same file at once (torchrun's ranks loading one model): the second waits on the first's
+    lock and takes its file, one transfer in all and no bytes written twice."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"{server.url}/tiny.safetensors"
+    server.delay = 0.5  # long enough for both to have asked before either finishes
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: clipforge.pretrained.download(url, progress=False), range(2)))
+    assert paths[0] == paths[1] and paths[0].read_bytes() == tiny_weights[0]
+    assert len(server.requested) == 1 and _files(cache) == [paths[0].name]
+
+def test_no_connection_fails_at_once_without_retrying(cache, monkeypatch):
+    """Offline or no such host: an error at once (retrying only delays it) and nothing left behind."""
+    monkeypatch.setattr(clipforge.pretrained, "_RETRY_WAITS", (30.0,))
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    start = time.perf_counter()
+    with pytest.raises(DownloadError, match="nothing was cached"):
+        clipforge.pretrained.download(f"http://127.0.0.1:{port}/w.safetensors", progress=False)
+    assert time.perf_counter() - start < 10 and _files(cache) == []
 
 
 def test_offline_without_cache_is_a_clear_error(cache, monkeypatch):

@@ -60,8 +60,9 @@ def _root() -> Path:
     return cache_dir()
 
 
-# a download's name (``pretrained.cached_path``: 16 hex digits of its URL's digest, then its file name), or the
-# temporary file an interrupted download left beside it (``files.atomic_path``)
+# a download's name (``pretrained.cached_path``: 16 hex digits of its URL's digest, then its file name), the bytes
+# an interrupted download kept beside it (``NAME.part``, which the next fetch resumes), or an older clipforge's
+# temporary file (``files.atomic_path``)
 _DOWNLOAD = re.compile(r"\.?[0-9a-f]{16}-.+")
 
 

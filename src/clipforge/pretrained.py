@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -24,8 +25,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-
-from .files import atomic_path
 
 
 QUICKGELU_SUFFIX = "-quickgelu"
@@ -147,46 +146,129 @@ def cached_path(url: str, directory: Path | None = None) -> Path:
     return directory / f"{digest}-{name}"
 
 
+# seconds before each retry after a transfer dropped or stalled, or a server error (5xx, 429), each resuming
+# where the last stopped
+_RETRY_WAITS = (1.0, 4.0, 10.0)
+
+
 def download(url: str, sha256: str | None = None, directory: Path | None = None, progress: bool = True,
              timeout: float = 60.0) -> Path:
-    """Fetch ``url`` into the cache (or return the cached copy) and verify it."""
+    """Fetch ``url`` into the cache (or return the cached copy) and verify it. The bytes received so far are kept
+    beside the target (``NAME.part``): a dropped connection is retried from there (``_RETRY_WAITS``), and a later call
+    after a crash or Ctrl-C resumes it (an HTTP range request; a server that ignores ranges sends it all again). The
+    file is cached only whole and verified; another process fetching the same file is waited for."""
     target = cached_path(url, directory)
     if target.exists():
         return target
     if _offline():
         raise DownloadError(f"offline mode and {url} is not in the cache ({target})")
     target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    with _exclusive(partial):
+        if target.exists():  # another process fetched it while this one waited
+            return target
+        for wait in (*_RETRY_WAITS, None):
+            try:
+                reported = _fetch_into(partial, url, timeout, progress)
+                break
+            except _Transient as exc:
+                if wait is None:
+                    raise DownloadError(f"{url}: download failed ({exc}); the {_size(partial)} bytes received are kept "
+                                        f"in {partial.name} and the next try resumes there") from None
+                time.sleep(wait)
+        sha256 = sha256 or reported
+        if sha256 is not None:
+            got = _sha256_of(partial)
+            if got != sha256:
+                partial.unlink()
+                raise DownloadError(f"{url}: checksum mismatch (expected sha256 {sha256}, got {got}); the file was "
+                                    "not cached (the next try fetches it whole)")
+        partial.replace(target)
+    return target
+
+
+def _sha256_of(path: Path) -> str:
     hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+class _Transient(Exception):
+    """A failure worth retrying: the connection dropped or stalled mid-transfer, or the server answered 5xx / 429
+    (one that cannot connect at all is not retried: offline, that would only delay the error)."""
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _fetch_into(partial: Path, url: str, timeout: float, progress: bool) -> str | None:
+    """Append what ``partial`` lacks of ``url`` to it; the SHA-256 the server reports (Hugging Face gives an LFS
+    file's as its ETag), or None."""
+    have = _size(partial)
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_path(target) as tmp:
-            expected_size = int(response.headers.get("Content-Length") or 0)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            resumed = have > 0 and response.status == 206 and \
+                (response.headers.get("Content-Range") or "").startswith(f"bytes {have}-")
+            if not resumed:
+                have = 0  # a server without ranges sends the whole file: start over
+            total = have + int(response.headers.get("Content-Length") or 0)
             etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").strip('"')
-            if sha256 is None and re.fullmatch(r"[0-9a-f]{64}", etag):
-                sha256 = etag  # Hugging Face reports an LFS file's SHA-256 as its ETag
-            bar = _progress(expected_size, target.name) if progress else None
-            received = 0
-            with open(tmp, "wb") as out:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    hasher.update(chunk)
-                    received += len(chunk)
-                    if bar is not None:
-                        bar.update(len(chunk))
-            if bar is not None:
-                bar.close()
-            if expected_size and received != expected_size:
-                raise DownloadError(f"{url}: transfer interrupted after {received} of {expected_size} bytes")
-            if sha256 is not None and hasher.hexdigest() != sha256:
-                raise DownloadError(f"{url}: checksum mismatch (expected sha256 {sha256}, got {hasher.hexdigest()}); "
-                                    "the file was not cached")
-    except DownloadError:
-        raise
+            bar = _progress(total, partial.name.removesuffix(".part"), have) if progress else None
+            try:
+                with open(partial, "ab" if resumed else "wb") as out:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        if bar is not None:
+                            bar.update(len(chunk))
+            finally:
+                if bar is not None:
+                    bar.close()
     except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # the kept bytes are not a prefix the server knows: start over
+            partial.unlink()
+            raise _Transient(f"HTTP 416 for the kept {have} bytes") from None
+        if exc.code >= 500 or exc.code == 429:
+            raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
         error = NotFoundError if exc.code == 404 else DownloadError
         raise error(f"{url}: download failed (HTTP {exc.code} {exc.reason}); nothing was cached") from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        raise DownloadError(f"{url}: download failed ({exc}); nothing was cached") from None
-    return target
+    except (urllib.error.URLError, ValueError) as exc:  # no connection (offline, no such host) or not a URL
+        raise DownloadError(f"{url}: download failed ({getattr(exc, 'reason', exc)}); nothing was cached") from None
+    except (http.client.HTTPException, OSError) as exc:  # the connection dropped or stalled mid-transfer
+        raise _Transient(str(exc) or type(exc).__name__) from None
+    if total > have and _size(partial) != total:
+        raise _Transient(f"transfer interrupted after {_size(partial)} of {total} bytes")
+    return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
+
+
+@contextmanager
+def _exclusive(partial: Path):
+    """Hold an exclusive lock on ``partial`` (created empty where absent), so that one process at a time appends to
+    it (where the platform has ``fcntl``); left empty, it is removed on the way out."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        fcntl = None
+    while True:
+        handle = open(partial, "ab")
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:  # still the file at that name (not one a process before this had renamed or removed)?
+            current = os.stat(partial).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        handle.close()
+    try:
+        yield
+    finally:
+        if partial.exists() and partial.stat().st_size == 0:
+            partial.unlink()  # nothing received: nothing left behind
+        handle.close()  # releases the lock
 
 
 def fetch(source: PretrainedSource, directory: Path | None = None, progress: bool = True) -> Path:
@@ -362,9 +444,9 @@ def _open_clip_config(model_cfg: dict, repo: str) -> dict:
     return config_from_open_clip(model_cfg, f"hf-hub:{repo}")
 
 
-def _progress(total: int, name: str):
+def _progress(total: int, name: str, done: int = 0):
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {name}", leave=False)
+    return tqdm(total=total or None, initial=done, unit="B", unit_scale=True, desc=f"downloading {name}", leave=False)
