@@ -205,18 +205,30 @@ def tiny_llama(words: list[str], hidden_size: int = 32, layers: int = 2, heads: 
 class FileServer:
     """Serves ``files`` (path -> bytes) on 127.0.0.1, HTTP range requests too (206, or 200 with the whole file where
     ``ranges`` is False); ``/cut/...`` promises the full length but sends half, as does the next request for a
-    path while ``cuts[path]`` counts down; ``delay`` seconds pass before each answer. ``requested`` lists each
-    request's (path, Range header or None)."""
+    path while ``cuts[path]`` counts down; ``delay`` seconds pass before each answer; with ``token`` set, a request
+    without ``Authorization: Bearer TOKEN`` gets 401 (a gated repo); ``redirects`` sends a path elsewhere (302, as
+    the hub sends large files to its CDN). ``requested`` lists each request's (path, Range header or None),
+    ``authorizations`` its Authorization header or None."""
 
     def __init__(self, files):
         files = dict(files)
         server = self
         self.cuts, self.ranges, self.requested, self.delay = Counter(), True, [], 0.0
+        self.token, self.redirects, self.authorizations = None, {}, []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 cut = self.path.startswith("/cut/")
                 path = self.path.removeprefix("/cut") if cut else self.path
+                server.authorizations.append(self.headers.get("Authorization"))
+                if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
+                    self.send_error(401)
+                    return
+                if path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[path])
+                    self.end_headers()
+                    return
                 body = files.get(path)
                 if body is None:
                     self.send_error(404)

@@ -277,6 +277,38 @@ def test_processes_fetching_one_file_at_once_take_turns(server, cache, tiny_weig
     assert paths[0] == paths[1] and paths[0].read_bytes() == tiny_weights[0]
     assert len(server.requested) == 1 and _files(cache) == [paths[0].name]
 
+def test_the_hub_token_goes_to_the_hub_only_and_a_gated_repo_without_one_says_so(server, cache, tiny_weights,
+                                                                                  tmp_path, monkeypatch):
+    """$HF_TOKEN, else the token `hf auth login` saved, is sent to the hub (HF_ENDPOINT) for a gated or private
+    repo, and never to another host nor to where the hub redirects (its CDN); a 401 says what to do."""
+    from clipforge.pretrained import download, token_at
+
+    hub = FileServer({})
+    hub.token = "secret"
+    for name in ("w", "again"):
+        hub.redirects[f"/owner/gated/resolve/main/{name}.safetensors"] = f"{server.url}/tiny.safetensors"
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    url = f"{hub.url}/owner/gated/resolve/main/w.safetensors"
+    try:
+        with pytest.raises(DownloadError, match="HTTP 401.*set HF_TOKEN"):
+            download(url, progress=False)
+        (tmp_path / "hf").mkdir()
+        (tmp_path / "hf" / "token").write_text("secret\n")  # where `hf auth login` keeps it
+        assert download(url, progress=False).read_bytes() == tiny_weights[0]
+        monkeypatch.setenv("HF_TOKEN", "wrong")  # the environment's comes before the saved one
+        with pytest.raises(DownloadError, match="the token sent may not read it"):
+            download(url.replace("/w.", "/again."), progress=False)
+        with token_at("secret"):  # transformers' from_pretrained(token=...) comes first of all
+            assert download(url.replace("/w.", "/again."), progress=False).read_bytes() == tiny_weights[0]
+    finally:
+        hub.close()
+    assert hub.authorizations == [None, "Bearer secret", "Bearer wrong", "Bearer secret"]
+    download(f"{server.url}/tiny.safetensors", progress=False)  # another host, HF_TOKEN set
+    assert server.authorizations == [None, None, None]  # the CDN's two redirected fetches and that one
+
 def test_no_connection_fails_at_once_without_retrying(cache, monkeypatch):
     """Offline or no such host: an error at once (retrying only delays it) and nothing left behind."""
     monkeypatch.setattr(clipforge.pretrained, "_RETRY_WAITS", (30.0,))

@@ -696,6 +696,33 @@ def test_one_tower_folders_load_as_transformers_reads_them(folders, siglip_folde
         assert torch.equal(again(ids).pooler_output, local(ids).pooler_output)
 
 
+def test_a_private_hub_repo_loads_with_transformers_token_keyword(folders, tmp_path, monkeypatch):
+    """from_pretrained(..., token=...) sends that token to the hub for the model, its tokenizer and processor (a
+    private or gated repo); without one the refusal says what to do."""
+    from conftest import hub_server
+
+    from clipforge.pretrained import DownloadError
+
+    files = {p.name: p.read_bytes() for p in folders["saved"].iterdir() if p.is_file()}
+    server = hub_server(monkeypatch, tmp_path / "cache", "someone/private-clip", files)
+    server.token = "secret"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no saved token
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    images = torch.randn(2, 3, 64, 64)
+    try:
+        with pytest.raises(DownloadError, match="set HF_TOKEN"):
+            transformers_api.CLIPModel.from_pretrained("someone/private-clip")
+        model = transformers_api.CLIPModel.from_pretrained("someone/private-clip", token="secret")
+        processor = transformers_api.CLIPProcessor.from_pretrained("someone/private-clip", use_auth_token="secret")
+    finally:
+        server.close()
+    with torch.no_grad():
+        expected = transformers_api.CLIPModel.from_pretrained(folders["saved"]).get_image_features(images)
+        assert torch.equal(model.get_image_features(images), expected)
+    assert processor(text=["a cat"], return_tensors="pt")["input_ids"].shape[0] == 1
+    assert server.authorizations[0] is None and set(server.authorizations[1:]) == {"Bearer secret"}
+
 def test_a_sharded_transformers_folder_loads_whole(folders, tmp_path, monkeypatch):
     """A large model's folder, as transformers shards it (model.safetensors.index.json beside its shards): read by
     clipforge.load and CLIPModel.from_pretrained, every shard, from a folder and from a hub repo (fetched once); the

@@ -135,6 +135,37 @@ def cache_at(directory: str | os.PathLike | None):
         _CACHE_OVERRIDE.reset(token)
 
 
+_TOKEN_OVERRIDE: ContextVar[str | None] = ContextVar("clipforge_hub_token", default=None)
+
+
+def hub_token() -> str | None:
+    """The Hugging Face token sent to the hub (``hub_endpoint()``) and nowhere else, as huggingface_hub finds it:
+    ``token=`` for a block (``token_at``), ``$HF_TOKEN`` (or the older ``$HUGGING_FACE_HUB_TOKEN``), else the one
+    ``hf auth login`` saved in ``$HF_TOKEN_PATH`` (default ``$HF_HOME/token``, ``~/.cache/huggingface/token``).
+    None: anonymous, enough for public repos; gated and private ones need one."""
+    for token in (_TOKEN_OVERRIDE.get(), os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+        if token and token.strip():
+            return token.strip()
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
+    saved = Path(os.environ.get("HF_TOKEN_PATH", home / "token")).expanduser()
+    try:
+        return saved.read_text().strip() or None
+    except OSError:
+        return None
+
+
+@contextmanager
+def token_at(token: str | None):
+    """Within the block, ``token`` is sent to the hub (transformers' and open_clip's ``token=``); None changes
+    nothing."""
+    reset = _TOKEN_OVERRIDE.set(token) if token else None
+    try:
+        yield
+    finally:
+        if reset is not None:
+            _TOKEN_OVERRIDE.reset(reset)
+
+
 def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("CLIPFORGE_OFFLINE", "HF_HUB_OFFLINE"))
 
@@ -209,6 +240,9 @@ def _fetch_into(partial: Path, url: str, timeout: float, progress: bool) -> str 
     file's as its ETag), or None."""
     have = _size(partial)
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    token = hub_token() if url.startswith(hub_endpoint() + "/") else None
+    if token:  # to the hub only: not to another host, nor past a redirect (its CDN's presigned URLs need none)
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             resumed = have > 0 and response.status == 206 and \
@@ -233,6 +267,12 @@ def _fetch_into(partial: Path, url: str, timeout: float, progress: bool) -> str 
             raise _Transient(f"HTTP 416 for the kept {have} bytes") from None
         if exc.code >= 500 or exc.code == 429:
             raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
+        if exc.code in (401, 403) and url.startswith(hub_endpoint() + "/"):
+            advice = ("the token sent may not read it (accept the repo's terms on its page, or use a token with "
+                      "access)" if token else "set HF_TOKEN to a token that may read it (or log in with `hf auth "
+                      "login`), after accepting the repo's terms on its page")
+            raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}: a gated or private repo, or none by that "
+                                f"name; {advice}; nothing was cached") from None
         error = NotFoundError if exc.code == 404 else DownloadError
         raise error(f"{url}: download failed (HTTP {exc.code} {exc.reason}); nothing was cached") from None
     except (urllib.error.URLError, ValueError) as exc:  # no connection (offline, no such host) or not a URL

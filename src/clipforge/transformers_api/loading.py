@@ -87,15 +87,16 @@ def _model_folder(name_or_path, subfolder: str | None, variant: str | None) -> P
 # as transformers' eager attention, where output_attentions asks for its maps), the tokenizer and image processor
 # are this module's, the weights are read as they are
 _HARMLESS = {"attn_implementation", "low_cpu_mem_usage", "use_safetensors", "trust_remote_code", "use_fast"}
-_HUB_KEYWORDS = {"cache_dir", "local_files_only", "revision", "subfolder"}
+_HUB_KEYWORDS = {"cache_dir", "local_files_only", "revision", "subfolder", "token", "use_auth_token"}
 
 
 @contextlib.contextmanager
 def _hub_options(kind: str, options: dict, own: tuple = ()):
     """transformers' hub keywords for a ``from_pretrained``: ``cache_dir`` (where hub files are kept),
     ``local_files_only`` (nothing fetched: offline), ``revision`` (the main branch only), ``subfolder`` (read by
-    ``_folder``); ``own``: the class's other keywords; anything else is named as not built."""
-    from ..pretrained import cache_at
+    ``_folder``), ``token`` (sent to the hub for a gated or private repo; True: the one ``pretrained.hub_token`` finds
+    anyway); ``own``: the class's other keywords; anything else is named as not built."""
+    from ..pretrained import cache_at, token_at
 
     unknown = set(options) - _HARMLESS - _HUB_KEYWORDS - set(own)
     if unknown:
@@ -105,8 +106,9 @@ def _hub_options(kind: str, options: dict, own: tuple = ()):
     offline, before = options.get("local_files_only"), os.environ.get("CLIPFORGE_OFFLINE")
     if offline:
         os.environ["CLIPFORGE_OFFLINE"] = "1"
+    token = options.get("token", options.get("use_auth_token"))  # use_auth_token: transformers 4's older name
     try:
-        with cache_at(options.get("cache_dir")):
+        with cache_at(options.get("cache_dir")), token_at(token if isinstance(token, str) else None):
             yield
     finally:
         if offline and before is None:
