@@ -263,6 +263,13 @@ def test_kept_bytes_that_do_not_verify_are_dropped_and_a_server_without_ranges_s
     part.write_bytes(tiny_weights[0][:100])
     server.ranges = False  # answers a range request with the whole file (200): written afresh, not appended
     assert clipforge.pretrained.download(url, sha, progress=False).read_bytes() == tiny_weights[0]
+    cached_path(url).unlink()
+    part.write_bytes(tiny_weights[0] + b"more")  # longer than the file: the server refuses the range (416)
+    server.ranges = True
+    monkeypatch.setattr(clipforge.pretrained, "_RETRY_WAITS", (0,))
+    assert clipforge.pretrained.download(url, sha, progress=False).read_bytes() == tiny_weights[0]
+    assert server.requested[-2:] == [("/tiny.safetensors", f"bytes={len(tiny_weights[0]) + 4}-"),
+                                     ("/tiny.safetensors", None)]  # then from the start
 
 
 def test_processes_fetching_one_file_at_once_take_turns(server, cache, tiny_weights):

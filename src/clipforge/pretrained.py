@@ -263,7 +263,7 @@ def _fetch_into(partial: Path, url: str, timeout: float, progress: bool) -> str 
                     bar.close()
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # the kept bytes are not a prefix the server knows: start over
-            partial.unlink()
+            partial.write_bytes(b"")  # emptied in place: the locked file stays the one at that name
             raise _Transient(f"HTTP 416 for the kept {have} bytes") from None
         if exc.code >= 500 or exc.code == 429:
             raise _Transient(f"HTTP {exc.code} {exc.reason}") from None

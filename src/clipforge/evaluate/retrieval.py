@@ -76,7 +76,7 @@ def embed_retrieval_set(model, tokenizer, source, preprocess, limit: int | None 
             batch.append(preprocess(image))
             if len(batch) == batch_size:
                 flush()
-            bar.update(1)
+            bar.update(index + 1 + sum(skipped.values()) - bar.n)  # unusable samples count as read
         flush()
     if not image_features:
         return torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), skipped
