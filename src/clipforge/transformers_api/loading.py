@@ -63,7 +63,7 @@ def _hub_cache(name_or_path) -> tuple[str, Path]:
 
 def _model_folder(name_or_path, subfolder: str | None, variant: str | None) -> Path:
     """A model's folder with its config and weights: local, or a hub repo's (``subfolder`` of it) fetched once
-    into the cache, the first weights transformers would take (``checkpoint.io.weight_files``' order)."""
+    into the cache, the first weights transformers would take (``checkpoint.io.weight_file_names``' order)."""
     from ..checkpoint import CheckpointError
     from ..checkpoint.io import weight_files
     from ..pretrained import fetch_hub_file
