@@ -36,9 +36,12 @@ def test_list_shows_each_kind(tmp_path, monkeypatch, capsys):
     assert main(["cache"]) == 0
     assert "nothing kept yet" in capsys.readouterr().out
     _cache(tmp_path / "cache")
+    _write(tmp_path / "cache" / "00112233445566ff-open_clip_model.safetensors.part", 2048)  # a download cut short
     assert main(["cache", "list"]) == 0
-    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
-    assert rows["downloads"][:3] == ["2", "3.0", "KB"]  # the weights and an interrupted download, not notes.txt
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    assert rows["downloads"][:3] == ["3", "5.0", "KB"]  # the weights and two interrupted downloads, not notes.txt
+    assert "of the downloads, 1 cut short (2.0 KB received so far): the next fetch of each file resumes it" in out
     assert rows["features"][:3] == ["2", "2.9", "KB"]
     assert rows["language-models"][:3] == ["1", "4.9", "KB"]  # a folder is one entry
     assert rows["corruptions"][:2] == ["0", "-"]

@@ -113,6 +113,10 @@ def run_list(args) -> int:
     print(f"{'kind':16s} {'entries':>8s} {'size':>10s}  last written")
     for kind, count, size, newest in rows:
         print(f"{kind:16s} {count:8d} {size:>10s}  {newest}")
+    partial = [entry for entry in entries(root, "downloads") if entry.name.endswith(".part")]
+    if partial:
+        print(f"of the downloads, {len(partial)} cut short ({_human(sum(p.lstat().st_size for p in partial))} "
+              "received so far): the next fetch of each file resumes it")
     return 0
 
 
