@@ -141,7 +141,7 @@ def weight_files(folder: Path, variant: str | None = None, fetch=None, open_clip
     """A folder's weight files: the first of ``weight_file_names`` it holds, or the shards its index lists. ``fetch``
     (a hub repo's files: ``name -> Path or None``) is asked for each name in turn where given; by default a name is
     looked for in ``folder``. Empty where there are none; a shard its index lists but which is not there raises."""
-    fetch = fetch or (lambda name: folder / name if (folder / name).is_file() else None)
+    fetch = fetch or _in_folder(folder)
     for name in weight_file_names(variant, open_clip):
         found = fetch(name)
         if found is not None:
@@ -152,12 +152,17 @@ def weight_files(folder: Path, variant: str | None = None, fetch=None, open_clip
 def index_shards(index: Path, fetch=None) -> list[Path]:
     """The shard files a sharded checkpoint's index (``model.safetensors.index.json``) lists, beside it (or as
     ``fetch`` gives them: ``weight_files``)."""
-    fetch = fetch or (lambda name: index.parent / name if (index.parent / name).is_file() else None)
+    fetch = fetch or _in_folder(index.parent)
     shards = {name: fetch(name) for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))}
     missing = [name for name, found in shards.items() if found is None]
     if missing:
         raise CheckpointError(f"{index}: shard {missing[0]} is missing")
     return list(shards.values())
+
+
+def _in_folder(folder: Path):
+    """``weight_files``' default ``fetch``: a name's file in ``folder``, or None."""
+    return lambda name: folder / name if (folder / name).is_file() else None
 
 
 def read_weight_files(files: list[Path], trust_pickle: bool = False) -> dict[str, torch.Tensor]:

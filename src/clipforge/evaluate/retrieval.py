@@ -40,14 +40,23 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
 def embed_pairs(model, tokenizer, images: list[torch.Tensor], texts: list[str], batch_size: int = 256,
                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised image and text features, in batches (``texts`` may be empty: a [0, 0] tensor for them)."""
-    image_features, text_features = [], []
+    image_features = []
     for start in range(0, len(images), batch_size):
         batch = image_batch(images[start:start + batch_size], device)
         image_features.append(model.encode_image(batch, normalize=True).float().cpu())
-    for start in range(0, len(texts), batch_size):
+    return torch.cat(image_features), caption_features(model, tokenizer, texts, batch_size, device)
+
+
+@torch.no_grad()
+def caption_features(model, tokenizer, texts: list[str], batch_size: int = 256, device: str | torch.device = "cpu",
+                     progress: bool = False) -> torch.Tensor:
+    """L2-normalised features of ``texts``, in batches ([0, 0] for none)."""
+    chunks = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="embedding captions", unit="batch",
+                      disable=not progress, leave=False):
         tokens = tokenizer(texts[start:start + batch_size]).to(device)
-        text_features.append(model.encode_text(tokens, normalize=True).float().cpu())
-    return torch.cat(image_features), torch.cat(text_features) if text_features else torch.zeros(0, 0)
+        chunks.append(model.encode_text(tokens, normalize=True).float().cpu())
+    return torch.cat(chunks) if chunks else torch.zeros(0, 0)
 
 
 @torch.no_grad()
@@ -80,9 +89,5 @@ def embed_retrieval_set(model, tokenizer, source, preprocess, limit: int | None 
         flush()
     if not image_features:
         return torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), skipped
-    text_features = []
-    for start in tqdm(range(0, len(captions), batch_size), desc="embedding captions", unit="batch",
-                      disable=not progress, leave=False):
-        tokens = tokenizer(captions[start:start + batch_size]).to(device)
-        text_features.append(model.encode_text(tokens, normalize=True).float().cpu())
-    return torch.cat(image_features), torch.cat(text_features), torch.tensor(owners, dtype=torch.long), skipped
+    return (torch.cat(image_features), caption_features(model, tokenizer, captions, batch_size, device, progress),
+            torch.tensor(owners, dtype=torch.long), skipped)
