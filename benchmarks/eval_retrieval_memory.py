@@ -9,15 +9,14 @@ The earlier way, which decodes everything before embedding, also gives the share
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+import fresh_process
 
 WAYS = ("held", "streamed", "clip_benchmark")
 
@@ -62,13 +61,8 @@ def run_one(way: str, data: Path, images: int, batch_size: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--images", type=int, default=2000, help="the first N images of flickr8k/train")
+    parser = fresh_process.parser(__doc__, WAYS, 2000, "the first N images of flickr8k/train")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--one", choices=WAYS, help=argparse.SUPPRESS)  # the child process's way
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.one:
@@ -76,10 +70,7 @@ def main() -> int:
         return 0
     rows = []
     for way in WAYS:
-        out = subprocess.run([sys.executable, __file__, "--one", way, "--data", str(args.data), "--images",
-                              str(args.images), "--batch-size", str(args.batch_size), "--threads",
-                              str(args.threads)], capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(fresh_process.row(__file__, way, args, ("data", "images", "batch_size", "threads")))
         share = f"  decoding {rows[-1]['decoding_share']:.0%} of it" if "decoding_share" in rows[-1] else ""
         print(f"{way:>15}: {rows[-1]['seconds']:7.1f} s  peak RSS {rows[-1]['peak_rss_gb']:.2f} GB  "
               f"R@1 t2i {rows[-1]['metrics']['text_to_image_R@1']:.4f}{share}", flush=True)
@@ -89,11 +80,7 @@ def main() -> int:
               "ratios": {"peak_rss_streamed_vs_held": round(rows[1]["peak_rss_gb"] / rows[0]["peak_rss_gb"], 3),
                          "peak_rss_streamed_vs_clip_benchmark": round(rows[1]["peak_rss_gb"] / rows[2]["peak_rss_gb"],
                                                                       3)}}
-    print(json.dumps(result["ratios"]), "metrics agree" if agree else "METRICS DIFFER")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-    return 0 if agree else 1
+    return fresh_process.finish(result, agree, args.json)
 
 
 if __name__ == "__main__":

@@ -187,8 +187,8 @@ def test_labelled_validation_scores_zero_shot_less_the_prompt_prior_over_trainin
     val_set, templates = open_validation(cfg, None, model.image_size, None, train_source, labels)
     assert len(val_set.prior_images) == min(32, PRIOR_IMAGES) and len(val_set.images) == 24
     with torch.no_grad():
-        embeddings = model.encode_image(torch.stack(val_set.images))
-        prior = caption_lm.prompt_log_prior(model, model.encode_image(torch.stack(val_set.prior_images)), colours,
+        embeddings = model.encode_image(torch.stack(val_set.images[:]))  # held as uint8 pixels: a slice reads them
+        prior = caption_lm.prompt_log_prior(model, model.encode_image(torch.stack(val_set.prior_images[:])), colours,
                                             templates)
         expected = caption_lm.zero_shot_logits(model, embeddings, colours, templates, prior=prior)
         plain = caption_lm.zero_shot_logits(model, embeddings, colours, templates)

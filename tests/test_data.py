@@ -212,3 +212,20 @@ def test_evaluation_sets_keep_every_caption_of_every_image(tmp_path):
     pairs = evaluation_set(open_source(str(shard), shuffle_buffer=0), TrainTransform(32, scale=(1.0, 1.0)))
     assert len(pairs.images) == 6 and len(pairs.captions) == 1 + 2 + 3 + 1 + 2 + 3
     assert all(c.startswith(f"caption {i}.") for c, i in zip(pairs.captions, pairs.caption_images.tolist()))
+
+
+def test_a_compact_evaluation_set_holds_uint8_pixels_and_reads_as_the_held_tensors(tmp_path):
+    from clipforge.data import evaluation_set
+    from clipforge.preprocess import HeldPixels, Preprocess
+
+    shard = write_shard(tmp_path / "s-000000.tar", [{"__key__": f"{i:03d}", "png": _png(colour), "txt": colour}
+                                                     for i, colour in enumerate(["red", "green", "blue", "white"])])
+    source = open_source(str(shard), shuffle_buffer=0)
+    tensors = evaluation_set(source, Preprocess(24))
+    compact = evaluation_set(source, Preprocess(24), compact=True)
+    assert isinstance(tensors.images, list) and isinstance(compact.images, HeldPixels)
+    assert all(torch.equal(a, b) for a, b in zip(tensors.images, compact.images[:])) and len(compact.images) == 4
+    assert compact.captions == tensors.captions
+    assert compact.images.nbytes * 4 == sum(t.nbytes for t in tensors.images)
+    with pytest.raises(TypeError, match="Preprocess"):
+        evaluation_set(source, TrainTransform(24), compact=True)

@@ -247,3 +247,25 @@ def test_training_crop_falls_back_as_open_clips_does():
         assert (ours(image) - theirs(image)).abs().max().item() <= 1e-6, image.size
         compared.append(kind)
     assert {"wide", "tall"} <= set(compared) and len(compared) >= 8
+
+
+def test_held_pixels_read_back_as_the_preprocessed_tensors_in_a_quarter_of_the_memory():
+    from clipforge.preprocess import HeldPixels, OPENAI_MEAN, OPENAI_STD, to_tensor
+
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 60 - 5 * i, 3), dtype=np.uint8)) for i in range(5)]
+    preprocess = Preprocess(32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    held = HeldPixels(preprocess)
+    for photo in photos:
+        held.append(preprocess.pixels(photo))
+    expected = [preprocess(photo) for photo in photos]
+    assert len(held) == 5 and all(torch.equal(held[i], expected[i]) for i in range(5))  # bit for bit
+    assert [t.tolist() for t in held[1:4]] == [t.tolist() for t in expected[1:4]] and torch.equal(held[-1], expected[-1])
+    assert held.nbytes * 4 == sum(t.nbytes for t in expected)
+    # normalising uint8 in torch gives what the float path through numpy gave before
+    array = np.asarray(photos[0].resize((32, 32)), dtype=np.float32) / 255.0
+    before = (torch.from_numpy(array).permute(2, 0, 1) - torch.tensor(OPENAI_MEAN).view(3, 1, 1)) / \
+        torch.tensor(OPENAI_STD).view(3, 1, 1)
+    assert torch.equal(to_tensor(photos[0].resize((32, 32))), before)
+    with pytest.raises(TypeError, match="uint8"):
+        held.append(expected[0])

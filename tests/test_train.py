@@ -582,6 +582,26 @@ class _ColourOracle(torch.nn.Module):
         return torch.nn.functional.one_hot(named, len(self.colours)).float()
 
 
+def test_training_holds_its_validation_images_as_uint8_pixels_with_the_same_metrics(tmp_path):
+    from clipforge.data import evaluation_set, open_source
+    from clipforge.preprocess import HeldPixels
+    from clipforge.train.loop import TrainConfig, validate
+    from clipforge.train.validation import open_validation
+
+    val_shard, colours = colour_dataset(tmp_path / "colours")
+    cfg = TrainConfig(model="ViT-Tiny-64", val_data=str(val_shard), val_samples=16)
+    val_set, templates = open_validation(cfg, None, 64, None)
+    assert isinstance(val_set.images, HeldPixels) and len(val_set.images) == 16  # 1/4 of float32's memory
+    torch.manual_seed(0)
+    model = _small_model().eval()
+    tokenizer = clipforge.get_tokenizer(context_length=model.context_length)
+    held = evaluation_set(open_source(str(val_shard), shuffle_buffer=0), clipforge.Preprocess(64), 16, colours,
+                          seed=cfg.seed)
+    assert isinstance(held.images, list) and held.captions == val_set.captions
+    assert validate(model, tokenizer, val_set, "cpu", templates=templates) == \
+        validate(model, tokenizer, held, "cpu", templates=templates)
+
+
 def test_validation_zero_shot_accuracy_is_exact_for_a_model_that_knows_the_classes(tmp_path):
     from clipforge.data import evaluation_set, open_source
     from clipforge.train.loop import validate

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -129,13 +130,48 @@ def center_crop(image: Image.Image, size: int, floor: bool = False) -> Image.Ima
     return image.crop((left, top, left + size, top + size))
 
 
-def to_tensor(image: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Tensor:
-    """RGB PIL image -> normalised float tensor [3, H, W]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1)
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor [3, H, W] (a quarter of the normalised tensor's memory)."""
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalise(pixels: torch.Tensor, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Tensor:
+    """uint8 pixels [3, H, W] -> normalised float32 tensor: ``to_tensor``'s values bit for bit."""
     mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (tensor - mean) / std
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def to_tensor(image: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Tensor:
+    """RGB PIL image -> normalised float tensor [3, H, W]."""
+    return normalise(to_pixels(image), mean, std)
+
+
+class HeldPixels(Sequence):
+    """Preprocessed images held as uint8 pixels and normalised as they are read: a fixed evaluation set in a quarter
+    of the memory float32 tensors take (1,000 images at 224 pixels: 150 MB, not 600), with the same values. Reads as
+    a list of tensors: ``held[i]`` one image, ``held[a:b]`` a list of them."""
+
+    def __init__(self, preprocess: "Preprocess"):
+        self._mean, self._std = preprocess.mean, preprocess.std
+        self._pixels: list[torch.Tensor] = []
+
+    def append(self, pixels: torch.Tensor) -> None:
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"HeldPixels holds uint8 pixels, not {pixels.dtype}")
+        self._pixels.append(pixels)
+
+    def __len__(self) -> int:
+        return len(self._pixels)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [normalise(pixels, self._mean, self._std) for pixels in self._pixels[index]]
+        return normalise(self._pixels[index], self._mean, self._std)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(pixels.nbytes for pixels in self._pixels)
 
 
 class Preprocess:
@@ -157,6 +193,10 @@ class Preprocess:
         self.resize_mode, self.interpolation = resize_mode, interpolation
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return normalise(self.pixels(image), self.mean, self.std)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The resized and cropped image as uint8 pixels [3, size, size], before normalisation (``HeldPixels``)."""
         if not isinstance(image, Image.Image):
             image = open_image(image)
         size = self.image_size
@@ -164,7 +204,7 @@ class Preprocess:
             image = image.resize((size, size), INTERPOLATIONS[self.interpolation])
         else:
             image = center_crop(resize_short_side(image, size, self.interpolation), size)
-        return to_tensor(image, self.mean, self.std)
+        return to_pixels(image)
 
     @property
     def decode_size(self) -> int:

@@ -35,7 +35,7 @@ def open_validation(cfg, val_source, image_size: int, label_templates: list[str]
     classnames = source_classnames(source)
     templates = label_templates  # --label-captions FILE: the same prompts caption and classify
     val_set = evaluation_set(source, preprocess, cfg.val_samples, classnames, templates,
-                             bool(cfg.label_captions and classnames), seed=cfg.seed)
+                             bool(cfg.label_captions and classnames), seed=cfg.seed, compact=True)
     if not val_set.images:
         raise ValueError(f"validation data {cfg.val_data or source!r} has no usable samples "
                          f"(skipped: {dict(val_set.skipped) or 'none'}); labelled shards need classnames.txt "
@@ -45,11 +45,11 @@ def open_validation(cfg, val_source, image_size: int, label_templates: list[str]
     return val_set, templates or list(DEFAULT_TEMPLATES)
 
 
-def _prior_images(cfg, train_source, labels, preprocess) -> list[torch.Tensor]:
+def _prior_images(cfg, train_source, labels, preprocess):
     """The first ``PRIOR_IMAGES`` usable training images, decoded as training decodes them (a word-by-word model's
     prompt prior is averaged over them)."""
     return evaluation_set(train_source, preprocess, PRIOR_IMAGES, labels.classnames, labels.templates,
-                          bool(labels.classnames), seed=cfg.seed).images
+                          bool(labels.classnames), seed=cfg.seed, compact=True).images
 
 
 @dataclass
@@ -77,7 +77,7 @@ def open_zero_shot_sets(cfg, image_size: int, preprocess_cfg: dict | None = None
     for root in cfg.zeroshot_data:
         dataset = open_labelled(root, cfg.zeroshot_split)
         samples = evaluation_set(dataset.source, preprocess, cfg.val_samples, dataset.classnames, None, True,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, compact=True)
         if samples.labels is None:
             raise ValueError(f"--zeroshot-data {root}: no usable labelled samples in split {cfg.zeroshot_split!r} "
                              f"(skipped: {dict(samples.skipped) or 'none'})")
