@@ -595,3 +595,22 @@ def test_models_command_describes_one_architecture_and_its_tags(capsys, cache):
     assert "resize_mode squash" in capsys.readouterr().out
     assert cli.main(["models", "ViT-Tiny-64"]) == 0
     assert "no pretrained tags" in capsys.readouterr().out
+
+
+def test_hf_text_pooling_follows_eos_token_id_both_ways():
+    """transformers pools a CLIP text at its first end-of-text token, at the largest id only for configs with the
+    old eos_token_id 2: the two differ once tokens are added after it, so each reads as its own clipforge pool, and
+    a clipforge model pooled at the largest id with such tokens writes eos_token_id 2."""
+    from clipforge.checkpoint.hf import config_from_clipforge, config_to_clipforge
+    from clipforge.models import get_model_config
+
+    hf = config_from_clipforge(get_model_config("ViT-B-32"), 2.6592)
+    assert hf["model_type"] == "clip" and hf["text_config"]["eos_token_id"] == 49407
+    modern, legacy = config_to_clipforge(hf)["text_cfg"], config_to_clipforge(
+        {**hf, "text_config": {**hf["text_config"], "eos_token_id": 2}})["text_cfg"]
+    assert (modern["pool"], modern["eos_id"]) == ("eos", 49407) and "pool" not in legacy
+    back = config_from_clipforge(config_to_clipforge(hf), 2.6592)
+    assert back["model_type"] == "clip" and back["text_config"]["eos_token_id"] == 49407
+    grown = get_model_config("ViT-B-32")
+    grown["text_cfg"]["vocab_size"] = 49410
+    assert config_from_clipforge(grown, 2.6592)["text_config"]["eos_token_id"] == 2

@@ -139,6 +139,15 @@ def test_a_google_siglip_folder_tokenizes_as_open_clip_and_transformers_without_
         assert (model.encode_text(tokenizer(plain), normalize=True) - theirs).abs().max() <= 2e-5
 
 
+def test_adding_tokens_to_a_spiece_tokenizer_is_refused_by_name(google_siglip):
+    from clipforge import transformers_api as ours
+
+    tokenizer = ours.AutoTokenizer.from_pretrained(google_siglip[0])
+    with pytest.raises(TypeError, match="spiece.model"):
+        tokenizer.add_tokens("<new-token>")
+    assert tokenizer.added_tokens_encoder == {}
+
+
 def test_transformers_api_runs_a_google_siglip_folder_as_transformers_does(google_siglip):
     from clipforge import transformers_api as ours
 

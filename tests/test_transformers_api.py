@@ -834,6 +834,89 @@ def test_diffusers_prompt_encoding_runs_with_clipforge_swapped_in(folders, sigli
         assert a.shape == b.shape and (a - b).abs().max().item() <= TOL, name
 
 
+def _textual_inversion(library, sd, learned, mean_resizing=True):
+    """What diffusers' textual inversion does with a text encoder and its tokenizer, the import changed: training
+    (placeholders added, the embedding resized to the tokenizer as a seeded run draws it, the placeholders started
+    from an initializer word) and loading (``load_textual_inversion``: a multi-vector embedding's tokens added after
+    a resize, the prompt spelled out with them from ``added_tokens_encoder``), then a prompt encoded both ways."""
+    tokenizer = library.CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")
+    encoder = library.CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", dtype=torch.float32)
+    vocabulary = len(tokenizer)
+    added = tokenizer.add_tokens(["<shiny-toy>", "<toy-style>"])
+    torch.manual_seed(1)
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=mean_resizing)
+    drawn = encoder.get_input_embeddings().weight[vocabulary:].detach().clone()
+    initializer = tokenizer.encode("toy", add_special_tokens=False)[0]
+    weights = encoder.get_input_embeddings().weight.data
+    for token in ("<shiny-toy>", "<toy-style>"):
+        weights[tokenizer.convert_tokens_to_ids(token)] = weights[initializer]
+    assert "<cat-toy>" not in tokenizer.get_vocab()
+    names = ["<cat-toy>", "<cat-toy>_1"]
+    encoder.resize_token_embeddings(len(tokenizer) + len(names))
+    for name, vector in zip(names, learned):
+        tokenizer.add_tokens(name)
+        encoder.get_input_embeddings().weight.data[tokenizer.convert_tokens_to_ids(name)] = vector
+    prompt = "A <cat-toy> backpack, <Shiny-Toy> on a table in <toy-style>"  # matched lower-cased, as the text
+    for token in set(tokenizer.tokenize(prompt)):  # diffusers' maybe_convert_prompt
+        if token in tokenizer.added_tokens_encoder and f"{token}_1" in tokenizer.added_tokens_encoder:
+            prompt = prompt.replace(token, f"{token} {token}_1")
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = encoder(ids)
+    return {"added": added, "length": len(tokenizer), "vocab_size": encoder.config.vocab_size, "drawn": drawn,
+            "encoder": {k: v for k, v in tokenizer.added_tokens_encoder.items()}, "prompt": prompt, "ids": ids,
+            "tokens": tokenizer.tokenize(prompt), "decoded": tokenizer.decode(ids[0], skip_special_tokens=True),
+            "last": out.last_hidden_state, "pooled": out.pooler_output}
+
+
+@pytest.mark.parametrize("variant", ["tokenizer.json", "vocab.json + merges.txt, eos_token_id 2", "mean 0 rows"])
+def test_textual_inversion_runs_with_clipforge_swapped_in(folders, siglip_folder, tmp_path, variant):
+    """Added tokens and a resized text embedding as transformers gives them: the same ids, tokens and added-token
+    tables, the same drawn rows for a seeded resize, and the same states; pooled where transformers pools (at the
+    first end-of-text token, or for a config from before that, eos_token_id 2, at the largest id: then at an added
+    token, as transformers does)."""
+    sd = _one_tower_folders(folders, siglip_folder, tmp_path)
+    if variant.startswith("vocab.json"):  # Stable Diffusion's own files: no tokenizer.json, an older config
+        bpe = json.loads((sd / "tokenizer" / "tokenizer.json").read_text())["model"]
+        (sd / "tokenizer" / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+        (sd / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        (sd / "tokenizer" / "tokenizer.json").unlink()
+        config = json.loads((sd / "text_encoder" / "config.json").read_text())
+        (sd / "text_encoder" / "config.json").write_text(json.dumps({**config, "eos_token_id": 2}))
+    width = transformers.CLIPTextConfig.from_pretrained(sd / "text_encoder").hidden_size
+    learned = torch.randn(2, width, generator=torch.Generator().manual_seed(0))
+    expected = _textual_inversion(transformers, sd, learned, mean_resizing=variant != "mean 0 rows")
+    got = _textual_inversion(transformers_api, sd, learned, mean_resizing=variant != "mean 0 rows")
+    assert expected["added"] == got["added"] == 2 and expected["length"] == got["length"] == got["vocab_size"]
+    assert got["vocab_size"] == expected["vocab_size"]
+    assert got["prompt"] == expected["prompt"] and "<cat-toy> <cat-toy>_1" in got["prompt"]
+    assert got["tokens"] == expected["tokens"] and got["encoder"] == expected["encoder"]
+    assert torch.equal(got["ids"], expected["ids"]) and int(got["ids"].max()) == got["length"] - 1
+    assert got["decoded"] == expected["decoded"]
+    assert torch.allclose(got["drawn"], expected["drawn"], atol=1e-7, rtol=0)
+    for key in ("last", "pooled"):
+        assert (got[key] - expected[key]).abs().max().item() <= TOL, key
+
+
+def test_resize_token_embeddings_rounds_up_shrinks_and_keeps_its_parameter(folders):
+    encoder = transformers_api.CLIPTextModel.from_pretrained(folders["saved"])
+    parameter, known = encoder.get_input_embeddings().weight, encoder.config.vocab_size
+    before = parameter.detach().clone()
+    resized = encoder.resize_token_embeddings(known + 3, pad_to_multiple_of=64)
+    assert resized is encoder.get_input_embeddings() and resized.weight is parameter  # optimizers keep it
+    assert resized.num_embeddings == -(-(known + 3) // 64) * 64 == encoder.config.vocab_size
+    assert torch.equal(resized.weight[:known], before)
+    assert encoder.resize_token_embeddings() is resized
+    assert encoder.resize_token_embeddings(known).num_embeddings == known  # shrunk back
+    assert torch.equal(encoder.get_input_embeddings().weight, before) and encoder.config.vocab_size == known
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        encoder.resize_token_embeddings(known, pad_to_multiple_of=0)
+    with pytest.raises(ValueError, match="width"):
+        encoder.set_input_embeddings(torch.nn.Embedding(10, 3))
+
+
 @pytest.fixture(scope="module")
 def siglip2_folder(tmp_path_factory):
     """A SigLIP 2 NaFlex repo as google/siglip2-*-naflex holds it: Siglip2Model, a Gemma tokenizer and

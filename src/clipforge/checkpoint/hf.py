@@ -81,6 +81,7 @@ def matches(state: dict) -> bool:
 
 NO_COCA = ("Hugging Face has no CoCa model class (a CLIPModel would drop the captioning decoder); write --to "
            "open_clip or clipforge")
+CLIP_EOT = 49407  # the end-of-text id of OpenAI's vocabulary (its largest before any token is added)
 MODEL_TYPES = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model", "metaclip_2": "MetaClip2Model"}
 _PATCH_KEY = "vision_model.embeddings.patch_embedding.weight"
 
@@ -288,6 +289,11 @@ def config_to_clipforge(hf: dict) -> dict:
     }
     if is_metaclip_2(hf):  # pooled at the first end-of-text token; its tokenizer files lie beside the weights
         config["text_cfg"].update(pool="eos", eos_id=text.get("eos_token_id", 2), hf_tokenizer_name=None)
+    elif text.get("eos_token_id", CLIP_EOT) != 2:
+        # transformers pools a CLIP text at its first end-of-text token, the row's largest id (argmax) only for
+        # configs written before it did so (eos_token_id 2); the two differ once tokens are added after it
+        # (textual inversion's placeholders, ``resize_token_embeddings``)
+        config["text_cfg"].update(pool="eos", eos_id=text.get("eos_token_id", CLIP_EOT))
     return config
 
 
@@ -376,9 +382,13 @@ def config_from_clipforge(config: dict, logit_scale: float) -> dict:
         raise CheckpointError("Hugging Face CLIPModel pools the class token after ln_pre and the text at its "
                               "end-of-text token under a causal mask; this model (CLIPA's settings) is not one; write "
                               "--to open_clip or clipforge")
-    model_type = "metaclip_2" if text.get("pool") == "eos" else "clip"  # its own tokenizer's end-of-text id
+    at_first_eos = text.get("pool") == "eos"
+    model_type = "metaclip_2" if at_first_eos and text["eos_id"] != CLIP_EOT else "clip"  # its own tokenizer's ids
+    # CLIP: transformers' eos_token_id 2 pools at the largest id (clipforge's "eot"), which differs from pooling at
+    # the first end-of-text token only with ids after it (a vocabulary grown for added tokens)
+    argmax = not at_first_eos and text["vocab_size"] > CLIP_EOT + 1
     ids = {"bos_token_id": 0, "eos_token_id": text["eos_id"], "pad_token_id": 1} if model_type == "metaclip_2" else \
-        {"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1}
+        {"bos_token_id": 49406, "eos_token_id": 2 if argmax else CLIP_EOT, "pad_token_id": 1}
     return {
         "architectures": [MODEL_TYPES[model_type]],
         "model_type": model_type,

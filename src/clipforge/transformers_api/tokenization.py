@@ -183,6 +183,35 @@ class CLIPTokenizer:
         """Every token and its id, the added tokens included."""
         return self._backend.get_vocab(with_added_tokens=True)
 
+    def add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        """transformers' ``add_tokens``: each new token (a string or a ``tokenizers.AddedToken``) is matched whole in
+        the (lower-cased) text, never split by the BPE, and takes the next id; tokens already known keep theirs.
+        Returns how many ids were added: the text model's ``resize_token_embeddings(len(tokenizer))`` makes room for
+        them (what textual inversion does with its placeholder tokens). ``special_tokens``: matched as written, and
+        dropped by ``decode(..., skip_special_tokens=True)``."""
+        if isinstance(self._backend, SiglipSentencePiece):
+            raise TypeError("add_tokens is built for tokenizer.json and CLIP's BPE files; this tokenizer is read from "
+                            "SigLIP's spiece.model (transformers' SiglipTokenizer adds tokens)")
+        if not new_tokens:
+            return 0
+        tokens = list(new_tokens) if isinstance(new_tokens, (list, tuple)) else [new_tokens]
+        return self._backend.add_special_tokens(tokens) if special_tokens else self._backend.add_tokens(tokens)
+
+    @property
+    def added_tokens_decoder(self) -> dict:
+        """Each added token (CLIP's start and end tokens among them) by id, as ``tokenizers.AddedToken``."""
+        if isinstance(self._backend, SiglipSentencePiece):
+            return {}
+        return self._backend.get_added_tokens_decoder()
+
+    @property
+    def added_tokens_encoder(self) -> dict[str, int]:
+        """Each added token's id by its text, in id order (diffusers reads textual inversion's tokens here)."""
+        return {token.content: i for i, token in sorted(self.added_tokens_decoder.items())}
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return self.added_tokens_encoder
+
     @property
     def all_special_tokens(self) -> list[str]:
         return list(dict.fromkeys(getattr(self, name) for name in _SPECIAL if getattr(self, name) is not None))

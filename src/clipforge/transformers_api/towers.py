@@ -254,6 +254,57 @@ class _TextTowerModel(_TowerModel):
         """The token embedding, as transformers' ``get_input_embeddings`` gives it (textual inversion reads it)."""
         return self.text.token_embedding
 
+    def set_input_embeddings(self, embedding: torch.nn.Embedding) -> None:
+        width = self.text.token_embedding.embedding_dim
+        if not isinstance(embedding, torch.nn.Embedding) or embedding.embedding_dim != width:
+            raise ValueError(f"set_input_embeddings takes an nn.Embedding of width {width}, got {embedding!r}")
+        self.text.token_embedding = embedding
+        self._vocabulary_is(embedding.num_embeddings)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> torch.nn.Embedding:
+        """transformers' ``resize_token_embeddings``: room for ``new_num_tokens`` ids (rounded up to a multiple of
+        ``pad_to_multiple_of``), the known rows kept, rows cut from the end when it shrinks. Added rows are drawn as
+        transformers draws them, so a seeded run gives the same values: from a normal distribution with the known
+        rows' mean and 1e-9 times their covariance (``mean_resizing``; the mean itself where that covariance is not
+        positive definite), else N(0, 0.02). The embedding module stays the same object, its weight the same
+        parameter (an optimizer holding it keeps it); the config's ``vocab_size`` follows."""
+        embedding = self.text.token_embedding
+        if pad_to_multiple_of is not None:
+            if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+                raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of!r}: expected a positive integer")
+            wanted = embedding.num_embeddings if new_num_tokens is None else new_num_tokens
+            new_num_tokens = -(-wanted // pad_to_multiple_of) * pad_to_multiple_of
+        if new_num_tokens is None:
+            return embedding
+        if not isinstance(new_num_tokens, int) or new_num_tokens < 1:
+            raise ValueError(f"new_num_tokens={new_num_tokens!r}: expected a positive number of tokens")
+        known, width = embedding.weight.shape
+        if new_num_tokens != known:
+            old = embedding.weight.data
+            grown = torch.empty(new_num_tokens, width, dtype=old.dtype, device=old.device)
+            # transformers builds a new nn.Embedding, whose construction draws N(0, 1) for every row: drawn here too,
+            # so that the rows drawn next come from the same generator state as transformers' do
+            torch.nn.init.normal_(grown)
+            if new_num_tokens > known and mean_resizing:
+                grown[known:] = _rows_like(old, new_num_tokens - known)
+            elif new_num_tokens > known:
+                torch.nn.init.normal_(grown, mean=0.0, std=0.02)  # transformers' initializer_range for CLIP
+            grown[:min(known, new_num_tokens)] = old[:new_num_tokens]
+            embedding.weight.data = grown
+            embedding.num_embeddings = new_num_tokens
+            if embedding.padding_idx is not None and embedding.padding_idx >= new_num_tokens:
+                embedding.padding_idx = None
+        self._vocabulary_is(new_num_tokens)
+        return embedding
+
+    def _vocabulary_is(self, size: int) -> None:
+        """The tower and its config (what ``config`` and a save write) take a new vocabulary size."""
+        self.text.vocab_size = size
+        text = self._model_config["text_cfg"]
+        if text.get("vocab_size") != size:
+            self._model_config = {**self._model_config, "text_cfg": {**text, "vocab_size": size}}
+
     @property
     def final_layer_norm(self) -> torch.nn.Module:
         """The last LayerNorm, where scripts reach for it (diffusers' clip skip applies it to an earlier block's
@@ -295,6 +346,20 @@ class _TextTowerModel(_TowerModel):
         last = tower.ln_final(last)
         pooled = last[torch.arange(len(last), device=last.device), tower._pool_index(input_ids)]
         return last, self._head(pooled), hidden, maps
+
+
+def _rows_like(known: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` new embedding rows near the ``known`` ones' mean, as transformers' ``mean_resizing`` draws them: from
+    N(mean, 1e-9 * covariance) (in float32, with torch's generator), or the mean where that is not positive definite."""
+    rows = known.float()
+    mean = rows.mean(dim=0)
+    centred = rows - mean
+    covariance = 1e-9 * (centred.T @ centred / len(rows))
+    if bool(torch.distributions.constraints.positive_definite.check(covariance)):
+        drawn = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance).sample((count,))
+    else:
+        drawn = mean[None].repeat(count, 1)
+    return drawn.to(known.dtype)
 
 
 class CLIPTextModel(_TextTowerModel):
