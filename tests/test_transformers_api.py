@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -898,6 +899,59 @@ def test_textual_inversion_runs_with_clipforge_swapped_in(folders, siglip_folder
     assert torch.allclose(got["drawn"], expected["drawn"], atol=1e-7, rtol=0)
     for key in ("last", "pooled"):
         assert (got[key] - expected[key]).abs().max().item() <= TOL, key
+
+
+def test_towers_tokenizer_and_processor_save_what_transformers_reads_back(folders, siglip_folder, tmp_path):
+    """A textual inversion saved as a full pipeline (diffusers' --save_as_full_pipeline: the tokenizer with its added
+    tokens, the resized text encoder), an image encoder, and a processor: transformers reads each back to the same
+    ids, pixels and states as the clipforge objects that wrote them, and so does clipforge."""
+    sd = _one_tower_folders(folders, siglip_folder, tmp_path)
+    tokenizer = transformers_api.CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")
+    texts = ["a <cat-toy> backpack", "A <Cat-Toy>!! and a dog", "plain words only"]
+    for name, cls in (("text_encoder", "CLIPTextModel"), ("text_encoder_2", "CLIPTextModelWithProjection")):
+        encoder = getattr(transformers_api, cls).from_pretrained(sd, subfolder=name, variant=None if name ==
+                                                                 "text_encoder" else "fp16", dtype=torch.float32)
+        if name == "text_encoder":
+            tokenizer.add_tokens("<cat-toy>")
+        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.get_input_embeddings().weight.data[-1] = torch.randn(encoder.config.hidden_size)
+        encoder.save_pretrained(tmp_path / "out" / name)
+        ids = tokenizer(texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            ours = encoder(ids)
+            for library in (transformers, transformers_api):
+                again = getattr(library, cls).from_pretrained(tmp_path / "out" / name)(ids)
+                assert again.last_hidden_state.shape == ours.last_hidden_state.shape
+                assert (again.last_hidden_state - ours.last_hidden_state).abs().max().item() <= TOL, (name, library)
+                pooled = "pooler_output" if cls == "CLIPTextModel" else "text_embeds"
+                assert (again[pooled] - ours[pooled]).abs().max().item() <= TOL, (name, library)
+    written = tokenizer.save_pretrained(tmp_path / "out" / "tokenizer")
+    assert sorted(Path(f).name for f in written) == ["special_tokens_map.json", "tokenizer.json",
+                                                     "tokenizer_config.json"]
+    for library in (transformers, transformers_api):
+        again = library.CLIPTokenizer.from_pretrained(tmp_path / "out", subfolder="tokenizer")
+        assert len(again) == len(tokenizer) and again.convert_tokens_to_ids("<cat-toy>") == len(tokenizer) - 1
+        assert again(texts).input_ids == tokenizer(texts).input_ids, library
+        assert again.model_max_length == tokenizer.model_max_length
+
+    image_encoder = transformers_api.CLIPVisionModelWithProjection.from_pretrained(sd, subfolder="image_encoder")
+    image_encoder.save_pretrained(tmp_path / "out" / "image_encoder")
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = image_encoder(pixels).image_embeds
+        got = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / "out" / "image_encoder")(pixels)
+    assert (got.image_embeds - expected).abs().max().item() <= TOL
+
+    processor = transformers_api.CLIPProcessor.from_pretrained(folders["saved"])
+    processor.save_pretrained(tmp_path / "processor")
+    photos = _photos(4)
+    for library in (transformers, transformers_api):
+        again = library.CLIPProcessor.from_pretrained(tmp_path / "processor")
+        a = again(text=texts, images=photos, return_tensors="pt", padding=True)
+        b = processor(text=texts, images=photos, return_tensors="pt", padding=True)
+        assert torch.equal(a.input_ids, b.input_ids) and (a.pixel_values - b.pixel_values).abs().max() <= 1e-5
+    with pytest.raises(TypeError, match="not built here"):
+        processor.save_pretrained(tmp_path / "processor", push_to_hub=True)
 
 
 def test_resize_token_embeddings_rounds_up_shrinks_and_keeps_its_parameter(folders):

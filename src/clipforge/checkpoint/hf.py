@@ -192,6 +192,12 @@ def from_clipforge(state: dict, naflex: bool = False) -> dict:
     if "logit_bias" in state and not siglip:
         raise CheckpointError("Hugging Face CLIPModel has no logit_bias (a CLIP trained with the sigmoid loss has no "
                               "transformers class; keep it as clipforge or safetensors)")
+    return keys_from_clipforge(state, siglip, naflex)
+
+
+def keys_from_clipforge(state: dict, siglip: bool, naflex: bool = False) -> dict:
+    """clipforge keys (``visual.`` / ``text.``, either tower or both) renamed and split as transformers names them
+    (``from_clipforge`` after its checks; a tower saved alone, ``transformers_api``'s ``save_pretrained``)."""
     out = {}
     for key, value in state.items():
         if key in _TOP_INV:
@@ -442,32 +448,36 @@ HF_SOT, HF_EOT = "<|startoftext|>", "<|endoftext|>"  # transformers' names for O
 
 
 def save_image_processor(model, folder: str | Path) -> None:
-    """``preprocessor_config.json``: the evaluation transform (bicubic short-side resize and centre crop, or a squash;
-    the model's mean and std) as a ``CLIPImageProcessor``, which expresses both (SigLIP's own processor squashes
-    only)."""
+    """``preprocessor_config.json``: the model's evaluation transform (``image_processor_settings``)."""
     from ..files import write_json
-    from ..preprocess import Preprocess
+    from ..preprocess import NaFlexPreprocess, Preprocess
 
-    folder = Path(folder)
-    size = model.image_size
-    settings = Preprocess(size, **(getattr(model, "normalisation", None) or {})).settings
-    if is_naflex(model.config):  # transformers' NaFlex processor: aspect kept, up to the tower's grid of patches
-        patch = model.config["vision_cfg"]["patch_size"]
-        write_json(folder / "preprocessor_config.json", {
-            "image_processor_type": "Siglip2ImageProcessor", "do_resize": True, "do_rescale": True,
-            "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 2,
-            "image_mean": list(settings["mean"]), "image_std": list(settings["std"]), "patch_size": patch,
-            "max_num_patches": (size // patch) ** 2})
-        return
-    squash = settings["resize_mode"] == "squash"  # the whole image to a square, no crop (DFN)
-    write_json(folder / "preprocessor_config.json", {
+    preprocess = NaFlexPreprocess.for_model(model) if is_naflex(model.config) else \
+        Preprocess(model.image_size, **(getattr(model, "normalisation", None) or {}))
+    write_json(Path(folder) / "preprocessor_config.json", image_processor_settings(preprocess))
+
+
+def image_processor_settings(preprocess) -> dict:
+    """An evaluation transform as transformers' image processor settings: a ``Preprocess`` (bicubic or bilinear
+    short-side resize and centre crop, or a squash; its mean and std) as a ``CLIPImageProcessor``, which expresses
+    both (SigLIP's own processor squashes only); a ``NaFlexPreprocess`` as a ``Siglip2ImageProcessor``."""
+    from ..preprocess import NaFlexPreprocess
+
+    settings = preprocess.settings
+    if isinstance(preprocess, NaFlexPreprocess):  # transformers' NaFlex processor: aspect kept, up to the patches
+        return {"image_processor_type": "Siglip2ImageProcessor", "do_resize": True, "do_rescale": True,
+                "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 2,
+                "image_mean": list(settings["mean"]), "image_std": list(settings["std"]),
+                "patch_size": settings["patch_size"], "max_num_patches": settings["max_patches"]}
+    size, squash = preprocess.image_size, settings["resize_mode"] == "squash"  # the whole image to a square (DFN)
+    return {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True,
         "size": {"height": size, "width": size} if squash else {"shortest_edge": size},
         "resample": 2 if settings["interpolation"] == "bilinear" else 3,  # PIL's codes
         "do_center_crop": not squash, "crop_size": {"height": size, "width": size}, "do_rescale": True,
         "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
         "image_mean": list(settings["mean"]), "image_std": list(settings["std"]),
-    })
+    }
 
 
 def save_own_tokenizer(model, folder: str | Path) -> None:

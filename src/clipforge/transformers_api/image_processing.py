@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,6 +54,9 @@ class CLIPImageProcessor:
         if not isinstance(side, int):
             raise ValueError(f"{name_or_path}: its image processor gives no image size (size / crop_size)")
         return cls(side, **processor_preprocess(config))
+
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> str:
+        return _save_image_processor(self.settings, folder, kwargs)
 
     def __call__(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchEncoding:
         """``pixel_values`` [N, 3, size, size] from a PIL image, an [H, W, 3] uint8 array or a [3, H, W] uint8
@@ -115,6 +119,9 @@ class Siglip2ImageProcessor:
         return cls(config.get("patch_size", 16), config.get("max_num_patches", 256),
                    config.get("image_mean", (0.5,) * 3), config.get("image_std", (0.5,) * 3))
 
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> str:
+        return _save_image_processor(self.settings, folder, kwargs)
+
     def _arguments(self) -> tuple:
         p = self.settings
         return p.patch_size, p.max_patches, p.mean, p.std
@@ -155,6 +162,20 @@ class Siglip2ImageProcessorPil(Siglip2ImageProcessor):
     """``Siglip2ImageProcessor`` resized by Pillow: transformers' ``Siglip2ImageProcessorPil`` pixels."""
 
     pillow = True
+
+
+def _save_image_processor(preprocess, folder, options: dict) -> str:
+    """``preprocessor_config.json`` in ``folder``, which transformers and ``from_pretrained`` read back as the same
+    transform (``checkpoint.hf.image_processor_settings``); its path."""
+    from ..checkpoint.hf import image_processor_settings
+    from ..files import write_json
+
+    if options:
+        raise TypeError(f"save_pretrained: {', '.join(sorted(options))} not built here")
+    path = Path(folder) / "preprocessor_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, image_processor_settings(preprocess))
+    return str(path)
 
 
 def _rgb_images(images, return_tensors: str | None, unknown: dict) -> list[Image.Image]:

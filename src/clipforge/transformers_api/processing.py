@@ -23,6 +23,13 @@ class CLIPProcessor:
         return cls(CLIPImageProcessor.from_pretrained(name_or_path, **kwargs),
                    CLIPTokenizer.from_pretrained(name_or_path, **kwargs))
 
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> list[str]:
+        """The image processor's and the tokenizer's files in ``folder`` (what ``from_pretrained`` and transformers'
+        ``CLIPProcessor`` read); their paths."""
+        if kwargs:
+            raise TypeError(f"CLIPProcessor.save_pretrained: {', '.join(sorted(kwargs))} not built here")
+        return [self.image_processor.save_pretrained(folder), *self.tokenizer.save_pretrained(folder)]
+
     def __call__(self, *args, text=None, images=None, return_tensors: str | None = None, **kwargs) -> BatchEncoding:
         for value in args:
             is_text = isinstance(value, str) or (isinstance(value, (list, tuple)) and value

@@ -87,7 +87,9 @@ class CLIPTokenizer:
         max_length = min(int(settings.get("model_max_length", 77)), 10 ** 6)
         names = settings.get("model_input_names") or ("input_ids", "attention_mask")
         side = padding_side(settings)
-        return cls(backend, max_length, side, names, **special)
+        tokenizer = cls(backend, max_length, side, names, **special)
+        tokenizer._folder_settings = _read_json(folder / "tokenizer_config.json")  # what save_pretrained keeps
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -211,6 +213,34 @@ class CLIPTokenizer:
 
     def get_added_vocab(self) -> dict[str, int]:
         return self.added_tokens_encoder
+
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> tuple[str, ...]:
+        """transformers' tokenizer files, which transformers and ``from_pretrained`` read back to the same ids:
+        ``tokenizer.json`` (the vocabulary, its rules and every added token), ``tokenizer_config.json`` (the settings
+        of the folder it was read from, with this tokenizer's length, padding side, input names, special tokens and
+        added tokens) and ``special_tokens_map.json``. Returns the files' paths."""
+        from ..files import atomic_path, write_json
+
+        if kwargs:
+            raise TypeError(f"CLIPTokenizer.save_pretrained: {', '.join(sorted(kwargs))} not built here")
+        if isinstance(self._backend, SiglipSentencePiece):
+            raise TypeError("save_pretrained is built for tokenizer.json and CLIP's BPE files; this tokenizer is read "
+                            "from SigLIP's spiece.model (copy that folder's files)")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        special = {name: getattr(self, name) for name in _SPECIAL if getattr(self, name) is not None}
+        added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                          "single_word": t.single_word, "special": t.special}
+                 for i, t in sorted(self.added_tokens_decoder.items())}
+        settings = {"tokenizer_class": "CLIPTokenizer", **getattr(self, "_folder_settings", {}), **special,
+                    "model_max_length": self.model_max_length, "padding_side": self.padding_side,
+                    "model_input_names": self.model_input_names, "added_tokens_decoder": added}
+        paths = tuple(folder / name for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"))
+        with atomic_path(paths[2]) as temporary:
+            self._backend.save(str(temporary))
+        write_json(paths[0], settings)
+        write_json(paths[1], special)
+        return tuple(map(str, paths))
 
     @property
     def all_special_tokens(self) -> list[str]:

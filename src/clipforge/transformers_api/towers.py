@@ -84,6 +84,32 @@ class _TowerModel(torch.nn.Module):
                              "model's towers")
         return cls(clip).eval()
 
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> None:
+        """A folder transformers reads as this class, and ``from_pretrained`` reads back: ``config.json`` (the
+        tower's config: a resized vocabulary's size included) and ``model.safetensors`` under transformers' names
+        (``text_model.`` / ``vision_model.``, the projection for the ``...WithProjection`` classes), as diffusers
+        saves a pipeline's text encoder (textual inversion's ``--save_as_full_pipeline``)."""
+        from ..checkpoint.hf import TOWER_TYPES, keys_from_clipforge
+        from ..checkpoint.io import save_safetensors
+        from ..files import write_json
+
+        if set(kwargs) - {"safe_serialization"} or not kwargs.get("safe_serialization", True):
+            raise TypeError("save_pretrained writes safetensors; other options are not built here")
+        side = self.config_key[:-len("_config")]
+        model_type = f"{self.family[:-len('Model')].lower()}_{side}_model"
+        if model_type not in TOWER_TYPES:
+            raise TypeError(f"{type(self).__name__}.save_pretrained is built for CLIP's and SigLIP's towers")
+        prefix, tower = ("text.", self.text) if side == "text" else ("visual.", self.vision)
+        state = keys_from_clipforge({prefix + k: v for k, v in tower.state_dict().items()},
+                                    siglip=self.family != "CLIPModel")
+        if self.family == "CLIPModel" and not self.projected:  # transformers' CLIPTextModel has no projection
+            state = {k: v for k, v in state.items() if not k.endswith("_projection.weight")}
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_safetensors(state, folder / "model.safetensors", {"format": "pt"})
+        write_json(folder / "config.json", {**self.config.to_dict(), "model_type": model_type,
+                                            "architectures": [type(self).__name__]})
+
     @classmethod
     def _from_tower_folder(cls, folder: Path, name, variant: str | None) -> "_TowerModel":
         """The tower a one-tower folder holds, built from its ``config.json`` and loaded from its weights."""
