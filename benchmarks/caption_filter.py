@@ -51,7 +51,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
     model, preprocess, tokenizer = clipforge.load(args.checkpoint)
-    pairs = evaluation_set(open_source(args.data, shuffle_buffer=0), preprocess)
+    pairs = evaluation_set(open_source(args.data, shuffle_buffer=0), preprocess, compact=True)
     owners = pairs.caption_images.tolist()
     first = [owners.index(i) for i in range(len(pairs.images))]  # each photo's first caption
     captions = [pairs.captions[j] for j in first]

@@ -84,7 +84,7 @@ def train_one(recipe: dict, impl: str, seed: int, output: Path) -> tuple[torch.n
 def evaluate(model, tokenizer, data: Path, probe: bool = True) -> dict:
     preprocess = clipforge.Preprocess(model.image_size)
     result = {}
-    pairs = evaluation_set(open_source(str(data / "flickr8k" / "test"), shuffle_buffer=0), preprocess)
+    pairs = evaluation_set(open_source(str(data / "flickr8k" / "test"), shuffle_buffer=0), preprocess, compact=True)
     images, texts = embed_pairs(model, tokenizer, pairs.images, pairs.captions)
     result["flickr8k_test"] = {**retrieval_metrics(images, texts, pairs.caption_images),
                                "images": len(pairs.images), "captions": len(pairs.captions)}

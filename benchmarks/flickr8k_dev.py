@@ -44,7 +44,7 @@ class EveryNth:
 
 @torch.no_grad()
 def dev_scores(model, preprocess, tokenizer, data: Path, every: int = 10) -> dict:
-    pairs = evaluation_set(open_source(str(data / "flickr8k" / "dev"), shuffle_buffer=0), preprocess)
+    pairs = evaluation_set(open_source(str(data / "flickr8k" / "dev"), shuffle_buffer=0), preprocess, compact=True)
     images, texts = embed_pairs(model, tokenizer, pairs.images, pairs.captions)
     out = {k: round(v, 4) for k, v in retrieval_metrics(images, texts, pairs.caption_images).items()}
     # text->image over the captions that name a colour and over the rest: what colour augmentation can change
