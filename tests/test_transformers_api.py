@@ -871,6 +871,52 @@ def _textual_inversion(library, sd, learned, mean_resizing=True):
             "last": out.last_hidden_state, "pooled": out.pooler_output}
 
 
+def _bpe_files(tokenizer_json: Path, folder: Path) -> None:
+    """``vocab.json`` and ``merges.txt`` (Stable Diffusion's tokenizer files) of a CLIP ``tokenizer.json``'s BPE."""
+    bpe = json.loads(tokenizer_json.read_text())["model"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def test_a_tokenizer_transformers_4_saved_with_added_tokens_keeps_them(folders, tmp_path):
+    """A textual inversion saved as a full pipeline under transformers 4: its CLIPTokenizer (the slow one, which
+    diffusers loads) writes vocab.json and merges.txt, and the placeholders to added_tokens.json and
+    tokenizer_config.json, without a tokenizer.json. clipforge reads them at their ids, as transformers 5 and
+    transformers 4's fast tokenizer do (the BPE split them into pieces before); ids out of order are refused."""
+    import subprocess
+    import sys
+
+    from conftest import transformers4_peer
+
+    peer = transformers4_peer()
+    _bpe_files(folders["saved"] / "tokenizer.json", tmp_path / "bpe")
+    (tmp_path / "bpe" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    texts = ["a <cat-toy> <cat-toy>_1 backpack", "A <CAT-TOY>!! on a <cat-toy>_1", "no placeholder"]
+    script = ("import json, sys, transformers\n"
+              "slow = transformers.CLIPTokenizer.from_pretrained(sys.argv[1])\n"
+              "assert slow.add_tokens(['<cat-toy>', '<cat-toy>_1']) == 2\n"
+              "slow.save_pretrained(sys.argv[2])\n"
+              "fast = transformers.CLIPTokenizerFast.from_pretrained(sys.argv[2])\n"
+              "print(json.dumps([transformers.__version__, fast(json.loads(sys.argv[3])).input_ids]))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "bpe"), str(tmp_path / "saved4"),
+                          json.dumps(texts)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(peer)})
+    version, fast4 = json.loads(out.stdout.strip().splitlines()[-1])
+    saved = tmp_path / "saved4"
+    assert version.startswith("4.") and (saved / "added_tokens.json").is_file()
+    assert not (saved / "tokenizer.json").exists()
+    ours = transformers_api.CLIPTokenizer.from_pretrained(saved)
+    assert ours(texts).input_ids == transformers.CLIPTokenizer.from_pretrained(saved)(texts).input_ids == fast4
+    assert len(ours) == 49410 and ours.convert_tokens_to_ids("<cat-toy>_1") == 49409
+    config = json.loads((saved / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["49500"] = {"content": "<far>", "special": False}
+    (saved / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'<far>' is saved as id 49500, where the next id .* is 49410"):
+        transformers_api.CLIPTokenizer.from_pretrained(saved)
+
+
 @pytest.mark.parametrize("variant", ["tokenizer.json", "vocab.json + merges.txt, eos_token_id 2", "mean 0 rows"])
 def test_textual_inversion_runs_with_clipforge_swapped_in(folders, siglip_folder, tmp_path, variant):
     """Added tokens and a resized text embedding as transformers gives them: the same ids, tokens and added-token
@@ -879,10 +925,7 @@ def test_textual_inversion_runs_with_clipforge_swapped_in(folders, siglip_folder
     token, as transformers does)."""
     sd = _one_tower_folders(folders, siglip_folder, tmp_path)
     if variant.startswith("vocab.json"):  # Stable Diffusion's own files: no tokenizer.json, an older config
-        bpe = json.loads((sd / "tokenizer" / "tokenizer.json").read_text())["model"]
-        (sd / "tokenizer" / "vocab.json").write_text(json.dumps(bpe["vocab"]))
-        merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
-        (sd / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        _bpe_files(sd / "tokenizer" / "tokenizer.json", sd / "tokenizer")
         (sd / "tokenizer" / "tokenizer.json").unlink()
         config = json.loads((sd / "text_encoder" / "config.json").read_text())
         (sd / "text_encoder" / "config.json").write_text(json.dumps({**config, "eos_token_id": 2}))

@@ -31,7 +31,7 @@ class CLIPTokenizer:
     case), not OpenAI's ftfy: the ids are what the model was given in transformers."""
 
     _FILES = ("tokenizer.json", "vocab.json", "merges.txt", SPIECE_FILE, "tokenizer_config.json",
-              "special_tokens_map.json")
+              "special_tokens_map.json", "added_tokens.json")
 
     def __init__(self, backend, model_max_length: int = 77, padding_side: str = "right",
                  model_input_names=("input_ids", "attention_mask"), **special_tokens):
@@ -71,6 +71,7 @@ class CLIPTokenizer:
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             special = {**_CLIP_SPECIAL, **special}
             backend = _bpe_backend(folder, special["bos_token"], special["eos_token"])
+            _add_saved_tokens(backend, folder, settings)
         else:
             raise FileNotFoundError(f"{name_or_path}: no tokenizer.json, nor vocab.json with merges.txt, nor SigLIP's "
                                     "spiece.model (another SentencePiece model alone is run by transformers)")
@@ -258,6 +259,35 @@ class CLIPTokenizer:
 
     def batch_decode(self, rows, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(r, skip_special_tokens) for r in rows]
+
+
+def _add_saved_tokens(backend, folder: Path, settings: dict) -> None:
+    """The tokens a folder without ``tokenizer.json`` was given, each at its saved id: transformers 4's
+    ``CLIPTokenizer`` writes them to ``tokenizer_config.json``'s ``added_tokens_decoder`` and ``added_tokens.json``
+    (a textual inversion saved as a full pipeline: its placeholders). Ids that do not follow the vocabulary in order
+    are refused by name (the text encoder's rows would not be the tokens')."""
+    from tokenizers import AddedToken
+
+    saved = {int(i): dict(spec) for i, spec in (settings.get("added_tokens_decoder") or {}).items()}
+    for content, i in _read_json(folder / "added_tokens.json").items():
+        saved.setdefault(int(i), {"content": content})
+    for token_id in sorted(saved):
+        spec = saved[token_id]
+        content, special = spec["content"], bool(spec.get("special", False))
+        known = backend.token_to_id(content)
+        if known is not None:
+            if known != token_id:
+                raise ValueError(f"{folder}: added token {content!r} is saved as id {token_id}, but its vocabulary "
+                                 f"holds it as {known}")
+            continue
+        following = backend.get_vocab_size(with_added_tokens=True)
+        if token_id != following:
+            raise ValueError(f"{folder}: added token {content!r} is saved as id {token_id}, where the next id after "
+                             f"its vocabulary and the tokens before it is {following}")
+        token = AddedToken(content, single_word=spec.get("single_word", False), lstrip=spec.get("lstrip", False),
+                           rstrip=spec.get("rstrip", False), normalized=spec.get("normalized", not special),
+                           special=special)
+        (backend.add_special_tokens if special else backend.add_tokens)([token])
 
 
 def _bpe_backend(folder: Path, bos_token: str, eos_token: str):
