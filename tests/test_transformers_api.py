@@ -984,6 +984,14 @@ def test_towers_tokenizer_and_processor_save_what_transformers_reads_back(folder
         expected = image_encoder(pixels).image_embeds
         got = transformers.CLIPVisionModelWithProjection.from_pretrained(tmp_path / "out" / "image_encoder")(pixels)
     assert (got.image_embeds - expected).abs().max().item() <= TOL
+    siglip_tower = transformers_api.SiglipVisionModel.from_pretrained(siglip_folder)
+    siglip_tower.save_pretrained(tmp_path / "out" / "siglip_vision")
+    size = siglip_tower.config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected = siglip_tower(pixels).pooler_output
+        got = transformers.SiglipVisionModel.from_pretrained(tmp_path / "out" / "siglip_vision")(pixels).pooler_output
+    assert (got - expected).abs().max().item() <= TOL
 
     processor = transformers_api.CLIPProcessor.from_pretrained(folders["saved"])
     processor.save_pretrained(tmp_path / "processor")
