@@ -977,6 +977,22 @@ def test_towers_tokenizer_and_processor_save_what_transformers_reads_back(folder
         assert again(texts).input_ids == tokenizer(texts).input_ids, library
         assert again.model_max_length == tokenizer.model_max_length
 
+    # and the other way: transformers' own textual inversion, saved, read by clipforge
+    theirs_tokenizer = transformers.CLIPTokenizer.from_pretrained(sd, subfolder="tokenizer")
+    theirs_encoder = transformers.CLIPTextModel.from_pretrained(sd, subfolder="text_encoder")
+    theirs_tokenizer.add_tokens("<cat-toy>")
+    theirs_encoder.resize_token_embeddings(len(theirs_tokenizer))
+    theirs_tokenizer.save_pretrained(tmp_path / "theirs" / "tokenizer")
+    theirs_encoder.save_pretrained(tmp_path / "theirs" / "text_encoder")
+    ours_tokenizer = transformers_api.CLIPTokenizer.from_pretrained(tmp_path / "theirs", subfolder="tokenizer")
+    ids = ours_tokenizer(texts, padding=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, theirs_tokenizer(texts, padding=True, return_tensors="pt").input_ids)
+    with torch.no_grad():
+        expected = theirs_encoder(ids)
+        got = transformers_api.CLIPTextModel.from_pretrained(tmp_path / "theirs", subfolder="text_encoder")(ids)
+    for key in ("last_hidden_state", "pooler_output"):
+        assert (got[key] - expected[key]).abs().max().item() <= TOL, key
+
     image_encoder = transformers_api.CLIPVisionModelWithProjection.from_pretrained(sd, subfolder="image_encoder")
     image_encoder.save_pretrained(tmp_path / "out" / "image_encoder")
     pixels = torch.randn(2, 3, 64, 64)
