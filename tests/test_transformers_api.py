@@ -917,6 +917,32 @@ def test_a_tokenizer_transformers_4_saved_with_added_tokens_keeps_them(folders, 
         transformers_api.CLIPTokenizer.from_pretrained(saved)
 
 
+@pytest.mark.parametrize("layout", ["vocab.json + merges.txt", "with added_tokens_decoder", "tokenizer.json"])
+def test_sdxl_second_tokenizer_pads_with_a_special_exclamation_mark_as_transformers(folders, tmp_path, layout):
+    """SDXL's tokenizer_2 pads with "!" (id 0): transformers registers every special token its config names, so each
+    "!" of a prompt is matched whole ("wow!!" ends in two 0s, where the BPE alone makes one "!!" piece), in each
+    layout its files come in; clipforge gives the same ids (it gave the BPE's pieces before)."""
+    folder = tmp_path / "tokenizer_2"
+    _bpe_files(folders["saved"] / "tokenizer.json", folder)
+    config = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+              "pad_token": "!", "model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}
+    if layout != "vocab.json + merges.txt":
+        config["added_tokens_decoder"] = {str(i): {"content": c, "lstrip": False, "normalized": True, "rstrip": False,
+                                                   "single_word": False, "special": True}
+                                          for i, c in ((0, "!"), (49406, "<|startoftext|>"), (49407, "<|endoftext|>"))}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(json.dumps({k: config[k] for k in ("bos_token", "eos_token",
+                                                                                        "unk_token", "pad_token")}))
+    if layout == "tokenizer.json":  # the BPE's own file, which knows nothing of "!" being special
+        shutil.copy(folders["saved"] / "tokenizer.json", folder / "tokenizer.json")
+    texts = ["wow!! a cat!", "hi ! there!!!", "no marks at all", "Hello, world?!"]
+    expected = transformers.CLIPTokenizer.from_pretrained(folder)(texts, padding="max_length", max_length=16)
+    ours = transformers_api.CLIPTokenizer.from_pretrained(folder)
+    got = ours(texts, padding="max_length", max_length=16)
+    assert got.input_ids == expected.input_ids and got.attention_mask == expected.attention_mask
+    assert got.input_ids[0][:7] == [49406, 2781, 0, 0, 320, 2368, 0] and ours.pad_token_id == 0
+
+
 @pytest.mark.parametrize("variant", ["tokenizer.json", "vocab.json + merges.txt, eos_token_id 2", "mean 0 rows"])
 def test_textual_inversion_runs_with_clipforge_swapped_in(folders, siglip_folder, tmp_path, variant):
     """Added tokens and a resized text embedding as transformers gives them: the same ids, tokens and added-token

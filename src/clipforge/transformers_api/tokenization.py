@@ -82,6 +82,8 @@ class CLIPTokenizer:
             # transformers 5 reads a SigLIP 2 NaFlex repo's Gemma tokenizer as its Siglip2Tokenizer: lower case first,
             # as SigLIP 2 was trained (transformers 4 did not)
             backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *filter(None, [backend.normalizer])])
+        if not isinstance(backend, SiglipSentencePiece):
+            _keep_special_whole(backend, special.values())
         backend.no_padding()
         backend.no_truncation()
         # transformers' cap for "no limit" (a huge number) means none: the model's context length bounds it anyway
@@ -261,6 +263,16 @@ class CLIPTokenizer:
         return [self.decode(r, skip_special_tokens) for r in rows]
 
 
+def _keep_special_whole(backend, tokens) -> None:
+    """Each special token the folder names, registered as transformers registers it: matched whole in the text. It
+    matters where one is an ordinary piece of the vocabulary: SDXL's second tokenizer pads with "!", so in
+    transformers every "!" of a prompt is that token ("!!" two of them, where the BPE alone makes one piece)."""
+    registered = {token.content for token in backend.get_added_tokens_decoder().values()}
+    missing = [token for token in dict.fromkeys(tokens) if token not in registered]
+    if missing:
+        backend.add_special_tokens(missing)
+
+
 def _add_saved_tokens(backend, folder: Path, settings: dict) -> None:
     """The tokens a folder without ``tokenizer.json`` was given, each at its saved id: transformers 4's
     ``CLIPTokenizer`` writes them to ``tokenizer_config.json``'s ``added_tokens_decoder`` and ``added_tokens.json``
@@ -275,15 +287,15 @@ def _add_saved_tokens(backend, folder: Path, settings: dict) -> None:
         spec = saved[token_id]
         content, special = spec["content"], bool(spec.get("special", False))
         known = backend.token_to_id(content)
-        if known is not None:
-            if known != token_id:
-                raise ValueError(f"{folder}: added token {content!r} is saved as id {token_id}, but its vocabulary "
-                                 f"holds it as {known}")
-            continue
+        if known is not None and known != token_id:
+            raise ValueError(f"{folder}: added token {content!r} is saved as id {token_id}, but its vocabulary holds "
+                             f"it as {known}")
         following = backend.get_vocab_size(with_added_tokens=True)
-        if token_id != following:
+        if known is None and token_id != following:
             raise ValueError(f"{folder}: added token {content!r} is saved as id {token_id}, where the next id after "
                              f"its vocabulary and the tokens before it is {following}")
+        if content in {t.content for t in backend.get_added_tokens_decoder().values()}:
+            continue  # registered already (CLIP's start and end tokens); one of the vocabulary's is matched whole
         token = AddedToken(content, single_word=spec.get("single_word", False), lstrip=spec.get("lstrip", False),
                            rstrip=spec.get("rstrip", False), normalized=spec.get("normalized", not special),
                            special=special)
