@@ -150,7 +150,7 @@ def to_tensor(image: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Ten
 class HeldPixels(Sequence):
     """Preprocessed images held as uint8 pixels and normalised as they are read: a fixed evaluation set in a quarter
     of the memory float32 tensors take (1,000 images at 224 pixels: 150 MB, not 600), with the same values. Reads as
-    a list of tensors: ``held[i]`` one image, ``held[a:b]`` a list of them."""
+    a list of tensors: ``held[i]`` one image, ``held[a:b]`` a list of them (``torch.stack(held[:])`` for all)."""
 
     def __init__(self, preprocess: "Preprocess"):
         self._mean, self._std = preprocess.mean, preprocess.std

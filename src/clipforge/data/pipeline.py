@@ -249,14 +249,13 @@ def evaluation_set(source, transform, limit: int | None = None, classnames=None,
     if compact and not isinstance(transform, Preprocess):
         raise TypeError(f"evaluation_set(compact=True) holds a Preprocess's pixels, not {type(transform).__name__}'s "
                         "outputs")
-    held = compact
-    images, captions, owners, labels, skipped, from_labels = HeldPixels(transform) if held else [], [], [], [], \
-        Counter(), []
+    images = HeldPixels(transform) if compact else []
+    captions, owners, labels, skipped, from_labels = [], [], [], Counter(), []
     for image, texts, label, from_label in evaluation_samples(source, limit, classnames, caption_templates,
                                                               label_captions, seed, skipped):
         captions += texts
         owners += [len(images)] * len(texts)
-        images.append(transform.pixels(image) if held else transform(image))
+        images.append(transform.pixels(image) if compact else transform(image))
         labels.append(label)
         from_labels.append(from_label)
     labelled = bool(labels) and classnames is not None and None not in labels
