@@ -880,7 +880,7 @@ def _bpe_files(tokenizer_json: Path, folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def test_a_tokenizer_transformers_4_saved_with_added_tokens_keeps_them(folders, tmp_path):
+def test_a_tokenizer_transformers_4_saved_with_added_tokens_keeps_them(folders, tmp_path, monkeypatch):
     """A textual inversion saved as a full pipeline under transformers 4: its CLIPTokenizer (the slow one, which
     diffusers loads) writes vocab.json and merges.txt, and the placeholders to added_tokens.json and
     tokenizer_config.json, without a tokenizer.json. clipforge reads them at their ids, as transformers 5 and
@@ -910,6 +910,23 @@ def test_a_tokenizer_transformers_4_saved_with_added_tokens_keeps_them(folders, 
     ours = transformers_api.CLIPTokenizer.from_pretrained(saved)
     assert ours(texts).input_ids == transformers.CLIPTokenizer.from_pretrained(saved)(texts).input_ids == fast4
     assert len(ours) == 49410 and ours.convert_tokens_to_ids("<cat-toy>_1") == 49409
+    # from a hub repo, added_tokens.json alone (as transformers before 4.34 saved them) is fetched and read too
+    from conftest import hub_server
+
+    files = {p.name: p.read_bytes() for p in saved.iterdir() if p.name != "tokenizer_config.json"}
+    files["tokenizer_config.json"] = json.dumps({"model_max_length": 77}).encode()
+    server = hub_server(monkeypatch, tmp_path / "cache", "someone/inversion", files)
+    try:
+        fetched = transformers_api.CLIPTokenizer.from_pretrained("someone/inversion")
+        assert fetched(texts).input_ids == fast4
+    finally:
+        server.close()
+    # a cache an earlier clipforge filled (without that round) still reads with the hub gone, and says so
+    root = tmp_path / "cache" / "transformers-api" / "someone--inversion"
+    for leftover in [root / "added_tokens.json", *root.glob(".complete-added_tokens.json")]:
+        leftover.unlink()
+    with pytest.warns(UserWarning, match="could not ask for added_tokens.json"):
+        assert len(transformers_api.CLIPTokenizer.from_pretrained("someone/inversion")) == 49408
     config = json.loads((saved / "tokenizer_config.json").read_text())
     config["added_tokens_decoder"]["49500"] = {"content": "<far>", "special": False}
     (saved / "tokenizer_config.json").write_text(json.dumps(config))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -28,6 +29,20 @@ def _folder(name_or_path: str | os.PathLike, names: tuple[str, ...], subfolder: 
     # one marker per set of names: the tokenizer's files and the processor's are asked for on their own
     marker = f".complete-{inner.replace('/', '--') + '--' if subfolder else ''}{'-'.join(names)}"
     return fetch_hub_files(repo, tuple(f"{inner}/{n}" if subfolder else n for n in names), root, marker) / inner
+
+
+def _optional_files(name_or_path: str | os.PathLike, names: tuple[str, ...], subfolder: str | None = None) -> None:
+    """``names`` a hub repo may also hold, asked for in a round of their own (its own marker, beside ``_folder``'s):
+    a repo whose other files a clipforge from before these were asked for fetched still reads without the hub, and
+    says what it could not ask for. Nothing to do for a local folder."""
+    from ..pretrained import DownloadError
+
+    if Path(name_or_path).is_dir():
+        return
+    try:
+        _folder(name_or_path, names, subfolder)
+    except DownloadError as exc:
+        warnings.warn(f"{name_or_path}: could not ask for {', '.join(names)} ({exc}); read without", stacklevel=3)
 
 
 def _model_type(name_or_path, options: dict) -> str | None:

@@ -12,7 +12,7 @@ import torch
 
 from ..hub_tokenizer import _token_text, is_siglip_sentencepiece, padding_side
 from ..spiece import SPIECE_FILE, SiglipSentencePiece
-from .loading import _folder, _hub_options, _model_type, _read_json
+from .loading import _folder, _hub_options, _model_type, _optional_files, _read_json
 from .outputs import BatchEncoding
 
 
@@ -31,7 +31,7 @@ class CLIPTokenizer:
     case), not OpenAI's ftfy: the ids are what the model was given in transformers."""
 
     _FILES = ("tokenizer.json", "vocab.json", "merges.txt", SPIECE_FILE, "tokenizer_config.json",
-              "special_tokens_map.json", "added_tokens.json")
+              "special_tokens_map.json")
 
     def __init__(self, backend, model_max_length: int = 77, padding_side: str = "right",
                  model_input_names=("input_ids", "attention_mask"), **special_tokens):
@@ -59,6 +59,7 @@ class CLIPTokenizer:
         own = ("model_max_length", "padding_side", "model_input_names", *_SPECIAL)
         with _hub_options("CLIPTokenizer.from_pretrained", kwargs, own):
             folder = _folder(name_or_path, cls._FILES, kwargs.get("subfolder"))
+            _optional_files(name_or_path, ("added_tokens.json",), kwargs.get("subfolder"))  # transformers 4's
         settings = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
         settings.update({k: v for k, v in kwargs.items() if k in own})
         special = {k: _token_text(settings.pop(k)) for k in _SPECIAL if settings.get(k)}
