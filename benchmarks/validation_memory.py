@@ -3,8 +3,9 @@
 nothing and decodes the validation shards again at every validation (``open_clip_train.train.evaluate`` over a
 DataLoader of the same samples, one caption each, as its validation data gives). Each way runs in a fresh process on
 the same seeded random ViT-B-32 at 224 pixels, decoding in that process, and validates ``--validations`` times; the
-two held ways must give the same metrics. The validation times are not like for like: ours embeds and scores every
-caption of each image (Flickr8k: five), open_clip's one.
+two held ways must give the same metrics. The held ways also time reading their images back as batches of 256
+(median of 5). The validation times are not like for like: ours embeds and scores every caption of each image
+(Flickr8k: five), open_clip's one.
 
     python benchmarks/validation_memory.py --data ../shared/data --images 1000 --json runs/bench/validation-memory.json
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,6 +46,9 @@ def run_one(way: str, data: Path, images: int, validations: int) -> dict:
     if way != "open_clip":
         val_set = evaluation_set(source, preprocess, images, compact=way == "uint8")
     held_gb, decode_s = rss_gb() - before, time.perf_counter() - start
+    read_back_s = None
+    if way != "open_clip":  # the held images read back as normalised batches, as validate reads them
+        read_back_s = statistics.median(_read_back(val_set.images) for _ in range(5))
     seconds, metrics = [], None
     for _ in range(validations):
         start = time.perf_counter()
@@ -55,8 +60,18 @@ def run_one(way: str, data: Path, images: int, validations: int) -> dict:
     return {"way": way, "captions_embedded": images if way == "open_clip" else len(val_set.captions),
             "held_gb": round(held_gb, 3) if way != "open_clip" else 0.0,
             "decode_once_s": round(decode_s, 1) if way != "open_clip" else None,
+            "read_back_s": None if read_back_s is None else round(read_back_s, 3),
             "validation_s": [round(s, 1) for s in seconds], "peak_rss_gb": round(resource.getrusage(
                 resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3), "metrics": {k: round(v, 5) for k, v in metrics.items()}}
+
+
+def _read_back(images, batch_size: int = 256) -> float:
+    """Seconds to stack every held image into batches of ``batch_size`` (a list of tensors, or ``HeldPixels``
+    normalising its uint8 pixels as they are read)."""
+    start = time.perf_counter()
+    for first in range(0, len(images), batch_size):
+        torch.stack(images[first:first + batch_size])
+    return time.perf_counter() - start
 
 
 def open_clip_validation(model, preprocess, tokenizer, source, images: int, evaluation_samples) -> dict:
@@ -99,8 +114,8 @@ def main() -> int:
         row = fresh_process.row(__file__, way, args, ("data", "images", "validations", "threads"))
         rows.append(row)
         print(f"{way:>9}: held {row['held_gb']:.3f} GB  peak RSS {row['peak_rss_gb']:.2f} GB  validations "
-              f"{row['validation_s']} s  (decoded once: {row['decode_once_s']} s; {row['captions_embedded']} "
-              "captions embedded)", flush=True)
+              f"{row['validation_s']} s  (decoded once: {row['decode_once_s']} s; read back: {row['read_back_s']} s; "
+              f"{row['captions_embedded']} captions embedded)", flush=True)
     agree = rows[0]["metrics"] == rows[1]["metrics"]
     result = {"images": args.images, "validations": args.validations, "threads": args.threads, "rows": rows,
               "held_metrics_agree": agree,

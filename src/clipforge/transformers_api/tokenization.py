@@ -41,6 +41,7 @@ class CLIPTokenizer:
         self._truncating = threading.Lock()  # truncation is the backend's state: one call sets it at a time
         self.model_max_length, self.padding_side = model_max_length, padding_side
         self.model_input_names = list(model_input_names)
+        self.folder_settings: dict = {}  # the tokenizer_config.json it was read from, which save_pretrained keeps
         for name in _SPECIAL:
             token = special_tokens.pop(name, None)
             token_id = None if token is None else backend.token_to_id(token)
@@ -92,7 +93,7 @@ class CLIPTokenizer:
         names = settings.get("model_input_names") or ("input_ids", "attention_mask")
         side = padding_side(settings)
         tokenizer = cls(backend, max_length, side, names, **special)
-        tokenizer._folder_settings = _read_json(folder / "tokenizer_config.json")  # what save_pretrained keeps
+        tokenizer.folder_settings = _read_json(folder / "tokenizer_config.json")
         return tokenizer
 
     @property
@@ -236,7 +237,7 @@ class CLIPTokenizer:
         added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                           "single_word": t.single_word, "special": t.special}
                  for i, t in sorted(self.added_tokens_decoder.items())}
-        settings = {"tokenizer_class": "CLIPTokenizer", **getattr(self, "_folder_settings", {}), **special,
+        settings = {"tokenizer_class": "CLIPTokenizer", **self.folder_settings, **special,
                     "model_max_length": self.model_max_length, "padding_side": self.padding_side,
                     "model_input_names": self.model_input_names, "added_tokens_decoder": added}
         paths = tuple(folder / name for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"))
