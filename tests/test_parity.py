@@ -373,6 +373,87 @@ def test_an_open_clip_folder_export_loads_in_open_clip_with_our_features_and_pre
         assert _max_diff(back.encode_image(images), model.encode_image(images)) == 0
 
 
+def test_a_transformers_clip_given_tokens_loads_and_converts_with_them(tmp_path):
+    """A transformers CLIPModel whose tokenizer was given tokens (a textual inversion's: ``add_tokens``, a grown
+    embedding table) loads in clipforge with transformers' ids and features (before, its placeholders were split
+    into BPE pieces); ``convert --to hf`` writes them back as transformers reads them; ``convert --to open_clip``
+    (which refused every transformers folder: QuickGELU named per tower) writes them for open_clip's tokenizer,
+    with a warning that open_clip matches them its own way. A token of the vocabulary registered whole (a "!" pad)
+    is named in a warning."""
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    open_clip = pytest.importorskip("open_clip")
+    from clipforge.convert import convert
+
+    torch.manual_seed(0)
+    clipforge.save_pretrained(clipforge.create_model("ViT-Tiny-64").eval(), tmp_path / "ours")
+    convert(str(tmp_path / "ours"), str(tmp_path / "hf"), to="hf")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tmp_path / "hf")
+    theirs = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    assert tokenizer.add_tokens(["<cat-toy>", "<Style>"]) == 2
+    old = theirs.text_model.embeddings.token_embedding
+    grown = torch.nn.Embedding(len(tokenizer), old.embedding_dim)
+    with torch.no_grad():
+        grown.weight[:old.num_embeddings] = old.weight
+    theirs.text_model.embeddings.token_embedding, theirs.config.text_config.vocab_size = grown, len(tokenizer)
+    tokenizer.save_pretrained(tmp_path / "inverted")
+    theirs.save_pretrained(tmp_path / "inverted")
+
+    texts = ["a photo of a <cat-toy>", "(<cat-toy>) in <STYLE>", "plain words"]
+    inputs = tokenizer(texts, padding="max_length", max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        expected = theirs.get_text_features(**inputs).pooler_output
+    model, _, ours_tokenizer = clipforge.load(str(tmp_path / "inverted"))
+    ids = ours_tokenizer(texts)
+    assert ids[inputs.input_ids != 49407].tolist() == inputs.input_ids[inputs.input_ids != 49407].tolist()
+    assert (ids == 49408).sum() == 2 and (ids == 49409).sum() == 1
+    with torch.no_grad():
+        assert _max_diff(model.encode_text(ids), expected) <= TOL
+
+    clipforge.save_pretrained(model, tmp_path / "cf")
+    assert torch.equal(clipforge.get_tokenizer(str(tmp_path / "cf"))(texts), ids)
+    convert(str(tmp_path / "cf"), str(tmp_path / "back"), to="hf")
+    for library in (transformers, clipforge.transformers_api):
+        assert library.CLIPTokenizer.from_pretrained(tmp_path / "back")(texts).input_ids == tokenizer(texts).input_ids
+    with torch.no_grad():
+        again = transformers.CLIPModel.from_pretrained(tmp_path / "back").get_text_features(**inputs).pooler_output
+    assert _max_diff(again, expected) <= TOL
+
+    with pytest.warns(UserWarning, match="where punctuation runs into one"):
+        convert(str(tmp_path / "cf"), str(tmp_path / "oc"), to="open_clip")
+    oc_tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'oc'}")
+    oc_model = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
+    oc_ids = oc_tokenizer(texts)
+    assert torch.equal(clipforge.get_tokenizer(f"local-dir:{tmp_path / 'oc'}")(texts), oc_ids)
+    assert torch.equal(oc_ids[[0, 2]], ids[[0, 2]]) and not torch.equal(oc_ids[1], ids[1])  # "(<" one word there
+    with torch.no_grad():
+        assert _max_diff(oc_model.encode_text(oc_ids[[0, 2]]), expected[[0, 2]]) <= TOL
+
+    settings = tmp_path / "inverted" / "tokenizer_config.json"
+    settings.write_text(settings.read_text().replace('"pad_token": "<|endoftext|>"', '"pad_token": "!"'))
+    with pytest.warns(UserWarning, match="matches '!' whole"):
+        clipforge.load(str(tmp_path / "inverted"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a folder without added tokens loads without a word
+        clipforge.load(str(tmp_path / "hf"))
+
+
+def test_towers_with_different_activations_are_refused_for_open_clip():
+    """open_clip sets QuickGELU for the whole model: a transformers CLIP's towers' one setting becomes it, towers
+    that differ are refused by name rather than written wrong."""
+    from clipforge.checkpoint import CheckpointError
+    from clipforge.checkpoint.openai import config_to_open_clip
+
+    config = clipforge.get_model_config("ViT-Tiny-64")
+    alike = {**config, "vision_cfg": {**config["vision_cfg"], "quick_gelu": True},
+             "text_cfg": {**config["text_cfg"], "quick_gelu": True}}
+    written = config_to_open_clip(alike)
+    assert written["quick_gelu"] is True and "quick_gelu" not in written["vision_cfg"]
+    with pytest.raises(CheckpointError, match="different activations"):
+        config_to_open_clip({**alike, "text_cfg": {**config["text_cfg"], "quick_gelu": False}})
+
+
 def _scripted_archive(state: dict) -> torch.jit.ScriptModule:
     """A TorchScript module whose state_dict has exactly ``state``'s keys, as OpenAI's released archives do."""
     root = torch.nn.Module()

@@ -157,3 +157,76 @@ def test_a_few_texts_needing_the_full_clean_in_a_large_plain_batch():
     for i, odd in ((0, "Tom &amp; Jerry"), (17, "salt & pepper"), (150, "a\x07bell"), (299, "x &lt;b&gt; y &amp;")):
         texts[i] = f"{texts[i]} {odd}"
     assert torch.equal(clipforge.Tokenizer()(texts), open_clip.tokenize(texts))
+
+
+def _texts_with_added_tokens(tokens: list[str], n: int, seed: int) -> list[str]:
+    """Texts where the added tokens stand alone, inside words, against punctuation, in other cases, after HTML
+    entities and beside non-ASCII text: every path of the tokenizer."""
+    rng = random.Random(seed)
+    pieces = tokens + [t.upper() for t in tokens] + ["a", "photo", "dog", "!", "(", ")", "-", "_1", "x1", "café",
+                                                      "&lt;", "&amp;", "東京", "'s"]
+    texts = [" ".join(rng.choice(pieces) for _ in range(rng.randint(1, 10))) for _ in range(n // 2)]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 6))) for _ in range(n - n // 2)]
+    return texts
+
+
+def test_added_tokens_give_open_clips_ids():
+    """open_clip's ``additional_special_tokens`` (a model config's ``tokenizer_kwargs``, or ``SimpleTokenizer``'s
+    keyword): the next ids in order, found where open_clip's pattern finds them, in every path of the tokenizer; "!",
+    a vocabulary piece, takes its new id wherever it comes out, as in open_clip; decoding as open_clip's."""
+    open_clip = pytest.importorskip("open_clip")
+    tokens = ["<cat-toy>", "sks", "<Upper>", "!", "s1"]
+    theirs = open_clip.SimpleTokenizer(additional_special_tokens=tokens)
+    texts = _texts_with_added_tokens(tokens, 800, seed=0) + ["a <cat-toy>", "sksdog asks", "(<cat-toy>)", "wow!!"]
+    expected = theirs(texts)
+    assert (expected >= 49408).any(dim=1).float().mean() > 0.5  # the tokens are found in most texts
+    config = {"text_cfg": {"context_length": 77, "vocab_size": 49408 + len(tokens),
+                           "tokenizer_kwargs": {"additional_special_tokens": tokens}}}
+    for ours in (clipforge.SimpleTokenizer(additional_special_tokens=tokens), clipforge.get_tokenizer(config)):
+        assert ours.vocab_size == 49413  # ids; "!" moved to its new one, open_clip's table holds 49412 entries
+        got = ours(texts)
+        mismatched = [texts[i] for i in range(len(texts)) if not torch.equal(got[i], expected[i])]
+        assert not mismatched, mismatched[:3]
+        assert torch.equal(ours(texts[:50]), expected[:50])  # warm, from the caches
+        for text in texts[:40]:
+            assert ours.encode(text) == theirs.encode(text)
+            assert ours.decode(ours.encode(text)) == theirs.decode(theirs.encode(text))
+    assert clipforge.get_tokenizer({"text_cfg": {"context_length": 77}})("a <cat-toy>")[0, 2] != 49408
+
+
+def test_split_added_tokens_give_transformers_ids(tmp_path):
+    """``split_added_tokens``: the tokens transformers' ``add_tokens`` gave a CLIPTokenizer matched as it matches
+    them (cut out first, whatever their case, the longest first; non-ASCII ones too), on text its cleaning and
+    OpenAI's agree on."""
+    transformers = pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from clipforge.checkpoint.hf import save_clip_tokenizer
+
+    save_clip_tokenizer(SimpleNamespace(config={"text_cfg": {"context_length": 77}}), tmp_path)
+    theirs = transformers.CLIPTokenizer.from_pretrained(tmp_path)
+    tokens = ["<Cat-Toy>", "sks", "<cat-toy>_1", "toy>", "<é-tok>"]
+    assert theirs.add_tokens(tokens) == len(tokens)
+    ours = clipforge.Tokenizer(additional_special_tokens=tokens, split_added_tokens=True)
+    texts = _texts_with_added_tokens(tokens, 800, seed=1)
+    texts = [t for t in texts if "&" not in t]  # transformers leaves HTML entities as they are, OpenAI unescapes
+    got = ours(texts)
+    for i, ids in enumerate(theirs(texts).input_ids):
+        ids = ids[:76] + ids[-1:] if len(ids) > 77 else ids  # truncated as clipforge truncates (the end kept)
+        assert got[i, :len(ids)].tolist() == ids and not got[i, len(ids):].any(), texts[i]
+    assert (got >= 49408).any(dim=1).float().mean() > 0.5
+    assert not torch.equal(got, clipforge.Tokenizer(additional_special_tokens=tokens[:4])(texts))  # open_clip's way
+
+
+def test_added_tokens_that_cannot_be_matched_are_refused_by_name():
+    for tokens, match in ((["a b"], "white space"), ([""], "white space"), (["<é>"], "only ASCII"),
+                          (["x", "x"], "more than once")):
+        with pytest.raises(ValueError, match=match):
+            clipforge.Tokenizer(additional_special_tokens=tokens)
+    with pytest.raises(ValueError, match="alike but for case"):
+        clipforge.Tokenizer(additional_special_tokens=["<A>", "<a>"], split_added_tokens=True)
+    with pytest.raises(TypeError, match="not one string"):
+        clipforge.SimpleTokenizer(additional_special_tokens="<cat-toy>")
+    with pytest.raises(ValueError, match="49408 token embeddings"):
+        clipforge.get_tokenizer({"text_cfg": {"vocab_size": 49408,
+                                              "tokenizer_kwargs": {"additional_special_tokens": ["<x>"]}}})

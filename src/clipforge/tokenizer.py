@@ -6,6 +6,13 @@ BPE merges, ``<start_of_text>``/``<end_of_text>`` around the ids, zero padding, 
 token. Only the expensive parts move: ftfy runs only on text that is not plain printable ASCII (on which it is the
 identity) and skips its steps that cannot change the string (``textfix``), words are split by the same C regex
 engine OpenAI uses, and each distinct word's BPE runs once in Rust (``tokenizers``) and is cached.
+
+Tokens added after the vocabulary (open_clip's ``additional_special_tokens``; a textual inversion's placeholders) take
+the next ids in order. They are matched in the cleaned, lower-cased text as open_clip matches them: alternatives of the
+word pattern tried before the others (escaped: open_clip puts them in its pattern as they are, where "*" is an error
+and "." any character); or, with ``split_added_tokens``, as transformers matches the tokens ``add_tokens`` gave a
+``CLIPTokenizer``: cut out of the text first, longest first, whatever their case, the word pattern run on the rest.
+The two differ where punctuation runs into a token ("(<cat-toy>": open_clip's "(<" is one word).
 """
 from __future__ import annotations
 
@@ -82,15 +89,25 @@ class Tokenizer:
     _MAX_CACHED_WORDS = 1_000_000
     _SEPARATOR = "\x00"  # joins a batch's plain texts; never in one (it would need the full clean)
 
-    def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH):
+    def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH, additional_special_tokens=None,
+                 split_added_tokens: bool = False):
         import regex
         from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
         vocab, merges = vocab_and_merges()
-        self.encoder = vocab
-        self.decoder = {i: t for t, i in vocab.items()}
+        if isinstance(additional_special_tokens, str):
+            raise TypeError("additional_special_tokens takes a list of tokens, not one string")
+        self.added_tokens = tuple(additional_special_tokens or ())
+        _check_added_tokens(self.added_tokens, vocab, split_added_tokens)
+        self._base_vocab = vocab
+        added_ids = {t: len(vocab) + k for k, t in enumerate(self.added_tokens)}
+        self.encoder = {**vocab, **added_ids}
+        self.decoder = {**{i: t for t, i in vocab.items()}, **{i: t for t, i in added_ids.items()}}
+        # a token that is also a vocabulary piece ("*") takes its new id wherever that piece comes out of the BPE too,
+        # as in open_clip, whose piece-to-id table the added token overwrites
+        self._renumbered = {vocab[t]: i for t, i in added_ids.items() if t in vocab}
         self.byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
-        self.vocab_size = len(vocab)
+        self.vocab_size = len(vocab) + len(self.added_tokens)  # ids (an added token of the vocabulary takes a new one)
         self.sot_token_id = vocab[SOT_TOKEN]
         self.eot_token_id = vocab[EOT_TOKEN]
         self.context_length = context_length
@@ -98,11 +115,26 @@ class Tokenizer:
         self._bpe = HFTokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>"))
         self._bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         # OpenAI's pattern, special tokens first: their literal text in a caption becomes the special id.
-        self._word_regex = regex.compile(f"{SOT_TOKEN}|{EOT_TOKEN}|{_WORD_PATTERN}", regex.IGNORECASE)
+        in_pattern = () if split_added_tokens else self.added_tokens
+        special = "".join(f"{regex.escape(t)}|" for t in (SOT_TOKEN, EOT_TOKEN, *in_pattern))
+        self._word_regex = regex.compile(f"{special}{_WORD_PATTERN}", regex.IGNORECASE)
+        self._ascii_words = _ASCII_WORDS
+        if in_pattern:  # tried first, as in the full pattern (a letter-led token inside a word is cut out)
+            self._ascii_words = re.compile("".join(f"{re.escape(t.lower())}|" for t in in_pattern) +
+                                           _ASCII_WORDS.pattern)
+        # transformers' way: (lower-cased) tokens cut out first, the longest where two start at one place
+        self._cut_added = None
+        if split_added_tokens and self.added_tokens:
+            longest_first = sorted({t.lower() for t in self.added_tokens}, key=len, reverse=True)
+            self._cut_added = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
         self._reset_caches()
 
     def _reset_caches(self) -> None:
-        self._word_ids: dict[str, list[int]] = {SOT_TOKEN: [self.sot_token_id], EOT_TOKEN: [self.eot_token_id]}
+        self._word_ids: dict[str, list[int]] = {t: [self.encoder[t]] for t in (SOT_TOKEN, EOT_TOKEN)}
+        if self._cut_added is None:
+            self._word_ids.update((t, [self.encoder[t]]) for t in self.added_tokens)
+        else:  # the text cut out is lower case
+            self._word_ids.update((t.lower(), [self.encoder[t]]) for t in self.added_tokens)
         # chunk -> row of (offset, length) into a flat id store; row 0 is the batch separator, row 1 the empty chunk.
         # Both arrays grow by doubling (rows and ids beyond those in use are spare), so adding a few chunks to a large
         # cache does not copy it.
@@ -115,6 +147,14 @@ class Tokenizer:
         """Start the caches afresh once they pass the bound (checked between calls, so a call's own entries stay)."""
         if max(len(self._word_ids), len(self._chunk_row)) > self._MAX_CACHED_WORDS:
             self._reset_caches()
+
+    def _find_words(self, text: str) -> list[str]:
+        """The words of cleaned text (added tokens cut out first, where they are)."""
+        find = self._ascii_words.findall if _PRINTABLE_ASCII.fullmatch(text) else self._word_regex.findall
+        if self._cut_added is None:
+            return find(text)
+        parts = self._cut_added.split(text)  # text, token, text, ..., text
+        return [word for k, part in enumerate(parts) for word in ((part,) if k % 2 else find(part))]
 
     def _encode_words(self, words: list[str]) -> list[int]:
         """Ids of regex-split words; unseen words go through the Rust BPE model in one call."""
@@ -132,16 +172,17 @@ class Tokenizer:
         A printable-ASCII word that is itself a vocabulary entry (most words of real captions) is that one id without
         BPE: its byte-level spelling is the word, and BPE of such a word always ends in that entry (true of every one
         of the vocabulary's printable-ASCII entries; ``tests/test_tokenizer.py`` checks them all)."""
-        encoder = self.encoder
+        encoder = self._base_vocab
         whole = [(w, i) for w in words
                  if (i := encoder.get(w + "</w>")) is not None and w.isascii() and w.isprintable()]
+        renumbered = self._renumbered
         if whole:
-            self._word_ids.update((w, [i]) for w, i in whole)
+            self._word_ids.update((w, [renumbered.get(i, i)]) for w, i in whole)
             words = [w for w in words if w not in self._word_ids]
         if not words:
             return
         encoding = self._bpe.encode(words, is_pretokenized=True, add_special_tokens=False)
-        ids = encoding.ids
+        ids = [renumbered.get(i, i) for i in encoding.ids] if renumbered else encoding.ids
         counts = np.bincount(np.asarray(encoding.word_ids, dtype=np.int64), minlength=len(words))
         ends = np.cumsum(counts).tolist()
         self._word_ids.update(zip(words, (ids[e - c:e] for e, c in zip(ends, counts.tolist()))))
@@ -149,8 +190,12 @@ class Tokenizer:
     def _add_chunks(self, chunks: list[str]) -> None:
         """Cache the ids of unseen chunks of cleaned text (each encoded on its own: no OpenAI regex match spans a
         space in cleaned text); printable-ASCII chunks are split by the faster ASCII pattern."""
-        plain, regex_split = _PRINTABLE_ASCII.fullmatch, self._word_regex.findall
-        split = [_ASCII_WORDS.findall(c) if plain(c) else regex_split(c) for c in chunks]
+        if self._cut_added is None:
+            plain, ascii_split, regex_split = _PRINTABLE_ASCII.fullmatch, self._ascii_words.findall, \
+                self._word_regex.findall
+            split = [ascii_split(c) if plain(c) else regex_split(c) for c in chunks]
+        else:
+            split = list(map(self._find_words, chunks))
         words = {w for found in split for w in found}
         self._bpe_into_cache([w for w in words if w not in self._word_ids])
         word_ids = self._word_ids
@@ -198,12 +243,22 @@ class Tokenizer:
         cleaned = clean_text(text)
         if _PRINTABLE_ASCII.fullmatch(cleaned):
             return self._encode_plain([cleaned])[0].tolist()
-        return self._encode_words(self._word_regex.findall(cleaned))
+        return self._encode_words(self._find_words(cleaned))
 
     def decode(self, ids) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        text = "".join(self.decoder[i] for i in ids if i in self.decoder)
+        first_added, out, pieces = len(self._base_vocab), [], []
+        for i in ids:
+            if i >= first_added and i in self.decoder:  # an added token: its own text (it need not be byte-level)
+                out += [self._decode_pieces(pieces), self.decoder[i]]
+                pieces = []
+            elif i in self.decoder:
+                pieces.append(self.decoder[i])
+        return "".join(out) + self._decode_pieces(pieces)
+
+    def _decode_pieces(self, pieces: list[str]) -> str:
+        text = "".join(pieces)
         return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.LongTensor:
@@ -238,7 +293,7 @@ class Tokenizer:
                     plain[i] = cleaned
                 else:
                     other_rows.append(i)
-                    other.append(self._encode_words(self._word_regex.findall(cleaned)))
+                    other.append(self._encode_words(self._find_words(cleaned)))
         plain_rows = np.arange(len(texts))
         if other_rows:
             plain_rows = np.delete(plain_rows, other_rows)
@@ -272,9 +327,25 @@ def _with_room(array: np.ndarray, rows: int) -> np.ndarray:
     return grown
 
 
+def _check_added_tokens(tokens: tuple, vocab: dict, split: bool) -> None:
+    """Refuse, by name, added tokens the matching could not find or the ids could not keep apart."""
+    for token in tokens:
+        if not isinstance(token, str) or not token or token.split() != [token] or not token.isprintable():
+            raise ValueError(f"added token {token!r}: a token must be printable text without white space")
+        if not (split or token.isascii()):  # open_clip looks it up in byte-level spelling, where it is never found
+            raise ValueError(f"added token {token!r}: only ASCII tokens are matched as open_clip matches them (its "
+                             "tokenizer never matches another); split_added_tokens matches any")
+    key = str.lower if split else str  # cut out whatever their case, two alike but for it would match one text
+    keys = [key(t) for t in tokens]
+    repeated = sorted({t for t in tokens if keys.count(key(t)) > 1})
+    if repeated:
+        alike = " (alike but for case, and matched whatever their case)" if split else ""
+        raise ValueError(f"added tokens {', '.join(map(repr, repeated))} are given more than once{alike}")
+
+
 @lru_cache(maxsize=None)
-def _shared_tokenizer(context_length: int) -> Tokenizer:
-    return Tokenizer(context_length)
+def _shared_tokenizer(context_length: int, added_tokens: tuple = (), split_added_tokens: bool = False) -> Tokenizer:
+    return Tokenizer(context_length, additional_special_tokens=added_tokens, split_added_tokens=split_added_tokens)
 
 
 def _is_openai_vocabulary(path) -> bool:
@@ -289,21 +360,21 @@ def _is_openai_vocabulary(path) -> bool:
 
 
 class SimpleTokenizer(Tokenizer):
-    """open_clip's ``SimpleTokenizer`` by its name and keywords: this tokenizer (the same ids), for scripts that build
-    it themselves. What it cannot do is refused by name: another BPE vocabulary, added special tokens, cleaners other
-    than "lower" (open_clip's default, this tokenizer's), CLIPA's token reductions."""
+    """open_clip's ``SimpleTokenizer`` by its name and keywords: this tokenizer (the same ids, with
+    ``additional_special_tokens`` too), for scripts that build it themselves. What it cannot do is refused by name:
+    another BPE vocabulary, cleaners other than "lower" (open_clip's default, this tokenizer's), CLIPA's token
+    reductions."""
 
     def __init__(self, bpe_path: str | None = None, additional_special_tokens=None,
                  context_length: int = DEFAULT_CONTEXT_LENGTH, clean: str = "lower", reduction_mask: str = ""):
         if bpe_path is not None and not _is_openai_vocabulary(bpe_path):
             raise ValueError(f"bpe_path {bpe_path}: only OpenAI's vocabulary (bpe_simple_vocab_16e6) is built here")
-        refused = {"additional_special_tokens": additional_special_tokens, "reduction_mask": reduction_mask,
-                   "clean": clean if clean != "lower" else None}
+        refused = {"reduction_mask": reduction_mask, "clean": clean if clean != "lower" else None}
         for name, value in refused.items():
             if value:
                 raise ValueError(f"SimpleTokenizer({name}={value!r}) is not built here: OpenAI's BPE with open_clip's "
                                  f"default cleaning ('lower') only")
-        super().__init__(context_length)
+        super().__init__(context_length, additional_special_tokens)
 
 
 def get_tokenizer(name: str | dict | None = None, context_length: int | None = None, cache_dir: str | None = None,
@@ -316,7 +387,9 @@ def get_tokenizer(name: str | dict | None = None, context_length: int | None = N
     ``settings``: open_clip's tokenizer keywords, over the model's own ``text_cfg.tokenizer_kwargs``: ``clean``,
     ``strip_sep_token`` and ``language`` (NLLB-CLIP's source language, e.g. ``"fra_Latn"``; also
     ``tokenizer.set_language``) for a tokenizer from files, ``language`` for a Hugging Face text tower's; the CLIP BPE
-    tokenizer cleans as OpenAI's (``clean="lower"``) and takes nothing else. Others are refused by name."""
+    tokenizer cleans as OpenAI's (``clean="lower"``) and takes ``additional_special_tokens`` (ids after its
+    vocabulary, in order: a textual inversion's placeholders) and ``split_added_tokens`` (them matched as
+    transformers matches them: ``Tokenizer``). Others are refused by name."""
     from .pretrained import cache_at
 
     with cache_at(cache_dir):
@@ -356,11 +429,17 @@ def _tokenizer_for(name: str | dict | None, context_length: int | None, settings
         settings = {**text_cfg.get("tokenizer_kwargs", {}), **settings}  # the caller's win, as in open_clip
         return HubTokenizer(text_cfg["hf_tokenizer_name"], context_length,
                             **_only(settings, ("clean", "strip_sep_token", "language"), "a tokenizer from files"))
-    _only(settings, ("clean",), "the CLIP BPE tokenizer")
+    settings = {**text_cfg.get("tokenizer_kwargs", {}), **settings}  # as open_clip gives SimpleTokenizer its kwargs
+    _only(settings, ("clean", "additional_special_tokens", "split_added_tokens"), "the CLIP BPE tokenizer")
     if settings.get("clean", "lower") != "lower":
         raise ValueError(f"get_tokenizer: clean={settings['clean']!r}: the CLIP BPE tokenizer cleans as OpenAI's "
                          "('lower': ftfy, HTML unescaped, whitespace folded, lower case), the only cleaning built")
-    return _shared_tokenizer(context_length)
+    added = tuple(settings.get("additional_special_tokens") or ())
+    vocab_size = text_cfg.get("vocab_size")
+    if added and vocab_size is not None and vocab_size < len(vocab_and_merges()[0]) + len(added):
+        raise ValueError(f"the model's text tower has {vocab_size} token embeddings, fewer than its tokenizer's "
+                         f"{len(vocab_and_merges()[0]) + len(added)} ids ({len(added)} added tokens)")
+    return _shared_tokenizer(context_length, added, bool(settings.get("split_added_tokens")))
 
 
 def tokenize(texts: str | list[str], context_length: int = DEFAULT_CONTEXT_LENGTH) -> torch.LongTensor:

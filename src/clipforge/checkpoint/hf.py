@@ -303,6 +303,49 @@ def config_to_clipforge(hf: dict) -> dict:
     return config
 
 
+def added_tokens_settings(folder: str | Path, config: dict) -> dict:
+    """``tokenizer_kwargs`` for the tokens a transformers CLIP folder's tokenizer adds after OpenAI's vocabulary, in id
+    order (a textual inversion's placeholders: ``tokenizer.add_tokens``), matched as transformers matches them
+    (``split_added_tokens``); empty where it adds none or holds no tokenizer. What clipforge's BPE tokenizer cannot
+    match as transformers does is named in a warning and left out: a token of the vocabulary itself registered whole
+    (a "!" padding token: "!!" is two of it in transformers, one BPE piece here), tokens added out of order."""
+    import warnings
+
+    from ..tokenizer import Tokenizer, vocab_and_merges
+
+    folder = Path(folder)
+    if "hf_tokenizer_name" in config["text_cfg"] or not ((folder / "tokenizer.json").is_file() or (
+            (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())):
+        return {}  # a tokenizer of its own (MetaCLIP 2's), or none beside the weights
+    from ..transformers_api import CLIPTokenizer
+
+    try:
+        added = CLIPTokenizer.from_pretrained(folder).get_added_vocab()
+    except Exception as exc:  # the model loads without them; say why its tokenizer may differ
+        warnings.warn(f"{folder}: its tokenizer files could not be read for added tokens ({type(exc).__name__}: "
+                      f"{exc}); clipforge's tokenizer is OpenAI's BPE alone", stacklevel=3)
+        return {}
+    first = len(vocab_and_merges()[0])
+    whole = sorted(t for t, i in added.items() if i < first and t not in (HF_SOT, HF_EOT))
+    if whole:
+        warnings.warn(f"{folder}: its tokenizer matches {', '.join(map(repr, whole))} whole; clipforge's tokenizer "
+                      "splits text as OpenAI's BPE does (open_clip's ids), which differ where one runs into other "
+                      "characters; clipforge.transformers_api.CLIPTokenizer gives transformers' ids", stacklevel=3)
+    tokens = [t for t, i in sorted(added.items(), key=lambda item: item[1]) if i >= first]
+    if not tokens:
+        return {}
+    try:
+        ids = [added[t] for t in tokens]
+        if ids != list(range(first, first + len(tokens))):
+            raise ValueError(f"ids {ids} do not follow the vocabulary's {first} in order")
+        Tokenizer(additional_special_tokens=tokens, split_added_tokens=True)  # refuses what it cannot match
+    except ValueError as exc:
+        warnings.warn(f"{folder}: its tokenizer's added tokens are left out of clipforge's tokenizer ({exc}); "
+                      "clipforge.transformers_api.CLIPTokenizer reads them", stacklevel=3)
+        return {}
+    return {"additional_special_tokens": tokens, "split_added_tokens": True}
+
+
 # transformers' one-tower folders (diffusers' text encoders, IP-Adapter's image encoder, a VLM's SigLIP tower): the
 # model family and the tower's side
 TOWER_TYPES = {"clip_text_model": ("clip", "text"), "clip_vision_model": ("clip", "vision"),
@@ -499,9 +542,10 @@ def save_own_tokenizer(model, folder: str | Path) -> None:
 
 
 def save_clip_tokenizer(model, folder: str | Path) -> None:
-    """OpenAI's BPE as a ``CLIPTokenizer`` (``vocab.json``, ``merges.txt``). Its ids are clipforge's but for padding:
-    transformers pads with ``<|endoftext|>`` (as OpenAI's own transformers export does; padding with id 0, "!", would
-    make "!" a special token and split "!!"), and the features are the same either way."""
+    """OpenAI's BPE as a ``CLIPTokenizer`` (``vocab.json``, ``merges.txt``, the tokens added after it). Its ids are
+    clipforge's but for padding: transformers pads with ``<|endoftext|>`` (as OpenAI's own transformers export does;
+    padding with id 0, "!", would make "!" a special token and split "!!"), and the features are the same either
+    way."""
     from ..files import atomic_path, write_json
     from ..tokenizer import EOT_TOKEN, SOT_TOKEN, vocab_and_merges
 
@@ -513,6 +557,16 @@ def save_clip_tokenizer(model, folder: str | Path) -> None:
         tmp.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     special = {"bos_token": HF_SOT, "eos_token": HF_EOT, "unk_token": HF_EOT, "pad_token": HF_EOT}
     write_json(folder / "special_tokens_map.json", special)
-    write_json(folder / "tokenizer_config.json", {
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": model.config["text_cfg"]["context_length"],
-        "errors": "replace", **special})
+    settings = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model.config["text_cfg"]["context_length"],
+                "errors": "replace", **special}
+    # tokens added after the vocabulary (a textual inversion's), as transformers' add_tokens saves them: where
+    # transformers 5 and 4 (4.34 on) read them, and transformers 4's older place
+    added = model.config["text_cfg"].get("tokenizer_kwargs", {}).get("additional_special_tokens") or ()
+    added_ids = {token: len(vocab) + k for k, token in enumerate(added)}
+    if added_ids:
+        as_added = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False, "special": False}
+        settings["added_tokens_decoder"] = {str(i): {"content": token, **as_added} for token, i in added_ids.items()}
+        write_json(folder / "added_tokens.json", added_ids)
+    else:
+        (folder / "added_tokens.json").unlink(missing_ok=True)  # one an earlier write left would add its tokens
+    write_json(folder / "tokenizer_config.json", settings)

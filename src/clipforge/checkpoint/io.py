@@ -233,7 +233,11 @@ def _folder_config(folder: Path) -> tuple[dict | None, bool]:
     config_file = folder / CONFIG_NAME
     folder_config = json.loads(config_file.read_text()) if config_file.exists() else {}
     if hf.is_clip_config(folder_config):
-        return hf.config_to_clipforge(folder_config), True
+        config = hf.config_to_clipforge(folder_config)
+        added = hf.added_tokens_settings(folder, config)  # a textual inversion's placeholders, matched as transformers
+        if added:
+            config["text_cfg"]["tokenizer_kwargs"] = {**config["text_cfg"].get("tokenizer_kwargs", {}), **added}
+        return config, True
     open_clip_config = folder / OPEN_CLIP_CONFIG_NAME  # an open_clip model folder (local-dir:, a hub repo)
     if not folder_config and open_clip_config.exists():
         folder_config = json.loads(open_clip_config.read_text())

@@ -153,6 +153,23 @@ def _hub_name(name: str | None) -> str:
     return name if name and not has_tokenizer_files(name) else "."
 
 
+def _added_tokens_for_open_clip(settings: dict) -> dict:
+    """Tokens added as transformers adds them (``split_added_tokens``, read from a transformers folder) as open_clip's
+    ``SimpleTokenizer`` takes them: lower-cased, as its pattern finds them in lower-cased text. Its ids then differ
+    only where punctuation runs into a token, or for a non-ASCII token, which it never matches: a warning says so."""
+    import warnings
+
+    settings = {k: v for k, v in settings.items() if k != "split_added_tokens"}
+    tokens = settings.get("additional_special_tokens") or []
+    settings["additional_special_tokens"] = [t.lower() for t in tokens]
+    other = [t for t in tokens if not t.isascii()]
+    warnings.warn("open_clip matches added tokens other than transformers does: where punctuation runs into one "
+                  "(\"(<token>\" is \"(<\" and the token's pieces)" +
+                  (f", and never {', '.join(map(repr, other))} (not ASCII)" if other else "") +
+                  "; clipforge.load of this folder matches them as open_clip does", stacklevel=3)
+    return settings
+
+
 def text_cfg_to_open_clip(text: dict, quick_gelu: bool = False) -> dict:
     """open_clip's TextTransformer settings for a clipforge ``text_cfg`` (``text_cfg_from_open_clip``'s inverse)."""
     if "hf_model_name" in text:
@@ -176,6 +193,8 @@ def text_cfg_to_open_clip(text: dict, quick_gelu: bool = False) -> dict:
     _refuse_unknown(text, SHARED_TEXT_KEYS | set(COCA_TEXT_KEYS) | known, "text_cfg", "this model's config",
                     "open_clip's CLIP")
     out = {k: v for k, v in text.items() if k in SHARED_TEXT_KEYS}
+    if (text.get("tokenizer_kwargs") or {}).get("split_added_tokens"):
+        out["tokenizer_kwargs"] = _added_tokens_for_open_clip(text["tokenizer_kwargs"])
     if text.get("embed_cls"):  # CoCa's: open_clip's CoCa reads the tower's tokens
         out.update({k: text[k] for k in COCA_TEXT_KEYS if k in text}, output_tokens=True)
     if "hf_tokenizer_name" in text:
@@ -244,6 +263,22 @@ def vision_cfg_to_open_clip(vision: dict) -> dict:
     return out
 
 
+def _quick_gelu_for_whole_model(config: dict) -> dict:
+    """open_clip sets QuickGELU for the whole model, a transformers CLIP per tower (``hidden_act``, read into each
+    tower's ``quick_gelu``): the towers' one setting becomes the model's; towers that differ are refused by name."""
+    from .errors import CheckpointError
+
+    towers = ("vision_cfg", "text_cfg")
+    if not any("quick_gelu" in config[name] for name in towers):
+        return config
+    settings = {config[name].get("quick_gelu", config.get("quick_gelu", False)) for name in towers}
+    if len(settings) > 1:
+        raise CheckpointError("this model's towers use different activations (QuickGELU in one, GELU in the other); "
+                              "open_clip sets the activation for the whole model")
+    return {**config, "quick_gelu": settings.pop(),
+            **{name: {k: v for k, v in config[name].items() if k != "quick_gelu"} for name in towers}}
+
+
 def config_to_open_clip(config: dict) -> dict:
     """open_clip's ``model_cfg`` for a clipforge CLIP config with open_clip's own towers (a ViT or a ResNet)."""
     from ..models import is_resnet
@@ -251,6 +286,7 @@ def config_to_open_clip(config: dict) -> dict:
     _refuse_unknown(config, OPEN_CLIP_TOP_KEYS, "config", "this model's config", "open_clip's CLIP")
     _refuse_unknown(config.get("multimodal_cfg", {}), MULTIMODAL_KEYS, "multimodal_cfg", "this model's config",
                     "open_clip's CoCa")
+    config = _quick_gelu_for_whole_model(config)
     quick_gelu = config.get("quick_gelu", False)
     vision = dict(config["vision_cfg"]) if is_resnet(config) else vision_cfg_to_open_clip(config["vision_cfg"])
     out = {**config, "vision_cfg": vision, "text_cfg": text_cfg_to_open_clip(config["text_cfg"], quick_gelu)}
