@@ -227,6 +227,8 @@ def test_added_tokens_that_cannot_be_matched_are_refused_by_name():
         clipforge.Tokenizer(additional_special_tokens=["<A>", "<a>"], split_added_tokens=True)
     with pytest.raises(TypeError, match="not one string"):
         clipforge.SimpleTokenizer(additional_special_tokens="<cat-toy>")
-    with pytest.raises(ValueError, match="49408 token embeddings"):
+    with pytest.raises(ValueError, match="49408 token embeddings"):  # a config naming tokens it has no rows for
         clipforge.get_tokenizer({"text_cfg": {"vocab_size": 49408,
                                               "tokenizer_kwargs": {"additional_special_tokens": ["<x>"]}}})
+    # tokens the caller adds to a model whose rows it is about to grow, as with open_clip's get_tokenizer
+    assert clipforge.get_tokenizer("ViT-B-32", additional_special_tokens=["<x>"])("a <x>")[0, 2] == 49408

@@ -429,6 +429,7 @@ def _tokenizer_for(name: str | dict | None, context_length: int | None, settings
         settings = {**text_cfg.get("tokenizer_kwargs", {}), **settings}  # the caller's win, as in open_clip
         return HubTokenizer(text_cfg["hf_tokenizer_name"], context_length,
                             **_only(settings, ("clean", "strip_sep_token", "language"), "a tokenizer from files"))
+    asked = settings
     settings = {**text_cfg.get("tokenizer_kwargs", {}), **settings}  # as open_clip gives SimpleTokenizer its kwargs
     _only(settings, ("clean", "additional_special_tokens", "split_added_tokens"), "the CLIP BPE tokenizer")
     if settings.get("clean", "lower") != "lower":
@@ -436,7 +437,9 @@ def _tokenizer_for(name: str | dict | None, context_length: int | None, settings
                          "('lower': ftfy, HTML unescaped, whitespace folded, lower case), the only cleaning built")
     added = tuple(settings.get("additional_special_tokens") or ())
     vocab_size = text_cfg.get("vocab_size")
-    if added and vocab_size is not None and vocab_size < len(vocab_and_merges()[0]) + len(added):
+    # tokens the model's config names need its rows (tokens the caller adds, rows the caller is about to add)
+    if added and "additional_special_tokens" not in asked and vocab_size is not None and \
+            vocab_size < len(vocab_and_merges()[0]) + len(added):
         raise ValueError(f"the model's text tower has {vocab_size} token embeddings, fewer than its tokenizer's "
                          f"{len(vocab_and_merges()[0]) + len(added)} ids ({len(added)} added tokens)")
     return _shared_tokenizer(context_length, added, bool(settings.get("split_added_tokens")))
