@@ -1161,3 +1161,48 @@ def test_a_siglip2_naflex_script_runs_with_clipforge_swapped_in(siglip2_folder, 
         transformers_api.SiglipVisionModel.from_pretrained(siglip2_folder)
     with pytest.raises(ValueError, match="Siglip2VisionModel is SigLIP 2's NaFlex image tower"):
         transformers_api.Siglip2VisionModel(transformers_api.SiglipModel.from_pretrained(siglip_folder).clip)
+
+
+def test_siglip2_towers_saved_alone_load_and_save_as_transformers(siglip2_folder, tmp_path):
+    """A vision-language model's SigLIP 2 image tower (and the text tower) as transformers saves one alone
+    (``Siglip2VisionModel.save_pretrained``: ``siglip2_vision_model``, the linear patch embedding): read to
+    transformers' states, and written, from such a folder or a whole model's, to folders transformers reads back to
+    the same outputs."""
+    processor = transformers.Siglip2Processor.from_pretrained(siglip2_folder)
+    pixels = processor(images=_photos(2, seed=3), max_num_patches=64, return_tensors="pt")
+    image_inputs = {k: pixels[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+    text_inputs = {"input_ids": processor(text=["a dog", "two cats"], return_tensors="pt").input_ids}
+    with torch.no_grad():
+        for name, inputs in (("Siglip2VisionModel", image_inputs), ("Siglip2TextModel", text_inputs)):
+            getattr(transformers, name).from_pretrained(siglip2_folder).save_pretrained(tmp_path / name)
+            theirs = getattr(transformers, name).from_pretrained(tmp_path / name).eval()
+            ours = getattr(transformers_api, name).from_pretrained(tmp_path / name)
+            assert not hasattr(ours, "clip")
+            a, b = theirs(**inputs, output_hidden_states=True), ours(**inputs, output_hidden_states=True)
+            for x, y in zip([*a.hidden_states, a.last_hidden_state, a.pooler_output],
+                            [*b.hidden_states, b.last_hidden_state, b.pooler_output]):
+                assert x.shape == y.shape and (x - y).abs().max().item() <= TOL, name
+            assert transformers_api.AutoConfig.from_pretrained(tmp_path / name).model_type == theirs.config.model_type
+            for source in (tmp_path / name, siglip2_folder):  # a tower saved alone, a whole model's tower
+                getattr(transformers_api, name).from_pretrained(source).save_pretrained(tmp_path / "out" / name)
+                again = getattr(transformers, name).from_pretrained(tmp_path / "out" / name).eval()(**inputs)
+                assert (again.pooler_output - a.pooler_output).abs().max().item() <= TOL, (name, source)
+    with pytest.raises(ValueError, match="Siglip2TextModel / Siglip2VisionModel.from_pretrained"):
+        transformers_api.Siglip2Model.from_pretrained(tmp_path / "Siglip2VisionModel")
+
+    # an image tower saved without its pooling head (vision_use_head: false) is written back without one (before,
+    # its config said it had one, and transformers drew a random head)
+    tower = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=16,
+                 vision_use_head=False)
+    for name, size in (("SiglipVisionModel", {"image_size": 32}), ("Siglip2VisionModel", {"num_patches": 256})):
+        torch.manual_seed(0)
+        theirs = getattr(transformers, name)(getattr(transformers, name[:-5] + "Config")(**tower, **size)).eval()
+        theirs.save_pretrained(tmp_path / "headless" / name)
+        ours = getattr(transformers_api, name).from_pretrained(tmp_path / "headless" / name)
+        assert ours.config.vision_use_head is False
+        ours.save_pretrained(tmp_path / "headless-again" / name)
+        again = getattr(transformers, name).from_pretrained(tmp_path / "headless-again" / name).eval()
+        assert again.config.vision_use_head is False
+        inputs = {"pixel_values": torch.randn(2, 3, 32, 32)} if name == "SiglipVisionModel" else image_inputs
+        with torch.no_grad():
+            assert (again(**inputs).last_hidden_state - theirs(**inputs).last_hidden_state).abs().max() <= TOL

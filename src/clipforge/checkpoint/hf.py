@@ -349,7 +349,8 @@ def added_tokens_settings(folder: str | Path, config: dict) -> dict:
 # transformers' one-tower folders (diffusers' text encoders, IP-Adapter's image encoder, a VLM's SigLIP tower): the
 # model family and the tower's side
 TOWER_TYPES = {"clip_text_model": ("clip", "text"), "clip_vision_model": ("clip", "vision"),
-               "siglip_text_model": ("siglip", "text"), "siglip_vision_model": ("siglip", "vision")}
+               "siglip_text_model": ("siglip", "text"), "siglip_vision_model": ("siglip", "vision"),
+               "siglip2_text_model": ("siglip2", "text"), "siglip2_vision_model": ("siglip2", "vision")}
 _PLACEHOLDER_TOWER = {"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
                       "image_size": 8, "patch_size": 8}
 
@@ -361,7 +362,7 @@ def tower_config_to_clipforge(folder_config: dict) -> tuple[dict, str]:
     family, side = TOWER_TYPES[folder_config["model_type"]]
     tower = {k: v for k, v in folder_config.items() if k not in ("model_type", "architectures")}
     other = dict(_PLACEHOLDER_TOWER)
-    if family == "siglip":  # the text projection's width is the image tower's
+    if family in ("siglip", "siglip2"):  # the text projection's width is the image tower's
         tower["vision_use_head"] = True
         width = tower.get("hidden_size", 768)
         if side == "text":

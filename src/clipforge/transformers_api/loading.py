@@ -147,7 +147,7 @@ def _load_clip(name_or_path, dtype, device_map, options: dict) -> CLIP:
             name = os.fspath(_model_folder(name, options["subfolder"], None))
         tower_type = _read_json(Path(name) / "config.json").get("model_type") if os.path.isdir(name) else None
         if tower_type in TOWER_TYPES:
-            kind = {"clip": "CLIP", "siglip": "Siglip"}[TOWER_TYPES[tower_type][0]]
+            kind = {"clip": "CLIP", "siglip": "Siglip", "siglip2": "Siglip2"}[TOWER_TYPES[tower_type][0]]
             raise ValueError(f"{name}: a transformers {tower_type} folder (one tower alone, as diffusers' text "
                              f"encoders are): load it with {kind}TextModel / {kind}VisionModel.from_pretrained")
         if not os.path.exists(name) and not name.startswith("hf-hub:"):

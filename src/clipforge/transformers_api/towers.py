@@ -56,7 +56,10 @@ class _TowerModel(torch.nn.Module):
     def config(self) -> _Config:
         from ..checkpoint.hf import config_from_clipforge
 
-        return _Config(config_from_clipforge(self._model_config, self._logit_scale)[self.config_key])
+        settings = config_from_clipforge(self._model_config, self._logit_scale)[self.config_key]
+        if "vision_use_head" in settings and getattr(self, "vision", None) is not None and self.vision.head is None:
+            settings = {**settings, "vision_use_head": False}  # a SigLIP image tower saved without its pooling head
+        return _Config(settings)
 
     @property
     def device(self) -> torch.device:
@@ -98,10 +101,10 @@ class _TowerModel(torch.nn.Module):
         side = self.config_key[:-len("_config")]
         model_type = f"{self.family[:-len('Model')].lower()}_{side}_model"
         if model_type not in TOWER_TYPES:
-            raise TypeError(f"{type(self).__name__}.save_pretrained is built for CLIP's and SigLIP's towers")
+            raise TypeError(f"{type(self).__name__}.save_pretrained is built for CLIP's and SigLIP's (2) towers")
         prefix, tower = ("text.", self.text) if side == "text" else ("visual.", self.vision)
         state = keys_from_clipforge({prefix + k: v for k, v in tower.state_dict().items()},
-                                    siglip=self.family != "CLIPModel")
+                                    siglip=self.family != "CLIPModel", naflex=model_type == "siglip2_vision_model")
         if self.family == "CLIPModel" and not self.projected:  # transformers' CLIPTextModel has no projection
             state = {k: v for k, v in state.items() if not k.endswith("_projection.weight")}
         folder = Path(folder)
@@ -114,14 +117,14 @@ class _TowerModel(torch.nn.Module):
     def _from_tower_folder(cls, folder: Path, name, variant: str | None) -> "_TowerModel":
         """The tower a one-tower folder holds, built from its ``config.json`` and loaded from its weights."""
         from ..checkpoint import CheckpointError
-        from ..checkpoint.hf import TOWER_TYPES, to_clipforge, tower_config_to_clipforge
+        from ..checkpoint.hf import MODEL_TYPES, TOWER_TYPES, to_clipforge, tower_config_to_clipforge
         from ..checkpoint.io import read_weight_files, weight_file_names, weight_files
         from ..models.clip import build_text_tower, build_vision_tower
 
         folder_config = _read_json(folder / "config.json")
         model_type = folder_config["model_type"]
         family, side = TOWER_TYPES[model_type]
-        if ({"clip": "CLIPModel", "siglip": "SiglipModel"}[family], side) != (cls.family, cls.config_key[:-7]):
+        if (MODEL_TYPES[family], side) != (cls.family, cls.config_key[:-7]):
             raise ValueError(f"{name}: a transformers {model_type} folder; {cls.__name__} reads a {cls.family[:-5]} "
                              f"model's {cls.config_key[:-7]} tower")
         config, _ = tower_config_to_clipforge(folder_config)
@@ -142,7 +145,8 @@ class _TowerModel(torch.nn.Module):
         loaded = tower.load_state_dict({k[len(mine):]: v for k, v in state.items()}, strict=False)
         projection = "text_projection" if side == "text" else "proj"
         absent = set(loaded.missing_keys)
-        optional = {projection} | ({k for k in absent if k.startswith("head.")} if family == "siglip" else set())
+        siglip = family != "clip"
+        optional = {projection} | ({k for k in absent if k.startswith("head.")} if siglip else set())
         if absent - optional or loaded.unexpected_keys:
             wrong = sorted(absent - optional) or sorted(loaded.unexpected_keys)
             raise CheckpointError(f"{name}: its weights do not fit the {model_type} its config describes "
@@ -152,7 +156,7 @@ class _TowerModel(torch.nn.Module):
                 raise ValueError(f"{name}: a {folder_config.get('architectures', [model_type])[0]} folder holds no "
                                  f"projection; {cls.__name__} needs one ({cls.__name__[:-14]} reads it)")
             setattr(tower, projection, None)
-        if family == "siglip" and side == "vision" and "head.probe" in absent:  # vision_use_head: false
+        if siglip and side == "vision" and "head.probe" in absent:  # vision_use_head: false
             tower.head = None
         return cls(tower=tower, model_config=config)
 
@@ -491,8 +495,9 @@ class Siglip2VisionModel(_TowerModel):
         last, hidden, maps = _run_blocks(self.vision.transformer, x, output_hidden_states, output_attentions,
                                          attn_mask=mask)
         last = self.vision.ln_post(last)
-        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=self.vision.head(last, visible),
-                                          hidden_states=hidden, attentions=maps)
+        pooled = None if self.vision.head is None else self.vision.head(last, visible)  # None: saved without its head
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden,
+                                          attentions=maps)
 
     def embeds(self, output: BaseModelOutputWithPooling) -> torch.Tensor:
         return output.pooler_output
