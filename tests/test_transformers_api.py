@@ -1052,9 +1052,11 @@ def test_towers_tokenizer_and_processor_save_what_transformers_reads_back(folder
         got = transformers.SiglipVisionModel.from_pretrained(tmp_path / "out" / "siglip_vision")(pixels).pooler_output
     assert (got - expected).abs().max().item() <= TOL
 
-    processor = transformers_api.CLIPProcessor.from_pretrained(folders["saved"])
+    processor = transformers_api.CLIPProcessor.from_pretrained(folders["converted"])
     processor.save_pretrained(tmp_path / "processor")
     photos = _photos(4)
+    # a folder of processor files alone names its class (AutoProcessor gave the tokenizer alone before)
+    assert type(transformers.AutoProcessor.from_pretrained(tmp_path / "processor")) is transformers.CLIPProcessor
     for library in (transformers, transformers_api):
         again = library.CLIPProcessor.from_pretrained(tmp_path / "processor")
         a = again(text=texts, images=photos, return_tensors="pt", padding=True)

@@ -25,10 +25,21 @@ class CLIPProcessor:
 
     def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> list[str]:
         """The image processor's and the tokenizer's files in ``folder`` (what ``from_pretrained`` and transformers'
-        ``CLIPProcessor`` read); their paths."""
+        ``CLIPProcessor`` read), each naming the processor class (``processor_class``, as transformers writes it:
+        its ``AutoProcessor`` reads a folder without a model's ``config.json`` by it, else gives the tokenizer
+        alone); their paths."""
+        from ..files import read_json, write_json
+
         if kwargs:
             raise TypeError(f"CLIPProcessor.save_pretrained: {', '.join(sorted(kwargs))} not built here")
-        return [self.image_processor.save_pretrained(folder), *self.tokenizer.save_pretrained(folder)]
+        written = [self.image_processor.save_pretrained(folder), *self.tokenizer.save_pretrained(folder)]
+        image_processor_file = written[0]
+        tokenizer_file = next(f for f in written if str(f).endswith("tokenizer_config.json"))
+        image_type = read_json(image_processor_file)["image_processor_type"]
+        processor_class = image_type.removesuffix("Fast").removesuffix("Pil").replace("ImageProcessor", "Processor")
+        for path in (image_processor_file, tokenizer_file):
+            write_json(path, {**read_json(path), "processor_class": processor_class})
+        return written
 
     def __call__(self, *args, text=None, images=None, return_tensors: str | None = None, **kwargs) -> BatchEncoding:
         for value in args:
