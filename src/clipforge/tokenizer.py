@@ -103,7 +103,7 @@ class Tokenizer:
         added_ids = {t: len(vocab) + k for k, t in enumerate(self.added_tokens)}
         self.encoder = {**vocab, **added_ids}
         self.decoder = {**{i: t for t, i in vocab.items()}, **{i: t for t, i in added_ids.items()}}
-        # a token that is also a vocabulary piece ("*") takes its new id wherever that piece comes out of the BPE too,
+        # a token that is also a vocabulary piece ("!") takes its new id wherever that piece comes out of the BPE too,
         # as in open_clip, whose piece-to-id table the added token overwrites
         self._renumbered = {vocab[t]: i for t, i in added_ids.items() if t in vocab}
         self.byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
