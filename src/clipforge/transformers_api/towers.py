@@ -101,7 +101,8 @@ class _TowerModel(torch.nn.Module):
         side = self.config_key[:-len("_config")]
         model_type = f"{self.family[:-len('Model')].lower()}_{side}_model"
         if model_type not in TOWER_TYPES:
-            raise TypeError(f"{type(self).__name__}.save_pretrained is built for CLIP's, SigLIP's and SigLIP 2's towers")
+            raise TypeError(f"{type(self).__name__}.save_pretrained is built for CLIP's, SigLIP's and SigLIP 2's "
+                            "towers")
         prefix, tower = ("text.", self.text) if side == "text" else ("visual.", self.vision)
         state = keys_from_clipforge({prefix + k: v for k, v in tower.state_dict().items()},
                                     siglip=self.family != "CLIPModel", naflex=model_type == "siglip2_vision_model")
