@@ -1208,3 +1208,16 @@ def test_siglip2_towers_saved_alone_load_and_save_as_transformers(siglip2_folder
         inputs = {"pixel_values": torch.randn(2, 3, 32, 32)} if name == "SiglipVisionModel" else image_inputs
         with torch.no_grad():
             assert (again(**inputs).last_hidden_state - theirs(**inputs).last_hidden_state).abs().max() <= TOL
+
+
+def test_a_siglip2_tokenizer_saves_as_the_class_that_lower_cases(siglip2_folder, tmp_path):
+    """A SigLIP 2 repo's Gemma tokenizer, which transformers 5 reads as its lower-casing Siglip2Tokenizer, saved
+    alone: under that class, as transformers saves it (the folder's "GemmaTokenizer" read back by transformers did not
+    lower-case), and read back by clipforge to the same ids."""
+    texts = ["A photo of a Dog.", "TWO cats"]
+    expected = transformers.AutoTokenizer.from_pretrained(siglip2_folder)(texts).input_ids
+    transformers_api.CLIPTokenizer.from_pretrained(siglip2_folder).save_pretrained(tmp_path / "tokenizer")
+    assert json.loads((tmp_path / "tokenizer" / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "Siglip2Tokenizer"
+    for library in (transformers.AutoTokenizer, transformers_api.CLIPTokenizer):
+        assert library.from_pretrained(tmp_path / "tokenizer")(texts).input_ids == expected, library

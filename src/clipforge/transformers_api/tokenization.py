@@ -79,10 +79,12 @@ class CLIPTokenizer:
                                     "spiece.model (another SentencePiece model alone is run by transformers)")
         if backend.token_to_id(_CLIP_SPECIAL["eos_token"]) is not None:  # OpenAI's vocabulary: CLIPTokenizer's defaults
             special = {**_CLIP_SPECIAL, **special}
-        if str(settings.get("tokenizer_class", "")).startswith(("GemmaTokenizer", "Siglip2Tokenizer")) and \
-                _model_type(name_or_path, kwargs) == "siglip2":
-            # transformers 5 reads a SigLIP 2 NaFlex repo's Gemma tokenizer as its Siglip2Tokenizer: lower case first,
-            # as SigLIP 2 was trained (transformers 4 did not)
+        named = str(settings.get("tokenizer_class", ""))
+        siglip2 = named.startswith("Siglip2Tokenizer") or \
+            (named.startswith("GemmaTokenizer") and _model_type(name_or_path, kwargs) == "siglip2")
+        if siglip2:
+            # transformers 5 reads a SigLIP 2 NaFlex repo's Gemma tokenizer as its Siglip2Tokenizer (and a folder
+            # naming that class, as it saves one): lower case first, as SigLIP 2 was trained (transformers 4 did not)
             backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *filter(None, [backend.normalizer])])
         if not isinstance(backend, SiglipSentencePiece):
             _keep_special_whole(backend, special.values())
@@ -94,6 +96,8 @@ class CLIPTokenizer:
         side = padding_side(settings)
         tokenizer = cls(backend, max_length, side, names, **special)
         tokenizer.folder_settings = _read_json(folder / "tokenizer_config.json")
+        if siglip2:  # saved under the class that lower-cases, as transformers 5 saves it
+            tokenizer.folder_settings["tokenizer_class"] = "Siglip2Tokenizer"
         return tokenizer
 
     @property
