@@ -1221,3 +1221,21 @@ def test_a_siglip2_tokenizer_saves_as_the_class_that_lower_cases(siglip2_folder,
         "Siglip2Tokenizer"
     for library in (transformers.AutoTokenizer, transformers_api.CLIPTokenizer):
         assert library.from_pretrained(tmp_path / "tokenizer")(texts).input_ids == expected, library
+
+
+def test_a_siglip_processor_saves_as_siglips_classes(siglip_folder, tmp_path):
+    """A SigLIP folder's processor saved by clipforge: its image processor as SigLIP's own class (it squashes) and the
+    processor class named, so transformers' AutoProcessor builds a SiglipProcessor (it built a CLIPProcessor) giving
+    the original's ids and pixels; clipforge reads it back to the same."""
+    texts, photos = ["A photo of a Dog.", "two cats"], _photos(3, seed=7)
+    expected = transformers.AutoProcessor.from_pretrained(siglip_folder)(text=texts, images=photos,
+                                                                          return_tensors="pt", padding=True)
+    transformers_api.AutoProcessor.from_pretrained(siglip_folder).save_pretrained(tmp_path / "processor")
+    assert json.loads((tmp_path / "processor" / "preprocessor_config.json").read_text())["image_processor_type"] == \
+        "SiglipImageProcessor"
+    for library in (transformers, transformers_api):
+        processor = library.AutoProcessor.from_pretrained(tmp_path / "processor")
+        assert library is transformers_api or type(processor) is transformers.SiglipProcessor
+        got = processor(text=texts, images=photos, return_tensors="pt", padding=True)
+        assert torch.equal(got["input_ids"], expected["input_ids"]), library
+        assert (got["pixel_values"] - expected["pixel_values"]).abs().max().item() <= 1e-5, library

@@ -25,6 +25,7 @@ class CLIPImageProcessor:
     ``CLIPImageProcessorPil`` resizes with Pillow instead: transformers' class of that name (4.x's default)."""
 
     pillow = False
+    siglip = False  # read from a SiglipImageProcessor's settings: saved as one (SigLIP's own class, which squashes)
 
     def __init__(self, image_size: int, mean=OPENAI_MEAN, std=OPENAI_STD, resize_mode: str = "shortest",
                  interpolation: str = "bicubic"):
@@ -53,10 +54,13 @@ class CLIPImageProcessor:
         side = size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size
         if not isinstance(side, int):
             raise ValueError(f"{name_or_path}: its image processor gives no image size (size / crop_size)")
-        return cls(side, **processor_preprocess(config))
+        processor = cls(side, **processor_preprocess(config))
+        processor.siglip = kind.startswith("SiglipImageProcessor")
+        return processor
 
     def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> str:
-        return _save_image_processor(self.settings, folder, kwargs)
+        return _save_image_processor(self.settings, folder, kwargs,
+                                     as_siglip=self.siglip and self.settings.resize_mode == "squash")
 
     def __call__(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchEncoding:
         """``pixel_values`` [N, 3, size, size] from a PIL image, an [H, W, 3] uint8 array or a [3, H, W] uint8
@@ -164,9 +168,10 @@ class Siglip2ImageProcessorPil(Siglip2ImageProcessor):
     pillow = True
 
 
-def _save_image_processor(preprocess, folder, options: dict) -> str:
+def _save_image_processor(preprocess, folder, options: dict, as_siglip: bool = False) -> str:
     """``preprocessor_config.json`` in ``folder``, which transformers and ``from_pretrained`` read back as the same
-    transform (``checkpoint.hf.image_processor_settings``); its path."""
+    transform (``checkpoint.hf.image_processor_settings``; ``as_siglip``: a squash as SigLIP's own
+    ``SiglipImageProcessor``, whose processor transformers' ``AutoProcessor`` then builds); its path."""
     from ..checkpoint.hf import image_processor_settings
     from ..files import write_json
 
@@ -174,7 +179,11 @@ def _save_image_processor(preprocess, folder, options: dict) -> str:
         raise TypeError(f"save_pretrained: {', '.join(sorted(options))} not built here")
     path = Path(folder) / "preprocessor_config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, image_processor_settings(preprocess))
+    settings = image_processor_settings(preprocess)
+    if as_siglip:  # SigLIP's class squashes, and has no crop
+        settings = {k: v for k, v in settings.items() if k not in ("do_center_crop", "crop_size")}
+        settings["image_processor_type"] = "SiglipImageProcessor"
+    write_json(path, settings)
     return str(path)
 
 
