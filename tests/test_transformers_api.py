@@ -1239,3 +1239,31 @@ def test_a_siglip_processor_saves_as_siglips_classes(siglip_folder, tmp_path):
         got = processor(text=texts, images=photos, return_tensors="pt", padding=True)
         assert torch.equal(got["input_ids"], expected["input_ids"]), library
         assert (got["pixel_values"] - expected["pixel_values"]).abs().max().item() <= 1e-5, library
+
+
+def test_a_transformers_script_runs_on_a_checkpoint_of_another_format(folders, tmp_path):
+    """CLIPModel and CLIPProcessor.from_pretrained on a clipforge folder, an open_clip folder or an OpenAI file (a
+    model trained here, as it is saved): the processor convert --to hf would write (before: "no image processor"),
+    so the script gives what transformers gives on the converted folder."""
+    from clipforge.convert import convert
+
+    ours = folders["converted"].parent / "ours"
+    convert(str(ours), str(tmp_path / "open_clip"), to="open_clip")
+    convert(str(ours), str(tmp_path / "openai.pt"), to="openai")
+    texts, photos = ["a photo of a cat", "two  dogs\tplay?!"], _photos(2, seed=9)
+    expected = _script(transformers, folders["converted"], texts, photos)
+    for source in (ours, tmp_path / "open_clip", tmp_path / "openai.pt"):
+        got = _script(transformers_api, source, texts, photos)
+        assert torch.equal(got["input_ids"], expected["input_ids"]), source
+        for key in ("image", "text", "probs", "loss"):
+            assert (got[key] - expected[key]).abs().max().item() <= TOL, (source, key)
+    assert type(transformers_api.AutoProcessor.from_pretrained(ours)) is transformers_api.CLIPProcessor
+    with pytest.raises(FileNotFoundError, match="no image processor"):  # a transformers folder without one, as there
+        transformers_api.CLIPImageProcessor.from_pretrained(_without(folders["converted"], tmp_path / "bare",
+                                                                     "preprocessor_config.json"))
+
+
+def _without(folder: Path, copy: Path, name: str) -> Path:
+    shutil.copytree(folder, copy)
+    (copy / name).unlink()
+    return copy

@@ -174,3 +174,38 @@ def _placed(model: torch.nn.Module, dtype, device_map) -> torch.nn.Module:
     if device_map == "auto":
         device_map = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device_map) if device_map is not None else model
+
+
+@contextlib.contextmanager
+def _checkpoint_processor_files(name_or_path, subfolder: str | None, own: tuple[str, ...]):
+    """For a checkpoint in another format than transformers' (a clipforge or open_clip folder, an OpenAI or open_clip
+    file: what ``CLIPModel.from_pretrained`` reads too) without the files ``own`` names, the tokenizer and image
+    processor files ``clipforge convert --to hf`` writes for it, in a temporary folder for the time of the ``with``;
+    None for anything else (a transformers folder without them stays an error, as in transformers)."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from .. import read_model_config
+    from ..checkpoint import CheckpointError, read_preprocess_cfg
+    from ..checkpoint.hf import MODEL_TYPES, save_clip_tokenizer, save_image_processor, save_own_tokenizer
+
+    path = Path(name_or_path)
+    if subfolder is not None or not path.exists() or any((path / name).is_file() for name in own) or \
+            _read_json(path / "config.json").get("model_type") in MODEL_TYPES:
+        yield None
+        return
+    try:
+        config = read_model_config(os.fspath(path))
+    except CheckpointError:  # not a checkpoint (an empty folder): the caller's own error says what is missing
+        yield None
+        return
+    size = config["vision_cfg"].get("image_size")
+    size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
+    if "hf_model_name" in config["text_cfg"] or not isinstance(size, int):  # what convert --to hf refuses too
+        yield None
+        return
+    model = SimpleNamespace(config=config, image_size=size, normalisation=read_preprocess_cfg(path))
+    with tempfile.TemporaryDirectory(prefix="clipforge-processor-") as folder:
+        save_image_processor(model, folder)
+        (save_own_tokenizer if "hf_tokenizer_name" in config["text_cfg"] else save_clip_tokenizer)(model, folder)
+        yield Path(folder)

@@ -12,7 +12,7 @@ import torch
 
 from ..hub_tokenizer import _token_text, is_siglip_sentencepiece, padding_side
 from ..spiece import SPIECE_FILE, SiglipSentencePiece
-from .loading import _folder, _hub_options, _model_type, _optional_files, _read_json
+from .loading import _checkpoint_processor_files, _folder, _hub_options, _model_type, _optional_files, _read_json
 from .outputs import BatchEncoding
 
 
@@ -54,10 +54,14 @@ class CLIPTokenizer:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> "CLIPTokenizer":
-        """From a folder or hub repo holding ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``."""
+        """From a folder or hub repo holding ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``; for a checkpoint
+        in another format (clipforge's, open_clip's, OpenAI's), the tokenizer ``clipforge convert --to hf`` writes."""
         from tokenizers import Tokenizer, normalizers
 
         own = ("model_max_length", "padding_side", "model_input_names", *_SPECIAL)
+        with _checkpoint_processor_files(name_or_path, kwargs.get("subfolder"), cls._FILES) as converted:
+            if converted is not None:  # another format's checkpoint: its tokenizer as convert --to hf writes it
+                return cls.from_pretrained(converted, **{k: v for k, v in kwargs.items() if k in own})
         with _hub_options("CLIPTokenizer.from_pretrained", kwargs, own):
             folder = _folder(name_or_path, cls._FILES, kwargs.get("subfolder"))
             _optional_files(name_or_path, ("added_tokens.json",), kwargs.get("subfolder"))  # transformers 4's
