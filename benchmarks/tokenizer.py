@@ -1,16 +1,20 @@
 """Tokenizer throughput, clipforge vs open_clip, on 10,000 distinct captions; ids are checked to be identical.
 
-    python benchmarks/tokenizer.py [--data ../shared/data] [--repeats 5] [--json out.json]
+    python benchmarks/tokenizer.py [--data ../shared/data] [--repeats 5] [--json out.json] [--added-tokens A,B]
 
 Captions: the 395 human captions of coco-mini plus recombinations of their halves (first half of one caption, second
 half of another) up to 10,000 distinct strings, so the vocabulary is natural and no caption repeats. "cold" builds a
 fresh tokenizer for every repeat (empty word caches on both sides); "warm" re-tokenises with the caches filled.
+``--added-tokens``: both tokenizers given these tokens (open_clip's ``additional_special_tokens``), and one of them
+put at a random word position of every caption (seeded).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import random
+from functools import partial
 from pathlib import Path
 
 from clipforge.bench.corpora import distinct_captions
@@ -25,14 +29,26 @@ def load_captions(data: Path, n: int = 10_000, seed: int = 0) -> list[str]:
     return distinct_captions(data, n, seed)
 
 
-def run(captions: list[str], repeats: int = 5) -> dict:
+def with_added_tokens(captions: list[str], tokens: list[str], seed: int = 0) -> list[str]:
+    """Each caption with one of ``tokens`` put at a random word position."""
+    rng = random.Random(seed)
+    out = []
+    for caption in captions:
+        words = caption.split(" ")
+        words.insert(rng.randint(0, len(words)), rng.choice(tokens))
+        out.append(" ".join(words))
+    return out
+
+
+def run(captions: list[str], repeats: int = 5, added_tokens: list[str] | None = None) -> dict:
     import torch
     from open_clip.tokenizer import SimpleTokenizer
 
     from clipforge.tokenizer import Tokenizer
 
-    assert torch.equal(Tokenizer()(captions), SimpleTokenizer()(captions)), "ids differ from open_clip"
-    makers = {"clipforge": Tokenizer, "open_clip": SimpleTokenizer}
+    makers = {"clipforge": partial(Tokenizer, additional_special_tokens=added_tokens),
+              "open_clip": partial(SimpleTokenizer, additional_special_tokens=added_tokens)}
+    assert torch.equal(makers["clipforge"]()(captions), makers["open_clip"]()(captions)), "ids differ from open_clip"
     results = {name: {} for name in makers}
     for kind in ("cold", "warm"):
         summary = tokenizer_speed(makers, captions, repeats, warm=kind == "warm")
@@ -49,12 +65,16 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--added-tokens", type=lambda text: text.split(","),
+                        help="comma-separated tokens both tokenizers add (one is put in every caption)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(2)
     captions = load_captions(args.data)
-    results = run(captions, args.repeats)
+    if args.added_tokens:
+        captions = with_added_tokens(captions, args.added_tokens)
+    results = run(captions, args.repeats, args.added_tokens)
     results["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"{len(captions)} captions, median of {args.repeats} (min-max)")
     for kind in ("cold", "warm"):
