@@ -98,7 +98,7 @@ class Tokenizer:
         if isinstance(additional_special_tokens, str):
             raise TypeError("additional_special_tokens takes a list of tokens, not one string")
         self.added_tokens = tuple(additional_special_tokens or ())
-        _check_added_tokens(self.added_tokens, vocab, split_added_tokens)
+        check_added_tokens(self.added_tokens, vocab, split_added_tokens)
         self._base_vocab = vocab
         added_ids = {t: len(vocab) + k for k, t in enumerate(self.added_tokens)}
         self.encoder = {**vocab, **added_ids}
@@ -190,12 +190,7 @@ class Tokenizer:
     def _add_chunks(self, chunks: list[str]) -> None:
         """Cache the ids of unseen chunks of cleaned text (each encoded on its own: no OpenAI regex match spans a
         space in cleaned text); printable-ASCII chunks are split by the faster ASCII pattern."""
-        if self._cut_added is None:
-            plain, ascii_split, regex_split = _PRINTABLE_ASCII.fullmatch, self._ascii_words.findall, \
-                self._word_regex.findall
-            split = [ascii_split(c) if plain(c) else regex_split(c) for c in chunks]
-        else:
-            split = list(map(self._find_words, chunks))
+        split = list(map(self._find_words, chunks))
         words = {w for found in split for w in found}
         self._bpe_into_cache([w for w in words if w not in self._word_ids])
         word_ids = self._word_ids
@@ -327,7 +322,7 @@ def _with_room(array: np.ndarray, rows: int) -> np.ndarray:
     return grown
 
 
-def _check_added_tokens(tokens: tuple, vocab: dict, split: bool) -> None:
+def check_added_tokens(tokens: tuple, vocab: dict, split: bool) -> None:
     """Refuse, by name, added tokens the matching could not find or the ids could not keep apart."""
     for token in tokens:
         if not isinstance(token, str) or not token or token.split() != [token] or not token.isprintable():

@@ -311,7 +311,7 @@ def added_tokens_settings(folder: str | Path, config: dict) -> dict:
     (a "!" padding token: "!!" is two of it in transformers, one BPE piece here), tokens added out of order."""
     import warnings
 
-    from ..tokenizer import Tokenizer, vocab_and_merges
+    from ..tokenizer import check_added_tokens, vocab_and_merges
 
     folder = Path(folder)
     if "hf_tokenizer_name" in config["text_cfg"] or not ((folder / "tokenizer.json").is_file() or (
@@ -325,7 +325,8 @@ def added_tokens_settings(folder: str | Path, config: dict) -> dict:
         warnings.warn(f"{folder}: its tokenizer files could not be read for added tokens ({type(exc).__name__}: "
                       f"{exc}); clipforge's tokenizer is OpenAI's BPE alone", stacklevel=3)
         return {}
-    first = len(vocab_and_merges()[0])
+    vocab = vocab_and_merges()[0]
+    first = len(vocab)
     whole = sorted(t for t, i in added.items() if i < first and t not in (HF_SOT, HF_EOT))
     if whole:
         warnings.warn(f"{folder}: its tokenizer matches {', '.join(map(repr, whole))} whole; clipforge's tokenizer "
@@ -338,7 +339,7 @@ def added_tokens_settings(folder: str | Path, config: dict) -> dict:
         ids = [added[t] for t in tokens]
         if ids != list(range(first, first + len(tokens))):
             raise ValueError(f"ids {ids} do not follow the vocabulary's {first} in order")
-        Tokenizer(additional_special_tokens=tokens, split_added_tokens=True)  # refuses what it cannot match
+        check_added_tokens(tokens, vocab, split=True)  # refuses what the tokenizer cannot match
     except ValueError as exc:
         warnings.warn(f"{folder}: its tokenizer's added tokens are left out of clipforge's tokenizer ({exc}); "
                       "clipforge.transformers_api.CLIPTokenizer reads them", stacklevel=3)

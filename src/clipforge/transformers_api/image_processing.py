@@ -35,12 +35,12 @@ class CLIPImageProcessor:
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> "CLIPImageProcessor":
         from ..checkpoint.hf import IMAGE_PROCESSOR_FILES, processor_preprocess, read_image_processor
 
-        with _checkpoint_processor_files(name_or_path, kwargs.get("subfolder"), IMAGE_PROCESSOR_FILES) as converted:
-            config = None if converted is None else read_image_processor(converted)  # as convert --to hf writes it
-        if config is None:
-            with _hub_options(f"{cls.__name__}.from_pretrained", kwargs):
+        with _hub_options(f"{cls.__name__}.from_pretrained", kwargs):
+            with _checkpoint_processor_files(name_or_path, kwargs.get("subfolder"), IMAGE_PROCESSOR_FILES) as converted:
+                config = None if converted is None else read_image_processor(converted)  # as convert --to hf writes it
+            if config is None:
                 folder = _folder(name_or_path, IMAGE_PROCESSOR_FILES, kwargs.get("subfolder"))
-            config = read_image_processor(folder)
+                config = read_image_processor(folder)
         if not config:
             raise FileNotFoundError(f"{name_or_path}: no image processor ({' or '.join(IMAGE_PROCESSOR_FILES)})")
         kind = config.get("image_processor_type", "CLIPImageProcessor")

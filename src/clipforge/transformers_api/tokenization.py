@@ -59,7 +59,8 @@ class CLIPTokenizer:
         from tokenizers import Tokenizer, normalizers
 
         own = ("model_max_length", "padding_side", "model_input_names", *_SPECIAL)
-        with _checkpoint_processor_files(name_or_path, kwargs.get("subfolder"), cls._FILES) as converted:
+        with _hub_options("CLIPTokenizer.from_pretrained", kwargs, own), \
+                _checkpoint_processor_files(name_or_path, kwargs.get("subfolder"), cls._FILES) as converted:
             if converted is not None:  # another format's checkpoint: its tokenizer as convert --to hf writes it
                 return cls.from_pretrained(converted, **{k: v for k, v in kwargs.items() if k in own})
         with _hub_options("CLIPTokenizer.from_pretrained", kwargs, own):
