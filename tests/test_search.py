@@ -1734,6 +1734,46 @@ def test_web_page_search_drop_classification_and_captions_in_chromium(live_serve
         browser.close()
 
 
+def test_web_page_asks_for_each_page_once_and_says_when_the_server_does_not_answer(live_server):
+    """The list's end coming into view while a page's response is still being read must not fetch that page again
+    (it was shown twice: seen once in CI, where the menu test found every card doubled); a search whose request
+    fails says so instead of "searching…" for ever."""
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.set_viewport_size({"width": 1100, "height": 700})
+        page.goto(live_server + "/")
+        # the race made certain: whenever a search response's body is read, the page is asked for more at once
+        page.evaluate("""() => { const read = Response.prototype.json;
+            Response.prototype.json = function () { if (this.url.includes("/search?")) loadMore();
+                                                    return read.call(this); }; }""")
+        page.fill("#query", "a red circle")
+        page.press("#query", "Enter")
+        page.wait_for_function("document.querySelector('#search-status').textContent.includes(' results for ')")
+        page.wait_for_load_state("networkidle")
+        shown = page.locator("#results .result").evaluate_all("cards => cards.map(c => c.dataset.id)")
+        expected = requests_json(live_server, f"/search?q=a+red+circle&k={len(shown)}")
+        assert len(shown) >= 24 and shown == [str(h["id"]) for h in expected]  # each page once, in rank order
+
+        page.route("**/search?*", lambda route: route.abort())  # the server stops answering
+        page.fill("#query", "a blue square")
+        page.press("#query", "Enter")
+        page.wait_for_function("document.querySelector('#search-status').textContent.includes('did not answer')",
+                               timeout=10_000)
+        assert "error" in page.locator("#search-status").get_attribute("class")
+        assert page.locator("#results .result").count() == 0
+        page.unroute("**/search?*")  # and answers again: the next search runs
+        page.press("#query", "Enter")
+        page.wait_for_function("document.querySelector('#search-status').textContent.includes(' results for ')")
+        assert page.locator("#results .result").first.get_attribute("data-id") == str(
+            requests_json(live_server, "/search?q=a+blue+square&k=1")[0]["id"])
+        browser.close()
+
+
 def test_items_in_shards_are_read_by_offset_with_every_caption(tmp_path):
     from clipforge.data import open_source
     from clipforge.retrieval.collection import item_captions, item_from_path, item_path, load_item
