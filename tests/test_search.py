@@ -1774,6 +1774,57 @@ def test_web_page_asks_for_each_page_once_and_says_when_the_server_does_not_answ
         browser.close()
 
 
+def test_web_page_shows_the_latest_view_and_drop_when_an_earlier_answer_arrives_late(live_server, collection):
+    """Two clicks on "view" or two dropped images in quick succession: the first answer, held back until the second
+    is on screen, must not replace it (it did: the larger view and the predictions showed the earlier image)."""
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
+    held = []
+
+    def hold_the_first(route):
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(live_server + "/?q=a+red+circle")
+        page.wait_for_selector("#results .result")
+        first, second = (page.locator("#results .result").nth(i).get_attribute("data-id") for i in (0, 1))
+        page.route("**/item/*", hold_the_first)
+        page.locator("#results .result .view").nth(0).click()
+        page.locator("#results .result .view").nth(1).click()
+        page.wait_for_selector("#viewer:not([hidden])")
+        name = client_json(live_server, f"/item/{second}")["name"]
+        page.wait_for_function(f"document.querySelector('#viewer-name').textContent.startsWith({name!r})")
+        with page.expect_response(f"**/item/{first}"):
+            held.pop().continue_()
+        page.wait_for_timeout(200)  # time for a late answer to be (wrongly) drawn
+        assert page.locator("#viewer-name").inner_text().startswith(name + " (")
+        page.click("#viewer-close")
+
+        page.route("**/classify*", hold_the_first)
+        page.fill("#labels", "red circle, green triangle, blue square")
+        for name in ("shape001.png", "shape002.png"):
+            data = list((collection["images"] / name).read_bytes())
+            transfer = page.evaluate_handle("""bytes => { const dt = new DataTransfer();
+                dt.items.add(new File([new Uint8Array(bytes)], "dropped.png", {type: "image/png"})); return dt; }""",
+                                            data)
+            page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        page.wait_for_selector("#predictions .prediction")
+        shown = page.locator("#predictions .probability").all_inner_texts()
+        with page.expect_response("**/classify*") as late:
+            held.pop().continue_()
+        earlier = [f"{100 * p['probability']:.1f}%" for p in late.value.json()["labels"]]
+        page.wait_for_timeout(200)
+        assert page.locator("#predictions .probability").all_inner_texts() == shown != earlier
+        browser.close()
+
+
 def test_items_in_shards_are_read_by_offset_with_every_caption(tmp_path):
     from clipforge.data import open_source
     from clipforge.retrieval.collection import item_captions, item_from_path, item_path, load_item
