@@ -1746,6 +1746,9 @@ def test_web_page_asks_for_each_page_once_and_says_when_the_server_does_not_answ
         browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         page = browser.new_page()
         page.set_viewport_size({"width": 1100, "height": 700})
+        complaints = []  # the browser's console: a failed request or a script error shows there
+        page.on("console", lambda message: complaints.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: complaints.append(str(error)))
         page.goto(live_server + "/")
         # the race made certain: whenever a search response's body is read, the page is asked for more at once
         page.evaluate("""() => { const read = Response.prototype.json;
@@ -1758,6 +1761,7 @@ def test_web_page_asks_for_each_page_once_and_says_when_the_server_does_not_answ
         shown = page.locator("#results .result").evaluate_all("cards => cards.map(c => c.dataset.id)")
         expected = requests_json(live_server, f"/search?q=a+red+circle&k={len(shown)}")
         assert len(shown) >= 24 and shown == [str(h["id"]) for h in expected]  # each page once, in rank order
+        assert complaints == []  # (a page without an icon link asks for /favicon.ico, which is not found)
 
         page.route("**/search?*", lambda route: route.abort())  # the server stops answering
         page.fill("#query", "a blue square")
