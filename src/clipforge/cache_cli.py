@@ -3,6 +3,7 @@ and clearing it. Nothing here imports torch: listing a cache is instant."""
 from __future__ import annotations
 
 import argparse
+import textwrap
 import os
 import re
 import shutil
@@ -34,10 +35,14 @@ EPILOG = """examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("List what clipforge keeps in $CLIPFORGE_CACHE (default ~/.cache/clipforge), or clear "
+    # the raw formatter keeps the examples' columns, and so wraps nothing itself
+    intro = textwrap.fill("List what clipforge keeps in $CLIPFORGE_CACHE (default ~/.cache/clipforge), or clear "
                           "some of it. Everything there is made again when next needed: downloads fetched again "
-                          "(online), features and tables recomputed. Kinds: " +
-                          "; ".join(f"{kind}: {what}" for kind, what in KINDS.items()) + ".")
+                          "(online), features and tables recomputed.", 110)
+    column = max(map(len, KINDS)) + 4
+    kinds = [textwrap.fill(what, 110, initial_indent=f"  {kind}".ljust(column), subsequent_indent=" " * column)
+             for kind, what in KINDS.items()]
+    parser.description = intro + "\n\nkinds:\n" + "\n".join(kinds)
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     actions = parser.add_subparsers(dest="action", metavar="<action>")

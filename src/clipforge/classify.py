@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from .argtypes import non_negative_int, positive_int
@@ -20,11 +21,12 @@ EXAMPLES = """examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Zero-shot classification of image files, folders of images (searched recursively), CSV/TSV "
-                     "tables or WebDataset shards among the classes you name. Prints each image's top -k classes "
-                     "with their probabilities (softmax over the classes given, at the model's own temperature; a SigLIP "
-                     "model's are each class's own sigmoid, with its learned bias, so they need not sum to 1). "
-                     "Unreadable images are named on stderr and skipped.")
+    p.description = textwrap.fill(
+        "Zero-shot classification of image files, folders of images (searched recursively), CSV/TSV tables or "
+        "WebDataset shards among the classes you name. Prints each image's top -k classes with their probabilities "
+        "(softmax over the classes given, at the model's own temperature; a SigLIP model's are each class's own "
+        "sigmoid, with its learned bias, so they need not sum to 1). Unreadable images are named on stderr and "
+        "skipped.", 110)  # the raw formatter keeps the examples' columns, and so wraps nothing itself
     p.epilog = EXAMPLES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("images", nargs="+", help="image files, image folders, CSV/TSV files or shards")

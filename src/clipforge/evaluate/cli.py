@@ -5,8 +5,8 @@ CLIP_benchmark's, and ``clipforge eval table`` to read a sweep's results back si
 Results go to ``--output`` as JSON in CLIP_benchmark's format (``dataset``, ``model``, ``pretrained``, ``task``,
 ``metrics``, ``language``), with extra keys for what CLIP_benchmark does not report (per-class table, sweep, curve).
 Several ``--dataset-root`` are evaluated in turn with one model load, and several ``--pretrained`` one after
-another, ``--output`` naming each file by its {placeholders}. Image features are cached (``--cache-dir``) so that a sweep, a few-shot curve or a second template
-set does not re-embed the images.
+another, ``--output`` naming each file by its {placeholders}. Image features are cached (``--cache-dir``) so
+that a sweep, a few-shot curve or a second template set does not re-embed the images.
 """
 from __future__ import annotations
 
