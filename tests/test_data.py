@@ -1,6 +1,7 @@
 """Data sources and the batching pipeline: formats, caption choice, label captions, splitting, resumability."""
 import io
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +79,42 @@ def test_csv_and_folder_sources(tmp_path):
         (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
         CsvSource(tmp_path / "bad.csv")
 
+
+
+def test_a_folder_reads_gif_and_tiff_photos_and_names_the_files_it_passes_over(tmp_path, capsys):
+    """Photos come as .tif and .gif too (clip-retrieval reads neither); files that are not images by their name are
+    counted on stderr by kind (a folder of .heic photos or videos was otherwise just found smaller without a word),
+    while captions, metadata and hidden files are not."""
+    from clipforge.retrieval.collection import load_item
+
+    colours = {"a.png": "red", "b.gif": "blue", "c.TIF": "green", "sub/d.tiff": "yellow", "e.jfif": "white"}
+    (tmp_path / "sub").mkdir()
+    for name, colour in colours.items():
+        Image.new("RGB", (40, 30), colour).save(tmp_path / name, format="JPEG" if name.endswith("jfif") else None)
+    (tmp_path / "a.txt").write_text("a red thing")
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    for name in ("f.heic", "sub/g.HEIC", "h.mov", "README"):
+        (tmp_path / name).write_bytes(b"x")
+    items = FolderSource(tmp_path, shuffle=False).catalogue()
+    assert [item["path"] for item in items] == sorted(str(tmp_path / name) for name in colours)
+    for item in items:
+        name = str(Path(item["path"]).relative_to(tmp_path))
+        pixel = Image.new("RGB", (1, 1), colours[name]).getpixel((0, 0))
+        got = load_item(item)[0].convert("RGB").getpixel((5, 5))
+        assert max(abs(a - b) for a, b in zip(got, pixel)) <= (3 if name.endswith("jfif") else 0), name
+    assert load_item(items[0])[1] == "a red thing"
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path}: 4 files passed over as not images by their name (2 .heic, 1 .mov, 1 without a " \
+           "suffix); images are read from .jpg, .jpeg, .png, .webp, .bmp, .gif, .tif, .tiff" in err
+
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "x.heic").write_bytes(b"x")
+    with pytest.raises(ValueError, match="no images found"):
+        FolderSource(tmp_path / "only")
+    assert "1 file passed over as not images by their name (1 .heic)" in capsys.readouterr().err
 
 def test_csv_columns_and_separator_as_open_clip_names_them(tmp_path):
     """open_clip's --csv-img-key / --csv-caption-key / --csv-separator: named columns and separator; a tab-separated

@@ -496,6 +496,25 @@ def test_classify_prints_the_zero_shot_top_k_of_files_folders_and_shards(tiny_da
                                    row.sort(descending=True).values, atol=2e-6, rtol=0)
 
 
+def test_classify_takes_a_file_named_on_its_own_as_an_image_whatever_its_suffix(tiny_dataset, tmp_path):
+    """`clipforge classify photo.gif` was read as a shard ("not a readable tar file"), and so was a photo saved as
+    .JPG_large or without a suffix: a file named on its own is an image unless it is a table or a shard."""
+    from clipforge.classify import image_items
+    from clipforge.data import open_source
+    from clipforge.retrieval.collection import item_path, load_item
+
+    photos = {"photo.gif": "blue", "photo.JPG_large": "red", "no-suffix": "lime"}
+    for name, colour in photos.items():
+        Image.new("RGB", (40, 30), colour).save(tmp_path / name, format="GIF" if name.endswith("gif") else "JPEG")
+    shard = tiny_dataset / "test" / "test-000000.tar"
+    (tmp_path / "pairs.csv").write_text("filepath,title\nphoto.gif,a photo\n")
+    items = image_items([str(tmp_path / name) for name in photos] + [str(shard), str(tmp_path / "pairs.csv")])
+    assert [item_path(item) for item in items[:3]] == [str(tmp_path / name) for name in photos]
+    assert [load_item(item)[0].convert("RGB").getpixel((0, 0))[{"blue": 2, "red": 0, "lime": 1}[colour]] > 200
+            for item, colour in zip(items, photos.values())] == [True] * 3
+    in_shard = open_source(str(shard), shuffle_buffer=0).catalogue()
+    assert items[3:-1] == in_shard and item_path(items[-1]) == str(tmp_path / "photo.gif")  # the shard, the CSV
+
 @pytest.mark.parametrize("extra, message", [
     ([], "name the classes with --labels"), (["--labels", " , "], "no class names"),
     (["--labels", "a,b,a"], "['a'] given more than once"), (["--dataset", "nosuch"], "no shipped class list"),

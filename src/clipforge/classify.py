@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -74,7 +75,10 @@ def image_items(specs: list[str]) -> list[dict]:
 
     items = []
     for spec in specs:
-        if os.path.isfile(spec) and Path(spec).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+        # a file named on its own is an image unless it is a table or a shard, whatever its suffix says (.JPG_large,
+        # a photo saved without one): an unreadable one is named and skipped like any other
+        if os.path.isfile(spec) and (Path(spec).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS or not (
+                spec.lower().endswith((".csv", ".tsv")) or tarfile.is_tarfile(spec))):
             items.append({"path": spec, "caption": ""})
         else:
             items.extend(open_source(spec, shuffle_buffer=0).catalogue())

@@ -18,7 +18,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+# the image types read from folders and shards: clip-retrieval's five, then what else photos come as and Pillow
+# reads as it is installed (an animated GIF gives its first frame)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "jfif", "avif")
+SIDECAR_EXTENSIONS = ("txt", "json")  # a folder image's captions and metadata, beside it
 # One rule for tables, by preference: the first of these columns present is used.
 IMAGE_COLUMNS = ("filepath", "image", "path", "image_path", "file")
 CAPTION_COLUMNS = ("title", "caption", "text")  # open_clip's --csv-caption-key default first
@@ -348,20 +351,40 @@ class FolderSource(IndexedSource):
     def __init__(self, folder: str | Path, classnames: list[str] | None = None, shuffle: bool = True):
         folder = Path(folder)
         self.anchor, self.classnames, self.shuffle = str(folder / "-"), classnames, shuffle
+        passed_over = Counter()
         if classnames is not None:
             classes = sorted(p for p in folder.iterdir() if p.is_dir())
             if not classes:
                 raise ValueError(f"{folder}: neither .tar shards nor class folders")
-            self.items = [Item(str(p), None, label) for label, sub in enumerate(classes) for p in _images(sub)]
+            self.items = [Item(str(p), None, label) for label, sub in enumerate(classes)
+                          for p in _images(sub, passed_over)]
         else:
             self.items = [Item(str(p), p.with_suffix(".txt").read_text() if p.with_suffix(".txt").exists() else None)
-                          for p in _images(folder)]
+                          for p in _images(folder, passed_over)]
+        if passed_over:  # said, so that a folder of .heic photos or videos is not found "smaller" without a word
+            most = sorted(passed_over.items(), key=lambda kind_n: (-kind_n[1], kind_n[0]))
+            kinds = ", ".join(f"{n} {kind}" for kind, n in most[:5])
+            more = f" and {len(passed_over) - 5} more kinds" if len(passed_over) > 5 else ""
+            n = sum(passed_over.values())
+            print(f"warning: {folder}: {n} file{'s' if n > 1 else ''} passed over as not images by their name "
+                  f"({kinds}{more}); images are read from {', '.join('.' + e for e in IMAGE_EXTENSIONS)}",
+                  file=sys.stderr)
         if not self.items:
             raise ValueError(f"{folder}: no images found")
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+def _images(folder: Path, passed_over: Counter) -> list[Path]:
+    """The images in ``folder`` and below, sorted; counts the other files by suffix (not captions, metadata or what
+    is hidden: .DS_Store, a .git folder)."""
+    images = []
+    for path in folder.rglob("*"):
+        suffix = path.suffix.lower().lstrip(".")
+        if suffix in IMAGE_EXTENSIONS:
+            images.append(path)
+        elif (suffix not in SIDECAR_EXTENSIONS and path.is_file()
+              and not any(part.startswith(".") for part in path.relative_to(folder).parts)):
+            passed_over["." + suffix if suffix else "without a suffix"] += 1
+    return sorted(images)
 
 
 def open_source(spec: str, shuffle_buffer: int = 1000, classnames: list[str] | None = None,
