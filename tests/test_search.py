@@ -132,11 +132,12 @@ def test_embedding_resumes_at_the_first_missing_shard(collection, tmp_path, caps
     assert "the embedding run has not finished (3 shards written)" in capsys.readouterr().err
 
 
-def test_images_added_after_the_embedded_ones_are_embedded_by_running_again_and_other_changes_refused(
+def test_images_added_to_the_input_are_embedded_by_running_again_and_other_changes_refused(
         collection, tmp_path, capsys, monkeypatch):
-    """Output shard i holds the input's images from i * shard_size: new images that sort after the embedded ones
-    are added (the last shard redone where they join it, safely across a kill); images inserted among them, another
-    shard size, or a collection from before inputs were recorded whose image count changed are refused."""
+    """Output shard i holds catalogue images from i * shard_size: new images are added after the embedded ones
+    (the last shard redone where they join it, safely across a kill), those that sort among them too (their rows
+    follow the catalogue the collection keeps); images removed, another shard size, or a collection from before
+    inputs were recorded whose images changed are refused."""
     from clipforge.retrieval import embed as embed_module
     from clipforge.retrieval import load_embeddings
 
@@ -181,22 +182,59 @@ def test_images_added_after_the_embedded_ones_are_embedded_by_running_again_and_
     assert names() == [f"shape{i:03d}.png" for i in range(8)]
 
     written = {path: path.stat().st_mtime_ns for path in (out / "img_emb").iterdir()}
-    (images / "aardvark.png").write_bytes((collection["images"] / "shape009.png").read_bytes())  # sorts first
     capsys.readouterr()
-    assert embed() == 2
-    assert "the input's first 8 images are no longer the ones embedded" in capsys.readouterr().err
-    (images / "aardvark.png").unlink()
     assert embed("--shard-size", "4") == 2  # (the last --shard-size wins)
     error = capsys.readouterr().err
     assert "--shard-size 4: the shards in" in error and "hold 3 images each; resume with --shard-size 3" in error
     assert {path: path.stat().st_mtime_ns for path in (out / "img_emb").iterdir()} == written  # nothing touched
+
+    # images that sort among the embedded ones (it was refused: they would have moved the others between rows)
+    (images / "aardvark.png").write_bytes((collection["images"] / "shape009.png").read_bytes())
+    (images / "shape004b.png").write_bytes((collection["images"] / "shape010.png").read_bytes())
+    vectors_before = load_embeddings(out)[0]
+    original_write_info = embed_module.write_info
+
+    def killed_before_the_record(*args, **kwargs):  # the list of the new order is written, its digest is not
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_module, "write_info", killed_before_the_record)
+    assert embed() == 130
+    monkeypatch.setattr(embed_module, "write_info", original_write_info)
+    capsys.readouterr()
+    assert embed() == 0
+    error = capsys.readouterr().err
+    assert "2 images added to the input since" in error
+    assert "embedding them after the embedded ones, whose rows stay theirs" in error  # (shard 2 went with the kill)
+    assert names() == [f"shape{i:03d}.png" for i in range(8)] + ["aardvark.png", "shape004b.png"]
+    vectors = load_embeddings(out)[0]
+    np.testing.assert_array_equal(vectors[:6], vectors_before[:6])  # shards 0 and 1 untouched
+    assert {path: path.stat().st_mtime_ns for path in (out / "img_emb").iterdir() if path.name < "img_emb_00002"} \
+        == {path: when for path, when in written.items() if path.name < "img_emb_00002"}
+    whole, rows = load_embeddings(collection["emb"])  # the same images, embedded where they were first
+    row_of = {Path(row["path"]).name: i for i, row in enumerate(rows)}
+    np.testing.assert_allclose(vectors[8:], whole[[row_of["shape009.png"], row_of["shape010.png"]]], atol=2e-3)
+    capsys.readouterr()
+    assert embed() == 0 and "added" not in capsys.readouterr().err  # and as it is now, nothing to do
+    assert json.loads((out / "embed_info.json").read_text())["reused_shards"] == 4
+
+    (images / "shape003.png").rename(tmp_path / "shape003.png")  # removed: its row would still be found
+    assert embed() == 2
+    assert f"1 of the 10 images embedded into {out} are no longer in the input (such as " in \
+        capsys.readouterr().err
+    (tmp_path / "shape003.png").rename(images / "shape003.png")
+
+    (out / "catalogue.parquet").unlink()  # a collection embedded before the list was kept: insertions refused
+    (images / "aaa.png").write_bytes((collection["images"] / "shape011.png").read_bytes())
+    assert embed() == 2
+    assert "the input's first 10 images are no longer the ones embedded" in capsys.readouterr().err
+    (images / "aaa.png").unlink()
 
     info = json.loads((out / "embed_info.json").read_text())  # a collection embedded before inputs were recorded
     info.pop("catalogue")
     (out / "embed_info.json").write_text(json.dumps(info))
     add(8)
     assert embed() == 2
-    assert "was embedded from 8 images and the input now has 9" in capsys.readouterr().err
+    assert "was embedded from 10 images and the input now has 11" in capsys.readouterr().err
 
 
 def test_resuming_or_querying_with_other_weights_of_the_same_architecture_is_caught(collection, tmp_path, capsys):

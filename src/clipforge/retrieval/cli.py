@@ -16,8 +16,8 @@ from ..inference import add_decode_argument, add_model_arguments
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Embed images (a folder, a CSV with a filepath column, or WebDataset shards) into sharded "
                      "float16 .npy files plus parquet metadata. Re-running continues at the first missing shard, and "
-                     "embeds images added since where they sort after the embedded ones (other changes to the input "
-                     "are refused: they would move images between rows). Image and "
+                     "embeds images added since, after the embedded ones wherever their names sort (images removed "
+                     "or renamed are refused: their rows would stay, found by searches). Image and "
                      "checkpoint paths are recorded relative to the output folder (absolute ones outside it as "
                      "given), so search and serve work from any directory and the project can move as a whole. "
                      "Several processes: torchrun --nproc-per-node N -m clipforge.cli embed ...")

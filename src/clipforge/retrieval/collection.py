@@ -7,6 +7,8 @@
                                      for an image without one; --all-captions: the mean of its captions' vectors,
                                      renormalised); its dot product with the image's is the CLIP score
     embed_info.json                  model config, the --model/--pretrained that embedded it, counts, dimension
+    catalogue.parquet                every input image's recorded path in row order, unreadable ones too: what a
+                                     later embed of a changed input compares with (embed_collection)
     probe_emb.npz                    its features of fixed probe images and texts: which weights (retrieval.probe)
     index.faiss, index.json          (clipforge index build)
     caption_index.faiss, caption_index.json, caption_index.rows.npy
@@ -28,6 +30,7 @@ import numpy as np
 from ..files import PathReferences, atomic_path, read_json, write_json
 
 INFO = "embed_info.json"
+CATALOGUE = "catalogue.parquet"
 RELATIVE_PATHS = "paths_relative_to_collection"  # embed_info.json's mark of the layout above
 TEXT_EMBEDDINGS = Path("text_emb") / "text_emb_00000.npy"
 TEXT_METADATA = Path("metadata") / "text_metadata_00000.parquet"
@@ -187,6 +190,22 @@ def read_info(folder: str | Path) -> dict:
 
 def write_info(folder: str | Path, info: dict) -> None:
     write_json(Path(folder) / INFO, info)
+
+
+def write_catalogue(folder: str | Path, paths: list[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(Path(folder) / CATALOGUE) as tmp:
+        pq.write_table(pa.table({"path": pa.array(paths, pa.string())}), tmp)
+
+
+def read_catalogue(folder: str | Path) -> list[str] | None:
+    """The recorded paths ``write_catalogue`` wrote; None for a collection embedded before they were kept."""
+    import pyarrow.parquet as pq
+
+    path = Path(folder) / CATALOGUE
+    return pq.read_table(path, columns=["path"]).column(0).to_pylist() if path.exists() else None
 
 
 def model_spec(folder: str | Path) -> dict:

@@ -2,11 +2,12 @@
 the layout ``retrieval.collection`` describes.
 
 Each output shard is written atomically once its images are embedded, so a killed run continues at the first
-missing shard. Under ``torchrun`` output shard ``i`` belongs to rank ``i % world_size``. Output shard ``i`` holds the
-input's images ``i * shard_size`` onwards, so ``embed_info.json`` records which images those were (a digest of their
-paths in order): images added where they sort after the embedded ones are embedded by running again (the last shard
-redone where they join it), and any other change to the input, or another ``--shard-size``, is refused instead of
-filing images under other rows.
+missing shard. Under ``torchrun`` output shard ``i`` belongs to rank ``i % world_size``. Output shard ``i`` holds
+images ``i * shard_size`` onwards of the catalogue (the input's images in order), so ``embed_info.json`` records
+which images those were (a digest of their paths in order) and ``catalogue.parquet`` the paths themselves: images
+added to the input are embedded by running again, after the embedded ones whatever their names (the last shard redone
+where they join it), while images removed or renamed, or another ``--shard-size``, are refused instead of filing
+images under other rows.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from ..files import atomic_path
 from ..inference import weights_dtype
 from ..preprocess import BadImageError, full_size, image_batch
 from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, embedded_shards, image_shard, item_captions,
-                         item_path, load_item, paths_digest, read_info, save_vectors, write_image_shard, write_info)
+                         item_path, load_item, paths_digest, read_catalogue, read_info, save_vectors, write_catalogue,
+                         write_image_shard, write_info)
 from .probe import disagreeing, probe_features, read_probe, write_probe
 
 
@@ -105,6 +107,37 @@ def catalogue_record(paths: list[str], shard_size: int) -> dict:
     return {"images": len(paths), "shard_size": shard_size, "sha256": paths_digest(paths)}
 
 
+def catalogue_order(output: Path, previous: dict, paths: list[str]) -> list[int] | None:
+    """Where images were added among the embedded ones (a photo named earlier, a new subfolder, a CSV row inserted):
+    the order that keeps every embedded image in its row, the embedded ones as listed in ``catalogue.parquet`` and
+    then the added ones in the input's order, as indices into ``paths``. None where the input's own order keeps them
+    (nothing embedded yet, the input as it was or added to at its end) or where the collection lists no paths (then
+    ``stale_shards`` judges by the digest alone). Embedded images gone from the input are refused by name: their rows
+    would still be found by searches."""
+    before = previous.get("catalogue")
+    if not before or not embedded_shards(output):
+        return None
+    count = before["images"]
+    if count <= len(paths) and paths_digest(paths[:count]) == before["sha256"]:
+        return None
+    listed = read_catalogue(output)
+    # a run killed between writing the list and embed_info.json left the list of the order it was about to embed:
+    # the embedded images first, so the recorded count of them is its start
+    if listed is None or len(listed) < count or paths_digest(listed[:count]) != before["sha256"]:
+        return None
+    listed = listed[:count]
+    position = {path: i for i, path in enumerate(paths)}
+    if len(position) < len(paths):  # a path twice (a shard's key repeated): rows cannot be told apart by path
+        return None
+    gone = [path for path in listed if path not in position]
+    if gone:
+        raise ValueError(f"{len(gone)} of the {count} images embedded into {output} are no longer in the input (such "
+                         f"as {gone[0]}): embed does not remove rows, so searches would still find them. Embed into "
+                         "a new folder (images only added to the input are embedded by running again)")
+    kept = set(listed)
+    return [position[path] for path in listed] + [i for i, path in enumerate(paths) if path not in kept]
+
+
 def stale_shards(output: Path, previous: dict, paths: list[str], shard_size: int) -> set[int]:
     """Finished shards to embed again for the input's ``paths``: none when the input is the one embedded; the last
     one when images were added after the embedded ones and some join it; an error for any other change (images
@@ -125,10 +158,11 @@ def stale_shards(output: Path, previous: dict, paths: list[str], shard_size: int
     count = before["images"]
     if count > len(paths) or paths_digest(paths[:count]) != before["sha256"]:
         raise ValueError(f"the input's first {count} images are no longer the ones embedded into {output} (images "
-                         f"added among them, removed or renamed; {len(paths)} now): resuming would put images in "
-                         "other rows than its shards hold. Embed into a new folder; images added where they sort "
-                         "after all the embedded ones (new files named later, new shards) are added by running "
-                         "the same embed again")
+                         f"added among them, removed or renamed; {len(paths)} now), and it was embedded before "
+                         "clipforge kept the list of them that would tell which: resuming would put images in other "
+                         "rows than its shards hold. Embed into a new folder; images added where they sort after all "
+                         "the embedded ones (new files named later, new shards) are added by running the same embed "
+                         "again")
     if count == len(paths):
         return set()
     last = (count - 1) // shard_size if count else 0
@@ -180,15 +214,20 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
     _check_resumable(output, summary, n_shards, probe)
     recorded = [paths.item(item_path(item)) for item in items]
     previous = read_info(output)
+    order = catalogue_order(output, previous, recorded)
+    if order is not None:  # images added among the embedded ones: they go after them
+        items, recorded = [items[i] for i in order], [recorded[i] for i in order]
     stale = stale_shards(output, previous, recorded, shard_size)
     summary["catalogue"] = catalogue_record(recorded, shard_size)
     if rank == 0:  # before any shard: a collection cut short reads its paths and weights' fingerprint the same way
         added = len(items) - previous.get("catalogue", {}).get("images", len(items))
         if added > 0 and embedded_shards(output):
             print(f"note: {added} images added to the input since {output} was embedded: embedding them"
+                  + (" after the embedded ones, whose rows stay theirs" if order is not None else "")
                   + (f" (shard {min(stale)} again, which they join)" if stale else ""), file=sys.stderr)
         for shard in stale:  # first: were this run killed, the next one still finds the shard to redo
             image_shard(output, shard)[0].unlink()
+        write_catalogue(output, recorded)  # before the record of its digest: catalogue_order reads a newer list
         write_info(output, summary)
         write_probe(output, probe)
     stats = {"images": len(items), "embedded": 0, "skipped": 0, "reused_shards": 0, "shards": n_shards,
