@@ -3,11 +3,11 @@ and clearing it. Nothing here imports torch: listing a cache is instant."""
 from __future__ import annotations
 
 import argparse
-import textwrap
 import os
 import re
 import shutil
 import sys
+import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
