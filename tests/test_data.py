@@ -1,5 +1,7 @@
 """Data sources and the batching pipeline: formats, caption choice, label captions, splitting, resumability."""
 import io
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -83,7 +85,7 @@ def test_csv_and_folder_sources(tmp_path):
 
 def test_a_folder_reads_gif_and_tiff_photos_and_names_the_files_it_passes_over(tmp_path, capsys):
     """Photos come as .tif and .gif too (clip-retrieval reads neither); files that are not images by their name are
-    counted on stderr by kind (a folder of .heic photos or videos was otherwise just found smaller without a word),
+    counted on stderr by kind (a folder of Photoshop files or videos was otherwise just found smaller without a word),
     while captions, metadata and hidden files are not."""
     from clipforge.retrieval.collection import load_item
 
@@ -96,7 +98,7 @@ def test_a_folder_reads_gif_and_tiff_photos_and_names_the_files_it_passes_over(t
     (tmp_path / ".DS_Store").write_bytes(b"\0")
     (tmp_path / ".git").mkdir()
     (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main")
-    for name in ("f.heic", "sub/g.HEIC", "h.mov", "README"):
+    for name in ("f.psd", "sub/g.PSD", "h.mov", "README"):
         (tmp_path / name).write_bytes(b"x")
     items = FolderSource(tmp_path, shuffle=False).catalogue()
     assert [item["path"] for item in items] == sorted(str(tmp_path / name) for name in colours)
@@ -107,14 +109,55 @@ def test_a_folder_reads_gif_and_tiff_photos_and_names_the_files_it_passes_over(t
         assert max(abs(a - b) for a, b in zip(got, pixel)) <= (3 if name.endswith("jfif") else 0), name
     assert load_item(items[0])[1] == "a red thing"
     err = capsys.readouterr().err
-    assert f"warning: {tmp_path}: 4 files passed over as not images by their name (2 .heic, 1 .mov, 1 without a " \
+    assert f"warning: {tmp_path}: 4 files passed over as not images by their name (2 .psd, 1 .mov, 1 without a " \
            "suffix); images are read from .jpg, .jpeg, .png, .webp, .bmp, .gif, .tif, .tiff" in err
 
     (tmp_path / "only").mkdir()
-    (tmp_path / "only" / "x.heic").write_bytes(b"x")
+    (tmp_path / "only" / "x.psd").write_bytes(b"x")
     with pytest.raises(ValueError, match="no images found"):
         FolderSource(tmp_path / "only")
-    assert "1 file passed over as not images by their name (1 .heic)" in capsys.readouterr().err
+    assert "1 file passed over as not images by their name (1 .psd)" in capsys.readouterr().err
+
+
+def test_heic_photos_are_read_with_pillow_heif_and_named_with_how_to_read_them_without(tmp_path):
+    """An iPhone's photos are HEIC: read from folders and as single files where pillow-heif is installed (the test
+    extras install it), and without it passed over, or refused as a file, with the command that reads them."""
+    pillow_heif = pytest.importorskip("pillow_heif", reason="pillow-heif is in the test extras (clipforge[heif])")
+    from clipforge.preprocess import BadImageError, open_image
+
+    pillow_heif.register_heif_opener()  # to write one; clipforge registers it itself on reading
+    Image.new("RGB", (48, 32), (200, 30, 40)).save(tmp_path / "IMG_0001.HEIC")
+    Image.new("RGB", (48, 32), (20, 30, 200)).save(tmp_path / "IMG_0002.png")
+    heic = (tmp_path / "IMG_0001.HEIC").read_bytes()
+    assert heic[4:12] == b"ftypheic"
+    items = FolderSource(tmp_path, shuffle=False).catalogue()
+    assert [Path(item["path"]).name for item in items] == ["IMG_0001.HEIC", "IMG_0002.png"]
+    for source in (heic, tmp_path / "IMG_0001.HEIC"):
+        image = open_image(source)
+        assert image.size == (48, 32) and max(abs(a - b) for a, b in zip(image.getpixel((9, 9)), (200, 30, 40))) < 6
+
+    script = f"""
+import sys
+sys.modules["pillow_heif"] = None  # as where it is not installed
+from pathlib import Path
+from clipforge.data import FolderSource
+from clipforge.preprocess import BadImageError, open_image
+print([Path(item["path"]).name for item in FolderSource({str(tmp_path)!r}).catalogue()])
+try:
+    open_image({str(tmp_path / "IMG_0001.HEIC")!r})
+except BadImageError as error:
+    print(error)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    listed, refused = run.stdout.splitlines()
+    assert listed == "['IMG_0002.png']"
+    hint = "pip install 'clipforge[heif]' (pillow-heif) to read HEIC/HEIF photos"
+    assert refused == f"{tmp_path / 'IMG_0001.HEIC'}: a HEIF image (HEIC): {hint}, an iPhone's own format"
+    assert "1 file passed over as not images by their name (1 .heic); images are read from" in run.stderr
+    assert hint in run.stderr
+    with pytest.raises(BadImageError, match="no image format recognised"):  # not every ftyp-less file is HEIF
+        open_image(b"\0" * 64)
 
 def test_csv_columns_and_separator_as_open_clip_names_them(tmp_path):
     """open_clip's --csv-img-key / --csv-caption-key / --csv-separator: named columns and separator; a tab-separated

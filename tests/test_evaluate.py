@@ -478,7 +478,7 @@ def test_classify_prints_the_zero_shot_top_k_of_files_folders_and_shards(tiny_da
     assert cli.main(argv) == 0
     out, err = capsys.readouterr()
     results = [json.loads(line) for line in out.splitlines()]
-    assert f"{photos / 'broken.jpg'}: not a readable image, skipped" in err
+    assert f"{photos / 'broken.jpg'}: not a readable image (no image format recognised), skipped" in err
 
     # the same figures from the Python API, image by image
     model, preprocess, tokenizer = clipforge.load(checkpoint)

@@ -85,6 +85,21 @@ def image_items(specs: list[str]) -> list[dict]:
     return items
 
 
+def _why_unreadable(item: dict) -> str:
+    """What is wrong with an item the batches skipped, naming it: the decoder's own message where it has one (a
+    truncated file, a HEIC photo without pillow-heif)."""
+    from .preprocess import BadImageError
+    from .retrieval.collection import item_path, load_item
+
+    try:
+        load_item(item)
+    except BadImageError as error:
+        return str(error)
+    except (KeyError, OSError, StopIteration):
+        pass
+    return f"{item_path(item)}: not a readable image"
+
+
 def run(args) -> int:
     import torch
     from tqdm import tqdm
@@ -113,7 +128,7 @@ def run(args) -> int:
         for batch in decoded_batches(items, preprocess, args.batch_size, args.workers,
                                      decoding=decoding_from_args(args, preprocess)):
             good = [(done + i, sample) for i, sample in enumerate(batch) if sample is not None]
-            unreadable += [item_path(items[done + i]) for i, sample in enumerate(batch) if sample is None]
+            unreadable += [items[done + i] for i, sample in enumerate(batch) if sample is None]
             done += len(batch)
             bar.update(len(batch))
             if not good:
@@ -130,8 +145,8 @@ def run(args) -> int:
                 else:
                     print(path + "  " + "  ".join(f"{n} {p:.3f}" for n, p in ranked))
     bar.close()
-    for path in unreadable[:10]:
-        print(f"warning: {path}: not a readable image, skipped", file=sys.stderr)
+    for item in unreadable[:10]:  # read again for the reason (a worker's error does not travel with the batch)
+        print(f"warning: {_why_unreadable(item)}, skipped", file=sys.stderr)
     if len(unreadable) > 10:
         print(f"warning: {len(unreadable) - 10} more unreadable images skipped", file=sys.stderr)
     if len(unreadable) == len(items):

@@ -5,6 +5,7 @@ with torchvision's rounding rules so pixels match open_clip's ``preprocess``. Tr
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -26,6 +27,7 @@ MAX_IMAGE_PIXELS = 64_000_000
 DECODE_GAP = 3
 FULL_SIZE = "clipforge_full_size"  # in a reduced image's ``info``: the size it is shown at (stored, turned upright)
 EXIF_ORIENTATION = 0x0112  # 1: as stored; 2-8: mirrored and/or turned (5-8: by a quarter turn)
+HEIF_HINT = "pip install 'clipforge[heif]' (pillow-heif) to read HEIC/HEIF photos, an iPhone's own format"
 
 
 class BadImageError(ValueError):
@@ -54,7 +56,7 @@ def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXE
     is shown at."""
     label = name or (str(source) if isinstance(source, (str, Path)) else "image")
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        image = _pillow_open(source, label)
         if image.width * image.height > max_pixels:
             raise BadImageError(f"{label}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}")
         shown = image.size
@@ -75,6 +77,47 @@ def open_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXE
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise BadImageError(f"{label}: not a readable image ({exc})") from None
     return image
+
+
+def _pillow_open(source, label: str) -> Image.Image:
+    """``Image.open``; a HEIF container (HEIC photos) that Pillow does not know is opened again through pillow-heif
+    where it is installed, or refused with how to read it."""
+    stream = lambda: io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source  # noqa: E731
+    try:
+        return Image.open(stream())
+    except UnidentifiedImageError:
+        if not _is_heif(source):
+            raise
+    if not heif_reader():
+        raise BadImageError(f"{label}: a HEIF image (HEIC): {HEIF_HINT}")
+    if hasattr(source, "seek"):
+        source.seek(0)
+    return Image.open(stream())
+
+
+def _is_heif(source) -> bool:
+    """Whether ``source`` starts as an ISO media file (HEIF, HEIC, AVIF: an ``ftyp`` box first)."""
+    if isinstance(source, (bytes, bytearray)):
+        head = bytes(source[:12])
+    elif isinstance(source, (str, Path)):
+        with open(source, "rb") as file:
+            head = file.read(12)
+    else:
+        source.seek(0)
+        head = source.read(12)
+    return head[4:8] == b"ftyp"
+
+
+@functools.cache
+def heif_reader() -> bool:
+    """Whether HEIC/HEIF images can be read: pillow-heif's opener registered with Pillow (once, where it is
+    installed: ``clipforge[heif]``). Only called on an image Pillow alone cannot open, so it costs nothing else."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def _upright(image: Image.Image) -> tuple[Image.Image, bool]:

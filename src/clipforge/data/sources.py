@@ -21,6 +21,8 @@ from typing import Iterator
 # the image types read from folders and shards: clip-retrieval's five, then what else photos come as and Pillow
 # reads as it is installed (an animated GIF gives its first frame)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "jfif", "avif")
+# an iPhone's photos: read from folders where pillow-heif is installed (clipforge[heif]), named as passed over if not
+HEIF_EXTENSIONS = ("heic", "heif")
 SIDECAR_EXTENSIONS = ("txt", "json")  # a folder image's captions and metadata, beside it
 # One rule for tables, by preference: the first of these columns present is used.
 IMAGE_COLUMNS = ("filepath", "image", "path", "image_path", "file")
@@ -366,9 +368,12 @@ class FolderSource(IndexedSource):
             kinds = ", ".join(f"{n} {kind}" for kind, n in most[:5])
             more = f" and {len(passed_over) - 5} more kinds" if len(passed_over) > 5 else ""
             n = sum(passed_over.values())
+            heif = any(kind.lstrip(".") in HEIF_EXTENSIONS for kind in passed_over)
+            if heif:
+                from ..preprocess import HEIF_HINT
             print(f"warning: {folder}: {n} file{'s' if n > 1 else ''} passed over as not images by their name "
-                  f"({kinds}{more}); images are read from {', '.join('.' + e for e in IMAGE_EXTENSIONS)}",
-                  file=sys.stderr)
+                  f"({kinds}{more}); images are read from {', '.join('.' + e for e in _folder_extensions())}"
+                  + (f"; {HEIF_HINT}" if heif else ""), file=sys.stderr)
         if not self.items:
             raise ValueError(f"{folder}: no images found")
 
@@ -376,15 +381,27 @@ class FolderSource(IndexedSource):
 def _images(folder: Path, passed_over: Counter) -> list[Path]:
     """The images in ``folder`` and below, sorted; counts the other files by suffix (not captions, metadata or what
     is hidden: .DS_Store, a .git folder)."""
-    images = []
+    images, extensions = [], _folder_extensions()
     for path in folder.rglob("*"):
         suffix = path.suffix.lower().lstrip(".")
-        if suffix in IMAGE_EXTENSIONS:
+        if suffix in extensions:
             images.append(path)
         elif (suffix not in SIDECAR_EXTENSIONS and path.is_file()
               and not any(part.startswith(".") for part in path.relative_to(folder).parts)):
             passed_over["." + suffix if suffix else "without a suffix"] += 1
     return sorted(images)
+
+
+def _folder_extensions() -> tuple[str, ...]:
+    """The suffixes a folder's images are found by: HEIC/HEIF too where pillow-heif is installed (looked for, not
+    imported: ``preprocess.open_image`` registers it when it meets one)."""
+    import importlib.util
+
+    try:
+        heif = importlib.util.find_spec("pillow_heif") is not None
+    except ValueError:  # None in sys.modules: made unimportable on purpose
+        heif = False
+    return IMAGE_EXTENSIONS + (HEIF_EXTENSIONS if heif else ())
 
 
 def open_source(spec: str, shuffle_buffer: int = 1000, classnames: list[str] | None = None,
