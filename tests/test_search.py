@@ -65,7 +65,26 @@ def test_embeddings_are_sharded_float16_with_metadata(collection):
     info = json.loads((emb / "embed_info.json").read_text())
     assert info["skipped"] == 1 and info["model_spec"]["pretrained"] == collection["ckpt"]
     assert info["weights_dtype"] == "float32"  # --precision auto on CPU
+    # named with why, as the run printed it (up to 10; the rest counted)
+    assert info["unreadable_examples"] == [f"{collection['images'] / 'broken.png'}: not a readable image (no image "
+                                           "format recognised)"]
 
+
+
+def test_embed_names_the_first_ten_unreadable_images_with_why(collection, tmp_path, capsys):
+    """A long embedding run says which images it could not read and why (it gave only a count), the first ten."""
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(collection["images"] / "shape000.png", images)
+    for i in range(12):
+        (images / f"bad{i:02d}.jpg").write_bytes(b"\xff\xd8\xff" if i == 0 else b"nothing")  # a JPEG cut short first
+    assert cli.main(["embed", str(images), str(tmp_path / "emb"), "--pretrained", collection["ckpt"],
+                     "--no-progress", "--batch-size", "4"]) == 0
+    captured = capsys.readouterr()
+    named = [line for line in captured.err.splitlines() if line.startswith("warning: ") and "skipped" in line]
+    assert len(named) == 10 and named[0].startswith(f"warning: {images / 'bad00.jpg'}: not a readable image (")
+    assert named[1] == f"warning: {images / 'bad01.jpg'}: not a readable image (no image format recognised), skipped"
+    assert "embedded 1 images" in captured.out and "(12 unreadable, skipped;" in captured.out
 
 def test_force_image_size_runs_a_model_at_another_size_and_the_collection_remembers_it(collection, tmp_path, capsys):
     """``clipforge.load(force_image_size=96)`` of a 64-pixel model: its position grid resized (``resize_positions``)

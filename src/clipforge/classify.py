@@ -85,21 +85,6 @@ def image_items(specs: list[str]) -> list[dict]:
     return items
 
 
-def _why_unreadable(item: dict) -> str:
-    """What is wrong with an item the batches skipped, naming it: the decoder's own message where it has one (a
-    truncated file, a HEIC photo without pillow-heif)."""
-    from .preprocess import BadImageError
-    from .retrieval.collection import item_path, load_item
-
-    try:
-        load_item(item)
-    except BadImageError as error:
-        return str(error)
-    except (KeyError, OSError, StopIteration):
-        pass
-    return f"{item_path(item)}: not a readable image"
-
-
 def run(args) -> int:
     import torch
     from tqdm import tqdm
@@ -107,7 +92,7 @@ def run(args) -> int:
     from .inference import decoding_from_args, load_from_args
     from .preprocess import image_batch
     from .prompts import resolve_templates, shipped_templates
-    from .retrieval.collection import item_path
+    from .retrieval.collection import item_path, unreadable_reason
     from .retrieval.embed import decoded_batches
     from .zeroshot import class_probabilities, zero_shot_classifier
 
@@ -146,7 +131,7 @@ def run(args) -> int:
                     print(path + "  " + "  ".join(f"{n} {p:.3f}" for n, p in ranked))
     bar.close()
     for item in unreadable[:10]:  # read again for the reason (a worker's error does not travel with the batch)
-        print(f"warning: {_why_unreadable(item)}, skipped", file=sys.stderr)
+        print(f"warning: {unreadable_reason(item)}, skipped", file=sys.stderr)
     if len(unreadable) > 10:
         print(f"warning: {len(unreadable) - 10} more unreadable images skipped", file=sys.stderr)
     if len(unreadable) == len(items):

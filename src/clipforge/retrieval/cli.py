@@ -73,6 +73,8 @@ def run_embed(args, loaded: tuple | None = None) -> int:
     if rank == 0:
         bad_shards = (f"; {stats['bad_input_shards']} input shards unreadable or cut short, their readable part "
                       f"embedded" if stats.get("bad_input_shards") else "")
+        for reason in stats["unreadable_examples"]:  # (under torchrun, those this process met)
+            print(f"warning: {reason}, skipped", file=sys.stderr)
         print(f"embedded {stats['embedded']} images into {args.output} ({stats['skipped']} unreadable, skipped; "
               f"{stats['reused_shards']} shards already done{bad_shards})")
     return 0

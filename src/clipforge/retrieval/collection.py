@@ -183,6 +183,21 @@ def load_item(item: dict, decoding=None):
 
 # ------------------------------------------------------------------------------------------------------ reading
 
+def unreadable_reason(item: dict) -> str:
+    """What is wrong with an item that could not be decoded, naming it: the decoder's own message where it has one (a
+    truncated file, a HEIC photo without pillow-heif). Read again for it: an error raised in a decoding worker does
+    not travel with the batch."""
+    from ..preprocess import BadImageError
+
+    try:
+        load_item(item)
+    except BadImageError as error:
+        return str(error)
+    except (KeyError, OSError, StopIteration):
+        pass
+    return f"{item_path(item)}: not a readable image"
+
+
 def read_info(folder: str | Path) -> dict:
     path = Path(folder) / INFO
     return read_json(path) if path.exists() else {}

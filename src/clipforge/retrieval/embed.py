@@ -24,11 +24,12 @@ from ..files import atomic_path
 from ..inference import weights_dtype
 from ..preprocess import BadImageError, full_size, image_batch
 from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, embedded_shards, image_shard, item_captions,
-                         item_path, load_item, paths_digest, read_catalogue, read_info, save_vectors, write_catalogue,
-                         write_image_shard, write_info)
+                         item_path, load_item, paths_digest, read_catalogue, read_info, save_vectors, unreadable_reason,
+                         write_catalogue, write_image_shard, write_info)
 from .probe import disagreeing, probe_features, read_probe, write_probe
 
 
+UNREADABLE_NAMED = 10  # images that could not be read, named with the reason; the rest counted
 CAPTION_CHOICES = ("first", "all")  # embed --captions: each image's first caption, or the mean of all its captions
 
 
@@ -232,6 +233,7 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
         write_probe(output, probe)
     stats = {"images": len(items), "embedded": 0, "skipped": 0, "reused_shards": 0, "shards": n_shards,
              "bad_input_shards": getattr(source, "bad_shards", 0)}
+    unreadable = []  # the first few items this process could not decode, named with why at the end
     bar = tqdm(total=len(items), desc="embedding", unit="img", disable=not progress)
     for shard in range(rank, n_shards, world_size):
         emb_path, meta_path = image_shard(output, shard)
@@ -245,8 +247,10 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
         position = shard * shard_size  # the catalogue index of the batch's first item: its path is recorded already
         for batch in decoded_batches(chunk, preprocess, batch_size, workers, every_caption, decoding):
             good = [(position + i, sample) for i, sample in enumerate(batch) if sample is not None]
+            bad = [items[position + i] for i, sample in enumerate(batch) if sample is None]
             position += len(batch)
-            stats["skipped"] += len(batch) - len(good)
+            stats["skipped"] += len(bad)
+            unreadable += bad[:UNREADABLE_NAMED - len(unreadable)]
             if good:
                 out = model.encode_image(image_batch([t for _, (t, _) in good], device, non_blocking=True),
                                          normalize=True)
@@ -262,6 +266,7 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
                           (np.concatenate(caption_features) if caption_features else empty) if captions else None)
         stats["embedded"] += len(rows)
     bar.close()
+    stats["unreadable_examples"] = [unreadable_reason(item) for item in unreadable]
     if texts and rank == 0:
         embed_texts(model, tokenizer, texts, output, batch_size, device)
         stats["texts"] = len(texts)
