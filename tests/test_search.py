@@ -86,6 +86,44 @@ def test_embed_names_the_first_ten_unreadable_images_with_why(collection, tmp_pa
     assert named[1] == f"warning: {images / 'bad01.jpg'}: not a readable image (no image format recognised), skipped"
     assert "embedded 1 images" in captured.out and "(12 unreadable, skipped;" in captured.out
 
+
+def test_a_second_run_into_a_folder_in_use_stops_naming_the_first_and_a_killed_one_holds_nothing(
+        collection, tmp_path, capsys):
+    """Two embed (or train) runs given one folder wrote the same shards or checkpoints at once; the second now stops
+    before any work, naming the first. A killed run's lock goes with its process: the next run goes ahead."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "emb"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from clipforge.files import run_lock
+with run_lock({str(out)!r}, "embed"):
+    print("held", flush=True)
+    time.sleep(300)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        embed = ["embed", str(collection["images"]), str(out), "--pretrained", collection["ckpt"], "--no-progress"]
+        assert cli.main(embed) == 2
+        error = capsys.readouterr().err
+        assert f"{out}: clipforge embed (process {holder.pid}, started " in error
+        assert "is writing into this folder; wait for it to end, or give this run a folder of its own" in error
+        assert not (out / "img_emb").exists()  # stopped before any work
+        shards = collection["root"] / "train-shard.tar"
+        write_shard(shards, [{"__key__": f"k{i}", "png": (collection["images"] / f"shape{i:03d}.png").read_bytes(),
+                              "txt": "a shape"} for i in range(4)])
+        assert cli.main(["train", "--model", "ViT-Tiny-64", "--train-data", str(shards), "--steps", "1",
+                         "--batch-size", "4", "--workers", "0", "--output", str(out), "--no-progress"]) == 2
+        assert f"clipforge embed (process {holder.pid}, started " in capsys.readouterr().err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert cli.main(embed) == 0  # killed: nothing held
+    assert json.loads((out / "embed_info.json").read_text())["embedded"] == 40
+    assert (out / ".clipforge-run.lock").read_text().startswith(f"clipforge embed (process {os.getpid()}, ")
+
 def test_force_image_size_runs_a_model_at_another_size_and_the_collection_remembers_it(collection, tmp_path, capsys):
     """``clipforge.load(force_image_size=96)`` of a 64-pixel model: its position grid resized (``resize_positions``)
     and images preprocessed to 96; ``embed --force-image-size 96`` stores that model's features and records the size,

@@ -1,11 +1,19 @@
 """Writing files so that a crash never leaves a torn one: write beside the target, then rename over it."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
+
+RUN_LOCK = ".clipforge-run.lock"  # in a folder a run writes into: who holds it
+
+
+class FolderInUseError(ValueError):
+    """Another clipforge run is writing into the folder this one was given."""
 
 
 @contextmanager
@@ -24,6 +32,53 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def run_lock(folder: str | os.PathLike, what: str, enabled: bool = True):
+    """Hold ``folder``'s run lock while a run writes into it, so that a second run given the same folder (a command
+    started twice, an embed started while another still adds images) stops at once, naming the first, instead of
+    both writing the same checkpoints or shards. A POSIX record lock: the process's own, not its data-loading
+    workers' (a forked worker outliving a killed run would hold a lock it inherited), let go of when the process
+    ends, killed too. A folder made for the lock by a run that wrote nothing else is removed again. ``enabled``
+    False (a torchrun rank other than 0: one lock per run), or a platform or file system without locks: no lock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    if not enabled or fcntl is None:
+        yield
+        return
+    folder = Path(folder)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / RUN_LOCK, "a+")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked = True
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EAGAIN):
+            handle.seek(0)
+            holder = handle.read().strip() or "another clipforge run"
+            handle.close()
+            raise FolderInUseError(f"{folder}: {holder} is writing into this folder; wait for it to end, or give "
+                                   "this run a folder of its own") from None
+        locked = False  # a file system without locks (some network mounts): run as before
+    if not locked:
+        handle.close()
+        yield
+        return
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"clipforge {what} (process {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # lets go of the lock
+        if made and [path.name for path in folder.iterdir()] == [RUN_LOCK]:
+            (folder / RUN_LOCK).unlink()
+            folder.rmdir()
 
 
 def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:

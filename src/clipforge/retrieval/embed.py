@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.sources import open_source
-from ..files import atomic_path
+from ..files import atomic_path, run_lock
 from ..inference import weights_dtype
 from ..preprocess import BadImageError, full_size, image_batch
 from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, embedded_shards, image_shard, item_captions,
@@ -170,7 +170,6 @@ def stale_shards(output: Path, previous: dict, paths: list[str], shard_size: int
     return {last} if count % shard_size and image_shard(output, last)[0].exists() else set()
 
 
-@torch.no_grad()
 def embed_collection(model, preprocess, input_spec: str, output: str | Path, shard_size: int = 10_000,
                      batch_size: int = 256, texts: list[str] | None = None, tokenizer=None, rank: int = 0,
                      world_size: int = 1, progress: bool = True, device=None, workers: int = 0,
@@ -190,12 +189,25 @@ def embed_collection(model, preprocess, input_spec: str, output: str | Path, sha
     large JPEGs decoded reduced and photos turned upright by their EXIF orientation (the CLI's default:
     ``Decoding.for_model``); None decodes every pixel as stored, as open_clip's preprocess does. Paths are recorded
     relative to ``output`` (``retrieval.collection`` says how).
+
+    The folder's run lock is held meanwhile: a second embed into it stops at once, naming this one
+    (``files.run_lock``); under torchrun rank 0 holds it for the run.
     """
+    with run_lock(output, "embed", enabled=rank == 0):
+        return _embed_collection(model, preprocess, input_spec, Path(output), shard_size, batch_size, texts, tokenizer,
+                                 rank, world_size, progress, device, workers, model_spec, max_patches,
+                                 force_image_size, captions, decoding)
+
+
+@torch.no_grad()
+def _embed_collection(model, preprocess, input_spec, output: Path, shard_size, batch_size, texts, tokenizer, rank,
+                      world_size, progress, device, workers, model_spec, max_patches, force_image_size, captions,
+                      decoding) -> dict:
+    """The work of ``embed_collection``, under its lock."""
     if captions not in (False, None, True) + CAPTION_CHOICES:
         raise ValueError(f"captions {captions!r}: choose one of {', '.join(CAPTION_CHOICES)}")
     every_caption = captions == "all"
     captions = "all" if every_caption else bool(captions)  # recorded: True for the first caption, as before "all"
-    output = Path(output)
     paths = PathRecorder(output)
     (output / "img_emb").mkdir(parents=True, exist_ok=True)
     (output / "metadata").mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from ..data.captions import swap_left_right
 from ..data.pipeline import caption_texts, continue_interleaving, stop_workers
 from ..data.sources import source_classnames
 from ..environment import run_environment
-from ..files import write_json
+from ..files import run_lock, write_json
 from ..models import create_model, get_model_config, is_resnet, merge_config
 from ..models.feature_cache import fill_kept
 from ..preprocess import TrainTransform
@@ -544,8 +544,17 @@ def train(cfg: TrainConfig, train_source=None, val_source=None, model=None, loss
     ``train_source``/``val_source`` replace ``cfg.train_data``/``cfg.val_data`` with source objects (e.g.
     ``ShapesSource``). ``model`` and ``loss_fn`` replace the zoo model and the configured loss: any module whose
     forward returns a ``CLIPOutput`` and that has ``encode_image``/``encode_text``/``image_size`` will do.
+
+    A second run given the same ``output`` while this one writes there stops at once, naming this one
+    (``files.run_lock``).
     """
     _check_config(cfg)
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))  # torchrun's, before init
+    with run_lock(cfg.output, "train", enabled=rank == 0):
+        return _train(cfg, train_source, val_source, model, loss_fn)
+
+
+def _train(cfg: TrainConfig, train_source, val_source, model, loss_fn) -> dict:
     rank, world, device = _init_distributed(cfg)
     precision = _resolve_precision(cfg.precision, device)
     output = Path(cfg.output)
