@@ -89,8 +89,8 @@ def test_embed_names_the_first_ten_unreadable_images_with_why(collection, tmp_pa
 
 def test_a_second_run_into_a_folder_in_use_stops_naming_the_first_and_a_killed_one_holds_nothing(
         collection, tmp_path, capsys):
-    """Two embed (or train) runs given one folder wrote the same shards or checkpoints at once; the second now stops
-    before any work, naming the first. A killed run's lock goes with its process: the next run goes ahead."""
+    """Two embed (or train, or caption train) runs given one folder wrote the same shards or checkpoints at once; the
+    second now stops before any work, naming the first. A killed run's lock goes with its process: the next run goes ahead."""
     import signal
     import subprocess
     import sys
@@ -116,6 +116,9 @@ with run_lock({str(out)!r}, "embed"):
                               "txt": "a shape"} for i in range(4)])
         assert cli.main(["train", "--model", "ViT-Tiny-64", "--train-data", str(shards), "--steps", "1",
                          "--batch-size", "4", "--workers", "0", "--output", str(out), "--no-progress"]) == 2
+        assert f"clipforge embed (process {holder.pid}, started " in capsys.readouterr().err
+        assert cli.main(["caption", "train", "--clip", collection["ckpt"], "--data", str(shards), "--output",
+                         str(out), "--no-progress"]) == 2  # LiMBer's map too
         assert f"clipforge embed (process {holder.pid}, started " in capsys.readouterr().err
     finally:
         holder.send_signal(signal.SIGKILL)

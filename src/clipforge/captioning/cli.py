@@ -241,6 +241,15 @@ def embed_source(featurize, source, classnames=None, max_images: int | None = No
 
 
 def run_train(args) -> int:
+    """``caption train``, holding the output folder's run lock (``files.run_lock``): a second run given the same
+    folder meanwhile stops at once, naming this one."""
+    from ..files import run_lock
+
+    with run_lock(args.output, "caption train"):
+        return _run_train(args)
+
+
+def _run_train(args) -> int:
     import torch
 
     from ..files import PathReferences, write_json
