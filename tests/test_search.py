@@ -111,7 +111,7 @@ with run_lock({str(out)!r}, "embed"):
         assert f"{out}: clipforge embed (process {holder.pid}, started " in error
         assert "is writing into this folder; wait for it to end, or give this run a folder of its own" in error
         assert not (out / "img_emb").exists()  # stopped before any work
-        shards = collection["root"] / "train-shard.tar"
+        shards = tmp_path / "train-shard.tar"
         write_shard(shards, [{"__key__": f"k{i}", "png": (collection["images"] / f"shape{i:03d}.png").read_bytes(),
                               "txt": "a shape"} for i in range(4)])
         assert cli.main(["train", "--model", "ViT-Tiny-64", "--train-data", str(shards), "--steps", "1",
@@ -1653,12 +1653,27 @@ def test_browsers_may_call_the_api_only_from_allowed_origins(client, collection)
 
 # --------------------------------------------------------------------------------------------------- the browser
 
-def _chromium():
+def _chromium_or_skip():
+    """(playwright's sync API, the system Chromium's path), or the test skipped naming which is missing; called
+    first, before a test's own setup."""
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)
         if path:
-            return path
-    return None
+            return playwright_api, path
+    pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
+
+
+@contextlib.contextmanager
+def _browser_page(chromium):
+    """A page in a fresh headless Chromium (``chromium``: what ``_chromium_or_skip`` gave), closed on the way out."""
+    playwright_api, path = chromium
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
 
 
 @contextlib.contextmanager
@@ -1700,10 +1715,7 @@ def test_the_page_shows_an_adopted_image_from_its_web_address_with_its_other_fie
     """An image adopted from clip-retrieval and not found here: its card, the larger view and the "images like"
     banner all load it from the web address clip-retrieval kept (here a second local server standing in for the
     web), and the larger view lists the metadata fields clip-retrieval kept."""
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
-    browser_path = _chromium()
-    if browser_path is None:
-        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
+    chromium = _chromium_or_skip()
     from fastapi import FastAPI
     from fastapi.responses import Response
 
@@ -1731,9 +1743,7 @@ def test_the_page_shows_an_adopted_image_from_its_web_address_with_its_other_fie
         assert cli.main(["import", "clip-retrieval", str(source), str(adopted), "--pretrained", collection["ckpt"],
                          "--no-progress"]) == 0
         assert cli.main(["index", "build", str(adopted), "--quiet"]) == 0
-        with _serving(create_app(adopted, *loaded)) as url, playwright_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-            page = browser.new_page()
+        with _serving(create_app(adopted, *loaded)) as url, _browser_page(chromium) as page:
             page.goto(url + "/?q=a+red+circle")
             page.wait_for_function("(img => img && img.complete && img.naturalWidth > 0)"
                                    "(document.querySelector('#results .result img'))")
@@ -1749,18 +1759,12 @@ def test_the_page_shows_an_adopted_image_from_its_web_address_with_its_other_fie
             page.click("#viewer-like")
             page.wait_for_function("(img => img && img.complete && img.naturalWidth > 0)"
                                    "(document.querySelector('#like-banner img'))")  # /thumb sent it to the web
-            browser.close()
     assert len(fetched) >= 3
 
 
 def test_web_page_search_drop_classification_and_captions_in_chromium(live_server, collection):
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
-    browser_path = _chromium()
-    if browser_path is None:
-        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        page = browser.new_page()
+    chromium = _chromium_or_skip()
+    with _browser_page(chromium) as page:
         page.set_viewport_size({"width": 1100, "height": 700})
         page.goto(live_server + "/")
         page.fill("#query", "a green triangle")
@@ -1829,20 +1833,14 @@ def test_web_page_search_drop_classification_and_captions_in_chromium(live_serve
         expected = asked.value.json()["answer"]
         page.wait_for_function("document.querySelector('#answer').textContent.startsWith('“')")
         assert page.locator("#answer").inner_text() == f"“{expected}”"
-        browser.close()
 
 
 def test_web_page_asks_for_each_page_once_and_says_when_the_server_does_not_answer(live_server):
     """The list's end coming into view while a page's response is still being read must not fetch that page again
     (it was shown twice: seen once in CI, where the menu test found every card doubled); a search whose request
     fails says so instead of "searching…" for ever."""
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
-    browser_path = _chromium()
-    if browser_path is None:
-        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        page = browser.new_page()
+    chromium = _chromium_or_skip()
+    with _browser_page(chromium) as page:
         page.set_viewport_size({"width": 1100, "height": 700})
         complaints = []  # the browser's console: a failed request or a script error shows there
         page.on("console", lambda message: complaints.append(message.text) if message.type == "error" else None)
@@ -1873,16 +1871,12 @@ def test_web_page_asks_for_each_page_once_and_says_when_the_server_does_not_answ
         page.wait_for_function("document.querySelector('#search-status').textContent.includes(' results for ')")
         assert page.locator("#results .result").first.get_attribute("data-id") == str(
             requests_json(live_server, "/search?q=a+blue+square&k=1")[0]["id"])
-        browser.close()
 
 
 def test_web_page_shows_the_latest_view_and_drop_when_an_earlier_answer_arrives_late(live_server, collection):
     """Two clicks on "view" or two dropped images in quick succession: the first answer, held back until the second
     is on screen, must not replace it (it did: the larger view and the predictions showed the earlier image)."""
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
-    browser_path = _chromium()
-    if browser_path is None:
-        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
+    chromium = _chromium_or_skip()
     held = []
 
     def hold_the_first(route):
@@ -1891,9 +1885,7 @@ def test_web_page_shows_the_latest_view_and_drop_when_an_earlier_answer_arrives_
         else:
             held.append(route)
 
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        page = browser.new_page()
+    with _browser_page(chromium) as page:
         page.goto(live_server + "/?q=a+red+circle")
         page.wait_for_selector("#results .result")
         first, second = (page.locator("#results .result").nth(i).get_attribute("data-id") for i in (0, 1))
@@ -1924,7 +1916,6 @@ def test_web_page_shows_the_latest_view_and_drop_when_an_earlier_answer_arrives_
         earlier = [f"{100 * p['probability']:.1f}%" for p in late.value.json()["labels"]]
         page.wait_for_timeout(200)
         assert page.locator("#predictions .probability").all_inner_texts() == shown != earlier
-        browser.close()
 
 
 def test_items_in_shards_are_read_by_offset_with_every_caption(tmp_path):
@@ -2009,10 +2000,7 @@ def test_clip_retrieval_web_front_searches_a_clipforge_server_in_chromium(collec
 
     from clipforge.serve.app import create_app
 
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
-    browser_path = _chromium()
-    if browser_path is None:
-        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
+    chromium = _chromium_or_skip()
     spec = importlib.util.find_spec("clip_retrieval")
     if spec is None:
         pytest.skip("clip-retrieval is not installed (pip install --no-deps clip-retrieval==2.45.0)")
@@ -2024,10 +2012,8 @@ def test_clip_retrieval_web_front_searches_a_clipforge_server_in_chromium(collec
     front_url = f"http://127.0.0.1:{pages.server_address[1]}"
     app = create_app(collection["emb"], *clipforge.load(collection["ckpt"]), allow_origins=[front_url])
     try:
-        with _serving(app) as backend, playwright_api.sync_playwright() as p:
+        with _serving(app) as backend, _browser_page(chromium) as page:
             (front / "config.json").write_text(json.dumps({"defaultBackend": backend, "defaultIndex": "emb"}))
-            browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-            page = browser.new_page()
             page.goto(f"{front_url}/?query=a+blue+square")
             page.wait_for_function("() => (document.querySelector('clip-front').images || []).length > 0",
                                    timeout=30_000)
@@ -2036,7 +2022,6 @@ def test_clip_retrieval_web_front_searches_a_clipforge_server_in_chromium(collec
             page.wait_for_function(f"() => Array.from(document.querySelector('clip-front').shadowRoot"
                                    f".querySelectorAll('img')).some(i => i.src.startsWith('{backend}/thumb/') "
                                    f"&& i.naturalWidth > 0)", timeout=30_000)  # the collection's images load
-            browser.close()
     finally:
         pages.shutdown()
 
@@ -2395,16 +2380,11 @@ def test_serving_a_caption_index_over_http_and_clip_retrievals_api(captioned, cl
 
 
 def test_web_page_matches_captions_where_the_collection_has_a_caption_index(captioned, live_server):
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
-    browser_path = _chromium()
-    if browser_path is None:
-        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
+    chromium = _chromium_or_skip()
     from clipforge.serve.app import create_app
 
     with _serving(create_app(captioned["emb"], *clipforge.load(captioned["ckpt"]))) as url, \
-            playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        page = browser.new_page()
+            _browser_page(chromium) as page:
         page.goto(live_server + "/")  # no caption index: no choice offered
         page.wait_for_function("document.querySelector('#captions-toggle').hidden === true")
         page.goto(url + "/")
@@ -2439,7 +2419,6 @@ def test_web_page_matches_captions_where_the_collection_has_a_caption_index(capt
         searcher = Searcher(captioned["emb"], *clipforge.load(captioned["ckpt"]))
         assert expected == [hit["caption"] for hit in searcher.search_image(
             Image.open(captioned["images"] / "shape012.png"), k=3, modality="text")]
-        browser.close()
 
 
 # ------------------------------------------------------------------------------------ several collections, one server
@@ -2583,13 +2562,8 @@ def test_clip_retrievals_indice_name_chooses_the_collection(several):
 
 
 def test_web_page_offers_a_menu_of_collections_where_there_are_several(several, live_server):
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extras")
-    browser_path = _chromium()
-    if browser_path is None:
-        pytest.skip("no system Chromium (Debian package `chromium`; .ci/run installs it)")
-    with _serving(several) as url, playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        page = browser.new_page()
+    chromium = _chromium_or_skip()
+    with _serving(several) as url, _browser_page(chromium) as page:
         page.goto(live_server + "/?q=a+red+circle")  # one collection: no menu
         page.wait_for_selector("#results .result")
         assert page.locator("#collection").is_hidden()
@@ -2618,4 +2592,3 @@ def test_web_page_offers_a_menu_of_collections_where_there_are_several(several, 
         page.reload()  # the choice lives in the URL
         page.wait_for_selector("#collection:not([hidden])")
         assert page.locator("#collection").input_value() == "captioned"
-        browser.close()
