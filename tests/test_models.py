@@ -108,6 +108,38 @@ def test_wrong_image_or_token_shape_or_dtype_is_a_clear_error(name):
         model.encode_text(torch.zeros(32, dtype=torch.long))
 
 
+def test_text_or_a_pil_image_where_a_batch_goes_is_a_type_error_that_shows_the_call():
+    from PIL import Image
+
+    model = clipforge.create_model("ViT-Tiny-64")
+    with pytest.raises(TypeError, match=r"token ids .* not a str: model.encode_text\(tokenizer\(texts\)\)"):
+        model.encode_text("a dog")  # was AttributeError: 'str' object has no attribute 'ndim'
+    with pytest.raises(TypeError, match=r"not a list"):
+        model.encode_text(["a dog", "a cat"])
+    with pytest.raises(TypeError, match=r"preprocessed images .* not a Image: preprocess\(image\).unsqueeze\(0\)"):
+        model.encode_image(Image.new("RGB", (64, 64)))
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("ViT-Tiny-64", {}), ("RN-Tiny-64", {}), ("ViT-Tiny-64-MiniLM", {}),
+    ("EVA02-B-16", {"vision_cfg": {"layers": 1}, "text_cfg": {"layers": 1}}),
+])
+def test_an_empty_batch_gives_empty_features(name, overrides):
+    """open_clip's text towers answer an empty batch with [0, D]; clipforge's stopped on max() of no lengths, and its
+    attention reshapes (EVA, SigLIP, PE, MobileCLIP image towers) could not infer a size from zero elements."""
+    model = clipforge.create_model(name, **overrides).eval()
+    tokenizer = clipforge.get_tokenizer(name)
+    size = model.image_size
+    with torch.no_grad():
+        images = model.encode_image(torch.randn(0, 3, size, size))
+        texts = model.encode_text(tokenizer([]), normalize=True)
+        out = model(torch.randn(0, 3, size, size), tokenizer([]))
+    assert images.shape == texts.shape == out.image_features.shape == (0, model.embed_dim)
+    assert images.dtype == texts.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):  # an empty batch is still checked
+        model.encode_image(torch.randn(0, 1, size, size))
+
+
 def test_length_grouped_text_encoding_matches_one_by_one():
     """On CPU a large batch is encoded in length groups, each cut at its longest EOT: same features, any order."""
     model = clipforge.create_model("ViT-Tiny-64").eval()

@@ -91,6 +91,11 @@ def test_wrong_shapes_and_missing_files_are_named(exported, tmp_path, capsys):
         onnx_model.encode_image(torch.zeros(2, 3, 32, 32))
     with pytest.raises(ValueError, match="tokens of shape"):
         onnx_model.encode_text(torch.zeros(2, 10, dtype=torch.long))
+    with pytest.raises(TypeError, match="token ids"):
+        onnx_model.encode_text("a dog")
+    # an empty batch: empty features, as from the eager model (was "an empty batch")
+    assert onnx_model.encode_image(torch.zeros(0, 3, 64, 64)).shape == (0, onnx_model.embed_dim)
+    assert onnx_model.encode_text(torch.zeros(0, 32, dtype=torch.long)).shape == (0, onnx_model.embed_dim)
     with pytest.raises(FileNotFoundError, match="not a clipforge ONNX export"):
         OnnxCLIP(tmp_path)
     # --backend onnx on an ordinary checkpoint says how to export it

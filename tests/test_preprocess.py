@@ -68,6 +68,22 @@ def test_train_transform_is_random_but_seedable():
     assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_both_transforms_take_a_path_or_bytes_as_well_as_an_image(tmp_path):
+    """The evaluation transform read paths; the training one (create_model_and_transforms' second) stopped on
+    'str' object has no attribute 'convert'."""
+    import random
+
+    image = Image.effect_noise((80, 60), 50).convert("RGB")
+    image.save(tmp_path / "noise.png")
+    data = (tmp_path / "noise.png").read_bytes()
+    assert torch.equal(Preprocess(32)(str(tmp_path / "noise.png")), Preprocess(32)(image))
+    from_image = TrainTransform(32, rng=random.Random(1))(image)
+    assert torch.equal(TrainTransform(32, rng=random.Random(1))(str(tmp_path / "noise.png")), from_image)
+    assert torch.equal(TrainTransform(32, rng=random.Random(1))(data), from_image)
+    with pytest.raises(BadImageError, match="missing.png: no such file"):
+        TrainTransform(32)(str(tmp_path / "missing.png"))
+
+
 def test_colour_jitter_and_grey_scale_are_torchvisions_for_the_same_draw():
     """For the same order and factors, ``color_jitter_image`` gives the pixels torchvision's ``ColorJitter`` gives a PIL
     image (its Pillow operations; a negative hue shift wraps as its uint8 arithmetic does), and grey scale those of

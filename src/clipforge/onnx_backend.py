@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .files import atomic_path, read_json, write_json
+from .models.inputs import batch_input
 
 MANIFEST = "clipforge_onnx.json"
 OPSET = 18
@@ -145,20 +146,21 @@ class OnnxCLIP(nn.Module):
         return self._context_length
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        images = batch_input(images, "encode_image")
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
             raise ValueError(f"expected images of shape [N, 3, {self.image_size}, {self.image_size}], "
                              f"got {tuple(images.shape)}")
         return self._run(self._image, "images", images.float(), normalize)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        tokens = batch_input(tokens, "encode_text")
         if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
             raise ValueError(f"expected tokens of shape [N, {self.context_length}], got {tuple(tokens.shape)}")
         return self._run(self._text, "tokens", tokens.long(), normalize)
 
-    @staticmethod
-    def _run(session, name: str, x: torch.Tensor, normalize: bool) -> torch.Tensor:
-        if len(x) == 0:
-            raise ValueError("an empty batch")
+    def _run(self, session, name: str, x: torch.Tensor, normalize: bool) -> torch.Tensor:
+        if len(x) == 0:  # as the eager model answers
+            return torch.zeros(0, self.embed_dim)
         features = torch.from_numpy(session.run(None, {name: x.detach().cpu().contiguous().numpy()})[0])
         return torch.nn.functional.normalize(features, dim=-1) if normalize else features
 

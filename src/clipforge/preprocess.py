@@ -422,7 +422,10 @@ class TrainTransform:
         return left, top, left + w, top + h
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        """``rng``: the generator for this sample's crop (the data pipeline ties it to the sample's position)."""
+        """``rng``: the generator for this sample's crop (the data pipeline ties it to the sample's position).
+        ``image`` may also be a path, bytes or file object, as for the evaluation transform."""
+        if not isinstance(image, Image.Image):
+            image = open_image(image)
         image = image.convert("RGB")
         box = self.crop_box(*image.size, rng=rng)
         # cropped first: resize(box=) would let pixels outside the box into the edge pixels' filter (open_clip's

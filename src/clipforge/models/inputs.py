@@ -17,6 +17,27 @@ def check_image_batch(images: torch.Tensor, image_size: int | None) -> None:
         raise ValueError(f"expected float images (what the model's preprocess returns), got {images.dtype}")
 
 
+def batch_input(value, method: str):
+    """``value`` as a tower takes it (a tensor; a NaFlex image batch is a dict of them), or a TypeError saying what
+    ``method`` wants: text or a PIL image passed where ids or pixels go is the usual first mistake."""
+    if isinstance(value, (torch.Tensor, dict)):
+        return value
+    if method == "encode_text":
+        raise TypeError(f"encode_text takes token ids [N, context_length] from the model's tokenizer, not a "
+                        f"{type(value).__name__}: model.encode_text(tokenizer(texts)), with tokenizer = "
+                        "clipforge.get_tokenizer(the model's name or checkpoint)")
+    raise TypeError(f"encode_image takes a batch of preprocessed images [N, 3, H, W], not a {type(value).__name__}: "
+                    "preprocess(image).unsqueeze(0), or torch.stack([preprocess(im) for im in images])")
+
+
+def empty_features(value, width: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """``[0, width]`` features for an empty batch (of a shape already checked), None for any other: the towers'
+    attention reshapes cannot infer a size from zero elements, and a filtered batch can be empty."""
+    if isinstance(value, torch.Tensor) and value.shape[0] == 0:
+        return torch.zeros(0, width, dtype=dtype, device=value.device)
+    return None
+
+
 def check_token_batch(tokens: torch.Tensor, context_length: int) -> None:
     if tokens.ndim != 2:
         raise ValueError(f"expected tokens of shape [N, context_length], got {tuple(tokens.shape)}")
