@@ -83,6 +83,33 @@ def test_csv_and_folder_sources(tmp_path):
 
 
 
+def test_files_people_write_are_read_as_utf8_without_the_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" and Windows editors put a byte-order mark first: it became part of the first column's name
+    ("no image path column"), of the first class name (classify printed "\ufeffa dog"), of the first template, and a
+    JSON --config with one did not parse. Another encoding is named, whatever the locale."""
+    from clipforge.data.sources import read_classnames
+    from clipforge.train.cli import read_config
+
+    bom = "\ufeff"
+    (tmp_path / "img0.png").write_bytes(_png("red"))
+    (tmp_path / "excel.csv").write_text(bom + "filepath,title\r\nimg0.png,un caf\u00e9 rouge\r\n", encoding="utf-8")
+    skipped = Counter()
+    samples = list(CsvSource(tmp_path / "excel.csv").samples(0, 1, 0, 0, skipped))
+    assert [s["txt"].decode() for s in samples] == ["un caf\u00e9 rouge"] and not skipped
+    (tmp_path / "labels.txt").write_text(bom + "a dog\r\n\r\na caf\u00e9\r\n", encoding="utf-8")
+    assert read_classnames(tmp_path / "labels.txt") == ["a dog", "a caf\u00e9"]
+    (tmp_path / "templates.txt").write_text(bom + "a photo of {}\n", encoding="utf-8")
+    assert load_templates(tmp_path / "templates.txt") == ["a photo of {}"]
+    (tmp_path / "config.json").write_text(bom + '{"steps": 7}', encoding="utf-8")
+    assert read_config(tmp_path / "config.json")["steps"] == 7
+    (tmp_path / "latin1.csv").write_bytes("filepath,title\nimg0.png,un caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"CSV .*latin1.csv: not UTF-8 text .* save it as UTF-8"):
+        CsvSource(tmp_path / "latin1.csv")
+    (tmp_path / "latin1.txt").write_bytes("un caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"class names .*latin1.txt: not UTF-8 text"):
+        read_classnames(tmp_path / "latin1.txt")
+
+
 def test_a_folder_reads_gif_and_tiff_photos_and_names_the_files_it_passes_over(tmp_path, capsys):
     """Photos come as .tif and .gif too (clip-retrieval reads neither); files that are not images by their name are
     counted on stderr by kind (a folder of Photoshop files or videos was otherwise just found smaller without a word),

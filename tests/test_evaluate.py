@@ -527,6 +527,15 @@ def test_classify_refuses_bad_classes_before_loading_a_model(extra, message, tmp
     assert message in capsys.readouterr().err  # and not the missing model's error
 
 
+def test_classify_refuses_a_labels_file_naming_a_class_twice(tmp_path, capsys):
+    """As --labels 'a,b,a' is refused: a file's repeated line split its class's probability over two rows."""
+    (tmp_path / "x.png").write_bytes(_png("red"))
+    (tmp_path / "labels.txt").write_text("\ufeffa dog\na cat\na dog\n", encoding="utf-8")
+    assert cli.main(["classify", str(tmp_path / "x.png"), "--pretrained", str(tmp_path / "no-such-model"),
+                     "--labels", str(tmp_path / "labels.txt")]) == 2
+    assert "['a dog'] given more than once" in capsys.readouterr().err
+
+
 def test_eval_table_orders_checkpoints_by_number(tmp_path, capsys):
     """Rows of a sweep read in training order: epoch_2 before epoch_10 (a plain sort puts it after)."""
     for epoch, acc in ((10, 0.3), (2, 0.2), (1, 0.1)):

@@ -60,11 +60,12 @@ def class_list(labels: str | None, dataset: str | None) -> list[str]:
             raise ValueError(f"--dataset {dataset!r}: no shipped class list by that name")
         return names
     if os.path.isfile(labels):
-        return read_classnames(labels)
-    names = [name.strip() for name in labels.split(",") if name.strip()]
+        names = read_classnames(labels)
+    else:
+        names = [name.strip() for name in labels.split(",") if name.strip()]
     if not names:
         raise ValueError(f"--labels {labels!r}: no class names (comma-separated, or a file with one per line)")
-    if len(set(names)) != len(names):
+    if len(set(names)) != len(names):  # two rows of one name would split its probability between them
         raise ValueError(f"--labels: {sorted({n for n in names if names.count(n) > 1})} given more than once")
     return names
 

@@ -102,6 +102,18 @@ def read_json(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))  # JSON is UTF-8 whatever the locale
 
 
+def read_user_text(path: str | os.PathLike, what: str) -> str:
+    """A text file a person wrote (class names, prompt templates, queries, a config, a CSV, a caption), read as UTF-8
+    whatever the locale, without the byte-order mark that Windows editors and Excel's "CSV UTF-8" put first (it
+    became part of the first class name, or of the first column's name); other encodings are named. ``what``: the
+    option or role the file came by, for the message."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+                         ) from None
+
+
 class PathReferences:
     """How a file kept in ``folder`` (a collection's metadata, a LiMBer map's limber.json) names other files, so that
     it finds them again from any working directory and after a move:

@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
+from .files import read_user_text
+
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 _PLACEHOLDERS = ("{}", "{c}")
 
@@ -35,7 +37,7 @@ def load_templates(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"templates file not found: {path}")
-    return parse_templates(path.read_text().splitlines(), str(path))
+    return parse_templates(read_user_text(path, "templates").splitlines(), str(path))
 
 
 def fill(template, classname: str) -> str:

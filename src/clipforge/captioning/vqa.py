@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import read_user_text
+
 # VQAv2's evaluation normalisation (Antol et al. 2015; the official vqaEval.py), reimplemented.
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -70,8 +72,9 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
 
 def load_vqa(questions_file: str | Path, annotations_file: str | Path) -> list[dict]:
     """[{question_id, image_id, question, answers}] from VQAv2-format files."""
-    questions = json.loads(Path(questions_file).read_text())["questions"]
-    annotations = {a["question_id"]: a for a in json.loads(Path(annotations_file).read_text())["annotations"]}
+    questions = json.loads(read_user_text(questions_file, "questions"))["questions"]
+    annotations = json.loads(read_user_text(annotations_file, "annotations"))["annotations"]
+    annotations = {a["question_id"]: a for a in annotations}
     items = []
     for q in questions:
         annotation = annotations.get(q["question_id"])

@@ -9,6 +9,7 @@ them. ``source.catalogue()`` lists the items themselves (a file, or a key in a s
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
 import sys
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
+
+from ..files import read_user_text
 
 # the image types read from folders and shards: clip-retrieval's five, then what else photos come as and Pillow
 # reads as it is installed (an animated GIF gives its first frame)
@@ -74,7 +77,7 @@ def find_classnames(shard: str) -> Path | None:
 
 
 def read_classnames(path: str | Path) -> list[str]:
-    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in read_user_text(path, "class names").splitlines() if line.strip()]
     if not names:
         raise ValueError(f"{path}: no class names")
     return names
@@ -313,7 +316,7 @@ class CsvSource(IndexedSource):
                  classnames: list[str] | None = None, shuffle: bool = True, separator: str | None = None):
         path = Path(path)
         self.anchor, self.classnames, self.shuffle = str(path), classnames, shuffle
-        with open(path, newline="") as handle:
+        with io.StringIO(read_user_text(path, "CSV"), newline="") as handle:
             header = handle.readline()
             handle.seek(0)
             if separator is None:
@@ -361,7 +364,8 @@ class FolderSource(IndexedSource):
             self.items = [Item(str(p), None, label) for label, sub in enumerate(classes)
                           for p in _images(sub, passed_over)]
         else:
-            self.items = [Item(str(p), p.with_suffix(".txt").read_text() if p.with_suffix(".txt").exists() else None)
+            self.items = [Item(str(p), read_user_text(p.with_suffix(".txt"), "caption")
+                               if p.with_suffix(".txt").exists() else None)
                           for p in _images(folder, passed_over)]
         if passed_over:  # said, so that a folder of .heic photos or videos is not found "smaller" without a word
             most = sorted(passed_over.items(), key=lambda kind_n: (-kind_n[1], kind_n[0]))

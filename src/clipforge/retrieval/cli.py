@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..argtypes import fraction, non_negative_int, or_auto, positive_int
+from ..files import read_user_text
 from ..inference import add_decode_argument, add_model_arguments
 
 
@@ -55,7 +56,7 @@ def run_embed(args, loaded: tuple | None = None) -> int:
         if args.device is None and torch.cuda.is_available():
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     model, preprocess, tokenizer = loaded or load_from_args(args)
-    texts = [l.strip() for l in Path(args.texts).read_text().splitlines() if l.strip()] if args.texts else None
+    texts = [l.strip() for l in read_user_text(args.texts, "--texts").splitlines() if l.strip()] if args.texts else None
     _suggest_bf16(args, model, rank)
     try:
         device = next(model.parameters()).device
@@ -452,10 +453,7 @@ def run_search(args) -> int:
 
 
 def _read_queries(path: str) -> list[str]:
-    try:
-        texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"--queries {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    texts = [line.strip() for line in read_user_text(path, "--queries").splitlines() if line.strip()]
     if not texts:
         raise ValueError(f"--queries {path}: no queries (one per line)")
     return texts

@@ -7,6 +7,7 @@ import json
 import signal
 from pathlib import Path
 
+from ..files import read_user_text
 from .loop import OBJECTIVES, PRECISIONS, TrainConfig
 from .optim import SCHEDULES
 
@@ -341,7 +342,7 @@ def read_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file")
-    text = path.read_text()
+    text = read_user_text(path, "--config")
     try:  # JSON by its own rules (YAML 1.1 would read 1e-06 as a string); anything else as YAML
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
