@@ -527,6 +527,31 @@ def test_classify_refuses_bad_classes_before_loading_a_model(extra, message, tmp
     assert message in capsys.readouterr().err  # and not the missing model's error
 
 
+def test_a_plain_folder_of_class_folders_is_evaluated_as_the_split(tmp_path, checkpoint, capsys):
+    """torchvision's ImageFolder layout, what classify reads, with no split inside: was "no split 'test'". Hidden
+    folders are not classes (a notebook's .ipynb_checkpoints became class 0 of a labelled split), and a probe that
+    would fit and score on the same images is refused."""
+    root = tmp_path / "photos"
+    colours = ["blue", "red"]
+    for i in range(6):
+        (root / colours[i % 2]).mkdir(parents=True, exist_ok=True)
+        (root / colours[i % 2] / f"{i}.png").write_bytes(_png(colours[i % 2]))
+    (root / ".ipynb_checkpoints").mkdir()
+    dataset = open_labelled(root, "test")
+    assert dataset.classnames == colours and dataset.spec == str(root)
+    labels = sorted(int(raw["cls"]) for raw in dataset.source.samples(0, 1, 0, 0, {}))
+    assert labels == [0, 0, 0, 1, 1, 1]
+    assert cli.main(["eval", "zeroshot", "--pretrained", checkpoint, "--dataset-root", str(root), "--no-cache",
+                     "--quiet", "--output", str(tmp_path / "z.json")]) == 0
+    assert json.loads((tmp_path / "z.json").read_text())["metrics"]["n_images"] == 6
+    capsys.readouterr()
+    assert cli.main(["eval", "linear-probe", "--pretrained", checkpoint, "--dataset-root", str(root), "--no-cache",
+                     "--quiet", "--output", str(tmp_path / "p.json")]) == 2
+    assert "splits 'train' and 'test' both read" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no split"):  # a folder of images with no class folders
+        open_labelled(root / "blue", "test")
+
+
 def test_classify_refuses_a_labels_file_naming_a_class_twice(tmp_path, capsys):
     """As --labels 'a,b,a' is refused: a file's repeated line split its class's probability over two rows."""
     (tmp_path / "x.png").write_bytes(_png("red"))

@@ -116,3 +116,29 @@ def test_finetune_needs_labelled_data(clip_checkpoint, tmp_path, capsys):
     assert main(["finetune", "--pretrained", clip_checkpoint, "--dataset-root", str(root), "--steps", "1",
                  "--output", str(tmp_path / "x")]) == 2
     assert "classnames" in capsys.readouterr().err
+
+
+def test_finetune_reads_a_csv_split_and_a_plain_image_folder(clip_checkpoint, tmp_path, capsys):
+    """A split given as <root>/train.csv was accepted by the layout check and then trained from <root>/train, which
+    did not exist; a folder of class folders with no split in it is the training split (and refused as its own
+    validation split)."""
+    root = tmp_path / "csv"
+    root.mkdir()
+    (root / "classnames.txt").write_text("\n".join(COLOURS) + "\n")
+    rows = ["filepath,label"]
+    for i in range(8):
+        Image.new("RGB", (40, 40), COLOURS[i % 4]).save(root / f"{i}.png")
+        rows.append(f"{i}.png,{i % 4}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    common = ["--pretrained", clip_checkpoint, "--steps", "1", "--batch-size", "4", "--workers", "0",
+              "--save-every", "0", "--templates", "a {} square", "--no-progress"]
+    assert main(["finetune", "--dataset-root", str(root), "--output", str(tmp_path / "a"), *common]) == 0
+    folder = tmp_path / "photos"
+    for i in range(8):
+        (folder / COLOURS[i % 4]).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), COLOURS[i % 4]).save(folder / COLOURS[i % 4] / f"{i}.png")
+    assert main(["finetune", "--dataset-root", str(folder), "--output", str(tmp_path / "b"), *common]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--dataset-root", str(folder), "--val-split", "test", "--output", str(tmp_path / "c"),
+                 *common]) == 2
+    assert "splits 'train' and 'test' both read" in capsys.readouterr().err

@@ -76,6 +76,12 @@ def find_classnames(shard: str) -> Path | None:
     return None
 
 
+def class_dirs(folder: Path) -> list[Path]:
+    """A labelled folder's class folders in label order: its subfolders by name, hidden ones (.git, .ipynb_checkpoints)
+    aside."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def read_classnames(path: str | Path) -> list[str]:
     names = [line.strip() for line in read_user_text(path, "class names").splitlines() if line.strip()]
     if not names:
@@ -358,7 +364,7 @@ class FolderSource(IndexedSource):
         self.anchor, self.classnames, self.shuffle = str(folder / "-"), classnames, shuffle
         passed_over = Counter()
         if classnames is not None:
-            classes = sorted(p for p in folder.iterdir() if p.is_dir())
+            classes = class_dirs(folder)
             if not classes:
                 raise ValueError(f"{folder}: neither .tar shards nor class folders")
             self.items = [Item(str(p), None, label) for label, sub in enumerate(classes)

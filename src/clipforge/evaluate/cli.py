@@ -30,6 +30,7 @@ CB_TASK = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retriev
 EXAMPLES = """examples:
   clipforge eval zeroshot --pretrained runs/cifar/checkpoints/step-00001000 --dataset-root ../shared/data/cifar10
   clipforge eval zeroshot --model ViT-B-32 --pretrained openai --dataset-root imagenet --dataset imagenet1k
+  clipforge eval zeroshot --pretrained CKPT --dataset-root photos      photos/<class>/*.jpg, no split folder
   clipforge eval zeroshot ... --templates 'a photo of a {}.'        a single prompt (or a file, or a set name)
   clipforge eval retrieval --pretrained CKPT --dataset-root ../shared/data/coco-mini
   clipforge eval linear-probe --pretrained CKPT --dataset-root ../shared/data/cifar10 --train-split train
@@ -255,7 +256,7 @@ def _table(args) -> int:
 
 def _evaluate(args, model, preprocess, tokenizer) -> None:
     """Evaluate a loaded model on ``args.dataset_root`` (one of them) and write its result."""
-    from .datasets import open_labelled
+    from .datasets import check_distinct_splits, open_labelled
     from .metrics import check_labels, classification_metrics, confusion_png, fewshot_png, per_class_table
 
     result = {"dataset": _dataset_name(args, args.dataset_root), "model": args.model,
@@ -303,6 +304,7 @@ def _evaluate(args, model, preprocess, tokenizer) -> None:
         from .linear_probe import few_shot, linear_probe
 
         train_set = open_labelled(args.dataset_root, args.train_split, args.dataset)
+        check_distinct_splits(train_set, dataset, args.train_split, args.split)
         train_x, train_y = cached_features(args, model, train_set, args.train_split, preprocess)
         check_labels(train_y, len(dataset.classnames), f"split {args.train_split!r}: ")
         n = len(dataset.classnames)
@@ -429,10 +431,11 @@ def _robustness(args, model, preprocess, tokenizer, dataset) -> dict:
             weights = zero_shot_classifier(model, tokenizer, dataset.classnames, templates).cpu()
         classify, extra = (lambda features: features @ weights), {"templates": templates}
     else:
-        from .datasets import open_labelled
+        from .datasets import check_distinct_splits, open_labelled
         from .linear_probe import fit_linear_probe
 
         train_set = open_labelled(args.dataset_root, args.train_split, args.dataset)
+        check_distinct_splits(train_set, dataset, args.train_split, args.split)
         train_x, train_y = cached_features(args, model, train_set, args.train_split, preprocess)
         classify, info = fit_linear_probe(train_x, train_y, len(dataset.classnames))
         extra = {"l2": info["l2"]}

@@ -2,14 +2,17 @@
 
 ``<root>/classnames.txt`` (one name per line, label order), optional ``<root>/zeroshot_classification_templates.txt``
 (one prompt per line with ``{}`` or ``{c}``), and the split as ``<root>/<split>/*.tar`` (samples: image + ``.cls``),
-``<root>/<split>/<class name>/*.jpg`` or ``<root>/<split>.csv`` (columns ``filepath`` and ``label``).
+``<root>/<split>/<class name>/*.jpg`` or ``<root>/<split>.csv`` (columns ``filepath`` and ``label``). A root with
+no split that holds class folders itself (torchvision's ``ImageFolder``, what ``clipforge classify`` reads) is taken
+as the split asked for: the same images for every split, so that a probe trained and tested on them is refused.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.sources import CLASSNAMES_FILE, open_source, read_classnames
+from ..data.sources import CLASSNAMES_FILE, IMAGE_EXTENSIONS, class_dirs, open_source, read_classnames
 from ..prompts import load_templates, shipped_classnames, shipped_templates
 
 
@@ -19,6 +22,25 @@ class LabelledDataset:
     source: object
     classnames: list[str]
     templates: list[str] | None
+    spec: str  # what the split was read from (a folder or CSV): two splits with one spec are the same images
+
+
+def check_distinct_splits(train: LabelledDataset, test: LabelledDataset, train_split: str, test_split: str) -> None:
+    """A probe fitted on the images it is scored on measures nothing: refused where two split names come to the same
+    images (a plain image folder is every split), said where one split was named for both."""
+    if train.spec == test.spec and train_split == test_split:
+        print(f"warning: fitting and scoring on the same images ({train.spec}): the figure is a fit, not a test",
+              file=sys.stderr)
+    elif train.spec == test.spec:
+        raise ValueError(f"splits {train_split!r} and {test_split!r} both read {train.spec}: fitting and scoring need "
+                         f"separate images, e.g. <root>/{train_split}/<class>/ beside <root>/{test_split}/<class>/ "
+                         f"(or <root>/{train_split}.csv, or CLIP_benchmark's shards)")
+
+
+def _holds_class_folders(root: Path) -> bool:
+    """Whether any of ``root``'s class folders holds an image."""
+    suffixes = {f".{ext}" for ext in IMAGE_EXTENSIONS}
+    return any(f.suffix.lower() in suffixes for folder in class_dirs(root) for f in folder.iterdir())
 
 
 def open_labelled(root: str | Path, split: str = "test", dataset: str | None = None) -> LabelledDataset:
@@ -33,8 +55,11 @@ def open_labelled(root: str | Path, split: str = "test", dataset: str | None = N
     templates = load_templates(templates_file) if templates_file.exists() else shipped_templates(name)
     classnames = read_classnames(classnames_file) if classnames_file.exists() else None
     split_dir, split_csv = root / split, root / f"{split}.csv"
+    if not (split_dir.is_dir() or split_csv.exists()) and root.is_dir() and not any(root.glob("*.tar")) \
+            and _holds_class_folders(root):
+        split_dir = root  # a plain image folder: its class folders are the split
     if split_dir.is_dir() and not any(split_dir.glob("*.tar")):  # one subfolder per class, named for it
-        classnames = classnames or sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        classnames = classnames or [p.name for p in class_dirs(split_dir)]
         spec = str(split_dir)
     elif split_dir.is_dir() or split_csv.exists():
         classnames = classnames or shipped_classnames(name)
@@ -45,4 +70,5 @@ def open_labelled(root: str | Path, split: str = "test", dataset: str | None = N
     else:
         raise FileNotFoundError(f"no split {split!r} under {root}: expected {split_dir}/*.tar, class folders in "
                                 f"{split_dir}, or {split_csv}")
-    return LabelledDataset(name, open_source(spec, shuffle_buffer=0, classnames=classnames), classnames, templates)
+    return LabelledDataset(name, open_source(spec, shuffle_buffer=0, classnames=classnames), classnames, templates,
+                           spec)

@@ -7,11 +7,13 @@ from pathlib import Path
 
 from .cli import add_optimisation_arguments, add_run_arguments, config_from_args, report
 
-FINETUNE = """Fine-tune a CLIP model on a labelled dataset (CLIP_benchmark layout: <root>/<split>/*.tar with .cls,
-<root>/classnames.txt). The classifier head starts as the zero-shot classifier (the class prompts' embeddings times
-the temperature), so step 0 predicts exactly what zero-shot does; cross-entropy then trains the image tower and the
-head (or --head-only). Checkpoints, --resume latest and progress as in clipforge train. The result loads with
-clipforge.load like any CLIP model (model.classify(images) gives the head's logits) and feeds clipforge wise-ft.
+FINETUNE = """Fine-tune a CLIP model on a labelled dataset, in any layout clipforge eval reads: CLIP_benchmark's
+(<root>/<split>/*.tar with .cls, <root>/classnames.txt), class folders (<root>/<split>/<class>/*.jpg, or
+<root>/<class>/*.jpg for the training split alone) or <root>/<split>.csv (filepath, label). The classifier head
+starts as the zero-shot classifier (the class prompts' embeddings times the temperature), so step 0 predicts exactly
+what zero-shot does; cross-entropy then trains the image tower and the head (or --head-only). Checkpoints, --resume
+latest and progress as in clipforge train. The result loads with clipforge.load like any CLIP model
+(model.classify(images) gives the head's logits) and feeds clipforge wise-ft.
 """
 
 FINETUNE_EXAMPLES = """examples:
@@ -48,22 +50,26 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_finetune(args) -> int:
-    from ..evaluate.datasets import open_labelled
+    from ..data import open_source
+    from ..evaluate.datasets import check_distinct_splits, open_labelled
     from ..prompts import resolve_templates
     from .loop import train
 
     root = Path(args.dataset_root)
     dataset = open_labelled(root, args.train_split, getattr(args, "dataset", None))  # checks layout and classnames
     args.templates = resolve_templates(getattr(args, "templates", None), dataset.templates)
-    args.train_data = str(root / args.train_split)
+    args.train_data, val_set = dataset.spec, None
     if getattr(args, "val_split", None):
-        open_labelled(root, args.val_split, getattr(args, "dataset", None))
-        args.val_data = str(root / args.val_split)
+        val_set = open_labelled(root, args.val_split, getattr(args, "dataset", None))
+        check_distinct_splits(dataset, val_set, args.train_split, args.val_split)
+        args.val_data = val_set.spec
     args.objective = "classify"
     cfg = config_from_args(args)
     if cfg.output == "runs/clipforge":
         cfg.output = "runs/finetune"
-    return report(train(cfg))
+    # opened with the class names found here: class folders named for their classes need no classnames.txt
+    train_source = open_source(dataset.spec, cfg.shuffle_buffer, classnames=dataset.classnames)
+    return report(train(cfg, train_source, val_set.source if val_set else None))
 
 
 def add_wise_ft_arguments(p: argparse.ArgumentParser) -> None:
