@@ -632,6 +632,39 @@ def test_labelled_data_without_label_captions_fails_before_training_with_the_fix
     assert train(cfg)["steps"] == 2
 
 
+def test_a_folder_of_class_folders_trains_and_validates_by_its_labels(tmp_path):
+    """torchvision's ImageFolder layout (<root>/<class>/*.png) was read as an unlabelled folder: --label-captions
+    asked for a classnames.txt, and with one beside it every sample was skipped ("no usable samples ... no_caption");
+    --val-data of class folders had "no usable samples". Now its folders' names (or its classnames.txt) label it."""
+    from PIL import Image
+
+    from clipforge.data.sources import folder_classnames
+
+    colours = ["blue", "red", "yellow"]
+    for split, n in (("train", 12), ("val", 6)):
+        for i in range(n):
+            (tmp_path / split / colours[i % 3]).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 40), colours[i % 3]).save(tmp_path / split / colours[i % 3] / f"{i}.png")
+    cfg = TrainConfig(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 1}, "text_cfg": {"layers": 1}},
+                      train_data=str(tmp_path / "train"), val_data=str(tmp_path / "val"), batch_size=6, steps=2,
+                      workers=0, save_every=0, output=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ValueError, match="carry class labels .* --label-captions default"):
+        train(cfg)
+    cfg.label_captions = "default"
+    summary = train(cfg)
+    assert summary["steps"] == 2 and "zeroshot_top1" in summary["val"]
+    (tmp_path / "classnames.txt").write_text("a blue square\na red square\na yellow square\n")  # beside: its names
+    assert folder_classnames(str(tmp_path / "train"), wanted=False) == ["a blue square", "a red square",
+                                                                        "a yellow square"]
+    (tmp_path / "train" / "blue" / "0.txt").write_text("a small blue thing")  # captions: a captioned collection,
+    assert folder_classnames(str(tmp_path / "train"), wanted=False) is None  # unless labels are what is trained on
+    assert folder_classnames(str(tmp_path / "train"), wanted=True) is not None
+    assert folder_classnames(str(tmp_path / "train" / "blue"), wanted=True) is None  # images of its own
+    (tmp_path / "classnames.txt").write_text("blue\nred\n")
+    with pytest.raises(ValueError, match="names 2 classes, .* has 3 class folders"):
+        folder_classnames(str(tmp_path / "val"), wanted=True)
+
+
 def test_final_checkpoint_is_written_before_validation_runs(tmp_path, monkeypatch):
     shard = shapes_shard(tmp_path / "s-000000.tar", 16)
 

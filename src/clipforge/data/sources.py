@@ -82,6 +82,29 @@ def class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def folder_classnames(spec: str | None, wanted: bool) -> list[str] | None:
+    """The class names of ``spec`` where it is a folder of class folders (torchvision's ImageFolder): its
+    ``classnames.txt`` (CLIP_benchmark's, beside or above it) or else the folders' names; None for anything else (a
+    file, shards, a folder with images of its own). A folder of class folders whose images have sidecar captions is
+    read as captioned unless labels are ``wanted`` (--label-captions, fine-tuning, --objective labels)."""
+    folder = Path(spec) if spec and not _is_remote(spec) else None
+    if folder is None or not folder.is_dir() or any(folder.glob("*.tar")):
+        return None
+    classes = class_dirs(folder)
+    extensions = _folder_extensions()
+    if not classes or any(p.suffix.lower().lstrip(".") in extensions for p in folder.iterdir()):
+        return None
+    if not wanted and any(p.is_file() for c in classes for p in c.rglob("*.txt")):
+        return None
+    listed = find_classnames(str(folder / "-"))
+    if listed is None:
+        return [p.name for p in classes]
+    names = read_classnames(listed)
+    if len(names) != len(classes):
+        raise ValueError(f"{listed} names {len(names)} classes, {folder} has {len(classes)} class folders")
+    return names
+
+
 def read_classnames(path: str | Path) -> list[str]:
     names = [line.strip() for line in read_user_text(path, "class names").splitlines() if line.strip()]
     if not names:

@@ -15,7 +15,8 @@ DESCRIPTION = """Train CLIP image and text encoders with the contrastive loss.
 
 Data (--train-data / --val-data): WebDataset shards ('shards/{000000..000099}.tar', 'pipe:curl -s URL', a folder of
 .tar files), a CSV/TSV (image path + caption columns) or a folder of images with sidecar .txt captions. Labelled
-shards without text (image + .cls, classnames.txt beside the split folder) train with --label-captions.
+data without text (shards of image + .cls with classnames.txt beside the split folder, a CSV with a label column, or
+a folder of class folders named for their classes) trains with --label-captions.
 
 Recipes: --config FILE (YAML or JSON) holds any of the settings below by their field names (train_data, lr,
 model_cfg, ...); flags given on the command line override it. A run's own run_config.json is such a file, so

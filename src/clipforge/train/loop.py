@@ -30,7 +30,7 @@ from ..checkpoint.io import is_sharded_checkpoint, resize_positions
 from ..data import ContrastiveStream, make_loader, open_source
 from ..data.captions import swap_left_right
 from ..data.pipeline import caption_texts, continue_interleaving, stop_workers
-from ..data.sources import source_classnames
+from ..data.sources import folder_classnames, source_classnames
 from ..environment import run_environment
 from ..files import run_lock, write_json
 from ..models import create_model, get_model_config, is_resnet, merge_config
@@ -368,11 +368,17 @@ def _check_captioned(source, name, peek: int = 64) -> None:
         raise ValueError(f"training data {name}: the first {len(samples)} samples have no caption (.txt){hint}")
 
 
+def _wants_labels(cfg: TrainConfig) -> bool:
+    """Whether the run trains from class labels (so a folder of class folders is read as labelled)."""
+    return cfg.objective in ("classify", "labels") or bool(cfg.label_captions)
+
+
 def _open_training_data(cfg: TrainConfig, train_source=None):
     """(source, its labels) with the data checked usable before any training starts."""
     source = train_source if train_source is not None else \
         open_source(cfg.train_data, cfg.shuffle_buffer, csv_keys=cfg.csv_keys(),
-                    upsampling=cfg.train_data_upsampling_factors)
+                    upsampling=cfg.train_data_upsampling_factors,
+                    classnames=folder_classnames(cfg.train_data, wanted=_wants_labels(cfg)))
     labels = _Labels(cfg, source)
     if not labels.classnames and cfg.objective != "self-supervised":  # images alone need no captions
         _check_captioned(source, cfg.train_data or source)

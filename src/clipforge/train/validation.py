@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import evaluation_set, open_source
-from ..data.sources import source_classnames
+from ..data.sources import folder_classnames, source_classnames
 from ..evaluate.metrics import top1_top5
 from ..loss import linear_cross_entropy
 from ..preprocess import Preprocess, image_batch
@@ -30,8 +30,8 @@ def open_validation(cfg, val_source, image_size: int, label_templates: list[str]
     if val_source is None and not cfg.val_data:
         return None, None
     preprocess = Preprocess(image_size, **(preprocess_cfg or {}))  # a --pretrained model's own, else OpenAI's
-    source = val_source if val_source is not None else open_source(cfg.val_data, shuffle_buffer=0,
-                                                                   csv_keys=cfg.csv_keys())
+    source = val_source if val_source is not None else open_source(
+        cfg.val_data, shuffle_buffer=0, csv_keys=cfg.csv_keys(), classnames=folder_classnames(cfg.val_data, False))
     classnames = source_classnames(source)
     templates = label_templates  # --label-captions FILE: the same prompts caption and classify
     val_set = evaluation_set(source, preprocess, cfg.val_samples, classnames, templates,
