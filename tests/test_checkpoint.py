@@ -524,6 +524,34 @@ def test_cli_convert_round_trips_through_every_format(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_convert_never_writes_over_its_source_nor_into_another_checkpoint_unasked(tmp_path, capsys):
+    """`convert run/step-N run/step-N --to hf` replaced the clipforge config and weights with CLIPModel's beside the
+    run's train_state.pt, and any folder holding a checkpoint took another format's files over or beside its own."""
+    model = clipforge.create_model("ViT-Tiny-64")
+    source = clipforge.save_pretrained(model, tmp_path / "ours")
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+
+    def refused(*argv) -> str:
+        assert cli.main(["convert", *map(str, argv)]) == 2
+        return capsys.readouterr().err
+
+    for to in ("clipforge", "hf", "open_clip"):
+        assert "is the checkpoint being converted" in refused(source, source, "--to", to, "--overwrite")
+    assert "is the checkpoint being converted" in refused(source / "model.safetensors", source, "--to", "hf")
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    assert cli.main(["convert", str(source), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert "holds a checkpoint already (config.json, model.safetensors)" in refused(
+        source, tmp_path / "hf", "--to", "open_clip")
+    assert cli.main(["convert", str(source), str(tmp_path / "hf"), "--to", "hf", "--overwrite"]) == 0
+    assert cli.main(["convert", str(source), str(tmp_path / "w.pt"), "--to", "openai"]) == 0
+    assert "exists; pass --overwrite" in refused(source, tmp_path / "w.pt", "--to", "openai")
+    assert "is the checkpoint being converted" in refused(tmp_path / "w.pt", tmp_path / "w.pt", "--to", "openai",
+                                                          "--overwrite")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.md").write_text("notes")  # other files are no checkpoint
+    assert cli.main(["convert", str(source), str(tmp_path / "empty"), "--to", "open_clip"]) == 0
+
+
 def test_a_hugging_face_text_tower_is_refused_by_the_openai_and_hf_layouts(tmp_path, capsys):
     """A model with a MiniLM text tower (the Flickr8k recipe's) has no place in OpenAI's or CLIPModel's layout: hf
     was a KeyError traceback and openai wrote a file nothing could load; both now refuse, writing nothing. An open_clip

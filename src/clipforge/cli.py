@@ -67,7 +67,7 @@ def _cmd_convert(args) -> int:
     from .convert import convert
 
     path = convert(args.src, args.dst, to=args.to, model=args.model, quick_gelu=args.quick_gelu,
-                   trust_pickle=args.trust_pickle)
+                   trust_pickle=args.trust_pickle, overwrite=args.overwrite)
     print(f"wrote {args.to} checkpoint to {path}")
     return 0
 
@@ -110,6 +110,8 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                    help="force QuickGELU on/off (OpenAI's weights use it; weights alone cannot tell)")
     p.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of SRC (trusted files only)")
+    p.add_argument("--overwrite", action="store_true", help="write into a DST folder that holds a checkpoint already "
+                   "(or over a DST file); never over SRC itself")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("tokenize", help="print token ids of texts (a model's tokenizer; OpenAI CLIP's BPE by "

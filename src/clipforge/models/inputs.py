@@ -2,6 +2,7 @@
 ``by_length``, how the text towers skip padding on CPU."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -20,7 +21,7 @@ def check_image_batch(images: torch.Tensor, image_size: int | None) -> None:
 def batch_input(value, method: str):
     """``value`` as a tower takes it (a tensor; a NaFlex image batch is a dict of them), or a TypeError saying what
     ``method`` wants: text or a PIL image passed where ids or pixels go is the usual first mistake."""
-    if isinstance(value, (torch.Tensor, dict)):
+    if isinstance(value, (torch.Tensor, Mapping)):  # transformers' BatchFeature is a Mapping, not a dict
         return value
     if method == "encode_text":
         raise TypeError(f"encode_text takes token ids [N, context_length] from the model's tokenizer, not a "
