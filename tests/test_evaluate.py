@@ -552,6 +552,22 @@ def test_a_plain_folder_of_class_folders_is_evaluated_as_the_split(tmp_path, che
         open_labelled(root / "blue", "test")
 
 
+def test_eval_names_the_images_it_could_not_read(tmp_path, checkpoint, capsys):
+    """A split's unreadable images were passed over without a word: the figures silently covered fewer images."""
+    root = tmp_path / "photos" / "test"
+    for i, colour in enumerate(["blue", "red"] * 2):
+        (root / colour).mkdir(parents=True, exist_ok=True)
+        (root / colour / f"{i}.png").write_bytes(_png(colour))
+    (root / "red" / "broken.png").write_bytes(b"not a png")
+    (root / "blue" / "cut.png").write_bytes(_png("blue")[:40])
+    assert cli.main(["eval", "zeroshot", "--pretrained", checkpoint, "--dataset-root", str(tmp_path / "photos"),
+                     "--no-cache", "--quiet", "--output", str(tmp_path / "z.json")]) == 0
+    err = capsys.readouterr().err
+    assert "2 samples skipped (corrupt_image 2)" in err
+    assert f"{root / 'red' / 'broken.png'}: not a readable image" in err and f"{root / 'blue' / 'cut.png'}:" in err
+    assert json.loads((tmp_path / "z.json").read_text())["metrics"]["n_images"] == 4
+
+
 def test_classify_refuses_a_labels_file_naming_a_class_twice(tmp_path, capsys):
     """As --labels 'a,b,a' is refused: a file's repeated line split its class's probability over two rows."""
     (tmp_path / "x.png").write_bytes(_png("red"))

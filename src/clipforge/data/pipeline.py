@@ -23,11 +23,12 @@ from .sources import IMAGE_EXTENSIONS, ShardSource
 
 
 class SkipSample(Exception):
-    """A sample that cannot be used; its ``reason`` is counted."""
+    """A sample that cannot be used; its ``reason`` is counted, its ``detail`` (the decoder's message, naming the
+    sample) shown where a few examples are."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, detail: str | None = None):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 def caption_lines(raw: dict) -> list[str]:
@@ -67,8 +68,8 @@ def decode_sample(raw: dict, rng: random.Random, classnames=None, caption_templa
             raise SkipSample("no_image")
         try:
             image = open_image(data, name=str(raw.get("__key__")))
-        except BadImageError:
-            raise SkipSample("corrupt_image") from None
+        except BadImageError as error:
+            raise SkipSample("corrupt_image", str(error)) from None
     return image.convert("RGB"), text
 
 

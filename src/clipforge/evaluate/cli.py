@@ -382,6 +382,7 @@ def _image_tower_zero_shot(args, model, preprocess, dataset, templates: list[str
 
 def _retrieval(args, model, preprocess, tokenizer) -> dict:
     from ..data import open_source
+    from .features import warn_skipped
     from .retrieval import embed_retrieval_set, retrieval_metrics
 
     root = Path(args.dataset_root)
@@ -392,6 +393,7 @@ def _retrieval(args, model, preprocess, tokenizer) -> dict:
         progress=not args.quiet)
     if not len(image_features):
         raise ValueError(f"{split}: no samples with an image and a caption (skipped: {dict(skipped) or 'none'})")
+    warn_skipped(f"retrieval on {split}", skipped)
     ks = sorted(set(args.recall_k))
     ours = retrieval_metrics(image_features, text_features, caption_images, ks=ks)
     metrics = {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from collections import Counter
 
 import torch
@@ -42,7 +43,7 @@ def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None
     first ``limit``. ``image_transform(image, index)`` changes each decoded image before preprocessing (corruptions).
     ``normalize=False``: the embeddings as ``encode_image`` gives them (what an image tower's own head reads)."""
     device = device or next(model.parameters()).device
-    features, labels, batch, batch_labels, skipped = [], [], [], [], Counter()
+    features, labels, batch, batch_labels, skipped, unreadable = [], [], [], [], Counter(), []
 
     def flush():
         if batch:
@@ -63,8 +64,10 @@ def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None
             continue
         try:
             image, _ = decode_sample(dict(raw, txt=b"-"), rng=random.Random(0))
-        except SkipSample:
+        except SkipSample as skip:
             skipped["corrupt_image"] += 1
+            if len(unreadable) < 10:
+                unreadable.append(skip.detail or f"{raw.get('__key__')}: {skip.reason}")
             bar.update(1)
             continue
         if image_transform is not None:
@@ -78,5 +81,17 @@ def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None
     flush()
     bar.close()
     if not features:
-        raise ValueError(f"no usable labelled samples (skipped: {dict(skipped) or 'none'})")
+        raise ValueError(f"no usable labelled samples (skipped: {dict(skipped) or 'none'})"
+                         + "".join(f"\n  {example}" for example in unreadable))
+    warn_skipped(desc, skipped, unreadable)
     return torch.cat(features), torch.tensor(labels)
+
+
+def warn_skipped(what: str, skipped: Counter, examples: list[str] = ()) -> None:
+    """Say on stderr how many samples an evaluation passed over, by reason, with ``examples`` (each naming its
+    sample): its figures are over fewer images than the split holds."""
+    if skipped:
+        n = sum(skipped.values())
+        print(f"warning: {what}: {n} sample{'s' if n > 1 else ''} skipped ("
+              + ", ".join(f"{reason} {count}" for reason, count in skipped.most_common()) + ")"
+              + "".join(f"\n  {example}" for example in examples), file=sys.stderr)
