@@ -374,6 +374,15 @@ def test_cli_train_resumes_exactly_then_captions_files(tiny_lm, tiny_clip, tmp_p
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 2, 3, 4]
+    # a new map into a map's folder wrote over it and appended to its log: refused without --overwrite
+    capsys.readouterr()
+    assert main([*common, "--steps", "2", "--output", str(tmp_path / "resumed")]) == 2
+    assert "holds a trained map already (mapping.safetensors, train_state.pt): --resume continues it, --overwrite" \
+        in capsys.readouterr().err
+    assert limber.ImageToPrefix.load(tmp_path / "resumed").state_dict().keys() == resumed.keys()
+    assert main([*common, "--steps", "2", "--output", str(tmp_path / "resumed"), "--overwrite"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2]  # the new map's log alone
 
     files = []
     for i, image in enumerate(colour_images(2, seed=5)[0]):

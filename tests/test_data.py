@@ -284,6 +284,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert page.count("<img") >= 48 and "Text→image retrieval" in page
     model, _, _ = clipforge.load(str(tmp_path / "demo" / "checkpoints" / "step-00000004"))
     assert model.image_size == 64
+    # run again into its own folder: an earlier demo's run is started over (another run's folder is refused)
+    assert cli.main(["demo", "--steps", "2", "--batch-size", "16", "--workers", "0", "--no-progress",
+                     "--output", str(tmp_path / "demo")]) == 0
+    assert sorted(p.name for p in (tmp_path / "demo" / "checkpoints").iterdir()) == ["step-00000002"]
 
 
 def test_left_and_right_swap_as_whole_words_with_their_case():

@@ -1,4 +1,5 @@
 """Training: exact gradient accumulation, exact resume after SIGKILL, bad samples skipped and counted."""
+import dataclasses
 import importlib.util
 import json
 import math
@@ -663,6 +664,37 @@ def test_a_folder_of_class_folders_trains_and_validates_by_its_labels(tmp_path):
     (tmp_path / "classnames.txt").write_text("blue\nred\n")
     with pytest.raises(ValueError, match="names 2 classes, .* has 3 class folders"):
         folder_classnames(str(tmp_path / "val"), wanted=True)
+
+
+def test_a_new_run_in_a_folder_holding_an_earlier_one_is_refused_unless_overwrite(tmp_path, capsys):
+    """Without --resume a second run wrote over the first one's checkpoints step by step and dropped its metrics
+    (open_clip refuses an existing experiment); --overwrite starts over, deleting them; a resume that changes the
+    batch size or learning rate says so."""
+    shard = shapes_shard(tmp_path / "s-000000.tar", 32)
+    cfg = TrainConfig(model="ViT-Tiny-64", model_cfg={"vision_cfg": {"layers": 1}, "text_cfg": {"layers": 1}},
+                      train_data=str(shard), batch_size=8, steps=4, workers=0, save_every=2,
+                      output=str(tmp_path / "run"), progress=False)
+    first = train(cfg)
+    weights = load_file(Path(first["checkpoint"]) / "model.safetensors")
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"holds an earlier run's checkpoints \(up to step-00000004\): --resume "
+                                         r"latest continues it, --overwrite starts over"):
+        train(dataclasses.replace(cfg, lr=1e-3))
+    kept = load_file(Path(first["checkpoint"]) / "model.safetensors")
+    assert all(torch.equal(kept[k], weights[k]) for k in weights)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    shutil.rmtree(first["checkpoint"])
+    capsys.readouterr()
+    train(dataclasses.replace(cfg, resume="latest"))  # the same settings: nothing to say
+    assert "warning" not in capsys.readouterr().err
+    shutil.rmtree(first["checkpoint"])
+    train(dataclasses.replace(cfg, resume="latest", batch_size=4, lr=1e-3, steps=4, log_every=1))
+    err = capsys.readouterr().err
+    assert "settings other than the run's: --batch-size 8 -> 4; --lr 0.0005 -> 0.001 (the result" in err
+    again = train(dataclasses.replace(cfg, overwrite=True))
+    assert "deleted the earlier run's 2 checkpoint(s)" in capsys.readouterr().err
+    restarted = load_file(Path(again["checkpoint"]) / "model.safetensors")
+    assert all(torch.equal(restarted[k], weights[k]) for k in weights)  # a clean start, as the first
 
 
 def test_final_checkpoint_is_written_before_validation_runs(tmp_path, monkeypatch):

@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-captions", help="with --data on labelled shards: 'default' or a templates file")
     p.add_argument("--workers", type=non_negative_int, default=2, help="[2]")
     p.add_argument("--seed", type=int, default=0, help="[0]")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --output folder holding another run's "
+                   "checkpoints (an earlier demo's folder is started over without it)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run)
 
@@ -50,7 +52,8 @@ def run(args) -> int:
     cfg = TrainConfig(model=args.model, batch_size=args.batch_size, steps=args.steps, lr=1e-3, wd=0.1,
                       warmup=max(1, args.steps // 10), seed=args.seed, workers=args.workers, output=args.output,
                       save_every=0, log_every=10, progress=args.progress, train_data=args.data,
-                      val_data=args.val_data, label_captions=args.label_captions)
+                      val_data=args.val_data, label_captions=args.label_captions,
+                      overwrite=args.overwrite or (Path(args.output) / "demo_results.json").exists())
     output = Path(args.output)
     if args.data:
         from .train.cli import report

@@ -73,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--val-images", type=positive_int, default=200,
                    help="development images used, all their captions [200]")
     t.add_argument("--resume", action="store_true", help="continue from the map and optimizer state in --output")
+    t.add_argument("--overwrite", action="store_true", help="start a new map in an --output folder that holds one "
+                   "(refused without it)")
     t.add_argument("--output", required=True, help="folder for limber.json, mapping.safetensors, log.jsonl")
     t.add_argument("--device", default="cpu")
     t.add_argument("--no-progress", dest="progress", action="store_false")
@@ -262,7 +264,15 @@ def _run_train(args) -> int:
     if args.max_grad_norm < 0:  # before minutes of embedding
         raise ValueError(f"--max-grad-norm must be >= 0 (0: no clipping), got {args.max_grad_norm}")
     out = Path(args.output)
+    from .limber import MAPPING_WEIGHTS
+
+    earlier = [name for name in (MAPPING_WEIGHTS, TRAIN_STATE) if (out / name).is_file()]
+    if earlier and not args.resume and not args.overwrite:  # it wrote over that map and appended to its log
+        raise ValueError(f"{out} holds a trained map already ({', '.join(earlier)}): --resume continues it, "
+                         "--overwrite starts over, or give another --output")
     out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        (out / "log.jsonl").unlink(missing_ok=True)  # a new map's log alone
     torch.manual_seed(args.seed)
     encoder = open_encoder(args.clip, args.pretrained, args.device, args.features, args.prefix_tokens, args.seed,
                            save_random_to=out / RANDOM_TOWER)

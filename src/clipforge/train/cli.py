@@ -327,6 +327,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--output", help=f"run folder: checkpoints/, metrics.jsonl, run_config.json [{d.output}]")
     g.add_argument("--resume", help="'latest' or a checkpoint step folder")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="start over in an --output folder that holds an earlier run's checkpoints, deleting them "
+                   "(refused without it)")
     g.add_argument("--save-every", type=int, help=f"checkpoint every N steps [{d.save_every}]")
     g.add_argument("--keep", type=int, help=f"checkpoints kept [{d.keep}]")
     g.add_argument("--log-every", type=int, help=f"[{d.log_every}]")

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections import Counter
@@ -32,12 +33,13 @@ from ..data.captions import swap_left_right
 from ..data.pipeline import caption_texts, continue_interleaving, stop_workers
 from ..data.sources import folder_classnames, source_classnames
 from ..environment import run_environment
-from ..files import run_lock, write_json
+from ..files import read_json, run_lock, write_json
 from ..models import create_model, get_model_config, is_resnet, merge_config
 from ..models.feature_cache import fill_kept
 from ..preprocess import TrainTransform
 from ..prompts import load_templates
-from .checkpoints import load_train_state, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from .checkpoints import (checkpoint_dirs, load_train_state, resolve_resume, rng_state, save_checkpoint,
+                          set_rng_state)
 from .objectives import objective_for
 from .optim import SCHEDULES, build_optimizer, lr_schedule
 from .step import autocast_for, train_step
@@ -131,6 +133,7 @@ class TrainConfig:
     zeroshot_data: list[str] = field(default_factory=list)  # labelled data set roots: zero-shot top-1/5 at validation
     zeroshot_split: str = "test"
     resume: str | None = None
+    overwrite: bool = False  # start over in an output folder holding an earlier run's checkpoints (deleted first)
     shuffle_buffer: int = 1000
     progress: bool = True
     device: str | None = None
@@ -463,6 +466,42 @@ def _full(parameter: torch.Tensor) -> torch.Tensor:
     return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
 
 
+def _check_earlier_run(cfg: TrainConfig, output: Path, rank: int) -> None:
+    """A run started (no --resume) in a folder holding an earlier run's checkpoints wrote over them step by step and
+    dropped its metrics, and a later ``--resume latest`` could pick one of the earlier run's steps: refused, unless
+    ``overwrite``, which deletes them first."""
+    earlier = [] if cfg.resume else checkpoint_dirs(output)
+    if not earlier:
+        return
+    if not cfg.overwrite:
+        raise ValueError(f"{output} holds an earlier run's checkpoints (up to {earlier[-1].name}): --resume latest "
+                         "continues it, --overwrite starts over (deleting them), or give another --output")
+    if rank == 0:
+        shutil.rmtree(output / "checkpoints")
+        print(f"--overwrite: deleted the earlier run's {len(earlier)} checkpoint(s) in {output}", file=sys.stderr)
+
+
+# settings a resumed run may change without changing what it computes (or that are checked on their own)
+_RESUMABLE_CHANGES = {"resume", "overwrite", "output", "progress", "device", "log_every", "val_every", "val_samples",
+                      "save_every", "keep", "steps", "epochs", "workers", "val_data", "zeroshot_data",
+                      "zeroshot_split"}
+
+
+def _warn_changed_settings(cfg: TrainConfig, output: Path) -> None:
+    """Say which settings a resumed run changes from those its folder's ``run_config.json`` records (a batch size, a
+    learning rate): allowed, as open_clip allows it, but the result is no longer what the run would have given."""
+    try:
+        before = read_json(output / "run_config.json")["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as recorded: tuples as lists
+    changed = [f"--{key.replace('_', '-')} {before[key]!r} -> {now[key]!r}" for key in now
+               if key in before and key not in _RESUMABLE_CHANGES and before[key] != now[key]]
+    if changed:
+        print(f"warning: resuming with settings other than the run's: {'; '.join(changed)} (the result is no longer "
+              "the one the uninterrupted run would give)", file=sys.stderr)
+
+
 def _resume(cfg: TrainConfig, output: Path, core, optimizer, scheduler, scaler, rank: int, world: int) -> _Position:
     from .fsdp import load_sharded_checkpoint
 
@@ -501,6 +540,7 @@ def _resume(cfg: TrainConfig, output: Path, core, optimizer, scheduler, scaler, 
                          f"{train_state.get('workers')} workers; resume with the same to continue exactly")
     if rank == 0:
         print(f"resuming from {checkpoint} at step {int(train_state['step'])}", file=sys.stderr)
+        _warn_changed_settings(cfg, output)
     return _Position(int(train_state["step"]), {int(k): v for k, v in train_state["data"].items()},
                      train_state["rng"][rank])
 
@@ -564,6 +604,7 @@ def _train(cfg: TrainConfig, train_source, val_source, model, loss_fn) -> dict:
     rank, world, device = _init_distributed(cfg)
     precision = _resolve_precision(cfg.precision, device)
     output = Path(cfg.output)
+    _check_earlier_run(cfg, output, rank)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
 
