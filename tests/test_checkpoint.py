@@ -582,6 +582,16 @@ def test_cli_asking_for_cuda_without_a_gpu_is_a_clear_error(capsys):
         assert "no CUDA device is available" in capsys.readouterr().err
 
 
+def test_cli_names_a_device_it_cannot_use_before_loading_anything(capsys, tmp_path):
+    """`--device gpu` was torch's RuntimeError traceback; a CUDA index past the machine's devices failed only when
+    the first tensor moved there."""
+    for device, message in (("gpu", "not a device name (cpu, cuda, cuda:1, mps ...)"),
+                            ("cuda:99", "this machine has" if torch.cuda.is_available() else "no CUDA device")):
+        assert cli.main(["classify", str(tmp_path / "x.png"), "--labels", "a,b", "--pretrained",
+                         str(tmp_path / "no-such-model"), "--device", device]) == 2
+        assert f"--device {device}: {message}" in capsys.readouterr().err  # and not the missing model's error
+
+
 def test_cli_output_into_a_pipe_closed_early_is_not_an_error(capsys):
     """`clipforge models | head -1`: aligned rows, and no BrokenPipeError traceback when the reader has gone."""
     import os
