@@ -430,6 +430,35 @@ def test_torchrun_splits_shards_by_rank_and_matches_one_process(collection, tmp_
     assert info["embedded"] == 40 and info["skipped"] == 1  # counts from both ranks
 
 
+def test_embed_says_which_embedded_images_changed_since(collection, tmp_path, capsys):
+    """A photo edited in place kept its old vector without a word (rows are kept by path, as clip-retrieval's are):
+    each run now says how many embedded images changed, naming one, until they are embedded afresh; an image in a
+    shard redone now (one the added images join) is embedded as it is and not said."""
+    images, out = tmp_path / "images", tmp_path / "emb"
+    images.mkdir()
+    for i in range(5):
+        shutil.copy(collection["images"] / f"shape{i:03d}.png", images)
+
+    def embed() -> str:
+        capsys.readouterr()
+        assert cli.main(["embed", str(images), str(out), "--pretrained", collection["ckpt"], "--shard-size", "3",
+                         "--no-progress"]) == 0
+        return capsys.readouterr().err
+
+    assert "changed since" not in embed()
+    assert "changed since" not in embed()  # nothing touched
+    shutil.copy(collection["images"] / "shape009.png", images / "shape001.png")  # edited in place (shard 0)
+    err = embed()
+    assert f"1 image embedded into {out} changed since, by file size or modification time (such as " in err
+    assert "shape001.png" in err
+    assert json.loads((out / "embed_info.json").read_text())["changed_since_embedded"] == 1
+    assert "1 image embedded" in embed()  # said again: its vector is still the earlier picture's
+    shutil.copy(collection["images"] / "shape008.png", images / "shape004.png")  # in shard 1, which shape005 joins
+    shutil.copy(collection["images"] / "shape005.png", images)
+    err = embed()
+    assert "1 image embedded" in err and "shape001.png" in err and "shape004.png" not in err
+
+
 def test_torchrun_embeds_images_added_since_with_the_last_shard_redone_by_its_rank(collection, tmp_path):
     """Images appended to the input, embedded again under torchrun: the shard they join is redone by the rank that
     owns it, whichever rank reads the input record first, and the rows come out as one process embeds them."""

@@ -207,12 +207,29 @@ def write_info(folder: str | Path, info: dict) -> None:
     write_json(Path(folder) / INFO, info)
 
 
-def write_catalogue(folder: str | Path, paths: list[str]) -> None:
+def write_catalogue(folder: str | Path, paths: list[str], stamps: list[tuple[int, int] | None] | None = None) -> None:
+    """The recorded ``paths`` in row order, with each file's ``(size, mtime_ns)`` stamp where it is one (None for a
+    shard's member), by which a later run tells an image changed since it was embedded."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    columns = {"path": pa.array(paths, pa.string())}
+    if stamps is not None:
+        columns["size"] = pa.array([s[0] if s else None for s in stamps], pa.int64())
+        columns["mtime_ns"] = pa.array([s[1] if s else None for s in stamps], pa.int64())
     with atomic_path(Path(folder) / CATALOGUE) as tmp:
-        pq.write_table(pa.table({"path": pa.array(paths, pa.string())}), tmp)
+        pq.write_table(pa.table(columns), tmp)
+
+
+def read_catalogue_stamps(folder: str | Path) -> dict[str, tuple[int, int]]:
+    """``{recorded path: (size, mtime_ns)}`` of the files ``write_catalogue`` stamped (none for older catalogues)."""
+    import pyarrow.parquet as pq
+
+    path = Path(folder) / CATALOGUE
+    if not path.exists() or "size" not in pq.read_schema(path).names:
+        return {}
+    table = pq.read_table(path, columns=["path", "size", "mtime_ns"]).to_pydict()
+    return {p: (s, m) for p, s, m in zip(table["path"], table["size"], table["mtime_ns"]) if s is not None}
 
 
 def read_catalogue(folder: str | Path) -> list[str] | None:

@@ -12,6 +12,7 @@ images under other rows.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from ..files import atomic_path, run_lock
 from ..inference import weights_dtype
 from ..preprocess import BadImageError, full_size, image_batch
 from .collection import (TEXT_EMBEDDINGS, TEXT_METADATA, PathRecorder, embedded_shards, image_shard, item_captions,
-                         item_path, load_item, paths_digest, read_catalogue, read_info, save_vectors, unreadable_reason,
-                         write_catalogue, write_image_shard, write_info)
+                         item_path, load_item, paths_digest, read_catalogue, read_catalogue_stamps, read_info,
+                         save_vectors, unreadable_reason, write_catalogue, write_image_shard, write_info)
 from .probe import disagreeing, probe_features, read_probe, write_probe
 
 
@@ -170,6 +171,29 @@ def stale_shards(output: Path, previous: dict, paths: list[str], shard_size: int
     return {last} if count % shard_size and image_shard(output, last)[0].exists() else set()
 
 
+def file_stamps(items: list[dict]) -> list[tuple[int, int] | None]:
+    """Each item's file ``(size, mtime_ns)``, None for a shard's member or a file gone (it is skipped as unreadable)."""
+    stamps = []
+    for item in items:
+        try:
+            stat = os.stat(item["path"]) if "path" in item else None
+        except OSError:
+            stat = None
+        stamps.append((stat.st_size, stat.st_mtime_ns) if stat else None)
+    return stamps
+
+
+def changed_since_embedded(before: dict, previous: dict, recorded: list[str], stamps: list, redone: set[int],
+                           shard_size: int) -> list[str]:
+    """The embedded images whose file changed since (its size or modification time; ``before``: the stamps the
+    catalogue kept), outside the shards ``redone`` now: their rows hold the vectors of the earlier pictures. Only
+    said: a changed row would need the index built over it rebuilt, and a row is kept by its path, as
+    clip-retrieval keeps it."""
+    count = previous.get("catalogue", {}).get("images", 0)
+    return [path for i, (path, stamp) in enumerate(zip(recorded[:count], stamps[:count]))
+            if stamp is not None and path in before and before[path] != stamp and i // shard_size not in redone]
+
+
 def embed_collection(model, preprocess, input_spec: str, output: str | Path, shard_size: int = 10_000,
                      batch_size: int = 256, texts: list[str] | None = None, tokenizer=None, rank: int = 0,
                      world_size: int = 1, progress: bool = True, device=None, workers: int = 0,
@@ -232,6 +256,9 @@ def _embed_collection(model, preprocess, input_spec, output: Path, shard_size, b
         items, recorded = [items[i] for i in order], [recorded[i] for i in order]
     stale = stale_shards(output, previous, recorded, shard_size)
     summary["catalogue"] = catalogue_record(recorded, shard_size)
+    stamps = file_stamps(items)
+    earlier = read_catalogue_stamps(output) if embedded_shards(output) else {}
+    changed = changed_since_embedded(earlier, previous, recorded, stamps, stale, shard_size)
     if rank == 0:  # before any shard: a collection cut short reads its paths and weights' fingerprint the same way
         added = len(items) - previous.get("catalogue", {}).get("images", len(items))
         if added > 0 and embedded_shards(output):
@@ -240,11 +267,18 @@ def _embed_collection(model, preprocess, input_spec, output: Path, shard_size, b
                   + (f" (shard {min(stale)} again, which they join)" if stale else ""), file=sys.stderr)
         for shard in stale:  # first: were this run killed, the next one still finds the shard to redo
             image_shard(output, shard)[0].unlink()
-        write_catalogue(output, recorded)  # before the record of its digest: catalogue_order reads a newer list
+        if changed:
+            print(f"warning: {len(changed)} image{'s' if len(changed) > 1 else ''} embedded into {output} changed "
+                  f"since, by file size or modification time (such as {changed[0]}): where the pictures changed, "
+                  "their vectors are of the earlier ones; embed into a new folder to take them", file=sys.stderr)
+        # the stamps of the images as embedded: a changed one keeps its earlier stamp, so that it is said again
+        changed_paths = set(changed)
+        kept = [earlier[path] if path in changed_paths else stamp for path, stamp in zip(recorded, stamps)]
+        write_catalogue(output, recorded, kept)  # before the record of its digest: catalogue_order reads a newer list
         write_info(output, summary)
         write_probe(output, probe)
     stats = {"images": len(items), "embedded": 0, "skipped": 0, "reused_shards": 0, "shards": n_shards,
-             "bad_input_shards": getattr(source, "bad_shards", 0)}
+             "bad_input_shards": getattr(source, "bad_shards", 0), "changed_since_embedded": len(changed)}
     unreadable = []  # the first few items this process could not decode, named with why at the end
     bar = tqdm(total=len(items), desc="embedding", unit="img", disable=not progress)
     for shard in range(rank, n_shards, world_size):
