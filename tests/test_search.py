@@ -52,6 +52,21 @@ def collection(tmp_path_factory):
     return {"root": root, "images": images, "emb": out, "ckpt": ckpt}
 
 
+def test_index_takes_its_folder_with_or_without_the_word_build(collection, tmp_path, capsys):
+    """`clipforge index FOLDER` was "argument action: invalid choice" (build being its only action)."""
+    out = tmp_path / "emb"
+    shutil.copytree(collection["emb"], out)
+    shutil.rmtree(out / "index", ignore_errors=True)
+    for path in out.glob("*.index*"):
+        path.unlink()
+    assert cli.main(["index", str(out), "--rebuild", "--quiet"]) == 0
+    assert "built flat index" in capsys.readouterr().out
+    assert cli.main(["index", "build", str(out), "--quiet"]) == 0
+    assert "is up to date" in capsys.readouterr().out
+    assert cli.main(["index", "build", str(out), "more"]) == 2
+    assert "index takes one folder (clipforge index build FOLDER)" in capsys.readouterr().err
+
+
 def test_embeddings_are_sharded_float16_with_metadata(collection):
     from clipforge.retrieval import load_embeddings
 

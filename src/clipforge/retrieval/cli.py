@@ -169,8 +169,8 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
                      "settings, the index is left as it is. Several processes or machines (IVF-PQ): "
                      "torchrun --nproc-per-node N -m clipforge.cli index build FOLDER (FOLDER on a shared file "
                      "system across machines).")
-    p.add_argument("action", choices=["build"])
-    p.add_argument("folder", help="a folder written by clipforge embed")
+    p.add_argument("words", nargs="+", metavar="[build] FOLDER",
+                   help="a folder written by clipforge embed ('build', the one action, may be left out)")
     p.add_argument("--kind", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto")
     p.add_argument("--modality", choices=["auto", "image", "text"], default="auto",
                    help="what to index: the images, the captions (of a collection embedded with --captions; the "
@@ -196,6 +196,10 @@ def run_index(args) -> int:
                              write_metadata_arrow)
     from .index import rows_record
 
+    words = args.words[1:] if args.words[0] == "build" and len(args.words) > 1 else args.words
+    if len(words) != 1 or (words == ["build"] and not os.path.isdir("build")):
+        raise ValueError(f"index takes one folder (clipforge index build FOLDER), got {' '.join(args.words)}")
+    args.folder = words[0]
     check_collection(args.folder)
     captions = bool(read_info(args.folder).get("captions"))
     if args.modality == "text" and not captions:
