@@ -2109,9 +2109,11 @@ def test_search_many_queries_from_a_file_equals_one_by_one(collection, tmp_path,
     assert cli.main(["search", str(collection["emb"]), "--queries", str(tmp_path / "empty.txt")]) == 2
     assert "no queries (one per line)" in capsys.readouterr().err
     assert cli.main(["search", str(collection["emb"]), "red", "--queries", str(tmp_path / "q.txt")]) == 2
-    assert "give one of: a text query, --image PATH, --queries FILE" in capsys.readouterr().err
+    assert "give only one of: a text query, --image PATH, --queries FILE" in capsys.readouterr().err
     assert cli.main(["search", str(collection["emb"]), "  "]) == 2
     assert "the text query is empty" in capsys.readouterr().err
+    assert cli.main(["search", str(collection["emb"])]) == 2
+    assert "give one of: a text query, --image PATH, --queries FILE" in capsys.readouterr().err
 
 
 def test_near_duplicates_are_searchs_greedy_rule_across_blocks_and_chunks():

@@ -425,8 +425,9 @@ def run_search(args) -> int:
     from ..preprocess import Decoding, open_image
     from .search import Searcher, require_caption_index
 
-    if sum(x is not None for x in (args.query, args.image, args.queries)) != 1:
-        raise ValueError("give one of: a text query, --image PATH, --queries FILE")
+    given = sum(x is not None for x in (args.query, args.image, args.queries))
+    if given != 1:
+        raise ValueError(f"give {'one' if not given else 'only one'} of: a text query, --image PATH, --queries FILE")
     if args.query is not None and not args.query.strip():
         raise ValueError("the text query is empty: give words to search for (or --image PATH, --queries FILE)")
     if args.dedup is not None and not 0 < args.dedup <= 1:
