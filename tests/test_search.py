@@ -1137,7 +1137,11 @@ def test_end2end_embeds_indexes_serves_and_takes_the_images_added_since(collecti
         taken = str(holder.getsockname()[1])
         assert cli.main(["end2end", str(photos), str(tmp_path / "other"), "--pretrained", collection["ckpt"],
                          "--port", taken]) == 2
-    assert f"--port {taken}: cannot listen there" in capsys.readouterr().err and not (tmp_path / "other").exists()
+        assert f"--port {taken}: cannot listen there" in capsys.readouterr().err
+        assert not (tmp_path / "other").exists()
+        # serve too, before its model loads (uvicorn said so only after, exiting 3)
+        assert cli.main(["serve", str(out), "--pretrained", str(tmp_path / "no-such-model"), "--port", taken]) == 2
+        assert f"--port {taken}: cannot listen there" in capsys.readouterr().err
 
 
 def test_a_collection_names_images_and_model_relative_to_itself_so_a_project_can_move(collection, tmp_path,

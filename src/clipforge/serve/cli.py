@@ -144,6 +144,8 @@ def run(args, loaded: tuple | None = None) -> int:
     from .app import create_collections_app
 
     folders = named_folders(args.folders)
+    if loaded is None:  # end2end checked before embedding; here before any model loads (uvicorn says so only after)
+        check_port_free(args.host, args.port)
     captioner = None
     if args.mapping:  # first: a bad map fails before the collection's model loads
         from ..captioning.captioner import Captioner
