@@ -216,6 +216,21 @@ def test_cli_retrieval(tmp_path, checkpoint):
                                                      "image_retrieval_recall@2", "text_retrieval_recall@2"]
 
 
+def test_cli_retrieval_on_a_folder_holding_its_captions_csv_names_the_csv(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for c in ("red", "blue"):
+        (folder / f"{c}.png").write_bytes(_png(c))
+    (folder / "captions.csv").write_text("filepath,title\nred.png,a red square\nblue.png,a blue square\n")
+    assert cli.main(["eval", "retrieval", "--pretrained", checkpoint, "--dataset-root", str(folder), "--quiet",
+                     "--output", str(tmp_path / "r.json")]) == 2
+    assert f"for the captions in captions.csv, give --dataset-root {folder / 'captions.csv'}" in \
+        capsys.readouterr().err
+    assert cli.main(["eval", "retrieval", "--pretrained", checkpoint, "--dataset-root", str(folder / "captions.csv"),
+                     "--quiet", "--output", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"]["n_captions"] == 2
+
+
 def test_retrieval_embeds_each_batch_as_it_is_decoded_with_the_held_sets_metrics(tmp_path):
     """eval retrieval holds one batch of pixels at a time (a 5,000-image set's would take 3 GB at 224 pixels), and
     gets the features and recall a held evaluation set gives; unusable samples are skipped and counted."""

@@ -392,7 +392,11 @@ def _retrieval(args, model, preprocess, tokenizer) -> dict:
         model, tokenizer, open_source(str(split), shuffle_buffer=0), preprocess, args.max_images, args.batch_size,
         progress=not args.quiet)
     if not len(image_features):
-        raise ValueError(f"{split}: no samples with an image and a caption (skipped: {dict(skipped) or 'none'})")
+        tables = sorted(split.glob("*.csv")) + sorted(split.glob("*.tsv")) if split.is_dir() else []
+        hint = (f"; a folder's images are captioned by .txt files beside them: for the captions in {tables[0].name}, "
+                f"give --dataset-root {tables[0]}") if tables else ""
+        raise ValueError(f"{split}: no samples with an image and a caption (skipped: {dict(skipped) or 'none'})"
+                         + hint)
     warn_skipped(f"retrieval on {split}", skipped)
     ks = sorted(set(args.recall_k))
     ours = retrieval_metrics(image_features, text_features, caption_images, ks=ks)
