@@ -171,6 +171,12 @@ def stale_shards(output: Path, previous: dict, paths: list[str], shard_size: int
     return {last} if count % shard_size and image_shard(output, last)[0].exists() else set()
 
 
+def _barrier(world_size: int) -> None:
+    """Wait for every rank, where the processes are a torch.distributed group (torchrun's ``clipforge embed``)."""
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def file_stamps(items: list[dict]) -> list[tuple[int, int] | None]:
     """Each item's file ``(size, mtime_ns)``, None for a shard's member or a file gone (it is skipped as unreadable)."""
     stamps = []
@@ -259,6 +265,10 @@ def _embed_collection(model, preprocess, input_spec, output: Path, shard_size, b
     stamps = file_stamps(items)
     earlier = read_catalogue_stamps(output) if embedded_shards(output) else {}
     changed = changed_since_embedded(earlier, previous, recorded, stamps, stale, shard_size)
+    # under torchrun every rank reads the collection's record before rank 0 rewrites it, and rank 0 removes the
+    # shards to redo before any rank writes one: without these, a rank writing its redone shard before rank 0 got to
+    # the removal lost it (seen on a loaded box), and one reading the new record took the old shard as done
+    _barrier(world_size)
     if rank == 0:  # before any shard: a collection cut short reads its paths and weights' fingerprint the same way
         added = len(items) - previous.get("catalogue", {}).get("images", len(items))
         if added > 0 and embedded_shards(output):
@@ -277,6 +287,7 @@ def _embed_collection(model, preprocess, input_spec, output: Path, shard_size, b
         write_catalogue(output, recorded, kept)  # before the record of its digest: catalogue_order reads a newer list
         write_info(output, summary)
         write_probe(output, probe)
+    _barrier(world_size)
     stats = {"images": len(items), "embedded": 0, "skipped": 0, "reused_shards": 0, "shards": n_shards,
              "bad_input_shards": getattr(source, "bad_shards", 0), "changed_since_embedded": len(changed)}
     unreadable = []  # the first few items this process could not decode, named with why at the end
