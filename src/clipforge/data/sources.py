@@ -82,6 +82,12 @@ def class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def holds_class_folders(folder: Path) -> bool:
+    """Whether any of ``folder``'s class folders (``class_dirs``) holds an image of its own."""
+    extensions = _folder_extensions()
+    return any(f.suffix.lower().lstrip(".") in extensions for sub in class_dirs(folder) for f in sub.iterdir())
+
+
 def folder_classnames(spec: str | None, wanted: bool) -> list[str] | None:
     """The class names of ``spec`` where it is a folder of class folders (torchvision's ImageFolder): its
     ``classnames.txt`` (CLIP_benchmark's, beside or above it) or else the folders' names; None for anything else (a
@@ -90,10 +96,10 @@ def folder_classnames(spec: str | None, wanted: bool) -> list[str] | None:
     folder = Path(spec) if spec and not _is_remote(spec) else None
     if folder is None or not folder.is_dir() or any(folder.glob("*.tar")):
         return None
-    classes = class_dirs(folder)
     extensions = _folder_extensions()
-    if not classes or any(p.suffix.lower().lstrip(".") in extensions for p in folder.iterdir()):
+    if not holds_class_folders(folder) or any(p.suffix.lower().lstrip(".") in extensions for p in folder.iterdir()):
         return None
+    classes = class_dirs(folder)
     if not wanted and any(p.is_file() for c in classes for p in c.rglob("*.txt")):
         return None
     listed = find_classnames(str(folder / "-"))

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.sources import CLASSNAMES_FILE, IMAGE_EXTENSIONS, class_dirs, open_source, read_classnames
+from ..data.sources import CLASSNAMES_FILE, class_dirs, holds_class_folders, open_source, read_classnames
 from ..prompts import load_templates, shipped_classnames, shipped_templates
 
 
@@ -37,12 +37,6 @@ def check_distinct_splits(train: LabelledDataset, test: LabelledDataset, train_s
                          f"(or <root>/{train_split}.csv, or CLIP_benchmark's shards)")
 
 
-def _holds_class_folders(root: Path) -> bool:
-    """Whether any of ``root``'s class folders holds an image."""
-    suffixes = {f".{ext}" for ext in IMAGE_EXTENSIONS}
-    return any(f.suffix.lower() in suffixes for folder in class_dirs(root) for f in folder.iterdir())
-
-
 def open_labelled(root: str | Path, split: str = "test", dataset: str | None = None) -> LabelledDataset:
     """Open ``root``'s ``split`` in any supported layout; ``dataset`` names a shipped class/template set to use
     when the folder has no classnames.txt / templates file (e.g. ``cifar10``)."""
@@ -56,7 +50,7 @@ def open_labelled(root: str | Path, split: str = "test", dataset: str | None = N
     classnames = read_classnames(classnames_file) if classnames_file.exists() else None
     split_dir, split_csv = root / split, root / f"{split}.csv"
     if not (split_dir.is_dir() or split_csv.exists()) and root.is_dir() and not any(root.glob("*.tar")) \
-            and _holds_class_folders(root):
+            and holds_class_folders(root):
         split_dir = root  # a plain image folder: its class folders are the split
     if split_dir.is_dir() and not any(split_dir.glob("*.tar")):  # one subfolder per class, named for it
         classnames = classnames or [p.name for p in class_dirs(split_dir)]
