@@ -61,7 +61,7 @@ def run_one(impl: str, seed: int, args, transfer: bool = False) -> dict:
     cfg = TrainConfig(model="ViT-Tiny-64", train_data=str(args.data / "cifar10" / "train"), label_captions="default",
                       batch_size=args.batch_size, steps=args.steps, lr=5e-4, wd=0.2, seed=seed, workers=1,
                       output=str(args.output / f"{'transfer' if transfer else impl}-seed{seed}"), save_every=0,
-                      log_every=25, progress=False, precision="fp32")
+                      log_every=25, progress=False, precision="fp32", overwrite=True)  # a rerun measures anew
     if transfer:
         cfg.text_model, cfg.lock_text, cfg.exclude_classes = "all-minilm-l6-v2", True, ["cat", "truck"]
     model = loss = None
