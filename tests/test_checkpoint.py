@@ -1,6 +1,7 @@
 """Checkpoint files: pretrained downloads (against a local HTTP server), conversions, and clear errors on bad input."""
 import hashlib
 import json
+import re
 import socket
 import time
 
@@ -590,6 +591,8 @@ def test_cli_names_a_device_it_cannot_use_before_loading_anything(capsys, tmp_pa
         assert cli.main(["classify", str(tmp_path / "x.png"), "--labels", "a,b", "--pretrained",
                          str(tmp_path / "no-such-model"), "--device", device]) == 2
         assert f"--device {device}: {message}" in capsys.readouterr().err  # and not the missing model's error
+        with pytest.raises(ValueError, match=re.escape(f"device '{device}': {message}")):  # Python, before loading
+            clipforge.load(str(tmp_path / "no-such-model"), device=device)
 
 
 def test_cli_output_into_a_pipe_closed_early_is_not_an_error(capsys):

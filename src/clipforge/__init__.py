@@ -199,10 +199,14 @@ def load(name_or_path: str, pretrained: str | None = None, device: str = "cpu", 
     preprocessing at that size (a model trained on random crops often reads larger images better, FixRes;
     docs/BENCHMARKS.md).
     """
+    from .environment import device_problem
     from .models import is_naflex
     from .preprocess import preprocess_for
     from .tokenizer import get_tokenizer
 
+    problem = device_problem(device) if isinstance(device, str) else None
+    if problem:  # before the weights load: torch would say so only when moving them, in its own words
+        raise ValueError(f"device {device!r}: {problem}")
     overrides = None
     if force_image_size is not None:
         if not (isinstance(force_image_size, int) and force_image_size > 0):

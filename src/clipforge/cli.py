@@ -184,26 +184,6 @@ _EXTRA_COMMANDS: list = [
 ]
 
 
-def device_problem(device: str) -> str | None:
-    """Why ``device`` cannot be used here, or None: said before any model loads (torch's own errors come late, as a
-    traceback, and a missing second GPU only at the first tensor moved there)."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        return "not a device name (cpu, cuda, cuda:1, mps ...)"
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
-            return f"no CUDA device is available here (torch {torch.__version__}, {build})"
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            return f"this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        return "Apple's MPS is not available here"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((word for word in argv if not word.startswith("-")), None)
@@ -214,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     device = getattr(args, "device", None)
+    from .environment import device_problem
+
     problem = device_problem(device) if isinstance(device, str) else None
     if problem:
         print(f"clipforge {args.command}: error: --device {device}: {problem}", file=sys.stderr)

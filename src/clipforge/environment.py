@@ -1,4 +1,5 @@
-"""What produced a result: library versions, the machine, and clipforge's git commit when it runs from a checkout.
+"""What produced a result: library versions, the machine, and clipforge's git commit when it runs from a checkout; and
+whether a device named for a run is there (``device_problem``).
 
 Saved beside every training run (``run_config.json``'s ``environment``) so that two runs of the same settings that
 end differently can be told apart by what changed underneath them."""
@@ -75,3 +76,23 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` cannot be used here, or None: said before any model loads (torch's own errors come late, as a
+    traceback, and a missing second GPU only at the first tensor moved there)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return "not a device name (cpu, cuda, cuda:1, mps ...)"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+            return f"no CUDA device is available here (torch {torch.__version__}, {build})"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        return "Apple's MPS is not available here"
+    return None
