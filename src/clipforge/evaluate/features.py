@@ -81,8 +81,7 @@ def embed_labelled(model, source, preprocess, batch_size: int = 256, device=None
     flush()
     bar.close()
     if not features:
-        raise ValueError(f"no usable labelled samples (skipped: {dict(skipped) or 'none'})"
-                         + "".join(f"\n  {example}" for example in unreadable))
+        raise ValueError(f"no usable labelled samples (skipped: {dict(skipped) or 'none'}){_listed(unreadable)}")
     warn_skipped(desc, skipped, unreadable)
     return torch.cat(features), torch.tensor(labels)
 
@@ -94,4 +93,9 @@ def warn_skipped(what: str, skipped: Counter, examples: list[str] = ()) -> None:
         n = sum(skipped.values())
         print(f"warning: {what}: {n} sample{'s' if n > 1 else ''} skipped ("
               + ", ".join(f"{reason} {count}" for reason, count in skipped.most_common()) + ")"
-              + "".join(f"\n  {example}" for example in examples), file=sys.stderr)
+              + _listed(examples), file=sys.stderr)
+
+
+def _listed(examples) -> str:
+    """``examples`` one per indented line, after a message."""
+    return "".join(f"\n  {example}" for example in examples)

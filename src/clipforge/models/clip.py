@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inputs import batch_input, check_image_batch, check_token_batch, empty_features
+from .inputs import batch_input, check_token_batch, checked_images, empty_features
 from .layers import Transformer
 from .locking import frozen_batch_norms, unlock_last
 from .convnext import ConvNeXt
@@ -278,12 +278,10 @@ class CLIP(nn.Module):
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         # preprocessing gives float32: a model cast to bf16 or fp16 for inference takes images in its own dtype (a
         # NaFlex batch of patches, SigLIP 2's, is cast by its tower)
-        images = batch_input(images, "encode_image")
         dtype = next(self.visual.parameters()).dtype
-        if isinstance(images, torch.Tensor):
-            check_image_batch(images, None)
-            if (empty := empty_features(images, self.embed_dim, dtype)) is not None:
-                return empty
+        images, empty = checked_images(images, self.embed_dim, dtype)
+        if empty is not None:
+            return empty
         cast = isinstance(images, torch.Tensor) and images.is_floating_point()
         features = self.visual(images.to(dtype) if cast else images)
         return F.normalize(features, dim=-1) if normalize else features

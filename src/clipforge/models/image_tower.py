@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clip import build_vision_tower, set_grad_checkpointing
-from .inputs import batch_input, check_image_batch, empty_features
+from .inputs import checked_images
 
 OBJECTIVES = ("bow", "caption", "labels", "self-supervised")
 
@@ -35,11 +35,9 @@ class ImageTowerModel(nn.Module):
         return self.config["embed_dim"]
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        images = batch_input(images, "encode_image")
-        if isinstance(images, torch.Tensor):
-            check_image_batch(images, None)
-            if (empty := empty_features(images, self.embed_dim, next(self.visual.parameters()).dtype)) is not None:
-                return empty
+        images, empty = checked_images(images, self.embed_dim, next(self.visual.parameters()).dtype)
+        if empty is not None:
+            return empty
         features = self.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
 

@@ -31,6 +31,16 @@ def batch_input(value, method: str):
                     "preprocess(image).unsqueeze(0), or torch.stack([preprocess(im) for im in images])")
 
 
+def checked_images(images, width: int, dtype: torch.dtype):
+    """``(images, empty)`` for an image tower's ``encode_image``: the batch as the tower takes it (type and, for a
+    tensor, shape checked), and ``[0, width]`` features of ``dtype`` where it is empty (else None)."""
+    images = batch_input(images, "encode_image")
+    if not isinstance(images, torch.Tensor):  # a NaFlex batch: its tower checks it
+        return images, None
+    check_image_batch(images, None)
+    return images, empty_features(images, width, dtype)
+
+
 def empty_features(value, width: int, dtype: torch.dtype) -> torch.Tensor | None:
     """``[0, width]`` features for an empty batch (of a shape already checked), None for any other: the towers'
     attention reshapes cannot infer a size from zero elements, and a filtered batch can be empty."""
